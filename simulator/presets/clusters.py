@@ -1,0 +1,97 @@
+"""Cluster presets: H800, H100 and H200 nodes of 8 GPUs. Every number names its source.
+
+Sources:
+- [H100-DS] NVIDIA H100 Tensor Core GPU datasheet (SXM5): 132 SMs, 80 GB HBM3 at 3.35 TB/s,
+  BF16 989.4 and FP8 1978.9 dense TFLOPS (the datasheet's figures are with sparsity, 2x these),
+  NVLink 900 GB/s (both directions summed).
+- [H800] The H800 SXM5 is the export variant of the H100 SXM5 with the same SMs, memory and tensor
+  cores; its NVLink is cut to 400 GB/s (both directions). DeepSeek-V3 TR §3.1 and DeepEP measure
+  about 160 GB/s achievable NVLink and 50 GB/s InfiniBand (CX7 400 Gb/s) per GPU
+  (``shared/reference/deepseek-v3.md`` §2, §11.1). H800 peak FLOPS are not in DeepSeek's sources;
+  they equal the H100 SXM5's (reference §13).
+- [H200-DS] NVIDIA H200 datasheet (SXM): 141 GB HBM3e at 4.8 TB/s, same tensor cores as H100 SXM,
+  NVLink 900 GB/s. [H200-M] ``shared/reference/h200-anchors.json``, measured on the lent H200:
+  NVML total memory 140.40 GiB, 18 NVLinks up, 317 GB/s point-to-point at 256 MiB.
+- [CX7] NVIDIA ConnectX-7 400 Gb/s per GPU (DGX H100/H200 reference design): 50 GB/s per direction.
+- [CTX] Memory reserved for the CUDA context, NCCL/DeepEP buffers and allocator slack: an assumption
+  (2 GiB) until the calibration capability measures it; set ``node.memory_reserved_bytes`` to override.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from simulator.spec.hardware import ClusterSpec, GpuSpec, NodeSpec
+
+GB = 1e9
+GiB = 2**30
+TFLOPS = 1e12
+
+_HOPPER_SM_COUNT = 132  # [H100-DS]
+_HOPPER_BF16_FLOPS_PER_S = 989.4 * TFLOPS  # [H100-DS] dense
+_HOPPER_FP8_FLOPS_PER_S = 1978.9 * TFLOPS  # [H100-DS] dense
+_RESERVED_BYTES = 2 * GiB  # [CTX]
+
+
+def h800_gpu() -> GpuSpec:
+    return GpuSpec(
+        name="H800-SXM5",
+        sm_count=_HOPPER_SM_COUNT,
+        hbm_bytes=80 * GiB,  # [H100-DS] 80 GB = 5 HBM3 stacks of 16 GiB
+        hbm_bytes_per_s=3.35e12,  # [H100-DS]
+        bf16_flops_per_s=_HOPPER_BF16_FLOPS_PER_S,  # [H800]
+        fp8_flops_per_s=_HOPPER_FP8_FLOPS_PER_S,  # [H800]
+    )
+
+
+def h100_gpu() -> GpuSpec:
+    return h800_gpu().model_copy(update={"name": "H100-SXM5"})  # [H100-DS], same fields as validated above
+
+
+def h200_gpu() -> GpuSpec:
+    return GpuSpec(
+        name="H200-SXM",
+        sm_count=_HOPPER_SM_COUNT,  # [H200-DS]
+        hbm_bytes=int(140.4013671875 * GiB),  # [H200-M] NVML total
+        hbm_bytes_per_s=4.8e12,  # [H200-DS]
+        bf16_flops_per_s=_HOPPER_BF16_FLOPS_PER_S,  # [H200-DS]
+        fp8_flops_per_s=_HOPPER_FP8_FLOPS_PER_S,  # [H200-DS]
+    )
+
+
+def h800(nodes: int = 256) -> ClusterSpec:
+    """DeepSeek-V3's training cluster: 256 nodes x 8 H800 (TR §3.1)."""
+    node = NodeSpec(
+        gpus_per_node=8,
+        nvlink_bytes_per_s=160 * GB,  # [H800] achievable, TR §3.2.2 / DeepEP
+        nvlink_spec_bytes_per_s=400 * GB,  # [H800]
+        nic_bytes_per_s=50 * GB,  # [H800] IB CX7 400 Gb/s, TR / DeepEP
+        memory_reserved_bytes=_RESERVED_BYTES,  # [CTX]
+    )
+    return ClusterSpec(name="h800", gpu=h800_gpu(), node=node, nodes=nodes)
+
+
+def h100(nodes: int = 1) -> ClusterSpec:
+    node = NodeSpec(
+        gpus_per_node=8,
+        # No DeepSeek measurement on H100; the lent H200 (same NVLink 4 fabric) measured 317 GB/s p2p [H200-M].
+        nvlink_bytes_per_s=317 * GB,
+        nvlink_spec_bytes_per_s=900 * GB,  # [H100-DS]
+        nic_bytes_per_s=50 * GB,  # [CX7]
+        memory_reserved_bytes=_RESERVED_BYTES,  # [CTX]
+    )
+    return ClusterSpec(name="h100", gpu=h100_gpu(), node=node, nodes=nodes)
+
+
+def h200(nodes: int = 1) -> ClusterSpec:
+    node = NodeSpec(
+        gpus_per_node=8,
+        nvlink_bytes_per_s=317 * GB,  # [H200-M] p2p at 256 MiB
+        nvlink_spec_bytes_per_s=900 * GB,  # [H200-DS]
+        nic_bytes_per_s=50 * GB,  # [CX7]
+        memory_reserved_bytes=_RESERVED_BYTES,  # [CTX]
+    )
+    return ClusterSpec(name="h200", gpu=h200_gpu(), node=node, nodes=nodes)
+
+
+CLUSTER_PRESETS: dict[str, Callable[[int], ClusterSpec]] = {"h800": h800, "h100": h100, "h200": h200}

@@ -1,0 +1,60 @@
+"""Hardware and cluster specs. Every preset number names its source in ``simulator/presets/clusters.py``."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class GpuSpec(BaseModel):
+    """One accelerator: compute, memory, and the peak rates MFU is measured against."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    sm_count: int = Field(..., gt=0)
+    hbm_bytes: int = Field(..., gt=0)
+    hbm_bytes_per_s: float = Field(..., gt=0)
+    bf16_flops_per_s: float = Field(..., gt=0, description="Dense (no sparsity) BF16 tensor-core peak.")
+    fp8_flops_per_s: float = Field(..., gt=0, description="Dense (no sparsity) FP8 tensor-core peak.")
+
+
+class NodeSpec(BaseModel):
+    """One server: GPUs joined by NVLink/NVSwitch, one NIC per GPU."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gpus_per_node: int = Field(..., gt=0)
+    nvlink_bytes_per_s: float = Field(..., gt=0, description="Achievable per-GPU, one direction.")
+    nvlink_spec_bytes_per_s: float = Field(..., gt=0, description="Datasheet per-GPU, both directions summed.")
+    nic_bytes_per_s: float = Field(..., gt=0, description="Scale-out (IB/RoCE) per GPU, one direction.")
+    memory_reserved_bytes: int = Field(
+        0, ge=0, description="HBM not available to the framework (CUDA context, comm buffers)."
+    )
+
+    @model_validator(mode="after")
+    def _achievable_below_spec(self) -> NodeSpec:
+        if self.nvlink_bytes_per_s > self.nvlink_spec_bytes_per_s:
+            raise ValueError(
+                f"nvlink_bytes_per_s={self.nvlink_bytes_per_s:g} exceeds nvlink_spec_bytes_per_s="
+                f"{self.nvlink_spec_bytes_per_s:g}"
+            )
+        return self
+
+
+class ClusterSpec(BaseModel):
+    """A homogeneous cluster: ``nodes`` identical nodes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    gpu: GpuSpec
+    node: NodeSpec
+    nodes: int = Field(..., gt=0)
+
+    @property
+    def num_gpus(self) -> int:
+        return self.nodes * self.node.gpus_per_node
+
+    @property
+    def usable_hbm_bytes(self) -> int:
+        return self.gpu.hbm_bytes - self.node.memory_reserved_bytes

@@ -1,0 +1,59 @@
+"""The parallel layout of one training step: pipeline, expert and data parallelism."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ScheduleKind = Literal["1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev"]
+RecomputeKind = Literal["none", "selective", "full"]
+
+
+class ParallelSpec(BaseModel):
+    """How a step is laid out over the cluster.
+
+    ``world = pp * dp`` GPUs. Attention and dense layers are data-parallel over ``dp``; each
+    stage's routed experts are sharded ``ep`` ways inside that ``dp`` group (DeepSeek-V3: EP64
+    inside DP128), so ``ep`` divides ``dp`` and experts are replicated ``dp / ep`` times.
+
+    ``stages_per_rank`` follows from the schedule: DualPipe keeps a mirrored second copy of a
+    stage (2x parameters), DualPipeV and interleaved 1F1B hold ``virtual_stages`` chunks.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pp: int = Field(1, gt=0, description="Pipeline ranks (GPUs in one pipeline).")
+    ep: int = Field(1, gt=0, description="Expert-parallel group size.")
+    dp: int | None = Field(None, gt=0, description="Data-parallel degree; null = world / pp.")
+    tp: Literal[1] = Field(1, description="Tensor parallelism is fixed to 1 for now.")
+    schedule: ScheduleKind = "1f1b"
+    virtual_stages: int = Field(2, gt=0, description="Chunks per rank for interleaved 1F1B.")
+    microbatches: int | None = Field(
+        None, gt=0, description="Micro-batches per step per pipeline; null = global batch / (dp * micro_batch_size)."
+    )
+    micro_batch_size: int = Field(1, gt=0, description="Sequences per micro-batch.")
+    seq_len_tokens: int = Field(4096, gt=0, description="Sequence length the layout is planned for.")
+    recompute: RecomputeKind = "none"
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    stage_layers: tuple[int, ...] | None = Field(
+        None, description="Decoder layers (MTP counted last) per pipeline stage; null = balanced split."
+    )
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages (model chunks) for ``pp`` ranks under this schedule."""
+        if self.schedule == "dualpipev":
+            return 2 * self.pp
+        if self.schedule == "interleaved":
+            return self.virtual_stages * self.pp
+        return self.pp
+
+    @property
+    def chunks_per_rank(self) -> int:
+        """Model chunks whose parameters one rank holds (DualPipe: its stage and the mirror)."""
+        if self.schedule in ("dualpipe", "dualpipev"):
+            return 2
+        if self.schedule == "interleaved":
+            return self.virtual_stages
+        return 1

@@ -1,0 +1,74 @@
+"""The training run: token phases, batch ramp, precision, optimizer storage, and the budget."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class BatchRamp(BaseModel):
+    """Global batch grows linearly from ``start_seqs`` to the phase's batch over ``ramp_tokens``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    start_seqs: int = Field(..., gt=0)
+    ramp_tokens: float = Field(..., gt=0)
+
+
+class Phase(BaseModel):
+    """One stretch of training with a fixed sequence length and (ramped) global batch."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    tokens: float | None = Field(None, gt=0, description="Tokens in this phase (or give steps).")
+    steps: int | None = Field(None, gt=0, description="Optimizer steps in this phase (or give tokens).")
+    seq_len_tokens: int | None = Field(None, gt=0, description="null = the layout's seq_len_tokens.")
+    global_batch_seqs: int = Field(..., gt=0)
+    ramp: BatchRamp | None = None
+
+    @model_validator(mode="after")
+    def _tokens_or_steps(self) -> Phase:
+        if (self.tokens is None) == (self.steps is None):
+            raise ValueError(f"phase {self.name!r}: give exactly one of tokens={self.tokens} and steps={self.steps}")
+        if self.ramp is not None and self.ramp.start_seqs > self.global_batch_seqs:
+            raise ValueError(
+                f"phase {self.name!r}: ramp.start_seqs={self.ramp.start_seqs} exceeds "
+                f"global_batch_seqs={self.global_batch_seqs}"
+            )
+        return self
+
+
+class OptimizerSpec(BaseModel):
+    """AdamW storage per parameter. Defaults: DeepSeek-V3 TR §3.3 (BF16 weights and moments,
+    FP32 master weights and gradient accumulation)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    param_bytes: int = Field(2, gt=0)
+    grad_bytes: int = Field(4, gt=0)
+    master_bytes: int = Field(4, ge=0)
+    moment_bytes: int = Field(2, gt=0, description="Per moment; AdamW keeps two.")
+
+
+class TrainingSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    phases: tuple[Phase, ...] = Field(..., min_length=1)
+    precision: Literal["bf16", "fp8"] = "bf16"
+    optimizer: OptimizerSpec = OptimizerSpec()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> TrainingSpec:
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phase names must be unique, got {names}")
+        return self
+
+
+class BudgetSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gpu_hours: float | None = Field(None, gt=0)
+    usd_per_gpu_hour: float | None = Field(None, gt=0)
