@@ -1,0 +1,163 @@
+"""Migration-aware rebalancing: EPLB's balance, reached from the current placement with few weight copies.
+
+Re-running EPLB on fresh statistics returns GPU and node labels that bear no relation to where experts
+sit now, so nearly every expert moves (deepseek-ai/EPLB issue 25, PR 13). A balanced placement stays
+exactly as balanced when its nodes are permuted, or its equal-slot GPUs are permuted (within a node in
+hierarchical mode, anywhere in global mode). ``rebalance_with_migration`` therefore:
+
+1. computes the balanced placement with ``place_experts``;
+2. per layer, relabels its nodes and GPUs by minimum-cost matching onto the current ones, where copying
+   an expert onto a GPU costs 1 if some GPU of the same node holds it now (an NVLink copy) and
+   ``cross_node_weight`` otherwise (an IB copy; default the NVLink/IB bandwidth ratio);
+3. keeps the current layer as is when it is already within ``tolerance_frac`` of the new balance;
+4. orders each GPU's slots so experts that stay keep their slot index.
+
+Every logical expert keeps its replica count and every GPU its load, so the balance target is met exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from simulator.assignment import min_cost_assignment
+from simulator.placement import place_experts
+from simulator.placement_maps import Placement, gpu_load
+
+_NEVER = 1e12  # cost of matching GPUs whose slot counts differ
+
+
+@dataclass(frozen=True)
+class MigrationCost:
+    """Expert weight copies needed to go from one placement to another, per layer."""
+
+    intra_node_moves: np.ndarray  # [layers] copies whose source is on the same node (NVLink)
+    cross_node_moves: np.ndarray  # [layers] copies that must cross IB
+    cost: np.ndarray  # [layers] intra + cross_node_weight * cross
+
+
+def migration_cost(current: Placement, new: Placement, cross_node_weight: float) -> MigrationCost:
+    """Copies needed to turn ``current`` into ``new``: a slot of ``new`` whose expert its GPU does not hold
+    now needs one copy; it is intra-node when another GPU of that node holds the expert now."""
+    _check_same_layout(current, new)
+    intra = np.zeros(new.num_layers, dtype=np.int64)
+    cross = np.zeros(new.num_layers, dtype=np.int64)
+    for layer in range(new.num_layers):
+        intra_copies, cross_copies = _copy_counts(new, layer, *_holdings(current, layer))
+        intra[layer] = int(np.trace(intra_copies))
+        cross[layer] = int(np.trace(cross_copies))
+    return MigrationCost(intra, cross, intra + cross_node_weight * cross)
+
+
+def rebalance_with_migration(
+    current: Placement,
+    weight: np.ndarray,
+    num_groups: int,
+    *,
+    cross_node_weight: float,
+    tolerance_frac: float = 0.0,
+    policy: str = "auto",
+    refine: bool = True,
+    spread_replicas: bool = True,
+) -> Placement:
+    """A placement as balanced as ``place_experts(weight, ...)`` (or within ``tolerance_frac`` of it) that
+    moves as few expert weights as the relabelling allows; ``current`` gives the layout and the start."""
+    if cross_node_weight < 1:
+        raise ValueError(f"cross_node_weight={cross_node_weight} must be >= 1 (an IB copy costs at least an NVLink one)")
+    if tolerance_frac < 0:
+        raise ValueError(f"tolerance_frac={tolerance_frac} must be >= 0")
+    fresh = place_experts(
+        weight, current.num_replicas, num_groups, current.num_nodes, current.num_gpus,
+        policy=policy, refine=refine, spread_replicas=spread_replicas,
+    )
+    _check_same_layout(current, fresh)
+    keep = gpu_load(current, weight).max(axis=1) <= gpu_load(fresh, weight).max(axis=1) * (1 + tolerance_frac)
+    rows = []
+    for layer in range(fresh.num_layers):
+        if keep[layer]:
+            rows.append(current.phy2log[layer])
+            continue
+        gpu_perm = _match_gpus(current, fresh, layer, cross_node_weight)
+        rows.append(_order_slots(current, fresh, layer, gpu_perm))
+    phy2log = np.stack(rows)
+    logcnt = np.stack([np.bincount(r, minlength=fresh.num_logical_experts) for r in phy2log]).astype(np.int64)
+    return Placement(phy2log, logcnt, fresh.slots_per_gpu, fresh.num_nodes, fresh.policy)
+
+
+def _check_same_layout(a: Placement, b: Placement) -> None:
+    if a.num_gpus != b.num_gpus or a.num_nodes != b.num_nodes or not np.array_equal(a.slots_per_gpu, b.slots_per_gpu):
+        raise ValueError(
+            f"current placement has {a.num_gpus} GPUs on {a.num_nodes} nodes with slots {a.slots_per_gpu.tolist()}, "
+            f"the new one {b.num_gpus} GPUs on {b.num_nodes} nodes with slots {b.slots_per_gpu.tolist()}"
+        )
+    if a.num_logical_experts != b.num_logical_experts or a.num_layers != b.num_layers:
+        raise ValueError(
+            f"current placement has {a.num_layers} layers x {a.num_logical_experts} experts, "
+            f"the load {b.num_layers} x {b.num_logical_experts}"
+        )
+
+
+def _slots_of_gpus(placement: Placement, layer: int) -> list[np.ndarray]:
+    return np.split(placement.phy2log[layer], np.cumsum(placement.slots_per_gpu)[:-1])
+
+
+def _holdings(placement: Placement, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[gpus, experts]`` and ``[nodes, experts]`` booleans: who holds which expert now."""
+    have_gpu = np.zeros((placement.num_gpus, placement.num_logical_experts), dtype=bool)
+    for gpu, experts in enumerate(_slots_of_gpus(placement, layer)):
+        have_gpu[gpu, experts] = True
+    have_node = have_gpu.reshape(placement.num_nodes, placement.gpus_per_node, -1).any(axis=1)
+    return have_gpu, have_node
+
+
+def _copy_counts(new, layer, have_gpu, have_node) -> tuple[np.ndarray, np.ndarray]:
+    """``[new GPU, current GPU]`` intra-node and cross-node copies needed to put the new GPU's experts
+    where the current GPU is."""
+    need = np.zeros((new.num_gpus, new.num_logical_experts))
+    for gpu, experts in enumerate(_slots_of_gpus(new, layer)):
+        np.add.at(need[gpu], experts, 1.0)
+    node_of_gpu = np.arange(new.num_gpus) // new.gpus_per_node
+    missing_node = ~have_node[node_of_gpu]  # [current GPU, experts]: no GPU of its node holds it
+    missing_gpu_only = ~have_gpu & ~missing_node
+    return need @ missing_gpu_only.T, need @ missing_node.T
+
+
+def _match_gpus(current: Placement, fresh: Placement, layer: int, cross_node_weight: float) -> np.ndarray:
+    """``[gpus]`` current GPU taking each fresh GPU's content. Hierarchical: nodes whole, then GPUs inside."""
+    have_gpu, have_node = _holdings(current, layer)
+    intra, cross = _copy_counts(fresh, layer, have_gpu, have_node)
+    mismatch = fresh.slots_per_gpu[:, None] != fresh.slots_per_gpu[None, :]
+    cost = np.where(mismatch, _NEVER, intra + cross_node_weight * cross)
+    if fresh.policy != "hierarchical":
+        return min_cost_assignment(cost)
+    per_node = fresh.gpus_per_node
+    blocks = cost.reshape(fresh.num_nodes, per_node, fresh.num_nodes, per_node)  # [new node, gpu, cur node, gpu]
+    inner = {}
+    node_cost = np.zeros((fresh.num_nodes, fresh.num_nodes))
+    for a in range(fresh.num_nodes):
+        for b in range(fresh.num_nodes):
+            inner[a, b] = min_cost_assignment(blocks[a, :, b, :])
+            node_cost[a, b] = blocks[a, np.arange(per_node), b, inner[a, b]].sum()
+    node_match = min_cost_assignment(node_cost)
+    return np.concatenate([node_match[a] * per_node + inner[a, node_match[a]] for a in range(fresh.num_nodes)])
+
+
+def _order_slots(current: Placement, fresh: Placement, layer: int, gpu_perm: np.ndarray) -> np.ndarray:
+    """``[num_replicas]`` phy2log: fresh GPU ``x``'s experts on current GPU ``gpu_perm[x]``, with experts that
+    stay on a GPU kept in their current slot."""
+    now = _slots_of_gpus(current, layer)
+    new_of_current = {int(gpu_perm[x]): experts for x, experts in enumerate(_slots_of_gpus(fresh, layer))}
+    rows = []
+    for gpu, slots_now in enumerate(now):
+        todo = list(np.sort(new_of_current[gpu]))
+        row = [-1] * len(slots_now)
+        for i, expert in enumerate(slots_now):
+            if expert in todo:
+                row[i] = int(expert)
+                todo.remove(expert)
+        free = [i for i, e in enumerate(row) if e < 0]
+        for i, expert in zip(free, todo, strict=True):
+            row[i] = int(expert)
+        rows.append(row)
+    return np.concatenate(rows).astype(np.int64)
