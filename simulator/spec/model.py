@@ -209,6 +209,9 @@ class ModelSpec(BaseModel):
         return cls.from_hf_config(config, name=path.parent.name or path.stem)
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The HF-style dict of this spec (``name`` dropped, nulls kept)."""
+        """The HF-style dict of this spec (``name`` dropped; a null ``head_dim`` dropped, since HF
+        derives it; other nulls such as ``q_lora_rank`` kept)."""
         data = self.model_dump(mode="json", exclude={"name"})
+        if data["head_dim"] is None:
+            del data["head_dim"]
         return data

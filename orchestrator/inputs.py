@@ -1,0 +1,93 @@
+"""Turn CLI arguments (preset names or a config.json, node count, ``--set`` overrides) into
+validated ``PlanInputs``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from orchestrator.overrides import apply_overrides
+from simulator.accounting.layout import LayoutError, check_layout
+from simulator.plan import PlanInputs
+from simulator.planner import default_parallel, resolve_microbatches
+from simulator.presets.clusters import CLUSTER_PRESETS
+from simulator.presets.models import MODEL_PRESETS
+from simulator.presets.recipes import recipe_for
+from simulator.spec.hardware import ClusterSpec
+from simulator.spec.model import ModelSpec
+from simulator.spec.parallel import ParallelSpec
+
+
+class InputError(ValueError):
+    """Bad user input; the message is one line naming the field and the value."""
+
+
+def validation_message(exc: ValidationError, prefix: str) -> str:
+    """The first pydantic error as ``prefix: a.b: message (got value)``."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+    return f"{prefix}: {where}: {err['msg']}{got}" if where else f"{prefix}: {err['msg']}"
+
+
+def load_model(arg: str) -> tuple[ModelSpec, list[str]]:
+    """A preset name, or the path of a HF ``config.json``; returns (spec, ignored keys)."""
+    if arg in MODEL_PRESETS:
+        return MODEL_PRESETS[arg](), []
+    path = Path(arg)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise InputError(f"--model {arg}: no such file")
+        try:
+            return ModelSpec.from_hf_config_file(path)
+        except ValidationError as exc:
+            raise InputError(validation_message(exc, str(path))) from exc
+    raise InputError(f"--model {arg!r}: unknown preset (choose from: {', '.join(MODEL_PRESETS)}) and not a config.json path")
+
+
+def load_cluster(name: str, nodes: int | None) -> ClusterSpec:
+    if name not in CLUSTER_PRESETS:
+        raise InputError(f"--cluster {name!r}: unknown preset (choose from: {', '.join(CLUSTER_PRESETS)})")
+    if nodes is not None and nodes <= 0:
+        raise InputError(f"--nodes {nodes}: must be a positive number of nodes")
+    return CLUSTER_PRESETS[name]() if nodes is None else CLUSTER_PRESETS[name](nodes)
+
+
+def _fits_cluster(inputs: PlanInputs) -> bool:
+    try:
+        dp = check_layout(inputs.model, inputs.cluster, inputs.parallel)
+        resolve_microbatches(inputs.parallel, inputs.training, dp)
+    except LayoutError:
+        return False
+    return True
+
+
+def build_inputs(model_arg: str, cluster_arg: str, nodes: int | None, sets: list[str]) -> tuple[PlanInputs, list[str]]:
+    """Presets, then overrides of model/cluster/training/budget, then the layout (published,
+    derived or given), then overrides of the layout. Raises ``InputError``."""
+    model, ignored = load_model(model_arg)
+    cluster = load_cluster(cluster_arg, nodes)
+    recipe = recipe_for(model.name)
+    base: dict[str, Any] = {
+        "model": model.model_dump(mode="json"),
+        "cluster": cluster.model_dump(mode="json"),
+        "training": recipe.training.model_dump(mode="json"),
+        "budget": recipe.budget.model_dump(mode="json"),
+        "parallel": (recipe.parallel or ParallelSpec()).model_dump(mode="json"),
+    }
+    layout_sets = [s for s in sets if s.strip().startswith("parallel.")]
+    other_sets = [s for s in sets if s not in layout_sets]
+    try:
+        data = apply_overrides(base, other_sets)
+        inputs = PlanInputs.model_validate(data)
+        if recipe.parallel is None or not _fits_cluster(inputs):
+            parallel = default_parallel(inputs.model, inputs.cluster, inputs.training)
+            data["parallel"] = parallel.model_dump(mode="json")
+        data = apply_overrides(data, layout_sets)
+        return PlanInputs.model_validate(data), ignored
+    except ValidationError as exc:
+        raise InputError(validation_message(exc, "invalid setting")) from exc
+    except LayoutError as exc:
+        raise InputError(f"impossible layout: {exc}") from exc

@@ -1,0 +1,89 @@
+"""Rich tables for the CLI: presets and plan summaries. Units are converted only here."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+
+from simulator.accounting.params import activated_params, param_counts
+from simulator.plan import PlanFile
+from simulator.presets.clusters import CLUSTER_PRESETS
+from simulator.presets.models import MODEL_PRESETS
+
+GiB = 2**30
+
+
+def _b(n: float) -> str:
+    """A parameter count for people: 671.03B, 2.40M, 9,216."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M")):
+        if n >= scale:
+            return f"{n / scale:,.2f}{suffix}"
+    return f"{n:,.0f}"
+
+
+def _flops(x: float) -> str:
+    for scale, unit in ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP")):
+        if x >= scale:
+            return f"{x / scale:,.1f} {unit}"
+    return f"{x:,.0f} FLOP"
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:,.1f} GiB" if x >= 0.1 * GiB else f"{x / 2**20:,.1f} MiB"
+
+
+def presets_table() -> Group:
+    models = Table(title="Model presets", title_justify="left")
+    for col in ("name", "type", "layers", "hidden", "experts (top-k)", "params", "activated"):
+        models.add_column(col, justify="left" if col in ("name", "type") else "right")
+    for name, fn in MODEL_PRESETS.items():
+        m = fn()
+        experts = f"{m.n_routed_experts}+{m.n_shared_experts} ({m.num_experts_per_tok})" if m.is_moe else "dense"
+        attn = "MLA" if m.is_mla else f"GQA {m.kv_heads}kv"
+        models.add_row(name, f"{m.model_type}, {attn}", str(m.num_hidden_layers), str(m.hidden_size), experts,
+                       _b(param_counts(m).total), _b(activated_params(m)))
+    clusters = Table(title="Cluster presets (per GPU; nodes of 8)", title_justify="left")
+    for col in ("name", "GPU", "SMs", "HBM GiB", "HBM TB/s", "BF16 TFLOPS", "FP8 TFLOPS", "NVLink GB/s (spec)", "NIC GB/s", "default nodes"):
+        clusters.add_column(col, justify="left" if col in ("name", "GPU") else "right")
+    for name, fn in CLUSTER_PRESETS.items():
+        c = fn()
+        g, n = c.gpu, c.node
+        clusters.add_row(name, g.name, str(g.sm_count), f"{g.hbm_bytes / GiB:.1f}", f"{g.hbm_bytes_per_s / 1e12:.2f}",
+                         f"{g.bf16_flops_per_s / 1e12:.0f}", f"{g.fp8_flops_per_s / 1e12:.0f}",
+                         f"{n.nvlink_bytes_per_s / 1e9:.0f} ({n.nvlink_spec_bytes_per_s / 1e9:.0f})",
+                         f"{n.nic_bytes_per_s / 1e9:.0f}", str(c.nodes))
+    return Group(models, clusters)
+
+
+def plan_tables(plan: PlanFile) -> Group:
+    inp, lay = plan.inputs, plan.layout
+    head = Table(title=f"moeplan: {inp.model.name} on {lay.world} x {inp.cluster.gpu.name}", title_justify="left",
+                 show_header=False)
+    head.add_column("what")
+    head.add_column("value", justify="right")
+    par = inp.parallel
+    rows = [
+        ("layout", f"PP{lay.pp} ({par.schedule}, {lay.stages} stages) x EP{lay.ep} x DP{lay.dp}, ZeRO-{par.zero_stage}"),
+        ("micro-batches / step", f"{lay.microbatches} x {par.micro_batch_size} seq x {par.seq_len_tokens} tokens"),
+        ("precision / recompute", f"{inp.training.precision} / {par.recompute}"),
+        ("params total (no MTP)", f"{plan.params.total:,} ({_b(plan.params.total)})"),
+        ("params with MTP", f"{plan.params.total_with_mtp:,} ({_b(plan.params.total_with_mtp)})"),
+        ("params activated / token", f"{plan.params.activated:,} ({_b(plan.params.activated)})"),
+        ("training FLOPs / token", f"{_flops(plan.flops.model_flops_per_token)} (no MTP: "
+                                   f"{_flops(plan.flops.model_flops_per_token_no_mtp)}; with recompute: "
+                                   f"{_flops(plan.flops.hardware_flops_per_token)})"),
+        ("peak memory / GPU", f"{_gib(plan.memory.peak_bytes_per_gpu)} of {_gib(plan.memory.usable_hbm_bytes)} "
+                              f"usable (rank {plan.memory.peak_rank}): {'fits' if plan.memory.fits else 'DOES NOT FIT'}"),
+    ]
+    for k, v in rows:
+        head.add_row(k, v)
+    scale, unit = (GiB, "GiB") if plan.memory.peak_bytes_per_gpu >= GiB else (2**20, "MiB")
+    mem = Table(title=f"Memory per pipeline rank ({unit})", title_justify="left")
+    for col in ("rank", "stages", "layers", "params", "grads", "optimizer", "activations", "transient", "total"):
+        mem.add_column(col, justify="right")
+    for r in plan.memory.per_rank:
+        layers = sum(len(lay.stage_layers[s]) for s in r.stages)
+        mem.add_row(str(r.rank), ",".join(map(str, r.stages)), str(layers),
+                    *(f"{x / scale:.1f}" for x in (r.param_bytes, r.grad_bytes, r.optimizer_bytes,
+                                                 r.activation_bytes, r.transient_bytes, r.total_bytes)))
+    return Group(head, mem)

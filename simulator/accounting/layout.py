@@ -1,0 +1,107 @@
+"""Resolve a parallel layout against a model and a cluster: stage contents and rank -> stages.
+
+A pipeline stage holds a contiguous run of "layer units": the decoder layers 0..L-1 followed by
+the MTP modules (each one unit). The first stage also holds the embedding, the last the final
+norm and output head. The MTP modules reuse the embedding and head, which DualPipe makes free by
+putting the first and last stage on the same rank (DeepSeek-V3 TR §3.2.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simulator.spec.hardware import ClusterSpec
+from simulator.spec.model import ModelSpec
+from simulator.spec.parallel import ParallelSpec
+
+
+class LayoutError(ValueError):
+    """A layout that cannot run on this model and cluster; the message names the values."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    layers: tuple[int, ...]  # layer units; >= num_hidden_layers means an MTP module
+    has_embedding: bool
+    has_head: bool
+
+
+def balanced_stage_sizes(units: int, stages: int) -> tuple[int, ...]:
+    """Split ``units`` layer units into ``stages`` contiguous parts whose sizes differ by at most
+    one. The smaller parts go to the two ends first, since those stages also carry the embedding
+    and the head. (DeepSeek-V3: 61 layers + 1 MTP over 16 stages -> 3, 4 x 14, 3.)"""
+    if stages > units:
+        raise LayoutError(f"stages={stages} exceeds layer units={units} (decoder layers + MTP modules)")
+    base, extra = divmod(units, stages)
+    small = stages - extra  # stages of ``base`` units
+    order = []  # stage indices from the ends inwards: 0, S-1, 1, S-2, ...
+    lo, hi = 0, stages - 1
+    while lo <= hi:
+        order.append(lo)
+        if hi != lo:
+            order.append(hi)
+        lo, hi = lo + 1, hi - 1
+    small_set = set(order[:small])
+    return tuple(base if i in small_set else base + 1 for i in range(stages))
+
+
+def pipeline_stages(model: ModelSpec, parallel: ParallelSpec) -> tuple[Stage, ...]:
+    """The stages of one pipeline, from ``parallel.stage_layers`` or a balanced split."""
+    units = model.num_hidden_layers + model.num_nextn_predict_layers
+    stages = parallel.stages
+    sizes = parallel.stage_layers or balanced_stage_sizes(units, stages)
+    if len(sizes) != stages:
+        raise LayoutError(f"stage_layers has {len(sizes)} entries but the layout has stages={stages}")
+    if sum(sizes) != units or min(sizes) < 1:
+        raise LayoutError(
+            f"stage_layers={list(sizes)} must be positive and sum to {units} "
+            f"(num_hidden_layers={model.num_hidden_layers} + num_nextn_predict_layers={model.num_nextn_predict_layers})"
+        )
+    out, start = [], 0
+    for i, size in enumerate(sizes):
+        out.append(Stage(i, tuple(range(start, start + size)), has_embedding=i == 0, has_head=i == stages - 1))
+        start += size
+    return tuple(out)
+
+
+def rank_stages(parallel: ParallelSpec, rank: int) -> tuple[int, ...]:
+    """Stage indices that pipeline rank ``rank`` holds parameters for.
+
+    1F1B / ZB1P: ``rank``. Interleaved: ``rank + k*pp``. DualPipe: ``rank`` and its mirror
+    ``pp-1-rank`` (every stage lives on two ranks: 2x parameters). DualPipeV: ``rank`` and
+    ``2*pp-1-rank``."""
+    pp = parallel.pp
+    if parallel.schedule == "dualpipe":
+        return tuple(sorted({rank, pp - 1 - rank}))
+    if parallel.schedule == "dualpipev":
+        return (rank, 2 * pp - 1 - rank)
+    if parallel.schedule == "interleaved":
+        return tuple(rank + k * pp for k in range(parallel.virtual_stages))
+    return (rank,)
+
+
+def resolve_dp(parallel: ParallelSpec, cluster: ClusterSpec) -> int:
+    """The data-parallel degree: given, or world / pp; checks world = pp * dp."""
+    world = cluster.num_gpus
+    if world % parallel.pp:
+        raise LayoutError(f"pp={parallel.pp} does not divide the cluster's {world} GPUs")
+    dp = parallel.dp or world // parallel.pp
+    if parallel.pp * dp != world:
+        raise LayoutError(f"pp={parallel.pp} x dp={dp} = {parallel.pp * dp} differs from the cluster's {world} GPUs")
+    return dp
+
+
+def check_layout(model: ModelSpec, cluster: ClusterSpec, parallel: ParallelSpec) -> int:
+    """Validate ``parallel`` against model and cluster; returns dp. Messages name the values."""
+    dp = resolve_dp(parallel, cluster)
+    if model.is_moe and model.n_routed_experts % parallel.ep:
+        raise LayoutError(f"ep={parallel.ep} does not divide n_routed_experts={model.n_routed_experts}")
+    if not model.is_moe and parallel.ep != 1:
+        raise LayoutError(f"ep={parallel.ep} needs routed experts, but {model.name} is dense (n_routed_experts=0)")
+    if dp % parallel.ep:
+        raise LayoutError(f"ep={parallel.ep} must divide dp={dp} (expert groups live inside the data-parallel group)")
+    if parallel.schedule == "dualpipe" and parallel.pp % 2:
+        raise LayoutError(f"pp={parallel.pp} must be even for dualpipe")
+    pipeline_stages(model, parallel)
+    return dp

@@ -1,0 +1,144 @@
+"""Peak memory per GPU for a layout: parameters, gradients, optimizer state, activations.
+
+Storage per parameter follows ``TrainingSpec.optimizer`` (DeepSeek-V3: BF16 weights, FP32
+gradient accumulation, FP32 master weights and BF16 AdamW moments, TR §3.3). ZeRO shards over the
+group that replicates a parameter: ``dp`` for attention/dense/shared/embedding weights,
+``dp / ep`` for routed experts. Stage 1 shards optimizer state, 2 also gradients, 3 also weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from simulator.accounting.activations import (
+    head_transient_bytes_per_token,
+    layer_activation_bytes_per_token,
+    layer_working_bytes_per_token,
+)
+from simulator.accounting.layout import Stage, pipeline_stages, rank_stages
+from simulator.accounting.params import decoder_layer_params, mtp_module_params
+from simulator.spec.model import ModelSpec
+from simulator.spec.parallel import ParallelSpec
+from simulator.spec.training import OptimizerSpec
+
+
+@dataclass(frozen=True)
+class RankParams:
+    """Parameters held by one pipeline rank (before ZeRO-3 sharding)."""
+
+    dense: int  # replicated over dp
+    expert: int  # this rank's share of routed experts, replicated over dp / ep
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    rank: int
+    stages: tuple[int, ...]
+    params_dense: int
+    params_expert: int
+    param_bytes: float
+    grad_bytes: float
+    optimizer_bytes: float
+    activation_bytes: float
+    transient_bytes: float
+    in_flight_microbatches: float
+
+    @property
+    def total_bytes(self) -> float:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes + self.transient_bytes
+
+
+def _unit_params(m: ModelSpec, unit: int) -> dict[str, int]:
+    if unit < m.num_hidden_layers:
+        return decoder_layer_params(m, unit)
+    return mtp_module_params(m)
+
+
+def rank_params(m: ModelSpec, stages: Sequence[Stage], ep: int) -> RankParams:
+    """Dense and (per-GPU) expert parameters of the given stages, embedding and head included.
+    An MTP module on a rank without the embedding needs its own embedding copy."""
+    dense = expert = 0
+    has_embedding = any(s.has_embedding for s in stages)
+    has_mtp = False
+    for stage in stages:
+        for unit in stage.layers:
+            counts = _unit_params(m, unit)
+            expert += counts["routed_experts"] // ep
+            dense += sum(v for k, v in counts.items() if k != "routed_experts")
+            has_mtp |= unit >= m.num_hidden_layers
+        if stage.has_head:
+            dense += m.hidden_size + (0 if m.tie_word_embeddings else m.vocab_size * m.hidden_size)
+    if has_embedding or has_mtp:
+        dense += m.vocab_size * m.hidden_size
+    return RankParams(dense=dense, expert=expert)
+
+
+def in_flight_microbatches(parallel: ParallelSpec, rank: int, microbatches: int) -> float:
+    """Micro-batches whose activations rank ``rank`` holds at its peak, in units of one
+    micro-batch through *all* the rank's stages (closed forms; the schedule generators give the
+    exact per-rank count).
+
+    1F1B / ZB1P: ``pp - rank`` (Narayanan et al. 2021). Interleaved: Megatron's warm-up
+    ``2(pp-1-rank) + (v-1)pp + 1`` chunk micro-batches, over ``v`` chunks. DualPipe: ``pp + 1``
+    stage micro-batches over 2 stages. DualPipeV: ``2pp + 1`` chunk micro-batches over 2 chunks
+    (DualPipe README table: PP+1 with PP counted in stages).
+    """
+    pp, m = parallel.pp, microbatches
+    if parallel.schedule in ("1f1b", "zb1p"):
+        return float(min(m, pp - rank))
+    if parallel.schedule == "interleaved":
+        v = parallel.virtual_stages
+        return min(v * m, 2 * (pp - 1 - rank) + (v - 1) * pp + 1) / v
+    if parallel.schedule == "dualpipe":
+        return min(m, pp + 1) / 2
+    return min(2 * m, 2 * pp + 1) / 2  # dualpipev
+
+
+def rank_memory(
+    m: ModelSpec,
+    parallel: ParallelSpec,
+    optimizer: OptimizerSpec,
+    precision: str,
+    dp: int,
+    rank: int,
+    microbatches: int,
+) -> RankMemory:
+    """Peak bytes on one GPU of pipeline rank ``rank``."""
+    all_stages = pipeline_stages(m, parallel)
+    mine = [all_stages[i] for i in rank_stages(parallel, rank)]
+    p = rank_params(m, mine, parallel.ep)
+    edp = dp // parallel.ep
+    z = parallel.zero_stage
+    param_elems = p.dense / (dp if z >= 3 else 1) + p.expert / (edp if z >= 3 else 1)
+    grad_elems = p.dense / (dp if z >= 2 else 1) + p.expert / (edp if z >= 2 else 1)
+    opt_elems = p.dense / (dp if z >= 1 else 1) + p.expert / (edp if z >= 1 else 1)
+    tokens = parallel.micro_batch_size * parallel.seq_len_tokens
+    units = [u for s in mine for u in s.layers]
+    per_mb = tokens * sum(layer_activation_bytes_per_token(m, u, precision, parallel.recompute) for u in units)
+    per_mb += tokens * 2.0 * m.hidden_size * len(mine)  # each stage's received input (BF16)
+    flights = in_flight_microbatches(parallel, rank, microbatches)
+    transient = 0.0
+    if any(s.has_head for s in mine):
+        transient = tokens * head_transient_bytes_per_token(m)
+    if parallel.recompute == "full" and units:
+        transient += tokens * max(layer_working_bytes_per_token(m, u, precision) for u in units)
+    return RankMemory(
+        rank=rank,
+        stages=tuple(s.index for s in mine),
+        params_dense=p.dense,
+        params_expert=p.expert,
+        param_bytes=param_elems * optimizer.param_bytes,
+        grad_bytes=grad_elems * optimizer.grad_bytes,
+        optimizer_bytes=opt_elems * (optimizer.master_bytes + 2 * optimizer.moment_bytes),
+        activation_bytes=per_mb * flights,
+        transient_bytes=transient,
+        in_flight_microbatches=flights,
+    )
+
+
+def pipeline_memory(
+    m: ModelSpec, parallel: ParallelSpec, optimizer: OptimizerSpec, precision: str, dp: int, microbatches: int
+) -> tuple[RankMemory, ...]:
+    """``rank_memory`` for every pipeline rank."""
+    return tuple(rank_memory(m, parallel, optimizer, precision, dp, r, microbatches) for r in range(parallel.pp))

@@ -1,0 +1,179 @@
+"""The plan file: one versioned JSON document, the contract between planner, runtime and checks.
+
+It holds the inputs in full, a SHA-256 of them, the resolved layout, the accounting and memory,
+and the sections later capabilities fill (schedule, placement, predictions, budget). Reading
+refuses another schema version and a document whose inputs no longer match their hash. Writing
+is atomic: a temporary file in the target directory, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from simulator.spec.hardware import ClusterSpec
+from simulator.spec.model import ModelSpec
+from simulator.spec.parallel import ParallelSpec
+from simulator.spec.training import BudgetSpec, TrainingSpec
+
+SCHEMA_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan file that cannot be used; the message names the file and the problem."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PlanInputs(_Frozen):
+    """Everything the user chose: the plan is a pure function of these."""
+
+    model: ModelSpec
+    cluster: ClusterSpec
+    parallel: ParallelSpec
+    training: TrainingSpec
+    budget: BudgetSpec = BudgetSpec()
+
+    def sha256(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class ResolvedLayout(_Frozen):
+    world: int
+    pp: int
+    dp: int
+    ep: int
+    expert_dp: int = Field(..., description="dp / ep: replicas of each routed expert.")
+    stages: int
+    stage_layers: tuple[tuple[int, ...], ...] = Field(..., description="Layer units per stage (>= L is MTP).")
+    rank_stages: tuple[tuple[int, ...], ...]
+    microbatches: int
+    tokens_per_microbatch: int
+
+
+class ParamsReport(_Frozen):
+    by_component: dict[str, int]
+    total: int
+    total_with_mtp: int
+    activated: int = Field(..., description="Per token, embedding and head included.")
+    activated_no_embedding: int
+
+
+class FlopsReport(_Frozen):
+    seq_len_tokens: int
+    forward_by_component: dict[str, float]
+    model_flops_per_token: float = Field(..., description="3 x forward, MTP included: the MFU numerator.")
+    model_flops_per_token_no_mtp: float
+    hardware_flops_per_token: float = Field(..., description="Model FLOPs plus recompute: the HFU numerator.")
+    mfu_definition: str
+
+
+class RankMemoryReport(_Frozen):
+    rank: int
+    stages: tuple[int, ...]
+    params_dense: int
+    params_expert: int
+    param_bytes: float
+    grad_bytes: float
+    optimizer_bytes: float
+    activation_bytes: float
+    transient_bytes: float
+    in_flight_microbatches: float
+    total_bytes: float
+
+
+class MemoryReport(_Frozen):
+    per_rank: tuple[RankMemoryReport, ...]
+    peak_bytes_per_gpu: float
+    peak_rank: int
+    usable_hbm_bytes: int
+    fits: bool
+
+
+class PlanFile(_Frozen):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    moeplan_version: str
+    inputs_sha256: str
+    inputs: PlanInputs
+    ignored_config_keys: tuple[str, ...] = ()
+    layout: ResolvedLayout
+    params: ParamsReport
+    flops: FlopsReport
+    memory: MemoryReport
+    # Filled by later capabilities (schedule, placement, simulator, budget); null until then.
+    schedule: dict[str, Any] | None = None
+    placement: dict[str, Any] | None = None
+    predictions: dict[str, Any] | None = None
+    budget_report: dict[str, Any] | None = None
+
+
+def dump_plan(plan: PlanFile) -> str:
+    return plan.model_dump_json(indent=2) + "\n"
+
+
+def parse_plan(text: str, source: str = "<plan>") -> PlanFile:
+    """Parse and check a plan document: JSON, schema version, schema, inputs hash."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{source}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
+    if not isinstance(raw, dict):
+        raise PlanError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise PlanError(
+            f"{source}: schema_version={version!r} is not supported; this moeplan reads version {SCHEMA_VERSION} "
+            "(re-run `moeplan plan` to regenerate it)"
+        )
+    try:
+        plan = PlanFile.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise PlanError(f"{source}: {where}: {err['msg']}") from exc
+    actual = plan.inputs.sha256()
+    if actual != plan.inputs_sha256:
+        raise PlanError(
+            f"{source}: inputs_sha256={plan.inputs_sha256[:12]}... does not match the inputs ({actual[:12]}...); "
+            "the inputs were edited after planning: re-run `moeplan plan`"
+        )
+    return plan
+
+
+def read_plan(path: str | Path) -> PlanFile:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "plan.json"
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot read ({exc.strerror})") from exc
+    return parse_plan(text, str(path))
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename,
+    so readers never see half a file and a failure leaves nothing behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_plan(plan: PlanFile, path: str | Path) -> None:
+    write_atomic(path, dump_plan(plan))

@@ -1,0 +1,56 @@
+"""Training recipes: the training spec, budget and (where published) parallel layout of a run.
+
+``deepseek-v3``: DeepSeek-V3 TR §3.1-3.3, §4.1-4.3 and Table 1 (``shared/reference/deepseek-v3.md``
+§2, §8, §9): 14.8T tokens at 4K with the batch ramped 3072 -> 15360 sequences over the first 469B
+tokens; two YaRN context-extension phases of 1000 steps (32K x 1920, then 128K x 480); FP8
+training; PP16 DualPipe, EP64 inside ZeRO-1 DP; recompute of RMSNorm, MLA up-projections and
+SwiGLU; 2,788K H800 GPU-hours at $2 (Table 1's total, which includes 5K of post-training we do not
+model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simulator.spec.parallel import ParallelSpec
+from simulator.spec.training import BatchRamp, BudgetSpec, Phase, TrainingSpec
+
+
+@dataclass(frozen=True)
+class Recipe:
+    training: TrainingSpec
+    budget: BudgetSpec
+    parallel: ParallelSpec | None  # the published layout, or None to derive one
+
+
+def deepseek_v3_recipe() -> Recipe:
+    training = TrainingSpec(
+        phases=(
+            Phase(
+                name="pretrain", tokens=14.8e12, global_batch_seqs=15360,
+                ramp=BatchRamp(start_seqs=3072, ramp_tokens=469e9),
+            ),
+            Phase(name="context-32k", steps=1000, seq_len_tokens=32768, global_batch_seqs=1920),
+            Phase(name="context-128k", steps=1000, seq_len_tokens=131072, global_batch_seqs=480),
+        ),
+        precision="fp8",
+    )
+    parallel = ParallelSpec(
+        pp=16, ep=64, schedule="dualpipe", micro_batch_size=1, seq_len_tokens=4096,
+        recompute="selective", zero_stage=1,
+    )
+    return Recipe(training=training, budget=BudgetSpec(gpu_hours=2.788e6, usd_per_gpu_hour=2.0), parallel=parallel)
+
+
+def default_recipe() -> Recipe:
+    """For models without a published recipe: 1T tokens at 4K, 4096-sequence batches, BF16,
+    no budget; the layout is derived (``simulator.planner.default_parallel``)."""
+    training = TrainingSpec(phases=(Phase(name="pretrain", tokens=1e12, global_batch_seqs=4096),), precision="bf16")
+    return Recipe(training=training, budget=BudgetSpec(), parallel=None)
+
+
+RECIPES = {"deepseek-v3": deepseek_v3_recipe}
+
+
+def recipe_for(model_name: str) -> Recipe:
+    return RECIPES.get(model_name, default_recipe)()
