@@ -1,0 +1,233 @@
+"""FP8 E4M3 quantisation with DeepSeek-V3 fine-grained scales (TR §3.3).
+
+Three tilings, each with one fp32 scale per tile (``x ≈ x_fp8 * scale``):
+
+* ``quant_act_1x128``: activations ``(M, K)`` in 1×128 tiles along K → scales ``(M, ceil(K/128))``.
+* ``quant_act_128x1_t``: the same activations re-tiled 128×1 (128 rows of one column), written
+  transposed, ``(K, M)`` with scales ``(K, ceil(M/128))``. Weight gradients reduce over tokens, so
+  both of their operands need scales along M, and FP8 wgmma wants the reduction dim contiguous.
+* ``quant_weight_128x128``: weights ``([E,] N, K)`` in 128×128 blocks → scales ``([E,] ceil(N/128),
+  ceil(K/128))``; optionally also the transposed copy ``([E,] K, N)`` that the input gradient needs
+  (a 128×128 block's scale is the same either way round, so its scales are ``scale.mT``).
+
+Scales are online max-abs (no delayed scaling), ``amax / 448`` or, with ``pow2_scale``, the next
+power of two at or above it (exact in any format; DeepSeek uses it for dispatch).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+TILE = 128
+# A zero tile would give scale 0 and 0/0 in the cast; DeepSeek clamps amax the same way.
+AMAX_FLOOR = 1e-4
+
+
+@triton.jit
+def _scale_from_amax(amax, POW2: tl.constexpr):
+    """fp32 scale with ``amax / scale <= 448``; IEEE division so the torch reference is bit-exact."""
+    scale = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
+    if POW2:
+        # Round up to a power of two by bits: exact, unlike log2/ceil/exp2.
+        bits = scale.to(tl.int32, bitcast=True)
+        exponent = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        scale = (exponent << 23).to(tl.float32, bitcast=True)
+    return scale
+
+
+@triton.jit
+def _quantize(x, scale):
+    """x / scale, clamped to the E4M3 range, cast to E4M3 (round to nearest even)."""
+    q = tl.math.div_rn(x, scale)
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    # Round to the E4M3 grid in fp32 first (adding and removing 1.5 * 2**23 ulp rounds to nearest
+    # even), so the cast below is exact: the Triton interpreter's own fp32 -> fp8 rounding is wrong.
+    biased_exp = tl.maximum((q.to(tl.int32, bitcast=True) >> 23) & 0xFF, 127 - 6)  # subnormals: ulp 2**-9
+    magic = (((biased_exp + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)  # 1.5 * 2**23 * ulp
+    q = (q + magic) - magic
+    return q.to(tl.float8e4nv)
+
+
+@triton.jit
+def _quant_rows_kernel(
+    # pointers: input (R, C), fp8 output, fp32 scales (R, ceil(C/128))
+    x_ptr, q_ptr, s_ptr,
+    # sizes
+    R, C,
+    # strides
+    stride_xr, stride_xc, stride_qr, stride_qc, stride_sr, stride_sc,
+    # meta
+    POW2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One scale per (row, 128 columns) of an (R, C) view; a transposed view (swapped strides)
+    gives the 128×1 tiling."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
+    x = tl.load(x_ptr + offs_r[:, None] * stride_xr + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
+    x = x.to(tl.float32)  # (BLOCK_R, 128); fp32 at once: the interpreter mishandles bf16 math
+    scale = _scale_from_amax(tl.max(tl.abs(x), axis=1), POW2)  # (BLOCK_R,)
+    q = _quantize(x, scale[:, None])
+    tl.store(q_ptr + offs_r[:, None] * stride_qr + offs_c[None, :] * stride_qc, q, mask=mask)
+    tl.store(s_ptr + offs_r * stride_sr + pid_c * stride_sc, scale, mask=offs_r < R)
+
+
+@triton.jit
+def _quant_blocks_kernel(
+    # pointers: weights (E, N, K), fp8 copy, fp8 transposed copy (E, K, N), scales (E, N/128, K/128)
+    w_ptr, q_ptr, qt_ptr, s_ptr,
+    # sizes
+    N, K,
+    # strides
+    stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
+    stride_qte, stride_qtk, stride_qtn, stride_se, stride_sn, stride_sk,
+    # meta
+    POW2: tl.constexpr, WRITE_T: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    e = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                mask=mask, other=0.0).to(tl.float32)
+    scale = _scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
+    q = _quantize(w, scale)
+    tl.store(q_ptr + e * stride_qe + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk, q, mask=mask)
+    if WRITE_T:
+        tl.store(qt_ptr + e * stride_qte + offs_k[None, :] * stride_qtk + offs_n[:, None] * stride_qtn,
+                 q, mask=mask)
+    tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
+
+
+def _check_float_2d(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"{name} must be a 2-D float tensor, got shape={tuple(x.shape)} dtype={x.dtype}")
+
+
+def quant_act_1x128(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) float → (x_fp8 (M, K), scale (M, ceil(K/128)) fp32), one scale per 1×128 tile."""
+    _check_float_2d(x, "x")
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty((M, triton.cdiv(K, TILE)), dtype=torch.float32, device=x.device)
+    block_r = 32
+    grid = (triton.cdiv(M, block_r), triton.cdiv(K, TILE))
+    _quant_rows_kernel[grid](
+        x, q, s, M, K,
+        x.stride(0), x.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
+        POW2=pow2_scale, BLOCK_R=block_r, BLOCK_C=TILE,
+    )
+    return q, s
+
+
+def quant_act_128x1_t(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) float → (x^T fp8 (K, M) contiguous, scale (K, ceil(M/128)) fp32), 128×1 tiles."""
+    _check_float_2d(x, "x")
+    M, K = x.shape
+    q = torch.empty((K, M), dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty((K, triton.cdiv(M, TILE)), dtype=torch.float32, device=x.device)
+    block_r = 32
+    grid = (triton.cdiv(K, block_r), triton.cdiv(M, TILE))
+    # Rows of the (K, M) output are columns of x: pass x's strides swapped.
+    _quant_rows_kernel[grid](
+        x, q, s, K, M,
+        x.stride(1), x.stride(0), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
+        POW2=pow2_scale, BLOCK_R=block_r, BLOCK_C=TILE,
+    )
+    return q, s
+
+
+def quant_weight_128x128(
+    w: torch.Tensor, pow2_scale: bool = False, transposed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """w ([E,] N, K) float → (w_fp8 ([E,] N, K), scale ([E,] ceil(N/128), ceil(K/128)), w_fp8^T or None).
+
+    The transposed copy is ([E,] K, N) contiguous, for the input gradient; its scales are ``scale.mT``.
+    """
+    if w.dim() not in (2, 3) or not w.is_floating_point():
+        raise ValueError(f"w must be a 2-D or 3-D float tensor, got shape={tuple(w.shape)} dtype={w.dtype}")
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)  # (E, N, K)
+    E, N, K = w3.shape
+    q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w.device)
+    qt = torch.empty((E, K, N), dtype=FP8_DTYPE, device=w.device) if transposed else q
+    s = torch.empty((E, triton.cdiv(N, TILE), triton.cdiv(K, TILE)), dtype=torch.float32, device=w.device)
+    grid = (triton.cdiv(N, TILE), triton.cdiv(K, TILE), E)
+    _quant_blocks_kernel[grid](
+        w3, q, qt, s, N, K,
+        *w3.stride(), *q.stride(), *qt.stride(), *s.stride(),
+        POW2=pow2_scale, WRITE_T=transposed, BLOCK=TILE,
+    )
+    if w.dim() == 2:
+        q, qt, s = q[0], qt[0], s[0]
+    return q, s, (qt if transposed else None)
+
+
+# ----------------------------------------------------------------------------- torch references
+
+
+def _pow2_ceil(r: torch.Tensor) -> torch.Tensor:
+    mantissa, exponent = torch.frexp(r)  # r = mantissa * 2**exponent, mantissa in [0.5, 1)
+    return torch.ldexp(torch.ones_like(r), exponent - (mantissa == 0.5).to(exponent.dtype))
+
+
+def _ref_scale(amax: torch.Tensor, pow2_scale: bool) -> torch.Tensor:
+    scale = amax.float().clamp_min(AMAX_FLOOR) / FP8_MAX
+    return _pow2_ceil(scale) if pow2_scale else scale
+
+
+def quant_act_1x128_ref(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of ``quant_act_1x128`` (bit-exact)."""
+    M, K = x.shape
+    kt = triton.cdiv(K, TILE)
+    xp = torch.nn.functional.pad(x.float(), (0, kt * TILE - K)).view(M, kt, TILE)  # (M, K/128, 128)
+    scale = _ref_scale(xp.abs().amax(dim=2), pow2_scale)  # (M, K/128)
+    q = (xp / scale[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.view(M, kt * TILE)[:, :K].contiguous(), scale
+
+
+def quant_act_128x1_t_ref(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of ``quant_act_128x1_t`` (bit-exact)."""
+    return quant_act_1x128_ref(x.t(), pow2_scale)
+
+
+def quant_weight_128x128_ref(w: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of ``quant_weight_128x128`` (bit-exact), 2-D or 3-D."""
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)
+    E, N, K = w3.shape
+    nt, kt = triton.cdiv(N, TILE), triton.cdiv(K, TILE)
+    wp = torch.nn.functional.pad(w3.float(), (0, kt * TILE - K, 0, nt * TILE - N))
+    blocks = wp.view(E, nt, TILE, kt, TILE)  # (E, N/128, 128, K/128, 128)
+    scale = _ref_scale(blocks.abs().amax(dim=(2, 4)), pow2_scale)  # (E, N/128, K/128)
+    q = (blocks / scale[:, :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = q.view(E, nt * TILE, kt * TILE)[:, :N, :K].contiguous()
+    return (q, scale) if w.dim() == 3 else (q[0], scale[0])
+
+
+def dequant_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(R, C) fp8 with 1×128 row scales (R, ceil(C/128)) → float32."""
+    return q.float() * scale.repeat_interleave(TILE, dim=-1)[..., : q.shape[-1]]
+
+
+def dequant_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """([E,] N, K) fp8 with 128×128 block scales → float32."""
+    s = scale.repeat_interleave(TILE, dim=-2).repeat_interleave(TILE, dim=-1)
+    return q.float() * s[..., : q.shape[-2], : q.shape[-1]]
+
+
+def benchmark(M: int = 4096, K: int = 7168) -> dict[str, float]:
+    """GB/s of each quantiser on a CUDA device (bytes: bf16 in, fp8 out, scales ignored)."""
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    gbytes = 3 * M * K / 1e9
+    results = {}
+    for name, fn in (("act_1x128", quant_act_1x128), ("act_128x1_t", quant_act_128x1_t),
+                     ("weight_128x128_t", lambda t: quant_weight_128x128(t, transposed=True))):
+        extra = M * K / 1e9 if name == "weight_128x128_t" else 0.0
+        ms = triton.testing.do_bench(lambda: fn(x), return_mode="median")
+        results[name] = (gbytes + extra) / (ms * 1e-3)
+    return results

@@ -1,0 +1,128 @@
+"""Grouped GEMMs for MoE experts in the contiguous layout (DeepGEMM's ``m_grouped ... contiguous``).
+
+Tokens routed to the experts are stacked in one ``(M_total, K)`` matrix, expert by expert, each
+expert's segment padded to a multiple of 128 rows; ``m_indices (M_total,)`` names each row's expert
+(-1 for padding rows). Every 128-row tile then belongs to one expert, so the grouped GEMM is the
+dense kernel of ``fp8_gemm.py`` with B's pointer moved to that expert's weights (``MODE_GROUPED_M``).
+Padding tiles are skipped and written as zeros.
+
+The weight gradient reduces over each expert's own segment: ``dW[e] = dy[seg e]ᵀ · x[seg e]``, the
+same kernel with K split at ``seg_offsets (E + 1,)`` and one output matrix per expert
+(``MODE_GROUPED_K``). FP8 versions use 1×128 / 128×128 scales like ``fp8_gemm``; the BF16 versions
+are the same kernels with the scaling compiled out.
+"""
+
+import torch
+import triton
+
+from .fp8_gemm import MODE_GROUPED_K, MODE_GROUPED_M, TILE, check_fp8_operands, launch_gemm
+from .fp8_quant import quant_act_1x128, quant_weight_128x128
+
+
+def _check_layout(m_total: int, m_indices: torch.Tensor, num_experts: int) -> None:
+    if m_total % TILE != 0:
+        raise ValueError(f"M_total={m_total} must be a multiple of {TILE} (contiguous layout)")
+    if tuple(m_indices.shape) != (m_total,) or m_indices.dtype != torch.int32:
+        raise ValueError(f"m_indices must be int32 ({m_total},), got {tuple(m_indices.shape)} {m_indices.dtype}")
+    assert num_experts >= 1, f"{num_experts=}"
+
+
+def grouped_gemm_fp8(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+    m_indices: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """c (M_total, N): row r is (a[r] * a_scale[r]) · (b[e] * b_scale[e])ᵀ with e = m_indices[r].
+
+    a (M_total, K) E4M3, a_scale (M_total, ceil(K/128)); b (E, N, K) E4M3 (any strides), b_scale
+    (E, ceil(N/128), ceil(K/128)). Padding rows (m_indices = -1) come out as zeros when their tile
+    is padding only, and as a · b[expert of the tile] otherwise (zero for zero padding rows).
+    """
+    check_fp8_operands(a, a_scale, b, b_scale)
+    if b.dim() != 3:
+        raise ValueError(f"b must be (E, N, K), got shape={tuple(b.shape)}")
+    _check_layout(a.shape[0], m_indices, b.shape[0])
+    c = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
+    launch_gemm(a, b, c.unsqueeze(0), a_scale, b_scale, m_indices, MODE_GROUPED_M)
+    return c
+
+
+def grouped_gemm_bf16(a: torch.Tensor, b: torch.Tensor, m_indices: torch.Tensor) -> torch.Tensor:
+    """BF16 variant: a (M_total, K), b (E, N, K) (any strides) → c (M_total, N) bf16, fp32 accumulation."""
+    if a.dim() != 2 or b.dim() != 3 or a.shape[1] != b.shape[2]:
+        raise ValueError(f"need a (M, K) and b (E, N, K), got {tuple(a.shape)} and {tuple(b.shape)}")
+    _check_layout(a.shape[0], m_indices, b.shape[0])
+    c = torch.empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16, device=a.device)
+    launch_gemm(a, b, c.unsqueeze(0), None, None, m_indices, MODE_GROUPED_M)
+    return c
+
+
+def _check_segments(seg_offsets: torch.Tensor, m_total: int) -> None:
+    if seg_offsets.dim() != 1 or seg_offsets.dtype != torch.int32 or seg_offsets.numel() < 2:
+        raise ValueError(f"seg_offsets must be int32 (E + 1,), got {tuple(seg_offsets.shape)} {seg_offsets.dtype}")
+    if m_total % TILE != 0:
+        raise ValueError(f"M_total={m_total} must be a multiple of {TILE} (contiguous layout)")
+
+
+def grouped_wgrad_fp8(
+    a_t: torch.Tensor, a_t_scale: torch.Tensor, b_t: torch.Tensor, b_t_scale: torch.Tensor,
+    seg_offsets: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """dW (E, N, K): dW[e] = Σ over rows r in [seg_offsets[e], seg_offsets[e+1]) of a_t[:, r] b_t[:, r]ᵀ.
+
+    a_t = dyᵀ (N, M_total) and b_t = xᵀ (K, M_total), E4M3 with 128×1 scales (from
+    ``quant_act_128x1_t``): (N, M_total/128) and (K, M_total/128). Offsets are multiples of 128.
+    """
+    check_fp8_operands(a_t, a_t_scale, b_t, b_t_scale)
+    _check_segments(seg_offsets, a_t.shape[1])
+    E = seg_offsets.numel() - 1
+    c = torch.empty((E, a_t.shape[0], b_t.shape[0]), dtype=out_dtype, device=a_t.device)
+    launch_gemm(a_t, b_t.unsqueeze(0), c, a_t_scale, b_t_scale.unsqueeze(0), seg_offsets, MODE_GROUPED_K, E)
+    return c
+
+
+def grouped_wgrad_bf16(a_t: torch.Tensor, b_t: torch.Tensor, seg_offsets: torch.Tensor,
+                       out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """BF16 variant of ``grouped_wgrad_fp8``; a_t (N, M_total) and b_t (K, M_total) may be views."""
+    _check_segments(seg_offsets, a_t.shape[1])
+    E = seg_offsets.numel() - 1
+    c = torch.empty((E, a_t.shape[0], b_t.shape[0]), dtype=out_dtype, device=a_t.device)
+    launch_gemm(a_t, b_t.unsqueeze(0), c, None, None, seg_offsets, MODE_GROUPED_K, E)
+    return c
+
+
+# ----------------------------------------------------------------------------- torch references
+
+
+def grouped_gemm_ref(a: torch.Tensor, b: torch.Tensor, m_indices: torch.Tensor) -> torch.Tensor:
+    """Float64 reference on already dequantised (or bf16) operands; padding rows give zeros."""
+    a64, b64 = a.double(), b.double()
+    out = torch.zeros((a.shape[0], b.shape[1]), dtype=torch.float64, device=a.device)
+    for e in range(b.shape[0]):
+        rows = m_indices == e
+        out[rows] = a64[rows] @ b64[e].t()
+    return out
+
+
+def grouped_wgrad_ref(a_t: torch.Tensor, b_t: torch.Tensor, seg_offsets: torch.Tensor) -> torch.Tensor:
+    """Float64 reference of the grouped weight gradient on dequantised operands."""
+    bounds = seg_offsets.tolist()
+    return torch.stack([a_t[:, lo:hi].double() @ b_t[:, lo:hi].double().t() for lo, hi in zip(bounds, bounds[1:])])
+
+
+def benchmark(groups: int, m_per_group: int, N: int, K: int) -> dict[str, float]:
+    """TFLOPS of the FP8 and BF16 grouped kernels and of torch._grouped_mm (BF16) on CUDA."""
+    M = groups * m_per_group
+    m_indices = torch.arange(groups, device="cuda", dtype=torch.int32).repeat_interleave(m_per_group)
+    offs = torch.arange(1, groups + 1, device="cuda", dtype=torch.int32) * m_per_group
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(groups, N, K, device="cuda", dtype=torch.bfloat16)
+    a, sa = quant_act_1x128(x)
+    b, sb, _ = quant_weight_128x128(w)
+    runs = {
+        "fp8_triton": lambda: grouped_gemm_fp8(a, sa, b, sb, m_indices),
+        "bf16_triton": lambda: grouped_gemm_bf16(x, w, m_indices),
+        "bf16_torch": lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offs),
+    }
+    flops = 2.0 * M * N * K
+    return {name: flops / (triton.testing.do_bench(fn, return_mode="median") * 1e-3) / 1e12
+            for name, fn in runs.items()}
