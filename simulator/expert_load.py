@@ -9,8 +9,6 @@ Every synthetic load sums to ``num_tokens * top_k`` per layer (one count per tok
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -116,21 +114,6 @@ class ExpertLoadRecord(BaseModel):
     @property
     def layer_ids(self) -> list[int]:
         return [entry.layer for entry in self.layers]
-
-
-def read_load_file(path: str | Path) -> ExpertLoadRecord:
-    """Parse and validate a load file; errors are one line naming the file, the field and the value."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read ({exc.strerror})") from exc
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno})") from exc
-    try:
-        return ExpertLoadRecord.model_validate(data)
-    except ValidationError as exc:
-        raise ValueError(f"{path}: {one_line_error(exc)}") from exc
 
 
 def one_line_error(exc: ValidationError) -> str:
