@@ -1,0 +1,25 @@
+"""DeepSeek-V3 in PyTorch, built from ``simulator.spec.model.ModelSpec``.
+
+Public API:
+- ``from_hf_config(path_or_dict, options=None, generator=None, device=None) -> Transformer``
+- ``load_hf_state_dict(module, state_dict, strict=True) -> LoadReport``
+- ``Transformer`` (forward(input_ids) -> ``ModelOutput`` with ``.logits``), ``ModelOptions``,
+  ``StageSpec`` / ``build_rank`` for pipeline stages, ``WeightGradStore`` for I/W splitting,
+  ``training_loss``, ``ExpertBiasUpdater`` (aux-loss-free balancing).
+See docs/model.md.
+"""
+
+from model.api import from_hf_config
+from model.balance import BalanceSchedule, ExpertBiasUpdater
+from model.hf_weights import load_hf_state_dict
+from model.losses import training_loss
+from model.options import ModelOptions
+from model.stage import StageSpec
+from model.transformer import ModelOutput, Transformer, build_rank
+from model.weight_grad import WeightGradStore, attach_weight_grad_store
+
+__all__ = [
+    "BalanceSchedule", "ExpertBiasUpdater", "ModelOptions", "ModelOutput", "StageSpec", "Transformer",
+    "WeightGradStore", "attach_weight_grad_store", "build_rank", "from_hf_config", "load_hf_state_dict",
+    "training_loss",
+]

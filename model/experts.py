@@ -1,0 +1,70 @@
+"""Routed experts: permute tokens by expert, two grouped matmuls, weight, un-permute.
+
+Weights use the fused layout of transformers 5.x (``gate_up_proj`` (E, 2I, d) with the gate rows
+first, ``down_proj`` (E, d, I)), i.e. per expert the ``nn.Linear`` orientation (out, in).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.fp8 import Fp8Gemm
+from model.grouped_mm import GroupedLinearFn, grouped_mm_supported
+from model.weight_grad import WeightGradStore
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts of width I executed as grouped GEMMs over expert-sorted tokens.
+
+    ``backend``: "grouped_mm" (``torch._grouped_mm``), "reference" (padded bmm), "fp8" (quantised
+    operands through ``fp8_grouped_gemm``), "auto" (grouped_mm when supported for the dtype/widths).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        inter_dim: int,
+        dtype: torch.dtype,
+        backend: str = "auto",
+        fp8_grouped_gemm: Fp8Gemm | None = None,
+        fp8_block_size: int = 128,
+    ) -> None:
+        super().__init__()
+        if backend == "auto":
+            backend = "grouped_mm" if grouped_mm_supported(dtype, dim, inter_dim, 2 * inter_dim) else "reference"
+        if backend == "grouped_mm" and not grouped_mm_supported(dtype, dim, inter_dim, 2 * inter_dim):
+            raise ValueError(f"expert_backend='grouped_mm' unsupported for dtype={dtype} dim={dim} "
+                             f"moe_intermediate_size={inter_dim} (needs torch._grouped_mm and 16-byte rows)")
+        if backend == "fp8" and fp8_grouped_gemm is None:
+            raise ValueError("expert_backend='fp8' needs an fp8 grouped GEMM (ModelOptions.fp8_kernel)")
+        self.backend = backend
+        self.num_experts = num_experts
+        self.fp8_grouped_gemm = fp8_grouped_gemm if backend == "fp8" else None
+        self.fp8_block_size = fp8_block_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter_dim, dim, dtype=dtype))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, inter_dim, dtype=dtype))
+        self.weight_grad_store: WeightGradStore | None = None
+
+    def _linear(self, a: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return GroupedLinearFn.apply(
+            a, weight, offs, self.backend == "grouped_mm", self.weight_grad_store,
+            self.fp8_grouped_gemm, self.fp8_block_size,
+        )
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (N, d); indices, weights: (N, k). Returns (out (N, d), tokens per expert (E,) int64)."""
+        num_tokens, top_k = indices.shape
+        flat_expert = indices.reshape(-1)  # (N*k,) slot j = token j // k
+        order = torch.argsort(flat_expert, stable=True)  # slots sorted by expert
+        counts = torch.bincount(flat_expert, minlength=self.num_experts)  # (E,)
+        offs = counts.cumsum(0).to(torch.int32)
+        token_of = order // top_k  # (N*k,) source token of each sorted row
+        rows = x[token_of]  # (N*k, d) permuted copy
+        gate, up = self._linear(rows, self.gate_up_proj, offs).chunk(2, dim=-1)  # (N*k, I) each
+        out_rows = self._linear(F.silu(gate) * up, self.down_proj, offs)  # (N*k, d)
+        out_rows = (out_rows.float() * weights.reshape(-1)[order, None]).to(x.dtype)
+        out = x.new_zeros(num_tokens, x.shape[-1]).index_add(0, token_of, out_rows)  # un-permute and sum k
+        return out, counts

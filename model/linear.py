@@ -1,0 +1,96 @@
+"""The linear layer every dense matmul of the model uses: BF16 or FP8, fused or deferred weight grad.
+
+Forward: y = x W^T (+ b). With ``fp8=True`` both operands are quantised (1x128 activation tiles,
+128x128 weight blocks) and multiplied by the configured FP8 GEMM. Backward is straight-through:
+gradients are computed in the high-precision dtype against the *unquantised* tensors (the TR also
+runs Dgrad/Wgrad in FP8; that belongs to the kernels, the reference keeps them exact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.fp8 import Fp8Gemm, quantize_blocks, quantize_tiles
+from model.weight_grad import WeightGradStore, accumulate_grad
+
+
+class LinearFn(torch.autograd.Function):
+    """y = x W^T with an optional FP8 forward and an optional deferred weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, store: WeightGradStore | None, fp8_gemm: Fp8Gemm | None, block: int):
+        ctx.save_for_backward(x, weight)
+        ctx.store = store
+        ctx.weight = weight
+        if fp8_gemm is None:
+            return F.linear(x, weight)
+        xq, xs = quantize_tiles(x.reshape(-1, x.shape[-1]), block)
+        wq, ws = quantize_blocks(weight, block)
+        out = fp8_gemm(xq, xs, wq, ws, out_dtype=x.dtype, block=block)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None  # (..., K)
+        if not ctx.needs_input_grad[1]:
+            return grad_x, None, None, None, None
+
+        def weight_grad() -> torch.Tensor:
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
+            return g2.t() @ x.reshape(-1, x.shape[-1])  # (N, K)
+
+        if ctx.store is None:
+            return grad_x, weight_grad(), None, None, None
+        param = ctx.weight
+        ctx.store.defer(lambda: accumulate_grad(param, weight_grad()))
+        return grad_x, None, None, None, None
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict names) routed through ``LinearFn``.
+
+    ``fp8_gemm`` None = plain matmul in the parameter dtype; a callable = FP8 block quantisation.
+    ``weight_grad_store`` is set by ``attach_weight_grad_store`` for zero-bubble schedules.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        fp8_gemm: Fp8Gemm | None = None,
+        fp8_block_size: int = 128,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype)
+        self.fp8_gemm = fp8_gemm
+        self.fp8_block_size = fp8_block_size
+        self.weight_grad_store: WeightGradStore | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_gemm is None and self.weight_grad_store is None:
+            return F.linear(x, self.weight, self.bias)
+        y = LinearFn.apply(x, self.weight, self.weight_grad_store, self.fp8_gemm, self.fp8_block_size)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", fp8" if self.fp8_gemm is not None else "")
+
+
+@dataclass(frozen=True)
+class LinearFactory:
+    """Builds every dense ``Linear`` of a model with one dtype and one precision choice."""
+
+    dtype: torch.dtype
+    fp8_gemm: Fp8Gemm | None = None
+    fp8_block_size: int = 128
+
+    def __call__(self, in_features: int, out_features: int, bias: bool = False) -> Linear:
+        return Linear(in_features, out_features, bias=bias, dtype=self.dtype,
+                      fp8_gemm=self.fp8_gemm, fp8_block_size=self.fp8_block_size)

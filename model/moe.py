@@ -1,0 +1,85 @@
+"""DeepSeekMoE layer (TR §2.1.2): shared experts + routed experts, with balance bookkeeping.
+
+Besides the output, each forward
+- adds the tokens routed to each expert into ``tokens_per_expert`` (a non-persistent buffer the
+  aux-loss-free balancer reads and resets after the optimizer step, ``model.balance``);
+- when ``balance_alpha > 0`` and training, attaches the sequence-wise balance loss
+  L_Bal = alpha * sum_i f_i P_i (TR eq. 17-20, averaged over sequences) to the output through
+  ``AuxLossToGradient``, so it reaches the optimizer without changing the module's return value
+  (pipeline stages keep a plain tensor interface). Its value is kept in ``last_balance_loss``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.experts import GroupedExperts
+from model.gate import Gate, Routing
+from model.mlp import MLP
+from simulator.spec.model import ModelSpec
+
+
+class AuxLossToGradient(torch.autograd.Function):
+    """Identity on ``x`` whose backward also sends gradient 1 into ``aux_loss`` (Megatron's trick)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad, torch.ones_like(aux_loss)
+
+
+def sequence_balance_loss(routing: Routing, batch: int, seqlen: int, num_experts: int, top_k: int) -> torch.Tensor:
+    """sum_i f_i P_i averaged over sequences (without alpha).
+
+    f_i = E / (k T) * #tokens of the sequence routed to i;  P_i = mean over the sequence of the
+    affinity s_i normalised over all experts.
+    """
+    chosen = torch.zeros_like(routing.scores).scatter_(1, routing.indices, 1.0)  # (N, E)
+    f = chosen.view(batch, seqlen, num_experts).sum(1) * num_experts / (top_k * seqlen)  # (B, E)
+    probs = routing.scores / routing.scores.sum(-1, keepdim=True)
+    p = probs.view(batch, seqlen, num_experts).mean(1)  # (B, E)
+    return (f * p).sum(-1).mean()
+
+
+class MoE(nn.Module):
+    """HF names: ``gate`` (weight, e_score_correction_bias), ``experts``, ``shared_experts``."""
+
+    def __init__(self, spec: ModelSpec, make_linear, dtype: torch.dtype, expert_backend: str,
+                 fp8_grouped_gemm=None, fp8_block_size: int = 128, balance_alpha: float = 0.0) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = spec.n_routed_experts, spec.num_experts_per_tok
+        self.balance_alpha = balance_alpha
+        self.gate = Gate(spec)
+        self.experts = GroupedExperts(
+            spec.n_routed_experts, spec.hidden_size, spec.moe_intermediate_size, dtype,
+            backend=expert_backend, fp8_grouped_gemm=fp8_grouped_gemm, fp8_block_size=fp8_block_size,
+        )
+        self.shared_experts = (
+            MLP(spec.hidden_size, spec.moe_intermediate_size * spec.n_shared_experts, make_linear)
+            if spec.n_shared_experts > 0 else None
+        )
+        self.register_buffer("tokens_per_expert", torch.zeros(spec.n_routed_experts, dtype=torch.int64),
+                             persistent=False)
+        self.last_balance_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seqlen, dim = x.shape
+        flat = x.reshape(-1, dim)  # (B*T, d)
+        routing = self.gate(flat)
+        routed, counts = self.experts(flat, routing.indices, routing.weights)
+        with torch.no_grad():
+            self.tokens_per_expert += counts
+        out = routed.view(batch, seqlen, dim)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        if self.training and self.balance_alpha > 0 and torch.is_grad_enabled():
+            loss = self.balance_alpha * sequence_balance_loss(routing, batch, seqlen, self.num_experts, self.top_k)
+            self.last_balance_loss = loss.detach()
+            out = AuxLossToGradient.apply(out, loss)
+        return out

@@ -1,0 +1,129 @@
+"""The DeepSeek-V3 decoder (or one pipeline stage of it), built only from a ``ModelSpec``.
+
+Module tree = the HF checkpoint names without the ``model.`` prefix: ``embed_tokens``,
+``layers.{i}`` (global layer ids), ``norm``, ``lm_head``; MTP depth k is ``mtp.{k-1}`` (checkpoint
+``model.layers.{num_hidden_layers + k - 1}``); routed experts are fused (``experts.gate_up_proj``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from model.block import Block, LayerFactory
+from model.linear import LinearFactory
+from model.mtp import MTPModule
+from model.norm import RMSNorm
+from model.options import ModelOptions
+from model.rope import RotaryEmbedding
+from model.stage import StageSpec
+from simulator.spec.model import ModelSpec
+
+
+@dataclass
+class ModelOutput:
+    """``logits`` (B, T, V) of the main head; ``mtp_logits[k-1]`` (B, T-k, V) predicts t_{i+k+1};
+    ``hidden`` (B, T, d) the last layer's output before the final norm."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+
+
+class Transformer(nn.Module):
+    """The whole model (default) or the part of it that ``stage`` describes.
+
+    forward(inputs, input_ids=None):
+    - first stage: ``inputs`` are token ids (B, T); others: hidden states (B, T, d);
+    - last stage returns ``ModelOutput`` (MTP logits need the token ids: on a stage without the
+      embedding pass them as ``input_ids``); other stages return the hidden states (B, T, d).
+    """
+
+    def __init__(self, spec: ModelSpec, options: ModelOptions | None = None, stage: StageSpec | None = None,
+                 shared_embedding: nn.Embedding | None = None) -> None:
+        super().__init__()
+        options = options or ModelOptions()
+        stage = stage or StageSpec.full(spec)
+        stage.validate(spec)
+        self.spec, self.options, self.stage = spec, options, stage
+        factory = LayerFactory.create(spec, options)
+        num_mtp = spec.num_nextn_predict_layers if (stage.has_head and options.with_mtp) else 0
+        self.rotary = RotaryEmbedding(spec)
+        if stage.has_embedding or num_mtp:
+            self.embed_tokens = shared_embedding or nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=options.dtype)
+        self.layers = nn.ModuleDict({str(i): Block(i, factory) for i in stage.layers})
+        if stage.has_head:
+            self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, options.dtype)
+            # The output head stays in high precision (TR §3.3.1), whatever linear_precision says.
+            self.lm_head = LinearFactory(options.dtype)(spec.hidden_size, spec.vocab_size)
+            self.mtp = nn.ModuleList(MTPModule(spec.num_hidden_layers + k, factory) for k in range(num_mtp))
+
+    def forward(self, inputs: torch.Tensor, input_ids: torch.Tensor | None = None) -> ModelOutput | torch.Tensor:
+        if self.stage.has_embedding:
+            input_ids = inputs
+            hidden = self.embed_tokens(inputs)  # (B, T, d)
+        else:
+            hidden = inputs
+        seqlen = hidden.shape[1]
+        cos, sin = self.rotary(torch.arange(seqlen, device=hidden.device))  # (T, R/2) each
+        for layer in self.layers.values():
+            hidden = layer(hidden, cos, sin)
+        if not self.stage.has_head:
+            return hidden
+        out = ModelOutput(logits=self.lm_head(self.norm(hidden)), hidden=hidden)
+        if input_ids is None or not len(self.mtp):
+            return out
+        prev = hidden
+        for k, module in enumerate(self.mtp, start=1):
+            if seqlen - k <= 0:
+                break
+            next_embeds = self.embed_tokens(input_ids[:, k:])  # Emb(t_{i+k}), (B, T-k, d)
+            prev = module(prev[:, : seqlen - k], next_embeds, cos[: seqlen - k], sin[: seqlen - k])
+            out.mtp_logits.append(self.lm_head(module.head_input(prev)))
+        return out
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator, std: float | None = None) -> None:
+        """N(0, std) for matrices (std = spec.initializer_range), ones for norms, zeros for biases/buffers."""
+        std = self.spec.initializer_range if std is None else std
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        for name, param in self.named_parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32) * std)
+            elif name.endswith("bias"):
+                param.zero_()
+        for name, buf in self.named_buffers():
+            if name.endswith(("e_score_correction_bias", "tokens_per_expert")):
+                buf.zero_()
+
+    def moe_layers(self) -> dict[int, nn.Module]:
+        """Layer id -> MoE module, MTP layers included (ids >= num_hidden_layers)."""
+        blocks = list(self.layers.values()) + list(getattr(self, "mtp", []))
+        return {b.layer_id: b.mlp for b in blocks if hasattr(b.mlp, "gate")}
+
+
+def build_rank(spec: ModelSpec, stages: list[StageSpec], options: ModelOptions | None = None) -> list[Transformer]:
+    """The stage modules one pipeline rank holds, in the given order.
+
+    When the rank holds both the embedding stage and the head stage (DualPipe, DualPipeV), the head
+    stage's MTP uses the *same* ``nn.Embedding`` object, so its gradients accumulate in one tensor.
+    Otherwise the head stage gets its own copy, to be kept in sync by the runtime (all-reduce of
+    the embedding gradient between the first and last stage).
+    """
+    modules: list[Transformer] = []
+    first = next((s for s in stages if s.has_embedding), None)
+    shared = None
+    if first is not None:
+        modules_by_stage = {first: Transformer(spec, options, first)}
+        shared = modules_by_stage[first].embed_tokens
+    else:
+        modules_by_stage = {}
+    for stage in stages:
+        if stage not in modules_by_stage:
+            modules_by_stage[stage] = Transformer(spec, options, stage, shared_embedding=shared)
+        modules.append(modules_by_stage[stage])
+    return modules

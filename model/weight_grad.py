@@ -1,0 +1,65 @@
+"""Backward-for-weights (W) deferred from backward-for-input (I), for zero-bubble pipeline schedules.
+
+How the split works (ZB-H1 / DualPipe style, as in DeepSeek's ``WeightGradStore``):
+- every large matmul of the model (``model.linear.Linear`` and the routed-expert grouped matmuls)
+  runs through an autograd function that, in backward, always computes the input gradient and,
+  when a ``WeightGradStore`` is attached, *queues* the weight-gradient matmul instead of running it;
+- so ``loss.backward()`` (or ``torch.autograd.backward(stage_out, grad)``) is the **I** step: it
+  produces the gradient for the previous stage and fills the queue; ``store.flush()`` later is the
+  **W** step: it runs the queued matmuls and accumulates into ``param.grad``;
+- small parameters (norm scales, router weights, embedding, attention biases) get their gradients
+  in the I step; they are a negligible share of the FLOPs.
+
+The store is an explicit object owned by the caller (one per stage and micro-batch in flight),
+attached with ``attach_weight_grad_store(module, store)``; nothing is global.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class WeightGradStore:
+    """A FIFO of deferred weight-gradient computations."""
+
+    def __init__(self) -> None:
+        self._pending: list[Callable[[], None]] = []
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        self._pending.append(fn)
+
+    def flush(self) -> int:
+        """Run every queued weight-gradient matmul (the W step); returns how many ran."""
+        count = len(self._pending)
+        for fn in self._pending:
+            fn()
+        self._pending.clear()
+        return count
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """param.grad += grad, creating it on first use (what autograd's AccumulateGrad does)."""
+    grad = grad.to(param.dtype)
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad += grad
+
+
+def attach_weight_grad_store(module: nn.Module, store: WeightGradStore | None) -> int:
+    """Point every deferrable matmul under ``module`` at ``store`` (None = back to fused I+W).
+
+    Returns the number of modules that now defer.
+    """
+    count = 0
+    for sub in module.modules():
+        if hasattr(sub, "weight_grad_store"):
+            sub.weight_grad_store = store
+            count += 1
+    return count
