@@ -1,0 +1,42 @@
+"""Pipeline schedules as data: per-rank action lists made by pure generators, validated, replayed.
+
+The core (this package without ``figure``) imports neither torch nor plotly.
+
+- ``make_schedule(kind, pp, num_microbatches, virtual_stages=2) -> Schedule``
+- ``check_schedule(schedule) -> ScheduleStats`` (raises ``ScheduleError``)
+- ``execute(schedule, Durations(...)) -> Timeline`` (makespan, busy, bubble)
+- ``closed_form_bubble(kind, pp, num_microbatches, durations) -> ClosedForm``
+- ``schedule_to_torch_csv`` / ``schedule_from_torch_csv`` (``torch.distributed.pipelining`` CSV)
+- ``Schedule.model_dump(mode="json")`` / ``Schedule.model_validate(data)`` for the plan file.
+"""
+
+from simulator.schedules.actions import ACTION_KINDS, Action, ActionKind, Op, OpKind, ScheduleError
+from simulator.schedules.bubble import ClosedForm, closed_form_bubble
+from simulator.schedules.executor import Durations, TimedAction, Timeline, execute
+from simulator.schedules.generate import SCHEDULE_KINDS, make_schedule
+from simulator.schedules.schedule import Schedule
+from simulator.schedules.torch_csv import schedule_from_torch_csv, schedule_to_torch_csv
+from simulator.schedules.validate import ScheduleStats, check_schedule, peak_activations
+
+__all__ = [
+    "ACTION_KINDS",
+    "SCHEDULE_KINDS",
+    "Action",
+    "ActionKind",
+    "ClosedForm",
+    "Durations",
+    "Op",
+    "OpKind",
+    "Schedule",
+    "ScheduleError",
+    "ScheduleStats",
+    "TimedAction",
+    "Timeline",
+    "check_schedule",
+    "closed_form_bubble",
+    "execute",
+    "make_schedule",
+    "peak_activations",
+    "schedule_from_torch_csv",
+    "schedule_to_torch_csv",
+]

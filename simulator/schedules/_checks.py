@@ -1,0 +1,18 @@
+"""Argument checks shared by the generators: each failure names the field and its value."""
+
+from __future__ import annotations
+
+from simulator.schedules.actions import ScheduleError
+
+
+def require_positive(**values: int) -> None:
+    """Raise unless every named value is an int >= 1."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ScheduleError(f"{name}={value!r} must be a positive integer")
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ``ScheduleError(message)`` unless ``condition``."""
+    if not condition:
+        raise ScheduleError(message)

@@ -1,0 +1,25 @@
+"""One entry point from a schedule kind to its generator."""
+
+from __future__ import annotations
+
+from simulator.schedules._checks import require
+from simulator.schedules.dualpipe import dualpipe, dualpipev
+from simulator.schedules.interleaved import interleaved_1f1b
+from simulator.schedules.one_f_one_b import one_f_one_b, zb1p
+from simulator.schedules.schedule import Schedule
+from simulator.spec.parallel import ScheduleKind
+
+SCHEDULE_KINDS: tuple[ScheduleKind, ...] = ("1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev")
+
+
+def make_schedule(kind: ScheduleKind, pp: int, num_microbatches: int, virtual_stages: int = 2) -> Schedule:
+    """The ``kind`` schedule on ``pp`` ranks (GPUs in one pipeline) for ``num_microbatches``.
+
+    ``virtual_stages`` (chunks per rank) is read only by ``interleaved``. Stages per kind:
+    ``pp`` for 1f1b, zb1p, dualpipe; ``virtual_stages * pp`` for interleaved; ``2 pp`` for dualpipev.
+    """
+    require(kind in SCHEDULE_KINDS, f"kind={kind!r} must be one of {', '.join(SCHEDULE_KINDS)}")
+    if kind == "interleaved":
+        return interleaved_1f1b(pp, num_microbatches, virtual_stages)
+    generators = {"1f1b": one_f_one_b, "zb1p": zb1p, "dualpipe": dualpipe, "dualpipev": dualpipev}
+    return generators[kind](pp, num_microbatches)
