@@ -36,7 +36,7 @@ def balanced_packing(
     keys = np.arange(weight.size) if key is None else np.asarray(key)
     pack = _greedy(weight, capacity, keys)
     if refine:
-        pack = _swap_search(weight, pack, capacity.size, None if key is None else keys)
+        pack = swap_search(weight, pack, capacity.size, None if key is None else keys)
     return pack
 
 
@@ -78,9 +78,10 @@ def _repair(item, pack, capacity, count, key, keys_in) -> None:
     raise ValueError(f"cannot place item with key={key[item]} without two of that key in one pack")
 
 
-def _swap_search(weight: np.ndarray, pack: np.ndarray, num_packs: int, key: np.ndarray) -> np.ndarray:
-    """Swap an item of the heaviest pack with a lighter item elsewhere while that lowers the heaviest
-    pack without making the other pack reach its old load; best swap first."""
+def swap_search(weight: np.ndarray, pack: np.ndarray, num_packs: int, key: np.ndarray | None) -> np.ndarray:
+    """``[n]`` packs after swapping an item of the heaviest pack with a lighter item elsewhere while that
+    lowers the heaviest pack without making the other pack reach its old load; best swap first. Each
+    swap lowers the sum of squared pack loads, so the search ends. ``key`` as in ``balanced_packing``."""
     pack = pack.copy()
     for _ in range(_MAX_SWAP_ROUNDS_PER_ITEM * weight.size):
         load = np.bincount(pack, weights=weight, minlength=num_packs)

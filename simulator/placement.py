@@ -12,7 +12,8 @@ can be handed to vLLM or SGLang as EPLB's are. Two policies, chosen as EPLB choo
 
 Beyond EPLB (both on by default, both switchable off to get EPLB's greedy):
 - ``refine``: after each greedy packing, swap items between the heaviest pack and the others while that
-  lowers the heaviest pack (``simulator/packing.py``);
+  lowers the heaviest pack (``simulator/packing.py``), and re-target redundant slots to other experts
+  where that lowers the most loaded GPU (``simulator/replica_search.py``);
 - ``spread_replicas``: never two replicas of one expert on one GPU (deepseek-ai/EPLB issue 22), which also
   caps an expert's replicas at the GPUs it may use.
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from simulator.packing import balanced_packing
 from simulator.placement_maps import Placement, even_slots_per_gpu
+from simulator.replica_search import improve_replicas
 
 POLICIES = ("auto", "hierarchical", "global")
 
@@ -159,6 +161,8 @@ def _place_layer(
         # Step 3: pack the node's replicas onto its GPUs, equal slot counts.
         per_replica = weight[experts][replica_of] / count[replica_of]
         gpu = balanced_packing(per_replica, node_slots, key=replica_of if spread else None, refine=refine)
+        if refine:  # Step 3b: re-target redundant slots where EPLB's step 2 chose badly.
+            replica_of, gpu = improve_replicas(weight[experts], replica_of, gpu, gpus_per_node, spread)
         for local in range(gpus_per_node):
             phy2log.append(np.sort(experts[replica_of[gpu == local]]))
     return np.concatenate(phy2log)
