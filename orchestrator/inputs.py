@@ -44,6 +44,8 @@ def load_model(arg: str) -> tuple[ModelSpec, list[str]]:
             return ModelSpec.from_hf_config_file(path)
         except ValidationError as exc:
             raise InputError(validation_message(exc, str(path))) from exc
+        except ValueError as exc:  # malformed JSON, not an object
+            raise InputError(str(exc)) from exc
     raise InputError(f"--model {arg!r}: unknown preset (choose from: {', '.join(MODEL_PRESETS)}) and not a config.json path")
 
 

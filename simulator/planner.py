@@ -103,7 +103,7 @@ def _largest_ep(model: ModelSpec, dp: int, cap: int = 64) -> int:
 def default_parallel(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec) -> ParallelSpec:
     """A memory-feasible layout when none is published or given: the fewest pipeline ranks
     (powers of two dividing the cluster) whose peak memory fits, 1F1B, ZeRO-1, DeepSeek's
-    selective recompute, and the largest expert-parallel size up to 64 (DeepSeek-V3's EP) that
+    selective recompute (full recompute when that is what fits), and the largest expert-parallel size up to 64 (DeepSeek-V3's EP) that
     divides both the experts and dp. The simulator's search replaces this with a ranked search.
     Falls back to the lowest-memory candidate when none fits, so the plan reports the overflow."""
     world = cluster.num_gpus
@@ -113,14 +113,15 @@ def default_parallel(model: ModelSpec, cluster: ClusterSpec, training: TrainingS
         if pp > units or world % pp:
             continue
         dp = world // pp
-        par = ParallelSpec(pp=pp, ep=_largest_ep(model, dp), schedule="1f1b", recompute="selective", zero_stage=1)
-        try:
-            plan = build_plan(PlanInputs(model=model, cluster=cluster, parallel=par, training=training))
-        except LayoutError:
-            continue
-        if plan.memory.fits:
-            return par
-        candidates.append((plan.memory.peak_bytes_per_gpu, par))
+        for recompute in ("selective", "full"):
+            par = ParallelSpec(pp=pp, ep=_largest_ep(model, dp), schedule="1f1b", recompute=recompute, zero_stage=1)
+            try:
+                plan = build_plan(PlanInputs(model=model, cluster=cluster, parallel=par, training=training))
+            except LayoutError:
+                continue
+            if plan.memory.fits:
+                return par
+            candidates.append((plan.memory.peak_bytes_per_gpu, par))
     if not candidates:
         raise LayoutError(f"no pipeline size fits {model.name} on {world} GPUs with global_batch_seqs={training.phases[0].global_batch_seqs}")
     return min(candidates, key=lambda c: c[0])[1]

@@ -15,7 +15,7 @@ Conventions (the usual "model FLOPs" of Kaplan et al. 2020 and PaLM, Chowdhery e
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from simulator.accounting.params import attention_params, expert_params, moe_layer_params, swiglu_params
+from simulator.accounting.params import attention_norm_params, attention_params, expert_params, moe_layer_params, swiglu_params
 from simulator.spec.model import ModelSpec
 from simulator.spec.parallel import RecomputeKind
 
@@ -51,7 +51,7 @@ def attention_core_flops(m: ModelSpec, seq_len_tokens: int) -> float:
 
 def _layer_forward(m: ModelSpec, layer: int, seq_len_tokens: int) -> dict[str, float]:
     out = {
-        "attention_proj": 2.0 * attention_params(m),
+        "attention_proj": 2.0 * (attention_params(m) - attention_norm_params(m)),
         "attention_core": attention_core_flops(m, seq_len_tokens),
         "dense_mlp": 0.0,
         "shared_experts": 0.0,

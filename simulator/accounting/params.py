@@ -57,20 +57,25 @@ def attention_params(m: ModelSpec) -> int:
         if m.q_lora_rank is None:
             q = _linear(h, heads * m.qk_head_dim, False)
         else:
-            q = _linear(h, m.q_lora_rank, bias) + m.q_lora_rank + _linear(m.q_lora_rank, heads * m.qk_head_dim, False)
-        kv = (
-            _linear(h, m.kv_lora_rank + m.qk_rope_head_dim, bias)
-            + m.kv_lora_rank
-            + _linear(m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim), False)
+            q = _linear(h, m.q_lora_rank, bias) + _linear(m.q_lora_rank, heads * m.qk_head_dim, False)
+        kv = _linear(h, m.kv_lora_rank + m.qk_rope_head_dim, bias) + _linear(
+            m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim), False
         )
         o = _linear(heads * m.v_head_dim, h, bias)
-        return q + kv + o
+        return q + kv + o + attention_norm_params(m)
     hd, kvh = m.gqa_head_dim, m.kv_heads
     return (
         _linear(h, heads * hd, bias)
         + 2 * _linear(h, kvh * hd, bias)
         + _linear(heads * hd, h, bias)
     )
+
+
+def attention_norm_params(m: ModelSpec) -> int:
+    """The MLA latent norms inside an attention block (weights, not matmuls)."""
+    if not m.is_mla:
+        return 0
+    return (m.q_lora_rank or 0) + (m.kv_lora_rank or 0)
 
 
 def swiglu_params(hidden: int, intermediate: int) -> int:

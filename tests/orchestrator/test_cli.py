@@ -1,0 +1,99 @@
+"""The CLI in-process (typer's CliRunner): output, files, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from tests.simulator.test_spec import V3_CONFIG_JSON
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_plan_deepseek_v3_on_2048_h800(tmp_path):
+    res = run("plan", "--model", "deepseek-v3", "--cluster", "h800", "--nodes", "256", "--out", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    assert "671,026,404,352 (671.03B)" in res.output
+    assert "37,552,282,624 (37.55B)" in res.output
+    assert "PP16 (dualpipe, 16 stages) x EP64 x DP128, ZeRO-1" in res.output
+    assert (tmp_path / "plan.json").is_file()
+    shown = json.loads(run("show", str(tmp_path), "--json").output)
+    assert shown["params_total"] == 671_026_404_352 and shown["pp"] == 16 and shown["memory_fits"] is True
+    assert shown["flops_per_token"] == pytest.approx(260.65e9, rel=1e-4)
+
+
+def test_plan_from_a_config_json_reports_ignored_keys(tmp_path):
+    cfg = tmp_path / "DeepSeek-V3" / "config.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps(V3_CONFIG_JSON))
+    res = run("plan", "--model", str(cfg), "--cluster", "h200", "--nodes", "64", "--out", str(tmp_path / "o"))
+    assert res.exit_code == 0, res.output
+    assert "quantization_config" in res.output and "671,026,404,352" in res.output
+
+
+def test_set_overrides_reach_the_plan(tmp_path):
+    res = run("plan", "--set", "parallel.pp=8", "--set", "training.precision=bf16", "--set", "parallel.recompute=full",
+              "--out", str(tmp_path), "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["pp"] == 8 and out["dp"] == 256 and out["precision"] == "bf16"
+
+
+def test_dense_model_gets_a_fitting_default_layout(tmp_path):
+    out = json.loads(run("plan", "--model", "deepseek-67b", "--cluster", "h100", "--nodes", "4",
+                         "--out", str(tmp_path), "--json").output)
+    assert out["ep"] == 1 and out["memory_fits"] is True and out["params_total"] == out["params_activated"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--model", "nope"], "--model 'nope': unknown preset"),
+     (["--cluster", "tpu"], "--cluster 'tpu': unknown preset"),
+     (["--nodes", "0"], "--nodes 0: must be a positive"),
+     (["--nodes", "-3"], "--nodes -3: must be a positive"),
+     (["--set", "parallel.ppp=3"], "'parallel.ppp' does not exist"),
+     (["--set", "pp"], "expected KEY=VALUE"),
+     (["--set", "parallel.ep=48"], "ep=48 does not divide n_routed_experts=256"),
+     (["--set", "parallel.pp=3"], "pp=3 does not divide"),
+     (["--set", "training.precision=fp4"], "training.precision"),
+     (["--set", "parallel.micro_batch_size=7"], "global_batch_seqs=15360 is not a multiple"),
+     (["--model", "missing.json"], "--model missing.json: no such file")],
+)
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, message):
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["plan", *args, "--out", str(out)])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], res.output
+    assert not out.exists()
+
+
+def test_bad_config_json(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text("{\"hidden_size\": 7168")
+    res = runner.invoke(app, ["plan", "--model", str(cfg), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "malformed JSON" in res.output
+    cfg.write_text(json.dumps({k: v for k, v in V3_CONFIG_JSON.items() if k != "hidden_size"}))
+    res = runner.invoke(app, ["plan", "--model", str(cfg), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "hidden_size: Field required" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_show_refuses_a_bad_plan(tmp_path):
+    (tmp_path / "plan.json").write_text(json.dumps({"schema_version": 99}))
+    res = runner.invoke(app, ["show", str(tmp_path)])
+    assert res.exit_code == 2 and "schema_version=99 is not supported" in res.output
+
+
+def test_schema_and_presets():
+    schema = json.loads(run("schema").output)
+    assert schema["title"] == "PlanFile" and "schema_version" in schema["properties"]
+    res = run("presets")
+    assert res.exit_code == 0 and "deepseek-v2-lite" in res.output and "H800-SXM5" in res.output

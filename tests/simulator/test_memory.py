@@ -1,0 +1,108 @@
+"""Layout resolution and the per-GPU memory model."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from simulator.accounting.layout import LayoutError, balanced_stage_sizes, pipeline_stages, rank_stages
+from simulator.accounting.memory import in_flight_microbatches, pipeline_memory, rank_params
+from simulator.accounting.params import param_counts
+from simulator.presets.models import deepseek_67b, deepseek_v2_lite, deepseek_v3
+from simulator.spec.parallel import ParallelSpec
+from simulator.spec.training import OptimizerSpec
+
+GiB = 2**30
+V3_LAYOUT = dict(pp=16, ep=64, schedule="dualpipe", seq_len_tokens=4096, zero_stage=1)
+
+
+def test_v3_stage_split_puts_the_short_stages_at_the_ends():
+    assert balanced_stage_sizes(62, 16) == (3,) + (4,) * 14 + (3,)
+    stages = pipeline_stages(deepseek_v3(), ParallelSpec(**V3_LAYOUT))
+    assert stages[-1].layers == (59, 60, 61)  # unit 61 is the MTP module
+    assert stages[0].has_embedding and stages[-1].has_head
+
+
+@given(st.integers(1, 200), st.integers(1, 64))
+def test_balanced_sizes_sum_and_differ_by_at_most_one(units, stages):
+    if stages > units:
+        with pytest.raises(LayoutError, match=f"stages={stages}"):
+            balanced_stage_sizes(units, stages)
+        return
+    sizes = balanced_stage_sizes(units, stages)
+    assert sum(sizes) == units and len(sizes) == stages
+    assert max(sizes) - min(sizes) <= 1
+    assert sizes == sizes[::-1] or sizes[0] <= sizes[len(sizes) // 2]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "pp", "expected"),
+    [("1f1b", 4, [(0,), (1,), (2,), (3,)]), ("dualpipe", 4, [(0, 3), (1, 2), (1, 2), (0, 3)]),
+     ("dualpipev", 2, [(0, 3), (1, 2)]), ("interleaved", 2, [(0, 2), (1, 3)])],
+)
+def test_rank_stages(schedule, pp, expected):
+    par = ParallelSpec(pp=pp, schedule=schedule, virtual_stages=2)
+    assert [rank_stages(par, r) for r in range(pp)] == expected
+
+
+@pytest.mark.parametrize("schedule,copies", [("1f1b", 1), ("dualpipe", 2), ("dualpipev", 1), ("interleaved", 1)])
+def test_parameters_over_ranks_add_up_to_the_model(schedule, copies):
+    spec = deepseek_v2_lite()  # no MTP: every parameter lives on exactly `copies` ranks
+    par = ParallelSpec(pp=3 if schedule == "1f1b" else 2, ep=1, schedule=schedule)
+    stages = pipeline_stages(spec, par)
+    total = 0
+    for r in range(par.pp):
+        p = rank_params(spec, [stages[i] for i in rank_stages(par, r)], ep=1)
+        total += p.dense + p.expert
+    assert total == copies * param_counts(spec).total
+
+
+def test_zero_stages_shard_what_they_should():
+    spec, par = deepseek_v3(), ParallelSpec(**V3_LAYOUT)
+    mem = {z: pipeline_memory(spec, par.model_copy(update={"zero_stage": z}), OptimizerSpec(), "fp8", 128, 120)[1]
+           for z in (0, 1, 2, 3)}
+    assert mem[0].optimizer_bytes > mem[1].optimizer_bytes == mem[2].optimizer_bytes
+    assert mem[1].grad_bytes > mem[2].grad_bytes
+    assert mem[2].param_bytes > mem[3].param_bytes
+    # ZeRO-1: optimizer state of dense weights / dp + experts / (dp / ep); FP32 master + 2 BF16 moments = 8 B
+    r = mem[1]
+    assert r.optimizer_bytes == pytest.approx(8 * (r.params_dense / 128 + r.params_expert / 2))
+
+
+def test_deepseek_v3_recipe_fits_an_h800_and_plain_bf16_does_not():
+    spec = deepseek_v3()
+    fp8 = pipeline_memory(spec, ParallelSpec(**V3_LAYOUT, recompute="selective"), OptimizerSpec(), "fp8", 128, 120)
+    bf16 = pipeline_memory(spec, ParallelSpec(**V3_LAYOUT, recompute="none"), OptimizerSpec(), "bf16", 128, 120)
+    usable = 78 * GiB  # 80 GiB H800 less 2 GiB reserved
+    assert max(r.total_bytes for r in fp8) < usable < max(r.total_bytes for r in bf16)
+
+
+def test_recompute_lowers_activation_memory():
+    spec = deepseek_67b()
+    act = {rc: pipeline_memory(spec, ParallelSpec(pp=8, recompute=rc), OptimizerSpec(), "bf16", 4, 64)[0].activation_bytes
+           for rc in ("none", "selective", "full")}
+    assert act["none"] > act["full"]
+    assert act["none"] >= act["selective"] > act["full"]
+
+
+def test_in_flight_microbatches_follow_the_schedule_tables():
+    assert in_flight_microbatches(ParallelSpec(pp=8), 0, 64) == 8  # 1F1B: PP
+    assert in_flight_microbatches(ParallelSpec(pp=8), 7, 64) == 1
+    assert in_flight_microbatches(ParallelSpec(pp=8), 0, 3) == 3  # capped by the micro-batches
+    assert in_flight_microbatches(ParallelSpec(pp=8, schedule="dualpipe"), 0, 64) == 9 / 2  # PP+1 over 2 stages
+    assert in_flight_microbatches(ParallelSpec(pp=4, schedule="dualpipev"), 0, 64) == 9 / 2  # 2N+1 chunks
+
+
+def test_layout_errors_name_the_values():
+    from simulator.accounting.layout import check_layout
+    from simulator.presets.clusters import h800
+
+    with pytest.raises(LayoutError, match="ep=48 does not divide n_routed_experts=256"):
+        check_layout(deepseek_v3(), h800(256), ParallelSpec(pp=16, ep=48))
+    with pytest.raises(LayoutError, match="pp=3 does not divide"):
+        check_layout(deepseek_v3(), h800(256), ParallelSpec(pp=3))
+    with pytest.raises(LayoutError, match="is dense"):
+        check_layout(deepseek_67b(), h800(1), ParallelSpec(ep=2))
+    with pytest.raises(LayoutError, match="stage_layers"):
+        pipeline_stages(deepseek_v3(), ParallelSpec(pp=2, stage_layers=(30, 30)))

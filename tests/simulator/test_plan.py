@@ -1,0 +1,88 @@
+"""The plan file: exact round trip, version and hash checks, atomic writes, import hygiene."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from simulator.plan import SCHEMA_VERSION, PlanError, PlanInputs, dump_plan, parse_plan, read_plan, write_atomic, write_plan
+from simulator.planner import build_plan, summary
+from simulator.presets.clusters import h800, h200
+from simulator.presets.models import deepseek_v3, tiny_moe
+from simulator.presets.recipes import deepseek_v3_recipe, default_recipe
+from simulator.spec.parallel import ParallelSpec
+
+
+@pytest.fixture(scope="module")
+def plan():
+    r = default_recipe()
+    inputs = PlanInputs(model=tiny_moe(), cluster=h200(1), parallel=ParallelSpec(pp=2, ep=4, schedule="dualpipe"),
+                        training=r.training, budget=r.budget)
+    return build_plan(inputs)
+
+
+def test_round_trip_is_exact(plan):
+    text = dump_plan(plan)
+    again = parse_plan(text)
+    assert again == plan
+    assert dump_plan(again) == text
+
+
+def test_other_schema_versions_are_refused(plan):
+    raw = json.loads(dump_plan(plan))
+    raw["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(PlanError, match=f"schema_version={SCHEMA_VERSION + 1} is not supported"):
+        parse_plan(json.dumps(raw), "p.json")
+
+
+def test_edited_inputs_break_the_hash(plan):
+    raw = json.loads(dump_plan(plan))
+    raw["inputs"]["parallel"]["micro_batch_size"] = 2
+    with pytest.raises(PlanError, match="does not match the inputs"):
+        parse_plan(json.dumps(raw))
+
+
+def test_unknown_fields_and_bad_json_are_refused(plan):
+    raw = json.loads(dump_plan(plan))
+    raw["layout"]["bogus"] = 1
+    with pytest.raises(PlanError, match="layout.bogus"):
+        parse_plan(json.dumps(raw))
+    with pytest.raises(PlanError, match="malformed JSON"):
+        parse_plan("{")
+
+
+def test_write_is_atomic(tmp_path, plan, monkeypatch):
+    write_plan(plan, tmp_path / "plan.json")
+    assert read_plan(tmp_path) == plan
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+    def boom(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("simulator.plan.os.replace", boom)
+    with pytest.raises(OSError):
+        write_atomic(tmp_path / "other.json", "x")
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]  # no temp file, no partial file
+
+
+def test_summary_has_the_public_keys(plan):
+    keys = set(summary(plan))
+    assert {"params_total", "params_activated", "flops_per_token", "peak_memory_bytes_per_gpu", "step_time_s",
+            "bubble_frac", "mfu_frac", "tokens_per_s_per_gpu", "gpu_hours_per_trillion_tokens", "gpu_hours_total",
+            "within_budget", "candidates_evaluated"} <= keys
+
+
+def test_v3_recipe_plan_on_2048_h800():
+    r = deepseek_v3_recipe()
+    p = build_plan(PlanInputs(model=deepseek_v3(), cluster=h800(256), parallel=r.parallel, training=r.training, budget=r.budget))
+    assert (p.layout.pp, p.layout.ep, p.layout.dp, p.layout.microbatches) == (16, 64, 128, 120)
+    assert p.params.total == 671_026_404_352 and p.memory.fits
+
+
+def test_importing_the_simulator_does_not_import_torch():
+    code = ("import sys, simulator.planner, simulator.plan, simulator.presets.recipes; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
