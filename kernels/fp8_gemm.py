@@ -17,11 +17,9 @@ per shape and keeps the faster; ``"triton"`` / ``"torch"`` force one.
 """
 
 import torch
-import triton
-import triton.language as tl
 
 from .fp8_quant import quant_act_1x128, quant_weight_128x128
-from .interpret import INTERPRET
+from .triton_compat import INTERPRET, tl, triton
 
 TILE = 128
 

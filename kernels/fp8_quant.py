@@ -15,8 +15,8 @@ power of two at or above it (exact in any format; DeepSeek uses it for dispatch)
 """
 
 import torch
-import triton
-import triton.language as tl
+
+from .triton_compat import tl, triton
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -26,7 +26,7 @@ AMAX_FLOOR = 1e-4
 
 
 @triton.jit
-def _scale_from_amax(amax, POW2: tl.constexpr):
+def scale_from_amax(amax, POW2: tl.constexpr):
     """fp32 scale with ``amax / scale <= 448``; IEEE division so the torch reference is bit-exact."""
     scale = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
     if POW2:
@@ -38,7 +38,7 @@ def _scale_from_amax(amax, POW2: tl.constexpr):
 
 
 @triton.jit
-def _quantize(x, scale):
+def quantize_e4m3(x, scale):
     """x / scale, clamped to the E4M3 range, cast to E4M3 (round to nearest even)."""
     q = tl.math.div_rn(x, scale)
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
@@ -48,6 +48,17 @@ def _quantize(x, scale):
     magic = (((biased_exp + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)  # 1.5 * 2**23 * ulp
     q = (q + magic) - magic
     return q.to(tl.float8e4nv)
+
+
+@triton.jit
+def store_rows(out_ptrs, scale_ptrs, x, mask, row_mask, QUANT: tl.constexpr, POW2: tl.constexpr):
+    """Epilogue for a (rows, 128) fp32 tile: store it as E4M3 with one scale per row, or as out's dtype."""
+    if QUANT:
+        scale = scale_from_amax(tl.max(tl.abs(x), axis=1), POW2)
+        tl.store(out_ptrs, quantize_e4m3(x, scale[:, None]), mask=mask)
+        tl.store(scale_ptrs, scale, mask=row_mask)
+    else:
+        tl.store(out_ptrs, x.to(out_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -70,8 +81,8 @@ def _quant_rows_kernel(
     mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
     x = tl.load(x_ptr + offs_r[:, None] * stride_xr + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
     x = x.to(tl.float32)  # (BLOCK_R, 128); fp32 at once: the interpreter mishandles bf16 math
-    scale = _scale_from_amax(tl.max(tl.abs(x), axis=1), POW2)  # (BLOCK_R,)
-    q = _quantize(x, scale[:, None])
+    scale = scale_from_amax(tl.max(tl.abs(x), axis=1), POW2)  # (BLOCK_R,)
+    q = quantize_e4m3(x, scale[:, None])
     tl.store(q_ptr + offs_r[:, None] * stride_qr + offs_c[None, :] * stride_qc, q, mask=mask)
     tl.store(s_ptr + offs_r * stride_sr + pid_c * stride_sc, scale, mask=offs_r < R)
 
@@ -96,8 +107,8 @@ def _quant_blocks_kernel(
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                 mask=mask, other=0.0).to(tl.float32)
-    scale = _scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-    q = _quantize(w, scale)
+    scale = scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
+    q = quantize_e4m3(w, scale)
     tl.store(q_ptr + e * stride_qe + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk, q, mask=mask)
     if WRITE_T:
         tl.store(qt_ptr + e * stride_qte + offs_k[None, :] * stride_qtk + offs_n[:, None] * stride_qtn,
@@ -105,42 +116,46 @@ def _quant_blocks_kernel(
     tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
 
 
+def empty_rows_output(rows: int, cols: int, dtype: torch.dtype, quantize: bool, device) -> tuple:
+    """Outputs for ``store_rows``: (fp8 (rows, cols), fp32 scales (rows, ceil(cols/128))) when
+    quantising, else ((rows, cols) of dtype, the same tensor as an unused scale pointer)."""
+    if not quantize:
+        out = torch.empty((rows, cols), dtype=dtype, device=device)
+        return out, out
+    return (torch.empty((rows, cols), dtype=FP8_DTYPE, device=device),
+            torch.empty((rows, triton.cdiv(cols, TILE)), dtype=torch.float32, device=device))
+
+
 def _check_float_2d(x: torch.Tensor, name: str) -> None:
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"{name} must be a 2-D float tensor, got shape={tuple(x.shape)} dtype={x.dtype}")
 
 
-def quant_act_1x128(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) float → (x_fp8 (M, K), scale (M, ceil(K/128)) fp32), one scale per 1×128 tile."""
-    _check_float_2d(x, "x")
-    M, K = x.shape
-    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((M, triton.cdiv(K, TILE)), dtype=torch.float32, device=x.device)
+def _quant_rows(view: torch.Tensor, pow2_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise the rows of a 2-D view (any strides) in 1×128 tiles into a new contiguous tensor."""
+    R, C = view.shape
+    q = torch.empty((R, C), dtype=FP8_DTYPE, device=view.device)
+    s = torch.empty((R, triton.cdiv(C, TILE)), dtype=torch.float32, device=view.device)
     block_r = 32
-    grid = (triton.cdiv(M, block_r), triton.cdiv(K, TILE))
+    grid = (triton.cdiv(R, block_r), triton.cdiv(C, TILE))
     _quant_rows_kernel[grid](
-        x, q, s, M, K,
-        x.stride(0), x.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
+        view, q, s, R, C,
+        view.stride(0), view.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
         POW2=pow2_scale, BLOCK_R=block_r, BLOCK_C=TILE,
     )
     return q, s
+
+
+def quant_act_1x128(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) float → (x_fp8 (M, K), scale (M, ceil(K/128)) fp32), one scale per 1×128 tile."""
+    _check_float_2d(x, "x")
+    return _quant_rows(x, pow2_scale)
 
 
 def quant_act_128x1_t(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) float → (x^T fp8 (K, M) contiguous, scale (K, ceil(M/128)) fp32), 128×1 tiles."""
     _check_float_2d(x, "x")
-    M, K = x.shape
-    q = torch.empty((K, M), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((K, triton.cdiv(M, TILE)), dtype=torch.float32, device=x.device)
-    block_r = 32
-    grid = (triton.cdiv(K, block_r), triton.cdiv(M, TILE))
-    # Rows of the (K, M) output are columns of x: pass x's strides swapped.
-    _quant_rows_kernel[grid](
-        x, q, s, K, M,
-        x.stride(1), x.stride(0), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
-        POW2=pow2_scale, BLOCK_R=block_r, BLOCK_C=TILE,
-    )
-    return q, s
+    return _quant_rows(x.t(), pow2_scale)  # rows of the (K, M) output are columns of x
 
 
 def quant_weight_128x128(

@@ -13,10 +13,10 @@ are the same kernels with the scaling compiled out.
 """
 
 import torch
-import triton
 
 from .fp8_gemm import MODE_GROUPED_K, MODE_GROUPED_M, TILE, check_fp8_operands, launch_gemm
 from .fp8_quant import quant_act_1x128, quant_weight_128x128
+from .triton_compat import triton
 
 
 def _check_layout(m_total: int, m_indices: torch.Tensor, num_experts: int) -> None:

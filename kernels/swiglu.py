@@ -1,0 +1,129 @@
+"""Fused SwiGLU for the MoE experts: ``act = silu(gate) * up`` with ``h = [gate | up]`` (M, 2I).
+
+The forward can quantise its output to FP8 1×128 tiles in the same pass, which is what the FP8
+down-projection reads: one read of ``h`` and an fp8 write, instead of a bf16 write, a bf16 read and
+an fp8 write. DeepSeek caches the SwiGLU *input* and recomputes the output in backward (TR §3.3);
+the backward kernel takes ``h`` and ``d act`` and writes ``d h`` in one pass.
+"""
+
+import torch
+
+from .fp8_quant import TILE, empty_rows_output, store_rows
+from .triton_compat import tl, triton
+
+
+@triton.jit
+def _load_gate_up(h_ptr, M, I, stride_hm, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's (BLOCK_R, BLOCK_C) tiles of gate and up (fp32), with their rows, cols and mask."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < M) & (cols[None, :] < I)
+    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + cols[None, :]
+    gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(h_ptrs + I, mask=mask, other=0.0).to(tl.float32)
+    return gate, up, rows, cols, mask
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    # pointers: h (M, 2I), out (M, I) bf16 or fp8, out scales (M, I/128)
+    h_ptr, out_ptr, scale_ptr,
+    # sizes
+    M, I,
+    # strides
+    stride_hm, stride_om, stride_sm,
+    # meta
+    QUANT: tl.constexpr, POW2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    gate, up, rows, cols, mask = _load_gate_up(h_ptr, M, I, stride_hm, BLOCK_R, BLOCK_C)
+    act = gate * tl.sigmoid(gate) * up  # (BLOCK_R, BLOCK_C)
+    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    store_rows(out_ptrs, scale_ptr + rows * stride_sm + tl.program_id(1), act, mask, rows < M, QUANT, POW2)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    # pointers: h (M, 2I), d act (M, I), d h (M, 2I)
+    h_ptr, dact_ptr, dh_ptr,
+    # sizes
+    M, I,
+    # strides
+    stride_hm, stride_dm, stride_dhm,
+    # meta
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    gate, up, rows, cols, mask = _load_gate_up(h_ptr, M, I, stride_hm, BLOCK_R, BLOCK_C)
+    dact = tl.load(dact_ptr + rows[:, None].to(tl.int64) * stride_dm + cols[None, :], mask=mask,
+                   other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    dgate = dact * up * sig * (1.0 + gate * (1.0 - sig))  # d silu / d gate = sig (1 + g (1 - sig))
+    dup = dact * silu
+    dh_ptrs = dh_ptr + rows[:, None].to(tl.int64) * stride_dhm + cols[None, :]
+    tl.store(dh_ptrs, dgate.to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dh_ptrs + I, dup.to(dh_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_h(h: torch.Tensor) -> int:
+    if h.dim() != 2 or h.shape[1] % 2 != 0 or h.stride(1) != 1:
+        raise ValueError(f"h must be (M, 2I) with unit column stride, got shape={tuple(h.shape)} stride={h.stride()}")
+    return h.shape[1] // 2
+
+
+_BLOCK_R = 16
+
+
+def swiglu(h: torch.Tensor, quantize: bool = False, pow2_scale: bool = False):
+    """h (M, 2I) → silu(h[:, :I]) * h[:, I:] as h.dtype (M, I), or (fp8 (M, I), scales (M, ceil(I/128)))."""
+    I = _check_h(h)
+    M = h.shape[0]
+    out, scale = empty_rows_output(M, I, h.dtype, quantize, h.device)
+    grid = (triton.cdiv(M, _BLOCK_R), triton.cdiv(I, TILE))
+    _swiglu_fwd_kernel[grid](h, out, scale, M, I, h.stride(0), out.stride(0), scale.stride(0),
+                             QUANT=quantize, POW2=pow2_scale, BLOCK_R=_BLOCK_R, BLOCK_C=TILE)
+    return (out, scale) if quantize else out
+
+
+def swiglu_backward(h: torch.Tensor, dact: torch.Tensor) -> torch.Tensor:
+    """d h (M, 2I) from h (M, 2I) and d act (M, I); dtype of h."""
+    I = _check_h(h)
+    if tuple(dact.shape) != (h.shape[0], I) or dact.stride(1) != 1:
+        raise ValueError(f"dact must be {(h.shape[0], I)} with unit column stride, got {tuple(dact.shape)}")
+    dh = torch.empty_like(h)
+    grid = (triton.cdiv(h.shape[0], _BLOCK_R), triton.cdiv(I, TILE))
+    _swiglu_bwd_kernel[grid](h, dact, dh, h.shape[0], I, h.stride(0), dact.stride(0), dh.stride(0),
+                             BLOCK_R=_BLOCK_R, BLOCK_C=TILE)
+    return dh
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """Autograd SwiGLU on h (M, 2I); saves h only."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        return swiglu(h)
+
+    @staticmethod
+    def backward(ctx, dact: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        return swiglu_backward(h, dact.contiguous())
+
+
+def swiglu_ref(h: torch.Tensor) -> torch.Tensor:
+    """Reference in float64."""
+    gate, up = h.double().chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def benchmark(M: int = 32768, I: int = 2048) -> dict[str, float]:
+    """GB/s of the forward (bf16 and fused fp8) and backward on CUDA, bytes read plus written."""
+    h = torch.randn(M, 2 * I, device="cuda", dtype=torch.bfloat16)
+    dact = torch.randn(M, I, device="cuda", dtype=torch.bfloat16)
+    runs = {
+        "fwd_bf16": (lambda: swiglu(h), M * I * 6),
+        "fwd_fp8_fused": (lambda: swiglu(h, quantize=True), M * I * 5),
+        "bwd": (lambda: swiglu_backward(h, dact), M * I * 10),
+    }
+    return {name: nbytes / (triton.testing.do_bench(fn, return_mode="median") * 1e-3) / 1e9
+            for name, (fn, nbytes) in runs.items()}
