@@ -9,7 +9,8 @@ hierarchical mode, anywhere in global mode). ``rebalance_with_migration`` theref
 2. per layer, relabels its nodes and GPUs by minimum-cost matching onto the current ones, where copying
    an expert onto a GPU costs 1 if some GPU of the same node holds it now (an NVLink copy) and
    ``cross_node_weight`` otherwise (an IB copy; default the NVLink/IB bandwidth ratio);
-3. keeps the current layer as is when it is already within ``tolerance_frac`` of the new balance;
+3. keeps the current layer as is when its most loaded GPU is already within ``tolerance_frac`` of the new
+   placement's;
 4. orders each GPU's slots so experts that stay keep their slot index.
 
 Every logical expert keeps its replica count and every GPU its load, so the balance target is met exactly.
@@ -56,23 +57,26 @@ def rebalance_with_migration(
     num_groups: int,
     *,
     cross_node_weight: float,
-    tolerance_frac: float = 0.0,
+    tolerance_frac: float | None = 0.0,
     policy: str = "auto",
     refine: bool = True,
     spread_replicas: bool = True,
 ) -> Placement:
     """A placement as balanced as ``place_experts(weight, ...)`` (or within ``tolerance_frac`` of it) that
-    moves as few expert weights as the relabelling allows; ``current`` gives the layout and the start."""
+    moves as few expert weights as the relabelling allows; ``current`` gives the layout and the start.
+    ``tolerance_frac=None`` never keeps a current layer as is (always relabel the fresh placement)."""
     if cross_node_weight < 1:
         raise ValueError(f"cross_node_weight={cross_node_weight} must be >= 1 (an IB copy costs at least an NVLink one)")
-    if tolerance_frac < 0:
+    if tolerance_frac is not None and tolerance_frac < 0:
         raise ValueError(f"tolerance_frac={tolerance_frac} must be >= 0")
     fresh = place_experts(
         weight, current.num_replicas, num_groups, current.num_nodes, current.num_gpus,
         policy=policy, refine=refine, spread_replicas=spread_replicas,
     )
     _check_same_layout(current, fresh)
-    keep = gpu_load(current, weight).max(axis=1) <= gpu_load(fresh, weight).max(axis=1) * (1 + tolerance_frac)
+    keep = np.zeros(fresh.num_layers, dtype=bool)
+    if tolerance_frac is not None:
+        keep = gpu_load(current, weight).max(axis=1) <= gpu_load(fresh, weight).max(axis=1) * (1 + tolerance_frac)
     rows = []
     for layer in range(fresh.num_layers):
         if keep[layer]:
