@@ -15,7 +15,9 @@ from rich.console import Console
 
 from orchestrator.inputs import InputError, build_inputs
 from orchestrator.overrides import OverrideError
+from orchestrator.placement_cmd import placement_command
 from orchestrator.render import plan_tables, presets_table
+from orchestrator.schedule_cmd import schedule_command
 from simulator.accounting.layout import LayoutError
 from simulator.plan import PlanError, PlanFile, read_plan, write_plan
 from simulator.planner import build_plan, summary
@@ -27,6 +29,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("schedule")(schedule_command)
+app.command("placement")(placement_command)
 console = Console(width=140)
 USER_ERRORS = (InputError, OverrideError, LayoutError, PlanError)
 

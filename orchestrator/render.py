@@ -63,7 +63,7 @@ def plan_tables(plan: PlanFile) -> Group:
     head.add_column("value", justify="right")
     par = inp.parallel
     rows = [
-        ("layout", f"PP{lay.pp} ({par.schedule}, {lay.stages} stages) x EP{lay.ep} x DP{lay.dp}, ZeRO-{par.zero_stage}"),
+        ("layout", f"PP{lay.pp} ({par.schedule}, {lay.stages} stage{'s' if lay.stages != 1 else ''}) x EP{lay.ep} x DP{lay.dp}, ZeRO-{par.zero_stage}"),
         ("micro-batches / step", f"{lay.microbatches} x {par.micro_batch_size} seq x {par.seq_len_tokens} tokens"),
         ("precision / recompute", f"{inp.training.precision} / {par.recompute}"),
         ("params total (no MTP)", f"{plan.params.total:,} ({_b(plan.params.total)})"),
