@@ -10,51 +10,43 @@ from simulator.schedules import ScheduleError, check_schedule, make_schedule
 from simulator.spec.parallel import ParallelSpec
 
 
-def _rows(kind: str, pp: int, m: int, **kwargs: int) -> list[str]:
-    return [" ".join(str(a) for a in row) for row in make_schedule(kind, pp, m, **kwargs).ranks]
-
-
-def test_1f1b_exact() -> None:
-    assert _rows("1f1b", 3, 4) == [
+EXACT_ORDERS = {
+    # Warm-up min(pp-1-r, M) forwards, then one forward / one backward, then the drain.
+    ("1f1b", 3, 4): [
         "0F0 0F1 0F2 0B0 0F3 0B1 0B2 0B3",
         "1F0 1F1 1B0 1F2 1B1 1F3 1B2 1B3",
         "2F0 2B0 2F1 2B1 2F2 2B2 2F3 2B3",
-    ]
-
-
-def test_1f1b_fewer_microbatches_than_ranks() -> None:
-    assert _rows("1f1b", 3, 1) == ["0F0 0B0", "1F0 1B0", "2F0 2B0"]
-
-
-def test_zb1p_exact_rank_r_holds_back_r_weight_passes() -> None:
-    assert _rows("zb1p", 3, 4) == [
+    ],
+    ("1f1b", 3, 1): ["0F0 0B0", "1F0 1B0", "2F0 2B0"],
+    # As 1F1B with B split; rank r holds back its first r weight passes.
+    ("zb1p", 3, 4): [
         "0F0 0F1 0F2 0I0 0W0 0F3 0I1 0W1 0I2 0W2 0I3 0W3",
         "1F0 1F1 1I0 1F2 1I1 1W0 1F3 1I2 1W1 1I3 1W2 1W3",
         "2F0 2I0 2F1 2I1 2F2 2I2 2W0 2F3 2I3 2W1 2W2 2W3",
-    ]
-
-
-def test_interleaved_exact_depth_first_rounds() -> None:
-    assert _rows("interleaved", 2, 4) == [
+    ],
+    # Rounds of 2 micro-batches, depth first over chunks (stages r and r + 2).
+    ("interleaved", 2, 4): [
         "0F0 0F1 2F0 2F1 0F2 2B0 0F3 2B1 2F2 0B0 2F3 0B1 2B2 2B3 0B2 0B3",
         "1F0 1F1 3F0 3B0 3F1 3B1 1F2 1B0 1F3 1B1 3F2 3B2 3F3 3B3 1B2 1B3",
-    ]
-
-
-def test_dualpipe_exact_two_ranks() -> None:
+    ],
     # Rank 0 runs stage 0 down (mb 0, 1) and stage 1 up (mb 2, 3); rank 1 the mirror. Both are
     # middle ranks, so the first phase-4 pair runs un-overlapped.
-    assert _rows("dualpipe", 2, 4) == [
+    ("dualpipe", 2, 4): [
         "0F0 1F2 0F1 1B2 1F3&0B0 1B3 0I1 0W1",
         "0F2 1F0 0F3 1B0 1F1&0B2 1B1 0I3 0W3",
-    ]
-
-
-def test_dualpipev_exact_one_rank_per_phase_table() -> None:
-    assert _rows("dualpipev", 2, 4) == [
+    ],
+    # The eight phases with n = 2, h = r, C = 4.
+    ("dualpipev", 2, 4): [
         "0F0 0F1 0F2 3F0 3I0 3W0 3F1 0F3&3B1 3F2&0B0 3B2 3F3&0B1 3B3 0I2 0W2 0I3 0W3",
         "1F0 2F0 1F1 2F1 1F2 2B0 2F2&1B0 1F3&2B1 2F3&1B1 2B2 1B2 2I3 1I3 2W3 1W3",
-    ]
+    ],
+}
+
+
+@pytest.mark.parametrize(("kind", "pp", "m"), list(EXACT_ORDERS))
+def test_exact_orders(kind: str, pp: int, m: int) -> None:
+    rows = [" ".join(str(a) for a in row) for row in make_schedule(kind, pp, m).ranks]
+    assert rows == EXACT_ORDERS[(kind, pp, m)]
 
 
 @pytest.mark.parametrize(
