@@ -18,7 +18,7 @@ per shape and keeps the faster; ``"triton"`` / ``"torch"`` force one.
 
 import torch
 
-from .fp8_quant import quant_act_1x128, quant_weight_128x128
+from .fp8_quant import cast_for_store, quant_act_1x128, quant_weight_128x128
 from .triton_compat import INTERPRET, tl, triton
 
 TILE = 128
@@ -31,7 +31,7 @@ MODE_GROUPED_K = 2  # reduction split in per-expert segments, one output matrix 
 def gemm_configs(scaled: bool) -> list[triton.Config]:
     """Autotune candidates. BLOCK_M divides 128 (contiguous-layout segments); scaled needs BLOCK_K=128."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128 if scaled else 32, "GROUP_M": 4})]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128 if scaled else 64, "GROUP_M": 4})]
     block_k = 128 if scaled else 64
     shapes = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
         (128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (64, 256, 4, 4), (128, 64, 4, 4), (64, 128, 4, 5),
@@ -123,11 +123,14 @@ def _make_gemm_kernel(scaled: bool):
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
-        # Step 5: store.
+        # Step 5: store; padding rows of the contiguous layout are written as zeros.
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if MODE == 1:
+            row_expert = tl.load(group_ptr + rows, mask=rows < M, other=-1)
+            acc = tl.where(row_expert[:, None] >= 0, acc, 0.0)
         c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+        tl.store(c_ptrs, cast_for_store(acc, c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
     return kernel
 

@@ -16,7 +16,7 @@ power of two at or above it (exact in any format; DeepSeek uses it for dispatch)
 
 import torch
 
-from .triton_compat import tl, triton
+from .triton_compat import INTERPRET_C, tl, triton
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -51,6 +51,16 @@ def quantize_e4m3(x, scale):
 
 
 @triton.jit
+def cast_for_store(x, dtype: tl.constexpr):
+    """fp32 → dtype. The interpreter truncates to bf16; round to nearest even there first, as a GPU does."""
+    if INTERPRET_C and dtype == tl.bfloat16:
+        biased_exp = tl.minimum((x.to(tl.int32, bitcast=True) >> 23) & 0xFF, 254 - 16)
+        magic = (((biased_exp + 16) << 23) | 0x400000).to(tl.float32, bitcast=True)  # 1.5 * 2**23 * bf16 ulp
+        x = (x + magic) - magic
+    return x.to(dtype)
+
+
+@triton.jit
 def store_rows(out_ptrs, scale_ptrs, x, mask, row_mask, QUANT: tl.constexpr, POW2: tl.constexpr):
     """Epilogue for a (rows, 128) fp32 tile: store it as E4M3 with one scale per row, or as out's dtype."""
     if QUANT:
@@ -58,7 +68,7 @@ def store_rows(out_ptrs, scale_ptrs, x, mask, row_mask, QUANT: tl.constexpr, POW
         tl.store(out_ptrs, quantize_e4m3(x, scale[:, None]), mask=mask)
         tl.store(scale_ptrs, scale, mask=row_mask)
     else:
-        tl.store(out_ptrs, x.to(out_ptrs.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs, cast_for_store(x, out_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -4,7 +4,7 @@ Tokens routed to the experts are stacked in one ``(M_total, K)`` matrix, expert 
 expert's segment padded to a multiple of 128 rows; ``m_indices (M_total,)`` names each row's expert
 (-1 for padding rows). Every 128-row tile then belongs to one expert, so the grouped GEMM is the
 dense kernel of ``fp8_gemm.py`` with B's pointer moved to that expert's weights (``MODE_GROUPED_M``).
-Padding tiles are skipped and written as zeros.
+Padding tiles are skipped; padding rows are written as zeros.
 
 The weight gradient reduces over each expert's own segment: ``dW[e] = dy[seg e]ᵀ · x[seg e]``, the
 same kernel with K split at ``seg_offsets (E + 1,)`` and one output matrix per expert
@@ -34,8 +34,7 @@ def grouped_gemm_fp8(
     """c (M_total, N): row r is (a[r] * a_scale[r]) · (b[e] * b_scale[e])ᵀ with e = m_indices[r].
 
     a (M_total, K) E4M3, a_scale (M_total, ceil(K/128)); b (E, N, K) E4M3 (any strides), b_scale
-    (E, ceil(N/128), ceil(K/128)). Padding rows (m_indices = -1) come out as zeros when their tile
-    is padding only, and as a · b[expert of the tile] otherwise (zero for zero padding rows).
+    (E, ceil(N/128), ceil(K/128)). Padding rows (m_indices = -1) come out as zeros.
     """
     check_fp8_operands(a, a_scale, b, b_scale)
     if b.dim() != 3:
@@ -47,7 +46,8 @@ def grouped_gemm_fp8(
 
 
 def grouped_gemm_bf16(a: torch.Tensor, b: torch.Tensor, m_indices: torch.Tensor) -> torch.Tensor:
-    """BF16 variant: a (M_total, K), b (E, N, K) (any strides) → c (M_total, N) bf16, fp32 accumulation."""
+    """BF16 variant: a (M_total, K), b (E, N, K) (any strides) → c (M_total, N) bf16, fp32 accumulation;
+    padding rows are zeros."""
     if a.dim() != 2 or b.dim() != 3 or a.shape[1] != b.shape[2]:
         raise ValueError(f"need a (M, K) and b (E, N, K), got {tuple(a.shape)} and {tuple(b.shape)}")
     _check_layout(a.shape[0], m_indices, b.shape[0])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fp8_quant import TILE, empty_rows_output, store_rows
+from .fp8_quant import TILE, cast_for_store, empty_rows_output, store_rows
 from .triton_compat import INTERPRET, tl, triton
 
 
@@ -109,7 +109,7 @@ def _combine_kernel(
         if WEIGHTED:
             y = y * tl.load(weight_ptr + t * TOPK + j).to(tl.float32)
         acc += y
-    tl.store(out_ptr + t.to(tl.int64) * stride_ot + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < H)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + cols, cast_for_store(acc, out_ptr.dtype.element_ty), mask=cols < H)
 
 
 def _check_rows(x: torch.Tensor, name: str) -> None:

@@ -8,7 +8,7 @@ the backward kernel takes ``h`` and ``d act`` and writes ``d h`` in one pass.
 
 import torch
 
-from .fp8_quant import TILE, empty_rows_output, store_rows
+from .fp8_quant import TILE, cast_for_store, empty_rows_output, store_rows
 from .triton_compat import tl, triton
 
 
@@ -60,8 +60,8 @@ def _swiglu_bwd_kernel(
     dgate = dact * up * sig * (1.0 + gate * (1.0 - sig))  # d silu / d gate = sig (1 + g (1 - sig))
     dup = dact * silu
     dh_ptrs = dh_ptr + rows[:, None].to(tl.int64) * stride_dhm + cols[None, :]
-    tl.store(dh_ptrs, dgate.to(dh_ptr.dtype.element_ty), mask=mask)
-    tl.store(dh_ptrs + I, dup.to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dh_ptrs, cast_for_store(dgate, dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dh_ptrs + I, cast_for_store(dup, dh_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_h(h: torch.Tensor) -> int:

@@ -7,6 +7,8 @@
   the tensor cores. And Triton 3.6's interpreter turns a scalar into an index with ``int()`` of a
   one-element array, which NumPy >= 2.4 refuses (``range(lo, hi)`` with run-time bounds fails):
   ``_fix_interpreter_index`` swaps in ``.item()``, only in the interpreter, only when it is on.
+  Its fp32 -> bf16 cast truncates where a GPU rounds to nearest even; ``fp8_quant.cast_for_store``
+  rounds first when ``INTERPRET_C``.
 """
 
 import math
@@ -56,7 +58,9 @@ class _MissingTriton:
 
 
 class _MissingLanguage:
-    constexpr = "constexpr"
+    @staticmethod
+    def constexpr(value):
+        return value
 
     def __getattr__(self, name):
         return math.nan  # dtypes in annotations only; kernel bodies never run without Triton
@@ -89,3 +93,6 @@ except ImportError:
 
 if HAVE_TRITON and INTERPRET:
     _fix_interpreter_index()
+
+# For @triton.jit code: a global must be a constexpr to be read inside a kernel.
+INTERPRET_C = tl.constexpr(INTERPRET)

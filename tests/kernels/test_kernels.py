@@ -1,0 +1,314 @@
+"""kernels/ against their torch references: on an H200 (CUDA) or, tiny, through the Triton interpreter.
+
+Tolerances (docs/kernels.md has the table and where each comes from): relative Frobenius error
+against float64 on the dequantised inputs. Outputs are poisoned (NaN, fp8 NaN, -7) before every
+launch, so an unwritten element fails the test.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before kernels/ is imported: the interpreter is chosen at import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels import triton_compat  # noqa: E402
+from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref  # noqa: E402
+from kernels.fp8_linear import fp8_grouped_linear, fp8_linear, grouped_linear  # noqa: E402
+from kernels.fp8_quant import (  # noqa: E402
+    dequant_blocks,
+    dequant_rows,
+    quant_act_1x128,
+    quant_act_1x128_ref,
+    quant_act_128x1_t,
+    quant_act_128x1_t_ref,
+    quant_weight_128x128,
+    quant_weight_128x128_ref,
+)
+from kernels.grouped_gemm import (  # noqa: E402
+    grouped_gemm_bf16,
+    grouped_gemm_fp8,
+    grouped_gemm_ref,
+    grouped_wgrad_bf16,
+    grouped_wgrad_fp8,
+    grouped_wgrad_ref,
+)
+from kernels.moe_permute import (  # noqa: E402
+    MoEPermute,
+    MoEUnpermute,
+    make_dispatch_plan,
+    moe_permute,
+    moe_permute_ref,
+    moe_unpermute,
+    moe_unpermute_ref,
+)
+from kernels.swiglu import SwiGLUFunction, swiglu, swiglu_ref  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+# Relative Frobenius error bounds against float64 (docs/kernels.md, "Tolerances").
+TOL_FP32_OUT = 1e-3 if ON_GPU else 1e-5  # fp8 products are exact; tensor-core partial sums are not
+TOL_BF16_OUT = 6e-3  # one bf16 rounding of each output element (2**-9 relative, ~1/sqrt(3) rms)
+TOL_FP8_PIPELINE = 1e-2  # our FP8 layer against the same recipe emulated in float64
+TOL_VS_EXACT = 0.1  # our FP8 layer against an unquantised float64 layer (two E4M3 roundings)
+
+
+@pytest.fixture
+def device():
+    pytest.importorskip("triton")
+    if not ON_GPU and not triton_compat.INTERPRET:
+        pytest.skip("kernels/ was imported before TRITON_INTERPRET=1 was set; run this file on its own")
+    return "cuda" if ON_GPU else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Every torch.empty / empty_like in the wrappers comes back full of NaN (or -7)."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.dtype == torch.float8_e4m3fn:
+            t.view(torch.uint8).fill_(0x7F)  # E4M3 NaN
+        elif t.is_floating_point():
+            t.fill_(float("nan"))
+        else:
+            t.fill_(-7)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    assert torch.isfinite(out).all(), "unwritten (poisoned) or non-finite output"
+    return float((out - ref).norm() / ref.norm())
+
+
+def rand(*shape, seed: int, device: str, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.cpu().view(torch.uint8), b.cpu().view(torch.uint8))
+
+
+# Odd sizes exercise every mask; the GPU adds sizes that fill the chip.
+SMALL_SHAPES = [(1, 128), (37, 300), (130, 257)]
+SHAPES = SMALL_SHAPES + ([(1000, 7168), (4096, 1536)] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("pow2_scale", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantisers_bit_exact(device, shape, pow2_scale):
+    x = rand(*shape, seed=shape[0], device=device, dtype=torch.bfloat16, scale=3.0)
+    for fn, ref in ((quant_act_1x128, quant_act_1x128_ref), (quant_act_128x1_t, quant_act_128x1_t_ref)):
+        q, s = fn(x, pow2_scale)
+        q_ref, s_ref = ref(x.cpu(), pow2_scale)
+        assert torch.equal(s.cpu(), s_ref) and same_bits(q, q_ref), fn.__name__
+    w = rand(2, *shape, seed=7, device=device)
+    q, s, qt = quant_weight_128x128(w, pow2_scale, transposed=True)
+    q_ref, s_ref = quant_weight_128x128_ref(w.cpu(), pow2_scale)
+    assert torch.equal(s.cpu(), s_ref) and same_bits(q, q_ref) and same_bits(qt, q_ref.mT.contiguous())
+
+
+GEMM_SHAPES = [(37, 50, 300), (130, 200, 129)] + ([(512, 2112, 7168), (300, 7168, 2048)] if ON_GPU else [])
+BACKENDS = ["triton"] + (["torch", "auto"] if ON_GPU else [])
+
+
+def _gemm_operands(M, N, K, recipe, device):
+    """(a, sa, b, sb) for the three training GEMMs of y = x·Wᵀ with x (M, K), W (N, K)."""
+    x, w, dy = rand(M, K, seed=1, device=device), rand(N, K, seed=2, device=device), rand(M, N, seed=3, device=device)
+    if recipe == "forward":
+        b, sb, _ = quant_weight_128x128(w)
+        return (*quant_act_1x128(x), b, sb)
+    if recipe == "dgrad":
+        _, sb, bt = quant_weight_128x128(w, transposed=True)
+        return (*quant_act_1x128(dy), bt, sb.mT)
+    return (*quant_act_128x1_t(dy), *quant_act_128x1_t(x))  # wgrad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("recipe", ["forward", "dgrad", "wgrad"])
+@pytest.mark.parametrize("M,N,K", GEMM_SHAPES)
+def test_fp8_gemm_matches_float64(device, M, N, K, recipe, backend):
+    a, sa, b, sb = _gemm_operands(M, N, K, recipe, device)
+    ref = fp8_gemm_ref(a.cpu(), sa.cpu(), b.cpu(), sb.cpu())
+    if backend != "triton" and (K % 128 or M % 128 or N % 128):
+        pytest.skip("torch._scaled_mm wants 128-aligned sizes")
+    for out_dtype, tol in ((torch.float32, TOL_FP32_OUT), (torch.bfloat16, TOL_BF16_OUT)):
+        out = fp8_gemm(a, sa, b, sb, out_dtype=out_dtype, backend=backend)
+        assert out.dtype == out_dtype and rel_err(out.cpu(), ref) < tol, (recipe, out_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("K", [4096, 16384])
+def test_fp32_promotion_at_long_k(K):
+    """All-positive operands: partial sums grow with K, so a 14-bit accumulator would show ~1e-2."""
+    x = rand(256, K, seed=11, device="cuda").abs()
+    w = rand(256, K, seed=12, device="cuda").abs()
+    a, sa = quant_act_1x128(x)
+    b, sb, _ = quant_weight_128x128(w)
+    out = fp8_gemm(a, sa, b, sb, out_dtype=torch.float32, backend="triton")
+    assert rel_err(out.cpu(), fp8_gemm_ref(a.cpu(), sa.cpu(), b.cpu(), sb.cpu())) < 1e-4
+
+
+def _contiguous_layout(counts, device):
+    """m_indices and seg_offsets for experts with `counts` tokens each, segments padded to 128."""
+    m_indices, offsets = [], [0]
+    for e, c in enumerate(counts):
+        padded = -(-c // 128) * 128
+        m_indices += [e] * c + [-1] * (padded - c)
+        offsets.append(offsets[-1] + padded)
+    as_int = dict(dtype=torch.int32, device=device)
+    return torch.tensor(m_indices, **as_int), torch.tensor(offsets, **as_int)
+
+
+GROUP_COUNTS = [[100, 0, 130]] + ([[1000, 3, 0, 4096, 700]] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("counts", GROUP_COUNTS)
+@pytest.mark.parametrize("N,K", [(72, 200)] + ([(4096, 7168), (7168, 2048)] if ON_GPU else []))
+def test_grouped_gemms(device, counts, N, K):
+    m_indices, offsets = _contiguous_layout(counts, device)
+    E, M = len(counts), m_indices.numel()
+    pad = (m_indices < 0)[:, None]
+    x = rand(M, K, seed=4, device=device).masked_fill(pad, 0)
+    dy = rand(M, N, seed=5, device=device).masked_fill(pad, 0)
+    w = rand(E, N, K, seed=6, device=device)
+    a, sa = quant_act_1x128(x)
+    b, sb, bt = quant_weight_128x128(w, transposed=True)
+    m_cpu, off_cpu = m_indices.cpu(), offsets.cpu()
+    ref = grouped_gemm_ref(dequant_rows(a, sa).cpu(), dequant_blocks(b, sb).cpu(), m_cpu)
+    assert rel_err(grouped_gemm_fp8(a, sa, b, sb, m_indices, torch.float32).cpu(), ref) < TOL_FP32_OUT
+    d, sd = quant_act_1x128(dy)  # dgrad through the transposed weight copy
+    ref = grouped_gemm_ref(dequant_rows(d, sd).cpu(), dequant_blocks(bt, sb.mT).cpu(), m_cpu)
+    out = grouped_gemm_fp8(d, sd, bt, sb.mT, m_indices).cpu()
+    assert rel_err(out, ref) < TOL_BF16_OUT and (out[m_cpu < 0] == 0).all()
+    dt, sdt = quant_act_128x1_t(dy)
+    xt, sxt = quant_act_128x1_t(x)
+    ref = grouped_wgrad_ref(dequant_rows(dt, sdt).cpu(), dequant_rows(xt, sxt).cpu(), off_cpu)
+    assert rel_err(grouped_wgrad_fp8(dt, sdt, xt, sxt, offsets).cpu(), ref) < TOL_FP32_OUT
+    xb, wb, dyb = x.bfloat16(), w.bfloat16(), dy.bfloat16()
+    assert rel_err(grouped_gemm_bf16(xb, wb, m_indices).cpu(), grouped_gemm_ref(xb.cpu(), wb.cpu(), m_cpu)) < TOL_BF16_OUT
+    ref = grouped_wgrad_ref(dyb.t().cpu(), xb.t().cpu(), off_cpu)
+    assert rel_err(grouped_wgrad_bf16(dyb.t(), xb.t(), offsets).cpu(), ref) < TOL_FP32_OUT
+
+
+def _plan(T, topk, E, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(T)])
+    return make_dispatch_plan(ids.to(device), E)
+
+
+@pytest.mark.parametrize("T,H,topk,E", [(20, 136, 2, 4)] + ([(4096, 7168, 8, 32)] if ON_GPU else []))
+def test_permute_and_unpermute(device, T, H, topk, E):
+    plan = _plan(T, topk, E, device)
+    x = rand(T, H, seed=8, device=device, dtype=torch.bfloat16)
+    x_ref = moe_permute_ref(x.cpu(), plan_cpu := _plan(T, topk, E, "cpu"))
+    assert torch.equal(moe_permute(x, plan).cpu(), x_ref)
+    q, s = moe_permute(x, plan, quantize=True, pow2_scale=True)
+    q_ref, s_ref = quant_act_1x128_ref(x_ref, pow2_scale=True)
+    assert torch.equal(s.cpu(), s_ref) and same_bits(q, q_ref)
+    w = rand(T, topk, seed=9, device=device).abs()
+    y = rand(plan.num_rows, H, seed=10, device=device, dtype=torch.bfloat16)
+    assert rel_err(moe_unpermute(y, plan, w).cpu(), moe_unpermute_ref(y.cpu(), plan_cpu, w.cpu())) < TOL_BF16_OUT
+
+
+def test_permute_autograd(device):
+    T, H, topk, E = 24, 160, 3, 5
+    plan, plan_cpu = _plan(T, topk, E, device, seed=1), _plan(T, topk, E, "cpu", seed=1)
+    x = rand(T, H, seed=11, device=device, dtype=torch.bfloat16).requires_grad_()
+    w = rand(T, topk, seed=12, device=device).abs().requires_grad_()
+    scale = rand(plan.num_rows, 1, seed=13, device=device, dtype=torch.bfloat16)  # makes dy depend on the row
+    grad = rand(T, H, seed=14, device=device, dtype=torch.bfloat16)
+    MoEUnpermute.apply(MoEPermute.apply(x, plan) * scale, w, plan).backward(grad)
+    x64 = x.detach().cpu().double().requires_grad_()
+    w64 = w.detach().cpu().double().requires_grad_()
+    out64 = moe_unpermute_ref(moe_permute_ref(x64, plan_cpu) * scale.cpu().double(), plan_cpu, w64)
+    out64.backward(grad.cpu().double())
+    assert rel_err(x.grad.cpu(), x64.grad) < TOL_BF16_OUT
+    assert rel_err(w.grad.cpu(), w64.grad) < 1e-2  # the dot of bf16 rows
+
+
+@pytest.mark.parametrize("M,I", [(33, 136)] + ([(8192, 2048)] if ON_GPU else []))
+def test_swiglu(device, M, I):
+    h = rand(M, 2 * I, seed=15, device=device, dtype=torch.bfloat16, scale=2.0).requires_grad_()
+    ref = swiglu_ref(h.detach().cpu())
+    assert rel_err(swiglu(h.detach()).cpu(), ref) < TOL_BF16_OUT
+    q, s = swiglu(h.detach(), quantize=True)
+    q_ref, s_ref = quant_act_1x128_ref(ref.float())
+    torch.testing.assert_close(s.cpu(), s_ref, rtol=1e-6, atol=0)
+    assert rel_err(dequant_rows(q, s).cpu(), dequant_rows(q_ref, s_ref)) < 1e-3  # rare one-ulp flips
+    dact = rand(M, I, seed=16, device=device, dtype=torch.bfloat16)
+    SwiGLUFunction.apply(h).backward(dact)
+    h64 = h.detach().cpu().double().requires_grad_()
+    swiglu_ref(h64).backward(dact.cpu().double())
+    assert rel_err(h.grad.cpu(), h64.grad) < TOL_BF16_OUT
+
+
+def _emulated_fp8_linear(x, w, dy, m_indices, offsets, swiglu_input):
+    """The DeepSeek-V3 recipe in float64 from the torch references: (y, dx, dw)."""
+    x64 = x.double().requires_grad_()
+    act = swiglu_ref(x64) if swiglu_input else x64
+    a = dequant_rows(*quant_act_1x128_ref(act.detach().float())).double()
+    wq = dequant_blocks(*quant_weight_128x128_ref(w)).double()
+    d = dequant_rows(*quant_act_1x128_ref(dy)).double()
+    dyt = dequant_rows(*quant_act_128x1_t_ref(dy)).double()
+    act_t = dequant_rows(*quant_act_128x1_t_ref(act.detach().to(torch.bfloat16))).double()
+    if m_indices is None:
+        y, dact, dw = a @ wq.t(), d @ wq, dyt @ act_t.t()
+    else:
+        y = grouped_gemm_ref(a, wq, m_indices)
+        dact = grouped_gemm_ref(d, wq.mT, m_indices)
+        dw = grouped_wgrad_ref(dyt, act_t, offsets)
+    act.backward(dact)
+    return y, x64.grad, dw
+
+
+@pytest.mark.parametrize("swiglu_input", [False, True])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fp8_linear_autograd(device, grouped, swiglu_input):
+    K, N = (136, 200) if not ON_GPU else (2048, 7168)
+    counts = [70, 0, 130] if not ON_GPU else [1000, 3, 0, 4096]
+    m_indices, offsets = _contiguous_layout(counts, device)
+    M = m_indices.numel()
+    x = rand(M, 2 * K if swiglu_input else K, seed=17, device=device, dtype=torch.bfloat16)
+    x = x.masked_fill((m_indices < 0)[:, None], 0) if grouped else x
+    w = rand(len(counts), N, K, seed=18, device=device) if grouped else rand(N, K, seed=18, device=device)
+    dy = rand(M, N, seed=19, device=device, dtype=torch.bfloat16).masked_fill((m_indices < 0)[:, None], 0)
+    x.requires_grad_()
+    w.requires_grad_()
+    if grouped:
+        y = fp8_grouped_linear(x, w, m_indices, offsets, swiglu_input)
+    else:
+        y = fp8_linear(x, w, swiglu_input)
+    y.backward(dy)
+    m_cpu = m_indices.cpu() if grouped else None
+    y64, dx64, dw64 = _emulated_fp8_linear(x.detach().cpu(), w.detach().cpu(), dy.cpu(), m_cpu,
+                                           offsets.cpu(), swiglu_input)
+    assert rel_err(y.cpu(), y64) < TOL_FP8_PIPELINE
+    assert rel_err(x.grad.cpu(), dx64) < TOL_FP8_PIPELINE
+    assert rel_err(w.grad.cpu(), dw64) < TOL_FP8_PIPELINE
+    if not swiglu_input and not grouped:  # and against the unquantised layer
+        exact = x.detach().cpu().double() @ w.detach().cpu().double().t()
+        assert rel_err(y.cpu(), exact) < TOL_VS_EXACT
+
+
+def test_bf16_grouped_linear_autograd(device):
+    m_indices, offsets = _contiguous_layout([50, 128, 0], device)
+    M, K, N = m_indices.numel(), 96, 80
+    x = rand(M, K, seed=20, device=device, dtype=torch.bfloat16).masked_fill((m_indices < 0)[:, None], 0)
+    w = rand(3, N, K, seed=21, device=device, dtype=torch.bfloat16)
+    dy = rand(M, N, seed=22, device=device, dtype=torch.bfloat16)
+    x.requires_grad_()
+    w.requires_grad_()
+    grouped_linear(x, w, m_indices, offsets).backward(dy)
+    x64 = x.detach().cpu().double().requires_grad_()
+    w64 = w.detach().cpu().double().requires_grad_()
+    grouped_gemm_ref(x64, w64, m_indices.cpu()).backward(dy.cpu().double())
+    for ours, ref in ((x.grad, x64.grad), (w.grad, w64.grad)):
+        assert rel_err(ours.cpu(), ref) < TOL_BF16_OUT
