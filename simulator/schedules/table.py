@@ -13,9 +13,9 @@ from simulator.schedules.validate import check_schedule
 def bubble_table_markdown(pps: Sequence[int], durations: Durations, microbatches_per_rank: int = 4) -> str:
     """Markdown rows: per kind, stages, formula, then ``closed form / executor`` bubble seconds per
     ``pp`` (``microbatches = microbatches_per_rank * pp``), then parameters and peak activations
-    per rank at the largest ``pp``."""
+    per rank at the largest ``pp``. ``conditions hold`` is for the largest ``pp``."""
     header = ["kind", "stages", "bubble", *(f"pp={pp}: closed / executor (s)" for pp in pps),
-              "params per rank (stages)", f"peak activations (pp={pps[-1]})"]
+              "conditions hold", "params per rank (stages)", f"peak activations (pp={pps[-1]})"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for kind in SCHEDULE_KINDS:
         cells, stats, schedule = [], None, None
@@ -29,6 +29,6 @@ def bubble_table_markdown(pps: Sequence[int], durations: Durations, microbatches
         stages = {"interleaved": "2 pp", "dualpipev": "2 pp"}.get(kind, "pp")
         lines.append(
             f"| {kind} | {stages} | {closed.formula} | " + " | ".join(cells)
-            + f" | {max(stats.stages_per_rank)} | {max(stats.peak_activations)} |"
+            + f" | {'yes' if closed.holds else 'no'} | {max(stats.stages_per_rank)} | {max(stats.peak_activations)} |"
         )
     return "\n".join(lines) + "\n"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from simulator.schedules import Durations, Schedule, ScheduleError, check_schedule, closed_form_bubble, execute, make_schedule
+from simulator.schedules.table import bubble_table_markdown
 
 
 def _log(kind: str, pp: int, m: int, durations: Durations) -> list[list[tuple[str, float, float]]]:
@@ -73,7 +76,7 @@ def in_conditions(draw: st.DrawFn, kind: str) -> tuple[int, int, Durations]:
 
 
 @pytest.mark.parametrize("kind", ["1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev"])
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
 @given(data=st.data())
 def test_bubble_equals_readme_table_inside_its_conditions(kind: str, data: st.DataObject) -> None:
     pp, m, durations = data.draw(in_conditions(kind))
@@ -132,3 +135,31 @@ def test_executor_reports_deadlock() -> None:
     schedule = Schedule.model_validate({**data, "ranks": [["0F0", "0B0"], ["1B0", "1F0"]]})
     with pytest.raises(ScheduleError, match="rank 1 at 1B0"):
         execute(schedule, Durations())
+
+
+@pytest.mark.parametrize(
+    ("kind", "pp", "m", "expected_s"),
+    [
+        # The README table's largest sizes, F=1 B=2 W=1 F&B=2.5: 32 stages in every case.
+        ("1f1b", 32, 32, 31 * 3),
+        ("zb1p", 32, 40, 31 * 1),
+        ("dualpipe", 32, 64, 15 * 1.5),
+        ("dualpipev", 16, 32, 15 * 1.5),
+    ],
+)
+def test_bubble_at_32_stages(kind: str, pp: int, m: int, expected_s: float) -> None:
+    durations = Durations(f_s=1, b_s=2, w_s=1, fb_s=2.5)
+    assert execute(make_schedule(kind, pp, m), durations).bubble_s == pytest.approx(expected_s)
+
+
+@pytest.mark.parametrize(
+    ("marker", "durations"),
+    [
+        ("F=1 B=2 W=1 FB=2.5", Durations(f_s=1, b_s=2, w_s=1, fb_s=2.5)),
+        ("F=1 B=2 W=0.5 FB=2.4", Durations(f_s=1, b_s=2, w_s=0.5, fb_s=2.4)),
+    ],
+)
+def test_docs_bubble_table_is_current(marker: str, durations: Durations) -> None:
+    docs = (Path(__file__).parents[2] / "docs" / "schedules.md").read_text()
+    table = bubble_table_markdown([4, 8, 16], durations)
+    assert f"<!-- bubble-table {marker} -->\n{table}" in docs

@@ -96,7 +96,7 @@ def sizes(draw: st.DrawFn) -> tuple[str, int, int, int]:
     return kind, pp, draw(st.integers(1, 4 * pp)), 1
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(sizes())
 def test_every_admitted_size_is_valid(size: tuple[str, int, int, int]) -> None:
     kind, pp, m, v = size
