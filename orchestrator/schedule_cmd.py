@@ -32,6 +32,13 @@ from simulator.spec.parallel import ParallelSpec
 _OUT_SUFFIXES = (".html", ".csv")
 
 
+def _duration_help(field: str) -> str:
+    """Help text from the ``Durations`` field, so the CLI never restates a default."""
+    info = Durations.model_fields[field]
+    default = "F+B" if info.default is None else f"{info.default:g}"
+    return f"{info.description} Seconds; default {default}."
+
+
 _OPTION_OF_FIELD = {"schedule": "kind"}  # ParallelSpec field -> the option that set it
 
 
@@ -105,10 +112,10 @@ def schedule_command(
     kind: Annotated[str, typer.Option(help="1f1b, interleaved, zb1p, dualpipe or dualpipev.")],
     pp: Annotated[int, typer.Option(help="Pipeline ranks (GPUs in one pipeline), for every kind.")],
     microbatches: Annotated[int, typer.Option(help="Micro-batches per step.")],
-    f_s: Annotated[float | None, typer.Option("--f-s", help="Forward seconds per stage.")] = None,
-    b_s: Annotated[float | None, typer.Option("--b-s", help="Full backward seconds.")] = None,
-    w_s: Annotated[float | None, typer.Option("--w-s", help="Weight-backward seconds.")] = None,
-    fb_s: Annotated[float | None, typer.Option("--fb-s", help="Overlapped F&B seconds (default F+B).")] = None,
+    f_s: Annotated[float | None, typer.Option("--f-s", help=_duration_help("f_s"))] = None,
+    b_s: Annotated[float | None, typer.Option("--b-s", help=_duration_help("b_s"))] = None,
+    w_s: Annotated[float | None, typer.Option("--w-s", help=_duration_help("w_s"))] = None,
+    fb_s: Annotated[float | None, typer.Option("--fb-s", help=_duration_help("fb_s"))] = None,
     virtual_stages: Annotated[int | None, typer.Option(help="Chunks per rank (interleaved only).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     out: Annotated[Path | None, typer.Option(help="Write FILE.html (timeline) or FILE.csv (torch).")] = None,

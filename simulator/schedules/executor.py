@@ -33,7 +33,7 @@ class Durations(BaseModel):
     f_s: float = Field(1.0, gt=0, description="Forward of one stage, one micro-batch.")
     b_s: float = Field(2.0, gt=0, description="Full backward (input + weights).")
     w_s: float = Field(1.0, ge=0, description="Backward for weights alone.")
-    fb_s: float | None = Field(None, gt=0, description="Overlapped forward + backward pair; null = f_s + b_s.")
+    fb_s: float | None = Field(None, gt=0, description="Overlapped forward + backward pair (F&B).")
 
     @model_validator(mode="after")
     def _check_split(self) -> Durations:

@@ -90,9 +90,8 @@ def sizes(draw: st.DrawFn) -> tuple[str, int, int, int]:
     if kind == "dualpipev":
         return kind, pp, draw(st.integers(2 * pp, 5 * pp)), 1
     if kind == "interleaved":
-        v = draw(st.integers(1, 4))
-        rounds = draw(st.integers(1, 4))
-        return kind, pp, rounds * pp if draw(st.booleans()) else draw(st.integers(1, pp)), v
+        m = draw(st.integers(1, 4 * pp).filter(lambda m: m % max(1, m // pp) == 0))  # torch's rule
+        return kind, pp, m, draw(st.integers(1, 4))
     return kind, pp, draw(st.integers(1, 4 * pp)), 1
 
 
