@@ -33,7 +33,7 @@ class LayerFactory:
         if not spec.is_mla:
             raise ValueError(f"model {spec.name!r}: kv_lora_rank={spec.kv_lora_rank}; only MLA models are supported")
         needs_fp8 = options.linear_precision == "fp8" or options.expert_backend == "fp8"
-        gemm, grouped = resolve_fp8_gemms(options.fp8_kernel) if needs_fp8 else (None, None)
+        gemm, grouped = resolve_fp8_gemms(options.fp8_kernel, options.fp8_block_size) if needs_fp8 else (None, None)
         return cls(
             spec=spec,
             dtype=options.dtype,

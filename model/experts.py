@@ -19,7 +19,8 @@ class GroupedExperts(nn.Module):
     """E SwiGLU experts of width I executed as grouped GEMMs over expert-sorted tokens.
 
     ``backend``: "grouped_mm" (``torch._grouped_mm``), "reference" (padded bmm), "fp8" (quantised
-    operands through ``fp8_grouped_gemm``), "auto" (grouped_mm when supported for the dtype/widths).
+    operands through ``fp8_grouped_gemm``), "auto" (grouped_mm for CUDA tensors when supported for the
+    dtype/widths, reference otherwise).
     """
 
     def __init__(
@@ -33,9 +34,10 @@ class GroupedExperts(nn.Module):
         fp8_block_size: int = 128,
     ) -> None:
         super().__init__()
-        if backend == "auto":
-            backend = "grouped_mm" if grouped_mm_supported(dtype, dim, inter_dim, 2 * inter_dim) else "reference"
-        if backend == "grouped_mm" and not grouped_mm_supported(dtype, dim, inter_dim, 2 * inter_dim):
+        # "auto" decides per call: torch._grouped_mm on CUDA; its CPU fallback is ~10x slower than
+        # the padded bmm at test sizes, so CPU tensors take the reference path.
+        self.grouped_mm_ok = grouped_mm_supported(dtype, dim, inter_dim, 2 * inter_dim)
+        if backend == "grouped_mm" and not self.grouped_mm_ok:
             raise ValueError(f"expert_backend='grouped_mm' unsupported for dtype={dtype} dim={dim} "
                              f"moe_intermediate_size={inter_dim} (needs torch._grouped_mm and 16-byte rows)")
         if backend == "fp8" and fp8_grouped_gemm is None:
@@ -49,8 +51,9 @@ class GroupedExperts(nn.Module):
         self.weight_grad_store: WeightGradStore | None = None
 
     def _linear(self, a: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        use_torch = self.backend == "grouped_mm" or (self.backend == "auto" and a.is_cuda and self.grouped_mm_ok)
         return GroupedLinearFn.apply(
-            a, weight, offs, self.backend == "grouped_mm", self.weight_grad_store,
+            a, weight, offs, use_torch, self.weight_grad_store,
             self.fp8_grouped_gemm, self.fp8_block_size,
         )
 

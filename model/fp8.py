@@ -8,11 +8,11 @@
 The GEMMs take (q, scale) pairs. ``reference_fp8_gemm`` dequantises and multiplies in FP32: the
 exact product an FP8 tensor-core GEMM with FP32 accumulation computes, up to summation order.
 
-Hook for ``kernels`` (``ModelOptions.fp8_kernel="kernels"``): the module ``kernels.fp8_gemm`` is
-expected to provide, with the shapes and scale conventions above,
-- ``fp8_gemm(a, a_scale, b, b_scale, out_dtype) -> (M, N)`` with a: (M, K), b: (N, K);
-- ``fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype) -> (M, N)`` with b: (E, N, K) and
-  ``offs`` the int32 cumulative row counts per expert (``torch._grouped_mm`` convention).
+Hook for ``kernels`` (``ModelOptions.fp8_kernel="kernels"``, block 128 only): the dense GEMM is
+``kernels.fp8_gemm.fp8_gemm(a, a_scale, b, b_scale, out_dtype)`` (same conventions as here);
+the grouped GEMM is ``kernels.grouped_gemm.grouped_gemm_fp8(a, a_scale, b, b_scale, m_indices,
+out_dtype)`` in DeepGEMM's contiguous layout (each expert's rows padded to 128, ``m_indices`` = row
+expert or -1). ``contiguous_layout`` converts our ``offs`` rows to that layout and back.
 """
 
 from __future__ import annotations
@@ -91,14 +91,54 @@ def reference_fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype: torch.dt
     return reference_grouped_mm(a_dq, b_dq, offs).to(out_dtype)
 
 
-def resolve_fp8_gemms(kernel: str) -> tuple[Fp8Gemm, Fp8Gemm]:
-    """(dense gemm, grouped gemm) for ``ModelOptions.fp8_kernel``."""
+def contiguous_layout(offs: torch.Tensor, num_rows: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows grouped by ``offs`` -> (destination row of each row (M,), m_indices (M_pad,) int32).
+
+    Each expert's segment starts at a multiple of ``tile``; padding rows get m_indices = -1.
+    """
+    counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())  # (E,)
+    padded = (counts + tile - 1) // tile * tile
+    pad_start = padded.cumsum(0) - padded
+    expert = torch.repeat_interleave(torch.arange(len(offs), device=offs.device), counts, output_size=num_rows)
+    slot = torch.arange(num_rows, device=offs.device) - (offs.long() - counts)[expert]
+    dest = pad_start[expert] + slot
+    m_indices = torch.full((max(int(padded.sum()), tile),), -1, dtype=torch.int32, device=offs.device)
+    m_indices[dest] = expert.to(torch.int32)
+    return dest, m_indices
+
+
+def _grouped_via_contiguous(grouped_gemm_fp8: Fp8Gemm, tile: int) -> Fp8Gemm:
+    """Adapt a contiguous-layout grouped FP8 GEMM to the ``offs`` convention used here."""
+
+    def gemm(a, a_scale, b, b_scale, offs, out_dtype: torch.dtype, block: int = tile) -> torch.Tensor:
+        assert block == tile, f"{block=} {tile=}"
+        dest, m_indices = contiguous_layout(offs, a.shape[0], tile)
+        a_pad = a.new_zeros((m_indices.numel(), a.shape[1])).view(torch.uint8)  # fp8 has no index_put
+        a_pad[dest] = a.view(torch.uint8)
+        s_pad = a_scale.new_ones((m_indices.numel(), a_scale.shape[1]))
+        s_pad[dest] = a_scale
+        out = grouped_gemm_fp8(a_pad.view(a.dtype), s_pad, b, b_scale, m_indices, out_dtype=out_dtype)
+        return out[dest]
+
+    return gemm
+
+
+def resolve_fp8_gemms(kernel: str, block: int = 128) -> tuple[Fp8Gemm, Fp8Gemm]:
+    """(dense gemm, grouped gemm) for ``ModelOptions.fp8_kernel``; both take ``block=`` and ``out_dtype=``."""
     if kernel == "reference":
         return reference_fp8_gemm, reference_fp8_grouped_gemm
-    if kernel == "kernels":
-        try:
-            mod = importlib.import_module("kernels.fp8_gemm")
-            return mod.fp8_gemm, mod.fp8_grouped_gemm
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"fp8_kernel='kernels' needs kernels.fp8_gemm.fp8_gemm/fp8_grouped_gemm ({exc})") from exc
-    raise ValueError(f"fp8_kernel={kernel!r} must be 'reference' or 'kernels'")
+    if kernel != "kernels":
+        raise ValueError(f"fp8_kernel={kernel!r} must be 'reference' or 'kernels'")
+    if block != 128:
+        raise ValueError(f"fp8_kernel='kernels' supports fp8_block_size=128 only, got {block}")
+    try:
+        dense = importlib.import_module("kernels.fp8_gemm").fp8_gemm
+        grouped = importlib.import_module("kernels.grouped_gemm").grouped_gemm_fp8
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"fp8_kernel='kernels' needs kernels.fp8_gemm.fp8_gemm and "
+                         f"kernels.grouped_gemm.grouped_gemm_fp8 ({exc})") from exc
+
+    def dense_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype, block: int = 128) -> torch.Tensor:
+        return dense(a, a_scale, b, b_scale, out_dtype=out_dtype)
+
+    return dense_gemm, _grouped_via_contiguous(grouped, 128)
