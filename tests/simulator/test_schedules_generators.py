@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulator.schedules import ScheduleError, check_schedule, make_schedule
+from simulator.schedules import (
+    Schedule,
+    ScheduleError,
+    check_schedule,
+    make_schedule,
+    schedule_from_torch_csv,
+    schedule_to_torch_csv,
+)
 from simulator.spec.parallel import ParallelSpec
 
 
@@ -118,3 +125,20 @@ def test_every_admitted_size_is_valid(size: tuple[str, int, int, int]) -> None:
         assert stats.peak_activations == tuple(min(pp - r, m) for r in range(pp))
     if kind in ("dualpipe", "dualpipev"):
         assert stats.peak_activations == (schedule.num_stages + 1,) * pp
+    assert Schedule.model_validate(schedule.model_dump(mode="json")) == schedule
+    if kind != "dualpipe":
+        assert schedule_from_torch_csv(schedule_to_torch_csv(schedule), kind) == schedule
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(sizes(), st.data())
+def test_dropping_or_repeating_any_action_is_caught(size: tuple[str, int, int, int], data: st.DataObject) -> None:
+    kind, pp, m, v = size
+    rows = make_schedule(kind, pp, m, virtual_stages=v).model_dump(mode="json")
+    rank = data.draw(st.integers(0, pp - 1))
+    index = data.draw(st.integers(0, len(rows["ranks"][rank]) - 1))
+    token = rows["ranks"][rank].pop(index)
+    if data.draw(st.booleans()):
+        rows["ranks"][rank][data.draw(st.integers(0, len(rows["ranks"][rank]))):0] = [token, token]
+    with pytest.raises(ScheduleError):
+        check_schedule(Schedule.model_validate(rows))
