@@ -4,7 +4,8 @@ The core (this package without ``figure``) imports neither torch nor plotly.
 
 - ``make_schedule(kind, pp, num_microbatches, virtual_stages=2) -> Schedule``
 - ``check_schedule(schedule) -> ScheduleStats`` (raises ``ScheduleError``)
-- ``execute(schedule, Durations(...)) -> Timeline`` (makespan, busy, bubble)
+- ``execute(schedule, Durations(...)) -> Timeline`` (makespan, busy, bubble); ``needs(op, num_stages)``
+  and ``produces(op)`` are the dependency rules it (and any other engine) applies
 - ``closed_form_bubble(kind, pp, num_microbatches, durations) -> ClosedForm``
 - ``schedule_to_torch_csv`` / ``schedule_from_torch_csv`` (``torch.distributed.pipelining`` CSV)
 - ``Schedule.model_dump(mode="json")`` / ``Schedule.model_validate(data)`` for the plan file.
@@ -12,7 +13,7 @@ The core (this package without ``figure``) imports neither torch nor plotly.
 
 from simulator.schedules.actions import ACTION_KINDS, Action, ActionKind, Op, OpKind, ScheduleError
 from simulator.schedules.bubble import ClosedForm, closed_form_bubble
-from simulator.schedules.executor import Durations, TimedAction, Timeline, execute
+from simulator.schedules.executor import Durations, TimedAction, Timeline, execute, needs, produces
 from simulator.schedules.generate import SCHEDULE_KINDS, make_schedule
 from simulator.schedules.schedule import Schedule
 from simulator.schedules.torch_csv import schedule_from_torch_csv, schedule_to_torch_csv
@@ -36,7 +37,9 @@ __all__ = [
     "closed_form_bubble",
     "execute",
     "make_schedule",
+    "needs",
     "peak_activations",
+    "produces",
     "schedule_from_torch_csv",
     "schedule_to_torch_csv",
 ]

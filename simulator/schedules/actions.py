@@ -20,13 +20,14 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_serializer, model_validator
 
 OpKind = Literal["F", "B", "I", "W"]
 ActionKind = Literal["F", "B", "I", "W", "FB"]
 ACTION_KINDS: tuple[ActionKind, ...] = ("F", "B", "I", "W", "FB")
 
 _OP_RE = re.compile(r"^(\d+)([FBIW])(\d+)$")
+ACTION_TOKEN_PATTERN = r"^(\d+[FBIW]\d+|\d+F\d+&\d+B\d+)$"
 
 
 class ScheduleError(ValueError):
@@ -78,6 +79,11 @@ class Action(BaseModel):
     @model_serializer
     def _to_token(self) -> str:
         return str(self)
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        # Read and written as a token in JSON, whatever the schema mode.
+        return {"type": "string", "pattern": ACTION_TOKEN_PATTERN, "description": "e.g. '3F0', '0I1', '0F7&7B3'"}
 
     def __str__(self) -> str:
         return "&".join(str(op) for op in self.ops)

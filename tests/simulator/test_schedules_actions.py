@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -80,3 +81,12 @@ def test_core_imports_neither_torch_nor_plotly() -> None:
         "assert 'torch' not in sys.modules and 'plotly' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_json_schema_describes_actions_as_tokens() -> None:
+    schema = Schedule.model_json_schema()
+    pattern = schema["$defs"]["Action"]["pattern"]
+    assert schema["$defs"]["Action"]["type"] == "string"
+    tokens = [t for kind in SCHEDULE_KINDS for row in make_schedule(kind, 2, 4).model_dump(mode="json")["ranks"] for t in row]
+    assert all(re.match(pattern, token) for token in tokens)
+    assert not re.match(pattern, "0B1&0F2")
