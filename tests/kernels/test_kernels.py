@@ -92,7 +92,7 @@ def rand(*shape, seed: int, device: str, dtype=torch.float32, scale: float = 1.0
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.cpu().view(torch.uint8), b.cpu().view(torch.uint8))
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 # Odd sizes exercise every mask; the GPU adds sizes that fill the chip.
@@ -106,12 +106,12 @@ def test_quantisers_bit_exact(device, shape, pow2_scale):
     x = rand(*shape, seed=shape[0], device=device, dtype=torch.bfloat16, scale=3.0)
     for fn, ref in ((quant_act_1x128, quant_act_1x128_ref), (quant_act_128x1_t, quant_act_128x1_t_ref)):
         q, s = fn(x, pow2_scale)
-        q_ref, s_ref = ref(x.cpu(), pow2_scale)
-        assert torch.equal(s.cpu(), s_ref) and same_bits(q, q_ref), fn.__name__
+        q_ref, s_ref = ref(x, pow2_scale)
+        assert torch.equal(s, s_ref) and same_bits(q, q_ref), fn.__name__
     w = rand(2, *shape, seed=7, device=device)
     q, s, qt = quant_weight_128x128(w, pow2_scale, transposed=True)
-    q_ref, s_ref = quant_weight_128x128_ref(w.cpu(), pow2_scale)
-    assert torch.equal(s.cpu(), s_ref) and same_bits(q, q_ref) and same_bits(qt, q_ref.mT.contiguous())
+    q_ref, s_ref = quant_weight_128x128_ref(w, pow2_scale)
+    assert torch.equal(s, s_ref) and same_bits(q, q_ref) and same_bits(qt, q_ref.mT.contiguous())
 
 
 GEMM_SHAPES = [(37, 50, 300), (130, 200, 129)] + ([(512, 2112, 7168), (300, 7168, 2048)] if ON_GPU else [])
@@ -135,12 +135,12 @@ def _gemm_operands(M, N, K, recipe, device):
 @pytest.mark.parametrize("M,N,K", GEMM_SHAPES)
 def test_fp8_gemm_matches_float64(device, M, N, K, recipe, backend):
     a, sa, b, sb = _gemm_operands(M, N, K, recipe, device)
-    ref = fp8_gemm_ref(a.cpu(), sa.cpu(), b.cpu(), sb.cpu())
+    ref = fp8_gemm_ref(a, sa, b, sb)
     if backend != "triton" and (K % 128 or M % 128 or N % 128):
         pytest.skip("torch._scaled_mm wants 128-aligned sizes")
     for out_dtype, tol in ((torch.float32, TOL_FP32_OUT), (torch.bfloat16, TOL_BF16_OUT)):
         out = fp8_gemm(a, sa, b, sb, out_dtype=out_dtype, backend=backend)
-        assert out.dtype == out_dtype and rel_err(out.cpu(), ref) < tol, (recipe, out_dtype)
+        assert out.dtype == out_dtype and rel_err(out, ref) < tol, (recipe, out_dtype)
 
 
 @pytest.mark.gpu
@@ -153,7 +153,7 @@ def test_fp32_promotion_at_long_k(K):
     a, sa = quant_act_1x128(x)
     b, sb, _ = quant_weight_128x128(w)
     out = fp8_gemm(a, sa, b, sb, out_dtype=torch.float32, backend="triton")
-    assert rel_err(out.cpu(), fp8_gemm_ref(a.cpu(), sa.cpu(), b.cpu(), sb.cpu())) < 1e-4
+    assert rel_err(out, fp8_gemm_ref(a, sa, b, sb)) < 1e-4
 
 
 def _contiguous_layout(counts, device):
@@ -181,21 +181,20 @@ def test_grouped_gemms(device, counts, N, K):
     w = rand(E, N, K, seed=6, device=device)
     a, sa = quant_act_1x128(x)
     b, sb, bt = quant_weight_128x128(w, transposed=True)
-    m_cpu, off_cpu = m_indices.cpu(), offsets.cpu()
-    ref = grouped_gemm_ref(dequant_rows(a, sa).cpu(), dequant_blocks(b, sb).cpu(), m_cpu)
-    assert rel_err(grouped_gemm_fp8(a, sa, b, sb, m_indices, torch.float32).cpu(), ref) < TOL_FP32_OUT
+    ref = grouped_gemm_ref(dequant_rows(a, sa), dequant_blocks(b, sb), m_indices)
+    assert rel_err(grouped_gemm_fp8(a, sa, b, sb, m_indices, torch.float32), ref) < TOL_FP32_OUT
     d, sd = quant_act_1x128(dy)  # dgrad through the transposed weight copy
-    ref = grouped_gemm_ref(dequant_rows(d, sd).cpu(), dequant_blocks(bt, sb.mT).cpu(), m_cpu)
-    out = grouped_gemm_fp8(d, sd, bt, sb.mT, m_indices).cpu()
-    assert rel_err(out, ref) < TOL_BF16_OUT and (out[m_cpu < 0] == 0).all()
+    ref = grouped_gemm_ref(dequant_rows(d, sd), dequant_blocks(bt, sb.mT), m_indices)
+    out = grouped_gemm_fp8(d, sd, bt, sb.mT, m_indices)
+    assert rel_err(out, ref) < TOL_BF16_OUT and (out[m_indices < 0] == 0).all()
     dt, sdt = quant_act_128x1_t(dy)
     xt, sxt = quant_act_128x1_t(x)
-    ref = grouped_wgrad_ref(dequant_rows(dt, sdt).cpu(), dequant_rows(xt, sxt).cpu(), off_cpu)
-    assert rel_err(grouped_wgrad_fp8(dt, sdt, xt, sxt, offsets).cpu(), ref) < TOL_FP32_OUT
+    ref = grouped_wgrad_ref(dequant_rows(dt, sdt), dequant_rows(xt, sxt), offsets)
+    assert rel_err(grouped_wgrad_fp8(dt, sdt, xt, sxt, offsets), ref) < TOL_FP32_OUT
     xb, wb, dyb = x.bfloat16(), w.bfloat16(), dy.bfloat16()
-    assert rel_err(grouped_gemm_bf16(xb, wb, m_indices).cpu(), grouped_gemm_ref(xb.cpu(), wb.cpu(), m_cpu)) < TOL_BF16_OUT
-    ref = grouped_wgrad_ref(dyb.t().cpu(), xb.t().cpu(), off_cpu)
-    assert rel_err(grouped_wgrad_bf16(dyb.t(), xb.t(), offsets).cpu(), ref) < TOL_FP32_OUT
+    assert rel_err(grouped_gemm_bf16(xb, wb, m_indices), grouped_gemm_ref(xb, wb, m_indices)) < TOL_BF16_OUT
+    ref = grouped_wgrad_ref(dyb.t(), xb.t(), offsets)
+    assert rel_err(grouped_wgrad_bf16(dyb.t(), xb.t(), offsets), ref) < TOL_FP32_OUT
 
 
 def _plan(T, topk, E, device, seed=0):
@@ -208,46 +207,46 @@ def _plan(T, topk, E, device, seed=0):
 def test_permute_and_unpermute(device, T, H, topk, E):
     plan = _plan(T, topk, E, device)
     x = rand(T, H, seed=8, device=device, dtype=torch.bfloat16)
-    x_ref = moe_permute_ref(x.cpu(), plan_cpu := _plan(T, topk, E, "cpu"))
-    assert torch.equal(moe_permute(x, plan).cpu(), x_ref)
+    x_ref = moe_permute_ref(x, plan)
+    assert torch.equal(moe_permute(x, plan), x_ref)
     q, s = moe_permute(x, plan, quantize=True, pow2_scale=True)
     q_ref, s_ref = quant_act_1x128_ref(x_ref, pow2_scale=True)
-    assert torch.equal(s.cpu(), s_ref) and same_bits(q, q_ref)
+    assert torch.equal(s, s_ref) and same_bits(q, q_ref)
     w = rand(T, topk, seed=9, device=device).abs()
     y = rand(plan.num_rows, H, seed=10, device=device, dtype=torch.bfloat16)
-    assert rel_err(moe_unpermute(y, plan, w).cpu(), moe_unpermute_ref(y.cpu(), plan_cpu, w.cpu())) < TOL_BF16_OUT
+    assert rel_err(moe_unpermute(y, plan, w), moe_unpermute_ref(y, plan, w)) < TOL_BF16_OUT
 
 
 def test_permute_autograd(device):
     T, H, topk, E = 24, 160, 3, 5
-    plan, plan_cpu = _plan(T, topk, E, device, seed=1), _plan(T, topk, E, "cpu", seed=1)
+    plan = _plan(T, topk, E, device, seed=1)
     x = rand(T, H, seed=11, device=device, dtype=torch.bfloat16).requires_grad_()
     w = rand(T, topk, seed=12, device=device).abs().requires_grad_()
     scale = rand(plan.num_rows, 1, seed=13, device=device, dtype=torch.bfloat16)  # makes dy depend on the row
     grad = rand(T, H, seed=14, device=device, dtype=torch.bfloat16)
     MoEUnpermute.apply(MoEPermute.apply(x, plan) * scale, w, plan).backward(grad)
-    x64 = x.detach().cpu().double().requires_grad_()
-    w64 = w.detach().cpu().double().requires_grad_()
-    out64 = moe_unpermute_ref(moe_permute_ref(x64, plan_cpu) * scale.cpu().double(), plan_cpu, w64)
-    out64.backward(grad.cpu().double())
-    assert rel_err(x.grad.cpu(), x64.grad) < TOL_BF16_OUT
-    assert rel_err(w.grad.cpu(), w64.grad) < 1e-2  # the dot of bf16 rows
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    out64 = moe_unpermute_ref(moe_permute_ref(x64, plan) * scale.double(), plan, w64)
+    out64.backward(grad.double())
+    assert rel_err(x.grad, x64.grad) < TOL_BF16_OUT
+    assert rel_err(w.grad, w64.grad) < 1e-2  # the dot of bf16 rows
 
 
 @pytest.mark.parametrize("M,I", [(33, 136)] + ([(8192, 2048)] if ON_GPU else []))
 def test_swiglu(device, M, I):
     h = rand(M, 2 * I, seed=15, device=device, dtype=torch.bfloat16, scale=2.0).requires_grad_()
-    ref = swiglu_ref(h.detach().cpu())
-    assert rel_err(swiglu(h.detach()).cpu(), ref) < TOL_BF16_OUT
+    ref = swiglu_ref(h.detach())
+    assert rel_err(swiglu(h.detach()), ref) < TOL_BF16_OUT
     q, s = swiglu(h.detach(), quantize=True)
     q_ref, s_ref = quant_act_1x128_ref(ref.float())
-    torch.testing.assert_close(s.cpu(), s_ref, rtol=1e-6, atol=0)
-    assert rel_err(dequant_rows(q, s).cpu(), dequant_rows(q_ref, s_ref)) < 1e-3  # rare one-ulp flips
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    assert rel_err(dequant_rows(q, s), dequant_rows(q_ref, s_ref)) < 1e-3  # rare one-ulp flips
     dact = rand(M, I, seed=16, device=device, dtype=torch.bfloat16)
     SwiGLUFunction.apply(h).backward(dact)
-    h64 = h.detach().cpu().double().requires_grad_()
-    swiglu_ref(h64).backward(dact.cpu().double())
-    assert rel_err(h.grad.cpu(), h64.grad) < TOL_BF16_OUT
+    h64 = h.detach().double().requires_grad_()
+    swiglu_ref(h64).backward(dact.double())
+    assert rel_err(h.grad, h64.grad) < TOL_BF16_OUT
 
 
 def _emulated_fp8_linear(x, w, dy, m_indices, offsets, swiglu_input):
@@ -287,15 +286,14 @@ def test_fp8_linear_autograd(device, grouped, swiglu_input):
     else:
         y = fp8_linear(x, w, swiglu_input)
     y.backward(dy)
-    m_cpu = m_indices.cpu() if grouped else None
-    y64, dx64, dw64 = _emulated_fp8_linear(x.detach().cpu(), w.detach().cpu(), dy.cpu(), m_cpu,
-                                           offsets.cpu(), swiglu_input)
-    assert rel_err(y.cpu(), y64) < TOL_FP8_PIPELINE
-    assert rel_err(x.grad.cpu(), dx64) < TOL_FP8_PIPELINE
-    assert rel_err(w.grad.cpu(), dw64) < TOL_FP8_PIPELINE
+    y64, dx64, dw64 = _emulated_fp8_linear(x.detach(), w.detach(), dy, m_indices if grouped else None,
+                                           offsets, swiglu_input)
+    assert rel_err(y, y64) < TOL_FP8_PIPELINE
+    assert rel_err(x.grad, dx64) < TOL_FP8_PIPELINE
+    assert rel_err(w.grad, dw64) < TOL_FP8_PIPELINE
     if not swiglu_input and not grouped:  # and against the unquantised layer
-        exact = x.detach().cpu().double() @ w.detach().cpu().double().t()
-        assert rel_err(y.cpu(), exact) < TOL_VS_EXACT
+        exact = x.detach().double() @ w.detach().double().t()
+        assert rel_err(y, exact) < TOL_VS_EXACT
 
 
 def test_bf16_grouped_linear_autograd(device):
@@ -307,8 +305,8 @@ def test_bf16_grouped_linear_autograd(device):
     x.requires_grad_()
     w.requires_grad_()
     grouped_linear(x, w, m_indices, offsets).backward(dy)
-    x64 = x.detach().cpu().double().requires_grad_()
-    w64 = w.detach().cpu().double().requires_grad_()
-    grouped_gemm_ref(x64, w64, m_indices.cpu()).backward(dy.cpu().double())
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    grouped_gemm_ref(x64, w64, m_indices).backward(dy.double())
     for ours, ref in ((x.grad, x64.grad), (w.grad, w64.grad)):
-        assert rel_err(ours.cpu(), ref) < TOL_BF16_OUT
+        assert rel_err(ours, ref) < TOL_BF16_OUT
