@@ -33,7 +33,7 @@ from kernels.fp8_quant import (  # noqa: E402
     quant_act_128x1_t,
     quant_weight_128x128,
 )
-from kernels.grouped_gemm import grouped_gemm_bf16, grouped_gemm_fp8, grouped_gemm_ref  # noqa: E402
+from kernels.grouped_gemm import grouped_gemm_bf16, grouped_gemm_fp8, grouped_gemm_ref, make_problem  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +108,16 @@ def dense_results() -> list[dict]:
 def grouped_results() -> list[dict]:
     rows = []
     for groups, m_per_group, N, K in GROUPED:
-        M = groups * m_per_group
-        m_indices = torch.arange(groups, device="cuda", dtype=torch.int32).repeat_interleave(m_per_group)
-        offs = torch.arange(1, groups + 1, device="cuda", dtype=torch.int32) * m_per_group
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(groups, N, K, device="cuda", dtype=torch.bfloat16)
-        a, sa = quant_act_1x128(x)
-        b, sb, _ = quant_weight_128x128(w)
-        flops = 2.0 * M * N * K
+        p = make_problem(groups, m_per_group, N, K)
+        x, w, a, sa, b, sb, m_indices = (p[k] for k in ("x", "w", "a", "sa", "b", "sb", "m_indices"))
+        flops = 2.0 * groups * m_per_group * N * K
         ref_fp8 = grouped_gemm_ref(dequant_rows(a, sa), dequant_blocks(b, sb), m_indices)
         ref_bf16 = grouped_gemm_ref(x, w, m_indices)
         row = {
             "groups": groups, "m_per_group": m_per_group, "N": N, "K": K,
             "ours_fp8": measure(lambda: grouped_gemm_fp8(a, sa, b, sb, m_indices), flops, ref_fp8),
             "ours_bf16": measure(lambda: grouped_gemm_bf16(x, w, m_indices), flops, ref_bf16),
-            "grouped_mm_bf16": measure(lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offs), flops, ref_bf16),
+            "grouped_mm_bf16": measure(lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=p["offs"]), flops, ref_bf16),
         }
         rows.append(row)
         log.info("grouped %s", json.dumps(row))

@@ -109,20 +109,26 @@ def grouped_wgrad_ref(a_t: torch.Tensor, b_t: torch.Tensor, seg_offsets: torch.T
     return torch.stack([a_t[:, lo:hi].double() @ b_t[:, lo:hi].double().t() for lo, hi in zip(bounds, bounds[1:])])
 
 
-def benchmark(groups: int, m_per_group: int, N: int, K: int) -> dict[str, float]:
-    """TFLOPS of the FP8 and BF16 grouped kernels and of torch._grouped_mm (BF16) on CUDA."""
+def make_problem(groups: int, m_per_group: int, N: int, K: int, device: str = "cuda") -> dict:
+    """Random equal-sized groups: bf16 x (M, K), w (E, N, K), their fp8 forms, m_indices, offs (ends)."""
     M = groups * m_per_group
-    m_indices = torch.arange(groups, device="cuda", dtype=torch.int32).repeat_interleave(m_per_group)
-    offs = torch.arange(1, groups + 1, device="cuda", dtype=torch.int32) * m_per_group
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(groups, N, K, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+    w = torch.randn(groups, N, K, device=device, dtype=torch.bfloat16)
     a, sa = quant_act_1x128(x)
     b, sb, _ = quant_weight_128x128(w)
+    m_indices = torch.arange(groups, device=device, dtype=torch.int32).repeat_interleave(m_per_group)
+    offs = torch.arange(1, groups + 1, device=device, dtype=torch.int32) * m_per_group
+    return {"x": x, "w": w, "a": a, "sa": sa, "b": b, "sb": sb, "m_indices": m_indices, "offs": offs}
+
+
+def benchmark(groups: int, m_per_group: int, N: int, K: int) -> dict[str, float]:
+    """TFLOPS of the FP8 and BF16 grouped kernels and of torch._grouped_mm (BF16) on CUDA."""
+    p = make_problem(groups, m_per_group, N, K)
     runs = {
-        "fp8_triton": lambda: grouped_gemm_fp8(a, sa, b, sb, m_indices),
-        "bf16_triton": lambda: grouped_gemm_bf16(x, w, m_indices),
-        "bf16_torch": lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offs),
+        "fp8_triton": lambda: grouped_gemm_fp8(p["a"], p["sa"], p["b"], p["sb"], p["m_indices"]),
+        "bf16_triton": lambda: grouped_gemm_bf16(p["x"], p["w"], p["m_indices"]),
+        "bf16_torch": lambda: torch._grouped_mm(p["x"], p["w"].transpose(1, 2), offs=p["offs"]),
     }
-    flops = 2.0 * M * N * K
+    flops = 2.0 * groups * m_per_group * N * K
     return {name: flops / (triton.testing.do_bench(fn, return_mode="median") * 1e-3) / 1e12
             for name, fn in runs.items()}
