@@ -1,0 +1,83 @@
+"""Time of one kernel or transfer from its FLOPs or bytes and the efficiency tables.
+
+GEMMs take the throughput of the nearest table point of the same precision (distance in log2 of
+rows per group, N, K and group count), so a shape between two measured ones borrows the closer
+one's efficiency; never more than the GPU's peak. ``compute_frac`` is the share of SMs left to
+compute (DeepSeek-V3 reserves 20 of 132 for communication, TR §3.2.2).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+from simulator.costs.tables import CostTables, GemmPoint, Precision
+from simulator.spec.hardware import GpuSpec
+
+
+def peak_flops_per_s(gpu: GpuSpec, precision: Precision) -> float:
+    return gpu.fp8_flops_per_s if precision == "fp8" else gpu.bf16_flops_per_s
+
+
+def _distance(p: GemmPoint, m: int, n: int, k: int, groups: int) -> float:
+    return (
+        abs(math.log2(p.m / m)) + abs(math.log2(p.n / n)) + abs(math.log2(p.k / k))
+        + abs(math.log2(p.groups / groups))
+    )
+
+
+@lru_cache(maxsize=4096)
+def _nearest(tables: CostTables, precision: Precision, m: int, n: int, k: int, groups: int) -> GemmPoint:
+    same = [p for p in tables.gemm if p.precision == precision]
+    if not same:
+        raise ValueError(f"cost tables {tables.name!r} have no {precision} GEMM entries")
+    return min(same, key=lambda p: _distance(p, m, n, k, groups))
+
+
+def gemm_efficiency(tables: CostTables, gpu: GpuSpec, precision: Precision, m: int, n: int, k: int, groups: int = 1) -> float:
+    """Fraction of the precision's peak that the nearest measured shape reached."""
+    if min(m, n, k, groups) <= 0:
+        return 1.0
+    point = _nearest(tables, precision, m, n, k, groups)
+    return min(1.0, point.flops_per_s / peak_flops_per_s(gpu, precision))
+
+
+def gemm_s(
+    tables: CostTables, gpu: GpuSpec, precision: Precision, m: int, n: int, k: int,
+    groups: int = 1, compute_frac: float = 1.0,
+) -> float:
+    """Seconds for ``groups`` products of (m x k) @ (k x n)."""
+    if min(m, n, k, groups) <= 0:
+        return 0.0
+    flops = 2.0 * groups * m * n * k
+    eff = gemm_efficiency(tables, gpu, precision, m, n, k, groups)
+    return flops / (peak_flops_per_s(gpu, precision) * eff * compute_frac)
+
+
+def attention_s(tables: CostTables, gpu: GpuSpec, fwd_flops: float, backward: bool, compute_frac: float = 1.0) -> float:
+    """Causal attention core (BF16): forward, or backward alone (fwd+bwd time less forward time)."""
+    peak = gpu.bf16_flops_per_s * compute_frac
+    fwd_s = fwd_flops / (peak * tables.attention_fwd_frac)
+    if not backward:
+        return fwd_s
+    # never faster than its 2x-forward FLOPs at peak
+    return max(3.0 * fwd_flops / (peak * tables.attention_fwd_bwd_frac) - fwd_s, 2.0 * fwd_flops / peak)
+
+
+def memory_s(tables: CostTables, gpu: GpuSpec, nbytes: float) -> float:
+    """A memory-bound kernel moving ``nbytes`` through HBM."""
+    return nbytes / (gpu.hbm_bytes_per_s * tables.memory_frac)
+
+
+def transfer_s(tables: CostTables, nbytes: float, bytes_per_s: float) -> float:
+    """A point-to-point transfer or one collective step: latency plus bytes over bandwidth."""
+    if nbytes <= 0:
+        return 0.0
+    return tables.collective_latency_s + nbytes / bytes_per_s
+
+
+def ring_s(tables: CostTables, nbytes: float, group: int, bytes_per_s: float) -> float:
+    """Reduce-scatter or all-gather of ``nbytes`` (the full buffer) over a ring of ``group`` GPUs."""
+    if group <= 1 or nbytes <= 0:
+        return 0.0
+    return tables.collective_latency_s + (group - 1) / group * nbytes / bytes_per_s

@@ -1,0 +1,114 @@
+"""Turn plan inputs into a step simulation: per-stage sub-operation costs, links, DP tails."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simulator.accounting.layout import pipeline_stages, rank_stages
+from simulator.accounting.memory import rank_params
+from simulator.costs.kernels import memory_s, ring_s
+from simulator.costs.tables import CostTables, default_tables
+from simulator.engine.expert_traffic import ExpertTraffic, expert_traffic
+from simulator.engine.step import Links, RankTail, StageCosts, StepInputs
+from simulator.engine.unit_costs import CostContext, end_costs, unit_costs
+from simulator.plan import PlanInputs
+from simulator.schedules.generate import make_schedule
+from simulator.spec.parallel import ParallelSpec
+
+# AdamW step per parameter of the local shard: read+write FP32 master (8), two BF16 moments (8),
+# read the FP32 gradient (4), write the BF16 weight (2) -- TR §3.3 storage.
+OPTIMIZER_BYTES_PER_PARAM = 22.0
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """Knobs of the simulation that are not part of the user's plan inputs."""
+
+    tables: CostTables | None = None  # None: the defaults for the cluster's GPU
+    redundant_experts: int = 0
+    expert_load: tuple[float, ...] | None = None  # relative per-expert load; None = uniform routing
+    seed: int = 0
+
+
+def cost_context(inputs: PlanInputs, tables: CostTables, seq_len_tokens: int) -> CostContext:
+    par, gpu = inputs.parallel, inputs.cluster.gpu
+    comm_sms = tables.comm_sms if par.ep > 1 else 0
+    return CostContext(
+        tables=tables, gpu=gpu, precision=inputs.training.precision,
+        tokens=par.micro_batch_size * seq_len_tokens, seq_len_tokens=seq_len_tokens,
+        compute_frac=(gpu.sm_count - comm_sms) / gpu.sm_count, recompute=par.recompute,
+    )
+
+
+def _traffic(inputs: PlanInputs, tokens: int, opts: SimOptions) -> ExpertTraffic | None:
+    m, par = inputs.model, inputs.parallel
+    if not m.is_moe or par.ep == 1:
+        return None
+    return expert_traffic(m, inputs.cluster, par.ep, tokens, opts.redundant_experts, opts.expert_load, opts.seed)
+
+
+def _stage_costs(inputs: PlanInputs, parallel: ParallelSpec, ctx: CostContext, traffic: ExpertTraffic | None) -> tuple[StageCosts, ...]:
+    m = inputs.model
+    kinds = {
+        "dense": unit_costs(ctx, m, moe=False, traffic=None),
+        "moe": unit_costs(ctx, m, moe=True, traffic=traffic) if m.is_moe else None,
+        "mtp": unit_costs(ctx, m, moe=m.is_moe, traffic=traffic, mtp=True),
+    }
+    out = []
+    for stage in pipeline_stages(m, parallel):
+        units = []
+        for u in stage.layers:
+            if u >= m.num_hidden_layers:
+                units.append(kinds["mtp"])
+            else:
+                units.append(kinds["moe"] if m.is_moe_layer(u) else kinds["dense"])
+        mtp_units = sum(u >= m.num_hidden_layers for u in stage.layers)
+        out.append(StageCosts(units=tuple(units), has_embedding=stage.has_embedding,
+                              has_head=stage.has_head or mtp_units > 0, heads=int(stage.has_head) + mtp_units))
+    return tuple(out)
+
+
+def _tails(inputs: PlanInputs, dp: int, tables: CostTables) -> tuple[RankTail, ...]:
+    m, par, cl = inputs.model, inputs.parallel, inputs.cluster
+    opt = inputs.training.optimizer
+    per_node = cl.node.gpus_per_node
+    dense_bw = cl.node.nic_bytes_per_s if dp > per_node else cl.node.nvlink_bytes_per_s
+    edp = dp // par.ep
+    expert_bw = cl.node.nic_bytes_per_s if par.ep >= per_node or dp > per_node else cl.node.nvlink_bytes_per_s
+    stages = pipeline_stages(m, par)
+    tails = []
+    for r in range(par.pp):
+        sync, shard = {}, 0.0
+        for s in rank_stages(par, r):
+            p = rank_params(m, [stages[s]], par.ep)
+            seconds = (ring_s(tables, p.dense * opt.grad_bytes, dp, dense_bw)
+                       + ring_s(tables, p.dense * opt.param_bytes, dp, dense_bw)
+                       + ring_s(tables, p.expert * opt.grad_bytes, edp, expert_bw)
+                       + ring_s(tables, p.expert * opt.param_bytes, edp, expert_bw))
+            if par.schedule == "dualpipe":  # the mirrored copy's gradients meet their twin's
+                seconds += tables.collective_latency_s + (p.dense + p.expert) * opt.grad_bytes / cl.node.nic_bytes_per_s
+            sync[s] = seconds
+            shard += p.dense / (dp if par.zero_stage >= 1 else 1) + p.expert / (edp if par.zero_stage >= 1 else 1)
+        tails.append(RankTail(dp_sync_s=sync, optimizer_s=memory_s(tables, cl.gpu, shard * OPTIMIZER_BYTES_PER_PARAM)))
+    return tuple(tails)
+
+
+def step_inputs(
+    inputs: PlanInputs, dp: int, microbatches: int, seq_len_tokens: int | None = None, opts: SimOptions = SimOptions()
+) -> StepInputs:
+    """Everything one step simulation needs, for ``microbatches`` per pipeline at ``seq_len_tokens``."""
+    par, m, cl = inputs.parallel, inputs.model, inputs.cluster
+    tables = opts.tables or default_tables(cl.gpu.name)
+    seq = seq_len_tokens or par.seq_len_tokens
+    ctx = cost_context(inputs, tables, seq)
+    traffic = _traffic(inputs, ctx.tokens, opts)
+    links = Links(
+        nic_bytes_per_s=cl.node.nic_bytes_per_s, nvlink_bytes_per_s=cl.node.nvlink_bytes_per_s,
+        latency_s=tables.collective_latency_s, p2p_bytes=ctx.tokens * m.hidden_size * 2.0,
+        p2p_over_nvlink=dp < cl.node.gpus_per_node,
+    )
+    return StepInputs(
+        schedule=make_schedule(par.schedule, par.pp, microbatches, par.virtual_stages),
+        stages=_stage_costs(inputs, par, ctx, traffic), ends=end_costs(ctx, m), links=links,
+        tails=_tails(inputs, dp, tables),
+    )

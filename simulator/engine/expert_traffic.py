@@ -1,0 +1,97 @@
+"""One expert-parallel group's all-to-all bytes and expert rows per micro-batch, from the
+expert-placement capability's traffic model (``simulator/traffic.py``).
+
+The group is ``ep`` GPUs on ``ep / gpus_per_node`` whole nodes (or part of one node when ``ep`` is
+smaller). Every GPU routes ``tokens`` tokens; the step waits for the slowest GPU, so the engine
+uses the largest per-GPU IB and NVLink bytes (max of send and receive) and the largest expert row
+count. Uniform routing uses the closed form; a per-expert load samples routings (seeded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from simulator.placement import place_experts
+from simulator.spec.hardware import ClusterSpec, NodeSpec
+from simulator.spec.model import ModelSpec
+from simulator.traffic import (
+    LayerTraffic,
+    combine_bytes_per_token,
+    dispatch_bytes_per_token,
+    expected_uniform_layer,
+    simulate_layer,
+)
+
+
+@dataclass(frozen=True)
+class ExpertTraffic:
+    """Per micro-batch and MoE layer, for the slowest GPU of the group (forward direction)."""
+
+    dispatch_ib_bytes: float
+    dispatch_nvlink_bytes: float
+    combine_ib_bytes: float
+    combine_nvlink_bytes: float
+    expert_rows_max: float  # token-expert pairs computed on the busiest GPU
+    expert_rows_mean: float
+    experts_per_gpu: int
+    nodes_per_token: float
+
+    @property
+    def imbalance(self) -> float:
+        return self.expert_rows_max / self.expert_rows_mean if self.expert_rows_mean else 1.0
+
+
+def group_cluster(cluster: ClusterSpec, ep: int) -> ClusterSpec:
+    """The EP group as a cluster of its own: whole nodes, or a slice of one node."""
+    per_node = cluster.node.gpus_per_node
+    if ep >= per_node:
+        if ep % per_node:
+            raise ValueError(f"ep={ep} must be a multiple of gpus_per_node={per_node} when it spans nodes")
+        return cluster.model_copy(update={"nodes": ep // per_node})
+    node = NodeSpec.model_validate({**cluster.node.model_dump(), "gpus_per_node": ep})
+    return cluster.model_copy(update={"node": node, "nodes": 1})
+
+
+def _max_link_tokens(tokens: np.ndarray) -> float:
+    return float(np.maximum(tokens.sum(axis=0), tokens.sum(axis=1)).max())
+
+
+def _from_layer(t: LayerTraffic, model: ModelSpec, experts_per_gpu: int) -> ExpertTraffic:
+    d, c = dispatch_bytes_per_token(model.hidden_size), combine_bytes_per_token(model.hidden_size)
+    ib, nvl = _max_link_tokens(t.ib_tokens), _max_link_tokens(t.nvlink_tokens)
+    return ExpertTraffic(
+        dispatch_ib_bytes=ib * d, dispatch_nvlink_bytes=nvl * d,
+        combine_ib_bytes=ib * c, combine_nvlink_bytes=nvl * c,
+        expert_rows_max=float(t.expert_tokens.max()), expert_rows_mean=float(t.expert_tokens.mean()),
+        experts_per_gpu=experts_per_gpu, nodes_per_token=t.nodes_per_token,
+    )
+
+
+def expert_traffic(
+    model: ModelSpec, cluster: ClusterSpec, ep: int, tokens: int, redundant: int = 0,
+    load: tuple[float, ...] | None = None, seed: int = 0,
+) -> ExpertTraffic:
+    """Traffic of one MoE layer for a micro-batch of ``tokens`` tokens per GPU.
+
+    ``load``: relative per-expert load (``[n_routed_experts]``); None means uniform routing. The
+    placement is balanced for that load with ``redundant`` extra slots (EPLB-style)."""
+    return _cached(model, cluster, ep, tokens, redundant, load, seed)
+
+
+@lru_cache(maxsize=256)
+def _cached(model, cluster, ep, tokens, redundant, load, seed) -> ExpertTraffic:
+    group = group_cluster(cluster, ep)
+    experts = model.n_routed_experts
+    weight = np.ones((1, experts)) if load is None else np.asarray(load, dtype=float)[None, :]
+    if weight.shape[1] != experts:
+        raise ValueError(f"load has {weight.shape[1]} experts but n_routed_experts={experts}")
+    replicas = experts + redundant
+    placement = place_experts(weight, replicas, model.n_group, group.nodes, ep)
+    if load is None:
+        layer = expected_uniform_layer(placement, 0, model, group, tokens)
+    else:
+        layer = simulate_layer(weight[0], placement, 0, model, group, tokens, np.random.default_rng(seed))
+    return _from_layer(layer, model, replicas // ep)

@@ -1,0 +1,267 @@
+"""One training step of one pipeline, simulated event by event with SimPy.
+
+Each pipeline rank stands for its expert-parallel group (every data-parallel replica does the same
+work), with the busiest GPU's costs. A rank owns a compute stream and two links, its NIC and its
+NVLink port, each a SimPy resource that serves one transfer at a time (latency + bytes/bandwidth,
+the ``Cable`` pattern). Ranks run the schedule's actions in order; an action expands per layer into
+attention, dispatch, experts (the shared expert and router beside the dispatch), combine, and for
+backward the same in reverse with input- and weight-gradient work. In ``F&B`` the forward and the
+backward run as two concurrent processes on the same compute stream and links, so one
+micro-batch's all-to-all hides behind the other's compute only as far as the events allow.
+Activations and gradients cross stage boundaries over the sender's NIC (NVLink when both stages
+share a node). When a rank has run the last backward of a stage, that stage's ZeRO-1
+reduce-scatter of gradients and all-gather of weights start on its NIC; the optimizer step closes
+the rank's step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+
+import simpy
+
+from simulator.engine.unit_costs import EndCosts, UnitCosts
+from simulator.schedules.actions import Action, Op
+from simulator.schedules.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    units: tuple[UnitCosts, ...]
+    has_embedding: bool
+    has_head: bool
+    heads: int  # output-head passes on this stage: the main head plus one per MTP module
+
+
+@dataclass(frozen=True)
+class Links:
+    nic_bytes_per_s: float
+    nvlink_bytes_per_s: float
+    latency_s: float
+    p2p_bytes: float  # activation or gradient of one micro-batch at a stage boundary
+    p2p_over_nvlink: bool
+
+
+@dataclass(frozen=True)
+class RankTail:
+    """Per rank: DP synchronisation per stage chunk and the optimizer step."""
+
+    dp_sync_s: dict[int, float]  # stage -> reduce-scatter + all-gather seconds on the NIC
+    optimizer_s: float
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    schedule: Schedule
+    stages: tuple[StageCosts, ...]
+    ends: EndCosts
+    links: Links
+    tails: tuple[RankTail, ...]
+
+
+@dataclass
+class TraceEvent:
+    rank: int
+    lane: str
+    name: str
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class StepResult:
+    step_time_s: float
+    compute_busy_s: list[float]
+    nic_busy_s: list[float]
+    finish_s: list[float]
+    events: list[TraceEvent] = field(default_factory=list)
+
+
+class _Rank:
+    """One rank's compute stream and links. Each is a first-come-first-served server of capacity
+    one; since a request holds it for a known time, the server is just the time it next falls free
+    (equivalent to a ``simpy.Resource`` of capacity 1, with one event per use instead of three)."""
+
+    def __init__(self, env: simpy.Environment, index: int, trace: list[TraceEvent] | None):
+        self.env, self.index, self.trace = env, index, trace
+        self.free_at = {"compute": 0.0, "nic": 0.0, "nvlink": 0.0}
+        self.busy_s = {"compute": 0.0, "nic": 0.0, "nvlink": 0.0}
+
+    def reserve(self, lane: str, seconds: float, name: str) -> float:
+        """Queue ``seconds`` of work on ``lane`` now; returns when it will end (no event)."""
+        start = max(self.env.now, self.free_at[lane])
+        self.free_at[lane] = end = start + seconds
+        self.busy_s[lane] += seconds
+        if self.trace is not None:
+            self.trace.append(TraceEvent(self.index, lane, name, start, end))
+        return end
+
+    def use(self, lane: str, seconds: float, name: str) -> Generator:
+        if seconds > 0:
+            yield self.env.timeout(self.reserve(lane, seconds, name) - self.env.now)
+
+    def until(self, time_s: float) -> Generator:
+        if time_s > self.env.now:
+            yield self.env.timeout(time_s - self.env.now)
+
+    def run(self, seconds: float, name: str) -> Generator:
+        return self.use("compute", seconds, name)
+
+
+class StepSimulation:
+    """Build with ``StepInputs``; ``run()`` returns the ``StepResult``."""
+
+    def __init__(self, inputs: StepInputs, trace: bool = False, free_comm: bool = False):
+        self.inp, self.free_comm = inputs, free_comm
+        self.env = simpy.Environment()
+        self.events: list[TraceEvent] | None = [] if trace else None
+        self.ranks = [_Rank(self.env, r, self.events) for r in range(inputs.schedule.num_ranks)]
+        self.ready: dict[tuple[str, int, int], simpy.Event] = {}
+        self.backwards_left = {
+            (r, s): sum(1 for a in acts for op in a.ops if op.stage == s and op.kind in ("B", "W"))
+            for r, acts in enumerate(inputs.schedule.ranks) for s in range(inputs.schedule.num_stages)
+        }
+        self.tail_done: list[list[simpy.Process]] = [[] for _ in self.ranks]
+
+    # -- dependencies ---------------------------------------------------------------------
+    def _event(self, key: tuple[str, int, int]) -> simpy.Event:
+        if key not in self.ready:
+            self.ready[key] = self.env.event()
+        return self.ready[key]
+
+    def _needs(self, op: Op) -> list[simpy.Event]:
+        last = self.inp.schedule.num_stages - 1
+        if op.kind == "F":
+            return [self._event(("F", op.stage - 1, op.microbatch))] if op.stage > 0 else []
+        if op.kind == "W":
+            return [self._event(("I", op.stage, op.microbatch))]
+        needs = [self._event(("Fdone", op.stage, op.microbatch))]
+        if op.stage < last:
+            needs.append(self._event(("G", op.stage + 1, op.microbatch)))
+        return needs
+
+    def _deliver(self, rank: _Rank, key: tuple[str, int, int], to_rank: int) -> Generator:
+        """Hand an activation (``F``) or input gradient (``G``) to the rank that consumes it."""
+        if to_rank != rank.index and not self.free_comm:
+            links = self.inp.links
+            if links.p2p_over_nvlink:
+                seconds = links.latency_s + links.p2p_bytes / links.nvlink_bytes_per_s
+                yield from rank.use("nvlink", seconds, f"p2p {key[0]}{key[1]}/{key[2]}")
+            else:
+                seconds = links.latency_s + links.p2p_bytes / links.nic_bytes_per_s
+                yield from rank.use("nic", seconds, f"p2p {key[0]}{key[1]}/{key[2]}")
+        self._event(key).succeed()
+
+    # -- communication --------------------------------------------------------------------
+    def _a2a(self, rank: _Rank, ib_bytes: float, nvl_bytes: float, name: str) -> float:
+        """Queue the IB and NVLink legs of one all-to-all, which run in parallel (TR §3.2.2: fully
+        overlapped); returns when the later leg ends."""
+        if self.free_comm:
+            return self.env.now
+        links, end = self.inp.links, self.env.now
+        if ib_bytes > 0:
+            end = max(end, rank.reserve("nic", links.latency_s + ib_bytes / links.nic_bytes_per_s, name))
+        if nvl_bytes > 0:
+            end = max(end, rank.reserve("nvlink", links.latency_s + nvl_bytes / links.nvlink_bytes_per_s, name))
+        return end
+
+    # -- compute chains ---------------------------------------------------------------------
+    def _forward(self, rank: _Rank, op: Op) -> Generator:
+        st, tag = self.inp.stages[op.stage], f"{op.stage}F{op.microbatch}"
+        if st.has_embedding:
+            yield from rank.run(self.inp.ends.embed_fwd_s, f"{tag} embed")
+        for i, u in enumerate(st.units):
+            yield from rank.run(u.attn_fwd_s, f"{tag} L{i} attn")
+            if u.moe:
+                dispatched = self._a2a(rank, u.dispatch_ib_bytes, u.dispatch_nvlink_bytes, f"{tag} L{i} dispatch")
+                yield from rank.run(u.mlp_fwd_s, f"{tag} L{i} shared")
+                yield from rank.until(dispatched)
+                yield from rank.run(u.experts_fwd_s, f"{tag} L{i} experts")
+                yield from rank.until(self._a2a(rank, u.combine_ib_bytes, u.combine_nvlink_bytes, f"{tag} L{i} combine"))
+            else:
+                yield from rank.run(u.mlp_fwd_s, f"{tag} L{i} mlp")
+        if st.has_head:
+            yield from rank.run(st.heads * self.inp.ends.head_fwd_s, f"{tag} head")
+
+    def _backward(self, rank: _Rank, op: Op, weights: bool) -> Generator:
+        st, tag = self.inp.stages[op.stage], f"{op.stage}{op.kind}{op.microbatch}"
+        ends = self.inp.ends
+        if st.has_head:
+            yield from rank.run(st.heads * (ends.head_dx_s + (ends.head_dw_s if weights else 0.0)), f"{tag} head")
+        for i in reversed(range(len(st.units))):
+            u = st.units[i]
+            if u.moe:
+                # gradient into the experts travels like a dispatch (FP8), back like a combine (BF16)
+                yield from rank.until(self._a2a(rank, u.dispatch_ib_bytes, u.dispatch_nvlink_bytes, f"{tag} L{i} combine-bwd"))
+                yield from rank.run(u.experts_dx_s + (u.experts_dw_s if weights else 0.0), f"{tag} L{i} experts-bwd")
+                back = self._a2a(rank, u.combine_ib_bytes, u.combine_nvlink_bytes, f"{tag} L{i} dispatch-bwd")
+                yield from rank.run(u.mlp_dx_s + (u.mlp_dw_s if weights else 0.0), f"{tag} L{i} shared-bwd")
+                yield from rank.until(back)
+            else:
+                yield from rank.run(u.mlp_dx_s + (u.mlp_dw_s if weights else 0.0), f"{tag} L{i} mlp-bwd")
+            yield from rank.run(u.recompute_s + u.attn_dx_s + (u.attn_dw_s if weights else 0.0), f"{tag} L{i} attn-bwd")
+
+    def _weights(self, rank: _Rank, op: Op) -> Generator:
+        st = self.inp.stages[op.stage]
+        seconds = sum(u.dw_s for u in st.units) + (st.heads * self.inp.ends.head_dw_s if st.has_head else 0.0)
+        yield from rank.run(seconds, f"{op.stage}W{op.microbatch}")
+
+    def _op(self, rank: _Rank, op: Op) -> Generator:
+        sched = self.inp.schedule
+        if op.kind == "F":
+            yield from self._forward(rank, op)
+            self._event(("Fdone", op.stage, op.microbatch)).succeed()
+            if op.stage + 1 < sched.num_stages:
+                to = sched.rank_of(op.stage + 1, op.microbatch)
+                self.env.process(self._deliver(rank, ("F", op.stage, op.microbatch), to))
+            return
+        if op.kind == "W":
+            yield from self._weights(rank, op)
+        else:
+            yield from self._backward(rank, op, weights=op.kind == "B")
+            if op.kind == "I":
+                self._event(("I", op.stage, op.microbatch)).succeed()
+            if op.stage > 0:
+                to = sched.rank_of(op.stage - 1, op.microbatch)
+                self.env.process(self._deliver(rank, ("G", op.stage, op.microbatch), to))
+        if op.kind in ("B", "W"):
+            self._stage_backward_done(rank, op.stage)
+
+    def _stage_backward_done(self, rank: _Rank, stage: int) -> None:
+        key = (rank.index, stage)
+        self.backwards_left[key] -= 1
+        if self.backwards_left[key] == 0:
+            seconds = self.inp.tails[rank.index].dp_sync_s.get(stage, 0.0)
+            if seconds > 0 and not self.free_comm:
+                self.tail_done[rank.index].append(self.env.process(rank.use("nic", seconds, f"dp-sync stage {stage}")))
+
+    def _action(self, rank: _Rank, action: Action) -> Generator:
+        waits = [e for op in action.ops for e in self._needs(op)]
+        if waits:
+            yield self.env.all_of(waits)
+        if len(action.ops) == 1:
+            yield from self._op(rank, action.ops[0])
+        else:
+            yield self.env.all_of([self.env.process(self._op(rank, op)) for op in action.ops])
+
+    def _rank(self, rank: _Rank) -> Generator:
+        for action in self.inp.schedule.ranks[rank.index]:
+            yield from self._action(rank, action)
+        if self.tail_done[rank.index]:
+            yield self.env.all_of(self.tail_done[rank.index])
+        yield from rank.run(self.inp.tails[rank.index].optimizer_s, "optimizer")
+        self.finish[rank.index] = self.env.now
+
+    def run(self) -> StepResult:
+        self.finish = [0.0] * len(self.ranks)
+        for rank in self.ranks:
+            self.env.process(self._rank(rank))
+        self.env.run()
+        if any(f == 0.0 for f in self.finish) and self.env.now > 0:
+            stuck = [r.index for r, f in zip(self.ranks, self.finish) if f == 0.0]
+            raise RuntimeError(f"simulation stalled: ranks {stuck} never finished (schedule deadlock)")
+        return StepResult(
+            step_time_s=max(self.finish), compute_busy_s=[r.busy_s["compute"] for r in self.ranks],
+            nic_busy_s=[r.busy_s["nic"] for r in self.ranks], finish_s=list(self.finish), events=self.events or [],
+        )

@@ -1,0 +1,193 @@
+"""Durations of the sub-operations of one layer unit for one micro-batch, on the busiest GPU.
+
+A decoder layer splits as in DeepSeek-V3 TR §3.2.1: attention, dispatch all-to-all, MLP (routed
+experts; the shared expert and router run beside the dispatch), combine all-to-all. Backward
+splits each matmul into input gradient (``dx``) and weight gradient (``dw``) so zero-bubble
+schedules can defer ``dw``. GEMM shapes: a linear ``in -> out`` on ``T`` tokens is (T x in)(in x out)
+forward, (T x out)(out x in) for dx and (out x T)(T x in) for dw.
+
+Precision ``fp8`` runs every linear layer's GEMMs in FP8 except the router, embedding and output
+head (TR §3.3); attention's core stays BF16 either way. Memory-bound kernels (norms, RoPE,
+residual adds, SwiGLU, FP8 casts, token permutation) are costed by the bytes they move; backward
+moves about twice the forward's bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simulator.accounting.flops import attention_core_flops
+from simulator.costs.kernels import attention_s, gemm_s, memory_s
+from simulator.costs.tables import CostTables, Precision
+from simulator.engine.expert_traffic import ExpertTraffic
+from simulator.spec.hardware import GpuSpec
+from simulator.spec.model import ModelSpec
+from simulator.spec.parallel import RecomputeKind
+
+BF16 = 2.0
+FP8_CAST_BYTES = 2.0 + 1.0 + 4.0 / 128  # read BF16, write e4m3 and a 1x128 tile scale
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """Seconds (compute) and bytes (all-to-all, busiest GPU) of one layer unit and micro-batch."""
+
+    attn_fwd_s: float
+    attn_dx_s: float
+    attn_dw_s: float
+    mlp_fwd_s: float  # dense MLP, or shared experts + router
+    mlp_dx_s: float
+    mlp_dw_s: float
+    experts_fwd_s: float  # routed experts (grouped GEMM)
+    experts_dx_s: float
+    experts_dw_s: float
+    recompute_s: float  # forward work redone in backward
+    dispatch_ib_bytes: float = 0.0
+    dispatch_nvlink_bytes: float = 0.0
+    combine_ib_bytes: float = 0.0
+    combine_nvlink_bytes: float = 0.0
+
+    @property
+    def moe(self) -> bool:
+        return self.experts_fwd_s > 0
+
+    @property
+    def fwd_s(self) -> float:
+        return self.attn_fwd_s + self.mlp_fwd_s + self.experts_fwd_s
+
+    @property
+    def dx_s(self) -> float:
+        return self.attn_dx_s + self.mlp_dx_s + self.experts_dx_s + self.recompute_s
+
+    @property
+    def dw_s(self) -> float:
+        return self.attn_dw_s + self.mlp_dw_s + self.experts_dw_s
+
+
+@dataclass(frozen=True)
+class CostContext:
+    tables: CostTables
+    gpu: GpuSpec
+    precision: Precision
+    tokens: int  # per micro-batch on one GPU
+    seq_len_tokens: int
+    compute_frac: float  # SMs left to compute
+    recompute: RecomputeKind
+
+
+def _linears(ctx: CostContext, shapes: list[tuple[int, int]], precision: Precision) -> tuple[float, float, float]:
+    """(fwd, dx, dw) seconds of linears ``in -> out`` on ``ctx.tokens`` rows."""
+    t, f = ctx.tokens, ctx.compute_frac
+    fwd = sum(gemm_s(ctx.tables, ctx.gpu, precision, t, o, i, compute_frac=f) for i, o in shapes)
+    dx = sum(gemm_s(ctx.tables, ctx.gpu, precision, t, i, o, compute_frac=f) for i, o in shapes)
+    dw = sum(gemm_s(ctx.tables, ctx.gpu, precision, o, i, t, compute_frac=f) for i, o in shapes)
+    return fwd, dx, dw
+
+
+def attention_shapes(m: ModelSpec) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(down/fused projections, MLA up-projections) as ``(in, out)``; GQA has no up-projections."""
+    h, heads = m.hidden_size, m.num_attention_heads
+    if m.is_mla:
+        assert m.kv_lora_rank is not None
+        kv_a = m.kv_lora_rank + m.qk_rope_head_dim
+        if m.q_lora_rank:
+            down = [(h, m.q_lora_rank + kv_a)]  # q_a and kv_a fused (DeepGEMM's 2112 x 7168)
+            up = [(m.q_lora_rank, heads * m.qk_head_dim)]
+        else:
+            down = [(h, heads * m.qk_head_dim + kv_a)]
+            up = []
+        up.append((m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim)))
+        return down + [(heads * m.v_head_dim, h)], up
+    qkv = (heads + 2 * m.kv_heads) * m.gqa_head_dim
+    return [(h, qkv), (heads * m.gqa_head_dim, h)], []
+
+
+def _elementwise_bytes_per_token(m: ModelSpec, moe: bool, precision: Precision, expert_rows_per_token: float) -> float:
+    """Forward bytes moved per token by the memory-bound kernels of one layer."""
+    h = m.hidden_size
+    b = 2 * 4 * BF16 * h  # two RMSNorms: read and write h
+    b += 2 * 3 * BF16 * h  # two residual adds: two reads, one write
+    if m.is_mla:
+        b += 2 * BF16 * ((m.q_lora_rank or 0) + (m.kv_lora_rank or 0))  # latent norms
+        b += 2 * 2 * BF16 * (m.num_attention_heads + 1) * m.qk_rope_head_dim  # RoPE on q and k
+    if precision == "fp8":
+        b += FP8_CAST_BYTES * (2 * h + (m.q_lora_rank or 0) + (m.kv_lora_rank or 0)
+                               + m.num_attention_heads * (m.v_head_dim or m.gqa_head_dim))
+    if not moe:
+        return b + 3 * BF16 * 2 * m.intermediate_size  # SwiGLU: read gate and up, write the product
+    f = m.moe_intermediate_size
+    b += 3 * BF16 * 2 * f * (expert_rows_per_token + m.n_shared_experts)  # SwiGLU
+    b += 4.0 * m.n_routed_experts  # router scores
+    b += expert_rows_per_token * 2 * BF16 * h  # permute before dispatch: gather k copies
+    b += (m.num_experts_per_tok + 1) * BF16 * h  # weighted combine: read k outputs, write one
+    return b
+
+
+def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic | None, mtp: bool = False) -> UnitCosts:
+    """Costs of one decoder layer (``moe`` or dense), or an MTP module when ``mtp``."""
+    attn, up = attention_shapes(m)
+    a_fwd, a_dx, a_dw = _linears(ctx, attn + up, ctx.precision)
+    if mtp:  # eh_proj: 2h -> h
+        p = _linears(ctx, [(2 * m.hidden_size, m.hidden_size)], ctx.precision)
+        a_fwd, a_dx, a_dw = a_fwd + p[0], a_dx + p[1], a_dw + p[2]
+    core = attention_core_flops(m, ctx.seq_len_tokens) * ctx.tokens
+    a_fwd += attention_s(ctx.tables, ctx.gpu, core, backward=False, compute_frac=ctx.compute_frac)
+    a_dx += attention_s(ctx.tables, ctx.gpu, core, backward=True, compute_frac=ctx.compute_frac)
+    h = m.hidden_size
+    if moe:
+        shared = [(h, 2 * m.moe_intermediate_size * m.n_shared_experts), (m.moe_intermediate_size * m.n_shared_experts, h)]
+        mf, mdx, mdw = _linears(ctx, [s for s in shared if min(s) > 0], ctx.precision)
+        r = _linears(ctx, [(h, m.n_routed_experts)], "bf16")  # router stays high precision
+        mf, mdx, mdw = mf + r[0], mdx + r[1], mdw + r[2]
+        e_fwd, e_dx, e_dw = _experts(ctx, m, traffic)
+        rows_per_token = traffic.expert_rows_max / ctx.tokens if traffic else m.num_experts_per_tok
+    else:
+        mf, mdx, mdw = _linears(ctx, [(h, 2 * m.intermediate_size), (m.intermediate_size, h)], ctx.precision)
+        e_fwd = e_dx = e_dw = 0.0
+        rows_per_token = 0.0
+    elementwise = memory_s(ctx.tables, ctx.gpu, ctx.tokens * _elementwise_bytes_per_token(m, moe, ctx.precision, rows_per_token))
+    recompute = {"none": 0.0, "selective": _linears(ctx, up, ctx.precision)[0] + elementwise,
+                 "full": a_fwd + mf + e_fwd + elementwise}[ctx.recompute]
+    return UnitCosts(
+        attn_fwd_s=a_fwd + elementwise / 2, attn_dx_s=a_dx + elementwise, attn_dw_s=a_dw,
+        mlp_fwd_s=mf + elementwise / 2, mlp_dx_s=mdx + elementwise, mlp_dw_s=mdw,
+        experts_fwd_s=e_fwd, experts_dx_s=e_dx, experts_dw_s=e_dw, recompute_s=recompute,
+        dispatch_ib_bytes=traffic.dispatch_ib_bytes if moe and traffic else 0.0,
+        dispatch_nvlink_bytes=traffic.dispatch_nvlink_bytes if moe and traffic else 0.0,
+        combine_ib_bytes=traffic.combine_ib_bytes if moe and traffic else 0.0,
+        combine_nvlink_bytes=traffic.combine_nvlink_bytes if moe and traffic else 0.0,
+    )
+
+
+def _experts(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None) -> tuple[float, float, float]:
+    """Grouped GEMMs of the busiest GPU's experts: gate+up (h -> 2f), down (f -> h)."""
+    if traffic is None:  # no expert parallelism: all experts local, the micro-batch's own rows
+        groups, rows = m.n_routed_experts, ctx.tokens * m.num_experts_per_tok
+    else:
+        groups, rows = traffic.experts_per_gpu, traffic.expert_rows_max
+    per = max(1, round(rows / groups))
+    h, f, fr, p = m.hidden_size, m.moe_intermediate_size, ctx.compute_frac, ctx.precision
+    t, g = ctx.tables, ctx.gpu
+    fwd = gemm_s(t, g, p, per, 2 * f, h, groups, fr) + gemm_s(t, g, p, per, h, f, groups, fr)
+    dx = gemm_s(t, g, p, per, h, 2 * f, groups, fr) + gemm_s(t, g, p, per, f, h, groups, fr)
+    dw = gemm_s(t, g, p, 2 * f, h, per, groups, fr) + gemm_s(t, g, p, h, f, per, groups, fr)
+    return fwd, dx, dw
+
+
+@dataclass(frozen=True)
+class EndCosts:
+    """The embedding (first stage) and the output head with its loss (last stage; MTP reuses it)."""
+
+    embed_fwd_s: float
+    head_fwd_s: float
+    head_dx_s: float
+    head_dw_s: float
+
+
+def end_costs(ctx: CostContext, m: ModelSpec) -> EndCosts:
+    fwd, dx, dw = _linears(ctx, [(m.hidden_size, m.vocab_size)], "bf16")  # head stays BF16 (TR §3.3)
+    loss = memory_s(ctx.tables, ctx.gpu, ctx.tokens * m.vocab_size * (BF16 + 4.0 + BF16))  # softmax-CE fwd+grad
+    return EndCosts(
+        embed_fwd_s=memory_s(ctx.tables, ctx.gpu, ctx.tokens * 2 * BF16 * m.hidden_size),
+        head_fwd_s=fwd + loss / 2, head_dx_s=dx + loss / 2, head_dw_s=dw,
+    )
