@@ -125,3 +125,17 @@ def test_bad_csv_names_the_cell(text: str, message: str) -> None:
 def test_dualpipe_has_no_torch_csv() -> None:
     with pytest.raises(ScheduleError, match="kind=dualpipe has 2 stage placements"):
         schedule_to_torch_csv(make_schedule("dualpipe", 4, 8))
+
+
+@pytest.mark.parametrize(("kind", "pp", "m"), [("interleaved", 2, 4), ("zb1p", 3, 5), ("dualpipev", 2, 5), ("1f1b", 3, 4)])
+def test_torch_runtime_lowers_our_csv(kind: str, pp: int, m: int, tmp_path) -> None:
+    # _load_csv validates, infers the stage placement and adds the SEND/RECV actions torch runs.
+    schedule = make_schedule(kind, pp, m)
+    path = tmp_path / "ours.csv"
+    path.write_text(schedule_to_torch_csv(schedule))
+    local = [s for s, rank in enumerate(schedule.stage_ranks[0]) if rank == 0]
+    runtime = pipelining._PipelineScheduleRuntime(_stages(pp, schedule.num_stages, local), m)
+    runtime._load_csv(str(path), format="compute_only")
+    assert runtime.stage_index_to_group_rank == dict(enumerate(schedule.stage_ranks[0]))
+    sends = [str(a) for a in runtime.pipeline_order_with_comms[0] if "SEND" in str(a)]
+    assert sends, runtime.pipeline_order_with_comms[0]
