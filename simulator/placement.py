@@ -12,8 +12,9 @@ can be handed to vLLM or SGLang as EPLB's are. Two policies, chosen as EPLB choo
 
 Beyond EPLB (both on by default, both switchable off to get EPLB's greedy):
 - ``refine``: after each greedy packing, swap items between the heaviest pack and the others while that
-  lowers the heaviest pack (``simulator/packing.py``), and re-target redundant slots to other experts
-  where that lowers the most loaded GPU (``simulator/replica_search.py``);
+  lowers the heaviest pack (``simulator/packing.py``); try holding a few redundant slots back and
+  re-target redundant slots to other experts where that lowers the most loaded GPU
+  (``simulator/replica_search.py``);
 - ``spread_replicas``: never two replicas of one expert on one GPU (deepseek-ai/EPLB issue 22), which also
   caps an expert's replicas at the GPUs it may use.
 
@@ -24,13 +25,11 @@ map format cannot say, so ``rebalance_experts`` rejects it as EPLB does.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from simulator.packing import balanced_packing
 from simulator.placement_maps import Placement, even_slots_per_gpu
-from simulator.replica_search import improve_replicas
+from simulator.replica_search import replicate_and_pack, replicate_experts  # noqa: F401 (re-export)
 
 POLICIES = ("auto", "hierarchical", "global")
 
@@ -156,35 +155,9 @@ def _place_layer(
         groups = np.flatnonzero(node_of_group == node)
         experts = (groups[:, None] * group_size + np.arange(group_size)).ravel()  # [experts_per_node]
         node_slots = slots_per_gpu[node * gpus_per_node : (node + 1) * gpus_per_node]
-        # Step 2: replicate inside the node; an expert gets at most one replica per GPU when spreading.
-        replica_of, count = replicate_experts(weight[experts], int(node_slots.sum()), gpus_per_node if spread else None)
+        # Step 2: replicate inside the node (at most one replica per GPU when spreading).
         # Step 3: pack the node's replicas onto its GPUs, equal slot counts.
-        per_replica = weight[experts][replica_of] / count[replica_of]
-        gpu = balanced_packing(per_replica, node_slots, key=replica_of if spread else None, refine=refine)
-        if refine:  # Step 3b: re-target redundant slots where EPLB's step 2 chose badly.
-            replica_of, gpu = improve_replicas(weight[experts], replica_of, gpu, gpus_per_node, spread)
+        replica_of, gpu = replicate_and_pack(weight[experts], node_slots, spread, refine)
         for local in range(gpus_per_node):
             phy2log.append(np.sort(experts[replica_of[gpu == local]]))
     return np.concatenate(phy2log)
-
-
-def replicate_experts(weight: np.ndarray, num_slots: int, max_count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Give ``num_slots >= weight.size`` slots to the experts of ``weight`` ``[n]``: one each, then each extra
-    slot to the expert with the highest weight per replica (which minimises the largest weight per replica),
-    skipping experts that already have ``max_count`` replicas.
-
-    Returns:
-        replica_of ``[num_slots]`` expert index of each slot (the first ``n`` are ``0..n-1``),
-        count ``[n]`` replicas per expert.
-    """
-    n = weight.size
-    cap = math.inf if max_count is None else max_count
-    assert num_slots <= n * cap, f"{num_slots=} {n=} {max_count=}"
-    count = np.ones(n, dtype=np.int64)
-    replica_of = list(range(n))
-    for _ in range(num_slots - n):
-        per_replica = np.where(count < cap, weight / count, -np.inf)
-        best = int(np.argmax(per_replica))
-        replica_of.append(best)
-        count[best] += 1
-    return np.asarray(replica_of, dtype=np.int64), count

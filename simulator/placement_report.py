@@ -9,6 +9,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from simulator.migration import migration_cost
+from simulator.placement import place_experts
 from simulator.placement_maps import Placement, gpu_load, max_over_mean, node_load
 from simulator.spec.hardware import ClusterSpec
 from simulator.spec.model import ModelSpec
@@ -149,3 +150,27 @@ def summarize(
         migration=migration,
     )
     return summary, traffic[0], traffic[1], row
+
+
+class SweepPoint(BaseModel):
+    """Balance bought by ``redundant`` extra slots per layer."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    redundant: int
+    balance: BalanceStats
+
+
+def redundancy_sweep(
+    weight: np.ndarray, redundant: list[int], num_groups: int, num_nodes: int, num_gpus: int, policy: str = "auto"
+) -> list[SweepPoint]:
+    """Balance after ``place_experts`` for each redundant slot count (0 = balancing without replicas)."""
+    return [
+        SweepPoint(
+            redundant=extra,
+            balance=balance_stats(
+                place_experts(weight, weight.shape[1] + extra, num_groups, num_nodes, num_gpus, policy=policy), weight
+            ),
+        )
+        for extra in redundant
+    ]

@@ -182,7 +182,8 @@ def _tiny_instances(count: int, seed: int):
         count -= 1
 
 
-OPTIMALITY_BOUND = 4 / 3  # Graham's LPT bound; EPLB's plain greedy exceeds it on these instances (1.38)
+# Measured, not proven: worst 1.022 on these 200 instances; EPLB's plain greedy reaches 1.38 on them.
+OPTIMALITY_BOUND = 1.05
 
 
 def test_within_bound_of_brute_force_optimum() -> None:
@@ -196,9 +197,19 @@ def test_within_bound_of_brute_force_optimum() -> None:
     ratios = np.array(ratios)
     assert (ratios >= 1 - 1e-9).all(), "better than the exhaustive optimum: the oracle is wrong"
     assert ratios.max() <= OPTIMALITY_BOUND
-    assert ratios.mean() <= 1.02
-    assert np.mean(ratios <= 1 + 1e-9) >= 0.75  # optimal on most instances
+    assert ratios.mean() <= 1.005
+    assert np.mean(ratios <= 1 + 1e-9) >= 0.9  # optimal on most instances
     assert max(greedy_ratios) > ratios.max()  # the refinement is what buys the bound
+
+
+def test_holding_slots_back_keeps_hot_experts_apart() -> None:
+    # 4 GPUs x 3 slots, two hot experts. EPLB replicates them 4 + 2 times: two GPUs hold both (56).
+    weight = np.array([[100.0, 60, 1, 1, 1, 1, 1, 1]])
+    greedy = place_experts(weight, 12, 1, 1, 4, refine=False)
+    refined = place_experts(weight, 12, 1, 1, 4)
+    assert gpu_load(greedy, weight).max() == 56
+    assert gpu_load(refined, weight).max() < 52  # exhaustive optimum: 51
+    assert optimal_max_gpu_load(weight[0], 12, 4) == 51
 
 
 def test_refinement_never_worse_than_greedy_on_zipf() -> None:
