@@ -41,12 +41,13 @@ def placement_command(
     redundant: Annotated[int, typer.Option(help="Redundant expert slots per layer, over all GPUs.")] = 0,
     current: Annotated[Path | None, typer.Option(help="Current placement.json: rebalance moving few experts.")] = None,
     policy: Annotated[str, typer.Option(help=f"One of {', '.join(POLICIES)} (auto = EPLB's choice).")] = "auto",
+    tolerance: Annotated[float, typer.Option(help="With --current: accept a most loaded GPU this fraction above the balanced one to move fewer experts.")] = 0.0,
     tokens_per_gpu: Annotated[int, typer.Option(help="Tokens per GPU per micro-batch for the traffic model.")] = DEFAULT_TOKENS_PER_GPU,
     seed: Annotated[int, typer.Option(help="Seed of the Zipf ranks and the sampled routings.")] = 0,
 ) -> None:
     """Balance expert placement (EPLB-compatible) and estimate all-to-all time before and after."""
     try:
-        outputs = _compute(model, cluster, nodes, load, zipf, redundant, current, policy, tokens_per_gpu, seed)
+        outputs = _compute(model, cluster, nodes, load, zipf, redundant, current, policy, tolerance, tokens_per_gpu, seed)
     except (ValueError, ValidationError) as exc:
         message = one_line_error(exc) if isinstance(exc, ValidationError) else str(exc)
         typer.echo(f"error: {message}", err=True)
@@ -57,7 +58,9 @@ def placement_command(
     typer.echo(outputs["summary.json"])
 
 
-def _compute(model_name, cluster_name, nodes, load, zipf, redundant, current, policy, tokens_per_gpu, seed) -> dict[str, str]:
+def _compute(
+    model_name, cluster_name, nodes, load, zipf, redundant, current, policy, tolerance, tokens_per_gpu, seed
+) -> dict[str, str]:
     """Everything the command writes, as ``{file name: text}``; raises ValueError on bad input."""
     if model_name not in MODEL_PRESETS:
         raise ValueError(f"--model={model_name!r} is not a preset; choose one of {', '.join(MODEL_PRESETS)}")
@@ -85,7 +88,7 @@ def _compute(model_name, cluster_name, nodes, load, zipf, redundant, current, po
     else:
         before = _read_current(current, layer_ids, num_replicas)
         after = rebalance_with_migration(
-            before, weight, model.n_group, cross_node_weight=cross_node_weight, policy=policy
+            before, weight, model.n_group, cross_node_weight=cross_node_weight, tolerance_frac=tolerance, policy=policy
         )
         naive = place_experts(*args, policy=policy)
     summary, t_before, t_after, row = summarize(

@@ -5,15 +5,16 @@ sit now, so nearly every expert moves (deepseek-ai/EPLB issue 25, PR 13). A bala
 exactly as balanced when its nodes are permuted, or its equal-slot GPUs are permuted (within a node in
 hierarchical mode, anywhere in global mode). ``rebalance_with_migration`` therefore:
 
-1. computes the balanced placement with ``place_experts``;
-2. per layer, relabels its nodes and GPUs by minimum-cost matching onto the current ones, where copying
-   an expert onto a GPU costs 1 if some GPU of the same node holds it now (an NVLink copy) and
-   ``cross_node_weight`` otherwise (an IB copy; default the NVLink/IB bandwidth ratio);
-3. keeps the current layer as is when its most loaded GPU is already within ``tolerance_frac`` of the new
-   placement's;
-4. orders each GPU's slots so experts that stay keep their slot index.
-
-Every logical expert keeps its replica count and every GPU its load, so the balance target is met exactly.
+1. computes the balanced placement with ``place_experts``: its most loaded GPU is the target;
+2. per layer, keeps the current layer as is when its most loaded GPU is within ``tolerance_frac`` of
+   the target;
+3. otherwise builds two candidates: (a) the balanced placement relabelled by minimum-cost matching of
+   its nodes and GPUs onto the current ones, where copying an expert onto a GPU costs 1 if some GPU of
+   the same node holds it now (an NVLink copy) and ``cross_node_weight`` otherwise (an IB copy; the
+   NVLink/IB bandwidth ratio is the natural value), which meets the target exactly; (b) the local search
+   of ``simulator/replica_search.py`` started from the current layer, inside each node in hierarchical
+   mode, which moves only what its swaps and re-targets touch; it counts when it meets the target too;
+4. takes the cheaper candidate and orders each GPU's slots so experts that stay keep their slot index.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from simulator.assignment import min_cost_assignment
 from simulator.placement import place_experts
 from simulator.placement_maps import Placement, gpu_load
+from simulator.replica_search import improve_replicas
 
 _NEVER = 1e12  # cost of matching GPUs whose slot counts differ
 
@@ -77,13 +79,21 @@ def rebalance_with_migration(
     keep = np.zeros(fresh.num_layers, dtype=bool)
     if tolerance_frac is not None:
         keep = gpu_load(current, weight).max(axis=1) <= gpu_load(fresh, weight).max(axis=1) * (1 + tolerance_frac)
+    target = gpu_load(fresh, weight).max(axis=1) * (1 + (tolerance_frac or 0.0))
     rows = []
     for layer in range(fresh.num_layers):
         if keep[layer]:
             rows.append(current.phy2log[layer])
             continue
         gpu_perm = _match_gpus(current, fresh, layer, cross_node_weight)
-        rows.append(_order_slots(current, fresh, layer, gpu_perm))
+        new_of_current = {int(gpu_perm[x]): e for x, e in enumerate(_slots_of_gpus(fresh, layer))}
+        candidates = [_order_slots(current, layer, [new_of_current[g] for g in range(fresh.num_gpus)])]
+        if tolerance_frac is not None:
+            warm = _warm_start(current, layer, weight[layer], fresh.policy, spread_replicas)
+            if warm is not None and _peak(current, warm, weight[layer]) <= target[layer] * (1 + 1e-12):
+                candidates.append(warm)
+        costs = [_row_cost(current, layer, row, cross_node_weight) for row in candidates]
+        rows.append(candidates[int(np.argmin(costs))])
     phy2log = np.stack(rows)
     logcnt = np.stack([np.bincount(r, minlength=fresh.num_logical_experts) for r in phy2log]).astype(np.int64)
     return Placement(phy2log, logcnt, fresh.slots_per_gpu, fresh.num_nodes, fresh.policy)
@@ -147,14 +157,12 @@ def _match_gpus(current: Placement, fresh: Placement, layer: int, cross_node_wei
     return np.concatenate([node_match[a] * per_node + inner[a, node_match[a]] for a in range(fresh.num_nodes)])
 
 
-def _order_slots(current: Placement, fresh: Placement, layer: int, gpu_perm: np.ndarray) -> np.ndarray:
-    """``[num_replicas]`` phy2log: fresh GPU ``x``'s experts on current GPU ``gpu_perm[x]``, with experts that
-    stay on a GPU kept in their current slot."""
-    now = _slots_of_gpus(current, layer)
-    new_of_current = {int(gpu_perm[x]): experts for x, experts in enumerate(_slots_of_gpus(fresh, layer))}
+def _order_slots(current: Placement, layer: int, new_by_gpu: list[np.ndarray]) -> np.ndarray:
+    """``[num_replicas]`` phy2log with ``new_by_gpu[g]`` on GPU ``g``; experts that stay on a GPU keep
+    their current slot."""
     rows = []
-    for gpu, slots_now in enumerate(now):
-        todo = list(np.sort(new_of_current[gpu]))
+    for slots_now, new in zip(_slots_of_gpus(current, layer), new_by_gpu, strict=True):
+        todo = list(np.sort(new))
         row = [-1] * len(slots_now)
         for i, expert in enumerate(slots_now):
             if expert in todo:
@@ -165,3 +173,40 @@ def _order_slots(current: Placement, fresh: Placement, layer: int, gpu_perm: np.
             row[i] = int(expert)
         rows.append(row)
     return np.concatenate(rows).astype(np.int64)
+
+
+def _with_row(placement: Placement, row: np.ndarray) -> Placement:
+    """A one-layer placement holding ``row``."""
+    logcnt = np.bincount(row, minlength=placement.num_logical_experts)[None].astype(np.int64)
+    return Placement(row[None], logcnt, placement.slots_per_gpu, placement.num_nodes, placement.policy)
+
+
+def _peak(current: Placement, row: np.ndarray, weight_row: np.ndarray) -> float:
+    return float(gpu_load(_with_row(current, row), weight_row[None]).max())
+
+
+def _row_cost(current: Placement, layer: int, row: np.ndarray, cross_node_weight: float) -> float:
+    intra, cross = _copy_counts(_with_row(current, row), 0, *_holdings(current, layer))
+    return float(np.trace(intra) + cross_node_weight * np.trace(cross))
+
+
+def _warm_start(current: Placement, layer: int, weight_row: np.ndarray, policy: str, spread: bool) -> np.ndarray | None:
+    """``[num_replicas]`` phy2log from the local search started at the current layer, per node when the
+    policy is hierarchical and every expert's replicas sit on one node now; None when the current layer
+    breaks the spread rule."""
+    gpu_of_slot = current.gpu_of_slot
+    row_now = current.phy2log[layer]
+    if spread and len(set(zip(gpu_of_slot.tolist(), row_now.tolist()))) < row_now.size:
+        return None
+    per_unit = current.gpus_per_node
+    node_of_slot = gpu_of_slot // per_unit
+    node_sets = [set(row_now[node_of_slot == n].tolist()) for n in range(current.num_nodes)]
+    if policy != "hierarchical" or sum(map(len, node_sets)) != current.num_logical_experts:
+        per_unit = current.num_gpus
+    new_by_gpu = []
+    for first_gpu in range(0, current.num_gpus, per_unit):
+        here = (gpu_of_slot >= first_gpu) & (gpu_of_slot < first_gpu + per_unit)
+        experts, local = np.unique(row_now[here], return_inverse=True)
+        items, gpu = improve_replicas(weight_row[experts], local, gpu_of_slot[here] - first_gpu, per_unit, spread)
+        new_by_gpu += [experts[items[gpu == g]] for g in range(per_unit)]
+    return _order_slots(current, layer, new_by_gpu)

@@ -99,6 +99,7 @@ def _malformed(tmp_path: Path) -> str:
         (["LOAD_MALFORMED"], "malformed JSON"),
         (["--load", "missing.json"], "--load=missing.json: cannot read"),
         (["--current", "missing.json"], "--current=missing.json: cannot read"),
+        (["--tolerance", "-0.5", "--current", "CURRENT"], "tolerance_frac=-0.5 must be >= 0"),
     ],
 )
 def test_bad_input_gives_one_line_exit_2_and_writes_nothing(tmp_path: Path, args, message) -> None:
@@ -106,6 +107,9 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(tmp_path: Path, args
         args = ["--load", _bad_load(tmp_path)]
     if args == ["LOAD_MALFORMED"]:
         args = ["--load", _malformed(tmp_path)]
+    if "CURRENT" in args:
+        assert _run("--out", str(tmp_path / "first")).exit_code == 0
+        args = [str(tmp_path / "first" / "placement.json") if a == "CURRENT" else a for a in args]
     out = tmp_path / "out"
     result = CliRunner().invoke(app, [*BASE, *args, "--out", str(out)])
     assert result.exit_code == 2, result.output
