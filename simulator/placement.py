@@ -89,7 +89,7 @@ def place_experts(
     if hierarchical and num_replicas % num_nodes:
         raise ValueError(f"num_replicas={num_replicas} must be a multiple of num_nodes={num_nodes} (hierarchical)")
     groups, nodes = (num_groups, num_nodes) if hierarchical else (1, 1)
-    slots_per_gpu = even_slots_per_gpu(num_replicas, num_nodes if hierarchical else 1, num_gpus)
+    slots_per_gpu = even_slots_per_gpu(num_replicas, num_nodes, num_gpus)
     _check_spread(weight.shape[1], slots_per_gpu, groups, nodes, spread_replicas)
     phy2log = np.stack(
         [_place_layer(row, slots_per_gpu, groups, nodes, refine, spread_replicas) for row in weight]

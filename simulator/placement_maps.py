@@ -92,15 +92,16 @@ def even_slots_per_gpu(num_replicas: int, num_nodes: int, num_gpus: int) -> np.n
 
 
 def contiguous_placement(num_layers: int, num_logical_experts: int, num_nodes: int, num_gpus: int) -> Placement:
-    """The placement without balancing: expert ``e`` on GPU ``e // (experts / gpus)``, one replica each
-    (DeepSeek-V3 training: 256 experts over EP64, 4 per GPU, one group of 32 per node)."""
-    if num_logical_experts % num_gpus:
-        raise ValueError(f"num_gpus={num_gpus} must divide num_logical_experts={num_logical_experts}")
+    """The placement without balancing: experts in id order, one replica each, GPU by GPU (DeepSeek-V3
+    training: 256 experts over EP64, 4 per GPU, one group of 32 per node). When ``num_gpus`` does not divide
+    the experts, GPUs hold ``floor`` or ``ceil`` of the share as in ``even_slots_per_gpu``."""
+    if num_logical_experts < num_gpus:
+        raise ValueError(f"num_gpus={num_gpus} exceeds num_logical_experts={num_logical_experts}: a GPU would hold none")
     phy2log = np.tile(np.arange(num_logical_experts, dtype=np.int64), (num_layers, 1))
     return Placement(
         phy2log=phy2log,
         logcnt=np.ones((num_layers, num_logical_experts), dtype=np.int64),
-        slots_per_gpu=np.full(num_gpus, num_logical_experts // num_gpus, dtype=np.int64),
+        slots_per_gpu=even_slots_per_gpu(num_logical_experts, num_nodes, num_gpus).astype(np.int64),
         num_nodes=num_nodes,
         policy="contiguous",
     )

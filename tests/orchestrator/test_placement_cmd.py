@@ -89,7 +89,7 @@ def _malformed(tmp_path: Path) -> str:
         (["--zipf", "nan"], "zipf exponent=nan"),
         (["--redundant", "-3"], "--redundant=-3 must be >= 0"),
         (["--redundant", "200"], "slots per GPU=14 exceed the 8 experts"),
-        (["--nodes", "3"], "num_nodes=3 to divide num_groups=4|num_gpus=24 must divide"),
+        (["--nodes", "3"], "num_gpus=24 exceeds num_logical_experts=16"),
         (["--model", "gpt-5"], "--model='gpt-5' is not a preset"),
         (["--model", "tiny-dense"], "has no routed experts"),
         (["--cluster", "tpu"], "--cluster='tpu' is not a preset"),

@@ -243,6 +243,15 @@ def test_uneven_slots_when_gpus_do_not_divide_replicas() -> None:
         rebalance_experts(weight, 288, 8, 8, 64)
 
 
+def test_contiguous_layout_splits_experts_evenly() -> None:
+    v3 = contiguous_placement(2, 256, 8, 64)
+    assert v3.slots_per_gpu.tolist() == [4] * 64 and v3.gpu_of_slot[[0, 3, 4, 255]].tolist() == [0, 0, 1, 63]
+    odd = contiguous_placement(1, 256, 3, 24)  # 256 experts on 24 GPUs: 10 or 11 each
+    assert odd.slots_per_gpu.sum() == 256 and set(odd.slots_per_gpu.tolist()) == {10, 11}
+    with pytest.raises(ValueError, match="num_gpus=24 exceeds num_logical_experts=16"):
+        contiguous_placement(1, 16, 3, 24)
+
+
 def test_replicate_experts_minimises_the_largest_load_per_replica() -> None:
     replica_of, count = replicate_experts(np.array([10.0, 4.0, 1.0]), 6)
     assert count.tolist() == [3, 2, 1] and replica_of[:3].tolist() == [0, 1, 2]
