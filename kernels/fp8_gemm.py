@@ -29,18 +29,22 @@ MODE_GROUPED_K = 2  # reduction split in per-expert segments, one output matrix 
 
 
 def gemm_configs(scaled: bool) -> list[triton.Config]:
-    """Autotune candidates. BLOCK_M divides 128 (contiguous-layout segments); scaled needs BLOCK_K=128."""
+    """Autotune candidates. BLOCK_M divides 128 (contiguous-layout segments); scaled needs BLOCK_K=128.
+
+    DEFER (scaled only) promotes block k's partial sum while block k+1's MMA is in flight, at the
+    cost of a second partial accumulator in registers.
+    """
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128 if scaled else 64, "GROUP_M": 4})]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128 if scaled else 64, "GROUP_M": 4,
+                               "DEFER": scaled})]
     block_k = 128 if scaled else 64
-    shapes = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-        (128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (64, 256, 4, 4), (128, 64, 4, 4), (64, 128, 4, 5),
-    ]
-    if not scaled:
-        shapes += [(128, 256, 8, 4)]
+    shapes = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages, DEFER)
+        (128, 128, 8, 4, False), (128, 128, 8, 4, True), (128, 256, 8, 3, False), (128, 128, 4, 4, False),
+    ] if scaled else [(128, 256, 8, 3, False), (128, 128, 8, 4, False), (128, 128, 4, 4, False)]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in shapes
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "GROUP_M": 8, "DEFER": defer},
+                      num_warps=w, num_stages=s)
+        for bm, bn, w, s, defer in shapes
     ]
 
 
@@ -70,7 +74,7 @@ def _make_gemm_kernel(scaled: bool):
         # meta
         SCALED: tl.constexpr, SB_N_DIV: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr,
         EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
+        GROUP_M: tl.constexpr, DEFER: tl.constexpr,
     ):
         # Step 1: tile (pid_m, pid_n), grouped along M so that B tiles stay in L2 (tutorial 03).
         pid = tl.program_id(0)
@@ -108,6 +112,9 @@ def _make_gemm_kernel(scaled: bool):
 
         # Step 4: main loop. Scaled: each 128-deep dot is promoted into the fp32 accumulator.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        prev = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # DEFER: last block's unscaled partial sum
+        sa_prev = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        sb_prev = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k in range(k_lo, k_hi, BLOCK_K):
             k_mask = (k + offs_k) < k_hi
             a = _load_tile(a_ptrs, k_mask[None, :], EVEN_K, UPCAST)  # (BLOCK_M, BLOCK_K)
@@ -115,13 +122,20 @@ def _make_gemm_kernel(scaled: bool):
             if SCALED:
                 sa = tl.load(sa_ptrs)  # (BLOCK_M,)
                 sb = tl.load(sb_ptrs)  # (BLOCK_N,)
-                acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+                if DEFER:
+                    part = tl.dot(a, b)
+                    acc += prev * (sa_prev[:, None] * sb_prev[None, :])
+                    prev, sa_prev, sb_prev = part, sa, sb
+                else:
+                    acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
                 sa_ptrs += stride_sak
                 sb_ptrs += stride_sbk
             else:
                 acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
+        if DEFER:
+            acc += prev * (sa_prev[:, None] * sb_prev[None, :])
 
         # Step 5: store; padding rows of the contiguous layout are written as zeros.
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -194,33 +208,39 @@ def _fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype):
     return c
 
 
-def _fp8_gemm_torch(a, a_scale, b, b_scale, out_dtype):
+def fp8_gemm_torch(a, a_scale, b, b_scale, out_dtype):
     """torch._scaled_mm with 1×128 × (128×128 | 1×128) scales; scales outer-dim-major as cuBLAS wants."""
     sa = a_scale.t().contiguous().t()  # (M, K/128), M-major
     row_scales = b_scale.shape[0] == b.shape[0]
-    sb = b_scale.t().contiguous() if row_scales else b_scale.t()  # (K/128, N) or (K/128, N/128)
+    # (K/128, N) row-major for 1×128 rows; (K/128, N/128) with unit stride along K/128 for blocks.
+    sb = b_scale.t().contiguous() if row_scales else b_scale.contiguous().t()
     return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
 
 
 _BACKEND_CACHE: dict[tuple, str] = {}
 
 
-def _choose_backend(a, a_scale, b, b_scale, out_dtype) -> str:
-    """Time both once per (shape, recipe, layout) and remember the faster."""
-    key = (tuple(a.shape), tuple(b.shape), b.stride(), tuple(b_scale.shape), out_dtype)
+def pick_faster(key: tuple, candidates: dict) -> str:
+    """Name of the fastest of ``candidates`` (name → no-argument callable), timed once per key.
+
+    A candidate that raises (a built-in refusing a layout) is dropped; the first one must not raise.
+    """
     if key not in _BACKEND_CACHE:
-        try:
-            _fp8_gemm_torch(a, a_scale, b, b_scale, out_dtype)
-        except (RuntimeError, ValueError):
-            _BACKEND_CACHE[key] = "triton"
-            return "triton"
-        times = {
-            name: triton.testing.do_bench(lambda fn=fn: fn(a, a_scale, b, b_scale, out_dtype), rep=30,
-                                          return_mode="median")
-            for name, fn in (("triton", _fp8_gemm_triton), ("torch", _fp8_gemm_torch))
-        }
+        times = {}
+        for name, fn in candidates.items():
+            try:
+                fn()
+            except (RuntimeError, ValueError, TypeError):
+                continue
+            times[name] = triton.testing.do_bench(fn, rep=30, return_mode="median")
         _BACKEND_CACHE[key] = min(times, key=times.get)
     return _BACKEND_CACHE[key]
+
+
+def _choose_backend(a, a_scale, b, b_scale, out_dtype) -> str:
+    key = ("dense", tuple(a.shape), tuple(b.shape), b.stride(), tuple(b_scale.shape), out_dtype)
+    return pick_faster(key, {name: (lambda fn=fn: fn(a, a_scale, b, b_scale, out_dtype))
+                             for name, fn in (("triton", _fp8_gemm_triton), ("torch", fp8_gemm_torch))})
 
 
 def fp8_gemm(
@@ -237,7 +257,7 @@ def fp8_gemm(
         raise ValueError(f"backend={backend!r} must be 'auto', 'triton' or 'torch'")
     if backend == "auto":
         backend = _choose_backend(a, a_scale, b, b_scale, out_dtype) if a.is_cuda and not INTERPRET else "triton"
-    fn = _fp8_gemm_torch if backend == "torch" else _fp8_gemm_triton
+    fn = fp8_gemm_torch if backend == "torch" else _fp8_gemm_triton
     return fn(a, a_scale, b, b_scale, out_dtype)
 
 

@@ -202,7 +202,10 @@ def _pow2_ceil(r: torch.Tensor) -> torch.Tensor:
 
 
 def _ref_scale(amax: torch.Tensor, pow2_scale: bool) -> torch.Tensor:
-    scale = amax.float().clamp_min(AMAX_FLOOR) / FP8_MAX
+    amax = amax.float().clamp_min(AMAX_FLOOR)
+    # Divide by a tensor: CUDA torch turns division by a Python scalar into a multiply by its
+    # reciprocal, one ulp away from the kernel's IEEE division.
+    scale = amax / torch.full_like(amax, FP8_MAX)
     return _pow2_ceil(scale) if pow2_scale else scale
 
 

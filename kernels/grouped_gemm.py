@@ -10,13 +10,50 @@ The weight gradient reduces over each expert's own segment: ``dW[e] = dy[seg e]�
 same kernel with K split at ``seg_offsets (E + 1,)`` and one output matrix per expert
 (``MODE_GROUPED_K``). FP8 versions use 1×128 / 128×128 scales like ``fp8_gemm``; the BF16 versions
 are the same kernels with the scaling compiled out.
+
+``backend="auto"`` (on CUDA) times the Triton kernel once per problem size against torch built-ins
+and keeps the faster: for FP8 a loop of block-scaled ``torch._scaled_mm`` over the experts (good when
+experts are few and large), for BF16 ``torch._grouped_mm``. The built-ins compute padding rows as
+a · b, zero when a's padding rows are zero (``moe_permute`` writes zeros there); Triton writes zeros.
 """
 
 import torch
 
-from .fp8_gemm import MODE_GROUPED_K, MODE_GROUPED_M, TILE, check_fp8_operands, launch_gemm
+from .fp8_gemm import (
+    INTERPRET,
+    MODE_GROUPED_K,
+    MODE_GROUPED_M,
+    TILE,
+    check_fp8_operands,
+    fp8_gemm_torch,
+    launch_gemm,
+    pick_faster,
+)
 from .fp8_quant import quant_act_1x128, quant_weight_128x128
 from .triton_compat import triton
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _resolve(backend: str, a: torch.Tensor) -> str:
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend={backend!r} must be 'auto', 'triton' or 'torch'")
+    if backend == "auto" and (not a.is_cuda or INTERPRET):
+        return "triton"
+    return backend
+
+
+def segment_rows(m_indices: torch.Tensor, num_experts: int) -> list[tuple[int, int, int]]:
+    """(first row, real rows, padded rows) per expert of a contiguous layout; one host sync."""
+    counts = torch.bincount(m_indices.long() + 1, minlength=num_experts + 1)[1:].tolist()
+    rows, first = [], 0
+    for count in counts:
+        padded = -(-count // TILE) * TILE
+        rows.append((first, count, padded))
+        first += padded
+    return rows
 
 
 def _check_layout(m_total: int, m_indices: torch.Tensor, num_experts: int) -> None:
@@ -27,33 +64,68 @@ def _check_layout(m_total: int, m_indices: torch.Tensor, num_experts: int) -> No
     assert num_experts >= 1, f"{num_experts=}"
 
 
-def grouped_gemm_fp8(
-    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-    m_indices: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """c (M_total, N): row r is (a[r] * a_scale[r]) · (b[e] * b_scale[e])ᵀ with e = m_indices[r].
+def _grouped_fp8_torch(a, a_scale, b, b_scale, m_indices, out_dtype):
+    c = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
+    for e, (first, count, padded) in enumerate(segment_rows(m_indices, b.shape[0])):
+        rows = slice(first, first + count)
+        if count:
+            c[rows] = fp8_gemm_torch(a[rows], a_scale[rows], b[e], b_scale[e], out_dtype)
+        c[first + count: first + padded] = 0
+    return c
 
-    a (M_total, K) E4M3, a_scale (M_total, ceil(K/128)); b (E, N, K) E4M3 (any strides), b_scale
-    (E, ceil(N/128), ceil(K/128)). Padding rows (m_indices = -1) come out as zeros.
-    """
-    check_fp8_operands(a, a_scale, b, b_scale)
-    if b.dim() != 3:
-        raise ValueError(f"b must be (E, N, K), got shape={tuple(b.shape)}")
-    _check_layout(a.shape[0], m_indices, b.shape[0])
+
+def _grouped_fp8_triton(a, a_scale, b, b_scale, m_indices, out_dtype):
     c = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
     launch_gemm(a, b, c.unsqueeze(0), a_scale, b_scale, m_indices, MODE_GROUPED_M)
     return c
 
 
-def grouped_gemm_bf16(a: torch.Tensor, b: torch.Tensor, m_indices: torch.Tensor) -> torch.Tensor:
-    """BF16 variant: a (M_total, K), b (E, N, K) (any strides) → c (M_total, N) bf16, fp32 accumulation;
-    padding rows are zeros."""
+def grouped_gemm_fp8(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+    m_indices: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
+) -> torch.Tensor:
+    """c (M_total, N): row r is (a[r] * a_scale[r]) · (b[e] * b_scale[e])ᵀ with e = m_indices[r].
+
+    a (M_total, K) E4M3, a_scale (M_total, ceil(K/128)); b (E, N, K) E4M3 (any strides), b_scale
+    (E, ceil(N/128), ceil(K/128)). Padding rows (m_indices = -1) come out as zeros.
+    backend: "auto" | "triton" | "torch" (per-expert torch._scaled_mm).
+    """
+    check_fp8_operands(a, a_scale, b, b_scale)
+    if b.dim() != 3:
+        raise ValueError(f"b must be (E, N, K), got shape={tuple(b.shape)}")
+    _check_layout(a.shape[0], m_indices, b.shape[0])
+    args = (a, a_scale, b, b_scale, m_indices, out_dtype)
+    backend = _resolve(backend, a)
+    if backend == "auto":
+        key = ("grouped_fp8", _bucket(a.shape[0]), tuple(b.shape), b.stride(), out_dtype)
+        backend = pick_faster(key, {"triton": lambda: _grouped_fp8_triton(*args),
+                                    "torch": lambda: _grouped_fp8_torch(*args)})
+    return (_grouped_fp8_torch if backend == "torch" else _grouped_fp8_triton)(*args)
+
+
+def grouped_gemm_bf16(a: torch.Tensor, b: torch.Tensor, m_indices: torch.Tensor,
+                      seg_offsets: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """BF16 variant: a (M_total, K), b (E, N, K) (any strides) → c (M_total, N) bf16, fp32 accumulation.
+
+    backend "torch" (torch._grouped_mm) needs seg_offsets; without them "auto" means "triton".
+    """
     if a.dim() != 2 or b.dim() != 3 or a.shape[1] != b.shape[2]:
         raise ValueError(f"need a (M, K) and b (E, N, K), got {tuple(a.shape)} and {tuple(b.shape)}")
     _check_layout(a.shape[0], m_indices, b.shape[0])
-    c = torch.empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16, device=a.device)
-    launch_gemm(a, b, c.unsqueeze(0), None, None, m_indices, MODE_GROUPED_M)
-    return c
+
+    def run_triton():
+        c = torch.empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16, device=a.device)
+        launch_gemm(a, b, c.unsqueeze(0), None, None, m_indices, MODE_GROUPED_M)
+        return c
+
+    def run_torch():
+        return torch._grouped_mm(a, b.transpose(1, 2), offs=seg_offsets[1:])
+
+    backend = _resolve(backend if seg_offsets is not None else "triton", a)
+    if backend == "auto":
+        key = ("grouped_bf16", _bucket(a.shape[0]), tuple(b.shape), b.stride())
+        backend = pick_faster(key, {"triton": run_triton, "torch": run_torch})
+    return run_torch() if backend == "torch" else run_triton()
 
 
 def _check_segments(seg_offsets: torch.Tensor, m_total: int) -> None:
@@ -63,31 +135,52 @@ def _check_segments(seg_offsets: torch.Tensor, m_total: int) -> None:
         raise ValueError(f"M_total={m_total} must be a multiple of {TILE} (contiguous layout)")
 
 
+def _grouped_wgrad_fp8_torch(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype):
+    bounds = seg_offsets.tolist()
+    c = torch.empty((len(bounds) - 1, a_t.shape[0], b_t.shape[0]), dtype=out_dtype, device=a_t.device)
+    for e, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        if hi == lo:
+            c[e] = 0
+            continue
+        tiles = slice(lo // TILE, hi // TILE)
+        c[e] = fp8_gemm_torch(a_t[:, lo:hi], a_t_scale[:, tiles], b_t[:, lo:hi], b_t_scale[:, tiles], out_dtype)
+    return c
+
+
+def _grouped_wgrad_triton(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype):
+    E = seg_offsets.numel() - 1
+    c = torch.empty((E, a_t.shape[0], b_t.shape[0]), dtype=out_dtype, device=a_t.device)
+    sb = b_t_scale.unsqueeze(0) if b_t_scale is not None else None
+    launch_gemm(a_t, b_t.unsqueeze(0), c, a_t_scale, sb, seg_offsets, MODE_GROUPED_K, E)
+    return c
+
+
 def grouped_wgrad_fp8(
     a_t: torch.Tensor, a_t_scale: torch.Tensor, b_t: torch.Tensor, b_t_scale: torch.Tensor,
-    seg_offsets: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+    seg_offsets: torch.Tensor, out_dtype: torch.dtype = torch.float32, backend: str = "auto",
 ) -> torch.Tensor:
     """dW (E, N, K): dW[e] = Σ over rows r in [seg_offsets[e], seg_offsets[e+1]) of a_t[:, r] b_t[:, r]ᵀ.
 
     a_t = dyᵀ (N, M_total) and b_t = xᵀ (K, M_total), E4M3 with 128×1 scales (from
     ``quant_act_128x1_t``): (N, M_total/128) and (K, M_total/128). Offsets are multiples of 128.
+    backend: "auto" | "triton" | "torch" (per-expert torch._scaled_mm).
     """
     check_fp8_operands(a_t, a_t_scale, b_t, b_t_scale)
     _check_segments(seg_offsets, a_t.shape[1])
-    E = seg_offsets.numel() - 1
-    c = torch.empty((E, a_t.shape[0], b_t.shape[0]), dtype=out_dtype, device=a_t.device)
-    launch_gemm(a_t, b_t.unsqueeze(0), c, a_t_scale, b_t_scale.unsqueeze(0), seg_offsets, MODE_GROUPED_K, E)
-    return c
+    args = (a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype)
+    backend = _resolve(backend, a_t)
+    if backend == "auto":
+        key = ("grouped_wgrad_fp8", _bucket(a_t.shape[1]), seg_offsets.numel(), a_t.shape[0], b_t.shape[0], out_dtype)
+        backend = pick_faster(key, {"triton": lambda: _grouped_wgrad_triton(*args),
+                                    "torch": lambda: _grouped_wgrad_fp8_torch(*args)})
+    return (_grouped_wgrad_fp8_torch if backend == "torch" else _grouped_wgrad_triton)(*args)
 
 
 def grouped_wgrad_bf16(a_t: torch.Tensor, b_t: torch.Tensor, seg_offsets: torch.Tensor,
                        out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """BF16 variant of ``grouped_wgrad_fp8``; a_t (N, M_total) and b_t (K, M_total) may be views."""
+    """BF16 variant of ``grouped_wgrad_fp8`` (Triton); a_t (N, M_total) and b_t (K, M_total) may be views."""
     _check_segments(seg_offsets, a_t.shape[1])
-    E = seg_offsets.numel() - 1
-    c = torch.empty((E, a_t.shape[0], b_t.shape[0]), dtype=out_dtype, device=a_t.device)
-    launch_gemm(a_t, b_t.unsqueeze(0), c, None, None, seg_offsets, MODE_GROUPED_K, E)
-    return c
+    return _grouped_wgrad_triton(a_t, None, b_t, None, seg_offsets, out_dtype)
 
 
 # ----------------------------------------------------------------------------- torch references

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 from kernels import triton_compat  # noqa: E402
 from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref  # noqa: E402
-from kernels.fp8_linear import fp8_grouped_linear, fp8_linear, grouped_linear  # noqa: E402
+from kernels.fp8_layers import fp8_grouped_linear, fp8_linear, grouped_linear  # noqa: E402
 from kernels.fp8_quant import (  # noqa: E402
     dequant_blocks,
     dequant_rows,
@@ -170,9 +170,10 @@ def _contiguous_layout(counts, device):
 GROUP_COUNTS = [[100, 0, 130]] + ([[1000, 3, 0, 4096, 700]] if ON_GPU else [])
 
 
+@pytest.mark.parametrize("backend", ["triton"] + (["torch", "auto"] if ON_GPU else []))
 @pytest.mark.parametrize("counts", GROUP_COUNTS)
 @pytest.mark.parametrize("N,K", [(72, 200)] + ([(4096, 7168), (7168, 2048)] if ON_GPU else []))
-def test_grouped_gemms(device, counts, N, K):
+def test_grouped_gemms(device, counts, N, K, backend):
     m_indices, offsets = _contiguous_layout(counts, device)
     E, M = len(counts), m_indices.numel()
     pad = (m_indices < 0)[:, None]
@@ -182,17 +183,18 @@ def test_grouped_gemms(device, counts, N, K):
     a, sa = quant_act_1x128(x)
     b, sb, bt = quant_weight_128x128(w, transposed=True)
     ref = grouped_gemm_ref(dequant_rows(a, sa), dequant_blocks(b, sb), m_indices)
-    assert rel_err(grouped_gemm_fp8(a, sa, b, sb, m_indices, torch.float32), ref) < TOL_FP32_OUT
+    assert rel_err(grouped_gemm_fp8(a, sa, b, sb, m_indices, torch.float32, backend), ref) < TOL_FP32_OUT
     d, sd = quant_act_1x128(dy)  # dgrad through the transposed weight copy
     ref = grouped_gemm_ref(dequant_rows(d, sd), dequant_blocks(bt, sb.mT), m_indices)
-    out = grouped_gemm_fp8(d, sd, bt, sb.mT, m_indices)
+    out = grouped_gemm_fp8(d, sd, bt, sb.mT, m_indices, backend=backend)
     assert rel_err(out, ref) < TOL_BF16_OUT and (out[m_indices < 0] == 0).all()
     dt, sdt = quant_act_128x1_t(dy)
     xt, sxt = quant_act_128x1_t(x)
     ref = grouped_wgrad_ref(dequant_rows(dt, sdt), dequant_rows(xt, sxt), offsets)
-    assert rel_err(grouped_wgrad_fp8(dt, sdt, xt, sxt, offsets), ref) < TOL_FP32_OUT
+    assert rel_err(grouped_wgrad_fp8(dt, sdt, xt, sxt, offsets, backend=backend), ref) < TOL_FP32_OUT
     xb, wb, dyb = x.bfloat16(), w.bfloat16(), dy.bfloat16()
-    assert rel_err(grouped_gemm_bf16(xb, wb, m_indices), grouped_gemm_ref(xb, wb, m_indices)) < TOL_BF16_OUT
+    out = grouped_gemm_bf16(xb, wb, m_indices, offsets, backend=backend)
+    assert rel_err(out, grouped_gemm_ref(xb, wb, m_indices)) < TOL_BF16_OUT
     ref = grouped_wgrad_ref(dyb.t(), xb.t(), offsets)
     assert rel_err(grouped_wgrad_bf16(dyb.t(), xb.t(), offsets), ref) < TOL_FP32_OUT
 
@@ -301,7 +303,7 @@ def test_bf16_grouped_linear_autograd(device):
     M, K, N = m_indices.numel(), 96, 80
     x = rand(M, K, seed=20, device=device, dtype=torch.bfloat16).masked_fill((m_indices < 0)[:, None], 0)
     w = rand(3, N, K, seed=21, device=device, dtype=torch.bfloat16)
-    dy = rand(M, N, seed=22, device=device, dtype=torch.bfloat16)
+    dy = rand(M, N, seed=22, device=device, dtype=torch.bfloat16).masked_fill((m_indices < 0)[:, None], 0)
     x.requires_grad_()
     w.requires_grad_()
     grouped_linear(x, w, m_indices, offsets).backward(dy)

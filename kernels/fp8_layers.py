@@ -73,13 +73,13 @@ class GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, m_indices, seg_offsets):
         ctx.save_for_backward(x, w, m_indices, seg_offsets)
-        return grouped_gemm_bf16(x, w, m_indices)
+        return grouped_gemm_bf16(x, w, m_indices, seg_offsets)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, m_indices, seg_offsets = ctx.saved_tensors
         dy = dy.contiguous()
-        dx = grouped_gemm_bf16(dy, w.transpose(1, 2), m_indices)  # B = Wᵀ (E, K, N) as a view
+        dx = grouped_gemm_bf16(dy, w.transpose(1, 2), m_indices, seg_offsets)  # B = Wᵀ (E, K, N), a view
         dw = grouped_wgrad_bf16(dy.t(), x.t(), seg_offsets)
         return dx, dw.to(w.dtype), None, None
 
