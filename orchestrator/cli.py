@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 
-from orchestrator.inputs import InputError, build_inputs
-from orchestrator.overrides import OverrideError
+from orchestrator.errors import USER_ERRORS, fail
 from orchestrator.placement_cmd import placement_command
+from orchestrator.plan_cmd import plan_command
 from orchestrator.render import plan_tables, presets_table
 from orchestrator.schedule_cmd import schedule_command
-from simulator.accounting.layout import LayoutError
-from simulator.plan import PlanError, PlanFile, read_plan, write_plan
-from simulator.planner import build_plan, summary
+from simulator.plan import PlanFile, read_plan
+from simulator.planner import summary
 
 app = typer.Typer(
     name="moeplan",
@@ -29,46 +29,30 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("plan")(plan_command)
 app.command("schedule")(schedule_command)
 app.command("placement")(placement_command)
 console = Console(width=140)
-USER_ERRORS = (InputError, OverrideError, LayoutError, PlanError)
 
 
-def fail(message: str) -> NoReturn:
-    typer.echo(f"moeplan: error: {message}", err=True)
-    raise typer.Exit(code=2)
+def main() -> None:
+    """Console entry point: click's usage errors (a mistyped option) become one line, exit 2."""
+    try:
+        app(standalone_mode=False)
+    except click.UsageError as exc:
+        where = f"{exc.ctx.command_path}: " if exc.ctx else ""
+        typer.echo(f"moeplan: error: {where}{exc.format_message()}", err=True)
+        raise SystemExit(2) from None
+    except click.exceptions.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except click.Abort:
+        raise SystemExit(130) from None
 
 
 @app.command()
 def presets() -> None:
     """List the model and cluster presets."""
     console.print(presets_table())
-
-
-@app.command()
-def plan(
-    model: Annotated[str, typer.Option(help="Model preset or path to a HF config.json.")] = "deepseek-v3",
-    cluster: Annotated[str, typer.Option(help="Cluster preset (see `moeplan presets`).")] = "h800",
-    nodes: Annotated[int | None, typer.Option(help="Nodes; default: the cluster preset's.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a setting: a.b=value (repeatable).")] = None,
-    out: Annotated[Path, typer.Option(help="Directory for plan.json.")] = Path("out"),
-    json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-) -> None:
-    """Plan a training run: accounting, layout and memory; writes OUT/plan.json."""
-    try:
-        inputs, ignored = build_inputs(model, cluster, nodes, set_ or [])
-        result = build_plan(inputs, tuple(ignored))
-    except USER_ERRORS as exc:
-        fail(str(exc))
-    write_plan(result, out / "plan.json")
-    if json_:
-        typer.echo(json.dumps(summary(result), indent=2))
-        return
-    if ignored:
-        console.print(f"[dim]config keys not modelled (ignored): {', '.join(ignored)}[/dim]")
-    console.print(plan_tables(result))
-    console.print(f"wrote {out / 'plan.json'}")
 
 
 @app.command()

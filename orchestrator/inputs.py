@@ -3,6 +3,7 @@ validated ``PlanInputs``."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,8 @@ from pydantic import ValidationError
 
 from orchestrator.overrides import apply_overrides
 from simulator.accounting.layout import LayoutError, check_layout
-from simulator.plan import PlanInputs
-from simulator.planner import default_parallel, resolve_microbatches
+from simulator.spec.inputs import PlanInputs
+from simulator.planner import resolve_microbatches
 from simulator.presets.clusters import CLUSTER_PRESETS
 from simulator.presets.models import MODEL_PRESETS
 from simulator.presets.recipes import recipe_for
@@ -66,9 +67,20 @@ def _fits_cluster(inputs: PlanInputs) -> bool:
     return True
 
 
-def build_inputs(model_arg: str, cluster_arg: str, nodes: int | None, sets: list[str]) -> tuple[PlanInputs, list[str]]:
-    """Presets, then overrides of model/cluster/training/budget, then the layout (published,
-    derived or given), then overrides of the layout. Raises ``InputError``."""
+@dataclass(frozen=True)
+class PlanRequest:
+    """Validated inputs plus what the user fixed of the layout."""
+
+    inputs: PlanInputs
+    ignored: list[str]
+    fixed: dict[str, Any]  # ParallelSpec fields set by the user
+    published: bool  # the model's published layout runs on this cluster and is the base of ``inputs``
+
+
+def build_request(model_arg: str, cluster_arg: str, nodes: int | None, sets: list[str]) -> PlanRequest:
+    """Presets, then overrides of model/cluster/training/budget, then the layout (the model's
+    published one when it runs on this cluster, else the defaults) with the user's layout
+    overrides on top. Raises ``InputError``."""
     model, ignored = load_model(model_arg)
     cluster = load_cluster(cluster_arg, nodes)
     recipe = recipe_for(model.name)
@@ -83,13 +95,14 @@ def build_inputs(model_arg: str, cluster_arg: str, nodes: int | None, sets: list
     other_sets = [s for s in sets if s not in layout_sets]
     try:
         data = apply_overrides(base, other_sets)
+        published = recipe.parallel is not None and _fits_cluster(PlanInputs.model_validate(data))
+        if not published:
+            data["parallel"] = ParallelSpec().model_dump(mode="json")
+        fixed_data = apply_overrides({"parallel": data["parallel"]}, layout_sets)["parallel"]
+        fixed = {k: v for k, v in fixed_data.items() if v != data["parallel"][k] or any(
+            s.strip().startswith(f"parallel.{k}=") or s.strip().startswith(f"parallel.{k}.") for s in layout_sets)}
+        data["parallel"] = fixed_data
         inputs = PlanInputs.model_validate(data)
-        if recipe.parallel is None or not _fits_cluster(inputs):
-            parallel = default_parallel(inputs.model, inputs.cluster, inputs.training)
-            data["parallel"] = parallel.model_dump(mode="json")
-        data = apply_overrides(data, layout_sets)
-        return PlanInputs.model_validate(data), ignored
+        return PlanRequest(inputs=inputs, ignored=ignored, fixed=fixed, published=published)
     except ValidationError as exc:
         raise InputError(validation_message(exc, "invalid setting")) from exc
-    except LayoutError as exc:
-        raise InputError(f"impossible layout: {exc}") from exc

@@ -86,4 +86,50 @@ def plan_tables(plan: PlanFile) -> Group:
         mem.add_row(str(r.rank), ",".join(map(str, r.stages)), str(layers),
                     *(f"{x / scale:.1f}" for x in (r.param_bytes, r.grad_bytes, r.optimizer_bytes,
                                                  r.activation_bytes, r.transient_bytes, r.total_bytes)))
-    return Group(head, mem)
+    if plan.predictions is None:
+        return Group(head, mem)
+    return Group(head, mem, *prediction_tables(plan))
+
+
+def prediction_tables(plan: PlanFile) -> list[Table]:
+    pred, budget = plan.predictions, plan.budget_report
+    assert pred is not None and budget is not None
+    step, run = pred.step, pred.run
+    t = Table(title=f"Simulated step ({pred.layout_source} layout, cost tables {pred.cost_tables})",
+              title_justify="left", show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    rows = [
+        ("step time", f"{step.step_time_s:.2f} s for {step.tokens_per_step / 1e6:,.1f}M tokens"),
+        ("compute / bubble / exposed comm", f"{step.compute_frac:.1%} / {step.bubble_frac:.1%} / {step.exposed_comm_frac:.1%}"),
+        ("tokens/s per GPU", f"{step.tokens_per_s_per_gpu:,.0f}"),
+        ("MFU (HFU), of dense BF16 peak", f"{step.mfu_frac:.1%} ({step.hfu_frac:.1%})"),
+        ("GPU-hours per trillion tokens", f"{run.gpu_hours_per_trillion_tokens:,.0f}"),
+        ("whole run", f"{run.tokens_total / 1e12:,.2f}T tokens, {run.wall_clock_days:,.1f} days, "
+                      f"{run.gpu_hours_total:,.0f} GPU-hours" + (f", ${run.cost_usd:,.0f}" if run.cost_usd else "")),
+    ]
+    if budget.within_budget is not None:
+        verdict = "within budget" if budget.within_budget else "OVER BUDGET"
+        rows.append(("budget", f"{budget.budget_gpu_hours:,.0f} GPU-hours: {verdict} (margin {budget.margin_frac:+.1%})"))
+    if pred.candidates_evaluated:
+        rows.append(("search", f"{pred.candidates_evaluated} layouts fit and were simulated"))
+    for k, v in rows:
+        t.add_row(k, v)
+    phases = Table(title="Phases", title_justify="left")
+    for col in ("phase", "seq len", "tokens", "steps", "step time s", "days", "GPU-hours"):
+        phases.add_column(col, justify="left" if col == "phase" else "right")
+    for p in run.phases:
+        phases.add_row(p.name, f"{p.seq_len_tokens:,}", f"{p.tokens / 1e9:,.1f}B", f"{p.steps:,.0f}",
+                       f"{p.step_time_s:.2f}", f"{p.hours / 24:,.2f}", f"{p.gpu_hours:,.0f}")
+    out = [t, phases]
+    if pred.top_candidates:
+        top = Table(title="Best layouts found (simulated in detail)", title_justify="left")
+        for col in ("#", "pp", "schedule", "ep", "dp", "mbs x M", "recompute", "step s", "tok/s/GPU", "MFU", "mem GiB"):
+            top.add_column(col, justify="right")
+        for i, c in enumerate(pred.top_candidates, 1):
+            par = c.parallel
+            top.add_row(str(i), str(par.pp), par.schedule, str(par.ep), str(par.dp), f"{par.micro_batch_size} x {c.microbatches}",
+                        par.recompute, f"{c.step_time_s:.2f}", f"{c.tokens_per_s_per_gpu:,.0f}", f"{c.mfu_frac:.1%}",
+                        f"{c.peak_memory_bytes_per_gpu / GiB:.1f}")
+        out.append(top)
+    return out

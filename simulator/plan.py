@@ -8,7 +8,6 @@ is atomic: a temporary file in the target directory, then ``os.replace``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -17,10 +16,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from simulator.spec.hardware import ClusterSpec
-from simulator.spec.model import ModelSpec
+from simulator.predict import StepPrediction
+from simulator.run_model import RunPrediction
+from simulator.spec.inputs import PlanInputs
 from simulator.spec.parallel import ParallelSpec
-from simulator.spec.training import BudgetSpec, TrainingSpec
+
+__all__ = ["PlanInputs", "PlanFile", "PlanError", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 
@@ -31,20 +32,6 @@ class PlanError(ValueError):
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class PlanInputs(_Frozen):
-    """Everything the user chose: the plan is a pure function of these."""
-
-    model: ModelSpec
-    cluster: ClusterSpec
-    parallel: ParallelSpec
-    training: TrainingSpec
-    budget: BudgetSpec = BudgetSpec()
-
-    def sha256(self) -> str:
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class ResolvedLayout(_Frozen):
@@ -99,6 +86,36 @@ class MemoryReport(_Frozen):
     fits: bool
 
 
+class Candidate(_Frozen):
+    """One layout the search evaluated."""
+
+    parallel: ParallelSpec
+    microbatches: int
+    step_time_s: float
+    tokens_per_s_per_gpu: float
+    mfu_frac: float
+    peak_memory_bytes_per_gpu: float
+
+
+class Predictions(_Frozen):
+    """The simulator's verdict on the plan's layout."""
+
+    step: StepPrediction
+    run: RunPrediction
+    layout_source: Literal["given", "published", "searched", "derived"]
+    candidates_evaluated: int = Field(0, description="Layouts the search checked (memory) and ranked.")
+    top_candidates: tuple[Candidate, ...] = ()
+    cost_tables: str
+
+
+class BudgetReport(_Frozen):
+    gpu_hours_total: float
+    budget_gpu_hours: float | None
+    cost_usd: float | None
+    within_budget: bool | None
+    margin_frac: float | None = Field(None, description="1 - used / budget: negative when over budget.")
+
+
 class PlanFile(_Frozen):
     schema_version: Literal[1] = SCHEMA_VERSION
     moeplan_version: str
@@ -109,11 +126,11 @@ class PlanFile(_Frozen):
     params: ParamsReport
     flops: FlopsReport
     memory: MemoryReport
-    # Filled by later capabilities (schedule, placement, simulator, budget); null until then.
+    # Filled by the schedule, placement and simulator capabilities; null when not run.
     schedule: dict[str, Any] | None = None
     placement: dict[str, Any] | None = None
-    predictions: dict[str, Any] | None = None
-    budget_report: dict[str, Any] | None = None
+    predictions: Predictions | None = None
+    budget_report: BudgetReport | None = None
 
 
 def dump_plan(plan: PlanFile) -> str:

@@ -9,17 +9,22 @@ from simulator.accounting.flops import training_flops
 from simulator.accounting.layout import LayoutError, check_layout, pipeline_stages, rank_stages
 from simulator.accounting.memory import pipeline_memory
 from simulator.accounting.params import activated_params, param_counts
+from simulator.costs.tables import default_tables
+from simulator.engine.build import SimOptions
 from simulator.plan import (
+    BudgetReport,
     FlopsReport,
     MemoryReport,
     ParamsReport,
     PlanFile,
     PlanInputs,
+    Predictions,
     RankMemoryReport,
     ResolvedLayout,
 )
-from simulator.spec.hardware import ClusterSpec
-from simulator.spec.model import ModelSpec
+from simulator.predict import predict_step
+from simulator.run_model import RunPrediction, predict_run
+from simulator.search import SearchResult
 from simulator.spec.parallel import ParallelSpec
 from simulator.spec.training import TrainingSpec
 
@@ -93,46 +98,58 @@ def build_plan(inputs: PlanInputs, ignored_config_keys: tuple[str, ...] = ()) ->
     )
 
 
-def _largest_ep(model: ModelSpec, dp: int, cap: int = 64) -> int:
-    """The largest expert-parallel size <= ``cap`` dividing both ``dp`` and the routed experts."""
-    if not model.is_moe:
-        return 1
-    return max(e for e in range(1, min(cap, dp) + 1) if dp % e == 0 and model.n_routed_experts % e == 0)
+GiB = 2**30
 
 
-def default_parallel(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec) -> ParallelSpec:
-    """A memory-feasible layout when none is published or given: the fewest pipeline ranks
-    (powers of two dividing the cluster) whose peak memory fits, 1F1B, ZeRO-1, DeepSeek's
-    selective recompute (full recompute when that is what fits), and the largest expert-parallel size up to 64 (DeepSeek-V3's EP) that
-    divides both the experts and dp. The simulator's search replaces this with a ranked search.
-    Falls back to the lowest-memory candidate when none fits, so the plan reports the overflow."""
-    world = cluster.num_gpus
-    units = model.num_hidden_layers + model.num_nextn_predict_layers
-    candidates = []
-    for pp in (2**k for k in range(world.bit_length())):
-        if pp > units or world % pp:
-            continue
-        dp = world // pp
-        for recompute in ("selective", "full"):
-            par = ParallelSpec(pp=pp, ep=_largest_ep(model, dp), schedule="1f1b", recompute=recompute, zero_stage=1)
-            try:
-                plan = build_plan(PlanInputs(model=model, cluster=cluster, parallel=par, training=training))
-            except LayoutError:
-                continue
-            if plan.memory.fits:
-                return par
-            candidates.append((plan.memory.peak_bytes_per_gpu, par))
-    if not candidates:
-        raise LayoutError(f"no pipeline size fits {model.name} on {world} GPUs with global_batch_seqs={training.phases[0].global_batch_seqs}")
-    return min(candidates, key=lambda c: c[0])[1]
+def check_memory(plan: PlanFile) -> None:
+    """Reject a layout whose peak memory exceeds the usable HBM, with the numbers."""
+    mem = plan.memory
+    if mem.fits:
+        return
+    worst = mem.per_rank[mem.peak_rank]
+    cl = plan.inputs.cluster
+    raise LayoutError(
+        f"peak memory {mem.peak_bytes_per_gpu / GiB:.1f} GiB on pipeline rank {mem.peak_rank} (params "
+        f"{worst.param_bytes / GiB:.1f}, grads {worst.grad_bytes / GiB:.1f}, optimizer {worst.optimizer_bytes / GiB:.1f}, "
+        f"activations {worst.activation_bytes / GiB:.1f} GiB) exceeds {mem.usable_hbm_bytes / GiB:.1f} GiB usable on "
+        f"{cl.gpu.name} ({cl.gpu.hbm_bytes / GiB:.1f} GiB less {cl.node.memory_reserved_bytes / GiB:.1f} GiB reserved)"
+    )
+
+
+def budget_report(inputs: PlanInputs, run: RunPrediction) -> BudgetReport:
+    budget = inputs.budget.gpu_hours
+    return BudgetReport(
+        gpu_hours_total=run.gpu_hours_total, budget_gpu_hours=budget, cost_usd=run.cost_usd,
+        within_budget=None if budget is None else run.gpu_hours_total <= budget,
+        margin_frac=None if budget is None else 1.0 - run.gpu_hours_total / budget,
+    )
+
+
+def plan_with_predictions(
+    inputs: PlanInputs, ignored_config_keys: tuple[str, ...], layout_source: str,
+    searched: SearchResult | None = None, opts: SimOptions = SimOptions(),
+) -> PlanFile:
+    """Accounting, memory (rejected over HBM), one simulated step, the whole run and the budget."""
+    plan = build_plan(inputs, ignored_config_keys)
+    check_memory(plan)
+    lay = plan.layout
+    step, _ = predict_step(inputs, lay.dp, lay.microbatches, opts=opts)
+    run = predict_run(inputs, lay.dp, (lay.microbatches, step.step_time_s), opts)
+    tables = opts.tables or default_tables(inputs.cluster.gpu.name)
+    predictions = Predictions(
+        step=step, run=run, layout_source=layout_source, cost_tables=tables.name,
+        candidates_evaluated=searched.evaluated if searched else 0,
+        top_candidates=searched.ranked if searched else (),
+    )
+    return plan.model_copy(update={"predictions": predictions, "budget_report": budget_report(inputs, run)})
 
 
 def summary(plan: PlanFile) -> dict[str, Any]:
-    """The flat object ``moeplan show --json`` prints. Keys are a public contract; the ones the
-    simulator fills are null until it lands."""
-    predictions = plan.predictions or {}
-    budget = plan.budget_report or {}
-    lay = plan.layout
+    """The flat object ``moeplan show --json`` prints. Keys are a public contract; the simulator's
+    are null in a plan made without it."""
+    pred, budget, lay = plan.predictions, plan.budget_report, plan.layout
+    step = pred.step if pred else None
+    run = pred.run if pred else None
     return {
         "model": plan.inputs.model.name,
         "cluster": plan.inputs.cluster.name,
@@ -142,7 +159,10 @@ def summary(plan: PlanFile) -> dict[str, Any]:
         "dp": lay.dp,
         "schedule": plan.inputs.parallel.schedule,
         "microbatches": lay.microbatches,
+        "micro_batch_size": plan.inputs.parallel.micro_batch_size,
+        "recompute": plan.inputs.parallel.recompute,
         "precision": plan.inputs.training.precision,
+        "layout_source": pred.layout_source if pred else None,
         "params_total": plan.params.total,
         "params_total_with_mtp": plan.params.total_with_mtp,
         "params_activated": plan.params.activated,
@@ -151,13 +171,19 @@ def summary(plan: PlanFile) -> dict[str, Any]:
         "peak_memory_bytes_per_gpu": plan.memory.peak_bytes_per_gpu,
         "usable_memory_bytes_per_gpu": plan.memory.usable_hbm_bytes,
         "memory_fits": plan.memory.fits,
-        "step_time_s": predictions.get("step_time_s"),
-        "bubble_frac": predictions.get("bubble_frac"),
-        "mfu_frac": predictions.get("mfu_frac"),
-        "tokens_per_s_per_gpu": predictions.get("tokens_per_s_per_gpu"),
-        "gpu_hours_per_trillion_tokens": predictions.get("gpu_hours_per_trillion_tokens"),
-        "gpu_hours_total": budget.get("gpu_hours_total"),
-        "within_budget": budget.get("within_budget"),
-        "candidates_evaluated": predictions.get("candidates_evaluated"),
+        "step_time_s": step.step_time_s if step else None,
+        "bubble_frac": step.bubble_frac if step else None,
+        "exposed_comm_frac": step.exposed_comm_frac if step else None,
+        "mfu_frac": step.mfu_frac if step else None,
+        "tokens_per_s_per_gpu": step.tokens_per_s_per_gpu if step else None,
+        "tokens_per_day": run.tokens_per_day if run else None,
+        "gpu_hours_per_trillion_tokens": run.gpu_hours_per_trillion_tokens if run else None,
+        "wall_clock_days": run.wall_clock_days if run else None,
+        "gpu_hours_total": budget.gpu_hours_total if budget else None,
+        "cost_usd": budget.cost_usd if budget else None,
+        "budget_gpu_hours": budget.budget_gpu_hours if budget else None,
+        "within_budget": budget.within_budget if budget else None,
+        "budget_margin_frac": budget.margin_frac if budget else None,
+        "candidates_evaluated": pred.candidates_evaluated if pred else None,
         "inputs_sha256": plan.inputs_sha256,
     }

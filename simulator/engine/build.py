@@ -10,8 +10,8 @@ from simulator.costs.kernels import memory_s, ring_s
 from simulator.costs.tables import CostTables, default_tables
 from simulator.engine.expert_traffic import ExpertTraffic, expert_traffic
 from simulator.engine.step import Links, RankTail, StageCosts, StepInputs
-from simulator.engine.unit_costs import CostContext, end_costs, unit_costs
-from simulator.plan import PlanInputs
+from simulator.engine.unit_costs import CostContext, UnitCosts, end_costs, unit_costs
+from simulator.spec.inputs import PlanInputs
 from simulator.schedules.generate import make_schedule
 from simulator.spec.parallel import ParallelSpec
 
@@ -28,6 +28,7 @@ class SimOptions:
     redundant_experts: int = 0
     expert_load: tuple[float, ...] | None = None  # relative per-expert load; None = uniform routing
     seed: int = 0
+    coarse: bool = False  # merge each stage's layers into one unit: fewer events, for the search
 
 
 def cost_context(inputs: PlanInputs, tables: CostTables, seq_len_tokens: int) -> CostContext:
@@ -47,7 +48,15 @@ def _traffic(inputs: PlanInputs, tokens: int, opts: SimOptions) -> ExpertTraffic
     return expert_traffic(m, inputs.cluster, par.ep, tokens, opts.redundant_experts, opts.expert_load, opts.seed)
 
 
-def _stage_costs(inputs: PlanInputs, parallel: ParallelSpec, ctx: CostContext, traffic: ExpertTraffic | None) -> tuple[StageCosts, ...]:
+def merge_units(units: list[UnitCosts]) -> UnitCosts:
+    """One unit whose every duration and byte count is the sum over ``units``."""
+    fields = UnitCosts.__dataclass_fields__
+    return UnitCosts(**{f: sum(getattr(u, f) for u in units) for f in fields})
+
+
+def _stage_costs(
+    inputs: PlanInputs, parallel: ParallelSpec, ctx: CostContext, traffic: ExpertTraffic | None, coarse: bool
+) -> tuple[StageCosts, ...]:
     m = inputs.model
     kinds = {
         "dense": unit_costs(ctx, m, moe=False, traffic=None),
@@ -62,6 +71,8 @@ def _stage_costs(inputs: PlanInputs, parallel: ParallelSpec, ctx: CostContext, t
                 units.append(kinds["mtp"])
             else:
                 units.append(kinds["moe"] if m.is_moe_layer(u) else kinds["dense"])
+        if coarse and len(units) > 1:
+            units = [merge_units(units)]
         mtp_units = sum(u >= m.num_hidden_layers for u in stage.layers)
         out.append(StageCosts(units=tuple(units), has_embedding=stage.has_embedding,
                               has_head=stage.has_head or mtp_units > 0, heads=int(stage.has_head) + mtp_units))
@@ -109,6 +120,6 @@ def step_inputs(
     )
     return StepInputs(
         schedule=make_schedule(par.schedule, par.pp, microbatches, par.virtual_stages),
-        stages=_stage_costs(inputs, par, ctx, traffic), ends=end_costs(ctx, m), links=links,
+        stages=_stage_costs(inputs, par, ctx, traffic, opts.coarse), ends=end_costs(ctx, m), links=links,
         tails=_tails(inputs, dp, tables),
     )

@@ -23,3 +23,16 @@ def make_schedule(kind: ScheduleKind, pp: int, num_microbatches: int, virtual_st
         return interleaved_1f1b(pp, num_microbatches, virtual_stages)
     generators = {"1f1b": one_f_one_b, "zb1p": zb1p, "dualpipe": dualpipe, "dualpipev": dualpipev}
     return generators[kind](pp, num_microbatches)
+
+
+def valid_microbatches(kind: ScheduleKind, pp: int, num_microbatches: int) -> int:
+    """The smallest micro-batch count >= ``num_microbatches`` that ``kind`` accepts on ``pp`` ranks
+    (DualPipe: even and >= 2 pp; DualPipeV: >= 2 pp; interleaved: a multiple of pp)."""
+    m = max(1, num_microbatches)
+    if kind in ("dualpipe", "dualpipev"):
+        m = max(m, 2 * pp)
+        if kind == "dualpipe" and m % 2:
+            m += 1
+    if kind == "interleaved":
+        m = pp * -(-max(m, pp) // pp)
+    return m

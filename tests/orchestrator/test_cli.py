@@ -33,7 +33,8 @@ def test_plan_from_a_config_json_reports_ignored_keys(tmp_path):
     cfg = tmp_path / "DeepSeek-V3" / "config.json"
     cfg.parent.mkdir()
     cfg.write_text(json.dumps(V3_CONFIG_JSON))
-    res = run("plan", "--model", str(cfg), "--cluster", "h200", "--nodes", "64", "--out", str(tmp_path / "o"))
+    res = run("plan", "--model", str(cfg), "--cluster", "h200", "--nodes", "64", "--no-search", "--pp", "16",
+              "--ep", "32", "--schedule", "dualpipe", "--recompute", "selective", "--out", str(tmp_path / "o"))
     assert res.exit_code == 0, res.output
     assert "quantization_config" in res.output and "671,026,404,352" in res.output
 
@@ -47,7 +48,7 @@ def test_set_overrides_reach_the_plan(tmp_path):
 
 
 def test_dense_model_gets_a_fitting_default_layout(tmp_path):
-    out = json.loads(run("plan", "--model", "deepseek-67b", "--cluster", "h100", "--nodes", "4",
+    out = json.loads(run("plan", "--model", "deepseek-67b", "--cluster", "h100", "--nodes", "4", "--global-batch", "256",
                          "--out", str(tmp_path), "--json").output)
     assert out["ep"] == 1 and out["memory_fits"] is True and out["params_total"] == out["params_activated"]
 

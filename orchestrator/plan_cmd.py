@@ -1,0 +1,134 @@
+"""``moeplan plan``: inputs -> (search) -> accounting, memory, simulated step, whole run, budget."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from orchestrator.errors import USER_ERRORS, fail
+from orchestrator.inputs import InputError, build_request
+from orchestrator.render import plan_tables
+from simulator.accounting.layout import LayoutError
+from simulator.costs.tables import CostTables
+from simulator.engine.build import SimOptions
+from simulator.engine.trace import chrome_trace
+from simulator.plan import write_atomic, write_plan
+from simulator.planner import plan_with_predictions, summary
+from simulator.predict import predict_step
+from simulator.search import search
+
+console = Console(width=140)
+_SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+
+# CLI flag -> plan-input key it sets (the specs hold the defaults; the CLI declares none)
+FLAG_KEYS = {
+    "pp": "parallel.pp", "ep": "parallel.ep", "dp": "parallel.dp", "schedule": "parallel.schedule",
+    "microbatches": "parallel.microbatches", "micro_batch_size": "parallel.micro_batch_size",
+    "recompute": "parallel.recompute", "seq_len": "parallel.seq_len_tokens",
+    "precision": "training.precision", "global_batch": "training.phases.0.global_batch_seqs",
+    "tokens": "training.phases.0.tokens", "budget_gpu_hours": "budget.gpu_hours",
+    "price_per_gpu_hour": "budget.usd_per_gpu_hour",
+}
+
+
+def parse_count(text: str, flag: str) -> float:
+    """``14.8T`` -> 1.48e13; plain numbers pass through."""
+    match = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?\d+)?)\s*([KMBGT]?)\s*", text)
+    if not match:
+        raise InputError(f"{flag} {text!r}: expected a number such as 14.8T, 469B or 1e12")
+    return float(match.group(1)) * _SUFFIX.get(match.group(2), 1.0)
+
+
+def _sim_options(calibration: Path | None, zipf: float | None, redundant: int, n_experts: int) -> SimOptions:
+    tables = None
+    if calibration is not None:
+        try:
+            tables = CostTables.from_file(calibration)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"--calibration {calibration}: {str(exc).splitlines()[0]}") from exc
+    load = None
+    if zipf is not None:
+        if zipf < 0 or n_experts == 0:
+            raise InputError(f"--zipf {zipf}: needs a model with routed experts and an exponent >= 0")
+        load = tuple(float(x) for x in 1.0 / np.arange(1, n_experts + 1) ** zipf)
+    if redundant < 0:
+        raise InputError(f"--redundant-experts {redundant}: must be >= 0")
+    return SimOptions(tables=tables, redundant_experts=redundant, expert_load=load)
+
+
+def plan_command(
+    model: Annotated[str, typer.Option(help="Model preset or path to a HF config.json.")] = "deepseek-v3",
+    cluster: Annotated[str, typer.Option(help="Cluster preset (see `moeplan presets`).")] = "h800",
+    nodes: Annotated[int | None, typer.Option(help="Nodes; default: the cluster preset's.")] = None,
+    pp: Annotated[int | None, typer.Option(help="Pipeline ranks.")] = None,
+    ep: Annotated[int | None, typer.Option(help="Expert-parallel size.")] = None,
+    dp: Annotated[int | None, typer.Option(help="Data-parallel size.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="1f1b, interleaved, zb1p, dualpipe or dualpipev.")] = None,
+    microbatches: Annotated[int | None, typer.Option(help="Micro-batches per step per pipeline.")] = None,
+    micro_batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
+    recompute: Annotated[str | None, typer.Option(help="none, selective or full.")] = None,
+    precision: Annotated[str | None, typer.Option(help="bf16 or fp8.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Sequence length (tokens).")] = None,
+    global_batch: Annotated[int | None, typer.Option(help="Global batch (sequences), first phase.")] = None,
+    tokens: Annotated[str | None, typer.Option(help="Tokens of the first phase, e.g. 14.8T.")] = None,
+    budget_gpu_hours: Annotated[str | None, typer.Option(help="GPU-hour budget, e.g. 2.788M.")] = None,
+    price_per_gpu_hour: Annotated[float | None, typer.Option(help="USD per GPU-hour.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any setting: a.b=value (repeatable).")] = None,
+    search_: Annotated[bool | None, typer.Option("--search/--no-search", help="Search the layout (default: when none is published).")] = None,
+    zipf: Annotated[float | None, typer.Option(help="Skewed expert load: Zipf exponent (default uniform routing).")] = None,
+    redundant_experts: Annotated[int, typer.Option(help="Redundant expert slots per MoE layer (EPLB).")] = 0,
+    calibration: Annotated[Path | None, typer.Option(help="Cost tables JSON (a calibration file).")] = None,
+    trace: Annotated[Path | None, typer.Option(help="Also write the simulated step as a Chrome/Perfetto trace.")] = None,
+    out: Annotated[Path, typer.Option(help="Directory for plan.json.")] = Path("out"),
+    json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Plan a training run: layout (searched when not given), memory, simulated step, whole run, budget."""
+    flags = dict(pp=pp, ep=ep, dp=dp, schedule=schedule, microbatches=microbatches, micro_batch_size=micro_batch_size,
+                 recompute=recompute, seq_len=seq_len, precision=precision, global_batch=global_batch,
+                 price_per_gpu_hour=price_per_gpu_hour)
+    try:
+        sets = [f"{FLAG_KEYS[k]}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+        if tokens is not None:
+            sets.append(f"{FLAG_KEYS['tokens']}={parse_count(tokens, '--tokens')}")
+        if budget_gpu_hours is not None:
+            sets.append(f"{FLAG_KEYS['budget_gpu_hours']}={parse_count(budget_gpu_hours, '--budget-gpu-hours')}")
+        req = build_request(model, cluster, nodes, sets + list(set_ or []))
+        opts = _sim_options(calibration, zipf, redundant_experts, req.inputs.model.n_routed_experts)
+        do_search = search_ if search_ is not None else not req.published
+        inputs, searched = req.inputs, None
+        source = "published" if req.published and not req.fixed else "given"
+        if do_search:
+            searched = _run_search(req.inputs, req.fixed, opts, quiet=json_)
+            inputs = inputs.model_copy(update={"parallel": searched.best})
+            source = "searched"
+        plan = plan_with_predictions(inputs, tuple(req.ignored), source, searched, opts)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    write_plan(plan, out / "plan.json")
+    if trace is not None:
+        _, events = predict_step(plan.inputs, plan.layout.dp, plan.layout.microbatches, opts=opts, trace=True)
+        write_atomic(trace, json.dumps(chrome_trace(events)))
+    if json_:
+        typer.echo(json.dumps(summary(plan), indent=2))
+        return
+    if req.ignored:
+        console.print(f"[dim]config keys not modelled (ignored): {', '.join(req.ignored)}[/dim]")
+    console.print(plan_tables(plan))
+    console.print(f"wrote {out / 'plan.json'}" + (f" and {trace}" if trace else ""))
+
+
+def _run_search(inputs, fixed, opts, quiet: bool):
+    columns = (TextColumn("searching layouts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True, disable=quiet) as bar:
+        task = bar.add_task("search", total=None)
+        result = search(inputs, fixed, opts, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if not result.ranked:
+        raise LayoutError("search found no layout")
+    return result

@@ -1,0 +1,126 @@
+"""The whole training run: every phase's steps and hours, the batch ramp, GPU-hours, cost, budget.
+
+Per phase, step time is linear in the micro-batch count: ``step(M) = a + b M``, since the
+schedules' bubbles do not grow with ``M`` (DualPipe README) and every extra micro-batch adds the
+same steady-state work. ``a`` and ``b`` come from two simulated steps at valid counts (the layout's
+own count and the schedule's smallest, or twice that), so batches the schedule cannot run as such
+(ramp starts, long-context phases) are priced on the same line. A batch ramp from ``B0`` to ``B1``
+sequences over ``R`` tokens, linear in tokens, then integrates in closed form:
+time = ``∫ step(M(B)) / (B T) dτ`` with ``M = B / (dp mbs)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from simulator.engine.build import SimOptions
+from simulator.predict import simulate
+from simulator.schedules.generate import valid_microbatches as valid_for_schedule
+from simulator.spec.inputs import PlanInputs
+from simulator.spec.parallel import ParallelSpec
+from simulator.spec.training import Phase
+
+SECONDS_PER_HOUR = 3600.0
+
+
+def valid_microbatches(par: ParallelSpec, m: int) -> int:
+    """The smallest micro-batch count >= ``m`` that the layout's schedule accepts."""
+    return valid_for_schedule(par.schedule, par.pp, m)
+
+
+class StepLine(BaseModel):
+    """step_time_s = intercept_s + per_microbatch_s * microbatches, at one sequence length."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seq_len_tokens: int
+    intercept_s: float
+    per_microbatch_s: float
+    fitted_at: tuple[int, int]
+
+    def step_s(self, microbatches: float) -> float:
+        return self.intercept_s + self.per_microbatch_s * microbatches
+
+
+class PhasePrediction(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    seq_len_tokens: int
+    tokens: float
+    steps: float
+    step_time_s: float = Field(..., description="At the phase's full global batch.")
+    hours: float
+    gpu_hours: float
+    line: StepLine
+
+
+class RunPrediction(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    phases: tuple[PhasePrediction, ...]
+    tokens_total: float
+    gpu_hours_total: float
+    wall_clock_days: float
+    tokens_per_day: float = Field(..., description="First phase at full batch.")
+    gpu_hours_per_trillion_tokens: float = Field(..., description="First phase at full batch.")
+    cost_usd: float | None
+
+
+def step_line(inputs: PlanInputs, dp: int, seq: int, known: tuple[int, float] | None, opts: SimOptions) -> StepLine:
+    """Fit ``a + b M`` from two simulations (``known`` = an already simulated (M, step) pair)."""
+    par = inputs.parallel
+    m_lo = valid_microbatches(par, 1)
+    first = known if known is not None else (m_lo, simulate(inputs, dp, m_lo, seq, opts).step_time_s)
+    m2 = m_lo if first[0] != m_lo else valid_microbatches(par, 2 * m_lo)
+    second = (m2, simulate(inputs, dp, m2, seq, opts).step_time_s)
+    (x1, y1), (x2, y2) = sorted((first, second))
+    slope = (y2 - y1) / (x2 - x1)
+    return StepLine(seq_len_tokens=seq, intercept_s=y1 - slope * x1, per_microbatch_s=slope, fitted_at=(x1, x2))
+
+
+def _phase(phase: Phase, line: StepLine, inputs: PlanInputs, dp: int) -> PhasePrediction:
+    par, world = inputs.parallel, inputs.cluster.num_gpus
+    seq = line.seq_len_tokens
+    seqs_per_mb = dp * par.micro_batch_size
+    b1 = phase.global_batch_seqs
+    full_step = line.step_s(b1 / seqs_per_mb)
+    if phase.steps is not None:
+        tokens, steps, seconds = float(phase.steps * b1 * seq), float(phase.steps), phase.steps * full_step
+    else:
+        tokens = float(phase.tokens)
+        ramp_tokens, ramp_s, ramp_steps = 0.0, 0.0, 0.0
+        if phase.ramp is not None and phase.ramp.start_seqs < b1:
+            b0, ramp_tokens = phase.ramp.start_seqs, min(phase.ramp.ramp_tokens, tokens)
+            b_end = b0 + (b1 - b0) * ramp_tokens / phase.ramp.ramp_tokens
+            log_term = math.log(b_end / b0) / (b1 - b0) * phase.ramp.ramp_tokens  # ∫ dτ / B(τ)
+            ramp_steps = log_term / seq
+            ramp_s = line.intercept_s * ramp_steps + line.per_microbatch_s * ramp_tokens / (seq * seqs_per_mb)
+        rest = tokens - ramp_tokens
+        steps = ramp_steps + rest / (b1 * seq)
+        seconds = ramp_s + rest / (b1 * seq) * full_step
+    hours = seconds / SECONDS_PER_HOUR
+    return PhasePrediction(name=phase.name, seq_len_tokens=seq, tokens=tokens, steps=steps, step_time_s=full_step,
+                           hours=hours, gpu_hours=hours * world, line=line)
+
+
+def predict_run(inputs: PlanInputs, dp: int, main_step: tuple[int, float], opts: SimOptions = SimOptions()) -> RunPrediction:
+    """All phases; ``main_step`` = (micro-batches, step seconds) already simulated for the layout."""
+    par, world = inputs.parallel, inputs.cluster.num_gpus
+    phases = []
+    for i, phase in enumerate(inputs.training.phases):
+        seq = phase.seq_len_tokens or par.seq_len_tokens
+        known = main_step if seq == par.seq_len_tokens else None
+        phases.append(_phase(phase, step_line(inputs, dp, seq, known, opts), inputs, dp))
+    first = phases[0]
+    tokens_per_s = first.line.seq_len_tokens * inputs.training.phases[0].global_batch_seqs / first.step_time_s
+    gpu_hours = sum(p.gpu_hours for p in phases)
+    price = inputs.budget.usd_per_gpu_hour
+    return RunPrediction(
+        phases=tuple(phases), tokens_total=sum(p.tokens for p in phases), gpu_hours_total=gpu_hours,
+        wall_clock_days=sum(p.hours for p in phases) / 24, tokens_per_day=tokens_per_s * 86400,
+        gpu_hours_per_trillion_tokens=world * 1e12 / tokens_per_s / SECONDS_PER_HOUR,
+        cost_usd=gpu_hours * price if price else None,
+    )

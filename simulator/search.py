@@ -1,0 +1,153 @@
+"""Layout search: enumerate layouts that fit the cluster and memory, rank them by simulated
+throughput.
+
+The space: pipeline ranks (powers of two dividing the cluster, no more stages than layer units),
+every schedule, expert-parallel sizes dividing both the experts and dp (whole nodes once past one
+node), micro-batch sizes 1, 2, 4 that divide the batch, recompute none/selective/full, ZeRO-1.
+Settings the user fixed are not varied. Each layout that fits in memory is simulated coarsely (a
+stage's layers merged into one unit, step time extrapolated to the full micro-batch count along
+the ``step_line`` of ``run_model``); the best ones are then simulated in full detail.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from simulator.accounting.flops import training_flops
+from simulator.accounting.layout import LayoutError, check_layout
+from simulator.accounting.memory import pipeline_memory
+from simulator.engine.build import SimOptions
+from simulator.plan import Candidate
+from simulator.predict import simulate_at
+from simulator.run_model import step_line, valid_microbatches
+from simulator.schedules.generate import SCHEDULE_KINDS
+from simulator.spec.inputs import PlanInputs
+from simulator.spec.parallel import ParallelSpec
+
+logger = logging.getLogger(__name__)
+MICRO_BATCH_SIZES = (1, 2, 4)
+RECOMPUTE = ("none", "selective", "full")
+FINALISTS = 10
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    best: ParallelSpec
+    ranked: tuple[Candidate, ...]  # finalists, best first, simulated in detail
+    enumerated: int
+    evaluated: int  # fitted in memory and were simulated
+
+
+def _ep_values(inputs: PlanInputs, dp: int) -> list[int]:
+    m, per_node = inputs.model, inputs.cluster.node.gpus_per_node
+    if not m.is_moe:
+        return [1]
+    return [e for e in range(1, min(dp, m.n_routed_experts) + 1)
+            if dp % e == 0 and m.n_routed_experts % e == 0 and (e <= per_node or e % per_node == 0)]
+
+
+def enumerate_layouts(inputs: PlanInputs, fixed: dict[str, Any]) -> Iterator[ParallelSpec]:
+    """Every layout of the search space that agrees with ``fixed`` (ParallelSpec field -> value)."""
+    world = inputs.cluster.num_gpus
+    units = inputs.model.num_hidden_layers + inputs.model.num_nextn_predict_layers
+    pps = [fixed["pp"]] if "pp" in fixed else [2**k for k in range(world.bit_length()) if world % 2**k == 0]
+    base = inputs.parallel.model_dump()
+    for pp, schedule, mbs, recompute in itertools.product(
+        pps, [fixed["schedule"]] if "schedule" in fixed else SCHEDULE_KINDS,
+        [fixed["micro_batch_size"]] if "micro_batch_size" in fixed else MICRO_BATCH_SIZES,
+        [fixed["recompute"]] if "recompute" in fixed else RECOMPUTE,
+    ):
+        if world % pp:
+            continue
+        dp = fixed.get("dp") or world // pp
+        for ep in [fixed["ep"]] if "ep" in fixed else _ep_values(inputs, dp):
+            data = {**base, **fixed, "pp": pp, "dp": dp, "ep": ep, "schedule": schedule,
+                    "micro_batch_size": mbs, "recompute": recompute, "stage_layers": None}
+            par = ParallelSpec.model_validate(data)
+            if par.stages <= units:
+                yield par
+
+
+def _microbatches(inputs: PlanInputs, par: ParallelSpec, dp: int) -> int | None:
+    """Micro-batches per step at the first phase's batch, or None when the batch does not split."""
+    if par.microbatches is not None:
+        return par.microbatches
+    batch, per = inputs.training.phases[0].global_batch_seqs, dp * par.micro_batch_size
+    if batch % per:
+        return None
+    m = batch // per
+    return m if valid_microbatches(par, m) == m else None
+
+
+def _fits(inputs: PlanInputs, par: ParallelSpec) -> tuple[int, int, float] | None:
+    """(dp, micro-batches, peak bytes) of a layout that runs and fits, else None."""
+    try:
+        dp = check_layout(inputs.model, inputs.cluster, par)
+    except LayoutError:
+        return None
+    m = _microbatches(inputs, par, dp)
+    if m is None:
+        return None
+    tr = inputs.training
+    peak = max(r.total_bytes for r in pipeline_memory(inputs.model, par, tr.optimizer, tr.precision, dp, m))
+    return (dp, m, peak) if peak <= inputs.cluster.usable_hbm_bytes else None
+
+
+def check_fixed(inputs: PlanInputs, fixed: dict[str, Any]) -> None:
+    """Fail early, naming the value, when a setting the user fixed can never run."""
+    m, world = inputs.model, inputs.cluster.num_gpus
+    if "pp" in fixed and world % fixed["pp"]:
+        raise LayoutError(f"pp={fixed['pp']} does not divide the cluster's {world} GPUs")
+    if "ep" in fixed:
+        if not m.is_moe and fixed["ep"] != 1:
+            raise LayoutError(f"ep={fixed['ep']} needs routed experts, but {m.name} is dense (n_routed_experts=0)")
+        if m.is_moe and m.n_routed_experts % fixed["ep"]:
+            raise LayoutError(f"ep={fixed['ep']} does not divide n_routed_experts={m.n_routed_experts}")
+    if fixed.get("dp") and world % fixed["dp"]:
+        raise LayoutError(f"dp={fixed['dp']} does not divide the cluster's {world} GPUs")
+
+
+def search(
+    inputs: PlanInputs, fixed: dict[str, Any], opts: SimOptions = SimOptions(),
+    progress: Callable[[int, int], None] | None = None,
+) -> SearchResult:
+    """Rank every fitting layout; raises ``LayoutError`` when none fits."""
+    check_fixed(inputs, fixed)
+    layouts = list(enumerate_layouts(inputs, fixed))
+    coarse = SimOptions(tables=opts.tables, redundant_experts=opts.redundant_experts,
+                        expert_load=None, seed=opts.seed, coarse=True)
+    scored: list[tuple[float, ParallelSpec, int, int, float]] = []
+    for i, par in enumerate(layouts):
+        if progress:
+            progress(i + 1, len(layouts))
+        fit = _fits(inputs, par)
+        if fit is None:
+            continue
+        dp, m, peak = fit
+        trial = inputs.model_copy(update={"parallel": par})
+        line = step_line(trial, dp, par.seq_len_tokens, None, coarse)
+        scored.append((line.step_s(m), par, dp, m, peak))
+    if not scored:
+        raise LayoutError(
+            f"no layout of {inputs.model.name} fits {inputs.cluster.num_gpus} x {inputs.cluster.gpu.name} "
+            f"({len(layouts)} enumerated, fixed={fixed})"
+        )
+    scored.sort(key=lambda s: s[0])
+    finalists = []
+    tokens = inputs.training.phases[0].global_batch_seqs * inputs.parallel.seq_len_tokens
+    world = inputs.cluster.num_gpus
+    for _, par, dp, m, peak in scored[:FINALISTS]:
+        trial = inputs.model_copy(update={"parallel": par})
+        step_s = simulate_at(trial, dp, m, par.seq_len_tokens, opts).step_time_s
+        flops = training_flops(inputs.model, par.seq_len_tokens, par.recompute).model_flops
+        finalists.append(Candidate(
+            parallel=par, microbatches=m, step_time_s=step_s, tokens_per_s_per_gpu=tokens / step_s / world,
+            mfu_frac=tokens * flops / (step_s * world * inputs.cluster.gpu.bf16_flops_per_s),
+            peak_memory_bytes_per_gpu=peak))
+    finalists.sort(key=lambda c: c.step_time_s)
+    logger.info("search: %d enumerated, %d fit, best %s", len(layouts), len(scored), finalists[0].parallel)
+    return SearchResult(best=finalists[0].parallel, ranked=tuple(finalists), enumerated=len(layouts), evaluated=len(scored))
