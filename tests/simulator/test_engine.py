@@ -1,0 +1,95 @@
+"""The SimPy step engine: schedule formulas with free communication, overlap, contention, traces."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simulator.engine.step import Links, RankTail, StageCosts, StepInputs, StepSimulation
+from simulator.engine.trace import chrome_trace
+from simulator.engine.unit_costs import EndCosts, UnitCosts
+from simulator.schedules import Durations, closed_form_bubble, execute, make_schedule
+
+F, B, W = 1.0, 2.0, 1.0  # I = B - W = F: inside every closed form's conditions (docs/schedules.md)
+NO_ENDS = EndCosts(embed_fwd_s=0.0, head_fwd_s=0.0, head_dx_s=0.0, head_dw_s=0.0)
+
+
+def _unit(a2a_bytes: float = 0.0, moe: bool = False) -> UnitCosts:
+    """One layer whose forward is F, input backward B - W and weight backward W seconds."""
+    if moe:  # the same times split over attention and experts, with all-to-all traffic
+        return UnitCosts(attn_fwd_s=F / 2, attn_dx_s=(B - W) / 2, attn_dw_s=W / 2, mlp_fwd_s=0.0, mlp_dx_s=0.0,
+                         mlp_dw_s=0.0, experts_fwd_s=F / 2, experts_dx_s=(B - W) / 2, experts_dw_s=W / 2,
+                         recompute_s=0.0, dispatch_ib_bytes=a2a_bytes, combine_ib_bytes=a2a_bytes)
+    return UnitCosts(attn_fwd_s=F, attn_dx_s=B - W, attn_dw_s=W, mlp_fwd_s=0.0, mlp_dx_s=0.0, mlp_dw_s=0.0,
+                     experts_fwd_s=0.0, experts_dx_s=0.0, experts_dw_s=0.0, recompute_s=0.0)
+
+
+def _inputs(kind: str, pp: int, m: int, unit: UnitCosts, nic_bytes_per_s: float = 1.0, latency_s: float = 0.0,
+            p2p_bytes: float = 0.0) -> StepInputs:
+    schedule = make_schedule(kind, pp, m)
+    stages = tuple(StageCosts(units=(unit,), has_embedding=False, has_head=False, heads=0)
+                   for _ in range(schedule.num_stages))
+    links = Links(nic_bytes_per_s=nic_bytes_per_s, nvlink_bytes_per_s=1.0, latency_s=latency_s,
+                  p2p_bytes=p2p_bytes, p2p_over_nvlink=False)
+    tails = tuple(RankTail(dp_sync_s={}, optimizer_s=0.0) for _ in range(pp))
+    return StepInputs(schedule=schedule, stages=stages, ends=NO_ENDS, links=links, tails=tails)
+
+
+@pytest.mark.parametrize("kind", ["1f1b", "zb1p", "dualpipe", "dualpipev", "interleaved"])
+@pytest.mark.parametrize("pp", [2, 4, 8])
+def test_free_communication_reproduces_the_schedule_tables(kind, pp):
+    m = 4 * pp
+    result = StepSimulation(_inputs(kind, pp, m, _unit()), free_comm=True).run()
+    # In the engine an F&B pair shares one compute stream, so with nothing to hide it takes F + B.
+    durations = Durations(f_s=F, b_s=B, w_s=W, fb_s=F + B)
+    reference = execute(make_schedule(kind, pp, m), durations)
+    assert result.step_time_s == pytest.approx(reference.makespan_s)
+    assert result.compute_busy_s == pytest.approx(list(reference.busy_s))
+    form = closed_form_bubble(kind, pp, m, durations)
+    assert form.holds
+    assert result.step_time_s - min(result.compute_busy_s) == pytest.approx(form.bubble_s)
+
+
+def test_exact_two_rank_timeline_with_a_transfer():
+    # 1F1B, 2 ranks, 1 micro-batch; every stage boundary costs 0.5 s latency + 1 byte at 2 B/s.
+    inp = _inputs("1f1b", 2, 1, _unit(), nic_bytes_per_s=2.0, latency_s=0.5, p2p_bytes=1.0)
+    sim = StepSimulation(inp, trace=True)
+    res = sim.run()
+    log = sorted((e.rank, e.lane, e.name, e.start_s, e.end_s) for e in res.events)
+    assert log == [
+        (0, "compute", "0B0 L0 attn-bwd", 6.0, 8.0),  # waits for the gradient: 5 + 0.5 + 1/2
+        (0, "compute", "0F0 L0 attn", 0.0, 1.0),
+        (0, "nic", "p2p F0/0", 1.0, 2.0),
+        (1, "compute", "1B0 L0 attn-bwd", 3.0, 5.0),
+        (1, "compute", "1F0 L0 attn", 2.0, 3.0),
+        (1, "nic", "p2p G1/0", 5.0, 6.0),
+    ]
+    assert res.step_time_s == 8.0
+
+
+def test_overlapped_pairs_hide_all_to_all_that_plain_1f1b_exposes():
+    unit = _unit(a2a_bytes=0.2, moe=True)  # 0.2 s per all-to-all leg at 1 B/s
+    free = {k: StepSimulation(_inputs(k, 4, 16, unit), free_comm=True).run().step_time_s for k in ("1f1b", "dualpipe")}
+    real = {k: StepSimulation(_inputs(k, 4, 16, unit)).run().step_time_s for k in ("1f1b", "dualpipe")}
+    exposed = {k: real[k] - free[k] for k in real}
+    assert exposed["1f1b"] > 0 and exposed["dualpipe"] >= 0
+    assert exposed["dualpipe"] < 0.5 * exposed["1f1b"]
+    # but never better than compute alone
+    assert real["dualpipe"] >= free["dualpipe"]
+
+
+def test_links_serialise_transfers():
+    # twice the all-to-all bytes on the same NIC cannot finish sooner
+    small = StepSimulation(_inputs("dualpipe", 4, 16, _unit(0.5, moe=True))).run().step_time_s
+    large = StepSimulation(_inputs("dualpipe", 4, 16, _unit(1.0, moe=True))).run().step_time_s
+    assert large > small
+
+
+def test_chrome_trace_is_valid():
+    res = StepSimulation(_inputs("dualpipe", 4, 8, _unit(0.2, moe=True)), trace=True).run()
+    trace = json.loads(json.dumps(chrome_trace(res.events)))
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(spans) == len(res.events) and {e["pid"] for e in spans} == {0, 1, 2, 3}
+    assert all(e["dur"] >= 0 for e in spans)
+    assert max(e["ts"] + e["dur"] for e in spans) == pytest.approx(res.step_time_s * 1e6)
