@@ -108,7 +108,7 @@ def plan_command(
             searched = _run_search(req.inputs, req.fixed, opts, quiet=json_)
             inputs = inputs.model_copy(update={"parallel": searched.best})
             source = "searched"
-        plan = plan_with_predictions(inputs, tuple(req.ignored), source, searched, opts)
+        plan = plan_with_predictions(inputs, tuple(req.ignored), source, searched, opts, tuple(sorted(req.fixed)))
     except USER_ERRORS as exc:
         fail(str(exc))
     write_plan(plan, out / "plan.json")

@@ -95,7 +95,8 @@ def prediction_tables(plan: PlanFile) -> list[Table]:
     pred, budget = plan.predictions, plan.budget_report
     assert pred is not None and budget is not None
     step, run = pred.step, pred.run
-    t = Table(title=f"Simulated step ({pred.layout_source} layout, cost tables {pred.cost_tables})",
+    fixed = f"; fixed: {', '.join(pred.fixed_layout_fields)}" if pred.fixed_layout_fields else ""
+    t = Table(title=f"Simulated step ({pred.layout_source} layout{fixed}; cost tables {pred.cost_tables})",
               title_justify="left", show_header=False)
     t.add_column("what")
     t.add_column("value", justify="right")

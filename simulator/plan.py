@@ -102,7 +102,8 @@ class Predictions(_Frozen):
 
     step: StepPrediction
     run: RunPrediction
-    layout_source: Literal["given", "published", "searched", "derived"]
+    layout_source: Literal["given", "published", "searched"]
+    fixed_layout_fields: tuple[str, ...] = Field((), description="Layout settings the user fixed; the rest was searched or defaulted.")
     candidates_evaluated: int = Field(0, description="Layouts the search checked (memory) and ranked.")
     top_candidates: tuple[Candidate, ...] = ()
     cost_tables: str

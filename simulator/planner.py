@@ -127,7 +127,7 @@ def budget_report(inputs: PlanInputs, run: RunPrediction) -> BudgetReport:
 
 def plan_with_predictions(
     inputs: PlanInputs, ignored_config_keys: tuple[str, ...], layout_source: str,
-    searched: SearchResult | None = None, opts: SimOptions = SimOptions(),
+    searched: SearchResult | None = None, opts: SimOptions = SimOptions(), fixed_fields: tuple[str, ...] = (),
 ) -> PlanFile:
     """Accounting, memory (rejected over HBM), one simulated step, the whole run and the budget."""
     plan = build_plan(inputs, ignored_config_keys)
@@ -137,7 +137,7 @@ def plan_with_predictions(
     run = predict_run(inputs, lay.dp, (lay.microbatches, step.step_time_s), opts)
     tables = opts.tables or default_tables(inputs.cluster.gpu.name)
     predictions = Predictions(
-        step=step, run=run, layout_source=layout_source, cost_tables=tables.name,
+        step=step, run=run, layout_source=layout_source, cost_tables=tables.name, fixed_layout_fields=fixed_fields,
         candidates_evaluated=searched.evaluated if searched else 0,
         top_candidates=searched.ranked if searched else (),
     )
@@ -163,6 +163,7 @@ def summary(plan: PlanFile) -> dict[str, Any]:
         "recompute": plan.inputs.parallel.recompute,
         "precision": plan.inputs.training.precision,
         "layout_source": pred.layout_source if pred else None,
+        "fixed_layout_fields": list(pred.fixed_layout_fields) if pred else None,
         "params_total": plan.params.total,
         "params_total_with_mtp": plan.params.total_with_mtp,
         "params_activated": plan.params.activated,
