@@ -44,7 +44,7 @@ def deepseek_v3_recipe() -> Recipe:
 
 def default_recipe() -> Recipe:
     """For models without a published recipe: 1T tokens at 4K, 4096-sequence batches, BF16,
-    no budget; the layout is derived (``simulator.planner.default_parallel``)."""
+    no budget; `moeplan plan` searches the layout (``simulator.search``)."""
     training = TrainingSpec(phases=(Phase(name="pretrain", tokens=1e12, global_batch_seqs=4096),), precision="bf16")
     return Recipe(training=training, budget=BudgetSpec(), parallel=None)
 
