@@ -12,12 +12,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from simulator.placement_model import ExpertPlacement
 from simulator.predict import StepPrediction
 from simulator.run_model import RunPrediction
+from simulator.schedules.schedule import Schedule
 from simulator.spec.inputs import PlanInputs
 from simulator.spec.parallel import ParallelSpec
 
@@ -128,8 +130,8 @@ class PlanFile(_Frozen):
     flops: FlopsReport
     memory: MemoryReport
     # Filled by the schedule, placement and simulator capabilities; null when not run.
-    schedule: dict[str, Any] | None = None
-    placement: dict[str, Any] | None = None
+    schedule: Schedule | None = None
+    placement: ExpertPlacement | None = Field(None, description="One expert-parallel group's placement, every MoE layer.")
     predictions: Predictions | None = None
     budget_report: BudgetReport | None = None
 
@@ -185,6 +187,9 @@ def write_atomic(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

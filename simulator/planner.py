@@ -11,6 +11,8 @@ from simulator.accounting.memory import pipeline_memory
 from simulator.accounting.params import activated_params, param_counts
 from simulator.costs.tables import default_tables
 from simulator.engine.build import SimOptions
+from simulator.engine.expert_traffic import group_placement
+from simulator.placement_model import ExpertPlacement
 from simulator.plan import (
     BudgetReport,
     FlopsReport,
@@ -24,6 +26,7 @@ from simulator.plan import (
 )
 from simulator.predict import predict_step
 from simulator.run_model import RunPrediction, predict_run
+from simulator.schedules.generate import make_schedule
 from simulator.search import SearchResult
 from simulator.spec.parallel import ParallelSpec
 from simulator.spec.training import TrainingSpec
@@ -141,7 +144,25 @@ def plan_with_predictions(
         candidates_evaluated=searched.evaluated if searched else 0,
         top_candidates=searched.ranked if searched else (),
     )
-    return plan.model_copy(update={"predictions": predictions, "budget_report": budget_report(inputs, run)})
+    return plan.model_copy(update={
+        "predictions": predictions, "budget_report": budget_report(inputs, run),
+        "schedule": make_schedule(inputs.parallel.schedule, lay.pp, lay.microbatches, inputs.parallel.virtual_stages),
+        "placement": plan_placement(inputs, opts),
+    })
+
+
+def plan_placement(inputs: PlanInputs, opts: SimOptions) -> ExpertPlacement | None:
+    """The placement the simulation assumed, for every MoE layer of one EP group."""
+    m, par = inputs.model, inputs.parallel
+    if not m.is_moe or par.ep == 1:
+        return None
+    one = group_placement(m, inputs.cluster, par.ep, opts.redundant_experts, opts.expert_load)
+    layers = [i for i in range(m.num_hidden_layers) if m.is_moe_layer(i)]
+    layers += list(range(m.num_hidden_layers, m.num_hidden_layers + m.num_nextn_predict_layers))
+    row = one.phy2log[0].tolist()
+    return ExpertPlacement(policy=one.policy, num_logical_experts=m.n_routed_experts, num_groups=m.n_group,
+                           num_nodes=one.num_nodes, slots_per_gpu=[int(x) for x in one.slots_per_gpu],
+                           layer_ids=layers, phy2log=[row] * len(layers))
 
 
 def summary(plan: PlanFile) -> dict[str, Any]:

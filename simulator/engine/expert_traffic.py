@@ -15,6 +15,7 @@ from functools import lru_cache
 import numpy as np
 
 from simulator.placement import place_experts
+from simulator.placement_maps import Placement
 from simulator.spec.hardware import ClusterSpec, NodeSpec
 from simulator.spec.model import ModelSpec
 from simulator.traffic import (
@@ -81,15 +82,24 @@ def expert_traffic(
     return _cached(model, cluster, ep, tokens, redundant, load, seed)
 
 
-@lru_cache(maxsize=256)
-def _cached(model, cluster, ep, tokens, redundant, load, seed) -> ExpertTraffic:
+@lru_cache(maxsize=64)
+def group_placement(model: ModelSpec, cluster: ClusterSpec, ep: int, redundant: int = 0,
+                    load: tuple[float, ...] | None = None) -> Placement:
+    """One layer's placement over the EP group, balanced (EPLB-style) for ``load``."""
     group = group_cluster(cluster, ep)
     experts = model.n_routed_experts
     weight = np.ones((1, experts)) if load is None else np.asarray(load, dtype=float)[None, :]
     if weight.shape[1] != experts:
         raise ValueError(f"load has {weight.shape[1]} experts but n_routed_experts={experts}")
-    replicas = experts + redundant
-    placement = place_experts(weight, replicas, model.n_group, group.nodes, ep)
+    return place_experts(weight, experts + redundant, model.n_group, group.nodes, ep)
+
+
+@lru_cache(maxsize=256)
+def _cached(model, cluster, ep, tokens, redundant, load, seed) -> ExpertTraffic:
+    group = group_cluster(cluster, ep)
+    replicas = model.n_routed_experts + redundant
+    placement = group_placement(model, cluster, ep, redundant, load)
+    weight = None if load is None else np.asarray(load, dtype=float)[None, :]
     if load is None:
         layer = expected_uniform_layer(placement, 0, model, group, tokens)
     else:

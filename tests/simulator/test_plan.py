@@ -86,3 +86,18 @@ def test_importing_the_simulator_does_not_import_torch():
     code = ("import sys, simulator.planner, simulator.plan, simulator.presets.recipes; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_simulated_plan_round_trips_with_schedule_and_placement():
+    from simulator.planner import plan_with_predictions
+    from simulator.spec.training import Phase, TrainingSpec
+
+    training = TrainingSpec(phases=(Phase(name="pretrain", tokens=1e9, global_batch_seqs=32),))
+    inputs = PlanInputs(model=tiny_moe(), cluster=h200(1), training=training,
+                        parallel=ParallelSpec(pp=2, ep=4, schedule="dualpipe", seq_len_tokens=128))
+    plan = plan_with_predictions(inputs, (), "given")
+    assert parse_plan(dump_plan(plan)) == plan
+    assert plan.schedule is not None and plan.schedule.num_microbatches == plan.layout.microbatches
+    assert plan.placement is not None and plan.placement.num_gpus == 4
+    moe_layers = [i for i in range(4) if tiny_moe().is_moe_layer(i)] + [4]  # + the MTP layer
+    assert plan.placement.layer_ids == moe_layers
