@@ -208,13 +208,18 @@ def _fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype):
     return c
 
 
-def fp8_gemm_torch(a, a_scale, b, b_scale, out_dtype):
-    """torch._scaled_mm with 1×128 × (128×128 | 1×128) scales; scales outer-dim-major as cuBLAS wants."""
+def fp8_gemm_torch(a, a_scale, b, b_scale, out_dtype, out=None):
+    """torch._scaled_mm with 1×128 × (128×128 | 1×128) scales; scales outer-dim-major as cuBLAS wants.
+
+    ``out``: a contiguous (M, N) tensor to write into (saves a copy when filling slices of a larger one).
+    """
     sa = a_scale.t().contiguous().t()  # (M, K/128), M-major
     row_scales = b_scale.shape[0] == b.shape[0]
     # (K/128, N) row-major for 1×128 rows; (K/128, N/128) with unit stride along K/128 for blocks.
     sb = b_scale.t().contiguous() if row_scales else b_scale.contiguous().t()
-    return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    if out is None:
+        return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, out=out)
 
 
 _BACKEND_CACHE: dict[tuple, str] = {}

@@ -39,15 +39,25 @@ def scale_from_amax(amax, POW2: tl.constexpr):
 
 @triton.jit
 def quantize_e4m3(x, scale):
-    """x / scale, clamped to the E4M3 range, cast to E4M3 (round to nearest even)."""
+    """x / scale, clamped to ±448, rounded to nearest even E4M3 by integer arithmetic on the fp32 bits.
+
+    Exact on every backend: a GPU cast may round fp32 → fp16 → fp8 (twice), the interpreter's is wrong.
+    """
     q = tl.math.div_rn(x, scale)
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-    # Round to the E4M3 grid in fp32 first (adding and removing 1.5 * 2**23 ulp rounds to nearest
-    # even), so the cast below is exact: the Triton interpreter's own fp32 -> fp8 rounding is wrong.
-    biased_exp = tl.maximum((q.to(tl.int32, bitcast=True) >> 23) & 0xFF, 127 - 6)  # subnormals: ulp 2**-9
-    magic = (((biased_exp + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)  # 1.5 * 2**23 * ulp
-    q = (q + magic) - magic
-    return q.to(tl.float8e4nv)
+    bits = q.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    mag = bits & 0x7FFFFFFF
+    exponent = mag >> 23  # fp32 biased exponent
+    # Normal E4M3 (|q| >= 2**-6): rebias 127 -> 7, keep 3 of 23 mantissa bits, ties to even.
+    v = mag - (120 << 23)
+    normal = (v + 0x7FFFF + ((v >> 20) & 1)) >> 20
+    # Subnormal E4M3: |q| in units of 2**-9, rounded to an integer, ties to even.
+    m24 = (mag & 0x7FFFFF) | 0x800000
+    shift = tl.minimum(141 - exponent, 31)
+    sub = (m24 + (1 << (shift - 1)) - 1 + ((m24 >> shift) & 1)) >> shift
+    code = tl.where(exponent >= 121, normal, sub) | sign
+    return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit
@@ -99,15 +109,14 @@ def _quant_rows_kernel(
 
 @triton.jit
 def _quant_blocks_kernel(
-    # pointers: weights (E, N, K), fp8 copy, fp8 transposed copy (E, K, N), scales (E, N/128, K/128)
-    w_ptr, q_ptr, qt_ptr, s_ptr,
+    # pointers: weights (E, N, K), fp8 copy, scales (E, N/128, K/128)
+    w_ptr, q_ptr, s_ptr,
     # sizes
     N, K,
     # strides
-    stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
-    stride_qte, stride_qtk, stride_qtn, stride_se, stride_sn, stride_sk,
+    stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
     # meta
-    POW2: tl.constexpr, WRITE_T: tl.constexpr, BLOCK: tl.constexpr,
+    POW2: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -120,9 +129,6 @@ def _quant_blocks_kernel(
     scale = scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
     q = quantize_e4m3(w, scale)
     tl.store(q_ptr + e * stride_qe + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk, q, mask=mask)
-    if WRITE_T:
-        tl.store(qt_ptr + e * stride_qte + offs_k[None, :] * stride_qtk + offs_n[:, None] * stride_qtn,
-                 q, mask=mask)
     tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
 
 
@@ -180,17 +186,14 @@ def quant_weight_128x128(
     w3 = w if w.dim() == 3 else w.unsqueeze(0)  # (E, N, K)
     E, N, K = w3.shape
     q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w.device)
-    qt = torch.empty((E, K, N), dtype=FP8_DTYPE, device=w.device) if transposed else q
     s = torch.empty((E, triton.cdiv(N, TILE), triton.cdiv(K, TILE)), dtype=torch.float32, device=w.device)
     grid = (triton.cdiv(N, TILE), triton.cdiv(K, TILE), E)
-    _quant_blocks_kernel[grid](
-        w3, q, qt, s, N, K,
-        *w3.stride(), *q.stride(), *qt.stride(), *s.stride(),
-        POW2=pow2_scale, WRITE_T=transposed, BLOCK=TILE,
-    )
+    _quant_blocks_kernel[grid](w3, q, s, N, K, *w3.stride(), *q.stride(), *s.stride(), POW2=pow2_scale, BLOCK=TILE)
+    # The transposed copy is one pass over fp8 bytes; torch's transpose is exact and cheap next to a GEMM.
+    qt = q.transpose(1, 2).contiguous() if transposed else None
     if w.dim() == 2:
-        q, qt, s = q[0], qt[0], s[0]
-    return q, s, (qt if transposed else None)
+        q, s, qt = q[0], s[0], (qt[0] if transposed else None)
+    return q, s, qt
 
 
 # ----------------------------------------------------------------------------- torch references

@@ -67,10 +67,10 @@ def _check_layout(m_total: int, m_indices: torch.Tensor, num_experts: int) -> No
 def _grouped_fp8_torch(a, a_scale, b, b_scale, m_indices, out_dtype):
     c = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
     for e, (first, count, padded) in enumerate(segment_rows(m_indices, b.shape[0])):
-        rows = slice(first, first + count)
-        if count:
-            c[rows] = fp8_gemm_torch(a[rows], a_scale[rows], b[e], b_scale[e], out_dtype)
-        c[first + count: first + padded] = 0
+        if count:  # whole 128-aligned segments: cuBLAS refuses some ragged row counts
+            rows = slice(first, first + padded)
+            fp8_gemm_torch(a[rows], a_scale[rows], b[e], b_scale[e], out_dtype, out=c[rows])
+            c[first + count: first + padded] = 0
     return c
 
 
@@ -143,7 +143,7 @@ def _grouped_wgrad_fp8_torch(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dt
             c[e] = 0
             continue
         tiles = slice(lo // TILE, hi // TILE)
-        c[e] = fp8_gemm_torch(a_t[:, lo:hi], a_t_scale[:, tiles], b_t[:, lo:hi], b_t_scale[:, tiles], out_dtype)
+        fp8_gemm_torch(a_t[:, lo:hi], a_t_scale[:, tiles], b_t[:, lo:hi], b_t_scale[:, tiles], out_dtype, out=c[e])
     return c
 
 

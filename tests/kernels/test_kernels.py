@@ -143,17 +143,34 @@ def test_fp8_gemm_matches_float64(device, M, N, K, recipe, backend):
         assert out.dtype == out_dtype and rel_err(out, ref) < tol, (recipe, out_dtype)
 
 
+def test_e4m3_rounding_is_nearest_even_at_every_tie(device):
+    """Every E4M3 value, every midpoint between neighbours, and one fp32 ulp either side of it."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = codes[~codes.isnan()].sort().values
+    mid = (grid[1:] + grid[:-1]) / 2
+    x = torch.cat([grid, mid, mid.nextafter(torch.full_like(mid, 1e9)), mid.nextafter(torch.full_like(mid, -1e9))])
+    x = torch.nn.functional.pad(x, (0, -x.numel() % 127)).view(-1, 127)
+    x = torch.cat([torch.full((x.shape[0], 1), 448.0), x], dim=1).to(device)  # amax 448: scale exactly 1
+    q, s = quant_act_1x128(x)
+    q_ref, s_ref = quant_act_1x128_ref(x)
+    assert (s == 1).all() and same_bits(q, q_ref)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
-@pytest.mark.parametrize("K", [4096, 16384])
-def test_fp32_promotion_at_long_k(K):
-    """All-positive operands: partial sums grow with K, so a 14-bit accumulator would show ~1e-2."""
-    x = rand(256, K, seed=11, device="cuda").abs()
-    w = rand(256, K, seed=12, device="cuda").abs()
-    a, sa = quant_act_1x128(x)
-    b, sb, _ = quant_weight_128x128(w)
-    out = fp8_gemm(a, sa, b, sb, out_dtype=torch.float32, backend="triton")
-    assert rel_err(out, fp8_gemm_ref(a, sa, b, sb)) < 1e-4
+def test_fp32_promotion_at_long_k():
+    """All-positive operands, so partial sums grow with K: a tensor-core accumulator that is never
+    promoted loses precision as K grows (TR §3.3: ~2% at K = 4096). Promoted every 128, the error
+    stays at the one-chunk level whatever K is."""
+    errors = {}
+    for K in (1024, 16384):
+        x = rand(256, K, seed=11, device="cuda").abs()
+        w = rand(256, K, seed=12, device="cuda").abs()
+        a, sa = quant_act_1x128(x)
+        b, sb, _ = quant_weight_128x128(w)
+        out = fp8_gemm(a, sa, b, sb, out_dtype=torch.float32, backend="triton")
+        errors[K] = rel_err(out, fp8_gemm_ref(a, sa, b, sb))
+    assert errors[16384] < TOL_FP32_OUT and errors[16384] < 1.5 * errors[1024], errors
 
 
 def _contiguous_layout(counts, device):
@@ -174,6 +191,8 @@ GROUP_COUNTS = [[100, 0, 130]] + ([[1000, 3, 0, 4096, 700]] if ON_GPU else [])
 @pytest.mark.parametrize("counts", GROUP_COUNTS)
 @pytest.mark.parametrize("N,K", [(72, 200)] + ([(4096, 7168), (7168, 2048)] if ON_GPU else []))
 def test_grouped_gemms(device, counts, N, K, backend):
+    if backend != "triton" and (N % 128 or K % 128):
+        pytest.skip("the torch built-ins want 128-aligned N and K")
     m_indices, offsets = _contiguous_layout(counts, device)
     E, M = len(counts), m_indices.numel()
     pad = (m_indices < 0)[:, None]
