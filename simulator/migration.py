@@ -8,13 +8,15 @@ hierarchical mode, anywhere in global mode). ``rebalance_with_migration`` theref
 1. computes the balanced placement with ``place_experts``: its most loaded GPU is the target;
 2. per layer, keeps the current layer as is when its most loaded GPU is within ``tolerance_frac`` of
    the target;
-3. otherwise builds two candidates: (a) the balanced placement relabelled by minimum-cost matching of
+3. otherwise builds three candidates: (a) the balanced placement relabelled by minimum-cost matching of
    its nodes and GPUs onto the current ones, where copying an expert onto a GPU costs 1 if some GPU of
    the same node holds it now (an NVLink copy) and ``cross_node_weight`` otherwise (an IB copy; the
    NVLink/IB bandwidth ratio is the natural value), which meets the target exactly; (b) the local search
    of ``simulator/replica_search.py`` started from the current layer, inside each node in hierarchical
-   mode, which moves only what its swaps and re-targets touch; it counts when it meets the target too;
-4. takes the cheaper candidate and orders each GPU's slots so experts that stay keep their slot index.
+   mode, which moves only what its swaps and re-targets touch; (c) the replicas of (a), same counts and
+   nodes, re-packed heaviest first onto a GPU that holds the expert now whenever that stays within the
+   target (``packing.sticky_packing``). (b) and (c) count only when they meet the target;
+4. takes the cheapest candidate and orders each GPU's slots so experts that stay keep their slot index.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from simulator.assignment import min_cost_assignment
+from simulator.packing import sticky_packing
 from simulator.placement import place_experts
 from simulator.placement_maps import Placement, gpu_load
 from simulator.replica_search import improve_replicas
@@ -88,6 +91,9 @@ def rebalance_with_migration(
         gpu_perm = _match_gpus(current, fresh, layer, cross_node_weight)
         new_of_current = {int(gpu_perm[x]): e for x, e in enumerate(_slots_of_gpus(fresh, layer))}
         candidates = [_order_slots(current, layer, [new_of_current[g] for g in range(fresh.num_gpus)])]
+        sticky = _sticky(current, layer, candidates[0], weight[layer], target[layer], fresh.policy, spread_replicas)
+        if sticky is not None:
+            candidates.append(sticky)
         if tolerance_frac is not None:
             warm = _warm_start(current, layer, weight[layer], fresh.policy, spread_replicas)
             if warm is not None and _peak(current, warm, weight[layer]) <= target[layer] * (1 + 1e-12):
@@ -190,6 +196,38 @@ def _row_cost(current: Placement, layer: int, row: np.ndarray, cross_node_weight
     return float(np.trace(intra) + cross_node_weight * np.trace(cross))
 
 
+def _unit_gpus(current: Placement, row: np.ndarray, policy: str) -> int:
+    """GPUs per unit the search may move slots within: a node when the policy is hierarchical and every
+    expert of ``row`` sits on one node, else the whole cluster."""
+    node_of_slot = current.gpu_of_slot // current.gpus_per_node
+    node_sets = [set(row[node_of_slot == n].tolist()) for n in range(current.num_nodes)]
+    if policy == "hierarchical" and sum(map(len, node_sets)) == current.num_logical_experts:
+        return current.gpus_per_node
+    return current.num_gpus
+
+
+def _sticky(current, layer, relabelled, weight_row, target, policy, spread) -> np.ndarray | None:
+    """``[num_replicas]`` phy2log with the relabelled placement's replicas (same counts, same nodes)
+    re-packed so that replicas stay on GPUs that hold their expert now, within the target load."""
+    gpu_of_slot = current.gpu_of_slot
+    have_gpu, _ = _holdings(current, layer)
+    count = np.bincount(relabelled, minlength=current.num_logical_experts)
+    per_unit = _unit_gpus(current, relabelled, policy)
+    new_by_gpu = []
+    for first in range(0, current.num_gpus, per_unit):
+        here = (gpu_of_slot >= first) & (gpu_of_slot < first + per_unit)
+        experts = relabelled[here]
+        preferred = have_gpu[first : first + per_unit, experts].T  # [items, unit GPUs]
+        pack = sticky_packing(
+            weight_row[experts] / count[experts], current.slots_per_gpu[first : first + per_unit],
+            experts if spread else None, preferred, target * (1 + 1e-12),
+        )
+        if pack is None:
+            return None
+        new_by_gpu += [experts[pack == g] for g in range(per_unit)]
+    return _order_slots(current, layer, new_by_gpu)
+
+
 def _warm_start(current: Placement, layer: int, weight_row: np.ndarray, policy: str, spread: bool) -> np.ndarray | None:
     """``[num_replicas]`` phy2log from the local search started at the current layer, per node when the
     policy is hierarchical and every expert's replicas sit on one node now; None when the current layer
@@ -198,11 +236,7 @@ def _warm_start(current: Placement, layer: int, weight_row: np.ndarray, policy: 
     row_now = current.phy2log[layer]
     if spread and len(set(zip(gpu_of_slot.tolist(), row_now.tolist()))) < row_now.size:
         return None
-    per_unit = current.gpus_per_node
-    node_of_slot = gpu_of_slot // per_unit
-    node_sets = [set(row_now[node_of_slot == n].tolist()) for n in range(current.num_nodes)]
-    if policy != "hierarchical" or sum(map(len, node_sets)) != current.num_logical_experts:
-        per_unit = current.num_gpus
+    per_unit = _unit_gpus(current, row_now, policy)
     new_by_gpu = []
     for first_gpu in range(0, current.num_gpus, per_unit):
         here = (gpu_of_slot >= first_gpu) & (gpu_of_slot < first_gpu + per_unit)

@@ -113,3 +113,37 @@ def _keys_allow_swap(key, pack, inside, outside, top) -> np.ndarray:
     out_free_in_top = present[top, key[outside]][None, :] == 0
     in_free_in_other = present[pack[outside][None, :], ki] == 0
     return same | (out_free_in_top & in_free_in_other)
+
+
+def sticky_packing(
+    weight: np.ndarray, capacity: np.ndarray, key: np.ndarray | None, preferred: np.ndarray, limit: float
+) -> np.ndarray | None:
+    """Pack like ``balanced_packing`` but put each item, heaviest first, on a ``preferred`` pack (e.g. one
+    that already holds its expert, so nothing moves) whenever that keeps the pack within ``limit``; else on
+    the lightest pack with room. Returns ``[n]`` packs, or None when no packing within ``limit`` was found.
+
+    Args:
+        weight: ``[n]``; capacity: ``[packs]``; key: ``[n]`` or None, as in ``balanced_packing``.
+        preferred: ``[n, packs]`` booleans.
+        limit: the largest pack load allowed.
+    """
+    num_packs = capacity.size
+    keys = np.arange(weight.size) if key is None else np.asarray(key)
+    pack = np.full(weight.size, -1, dtype=np.int64)
+    load = np.zeros(num_packs)
+    count = np.zeros(num_packs, dtype=np.int64)
+    keys_in = [set() for _ in range(num_packs)]
+    for item in np.argsort(-weight, kind="stable"):
+        legal = np.array([count[p] < capacity[p] and keys[item] not in keys_in[p] for p in range(num_packs)])
+        if not legal.any():
+            return None
+        sticky = legal & preferred[item] & (load + weight[item] <= limit)
+        choices = np.flatnonzero(sticky if sticky.any() else legal)
+        target = int(choices[np.argmin(load[choices])])
+        pack[item] = target
+        load[target] += weight[item]
+        count[target] += 1
+        keys_in[target].add(keys[item])
+    if load.max() > limit:
+        pack = swap_search(weight, pack, num_packs, None if key is None else keys)
+    return pack if np.bincount(pack, weights=weight, minlength=num_packs).max() <= limit else None

@@ -13,12 +13,7 @@ from simulator.placement import place_experts
 from simulator.placement_maps import Placement, gpu_load, max_over_mean, node_load
 from simulator.spec.hardware import ClusterSpec
 from simulator.spec.model import ModelSpec
-from simulator.traffic import (
-    LayerTraffic,
-    combine_bytes_per_token,
-    dispatch_bytes_per_token,
-    simulate_layer,
-)
+from simulator.traffic import LayerTraffic, simulate_layer
 
 DEFAULT_TOKENS_PER_GPU = 4096  # DeepEP's normal-kernel benchmark batch (reference §11.1)
 
@@ -46,8 +41,10 @@ class TrafficStats(BaseModel):
     max_expert_compute_s: float
     mean_expert_compute_s: float
     expert_tokens_max_over_mean: float
-    max_ib_send_bytes: float
-    max_nvlink_send_bytes: float
+    max_dispatch_ib_send_bytes: float = Field(..., description="Combine receives the same tokens, in BF16.")
+    max_dispatch_ib_recv_bytes: float
+    max_dispatch_nvlink_send_bytes: float
+    max_dispatch_nvlink_recv_bytes: float
 
 
 class MigrationStats(BaseModel):
@@ -87,9 +84,9 @@ def balance_stats(placement: Placement, weight: np.ndarray) -> BalanceStats:
     )
 
 
-def traffic_stats(traffic: LayerTraffic, model: ModelSpec) -> TrafficStats:
-    dispatch_bytes = dispatch_bytes_per_token(model.hidden_size)
+def traffic_stats(traffic: LayerTraffic) -> TrafficStats:
     mean_tokens = traffic.expert_tokens.mean()
+    per_gpu = traffic.bytes_per_gpu()
     return TrafficStats(
         nodes_per_token=traffic.nodes_per_token,
         dispatch_s=float(traffic.dispatch_s.max()),
@@ -98,8 +95,10 @@ def traffic_stats(traffic: LayerTraffic, model: ModelSpec) -> TrafficStats:
         max_expert_compute_s=traffic.max_expert_compute_s,
         mean_expert_compute_s=float(traffic.expert_compute_s.mean()),
         expert_tokens_max_over_mean=float(traffic.expert_tokens.max() / mean_tokens) if mean_tokens else 1.0,
-        max_ib_send_bytes=float(traffic.ib_tokens.sum(axis=1).max() * dispatch_bytes),
-        max_nvlink_send_bytes=float(traffic.nvlink_tokens.sum(axis=1).max() * dispatch_bytes),
+        max_dispatch_ib_send_bytes=float(per_gpu["dispatch_ib_send"].max()),
+        max_dispatch_ib_recv_bytes=float(per_gpu["dispatch_ib_recv"].max()),
+        max_dispatch_nvlink_send_bytes=float(per_gpu["dispatch_nvlink_send"].max()),
+        max_dispatch_nvlink_recv_bytes=float(per_gpu["dispatch_nvlink_recv"].max()),
     )
 
 
@@ -145,8 +144,8 @@ def summarize(
         tokens_per_gpu=tokens_per_gpu,
         before=balance_stats(before, weight),
         after=balance_stats(after, weight),
-        traffic_before=traffic_stats(traffic[0], model),
-        traffic_after=traffic_stats(traffic[1], model),
+        traffic_before=traffic_stats(traffic[0]),
+        traffic_after=traffic_stats(traffic[1]),
         migration=migration,
     )
     return summary, traffic[0], traffic[1], row

@@ -61,6 +61,8 @@ class LayerTraffic:
     ib_tokens: np.ndarray  # [gpus, gpus] dispatch token copies over IB, sender -> receiver
     expert_tokens: np.ndarray  # [gpus] token-expert pairs computed on each GPU
     nodes_per_token: float  # mean distinct nodes a token reaches (its own included)
+    dispatch_bytes_per_token: int
+    combine_bytes_per_token: int
     dispatch_s: np.ndarray  # [gpus]
     combine_s: np.ndarray  # [gpus]
     expert_compute_s: np.ndarray  # [gpus]
@@ -73,6 +75,18 @@ class LayerTraffic:
     @property
     def max_expert_compute_s(self) -> float:
         return float(self.expert_compute_s.max())
+
+    def bytes_per_gpu(self) -> dict[str, np.ndarray]:
+        """``[gpus]`` bytes of each GPU by phase, link and direction, e.g. ``"dispatch_ib_send"``.
+        Combine is dispatch reversed: a GPU's combine send is its dispatch receive, in BF16."""
+        out = {}
+        for link, tokens in (("nvlink", self.nvlink_tokens), ("ib", self.ib_tokens)):
+            sent, received = tokens.sum(axis=1), tokens.sum(axis=0)
+            out[f"dispatch_{link}_send"] = sent * self.dispatch_bytes_per_token
+            out[f"dispatch_{link}_recv"] = received * self.dispatch_bytes_per_token
+            out[f"combine_{link}_send"] = received * self.combine_bytes_per_token
+            out[f"combine_{link}_recv"] = sent * self.combine_bytes_per_token
+        return out
 
 
 def traffic_from_hits(gpu_hits: np.ndarray, node_hits: np.ndarray, gpus_per_node: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,6 +130,8 @@ def layer_traffic(
     """Times from hit counts; see ``traffic_from_hits`` for the arguments."""
     nvlink, ib = traffic_from_hits(gpu_hits, node_hits, cluster.node.gpus_per_node)
     node = cluster.node
+    dispatch_bytes = dispatch_bytes_per_token(model.hidden_size)
+    combine_bytes = combine_bytes_per_token(model.hidden_size)
 
     def phase_s(bytes_per_token: float) -> np.ndarray:
         # Combine is dispatch transposed; max(send, recv) per GPU is the same, so only the bytes differ.
@@ -129,8 +145,10 @@ def layer_traffic(
         ib_tokens=ib,
         expert_tokens=expert_tokens,
         nodes_per_token=float(nodes_per_token),
-        dispatch_s=phase_s(dispatch_bytes_per_token(model.hidden_size)),
-        combine_s=phase_s(combine_bytes_per_token(model.hidden_size)),
+        dispatch_bytes_per_token=dispatch_bytes,
+        combine_bytes_per_token=combine_bytes,
+        dispatch_s=phase_s(dispatch_bytes),
+        combine_s=phase_s(combine_bytes),
         expert_compute_s=expert_tokens * expert_flops_per_token(model) / cluster.gpu.fp8_flops_per_s,
     )
 

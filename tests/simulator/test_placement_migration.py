@@ -65,6 +65,8 @@ def test_same_balance_fewer_weighted_moves_than_a_fresh_placement(policy: str) -
     ours, naive = migration_cost(current, moved, CROSS), migration_cost(current, fresh, CROSS)
     assert (ours.cost <= naive.cost).all() and ours.cost.sum() < 0.8 * naive.cost.sum()
     assert (moved.logcnt >= 1).all() and moved.policy == policy
+    if policy == "hierarchical":  # groups stay on their node: nothing crosses IB
+        assert ours.cross_node_moves.sum() == 0 < naive.cross_node_moves.sum()
 
 
 def test_tolerance_keeps_a_good_enough_layer() -> None:

@@ -99,6 +99,10 @@ def test_monte_carlo_agrees_with_closed_form_for_uniform_load(policy: str) -> No
     # The sampled max over GPUs sits a little above the expectation, never far.
     assert exact.dispatch_s.max() * 0.99 <= mc.dispatch_s.max() <= exact.dispatch_s.max() * 1.08
     assert mc.combine_s.max() / mc.dispatch_s.max() == pytest.approx(128 / 68)  # BF16 64 vs FP8 64 + 4 bytes
+    split = mc.bytes_per_gpu()
+    np.testing.assert_allclose(split["dispatch_ib_send"], mc.ib_tokens.sum(axis=1) * 68)
+    np.testing.assert_allclose(split["combine_nvlink_send"], mc.nvlink_tokens.sum(axis=0) * 128)
+    assert split["dispatch_ib_send"].sum() == split["dispatch_ib_recv"].sum() > 0
 
 
 def test_node_limited_routing_bounds_nodes_only_when_groups_stay_on_nodes() -> None:
