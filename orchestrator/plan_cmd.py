@@ -21,7 +21,8 @@ from simulator.engine.build import SimOptions
 from simulator.engine.trace import chrome_trace
 from simulator.plan import write_atomic, write_plan
 from simulator.planner import plan_with_predictions, summary
-from simulator.predict import predict_step
+from simulator.plan_figures import plan_html
+from simulator.predict import simulate_at
 from simulator.search import search
 
 console = Console(width=140)
@@ -111,9 +112,11 @@ def plan_command(
         plan = plan_with_predictions(inputs, tuple(req.ignored), source, searched, opts, tuple(sorted(req.fixed)))
     except USER_ERRORS as exc:
         fail(str(exc))
+    lay = plan.layout
+    events = simulate_at(plan.inputs, lay.dp, lay.microbatches, plan.inputs.parallel.seq_len_tokens, opts, trace=True).events
     write_plan(plan, out / "plan.json")
+    write_atomic(out / "plan.html", plan_html(plan, events))
     if trace is not None:
-        _, events = predict_step(plan.inputs, plan.layout.dp, plan.layout.microbatches, opts=opts, trace=True)
         write_atomic(trace, json.dumps(chrome_trace(events)))
     if json_:
         typer.echo(json.dumps(summary(plan), indent=2))
@@ -121,7 +124,7 @@ def plan_command(
     if req.ignored:
         console.print(f"[dim]config keys not modelled (ignored): {', '.join(req.ignored)}[/dim]")
     console.print(plan_tables(plan))
-    console.print(f"wrote {out / 'plan.json'}" + (f" and {trace}" if trace else ""))
+    console.print(f"wrote {out / 'plan.json'}, {out / 'plan.html'}" + (f" and {trace}" if trace else ""))
 
 
 def _run_search(inputs, fixed, opts, quiet: bool):
