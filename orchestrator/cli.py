@@ -35,18 +35,26 @@ app.command("placement")(placement_command)
 console = Console(width=140)
 
 
+# typer >= 0.22 vendors click; its exceptions are not click's. BadParameter's base is UsageError in both.
+_USAGE_ERRORS = (click.UsageError, typer.BadParameter.__mro__[1])
+
+
 def main() -> None:
-    """Console entry point: click's usage errors (a mistyped option) become one line, exit 2."""
+    """Console entry point: a usage error (mistyped option, bad value) becomes one line, exit 2."""
     try:
-        app(standalone_mode=False)
-    except click.UsageError as exc:
-        where = f"{exc.ctx.command_path}: " if exc.ctx else ""
+        code = app(standalone_mode=False)
+    except _USAGE_ERRORS as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `moeplan`: help was wanted
+            app(["--help"], standalone_mode=False)
+            raise SystemExit(0) from None
+        where = f"{exc.ctx.command_path}: " if getattr(exc, "ctx", None) else ""
         typer.echo(f"moeplan: error: {where}{exc.format_message()}", err=True)
         raise SystemExit(2) from None
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         raise SystemExit(exc.exit_code) from None
-    except click.Abort:
+    except (click.Abort, typer.Abort):
         raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 @app.command()
@@ -75,3 +83,7 @@ def show(
 def schema() -> None:
     """Print the plan file's JSON Schema."""
     typer.echo(json.dumps(PlanFile.model_json_schema(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -98,3 +98,17 @@ def test_schema_and_presets():
     assert schema["title"] == "PlanFile" and "schema_version" in schema["properties"]
     res = run("presets")
     assert res.exit_code == 0 and "deepseek-v2-lite" in res.output and "H800-SXM5" in res.output
+
+
+@pytest.mark.parametrize(("args", "message"), [(["plan", "--pp", "abc"], "Invalid value for '--pp'"),
+                                               (["plan", "--bogus"], "No such option: --bogus")])
+def test_usage_errors_are_one_line_from_the_console_entry_point(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "o").exists()
