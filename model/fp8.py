@@ -139,6 +139,8 @@ def resolve_fp8_gemms(kernel: str, block: int = 128) -> tuple[Fp8Gemm, Fp8Gemm]:
                          f"kernels.grouped_gemm.grouped_gemm_fp8 ({exc})") from exc
 
     def dense_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype, block: int = 128) -> torch.Tensor:
-        return dense(a, a_scale, b, b_scale, out_dtype=out_dtype)
+        # backend="triton": the kernels' torch._scaled_mm path gave wrong results for N > 128 with
+        # 128x128 weight scales on an H200 (2026-11-28, rel. error ~200); "auto" may pick it.
+        return dense(a, a_scale, b, b_scale, out_dtype=out_dtype, backend="triton")
 
     return dense_gemm, _grouped_via_contiguous(grouped, 128)

@@ -44,7 +44,9 @@ class TrainResult:
     first_loss: float
     final_loss: float  # mean LM loss over the last 20 steps
     final_mtp_loss: float
-    max_over_mean: float  # expert load imbalance, mean over MoE layers and the last 50 steps
+    max_over_mean: float  # per-step expert load max/mean, averaged over MoE layers and the last 50 steps
+    window_max_over_mean: float  # max/mean of the loads summed over the last 50 steps, mean over layers
+    run_max_over_mean: float  # max/mean of the loads summed over the whole run, mean over layers
 
 
 def train(steps: int, gamma: float, seed: int = 0, batch: int = 16, seqlen: int = 32, lr: float = 3e-3) -> TrainResult:
@@ -58,7 +60,7 @@ def train(steps: int, gamma: float, seed: int = 0, batch: int = 16, seqlen: int 
     optim = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     balancer = ExpertBiasUpdater(model.moe_layers())
     schedule = BalanceSchedule(bias_update_speed=gamma)
-    lm_hist, mtp_hist, imbalance = [], [], []
+    lm_hist, mtp_hist, imbalance, window, run = [], [], [], {}, {}
     for step in range(steps):
         ids, labels = make_batch(perm, batch, seqlen, gen)
         loss = training_loss(model(ids), labels, mtp_weight=schedule.mtp_weight(step * batch * seqlen))
@@ -68,12 +70,23 @@ def train(steps: int, gamma: float, seed: int = 0, batch: int = 16, seqlen: int 
         loads = balancer.step(schedule.gamma(step * batch * seqlen))
         lm_hist.append(loss.lm.item())
         mtp_hist.append(loss.mtp.item())
+        run = {k: run.get(k, 0) + v for k, v in loads.items()}
         if step >= steps - 50:
             imbalance.append(sum(max_over_mean(v) for v in loads.values()) / len(loads))
+            window = {k: window.get(k, 0) + v for k, v in loads.items()}
     return TrainResult(first_loss=lm_hist[0], final_loss=sum(lm_hist[-20:]) / 20,
-                       final_mtp_loss=sum(mtp_hist[-20:]) / 20, max_over_mean=sum(imbalance) / len(imbalance))
+                       final_mtp_loss=sum(mtp_hist[-20:]) / 20, max_over_mean=sum(imbalance) / len(imbalance),
+                       window_max_over_mean=sum(max_over_mean(v) for v in window.values()) / len(window),
+                       run_max_over_mean=sum(max_over_mean(v) for v in run.values()) / len(run))
 
 
 if __name__ == "__main__":
-    for g in (0.0, 0.01):
-        print(f"gamma={g}:", train(steps=300, gamma=g))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--gamma", type=float, nargs="+", default=[0.0, 0.01])
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    for gamma in args.gamma:
+        print(f"steps={args.steps} batch={args.batch} gamma={gamma}:", train(args.steps, gamma, batch=args.batch), flush=True)
