@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from simulator.accounting.memory import RankMemory
 from simulator.placement_model import ExpertPlacement
 from simulator.predict import StepPrediction
 from simulator.run_model import RunPrediction
@@ -66,22 +67,8 @@ class FlopsReport(_Frozen):
     mfu_definition: str
 
 
-class RankMemoryReport(_Frozen):
-    rank: int
-    stages: tuple[int, ...]
-    params_dense: int
-    params_expert: int
-    param_bytes: float
-    grad_bytes: float
-    optimizer_bytes: float
-    activation_bytes: float
-    transient_bytes: float
-    in_flight_microbatches: float
-    total_bytes: float
-
-
 class MemoryReport(_Frozen):
-    per_rank: tuple[RankMemoryReport, ...]
+    per_rank: tuple[RankMemory, ...]
     peak_bytes_per_gpu: float
     peak_rank: int
     usable_hbm_bytes: int

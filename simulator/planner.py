@@ -21,7 +21,6 @@ from simulator.plan import (
     PlanFile,
     PlanInputs,
     Predictions,
-    RankMemoryReport,
     ResolvedLayout,
 )
 from simulator.predict import predict_step
@@ -91,7 +90,7 @@ def build_plan(inputs: PlanInputs, ignored_config_keys: tuple[str, ...] = ()) ->
     peak = max(ranks, key=lambda r: r.total_bytes)
     usable = inputs.cluster.usable_hbm_bytes
     memory = MemoryReport(
-        per_rank=tuple(RankMemoryReport(**vars(r), total_bytes=r.total_bytes) for r in ranks),
+        per_rank=ranks,
         peak_bytes_per_gpu=peak.total_bytes, peak_rank=peak.rank, usable_hbm_bytes=usable,
         fits=peak.total_bytes <= usable,
     )

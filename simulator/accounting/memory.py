@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from simulator.accounting.activations import (
     head_transient_bytes_per_token,
     layer_activation_bytes_per_token,
@@ -31,8 +33,11 @@ class RankParams:
     expert: int  # this rank's share of routed experts, replicated over dp / ep
 
 
-@dataclass(frozen=True)
-class RankMemory:
+class RankMemory(BaseModel):
+    """Peak bytes on one GPU of a pipeline rank, by kind (the plan file stores it as is)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     rank: int
     stages: tuple[int, ...]
     params_dense: int
@@ -43,10 +48,16 @@ class RankMemory:
     activation_bytes: float
     transient_bytes: float
     in_flight_microbatches: float
+    total_bytes: float = Field(0.0, description="Sum of the five byte fields; filled in when left at 0.")
 
-    @property
-    def total_bytes(self) -> float:
-        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes + self.transient_bytes
+    @model_validator(mode="after")
+    def _total(self) -> RankMemory:
+        total = self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes + self.transient_bytes
+        if self.total_bytes == 0.0:
+            object.__setattr__(self, "total_bytes", total)
+        elif abs(self.total_bytes - total) > 1e-6 * max(total, 1.0):
+            raise ValueError(f"total_bytes={self.total_bytes} differs from the sum of its parts {total}")
+        return self
 
 
 def _unit_params(m: ModelSpec, unit: int) -> dict[str, int]:
