@@ -8,8 +8,6 @@ prints one line naming the field and value, exits with code 2 and writes nothing
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +15,7 @@ import numpy as np
 import typer
 from pydantic import BaseModel, ValidationError
 
+from simulator.atomic_write import write_atomic
 from simulator.expert_load import ExpertLoadRecord, one_line_error, uniform_load, zipf_load
 from simulator.migration import rebalance_with_migration
 from simulator.placement import POLICIES, place_experts
@@ -28,7 +27,6 @@ from simulator.presets.clusters import CLUSTER_PRESETS
 from simulator.presets.models import MODEL_PRESETS
 
 BAD_INPUT_EXIT_CODE = 2
-_FILE_MODE = 0o644
 
 
 def placement_command(
@@ -54,7 +52,7 @@ def placement_command(
         raise typer.Exit(BAD_INPUT_EXIT_CODE) from None
     out.mkdir(parents=True, exist_ok=True)
     for name, text in outputs.items():
-        write_text_atomic(out / name, text)
+        write_atomic(out / name, text)
     typer.echo(outputs["summary.json"])
 
 
@@ -149,14 +147,3 @@ def read_model_file(path: Path, cls: type[BaseModel], option: str) -> BaseModel:
         raise ValueError(f"{option}={path}: {one_line_error(exc)}") from exc
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -6,8 +6,6 @@ Registered in ``orchestrator/cli.py`` as ``app.command("schedule")(schedule_comm
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from simulator.atomic_write import write_atomic
 from simulator.schedules import (
     Durations,
     Schedule,
@@ -50,18 +49,6 @@ def _one_line(error: ValidationError) -> str:
         return message
     field = ".".join(_OPTION_OF_FIELD.get(str(part), str(part)) for part in first["loc"])
     return f"{field}={first.get('input')!r}: {message}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _report(spec: ParallelSpec, schedule: Schedule, durations: Durations, timeline: Timeline) -> dict[str, Any]:
@@ -151,7 +138,7 @@ def schedule_command(
         raise typer.Exit(2) from None
     if out is not None and text is not None:
         try:
-            _atomic_write(out, text)
+            write_atomic(out, text)
         except OSError as error:
             typer.echo(f"error: out={str(out)!r}: {error.strerror}", err=True)
             raise typer.Exit(2) from None

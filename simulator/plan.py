@@ -9,14 +9,13 @@ is atomic: a temporary file in the target directory, then ``os.replace``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from simulator.accounting.memory import RankMemory
+from simulator.atomic_write import write_atomic
 from simulator.placement_model import ExpertPlacement
 from simulator.predict import StepPrediction
 from simulator.run_model import RunPrediction
@@ -24,7 +23,7 @@ from simulator.schedules.schedule import Schedule
 from simulator.spec.inputs import PlanInputs
 from simulator.spec.parallel import ParallelSpec
 
-__all__ = ["PlanInputs", "PlanFile", "PlanError", "SCHEMA_VERSION"]
+__all__ = ["PlanInputs", "PlanFile", "PlanError", "SCHEMA_VERSION", "write_atomic"]
 
 SCHEMA_VERSION = 1
 
@@ -165,24 +164,6 @@ def read_plan(path: str | Path) -> PlanFile:
     except OSError as exc:
         raise PlanError(f"{path}: cannot read ({exc.strerror})") from exc
     return parse_plan(text, str(path))
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename,
-    so readers never see half a file and a failure leaves nothing behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_plan(plan: PlanFile, path: str | Path) -> None:

@@ -62,7 +62,7 @@ def test_write_is_atomic(tmp_path, plan, monkeypatch):
     def boom(*_a, **_k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("simulator.plan.os.replace", boom)
+    monkeypatch.setattr("simulator.atomic_write.os.replace", boom)
     with pytest.raises(OSError):
         write_atomic(tmp_path / "other.json", "x")
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]  # no temp file, no partial file
