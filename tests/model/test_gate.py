@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
@@ -86,4 +84,3 @@ def test_group_limit_keeps_experts_inside_topk_groups() -> None:
     assert all(len(set(row)) <= 2 for row in groups.tolist())
     combos = {tuple(sorted(set(row))) for row in groups.tolist()}
     assert len(combos) > 3, "routing collapsed onto few groups; the test would not discriminate"
-    assert list(itertools.islice(combos, 1))

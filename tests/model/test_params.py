@@ -40,3 +40,13 @@ def test_671b_matches_transformers_on_meta() -> None:
     with torch.device("meta"):
         ref = DeepseekV3ForCausalLM(DeepseekV3Config())  # defaults are the 671B config
     assert _count(ref) == V3_PARAMS_WITHOUT_MTP
+
+
+def test_public_api_from_a_transformers_config_dict() -> None:
+    from transformers import DeepseekV3Config
+
+    import model
+
+    config = DeepseekV3Config().to_dict()  # transformers 5.x keys (rope_parameters, ...)
+    built = model.from_hf_config(config, model.ModelOptions(with_mtp=False), device="meta")
+    assert _count(built) == V3_PARAMS_WITHOUT_MTP
