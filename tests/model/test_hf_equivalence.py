@@ -44,6 +44,9 @@ def _compare(name: str, update: dict, seed: int, layout: str) -> float:
     with torch.no_grad():
         expected = ref(input_ids=ids).logits
         got = ours(ids).logits
+        for moe in ours.moe_layers().values():  # the selection bias must matter in this comparison
+            moe.gate.e_score_correction_bias.zero_()
+        assert relative_error(ours(ids).logits, expected) > 1e-4, f"{name}: bias changed no routing decision"
     return relative_error(got, expected)
 
 
