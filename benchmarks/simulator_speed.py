@@ -57,7 +57,8 @@ def main() -> None:
         f"| one DeepSeek-V3 step, 2048 H800 (PP16 DualPipe, 120 micro-batches, {events:,} simulated operations), "
         f"build + simulate, median of 5 | {step_s:.2f} s | <= 1 s |",
         f"| layout search, DeepSeek-V3 on 2048 H800 | {search_s:.1f} s: {found.enumerated} layouts enumerated and "
-        f"memory-checked, {found.evaluated} fit and were simulated (coarse), {len(found.ranked)} re-simulated in detail "
+        f"memory-checked, {found.evaluated} fit, {found.simulated} simulated coarsely (the rest bounded out), "
+        f"{len(found.ranked)} re-simulated in detail "
         "| >= 500 candidates in <= 60 s |",
         "",
         f"Best layout found: PP{best.pp} {best.schedule}, EP{best.ep}, DP{best.dp}, micro-batch {best.micro_batch_size}, "

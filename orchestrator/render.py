@@ -113,7 +113,7 @@ def prediction_tables(plan: PlanFile) -> list[Table]:
         verdict = "within budget" if budget.within_budget else "OVER BUDGET"
         rows.append(("budget", f"{budget.budget_gpu_hours:,.0f} GPU-hours: {verdict} (margin {budget.margin_frac:+.1%})"))
     if pred.candidates_evaluated:
-        rows.append(("search", f"{pred.candidates_evaluated} layouts fit and were simulated"))
+        rows.append(("search", f"{pred.candidates_evaluated} layouts fit in memory and were ranked"))
     for k, v in rows:
         t.add_row(k, v)
     phases = Table(title="Phases", title_justify="left")

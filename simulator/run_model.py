@@ -2,8 +2,8 @@
 
 Per phase, step time is linear in the micro-batch count: ``step(M) = a + b M``, since the
 schedules' bubbles do not grow with ``M`` (DualPipe README) and every extra micro-batch adds the
-same steady-state work. ``a`` and ``b`` come from two simulated steps at valid counts (the layout's
-own count and the schedule's smallest, or twice that), so batches the schedule cannot run as such
+same steady-state work. ``a`` and ``b`` come from two simulated steps at valid steady-state counts
+(the layout's own count where known, and twice the stage count, or twice that), so batches the schedule cannot run as such
 (ramp starts, long-context phases) are priced on the same line. A batch ramp from ``B0`` to ``B1``
 sequences over ``R`` tokens, linear in tokens, then integrates in closed form:
 time = ``∫ step(M(B)) / (B T) dτ`` with ``M = B / (dp mbs)``.
@@ -69,12 +69,23 @@ class RunPrediction(BaseModel):
     cost_usd: float | None
 
 
+def steady_microbatches(par: ParallelSpec) -> int:
+    """A valid micro-batch count in every schedule's steady state: twice the stage count (warm-up
+    and cool-down then no longer overlap, so each further micro-batch adds the same work)."""
+    return valid_microbatches(par, 2 * par.stages)
+
+
 def step_line(inputs: PlanInputs, dp: int, seq: int, known: tuple[int, float] | None, opts: SimOptions) -> StepLine:
-    """Fit ``a + b M`` from two simulations (``known`` = an already simulated (M, step) pair)."""
+    """Fit ``a + b M`` through two simulated steps in the steady state (``known`` = an already
+    simulated (M, step) pair, used as one of them)."""
     par = inputs.parallel
-    m_lo = valid_microbatches(par, 1)
-    first = known if known is not None else (m_lo, simulate(inputs, dp, m_lo, seq, opts).step_time_s)
-    m2 = m_lo if first[0] != m_lo else valid_microbatches(par, 2 * m_lo)
+    base = steady_microbatches(par)
+    if known is None:
+        first = (base, simulate(inputs, dp, base, seq, opts).step_time_s)
+        m2 = valid_microbatches(par, 2 * base)
+    else:
+        first = known
+        m2 = base if known[0] >= 2 * base else valid_microbatches(par, 2 * max(base, known[0]))
     second = (m2, simulate(inputs, dp, m2, seq, opts).step_time_s)
     (x1, y1), (x2, y2) = sorted((first, second))
     slope = (y2 - y1) / (x2 - x1)

@@ -4,9 +4,12 @@ throughput.
 The space: pipeline ranks (powers of two dividing the cluster, no more stages than layer units),
 every schedule, expert-parallel sizes dividing both the experts and dp (whole nodes once past one
 node), micro-batch sizes 1, 2, 4 that divide the batch, recompute none/selective/full, ZeRO-1.
-Settings the user fixed are not varied. Each layout that fits in memory is simulated coarsely (a
-stage's layers merged into one unit, step time extrapolated to the full micro-batch count along
-the ``step_line`` of ``run_model``); the best ones are then simulated in full detail.
+Settings the user fixed are not varied. Each layout that fits in memory gets a compute bound (its
+busiest rank's compute, no bubble, no communication); in order of that bound, layouts are simulated
+coarsely (a stage's layers merged into one unit, step time extrapolated to the full micro-batch count
+along the ``step_line`` of ``run_model``) until the bound of the next cannot beat the tenth best
+step: branch and bound, so no layout that could enter the top ten is skipped. The ten best are then
+simulated in full detail.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 from simulator.accounting.flops import training_flops
 from simulator.accounting.layout import LayoutError, check_layout
 from simulator.accounting.memory import pipeline_memory
-from simulator.engine.build import SimOptions
+from simulator.engine.build import SimOptions, compute_bound_s
 from simulator.plan import Candidate
 from simulator.predict import simulate_at
 from simulator.run_model import step_line, valid_microbatches
@@ -39,7 +42,8 @@ class SearchResult:
     best: ParallelSpec
     ranked: tuple[Candidate, ...]  # finalists, best first, simulated in detail
     enumerated: int
-    evaluated: int  # fitted in memory and were simulated
+    evaluated: int  # fitted in memory and were bounded, ranked or simulated
+    simulated: int  # simulated (coarse); the rest were proven slower by their compute bound
 
 
 def _ep_values(inputs: PlanInputs, dp: int) -> list[int]:
@@ -120,22 +124,28 @@ def search(
     layouts = list(enumerate_layouts(inputs, fixed))
     coarse = SimOptions(tables=opts.tables, redundant_experts=opts.redundant_experts,
                         expert_load=None, seed=opts.seed, coarse=True)
-    scored: list[tuple[float, ParallelSpec, int, int, float]] = []
+    fitting = []
     for i, par in enumerate(layouts):
         if progress:
             progress(i + 1, len(layouts))
         fit = _fits(inputs, par)
-        if fit is None:
-            continue
-        dp, m, peak = fit
-        trial = inputs.model_copy(update={"parallel": par})
-        line = step_line(trial, dp, par.seq_len_tokens, None, coarse)
-        scored.append((line.step_s(m), par, dp, m, peak))
-    if not scored:
+        if fit is not None:
+            dp, m, peak = fit
+            trial = inputs.model_copy(update={"parallel": par})
+            fitting.append((compute_bound_s(trial, dp, m, coarse), trial, dp, m, peak))
+    if not fitting:
         raise LayoutError(
             f"no layout of {inputs.model.name} fits {inputs.cluster.num_gpus} x {inputs.cluster.gpu.name} "
             f"({len(layouts)} enumerated, fixed={fixed})"
         )
+    # Simulate in order of the compute bound; stop once the bound cannot beat the tenth best step.
+    fitting.sort(key=lambda f: f[0])
+    scored: list[tuple[float, ParallelSpec, int, int, float]] = []
+    for bound, trial, dp, m, peak in fitting:
+        if len(scored) >= FINALISTS and bound >= sorted(s[0] for s in scored)[FINALISTS - 1]:
+            break
+        line = step_line(trial, dp, trial.parallel.seq_len_tokens, None, coarse)
+        scored.append((line.step_s(m), trial.parallel, dp, m, peak))
     scored.sort(key=lambda s: s[0])
     finalists = []
     tokens = inputs.training.phases[0].global_batch_seqs * inputs.parallel.seq_len_tokens
@@ -150,4 +160,5 @@ def search(
             peak_memory_bytes_per_gpu=peak))
     finalists.sort(key=lambda c: c.step_time_s)
     logger.info("search: %d enumerated, %d fit, best %s", len(layouts), len(scored), finalists[0].parallel)
-    return SearchResult(best=finalists[0].parallel, ranked=tuple(finalists), enumerated=len(layouts), evaluated=len(scored))
+    return SearchResult(best=finalists[0].parallel, ranked=tuple(finalists), enumerated=len(layouts),
+                        evaluated=len(fitting), simulated=len(scored))

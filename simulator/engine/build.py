@@ -123,3 +123,23 @@ def step_inputs(
         stages=_stage_costs(inputs, par, ctx, traffic, opts.coarse), ends=end_costs(ctx, m), links=links,
         tails=_tails(inputs, dp, tables),
     )
+
+
+def compute_bound_s(inputs: PlanInputs, dp: int, microbatches: int, opts: SimOptions = SimOptions()) -> float:
+    """The busiest rank's compute seconds in one step, without bubbles or communication: no
+    schedule of this layout can take less. The search uses it to skip hopeless layouts."""
+    par, m = inputs.parallel, inputs.model
+    tables = opts.tables or default_tables(inputs.cluster.gpu.name)
+    ctx = cost_context(inputs, tables, par.seq_len_tokens)
+    stages = _stage_costs(inputs, par, ctx, _traffic(inputs, ctx.tokens, opts), coarse=True)
+    ends = end_costs(ctx, m)
+    head_s = ends.head_fwd_s + ends.head_dx_s + ends.head_dw_s
+
+    def stage_s(st: StageCosts) -> float:
+        units = sum(u.fwd_s + u.dx_s + u.dw_s for u in st.units)
+        return units + (ends.embed_fwd_s if st.has_embedding else 0.0) + (st.heads * head_s if st.has_head else 0.0)
+
+    share = microbatches / 2 if par.schedule == "dualpipe" else microbatches  # DualPipe: half per direction
+    tails = _tails(inputs, dp, tables)
+    return max(share * sum(stage_s(stages[s]) for s in rank_stages(par, r)) + tails[r].optimizer_s
+               for r in range(par.pp))
