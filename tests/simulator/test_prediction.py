@@ -114,3 +114,33 @@ def test_search_ranks_and_respects_fixed_settings():
 def test_valid_microbatches(kind, pp, m, expected):
     assert valid_microbatches(ParallelSpec(pp=pp, schedule=kind), m) == expected
 
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb1p", "interleaved", "dualpipe", "dualpipev"])
+def test_compute_bound_never_exceeds_the_simulated_step(schedule):
+    from simulator.engine.build import compute_bound_s
+    from simulator.predict import simulate
+
+    inp = _inputs(nodes=1, batch=32, pp=2, ep=4, schedule=schedule)
+    for m in (4, 8, 16):
+        for coarse in (False, True):
+            opts = SimOptions(coarse=coarse)
+            assert compute_bound_s(inp, 4, m, opts) <= simulate(inp, 4, m, opts=opts).step_time_s * (1 + 1e-9)
+
+
+def test_branch_and_bound_finds_the_exhaustive_top_ten():
+    from simulator.run_model import step_line
+    from simulator.search import FINALISTS, _fits, enumerate_layouts
+
+    inp = _inputs(nodes=1, batch=32)
+    res = search(inp, {})
+    coarse = SimOptions(coarse=True)
+    exhaustive = []
+    for par in enumerate_layouts(inp, {}):
+        fit = _fits(inp, par)
+        if fit:
+            trial = inp.model_copy(update={"parallel": par})
+            exhaustive.append((step_line(trial, fit[0], par.seq_len_tokens, None, coarse).step_s(fit[1]), par))
+    exhaustive.sort(key=lambda x: x[0])
+    assert res.simulated <= res.evaluated == len(exhaustive)
+    assert {c.parallel for c in res.ranked} == {p for _, p in exhaustive[:FINALISTS]}
