@@ -16,6 +16,11 @@ from collections.abc import Callable
 from simulator.spec.model import ModelSpec, RopeScaling
 
 
+def _derived(base: ModelSpec, update: dict) -> ModelSpec:
+    """A validated copy of ``base`` with ``update`` applied (``model_copy`` would skip validation)."""
+    return ModelSpec.model_validate({**base.model_dump(), **update})
+
+
 def deepseek_v3() -> ModelSpec:
     """DeepSeek-V3 671B (37B activated) with its one MTP module."""
     return ModelSpec(
@@ -94,37 +99,14 @@ def deepseek_v2() -> ModelSpec:
 
 
 def deepseek_v2_lite() -> ModelSpec:
-    """DeepSeek-V2-Lite 16B (2.4B activated): no q compression, greedy top-6 of 64."""
-    return ModelSpec(
-        name="deepseek-v2-lite",
-        model_type="deepseek_v2",
-        vocab_size=102400,
-        hidden_size=2048,
-        num_hidden_layers=27,
-        intermediate_size=10944,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        q_lora_rank=None,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        n_routed_experts=64,
-        n_shared_experts=2,
-        num_experts_per_tok=6,
-        moe_intermediate_size=1408,
-        first_k_dense_replace=1,
-        n_group=1,
-        topk_group=1,
-        routed_scaling_factor=1.0,
-        scoring_func="softmax",
-        topk_method="greedy",
-        norm_topk_prob=False,
-        aux_loss_alpha=0.001,
-        max_position_embeddings=163840,
-        rope_scaling=RopeScaling(
-            type="yarn", factor=40, original_max_position_embeddings=4096,
-            beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707,
+    """DeepSeek-V2-Lite 16B (2.4B activated): V2's design without q compression, greedy top-6 of 64."""
+    return _derived(
+        deepseek_v2(),
+        dict(
+            name="deepseek-v2-lite", hidden_size=2048, num_hidden_layers=27, intermediate_size=10944,
+            num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None, n_routed_experts=64,
+            moe_intermediate_size=1408, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+            topk_method="greedy", aux_loss_alpha=0.001,
         ),
     )
 
@@ -143,11 +125,6 @@ def deepseek_67b() -> ModelSpec:
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
     )
-
-
-def _derived(base: ModelSpec, update: dict) -> ModelSpec:
-    """A validated copy of ``base`` with ``update`` applied (``model_copy`` would skip validation)."""
-    return ModelSpec.model_validate({**base.model_dump(), **update})
 
 
 def tiny_moe() -> ModelSpec:
