@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 from simulator.engine.build import step_inputs  # noqa: E402
 from simulator.engine.step import StepSimulation  # noqa: E402
-from simulator.presets.clusters import h800  # noqa: E402
-from simulator.presets.models import deepseek_v3  # noqa: E402
-from simulator.presets.recipes import deepseek_v3_recipe  # noqa: E402
+from simulator.presets.clusters import h200, h800  # noqa: E402
+from simulator.presets.models import deepseek_v2_lite, deepseek_v3  # noqa: E402
+from simulator.presets.recipes import deepseek_v3_recipe, default_recipe  # noqa: E402
 from simulator.search import search  # noqa: E402
 from simulator.spec.inputs import PlanInputs  # noqa: E402
 
@@ -46,6 +46,11 @@ def main() -> None:
     found = search(inputs, {})
     search_s = time.perf_counter() - t0
     best = found.best
+    lite = PlanInputs(model=deepseek_v2_lite(), cluster=h200(2), parallel=inputs.parallel.model_copy(update={"ep": 1, "pp": 1}),
+                      training=default_recipe().training)
+    t0 = time.perf_counter()
+    full = search(lite, {}, exhaustive=True)
+    full_s = time.perf_counter() - t0
     lines = [
         "# Simulator speed",
         "",
@@ -59,6 +64,9 @@ def main() -> None:
         f"| layout search, DeepSeek-V3 on 2048 H800 | {search_s:.1f} s: {found.enumerated} layouts enumerated and "
         f"memory-checked, {found.evaluated} fit, {found.simulated} simulated coarsely (the rest bounded out), "
         f"{len(found.ranked)} re-simulated in detail "
+        "| >= 500 candidates in <= 60 s |",
+        f"| exhaustive search (no bound), DeepSeek-V2-Lite on 16 H200 | {full_s:.1f} s: {full.enumerated} enumerated, "
+        f"{full.evaluated} fit, all {full.simulated} simulated coarsely, {len(full.ranked)} in detail "
         "| >= 500 candidates in <= 60 s |",
         "",
         f"Best layout found: PP{best.pp} {best.schedule}, EP{best.ep}, DP{best.dp}, micro-batch {best.micro_batch_size}, "

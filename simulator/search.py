@@ -2,8 +2,8 @@
 throughput.
 
 The space: pipeline ranks (powers of two dividing the cluster, no more stages than layer units),
-every schedule, expert-parallel sizes dividing both the experts and dp (whole nodes once past one
-node), micro-batch sizes 1, 2, 4 that divide the batch, recompute none/selective/full, ZeRO-1.
+every schedule (interleaved with 2 or 4 chunks per rank), expert-parallel sizes dividing both the
+experts and dp (whole nodes once past one node), micro-batch sizes 1, 2, 4, 8 that divide the batch, recompute none/selective/full, ZeRO-1.
 Settings the user fixed are not varied. Each layout that fits in memory gets a compute bound (its
 busiest rank's compute, no bubble, no communication); in order of that bound, layouts are simulated
 coarsely (a stage's layers merged into one unit, step time extrapolated to the full micro-batch count
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,8 @@ from simulator.spec.inputs import PlanInputs
 from simulator.spec.parallel import ParallelSpec
 
 logger = logging.getLogger(__name__)
-MICRO_BATCH_SIZES = (1, 2, 4)
+MICRO_BATCH_SIZES = (1, 2, 4, 8)
+VIRTUAL_STAGES = (2, 4)  # chunks per rank for interleaved 1F1B
 RECOMPUTE = ("none", "selective", "full")
 FINALISTS = 10
 
@@ -54,22 +55,26 @@ def _ep_values(inputs: PlanInputs, dp: int) -> list[int]:
             if dp % e == 0 and m.n_routed_experts % e == 0 and (e <= per_node or e % per_node == 0)]
 
 
+def _choices(fixed: dict[str, Any], key: str, default: Iterable[Any]) -> list[Any]:
+    return [fixed[key]] if key in fixed else list(default)
+
+
 def enumerate_layouts(inputs: PlanInputs, fixed: dict[str, Any]) -> Iterator[ParallelSpec]:
     """Every layout of the search space that agrees with ``fixed`` (ParallelSpec field -> value)."""
     world = inputs.cluster.num_gpus
     units = inputs.model.num_hidden_layers + inputs.model.num_nextn_predict_layers
-    pps = [fixed["pp"]] if "pp" in fixed else [2**k for k in range(world.bit_length()) if world % 2**k == 0]
+    pps = _choices(fixed, "pp", [2**k for k in range(world.bit_length()) if world % 2**k == 0])
     base = inputs.parallel.model_dump()
     for pp, schedule, mbs, recompute in itertools.product(
-        pps, [fixed["schedule"]] if "schedule" in fixed else SCHEDULE_KINDS,
-        [fixed["micro_batch_size"]] if "micro_batch_size" in fixed else MICRO_BATCH_SIZES,
-        [fixed["recompute"]] if "recompute" in fixed else RECOMPUTE,
+        pps, _choices(fixed, "schedule", SCHEDULE_KINDS), _choices(fixed, "micro_batch_size", MICRO_BATCH_SIZES),
+        _choices(fixed, "recompute", RECOMPUTE),
     ):
         if world % pp:
             continue
         dp = fixed.get("dp") or world // pp
-        for ep in [fixed["ep"]] if "ep" in fixed else _ep_values(inputs, dp):
-            data = {**base, **fixed, "pp": pp, "dp": dp, "ep": ep, "schedule": schedule,
+        chunks = _choices(fixed, "virtual_stages", VIRTUAL_STAGES) if schedule == "interleaved" else [base["virtual_stages"]]
+        for ep, v in itertools.product(_choices(fixed, "ep", _ep_values(inputs, dp)), chunks):
+            data = {**base, **fixed, "pp": pp, "dp": dp, "ep": ep, "schedule": schedule, "virtual_stages": v,
                     "micro_batch_size": mbs, "recompute": recompute, "stage_layers": None}
             par = ParallelSpec.model_validate(data)
             if par.stages <= units:
@@ -117,9 +122,10 @@ def check_fixed(inputs: PlanInputs, fixed: dict[str, Any]) -> None:
 
 def search(
     inputs: PlanInputs, fixed: dict[str, Any], opts: SimOptions = SimOptions(),
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, exhaustive: bool = False,
 ) -> SearchResult:
-    """Rank every fitting layout; raises ``LayoutError`` when none fits."""
+    """Rank every fitting layout; raises ``LayoutError`` when none fits. ``exhaustive`` simulates
+    every fitting layout instead of stopping at the bound (same result, for benchmarks and tests)."""
     check_fixed(inputs, fixed)
     layouts = list(enumerate_layouts(inputs, fixed))
     coarse = SimOptions(tables=opts.tables, redundant_experts=opts.redundant_experts,
@@ -142,7 +148,7 @@ def search(
     fitting.sort(key=lambda f: f[0])
     scored: list[tuple[float, ParallelSpec, int, int, float]] = []
     for bound, trial, dp, m, peak in fitting:
-        if len(scored) >= FINALISTS and bound >= sorted(s[0] for s in scored)[FINALISTS - 1]:
+        if not exhaustive and len(scored) >= FINALISTS and bound >= sorted(s[0] for s in scored)[FINALISTS - 1]:
             break
         line = step_line(trial, dp, trial.parallel.seq_len_tokens, None, coarse)
         scored.append((line.step_s(m), trial.parallel, dp, m, peak))
