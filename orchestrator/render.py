@@ -129,7 +129,8 @@ def prediction_tables(plan: PlanFile) -> list[Table]:
             top.add_column(col, justify="right")
         for i, c in enumerate(pred.top_candidates, 1):
             par = c.parallel
-            top.add_row(str(i), str(par.pp), par.schedule, str(par.ep), str(par.dp), f"{par.micro_batch_size} x {c.microbatches}",
+            sched = f"{par.schedule} x{par.virtual_stages}" if par.schedule == "interleaved" else par.schedule
+            top.add_row(str(i), str(par.pp), sched, str(par.ep), str(par.dp), f"{par.micro_batch_size} x {c.microbatches}",
                         par.recompute, f"{c.step_time_s:.2f}", f"{c.tokens_per_s_per_gpu:,.0f}", f"{c.mfu_frac:.1%}",
                         f"{c.peak_memory_bytes_per_gpu / GiB:.1f}")
         out.append(top)
