@@ -11,12 +11,12 @@ from pydantic import ValidationError
 
 from orchestrator.overrides import apply_overrides
 from simulator.accounting.layout import LayoutError, check_layout
-from simulator.spec.inputs import PlanInputs
 from simulator.planner import resolve_microbatches
 from simulator.presets.clusters import CLUSTER_PRESETS
 from simulator.presets.models import MODEL_PRESETS
 from simulator.presets.recipes import recipe_for
 from simulator.spec.hardware import ClusterSpec
+from simulator.spec.inputs import PlanInputs
 from simulator.spec.model import ModelSpec
 from simulator.spec.parallel import ParallelSpec
 

@@ -16,7 +16,12 @@ import typer
 from pydantic import BaseModel, ValidationError
 
 from simulator.atomic_write import write_atomic
-from simulator.expert_load import ExpertLoadRecord, one_line_error, uniform_load, zipf_load
+from simulator.expert_load import (
+    ExpertLoadRecord,
+    one_line_error,
+    uniform_load,
+    zipf_load,
+)
 from simulator.migration import rebalance_with_migration
 from simulator.placement import POLICIES, place_experts
 from simulator.placement_figures import placement_figure, traffic_figure

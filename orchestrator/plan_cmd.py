@@ -10,7 +10,13 @@ from typing import Annotated
 import numpy as np
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from orchestrator.errors import USER_ERRORS, fail
 from orchestrator.inputs import InputError, build_request
@@ -20,8 +26,8 @@ from simulator.costs.tables import CostTables
 from simulator.engine.build import SimOptions
 from simulator.engine.trace import chrome_trace
 from simulator.plan import write_atomic, write_plan
-from simulator.planner import plan_with_predictions, summary
 from simulator.plan_figures import plan_html
+from simulator.planner import plan_with_predictions, summary
 from simulator.predict import simulate_at
 from simulator.search import search
 

@@ -127,7 +127,9 @@ def schedule_command(
         if out is not None and out.suffix == ".csv":
             text = schedule_to_torch_csv(schedule)
         elif out is not None:
-            from simulator.schedules.figure import timeline_html  # plotly only when drawing
+            from simulator.schedules.figure import (
+                timeline_html,  # plotly only when drawing
+            )
 
             text = timeline_html(schedule, timeline)
     except ValidationError as error:

@@ -15,7 +15,13 @@ import plotly.graph_objects as go
 
 from simulator.engine.step import TraceEvent
 from simulator.plan import MemoryReport, PlanFile
-from simulator.plan_figures_tables import GiB, candidates_table, phases_table, size, summary_table
+from simulator.plan_figures_tables import (
+    GiB,
+    candidates_table,
+    phases_table,
+    size,
+    summary_table,
+)
 from simulator.plan_figures_timeline import MAX_BARS, timeline_figure
 from simulator.planner import summary
 from simulator.predict import StepPrediction

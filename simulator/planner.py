@@ -6,7 +6,12 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from simulator.accounting.flops import training_flops
-from simulator.accounting.layout import LayoutError, check_layout, pipeline_stages, rank_stages
+from simulator.accounting.layout import (
+    LayoutError,
+    check_layout,
+    pipeline_stages,
+    rank_stages,
+)
 from simulator.accounting.memory import pipeline_memory
 from simulator.accounting.params import activated_params, param_counts
 from simulator.costs.tables import default_tables

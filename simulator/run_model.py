@@ -121,7 +121,7 @@ def predict_run(inputs: PlanInputs, dp: int, main_step: tuple[int, float], opts:
     """All phases; ``main_step`` = (micro-batches, step seconds) already simulated for the layout."""
     par, world = inputs.parallel, inputs.cluster.num_gpus
     phases = []
-    for i, phase in enumerate(inputs.training.phases):
+    for phase in inputs.training.phases:
         seq = phase.seq_len_tokens or par.seq_len_tokens
         known = main_step if seq == par.seq_len_tokens else None
         phases.append(_phase(phase, step_line(inputs, dp, seq, known, opts), inputs, dp))

@@ -15,7 +15,14 @@ Conventions (the usual "model FLOPs" of Kaplan et al. 2020 and PaLM, Chowdhery e
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from simulator.accounting.params import attention_norm_params, attention_params, expert_params, moe_layer_params, swiglu_params
+
+from simulator.accounting.params import (
+    attention_norm_params,
+    attention_params,
+    expert_params,
+    moe_layer_params,
+    swiglu_params,
+)
 from simulator.spec.model import ModelSpec
 from simulator.spec.parallel import RecomputeKind
 

@@ -11,8 +11,8 @@ from simulator.costs.tables import CostTables, default_tables
 from simulator.engine.expert_traffic import ExpertTraffic, expert_traffic
 from simulator.engine.step import Links, RankTail, StageCosts, StepInputs
 from simulator.engine.unit_costs import CostContext, UnitCosts, end_costs, unit_costs
-from simulator.spec.inputs import PlanInputs
 from simulator.schedules.generate import make_schedule
+from simulator.spec.inputs import PlanInputs
 from simulator.spec.parallel import ParallelSpec
 
 # AdamW step per parameter of the local shard: read+write FP32 master (8), two BF16 moments (8),

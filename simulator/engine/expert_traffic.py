@@ -26,7 +26,6 @@ from simulator.traffic import (
     simulate_layer,
 )
 
-
 MONTE_CARLO_TOKENS = 4096  # routings sampled per GPU for a skewed load
 
 

@@ -11,9 +11,23 @@ The core (this package without ``figure``) imports neither torch nor plotly.
 - ``Schedule.model_dump(mode="json")`` / ``Schedule.model_validate(data)`` for the plan file.
 """
 
-from simulator.schedules.actions import ACTION_KINDS, Action, ActionKind, Op, OpKind, ScheduleError
+from simulator.schedules.actions import (
+    ACTION_KINDS,
+    Action,
+    ActionKind,
+    Op,
+    OpKind,
+    ScheduleError,
+)
 from simulator.schedules.bubble import ClosedForm, closed_form_bubble
-from simulator.schedules.executor import Durations, TimedAction, Timeline, execute, needs, produces
+from simulator.schedules.executor import (
+    Durations,
+    TimedAction,
+    Timeline,
+    execute,
+    needs,
+    produces,
+)
 from simulator.schedules.generate import SCHEDULE_KINDS, make_schedule
 from simulator.schedules.schedule import Schedule
 from simulator.schedules.torch_csv import schedule_from_torch_csv, schedule_to_torch_csv
