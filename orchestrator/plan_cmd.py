@@ -120,10 +120,12 @@ def plan_command(
         fail(str(exc))
     lay = plan.layout
     events = simulate_at(plan.inputs, lay.dp, lay.microbatches, plan.inputs.parallel.seq_len_tokens, opts, trace=True).events
+    html = plan_html(plan, events)  # everything is rendered before the first file is written
+    trace_text = json.dumps(chrome_trace(events)) if trace is not None else None
     write_plan(plan, out / "plan.json")
-    write_atomic(out / "plan.html", plan_html(plan, events))
+    write_atomic(out / "plan.html", html)
     if trace is not None:
-        write_atomic(trace, json.dumps(chrome_trace(events)))
+        write_atomic(trace, trace_text)
     if json_:
         typer.echo(json.dumps(summary(plan), indent=2))
         return
