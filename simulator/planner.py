@@ -72,6 +72,7 @@ def build_plan(inputs: PlanInputs, ignored_config_keys: tuple[str, ...] = ()) ->
     m, par, tr = inputs.model, inputs.parallel, inputs.training
     dp = check_layout(m, inputs.cluster, par)
     microbatches = resolve_microbatches(par, tr, dp)
+    schedule = make_schedule(par.schedule, par.pp, microbatches, par.virtual_stages)
     stages = pipeline_stages(m, par)
     layout = ResolvedLayout(
         world=inputs.cluster.num_gpus, pp=par.pp, dp=dp, ep=par.ep, expert_dp=dp // par.ep,
@@ -91,7 +92,7 @@ def build_plan(inputs: PlanInputs, ignored_config_keys: tuple[str, ...] = ()) ->
         model_flops_per_token=tf.model_flops, model_flops_per_token_no_mtp=tf.model_flops_no_mtp,
         hardware_flops_per_token=tf.hardware_flops, mfu_definition=MFU_DEFINITION,
     )
-    ranks = pipeline_memory(m, par, tr.optimizer, tr.precision, dp, microbatches)
+    ranks = pipeline_memory(m, par, tr.optimizer, tr.precision, dp, microbatches, schedule)
     peak = max(ranks, key=lambda r: r.total_bytes)
     usable = inputs.cluster.usable_hbm_bytes
     memory = MemoryReport(
@@ -102,6 +103,7 @@ def build_plan(inputs: PlanInputs, ignored_config_keys: tuple[str, ...] = ()) ->
     return PlanFile(
         moeplan_version=_moeplan_version(), inputs_sha256=inputs.sha256(), inputs=inputs,
         ignored_config_keys=ignored_config_keys, layout=layout, params=params, flops=flops, memory=memory,
+        schedule=schedule,
     )
 
 
@@ -150,7 +152,6 @@ def plan_with_predictions(
     )
     return plan.model_copy(update={
         "predictions": predictions, "budget_report": budget_report(inputs, run),
-        "schedule": make_schedule(inputs.parallel.schedule, lay.pp, lay.microbatches, inputs.parallel.virtual_stages),
         "placement": plan_placement(inputs, opts),
     })
 

@@ -27,7 +27,7 @@ from simulator.engine.build import SimOptions, compute_bound_s
 from simulator.plan import Candidate
 from simulator.predict import simulate_at
 from simulator.run_model import step_line, valid_microbatches
-from simulator.schedules.generate import SCHEDULE_KINDS
+from simulator.schedules.generate import SCHEDULE_KINDS, make_schedule
 from simulator.spec.inputs import PlanInputs
 from simulator.spec.parallel import ParallelSpec
 
@@ -102,7 +102,8 @@ def _fits(inputs: PlanInputs, par: ParallelSpec) -> tuple[int, int, float] | Non
     if m is None:
         return None
     tr = inputs.training
-    peak = max(r.total_bytes for r in pipeline_memory(inputs.model, par, tr.optimizer, tr.precision, dp, m))
+    schedule = make_schedule(par.schedule, par.pp, m, par.virtual_stages)
+    peak = max(r.total_bytes for r in pipeline_memory(inputs.model, par, tr.optimizer, tr.precision, dp, m, schedule))
     return (dp, m, peak) if peak <= inputs.cluster.usable_hbm_bytes else None
 
 

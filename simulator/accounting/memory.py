@@ -20,6 +20,8 @@ from simulator.accounting.activations import (
 )
 from simulator.accounting.layout import Stage, pipeline_stages, rank_stages
 from simulator.accounting.params import decoder_layer_params, mtp_module_params
+from simulator.schedules.actions import Action
+from simulator.schedules.schedule import Schedule
 from simulator.spec.model import ModelSpec
 from simulator.spec.parallel import ParallelSpec
 from simulator.spec.training import OptimizerSpec
@@ -90,20 +92,34 @@ def in_flight_microbatches(parallel: ParallelSpec, rank: int, microbatches: int)
     micro-batch through *all* the rank's stages (closed forms; the schedule generators give the
     exact per-rank count).
 
-    1F1B / ZB1P: ``pp - rank`` (Narayanan et al. 2021). Interleaved: Megatron's warm-up
+    1F1B: ``pp - rank`` (Narayanan et al. 2021). ZB1P: ``pp`` on every rank, since deferred weight
+    gradients keep inputs alive (DualPipe README table; the replay of our ZB1P agrees). Interleaved: Megatron's warm-up
     ``2(pp-1-rank) + (v-1)pp + 1`` chunk micro-batches, over ``v`` chunks. DualPipe: ``pp + 1``
     stage micro-batches over 2 stages. DualPipeV: ``2pp + 1`` chunk micro-batches over 2 chunks
     (DualPipe README table: PP+1 with PP counted in stages).
     """
     pp, m = parallel.pp, microbatches
-    if parallel.schedule in ("1f1b", "zb1p"):
+    if parallel.schedule == "1f1b":
         return float(min(m, pp - rank))
+    if parallel.schedule == "zb1p":
+        return float(min(m, pp))
     if parallel.schedule == "interleaved":
         v = parallel.virtual_stages
         return min(v * m, 2 * (pp - 1 - rank) + (v - 1) * pp + 1) / v
     if parallel.schedule == "dualpipe":
         return min(m, pp + 1) / 2
     return min(2 * m, 2 * pp + 1) / 2  # dualpipev
+
+
+def activation_peak_bytes(actions: Sequence[Action], stage_bytes: Sequence[float]) -> float:
+    """Peak activation bytes of one rank running ``actions`` in order: a forward of stage ``s``
+    adds ``stage_bytes[s]``, the backward that ends its use (``B``, or ``W`` after ``I``) frees it."""
+    held = peak = 0.0
+    for action in actions:
+        held += sum(stage_bytes[op.stage] for op in action.ops if op.kind == "F")
+        peak = max(peak, held)
+        held -= sum(stage_bytes[op.stage] for op in action.ops if op.kind in ("B", "W"))
+    return peak
 
 
 def rank_memory(
@@ -114,8 +130,10 @@ def rank_memory(
     dp: int,
     rank: int,
     microbatches: int,
+    actions: Sequence[Action] | None = None,
 ) -> RankMemory:
-    """Peak bytes on one GPU of pipeline rank ``rank``."""
+    """Peak bytes on one GPU of pipeline rank ``rank``. With the rank's schedule ``actions`` the
+    activation peak is replayed exactly; without, the closed forms of ``in_flight_microbatches``."""
     all_stages = pipeline_stages(m, parallel)
     mine = [all_stages[i] for i in rank_stages(parallel, rank)]
     p = rank_params(m, mine, parallel.ep)
@@ -126,9 +144,18 @@ def rank_memory(
     opt_elems = p.dense / (dp if z >= 1 else 1) + p.expert / (edp if z >= 1 else 1)
     tokens = parallel.micro_batch_size * parallel.seq_len_tokens
     units = [u for s in mine for u in s.layers]
-    per_mb = tokens * sum(layer_activation_bytes_per_token(m, u, precision, parallel.recompute) for u in units)
-    per_mb += tokens * 2.0 * m.hidden_size * len(mine)  # each stage's received input (BF16)
-    flights = in_flight_microbatches(parallel, rank, microbatches)
+
+    def stage_bytes(stage: Stage) -> float:  # its layers' activations and its received input (BF16)
+        acts = sum(layer_activation_bytes_per_token(m, u, precision, parallel.recompute) for u in stage.layers)
+        return tokens * (acts + 2.0 * m.hidden_size)
+
+    per_mb = sum(stage_bytes(s) for s in mine)
+    if actions is None:
+        flights = in_flight_microbatches(parallel, rank, microbatches)
+        activations = per_mb * flights
+    else:
+        activations = activation_peak_bytes(actions, [stage_bytes(s) for s in all_stages])
+        flights = activations / per_mb
     transient = 0.0
     if any(s.has_head for s in mine):
         transient = tokens * head_transient_bytes_per_token(m)
@@ -142,14 +169,18 @@ def rank_memory(
         param_bytes=param_elems * optimizer.param_bytes,
         grad_bytes=grad_elems * optimizer.grad_bytes,
         optimizer_bytes=opt_elems * (optimizer.master_bytes + 2 * optimizer.moment_bytes),
-        activation_bytes=per_mb * flights,
+        activation_bytes=activations,
         transient_bytes=transient,
         in_flight_microbatches=flights,
     )
 
 
 def pipeline_memory(
-    m: ModelSpec, parallel: ParallelSpec, optimizer: OptimizerSpec, precision: str, dp: int, microbatches: int
+    m: ModelSpec, parallel: ParallelSpec, optimizer: OptimizerSpec, precision: str, dp: int, microbatches: int,
+    schedule: Schedule | None = None,
 ) -> tuple[RankMemory, ...]:
-    """``rank_memory`` for every pipeline rank."""
-    return tuple(rank_memory(m, parallel, optimizer, precision, dp, r, microbatches) for r in range(parallel.pp))
+    """``rank_memory`` for every pipeline rank (exact activation peaks when ``schedule`` is given)."""
+    return tuple(
+        rank_memory(m, parallel, optimizer, precision, dp, r, microbatches, schedule.ranks[r] if schedule else None)
+        for r in range(parallel.pp)
+    )

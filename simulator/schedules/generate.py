@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from simulator.schedules._checks import require
 from simulator.schedules.dualpipe import dualpipe, dualpipev
 from simulator.schedules.interleaved import interleaved_1f1b
@@ -12,6 +14,7 @@ from simulator.spec.parallel import ScheduleKind
 SCHEDULE_KINDS: tuple[ScheduleKind, ...] = ("1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev")
 
 
+@lru_cache(maxsize=256)  # schedules are frozen values; the search asks for the same ones many times
 def make_schedule(kind: ScheduleKind, pp: int, num_microbatches: int, virtual_stages: int = 2) -> Schedule:
     """The ``kind`` schedule on ``pp`` ranks (GPUs in one pipeline) for ``num_microbatches``.
 

@@ -106,3 +106,25 @@ def test_layout_errors_name_the_values():
         check_layout(deepseek_67b(), h800(1), ParallelSpec(ep=2))
     with pytest.raises(LayoutError, match="stage_layers"):
         pipeline_stages(deepseek_v3(), ParallelSpec(pp=2, stage_layers=(30, 30)))
+
+
+@pytest.mark.parametrize(("kind", "pp"), [("1f1b", 4), ("zb1p", 4), ("dualpipe", 4), ("dualpipev", 2), ("dualpipe", 8)])
+def test_schedule_replay_matches_the_closed_forms_on_equal_stages(kind, pp):
+    from simulator.schedules import make_schedule
+
+    spec = deepseek_67b().model_copy(update={"num_hidden_layers": 48})  # 48 layers: equal stages for every pp here
+    par = ParallelSpec(pp=pp, schedule=kind)
+    m = 4 * par.stages
+    closed = pipeline_memory(spec, par, OptimizerSpec(), "bf16", 8, m)
+    exact = pipeline_memory(spec, par, OptimizerSpec(), "bf16", 8, m, make_schedule(kind, pp, m))
+    for c, e in zip(closed, exact, strict=True):
+        assert e.activation_bytes == pytest.approx(c.activation_bytes)
+
+
+def test_schedule_replay_weights_unequal_stages():
+    from simulator.accounting.memory import activation_peak_bytes
+    from simulator.schedules import Action
+
+    acts = [Action.model_validate(t) for t in ("0F0", "1F0", "1B0", "0F1", "0B0", "0B1")]
+    # stage 0 holds 1 unit, stage 1 holds 10: the peak is when both forwards of mb 0 are live
+    assert activation_peak_bytes(acts, [1.0, 10.0]) == 11.0
