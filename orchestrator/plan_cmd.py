@@ -20,16 +20,19 @@ from rich.progress import (
 
 from orchestrator.errors import USER_ERRORS, fail
 from orchestrator.inputs import InputError, build_request
+from orchestrator.placement_cmd import read_model_file
 from orchestrator.render import plan_tables
 from simulator.accounting.layout import LayoutError
 from simulator.costs.tables import CostTables
 from simulator.engine.build import SimOptions
 from simulator.engine.trace import chrome_trace
+from simulator.expert_load import ExpertLoadRecord
 from simulator.plan import write_atomic, write_plan
 from simulator.plan_figures import plan_html
 from simulator.planner import plan_with_predictions, summary
 from simulator.predict import simulate_at
 from simulator.search import search
+from simulator.spec.model import ModelSpec
 
 console = Console(width=140)
 _SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
@@ -53,7 +56,24 @@ def parse_count(text: str, flag: str) -> float:
     return float(match.group(1)) * _SUFFIX.get(match.group(2), 1.0)
 
 
-def _sim_options(calibration: Path | None, zipf: float | None, redundant: int, n_experts: int) -> SimOptions:
+def _layer_loads(path: Path, model: ModelSpec) -> tuple[tuple[int, tuple[float, ...]], ...]:
+    """Per-layer expert loads from a recorded load file (``simulator.expert_load.ExpertLoadRecord``)."""
+    try:
+        record = read_model_file(path, ExpertLoadRecord, "--load")
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    if record.n_routed_experts != model.n_routed_experts:
+        raise InputError(f"--load {path}: n_routed_experts={record.n_routed_experts} but the model has {model.n_routed_experts}")
+    moe = set(i for i in range(model.num_hidden_layers) if model.is_moe_layer(i))
+    moe |= set(range(model.num_hidden_layers, model.num_hidden_layers + model.num_nextn_predict_layers))
+    stray = sorted(set(record.layer_ids) - moe)
+    if stray:
+        raise InputError(f"--load {path}: layer={stray[0]} is not an MoE layer of {model.name}")
+    return tuple((e.layer, tuple(float(c) for c in e.tokens_per_expert)) for e in record.layers)
+
+
+def _sim_options(calibration: Path | None, zipf: float | None, redundant: int, n_experts: int,
+                 layer_loads: tuple = ()) -> SimOptions:
     tables = None
     if calibration is not None:
         try:
@@ -67,7 +87,7 @@ def _sim_options(calibration: Path | None, zipf: float | None, redundant: int, n
         load = tuple(float(x) for x in 1.0 / np.arange(1, n_experts + 1) ** zipf)
     if redundant < 0:
         raise InputError(f"--redundant-experts {redundant}: must be >= 0")
-    return SimOptions(tables=tables, redundant_experts=redundant, expert_load=load)
+    return SimOptions(tables=tables, redundant_experts=redundant, expert_load=load, layer_loads=layer_loads)
 
 
 def plan_command(
@@ -90,6 +110,7 @@ def plan_command(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any setting: a.b=value (repeatable).")] = None,
     search_: Annotated[bool | None, typer.Option("--search/--no-search", help="Search the layout (default: when none is published).")] = None,
     zipf: Annotated[float | None, typer.Option(help="Skewed expert load: Zipf exponent (default uniform routing).")] = None,
+    load: Annotated[Path | None, typer.Option(help="Recorded per-layer expert loads (JSON, the format training writes).")] = None,
     redundant_experts: Annotated[int, typer.Option(help="Redundant expert slots per MoE layer (EPLB).")] = 0,
     calibration: Annotated[Path | None, typer.Option(help="Cost tables JSON (a calibration file).")] = None,
     trace: Annotated[Path | None, typer.Option(help="Also write the simulated step as a Chrome/Perfetto trace.")] = None,
@@ -107,7 +128,10 @@ def plan_command(
         if budget_gpu_hours is not None:
             sets.append(f"{FLAG_KEYS['budget_gpu_hours']}={parse_count(budget_gpu_hours, '--budget-gpu-hours')}")
         req = build_request(model, cluster, nodes, sets + list(set_ or []))
-        opts = _sim_options(calibration, zipf, redundant_experts, req.inputs.model.n_routed_experts)
+        if load is not None and zipf is not None:
+            raise InputError("--load and --zipf: give one expert-load source, not both")
+        loads = _layer_loads(load, req.inputs.model) if load is not None else ()
+        opts = _sim_options(calibration, zipf, redundant_experts, req.inputs.model.n_routed_experts, loads)
         do_search = search_ if search_ is not None else not req.published
         inputs, searched = req.inputs, None
         source = "published" if req.published and not req.fixed else "given"

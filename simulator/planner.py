@@ -15,7 +15,7 @@ from simulator.accounting.layout import (
 from simulator.accounting.memory import pipeline_memory
 from simulator.accounting.params import activated_params, param_counts
 from simulator.costs.tables import default_tables
-from simulator.engine.build import SimOptions
+from simulator.engine.build import SimOptions, layer_load
 from simulator.engine.expert_traffic import group_placement
 from simulator.placement_model import ExpertPlacement
 from simulator.plan import (
@@ -157,17 +157,17 @@ def plan_with_predictions(
 
 
 def plan_placement(inputs: PlanInputs, opts: SimOptions) -> ExpertPlacement | None:
-    """The placement the simulation assumed, for every MoE layer of one EP group."""
+    """The placement the simulation assumed, for every MoE layer (and MTP module) of one EP group."""
     m, par = inputs.model, inputs.parallel
     if not m.is_moe or par.ep == 1:
         return None
-    one = group_placement(m, inputs.cluster, par.ep, opts.redundant_experts, opts.expert_load)
     layers = [i for i in range(m.num_hidden_layers) if m.is_moe_layer(i)]
     layers += list(range(m.num_hidden_layers, m.num_hidden_layers + m.num_nextn_predict_layers))
-    row = one.phy2log[0].tolist()
-    return ExpertPlacement(policy=one.policy, num_logical_experts=m.n_routed_experts, num_groups=m.n_group,
-                           num_nodes=one.num_nodes, slots_per_gpu=[int(x) for x in one.slots_per_gpu],
-                           layer_ids=layers, phy2log=[row] * len(layers))
+    placements = [group_placement(m, inputs.cluster, par.ep, opts.redundant_experts, layer_load(opts, i)) for i in layers]
+    first = placements[0]
+    return ExpertPlacement(policy=first.policy, num_logical_experts=m.n_routed_experts, num_groups=m.n_group,
+                           num_nodes=first.num_nodes, slots_per_gpu=[int(x) for x in first.slots_per_gpu],
+                           layer_ids=layers, phy2log=[p.phy2log[0].tolist() for p in placements])
 
 
 def summary(plan: PlanFile) -> dict[str, Any]:

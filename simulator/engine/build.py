@@ -27,6 +27,7 @@ class SimOptions:
     tables: CostTables | None = None  # None: the defaults for the cluster's GPU
     redundant_experts: int = 0
     expert_load: tuple[float, ...] | None = None  # relative per-expert load; None = uniform routing
+    layer_loads: tuple[tuple[int, tuple[float, ...]], ...] = ()  # (layer, per-expert load): overrides expert_load
     seed: int = 0
     coarse: bool = False  # merge each stage's layers into one unit: fewer events, for the search
 
@@ -41,11 +42,16 @@ def cost_context(inputs: PlanInputs, tables: CostTables, seq_len_tokens: int) ->
     )
 
 
-def _traffic(inputs: PlanInputs, tokens: int, opts: SimOptions) -> ExpertTraffic | None:
+def layer_load(opts: SimOptions, layer: int) -> tuple[float, ...] | None:
+    """The per-expert load the simulation assumes for MoE layer ``layer`` (None: uniform)."""
+    return dict(opts.layer_loads).get(layer, opts.expert_load)
+
+
+def _traffic(inputs: PlanInputs, tokens: int, opts: SimOptions, load: tuple[float, ...] | None) -> ExpertTraffic | None:
     m, par = inputs.model, inputs.parallel
     if not m.is_moe or par.ep == 1:
         return None
-    return expert_traffic(m, inputs.cluster, par.ep, tokens, opts.redundant_experts, opts.expert_load, opts.seed)
+    return expert_traffic(m, inputs.cluster, par.ep, tokens, opts.redundant_experts, load, opts.seed)
 
 
 def merge_units(units: list[UnitCosts]) -> UnitCosts:
@@ -54,24 +60,25 @@ def merge_units(units: list[UnitCosts]) -> UnitCosts:
     return UnitCosts(**{f: sum(getattr(u, f) for u in units) for f in fields})
 
 
-def _stage_costs(
-    inputs: PlanInputs, parallel: ParallelSpec, ctx: CostContext, traffic: ExpertTraffic | None, coarse: bool
-) -> tuple[StageCosts, ...]:
+def _stage_costs(inputs: PlanInputs, parallel: ParallelSpec, ctx: CostContext, opts: SimOptions) -> tuple[StageCosts, ...]:
+    """Per stage, the costs of its layer units; MoE layers with the same load share one entry."""
     m = inputs.model
-    kinds = {
-        "dense": unit_costs(ctx, m, moe=False, traffic=None),
-        "moe": unit_costs(ctx, m, moe=True, traffic=traffic) if m.is_moe else None,
-        "mtp": unit_costs(ctx, m, moe=m.is_moe, traffic=traffic, mtp=True),
-    }
+    cache: dict[tuple, UnitCosts] = {}
+
+    def unit(u: int) -> UnitCosts:
+        mtp = u >= m.num_hidden_layers
+        moe = m.is_moe if mtp else m.is_moe_layer(u)
+        load = layer_load(opts, u) if moe else None
+        key = (mtp, moe, load)
+        if key not in cache:
+            traffic = _traffic(inputs, ctx.tokens, opts, load) if moe else None
+            cache[key] = unit_costs(ctx, m, moe=moe, traffic=traffic, mtp=mtp)
+        return cache[key]
+
     out = []
     for stage in pipeline_stages(m, parallel):
-        units = []
-        for u in stage.layers:
-            if u >= m.num_hidden_layers:
-                units.append(kinds["mtp"])
-            else:
-                units.append(kinds["moe"] if m.is_moe_layer(u) else kinds["dense"])
-        if coarse and len(units) > 1:
+        units = [unit(u) for u in stage.layers]
+        if opts.coarse and len(units) > 1:
             units = [merge_units(units)]
         mtp_units = sum(u >= m.num_hidden_layers for u in stage.layers)
         out.append(StageCosts(units=tuple(units), has_embedding=stage.has_embedding,
@@ -112,7 +119,6 @@ def step_inputs(
     tables = opts.tables or default_tables(cl.gpu.name)
     seq = seq_len_tokens or par.seq_len_tokens
     ctx = cost_context(inputs, tables, seq)
-    traffic = _traffic(inputs, ctx.tokens, opts)
     links = Links(
         nic_bytes_per_s=cl.node.nic_bytes_per_s, nvlink_bytes_per_s=cl.node.nvlink_bytes_per_s,
         latency_s=tables.collective_latency_s, p2p_bytes=ctx.tokens * m.hidden_size * 2.0,
@@ -120,7 +126,7 @@ def step_inputs(
     )
     return StepInputs(
         schedule=make_schedule(par.schedule, par.pp, microbatches, par.virtual_stages),
-        stages=_stage_costs(inputs, par, ctx, traffic, opts.coarse), ends=end_costs(ctx, m), links=links,
+        stages=_stage_costs(inputs, par, ctx, opts), ends=end_costs(ctx, m), links=links,
         tails=_tails(inputs, dp, tables),
     )
 
@@ -131,7 +137,7 @@ def compute_bound_s(inputs: PlanInputs, dp: int, microbatches: int, opts: SimOpt
     par, m = inputs.parallel, inputs.model
     tables = opts.tables or default_tables(inputs.cluster.gpu.name)
     ctx = cost_context(inputs, tables, par.seq_len_tokens)
-    stages = _stage_costs(inputs, par, ctx, _traffic(inputs, ctx.tokens, opts), coarse=True)
+    stages = _stage_costs(inputs, par, ctx, SimOptions(**{**vars(opts), "coarse": True}))
     ends = end_costs(ctx, m)
     head_s = ends.head_fwd_s + ends.head_dx_s + ends.head_dw_s
 

@@ -112,3 +112,33 @@ def test_usage_errors_are_one_line_from_the_console_entry_point(tmp_path, args, 
     lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
     assert len(lines) == 1 and message in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def _load_file(path, layers, counts):
+    path.write_text(json.dumps({"schema_version": 1, "model": "tiny-moe", "n_routed_experts": 16,
+                                "num_experts_per_tok": 4, "window_tokens": 4096,
+                                "layers": [{"layer": i, "tokens_per_expert": counts} for i in layers]}))
+    return path
+
+
+def test_recorded_expert_load_slows_the_plan_and_shapes_the_placement(tmp_path):
+    base = ["plan", "--model", "tiny-moe", "--cluster", "h200", "--nodes", "1", "--no-search", "--pp", "2", "--ep", "4",
+            "--schedule", "dualpipe", "--seq-len", "256", "--global-batch", "32", "--json"]
+    uniform = json.loads(run(*base, "--out", str(tmp_path / "u")).output)
+    hot = [4000] + [10] * 15  # one expert takes almost every token
+    load = _load_file(tmp_path / "load.json", [1, 2, 3, 4], hot)
+    skewed = json.loads(run(*base, "--load", str(load), "--out", str(tmp_path / "s")).output)
+    assert skewed["step_time_s"] > uniform["step_time_s"]
+    from simulator.plan import read_plan
+
+    plan = read_plan(tmp_path / "s")
+    assert plan.placement.layer_ids == [1, 2, 3, 4] and len(plan.placement.phy2log) == 4
+
+
+@pytest.mark.parametrize(("layers", "message"), [([0], "layer=0 is not an MoE layer"), ([1, 1], "appears twice")])
+def test_bad_load_file_is_one_line(tmp_path, layers, message):
+    load = _load_file(tmp_path / "load.json", layers, [1] * 16)
+    res = runner.invoke(app, ["plan", "--model", "tiny-moe", "--cluster", "h200", "--load", str(load),
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
