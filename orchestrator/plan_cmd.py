@@ -9,6 +9,7 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -19,7 +20,7 @@ from rich.progress import (
 )
 
 from orchestrator.errors import USER_ERRORS, fail
-from orchestrator.inputs import InputError, build_request
+from orchestrator.inputs import InputError, build_request, validation_message
 from orchestrator.placement_cmd import read_model_file
 from orchestrator.render import plan_tables
 from simulator.accounting.layout import LayoutError
@@ -78,8 +79,10 @@ def _sim_options(calibration: Path | None, zipf: float | None, redundant: int, n
     if calibration is not None:
         try:
             tables = CostTables.from_file(calibration)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"--calibration {calibration}: {str(exc).splitlines()[0]}") from exc
+        except ValidationError as exc:
+            raise InputError(validation_message(exc, f"--calibration {calibration}")) from exc
+        except OSError as exc:
+            raise InputError(f"--calibration {calibration}: cannot read ({exc.strerror})") from exc
     load = None
     if zipf is not None:
         if zipf < 0 or n_experts == 0:

@@ -92,8 +92,9 @@ def _microbatches(inputs: PlanInputs, par: ParallelSpec, dp: int) -> int | None:
     return m if valid_microbatches(par, m) == m else None
 
 
-def _fits(inputs: PlanInputs, par: ParallelSpec) -> tuple[int, int, float] | None:
-    """(dp, micro-batches, peak bytes) of a layout that runs and fits, else None."""
+def _fits(inputs: PlanInputs, par: ParallelSpec, lowest: list | None = None) -> tuple[int, int, float] | None:
+    """(dp, micro-batches, peak bytes) of a layout that runs and fits, else None. ``lowest`` keeps
+    [peak bytes, layout] of the smallest peak seen, for the message when nothing fits."""
     try:
         dp = check_layout(inputs.model, inputs.cluster, par)
     except LayoutError:
@@ -104,6 +105,8 @@ def _fits(inputs: PlanInputs, par: ParallelSpec) -> tuple[int, int, float] | Non
     tr = inputs.training
     schedule = make_schedule(par.schedule, par.pp, m, par.virtual_stages)
     peak = max(r.total_bytes for r in pipeline_memory(inputs.model, par, tr.optimizer, tr.precision, dp, m, schedule))
+    if lowest is not None and (not lowest or peak < lowest[0]):
+        lowest[:] = [peak, par]
     return (dp, m, peak) if peak <= inputs.cluster.usable_hbm_bytes else None
 
 
@@ -131,19 +134,24 @@ def search(
     layouts = list(enumerate_layouts(inputs, fixed))
     coarse = SimOptions(tables=opts.tables, redundant_experts=opts.redundant_experts,
                         expert_load=None, seed=opts.seed, coarse=True)
-    fitting = []
+    fitting, lowest = [], []
     for i, par in enumerate(layouts):
         if progress:
             progress(i + 1, len(layouts))
-        fit = _fits(inputs, par)
+        fit = _fits(inputs, par, lowest)
         if fit is not None:
             dp, m, peak = fit
             trial = inputs.model_copy(update={"parallel": par})
             fitting.append((compute_bound_s(trial, dp, m, coarse), trial, dp, m, peak))
     if not fitting:
+        best = ""
+        if lowest:
+            p = lowest[1]
+            best = (f"; the smallest peak is {lowest[0] / 2**30:,.1f} GiB of {inputs.cluster.usable_hbm_bytes / 2**30:,.1f} "
+                    f"usable (pp={p.pp} {p.schedule} ep={p.ep} recompute={p.recompute}): use more nodes")
         raise LayoutError(
             f"no layout of {inputs.model.name} fits {inputs.cluster.num_gpus} x {inputs.cluster.gpu.name} "
-            f"({len(layouts)} enumerated, fixed={fixed})"
+            f"({len(layouts)} enumerated, fixed={fixed}){best}"
         )
     # Simulate in order of the compute bound; stop once the bound cannot beat the tenth best step.
     fitting.sort(key=lambda f: f[0])

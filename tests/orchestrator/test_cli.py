@@ -65,7 +65,10 @@ def test_dense_model_gets_a_fitting_default_layout(tmp_path):
      (["--set", "parallel.pp=3"], "pp=3 does not divide"),
      (["--set", "training.precision=fp4"], "training.precision"),
      (["--set", "parallel.micro_batch_size=7"], "global_batch_seqs=15360 is not a multiple"),
-     (["--model", "missing.json"], "--model missing.json: no such file")],
+     (["--model", "missing.json"], "--model missing.json: no such file"),
+     (["--model", "deepseek-67b", "--nodes", "1"], "no layout of deepseek-67b fits 8 x H800-SXM5"),
+     (["--calibration", "/dev/null"], "--calibration /dev/null: Invalid JSON"),
+     (["--tokens", "lots"], "--tokens 'lots': expected a number")],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, message):
     out = tmp_path / "out"
