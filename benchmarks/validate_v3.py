@@ -17,12 +17,16 @@ import platform
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.inputs import build_request  # noqa: E402
 from simulator.engine.step import Links, RankTail, StageCosts, StepInputs, StepSimulation  # noqa: E402
 from simulator.engine.unit_costs import EndCosts, UnitCosts  # noqa: E402
+from simulator.costs.tables import default_tables  # noqa: E402
+from simulator.engine.build import SimOptions  # noqa: E402
 from simulator.planner import plan_with_predictions  # noqa: E402
 from simulator.schedules import Durations, closed_form_bubble, make_schedule  # noqa: E402
 
@@ -33,9 +37,29 @@ SETS = ["parallel.pp=16", "parallel.ep=64", 'parallel.schedule="dualpipe"', 'tra
         "parallel.seq_len_tokens=4096", "training.phases.0.global_batch_seqs=15360", "training.phases.0.tokens=14.8e12"]
 
 
-def v3_plan():
-    req = build_request("deepseek-v3", "h800", 256, SETS)
-    return plan_with_predictions(req.inputs, (), "given", fixed_fields=tuple(sorted(req.fixed)))
+def v3_plan(extra: tuple[str, ...] = (), opts: SimOptions = SimOptions()):
+    req = build_request("deepseek-v3", "h800", 256, SETS + list(extra))
+    return plan_with_predictions(req.inputs, (), "given", opts=opts, fixed_fields=tuple(sorted(req.fixed)))
+
+
+def sensitivity() -> list[str]:
+    """How the headline moves under other published or plausible inputs (none of them fitted)."""
+    tables = default_tables("H800-SXM5")
+    zipf = tuple(float(x) for x in 1 / np.arange(1, 257) ** 0.5)
+    cases = [
+        ("as above", (), SimOptions()),
+        ("IB at DeepEP's first EP64 figures, 45 GB/s (README 2025-02-24, reference §11.1)",
+         ("cluster.node.nic_bytes_per_s=45e9",), SimOptions()),
+        ("24 SMs for communication (DeepEP V1 example) instead of 20", (),
+         SimOptions(tables=tables.model_copy(update={"comm_sms": 24}))),
+        ("expert load Zipf 0.5, balanced with 32 redundant experts", (),
+         SimOptions(expert_load=zipf, redundant_experts=32)),
+    ]
+    rows = []
+    for name, extra, opts in cases:
+        per_t = v3_plan(extra, opts).predictions.run.gpu_hours_per_trillion_tokens
+        rows.append(f"| {name} | {per_t:,.0f} | {per_t / TR_GPU_HOURS_PER_T - 1:+.1%} |")
+    return rows
 
 
 def schedule_check() -> list[str]:
@@ -114,6 +138,12 @@ def main() -> None:
         "micro-batches per pipeline, which DualPipe cannot run, so the phase is priced on the step line "
         "(mostly bubble). DeepSeek's real long-context layout is unpublished; context parallelism is not "
         "modelled yet, so this phase is over-predicted.",
+        "",
+        "## Sensitivity (GPU-hours per trillion tokens)",
+        "",
+        "| change | predicted | vs 180K |",
+        "|---|---|---|",
+        *sensitivity(),
         "",
         "## Schedule formulas (free communication, F=1, B=2, W=1, F&B=F+B, micro-batches = 4 pp)",
         "",
