@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from simulator.accounting.flops import training_flops
@@ -132,8 +132,7 @@ def search(
     every fitting layout instead of stopping at the bound (same result, for benchmarks and tests)."""
     check_fixed(inputs, fixed)
     layouts = list(enumerate_layouts(inputs, fixed))
-    coarse = SimOptions(tables=opts.tables, redundant_experts=opts.redundant_experts,
-                        expert_load=None, seed=opts.seed, coarse=True)
+    coarse = replace(opts, expert_load=None, layer_loads=(), coarse=True)  # ranking assumes uniform routing
     fitting, lowest = [], []
     for i, par in enumerate(layouts):
         if progress:

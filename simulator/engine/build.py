@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from simulator.accounting.layout import pipeline_stages, rank_stages
 from simulator.accounting.memory import rank_params
@@ -137,7 +137,7 @@ def compute_bound_s(inputs: PlanInputs, dp: int, microbatches: int, opts: SimOpt
     par, m = inputs.parallel, inputs.model
     tables = opts.tables or default_tables(inputs.cluster.gpu.name)
     ctx = cost_context(inputs, tables, par.seq_len_tokens)
-    stages = _stage_costs(inputs, par, ctx, SimOptions(**{**vars(opts), "coarse": True}))
+    stages = _stage_costs(inputs, par, ctx, replace(opts, coarse=True))
     ends = end_costs(ctx, m)
     head_s = ends.head_fwd_s + ends.head_dx_s + ends.head_dw_s
 

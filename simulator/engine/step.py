@@ -23,6 +23,7 @@ import simpy
 
 from simulator.engine.unit_costs import EndCosts, UnitCosts
 from simulator.schedules.actions import Action, Op
+from simulator.schedules.executor import needs, produces
 from simulator.schedules.schedule import Schedule
 
 
@@ -117,7 +118,7 @@ class StepSimulation:
         self.env = simpy.Environment()
         self.events: list[TraceEvent] | None = [] if trace else None
         self.ranks = [_Rank(self.env, r, self.events) for r in range(inputs.schedule.num_ranks)]
-        self.ready: dict[tuple[str, int, int], simpy.Event] = {}
+        self.ready: dict[tuple[str, str, int, int], simpy.Event] = {}
         self.backwards_left = {
             (r, s): sum(1 for a in acts for op in a.ops if op.stage == s and op.kind in ("B", "W"))
             for r, acts in enumerate(inputs.schedule.ranks) for s in range(inputs.schedule.num_stages)
@@ -125,33 +126,29 @@ class StepSimulation:
         self.tail_done: list[list[simpy.Process]] = [[] for _ in self.ranks]
 
     # -- dependencies ---------------------------------------------------------------------
-    def _event(self, key: tuple[str, int, int]) -> simpy.Event:
+    def _event(self, key: tuple[str, str, int, int]) -> simpy.Event:
         if key not in self.ready:
             self.ready[key] = self.env.event()
         return self.ready[key]
 
     def _needs(self, op: Op) -> list[simpy.Event]:
-        last = self.inp.schedule.num_stages - 1
-        if op.kind == "F":
-            return [self._event(("F", op.stage - 1, op.microbatch))] if op.stage > 0 else []
-        if op.kind == "W":
-            return [self._event(("I", op.stage, op.microbatch))]
-        needs = [self._event(("Fdone", op.stage, op.microbatch))]
-        if op.stage < last:
-            needs.append(self._event(("G", op.stage + 1, op.microbatch)))
-        return needs
+        """The schedule's dependency rules (``schedules.executor.needs``): a value made by the same
+        stage is local ("done"); one from a neighbouring stage waits for its transfer ("ready")."""
+        return [self._event(("done" if stage == op.stage else "ready", kind, stage, mb))
+                for kind, stage, mb in needs(op, self.inp.schedule.num_stages)]
 
     def _deliver(self, rank: _Rank, key: tuple[str, int, int], to_rank: int) -> Generator:
         """Hand an activation (``F``) or input gradient (``G``) to the rank that consumes it."""
+        name = f"p2p {key[0]}{key[1]}/{key[2]}"
         if to_rank != rank.index and not self.free_comm:
             links = self.inp.links
             if links.p2p_over_nvlink:
                 seconds = links.latency_s + links.p2p_bytes / links.nvlink_bytes_per_s
-                yield from rank.use("nvlink", seconds, f"p2p {key[0]}{key[1]}/{key[2]}")
+                yield from rank.use("nvlink", seconds, name)
             else:
                 seconds = links.latency_s + links.p2p_bytes / links.nic_bytes_per_s
-                yield from rank.use("nic", seconds, f"p2p {key[0]}{key[1]}/{key[2]}")
-        self._event(key).succeed()
+                yield from rank.use("nic", seconds, name)
+        self._event(("ready", *key)).succeed()
 
     # -- communication --------------------------------------------------------------------
     def _a2a(self, rank: _Rank, ib_bytes: float, nvl_bytes: float, name: str) -> float:
@@ -211,20 +208,19 @@ class StepSimulation:
         sched = self.inp.schedule
         if op.kind == "F":
             yield from self._forward(rank, op)
-            self._event(("Fdone", op.stage, op.microbatch)).succeed()
-            if op.stage + 1 < sched.num_stages:
-                to = sched.rank_of(op.stage + 1, op.microbatch)
-                self.env.process(self._deliver(rank, ("F", op.stage, op.microbatch), to))
-            return
-        if op.kind == "W":
+        elif op.kind == "W":
             yield from self._weights(rank, op)
         else:
             yield from self._backward(rank, op, weights=op.kind == "B")
-            if op.kind == "I":
-                self._event(("I", op.stage, op.microbatch)).succeed()
-            if op.stage > 0:
-                to = sched.rank_of(op.stage - 1, op.microbatch)
-                self.env.process(self._deliver(rank, ("G", op.stage, op.microbatch), to))
+        for key in produces(op):
+            self._event(("done", *key)).succeed()
+        # activations go to the next stage, input gradients to the previous one
+        if op.kind == "F" and op.stage + 1 < sched.num_stages:
+            to = sched.rank_of(op.stage + 1, op.microbatch)
+            self.env.process(self._deliver(rank, ("F", op.stage, op.microbatch), to))
+        if op.kind in ("B", "I") and op.stage > 0:
+            to = sched.rank_of(op.stage - 1, op.microbatch)
+            self.env.process(self._deliver(rank, ("G", op.stage, op.microbatch), to))
         if op.kind in ("B", "W"):
             self._stage_backward_done(rank, op.stage)
 
