@@ -12,12 +12,16 @@ The same kernel serves the three training GEMMs of ``y = x · Wᵀ``:
   wgrad    ``dW = dyᵀ · x``   a = dyᵀ (N, M),    b = xᵀ (K, M)           row scales (128×1 tiles)
 and, through ``MODE``, the grouped GEMMs of ``grouped_gemm.py``.
 
-``backend="auto"`` times this kernel against ``torch._scaled_mm`` (cuBLAS/CUTLASS block-scaled) once
-per shape and keeps the faster; ``"triton"`` / ``"torch"`` force one.
+Dense products whose operands TMA can read (K contiguous, K % 16 == 0) on Hopper, or in the
+interpreter, go to the persistent TMA kernel of ``fp8_gemm_tma.py`` instead: it is 1.4-1.6x faster
+than this one on the H200 (docs/kernels-sweep.md). ``backend="auto"`` times the Triton kernel against
+``torch._scaled_mm`` (cuBLAS block-scaled) once per shape and keeps the faster; ``"triton"`` /
+``"torch"`` force one.
 """
 
 import torch
 
+from .fp8_gemm_tma import fp8_gemm_tma
 from .fp8_quant import cast_for_store, quant_act_1x128, quant_weight_128x128
 from .triton_compat import INTERPRET, tl, triton
 
@@ -201,8 +205,34 @@ def check_fp8_operands(a, a_scale, b, b_scale) -> None:
                          f"{lead + (N, kt)} (1x128 rows), got {tuple(b_scale.shape)}")
 
 
+def tma_eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether TMA can read both operands: K contiguous, 16-byte rows and base, and a Hopper GPU."""
+    K = a.shape[1]
+    if K % 16 or a.stride(1) != 1 or b.stride(1) != 1 or a.stride(0) % 16 or b.stride(0) % 16:
+        return False
+    if a.data_ptr() % 16 or b.data_ptr() % 16:
+        return False
+    if INTERPRET:
+        return True
+    return a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9
+
+
+def tma_config(K: int) -> tuple:
+    """The TMA kernel's configuration by reduction size, from the H200 sweep (docs/kernels-sweep.md).
+
+    Short K (a few 128-steps per tile) gains from flattening the tile loop into the K loop, so the
+    next tile's loads start while this one finishes (709 vs 557 TFLOPS at N x K = 32768 x 512); longer
+    K is fastest with 64x128 tiles, two programs per SM (906 vs 875 TFLOPS at 7168 x 16384).
+    """
+    if K <= 1024:
+        return (128, 128, 8, 4, True, False, False, 8, 1)
+    return (64, 128, 4, 3, False, False, False, 8, 2)
+
+
 def _fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype):
     M, N = a.shape[0], b.shape[0]
+    if tma_eligible(a, b):
+        return fp8_gemm_tma(a, a_scale, b, b_scale, out_dtype, config=tma_config(a.shape[1]))
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     launch_gemm(a, b.unsqueeze(0), c.unsqueeze(0), a_scale, b_scale.unsqueeze(0), None, MODE_DENSE)
     return c

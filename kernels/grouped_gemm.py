@@ -48,10 +48,15 @@ def _resolve(backend: str, a: torch.Tensor) -> str:
 def segment_rows(m_indices: torch.Tensor, num_experts: int) -> list[tuple[int, int, int]]:
     """(first row, real rows, padded rows) per expert of a contiguous layout; one host sync."""
     counts = torch.bincount(m_indices.long() + 1, minlength=num_experts + 1)[1:].tolist()
+    return segments_from_counts(counts)
+
+
+def segments_from_counts(counts) -> list[tuple[int, int, int]]:
+    """(first row, real rows, padded rows) per expert from host-side row counts (no device access)."""
     rows, first = [], 0
     for count in counts:
-        padded = -(-count // TILE) * TILE
-        rows.append((first, count, padded))
+        padded = -(-int(count) // TILE) * TILE
+        rows.append((first, int(count), padded))
         first += padded
     return rows
 
@@ -64,13 +69,26 @@ def _check_layout(m_total: int, m_indices: torch.Tensor, num_experts: int) -> No
     assert num_experts >= 1, f"{num_experts=}"
 
 
-def _grouped_fp8_torch(a, a_scale, b, b_scale, m_indices, out_dtype):
+def _grouped_fp8_torch(a, a_scale, b, b_scale, m_indices, out_dtype, m_counts=None):
+    """One block-scaled ``torch._scaled_mm`` per expert, launched back to back.
+
+    With ``m_counts`` on the host nothing here waits for the GPU. cuBLAS wants each expert's 1×128
+    scales M-major and rejects strided views of one transposed copy ("Invalid scaling
+    configuration", measured on the H200), so each expert gets its own small copy.
+    """
+    segments = segments_from_counts(m_counts) if m_counts is not None else segment_rows(m_indices, b.shape[0])
+    k_blocks = a_scale.shape[1]
+    if b.shape[1] > TILE and k_blocks % 4:
+        fp8_gemm_torch(a[:TILE], a_scale[:TILE], b[0], b_scale[0], out_dtype)  # raises the K/128 guard's error
     c = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
-    for e, (first, count, padded) in enumerate(segment_rows(m_indices, b.shape[0])):
+    b_scale_t = b_scale.transpose(1, 2)  # (E, K/128, N/128), unit stride along K/128 as cuBLAS wants
+    for e, (first, count, padded) in enumerate(segments):
         if count:  # whole 128-aligned segments: cuBLAS refuses some ragged row counts
             rows = slice(first, first + padded)
-            fp8_gemm_torch(a[rows], a_scale[rows], b[e], b_scale[e], out_dtype, out=c[rows])
-            c[first + count: first + padded] = 0
+            torch._scaled_mm(a[rows], b[e].t(), scale_a=a_scale[rows].t().contiguous().t(), scale_b=b_scale_t[e],
+                             out_dtype=out_dtype, out=c[rows])
+            if padded > count:
+                c[first + count: first + padded] = 0
     return c
 
 
@@ -83,24 +101,33 @@ def _grouped_fp8_triton(a, a_scale, b, b_scale, m_indices, out_dtype):
 def grouped_gemm_fp8(
     a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
     m_indices: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
+    m_counts=None,
 ) -> torch.Tensor:
     """c (M_total, N): row r is (a[r] * a_scale[r]) · (b[e] * b_scale[e])ᵀ with e = m_indices[r].
 
     a (M_total, K) E4M3, a_scale (M_total, ceil(K/128)); b (E, N, K) E4M3 (any strides), b_scale
     (E, ceil(N/128), ceil(K/128)). Padding rows (m_indices = -1) come out as zeros.
     backend: "auto" | "triton" | "torch" (per-expert torch._scaled_mm).
+    m_counts: real rows per expert on the host, if the caller has them (DeepEP's dispatch returns
+    them as a list); the per-expert loop then never waits for the GPU to learn the segments.
     """
     check_fp8_operands(a, a_scale, b, b_scale)
     if b.dim() != 3:
         raise ValueError(f"b must be (E, N, K), got shape={tuple(b.shape)}")
     _check_layout(a.shape[0], m_indices, b.shape[0])
+    if m_counts is not None:
+        m_counts = [int(n) for n in m_counts]
+        padded = sum(-(-n // TILE) * TILE for n in m_counts)
+        if len(m_counts) != b.shape[0] or min(m_counts) < 0 or padded > a.shape[0]:
+            raise ValueError(f"m_counts={m_counts[:8]}{'...' if len(m_counts) > 8 else ''} must hold {b.shape[0]} "
+                             f"non-negative row counts whose 128-padded sum fits M_total={a.shape[0]}")
     args = (a, a_scale, b, b_scale, m_indices, out_dtype)
     backend = _resolve(backend, a)
     if backend == "auto":
         key = ("grouped_fp8", _bucket(a.shape[0]), tuple(b.shape), b.stride(), out_dtype)
         backend = pick_faster(key, {"triton": lambda: _grouped_fp8_triton(*args),
-                                    "torch": lambda: _grouped_fp8_torch(*args)})
-    return (_grouped_fp8_torch if backend == "torch" else _grouped_fp8_triton)(*args)
+                                    "torch": lambda: _grouped_fp8_torch(*args, m_counts)})
+    return _grouped_fp8_torch(*args, m_counts) if backend == "torch" else _grouped_fp8_triton(*args)
 
 
 def grouped_gemm_bf16(a: torch.Tensor, b: torch.Tensor, m_indices: torch.Tensor,

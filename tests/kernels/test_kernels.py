@@ -114,7 +114,7 @@ def test_quantisers_bit_exact(device, shape, pow2_scale):
     assert torch.equal(s, s_ref) and same_bits(q, q_ref) and same_bits(qt, q_ref.mT.contiguous())
 
 
-GEMM_SHAPES = [(37, 50, 300), (130, 200, 129)] + ([(512, 2112, 7168), (300, 7168, 2048)] if ON_GPU else [])
+GEMM_SHAPES = [(37, 50, 300), (130, 200, 129), (48, 50, 272)] + ([(512, 2112, 7168), (300, 7168, 2048)] if ON_GPU else [])
 BACKENDS = ["triton"] + (["torch", "auto"] if ON_GPU else [])
 
 
