@@ -229,13 +229,22 @@ def tma_config(K: int) -> tuple:
     return (64, 128, 4, 3, False, False, False, 8, 2)
 
 
-def _fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype):
+def fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype):
     M, N = a.shape[0], b.shape[0]
     if tma_eligible(a, b):
         return fp8_gemm_tma(a, a_scale, b, b_scale, out_dtype, config=tma_config(a.shape[1]))
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     launch_gemm(a, b.unsqueeze(0), c.unsqueeze(0), a_scale, b_scale.unsqueeze(0), None, MODE_DENSE)
     return c
+
+
+def scaled_mm_reliable(N: int, k_blocks: int) -> bool:
+    """Whether block-scaled ``torch._scaled_mm`` is right for N output columns and K/128 = k_blocks.
+
+    Measured on the H200 (torch 2.11, cuBLAS): with K/128 = 1 or 2 and more than one 128-wide N
+    block the result is wrong (relative error 0.2 to 265); K/128 = 4, 12, 56 are right.
+    """
+    return N <= TILE or k_blocks % 4 == 0
 
 
 def fp8_gemm_torch(a, a_scale, b, b_scale, out_dtype, out=None):
@@ -246,9 +255,7 @@ def fp8_gemm_torch(a, a_scale, b, b_scale, out_dtype, out=None):
     sa = a_scale.t().contiguous().t()  # (M, K/128), M-major
     row_scales = b_scale.shape[0] == b.shape[0]
     k_blocks = a_scale.shape[1]
-    if b.shape[0] > TILE and k_blocks % 4:
-        # Measured on the H200 (torch 2.11, cuBLAS): with K/128 = 1 or 2 and more than one 128-wide
-        # N block the result is wrong (relative error 0.2 to 265); K/128 = 4, 12, 56 are right.
+    if not scaled_mm_reliable(b.shape[0], k_blocks):
         raise ValueError(f"torch._scaled_mm block scaling is unreliable for K/128={k_blocks} (not a multiple of 4)")
     # (K/128, N) row-major for 1×128 rows; (K/128, N/128) with unit stride along K/128 for blocks.
     sb = b_scale.t().contiguous() if row_scales else b_scale.contiguous().t()
@@ -280,7 +287,7 @@ def pick_faster(key: tuple, candidates: dict) -> str:
 def _choose_backend(a, a_scale, b, b_scale, out_dtype) -> str:
     key = ("dense", tuple(a.shape), tuple(b.shape), b.stride(), tuple(b_scale.shape), out_dtype)
     return pick_faster(key, {name: (lambda fn=fn: fn(a, a_scale, b, b_scale, out_dtype))
-                             for name, fn in (("triton", _fp8_gemm_triton), ("torch", fp8_gemm_torch))})
+                             for name, fn in (("triton", fp8_gemm_triton), ("torch", fp8_gemm_torch))})
 
 
 def fp8_gemm(
@@ -297,7 +304,7 @@ def fp8_gemm(
         raise ValueError(f"backend={backend!r} must be 'auto', 'triton' or 'torch'")
     if backend == "auto":
         backend = _choose_backend(a, a_scale, b, b_scale, out_dtype) if a.is_cuda and not INTERPRET else "triton"
-    fn = fp8_gemm_torch if backend == "torch" else _fp8_gemm_triton
+    fn = fp8_gemm_torch if backend == "torch" else fp8_gemm_triton
     return fn(a, a_scale, b, b_scale, out_dtype)
 
 

@@ -24,10 +24,12 @@ from .fp8_gemm import (
     MODE_GROUPED_K,
     MODE_GROUPED_M,
     TILE,
+    fp8_gemm_triton,
     check_fp8_operands,
     fp8_gemm_torch,
     launch_gemm,
     pick_faster,
+    scaled_mm_reliable,
 )
 from .fp8_quant import quant_act_1x128, quant_weight_128x128
 from .triton_compat import triton
@@ -77,11 +79,11 @@ def _grouped_fp8_torch(a, a_scale, b, b_scale, m_indices, out_dtype, m_counts=No
     configuration", measured on the H200), so each expert gets its own small copy.
     """
     segments = segments_from_counts(m_counts) if m_counts is not None else segment_rows(m_indices, b.shape[0])
-    k_blocks = a_scale.shape[1]
-    if b.shape[1] > TILE and k_blocks % 4:
-        fp8_gemm_torch(a[:TILE], a_scale[:TILE], b[0], b_scale[0], out_dtype)  # raises the K/128 guard's error
+    if not scaled_mm_reliable(b.shape[1], a_scale.shape[1]):
+        raise ValueError(f"torch._scaled_mm block scaling is unreliable for K/128={a_scale.shape[1]} "
+                         "(not a multiple of 4)")
     c = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
-    b_scale_t = b_scale.transpose(1, 2)  # (E, K/128, N/128), unit stride along K/128 as cuBLAS wants
+    b_scale_t = b_scale.contiguous().transpose(1, 2)  # (E, K/128, N/128), unit stride along K/128 (cuBLAS)
     for e, (first, count, padded) in enumerate(segments):
         if count:  # whole 128-aligned segments: cuBLAS refuses some ragged row counts
             rows = slice(first, first + padded)
@@ -170,7 +172,11 @@ def _grouped_wgrad_fp8_torch(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dt
             c[e] = 0
             continue
         tiles = slice(lo // TILE, hi // TILE)
-        fp8_gemm_torch(a_t[:, lo:hi], a_t_scale[:, tiles], b_t[:, lo:hi], b_t_scale[:, tiles], out_dtype, out=c[e])
+        args = (a_t[:, lo:hi], a_t_scale[:, tiles], b_t[:, lo:hi], b_t_scale[:, tiles], out_dtype)
+        if scaled_mm_reliable(b_t.shape[0], (hi - lo) // TILE):
+            fp8_gemm_torch(*args, out=c[e])
+        else:  # a segment of 128 or 256 rows: cuBLAS gets it wrong (fp8_gemm.scaled_mm_reliable)
+            c[e] = fp8_gemm_triton(*args)
     return c
 
 

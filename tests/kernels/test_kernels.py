@@ -203,6 +203,8 @@ def test_grouped_gemms(device, counts, N, K, backend):
     b, sb, bt = quant_weight_128x128(w, transposed=True)
     ref = grouped_gemm_ref(dequant_rows(a, sa), dequant_blocks(b, sb), m_indices)
     assert rel_err(grouped_gemm_fp8(a, sa, b, sb, m_indices, torch.float32, backend), ref) < TOL_FP32_OUT
+    out = grouped_gemm_fp8(a, sa, b, sb, m_indices, torch.float32, backend, m_counts=counts)  # host counts
+    assert rel_err(out, ref) < TOL_FP32_OUT
     d, sd = quant_act_1x128(dy)  # dgrad through the transposed weight copy
     ref = grouped_gemm_ref(dequant_rows(d, sd), dequant_blocks(bt, sb.mT), m_indices)
     out = grouped_gemm_fp8(d, sd, bt, sb.mT, m_indices, backend=backend)
@@ -216,6 +218,15 @@ def test_grouped_gemms(device, counts, N, K, backend):
     assert rel_err(out, grouped_gemm_ref(xb, wb, m_indices)) < TOL_BF16_OUT
     ref = grouped_wgrad_ref(dyb.t(), xb.t(), offsets)
     assert rel_err(grouped_wgrad_bf16(dyb.t(), xb.t(), offsets), ref) < TOL_FP32_OUT
+
+
+@pytest.mark.parametrize("m_counts", [[100, 0], [100, 0, -1], [100, 0, 300]])
+def test_grouped_gemm_refuses_bad_m_counts(device, m_counts):
+    m_indices, _ = _contiguous_layout([100, 0, 130], device)
+    a, sa = quant_act_1x128(rand(m_indices.numel(), 256, seed=1, device=device))
+    b, sb, _ = quant_weight_128x128(rand(3, 128, 256, seed=2, device=device))
+    with pytest.raises(ValueError, match="m_counts"):
+        grouped_gemm_fp8(a, sa, b, sb, m_indices, m_counts=m_counts)
 
 
 def _plan(T, topk, E, device, seed=0):
