@@ -37,10 +37,10 @@ class ParallelSpec(BaseModel):
     microbatches: int | None = Field(
         None, gt=0, description="Micro-batches per step per pipeline; null = global batch / (dp * micro_batch_size)."
     )
-    micro_batch_size: int = Field(1, gt=0, description="Sequences per micro-batch.")
+    micro_batch_size: int = Field(
+        1, gt=0, description="Sequences per micro-batch (whole sequences: each GPU of a CP group holds 1/cp of them)."
+    )
     seq_len_tokens: int = Field(4096, gt=0, description="Sequence length the layout is planned for.")
-    # NB: ``microbatches`` and ``micro_batch_size`` count whole sequences; with cp > 1 each GPU
-    # holds micro_batch_size * seq_len_tokens / cp tokens of a micro-batch.
     recompute: RecomputeKind = "none"
     zero_stage: Literal[0, 1, 2, 3] = 1
     stage_layers: tuple[int, ...] | None = Field(

@@ -72,6 +72,22 @@ def test_tokens_and_attention_core_per_gpu_divide_by_cp():
     assert f4.hardware_flops - f1.hardware_flops == redundant_flops_per_token(V3, 4) == 62 * 4 * kv_up * 3
 
 
+def test_the_engine_charges_each_gpu_one_cp_th_of_the_attention_core(monkeypatch):
+    charged = []
+
+    def record(tables, gpu, fwd_flops, backward, compute_frac=1.0):
+        charged.append(fwd_flops)
+        return 0.0
+
+    monkeypatch.setattr("simulator.engine.unit_costs.attention_s", record)
+    core = {}
+    for cp in (1, 8):
+        charged.clear()
+        step_inputs(_v3(cp=cp, seq_len_tokens=32768), 128 // cp, 120, 32768)
+        core[cp] = set(charged)
+    assert len(core[1]) == 1 and core[8] == {core[1].pop() / 8}
+
+
 def test_cp_collective_bytes_match_a_hand_calculation():
     # V3 at 128K, cp = 32: each GPU receives the other 31/32 of 131072 x (512 + 64) BF16 values
     hand = 131072 * (512 + 64) * 2 * 31 / 32
