@@ -62,8 +62,9 @@ def budget_verdict(s: dict[str, Any]) -> str:
 
 def summary_rows(s: dict[str, Any], gpu_name: str) -> list[tuple[str, str]]:
     """(quantity, value) rows from ``simulator.planner.summary(plan)``."""
+    cp = f" x CP{s['cp']}" if s["cp"] > 1 else ""
     layout = (
-        f"PP{s['pp']} x EP{s['ep']} x DP{s['dp']}, {s['schedule']}, {s['microbatches']} micro-batches "
+        f"PP{s['pp']} x EP{s['ep']} x DP{s['dp']}{cp}, {s['schedule']}, {s['microbatches']} micro-batches "
         f"of {s['micro_batch_size']} sequence(s), recompute {s['recompute']}, {s['precision']}"
     )
     if s["layout_source"] is not None:

@@ -85,7 +85,11 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, message):
 
 
 def test_plan_with_context_parallelism(tmp_path):
-    out = json.loads(run("plan", "--cp", "2", "--out", str(tmp_path), "--json").output)
+    res = run("plan", "--cp", "2", "--out", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    assert "x EP64 x DP64 x CP2, ZeRO-1" in res.output and "CP32 DP4, 1 x 120 (chosen)" in res.output
+    assert "x DP64 x CP2, dualpipe" in (tmp_path / "plan.html").read_text()
+    out = json.loads(run("show", str(tmp_path), "--json").output)
     assert (out["pp"], out["dp"], out["cp"], out["ep"]) == (16, 64, 2, 64) and out["memory_fits"] is True
     assert [p["layout_source"] for p in out["phases"]] == ["main", "chosen", "chosen"]
     assert out["phases"][0]["cp"] == 2 and all(p["cp"] >= 2 for p in out["phases"])

@@ -27,7 +27,7 @@ from simulator.schedules import make_schedule
 from simulator.search import enumerate_layouts
 from simulator.spec.inputs import PlanInputs
 from simulator.spec.parallel import ParallelSpec
-from simulator.spec.training import Phase, TrainingSpec
+from simulator.spec.training import BatchRamp, Phase, TrainingSpec
 
 V3 = deepseek_v3()
 
@@ -158,6 +158,22 @@ def test_long_phases_choose_cp_and_beat_the_forced_cp1(v3_plan):
     assert forced.layout.source == "step-line" and forced.layout.microbatches == 3.75
     chosen = next(p for p in run.phases if p.name == "context-128k")
     assert chosen.step_time_s < forced.step_time_s
+
+
+def test_a_ramped_long_phase_on_its_chosen_layout_is_priced_on_that_layout_s_line():
+    training = TrainingSpec(phases=(
+        Phase(name="pretrain", tokens=1e9, global_batch_seqs=16),
+        Phase(name="long", tokens=1e8, seq_len_tokens=1024, global_batch_seqs=16,
+              ramp=BatchRamp(start_seqs=4, ramp_tokens=5e7)),
+    ), precision="fp8")
+    inputs = PlanInputs(model=tiny_moe(), cluster=h200(1), training=training,
+                        parallel=ParallelSpec(pp=2, ep=4, schedule="dualpipe", seq_len_tokens=256))
+    long = predict_phase(inputs, 4, training.phases[1], None)
+    lay = long.layout
+    assert lay.source == "chosen" and lay.microbatches * lay.dp * lay.micro_batch_size == 16
+    assert long.line is not None and long.line.step_s(lay.microbatches) == pytest.approx(long.step_time_s)
+    # the ramp's smaller batches take less time per step, so the phase is cheaper than at full batch throughout
+    assert long.hours * 3600 < long.steps * long.step_time_s
 
 
 def test_a_phase_cp_that_cannot_run_names_the_phase():
