@@ -28,6 +28,8 @@ from simulator.engine.unit_costs import EndCosts, UnitCosts  # noqa: E402
 from simulator.costs.tables import default_tables  # noqa: E402
 from simulator.engine.build import SimOptions  # noqa: E402
 from simulator.planner import plan_with_predictions  # noqa: E402
+from simulator.predict import predict_step  # noqa: E402
+from simulator.run_model import predict_phase  # noqa: E402
 from simulator.schedules import Durations, closed_form_bubble, make_schedule  # noqa: E402
 
 TR_GPU_HOURS_PER_T = 180e3  # TR §9 / Table 1
@@ -81,8 +83,37 @@ def schedule_check() -> list[str]:
     return rows
 
 
+def _gib(chosen: float | None, main: float, source: str) -> str:
+    if source == "step-line":
+        return "not checked"
+    return f"{(chosen if chosen is not None else main) / 2**30:.1f} GiB"
+
+
+def forced_cp1(plan) -> tuple[float, float, float]:
+    """The context-extension phases priced on the pre-training layout's step line (cp = 1)."""
+    inputs, lay = plan.inputs, plan.layout
+    out = [predict_phase(inputs, lay.dp, p.model_copy(update={"cp": 1}), None) for p in inputs.training.phases[1:]]
+    return out[0].step_time_s, out[1].step_time_s, sum(p.gpu_hours for p in out)
+
+
+def phase_breakdown(plan) -> list[str]:
+    """Where the time of each context-extension step goes, on its chosen layout."""
+    rows = ["| phase | compute | bubble | exposed communication | MFU (HFU) |", "|---|---|---|---|---|"]
+    for p in plan.predictions.run.phases[1:]:
+        lay = p.layout
+        if lay.source != "chosen":
+            continue
+        par = plan.inputs.parallel.model_copy(update={"cp": lay.cp, "dp": None, "micro_batch_size": lay.micro_batch_size,
+                                                      "seq_len_tokens": p.seq_len_tokens})
+        step, _ = predict_step(plan.inputs.model_copy(update={"parallel": par}), lay.dp, int(lay.microbatches))
+        rows.append(f"| {p.name} | {step.compute_frac:.1%} | {step.bubble_frac:.1%} | {step.exposed_comm_frac:.1%} | "
+                    f"{step.mfu_frac:.1%} ({step.hfu_frac:.1%}) |")
+    return rows
+
+
 def main() -> None:
     plan = v3_plan()
+    forced = forced_cp1(plan)
     step, run = plan.predictions.step, plan.predictions.run
     pre = run.phases[0]
     ctx = sum(p.gpu_hours for p in run.phases[1:])
@@ -122,10 +153,23 @@ def main() -> None:
         f"Rank 1 (stages 1 and 14, 8 MoE layers): compute {r1.compute_s:.2f} s, bubble {r1.bubble_s:.2f} s, "
         f"exposed communication {r1.exposed_comm_s:.2f} s, NIC busy {r1.nic_busy_s:.2f} s.",
         "",
-        "| phase | seq | tokens | steps | step s | GPU-hours |",
-        "|---|---|---|---|---|---|",
-        *[f"| {p.name} | {p.seq_len_tokens:,} | {p.tokens / 1e9:,.1f}B | {p.steps:,.0f} | {p.step_time_s:.2f} | "
-          f"{p.gpu_hours:,.0f} |" for p in run.phases],
+        "| phase | seq | layout (cp, dp, micro-batch size x micro-batches) | tokens/GPU/micro-batch | peak memory | "
+        "tokens | steps | step s | GPU-hours |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[f"| {p.name} | {p.seq_len_tokens:,} | {p.layout.label} | {p.layout.tokens_per_gpu_per_microbatch:,.0f} | "
+          f"{_gib(p.layout.peak_memory_bytes_per_gpu, plan.memory.peak_bytes_per_gpu, p.layout.source)} | "
+          f"{p.tokens / 1e9:,.1f}B | {p.steps:,.0f} | {p.step_time_s:.2f} | {p.gpu_hours:,.0f} |" for p in run.phases],
+        "",
+        "The pre-training phase runs the published layout (PP16 DualPipe, EP64, DP128, cp = 1). Each "
+        "context-extension phase keeps PP16 DualPipe and EP64 and chooses its context-parallel size and "
+        "micro-batching (docs/simulator.md, *Context parallelism*): the fastest simulated candidate among those "
+        "whose batch is whole DualPipe micro-batches, with at least 4096 tokens per GPU per micro-batch, "
+        "that fit in memory. "
+        f"Forced onto the pre-training layout (cp = 1, priced on its step line, as before context parallelism "
+        f"was modelled) the two phases would take {forced[0]:.2f} s and {forced[1]:.2f} s per step, "
+        f"{forced[2]:,.0f} GPU-hours.",
+        "",
+        *phase_breakdown(plan),
         "",
         "## Known omissions that may explain the gap (none corrected for)",
         "",
@@ -134,10 +178,12 @@ def main() -> None:
         "show the sensitivity.",
         "- Kernel launch, synchronisation and host overheads are not modelled; every kernel runs at its "
         "table efficiency back to back.",
-        "- The context-extension phases keep the pre-training layout; at 128K tokens a step holds 3.75 "
-        "micro-batches per pipeline, which DualPipe cannot run, so the phase is priced on the step line "
-        "(mostly bubble). DeepSeek's real long-context layout is unpublished; context parallelism is not "
-        "modelled yet, so this phase is over-predicted.",
+        "- The context-extension layouts are the planner's choice; DeepSeek's real long-context layout is "
+        "unpublished. Context parallelism is modelled as an all-gather of the MLA KV latent before each "
+        "layer's attention (re-gathered in backward, gradient reduce-scattered), with no ring-attention style "
+        "overlap of chunk transfers with the core, and YaRN's own overheads are not modelled. The attention "
+        "core runs at one measured efficiency at every sequence length (h200-anchors.json SDPA, which does not "
+        "record the sequence length it was measured at); at 128K the core is most of the step, so this matters.",
         "",
         "## Sensitivity (GPU-hours per trillion tokens)",
         "",

@@ -40,7 +40,7 @@ _SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
 # CLI flag -> plan-input key it sets (the specs hold the defaults; the CLI declares none)
 FLAG_KEYS = {
-    "pp": "parallel.pp", "ep": "parallel.ep", "dp": "parallel.dp", "schedule": "parallel.schedule",
+    "pp": "parallel.pp", "ep": "parallel.ep", "dp": "parallel.dp", "cp": "parallel.cp", "schedule": "parallel.schedule",
     "microbatches": "parallel.microbatches", "micro_batch_size": "parallel.micro_batch_size",
     "recompute": "parallel.recompute", "seq_len": "parallel.seq_len_tokens",
     "precision": "training.precision", "global_batch": "training.phases.0.global_batch_seqs",
@@ -100,6 +100,7 @@ def plan_command(
     pp: Annotated[int | None, typer.Option(help="Pipeline ranks.")] = None,
     ep: Annotated[int | None, typer.Option(help="Expert-parallel size.")] = None,
     dp: Annotated[int | None, typer.Option(help="Data-parallel size.")] = None,
+    cp: Annotated[int | None, typer.Option(help="Context-parallel size of the main layout (GPUs per sequence).")] = None,
     schedule: Annotated[str | None, typer.Option(help="1f1b, interleaved, zb1p, dualpipe or dualpipev.")] = None,
     microbatches: Annotated[int | None, typer.Option(help="Micro-batches per step per pipeline.")] = None,
     micro_batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
@@ -121,7 +122,7 @@ def plan_command(
     json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Plan a training run: layout (searched when not given), memory, simulated step, whole run, budget."""
-    flags = dict(pp=pp, ep=ep, dp=dp, schedule=schedule, microbatches=microbatches, micro_batch_size=micro_batch_size,
+    flags = dict(pp=pp, ep=ep, dp=dp, cp=cp, schedule=schedule, microbatches=microbatches, micro_batch_size=micro_batch_size,
                  recompute=recompute, seq_len=seq_len, precision=precision, global_batch=global_batch,
                  price_per_gpu_hour=price_per_gpu_hour)
     try:

@@ -63,7 +63,8 @@ def plan_tables(plan: PlanFile) -> Group:
     head.add_column("value", justify="right")
     par = inp.parallel
     rows = [
-        ("layout", f"PP{lay.pp} ({par.schedule}, {lay.stages} stage{'s' if lay.stages != 1 else ''}) x EP{lay.ep} x DP{lay.dp}, ZeRO-{par.zero_stage}"),
+        ("layout", f"PP{lay.pp} ({par.schedule}, {lay.stages} stage{'s' if lay.stages != 1 else ''}) x EP{lay.ep} x DP{lay.dp}"
+                   + (f" x CP{lay.cp}" if lay.cp > 1 else "") + f", ZeRO-{par.zero_stage}"),
         ("micro-batches / step", f"{lay.microbatches} x {par.micro_batch_size} seq x {par.seq_len_tokens} tokens"),
         ("precision / recompute", f"{inp.training.precision} / {par.recompute}"),
         ("params total (no MTP)", f"{plan.params.total:,} ({_b(plan.params.total)})"),
@@ -117,11 +118,11 @@ def prediction_tables(plan: PlanFile) -> list[Table]:
     for k, v in rows:
         t.add_row(k, v)
     phases = Table(title="Phases", title_justify="left")
-    for col in ("phase", "seq len", "tokens", "steps", "step time s", "days", "GPU-hours"):
-        phases.add_column(col, justify="left" if col == "phase" else "right")
+    for col in ("phase", "seq len", "layout", "tokens", "steps", "step time s", "days", "GPU-hours"):
+        phases.add_column(col, justify="left" if col in ("phase", "layout") else "right")
     for p in run.phases:
-        phases.add_row(p.name, f"{p.seq_len_tokens:,}", f"{p.tokens / 1e9:,.1f}B", f"{p.steps:,.0f}",
-                       f"{p.step_time_s:.2f}", f"{p.hours / 24:,.2f}", f"{p.gpu_hours:,.0f}")
+        phases.add_row(p.name, f"{p.seq_len_tokens:,}", p.layout.label, f"{p.tokens / 1e9:,.1f}B",
+                       f"{p.steps:,.0f}", f"{p.step_time_s:.2f}", f"{p.hours / 24:,.2f}", f"{p.gpu_hours:,.0f}")
     out = [t, phases]
     if pred.top_candidates:
         top = Table(title="Best layouts found (simulated in detail)", title_justify="left")

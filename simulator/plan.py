@@ -4,6 +4,10 @@ It holds the inputs in full, a SHA-256 of them, the resolved layout, the account
 and the sections later capabilities fill (schedule, placement, predictions, budget). Reading
 refuses another schema version and a document whose inputs no longer match their hash. Writing
 is atomic: a temporary file in the target directory, then ``os.replace``.
+
+Version 2 added context parallelism: ``parallel.cp`` and each phase's ``cp`` in the inputs (which
+changes their hash), ``layout.cp`` and the layout each phase was priced on. A version-1 file is
+refused with the advice to re-plan.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from simulator.spec.parallel import ParallelSpec
 
 __all__ = ["PlanInputs", "PlanFile", "PlanError", "SCHEMA_VERSION", "write_atomic"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class PlanError(ValueError):
@@ -40,13 +44,15 @@ class ResolvedLayout(_Frozen):
     world: int
     pp: int
     dp: int
+    cp: int = Field(..., description="Context-parallel size: GPUs that split each sequence; world = pp x dp x cp.")
     ep: int
-    expert_dp: int = Field(..., description="dp / ep: replicas of each routed expert.")
+    expert_dp: int = Field(..., description="dp x cp / ep: replicas of each routed expert.")
     stages: int
     stage_layers: tuple[tuple[int, ...], ...] = Field(..., description="Layer units per stage (>= L is MTP).")
     rank_stages: tuple[tuple[int, ...], ...]
     microbatches: int
-    tokens_per_microbatch: int
+    tokens_per_microbatch: int = Field(..., description="micro_batch_size x seq_len_tokens, over the CP group.")
+    tokens_per_gpu_per_microbatch: int = Field(..., description="tokens_per_microbatch / cp.")
 
 
 class ParamsReport(_Frozen):
@@ -106,7 +112,7 @@ class BudgetReport(_Frozen):
 
 
 class PlanFile(_Frozen):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     moeplan_version: str
     inputs_sha256: str
     inputs: PlanInputs

@@ -62,8 +62,9 @@ def budget_verdict(s: dict[str, Any]) -> str:
 
 def summary_rows(s: dict[str, Any], gpu_name: str) -> list[tuple[str, str]]:
     """(quantity, value) rows from ``simulator.planner.summary(plan)``."""
+    cp = f" x CP{s['cp']}" if s["cp"] > 1 else ""
     layout = (
-        f"PP{s['pp']} x EP{s['ep']} x DP{s['dp']}, {s['schedule']}, {s['microbatches']} micro-batches "
+        f"PP{s['pp']} x EP{s['ep']} x DP{s['dp']}{cp}, {s['schedule']}, {s['microbatches']} micro-batches "
         f"of {s['micro_batch_size']} sequence(s), recompute {s['recompute']}, {s['precision']}"
     )
     if s["layout_source"] is not None:
@@ -102,18 +103,19 @@ def summary_table(s: dict[str, Any], gpu_name: str) -> str:
 
 def phases_table(phases: Sequence[PhasePrediction]) -> str:
     rows = [
-        (p.name, f"{p.seq_len_tokens:,}", count(p.tokens), f"{p.steps:,.0f}", f"{p.step_time_s:.4g}",
+        (p.name, f"{p.seq_len_tokens:,}", p.layout.label, count(p.tokens), f"{p.steps:,.0f}", f"{p.step_time_s:.4g}",
          f"{p.hours:,.1f}", f"{p.gpu_hours:,.0f}")
         for p in phases
     ]
-    header = ("phase", "sequence (tokens)", "tokens", "steps", "step time (s)", "hours", "GPU-hours")
+    header = ("phase", "sequence (tokens)", "layout", "tokens", "steps", "step time (s)", "hours", "GPU-hours")
     return html_table(header, rows, "phases")
 
 
 def candidates_table(candidates: Sequence[Candidate], world: int) -> str:
     """Ranked layouts; ``world`` GPUs give the data-parallel degree a candidate left unset."""
     rows = [
-        (str(i), f"PP{c.parallel.pp} EP{c.parallel.ep} DP{c.parallel.dp or world // c.parallel.pp}",
+        (str(i), f"PP{c.parallel.pp} EP{c.parallel.ep} DP{c.parallel.dp or world // (c.parallel.pp * c.parallel.cp)}"
+         + (f" CP{c.parallel.cp}" if c.parallel.cp > 1 else ""),
          c.parallel.schedule, str(c.parallel.micro_batch_size), c.parallel.recompute, str(c.microbatches),
          f"{c.step_time_s:.4g}", f"{c.tokens_per_s_per_gpu:,.0f}", pct(c.mfu_frac),
          size(c.peak_memory_bytes_per_gpu))

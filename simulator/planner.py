@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from simulator.accounting.context_parallel import cp_tokens
 from simulator.accounting.flops import training_flops
 from simulator.accounting.layout import (
     LayoutError,
@@ -75,10 +76,11 @@ def build_plan(inputs: PlanInputs, ignored_config_keys: tuple[str, ...] = ()) ->
     schedule = make_schedule(par.schedule, par.pp, microbatches, par.virtual_stages)
     stages = pipeline_stages(m, par)
     layout = ResolvedLayout(
-        world=inputs.cluster.num_gpus, pp=par.pp, dp=dp, ep=par.ep, expert_dp=dp // par.ep,
+        world=inputs.cluster.num_gpus, pp=par.pp, dp=dp, cp=par.cp, ep=par.ep, expert_dp=dp * par.cp // par.ep,
         stages=len(stages), stage_layers=tuple(s.layers for s in stages),
         rank_stages=tuple(rank_stages(par, r) for r in range(par.pp)),
         microbatches=microbatches, tokens_per_microbatch=par.micro_batch_size * par.seq_len_tokens,
+        tokens_per_gpu_per_microbatch=cp_tokens(par.micro_batch_size, par.seq_len_tokens, par.cp),
     )
     counts = param_counts(m)
     params = ParamsReport(
@@ -86,7 +88,7 @@ def build_plan(inputs: PlanInputs, ignored_config_keys: tuple[str, ...] = ()) ->
         total=counts.total, total_with_mtp=counts.total_with_mtp,
         activated=activated_params(m), activated_no_embedding=activated_params(m, include_embedding=False),
     )
-    tf = training_flops(m, par.seq_len_tokens, par.recompute)
+    tf = training_flops(m, par.seq_len_tokens, par.recompute, par.cp)
     flops = FlopsReport(
         seq_len_tokens=par.seq_len_tokens, forward_by_component=dict(vars(tf.forward)),
         model_flops_per_token=tf.model_flops, model_flops_per_token_no_mtp=tf.model_flops_no_mtp,
@@ -183,6 +185,7 @@ def summary(plan: PlanFile) -> dict[str, Any]:
         "pp": lay.pp,
         "ep": lay.ep,
         "dp": lay.dp,
+        "cp": lay.cp,
         "schedule": plan.inputs.parallel.schedule,
         "microbatches": lay.microbatches,
         "micro_batch_size": plan.inputs.parallel.micro_batch_size,
@@ -212,5 +215,9 @@ def summary(plan: PlanFile) -> dict[str, Any]:
         "within_budget": budget.within_budget if budget else None,
         "budget_margin_frac": budget.margin_frac if budget else None,
         "candidates_evaluated": pred.candidates_evaluated if pred else None,
+        "phases": [{"name": p.name, "seq_len_tokens": p.seq_len_tokens, "layout_source": p.layout.source,
+                    "cp": p.layout.cp, "dp": p.layout.dp, "micro_batch_size": p.layout.micro_batch_size,
+                    "microbatches": p.layout.microbatches, "step_time_s": p.step_time_s, "gpu_hours": p.gpu_hours}
+                   for p in run.phases] if run else None,
         "inputs_sha256": plan.inputs_sha256,
     }

@@ -103,7 +103,7 @@ def predict_step(
     n = len(ranks)
     world = inputs.cluster.num_gpus
     tokens = microbatches * dp * inputs.parallel.micro_batch_size * seq
-    flops = training_flops(inputs.model, seq, inputs.parallel.recompute)
+    flops = training_flops(inputs.model, seq, inputs.parallel.recompute, inputs.parallel.cp)
     peak = world * inputs.cluster.gpu.bf16_flops_per_s * step
     prediction = StepPrediction(
         microbatches=microbatches, seq_len_tokens=seq, step_time_s=step, tokens_per_step=tokens,

@@ -4,7 +4,9 @@ throughput.
 The space: pipeline ranks (powers of two dividing the cluster, no more stages than layer units),
 every schedule (interleaved with 2 or 4 chunks per rank), expert-parallel sizes dividing both the
 experts and dp (whole nodes once past one node), micro-batch sizes 1, 2, 4, 8 that divide the batch, recompute none/selective/full, ZeRO-1.
-Settings the user fixed are not varied. Each layout that fits in memory gets a compute bound (its
+Context parallelism stays at the inputs' ``cp`` (1 unless fixed): the main layout is ranked at
+the first phase's sequence length, and phases at other lengths choose their own ``cp``
+(``phase_layout``). Settings the user fixed are not varied. Each layout that fits in memory gets a compute bound (its
 busiest rank's compute, no bubble, no communication); in order of that bound, layouts are simulated
 coarsely (a stage's layers merged into one unit, step time extrapolated to the full micro-batch count
 along the ``step_line`` of ``run_model``) until the bound of the next cannot beat the tenth best
@@ -20,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from simulator.accounting.context_parallel import ContextParallelError, check_cp
 from simulator.accounting.flops import training_flops
 from simulator.accounting.layout import LayoutError, check_layout
 from simulator.accounting.memory import pipeline_memory
@@ -47,12 +50,13 @@ class SearchResult:
     simulated: int  # simulated (coarse); the rest were proven slower by their compute bound
 
 
-def _ep_values(inputs: PlanInputs, dp: int) -> list[int]:
+def _ep_values(inputs: PlanInputs, group: int) -> list[int]:
+    """EP sizes carved from a stage's ``group = dp * cp`` GPUs."""
     m, per_node = inputs.model, inputs.cluster.node.gpus_per_node
     if not m.is_moe:
         return [1]
-    return [e for e in range(1, min(dp, m.n_routed_experts) + 1)
-            if dp % e == 0 and m.n_routed_experts % e == 0 and (e <= per_node or e % per_node == 0)]
+    return [e for e in range(1, min(group, m.n_routed_experts) + 1)
+            if group % e == 0 and m.n_routed_experts % e == 0 and (e <= per_node or e % per_node == 0)]
 
 
 def _choices(fixed: dict[str, Any], key: str, default: Iterable[Any]) -> list[Any]:
@@ -65,15 +69,16 @@ def enumerate_layouts(inputs: PlanInputs, fixed: dict[str, Any]) -> Iterator[Par
     units = inputs.model.num_hidden_layers + inputs.model.num_nextn_predict_layers
     pps = _choices(fixed, "pp", [2**k for k in range(world.bit_length()) if world % 2**k == 0])
     base = inputs.parallel.model_dump()
+    cp = fixed.get("cp", base["cp"])
     for pp, schedule, mbs, recompute in itertools.product(
         pps, _choices(fixed, "schedule", SCHEDULE_KINDS), _choices(fixed, "micro_batch_size", MICRO_BATCH_SIZES),
         _choices(fixed, "recompute", RECOMPUTE),
     ):
-        if world % pp:
+        if world % (pp * cp):
             continue
-        dp = fixed.get("dp") or world // pp
+        dp = fixed.get("dp") or world // (pp * cp)
         chunks = _choices(fixed, "virtual_stages", VIRTUAL_STAGES) if schedule == "interleaved" else [base["virtual_stages"]]
-        for ep, v in itertools.product(_choices(fixed, "ep", _ep_values(inputs, dp)), chunks):
+        for ep, v in itertools.product(_choices(fixed, "ep", _ep_values(inputs, dp * cp)), chunks):
             data = {**base, **fixed, "pp": pp, "dp": dp, "ep": ep, "schedule": schedule, "virtual_stages": v,
                     "micro_batch_size": mbs, "recompute": recompute, "stage_layers": None}
             par = ParallelSpec.model_validate(data)
@@ -122,6 +127,13 @@ def check_fixed(inputs: PlanInputs, fixed: dict[str, Any]) -> None:
             raise LayoutError(f"ep={fixed['ep']} does not divide n_routed_experts={m.n_routed_experts}")
     if fixed.get("dp") and world % fixed["dp"]:
         raise LayoutError(f"dp={fixed['dp']} does not divide the cluster's {world} GPUs")
+    if "cp" in fixed:
+        if world % fixed["cp"]:
+            raise LayoutError(f"cp={fixed['cp']} does not divide the cluster's {world} GPUs")
+        try:
+            check_cp(inputs.parallel.seq_len_tokens, fixed["cp"])
+        except ContextParallelError as exc:
+            raise LayoutError(str(exc)) from exc
 
 
 def search(
@@ -167,7 +179,7 @@ def search(
     for _, par, dp, m, peak in scored[:FINALISTS]:
         trial = inputs.model_copy(update={"parallel": par})
         step_s = simulate_at(trial, dp, m, par.seq_len_tokens, opts).step_time_s
-        flops = training_flops(inputs.model, par.seq_len_tokens, par.recompute).model_flops
+        flops = training_flops(inputs.model, par.seq_len_tokens, par.recompute, par.cp).model_flops
         finalists.append(Candidate(
             parallel=par, microbatches=m, step_time_s=step_s, tokens_per_s_per_gpu=tokens / step_s / world,
             mfu_frac=tokens * flops / (step_s * world * inputs.cluster.gpu.bf16_flops_per_s),

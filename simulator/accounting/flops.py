@@ -23,6 +23,7 @@ from simulator.accounting.params import (
     moe_layer_params,
     swiglu_params,
 )
+from simulator.accounting.context_parallel import redundant_flops_per_token
 from simulator.spec.model import ModelSpec
 from simulator.spec.parallel import RecomputeKind
 
@@ -120,18 +121,21 @@ class TrainingFlops:
     model_flops: float  # 3 x forward, main model + MTP
     model_flops_no_mtp: float
     recompute_flops: float
+    context_parallel_flops: float = 0.0  # remote rows' K/V up-projections under CP (hardware only)
 
     @property
     def hardware_flops(self) -> float:
-        return self.model_flops + self.recompute_flops
+        return self.model_flops + self.recompute_flops + self.context_parallel_flops
 
 
-def training_flops(m: ModelSpec, seq_len_tokens: int, recompute: RecomputeKind = "none") -> TrainingFlops:
-    """Forward + backward FLOPs per trained token."""
+def training_flops(m: ModelSpec, seq_len_tokens: int, recompute: RecomputeKind = "none", cp: int = 1) -> TrainingFlops:
+    """Forward + backward FLOPs per trained token (``cp``: context-parallel size, which adds
+    hardware FLOPs only; ``accounting.context_parallel``)."""
     fwd = forward_flops(m, seq_len_tokens)
     return TrainingFlops(
         forward=fwd,
         model_flops=3.0 * fwd.total,
         model_flops_no_mtp=3.0 * fwd.main,
         recompute_flops=recompute_flops(m, seq_len_tokens, recompute),
+        context_parallel_flops=redundant_flops_per_token(m, cp),
     )

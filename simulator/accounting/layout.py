@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from simulator.accounting.context_parallel import ContextParallelError, check_cp
 from simulator.spec.hardware import ClusterSpec
 from simulator.spec.model import ModelSpec
 from simulator.spec.parallel import ParallelSpec
@@ -82,25 +83,33 @@ def rank_stages(parallel: ParallelSpec, rank: int) -> tuple[int, ...]:
 
 
 def resolve_dp(parallel: ParallelSpec, cluster: ClusterSpec) -> int:
-    """The data-parallel degree: given, or world / pp; checks world = pp * dp."""
-    world = cluster.num_gpus
-    if world % parallel.pp:
-        raise LayoutError(f"pp={parallel.pp} does not divide the cluster's {world} GPUs")
-    dp = parallel.dp or world // parallel.pp
-    if parallel.pp * dp != world:
-        raise LayoutError(f"pp={parallel.pp} x dp={dp} = {parallel.pp * dp} differs from the cluster's {world} GPUs")
+    """The data-parallel degree: given, or world / (pp * cp); checks world = pp * dp * cp."""
+    world, pp, cp = cluster.num_gpus, parallel.pp, parallel.cp
+    if world % pp:
+        raise LayoutError(f"pp={pp} does not divide the cluster's {world} GPUs")
+    if world % (pp * cp):
+        raise LayoutError(f"cp={cp} does not divide the {world // pp} GPUs of a pipeline stage (world {world} / pp={pp})")
+    dp = parallel.dp or world // (pp * cp)
+    if pp * dp * cp != world:
+        raise LayoutError(f"pp={pp} x dp={dp} x cp={cp} = {pp * dp * cp} differs from the cluster's {world} GPUs")
     return dp
 
 
 def check_layout(model: ModelSpec, cluster: ClusterSpec, parallel: ParallelSpec) -> int:
     """Validate ``parallel`` against model and cluster; returns dp. Messages name the values."""
     dp = resolve_dp(parallel, cluster)
+    try:
+        check_cp(parallel.seq_len_tokens, parallel.cp)
+    except ContextParallelError as exc:
+        raise LayoutError(str(exc)) from exc
+    group = dp * parallel.cp  # GPUs of one stage: experts are sharded inside them
     if model.is_moe and model.n_routed_experts % parallel.ep:
         raise LayoutError(f"ep={parallel.ep} does not divide n_routed_experts={model.n_routed_experts}")
     if not model.is_moe and parallel.ep != 1:
         raise LayoutError(f"ep={parallel.ep} needs routed experts, but {model.name} is dense (n_routed_experts=0)")
-    if dp % parallel.ep:
-        raise LayoutError(f"ep={parallel.ep} must divide dp={dp} (expert groups live inside the data-parallel group)")
+    if group % parallel.ep:
+        where = f"dp={dp}" if parallel.cp == 1 else f"dp x cp={group}"
+        raise LayoutError(f"ep={parallel.ep} must divide {where} (expert groups live inside the data-parallel group)")
     if parallel.schedule == "dualpipe" and parallel.pp % 2:
         raise LayoutError(f"pp={parallel.pp} must be even for dualpipe")
     pipeline_stages(model, parallel)

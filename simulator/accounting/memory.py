@@ -2,8 +2,11 @@
 
 Storage per parameter follows ``TrainingSpec.optimizer`` (DeepSeek-V3: BF16 weights, FP32
 gradient accumulation, FP32 master weights and BF16 AdamW moments, TR §3.3). ZeRO shards over the
-group that replicates a parameter: ``dp`` for attention/dense/shared/embedding weights,
-``dp / ep`` for routed experts. Stage 1 shards optimizer state, 2 also gradients, 3 also weights.
+group that replicates a parameter: the ``dp * cp`` GPUs of a stage for attention/dense/shared/
+embedding weights, ``dp * cp / ep`` for routed experts. Stage 1 shards optimizer state, 2 also
+gradients, 3 also weights. Under context parallelism a GPU keeps activations for its
+``micro_batch_size * seq / cp`` tokens, plus one layer's gathered K/V as working memory
+(``accounting.context_parallel``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from simulator.accounting.activations import (
     layer_activation_bytes_per_token,
     layer_working_bytes_per_token,
 )
+from simulator.accounting.context_parallel import cp_tokens
+from simulator.accounting.context_parallel import working_bytes as cp_working_bytes
 from simulator.accounting.layout import Stage, pipeline_stages, rank_stages
 from simulator.accounting.params import decoder_layer_params, mtp_module_params
 from simulator.schedules.actions import Action
@@ -137,12 +142,13 @@ def rank_memory(
     all_stages = pipeline_stages(m, parallel)
     mine = [all_stages[i] for i in rank_stages(parallel, rank)]
     p = rank_params(m, mine, parallel.ep)
-    edp = dp // parallel.ep
+    group = dp * parallel.cp  # GPUs that replicate this rank's dense weights
+    edp = group // parallel.ep
     z = parallel.zero_stage
-    param_elems = p.dense / (dp if z >= 3 else 1) + p.expert / (edp if z >= 3 else 1)
-    grad_elems = p.dense / (dp if z >= 2 else 1) + p.expert / (edp if z >= 2 else 1)
-    opt_elems = p.dense / (dp if z >= 1 else 1) + p.expert / (edp if z >= 1 else 1)
-    tokens = parallel.micro_batch_size * parallel.seq_len_tokens
+    param_elems = p.dense / (group if z >= 3 else 1) + p.expert / (edp if z >= 3 else 1)
+    grad_elems = p.dense / (group if z >= 2 else 1) + p.expert / (edp if z >= 2 else 1)
+    opt_elems = p.dense / (group if z >= 1 else 1) + p.expert / (edp if z >= 1 else 1)
+    tokens = cp_tokens(parallel.micro_batch_size, parallel.seq_len_tokens, parallel.cp)
     units = [u for s in mine for u in s.layers]
 
     def stage_bytes(stage: Stage) -> float:  # its layers' activations and its received input (BF16)
@@ -161,6 +167,8 @@ def rank_memory(
         transient = tokens * head_transient_bytes_per_token(m)
     if parallel.recompute == "full" and units:
         transient += tokens * max(layer_working_bytes_per_token(m, u, precision) for u in units)
+    if units:
+        transient += cp_working_bytes(m, parallel.micro_batch_size, parallel.seq_len_tokens, parallel.cp)
     return RankMemory(
         rank=rank,
         stages=tuple(s.index for s in mine),

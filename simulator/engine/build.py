@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from simulator.accounting.context_parallel import cp_tokens, gather_bytes, kv_up_rows
 from simulator.accounting.layout import pipeline_stages, rank_stages
 from simulator.accounting.memory import rank_params
 from simulator.costs.kernels import memory_s, ring_s
@@ -33,12 +34,14 @@ class SimOptions:
 
 
 def cost_context(inputs: PlanInputs, tables: CostTables, seq_len_tokens: int) -> CostContext:
-    par, gpu = inputs.parallel, inputs.cluster.gpu
+    par, gpu, m = inputs.parallel, inputs.cluster.gpu, inputs.model
     comm_sms = tables.comm_sms if par.ep > 1 else 0
+    mbs, cp = par.micro_batch_size, par.cp
     return CostContext(
         tables=tables, gpu=gpu, precision=inputs.training.precision,
-        tokens=par.micro_batch_size * seq_len_tokens, seq_len_tokens=seq_len_tokens,
+        tokens=cp_tokens(mbs, seq_len_tokens, cp), seq_len_tokens=seq_len_tokens,
         compute_frac=(gpu.sm_count - comm_sms) / gpu.sm_count, recompute=par.recompute,
+        kv_rows=kv_up_rows(mbs, seq_len_tokens, cp, m), cp_gather_bytes=gather_bytes(m, mbs, seq_len_tokens, cp),
     )
 
 
@@ -90,23 +93,24 @@ def _tails(inputs: PlanInputs, dp: int, tables: CostTables) -> tuple[RankTail, .
     m, par, cl = inputs.model, inputs.parallel, inputs.cluster
     opt = inputs.training.optimizer
     per_node = cl.node.gpus_per_node
-    dense_bw = cl.node.nic_bytes_per_s if dp > per_node else cl.node.nvlink_bytes_per_s
-    edp = dp // par.ep
-    expert_bw = cl.node.nic_bytes_per_s if par.ep >= per_node or dp > per_node else cl.node.nvlink_bytes_per_s
+    group = dp * par.cp  # the stage's GPUs: ZeRO-1 reduces gradients over data and context parallel ranks
+    dense_bw = cl.node.nic_bytes_per_s if group > per_node else cl.node.nvlink_bytes_per_s
+    edp = group // par.ep
+    expert_bw = cl.node.nic_bytes_per_s if par.ep >= per_node or group > per_node else cl.node.nvlink_bytes_per_s
     stages = pipeline_stages(m, par)
     tails = []
     for r in range(par.pp):
         sync, shard = {}, 0.0
         for s in rank_stages(par, r):
             p = rank_params(m, [stages[s]], par.ep)
-            seconds = (ring_s(tables, p.dense * opt.grad_bytes, dp, dense_bw)
-                       + ring_s(tables, p.dense * opt.param_bytes, dp, dense_bw)
+            seconds = (ring_s(tables, p.dense * opt.grad_bytes, group, dense_bw)
+                       + ring_s(tables, p.dense * opt.param_bytes, group, dense_bw)
                        + ring_s(tables, p.expert * opt.grad_bytes, edp, expert_bw)
                        + ring_s(tables, p.expert * opt.param_bytes, edp, expert_bw))
             if par.schedule == "dualpipe":  # the mirrored copy's gradients meet their twin's
                 seconds += tables.collective_latency_s + (p.dense + p.expert) * opt.grad_bytes / cl.node.nic_bytes_per_s
             sync[s] = seconds
-            shard += p.dense / (dp if par.zero_stage >= 1 else 1) + p.expert / (edp if par.zero_stage >= 1 else 1)
+            shard += p.dense / (group if par.zero_stage >= 1 else 1) + p.expert / (edp if par.zero_stage >= 1 else 1)
         tails.append(RankTail(dp_sync_s=sync, optimizer_s=memory_s(tables, cl.gpu, shard * OPTIMIZER_BYTES_PER_PARAM)))
     return tuple(tails)
 
@@ -122,7 +126,8 @@ def step_inputs(
     links = Links(
         nic_bytes_per_s=cl.node.nic_bytes_per_s, nvlink_bytes_per_s=cl.node.nvlink_bytes_per_s,
         latency_s=tables.collective_latency_s, p2p_bytes=ctx.tokens * m.hidden_size * 2.0,
-        p2p_over_nvlink=dp < cl.node.gpus_per_node,
+        p2p_over_nvlink=dp * par.cp < cl.node.gpus_per_node,  # pipeline neighbours are dp * cp ranks apart
+        cp_over_nvlink=par.cp <= cl.node.gpus_per_node,  # CP ranks are innermost: a group fits in a node
     )
     return StepInputs(
         schedule=make_schedule(par.schedule, par.pp, microbatches, par.virtual_stages),

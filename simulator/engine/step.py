@@ -12,6 +12,15 @@ Activations and gradients cross stage boundaries over the sender's NIC (NVLink w
 share a node). When a rank has run the last backward of a stage, that stage's ZeRO-1
 reduce-scatter of gradients and all-gather of weights start on its NIC; the optimizer step closes
 the rank's step.
+
+Context parallelism adds two collectives per layer on the CP group's link (NVLink inside a node,
+else the NIC), queued on the same lanes as everything else. Forward: the KV all-gather starts
+when the down-projection has made the latent, the query up-projection runs beside it, and the
+rest of attention (KV up-projection, core, output projection) waits for it. Backward: the
+gather is issued again when the layer's attention backward starts (the recompute, if any, runs
+beside it; the core's backward waits for it); after the attention input-gradient work the
+gradient of the gathered tensor is reduce-scattered, the weight gradients run beside it, and the
+down-projection's input gradient waits for it.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ class Links:
     latency_s: float
     p2p_bytes: float  # activation or gradient of one micro-batch at a stage boundary
     p2p_over_nvlink: bool
+    cp_over_nvlink: bool = True  # the context-parallel group fits in a node
 
 
 @dataclass(frozen=True)
@@ -163,13 +173,46 @@ class StepSimulation:
             end = max(end, rank.reserve("nvlink", links.latency_s + nvl_bytes / links.nvlink_bytes_per_s, name))
         return end
 
+    def _cp(self, rank: _Rank, nbytes: float, name: str) -> float:
+        """Queue one context-parallel ring collective (all-gather or reduce-scatter; ``nbytes`` is
+        what one GPU receives or sends, latency once, as ``costs.kernels.ring_s``); returns when it ends."""
+        if self.free_comm:
+            return self.env.now
+        links = self.inp.links
+        lane, bw = ("nvlink", links.nvlink_bytes_per_s) if links.cp_over_nvlink else ("nic", links.nic_bytes_per_s)
+        return rank.reserve(lane, links.latency_s + nbytes / bw, name)
+
     # -- compute chains ---------------------------------------------------------------------
+    def _attention_forward(self, rank: _Rank, u: UnitCosts, tag: str) -> Generator:
+        if not u.cp_gather_bytes:
+            yield from rank.run(u.attn_fwd_s, f"{tag} attn")
+            return
+        yield from rank.run(u.attn_pre_fwd_s, f"{tag} attn-down")
+        gathered = self._cp(rank, u.cp_gather_bytes, f"{tag} cp-gather")
+        yield from rank.run(u.attn_beside_fwd_s, f"{tag} q-up")
+        yield from rank.until(gathered)
+        yield from rank.run(u.attn_fwd_s - u.attn_pre_fwd_s - u.attn_beside_fwd_s, f"{tag} attn")
+
+    def _attention_backward(self, rank: _Rank, u: UnitCosts, tag: str, weights: bool) -> Generator:
+        dw = u.attn_dw_s if weights else 0.0
+        if not u.cp_gather_bytes:
+            yield from rank.run(u.recompute_s + u.attn_dx_s + dw, f"{tag} attn-bwd")
+            return
+        gathered = self._cp(rank, u.cp_gather_bytes, f"{tag} cp-regather")
+        yield from rank.run(u.recompute_s, f"{tag} recompute")
+        yield from rank.until(gathered)
+        yield from rank.run(u.attn_dx_s - u.attn_down_dx_s, f"{tag} attn-bwd")
+        scattered = self._cp(rank, u.cp_gather_bytes, f"{tag} cp-reduce-scatter")
+        yield from rank.run(dw, f"{tag} attn-dw")
+        yield from rank.until(scattered)
+        yield from rank.run(u.attn_down_dx_s, f"{tag} attn-down-dx")
+
     def _forward(self, rank: _Rank, op: Op) -> Generator:
         st, tag = self.inp.stages[op.stage], f"{op.stage}F{op.microbatch}"
         if st.has_embedding:
             yield from rank.run(self.inp.ends.embed_fwd_s, f"{tag} embed")
         for i, u in enumerate(st.units):
-            yield from rank.run(u.attn_fwd_s, f"{tag} L{i} attn")
+            yield from self._attention_forward(rank, u, f"{tag} L{i}")
             if u.moe:
                 dispatched = self._a2a(rank, u.dispatch_ib_bytes, u.dispatch_nvlink_bytes, f"{tag} L{i} dispatch")
                 yield from rank.run(u.mlp_fwd_s, f"{tag} L{i} shared")
@@ -197,7 +240,7 @@ class StepSimulation:
                 yield from rank.until(back)
             else:
                 yield from rank.run(u.mlp_dx_s + (u.mlp_dw_s if weights else 0.0), f"{tag} L{i} mlp-bwd")
-            yield from rank.run(u.recompute_s + u.attn_dx_s + (u.attn_dw_s if weights else 0.0), f"{tag} L{i} attn-bwd")
+            yield from self._attention_backward(rank, u, f"{tag} L{i}", weights)
 
     def _weights(self, rank: _Rank, op: Op) -> Generator:
         st = self.inp.stages[op.stage]

@@ -10,6 +10,13 @@ Precision ``fp8`` runs every linear layer's GEMMs in FP8 except the router, embe
 head (TR §3.3); attention's core stays BF16 either way. Memory-bound kernels (norms, RoPE,
 residual adds, SwiGLU, FP8 casts, token permutation) are costed by the bytes they move; backward
 moves about twice the forward's bytes.
+
+Context parallelism (``accounting.context_parallel``): ``tokens`` are the GPU's share of the
+micro-batch, the attention core still sees the whole sequence's keys (so it does 1/cp of the
+causal work), ``kv_b_proj`` runs on the gathered rows, and the unit records the bytes of its
+KV all-gather together with the compute that comes before it (``attn_pre_fwd_s``: the
+down-projection that makes the latent), beside it (``attn_beside_fwd_s``: the query
+up-projection) and, in backward, after the gradient's reduce-scatter (``attn_down_dx_s``).
 """
 
 from __future__ import annotations
@@ -46,6 +53,11 @@ class UnitCosts:
     dispatch_nvlink_bytes: float = 0.0
     combine_ib_bytes: float = 0.0
     combine_nvlink_bytes: float = 0.0
+    # context parallelism (0 when cp = 1); the three times are parts of attn_fwd_s / attn_dx_s
+    cp_gather_bytes: float = 0.0  # received by one GPU per all-gather; its gradient's reduce-scatter sends as many
+    attn_pre_fwd_s: float = 0.0
+    attn_beside_fwd_s: float = 0.0
+    attn_down_dx_s: float = 0.0
 
     @property
     def moe(self) -> bool:
@@ -73,11 +85,14 @@ class CostContext:
     seq_len_tokens: int
     compute_frac: float  # SMs left to compute
     recompute: RecomputeKind
+    kv_rows: int = 0  # rows of the KV up-projection under CP (the gathered sequence); 0 = tokens
+    cp_gather_bytes: float = 0.0  # bytes one GPU receives per layer's KV all-gather; 0 = no CP
 
 
-def _linears(ctx: CostContext, shapes: list[tuple[int, int]], precision: Precision) -> tuple[float, float, float]:
-    """(fwd, dx, dw) seconds of linears ``in -> out`` on ``ctx.tokens`` rows."""
-    t, f = ctx.tokens, ctx.compute_frac
+def _linears(ctx: CostContext, shapes: list[tuple[int, int]], precision: Precision,
+             rows: int | None = None) -> tuple[float, float, float]:
+    """(fwd, dx, dw) seconds of linears ``in -> out`` on ``rows`` rows (default ``ctx.tokens``)."""
+    t, f = rows or ctx.tokens, ctx.compute_frac
     fwd = sum(gemm_s(ctx.tables, ctx.gpu, precision, t, o, i, compute_frac=f) for i, o in shapes)
     dx = sum(gemm_s(ctx.tables, ctx.gpu, precision, t, i, o, compute_frac=f) for i, o in shapes)
     dw = sum(gemm_s(ctx.tables, ctx.gpu, precision, o, i, t, compute_frac=f) for i, o in shapes)
@@ -146,8 +161,12 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
         e_fwd = e_dx = e_dw = 0.0
         rows_per_token = 0.0
     elementwise = memory_s(ctx.tables, ctx.gpu, ctx.tokens * _elementwise_bytes_per_token(m, moe, ctx.precision, rows_per_token))
+    cp = _context_parallel(ctx, m, attn, up, mtp)
+    a_fwd, a_dx, a_dw = a_fwd + cp.fwd_s, a_dx + cp.dx_s, a_dw + cp.dw_s
     recompute = {"none": 0.0, "selective": _linears(ctx, up, ctx.precision)[0] + elementwise,
                  "full": a_fwd + mf + e_fwd + elementwise}[ctx.recompute]
+    if ctx.recompute != "full":  # the remote rows' K/V are rebuilt from the re-gathered latent
+        recompute += cp.fwd_s
     return UnitCosts(
         attn_fwd_s=a_fwd + elementwise / 2, attn_dx_s=a_dx + elementwise, attn_dw_s=a_dw,
         mlp_fwd_s=mf + elementwise / 2, mlp_dx_s=mdx + elementwise, mlp_dw_s=mdw,
@@ -156,7 +175,42 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
         dispatch_nvlink_bytes=traffic.dispatch_nvlink_bytes if moe and traffic else 0.0,
         combine_ib_bytes=traffic.combine_ib_bytes if moe and traffic else 0.0,
         combine_nvlink_bytes=traffic.combine_nvlink_bytes if moe and traffic else 0.0,
+        cp_gather_bytes=ctx.cp_gather_bytes, attn_pre_fwd_s=cp.pre_fwd_s + elementwise / 2 if ctx.cp_gather_bytes else 0.0,
+        attn_beside_fwd_s=cp.beside_fwd_s, attn_down_dx_s=cp.down_dx_s,
     )
+
+
+@dataclass(frozen=True)
+class _CpCosts:
+    """Context parallelism's change to a unit's attention: the KV up-projection on the gathered
+    rows less on the GPU's own (``fwd_s``, ``dx_s``, ``dw_s``), and the parts of the attention time
+    the engine orders around the collectives."""
+
+    fwd_s: float = 0.0
+    dx_s: float = 0.0
+    dw_s: float = 0.0
+    pre_fwd_s: float = 0.0
+    beside_fwd_s: float = 0.0
+    down_dx_s: float = 0.0
+
+
+def _context_parallel(ctx: CostContext, m: ModelSpec, attn: list[tuple[int, int]], up: list[tuple[int, int]],
+                      mtp: bool) -> _CpCosts:
+    """Zero at cp = 1. ``attn[0]`` is the projection that makes what CP gathers (MLA: the fused
+    down-projection with the KV latent; GQA: QKV); for MLA ``up[-1]`` is ``kv_b_proj``, run on the
+    gathered rows, and ``up[0]`` the query up-projection when ``q_lora_rank`` is set."""
+    if not ctx.cp_gather_bytes:
+        return _CpCosts()
+    pre = _linears(ctx, [attn[0]] + ([(2 * m.hidden_size, m.hidden_size)] if mtp else []), ctx.precision)
+    extra = (0.0, 0.0, 0.0)
+    beside = 0.0
+    if m.is_mla:
+        own = _linears(ctx, [up[-1]], ctx.precision)
+        gathered = _linears(ctx, [up[-1]], ctx.precision, rows=ctx.kv_rows)
+        extra = tuple(g - o for g, o in zip(gathered, own))
+        beside = _linears(ctx, [up[0]], ctx.precision)[0] if m.q_lora_rank else 0.0
+    return _CpCosts(fwd_s=extra[0], dx_s=extra[1], dw_s=extra[2], pre_fwd_s=pre[0], beside_fwd_s=beside,
+                    down_dx_s=pre[1])
 
 
 def _experts(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None) -> tuple[float, float, float]:

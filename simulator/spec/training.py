@@ -27,6 +27,9 @@ class Phase(BaseModel):
     seq_len_tokens: int | None = Field(None, gt=0, description="null = the layout's seq_len_tokens.")
     global_batch_seqs: int = Field(..., gt=0)
     ramp: BatchRamp | None = None
+    cp: int | None = Field(
+        None, gt=0, description="Context-parallel size for this phase; null = chosen by the planner when the "
+        "sequence length differs from the layout's (simulator/phase_layout.py), else the layout's.")
 
     @model_validator(mode="after")
     def _tokens_or_steps(self) -> Phase:

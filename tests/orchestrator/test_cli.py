@@ -68,7 +68,12 @@ def test_dense_model_gets_a_fitting_default_layout(tmp_path):
      (["--model", "missing.json"], "--model missing.json: no such file"),
      (["--model", "deepseek-67b", "--nodes", "1"], "no layout of deepseek-67b fits 8 x H800-SXM5"),
      (["--calibration", "/dev/null"], "--calibration /dev/null: Invalid JSON"),
-     (["--tokens", "lots"], "--tokens 'lots': expected a number")],
+     (["--tokens", "lots"], "--tokens 'lots': expected a number"),
+     (["--cp", "3"], "cp=3 does not divide the 128 GPUs of a pipeline stage"),
+     (["--cp", "0"], "parallel.cp: Input should be greater than 0 (got 0)"),
+     (["--cp", "256"], "cp=256 does not divide the 128 GPUs of a pipeline stage"),
+     (["--cp", "16", "--seq-len", "4104"], "cp=16 must split seq_len_tokens=4104 into 2 x cp = 32 equal chunks"),
+     (["--search", "--cp", "3"], "cp=3 does not divide the cluster's 2048 GPUs")],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, message):
     out = tmp_path / "out"
@@ -77,6 +82,17 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, message):
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and message in lines[0], res.output
     assert not out.exists()
+
+
+def test_plan_with_context_parallelism(tmp_path):
+    res = run("plan", "--cp", "2", "--out", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    assert "x EP64 x DP64 x CP2, ZeRO-1" in res.output and "CP32 DP4, 1 x 120 (chosen)" in res.output
+    assert "x DP64 x CP2, dualpipe" in (tmp_path / "plan.html").read_text()
+    out = json.loads(run("show", str(tmp_path), "--json").output)
+    assert (out["pp"], out["dp"], out["cp"], out["ep"]) == (16, 64, 2, 64) and out["memory_fits"] is True
+    assert [p["layout_source"] for p in out["phases"]] == ["main", "chosen", "chosen"]
+    assert out["phases"][0]["cp"] == 2 and all(p["cp"] >= 2 for p in out["phases"])
 
 
 def test_bad_config_json(tmp_path):

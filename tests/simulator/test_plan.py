@@ -38,6 +38,13 @@ def test_other_schema_versions_are_refused(plan):
         parse_plan(json.dumps(raw), "p.json")
 
 
+def test_version_1_plans_from_before_context_parallelism_are_refused(plan):
+    raw = json.loads(dump_plan(plan))
+    raw["schema_version"] = 1
+    with pytest.raises(PlanError, match="schema_version=1 is not supported; this moeplan reads version 2"):
+        parse_plan(json.dumps(raw), "old.json")
+
+
 def test_edited_inputs_break_the_hash(plan):
     raw = json.loads(dump_plan(plan))
     raw["inputs"]["parallel"]["micro_batch_size"] = 2

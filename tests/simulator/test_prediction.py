@@ -9,6 +9,7 @@ from simulator.accounting.layout import LayoutError
 from simulator.costs.kernels import gemm_efficiency, gemm_s
 from simulator.costs.tables import CostTables, default_tables
 from simulator.engine.build import SimOptions
+from simulator.phase_layout import PhaseLayout
 from simulator.planner import plan_with_predictions, summary
 from simulator.predict import predict_step
 from simulator.presets.clusters import h200, h800, h800_gpu
@@ -69,8 +70,8 @@ def test_skewed_expert_load_slows_the_step_and_redundancy_helps():
 def test_ramp_integral_matches_numeric_quadrature():
     line = StepLine(seq_len_tokens=4096, intercept_s=3.0, per_microbatch_s=0.1, fitted_at=(32, 64))
     phase = Phase(name="p", tokens=2e11, global_batch_seqs=1536, ramp=BatchRamp(start_seqs=256, ramp_tokens=1e11))
-    inp = _inputs(nodes=16, batch=1536, pp=2, ep=8)  # dp = 64
-    got = _phase(phase, line, inp, dp=64)
+    layout = PhaseLayout(source="main", cp=1, dp=64, micro_batch_size=1, microbatches=24, tokens_per_gpu_per_microbatch=4096)
+    got = _phase(phase, 4096, line.step_s(1536 / 64), line, 64, layout, world=128)  # dp = 64, pp = 2
     taus = np.linspace(0, 1e11, 200_001)
     batch = 256 + (1536 - 256) * taus / 1e11
     per_token = (3.0 + 0.1 * batch / 64) / (batch * 4096)

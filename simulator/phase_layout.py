@@ -1,0 +1,117 @@
+"""A layout for each training phase whose sequence length differs from the main layout's.
+
+Long-context phases keep the main layout's pipeline, schedule, expert parallelism, recompute and
+ZeRO stage, and choose the context-parallel size ``cp`` and the micro-batch size anew:
+
+- ``cp`` from the powers of two that divide the ``world / pp`` GPUs of a stage and split the
+  sequence into ``2 cp`` chunks, keeping at least the main layout's tokens per GPU per
+  micro-batch (CP is there to fit long sequences, not to shrink micro-batches below what the
+  main layout runs); a phase's own ``cp`` setting fixes it;
+- micro-batch sizes from 1 up to the main layout's, by powers of two;
+- the phase's global batch must map onto whole micro-batches that the schedule accepts
+  (``dp = world / (pp cp)``, ``M = batch / (dp mbs)``), and the peak memory must fit.
+
+Each candidate's step is simulated at its own ``M`` (``predict.simulate_at``) and the fastest
+wins. When none qualifies the phase is priced on the main layout's step line, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from simulator.accounting.context_parallel import cp_tokens
+from simulator.accounting.layout import LayoutError, check_layout
+from simulator.accounting.memory import pipeline_memory
+from simulator.engine.build import SimOptions
+from simulator.predict import simulate_at
+from simulator.schedules.generate import make_schedule, valid_microbatches
+from simulator.spec.inputs import PlanInputs
+from simulator.spec.parallel import ParallelSpec
+from simulator.spec.training import Phase
+
+logger = logging.getLogger(__name__)
+
+
+class PhaseLayout(BaseModel):
+    """The layout a phase's steps were priced on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: Literal["main", "chosen", "step-line"] = Field(
+        ..., description="main: the main layout at its own sequence length; chosen: cp and micro-batching chosen "
+        "for this phase, simulated at its batch; step-line: the main layout's step line (no layout ran the batch).")
+    cp: int
+    dp: int
+    micro_batch_size: int
+    microbatches: float = Field(..., description="Per pipeline per step; fractional on the step line.")
+    tokens_per_gpu_per_microbatch: float
+    peak_memory_bytes_per_gpu: float | None = Field(None, description="Checked for chosen layouts.")
+
+    @property
+    def label(self) -> str:
+        """E.g. ``CP32 DP4, 1 x 120 (chosen)``: parallel sizes, micro-batch size x micro-batches."""
+        return f"CP{self.cp} DP{self.dp}, {self.micro_batch_size} x {self.microbatches:g} ({self.source})"
+
+
+@dataclass(frozen=True)
+class PhaseChoice:
+    layout: PhaseLayout
+    inputs: PlanInputs  # with the phase's ParallelSpec
+    step_time_s: float
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    return [2**k for k in range(limit.bit_length()) if 2**k <= limit]
+
+
+def phase_candidates(inputs: PlanInputs, phase: Phase, seq: int) -> list[tuple[ParallelSpec, int, int]]:
+    """(layout, dp, micro-batches) for every cp and micro-batch size that runs the phase's batch."""
+    main, world = inputs.parallel, inputs.cluster.num_gpus
+    min_tokens = cp_tokens(main.micro_batch_size, main.seq_len_tokens, main.cp)
+    per_stage = world // main.pp
+    cps = [phase.cp] if phase.cp is not None else [c for c in _powers_of_two(per_stage) if per_stage % c == 0]
+    out = []
+    for cp in cps:
+        for mbs in _powers_of_two(main.micro_batch_size):
+            if phase.cp is None and (mbs * seq // cp < min_tokens):
+                continue
+            par = main.model_copy(update={"cp": cp, "dp": None, "micro_batch_size": mbs, "microbatches": None,
+                                          "seq_len_tokens": seq})
+            try:
+                dp = check_layout(inputs.model, inputs.cluster, par)
+            except LayoutError:
+                continue
+            batch = phase.global_batch_seqs
+            if batch % (dp * mbs):
+                continue
+            m = batch // (dp * mbs)
+            if valid_microbatches(par.schedule, par.pp, m) == m:
+                out.append((par, dp, m))
+    return out
+
+
+def choose_phase_layout(inputs: PlanInputs, phase: Phase, seq: int, opts: SimOptions) -> PhaseChoice | None:
+    """The fastest fitting candidate of ``phase_candidates``, simulated at its batch; None when
+    none runs the batch or fits in memory."""
+    best: PhaseChoice | None = None
+    tr = inputs.training
+    for par, dp, m in phase_candidates(inputs, phase, seq):
+        schedule = make_schedule(par.schedule, par.pp, m, par.virtual_stages)
+        peak = max(r.total_bytes for r in pipeline_memory(inputs.model, par, tr.optimizer, tr.precision, dp, m, schedule))
+        if peak > inputs.cluster.usable_hbm_bytes:
+            continue
+        trial = inputs.model_copy(update={"parallel": par})
+        step_s = simulate_at(trial, dp, m, seq, opts).step_time_s
+        layout = PhaseLayout(source="chosen", cp=par.cp, dp=dp, micro_batch_size=par.micro_batch_size,
+                             microbatches=m, tokens_per_gpu_per_microbatch=cp_tokens(par.micro_batch_size, seq, par.cp),
+                             peak_memory_bytes_per_gpu=peak)
+        if best is None or step_s < best.step_time_s:
+            best = PhaseChoice(layout=layout, inputs=trial, step_time_s=step_s)
+    if best is None:
+        logger.info("phase %s: no layout runs %d x %d tokens; priced on the step line", phase.name,
+                    phase.global_batch_seqs, seq)
+    return best
