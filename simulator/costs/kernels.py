@@ -54,14 +54,16 @@ def gemm_s(
     return flops / (peak_flops_per_s(gpu, precision) * eff * compute_frac)
 
 
-def attention_s(tables: CostTables, gpu: GpuSpec, fwd_flops: float, backward: bool, compute_frac: float = 1.0) -> float:
-    """Causal attention core (BF16): forward, or backward alone (fwd+bwd time less forward time)."""
+def attention_s(tables: CostTables, gpu: GpuSpec, fwd_flops: float, backward: bool, compute_frac: float = 1.0,
+                seq_len: int = 4096) -> float:
+    """Causal attention core (BF16) over ``seq_len`` keys: forward, or backward alone (fwd+bwd less fwd)."""
     peak = gpu.bf16_flops_per_s * compute_frac
-    fwd_s = fwd_flops / (peak * tables.attention_fwd_frac)
+    fwd_frac, fwd_bwd_frac = tables.attention_fracs(seq_len)
+    fwd_s = fwd_flops / (peak * fwd_frac)
     if not backward:
         return fwd_s
     # never faster than its 2x-forward FLOPs at peak
-    return max(3.0 * fwd_flops / (peak * tables.attention_fwd_bwd_frac) - fwd_s, 2.0 * fwd_flops / peak)
+    return max(3.0 * fwd_flops / (peak * fwd_bwd_frac) - fwd_s, 2.0 * fwd_flops / peak)
 
 
 def memory_s(tables: CostTables, gpu: GpuSpec, nbytes: float) -> float:

@@ -14,11 +14,18 @@ Sources:
   attention (head dims 192/128), device copy bandwidth, NCCL all-to-all and all-reduce on 4 GPUs.
   Hopper SXM parts share SMs, clocks and tensor cores, so the H200's compute-bound figures stand for the
   H100 and H800 too; memory-bound figures scale with each part's HBM bandwidth (see ``memory_frac``).
+- [AT] ``simulator/costs/data/h200-attention.json`` (``benchmarks/attention_bench.py``): causal SDPA
+  with V3's head dims (192/128) on one H200, 1K to 128K tokens, FLOPs counted exactly as
+  ``attention_core_flops`` and forward + backward as 3x forward. It replaces [A]'s two attention
+  figures, whose FLOP convention is not recorded: [AT]'s forward at 4K reproduces [A]'s (592 vs 591
+  TFLOPS), but its forward + backward is 381 TFLOPS at 3x where [A] says 440, which is what 381
+  becomes at 3.5x (backward counted as 2.5 forwards). Read at 3x, [A] overstated the backward's speed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
@@ -44,6 +51,16 @@ class GemmPoint(BaseModel):
     source: str
 
 
+class AttentionPoint(BaseModel):
+    """Causal attention efficiency at one sequence length, as fractions of the dense BF16 peak."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seq_len: int = Field(..., gt=0)
+    fwd_frac: float = Field(..., gt=0, le=1)
+    fwd_bwd_frac: float = Field(..., gt=0, le=1, description="Forward + backward, counted as 3x forward FLOPs.")
+
+
 class CostTables(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -51,6 +68,9 @@ class CostTables(BaseModel):
     gemm: tuple[GemmPoint, ...] = Field(..., min_length=1)
     attention_fwd_frac: float = Field(..., gt=0, le=1, description="Causal attention forward, of the BF16 peak.")
     attention_fwd_bwd_frac: float = Field(..., gt=0, le=1, description="Forward + backward (3x forward FLOPs).")
+    attention_by_seq: tuple[AttentionPoint, ...] = Field(
+        (), description="Efficiency by sequence length (interpolated in log2 of the length, held flat past the "
+                        "ends); empty = the two fractions above at every length.")
     attention_source: str
     memory_frac: float = Field(..., gt=0, le=1, description="Achievable / datasheet HBM bandwidth.")
     memory_source: str
@@ -61,6 +81,32 @@ class CostTables(BaseModel):
     @classmethod
     def from_file(cls, path: str | Path) -> CostTables:
         return cls.model_validate_json(Path(path).read_text())
+
+    def attention_fracs(self, seq_len: int) -> tuple[float, float]:
+        """(forward, forward + backward) efficiency of causal attention over ``seq_len`` keys."""
+        pts = sorted(self.attention_by_seq, key=lambda p: p.seq_len)
+        if not pts:
+            return self.attention_fwd_frac, self.attention_fwd_bwd_frac
+        if seq_len <= pts[0].seq_len:
+            return pts[0].fwd_frac, pts[0].fwd_bwd_frac
+        for lo, hi in zip(pts, pts[1:]):
+            if seq_len <= hi.seq_len:
+                t = (math.log2(seq_len) - math.log2(lo.seq_len)) / (math.log2(hi.seq_len) - math.log2(lo.seq_len))
+                return (lo.fwd_frac + t * (hi.fwd_frac - lo.fwd_frac),
+                        lo.fwd_bwd_frac + t * (hi.fwd_bwd_frac - lo.fwd_bwd_frac))
+        return pts[-1].fwd_frac, pts[-1].fwd_bwd_frac
+
+
+@lru_cache(maxsize=1)
+def attention_measurements() -> dict:
+    """[AT]: causal SDPA by sequence length on the H200 (benchmarks/attention_bench.py)."""
+    return json.loads(files("simulator.costs").joinpath("data/h200-attention.json").read_text())
+
+
+def _attention_points(bf16_peak_flops_per_s: float) -> tuple[AttentionPoint, ...]:
+    return tuple(AttentionPoint(seq_len=r["seq"], fwd_frac=r["fwd_TFLOPs"] * TFLOPS / bf16_peak_flops_per_s,
+                                fwd_bwd_frac=r["fwd_bwd_TFLOPs_3x"] * TFLOPS / bf16_peak_flops_per_s)
+                 for r in attention_measurements()["rows"])
 
 
 @lru_cache(maxsize=1)
@@ -123,8 +169,8 @@ def _deepgemm_points() -> list[GemmPoint]:
 
 def _common(name: str, gemm: list[GemmPoint], bf16_peak_flops_per_s: float) -> CostTables:
     a = anchors()
-    fwd = a["sdpa_fwd_causal_d192v128_TFLOPs"] * TFLOPS / bf16_peak_flops_per_s
-    fwd_bwd = a["sdpa_fwdbwd_causal_d192v128_TFLOPs"] * TFLOPS / bf16_peak_flops_per_s
+    attention = _attention_points(bf16_peak_flops_per_s)
+    at_4k = next(p for p in attention if p.seq_len == 4096)
     # NCCL all-to-all on 4 H200 ([A]): t = S (n-1)/n / busbw at 8 MiB and 256 MiB per rank; the
     # straight line through both has intercept ~117 us: the fixed cost of one collective.
     n = a["gpus"]
@@ -134,9 +180,10 @@ def _common(name: str, gemm: list[GemmPoint], bf16_peak_flops_per_s: float) -> C
     return CostTables(
         name=name,
         gemm=tuple(gemm),
-        attention_fwd_frac=fwd,
-        attention_fwd_bwd_frac=fwd_bwd,
-        attention_source="[A] sdpa_fwd_causal_d192v128 and sdpa_fwdbwd_causal_d192v128 (FLOPs taken as 1x / 3x forward)",
+        attention_fwd_frac=at_4k.fwd_frac,
+        attention_fwd_bwd_frac=at_4k.fwd_bwd_frac,
+        attention_by_seq=attention,
+        attention_source="[AT] h200-attention.json: causal SDPA d192/v128 at 1K-128K tokens (fwd+bwd as 3x fwd)",
         memory_frac=a["copy_TBps"] * 1e12 / 4.8e12,  # [A] copy bandwidth over the H200's 4.8 TB/s datasheet figure
         memory_source="[A] copy_TBps over the H200 datasheet 4.8 TB/s",
         collective_latency_s=latency,

@@ -146,8 +146,9 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
         p = _linears(ctx, [(2 * m.hidden_size, m.hidden_size)], ctx.precision)
         a_fwd, a_dx, a_dw = a_fwd + p[0], a_dx + p[1], a_dw + p[2]
     core = attention_core_flops(m, ctx.seq_len_tokens) * ctx.tokens
-    a_fwd += attention_s(ctx.tables, ctx.gpu, core, backward=False, compute_frac=ctx.compute_frac)
-    a_dx += attention_s(ctx.tables, ctx.gpu, core, backward=True, compute_frac=ctx.compute_frac)
+    seq = ctx.seq_len_tokens
+    a_fwd += attention_s(ctx.tables, ctx.gpu, core, backward=False, compute_frac=ctx.compute_frac, seq_len=seq)
+    a_dx += attention_s(ctx.tables, ctx.gpu, core, backward=True, compute_frac=ctx.compute_frac, seq_len=seq)
     h = m.hidden_size
     if moe:
         shared = [(h, 2 * m.moe_intermediate_size * m.n_shared_experts), (m.moe_intermediate_size * m.n_shared_experts, h)]
