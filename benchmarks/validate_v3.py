@@ -26,7 +26,7 @@ from orchestrator.inputs import build_request  # noqa: E402
 from simulator.engine.step import Links, RankTail, StageCosts, StepInputs, StepSimulation  # noqa: E402
 from simulator.engine.unit_costs import EndCosts, UnitCosts  # noqa: E402
 from simulator.costs.tables import default_tables  # noqa: E402
-from simulator.engine.build import SimOptions  # noqa: E402
+from simulator.engine.build import SimOptions, step_inputs  # noqa: E402
 from simulator.planner import plan_with_predictions  # noqa: E402
 from simulator.predict import predict_step  # noqa: E402
 from simulator.run_model import predict_phase  # noqa: E402
@@ -62,6 +62,34 @@ def sensitivity() -> list[str]:
         per_t = v3_plan(extra, opts).predictions.run.gpu_hours_per_trillion_tokens
         rows.append(f"| {name} | {per_t:,.0f} | {per_t / TR_GPU_HOURS_PER_T - 1:+.1%} |")
     return rows
+
+
+def comm_ratio() -> list[str]:
+    """TR §3.2.2: cross-node expert parallelism gives a computation-to-communication ratio of about 1:1."""
+    req = build_request("deepseek-v3", "h800", 256, SETS)
+    inputs = step_inputs(req.inputs, 128, 120)
+    u = next(u for st in inputs.stages for u in st.units if u.moe)
+    links = inputs.links
+    fwd_comm = 2 * links.latency_s + (u.dispatch_ib_bytes + u.combine_ib_bytes) / links.nic_bytes_per_s
+    fwd = u.attn_fwd_s + u.mlp_fwd_s + u.experts_fwd_s
+    bwd = u.dx_s + u.dw_s  # attention, MLP and experts, input and weight gradients, and the recompute
+    return [
+        "TR §3.2.2: \"the cross-node expert parallelism introduces an inefficient computation-to-communication "
+        "ratio of approximately 1:1\". The simulator's ratio for one MoE layer and one micro-batch of the "
+        "published layout, from the same cost tables (communication = the all-to-all's IB bytes over the "
+        "NIC plus one collective latency per all-to-all, as the engine charges them):",
+        "",
+        "| | computation | IB all-to-all | ratio |",
+        "|---|---|---|---|",
+        f"| forward | {fwd * 1e3:.2f} ms | {fwd_comm * 1e3:.2f} ms | 1 : {fwd_comm / fwd:.2f} |",
+        f"| forward + backward | {(fwd + bwd) * 1e3:.2f} ms | {2 * fwd_comm * 1e3:.2f} ms | "
+        f"1 : {2 * fwd_comm / (fwd + bwd):.2f} |",
+        "",
+        f"The backward's compute is {bwd / fwd:.1f}x the forward's while its all-to-all moves the same bytes. "
+        "If the TR's ratio refers to the forward, the simulator's all-to-all is "
+        f"{1 - fwd_comm / fwd:.0%} cheaper relative to compute than DeepSeek's; DualPipe hides most of it either "
+        "way (exposed communication above).",
+    ]
 
 
 def schedule_check() -> list[str]:
@@ -182,8 +210,12 @@ def main() -> None:
         "unpublished. Context parallelism is modelled as an all-gather of the MLA KV latent before each "
         "layer's attention (re-gathered in backward, gradient reduce-scattered), with no ring-attention style "
         "overlap of chunk transfers with the core, and YaRN's own overheads are not modelled. The attention "
-        "core runs at one measured efficiency at every sequence length (h200-anchors.json SDPA, which does not "
-        "record the sequence length it was measured at); at 128K the core is most of the step, so this matters.",
+        "core runs at the efficiency measured for its sequence length (torch SDPA on the H200, 1K to 128K, "
+        "`simulator/costs/data/h200-attention.json`); DeepSeek's own attention kernels are unpublished.",
+        "",
+        "## A published ratio the prediction should agree with",
+        "",
+        *comm_ratio(),
         "",
         "## Sensitivity (GPU-hours per trillion tokens)",
         "",
