@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from model.attention import MLA
-from model.fp8 import Fp8Gemm, resolve_fp8_gemms
+from model.fp8 import Fp8Gemm, resolve_fp8_gemms, resolve_fp8_grouped_wgrad
 from model.linear import LinearFactory
 from model.mlp import MLP
 from model.moe import MoE
@@ -27,6 +27,7 @@ class LayerFactory:
     expert_backend: str
     fp8_grouped_gemm: Fp8Gemm | None
     fp8_block_size: int
+    fp8_grouped_wgrad: Fp8Gemm | None = None  # set when the backward runs in FP8 too
 
     @classmethod
     def create(cls, spec: ModelSpec, options: ModelOptions) -> LayerFactory:
@@ -38,18 +39,22 @@ class LayerFactory:
             spec=spec,
             dtype=options.dtype,
             make_linear=LinearFactory(
-                options.dtype, gemm if options.linear_precision == "fp8" else None, options.fp8_block_size
+                options.dtype, gemm if options.linear_precision == "fp8" else None, options.fp8_block_size,
+                options.fp8_backward,
             ),
             expert_backend=options.expert_backend,
             fp8_grouped_gemm=grouped,
             fp8_block_size=options.fp8_block_size,
+            fp8_grouped_wgrad=(resolve_fp8_grouped_wgrad(options.fp8_kernel, options.fp8_block_size)
+                               if options.fp8_backward and options.expert_backend == "fp8" else None),
         )
 
     def ffn(self, layer_id: int) -> nn.Module:
         spec = self.spec
         if spec.is_moe_layer(layer_id):
             return MoE(spec, self.make_linear, self.dtype, self.expert_backend, self.fp8_grouped_gemm,
-                       self.fp8_block_size, balance_alpha=spec.aux_loss_alpha if spec.seq_aux else 0.0)
+                       self.fp8_block_size, balance_alpha=spec.aux_loss_alpha if spec.seq_aux else 0.0,
+                       fp8_grouped_wgrad=self.fp8_grouped_wgrad)
         return MLP(spec.hidden_size, spec.intermediate_size, self.make_linear)
 
     def norm(self, dim: int | None = None) -> RMSNorm:

@@ -32,6 +32,7 @@ class GroupedExperts(nn.Module):
         backend: str = "auto",
         fp8_grouped_gemm: Fp8Gemm | None = None,
         fp8_block_size: int = 128,
+        fp8_grouped_wgrad: Fp8Gemm | None = None,
     ) -> None:
         super().__init__()
         # "auto" decides per call: torch._grouped_mm on CUDA; its CPU fallback is ~10x slower than
@@ -46,6 +47,7 @@ class GroupedExperts(nn.Module):
         self.num_experts = num_experts
         self.fp8_grouped_gemm = fp8_grouped_gemm if backend == "fp8" else None
         self.fp8_block_size = fp8_block_size
+        self.fp8_grouped_wgrad = fp8_grouped_wgrad if backend == "fp8" else None  # None: high-precision backward
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter_dim, dim, dtype=dtype))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, inter_dim, dtype=dtype))
         self.weight_grad_store: WeightGradStore | None = None
@@ -54,7 +56,7 @@ class GroupedExperts(nn.Module):
         use_torch = self.backend == "grouped_mm" or (self.backend == "auto" and a.is_cuda and self.grouped_mm_ok)
         return GroupedLinearFn.apply(
             a, weight, offs, use_torch, self.weight_grad_store,
-            self.fp8_grouped_gemm, self.fp8_block_size,
+            self.fp8_grouped_gemm, self.fp8_block_size, self.fp8_grouped_wgrad,
         )
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,8 +78,14 @@ def dequantize_blocks(
 
 
 def reference_fp8_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype, block: int = 128) -> torch.Tensor:
-    """(M, K) x (N, K)^T from quantised operands, FP32 accumulation."""
-    return (dequantize_tiles(a, a_scale, block) @ dequantize_blocks(b, b_scale, block).t()).to(out_dtype)
+    """(M, K) x (N, K)^T from quantised operands, FP32 accumulation.
+
+    ``b_scale`` is (ceil(N/b), ceil(K/b)) for a weight in blocks, or (N, ceil(K/b)) for an operand in
+    1 x b tiles along K (the weight gradient's second operand); for N = 1 both mean the same.
+    """
+    rows = b_scale.shape[-2] == b.shape[-2]
+    b_dq = dequantize_tiles(b, b_scale, block) if rows else dequantize_blocks(b, b_scale, block)
+    return (dequantize_tiles(a, a_scale, block) @ b_dq.t()).to(out_dtype)
 
 
 def reference_fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype: torch.dtype, block: int = 128) -> torch.Tensor:
@@ -89,6 +95,39 @@ def reference_fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype: torch.dt
     a_dq = dequantize_tiles(a, a_scale, block)
     b_dq = dequantize_blocks(b, b_scale, block).transpose(-2, -1)  # (E, K, N)
     return reference_grouped_mm(a_dq, b_dq, offs).to(out_dtype)
+
+
+def reference_fp8_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype: torch.dtype = torch.float32,
+                                block: int = 128) -> torch.Tensor:
+    """(E, N, K): per expert e, a_t[:, seg e] · b_t[:, seg e]^T; a_t (N, M), b_t (K, M) in 1 x b tiles along M.
+
+    ``seg_offsets`` (E + 1,) are segment bounds on M, multiples of ``block``, so no tile spans two experts.
+    """
+    from model.grouped_mm import reference_grouped_weight_grad
+
+    end = int(seg_offsets[-1])
+    a = dequantize_tiles(a_t, a_t_scale, block)[:, :end]
+    b = dequantize_tiles(b_t, b_t_scale, block)[:, :end]
+    return reference_grouped_weight_grad(a.t(), b.t(), seg_offsets[1:]).to(out_dtype)
+
+
+def fp8_grouped_weight_grad(g: torch.Tensor, a: torch.Tensor, offs: torch.Tensor, block: int,
+                            grouped_wgrad: Fp8Gemm) -> torch.Tensor:
+    """FP8 weight gradient of a grouped linear, (E, N, K) FP32: per expert g_e^T a_e.
+
+    The reduction runs over tokens, so both operands are quantised in tiles of ``block`` tokens (TR
+    §3.3's 128 x 1 tiles for Wgrad). Each expert's rows are first padded to a multiple of ``block``
+    (``contiguous_layout``) so that no tile mixes two experts' tokens under one scale.
+    """
+    dest, m_indices = contiguous_layout(offs, g.shape[0], block)
+    rows = m_indices.numel()
+    g_pad = g.new_zeros(rows, g.shape[1]).index_copy(0, dest, g)
+    a_pad = a.new_zeros(rows, a.shape[1]).index_copy(0, dest, a)
+    counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())
+    bounds = torch.cat((counts.new_zeros(1), ((counts + block - 1) // block * block).cumsum(0))).to(torch.int32)
+    gq, gs = quantize_tiles(g_pad.t(), block)  # (N, rows), tiles of `block` tokens
+    aq, a_s = quantize_tiles(a_pad.t(), block)  # (K, rows)
+    return grouped_wgrad(gq, gs, aq, a_s, bounds, out_dtype=torch.float32)
 
 
 def contiguous_layout(offs: torch.Tensor, num_rows: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +160,16 @@ def _grouped_via_contiguous(grouped_gemm_fp8: Fp8Gemm, tile: int) -> Fp8Gemm:
         return out[dest]
 
     return gemm
+
+
+def resolve_fp8_grouped_wgrad(kernel: str, block: int = 128) -> Fp8Gemm:
+    """The grouped FP8 weight-gradient GEMM for ``ModelOptions.fp8_kernel`` (``reference_fp8_grouped_wgrad``'s
+    signature; the kernels' is ``kernels.grouped_gemm.grouped_wgrad_fp8``)."""
+    if kernel == "reference":
+        return lambda *args, out_dtype=torch.float32: reference_fp8_grouped_wgrad(*args, out_dtype=out_dtype, block=block)
+    resolve_fp8_gemms(kernel, block)  # the same checks and error messages
+    wgrad = importlib.import_module("kernels.grouped_gemm").grouped_wgrad_fp8
+    return lambda *args, out_dtype=torch.float32: wgrad(*args, out_dtype=out_dtype, backend="triton")
 
 
 def resolve_fp8_gemms(kernel: str, block: int = 128) -> tuple[Fp8Gemm, Fp8Gemm]:

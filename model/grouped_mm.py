@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from model.fp8 import quantize_blocks, quantize_tiles
+from model.fp8 import fp8_grouped_weight_grad, quantize_blocks, quantize_tiles
 from model.weight_grad import WeightGradStore, accumulate_grad
 
 GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -73,9 +73,12 @@ class GroupedLinearFn(torch.autograd.Function):
     """out = grouped(a, weight^T) with weight (E, N, K) in ``nn.Linear`` orientation."""
 
     @staticmethod
-    def forward(ctx, a, weight, offs, use_torch: bool, store: WeightGradStore | None, fp8_grouped, block: int):
+    def forward(ctx, a, weight, offs, use_torch: bool, store: WeightGradStore | None, fp8_grouped, block: int,
+                fp8_wgrad=None):
         ctx.save_for_backward(a, weight, offs)
         ctx.use_torch, ctx.store, ctx.weight = use_torch, store, weight
+        # FP8 backward (TR §3.3) when the grouped FP8 GEMM comes with its weight-gradient GEMM
+        ctx.fp8 = (fp8_grouped, fp8_wgrad, block) if fp8_grouped is not None and fp8_wgrad is not None else None
         if fp8_grouped is not None:
             aq, a_scale = quantize_tiles(a, block)
             wq, w_scale = quantize_blocks(weight, block)  # per expert (E, N/b, K/b)
@@ -89,15 +92,27 @@ class GroupedLinearFn(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         mm = torch_grouped_mm if ctx.use_torch else reference_grouped_mm
         wgrad = torch_grouped_weight_grad if ctx.use_torch else reference_grouped_weight_grad
-        grad_a = mm(grad_out, weight, offs) if ctx.needs_input_grad[0] else None  # (M, K)
+        grad_a = None
+        if ctx.needs_input_grad[0]:
+            if ctx.fp8 is None:
+                grad_a = mm(grad_out, weight, offs)  # (M, K)
+            else:  # Dgrad: grad rows in 1x128 tiles times each expert's W^T (K, N) in blocks
+                gemm, _, block = ctx.fp8
+                wt, wt_scale = quantize_blocks(weight.transpose(1, 2), block)
+                gq, gs = quantize_tiles(grad_out, block)
+                grad_a = gemm(gq, gs, wt, wt_scale, offs, out_dtype=grad_out.dtype, block=block)
+        none = (None,) * 7
         if not ctx.needs_input_grad[1]:
-            return grad_a, None, None, None, None, None, None
+            return grad_a, *none
 
-        def weight_grad() -> torch.Tensor:
-            return wgrad(grad_out, a, offs)  # (E, N, K)
+        def weight_grad() -> torch.Tensor:  # (E, N, K)
+            if ctx.fp8 is None:
+                return wgrad(grad_out, a, offs)
+            _, grouped_wgrad, block = ctx.fp8
+            return fp8_grouped_weight_grad(grad_out, a, offs, block, grouped_wgrad).to(weight.dtype)
 
         if ctx.store is None:
-            return grad_a, weight_grad(), None, None, None, None, None
+            return grad_a, weight_grad(), *none[1:]
         param = ctx.weight
         ctx.store.defer(lambda: accumulate_grad(param, weight_grad()))
-        return grad_a, None, None, None, None, None, None
+        return grad_a, *none

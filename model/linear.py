@@ -1,9 +1,11 @@
 """The linear layer every dense matmul of the model uses: BF16 or FP8, fused or deferred weight grad.
 
-Forward: y = x W^T (+ b). With ``fp8=True`` both operands are quantised (1x128 activation tiles,
-128x128 weight blocks) and multiplied by the configured FP8 GEMM. Backward is straight-through:
-gradients are computed in the high-precision dtype against the *unquantised* tensors (the TR also
-runs Dgrad/Wgrad in FP8; that belongs to the kernels, the reference keeps them exact).
+Forward: y = x W^T (+ b). With an FP8 GEMM both operands are quantised (1x128 activation tiles,
+128x128 weight blocks) and multiplied by it. Backward is straight-through by default: gradients
+in the high-precision dtype against the *unquantised* tensors. With ``fp8_backward`` the two
+backward GEMMs run in FP8 as in TR §3.3 (Figure 6): Dgrad quantises the output gradient in 1x128
+tiles along N and multiplies the 128x128-block weight; Wgrad quantises both the output gradient and
+the input in tiles of 128 tokens (the reduction runs over tokens) and accumulates in FP32.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ class LinearFn(torch.autograd.Function):
     """y = x W^T with an optional FP8 forward and an optional deferred weight gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, store: WeightGradStore | None, fp8_gemm: Fp8Gemm | None, block: int):
+    def forward(ctx, x, weight, store: WeightGradStore | None, fp8_gemm: Fp8Gemm | None, block: int,
+                fp8_backward: bool = False):
         ctx.save_for_backward(x, weight)
         ctx.store = store
         ctx.weight = weight
+        ctx.fp8 = (fp8_gemm, block) if fp8_backward and fp8_gemm is not None else None
         if fp8_gemm is None:
             return F.linear(x, weight)
         xq, xs = quantize_tiles(x.reshape(-1, x.shape[-1]), block)
@@ -37,19 +41,34 @@ class LinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None  # (..., K)
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
+        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if ctx.fp8 is None:
+                grad_x = grad_out @ weight  # (..., K)
+            else:  # Dgrad: (M, N) tiles x W^T (K, N) blocks
+                gemm, block = ctx.fp8
+                wt, wt_scale = quantize_blocks(weight.t(), block)
+                grad_x = gemm(*quantize_tiles(g2, block), wt, wt_scale, out_dtype=grad_out.dtype, block=block)
+                grad_x = grad_x.reshape(x.shape)
+        none = (None,) * 5
         if not ctx.needs_input_grad[1]:
-            return grad_x, None, None, None, None
+            return grad_x, *none
 
-        def weight_grad() -> torch.Tensor:
-            g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
-            return g2.t() @ x.reshape(-1, x.shape[-1])  # (N, K)
+        def weight_grad() -> torch.Tensor:  # (N, K)
+            if ctx.fp8 is None:
+                return g2.t() @ x2
+            gemm, block = ctx.fp8  # Wgrad: both operands in tiles of `block` tokens, FP32 out
+            out = gemm(*quantize_tiles(g2.t(), block), *quantize_tiles(x2.t(), block), out_dtype=torch.float32,
+                       block=block)
+            return out.to(weight.dtype)
 
         if ctx.store is None:
-            return grad_x, weight_grad(), None, None, None
+            return grad_x, weight_grad(), *none[1:]
         param = ctx.weight
         ctx.store.defer(lambda: accumulate_grad(param, weight_grad()))
-        return grad_x, None, None, None, None
+        return grad_x, *none
 
 
 class Linear(nn.Linear):
@@ -67,16 +86,19 @@ class Linear(nn.Linear):
         dtype: torch.dtype | None = None,
         fp8_gemm: Fp8Gemm | None = None,
         fp8_block_size: int = 128,
+        fp8_backward: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, dtype=dtype)
         self.fp8_gemm = fp8_gemm
         self.fp8_block_size = fp8_block_size
+        self.fp8_backward = fp8_backward
         self.weight_grad_store: WeightGradStore | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_gemm is None and self.weight_grad_store is None:
             return F.linear(x, self.weight, self.bias)
-        y = LinearFn.apply(x, self.weight, self.weight_grad_store, self.fp8_gemm, self.fp8_block_size)
+        y = LinearFn.apply(x, self.weight, self.weight_grad_store, self.fp8_gemm, self.fp8_block_size,
+                           self.fp8_backward)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -90,7 +112,8 @@ class LinearFactory:
     dtype: torch.dtype
     fp8_gemm: Fp8Gemm | None = None
     fp8_block_size: int = 128
+    fp8_backward: bool = False
 
     def __call__(self, in_features: int, out_features: int, bias: bool = False) -> Linear:
-        return Linear(in_features, out_features, bias=bias, dtype=self.dtype,
-                      fp8_gemm=self.fp8_gemm, fp8_block_size=self.fp8_block_size)
+        return Linear(in_features, out_features, bias=bias, dtype=self.dtype, fp8_gemm=self.fp8_gemm,
+                      fp8_block_size=self.fp8_block_size, fp8_backward=self.fp8_backward)

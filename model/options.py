@@ -31,6 +31,8 @@ class ModelOptions:
     - ``fp8_kernel``: "reference" = quantise-dequantise then a high-precision matmul (bit-faithful
       to an FP8 GEMM with FP32 accumulation up to summation order); "kernels" = the FP8 GEMMs of the
       ``kernels`` package (see ``model/fp8.py`` for the expected signatures).
+    - ``fp8_backward``: also run the backward GEMMs (Dgrad, Wgrad) of every FP8 linear and FP8
+      expert layer in FP8, as TR §3.3 does; False = straight-through backward in ``dtype``.
     - ``with_mtp``: build the ``num_nextn_predict_layers`` MTP modules (training); inference may drop them.
     """
 
@@ -39,6 +41,7 @@ class ModelOptions:
     expert_backend: ExpertBackend = "auto"
     fp8_kernel: Fp8Kernel = "reference"
     fp8_block_size: int = 128
+    fp8_backward: bool = False
     with_mtp: bool = True
 
     def __post_init__(self) -> None:

@@ -342,3 +342,37 @@ def test_bf16_grouped_linear_autograd(device):
     grouped_gemm_ref(x64, w64, m_indices).backward(dy.double())
     for ours, ref in ((x.grad, x64.grad), (w.grad, w64.grad)):
         assert rel_err(ours, ref) < TOL_BF16_OUT
+
+
+def test_model_fp8_backward_through_the_kernels(device):
+    """The model's FP8 backward (ModelOptions.fp8_backward) on our kernels equals it on the model's
+    float reference GEMMs: dense Dgrad/Wgrad (TMA path: sizes multiples of 16) and grouped Wgrad."""
+    from model.fp8 import reference_fp8_gemm, resolve_fp8_gemms, resolve_fp8_grouped_wgrad
+    from model.grouped_mm import GroupedLinearFn
+    from model.linear import Linear
+
+    dense, grouped = resolve_fp8_gemms("kernels")
+    ref_grouped = resolve_fp8_gemms("reference")[1]
+    x0 = rand(320, 256, seed=21, device=device)
+    w0 = rand(144, 256, seed=22, device=device)
+    dy = rand(320, 144, seed=23, device=device)
+    results = []
+    for gemm in (dense, reference_fp8_gemm):
+        layer = Linear(256, 144, fp8_gemm=gemm, fp8_backward=True).to(device)
+        with torch.no_grad():
+            layer.weight.copy_(w0)
+        x = x0.clone().requires_grad_(True)
+        layer(x).backward(dy)
+        results.append((x.grad, layer.weight.grad))
+    (dx_k, dw_k), (dx_r, dw_r) = results
+    assert rel_err(dx_k, dx_r) < TOL_FP32_OUT and rel_err(dw_k, dw_r) < TOL_FP32_OUT
+
+    offs = torch.tensor([130, 130, 256], dtype=torch.int32, device=device)
+    w = rand(3, 144, 256, seed=24, device=device).requires_grad_(True)
+    out = []
+    for gg, wg in ((grouped, resolve_fp8_grouped_wgrad("kernels")), (ref_grouped, resolve_fp8_grouped_wgrad("reference"))):
+        a = x0[:256].clone().requires_grad_(True)
+        w.grad = None
+        GroupedLinearFn.apply(a, w, offs, False, None, gg, 128, wg).backward(dy[:256])
+        out.append((a.grad, w.grad.clone()))
+    assert rel_err(out[0][0], out[1][0]) < TOL_FP32_OUT and rel_err(out[0][1], out[1][1]) < TOL_FP32_OUT

@@ -85,3 +85,116 @@ def test_contiguous_layout_adapter_matches_reference() -> None:
     got = _grouped_via_contiguous(fake_contiguous_gemm, 128)(aq, s_a, bq, s_b, offs, out_dtype=torch.float32)
     want = reference_fp8_grouped_gemm(aq, s_a, bq, s_b, offs, out_dtype=torch.float32)
     torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------ FP8 backward (TR §3.3, Figure 6)
+
+def _dq_tiles(t: torch.Tensor) -> torch.Tensor:
+    return dequantize_tiles(*quantize_tiles(t, 128), 128).double()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_fp8_backward_is_the_recipe_emulated_in_float64() -> None:
+    """Dgrad: grad tiles (1x128 along N) times the blocked weight; Wgrad: both operands in tiles of
+    128 tokens. The layer's gradients equal that recipe computed on dequantised operands, and differ
+    from the straight-through (exact) gradients by an FP8-sized error."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 150, 200, generator=g, requires_grad=True)  # 300 tokens: a ragged last tile
+    layer = Linear(200, 130, fp8_gemm=reference_fp8_gemm, fp8_backward=True)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(130, 200, generator=g))
+    dy = torch.randn(2, 150, 130, generator=g)
+    layer(x).backward(dy)
+    g2, x2, w = dy.reshape(-1, 130), x.detach().reshape(-1, 200), layer.weight.detach()
+    dgrad = _dq_tiles(g2) @ dequantize_blocks(*quantize_blocks(w.t().contiguous(), 128), 128).double().t()
+    wgrad = _dq_tiles(g2.t()) @ _dq_tiles(x2.t()).t()
+    assert _rel(x.grad.reshape(-1, 200), dgrad) < 1e-6 and _rel(layer.weight.grad, wgrad) < 1e-6
+    exact_dx, exact_dw = g2.double() @ w.double(), g2.double().t() @ x2.double()
+    for got, exact in ((x.grad.reshape(-1, 200), exact_dx), (layer.weight.grad, exact_dw)):
+        assert 1e-3 < _rel(got, exact) < 0.1  # FP8 really used, at its expected error
+
+
+def _experts(backward_fp8: bool, x, offs, w13, w2):
+    from model.experts import GroupedExperts
+    from model.fp8 import reference_fp8_grouped_gemm, resolve_fp8_grouped_wgrad
+
+    layer = GroupedExperts(len(offs), x.shape[1], w2.shape[2], torch.float32, backend="fp8",
+                           fp8_grouped_gemm=reference_fp8_grouped_gemm,
+                           fp8_grouped_wgrad=resolve_fp8_grouped_wgrad("reference") if backward_fp8 else None)
+    with torch.no_grad():
+        layer.gate_up_proj.copy_(w13)
+        layer.down_proj.copy_(w2)
+    return layer
+
+
+def test_fp8_grouped_backward_tiles_never_mix_experts() -> None:
+    """Expert segments of 130, 0 and 70 rows: Wgrad tiles of 128 tokens restart at every segment,
+    so scaling one expert's rows by 1000 leaves every other expert's weight gradient bit for bit."""
+    from model.grouped_mm import GroupedLinearFn
+    from model.fp8 import reference_fp8_grouped_gemm, resolve_fp8_grouped_wgrad
+
+    g = torch.Generator().manual_seed(4)
+    offs = torch.tensor([130, 130, 200], dtype=torch.int32)
+    a = torch.randn(200, 256, generator=g)
+    w = torch.randn(3, 136, 256, generator=g, requires_grad=True)
+    dy = torch.randn(200, 136, generator=g)
+    wgrad = resolve_fp8_grouped_wgrad("reference")
+
+    def grads(a_in, dy_in):
+        a_in = a_in.clone().requires_grad_(True)
+        w.grad = None
+        GroupedLinearFn.apply(a_in, w, offs, False, None, reference_fp8_grouped_gemm, 128, wgrad).backward(dy_in)
+        return a_in.grad, w.grad.clone()
+
+    da, dw = grads(a, dy)
+    # the recipe emulated per expert in float64
+    for e, (lo, hi) in enumerate(((0, 130), (130, 130), (130, 200))):
+        ref_dw = (_dq_tiles(dy[lo:hi].t()) @ _dq_tiles(a[lo:hi].t()).t() if hi > lo
+                  else torch.zeros(136, 256, dtype=torch.float64))
+        assert torch.allclose(dw[e].double(), ref_dw, rtol=1e-5, atol=1e-5)
+        if hi > lo:
+            wt = dequantize_blocks(*quantize_blocks(w[e].detach().t().contiguous(), 128), 128).double()
+            assert _rel(da[lo:hi], _dq_tiles(dy[lo:hi]) @ wt.t()) < 1e-6
+    loud_dy = dy.clone()
+    loud_dy[:130] *= 1000.0
+    _, dw_loud = grads(a, loud_dy)
+    assert torch.equal(dw_loud[2], dw[2]) and torch.equal(dw_loud[1], dw[1])
+
+
+def test_fp8_backward_model_option_trains_a_tiny_model() -> None:
+    """ModelOptions(fp8_backward=True): every FP8 linear and expert layer back-propagates in FP8. The
+    forward is unchanged, the gradients differ from the straight-through ones at FP8 size, and
+    training still learns."""
+    from model import ModelOptions, Transformer, training_loss
+    from tests.model.synthetic_task import make_batch, task_spec
+
+    spec = task_spec()
+    models, grads = {}, {}
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(spec.vocab_size, generator=gen)
+    ids, labels = make_batch(perm, 4, 32, gen)
+    for fp8_backward in (False, True):
+        opts = ModelOptions(dtype=torch.float32, linear_precision="fp8", expert_backend="fp8", fp8_backward=fp8_backward)
+        model = Transformer(spec, opts)
+        model.init_weights(torch.Generator().manual_seed(1))
+        loss = training_loss(model(ids), labels, mtp_weight=0.3)
+        loss.total.backward()
+        models[fp8_backward] = (model, loss.total.item())
+        grads[fp8_backward] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert models[True][1] == models[False][1]  # same forward
+    assert 1e-3 < _rel(grads[True], grads[False]) < 0.2
+
+    model = models[True][0]
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        ids, labels = make_batch(perm, 8, 32, gen)
+        loss = training_loss(model(ids), labels, mtp_weight=0.3)
+        optim.zero_grad(set_to_none=True)
+        loss.total.backward()
+        optim.step()
+        losses.append(loss.lm.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
