@@ -126,13 +126,16 @@ def prediction_tables(plan: PlanFile) -> list[Table]:
     out = [t, phases]
     if pred.top_candidates:
         top = Table(title="Best layouts found (simulated in detail)", title_justify="left")
-        for col in ("#", "pp", "schedule", "ep", "dp", "mbs x M", "recompute", "step s", "tok/s/GPU", "MFU", "mem GiB"):
+        with_cp = any(c.parallel.cp > 1 for c in pred.top_candidates)
+        cols = ("#", "pp", "schedule", "ep", "dp") + (("cp",) if with_cp else ()) + (
+            "mbs x M", "recompute", "step s", "tok/s/GPU", "MFU", "mem GiB")
+        for col in cols:
             top.add_column(col, justify="right")
         for i, c in enumerate(pred.top_candidates, 1):
             par = c.parallel
             sched = f"{par.schedule} x{par.virtual_stages}" if par.schedule == "interleaved" else par.schedule
-            top.add_row(str(i), str(par.pp), sched, str(par.ep), str(par.dp), f"{par.micro_batch_size} x {c.microbatches}",
-                        par.recompute, f"{c.step_time_s:.2f}", f"{c.tokens_per_s_per_gpu:,.0f}", f"{c.mfu_frac:.1%}",
-                        f"{c.peak_memory_bytes_per_gpu / GiB:.1f}")
+            top.add_row(str(i), str(par.pp), sched, str(par.ep), str(par.dp), *([str(par.cp)] if with_cp else []),
+                        f"{par.micro_batch_size} x {c.microbatches}", par.recompute, f"{c.step_time_s:.2f}",
+                        f"{c.tokens_per_s_per_gpu:,.0f}", f"{c.mfu_frac:.1%}", f"{c.peak_memory_bytes_per_gpu / GiB:.1f}")
         out.append(top)
     return out

@@ -4,9 +4,10 @@ throughput.
 The space: pipeline ranks (powers of two dividing the cluster, no more stages than layer units),
 every schedule (interleaved with 2 or 4 chunks per rank), expert-parallel sizes dividing both the
 experts and dp (whole nodes once past one node), micro-batch sizes 1, 2, 4, 8 that divide the batch, recompute none/selective/full, ZeRO-1.
-Context parallelism stays at the inputs' ``cp`` (1 unless fixed): the main layout is ranked at
-the first phase's sequence length, and phases at other lengths choose their own ``cp``
-(``phase_layout``). Settings the user fixed are not varied. Each layout that fits in memory gets a compute bound (its
+Context parallelism: the main layout is ranked at the first phase's sequence length with ``cp``
+from the powers of two that divide the stage's GPUs and the sequence's ``2 cp`` chunks while each
+GPU keeps at least ``MIN_CP_TOKENS`` of it (so a 4K pre-training search stays at ``cp = 1`` and a 32K
+one tries 1 to 8); phases at other lengths choose their own ``cp`` (``phase_layout``). Settings the user fixed are not varied. Each layout that fits in memory gets a compute bound (its
 busiest rank's compute, no bubble, no communication); in order of that bound, layouts are simulated
 coarsely (a stage's layers merged into one unit, step time extrapolated to the full micro-batch count
 along the ``step_line`` of ``run_model``) until the bound of the next cannot beat the tenth best
@@ -39,6 +40,10 @@ MICRO_BATCH_SIZES = (1, 2, 4, 8)
 VIRTUAL_STAGES = (2, 4)  # chunks per rank for interleaved 1F1B
 RECOMPUTE = ("none", "selective", "full")
 FINALISTS = 10
+# Search-space bound, not a cost: CP that leaves a GPU fewer tokens of a sequence than a common 4K
+# pre-training micro-batch only adds collectives (and shrinks the GEMMs) without saving memory that
+# matters; the cost model still decides among the values that remain.
+MIN_CP_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -69,9 +74,11 @@ def enumerate_layouts(inputs: PlanInputs, fixed: dict[str, Any]) -> Iterator[Par
     units = inputs.model.num_hidden_layers + inputs.model.num_nextn_predict_layers
     pps = _choices(fixed, "pp", [2**k for k in range(world.bit_length()) if world % 2**k == 0])
     base = inputs.parallel.model_dump()
-    cp = fixed.get("cp", base["cp"])
-    for pp, schedule, mbs, recompute in itertools.product(
-        pps, _choices(fixed, "schedule", SCHEDULE_KINDS), _choices(fixed, "micro_batch_size", MICRO_BATCH_SIZES),
+    seq = base["seq_len_tokens"]
+    cps = _choices(fixed, "cp", [c for c in (2**k for k in range(world.bit_length()))
+                                 if c == 1 or (seq % (2 * c) == 0 and seq // c >= MIN_CP_TOKENS)])
+    for pp, cp, schedule, mbs, recompute in itertools.product(
+        pps, cps, _choices(fixed, "schedule", SCHEDULE_KINDS), _choices(fixed, "micro_batch_size", MICRO_BATCH_SIZES),
         _choices(fixed, "recompute", RECOMPUTE),
     ):
         if world % (pp * cp):
@@ -79,7 +86,7 @@ def enumerate_layouts(inputs: PlanInputs, fixed: dict[str, Any]) -> Iterator[Par
         dp = fixed.get("dp") or world // (pp * cp)
         chunks = _choices(fixed, "virtual_stages", VIRTUAL_STAGES) if schedule == "interleaved" else [base["virtual_stages"]]
         for ep, v in itertools.product(_choices(fixed, "ep", _ep_values(inputs, dp * cp)), chunks):
-            data = {**base, **fixed, "pp": pp, "dp": dp, "ep": ep, "schedule": schedule, "virtual_stages": v,
+            data = {**base, **fixed, "pp": pp, "cp": cp, "dp": dp, "ep": ep, "schedule": schedule, "virtual_stages": v,
                     "micro_batch_size": mbs, "recompute": recompute, "stage_layers": None}
             par = ParallelSpec.model_validate(data)
             if par.stages <= units:

@@ -20,11 +20,11 @@ from simulator.engine.step import Links, RankTail, StageCosts, StepInputs, StepS
 from simulator.engine.unit_costs import EndCosts, UnitCosts
 from simulator.planner import plan_with_predictions, summary
 from simulator.presets.clusters import h200, h800
-from simulator.presets.models import deepseek_v3, tiny_moe
+from simulator.presets.models import deepseek_v2_lite, deepseek_v3, tiny_moe
 from simulator.presets.recipes import deepseek_v3_recipe
 from simulator.run_model import predict_phase
 from simulator.schedules import make_schedule
-from simulator.search import enumerate_layouts
+from simulator.search import MIN_CP_TOKENS, enumerate_layouts, search
 from simulator.spec.inputs import PlanInputs
 from simulator.spec.parallel import ParallelSpec
 from simulator.spec.training import BatchRamp, Phase, TrainingSpec
@@ -199,3 +199,16 @@ def test_search_keeps_a_fixed_cp_and_carves_ep_from_dp_times_cp():
     layouts = list(enumerate_layouts(inputs, {"cp": 2}))
     assert layouts and all(p.cp == 2 and p.pp * p.dp * 2 == 16 for p in layouts)
     assert any(p.ep == 8 and p.dp == 4 for p in layouts)  # EP8 inside the 4 x 2 GPUs of a stage
+
+
+def test_main_search_tries_cp_only_for_long_sequences():
+    """4K pre-training: cp stays 1 (a GPU would hold under 4096 tokens of a sequence). 32K: cp 1 to 8
+    are enumerated, and the search's best is at least as fast as the best it finds at cp = 1."""
+    assert {p.cp for p in enumerate_layouts(_v3(), {})} == {1}
+    training = TrainingSpec(phases=(Phase(name="pretrain", tokens=1e10, global_batch_seqs=64),), precision="bf16")
+    inputs = PlanInputs(model=deepseek_v2_lite(), cluster=h200(2), training=training,
+                        parallel=ParallelSpec(seq_len_tokens=32768))
+    assert {p.cp for p in enumerate_layouts(inputs, {})} == {c for c in (1, 2, 4, 8) if 32768 // c >= MIN_CP_TOKENS}
+    free, at_cp1 = search(inputs, {}), search(inputs, {"cp": 1})
+    assert free.ranked[0].step_time_s <= at_cp1.ranked[0].step_time_s
+    assert free.best.cp > 1  # at 32K on 16 GPUs splitting the sequence wins (measured: CP2, 8.27 s)
