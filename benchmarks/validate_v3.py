@@ -56,6 +56,9 @@ def sensitivity() -> list[str]:
          SimOptions(tables=tables.model_copy(update={"comm_sms": 24}))),
         ("expert load Zipf 0.5, balanced with 32 redundant experts", (),
          SimOptions(expert_load=zipf, redundant_experts=32)),
+        ("memory-bound kernels at our own 1x128 FP8 quantiser's 1.43 TB/s on the H200 (30% of its HBM; "
+         "docs/kernels-results.md) instead of the copy bandwidth (88%)", (),
+         SimOptions(tables=tables.model_copy(update={"memory_frac": 1.428e12 / 4.8e12}))),
     ]
     rows = []
     for name, extra, opts in cases:
