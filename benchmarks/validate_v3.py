@@ -54,6 +54,8 @@ def sensitivity() -> list[str]:
          ("cluster.node.nic_bytes_per_s=45e9",), SimOptions()),
         ("24 SMs for communication (DeepEP V1 example) instead of 20", (),
          SimOptions(tables=tables.model_copy(update={"comm_sms": 24}))),
+        ("uniform routing sampled per micro-batch (Monte Carlo, 4096 tokens per GPU) instead of its expectation", (),
+         SimOptions(expert_load=(1.0,) * 256, redundant_experts=0)),
         ("expert load Zipf 0.5, balanced with 32 redundant experts", (),
          SimOptions(expert_load=zipf, redundant_experts=32)),
         ("memory-bound kernels at our own 1x128 FP8 quantiser's 1.43 TB/s on the H200 (30% of its HBM; "
