@@ -15,6 +15,7 @@ from simulator.planner import resolve_microbatches
 from simulator.presets.clusters import CLUSTER_PRESETS
 from simulator.presets.models import MODEL_PRESETS
 from simulator.presets.recipes import recipe_for
+from simulator.spec.errors import first_error_line
 from simulator.spec.hardware import ClusterSpec
 from simulator.spec.inputs import PlanInputs
 from simulator.spec.model import ModelSpec
@@ -27,10 +28,7 @@ class InputError(ValueError):
 
 def validation_message(exc: ValidationError, prefix: str) -> str:
     """The first pydantic error as ``prefix: a.b: message (got value)``."""
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
-    return f"{prefix}: {where}: {err['msg']}{got}" if where else f"{prefix}: {err['msg']}"
+    return first_error_line(exc, prefix)
 
 
 def load_model(arg: str) -> tuple[ModelSpec, list[str]]:

@@ -14,6 +14,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from simulator.spec.errors import first_error_line
+
 LOAD_SCHEMA_VERSION = 1
 
 
@@ -117,8 +119,5 @@ class ExpertLoadRecord(BaseModel):
 
 
 def one_line_error(exc: ValidationError) -> str:
-    """The first pydantic error as ``field.path: message (got value)``."""
-    err = exc.errors()[0]
-    where = ".".join(str(part) for part in err["loc"]) or "file"
-    got = f" (got {err['input']!r})" if err.get("type") != "value_error" and not isinstance(err.get("input"), dict | list) else ""
-    return f"{where}: {err['msg']}{got}"
+    """The first pydantic error as ``field.path: message (got value)`` ("file" when it is about the whole file)."""
+    return first_error_line(exc, whole="file")
