@@ -14,6 +14,12 @@ Sources:
   attention (head dims 192/128), device copy bandwidth, NCCL all-to-all and all-reduce on 4 GPUs.
   Hopper SXM parts share SMs, clocks and tensor cores, so the H200's compute-bound figures stand for the
   H100 and H800 too; memory-bound figures scale with each part's HBM bandwidth (see ``memory_frac``).
+- [K] ``simulator/costs/data/h200-kernels.json`` (``benchmarks/kernels_bench.py --json``): on one H200,
+  FP8 block-scaled GEMMs at DeepSeek-V3's shapes (forward, input- and weight-gradient forms of six
+  linears, M = 4096 tokens; grouped 4 x 8192 and 8 x 4096 rows), each the faster of our Triton kernel
+  and ``torch._scaled_mm`` (what ``kernels.fp8_gemm``'s auto dispatch runs), and BF16 ``torch.matmul``
+  / ``torch._grouped_mm`` at the same shapes (grouped with their real N x K). Where [K] and [A] measure
+  the same shape, [K] is used.
 - [AT] ``simulator/costs/data/h200-attention.json`` (``benchmarks/attention_bench.py``): causal SDPA
   with V3's head dims (192/128) on one H200, 1K to 128K tokens, FLOPs counted exactly as
   ``attention_core_flops`` and forward + backward as 3x forward. It replaces [A]'s two attention
@@ -131,6 +137,52 @@ def _anchor_points() -> list[GemmPoint]:
     return pts
 
 
+@lru_cache(maxsize=1)
+def kernel_measurements() -> dict:
+    """[K]: our kernels and torch's on V3 shapes, one H200 (benchmarks/kernels_bench.py --json)."""
+    return json.loads(files("simulator.costs").joinpath("data/h200-kernels.json").read_text())
+
+
+def _measured_bf16_points() -> list[GemmPoint]:
+    data, src = kernel_measurements(), "[K] h200-kernels.json"
+    pts = [GemmPoint(precision="bf16", m=r["M"], n=r["N"], k=r["K"], flops_per_s=r["forward"]["bf16_matmul"]["tflops"] * TFLOPS,
+                     source=f"{src} torch.matmul {r['M']}x{r['N']}x{r['K']}")
+           for r in data["dense"] if "tflops" in r["forward"]["bf16_matmul"]]
+    pts += [GemmPoint(precision="bf16", m=g["m_per_group"], n=g["N"], k=g["K"], groups=g["groups"],
+                      flops_per_s=g["grouped_mm_bf16"]["tflops"] * TFLOPS,
+                      source=f"{src} torch._grouped_mm {g['groups']}x{g['m_per_group']} {g['N']}x{g['K']}")
+            for g in data["grouped"] if "tflops" in g["grouped_mm_bf16"]]
+    return pts
+
+
+def _measured_fp8_points() -> list[GemmPoint]:
+    data, src = kernel_measurements(), "[K] h200-kernels.json"
+    pts = []
+    for r in data["dense"]:
+        M, N, K = r["M"], r["N"], r["K"]
+        # forward y = x W^T: (M x K)(K x N); dgrad dy W: (M x N)(N x K); wgrad dy^T x: (N x M)(M x K)
+        for kind, (m, n, k) in (("forward", (M, N, K)), ("dgrad", (M, K, N)), ("wgrad", (N, K, M))):
+            runs = [v["tflops"] for name, v in r[kind].items() if name in ("ours", "scaled_mm") and "tflops" in v]
+            if runs:
+                pts.append(GemmPoint(precision="fp8", m=m, n=n, k=k, flops_per_s=max(runs) * TFLOPS,
+                                     source=f"{src} {kind} of the {N}x{K} linear, faster of ours and _scaled_mm"))
+    for g in data["grouped"]:
+        if "tflops" in g["auto_fp8"]:
+            pts.append(GemmPoint(precision="fp8", m=g["m_per_group"], n=g["N"], k=g["K"], groups=g["groups"],
+                                 flops_per_s=g["auto_fp8"]["tflops"] * TFLOPS,
+                                 source=f"{src} grouped {g['groups']}x{g['m_per_group']} {g['N']}x{g['K']} (auto dispatch)"))
+    return pts
+
+
+def _merge(*point_lists: list[GemmPoint]) -> list[GemmPoint]:
+    """One point per (precision, shape, groups); a later list's point replaces an earlier one's."""
+    merged: dict[tuple, GemmPoint] = {}
+    for pts in point_lists:
+        for p in pts:
+            merged[(p.precision, p.m, p.n, p.k, p.groups)] = p
+    return list(merged.values())
+
+
 def _torch_fp8_points() -> list[GemmPoint]:
     a = anchors()
     out = []
@@ -194,10 +246,11 @@ def _common(name: str, gemm: list[GemmPoint], bf16_peak_flops_per_s: float) -> C
 def default_tables(gpu_name: str) -> CostTables:
     """Default tables for a GPU name from the cluster presets (H800, H100, H200 variants).
 
-    H800/H100: FP8 from DeepGEMM (DeepSeek's own kernels, measured on the H800); BF16 from [A].
-    H200: FP8 from torch's block-scaled ``_scaled_mm`` on the H200 ([A]); BF16 from [A].
+    H800/H100: FP8 from DeepGEMM (DeepSeek's own kernels, measured on the H800); BF16 from [A] and [K].
+    H200: FP8 from our kernels' auto dispatch on the H200 ([K], then [A]); BF16 from [A] and [K].
     """
     bf16_peak = 989.4 * TFLOPS  # H100/H200 datasheet dense BF16, as in simulator/presets/clusters.py
+    bf16 = _merge(_anchor_points(), _measured_bf16_points())
     if gpu_name.upper().startswith("H200"):
-        return _common("h200-default", _anchor_points() + _torch_fp8_points(), bf16_peak)
-    return _common("hopper-deepgemm-default", _anchor_points() + _deepgemm_points(), bf16_peak)
+        return _common("h200-default", bf16 + _merge(_torch_fp8_points(), _measured_fp8_points()), bf16_peak)
+    return _common("hopper-deepgemm-default", bf16 + _deepgemm_points(), bf16_peak)
