@@ -1,0 +1,34 @@
+"""The default cost tables carry the repo's H200 kernel measurements as measured (h200-kernels.json)."""
+
+import pytest
+
+from simulator.costs.tables import TFLOPS, default_tables, kernel_measurements
+
+
+def _points(tables):
+    return {(p.precision, p.m, p.n, p.k, p.groups): p for p in tables.gemm}
+
+
+def test_h200_fp8_points_are_what_auto_dispatch_runs():
+    pts = _points(default_tables("H200-SXM"))
+    for r in kernel_measurements()["dense"]:
+        M, N, K = r["M"], r["N"], r["K"]
+        for kind, shape in (("forward", (M, N, K)), ("dgrad", (M, K, N)), ("wgrad", (N, K, M))):
+            runs = [v["tflops"] for name, v in r[kind].items() if name in ("ours", "scaled_mm") and "tflops" in v]
+            assert pts[("fp8", *shape, 1)].flops_per_s == pytest.approx(max(runs) * TFLOPS)
+    for g in kernel_measurements()["grouped"]:
+        key = ("fp8", g["m_per_group"], g["N"], g["K"], g["groups"])
+        assert pts[key].flops_per_s == pytest.approx(g["auto_fp8"]["tflops"] * TFLOPS)
+
+
+def test_bf16_points_are_shared_by_every_hopper_and_one_per_shape():
+    for gpu in ("H800-SXM5", "H200-SXM"):
+        tables = default_tables(gpu)
+        keys = [(p.precision, p.m, p.n, p.k, p.groups) for p in tables.gemm]
+        assert len(keys) == len(set(keys))  # the newer measurement replaces the anchor at a shared shape
+        pts = _points(tables)
+        for g in kernel_measurements()["grouped"]:  # grouped BF16 with its real N x K
+            key = ("bf16", g["m_per_group"], g["N"], g["K"], g["groups"])
+            assert pts[key].flops_per_s == pytest.approx(g["grouped_mm_bf16"]["tflops"] * TFLOPS)
+    # the H800 keeps DeepSeek's own FP8 table (DeepGEMM), not our H200 kernels
+    assert all("DeepGEMM" in p.source for p in default_tables("H800-SXM5").gemm if p.precision == "fp8")
