@@ -11,11 +11,15 @@ def _points(tables):
 
 def test_h200_fp8_points_are_what_auto_dispatch_runs():
     pts = _points(default_tables("H200-SXM"))
+    expect: dict[tuple, list[float]] = {}
     for r in kernel_measurements()["dense"]:
         M, N, K = r["M"], r["N"], r["K"]
         for kind, shape in (("forward", (M, N, K)), ("dgrad", (M, K, N)), ("wgrad", (N, K, M))):
             runs = [v["tflops"] for name, v in r[kind].items() if name in ("ours", "scaled_mm") and "tflops" in v]
-            assert pts[("fp8", *shape, 1)].flops_per_s == pytest.approx(max(runs) * TFLOPS)
+            expect.setdefault(shape, []).append(max(runs))
+    assert len(expect[(4096, 7168, 4096)]) == 2  # the 4096 x 7168 linear's dgrad and wgrad share a shape
+    for shape, runs in expect.items():
+        assert pts[("fp8", *shape, 1)].flops_per_s == pytest.approx(sum(runs) / len(runs) * TFLOPS)
     for g in kernel_measurements()["grouped"]:
         key = ("fp8", g["m_per_group"], g["N"], g["K"], g["groups"])
         assert pts[key].flops_per_s == pytest.approx(g["auto_fp8"]["tflops"] * TFLOPS)
