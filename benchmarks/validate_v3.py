@@ -116,10 +116,10 @@ def schedule_check() -> list[str]:
     return rows
 
 
-def _gib(chosen: float | None, main: float, source: str) -> str:
-    if source == "step-line":
-        return "not checked"
-    return f"{(chosen if chosen is not None else main) / 2**30:.1f} GiB"
+def _gib(layout, main: float) -> str:
+    peak = layout.peak_memory_bytes_per_gpu
+    text = f"{(peak if peak is not None else main) / 2**30:.1f} GiB"
+    return text + " (does not fit)" if layout.fits is False else text
 
 
 def forced_cp1(plan) -> tuple[float, float, float]:
@@ -194,7 +194,7 @@ def main() -> None:
         "tokens | steps | step s | GPU-hours |",
         "|---|---|---|---|---|---|---|---|---|",
         *[f"| {p.name} | {p.seq_len_tokens:,} | {p.layout.label} | {p.layout.tokens_per_gpu_per_microbatch:,.0f} | "
-          f"{_gib(p.layout.peak_memory_bytes_per_gpu, plan.memory.peak_bytes_per_gpu, p.layout.source)} | "
+          f"{_gib(p.layout, plan.memory.peak_bytes_per_gpu)} | "
           f"{p.tokens / 1e9:,.1f}B | {p.steps:,.0f} | {p.step_time_s:.2f} | {p.gpu_hours:,.0f} |" for p in run.phases],
         "",
         "The pre-training phase runs the published layout (PP16 DualPipe, EP64, DP128, cp = 1). Each "

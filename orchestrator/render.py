@@ -92,7 +92,7 @@ def plan_tables(plan: PlanFile) -> Group:
     return Group(head, mem, *prediction_tables(plan))
 
 
-def prediction_tables(plan: PlanFile) -> list[Table]:
+def prediction_tables(plan: PlanFile) -> list[Table | str]:
     pred, budget = plan.predictions, plan.budget_report
     assert pred is not None and budget is not None
     step, run = pred.step, pred.run
@@ -124,6 +124,12 @@ def prediction_tables(plan: PlanFile) -> list[Table]:
         phases.add_row(p.name, f"{p.seq_len_tokens:,}", p.layout.label, f"{p.tokens / 1e9:,.1f}B",
                        f"{p.steps:,.0f}", f"{p.step_time_s:.2f}", f"{p.hours / 24:,.2f}", f"{p.gpu_hours:,.0f}")
     out = [t, phases]
+    for i, p in enumerate(run.phases):
+        if p.layout.fits is False:
+            out.append(f"[yellow]warning:[/] phase {p.name}: no layout was found that runs its batch, and the main "
+                       f"layout needs {p.layout.peak_memory_bytes_per_gpu / GiB:.1f} GiB per GPU at "
+                       f"{p.seq_len_tokens:,} tokens ({plan.inputs.cluster.usable_hbm_bytes / GiB:.1f} GiB usable); its time is priced on the "
+                       f"main layout's step line regardless (try another: --set training.phases.{i}.cp=N)")
     if pred.top_candidates:
         top = Table(title="Best layouts found (simulated in detail)", title_justify="left")
         with_cp = any(c.parallel.cp > 1 for c in pred.top_candidates)

@@ -18,6 +18,7 @@ wins. When none qualifies the phase is priced on the main layout's step line, as
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,7 +50,11 @@ class PhaseLayout(BaseModel):
     micro_batch_size: int
     microbatches: float = Field(..., description="Per pipeline per step; fractional on the step line.")
     tokens_per_gpu_per_microbatch: float
-    peak_memory_bytes_per_gpu: float | None = Field(None, description="Checked for chosen layouts.")
+    peak_memory_bytes_per_gpu: float | None = Field(
+        None, description="Peak per GPU: of the chosen layout, or for the step line of the main layout at this "
+        "sequence length and the smallest micro-batch count its schedule runs; None on the main layout.")
+    fits: bool | None = Field(None, description="Whether that peak fits in usable HBM; a step-line phase that does "
+                              "not is priced anyway and the summary says so.")
 
     @property
     def label(self) -> str:
@@ -94,6 +99,16 @@ def phase_candidates(inputs: PlanInputs, phase: Phase, seq: int) -> list[tuple[P
     return out
 
 
+def step_line_peak(inputs: PlanInputs, dp: int, seq: int, microbatches: float) -> float:
+    """Peak bytes per GPU of the main layout at ``seq`` tokens, for the smallest micro-batch count
+    its schedule runs that covers ``microbatches`` (what a step-line phase would need to hold)."""
+    par = inputs.parallel.model_copy(update={"seq_len_tokens": seq, "microbatches": None})
+    m = valid_microbatches(par.schedule, par.pp, max(1, math.ceil(microbatches)))
+    schedule = make_schedule(par.schedule, par.pp, m, par.virtual_stages)
+    tr = inputs.training
+    return max(r.total_bytes for r in pipeline_memory(inputs.model, par, tr.optimizer, tr.precision, dp, m, schedule))
+
+
 def choose_phase_layout(inputs: PlanInputs, phase: Phase, seq: int, opts: SimOptions) -> PhaseChoice | None:
     """The fastest fitting candidate of ``phase_candidates``, simulated at its batch; None when
     none runs the batch or fits in memory."""
@@ -108,7 +123,7 @@ def choose_phase_layout(inputs: PlanInputs, phase: Phase, seq: int, opts: SimOpt
         step_s = simulate_at(trial, dp, m, seq, opts).step_time_s
         layout = PhaseLayout(source="chosen", cp=par.cp, dp=dp, micro_batch_size=par.micro_batch_size,
                              microbatches=m, tokens_per_gpu_per_microbatch=cp_tokens(par.micro_batch_size, seq, par.cp),
-                             peak_memory_bytes_per_gpu=peak)
+                             peak_memory_bytes_per_gpu=peak, fits=True)
         if best is None or step_s < best.step_time_s:
             best = PhaseChoice(layout=layout, inputs=trial, step_time_s=step_s)
     if best is None:

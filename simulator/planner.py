@@ -217,7 +217,8 @@ def summary(plan: PlanFile) -> dict[str, Any]:
         "candidates_evaluated": pred.candidates_evaluated if pred else None,
         "phases": [{"name": p.name, "seq_len_tokens": p.seq_len_tokens, "layout_source": p.layout.source,
                     "cp": p.layout.cp, "dp": p.layout.dp, "micro_batch_size": p.layout.micro_batch_size,
-                    "microbatches": p.layout.microbatches, "step_time_s": p.step_time_s, "gpu_hours": p.gpu_hours}
+                    "microbatches": p.layout.microbatches, "step_time_s": p.step_time_s, "gpu_hours": p.gpu_hours,
+                    "memory_fits": plan.memory.fits if p.layout.fits is None else p.layout.fits}
                    for p in run.phases] if run else None,
         "inputs_sha256": plan.inputs_sha256,
     }

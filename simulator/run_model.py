@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from simulator.accounting.context_parallel import ContextParallelError, check_cp
 from simulator.accounting.layout import LayoutError
 from simulator.engine.build import SimOptions
-from simulator.phase_layout import PhaseLayout, choose_phase_layout
+from simulator.phase_layout import PhaseLayout, choose_phase_layout, step_line_peak
 from simulator.predict import simulate
 from simulator.schedules.generate import valid_microbatches as valid_for_schedule
 from simulator.spec.inputs import PlanInputs
@@ -162,8 +162,10 @@ def predict_phase(inputs: PlanInputs, dp: int, phase: Phase, main_step: tuple[in
         raise LayoutError(f"phase {phase.name!r}: {exc}") from exc
     line = step_line(inputs, dp, seq, None, opts)
     m = b1 / (dp * par.micro_batch_size)
-    return _phase(phase, seq, line.step_s(m), line, dp * par.micro_batch_size,
-                  _main_layout(inputs, dp, seq, m, "step-line"), world)
+    peak = step_line_peak(inputs, dp, seq, m)
+    layout = _main_layout(inputs, dp, seq, m, "step-line").model_copy(
+        update={"peak_memory_bytes_per_gpu": peak, "fits": peak <= inputs.cluster.usable_hbm_bytes})
+    return _phase(phase, seq, line.step_s(m), line, dp * par.micro_batch_size, layout, world)
 
 
 def predict_run(inputs: PlanInputs, dp: int, main_step: tuple[int, float], opts: SimOptions = SimOptions()) -> RunPrediction:

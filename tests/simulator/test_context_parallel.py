@@ -213,3 +213,26 @@ def test_main_search_tries_cp_only_for_long_sequences():
     free, at_cp1 = search(inputs, {}), search(inputs, {"cp": 1})
     assert free.ranked[0].step_time_s <= at_cp1.ranked[0].step_time_s
     assert free.best.cp > 1  # at 32K on 16 GPUs splitting the sequence wins (measured: CP2, 8.27 s)
+
+
+def test_a_step_line_phase_reports_its_memory_and_the_cli_warns(tmp_path):
+    """Forced onto cp = 1 at 128K, V3's last phase cannot run its batch: it is priced on the step line,
+    its main-layout peak is reported (far over HBM) and the CLI warns, naming the setting to change."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    inputs = _v3()
+    inputs = inputs.model_copy(update={"training": inputs.training.model_copy(update={"phases": (
+        *inputs.training.phases[:2], inputs.training.phases[2].model_copy(update={"cp": 1}))})})
+    plan = plan_with_predictions(inputs, (), "published")
+    last = plan.predictions.run.phases[2].layout
+    assert last.source == "step-line" and last.fits is False
+    assert last.peak_memory_bytes_per_gpu > 10 * inputs.cluster.usable_hbm_bytes
+    assert summary(plan)["phases"][2]["memory_fits"] is False
+    assert plan.predictions.run.phases[1].layout.fits is True
+    res = CliRunner().invoke(app, ["plan", "--set", "training.phases.2.cp=1", "--out", str(tmp_path)],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "warning: phase context-128k" in text and "--set training.phases.2.cp=N" in text
