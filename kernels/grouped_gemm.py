@@ -91,6 +91,9 @@ def _grouped_fp8_torch(a, a_scale, b, b_scale, m_indices, out_dtype, m_counts=No
                              out_dtype=out_dtype, out=c[rows])
             if padded > count:
                 c[first + count: first + padded] = 0
+    covered = segments[-1][0] + segments[-1][2] if segments else 0
+    if covered < c.shape[0]:  # whole padding tiles after the last expert (e.g. every count 0)
+        c[covered:] = 0
     return c
 
 
