@@ -26,10 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from simulator.accounting.context_parallel import cp_tokens
 from simulator.accounting.layout import LayoutError, check_layout
-from simulator.accounting.memory import pipeline_memory
+from simulator.accounting.memory import peak_bytes_per_gpu
 from simulator.engine.build import SimOptions
 from simulator.predict import simulate_at
-from simulator.schedules.generate import make_schedule, valid_microbatches
+from simulator.schedules.generate import valid_microbatches
 from simulator.spec.inputs import PlanInputs
 from simulator.spec.parallel import ParallelSpec
 from simulator.spec.training import Phase
@@ -104,9 +104,8 @@ def step_line_peak(inputs: PlanInputs, dp: int, seq: int, microbatches: float) -
     its schedule runs that covers ``microbatches`` (what a step-line phase would need to hold)."""
     par = inputs.parallel.model_copy(update={"seq_len_tokens": seq, "microbatches": None})
     m = valid_microbatches(par.schedule, par.pp, max(1, math.ceil(microbatches)))
-    schedule = make_schedule(par.schedule, par.pp, m, par.virtual_stages)
     tr = inputs.training
-    return max(r.total_bytes for r in pipeline_memory(inputs.model, par, tr.optimizer, tr.precision, dp, m, schedule))
+    return peak_bytes_per_gpu(inputs.model, par, tr.optimizer, tr.precision, dp, m)
 
 
 def choose_phase_layout(inputs: PlanInputs, phase: Phase, seq: int, opts: SimOptions) -> PhaseChoice | None:
@@ -115,8 +114,7 @@ def choose_phase_layout(inputs: PlanInputs, phase: Phase, seq: int, opts: SimOpt
     best: PhaseChoice | None = None
     tr = inputs.training
     for par, dp, m in phase_candidates(inputs, phase, seq):
-        schedule = make_schedule(par.schedule, par.pp, m, par.virtual_stages)
-        peak = max(r.total_bytes for r in pipeline_memory(inputs.model, par, tr.optimizer, tr.precision, dp, m, schedule))
+        peak = peak_bytes_per_gpu(inputs.model, par, tr.optimizer, tr.precision, dp, m)
         if peak > inputs.cluster.usable_hbm_bytes:
             continue
         trial = inputs.model_copy(update={"parallel": par})

@@ -26,12 +26,12 @@ from typing import Any
 from simulator.accounting.context_parallel import ContextParallelError, check_cp
 from simulator.accounting.flops import training_flops
 from simulator.accounting.layout import LayoutError, check_layout
-from simulator.accounting.memory import pipeline_memory
+from simulator.accounting.memory import peak_bytes_per_gpu
 from simulator.engine.build import SimOptions, compute_bound_s
 from simulator.plan import Candidate
 from simulator.predict import simulate_at
 from simulator.run_model import step_line, valid_microbatches
-from simulator.schedules.generate import SCHEDULE_KINDS, make_schedule
+from simulator.schedules.generate import SCHEDULE_KINDS
 from simulator.spec.inputs import PlanInputs
 from simulator.spec.parallel import ParallelSpec
 
@@ -115,8 +115,7 @@ def _fits(inputs: PlanInputs, par: ParallelSpec, lowest: list | None = None) -> 
     if m is None:
         return None
     tr = inputs.training
-    schedule = make_schedule(par.schedule, par.pp, m, par.virtual_stages)
-    peak = max(r.total_bytes for r in pipeline_memory(inputs.model, par, tr.optimizer, tr.precision, dp, m, schedule))
+    peak = peak_bytes_per_gpu(inputs.model, par, tr.optimizer, tr.precision, dp, m)
     if lowest is not None and (not lowest or peak < lowest[0]):
         lowest[:] = [peak, par]
     return (dp, m, peak) if peak <= inputs.cluster.usable_hbm_bytes else None

@@ -26,6 +26,7 @@ from simulator.accounting.context_parallel import working_bytes as cp_working_by
 from simulator.accounting.layout import Stage, pipeline_stages, rank_stages
 from simulator.accounting.params import decoder_layer_params, mtp_module_params
 from simulator.schedules.actions import Action
+from simulator.schedules.generate import make_schedule
 from simulator.schedules.schedule import Schedule
 from simulator.spec.model import ModelSpec
 from simulator.spec.parallel import ParallelSpec
@@ -192,3 +193,11 @@ def pipeline_memory(
         rank_memory(m, parallel, optimizer, precision, dp, r, microbatches, schedule.ranks[r] if schedule else None)
         for r in range(parallel.pp)
     )
+
+
+def peak_bytes_per_gpu(
+    m: ModelSpec, parallel: ParallelSpec, optimizer: OptimizerSpec, precision: str, dp: int, microbatches: int,
+) -> float:
+    """The largest ``pipeline_memory`` total over ranks, replaying the layout's own schedule."""
+    schedule = make_schedule(parallel.schedule, parallel.pp, microbatches, parallel.virtual_stages)
+    return max(r.total_bytes for r in pipeline_memory(m, parallel, optimizer, precision, dp, microbatches, schedule))
