@@ -13,7 +13,7 @@ The same kernel serves the three training GEMMs of ``y = x · Wᵀ``:
 and, through ``MODE``, the grouped GEMMs of ``grouped_gemm.py``.
 
 Dense products whose operands TMA can read (K contiguous, K % 16 == 0) on Hopper, or in the
-interpreter, go to the persistent TMA kernel of ``fp8_gemm_tma.py`` instead: it is 1.4-1.6x faster
+interpreter, go to the persistent TMA kernel of ``fp8_gemm_tma.py`` instead: it is 1.4-2.0x faster
 than this one on the H200 (docs/kernels-sweep.md). ``backend="auto"`` times the Triton kernel against
 ``torch._scaled_mm`` (cuBLAS block-scaled) once per shape and keeps the faster; ``"triton"`` /
 ``"torch"`` force one.
