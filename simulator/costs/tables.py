@@ -2,12 +2,16 @@
 
 A ``CostTables`` holds, for one GPU type, GEMM throughput points by precision and shape (dense and
 grouped), attention throughput, achievable memory bandwidth and collective latency. The defaults
-below come from published tables and the repo's measurement file; ``CostTables.from_file`` loads a
-calibration file with the same schema (the calibration capability writes it by measuring).
+below come from published tables and the repo's measurement file; ``named_tables`` gives the others by
+name (``NAMED_TABLES``); ``CostTables.from_file`` loads a calibration file with the same schema (the
+calibration capability writes it by measuring).
 
 Sources:
 - [DG] DeepGEMM README, 2025-02-25 (``shared/reference/deepseek-v3.md`` §11.4): FP8 1x128/128x128
   block-scaled GEMM on H800 SXM5, dense (M = 64, 128, 4096) and grouped (contiguous and masked layouts).
+  Each row also gives DeepGEMM's speedup over "DeepSeek's internal CUTLASS-3.6 kernel", so that kernel's
+  throughput at the same shape is TFLOPS / speedup: the ``hopper-cutlass36-2024`` tables, the FP8 GEMMs
+  DeepSeek had when it trained V3 in 2024 (DeepGEMM came out in 2025). Published, not fitted.
 - [A] ``simulator/costs/data/h200-anchors.json``: stock PyTorch 2.11 on one H200 (copied from
   ``shared/reference/h200-anchors.json``): BF16 ``torch.matmul``, FP8 block-scaled ``torch._scaled_mm``,
   BF16 ``torch._grouped_mm`` (32 experts; N x K not recorded, taken as V3's 4096 x 7168), SDPA causal
@@ -200,28 +204,38 @@ def _torch_fp8_points() -> list[GemmPoint]:
     return out
 
 
-# [DG] dense rows: (M, N, K, TFLOPS)
+# [DG] dense rows: (M, N, K, TFLOPS, speedup over DeepSeek's internal CUTLASS-3.6 kernel)
 _DEEPGEMM_DENSE = (
-    (64, 2112, 7168, 206), (64, 24576, 1536, 289), (64, 32768, 512, 219), (64, 7168, 16384, 336),
-    (64, 4096, 7168, 287), (64, 7168, 2048, 295), (128, 2112, 7168, 352), (128, 24576, 1536, 535),
-    (128, 32768, 512, 358), (128, 7168, 16384, 645), (128, 4096, 7168, 533), (128, 7168, 2048, 510),
-    (4096, 2112, 7168, 1058), (4096, 24576, 1536, 990), (4096, 32768, 512, 590), (4096, 7168, 16384, 1358),
-    (4096, 4096, 7168, 1304), (4096, 7168, 2048, 1025),
+    (64, 2112, 7168, 206, 2.7), (64, 24576, 1536, 289, 1.7), (64, 32768, 512, 219, 1.8),
+    (64, 7168, 16384, 336, 1.4), (64, 4096, 7168, 287, 1.4), (64, 7168, 2048, 295, 1.7),
+    (128, 2112, 7168, 352, 2.4), (128, 24576, 1536, 535, 1.6), (128, 32768, 512, 358, 1.5),
+    (128, 7168, 16384, 645, 1.4), (128, 4096, 7168, 533, 2.0), (128, 7168, 2048, 510, 1.7),
+    (4096, 2112, 7168, 1058, 1.1), (4096, 24576, 1536, 990, 1.0), (4096, 32768, 512, 590, 1.0),
+    (4096, 7168, 16384, 1358, 1.2), (4096, 4096, 7168, 1304, 1.1), (4096, 7168, 2048, 1025, 1.1),
 )
-# [DG] grouped rows: (groups, M per group, N, K, TFLOPS); contiguous then masked layout
+# [DG] grouped rows: (groups, M per group, N, K, TFLOPS, speedup); contiguous then masked layout
 _DEEPGEMM_GROUPED = (
-    (4, 8192, 4096, 7168, 1297), (4, 8192, 7168, 2048, 1099), (8, 4096, 4096, 7168, 1288),
-    (8, 4096, 7168, 2048, 1093), (1, 1024, 4096, 7168, 1233), (1, 1024, 7168, 2048, 925),
-    (2, 512, 4096, 7168, 1040), (2, 512, 7168, 2048, 916), (4, 256, 4096, 7168, 932), (4, 256, 7168, 2048, 815),
+    (4, 8192, 4096, 7168, 1297, 1.2), (4, 8192, 7168, 2048, 1099, 1.2), (8, 4096, 4096, 7168, 1288, 1.2),
+    (8, 4096, 7168, 2048, 1093, 1.1), (1, 1024, 4096, 7168, 1233, 1.2), (1, 1024, 7168, 2048, 925, 1.2),
+    (2, 512, 4096, 7168, 1040, 1.2), (2, 512, 7168, 2048, 916, 1.2), (4, 256, 4096, 7168, 932, 1.1),
+    (4, 256, 7168, 2048, 815, 1.2),
 )
+Fp8Kernels = Literal["deepgemm", "cutlass36"]
 
 
-def _deepgemm_points() -> list[GemmPoint]:
+def _deepgemm_points(kernels: Fp8Kernels) -> list[GemmPoint]:
+    """[DG]'s shapes at DeepGEMM's throughput, or at the kernel it replaced (DeepGEMM's over its speedup)."""
     src = "[DG] DeepGEMM README 2025-02-25, H800"
-    pts = [GemmPoint(precision="fp8", m=m, n=n, k=k, flops_per_s=t * TFLOPS, source=f"{src} dense {m}x{n}x{k}")
-           for m, n, k, t in _DEEPGEMM_DENSE]
-    pts += [GemmPoint(precision="fp8", m=m, n=n, k=k, groups=g, flops_per_s=t * TFLOPS,
-                      source=f"{src} grouped {g}x{m} {n}x{k}") for g, m, n, k, t in _DEEPGEMM_GROUPED]
+    if kernels == "cutlass36":
+        src += ": DeepSeek's internal CUTLASS-3.6 kernel (TFLOPS / published speedup)"
+
+    def rate(tflops: float, speedup: float) -> float:
+        return tflops / speedup * TFLOPS if kernels == "cutlass36" else tflops * TFLOPS
+
+    pts = [GemmPoint(precision="fp8", m=m, n=n, k=k, flops_per_s=rate(t, x), source=f"{src} dense {m}x{n}x{k}")
+           for m, n, k, t, x in _DEEPGEMM_DENSE]
+    pts += [GemmPoint(precision="fp8", m=m, n=n, k=k, groups=g, flops_per_s=rate(t, x),
+                      source=f"{src} grouped {g}x{m} {n}x{k}") for g, m, n, k, t, x in _DEEPGEMM_GROUPED]
     return pts
 
 
@@ -249,14 +263,37 @@ def _common(name: str, gemm: list[GemmPoint], bf16_peak_flops_per_s: float) -> C
     )
 
 
+_BF16_PEAK_FLOPS_PER_S = 989.4 * TFLOPS  # H100/H200 datasheet dense BF16, as in simulator/presets/clusters.py
+
+
+def _hopper(name: str, fp8: list[GemmPoint]) -> CostTables:
+    """Hopper tables with the given FP8 points; BF16 from [A] and [K] (shared by every Hopper part)."""
+    return _common(name, _merge(_anchor_points(), _measured_bf16_points()) + fp8, _BF16_PEAK_FLOPS_PER_S)
+
+
 def default_tables(gpu_name: str) -> CostTables:
     """Default tables for a GPU name from the cluster presets (H800, H100, H200 variants).
 
     H800/H100: FP8 from DeepGEMM (DeepSeek's own kernels, measured on the H800); BF16 from [A] and [K].
     H200: FP8 from our kernels' auto dispatch on the H200 ([K], then [A]); BF16 from [A] and [K].
     """
-    bf16_peak = 989.4 * TFLOPS  # H100/H200 datasheet dense BF16, as in simulator/presets/clusters.py
-    bf16 = _merge(_anchor_points(), _measured_bf16_points())
     if gpu_name.upper().startswith("H200"):
-        return _common("h200-default", bf16 + _merge(_torch_fp8_points(), _measured_fp8_points()), bf16_peak)
-    return _common("hopper-deepgemm-default", bf16 + _deepgemm_points(), bf16_peak)
+        return _hopper("h200-default", _merge(_torch_fp8_points(), _measured_fp8_points()))
+    return _hopper("hopper-deepgemm-default", _deepgemm_points("deepgemm"))
+
+
+# Named tables besides each GPU's default: name -> what its FP8 points are
+NAMED_TABLES = {
+    "default": "the GPU's default tables (DeepGEMM on H800/H100, our measurements on H200)",
+    "hopper-cutlass36-2024": "the FP8 kernels DeepSeek trained V3 with in 2024: [DG]'s shapes at DeepGEMM's "
+                             "TFLOPS over its published speedup on DeepSeek's internal CUTLASS-3.6 kernel",
+}
+
+
+def named_tables(name: str, gpu_name: str) -> CostTables:
+    """The tables called ``name`` (a key of ``NAMED_TABLES``) for a GPU of the cluster presets."""
+    if name == "default":
+        return default_tables(gpu_name)
+    if name == "hopper-cutlass36-2024":
+        return _hopper(name, _deepgemm_points("cutlass36"))
+    raise ValueError(f"cost tables {name!r}: unknown (known: {', '.join(NAMED_TABLES)})")

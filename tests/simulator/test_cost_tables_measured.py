@@ -1,8 +1,16 @@
-"""The default cost tables carry the repo's H200 kernel measurements as measured (h200-kernels.json)."""
+"""The default cost tables carry the repo's H200 kernel measurements as measured (h200-kernels.json), and
+the named tables carry what their sources publish."""
 
 import pytest
 
-from simulator.costs.tables import TFLOPS, default_tables, kernel_measurements
+from simulator.costs.tables import (
+    _DEEPGEMM_DENSE,
+    _DEEPGEMM_GROUPED,
+    TFLOPS,
+    default_tables,
+    kernel_measurements,
+    named_tables,
+)
 
 
 def _points(tables):
@@ -36,3 +44,32 @@ def test_bf16_points_are_shared_by_every_hopper_and_one_per_shape():
             assert pts[key].flops_per_s == pytest.approx(g["grouped_mm_bf16"]["tflops"] * TFLOPS)
     # the H800 keeps DeepSeek's own FP8 table (DeepGEMM), not our H200 kernels
     assert all("DeepGEMM" in p.source for p in default_tables("H800-SXM5").gemm if p.precision == "fp8")
+
+
+def test_cutlass36_points_are_deepgemm_over_its_published_speedup():
+    old = _points(named_tables("hopper-cutlass36-2024", "H800-SXM5"))
+    new = _points(default_tables("H800-SXM5"))
+    # literal rows of reference §11.4 (TFLOPS, speedup over DeepSeek's internal CUTLASS-3.6 kernel)
+    assert old[("fp8", 4096, 7168, 16384, 1)].flops_per_s == pytest.approx(1358 / 1.2 * TFLOPS)
+    assert old[("fp8", 64, 2112, 7168, 1)].flops_per_s == pytest.approx(206 / 2.7 * TFLOPS)
+    assert old[("fp8", 4096, 24576, 1536, 1)].flops_per_s == pytest.approx(990 * TFLOPS)  # 1.0x
+    assert old[("fp8", 8192, 4096, 7168, 4)].flops_per_s == pytest.approx(1297 / 1.2 * TFLOPS)
+    assert old[("fp8", 4096, 7168, 2048, 8)].flops_per_s == pytest.approx(1093 / 1.1 * TFLOPS)
+    assert old[("fp8", 256, 4096, 7168, 4)].flops_per_s == pytest.approx(932 / 1.1 * TFLOPS)
+    rows = {(m, n, k, 1): x for m, n, k, _, x in _DEEPGEMM_DENSE}
+    rows |= {(m, n, k, g): x for g, m, n, k, _, x in _DEEPGEMM_GROUPED}
+    assert len(rows) == 28 and old.keys() == new.keys()
+    for key, p in old.items():
+        if p.precision == "bf16":
+            assert p == new[key]  # only the FP8 kernels differ
+        else:
+            assert p.flops_per_s == pytest.approx(new[key].flops_per_s / rows[key[1:]])
+            assert "internal CUTLASS-3.6 kernel (TFLOPS / published speedup)" in p.source
+
+
+def test_named_tables():
+    assert named_tables("default", "H200-SXM") == default_tables("H200-SXM")
+    assert named_tables("default", "H800-SXM5").name == "hopper-deepgemm-default"
+    assert named_tables("hopper-cutlass36-2024", "H100-SXM").name == "hopper-cutlass36-2024"
+    with pytest.raises(ValueError, match="cost tables 'cutlass': unknown"):
+        named_tables("cutlass", "H800-SXM5")

@@ -7,7 +7,7 @@ import pytest
 
 from simulator.accounting.layout import LayoutError
 from simulator.costs.kernels import gemm_efficiency, gemm_s
-from simulator.costs.tables import CostTables, default_tables
+from simulator.costs.tables import CostTables, default_tables, named_tables
 from simulator.engine.build import SimOptions
 from simulator.phase_layout import PhaseLayout
 from simulator.planner import plan_with_predictions, summary
@@ -46,6 +46,17 @@ def test_calibration_file_round_trip_changes_the_prediction(tmp_path):
     base, _ = predict_step(inp, 4, 16, opts=SimOptions(tables=t))
     half, _ = predict_step(inp, 4, 16, opts=SimOptions(tables=slower))
     assert half.step_time_s > base.step_time_s
+
+
+def test_2024_fp8_kernels_make_an_fp8_step_strictly_slower_and_leave_bf16_alone():
+    m = deepseek_v2_lite()
+    inp = _inputs(m, nodes=2, batch=64, pp=2, ep=8, seq_len_tokens=1024).model_copy(update={"cluster": h800(2)})
+    cutlass = SimOptions(tables=named_tables("hopper-cutlass36-2024", "H800-SXM5"))
+    deepgemm, _ = predict_step(inp, 8, 8)
+    before, _ = predict_step(inp, 8, 8, opts=cutlass)
+    assert before.step_time_s > deepgemm.step_time_s * 1.01
+    bf16 = inp.model_copy(update={"training": inp.training.model_copy(update={"precision": "bf16"})})
+    assert predict_step(bf16, 8, 8, opts=cutlass)[0].step_time_s == pytest.approx(predict_step(bf16, 8, 8)[0].step_time_s)
 
 
 def test_step_prediction_fractions_add_up():
