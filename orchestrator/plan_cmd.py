@@ -24,7 +24,7 @@ from orchestrator.inputs import InputError, build_request, validation_message
 from orchestrator.placement_cmd import read_model_file
 from orchestrator.render import plan_tables
 from simulator.accounting.layout import LayoutError
-from simulator.costs.tables import CostTables
+from simulator.costs.tables import NAMED_TABLES, CostTables, named_tables
 from simulator.engine.build import SimOptions
 from simulator.engine.trace import chrome_trace
 from simulator.expert_load import ExpertLoadRecord
@@ -73,16 +73,26 @@ def _layer_loads(path: Path, model: ModelSpec) -> tuple[tuple[int, tuple[float, 
     return tuple((e.layer, tuple(float(c) for c in e.tokens_per_expert)) for e in record.layers)
 
 
-def _sim_options(calibration: Path | None, zipf: float | None, redundant: int, n_experts: int,
+def _tables(calibration: Path | None, cost_tables: str | None, gpu_name: str) -> CostTables | None:
+    """The cost tables the options name; None = the GPU's defaults."""
+    if calibration is not None and cost_tables is not None:
+        raise InputError(f"--calibration {calibration} and --cost-tables {cost_tables}: give one cost-table source, not both")
+    if cost_tables is not None:
+        if cost_tables not in NAMED_TABLES:
+            raise InputError(f"--cost-tables {cost_tables!r}: unknown (choose {', '.join(NAMED_TABLES)})")
+        return named_tables(cost_tables, gpu_name)
+    if calibration is None:
+        return None
+    try:
+        return CostTables.from_file(calibration)
+    except ValidationError as exc:
+        raise InputError(validation_message(exc, f"--calibration {calibration}")) from exc
+    except OSError as exc:
+        raise InputError(f"--calibration {calibration}: cannot read ({exc.strerror})") from exc
+
+
+def _sim_options(tables: CostTables | None, zipf: float | None, redundant: int, n_experts: int,
                  layer_loads: tuple = ()) -> SimOptions:
-    tables = None
-    if calibration is not None:
-        try:
-            tables = CostTables.from_file(calibration)
-        except ValidationError as exc:
-            raise InputError(validation_message(exc, f"--calibration {calibration}")) from exc
-        except OSError as exc:
-            raise InputError(f"--calibration {calibration}: cannot read ({exc.strerror})") from exc
     load = None
     if zipf is not None:
         if zipf < 0 or n_experts == 0:
@@ -117,6 +127,8 @@ def plan_command(
     load: Annotated[Path | None, typer.Option(help="Recorded per-layer expert loads (JSON, the format training writes).")] = None,
     redundant_experts: Annotated[int, typer.Option(help="Redundant expert slots per MoE layer (EPLB).")] = 0,
     calibration: Annotated[Path | None, typer.Option(help="Cost tables JSON (a calibration file).")] = None,
+    cost_tables: Annotated[str | None, typer.Option(help=f"Named cost tables: {', '.join(NAMED_TABLES)} "
+                                                         "(default: the GPU's).")] = None,
     trace: Annotated[Path | None, typer.Option(help="Also write the simulated step as a Chrome/Perfetto trace.")] = None,
     out: Annotated[Path, typer.Option(help="Directory for plan.json.")] = Path("out"),
     json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -135,7 +147,8 @@ def plan_command(
         if load is not None and zipf is not None:
             raise InputError("--load and --zipf: give one expert-load source, not both")
         loads = _layer_loads(load, req.inputs.model) if load is not None else ()
-        opts = _sim_options(calibration, zipf, redundant_experts, req.inputs.model.n_routed_experts, loads)
+        tables = _tables(calibration, cost_tables, req.inputs.cluster.gpu.name)
+        opts = _sim_options(tables, zipf, redundant_experts, req.inputs.model.n_routed_experts, loads)
         do_search = search_ if search_ is not None else not req.published
         inputs, searched = req.inputs, None
         source = "published" if req.published and not req.fixed else "given"

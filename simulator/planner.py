@@ -192,6 +192,7 @@ def summary(plan: PlanFile) -> dict[str, Any]:
         "recompute": plan.inputs.parallel.recompute,
         "precision": plan.inputs.training.precision,
         "layout_source": pred.layout_source if pred else None,
+        "cost_tables": pred.cost_tables if pred else None,
         "fixed_layout_fields": list(pred.fixed_layout_fields) if pred else None,
         "params_total": plan.params.total,
         "params_total_with_mtp": plan.params.total_with_mtp,

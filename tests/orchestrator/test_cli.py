@@ -68,6 +68,9 @@ def test_dense_model_gets_a_fitting_default_layout(tmp_path):
      (["--model", "missing.json"], "--model missing.json: no such file"),
      (["--model", "deepseek-67b", "--nodes", "1"], "no layout of deepseek-67b fits 8 x H800-SXM5"),
      (["--calibration", "/dev/null"], "--calibration /dev/null: Invalid JSON"),
+     (["--cost-tables", "cutlass"], "--cost-tables 'cutlass': unknown (choose default, hopper-cutlass36-2024)"),
+     (["--cost-tables", "hopper-cutlass36-2024", "--calibration", "cal.json"],
+      "--calibration cal.json and --cost-tables hopper-cutlass36-2024: give one cost-table source, not both"),
      (["--tokens", "lots"], "--tokens 'lots': expected a number"),
      (["--cp", "3"], "cp=3 does not divide the 128 GPUs of a pipeline stage"),
      (["--cp", "0"], "parallel.cp: Input should be greater than 0 (got 0)"),
@@ -82,6 +85,20 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, message):
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and message in lines[0], res.output
     assert not out.exists()
+
+
+def test_named_cost_tables_reach_the_plan(tmp_path):
+    args = ["plan", "--model", "deepseek-v2-lite", "--cluster", "h800", "--nodes", "2", "--precision", "fp8", "--no-search",
+            "--pp", "2", "--ep", "8", "--schedule", "dualpipe", "--seq-len", "1024", "--global-batch", "64", "--json"]
+    default = json.loads(run(*args, "--out", str(tmp_path / "a")).output)
+    named = json.loads(run(*args, "--cost-tables", "default", "--out", str(tmp_path / "b")).output)
+    res = run(*args[:-1], "--cost-tables", "hopper-cutlass36-2024", "--out", str(tmp_path / "c"))
+    assert res.exit_code == 0, res.output
+    assert "cost tables hopper-cutlass36-2024" in " ".join(res.output.split())  # the summary table's title
+    cutlass = json.loads(run("show", str(tmp_path / "c"), "--json").output)
+    assert default["cost_tables"] == named["cost_tables"] == "hopper-deepgemm-default"
+    assert named["step_time_s"] == default["step_time_s"]
+    assert cutlass["cost_tables"] == "hopper-cutlass36-2024" and cutlass["step_time_s"] > default["step_time_s"]
 
 
 def test_plan_with_context_parallelism(tmp_path):
