@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref  # noqa: E402
 from kernels.fp8_gemm_tma import fp8_gemm_tma  # noqa: E402
+from kernels.fp8_gemm_ws import CONFIGS as WS_CONFIGS, fp8_gemm_ws  # noqa: E402
 from kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_weight_128x128  # noqa: E402
 from kernels.grouped_gemm import grouped_gemm_fp8, make_problem, segment_rows  # noqa: E402
 
@@ -72,6 +73,9 @@ def dense_sweep() -> list[dict]:
                                                              out_dtype=torch.bfloat16), flops,
                                     a.double() @ b.double().t())
         sa_t = sa.t().contiguous().t()  # M-major: one K step's scales are contiguous
+        for cfg in WS_CONFIGS:
+            row[f"ws {cfg}"] = attempt(lambda c=cfg: fp8_gemm_ws(a, sa, b, sb, config=c), flops, ref)
+        row["ws sa M-major"] = attempt(lambda: fp8_gemm_ws(a, sa_t, b, sb), flops, ref)
         for cfg in SWEEP:
             row[str(cfg)] = attempt(lambda c=cfg: fp8_gemm_tma(a, sa, b, sb, config=c), flops, ref)
             row[str(cfg) + " sa M-major"] = (attempt(lambda c=cfg: fp8_gemm_tma(a, sa_t, b, sb, config=c), flops, ref)
@@ -89,6 +93,8 @@ def dense_sweep() -> list[dict]:
                "scaled_mm": attempt(lambda: fp8_gemm(dt, sdt, xt, sxt, torch.float32, backend="torch"), flops, ref)}
         for cfg in SWEEP[:2]:
             row[str(cfg)] = attempt(lambda c=cfg: fp8_gemm_tma(dt, sdt, xt, sxt, torch.float32, config=c), flops, ref)
+        for cfg in WS_CONFIGS[:2]:
+            row[f"ws {cfg}"] = attempt(lambda c=cfg: fp8_gemm_ws(dt, sdt, xt, sxt, torch.float32, config=c), flops, ref)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -191,11 +197,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/kernels-sweep.md"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--dense-only", action="store_true", help="skip the grouped loop's parts")
     args = parser.parse_args()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "command": "python benchmarks/fp8_gemm_sweep.py --out docs/kernels-sweep.md"}
-    grouped = grouped_parts()
+    grouped = [] if args.dense_only else grouped_parts()
     dense = dense_sweep()
     args.out.write_text(render(meta, dense, grouped))
     if args.json:

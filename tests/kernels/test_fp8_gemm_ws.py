@@ -1,0 +1,113 @@
+"""The warp-specialised Gluon FP8 GEMM (kernels/fp8_gemm_ws.py).
+
+On the CPU machine: the kernel compiled offline for sm_90a, read through ptxas and the SASS (FP8
+wgmma present, no spills, the promotion one FFMA per accumulator element). On an H200: against
+float64 on the dequantised operands, outputs poisoned, odd sizes, the three training GEMMs.
+"""
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import fp8_gemm_ws
+from kernels.fp8_gemm import fp8_gemm_ref
+from kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_weight_128x128
+
+ON_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_gluon = pytest.mark.skipif(not fp8_gemm_ws.HAVE_GLUON, reason="needs triton with Gluon's Hopper ops")
+
+
+def _tools() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def _sass(ptx: str, tmp_path: Path) -> tuple[str, str]:
+    """(ptxas -v report, SASS) of the PTX, with the ptxas and cuobjdump that ship with triton."""
+    src, cubin = tmp_path / "k.ptx", tmp_path / "k.cubin"
+    src.write_text(ptx)
+    report = subprocess.run([str(_tools() / "ptxas"), "-arch=sm_90a", "-v", str(src), "-o", str(cubin)],
+                            capture_output=True, text=True, check=True).stderr
+    sass = subprocess.run([str(_tools() / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+    return report, sass
+
+
+@needs_gluon
+@pytest.mark.parametrize("row_scaled,out_dtype", [(False, torch.bfloat16), (True, torch.float32)])
+def test_compiles_for_hopper_without_spills(tmp_path, row_scaled, out_dtype):
+    kernel = fp8_gemm_ws.compile_offline(row_scaled=row_scaled, out_dtype=out_dtype)
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx
+    assert "setmaxnreg" in ptx, "no register split between the math warpgroups and the TMA warp"
+    report, sass = _sass(ptx, tmp_path)
+    assert "0 bytes spill stores, 0 bytes spill loads" in report, report
+    assert not re.search(r"\b(LDL|STL)\b", sass), "registers went to local memory"
+    ffma = len(re.findall(r"\bFFMA\b", sass))
+    # each math warpgroup holds 64 x 128 / 128 = 64 accumulator elements per thread; with 128x128
+    # weight blocks the promotion is exactly one FFMA each, nothing else
+    elements = 2 * 64
+    if row_scaled:
+        assert ffma >= elements
+    else:
+        assert ffma == elements, f"{ffma} FFMAs for {elements} accumulator elements"
+
+
+def test_refuses_without_gluon_or_gpu():
+    a = torch.zeros(128, 128, dtype=torch.float8_e4m3fn)
+    s = torch.ones(128, 1)
+    if ON_GPU:
+        pytest.skip("has a GPU")
+    with pytest.raises(RuntimeError, match="Gluon"):
+        fp8_gemm_ws.fp8_gemm_ws(a, s, a, s[:1])
+
+
+def _rand(*shape, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).cuda()
+
+
+def _operands(M, N, K, recipe):
+    x, w, dy = _rand(M, K, seed=1), _rand(N, K, seed=2), _rand(M, N, seed=3)
+    if recipe == "forward":
+        b, sb, _ = quant_weight_128x128(w)
+        return (*quant_act_1x128(x), b, sb)
+    if recipe == "dgrad":
+        _, sb, bt = quant_weight_128x128(w, transposed=True)
+        return (*quant_act_1x128(dy), bt, sb.mT)
+    return (*quant_act_128x1_t(dy), *quant_act_128x1_t(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("recipe", ["forward", "dgrad", "wgrad"])
+@pytest.mark.parametrize("M,N,K", [(300, 200, 1008), (130, 384, 272), (4096, 2112, 7168), (1000, 7168, 2048)])
+def test_matches_float64(M, N, K, recipe, monkeypatch):
+    a, sa, b, sb = _operands(M, N, K, recipe)
+    ref = fp8_gemm_ref(a, sa, b, sb)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *s, **k: real_empty(*s, **k).fill_(float("nan")))
+    for out_dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 6e-3)):
+        out = fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, out_dtype=out_dtype)
+        assert out.shape == (a.shape[0], b.shape[0]) and out.dtype == out_dtype
+        assert torch.isfinite(out).all(), "unwritten (poisoned) output"
+        err = float((out.double() - ref).norm() / ref.norm())
+        assert err < tol, (recipe, out_dtype, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
+def test_promotes_at_long_k():
+    """All-positive operands: unpromoted, the tensor cores' partial sums lose precision as K grows."""
+    errors = {}
+    for K in (1024, 16384):
+        a, sa = quant_act_1x128(_rand(256, K, seed=11).abs())
+        b, sb, _ = quant_weight_128x128(_rand(256, K, seed=12).abs())
+        out = fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, out_dtype=torch.float32)
+        ref = fp8_gemm_ref(a, sa, b, sb)
+        errors[K] = float((out.double() - ref).norm() / ref.norm())
+    assert errors[16384] < 1e-3 and errors[16384] < 1.5 * errors[1024], errors
