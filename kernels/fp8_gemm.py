@@ -22,6 +22,7 @@ than this one on the H200 (docs/kernels-sweep.md). ``backend="auto"`` times the 
 import torch
 
 from .fp8_gemm_tma import fp8_gemm_tma
+from .fp8_gemm_ws import HAVE_GLUON, fp8_gemm_ws
 from .fp8_quant import cast_for_store, quant_act_1x128, quant_weight_128x128
 from .triton_compat import INTERPRET, tl, triton
 
@@ -238,6 +239,15 @@ def fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype):
     return c
 
 
+def fp8_gemm_gluon(a, a_scale, b, b_scale, out_dtype):
+    """The warp-specialised Gluon kernel (``fp8_gemm_ws.py``) where TMA reads the operands and B has
+    128x128 block scales; ValueError elsewhere (1x128-row B runs at a third of cuBLAS's speed there,
+    docs/kernels-sweep.md), so the auto dispatch drops it."""
+    if not HAVE_GLUON or INTERPRET or not tma_eligible(a, b) or b_scale.shape[0] == b.shape[0] > 1:
+        raise ValueError("the Gluon kernel needs Hopper, TMA-readable operands and 128x128 weight scales")
+    return fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype)
+
+
 def scaled_mm_reliable(N: int, k_blocks: int) -> bool:
     """Whether block-scaled ``torch._scaled_mm`` is right for N output columns and K/128 = k_blocks.
 
@@ -265,6 +275,7 @@ def fp8_gemm_torch(a, a_scale, b, b_scale, out_dtype, out=None):
 
 
 _BACKEND_CACHE: dict[tuple, str] = {}
+_BACKENDS = {"triton": fp8_gemm_triton, "gluon": fp8_gemm_gluon, "torch": fp8_gemm_torch}  # "triton" first: it never refuses
 
 
 def pick_faster(key: tuple, candidates: dict) -> str:
@@ -286,8 +297,7 @@ def pick_faster(key: tuple, candidates: dict) -> str:
 
 def _choose_backend(a, a_scale, b, b_scale, out_dtype) -> str:
     key = ("dense", tuple(a.shape), tuple(b.shape), b.stride(), tuple(b_scale.shape), out_dtype)
-    return pick_faster(key, {name: (lambda fn=fn: fn(a, a_scale, b, b_scale, out_dtype))
-                             for name, fn in (("triton", fp8_gemm_triton), ("torch", fp8_gemm_torch))})
+    return pick_faster(key, {name: (lambda fn=fn: fn(a, a_scale, b, b_scale, out_dtype)) for name, fn in _BACKENDS.items()})
 
 
 def fp8_gemm(
@@ -297,15 +307,15 @@ def fp8_gemm(
     """C (M, N) = (a * a_scale) · (b * b_scale)ᵀ for a (M, K), b (N, K) E4M3; fp32 accumulation.
 
     a_scale: (M, ceil(K/128)) fp32. b_scale: (ceil(N/128), ceil(K/128)) for 128×128 blocks or
-    (N, ceil(K/128)) for 1×128 rows. backend: "auto" | "triton" | "torch" (torch._scaled_mm).
+    (N, ceil(K/128)) for 1×128 rows. backend: "auto" | "triton" | "gluon" (the warp-specialised
+    Hopper kernel) | "torch" (torch._scaled_mm).
     """
     check_fp8_operands(a, a_scale, b, b_scale)
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend={backend!r} must be 'auto', 'triton' or 'torch'")
+    if backend not in ("auto", *_BACKENDS):
+        raise ValueError(f"backend={backend!r} must be 'auto', 'triton', 'gluon' or 'torch'")
     if backend == "auto":
         backend = _choose_backend(a, a_scale, b, b_scale, out_dtype) if a.is_cuda and not INTERPRET else "triton"
-    fn = fp8_gemm_torch if backend == "torch" else fp8_gemm_triton
-    return fn(a, a_scale, b, b_scale, out_dtype)
+    return _BACKENDS[backend](a, a_scale, b, b_scale, out_dtype)
 
 
 def chosen_backend(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> str:

