@@ -39,8 +39,8 @@ except ImportError:  # CPU torch without triton, or a triton before Gluon's Hopp
 
 TILE = 128  # K step and scale block (TR §3.3: N_C = 128)
 ROWS_PER_WARPGROUP = 64  # one wgmma's M
-# (BLOCK_N, STAGES, GROUP_M, OVERLAP); the default is the first (docs/kernels-sweep.md)
-CONFIGS = [(128, 5, 16, False), (128, 5, 16, True), (128, 4, 16, True), (128, 5, 12, False), (128, 5, 32, False), (128, 4, 16, False), (128, 6, 16, False), (128, 5, 8, False)]
+# (BLOCK_N, STAGES, GROUP_M, PINGPONG); the default is the first (docs/kernels-sweep.md)
+CONFIGS = [(128, 5, 16, False), (128, 5, 16, True), (128, 4, 16, True), (128, 6, 16, True), (128, 5, 8, True), (128, 5, 8, False)]
 PRODUCER_REGS = 40  # registers per thread the TMA warp keeps; the math warpgroups share the rest
 MATH_REGS = 232
 
@@ -84,41 +84,12 @@ if HAVE_GLUON:
                 counter += 1
 
     @gluon.jit
-    def _tile_overlapped(a_smem, b_smem, ready, empty, acc, spare, sa_ptrs, sb_ptrs, m_mask, stride_sak, stride_sbk,
-                         k_steps, counter, HALF: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr):
-        """One tile's K loop with two partial sums: step k's MMA runs while step k-1's is promoted.
-
-        ``spare`` is a register tile for the partial sums (its value is never read). 128x128
-        weight blocks only: the scale of step k-1 is one number per row.
-        """
-        s = counter % STAGES
-        scale = gl.load(sa_ptrs, mask=m_mask, other=0.0) * gl.load(sb_ptrs)
-        mbarrier.wait(ready.index(s), (counter // STAGES) & 1)
-        in_flight = warpgroup_mma(a_smem.index(s).slice(HALF * ROWS, ROWS), b_smem.index(s).permute((1, 0)),
-                                  gl.zeros_like(spare), use_acc=False, is_async=True)
-        for ki in range(1, k_steps):
-            next_scale = gl.load(sa_ptrs + ki * stride_sak, mask=m_mask, other=0.0) * gl.load(sb_ptrs + ki * stride_sbk)
-            s = (counter + 1) % STAGES
-            mbarrier.wait(ready.index(s), ((counter + 1) // STAGES) & 1)
-            issued = warpgroup_mma(a_smem.index(s).slice(HALF * ROWS, ROWS), b_smem.index(s).permute((1, 0)),
-                                   spare, use_acc=False, is_async=True)
-            done = warpgroup_mma_wait(num_outstanding=1, deps=[in_flight])  # step ki-1 retired, ki runs on
-            mbarrier.arrive(empty.index(counter % STAGES), count=1)
-            acc = done * scale[:, None] + acc
-            spare, in_flight, scale = done, issued, next_scale
-            counter += 1
-        done = warpgroup_mma_wait(num_outstanding=0, deps=[in_flight])
-        mbarrier.arrive(empty.index(counter % STAGES), count=1)
-        acc = done * scale[:, None] + acc
-        return acc, done, counter + 1
-
-    @gluon.jit
-    def _math(c_desc, a_smem, b_smem, c_smem, ready, empty, sa_ptr, sb_ptr, M, N, K,
+    def _math(c_desc, a_smem, b_smem, c_smem, ready, empty, turn, sa_ptr, sb_ptr, M, N, K,
               stride_sam, stride_sak, stride_sbn, stride_sbk, HALF: gl.constexpr, ROW_SCALED_B: gl.constexpr,
-              OVERLAP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+              PINGPONG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
         ROWS: gl.constexpr = ROWS_C
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, BLOCK_N, 32])
+                                                     instr_shape=[16, BLOCK_N, 32])
         row_layout: gl.constexpr = gl.SliceLayout(1, layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, layout)
         num_pid_m = gl.cdiv(M, BLOCK_M)
@@ -139,32 +110,31 @@ if HAVE_GLUON:
             else:
                 sb_ptrs = sb_ptr + (off_n // TILE_C) * stride_sbn
             acc = gl.zeros([ROWS, BLOCK_N], gl.float32, layout)
-            if OVERLAP:
-                acc, partial, counter = _tile_overlapped(a_smem, b_smem, ready, empty, acc, partial, sa_ptrs,
-                                                         sb_ptrs, m_mask, stride_sak, stride_sbk, k_steps,
-                                                         counter, HALF, ROWS, STAGES)
-            else:
-                for ki in range(k_steps):
-                    # the scales' loads go out before the wait, so their latency hides behind it (a
-                    # column's scales, 32 registers a thread, wait until the MMA has its registers back)
-                    sa = gl.load(sa_ptrs + ki * stride_sak, mask=m_mask, other=0.0)
-                    if not ROW_SCALED_B:
-                        sb = gl.load(sb_ptrs + ki * stride_sbk)
-                    s = counter % STAGES
-                    mbarrier.wait(ready.index(s), (counter // STAGES) & 1)
-                    a = a_smem.index(s).slice(HALF * ROWS, ROWS)  # (ROWS, 128), K contiguous
-                    b = b_smem.index(s).permute((1, 0))  # (128, BLOCK_N), K-major as FP8 wgmma needs
-                    partial = warpgroup_mma(a, b, partial, use_acc=False, is_async=True)
-                    partial = warpgroup_mma_wait(num_outstanding=0, deps=[partial])
-                    mbarrier.arrive(empty.index(s), count=1)
-                    if ROW_SCALED_B:
-                        sb = gl.load(sb_ptrs + ki * stride_sbk, mask=n_mask, other=0.0)
-                    # promotion: the 128-deep partial sum, scaled, into the FP32 accumulator
-                    if ROW_SCALED_B:
-                        acc = partial * (sa[:, None] * sb[None, :]) + acc
-                    else:
-                        acc = partial * (sa * sb)[:, None] + acc
-                    counter += 1
+            for ki in range(k_steps):
+                # the scales' loads go out before the wait, so their latency hides behind it (a
+                # column's scales, 32 registers a thread, wait until the MMA has its registers back)
+                sa = gl.load(sa_ptrs + ki * stride_sak, mask=m_mask, other=0.0)
+                if not ROW_SCALED_B:
+                    sb = gl.load(sb_ptrs + ki * stride_sbk)
+                s = counter % STAGES
+                mbarrier.wait(ready.index(s), (counter // STAGES) & 1)
+                a = a_smem.index(s).slice(HALF * ROWS, ROWS)  # (ROWS, 128), K contiguous
+                b = b_smem.index(s).permute((1, 0))  # (128, BLOCK_N), K-major as FP8 wgmma needs
+                if PINGPONG:  # wait for the other warpgroup to have issued its MMA of the step before
+                    mbarrier.wait(turn.index(HALF), (counter & 1) ^ (1 - HALF))
+                partial = warpgroup_mma(a, b, partial, use_acc=False, is_async=True)
+                if PINGPONG:
+                    mbarrier.arrive(turn.index(1 - HALF), count=1)
+                partial = warpgroup_mma_wait(num_outstanding=0, deps=[partial])
+                mbarrier.arrive(empty.index(s), count=1)
+                if ROW_SCALED_B:
+                    sb = gl.load(sb_ptrs + ki * stride_sbk, mask=n_mask, other=0.0)
+                # promotion: the 128-deep partial sum, scaled, into the FP32 accumulator
+                if ROW_SCALED_B:
+                    acc = partial * (sa[:, None] * sb[None, :]) + acc
+                else:
+                    acc = partial * (sa * sb)[:, None] + acc
+                counter += 1
             # epilogue: the previous tile's store must have left c_smem before it is overwritten
             tma.store_wait(pendings=0)
             c_smem.store(acc.to(c_desc.dtype))
@@ -175,7 +145,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _fp8_gemm_ws_kernel(
         a_desc, b_desc, c_desc, sa_ptr, sb_ptr, M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk,
-        ROW_SCALED_B: gl.constexpr, OVERLAP: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+        ROW_SCALED_B: gl.constexpr, PINGPONG: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
         STAGES: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = 2 * ROWS_C
@@ -184,15 +154,18 @@ if HAVE_GLUON:
         c_smem = gl.allocate_shared_memory(c_desc.dtype, [2, ROWS_C, BLOCK_N], c_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)  # one arrival per math warpgroup
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
         fence_async_shared()
         gl.warp_specialize([
-            (_math, (c_desc, a_smem, b_smem, c_smem.index(0), ready, empty, sa_ptr, sb_ptr, M, N, K, stride_sam,
-                     stride_sak, stride_sbn, stride_sbk, 0, ROW_SCALED_B, OVERLAP, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
-            (_math, (c_desc, a_smem, b_smem, c_smem.index(1), ready, empty, sa_ptr, sb_ptr, M, N, K, stride_sam,
-                     stride_sak, stride_sbn, stride_sbk, 1, ROW_SCALED_B, OVERLAP, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
+            (_math, (c_desc, a_smem, b_smem, c_smem.index(0), ready, empty, turn, sa_ptr, sb_ptr, M, N, K, stride_sam,
+                     stride_sak, stride_sbn, stride_sbk, 0, ROW_SCALED_B, PINGPONG, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
+            (_math, (c_desc, a_smem, b_smem, c_smem.index(1), ready, empty, turn, sa_ptr, sb_ptr, M, N, K, stride_sam,
+                     stride_sak, stride_sbn, stride_sbk, 1, ROW_SCALED_B, PINGPONG, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
             (_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
         ], [4, 1], [MATH_REGS_C, PRODUCER_REGS_C])
 
@@ -210,7 +183,7 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None) -
     if a.stride(1) != 1 or b.stride(1) != 1 or K % 16:
         raise ValueError(f"TMA needs K-contiguous operands with K % 16 == 0, got K={K} "
                          f"a.stride={a.stride()} b.stride={b.stride()}")
-    block_n, stages, group_m, overlap = config or CONFIGS[0]
+    block_n, stages, group_m, pingpong = config or CONFIGS[0]
     row_scaled = b_scale.shape[0] == N and N > 1
     if not row_scaled and block_n != TILE:
         raise ValueError(f"128x128 weight scales need BLOCK_N={TILE}, got config={config}")
@@ -232,7 +205,7 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None) -
     _fp8_gemm_ws_kernel[(min(tiles, props.multi_processor_count),)](
         a_desc, b_desc, c_desc, a_scale, b_scale, M, N, K,
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
-        ROW_SCALED_B=row_scaled, OVERLAP=overlap and not row_scaled, BLOCK_N=block_n, GROUP_M=group_m, STAGES=stages, num_warps=4,
+        ROW_SCALED_B=row_scaled, PINGPONG=pingpong, BLOCK_N=block_n, GROUP_M=group_m, STAGES=stages, num_warps=4,
     )
     return c
 
@@ -243,7 +216,7 @@ def compile_offline(config=None, row_scaled=False, out_dtype=torch.bfloat16, cap
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    block_n, stages, group_m, overlap = config or CONFIGS[0]
+    block_n, stages, group_m, pingpong = config or CONFIGS[0]
     bm = 2 * ROWS_PER_WARPGROUP
     out = {torch.bfloat16: ("bf16", gl.bfloat16), torch.float32: ("fp32", gl.float32)}[out_dtype]
 
@@ -255,9 +228,9 @@ def compile_offline(config=None, row_scaled=False, out_dtype=torch.bfloat16, cap
         "a_desc": desc("fp8e4nv", gl.float8e4nv, [bm, TILE]), "b_desc": desc("fp8e4nv", gl.float8e4nv, [block_n, TILE]),
         "c_desc": desc(out[0], out[1], [ROWS_PER_WARPGROUP, block_n]), "sa_ptr": "*fp32", "sb_ptr": "*fp32",
         "M": "i32", "N": "i32", "K": "i32", "stride_sam": "i32", "stride_sak": "i32", "stride_sbn": "i32",
-        "stride_sbk": "i32", "ROW_SCALED_B": "constexpr", "OVERLAP": "constexpr", "BLOCK_N": "constexpr", "GROUP_M": "constexpr",
+        "stride_sbk": "i32", "ROW_SCALED_B": "constexpr", "PINGPONG": "constexpr", "BLOCK_N": "constexpr", "GROUP_M": "constexpr",
         "STAGES": "constexpr",
     }
-    constexprs = {"ROW_SCALED_B": row_scaled, "OVERLAP": overlap and not row_scaled, "BLOCK_N": block_n, "GROUP_M": group_m, "STAGES": stages}
+    constexprs = {"ROW_SCALED_B": row_scaled, "PINGPONG": pingpong, "BLOCK_N": block_n, "GROUP_M": group_m, "STAGES": stages}
     src = GluonASTSource(_fp8_gemm_ws_kernel, signature, constexprs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
