@@ -1,25 +1,28 @@
-"""Block-scaled FP8 GEMM for Hopper in Gluon: a TMA producer warp and two math warpgroups that take
-turns on the tensor cores (DeepSeek-V3 TR §3.3, "two warpgroups alternate MMA and promotion").
+"""Block-scaled FP8 GEMM for Hopper in Gluon: a TMA producer warp and two math warpgroups, the
+structure DeepSeek-V3 describes for its FP8 GEMM (TR §3.3, "two warpgroups alternate MMA and
+promotion").
 
 The same product as ``fp8_gemm.py`` and ``fp8_gemm_tma.py``: ``C = (A·sa) · (B·sb)ᵀ`` with the
-tensor cores' partial sums promoted into FP32 registers every 128 elements of K. The Triton kernels
-lose about a quarter of the tensor-core time on that promotion: each K step waits for its MMA, then
-runs the FFMAs while the tensor cores idle, and every warp of the program does so in lock-step
-(docs/kernels-sweep.md). Here the work is split by role, each role its own partition:
+tensor cores' partial sums promoted into FP32 registers every 128 elements of K. The work is split
+by role, each role its own partition:
 
-* a producer warp streams A (BLOCK_M x 128) and B (BLOCK_N x 128) tiles through a ring of
-  ``STAGES`` shared-memory buffers with TMA, each buffer guarded by a ``ready`` barrier (the copy
-  engine completes it) and an ``empty`` barrier (both math warpgroups release it);
+* a producer warp streams A (128 x 128) and B (BLOCK_N x 128) tiles through a ring of ``STAGES``
+  shared-memory buffers with TMA, each buffer guarded by a ``ready`` barrier (the copy engine
+  completes it) and an ``empty`` barrier (both math warpgroups release it);
 * two math warpgroups own the upper and the lower 64 rows of the output tile. Each issues its
-  128-deep MMA, waits for it, releases the buffer and promotes, with nothing tying it to the other
-  warpgroup, so one promotes on the CUDA cores while the other's MMA runs on the tensor cores;
+  128-deep MMA, waits for it, releases the buffer and promotes (one FFMA per accumulator element:
+  a 128x128 weight block's scale is folded into A's row scales), with no barrier between the two;
 * the grid is persistent (one program per SM, tiles in L2-friendly bands of ``GROUP_M`` row tiles)
-  and each warpgroup stores its half of the tile through TMA while its next tile's MMAs start.
+  and each warpgroup stores its half of the tile through TMA.
 
-B's scales are 128x128 blocks (a weight: one number per tile and K step, folded into A's row
-scales, so the promotion is one FFMA per element) or 1x128 rows (an activation, for the weight
-gradient: a scale per column). Gluon compiles for Hopper only: there is no interpreter path, so
-the CPU tests compile this kernel for sm_90 offline and read its PTX and register report.
+Measured on the H200 (docs/kernels-sweep.md): 1.1x the Triton kernels at long K, but the promotion
+still costs about a quarter: the same data flow without it (``promote=False``, benchmarks only)
+runs at cuBLAS's tensor-wise speed, and with 256-wide tiles above it. Those tiles (``BLOCK_N =
+256``: two 128-column pieces sharing each A tile) need a third 64-register set when promoted and
+spill at the math warpgroups' 232 registers. B's scales may also be 1x128 rows (the weight
+gradient's activation operand: a scale per column), correct but slow. Gluon compiles for Hopper
+only: there is no interpreter path, so the CPU tests compile this kernel for sm_90a offline and
+read its PTX, ptxas report and SASS.
 """
 
 import torch
@@ -40,8 +43,8 @@ except ImportError:  # CPU torch without triton, or a triton before Gluon's Hopp
 
 TILE = 128  # K step and scale block (TR §3.3: N_C = 128)
 ROWS_PER_WARPGROUP = 64  # one wgmma's M
-# (BLOCK_N, STAGES, GROUP_M, SKEW); the default is the first (docs/kernels-sweep.md)
-CONFIGS = [(128, 5, 16, True), (128, 5, 16, False), (128, 5, 8, True), (128, 4, 16, True), (128, 6, 12, True)]
+# (BLOCK_N, STAGES, GROUP_M); the default is the first (docs/kernels-sweep.md)
+CONFIGS = [(128, 5, 16), (128, 4, 16), (128, 5, 8), (128, 6, 12)]
 PRODUCER_REGS = 40  # registers per thread the TMA warp keeps; the math warpgroups share the rest
 MATH_REGS = 232
 
@@ -85,9 +88,9 @@ if HAVE_GLUON:
                 counter += 1
 
     @gluon.jit
-    def _math(c_desc, a_smem, b_smem, c_smem, ready, empty, go, sa_ptr, sb_ptr, M, N, K,
+    def _math(c_desc, a_smem, b_smem, c_smem, ready, empty, sa_ptr, sb_ptr, M, N, K,
               stride_sam, stride_sak, stride_sbn, stride_sbk, HALF: gl.constexpr, ROW_SCALED_B: gl.constexpr,
-              PROMOTE: gl.constexpr, SKEW: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              PROMOTE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               GROUP_M: gl.constexpr, STAGES: gl.constexpr):
         """One math warpgroup: rows HALF*64 .. HALF*64+63 of every output tile, in 128-column pieces
         (BLOCK_N = 256 is two pieces that share one A tile and one B load, for half the B traffic
@@ -132,18 +135,10 @@ if HAVE_GLUON:
                 mbarrier.wait(ready.index(s), (counter // STAGES) & 1)
                 a = a_smem.index(s).slice(HALF * ROWS, ROWS)  # (ROWS, 128), K contiguous
                 b = b_smem.index(s)  # (BLOCK_N, 128); permuted below to K-major (128, 128) pieces
-                if SKEW and HALF == 1:
-                    # start once the other warpgroup's first MMA is done. Issued together, the two
-                    # warpgroups' MMAs share the tensor cores, finish together and are promoted
-                    # together while the tensor cores idle; offset once, they stay offset (each
-                    # promotes while the other's MMA runs), measured in docs/kernels-sweep.md.
-                    mbarrier.wait(go, 0, pred=counter == 0)
                 if PROMOTE:
                     partial = warpgroup_mma(a, b.slice(0, TILE_C).permute((1, 0)), partial, use_acc=False,
                                             is_async=True)
                     partial = warpgroup_mma_wait(num_outstanding=0, deps=[partial])
-                    if SKEW and HALF == 0:
-                        mbarrier.arrive(go, count=1, pred=counter == 0)
                     if PIECES == 1:
                         mbarrier.arrive(empty.index(s), count=1)
                     if ROW_SCALED_B:
@@ -181,7 +176,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _fp8_gemm_ws_kernel(
         a_desc, b_desc, c_desc, sa_ptr, sb_ptr, M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk,
-        ROW_SCALED_B: gl.constexpr, PROMOTE: gl.constexpr, SKEW: gl.constexpr, BLOCK_N: gl.constexpr,
+        ROW_SCALED_B: gl.constexpr, PROMOTE: gl.constexpr, BLOCK_N: gl.constexpr,
         GROUP_M: gl.constexpr, STAGES: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = 2 * ROWS_C
@@ -192,17 +187,15 @@ if HAVE_GLUON:
         c1_smem = gl.allocate_shared_memory(c_desc.dtype, [PIECES, ROWS_C, TILE_C], c_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        go = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(go, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)  # one arrival per math warpgroup
         fence_async_shared()
         gl.warp_specialize([
-            (_math, (c_desc, a_smem, b_smem, c0_smem, ready, empty, go, sa_ptr, sb_ptr, M, N, K, stride_sam,
-                     stride_sak, stride_sbn, stride_sbk, 0, ROW_SCALED_B, PROMOTE, SKEW, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
-            (_math, (c_desc, a_smem, b_smem, c1_smem, ready, empty, go, sa_ptr, sb_ptr, M, N, K, stride_sam,
-                     stride_sak, stride_sbn, stride_sbk, 1, ROW_SCALED_B, PROMOTE, SKEW, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
+            (_math, (c_desc, a_smem, b_smem, c0_smem, ready, empty, sa_ptr, sb_ptr, M, N, K, stride_sam,
+                     stride_sak, stride_sbn, stride_sbk, 0, ROW_SCALED_B, PROMOTE, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
+            (_math, (c_desc, a_smem, b_smem, c1_smem, ready, empty, sa_ptr, sb_ptr, M, N, K, stride_sam,
+                     stride_sak, stride_sbn, stride_sbk, 1, ROW_SCALED_B, PROMOTE, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
             (_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
         ], [4, 1], [MATH_REGS_C, PRODUCER_REGS_C])
 
@@ -213,10 +206,10 @@ def _blocks(block_n: int) -> dict[str, list[int]]:
 
 
 def _constexprs(config, row_scaled: bool, promote: bool) -> dict:
-    block_n, stages, group_m, skew = config
+    block_n, stages, group_m = config
     if block_n not in (TILE, 2 * TILE) or (row_scaled and block_n != TILE):
         raise ValueError(f"config={config}: BLOCK_N must be 128, or 256 with 128x128 weight scales")
-    return {"ROW_SCALED_B": row_scaled, "PROMOTE": promote, "SKEW": skew, "BLOCK_N": block_n, "GROUP_M": group_m, "STAGES": stages}
+    return {"ROW_SCALED_B": row_scaled, "PROMOTE": promote, "BLOCK_N": block_n, "GROUP_M": group_m, "STAGES": stages}
 
 
 def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, promote: bool = True) -> torch.Tensor:
