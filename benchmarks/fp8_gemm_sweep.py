@@ -2,7 +2,8 @@
 
     python benchmarks/fp8_gemm_sweep.py --out docs/kernels-sweep.md [--json FILE]
 
-Dense: every configuration of ``kernels/fp8_gemm_tma.py`` on the six forward shapes (M = 4096) and
+Dense: every configuration of ``kernels/fp8_gemm_tma.py`` and ``kernels/fp8_gemm_ws.py`` (with the
+latter's unpromoted upper bound) on the six forward shapes (M = 4096) and
 on the weight-gradient form of two of them, against ``torch._scaled_mm`` (1×128 / 128×128 block
 scales) and tensor-wise FP8 ``_scaled_mm`` (one scale per operand: the same tensor-core work without
 promotion, an upper bound for block scaling) in the same run. Grouped: where the per-expert
@@ -184,7 +185,10 @@ def render(meta: dict, dense: list[dict], grouped: list[dict]) -> str:
            f"triton {meta['triton']}. Reproduce: `{meta['command']}`\n",
            "TFLOPS (relative error against float64 on the dequantised operands). Configurations are "
            "(BLOCK_M, BLOCK_N, warps, stages, flatten, warp-specialise, defer, GROUP_M) of `kernels/fp8_gemm_tma.py`; "
-           "tensor-wise is `_scaled_mm` with one scale per operand (no promotion: an upper bound).\n"]
+           "tensor-wise is `_scaled_mm` with one scale per operand (no promotion: an upper bound). "
+           "Rows `ws (BLOCK_N, STAGES, GROUP_M)` are the warp-specialised Gluon kernel of `kernels/fp8_gemm_ws.py`; "
+           "`unpromoted` is its data flow with no scales and no promotion (the tensor cores accumulate all of K: "
+           "a different product, its error against the unscaled float64 product), an upper bound for that kernel.\n"]
     keys = [k for k in dense[0] if k not in ("N", "K")]
     out.append("| config | " + " | ".join(f"{r['N']}×{r['K']}{' wgrad' if r.get('wgrad') else ''}"
                                           for r in dense) + " |")
@@ -203,7 +207,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/kernels-sweep.md"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dense-only", action="store_true", help="skip the grouped loop's parts")
+    parser.add_argument("--render", type=Path, help="re-render --out from a --json file of an earlier run")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        args.out.write_text(render(saved["meta"], saved["dense"], saved["grouped"]))
+        return
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "command": "python benchmarks/fp8_gemm_sweep.py --out docs/kernels-sweep.md"}
