@@ -5,16 +5,21 @@ wgmma present, no spills, the promotion one FFMA per accumulator element). On an
 float64 on the dequantised operands, outputs poisoned, odd sizes, the three training GEMMs.
 """
 
+import os
 import re
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 
-from kernels import fp8_gemm_ws
-from kernels.fp8_gemm import fp8_gemm_ref
-from kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_weight_128x128
+if not torch.cuda.is_available():  # as in test_kernels.py: the interpreter is chosen when kernels/ is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels import fp8_gemm_ws  # noqa: E402
+from kernels.fp8_gemm import fp8_gemm_ref  # noqa: E402
+from kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_weight_128x128  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_gluon = pytest.mark.skipif(not fp8_gemm_ws.HAVE_GLUON, reason="needs triton with Gluon's Hopper ops")
