@@ -19,7 +19,8 @@ import pytest  # noqa: E402
 
 from kernels import fp8_gemm_ws  # noqa: E402
 from kernels.fp8_gemm import fp8_gemm_ref  # noqa: E402
-from kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_weight_128x128  # noqa: E402
+from kernels.fp8_quant import quant_act_1x128, quant_weight_128x128  # noqa: E402
+from tests.kernels.test_kernels import _gemm_operands, rand  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_gluon = pytest.mark.skipif(not fp8_gemm_ws.HAVE_GLUON, reason="needs triton with Gluon's Hopper ops")
@@ -73,28 +74,12 @@ def test_refuses_without_gluon_or_gpu():
         fp8_gemm_ws.fp8_gemm_ws(a, s, a, s[:1])
 
 
-def _rand(*shape, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).cuda()
-
-
-def _operands(M, N, K, recipe):
-    x, w, dy = _rand(M, K, seed=1), _rand(N, K, seed=2), _rand(M, N, seed=3)
-    if recipe == "forward":
-        b, sb, _ = quant_weight_128x128(w)
-        return (*quant_act_1x128(x), b, sb)
-    if recipe == "dgrad":
-        _, sb, bt = quant_weight_128x128(w, transposed=True)
-        return (*quant_act_1x128(dy), bt, sb.mT)
-    return (*quant_act_128x1_t(dy), *quant_act_128x1_t(x))
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("recipe", ["forward", "dgrad", "wgrad"])
 @pytest.mark.parametrize("M,N,K", [(304, 208, 1008), (144, 384, 272), (4096, 2112, 7168), (1008, 7168, 2048)])
 def test_matches_float64(M, N, K, recipe, monkeypatch):
-    a, sa, b, sb = _operands(M, N, K, recipe)
+    a, sa, b, sb = _gemm_operands(M, N, K, recipe, "cuda")
     ref = fp8_gemm_ref(a, sa, b, sb)
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *s, **k: real_empty(*s, **k).fill_(float("nan")))
@@ -112,8 +97,8 @@ def test_promotes_at_long_k():
     """All-positive operands: unpromoted, the tensor cores' partial sums lose precision as K grows."""
     errors = {}
     for K in (1024, 16384):
-        a, sa = quant_act_1x128(_rand(256, K, seed=11).abs())
-        b, sb, _ = quant_weight_128x128(_rand(256, K, seed=12).abs())
+        a, sa = quant_act_1x128(rand(256, K, seed=11, device="cuda").abs())
+        b, sb, _ = quant_weight_128x128(rand(256, K, seed=12, device="cuda").abs())
         out = fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, out_dtype=torch.float32)
         ref = fp8_gemm_ref(a, sa, b, sb)
         errors[K] = float((out.double() - ref).norm() / ref.norm())
@@ -125,7 +110,7 @@ def test_promotes_at_long_k():
 @pytest.mark.parametrize("config", fp8_gemm_ws.CONFIGS)
 @pytest.mark.parametrize("M,N,K", [(130, 384, 272), (1000, 2112, 128), (4096, 7168, 2048)])
 def test_every_config_matches_float64(M, N, K, config):
-    a, sa, b, sb = _operands(M, N, K, "forward")
+    a, sa, b, sb = _gemm_operands(M, N, K, "forward", "cuda")
     ref = fp8_gemm_ref(a, sa, b, sb)
     out = fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, out_dtype=torch.float32, config=config)
     err = float((out.double() - ref).norm() / ref.norm())
@@ -151,7 +136,7 @@ def test_dispatch_refuses_gluon_where_it_does_not_apply():
 def test_auto_dispatch_considers_gluon():
     from kernels.fp8_gemm import _BACKEND_CACHE, chosen_backend, fp8_gemm
 
-    a, sa, b, sb = _operands(4096, 7168, 2048, "forward")
+    a, sa, b, sb = _gemm_operands(4096, 7168, 2048, "forward", "cuda")
     assert torch.equal(fp8_gemm(a, sa, b, sb, backend="gluon"), fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb))
     assert chosen_backend(a, sa, b, sb) in ("triton", "gluon", "torch")
     assert len(_BACKEND_CACHE) >= 1
