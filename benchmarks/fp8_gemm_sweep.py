@@ -41,6 +41,9 @@ SWEEP = [  # (BLOCK_M, BLOCK_N, warps, stages, FLATTEN, WARP_SPECIALIZE, DEFER, 
 ]
 
 
+WIDE = (256, 3, 16)  # the Gluon kernel with two 128-column pieces per tile
+
+
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
@@ -77,10 +80,10 @@ def dense_sweep() -> list[dict]:
         for cfg in WS_CONFIGS:
             row[f"ws {cfg}"] = attempt(lambda c=cfg: fp8_gemm_ws(a, sa, b, sb, config=c), flops, ref)
         # 256-wide tiles (two 128-column pieces sharing each A tile) spill at 232 registers when promoted
-        row["ws (256, 3, 16)"] = attempt(lambda: fp8_gemm_ws(a, sa, b, sb, config=(256, 3, 16)), flops, ref)
+        row[f"ws {WIDE}"] = attempt(lambda: fp8_gemm_ws(a, sa, b, sb, config=WIDE), flops, ref)
         # the same data flow with no promotion and no scales (a different product): its upper bound
         unscaled = a.double() @ b.double().t()
-        for cfg in (WS_CONFIGS[0], (256, 3, 16)):
+        for cfg in (WS_CONFIGS[0], WIDE):
             row[f"ws {cfg} unpromoted"] = attempt(lambda c=cfg: fp8_gemm_ws(a, sa, b, sb, config=c, promote=False),
                                                    flops, unscaled)
         for cfg in SWEEP:

@@ -2,9 +2,9 @@
 
     python benchmarks/kernels_bench.py --out docs/kernels-results.md
 
-Shapes are DeepSeek-V3's (reference §11.4, M = 4096 dense rows). "Ours" for dense GEMMs is the warp-specialised
-Gluon kernel (``kernels/fp8_gemm_ws.py``) and the
-persistent TMA kernel (``kernels/fp8_gemm_tma.py``) wherever TMA can read the operands. Baselines are measured in the
+Shapes are DeepSeek-V3's (reference §11.4, M = 4096 dense rows). "Ours" for dense GEMMs is the
+persistent TMA kernel (``kernels/fp8_gemm_tma.py``) wherever TMA can read the operands, and the
+warp-specialised Gluon kernel (``kernels/fp8_gemm_ws.py``) where it applies. Baselines are measured in the
 same run: ``torch._scaled_mm`` with 1×128 / 128×128 block scales, BF16 ``torch.matmul`` and BF16
 ``torch._grouped_mm``. TFLOPS count 2·M·N·K; relative error is ‖out − ref‖ / ‖ref‖ against float64
 on the same (dequantised) inputs. Times are medians of ``triton.testing.do_bench`` on random data.

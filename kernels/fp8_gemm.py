@@ -23,7 +23,7 @@ import torch
 
 from .fp8_gemm_tma import fp8_gemm_tma
 from .fp8_gemm_ws import HAVE_GLUON, fp8_gemm_ws
-from .fp8_quant import cast_for_store, quant_act_1x128, quant_weight_128x128
+from .fp8_quant import cast_for_store, quant_act_1x128, quant_weight_128x128, row_scaled
 from .triton_compat import INTERPRET, tl, triton
 
 TILE = 128
@@ -243,7 +243,7 @@ def fp8_gemm_gluon(a, a_scale, b, b_scale, out_dtype):
     """The warp-specialised Gluon kernel (``fp8_gemm_ws.py``) where TMA reads the operands and B has
     128x128 block scales; ValueError elsewhere (1x128-row B runs at a third of cuBLAS's speed there,
     docs/kernels-sweep.md), so the auto dispatch drops it."""
-    if not HAVE_GLUON or INTERPRET or not tma_eligible(a, b) or b_scale.shape[0] == b.shape[0] > 1:
+    if not HAVE_GLUON or INTERPRET or not tma_eligible(a, b) or row_scaled(b.shape[0], b_scale):
         raise ValueError("the Gluon kernel needs Hopper, TMA-readable operands and 128x128 weight scales")
     return fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype)
 
@@ -263,7 +263,7 @@ def fp8_gemm_torch(a, a_scale, b, b_scale, out_dtype, out=None):
     ``out``: a contiguous (M, N) tensor to write into (saves a copy when filling slices of a larger one).
     """
     sa = a_scale.t().contiguous().t()  # (M, K/128), M-major
-    row_scales = b_scale.shape[0] == b.shape[0]
+    row_scales = row_scaled(b.shape[0], b_scale)
     k_blocks = a_scale.shape[1]
     if not scaled_mm_reliable(b.shape[0], k_blocks):
         raise ValueError(f"torch._scaled_mm block scaling is unreliable for K/128={k_blocks} (not a multiple of 4)")

@@ -18,6 +18,7 @@ stay in ``fp8_gemm.py``; ``fp8_gemm(..., backend="auto")`` times this kernel aga
 
 import torch
 
+from .fp8_quant import row_scaled
 from .triton_compat import INTERPRET, INTERPRET_C, tl, triton
 
 TILE = 128
@@ -114,7 +115,7 @@ def fp8_gemm_tma(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None) 
     block_m, block_n, warps, stages, flatten, ws, defer, group_m, per_sm = config or CONFIGS[0]
     if INTERPRET:
         block_m, block_n, warps, stages = min(block_m, 32), min(block_n, 32), 4, 1
-    sb_div = TILE if b_scale.shape[0] != N or N == 1 else 1
+    sb_div = 1 if row_scaled(N, b_scale) else TILE
     # TMA rows must be 16-byte aligned: a ragged N gets a padded row pitch (the view hides it)
     pitch = triton.cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
     c = torch.empty((M, pitch), dtype=out_dtype, device=a.device)[:, :N]

@@ -27,6 +27,7 @@ read its PTX, ptxas report and SASS.
 
 import torch
 
+from .fp8_quant import row_scaled
 from .triton_compat import INTERPRET, triton
 
 try:
@@ -205,11 +206,11 @@ def _blocks(block_n: int) -> dict[str, list[int]]:
     return {"a_desc": [2 * ROWS_PER_WARPGROUP, TILE], "b_desc": [block_n, TILE], "c_desc": [ROWS_PER_WARPGROUP, TILE]}
 
 
-def _constexprs(config, row_scaled: bool, promote: bool) -> dict:
+def _constexprs(config, rows: bool, promote: bool) -> dict:
     block_n, stages, group_m = config
-    if block_n not in (TILE, 2 * TILE) or (row_scaled and block_n != TILE):
+    if block_n not in (TILE, 2 * TILE) or (rows and block_n != TILE):
         raise ValueError(f"config={config}: BLOCK_N must be 128, or 256 with 128x128 weight scales")
-    return {"ROW_SCALED_B": row_scaled, "PROMOTE": promote, "BLOCK_N": block_n, "GROUP_M": group_m, "STAGES": stages}
+    return {"ROW_SCALED_B": rows, "PROMOTE": promote, "BLOCK_N": block_n, "GROUP_M": group_m, "STAGES": stages}
 
 
 def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, promote: bool = True) -> torch.Tensor:
@@ -228,7 +229,7 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
         raise ValueError(f"TMA needs K-contiguous operands with K % 16 == 0, got K={K} "
                          f"a.stride={a.stride()} b.stride={b.stride()}")
     config = config or CONFIGS[0]
-    meta = _constexprs(config, row_scaled=b_scale.shape[0] == N and N > 1, promote=promote)
+    meta = _constexprs(config, row_scaled=row_scaled(N, b_scale), promote=promote)
     # TMA rows must be 16-byte aligned: a ragged N gets a padded row pitch (the view hides it)
     pitch = triton.cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
     c = torch.empty((M, pitch), dtype=out_dtype, device=a.device)[:, :N]
@@ -247,14 +248,14 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
     return c
 
 
-def compile_offline(config=None, row_scaled=False, out_dtype=torch.bfloat16, promote: bool = True,
+def compile_offline(config=None, rows=False, out_dtype=torch.bfloat16, promote: bool = True,
                     capability: int = 90):
     """Compile the kernel for ``sm_{capability}`` without a GPU and return Triton's compiled kernel
     (its ``.asm["ptx"]``; register counts need ptxas, which the tests run on it)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    meta = _constexprs(config or CONFIGS[0], row_scaled, promote)
+    meta = _constexprs(config or CONFIGS[0], rows, promote)
     names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
     dtypes = {"a_desc": torch.float8_e4m3fn, "b_desc": torch.float8_e4m3fn, "c_desc": out_dtype}
     signature = {}

@@ -262,3 +262,8 @@ def benchmark(M: int = 4096, K: int = 7168) -> dict[str, float]:
         ms = triton.testing.do_bench(lambda: fn(x), return_mode="median")
         results[name] = (gbytes + extra) / (ms * 1e-3)
     return results
+
+
+def row_scaled(n: int, b_scale: torch.Tensor) -> bool:
+    """Whether B's scales are 1x128 rows ``(N, K/128)`` rather than 128x128 blocks (the same shape at N = 1)."""
+    return b_scale.shape[-2] == n and n > 1

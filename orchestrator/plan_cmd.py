@@ -78,9 +78,10 @@ def _tables(calibration: Path | None, cost_tables: str | None, gpu_name: str) ->
     if calibration is not None and cost_tables is not None:
         raise InputError(f"--calibration {calibration} and --cost-tables {cost_tables}: give one cost-table source, not both")
     if cost_tables is not None:
-        if cost_tables not in NAMED_TABLES:
-            raise InputError(f"--cost-tables {cost_tables!r}: unknown (choose {', '.join(NAMED_TABLES)})")
-        return named_tables(cost_tables, gpu_name)
+        try:
+            return named_tables(cost_tables, gpu_name)
+        except ValueError as exc:
+            raise InputError(f"--cost-tables {cost_tables!r}: unknown (choose {', '.join(NAMED_TABLES)})") from exc
     if calibration is None:
         return None
     try:

@@ -47,7 +47,7 @@ def _sass(ptx: str, tmp_path: Path) -> tuple[str, str]:
 @pytest.mark.parametrize("config", fp8_gemm_ws.CONFIGS[:2])
 @pytest.mark.parametrize("row_scaled,out_dtype", [(False, torch.bfloat16), (True, torch.float32)])
 def test_compiles_for_hopper_without_spills(tmp_path, row_scaled, out_dtype, config):
-    kernel = fp8_gemm_ws.compile_offline(config=config, row_scaled=row_scaled, out_dtype=out_dtype)
+    kernel = fp8_gemm_ws.compile_offline(config=config, rows=row_scaled, out_dtype=out_dtype)
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx
     assert "setmaxnreg" in ptx, "no register split between the math warpgroups and the TMA warp"
