@@ -47,7 +47,10 @@ class Gate(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> Routing:
-        logits = F.linear(x.float(), self.weight)  # (N, E)
+        return self.route(F.linear(x.float(), self.weight))  # logits (N, E)
+
+    def route(self, logits: torch.Tensor) -> Routing:
+        """Scores, top-k selection and weights from the FP32 logits (N, E): the router's memory-bound part."""
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.topk_method != "greedy" and self.n_group > 1:

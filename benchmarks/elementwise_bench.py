@@ -1,0 +1,181 @@
+"""Memory-bound kernels of one DeepSeek-V3 layer at their real shapes: achieved bytes/s and fraction of HBM.
+
+    python benchmarks/elementwise_bench.py    # CUDA: simulator/costs/data/h200-elementwise.json, docs/elementwise-results.md
+    python benchmarks/elementwise_bench.py --device cpu --small --out /tmp/ew.json --md /tmp/ew.md   # smoke run
+
+Every kernel class of ``simulator.costs.elementwise`` (RMSNorms, latent norms, residual adds, RoPE,
+FP8 casts, SwiGLU, router, permute, combine, embedding, cross-entropy) runs at V3's shapes with 4096
+tokens per micro-batch, through the implementation the cost tables take for it (and, beside it, the
+alternative; ``benchmarks/elementwise_cases.py``). Bytes are the class's *ideal* bytes as the
+simulator counts them (``layer_bytes_per_token`` / ``end_bytes_per_token`` times the tokens: every
+input read once, every output written once), so ``hbm_frac`` = bytes / seconds / the GPU's datasheet
+HBM bandwidth (the H200 preset, 4.8 TB/s) is the number ``CostTables.memory_fracs`` prices the
+class's bytes at. Forward and backward are timed apart (backward on one kept autograd graph).
+Times: median of ``--reps`` runs after warm-up, each after a 256 MiB read that flushes the L2, by
+CUDA events (the L2 is evicted by reading the buffer, so no dirty line is written back inside the
+timed kernel). Triton kernels are skipped, with the reason recorded, where no CUDA GPU runs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from elementwise_cases import CASES, Case  # noqa: E402
+from kernels.triton_compat import HAVE_TRITON  # noqa: E402
+from simulator.atomic_write import write_atomic  # noqa: E402
+from simulator.costs.elementwise import KernelBytes, end_bytes_per_token, layer_bytes_per_token  # noqa: E402
+from simulator.presets.clusters import h200_gpu  # noqa: E402
+from simulator.presets.models import deepseek_v3, tiny_moe  # noqa: E402
+from simulator.spec.model import ModelSpec  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+DEFAULT_JSON = Path("simulator/costs/data/h200-elementwise.json")
+DEFAULT_MD = Path("docs/elementwise-results.md")
+TOKENS, SMALL_TOKENS = 4096, 64
+FLUSH_BYTES = 256 * 2**20  # above the H200's 50 MiB L2
+
+
+def median_s(fn, device: torch.device, reps: int, warmup: int = 5) -> float:
+    """Median seconds of ``fn()``: CUDA events around each call, the L2 flushed before it; else wall clock."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    # A read, not a write, evicts the L2: written lines would be written back during the timed kernel.
+    flush = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    torch.cuda.synchronize()
+    for start, end in events:
+        flush.max()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e-3 for s, e in events)
+
+
+def class_bytes(spec: ModelSpec) -> dict[str, KernelBytes]:
+    """Ideal bytes per token of every class, an FP8 MoE layer with uniform routing (k rows per token)."""
+    return layer_bytes_per_token(spec, True, "fp8", spec.num_experts_per_tok) | end_bytes_per_token(spec)
+
+
+def _pass(nbytes: float, seconds: float, hbm_bytes_per_s: float) -> dict:
+    rate = nbytes / seconds
+    return {"bytes": nbytes, "s": seconds, "bytes_per_s": rate, "hbm_frac": rate / hbm_bytes_per_s}
+
+
+def measure(case: Case, spec: ModelSpec, tokens: int, device: torch.device, reps: int, hbm_bytes_per_s: float) -> dict:
+    """One case's entry: ideal bytes, median seconds, bytes/s and HBM fraction, forward and backward."""
+    entry = {"kernel": case.kernel, "implementation": case.implementation, "in_table": case.in_table,
+             "shape": case.shape(spec, tokens), "fwd": None, "bwd": None, "skipped": None}
+    if case.needs_triton and (device.type != "cuda" or not HAVE_TRITON):
+        entry["skipped"] = f"Triton kernel: needs a CUDA GPU and the triton package (device {device.type})"
+        return entry
+    per_token = class_bytes(spec)[case.kernel]
+    fwd, bwd = case.build(spec, tokens, device)
+    entry["fwd"] = _pass(per_token.fwd_bytes * tokens, median_s(fwd, device, reps), hbm_bytes_per_s)
+    if bwd is not None and per_token.bwd_bytes > 0:
+        entry["bwd"] = _pass(per_token.bwd_bytes * tokens, median_s(bwd, device, reps), hbm_bytes_per_s)
+    return entry
+
+
+def _cell(p: dict | None) -> str:
+    if p is None:
+        return "| — | — | — | — "
+    return f"| {p['bytes'] / 1e6:,.1f} | {p['s'] * 1e6:,.1f} | {p['bytes_per_s'] / 1e12:.2f} | {p['hbm_frac']:.1%} "
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Memory-bound kernels of one DeepSeek-V3 layer",
+        "",
+        f"`{result['command']}` on {result['device']} ({result['date']}; torch {result['torch']}, triton "
+        f"{result['triton']}), {result['tokens']} tokens per micro-batch. Bytes are each class's ideal bytes as "
+        "`simulator/costs/elementwise.py` counts them (inputs read once, outputs written once); HBM % is of "
+        f"{result['hbm_bytes_per_s'] / 1e12:.1f} TB/s ({result['hbm_source']}). Rows marked *table* are what "
+        f"the cost tables take (`{result['out']}`); the others are measured beside them.",
+        "",
+        "| class | implementation | table | shape | fwd MB | fwd us | fwd TB/s | fwd HBM | bwd MB | bwd us | bwd TB/s "
+        "| bwd HBM |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in result["kernels"]:
+        if e["skipped"]:
+            lines.append(f"| {e['kernel']} | {e['implementation']} | {'table' if e['in_table'] else ''} | {e['shape']} "
+                         f"| skipped: {e['skipped']} |||||||")
+            continue
+        lines.append(f"| {e['kernel']} | {e['implementation']} | {'table' if e['in_table'] else ''} | {e['shape']} "
+                     f"{_cell(e['fwd'])}{_cell(e['bwd'])}|")
+    return "\n".join(lines) + "\n"
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / DEFAULT_JSON)
+    parser.add_argument("--md", type=Path, default=ROOT / DEFAULT_MD)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--small", action="store_true", help=f"tiny model (tiny_moe) and {SMALL_TOKENS} tokens")
+    parser.add_argument("--reps", type=int, default=None, help="timed runs per pass (default 100 on CUDA, 3 on CPU)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (for a smoke run: --device cpu --small --out ... --md ...)")
+    if args.device == "cpu" and (args.out.resolve() == (ROOT / DEFAULT_JSON).resolve()
+                                 or args.md.resolve() == (ROOT / DEFAULT_MD).resolve()):
+        parser.error(f"--device cpu writes no measurement to {DEFAULT_JSON} or {DEFAULT_MD}: give --out and --md")
+    device = torch.device(args.device)
+    spec, tokens = (tiny_moe(), SMALL_TOKENS) if args.small else (deepseek_v3(), TOKENS)
+    reps = args.reps or (100 if device.type == "cuda" else 3)
+    gpu = h200_gpu()
+    torch.manual_seed(0)
+    entries = []
+    for case in CASES:
+        entries.append(measure(case, spec, tokens, device, reps, gpu.hbm_bytes_per_s))
+        log.info(json.dumps(entries[-1]))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    argv = " ".join(sys.argv[1:])
+    result = {
+        "what": "memory-bound kernel classes of one DeepSeek-V3 layer (simulator/costs/elementwise.py): ideal bytes, "
+                "median seconds, bytes/s and fraction of the datasheet HBM bandwidth, forward and backward",
+        "command": f"python benchmarks/elementwise_bench.py{' ' + argv if argv else ''}",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__ if HAVE_TRITON else None,
+        "model": spec.name, "tokens": tokens, "reps": reps,
+        "hbm_bytes_per_s": gpu.hbm_bytes_per_s, "hbm_source": f"simulator.presets.clusters.h200_gpu ({gpu.name} datasheet)",
+        "out": _shown(args.out),
+        "kernels": entries,
+    }
+    write_atomic(args.out, json.dumps(result, indent=1) + "\n")
+    write_atomic(args.md, markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The memory-bound kernels of one DeepSeek-V3 layer and of its two ends, as cases for elementwise_bench.py.
+
+Each case is one kernel class of ``simulator.costs.elementwise`` run by one implementation at the
+class's real per-layer shape (every instance the layer has, e.g. both RMSNorms), built on demand so
+only one case's tensors live at a time. ``in_table`` marks the implementation the cost tables take
+for the class; the others are recorded beside it for comparison (the eager code in ``model/`` where
+``kernels/`` has a fused kernel, or the reverse).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t
+from kernels.moe_permute import MoEUnpermute, make_dispatch_plan, moe_permute, moe_unpermute
+from kernels.swiglu import swiglu, swiglu_backward
+from model.fp8 import quantize_tiles
+from model.gate import Gate
+from model.losses import cross_entropy
+from model.norm import RMSNorm
+from model.rope import RotaryEmbedding, apply_rotary
+from simulator.spec.model import ModelSpec
+
+Thunk = Callable[[], object]
+BF16 = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Case:
+    """``build(spec, tokens, device)`` returns (forward, backward or None) thunks on fresh tensors."""
+
+    kernel: str
+    implementation: str
+    in_table: bool
+    needs_triton: bool
+    shape: Callable[[ModelSpec, int], str]
+    build: Callable[[ModelSpec, int, torch.device], tuple[Thunk, Thunk | None]]
+
+
+def _rand(device, *shape, dtype=BF16, grad=False) -> torch.Tensor:
+    return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
+
+
+def _autograd(run: Callable[[], tuple[list[torch.Tensor], list[torch.Tensor]]]) -> tuple[Thunk, Thunk]:
+    """Forward = ``run()`` (outputs, inputs needing gradients); backward = autograd on one kept graph."""
+    outs, ins = run()
+    grads = [torch.randn_like(o) for o in outs]
+    return run, lambda: torch.autograd.grad(outs, ins, grads, retain_graph=True)
+
+
+def _rows_k(m: ModelSpec) -> int:
+    return m.num_experts_per_tok  # routed rows per token, uniform routing
+
+
+# ----------------------------------------------------------------------------- norms, adds, RoPE
+
+
+def _norms(widths: Callable[[ModelSpec], list[tuple[int, int]]], module: bool):
+    """RMSNorms of (width, row stride) inputs: F.rms_norm, or model.norm.RMSNorm when ``module``."""
+    def build(m: ModelSpec, t: int, dev):
+        xs = [_rand(dev, t, stride)[:, :w].detach().requires_grad_() for w, stride in widths(m)]  # split views
+        norms = [RMSNorm(x.shape[1], m.rms_norm_eps, BF16).to(dev) for x in xs]
+
+        def run():
+            outs = [n(x) if module else F.rms_norm(x, (x.shape[1],), n.weight, m.rms_norm_eps) for n, x in zip(norms, xs)]
+            return outs, xs + [n.weight for n in norms]
+        return _autograd(run)
+    return build
+
+
+def _hidden_widths(m: ModelSpec) -> list[tuple[int, int]]:
+    return [(m.hidden_size, m.hidden_size)] * 2
+
+
+def _latent_widths(m: ModelSpec) -> list[tuple[int, int]]:
+    # q_a_layernorm on q_a_proj's output; kv_a_layernorm on the latent part of kv_a_proj_with_mqa's
+    q = [(m.q_lora_rank, m.q_lora_rank)] if m.q_lora_rank else []
+    return q + [(m.kv_lora_rank, m.kv_lora_rank + m.qk_rope_head_dim)]
+
+
+def _residual_add(m: ModelSpec, t: int, dev):
+    a, b = [_rand(dev, 2, t, m.hidden_size) for _ in range(2)]
+    fwd = lambda: (a[0] + b[0], a[1] + b[1])  # noqa: E731  (the two residual adds of a layer)
+    return fwd, fwd  # backward: the same sums, of the gradients where x forks into branch and skip
+
+
+def _rope(m: ModelSpec, t: int, dev):
+    nope, r, heads = m.qk_nope_head_dim, m.qk_rope_head_dim, m.num_attention_heads
+    q_rope = _rand(dev, 1, t, heads, nope + r)[..., nope:].detach().requires_grad_()  # (B, T, H, R) view of q
+    k_rope = _rand(dev, 1, t, m.kv_lora_rank + r)[..., m.kv_lora_rank:].unsqueeze(2).detach().requires_grad_()
+    cos, sin = RotaryEmbedding(m)(torch.arange(t, device=dev))
+    return _autograd(lambda: ([apply_rotary(q_rope, cos, sin), apply_rotary(k_rope, cos, sin)], [q_rope, k_rope]))
+
+
+# ----------------------------------------------------------------------------- FP8 casts, SwiGLU
+
+
+def _cast_widths(m: ModelSpec) -> list[int]:
+    """Inputs of the FP8 linears whose cast is a kernel of its own (as simulator.costs.elementwise counts)."""
+    return [m.hidden_size, m.hidden_size, m.q_lora_rank or 0, m.kv_lora_rank or 0, m.num_attention_heads * m.v_head_dim]
+
+
+def _fp8_cast(ours: bool):
+    def build(m: ModelSpec, t: int, dev):
+        xs = [_rand(dev, t, w) for w in _cast_widths(m) if w]
+        dys = [torch.randn_like(x) for x in xs]
+        if ours:
+            fwd = lambda: [quant_act_1x128(x) for x in xs]  # noqa: E731
+            bwd = lambda: [(quant_act_1x128(dy), quant_act_128x1_t(x)) for x, dy in zip(xs, dys)]  # noqa: E731
+        else:  # model/linear.py: quantize_tiles of x; in backward of dy, and of dy^T and x^T for Wgrad
+            fwd = lambda: [quantize_tiles(x, 128) for x in xs]  # noqa: E731
+            bwd = lambda: [(quantize_tiles(dy, 128), quantize_tiles(x.t(), 128)) for x, dy in zip(xs, dys)]  # noqa: E731
+        return fwd, bwd
+    return build
+
+
+def _swiglu_rows(m: ModelSpec, t: int) -> int:
+    return t * (_rows_k(m) + m.n_shared_experts)
+
+
+def _swiglu(ours: bool):
+    def build(m: ModelSpec, t: int, dev):
+        h = _rand(dev, _swiglu_rows(m, t), 2 * m.moe_intermediate_size, grad=not ours)
+        if ours:
+            dact = _rand(dev, h.shape[0], m.moe_intermediate_size)
+            return lambda: swiglu(h), lambda: swiglu_backward(h, dact)
+
+        def run():  # model/experts.py
+            gate, up = h.chunk(2, dim=-1)
+            return [F.silu(gate) * up], [h]
+        return _autograd(run)
+    return build
+
+
+# ----------------------------------------------------------------------------- router, permute, combine
+
+
+def _routing(m: ModelSpec, t: int, dev) -> torch.Tensor:
+    """Uniform top-k expert ids (T, k), int64."""
+    return torch.rand(t, m.n_routed_experts, device=dev).topk(_rows_k(m), dim=-1).indices
+
+
+def _router(m: ModelSpec, t: int, dev):
+    gate = Gate(m).to(dev)
+    logits = _rand(dev, t, m.n_routed_experts, dtype=torch.float32, grad=True)
+    return _autograd(lambda: ([gate.route(logits).weights], [logits]))
+
+
+def _permute(ours: bool):
+    def build(m: ModelSpec, t: int, dev):
+        ids = _routing(m, t, dev)
+        if ours:
+            plan = make_dispatch_plan(ids, m.n_routed_experts)
+            x = _rand(dev, t, m.hidden_size)
+            g = _rand(dev, plan.num_rows, m.hidden_size)
+            return lambda: moe_permute(x, plan), lambda: moe_unpermute(g, plan)  # MoEPermute's forward, backward
+        x = _rand(dev, t, m.hidden_size, grad=True)
+        token_of = torch.argsort(ids.reshape(-1), stable=True) // ids.shape[1]
+        return _autograd(lambda: ([x[token_of]], [x]))  # model/experts.py
+    return build
+
+
+def _combine(ours: bool):
+    def build(m: ModelSpec, t: int, dev):
+        ids, k, h = _routing(m, t, dev), _rows_k(m), m.hidden_size
+        w = torch.rand(t, k, device=dev, requires_grad=True)
+        if ours:
+            plan = make_dispatch_plan(ids, m.n_routed_experts)
+            y = _rand(dev, plan.num_rows, h, grad=True)
+            return _autograd(lambda: ([MoEUnpermute.apply(y, w, plan)], [y, w]))
+        order = torch.argsort(ids.reshape(-1), stable=True)
+        token_of = order // k
+        y = _rand(dev, t * k, h, grad=True)
+
+        def run():  # model/experts.py
+            rows = (y.float() * w.reshape(-1)[order, None]).to(BF16)
+            return [y.new_zeros(t, h).index_add(0, token_of, rows)], [y, w]
+        return _autograd(run)
+    return build
+
+
+# ----------------------------------------------------------------------------- the two ends
+
+
+def _embedding(m: ModelSpec, t: int, dev):
+    table = _rand(dev, m.vocab_size, m.hidden_size)
+    ids = torch.randint(0, m.vocab_size, (1, t), device=dev)
+    return lambda: F.embedding(ids, table), None
+
+
+def _cross_entropy(upcast: bool):
+    def build(m: ModelSpec, t: int, dev):
+        logits = _rand(dev, 1, t, m.vocab_size, grad=True)
+        targets = torch.randint(0, m.vocab_size, (1, t), device=dev)
+        loss = (lambda: cross_entropy(logits, targets)) if upcast else \
+            (lambda: F.cross_entropy(logits.flatten(0, 1), targets.flatten()))
+        out = loss()
+        return loss, lambda: torch.autograd.grad(out, logits, retain_graph=True)
+    return build
+
+
+def _rows(n: Callable[[ModelSpec, int], int], width: Callable[[ModelSpec], object]) -> Callable[[ModelSpec, int], str]:
+    return lambda m, t: f"{n(m, t)} x {width(m)}"
+
+
+CASES = (
+    Case("rms_norm", "torch.nn.functional.rms_norm", True, False,
+         _rows(lambda m, t: t, lambda m: f"{m.hidden_size}, 2 norms"), _norms(_hidden_widths, module=False)),
+    Case("rms_norm", "model.norm.RMSNorm (eager, FP32 statistics)", False, False,
+         _rows(lambda m, t: t, lambda m: f"{m.hidden_size}, 2 norms"), _norms(_hidden_widths, module=True)),
+    Case("latent_norm", "torch.nn.functional.rms_norm", True, False,
+         _rows(lambda m, t: t, lambda m: f"{m.q_lora_rank} and {m.kv_lora_rank} (a view of {m.kv_lora_rank + m.qk_rope_head_dim})"),
+         _norms(_latent_widths, module=False)),
+    Case("latent_norm", "model.norm.RMSNorm (eager, FP32 statistics)", False, False,
+         _rows(lambda m, t: t, lambda m: f"{m.q_lora_rank} and {m.kv_lora_rank}"), _norms(_latent_widths, module=True)),
+    Case("residual_add", "torch.add", True, False, _rows(lambda m, t: t, lambda m: f"{m.hidden_size}, 2 adds"), _residual_add),
+    Case("rope", "model.rope.apply_rotary (eager)", True, False,
+         _rows(lambda m, t: t, lambda m: f"({m.num_attention_heads} + 1) x {m.qk_rope_head_dim}"), _rope),
+    Case("fp8_cast", "kernels.fp8_quant.quant_act_1x128 (bwd: + quant_act_128x1_t)", True, True,
+         _rows(lambda m, t: t, lambda m: " + ".join(str(w) for w in _cast_widths(m) if w)), _fp8_cast(ours=True)),
+    Case("fp8_cast", "model.fp8.quantize_tiles (eager)", False, False,
+         _rows(lambda m, t: t, lambda m: " + ".join(str(w) for w in _cast_widths(m) if w)), _fp8_cast(ours=False)),
+    Case("swiglu", "kernels.swiglu.swiglu / swiglu_backward", True, True,
+         _rows(_swiglu_rows, lambda m: 2 * m.moe_intermediate_size), _swiglu(ours=True)),
+    Case("swiglu", "F.silu(gate) * up (eager, model/experts.py)", False, False,
+         _rows(_swiglu_rows, lambda m: 2 * m.moe_intermediate_size), _swiglu(ours=False)),
+    Case("router", "model.gate.Gate.route (sigmoid, group limit, top-k; FP32)", True, False,
+         _rows(lambda m, t: t, lambda m: m.n_routed_experts), _router),
+    Case("permute", "kernels.moe_permute.moe_permute (bwd: moe_unpermute)", True, True,
+         _rows(lambda m, t: t, lambda m: f"{m.hidden_size} -> {_rows_k(m)} copies"), _permute(ours=True)),
+    Case("permute", "x[token_of] (eager, model/experts.py)", False, False,
+         _rows(lambda m, t: t, lambda m: f"{m.hidden_size} -> {_rows_k(m)} copies"), _permute(ours=False)),
+    Case("combine", "kernels.moe_permute.MoEUnpermute", True, True,
+         _rows(lambda m, t: t, lambda m: f"{_rows_k(m)} rows of {m.hidden_size} -> 1"), _combine(ours=True)),
+    Case("combine", "weights then index_add (eager, model/experts.py)", False, False,
+         _rows(lambda m, t: t, lambda m: f"{_rows_k(m)} rows of {m.hidden_size} -> 1"), _combine(ours=False)),
+    Case("embedding", "torch.nn.functional.embedding", True, False,
+         _rows(lambda m, t: t, lambda m: f"{m.hidden_size} from {m.vocab_size}"), _embedding),
+    Case("cross_entropy", "model.losses.cross_entropy (F.cross_entropy of the logits in FP32)", True, False,
+         _rows(lambda m, t: t, lambda m: m.vocab_size), _cross_entropy(upcast=True)),
+    Case("cross_entropy", "F.cross_entropy of the BF16 logits", False, False,
+         _rows(lambda m, t: t, lambda m: m.vocab_size), _cross_entropy(upcast=False)),
+)
