@@ -66,9 +66,11 @@ def attention_s(tables: CostTables, gpu: GpuSpec, fwd_flops: float, backward: bo
     return max(3.0 * fwd_flops / (peak * fwd_bwd_frac) - fwd_s, 2.0 * fwd_flops / peak)
 
 
-def memory_s(tables: CostTables, gpu: GpuSpec, nbytes: float) -> float:
-    """A memory-bound kernel moving ``nbytes`` through HBM."""
-    return nbytes / (gpu.hbm_bytes_per_s * tables.memory_frac)
+def memory_s(tables: CostTables, gpu: GpuSpec, nbytes: float, kernel: str | None = None, backward: bool = False) -> float:
+    """A memory-bound kernel of class ``kernel`` (``simulator.costs.elementwise``; None = unclassed) moving
+    ``nbytes`` (its ideal bytes) through HBM, at the class's forward or backward fraction of the datasheet."""
+    fwd_frac, bwd_frac = tables.memory_fracs(kernel)
+    return nbytes / (gpu.hbm_bytes_per_s * (bwd_frac if backward else fwd_frac))
 
 
 def transfer_s(tables: CostTables, nbytes: float, bytes_per_s: float) -> float:

@@ -30,6 +30,11 @@ Sources:
   figures, whose FLOP convention is not recorded: [AT]'s forward at 4K reproduces [A]'s (592 vs 591
   TFLOPS), but its forward + backward is 381 TFLOPS at 3x where [A] says 440, which is what 381
   becomes at 3.5x (backward counted as 2.5 forwards). Read at 3x, [A] overstated the backward's speed.
+- [EW] ``simulator/costs/data/h200-elementwise.json`` (``benchmarks/elementwise_bench.py``), when the
+  package has it: each memory-bound kernel class of a V3 layer (``simulator.costs.elementwise``) timed
+  on one H200 at 4096 tokens, forward and backward, as a fraction of the datasheet HBM bandwidth at the
+  class's ideal bytes. Like [A]'s copy bandwidth (``memory_frac``, the fallback for a class it does not
+  measure), a fraction of the datasheet, so each Hopper part applies it to its own HBM bandwidth.
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from simulator.costs.memory_kernels import MemoryKernelPoint, packaged_memory_kernels
+from simulator.presets.clusters import h200_gpu
 
 Precision = Literal["bf16", "fp8"]
 TFLOPS = 1e12
@@ -82,15 +90,33 @@ class CostTables(BaseModel):
         (), description="Efficiency by sequence length (interpolated in log2 of the length, held flat past the "
                         "ends); empty = the two fractions above at every length.")
     attention_source: str
-    memory_frac: float = Field(..., gt=0, le=1, description="Achievable / datasheet HBM bandwidth.")
+    memory_frac: float = Field(..., gt=0, le=1, description="Achievable / datasheet HBM bandwidth: the fraction "
+                                                            "of every memory-bound kernel class not in memory_kernels.")
     memory_source: str
+    memory_kernels: tuple[MemoryKernelPoint, ...] = Field(
+        (), description="Per kernel class (simulator.costs.elementwise); empty = memory_frac for all.")
     collective_latency_s: float = Field(..., ge=0, description="Fixed cost of one collective or transfer.")
     collective_source: str
     comm_sms: int = Field(20, ge=0, description="SMs reserved for expert all-to-all kernels (TR §3.2.2).")
 
+    @model_validator(mode="after")
+    def _one_point_per_kernel(self) -> CostTables:
+        kernels = [p.kernel for p in self.memory_kernels]
+        dup = next((k for k in kernels if kernels.count(k) > 1), None)
+        if dup is not None:
+            raise ValueError(f"memory_kernels: kernel={dup!r} appears {kernels.count(dup)} times")
+        return self
+
     @classmethod
     def from_file(cls, path: str | Path) -> CostTables:
         return cls.model_validate_json(Path(path).read_text())
+
+    def memory_fracs(self, kernel: str | None) -> tuple[float, float]:
+        """(forward, backward) HBM fraction of a memory-bound kernel class; ``memory_frac`` if unmeasured."""
+        point = next((p for p in self.memory_kernels if p.kernel == kernel), None)
+        if point is None:
+            return self.memory_frac, self.memory_frac
+        return point.fwd_frac, point.bwd_frac if point.bwd_frac is not None else point.fwd_frac
 
     def attention_fracs(self, seq_len: int) -> tuple[float, float]:
         """(forward, forward + backward) efficiency of causal attention over ``seq_len`` keys."""
@@ -256,8 +282,9 @@ def _common(name: str, gemm: list[GemmPoint], bf16_peak_flops_per_s: float) -> C
         attention_fwd_bwd_frac=at_4k.fwd_bwd_frac,
         attention_by_seq=attention,
         attention_source="[AT] h200-attention.json: causal SDPA d192/v128 at 1K-128K tokens (fwd+bwd as 3x fwd)",
-        memory_frac=a["copy_TBps"] * 1e12 / 4.8e12,  # [A] copy bandwidth over the H200's 4.8 TB/s datasheet figure
+        memory_frac=a["copy_TBps"] * 1e12 / h200_gpu().hbm_bytes_per_s,  # [A] copy bandwidth over the H200 datasheet
         memory_source="[A] copy_TBps over the H200 datasheet 4.8 TB/s",
+        memory_kernels=packaged_memory_kernels(),
         collective_latency_s=latency,
         collective_source="[A] a2a busbw at 8 and 256 MiB per rank, 4 GPUs: line intercept",
     )

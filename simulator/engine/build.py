@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from simulator.accounting.context_parallel import cp_tokens, gather_bytes, kv_up_rows
 from simulator.accounting.layout import pipeline_stages, rank_stages
 from simulator.accounting.memory import rank_params
+from simulator.costs.elementwise import OPTIMIZER
 from simulator.costs.kernels import memory_s, ring_s
 from simulator.costs.tables import CostTables, default_tables
 from simulator.engine.expert_traffic import ExpertTraffic, expert_traffic
@@ -111,7 +112,7 @@ def _tails(inputs: PlanInputs, dp: int, tables: CostTables) -> tuple[RankTail, .
                 seconds += tables.collective_latency_s + (p.dense + p.expert) * opt.grad_bytes / cl.node.nic_bytes_per_s
             sync[s] = seconds
             shard += p.dense / (group if par.zero_stage >= 1 else 1) + p.expert / (edp if par.zero_stage >= 1 else 1)
-        tails.append(RankTail(dp_sync_s=sync, optimizer_s=memory_s(tables, cl.gpu, shard * OPTIMIZER_BYTES_PER_PARAM)))
+        tails.append(RankTail(dp_sync_s=sync, optimizer_s=memory_s(tables, cl.gpu, shard * OPTIMIZER_BYTES_PER_PARAM, OPTIMIZER)))
     return tuple(tails)
 
 

@@ -8,8 +8,10 @@ forward, (T x out)(out x in) for dx and (out x T)(T x in) for dw.
 
 Precision ``fp8`` runs every linear layer's GEMMs in FP8 except the router, embedding and output
 head (TR §3.3); attention's core stays BF16 either way. Memory-bound kernels (norms, RoPE,
-residual adds, SwiGLU, FP8 casts, token permutation) are costed by the bytes they move; backward
-moves about twice the forward's bytes.
+residual adds, SwiGLU, FP8 casts, router, token permutation and combine) are costed class by class
+(``simulator.costs.elementwise``): each class's ideal forward and backward bytes at its own
+fraction of HBM bandwidth (``CostTables.memory_fracs``), half of them beside attention, half
+beside the MLP.
 
 Context parallelism (``accounting.context_parallel``): ``tokens`` are the GPU's share of the
 micro-batch, the attention core still sees the whole sequence's keys (so it does 1/cp of the
@@ -24,15 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from simulator.accounting.flops import attention_core_flops
+from simulator.costs.elementwise import KernelBytes, end_bytes_per_token, layer_bytes_per_token
 from simulator.costs.kernels import attention_s, gemm_s, memory_s
 from simulator.costs.tables import CostTables, Precision
 from simulator.engine.expert_traffic import ExpertTraffic
 from simulator.spec.hardware import GpuSpec
 from simulator.spec.model import ModelSpec
 from simulator.spec.parallel import RecomputeKind
-
-BF16 = 2.0
-FP8_CAST_BYTES = 2.0 + 1.0 + 4.0 / 128  # read BF16, write e4m3 and a 1x128 tile scale
 
 
 @dataclass(frozen=True)
@@ -117,25 +117,11 @@ def attention_shapes(m: ModelSpec) -> tuple[list[tuple[int, int]], list[tuple[in
     return [(h, qkv), (heads * m.gqa_head_dim, h)], []
 
 
-def _elementwise_bytes_per_token(m: ModelSpec, moe: bool, precision: Precision, expert_rows_per_token: float) -> float:
-    """Forward bytes moved per token by the memory-bound kernels of one layer."""
-    h = m.hidden_size
-    b = 2 * 4 * BF16 * h  # two RMSNorms: read and write h
-    b += 2 * 3 * BF16 * h  # two residual adds: two reads, one write
-    if m.is_mla:
-        b += 2 * BF16 * ((m.q_lora_rank or 0) + (m.kv_lora_rank or 0))  # latent norms
-        b += 2 * 2 * BF16 * (m.num_attention_heads + 1) * m.qk_rope_head_dim  # RoPE on q and k
-    if precision == "fp8":
-        b += FP8_CAST_BYTES * (2 * h + (m.q_lora_rank or 0) + (m.kv_lora_rank or 0)
-                               + m.num_attention_heads * (m.v_head_dim or m.gqa_head_dim))
-    if not moe:
-        return b + 3 * BF16 * 2 * m.intermediate_size  # SwiGLU: read gate and up, write the product
-    f = m.moe_intermediate_size
-    b += 3 * BF16 * 2 * f * (expert_rows_per_token + m.n_shared_experts)  # SwiGLU
-    b += 4.0 * m.n_routed_experts  # router scores
-    b += expert_rows_per_token * 2 * BF16 * h  # permute before dispatch: gather k copies
-    b += (m.num_experts_per_tok + 1) * BF16 * h  # weighted combine: read k outputs, write one
-    return b
+def _memory_bound_s(ctx: CostContext, per_token: dict[str, KernelBytes]) -> tuple[float, float]:
+    """(forward, backward) seconds of memory-bound kernel classes, each at its own HBM fraction."""
+    t, g, n = ctx.tables, ctx.gpu, ctx.tokens
+    return (sum(memory_s(t, g, n * b.fwd_bytes, kernel) for kernel, b in per_token.items()),
+            sum(memory_s(t, g, n * b.bwd_bytes, kernel, backward=True) for kernel, b in per_token.items()))
 
 
 def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic | None, mtp: bool = False) -> UnitCosts:
@@ -161,7 +147,7 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
         mf, mdx, mdw = _linears(ctx, [(h, 2 * m.intermediate_size), (m.intermediate_size, h)], ctx.precision)
         e_fwd = e_dx = e_dw = 0.0
         rows_per_token = 0.0
-    elementwise = memory_s(ctx.tables, ctx.gpu, ctx.tokens * _elementwise_bytes_per_token(m, moe, ctx.precision, rows_per_token))
+    elementwise, elementwise_bwd = _memory_bound_s(ctx, layer_bytes_per_token(m, moe, ctx.precision, rows_per_token))
     cp = _context_parallel(ctx, m, attn, up, mtp)
     a_fwd, a_dx, a_dw = a_fwd + cp.fwd_s, a_dx + cp.dx_s, a_dw + cp.dw_s
     recompute = {"none": 0.0, "selective": _linears(ctx, up, ctx.precision)[0] + elementwise,
@@ -169,8 +155,8 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
     if ctx.recompute != "full":  # the remote rows' K/V are rebuilt from the re-gathered latent
         recompute += cp.fwd_s
     return UnitCosts(
-        attn_fwd_s=a_fwd + elementwise / 2, attn_dx_s=a_dx + elementwise, attn_dw_s=a_dw,
-        mlp_fwd_s=mf + elementwise / 2, mlp_dx_s=mdx + elementwise, mlp_dw_s=mdw,
+        attn_fwd_s=a_fwd + elementwise / 2, attn_dx_s=a_dx + elementwise_bwd / 2, attn_dw_s=a_dw,
+        mlp_fwd_s=mf + elementwise / 2, mlp_dx_s=mdx + elementwise_bwd / 2, mlp_dw_s=mdw,
         experts_fwd_s=e_fwd, experts_dx_s=e_dx, experts_dw_s=e_dw, recompute_s=recompute,
         dispatch_ib_bytes=traffic.dispatch_ib_bytes if moe and traffic else 0.0,
         dispatch_nvlink_bytes=traffic.dispatch_nvlink_bytes if moe and traffic else 0.0,
@@ -241,8 +227,7 @@ class EndCosts:
 
 def end_costs(ctx: CostContext, m: ModelSpec) -> EndCosts:
     fwd, dx, dw = _linears(ctx, [(m.hidden_size, m.vocab_size)], "bf16")  # head stays BF16 (TR §3.3)
-    loss = memory_s(ctx.tables, ctx.gpu, ctx.tokens * m.vocab_size * (BF16 + 4.0 + BF16))  # softmax-CE fwd+grad
-    return EndCosts(
-        embed_fwd_s=memory_s(ctx.tables, ctx.gpu, ctx.tokens * 2 * BF16 * m.hidden_size),
-        head_fwd_s=fwd + loss / 2, head_dx_s=dx + loss / 2, head_dw_s=dw,
-    )
+    ends = end_bytes_per_token(m)
+    embed_s, _ = _memory_bound_s(ctx, {"embedding": ends["embedding"]})
+    loss_fwd_s, loss_bwd_s = _memory_bound_s(ctx, {"cross_entropy": ends["cross_entropy"]})  # softmax-CE
+    return EndCosts(embed_fwd_s=embed_s, head_fwd_s=fwd + loss_fwd_s, head_dx_s=dx + loss_bwd_s, head_dw_s=dw)

@@ -101,6 +101,27 @@ def test_named_cost_tables_reach_the_plan(tmp_path):
     assert cutlass["cost_tables"] == "hopper-cutlass36-2024" and cutlass["step_time_s"] > default["step_time_s"]
 
 
+def test_calibration_files_with_and_without_memory_kernel_classes(tmp_path):
+    from simulator.costs.tables import default_tables
+
+    args = ["plan", "--model", "deepseek-v2-lite", "--cluster", "h800", "--nodes", "2", "--no-search", "--pp", "2",
+            "--ep", "8", "--schedule", "dualpipe", "--seq-len", "1024", "--global-batch", "64", "--json"]
+    data = default_tables("H800-SXM5").model_dump(mode="json")
+    del data["memory_kernels"]  # a calibration file from before the per-class table
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = json.loads(run(*args, "--calibration", str(tmp_path / "old.json"), "--out", str(tmp_path / "a")).output)
+    slow = data | {"memory_kernels": [{"kernel": "swiglu", "fwd_frac": 0.05, "source": "test"}]}
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    slower = json.loads(run(*args, "--calibration", str(tmp_path / "slow.json"), "--out", str(tmp_path / "b")).output)
+    assert slower["step_time_s"] > old["step_time_s"]
+    bad = data | {"memory_kernels": [{"kernel": "swiglu", "fwd_frac": 2.0, "source": "test"}]}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    res = runner.invoke(app, [*args, "--calibration", str(tmp_path / "bad.json"), "--out", str(tmp_path / "c")])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert f"--calibration {tmp_path / 'bad.json'}: memory_kernels.0.fwd_frac: Input should be less than or equal to 1" in lines[0]
+
+
 def test_plan_with_context_parallelism(tmp_path):
     res = run("plan", "--cp", "2", "--out", str(tmp_path))
     assert res.exit_code == 0, res.output
