@@ -8,27 +8,38 @@ by role, each role its own partition:
 
 * a producer warp streams A (128 x 128) and B (BLOCK_N x 128) tiles through a ring of ``STAGES``
   shared-memory buffers with TMA, each buffer guarded by a ``ready`` barrier (the copy engine
-  completes it) and an ``empty`` barrier (both math warpgroups release it);
+  completes it) and an ``empty`` barrier (both math warpgroups release it). With each K block's
+  operands it brings that block's scales: A's 128 row scales (from an MN-major copy) and the
+  16-byte group of B's block scales that holds the one the tile needs;
 * two math warpgroups own the upper and the lower 64 rows of the output tile. Each issues its
   128-deep MMA, waits for it, releases the buffer and promotes (one FFMA per accumulator element:
   a 128x128 weight block's scale is folded into A's row scales), with no barrier between the two;
 * the grid is persistent (one program per SM, tiles in L2-friendly bands of ``GROUP_M`` row tiles)
   and each warpgroup stores its half of the tile through TMA.
 
-Measured on the H200 (docs/kernels-sweep.md): 1.1x the Triton kernels at long K, but the promotion
-still costs about a quarter: the same data flow without it (``promote=False``, benchmarks only)
-runs at cuBLAS's tensor-wise speed, and with 256-wide tiles above it. Those tiles (``BLOCK_N =
-256``: two 128-column pieces sharing each A tile) need a third 64-register set when promoted and
-spill at the math warpgroups' 232 registers. B's scales may also be 1x128 rows (the weight
-gradient's activation operand: a scale per column), correct but slow. Gluon compiles for Hopper
-only: there is no interpreter path, so the CPU tests compile this kernel for sm_90a offline and
-read its PTX, ptxas report and SASS.
+Measured on the H200 (docs/kernels.md): with the scales read from global memory inside the K step
+(``scales="global"``, the first version) the first MMA of every step waited on that load, and the
+kernel ran ~25% slower at 4096x7168x16384 than with the scales in the stage. What is left of the
+promotion's cost: ~7% for the wait and the FFMAs (``scales="none"``), and ~8% for reading and
+combining the scales, against the same data flow unpromoted (``promote=False``, benchmarks only).
+256-wide tiles (``BLOCK_N = 256``: two 128-column pieces sharing each A tile) need a third
+64-register set when promoted and spill at the math warpgroups' 232 registers. B's scales may
+also be 1x128 rows (the weight gradient's activation operand: a scale per column), correct but
+slow. Gluon compiles for Hopper only: there is no interpreter path, so the CPU tests compile this
+kernel for sm_90a offline and read its PTX, ptxas report and SASS.
 """
+
+import functools
 
 import torch
 
 from .fp8_quant import row_scaled
 from .triton_compat import INTERPRET, triton
+
+try:
+    from triton import knobs
+except ImportError:  # CPU torch without triton
+    knobs = None
 
 try:
     from triton.experimental import gluon
@@ -45,7 +56,7 @@ except ImportError:  # CPU torch without triton, or a triton before Gluon's Hopp
 TILE = 128  # K step and scale block (TR §3.3: N_C = 128)
 ROWS_PER_WARPGROUP = 64  # one wgmma's M
 # (BLOCK_N, STAGES, GROUP_M); the default is the first (docs/kernels-sweep.md)
-CONFIGS = [(128, 5, 16), (128, 4, 16), (128, 5, 8), (128, 6, 12)]
+CONFIGS = [(128, 4, 16), (128, 5, 16), (128, 5, 8), (128, 6, 12)]
 PRODUCER_REGS = 40  # registers per thread the TMA warp keeps; the math warpgroups share the rest
 MATH_REGS = 232
 
@@ -54,8 +65,15 @@ if HAVE_GLUON:
 
     TILE_C = gl.constexpr(TILE)  # globals read inside a kernel must be constexprs
     ROWS_C = gl.constexpr(ROWS_PER_WARPGROUP)
+    SCALES_GLOBAL_C = gl.constexpr(0)
+    SCALES_TMA_C = gl.constexpr(1)
+    SCALES_NONE_C = gl.constexpr(2)
     MATH_REGS_C = gl.constexpr(MATH_REGS)
     PRODUCER_REGS_C = gl.constexpr(PRODUCER_REGS)
+
+    @gluon.jit
+    def _larger(a, b):  # a combine function of our own: gl.max's is an interpreter object in CPU tests
+        return gl.maximum(a, b)
 
     @gluon.jit
     def _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -70,12 +88,17 @@ if HAVE_GLUON:
         return pid_m * BLOCK_M, pid_n * BLOCK_N
 
     @gluon.jit
-    def _producer(a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+    def _producer(a_desc, b_desc, sa_desc, sb_desc, a_smem, b_smem, sa_smem, sb_smem, ready, empty, M, N, K,
+                  sa_pitch, SCALES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  GROUP_M: gl.constexpr, STAGES: gl.constexpr):
         num_pid_m = gl.cdiv(M, BLOCK_M)
         num_pid_n = gl.cdiv(N, BLOCK_N)
         k_steps = gl.cdiv(K, TILE_C)
-        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        if SCALES == SCALES_TMA_C:
+            nbytes: gl.constexpr = (a_desc.block_type.nbytes + b_desc.block_type.nbytes + sa_desc.block_type.nbytes
+                                    + sb_desc.block_type.nbytes)
+        else:
+            nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
         counter = 0
         for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
@@ -86,12 +109,18 @@ if HAVE_GLUON:
                 mbarrier.expect(ready.index(s), nbytes)
                 tma.async_copy_global_to_shared(a_desc, [off_m, ki * TILE_C], ready.index(s), a_smem.index(s))
                 tma.async_copy_global_to_shared(b_desc, [off_n, ki * TILE_C], ready.index(s), b_smem.index(s))
+                if SCALES == SCALES_TMA_C:
+                    # the K block's scales ride with its operands: A's 128 row scales (MN-major, so
+                    # contiguous) and the aligned group of four that holds B's block scale
+                    tma.async_copy_global_to_shared(sa_desc, [ki * sa_pitch + off_m], ready.index(s), sa_smem.index(s))
+                    tma.async_copy_global_to_shared(sb_desc, [off_n // TILE_C, ki // 4 * 4], ready.index(s),
+                                                    sb_smem.index(s))
                 counter += 1
 
     @gluon.jit
-    def _math(c_desc, a_smem, b_smem, c_smem, ready, empty, sa_ptr, sb_ptr, M, N, K,
+    def _math(c_desc, a_smem, b_smem, sa_smem, sb_smem, c_smem, ready, empty, sa_ptr, sb_ptr, M, N, K,
               stride_sam, stride_sak, stride_sbn, stride_sbk, HALF: gl.constexpr, ROW_SCALED_B: gl.constexpr,
-              PROMOTE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              SCALES: gl.constexpr, PROMOTE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               GROUP_M: gl.constexpr, STAGES: gl.constexpr):
         """One math warpgroup: rows HALF*64 .. HALF*64+63 of every output tile, in 128-column pieces
         (BLOCK_N = 256 is two pieces that share one A tile and one B load, for half the B traffic
@@ -103,6 +132,9 @@ if HAVE_GLUON:
                                                          instr_shape=[16, TILE_C, 32])
         row_layout: gl.constexpr = gl.SliceLayout(1, layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, layout)
+        # B's group of four block scales, every thread holding all four (a broadcast read)
+        four_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [4, 1], [1, 0])
+        four = gl.arange(0, 4, layout=gl.SliceLayout(0, four_layout))[None, :]
         num_pid_m = gl.cdiv(M, BLOCK_M)
         num_pid_n = gl.cdiv(N, BLOCK_N)
         k_steps = gl.cdiv(K, TILE_C)
@@ -124,16 +156,21 @@ if HAVE_GLUON:
             acc0 = gl.zeros([ROWS, TILE_C], gl.float32, layout)
             acc1 = gl.zeros([ROWS, TILE_C], gl.float32, layout)  # the second piece (BLOCK_N = 256)
             for ki in range(k_steps):
-                # the scales' loads go out before the wait, so their latency hides behind it (a
-                # column's scales, 32 registers a thread, wait until the MMA has its registers back)
-                sa = gl.load(sa_ptrs + ki * stride_sak, mask=m_mask, other=0.0)
-                if not ROW_SCALED_B:
-                    sb0 = gl.load(sb_ptrs + ki * stride_sbk)
-                    if PIECES == 2:
-                        sb1 = gl.load(sb_ptrs + stride_sbn + ki * stride_sbk, mask=off_n // TILE_C + 1 < n_blocks,
-                                      other=0.0)
+                if SCALES == SCALES_GLOBAL_C:
+                    # the scales' loads go out before the wait (a column's scales, 32 registers a
+                    # thread, wait until the MMA has its registers back)
+                    sa = gl.load(sa_ptrs + ki * stride_sak, mask=m_mask, other=0.0)
+                    if not ROW_SCALED_B:
+                        sb0 = gl.load(sb_ptrs + ki * stride_sbk)
+                        if PIECES == 2:
+                            sb1 = gl.load(sb_ptrs + stride_sbn + ki * stride_sbk,
+                                          mask=off_n // TILE_C + 1 < n_blocks, other=0.0)
                 s = counter % STAGES
                 mbarrier.wait(ready.index(s), (counter // STAGES) & 1)
+                if SCALES == SCALES_TMA_C:  # from the stage: shared-memory latency, not global
+                    sa = sa_smem.index(s).slice(HALF * ROWS, ROWS).load(row_layout)
+                    sb4 = gl.where(four == ki % 4, sb_smem.index(s).slice(0, 1).load(four_layout), 0.0)
+                    sb0 = gl.reduce(gl.reduce(sb4, 1, _larger), 0, _larger)  # within each thread
                 a = a_smem.index(s).slice(HALF * ROWS, ROWS)  # (ROWS, 128), K contiguous
                 b = b_smem.index(s)  # (BLOCK_N, 128); permuted below to K-major (128, 128) pieces
                 if PROMOTE:
@@ -145,6 +182,8 @@ if HAVE_GLUON:
                     if ROW_SCALED_B:
                         sb = gl.load(sb_ptrs + ki * stride_sbk, mask=n_mask, other=0.0)
                         acc0 = partial * (sa[:, None] * sb[None, :]) + acc0
+                    elif SCALES == SCALES_NONE_C:  # promotion without scales (benchmarks only)
+                        acc0 = partial + acc0
                     else:
                         # promotion: the 128-deep partial sum, scaled, into the FP32 accumulator
                         acc0 = partial * (sa * sb0)[:, None] + acc0
@@ -176,9 +215,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _fp8_gemm_ws_kernel(
-        a_desc, b_desc, c_desc, sa_ptr, sb_ptr, M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk,
-        ROW_SCALED_B: gl.constexpr, PROMOTE: gl.constexpr, BLOCK_N: gl.constexpr,
-        GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+        a_desc, b_desc, c_desc, sa_desc, sb_desc, sa_ptr, sb_ptr, M, N, K, stride_sam, stride_sak, stride_sbn,
+        stride_sbk, sa_pitch, ROW_SCALED_B: gl.constexpr, SCALES: gl.constexpr, PROMOTE: gl.constexpr,
+        BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = 2 * ROWS_C
         PIECES: gl.constexpr = BLOCK_N // TILE_C
@@ -186,6 +225,12 @@ if HAVE_GLUON:
         b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, TILE_C], b_desc.layout)
         c0_smem = gl.allocate_shared_memory(c_desc.dtype, [PIECES, ROWS_C, TILE_C], c_desc.layout)
         c1_smem = gl.allocate_shared_memory(c_desc.dtype, [PIECES, ROWS_C, TILE_C], c_desc.layout)
+        if SCALES == SCALES_TMA_C:
+            sa_smem = gl.allocate_shared_memory(sa_desc.dtype, [STAGES, BLOCK_M], sa_desc.layout)
+            sb_smem = gl.allocate_shared_memory(sb_desc.dtype, [STAGES, 8, 4], sb_desc.layout)
+        else:  # placeholders, never read
+            sa_smem = a_smem
+            sb_smem = a_smem
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -193,33 +238,86 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(i), count=2)  # one arrival per math warpgroup
         fence_async_shared()
         gl.warp_specialize([
-            (_math, (c_desc, a_smem, b_smem, c0_smem, ready, empty, sa_ptr, sb_ptr, M, N, K, stride_sam,
-                     stride_sak, stride_sbn, stride_sbk, 0, ROW_SCALED_B, PROMOTE, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
-            (_math, (c_desc, a_smem, b_smem, c1_smem, ready, empty, sa_ptr, sb_ptr, M, N, K, stride_sam,
-                     stride_sak, stride_sbn, stride_sbk, 1, ROW_SCALED_B, PROMOTE, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
-            (_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
+            (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c0_smem, ready, empty, sa_ptr, sb_ptr, M, N, K,
+                     stride_sam, stride_sak, stride_sbn, stride_sbk, 0, ROW_SCALED_B, SCALES, PROMOTE, BLOCK_M,
+                     BLOCK_N, GROUP_M, STAGES)),
+            (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c1_smem, ready, empty, sa_ptr, sb_ptr, M, N, K,
+                     stride_sam, stride_sak, stride_sbn, stride_sbk, 1, ROW_SCALED_B, SCALES, PROMOTE, BLOCK_M,
+                     BLOCK_N, GROUP_M, STAGES)),
+            (_producer, (a_desc, b_desc, sa_desc, sb_desc, a_smem, b_smem, sa_smem, sb_smem, ready, empty, M, N, K,
+                         sa_pitch, SCALES, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
         ], [4, 1], [MATH_REGS_C, PRODUCER_REGS_C])
 
 
 def _blocks(block_n: int) -> dict[str, list[int]]:
-    """TMA box of each descriptor: A and B tiles 128 deep in K, C in 64 x 128 pieces."""
-    return {"a_desc": [2 * ROWS_PER_WARPGROUP, TILE], "b_desc": [block_n, TILE], "c_desc": [ROWS_PER_WARPGROUP, TILE]}
+    """TMA box of each descriptor: A and B tiles 128 deep in K, C in 64 x 128 pieces, one K block's
+    128 A row scales, and the aligned group of four K blocks' scales of B's block row (with the seven
+    rows below it: a TMA destination must start 128-byte aligned, so each stage's box is 128 bytes)."""
+    return {"a_desc": [2 * ROWS_PER_WARPGROUP, TILE], "b_desc": [block_n, TILE], "c_desc": [ROWS_PER_WARPGROUP, TILE],
+            "sa_desc": [2 * ROWS_PER_WARPGROUP], "sb_desc": [8, 4]}
 
 
-def _constexprs(config, rows: bool, promote: bool) -> dict:
+@functools.lru_cache(maxsize=None)
+def _layout(name: str, box: tuple[int, ...], dtype: torch.dtype):
+    """Shared-memory layout of a descriptor's box (cached: Gluon builds one in ~25 us of Python)."""
+    if name in ("sa_desc", "sb_desc"):  # read back as vectors, not by the MMA: no swizzle
+        return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=len(box))
+    return gl.NVMMASharedLayout.get_default_for(list(box), _GL_DTYPES[dtype])
+
+
+# Where the math warpgroups find the scales. "tma": the producer brings each K block's scales into
+# its stage with the operands, so the promotion waits on shared memory only (DeepGEMM does the same
+# for A's). "global": each warpgroup loads them from global memory in the K step that uses them;
+# the first MMA of the step waits on that load (docs/kernels.md measures the difference). The 1x128
+# row scales of the weight gradient's B and the 256-wide tiles take this path. "none" ignores them:
+# the promotion's cost without the scales, a diagnostic for the benchmarks.
+SCALE_PATHS = {"global": 0, "tma": 1, "none": 2}
+
+
+def _constexprs(config, rows: bool, promote: bool, scales: str | None = None) -> dict:
     block_n, stages, group_m = config
     if block_n not in (TILE, 2 * TILE) or (rows and block_n != TILE):
         raise ValueError(f"config={config}: BLOCK_N must be 128, or 256 with 128x128 weight scales")
-    return {"ROW_SCALED_B": rows, "PROMOTE": promote, "BLOCK_N": block_n, "GROUP_M": group_m, "STAGES": stages}
+    scales = scales or ("global" if rows or block_n != TILE else "tma")
+    if scales not in SCALE_PATHS or (scales != "global" and (rows or block_n != TILE)):
+        raise ValueError(f"scales={scales!r}: one of {sorted(SCALE_PATHS)}; 'tma' and 'none' need 128-wide "
+                         "tiles and 128x128 weight scales")
+    return {"ROW_SCALED_B": rows, "SCALES": SCALE_PATHS[scales], "PROMOTE": promote, "BLOCK_N": block_n,
+            "GROUP_M": group_m, "STAGES": stages}
 
 
-def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, promote: bool = True) -> torch.Tensor:
+def tma_scales(a_scale: torch.Tensor, b_scale: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The scales as the producer's TMA reads them: A's (M, k_blocks) flattened K-block-major with a
+    row pitch of M rounded up to 4 (a box must start 16-byte aligned), and B's (n_blocks, k_blocks)
+    with k_blocks rounded up to 4. Free when they are already laid out so (``mn_major`` A scales
+    from the quantiser; k_blocks % 4 == 0)."""
+    M, kb = a_scale.shape
+    if a_scale.stride(0) == 1 and a_scale.stride(1) % 4 == 0 and a_scale.stride(1) >= M:
+        pitch = a_scale.stride(1)
+        sa = a_scale.as_strided((pitch * (kb - 1) + M,), (1,))
+    else:
+        pitch = triton.cdiv(M, 4) * 4
+        buf = torch.empty((kb, pitch), dtype=torch.float32, device=a_scale.device)
+        buf[:, :M].copy_(a_scale.t())
+        sa = buf.view(-1)
+    if b_scale.stride(1) == 1 and b_scale.stride(0) % 4 == 0:
+        sb = b_scale
+    else:
+        nb = b_scale.shape[0]
+        sb = torch.zeros((nb, triton.cdiv(kb, 4) * 4), dtype=torch.float32, device=b_scale.device)[:, :kb]
+        sb.copy_(b_scale)
+    return sa, pitch, sb
+
+
+def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, promote: bool = True,
+                scales: str | None = None) -> torch.Tensor:
     """C (M, N) = (a·a_scale)(b·b_scale)ᵀ on Hopper; a (M, K), b (N, K) E4M3 with K contiguous.
 
     a_scale (M, ceil(K/128)) fp32, any strides; b_scale (ceil(N/128), ceil(K/128)) for 128x128
     blocks or (N, ceil(K/128)) for 1x128 rows. ``config``: one tuple like those in ``CONFIGS``.
     ``promote=False`` ignores the scales and lets the tensor cores accumulate all of K: a different
-    product, the benchmarks' upper bound for this kernel's data flow.
+    product, the benchmarks' upper bound for this kernel's data flow. ``scales``: a key of
+    ``SCALE_PATHS``; by default "tma" where it applies, else "global".
     """
     if not HAVE_GLUON or INTERPRET or not a.is_cuda:
         raise RuntimeError("fp8_gemm_ws needs Triton's Gluon on a Hopper GPU (no interpreter path)")
@@ -229,41 +327,93 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
         raise ValueError(f"TMA needs K-contiguous operands with K % 16 == 0, got K={K} "
                          f"a.stride={a.stride()} b.stride={b.stride()}")
     config = config or CONFIGS[0]
-    meta = _constexprs(config, row_scaled=row_scaled(N, b_scale), promote=promote)
+    meta = _constexprs(config, rows=row_scaled(N, b_scale), promote=promote, scales=scales)
     # TMA rows must be 16-byte aligned: a ragged N gets a padded row pitch (the view hides it)
     pitch = triton.cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
     c = torch.empty((M, pitch), dtype=out_dtype, device=a.device)[:, :N]
-    descs = {name: TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, _GL_DTYPES[t.dtype]))
-             for (name, box), t in zip(_blocks(meta["BLOCK_N"]).items(), (a, b, c))}
+    on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
+    sa, sa_pitch, sb = tma_scales(a_scale, b_scale) if on_tma else (None, 0, None)
+    descs = {name: TensorDescriptor.from_tensor(t, box, _layout(name, tuple(box), t.dtype))
+             for (name, box), t in zip(_blocks(meta["BLOCK_N"]).items(), (a, b, c, sa, sb)) if t is not None}
+    descs.setdefault("sa_desc", descs["a_desc"])  # unread placeholders off the "tma" path
+    descs.setdefault("sb_desc", descs["a_desc"])
     # as many ring stages as shared memory holds beside the output pieces (FP32 output takes twice BF16's)
-    props = torch.cuda.get_device_properties(a.device)
-    smem = getattr(props, "shared_memory_per_block_optin", 232448) - 1024  # barriers and alignment
+    sms, smem = _device_limits(a.device.index if a.device.index is not None else torch.cuda.current_device())
     out_bytes = 2 * ROWS_PER_WARPGROUP * meta["BLOCK_N"] * out_dtype.itemsize
-    meta["STAGES"] = min(meta["STAGES"], (smem - out_bytes) // ((2 * ROWS_PER_WARPGROUP + meta["BLOCK_N"]) * TILE))
+    stage_bytes = (2 * ROWS_PER_WARPGROUP + meta["BLOCK_N"]) * TILE + (4 * (2 * ROWS_PER_WARPGROUP + 32) if on_tma else 0)
+    meta["STAGES"] = min(meta["STAGES"], (smem - out_bytes) // stage_bytes)
     tiles = triton.cdiv(M, 2 * ROWS_PER_WARPGROUP) * triton.cdiv(N, meta["BLOCK_N"])
-    _fp8_gemm_ws_kernel[(min(tiles, props.multi_processor_count),)](
-        descs["a_desc"], descs["b_desc"], descs["c_desc"], a_scale, b_scale, M, N, K,
-        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), **meta, num_warps=4,
-    )
+    args = dict(descs, sa_ptr=a_scale, sb_ptr=b_scale, M=M, N=N, K=K, stride_sam=a_scale.stride(0),
+                stride_sak=a_scale.stride(1), stride_sbn=b_scale.stride(0), stride_sbk=b_scale.stride(1),
+                sa_pitch=sa_pitch, **meta)
+    _launch(min(tiles, sms), args, a.device)
     return c
 
 
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> tuple[int, int]:
+    """(SMs, usable shared memory per block less barriers and alignment) of a device."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 232448) - 1024
+
+
+_COMPILED: dict = {}  # launch key -> Triton's compiled kernel
+
+
+def _launch_key(args: dict, device) -> tuple:
+    """What Triton specialises a compiled kernel on (runtime/jit.py, the binder): the constexprs,
+    each descriptor's dtype and box, each pointer's 16-byte alignment, each integer's == 1,
+    % 16 and 64-bit range."""
+    key = [device.index]
+    for name, v in args.items():
+        if isinstance(v, bool) or not isinstance(v, (int, torch.Tensor)):
+            key.append(v if isinstance(v, (bool, str)) else (v.base.dtype, tuple(v.block_shape)))
+        elif isinstance(v, int):
+            key.append((v, ) if name.isupper() else (v == 1, v % 16 == 0, abs(v) >= 2**31))
+        else:
+            key.append((v.dtype, v.data_ptr() % 16 == 0))
+    return tuple(key)
+
+
+def _launch(grid: int, args: dict, device) -> None:
+    """Launch on ``grid`` programs. The first launch of a specialisation goes through Triton's JIT
+    (compile and cache); later ones call the compiled kernel's launcher directly, as the JIT does
+    after its lookup, which saves most of the ~170 us of Python a launch otherwise costs (binding
+    and specialising 22 arguments; docs/kernels.md)."""
+    key = _launch_key(args, device)
+    kernel = _COMPILED.get(key)
+    if kernel is None:
+        _COMPILED[key] = _fp8_gemm_ws_kernel[(grid,)](**args, num_warps=4)
+        return
+    bound = [args[n] for n in _fp8_gemm_ws_kernel.arg_names]
+    stream = torch.cuda.current_stream(device).cuda_stream
+    meta = kernel.launch_metadata((grid, 1, 1), stream, *bound)
+    kernel.run(grid, 1, 1, stream, kernel.function, kernel.packed_metadata, meta,
+               knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound)
+
+
 def compile_offline(config=None, rows=False, out_dtype=torch.bfloat16, promote: bool = True,
-                    capability: int = 90):
+                    capability: int = 90, scales: str | None = None):
     """Compile the kernel for ``sm_{capability}`` without a GPU and return Triton's compiled kernel
     (its ``.asm["ptx"]``; register counts need ptxas, which the tests run on it)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    meta = _constexprs(config or CONFIGS[0], rows, promote)
+    meta = _constexprs(config or CONFIGS[0], rows, promote, scales)
     names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
-    dtypes = {"a_desc": torch.float8_e4m3fn, "b_desc": torch.float8_e4m3fn, "c_desc": out_dtype}
+    dtypes = {"a_desc": torch.float8_e4m3fn, "b_desc": torch.float8_e4m3fn, "c_desc": out_dtype,
+              "sa_desc": torch.float32, "sb_desc": torch.float32}
+    blocks = _blocks(meta["BLOCK_N"])
+    on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
     signature = {}
-    for name, box in _blocks(meta["BLOCK_N"]).items():
-        layout = gl.NVMMASharedLayout.get_default_for(box, _GL_DTYPES[dtypes[name]])
-        signature[name] = f"tensordesc<{names.get(dtypes[name], 'fp8e4nv')}[{box[0]}, {box[1]}],{layout!r}>"
+    for name in ("a_desc", "b_desc", "c_desc", "sa_desc", "sb_desc"):
+        placeholder = name in ("sa_desc", "sb_desc") and not on_tma  # the launcher passes A's descriptor
+        key = "a_desc" if placeholder else name
+        box, layout = blocks[key], _layout(key, tuple(blocks[key]), dtypes[key])
+        signature[name] = f"tensordesc<{names.get(dtypes[key], 'fp8e4nv')}[{', '.join(map(str, box))}],{layout!r}>"
     signature |= {"sa_ptr": "*fp32", "sb_ptr": "*fp32"}
-    signature |= {n: "i32" for n in ("M", "N", "K", "stride_sam", "stride_sak", "stride_sbn", "stride_sbk")}
+    signature |= {n: "i32" for n in ("M", "N", "K", "stride_sam", "stride_sak", "stride_sbn", "stride_sbk",
+                                     "sa_pitch")}
     signature |= {n: "constexpr" for n in meta}
     src = GluonASTSource(_fp8_gemm_ws_kernel, signature, meta)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})

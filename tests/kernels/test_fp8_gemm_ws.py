@@ -65,6 +65,42 @@ def test_compiles_for_hopper_without_spills(tmp_path, row_scaled, out_dtype, con
         assert ffma == elements, f"{ffma} FFMAs for {elements} accumulator elements"
 
 
+@needs_gluon
+def test_tma_scale_path_reads_no_global_memory(tmp_path):
+    """The default path brings both operands' scales in with each stage: the math warpgroups issue
+    no global load at all (the 'global' path's first MMA of a K step waits on one)."""
+    reports = {}
+    for path in ("tma", "global"):
+        report, sass = _sass(fp8_gemm_ws.compile_offline(scales=path).asm["ptx"], tmp_path)
+        assert "0 bytes spill stores, 0 bytes spill loads" in report, report
+        reports[path] = (len(re.findall(r"\bLDG\b", sass)), len(re.findall(r"\bFFMA\b", sass)))
+    assert reports["tma"] == (0, 2 * 64), reports
+    assert reports["global"][0] > 0, reports
+
+
+def test_scale_path_names_are_checked():
+    with pytest.raises(ValueError, match="scales='fast'"):
+        fp8_gemm_ws._constexprs(fp8_gemm_ws.CONFIGS[0], rows=False, promote=True, scales="fast")
+    with pytest.raises(ValueError, match="scales='tma'"):
+        fp8_gemm_ws._constexprs(fp8_gemm_ws.CONFIGS[0], rows=True, promote=True, scales="tma")
+    assert fp8_gemm_ws._constexprs(fp8_gemm_ws.CONFIGS[0], rows=True, promote=True)["SCALES"] == 0
+
+
+def test_tma_scales_layout():
+    """A's scales K-block-major at a pitch of M rounded up to 4, B's rows padded to 4 K blocks; both
+    free when the quantiser already laid them out so."""
+    sa = torch.rand(130, 3)
+    sb = torch.rand(2, 3)
+    flat, pitch, sb4 = fp8_gemm_ws.tma_scales(sa, sb)
+    assert pitch == 132 and sb4.stride(0) == 4 and torch.equal(sb4, sb)
+    for kb in range(3):
+        assert torch.equal(flat[kb * pitch: kb * pitch + 130], sa[:, kb])
+    mn = torch.empty(3, 132)[:, :130].t()  # MN-major, 16-byte pitch
+    mn.copy_(sa)
+    flat2, pitch2, _ = fp8_gemm_ws.tma_scales(mn, torch.rand(2, 4))
+    assert pitch2 == 132 and flat2.data_ptr() == mn.data_ptr()
+
+
 def test_refuses_without_gluon_or_gpu():
     a = torch.zeros(128, 128, dtype=torch.float8_e4m3fn)
     s = torch.ones(128, 1)
@@ -115,6 +151,40 @@ def test_every_config_matches_float64(M, N, K, config):
     out = fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, out_dtype=torch.float32, config=config)
     err = float((out.double() - ref).norm() / ref.norm())
     assert torch.isfinite(out).all() and err < 1e-3, (config, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("path", ["tma", "global"])
+@pytest.mark.parametrize("M,N,K", [(129, 257, 4096), (130, 384, 272), (301, 2112, 1136)])
+def test_scale_paths_match_float64(M, N, K, path):
+    """Odd M (A's scale pitch padded to 4), K blocks not a multiple of 4 (B's padded), and A's
+    scales in both layouts: row-major as the reference quantiser writes them, and MN-major."""
+    a, sa, b, sb = _gemm_operands(M, N, K, "forward", "cuda")
+    ref = fp8_gemm_ref(a, sa, b, sb)
+    for scales_a in (sa.contiguous(), sa.t().contiguous().t()):
+        out = fp8_gemm_ws.fp8_gemm_ws(a, scales_a, b, sb, out_dtype=torch.float32, scales=path)
+        err = float((out.double() - ref).norm() / ref.norm())
+        assert torch.isfinite(out).all() and err < 1e-3, (path, scales_a.stride(), err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
+def test_direct_launch_matches_the_jit():
+    """After the first launch of a specialisation the wrapper calls the compiled kernel itself: the
+    same result as a fresh JIT launch, and a new entry whenever the specialisation changes."""
+    fp8_gemm_ws._COMPILED.clear()
+    a, sa, b, sb = _gemm_operands(256, 384, 1024, "forward", "cuda")
+    first = fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb)
+    assert len(fp8_gemm_ws._COMPILED) == 1
+    assert torch.equal(fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb), first)
+    assert len(fp8_gemm_ws._COMPILED) == 1
+    a2, sa2, b2, sb2 = _gemm_operands(257, 384, 1024, "forward", "cuda")  # M % 16 differs
+    out = fp8_gemm_ws.fp8_gemm_ws(a2, sa2, b2, sb2, out_dtype=torch.float32)
+    assert len(fp8_gemm_ws._COMPILED) == 2
+    ref = fp8_gemm_ref(a2, sa2, b2, sb2)
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-3
+    fp8_gemm_ws._COMPILED.clear()
 
 
 def test_dispatch_refuses_gluon_where_it_does_not_apply():
