@@ -148,10 +148,14 @@ def _check_float_2d(x: torch.Tensor, name: str) -> None:
 
 
 def _quant_rows(view: torch.Tensor, pow2_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise the rows of a 2-D view (any strides) in 1×128 tiles into a new contiguous tensor."""
+    """Quantise the rows of a 2-D view (any strides) in 1×128 tiles into a new contiguous tensor.
+
+    The scales come MN-major, (R, ceil(C/128)) with strides (1, R rounded up to 4): one K block's
+    scales contiguous at a 16-byte pitch, the layout cuBLAS's block scaling and the Gluon GEMM's
+    TMA read without a copy (row-major readers take any strides)."""
     R, C = view.shape
     q = torch.empty((R, C), dtype=FP8_DTYPE, device=view.device)
-    s = torch.empty((R, triton.cdiv(C, TILE)), dtype=torch.float32, device=view.device)
+    s = torch.empty((triton.cdiv(C, TILE), triton.cdiv(R, 4) * 4), dtype=torch.float32, device=view.device)[:, :R].t()
     block_r = 32
     grid = (triton.cdiv(R, block_r), triton.cdiv(C, TILE))
     _quant_rows_kernel[grid](

@@ -101,6 +101,16 @@ def test_tma_scales_layout():
     assert pitch2 == 132 and flat2.data_ptr() == mn.data_ptr()
 
 
+def test_quantiser_scales_feed_tma_without_copy():
+    """quant_act_1x128 writes its scales MN-major at a 16-byte pitch: the layout the producer's TMA
+    reads (and cuBLAS's block scaling), so neither copies them per call."""
+    dev = "cuda" if ON_GPU else "cpu"
+    _, sa = quant_act_1x128(rand(130, 384, seed=3, device=dev))
+    assert sa.shape == (130, 3) and sa.stride() == (1, 132)
+    flat, pitch, _ = fp8_gemm_ws.tma_scales(sa, torch.ones(1, 4, device=dev))
+    assert pitch == 132 and flat.data_ptr() == sa.data_ptr()
+
+
 def test_refuses_without_gluon_or_gpu():
     a = torch.zeros(128, 128, dtype=torch.float8_e4m3fn)
     s = torch.ones(128, 1)
