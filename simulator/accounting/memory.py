@@ -121,10 +121,16 @@ def activation_peak_bytes(actions: Sequence[Action], stage_bytes: Sequence[float
     """Peak activation bytes of one rank running ``actions`` in order: a forward of stage ``s``
     adds ``stage_bytes[s]``, the backward that ends its use (``B``, or ``W`` after ``I``) frees it."""
     held = peak = 0.0
-    for action in actions:
-        held += sum(stage_bytes[op.stage] for op in action.ops if op.kind == "F")
-        peak = max(peak, held)
-        held -= sum(stage_bytes[op.stage] for op in action.ops if op.kind in ("B", "W"))
+    for action in actions:  # plain loops: a layout search runs this for every rank of every candidate
+        freed = 0.0
+        for op in action.ops:
+            if op.kind == "F":
+                held += stage_bytes[op.stage]
+            elif op.kind == "B" or op.kind == "W":
+                freed += stage_bytes[op.stage]
+        if held > peak:
+            peak = held
+        held -= freed
     return peak
 
 

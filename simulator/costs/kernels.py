@@ -9,7 +9,6 @@ compute (DeepSeek-V3 reserves 20 of 132 for communication, TR §3.2.2).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 from simulator.costs.tables import CostTables, GemmPoint, Precision
 from simulator.spec.hardware import GpuSpec
@@ -26,12 +25,27 @@ def _distance(p: GemmPoint, m: int, n: int, k: int, groups: int) -> float:
     )
 
 
-@lru_cache(maxsize=4096)
+_NEAREST: dict[int, tuple[CostTables, dict]] = {}  # id(tables) -> (the tables, shape -> nearest point)
+
+
 def _nearest(tables: CostTables, precision: Precision, m: int, n: int, k: int, groups: int) -> GemmPoint:
-    same = [p for p in tables.gemm if p.precision == precision]
-    if not same:
-        raise ValueError(f"cost tables {tables.name!r} have no {precision} GEMM entries")
-    return min(same, key=lambda p: _distance(p, m, n, k, groups))
+    """Memoised per tables object by identity: hashing a CostTables (every GEMM point) on each call
+    cost a layout search more than the lookups it saved. The entry keeps the tables alive, so
+    their id is not reused while it is cached."""
+    entry = _NEAREST.get(id(tables))
+    if entry is None:
+        if len(_NEAREST) >= 64:
+            _NEAREST.clear()
+        entry = _NEAREST[id(tables)] = (tables, {})
+    cache = entry[1]
+    key = (precision, m, n, k, groups)
+    point = cache.get(key)
+    if point is None:
+        same = [p for p in tables.gemm if p.precision == precision]
+        if not same:
+            raise ValueError(f"cost tables {tables.name!r} have no {precision} GEMM entries")
+        point = cache[key] = min(same, key=lambda p: _distance(p, m, n, k, groups))
+    return point
 
 
 def gemm_efficiency(tables: CostTables, gpu: GpuSpec, precision: Precision, m: int, n: int, k: int, groups: int = 1) -> float:

@@ -298,6 +298,7 @@ def _hopper(name: str, fp8: list[GemmPoint]) -> CostTables:
     return _common(name, _merge(_anchor_points(), _measured_bf16_points()) + fp8, _BF16_PEAK_FLOPS_PER_S)
 
 
+@lru_cache(maxsize=None)
 def default_tables(gpu_name: str) -> CostTables:
     """Default tables for a GPU name from the cluster presets (H800, H100, H200 variants).
 

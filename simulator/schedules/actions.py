@@ -18,6 +18,7 @@ pair joins its two ops with ``&``: ``"0F7&7B3"`` (forward stage 0 mb 7, backward
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import (
@@ -102,8 +103,15 @@ class Action(BaseModel):
 
     @classmethod
     def single(cls, kind: OpKind, stage: int, microbatch: int) -> Action:
-        return cls(ops=(Op(kind=kind, stage=stage, microbatch=microbatch),))
+        """One op. Actions are frozen values and the generators ask for the same few thousand
+        millions of times in a layout search, so each is built (and validated) once."""
+        return _single_action(kind, stage, microbatch)
 
     @classmethod
     def overlap(cls, forward: Op, backward: Op) -> Action:
         return cls(ops=(forward, backward))
+
+
+@lru_cache(maxsize=None)
+def _single_action(kind: OpKind, stage: int, microbatch: int) -> Action:
+    return Action(ops=(Op(kind=kind, stage=stage, microbatch=microbatch),))

@@ -73,3 +73,20 @@ def test_named_tables():
     assert named_tables("hopper-cutlass36-2024", "H100-SXM").name == "hopper-cutlass36-2024"
     with pytest.raises(ValueError, match="cost tables 'cutlass': unknown"):
         named_tables("cutlass", "H800-SXM5")
+
+
+def test_nearest_point_memo_is_per_tables_object():
+    """The GEMM lookup is memoised by the tables' identity: a second tables object with other
+    points (a calibration) gets its own answers, and the default tables are one shared object."""
+    from simulator.costs.kernels import gemm_efficiency
+    from simulator.presets.clusters import h800_gpu
+
+    gpu = h800_gpu()
+    base = default_tables(gpu.name)
+    assert default_tables(gpu.name) is base
+    halved = base.model_copy(update={"gemm": tuple(p.model_copy(update={"flops_per_s": p.flops_per_s / 2})
+                                                   for p in base.gemm)})
+    shape = ("fp8", 4096, 7168, 2048)
+    full = gemm_efficiency(base, gpu, *shape)
+    assert gemm_efficiency(halved, gpu, *shape) == pytest.approx(full / 2)
+    assert gemm_efficiency(base, gpu, *shape) == full
