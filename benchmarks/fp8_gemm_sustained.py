@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref  # noqa: E402
 from kernels.fp8_gemm_ws import fp8_gemm_ws  # noqa: E402
 from kernels.fp8_quant import quant_act_1x128, quant_weight_128x128  # noqa: E402
+from simulator.atomic_write import write_atomic  # noqa: E402
 
 M, N, K = 4096, 7168, 16384
 
@@ -98,12 +99,9 @@ def main() -> None:
         lines.append(f"| {name} | {statistics.median(t):,.0f} | {min(t):,.0f} | {max(t):,.0f} | "
                      f"{statistics.median(r['sm_mhz'] for r in rs):,.0f} | {statistics.median(r['watts'] for r in rs):,.0f} | {err} |")
     text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
+    write_atomic(args.out, text)
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "errors": errors, "runs": runs}, indent=1))
+        write_atomic(args.json, json.dumps({"meta": meta, "errors": errors, "runs": runs}, indent=1))
     print(text)
 
 

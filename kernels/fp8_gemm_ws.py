@@ -30,6 +30,7 @@ kernel for sm_90a offline and read its PTX, ptxas report and SASS.
 """
 
 import functools
+import math
 
 import torch
 
@@ -289,8 +290,8 @@ def _constexprs(config, rows: bool, promote: bool, scales: str | None = None) ->
 def tma_scales(a_scale: torch.Tensor, b_scale: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
     """The scales as the producer's TMA reads them: A's (M, k_blocks) flattened K-block-major with a
     row pitch of M rounded up to 4 (a box must start 16-byte aligned), and B's (n_blocks, k_blocks)
-    with k_blocks rounded up to 4. Free when they are already laid out so (``mn_major`` A scales
-    from the quantiser; k_blocks % 4 == 0)."""
+    with k_blocks rounded up to 4. Free when they are already laid out so (A's as
+    ``quant_act_1x128`` writes them; B's when k_blocks % 4 == 0)."""
     M, kb = a_scale.shape
     if a_scale.stride(0) == 1 and a_scale.stride(1) % 4 == 0 and a_scale.stride(1) >= M:
         pitch = a_scale.stride(1)
@@ -333,14 +334,17 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
     c = torch.empty((M, pitch), dtype=out_dtype, device=a.device)[:, :N]
     on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
     sa, sa_pitch, sb = tma_scales(a_scale, b_scale) if on_tma else (None, 0, None)
+    boxes = _blocks(meta["BLOCK_N"])
     descs = {name: TensorDescriptor.from_tensor(t, box, _layout(name, tuple(box), t.dtype))
-             for (name, box), t in zip(_blocks(meta["BLOCK_N"]).items(), (a, b, c, sa, sb)) if t is not None}
+             for (name, box), t in zip(boxes.items(), (a, b, c, sa, sb)) if t is not None}
     descs.setdefault("sa_desc", descs["a_desc"])  # unread placeholders off the "tma" path
     descs.setdefault("sb_desc", descs["a_desc"])
     # as many ring stages as shared memory holds beside the output pieces (FP32 output takes twice BF16's)
     sms, smem = _device_limits(a.device.index if a.device.index is not None else torch.cuda.current_device())
     out_bytes = 2 * ROWS_PER_WARPGROUP * meta["BLOCK_N"] * out_dtype.itemsize
-    stage_bytes = (2 * ROWS_PER_WARPGROUP + meta["BLOCK_N"]) * TILE + (4 * (2 * ROWS_PER_WARPGROUP + 32) if on_tma else 0)
+    stage_bytes = (2 * ROWS_PER_WARPGROUP + meta["BLOCK_N"]) * TILE  # A and B tiles, E4M3
+    if on_tma:  # and the scales' boxes, FP32
+        stage_bytes += 4 * sum(math.prod(boxes[name]) for name in ("sa_desc", "sb_desc"))
     meta["STAGES"] = min(meta["STAGES"], (smem - out_bytes) // stage_bytes)
     tiles = triton.cdiv(M, 2 * ROWS_PER_WARPGROUP) * triton.cdiv(N, meta["BLOCK_N"])
     args = dict(descs, sa_ptr=a_scale, sb_ptr=b_scale, M=M, N=N, K=K, stride_sam=a_scale.stride(0),
