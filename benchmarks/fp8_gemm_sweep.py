@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref  # noqa: E402
 from kernels.fp8_gemm_tma import fp8_gemm_tma  # noqa: E402
-from kernels.fp8_gemm_ws import CONFIGS as WS_CONFIGS, fp8_gemm_ws  # noqa: E402
+from kernels.fp8_gemm_ws import CONFIGS as WS_CONFIGS, WIDTHS, fp8_gemm_ws  # noqa: E402
 from kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_weight_128x128  # noqa: E402
 from kernels.grouped_gemm import grouped_gemm_fp8, make_problem, segment_rows  # noqa: E402
 
@@ -41,7 +41,6 @@ SWEEP = [  # (BLOCK_M, BLOCK_N, warps, stages, FLATTEN, WARP_SPECIALIZE, DEFER, 
 ]
 
 
-WIDE = (256, 3, 16)  # the Gluon kernel with two 128-column pieces per tile
 
 
 def bench(fn) -> float:
@@ -79,11 +78,9 @@ def dense_sweep() -> list[dict]:
         sa_t = sa.t().contiguous().t()  # M-major: one K step's scales are contiguous
         for cfg in WS_CONFIGS:
             row[f"ws {cfg}"] = attempt(lambda c=cfg: fp8_gemm_ws(a, sa, b, sb, config=c), flops, ref)
-        # 256-wide tiles (two 128-column pieces sharing each A tile) spill at 232 registers when promoted
-        row[f"ws {WIDE}"] = attempt(lambda: fp8_gemm_ws(a, sa, b, sb, config=WIDE), flops, ref)
         # the same data flow with no promotion and no scales (a different product): its upper bound
         unscaled = a.double() @ b.double().t()
-        for cfg in (WS_CONFIGS[0], WIDE):
+        for cfg in WIDTHS.values():
             row[f"ws {cfg} unpromoted"] = attempt(lambda c=cfg: fp8_gemm_ws(a, sa, b, sb, config=c, promote=False),
                                                    flops, unscaled)
         for cfg in SWEEP:
@@ -103,7 +100,7 @@ def dense_sweep() -> list[dict]:
                "scaled_mm": attempt(lambda: fp8_gemm(dt, sdt, xt, sxt, torch.float32, backend="torch"), flops, ref)}
         for cfg in SWEEP[:2]:
             row[str(cfg)] = attempt(lambda c=cfg: fp8_gemm_tma(dt, sdt, xt, sxt, torch.float32, config=c), flops, ref)
-        row[f"ws {WS_CONFIGS[0]}"] = attempt(lambda: fp8_gemm_ws(dt, sdt, xt, sxt, torch.float32), flops, ref)
+        row[f"ws {WIDTHS[128]}"] = attempt(lambda: fp8_gemm_ws(dt, sdt, xt, sxt, torch.float32), flops, ref)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

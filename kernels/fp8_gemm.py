@@ -25,7 +25,7 @@ import statistics
 import torch
 
 from .fp8_gemm_tma import fp8_gemm_tma
-from .fp8_gemm_ws import HAVE_GLUON, fp8_gemm_ws
+from .fp8_gemm_ws import HAVE_GLUON, WIDTHS, fp8_gemm_ws
 from .fp8_quant import cast_for_store, quant_act_1x128, quant_weight_128x128, row_scaled
 from .triton_compat import INTERPRET, tl, triton
 
@@ -248,7 +248,12 @@ def fp8_gemm_gluon(a, a_scale, b, b_scale, out_dtype):
     docs/kernels-sweep.md), so the auto dispatch drops it."""
     if not HAVE_GLUON or INTERPRET or not tma_eligible(a, b) or row_scaled(b.shape[0], b_scale):
         raise ValueError("the Gluon kernel needs Hopper, TMA-readable operands and 128x128 weight scales")
-    return fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype)
+    # its tile width, timed once per problem size: 256-wide tiles move less data per FLOP, 128-wide
+    # ones waste less where N is not a multiple of 256 (2112 columns: docs/kernels-results.md)
+    key = ("gluon width", tuple(a.shape), tuple(b.shape), out_dtype)
+    width = pick_faster(key, {str(w): (lambda c=c: fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype, config=c))
+                              for w, c in WIDTHS.items()})
+    return fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype, config=WIDTHS[int(width)])
 
 
 def scaled_mm_reliable(N: int, k_blocks: int) -> bool:

@@ -10,23 +10,26 @@ by role, each role its own partition:
   shared-memory buffers with TMA, each buffer guarded by a ``ready`` barrier (the copy engine
   completes it) and an ``empty`` barrier (both math warpgroups release it). With each K block's
   operands it brings that block's scales: A's 128 row scales (from an MN-major copy) and the
-  16-byte group of B's block scales that holds the one the tile needs;
-* two math warpgroups own the upper and the lower 64 rows of the output tile. Each issues its
-  128-deep MMA, waits for it, releases the buffer and promotes (one FFMA per accumulator element:
-  a 128x128 weight block's scale is folded into A's row scales), with no barrier between the two;
+  16-byte-aligned group of B's block scales that holds the tile's;
+* two math warpgroups own the upper and the lower 64 rows of the output tile, in 128-column
+  pieces (BLOCK_N = 256 is two pieces sharing each A tile: a quarter less data through L2 and
+  shared memory per FLOP than 128-wide tiles). For each piece a warpgroup issues its 128-deep MMA,
+  waits for it and promotes (one FFMA per accumulator element: a 128x128 weight block's scale is
+  folded into A's row scales); both pieces reuse one set of 64 partial-sum registers, so a
+  promoted 64 x 256 tile fits in 232 registers without spilling. There is no barrier between the
+  two warpgroups;
 * the grid is persistent (one program per SM, tiles in L2-friendly bands of ``GROUP_M`` row tiles)
-  and each warpgroup stores its half of the tile through TMA.
+  and each warpgroup stores its half of the tile through TMA, one 64 x 128 piece at a time.
 
-Measured on the H200 (docs/kernels.md): with the scales read from global memory inside the K step
-(``scales="global"``, the first version) the first MMA of every step waited on that load, and the
-kernel ran ~25% slower at 4096x7168x16384 than with the scales in the stage. What is left of the
-promotion's cost: ~7% for the wait and the FFMAs (``scales="none"``), and ~8% for reading and
-combining the scales, against the same data flow unpromoted (``promote=False``, benchmarks only).
-256-wide tiles (``BLOCK_N = 256``: two 128-column pieces sharing each A tile) need a third
-64-register set when promoted and spill at the math warpgroups' 232 registers. B's scales may
-also be 1x128 rows (the weight gradient's activation operand: a scale per column), correct but
-slow. Gluon compiles for Hopper only: there is no interpreter path, so the CPU tests compile this
-kernel for sm_90a offline and read its PTX, ptxas report and SASS.
+Measured on the H200 (docs/kernels.md, docs/kernels-sustained.md): with the scales read from
+global memory inside the K step (``scales="global"``, the first version) the first MMA of every
+step waited on that load, and the kernel ran ~25% slower at 4096x7168x16384 than with the scales
+in the stage; 256-wide tiles then gained another ~10% over 128-wide ones. What is left of the
+promotion's cost is measured against the same data flow promoting without scales
+(``scales="none"``) and not promoting at all (``promote=False``), both benchmarks only. B's scales
+may also be 1x128 rows (the weight gradient's activation operand: a scale per column; 128-wide
+tiles only), correct but slow. Gluon compiles for Hopper only: there is no interpreter path, so
+the CPU tests compile this kernel for sm_90a offline and read its PTX, ptxas report and SASS.
 """
 
 import functools
@@ -56,8 +59,9 @@ except ImportError:  # CPU torch without triton, or a triton before Gluon's Hopp
 
 TILE = 128  # K step and scale block (TR §3.3: N_C = 128)
 ROWS_PER_WARPGROUP = 64  # one wgmma's M
-# (BLOCK_N, STAGES, GROUP_M); the default is the first (docs/kernels-sweep.md)
-CONFIGS = [(128, 4, 16), (128, 5, 16), (128, 5, 8), (128, 6, 12)]
+# (BLOCK_N, STAGES, GROUP_M); the default is the first (docs/kernels.md)
+CONFIGS = [(256, 4, 16), (256, 4, 8), (256, 3, 16), (128, 4, 16), (128, 5, 16), (128, 5, 8), (128, 6, 12)]
+WIDTHS = {256: CONFIGS[0], 128: CONFIGS[3]}  # what kernels.fp8_gemm's dispatch times, by tile width
 PRODUCER_REGS = 40  # registers per thread the TMA warp keeps; the math warpgroups share the rest
 MATH_REGS = 232
 
@@ -75,6 +79,21 @@ if HAVE_GLUON:
     @gluon.jit
     def _larger(a, b):  # a combine function of our own: gl.max's is an interpreter object in CPU tests
         return gl.maximum(a, b)
+
+    @gluon.jit
+    def _scalar(x):
+        """The one element of a (1, 1) tensor."""
+        return gl.reduce(gl.reduce(x, 1, _larger), 0, _larger)
+
+    @gluon.jit
+    def _promote(partial, acc, sa, sb, SCALES: gl.constexpr):
+        """The 128-deep partial sum, scaled by its rows' A scale times the tile's B block scale,
+        into the FP32 accumulator: one FFMA per element ("none" adds it unscaled, a diagnostic)."""
+        if SCALES == SCALES_NONE_C:
+            acc = partial + acc
+        else:
+            acc = partial * (sa * sb)[:, None] + acc
+        return acc
 
     @gluon.jit
     def _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -124,8 +143,8 @@ if HAVE_GLUON:
               SCALES: gl.constexpr, PROMOTE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               GROUP_M: gl.constexpr, STAGES: gl.constexpr):
         """One math warpgroup: rows HALF*64 .. HALF*64+63 of every output tile, in 128-column pieces
-        (BLOCK_N = 256 is two pieces that share one A tile and one B load, for half the B traffic
-        per FLOP; each piece is its own 64x128 accumulator, and its MMA reuses one set of partial
+        (BLOCK_N = 256 is two pieces that share one A tile and one stage, for half the A traffic per
+        FLOP; each piece is its own 64x128 accumulator, and both pieces' MMAs use one set of partial
         registers)."""
         ROWS: gl.constexpr = ROWS_C
         PIECES: gl.constexpr = BLOCK_N // TILE_C
@@ -133,9 +152,10 @@ if HAVE_GLUON:
                                                          instr_shape=[16, TILE_C, 32])
         row_layout: gl.constexpr = gl.SliceLayout(1, layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, layout)
-        # B's group of four block scales, every thread holding all four (a broadcast read)
-        four_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [4, 1], [1, 0])
-        four = gl.arange(0, 4, layout=gl.SliceLayout(0, four_layout))[None, :]
+        # one of B's block scales, read by every thread (a broadcast), from the stage's box seen as
+        # a flat column: stage s, block row r, K block ki is element 32 s + 4 r + ki % 4
+        one_layout: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [4, 1], [1, 0])
+        flat_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         num_pid_m = gl.cdiv(M, BLOCK_M)
         num_pid_n = gl.cdiv(N, BLOCK_N)
         k_steps = gl.cdiv(K, TILE_C)
@@ -166,12 +186,19 @@ if HAVE_GLUON:
                         if PIECES == 2:
                             sb1 = gl.load(sb_ptrs + stride_sbn + ki * stride_sbk,
                                           mask=off_n // TILE_C + 1 < n_blocks, other=0.0)
+                if SCALES == SCALES_NONE_C:  # unread
+                    sa = 0.0
+                    sb0 = 0.0
+                    sb1 = 0.0
                 s = counter % STAGES
                 mbarrier.wait(ready.index(s), (counter // STAGES) & 1)
                 if SCALES == SCALES_TMA_C:  # from the stage: shared-memory latency, not global
                     sa = sa_smem.index(s).slice(HALF * ROWS, ROWS).load(row_layout)
-                    sb4 = gl.where(four == ki % 4, sb_smem.index(s).slice(0, 1).load(four_layout), 0.0)
-                    sb0 = gl.reduce(gl.reduce(sb4, 1, _larger), 0, _larger)  # within each thread
+                    # one load of the scale itself (selecting it out of the four cost ~5%: docs/kernels.md)
+                    sb_flat = sb_smem._reinterpret(gl.float32, [STAGES * 32, 1, 1], flat_layout)
+                    sb0 = _scalar(sb_flat.index(s * 32 + ki % 4).load(one_layout))
+                    if PIECES == 2:  # the next block row of B's scales: the box's second row
+                        sb1 = _scalar(sb_flat.index(s * 32 + 4 + ki % 4).load(one_layout))
                 a = a_smem.index(s).slice(HALF * ROWS, ROWS)  # (ROWS, 128), K contiguous
                 b = b_smem.index(s)  # (BLOCK_N, 128); permuted below to K-major (128, 128) pieces
                 if PROMOTE:
@@ -183,17 +210,19 @@ if HAVE_GLUON:
                     if ROW_SCALED_B:
                         sb = gl.load(sb_ptrs + ki * stride_sbk, mask=n_mask, other=0.0)
                         acc0 = partial * (sa[:, None] * sb[None, :]) + acc0
-                    elif SCALES == SCALES_NONE_C:  # promotion without scales (benchmarks only)
-                        acc0 = partial + acc0
                     else:
-                        # promotion: the 128-deep partial sum, scaled, into the FP32 accumulator
-                        acc0 = partial * (sa * sb0)[:, None] + acc0
+                        acc0 = _promote(partial, acc0, sa, sb0, SCALES)
                     if PIECES == 2:
+                        # the second piece's MMA reuses the partial registers: pin the first piece's
+                        # FFMAs before it (a volatile no-op on acc0), or the compiler hoists the MMA
+                        # above them and needs a third 64-register set, which spills
+                        acc0 = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [acc0], dtype=gl.float32,
+                                                         is_pure=False, pack=1)
                         partial = warpgroup_mma(a, b.slice(TILE_C, TILE_C).permute((1, 0)), partial, use_acc=False,
                                                 is_async=True)
                         partial = warpgroup_mma_wait(num_outstanding=0, deps=[partial])
                         mbarrier.arrive(empty.index(s), count=1)
-                        acc1 = partial * (sa * sb1)[:, None] + acc1
+                        acc1 = _promote(partial, acc1, sa, sb1, SCALES)
                 else:  # no block scales at all: the same data flow's upper bound (benchmarks only)
                     acc0 = warpgroup_mma(a, b.slice(0, TILE_C).permute((1, 0)), acc0, is_async=True)
                     if PIECES == 2:
@@ -206,12 +235,13 @@ if HAVE_GLUON:
             # epilogue: the previous tile's stores must have left c_smem before it is overwritten
             tma.store_wait(pendings=0)
             c_smem.index(0).store(acc0.to(c_desc.dtype))
-            if PIECES == 2:
-                c_smem.index(1).store(acc1.to(c_desc.dtype))
             fence_async_shared()
             tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem.index(0))
-            if PIECES == 2:
-                tma.async_copy_shared_to_global(c_desc, [off_m, off_n + TILE_C], c_smem.index(1))
+            if PIECES == 2:  # once the copy engine has read the first piece out of shared memory
+                tma.store_wait(pendings=0)
+                c_smem.index(0).store(acc1.to(c_desc.dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(c_desc, [off_m, off_n + TILE_C], c_smem.index(0))
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -224,8 +254,10 @@ if HAVE_GLUON:
         PIECES: gl.constexpr = BLOCK_N // TILE_C
         a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, TILE_C], a_desc.layout)
         b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, TILE_C], b_desc.layout)
-        c0_smem = gl.allocate_shared_memory(c_desc.dtype, [PIECES, ROWS_C, TILE_C], c_desc.layout)
-        c1_smem = gl.allocate_shared_memory(c_desc.dtype, [PIECES, ROWS_C, TILE_C], c_desc.layout)
+        # each warpgroup stages its output through one 64 x 128 piece (a 256-wide tile's two pieces
+        # take turns), which leaves room for a fourth ring stage at BLOCK_N = 256
+        c0_smem = gl.allocate_shared_memory(c_desc.dtype, [1, ROWS_C, TILE_C], c_desc.layout)
+        c1_smem = gl.allocate_shared_memory(c_desc.dtype, [1, ROWS_C, TILE_C], c_desc.layout)
         if SCALES == SCALES_TMA_C:
             sa_smem = gl.allocate_shared_memory(sa_desc.dtype, [STAGES, BLOCK_M], sa_desc.layout)
             sb_smem = gl.allocate_shared_memory(sb_desc.dtype, [STAGES, 8, 4], sb_desc.layout)
@@ -275,14 +307,19 @@ def _layout(name: str, box: tuple[int, ...], dtype: torch.dtype):
 SCALE_PATHS = {"global": 0, "tma": 1, "none": 2}
 
 
+def _default_config(rows: bool) -> tuple[int, int, int]:
+    """CONFIGS[0], or the first 128-wide one for 1x128-row B scales (a scale per column)."""
+    return WIDTHS[TILE] if rows else CONFIGS[0]
+
+
 def _constexprs(config, rows: bool, promote: bool, scales: str | None = None) -> dict:
     block_n, stages, group_m = config
     if block_n not in (TILE, 2 * TILE) or (rows and block_n != TILE):
         raise ValueError(f"config={config}: BLOCK_N must be 128, or 256 with 128x128 weight scales")
-    scales = scales or ("global" if rows or block_n != TILE else "tma")
-    if scales not in SCALE_PATHS or (scales != "global" and (rows or block_n != TILE)):
-        raise ValueError(f"scales={scales!r}: one of {sorted(SCALE_PATHS)}; 'tma' and 'none' need 128-wide "
-                         "tiles and 128x128 weight scales")
+    scales = scales or ("global" if rows else "tma")
+    if scales not in SCALE_PATHS or (scales != "global" and rows):
+        raise ValueError(f"scales={scales!r}: one of {sorted(SCALE_PATHS)}; 'tma' and 'none' need "
+                         "128x128 weight scales")
     return {"ROW_SCALED_B": rows, "SCALES": SCALE_PATHS[scales], "PROMOTE": promote, "BLOCK_N": block_n,
             "GROUP_M": group_m, "STAGES": stages}
 
@@ -327,8 +364,8 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
     if a.stride(1) != 1 or b.stride(1) != 1 or K % 16:
         raise ValueError(f"TMA needs K-contiguous operands with K % 16 == 0, got K={K} "
                          f"a.stride={a.stride()} b.stride={b.stride()}")
-    config = config or CONFIGS[0]
-    meta = _constexprs(config, rows=row_scaled(N, b_scale), promote=promote, scales=scales)
+    rows = row_scaled(N, b_scale)
+    meta = _constexprs(config or _default_config(rows), rows=rows, promote=promote, scales=scales)
     # TMA rows must be 16-byte aligned: a ragged N gets a padded row pitch (the view hides it)
     pitch = triton.cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
     c = torch.empty((M, pitch), dtype=out_dtype, device=a.device)[:, :N]
@@ -339,13 +376,8 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
              for (name, box), t in zip(boxes.items(), (a, b, c, sa, sb)) if t is not None}
     descs.setdefault("sa_desc", descs["a_desc"])  # unread placeholders off the "tma" path
     descs.setdefault("sb_desc", descs["a_desc"])
-    # as many ring stages as shared memory holds beside the output pieces (FP32 output takes twice BF16's)
     sms, smem = _device_limits(a.device.index if a.device.index is not None else torch.cuda.current_device())
-    out_bytes = 2 * ROWS_PER_WARPGROUP * meta["BLOCK_N"] * out_dtype.itemsize
-    stage_bytes = (2 * ROWS_PER_WARPGROUP + meta["BLOCK_N"]) * TILE  # A and B tiles, E4M3
-    if on_tma:  # and the scales' boxes, FP32
-        stage_bytes += 4 * sum(math.prod(boxes[name]) for name in ("sa_desc", "sb_desc"))
-    meta["STAGES"] = min(meta["STAGES"], (smem - out_bytes) // stage_bytes)
+    meta["STAGES"] = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, on_tma, smem)
     tiles = triton.cdiv(M, 2 * ROWS_PER_WARPGROUP) * triton.cdiv(N, meta["BLOCK_N"])
     args = dict(descs, sa_ptr=a_scale, sb_ptr=b_scale, M=M, N=N, K=K, stride_sam=a_scale.stride(0),
                 stride_sak=a_scale.stride(1), stride_sbn=b_scale.stride(0), stride_sbk=b_scale.stride(1),
@@ -354,11 +386,28 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
     return c
 
 
+# Shared memory the kernel takes beyond its ring and output pieces: the ring's barriers and the
+# alignment padding after the small scale buffers (264 bytes in every configuration compiled for
+# sm_90a with Triton 3.6; tests/kernels/test_fp8_gemm_ws.py checks the bound on each)
+SMEM_OVERHEAD = 512
+
+
+def ring_stages(stages: int, block_n: int, out_itemsize: int, on_tma: bool, smem: int) -> int:
+    """At most ``stages`` ring stages, as many as ``smem`` bytes hold beside the two warpgroups'
+    64 x 128 output pieces (FP32 output takes twice BF16's)."""
+    out_bytes = 2 * ROWS_PER_WARPGROUP * TILE * out_itemsize
+    stage_bytes = (2 * ROWS_PER_WARPGROUP + block_n) * TILE  # A and B tiles, E4M3
+    if on_tma:  # and the scales' boxes, FP32
+        boxes = _blocks(block_n)
+        stage_bytes += 4 * sum(math.prod(boxes[name]) for name in ("sa_desc", "sb_desc"))
+    return min(stages, (smem - SMEM_OVERHEAD - out_bytes) // stage_bytes)
+
+
 @functools.lru_cache(maxsize=None)
 def _device_limits(index: int) -> tuple[int, int]:
-    """(SMs, usable shared memory per block less barriers and alignment) of a device."""
+    """(SMs, shared memory a block may opt in to) of a device."""
     props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 232448) - 1024
+    return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 232448)
 
 
 _COMPILED: dict = {}  # launch key -> Triton's compiled kernel
@@ -403,7 +452,7 @@ def compile_offline(config=None, rows=False, out_dtype=torch.bfloat16, promote: 
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    meta = _constexprs(config or CONFIGS[0], rows, promote, scales)
+    meta = _constexprs(config or _default_config(rows), rows, promote, scales)
     names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
     dtypes = {"a_desc": torch.float8_e4m3fn, "b_desc": torch.float8_e4m3fn, "c_desc": out_dtype,
               "sa_desc": torch.float32, "sb_desc": torch.float32}

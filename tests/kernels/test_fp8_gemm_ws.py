@@ -44,9 +44,11 @@ def _sass(ptx: str, tmp_path: Path) -> tuple[str, str]:
 
 
 @needs_gluon
-@pytest.mark.parametrize("config", fp8_gemm_ws.CONFIGS[:2])
+@pytest.mark.parametrize("config", [(128, 4, 16), (128, 5, 16), (256, 4, 16)])
 @pytest.mark.parametrize("row_scaled,out_dtype", [(False, torch.bfloat16), (True, torch.float32)])
 def test_compiles_for_hopper_without_spills(tmp_path, row_scaled, out_dtype, config):
+    if row_scaled and config[0] != 128:
+        pytest.skip("1x128-row B scales take 128-wide tiles only")
     kernel = fp8_gemm_ws.compile_offline(config=config, rows=row_scaled, out_dtype=out_dtype)
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx
@@ -56,9 +58,9 @@ def test_compiles_for_hopper_without_spills(tmp_path, row_scaled, out_dtype, con
     assert "C7515" not in report, "ptxas serialised the wgmmas: " + report
     assert not re.search(r"\b(LDL|STL)\b", sass), "registers went to local memory"
     ffma = len(re.findall(r"\bFFMA\b", sass))
-    # each math warpgroup holds 64 x 128 / 128 = 64 accumulator elements per thread; with 128x128
-    # weight blocks the promotion is exactly one FFMA each, nothing else
-    elements = 2 * 64
+    # each math warpgroup holds 64 x 128 / 128 = 64 accumulator elements per thread and 128-column
+    # piece; with 128x128 weight blocks the promotion is exactly one FFMA each, nothing else
+    elements = 2 * 64 * config[0] // 128
     if row_scaled:
         assert ffma >= elements
     else:
@@ -74,16 +76,33 @@ def test_tma_scale_path_reads_no_global_memory(tmp_path):
         report, sass = _sass(fp8_gemm_ws.compile_offline(scales=path).asm["ptx"], tmp_path)
         assert "0 bytes spill stores, 0 bytes spill loads" in report, report
         reports[path] = (len(re.findall(r"\bLDG\b", sass)), len(re.findall(r"\bFFMA\b", sass)))
-    assert reports["tma"] == (0, 2 * 64), reports
+    assert reports["tma"] == (0, 2 * 64 * fp8_gemm_ws.CONFIGS[0][0] // 128), reports
     assert reports["global"][0] > 0, reports
+
+
+@needs_gluon
+@pytest.mark.parametrize("config", fp8_gemm_ws.CONFIGS)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_ring_fits_in_shared_memory(config, out_dtype):
+    """The stages the wrapper picks for an H200 (227 KiB a block) fit: the compiled kernel's
+    shared memory, ring, output pieces, barriers and padding, is within the opt-in limit."""
+    optin = 232448
+    stages = fp8_gemm_ws.ring_stages(config[1], config[0], out_dtype.itemsize, True, optin)
+    assert stages >= 3, (config, stages)
+    kernel = fp8_gemm_ws.compile_offline(config=(config[0], stages, config[2]), out_dtype=out_dtype)
+    assert kernel.metadata.shared <= optin, (config, stages, kernel.metadata.shared)
+    if config[0] == 256 and config[1] >= 4 and out_dtype == torch.bfloat16:
+        assert stages == 4  # the output pieces take turns: room for a fourth stage
 
 
 def test_scale_path_names_are_checked():
     with pytest.raises(ValueError, match="scales='fast'"):
         fp8_gemm_ws._constexprs(fp8_gemm_ws.CONFIGS[0], rows=False, promote=True, scales="fast")
     with pytest.raises(ValueError, match="scales='tma'"):
-        fp8_gemm_ws._constexprs(fp8_gemm_ws.CONFIGS[0], rows=True, promote=True, scales="tma")
-    assert fp8_gemm_ws._constexprs(fp8_gemm_ws.CONFIGS[0], rows=True, promote=True)["SCALES"] == 0
+        fp8_gemm_ws._constexprs(fp8_gemm_ws.WIDTHS[128], rows=True, promote=True, scales="tma")
+    assert fp8_gemm_ws._constexprs(fp8_gemm_ws.WIDTHS[128], rows=True, promote=True)["SCALES"] == 0
+    with pytest.raises(ValueError, match="BLOCK_N must be 128"):
+        fp8_gemm_ws._constexprs(fp8_gemm_ws.WIDTHS[256], rows=True, promote=True)
 
 
 def test_tma_scales_layout():
