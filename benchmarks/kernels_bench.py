@@ -56,14 +56,30 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).norm() / ref.norm())
 
 
-def measure(fn, flops: float, ref: torch.Tensor | None) -> dict:
-    """TFLOPS and relative error of one GEMM; an unsupported baseline gives its error message."""
+def graph_ms(fn) -> float:
+    """GPU time alone: ``fn`` captured once in a CUDA graph (after a warm-up call has compiled,
+    tuned and dispatched it), the replays timed. An eager call also pays its host time, ~100 us
+    of Python for our launchers (docs/kernels.md), which is most of a small GEMM's."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+
+
+def measure(fn, flops: float, ref: torch.Tensor | None, graphed: bool = False) -> dict:
+    """TFLOPS and relative error of one GEMM (with ``graphed``, also from CUDA-graph replays); an
+    unsupported baseline gives its error message."""
     try:
         out = fn()
         ms = time_ms(fn)
+        ms_graph = graph_ms(fn) if graphed else None
     except (RuntimeError, ValueError) as exc:
         return {"error": str(exc).splitlines()[0][:120]}
     result = {"tflops": tflops(flops, ms), "ms": ms}
+    if ms_graph is not None:
+        result["tflops_graph"] = tflops(flops, ms_graph)
     if ref is not None:
         result["rel_err"] = rel_err(out, ref)
     return result
@@ -77,10 +93,11 @@ def gemm_case(a, sa, b, sb, out_dtype=torch.bfloat16) -> dict:
     flops = 2.0 * M * N * K
     case = {
         "ours": measure(lambda: fp8_gemm(a, sa, b, sb, out_dtype, backend="triton"), flops, ref),
-        "gluon": measure(lambda: fp8_gemm(a, sa, b, sb, out_dtype, backend="gluon"), flops, ref),
-        "scaled_mm": measure(lambda: fp8_gemm(a, sa, b, sb, out_dtype, backend="torch"), flops, ref),
+        "gluon": measure(lambda: fp8_gemm(a, sa, b, sb, out_dtype, backend="gluon"), flops, ref, graphed=True),
+        "scaled_mm": measure(lambda: fp8_gemm(a, sa, b, sb, out_dtype, backend="torch"), flops, ref, graphed=True),
     }
     case["auto"] = chosen_backend(a, sa, b, sb, out_dtype)
+    case["gluon_width"] = gemm_mod._BACKEND_CACHE.get(("gluon width", tuple(a.shape), tuple(b.shape), out_dtype))
     return case
 
 
@@ -169,24 +186,35 @@ def autotune_choices() -> list[str]:
 def _fmt(entry: dict, field: str = "tflops", digits: int = 0) -> str:
     if "error" in entry:
         return "n/a"
-    return f"{entry[field]:.{digits}f}" if field == "tflops" else f"{entry[field]:.1e}"
+    return f"{entry[field]:.{digits}f}" if field.startswith("tflops") else f"{entry[field]:.1e}"
 
 
 def render(meta: dict, dense: list[dict], grouped: list[dict], memory: dict, tunes: list[str]) -> str:
     out = [f"# kernels/ benchmark results\n\n{meta['date']} on {meta['device']} ({meta['sms']} SMs); "
            f"torch {meta['torch']}, triton {meta['triton']}.\n\nReproduce: `{meta['command']}`\n",
            "## Dense FP8 GEMM, forward y = x·Wᵀ (1×128 × 128×128 scales, BF16 out), M = 4096\n",
-           "\"ours Triton\" is `fp8_gemm_tma.py`, \"ours Gluon\" the warp-specialised `fp8_gemm_ws.py`; the ratio "
-           "is the better of the two over `_scaled_mm`.\n",
+           "\"ours Triton\" is `fp8_gemm_tma.py`, \"ours Gluon\" the warp-specialised `fp8_gemm_ws.py` (its tile "
+           "width, 128 or 256 columns, timed per shape: in brackets); the ratio is the better of the two over "
+           "`_scaled_mm`. One pass per shape in a fixed order: the sustained comparison at the target shape is "
+           "[kernels-sustained.md](kernels-sustained.md).\n",
            "| N × K | ours Triton | ours Gluon | ours rel err | _scaled_mm TFLOPS | _scaled_mm rel err "
            "| best ours / _scaled_mm | BF16 matmul TFLOPS | auto dispatch |", "|---|---|---|---|---|---|---|---|---|"]
     for r in dense:
         f = r["forward"]
         best = max(e["tflops"] for e in (f["ours"], f["gluon"]) if "error" not in e)
         ratio = best / f["scaled_mm"]["tflops"] if "error" not in f["scaled_mm"] else float("nan")
-        out.append(f"| {r['N']}×{r['K']} | {_fmt(f['ours'])} | {_fmt(f['gluon'])} | {_fmt(f['gluon'], 'rel_err')} | "
+        width = f" [{f['gluon_width']}]" if f.get("gluon_width") else ""
+        out.append(f"| {r['N']}×{r['K']} | {_fmt(f['ours'])} | {_fmt(f['gluon'])}{width} | {_fmt(f['gluon'], 'rel_err')} | "
                    f"{_fmt(f['scaled_mm'])} | {_fmt(f['scaled_mm'], 'rel_err')} | {ratio:.2f} | "
                    f"{_fmt(f['bf16_matmul'])} | {f['auto']} |")
+    out += ["\nThe same forward GEMMs timed as CUDA-graph replays (GPU time alone; an eager call above also "
+            "pays its host time, which is most of a GEMM under ~150 µs):\n",
+            "| N × K | ours Gluon | _scaled_mm | ours / _scaled_mm |", "|---|---|---|---|"]
+    for r in dense:
+        g, t = r["forward"]["gluon"], r["forward"]["scaled_mm"]
+        both = "error" not in g and "error" not in t
+        out.append(f"| {r['N']}×{r['K']} | {_fmt(g, 'tflops_graph')} | {_fmt(t, 'tflops_graph')} | "
+                   f"{g['tflops_graph'] / t['tflops_graph'] if both else float('nan'):.2f} |")
     out += ["\n## Dense FP8 GEMM, backward (same layers)\n",
             "dgrad dx = dy·W: M = 4096 rows, reduce over N. wgrad dW = dyᵀ·x: 1×128 × 1×128 (128×1 tiles "
             "along tokens), reduce over M = 4096, fp32 out.\n",

@@ -251,8 +251,8 @@ def fp8_gemm_gluon(a, a_scale, b, b_scale, out_dtype):
     # its tile width, timed once per problem size: 256-wide tiles move less data per FLOP, 128-wide
     # ones waste less where N is not a multiple of 256 (2112 columns: docs/kernels-results.md)
     key = ("gluon width", tuple(a.shape), tuple(b.shape), out_dtype)
-    width = pick_faster(key, {str(w): (lambda c=c: fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype, config=c))
-                              for w, c in WIDTHS.items()})
+    width = _BACKEND_CACHE.get(key) or pick_faster(
+        key, {str(w): (lambda c=c: fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype, config=c)) for w, c in WIDTHS.items()})
     return fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype, config=WIDTHS[int(width)])
 
 

@@ -32,12 +32,14 @@ tiles only), correct but slow. Gluon compiles for Hopper only: there is no inter
 the CPU tests compile this kernel for sm_90a offline and read its PTX, ptxas report and SASS.
 """
 
+import copy
 import functools
 import math
 
 import torch
 
 from .fp8_quant import row_scaled
+from .sass_yield import interleave_ffma
 from .triton_compat import INTERPRET, triton
 
 try:
@@ -62,6 +64,7 @@ ROWS_PER_WARPGROUP = 64  # one wgmma's M
 # (BLOCK_N, STAGES, GROUP_M); the default is the first (docs/kernels.md)
 CONFIGS = [(256, 4, 16), (256, 4, 8), (256, 3, 16), (128, 4, 16), (128, 5, 16), (128, 5, 8), (128, 6, 12)]
 WIDTHS = {256: CONFIGS[0], 128: CONFIGS[3]}  # what kernels.fp8_gemm's dispatch times, by tile width
+FFMA_YIELD_EVERY = 0  # the default of fp8_gemm_ws's ffma_yield (docs/kernels.md)
 PRODUCER_REGS = 40  # registers per thread the TMA warp keeps; the math warpgroups share the rest
 MATH_REGS = 232
 
@@ -312,6 +315,9 @@ def _default_config(rows: bool) -> tuple[int, int, int]:
     return WIDTHS[TILE] if rows else CONFIGS[0]
 
 
+CONSTEXPR_ARGS = ("ROW_SCALED_B", "SCALES", "PROMOTE", "BLOCK_N", "GROUP_M", "STAGES")
+
+
 def _constexprs(config, rows: bool, promote: bool, scales: str | None = None) -> dict:
     block_n, stages, group_m = config
     if block_n not in (TILE, 2 * TILE) or (rows and block_n != TILE):
@@ -348,14 +354,16 @@ def tma_scales(a_scale: torch.Tensor, b_scale: torch.Tensor) -> tuple[torch.Tens
 
 
 def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, promote: bool = True,
-                scales: str | None = None) -> torch.Tensor:
+                scales: str | None = None, ffma_yield: int | None = None) -> torch.Tensor:
     """C (M, N) = (a·a_scale)(b·b_scale)ᵀ on Hopper; a (M, K), b (N, K) E4M3 with K contiguous.
 
     a_scale (M, ceil(K/128)) fp32, any strides; b_scale (ceil(N/128), ceil(K/128)) for 128x128
     blocks or (N, ceil(K/128)) for 1x128 rows. ``config``: one tuple like those in ``CONFIGS``.
     ``promote=False`` ignores the scales and lets the tensor cores accumulate all of K: a different
     product, the benchmarks' upper bound for this kernel's data flow. ``scales``: a key of
-    ``SCALE_PATHS``; by default "tma" where it applies, else "global".
+    ``SCALE_PATHS``; by default "tma" where it applies, else "global". ``ffma_yield``: every how
+    many promotion FFMAs the warp scheduler may switch warps (kernels/sass_yield.py; 0 leaves
+    ptxas's code as it is); by default ``FFMA_YIELD_EVERY``.
     """
     if not HAVE_GLUON or INTERPRET or not a.is_cuda:
         raise RuntimeError("fp8_gemm_ws needs Triton's Gluon on a Hopper GPU (no interpreter path)")
@@ -364,26 +372,37 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
     if a.stride(1) != 1 or b.stride(1) != 1 or K % 16:
         raise ValueError(f"TMA needs K-contiguous operands with K % 16 == 0, got K={K} "
                          f"a.stride={a.stride()} b.stride={b.stride()}")
-    rows = row_scaled(N, b_scale)
-    meta = _constexprs(config or _default_config(rows), rows=rows, promote=promote, scales=scales)
+    device = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    meta, on_tma, layouts, grid = _plan(M, N, K, out_dtype, config, row_scaled(N, b_scale), promote, scales, device)
     # TMA rows must be 16-byte aligned: a ragged N gets a padded row pitch (the view hides it)
     pitch = triton.cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
     c = torch.empty((M, pitch), dtype=out_dtype, device=a.device)[:, :N]
-    on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
     sa, sa_pitch, sb = tma_scales(a_scale, b_scale) if on_tma else (None, 0, None)
-    boxes = _blocks(meta["BLOCK_N"])
-    descs = {name: TensorDescriptor.from_tensor(t, box, _layout(name, tuple(box), t.dtype))
-             for (name, box), t in zip(boxes.items(), (a, b, c, sa, sb)) if t is not None}
+    descs = {name: TensorDescriptor.from_tensor(t, box, layout)
+             for (name, (box, layout)), t in zip(layouts.items(), (a, b, c, sa, sb)) if t is not None}
     descs.setdefault("sa_desc", descs["a_desc"])  # unread placeholders off the "tma" path
     descs.setdefault("sb_desc", descs["a_desc"])
-    sms, smem = _device_limits(a.device.index if a.device.index is not None else torch.cuda.current_device())
-    meta["STAGES"] = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, on_tma, smem)
-    tiles = triton.cdiv(M, 2 * ROWS_PER_WARPGROUP) * triton.cdiv(N, meta["BLOCK_N"])
     args = dict(descs, sa_ptr=a_scale, sb_ptr=b_scale, M=M, N=N, K=K, stride_sam=a_scale.stride(0),
                 stride_sak=a_scale.stride(1), stride_sbn=b_scale.stride(0), stride_sbk=b_scale.stride(1),
                 sa_pitch=sa_pitch, **meta)
-    _launch(min(tiles, sms), args, a.device)
+    _launch(grid, args, a.device, FFMA_YIELD_EVERY if ffma_yield is None else ffma_yield)
     return c
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(M: int, N: int, K: int, out_dtype, config, rows: bool, promote: bool, scales, device: int):
+    """What a problem size's launch needs besides its tensors, worked out once (a launch is
+    host-bound on the smaller shapes): the constexprs with the ring depth that fits, whether the
+    scales go through TMA, each descriptor's box and shared layout, and the persistent grid."""
+    meta = _constexprs(config or _default_config(rows), rows=rows, promote=promote, scales=scales)
+    on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
+    sms, smem = _device_limits(device)
+    meta["STAGES"] = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, on_tma, smem)
+    dtypes = (torch.float8_e4m3fn, torch.float8_e4m3fn, out_dtype, torch.float32, torch.float32)
+    layouts = {name: (box, _layout(name, tuple(box), dtype))
+               for (name, box), dtype in zip(_blocks(meta["BLOCK_N"]).items(), dtypes)}
+    tiles = triton.cdiv(M, 2 * ROWS_PER_WARPGROUP) * triton.cdiv(N, meta["BLOCK_N"])
+    return meta, on_tma, layouts, min(tiles, sms)
 
 
 # Shared memory the kernel takes beyond its ring and output pieces: the ring's barriers and the
@@ -413,36 +432,50 @@ def _device_limits(index: int) -> tuple[int, int]:
 _COMPILED: dict = {}  # launch key -> Triton's compiled kernel
 
 
+_INT_ARGS = ("M", "N", "K", "stride_sam", "stride_sak", "stride_sbn", "stride_sbk", "sa_pitch")
+_DESC_ARGS = ("a_desc", "b_desc", "c_desc", "sa_desc", "sb_desc")
+
+
 def _launch_key(args: dict, device) -> tuple:
     """What Triton specialises a compiled kernel on (runtime/jit.py, the binder): the constexprs,
     each descriptor's dtype and box, each pointer's 16-byte alignment, each integer's == 1,
-    % 16 and 64-bit range."""
-    key = [device.index]
-    for name, v in args.items():
-        if isinstance(v, bool) or not isinstance(v, (int, torch.Tensor)):
-            key.append(v if isinstance(v, (bool, str)) else (v.base.dtype, tuple(v.block_shape)))
-        elif isinstance(v, int):
-            key.append((v, ) if name.isupper() else (v == 1, v % 16 == 0, abs(v) >= 2**31))
-        else:
-            key.append((v.dtype, v.data_ptr() % 16 == 0))
+    % 16 and 64-bit range. Read by name: a loop testing every argument's type cost ~10 us."""
+    key = [device.index, *(args[name] for name in CONSTEXPR_ARGS)]
+    key += [(args[n].base.dtype, tuple(args[n].block_shape)) for n in _DESC_ARGS]
+    key += [(args[n].dtype, args[n].data_ptr() % 16 == 0) for n in ("sa_ptr", "sb_ptr")]
+    key += [(v == 1, v % 16 == 0, abs(v) >= 2**31) for v in (args[n] for n in _INT_ARGS)]
     return tuple(key)
 
 
-def _launch(grid: int, args: dict, device) -> None:
+def _launch(grid: int, args: dict, device, ffma_yield: int = 0) -> None:
     """Launch on ``grid`` programs. The first launch of a specialisation goes through Triton's JIT
     (compile and cache); later ones call the compiled kernel's launcher directly, as the JIT does
     after its lookup, which saves most of the ~170 us of Python a launch otherwise costs (binding
-    and specialising 22 arguments; docs/kernels.md)."""
-    key = _launch_key(args, device)
+    and specialising 22 arguments; docs/kernels.md). With ``ffma_yield`` the later launches run
+    a copy whose promotion FFMAs may yield (``with_ffma_yields``)."""
+    key = _launch_key(args, device) + (ffma_yield,)
     kernel = _COMPILED.get(key)
     if kernel is None:
-        _COMPILED[key] = _fp8_gemm_ws_kernel[(grid,)](**args, num_warps=4)
+        kernel = _fp8_gemm_ws_kernel[(grid,)](**args, num_warps=4)
+        _COMPILED[key] = with_ffma_yields(kernel, ffma_yield) if ffma_yield else kernel
         return
     bound = [args[n] for n in _fp8_gemm_ws_kernel.arg_names]
     stream = torch.cuda.current_stream(device).cuda_stream
     meta = kernel.launch_metadata((grid, 1, 1), stream, *bound)
     kernel.run(grid, 1, 1, stream, kernel.function, kernel.packed_metadata, meta,
                knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound)
+
+
+def with_ffma_yields(kernel, every: int):
+    """A copy of Triton's compiled kernel whose cubin lets every ``every``-th FFMA yield
+    (kernels/sass_yield.py), loaded as its own module; Triton's cached original is unchanged."""
+    patched, _ = interleave_ffma(kernel.asm["cubin"], every)
+    clone = copy.copy(kernel)
+    clone.asm = dict(kernel.asm, cubin=patched)
+    clone.kernel = patched
+    clone.module = clone.function = clone._run = None
+    clone._init_handles()
+    return clone
 
 
 def compile_offline(config=None, rows=False, out_dtype=torch.bfloat16, promote: bool = True,

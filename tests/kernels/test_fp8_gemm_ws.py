@@ -236,6 +236,20 @@ def test_auto_dispatch_considers_gluon():
     from kernels.fp8_gemm import _BACKEND_CACHE, chosen_backend, fp8_gemm
 
     a, sa, b, sb = _gemm_operands(4096, 7168, 2048, "forward", "cuda")
-    assert torch.equal(fp8_gemm(a, sa, b, sb, backend="gluon"), fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb))
+    out = fp8_gemm(a, sa, b, sb, backend="gluon")
+    width = _BACKEND_CACHE[("gluon width", tuple(a.shape), tuple(b.shape), torch.bfloat16)]
+    assert torch.equal(out, fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, config=fp8_gemm_ws.WIDTHS[int(width)]))
     assert chosen_backend(a, sa, b, sb) in ("triton", "gluon", "torch")
     assert len(_BACKEND_CACHE) >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("config", [fp8_gemm_ws.WIDTHS[256], fp8_gemm_ws.WIDTHS[128]])
+def test_ffma_yields_change_no_result(config):
+    """The yield post-pass changes scheduling hints only: the same output, bit for bit."""
+    a, sa, b, sb = _gemm_operands(1000, 2112, 1136, "forward", "cuda")
+    base = fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, config=config, ffma_yield=0)
+    for every in (1, 2, 4):
+        fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, config=config, ffma_yield=every)  # compiles, stores the patched copy
+        assert torch.equal(fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, config=config, ffma_yield=every), base), every
