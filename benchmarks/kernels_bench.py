@@ -138,6 +138,7 @@ def grouped_results() -> list[dict]:
         row = {
             "groups": groups, "m_per_group": m_per_group, "N": N, "K": K,
             "ours_fp8": measure(lambda: grouped_gemm_fp8(a, sa, b, sb, m_indices, backend="triton"), flops, ref_fp8),
+            "gluon_fp8": measure(lambda: grouped_gemm_fp8(a, sa, b, sb, m_indices, backend="gluon"), flops, ref_fp8),
             "scaled_mm_loop": measure(lambda: grouped_gemm_fp8(a, sa, b, sb, m_indices, backend="torch",
                                                                m_counts=counts), flops, ref_fp8),
             "auto_fp8": measure(lambda: grouped_gemm_fp8(a, sa, b, sb, m_indices, m_counts=counts), flops, ref_fp8),
@@ -228,14 +229,15 @@ def render(meta: dict, dense: list[dict], grouped: list[dict], memory: dict, tun
     out += ["\n## Grouped GEMM, contiguous layout (TFLOPS)\n",
             "Row counts per expert are passed on the host (`m_counts`, as DeepEP's dispatch returns them); the "
             "last-but-one column is the same loop when it has to read them from `m_indices` (one host sync).\n",
-            "| groups × rows | N × K | ours FP8 (Triton) | rel err | _scaled_mm per expert | auto FP8 (picks) "
-            "| ours BF16 | torch._grouped_mm BF16 | loop, counts synced | auto FP8 / _grouped_mm |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| groups × rows | N × K | ours FP8 (Triton) | ours FP8 (Gluon) | rel err (Gluon) | _scaled_mm per expert "
+            "| auto FP8 (picks) | ours BF16 | torch._grouped_mm BF16 | loop, counts synced | auto FP8 / _grouped_mm |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in grouped:
         base, auto = r["grouped_mm_bf16"], r["auto_fp8"]
         ratio = auto["tflops"] / base["tflops"] if "error" not in base and "error" not in auto else float("nan")
         out.append(f"| {r['groups']} × {r['m_per_group']} | {r['N']}×{r['K']} | {_fmt(r['ours_fp8'])} | "
-                   f"{_fmt(r['ours_fp8'], 'rel_err')} | {_fmt(r['scaled_mm_loop'])} | {_fmt(auto)} ({r['auto']}) | "
+                   f"{_fmt(r['gluon_fp8'])} | {_fmt(r['gluon_fp8'], 'rel_err')} | {_fmt(r['scaled_mm_loop'])} | "
+                   f"{_fmt(auto)} ({r['auto']}) | "
                    f"{_fmt(r['ours_bf16'])} | {_fmt(base)} | {_fmt(r['scaled_mm_loop_sync'])} | {ratio:.2f} |")
     out += ["\n## Memory-bound kernels (GB/s, bytes read + written)\n", "| kernel | GB/s |", "|---|---|"]
     for group in ("quant_gbps", "permute_gbps", "swiglu_gbps"):

@@ -248,12 +248,17 @@ def fp8_gemm_gluon(a, a_scale, b, b_scale, out_dtype):
     docs/kernels-sweep.md), so the auto dispatch drops it."""
     if not HAVE_GLUON or INTERPRET or not tma_eligible(a, b) or row_scaled(b.shape[0], b_scale):
         raise ValueError("the Gluon kernel needs Hopper, TMA-readable operands and 128x128 weight scales")
-    # its tile width, timed once per problem size: 256-wide tiles move less data per FLOP, 128-wide
-    # ones waste less where N is not a multiple of 256 (2112 columns: docs/kernels-results.md)
     key = ("gluon width", tuple(a.shape), tuple(b.shape), out_dtype)
-    width = _BACKEND_CACHE.get(key) or pick_faster(
-        key, {str(w): (lambda c=c: fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype, config=c)) for w, c in WIDTHS.items()})
-    return fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype, config=WIDTHS[int(width)])
+    config = gluon_config(key, lambda c: fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype, config=c))
+    return fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype, config=config)
+
+
+def gluon_config(key: tuple, run) -> tuple:
+    """The Gluon kernel's config for a problem, its tile width timed once per ``key`` (``run(config)``
+    launches it): 256-wide tiles move less data per FLOP, 128-wide ones waste less where N is not
+    a multiple of 256 (2112 columns: docs/kernels-results.md)."""
+    width = _BACKEND_CACHE.get(key) or pick_faster(key, {str(w): (lambda c=c: run(c)) for w, c in WIDTHS.items()})
+    return WIDTHS[int(width)]
 
 
 def scaled_mm_reliable(N: int, k_blocks: int) -> bool:

@@ -21,6 +21,9 @@ by role, each role its own partition:
 * the grid is persistent (one program per SM, tiles in L2-friendly bands of ``GROUP_M`` row tiles)
   and each warpgroup stores its half of the tile through TMA, one 64 x 128 piece at a time.
 
+With ``m_indices`` it is the MoE grouped GEMM in the contiguous layout (``grouped_gemm.py``): B is
+the experts' (E*N, K) stack and every 128-row tile takes its expert's rows of it.
+
 Measured on the H200 (docs/kernels.md, docs/kernels-sustained.md): with the scales read from
 global memory inside the K step (``scales="global"``, the first version) the first MMA of every
 step waited on that load, and the kernel ran ~25% slower at 4096x7168x16384 than with the scales
@@ -111,9 +114,26 @@ if HAVE_GLUON:
         return pid_m * BLOCK_M, pid_n * BLOCK_N
 
     @gluon.jit
-    def _producer(a_desc, b_desc, sa_desc, sb_desc, a_smem, b_smem, sa_smem, sb_smem, ready, empty, M, N, K,
-                  sa_pitch, SCALES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+    def _expert_tile(m_ptr, off_m, off_n, N, k_steps, GROUPED: gl.constexpr):
+        """(K steps, first row of B, first block row of B's scales) of the tile at (off_m, off_n).
+        Grouped (the contiguous layout): B is the experts' (E*N, K) stack and the tile's expert is
+        its first row's m_indices entry; a padding-only tile (-1) runs no K step and stores zeros."""
+        if GROUPED:
+            expert = gl.load(m_ptr + off_m)
+            steps = gl.where(expert >= 0, k_steps, 0)
+            expert = gl.maximum(expert, 0)
+            first_b = expert * N + off_n
+            first_sb = expert * gl.cdiv(N, TILE_C) + off_n // TILE_C
+        else:
+            steps = k_steps
+            first_b = off_n
+            first_sb = off_n // TILE_C
+        return steps, first_b, first_sb
+
+    @gluon.jit
+    def _producer(a_desc, b_desc, sa_desc, sb_desc, a_smem, b_smem, sa_smem, sb_smem, ready, empty, m_ptr, M, N,
+                  K, sa_pitch, SCALES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUPED: gl.constexpr):
         num_pid_m = gl.cdiv(M, BLOCK_M)
         num_pid_n = gl.cdiv(N, BLOCK_N)
         k_steps = gl.cdiv(K, TILE_C)
@@ -125,26 +145,27 @@ if HAVE_GLUON:
         counter = 0
         for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
-            for ki in range(k_steps):
+            steps, first_b, first_sb = _expert_tile(m_ptr, off_m, off_n, N, k_steps, GROUPED)
+            for ki in range(steps):
                 s = counter % STAGES
                 # a fresh barrier counts as released once: the first pass over the ring waits on nothing
                 mbarrier.wait(empty.index(s), ((counter // STAGES) & 1) ^ 1)
                 mbarrier.expect(ready.index(s), nbytes)
                 tma.async_copy_global_to_shared(a_desc, [off_m, ki * TILE_C], ready.index(s), a_smem.index(s))
-                tma.async_copy_global_to_shared(b_desc, [off_n, ki * TILE_C], ready.index(s), b_smem.index(s))
+                tma.async_copy_global_to_shared(b_desc, [first_b, ki * TILE_C], ready.index(s), b_smem.index(s))
                 if SCALES == SCALES_TMA_C:
                     # the K block's scales ride with its operands: A's 128 row scales (MN-major, so
                     # contiguous) and the aligned group of four that holds B's block scale
                     tma.async_copy_global_to_shared(sa_desc, [ki * sa_pitch + off_m], ready.index(s), sa_smem.index(s))
-                    tma.async_copy_global_to_shared(sb_desc, [off_n // TILE_C, ki // 4 * 4], ready.index(s),
+                    tma.async_copy_global_to_shared(sb_desc, [first_sb, ki // 4 * 4], ready.index(s),
                                                     sb_smem.index(s))
                 counter += 1
 
     @gluon.jit
-    def _math(c_desc, a_smem, b_smem, sa_smem, sb_smem, c_smem, ready, empty, sa_ptr, sb_ptr, M, N, K,
+    def _math(c_desc, a_smem, b_smem, sa_smem, sb_smem, c_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, M, N, K,
               stride_sam, stride_sak, stride_sbn, stride_sbk, HALF: gl.constexpr, ROW_SCALED_B: gl.constexpr,
               SCALES: gl.constexpr, PROMOTE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+              GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUPED: gl.constexpr):
         """One math warpgroup: rows HALF*64 .. HALF*64+63 of every output tile, in 128-column pieces
         (BLOCK_N = 256 is two pieces that share one A tile and one stage, for half the A traffic per
         FLOP; each piece is its own 64x128 accumulator, and both pieces' MMAs use one set of partial
@@ -167,6 +188,7 @@ if HAVE_GLUON:
         counter = 0
         for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
+            steps, _, first_sb = _expert_tile(m_ptr, off_m, off_n, N, k_steps, GROUPED)
             off_m = off_m + HALF * ROWS
             offs_m = off_m + gl.arange(0, ROWS, layout=row_layout)
             sa_ptrs = sa_ptr + offs_m * stride_sam
@@ -176,10 +198,10 @@ if HAVE_GLUON:
                 sb_ptrs = sb_ptr + offs_n * stride_sbn
                 n_mask = offs_n < N
             else:
-                sb_ptrs = sb_ptr + (off_n // TILE_C) * stride_sbn
+                sb_ptrs = sb_ptr + first_sb * stride_sbn
             acc0 = gl.zeros([ROWS, TILE_C], gl.float32, layout)
             acc1 = gl.zeros([ROWS, TILE_C], gl.float32, layout)  # the second piece (BLOCK_N = 256)
-            for ki in range(k_steps):
+            for ki in range(steps):
                 if SCALES == SCALES_GLOBAL_C:
                     # the scales' loads go out before the wait (a column's scales, 32 registers a
                     # thread, wait until the MMA has its registers back)
@@ -235,6 +257,10 @@ if HAVE_GLUON:
                         acc0 = warpgroup_mma_wait(num_outstanding=0, deps=[acc0])
                     mbarrier.arrive(empty.index(s), count=1)
                 counter += 1
+            if GROUPED:  # padding rows (m_indices -1) come out as zeros, whatever A holds there
+                real = gl.load(m_ptr + offs_m, mask=m_mask, other=-1) >= 0
+                acc0 = gl.where(real[:, None], acc0, 0.0)
+                acc1 = gl.where(real[:, None], acc1, 0.0)
             # epilogue: the previous tile's stores must have left c_smem before it is overwritten
             tma.store_wait(pendings=0)
             c_smem.index(0).store(acc0.to(c_desc.dtype))
@@ -249,9 +275,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _fp8_gemm_ws_kernel(
-        a_desc, b_desc, c_desc, sa_desc, sb_desc, sa_ptr, sb_ptr, M, N, K, stride_sam, stride_sak, stride_sbn,
-        stride_sbk, sa_pitch, ROW_SCALED_B: gl.constexpr, SCALES: gl.constexpr, PROMOTE: gl.constexpr,
-        BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+        a_desc, b_desc, c_desc, sa_desc, sb_desc, sa_ptr, sb_ptr, m_ptr, M, N, K, stride_sam, stride_sak,
+        stride_sbn, stride_sbk, sa_pitch, ROW_SCALED_B: gl.constexpr, SCALES: gl.constexpr, PROMOTE: gl.constexpr,
+        BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUPED: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = 2 * ROWS_C
         PIECES: gl.constexpr = BLOCK_N // TILE_C
@@ -274,14 +300,14 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(i), count=2)  # one arrival per math warpgroup
         fence_async_shared()
         gl.warp_specialize([
-            (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c0_smem, ready, empty, sa_ptr, sb_ptr, M, N, K,
-                     stride_sam, stride_sak, stride_sbn, stride_sbk, 0, ROW_SCALED_B, SCALES, PROMOTE, BLOCK_M,
-                     BLOCK_N, GROUP_M, STAGES)),
-            (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c1_smem, ready, empty, sa_ptr, sb_ptr, M, N, K,
-                     stride_sam, stride_sak, stride_sbn, stride_sbk, 1, ROW_SCALED_B, SCALES, PROMOTE, BLOCK_M,
-                     BLOCK_N, GROUP_M, STAGES)),
-            (_producer, (a_desc, b_desc, sa_desc, sb_desc, a_smem, b_smem, sa_smem, sb_smem, ready, empty, M, N, K,
-                         sa_pitch, SCALES, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
+            (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c0_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, M, N,
+                     K, stride_sam, stride_sak, stride_sbn, stride_sbk, 0, ROW_SCALED_B, SCALES, PROMOTE, BLOCK_M,
+                     BLOCK_N, GROUP_M, STAGES, GROUPED)),
+            (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c1_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, M, N,
+                     K, stride_sam, stride_sak, stride_sbn, stride_sbk, 1, ROW_SCALED_B, SCALES, PROMOTE, BLOCK_M,
+                     BLOCK_N, GROUP_M, STAGES, GROUPED)),
+            (_producer, (a_desc, b_desc, sa_desc, sb_desc, a_smem, b_smem, sa_smem, sb_smem, ready, empty, m_ptr, M,
+                         N, K, sa_pitch, SCALES, BLOCK_M, BLOCK_N, GROUP_M, STAGES, GROUPED)),
         ], [4, 1], [MATH_REGS_C, PRODUCER_REGS_C])
 
 
@@ -315,10 +341,10 @@ def _default_config(rows: bool) -> tuple[int, int, int]:
     return WIDTHS[TILE] if rows else CONFIGS[0]
 
 
-CONSTEXPR_ARGS = ("ROW_SCALED_B", "SCALES", "PROMOTE", "BLOCK_N", "GROUP_M", "STAGES")
+CONSTEXPR_ARGS = ("ROW_SCALED_B", "SCALES", "PROMOTE", "BLOCK_N", "GROUP_M", "STAGES", "GROUPED")
 
 
-def _constexprs(config, rows: bool, promote: bool, scales: str | None = None) -> dict:
+def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, grouped: bool = False) -> dict:
     block_n, stages, group_m = config
     if block_n not in (TILE, 2 * TILE) or (rows and block_n != TILE):
         raise ValueError(f"config={config}: BLOCK_N must be 128, or 256 with 128x128 weight scales")
@@ -327,7 +353,7 @@ def _constexprs(config, rows: bool, promote: bool, scales: str | None = None) ->
         raise ValueError(f"scales={scales!r}: one of {sorted(SCALE_PATHS)}; 'tma' and 'none' need "
                          "128x128 weight scales")
     return {"ROW_SCALED_B": rows, "SCALES": SCALE_PATHS[scales], "PROMOTE": promote, "BLOCK_N": block_n,
-            "GROUP_M": group_m, "STAGES": stages}
+            "GROUP_M": group_m, "STAGES": stages, "GROUPED": grouped}
 
 
 def tma_scales(a_scale: torch.Tensor, b_scale: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -354,7 +380,8 @@ def tma_scales(a_scale: torch.Tensor, b_scale: torch.Tensor) -> tuple[torch.Tens
 
 
 def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, promote: bool = True,
-                scales: str | None = None, ffma_yield: int | None = None) -> torch.Tensor:
+                scales: str | None = None, ffma_yield: int | None = None,
+                m_indices: torch.Tensor | None = None) -> torch.Tensor:
     """C (M, N) = (a·a_scale)(b·b_scale)ᵀ on Hopper; a (M, K), b (N, K) E4M3 with K contiguous.
 
     a_scale (M, ceil(K/128)) fp32, any strides; b_scale (ceil(N/128), ceil(K/128)) for 128x128
@@ -364,16 +391,32 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
     ``SCALE_PATHS``; by default "tma" where it applies, else "global". ``ffma_yield``: every how
     many promotion FFMAs the warp scheduler may switch warps (kernels/sass_yield.py; 0 leaves
     ptxas's code as it is); by default ``FFMA_YIELD_EVERY``.
+
+    With ``m_indices`` (int32 (M,), each row's expert, -1 for padding) it is the MoE grouped GEMM
+    in the contiguous layout: b (E, N, K) viewable as (E*N, K), b_scale (E, ceil(N/128),
+    ceil(K/128)), M a multiple of 128 (one expert per 128-row tile); padding rows come out as zeros.
     """
     if not HAVE_GLUON or INTERPRET or not a.is_cuda:
         raise RuntimeError("fp8_gemm_ws needs Triton's Gluon on a Hopper GPU (no interpreter path)")
     M, K = a.shape
-    N = b.shape[0]
+    grouped = m_indices is not None
+    if grouped:
+        if b.dim() != 3 or b_scale.dim() != 3 or M % TILE or m_indices.dtype != torch.int32:
+            raise ValueError(f"grouped: need b (E, N, K), b_scale (E, n_blocks, k_blocks), M % 128 == 0 and int32 "
+                             f"m_indices; got b {tuple(b.shape)}, b_scale {tuple(b_scale.shape)}, M={M}, "
+                             f"m_indices {m_indices.dtype}")
+        experts, N = b.shape[0], b.shape[1]
+        if b.stride(2) != 1 or b.stride(1) != K or b.stride(0) != N * K:
+            raise ValueError(f"grouped: b must be contiguous (E*N, K) for TMA, got strides {b.stride()}")
+        b, b_scale = b.view(experts * N, K), b_scale.reshape(-1, b_scale.shape[2])
+    else:
+        N = b.shape[0]
     if a.stride(1) != 1 or b.stride(1) != 1 or K % 16:
         raise ValueError(f"TMA needs K-contiguous operands with K % 16 == 0, got K={K} "
                          f"a.stride={a.stride()} b.stride={b.stride()}")
     device = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    meta, on_tma, layouts, grid = _plan(M, N, K, out_dtype, config, row_scaled(N, b_scale), promote, scales, device)
+    rows = not grouped and row_scaled(N, b_scale)
+    meta, on_tma, layouts, grid = _plan(M, N, K, out_dtype, config, rows, promote, scales, device, grouped)
     # TMA rows must be 16-byte aligned: a ragged N gets a padded row pitch (the view hides it)
     pitch = triton.cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
     c = torch.empty((M, pitch), dtype=out_dtype, device=a.device)[:, :N]
@@ -382,19 +425,20 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
              for (name, (box, layout)), t in zip(layouts.items(), (a, b, c, sa, sb)) if t is not None}
     descs.setdefault("sa_desc", descs["a_desc"])  # unread placeholders off the "tma" path
     descs.setdefault("sb_desc", descs["a_desc"])
-    args = dict(descs, sa_ptr=a_scale, sb_ptr=b_scale, M=M, N=N, K=K, stride_sam=a_scale.stride(0),
-                stride_sak=a_scale.stride(1), stride_sbn=b_scale.stride(0), stride_sbk=b_scale.stride(1),
-                sa_pitch=sa_pitch, **meta)
+    args = dict(descs, sa_ptr=a_scale, sb_ptr=b_scale, m_ptr=m_indices if grouped else a_scale, M=M, N=N, K=K,
+                stride_sam=a_scale.stride(0), stride_sak=a_scale.stride(1), stride_sbn=b_scale.stride(0),
+                stride_sbk=b_scale.stride(1), sa_pitch=sa_pitch, **meta)
     _launch(grid, args, a.device, FFMA_YIELD_EVERY if ffma_yield is None else ffma_yield)
     return c
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(M: int, N: int, K: int, out_dtype, config, rows: bool, promote: bool, scales, device: int):
+def _plan(M: int, N: int, K: int, out_dtype, config, rows: bool, promote: bool, scales, device: int,
+          grouped: bool = False):
     """What a problem size's launch needs besides its tensors, worked out once (a launch is
     host-bound on the smaller shapes): the constexprs with the ring depth that fits, whether the
     scales go through TMA, each descriptor's box and shared layout, and the persistent grid."""
-    meta = _constexprs(config or _default_config(rows), rows=rows, promote=promote, scales=scales)
+    meta = _constexprs(config or _default_config(rows), rows=rows, promote=promote, scales=scales, grouped=grouped)
     on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
     sms, smem = _device_limits(device)
     meta["STAGES"] = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, on_tma, smem)
@@ -442,7 +486,7 @@ def _launch_key(args: dict, device) -> tuple:
     % 16 and 64-bit range. Read by name: a loop testing every argument's type cost ~10 us."""
     key = [device.index, *(args[name] for name in CONSTEXPR_ARGS)]
     key += [(args[n].base.dtype, tuple(args[n].block_shape)) for n in _DESC_ARGS]
-    key += [(args[n].dtype, args[n].data_ptr() % 16 == 0) for n in ("sa_ptr", "sb_ptr")]
+    key += [(args[n].dtype, args[n].data_ptr() % 16 == 0) for n in ("sa_ptr", "sb_ptr", "m_ptr")]
     key += [(v == 1, v % 16 == 0, abs(v) >= 2**31) for v in (args[n] for n in _INT_ARGS)]
     return tuple(key)
 
@@ -479,13 +523,13 @@ def with_ffma_yields(kernel, every: int):
 
 
 def compile_offline(config=None, rows=False, out_dtype=torch.bfloat16, promote: bool = True,
-                    capability: int = 90, scales: str | None = None):
+                    capability: int = 90, scales: str | None = None, grouped: bool = False):
     """Compile the kernel for ``sm_{capability}`` without a GPU and return Triton's compiled kernel
     (its ``.asm["ptx"]``; register counts need ptxas, which the tests run on it)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    meta = _constexprs(config or _default_config(rows), rows, promote, scales)
+    meta = _constexprs(config or _default_config(rows), rows, promote, scales, grouped)
     names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
     dtypes = {"a_desc": torch.float8_e4m3fn, "b_desc": torch.float8_e4m3fn, "c_desc": out_dtype,
               "sa_desc": torch.float32, "sb_desc": torch.float32}
@@ -497,7 +541,7 @@ def compile_offline(config=None, rows=False, out_dtype=torch.bfloat16, promote: 
         key = "a_desc" if placeholder else name
         box, layout = blocks[key], _layout(key, tuple(blocks[key]), dtypes[key])
         signature[name] = f"tensordesc<{names.get(dtypes[key], 'fp8e4nv')}[{', '.join(map(str, box))}],{layout!r}>"
-    signature |= {"sa_ptr": "*fp32", "sb_ptr": "*fp32"}
+    signature |= {"sa_ptr": "*fp32", "sb_ptr": "*fp32", "m_ptr": "*i32" if grouped else "*fp32"}
     signature |= {n: "i32" for n in ("M", "N", "K", "stride_sam", "stride_sak", "stride_sbn", "stride_sbk",
                                      "sa_pitch")}
     signature |= {n: "constexpr" for n in meta}

@@ -11,15 +11,17 @@ same kernel with K split at ``seg_offsets (E + 1,)`` and one output matrix per e
 (``MODE_GROUPED_K``). FP8 versions use 1×128 / 128×128 scales like ``fp8_gemm``; the BF16 versions
 are the same kernels with the scaling compiled out.
 
-``backend="auto"`` (on CUDA) times the Triton kernel once per problem size against torch built-ins
-and keeps the faster: for FP8 a loop of block-scaled ``torch._scaled_mm`` over the experts (good when
-experts are few and large), for BF16 ``torch._grouped_mm``. The built-ins compute padding rows as
+``backend="auto"`` (on CUDA) times the Triton kernel once per problem size against the
+alternatives and keeps the fastest: for FP8 the warp-specialised Gluon kernel of ``fp8_gemm_ws.py``
+in its grouped mode (Hopper) and a loop of block-scaled ``torch._scaled_mm`` over the experts (good
+when experts are few and large), for BF16 ``torch._grouped_mm``. The built-ins compute padding rows as
 a · b, zero when a's padding rows are zero (``moe_permute`` writes zeros there); Triton writes zeros.
 """
 
 import torch
 
 from .fp8_gemm import (
+    HAVE_GLUON,
     INTERPRET,
     MODE_GROUPED_K,
     MODE_GROUPED_M,
@@ -27,6 +29,8 @@ from .fp8_gemm import (
     fp8_gemm_triton,
     check_fp8_operands,
     fp8_gemm_torch,
+    fp8_gemm_ws,
+    gluon_config,
     launch_gemm,
     pick_faster,
     scaled_mm_reliable,
@@ -39,9 +43,10 @@ def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _resolve(backend: str, a: torch.Tensor) -> str:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend={backend!r} must be 'auto', 'triton' or 'torch'")
+def _resolve(backend: str, a: torch.Tensor, gluon: bool = False) -> str:
+    names = ("auto", "triton", "gluon", "torch") if gluon else ("auto", "triton", "torch")
+    if backend not in names:
+        raise ValueError(f"backend={backend!r} must be one of {', '.join(map(repr, names))}")
     if backend == "auto" and (not a.is_cuda or INTERPRET):
         return "triton"
     return backend
@@ -103,6 +108,18 @@ def _grouped_fp8_triton(a, a_scale, b, b_scale, m_indices, out_dtype):
     return c
 
 
+def _grouped_fp8_gluon(a, a_scale, b, b_scale, m_indices, out_dtype):
+    """The warp-specialised Gluon kernel (``fp8_gemm_ws.py``) in its grouped mode: B is the experts'
+    contiguous (E*N, K) stack and each 128-row tile takes its expert's rows. ValueError where it
+    does not apply (off Hopper, operands TMA cannot read), so the auto dispatch drops it."""
+    if (not HAVE_GLUON or INTERPRET or not a.is_cuda or a.stride(1) != 1 or a.shape[1] % 16
+            or not b.is_contiguous() or m_indices.dtype != torch.int32):
+        raise ValueError("the Gluon kernel needs Hopper, a K-contiguous, contiguous experts' weights and int32 m_indices")
+    key = ("grouped gluon width", _bucket(a.shape[0]), tuple(b.shape), out_dtype)
+    config = gluon_config(key, lambda c: fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype, config=c, m_indices=m_indices))
+    return fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype, config=config, m_indices=m_indices)
+
+
 def grouped_gemm_fp8(
     a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
     m_indices: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
@@ -112,7 +129,8 @@ def grouped_gemm_fp8(
 
     a (M_total, K) E4M3, a_scale (M_total, ceil(K/128)); b (E, N, K) E4M3 (any strides), b_scale
     (E, ceil(N/128), ceil(K/128)). Padding rows (m_indices = -1) come out as zeros.
-    backend: "auto" | "triton" | "torch" (per-expert torch._scaled_mm).
+    backend: "auto" | "triton" | "gluon" (the warp-specialised Hopper kernel) | "torch" (per-expert
+    torch._scaled_mm).
     m_counts: real rows per expert on the host, if the caller has them (DeepEP's dispatch returns
     them as a list); the per-expert loop then never waits for the GPU to learn the segments.
     """
@@ -127,12 +145,13 @@ def grouped_gemm_fp8(
             raise ValueError(f"m_counts={m_counts[:8]}{'...' if len(m_counts) > 8 else ''} must hold {b.shape[0]} "
                              f"non-negative row counts whose 128-padded sum fits M_total={a.shape[0]}")
     args = (a, a_scale, b, b_scale, m_indices, out_dtype)
-    backend = _resolve(backend, a)
+    backend = _resolve(backend, a, gluon=True)
+    runs = {"triton": lambda: _grouped_fp8_triton(*args), "gluon": lambda: _grouped_fp8_gluon(*args),
+            "torch": lambda: _grouped_fp8_torch(*args, m_counts)}
     if backend == "auto":
         key = ("grouped_fp8", _bucket(a.shape[0]), tuple(b.shape), b.stride(), out_dtype)
-        backend = pick_faster(key, {"triton": lambda: _grouped_fp8_triton(*args),
-                                    "torch": lambda: _grouped_fp8_torch(*args, m_counts)})
-    return _grouped_fp8_torch(*args, m_counts) if backend == "torch" else _grouped_fp8_triton(*args)
+        backend = pick_faster(key, runs)
+    return runs[backend]()
 
 
 def grouped_gemm_bf16(a: torch.Tensor, b: torch.Tensor, m_indices: torch.Tensor,
@@ -199,7 +218,8 @@ def grouped_wgrad_fp8(
 
     a_t = dyᵀ (N, M_total) and b_t = xᵀ (K, M_total), E4M3 with 128×1 scales (from
     ``quant_act_128x1_t``): (N, M_total/128) and (K, M_total/128). Offsets are multiples of 128.
-    backend: "auto" | "triton" | "torch" (per-expert torch._scaled_mm).
+    backend: "auto" | "triton" | "gluon" (the warp-specialised Hopper kernel) | "torch" (per-expert
+    torch._scaled_mm).
     """
     check_fp8_operands(a_t, a_t_scale, b_t, b_t_scale)
     _check_segments(seg_offsets, a_t.shape[1])

@@ -253,3 +253,45 @@ def test_ffma_yields_change_no_result(config):
     for every in (1, 2, 4):
         fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, config=config, ffma_yield=every)  # compiles, stores the patched copy
         assert torch.equal(fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, config=config, ffma_yield=every), base), every
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("N,K", [(4096, 7168), (2112, 1536), (384, 272)])
+@pytest.mark.parametrize("config", [fp8_gemm_ws.WIDTHS[256], fp8_gemm_ws.WIDTHS[128]])
+def test_grouped_matches_float64(N, K, config, monkeypatch):
+    """The contiguous layout: experts with 0, 1, 130 and 1000 rows, a padding-only tile at the end,
+    padding rows of A that are not zero (they must still come out as zeros), a ragged N whose
+    256-wide tiles read into the next expert's rows (never stored), the forward and the dgrad
+    (transposed weight copy, non-contiguous scales); outputs poisoned before launch."""
+    from kernels.grouped_gemm import grouped_gemm_fp8, grouped_gemm_ref
+    from kernels.fp8_quant import dequant_blocks, dequant_rows
+    from tests.kernels.test_kernels import _contiguous_layout
+
+    counts = [130, 0, 1, 1000]
+    m_indices, _ = _contiguous_layout(counts, "cuda")
+    m_indices = torch.cat([m_indices, torch.full((128,), -1, dtype=torch.int32, device="cuda")])
+    M, E = m_indices.numel(), len(counts)
+    a, sa = quant_act_1x128(rand(M, K, seed=21, device="cuda"))  # padding rows hold data
+    b, sb, bt = quant_weight_128x128(rand(E, N, K, seed=22, device="cuda"), transposed=True)
+    real_empty = torch.empty
+
+    def poisoned(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    for (w, sw, ref_w) in ((b, sb, dequant_blocks(b, sb)), (bt, sb.mT, dequant_blocks(bt, sb.mT))):
+        if w is bt:
+            a_, sa_ = quant_act_1x128(rand(M, N, seed=23, device="cuda"))
+        else:
+            a_, sa_ = a, sa
+        ref = grouped_gemm_ref(dequant_rows(a_, sa_), ref_w, m_indices)  # zeros on padding rows
+        out = fp8_gemm_ws.fp8_gemm_ws(a_, sa_, w.contiguous(), sw, torch.float32, config=config, m_indices=m_indices)
+        assert torch.isfinite(out).all(), "unwritten (poisoned) output"
+        assert (out[m_indices < 0] == 0).all()
+        err = float((out.double() - ref).norm() / ref.norm())
+        assert err < 1e-3, (config, w is bt, err)
+    ref = grouped_gemm_ref(dequant_rows(a, sa), dequant_blocks(b, sb), m_indices)
+    via_dispatch = grouped_gemm_fp8(a, sa, b, sb, m_indices, torch.float32, backend="gluon")
+    assert float((via_dispatch.double() - ref).norm() / ref.norm()) < 1e-3
