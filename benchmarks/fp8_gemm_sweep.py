@@ -41,8 +41,6 @@ SWEEP = [  # (BLOCK_M, BLOCK_N, warps, stages, FLATTEN, WARP_SPECIALIZE, DEFER, 
 ]
 
 
-
-
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 

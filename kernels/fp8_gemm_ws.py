@@ -319,6 +319,12 @@ def _blocks(block_n: int) -> dict[str, list[int]]:
             "sa_desc": [2 * ROWS_PER_WARPGROUP], "sb_desc": [8, 4]}
 
 
+def _desc_dtypes(out_dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Element type of each descriptor: E4M3 operands, the output, FP32 scales."""
+    return {"a_desc": torch.float8_e4m3fn, "b_desc": torch.float8_e4m3fn, "c_desc": out_dtype,
+            "sa_desc": torch.float32, "sb_desc": torch.float32}
+
+
 @functools.lru_cache(maxsize=None)
 def _layout(name: str, box: tuple[int, ...], dtype: torch.dtype):
     """Shared-memory layout of a descriptor's box (cached: Gluon builds one in ~25 us of Python)."""
@@ -331,7 +337,7 @@ def _layout(name: str, box: tuple[int, ...], dtype: torch.dtype):
 # its stage with the operands, so the promotion waits on shared memory only (DeepGEMM does the same
 # for A's). "global": each warpgroup loads them from global memory in the K step that uses them;
 # the first MMA of the step waits on that load (docs/kernels.md measures the difference). The 1x128
-# row scales of the weight gradient's B and the 256-wide tiles take this path. "none" ignores them:
+# row scales of the weight gradient's B take this path. "none" ignores them:
 # the promotion's cost without the scales, a diagnostic for the benchmarks.
 SCALE_PATHS = {"global": 0, "tma": 1, "none": 2}
 
@@ -442,9 +448,8 @@ def _plan(M: int, N: int, K: int, out_dtype, config, rows: bool, promote: bool, 
     on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
     sms, smem = _device_limits(device)
     meta["STAGES"] = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, on_tma, smem)
-    dtypes = (torch.float8_e4m3fn, torch.float8_e4m3fn, out_dtype, torch.float32, torch.float32)
-    layouts = {name: (box, _layout(name, tuple(box), dtype))
-               for (name, box), dtype in zip(_blocks(meta["BLOCK_N"]).items(), dtypes)}
+    dtypes = _desc_dtypes(out_dtype)
+    layouts = {name: (box, _layout(name, tuple(box), dtypes[name])) for name, box in _blocks(meta["BLOCK_N"]).items()}
     tiles = triton.cdiv(M, 2 * ROWS_PER_WARPGROUP) * triton.cdiv(N, meta["BLOCK_N"])
     return meta, on_tma, layouts, min(tiles, sms)
 
@@ -531,8 +536,7 @@ def compile_offline(config=None, rows=False, out_dtype=torch.bfloat16, promote: 
 
     meta = _constexprs(config or _default_config(rows), rows, promote, scales, grouped)
     names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
-    dtypes = {"a_desc": torch.float8_e4m3fn, "b_desc": torch.float8_e4m3fn, "c_desc": out_dtype,
-              "sa_desc": torch.float32, "sb_desc": torch.float32}
+    dtypes = _desc_dtypes(out_dtype)
     blocks = _blocks(meta["BLOCK_N"])
     on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
     signature = {}

@@ -218,8 +218,7 @@ def grouped_wgrad_fp8(
 
     a_t = dyᵀ (N, M_total) and b_t = xᵀ (K, M_total), E4M3 with 128×1 scales (from
     ``quant_act_128x1_t``): (N, M_total/128) and (K, M_total/128). Offsets are multiples of 128.
-    backend: "auto" | "triton" | "gluon" (the warp-specialised Hopper kernel) | "torch" (per-expert
-    torch._scaled_mm).
+    backend: "auto" | "triton" | "torch" (per-expert torch._scaled_mm).
     """
     check_fp8_operands(a_t, a_t_scale, b_t, b_t_scale)
     _check_segments(seg_offsets, a_t.shape[1])
