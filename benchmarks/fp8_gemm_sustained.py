@@ -8,10 +8,10 @@ and one taken after another kernel has heated it are not comparable. This benchm
 ``torch._scaled_mm`` for ``--burn`` seconds, then times each case once per round, alternating the
 order between rounds, for ``--rounds`` rounds; each timing is the median of ``do_bench``'s
 repetitions, with the SM clock and the board power read right after it. Cases: our Gluon kernel
-(``kernels/fp8_gemm_ws.py``) with 128x256 and 128x128 tiles, each also with its promotion FFMAs
-allowed to yield (``kernels/sass_yield.py``), cuBLAS block-scaled ``_scaled_mm``, and two upper
-bounds that compute other products: the same data flow promoting without scales and not
-promoting at all.
+(``kernels/fp8_gemm_ws.py``) with 128x256 and 128x128 tiles, with the math warpgroups' three
+ways of sharing the tensor cores (``ORDERS``), with and without the promotion FFMAs allowed to
+yield (``kernels/sass_yield.py``), cuBLAS block-scaled ``_scaled_mm``, and two upper bounds that
+compute other products: the same data flow promoting without scales and not promoting at all.
 """
 
 import argparse
@@ -30,11 +30,13 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref  # noqa: E402
-from kernels.fp8_gemm_ws import WIDTHS, fp8_gemm_ws  # noqa: E402
+from kernels.fp8_gemm_ws import FFMA_YIELD_EVERY, ORDER, WIDTHS, fp8_gemm_ws  # noqa: E402
 from kernels.fp8_quant import quant_act_1x128, quant_weight_128x128  # noqa: E402
 from simulator.atomic_write import write_atomic  # noqa: E402
 
 M, N, K = 4096, 7168, 16384
+ORDER_NAMES = {"free": "warpgroups issue freely", "issue": "warpgroups issue in turn",
+               "complete": "one warpgroup's MMA at a time"}
 
 
 def clock_and_power() -> tuple[float, float]:
@@ -62,17 +64,21 @@ def main() -> None:
     sa_mn = sa.t().contiguous().t()  # MN-major: what the Gluon kernel's TMA reads, no copy per call
     ref = fp8_gemm_ref(a, sa, b, sb, torch.float32).double()
     flops = 2.0 * M * N * K
-    wide, narrow = WIDTHS[256], WIDTHS[128]
-    cases = {
-        "ours, Gluon 128x256 tiles (the default)": lambda: fp8_gemm_ws(a, sa_mn, b, sb, config=wide, ffma_yield=0),
-        "ours, 128x256, every 2nd FFMA may yield": lambda: fp8_gemm_ws(a, sa_mn, b, sb, config=wide, ffma_yield=2),
-        "ours, 128x256, every 4th FFMA may yield": lambda: fp8_gemm_ws(a, sa_mn, b, sb, config=wide, ffma_yield=4),
-        "ours, Gluon 128x128 tiles": lambda: fp8_gemm_ws(a, sa_mn, b, sb, config=narrow, ffma_yield=0),
-        "ours, 128x128, every 2nd FFMA may yield": lambda: fp8_gemm_ws(a, sa_mn, b, sb, config=narrow, ffma_yield=2),
-        "cuBLAS block-scaled _scaled_mm": lambda: fp8_gemm(a, sa, b, sb, backend="torch"),
-        "128x256, promotion without scales": lambda: fp8_gemm_ws(a, sa_mn, b, sb, config=wide, scales="none"),
-        "128x256, no promotion": lambda: fp8_gemm_ws(a, sa_mn, b, sb, config=wide, promote=False),
-    }
+
+    def ours(width, order, every, **kw):
+        return lambda: fp8_gemm_ws(a, sa_mn, b, sb, config=WIDTHS[width], ffma_yield=every, order=order, **kw)
+
+    def label(width, order, every):
+        text = f"ours, 128x{width}, {ORDER_NAMES[order]}" + (f", every {every}th FFMA may yield" if every else "")
+        return text + (" (the default)" if (width, order, every) == (256, ORDER, FFMA_YIELD_EVERY) else "")
+
+    variants = [(256, ORDER, FFMA_YIELD_EVERY), (256, "issue", 0), (256, "free", 0), (256, "free", FFMA_YIELD_EVERY),
+                (256, "complete", 0), (128, "issue", FFMA_YIELD_EVERY), (128, "issue", 0), (128, "free", 0),
+                (128, "complete", 0)]
+    cases = {label(*v): ours(*v) for v in dict.fromkeys(variants)}
+    cases["cuBLAS block-scaled _scaled_mm"] = lambda: fp8_gemm(a, sa, b, sb, backend="torch")
+    cases["128x256, promotion without scales"] = ours(256, ORDER, FFMA_YIELD_EVERY, scales="none")
+    cases["128x256, no promotion"] = ours(256, "free", 0, promote=False)
     exact = {name: name.startswith(("ours", "cuBLAS")) for name in cases}  # the last two: other products
     errors = {name: float((fn().double() - ref).norm() / ref.norm()) for name, fn in cases.items()}
     end = time.time() + args.burn

@@ -16,8 +16,9 @@ by role, each role its own partition:
   shared memory per FLOP than 128-wide tiles). For each piece a warpgroup issues its 128-deep MMA,
   waits for it and promotes (one FFMA per accumulator element: a 128x128 weight block's scale is
   folded into A's row scales); both pieces reuse one set of 64 partial-sum registers, so a
-  promoted 64 x 256 tile fits in 232 registers without spilling. There is no barrier between the
-  two warpgroups;
+  promoted 64 x 256 tile fits in 232 registers without spilling. By default the two warpgroups
+  issue their MMAs in turn (``ORDERS``: two named barriers, an arrive after each issue and a wait
+  before the next), and every 8th promotion FFMA may yield (``kernels/sass_yield.py``);
 * the grid is persistent (one program per SM, tiles in L2-friendly bands of ``GROUP_M`` row tiles)
   and each warpgroup stores its half of the tile through TMA, one 64 x 128 piece at a time.
 
@@ -67,9 +68,18 @@ ROWS_PER_WARPGROUP = 64  # one wgmma's M
 # (BLOCK_N, STAGES, GROUP_M); the default is the first (docs/kernels.md)
 CONFIGS = [(256, 4, 16), (256, 4, 8), (256, 3, 16), (128, 4, 16), (128, 5, 16), (128, 5, 8), (128, 6, 12)]
 WIDTHS = {256: CONFIGS[0], 128: CONFIGS[3]}  # what kernels.fp8_gemm's dispatch times, by tile width
-FFMA_YIELD_EVERY = 0  # the default of fp8_gemm_ws's ffma_yield (docs/kernels.md)
+FFMA_YIELD_EVERY = 8  # the default of fp8_gemm_ws's ffma_yield (docs/kernels.md)
+ORDER = "issue"  # the default of fp8_gemm_ws's order (ORDERS, below; docs/kernels.md)
 PRODUCER_REGS = 40  # registers per thread the TMA warp keeps; the math warpgroups share the rest
 MATH_REGS = 232
+# Named barriers the math warpgroups take turns on (``ORDERS``): above the ones Triton 3.6's warp
+# specialisation uses (0-2 in this kernel's SASS; tests/kernels/test_fp8_gemm_ws.py checks)
+TURN_BARRIERS = (8, 9)
+# How the two math warpgroups share the tensor cores. "free": each issues its MMAs when its
+# operands are ready. "issue": they issue alternately (each waits until the other has issued its
+# previous MMA). "complete": a warpgroup issues an MMA only once the other's previous MMA has
+# finished, so one promotes while the other's MMA runs (docs/kernels.md measures the three).
+ORDERS = {"free": 0, "issue": 1, "complete": 2}
 
 
 if HAVE_GLUON:
@@ -81,6 +91,14 @@ if HAVE_GLUON:
     SCALES_NONE_C = gl.constexpr(2)
     MATH_REGS_C = gl.constexpr(MATH_REGS)
     PRODUCER_REGS_C = gl.constexpr(PRODUCER_REGS)
+    # The turn-taking of ORDERS on named barriers TURN_BARRIERS (both math warpgroups' 256 threads),
+    # as inline PTX: warpgroup h arrives on barrier h when the other may go on ("issue": once it has
+    # issued an MMA; "complete": once that MMA is done) and bar.syncs on the other's before its next.
+    ARRIVE_0_C = gl.constexpr(f"bar.arrive {TURN_BARRIERS[0]}, 256;")
+    ARRIVE_1_C = gl.constexpr(f"bar.arrive {TURN_BARRIERS[1]}, 256;")
+    SYNC_0_C = gl.constexpr(f"bar.sync {TURN_BARRIERS[0]}, 256;")
+    SYNC_1_C = gl.constexpr(f"bar.sync {TURN_BARRIERS[1]}, 256;")
+    TIED_64_C = gl.constexpr(",".join(["=r"] * 64 + [str(i) for i in range(64)]))
 
     @gluon.jit
     def _larger(a, b):  # a combine function of our own: gl.max's is an interpreter object in CPU tests
@@ -100,6 +118,42 @@ if HAVE_GLUON:
         else:
             acc = partial * (sa * sb)[:, None] + acc
         return acc
+
+    @gluon.jit
+    def _on_registers(x, ASM: gl.constexpr):
+        """``ASM`` once per thread, after whatever produced ``x`` and before whatever reads the ``x``
+        it returns: the turn token (one register a thread) or a 64 x 128 accumulator (64 registers
+        a thread), passed through unchanged on tied operands (no instruction)."""
+        if x.numel == 4 * 32:
+            x = gl.inline_asm_elementwise(ASM, "=r,0", [x], dtype=x.dtype, is_pure=False, pack=1)
+        else:
+            x = gl.inline_asm_elementwise(ASM, TIED_64_C, [x], dtype=x.dtype, is_pure=False, pack=64)
+        return x
+
+    @gluon.jit
+    def _my_turn(x, HALF: gl.constexpr, ORDER: gl.constexpr):
+        """Wait until the other warpgroup has had its turn: warpgroup 1 before each of its MMAs
+        (on ``partial``), warpgroup 0 after each promotion (on the accumulator it just promoted),
+        which is also before its next MMA: the issues alternate, warpgroup 0 first."""
+        if ORDER != 0:
+            if HALF == 0:
+                x = _on_registers(x, SYNC_1_C)
+            else:
+                x = _on_registers(x, SYNC_0_C)
+        return x
+
+    @gluon.jit
+    def _your_turn(token, HALF: gl.constexpr, ORDER: gl.constexpr, WHEN: gl.constexpr):
+        """Let the other warpgroup take its turn (arrive, do not wait) if ``ORDER`` is ``WHEN``:
+        after an MMA's issue (1, "issue") or after its wait (2, "complete"; ptxas sinks a bare
+        arrive below the FFMAs that follow, so the caller reads B's scale after it: a shared
+        load stays behind the barrier)."""
+        if ORDER == WHEN:
+            if HALF == 0:
+                token = _on_registers(token, ARRIVE_0_C)
+            else:
+                token = _on_registers(token, ARRIVE_1_C)
+        return token
 
     @gluon.jit
     def _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -165,7 +219,7 @@ if HAVE_GLUON:
     def _math(c_desc, a_smem, b_smem, sa_smem, sb_smem, c_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, M, N, K,
               stride_sam, stride_sak, stride_sbn, stride_sbk, HALF: gl.constexpr, ROW_SCALED_B: gl.constexpr,
               SCALES: gl.constexpr, PROMOTE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUPED: gl.constexpr):
+              GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUPED: gl.constexpr, ORDER: gl.constexpr):
         """One math warpgroup: rows HALF*64 .. HALF*64+63 of every output tile, in 128-column pieces
         (BLOCK_N = 256 is two pieces that share one A tile and one stage, for half the A traffic per
         FLOP; each piece is its own 64x128 accumulator, and both pieces' MMAs use one set of partial
@@ -185,6 +239,7 @@ if HAVE_GLUON:
         k_steps = gl.cdiv(K, TILE_C)
         n_blocks = gl.cdiv(N, TILE_C)
         partial = gl.zeros([ROWS, TILE_C], gl.float32, layout)  # registers for the MMAs' partial sums
+        token = gl.full([4 * 32], 0, gl.int32, gl.BlockedLayout([1], [32], [4], [0]))  # ORDER "issue": one a thread
         counter = 0
         for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
@@ -221,15 +276,22 @@ if HAVE_GLUON:
                     sa = sa_smem.index(s).slice(HALF * ROWS, ROWS).load(row_layout)
                     # one load of the scale itself (selecting it out of the four cost ~5%: docs/kernels.md)
                     sb_flat = sb_smem._reinterpret(gl.float32, [STAGES * 32, 1, 1], flat_layout)
-                    sb0 = _scalar(sb_flat.index(s * 32 + ki % 4).load(one_layout))
-                    if PIECES == 2:  # the next block row of B's scales: the box's second row
-                        sb1 = _scalar(sb_flat.index(s * 32 + 4 + ki % 4).load(one_layout))
+                    if ORDER != 2:  # "complete" reads them after its turn's arrive
+                        sb0 = _scalar(sb_flat.index(s * 32 + ki % 4).load(one_layout))
+                        if PIECES == 2:  # the next block row of B's scales: the box's second row
+                            sb1 = _scalar(sb_flat.index(s * 32 + 4 + ki % 4).load(one_layout))
                 a = a_smem.index(s).slice(HALF * ROWS, ROWS)  # (ROWS, 128), K contiguous
                 b = b_smem.index(s)  # (BLOCK_N, 128); permuted below to K-major (128, 128) pieces
                 if PROMOTE:
+                    if HALF == 1:
+                        partial = _my_turn(partial, HALF, ORDER)
                     partial = warpgroup_mma(a, b.slice(0, TILE_C).permute((1, 0)), partial, use_acc=False,
                                             is_async=True)
+                    token = _your_turn(token, HALF, ORDER, 1)
                     partial = warpgroup_mma_wait(num_outstanding=0, deps=[partial])
+                    token = _your_turn(token, HALF, ORDER, 2)
+                    if ORDER == 2 and SCALES == SCALES_TMA_C:
+                        sb0 = _scalar(sb_flat.index(s * 32 + ki % 4).load(one_layout))
                     if PIECES == 1:
                         mbarrier.arrive(empty.index(s), count=1)
                     if ROW_SCALED_B:
@@ -237,17 +299,27 @@ if HAVE_GLUON:
                         acc0 = partial * (sa[:, None] * sb[None, :]) + acc0
                     else:
                         acc0 = _promote(partial, acc0, sa, sb0, SCALES)
+                    if HALF == 0:
+                        acc0 = _my_turn(acc0, HALF, ORDER)
                     if PIECES == 2:
                         # the second piece's MMA reuses the partial registers: pin the first piece's
                         # FFMAs before it (a volatile no-op on acc0), or the compiler hoists the MMA
                         # above them and needs a third 64-register set, which spills
                         acc0 = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [acc0], dtype=gl.float32,
                                                          is_pure=False, pack=1)
+                        if HALF == 1:
+                            partial = _my_turn(partial, HALF, ORDER)
                         partial = warpgroup_mma(a, b.slice(TILE_C, TILE_C).permute((1, 0)), partial, use_acc=False,
                                                 is_async=True)
+                        token = _your_turn(token, HALF, ORDER, 1)
                         partial = warpgroup_mma_wait(num_outstanding=0, deps=[partial])
+                        token = _your_turn(token, HALF, ORDER, 2)
+                        if ORDER == 2 and SCALES == SCALES_TMA_C:
+                            sb1 = _scalar(sb_flat.index(s * 32 + 4 + ki % 4).load(one_layout))
                         mbarrier.arrive(empty.index(s), count=1)
                         acc1 = _promote(partial, acc1, sa, sb1, SCALES)
+                        if HALF == 0:
+                            acc1 = _my_turn(acc1, HALF, ORDER)
                 else:  # no block scales at all: the same data flow's upper bound (benchmarks only)
                     acc0 = warpgroup_mma(a, b.slice(0, TILE_C).permute((1, 0)), acc0, is_async=True)
                     if PIECES == 2:
@@ -278,6 +350,7 @@ if HAVE_GLUON:
         a_desc, b_desc, c_desc, sa_desc, sb_desc, sa_ptr, sb_ptr, m_ptr, M, N, K, stride_sam, stride_sak,
         stride_sbn, stride_sbk, sa_pitch, ROW_SCALED_B: gl.constexpr, SCALES: gl.constexpr, PROMOTE: gl.constexpr,
         BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUPED: gl.constexpr,
+        ORDER: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = 2 * ROWS_C
         PIECES: gl.constexpr = BLOCK_N // TILE_C
@@ -302,10 +375,10 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c0_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, M, N,
                      K, stride_sam, stride_sak, stride_sbn, stride_sbk, 0, ROW_SCALED_B, SCALES, PROMOTE, BLOCK_M,
-                     BLOCK_N, GROUP_M, STAGES, GROUPED)),
+                     BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER)),
             (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c1_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, M, N,
                      K, stride_sam, stride_sak, stride_sbn, stride_sbk, 1, ROW_SCALED_B, SCALES, PROMOTE, BLOCK_M,
-                     BLOCK_N, GROUP_M, STAGES, GROUPED)),
+                     BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER)),
             (_producer, (a_desc, b_desc, sa_desc, sb_desc, a_smem, b_smem, sa_smem, sb_smem, ready, empty, m_ptr, M,
                          N, K, sa_pitch, SCALES, BLOCK_M, BLOCK_N, GROUP_M, STAGES, GROUPED)),
         ], [4, 1], [MATH_REGS_C, PRODUCER_REGS_C])
@@ -347,10 +420,11 @@ def _default_config(rows: bool) -> tuple[int, int, int]:
     return WIDTHS[TILE] if rows else CONFIGS[0]
 
 
-CONSTEXPR_ARGS = ("ROW_SCALED_B", "SCALES", "PROMOTE", "BLOCK_N", "GROUP_M", "STAGES", "GROUPED")
+CONSTEXPR_ARGS = ("ROW_SCALED_B", "SCALES", "PROMOTE", "BLOCK_N", "GROUP_M", "STAGES", "GROUPED", "ORDER")
 
 
-def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, grouped: bool = False) -> dict:
+def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, grouped: bool = False,
+                order: str | None = None) -> dict:
     block_n, stages, group_m = config
     if block_n not in (TILE, 2 * TILE) or (rows and block_n != TILE):
         raise ValueError(f"config={config}: BLOCK_N must be 128, or 256 with 128x128 weight scales")
@@ -358,8 +432,11 @@ def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, gr
     if scales not in SCALE_PATHS or (scales != "global" and rows):
         raise ValueError(f"scales={scales!r}: one of {sorted(SCALE_PATHS)}; 'tma' and 'none' need "
                          "128x128 weight scales")
+    order = order or ORDER
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r}: one of {sorted(ORDERS)}")
     return {"ROW_SCALED_B": rows, "SCALES": SCALE_PATHS[scales], "PROMOTE": promote, "BLOCK_N": block_n,
-            "GROUP_M": group_m, "STAGES": stages, "GROUPED": grouped}
+            "GROUP_M": group_m, "STAGES": stages, "GROUPED": grouped, "ORDER": ORDERS[order]}
 
 
 def tma_scales(a_scale: torch.Tensor, b_scale: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -387,7 +464,7 @@ def tma_scales(a_scale: torch.Tensor, b_scale: torch.Tensor) -> tuple[torch.Tens
 
 def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, promote: bool = True,
                 scales: str | None = None, ffma_yield: int | None = None,
-                m_indices: torch.Tensor | None = None) -> torch.Tensor:
+                m_indices: torch.Tensor | None = None, order: str | None = None) -> torch.Tensor:
     """C (M, N) = (a·a_scale)(b·b_scale)ᵀ on Hopper; a (M, K), b (N, K) E4M3 with K contiguous.
 
     a_scale (M, ceil(K/128)) fp32, any strides; b_scale (ceil(N/128), ceil(K/128)) for 128x128
@@ -396,7 +473,8 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
     product, the benchmarks' upper bound for this kernel's data flow. ``scales``: a key of
     ``SCALE_PATHS``; by default "tma" where it applies, else "global". ``ffma_yield``: every how
     many promotion FFMAs the warp scheduler may switch warps (kernels/sass_yield.py; 0 leaves
-    ptxas's code as it is); by default ``FFMA_YIELD_EVERY``.
+    ptxas's code as it is); by default ``FFMA_YIELD_EVERY``. ``order``: a key of ``ORDERS``, how the
+    two math warpgroups take turns on the tensor cores; by default ``ORDER``.
 
     With ``m_indices`` (int32 (M,), each row's expert, -1 for padding) it is the MoE grouped GEMM
     in the contiguous layout: b (E, N, K) viewable as (E*N, K), b_scale (E, ceil(N/128),
@@ -422,7 +500,8 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
                          f"a.stride={a.stride()} b.stride={b.stride()}")
     device = a.device.index if a.device.index is not None else torch.cuda.current_device()
     rows = not grouped and row_scaled(N, b_scale)
-    meta, on_tma, layouts, grid = _plan(M, N, K, out_dtype, config, rows, promote, scales, device, grouped)
+    meta, on_tma, layouts, grid = _plan(M, N, K, out_dtype, config, rows, promote, scales, device, grouped,
+                                       order or ORDER)
     # TMA rows must be 16-byte aligned: a ragged N gets a padded row pitch (the view hides it)
     pitch = triton.cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
     c = torch.empty((M, pitch), dtype=out_dtype, device=a.device)[:, :N]
@@ -440,11 +519,12 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
 
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, N: int, K: int, out_dtype, config, rows: bool, promote: bool, scales, device: int,
-          grouped: bool = False):
+          grouped: bool = False, order: str = "free"):
     """What a problem size's launch needs besides its tensors, worked out once (a launch is
     host-bound on the smaller shapes): the constexprs with the ring depth that fits, whether the
     scales go through TMA, each descriptor's box and shared layout, and the persistent grid."""
-    meta = _constexprs(config or _default_config(rows), rows=rows, promote=promote, scales=scales, grouped=grouped)
+    meta = _constexprs(config or _default_config(rows), rows=rows, promote=promote, scales=scales, grouped=grouped,
+                       order=order)
     on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
     sms, smem = _device_limits(device)
     meta["STAGES"] = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, on_tma, smem)
@@ -528,13 +608,14 @@ def with_ffma_yields(kernel, every: int):
 
 
 def compile_offline(config=None, rows=False, out_dtype=torch.bfloat16, promote: bool = True,
-                    capability: int = 90, scales: str | None = None, grouped: bool = False):
+                    capability: int = 90, scales: str | None = None, grouped: bool = False,
+                    order: str | None = None):
     """Compile the kernel for ``sm_{capability}`` without a GPU and return Triton's compiled kernel
     (its ``.asm["ptx"]``; register counts need ptxas, which the tests run on it)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    meta = _constexprs(config or _default_config(rows), rows, promote, scales, grouped)
+    meta = _constexprs(config or _default_config(rows), rows, promote, scales, grouped, order)
     names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
     dtypes = _desc_dtypes(out_dtype)
     blocks = _blocks(meta["BLOCK_N"])

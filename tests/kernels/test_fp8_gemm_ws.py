@@ -95,6 +95,78 @@ def test_ring_fits_in_shared_memory(config, out_dtype):
         assert stages == 4  # the output pieces take turns: room for a fourth stage
 
 
+def _math_loop(sass: str) -> list[list[str]]:
+    """The math warpgroups' K loops in the SASS, reduced to what orders them: barriers (opcode and
+    barrier id), mbarrier ops, warpgroup fences and waits, shared loads, and runs of MMAs and of
+    FFMAs collapsed to one "GMMA" or "FFMA" each (a loop runs from an mbarrier wait to its backward
+    branch; the TMA warp's has no MMA and is dropped)."""
+    loops, current = [], None
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4})\*/\s*(@!?U?P\d\s+)?([A-Z0-9_.]+)\s*([^,;]*)", line)
+        if not m:
+            continue
+        address, op, first = int(m.group(1), 16), m.group(3), m.group(4).strip()
+        if op.startswith("SYNCS.PHASECHK") and current is None:
+            current = []
+        if current is None:
+            continue
+        if op == "BRA" and int(first, 16) < address:  # a backward branch closes the loop
+            if "GMMA" in current:
+                loops.append(current)
+            current = None
+            continue
+        if op.startswith(("QGMMA", "HGMMA")):
+            name = "GMMA"
+        elif op == "FFMA":
+            name = "FFMA"
+        elif op.startswith("BAR."):
+            name = f"{op.split('.')[1]} {first}"
+        elif op.startswith(("WARPGROUP", "SYNCS", "LDS")):
+            name = op.split(".")[0] if op.startswith("LDS") else op
+        else:
+            continue
+        if not (name in ("GMMA", "FFMA") and current and current[-1] == name):
+            current.append(name)
+    return loops
+
+
+@needs_gluon
+@pytest.mark.parametrize("order", list(fp8_gemm_ws.ORDERS))
+def test_turn_taking_barriers_where_intended(tmp_path, order):
+    """The orders of ORDERS as ptxas leaves them. "free": no turn barrier, and the barriers it
+    takes (TURN_BARRIERS) are ones Triton's warp specialisation does not use. "issue": each
+    warpgroup arrives on its barrier right after issuing an MMA and syncs on the other's only
+    after its promotion's FFMAs. "complete": the arrive comes right after the MMA's wait and the
+    FFMAs only after it (B's scale is read behind it: a bare arrive would sink below them)."""
+    report, sass = _sass(fp8_gemm_ws.compile_offline(order=order).asm["ptx"], tmp_path)
+    assert "0 bytes spill stores, 0 bytes spill loads" in report, report
+    ids = {int(m, 16) for m in re.findall(r"BAR\.(?:SYNC|ARV|RED)[.A-Z_]*\s+0x([0-9a-f]+)", sass)}
+    turns = set(fp8_gemm_ws.TURN_BARRIERS)
+    loops = _math_loop(sass)
+    assert len(loops) == 2, loops  # one per math warpgroup
+    if order == "free":
+        assert not ids & turns, ids
+        return
+    assert turns <= ids, ids
+    for loop in loops:
+        text = " | ".join(loop)
+        syncs = re.findall(r"(\S+) \| SYNC (0x[89]) \| (\S+)", text)  # the turn waits: what is around them
+        arrives = re.findall(r"(\S+) \| ARV (0x[89]) \| (\S+)", text)
+        assert syncs and arrives and all(s[2] == "WARPGROUP.ARRIVE" for s in syncs), text  # right before an MMA
+        assert all(s[0] == "FFMA" for s in syncs[1:]), text  # after the previous promotion
+        if order == "issue":
+            assert all(a[0] == "GMMA" for a in arrives), text
+        else:
+            assert all(a[0] == "WARPGROUP.DEPBAR.LE" and a[2] == "LDS" for a in arrives), text
+
+
+def test_order_names_are_checked():
+    with pytest.raises(ValueError, match="order='alternate'"):
+        fp8_gemm_ws._constexprs(fp8_gemm_ws.CONFIGS[0], rows=False, promote=True, order="alternate")
+    assert fp8_gemm_ws._constexprs(fp8_gemm_ws.CONFIGS[0], rows=False, promote=True)["ORDER"] == \
+        fp8_gemm_ws.ORDERS[fp8_gemm_ws.ORDER]
+
+
 def test_scale_path_names_are_checked():
     with pytest.raises(ValueError, match="scales='fast'"):
         fp8_gemm_ws._constexprs(fp8_gemm_ws.CONFIGS[0], rows=False, promote=True, scales="fast")
@@ -253,6 +325,34 @@ def test_ffma_yields_change_no_result(config):
     for every in (1, 2, 4):
         fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, config=config, ffma_yield=every)  # compiles, stores the patched copy
         assert torch.equal(fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, config=config, ffma_yield=every), base), every
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("order", ["issue", "complete"])
+@pytest.mark.parametrize("config", [fp8_gemm_ws.WIDTHS[256], fp8_gemm_ws.WIDTHS[128]])
+def test_orders_change_no_result(order, config):
+    """Taking turns changes when the MMAs run, not what is added: bit for bit the "free" result
+    (forward and dgrad shapes, ragged sizes, 1x128-row B on 128-wide tiles, the grouped layout)."""
+    from tests.kernels.test_kernels import _contiguous_layout
+
+    cases = [_gemm_operands(1000, 2112, 1136, "forward", "cuda"), _gemm_operands(301, 7168, 2048, "dgrad", "cuda"),
+             _gemm_operands(4096, 7168, 16384, "forward", "cuda")]
+    if config[0] == 128:
+        cases.append(_gemm_operands(384, 256, 4096, "wgrad", "cuda"))
+    for a, sa, b, sb in cases:
+        base = fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, torch.float32, config=config, order="free")
+        out = fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, torch.float32, config=config, order=order)
+        assert torch.equal(out, base), (order, config, tuple(a.shape), tuple(b.shape))
+        ref = fp8_gemm_ref(a, sa, b, sb)
+        assert float((out.double() - ref).norm() / ref.norm()) < 1e-3
+    m_indices, _ = _contiguous_layout([130, 0, 1, 1000], "cuda")
+    m_indices = torch.cat([m_indices, torch.full((128,), -1, dtype=torch.int32, device="cuda")])
+    a, sa = quant_act_1x128(rand(m_indices.numel(), 2048, seed=31, device="cuda"))
+    b, sb, _ = quant_weight_128x128(rand(4, 2112, 2048, seed=32, device="cuda"))
+    runs = [fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, torch.float32, config=config, m_indices=m_indices, order=o)
+            for o in ("free", order)]
+    assert torch.equal(runs[0], runs[1]), (order, config, "grouped")
 
 
 @pytest.mark.gpu
