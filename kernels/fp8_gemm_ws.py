@@ -156,6 +156,18 @@ if HAVE_GLUON:
         return token
 
     @gluon.jit
+    def _piece_mma(a, b_piece, partial, token, HALF: gl.constexpr, ORDER: gl.constexpr):
+        """One 128-column piece's 128-deep MMA into ``partial`` (overwritten), taking turns as
+        ``ORDER`` says; returns the finished partial sums and the turn token."""
+        if HALF == 1:
+            partial = _my_turn(partial, HALF, ORDER)
+        partial = warpgroup_mma(a, b_piece.permute((1, 0)), partial, use_acc=False, is_async=True)
+        token = _your_turn(token, HALF, ORDER, 1)
+        partial = warpgroup_mma_wait(num_outstanding=0, deps=[partial])
+        token = _your_turn(token, HALF, ORDER, 2)
+        return partial, token
+
+    @gluon.jit
     def _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                       GROUP_M: gl.constexpr):
         """Row and column offset of output tile ``tile``: bands of GROUP_M row tiles share B (tutorial 03)."""
@@ -283,13 +295,7 @@ if HAVE_GLUON:
                 a = a_smem.index(s).slice(HALF * ROWS, ROWS)  # (ROWS, 128), K contiguous
                 b = b_smem.index(s)  # (BLOCK_N, 128); permuted below to K-major (128, 128) pieces
                 if PROMOTE:
-                    if HALF == 1:
-                        partial = _my_turn(partial, HALF, ORDER)
-                    partial = warpgroup_mma(a, b.slice(0, TILE_C).permute((1, 0)), partial, use_acc=False,
-                                            is_async=True)
-                    token = _your_turn(token, HALF, ORDER, 1)
-                    partial = warpgroup_mma_wait(num_outstanding=0, deps=[partial])
-                    token = _your_turn(token, HALF, ORDER, 2)
+                    partial, token = _piece_mma(a, b.slice(0, TILE_C), partial, token, HALF, ORDER)
                     if ORDER == 2 and SCALES == SCALES_TMA_C:
                         sb0 = _scalar(sb_flat.index(s * 32 + ki % 4).load(one_layout))
                     if PIECES == 1:
@@ -307,13 +313,7 @@ if HAVE_GLUON:
                         # above them and needs a third 64-register set, which spills
                         acc0 = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [acc0], dtype=gl.float32,
                                                          is_pure=False, pack=1)
-                        if HALF == 1:
-                            partial = _my_turn(partial, HALF, ORDER)
-                        partial = warpgroup_mma(a, b.slice(TILE_C, TILE_C).permute((1, 0)), partial, use_acc=False,
-                                                is_async=True)
-                        token = _your_turn(token, HALF, ORDER, 1)
-                        partial = warpgroup_mma_wait(num_outstanding=0, deps=[partial])
-                        token = _your_turn(token, HALF, ORDER, 2)
+                        partial, token = _piece_mma(a, b.slice(TILE_C, TILE_C), partial, token, HALF, ORDER)
                         if ORDER == 2 and SCALES == SCALES_TMA_C:
                             sb1 = _scalar(sb_flat.index(s * 32 + 4 + ki % 4).load(one_layout))
                         mbarrier.arrive(empty.index(s), count=1)
