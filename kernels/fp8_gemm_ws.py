@@ -506,14 +506,12 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
     pitch = triton.cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
     c = torch.empty((M, pitch), dtype=out_dtype, device=a.device)[:, :N]
     sa, sa_pitch, sb = tma_scales(a_scale, b_scale) if on_tma else (None, 0, None)
-    descs = {name: TensorDescriptor.from_tensor(t, box, layout)
-             for (name, (box, layout)), t in zip(layouts.items(), (a, b, c, sa, sb)) if t is not None}
-    descs.setdefault("sa_desc", descs["a_desc"])  # unread placeholders off the "tma" path
-    descs.setdefault("sb_desc", descs["a_desc"])
+    # each descriptor's tensor; off the "tma" path the scale descriptors are unread placeholders (A's)
+    descs = dict(zip(_DESC_ARGS, (a, b, c, sa if on_tma else a, sb if on_tma else a)))
     args = dict(descs, sa_ptr=a_scale, sb_ptr=b_scale, m_ptr=m_indices if grouped else a_scale, M=M, N=N, K=K,
                 stride_sam=a_scale.stride(0), stride_sak=a_scale.stride(1), stride_sbn=b_scale.stride(0),
                 stride_sbk=b_scale.stride(1), sa_pitch=sa_pitch, **meta)
-    _launch(grid, args, a.device, FFMA_YIELD_EVERY if ffma_yield is None else ffma_yield)
+    _launch(grid, args, layouts, a.device, FFMA_YIELD_EVERY if ffma_yield is None else ffma_yield)
     return c
 
 
@@ -565,34 +563,122 @@ _INT_ARGS = ("M", "N", "K", "stride_sam", "stride_sak", "stride_sbn", "stride_sb
 _DESC_ARGS = ("a_desc", "b_desc", "c_desc", "sa_desc", "sb_desc")
 
 
-def _launch_key(args: dict, device) -> tuple:
+def _launch_key(args: dict, layouts: dict, device) -> tuple:
     """What Triton specialises a compiled kernel on (runtime/jit.py, the binder): the constexprs,
     each descriptor's dtype and box, each pointer's 16-byte alignment, each integer's == 1,
     % 16 and 64-bit range. Read by name: a loop testing every argument's type cost ~10 us."""
     key = [device.index, *(args[name] for name in CONSTEXPR_ARGS)]
-    key += [(args[n].base.dtype, tuple(args[n].block_shape)) for n in _DESC_ARGS]
+    key += [(args[n].dtype, tuple(layouts[n][0])) for n in _DESC_ARGS]
     key += [(args[n].dtype, args[n].data_ptr() % 16 == 0) for n in ("sa_ptr", "sb_ptr", "m_ptr")]
     key += [(v == 1, v % 16 == 0, abs(v) >= 2**31) for v in (args[n] for n in _INT_ARGS)]
     return tuple(key)
 
 
-def _launch(grid: int, args: dict, device, ffma_yield: int = 0) -> None:
+def _descriptors(args: dict, layouts: dict) -> dict:
+    """The host TensorDescriptors of the JIT launch; off the "tma" path the scale descriptors are
+    A's (the kernel never reads them)."""
+    out = dict(args)
+    for name in _DESC_ARGS:
+        placeholder = name != "a_desc" and args[name] is args["a_desc"]
+        box, layout = layouts["a_desc" if placeholder else name]
+        out[name] = TensorDescriptor.from_tensor(args[name], box, layout)
+    return out
+
+
+def _launch(grid: int, args: dict, layouts: dict, device, ffma_yield: int = 0) -> None:
     """Launch on ``grid`` programs. The first launch of a specialisation goes through Triton's JIT
-    (compile and cache); later ones call the compiled kernel's launcher directly, as the JIT does
-    after its lookup, which saves most of the ~170 us of Python a launch otherwise costs (binding
-    and specialising 22 arguments; docs/kernels.md). With ``ffma_yield`` the later launches run
-    a copy whose promotion FFMAs may yield (``with_ffma_yields``)."""
-    key = _launch_key(args, device) + (ffma_yield,)
-    kernel = _COMPILED.get(key)
-    if kernel is None:
-        kernel = _fp8_gemm_ws_kernel[(grid,)](**args, num_warps=4)
-        _COMPILED[key] = with_ffma_yields(kernel, ffma_yield) if ffma_yield else kernel
+    (compile and cache); later ones go straight to the compiled kernel's C launcher with the TMA
+    descriptors' tensor maps from ``_TensorMaps`` (docs/kernels.md: Triton's own path binds and
+    specialises 22 arguments and encodes five tensor maps on every call). With ``ffma_yield`` the
+    later launches run a copy whose promotion FFMAs may yield (``with_ffma_yields``)."""
+    key = _launch_key(args, layouts, device) + (ffma_yield,)
+    entry = _COMPILED.get(key)
+    if entry is None:
+        kernel = _fp8_gemm_ws_kernel[(grid,)](**_descriptors(args, layouts), num_warps=4)
+        kernel = with_ffma_yields(kernel, ffma_yield) if ffma_yield else kernel
+        _COMPILED[key] = (kernel, _DirectLaunch.of(kernel))
         return
-    bound = [args[n] for n in _fp8_gemm_ws_kernel.arg_names]
+    kernel, direct = entry
     stream = torch.cuda.current_stream(device).cuda_stream
+    if direct is not None and not _hooks_active():
+        direct(grid, stream, args)
+        return
+    descs = _descriptors(args, layouts)
+    bound = [descs[n] for n in _fp8_gemm_ws_kernel.arg_names]
     meta = kernel.launch_metadata((grid, 1, 1), stream, *bound)
     kernel.run(grid, 1, 1, stream, kernel.function, kernel.packed_metadata, meta,
                knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound)
+
+
+def _hooks_active() -> bool:
+    """Whether a launch hook is registered (Triton 3.6 keeps an empty ``HookChain`` otherwise)."""
+    hook = knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+class _TensorMaps:
+    """CUtensorMaps by everything their encoding reads (address, shape, strides, box, element type,
+    swizzle), as Triton's launcher expands a host descriptor (``[map, *shape, *strides]``,
+    backends/nvidia/driver.py ``make_tensordesc_arg``). A weight's and its scales' maps are the
+    same on every call, and the caching allocator hands activations the same addresses again."""
+
+    LIMIT = 1024
+
+    def __init__(self):
+        self.maps: dict = {}
+
+    def expanded(self, t: torch.Tensor, meta: dict) -> list:
+        shape, strides = tuple(t.shape), tuple(t.stride())
+        key = (t.data_ptr(), shape, strides, meta["swizzle"], meta["elem_size"], meta["elem_type"],
+               tuple(meta["block_size"]))
+        hit = self.maps.get(key)
+        if hit is None:
+            from triton.backends.nvidia.driver import TMA_DTYPE_DEVICE_TO_HOST
+
+            tensor_map = triton.runtime.driver.active.utils.fill_tma_descriptor(
+                key[0], meta["swizzle"], meta["elem_size"], TMA_DTYPE_DEVICE_TO_HOST[meta["elem_type"]],
+                meta["block_size"], list(shape), list(strides), 0)
+            if len(self.maps) >= self.LIMIT:
+                self.maps.clear()
+            hit = self.maps[key] = [tensor_map, *shape, *strides]
+        return hit
+
+
+_MAPS = _TensorMaps()
+
+
+class _DirectLaunch:
+    """A compiled kernel's C launcher called with the argument list Triton's Python wrapper would
+    build (driver.py ``CudaLauncher.__call__`` and ``wrap_handle_tensordesc``), the descriptors'
+    tensor maps from ``_MAPS``. ``of`` returns None where that structure is not what Triton 3.6
+    has (the caller then takes Triton's path)."""
+
+    def __init__(self, kernel, raw, tensordesc_meta):
+        self.kernel, self.raw = kernel, raw
+        self.meta = dict(zip(_DESC_ARGS, tensordesc_meta))
+        self.coop, self.pdl = kernel.run.launch_cooperative_grid, kernel.run.launch_pdl
+
+    @classmethod
+    def of(cls, kernel):
+        run = getattr(kernel, "run", None)
+        wrapper = getattr(run, "launch", None)
+        code = getattr(wrapper, "__code__", None)
+        tensordesc_meta = getattr(kernel.metadata, "tensordesc_meta", None)
+        if (code is None or "launcher" not in code.co_freevars or not tensordesc_meta
+                or len(tensordesc_meta) != len(_DESC_ARGS) or run.global_scratch_size or run.profile_scratch_size):
+            return None
+        raw = wrapper.__closure__[code.co_freevars.index("launcher")].cell_contents
+        return cls(kernel, raw, tensordesc_meta)
+
+    def __call__(self, grid: int, stream: int, args: dict) -> None:
+        k = self.kernel
+        final = [grid, 1, 1, stream, k.function, self.coop, self.pdl, None, None, k.packed_metadata, None, None, None]
+        for name in _fp8_gemm_ws_kernel.arg_names:
+            if name in self.meta:
+                final.extend(_MAPS.expanded(args[name], self.meta[name]))
+            else:
+                final.append(args[name])
+        self.raw(*final)
 
 
 def with_ffma_yields(kernel, every: int):

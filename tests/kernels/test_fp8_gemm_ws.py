@@ -272,19 +272,30 @@ def test_scale_paths_match_float64(M, N, K, path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
 def test_direct_launch_matches_the_jit():
-    """After the first launch of a specialisation the wrapper calls the compiled kernel itself: the
-    same result as a fresh JIT launch, and a new entry whenever the specialisation changes."""
+    """After the first launch of a specialisation the wrapper calls the compiled kernel's C launcher
+    itself, with tensor maps it caches by address, shape and strides: the same result as a fresh
+    JIT launch, a new compiled entry whenever the specialisation changes, and new maps (so the
+    right result) for new tensors of the same shape."""
     fp8_gemm_ws._COMPILED.clear()
+    fp8_gemm_ws._MAPS.maps.clear()
     a, sa, b, sb = _gemm_operands(256, 384, 1024, "forward", "cuda")
     first = fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb)
     assert len(fp8_gemm_ws._COMPILED) == 1
+    (kernel, direct), = fp8_gemm_ws._COMPILED.values()
+    assert direct is not None, "Triton's launcher is not the structure the direct path expects"
     assert torch.equal(fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb), first)
-    assert len(fp8_gemm_ws._COMPILED) == 1
+    assert len(fp8_gemm_ws._COMPILED) == 1 and len(fp8_gemm_ws._MAPS.maps) == 5
     a2, sa2, b2, sb2 = _gemm_operands(257, 384, 1024, "forward", "cuda")  # M % 16 differs
     out = fp8_gemm_ws.fp8_gemm_ws(a2, sa2, b2, sb2, out_dtype=torch.float32)
     assert len(fp8_gemm_ws._COMPILED) == 2
     ref = fp8_gemm_ref(a2, sa2, b2, sb2)
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-3
+    for seed in (5, 6):  # same shapes, other tensors: the direct path with fresh maps
+        x, w = rand(256, 1024, seed=seed, device="cuda"), rand(384, 1024, seed=seed + 10, device="cuda")
+        (a3, sa3), (b3, sb3, _) = quant_act_1x128(x), quant_weight_128x128(w)
+        out = fp8_gemm_ws.fp8_gemm_ws(a3, sa3, b3, sb3, out_dtype=torch.float32)
+        ref = fp8_gemm_ref(a3, sa3, b3, sb3)
+        assert float((out.double() - ref).norm() / ref.norm()) < 1e-3, seed
     fp8_gemm_ws._COMPILED.clear()
 
 
