@@ -185,6 +185,11 @@ def _measured_bf16_points() -> list[GemmPoint]:
     return pts
 
 
+# The dense FP8 backends kernels.fp8_gemm's auto dispatch chooses among, by their kernels_bench
+# names: our Triton kernel, our Gluon kernel (measured since 2026-12-01) and block-scaled _scaled_mm
+DISPATCHED = ("ours", "gluon", "scaled_mm")
+
+
 def _measured_fp8_points() -> list[GemmPoint]:
     data, src = kernel_measurements(), "[K] h200-kernels.json"
     by_shape: dict[tuple[int, int, int], list[tuple[str, float]]] = {}
@@ -192,14 +197,14 @@ def _measured_fp8_points() -> list[GemmPoint]:
         M, N, K = r["M"], r["N"], r["K"]
         # forward y = x W^T: (M x K)(K x N); dgrad dy W: (M x N)(N x K); wgrad dy^T x: (N x M)(M x K)
         for kind, shape in (("forward", (M, N, K)), ("dgrad", (M, K, N)), ("wgrad", (N, K, M))):
-            runs = [v["tflops"] for name, v in r[kind].items() if name in ("ours", "scaled_mm") and "tflops" in v]
+            runs = [v["tflops"] for name, v in r[kind].items() if name in DISPATCHED and "tflops" in v]
             if runs:
                 by_shape.setdefault(shape, []).append((f"{kind} of {N}x{K}", max(runs)))
     # A square linear's dgrad and wgrad share a shape (e.g. 4096 x 7168 x 4096) but not a speed (wgrad
     # has 1x128 scales on both operands and FP32 out); the simulator looks both up by shape and runs
     # them on equal FLOPs, so the point is their mean.
     pts = [GemmPoint(precision="fp8", m=m, n=n, k=k, flops_per_s=sum(t for _, t in runs) / len(runs) * TFLOPS,
-                     source=f"{src} {' / '.join(w for w, _ in runs)}: faster of ours and _scaled_mm"
+                     source=f"{src} {' / '.join(w for w, _ in runs)}: fastest of ours (Triton, Gluon) and _scaled_mm"
                             + (" (mean)" if len(runs) > 1 else ""))
            for (m, n, k), runs in by_shape.items()]
     for g in data["grouped"]:

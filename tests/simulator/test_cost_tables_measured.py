@@ -23,7 +23,7 @@ def test_h200_fp8_points_are_what_auto_dispatch_runs():
     for r in kernel_measurements()["dense"]:
         M, N, K = r["M"], r["N"], r["K"]
         for kind, shape in (("forward", (M, N, K)), ("dgrad", (M, K, N)), ("wgrad", (N, K, M))):
-            runs = [v["tflops"] for name, v in r[kind].items() if name in ("ours", "scaled_mm") and "tflops" in v]
+            runs = [v["tflops"] for name, v in r[kind].items() if name in ("ours", "gluon", "scaled_mm") and "tflops" in v]
             expect.setdefault(shape, []).append(max(runs))
     assert len(expect[(4096, 7168, 4096)]) == 2  # the 4096 x 7168 linear's dgrad and wgrad share a shape
     for shape, runs in expect.items():
@@ -90,3 +90,19 @@ def test_nearest_point_memo_is_per_tables_object():
     full = gemm_efficiency(base, gpu, *shape)
     assert gemm_efficiency(halved, gpu, *shape) == pytest.approx(full / 2)
     assert gemm_efficiency(base, gpu, *shape) == full
+
+
+def test_fp8_points_take_the_gluon_kernel_where_it_is_fastest(monkeypatch):
+    """A kernels_bench record with the Gluon kernel (the JSON since 2026-12-01) prices the shape at
+    the fastest backend the dispatch can choose, and a refusing one (an "error" entry) is ignored."""
+    from simulator.costs import tables
+
+    record = {"M": 4096, "N": 7168, "K": 2048,
+              "forward": {"ours": {"tflops": 850.0}, "gluon": {"tflops": 1200.0}, "scaled_mm": {"tflops": 1090.0}},
+              "dgrad": {"ours": {"tflops": 800.0}, "gluon": {"error": "refused"}, "scaled_mm": {"tflops": 1150.0}},
+              "wgrad": {"ours": {"tflops": 640.0}, "scaled_mm": {"tflops": 890.0}}}
+    monkeypatch.setattr(tables, "kernel_measurements", lambda: {"dense": [record], "grouped": []})
+    pts = {(p.m, p.n, p.k): p for p in tables._measured_fp8_points()}
+    assert pts[(4096, 7168, 2048)].flops_per_s == pytest.approx(1200.0 * TFLOPS)
+    assert pts[(4096, 2048, 7168)].flops_per_s == pytest.approx(1150.0 * TFLOPS)
+    assert pts[(7168, 2048, 4096)].flops_per_s == pytest.approx(890.0 * TFLOPS)
