@@ -32,7 +32,8 @@ def _case(gluon, torch_, width):
 def test_render_reports_widths_graph_times_and_refusals():
     refused = {"error": "the Gluon kernel needs Hopper"}
     dense = [{"M": 4096, "N": 7168, "K": 16384,
-              "forward": dict(_case(_entry(1166.0, 1153.0), _entry(1124.0, 1141.0), "256"), bf16_matmul=_entry(699.0)),
+              "forward": dict(_case(_entry(1166.0, 1153.0), _entry(1124.0, 1141.0), "256"), bf16_matmul=_entry(699.0),
+                              auto_run=_entry(1120.0, 1150.0)),
               "dgrad": _case(_entry(1163.0, 1160.0), _entry(1144.0, 1140.0), "256"),
               "wgrad": _case(refused, _entry(871.0, 870.0), None)}]
     grouped = [{"groups": 4, "m_per_group": 8192, "N": 4096, "K": 7168, "ours_fp8": _entry(499.0),
@@ -45,7 +46,11 @@ def test_render_reports_widths_graph_times_and_refusals():
             "command": "python benchmarks/kernels_bench.py"}
     text = kernels_bench.render(meta, dense, grouped, memory, [])
     assert "| 7168×16384 | 900 | 1166 [256] | 1.7e-03 | 1124 |" in text
-    assert "| 7168×16384 | 1153 | 1141 | 1.01 |" in text  # the CUDA-graph table: GPU time alone
+    assert "| 7168×16384 | 1153 | 1141 | 1.01 | 1150 |" in text  # the CUDA-graph table: GPU time alone
+    # the auto dispatch's own call, against the fastest backend of the row (Gluon's 1166)
+    assert f"| 699 | 1120 (gluon) | {1120 / 1166:.2f} |" in text
     assert "| 4 × 8192 | 4096×7168 | 499 | 1132 | 1.7e-03 | 1111 | 1122 (gluon) |" in text
     assert f"{1122 / 646:.2f} |" in text
     assert kernels_bench._fmt(refused) == "n/a"
+    del dense[0]["forward"]["auto_run"]  # a record from before the auto call was timed
+    assert "| 699 | n/a (gluon) | nan |" in kernels_bench.render(meta, dense, grouped, memory, [])
