@@ -27,7 +27,7 @@ import torch
 from .fp8_gemm_tma import fp8_gemm_tma
 from .fp8_gemm_ws import HAVE_GLUON, WIDTHS, fp8_gemm_ws
 from .fp8_quant import cast_for_store, quant_act_1x128, quant_weight_128x128, row_scaled
-from .triton_compat import INTERPRET, tl, triton
+from .triton_compat import INTERPRET, cdiv, tl, triton
 
 TILE = 128
 
@@ -181,7 +181,7 @@ def launch_gemm(a, b, c, a_scale, b_scale, group, mode: int, num_groups: int = 1
     kernel = _gemm_kernel_fp8 if scaled else _gemm_kernel_bf16
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), num_groups)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), num_groups)
 
     kernel[grid](
         a, b, c, sa, sb, group,
@@ -196,7 +196,7 @@ def check_fp8_operands(a, a_scale, b, b_scale) -> None:
     """Shapes of a (M, K) with (M, ceil(K/128)) scales and b ([E,] N, K) with block or row scales."""
     M, K = a.shape
     N, Kb = b.shape[-2:]
-    kt = triton.cdiv(K, TILE)
+    kt = cdiv(K, TILE)
     if a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn:
         raise ValueError(f"a and b must be float8_e4m3fn, got a.dtype={a.dtype} b.dtype={b.dtype}")
     if Kb != K:
@@ -204,8 +204,8 @@ def check_fp8_operands(a, a_scale, b, b_scale) -> None:
     if tuple(a_scale.shape) != (M, kt) or a_scale.dtype != torch.float32:
         raise ValueError(f"a_scale must be float32 {(M, kt)}, got {tuple(a_scale.shape)} {a_scale.dtype}")
     lead = tuple(b.shape[:-2])
-    if tuple(b_scale.shape) not in (lead + (triton.cdiv(N, TILE), kt), lead + (N, kt)):
-        raise ValueError(f"b_scale must be {lead + (triton.cdiv(N, TILE), kt)} (128x128 blocks) or "
+    if tuple(b_scale.shape) not in (lead + (cdiv(N, TILE), kt), lead + (N, kt)):
+        raise ValueError(f"b_scale must be {lead + (cdiv(N, TILE), kt)} (128x128 blocks) or "
                          f"{lead + (N, kt)} (1x128 rows), got {tuple(b_scale.shape)}")
 
 

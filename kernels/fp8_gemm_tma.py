@@ -19,7 +19,7 @@ stay in ``fp8_gemm.py``; ``fp8_gemm(..., backend="auto")`` times this kernel aga
 import torch
 
 from .fp8_quant import row_scaled
-from .triton_compat import INTERPRET, INTERPRET_C, tl, triton
+from .triton_compat import INTERPRET, INTERPRET_C, cdiv, tl, triton
 
 TILE = 128
 TILE_C = tl.constexpr(TILE)  # a global read inside a kernel must be a constexpr
@@ -117,12 +117,12 @@ def fp8_gemm_tma(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None) 
         block_m, block_n, warps, stages = min(block_m, 32), min(block_n, 32), 4, 1
     sb_div = 1 if row_scaled(N, b_scale) else TILE
     # TMA rows must be 16-byte aligned: a ragged N gets a padded row pitch (the view hides it)
-    pitch = triton.cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
+    pitch = cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
     c = torch.empty((M, pitch), dtype=out_dtype, device=a.device)[:, :N]
     a_desc = TensorDescriptor.from_tensor(a, [block_m, TILE])
     b_desc = TensorDescriptor.from_tensor(b, [block_n, TILE])
     c_desc = TensorDescriptor.from_tensor(c, [block_m, block_n])
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    tiles = cdiv(M, block_m) * cdiv(N, block_n)
     programs = min(tiles, per_sm * _num_sms(a.device))
     _fp8_gemm_tma_kernel[(programs,)](
         a_desc, b_desc, c_desc, a_scale, b_scale,

@@ -44,7 +44,7 @@ import torch
 
 from .fp8_quant import row_scaled
 from .sass_yield import interleave_ffma
-from .triton_compat import INTERPRET, triton
+from .triton_compat import INTERPRET, cdiv, triton
 
 try:
     from triton import knobs
@@ -449,7 +449,7 @@ def tma_scales(a_scale: torch.Tensor, b_scale: torch.Tensor) -> tuple[torch.Tens
         pitch = a_scale.stride(1)
         sa = a_scale.as_strided((pitch * (kb - 1) + M,), (1,))
     else:
-        pitch = triton.cdiv(M, 4) * 4
+        pitch = cdiv(M, 4) * 4
         buf = torch.empty((kb, pitch), dtype=torch.float32, device=a_scale.device)
         buf[:, :M].copy_(a_scale.t())
         sa = buf.view(-1)
@@ -457,7 +457,7 @@ def tma_scales(a_scale: torch.Tensor, b_scale: torch.Tensor) -> tuple[torch.Tens
         sb = b_scale
     else:
         nb = b_scale.shape[0]
-        sb = torch.zeros((nb, triton.cdiv(kb, 4) * 4), dtype=torch.float32, device=b_scale.device)[:, :kb]
+        sb = torch.zeros((nb, cdiv(kb, 4) * 4), dtype=torch.float32, device=b_scale.device)[:, :kb]
         sb.copy_(b_scale)
     return sa, pitch, sb
 
@@ -503,7 +503,7 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
     meta, on_tma, layouts, grid = _plan(M, N, K, out_dtype, config, rows, promote, scales, device, grouped,
                                        order or ORDER)
     # TMA rows must be 16-byte aligned: a ragged N gets a padded row pitch (the view hides it)
-    pitch = triton.cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
+    pitch = cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
     c = torch.empty((M, pitch), dtype=out_dtype, device=a.device)[:, :N]
     sa, sa_pitch, sb = tma_scales(a_scale, b_scale) if on_tma else (None, 0, None)
     # each descriptor's tensor; off the "tma" path the scale descriptors are unread placeholders (A's)
@@ -528,7 +528,7 @@ def _plan(M: int, N: int, K: int, out_dtype, config, rows: bool, promote: bool, 
     meta["STAGES"] = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, on_tma, smem)
     dtypes = _desc_dtypes(out_dtype)
     layouts = {name: (box, _layout(name, tuple(box), dtypes[name])) for name, box in _blocks(meta["BLOCK_N"]).items()}
-    tiles = triton.cdiv(M, 2 * ROWS_PER_WARPGROUP) * triton.cdiv(N, meta["BLOCK_N"])
+    tiles = cdiv(M, 2 * ROWS_PER_WARPGROUP) * cdiv(N, meta["BLOCK_N"])
     return meta, on_tma, layouts, min(tiles, sms)
 
 

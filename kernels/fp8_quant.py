@@ -16,7 +16,7 @@ power of two at or above it (exact in any format; DeepSeek uses it for dispatch)
 
 import torch
 
-from .triton_compat import INTERPRET_C, tl, triton
+from .triton_compat import INTERPRET_C, cdiv, tl, triton
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -139,7 +139,7 @@ def empty_rows_output(rows: int, cols: int, dtype: torch.dtype, quantize: bool, 
         out = torch.empty((rows, cols), dtype=dtype, device=device)
         return out, out
     return (torch.empty((rows, cols), dtype=FP8_DTYPE, device=device),
-            torch.empty((rows, triton.cdiv(cols, TILE)), dtype=torch.float32, device=device))
+            torch.empty((rows, cdiv(cols, TILE)), dtype=torch.float32, device=device))
 
 
 def _check_float_2d(x: torch.Tensor, name: str) -> None:
@@ -155,9 +155,9 @@ def _quant_rows(view: torch.Tensor, pow2_scale: bool) -> tuple[torch.Tensor, tor
     TMA read without a copy (row-major readers take any strides)."""
     R, C = view.shape
     q = torch.empty((R, C), dtype=FP8_DTYPE, device=view.device)
-    s = torch.empty((triton.cdiv(C, TILE), triton.cdiv(R, 4) * 4), dtype=torch.float32, device=view.device)[:, :R].t()
+    s = torch.empty((cdiv(C, TILE), cdiv(R, 4) * 4), dtype=torch.float32, device=view.device)[:, :R].t()
     block_r = 32
-    grid = (triton.cdiv(R, block_r), triton.cdiv(C, TILE))
+    grid = (cdiv(R, block_r), cdiv(C, TILE))
     _quant_rows_kernel[grid](
         view, q, s, R, C,
         view.stride(0), view.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
@@ -190,8 +190,8 @@ def quant_weight_128x128(
     w3 = w if w.dim() == 3 else w.unsqueeze(0)  # (E, N, K)
     E, N, K = w3.shape
     q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w.device)
-    s = torch.empty((E, triton.cdiv(N, TILE), triton.cdiv(K, TILE)), dtype=torch.float32, device=w.device)
-    grid = (triton.cdiv(N, TILE), triton.cdiv(K, TILE), E)
+    s = torch.empty((E, cdiv(N, TILE), cdiv(K, TILE)), dtype=torch.float32, device=w.device)
+    grid = (cdiv(N, TILE), cdiv(K, TILE), E)
     _quant_blocks_kernel[grid](w3, q, s, N, K, *w3.stride(), *q.stride(), *s.stride(), POW2=pow2_scale, BLOCK=TILE)
     # The transposed copy is one pass over fp8 bytes; torch's transpose is exact and cheap next to a GEMM.
     qt = q.transpose(1, 2).contiguous() if transposed else None
@@ -219,7 +219,7 @@ def _ref_scale(amax: torch.Tensor, pow2_scale: bool) -> torch.Tensor:
 def quant_act_1x128_ref(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of ``quant_act_1x128`` (bit-exact)."""
     M, K = x.shape
-    kt = triton.cdiv(K, TILE)
+    kt = cdiv(K, TILE)
     xp = torch.nn.functional.pad(x.float(), (0, kt * TILE - K)).view(M, kt, TILE)  # (M, K/128, 128)
     scale = _ref_scale(xp.abs().amax(dim=2), pow2_scale)  # (M, K/128)
     q = (xp / scale[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
@@ -235,7 +235,7 @@ def quant_weight_128x128_ref(w: torch.Tensor, pow2_scale: bool = False) -> tuple
     """Torch reference of ``quant_weight_128x128`` (bit-exact), 2-D or 3-D."""
     w3 = w if w.dim() == 3 else w.unsqueeze(0)
     E, N, K = w3.shape
-    nt, kt = triton.cdiv(N, TILE), triton.cdiv(K, TILE)
+    nt, kt = cdiv(N, TILE), cdiv(K, TILE)
     wp = torch.nn.functional.pad(w3.float(), (0, kt * TILE - K, 0, nt * TILE - N))
     blocks = wp.view(E, nt, TILE, kt, TILE)  # (E, N/128, 128, K/128, 128)
     scale = _ref_scale(blocks.abs().amax(dim=(2, 4)), pow2_scale)  # (E, N/128, K/128)

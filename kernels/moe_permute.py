@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .fp8_quant import TILE, cast_for_store, empty_rows_output, store_rows
-from .triton_compat import INTERPRET, tl, triton
+from .triton_compat import INTERPRET, cdiv, tl, triton
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def moe_permute(
     out, scale = empty_rows_output(M, H, x.dtype, quantize, x.device)
     weights = row_weights if row_weights is not None else plan.src_token
     block_r = 16
-    grid = (triton.cdiv(M, block_r), triton.cdiv(H, TILE))
+    grid = (cdiv(M, block_r), cdiv(H, TILE))
     _permute_kernel[grid](
         x, out, scale, plan.src_token, weights, M, H, x.stride(0), out.stride(0), scale.stride(0),
         QUANT=quantize, WEIGHTED=row_weights is not None, POW2=pow2_scale, BLOCK_R=block_r, BLOCK_H=TILE,
@@ -150,7 +150,7 @@ def moe_unpermute(y: torch.Tensor, plan: DispatchPlan, topk_weights: torch.Tenso
         raise ValueError(f"topk_weights must be {(T, topk)}, got {tuple(topk_weights.shape)}")
     weights = topk_weights.contiguous() if topk_weights is not None else plan.dest
     block_h = 1024 if not INTERPRET else 128
-    _combine_kernel[(T, triton.cdiv(H, block_h))](
+    _combine_kernel[(T, cdiv(H, block_h))](
         y, out, plan.dest, weights, H, y.stride(0), out.stride(0),
         TOPK=topk, WEIGHTED=topk_weights is not None, BLOCK_H=block_h,
     )

@@ -9,7 +9,7 @@ the backward kernel takes ``h`` and ``d act`` and writes ``d h`` in one pass.
 import torch
 
 from .fp8_quant import TILE, cast_for_store, empty_rows_output, store_rows
-from .triton_compat import tl, triton
+from .triton_compat import cdiv, tl, triton
 
 
 @triton.jit
@@ -78,7 +78,7 @@ def swiglu(h: torch.Tensor, quantize: bool = False, pow2_scale: bool = False):
     I = _check_h(h)
     M = h.shape[0]
     out, scale = empty_rows_output(M, I, h.dtype, quantize, h.device)
-    grid = (triton.cdiv(M, _BLOCK_R), triton.cdiv(I, TILE))
+    grid = (cdiv(M, _BLOCK_R), cdiv(I, TILE))
     _swiglu_fwd_kernel[grid](h, out, scale, M, I, h.stride(0), out.stride(0), scale.stride(0),
                              QUANT=quantize, POW2=pow2_scale, BLOCK_R=_BLOCK_R, BLOCK_C=TILE)
     return (out, scale) if quantize else out
@@ -90,7 +90,7 @@ def swiglu_backward(h: torch.Tensor, dact: torch.Tensor) -> torch.Tensor:
     if tuple(dact.shape) != (h.shape[0], I) or dact.stride(1) != 1:
         raise ValueError(f"dact must be {(h.shape[0], I)} with unit column stride, got {tuple(dact.shape)}")
     dh = torch.empty_like(h)
-    grid = (triton.cdiv(h.shape[0], _BLOCK_R), triton.cdiv(I, TILE))
+    grid = (cdiv(h.shape[0], _BLOCK_R), cdiv(I, TILE))
     _swiglu_bwd_kernel[grid](h, dact, dh, h.shape[0], I, h.stride(0), dact.stride(0), dh.stride(0),
                              BLOCK_R=_BLOCK_R, BLOCK_C=TILE)
     return dh
