@@ -27,7 +27,7 @@ import torch
 from .fp8_gemm_tma import fp8_gemm_tma
 from .fp8_gemm_ws import HAVE_GLUON, WIDTHS, fp8_gemm_ws
 from .fp8_quant import cast_for_store, quant_act_1x128, quant_weight_128x128, row_scaled
-from .triton_compat import INTERPRET, cdiv, tl, triton
+from .triton_compat import INTERPRET, cdiv, next_power_of_2, tl, triton
 
 TILE = 128
 
@@ -162,7 +162,7 @@ _gemm_kernel_bf16 = _make_gemm_kernel(scaled=False)
 
 
 def _bucket(size: int) -> int:
-    return triton.next_power_of_2(max(size, 1))
+    return next_power_of_2(max(size, 1))
 
 
 def launch_gemm(a, b, c, a_scale, b_scale, group, mode: int, num_groups: int = 1) -> None:

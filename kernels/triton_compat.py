@@ -54,7 +54,7 @@ class _MissingTriton:
 
     @staticmethod
     def next_power_of_2(n: int) -> int:
-        return 1 << max(n - 1, 0).bit_length()
+        return next_power_of_2(n)
 
 
 class _MissingLanguage:
@@ -100,6 +100,12 @@ def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for the host: Triton 3.6's ``triton.cdiv`` is a ConstexprFunction whose call costs
     ~5 us of Python, several times per GEMM launch (measured on the CPU machine, 2026-12-01)."""
     return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), for the host (``triton.next_power_of_2`` is a
+    ConstexprFunction too)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 # For @triton.jit code: a global must be a constexpr to be read inside a kernel.
