@@ -20,6 +20,7 @@ warp-specialised Gluon kernel (``fp8_gemm_ws.py``, where it applies) and ``torch
 ``"gluon"`` / ``"torch"`` force one.
 """
 
+import functools
 import statistics
 
 import torch
@@ -218,7 +219,13 @@ def tma_eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if INTERPRET:
         return True
-    return a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9
+    return a.is_cuda and _capability_major(a.device.index) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int | None) -> int:
+    """A CUDA device's compute capability major (cached: this is on every launch's host path)."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def tma_config(K: int) -> tuple:
