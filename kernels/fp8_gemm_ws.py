@@ -136,10 +136,7 @@ if HAVE_GLUON:
         (on ``partial``), warpgroup 0 after each promotion (on the accumulator it just promoted),
         which is also before its next MMA: the issues alternate, warpgroup 0 first."""
         if ORDER != 0:
-            if HALF == 0:
-                x = _on_registers(x, SYNC_1_C)
-            else:
-                x = _on_registers(x, SYNC_0_C)
+            x = _on_registers(x, SYNC_1_C if HALF == 0 else SYNC_0_C)
         return x
 
     @gluon.jit
@@ -149,10 +146,7 @@ if HAVE_GLUON:
         arrive below the FFMAs that follow, so the caller reads B's scale after it: a shared
         load stays behind the barrier)."""
         if ORDER == WHEN:
-            if HALF == 0:
-                token = _on_registers(token, ARRIVE_0_C)
-            else:
-                token = _on_registers(token, ARRIVE_1_C)
+            token = _on_registers(token, ARRIVE_0_C if HALF == 0 else ARRIVE_1_C)
         return token
 
     @gluon.jit
@@ -392,10 +386,20 @@ def _blocks(block_n: int) -> dict[str, list[int]]:
             "sa_desc": [2 * ROWS_PER_WARPGROUP], "sb_desc": [8, 4]}
 
 
-def _desc_dtypes(out_dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """Element type of each descriptor: E4M3 operands, the output, FP32 scales."""
-    return {"a_desc": torch.float8_e4m3fn, "b_desc": torch.float8_e4m3fn, "c_desc": out_dtype,
-            "sa_desc": torch.float32, "sb_desc": torch.float32}
+_DESC_ARGS = ("a_desc", "b_desc", "c_desc", "sa_desc", "sb_desc")
+
+
+def _desc_layouts(block_n: int, out_dtype: torch.dtype, on_tma: bool) -> dict[str, tuple]:
+    """(box, shared layout, element type) of each descriptor: E4M3 operands, the output, FP32
+    scales; off the "tma" path the scale descriptors are unread placeholders, A's."""
+    blocks = _blocks(block_n)
+    dtypes = {"a_desc": torch.float8_e4m3fn, "b_desc": torch.float8_e4m3fn, "c_desc": out_dtype,
+              "sa_desc": torch.float32, "sb_desc": torch.float32}
+    out = {}
+    for name in _DESC_ARGS:
+        src = "a_desc" if name in ("sa_desc", "sb_desc") and not on_tma else name
+        out[name] = (blocks[src], _layout(src, tuple(blocks[src]), dtypes[src]), dtypes[src])
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -526,8 +530,7 @@ def _plan(M: int, N: int, K: int, out_dtype, config, rows: bool, promote: bool, 
     on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
     sms, smem = _device_limits(device)
     meta["STAGES"] = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, on_tma, smem)
-    dtypes = _desc_dtypes(out_dtype)
-    layouts = {name: (box, _layout(name, tuple(box), dtypes[name])) for name, box in _blocks(meta["BLOCK_N"]).items()}
+    layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, on_tma)
     tiles = cdiv(M, 2 * ROWS_PER_WARPGROUP) * cdiv(N, meta["BLOCK_N"])
     return meta, on_tma, layouts, min(tiles, sms)
 
@@ -560,7 +563,6 @@ _COMPILED: dict = {}  # launch key -> Triton's compiled kernel
 
 
 _INT_ARGS = ("M", "N", "K", "stride_sam", "stride_sak", "stride_sbn", "stride_sbk", "sa_pitch")
-_DESC_ARGS = ("a_desc", "b_desc", "c_desc", "sa_desc", "sb_desc")
 
 
 def _launch_key(args: dict, layouts: dict, device) -> tuple:
@@ -575,14 +577,8 @@ def _launch_key(args: dict, layouts: dict, device) -> tuple:
 
 
 def _descriptors(args: dict, layouts: dict) -> dict:
-    """The host TensorDescriptors of the JIT launch; off the "tma" path the scale descriptors are
-    A's (the kernel never reads them)."""
-    out = dict(args)
-    for name in _DESC_ARGS:
-        placeholder = name != "a_desc" and args[name] is args["a_desc"]
-        box, layout = layouts["a_desc" if placeholder else name]
-        out[name] = TensorDescriptor.from_tensor(args[name], box, layout)
-    return out
+    """``args`` with each descriptor's tensor made the host TensorDescriptor Triton's JIT takes."""
+    return dict(args, **{name: TensorDescriptor.from_tensor(args[name], *layouts[name][:2]) for name in _DESC_ARGS})
 
 
 def _launch(grid: int, args: dict, layouts: dict, device, ffma_yield: int = 0) -> None:
@@ -655,7 +651,8 @@ class _DirectLaunch:
 
     def __init__(self, kernel, raw, tensordesc_meta):
         self.kernel, self.raw = kernel, raw
-        self.meta = dict(zip(_DESC_ARGS, tensordesc_meta))
+        meta = dict(zip(_DESC_ARGS, tensordesc_meta))
+        self.params = [(name, meta.get(name)) for name in _fp8_gemm_ws_kernel.arg_names]  # (name, TMA meta or None)
         self.coop, self.pdl = kernel.run.launch_cooperative_grid, kernel.run.launch_pdl
 
     @classmethod
@@ -673,11 +670,11 @@ class _DirectLaunch:
     def __call__(self, grid: int, stream: int, args: dict) -> None:
         k = self.kernel
         final = [grid, 1, 1, stream, k.function, self.coop, self.pdl, None, None, k.packed_metadata, None, None, None]
-        for name in _fp8_gemm_ws_kernel.arg_names:
-            if name in self.meta:
-                final.extend(_MAPS.expanded(args[name], self.meta[name]))
-            else:
+        for name, meta in self.params:
+            if meta is None:
                 final.append(args[name])
+            else:
+                final.extend(_MAPS.expanded(args[name], meta))
         self.raw(*final)
 
 
@@ -703,15 +700,10 @@ def compile_offline(config=None, rows=False, out_dtype=torch.bfloat16, promote: 
 
     meta = _constexprs(config or _default_config(rows), rows, promote, scales, grouped, order)
     names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
-    dtypes = _desc_dtypes(out_dtype)
-    blocks = _blocks(meta["BLOCK_N"])
-    on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
+    layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, meta["SCALES"] == SCALE_PATHS["tma"])
     signature = {}
-    for name in ("a_desc", "b_desc", "c_desc", "sa_desc", "sb_desc"):
-        placeholder = name in ("sa_desc", "sb_desc") and not on_tma  # the launcher passes A's descriptor
-        key = "a_desc" if placeholder else name
-        box, layout = blocks[key], _layout(key, tuple(blocks[key]), dtypes[key])
-        signature[name] = f"tensordesc<{names.get(dtypes[key], 'fp8e4nv')}[{', '.join(map(str, box))}],{layout!r}>"
+    for name, (box, layout, dtype) in layouts.items():
+        signature[name] = f"tensordesc<{names.get(dtype, 'fp8e4nv')}[{', '.join(map(str, box))}],{layout!r}>"
     signature |= {"sa_ptr": "*fp32", "sb_ptr": "*fp32", "m_ptr": "*i32" if grouped else "*fp32"}
     signature |= {n: "i32" for n in ("M", "N", "K", "stride_sam", "stride_sak", "stride_sbn", "stride_sbk",
                                      "sa_pitch")}

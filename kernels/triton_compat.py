@@ -95,7 +95,6 @@ if HAVE_TRITON and INTERPRET:
     _fix_interpreter_index()
 
 
-
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for the host: Triton 3.6's ``triton.cdiv`` is a ConstexprFunction whose call costs
     ~5 us of Python, several times per GEMM launch (measured on the CPU machine, 2026-12-01)."""
