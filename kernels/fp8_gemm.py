@@ -250,11 +250,13 @@ def fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype):
 
 
 def fp8_gemm_gluon(a, a_scale, b, b_scale, out_dtype):
-    """The warp-specialised Gluon kernel (``fp8_gemm_ws.py``) where TMA reads the operands and B has
-    128x128 block scales; ValueError elsewhere (1x128-row B runs at a third of cuBLAS's speed there,
-    docs/kernels-sweep.md), so the auto dispatch drops it."""
-    if not HAVE_GLUON or INTERPRET or not tma_eligible(a, b) or row_scaled(b.shape[0], b_scale):
-        raise ValueError("the Gluon kernel needs Hopper, TMA-readable operands and 128x128 weight scales")
+    """The warp-specialised Gluon kernel (``fp8_gemm_ws.py``) where TMA reads the operands; ValueError
+    elsewhere, so the auto dispatch drops it. With 128x128 weight blocks its tile width is timed per
+    problem; 1x128-row B scales (the weight gradient) take 128-wide tiles."""
+    if not HAVE_GLUON or INTERPRET or not tma_eligible(a, b):
+        raise ValueError("the Gluon kernel needs Hopper and TMA-readable operands")
+    if row_scaled(b.shape[0], b_scale):
+        return fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype, config=WIDTHS[TILE])
     key = ("gluon width", tuple(a.shape), tuple(b.shape), out_dtype)
     config = gluon_config(key, lambda c: fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype, config=c))
     return fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype, config=config)

@@ -31,9 +31,11 @@ step waited on that load, and the kernel ran ~25% slower at 4096x7168x16384 than
 in the stage; 256-wide tiles then gained another ~10% over 128-wide ones. What is left of the
 promotion's cost is measured against the same data flow promoting without scales
 (``scales="none"``) and not promoting at all (``promote=False``), both benchmarks only. B's scales
-may also be 1x128 rows (the weight gradient's activation operand: a scale per column; 128-wide
-tiles only), correct but slow. Gluon compiles for Hopper only: there is no interpreter path, so
-the CPU tests compile this kernel for sm_90a offline and read its PTX, ptxas report and SASS.
+may also be 1x128 rows (the weight gradient's activation operand: a scale per column, brought in
+with the stage like A's; the promotion is then an FMUL and an FFMA per element; 128-wide tiles
+only: 256-wide ones spill at 232 registers and ran 0.89-1.0x as fast at 240). Gluon compiles for
+Hopper only: there is no interpreter path, so the CPU tests compile this kernel for sm_90a offline
+and read its PTX, ptxas report and SASS.
 """
 
 import copy
@@ -70,8 +72,14 @@ CONFIGS = [(256, 4, 16), (256, 4, 8), (256, 3, 16), (128, 4, 16), (128, 5, 16), 
 WIDTHS = {256: CONFIGS[0], 128: CONFIGS[3]}  # what kernels.fp8_gemm's dispatch times, by tile width
 FFMA_YIELD_EVERY = 8  # the default of fp8_gemm_ws's ffma_yield (docs/kernels.md)
 ORDER = "issue"  # the default of fp8_gemm_ws's order (ORDERS, below; docs/kernels.md)
-PRODUCER_REGS = 40  # registers per thread the TMA warp keeps; the math warpgroups share the rest
-MATH_REGS = 232
+# Registers a thread of (each math warpgroup, the TMA warp's warpgroup) keeps, by whether B's scales
+# are 1x128 rows. Triton 3.6 gives the three warpgroups 504 together (the default partition, the
+# first math warpgroup, takes what the other two leave). With block scales 232 / 40 as DeepGEMM
+# (240 / 24 measured no better on the forward: +2%, -1%, 0% on three shapes); the weight
+# gradient's promotion holds 32 column scales more and runs 1-4% faster on 240 / 24 (same scratch
+# comparison, H200, 2026-12-01 ~21:15 UTC, docs/kernels.md); the TMA warp fits in 24 without
+# spilling (tests/kernels/test_fp8_gemm_ws.py reads the ptxas report).
+REGS = {False: (232, 40), True: (240, 24)}
 # Named barriers the math warpgroups take turns on (``ORDERS``): above the ones Triton 3.6's warp
 # specialisation uses (0-2 in this kernel's SASS; tests/kernels/test_fp8_gemm_ws.py checks)
 TURN_BARRIERS = (8, 9)
@@ -89,8 +97,6 @@ if HAVE_GLUON:
     SCALES_GLOBAL_C = gl.constexpr(0)
     SCALES_TMA_C = gl.constexpr(1)
     SCALES_NONE_C = gl.constexpr(2)
-    MATH_REGS_C = gl.constexpr(MATH_REGS)
-    PRODUCER_REGS_C = gl.constexpr(PRODUCER_REGS)
     # The turn-taking of ORDERS on named barriers TURN_BARRIERS (both math warpgroups' 256 threads),
     # as inline PTX: warpgroup h arrives on barrier h when the other may go on ("issue": once it has
     # issued an MMA; "complete": once that MMA is done) and bar.syncs on the other's before its next.
@@ -110,11 +116,14 @@ if HAVE_GLUON:
         return gl.reduce(gl.reduce(x, 1, _larger), 0, _larger)
 
     @gluon.jit
-    def _promote(partial, acc, sa, sb, SCALES: gl.constexpr):
+    def _promote(partial, acc, sa, sb, SCALES: gl.constexpr, ROW_SCALED_B: gl.constexpr):
         """The 128-deep partial sum, scaled by its rows' A scale times the tile's B block scale,
-        into the FP32 accumulator: one FFMA per element ("none" adds it unscaled, a diagnostic)."""
+        into the FP32 accumulator: one FFMA per element ("none" adds it unscaled, a diagnostic).
+        With 1x128-row B scales ``sb`` is the piece's 128 column scales: an FMUL and an FFMA."""
         if SCALES == SCALES_NONE_C:
             acc = partial + acc
+        elif ROW_SCALED_B:
+            acc = partial * (sa[:, None] * sb[None, :]) + acc
         else:
             acc = partial * (sa * sb)[:, None] + acc
         return acc
@@ -192,8 +201,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(a_desc, b_desc, sa_desc, sb_desc, a_smem, b_smem, sa_smem, sb_smem, ready, empty, m_ptr, M, N,
-                  K, sa_pitch, SCALES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUPED: gl.constexpr):
+                  K, sa_pitch, sb_pitch, ROW_SCALED_B: gl.constexpr, SCALES: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUPED: gl.constexpr):
         num_pid_m = gl.cdiv(M, BLOCK_M)
         num_pid_n = gl.cdiv(N, BLOCK_N)
         k_steps = gl.cdiv(K, TILE_C)
@@ -215,10 +224,15 @@ if HAVE_GLUON:
                 tma.async_copy_global_to_shared(b_desc, [first_b, ki * TILE_C], ready.index(s), b_smem.index(s))
                 if SCALES == SCALES_TMA_C:
                     # the K block's scales ride with its operands: A's 128 row scales (MN-major, so
-                    # contiguous) and the aligned group of four that holds B's block scale
+                    # contiguous) and the aligned group of four that holds B's block scale, or with
+                    # 1x128-row B scales the tile's BLOCK_N column scales (MN-major too)
                     tma.async_copy_global_to_shared(sa_desc, [ki * sa_pitch + off_m], ready.index(s), sa_smem.index(s))
-                    tma.async_copy_global_to_shared(sb_desc, [first_sb, ki // 4 * 4], ready.index(s),
-                                                    sb_smem.index(s))
+                    if ROW_SCALED_B:
+                        tma.async_copy_global_to_shared(sb_desc, [ki * sb_pitch + first_b], ready.index(s),
+                                                        sb_smem.index(s))
+                    else:
+                        tma.async_copy_global_to_shared(sb_desc, [first_sb, ki // 4 * 4], ready.index(s),
+                                                        sb_smem.index(s))
                 counter += 1
 
     @gluon.jit
@@ -280,6 +294,9 @@ if HAVE_GLUON:
                 mbarrier.wait(ready.index(s), (counter // STAGES) & 1)
                 if SCALES == SCALES_TMA_C:  # from the stage: shared-memory latency, not global
                     sa = sa_smem.index(s).slice(HALF * ROWS, ROWS).load(row_layout)
+                if SCALES == SCALES_TMA_C and ROW_SCALED_B:  # the (one 128-wide) piece's column scales
+                    sb0 = sb_smem.index(s).slice(0, TILE_C).load(col_layout)
+                if SCALES == SCALES_TMA_C and not ROW_SCALED_B:
                     # one load of the scale itself (selecting it out of the four cost ~5%: docs/kernels.md)
                     sb_flat = sb_smem._reinterpret(gl.float32, [STAGES * 32, 1, 1], flat_layout)
                     if ORDER != 2:  # "complete" reads them after its turn's arrive
@@ -290,15 +307,13 @@ if HAVE_GLUON:
                 b = b_smem.index(s)  # (BLOCK_N, 128); permuted below to K-major (128, 128) pieces
                 if PROMOTE:
                     partial, token = _piece_mma(a, b.slice(0, TILE_C), partial, token, HALF, ORDER)
-                    if ORDER == 2 and SCALES == SCALES_TMA_C:
+                    if ORDER == 2 and SCALES == SCALES_TMA_C and not ROW_SCALED_B:
                         sb0 = _scalar(sb_flat.index(s * 32 + ki % 4).load(one_layout))
                     if PIECES == 1:
                         mbarrier.arrive(empty.index(s), count=1)
-                    if ROW_SCALED_B:
-                        sb = gl.load(sb_ptrs + ki * stride_sbk, mask=n_mask, other=0.0)
-                        acc0 = partial * (sa[:, None] * sb[None, :]) + acc0
-                    else:
-                        acc0 = _promote(partial, acc0, sa, sb0, SCALES)
+                    if ROW_SCALED_B and SCALES == SCALES_GLOBAL_C:
+                        sb0 = gl.load(sb_ptrs + ki * stride_sbk, mask=n_mask, other=0.0)
+                    acc0 = _promote(partial, acc0, sa, sb0, SCALES, ROW_SCALED_B)
                     if HALF == 0:
                         acc0 = _my_turn(acc0, HALF, ORDER)
                     if PIECES == 2:
@@ -308,10 +323,10 @@ if HAVE_GLUON:
                         acc0 = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [acc0], dtype=gl.float32,
                                                          is_pure=False, pack=1)
                         partial, token = _piece_mma(a, b.slice(TILE_C, TILE_C), partial, token, HALF, ORDER)
-                        if ORDER == 2 and SCALES == SCALES_TMA_C:
+                        if ORDER == 2 and SCALES == SCALES_TMA_C and not ROW_SCALED_B:
                             sb1 = _scalar(sb_flat.index(s * 32 + 4 + ki % 4).load(one_layout))
                         mbarrier.arrive(empty.index(s), count=1)
-                        acc1 = _promote(partial, acc1, sa, sb1, SCALES)
+                        acc1 = _promote(partial, acc1, sa, sb1, SCALES, ROW_SCALED_B)
                         if HALF == 0:
                             acc1 = _my_turn(acc1, HALF, ORDER)
                 else:  # no block scales at all: the same data flow's upper bound (benchmarks only)
@@ -342,9 +357,9 @@ if HAVE_GLUON:
     @gluon.jit
     def _fp8_gemm_ws_kernel(
         a_desc, b_desc, c_desc, sa_desc, sb_desc, sa_ptr, sb_ptr, m_ptr, M, N, K, stride_sam, stride_sak,
-        stride_sbn, stride_sbk, sa_pitch, ROW_SCALED_B: gl.constexpr, SCALES: gl.constexpr, PROMOTE: gl.constexpr,
-        BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUPED: gl.constexpr,
-        ORDER: gl.constexpr,
+        stride_sbn, stride_sbk, sa_pitch, sb_pitch, ROW_SCALED_B: gl.constexpr, SCALES: gl.constexpr,
+        PROMOTE: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+        GROUPED: gl.constexpr, ORDER: gl.constexpr, MATH_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = 2 * ROWS_C
         PIECES: gl.constexpr = BLOCK_N // TILE_C
@@ -356,7 +371,10 @@ if HAVE_GLUON:
         c1_smem = gl.allocate_shared_memory(c_desc.dtype, [1, ROWS_C, TILE_C], c_desc.layout)
         if SCALES == SCALES_TMA_C:
             sa_smem = gl.allocate_shared_memory(sa_desc.dtype, [STAGES, BLOCK_M], sa_desc.layout)
-            sb_smem = gl.allocate_shared_memory(sb_desc.dtype, [STAGES, 8, 4], sb_desc.layout)
+            if ROW_SCALED_B:
+                sb_smem = gl.allocate_shared_memory(sb_desc.dtype, [STAGES, BLOCK_N], sb_desc.layout)
+            else:
+                sb_smem = gl.allocate_shared_memory(sb_desc.dtype, [STAGES, 8, 4], sb_desc.layout)
         else:  # placeholders, never read
             sa_smem = a_smem
             sb_smem = a_smem
@@ -374,25 +392,27 @@ if HAVE_GLUON:
                      K, stride_sam, stride_sak, stride_sbn, stride_sbk, 1, ROW_SCALED_B, SCALES, PROMOTE, BLOCK_M,
                      BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER)),
             (_producer, (a_desc, b_desc, sa_desc, sb_desc, a_smem, b_smem, sa_smem, sb_smem, ready, empty, m_ptr, M,
-                         N, K, sa_pitch, SCALES, BLOCK_M, BLOCK_N, GROUP_M, STAGES, GROUPED)),
-        ], [4, 1], [MATH_REGS_C, PRODUCER_REGS_C])
+                         N, K, sa_pitch, sb_pitch, ROW_SCALED_B, SCALES, BLOCK_M, BLOCK_N, GROUP_M, STAGES,
+                         GROUPED)),
+        ], [4, 1], [MATH_REGS, PRODUCER_REGS])
 
 
-def _blocks(block_n: int) -> dict[str, list[int]]:
+def _blocks(block_n: int, rows: bool = False) -> dict[str, list[int]]:
     """TMA box of each descriptor: A and B tiles 128 deep in K, C in 64 x 128 pieces, one K block's
     128 A row scales, and the aligned group of four K blocks' scales of B's block row (with the seven
-    rows below it: a TMA destination must start 128-byte aligned, so each stage's box is 128 bytes)."""
+    rows below it: a TMA destination must start 128-byte aligned, so each stage's box is 128 bytes),
+    or with 1x128-row B scales one K block's ``block_n`` column scales."""
     return {"a_desc": [2 * ROWS_PER_WARPGROUP, TILE], "b_desc": [block_n, TILE], "c_desc": [ROWS_PER_WARPGROUP, TILE],
-            "sa_desc": [2 * ROWS_PER_WARPGROUP], "sb_desc": [8, 4]}
+            "sa_desc": [2 * ROWS_PER_WARPGROUP], "sb_desc": [block_n] if rows else [8, 4]}
 
 
 _DESC_ARGS = ("a_desc", "b_desc", "c_desc", "sa_desc", "sb_desc")
 
 
-def _desc_layouts(block_n: int, out_dtype: torch.dtype, on_tma: bool) -> dict[str, tuple]:
+def _desc_layouts(block_n: int, out_dtype: torch.dtype, on_tma: bool, rows: bool = False) -> dict[str, tuple]:
     """(box, shared layout, element type) of each descriptor: E4M3 operands, the output, FP32
     scales; off the "tma" path the scale descriptors are unread placeholders, A's."""
-    blocks = _blocks(block_n)
+    blocks = _blocks(block_n, rows)
     dtypes = {"a_desc": torch.float8_e4m3fn, "b_desc": torch.float8_e4m3fn, "c_desc": out_dtype,
               "sa_desc": torch.float32, "sb_desc": torch.float32}
     out = {}
@@ -412,58 +432,67 @@ def _layout(name: str, box: tuple[int, ...], dtype: torch.dtype):
 
 # Where the math warpgroups find the scales. "tma": the producer brings each K block's scales into
 # its stage with the operands, so the promotion waits on shared memory only (DeepGEMM does the same
-# for A's). "global": each warpgroup loads them from global memory in the K step that uses them;
-# the first MMA of the step waits on that load (docs/kernels.md measures the difference). The 1x128
-# row scales of the weight gradient's B take this path. "none" ignores them:
-# the promotion's cost without the scales, a diagnostic for the benchmarks.
+# for A's; with the weight gradient's 1x128-row B scales, B's column scales too). "global": each
+# warpgroup loads them from global memory in the K step that uses them; the first MMA of the step
+# waits on that load (docs/kernels.md measures the difference). "none" ignores them: the
+# promotion's cost without the scales, a diagnostic for the benchmarks (128x128 B blocks only).
 SCALE_PATHS = {"global": 0, "tma": 1, "none": 2}
 
 
 def _default_config(rows: bool) -> tuple[int, int, int]:
-    """CONFIGS[0], or the first 128-wide one for 1x128-row B scales (a scale per column)."""
+    """CONFIGS[0], or the first 128-wide one for 1x128-row B scales (a scale per column), the only width they take."""
     return WIDTHS[TILE] if rows else CONFIGS[0]
 
 
-CONSTEXPR_ARGS = ("ROW_SCALED_B", "SCALES", "PROMOTE", "BLOCK_N", "GROUP_M", "STAGES", "GROUPED", "ORDER")
+CONSTEXPR_ARGS = ("ROW_SCALED_B", "SCALES", "PROMOTE", "BLOCK_N", "GROUP_M", "STAGES", "GROUPED", "ORDER",
+                  "MATH_REGS", "PRODUCER_REGS")
 
 
 def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, grouped: bool = False,
                 order: str | None = None) -> dict:
     block_n, stages, group_m = config
-    if block_n not in (TILE, 2 * TILE) or (rows and block_n != TILE):
+    scales = scales or "tma"
+    if scales not in SCALE_PATHS or (scales == "none" and rows):
+        raise ValueError(f"scales={scales!r}: one of {sorted(SCALE_PATHS)}; 'none' needs 128x128 weight scales")
+    if block_n not in (TILE, 2 * TILE) or (rows and block_n != TILE):  # rows: see the module's docstring
         raise ValueError(f"config={config}: BLOCK_N must be 128, or 256 with 128x128 weight scales")
-    scales = scales or ("global" if rows else "tma")
-    if scales not in SCALE_PATHS or (scales != "global" and rows):
-        raise ValueError(f"scales={scales!r}: one of {sorted(SCALE_PATHS)}; 'tma' and 'none' need "
-                         "128x128 weight scales")
     order = order or ORDER
     if order not in ORDERS:
         raise ValueError(f"order={order!r}: one of {sorted(ORDERS)}")
     return {"ROW_SCALED_B": rows, "SCALES": SCALE_PATHS[scales], "PROMOTE": promote, "BLOCK_N": block_n,
-            "GROUP_M": group_m, "STAGES": stages, "GROUPED": grouped, "ORDER": ORDERS[order]}
+            "GROUP_M": group_m, "STAGES": stages, "GROUPED": grouped, "ORDER": ORDERS[order],
+            "MATH_REGS": REGS[rows][0], "PRODUCER_REGS": REGS[rows][1]}
 
 
-def tma_scales(a_scale: torch.Tensor, b_scale: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """The scales as the producer's TMA reads them: A's (M, k_blocks) flattened K-block-major with a
-    row pitch of M rounded up to 4 (a box must start 16-byte aligned), and B's (n_blocks, k_blocks)
-    with k_blocks rounded up to 4. Free when they are already laid out so (A's as
-    ``quant_act_1x128`` writes them; B's when k_blocks % 4 == 0)."""
-    M, kb = a_scale.shape
-    if a_scale.stride(0) == 1 and a_scale.stride(1) % 4 == 0 and a_scale.stride(1) >= M:
-        pitch = a_scale.stride(1)
-        sa = a_scale.as_strided((pitch * (kb - 1) + M,), (1,))
-    else:
-        pitch = cdiv(M, 4) * 4
-        buf = torch.empty((kb, pitch), dtype=torch.float32, device=a_scale.device)
-        buf[:, :M].copy_(a_scale.t())
-        sa = buf.view(-1)
+def _mn_major(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """1x128 row scales (rows, k_blocks) flattened K-block-major with a pitch of ``rows`` rounded up
+    to 4 (a TMA box must start 16-byte aligned), and that pitch. Free when they are already laid
+    out so, as ``fp8_quant``'s row quantisers write them."""
+    rows, kb = scale.shape
+    if scale.stride(0) == 1 and scale.stride(1) % 4 == 0 and scale.stride(1) >= rows:
+        pitch = scale.stride(1)
+        return scale.as_strided((pitch * (kb - 1) + rows,), (1,)), pitch
+    pitch = cdiv(rows, 4) * 4
+    buf = torch.empty((kb, pitch), dtype=torch.float32, device=scale.device)
+    buf[:, :rows].copy_(scale.t())
+    return buf.view(-1), pitch
+
+
+def tma_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, rows: bool = False) -> tuple[torch.Tensor, int,
+                                                                                          torch.Tensor, int]:
+    """The scales as the producer's TMA reads them, with their pitches: A's (M, k_blocks) as
+    ``_mn_major`` lays them out; B's (n_blocks, k_blocks) with k_blocks rounded up to 4 (pitch 0),
+    free when k_blocks % 4 == 0; with ``rows`` B's (N, k_blocks) 1x128 rows laid out as A's."""
+    sa, pitch = _mn_major(a_scale)
+    if rows:
+        return (sa, pitch, *_mn_major(b_scale))
     if b_scale.stride(1) == 1 and b_scale.stride(0) % 4 == 0:
         sb = b_scale
     else:
-        nb = b_scale.shape[0]
+        nb, kb = b_scale.shape
         sb = torch.zeros((nb, cdiv(kb, 4) * 4), dtype=torch.float32, device=b_scale.device)[:, :kb]
         sb.copy_(b_scale)
-    return sa, pitch, sb
+    return sa, pitch, sb, 0
 
 
 def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, promote: bool = True,
@@ -509,12 +538,12 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
     # TMA rows must be 16-byte aligned: a ragged N gets a padded row pitch (the view hides it)
     pitch = cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
     c = torch.empty((M, pitch), dtype=out_dtype, device=a.device)[:, :N]
-    sa, sa_pitch, sb = tma_scales(a_scale, b_scale) if on_tma else (None, 0, None)
+    sa, sa_pitch, sb, sb_pitch = tma_scales(a_scale, b_scale, rows) if on_tma else (None, 0, None, 0)
     # each descriptor's tensor; off the "tma" path the scale descriptors are unread placeholders (A's)
     descs = dict(zip(_DESC_ARGS, (a, b, c, sa if on_tma else a, sb if on_tma else a)))
     args = dict(descs, sa_ptr=a_scale, sb_ptr=b_scale, m_ptr=m_indices if grouped else a_scale, M=M, N=N, K=K,
                 stride_sam=a_scale.stride(0), stride_sak=a_scale.stride(1), stride_sbn=b_scale.stride(0),
-                stride_sbk=b_scale.stride(1), sa_pitch=sa_pitch, **meta)
+                stride_sbk=b_scale.stride(1), sa_pitch=sa_pitch, sb_pitch=sb_pitch, **meta)
     _launch(grid, args, layouts, a.device, FFMA_YIELD_EVERY if ffma_yield is None else ffma_yield)
     return c
 
@@ -529,8 +558,8 @@ def _plan(M: int, N: int, K: int, out_dtype, config, rows: bool, promote: bool, 
                        order=order)
     on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
     sms, smem = _device_limits(device)
-    meta["STAGES"] = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, on_tma, smem)
-    layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, on_tma)
+    meta["STAGES"] = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, on_tma, smem, rows)
+    layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, on_tma, rows)
     tiles = cdiv(M, 2 * ROWS_PER_WARPGROUP) * cdiv(N, meta["BLOCK_N"])
     return meta, on_tma, layouts, min(tiles, sms)
 
@@ -541,13 +570,13 @@ def _plan(M: int, N: int, K: int, out_dtype, config, rows: bool, promote: bool, 
 SMEM_OVERHEAD = 512
 
 
-def ring_stages(stages: int, block_n: int, out_itemsize: int, on_tma: bool, smem: int) -> int:
+def ring_stages(stages: int, block_n: int, out_itemsize: int, on_tma: bool, smem: int, rows: bool = False) -> int:
     """At most ``stages`` ring stages, as many as ``smem`` bytes hold beside the two warpgroups'
     64 x 128 output pieces (FP32 output takes twice BF16's)."""
     out_bytes = 2 * ROWS_PER_WARPGROUP * TILE * out_itemsize
     stage_bytes = (2 * ROWS_PER_WARPGROUP + block_n) * TILE  # A and B tiles, E4M3
     if on_tma:  # and the scales' boxes, FP32
-        boxes = _blocks(block_n)
+        boxes = _blocks(block_n, rows)
         stage_bytes += 4 * sum(math.prod(boxes[name]) for name in ("sa_desc", "sb_desc"))
     return min(stages, (smem - SMEM_OVERHEAD - out_bytes) // stage_bytes)
 
@@ -562,7 +591,7 @@ def _device_limits(index: int) -> tuple[int, int]:
 _COMPILED: dict = {}  # launch key -> Triton's compiled kernel
 
 
-_INT_ARGS = ("M", "N", "K", "stride_sam", "stride_sak", "stride_sbn", "stride_sbk", "sa_pitch")
+_INT_ARGS = ("M", "N", "K", "stride_sam", "stride_sak", "stride_sbn", "stride_sbk", "sa_pitch", "sb_pitch")
 
 
 def _launch_key(args: dict, layouts: dict, device) -> tuple:
@@ -700,13 +729,12 @@ def compile_offline(config=None, rows=False, out_dtype=torch.bfloat16, promote: 
 
     meta = _constexprs(config or _default_config(rows), rows, promote, scales, grouped, order)
     names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
-    layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, meta["SCALES"] == SCALE_PATHS["tma"])
+    layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, meta["SCALES"] == SCALE_PATHS["tma"], rows)
     signature = {}
     for name, (box, layout, dtype) in layouts.items():
         signature[name] = f"tensordesc<{names.get(dtype, 'fp8e4nv')}[{', '.join(map(str, box))}],{layout!r}>"
     signature |= {"sa_ptr": "*fp32", "sb_ptr": "*fp32", "m_ptr": "*i32" if grouped else "*fp32"}
-    signature |= {n: "i32" for n in ("M", "N", "K", "stride_sam", "stride_sak", "stride_sbn", "stride_sbk",
-                                     "sa_pitch")}
+    signature |= {n: "i32" for n in _INT_ARGS}
     signature |= {n: "constexpr" for n in meta}
     src = GluonASTSource(_fp8_gemm_ws_kernel, signature, meta)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})

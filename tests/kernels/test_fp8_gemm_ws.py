@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 
 from kernels import fp8_gemm_ws  # noqa: E402
 from kernels.fp8_gemm import fp8_gemm_ref  # noqa: E402
-from kernels.fp8_quant import quant_act_1x128, quant_weight_128x128  # noqa: E402
+from kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_weight_128x128  # noqa: E402
 from tests.kernels.test_kernels import _gemm_operands, rand  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -50,6 +50,11 @@ def test_compiles_for_hopper_without_spills(tmp_path, row_scaled, out_dtype, con
     if row_scaled and config[0] != 128:
         pytest.skip("1x128-row B scales take 128-wide tiles only")
     kernel = fp8_gemm_ws.compile_offline(config=config, rows=row_scaled, out_dtype=out_dtype)
+    # the register split asked for (REGS): the first math warpgroup is Triton's default partition,
+    # which takes what the others leave of 504
+    math_regs, producer_regs = fp8_gemm_ws.REGS[row_scaled]
+    splits = re.findall(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+(\d+);", kernel.asm["ptx"])
+    assert splits[:2] == [str(math_regs), str(producer_regs)], splits
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx
     assert "setmaxnreg" in ptx, "no register split between the math warpgroups and the TMA warp"
@@ -60,11 +65,11 @@ def test_compiles_for_hopper_without_spills(tmp_path, row_scaled, out_dtype, con
     ffma = len(re.findall(r"\bFFMA\b", sass))
     # each math warpgroup holds 64 x 128 / 128 = 64 accumulator elements per thread and 128-column
     # piece; with 128x128 weight blocks the promotion is exactly one FFMA each, nothing else
+    # with 1x128-row B scales, an FMUL (row scale x column scale) and an FFMA each
     elements = 2 * 64 * config[0] // 128
-    if row_scaled:
-        assert ffma >= elements
-    else:
-        assert ffma == elements, f"{ffma} FFMAs for {elements} accumulator elements"
+    assert ffma == elements, f"{ffma} FFMAs for {elements} accumulator elements"
+    fmul = len(re.findall(r"\bFMUL\b", sass))
+    assert (fmul >= elements) if row_scaled else (fmul < elements // 8), f"{fmul} FMULs"
 
 
 @needs_gluon
@@ -72,12 +77,15 @@ def test_tma_scale_path_reads_no_global_memory(tmp_path):
     """The default path brings both operands' scales in with each stage: the math warpgroups issue
     no global load at all (the 'global' path's first MMA of a K step waits on one)."""
     reports = {}
-    for path in ("tma", "global"):
-        report, sass = _sass(fp8_gemm_ws.compile_offline(scales=path).asm["ptx"], tmp_path)
-        assert "0 bytes spill stores, 0 bytes spill loads" in report, report
-        reports[path] = (len(re.findall(r"\bLDG\b", sass)), len(re.findall(r"\bFFMA\b", sass)))
-    assert reports["tma"] == (0, 2 * 64 * fp8_gemm_ws.CONFIGS[0][0] // 128), reports
-    assert reports["global"][0] > 0, reports
+    for rows in (False, True):
+        for path in ("tma", "global"):
+            kernel = fp8_gemm_ws.compile_offline(scales=path, rows=rows, out_dtype=torch.float32)
+            report, sass = _sass(kernel.asm["ptx"], tmp_path)
+            assert "0 bytes spill stores, 0 bytes spill loads" in report, report
+            reports[rows, path] = (len(re.findall(r"\bLDG\b", sass)), len(re.findall(r"\bFFMA\b", sass)))
+    assert reports[False, "tma"] == (0, 2 * 64 * fp8_gemm_ws.CONFIGS[0][0] // 128), reports
+    assert reports[True, "tma"] == (0, 2 * 64), reports  # 1x128-row B: its column scales in the stage too
+    assert reports[False, "global"][0] > 0 and reports[True, "global"][0] > 0, reports
 
 
 @needs_gluon
@@ -170,9 +178,11 @@ def test_order_names_are_checked():
 def test_scale_path_names_are_checked():
     with pytest.raises(ValueError, match="scales='fast'"):
         fp8_gemm_ws._constexprs(fp8_gemm_ws.CONFIGS[0], rows=False, promote=True, scales="fast")
-    with pytest.raises(ValueError, match="scales='tma'"):
-        fp8_gemm_ws._constexprs(fp8_gemm_ws.WIDTHS[128], rows=True, promote=True, scales="tma")
-    assert fp8_gemm_ws._constexprs(fp8_gemm_ws.WIDTHS[128], rows=True, promote=True)["SCALES"] == 0
+    with pytest.raises(ValueError, match="scales='none'"):
+        fp8_gemm_ws._constexprs(fp8_gemm_ws.WIDTHS[128], rows=True, promote=True, scales="none")
+    rows = fp8_gemm_ws._constexprs(fp8_gemm_ws.WIDTHS[128], rows=True, promote=True)
+    assert rows["SCALES"] == fp8_gemm_ws.SCALE_PATHS["tma"]
+    assert (rows["MATH_REGS"], rows["PRODUCER_REGS"]) == fp8_gemm_ws.REGS[True]
     with pytest.raises(ValueError, match="BLOCK_N must be 128"):
         fp8_gemm_ws._constexprs(fp8_gemm_ws.WIDTHS[256], rows=True, promote=True)
 
@@ -182,14 +192,20 @@ def test_tma_scales_layout():
     free when the quantiser already laid them out so."""
     sa = torch.rand(130, 3)
     sb = torch.rand(2, 3)
-    flat, pitch, sb4 = fp8_gemm_ws.tma_scales(sa, sb)
-    assert pitch == 132 and sb4.stride(0) == 4 and torch.equal(sb4, sb)
+    flat, pitch, sb4, sb_pitch = fp8_gemm_ws.tma_scales(sa, sb)
+    assert pitch == 132 and sb4.stride(0) == 4 and torch.equal(sb4, sb) and sb_pitch == 0
     for kb in range(3):
         assert torch.equal(flat[kb * pitch: kb * pitch + 130], sa[:, kb])
     mn = torch.empty(3, 132)[:, :130].t()  # MN-major, 16-byte pitch
     mn.copy_(sa)
-    flat2, pitch2, _ = fp8_gemm_ws.tma_scales(mn, torch.rand(2, 4))
+    flat2, pitch2, _, _ = fp8_gemm_ws.tma_scales(mn, torch.rand(2, 4))
     assert pitch2 == 132 and flat2.data_ptr() == mn.data_ptr()
+    # 1x128-row B scales (N, k_blocks) are laid out as A's: K-block-major at N rounded up to 4
+    rows_b = torch.rand(257, 3)
+    _, _, flat_b, pitch_b = fp8_gemm_ws.tma_scales(sa, rows_b, rows=True)
+    assert pitch_b == 260
+    for kb in range(3):
+        assert torch.equal(flat_b[kb * pitch_b: kb * pitch_b + 257], rows_b[:, kb])
 
 
 def test_quantiser_scales_feed_tma_without_copy():
@@ -198,8 +214,11 @@ def test_quantiser_scales_feed_tma_without_copy():
     dev = "cuda" if ON_GPU else "cpu"
     _, sa = quant_act_1x128(rand(130, 384, seed=3, device=dev))
     assert sa.shape == (130, 3) and sa.stride() == (1, 132)
-    flat, pitch, _ = fp8_gemm_ws.tma_scales(sa, torch.ones(1, 4, device=dev))
+    flat, pitch, _, _ = fp8_gemm_ws.tma_scales(sa, torch.ones(1, 4, device=dev))
     assert pitch == 132 and flat.data_ptr() == sa.data_ptr()
+    _, sx = quant_act_128x1_t(rand(384, 257, seed=4, device=dev))  # the weight gradient's B: (257, 3)
+    _, _, flat_b, pitch_b = fp8_gemm_ws.tma_scales(sa, sx, rows=True)
+    assert pitch_b == 260 and flat_b.data_ptr() == sx.data_ptr()
 
 
 def test_refuses_without_gluon_or_gpu():
@@ -257,16 +276,21 @@ def test_every_config_matches_float64(M, N, K, config):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("path", ["tma", "global"])
+@pytest.mark.parametrize("recipe", ["forward", "wgrad"])
 @pytest.mark.parametrize("M,N,K", [(129, 257, 4096), (130, 384, 272), (301, 2112, 1136)])
-def test_scale_paths_match_float64(M, N, K, path):
+def test_scale_paths_match_float64(M, N, K, recipe, path):
     """Odd M (A's scale pitch padded to 4), K blocks not a multiple of 4 (B's padded), and A's
-    scales in both layouts: row-major as the reference quantiser writes them, and MN-major."""
-    a, sa, b, sb = _gemm_operands(M, N, K, "forward", "cuda")
+    scales in both layouts: row-major as the reference quantiser writes them, and MN-major; the
+    weight gradient's 1x128-row B scales the same way (an odd N pads their pitch too)."""
+    a, sa, b, sb = _gemm_operands(M, N, K, recipe, "cuda")
     ref = fp8_gemm_ref(a, sa, b, sb)
-    for scales_a in (sa.contiguous(), sa.t().contiguous().t()):
-        out = fp8_gemm_ws.fp8_gemm_ws(a, scales_a, b, sb, out_dtype=torch.float32, scales=path)
+    scale_layouts = [(s_a, sb) for s_a in (sa.contiguous(), sa.t().contiguous().t())]
+    if recipe == "wgrad":
+        scale_layouts.append((sa, sb.contiguous()))  # B's row scales row-major: copied to the TMA layout
+    for scales_a, scales_b in scale_layouts:
+        out = fp8_gemm_ws.fp8_gemm_ws(a, scales_a, b, scales_b, out_dtype=torch.float32, scales=path)
         err = float((out.double() - ref).norm() / ref.norm())
-        assert torch.isfinite(out).all() and err < 1e-3, (path, scales_a.stride(), err)
+        assert torch.isfinite(out).all() and err < 1e-3, (path, scales_a.stride(), scales_b.stride(), err)
 
 
 @pytest.mark.gpu
@@ -300,17 +324,19 @@ def test_direct_launch_matches_the_jit():
 
 
 def test_dispatch_refuses_gluon_where_it_does_not_apply():
-    """backend="gluon" off Hopper, or with 1x128-row B, is a clear ValueError (the auto dispatch drops it)."""
+    """backend="gluon" off Hopper, or where TMA cannot read an operand, is a clear ValueError (the
+    auto dispatch drops it)."""
     from kernels.fp8_gemm import fp8_gemm
 
     dev = "cuda" if ON_GPU else "cpu"
     a = torch.randn(256, 256, device=dev).to(torch.float8_e4m3fn)
     rows = torch.ones(256, 2, device=dev)
     with pytest.raises(ValueError, match="Gluon"):
-        fp8_gemm(a, rows, a, rows, backend="gluon")  # 1x128 rows for B: the weight-gradient form
+        fp8_gemm(a.t(), rows, a, rows, backend="gluon")  # A not K-contiguous
     if not ON_GPU:
-        with pytest.raises(ValueError, match="Gluon"):
-            fp8_gemm(a, rows, a, torch.ones(2, 2), backend="gluon")
+        for b_scale in (rows, torch.ones(2, 2)):  # 1x128 rows (the weight gradient) and 128x128 blocks
+            with pytest.raises(ValueError, match="Gluon"):
+                fp8_gemm(a, rows, a, b_scale, backend="gluon")
 
 
 @pytest.mark.gpu
