@@ -281,8 +281,13 @@ def test_every_config_matches_float64(M, N, K, config):
 def test_scale_paths_match_float64(M, N, K, recipe, path):
     """Odd M (A's scale pitch padded to 4), K blocks not a multiple of 4 (B's padded), and A's
     scales in both layouts: row-major as the reference quantiser writes them, and MN-major; the
-    weight gradient's 1x128-row B scales the same way (an odd N pads their pitch too)."""
-    a, sa, b, sb = _gemm_operands(M, N, K, recipe, "cuda")
+    weight gradient's 1x128-row B scales the same way (an odd N pads their pitch too). M, N, K are
+    the GEMM's: the weight gradient of a layer with N_layer = M, K_layer = N over K tokens."""
+    if recipe == "wgrad":
+        a, sa, b, sb = _gemm_operands(K, M, N, recipe, "cuda")  # dy (K, M)ᵀ · x (K, N)
+    else:
+        a, sa, b, sb = _gemm_operands(M, N, K, recipe, "cuda")
+    assert a.shape == (M, K) and b.shape == (N, K)
     ref = fp8_gemm_ref(a, sa, b, sb)
     scale_layouts = [(s_a, sb) for s_a in (sa.contiguous(), sa.t().contiguous().t())]
     if recipe == "wgrad":
