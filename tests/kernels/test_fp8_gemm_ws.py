@@ -355,6 +355,12 @@ def test_auto_dispatch_considers_gluon():
     assert torch.equal(out, fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, config=fp8_gemm_ws.WIDTHS[int(width)]))
     assert chosen_backend(a, sa, b, sb) in ("triton", "gluon", "torch")
     assert len(_BACKEND_CACHE) >= 1
+    # the weight gradient (1x128-row B): 128-wide tiles, no width timed
+    a, sa, b, sb = _gemm_operands(4096, 2112, 1536, "wgrad", "cuda")
+    out = fp8_gemm(a, sa, b, sb, torch.float32, backend="gluon")
+    assert torch.equal(out, fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, torch.float32, config=fp8_gemm_ws.WIDTHS[128]))
+    assert ("gluon width", tuple(a.shape), tuple(b.shape), torch.float32) not in _BACKEND_CACHE
+    assert chosen_backend(a, sa, b, sb, torch.float32) in ("triton", "gluon", "torch")
 
 
 @pytest.mark.gpu
