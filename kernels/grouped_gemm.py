@@ -36,11 +36,7 @@ from .fp8_gemm import (
     scaled_mm_reliable,
 )
 from .fp8_quant import quant_act_1x128, quant_weight_128x128
-from .triton_compat import triton
-
-
-def _bucket(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+from .triton_compat import next_power_of_2, triton
 
 
 def _resolve(backend: str, a: torch.Tensor, gluon: bool = False) -> str:
@@ -115,7 +111,7 @@ def _grouped_fp8_gluon(a, a_scale, b, b_scale, m_indices, out_dtype):
     if (not HAVE_GLUON or INTERPRET or not a.is_cuda or a.stride(1) != 1 or a.shape[1] % 16
             or not b.is_contiguous() or m_indices.dtype != torch.int32):
         raise ValueError("the Gluon kernel needs Hopper, a K-contiguous, contiguous experts' weights and int32 m_indices")
-    key = ("grouped gluon width", _bucket(a.shape[0]), tuple(b.shape), out_dtype)
+    key = ("grouped gluon width", next_power_of_2(a.shape[0]), tuple(b.shape), out_dtype)
     config = gluon_config(key, lambda c: fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype, config=c, m_indices=m_indices))
     return fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype, config=config, m_indices=m_indices)
 
@@ -149,7 +145,7 @@ def grouped_gemm_fp8(
     runs = {"triton": lambda: _grouped_fp8_triton(*args), "gluon": lambda: _grouped_fp8_gluon(*args),
             "torch": lambda: _grouped_fp8_torch(*args, m_counts)}
     if backend == "auto":
-        key = ("grouped_fp8", _bucket(a.shape[0]), tuple(b.shape), b.stride(), out_dtype)
+        key = ("grouped_fp8", next_power_of_2(a.shape[0]), tuple(b.shape), b.stride(), out_dtype)
         backend = pick_faster(key, runs)
     return runs[backend]()
 
@@ -174,7 +170,7 @@ def grouped_gemm_bf16(a: torch.Tensor, b: torch.Tensor, m_indices: torch.Tensor,
 
     backend = _resolve(backend if seg_offsets is not None else "triton", a)
     if backend == "auto":
-        key = ("grouped_bf16", _bucket(a.shape[0]), tuple(b.shape), b.stride())
+        key = ("grouped_bf16", next_power_of_2(a.shape[0]), tuple(b.shape), b.stride())
         backend = pick_faster(key, {"triton": run_triton, "torch": run_torch})
     return run_torch() if backend == "torch" else run_triton()
 
@@ -225,7 +221,7 @@ def grouped_wgrad_fp8(
     args = (a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype)
     backend = _resolve(backend, a_t)
     if backend == "auto":
-        key = ("grouped_wgrad_fp8", _bucket(a_t.shape[1]), seg_offsets.numel(), a_t.shape[0], b_t.shape[0], out_dtype)
+        key = ("grouped_wgrad_fp8", next_power_of_2(a_t.shape[1]), seg_offsets.numel(), a_t.shape[0], b_t.shape[0], out_dtype)
         backend = pick_faster(key, {"triton": lambda: _grouped_wgrad_triton(*args),
                                     "torch": lambda: _grouped_wgrad_fp8_torch(*args)})
     return (_grouped_wgrad_fp8_torch if backend == "torch" else _grouped_wgrad_triton)(*args)
