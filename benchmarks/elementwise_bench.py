@@ -30,16 +30,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from elementwise_cases import CASES, Case  # noqa: E402
-from kernels.triton_compat import HAVE_TRITON  # noqa: E402
-from simulator.atomic_write import write_atomic  # noqa: E402
-from simulator.costs.elementwise import KernelBytes, end_bytes_per_token, layer_bytes_per_token  # noqa: E402
-from simulator.presets.clusters import h200_gpu  # noqa: E402
-from simulator.presets.models import deepseek_v3, tiny_moe  # noqa: E402
-from simulator.spec.model import ModelSpec  # noqa: E402
+from moeplan.kernels.triton_compat import HAVE_TRITON  # noqa: E402
+from moeplan.simulator.atomic_write import write_atomic  # noqa: E402
+from moeplan.simulator.costs.elementwise import KernelBytes, end_bytes_per_token, layer_bytes_per_token  # noqa: E402
+from moeplan.simulator.presets.clusters import h200_gpu  # noqa: E402
+from moeplan.simulator.presets.models import deepseek_v3, tiny_moe  # noqa: E402
+from moeplan.simulator.spec.model import ModelSpec  # noqa: E402
 
 log = logging.getLogger(__name__)
 

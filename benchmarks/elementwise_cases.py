@@ -15,15 +15,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t
-from kernels.moe_permute import MoEUnpermute, make_dispatch_plan, moe_permute, moe_unpermute
-from kernels.swiglu import swiglu, swiglu_backward
-from model.fp8 import quantize_tiles
-from model.gate import Gate
-from model.losses import cross_entropy
-from model.norm import RMSNorm
-from model.rope import RotaryEmbedding, apply_rotary
-from simulator.spec.model import ModelSpec
+from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t
+from moeplan.kernels.moe_permute import MoEUnpermute, make_dispatch_plan, moe_permute, moe_unpermute
+from moeplan.kernels.swiglu import swiglu, swiglu_backward
+from moeplan.model.fp8 import quantize_tiles
+from moeplan.model.gate import Gate
+from moeplan.model.losses import cross_entropy
+from moeplan.model.norm import RMSNorm
+from moeplan.model.rope import RotaryEmbedding, apply_rotary
+from moeplan.simulator.spec.model import ModelSpec
 
 Thunk = Callable[[], object]
 BF16 = torch.bfloat16

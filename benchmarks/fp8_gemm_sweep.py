@@ -14,20 +14,18 @@ promotion, an upper bound for block scaling) in the same run. Grouped: where the
 import argparse
 import datetime
 import json
-import sys
 from pathlib import Path
 
 import torch
 import triton
 import triton.testing
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref  # noqa: E402
-from kernels.fp8_gemm_tma import fp8_gemm_tma  # noqa: E402
-from kernels.fp8_gemm_ws import CONFIGS as WS_CONFIGS, WIDTHS, fp8_gemm_ws  # noqa: E402
-from kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_weight_128x128  # noqa: E402
-from kernels.grouped_gemm import grouped_gemm_fp8, make_problem, segment_rows  # noqa: E402
+from moeplan.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref  # noqa: E402
+from moeplan.kernels.fp8_gemm_tma import fp8_gemm_tma  # noqa: E402
+from moeplan.kernels.fp8_gemm_ws import CONFIGS as WS_CONFIGS, WIDTHS, fp8_gemm_ws  # noqa: E402
+from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_weight_128x128  # noqa: E402
+from moeplan.kernels.grouped_gemm import grouped_gemm_fp8, make_problem, segment_rows  # noqa: E402
 
 M = 4096
 DENSE_NK = [(7168, 16384), (2112, 7168), (24576, 1536), (32768, 512), (4096, 7168), (7168, 2048)]

@@ -15,27 +15,25 @@ import datetime
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
 import triton
 import triton.testing
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels.fp8_gemm as gemm_mod  # noqa: E402
-import kernels.moe_permute as permute_mod  # noqa: E402
-import kernels.swiglu as swiglu_mod  # noqa: E402
-from kernels.fp8_gemm import chosen_backend, fp8_gemm, fp8_gemm_ref  # noqa: E402
-from kernels.fp8_quant import (  # noqa: E402
+import moeplan.kernels.fp8_gemm as gemm_mod  # noqa: E402
+import moeplan.kernels.moe_permute as permute_mod  # noqa: E402
+import moeplan.kernels.swiglu as swiglu_mod  # noqa: E402
+from moeplan.kernels.fp8_gemm import chosen_backend, fp8_gemm, fp8_gemm_ref  # noqa: E402
+from moeplan.kernels.fp8_quant import (  # noqa: E402
     dequant_blocks,
     dequant_rows,
     quant_act_1x128,
     quant_act_128x1_t,
     quant_weight_128x128,
 )
-from kernels.grouped_gemm import grouped_gemm_bf16, grouped_gemm_fp8, grouped_gemm_ref, make_problem  # noqa: E402
+from moeplan.kernels.grouped_gemm import grouped_gemm_bf16, grouped_gemm_fp8, grouped_gemm_ref, make_problem  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +158,7 @@ def grouped_results() -> list[dict]:
 
 def memory_bound_results() -> dict:
     """GB/s of the quantisers, permutation and SwiGLU, and fused vs unfused times where we fuse."""
-    from kernels.fp8_quant import benchmark as quant_benchmark
+    from moeplan.kernels.fp8_quant import benchmark as quant_benchmark
 
     results = {"quant_gbps": quant_benchmark(), "permute_gbps": permute_mod.benchmark(),
                "swiglu_gbps": swiglu_mod.benchmark()}

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from simulator.expert_load import drifting_load, zipf_load
-from simulator.migration import migration_cost, rebalance_with_migration
-from simulator.placement import place_experts
-from simulator.placement_maps import contiguous_placement
-from simulator.placement_report import DEFAULT_TOKENS_PER_GPU, balance_stats, redundancy_sweep, worst_layer
-from simulator.presets.clusters import h800
-from simulator.presets.models import deepseek_v3
-from simulator.traffic import simulate_layer
+from moeplan.simulator.expert_load import drifting_load, zipf_load
+from moeplan.simulator.migration import migration_cost, rebalance_with_migration
+from moeplan.simulator.placement import place_experts
+from moeplan.simulator.placement_maps import contiguous_placement
+from moeplan.simulator.placement_report import DEFAULT_TOKENS_PER_GPU, balance_stats, redundancy_sweep, worst_layer
+from moeplan.simulator.presets.clusters import h800
+from moeplan.simulator.presets.models import deepseek_v3
+from moeplan.simulator.traffic import simulate_layer
 
 NODES = 8
 REDUNDANT = (0, 32, 64)

@@ -13,20 +13,18 @@ import datetime
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from simulator.engine.build import step_inputs  # noqa: E402
-from simulator.engine.step import StepSimulation  # noqa: E402
-from simulator.presets.clusters import h200, h800  # noqa: E402
-from simulator.presets.models import deepseek_v2_lite, deepseek_v3  # noqa: E402
-from simulator.presets.recipes import deepseek_v3_recipe, default_recipe  # noqa: E402
-from simulator.search import search  # noqa: E402
-from simulator.spec.inputs import PlanInputs  # noqa: E402
+from moeplan.simulator.engine.build import step_inputs  # noqa: E402
+from moeplan.simulator.engine.step import StepSimulation  # noqa: E402
+from moeplan.simulator.presets.clusters import h200, h800  # noqa: E402
+from moeplan.simulator.presets.models import deepseek_v2_lite, deepseek_v3  # noqa: E402
+from moeplan.simulator.presets.recipes import deepseek_v3_recipe, default_recipe  # noqa: E402
+from moeplan.simulator.search import search  # noqa: E402
+from moeplan.simulator.spec.inputs import PlanInputs  # noqa: E402
 
 
 def main() -> None:

@@ -16,29 +16,27 @@ from __future__ import annotations
 
 import datetime
 import platform
-import sys
 from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from orchestrator.inputs import build_request  # noqa: E402
-from simulator.engine.step import Links, RankTail, StageCosts, StepInputs, StepSimulation  # noqa: E402
-from simulator.engine.unit_costs import EndCosts, UnitCosts  # noqa: E402
-from simulator.costs.elementwise import end_bytes_per_token, layer_bytes_per_token  # noqa: E402
-from simulator.costs.kernels import memory_s  # noqa: E402
-from simulator.costs.memory_kernels import ELEMENTWISE_FILE, MemoryKernelPoint, load_elementwise  # noqa: E402
-from simulator.costs.tables import CostTables, default_tables, named_tables  # noqa: E402
-from simulator.presets.clusters import h800_gpu  # noqa: E402
-from simulator.presets.models import deepseek_v3  # noqa: E402
-from simulator.engine.build import SimOptions, step_inputs  # noqa: E402
-from simulator.planner import plan_with_predictions  # noqa: E402
-from simulator.predict import predict_step  # noqa: E402
-from simulator.run_model import predict_phase  # noqa: E402
-from simulator.schedules import Durations, closed_form_bubble, make_schedule  # noqa: E402
+from moeplan.orchestrator.inputs import build_request  # noqa: E402
+from moeplan.simulator.engine.step import Links, RankTail, StageCosts, StepInputs, StepSimulation  # noqa: E402
+from moeplan.simulator.engine.unit_costs import EndCosts, UnitCosts  # noqa: E402
+from moeplan.simulator.costs.elementwise import end_bytes_per_token, layer_bytes_per_token  # noqa: E402
+from moeplan.simulator.costs.kernels import memory_s  # noqa: E402
+from moeplan.simulator.costs.memory_kernels import ELEMENTWISE_FILE, MemoryKernelPoint, load_elementwise  # noqa: E402
+from moeplan.simulator.costs.tables import CostTables, default_tables, named_tables  # noqa: E402
+from moeplan.simulator.presets.clusters import h800_gpu  # noqa: E402
+from moeplan.simulator.presets.models import deepseek_v3  # noqa: E402
+from moeplan.simulator.engine.build import SimOptions, step_inputs  # noqa: E402
+from moeplan.simulator.planner import plan_with_predictions  # noqa: E402
+from moeplan.simulator.predict import predict_step  # noqa: E402
+from moeplan.simulator.run_model import predict_phase  # noqa: E402
+from moeplan.simulator.schedules import Durations, closed_form_bubble, make_schedule  # noqa: E402
 
 TR_GPU_HOURS_PER_T = 180e3  # TR §9 / Table 1
 TR_PRETRAIN_GPU_HOURS = 2664e3
@@ -90,7 +88,7 @@ def sensitivity() -> list[str]:
 
 def _with_alternative(tables: CostTables, kernel: str) -> CostTables:
     """``tables`` with ``kernel`` at the fractions of the implementation measured beside the table's."""
-    data = load_elementwise(files("simulator.costs").joinpath(ELEMENTWISE_FILE))
+    data = load_elementwise(files("moeplan.simulator.costs").joinpath(ELEMENTWISE_FILE))
     row = next(r for r in data.kernels if r.kernel == kernel and not r.in_table and r.fwd is not None)
     alt = MemoryKernelPoint(kernel=kernel, fwd_frac=row.fwd.hbm_frac, bwd_frac=row.bwd.hbm_frac if row.bwd else None,
                             source=row.implementation)

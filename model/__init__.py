@@ -9,14 +9,14 @@ Public API:
 See docs/model.md.
 """
 
-from model.api import from_hf_config
-from model.balance import BalanceSchedule, ExpertBiasUpdater
-from model.hf_weights import load_hf_state_dict
-from model.losses import training_loss
-from model.options import ModelOptions
-from model.stage import StageSpec
-from model.transformer import ModelOutput, Transformer, build_rank
-from model.weight_grad import WeightGradStore, attach_weight_grad_store
+from moeplan.model.api import from_hf_config
+from moeplan.model.balance import BalanceSchedule, ExpertBiasUpdater
+from moeplan.model.hf_weights import load_hf_state_dict
+from moeplan.model.losses import training_loss
+from moeplan.model.options import ModelOptions
+from moeplan.model.stage import StageSpec
+from moeplan.model.transformer import ModelOutput, Transformer, build_rank
+from moeplan.model.weight_grad import WeightGradStore, attach_weight_grad_store
 
 __all__ = [
     "BalanceSchedule", "ExpertBiasUpdater", "ModelOptions", "ModelOutput", "StageSpec", "Transformer",

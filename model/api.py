@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from model.options import ModelOptions
-from model.transformer import Transformer
-from simulator.spec.model import ModelSpec
+from moeplan.model.options import ModelOptions
+from moeplan.model.transformer import Transformer
+from moeplan.simulator.spec.model import ModelSpec
 
 logger = logging.getLogger(__name__)
 

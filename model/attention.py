@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.norm import RMSNorm
-from model.rope import apply_rotary, softmax_scale
-from simulator.spec.model import ModelSpec
+from moeplan.model.norm import RMSNorm
+from moeplan.model.rope import apply_rotary, softmax_scale
+from moeplan.simulator.spec.model import ModelSpec
 
 
 class MLA(nn.Module):

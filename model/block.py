@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.attention import MLA
-from model.fp8 import Fp8Gemm, resolve_fp8_gemms, resolve_fp8_grouped_wgrad
-from model.linear import LinearFactory
-from model.mlp import MLP
-from model.moe import MoE
-from model.norm import RMSNorm
-from model.options import ModelOptions
-from simulator.spec.model import ModelSpec
+from moeplan.model.attention import MLA
+from moeplan.model.fp8 import Fp8Gemm, resolve_fp8_gemms, resolve_fp8_grouped_wgrad
+from moeplan.model.linear import LinearFactory
+from moeplan.model.mlp import MLP
+from moeplan.model.moe import MoE
+from moeplan.model.norm import RMSNorm
+from moeplan.model.options import ModelOptions
+from moeplan.simulator.spec.model import ModelSpec
 
 
 @dataclass(frozen=True)

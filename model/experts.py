@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.fp8 import Fp8Gemm
-from model.grouped_mm import GroupedLinearFn, grouped_mm_supported
-from model.weight_grad import WeightGradStore
+from moeplan.model.fp8 import Fp8Gemm
+from moeplan.model.grouped_mm import GroupedLinearFn, grouped_mm_supported
+from moeplan.model.weight_grad import WeightGradStore
 
 
 class GroupedExperts(nn.Module):

@@ -90,7 +90,7 @@ def reference_fp8_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype, block: in
 
 def reference_fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype: torch.dtype, block: int = 128) -> torch.Tensor:
     """Rows a[offs[e-1]:offs[e]] times b[e]^T for each expert e; b: (E, N, K)."""
-    from model.grouped_mm import reference_grouped_mm  # local: grouped_mm imports nothing of fp8
+    from moeplan.model.grouped_mm import reference_grouped_mm  # local: grouped_mm imports nothing of fp8
 
     a_dq = dequantize_tiles(a, a_scale, block)
     b_dq = dequantize_blocks(b, b_scale, block).transpose(-2, -1)  # (E, K, N)
@@ -103,7 +103,7 @@ def reference_fp8_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out
 
     ``seg_offsets`` (E + 1,) are segment bounds on M, multiples of ``block``, so no tile spans two experts.
     """
-    from model.grouped_mm import reference_grouped_weight_grad
+    from moeplan.model.grouped_mm import reference_grouped_weight_grad
 
     end = int(seg_offsets[-1])
     a = dequantize_tiles(a_t, a_t_scale, block)[:, :end]
@@ -168,7 +168,7 @@ def resolve_fp8_grouped_wgrad(kernel: str, block: int = 128) -> Fp8Gemm:
     if kernel == "reference":
         return lambda *args, out_dtype=torch.float32: reference_fp8_grouped_wgrad(*args, out_dtype=out_dtype, block=block)
     resolve_fp8_gemms(kernel, block)  # the same checks and error messages
-    wgrad = importlib.import_module("kernels.grouped_gemm").grouped_wgrad_fp8
+    wgrad = importlib.import_module("moeplan.kernels.grouped_gemm").grouped_wgrad_fp8
     return lambda *args, out_dtype=torch.float32: wgrad(*args, out_dtype=out_dtype, backend="triton")
 
 
@@ -181,8 +181,8 @@ def resolve_fp8_gemms(kernel: str, block: int = 128) -> tuple[Fp8Gemm, Fp8Gemm]:
     if block != 128:
         raise ValueError(f"fp8_kernel='kernels' supports fp8_block_size=128 only, got {block}")
     try:
-        dense = importlib.import_module("kernels.fp8_gemm").fp8_gemm
-        grouped = importlib.import_module("kernels.grouped_gemm").grouped_gemm_fp8
+        dense = importlib.import_module("moeplan.kernels.fp8_gemm").fp8_gemm
+        grouped = importlib.import_module("moeplan.kernels.grouped_gemm").grouped_gemm_fp8
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"fp8_kernel='kernels' needs kernels.fp8_gemm.fp8_gemm and "
                          f"kernels.grouped_gemm.grouped_gemm_fp8 ({exc})") from exc

@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from model.fp8 import fp8_grouped_weight_grad, quantize_blocks, quantize_tiles
-from model.weight_grad import WeightGradStore, accumulate_grad
+from moeplan.model.fp8 import fp8_grouped_weight_grad, quantize_blocks, quantize_tiles
+from moeplan.model.weight_grad import WeightGradStore, accumulate_grad
 
 GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.fp8 import FP8_DTYPE, dequantize_blocks
-from simulator.spec.model import ModelSpec
+from moeplan.model.fp8 import FP8_DTYPE, dequantize_blocks
+from moeplan.simulator.spec.model import ModelSpec
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.fp8 import Fp8Gemm, quantize_blocks, quantize_tiles
-from model.weight_grad import WeightGradStore, accumulate_grad
+from moeplan.model.fp8 import Fp8Gemm, quantize_blocks, quantize_tiles
+from moeplan.model.weight_grad import WeightGradStore, accumulate_grad
 
 
 class LinearFn(torch.autograd.Function):

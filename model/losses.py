@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.transformer import ModelOutput
+from moeplan.model.transformer import ModelOutput
 
 IGNORE_INDEX = -100
 

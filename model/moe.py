@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.experts import GroupedExperts
-from model.gate import Gate, Routing
-from model.mlp import MLP
-from simulator.spec.model import ModelSpec
+from moeplan.model.experts import GroupedExperts
+from moeplan.model.gate import Gate, Routing
+from moeplan.model.mlp import MLP
+from moeplan.simulator.spec.model import ModelSpec
 
 
 class AuxLossToGradient(torch.autograd.Function):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.block import Block, LayerFactory
+from moeplan.model.block import Block, LayerFactory
 
 
 class SharedHeadNorm(nn.Module):

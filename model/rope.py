@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.model import ModelSpec
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:

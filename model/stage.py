@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.model import ModelSpec
 
 
 @dataclass(frozen=True)

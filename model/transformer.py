@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from model.block import Block, LayerFactory
-from model.linear import LinearFactory
-from model.mtp import MTPModule
-from model.norm import RMSNorm
-from model.options import ModelOptions
-from model.rope import RotaryEmbedding
-from model.stage import StageSpec
-from simulator.spec.model import ModelSpec
+from moeplan.model.block import Block, LayerFactory
+from moeplan.model.linear import LinearFactory
+from moeplan.model.mtp import MTPModule
+from moeplan.model.norm import RMSNorm
+from moeplan.model.options import ModelOptions
+from moeplan.model.rope import RotaryEmbedding
+from moeplan.model.stage import StageSpec
+from moeplan.simulator.spec.model import ModelSpec
 
 
 @dataclass

@@ -14,13 +14,13 @@ import click
 import typer
 from rich.console import Console
 
-from orchestrator.errors import USER_ERRORS, fail
-from orchestrator.placement_cmd import placement_command
-from orchestrator.plan_cmd import plan_command
-from orchestrator.render import plan_tables, presets_table
-from orchestrator.schedule_cmd import schedule_command
-from simulator.plan import PlanFile, read_plan
-from simulator.planner import summary
+from moeplan.orchestrator.errors import USER_ERRORS, fail
+from moeplan.orchestrator.placement_cmd import placement_command
+from moeplan.orchestrator.plan_cmd import plan_command
+from moeplan.orchestrator.render import plan_tables, presets_table
+from moeplan.orchestrator.schedule_cmd import schedule_command
+from moeplan.simulator.plan import PlanFile, read_plan
+from moeplan.simulator.planner import summary
 
 app = typer.Typer(
     name="moeplan",

@@ -6,11 +6,11 @@ from typing import NoReturn
 
 import typer
 
-from orchestrator.inputs import InputError
-from orchestrator.overrides import OverrideError
-from simulator.accounting.layout import LayoutError
-from simulator.plan import PlanError
-from simulator.schedules.actions import ScheduleError
+from moeplan.orchestrator.inputs import InputError
+from moeplan.orchestrator.overrides import OverrideError
+from moeplan.simulator.accounting.layout import LayoutError
+from moeplan.simulator.plan import PlanError
+from moeplan.simulator.schedules.actions import ScheduleError
 
 USER_ERRORS = (InputError, OverrideError, LayoutError, PlanError, ScheduleError)
 

@@ -9,17 +9,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from orchestrator.overrides import apply_overrides
-from simulator.accounting.layout import LayoutError, check_layout
-from simulator.planner import resolve_microbatches
-from simulator.presets.clusters import CLUSTER_PRESETS
-from simulator.presets.models import MODEL_PRESETS
-from simulator.presets.recipes import recipe_for
-from simulator.spec.errors import first_error_line
-from simulator.spec.hardware import ClusterSpec
-from simulator.spec.inputs import PlanInputs
-from simulator.spec.model import ModelSpec
-from simulator.spec.parallel import ParallelSpec
+from moeplan.orchestrator.overrides import apply_overrides
+from moeplan.simulator.accounting.layout import LayoutError, check_layout
+from moeplan.simulator.planner import resolve_microbatches
+from moeplan.simulator.presets.clusters import CLUSTER_PRESETS
+from moeplan.simulator.presets.models import MODEL_PRESETS
+from moeplan.simulator.presets.recipes import recipe_for
+from moeplan.simulator.spec.errors import first_error_line
+from moeplan.simulator.spec.hardware import ClusterSpec
+from moeplan.simulator.spec.inputs import PlanInputs
+from moeplan.simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.parallel import ParallelSpec
 
 
 class InputError(ValueError):

@@ -15,21 +15,21 @@ import numpy as np
 import typer
 from pydantic import BaseModel, ValidationError
 
-from simulator.atomic_write import write_atomic
-from simulator.expert_load import (
+from moeplan.simulator.atomic_write import write_atomic
+from moeplan.simulator.expert_load import (
     ExpertLoadRecord,
     one_line_error,
     uniform_load,
     zipf_load,
 )
-from simulator.migration import rebalance_with_migration
-from simulator.placement import POLICIES, place_experts
-from simulator.placement_figures import placement_figure, traffic_figure
-from simulator.placement_maps import contiguous_placement
-from simulator.placement_model import ExpertPlacement
-from simulator.placement_report import DEFAULT_TOKENS_PER_GPU, summarize
-from simulator.presets.clusters import CLUSTER_PRESETS
-from simulator.presets.models import MODEL_PRESETS
+from moeplan.simulator.migration import rebalance_with_migration
+from moeplan.simulator.placement import POLICIES, place_experts
+from moeplan.simulator.placement_figures import placement_figure, traffic_figure
+from moeplan.simulator.placement_maps import contiguous_placement
+from moeplan.simulator.placement_model import ExpertPlacement
+from moeplan.simulator.placement_report import DEFAULT_TOKENS_PER_GPU, summarize
+from moeplan.simulator.presets.clusters import CLUSTER_PRESETS
+from moeplan.simulator.presets.models import MODEL_PRESETS
 
 BAD_INPUT_EXIT_CODE = 2
 

@@ -19,21 +19,21 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from orchestrator.errors import USER_ERRORS, fail
-from orchestrator.inputs import InputError, build_request, validation_message
-from orchestrator.placement_cmd import read_model_file
-from orchestrator.render import plan_tables
-from simulator.accounting.layout import LayoutError
-from simulator.costs.tables import NAMED_TABLES, CostTables, named_tables
-from simulator.engine.build import SimOptions
-from simulator.engine.trace import chrome_trace
-from simulator.expert_load import ExpertLoadRecord
-from simulator.plan import write_atomic, write_plan
-from simulator.plan_figures import plan_html
-from simulator.planner import plan_with_predictions, summary
-from simulator.predict import simulate_at
-from simulator.search import search
-from simulator.spec.model import ModelSpec
+from moeplan.orchestrator.errors import USER_ERRORS, fail
+from moeplan.orchestrator.inputs import InputError, build_request, validation_message
+from moeplan.orchestrator.placement_cmd import read_model_file
+from moeplan.orchestrator.render import plan_tables
+from moeplan.simulator.accounting.layout import LayoutError
+from moeplan.simulator.costs.tables import NAMED_TABLES, CostTables, named_tables
+from moeplan.simulator.engine.build import SimOptions
+from moeplan.simulator.engine.trace import chrome_trace
+from moeplan.simulator.expert_load import ExpertLoadRecord
+from moeplan.simulator.plan import write_atomic, write_plan
+from moeplan.simulator.plan_figures import plan_html
+from moeplan.simulator.planner import plan_with_predictions, summary
+from moeplan.simulator.predict import simulate_at
+from moeplan.simulator.search import search
+from moeplan.simulator.spec.model import ModelSpec
 
 console = Console(width=140)
 _SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}

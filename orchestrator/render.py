@@ -5,10 +5,10 @@ from __future__ import annotations
 from rich.console import Group
 from rich.table import Table
 
-from simulator.accounting.params import activated_params, param_counts
-from simulator.plan import PlanFile
-from simulator.presets.clusters import CLUSTER_PRESETS
-from simulator.presets.models import MODEL_PRESETS
+from moeplan.simulator.accounting.params import activated_params, param_counts
+from moeplan.simulator.plan import PlanFile
+from moeplan.simulator.presets.clusters import CLUSTER_PRESETS
+from moeplan.simulator.presets.models import MODEL_PRESETS
 
 GiB = 2**30
 

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from simulator.atomic_write import write_atomic
-from simulator.schedules import (
+from moeplan.simulator.atomic_write import write_atomic
+from moeplan.simulator.schedules import (
     Durations,
     Schedule,
     ScheduleError,
@@ -26,7 +26,7 @@ from simulator.schedules import (
     make_schedule,
     schedule_to_torch_csv,
 )
-from simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.spec.parallel import ParallelSpec
 
 _OUT_SUFFIXES = (".html", ".csv")
 
@@ -127,7 +127,7 @@ def schedule_command(
         if out is not None and out.suffix == ".csv":
             text = schedule_to_torch_csv(schedule)
         elif out is not None:
-            from simulator.schedules.figure import (
+            from moeplan.simulator.schedules.figure import (
                 timeline_html,  # plotly only when drawing
             )
 

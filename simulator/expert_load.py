@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from simulator.spec.errors import first_error_line
+from moeplan.simulator.spec.errors import first_error_line
 
 LOAD_SCHEMA_VERSION = 1
 

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simulator.assignment import min_cost_assignment
-from simulator.packing import sticky_packing
-from simulator.placement import place_experts
-from simulator.placement_maps import Placement, gpu_load
-from simulator.replica_search import improve_replicas
+from moeplan.simulator.assignment import min_cost_assignment
+from moeplan.simulator.packing import sticky_packing
+from moeplan.simulator.placement import place_experts
+from moeplan.simulator.placement_maps import Placement, gpu_load
+from moeplan.simulator.replica_search import improve_replicas
 
 _NEVER = 1e12  # cost of matching GPUs whose slot counts differ
 

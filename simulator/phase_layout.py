@@ -24,15 +24,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from simulator.accounting.context_parallel import cp_tokens
-from simulator.accounting.layout import LayoutError, check_layout
-from simulator.accounting.memory import peak_bytes_per_gpu
-from simulator.engine.build import SimOptions
-from simulator.predict import simulate_at
-from simulator.schedules.generate import valid_microbatches
-from simulator.spec.inputs import PlanInputs
-from simulator.spec.parallel import ParallelSpec
-from simulator.spec.training import Phase
+from moeplan.simulator.accounting.context_parallel import cp_tokens
+from moeplan.simulator.accounting.layout import LayoutError, check_layout
+from moeplan.simulator.accounting.memory import peak_bytes_per_gpu
+from moeplan.simulator.engine.build import SimOptions
+from moeplan.simulator.predict import simulate_at
+from moeplan.simulator.schedules.generate import valid_microbatches
+from moeplan.simulator.spec.inputs import PlanInputs
+from moeplan.simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.spec.training import Phase
 
 logger = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from simulator.packing import balanced_packing
-from simulator.placement_maps import Placement, even_slots_per_gpu
-from simulator.replica_search import replicate_and_pack, replicate_experts  # noqa: F401 (re-export)
+from moeplan.simulator.packing import balanced_packing
+from moeplan.simulator.placement_maps import Placement, even_slots_per_gpu
+from moeplan.simulator.replica_search import replicate_and_pack, replicate_experts  # noqa: F401 (re-export)
 
 POLICIES = ("auto", "hierarchical", "global")
 

@@ -7,8 +7,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from simulator.placement_maps import Placement, slot_load
-from simulator.traffic import LayerTraffic, dispatch_bytes_per_token
+from moeplan.simulator.placement_maps import Placement, slot_load
+from moeplan.simulator.traffic import LayerTraffic, dispatch_bytes_per_token
 
 MB = 1e6  # display unit
 

@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from simulator.placement_maps import Placement, count_replicas
+from moeplan.simulator.placement_maps import Placement, count_replicas
 
 PLACEMENT_SCHEMA_VERSION = 1
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from simulator.migration import migration_cost
-from simulator.placement import place_experts
-from simulator.placement_maps import Placement, gpu_load, max_over_mean, node_load
-from simulator.spec.hardware import ClusterSpec
-from simulator.spec.model import ModelSpec
-from simulator.traffic import LayerTraffic, simulate_layer
+from moeplan.simulator.migration import migration_cost
+from moeplan.simulator.placement import place_experts
+from moeplan.simulator.placement_maps import Placement, gpu_load, max_over_mean, node_load
+from moeplan.simulator.spec.hardware import ClusterSpec
+from moeplan.simulator.spec.model import ModelSpec
+from moeplan.simulator.traffic import LayerTraffic, simulate_layer
 
 DEFAULT_TOKENS_PER_GPU = 4096  # DeepEP's normal-kernel benchmark batch (reference §11.1)
 

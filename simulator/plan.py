@@ -18,14 +18,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from simulator.accounting.memory import RankMemory
-from simulator.atomic_write import write_atomic
-from simulator.placement_model import ExpertPlacement
-from simulator.predict import StepPrediction
-from simulator.run_model import RunPrediction
-from simulator.schedules.schedule import Schedule
-from simulator.spec.inputs import PlanInputs
-from simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.accounting.memory import RankMemory
+from moeplan.simulator.atomic_write import write_atomic
+from moeplan.simulator.placement_model import ExpertPlacement
+from moeplan.simulator.predict import StepPrediction
+from moeplan.simulator.run_model import RunPrediction
+from moeplan.simulator.schedules.schedule import Schedule
+from moeplan.simulator.spec.inputs import PlanInputs
+from moeplan.simulator.spec.parallel import ParallelSpec
 
 __all__ = ["PlanInputs", "PlanFile", "PlanError", "SCHEMA_VERSION", "write_atomic"]
 

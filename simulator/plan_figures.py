@@ -13,18 +13,18 @@ from html import escape
 
 import plotly.graph_objects as go
 
-from simulator.engine.step import TraceEvent
-from simulator.plan import MemoryReport, PlanFile
-from simulator.plan_figures_tables import (
+from moeplan.simulator.engine.step import TraceEvent
+from moeplan.simulator.plan import MemoryReport, PlanFile
+from moeplan.simulator.plan_figures_tables import (
     GiB,
     candidates_table,
     phases_table,
     size,
     summary_table,
 )
-from simulator.plan_figures_timeline import MAX_BARS, timeline_figure
-from simulator.planner import summary
-from simulator.predict import StepPrediction
+from moeplan.simulator.plan_figures_timeline import MAX_BARS, timeline_figure
+from moeplan.simulator.planner import summary
+from moeplan.simulator.predict import StepPrediction
 
 TIME_PARTS = (("compute", "compute_s", "#4C78A8"), ("bubble", "bubble_s", "#BAB0AC"),
               ("exposed communication", "exposed_comm_s", "#E45756"))

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from html import escape
 from typing import Any
 
-from simulator.plan import Candidate
-from simulator.run_model import PhasePrediction
+from moeplan.simulator.plan import Candidate
+from moeplan.simulator.run_model import PhasePrediction
 
 GiB = 2**30
 

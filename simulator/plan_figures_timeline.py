@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import plotly.graph_objects as go
 
-from simulator.engine.step import TraceEvent
-from simulator.schedules.figure import KIND_COLOURS
+from moeplan.simulator.engine.step import TraceEvent
+from moeplan.simulator.schedules.figure import KIND_COLOURS
 
 EVENT_KINDS = ("forward", "backward", "weight-grad", "all-to-all", "p2p", "dp-sync", "optimizer")
 EVENT_COLOURS = {

@@ -5,21 +5,21 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from simulator.accounting.context_parallel import cp_tokens
-from simulator.accounting.flops import training_flops
-from simulator.accounting.layout import (
+from moeplan.simulator.accounting.context_parallel import cp_tokens
+from moeplan.simulator.accounting.flops import training_flops
+from moeplan.simulator.accounting.layout import (
     LayoutError,
     check_layout,
     pipeline_stages,
     rank_stages,
 )
-from simulator.accounting.memory import pipeline_memory
-from simulator.accounting.params import activated_params, param_counts
-from simulator.costs.tables import default_tables
-from simulator.engine.build import SimOptions, layer_load
-from simulator.engine.expert_traffic import group_placement
-from simulator.placement_model import ExpertPlacement
-from simulator.plan import (
+from moeplan.simulator.accounting.memory import pipeline_memory
+from moeplan.simulator.accounting.params import activated_params, param_counts
+from moeplan.simulator.costs.tables import default_tables
+from moeplan.simulator.engine.build import SimOptions, layer_load
+from moeplan.simulator.engine.expert_traffic import group_placement
+from moeplan.simulator.placement_model import ExpertPlacement
+from moeplan.simulator.plan import (
     BudgetReport,
     FlopsReport,
     MemoryReport,
@@ -29,12 +29,12 @@ from simulator.plan import (
     Predictions,
     ResolvedLayout,
 )
-from simulator.predict import predict_step
-from simulator.run_model import RunPrediction, predict_run
-from simulator.schedules.generate import make_schedule
-from simulator.search import SearchResult
-from simulator.spec.parallel import ParallelSpec
-from simulator.spec.training import TrainingSpec
+from moeplan.simulator.predict import predict_step
+from moeplan.simulator.run_model import RunPrediction, predict_run
+from moeplan.simulator.schedules.generate import make_schedule
+from moeplan.simulator.search import SearchResult
+from moeplan.simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.spec.training import TrainingSpec
 
 MFU_DEFINITION = (
     "model FLOPs per token (matmuls only, 3x forward, causal attention at (T+1)/2 keys, MTP included, "

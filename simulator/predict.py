@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from simulator.accounting.flops import training_flops
-from simulator.engine.build import SimOptions, step_inputs
-from simulator.engine.step import StepResult, StepSimulation, TraceEvent
-from simulator.schedules.generate import valid_microbatches
-from simulator.spec.inputs import PlanInputs
+from moeplan.simulator.accounting.flops import training_flops
+from moeplan.simulator.engine.build import SimOptions, step_inputs
+from moeplan.simulator.engine.step import StepResult, StepSimulation, TraceEvent
+from moeplan.simulator.schedules.generate import valid_microbatches
+from moeplan.simulator.spec.inputs import PlanInputs
 
 
 class RankPrediction(BaseModel):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from simulator.packing import balanced_packing, swap_search
+from moeplan.simulator.packing import balanced_packing, swap_search
 
 _MAX_ROUNDS = 64
 _REL_EPS = 1e-12

@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from simulator.placement_maps import Placement
+from moeplan.simulator.placement_maps import Placement
 
 _MIN_SHARE = 1e-12  # zero-load experts get this share so a draw of k experts always exists
 _MAX_GROUP_SUBSETS = 20_000  # closed form enumerates the C(n_group, topk_group) group choices

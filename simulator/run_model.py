@@ -19,15 +19,15 @@ import math
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from simulator.accounting.context_parallel import ContextParallelError, check_cp
-from simulator.accounting.layout import LayoutError
-from simulator.engine.build import SimOptions
-from simulator.phase_layout import PhaseLayout, choose_phase_layout, step_line_peak
-from simulator.predict import simulate
-from simulator.schedules.generate import valid_microbatches as valid_for_schedule
-from simulator.spec.inputs import PlanInputs
-from simulator.spec.parallel import ParallelSpec
-from simulator.spec.training import Phase
+from moeplan.simulator.accounting.context_parallel import ContextParallelError, check_cp
+from moeplan.simulator.accounting.layout import LayoutError
+from moeplan.simulator.engine.build import SimOptions
+from moeplan.simulator.phase_layout import PhaseLayout, choose_phase_layout, step_line_peak
+from moeplan.simulator.predict import simulate
+from moeplan.simulator.schedules.generate import valid_microbatches as valid_for_schedule
+from moeplan.simulator.spec.inputs import PlanInputs
+from moeplan.simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.spec.training import Phase
 
 SECONDS_PER_HOUR = 3600.0
 

@@ -23,17 +23,17 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from simulator.accounting.context_parallel import ContextParallelError, check_cp
-from simulator.accounting.flops import training_flops
-from simulator.accounting.layout import LayoutError, check_layout
-from simulator.accounting.memory import peak_bytes_per_gpu
-from simulator.engine.build import SimOptions, compute_bound_s
-from simulator.plan import Candidate
-from simulator.predict import simulate_at
-from simulator.run_model import step_line, valid_microbatches
-from simulator.schedules.generate import SCHEDULE_KINDS
-from simulator.spec.inputs import PlanInputs
-from simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.accounting.context_parallel import ContextParallelError, check_cp
+from moeplan.simulator.accounting.flops import training_flops
+from moeplan.simulator.accounting.layout import LayoutError, check_layout
+from moeplan.simulator.accounting.memory import peak_bytes_per_gpu
+from moeplan.simulator.engine.build import SimOptions, compute_bound_s
+from moeplan.simulator.plan import Candidate
+from moeplan.simulator.predict import simulate_at
+from moeplan.simulator.run_model import step_line, valid_microbatches
+from moeplan.simulator.schedules.generate import SCHEDULE_KINDS
+from moeplan.simulator.spec.inputs import PlanInputs
+from moeplan.simulator.spec.parallel import ParallelSpec
 
 logger = logging.getLogger(__name__)
 MICRO_BATCH_SIZES = (1, 2, 4, 8)

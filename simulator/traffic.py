@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simulator.placement_maps import Placement
-from simulator.routing import sample_experts, sample_slots, uniform_hit_probabilities
-from simulator.spec.hardware import ClusterSpec
-from simulator.spec.model import ModelSpec
+from moeplan.simulator.placement_maps import Placement
+from moeplan.simulator.routing import sample_experts, sample_slots, uniform_hit_probabilities
+from moeplan.simulator.spec.hardware import ClusterSpec
+from moeplan.simulator.spec.model import ModelSpec
 
 FP8_BYTES_PER_ELEMENT = 1  # e4m3 (TR §3.3)
 FP8_SCALE_BYTES_PER_TILE = 4  # one FP32 scale per 1x128 activation tile (TR §3.3.2, DeepEP)

@@ -11,8 +11,8 @@ Recompute ``selective`` is DeepSeek's (TR §3.2.3): RMSNorm outputs, the MLA up-
 
 from __future__ import annotations
 
-from simulator.spec.model import ModelSpec
-from simulator.spec.parallel import RecomputeKind
+from moeplan.simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.parallel import RecomputeKind
 
 BF16_BYTES = 2.0
 FP32_BYTES = 4.0

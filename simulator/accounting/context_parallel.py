@@ -22,7 +22,7 @@ else the NIC). Everything here is per GPU.
 
 from __future__ import annotations
 
-from simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.model import ModelSpec
 
 BF16_BYTES = 2.0
 FP32_BYTES = 4.0

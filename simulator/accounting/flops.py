@@ -16,16 +16,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from simulator.accounting.params import (
+from moeplan.simulator.accounting.params import (
     attention_norm_params,
     attention_params,
     expert_params,
     moe_layer_params,
     swiglu_params,
 )
-from simulator.accounting.context_parallel import redundant_flops_per_token
-from simulator.spec.model import ModelSpec
-from simulator.spec.parallel import RecomputeKind
+from moeplan.simulator.accounting.context_parallel import redundant_flops_per_token
+from moeplan.simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.parallel import RecomputeKind
 
 
 @dataclass(frozen=True)

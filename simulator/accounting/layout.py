@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simulator.accounting.context_parallel import ContextParallelError, check_cp
-from simulator.spec.hardware import ClusterSpec
-from simulator.spec.model import ModelSpec
-from simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.accounting.context_parallel import ContextParallelError, check_cp
+from moeplan.simulator.spec.hardware import ClusterSpec
+from moeplan.simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.parallel import ParallelSpec
 
 
 class LayoutError(ValueError):

@@ -16,21 +16,21 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from simulator.accounting.activations import (
+from moeplan.simulator.accounting.activations import (
     head_transient_bytes_per_token,
     layer_activation_bytes_per_token,
     layer_working_bytes_per_token,
 )
-from simulator.accounting.context_parallel import cp_tokens
-from simulator.accounting.context_parallel import working_bytes as cp_working_bytes
-from simulator.accounting.layout import Stage, pipeline_stages, rank_stages
-from simulator.accounting.params import decoder_layer_params, mtp_module_params
-from simulator.schedules.actions import Action
-from simulator.schedules.generate import make_schedule
-from simulator.schedules.schedule import Schedule
-from simulator.spec.model import ModelSpec
-from simulator.spec.parallel import ParallelSpec
-from simulator.spec.training import OptimizerSpec
+from moeplan.simulator.accounting.context_parallel import cp_tokens
+from moeplan.simulator.accounting.context_parallel import working_bytes as cp_working_bytes
+from moeplan.simulator.accounting.layout import Stage, pipeline_stages, rank_stages
+from moeplan.simulator.accounting.params import decoder_layer_params, mtp_module_params
+from moeplan.simulator.schedules.actions import Action
+from moeplan.simulator.schedules.generate import make_schedule
+from moeplan.simulator.schedules.schedule import Schedule
+from moeplan.simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.spec.training import OptimizerSpec
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.model import ModelSpec
 
 
 @dataclass(frozen=True)

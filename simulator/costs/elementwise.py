@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.model import ModelSpec
 
 BF16_BYTES = 2.0
 FP32_BYTES = 4.0

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 
-from simulator.costs.tables import CostTables, GemmPoint, Precision
-from simulator.spec.hardware import GpuSpec
+from moeplan.simulator.costs.tables import CostTables, GemmPoint, Precision
+from moeplan.simulator.spec.hardware import GpuSpec
 
 
 def peak_flops_per_s(gpu: GpuSpec, precision: Precision) -> float:

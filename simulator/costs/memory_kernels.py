@@ -15,8 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from simulator.costs.elementwise import KERNEL_CLASSES
-from simulator.spec.errors import first_error_line
+from moeplan.simulator.costs.elementwise import KERNEL_CLASSES
+from moeplan.simulator.spec.errors import first_error_line
 
 MemoryKernel = Literal[KERNEL_CLASSES]
 
@@ -96,7 +96,7 @@ def memory_kernel_points(data: ElementwiseMeasurements, label: str) -> tuple[Mem
 @lru_cache(maxsize=1)
 def packaged_memory_kernels() -> tuple[MemoryKernelPoint, ...]:
     """[EW] from the package's measurement file; none (``memory_frac`` everywhere) when it has none."""
-    resource = files("simulator.costs").joinpath(ELEMENTWISE_FILE)
+    resource = files("moeplan.simulator.costs").joinpath(ELEMENTWISE_FILE)
     if not resource.is_file():
         return ()
     return memory_kernel_points(load_elementwise(Path(str(resource))), Path(ELEMENTWISE_FILE).name)

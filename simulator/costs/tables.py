@@ -48,8 +48,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from simulator.costs.memory_kernels import MemoryKernelPoint, packaged_memory_kernels
-from simulator.presets.clusters import h200_gpu
+from moeplan.simulator.costs.memory_kernels import MemoryKernelPoint, packaged_memory_kernels
+from moeplan.simulator.presets.clusters import h200_gpu
 
 Precision = Literal["bf16", "fp8"]
 TFLOPS = 1e12
@@ -136,7 +136,7 @@ class CostTables(BaseModel):
 @lru_cache(maxsize=1)
 def attention_measurements() -> dict:
     """[AT]: causal SDPA by sequence length on the H200 (benchmarks/attention_bench.py)."""
-    return json.loads(files("simulator.costs").joinpath("data/h200-attention.json").read_text())
+    return json.loads(files("moeplan.simulator.costs").joinpath("data/h200-attention.json").read_text())
 
 
 def _attention_points(bf16_peak_flops_per_s: float) -> tuple[AttentionPoint, ...]:
@@ -148,7 +148,7 @@ def _attention_points(bf16_peak_flops_per_s: float) -> tuple[AttentionPoint, ...
 @lru_cache(maxsize=1)
 def anchors() -> dict[str, float]:
     """The H200 measurement file shipped with the package."""
-    return json.loads(files("simulator.costs").joinpath("data/h200-anchors.json").read_text())
+    return json.loads(files("moeplan.simulator.costs").joinpath("data/h200-anchors.json").read_text())
 
 
 def _anchor_points() -> list[GemmPoint]:
@@ -170,7 +170,7 @@ def _anchor_points() -> list[GemmPoint]:
 @lru_cache(maxsize=1)
 def kernel_measurements() -> dict:
     """[K]: our kernels and torch's on V3 shapes, one H200 (benchmarks/kernels_bench.py --json)."""
-    return json.loads(files("simulator.costs").joinpath("data/h200-kernels.json").read_text())
+    return json.loads(files("moeplan.simulator.costs").joinpath("data/h200-kernels.json").read_text())
 
 
 def _measured_bf16_points() -> list[GemmPoint]:

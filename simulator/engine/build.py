@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from simulator.accounting.context_parallel import cp_tokens, gather_bytes, kv_up_rows
-from simulator.accounting.layout import pipeline_stages, rank_stages
-from simulator.accounting.memory import rank_params
-from simulator.costs.elementwise import OPTIMIZER
-from simulator.costs.kernels import memory_s, ring_s
-from simulator.costs.tables import CostTables, default_tables
-from simulator.engine.expert_traffic import ExpertTraffic, expert_traffic
-from simulator.engine.step import Links, RankTail, StageCosts, StepInputs
-from simulator.engine.unit_costs import CostContext, UnitCosts, end_costs, unit_costs
-from simulator.schedules.generate import make_schedule
-from simulator.spec.inputs import PlanInputs
-from simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.accounting.context_parallel import cp_tokens, gather_bytes, kv_up_rows
+from moeplan.simulator.accounting.layout import pipeline_stages, rank_stages
+from moeplan.simulator.accounting.memory import rank_params
+from moeplan.simulator.costs.elementwise import OPTIMIZER
+from moeplan.simulator.costs.kernels import memory_s, ring_s
+from moeplan.simulator.costs.tables import CostTables, default_tables
+from moeplan.simulator.engine.expert_traffic import ExpertTraffic, expert_traffic
+from moeplan.simulator.engine.step import Links, RankTail, StageCosts, StepInputs
+from moeplan.simulator.engine.unit_costs import CostContext, UnitCosts, end_costs, unit_costs
+from moeplan.simulator.schedules.generate import make_schedule
+from moeplan.simulator.spec.inputs import PlanInputs
+from moeplan.simulator.spec.parallel import ParallelSpec
 
 # AdamW step per parameter of the local shard: read+write FP32 master (8), two BF16 moments (8),
 # read the FP32 gradient (4), write the BF16 weight (2) -- TR §3.3 storage.

@@ -14,11 +14,11 @@ from functools import lru_cache
 
 import numpy as np
 
-from simulator.placement import place_experts
-from simulator.placement_maps import Placement
-from simulator.spec.hardware import ClusterSpec, NodeSpec
-from simulator.spec.model import ModelSpec
-from simulator.traffic import (
+from moeplan.simulator.placement import place_experts
+from moeplan.simulator.placement_maps import Placement
+from moeplan.simulator.spec.hardware import ClusterSpec, NodeSpec
+from moeplan.simulator.spec.model import ModelSpec
+from moeplan.simulator.traffic import (
     LayerTraffic,
     combine_bytes_per_token,
     dispatch_bytes_per_token,

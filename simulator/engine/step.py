@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 
 import simpy
 
-from simulator.engine.unit_costs import EndCosts, UnitCosts
-from simulator.schedules.actions import Action, Op
-from simulator.schedules.executor import needs, produces
-from simulator.schedules.schedule import Schedule
+from moeplan.simulator.engine.unit_costs import EndCosts, UnitCosts
+from moeplan.simulator.schedules.actions import Action, Op
+from moeplan.simulator.schedules.executor import needs, produces
+from moeplan.simulator.schedules.schedule import Schedule
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simulator.accounting.flops import attention_core_flops
-from simulator.costs.elementwise import KernelBytes, end_bytes_per_token, layer_bytes_per_token
-from simulator.costs.kernels import attention_s, gemm_s, memory_s
-from simulator.costs.tables import CostTables, Precision
-from simulator.engine.expert_traffic import ExpertTraffic
-from simulator.spec.hardware import GpuSpec
-from simulator.spec.model import ModelSpec
-from simulator.spec.parallel import RecomputeKind
+from moeplan.simulator.accounting.flops import attention_core_flops
+from moeplan.simulator.costs.elementwise import KernelBytes, end_bytes_per_token, layer_bytes_per_token
+from moeplan.simulator.costs.kernels import attention_s, gemm_s, memory_s
+from moeplan.simulator.costs.tables import CostTables, Precision
+from moeplan.simulator.engine.expert_traffic import ExpertTraffic
+from moeplan.simulator.spec.hardware import GpuSpec
+from moeplan.simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.parallel import RecomputeKind
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from simulator.spec.hardware import ClusterSpec, GpuSpec, NodeSpec
+from moeplan.simulator.spec.hardware import ClusterSpec, GpuSpec, NodeSpec
 
 GB = 1e9
 GiB = 2**30

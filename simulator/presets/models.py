@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from simulator.spec.model import ModelSpec, RopeScaling
+from moeplan.simulator.spec.model import ModelSpec, RopeScaling
 
 
 def _derived(base: ModelSpec, update: dict) -> ModelSpec:

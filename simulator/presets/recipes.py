@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simulator.spec.parallel import ParallelSpec
-from simulator.spec.training import BatchRamp, BudgetSpec, Phase, TrainingSpec
+from moeplan.simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.spec.training import BatchRamp, BudgetSpec, Phase, TrainingSpec
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ The core (this package without ``figure``) imports neither torch nor plotly.
 - ``Schedule.model_dump(mode="json")`` / ``Schedule.model_validate(data)`` for the plan file.
 """
 
-from simulator.schedules.actions import (
+from moeplan.simulator.schedules.actions import (
     ACTION_KINDS,
     Action,
     ActionKind,
@@ -19,8 +19,8 @@ from simulator.schedules.actions import (
     OpKind,
     ScheduleError,
 )
-from simulator.schedules.bubble import ClosedForm, closed_form_bubble
-from simulator.schedules.executor import (
+from moeplan.simulator.schedules.bubble import ClosedForm, closed_form_bubble
+from moeplan.simulator.schedules.executor import (
     Durations,
     TimedAction,
     Timeline,
@@ -28,10 +28,10 @@ from simulator.schedules.executor import (
     needs,
     produces,
 )
-from simulator.schedules.generate import SCHEDULE_KINDS, make_schedule
-from simulator.schedules.schedule import Schedule
-from simulator.schedules.torch_csv import schedule_from_torch_csv, schedule_to_torch_csv
-from simulator.schedules.validate import ScheduleStats, check_schedule, peak_activations
+from moeplan.simulator.schedules.generate import SCHEDULE_KINDS, make_schedule
+from moeplan.simulator.schedules.schedule import Schedule
+from moeplan.simulator.schedules.torch_csv import schedule_from_torch_csv, schedule_to_torch_csv
+from moeplan.simulator.schedules.validate import ScheduleStats, check_schedule, peak_activations
 
 __all__ = [
     "ACTION_KINDS",

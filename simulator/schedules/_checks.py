@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from simulator.schedules.actions import ScheduleError
+from moeplan.simulator.schedules.actions import ScheduleError
 
 
 def require_positive(**values: int) -> None:

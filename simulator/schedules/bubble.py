@@ -24,8 +24,8 @@ import math
 
 from pydantic import BaseModel, ConfigDict
 
-from simulator.schedules.executor import Durations
-from simulator.spec.parallel import ScheduleKind
+from moeplan.simulator.schedules.executor import Durations
+from moeplan.simulator.spec.parallel import ScheduleKind
 
 FORMULAS: dict[ScheduleKind, str] = {
     "1f1b": "(pp-1)(F+B)",

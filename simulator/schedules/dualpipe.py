@@ -31,9 +31,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from simulator.schedules._checks import require, require_positive
-from simulator.schedules.actions import Action, Op
-from simulator.schedules.schedule import Schedule
+from moeplan.simulator.schedules._checks import require, require_positive
+from moeplan.simulator.schedules.actions import Action, Op
+from moeplan.simulator.schedules.schedule import Schedule
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from simulator.schedules.actions import Action, Op, ScheduleError
-from simulator.schedules.schedule import Schedule
+from moeplan.simulator.schedules.actions import Action, Op, ScheduleError
+from moeplan.simulator.schedules.schedule import Schedule
 
 # Keys of produced values: ("F", stage, mb) activation, ("G", stage, mb) input gradient,
 # ("W", stage, mb) weight gradient.

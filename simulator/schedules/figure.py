@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from simulator.schedules.actions import ACTION_KINDS, ActionKind
-from simulator.schedules.executor import Timeline
-from simulator.schedules.schedule import Schedule
+from moeplan.simulator.schedules.actions import ACTION_KINDS, ActionKind
+from moeplan.simulator.schedules.executor import Timeline
+from moeplan.simulator.schedules.schedule import Schedule
 
 KIND_COLOURS: dict[ActionKind, str] = {
     "F": "#4C78A8",  # forward: blue

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from simulator.schedules._checks import require
-from simulator.schedules.dualpipe import dualpipe, dualpipev
-from simulator.schedules.interleaved import interleaved_1f1b
-from simulator.schedules.one_f_one_b import one_f_one_b, zb1p
-from simulator.schedules.schedule import Schedule
-from simulator.spec.parallel import ScheduleKind
+from moeplan.simulator.schedules._checks import require
+from moeplan.simulator.schedules.dualpipe import dualpipe, dualpipev
+from moeplan.simulator.schedules.interleaved import interleaved_1f1b
+from moeplan.simulator.schedules.one_f_one_b import one_f_one_b, zb1p
+from moeplan.simulator.schedules.schedule import Schedule
+from moeplan.simulator.spec.parallel import ScheduleKind
 
 SCHEDULE_KINDS: tuple[ScheduleKind, ...] = ("1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev")
 

@@ -12,9 +12,9 @@ Like ``torch``'s ``ScheduleInterleaved1F1B`` we accept any ``M`` that splits int
 
 from __future__ import annotations
 
-from simulator.schedules._checks import require, require_positive
-from simulator.schedules.actions import Action
-from simulator.schedules.schedule import Schedule
+from moeplan.simulator.schedules._checks import require, require_positive
+from moeplan.simulator.schedules.actions import Action
+from moeplan.simulator.schedules.schedule import Schedule
 
 
 def microbatches_per_round(pp: int, num_microbatches: int) -> int:

@@ -12,9 +12,9 @@ stays at ``pp`` micro-batches as in 1F1B. This is the order ``torch`` builds for
 
 from __future__ import annotations
 
-from simulator.schedules._checks import require_positive
-from simulator.schedules.actions import Action
-from simulator.schedules.schedule import Schedule
+from moeplan.simulator.schedules._checks import require_positive
+from moeplan.simulator.schedules.actions import Action
+from moeplan.simulator.schedules.schedule import Schedule
 
 
 def _rank_actions(pp: int, rank: int, num_microbatches: int, split_backward: bool) -> list[Action]:

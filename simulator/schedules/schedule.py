@@ -16,8 +16,8 @@ from functools import cached_property
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from simulator.schedules.actions import Action, Op, ScheduleError
-from simulator.spec.parallel import ScheduleKind
+from moeplan.simulator.schedules.actions import Action, Op, ScheduleError
+from moeplan.simulator.spec.parallel import ScheduleKind
 
 
 class Schedule(BaseModel):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from simulator.schedules.bubble import closed_form_bubble
-from simulator.schedules.executor import Durations, execute
-from simulator.schedules.generate import SCHEDULE_KINDS, make_schedule
-from simulator.schedules.validate import check_schedule
+from moeplan.simulator.schedules.bubble import closed_form_bubble
+from moeplan.simulator.schedules.executor import Durations, execute
+from moeplan.simulator.schedules.generate import SCHEDULE_KINDS, make_schedule
+from moeplan.simulator.schedules.validate import check_schedule
 
 
 def bubble_table_markdown(pps: Sequence[int], durations: Durations, microbatches_per_rank: int = 4) -> str:

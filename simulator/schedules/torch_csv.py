@@ -18,10 +18,10 @@ import csv
 import io
 import re
 
-from simulator.schedules.actions import Action, Op, ScheduleError
-from simulator.schedules.schedule import Schedule
-from simulator.schedules.validate import check_schedule
-from simulator.spec.parallel import ScheduleKind
+from moeplan.simulator.schedules.actions import Action, Op, ScheduleError
+from moeplan.simulator.schedules.schedule import Schedule
+from moeplan.simulator.schedules.validate import check_schedule
+from moeplan.simulator.spec.parallel import ScheduleKind
 
 _OVERLAP_RE = re.compile(r"^\(([^;()]+);([^;()]+)\)OVERLAP_F_B$")
 _DROPPED_RE = re.compile(r"^\d+(REDUCE_GRAD|UNSHARD|RESHARD)\d*$")

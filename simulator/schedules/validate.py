@@ -20,9 +20,9 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from simulator.schedules.actions import ACTION_KINDS, Action, ActionKind, ScheduleError
-from simulator.schedules.executor import Durations, execute
-from simulator.schedules.schedule import Schedule
+from moeplan.simulator.schedules.actions import ACTION_KINDS, Action, ActionKind, ScheduleError
+from moeplan.simulator.schedules.executor import Durations, execute
+from moeplan.simulator.schedules.schedule import Schedule
 
 
 class ScheduleStats(BaseModel):

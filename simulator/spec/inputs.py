@@ -7,10 +7,10 @@ import json
 
 from pydantic import BaseModel, ConfigDict
 
-from simulator.spec.hardware import ClusterSpec
-from simulator.spec.model import ModelSpec
-from simulator.spec.parallel import ParallelSpec
-from simulator.spec.training import BudgetSpec, TrainingSpec
+from moeplan.simulator.spec.hardware import ClusterSpec
+from moeplan.simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.spec.training import BudgetSpec, TrainingSpec
 
 
 class PlanInputs(BaseModel):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from simulator.costs.elementwise import end_bytes_per_token, layer_bytes_per_token
-from simulator.costs.memory_kernels import load_elementwise, memory_kernel_points
-from simulator.costs.tables import default_tables
-from simulator.presets.models import tiny_moe
+from moeplan.simulator.costs.elementwise import end_bytes_per_token, layer_bytes_per_token
+from moeplan.simulator.costs.memory_kernels import load_elementwise, memory_kernel_points
+from moeplan.simulator.costs.tables import default_tables
+from moeplan.simulator.presets.models import tiny_moe
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks" / "elementwise_bench.py"

@@ -17,9 +17,9 @@ if not torch.cuda.is_available():  # as in test_kernels.py: the interpreter is c
 
 import pytest  # noqa: E402
 
-from kernels import fp8_gemm_ws  # noqa: E402
-from kernels.fp8_gemm import fp8_gemm_ref  # noqa: E402
-from kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_weight_128x128  # noqa: E402
+from moeplan.kernels import fp8_gemm_ws  # noqa: E402
+from moeplan.kernels.fp8_gemm import fp8_gemm_ref  # noqa: E402
+from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_weight_128x128  # noqa: E402
 from tests.kernels.test_kernels import _gemm_operands, rand  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -331,7 +331,7 @@ def test_direct_launch_matches_the_jit():
 def test_dispatch_refuses_gluon_where_it_does_not_apply():
     """backend="gluon" off Hopper, or where TMA cannot read an operand, is a clear ValueError (the
     auto dispatch drops it)."""
-    from kernels.fp8_gemm import fp8_gemm
+    from moeplan.kernels.fp8_gemm import fp8_gemm
 
     dev = "cuda" if ON_GPU else "cpu"
     a = torch.randn(256, 256, device=dev).to(torch.float8_e4m3fn)
@@ -347,7 +347,7 @@ def test_dispatch_refuses_gluon_where_it_does_not_apply():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
 def test_auto_dispatch_considers_gluon():
-    from kernels.fp8_gemm import _BACKEND_CACHE, chosen_backend, fp8_gemm
+    from moeplan.kernels.fp8_gemm import _BACKEND_CACHE, chosen_backend, fp8_gemm
 
     a, sa, b, sb = _gemm_operands(4096, 7168, 2048, "forward", "cuda")
     out = fp8_gemm(a, sa, b, sb, backend="gluon")
@@ -412,8 +412,8 @@ def test_grouped_matches_float64(N, K, config, monkeypatch):
     padding rows of A that are not zero (they must still come out as zeros), a ragged N whose
     256-wide tiles read into the next expert's rows (never stored), the forward and the dgrad
     (transposed weight copy, non-contiguous scales); outputs poisoned before launch."""
-    from kernels.grouped_gemm import grouped_gemm_fp8, grouped_gemm_ref
-    from kernels.fp8_quant import dequant_blocks, dequant_rows
+    from moeplan.kernels.grouped_gemm import grouped_gemm_fp8, grouped_gemm_ref
+    from moeplan.kernels.fp8_quant import dequant_blocks, dequant_rows
     from tests.kernels.test_kernels import _contiguous_layout
 
     counts = [130, 0, 1, 1000]

@@ -14,10 +14,10 @@ if not torch.cuda.is_available():  # before kernels/ is imported: the interprete
 
 import pytest  # noqa: E402
 
-from kernels import triton_compat  # noqa: E402
-from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref  # noqa: E402
-from kernels.fp8_layers import fp8_grouped_linear, fp8_linear, grouped_linear  # noqa: E402
-from kernels.fp8_quant import (  # noqa: E402
+from moeplan.kernels import triton_compat  # noqa: E402
+from moeplan.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref  # noqa: E402
+from moeplan.kernels.fp8_layers import fp8_grouped_linear, fp8_linear, grouped_linear  # noqa: E402
+from moeplan.kernels.fp8_quant import (  # noqa: E402
     dequant_blocks,
     dequant_rows,
     quant_act_1x128,
@@ -27,7 +27,7 @@ from kernels.fp8_quant import (  # noqa: E402
     quant_weight_128x128,
     quant_weight_128x128_ref,
 )
-from kernels.grouped_gemm import (  # noqa: E402
+from moeplan.kernels.grouped_gemm import (  # noqa: E402
     grouped_gemm_bf16,
     grouped_gemm_fp8,
     grouped_gemm_ref,
@@ -35,7 +35,7 @@ from kernels.grouped_gemm import (  # noqa: E402
     grouped_wgrad_fp8,
     grouped_wgrad_ref,
 )
-from kernels.moe_permute import (  # noqa: E402
+from moeplan.kernels.moe_permute import (  # noqa: E402
     MoEPermute,
     MoEUnpermute,
     make_dispatch_plan,
@@ -44,7 +44,7 @@ from kernels.moe_permute import (  # noqa: E402
     moe_unpermute,
     moe_unpermute_ref,
 )
-from kernels.swiglu import SwiGLUFunction, swiglu, swiglu_ref  # noqa: E402
+from moeplan.kernels.swiglu import SwiGLUFunction, swiglu, swiglu_ref  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 # Relative Frobenius error bounds against float64 (docs/kernels.md, "Tolerances").
@@ -347,9 +347,9 @@ def test_bf16_grouped_linear_autograd(device):
 def test_model_fp8_backward_through_the_kernels(device):
     """The model's FP8 backward (ModelOptions.fp8_backward) on our kernels equals it on the model's
     float reference GEMMs: dense Dgrad/Wgrad (TMA path: sizes multiples of 16) and grouped Wgrad."""
-    from model.fp8 import reference_fp8_gemm, resolve_fp8_gemms, resolve_fp8_grouped_wgrad
-    from model.grouped_mm import GroupedLinearFn
-    from model.linear import Linear
+    from moeplan.model.fp8 import reference_fp8_gemm, resolve_fp8_gemms, resolve_fp8_grouped_wgrad
+    from moeplan.model.grouped_mm import GroupedLinearFn
+    from moeplan.model.linear import Linear
 
     dense, grouped = resolve_fp8_gemms("kernels")
     ref_grouped = resolve_fp8_gemms("reference")[1]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.fp8_quant import (
+from moeplan.kernels.fp8_quant import (
     FP8_MAX,
     dequant_blocks,
     dequant_rows,
@@ -11,9 +11,9 @@ from kernels.fp8_quant import (
     quant_act_128x1_t_ref,
     quant_weight_128x128_ref,
 )
-from kernels.grouped_gemm import grouped_gemm_ref, grouped_wgrad_ref
-from kernels.moe_permute import make_dispatch_plan, moe_permute_ref, moe_unpermute_ref
-from kernels.swiglu import swiglu_ref
+from moeplan.kernels.grouped_gemm import grouped_gemm_ref, grouped_wgrad_ref
+from moeplan.kernels.moe_permute import make_dispatch_plan, moe_permute_ref, moe_unpermute_ref
+from moeplan.kernels.swiglu import swiglu_ref
 
 E4M3_HALF_ULP = 2.0**-4  # 3 mantissa bits: round to nearest is within 2**-4 relative (normals)
 E4M3_SUBNORMAL_STEP = 2.0**-9  # smallest E4M3 step, times the tile's scale

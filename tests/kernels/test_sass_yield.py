@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import fp8_gemm_ws, sass_yield  # noqa: E402
+from moeplan.kernels import fp8_gemm_ws, sass_yield  # noqa: E402
 from tests.kernels.test_fp8_gemm_ws import _tools, needs_gluon  # noqa: E402
 
 LINE = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;\s*/\* (0x[0-9a-f]{16}) \*/")

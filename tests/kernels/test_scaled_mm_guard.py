@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fp8_gemm import fp8_gemm_torch
+from moeplan.kernels.fp8_gemm import fp8_gemm_torch
 
 
 @pytest.mark.parametrize(("n", "k"), [(256, 128), (384, 256), (7168, 2112)])
@@ -24,8 +24,8 @@ def test_torch_backend_refuses_unreliable_block_shapes(n, k):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("m", "n", "k"), [(128, 256, 128), (200, 384, 256), (256, 384, 640)])
 def test_auto_backend_is_right_where_torch_was_wrong(m, n, k):
-    from kernels.fp8_gemm import fp8_gemm
-    from kernels.fp8_quant import quant_act_1x128, quant_weight_128x128
+    from moeplan.kernels.fp8_gemm import fp8_gemm
+    from moeplan.kernels.fp8_quant import quant_act_1x128, quant_weight_128x128
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()

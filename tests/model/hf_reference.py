@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from simulator.presets.models import tiny_moe
-from simulator.spec.model import ModelSpec
+from moeplan.simulator.presets.models import tiny_moe
+from moeplan.simulator.spec.model import ModelSpec
 
 
 def derived_spec(base: ModelSpec | None = None, **update) -> ModelSpec:

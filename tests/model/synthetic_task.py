@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from model import BalanceSchedule, ExpertBiasUpdater, ModelOptions, Transformer, training_loss
-from model.balance import max_over_mean
-from simulator.presets.models import tiny_moe
-from simulator.spec.model import ModelSpec
+from moeplan.model import BalanceSchedule, ExpertBiasUpdater, ModelOptions, Transformer, training_loss
+from moeplan.model.balance import max_over_mean
+from moeplan.simulator.presets.models import tiny_moe
+from moeplan.simulator.spec.model import ModelSpec
 
 
 def task_spec() -> ModelSpec:

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-import model
-from simulator.presets.models import tiny_moe
+from moeplan import model
+from moeplan.simulator.presets.models import tiny_moe
 
 
 def _config_dict() -> dict:

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.experts import GroupedExperts
-from model.fp8 import (dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles,
+from moeplan.model.experts import GroupedExperts
+from moeplan.model.fp8 import (dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles,
                        reference_fp8_grouped_gemm)
-from model.grouped_mm import reference_grouped_mm, reference_grouped_weight_grad, torch_grouped_mm
+from moeplan.model.grouped_mm import reference_grouped_mm, reference_grouped_weight_grad, torch_grouped_mm
 
 E, D, I, N, K = 6, 32, 16, 20, 3
 

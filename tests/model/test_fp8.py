@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.fp8 import (FP8_DTYPE, FP8_MAX, _grouped_via_contiguous, contiguous_layout, dequantize_blocks,
+from moeplan.model.fp8 import (FP8_DTYPE, FP8_MAX, _grouped_via_contiguous, contiguous_layout, dequantize_blocks,
                        dequantize_tiles, quantize_blocks, quantize_tiles, reference_fp8_gemm,
                        reference_fp8_grouped_gemm)
-from model.linear import Linear
+from moeplan.model.linear import Linear
 
 E4M3_REL_STEP = 2.0 ** -3  # 3 mantissa bits: adjacent values differ by at most 1/8 relative
 
@@ -118,8 +118,8 @@ def test_fp8_backward_is_the_recipe_emulated_in_float64() -> None:
 
 
 def _experts(backward_fp8: bool, x, offs, w13, w2):
-    from model.experts import GroupedExperts
-    from model.fp8 import reference_fp8_grouped_gemm, resolve_fp8_grouped_wgrad
+    from moeplan.model.experts import GroupedExperts
+    from moeplan.model.fp8 import reference_fp8_grouped_gemm, resolve_fp8_grouped_wgrad
 
     layer = GroupedExperts(len(offs), x.shape[1], w2.shape[2], torch.float32, backend="fp8",
                            fp8_grouped_gemm=reference_fp8_grouped_gemm,
@@ -133,8 +133,8 @@ def _experts(backward_fp8: bool, x, offs, w13, w2):
 def test_fp8_grouped_backward_tiles_never_mix_experts() -> None:
     """Expert segments of 130, 0 and 70 rows: Wgrad tiles of 128 tokens restart at every segment,
     so scaling one expert's rows by 1000 leaves every other expert's weight gradient bit for bit."""
-    from model.grouped_mm import GroupedLinearFn
-    from model.fp8 import reference_fp8_grouped_gemm, resolve_fp8_grouped_wgrad
+    from moeplan.model.grouped_mm import GroupedLinearFn
+    from moeplan.model.fp8 import reference_fp8_grouped_gemm, resolve_fp8_grouped_wgrad
 
     g = torch.Generator().manual_seed(4)
     offs = torch.tensor([130, 130, 200], dtype=torch.int32)
@@ -168,7 +168,7 @@ def test_fp8_backward_model_option_trains_a_tiny_model() -> None:
     """ModelOptions(fp8_backward=True): every FP8 linear and expert layer back-propagates in FP8. The
     forward is unchanged, the gradients differ from the straight-through ones at FP8 size, and
     training still learns."""
-    from model import ModelOptions, Transformer, training_loss
+    from moeplan.model import ModelOptions, Transformer, training_loss
     from tests.model.synthetic_task import make_batch, task_spec
 
     spec = task_spec()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.gate import Gate
+from moeplan.model.gate import Gate
 from tests.model.hf_reference import derived_spec
 
 

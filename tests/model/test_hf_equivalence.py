@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import ModelOptions, Transformer, load_hf_state_dict
-from model.hf_weights import fused_to_published
-from simulator.spec.model import RopeScaling
+from moeplan.model import ModelOptions, Transformer, load_hf_state_dict
+from moeplan.model.hf_weights import fused_to_published
+from moeplan.simulator.spec.model import RopeScaling
 from tests.model.hf_reference import derived_spec, hf_model, relative_error
 
 pytest.importorskip("transformers")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from model import ModelOptions, Transformer
-from simulator.accounting.params import param_counts
-from simulator.presets.models import deepseek_v3
+from moeplan.model import ModelOptions, Transformer
+from moeplan.simulator.accounting.params import param_counts
+from moeplan.simulator.presets.models import deepseek_v3
 
 V3_PARAMS_WITHOUT_MTP = 671_026_404_352
 
@@ -45,8 +45,7 @@ def test_671b_matches_transformers_on_meta() -> None:
 def test_public_api_from_a_transformers_config_dict() -> None:
     from transformers import DeepseekV3Config
 
-    import model
-
+    from moeplan import model
     config = DeepseekV3Config().to_dict()  # transformers 5.x keys (rope_parameters, ...)
     built = model.from_hf_config(config, model.ModelOptions(with_mtp=False), device="meta")
     assert _count(built) == V3_PARAMS_WITHOUT_MTP

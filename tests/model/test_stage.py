@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from model import (ModelOptions, StageSpec, Transformer, WeightGradStore, attach_weight_grad_store, build_rank,
+from moeplan.model import (ModelOptions, StageSpec, Transformer, WeightGradStore, attach_weight_grad_store, build_rank,
                    load_hf_state_dict, training_loss)
-from model.hf_weights import from_internal
-from model.stage import even_layers_per_stage, mirrored_stage_ids, split_stages
+from moeplan.model.hf_weights import from_internal
+from moeplan.model.stage import even_layers_per_stage, mirrored_stage_ids, split_stages
 from tests.model.hf_reference import derived_spec
 
 F32 = ModelOptions(dtype=torch.float32)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import ModelOptions, StageSpec, Transformer, load_hf_state_dict
-from model.fp8 import quantize_blocks
-from model.hf_weights import from_internal, fused_to_published, published_to_fused, to_internal
+from moeplan.model import ModelOptions, StageSpec, Transformer, load_hf_state_dict
+from moeplan.model.fp8 import quantize_blocks
+from moeplan.model.hf_weights import from_internal, fused_to_published, published_to_fused, to_internal
 from tests.model.hf_reference import derived_spec
 
 F32 = ModelOptions(dtype=torch.float32)

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
+from moeplan.orchestrator.cli import app
 from tests.simulator.test_spec import V3_CONFIG_JSON
 
 runner = CliRunner()
@@ -102,7 +102,7 @@ def test_named_cost_tables_reach_the_plan(tmp_path):
 
 
 def test_calibration_files_with_and_without_memory_kernel_classes(tmp_path):
-    from simulator.costs.tables import default_tables
+    from moeplan.simulator.costs.tables import default_tables
 
     args = ["plan", "--model", "deepseek-v2-lite", "--cluster", "h800", "--nodes", "2", "--no-search", "--pp", "2",
             "--ep", "8", "--schedule", "dualpipe", "--seq-len", "1024", "--global-batch", "64", "--json"]
@@ -163,7 +163,7 @@ def test_usage_errors_are_one_line_from_the_console_entry_point(tmp_path, args, 
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--out", str(tmp_path / "o")],
+    res = subprocess.run([sys.executable, "-m", "moeplan.orchestrator.cli", *args, "--out", str(tmp_path / "o")],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
@@ -186,7 +186,7 @@ def test_recorded_expert_load_slows_the_plan_and_shapes_the_placement(tmp_path):
     load = _load_file(tmp_path / "load.json", [1, 2, 3, 4], hot)
     skewed = json.loads(run(*base, "--load", str(load), "--out", str(tmp_path / "s")).output)
     assert skewed["step_time_s"] > uniform["step_time_s"]
-    from simulator.plan import read_plan
+    from moeplan.simulator.plan import read_plan
 
     plan = read_plan(tmp_path / "s")
     assert plan.placement.layer_ids == [1, 2, 3, 4] and len(plan.placement.phy2log) == 4

@@ -10,8 +10,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from orchestrator.placement_cmd import placement_command
-from simulator.placement_model import ExpertPlacement
+from moeplan.orchestrator.placement_cmd import placement_command
+from moeplan.simulator.placement_model import ExpertPlacement
 
 app = typer.Typer()
 app.command("placement")(placement_command)

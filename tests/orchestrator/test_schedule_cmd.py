@@ -9,8 +9,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from orchestrator.schedule_cmd import schedule_command
-from simulator.schedules import make_schedule, schedule_to_torch_csv
+from moeplan.orchestrator.schedule_cmd import schedule_command
+from moeplan.simulator.schedules import make_schedule, schedule_to_torch_csv
 
 runner = CliRunner()
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import torch
 
-from simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.model import ModelSpec
 
 
 def hf_model(spec: ModelSpec) -> torch.nn.Module:

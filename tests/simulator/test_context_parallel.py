@@ -5,29 +5,29 @@ from __future__ import annotations
 
 import pytest
 
-from simulator.accounting.context_parallel import (
+from moeplan.simulator.accounting.context_parallel import (
     cp_tokens,
     gather_bytes,
     redundant_flops_per_token,
     zigzag_chunks,
 )
-from simulator.accounting.flops import training_flops
-from simulator.accounting.layout import LayoutError, check_layout
-from simulator.accounting.memory import rank_memory
-from simulator.costs.tables import default_tables
-from simulator.engine.build import cost_context, step_inputs
-from simulator.engine.step import Links, RankTail, StageCosts, StepInputs, StepSimulation
-from simulator.engine.unit_costs import EndCosts, UnitCosts
-from simulator.planner import plan_with_predictions, summary
-from simulator.presets.clusters import h200, h800
-from simulator.presets.models import deepseek_v2_lite, deepseek_v3, tiny_moe
-from simulator.presets.recipes import deepseek_v3_recipe
-from simulator.run_model import predict_phase
-from simulator.schedules import make_schedule
-from simulator.search import MIN_CP_TOKENS, enumerate_layouts, search
-from simulator.spec.inputs import PlanInputs
-from simulator.spec.parallel import ParallelSpec
-from simulator.spec.training import BatchRamp, Phase, TrainingSpec
+from moeplan.simulator.accounting.flops import training_flops
+from moeplan.simulator.accounting.layout import LayoutError, check_layout
+from moeplan.simulator.accounting.memory import rank_memory
+from moeplan.simulator.costs.tables import default_tables
+from moeplan.simulator.engine.build import cost_context, step_inputs
+from moeplan.simulator.engine.step import Links, RankTail, StageCosts, StepInputs, StepSimulation
+from moeplan.simulator.engine.unit_costs import EndCosts, UnitCosts
+from moeplan.simulator.planner import plan_with_predictions, summary
+from moeplan.simulator.presets.clusters import h200, h800
+from moeplan.simulator.presets.models import deepseek_v2_lite, deepseek_v3, tiny_moe
+from moeplan.simulator.presets.recipes import deepseek_v3_recipe
+from moeplan.simulator.run_model import predict_phase
+from moeplan.simulator.schedules import make_schedule
+from moeplan.simulator.search import MIN_CP_TOKENS, enumerate_layouts, search
+from moeplan.simulator.spec.inputs import PlanInputs
+from moeplan.simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.spec.training import BatchRamp, Phase, TrainingSpec
 
 V3 = deepseek_v3()
 
@@ -79,7 +79,7 @@ def test_the_engine_charges_each_gpu_one_cp_th_of_the_attention_core(monkeypatch
         charged.append(fwd_flops)
         return 0.0
 
-    monkeypatch.setattr("simulator.engine.unit_costs.attention_s", record)
+    monkeypatch.setattr("moeplan.simulator.engine.unit_costs.attention_s", record)
     core = {}
     for cp in (1, 8):
         charged.clear()
@@ -223,7 +223,7 @@ def test_a_step_line_phase_reports_its_memory_and_the_cli_warns(tmp_path):
     its main-layout peak is reported (far over HBM) and the CLI warns, naming the setting to change."""
     from typer.testing import CliRunner
 
-    from orchestrator.cli import app
+    from moeplan.orchestrator.cli import app
 
     inputs = _v3()
     inputs = inputs.model_copy(update={"training": inputs.training.model_copy(update={"phases": (

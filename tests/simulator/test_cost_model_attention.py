@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from simulator.costs.kernels import attention_s
-from simulator.costs.tables import AttentionPoint, CostTables, attention_measurements, default_tables
-from simulator.presets.clusters import h800_gpu
+from moeplan.simulator.costs.kernels import attention_s
+from moeplan.simulator.costs.tables import AttentionPoint, CostTables, attention_measurements, default_tables
+from moeplan.simulator.presets.clusters import h800_gpu
 
 
 def test_default_tables_carry_the_measured_points_exactly():

@@ -8,20 +8,20 @@ from importlib.resources import files
 
 import pytest
 
-from simulator.costs.elementwise import LAYER_KERNELS, end_bytes_per_token, layer_bytes_per_token
-from simulator.costs.kernels import memory_s
-from simulator.costs.memory_kernels import (
+from moeplan.simulator.costs.elementwise import LAYER_KERNELS, end_bytes_per_token, layer_bytes_per_token
+from moeplan.simulator.costs.kernels import memory_s
+from moeplan.simulator.costs.memory_kernels import (
     ELEMENTWISE_FILE,
     MemoryKernelPoint,
     load_elementwise,
     memory_kernel_points,
 )
-from simulator.costs.tables import CostTables, default_tables, named_tables
-from simulator.engine.build import SimOptions
-from simulator.engine.unit_costs import CostContext, end_costs, unit_costs
-from simulator.predict import predict_step
-from simulator.presets.clusters import h200_gpu, h800_gpu
-from simulator.presets.models import deepseek_v3
+from moeplan.simulator.costs.tables import CostTables, default_tables, named_tables
+from moeplan.simulator.engine.build import SimOptions
+from moeplan.simulator.engine.unit_costs import CostContext, end_costs, unit_costs
+from moeplan.simulator.predict import predict_step
+from moeplan.simulator.presets.clusters import h200_gpu, h800_gpu
+from moeplan.simulator.presets.models import deepseek_v3
 from tests.simulator.test_prediction import _inputs
 
 
@@ -79,7 +79,7 @@ def test_a_missing_field_is_named(tmp_path):
 
 
 def test_the_packaged_file_is_what_the_default_and_named_tables_carry():
-    resource = files("simulator.costs").joinpath(ELEMENTWISE_FILE)
+    resource = files("moeplan.simulator.costs").joinpath(ELEMENTWISE_FILE)
     expect = memory_kernel_points(load_elementwise(str(resource)), "h200-elementwise.json") if resource.is_file() else ()
     for gpu in ("H800-SXM5", "H100-SXM5", "H200-SXM"):
         assert default_tables(gpu).memory_kernels == expect

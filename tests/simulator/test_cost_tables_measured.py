@@ -3,7 +3,7 @@ the named tables carry what their sources publish."""
 
 import pytest
 
-from simulator.costs.tables import (
+from moeplan.simulator.costs.tables import (
     _DEEPGEMM_DENSE,
     _DEEPGEMM_GROUPED,
     TFLOPS,
@@ -78,8 +78,8 @@ def test_named_tables():
 def test_nearest_point_memo_is_per_tables_object():
     """The GEMM lookup is memoised by the tables' identity: a second tables object with other
     points (a calibration) gets its own answers, and the default tables are one shared object."""
-    from simulator.costs.kernels import gemm_efficiency
-    from simulator.presets.clusters import h800_gpu
+    from moeplan.simulator.costs.kernels import gemm_efficiency
+    from moeplan.simulator.presets.clusters import h800_gpu
 
     gpu = h800_gpu()
     base = default_tables(gpu.name)
@@ -95,7 +95,7 @@ def test_nearest_point_memo_is_per_tables_object():
 def test_fp8_points_take_the_gluon_kernel_where_it_is_fastest(monkeypatch):
     """A kernels_bench record with the Gluon kernel (the JSON since 2026-12-01) prices the shape at
     the fastest backend the dispatch can choose, and a refusing one (an "error" entry) is ignored."""
-    from simulator.costs import tables
+    from moeplan.simulator.costs import tables
 
     record = {"M": 4096, "N": 7168, "K": 2048,
               "forward": {"ours": {"tflops": 850.0}, "gluon": {"tflops": 1200.0}, "scaled_mm": {"tflops": 1090.0}},

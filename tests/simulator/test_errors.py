@@ -3,7 +3,7 @@
 import pytest
 from pydantic import BaseModel, ValidationError, field_validator
 
-from simulator.spec.errors import first_error_line
+from moeplan.simulator.spec.errors import first_error_line
 
 
 class _Thing(BaseModel):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from simulator.accounting.flops import attention_core_flops, forward_flops, training_flops
-from simulator.accounting.params import activated_params
-from simulator.presets.models import deepseek_67b, deepseek_v3, tiny_dense, tiny_moe
+from moeplan.simulator.accounting.flops import attention_core_flops, forward_flops, training_flops
+from moeplan.simulator.accounting.params import activated_params
+from moeplan.simulator.presets.models import deepseek_67b, deepseek_v3, tiny_dense, tiny_moe
 from tests.simulator.hf_reference import hf_model
 
 

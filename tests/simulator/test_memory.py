@@ -6,12 +6,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from simulator.accounting.layout import LayoutError, balanced_stage_sizes, pipeline_stages, rank_stages
-from simulator.accounting.memory import in_flight_microbatches, pipeline_memory, rank_params
-from simulator.accounting.params import param_counts
-from simulator.presets.models import deepseek_67b, deepseek_v2_lite, deepseek_v3
-from simulator.spec.parallel import ParallelSpec
-from simulator.spec.training import OptimizerSpec
+from moeplan.simulator.accounting.layout import LayoutError, balanced_stage_sizes, pipeline_stages, rank_stages
+from moeplan.simulator.accounting.memory import in_flight_microbatches, pipeline_memory, rank_params
+from moeplan.simulator.accounting.params import param_counts
+from moeplan.simulator.presets.models import deepseek_67b, deepseek_v2_lite, deepseek_v3
+from moeplan.simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.spec.training import OptimizerSpec
 
 GiB = 2**30
 V3_LAYOUT = dict(pp=16, ep=64, schedule="dualpipe", seq_len_tokens=4096, zero_stage=1)
@@ -95,8 +95,8 @@ def test_in_flight_microbatches_follow_the_schedule_tables():
 
 
 def test_layout_errors_name_the_values():
-    from simulator.accounting.layout import check_layout
-    from simulator.presets.clusters import h800
+    from moeplan.simulator.accounting.layout import check_layout
+    from moeplan.simulator.presets.clusters import h800
 
     with pytest.raises(LayoutError, match="ep=48 does not divide n_routed_experts=256"):
         check_layout(deepseek_v3(), h800(256), ParallelSpec(pp=16, ep=48))
@@ -110,7 +110,7 @@ def test_layout_errors_name_the_values():
 
 @pytest.mark.parametrize(("kind", "pp"), [("1f1b", 4), ("zb1p", 4), ("dualpipe", 4), ("dualpipev", 2), ("dualpipe", 8)])
 def test_schedule_replay_matches_the_closed_forms_on_equal_stages(kind, pp):
-    from simulator.schedules import make_schedule
+    from moeplan.simulator.schedules import make_schedule
 
     spec = deepseek_67b().model_copy(update={"num_hidden_layers": 48})  # 48 layers: equal stages for every pp here
     par = ParallelSpec(pp=pp, schedule=kind)
@@ -122,8 +122,8 @@ def test_schedule_replay_matches_the_closed_forms_on_equal_stages(kind, pp):
 
 
 def test_schedule_replay_weights_unequal_stages():
-    from simulator.accounting.memory import activation_peak_bytes
-    from simulator.schedules import Action
+    from moeplan.simulator.accounting.memory import activation_peak_bytes
+    from moeplan.simulator.schedules import Action
 
     acts = [Action.model_validate(t) for t in ("0F0", "1F0", "1B0", "0F1", "0B0", "0B1")]
     # stage 0 holds 1 unit, stage 1 holds 10: the peak is when both forwards of mb 0 are live

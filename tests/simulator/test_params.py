@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulator.accounting.params import activated_params, param_counts
-from simulator.presets.models import MODEL_PRESETS, deepseek_v3
-from simulator.spec.model import ModelSpec
+from moeplan.simulator.accounting.params import activated_params, param_counts
+from moeplan.simulator.presets.models import MODEL_PRESETS, deepseek_v3
+from moeplan.simulator.spec.model import ModelSpec
 from tests.simulator.hf_reference import hf_counts
 
 COMPONENTS = ("embedding", "head", "attention", "norms", "dense_mlp", "shared_experts", "routed_experts", "gates")

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulator.placement import place_experts, rebalance_experts, replicate_experts
-from simulator.placement_maps import (
+from moeplan.simulator.placement import place_experts, rebalance_experts, replicate_experts
+from moeplan.simulator.placement_maps import (
     Placement,
     build_log2phy,
     contiguous_placement,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from simulator.expert_load import ExpertLoadRecord, drifting_load, one_line_error, uniform_load, zipf_load
-from simulator.placement import place_experts
-from simulator.placement_model import ExpertPlacement
+from moeplan.simulator.expert_load import ExpertLoadRecord, drifting_load, one_line_error, uniform_load, zipf_load
+from moeplan.simulator.placement import place_experts
+from moeplan.simulator.placement_model import ExpertPlacement
 
 
 def test_zipf_sums_to_token_expert_pairs_and_is_seeded() -> None:

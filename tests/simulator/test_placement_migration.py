@@ -7,10 +7,10 @@ import itertools
 import numpy as np
 import pytest
 
-from simulator.assignment import min_cost_assignment
-from simulator.migration import migration_cost, rebalance_with_migration
-from simulator.placement import place_experts
-from simulator.placement_maps import Placement, gpu_load
+from moeplan.simulator.assignment import min_cost_assignment
+from moeplan.simulator.migration import migration_cost, rebalance_with_migration
+from moeplan.simulator.placement import place_experts
+from moeplan.simulator.placement_maps import Placement, gpu_load
 
 CROSS = 3.2  # NVLink / IB per-GPU bandwidth on H800 (TR §3.2.2)
 

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from simulator.plan import SCHEMA_VERSION, PlanError, PlanInputs, dump_plan, parse_plan, read_plan, write_atomic, write_plan
-from simulator.planner import build_plan, summary
-from simulator.presets.clusters import h800, h200
-from simulator.presets.models import deepseek_v3, tiny_moe
-from simulator.presets.recipes import deepseek_v3_recipe, default_recipe
-from simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.plan import SCHEMA_VERSION, PlanError, PlanInputs, dump_plan, parse_plan, read_plan, write_atomic, write_plan
+from moeplan.simulator.planner import build_plan, summary
+from moeplan.simulator.presets.clusters import h800, h200
+from moeplan.simulator.presets.models import deepseek_v3, tiny_moe
+from moeplan.simulator.presets.recipes import deepseek_v3_recipe, default_recipe
+from moeplan.simulator.spec.parallel import ParallelSpec
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_write_is_atomic(tmp_path, plan, monkeypatch):
     def boom(*_a, **_k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("simulator.atomic_write.os.replace", boom)
+    monkeypatch.setattr("moeplan.simulator.atomic_write.os.replace", boom)
     with pytest.raises(OSError):
         write_atomic(tmp_path / "other.json", "x")
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]  # no temp file, no partial file
@@ -96,8 +96,8 @@ def test_importing_the_simulator_does_not_import_torch():
 
 
 def test_simulated_plan_round_trips_with_schedule_and_placement():
-    from simulator.planner import plan_with_predictions
-    from simulator.spec.training import Phase, TrainingSpec
+    from moeplan.simulator.planner import plan_with_predictions
+    from moeplan.simulator.spec.training import Phase, TrainingSpec
 
     training = TrainingSpec(phases=(Phase(name="pretrain", tokens=1e9, global_batch_seqs=32),))
     inputs = PlanInputs(model=tiny_moe(), cluster=h200(1), training=training,

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulator.engine.step import TraceEvent
-from simulator.plan import Candidate, PlanInputs
-from simulator.plan_figures import SECTION_TITLES, memory_figure, plan_html, rank_time_figure
-from simulator.plan_figures_tables import budget_verdict, count, size
-from simulator.plan_figures_timeline import (
+from moeplan.simulator.engine.step import TraceEvent
+from moeplan.simulator.plan import Candidate, PlanInputs
+from moeplan.simulator.plan_figures import SECTION_TITLES, memory_figure, plan_html, rank_time_figure
+from moeplan.simulator.plan_figures_tables import budget_verdict, count, size
+from moeplan.simulator.plan_figures_timeline import (
     EVENT_KINDS,
     MAX_BARS,
     Bar,
@@ -27,12 +27,12 @@ from simulator.plan_figures_timeline import (
     timeline_bars,
     timeline_figure,
 )
-from simulator.planner import plan_with_predictions, summary
-from simulator.predict import predict_step
-from simulator.presets.clusters import h200, h800
-from simulator.presets.models import deepseek_v3, tiny_moe
-from simulator.presets.recipes import deepseek_v3_recipe, default_recipe
-from simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.planner import plan_with_predictions, summary
+from moeplan.simulator.predict import predict_step
+from moeplan.simulator.presets.clusters import h200, h800
+from moeplan.simulator.presets.models import deepseek_v3, tiny_moe
+from moeplan.simulator.presets.recipes import deepseek_v3_recipe, default_recipe
+from moeplan.simulator.spec.parallel import ParallelSpec
 
 PLOTLY_JS_MARKER = "plotly.js v"  # the licence banner at the top of plotly.min.js
 

@@ -5,20 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simulator.accounting.layout import LayoutError
-from simulator.costs.kernels import gemm_efficiency, gemm_s
-from simulator.costs.tables import CostTables, default_tables, named_tables
-from simulator.engine.build import SimOptions
-from simulator.phase_layout import PhaseLayout
-from simulator.planner import plan_with_predictions, summary
-from simulator.predict import predict_step
-from simulator.presets.clusters import h200, h800, h800_gpu
-from simulator.presets.models import deepseek_v2_lite, tiny_moe
-from simulator.run_model import StepLine, _phase, valid_microbatches
-from simulator.search import search
-from simulator.spec.inputs import PlanInputs
-from simulator.spec.parallel import ParallelSpec
-from simulator.spec.training import BatchRamp, BudgetSpec, Phase, TrainingSpec
+from moeplan.simulator.accounting.layout import LayoutError
+from moeplan.simulator.costs.kernels import gemm_efficiency, gemm_s
+from moeplan.simulator.costs.tables import CostTables, default_tables, named_tables
+from moeplan.simulator.engine.build import SimOptions
+from moeplan.simulator.phase_layout import PhaseLayout
+from moeplan.simulator.planner import plan_with_predictions, summary
+from moeplan.simulator.predict import predict_step
+from moeplan.simulator.presets.clusters import h200, h800, h800_gpu
+from moeplan.simulator.presets.models import deepseek_v2_lite, tiny_moe
+from moeplan.simulator.run_model import StepLine, _phase, valid_microbatches
+from moeplan.simulator.search import search
+from moeplan.simulator.spec.inputs import PlanInputs
+from moeplan.simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.spec.training import BatchRamp, BudgetSpec, Phase, TrainingSpec
 
 
 def _inputs(model=None, nodes=1, batch=64, **par) -> PlanInputs:
@@ -131,8 +131,8 @@ def test_valid_microbatches(kind, pp, m, expected):
 
 @pytest.mark.parametrize("schedule", ["1f1b", "zb1p", "interleaved", "dualpipe", "dualpipev"])
 def test_compute_bound_never_exceeds_the_simulated_step(schedule):
-    from simulator.engine.build import compute_bound_s
-    from simulator.predict import simulate
+    from moeplan.simulator.engine.build import compute_bound_s
+    from moeplan.simulator.predict import simulate
 
     inp = _inputs(nodes=1, batch=32, pp=2, ep=4, schedule=schedule)
     for m in (4, 8, 16):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from simulator.schedules import SCHEDULE_KINDS, Action, Op, Schedule, ScheduleError, make_schedule
+from moeplan.simulator.schedules import SCHEDULE_KINDS, Action, Op, Schedule, ScheduleError, make_schedule
 
 
 def test_tokens_round_trip() -> None:

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulator.schedules import Durations, Schedule, ScheduleError, check_schedule, closed_form_bubble, execute, make_schedule
-from simulator.schedules.table import bubble_table_markdown
+from moeplan.simulator.schedules import Durations, Schedule, ScheduleError, check_schedule, closed_form_bubble, execute, make_schedule
+from moeplan.simulator.schedules.table import bubble_table_markdown
 
 
 def _log(kind: str, pp: int, m: int, durations: Durations) -> list[list[tuple[str, float, float]]]:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulator.schedules import (
+from moeplan.simulator.schedules import (
     Schedule,
     ScheduleError,
     check_schedule,
@@ -14,7 +14,7 @@ from simulator.schedules import (
     schedule_from_torch_csv,
     schedule_to_torch_csv,
 )
-from simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.spec.parallel import ParallelSpec
 
 
 EXACT_ORDERS = {

@@ -15,7 +15,7 @@ import pytest
 
 pipelining = pytest.importorskip("torch.distributed.pipelining.schedules")
 
-from simulator.schedules import ScheduleError, make_schedule, schedule_from_torch_csv, schedule_to_torch_csv  # noqa: E402
+from moeplan.simulator.schedules import ScheduleError, make_schedule, schedule_from_torch_csv, schedule_to_torch_csv  # noqa: E402
 
 
 def _stages(pp: int, num_stages: int, local: list[int]) -> list[types.SimpleNamespace]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simulator.schedules import Action, Schedule, ScheduleError, check_schedule, make_schedule, peak_activations
+from moeplan.simulator.schedules import Action, Schedule, ScheduleError, check_schedule, make_schedule, peak_activations
 
 
 def _edit(kind: str, pp: int, m: int, rank: int, edit) -> Schedule:

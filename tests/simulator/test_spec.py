@@ -7,11 +7,11 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from simulator.presets.clusters import CLUSTER_PRESETS
-from simulator.presets.models import MODEL_PRESETS, deepseek_v3
-from simulator.spec.hardware import NodeSpec
-from simulator.spec.model import ModelSpec
-from simulator.spec.training import Phase
+from moeplan.simulator.presets.clusters import CLUSTER_PRESETS
+from moeplan.simulator.presets.models import MODEL_PRESETS, deepseek_v3
+from moeplan.simulator.spec.hardware import NodeSpec
+from moeplan.simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.training import Phase
 
 # The published deepseek-ai/DeepSeek-V3 config.json (structure and values; reference §1.1 and §13).
 V3_CONFIG_JSON = {

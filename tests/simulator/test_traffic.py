@@ -8,13 +8,13 @@ import itertools
 import numpy as np
 import pytest
 
-from simulator.expert_load import uniform_load, zipf_load
-from simulator.placement import place_experts
-from simulator.placement_maps import Placement, contiguous_placement
-from simulator.presets.clusters import h800
-from simulator.presets.models import tiny_moe
-from simulator.routing import sample_experts, sample_slots, uniform_hit_probabilities
-from simulator.traffic import (
+from moeplan.simulator.expert_load import uniform_load, zipf_load
+from moeplan.simulator.placement import place_experts
+from moeplan.simulator.placement_maps import Placement, contiguous_placement
+from moeplan.simulator.presets.clusters import h800
+from moeplan.simulator.presets.models import tiny_moe
+from moeplan.simulator.routing import sample_experts, sample_slots, uniform_hit_probabilities
+from moeplan.simulator.traffic import (
     combine_bytes_per_token,
     dispatch_bytes_per_token,
     expected_uniform_layer,
