@@ -32,8 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from elementwise_cases import CASES, Case  # noqa: E402
+
 from moeplan.kernels.triton_compat import HAVE_TRITON  # noqa: E402
-from moeplan.simulator.atomic_write import write_atomic  # noqa: E402
+from moeplan.simulator.contracts.atomic_write import write_atomic  # noqa: E402
 from moeplan.simulator.costs.elementwise import KernelBytes, end_bytes_per_token, layer_bytes_per_token  # noqa: E402
 from moeplan.simulator.presets.clusters import h200_gpu  # noqa: E402
 from moeplan.simulator.presets.models import deepseek_v3, tiny_moe  # noqa: E402

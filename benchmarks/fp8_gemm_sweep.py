@@ -20,10 +20,10 @@ import torch
 import triton
 import triton.testing
 
-
 from moeplan.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref  # noqa: E402
 from moeplan.kernels.fp8_gemm_tma import fp8_gemm_tma  # noqa: E402
-from moeplan.kernels.fp8_gemm_ws import CONFIGS as WS_CONFIGS, WIDTHS, fp8_gemm_ws  # noqa: E402
+from moeplan.kernels.fp8_gemm_ws import CONFIGS as WS_CONFIGS  # noqa: E402
+from moeplan.kernels.fp8_gemm_ws import WIDTHS, fp8_gemm_ws
 from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_weight_128x128  # noqa: E402
 from moeplan.kernels.grouped_gemm import grouped_gemm_fp8, make_problem, segment_rows  # noqa: E402
 

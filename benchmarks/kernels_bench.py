@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.testing
 
-
 import moeplan.kernels.fp8_gemm as gemm_mod  # noqa: E402
 import moeplan.kernels.moe_permute as permute_mod  # noqa: E402
 import moeplan.kernels.swiglu as swiglu_mod  # noqa: E402

@@ -13,14 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-from moeplan.simulator.expert_load import drifting_load, zipf_load
-from moeplan.simulator.migration import migration_cost, rebalance_with_migration
-from moeplan.simulator.placement import place_experts
-from moeplan.simulator.placement_maps import contiguous_placement
-from moeplan.simulator.placement_report import DEFAULT_TOKENS_PER_GPU, balance_stats, redundancy_sweep, worst_layer
+from moeplan.simulator.placement.loads import drifting_load, zipf_load
+from moeplan.simulator.placement.maps import contiguous_placement
+from moeplan.simulator.placement.migration import migration_cost, rebalance_with_migration
+from moeplan.simulator.placement.rebalance import place_experts
 from moeplan.simulator.presets.clusters import h800
 from moeplan.simulator.presets.models import deepseek_v3
-from moeplan.simulator.traffic import simulate_layer
+from moeplan.simulator.report.placement_summary import (
+    DEFAULT_TOKENS_PER_GPU,
+    balance_stats,
+    redundancy_sweep,
+    worst_layer,
+)
+from moeplan.simulator.traffic.all_to_all import simulate_layer
 
 NODES = 8
 REDUNDANT = (0, 32, 64)

@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from moeplan.simulator.engine.build import step_inputs  # noqa: E402
 from moeplan.simulator.engine.step import StepSimulation  # noqa: E402
+from moeplan.simulator.planning.search import search  # noqa: E402
 from moeplan.simulator.presets.clusters import h200, h800  # noqa: E402
 from moeplan.simulator.presets.models import deepseek_v2_lite, deepseek_v3  # noqa: E402
 from moeplan.simulator.presets.recipes import deepseek_v3_recipe, default_recipe  # noqa: E402
-from moeplan.simulator.search import search  # noqa: E402
 from moeplan.simulator.spec.inputs import PlanInputs  # noqa: E402
 
 

@@ -9,7 +9,7 @@ and compares with TR Table 1 and §9 (180K H800 GPU-hours per trillion tokens; 2
 hopper-cutlass36-2024` (the FP8 GEMMs of the run's time). No cost-model entry is derived from these
 published results.
 It also checks the schedule formulas: with free communication and constant action times the
-simulated bubbles equal the DualPipe README table (the same check runs in tests/simulator/test_engine.py).
+simulated bubbles equal the DualPipe README table (the same check runs in tests/simulator/engine/test_step.py).
 """
 
 from __future__ import annotations
@@ -24,18 +24,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from moeplan.orchestrator.inputs import build_request  # noqa: E402
-from moeplan.simulator.engine.step import Links, RankTail, StageCosts, StepInputs, StepSimulation  # noqa: E402
-from moeplan.simulator.engine.unit_costs import EndCosts, UnitCosts  # noqa: E402
 from moeplan.simulator.costs.elementwise import end_bytes_per_token, layer_bytes_per_token  # noqa: E402
 from moeplan.simulator.costs.kernels import memory_s  # noqa: E402
 from moeplan.simulator.costs.memory_kernels import ELEMENTWISE_FILE, MemoryKernelPoint, load_elementwise  # noqa: E402
 from moeplan.simulator.costs.tables import CostTables, default_tables, named_tables  # noqa: E402
+from moeplan.simulator.engine.build import SimOptions, step_inputs  # noqa: E402
+from moeplan.simulator.engine.step import Links, RankTail, StageCosts, StepInputs, StepSimulation  # noqa: E402
+from moeplan.simulator.engine.unit_costs import EndCosts, UnitCosts  # noqa: E402
+from moeplan.simulator.planning.planner import plan_with_predictions  # noqa: E402
+from moeplan.simulator.planning.predict import predict_step  # noqa: E402
+from moeplan.simulator.planning.run_model import predict_phase  # noqa: E402
 from moeplan.simulator.presets.clusters import h800_gpu  # noqa: E402
 from moeplan.simulator.presets.models import deepseek_v3  # noqa: E402
-from moeplan.simulator.engine.build import SimOptions, step_inputs  # noqa: E402
-from moeplan.simulator.planner import plan_with_predictions  # noqa: E402
-from moeplan.simulator.predict import predict_step  # noqa: E402
-from moeplan.simulator.run_model import predict_phase  # noqa: E402
 from moeplan.simulator.schedules import Durations, closed_form_bubble, make_schedule  # noqa: E402
 
 TR_GPU_HOURS_PER_T = 180e3  # TR §9 / Table 1

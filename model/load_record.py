@@ -1,5 +1,5 @@
 """Expert-load files: per-layer, per-expert routed-token counts, in the versioned JSON format of
-``simulator/expert_load.py`` (``ExpertLoadRecord``, schema_version 1), which the placement
+``simulator/contracts/expert_load.py`` (``ExpertLoadRecord``, schema_version 1), which the placement
 planner reads. Written here without importing the simulator (``model`` depends only on
 ``simulator.spec``); tests validate the output against the simulator's schema.
 """

@@ -19,8 +19,8 @@ from moeplan.orchestrator.placement_cmd import placement_command
 from moeplan.orchestrator.plan_cmd import plan_command
 from moeplan.orchestrator.render import plan_tables, presets_table
 from moeplan.orchestrator.schedule_cmd import schedule_command
-from moeplan.simulator.plan import PlanFile, read_plan
-from moeplan.simulator.planner import summary
+from moeplan.simulator.contracts.plan_file import PlanFile, read_plan
+from moeplan.simulator.planning.planner import summary
 
 app = typer.Typer(
     name="moeplan",

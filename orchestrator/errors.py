@@ -9,7 +9,7 @@ import typer
 from moeplan.orchestrator.inputs import InputError
 from moeplan.orchestrator.overrides import OverrideError
 from moeplan.simulator.accounting.layout import LayoutError
-from moeplan.simulator.plan import PlanError
+from moeplan.simulator.contracts.plan_file import PlanError
 from moeplan.simulator.schedules.actions import ScheduleError
 
 USER_ERRORS = (InputError, OverrideError, LayoutError, PlanError, ScheduleError)

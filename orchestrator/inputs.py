@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from moeplan.orchestrator.overrides import apply_overrides
 from moeplan.simulator.accounting.layout import LayoutError, check_layout
-from moeplan.simulator.planner import resolve_microbatches
+from moeplan.simulator.planning.planner import resolve_microbatches
 from moeplan.simulator.presets.clusters import CLUSTER_PRESETS
 from moeplan.simulator.presets.models import MODEL_PRESETS
 from moeplan.simulator.presets.recipes import recipe_for

@@ -15,21 +15,17 @@ import numpy as np
 import typer
 from pydantic import BaseModel, ValidationError
 
-from moeplan.simulator.atomic_write import write_atomic
-from moeplan.simulator.expert_load import (
-    ExpertLoadRecord,
-    one_line_error,
-    uniform_load,
-    zipf_load,
-)
-from moeplan.simulator.migration import rebalance_with_migration
-from moeplan.simulator.placement import POLICIES, place_experts
-from moeplan.simulator.placement_figures import placement_figure, traffic_figure
-from moeplan.simulator.placement_maps import contiguous_placement
-from moeplan.simulator.placement_model import ExpertPlacement
-from moeplan.simulator.placement_report import DEFAULT_TOKENS_PER_GPU, summarize
+from moeplan.simulator.contracts.atomic_write import write_atomic
+from moeplan.simulator.contracts.expert_load import ExpertLoadRecord, one_line_error
+from moeplan.simulator.contracts.placement import ExpertPlacement
+from moeplan.simulator.placement.loads import uniform_load, zipf_load
+from moeplan.simulator.placement.maps import contiguous_placement
+from moeplan.simulator.placement.migration import rebalance_with_migration
+from moeplan.simulator.placement.rebalance import POLICIES, place_experts
 from moeplan.simulator.presets.clusters import CLUSTER_PRESETS
 from moeplan.simulator.presets.models import MODEL_PRESETS
+from moeplan.simulator.report.placement_figures import placement_figure, traffic_figure
+from moeplan.simulator.report.placement_summary import DEFAULT_TOKENS_PER_GPU, summarize
 
 BAD_INPUT_EXIT_CODE = 2
 

@@ -11,28 +11,22 @@ import numpy as np
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moeplan.orchestrator.errors import USER_ERRORS, fail
 from moeplan.orchestrator.inputs import InputError, build_request, validation_message
 from moeplan.orchestrator.placement_cmd import read_model_file
 from moeplan.orchestrator.render import plan_tables
 from moeplan.simulator.accounting.layout import LayoutError
+from moeplan.simulator.contracts.expert_load import ExpertLoadRecord
+from moeplan.simulator.contracts.plan_file import write_atomic, write_plan
 from moeplan.simulator.costs.tables import NAMED_TABLES, CostTables, named_tables
 from moeplan.simulator.engine.build import SimOptions
 from moeplan.simulator.engine.trace import chrome_trace
-from moeplan.simulator.expert_load import ExpertLoadRecord
-from moeplan.simulator.plan import write_atomic, write_plan
-from moeplan.simulator.plan_figures import plan_html
-from moeplan.simulator.planner import plan_with_predictions, summary
-from moeplan.simulator.predict import simulate_at
-from moeplan.simulator.search import search
+from moeplan.simulator.planning.planner import plan_with_predictions, summary
+from moeplan.simulator.planning.predict import simulate_at
+from moeplan.simulator.planning.search import search
+from moeplan.simulator.report.plan_html import plan_html
 from moeplan.simulator.spec.model import ModelSpec
 
 console = Console(width=140)

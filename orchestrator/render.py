@@ -6,7 +6,7 @@ from rich.console import Group
 from rich.table import Table
 
 from moeplan.simulator.accounting.params import activated_params, param_counts
-from moeplan.simulator.plan import PlanFile
+from moeplan.simulator.contracts.plan_file import PlanFile
 from moeplan.simulator.presets.clusters import CLUSTER_PRESETS
 from moeplan.simulator.presets.models import MODEL_PRESETS
 

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from moeplan.simulator.atomic_write import write_atomic
+from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.schedules import (
     Durations,
     Schedule,
@@ -127,9 +127,7 @@ def schedule_command(
         if out is not None and out.suffix == ".csv":
             text = schedule_to_torch_csv(schedule)
         elif out is not None:
-            from moeplan.simulator.schedules.figure import (
-                timeline_html,  # plotly only when drawing
-            )
+            from moeplan.simulator.schedules.figure import timeline_html  # plotly only when drawing
 
             text = timeline_html(schedule, timeline)
     except ValidationError as error:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from moeplan.simulator.accounting.context_parallel import redundant_flops_per_token
 from moeplan.simulator.accounting.params import (
     attention_norm_params,
     attention_params,
@@ -23,7 +24,6 @@ from moeplan.simulator.accounting.params import (
     moe_layer_params,
     swiglu_params,
 )
-from moeplan.simulator.accounting.context_parallel import redundant_flops_per_token
 from moeplan.simulator.spec.model import ModelSpec
 from moeplan.simulator.spec.parallel import RecomputeKind
 

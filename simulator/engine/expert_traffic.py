@@ -1,5 +1,5 @@
 """One expert-parallel group's all-to-all bytes and expert rows per micro-batch, from the
-expert-placement capability's traffic model (``simulator/traffic.py``).
+expert-placement capability's traffic model (``simulator/traffic/all_to_all.py``).
 
 The group is ``ep`` GPUs on ``ep / gpus_per_node`` whole nodes (or part of one node when ``ep`` is
 smaller). Every GPU routes ``tokens`` tokens; the step waits for the slowest GPU, so the engine
@@ -14,11 +14,11 @@ from functools import lru_cache
 
 import numpy as np
 
-from moeplan.simulator.placement import place_experts
-from moeplan.simulator.placement_maps import Placement
+from moeplan.simulator.placement.maps import Placement
+from moeplan.simulator.placement.rebalance import place_experts
 from moeplan.simulator.spec.hardware import ClusterSpec, NodeSpec
 from moeplan.simulator.spec.model import ModelSpec
-from moeplan.simulator.traffic import (
+from moeplan.simulator.traffic.all_to_all import (
     LayerTraffic,
     combine_bytes_per_token,
     dispatch_bytes_per_token,

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import simpy
 
+from moeplan.simulator.contracts.trace import TraceEvent
 from moeplan.simulator.engine.unit_costs import EndCosts, UnitCosts
 from moeplan.simulator.schedules.actions import Action, Op
 from moeplan.simulator.schedules.executor import needs, produces
@@ -69,15 +70,6 @@ class StepInputs:
     ends: EndCosts
     links: Links
     tails: tuple[RankTail, ...]
-
-
-@dataclass
-class TraceEvent:
-    rank: int
-    lane: str
-    name: str
-    start_s: float
-    end_s: float
 
 
 @dataclass

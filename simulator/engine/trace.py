@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from moeplan.simulator.engine.step import TraceEvent
+from moeplan.simulator.contracts.trace import TraceEvent
 
 LANES = ("compute", "nic", "nvlink")
 

@@ -11,23 +11,9 @@ The core (this package without ``figure``) imports neither torch nor plotly.
 - ``Schedule.model_dump(mode="json")`` / ``Schedule.model_validate(data)`` for the plan file.
 """
 
-from moeplan.simulator.schedules.actions import (
-    ACTION_KINDS,
-    Action,
-    ActionKind,
-    Op,
-    OpKind,
-    ScheduleError,
-)
+from moeplan.simulator.schedules.actions import ACTION_KINDS, Action, ActionKind, Op, OpKind, ScheduleError
 from moeplan.simulator.schedules.bubble import ClosedForm, closed_form_bubble
-from moeplan.simulator.schedules.executor import (
-    Durations,
-    TimedAction,
-    Timeline,
-    execute,
-    needs,
-    produces,
-)
+from moeplan.simulator.schedules.executor import Durations, TimedAction, Timeline, execute, needs, produces
 from moeplan.simulator.schedules.generate import SCHEDULE_KINDS, make_schedule
 from moeplan.simulator.schedules.schedule import Schedule
 from moeplan.simulator.schedules.torch_csv import schedule_from_torch_csv, schedule_to_torch_csv

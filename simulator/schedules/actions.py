@@ -21,14 +21,7 @@ import re
 from functools import lru_cache
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    GetJsonSchemaHandler,
-    model_serializer,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_serializer, model_validator
 
 OpKind = Literal["F", "B", "I", "W"]
 ActionKind = Literal["F", "B", "I", "W", "FB"]

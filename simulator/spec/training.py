@@ -29,7 +29,7 @@ class Phase(BaseModel):
     ramp: BatchRamp | None = None
     cp: int | None = Field(
         None, gt=0, description="Context-parallel size for this phase; null = chosen by the planner when the "
-        "sequence length differs from the layout's (simulator/phase_layout.py), else the layout's.")
+        "sequence length differs from the layout's (simulator/planning/phase_layout.py), else the layout's.")
 
     @model_validator(mode="after")
     def _tokens_or_steps(self) -> Phase:

@@ -13,7 +13,7 @@ from moeplan.model.balance import bias_step, max_over_mean
 from moeplan.model.gate import Routing
 from moeplan.model.load_record import LoadAccumulator, load_record, write_load_file
 from moeplan.model.moe import sequence_balance_loss
-from moeplan.simulator.expert_load import ExpertLoadRecord
+from moeplan.simulator.contracts.expert_load import ExpertLoadRecord
 from tests.model.hf_reference import derived_spec
 
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moeplan.orchestrator.cli import app
-from tests.simulator.test_spec import V3_CONFIG_JSON
+from tests.simulator.spec.test_spec import V3_CONFIG_JSON
 
 runner = CliRunner()
 
@@ -186,7 +186,7 @@ def test_recorded_expert_load_slows_the_plan_and_shapes_the_placement(tmp_path):
     load = _load_file(tmp_path / "load.json", [1, 2, 3, 4], hot)
     skewed = json.loads(run(*base, "--load", str(load), "--out", str(tmp_path / "s")).output)
     assert skewed["step_time_s"] > uniform["step_time_s"]
-    from moeplan.simulator.plan import read_plan
+    from moeplan.simulator.contracts.plan_file import read_plan
 
     plan = read_plan(tmp_path / "s")
     assert plan.placement.layer_ids == [1, 2, 3, 4] and len(plan.placement.phy2log) == 4

@@ -11,7 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from moeplan.orchestrator.placement_cmd import placement_command
-from moeplan.simulator.placement_model import ExpertPlacement
+from moeplan.simulator.contracts.placement import ExpertPlacement
 
 app = typer.Typer()
 app.command("placement")(placement_command)

@@ -1,0 +1,196 @@
+"""Layout search: enumerate layouts that fit the cluster and memory, rank them by simulated
+throughput.
+
+The space: pipeline ranks (powers of two dividing the cluster, no more stages than layer units),
+every schedule (interleaved with 2 or 4 chunks per rank), expert-parallel sizes dividing both the
+experts and dp (whole nodes once past one node), micro-batch sizes 1, 2, 4, 8 that divide the batch, recompute none/selective/full, ZeRO-1.
+Context parallelism: the main layout is ranked at the first phase's sequence length with ``cp``
+from the powers of two that divide the stage's GPUs and the sequence's ``2 cp`` chunks while each
+GPU keeps at least ``MIN_CP_TOKENS`` of it (so a 4K pre-training search stays at ``cp = 1`` and a 32K
+one tries 1 to 8); phases at other lengths choose their own ``cp`` (``phase_layout``). Settings the user fixed are not varied. Each layout that fits in memory gets a compute bound (its
+busiest rank's compute, no bubble, no communication); in order of that bound, layouts are simulated
+coarsely (a stage's layers merged into one unit, step time extrapolated to the full micro-batch count
+along the ``step_line`` of ``run_model``) until the bound of the next cannot beat the tenth best
+step: branch and bound, so no layout that could enter the top ten is skipped. The ten best are then
+simulated in full detail.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from moeplan.simulator.accounting.context_parallel import ContextParallelError, check_cp
+from moeplan.simulator.accounting.flops import training_flops
+from moeplan.simulator.accounting.layout import LayoutError, check_layout
+from moeplan.simulator.accounting.memory import peak_bytes_per_gpu
+from moeplan.simulator.contracts.plan_file import Candidate
+from moeplan.simulator.engine.build import SimOptions, compute_bound_s
+from moeplan.simulator.planning.predict import simulate_at
+from moeplan.simulator.planning.run_model import step_line, valid_microbatches
+from moeplan.simulator.schedules.generate import SCHEDULE_KINDS
+from moeplan.simulator.spec.inputs import PlanInputs
+from moeplan.simulator.spec.parallel import ParallelSpec
+
+logger = logging.getLogger(__name__)
+MICRO_BATCH_SIZES = (1, 2, 4, 8)
+VIRTUAL_STAGES = (2, 4)  # chunks per rank for interleaved 1F1B
+RECOMPUTE = ("none", "selective", "full")
+FINALISTS = 10
+# Search-space bound, not a cost: CP that leaves a GPU fewer tokens of a sequence than a common 4K
+# pre-training micro-batch only adds collectives (and shrinks the GEMMs) without saving memory that
+# matters; the cost model still decides among the values that remain.
+MIN_CP_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    best: ParallelSpec
+    ranked: tuple[Candidate, ...]  # finalists, best first, simulated in detail
+    enumerated: int
+    evaluated: int  # fitted in memory and were bounded, ranked or simulated
+    simulated: int  # simulated (coarse); the rest were proven slower by their compute bound
+
+
+def _ep_values(inputs: PlanInputs, group: int) -> list[int]:
+    """EP sizes carved from a stage's ``group = dp * cp`` GPUs."""
+    m, per_node = inputs.model, inputs.cluster.node.gpus_per_node
+    if not m.is_moe:
+        return [1]
+    return [e for e in range(1, min(group, m.n_routed_experts) + 1)
+            if group % e == 0 and m.n_routed_experts % e == 0 and (e <= per_node or e % per_node == 0)]
+
+
+def _choices(fixed: dict[str, Any], key: str, default: Iterable[Any]) -> list[Any]:
+    return [fixed[key]] if key in fixed else list(default)
+
+
+def enumerate_layouts(inputs: PlanInputs, fixed: dict[str, Any]) -> Iterator[ParallelSpec]:
+    """Every layout of the search space that agrees with ``fixed`` (ParallelSpec field -> value)."""
+    world = inputs.cluster.num_gpus
+    units = inputs.model.num_hidden_layers + inputs.model.num_nextn_predict_layers
+    pps = _choices(fixed, "pp", [2**k for k in range(world.bit_length()) if world % 2**k == 0])
+    base = inputs.parallel.model_dump()
+    seq = base["seq_len_tokens"]
+    cps = _choices(fixed, "cp", [c for c in (2**k for k in range(world.bit_length()))
+                                 if c == 1 or (seq % (2 * c) == 0 and seq // c >= MIN_CP_TOKENS)])
+    for pp, cp, schedule, mbs, recompute in itertools.product(
+        pps, cps, _choices(fixed, "schedule", SCHEDULE_KINDS), _choices(fixed, "micro_batch_size", MICRO_BATCH_SIZES),
+        _choices(fixed, "recompute", RECOMPUTE),
+    ):
+        if world % (pp * cp):
+            continue
+        dp = fixed.get("dp") or world // (pp * cp)
+        chunks = _choices(fixed, "virtual_stages", VIRTUAL_STAGES) if schedule == "interleaved" else [base["virtual_stages"]]
+        for ep, v in itertools.product(_choices(fixed, "ep", _ep_values(inputs, dp * cp)), chunks):
+            data = {**base, **fixed, "pp": pp, "cp": cp, "dp": dp, "ep": ep, "schedule": schedule, "virtual_stages": v,
+                    "micro_batch_size": mbs, "recompute": recompute, "stage_layers": None}
+            par = ParallelSpec.model_validate(data)
+            if par.stages <= units:
+                yield par
+
+
+def _microbatches(inputs: PlanInputs, par: ParallelSpec, dp: int) -> int | None:
+    """Micro-batches per step at the first phase's batch, or None when the batch does not split."""
+    if par.microbatches is not None:
+        return par.microbatches
+    batch, per = inputs.training.phases[0].global_batch_seqs, dp * par.micro_batch_size
+    if batch % per:
+        return None
+    m = batch // per
+    return m if valid_microbatches(par, m) == m else None
+
+
+def _fits(inputs: PlanInputs, par: ParallelSpec, lowest: list | None = None) -> tuple[int, int, float] | None:
+    """(dp, micro-batches, peak bytes) of a layout that runs and fits, else None. ``lowest`` keeps
+    [peak bytes, layout] of the smallest peak seen, for the message when nothing fits."""
+    try:
+        dp = check_layout(inputs.model, inputs.cluster, par)
+    except LayoutError:
+        return None
+    m = _microbatches(inputs, par, dp)
+    if m is None:
+        return None
+    tr = inputs.training
+    peak = peak_bytes_per_gpu(inputs.model, par, tr.optimizer, tr.precision, dp, m)
+    if lowest is not None and (not lowest or peak < lowest[0]):
+        lowest[:] = [peak, par]
+    return (dp, m, peak) if peak <= inputs.cluster.usable_hbm_bytes else None
+
+
+def check_fixed(inputs: PlanInputs, fixed: dict[str, Any]) -> None:
+    """Fail early, naming the value, when a setting the user fixed can never run."""
+    m, world = inputs.model, inputs.cluster.num_gpus
+    if "pp" in fixed and world % fixed["pp"]:
+        raise LayoutError(f"pp={fixed['pp']} does not divide the cluster's {world} GPUs")
+    if "ep" in fixed:
+        if not m.is_moe and fixed["ep"] != 1:
+            raise LayoutError(f"ep={fixed['ep']} needs routed experts, but {m.name} is dense (n_routed_experts=0)")
+        if m.is_moe and m.n_routed_experts % fixed["ep"]:
+            raise LayoutError(f"ep={fixed['ep']} does not divide n_routed_experts={m.n_routed_experts}")
+    if fixed.get("dp") and world % fixed["dp"]:
+        raise LayoutError(f"dp={fixed['dp']} does not divide the cluster's {world} GPUs")
+    if "cp" in fixed:
+        if world % fixed["cp"]:
+            raise LayoutError(f"cp={fixed['cp']} does not divide the cluster's {world} GPUs")
+        try:
+            check_cp(inputs.parallel.seq_len_tokens, fixed["cp"])
+        except ContextParallelError as exc:
+            raise LayoutError(str(exc)) from exc
+
+
+def search(
+    inputs: PlanInputs, fixed: dict[str, Any], opts: SimOptions = SimOptions(),
+    progress: Callable[[int, int], None] | None = None, exhaustive: bool = False,
+) -> SearchResult:
+    """Rank every fitting layout; raises ``LayoutError`` when none fits. ``exhaustive`` simulates
+    every fitting layout instead of stopping at the bound (same result, for benchmarks and tests)."""
+    check_fixed(inputs, fixed)
+    layouts = list(enumerate_layouts(inputs, fixed))
+    coarse = replace(opts, expert_load=None, layer_loads=(), coarse=True)  # ranking assumes uniform routing
+    fitting, lowest = [], []
+    for i, par in enumerate(layouts):
+        if progress:
+            progress(i + 1, len(layouts))
+        fit = _fits(inputs, par, lowest)
+        if fit is not None:
+            dp, m, peak = fit
+            trial = inputs.model_copy(update={"parallel": par})
+            fitting.append((compute_bound_s(trial, dp, m, coarse), trial, dp, m, peak))
+    if not fitting:
+        best = ""
+        if lowest:
+            p = lowest[1]
+            best = (f"; the smallest peak is {lowest[0] / 2**30:,.1f} GiB of {inputs.cluster.usable_hbm_bytes / 2**30:,.1f} "
+                    f"usable (pp={p.pp} {p.schedule} ep={p.ep} recompute={p.recompute}): use more nodes")
+        raise LayoutError(
+            f"no layout of {inputs.model.name} fits {inputs.cluster.num_gpus} x {inputs.cluster.gpu.name} "
+            f"({len(layouts)} enumerated, fixed={fixed}){best}"
+        )
+    # Simulate in order of the compute bound; stop once the bound cannot beat the tenth best step.
+    fitting.sort(key=lambda f: f[0])
+    scored: list[tuple[float, ParallelSpec, int, int, float]] = []
+    for bound, trial, dp, m, peak in fitting:
+        if not exhaustive and len(scored) >= FINALISTS and bound >= sorted(s[0] for s in scored)[FINALISTS - 1]:
+            break
+        line = step_line(trial, dp, trial.parallel.seq_len_tokens, None, coarse)
+        scored.append((line.step_s(m), trial.parallel, dp, m, peak))
+    scored.sort(key=lambda s: s[0])
+    finalists = []
+    tokens = inputs.training.phases[0].global_batch_seqs * inputs.parallel.seq_len_tokens
+    world = inputs.cluster.num_gpus
+    for _, par, dp, m, peak in scored[:FINALISTS]:
+        trial = inputs.model_copy(update={"parallel": par})
+        step_s = simulate_at(trial, dp, m, par.seq_len_tokens, opts).step_time_s
+        flops = training_flops(inputs.model, par.seq_len_tokens, par.recompute, par.cp).model_flops
+        finalists.append(Candidate(
+            parallel=par, microbatches=m, step_time_s=step_s, tokens_per_s_per_gpu=tokens / step_s / world,
+            mfu_frac=tokens * flops / (step_s * world * inputs.cluster.gpu.bf16_flops_per_s),
+            peak_memory_bytes_per_gpu=peak))
+    finalists.sort(key=lambda c: c.step_time_s)
+    logger.info("search: %d enumerated, %d fit, best %s", len(layouts), len(scored), finalists[0].parallel)
+    return SearchResult(best=finalists[0].parallel, ranked=tuple(finalists), enumerated=len(layouts),
+                        evaluated=len(fitting), simulated=len(scored))

@@ -1,0 +1,111 @@
+"""The plan file: exact round trip, version and hash checks, atomic writes, import hygiene."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moeplan.simulator.contracts.plan_file import (
+    SCHEMA_VERSION,
+    PlanError,
+    PlanInputs,
+    dump_plan,
+    parse_plan,
+    read_plan,
+    write_atomic,
+    write_plan,
+)
+from moeplan.simulator.planning.planner import build_plan, summary
+from moeplan.simulator.presets.clusters import h200, h800
+from moeplan.simulator.presets.models import deepseek_v3, tiny_moe
+from moeplan.simulator.presets.recipes import deepseek_v3_recipe, default_recipe
+from moeplan.simulator.spec.parallel import ParallelSpec
+
+
+@pytest.fixture(scope="module")
+def plan():
+    r = default_recipe()
+    inputs = PlanInputs(model=tiny_moe(), cluster=h200(1), parallel=ParallelSpec(pp=2, ep=4, schedule="dualpipe"),
+                        training=r.training, budget=r.budget)
+    return build_plan(inputs)
+
+
+def test_round_trip_is_exact(plan):
+    text = dump_plan(plan)
+    again = parse_plan(text)
+    assert again == plan
+    assert dump_plan(again) == text
+
+
+def test_other_schema_versions_are_refused(plan):
+    raw = json.loads(dump_plan(plan))
+    raw["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(PlanError, match=f"schema_version={SCHEMA_VERSION + 1} is not supported"):
+        parse_plan(json.dumps(raw), "p.json")
+
+
+def test_version_1_plans_from_before_context_parallelism_are_refused(plan):
+    raw = json.loads(dump_plan(plan))
+    raw["schema_version"] = 1
+    with pytest.raises(PlanError, match="schema_version=1 is not supported; this moeplan reads version 2"):
+        parse_plan(json.dumps(raw), "old.json")
+
+
+def test_edited_inputs_break_the_hash(plan):
+    raw = json.loads(dump_plan(plan))
+    raw["inputs"]["parallel"]["micro_batch_size"] = 2
+    with pytest.raises(PlanError, match="does not match the inputs"):
+        parse_plan(json.dumps(raw))
+
+
+def test_unknown_fields_and_bad_json_are_refused(plan):
+    raw = json.loads(dump_plan(plan))
+    raw["layout"]["bogus"] = 1
+    with pytest.raises(PlanError, match="layout.bogus"):
+        parse_plan(json.dumps(raw))
+    with pytest.raises(PlanError, match="malformed JSON"):
+        parse_plan("{")
+
+
+def test_write_is_atomic(tmp_path, plan, monkeypatch):
+    write_plan(plan, tmp_path / "plan.json")
+    assert read_plan(tmp_path) == plan
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+    def boom(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("moeplan.simulator.contracts.atomic_write.os.replace", boom)
+    with pytest.raises(OSError):
+        write_atomic(tmp_path / "other.json", "x")
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]  # no temp file, no partial file
+
+
+def test_summary_has_the_public_keys(plan):
+    keys = set(summary(plan))
+    assert {"params_total", "params_activated", "flops_per_token", "peak_memory_bytes_per_gpu", "step_time_s",
+            "bubble_frac", "mfu_frac", "tokens_per_s_per_gpu", "gpu_hours_per_trillion_tokens", "gpu_hours_total",
+            "within_budget", "candidates_evaluated"} <= keys
+
+
+def test_v3_recipe_plan_on_2048_h800():
+    r = deepseek_v3_recipe()
+    p = build_plan(PlanInputs(model=deepseek_v3(), cluster=h800(256), parallel=r.parallel, training=r.training, budget=r.budget))
+    assert (p.layout.pp, p.layout.ep, p.layout.dp, p.layout.microbatches) == (16, 64, 128, 120)
+    assert p.params.total == 671_026_404_352 and p.memory.fits
+
+
+def test_simulated_plan_round_trips_with_schedule_and_placement():
+    from moeplan.simulator.planning.planner import plan_with_predictions
+    from moeplan.simulator.spec.training import Phase, TrainingSpec
+
+    training = TrainingSpec(phases=(Phase(name="pretrain", tokens=1e9, global_batch_seqs=32),))
+    inputs = PlanInputs(model=tiny_moe(), cluster=h200(1), training=training,
+                        parallel=ParallelSpec(pp=2, ep=4, schedule="dualpipe", seq_len_tokens=128))
+    plan = plan_with_predictions(inputs, (), "given")
+    assert parse_plan(dump_plan(plan)) == plan
+    assert plan.schedule is not None and plan.schedule.num_microbatches == plan.layout.microbatches
+    assert plan.placement is not None and plan.placement.num_gpus == 4
+    moe_layers = [i for i in range(4) if tiny_moe().is_moe_layer(i)] + [4]  # + the MTP layer
+    assert plan.placement.layer_ids == moe_layers
