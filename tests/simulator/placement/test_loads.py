@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from moeplan.simulator.contracts.expert_load import ExpertLoadRecord, one_line_error
-from moeplan.simulator.placement.loads import drifting_load, uniform_load, zipf_load
 from moeplan.simulator.contracts.placement import ExpertPlacement
+from moeplan.simulator.placement.loads import drifting_load, uniform_load, zipf_load
 from moeplan.simulator.placement.rebalance import place_experts
 
 

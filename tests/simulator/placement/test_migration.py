@@ -7,9 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from moeplan.simulator.placement.assignment import min_cost_assignment
 from moeplan.simulator.placement.maps import Placement, gpu_load
-from moeplan.simulator.placement.migration import migration_cost, rebalance_with_migration
+from moeplan.simulator.placement.migration import migration_cost, min_cost_assignment, rebalance_with_migration
 from moeplan.simulator.placement.rebalance import place_experts
 
 CROSS = 3.2  # NVLink / IB per-GPU bandwidth on H800 (TR §3.2.2)
