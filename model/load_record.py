@@ -1,19 +1,18 @@
-"""Expert-load files: per-layer, per-expert routed-token counts, in the versioned JSON format of
-``simulator/contracts/expert_load.py`` (``ExpertLoadRecord``, schema_version 1), which the placement
-planner reads. Written here without importing the simulator (``model`` depends only on
-``simulator.spec``); tests validate the output against the simulator's schema.
+"""Expert-load files: the per-layer, per-expert routed-token counts a training run measures, written as
+the one expert-load schema (``ExpertLoadRecord`` in ``simulator.contracts.expert_load``) that the
+placement planner reads (``moeplan placement --load``, ``moeplan plan --load``).
+
+The contract module is plain data (pydantic and numpy); it loads neither the engine nor SimPy.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
-LOAD_SCHEMA_VERSION = 1
+from moeplan.simulator.contracts.atomic_write import write_atomic
+from moeplan.simulator.contracts.expert_load import ExpertLoadRecord, LayerLoad
 
 
 class LoadAccumulator:
@@ -32,8 +31,8 @@ class LoadAccumulator:
 
 
 def load_record(model_name: str, loads: dict[int, torch.Tensor], top_k: int, step_start: int = 0,
-                step_end: int = 0) -> dict:
-    """The JSON-ready record for ``{layer_id: (E,) counts}``; ``window_tokens`` = one layer's sum / k."""
+                step_end: int = 0) -> ExpertLoadRecord:
+    """The record for ``{layer_id: (E,) counts}``; ``window_tokens`` = one layer's sum / k."""
     if not loads:
         raise ValueError("loads is empty: no MoE layer was counted")
     layers = sorted(loads)
@@ -41,27 +40,13 @@ def load_record(model_name: str, loads: dict[int, torch.Tensor], top_k: int, ste
     if len(sizes) != 1:
         raise ValueError(f"layers have different expert counts {sorted(sizes)}")
     window_tokens = int(loads[layers[0]].sum()) // top_k
-    return {
-        "schema_version": LOAD_SCHEMA_VERSION,
-        "model": model_name,
-        "n_routed_experts": sizes.pop(),
-        "num_experts_per_tok": top_k,
-        "window_tokens": max(window_tokens, 1),
-        "step_start": step_start,
-        "step_end": step_end,
-        "layers": [{"layer": layer, "tokens_per_expert": [int(c) for c in loads[layer].tolist()]}
-                   for layer in layers],
-    }
+    return ExpertLoadRecord(
+        model=model_name, n_routed_experts=sizes.pop(), num_experts_per_tok=top_k,
+        window_tokens=max(window_tokens, 1), step_start=step_start, step_end=step_end,
+        layers=[LayerLoad(layer=layer, tokens_per_expert=[int(c) for c in loads[layer].tolist()]) for layer in layers],
+    )
 
 
-def write_load_file(path: str | Path, record: dict) -> None:
+def write_load_file(path: str | Path, record: ExpertLoadRecord) -> None:
     """Write atomically (temporary file, then rename), so readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, record.model_dump_json(indent=1) + "\n")
