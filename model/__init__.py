@@ -6,7 +6,7 @@ Public API:
 - ``Transformer`` (forward(input_ids) -> ``ModelOutput`` with ``.logits``), ``ModelOptions``,
   ``StageSpec`` / ``build_rank`` for pipeline stages, ``WeightGradStore`` for I/W splitting,
   ``training_loss``, ``ExpertBiasUpdater`` (aux-loss-free balancing).
-See docs/model.md.
+May import: ``kernels`` and the data-only ``simulator.spec`` and ``simulator.contracts``. See docs/model.md.
 """
 
 from moeplan.model.api import from_hf_config

@@ -1,6 +1,6 @@
 """Pipeline schedules as data: per-rank action lists made by pure generators, validated, replayed.
 
-The core (this package without ``figure``) imports neither torch nor plotly.
+May import: ``spec``. The core (this package without ``figure``) imports neither torch nor plotly.
 
 - ``make_schedule(kind, pp, num_microbatches, virtual_stages=2) -> Schedule``
 - ``check_schedule(schedule) -> ScheduleStats`` (raises ``ScheduleError``)

@@ -1,0 +1,5 @@
+"""The inputs: model, hardware/cluster, parallel layout and training run specs (frozen pydantic models
+mapping 1:1 onto DeepSeek/HF ``config.json`` and the CLI), and the one formatter of their errors.
+
+May import: pydantic only. Everything else of moeplan may import ``spec``.
+"""
