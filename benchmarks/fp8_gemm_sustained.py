@@ -26,10 +26,10 @@ import torch
 import triton
 import triton.testing
 
-from moeplan.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref  # noqa: E402
-from moeplan.kernels.fp8_gemm_ws import FFMA_YIELD_EVERY, ORDER, WIDTHS, fp8_gemm_ws  # noqa: E402
-from moeplan.kernels.fp8_quant import quant_act_1x128, quant_weight_128x128  # noqa: E402
-from moeplan.simulator.contracts.atomic_write import write_atomic  # noqa: E402
+from moeplan.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+from moeplan.kernels.fp8_gemm_ws import FFMA_YIELD_EVERY, ORDER, WIDTHS, fp8_gemm_ws
+from moeplan.kernels.fp8_quant import quant_act_1x128, quant_weight_128x128
+from moeplan.simulator.contracts.atomic_write import write_atomic
 
 M, N, K = 4096, 7168, 16384
 ORDER_NAMES = {"free": "warpgroups issue freely", "issue": "warpgroups issue in turn",

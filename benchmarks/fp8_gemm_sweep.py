@@ -20,12 +20,12 @@ import torch
 import triton
 import triton.testing
 
-from moeplan.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref  # noqa: E402
-from moeplan.kernels.fp8_gemm_tma import fp8_gemm_tma  # noqa: E402
-from moeplan.kernels.fp8_gemm_ws import CONFIGS as WS_CONFIGS  # noqa: E402
+from moeplan.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+from moeplan.kernels.fp8_gemm_tma import fp8_gemm_tma
+from moeplan.kernels.fp8_gemm_ws import CONFIGS as WS_CONFIGS
 from moeplan.kernels.fp8_gemm_ws import WIDTHS, fp8_gemm_ws
-from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_weight_128x128  # noqa: E402
-from moeplan.kernels.grouped_gemm import grouped_gemm_fp8, make_problem, segment_rows  # noqa: E402
+from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_weight_128x128
+from moeplan.kernels.grouped_gemm import grouped_gemm_fp8, make_problem, segment_rows
 
 M = 4096
 DENSE_NK = [(7168, 16384), (2112, 7168), (24576, 1536), (32768, 512), (4096, 7168), (7168, 2048)]

@@ -21,18 +21,18 @@ import torch
 import triton
 import triton.testing
 
-import moeplan.kernels.fp8_gemm as gemm_mod  # noqa: E402
-import moeplan.kernels.moe_permute as permute_mod  # noqa: E402
-import moeplan.kernels.swiglu as swiglu_mod  # noqa: E402
-from moeplan.kernels.fp8_gemm import chosen_backend, fp8_gemm, fp8_gemm_ref  # noqa: E402
-from moeplan.kernels.fp8_quant import (  # noqa: E402
+import moeplan.kernels.fp8_gemm as gemm_mod
+import moeplan.kernels.moe_permute as permute_mod
+import moeplan.kernels.swiglu as swiglu_mod
+from moeplan.kernels.fp8_gemm import chosen_backend, fp8_gemm, fp8_gemm_ref
+from moeplan.kernels.fp8_quant import (
     dequant_blocks,
     dequant_rows,
     quant_act_1x128,
     quant_act_128x1_t,
     quant_weight_128x128,
 )
-from moeplan.kernels.grouped_gemm import grouped_gemm_bf16, grouped_gemm_fp8, grouped_gemm_ref, make_problem  # noqa: E402
+from moeplan.kernels.grouped_gemm import grouped_gemm_bf16, grouped_gemm_fp8, grouped_gemm_ref, make_problem
 
 log = logging.getLogger(__name__)
 
