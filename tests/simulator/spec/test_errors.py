@@ -32,8 +32,12 @@ def test_names_the_field_and_the_value():
 
 def test_leaves_out_values_that_add_nothing():
     assert first_error_line(_error({})) == "size: Field required"  # missing
-    assert first_error_line(_error({"size": 3})) == "size: Value error, size=3 must be even"  # validator's own words
+    assert first_error_line(_error({"size": 3})) == "size: size=3 must be even"  # validator's own words, no "Value error, "
     assert first_error_line(_error({"size": {"a": 1}})) == "size: Input should be a valid integer"  # a whole object
+
+
+def test_path_parts_take_the_names_the_user_typed():
+    assert first_error_line(_error({"size": "x"}), names={"size": "--size"}).startswith("--size: Input should be")
 
 
 def test_an_error_about_the_whole_input_takes_the_given_name():
