@@ -22,6 +22,7 @@ from moeplan.simulator.contracts.plan_file import (
     ResolvedLayout,
 )
 from moeplan.simulator.contracts.predictions import RunPrediction
+from moeplan.simulator.contracts.trace import TraceEvent
 from moeplan.simulator.costs.tables import default_tables
 from moeplan.simulator.engine.build import SimOptions, layer_load
 from moeplan.simulator.engine.expert_traffic import group_placement
@@ -137,10 +138,21 @@ def plan_with_predictions(
     searched: SearchResult | None = None, opts: SimOptions = SimOptions(), fixed_fields: tuple[str, ...] = (),
 ) -> PlanFile:
     """Accounting, memory (rejected over HBM), one simulated step, the whole run and the budget."""
+    plan, _ = plan_with_trace(inputs, ignored_config_keys, layout_source, searched, opts, fixed_fields, trace=False)
+    return plan
+
+
+def plan_with_trace(
+    inputs: PlanInputs, ignored_config_keys: tuple[str, ...], layout_source: str,
+    searched: SearchResult | None = None, opts: SimOptions = SimOptions(), fixed_fields: tuple[str, ...] = (),
+    trace: bool = True,
+) -> tuple[PlanFile, list[TraceEvent]]:
+    """``plan_with_predictions`` and the trace events of the step it simulated (empty without ``trace``),
+    so that drawing or exporting the step costs no second simulation."""
     plan = build_plan(inputs, ignored_config_keys)
     check_memory(plan)
     lay = plan.layout
-    step, _ = predict_step(inputs, lay.dp, lay.microbatches, opts=opts)
+    step, events = predict_step(inputs, lay.dp, lay.microbatches, opts=opts, trace=trace)
     run = predict_run(inputs, lay.dp, (lay.microbatches, step.step_time_s), opts)
     tables = opts.tables or default_tables(inputs.cluster.gpu.name)
     predictions = Predictions(
@@ -151,7 +163,7 @@ def plan_with_predictions(
     return plan.model_copy(update={
         "predictions": predictions, "budget_report": budget_report(inputs, run),
         "placement": plan_placement(inputs, opts),
-    })
+    }), events
 
 
 def plan_placement(inputs: PlanInputs, opts: SimOptions) -> ExpertPlacement | None:
