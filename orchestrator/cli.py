@@ -1,7 +1,8 @@
 """The ``moeplan`` command line (typer + rich). Thin shell: every command calls pure functions.
 
 Bad input becomes one line on stderr naming the field and the value, exit code 2, and nothing
-written (files are written last, atomically).
+written: commands raise, ``errors.ReportingGroup`` reports (and ``main`` reports usage errors the
+same way); files are rendered first and written last, all or none (``outputs.write_outputs``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import click
 import typer
 from rich.console import Console
 
-from moeplan.orchestrator.errors import USER_ERRORS, fail
+from moeplan.orchestrator.errors import BAD_INPUT_EXIT_CODE, ReportingGroup
 from moeplan.orchestrator.placement_cmd import placement_command
 from moeplan.orchestrator.plan_cmd import plan_command
 from moeplan.orchestrator.render import plan_tables, presets_table
@@ -28,6 +29,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=ReportingGroup,
 )
 app.command("plan")(plan_command)
 app.command("schedule")(schedule_command)
@@ -49,7 +51,7 @@ def main() -> None:
             raise SystemExit(0) from None
         where = f"{exc.ctx.command_path}: " if getattr(exc, "ctx", None) else ""
         typer.echo(f"moeplan: error: {where}{exc.format_message()}", err=True)
-        raise SystemExit(2) from None
+        raise SystemExit(BAD_INPUT_EXIT_CODE) from None
     except (click.exceptions.Exit, typer.Exit) as exc:
         raise SystemExit(exc.exit_code) from None
     except (click.Abort, typer.Abort):
@@ -69,10 +71,7 @@ def show(
     json_: Annotated[bool, typer.Option("--json", help="Print the flat summary object.")] = False,
 ) -> None:
     """Show a plan file."""
-    try:
-        loaded = read_plan(plan_path)
-    except USER_ERRORS as exc:
-        fail(str(exc))
+    loaded = read_plan(plan_path)
     if json_:
         typer.echo(json.dumps(summary(loaded), indent=2))
     else:

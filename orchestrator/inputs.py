@@ -1,17 +1,24 @@
-"""Turn CLI arguments (preset names or a config.json, node count, ``--set`` overrides) into
-validated ``PlanInputs``."""
+"""Turn CLI arguments into validated inputs: preset names or a config.json, node counts, plan flags and
+``--set`` overrides into ``PlanInputs``; the JSON files options name (load records, placements) into
+their pydantic models. Every failure is one ``InputError`` line naming the option and the value."""
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from moeplan.orchestrator.errors import InputError
 from moeplan.orchestrator.overrides import apply_overrides
 from moeplan.simulator.accounting.layout import LayoutError, check_layout
+from moeplan.simulator.contracts.expert_load import ExpertLoadRecord, one_line_error
 from moeplan.simulator.planning.planner import resolve_microbatches
+from moeplan.simulator.planning.search import SearchResult
 from moeplan.simulator.presets.clusters import CLUSTER_PRESETS
 from moeplan.simulator.presets.models import MODEL_PRESETS
 from moeplan.simulator.presets.recipes import recipe_for
@@ -21,14 +28,75 @@ from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.model import ModelSpec
 from moeplan.simulator.spec.parallel import ParallelSpec
 
+Model = TypeVar("Model", bound=BaseModel)
 
-class InputError(ValueError):
-    """Bad user input; the message is one line naming the field and the value."""
+# CLI flag -> plan-input key it sets (the specs hold the defaults; the CLI declares none)
+FLAG_KEYS = {
+    "pp": "parallel.pp", "ep": "parallel.ep", "dp": "parallel.dp", "cp": "parallel.cp", "schedule": "parallel.schedule",
+    "microbatches": "parallel.microbatches", "micro_batch_size": "parallel.micro_batch_size",
+    "recompute": "parallel.recompute", "seq_len": "parallel.seq_len_tokens",
+    "precision": "training.precision", "global_batch": "training.phases.0.global_batch_seqs",
+    "tokens": "training.phases.0.tokens", "budget_gpu_hours": "budget.gpu_hours",
+    "price_per_gpu_hour": "budget.usd_per_gpu_hour",
+}
+COUNT_FLAGS = ("tokens", "budget_gpu_hours")  # given as text such as 14.8T
+_SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
 
-def validation_message(exc: ValidationError, prefix: str) -> str:
-    """The first pydantic error as ``prefix: a.b: message (got value)``."""
-    return first_error_line(exc, prefix)
+def parse_count(text: str, flag: str) -> float:
+    """``14.8T`` -> 1.48e13; plain numbers pass through."""
+    match = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?\d+)?)\s*([KMBGT]?)\s*", text)
+    if not match:
+        raise InputError(f"{flag} {text!r}: expected a number such as 14.8T, 469B or 1e12")
+    return float(match.group(1)) * _SUFFIX.get(match.group(2), 1.0)
+
+
+def flag_overrides(flags: Mapping[str, Any]) -> list[str]:
+    """``--set`` items for the plan flags given (``FLAG_KEYS`` names; None = not given)."""
+    sets = [f"{FLAG_KEYS[k]}={json.dumps(v)}" for k, v in flags.items() if v is not None and k not in COUNT_FLAGS]
+    for k in COUNT_FLAGS:
+        if flags.get(k) is not None:
+            sets.append(f"{FLAG_KEYS[k]}={parse_count(flags[k], '--' + k.replace('_', '-'))}")
+    return sets
+
+
+def read_model_file(path: Path, cls: type[Model], option: str) -> Model:
+    """Parse a JSON file into ``cls``; every failure is one ``InputError`` naming the option and file."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise InputError(f"{option} {path}: cannot read ({exc.strerror})") from exc
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{option} {path}: malformed JSON ({exc.msg} at line {exc.lineno})") from exc
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(f"{option} {path}: {one_line_error(exc)}") from exc
+
+
+def moe_layers(model: ModelSpec, with_mtp: bool = False) -> list[int]:
+    """The model's MoE layer ids (HF numbering), and its MTP modules' after them when ``with_mtp``."""
+    layers = [i for i in range(model.num_hidden_layers) if model.is_moe_layer(i)]
+    if with_mtp:
+        layers += list(range(model.num_hidden_layers, model.num_hidden_layers + model.num_nextn_predict_layers))
+    return layers
+
+
+def one_load_source(load: Path | None, zipf: float | None) -> None:
+    if load is not None and zipf is not None:
+        raise InputError("--load and --zipf: give one expert-load source, not both")
+
+
+def read_load_record(path: Path, model: ModelSpec, layers: Iterable[int]) -> ExpertLoadRecord:
+    """A recorded expert-load file (``ExpertLoadRecord``, the format training writes) that fits ``model``:
+    its expert count, and every layer one of ``layers``."""
+    record = read_model_file(path, ExpertLoadRecord, "--load")
+    if record.n_routed_experts != model.n_routed_experts:
+        raise InputError(f"--load {path}: n_routed_experts={record.n_routed_experts} but the model has {model.n_routed_experts}")
+    stray = sorted(set(record.layer_ids) - set(layers))
+    if stray:
+        raise InputError(f"--load {path}: layer={stray[0]} is not an MoE layer of {model.name}")
+    return record
 
 
 def load_model(arg: str) -> tuple[ModelSpec, list[str]]:
@@ -42,9 +110,11 @@ def load_model(arg: str) -> tuple[ModelSpec, list[str]]:
         try:
             return ModelSpec.from_hf_config_file(path)
         except ValidationError as exc:
-            raise InputError(validation_message(exc, str(path))) from exc
+            raise InputError(first_error_line(exc, str(path))) from exc
         except ValueError as exc:  # malformed JSON, not an object
             raise InputError(str(exc)) from exc
+        except OSError as exc:
+            raise InputError(f"--model {arg}: cannot read ({exc.strerror})") from exc
     raise InputError(f"--model {arg!r}: unknown preset (choose from: {', '.join(MODEL_PRESETS)}) and not a config.json path")
 
 
@@ -73,6 +143,12 @@ class PlanRequest:
     ignored: list[str]
     fixed: dict[str, Any]  # ParallelSpec fields set by the user
     published: bool  # the model's published layout runs on this cluster and is the base of ``inputs``
+
+    def planned(self, searched: SearchResult | None) -> tuple[PlanInputs, str]:
+        """The inputs to plan (the searched layout's, if any) and where their layout came from."""
+        if searched is not None:
+            return self.inputs.model_copy(update={"parallel": searched.best}), "searched"
+        return self.inputs, "published" if self.published and not self.fixed else "given"
 
 
 def build_request(model_arg: str, cluster_arg: str, nodes: int | None, sets: list[str]) -> PlanRequest:
@@ -103,4 +179,4 @@ def build_request(model_arg: str, cluster_arg: str, nodes: int | None, sets: lis
         inputs = PlanInputs.model_validate(data)
         return PlanRequest(inputs=inputs, ignored=ignored, fixed=fixed, published=published)
     except ValidationError as exc:
-        raise InputError(validation_message(exc, "invalid setting")) from exc
+        raise InputError(first_error_line(exc, "invalid setting")) from exc

@@ -6,8 +6,10 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from moeplan.orchestrator.errors import InputError
 
-class OverrideError(ValueError):
+
+class OverrideError(InputError):
     """A malformed or unknown ``--set`` key; the message names it."""
 
 

@@ -1,22 +1,29 @@
 """``moeplan placement``: balance expert placement for a model on a cluster and write maps and figures.
 
-Thin shell over ``simulator.placement`` / ``simulator.migration`` / ``simulator.placement_report``: read
-inputs, call pure functions, write outputs atomically (temporary file, then ``os.replace``). Bad input
-prints one line naming the field and value, exits with code 2 and writes nothing.
+Thin shell over ``simulator.placement`` and ``simulator.report``: read inputs, call pure functions,
+render every file, then write them all (``outputs.write_outputs``). Bad input is one line, exit code 2,
+nothing written (``errors.ReportingGroup``).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import typer
-from pydantic import BaseModel, ValidationError
 
-from moeplan.simulator.contracts.atomic_write import write_atomic
-from moeplan.simulator.contracts.expert_load import ExpertLoadRecord, one_line_error
+from moeplan.orchestrator.errors import InputError, error_line
+from moeplan.orchestrator.inputs import (
+    load_cluster,
+    load_model,
+    moe_layers,
+    one_load_source,
+    read_load_record,
+    read_model_file,
+)
+from moeplan.orchestrator.outputs import check_out_dir, write_outputs
+from moeplan.simulator.contracts.expert_load import ExpertLoadRecord
 from moeplan.simulator.contracts.placement import ExpertPlacement
 from moeplan.simulator.placement.loads import uniform_load, zipf_load
 from moeplan.simulator.placement.maps import contiguous_placement
@@ -26,12 +33,12 @@ from moeplan.simulator.presets.clusters import CLUSTER_PRESETS
 from moeplan.simulator.presets.models import MODEL_PRESETS
 from moeplan.simulator.report.placement_figures import placement_figure, traffic_figure
 from moeplan.simulator.report.placement_summary import DEFAULT_TOKENS_PER_GPU, summarize
-
-BAD_INPUT_EXIT_CODE = 2
+from moeplan.simulator.spec.hardware import ClusterSpec
+from moeplan.simulator.spec.model import ModelSpec
 
 
 def placement_command(
-    model: Annotated[str, typer.Option(help=f"Model preset: {', '.join(MODEL_PRESETS)}.")],
+    model: Annotated[str, typer.Option(help=f"Model preset ({', '.join(MODEL_PRESETS)}) or path to a HF config.json.")],
     cluster: Annotated[str, typer.Option(help=f"Cluster preset: {', '.join(CLUSTER_PRESETS)}.")],
     nodes: Annotated[int, typer.Option(help="Nodes in the expert-parallel group (EP = nodes x GPUs per node).")],
     out: Annotated[Path, typer.Option(help="Output folder for placement.json, summary.json and the HTML figures.")],
@@ -45,53 +52,62 @@ def placement_command(
     seed: Annotated[int, typer.Option(help="Seed of the Zipf ranks and the sampled routings.")] = 0,
 ) -> None:
     """Balance expert placement (EPLB-compatible) and estimate all-to-all time before and after."""
+    check_out_dir(out, "--out")
+    model_spec, cluster_spec, record, current_placement = _read_inputs(
+        model, cluster, nodes, load, zipf, redundant, current, tokens_per_gpu)
     try:
-        outputs = _compute(model, cluster, nodes, load, zipf, redundant, current, policy, tolerance, tokens_per_gpu, seed)
-    except (ValueError, ValidationError) as exc:
-        message = one_line_error(exc) if isinstance(exc, ValidationError) else str(exc)
-        typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(BAD_INPUT_EXIT_CODE) from None
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in outputs.items():
-        write_atomic(out / name, text)
-    typer.echo(outputs["summary.json"])
+        files = _compute(model_spec, cluster_spec, record, zipf, redundant, current_placement, policy, tolerance,
+                         tokens_per_gpu, seed)
+    except ValueError as exc:  # the placement functions check their arguments with plain ValueErrors
+        raise InputError(error_line(exc)) from exc
+    write_outputs({out / name: text for name, text in files.items()})
+    typer.echo(files["summary.json"])
+
+
+def _read_inputs(
+    model: str, cluster: str, nodes: int, load: Path | None, zipf: float | None, redundant: int,
+    current: Path | None, tokens_per_gpu: int,
+) -> tuple[ModelSpec, ClusterSpec, ExpertLoadRecord | None, ExpertPlacement | None]:
+    """The options checked, and the files they name read: model, cluster, load record, current placement."""
+    model_spec, _ = load_model(model)  # keys of a config.json the model does not use change nothing here
+    cluster_spec = load_cluster(cluster, nodes)
+    if redundant < 0:
+        raise InputError(f"--redundant {redundant}: must be >= 0")
+    if tokens_per_gpu <= 0:
+        raise InputError(f"--tokens-per-gpu {tokens_per_gpu}: must be > 0")
+    if not model_spec.is_moe:
+        raise InputError(f"--model {model!r}: has no routed experts (n_routed_experts=0)")
+    one_load_source(load, zipf)
+    layers = moe_layers(model_spec)
+    record = read_load_record(load, model_spec, layers) if load is not None else None
+    layer_ids = record.layer_ids if record is not None else layers
+    num_replicas = model_spec.n_routed_experts + redundant
+    placement = _read_current(current, layer_ids, num_replicas) if current is not None else None
+    return model_spec, cluster_spec, record, placement
 
 
 def _compute(
-    model_name, cluster_name, nodes, load, zipf, redundant, current, policy, tolerance, tokens_per_gpu, seed
+    model: ModelSpec, cluster: ClusterSpec, record: ExpertLoadRecord | None, zipf: float | None, redundant: int,
+    current: ExpertPlacement | None, policy: str, tolerance: float, tokens_per_gpu: int, seed: int,
 ) -> dict[str, str]:
     """Everything the command writes, as ``{file name: text}``; raises ValueError on bad input."""
-    if model_name not in MODEL_PRESETS:
-        raise ValueError(f"--model={model_name!r} is not a preset; choose one of {', '.join(MODEL_PRESETS)}")
-    if cluster_name not in CLUSTER_PRESETS:
-        raise ValueError(f"--cluster={cluster_name!r} is not a preset; choose one of {', '.join(CLUSTER_PRESETS)}")
-    if nodes <= 0:
-        raise ValueError(f"--nodes={nodes} must be > 0")
-    if redundant < 0:
-        raise ValueError(f"--redundant={redundant} must be >= 0")
-    if tokens_per_gpu <= 0:
-        raise ValueError(f"--tokens-per-gpu={tokens_per_gpu} must be > 0")
-    model = MODEL_PRESETS[model_name]()
-    if not model.is_moe:
-        raise ValueError(f"--model={model_name!r} has no routed experts (n_routed_experts=0)")
-    spec = CLUSTER_PRESETS[cluster_name](nodes)
     rng = np.random.default_rng(seed)
-    layer_ids, weight = _load(model, spec.num_gpus * tokens_per_gpu, load, zipf, rng)
+    layer_ids, weight = _load(model, cluster.num_gpus * tokens_per_gpu, record, zipf, rng)
     num_replicas = model.n_routed_experts + redundant
-    cross_node_weight = spec.node.nvlink_bytes_per_s / spec.node.nic_bytes_per_s
-    args = (weight, num_replicas, model.n_group, nodes, spec.num_gpus)
+    cross_node_weight = cluster.node.nvlink_bytes_per_s / cluster.node.nic_bytes_per_s
+    args = (weight, num_replicas, model.n_group, cluster.nodes, cluster.num_gpus)
     naive = None
     if current is None:
-        before = contiguous_placement(len(layer_ids), model.n_routed_experts, nodes, spec.num_gpus)
+        before = contiguous_placement(len(layer_ids), model.n_routed_experts, cluster.nodes, cluster.num_gpus)
         after = place_experts(*args, policy=policy)
     else:
-        before = _read_current(current, layer_ids, num_replicas)
+        before = current.to_placement()
         after = rebalance_with_migration(
             before, weight, model.n_group, cross_node_weight=cross_node_weight, tolerance_frac=tolerance, policy=policy
         )
         naive = place_experts(*args, policy=policy)
     summary, t_before, t_after, row = summarize(
-        before, after, weight, layer_ids, model, spec, rng, tokens_per_gpu, naive, cross_node_weight
+        before, after, weight, layer_ids, model, cluster, rng, tokens_per_gpu, naive, cross_node_weight
     )
     placement_json = ExpertPlacement.from_placement(after, model.n_group, layer_ids).model_dump_json()
     figures = {
@@ -102,49 +118,25 @@ def _compute(
     return {"placement.json": placement_json, "summary.json": summary.model_dump_json(indent=2), **texts}
 
 
-def _load(model, num_tokens, load, zipf, rng) -> tuple[list[int], np.ndarray]:
+def _load(model: ModelSpec, num_tokens: int, record: ExpertLoadRecord | None, zipf: float | None,
+          rng: np.random.Generator) -> tuple[list[int], np.ndarray]:
     """Layer ids and ``[layers, experts]`` weight from ``--load``, ``--zipf`` or uniform."""
-    moe_layers = [i for i in range(model.num_hidden_layers) if model.is_moe_layer(i)]
+    if record is not None:
+        return record.layer_ids, record.weight()
+    layers = moe_layers(model)
     k = model.num_experts_per_tok
-    if load is not None and zipf is not None:
-        raise ValueError(f"give --load={load} or --zipf={zipf}, not both")
     if zipf is not None:
-        return moe_layers, zipf_load(len(moe_layers), model.n_routed_experts, num_tokens, k, zipf, rng)
-    if load is None:
-        return moe_layers, uniform_load(len(moe_layers), model.n_routed_experts, num_tokens, k)
-    record = read_model_file(load, ExpertLoadRecord, "--load")
-    if record.n_routed_experts != model.n_routed_experts:
-        raise ValueError(
-            f"--load={load}: n_routed_experts={record.n_routed_experts} but the model has {model.n_routed_experts}"
-        )
-    for layer in record.layer_ids:
-        if layer not in moe_layers:
-            raise ValueError(f"--load={load}: layer={layer} is not a MoE layer of {model.name} ({moe_layers[0]}..{moe_layers[-1]})")
-    return record.layer_ids, record.weight()
+        return layers, zipf_load(len(layers), model.n_routed_experts, num_tokens, k, zipf, rng)
+    return layers, uniform_load(len(layers), model.n_routed_experts, num_tokens, k)
 
 
-def _read_current(path: Path, layer_ids: list[int], num_replicas: int):
+def _read_current(path: Path, layer_ids: list[int], num_replicas: int) -> ExpertPlacement:
+    """``--current``: a placement of the layers being balanced, with as many slots as ``--redundant`` gives."""
     current = read_model_file(path, ExpertPlacement, "--current")
     if current.layer_ids != layer_ids:
-        raise ValueError(f"--current={path}: layer_ids={current.layer_ids} differ from the load's {layer_ids}")
+        raise InputError(f"--current {path}: layer_ids={current.layer_ids} differ from the load's {layer_ids}")
     if sum(current.slots_per_gpu) != num_replicas:
-        raise ValueError(
-            f"--current={path}: holds {sum(current.slots_per_gpu)} slots per layer but --redundant gives {num_replicas}"
+        raise InputError(
+            f"--current {path}: holds {sum(current.slots_per_gpu)} slots per layer but --redundant gives {num_replicas}"
         )
-    return current.to_placement()
-
-
-def read_model_file(path: Path, cls: type[BaseModel], option: str) -> BaseModel:
-    """Parse a JSON file into ``cls``; every failure is one ValueError line naming the option and file."""
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise ValueError(f"{option}={path}: cannot read ({exc.strerror})") from exc
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{option}={path}: malformed JSON ({exc.msg} at line {exc.lineno})") from exc
-    try:
-        return cls.model_validate(data)
-    except ValidationError as exc:
-        raise ValueError(f"{option}={path}: {one_line_error(exc)}") from exc
-
-
+    return current

@@ -1,6 +1,8 @@
-"""Rich tables for the CLI: presets and plan summaries. Units are converted only here."""
+"""Rich tables for the CLI: presets, plan summaries, schedule reports. Units are converted only here."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from rich.console import Group
 from rich.table import Table
@@ -9,6 +11,7 @@ from moeplan.simulator.accounting.params import activated_params, param_counts
 from moeplan.simulator.contracts.plan_file import PlanFile
 from moeplan.simulator.presets.clusters import CLUSTER_PRESETS
 from moeplan.simulator.presets.models import MODEL_PRESETS
+from moeplan.simulator.schedules.registry import schedule_kind
 
 GiB = 2**30
 
@@ -139,9 +142,33 @@ def prediction_tables(plan: PlanFile) -> list[Table | str]:
             top.add_column(col, justify="right")
         for i, c in enumerate(pred.top_candidates, 1):
             par = c.parallel
-            sched = f"{par.schedule} x{par.virtual_stages}" if par.schedule == "interleaved" else par.schedule
+            chunks = schedule_kind(par.schedule).uses_virtual_stages
+            sched = f"{par.schedule} x{par.virtual_stages}" if chunks else par.schedule
             top.add_row(str(i), str(par.pp), sched, str(par.ep), str(par.dp), *([str(par.cp)] if with_cp else []),
                         f"{par.micro_batch_size} x {c.microbatches}", par.recompute, f"{c.step_time_s:.2f}",
                         f"{c.tokens_per_s_per_gpu:,.0f}", f"{c.mfu_frac:.1%}", f"{c.peak_memory_bytes_per_gpu / GiB:.1f}")
         out.append(top)
     return out
+
+
+def schedule_view(report: dict[str, Any]) -> Group:
+    """``moeplan schedule``'s report (its ``--json`` object): a headline, then a row per rank."""
+    closed = report["closed_form"]
+    headline = (
+        f"[bold]{report['kind']}[/]: pp={report['pp']} ranks, {report['stages']} stages, "
+        f"{report['microbatches']} micro-batches; makespan {report['makespan_s']:.6g} s, "
+        f"bubble {report['bubble_s']:.6g} s ({100 * report['bubble_frac']:.2f}%); closed form "
+        f"{closed['formula']} = {closed['bubble_s']:.6g} s "
+        f"({'holds' if closed['holds'] else 'conditions not met: ' + closed['condition']})"
+    )
+    table = Table("rank", "idle (s)", "peak activations", "parameter copies", "F", "B", "I", "W", "F&B")
+    for rank, idle_s in enumerate(report["idle_s_per_rank"]):
+        counts = report["action_counts_per_rank"][rank]
+        table.add_row(
+            str(rank),
+            f"{idle_s:.6g}",
+            str(report["peak_activations_per_rank"][rank]),
+            str(report["parameter_copies_per_rank"][rank]),
+            *(str(counts[k]) for k in ("F", "B", "I", "W", "FB")),
+        )
+    return Group(headline, table)

@@ -12,20 +12,22 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
 
-from moeplan.simulator.contracts.atomic_write import write_atomic
+from moeplan.orchestrator.errors import InputError
+from moeplan.orchestrator.outputs import check_out_file, write_outputs
+from moeplan.orchestrator.render import schedule_view
 from moeplan.simulator.schedules import (
     Durations,
     Schedule,
-    ScheduleError,
     Timeline,
     check_schedule,
     closed_form_bubble,
     execute,
     make_schedule,
+    schedule_kind,
     schedule_to_torch_csv,
 )
+from moeplan.simulator.spec.errors import first_error_line
 from moeplan.simulator.spec.parallel import ParallelSpec
 
 _OUT_SUFFIXES = (".html", ".csv")
@@ -41,14 +43,17 @@ def _duration_help(field: str) -> str:
 _OPTION_OF_FIELD = {"schedule": "kind"}  # ParallelSpec field -> the option that set it
 
 
-def _one_line(error: ValidationError) -> str:
-    """First pydantic error as ``field=value: message`` (model-level errors name their fields)."""
-    first = error.errors()[0]
-    message = first["msg"].removeprefix("Value error, ")
-    if not first["loc"]:
-        return message
-    field = ".".join(_OPTION_OF_FIELD.get(str(part), str(part)) for part in first["loc"])
-    return f"{field}={first.get('input')!r}: {message}"
+def _spec(kind: str, pp: int, microbatches: int, virtual_stages: int | None) -> ParallelSpec:
+    """The pipeline the options describe; a bad value is named by its option (``--kind`` sets ``schedule``)."""
+    try:
+        return ParallelSpec(
+            pp=pp,
+            schedule=kind,
+            microbatches=microbatches,
+            **({} if virtual_stages is None else {"virtual_stages": virtual_stages}),
+        )
+    except ValidationError as exc:
+        raise InputError(first_error_line(exc, names=_OPTION_OF_FIELD)) from exc
 
 
 def _report(spec: ParallelSpec, schedule: Schedule, durations: Durations, timeline: Timeline) -> dict[str, Any]:
@@ -59,7 +64,7 @@ def _report(spec: ParallelSpec, schedule: Schedule, durations: Durations, timeli
         "pp": schedule.num_ranks,
         "stages": schedule.num_stages,
         "microbatches": schedule.num_microbatches,
-        "virtual_stages": spec.virtual_stages if schedule.kind == "interleaved" else None,
+        "virtual_stages": spec.virtual_stages if schedule_kind(schedule.kind).uses_virtual_stages else None,
         "durations_s": {"f": durations.f_s, "b": durations.b_s, "w": durations.w_s, "fb": durations.overlap_s},
         "makespan_s": timeline.makespan_s,
         "bubble_s": timeline.bubble_s,
@@ -72,27 +77,13 @@ def _report(spec: ParallelSpec, schedule: Schedule, durations: Durations, timeli
     }
 
 
-def _print_table(report: dict[str, Any]) -> None:
-    console = Console()
-    closed = report["closed_form"]
-    console.print(
-        f"[bold]{report['kind']}[/]: pp={report['pp']} ranks, {report['stages']} stages, "
-        f"{report['microbatches']} micro-batches; makespan {report['makespan_s']:.6g} s, "
-        f"bubble {report['bubble_s']:.6g} s ({100 * report['bubble_frac']:.2f}%); closed form "
-        f"{closed['formula']} = {closed['bubble_s']:.6g} s "
-        f"({'holds' if closed['holds'] else 'conditions not met: ' + closed['condition']})"
-    )
-    table = Table("rank", "idle (s)", "peak activations", "parameter copies", "F", "B", "I", "W", "F&B")
-    for rank, idle_s in enumerate(report["idle_s_per_rank"]):
-        counts = report["action_counts_per_rank"][rank]
-        table.add_row(
-            str(rank),
-            f"{idle_s:.6g}",
-            str(report["peak_activations_per_rank"][rank]),
-            str(report["parameter_copies_per_rank"][rank]),
-            *(str(counts[k]) for k in ("F", "B", "I", "W", "FB")),
-        )
-    console.print(table)
+def _export(out: Path, schedule: Schedule, timeline: Timeline) -> str:
+    """The ``--out`` file's text: the torch CSV, or the timeline drawn as self-contained HTML."""
+    if out.suffix == ".csv":
+        return schedule_to_torch_csv(schedule)
+    from moeplan.simulator.schedules.figure import timeline_html  # plotly only when drawing
+
+    return timeline_html(schedule, timeline)
 
 
 def schedule_command(
@@ -108,43 +99,21 @@ def schedule_command(
     out: Annotated[Path | None, typer.Option(help="Write FILE.html (timeline) or FILE.csv (torch).")] = None,
 ) -> None:
     """Build a pipeline schedule, replay it with the given durations, report the bubble."""
-    try:
-        if out is not None and out.suffix not in _OUT_SUFFIXES:
-            raise ScheduleError(f"out={str(out)!r} must end in .html or .csv")
-        spec = ParallelSpec(
-            pp=pp,
-            schedule=kind,
-            microbatches=microbatches,
-            **({} if virtual_stages is None else {"virtual_stages": virtual_stages}),
-        )
-        given = {"f_s": f_s, "b_s": b_s, "w_s": w_s, "fb_s": fb_s}
-        durations = Durations(**{name: value for name, value in given.items() if value is not None})
-        schedule = make_schedule(spec.schedule, spec.pp, microbatches, spec.virtual_stages)
-        assert schedule.num_stages == spec.stages, f"{schedule.num_stages=} {spec.stages=}"
-        timeline = execute(schedule, durations)
-        report = _report(spec, schedule, durations, timeline)
-        text = None
-        if out is not None and out.suffix == ".csv":
-            text = schedule_to_torch_csv(schedule)
-        elif out is not None:
-            from moeplan.simulator.schedules.figure import timeline_html  # plotly only when drawing
-
-            text = timeline_html(schedule, timeline)
-    except ValidationError as error:
-        typer.echo(f"error: {_one_line(error)}", err=True)
-        raise typer.Exit(2) from None
-    except ScheduleError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
-    if out is not None and text is not None:
-        try:
-            write_atomic(out, text)
-        except OSError as error:
-            typer.echo(f"error: out={str(out)!r}: {error.strerror}", err=True)
-            raise typer.Exit(2) from None
+    if out is not None:
+        if out.suffix not in _OUT_SUFFIXES:
+            raise InputError(f"--out {out}: must end in .html or .csv")
+        check_out_file(out, "--out")
+    spec = _spec(kind, pp, microbatches, virtual_stages)
+    given = {"f_s": f_s, "b_s": b_s, "w_s": w_s, "fb_s": fb_s}
+    durations = Durations(**{name: value for name, value in given.items() if value is not None})
+    schedule = make_schedule(spec.schedule, spec.pp, microbatches, spec.virtual_stages)
+    timeline = execute(schedule, durations)
+    report = _report(spec, schedule, durations, timeline)
+    if out is not None:
+        write_outputs({out: _export(out, schedule, timeline)})
     if json_output:
         typer.echo(json.dumps(report, indent=2))
     else:
-        _print_table(report)
+        Console().print(schedule_view(report))
         if out is not None:
             typer.echo(f"wrote {out}")

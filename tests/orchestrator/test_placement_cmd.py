@@ -1,4 +1,5 @@
-"""``moeplan placement`` in-process: outputs, --current round trip, bad input (exit 2, nothing written)."""
+"""``moeplan placement`` in-process through the ``moeplan`` app: outputs, --current round trip, bad input
+(exit 2, nothing written)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from moeplan.orchestrator.placement_cmd import placement_command
+from moeplan.orchestrator.cli import app
 from moeplan.simulator.contracts.placement import ExpertPlacement
-
-app = typer.Typer()
-app.command("placement")(placement_command)
-
-
-@app.command("noop")
-def _noop() -> None:
-    """A second command so typer keeps the ``placement`` sub-command name."""
-
 
 BASE = ["placement", "--model", "tiny-moe", "--cluster", "h800", "--nodes", "2", "--tokens-per-gpu", "128"]
 
@@ -87,18 +78,20 @@ def _malformed(tmp_path: Path) -> str:
     [
         (["--model", "tiny-moe", "--zipf", "-1"], "zipf exponent=-1.0 must be"),
         (["--zipf", "nan"], "zipf exponent=nan"),
-        (["--redundant", "-3"], "--redundant=-3 must be >= 0"),
+        (["--redundant", "-3"], "--redundant -3: must be >= 0"),
         (["--redundant", "200"], "slots per GPU=14 exceed the 8 experts"),
         (["--nodes", "3"], "num_gpus=24 exceeds num_logical_experts=16"),
-        (["--model", "gpt-5"], "--model='gpt-5' is not a preset"),
+        (["--model", "gpt-5"], "--model 'gpt-5': unknown preset"),
         (["--model", "tiny-dense"], "has no routed experts"),
-        (["--cluster", "tpu"], "--cluster='tpu' is not a preset"),
+        (["--cluster", "tpu"], "--cluster 'tpu': unknown preset"),
         (["--policy", "nodes"], "policy='nodes' must be one of"),
-        (["--zipf", "1", "--load", "x.json"], "not both"),
+        (["--zipf", "1", "--load", "x.json"], "--load and --zipf: give one expert-load source, not both"),
+        (["--nodes", "0"], "--nodes 0: must be a positive number of nodes"),
+        (["--tokens-per-gpu", "0"], "--tokens-per-gpu 0: must be > 0"),
         (["LOAD_BAD"], r"tokens_per_expert\[15\]=-5 must be >= 0"),
         (["LOAD_MALFORMED"], "malformed JSON"),
-        (["--load", "missing.json"], "--load=missing.json: cannot read"),
-        (["--current", "missing.json"], "--current=missing.json: cannot read"),
+        (["--load", "missing.json"], "--load missing.json: cannot read"),
+        (["--current", "missing.json"], "--current missing.json: cannot read"),
         (["--tolerance", "-0.5", "--current", "CURRENT"], "tolerance_frac=-0.5 must be >= 0"),
     ],
 )
@@ -114,6 +107,6 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(tmp_path: Path, args
     result = CliRunner().invoke(app, [*BASE, *args, "--out", str(out)])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert len(lines) == 1 and lines[0].startswith("moeplan: error: "), result.output
     assert re.search(message, lines[0]), lines[0]
     assert not out.exists()

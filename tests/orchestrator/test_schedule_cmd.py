@@ -1,4 +1,4 @@
-"""``moeplan schedule`` in-process with typer's CliRunner."""
+"""``moeplan schedule`` in-process with typer's CliRunner, through the ``moeplan`` app."""
 
 from __future__ import annotations
 
@@ -6,24 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from moeplan.orchestrator.schedule_cmd import schedule_command
+from moeplan.orchestrator.cli import app
 from moeplan.simulator.schedules import make_schedule, schedule_to_torch_csv
 
 runner = CliRunner()
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-    app.command("schedule")(schedule_command)
-    app.command("noop")(lambda: None)  # two commands, so "schedule" stays a subcommand
-    return app
-
-
 def _run(*args: str):
-    return runner.invoke(_app(), ["schedule", *args])
+    return runner.invoke(app, ["schedule", *args])
 
 
 def test_json_report_keys_and_values() -> None:
@@ -82,21 +74,22 @@ def test_csv_is_the_torch_csv(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--kind", "gpipe", "--pp", "4", "--microbatches", "8"], "kind='gpipe'"),
+        (["--kind", "gpipe", "--pp", "4", "--microbatches", "8"], "kind: Input should be '1f1b', 'interleaved'"),
+        (["--kind", "gpipe", "--pp", "4", "--microbatches", "8"], "(got 'gpipe')"),
         (["--kind", "dualpipe", "--pp", "3", "--microbatches", "8"], "pp=3 must be even"),
         (["--kind", "dualpipev", "--pp", "4", "--microbatches", "6"], "microbatches=6 must be >= 2*pp=8"),
-        (["--kind", "1f1b", "--pp", "0", "--microbatches", "8"], "pp=0"),
-        (["--kind", "1f1b", "--pp", "2", "--microbatches", "8", "--w-s", "5"], "w_s=5.0 must be < b_s=2.0"),
-        (["--kind", "1f1b", "--pp", "2", "--microbatches", "8", "--f-s", "-1"], "f_s=-1.0"),
+        (["--kind", "1f1b", "--pp", "0", "--microbatches", "8"], "pp: Input should be greater than 0 (got 0)"),
+        (["--kind", "1f1b", "--pp", "2", "--microbatches", "8", "--w-s", "5"], "error: w_s=5.0 must be < b_s=2.0"),
+        (["--kind", "1f1b", "--pp", "2", "--microbatches", "8", "--f-s", "-1"], "f_s: Input should be greater than 0 (got -1.0)"),
         (["--kind", "dualpipe", "--pp", "4", "--microbatches", "8", "--out", "{dir}/x.csv"], "kind=dualpipe has 2"),
-        (["--kind", "1f1b", "--pp", "2", "--microbatches", "8", "--out", "{dir}/x.png"], "must end in .html or .csv"),
+        (["--kind", "1f1b", "--pp", "2", "--microbatches", "8", "--out", "{dir}/x.png"], "--out {dir}/x.png: must end in .html or .csv"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(args: list[str], message: str, tmp_path: Path) -> None:
     result = _run(*(a.format(dir=tmp_path) for a in args))
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("moeplan: error: ") and message.format(dir=tmp_path) in lines[0]
     assert result.stdout == ""
     assert list(tmp_path.iterdir()) == []
 
@@ -106,7 +99,7 @@ def test_unwritable_out_is_reported(tmp_path: Path) -> None:
     blocker.write_text("")
     result = _run("--kind", "1f1b", "--pp", "2", "--microbatches", "2", "--out", str(blocker / "x.csv"))
     assert result.exit_code == 2
-    assert "out=" in result.stderr
+    assert result.stderr == f"moeplan: error: --out {blocker / 'x.csv'}: {blocker} is a file, not a directory\n"
     assert list(tmp_path.iterdir()) == [blocker]
 
 

@@ -1,0 +1,113 @@
+"""One error path for every command: ``moeplan: error: ...`` on stderr, one line, exit code 2, nothing
+written; a bug keeps its traceback. And ``write_outputs``: all files or none."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moeplan.orchestrator.cli import app
+from moeplan.orchestrator.errors import InputError
+from moeplan.orchestrator.outputs import write_outputs
+
+TINY_PLAN = ["plan", "--model", "tiny-moe", "--cluster", "h200", "--nodes", "1", "--no-search"]
+SCHEDULE = ["schedule", "--kind", "1f1b", "--pp", "2", "--microbatches", "4"]
+PLACEMENT = ["placement", "--model", "tiny-moe", "--cluster", "h800", "--nodes", "2", "--tokens-per-gpu", "128"]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file below ``root`` and its bytes (hidden temporaries included)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _one_error_line(res) -> str:
+    assert res.exit_code == 2, res.output
+    assert res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moeplan: error: "), res.stderr
+    return lines[0].removeprefix("moeplan: error: ")
+
+
+# (arguments with {d} for the test's folder, files made first, the one line expected)
+CASES = {
+    "plan --out is a file": (
+        [*TINY_PLAN, "--out", "{d}/taken"], {"taken": "mine\n"}, "--out {d}/taken: is a file, not a directory"),
+    "plan --out under a file": (
+        [*TINY_PLAN, "--out", "{d}/taken/o"], {"taken": "mine\n"}, "--out {d}/taken/o: {d}/taken is a file, not a directory"),
+    "plan --trace is a folder": (
+        [*TINY_PLAN, "--out", "{d}/o", "--trace", "{d}"], {}, "--trace {d}: is a directory, not a file"),
+    "plan --trace under a file": (
+        [*TINY_PLAN, "--out", "{d}/o", "--trace", "{d}/taken/t.json"], {"taken": "mine\n"},
+        "--trace {d}/taken/t.json: {d}/taken is a file, not a directory"),
+    "plan malformed --set": (
+        [*TINY_PLAN, "--out", "{d}/o", "--set", "parallel.pp"], {}, "--set 'parallel.pp': expected KEY=VALUE"),
+    "plan unknown --set key": (
+        [*TINY_PLAN, "--out", "{d}/o", "--set", "parallel.pq=2"], {}, "--set parallel.pq: 'parallel.pq' does not exist"),
+    "plan --set a bad value": (
+        [*TINY_PLAN, "--out", "{d}/o", "--set", "parallel.recompute=some"], {},
+        "invalid setting: parallel.recompute: Input should be 'none', 'selective' or 'full' (got 'some')"),
+    "plan --load missing": (
+        [*TINY_PLAN, "--out", "{d}/o", "--load", "{d}/none.json"], {}, "--load {d}/none.json: cannot read (No such file"),
+    "plan --model a folder": (
+        [*TINY_PLAN[:2], "{d}/cfg.json", *TINY_PLAN[3:], "--out", "{d}/o"], {"cfg.json/x": ""},
+        "--model {d}/cfg.json: no such file"),
+    "show a missing plan": (["show", "{d}/nowhere"], {}, "{d}/nowhere: cannot read (No such file or directory)"),
+    "show a malformed plan": (["show", "{d}"], {"plan.json": "{"}, "{d}/plan.json"),
+    "schedule --out a folder": ([*SCHEDULE, "--out", "{d}/x.csv"], {"x.csv/y": ""}, "--out {d}/x.csv: is a directory"),
+    "schedule bad duration": ([*SCHEDULE, "--b-s", "0"], {}, "b_s: Input should be greater than 0 (got 0.0)"),
+    "placement --out is a file": (
+        [*PLACEMENT, "--out", "{d}/taken"], {"taken": "mine\n"}, "--out {d}/taken: is a file, not a directory"),
+    "placement --current malformed": (
+        [*PLACEMENT, "--out", "{d}/o", "--current", "{d}/cur.json"], {"cur.json": "[1, 2"},
+        "--current {d}/cur.json: malformed JSON"),
+    "placement --current not a placement": (
+        [*PLACEMENT, "--out", "{d}/o", "--current", "{d}/cur.json"], {"cur.json": "{}"},
+        "--current {d}/cur.json: policy: Field required"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case):
+    args, files, message = CASES[case]
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    before = _tree(tmp_path)
+    res = CliRunner().invoke(app, [a.format(d=tmp_path) for a in args])
+    assert message.format(d=tmp_path) in _one_error_line(res)
+    assert _tree(tmp_path) == before
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == sorted(
+        {*files, *(Path(n).parent.as_posix() for n in files if "/" in n)})
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
+    """Only our error types become the one line; a plain ValueError (or anything else) is a bug."""
+    from moeplan.orchestrator import cli
+
+    def broken(path):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(cli, "read_plan", broken)
+    res = CliRunner().invoke(app, ["show", str(tmp_path)])
+    assert res.exit_code == 1 and isinstance(res.exception, ValueError)
+    assert "moeplan: error" not in res.output
+
+
+def test_write_outputs_writes_all_files(tmp_path):
+    files = {tmp_path / "a" / "b" / "one.json": "1", tmp_path / "two.txt": "2"}
+    write_outputs(files)
+    assert _tree(tmp_path) == {"a/b/one.json": b"1", "two.txt": b"2"}
+
+
+def test_write_outputs_writes_none_when_one_cannot_be_written(tmp_path):
+    (tmp_path / "old.txt").write_text("old")
+    (tmp_path / "blocker").write_text("a file")
+    files = {tmp_path / "old.txt": "new", tmp_path / "new" / "deep" / "x.json": json.dumps({}),
+             tmp_path / "blocker" / "y.json": "{}"}
+    with pytest.raises(InputError, match=r"blocker is a file, not a directory"):
+        write_outputs(files)
+    assert _tree(tmp_path) == {"old.txt": b"old", "blocker": b"a file"}
+    assert not (tmp_path / "new").exists()  # the folders it made went too
