@@ -2,8 +2,13 @@
 
 A pipeline stage holds a contiguous run of "layer units": the decoder layers 0..L-1 followed by
 the MTP modules (each one unit). The first stage also holds the embedding, the last the final
-norm and output head. The MTP modules reuse the embedding and head, which DualPipe makes free by
-putting the first and last stage on the same rank (DeepSeek-V3 TR §3.2.3).
+norm and output head, and every MTP module: they run after the last decoder layer and reuse the
+head (and the embedding, which DualPipe makes free by putting the first and last stage on the same
+rank, DeepSeek-V3 TR §3.2.3).
+
+``pipeline_stages`` is the one stage split: memory and time are priced with it, the plan file
+records it (``layout.stage_records``) and the runtime builds its stages from that record. Which
+stages a rank holds is the schedule kind's (``schedules.registry.rank_stages``).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeplan.simulator.accounting.context_parallel import ContextParallelError, check_cp
+from moeplan.simulator.schedules.registry import num_stages, schedule_kind
 from moeplan.simulator.spec.hardware import ClusterSpec
 from moeplan.simulator.spec.model import ModelSpec
 from moeplan.simulator.spec.parallel import ParallelSpec
@@ -50,7 +56,7 @@ def balanced_stage_sizes(units: int, stages: int) -> tuple[int, ...]:
 def pipeline_stages(model: ModelSpec, parallel: ParallelSpec) -> tuple[Stage, ...]:
     """The stages of one pipeline, from ``parallel.stage_layers`` or a balanced split."""
     units = model.num_hidden_layers + model.num_nextn_predict_layers
-    stages = parallel.stages
+    stages = num_stages(parallel)
     sizes = parallel.stage_layers or balanced_stage_sizes(units, stages)
     if len(sizes) != stages:
         raise LayoutError(f"stage_layers has {len(sizes)} entries but the layout has stages={stages}")
@@ -59,27 +65,16 @@ def pipeline_stages(model: ModelSpec, parallel: ParallelSpec) -> tuple[Stage, ..
             f"stage_layers={list(sizes)} must be positive and sum to {units} "
             f"(num_hidden_layers={model.num_hidden_layers} + num_nextn_predict_layers={model.num_nextn_predict_layers})"
         )
+    if sum(sizes[:-1]) > model.num_hidden_layers:
+        raise LayoutError(
+            f"stage_layers={list(sizes)} (layer units per stage) puts an MTP module before the last stage; all "
+            f"num_nextn_predict_layers={model.num_nextn_predict_layers} must sit on the last stage (they share its head)"
+        )
     out, start = [], 0
     for i, size in enumerate(sizes):
         out.append(Stage(i, tuple(range(start, start + size)), has_embedding=i == 0, has_head=i == stages - 1))
         start += size
     return tuple(out)
-
-
-def rank_stages(parallel: ParallelSpec, rank: int) -> tuple[int, ...]:
-    """Stage indices that pipeline rank ``rank`` holds parameters for.
-
-    1F1B / ZB1P: ``rank``. Interleaved: ``rank + k*pp``. DualPipe: ``rank`` and its mirror
-    ``pp-1-rank`` (every stage lives on two ranks: 2x parameters). DualPipeV: ``rank`` and
-    ``2*pp-1-rank``."""
-    pp = parallel.pp
-    if parallel.schedule == "dualpipe":
-        return tuple(sorted({rank, pp - 1 - rank}))
-    if parallel.schedule == "dualpipev":
-        return (rank, 2 * pp - 1 - rank)
-    if parallel.schedule == "interleaved":
-        return tuple(rank + k * pp for k in range(parallel.virtual_stages))
-    return (rank,)
 
 
 def resolve_dp(parallel: ParallelSpec, cluster: ClusterSpec) -> int:
@@ -110,7 +105,8 @@ def check_layout(model: ModelSpec, cluster: ClusterSpec, parallel: ParallelSpec)
     if group % parallel.ep:
         where = f"dp={dp}" if parallel.cp == 1 else f"dp x cp={group}"
         raise LayoutError(f"ep={parallel.ep} must divide {where} (expert groups live inside the data-parallel group)")
-    if parallel.schedule == "dualpipe" and parallel.pp % 2:
-        raise LayoutError(f"pp={parallel.pp} must be even for dualpipe")
+    pp_error = schedule_kind(parallel.schedule).pp_error(parallel.pp)
+    if pp_error:
+        raise LayoutError(pp_error)
     pipeline_stages(model, parallel)
     return dp

@@ -23,10 +23,10 @@ from moeplan.simulator.accounting.activations import (
 )
 from moeplan.simulator.accounting.context_parallel import cp_tokens
 from moeplan.simulator.accounting.context_parallel import working_bytes as cp_working_bytes
-from moeplan.simulator.accounting.layout import Stage, pipeline_stages, rank_stages
+from moeplan.simulator.accounting.layout import Stage, pipeline_stages
 from moeplan.simulator.accounting.params import decoder_layer_params, mtp_module_params
 from moeplan.simulator.schedules.actions import Action
-from moeplan.simulator.schedules.generate import make_schedule
+from moeplan.simulator.schedules.registry import in_flight_microbatches, make_schedule, rank_stages
 from moeplan.simulator.schedules.schedule import Schedule
 from moeplan.simulator.spec.model import ModelSpec
 from moeplan.simulator.spec.parallel import ParallelSpec
@@ -93,30 +93,6 @@ def rank_params(m: ModelSpec, stages: Sequence[Stage], ep: int) -> RankParams:
     return RankParams(dense=dense, expert=expert)
 
 
-def in_flight_microbatches(parallel: ParallelSpec, rank: int, microbatches: int) -> float:
-    """Micro-batches whose activations rank ``rank`` holds at its peak, in units of one
-    micro-batch through *all* the rank's stages (closed forms; the schedule generators give the
-    exact per-rank count).
-
-    1F1B: ``pp - rank`` (Narayanan et al. 2021). ZB1P: ``pp`` on every rank, since deferred weight
-    gradients keep inputs alive (DualPipe README table; the replay of our ZB1P agrees). Interleaved: Megatron's warm-up
-    ``2(pp-1-rank) + (v-1)pp + 1`` chunk micro-batches, over ``v`` chunks. DualPipe: ``pp + 1``
-    stage micro-batches over 2 stages. DualPipeV: ``2pp + 1`` chunk micro-batches over 2 chunks
-    (DualPipe README table: PP+1 with PP counted in stages).
-    """
-    pp, m = parallel.pp, microbatches
-    if parallel.schedule == "1f1b":
-        return float(min(m, pp - rank))
-    if parallel.schedule == "zb1p":
-        return float(min(m, pp))
-    if parallel.schedule == "interleaved":
-        v = parallel.virtual_stages
-        return min(v * m, 2 * (pp - 1 - rank) + (v - 1) * pp + 1) / v
-    if parallel.schedule == "dualpipe":
-        return min(m, pp + 1) / 2
-    return min(2 * m, 2 * pp + 1) / 2  # dualpipev
-
-
 def activation_peak_bytes(actions: Sequence[Action], stage_bytes: Sequence[float]) -> float:
     """Peak activation bytes of one rank running ``actions`` in order: a forward of stage ``s``
     adds ``stage_bytes[s]``, the backward that ends its use (``B``, or ``W`` after ``I``) frees it."""
@@ -145,7 +121,8 @@ def rank_memory(
     actions: Sequence[Action] | None = None,
 ) -> RankMemory:
     """Peak bytes on one GPU of pipeline rank ``rank``. With the rank's schedule ``actions`` the
-    activation peak is replayed exactly; without, the closed forms of ``in_flight_microbatches``."""
+    activation peak is replayed exactly; without, the kind registry's closed form
+    (``schedules.registry.in_flight_microbatches``)."""
     all_stages = pipeline_stages(m, parallel)
     mine = [all_stages[i] for i in rank_stages(parallel, rank)]
     p = rank_params(m, mine, parallel.ep)

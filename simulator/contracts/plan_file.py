@@ -6,8 +6,10 @@ refuses another schema version and a document whose inputs no longer match their
 is atomic: a temporary file in the target directory, then ``os.replace``.
 
 Version 2 added context parallelism: ``parallel.cp`` and each phase's ``cp`` in the inputs (which
-changes their hash), ``layout.cp`` and the layout each phase was priced on. A version-1 file is
-refused with the advice to re-plan.
+changes their hash), ``layout.cp`` and the layout each phase was priced on. Version 3 added
+``layout.stage_records``: each stage's decoder layers, MTP modules, embedding and head, so the
+runtime builds the stages the memory and time were priced with instead of splitting the model
+itself. An older file is refused with the advice to re-plan.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from moeplan.simulator.accounting.layout import Stage
 from moeplan.simulator.accounting.memory import RankMemory
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.contracts.placement import ExpertPlacement
@@ -26,9 +29,9 @@ from moeplan.simulator.schedules.schedule import Schedule
 from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.parallel import ParallelSpec
 
-__all__ = ["PlanInputs", "PlanFile", "PlanError", "SCHEMA_VERSION", "write_atomic"]
+__all__ = ["PlanInputs", "PlanFile", "PlanError", "SCHEMA_VERSION", "StageRecord", "write_atomic"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class PlanError(ValueError):
@@ -37,6 +40,34 @@ class PlanError(ValueError):
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StageRecord(_Frozen):
+    """One pipeline stage as it was priced and as the runtime builds it (``model.stage.stages_from_plan``)."""
+
+    index: int
+    first_layer: int = Field(..., description="First decoder layer (global id, as in checkpoint names).")
+    end_layer: int = Field(..., description="One past the last decoder layer; equals first_layer on a stage without any.")
+    mtp_layers: tuple[int, ...] = Field(
+        ..., description="MTP modules on the stage by layer id (num_hidden_layers + depth - 1); only on the last stage."
+    )
+    has_embedding: bool
+    has_head: bool = Field(..., description="Final norm and output head.")
+
+    @property
+    def units(self) -> tuple[int, ...]:
+        """The stage's layer units as ``layout.stage_layers`` lists them (decoder layers, then MTP)."""
+        return tuple(range(self.first_layer, self.end_layer)) + self.mtp_layers
+
+    @classmethod
+    def of(cls, stage: Stage, num_hidden_layers: int) -> StageRecord:
+        """The record of one of ``accounting.layout.pipeline_stages``' stages (contiguous units,
+        decoder layers first)."""
+        first = min(stage.layers[0], num_hidden_layers)
+        decoder = sum(u < num_hidden_layers for u in stage.layers)
+        return cls(index=stage.index, first_layer=first, end_layer=first + decoder,
+                   mtp_layers=tuple(u for u in stage.layers if u >= num_hidden_layers),
+                   has_embedding=stage.has_embedding, has_head=stage.has_head)
 
 
 class ResolvedLayout(_Frozen):
@@ -48,10 +79,21 @@ class ResolvedLayout(_Frozen):
     expert_dp: int = Field(..., description="dp x cp / ep: replicas of each routed expert.")
     stages: int
     stage_layers: tuple[tuple[int, ...], ...] = Field(..., description="Layer units per stage (>= L is MTP).")
-    rank_stages: tuple[tuple[int, ...], ...]
+    stage_records: tuple[StageRecord, ...] = Field(
+        ..., description="Per stage, what the runtime builds: decoder layer range, MTP modules, embedding, head."
+    )
+    rank_stages: tuple[tuple[int, ...], ...] = Field(..., description="[rank] -> stages whose weights it holds.")
     microbatches: int
     tokens_per_microbatch: int = Field(..., description="micro_batch_size x seq_len_tokens, over the CP group.")
     tokens_per_gpu_per_microbatch: int = Field(..., description="tokens_per_microbatch / cp.")
+
+    @model_validator(mode="after")
+    def _records_match_units(self) -> ResolvedLayout:
+        units = tuple(r.units for r in self.stage_records)
+        if units != self.stage_layers or [r.index for r in self.stage_records] != list(range(self.stages)):
+            raise ValueError(f"stage_records cover layer units {units}, but stage_layers={self.stage_layers} "
+                             f"over stages={self.stages}")
+        return self
 
 
 class ParamsReport(_Frozen):
@@ -111,7 +153,7 @@ class BudgetReport(_Frozen):
 
 
 class PlanFile(_Frozen):
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     moeplan_version: str
     inputs_sha256: str
     inputs: PlanInputs

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from moeplan.simulator.accounting.context_parallel import cp_tokens, gather_bytes, kv_up_rows
-from moeplan.simulator.accounting.layout import pipeline_stages, rank_stages
+from moeplan.simulator.accounting.layout import pipeline_stages
 from moeplan.simulator.accounting.memory import rank_params
 from moeplan.simulator.costs.elementwise import OPTIMIZER
 from moeplan.simulator.costs.kernels import memory_s, ring_s
@@ -13,7 +13,7 @@ from moeplan.simulator.costs.tables import CostTables, default_tables
 from moeplan.simulator.engine.expert_traffic import ExpertTraffic, expert_traffic
 from moeplan.simulator.engine.step import Links, RankTail, StageCosts, StepInputs
 from moeplan.simulator.engine.unit_costs import CostContext, UnitCosts, end_costs, unit_costs
-from moeplan.simulator.schedules.generate import make_schedule
+from moeplan.simulator.schedules.registry import make_schedule, rank_stages, schedule_kind
 from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.parallel import ParallelSpec
 
@@ -99,6 +99,7 @@ def _tails(inputs: PlanInputs, dp: int, tables: CostTables) -> tuple[RankTail, .
     edp = group // par.ep
     expert_bw = cl.node.nic_bytes_per_s if par.ep >= per_node or group > per_node else cl.node.nvlink_bytes_per_s
     stages = pipeline_stages(m, par)
+    mirrored = schedule_kind(par.schedule).directions(par.pp, par.virtual_stages) > 1  # each stage on two ranks
     tails = []
     for r in range(par.pp):
         sync, shard = {}, 0.0
@@ -108,7 +109,7 @@ def _tails(inputs: PlanInputs, dp: int, tables: CostTables) -> tuple[RankTail, .
                        + ring_s(tables, p.dense * opt.param_bytes, group, dense_bw)
                        + ring_s(tables, p.expert * opt.grad_bytes, edp, expert_bw)
                        + ring_s(tables, p.expert * opt.param_bytes, edp, expert_bw))
-            if par.schedule == "dualpipe":  # the mirrored copy's gradients meet their twin's
+            if mirrored:  # the mirrored copy's gradients meet their twin's
                 seconds += tables.collective_latency_s + (p.dense + p.expert) * opt.grad_bytes / cl.node.nic_bytes_per_s
             sync[s] = seconds
             shard += p.dense / (group if par.zero_stage >= 1 else 1) + p.expert / (edp if par.zero_stage >= 1 else 1)
@@ -151,7 +152,8 @@ def compute_bound_s(inputs: PlanInputs, dp: int, microbatches: int, opts: SimOpt
         units = sum(u.fwd_s + u.dx_s + u.dw_s for u in st.units)
         return units + (ends.embed_fwd_s if st.has_embedding else 0.0) + (st.heads * head_s if st.has_head else 0.0)
 
-    share = microbatches / 2 if par.schedule == "dualpipe" else microbatches  # DualPipe: half per direction
+    # Each copy of a stage runs the micro-batches of its direction (DualPipe: half of them).
+    share = microbatches / schedule_kind(par.schedule).directions(par.pp, par.virtual_stages)
     tails = _tails(inputs, dp, tables)
     return max(share * sum(stage_s(stages[s]) for s in rank_stages(par, r)) + tails[r].optimizer_s
                for r in range(par.pp))

@@ -27,7 +27,7 @@ from moeplan.simulator.accounting.memory import peak_bytes_per_gpu
 from moeplan.simulator.contracts.predictions import PhaseLayout
 from moeplan.simulator.engine.build import SimOptions
 from moeplan.simulator.planning.predict import simulate_at
-from moeplan.simulator.schedules.generate import valid_microbatches
+from moeplan.simulator.schedules.registry import microbatch_error, smallest_valid_microbatches
 from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.parallel import ParallelSpec
 from moeplan.simulator.spec.training import Phase
@@ -67,7 +67,7 @@ def phase_candidates(inputs: PlanInputs, phase: Phase, seq: int) -> list[tuple[P
             if batch % (dp * mbs):
                 continue
             m = batch // (dp * mbs)
-            if valid_microbatches(par.schedule, par.pp, m) == m:
+            if microbatch_error(par, m) is None:
                 out.append((par, dp, m))
     return out
 
@@ -76,7 +76,7 @@ def step_line_peak(inputs: PlanInputs, dp: int, seq: int, microbatches: float) -
     """Peak bytes per GPU of the main layout at ``seq`` tokens, for the smallest micro-batch count
     its schedule runs that covers ``microbatches`` (what a step-line phase would need to hold)."""
     par = inputs.parallel.model_copy(update={"seq_len_tokens": seq, "microbatches": None})
-    m = valid_microbatches(par.schedule, par.pp, max(1, math.ceil(microbatches)))
+    m = smallest_valid_microbatches(par, math.ceil(microbatches))
     tr = inputs.training
     return peak_bytes_per_gpu(inputs.model, par, tr.optimizer, tr.precision, dp, m)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from moeplan.simulator.accounting.context_parallel import cp_tokens
 from moeplan.simulator.accounting.flops import training_flops
-from moeplan.simulator.accounting.layout import LayoutError, check_layout, pipeline_stages, rank_stages
+from moeplan.simulator.accounting.layout import LayoutError, check_layout, pipeline_stages
 from moeplan.simulator.accounting.memory import pipeline_memory
 from moeplan.simulator.accounting.params import activated_params, param_counts
 from moeplan.simulator.contracts.placement import ExpertPlacement
@@ -20,6 +20,7 @@ from moeplan.simulator.contracts.plan_file import (
     PlanInputs,
     Predictions,
     ResolvedLayout,
+    StageRecord,
 )
 from moeplan.simulator.contracts.predictions import RunPrediction
 from moeplan.simulator.contracts.trace import TraceEvent
@@ -29,7 +30,7 @@ from moeplan.simulator.engine.expert_traffic import group_placement
 from moeplan.simulator.planning.predict import predict_step
 from moeplan.simulator.planning.run_model import predict_run
 from moeplan.simulator.planning.search import SearchResult
-from moeplan.simulator.schedules.generate import make_schedule
+from moeplan.simulator.schedules.registry import make_schedule, microbatch_error, rank_stages
 from moeplan.simulator.spec.parallel import ParallelSpec
 from moeplan.simulator.spec.training import TrainingSpec
 
@@ -58,10 +59,9 @@ def resolve_microbatches(parallel: ParallelSpec, training: TrainingSpec, dp: int
                 f"global_batch_seqs={batch} is not a multiple of dp={dp} x micro_batch_size={parallel.micro_batch_size}"
             )
         m = batch // per_mb
-    if parallel.schedule == "dualpipe" and (m % 2 or m < 2 * parallel.pp):
-        raise LayoutError(f"dualpipe needs an even microbatches >= 2 x pp={parallel.pp}, got microbatches={m}")
-    if parallel.schedule == "dualpipev" and m < 2 * parallel.pp:
-        raise LayoutError(f"dualpipev needs microbatches >= 2 x pp={parallel.pp} stages, got microbatches={m}")
+    error = microbatch_error(parallel, m)  # the kind registry: what the schedule's generator admits
+    if error:
+        raise LayoutError(error)
     return m
 
 
@@ -75,6 +75,7 @@ def build_plan(inputs: PlanInputs, ignored_config_keys: tuple[str, ...] = ()) ->
     layout = ResolvedLayout(
         world=inputs.cluster.num_gpus, pp=par.pp, dp=dp, cp=par.cp, ep=par.ep, expert_dp=dp * par.cp // par.ep,
         stages=len(stages), stage_layers=tuple(s.layers for s in stages),
+        stage_records=tuple(StageRecord.of(s, m.num_hidden_layers) for s in stages),
         rank_stages=tuple(rank_stages(par, r) for r in range(par.pp)),
         microbatches=microbatches, tokens_per_microbatch=par.micro_batch_size * par.seq_len_tokens,
         tokens_per_gpu_per_microbatch=cp_tokens(par.micro_batch_size, par.seq_len_tokens, par.cp),

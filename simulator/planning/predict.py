@@ -15,7 +15,7 @@ from moeplan.simulator.contracts.predictions import RankPrediction, StepPredicti
 from moeplan.simulator.contracts.trace import TraceEvent
 from moeplan.simulator.engine.build import SimOptions, step_inputs
 from moeplan.simulator.engine.step import StepResult, StepSimulation
-from moeplan.simulator.schedules.generate import valid_microbatches
+from moeplan.simulator.schedules.registry import smallest_valid_microbatches
 from moeplan.simulator.spec.inputs import PlanInputs
 
 
@@ -46,8 +46,8 @@ def simulate_at(inputs: PlanInputs, dp: int, microbatches: int, seq_len_tokens: 
         r = simulate(inputs, dp, microbatches, seq_len_tokens, opts, trace, free_comm)
         return _Sim(r.step_time_s, r.compute_busy_s, r.nic_busy_s, r.events)
     par = inputs.parallel
-    m1 = valid_microbatches(par.schedule, par.pp, EXACT_MICROBATCHES // 2)
-    m2 = valid_microbatches(par.schedule, par.pp, EXACT_MICROBATCHES)
+    m1 = smallest_valid_microbatches(par, EXACT_MICROBATCHES // 2)
+    m2 = smallest_valid_microbatches(par, EXACT_MICROBATCHES)
     a = simulate(inputs, dp, m1, seq_len_tokens, opts, False, free_comm)
     b = simulate(inputs, dp, m2, seq_len_tokens, opts, trace, free_comm)
 

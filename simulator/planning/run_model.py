@@ -23,7 +23,7 @@ from moeplan.simulator.contracts.predictions import PhaseLayout, PhasePrediction
 from moeplan.simulator.engine.build import SimOptions
 from moeplan.simulator.planning.phase_layout import choose_phase_layout, step_line_peak
 from moeplan.simulator.planning.predict import simulate
-from moeplan.simulator.schedules.generate import valid_microbatches as valid_for_schedule
+from moeplan.simulator.schedules.registry import num_stages, smallest_valid_microbatches
 from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.parallel import ParallelSpec
 from moeplan.simulator.spec.training import Phase
@@ -31,15 +31,10 @@ from moeplan.simulator.spec.training import Phase
 SECONDS_PER_HOUR = 3600.0
 
 
-def valid_microbatches(par: ParallelSpec, m: int) -> int:
-    """The smallest micro-batch count >= ``m`` that the layout's schedule accepts."""
-    return valid_for_schedule(par.schedule, par.pp, m)
-
-
 def steady_microbatches(par: ParallelSpec) -> int:
     """A valid micro-batch count in every schedule's steady state: twice the stage count (warm-up
     and cool-down then no longer overlap, so each further micro-batch adds the same work)."""
-    return valid_microbatches(par, 2 * par.stages)
+    return smallest_valid_microbatches(par, 2 * num_stages(par))
 
 
 def step_line(inputs: PlanInputs, dp: int, seq: int, known: tuple[int, float] | None, opts: SimOptions) -> StepLine:
@@ -49,10 +44,10 @@ def step_line(inputs: PlanInputs, dp: int, seq: int, known: tuple[int, float] | 
     base = steady_microbatches(par)
     if known is None:
         first = (base, simulate(inputs, dp, base, seq, opts).step_time_s)
-        m2 = valid_microbatches(par, 2 * base)
+        m2 = smallest_valid_microbatches(par, 2 * base)
     else:
         first = known
-        m2 = base if known[0] >= 2 * base else valid_microbatches(par, 2 * max(base, known[0]))
+        m2 = base if known[0] >= 2 * base else smallest_valid_microbatches(par, 2 * max(base, known[0]))
     second = (m2, simulate(inputs, dp, m2, seq, opts).step_time_s)
     (x1, y1), (x2, y2) = sorted((first, second))
     slope = (y2 - y1) / (x2 - x1)

@@ -30,8 +30,8 @@ from moeplan.simulator.accounting.memory import peak_bytes_per_gpu
 from moeplan.simulator.contracts.plan_file import Candidate
 from moeplan.simulator.engine.build import SimOptions, compute_bound_s
 from moeplan.simulator.planning.predict import simulate_at
-from moeplan.simulator.planning.run_model import step_line, valid_microbatches
-from moeplan.simulator.schedules.generate import SCHEDULE_KINDS
+from moeplan.simulator.planning.run_model import step_line
+from moeplan.simulator.schedules.registry import SCHEDULE_KINDS, microbatch_error, num_stages, schedule_kind
 from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.parallel import ParallelSpec
 
@@ -84,24 +84,27 @@ def enumerate_layouts(inputs: PlanInputs, fixed: dict[str, Any]) -> Iterator[Par
         if world % (pp * cp):
             continue
         dp = fixed.get("dp") or world // (pp * cp)
-        chunks = _choices(fixed, "virtual_stages", VIRTUAL_STAGES) if schedule == "interleaved" else [base["virtual_stages"]]
+        chunks = ([base["virtual_stages"]] if not schedule_kind(schedule).uses_virtual_stages
+                  else _choices(fixed, "virtual_stages", VIRTUAL_STAGES))
         for ep, v in itertools.product(_choices(fixed, "ep", _ep_values(inputs, dp * cp)), chunks):
             data = {**base, **fixed, "pp": pp, "cp": cp, "dp": dp, "ep": ep, "schedule": schedule, "virtual_stages": v,
                     "micro_batch_size": mbs, "recompute": recompute, "stage_layers": None}
             par = ParallelSpec.model_validate(data)
-            if par.stages <= units:
+            if num_stages(par) <= units:
                 yield par
 
 
 def _microbatches(inputs: PlanInputs, par: ParallelSpec, dp: int) -> int | None:
-    """Micro-batches per step at the first phase's batch, or None when the batch does not split."""
+    """Micro-batches per step (fixed, or at the first phase's batch), or None when the batch does
+    not split or the schedule cannot run the count (the kind registry decides, as for the planner)."""
     if par.microbatches is not None:
-        return par.microbatches
-    batch, per = inputs.training.phases[0].global_batch_seqs, dp * par.micro_batch_size
-    if batch % per:
-        return None
-    m = batch // per
-    return m if valid_microbatches(par, m) == m else None
+        m = par.microbatches
+    else:
+        batch, per = inputs.training.phases[0].global_batch_seqs, dp * par.micro_batch_size
+        if batch % per:
+            return None
+        m = batch // per
+    return None if microbatch_error(par, m) else m
 
 
 def _fits(inputs: PlanInputs, par: ParallelSpec, lowest: list | None = None) -> tuple[int, int, float] | None:

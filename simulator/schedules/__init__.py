@@ -3,6 +3,9 @@
 May import: ``spec``. The core (this package without ``figure``) imports neither torch nor plotly.
 
 - ``make_schedule(kind, pp, num_microbatches, virtual_stages=2) -> Schedule``
+- ``schedule_kind(kind) -> ScheduleKindEntry`` (``registry``): everything a kind implies (stages, the
+  stages a rank holds, valid micro-batch counts, closed forms); nothing outside this package compares
+  kind names
 - ``check_schedule(schedule) -> ScheduleStats`` (raises ``ScheduleError``)
 - ``execute(schedule, Durations(...)) -> Timeline`` (makespan, busy, bubble); ``needs(op, num_stages)``
   and ``produces(op)`` are the dependency rules it (and any other engine) applies
@@ -12,9 +15,15 @@ May import: ``spec``. The core (this package without ``figure``) imports neither
 """
 
 from moeplan.simulator.schedules.actions import ACTION_KINDS, Action, ActionKind, Op, OpKind, ScheduleError
-from moeplan.simulator.schedules.bubble import ClosedForm, closed_form_bubble
+from moeplan.simulator.schedules.bubble import ClosedForm
 from moeplan.simulator.schedules.executor import Durations, TimedAction, Timeline, execute, needs, produces
-from moeplan.simulator.schedules.generate import SCHEDULE_KINDS, make_schedule
+from moeplan.simulator.schedules.registry import (
+    SCHEDULE_KINDS,
+    ScheduleKindEntry,
+    closed_form_bubble,
+    make_schedule,
+    schedule_kind,
+)
 from moeplan.simulator.schedules.schedule import Schedule
 from moeplan.simulator.schedules.torch_csv import schedule_from_torch_csv, schedule_to_torch_csv
 from moeplan.simulator.schedules.validate import ScheduleStats, check_schedule, peak_activations
@@ -30,6 +39,7 @@ __all__ = [
     "OpKind",
     "Schedule",
     "ScheduleError",
+    "ScheduleKindEntry",
     "ScheduleStats",
     "TimedAction",
     "Timeline",
@@ -41,5 +51,6 @@ __all__ = [
     "peak_activations",
     "produces",
     "schedule_from_torch_csv",
+    "schedule_kind",
     "schedule_to_torch_csv",
 ]

@@ -16,3 +16,9 @@ def require(condition: bool, message: str) -> None:
     """Raise ``ScheduleError(message)`` unless ``condition``."""
     if not condition:
         raise ScheduleError(message)
+
+
+def require_no_error(error: str | None) -> None:
+    """Raise ``ScheduleError(error)`` when a ``*_error`` check returned a reason."""
+    if error is not None:
+        raise ScheduleError(error)

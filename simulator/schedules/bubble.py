@@ -16,6 +16,9 @@ dualpipev       (pp-1)(F&B+B-3W), 2 pp stages     I = F, W <= F, max(F, B) <= F&
 The README writes DualPipeV's row with PP = stages = 2 pp, i.e. ``(PP/2-1)(F&B+B-3W)``; with ``pp``
 ranks that is ``(pp-1)(F&B+B-3W)``. Outside the conditions the executor is the answer; the closed
 form is then only indicative (for DualPipe(V) with ``I != F`` it is off by multiples of ``I - F``).
+
+Each row is one function below, ``(pp, num_microbatches, durations) -> (bubble_s, holds)``; the kind
+registry (``registry.py``) pairs them with their kinds and formulas and serves ``closed_form_bubble``.
 """
 
 from __future__ import annotations
@@ -25,22 +28,6 @@ import math
 from pydantic import BaseModel, ConfigDict
 
 from moeplan.simulator.schedules.executor import Durations
-from moeplan.simulator.spec.parallel import ScheduleKind
-
-FORMULAS: dict[ScheduleKind, str] = {
-    "1f1b": "(pp-1)(F+B)",
-    "interleaved": "(pp-1)(F+B)",
-    "zb1p": "(pp-1)(F+B-2W)",
-    "dualpipe": "(pp/2-1)(F&B+B-3W)",
-    "dualpipev": "(pp-1)(F&B+B-3W)",
-}
-CONDITIONS: dict[ScheduleKind, str] = {
-    "1f1b": "always",
-    "interleaved": "pp divides microbatches",
-    "zb1p": "microbatches >= pp, W <= F, W <= B-W",
-    "dualpipe": "B-W = F, W <= F, max(F,B) <= F&B <= F+B",
-    "dualpipev": "B-W = F, W <= F, max(F,B) <= F&B <= F+B",
-}
 
 
 class ClosedForm(BaseModel):
@@ -62,17 +49,26 @@ def _overlap_conditions(d: Durations) -> bool:
     )
 
 
-def closed_form_bubble(kind: ScheduleKind, pp: int, num_microbatches: int, durations: Durations) -> ClosedForm:
-    """The table's bubble for ``kind`` on ``pp`` ranks; ``holds`` says if the conditions are met."""
-    f_s, b_s, w_s, fb_s = durations.f_s, durations.b_s, durations.w_s, durations.overlap_s
-    bubble_s, holds = {
-        "1f1b": ((pp - 1) * (f_s + b_s), True),
-        "interleaved": ((pp - 1) * (f_s + b_s), num_microbatches % pp == 0),
-        "zb1p": (
-            (pp - 1) * (f_s + b_s - 2 * w_s),
-            num_microbatches >= pp and w_s <= f_s and w_s <= durations.i_s,
-        ),
-        "dualpipe": ((pp / 2 - 1) * (fb_s + b_s - 3 * w_s), _overlap_conditions(durations)),
-        "dualpipev": ((pp - 1) * (fb_s + b_s - 3 * w_s), _overlap_conditions(durations)),
-    }[kind]
-    return ClosedForm(formula=FORMULAS[kind], condition=CONDITIONS[kind], bubble_s=bubble_s, holds=holds)
+def one_f_one_b_bubble(pp: int, num_microbatches: int, d: Durations) -> tuple[float, bool]:
+    """(pp-1)(F+B), always."""
+    return (pp - 1) * (d.f_s + d.b_s), True
+
+
+def interleaved_bubble(pp: int, num_microbatches: int, d: Durations) -> tuple[float, bool]:
+    """(pp-1)(F+B) with per-chunk F and B, when pp divides the micro-batches."""
+    return (pp - 1) * (d.f_s + d.b_s), num_microbatches % pp == 0
+
+
+def zb1p_bubble(pp: int, num_microbatches: int, d: Durations) -> tuple[float, bool]:
+    """(pp-1)(F+B-2W), when M >= pp, W <= F and W <= I."""
+    return (pp - 1) * (d.f_s + d.b_s - 2 * d.w_s), num_microbatches >= pp and d.w_s <= d.f_s and d.w_s <= d.i_s
+
+
+def dualpipe_bubble(pp: int, num_microbatches: int, d: Durations) -> tuple[float, bool]:
+    """(pp/2-1)(F&B+B-3W), under the overlap conditions."""
+    return (pp / 2 - 1) * (d.overlap_s + d.b_s - 3 * d.w_s), _overlap_conditions(d)
+
+
+def dualpipev_bubble(pp: int, num_microbatches: int, d: Durations) -> tuple[float, bool]:
+    """(pp-1)(F&B+B-3W) on pp ranks (2 pp stages), under the overlap conditions."""
+    return (pp - 1) * (d.overlap_s + d.b_s - 3 * d.w_s), _overlap_conditions(d)

@@ -31,9 +31,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from moeplan.simulator.schedules._checks import require, require_positive
+from moeplan.simulator.schedules._checks import require_no_error, require_positive
 from moeplan.simulator.schedules.actions import Action, Op
-from moeplan.simulator.schedules.schedule import Schedule
+from moeplan.simulator.schedules.schedule import Schedule, StageRanks
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,46 @@ def _rank_actions(n: int, h: int, count: int, chunks: tuple[_Chunk, _Chunk]) -> 
     return actions
 
 
+def dualpipe_stage_ranks(pp: int) -> StageRanks:
+    """Down the pipeline stage ``s`` runs on rank ``s``, up it runs on the mirror ``pp-1-s``."""
+    return (tuple(range(pp)), tuple(reversed(range(pp))))
+
+
+def dualpipev_stage_ranks(pp: int) -> StageRanks:
+    """The "V": stages ``r`` and ``2pp-1-r`` on rank ``r``, one direction."""
+    stages = 2 * pp
+    return (tuple(min(s, stages - 1 - s) for s in range(stages)),)
+
+
+def dualpipe_pp_error(pp: int) -> str | None:
+    """Why DualPipe cannot run on ``pp`` ranks, or None when it can."""
+    return None if pp % 2 == 0 else f"pp={pp} must be even for dualpipe (rank r pairs with rank pp-1-r)"
+
+
+def dualpipe_microbatch_error(pp: int, num_microbatches: int) -> str | None:
+    """Why ``num_microbatches`` cannot run DualPipe on ``pp`` ranks (as deepseek-ai/DualPipe
+    asserts: even, and at least ``2 pp``), or None when it can."""
+    if num_microbatches % 2:
+        return f"microbatches={num_microbatches} must be even for dualpipe (half per direction)"
+    if num_microbatches < 2 * pp:
+        return f"microbatches={num_microbatches} must be >= 2*pp={2 * pp} for dualpipe"
+    return None
+
+
+def dualpipev_microbatch_error(pp: int, num_microbatches: int) -> str | None:
+    """Why ``num_microbatches`` cannot run DualPipeV on ``pp`` ranks (fewer than its ``2 pp``
+    stages), or None when it can."""
+    if num_microbatches < 2 * pp:
+        return f"microbatches={num_microbatches} must be >= 2*pp={2 * pp} (the number of stages) for dualpipev"
+    return None
+
+
 def dualpipe(pp: int, num_microbatches: int) -> Schedule:
     """DualPipe on ``pp`` ranks (= ``pp`` stages, each held twice). Needs ``pp`` even and
     ``num_microbatches`` even and at least ``2 pp`` (as deepseek-ai/DualPipe asserts)."""
     require_positive(pp=pp, microbatches=num_microbatches)
-    require(pp % 2 == 0, f"pp={pp} must be even for dualpipe (rank r pairs with rank pp-1-r)")
-    require(num_microbatches % 2 == 0, f"microbatches={num_microbatches} must be even for dualpipe (half per direction)")
-    require(num_microbatches >= 2 * pp, f"microbatches={num_microbatches} must be >= 2*pp={2 * pp} for dualpipe")
+    require_no_error(dualpipe_pp_error(pp))
+    require_no_error(dualpipe_microbatch_error(pp, num_microbatches))
     half = num_microbatches // 2
     ranks = []
     for r in range(pp):
@@ -115,7 +148,7 @@ def dualpipe(pp: int, num_microbatches: int) -> Schedule:
         num_ranks=pp,
         num_stages=pp,
         num_microbatches=num_microbatches,
-        stage_ranks=(tuple(range(pp)), tuple(reversed(range(pp)))),
+        stage_ranks=dualpipe_stage_ranks(pp),
         direction_microbatches=(half, half),
         ranks=tuple(ranks),
     )
@@ -124,17 +157,14 @@ def dualpipe(pp: int, num_microbatches: int) -> Schedule:
 def dualpipev(pp: int, num_microbatches: int) -> Schedule:
     """DualPipeV on ``pp`` ranks and ``2 pp`` stages. Needs ``num_microbatches >= 2 pp``."""
     require_positive(pp=pp, microbatches=num_microbatches)
-    require(
-        num_microbatches >= 2 * pp,
-        f"microbatches={num_microbatches} must be >= 2*pp={2 * pp} (the number of stages) for dualpipev",
-    )
+    require_no_error(dualpipev_microbatch_error(pp, num_microbatches))
     stages = 2 * pp
     return Schedule(
         kind="dualpipev",
         num_ranks=pp,
         num_stages=stages,
         num_microbatches=num_microbatches,
-        stage_ranks=(tuple(min(s, stages - 1 - s) for s in range(stages)),),
+        stage_ranks=dualpipev_stage_ranks(pp),
         direction_microbatches=(num_microbatches,),
         ranks=tuple(
             tuple(_rank_actions(pp, r, num_microbatches, (_Chunk(r, 0), _Chunk(stages - 1 - r, 0))))

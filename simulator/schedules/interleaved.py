@@ -12,20 +12,29 @@ Like ``torch``'s ``ScheduleInterleaved1F1B`` we accept any ``M`` that splits int
 
 from __future__ import annotations
 
-from moeplan.simulator.schedules._checks import require, require_positive
+from moeplan.simulator.schedules._checks import require_no_error, require_positive
 from moeplan.simulator.schedules.actions import Action
-from moeplan.simulator.schedules.schedule import Schedule
+from moeplan.simulator.schedules.schedule import Schedule, StageRanks
+
+
+def interleaved_stage_ranks(pp: int, virtual_stages: int) -> StageRanks:
+    """Stage ``s`` on rank ``s mod pp``: rank ``r`` holds ``r, r + pp, ..., r + (v-1) pp``."""
+    return (tuple(s % pp for s in range(virtual_stages * pp)),)
+
+
+def interleaved_microbatch_error(pp: int, num_microbatches: int) -> str | None:
+    """Why ``num_microbatches`` cannot run interleaved on ``pp`` ranks, or None when it can."""
+    rounds = max(1, num_microbatches // pp)
+    if num_microbatches % rounds == 0:
+        return None
+    return (f"microbatches={num_microbatches} must split into {rounds} equal rounds for interleaved "
+            f"1F1B with pp={pp} (rounds = max(1, microbatches // pp)), e.g. a multiple of pp")
 
 
 def microbatches_per_round(pp: int, num_microbatches: int) -> int:
     """Micro-batches each chunk takes in a row before the rank moves to its next chunk."""
-    rounds = max(1, num_microbatches // pp)
-    require(
-        num_microbatches % rounds == 0,
-        f"microbatches={num_microbatches} must split into {rounds} equal rounds for interleaved "
-        f"1F1B with pp={pp} (rounds = max(1, microbatches // pp)), e.g. a multiple of pp",
-    )
-    return num_microbatches // rounds
+    require_no_error(interleaved_microbatch_error(pp, num_microbatches))
+    return num_microbatches // max(1, num_microbatches // pp)
 
 
 def _rank_actions(pp: int, v: int, rank: int, num_microbatches: int, per_round: int) -> list[Action]:
@@ -59,7 +68,7 @@ def interleaved_1f1b(pp: int, num_microbatches: int, virtual_stages: int = 2) ->
         num_ranks=pp,
         num_stages=stages,
         num_microbatches=num_microbatches,
-        stage_ranks=(tuple(s % pp for s in range(stages)),),
+        stage_ranks=interleaved_stage_ranks(pp, virtual_stages),
         direction_microbatches=(num_microbatches,),
         ranks=tuple(
             tuple(_rank_actions(pp, virtual_stages, r, num_microbatches, per_round)) for r in range(pp)

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from moeplan.simulator.schedules._checks import require_positive
 from moeplan.simulator.schedules.actions import Action
-from moeplan.simulator.schedules.schedule import Schedule
+from moeplan.simulator.schedules.schedule import Schedule, StageRanks
+
+
+def chain_stage_ranks(pp: int) -> StageRanks:
+    """Stage ``s`` on rank ``s``: one stage per rank, one direction."""
+    return (tuple(range(pp)),)
 
 
 def _rank_actions(pp: int, rank: int, num_microbatches: int, split_backward: bool) -> list[Action]:
@@ -42,7 +47,7 @@ def _single_stage(kind: str, pp: int, num_microbatches: int, split_backward: boo
         num_ranks=pp,
         num_stages=pp,
         num_microbatches=num_microbatches,
-        stage_ranks=(tuple(range(pp)),),
+        stage_ranks=chain_stage_ranks(pp),
         direction_microbatches=(num_microbatches,),
         ranks=tuple(tuple(_rank_actions(pp, r, num_microbatches, split_backward)) for r in range(pp)),
     )

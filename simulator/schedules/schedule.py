@@ -19,6 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from moeplan.simulator.schedules.actions import Action, Op, ScheduleError
 from moeplan.simulator.spec.parallel import ScheduleKind
 
+StageRanks = tuple[tuple[int, ...], ...]  # [direction][stage] -> rank holding it
+
+
+def stages_held(stage_ranks: StageRanks, rank: int) -> tuple[int, ...]:
+    """Distinct stages whose weights ``rank`` holds under the placement ``stage_ranks``, ascending
+    (DualPipe: its stage and the mirror). The one definition: ``Schedule.stages_on_rank`` and the
+    kind registry (``registry.rank_stages``, used by memory, costs and the plan file) both ask it."""
+    return tuple(sorted({s for placement in stage_ranks for s, r in enumerate(placement) if r == rank}))
+
 
 class Schedule(BaseModel):
     """Per-rank action lists plus the stage placement they assume. Serialise with
@@ -31,7 +40,7 @@ class Schedule(BaseModel):
     num_ranks: int = Field(gt=0)
     num_stages: int = Field(gt=0, description="Model stages a micro-batch passes through.")
     num_microbatches: int = Field(gt=0)
-    stage_ranks: tuple[tuple[int, ...], ...] = Field(description="[direction][stage] -> rank holding it.")
+    stage_ranks: StageRanks = Field(description="[direction][stage] -> rank holding it.")
     direction_microbatches: tuple[int, ...] = Field(description="Micro-batches per direction, ids contiguous.")
     ranks: tuple[tuple[Action, ...], ...] = Field(description="[rank] -> actions in execution order.")
 
@@ -92,7 +101,7 @@ class Schedule(BaseModel):
 
     def stages_on_rank(self, rank: int) -> tuple[int, ...]:
         """Distinct model stages whose weights ``rank`` holds (DualPipe: its stage and the mirror)."""
-        return tuple(sorted({s for placement in self.stage_ranks for s, r in enumerate(placement) if r == rank}))
+        return stages_held(self.stage_ranks, rank)
 
     def chunks_on_rank(self, rank: int) -> tuple[tuple[int, int], ...]:
         """(direction, stage) pairs ``rank`` runs: the model chunks it keeps weights for."""

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from moeplan.simulator.schedules.bubble import closed_form_bubble
 from moeplan.simulator.schedules.executor import Durations, execute
-from moeplan.simulator.schedules.generate import SCHEDULE_KINDS, make_schedule
+from moeplan.simulator.schedules.registry import SCHEDULE_KINDS, closed_form_bubble, make_schedule, schedule_kind
 from moeplan.simulator.schedules.validate import check_schedule
 
 
@@ -26,7 +25,8 @@ def bubble_table_markdown(pps: Sequence[int], durations: Durations, microbatches
             cells.append(f"{closed.bubble_s:g} / {measured:g}")
             stats = check_schedule(schedule)
         assert stats is not None and schedule is not None, f"{pps=}"
-        stages = {"interleaved": "2 pp", "dualpipev": "2 pp"}.get(kind, "pp")
+        per_rank = schedule_kind(kind).num_stages(1)  # stages per pp, at the default 2 chunks per rank
+        stages = "pp" if per_rank == 1 else f"{per_rank} pp"
         lines.append(
             f"| {kind} | {stages} | {closed.formula} | " + " | ".join(cells)
             + f" | {'yes' if closed.holds else 'no'} | {max(stats.stages_per_rank)} | {max(stats.peak_activations)} |"

@@ -21,8 +21,10 @@ class ParallelSpec(BaseModel):
     experts are sharded ``ep`` ways inside that group (DeepSeek-V3: EP64 inside DP128, cp = 1),
     so ``ep`` divides ``dp * cp`` and experts are replicated ``dp * cp / ep`` times.
 
-    ``stages_per_rank`` follows from the schedule: DualPipe keeps a mirrored second copy of a
-    stage (2x parameters), DualPipeV and interleaved 1F1B hold ``virtual_stages`` chunks.
+    What the schedule kind implies (stages, the stages a rank holds: DualPipe keeps a mirrored
+    second copy of a stage, DualPipeV two chunks, interleaved 1F1B ``virtual_stages``; valid
+    micro-batch counts) is the kind registry's, ``simulator.schedules.registry``: ``spec`` imports
+    nothing of ours.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -46,21 +48,3 @@ class ParallelSpec(BaseModel):
     stage_layers: tuple[int, ...] | None = Field(
         None, description="Decoder layers (MTP counted last) per pipeline stage; null = balanced split."
     )
-
-    @property
-    def stages(self) -> int:
-        """Pipeline stages (model chunks) for ``pp`` ranks under this schedule."""
-        if self.schedule == "dualpipev":
-            return 2 * self.pp
-        if self.schedule == "interleaved":
-            return self.virtual_stages * self.pp
-        return self.pp
-
-    @property
-    def chunks_per_rank(self) -> int:
-        """Model chunks whose parameters one rank holds (DualPipe: its stage and the mirror)."""
-        if self.schedule in ("dualpipe", "dualpipev"):
-            return 2
-        if self.schedule == "interleaved":
-            return self.virtual_stages
-        return 1

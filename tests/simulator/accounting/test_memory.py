@@ -6,10 +6,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moeplan.simulator.accounting.layout import LayoutError, balanced_stage_sizes, pipeline_stages, rank_stages
-from moeplan.simulator.accounting.memory import in_flight_microbatches, pipeline_memory, rank_params
+from moeplan.simulator.accounting.layout import LayoutError, balanced_stage_sizes, pipeline_stages
+from moeplan.simulator.accounting.memory import pipeline_memory, rank_params
 from moeplan.simulator.accounting.params import param_counts
-from moeplan.simulator.presets.models import deepseek_67b, deepseek_v2_lite, deepseek_v3
+from moeplan.simulator.presets.models import deepseek_67b, deepseek_v2_lite, deepseek_v3, tiny_moe
+from moeplan.simulator.schedules.registry import in_flight_microbatches, num_stages, rank_stages
 from moeplan.simulator.spec.parallel import ParallelSpec
 from moeplan.simulator.spec.training import OptimizerSpec
 
@@ -108,13 +109,20 @@ def test_layout_errors_name_the_values():
         pipeline_stages(deepseek_v3(), ParallelSpec(pp=2, stage_layers=(30, 30)))
 
 
+def test_mtp_modules_sit_on_the_last_stage():
+    two_mtp = tiny_moe().model_copy(update={"num_nextn_predict_layers": 2})  # 4 layers + 2 MTP units
+    assert pipeline_stages(two_mtp, ParallelSpec(pp=2, stage_layers=(3, 3)))[-1].layers == (3, 4, 5)
+    with pytest.raises(LayoutError, match=r"stage_layers=\[5, 1\] .* puts an MTP module before the last stage"):
+        pipeline_stages(two_mtp, ParallelSpec(pp=2, stage_layers=(5, 1)))
+
+
 @pytest.mark.parametrize(("kind", "pp"), [("1f1b", 4), ("zb1p", 4), ("dualpipe", 4), ("dualpipev", 2), ("dualpipe", 8)])
 def test_schedule_replay_matches_the_closed_forms_on_equal_stages(kind, pp):
     from moeplan.simulator.schedules import make_schedule
 
     spec = deepseek_67b().model_copy(update={"num_hidden_layers": 48})  # 48 layers: equal stages for every pp here
     par = ParallelSpec(pp=pp, schedule=kind)
-    m = 4 * par.stages
+    m = 4 * num_stages(par)
     closed = pipeline_memory(spec, par, OptimizerSpec(), "bf16", 8, m)
     exact = pipeline_memory(spec, par, OptimizerSpec(), "bf16", 8, m, make_schedule(kind, pp, m))
     for c, e in zip(closed, exact, strict=True):

@@ -45,11 +45,23 @@ def test_other_schema_versions_are_refused(plan):
         parse_plan(json.dumps(raw), "p.json")
 
 
-def test_version_1_plans_from_before_context_parallelism_are_refused(plan):
+@pytest.mark.parametrize("old", [1, 2])  # 1: before context parallelism; 2: before the stage records
+def test_older_plans_are_refused_with_the_advice_to_replan(plan, old):
     raw = json.loads(dump_plan(plan))
-    raw["schema_version"] = 1
-    with pytest.raises(PlanError, match="schema_version=1 is not supported; this moeplan reads version 2"):
+    raw["schema_version"] = old
+    with pytest.raises(PlanError, match=fr"schema_version={old} is not supported; this moeplan reads version 3 "
+                                        r"\(re-run `moeplan plan`"):
         parse_plan(json.dumps(raw), "old.json")
+
+
+def test_stage_records_spell_out_the_priced_split(plan):
+    records = plan.layout.stage_records
+    assert [r.units for r in records] == list(plan.layout.stage_layers)
+    assert records[0].has_embedding and records[-1].has_head and records[-1].mtp_layers == (4,)  # 4 layers + MTP
+    raw = json.loads(dump_plan(plan))
+    raw["layout"]["stage_records"][0]["end_layer"] += 1  # no longer the units that were priced
+    with pytest.raises(PlanError, match="stage_records cover layer units"):
+        parse_plan(json.dumps(raw), "edited.json")
 
 
 def test_edited_inputs_break_the_hash(plan):

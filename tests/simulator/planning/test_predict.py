@@ -12,7 +12,7 @@ from moeplan.simulator.costs.tables import CostTables, default_tables, named_tab
 from moeplan.simulator.engine.build import SimOptions
 from moeplan.simulator.planning.planner import plan_with_predictions, summary
 from moeplan.simulator.planning.predict import predict_step
-from moeplan.simulator.planning.run_model import _phase, valid_microbatches
+from moeplan.simulator.planning.run_model import _phase
 from moeplan.simulator.planning.search import search
 from moeplan.simulator.presets.clusters import h200, h800, h800_gpu
 from moeplan.simulator.presets.models import deepseek_v2_lite, tiny_moe
@@ -119,13 +119,6 @@ def test_search_ranks_and_respects_fixed_settings():
     assert all(c.parallel.recompute == "selective" and c.parallel.micro_batch_size == 1 for c in res.ranked)
     with pytest.raises(LayoutError, match="ep=3 does not divide n_routed_experts=16"):
         search(inp, {"ep": 3})
-
-
-@pytest.mark.parametrize(("kind", "pp", "m", "expected"),
-                         [("dualpipe", 4, 3, 8), ("dualpipe", 4, 9, 10), ("dualpipev", 4, 9, 9),
-                          ("interleaved", 4, 5, 8), ("1f1b", 4, 1, 1)])
-def test_valid_microbatches(kind, pp, m, expected):
-    assert valid_microbatches(ParallelSpec(pp=pp, schedule=kind), m) == expected
 
 
 

@@ -14,6 +14,7 @@ from moeplan.simulator.schedules import (
     schedule_from_torch_csv,
     schedule_to_torch_csv,
 )
+from moeplan.simulator.schedules.registry import num_stages
 from moeplan.simulator.spec.parallel import ParallelSpec
 
 EXACT_ORDERS = {
@@ -82,8 +83,9 @@ def test_interleaved_virtual_stages_must_be_positive() -> None:
 def test_stage_count_matches_parallel_spec(kind: str) -> None:
     spec = ParallelSpec(pp=4, schedule=kind, virtual_stages=3, microbatches=12)
     schedule = make_schedule(kind, spec.pp, 12, spec.virtual_stages)
-    assert schedule.num_stages == spec.stages
-    assert {len(schedule.stages_on_rank(r)) for r in range(4)} == {spec.chunks_per_rank}
+    assert schedule.num_stages == num_stages(spec)
+    expected_chunks = {"interleaved": 3, "dualpipe": 2, "dualpipev": 2}.get(kind, 1)
+    assert {len(schedule.stages_on_rank(r)) for r in range(4)} == {expected_chunks}
 
 
 @st.composite
