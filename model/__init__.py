@@ -4,8 +4,9 @@ Public API:
 - ``from_hf_config(path_or_dict, options=None, generator=None, device=None) -> Transformer``
 - ``load_hf_state_dict(module, state_dict, strict=True) -> LoadReport``
 - ``Transformer`` (forward(input_ids) -> ``ModelOutput`` with ``.logits``), ``ModelOptions``,
-  ``StageSpec`` / ``build_rank`` for pipeline stages, ``WeightGradStore`` for I/W splitting,
-  ``training_loss``, ``ExpertBiasUpdater`` (aux-loss-free balancing).
+  ``StageSpec`` / ``rank_stages_from_plan`` / ``build_rank`` for pipeline stages (read from the plan
+  file), ``WeightGradStore`` for I/W splitting, ``training_loss``, ``ExpertBiasUpdater``
+  (aux-loss-free balancing).
 May import: ``kernels`` and the data-only ``simulator.spec`` and ``simulator.contracts``. See docs/model.md.
 """
 
@@ -14,12 +15,12 @@ from moeplan.model.balance import BalanceSchedule, ExpertBiasUpdater
 from moeplan.model.hf_weights import load_hf_state_dict
 from moeplan.model.losses import training_loss
 from moeplan.model.options import ModelOptions
-from moeplan.model.stage import StageSpec
+from moeplan.model.stage import StageSpec, rank_stages_from_plan, stages_from_plan
 from moeplan.model.transformer import ModelOutput, Transformer, build_rank
 from moeplan.model.weight_grad import WeightGradStore, attach_weight_grad_store
 
 __all__ = [
     "BalanceSchedule", "ExpertBiasUpdater", "ModelOptions", "ModelOutput", "StageSpec", "Transformer",
     "WeightGradStore", "attach_weight_grad_store", "build_rank", "from_hf_config", "load_hf_state_dict",
-    "training_loss",
+    "rank_stages_from_plan", "stages_from_plan", "training_loss",
 ]

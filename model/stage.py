@@ -1,7 +1,10 @@
 """Pipeline stage descriptions: which layers, and whether the embedding / head live on the stage.
 
-A stage is pure data (``StageSpec``), so a schedule made elsewhere (the plan) can say which stages a
-rank holds and the runtime builds exactly those with ``model.transformer.build_rank``.
+A stage is pure data (``StageSpec``). The model does not split itself: the plan file records each
+stage (``layout.stage_records``, the split memory and time were priced with) and which stages a rank
+holds (``layout.rank_stages``); ``rank_stages_from_plan`` turns them into the ``StageSpec`` list that
+``model.transformer.build_rank`` builds.
+
 - the first stage (``has_embedding``) maps token ids to hidden states;
 - the last stage (``has_head``) holds the final norm, ``lm_head`` and the MTP modules; MTP needs the
   token ids and the embedding, so a head stage also owns an ``embed_tokens`` unless it shares the
@@ -11,9 +14,14 @@ rank holds and the runtime builds exactly those with ``model.transformer.build_r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from moeplan.simulator.spec.model import ModelSpec
+
+if TYPE_CHECKING:  # plain data read from a plan; importing the model does not load the plan module
+    from moeplan.simulator.contracts.plan_file import ResolvedLayout, StageRecord
 
 
 @dataclass(frozen=True)
@@ -44,33 +52,36 @@ class StageSpec:
                              f"got {self.end_layer}")
 
 
-def split_stages(spec: ModelSpec, layers_per_stage: list[int]) -> list[StageSpec]:
-    """Consecutive stages with the given layer counts (a stage may hold 0 layers, e.g. head only)."""
-    if sum(layers_per_stage) != spec.num_hidden_layers or any(n < 0 for n in layers_per_stage):
-        raise ValueError(f"layers_per_stage={layers_per_stage} must be >= 0 and sum to "
-                         f"num_hidden_layers={spec.num_hidden_layers}")
-    stages, start = [], 0
-    last = len(layers_per_stage) - 1
-    for i, count in enumerate(layers_per_stage):
-        stages.append(StageSpec(start, start + count, has_embedding=i == 0, has_head=i == last))
-        start += count
+def stages_from_plan(records: Sequence[StageRecord], spec: ModelSpec) -> list[StageSpec]:
+    """The ``StageSpec`` of each of a plan's stage records (``plan.layout.stage_records``), in order.
+
+    The split is the planner's (``simulator.accounting.layout.pipeline_stages``, what memory and time
+    were priced with); the model only checks that it can build it: the stages cover the decoder
+    layers ``0..num_hidden_layers-1`` once, in order, and the MTP modules sit on the head stage.
+    """
+    mtp = tuple(spec.num_hidden_layers + k for k in range(spec.num_nextn_predict_layers))
+    stages, end = [], 0
+    for i, r in enumerate(records):
+        if r.index != i or r.first_layer != end:
+            raise ValueError(f"stage record {i} (index={r.index}) starts at first_layer={r.first_layer}, "
+                             f"expected index={i} and first_layer={end}")
+        if tuple(r.mtp_layers) != (mtp if r.has_head else ()):
+            raise ValueError(f"stage {i} has mtp_layers={r.mtp_layers} with has_head={r.has_head}; "
+                             f"the head stage holds all of {mtp} and no other stage any")
+        stage = StageSpec(r.first_layer, r.end_layer, has_embedding=r.has_embedding, has_head=r.has_head)
+        stage.validate(spec)
+        stages.append(stage)
+        end = r.end_layer
+    if end != spec.num_hidden_layers or not stages or not stages[0].has_embedding or not stages[-1].has_head:
+        raise ValueError(f"stage records end at layer {end} of num_hidden_layers={spec.num_hidden_layers}; "
+                         "they must cover every layer, the first stage holding the embedding, the last the head")
     return stages
 
 
-def even_layers_per_stage(num_layers: int, num_stages: int) -> list[int]:
-    """Balanced split; the remainder goes to the middle stages (ends also carry embedding/head)."""
-    if num_stages <= 0:
-        raise ValueError(f"num_stages={num_stages} must be > 0")
-    base, extra = divmod(num_layers, num_stages)
-    counts = [base] * num_stages
-    middle = list(range(1, num_stages - 1)) or list(range(num_stages))
-    for i in range(extra):
-        counts[middle[i % len(middle)]] += 1
-    return counts
-
-
-def mirrored_stage_ids(num_stages: int, rank: int) -> tuple[int, int]:
-    """Stages of ``rank`` under DualPipe (ranks = stages) or DualPipeV (ranks = stages / 2): r and S-1-r."""
-    if num_stages % 2 or not 0 <= rank < num_stages:
-        raise ValueError(f"num_stages={num_stages} must be even and rank={rank} in 0..{num_stages - 1}")
-    return rank, num_stages - 1 - rank
+def rank_stages_from_plan(layout: ResolvedLayout, spec: ModelSpec, rank: int) -> list[StageSpec]:
+    """The stages pipeline rank ``rank`` holds (``layout.rank_stages``, the schedule's placement),
+    ready for ``build_rank(spec, stages)``."""
+    if not 0 <= rank < layout.pp:
+        raise ValueError(f"rank={rank} outside the plan's pipeline ranks 0..{layout.pp - 1}")
+    stages = stages_from_plan(layout.stage_records, spec)
+    return [stages[s] for s in layout.rank_stages[rank]]
