@@ -1,13 +1,14 @@
 """Triton FP8 kernels for DeepSeek-V3 training (issue 7). Imports nothing else of moeplan.
 
-What the model calls (autograd): ``fp8_linear``, ``fp8_grouped_linear``, ``grouped_linear``,
-``Fp8Linear``, ``MoEPermute`` / ``MoEUnpermute`` with ``make_dispatch_plan``, ``SwiGLUFunction``.
-The raw ops (quantisers, GEMMs, permutation, SwiGLU) are in their own modules; docs/kernels.md.
+Ops, not layers: quantisers, GEMMs (dense and grouped, FP8 and BF16), permutation and SwiGLU,
+each in its own module with its torch reference (``*_ref``); docs/kernels.md. The model's FP8
+layers (``model.linear``, ``model.grouped_linear``) call the GEMMs and own the autograd, so that
+their weight gradient can be deferred for zero-bubble schedules. ``MoEPermute`` / ``MoEUnpermute``
+and ``SwiGLUFunction`` are autograd wrappers of single ops.
 Ops named like their module (``fp8_gemm``, ``moe_permute``, ``swiglu``) are imported from the module,
 so that ``kernels.fp8_gemm`` stays the module.
 """
 
-from .fp8_layers import Fp8Linear, fp8_grouped_linear, fp8_linear, grouped_linear
 from .fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_weight_128x128
 from .grouped_gemm import grouped_gemm_bf16, grouped_gemm_fp8, grouped_wgrad_bf16, grouped_wgrad_fp8
 from .moe_permute import DispatchPlan, MoEPermute, MoEUnpermute, make_dispatch_plan, moe_unpermute
@@ -15,8 +16,19 @@ from .swiglu import SwiGLUFunction
 from .triton_compat import HAVE_TRITON, TritonUnavailable
 
 __all__ = [
-    "HAVE_TRITON", "DispatchPlan", "Fp8Linear", "MoEPermute", "MoEUnpermute", "SwiGLUFunction",
-    "TritonUnavailable", "fp8_grouped_linear", "fp8_linear", "grouped_gemm_bf16",
-    "grouped_gemm_fp8", "grouped_linear", "grouped_wgrad_bf16", "grouped_wgrad_fp8", "make_dispatch_plan",
-    "moe_unpermute", "quant_act_128x1_t", "quant_act_1x128", "quant_weight_128x128",
+    "HAVE_TRITON",
+    "DispatchPlan",
+    "MoEPermute",
+    "MoEUnpermute",
+    "SwiGLUFunction",
+    "TritonUnavailable",
+    "grouped_gemm_bf16",
+    "grouped_gemm_fp8",
+    "grouped_wgrad_bf16",
+    "grouped_wgrad_fp8",
+    "make_dispatch_plan",
+    "moe_unpermute",
+    "quant_act_1x128",
+    "quant_act_128x1_t",
+    "quant_weight_128x128",
 ]

@@ -349,12 +349,16 @@ def chosen_backend(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> str:
     return _choose_backend(a, a_scale, b, b_scale, out_dtype)
 
 
-def fp8_gemm_ref(a, a_scale, b, b_scale, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Reference: dequantise both operands and multiply in ``dtype`` (float64 by default)."""
+def fp8_gemm_ref(a, a_scale, b, b_scale, dtype: torch.dtype = torch.float64, tile: int = TILE) -> torch.Tensor:
+    """Reference: dequantise both operands and multiply in ``dtype`` (float64 by default).
+
+    Also the model's reference FP8 GEMM (``dtype=torch.float32``, any ``tile``): FP32 products of
+    exact FP8 values and FP32 scales, so it is what a tensor-core GEMM computes up to summation order.
+    """
     def dequant(q, s):
-        s = s.repeat_interleave(TILE, dim=-1)[..., : q.shape[-1]]
-        if s.shape[-2] != q.shape[-2]:
-            s = s.repeat_interleave(TILE, dim=-2)[..., : q.shape[-2], :]
+        s = s.repeat_interleave(tile, dim=-1)[..., : q.shape[-1]]
+        if s.shape[-2] != q.shape[-2]:  # tile x tile blocks, else 1 x tile rows (the same at N = 1)
+            s = s.repeat_interleave(tile, dim=-2)[..., : q.shape[-2], :]
         return q.to(dtype) * s.to(dtype)
 
     return dequant(a, a_scale) @ dequant(b, b_scale).mT

@@ -201,6 +201,8 @@ def quant_weight_128x128(
 
 
 # ----------------------------------------------------------------------------- torch references
+# Also the float quantisers of the model (``model/fp8.py``), which quantise in any ``tile`` size
+# (``ModelOptions.fp8_block_size``) with their own ``amax_floor``; the defaults are the kernels'.
 
 
 def _pow2_ceil(r: torch.Tensor) -> torch.Tensor:
@@ -208,22 +210,26 @@ def _pow2_ceil(r: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(r), exponent - (mantissa == 0.5).to(exponent.dtype))
 
 
-def _ref_scale(amax: torch.Tensor, pow2_scale: bool) -> torch.Tensor:
-    amax = amax.float().clamp_min(AMAX_FLOOR)
+def _ref_scale(amax: torch.Tensor, pow2_scale: bool, amax_floor: float) -> torch.Tensor:
+    amax = amax.float().clamp_min(amax_floor)
     # Divide by a tensor: CUDA torch turns division by a Python scalar into a multiply by its
     # reciprocal, one ulp away from the kernel's IEEE division.
     scale = amax / torch.full_like(amax, FP8_MAX)
     return _pow2_ceil(scale) if pow2_scale else scale
 
 
-def quant_act_1x128_ref(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference of ``quant_act_1x128`` (bit-exact)."""
-    M, K = x.shape
-    kt = cdiv(K, TILE)
-    xp = torch.nn.functional.pad(x.float(), (0, kt * TILE - K)).view(M, kt, TILE)  # (M, K/128, 128)
-    scale = _ref_scale(xp.abs().amax(dim=2), pow2_scale)  # (M, K/128)
-    q = (xp / scale[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q.view(M, kt * TILE)[:, :K].contiguous(), scale
+def quant_act_1x128_ref(
+    x: torch.Tensor, pow2_scale: bool = False, tile: int = TILE, amax_floor: float = AMAX_FLOOR
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of ``quant_act_1x128`` (bit-exact): x (..., K) → (q (..., K), scale (..., ceil(K/tile)))."""
+    K = x.shape[-1]
+    kt = cdiv(K, tile)
+    xp = torch.nn.functional.pad(x.float(), (0, kt * tile - K)).unflatten(-1, (kt, tile))  # (..., K/tile, tile)
+    scale = _ref_scale(xp.abs().amax(dim=-1), pow2_scale, amax_floor)  # (..., K/tile)
+    q = (xp / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    # No copy: q keeps x's memory layout (a transposed x gives a transposed q), as the model's
+    # quantisers always did; the kernels' GEMMs choose their kernel by the operands' strides.
+    return q.flatten(-2)[..., :K], scale
 
 
 def quant_act_128x1_t_ref(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,27 +237,30 @@ def quant_act_128x1_t_ref(x: torch.Tensor, pow2_scale: bool = False) -> tuple[to
     return quant_act_1x128_ref(x.t(), pow2_scale)
 
 
-def quant_weight_128x128_ref(w: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference of ``quant_weight_128x128`` (bit-exact), 2-D or 3-D."""
-    w3 = w if w.dim() == 3 else w.unsqueeze(0)
-    E, N, K = w3.shape
-    nt, kt = cdiv(N, TILE), cdiv(K, TILE)
-    wp = torch.nn.functional.pad(w3.float(), (0, kt * TILE - K, 0, nt * TILE - N))
-    blocks = wp.view(E, nt, TILE, kt, TILE)  # (E, N/128, 128, K/128, 128)
-    scale = _ref_scale(blocks.abs().amax(dim=(2, 4)), pow2_scale)  # (E, N/128, K/128)
+def quant_weight_128x128_ref(
+    w: torch.Tensor, pow2_scale: bool = False, tile: int = TILE, amax_floor: float = AMAX_FLOOR
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of ``quant_weight_128x128`` (bit-exact): w (..., N, K) → (q, scale (..., N/tile, K/tile))."""
+    *lead, N, K = w.shape
+    w3 = w.reshape(-1, N, K)  # (E, N, K), E = the product of the leading dims
+    E = w3.shape[0]
+    nt, kt = cdiv(N, tile), cdiv(K, tile)
+    wp = torch.nn.functional.pad(w3.float(), (0, kt * tile - K, 0, nt * tile - N))
+    blocks = wp.view(E, nt, tile, kt, tile)  # (E, N/tile, tile, K/tile, tile)
+    scale = _ref_scale(blocks.abs().amax(dim=(2, 4)), pow2_scale, amax_floor)  # (E, N/tile, K/tile)
     q = (blocks / scale[:, :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    q = q.view(E, nt * TILE, kt * TILE)[:, :N, :K].contiguous()
-    return (q, scale) if w.dim() == 3 else (q[0], scale[0])
+    q = q.view(E, nt * tile, kt * tile)[:, :N, :K]  # no copy, as in quant_act_1x128_ref
+    return q.view(*lead, N, K), scale.view(*lead, nt, kt)
 
 
-def dequant_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(R, C) fp8 with 1×128 row scales (R, ceil(C/128)) → float32."""
-    return q.float() * scale.repeat_interleave(TILE, dim=-1)[..., : q.shape[-1]]
+def dequant_rows(q: torch.Tensor, scale: torch.Tensor, tile: int = TILE) -> torch.Tensor:
+    """(..., C) fp8 with 1×tile row scales (..., ceil(C/tile)) → float32."""
+    return q.float() * scale.repeat_interleave(tile, dim=-1)[..., : q.shape[-1]]
 
 
-def dequant_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """([E,] N, K) fp8 with 128×128 block scales → float32."""
-    s = scale.repeat_interleave(TILE, dim=-2).repeat_interleave(TILE, dim=-1)
+def dequant_blocks(q: torch.Tensor, scale: torch.Tensor, tile: int = TILE) -> torch.Tensor:
+    """(..., N, K) fp8 with tile×tile block scales (..., ceil(N/tile), ceil(K/tile)) → float32."""
+    s = scale.repeat_interleave(tile, dim=-2).repeat_interleave(tile, dim=-1)
     return q.float() * s[..., : q.shape[-2], : q.shape[-1]]
 
 

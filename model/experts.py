@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeplan.model.fp8 import Fp8Gemm
-from moeplan.model.grouped_mm import GroupedLinearFn, grouped_mm_supported
+from moeplan.model.grouped_linear import GroupedLinearFn
+from moeplan.model.grouped_mm import grouped_mm_supported
 from moeplan.model.weight_grad import WeightGradStore
 
 

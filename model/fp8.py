@@ -1,67 +1,68 @@
-"""FP8 (E4M3) fine-grained quantisation, DeepSeek-V3 TR §3.3.
+"""FP8 (E4M3) fine-grained quantisation in the model, DeepSeek-V3 TR §3.3.
 
 - activations: one scale per 1 x ``block`` tile along the reduction dim K (per token, per 128 channels);
 - weights: one scale per ``block`` x ``block`` block;
 - scales are *dequantisation multipliers* (``x ~= q * scale``), the same convention as the
   ``weight_scale_inv`` tensors of DeepSeek's FP8 checkpoint; online max-abs scaling, no delay.
 
-The GEMMs take (q, scale) pairs. ``reference_fp8_gemm`` dequantises and multiplies in FP32: the
-exact product an FP8 tensor-core GEMM with FP32 accumulation computes, up to summation order.
+The float quantisers and the dense reference GEMM are the kernels' torch references
+(``kernels.fp8_quant.*_ref``, ``kernels.fp8_gemm.fp8_gemm_ref``), called with the model's two own
+choices: any ``block`` (``ModelOptions.fp8_block_size``) and the amax floor ``MIN_AMAX``. The
+reference GEMMs multiply dequantised operands in FP32: the product an FP8 tensor-core GEMM with
+FP32 accumulation computes, up to summation order.
 
-Hook for ``kernels`` (``ModelOptions.fp8_kernel="kernels"``, block 128 only): the dense GEMM is
-``kernels.fp8_gemm.fp8_gemm(a, a_scale, b, b_scale, out_dtype)`` (same conventions as here);
-the grouped GEMM is ``kernels.grouped_gemm.grouped_gemm_fp8(a, a_scale, b, b_scale, m_indices,
-out_dtype)`` in DeepGEMM's contiguous layout (each expert's rows padded to 128, ``m_indices`` = row
-expert or -1). ``contiguous_layout`` converts our ``offs`` rows to that layout and back.
+The GEMMs take (q, scale) pairs; ``resolve_fp8_gemms`` picks them for ``ModelOptions.fp8_kernel``.
+"kernels" (block 128 only) is ``kernels.fp8_gemm.fp8_gemm`` for the dense GEMM (same conventions as
+here) and ``kernels.grouped_gemm.grouped_gemm_fp8`` for the grouped one, in DeepGEMM's contiguous
+layout (each expert's rows padded to 128, ``m_indices`` = row expert or -1); ``contiguous_layout``
+converts our ``offs`` rows to that layout and back.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
-_MIN_AMAX = 1e-12  # an all-zero tile gets a tiny scale instead of 0/0
+from moeplan.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+from moeplan.kernels.fp8_quant import (
+    FP8_DTYPE,
+    FP8_MAX,
+    dequant_blocks,
+    dequant_rows,
+    quant_act_1x128_ref,
+    quant_weight_128x128_ref,
+)
+from moeplan.kernels.grouped_gemm import grouped_gemm_fp8, grouped_wgrad_fp8
+from moeplan.model.grouped_mm import reference_grouped_mm, reference_grouped_weight_grad
+
+__all__ = [  # FP8_DTYPE and FP8_MAX re-exported: the model's FP8 format is the kernels'
+    "FP8_DTYPE", "FP8_MAX", "MIN_AMAX", "Fp8Gemm", "contiguous_layout", "dequantize_blocks", "dequantize_tiles",
+    "fp8_grouped_weight_grad", "quantize_blocks", "quantize_tiles", "reference_fp8_gemm", "reference_fp8_grouped_gemm",
+    "reference_fp8_grouped_wgrad", "resolve_fp8_gemms", "resolve_fp8_grouped_wgrad",
+]
+
+# An all-zero tile gets scale MIN_AMAX / 448 instead of 0/0. The kernels floor amax at 1e-4
+# (DeepSeek's value); the model keeps 1e-12, so a tile of tiny gradients (max below 1e-4, common
+# in an FP8 backward) keeps the full E4M3 resolution instead of being squeezed into subnormals.
+MIN_AMAX = 1e-12
 
 Fp8Gemm = Callable[..., torch.Tensor]
 
 
-def _pad_to(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
-    pad = (-x.shape[dim]) % multiple
-    if pad == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = pad
-    return torch.cat((x, x.new_zeros(shape)), dim=dim)
-
-
 def quantize_tiles(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (..., K) -> q: (..., K) E4M3, scale: (..., ceil(K/block)) FP32 with x ~= q * scale."""
-    k = x.shape[-1]
-    tiles = _pad_to(x.float(), -1, block).unflatten(-1, (-1, block))  # (..., K/b, b)
-    scale = tiles.abs().amax(-1).clamp_min(_MIN_AMAX) / FP8_MAX  # (..., K/b)
-    q = (tiles / scale[..., None]).to(FP8_DTYPE).flatten(-2)[..., :k]
-    return q, scale
+    return quant_act_1x128_ref(x, tile=block, amax_floor=MIN_AMAX)
 
 
 def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
     """Inverse of ``quantize_tiles`` (FP32)."""
-    k = q.shape[-1]
-    tiles = _pad_to(q.float(), -1, block).unflatten(-1, (-1, block))
-    return (tiles * scale[..., None]).flatten(-2)[..., :k]
+    return dequant_rows(q, scale, tile=block)
 
 
 def quantize_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """w: (..., N, K) -> q: (..., N, K) E4M3, scale: (..., ceil(N/b), ceil(K/b)) FP32."""
-    n, k = w.shape[-2:]
-    padded = _pad_to(_pad_to(w.float(), -1, block), -2, block)
-    blocks = padded.unflatten(-1, (-1, block)).unflatten(-3, (-1, block))  # (..., N/b, b, K/b, b)
-    scale = blocks.abs().amax(dim=(-3, -1)).clamp_min(_MIN_AMAX) / FP8_MAX  # (..., N/b, K/b)
-    q = (blocks / scale[..., :, None, :, None]).to(FP8_DTYPE)
-    return q.flatten(-2).flatten(-3, -2)[..., :n, :k], scale
+    return quant_weight_128x128_ref(w, tile=block, amax_floor=MIN_AMAX)
 
 
 def dequantize_blocks(
@@ -73,8 +74,7 @@ def dequantize_blocks(
     if tuple(scale.shape[-2:]) != expected:
         raise ValueError(f"weight_scale_inv shape {tuple(scale.shape)} does not match weight {tuple(q.shape)} "
                          f"with block={block} (expected {expected})")
-    full = scale.float().repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :n, :k]
-    return (q.float() * full).to(dtype)
+    return dequant_blocks(q, scale.float(), tile=block).to(dtype)  # checkpoints may store bf16 scales
 
 
 def reference_fp8_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype, block: int = 128) -> torch.Tensor:
@@ -83,15 +83,15 @@ def reference_fp8_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype, block: in
     ``b_scale`` is (ceil(N/b), ceil(K/b)) for a weight in blocks, or (N, ceil(K/b)) for an operand in
     1 x b tiles along K (the weight gradient's second operand); for N = 1 both mean the same.
     """
-    rows = b_scale.shape[-2] == b.shape[-2]
-    b_dq = dequantize_tiles(b, b_scale, block) if rows else dequantize_blocks(b, b_scale, block)
-    return (dequantize_tiles(a, a_scale, block) @ b_dq.t()).to(out_dtype)
+    return fp8_gemm_ref(a, a_scale, b, b_scale, dtype=torch.float32, tile=block).to(out_dtype)
 
 
 def reference_fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype: torch.dtype, block: int = 128) -> torch.Tensor:
-    """Rows a[offs[e-1]:offs[e]] times b[e]^T for each expert e; b: (E, N, K)."""
-    from moeplan.model.grouped_mm import reference_grouped_mm  # local: grouped_mm imports nothing of fp8
+    """Rows a[offs[e-1]:offs[e]] times b[e]^T for each expert e; b: (E, N, K).
 
+    Not ``kernels.grouped_gemm.grouped_gemm_ref``: that one is a float64 test oracle on the
+    contiguous layout; this one runs in training (``fp8_kernel="reference"``), on ``offs`` rows, in FP32.
+    """
     a_dq = dequantize_tiles(a, a_scale, block)
     b_dq = dequantize_blocks(b, b_scale, block).transpose(-2, -1)  # (E, K, N)
     return reference_grouped_mm(a_dq, b_dq, offs).to(out_dtype)
@@ -103,8 +103,6 @@ def reference_fp8_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out
 
     ``seg_offsets`` (E + 1,) are segment bounds on M, multiples of ``block``, so no tile spans two experts.
     """
-    from moeplan.model.grouped_mm import reference_grouped_weight_grad
-
     end = int(seg_offsets[-1])
     a = dequantize_tiles(a_t, a_t_scale, block)[:, :end]
     b = dequantize_tiles(b_t, b_t_scale, block)[:, :end]
@@ -146,7 +144,7 @@ def contiguous_layout(offs: torch.Tensor, num_rows: int, tile: int) -> tuple[tor
     return dest, m_indices
 
 
-def _grouped_via_contiguous(grouped_gemm_fp8: Fp8Gemm, tile: int) -> Fp8Gemm:
+def _grouped_via_contiguous(grouped_gemm: Fp8Gemm, tile: int) -> Fp8Gemm:
     """Adapt a contiguous-layout grouped FP8 GEMM to the ``offs`` convention used here."""
 
     def gemm(a, a_scale, b, b_scale, offs, out_dtype: torch.dtype, block: int = tile) -> torch.Tensor:
@@ -156,40 +154,37 @@ def _grouped_via_contiguous(grouped_gemm_fp8: Fp8Gemm, tile: int) -> Fp8Gemm:
         a_pad[dest] = a.view(torch.uint8)
         s_pad = a_scale.new_ones((m_indices.numel(), a_scale.shape[1]))
         s_pad[dest] = a_scale
-        out = grouped_gemm_fp8(a_pad.view(a.dtype), s_pad, b, b_scale, m_indices, out_dtype=out_dtype)
+        out = grouped_gemm(a_pad.view(a.dtype), s_pad, b, b_scale, m_indices, out_dtype=out_dtype)
         return out[dest]
 
     return gemm
 
 
+def _check_kernel(kernel: str, block: int) -> None:
+    if kernel not in ("reference", "kernels"):
+        raise ValueError(f"fp8_kernel={kernel!r} must be 'reference' or 'kernels'")
+    if kernel == "kernels" and block != 128:
+        raise ValueError(f"fp8_kernel='kernels' supports fp8_block_size=128 only, got {block}")
+
+
 def resolve_fp8_grouped_wgrad(kernel: str, block: int = 128) -> Fp8Gemm:
     """The grouped FP8 weight-gradient GEMM for ``ModelOptions.fp8_kernel`` (``reference_fp8_grouped_wgrad``'s
     signature; the kernels' is ``kernels.grouped_gemm.grouped_wgrad_fp8``)."""
+    _check_kernel(kernel, block)
     if kernel == "reference":
         return lambda *args, out_dtype=torch.float32: reference_fp8_grouped_wgrad(*args, out_dtype=out_dtype, block=block)
-    resolve_fp8_gemms(kernel, block)  # the same checks and error messages
-    wgrad = importlib.import_module("moeplan.kernels.grouped_gemm").grouped_wgrad_fp8
-    return lambda *args, out_dtype=torch.float32: wgrad(*args, out_dtype=out_dtype, backend="triton")
+    return lambda *args, out_dtype=torch.float32: grouped_wgrad_fp8(*args, out_dtype=out_dtype, backend="triton")
 
 
 def resolve_fp8_gemms(kernel: str, block: int = 128) -> tuple[Fp8Gemm, Fp8Gemm]:
     """(dense gemm, grouped gemm) for ``ModelOptions.fp8_kernel``; both take ``block=`` and ``out_dtype=``."""
+    _check_kernel(kernel, block)
     if kernel == "reference":
         return reference_fp8_gemm, reference_fp8_grouped_gemm
-    if kernel != "kernels":
-        raise ValueError(f"fp8_kernel={kernel!r} must be 'reference' or 'kernels'")
-    if block != 128:
-        raise ValueError(f"fp8_kernel='kernels' supports fp8_block_size=128 only, got {block}")
-    try:
-        dense = importlib.import_module("moeplan.kernels.fp8_gemm").fp8_gemm
-        grouped = importlib.import_module("moeplan.kernels.grouped_gemm").grouped_gemm_fp8
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"fp8_kernel='kernels' needs kernels.fp8_gemm.fp8_gemm and "
-                         f"kernels.grouped_gemm.grouped_gemm_fp8 ({exc})") from exc
 
     def dense_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype, block: int = 128) -> torch.Tensor:
         # backend="triton": the kernels' torch._scaled_mm path gave wrong results for N > 128 with
         # 128x128 weight scales on an H200 (2026-11-28, rel. error ~200); "auto" may pick it.
-        return dense(a, a_scale, b, b_scale, out_dtype=out_dtype, backend="triton")
+        return fp8_gemm(a, a_scale, b, b_scale, out_dtype=out_dtype, backend="triton")
 
-    return dense_gemm, _grouped_via_contiguous(grouped, 128)
+    return dense_gemm, _grouped_via_contiguous(grouped_gemm_fp8, 128)

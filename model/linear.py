@@ -6,6 +6,10 @@ in the high-precision dtype against the *unquantised* tensors. With ``fp8_backwa
 backward GEMMs run in FP8 as in TR §3.3 (Figure 6): Dgrad quantises the output gradient in 1x128
 tiles along N and multiplies the 128x128-block weight; Wgrad quantises both the output gradient and
 the input in tiles of 128 tokens (the reduction runs over tokens) and accumulates in FP32.
+
+``LinearFn`` and its grouped twin ``model.grouped_linear.GroupedLinearFn`` are the model's one
+autograd stack for FP8 layers: the kernels package provides GEMMs, not layers, so the weight
+gradient can be deferred (``WeightGradStore``) whichever GEMM runs.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeplan.model.fp8 import Fp8Gemm, quantize_blocks, quantize_tiles
-from moeplan.model.weight_grad import WeightGradStore, accumulate_grad
+from moeplan.model.weight_grad import WeightGradStore, weight_grad_now_or_later
 
 
 class LinearFn(torch.autograd.Function):
@@ -52,9 +56,9 @@ class LinearFn(torch.autograd.Function):
                 wt, wt_scale = quantize_blocks(weight.t(), block)
                 grad_x = gemm(*quantize_tiles(g2, block), wt, wt_scale, out_dtype=grad_out.dtype, block=block)
                 grad_x = grad_x.reshape(x.shape)
-        none = (None,) * 5
+        none = (None,) * 4  # store, fp8_gemm, block, fp8_backward
         if not ctx.needs_input_grad[1]:
-            return grad_x, *none
+            return grad_x, None, *none
 
         def weight_grad() -> torch.Tensor:  # (N, K)
             if ctx.fp8 is None:
@@ -64,11 +68,7 @@ class LinearFn(torch.autograd.Function):
                        block=block)
             return out.to(weight.dtype)
 
-        if ctx.store is None:
-            return grad_x, weight_grad(), *none[1:]
-        param = ctx.weight
-        ctx.store.defer(lambda: accumulate_grad(param, weight_grad()))
-        return grad_x, *none
+        return grad_x, weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad), *none
 
 
 class Linear(nn.Linear):

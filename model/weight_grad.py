@@ -52,6 +52,17 @@ def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
         param.grad += grad
 
 
+def weight_grad_now_or_later(
+    store: WeightGradStore | None, param: torch.Tensor, weight_grad: Callable[[], torch.Tensor]
+) -> torch.Tensor | None:
+    """What a backward returns for ``param``: ``weight_grad()`` now (no store: fused I+W), or None
+    after queueing it on ``store``, whose flush accumulates it into ``param.grad`` (the W step)."""
+    if store is None:
+        return weight_grad()
+    store.defer(lambda: accumulate_grad(param, weight_grad()))
+    return None
+
+
 def attach_weight_grad_store(module: nn.Module, store: WeightGradStore | None) -> int:
     """Point every deferrable matmul under ``module`` at ``store`` (None = back to fused I+W).
 

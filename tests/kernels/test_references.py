@@ -66,6 +66,32 @@ def test_zero_tile_gets_floor_scale_not_nan():
     assert torch.isfinite(s).all() and (s > 0).all() and (q.float() == 0).all()
 
 
+def test_refs_take_any_tile_floor_and_leading_dims():
+    """The references are also the model's float quantisers (model/fp8.py): any tile size, its own
+    amax floor, any leading dimensions (each row, or each trailing matrix, on its own)."""
+    x = torch.randn(2, 3, 100, generator=_gen(9))
+    q, s = quant_act_1x128_ref(x, tile=32, amax_floor=1e-12)
+    q2, s2 = quant_act_1x128_ref(x.reshape(6, 100), tile=32)
+    assert s.shape == (2, 3, 4) and torch.equal(s.reshape(6, 4), s2) and torch.equal(q.reshape(6, 100).float(), q2.float())
+    per_elem_scale = s.repeat_interleave(32, -1)[..., :100]
+    assert ((dequant_rows(q, s, tile=32) - x).abs() <= E4M3_HALF_ULP * x.abs() + E4M3_SUBNORMAL_STEP * per_elem_scale).all()
+    _, s_zero = quant_act_1x128_ref(torch.zeros(1, 64), amax_floor=1e-12)
+    assert s_zero.item() == pytest.approx(1e-12 / FP8_MAX)
+    w = torch.randn(2, 2, 40, 70, generator=_gen(10))
+    qw, sw = quant_weight_128x128_ref(w, tile=32)
+    qw3, sw3 = quant_weight_128x128_ref(w.reshape(4, 40, 70), tile=32)
+    assert sw.shape == (2, 2, 2, 3) and torch.equal(sw.reshape(4, 2, 3), sw3) and torch.equal(qw.reshape(4, 40, 70).float(), qw3.float())
+    torch.testing.assert_close(dequant_blocks(qw, sw, tile=32), w, rtol=E4M3_HALF_ULP, atol=1e-2)
+
+
+def test_ref_quantisers_keep_the_input_layout():
+    """No copy: a transposed input gives a transposed output, so the kernels' GEMMs, which choose
+    their kernel by strides, see the layout the model's quantisers always gave them."""
+    x = torch.randn(256, 384, generator=_gen(11))
+    assert quant_act_1x128_ref(x.t())[0].stride() == x.t().stride()
+    assert quant_weight_128x128_ref(x.t())[0].stride() == x.t().stride()
+
+
 def _random_topk(T: int, topk: int, E: int, seed: int) -> torch.Tensor:
     g = _gen(seed)
     return torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(T)])

@@ -1,13 +1,26 @@
-"""FP8 block quantisation, checkpoint dequantisation, the FP8 linear layer and the kernels adapter."""
+"""FP8 block quantisation, checkpoint dequantisation, the FP8 linear layer and the kernels adapter.
+
+The layers on the kernels themselves (Triton): test_fp8_kernels.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moeplan.model.fp8 import (FP8_DTYPE, FP8_MAX, _grouped_via_contiguous, contiguous_layout, dequantize_blocks,
-                       dequantize_tiles, quantize_blocks, quantize_tiles, reference_fp8_gemm,
-                       reference_fp8_grouped_gemm)
+from moeplan.kernels.fp8_quant import quant_act_1x128_ref, quant_weight_128x128_ref
+from moeplan.model.fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    MIN_AMAX,
+    _grouped_via_contiguous,
+    contiguous_layout,
+    dequantize_blocks,
+    dequantize_tiles,
+    quantize_blocks,
+    quantize_tiles,
+    reference_fp8_gemm,
+    reference_fp8_grouped_gemm,
+)
 from moeplan.model.linear import Linear
 
 E4M3_REL_STEP = 2.0 ** -3  # 3 mantissa bits: adjacent values differ by at most 1/8 relative
@@ -23,6 +36,36 @@ def test_tile_roundtrip_error_is_half_a_step(shape) -> None:
     # error relative to the tile's max: <= half a step at the top binade
     assert ((back - x).abs() <= tile_max * E4M3_REL_STEP / 2 + 1e-12).all()
     assert (back - x).abs().max() > 0  # quantisation really happened
+
+
+def test_tiny_tiles_keep_full_resolution() -> None:
+    """The model floors amax at MIN_AMAX = 1e-12, not at the kernels' 1e-4: a tile of values near 1e-9
+    (small gradients) still gets a scale from its own max, so its error stays half a step."""
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(5)) * 1e-9
+    x[2, 128:] = 0.0  # and an all-zero tile: finite scale, zeros back
+    q, scale = quantize_tiles(x, 128)
+    amax = x.abs().unflatten(-1, (2, 128)).amax(-1)
+    torch.testing.assert_close(scale, amax.clamp_min(MIN_AMAX) / FP8_MAX, rtol=0, atol=0)
+    back = dequantize_tiles(q, scale, 128)
+    tile_max = torch.repeat_interleave(amax, 128, dim=-1)
+    assert ((back - x).abs() <= tile_max * E4M3_REL_STEP / 2).all()
+    assert (back[2, 128:] == 0).all()
+    _, kernel_scale = quant_act_1x128_ref(x)  # the kernels' default floor: every scale 1e-4 / 448
+    assert (kernel_scale == 1e-4 / FP8_MAX).all()
+
+
+def test_quantisers_are_the_kernels_references() -> None:
+    """One float reference: the model's quantisers are ``kernels.fp8_quant``'s, bit for bit where the
+    floor does not matter, in any block size and with leading dimensions."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 7, 300, generator=g) * 3
+    q, s = quantize_tiles(x, 64)
+    q_ref, s_ref = quant_act_1x128_ref(x.reshape(14, 300), tile=64)
+    assert torch.equal(s.reshape(14, -1), s_ref) and torch.equal(q.reshape(14, 300).float(), q_ref.float())
+    w = torch.randn(3, 130, 260, generator=g)
+    q, s = quantize_blocks(w, 128)
+    q_ref, s_ref = quant_weight_128x128_ref(w)
+    assert torch.equal(s, s_ref) and torch.equal(q.float(), q_ref.float())
 
 
 def test_block_scales_are_per_128x128_block() -> None:
@@ -133,8 +176,8 @@ def _experts(backward_fp8: bool, x, offs, w13, w2):
 def test_fp8_grouped_backward_tiles_never_mix_experts() -> None:
     """Expert segments of 130, 0 and 70 rows: Wgrad tiles of 128 tokens restart at every segment,
     so scaling one expert's rows by 1000 leaves every other expert's weight gradient bit for bit."""
-    from moeplan.model.grouped_mm import GroupedLinearFn
     from moeplan.model.fp8 import reference_fp8_grouped_gemm, resolve_fp8_grouped_wgrad
+    from moeplan.model.grouped_linear import GroupedLinearFn
 
     g = torch.Generator().manual_seed(4)
     offs = torch.tensor([130, 130, 200], dtype=torch.int32)
