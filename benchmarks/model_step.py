@@ -1,0 +1,411 @@
+"""One training step (forward + backward) of a DeepSeek-V3-shaped pipeline stage on one GPU, against the simulator.
+
+    python benchmarks/model_step.py --out docs/results/model-step.md          # CUDA; also writes model-step.json
+    python -P benchmarks/model_step.py --small --device cpu --out /tmp/ms.md   # smoke run (tiny model, CPU)
+
+Workloads (``benchmarks/model_step_cases.py``): A = four MoE layers of V3's shape with 32 routed experts
+(top-8 in 8 groups, 4 kept; one shared expert), B = a dense layer and the same four; one micro-batch of
+4096 tokens; no embedding, no head. Configurations: BF16; FP8 forward through our kernels; FP8 forward
+and backward. They share one copy of the weights. Input: random BF16 hidden states (1, T, d) that
+require grad; loss <out, g> for a fixed random g (backward seeded with g); gradients set to None
+after every step; the optimizer step is not included.
+
+Timing: ``--warmup`` steps per configuration (compiles and autotunes the kernels), then ``--burn-s``
+seconds of steps of every configuration in turn so the clocks settle at the power cap, then
+``--rounds`` rounds of ``--steps`` steps per configuration, the order reversed every other round
+(A B C, C B A, ...) so heating favours none; each step timed by CUDA events after a synchronize, the SM
+clock and board power read after each configuration's turn. Memory: one more step per configuration
+after ``reset_peak_memory_stats``. Kernel classes: ``--profile-steps`` steps under ``torch.profiler``;
+a kernel's class comes from its name and from who launched it (the routed experts' forward inside a
+``record_function`` range, their backward nodes by autograd sequence number); idle = the step's wall
+time less the union of the GPU's busy intervals. The simulator prices the same layers on one GPU (EP = 1)
+from its cost tables for the GPU preset; model FLOPs come from ``simulator.accounting.flops``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from moeplan.model import ModelOptions, StageSpec, build_rank
+from moeplan.simulator.contracts.atomic_write import write_atomic
+from moeplan.simulator.costs.tables import NAMED_TABLES, named_tables
+
+
+def _sibling(name: str):
+    """``benchmarks/<name>.py`` as a module (the script runs as ``python -P``: its folder is not on sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cases = _sibling("model_step_cases")
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = Path("docs/results/model-step.md")
+STEP_RANGE, EXPERTS_RANGE = "moeplan::step", "moeplan::experts"
+BACKWARD_NODE = "autograd::engine::evaluate_function: "
+
+
+@dataclasses.dataclass
+class Runner:
+    """One configuration of one workload: its stage module (None once skipped) and what was measured."""
+
+    config: object  # model_step_cases.Config
+    stage: torch.nn.Module | None
+    skipped: str | None = None
+    times_s: list = dataclasses.field(default_factory=list)
+    clocks: list = dataclasses.field(default_factory=list)
+
+
+def unsupported(config, device: torch.device) -> str | None:
+    """Why the installed model cannot run ``config`` here, or None."""
+    known = {f.name for f in dataclasses.fields(ModelOptions)}
+    missing = sorted(set(config.options) - known)
+    if missing:
+        return f"the installed ModelOptions has no field {', '.join(missing)}"
+    if device.type != "cuda" and config.options.get("fp8_kernel") == "kernels":
+        return "fp8_kernel='kernels' runs the kernels' Triton GEMMs: needs a CUDA GPU"
+    return None
+
+
+def build_runners(w, device: torch.device) -> list[Runner]:
+    """Every configuration's stage, all built with the same seed, then made to share the first one's
+    weights (``load_state_dict(assign=True)``): one copy in memory whatever the number of configurations."""
+    runners, first = [], None
+    for config in cases.CONFIGS:
+        reason = unsupported(config, device)
+        if reason is None:
+            try:
+                options = ModelOptions(**config.options)
+                with torch.device(device):
+                    stage = build_rank(w.spec, [StageSpec(w.first_layer, w.end_layer, False, False)], options)[0]
+                    stage.init_weights(torch.Generator(device).manual_seed(0))
+            except (TypeError, ValueError, ImportError, RuntimeError) as exc:
+                reason = f"cannot build: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        if reason is not None:
+            log.info("%s %s: skipped, %s", w.name, config.name, reason)
+            runners.append(Runner(config, None, reason))
+            continue
+        if first is None:
+            first = stage
+        else:
+            res = stage.load_state_dict(first.state_dict(), assign=True, strict=False)
+            if res.missing_keys or res.unexpected_keys:  # then those tensors are this configuration's own
+                log.warning("%s %s: not shared: %s", w.name, config.name, res.missing_keys + res.unexpected_keys)
+        runners.append(Runner(config, stage))
+    return runners
+
+
+def step_inputs(w, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (1, T, d) that require grad, and the fixed output gradient g of the same shape."""
+    gen = torch.Generator(device).manual_seed(1)
+    shape = (1, w.tokens, w.spec.hidden_size)
+    x = torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16).requires_grad_()
+    return x, torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16)
+
+
+def train_step(stage: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
+    """Forward and backward of loss = <stage(x), g>; then the gradients are dropped."""
+    torch.autograd.backward(stage(x), g)
+    stage.zero_grad(set_to_none=True)
+    x.grad = None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def warm_up(runners: list[Runner], x, g, device: torch.device, steps: int) -> None:
+    """``steps`` steps per configuration; one that fails is skipped with the error as its reason."""
+    for r in runners:
+        if r.skipped:
+            continue
+        started = time.perf_counter()
+        try:
+            for _ in range(steps):
+                train_step(r.stage, x, g)
+            sync(device)
+        except Exception as exc:  # a configuration the installed kernels cannot run: recorded, the others go on
+            log.exception("%s: warm-up failed", r.config.name)
+            r.skipped, r.stage = f"failed in warm-up: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", None
+            x.grad = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        log.info("%s: %d warm-up steps in %.1f s", r.config.name, steps, time.perf_counter() - started)
+
+
+def timed_steps(r: Runner, x, g, device: torch.device, n: int) -> list[float]:
+    """Seconds of ``n`` steps, each alone on the GPU: CUDA events around it (wall clock on the CPU)."""
+    out = []
+    for _ in range(n):
+        sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            train_step(r.stage, x, g)
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) * 1e-3)
+        else:
+            t0 = time.perf_counter()
+            train_step(r.stage, x, g)
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def read_clocks(device: torch.device) -> dict:
+    """SM clock (MHz) and board power (W) now, through NVML (torch.cuda's pynvml calls); None without."""
+    if device.type != "cuda":
+        return {"sm_mhz": None, "watts": None}
+    try:
+        return {"sm_mhz": float(torch.cuda.clock_rate(device)), "watts": torch.cuda.power_draw(device) / 1e3}
+    except Exception:  # noqa: BLE001 (no pynvml, or NVML refusing: the timings stand without clocks)
+        return {"sm_mhz": None, "watts": None}
+
+
+def burn_and_time(runners: list[Runner], x, g, device: torch.device, args) -> None:
+    """Burn-in for ``args.burn_s`` seconds (all configurations in turn), then the timed rounds."""
+    end = time.perf_counter() + args.burn_s
+    while time.perf_counter() < end:
+        for r in runners:
+            train_step(r.stage, x, g)
+        sync(device)
+    log.info("burn-in done, clocks %s", read_clocks(device))
+    for rnd in range(args.rounds):
+        for r in runners if rnd % 2 == 0 else runners[::-1]:
+            r.times_s += timed_steps(r, x, g, device, args.steps)
+            r.clocks.append(read_clocks(device))
+
+
+def memory_and_loads(r: Runner, x, g, device: torch.device) -> dict:
+    """Peak allocated bytes over one step (CUDA), the weights' bytes, and each MoE layer's routed load."""
+    moe = r.stage.moe_layers()
+    for layer in moe.values():
+        layer.tokens_per_expert.zero_()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    train_step(r.stage, x, g)
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    loads = {i: layer.tokens_per_expert.double() for i, layer in moe.items()}
+    return {"baseline_bytes": base, "peak_bytes": peak, "step_peak_bytes": None if peak is None else peak - base,
+            "weight_bytes": sum(p.numel() * p.element_size() for p in r.stage.parameters()),
+            "load_max_over_mean": {i: float(c.max() / c.mean()) for i, c in loads.items()}}
+
+
+@contextmanager
+def experts_marked(stage: torch.nn.Module):
+    """While active, every routed-experts module (``layers.{i}.mlp.experts``, the checkpoint's name) runs
+    its forward inside ``record_function(EXPERTS_RANGE)``, and the yielded list collects the open
+    interval of autograd sequence numbers each forward created: its backward nodes carry them."""
+    spans, open_ = [], []
+
+    def marker() -> int:  # the sequence number of a fresh autograd node: all later nodes have larger ones
+        return torch.ones((), requires_grad=True).mul(1.0).grad_fn._sequence_nr()
+
+    def enter(module, args):
+        rf = record_function(EXPERTS_RANGE)
+        rf.__enter__()
+        open_.append((rf, marker()))
+
+    def leave(module, args, output):
+        rf, first = open_.pop()
+        spans.append((first, marker()))
+        rf.__exit__(None, None, None)
+
+    handles = [h for name, m in stage.named_modules() if name.endswith(".mlp.experts")
+               for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        yield spans
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def region_and_phase(event, spans: list[tuple[int, int]]) -> tuple[str, str]:
+    """("experts" | "attention" | "", "fwd" | "bwd") of a profiled CPU op, from its ancestors: in the
+    backward, the autograd node being evaluated (its sequence number, its name); in the forward, the
+    experts' range or the attention op."""
+    chain = []  # the op, then its ancestors
+    while event is not None:
+        chain.append(event)
+        event = event.cpu_parent
+    names = [e.name for e in chain]
+    attention = any("scaled_dot_product" in n or "ScaledDotProduct" in n for n in names)
+    bwd = next((i for i, n in enumerate(names) if n.startswith(BACKWARD_NODE)), None)
+    if bwd is None:
+        return ("experts" if EXPERTS_RANGE in names else "attention" if attention else ""), "fwd"
+    node = chain[bwd] if chain[bwd].sequence_nr >= 0 or bwd == 0 else chain[bwd - 1]  # the node's own event
+    if any(a < node.sequence_nr < b for a, b in spans):
+        return "experts", "bwd"
+    return ("attention" if attention else ""), "bwd"
+
+
+def kernel_records(events, device: torch.device, spans) -> list[tuple[str, float, str, str]]:
+    """(name, seconds, region, phase) per CUDA kernel, by the op that launched it; on the CPU, per aten
+    op's self time (the CPU has no kernels: its ops are the nearest thing)."""
+    out = []
+    for e in events:
+        if e.device_type != DeviceType.CPU:
+            continue
+        if device.type == "cuda":
+            items = [(k.name, k.duration * 1e-6) for k in e.kernels if k.name not in (STEP_RANGE, EXPERTS_RANGE)]
+        else:
+            items = [(e.name, e.self_cpu_time_total * 1e-6)] if e.name.startswith("aten::") else []
+        if items:
+            region, phase = region_and_phase(e, spans)
+            out += [(name, s, region, phase) for name, s in items if s > 0]
+    return out
+
+
+def profile_breakdown(r: Runner, x, g, device: torch.device, steps: int) -> dict:
+    """Per step: seconds by kernel class and pass, busy (union of kernel intervals), wall and idle."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with experts_marked(r.stage) as spans, profile(activities=activities) as prof:
+        for _ in range(steps):
+            sync(device)
+            with record_function(STEP_RANGE):
+                train_step(r.stage, x, g)
+                sync(device)
+    events = prof.events()
+    records = kernel_records(events, device, spans)
+    windows = [(e.time_range.start * 1e-6, e.time_range.end * 1e-6) for e in events
+               if e.name == STEP_RANGE and e.device_type == DeviceType.CPU]
+    kernel_s = sum(s for _, s, _, _ in records)
+    if device.type == "cuda":
+        gpu = [(e.time_range.start * 1e-6, e.time_range.end * 1e-6) for e in events
+               if e.device_type == DeviceType.CUDA and e.name not in (STEP_RANGE, EXPERTS_RANGE)
+               and not getattr(e, "is_user_annotation", False)]
+        busy_s = cases.union_s(gpu, windows)
+        device_s = sum(min(b, hi) - max(a, lo) for a, b in gpu for lo, hi in windows if b > lo and a < hi)
+    else:
+        busy_s = device_s = kernel_s  # one thread: the ops' self times do not overlap
+    wall_s = sum(hi - lo for lo, hi in windows)
+    return {"steps": steps, "classes": cases.class_times(records, steps), "wall_s": wall_s / steps,
+            "busy_s": busy_s / steps, "idle_s": (wall_s - busy_s) / steps, "kernel_s": kernel_s / steps,
+            "unlinked_s": (device_s - kernel_s) / steps, "spans": len(spans) // steps}
+
+
+def run_workload(w, device: torch.device, gpu, tables, args) -> dict:
+    """Build, warm up, burn in, time, measure memory and profile every configuration of ``w``."""
+    log.info("workload %s (%s, %d tokens): building", w.name, w.title, w.tokens)
+    runners = build_runners(w, device)
+    x, g = step_inputs(w, device)
+    warm_up(runners, x, g, device, args.warmup)
+    live = [r for r in runners if not r.skipped]
+    burn_and_time(live, x, g, device, args)
+    configs = []
+    for r in runners:
+        entry = {"name": r.config.name, "options": r.config.options, "skipped": r.skipped,
+                 "precision": {"fwd": r.config.fwd_precision, "bwd": r.config.bwd_precision},
+                 "predicted_s": cases.predicted_classes(w, r.config, gpu, tables),
+                 "predicted_memory": cases.predicted_memory(w, r.config)}
+        if not r.skipped:
+            timing = cases.timing_summary(w, r.times_s, r.clocks, gpu.bf16_flops_per_s)
+            entry.update(times_s=r.times_s, clocks=r.clocks, timing=timing, memory=memory_and_loads(r, x, g, device),
+                         profile=profile_breakdown(r, x, g, device, args.profile_steps))
+            log.info("%s %s: %s", w.name, r.config.name, json.dumps(entry["timing"]))
+        configs.append(entry)
+    del runners, live, x, g
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    s = w.spec
+    return {"name": w.name, "title": w.title, "layers": [w.first_layer, w.end_layer], "tokens": w.tokens,
+            "spec": {k: getattr(s, k) for k in ("name", "hidden_size", "n_routed_experts", "num_experts_per_tok",
+                                                "n_group", "topk_group", "n_shared_experts", "moe_intermediate_size",
+                                                "intermediate_size", "first_k_dense_replace")},
+            "forward_flops_per_token": cases.stage_flops(w), "configs": configs}
+
+
+def run_meta(device: torch.device, gpu, tables, args) -> dict:
+    """Where and with what the numbers were taken."""
+    meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "python benchmarks/model_step.py " + " ".join(sys.argv[1:]),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
+            "triton": None, "gpu_preset": gpu.name, "tables": tables.name,
+            "peak_bf16_flops_per_s": gpu.bf16_flops_per_s,
+            "protocol": {k: getattr(args, k) for k in ("warmup", "burn_s", "rounds", "steps", "profile_steps")}}
+    try:
+        meta["triton"] = __import__("triton").__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        meta["sms"] = torch.cuda.get_device_properties(device).multi_processor_count
+        query = "driver_version,clocks.max.sm,power.limit,clocks.sm"
+        try:
+            cmd = ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-i", str(device.index or 0)]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+            meta["nvidia_smi"] = dict(zip(query.split(","), (v.strip() for v in res.stdout.split(","))))
+        except (OSError, subprocess.TimeoutExpired):
+            meta["nvidia_smi"] = None
+    return meta
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown results")
+    parser.add_argument("--json", type=Path, default=None, help="raw results (default: --out with .json)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--small", action="store_true", help="tiny_moe-shaped layers, 64 tokens (smoke run)")
+    parser.add_argument("--workloads", default="A,B", help="comma-separated subset of A,B")
+    parser.add_argument("--tables", default="default", choices=tuple(NAMED_TABLES), help="simulator cost tables")
+    parser.add_argument("--warmup", type=int, default=None, help="steps per configuration (3 CUDA, 1 CPU)")
+    parser.add_argument("--burn-s", type=float, default=None, help="burn-in seconds (10 CUDA, 0 CPU)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (4 CUDA, 2 CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration and round (3 / 1)")
+    parser.add_argument("--profile-steps", type=int, default=1)
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (smoke run: --small --device cpu --out FILE)")
+    if not cuda and args.out.resolve() == (ROOT / DEFAULT_OUT).resolve():
+        parser.error(f"--device cpu writes no measurement to {DEFAULT_OUT}: give --out")
+    for name, on_cuda, on_cpu in (("warmup", 3, 1), ("burn_s", 10.0, 0.0), ("rounds", 4, 2), ("steps", 3, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, on_cuda if cuda else on_cpu)
+    args.json = args.json or args.out.with_suffix(".json")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # a smoke run on a shared machine: spinning thread pools slow tiny ops 10x
+    gpu = cases.gpu_preset(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    tables = named_tables(args.tables, gpu.name)
+    meta = run_meta(device, gpu, tables, args)
+    wanted = set(args.workloads.split(","))
+    result = {"meta": meta, "workloads": [run_workload(w, device, gpu, tables, args)
+                                          for w in cases.workloads(args.small) if w.name in wanted]}
+    write_atomic(args.json, json.dumps(result, indent=1, default=str) + "\n")
+    text = cases.markdown(result)
+    write_atomic(args.out, text)
+    log.info("wrote %s and %s", args.out, args.json)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
