@@ -1,6 +1,6 @@
 """Memory-bound kernels of one DeepSeek-V3 layer at their real shapes: achieved bytes/s and fraction of HBM.
 
-    python benchmarks/elementwise_bench.py    # CUDA: simulator/costs/data/h200-elementwise.json, docs/elementwise-results.md
+    python benchmarks/elementwise_bench.py    # CUDA: simulator/costs/data/h200-elementwise.json, docs/results/elementwise.md
     python benchmarks/elementwise_bench.py --device cpu --small --out /tmp/ew.json --md /tmp/ew.md   # smoke run
 
 Every kernel class of ``simulator.costs.elementwise`` (RMSNorms, latent norms, residual adds, RoPE,
@@ -43,7 +43,7 @@ from moeplan.simulator.spec.model import ModelSpec  # noqa: E402
 log = logging.getLogger(__name__)
 
 DEFAULT_JSON = Path("simulator/costs/data/h200-elementwise.json")
-DEFAULT_MD = Path("docs/elementwise-results.md")
+DEFAULT_MD = Path("docs/results/elementwise.md")
 TOKENS, SMALL_TOKENS = 4096, 64
 FLUSH_BYTES = 256 * 2**20  # above the H200's 50 MiB L2
 

@@ -1,6 +1,6 @@
 """The 1200-TFLOPS target shape, 4096x7168x16384, at the GPU's sustained clocks.
 
-    python benchmarks/fp8_gemm_sustained.py --out docs/kernels-sustained.md [--json FILE]
+    python benchmarks/fp8_gemm_sustained.py --out docs/results/kernels-sustained.md [--json FILE]
 
 A long FP8 GEMM drives an H200 into its power cap within seconds (the SM clock falls from about
 1980 MHz to 1300-1500 MHz; nvidia-smi reports "SW power cap"), so a number taken from a cool GPU
@@ -49,7 +49,7 @@ def clock_and_power() -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/kernels-sustained.md"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/kernels-sustained.md"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--burn", type=float, default=10.0, help="seconds of _scaled_mm before the first timing")
@@ -92,7 +92,7 @@ def main() -> None:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
             "rounds": args.rounds, "burn_s": args.burn,
-            "command": "python benchmarks/fp8_gemm_sustained.py --out docs/kernels-sustained.md"}
+            "command": "python benchmarks/fp8_gemm_sustained.py --out docs/results/kernels-sustained.md"}
     lines = [f"# FP8 GEMM at {M}x{N}x{K}, sustained clocks", "",
              f"`{meta['command']}` on {meta['device']} ({meta['date']}; torch {meta['torch']}, triton "
              f"{meta['triton']}): {args.burn:g} s of `_scaled_mm` first, then {args.rounds} rounds, the order of the cases "

@@ -1,6 +1,6 @@
 """Sweep the TMA FP8 GEMM's configurations on DeepSeek-V3 shapes, and time the grouped loop's parts.
 
-    python benchmarks/fp8_gemm_sweep.py --out docs/kernels-sweep.md [--json FILE]
+    python benchmarks/fp8_gemm_sweep.py --out docs/results/kernels-sweep.md [--json FILE]
 
 Dense: every configuration of ``kernels/fp8_gemm_tma.py`` and ``kernels/fp8_gemm_ws.py`` (with the
 latter's unpromoted upper bound) on the six forward shapes (M = 4096) and
@@ -200,7 +200,7 @@ def render(meta: dict, dense: list[dict], grouped: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/kernels-sweep.md"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/kernels-sweep.md"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dense-only", action="store_true", help="skip the grouped loop's parts")
     parser.add_argument("--render", type=Path, help="re-render --out from a --json file of an earlier run")
@@ -211,7 +211,7 @@ def main() -> None:
         return
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "command": "python benchmarks/fp8_gemm_sweep.py --out docs/kernels-sweep.md"}
+            "command": "python benchmarks/fp8_gemm_sweep.py --out docs/results/kernels-sweep.md"}
     grouped = [] if args.dense_only else grouped_parts()
     dense = dense_sweep()
     args.out.write_text(render(meta, dense, grouped))

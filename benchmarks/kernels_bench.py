@@ -1,6 +1,6 @@
 """Benchmark kernels/ on one GPU against torch's built-ins; writes a Markdown results table.
 
-    python benchmarks/kernels_bench.py --out docs/kernels-results.md
+    python benchmarks/kernels_bench.py --out docs/results/kernels.md
 
 Shapes are DeepSeek-V3's (reference §11.4, M = 4096 dense rows). "Ours" for dense GEMMs is the
 persistent TMA kernel (``kernels/fp8_gemm_tma.py``) wherever TMA can read the operands, and the
@@ -56,7 +56,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def graph_ms(fn) -> float:
     """GPU time alone: ``fn`` captured once in a CUDA graph (after a warm-up call has compiled,
     tuned and dispatched it), the replays timed. An eager call also pays its host time, ~100 us
-    of Python for our launchers (docs/kernels.md), which is most of a small GEMM's."""
+    of Python for our launchers (docs/design/kernels.md), which is most of a small GEMM's."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -256,14 +256,14 @@ def render(meta: dict, dense: list[dict], grouped: list[dict], memory: dict, tun
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/kernels-results.md")
+    parser.add_argument("--out", default="docs/results/kernels.md")
     parser.add_argument("--json", default=None, help="also write the raw numbers here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     props = torch.cuda.get_device_properties(0)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-            "triton": triton.__version__, "command": "python benchmarks/kernels_bench.py --out docs/kernels-results.md"}
+            "triton": triton.__version__, "command": "python benchmarks/kernels_bench.py --out docs/results/kernels.md"}
     dense = dense_results()
     grouped = grouped_results()
     try:

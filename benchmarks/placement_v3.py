@@ -1,7 +1,7 @@
 """DeepSeek-V3 expert placement on its training layout (EP64 = 8 nodes x 8 H800): balance and all-to-all
-before and after balancing a Zipf load with 0, 32 and 64 redundant experts. Writes docs/placement-results.md.
+before and after balancing a Zipf load with 0, 32 and 64 redundant experts. Writes docs/results/placement.md.
 
-    .venv/bin/python benchmarks/placement_v3.py [--zipf 1.0 0.5] [--seed 0] [--out docs/placement-results.md]
+    .venv/bin/python benchmarks/placement_v3.py [--zipf 1.0 0.5] [--seed 0] [--out docs/results/placement.md]
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--zipf", type=float, nargs="+", default=[1.0, 0.5])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("docs/placement-results.md"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/placement.md"))
     args = parser.parse_args()
     start = time.perf_counter()
     lines = [
@@ -124,7 +124,7 @@ def main() -> None:
         "Model: `deepseek-v3` preset (256 routed experts, 8 groups, top-4 groups, top-8). "
         f"Cluster: `h800` preset, {NODES} nodes x 8 GPUs = EP64, NVLink 160 GB/s and IB 50 GB/s per GPU. "
         "Before = the unbalanced layout (expert e on GPU e // 4, one group per node). "
-        "Method and constants: docs/placement.md.",
+        "Method and constants: docs/design/placement.md.",
         "",
     ]
     for exponent in args.zipf:

@@ -1,4 +1,4 @@
-"""Simulator speed on the 2-core CPU machine; writes docs/simulator-speed.md.
+"""Simulator speed on the 2-core CPU machine; writes docs/results/simulator-speed.md.
 
     python benchmarks/simulator_speed.py
 

@@ -1,4 +1,4 @@
-"""Validation of the simulator against DeepSeek-V3's published training cost; writes docs/validation.md.
+"""Validation of the simulator against DeepSeek-V3's published training cost; writes docs/results/validation.md.
 
     python benchmarks/validate_v3.py
 
@@ -70,7 +70,7 @@ def sensitivity() -> list[str]:
         (f"memory-bound kernels all at the copy bandwidth ({tables.memory_frac:.0%} of HBM, the single fraction before "
          "the per-class table; the same ideal bytes) instead of each class's measured fraction", (),
          SimOptions(tables=tables.model_copy(update={"memory_kernels": ()}))),
-        ("cross-entropy over the BF16 logits (`F.cross_entropy` measured beside it, docs/elementwise-results.md) "
+        ("cross-entropy over the BF16 logits (`F.cross_entropy` measured beside it, docs/results/elementwise.md) "
          "instead of `model.losses.cross_entropy`'s FP32 upcast", (),
          SimOptions(tables=_with_alternative(tables, "cross_entropy"))),
         ("router scores and top-k at the copy bandwidth instead of their measured "
@@ -296,7 +296,7 @@ def main() -> None:
         "",
         "The pre-training phase runs the published layout (PP16 DualPipe, EP64, DP128, cp = 1). Each "
         "context-extension phase keeps PP16 DualPipe and EP64 and chooses its context-parallel size and "
-        "micro-batching (docs/simulator.md, *Context parallelism*): the fastest simulated candidate among those "
+        "micro-batching (docs/design/simulator.md, *Context parallelism*): the fastest simulated candidate among those "
         "whose batch is whole DualPipe micro-batches, with at least 4096 tokens per GPU per micro-batch, "
         "that fit in memory. "
         f"Forced onto the pre-training layout (cp = 1, priced on its step line, as before context parallelism "
@@ -319,7 +319,7 @@ def main() -> None:
         "core runs at the efficiency measured for its sequence length (torch SDPA on the H200, 1K to 128K, "
         "`simulator/costs/data/h200-attention.json`); DeepSeek's own attention kernels are unpublished.",
         "- Memory-bound kernels run at the fraction of HBM bandwidth measured, class by class, for *our* "
-        "implementations on one H200 (`simulator/costs/data/h200-elementwise.json`, docs/elementwise-results.md; "
+        "implementations on one H200 (`simulator/costs/data/h200-elementwise.json`, docs/results/elementwise.md; "
         f"fractions of the datasheet, applied to the H800's {h800_gpu().hbm_bytes_per_s / 1e12:.2f} TB/s). DeepSeek's "
         "are unpublished. Several of ours "
         "are eager PyTorch where a fused kernel would be faster: RoPE (`model.rope.apply_rotary`, FP32 "

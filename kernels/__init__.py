@@ -1,7 +1,7 @@
 """Triton FP8 kernels for DeepSeek-V3 training (issue 7). Imports nothing else of moeplan.
 
 Ops, not layers: quantisers, GEMMs (dense and grouped, FP8 and BF16), permutation and SwiGLU,
-each in its own module with its torch reference (``*_ref``); docs/kernels.md. The model's FP8
+each in its own module with its torch reference (``*_ref``); docs/design/kernels.md. The model's FP8
 layers (``model.linear``, ``model.grouped_linear``) call the GEMMs and own the autograd, so that
 their weight gradient can be deferred for zero-bubble schedules. ``MoEPermute`` / ``MoEUnpermute``
 and ``SwiGLUFunction`` are autograd wrappers of single ops.

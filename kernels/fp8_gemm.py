@@ -14,7 +14,7 @@ and, through ``MODE``, the grouped GEMMs of ``grouped_gemm.py``.
 
 Dense products whose operands TMA can read (K contiguous, K % 16 == 0) on Hopper, or in the
 interpreter, go to the persistent TMA kernel of ``fp8_gemm_tma.py`` instead: it is 1.4-2.0x faster
-than this one on the H200 (docs/kernels-sweep.md). ``backend="auto"`` times the Triton kernel, the
+than this one on the H200 (docs/results/kernels-sweep.md). ``backend="auto"`` times the Triton kernel, the
 warp-specialised Gluon kernel (``fp8_gemm_ws.py``, where it applies) and ``torch._scaled_mm``
 (cuBLAS block-scaled) once per shape (``pick_faster``) and keeps the fastest; ``"triton"`` /
 ``"gluon"`` / ``"torch"`` force one.
@@ -225,7 +225,7 @@ def _capability_major(index: int | None) -> int:
 
 
 def tma_config(K: int) -> tuple:
-    """The TMA kernel's configuration by reduction size, from the H200 sweep (docs/kernels-sweep.md).
+    """The TMA kernel's configuration by reduction size, from the H200 sweep (docs/results/kernels-sweep.md).
 
     Short K (a few 128-steps per tile) gains from flattening the tile loop into the K loop, so the
     next tile's loads start while this one finishes (709 vs 557 TFLOPS at N x K = 32768 x 512); longer
@@ -261,7 +261,7 @@ def fp8_gemm_gluon(a, a_scale, b, b_scale, out_dtype):
 def gluon_config(key: tuple, run) -> tuple:
     """The Gluon kernel's config for a problem, its tile width timed once per ``key`` (``run(config)``
     launches it): 256-wide tiles move less data per FLOP, 128-wide ones waste less where N is not
-    a multiple of 256 (2112 columns: docs/kernels-results.md)."""
+    a multiple of 256 (2112 columns: docs/results/kernels.md)."""
     width = _BACKEND_CACHE.get(key) or pick_faster(key, {str(w): (lambda c=c: run(c)) for w, c in WIDTHS.items()})
     return WIDTHS[int(width)]
 
@@ -303,7 +303,7 @@ def pick_faster(key: tuple, candidates: dict) -> str:
     A candidate that raises (a built-in refusing a layout) is dropped; the first one must not raise.
     The candidates are timed in ``PICK_ROUNDS`` rounds, the order reversed every other round, and
     compared by their median: a long FP8 GEMM heats an H200 into its power cap within seconds, so
-    one pass in a fixed order favours whichever runs first (docs/kernels.md).
+    one pass in a fixed order favours whichever runs first (docs/design/kernels.md).
     """
     if key not in _BACKEND_CACHE:
         runnable = {}

@@ -87,7 +87,7 @@ def _fp8_gemm_tma_kernel(
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, FLATTEN, WARP_SPECIALIZE, DEFER, GROUP_M, programs per SM);
-# the default is the first (measured on the H200: docs/kernels-sweep.md).
+# the default is the first (measured on the H200: docs/results/kernels-sweep.md).
 CONFIGS = [
     (128, 128, 8, 4, False, False, False, 8, 1),
 ]

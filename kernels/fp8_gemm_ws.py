@@ -25,7 +25,7 @@ by role, each role its own partition:
 With ``m_indices`` it is the MoE grouped GEMM in the contiguous layout (``grouped_gemm.py``): B is
 the experts' (E*N, K) stack and every 128-row tile takes its expert's rows of it.
 
-Measured on the H200 (docs/kernels.md, docs/kernels-sustained.md): with the scales read from
+Measured on the H200 (docs/design/kernels.md, docs/results/kernels-sustained.md): with the scales read from
 global memory inside the K step (``scales="global"``, the first version) the first MMA of every
 step waited on that load, and the kernel ran ~25% slower at 4096x7168x16384 than with the scales
 in the stage; 256-wide tiles then gained another ~10% over 128-wide ones. What is left of the
@@ -67,17 +67,17 @@ except ImportError:  # CPU torch without triton, or a triton before Gluon's Hopp
 
 TILE = 128  # K step and scale block (TR §3.3: N_C = 128)
 ROWS_PER_WARPGROUP = 64  # one wgmma's M
-# (BLOCK_N, STAGES, GROUP_M); the default is the first (docs/kernels.md)
+# (BLOCK_N, STAGES, GROUP_M); the default is the first (docs/design/kernels.md)
 CONFIGS = [(256, 4, 16), (256, 4, 8), (256, 3, 16), (128, 4, 16), (128, 5, 16), (128, 5, 8), (128, 6, 12)]
 WIDTHS = {256: CONFIGS[0], 128: CONFIGS[3]}  # what kernels.fp8_gemm's dispatch times, by tile width
-FFMA_YIELD_EVERY = 8  # the default of fp8_gemm_ws's ffma_yield (docs/kernels.md)
-ORDER = "issue"  # the default of fp8_gemm_ws's order (ORDERS, below; docs/kernels.md)
+FFMA_YIELD_EVERY = 8  # the default of fp8_gemm_ws's ffma_yield (docs/design/kernels.md)
+ORDER = "issue"  # the default of fp8_gemm_ws's order (ORDERS, below; docs/design/kernels.md)
 # Registers a thread of (each math warpgroup, the TMA warp's warpgroup) keeps, by whether B's scales
 # are 1x128 rows. Triton 3.6 gives the three warpgroups 504 together (the default partition, the
 # first math warpgroup, takes what the other two leave). With block scales 232 / 40 as DeepGEMM
 # (240 / 24 measured no better on the forward: +2%, -1%, 0% on three shapes); the weight
 # gradient's promotion holds 32 column scales more and runs 1-4% faster on 240 / 24 (same scratch
-# comparison, H200, 2026-12-01 ~21:15 UTC, docs/kernels.md); the TMA warp fits in 24 without
+# comparison, H200, 2026-12-01 ~21:15 UTC, docs/design/kernels.md); the TMA warp fits in 24 without
 # spilling (tests/kernels/test_fp8_gemm_ws.py reads the ptxas report).
 REGS = {False: (232, 40), True: (240, 24)}
 # Named barriers the math warpgroups take turns on (``ORDERS``): above the ones Triton 3.6's warp
@@ -86,7 +86,7 @@ TURN_BARRIERS = (8, 9)
 # How the two math warpgroups share the tensor cores. "free": each issues its MMAs when its
 # operands are ready. "issue": they issue alternately (each waits until the other has issued its
 # previous MMA). "complete": a warpgroup issues an MMA only once the other's previous MMA has
-# finished, so one promotes while the other's MMA runs (docs/kernels.md measures the three).
+# finished, so one promotes while the other's MMA runs (docs/design/kernels.md measures the three).
 ORDERS = {"free": 0, "issue": 1, "complete": 2}
 
 
@@ -297,7 +297,7 @@ if HAVE_GLUON:
                 if SCALES == SCALES_TMA_C and ROW_SCALED_B:  # the (one 128-wide) piece's column scales
                     sb0 = sb_smem.index(s).slice(0, TILE_C).load(col_layout)
                 if SCALES == SCALES_TMA_C and not ROW_SCALED_B:
-                    # one load of the scale itself (selecting it out of the four cost ~5%: docs/kernels.md)
+                    # one load of the scale itself (selecting it out of the four cost ~5%: docs/design/kernels.md)
                     sb_flat = sb_smem._reinterpret(gl.float32, [STAGES * 32, 1, 1], flat_layout)
                     if ORDER != 2:  # "complete" reads them after its turn's arrive
                         sb0 = _scalar(sb_flat.index(s * 32 + ki % 4).load(one_layout))
@@ -434,7 +434,7 @@ def _layout(name: str, box: tuple[int, ...], dtype: torch.dtype):
 # its stage with the operands, so the promotion waits on shared memory only (DeepGEMM does the same
 # for A's; with the weight gradient's 1x128-row B scales, B's column scales too). "global": each
 # warpgroup loads them from global memory in the K step that uses them; the first MMA of the step
-# waits on that load (docs/kernels.md measures the difference). "none" ignores them: the
+# waits on that load (docs/design/kernels.md measures the difference). "none" ignores them: the
 # promotion's cost without the scales, a diagnostic for the benchmarks (128x128 B blocks only).
 SCALE_PATHS = {"global": 0, "tma": 1, "none": 2}
 
@@ -613,7 +613,7 @@ def _descriptors(args: dict, layouts: dict) -> dict:
 def _launch(grid: int, args: dict, layouts: dict, device, ffma_yield: int = 0) -> None:
     """Launch on ``grid`` programs. The first launch of a specialisation goes through Triton's JIT
     (compile and cache); later ones go straight to the compiled kernel's C launcher with the TMA
-    descriptors' tensor maps from ``_TensorMaps`` (docs/kernels.md: Triton's own path binds and
+    descriptors' tensor maps from ``_TensorMaps`` (docs/design/kernels.md: Triton's own path binds and
     specialises 22 arguments and encodes five tensor maps on every call). With ``ffma_yield`` the
     later launches run a copy whose promotion FFMAs may yield (``with_ffma_yields``)."""
     key = _launch_key(args, layouts, device) + (ffma_yield,)

@@ -7,7 +7,7 @@ Public API:
   ``StageSpec`` / ``rank_stages_from_plan`` / ``build_rank`` for pipeline stages (read from the plan
   file), ``WeightGradStore`` for I/W splitting, ``training_loss``, ``ExpertBiasUpdater``
   (aux-loss-free balancing).
-May import: ``kernels`` and the data-only ``simulator.spec`` and ``simulator.contracts``. See docs/model.md.
+May import: ``kernels`` and the data-only ``simulator.spec`` and ``simulator.contracts``. See docs/design/model.md.
 """
 
 from moeplan.model.api import from_hf_config

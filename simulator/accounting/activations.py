@@ -1,4 +1,4 @@
-"""Activation bytes a layer keeps for backward, per token. Derivation: ``docs/accounting.md``.
+"""Activation bytes a layer keeps for backward, per token. Derivation: ``docs/design/accounting.md``.
 
 What is stored is what backward needs: the input of every matmul (for the weight gradient),
 the inputs of the norms, the SwiGLU inputs, the flash-attention inputs, output and log-sum-exp.

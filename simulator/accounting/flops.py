@@ -1,4 +1,4 @@
-"""Training FLOPs per token, by component. Derivation and conventions: ``docs/accounting.md``.
+"""Training FLOPs per token, by component. Derivation and conventions: ``docs/design/accounting.md``.
 
 Conventions (the usual "model FLOPs" of Kaplan et al. 2020 and PaLM, Chowdhery et al. 2022, App. B):
 - only matrix multiplications count, 2 FLOPs per multiply-add; norms, softmax, SwiGLU and RoPE

@@ -36,7 +36,7 @@ from moeplan.simulator.spec.training import TrainingSpec
 
 MFU_DEFINITION = (
     "model FLOPs per token (matmuls only, 3x forward, causal attention at (T+1)/2 keys, MTP included, "
-    "recompute excluded) x tokens per second / (GPUs x dense BF16 peak of the GPU); see docs/accounting.md"
+    "recompute excluded) x tokens per second / (GPUs x dense BF16 peak of the GPU); see docs/design/accounting.md"
 )
 
 

@@ -1,4 +1,4 @@
-"""The bubble table of ``docs/schedules.md``: closed form next to the executor, per kind and size."""
+"""The bubble table of ``docs/design/schedules.md``: closed form next to the executor, per kind and size."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ class ParallelSpec(BaseModel):
 
     ``world = pp * dp * cp`` GPUs. ``dp`` counts the data-parallel replicas (groups that take
     different sequences); each replica splits every sequence over ``cp`` GPUs (context
-    parallelism; docs/simulator.md). Rank order, innermost first: cp, dp, pp, so a CP group of up
+    parallelism; docs/design/simulator.md). Rank order, innermost first: cp, dp, pp, so a CP group of up
     to a node's GPUs shares NVLink. Attention and dense weights are replicated over the
     ``dp * cp`` GPUs of a pipeline stage (ZeRO shards over all of them); each stage's routed
     experts are sharded ``ep`` ways inside that group (DeepSeek-V3: EP64 inside DP128, cp = 1),

@@ -1,14 +1,9 @@
 """benchmarks/kernels_bench.py's results table, rendered on the CPU from one dense and one grouped row."""
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
-import torch
-
-if not torch.cuda.is_available():  # as in tests/kernels: kernels/ picks the interpreter when first imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 

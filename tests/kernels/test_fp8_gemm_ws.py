@@ -5,17 +5,12 @@ wgmma present, no spills, the promotion one FFMA per accumulator element). On an
 float64 on the dequantised operands, outputs poisoned, odd sizes, the three training GEMMs.
 """
 
-import os
 import re
 import subprocess
 from pathlib import Path
 
-import torch
-
-if not torch.cuda.is_available():  # as in test_kernels.py: the interpreter is chosen when kernels/ is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
+import torch
 
 from moeplan.kernels import fp8_gemm_ws  # noqa: E402
 from moeplan.kernels.fp8_gemm import fp8_gemm_ref  # noqa: E402
@@ -412,8 +407,8 @@ def test_grouped_matches_float64(N, K, config, monkeypatch):
     padding rows of A that are not zero (they must still come out as zeros), a ragged N whose
     256-wide tiles read into the next expert's rows (never stored), the forward and the dgrad
     (transposed weight copy, non-contiguous scales); outputs poisoned before launch."""
-    from moeplan.kernels.grouped_gemm import grouped_gemm_fp8, grouped_gemm_ref
     from moeplan.kernels.fp8_quant import dequant_blocks, dequant_rows
+    from moeplan.kernels.grouped_gemm import grouped_gemm_fp8, grouped_gemm_ref
     from tests.kernels.test_kernels import _contiguous_layout
 
     counts = [130, 0, 1, 1000]

@@ -6,16 +6,11 @@ changes only the chosen FFMAs' reuse flags and yield bit. The GPU half (the patc
 output equals the unpatched one's, bit for bit) is in test_fp8_gemm_ws.py.
 """
 
-import os
 import re
 import struct
 import subprocess
 
 import pytest
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from moeplan.kernels import fp8_gemm_ws, sass_yield  # noqa: E402
 from tests.kernels.test_fp8_gemm_ws import _tools, needs_gluon  # noqa: E402

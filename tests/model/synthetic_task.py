@@ -6,7 +6,7 @@ function of the current one, so a working model drives both losses towards 0 fro
 Token frequencies are skewed (start tokens drawn from a Zipf law over a short chain), which gives
 the router an uneven load to balance.
 
-Run ``python -m tests.model.synthetic_task`` for the figures quoted in docs/model.md.
+Run ``python -m tests.model.synthetic_task`` for the figures quoted in docs/design/model.md.
 """
 
 from __future__ import annotations

@@ -7,8 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from moeplan.model.experts import GroupedExperts
-from moeplan.model.fp8 import (dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles,
-                       reference_fp8_grouped_gemm)
+from moeplan.model.fp8 import (
+    dequantize_blocks,
+    dequantize_tiles,
+    quantize_blocks,
+    quantize_tiles,
+    reference_fp8_grouped_gemm,
+)
 from moeplan.model.grouped_mm import reference_grouped_mm, reference_grouped_weight_grad, torch_grouped_mm
 
 E, D, I, N, K = 6, 32, 16, 20, 3

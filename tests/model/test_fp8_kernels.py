@@ -1,6 +1,6 @@
 """The model's FP8 layers (``LinearFn``, ``GroupedLinearFn``) on the kernels' GEMMs
 (``ModelOptions.fp8_kernel="kernels"``): on a GPU, or tiny through the Triton interpreter
-(tests/conftest.py turns it on without CUDA). Tolerances: docs/kernels.md."""
+(tests/conftest.py turns it on without CUDA). Tolerances: docs/design/kernels.md."""
 
 from __future__ import annotations
 

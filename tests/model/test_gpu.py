@@ -44,7 +44,13 @@ def test_grouped_mm_matches_reference_on_cuda() -> None:
 
 def test_kernels_gemms_match_the_reference_gemms() -> None:
     pytest.importorskip("triton")
-    from moeplan.model.fp8 import quantize_blocks, quantize_tiles, reference_fp8_gemm, reference_fp8_grouped_gemm, resolve_fp8_gemms
+    from moeplan.model.fp8 import (
+        quantize_blocks,
+        quantize_tiles,
+        reference_fp8_gemm,
+        reference_fp8_grouped_gemm,
+        resolve_fp8_gemms,
+    )
 
     dense, grouped = resolve_fp8_gemms("kernels")
     gen = torch.Generator().manual_seed(3)

@@ -1,6 +1,6 @@
 """A tiny model learns the synthetic task on CPU; the bias update narrows the expert load.
 
-Figures for docs/model.md: ``python -m tests.model.synthetic_task --steps 120`` (and ``--steps 400``).
+Figures for docs/design/model.md: ``python -m tests.model.synthetic_task --steps 120`` (and ``--steps 400``).
 Load imbalance is max/mean of the per-expert loads summed over the whole run (averaged over the two
 MoE layers, MTP included): the per-step figure of a 256-token batch is dominated by sampling noise.
 """

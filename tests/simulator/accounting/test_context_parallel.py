@@ -134,7 +134,7 @@ def v3_plan():
 
 
 def test_cp1_reproduces_the_v3_prediction(v3_plan):
-    """The published layout (cp = 1) gives the numbers of docs/validation.md. CP left them bit for bit
+    """The published layout (cp = 1) gives the numbers of docs/results/validation.md. CP left them bit for bit
     as they were (16.221377365050362 s); the attention table measured by sequence length
     (simulator/costs/data/h200-attention.json, 16.556 s) and the BF16 GEMMs measured at V3's shapes
     (h200-kernels.json, 16.776 s) moved them; the memory-bound kernels counted class by class at their

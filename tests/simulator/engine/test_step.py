@@ -11,7 +11,7 @@ from moeplan.simulator.engine.trace import chrome_trace
 from moeplan.simulator.engine.unit_costs import EndCosts, UnitCosts
 from moeplan.simulator.schedules import Durations, closed_form_bubble, execute, make_schedule
 
-F, B, W = 1.0, 2.0, 1.0  # I = B - W = F: inside every closed form's conditions (docs/schedules.md)
+F, B, W = 1.0, 2.0, 1.0  # I = B - W = F: inside every closed form's conditions (docs/design/schedules.md)
 NO_ENDS = EndCosts(embed_fwd_s=0.0, head_fwd_s=0.0, head_dx_s=0.0, head_dw_s=0.0)
 
 

@@ -168,6 +168,6 @@ def test_bubble_at_32_stages(kind: str, pp: int, m: int, expected_s: float) -> N
     ],
 )
 def test_docs_bubble_table_is_current(marker: str, durations: Durations) -> None:
-    docs = (Path(__file__).parents[3] / "docs" / "schedules.md").read_text()
+    docs = (Path(__file__).parents[3] / "docs" / "design" / "schedules.md").read_text()
     table = bubble_table_markdown([4, 8, 16], durations)
     assert f"<!-- bubble-table {marker} -->\n{table}" in docs

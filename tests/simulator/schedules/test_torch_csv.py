@@ -65,7 +65,7 @@ def test_orders_match_torch(kind: str, pp: int, m: int, v: int) -> None:
 
 
 def test_torch_1f1b_last_rank_difference_is_as_documented() -> None:
-    # If torch fixes the off-by-one, this fails and docs/schedules.md needs updating.
+    # If torch fixes the off-by-one, this fails and docs/design/schedules.md needs updating.
     assert _torch_order("1f1b", 3, 3)[-1] == ["2F1", "2B0", "2F2", "2B1", "2F3", "2B2"]
     assert _our_order("1f1b", 3, 3)[-1] == ["2F0", "2B0", "2F1", "2B1", "2F2", "2B2"]
 
