@@ -26,6 +26,7 @@ from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.contracts.placement import ExpertPlacement
 from moeplan.simulator.contracts.predictions import RunPrediction, StepPrediction
 from moeplan.simulator.schedules.schedule import Schedule
+from moeplan.simulator.spec.errors import first_error_line
 from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.parallel import ParallelSpec
 
@@ -190,9 +191,7 @@ def parse_plan(text: str, source: str = "<plan>") -> PlanFile:
     try:
         plan = PlanFile.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise PlanError(f"{source}: {where}: {err['msg']}") from exc
+        raise PlanError(first_error_line(exc, prefix=source, whole="plan")) from exc
     actual = plan.inputs.sha256()
     if actual != plan.inputs_sha256:
         raise PlanError(

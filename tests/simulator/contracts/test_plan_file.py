@@ -74,7 +74,11 @@ def test_edited_inputs_break_the_hash(plan):
 def test_unknown_fields_and_bad_json_are_refused(plan):
     raw = json.loads(dump_plan(plan))
     raw["layout"]["bogus"] = 1
-    with pytest.raises(PlanError, match="layout.bogus"):
+    with pytest.raises(PlanError, match=r"^<plan>: layout.bogus: Extra inputs are not permitted \(got 1\)$"):
+        parse_plan(json.dumps(raw))
+    raw = json.loads(dump_plan(plan))
+    raw["layout"]["pp"] = "two"
+    with pytest.raises(PlanError, match=r"^<plan>: layout.pp: Input should be a valid integer.* \(got 'two'\)$"):
         parse_plan(json.dumps(raw))
     with pytest.raises(PlanError, match="malformed JSON"):
         parse_plan("{")
