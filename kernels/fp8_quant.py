@@ -10,8 +10,10 @@ Three tilings, each with one fp32 scale per tile (``x ≈ x_fp8 * scale``):
   ceil(K/128))``; optionally also the transposed copy ``([E,] K, N)`` that the input gradient needs
   (a 128×128 block's scale is the same either way round, so its scales are ``scale.mT``).
 
-Scales are online max-abs (no delayed scaling), ``amax / 448`` or, with ``pow2_scale``, the next
-power of two at or above it (exact in any format; DeepSeek uses it for dispatch).
+Scales are online max-abs (no delayed scaling), ``max(amax, amax_floor) / 448`` or, with
+``pow2_scale``, the next power of two at or above it (exact in any format; DeepSeek uses it for
+dispatch). ``amax_floor`` keeps an all-zero tile from 0/0: DeepSeek's 1e-4 by default; the model
+passes its own (``model.fp8.MIN_AMAX``) so that tiles of tiny gradients keep E4M3's resolution.
 """
 
 import torch
@@ -26,9 +28,9 @@ AMAX_FLOOR = 1e-4
 
 
 @triton.jit
-def scale_from_amax(amax, POW2: tl.constexpr):
+def scale_from_amax(amax, POW2: tl.constexpr, FLOOR: tl.constexpr):
     """fp32 scale with ``amax / scale <= 448``; IEEE division so the torch reference is bit-exact."""
-    scale = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
+    scale = tl.math.div_rn(tl.maximum(amax, FLOOR), 448.0)
     if POW2:
         # Round up to a power of two by bits: exact, unlike log2/ceil/exp2.
         bits = scale.to(tl.int32, bitcast=True)
@@ -74,7 +76,7 @@ def cast_for_store(x, dtype: tl.constexpr):
 def store_rows(out_ptrs, scale_ptrs, x, mask, row_mask, QUANT: tl.constexpr, POW2: tl.constexpr):
     """Epilogue for a (rows, 128) fp32 tile: store it as E4M3 with one scale per row, or as out's dtype."""
     if QUANT:
-        scale = scale_from_amax(tl.max(tl.abs(x), axis=1), POW2)
+        scale = scale_from_amax(tl.max(tl.abs(x), axis=1), POW2, 1e-4)
         tl.store(out_ptrs, quantize_e4m3(x, scale[:, None]), mask=mask)
         tl.store(scale_ptrs, scale, mask=row_mask)
     else:
@@ -90,7 +92,7 @@ def _quant_rows_kernel(
     # strides
     stride_xr, stride_xc, stride_qr, stride_qc, stride_sr, stride_sc,
     # meta
-    POW2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    POW2: tl.constexpr, FLOOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One scale per (row, 128 columns) of an (R, C) view; a transposed view (swapped strides)
     gives the 128×1 tiling."""
@@ -101,7 +103,7 @@ def _quant_rows_kernel(
     mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
     x = tl.load(x_ptr + offs_r[:, None] * stride_xr + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
     x = x.to(tl.float32)  # (BLOCK_R, 128); fp32 at once: the interpreter mishandles bf16 math
-    scale = scale_from_amax(tl.max(tl.abs(x), axis=1), POW2)  # (BLOCK_R,)
+    scale = scale_from_amax(tl.max(tl.abs(x), axis=1), POW2, FLOOR)  # (BLOCK_R,)
     q = quantize_e4m3(x, scale[:, None])
     tl.store(q_ptr + offs_r[:, None] * stride_qr + offs_c[None, :] * stride_qc, q, mask=mask)
     tl.store(s_ptr + offs_r * stride_sr + pid_c * stride_sc, scale, mask=offs_r < R)
@@ -116,7 +118,7 @@ def _quant_blocks_kernel(
     # strides
     stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
     # meta
-    POW2: tl.constexpr, BLOCK: tl.constexpr,
+    POW2: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -126,7 +128,7 @@ def _quant_blocks_kernel(
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                 mask=mask, other=0.0).to(tl.float32)
-    scale = scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
+    scale = scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2, FLOOR)
     q = quantize_e4m3(w, scale)
     tl.store(q_ptr + e * stride_qe + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk, q, mask=mask)
     tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
@@ -147,7 +149,7 @@ def _check_float_2d(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a 2-D float tensor, got shape={tuple(x.shape)} dtype={x.dtype}")
 
 
-def _quant_rows(view: torch.Tensor, pow2_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _quant_rows(view: torch.Tensor, pow2_scale: bool, amax_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise the rows of a 2-D view (any strides) in 1×128 tiles into a new contiguous tensor.
 
     The scales come MN-major, (R, ceil(C/128)) with strides (1, R rounded up to 4): one K block's
@@ -161,25 +163,27 @@ def _quant_rows(view: torch.Tensor, pow2_scale: bool) -> tuple[torch.Tensor, tor
     _quant_rows_kernel[grid](
         view, q, s, R, C,
         view.stride(0), view.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
-        POW2=pow2_scale, BLOCK_R=block_r, BLOCK_C=TILE,
+        POW2=pow2_scale, FLOOR=amax_floor, BLOCK_R=block_r, BLOCK_C=TILE,
     )
     return q, s
 
 
-def quant_act_1x128(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_act_1x128(x: torch.Tensor, pow2_scale: bool = False,
+                    amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) float → (x_fp8 (M, K), scale (M, ceil(K/128)) fp32), one scale per 1×128 tile."""
     _check_float_2d(x, "x")
-    return _quant_rows(x, pow2_scale)
+    return _quant_rows(x, pow2_scale, amax_floor)
 
 
-def quant_act_128x1_t(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_act_128x1_t(x: torch.Tensor, pow2_scale: bool = False,
+                      amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) float → (x^T fp8 (K, M) contiguous, scale (K, ceil(M/128)) fp32), 128×1 tiles."""
     _check_float_2d(x, "x")
-    return _quant_rows(x.t(), pow2_scale)  # rows of the (K, M) output are columns of x
+    return _quant_rows(x.t(), pow2_scale, amax_floor)  # rows of the (K, M) output are columns of x
 
 
 def quant_weight_128x128(
-    w: torch.Tensor, pow2_scale: bool = False, transposed: bool = False
+    w: torch.Tensor, pow2_scale: bool = False, transposed: bool = False, amax_floor: float = AMAX_FLOOR,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """w ([E,] N, K) float → (w_fp8 ([E,] N, K), scale ([E,] ceil(N/128), ceil(K/128)), w_fp8^T or None).
 
@@ -192,7 +196,7 @@ def quant_weight_128x128(
     q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w.device)
     s = torch.empty((E, cdiv(N, TILE), cdiv(K, TILE)), dtype=torch.float32, device=w.device)
     grid = (cdiv(N, TILE), cdiv(K, TILE), E)
-    _quant_blocks_kernel[grid](w3, q, s, N, K, *w3.stride(), *q.stride(), *s.stride(), POW2=pow2_scale, BLOCK=TILE)
+    _quant_blocks_kernel[grid](w3, q, s, N, K, *w3.stride(), *q.stride(), *s.stride(), POW2=pow2_scale, FLOOR=amax_floor, BLOCK=TILE)
     # The transposed copy is one pass over fp8 bytes; torch's transpose is exact and cheap next to a GEMM.
     qt = q.transpose(1, 2).contiguous() if transposed else None
     if w.dim() == 2:

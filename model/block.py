@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from moeplan.model.attention import MLA
-from moeplan.model.fp8 import Fp8Gemm, resolve_fp8_gemms, resolve_fp8_grouped_wgrad
+from moeplan.model.fp8 import Fp8Ops, resolve_fp8_ops
 from moeplan.model.linear import LinearFactory
 from moeplan.model.mlp import MLP
 from moeplan.model.moe import MoE
@@ -25,36 +25,30 @@ class LayerFactory:
     dtype: torch.dtype
     make_linear: LinearFactory
     expert_backend: str
-    fp8_grouped_gemm: Fp8Gemm | None
-    fp8_block_size: int
-    fp8_grouped_wgrad: Fp8Gemm | None = None  # set when the backward runs in FP8 too
+    fp8: Fp8Ops | None  # the experts' FP8 ops when they run in FP8
+    fp8_backward: bool = False
 
     @classmethod
     def create(cls, spec: ModelSpec, options: ModelOptions) -> LayerFactory:
         if not spec.is_mla:
             raise ValueError(f"model {spec.name!r}: kv_lora_rank={spec.kv_lora_rank}; only MLA models are supported")
         needs_fp8 = options.linear_precision == "fp8" or options.expert_backend == "fp8"
-        gemm, grouped = resolve_fp8_gemms(options.fp8_kernel, options.fp8_block_size) if needs_fp8 else (None, None)
+        fp8 = resolve_fp8_ops(options.fp8_kernel, options.fp8_block_size) if needs_fp8 else None
         return cls(
             spec=spec,
             dtype=options.dtype,
-            make_linear=LinearFactory(
-                options.dtype, gemm if options.linear_precision == "fp8" else None, options.fp8_block_size,
-                options.fp8_backward,
-            ),
+            make_linear=LinearFactory(options.dtype, fp8 if options.linear_precision == "fp8" else None,
+                                      options.fp8_backward),
             expert_backend=options.expert_backend,
-            fp8_grouped_gemm=grouped,
-            fp8_block_size=options.fp8_block_size,
-            fp8_grouped_wgrad=(resolve_fp8_grouped_wgrad(options.fp8_kernel, options.fp8_block_size)
-                               if options.fp8_backward and options.expert_backend == "fp8" else None),
+            fp8=fp8 if options.expert_backend == "fp8" else None,
+            fp8_backward=options.fp8_backward,
         )
 
     def ffn(self, layer_id: int) -> nn.Module:
         spec = self.spec
         if spec.is_moe_layer(layer_id):
-            return MoE(spec, self.make_linear, self.dtype, self.expert_backend, self.fp8_grouped_gemm,
-                       self.fp8_block_size, balance_alpha=spec.aux_loss_alpha if spec.seq_aux else 0.0,
-                       fp8_grouped_wgrad=self.fp8_grouped_wgrad)
+            return MoE(spec, self.make_linear, self.dtype, self.expert_backend, self.fp8,
+                       balance_alpha=spec.aux_loss_alpha if spec.seq_aux else 0.0, fp8_backward=self.fp8_backward)
         return MLP(spec.hidden_size, spec.intermediate_size, self.make_linear)
 
     def norm(self, dim: int | None = None) -> RMSNorm:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeplan.model.fp8 import Fp8Gemm
+from moeplan.model.fp8 import Fp8Ops
 from moeplan.model.grouped_linear import GroupedLinearFn
 from moeplan.model.grouped_mm import grouped_mm_supported
 from moeplan.model.weight_grad import WeightGradStore
@@ -20,8 +20,8 @@ class GroupedExperts(nn.Module):
     """E SwiGLU experts of width I executed as grouped GEMMs over expert-sorted tokens.
 
     ``backend``: "grouped_mm" (``torch._grouped_mm``), "reference" (padded bmm), "fp8" (quantised
-    operands through ``fp8_grouped_gemm``), "auto" (grouped_mm for CUDA tensors when supported for the
-    dtype/widths, reference otherwise).
+    operands through ``fp8``, an ``Fp8Ops``; ``fp8_backward`` runs the backward in FP8 too), "auto"
+    (grouped_mm for CUDA tensors when supported for the dtype/widths, reference otherwise).
     """
 
     def __init__(
@@ -31,9 +31,8 @@ class GroupedExperts(nn.Module):
         inter_dim: int,
         dtype: torch.dtype,
         backend: str = "auto",
-        fp8_grouped_gemm: Fp8Gemm | None = None,
-        fp8_block_size: int = 128,
-        fp8_grouped_wgrad: Fp8Gemm | None = None,
+        fp8: Fp8Ops | None = None,
+        fp8_backward: bool = False,
     ) -> None:
         super().__init__()
         # "auto" decides per call: torch._grouped_mm on CUDA; its CPU fallback is ~10x slower than
@@ -42,23 +41,21 @@ class GroupedExperts(nn.Module):
         if backend == "grouped_mm" and not self.grouped_mm_ok:
             raise ValueError(f"expert_backend='grouped_mm' unsupported for dtype={dtype} dim={dim} "
                              f"moe_intermediate_size={inter_dim} (needs torch._grouped_mm and 16-byte rows)")
-        if backend == "fp8" and fp8_grouped_gemm is None:
-            raise ValueError("expert_backend='fp8' needs an fp8 grouped GEMM (ModelOptions.fp8_kernel)")
+        if backend == "fp8" and fp8 is None:
+            raise ValueError("expert_backend='fp8' needs FP8 ops (ModelOptions.fp8_kernel)")
         self.backend = backend
         self.num_experts = num_experts
-        self.fp8_grouped_gemm = fp8_grouped_gemm if backend == "fp8" else None
-        self.fp8_block_size = fp8_block_size
-        self.fp8_grouped_wgrad = fp8_grouped_wgrad if backend == "fp8" else None  # None: high-precision backward
+        self.fp8 = fp8 if backend == "fp8" else None
+        self.fp8_backward = fp8_backward  # False: high-precision (straight-through) backward
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter_dim, dim, dtype=dtype))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, inter_dim, dtype=dtype))
         self.weight_grad_store: WeightGradStore | None = None
 
-    def _linear(self, a: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    def _linear(self, a: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor,
+                host_counts: list[int] | None) -> torch.Tensor:
         use_torch = self.backend == "grouped_mm" or (self.backend == "auto" and a.is_cuda and self.grouped_mm_ok)
-        return GroupedLinearFn.apply(
-            a, weight, offs, use_torch, self.weight_grad_store,
-            self.fp8_grouped_gemm, self.fp8_block_size, self.fp8_grouped_wgrad,
-        )
+        return GroupedLinearFn.apply(a, weight, offs, use_torch, self.weight_grad_store, self.fp8, self.fp8_backward,
+                                     host_counts)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, d); indices, weights: (N, k). Returns (out (N, d), tokens per expert (E,) int64)."""
@@ -67,10 +64,13 @@ class GroupedExperts(nn.Module):
         order = torch.argsort(flat_expert, stable=True)  # slots sorted by expert
         counts = torch.bincount(flat_expert, minlength=self.num_experts)  # (E,)
         offs = counts.cumsum(0).to(torch.int32)
+        # The FP8 paths pad each expert's rows to 128 (contiguous layout): one planned host sync here
+        # gives them the row counts, so the six grouped GEMMs of the layer never wait for the GPU.
+        host_counts = counts.tolist() if self.fp8 is not None else None
         token_of = order // top_k  # (N*k,) source token of each sorted row
         rows = x[token_of]  # (N*k, d) permuted copy
-        gate, up = self._linear(rows, self.gate_up_proj, offs).chunk(2, dim=-1)  # (N*k, I) each
-        out_rows = self._linear(F.silu(gate) * up, self.down_proj, offs)  # (N*k, d)
+        gate, up = self._linear(rows, self.gate_up_proj, offs, host_counts).chunk(2, dim=-1)  # (N*k, I) each
+        out_rows = self._linear(F.silu(gate) * up, self.down_proj, offs, host_counts)  # (N*k, d)
         out_rows = (out_rows.float() * weights.reshape(-1)[order, None]).to(x.dtype)
         out = x.new_zeros(num_tokens, x.shape[-1]).index_add(0, token_of, out_rows)  # un-permute and sum k
         return out, counts

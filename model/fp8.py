@@ -11,16 +11,22 @@ choices: any ``block`` (``ModelOptions.fp8_block_size``) and the amax floor ``MI
 reference GEMMs multiply dequantised operands in FP32: the product an FP8 tensor-core GEMM with
 FP32 accumulation computes, up to summation order.
 
-The GEMMs take (q, scale) pairs; ``resolve_fp8_gemms`` picks them for ``ModelOptions.fp8_kernel``.
-"kernels" (block 128 only) is ``kernels.fp8_gemm.fp8_gemm`` for the dense GEMM (same conventions as
-here) and ``kernels.grouped_gemm.grouped_gemm_fp8`` for the grouped one, in DeepGEMM's contiguous
-layout (each expert's rows padded to 128, ``m_indices`` = row expert or -1); ``contiguous_layout``
-converts our ``offs`` rows to that layout and back.
+``Fp8Ops`` is how the FP8 layers quantise and multiply; ``resolve_fp8_ops`` builds it for
+``ModelOptions.fp8_kernel``. "reference": the float quantisers and FP32 GEMMs above, any block.
+"kernels" (block 128 only): the Triton quantisers (``quant_act_1x128``, the transposed 128x1
+``quant_act_128x1_t`` for Wgrad, ``quant_weight_128x128``) with the model's amax floor, the
+auto-dispatched dense GEMM (``kernels.fp8_gemm.fp8_gemm``: Triton, the Gluon kernel or cuBLAS, timed
+per shape), and the grouped GEMM in DeepGEMM's contiguous layout (each expert's rows padded to 128,
+``m_indices`` = row expert or -1; ``contiguous_layout`` converts our ``offs`` rows to it and back).
+Given the experts' row counts on the host (``host_counts``, one planned sync per MoE layer), the
+grouped paths never wait for the GPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -30,7 +36,10 @@ from moeplan.kernels.fp8_quant import (
     FP8_MAX,
     dequant_blocks,
     dequant_rows,
+    quant_act_1x128,
     quant_act_1x128_ref,
+    quant_act_128x1_t,
+    quant_weight_128x128,
     quant_weight_128x128_ref,
 )
 from moeplan.kernels.grouped_gemm import grouped_gemm_fp8, grouped_wgrad_fp8
@@ -39,7 +48,7 @@ from moeplan.model.grouped_mm import reference_grouped_mm, reference_grouped_wei
 __all__ = [  # FP8_DTYPE and FP8_MAX re-exported: the model's FP8 format is the kernels'
     "FP8_DTYPE", "FP8_MAX", "MIN_AMAX", "Fp8Gemm", "contiguous_layout", "dequantize_blocks", "dequantize_tiles",
     "fp8_grouped_weight_grad", "quantize_blocks", "quantize_tiles", "reference_fp8_gemm", "reference_fp8_grouped_gemm",
-    "reference_fp8_grouped_wgrad", "resolve_fp8_gemms", "resolve_fp8_grouped_wgrad",
+    "reference_fp8_grouped_wgrad", "Fp8Ops", "kernel_ops", "reference_ops", "resolve_fp8_ops",
 ]
 
 # An all-zero tile gets scale MIN_AMAX / 448 instead of 0/0. The kernels floor amax at 1e-4
@@ -109,29 +118,33 @@ def reference_fp8_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out
     return reference_grouped_weight_grad(a.t(), b.t(), seg_offsets[1:]).to(out_dtype)
 
 
-def fp8_grouped_weight_grad(g: torch.Tensor, a: torch.Tensor, offs: torch.Tensor, block: int,
-                            grouped_wgrad: Fp8Gemm) -> torch.Tensor:
+def fp8_grouped_weight_grad(g: torch.Tensor, a: torch.Tensor, offs: torch.Tensor, ops: Fp8Ops,
+                            host_counts: Sequence[int] | None = None) -> torch.Tensor:
     """FP8 weight gradient of a grouped linear, (E, N, K) FP32: per expert g_e^T a_e.
 
     The reduction runs over tokens, so both operands are quantised in tiles of ``block`` tokens (TR
     §3.3's 128 x 1 tiles for Wgrad). Each expert's rows are first padded to a multiple of ``block``
     (``contiguous_layout``) so that no tile mixes two experts' tokens under one scale.
     """
-    dest, m_indices = contiguous_layout(offs, g.shape[0], block)
+    block = ops.block
+    dest, m_indices = contiguous_layout(offs, g.shape[0], block, host_counts)
     rows = m_indices.numel()
     g_pad = g.new_zeros(rows, g.shape[1]).index_copy(0, dest, g)
     a_pad = a.new_zeros(rows, a.shape[1]).index_copy(0, dest, a)
     counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())
     bounds = torch.cat((counts.new_zeros(1), ((counts + block - 1) // block * block).cumsum(0))).to(torch.int32)
-    gq, gs = quantize_tiles(g_pad.t(), block)  # (N, rows), tiles of `block` tokens
-    aq, a_s = quantize_tiles(a_pad.t(), block)  # (K, rows)
-    return grouped_wgrad(gq, gs, aq, a_s, bounds, out_dtype=torch.float32)
+    gq, gs = ops.quant_act_t(g_pad)  # (N, rows), tiles of `block` tokens
+    aq, a_s = ops.quant_act_t(a_pad)  # (K, rows)
+    return ops.grouped_wgrad(gq, gs, aq, a_s, bounds, out_dtype=torch.float32)
 
 
-def contiguous_layout(offs: torch.Tensor, num_rows: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+def contiguous_layout(offs: torch.Tensor, num_rows: int, tile: int,
+                      host_counts: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows grouped by ``offs`` -> (destination row of each row (M,), m_indices (M_pad,) int32).
 
-    Each expert's segment starts at a multiple of ``tile``; padding rows get m_indices = -1.
+    Each expert's segment starts at a multiple of ``tile``; padding rows get m_indices = -1. The
+    padded size comes from ``host_counts`` (rows per expert, on the host) when given, else from the
+    GPU (a host sync).
     """
     counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())  # (E,)
     padded = (counts + tile - 1) // tile * tile
@@ -139,7 +152,8 @@ def contiguous_layout(offs: torch.Tensor, num_rows: int, tile: int) -> tuple[tor
     expert = torch.repeat_interleave(torch.arange(len(offs), device=offs.device), counts, output_size=num_rows)
     slot = torch.arange(num_rows, device=offs.device) - (offs.long() - counts)[expert]
     dest = pad_start[expert] + slot
-    m_indices = torch.full((max(int(padded.sum()), tile),), -1, dtype=torch.int32, device=offs.device)
+    total = sum(-(-int(n) // tile) * tile for n in host_counts) if host_counts is not None else int(padded.sum())
+    m_indices = torch.full((max(total, tile),), -1, dtype=torch.int32, device=offs.device)
     m_indices[dest] = expert.to(torch.int32)
     return dest, m_indices
 
@@ -147,44 +161,80 @@ def contiguous_layout(offs: torch.Tensor, num_rows: int, tile: int) -> tuple[tor
 def _grouped_via_contiguous(grouped_gemm: Fp8Gemm, tile: int) -> Fp8Gemm:
     """Adapt a contiguous-layout grouped FP8 GEMM to the ``offs`` convention used here."""
 
-    def gemm(a, a_scale, b, b_scale, offs, out_dtype: torch.dtype, block: int = tile) -> torch.Tensor:
-        assert block == tile, f"{block=} {tile=}"
-        dest, m_indices = contiguous_layout(offs, a.shape[0], tile)
+    def gemm(a, a_scale, b, b_scale, offs, out_dtype: torch.dtype, host_counts: Sequence[int] | None = None):
+        dest, m_indices = contiguous_layout(offs, a.shape[0], tile, host_counts)
         a_pad = a.new_zeros((m_indices.numel(), a.shape[1])).view(torch.uint8)  # fp8 has no index_put
         a_pad[dest] = a.view(torch.uint8)
         s_pad = a_scale.new_ones((m_indices.numel(), a_scale.shape[1]))
         s_pad[dest] = a_scale
-        out = grouped_gemm(a_pad.view(a.dtype), s_pad, b, b_scale, m_indices, out_dtype=out_dtype)
+        out = grouped_gemm(a_pad.view(a.dtype), s_pad, b, b_scale, m_indices, out_dtype=out_dtype, m_counts=host_counts)
         return out[dest]
 
     return gemm
 
 
-def _check_kernel(kernel: str, block: int) -> None:
+@dataclass(frozen=True)
+class Fp8Ops:
+    """How the model's FP8 layers quantise and multiply (TR §3.3). Every GEMM takes (q, scale) pairs.
+
+    - ``quant_act``: x (M, K) -> E4M3 (M, K), scales (M, ceil(K/block)): 1 x block tiles along K;
+    - ``quant_act_t``: x (M, K) -> E4M3 of x^T (K, M), scales (K, ceil(M/block)): tiles of ``block``
+      tokens, for the weight gradient, whose reduction runs over tokens;
+    - ``quant_weight``: w ([E,] N, K) (any strides) -> E4M3, scales ([E,] ceil(N/b), ceil(K/b));
+    - ``gemm(a, a_scale, b, b_scale, out_dtype)`` -> (M, N), b's scales in blocks or 1 x block rows;
+    - ``grouped(a, a_scale, b, b_scale, offs, out_dtype, host_counts)``: rows of expert e times b[e]^T;
+    - ``grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype)``: per-expert a_t · b_t^T.
+    """
+
+    block: int
+    quant_act: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    quant_act_t: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    quant_weight: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    gemm: Fp8Gemm
+    grouped: Fp8Gemm
+    grouped_wgrad: Fp8Gemm
+
+
+def _reference_grouped(a, a_scale, b, b_scale, offs, out_dtype, host_counts=None, *, block):
+    return reference_fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype, block=block)
+
+
+def reference_ops(block: int = 128) -> Fp8Ops:
+    """The float quantisers and FP32 GEMMs: the model's reference FP8, any block size."""
+    return Fp8Ops(
+        block=block,
+        quant_act=partial(quantize_tiles, block=block),
+        quant_act_t=lambda x: quantize_tiles(x.t(), block),
+        quant_weight=partial(quantize_blocks, block=block),
+        gemm=lambda a, a_scale, b, b_scale, out_dtype: reference_fp8_gemm(a, a_scale, b, b_scale, out_dtype, block),
+        grouped=partial(_reference_grouped, block=block),
+        grouped_wgrad=partial(reference_fp8_grouped_wgrad, block=block),
+    )
+
+
+def _kernel_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scale, _ = quant_weight_128x128(w, amax_floor=MIN_AMAX)
+    return q, scale
+
+
+def kernel_ops() -> Fp8Ops:
+    """Our Triton quantisers and the auto-dispatched GEMMs (block 128). The grouped weight gradient
+    stays on the Triton kernel: cuBLAS's per-expert loop reads the segments on the host."""
+    return Fp8Ops(
+        block=128,
+        quant_act=partial(quant_act_1x128, amax_floor=MIN_AMAX),
+        quant_act_t=partial(quant_act_128x1_t, amax_floor=MIN_AMAX),
+        quant_weight=_kernel_weight,
+        gemm=partial(fp8_gemm, backend="auto"),
+        grouped=_grouped_via_contiguous(partial(grouped_gemm_fp8, backend="auto"), 128),
+        grouped_wgrad=partial(grouped_wgrad_fp8, backend="triton"),
+    )
+
+
+def resolve_fp8_ops(kernel: str, block: int = 128) -> Fp8Ops:
+    """``Fp8Ops`` for ``ModelOptions.fp8_kernel``: "reference" (any block) or "kernels" (block 128)."""
     if kernel not in ("reference", "kernels"):
         raise ValueError(f"fp8_kernel={kernel!r} must be 'reference' or 'kernels'")
     if kernel == "kernels" and block != 128:
         raise ValueError(f"fp8_kernel='kernels' supports fp8_block_size=128 only, got {block}")
-
-
-def resolve_fp8_grouped_wgrad(kernel: str, block: int = 128) -> Fp8Gemm:
-    """The grouped FP8 weight-gradient GEMM for ``ModelOptions.fp8_kernel`` (``reference_fp8_grouped_wgrad``'s
-    signature; the kernels' is ``kernels.grouped_gemm.grouped_wgrad_fp8``)."""
-    _check_kernel(kernel, block)
-    if kernel == "reference":
-        return lambda *args, out_dtype=torch.float32: reference_fp8_grouped_wgrad(*args, out_dtype=out_dtype, block=block)
-    return lambda *args, out_dtype=torch.float32: grouped_wgrad_fp8(*args, out_dtype=out_dtype, backend="triton")
-
-
-def resolve_fp8_gemms(kernel: str, block: int = 128) -> tuple[Fp8Gemm, Fp8Gemm]:
-    """(dense gemm, grouped gemm) for ``ModelOptions.fp8_kernel``; both take ``block=`` and ``out_dtype=``."""
-    _check_kernel(kernel, block)
-    if kernel == "reference":
-        return reference_fp8_gemm, reference_fp8_grouped_gemm
-
-    def dense_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype, block: int = 128) -> torch.Tensor:
-        # backend="triton": the kernels' torch._scaled_mm path gave wrong results for N > 128 with
-        # 128x128 weight scales on an H200 (2026-11-28, rel. error ~200); "auto" may pick it.
-        return fp8_gemm(a, a_scale, b, b_scale, out_dtype=out_dtype, backend="triton")
-
-    return dense_gemm, _grouped_via_contiguous(grouped_gemm_fp8, 128)
+    return reference_ops(block) if kernel == "reference" else kernel_ops()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeplan.model.fp8 import Fp8Gemm, quantize_blocks, quantize_tiles
+from moeplan.model.fp8 import Fp8Ops
 from moeplan.model.weight_grad import WeightGradStore, weight_grad_now_or_later
 
 
@@ -28,17 +28,16 @@ class LinearFn(torch.autograd.Function):
     """y = x W^T with an optional FP8 forward and an optional deferred weight gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, store: WeightGradStore | None, fp8_gemm: Fp8Gemm | None, block: int,
-                fp8_backward: bool = False):
+    def forward(ctx, x, weight, store: WeightGradStore | None, fp8: Fp8Ops | None, fp8_backward: bool = False):
         ctx.save_for_backward(x, weight)
         ctx.store = store
         ctx.weight = weight
-        ctx.fp8 = (fp8_gemm, block) if fp8_backward and fp8_gemm is not None else None
-        if fp8_gemm is None:
+        ctx.fp8 = fp8 if fp8_backward else None
+        if fp8 is None:
             return F.linear(x, weight)
-        xq, xs = quantize_tiles(x.reshape(-1, x.shape[-1]), block)
-        wq, ws = quantize_blocks(weight, block)
-        out = fp8_gemm(xq, xs, wq, ws, out_dtype=x.dtype, block=block)
+        xq, xs = fp8.quant_act(x.reshape(-1, x.shape[-1]))
+        wq, ws = fp8.quant_weight(weight)
+        out = fp8.gemm(xq, xs, wq, ws, out_dtype=x.dtype)
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -52,20 +51,18 @@ class LinearFn(torch.autograd.Function):
             if ctx.fp8 is None:
                 grad_x = grad_out @ weight  # (..., K)
             else:  # Dgrad: (M, N) tiles x W^T (K, N) blocks
-                gemm, block = ctx.fp8
-                wt, wt_scale = quantize_blocks(weight.t(), block)
-                grad_x = gemm(*quantize_tiles(g2, block), wt, wt_scale, out_dtype=grad_out.dtype, block=block)
-                grad_x = grad_x.reshape(x.shape)
-        none = (None,) * 4  # store, fp8_gemm, block, fp8_backward
+                fp8 = ctx.fp8
+                wt, wt_scale = fp8.quant_weight(weight.t())
+                grad_x = fp8.gemm(*fp8.quant_act(g2), wt, wt_scale, out_dtype=grad_out.dtype).reshape(x.shape)
+        none = (None,) * 3  # store, fp8, fp8_backward
         if not ctx.needs_input_grad[1]:
             return grad_x, None, *none
 
         def weight_grad() -> torch.Tensor:  # (N, K)
             if ctx.fp8 is None:
                 return g2.t() @ x2
-            gemm, block = ctx.fp8  # Wgrad: both operands in tiles of `block` tokens, FP32 out
-            out = gemm(*quantize_tiles(g2.t(), block), *quantize_tiles(x2.t(), block), out_dtype=torch.float32,
-                       block=block)
+            fp8 = ctx.fp8  # Wgrad: both operands in tiles of `block` tokens, FP32 out
+            out = fp8.gemm(*fp8.quant_act_t(g2), *fp8.quant_act_t(x2), out_dtype=torch.float32)
             return out.to(weight.dtype)
 
         return grad_x, weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad), *none
@@ -74,7 +71,7 @@ class LinearFn(torch.autograd.Function):
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict names) routed through ``LinearFn``.
 
-    ``fp8_gemm`` None = plain matmul in the parameter dtype; a callable = FP8 block quantisation.
+    ``fp8`` None = plain matmul in the parameter dtype; an ``Fp8Ops`` = FP8 block quantisation.
     ``weight_grad_store`` is set by ``attach_weight_grad_store`` for zero-bubble schedules.
     """
 
@@ -84,25 +81,22 @@ class Linear(nn.Linear):
         out_features: int,
         bias: bool = False,
         dtype: torch.dtype | None = None,
-        fp8_gemm: Fp8Gemm | None = None,
-        fp8_block_size: int = 128,
+        fp8: Fp8Ops | None = None,
         fp8_backward: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, dtype=dtype)
-        self.fp8_gemm = fp8_gemm
-        self.fp8_block_size = fp8_block_size
+        self.fp8 = fp8
         self.fp8_backward = fp8_backward
         self.weight_grad_store: WeightGradStore | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp8_gemm is None and self.weight_grad_store is None:
+        if self.fp8 is None and self.weight_grad_store is None:
             return F.linear(x, self.weight, self.bias)
-        y = LinearFn.apply(x, self.weight, self.weight_grad_store, self.fp8_gemm, self.fp8_block_size,
-                           self.fp8_backward)
+        y = LinearFn.apply(x, self.weight, self.weight_grad_store, self.fp8, self.fp8_backward)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", fp8" if self.fp8_gemm is not None else "")
+        return super().extra_repr() + (", fp8" if self.fp8 is not None else "")
 
 
 @dataclass(frozen=True)
@@ -110,10 +104,9 @@ class LinearFactory:
     """Builds every dense ``Linear`` of a model with one dtype and one precision choice."""
 
     dtype: torch.dtype
-    fp8_gemm: Fp8Gemm | None = None
-    fp8_block_size: int = 128
+    fp8: Fp8Ops | None = None
     fp8_backward: bool = False
 
     def __call__(self, in_features: int, out_features: int, bias: bool = False) -> Linear:
-        return Linear(in_features, out_features, bias=bias, dtype=self.dtype, fp8_gemm=self.fp8_gemm,
-                      fp8_block_size=self.fp8_block_size, fp8_backward=self.fp8_backward)
+        return Linear(in_features, out_features, bias=bias, dtype=self.dtype, fp8=self.fp8,
+                      fp8_backward=self.fp8_backward)

@@ -51,16 +51,14 @@ class MoE(nn.Module):
     """HF names: ``gate`` (weight, e_score_correction_bias), ``experts``, ``shared_experts``."""
 
     def __init__(self, spec: ModelSpec, make_linear, dtype: torch.dtype, expert_backend: str,
-                 fp8_grouped_gemm=None, fp8_block_size: int = 128, balance_alpha: float = 0.0,
-                 fp8_grouped_wgrad=None) -> None:
+                 fp8=None, balance_alpha: float = 0.0, fp8_backward: bool = False) -> None:
         super().__init__()
         self.num_experts, self.top_k = spec.n_routed_experts, spec.num_experts_per_tok
         self.balance_alpha = balance_alpha
         self.gate = Gate(spec)
         self.experts = GroupedExperts(
             spec.n_routed_experts, spec.hidden_size, spec.moe_intermediate_size, dtype,
-            backend=expert_backend, fp8_grouped_gemm=fp8_grouped_gemm, fp8_block_size=fp8_block_size,
-            fp8_grouped_wgrad=fp8_grouped_wgrad,
+            backend=expert_backend, fp8=fp8, fp8_backward=fp8_backward,
         )
         self.shared_experts = (
             MLP(spec.hidden_size, spec.moe_intermediate_size * spec.n_shared_experts, make_linear)

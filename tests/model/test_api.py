@@ -49,8 +49,8 @@ def test_meta_device_build_is_lazy() -> None:
 def test_fp8_option_builds_fp8_linears() -> None:
     m = model.from_hf_config(_config_dict(), model.ModelOptions(dtype=torch.float32, linear_precision="fp8",
                                                                 expert_backend="fp8"))
-    assert m.layers["1"].self_attn.q_b_proj.fp8_gemm is not None
-    assert m.lm_head.fp8_gemm is None  # the output head stays in high precision
+    assert m.layers["1"].self_attn.q_b_proj.fp8 is not None
+    assert m.lm_head.fp8 is None  # the output head stays in high precision
     with torch.no_grad():
         assert torch.isfinite(m(torch.arange(8).view(1, 8)).logits).all()
 

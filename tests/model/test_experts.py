@@ -7,13 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moeplan.model.experts import GroupedExperts
-from moeplan.model.fp8 import (
-    dequantize_blocks,
-    dequantize_tiles,
-    quantize_blocks,
-    quantize_tiles,
-    reference_fp8_grouped_gemm,
-)
+from moeplan.model.fp8 import dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles, reference_ops
 from moeplan.model.grouped_mm import reference_grouped_mm, reference_grouped_weight_grad, torch_grouped_mm
 
 E, D, I, N, K = 6, 32, 16, 20, 3
@@ -22,7 +16,7 @@ E, D, I, N, K = 6, 32, 16, 20, 3
 def _setup(seed: int, backend: str, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     experts = GroupedExperts(E, D, I, dtype, backend=backend,
-                             fp8_grouped_gemm=reference_fp8_grouped_gemm if backend == "fp8" else None)
+                             fp8=reference_ops(128) if backend == "fp8" else None)
     with torch.no_grad():
         experts.gate_up_proj.copy_(torch.randn(experts.gate_up_proj.shape, generator=gen) * 0.3)
         experts.down_proj.copy_(torch.randn(experts.down_proj.shape, generator=gen) * 0.3)

@@ -18,8 +18,8 @@ from moeplan.model.fp8 import (
     dequantize_tiles,
     quantize_blocks,
     quantize_tiles,
-    reference_fp8_gemm,
     reference_fp8_grouped_gemm,
+    reference_ops,
 )
 from moeplan.model.linear import Linear
 
@@ -89,7 +89,7 @@ def test_checkpoint_dequantisation_uses_weight_scale_inv_as_multiplier() -> None
 def test_fp8_linear_forward_and_straight_through_backward() -> None:
     gen = torch.Generator().manual_seed(1)
     plain = Linear(256, 96)
-    fp8 = Linear(256, 96, fp8_gemm=reference_fp8_gemm)
+    fp8 = Linear(256, 96, fp8=reference_ops(128))
     with torch.no_grad():
         plain.weight.copy_(torch.randn(96, 256, generator=gen) * 0.05)
         fp8.weight.copy_(plain.weight)
@@ -113,7 +113,7 @@ def test_contiguous_layout_adapter_matches_reference() -> None:
     assert m_indices.numel() == 128 * 4 and (m_indices[dest] == torch.tensor([0] * 5 + [2] * 135 + [3])).all()
     assert (m_indices == -1).sum() == 128 * 4 - 141
 
-    def fake_contiguous_gemm(a, a_scale, b, b_scale, m_indices, out_dtype):
+    def fake_contiguous_gemm(a, a_scale, b, b_scale, m_indices, out_dtype, m_counts=None):
         assert a.shape[0] % 128 == 0
         rows = (m_indices >= 0).nonzero().flatten()
         out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype)
@@ -146,7 +146,7 @@ def test_fp8_backward_is_the_recipe_emulated_in_float64() -> None:
     from the straight-through (exact) gradients by an FP8-sized error."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 150, 200, generator=g, requires_grad=True)  # 300 tokens: a ragged last tile
-    layer = Linear(200, 130, fp8_gemm=reference_fp8_gemm, fp8_backward=True)
+    layer = Linear(200, 130, fp8=reference_ops(128), fp8_backward=True)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(130, 200, generator=g))
     dy = torch.randn(2, 150, 130, generator=g)
@@ -162,11 +162,9 @@ def test_fp8_backward_is_the_recipe_emulated_in_float64() -> None:
 
 def _experts(backward_fp8: bool, x, offs, w13, w2):
     from moeplan.model.experts import GroupedExperts
-    from moeplan.model.fp8 import reference_fp8_grouped_gemm, resolve_fp8_grouped_wgrad
 
     layer = GroupedExperts(len(offs), x.shape[1], w2.shape[2], torch.float32, backend="fp8",
-                           fp8_grouped_gemm=reference_fp8_grouped_gemm,
-                           fp8_grouped_wgrad=resolve_fp8_grouped_wgrad("reference") if backward_fp8 else None)
+                           fp8=reference_ops(128), fp8_backward=backward_fp8)
     with torch.no_grad():
         layer.gate_up_proj.copy_(w13)
         layer.down_proj.copy_(w2)
@@ -176,7 +174,6 @@ def _experts(backward_fp8: bool, x, offs, w13, w2):
 def test_fp8_grouped_backward_tiles_never_mix_experts() -> None:
     """Expert segments of 130, 0 and 70 rows: Wgrad tiles of 128 tokens restart at every segment,
     so scaling one expert's rows by 1000 leaves every other expert's weight gradient bit for bit."""
-    from moeplan.model.fp8 import reference_fp8_grouped_gemm, resolve_fp8_grouped_wgrad
     from moeplan.model.grouped_linear import GroupedLinearFn
 
     g = torch.Generator().manual_seed(4)
@@ -184,12 +181,11 @@ def test_fp8_grouped_backward_tiles_never_mix_experts() -> None:
     a = torch.randn(200, 256, generator=g)
     w = torch.randn(3, 136, 256, generator=g, requires_grad=True)
     dy = torch.randn(200, 136, generator=g)
-    wgrad = resolve_fp8_grouped_wgrad("reference")
 
     def grads(a_in, dy_in):
         a_in = a_in.clone().requires_grad_(True)
         w.grad = None
-        GroupedLinearFn.apply(a_in, w, offs, False, None, reference_fp8_grouped_gemm, 128, wgrad).backward(dy_in)
+        GroupedLinearFn.apply(a_in, w, offs, False, None, reference_ops(128), True).backward(dy_in)
         return a_in.grad, w.grad.clone()
 
     da, dw = grads(a, dy)

@@ -15,7 +15,7 @@ from moeplan.kernels.fp8_quant import (
     quant_weight_128x128_ref,
 )
 from moeplan.kernels.grouped_gemm import grouped_gemm_ref, grouped_wgrad_ref
-from moeplan.model.fp8 import reference_fp8_gemm, resolve_fp8_gemms, resolve_fp8_grouped_wgrad
+from moeplan.model.fp8 import kernel_ops, reference_ops
 from moeplan.model.grouped_linear import GroupedLinearFn
 from moeplan.model.linear import Linear
 from tests.kernels import test_kernels
@@ -56,15 +56,15 @@ def test_fp8_layer_on_the_kernels_is_the_recipe(device, grouped):
     x = x.masked_fill(~real[:, None], 0) if grouped else x
     w = rand(len(counts), N, K, seed=18, device=device) if grouped else rand(N, K, seed=18, device=device)
     dy = rand(M, N, seed=19, device=device, dtype=torch.bfloat16).masked_fill(~real[:, None], 0)
-    dense, grouped_gemm = resolve_fp8_gemms("kernels")
+    ops = kernel_ops()
     if grouped:
         offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
         xr, wr = x[real].clone().requires_grad_(True), w.clone().requires_grad_(True)
-        y = GroupedLinearFn.apply(xr, wr, offs, False, None, grouped_gemm, 128, resolve_fp8_grouped_wgrad("kernels"))
+        y = GroupedLinearFn.apply(xr, wr, offs, False, None, ops, True, counts)
         y.backward(dy[real])
         dx, dw = xr.grad, wr.grad
     else:
-        layer = Linear(K, N, fp8_gemm=dense, fp8_backward=True).to(device)
+        layer = Linear(K, N, fp8=ops, fp8_backward=True).to(device)
         with torch.no_grad():
             layer.weight.copy_(w)
         xr = x.clone().requires_grad_(True)
@@ -82,15 +82,14 @@ def test_fp8_layer_on_the_kernels_is_the_recipe(device, grouped):
 
 def test_model_fp8_backward_through_the_kernels(device):
     """The model's FP8 backward (ModelOptions.fp8_backward) on our kernels equals it on the model's
-    float reference GEMMs: dense Dgrad/Wgrad (TMA path: sizes multiples of 16) and grouped Wgrad."""
-    dense, grouped = resolve_fp8_gemms("kernels")
-    ref_grouped = resolve_fp8_gemms("reference")[1]
+    float reference: dense Dgrad/Wgrad (TMA path: sizes multiples of 16) and grouped Wgrad, with and
+    without the experts' row counts on the host."""
     x0 = rand(320, 256, seed=21, device=device)
     w0 = rand(144, 256, seed=22, device=device)
     dy = rand(320, 144, seed=23, device=device)
     results = []
-    for gemm in (dense, reference_fp8_gemm):
-        layer = Linear(256, 144, fp8_gemm=gemm, fp8_backward=True).to(device)
+    for ops in (kernel_ops(), reference_ops(128)):
+        layer = Linear(256, 144, fp8=ops, fp8_backward=True).to(device)
         with torch.no_grad():
             layer.weight.copy_(w0)
         x = x0.clone().requires_grad_(True)
@@ -102,9 +101,10 @@ def test_model_fp8_backward_through_the_kernels(device):
     offs = torch.tensor([130, 130, 256], dtype=torch.int32, device=device)
     w = rand(3, 144, 256, seed=24, device=device).requires_grad_(True)
     out = []
-    for gg, wg in ((grouped, resolve_fp8_grouped_wgrad("kernels")), (ref_grouped, resolve_fp8_grouped_wgrad("reference"))):
+    for ops, host_counts in ((kernel_ops(), [130, 0, 126]), (kernel_ops(), None), (reference_ops(128), None)):
         a = x0[:256].clone().requires_grad_(True)
         w.grad = None
-        GroupedLinearFn.apply(a, w, offs, False, None, gg, 128, wg).backward(dy[:256])
+        GroupedLinearFn.apply(a, w, offs, False, None, ops, True, host_counts).backward(dy[:256])
         out.append((a.grad, w.grad.clone()))
-    assert rel_err(out[0][0], out[1][0]) < TOL_FP32_OUT and rel_err(out[0][1], out[1][1]) < TOL_FP32_OUT
+    for got in out[:2]:
+        assert rel_err(got[0], out[2][0]) < TOL_FP32_OUT and rel_err(got[1], out[2][1]) < TOL_FP32_OUT

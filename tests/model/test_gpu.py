@@ -45,14 +45,15 @@ def test_grouped_mm_matches_reference_on_cuda() -> None:
 def test_kernels_gemms_match_the_reference_gemms() -> None:
     pytest.importorskip("triton")
     from moeplan.model.fp8 import (
+        kernel_ops,
         quantize_blocks,
         quantize_tiles,
         reference_fp8_gemm,
         reference_fp8_grouped_gemm,
-        resolve_fp8_gemms,
     )
 
-    dense, grouped = resolve_fp8_gemms("kernels")
+    ops = kernel_ops()
+    dense, grouped = ops.gemm, ops.grouped
     gen = torch.Generator().manual_seed(3)
     a, w = torch.randn(200, 256, generator=gen).cuda(), torch.randn(384, 256, generator=gen).cuda()
     aq, sa = quantize_tiles(a, 128)
@@ -77,3 +78,33 @@ def test_kernels_fp8_matches_reference_fp8() -> None:
     # through 4 layers of bf16 activations and top-k routing (a few flipped choices) the logits drift more
     assert _rel(la, lb) < 0.05
     assert _rel(la, lref) < 0.1
+
+
+def test_fp8_step_on_the_kernels_syncs_once_per_moe_layer() -> None:
+    """A forward and backward on our kernels (FP8 forward and backward) waits for the GPU only where
+    planned: once per MoE layer, for the experts' row counts. Counted with torch's sync debug mode
+    after a warm-up step (the first call of each GEMM shape times its backends)."""
+    pytest.importorskip("triton")
+    import warnings
+
+    options = ModelOptions(dtype=torch.bfloat16, linear_precision="fp8", expert_backend="fp8", fp8_kernel="kernels",
+                           fp8_backward=True)
+    model, _, ids = _pair(options, options)
+    from moeplan.model.moe import MoE
+
+    moe_layers = sum(isinstance(module, MoE) for module in model.modules())  # MTP's included
+
+    def step() -> None:
+        model(ids).logits.float().square().mean().backward()
+
+    step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert moe_layers >= 1 and len(syncs) <= moe_layers, syncs
