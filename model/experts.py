@@ -62,7 +62,8 @@ class GroupedExperts(nn.Module):
         num_tokens, top_k = indices.shape
         flat_expert = indices.reshape(-1)  # (N*k,) slot j = token j // k
         order = torch.argsort(flat_expert, stable=True)  # slots sorted by expert
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)  # (E,)
+        # (E,) tokens per expert; not torch.bincount, whose CUDA kernel reads the largest index on the host
+        counts = flat_expert.new_zeros(self.num_experts).scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
         offs = counts.cumsum(0).to(torch.int32)
         # The FP8 paths pad each expert's rows to 128 (contiguous layout): one planned host sync here
         # gives them the row counts, so the six grouped GEMMs of the layer never wait for the GPU.
