@@ -1,15 +1,26 @@
-"""Bad input, reported one way: one line on stderr naming the field and the value, exit code 2.
+"""Errors, reported one way: one line on stderr, never a traceback.
 
-Commands raise; they never print errors or exit themselves. ``ReportingGroup``, the ``moeplan``
-app's command group, turns the errors in ``USER_ERRORS`` into ``moeplan: error: ...``. Since every
-command renders its files before it writes any (``outputs.write_outputs``), such an error leaves
-nothing behind. Anything else is a bug and keeps its traceback.
+Commands raise; they never print errors or exit themselves. ``ReportingGroup``, the ``moeplan`` app's
+command group, reports:
+
+- bad input (the errors in ``USER_ERRORS``, and usage errors such as a mistyped option or a value
+  of the wrong type) as ``moeplan: error: ...`` naming the field and the value, exit code 2. Since
+  every command renders its files before it writes any (``outputs.write_outputs``), nothing is left
+  behind;
+- anything else, a bug, as ``moeplan: internal error: ...`` plus the path of a log file holding the
+  traceback (``moeplan-crash-*.log`` in the temporary directory), exit code 3.
+
+``note`` is the one other line a command may print on stderr: what it assumed (exit code 0).
 """
 
 from __future__ import annotations
 
+import sys
+import tempfile
+import traceback
 from typing import Any
 
+import click
 import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
@@ -20,6 +31,9 @@ from moeplan.simulator.schedules.actions import ScheduleError
 from moeplan.simulator.spec.errors import first_error_line
 
 BAD_INPUT_EXIT_CODE = 2
+INTERNAL_ERROR_EXIT_CODE = 3
+INTERRUPTED_EXIT_CODE = 130
+MAX_LINE_CHARS = 2000  # a reported line quotes what it was given, up to this long
 
 
 class InputError(ValueError):
@@ -29,15 +43,54 @@ class InputError(ValueError):
 # Our boundaries' errors. A pydantic ValidationError is a spec built straight from options; OSError on a
 # user's path is turned into InputError where the path is read or written, so a stray OSError stays a bug.
 USER_ERRORS = (InputError, LayoutError, PlanError, ScheduleError, ValidationError)
+# typer >= 0.22 vendors click; its exceptions are not click's. BadParameter's bases are UsageError, then
+# ClickException, in both.
+_CLICK_ERRORS = (click.ClickException, typer.BadParameter.__mro__[2])
+_CLICK_FLOW = (click.exceptions.Exit, typer.Exit, click.Abort, typer.Abort, *_CLICK_ERRORS)
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line: line breaks and other control characters escaped, and cut to
+    ``MAX_LINE_CHARS``, so that what a user typed or a file held cannot spill over several lines."""
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return line if len(line) <= MAX_LINE_CHARS else line[: MAX_LINE_CHARS - 3] + "..."
 
 
 def error_line(exc: Exception) -> str:
     """The one line an error is reported as (pydantic errors as ``field.path: message (got value)``)."""
-    return first_error_line(exc) if isinstance(exc, ValidationError) else str(exc)
+    return one_line(first_error_line(exc) if isinstance(exc, ValidationError) else str(exc))
+
+
+def note(line: str) -> None:
+    """What a command assumed where its inputs disagree without being unusable: ``moeplan: note: ...`` on
+    stderr (stdout stays the command's output, strict JSON with ``--json``)."""
+    typer.echo(f"moeplan: note: {one_line(line)}", err=True)
+
+
+def crash_log(exc: BaseException) -> str | None:
+    """Write ``exc``'s traceback to a new ``moeplan-crash-*.log`` in the temporary directory; its path,
+    or None when it cannot be written."""
+    try:
+        with tempfile.NamedTemporaryFile("w", prefix="moeplan-crash-", suffix=".log", delete=False,
+                                         encoding="utf-8", errors="backslashreplace") as log:
+            log.write(f"moeplan {' '.join(sys.argv[1:])}\n\n")
+            log.write("".join(traceback.format_exception(exc)))
+            return log.name
+    except OSError:
+        return None
+
+
+def report_internal_error(exc: BaseException) -> int:
+    """One line for a bug: what broke and where its traceback is; returns ``INTERNAL_ERROR_EXIT_CODE``."""
+    path = crash_log(exc)
+    where = f"traceback in {path}" if path else "its traceback could not be written"
+    what = one_line(f"{type(exc).__name__}: {exc}")[:300]
+    typer.echo(f"moeplan: internal error (a bug; please report it): {what} ({where})", err=True)
+    return INTERNAL_ERROR_EXIT_CODE
 
 
 class ReportingGroup(TyperGroup):
-    """The ``moeplan`` group: a command's ``USER_ERRORS`` become one line on stderr and exit code 2."""
+    """The ``moeplan`` group: bad input is one line and exit code 2, a bug one line and exit code 3."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -45,3 +98,31 @@ class ReportingGroup(TyperGroup):
         except USER_ERRORS as exc:
             typer.echo(f"moeplan: error: {error_line(exc)}", err=True)
             raise typer.Exit(BAD_INPUT_EXIT_CODE) from None
+        except _CLICK_FLOW:  # usage errors, exits and aborts: ``main`` reports them
+            raise
+        except Exception as exc:  # noqa: BLE001 -- a bug: one line here, the traceback in a log file
+            raise typer.Exit(report_internal_error(exc)) from None
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        """As typer's, but a usage error is one line too (``moeplan: error: plan: Invalid value for ...``),
+        a bare ``moeplan`` prints the help, and an interrupt exits 130 without a traceback."""
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _CLICK_ERRORS as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `moeplan`: help was wanted
+                super().main(["--help"], prog_name, complete_var, standalone_mode=False, **extra)
+                code = 0
+            else:
+                where = f"{exc.ctx.command_path}: " if getattr(exc, "ctx", None) else ""
+                message = exc.format_message().replace("Value error, ", "")  # pydantic's, from typer's parsers
+                typer.echo(f"moeplan: error: {one_line(where + message)}", err=True)
+                code = exc.exit_code
+        except (click.Abort, typer.Abort, KeyboardInterrupt):
+            code = INTERRUPTED_EXIT_CODE
+        except Exception as exc:  # noqa: BLE001 -- a bug while parsing the command line
+            code = report_internal_error(exc)
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code

@@ -5,7 +5,9 @@ their pydantic models. Every failure is one ``InputError`` line naming the optio
 from __future__ import annotations
 
 import json
+import math
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from moeplan.orchestrator.errors import InputError
-from moeplan.orchestrator.overrides import apply_overrides
+from moeplan.orchestrator.overrides import apply_overrides, parse_override
 from moeplan.simulator.accounting.layout import LayoutError, check_layout
 from moeplan.simulator.contracts.expert_load import ExpertLoadRecord, one_line_error
 from moeplan.simulator.planning.planner import resolve_microbatches
@@ -23,9 +25,10 @@ from moeplan.simulator.presets.clusters import CLUSTER_PRESETS
 from moeplan.simulator.presets.models import MODEL_PRESETS
 from moeplan.simulator.presets.recipes import recipe_for
 from moeplan.simulator.spec.errors import first_error_line
-from moeplan.simulator.spec.hardware import ClusterSpec
+from moeplan.simulator.spec.hardware import MAX_NODES, ClusterSpec
 from moeplan.simulator.spec.inputs import PlanInputs
-from moeplan.simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.json_input import JsonInputError, read_json_file
+from moeplan.simulator.spec.model import MAX_EXPERTS, ModelSpec
 from moeplan.simulator.spec.parallel import ParallelSpec
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -44,11 +47,22 @@ _SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
 
 def parse_count(text: str, flag: str) -> float:
-    """``14.8T`` -> 1.48e13; plain numbers pass through."""
-    match = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?\d+)?)\s*([KMBGT]?)\s*", text)
+    """``14.8T`` -> 1.48e13; plain numbers pass through. Finite and non-negative, or ``InputError``."""
+    match = re.fullmatch(r"\s*((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,4})?)\s*([KMBGT]?)\s*", text)
     if not match:
-        raise InputError(f"{flag} {text!r}: expected a number such as 14.8T, 469B or 1e12")
-    return float(match.group(1)) * _SUFFIX.get(match.group(2), 1.0)
+        raise InputError(f"{flag} {text!r:.80}: expected a number such as 14.8T, 469B or 1e12")
+    value = float(match.group(1)) * _SUFFIX.get(match.group(2), 1.0)
+    if not math.isfinite(value):
+        raise InputError(f"{flag} {text!r:.80}: too large for a number")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A float option's value (typer's own float takes ``nan``, ``inf`` and ``1e999``): a finite number."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r:.80} is not a finite number")
+    return value
 
 
 def flag_overrides(flags: Mapping[str, Any]) -> list[str]:
@@ -61,13 +75,12 @@ def flag_overrides(flags: Mapping[str, Any]) -> list[str]:
 
 
 def read_model_file(path: Path, cls: type[Model], option: str) -> Model:
-    """Parse a JSON file into ``cls``; every failure is one ``InputError`` naming the option and file."""
+    """Parse a JSON file (``json_input.read_json_file``: bounded, strict) into ``cls``; every failure is
+    one ``InputError`` naming the option and file."""
     try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise InputError(f"{option} {path}: cannot read ({exc.strerror})") from exc
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{option} {path}: malformed JSON ({exc.msg} at line {exc.lineno})") from exc
+        data = read_json_file(path)
+    except JsonInputError as exc:
+        raise InputError(f"{option} {exc}") from None
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
@@ -87,6 +100,27 @@ def one_load_source(load: Path | None, zipf: float | None) -> None:
         raise InputError("--load and --zipf: give one expert-load source, not both")
 
 
+MAX_ZIPF = 50.0  # past this the first expert takes all but 1e-15 of the load; larger exponents overflow
+
+
+def check_zipf(zipf: float | None, model: ModelSpec) -> None:
+    """``--zipf``: an exponent in 0..``MAX_ZIPF``, for a model with routed experts."""
+    if zipf is None:
+        return
+    if not model.is_moe:
+        raise InputError(f"--zipf {zipf}: {model.name} has no routed experts (n_routed_experts=0)")
+    if not 0 <= zipf <= MAX_ZIPF:  # NaN fails this too
+        raise InputError(f"--zipf {zipf}: must be a finite exponent in 0..{MAX_ZIPF:g}")
+
+
+def check_redundant(redundant: int, model: ModelSpec, option: str) -> None:
+    """Redundant expert slots: >= 0, at most ``MAX_EXPERTS``, and only for a model with routed experts."""
+    if not 0 <= redundant <= MAX_EXPERTS:
+        raise InputError(f"{option} {redundant}: must be >= 0 and at most {MAX_EXPERTS}")
+    if redundant and not model.is_moe:
+        raise InputError(f"{option} {redundant}: {model.name} has no routed experts (n_routed_experts=0)")
+
+
 def read_load_record(path: Path, model: ModelSpec, layers: Iterable[int]) -> ExpertLoadRecord:
     """A recorded expert-load file (``ExpertLoadRecord``, the format training writes) that fits ``model``:
     its expert count, and every layer one of ``layers``."""
@@ -104,25 +138,37 @@ def load_model(arg: str) -> tuple[ModelSpec, list[str]]:
     if arg in MODEL_PRESETS:
         return MODEL_PRESETS[arg](), []
     path = Path(arg)
-    if path.suffix == ".json" or path.exists():
-        if not path.is_file():
+    kind = path_kind(path, "--model")
+    if path.suffix == ".json" or kind is not None:
+        if kind != "file":
             raise InputError(f"--model {arg}: no such file")
         try:
             return ModelSpec.from_hf_config_file(path)
         except ValidationError as exc:
             raise InputError(first_error_line(exc, str(path))) from exc
-        except ValueError as exc:  # malformed JSON, not an object
-            raise InputError(str(exc)) from exc
-        except OSError as exc:
-            raise InputError(f"--model {arg}: cannot read ({exc.strerror})") from exc
-    raise InputError(f"--model {arg!r}: unknown preset (choose from: {', '.join(MODEL_PRESETS)}) and not a config.json path")
+        except ValueError as exc:  # not strict JSON, not an object (``JsonInputError`` names the file)
+            raise InputError(f"--model {exc}") from exc
+    raise InputError(f"--model {arg!r:.200}: unknown preset (choose from: {', '.join(MODEL_PRESETS)}) and not a "
+                     "config.json path")
+
+
+def path_kind(path: Path, option: str) -> str | None:
+    """``"file"``, ``"dir"`` or ``"other"`` for what is at ``path`` (links followed), None for nothing;
+    ``InputError`` for a name the system refuses (too long, a NUL byte, a loop of links)."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{option} {str(path)!r:.200}: cannot use ({getattr(exc, 'strerror', None) or exc})") from None
+    return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else "other"
 
 
 def load_cluster(name: str, nodes: int | None) -> ClusterSpec:
     if name not in CLUSTER_PRESETS:
-        raise InputError(f"--cluster {name!r}: unknown preset (choose from: {', '.join(CLUSTER_PRESETS)})")
-    if nodes is not None and nodes <= 0:
-        raise InputError(f"--nodes {nodes}: must be a positive number of nodes")
+        raise InputError(f"--cluster {name!r:.200}: unknown preset (choose from: {', '.join(CLUSTER_PRESETS)})")
+    if nodes is not None and not 0 < nodes <= MAX_NODES:
+        raise InputError(f"--nodes {nodes}: must be a positive number of nodes, at most {MAX_NODES}")
     return CLUSTER_PRESETS[name]() if nodes is None else CLUSTER_PRESETS[name](nodes)
 
 
@@ -165,7 +211,7 @@ def build_request(model_arg: str, cluster_arg: str, nodes: int | None, sets: lis
         "budget": recipe.budget.model_dump(mode="json"),
         "parallel": (recipe.parallel or ParallelSpec()).model_dump(mode="json"),
     }
-    layout_sets = [s for s in sets if s.strip().startswith("parallel.")]
+    layout_sets = [s for s in sets if parse_override(s)[0][0] == "parallel"]  # parallel.pp=8, parallel={...}
     other_sets = [s for s in sets if s not in layout_sets]
     try:
         data = apply_overrides(base, other_sets)
@@ -173,10 +219,19 @@ def build_request(model_arg: str, cluster_arg: str, nodes: int | None, sets: lis
         if not published:
             data["parallel"] = ParallelSpec().model_dump(mode="json")
         fixed_data = apply_overrides({"parallel": data["parallel"]}, layout_sets)["parallel"]
-        fixed = {k: v for k, v in fixed_data.items() if v != data["parallel"][k] or any(
-            s.strip().startswith(f"parallel.{k}=") or s.strip().startswith(f"parallel.{k}.") for s in layout_sets)}
         data["parallel"] = fixed_data
         inputs = PlanInputs.model_validate(data)
-        return PlanRequest(inputs=inputs, ignored=ignored, fixed=fixed, published=published)
+        return PlanRequest(inputs=inputs, ignored=ignored, fixed=_fixed(fixed_data, layout_sets), published=published)
     except ValidationError as exc:
         raise InputError(first_error_line(exc, "invalid setting")) from exc
+
+
+def _fixed(parallel: dict[str, Any], layout_sets: list[str]) -> dict[str, Any]:
+    """The layout settings the user gave (``parallel.pp=8``, ``parallel.stage_layers.0=3``, or every key of
+    ``parallel={...}``), with their values: what the search must not vary."""
+    keys: set[str] = set()
+    for item in layout_sets:
+        path, value = parse_override(item)
+        keys |= {path[1]} if len(path) > 1 else set(value) if isinstance(value, dict) else set()
+    return {k: parallel[k] for k in sorted(keys) if k in parallel}
+

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from moeplan.orchestrator.errors import InputError
+from moeplan.simulator.spec.json_input import JsonInputError, parse_json
 
 
 class OverrideError(InputError):
@@ -14,10 +15,11 @@ class OverrideError(InputError):
 
 
 def parse_value(text: str) -> Any:
-    """JSON when it parses (numbers, true/false/null, lists, objects), the raw string otherwise."""
+    """Strict JSON when it parses (numbers, true/false/null, lists, objects; ``json_input.parse_json``),
+    the raw string otherwise (``bf16``, and ``NaN``, which the specs then refuse as a number)."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
+        return parse_json(text, "--set")
+    except JsonInputError:
         return text
 
 
@@ -47,7 +49,7 @@ def apply_overrides(data: dict[str, Any], items: Iterable[str]) -> dict[str, Any
                 else:
                     node = node[part]
             elif isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
+                if not (part.isascii() and part.isdigit()) or int(part) >= len(node):
                     raise OverrideError(f"--set {'.'.join(path)}: {where!r} is not an index below {len(node)}")
                 if last:
                     node[int(part)] = value

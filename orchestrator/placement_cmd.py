@@ -15,6 +15,9 @@ import typer
 
 from moeplan.orchestrator.errors import InputError, error_line
 from moeplan.orchestrator.inputs import (
+    check_redundant,
+    check_zipf,
+    finite_float,
     load_cluster,
     load_model,
     moe_layers,
@@ -36,6 +39,10 @@ from moeplan.simulator.report.placement_summary import DEFAULT_TOKENS_PER_GPU, s
 from moeplan.simulator.spec.hardware import ClusterSpec
 from moeplan.simulator.spec.model import ModelSpec
 
+# The traffic estimate samples this many routings per GPU at most: a sample, whose busiest-GPU share is
+# already within about 1% at the default 4096; more only costs time and memory.
+MAX_TOKENS_PER_GPU = 2**16
+
 
 def placement_command(
     model: Annotated[str, typer.Option(help=f"Model preset ({', '.join(MODEL_PRESETS)}) or path to a HF config.json.")],
@@ -43,16 +50,21 @@ def placement_command(
     nodes: Annotated[int, typer.Option(help="Nodes in the expert-parallel group (EP = nodes x GPUs per node).")],
     out: Annotated[Path, typer.Option(help="Output folder for placement.json, summary.json and the HTML figures.")],
     load: Annotated[Path | None, typer.Option(help="ExpertLoadRecord JSON of recorded per-expert token counts.")] = None,
-    zipf: Annotated[float | None, typer.Option(help="Synthetic Zipf load with this exponent (0 = uniform).")] = None,
+    zipf: Annotated[float | None, typer.Option(help="Synthetic Zipf load with this exponent (0 = uniform).",
+                                               parser=finite_float)] = None,
     redundant: Annotated[int, typer.Option(help="Redundant expert slots per layer, over all GPUs.")] = 0,
     current: Annotated[Path | None, typer.Option(help="Current placement.json: rebalance moving few experts.")] = None,
     policy: Annotated[str, typer.Option(help=f"One of {', '.join(POLICIES)} (auto = EPLB's choice).")] = "auto",
-    tolerance: Annotated[float, typer.Option(help="With --current: accept a most loaded GPU this fraction above the balanced one to move fewer experts.")] = 0.0,
+    tolerance: Annotated[float, typer.Option(help="With --current: accept a most loaded GPU this fraction above the balanced one to move fewer experts.", parser=finite_float)] = 0.0,
     tokens_per_gpu: Annotated[int, typer.Option(help="Tokens per GPU per micro-batch for the traffic model.")] = DEFAULT_TOKENS_PER_GPU,
     seed: Annotated[int, typer.Option(help="Seed of the Zipf ranks and the sampled routings.")] = 0,
 ) -> None:
     """Balance expert placement (EPLB-compatible) and estimate all-to-all time before and after."""
     check_out_dir(out, "--out")
+    if not 0 <= tolerance <= 1e3:
+        raise InputError(f"--tolerance {tolerance:g}: must be a fraction >= 0 (at most 1000)")
+    if not 0 <= seed < 2**64:
+        raise InputError(f"--seed {seed}: must be in 0..2**64-1")
     model_spec, cluster_spec, record, current_placement = _read_inputs(
         model, cluster, nodes, load, zipf, redundant, current, tokens_per_gpu)
     try:
@@ -71,13 +83,13 @@ def _read_inputs(
     """The options checked, and the files they name read: model, cluster, load record, current placement."""
     model_spec, _ = load_model(model)  # keys of a config.json the model does not use change nothing here
     cluster_spec = load_cluster(cluster, nodes)
-    if redundant < 0:
-        raise InputError(f"--redundant {redundant}: must be >= 0")
-    if tokens_per_gpu <= 0:
-        raise InputError(f"--tokens-per-gpu {tokens_per_gpu}: must be > 0")
+    if not 0 < tokens_per_gpu <= MAX_TOKENS_PER_GPU:
+        raise InputError(f"--tokens-per-gpu {tokens_per_gpu}: must be in 1..{MAX_TOKENS_PER_GPU}")
     if not model_spec.is_moe:
-        raise InputError(f"--model {model!r}: has no routed experts (n_routed_experts=0)")
+        raise InputError(f"--model {model!r:.200}: has no routed experts (n_routed_experts=0)")
+    check_redundant(redundant, model_spec, "--redundant")
     one_load_source(load, zipf)
+    check_zipf(zipf, model_spec)
     layers = moe_layers(model_spec)
     record = read_load_record(load, model_spec, layers) if load is not None else None
     layer_ids = record.layer_ids if record is not None else layers

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from moeplan.orchestrator.inputs import PlanRequest, build_request, flag_overrides
-from moeplan.orchestrator.outputs import check_out_dir, check_out_file, write_outputs
+from moeplan.orchestrator.errors import note
+from moeplan.orchestrator.inputs import PlanRequest, build_request, finite_float, flag_overrides
+from moeplan.orchestrator.outputs import check_out_dir, check_out_file, strict_json, write_outputs
 from moeplan.orchestrator.render import plan_tables
-from moeplan.orchestrator.sim_options import sim_options
+from moeplan.orchestrator.sim_options import check_placeable, sim_options
 from moeplan.simulator.accounting.layout import LayoutError
-from moeplan.simulator.contracts.plan_file import dump_plan
+from moeplan.simulator.contracts.plan_file import PlanFile, dump_plan
 from moeplan.simulator.costs.tables import NAMED_TABLES
 from moeplan.simulator.engine.build import SimOptions
 from moeplan.simulator.engine.trace import chrome_trace
@@ -43,10 +44,11 @@ def plan_command(
     global_batch: Annotated[int | None, typer.Option(help="Global batch (sequences), first phase.")] = None,
     tokens: Annotated[str | None, typer.Option(help="Tokens of the first phase, e.g. 14.8T.")] = None,
     budget_gpu_hours: Annotated[str | None, typer.Option(help="GPU-hour budget, e.g. 2.788M.")] = None,
-    price_per_gpu_hour: Annotated[float | None, typer.Option(help="USD per GPU-hour.")] = None,
+    price_per_gpu_hour: Annotated[float | None, typer.Option(help="USD per GPU-hour.", parser=finite_float)] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any setting: a.b=value (repeatable).")] = None,
     search_: Annotated[bool | None, typer.Option("--search/--no-search", help="Search the layout (default: when none is published).")] = None,
-    zipf: Annotated[float | None, typer.Option(help="Skewed expert load: Zipf exponent (default uniform routing).")] = None,
+    zipf: Annotated[float | None, typer.Option(help="Skewed expert load: Zipf exponent (default uniform routing).",
+                                               parser=finite_float)] = None,
     load: Annotated[Path | None, typer.Option(help="Recorded per-layer expert loads (JSON, the format training writes).")] = None,
     redundant_experts: Annotated[int, typer.Option(help="Redundant expert slots per MoE layer (EPLB).")] = 0,
     calibration: Annotated[Path | None, typer.Option(help="Cost tables JSON (a calibration file).")] = None,
@@ -64,22 +66,26 @@ def plan_command(
                  recompute=recompute, seq_len=seq_len, precision=precision, global_batch=global_batch, tokens=tokens,
                  budget_gpu_hours=budget_gpu_hours, price_per_gpu_hour=price_per_gpu_hour)
     req = build_request(model, cluster, nodes, flag_overrides(flags) + list(set_ or []))
-    opts = sim_options(req.inputs.model, req.inputs.cluster.gpu.name, zipf=zipf, load=load,
+    opts = sim_options(req.inputs.model, req.inputs.cluster.gpu, zipf=zipf, load=load,
                        redundant_experts=redundant_experts, calibration=calibration, table_name=cost_tables)
     do_search = search_ if search_ is not None else not req.published
+    if not do_search:
+        check_placeable(req.inputs, redundant_experts)
     searched = _run_search(req, opts, quiet=json_) if do_search else None
     inputs, source = req.planned(searched)
     # the step simulated for the predictions is the one drawn and traced: no second simulation
     plan, events = plan_with_trace(inputs, tuple(req.ignored), source, searched, opts, tuple(sorted(req.fixed)))
     files = {out / "plan.json": dump_plan(plan), out / "plan.html": plan_html(plan, events)}
     if trace is not None:
-        files[trace] = json.dumps(chrome_trace(events))
+        files[trace] = strict_json(chrome_trace(events), indent=None)
     write_outputs(files)
+    for line in plan_notes(plan, redundant_experts):
+        note(line)
     if json_:
-        typer.echo(json.dumps(summary(plan), indent=2))
+        typer.echo(strict_json(summary(plan)))
         return
     if req.ignored:
-        console.print(f"[dim]config keys not modelled (ignored): {', '.join(req.ignored)}[/dim]")
+        console.print(f"[dim]config keys not modelled (ignored): {escape(', '.join(req.ignored))}[/dim]")
     console.print(plan_tables(plan))
     console.print(f"wrote {out / 'plan.json'}, {out / 'plan.html'}" + (f" and {trace}" if trace else ""))
 
@@ -93,3 +99,23 @@ def _run_search(req: PlanRequest, opts: SimOptions, quiet: bool) -> SearchResult
     if not result.ranked:
         raise LayoutError("search found no layout")
     return result
+
+
+def plan_notes(plan: PlanFile, redundant_experts: int) -> list[str]:
+    """What the plan assumed where the inputs disagree with each other without being unusable: one line each."""
+    inp, lay = plan.inputs, plan.layout
+    par, first, model = inp.parallel, inp.training.phases[0], inp.model
+    notes = []
+    seqs = lay.microbatches * lay.dp * par.micro_batch_size
+    if par.microbatches is not None and seqs != first.global_batch_seqs:
+        notes.append(f"microbatches={par.microbatches} x dp={lay.dp} x micro_batch_size={par.micro_batch_size} = {seqs} "
+                     f"sequences per step, not global_batch_seqs={first.global_batch_seqs}: the step shown is "
+                     f"simulated at {par.microbatches} micro-batches; the run is priced at {first.global_batch_seqs} "
+                     "sequences per step on its step line")
+    longest = max([par.seq_len_tokens] + [p.seq_len_tokens or 0 for p in inp.training.phases])
+    if longest > model.max_position_embeddings:
+        notes.append(f"sequences of {longest:,} tokens exceed {model.name}'s max_position_embeddings="
+                     f"{model.max_position_embeddings:,}: planned as given (as if its positions were extended)")
+    if redundant_experts and lay.ep == 1:
+        notes.append(f"--redundant-experts {redundant_experts} has no effect at ep=1 (no expert parallelism)")
+    return notes

@@ -1,10 +1,14 @@
-"""Rich tables for the CLI: presets, plan summaries, schedule reports. Units are converted only here."""
+"""Rich tables for the CLI: presets, plan summaries, schedule reports. Units are converted only here.
+
+Names that come from the user or a file (a model's, a phase's, a GPU's, a cost table's) are escaped:
+rich would read ``[/x]`` in them as markup."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
 
 from moeplan.simulator.accounting.params import activated_params, param_counts
@@ -60,8 +64,8 @@ def presets_table() -> Group:
 
 def plan_tables(plan: PlanFile) -> Group:
     inp, lay = plan.inputs, plan.layout
-    head = Table(title=f"moeplan: {inp.model.name} on {lay.world} x {inp.cluster.gpu.name}", title_justify="left",
-                 show_header=False)
+    head = Table(title=f"moeplan: {escape(inp.model.name)} on {lay.world} x {escape(inp.cluster.gpu.name)}",
+                 title_justify="left", show_header=False)
     head.add_column("what")
     head.add_column("value", justify="right")
     par = inp.parallel
@@ -100,7 +104,7 @@ def prediction_tables(plan: PlanFile) -> list[Table | str]:
     assert pred is not None and budget is not None
     step, run = pred.step, pred.run
     fixed = f"; fixed: {', '.join(pred.fixed_layout_fields)}" if pred.fixed_layout_fields else ""
-    t = Table(title=f"Simulated step ({pred.layout_source} layout{fixed}; cost tables {pred.cost_tables})",
+    t = Table(title=escape(f"Simulated step ({pred.layout_source} layout{fixed}; cost tables {pred.cost_tables})"),
               title_justify="left", show_header=False)
     t.add_column("what")
     t.add_column("value", justify="right")
@@ -124,12 +128,12 @@ def prediction_tables(plan: PlanFile) -> list[Table | str]:
     for col in ("phase", "seq len", "layout", "tokens", "steps", "step time s", "days", "GPU-hours"):
         phases.add_column(col, justify="left" if col in ("phase", "layout") else "right")
     for p in run.phases:
-        phases.add_row(p.name, f"{p.seq_len_tokens:,}", p.layout.label, f"{p.tokens / 1e9:,.1f}B",
+        phases.add_row(escape(p.name), f"{p.seq_len_tokens:,}", p.layout.label, f"{p.tokens / 1e9:,.1f}B",
                        f"{p.steps:,.0f}", f"{p.step_time_s:.2f}", f"{p.hours / 24:,.2f}", f"{p.gpu_hours:,.0f}")
     out = [t, phases]
     for i, p in enumerate(run.phases):
         if p.layout.fits is False:
-            out.append(f"[yellow]warning:[/] phase {p.name}: no layout was found that runs its batch, and the main "
+            out.append(f"[yellow]warning:[/] phase {escape(p.name)}: no layout was found that runs its batch, and the main "
                        f"layout needs {p.layout.peak_memory_bytes_per_gpu / GiB:.1f} GiB per GPU at "
                        f"{p.seq_len_tokens:,} tokens ({plan.inputs.cluster.usable_hbm_bytes / GiB:.1f} GiB usable); its time is priced on the "
                        f"main layout's step line regardless (try another: --set training.phases.{i}.cp=N)")

@@ -5,7 +5,6 @@ Registered in ``orchestrator/cli.py`` as ``app.command("schedule")(schedule_comm
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +13,8 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from moeplan.orchestrator.errors import InputError
-from moeplan.orchestrator.outputs import check_out_file, write_outputs
+from moeplan.orchestrator.inputs import finite_float
+from moeplan.orchestrator.outputs import check_out_file, strict_json, write_outputs
 from moeplan.orchestrator.render import schedule_view
 from moeplan.simulator.schedules import (
     Durations,
@@ -31,6 +31,7 @@ from moeplan.simulator.spec.errors import first_error_line
 from moeplan.simulator.spec.parallel import ParallelSpec
 
 _OUT_SUFFIXES = (".html", ".csv")
+MAX_DURATION_S = 1e6  # a pass of more than 11 days is a typo; it also keeps every makespan finite
 
 
 def _duration_help(field: str) -> str:
@@ -90,10 +91,10 @@ def schedule_command(
     kind: Annotated[str, typer.Option(help="1f1b, interleaved, zb1p, dualpipe or dualpipev.")],
     pp: Annotated[int, typer.Option(help="Pipeline ranks (GPUs in one pipeline), for every kind.")],
     microbatches: Annotated[int, typer.Option(help="Micro-batches per step.")],
-    f_s: Annotated[float | None, typer.Option("--f-s", help=_duration_help("f_s"))] = None,
-    b_s: Annotated[float | None, typer.Option("--b-s", help=_duration_help("b_s"))] = None,
-    w_s: Annotated[float | None, typer.Option("--w-s", help=_duration_help("w_s"))] = None,
-    fb_s: Annotated[float | None, typer.Option("--fb-s", help=_duration_help("fb_s"))] = None,
+    f_s: Annotated[float | None, typer.Option("--f-s", help=_duration_help("f_s"), parser=finite_float)] = None,
+    b_s: Annotated[float | None, typer.Option("--b-s", help=_duration_help("b_s"), parser=finite_float)] = None,
+    w_s: Annotated[float | None, typer.Option("--w-s", help=_duration_help("w_s"), parser=finite_float)] = None,
+    fb_s: Annotated[float | None, typer.Option("--fb-s", help=_duration_help("fb_s"), parser=finite_float)] = None,
     virtual_stages: Annotated[int | None, typer.Option(help="Chunks per rank (interleaved only).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     out: Annotated[Path | None, typer.Option(help="Write FILE.html (timeline) or FILE.csv (torch).")] = None,
@@ -105,6 +106,9 @@ def schedule_command(
         check_out_file(out, "--out")
     spec = _spec(kind, pp, microbatches, virtual_stages)
     given = {"f_s": f_s, "b_s": b_s, "w_s": w_s, "fb_s": fb_s}
+    for name, value in given.items():
+        if value is not None and value > MAX_DURATION_S:
+            raise InputError(f"--{name.replace('_', '-')} {value:g}: must be at most {MAX_DURATION_S:g} seconds")
     durations = Durations(**{name: value for name, value in given.items() if value is not None})
     schedule = make_schedule(spec.schedule, spec.pp, microbatches, spec.virtual_stages)
     timeline = execute(schedule, durations)
@@ -112,7 +116,7 @@ def schedule_command(
     if out is not None:
         write_outputs({out: _export(out, schedule, timeline)})
     if json_output:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(strict_json(report))
     else:
         Console().print(schedule_view(report))
         if out is not None:

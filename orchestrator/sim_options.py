@@ -9,32 +9,39 @@ import numpy as np
 from pydantic import ValidationError
 
 from moeplan.orchestrator.errors import InputError
-from moeplan.orchestrator.inputs import moe_layers, one_load_source, read_load_record
+from moeplan.orchestrator.inputs import check_redundant, check_zipf, moe_layers, one_load_source, read_load_record
 from moeplan.simulator.costs.tables import NAMED_TABLES, CostTables, named_tables
 from moeplan.simulator.engine.build import SimOptions
+from moeplan.simulator.engine.expert_traffic import group_placement
 from moeplan.simulator.spec.errors import first_error_line
+from moeplan.simulator.spec.hardware import GpuSpec
+from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.model import ModelSpec
 
 LayerLoads = tuple[tuple[int, tuple[float, ...]], ...]
 
 
-def cost_tables(calibration: Path | None, named: str | None, gpu_name: str) -> CostTables | None:
+def cost_tables(calibration: Path | None, named: str | None, gpu: GpuSpec) -> CostTables | None:
     """The cost tables the options name; None = the GPU's defaults."""
     if calibration is not None and named is not None:
         raise InputError(f"--calibration {calibration} and --cost-tables {named}: give one cost-table source, not both")
     if named is not None:
         try:
-            return named_tables(named, gpu_name)
+            return named_tables(named, gpu.name)
         except ValueError as exc:
             raise InputError(f"--cost-tables {named!r}: unknown (choose {', '.join(NAMED_TABLES)})") from exc
     if calibration is None:
         return None
     try:
-        return CostTables.from_file(calibration)
+        tables = CostTables.from_file(calibration)
     except ValidationError as exc:
         raise InputError(first_error_line(exc, f"--calibration {calibration}")) from exc
-    except OSError as exc:
-        raise InputError(f"--calibration {calibration}: cannot read ({exc.strerror})") from exc
+    except ValueError as exc:  # not bounded, strict JSON (``JsonInputError`` names the file)
+        raise InputError(f"--calibration {exc}") from exc
+    error = tables.comm_sms_error(gpu.sm_count)
+    if error:
+        raise InputError(f"--calibration {calibration}: {error} ({gpu.name})")
+    return tables
 
 
 def layer_loads(path: Path, model: ModelSpec) -> LayerLoads:
@@ -43,17 +50,27 @@ def layer_loads(path: Path, model: ModelSpec) -> LayerLoads:
     return tuple((e.layer, tuple(float(c) for c in e.tokens_per_expert)) for e in record.layers)
 
 
-def sim_options(model: ModelSpec, gpu_name: str, *, zipf: float | None, load: Path | None, redundant_experts: int,
+def sim_options(model: ModelSpec, gpu: GpuSpec, *, zipf: float | None, load: Path | None, redundant_experts: int,
                 calibration: Path | None, table_name: str | None) -> SimOptions:
     """The ``SimOptions`` of ``moeplan plan``'s simulation options (uniform routing unless a load is given)."""
     one_load_source(load, zipf)
+    check_zipf(zipf, model)
+    check_redundant(redundant_experts, model, "--redundant-experts")
     loads = layer_loads(load, model) if load is not None else ()
-    tables = cost_tables(calibration, table_name, gpu_name)
+    tables = cost_tables(calibration, table_name, gpu)
     expert_load = None
     if zipf is not None:
-        if zipf < 0 or model.n_routed_experts == 0:
-            raise InputError(f"--zipf {zipf}: needs a model with routed experts and an exponent >= 0")
         expert_load = tuple(float(x) for x in 1.0 / np.arange(1, model.n_routed_experts + 1) ** zipf)
-    if redundant_experts < 0:
-        raise InputError(f"--redundant-experts {redundant_experts}: must be >= 0")
     return SimOptions(tables=tables, redundant_experts=redundant_experts, expert_load=expert_load, layer_loads=loads)
+
+
+def check_placeable(inputs: PlanInputs, redundant_experts: int) -> None:
+    """The layout's expert-parallel group holds ``redundant_experts`` extra slots per MoE layer (EPLB
+    places at most one replica of an expert on a GPU); checked before a given layout is simulated."""
+    m, ep = inputs.model, inputs.parallel.ep
+    if redundant_experts == 0 or not m.is_moe or ep == 1:
+        return
+    try:
+        group_placement(m, inputs.cluster, ep, redundant_experts)
+    except ValueError as exc:  # the placement's own argument checks: this count does not fit this group
+        raise InputError(f"--redundant-experts {redundant_experts} at ep={ep}: {exc}") from exc

@@ -13,6 +13,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moeplan.simulator.spec.errors import first_error_line
+from moeplan.simulator.spec.model import MAX_EXPERTS, MAX_LAYERS
+from moeplan.simulator.spec.numbers import Int
 
 LOAD_SCHEMA_VERSION = 1
 
@@ -22,14 +24,16 @@ class LayerLoad(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    layer: int = Field(..., ge=0, description="Model layer index (HF numbering: dense layers count too).")
-    tokens_per_expert: list[int] = Field(..., description="[n_routed_experts] token-expert pairs per expert.")
+    layer: Int = Field(..., ge=0, le=2 * MAX_LAYERS, description="Model layer index (HF numbering: dense layers count too).")
+    tokens_per_expert: list[Int] = Field(..., description="[n_routed_experts] token-expert pairs per expert.")
 
     @model_validator(mode="after")
     def _non_negative(self) -> LayerLoad:
         for expert, count in enumerate(self.tokens_per_expert):
             if count < 0:
                 raise ValueError(f"layer {self.layer}: tokens_per_expert[{expert}]={count} must be >= 0")
+        if not any(self.tokens_per_expert):
+            raise ValueError(f"layer {self.layer}: tokens_per_expert are all 0 (no token was routed)")
         return self
 
 
@@ -43,11 +47,11 @@ class ExpertLoadRecord(BaseModel):
 
     schema_version: Literal[1] = LOAD_SCHEMA_VERSION
     model: str = Field(..., description="Model preset or HF name the counts come from.")
-    n_routed_experts: int = Field(..., gt=0)
-    num_experts_per_tok: int = Field(..., gt=0, description="top-k of the router.")
-    window_tokens: int = Field(..., gt=0, description="Tokens routed in the window the counts cover.")
-    step_start: int = Field(0, ge=0, description="First training step of the window.")
-    step_end: int = Field(0, ge=0, description="Last training step of the window.")
+    n_routed_experts: Int = Field(..., gt=0, le=MAX_EXPERTS)
+    num_experts_per_tok: Int = Field(..., gt=0, le=MAX_EXPERTS, description="top-k of the router.")
+    window_tokens: Int = Field(..., gt=0, description="Tokens routed in the window the counts cover.")
+    step_start: Int = Field(0, ge=0, description="First training step of the window.")
+    step_end: Int = Field(0, ge=0, description="Last training step of the window.")
     layers: list[LayerLoad] = Field(..., min_length=1)
 
     @model_validator(mode="after")

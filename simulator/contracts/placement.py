@@ -13,6 +13,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moeplan.simulator.placement.maps import Placement, count_replicas
+from moeplan.simulator.spec.model import MAX_EXPERTS
+from moeplan.simulator.spec.numbers import Int
 
 PLACEMENT_SCHEMA_VERSION = 1
 
@@ -24,12 +26,12 @@ class ExpertPlacement(BaseModel):
 
     schema_version: Literal[1] = PLACEMENT_SCHEMA_VERSION
     policy: Literal["hierarchical", "global", "contiguous"]
-    num_logical_experts: int = Field(..., gt=0)
-    num_groups: int = Field(..., gt=0)
-    num_nodes: int = Field(..., gt=0)
-    slots_per_gpu: list[int] = Field(..., min_length=1, description="[num_gpus] slots on each GPU, in GPU order.")
-    layer_ids: list[int] = Field(..., min_length=1, description="Model layer index of each row.")
-    phy2log: list[list[int]] = Field(..., description="[layers][num_replicas] logical expert of each slot.")
+    num_logical_experts: Int = Field(..., gt=0, le=MAX_EXPERTS)
+    num_groups: Int = Field(..., gt=0)
+    num_nodes: Int = Field(..., gt=0)
+    slots_per_gpu: list[Int] = Field(..., min_length=1, description="[num_gpus] slots on each GPU, in GPU order.")
+    layer_ids: list[Int] = Field(..., min_length=1, description="Model layer index of each row.")
+    phy2log: list[list[Int]] = Field(..., description="[layers][num_replicas] logical expert of each slot.")
 
     @model_validator(mode="after")
     def _consistent(self) -> ExpertPlacement:

@@ -10,11 +10,16 @@ changes their hash), ``layout.cp`` and the layout each phase was priced on. Vers
 ``layout.stage_records``: each stage's decoder layers, MTP modules, embedding and head, so the
 runtime builds the stages the memory and time were priced with instead of splitting the model
 itself. An older file is refused with the advice to re-plan.
+
+The hash covers only the inputs, so a plan is validated in full when read: strict, bounded JSON
+(``spec.json_input``), finite numbers, sizes >= 1, and every derived section consistent with the
+inputs and with each other (layout sizes, memory per rank, the schedule's shape, the budget), so
+that whatever reads a plan (``moeplan show``, the runtime) can trust what it indexes.
 """
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +33,8 @@ from moeplan.simulator.contracts.predictions import RunPrediction, StepPredictio
 from moeplan.simulator.schedules.schedule import Schedule
 from moeplan.simulator.spec.errors import first_error_line
 from moeplan.simulator.spec.inputs import PlanInputs
+from moeplan.simulator.spec.json_input import JsonInputError, parse_json, read_json_file
+from moeplan.simulator.spec.numbers import Bool, Float, Int
 from moeplan.simulator.spec.parallel import ParallelSpec
 
 __all__ = ["PlanInputs", "PlanFile", "PlanError", "SCHEMA_VERSION", "StageRecord", "write_atomic"]
@@ -46,14 +53,14 @@ class _Frozen(BaseModel):
 class StageRecord(_Frozen):
     """One pipeline stage as it was priced and as the runtime builds it (``model.stage.stages_from_plan``)."""
 
-    index: int
-    first_layer: int = Field(..., description="First decoder layer (global id, as in checkpoint names).")
-    end_layer: int = Field(..., description="One past the last decoder layer; equals first_layer on a stage without any.")
-    mtp_layers: tuple[int, ...] = Field(
+    index: Int = Field(..., ge=0)
+    first_layer: Int = Field(..., ge=0, description="First decoder layer (global id, as in checkpoint names).")
+    end_layer: Int = Field(..., ge=0, description="One past the last decoder layer; equals first_layer on a stage without any.")
+    mtp_layers: tuple[Int, ...] = Field(
         ..., description="MTP modules on the stage by layer id (num_hidden_layers + depth - 1); only on the last stage."
     )
-    has_embedding: bool
-    has_head: bool = Field(..., description="Final norm and output head.")
+    has_embedding: Bool
+    has_head: Bool = Field(..., description="Final norm and output head.")
 
     @property
     def units(self) -> tuple[int, ...]:
@@ -72,21 +79,21 @@ class StageRecord(_Frozen):
 
 
 class ResolvedLayout(_Frozen):
-    world: int
-    pp: int
-    dp: int
-    cp: int = Field(..., description="Context-parallel size: GPUs that split each sequence; world = pp x dp x cp.")
-    ep: int
-    expert_dp: int = Field(..., description="dp x cp / ep: replicas of each routed expert.")
-    stages: int
-    stage_layers: tuple[tuple[int, ...], ...] = Field(..., description="Layer units per stage (>= L is MTP).")
+    world: Int = Field(..., gt=0)
+    pp: Int = Field(..., gt=0)
+    dp: Int = Field(..., gt=0)
+    cp: Int = Field(..., gt=0, description="Context-parallel size: GPUs that split each sequence; world = pp x dp x cp.")
+    ep: Int = Field(..., gt=0)
+    expert_dp: Int = Field(..., gt=0, description="dp x cp / ep: replicas of each routed expert.")
+    stages: Int = Field(..., gt=0)
+    stage_layers: tuple[tuple[Int, ...], ...] = Field(..., description="Layer units per stage (>= L is MTP).")
     stage_records: tuple[StageRecord, ...] = Field(
         ..., description="Per stage, what the runtime builds: decoder layer range, MTP modules, embedding, head."
     )
-    rank_stages: tuple[tuple[int, ...], ...] = Field(..., description="[rank] -> stages whose weights it holds.")
-    microbatches: int
-    tokens_per_microbatch: int = Field(..., description="micro_batch_size x seq_len_tokens, over the CP group.")
-    tokens_per_gpu_per_microbatch: int = Field(..., description="tokens_per_microbatch / cp.")
+    rank_stages: tuple[tuple[Int, ...], ...] = Field(..., description="[rank] -> stages whose weights it holds.")
+    microbatches: Int = Field(..., gt=0)
+    tokens_per_microbatch: Int = Field(..., gt=0, description="micro_batch_size x seq_len_tokens, over the CP group.")
+    tokens_per_gpu_per_microbatch: Int = Field(..., gt=0, description="tokens_per_microbatch / cp.")
 
     @model_validator(mode="after")
     def _records_match_units(self) -> ResolvedLayout:
@@ -94,43 +101,75 @@ class ResolvedLayout(_Frozen):
         if units != self.stage_layers or [r.index for r in self.stage_records] != list(range(self.stages)):
             raise ValueError(f"stage_records cover layer units {units}, but stage_layers={self.stage_layers} "
                              f"over stages={self.stages}")
+        if any(r.end_layer < r.first_layer for r in self.stage_records):
+            raise ValueError("stage_records: a stage's end_layer is below its first_layer")
+        return self
+
+    @model_validator(mode="after")
+    def _sizes_agree(self) -> ResolvedLayout:
+        if self.pp * self.dp * self.cp != self.world:
+            raise ValueError(f"pp={self.pp} x dp={self.dp} x cp={self.cp} differs from world={self.world}")
+        if (self.dp * self.cp) % self.ep or self.expert_dp != self.dp * self.cp // self.ep:
+            raise ValueError(f"expert_dp={self.expert_dp} is not dp={self.dp} x cp={self.cp} / ep={self.ep}")
+        if len(self.rank_stages) != self.pp:
+            raise ValueError(f"rank_stages has {len(self.rank_stages)} ranks but pp={self.pp}")
+        if any(not 0 <= s < self.stages for held in self.rank_stages for s in held):
+            raise ValueError(f"rank_stages={self.rank_stages} names a stage outside 0..{self.stages - 1}")
+        if self.tokens_per_gpu_per_microbatch * self.cp != self.tokens_per_microbatch:
+            raise ValueError(f"tokens_per_gpu_per_microbatch={self.tokens_per_gpu_per_microbatch} x cp={self.cp} "
+                             f"differs from tokens_per_microbatch={self.tokens_per_microbatch}")
         return self
 
 
 class ParamsReport(_Frozen):
-    by_component: dict[str, int]
-    total: int
-    total_with_mtp: int
-    activated: int = Field(..., description="Per token, embedding and head included.")
-    activated_no_embedding: int
+    by_component: dict[str, Int]
+    total: Int = Field(..., gt=0)
+    total_with_mtp: Int = Field(..., gt=0)
+    activated: Int = Field(..., gt=0, description="Per token, embedding and head included.")
+    activated_no_embedding: Int = Field(..., ge=0)
 
 
 class FlopsReport(_Frozen):
-    seq_len_tokens: int
-    forward_by_component: dict[str, float]
-    model_flops_per_token: float = Field(..., description="3 x forward, MTP included: the MFU numerator.")
-    model_flops_per_token_no_mtp: float
-    hardware_flops_per_token: float = Field(..., description="Model FLOPs plus recompute: the HFU numerator.")
+    seq_len_tokens: Int = Field(..., gt=0)
+    forward_by_component: dict[str, Float]
+    model_flops_per_token: Float = Field(..., gt=0, description="3 x forward, MTP included: the MFU numerator.")
+    model_flops_per_token_no_mtp: Float = Field(..., gt=0)
+    hardware_flops_per_token: Float = Field(..., gt=0, description="Model FLOPs plus recompute: the HFU numerator.")
     mfu_definition: str
 
 
 class MemoryReport(_Frozen):
-    per_rank: tuple[RankMemory, ...]
-    peak_bytes_per_gpu: float
-    peak_rank: int
-    usable_hbm_bytes: int
-    fits: bool
+    per_rank: tuple[RankMemory, ...] = Field(..., min_length=1)
+    peak_bytes_per_gpu: Float = Field(..., gt=0)
+    peak_rank: Int = Field(..., ge=0)
+    usable_hbm_bytes: Int
+    fits: Bool
+
+    @model_validator(mode="after")
+    def _peak_of_the_ranks(self) -> MemoryReport:
+        for i, r in enumerate(self.per_rank):
+            values = (r.params_dense, r.params_expert, r.param_bytes, r.grad_bytes, r.optimizer_bytes,
+                      r.activation_bytes, r.transient_bytes, r.in_flight_microbatches, r.total_bytes)
+            if r.rank != i or not all(math.isfinite(v) and v >= 0 for v in values):
+                raise ValueError(f"per_rank[{i}]: rank={r.rank} must be {i} and every size finite and >= 0")
+        if self.peak_rank >= len(self.per_rank) or self.per_rank[self.peak_rank].total_bytes != self.peak_bytes_per_gpu:
+            raise ValueError(f"peak_rank={self.peak_rank}: peak_bytes_per_gpu={self.peak_bytes_per_gpu} is not that "
+                             "rank's total_bytes")
+        if self.fits != (self.peak_bytes_per_gpu <= self.usable_hbm_bytes):
+            raise ValueError(f"fits={self.fits} contradicts peak_bytes_per_gpu={self.peak_bytes_per_gpu} and "
+                             f"usable_hbm_bytes={self.usable_hbm_bytes}")
+        return self
 
 
 class Candidate(_Frozen):
     """One layout the search evaluated."""
 
     parallel: ParallelSpec
-    microbatches: int
-    step_time_s: float
-    tokens_per_s_per_gpu: float
-    mfu_frac: float
-    peak_memory_bytes_per_gpu: float
+    microbatches: Int = Field(..., gt=0)
+    step_time_s: Float = Field(..., gt=0)
+    tokens_per_s_per_gpu: Float = Field(..., ge=0)
+    mfu_frac: Float = Field(..., ge=0)
+    peak_memory_bytes_per_gpu: Float = Field(..., ge=0)
 
 
 class Predictions(_Frozen):
@@ -140,17 +179,23 @@ class Predictions(_Frozen):
     run: RunPrediction
     layout_source: Literal["given", "published", "searched"]
     fixed_layout_fields: tuple[str, ...] = Field((), description="Layout settings the user fixed; the rest was searched or defaulted.")
-    candidates_evaluated: int = Field(0, description="Layouts the search checked (memory) and ranked.")
+    candidates_evaluated: Int = Field(0, ge=0, description="Layouts the search checked (memory) and ranked.")
     top_candidates: tuple[Candidate, ...] = ()
     cost_tables: str
 
 
 class BudgetReport(_Frozen):
-    gpu_hours_total: float
-    budget_gpu_hours: float | None
-    cost_usd: float | None
-    within_budget: bool | None
-    margin_frac: float | None = Field(None, description="1 - used / budget: negative when over budget.")
+    gpu_hours_total: Float = Field(..., ge=0)
+    budget_gpu_hours: Float | None = Field(..., gt=0)
+    cost_usd: Float | None = Field(..., ge=0)
+    within_budget: Bool | None
+    margin_frac: Float | None = Field(None, description="1 - used / budget: negative when over budget.")
+
+    @model_validator(mode="after")
+    def _verdict_with_budget(self) -> BudgetReport:
+        if not (self.budget_gpu_hours is None) == (self.within_budget is None) == (self.margin_frac is None):
+            raise ValueError("budget_gpu_hours, within_budget and margin_frac must be given together or all be null")
+        return self
 
 
 class PlanFile(_Frozen):
@@ -170,22 +215,70 @@ class PlanFile(_Frozen):
     budget_report: BudgetReport | None = None
 
 
+def consistency_error(plan: PlanFile) -> str | None:
+    """What the hash does not cover must follow from what it does: the layout from the inputs; memory,
+    schedule, predictions and budget from the layout and inputs. The reason they do not, or None."""
+    return _layout_error(plan) or _derived_error(plan)
+
+
+def _layout_error(plan: PlanFile) -> str | None:
+    par, lay, cluster = plan.inputs.parallel, plan.layout, plan.inputs.cluster
+    given = {"pp": par.pp, "cp": par.cp, "ep": par.ep, "world": cluster.num_gpus,
+             "tokens_per_microbatch": par.micro_batch_size * par.seq_len_tokens}
+    given |= {"dp": par.dp} if par.dp is not None else {}
+    given |= {"microbatches": par.microbatches} if par.microbatches is not None else {}
+    for name, value in given.items():
+        if getattr(lay, name) != value:
+            return f"layout.{name}={getattr(lay, name)} but the inputs give {value}"
+    units = plan.inputs.model.num_hidden_layers + plan.inputs.model.num_nextn_predict_layers
+    if sorted(u for stage in lay.stage_layers for u in stage) != list(range(units)):
+        return f"layout.stage_layers={lay.stage_layers} do not hold the model's {units} layer units once each"
+    return None
+
+
+def _derived_error(plan: PlanFile) -> str | None:
+    lay, mem = plan.layout, plan.memory
+    if len(mem.per_rank) != lay.pp or any(not 0 <= s < lay.stages for r in mem.per_rank for s in r.stages):
+        return f"memory.per_rank must hold pp={lay.pp} ranks whose stages lie in 0..{lay.stages - 1}"
+    if mem.usable_hbm_bytes != plan.inputs.cluster.usable_hbm_bytes:
+        return f"memory.usable_hbm_bytes={mem.usable_hbm_bytes} but the cluster has {plan.inputs.cluster.usable_hbm_bytes}"
+    sched = plan.schedule
+    if sched is not None and (sched.kind, sched.num_ranks, sched.num_stages, sched.num_microbatches) != (
+            plan.inputs.parallel.schedule, lay.pp, lay.stages, lay.microbatches):
+        return (f"schedule ({sched.kind}, {sched.num_ranks} ranks, {sched.num_stages} stages, {sched.num_microbatches} "
+                f"micro-batches) is not the layout's ({plan.inputs.parallel.schedule}, {lay.pp}, {lay.stages}, "
+                f"{lay.microbatches})")
+    pred = plan.predictions
+    if pred is not None and (len(pred.step.per_rank) != lay.pp or pred.step.microbatches != lay.microbatches
+                             or len(pred.run.phases) != len(plan.inputs.training.phases)):
+        return (f"predictions: step.per_rank must hold pp={lay.pp} ranks at microbatches={lay.microbatches}, and "
+                f"run.phases the inputs' {len(plan.inputs.training.phases)} phases")
+    budget = plan.budget_report
+    if budget is not None and budget.budget_gpu_hours != plan.inputs.budget.gpu_hours:
+        return f"budget_report.budget_gpu_hours={budget.budget_gpu_hours} but the inputs give {plan.inputs.budget.gpu_hours}"
+    return None
+
+
 def dump_plan(plan: PlanFile) -> str:
     return plan.model_dump_json(indent=2) + "\n"
 
 
-def parse_plan(text: str, source: str = "<plan>") -> PlanFile:
-    """Parse and check a plan document: JSON, schema version, schema, inputs hash."""
+def parse_plan(text: str | bytes, source: str = "<plan>") -> PlanFile:
+    """Parse and check a plan document: strict JSON, schema version, schema, consistency, inputs hash."""
     try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"{source}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
+        raw = parse_json(text, source)
+    except JsonInputError as exc:
+        raise PlanError(str(exc)) from None
+    return _checked(raw, source)
+
+
+def _checked(raw: object, source: str) -> PlanFile:
     if not isinstance(raw, dict):
         raise PlanError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     version = raw.get("schema_version")
     if version != SCHEMA_VERSION:
         raise PlanError(
-            f"{source}: schema_version={version!r} is not supported; this moeplan reads version {SCHEMA_VERSION} "
+            f"{source}: schema_version={version!r:.40} is not supported; this moeplan reads version {SCHEMA_VERSION} "
             "(re-run `moeplan plan` to regenerate it)"
         )
     try:
@@ -195,21 +288,27 @@ def parse_plan(text: str, source: str = "<plan>") -> PlanFile:
     actual = plan.inputs.sha256()
     if actual != plan.inputs_sha256:
         raise PlanError(
-            f"{source}: inputs_sha256={plan.inputs_sha256[:12]}... does not match the inputs ({actual[:12]}...); "
+            f"{source}: inputs_sha256={plan.inputs_sha256[:12]!r}... does not match the inputs ({actual[:12]}...); "
             "the inputs were edited after planning: re-run `moeplan plan`"
         )
+    error = consistency_error(plan)
+    if error:
+        raise PlanError(f"{source}: {error}: the plan was edited after planning: re-run `moeplan plan`")
     return plan
 
 
 def read_plan(path: str | Path) -> PlanFile:
+    """The plan at ``path`` (a plan file, or a folder holding ``plan.json``), checked as ``parse_plan`` does."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "plan.json"
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise PlanError(f"{path}: cannot read ({exc.strerror})") from exc
-    return parse_plan(text, str(path))
+        if path.is_dir():
+            path = path / "plan.json"
+        raw = read_json_file(path)
+    except OSError as exc:  # is_dir on a name the system refuses (too long)
+        raise PlanError(f"{path}: cannot read ({exc.strerror})") from None
+    except JsonInputError as exc:
+        raise PlanError(str(exc)) from None
+    return _checked(raw, str(path))
 
 
 def write_plan(plan: PlanFile, path: str | Path) -> None:

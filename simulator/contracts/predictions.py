@@ -8,17 +8,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from moeplan.simulator.spec.numbers import Bool, Float, Int
 
 
 class RankPrediction(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    rank: int
-    compute_s: float
-    bubble_s: float
-    exposed_comm_s: float
-    nic_busy_s: float
+    rank: Int = Field(..., ge=0)
+    compute_s: Float = Field(..., ge=0)
+    bubble_s: Float = Field(..., ge=0)
+    exposed_comm_s: Float = Field(..., ge=0)
+    nic_busy_s: Float = Field(..., ge=0)
 
 
 class StepPrediction(BaseModel):
@@ -26,16 +28,16 @@ class StepPrediction(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    microbatches: int
-    seq_len_tokens: int
-    step_time_s: float
-    tokens_per_step: int
-    bubble_frac: float = Field(..., description="Mean over ranks of bubble / step time.")
-    exposed_comm_frac: float = Field(..., description="Mean over ranks of exposed communication / step time.")
-    compute_frac: float = Field(..., description="Mean over ranks of compute / step time.")
-    tokens_per_s_per_gpu: float
-    mfu_frac: float
-    hfu_frac: float
+    microbatches: Int = Field(..., gt=0)
+    seq_len_tokens: Int = Field(..., gt=0)
+    step_time_s: Float = Field(..., gt=0)
+    tokens_per_step: Int = Field(..., gt=0)
+    bubble_frac: Float = Field(..., ge=0, description="Mean over ranks of bubble / step time.")
+    exposed_comm_frac: Float = Field(..., ge=0, description="Mean over ranks of exposed communication / step time.")
+    compute_frac: Float = Field(..., ge=0, description="Mean over ranks of compute / step time.")
+    tokens_per_s_per_gpu: Float = Field(..., gt=0)
+    mfu_frac: Float = Field(..., ge=0)
+    hfu_frac: Float = Field(..., ge=0)
     per_rank: tuple[RankPrediction, ...]
 
 
@@ -47,16 +49,24 @@ class PhaseLayout(BaseModel):
     source: Literal["main", "chosen", "step-line"] = Field(
         ..., description="main: the main layout at its own sequence length; chosen: cp and micro-batching chosen "
         "for this phase, simulated at its batch; step-line: the main layout's step line (no layout ran the batch).")
-    cp: int
-    dp: int
-    micro_batch_size: int
-    microbatches: float = Field(..., description="Per pipeline per step; fractional on the step line.")
-    tokens_per_gpu_per_microbatch: float
-    peak_memory_bytes_per_gpu: float | None = Field(
+    cp: Int = Field(..., gt=0)
+    dp: Int = Field(..., gt=0)
+    micro_batch_size: Int = Field(..., gt=0)
+    microbatches: Float = Field(..., gt=0, description="Per pipeline per step; fractional on the step line.")
+    tokens_per_gpu_per_microbatch: Float = Field(..., gt=0)
+    peak_memory_bytes_per_gpu: Float | None = Field(
         None, description="Peak per GPU: of the chosen layout, or for the step line of the main layout at this "
         "sequence length and the smallest micro-batch count its schedule runs; None on the main layout.")
-    fits: bool | None = Field(None, description="Whether that peak fits in usable HBM; a step-line phase that does "
+    fits: Bool | None = Field(None, description="Whether that peak fits in usable HBM; a step-line phase that does "
                               "not is priced anyway and the summary says so.")
+
+    @model_validator(mode="after")
+    def _peak_with_verdict(self) -> PhaseLayout:
+        if (self.peak_memory_bytes_per_gpu is None) != (self.fits is None):
+            raise ValueError("peak_memory_bytes_per_gpu and fits must be given together or both be null")
+        if self.peak_memory_bytes_per_gpu is not None and self.peak_memory_bytes_per_gpu < 0:
+            raise ValueError(f"peak_memory_bytes_per_gpu={self.peak_memory_bytes_per_gpu} must be >= 0")
+        return self
 
     @property
     def label(self) -> str:
@@ -69,10 +79,10 @@ class StepLine(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    seq_len_tokens: int
-    intercept_s: float
-    per_microbatch_s: float
-    fitted_at: tuple[int, int]
+    seq_len_tokens: Int = Field(..., gt=0)
+    intercept_s: Float
+    per_microbatch_s: Float
+    fitted_at: tuple[Int, Int]
 
     def step_s(self, microbatches: float) -> float:
         return self.intercept_s + self.per_microbatch_s * microbatches
@@ -82,12 +92,12 @@ class PhasePrediction(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    seq_len_tokens: int
-    tokens: float
-    steps: float
-    step_time_s: float = Field(..., description="At the phase's full global batch.")
-    hours: float
-    gpu_hours: float
+    seq_len_tokens: Int = Field(..., gt=0)
+    tokens: Float = Field(..., gt=0)
+    steps: Float = Field(..., gt=0)
+    step_time_s: Float = Field(..., gt=0, description="At the phase's full global batch.")
+    hours: Float = Field(..., ge=0)
+    gpu_hours: Float = Field(..., ge=0)
     layout: PhaseLayout
     line: StepLine | None = Field(None, description="Fitted where the phase needs it (a ramp, or no layout ran its batch).")
 
@@ -96,9 +106,9 @@ class RunPrediction(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     phases: tuple[PhasePrediction, ...]
-    tokens_total: float
-    gpu_hours_total: float
-    wall_clock_days: float
-    tokens_per_day: float = Field(..., description="First phase at full batch.")
-    gpu_hours_per_trillion_tokens: float = Field(..., description="First phase at full batch.")
-    cost_usd: float | None
+    tokens_total: Float = Field(..., gt=0)
+    gpu_hours_total: Float = Field(..., ge=0)
+    wall_clock_days: Float = Field(..., ge=0)
+    tokens_per_day: Float = Field(..., gt=0, description="First phase at full batch.")
+    gpu_hours_per_trillion_tokens: Float = Field(..., ge=0, description="First phase at full batch.")
+    cost_usd: Float | None = Field(..., ge=0)

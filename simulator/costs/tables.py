@@ -50,6 +50,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moeplan.simulator.costs.memory_kernels import MemoryKernelPoint, packaged_memory_kernels
 from moeplan.simulator.presets.clusters import h200_gpu
+from moeplan.simulator.spec.json_input import read_json_file
+from moeplan.simulator.spec.numbers import Float, Int
 
 Precision = Literal["bf16", "fp8"]
 TFLOPS = 1e12
@@ -61,11 +63,11 @@ class GemmPoint(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     precision: Precision
-    m: int = Field(..., gt=0, description="Rows per group.")
-    n: int = Field(..., gt=0)
-    k: int = Field(..., gt=0)
-    groups: int = Field(1, gt=0)
-    flops_per_s: float = Field(..., gt=0)
+    m: Int = Field(..., gt=0, description="Rows per group.")
+    n: Int = Field(..., gt=0)
+    k: Int = Field(..., gt=0)
+    groups: Int = Field(1, gt=0)
+    flops_per_s: Float = Field(..., ge=1)
     source: str
 
 
@@ -74,9 +76,9 @@ class AttentionPoint(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    seq_len: int = Field(..., gt=0)
-    fwd_frac: float = Field(..., gt=0, le=1)
-    fwd_bwd_frac: float = Field(..., gt=0, le=1, description="Forward + backward, counted as 3x forward FLOPs.")
+    seq_len: Int = Field(..., gt=0)
+    fwd_frac: Float = Field(..., gt=0, le=1)
+    fwd_bwd_frac: Float = Field(..., gt=0, le=1, description="Forward + backward, counted as 3x forward FLOPs.")
 
 
 class CostTables(BaseModel):
@@ -84,20 +86,21 @@ class CostTables(BaseModel):
 
     name: str
     gemm: tuple[GemmPoint, ...] = Field(..., min_length=1)
-    attention_fwd_frac: float = Field(..., gt=0, le=1, description="Causal attention forward, of the BF16 peak.")
-    attention_fwd_bwd_frac: float = Field(..., gt=0, le=1, description="Forward + backward (3x forward FLOPs).")
+    attention_fwd_frac: Float = Field(..., gt=0, le=1, description="Causal attention forward, of the BF16 peak.")
+    attention_fwd_bwd_frac: Float = Field(..., gt=0, le=1, description="Forward + backward (3x forward FLOPs).")
     attention_by_seq: tuple[AttentionPoint, ...] = Field(
         (), description="Efficiency by sequence length (interpolated in log2 of the length, held flat past the "
                         "ends); empty = the two fractions above at every length.")
     attention_source: str
-    memory_frac: float = Field(..., gt=0, le=1, description="Achievable / datasheet HBM bandwidth: the fraction "
+    memory_frac: Float = Field(..., gt=0, le=1, description="Achievable / datasheet HBM bandwidth: the fraction "
                                                             "of every memory-bound kernel class not in memory_kernels.")
     memory_source: str
     memory_kernels: tuple[MemoryKernelPoint, ...] = Field(
         (), description="Per kernel class (simulator.costs.elementwise); empty = memory_frac for all.")
-    collective_latency_s: float = Field(..., ge=0, description="Fixed cost of one collective or transfer.")
+    collective_latency_s: Float = Field(..., ge=0, le=3600, description="Fixed cost of one collective or transfer.")
     collective_source: str
-    comm_sms: int = Field(20, ge=0, description="SMs reserved for expert all-to-all kernels (TR §3.2.2).")
+    comm_sms: Int = Field(20, ge=0, description="SMs reserved for expert all-to-all kernels (TR §3.2.2); fewer "
+                           "than the GPU's sm_count (checked where the tables meet a GPU: ``comm_sms_error``).")
 
     @model_validator(mode="after")
     def _one_point_per_kernel(self) -> CostTables:
@@ -109,7 +112,15 @@ class CostTables(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> CostTables:
-        return cls.model_validate_json(Path(path).read_text())
+        """A calibration file: bounded, strict JSON (``spec.json_input``; its errors are ``ValueError``
+        naming the file), validated as ``CostTables`` (pydantic's ``ValidationError``)."""
+        return cls.model_validate(read_json_file(path))
+
+    def comm_sms_error(self, sm_count: int) -> str | None:
+        """Why ``comm_sms`` cannot be reserved on a GPU of ``sm_count`` SMs (compute needs at least one)."""
+        if self.comm_sms >= sm_count:
+            return f"comm_sms={self.comm_sms} must leave compute at least one of the GPU's sm_count={sm_count} SMs"
+        return None
 
     def memory_fracs(self, kernel: str | None) -> tuple[float, float]:
         """(forward, backward) HBM fraction of a memory-bound kernel class; ``memory_frac`` if unmeasured."""

@@ -29,6 +29,7 @@ from moeplan.simulator.accounting.layout import LayoutError, check_layout
 from moeplan.simulator.accounting.memory import peak_bytes_per_gpu
 from moeplan.simulator.contracts.plan_file import Candidate
 from moeplan.simulator.engine.build import SimOptions, compute_bound_s
+from moeplan.simulator.engine.expert_traffic import group_placement
 from moeplan.simulator.planning.predict import simulate_at
 from moeplan.simulator.planning.run_model import step_line
 from moeplan.simulator.schedules.registry import SCHEDULE_KINDS, microbatch_error, num_stages, schedule_kind
@@ -124,6 +125,18 @@ def _fits(inputs: PlanInputs, par: ParallelSpec, lowest: list | None = None) -> 
     return (dp, m, peak) if peak <= inputs.cluster.usable_hbm_bytes else None
 
 
+def _holds_redundant(inputs: PlanInputs, ep: int, redundant: int) -> bool:
+    """Whether an EP group of ``ep`` GPUs places ``redundant`` extra expert slots per layer (the
+    placement refuses, with a ValueError, more slots on a GPU than its node has distinct experts)."""
+    if not inputs.model.is_moe or ep == 1:
+        return True
+    try:
+        group_placement(inputs.model, inputs.cluster, ep, redundant)
+    except ValueError:
+        return False
+    return True
+
+
 def check_fixed(inputs: PlanInputs, fixed: dict[str, Any]) -> None:
     """Fail early, naming the value, when a setting the user fixed can never run."""
     m, world = inputs.model, inputs.cluster.num_gpus
@@ -153,6 +166,9 @@ def search(
     every fitting layout instead of stopping at the bound (same result, for benchmarks and tests)."""
     check_fixed(inputs, fixed)
     layouts = list(enumerate_layouts(inputs, fixed))
+    if opts.redundant_experts:  # only EP groups that can hold the redundant slots
+        places = {ep: _holds_redundant(inputs, ep, opts.redundant_experts) for ep in {p.ep for p in layouts}}
+        layouts = [p for p in layouts if places[p.ep]]
     coarse = replace(opts, expert_load=None, layer_loads=(), coarse=True)  # ranking assumes uniform routing
     fitting, lowest = [], []
     for i, par in enumerate(layouts):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import get_args
 
-from moeplan.simulator.schedules._checks import require
+from moeplan.simulator.schedules._checks import require, require_no_error
 from moeplan.simulator.schedules.bubble import (
     ClosedForm,
     dualpipe_bubble,
@@ -159,13 +159,31 @@ def schedule_kind(kind: str) -> ScheduleKindEntry:
     return ENTRIES[kind]  # type: ignore[index]
 
 
+# A schedule holds stages x micro-batches forward passes (and as many backward): beyond this many the
+# generators, the replay and the memory model would run for minutes, so the size is refused before any
+# work (DeepSeek-V3's published layout has 16 x 120; the largest a default search builds, 16 x 4096).
+MAX_STAGE_MICROBATCHES = 2**20
+
+
+def size_error(kind: ScheduleKind, pp: int, num_microbatches: int, virtual_stages: int = 2) -> str | None:
+    """Why a schedule of this size is refused (stages x micro-batches over ``MAX_STAGE_MICROBATCHES``), or None."""
+    most = pp * max(2, virtual_stages)  # no kind has more stages; bounds the stage list before it is built
+    stages = schedule_kind(kind).num_stages(pp, virtual_stages) if most <= MAX_STAGE_MICROBATCHES else most
+    if stages * num_microbatches > MAX_STAGE_MICROBATCHES:
+        return (f"microbatches={num_microbatches} over stages={stages} make {stages * num_microbatches:,} stage passes, "
+                f"more than the {MAX_STAGE_MICROBATCHES:,} a schedule may hold")
+    return None
+
+
 @lru_cache(maxsize=256)  # schedules are frozen values; the search asks for the same ones many times
 def make_schedule(kind: ScheduleKind, pp: int, num_microbatches: int, virtual_stages: int = 2) -> Schedule:
     """The ``kind`` schedule on ``pp`` ranks (GPUs in one pipeline) for ``num_microbatches``.
 
     ``virtual_stages`` (chunks per rank) is read only by ``interleaved``. Stages per kind:
     ``pp`` for 1f1b, zb1p, dualpipe; ``virtual_stages * pp`` for interleaved; ``2 pp`` for dualpipev.
+    A size over ``MAX_STAGE_MICROBATCHES`` raises ``ScheduleError`` before any work.
     """
+    require_no_error(size_error(kind, pp, num_microbatches, virtual_stages))
     return schedule_kind(kind).generator(pp, num_microbatches, virtual_stages)
 
 
@@ -196,7 +214,8 @@ def microbatch_error(parallel: ParallelSpec, microbatches: int) -> str | None:
     entry = schedule_kind(parallel.schedule)
     if microbatches < 1:
         return f"microbatches={microbatches} must be >= 1"
-    return entry.pp_error(parallel.pp) or entry.microbatch_error(parallel.pp, microbatches)
+    return (entry.pp_error(parallel.pp) or entry.microbatch_error(parallel.pp, microbatches)
+            or size_error(parallel.schedule, parallel.pp, microbatches, parallel.virtual_stages))
 
 
 def smallest_valid_microbatches(parallel: ParallelSpec, microbatches: int) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pydantic import ValidationError
 
 _VALIDATOR_PREFIX = "Value error, "  # pydantic's prefix to a validator's own ValueError message
+MAX_VALUE_CHARS = 200  # a value is quoted up to this long: a line, not a file's worth
 
 
 def first_error_line(exc: ValidationError, prefix: str = "", whole: str = "", names: Mapping[str, str] = {}) -> str:
@@ -18,7 +19,7 @@ def first_error_line(exc: ValidationError, prefix: str = "", whole: str = "", na
 
     The value is left out where it adds nothing: a missing field, a validator's own message (it
     names what it checked; pydantic's "Value error, " before it is dropped too), or a whole object
-    or list. ``whole`` names the location of an error about the input as a whole (no field path);
+    or list; a long value is cut to ``MAX_VALUE_CHARS``. ``whole`` names the location of an error about the input as a whole (no field path);
     without it the line is just the message. ``names`` renames path parts to what the user typed
     (``{"schedule": "kind"}`` where ``--kind`` sets ``ParallelSpec.schedule``).
     """
@@ -28,5 +29,7 @@ def first_error_line(exc: ValidationError, prefix: str = "", whole: str = "", na
     quiet = err.get("type") in ("missing", "value_error") or isinstance(value, dict | list)
     message = err["msg"].removeprefix(_VALIDATOR_PREFIX)
     line = f"{where}: {message}" if where else message
-    line += "" if quiet else f" (got {value!r})"
+    shown = repr(value)
+    shown = shown if len(shown) <= MAX_VALUE_CHARS else shown[: MAX_VALUE_CHARS - 3] + "..."
+    line += "" if quiet else f" (got {shown})"
     return f"{prefix}: {line}" if prefix else line

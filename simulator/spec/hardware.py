@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moeplan.simulator.spec.numbers import Float, Int
+
+# Bounds far above any machine: a GPU rate of at most 1e18 per second, memories of at most 1 PiB,
+# and rates of at least 1 per second (a rate near zero would make every time overflow to infinity).
+MAX_RATE = 1e18
+MAX_BYTES = 2**50
+MAX_NODES = 2**16
+
 
 class GpuSpec(BaseModel):
     """One accelerator: compute, memory, and the peak rates MFU is measured against."""
@@ -11,11 +19,11 @@ class GpuSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    sm_count: int = Field(..., gt=0)
-    hbm_bytes: int = Field(..., gt=0)
-    hbm_bytes_per_s: float = Field(..., gt=0)
-    bf16_flops_per_s: float = Field(..., gt=0, description="Dense (no sparsity) BF16 tensor-core peak.")
-    fp8_flops_per_s: float = Field(..., gt=0, description="Dense (no sparsity) FP8 tensor-core peak.")
+    sm_count: Int = Field(..., gt=0, le=2**16)
+    hbm_bytes: Int = Field(..., gt=0, le=MAX_BYTES)
+    hbm_bytes_per_s: Float = Field(..., ge=1, le=MAX_RATE)
+    bf16_flops_per_s: Float = Field(..., ge=1, le=MAX_RATE, description="Dense (no sparsity) BF16 tensor-core peak.")
+    fp8_flops_per_s: Float = Field(..., ge=1, le=MAX_RATE, description="Dense (no sparsity) FP8 tensor-core peak.")
 
 
 class NodeSpec(BaseModel):
@@ -23,12 +31,12 @@ class NodeSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    gpus_per_node: int = Field(..., gt=0)
-    nvlink_bytes_per_s: float = Field(..., gt=0, description="Achievable per-GPU, one direction.")
-    nvlink_spec_bytes_per_s: float = Field(..., gt=0, description="Datasheet per-GPU, both directions summed.")
-    nic_bytes_per_s: float = Field(..., gt=0, description="Scale-out (IB/RoCE) per GPU, one direction.")
-    memory_reserved_bytes: int = Field(
-        0, ge=0, description="HBM not available to the framework (CUDA context, comm buffers)."
+    gpus_per_node: Int = Field(..., gt=0, le=2**10)
+    nvlink_bytes_per_s: Float = Field(..., ge=1, le=MAX_RATE, description="Achievable per-GPU, one direction.")
+    nvlink_spec_bytes_per_s: Float = Field(..., ge=1, le=MAX_RATE, description="Datasheet per-GPU, both directions summed.")
+    nic_bytes_per_s: Float = Field(..., ge=1, le=MAX_RATE, description="Scale-out (IB/RoCE) per GPU, one direction.")
+    memory_reserved_bytes: Int = Field(
+        0, ge=0, le=MAX_BYTES, description="HBM not available to the framework (CUDA context, comm buffers)."
     )
 
     @model_validator(mode="after")
@@ -49,7 +57,7 @@ class ClusterSpec(BaseModel):
     name: str
     gpu: GpuSpec
     node: NodeSpec
-    nodes: int = Field(..., gt=0)
+    nodes: Int = Field(..., gt=0, le=MAX_NODES)
 
     @property
     def num_gpus(self) -> int:

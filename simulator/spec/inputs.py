@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from moeplan.simulator.spec.hardware import ClusterSpec
 from moeplan.simulator.spec.model import ModelSpec
@@ -23,6 +23,19 @@ class PlanInputs(BaseModel):
     parallel: ParallelSpec
     training: TrainingSpec
     budget: BudgetSpec = BudgetSpec()
+
+    @model_validator(mode="after")
+    def _phases_hold_a_step(self) -> PlanInputs:
+        """A phase given in tokens holds at least one step (of its smallest batch, where it ramps)."""
+        for i, phase in enumerate(self.training.phases):
+            seq = phase.seq_len_tokens or self.parallel.seq_len_tokens
+            batch = phase.ramp.start_seqs if phase.ramp is not None else phase.global_batch_seqs
+            if phase.tokens is not None and phase.tokens < batch * seq:
+                raise ValueError(
+                    f"training.phases.{i}.tokens={phase.tokens:g} is less than one step of {batch} sequences x "
+                    f"{seq} tokens = {batch * seq:,} tokens"
+                )
+        return self
 
     def sha256(self) -> str:
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -10,14 +10,22 @@ returned so the caller can report them; keys we model are validated and kept.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moeplan.simulator.spec.json_input import read_json_file
+from moeplan.simulator.spec.numbers import Bool, Float, Int
+
 logger = logging.getLogger(__name__)
+
+# Bounds on the sizes that drive work (per-layer and per-expert loops, placements), far above any
+# published model (DeepSeek-V3: 61 layers, 256 experts, 163,840 positions).
+MAX_LAYERS = 2**10
+MAX_EXPERTS = 2**14
+MAX_POSITIONS = 2**30
 
 
 class RopeScaling(BaseModel):
@@ -26,12 +34,12 @@ class RopeScaling(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     type: str = Field("yarn", description="'yarn' for DeepSeek; HF newer configs call it rope_type.")
-    factor: float = Field(..., gt=0)
-    original_max_position_embeddings: int = Field(..., gt=0)
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 0.0
+    factor: Float = Field(..., gt=0, le=MAX_POSITIONS)
+    original_max_position_embeddings: Int = Field(..., gt=0, le=MAX_POSITIONS)
+    beta_fast: Float = 32.0
+    beta_slow: Float = 1.0
+    mscale: Float = 1.0
+    mscale_all_dim: Float = 0.0
 
     @model_validator(mode="before")
     @classmethod
@@ -50,45 +58,45 @@ class ModelSpec(BaseModel):
 
     name: str = Field("custom", description="Display name; not part of the HF config.")
     model_type: str = Field("deepseek_v3", description="HF model_type: deepseek_v3, deepseek_v2, llama, ...")
-    vocab_size: int = Field(..., gt=0)
-    hidden_size: int = Field(..., gt=0)
-    num_hidden_layers: int = Field(..., gt=0)
-    intermediate_size: int = Field(..., gt=0, description="Dense SwiGLU MLP width.")
+    vocab_size: Int = Field(..., gt=0, le=2**24)
+    hidden_size: Int = Field(..., gt=0, le=2**20)
+    num_hidden_layers: Int = Field(..., gt=0, le=MAX_LAYERS)
+    intermediate_size: Int = Field(..., gt=0, le=2**22, description="Dense SwiGLU MLP width.")
     hidden_act: Literal["silu"] = "silu"
     # Attention. MLA when kv_lora_rank is set; GQA otherwise.
-    num_attention_heads: int = Field(..., gt=0)
-    num_key_value_heads: int | None = Field(None, gt=0, description="GQA KV heads; ignored by MLA.")
-    head_dim: int | None = Field(None, gt=0, description="GQA head dim; default hidden/heads.")
-    q_lora_rank: int | None = Field(None, gt=0, description="MLA query compression; null = full q_proj.")
-    kv_lora_rank: int | None = Field(None, gt=0, description="MLA KV compression; null = GQA model.")
-    qk_nope_head_dim: int = Field(0, ge=0)
-    qk_rope_head_dim: int = Field(0, ge=0)
-    v_head_dim: int = Field(0, ge=0)
-    attention_bias: bool = False
+    num_attention_heads: Int = Field(..., gt=0, le=2**14)
+    num_key_value_heads: Int | None = Field(None, gt=0, le=2**14, description="GQA KV heads; ignored by MLA.")
+    head_dim: Int | None = Field(None, gt=0, le=2**16, description="GQA head dim; default hidden/heads.")
+    q_lora_rank: Int | None = Field(None, gt=0, le=2**20, description="MLA query compression; null = full q_proj.")
+    kv_lora_rank: Int | None = Field(None, gt=0, le=2**20, description="MLA KV compression; null = GQA model.")
+    qk_nope_head_dim: Int = Field(0, ge=0, le=2**16)
+    qk_rope_head_dim: Int = Field(0, ge=0, le=2**16)
+    v_head_dim: Int = Field(0, ge=0, le=2**16)
+    attention_bias: Bool = False
     # Mixture of experts. n_routed_experts == 0 means a dense model.
-    n_routed_experts: int = Field(0, ge=0)
-    n_shared_experts: int = Field(0, ge=0)
-    num_experts_per_tok: int = Field(0, ge=0)
-    moe_intermediate_size: int = Field(0, ge=0)
-    first_k_dense_replace: int = Field(0, ge=0)
-    moe_layer_freq: int = Field(1, gt=0)
-    n_group: int = Field(1, gt=0)
-    topk_group: int = Field(1, gt=0)
-    routed_scaling_factor: float = Field(1.0, gt=0)
+    n_routed_experts: Int = Field(0, ge=0, le=MAX_EXPERTS)
+    n_shared_experts: Int = Field(0, ge=0, le=2**10)
+    num_experts_per_tok: Int = Field(0, ge=0, le=MAX_EXPERTS)
+    moe_intermediate_size: Int = Field(0, ge=0, le=2**22)
+    first_k_dense_replace: Int = Field(0, ge=0, le=MAX_LAYERS)
+    moe_layer_freq: Int = Field(1, gt=0, le=MAX_LAYERS)
+    n_group: Int = Field(1, gt=0, le=MAX_EXPERTS)
+    topk_group: Int = Field(1, gt=0, le=MAX_EXPERTS)
+    routed_scaling_factor: Float = Field(1.0, gt=0)
     scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
     topk_method: Literal["noaux_tc", "group_limited_greedy", "greedy"] = "noaux_tc"
-    norm_topk_prob: bool = True
-    aux_loss_alpha: float = Field(0.0, ge=0)
-    seq_aux: bool = True
+    norm_topk_prob: Bool = True
+    aux_loss_alpha: Float = Field(0.0, ge=0)
+    seq_aux: Bool = True
     # Multi-token prediction (DeepSeek-V3 TR §2.2).
-    num_nextn_predict_layers: int = Field(0, ge=0)
+    num_nextn_predict_layers: Int = Field(0, ge=0, le=2**6)
     # Positions and norms.
-    max_position_embeddings: int = Field(4096, gt=0)
-    rope_theta: float = Field(10000.0, gt=0)
+    max_position_embeddings: Int = Field(4096, gt=0, le=MAX_POSITIONS)
+    rope_theta: Float = Field(10000.0, gt=0)
     rope_scaling: RopeScaling | None = None
-    rms_norm_eps: float = Field(1e-6, gt=0)
-    tie_word_embeddings: bool = False
-    initializer_range: float = Field(0.02, gt=0)
+    rms_norm_eps: Float = Field(1e-6, gt=0)
+    tie_word_embeddings: Bool = False
+    initializer_range: Float = Field(0.02, gt=0)
 
     # ---- derived shape facts -------------------------------------------------------------
     @property
@@ -183,7 +191,7 @@ class ModelSpec(BaseModel):
             data.setdefault("rope_theta", rope_params.get("rope_theta", 10000.0))
             if rope_params.get("rope_type", rope_params.get("type")) not in (None, "default"):
                 data.setdefault("rope_scaling", {k: v for k, v in rope_params.items() if k != "rope_theta"})
-        if data.get("rope_scaling") is not None:
+        if isinstance(data.get("rope_scaling"), dict):  # anything else is left for validation to refuse
             known_rope = set(RopeScaling.model_fields) | {"rope_type"}
             data["rope_scaling"] = {k: v for k, v in data["rope_scaling"].items() if k in known_rope}
         if data.get("model_type") in ("llama", "mistral", "qwen2") and "n_routed_experts" not in data:
@@ -198,12 +206,10 @@ class ModelSpec(BaseModel):
 
     @classmethod
     def from_hf_config_file(cls, path: str | Path) -> tuple[ModelSpec, list[str]]:
-        """Load a ``config.json`` file; errors name the file."""
+        """Load a ``config.json`` file (``json_input.read_json_file``: bounded, strict JSON); errors
+        (``ValueError``, or pydantic's ``ValidationError``) name the file."""
         path = Path(path)
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
+        config = read_json_file(path)
         if not isinstance(config, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
         return cls.from_hf_config(config, name=path.parent.name or path.stem)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from moeplan.simulator.spec.numbers import NOT_BOOL, Int
+
 ScheduleKind = Literal["1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev"]
 RecomputeKind = Literal["none", "selective", "full"]
+
+# Bounds on the sizes that drive work (a schedule holds pp x micro-batches passes; the kind registry
+# bounds their product too: simulator.schedules.registry.MAX_STAGE_MICROBATCHES).
+MAX_RANKS = 2**12
+MAX_MICROBATCHES = 2**20
+MAX_SEQ_LEN_TOKENS = 2**25
 
 
 class ParallelSpec(BaseModel):
@@ -29,22 +37,22 @@ class ParallelSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    pp: int = Field(1, gt=0, description="Pipeline ranks (GPUs in one pipeline).")
-    ep: int = Field(1, gt=0, description="Expert-parallel group size.")
-    dp: int | None = Field(None, gt=0, description="Data-parallel degree; null = world / (pp * cp).")
-    cp: int = Field(1, gt=0, description="Context-parallel size: GPUs that split each sequence (zig-zag, 2 cp chunks).")
-    tp: Literal[1] = Field(1, description="Tensor parallelism is fixed to 1 for now.")
+    pp: Int = Field(1, gt=0, le=MAX_RANKS, description="Pipeline ranks (GPUs in one pipeline).")
+    ep: Int = Field(1, gt=0, le=2**20, description="Expert-parallel group size.")
+    dp: Int | None = Field(None, gt=0, le=2**20, description="Data-parallel degree; null = world / (pp * cp).")
+    cp: Int = Field(1, gt=0, le=MAX_RANKS, description="Context-parallel size: GPUs that split each sequence (zig-zag, 2 cp chunks).")
+    tp: Annotated[Literal[1], NOT_BOOL] = Field(1, description="Tensor parallelism is fixed to 1 for now.")
     schedule: ScheduleKind = "1f1b"
-    virtual_stages: int = Field(2, gt=0, description="Chunks per rank for interleaved 1F1B.")
-    microbatches: int | None = Field(
-        None, gt=0, description="Micro-batches per step per pipeline; null = global batch / (dp * micro_batch_size)."
+    virtual_stages: Int = Field(2, gt=0, le=2**6, description="Chunks per rank for interleaved 1F1B.")
+    microbatches: Int | None = Field(
+        None, gt=0, le=MAX_MICROBATCHES, description="Micro-batches per step per pipeline; null = global batch / (dp * micro_batch_size)."
     )
-    micro_batch_size: int = Field(
-        1, gt=0, description="Sequences per micro-batch (whole sequences: each GPU of a CP group holds 1/cp of them)."
+    micro_batch_size: Int = Field(
+        1, gt=0, le=2**16, description="Sequences per micro-batch (whole sequences: each GPU of a CP group holds 1/cp of them)."
     )
-    seq_len_tokens: int = Field(4096, gt=0, description="Sequence length the layout is planned for.")
+    seq_len_tokens: Int = Field(4096, gt=0, le=MAX_SEQ_LEN_TOKENS, description="Sequence length the layout is planned for.")
     recompute: RecomputeKind = "none"
-    zero_stage: Literal[0, 1, 2, 3] = 1
-    stage_layers: tuple[int, ...] | None = Field(
+    zero_stage: Annotated[Literal[0, 1, 2, 3], NOT_BOOL] = 1
+    stage_layers: tuple[Int, ...] | None = Field(
         None, description="Decoder layers (MTP counted last) per pipeline stage; null = balanced split."
     )

@@ -6,14 +6,21 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moeplan.simulator.spec.numbers import Float, Int
+from moeplan.simulator.spec.parallel import MAX_RANKS, MAX_SEQ_LEN_TOKENS
+
+# Bounds far above any published run (DeepSeek-V3: 14.8T tokens, 15,360-sequence batches, 2.788M GPU-hours).
+MAX_TOKENS = 1e18
+MAX_BATCH_SEQS = 2**24
+
 
 class BatchRamp(BaseModel):
     """Global batch grows linearly from ``start_seqs`` to the phase's batch over ``ramp_tokens``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    start_seqs: int = Field(..., gt=0)
-    ramp_tokens: float = Field(..., gt=0)
+    start_seqs: Int = Field(..., gt=0, le=MAX_BATCH_SEQS)
+    ramp_tokens: Float = Field(..., gt=0, le=MAX_TOKENS)
 
 
 class Phase(BaseModel):
@@ -22,13 +29,13 @@ class Phase(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    tokens: float | None = Field(None, gt=0, description="Tokens in this phase (or give steps).")
-    steps: int | None = Field(None, gt=0, description="Optimizer steps in this phase (or give tokens).")
-    seq_len_tokens: int | None = Field(None, gt=0, description="null = the layout's seq_len_tokens.")
-    global_batch_seqs: int = Field(..., gt=0)
+    tokens: Float | None = Field(None, gt=0, le=MAX_TOKENS, description="Tokens in this phase (or give steps).")
+    steps: Int | None = Field(None, gt=0, le=2**40, description="Optimizer steps in this phase (or give tokens).")
+    seq_len_tokens: Int | None = Field(None, gt=0, le=MAX_SEQ_LEN_TOKENS, description="null = the layout's seq_len_tokens.")
+    global_batch_seqs: Int = Field(..., gt=0, le=MAX_BATCH_SEQS)
     ramp: BatchRamp | None = None
-    cp: int | None = Field(
-        None, gt=0, description="Context-parallel size for this phase; null = chosen by the planner when the "
+    cp: Int | None = Field(
+        None, gt=0, le=MAX_RANKS, description="Context-parallel size for this phase; null = chosen by the planner when the "
         "sequence length differs from the layout's (simulator/planning/phase_layout.py), else the layout's.")
 
     @model_validator(mode="after")
@@ -49,10 +56,10 @@ class OptimizerSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    param_bytes: int = Field(2, gt=0)
-    grad_bytes: int = Field(4, gt=0)
-    master_bytes: int = Field(4, ge=0)
-    moment_bytes: int = Field(2, gt=0, description="Per moment; AdamW keeps two.")
+    param_bytes: Int = Field(2, gt=0, le=64)
+    grad_bytes: Int = Field(4, gt=0, le=64)
+    master_bytes: Int = Field(4, ge=0, le=64)
+    moment_bytes: Int = Field(2, gt=0, le=64, description="Per moment; AdamW keeps two.")
 
 
 class TrainingSpec(BaseModel):
@@ -73,5 +80,5 @@ class TrainingSpec(BaseModel):
 class BudgetSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    gpu_hours: float | None = Field(None, gt=0)
-    usd_per_gpu_hour: float | None = Field(None, gt=0)
+    gpu_hours: Float | None = Field(None, gt=0, le=1e15)
+    usd_per_gpu_hour: Float | None = Field(None, gt=0, le=1e6)

@@ -67,7 +67,7 @@ def test_dense_model_gets_a_fitting_default_layout(tmp_path):
      (["--set", "parallel.micro_batch_size=7"], "global_batch_seqs=15360 is not a multiple"),
      (["--model", "missing.json"], "--model missing.json: no such file"),
      (["--model", "deepseek-67b", "--nodes", "1"], "no layout of deepseek-67b fits 8 x H800-SXM5"),
-     (["--calibration", "/dev/null"], "--calibration /dev/null: Invalid JSON"),
+     (["--calibration", "/dev/null"], "--calibration /dev/null: malformed JSON"),
      (["--cost-tables", "cutlass"], "--cost-tables 'cutlass': unknown (choose default, hopper-cutlass36-2024)"),
      (["--cost-tables", "hopper-cutlass36-2024", "--calibration", "cal.json"],
       "--calibration cal.json and --cost-tables hopper-cutlass36-2024: give one cost-table source, not both"),

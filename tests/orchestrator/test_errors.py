@@ -1,9 +1,12 @@
 """One error path for every command: ``moeplan: error: ...`` on stderr, one line, exit code 2, nothing
-written; a bug keeps its traceback. And ``write_outputs``: all files or none."""
+written; a bug is one line naming a log of its traceback, exit code 3. And ``write_outputs``: all files
+or none."""
 
 from __future__ import annotations
 
 import json
+import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -83,17 +86,37 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case):
         {*files, *(Path(n).parent.as_posix() for n in files if "/" in n)})
 
 
-def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
-    """Only our error types become the one line; a plain ValueError (or anything else) is a bug."""
+def test_a_bug_is_one_line_exit_3_and_its_traceback_in_a_log(monkeypatch, tmp_path):
+    """Only our error types are bad input; a plain ValueError (or anything else) is a bug: one line naming
+    a log file that holds the traceback, exit code 3, no traceback on the terminal."""
     from moeplan.orchestrator import cli
 
     def broken(path):
         raise ValueError("an internal invariant broke")
 
     monkeypatch.setattr(cli, "read_plan", broken)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     res = CliRunner().invoke(app, ["show", str(tmp_path)])
-    assert res.exit_code == 1 and isinstance(res.exception, ValueError)
-    assert "moeplan: error" not in res.output
+    assert res.exit_code == 3 and res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert lines[0].startswith("moeplan: internal error (a bug; please report it): ValueError: an internal invariant broke")
+    log = Path(re.search(r"traceback in (\S+)\)$", lines[0]).group(1))
+    assert log.parent == tmp_path and log.name.startswith("moeplan-crash-")
+    assert "Traceback (most recent call last)" in log.read_text() and "an internal invariant broke" in log.read_text()
+
+
+def test_usage_errors_are_one_line_too():
+    for args, message in ((["plan", "--pp", "x"], "Invalid value for '--pp'"), (["nope"], "No such command 'nope'"),
+                          (["plan", "--bogus"], "No such option: --bogus"),
+                          (["schedule", "--kind", "1f1b", "--pp", "2"], "Missing option '--microbatches'")):
+        res = CliRunner().invoke(app, args)
+        assert message in _one_error_line(res), res.stderr
+
+
+def test_a_bare_moeplan_prints_the_help():
+    res = CliRunner().invoke(app, [])
+    assert res.exit_code == 0 and "Usage" in res.stdout and res.stderr == ""
 
 
 def test_write_outputs_writes_all_files(tmp_path):

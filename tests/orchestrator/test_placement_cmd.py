@@ -76,8 +76,13 @@ def _malformed(tmp_path: Path) -> str:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "tiny-moe", "--zipf", "-1"], "zipf exponent=-1.0 must be"),
-        (["--zipf", "nan"], "zipf exponent=nan"),
+        (["--model", "tiny-moe", "--zipf", "-1"], "--zipf -1.0: must be a finite exponent in 0..50"),
+        (["--zipf", "nan"], "Invalid value for '--zipf': 'nan' is not a finite number"),
+        (["--zipf", "1e309"], "Invalid value for '--zipf': '1e309' is not a finite number"),
+        (["--tolerance", "inf"], "Invalid value for '--tolerance': 'inf' is not a finite number"),
+        (["--redundant", "1000000"], "--redundant 1000000: must be >= 0 and at most 16384"),
+        (["--tokens-per-gpu", "99999999999999"], "--tokens-per-gpu 99999999999999: must be in 1..65536"),
+        (["--seed", "-1"], "--seed -1: must be in 0..2"),
         (["--redundant", "-3"], "--redundant -3: must be >= 0"),
         (["--redundant", "200"], "slots per GPU=14 exceed the 8 experts"),
         (["--nodes", "3"], "num_gpus=24 exceeds num_logical_experts=16"),
@@ -87,12 +92,12 @@ def _malformed(tmp_path: Path) -> str:
         (["--policy", "nodes"], "policy='nodes' must be one of"),
         (["--zipf", "1", "--load", "x.json"], "--load and --zipf: give one expert-load source, not both"),
         (["--nodes", "0"], "--nodes 0: must be a positive number of nodes"),
-        (["--tokens-per-gpu", "0"], "--tokens-per-gpu 0: must be > 0"),
+        (["--tokens-per-gpu", "0"], "--tokens-per-gpu 0: must be in 1..65536"),
         (["LOAD_BAD"], r"tokens_per_expert\[15\]=-5 must be >= 0"),
         (["LOAD_MALFORMED"], "malformed JSON"),
         (["--load", "missing.json"], "--load missing.json: cannot read"),
         (["--current", "missing.json"], "--current missing.json: cannot read"),
-        (["--tolerance", "-0.5", "--current", "CURRENT"], "tolerance_frac=-0.5 must be >= 0"),
+        (["--tolerance", "-0.5", "--current", "CURRENT"], "--tolerance -0.5: must be a fraction >= 0"),
     ],
 )
 def test_bad_input_gives_one_line_exit_2_and_writes_nothing(tmp_path: Path, args, message) -> None:
