@@ -93,7 +93,9 @@ def plan_command(
 def _run_search(req: PlanRequest, opts: SimOptions, quiet: bool) -> SearchResult:
     """The layout search, with a progress bar on stderr."""
     columns = (TextColumn("searching layouts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True, disable=quiet) as bar:
+    stderr = Console(stderr=True)
+    # off unless stderr is a terminal: elsewhere rich leaves a blank line behind, and errors are one line
+    with Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal) as bar:
         task = bar.add_task("search", total=None)
         result = search(req.inputs, req.fixed, opts, progress=lambda done, total: bar.update(task, completed=done, total=total))
     if not result.ranked:

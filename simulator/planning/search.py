@@ -73,7 +73,8 @@ def enumerate_layouts(inputs: PlanInputs, fixed: dict[str, Any]) -> Iterator[Par
     """Every layout of the search space that agrees with ``fixed`` (ParallelSpec field -> value)."""
     world = inputs.cluster.num_gpus
     units = inputs.model.num_hidden_layers + inputs.model.num_nextn_predict_layers
-    pps = _choices(fixed, "pp", [2**k for k in range(world.bit_length()) if world % 2**k == 0])
+    # every kind has at least pp stages, and a stage at least one layer unit
+    pps = _choices(fixed, "pp", [2**k for k in range(world.bit_length()) if world % 2**k == 0 and 2**k <= units])
     base = inputs.parallel.model_dump()
     seq = base["seq_len_tokens"]
     cps = _choices(fixed, "cp", [c for c in (2**k for k in range(world.bit_length()))

@@ -162,7 +162,7 @@ def schedule_kind(kind: str) -> ScheduleKindEntry:
 # A schedule holds stages x micro-batches forward passes (and as many backward): beyond this many the
 # generators, the replay and the memory model would run for minutes, so the size is refused before any
 # work (DeepSeek-V3's published layout has 16 x 120; the largest a default search builds, 16 x 4096).
-MAX_STAGE_MICROBATCHES = 2**20
+MAX_STAGE_MICROBATCHES = 2**17
 
 
 def size_error(kind: ScheduleKind, pp: int, num_microbatches: int, virtual_stages: int = 2) -> str | None:

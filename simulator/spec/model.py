@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 # Bounds on the sizes that drive work (per-layer and per-expert loops, placements), far above any
 # published model (DeepSeek-V3: 61 layers, 256 experts, 163,840 positions).
-MAX_LAYERS = 2**10
+MAX_LAYERS = 2**9
 MAX_EXPERTS = 2**14
 MAX_POSITIONS = 2**30
 

@@ -11,7 +11,7 @@ from moeplan.simulator.spec.parallel import MAX_RANKS, MAX_SEQ_LEN_TOKENS
 
 # Bounds far above any published run (DeepSeek-V3: 14.8T tokens, 15,360-sequence batches, 2.788M GPU-hours).
 MAX_TOKENS = 1e18
-MAX_BATCH_SEQS = 2**24
+MAX_BATCH_SEQS = 2**20
 
 
 class BatchRamp(BaseModel):
