@@ -15,9 +15,13 @@ command group, reports:
 
 from __future__ import annotations
 
+import signal
 import sys
 import tempfile
+import threading
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -33,6 +37,7 @@ from moeplan.simulator.spec.errors import first_error_line
 BAD_INPUT_EXIT_CODE = 2
 INTERNAL_ERROR_EXIT_CODE = 3
 INTERRUPTED_EXIT_CODE = 130
+TERMINATED_EXIT_CODE = 143  # 128 + SIGTERM, as a shell reports it
 MAX_LINE_CHARS = 2000  # a reported line quotes what it was given, up to this long
 
 
@@ -89,6 +94,28 @@ def report_internal_error(exc: BaseException) -> int:
     return INTERNAL_ERROR_EXIT_CODE
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised wherever the process is, so that cleanups run (``write_outputs`` removes its
+    temporaries) instead of the process vanishing mid-write."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextmanager
+def _terminate_by_exception() -> Iterator[None]:
+    """While a command runs (in the main thread), SIGTERM raises ``Terminated``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class ReportingGroup(TyperGroup):
     """The ``moeplan`` group: bad input is one line and exit code 2, a bug one line and exit code 3."""
 
@@ -106,9 +133,14 @@ class ReportingGroup(TyperGroup):
     def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
              **extra: Any) -> Any:
         """As typer's, but a usage error is one line too (``moeplan: error: plan: Invalid value for ...``),
-        a bare ``moeplan`` prints the help, and an interrupt exits 130 without a traceback."""
+        a bare ``moeplan`` prints the help, an interrupt exits 130 and SIGTERM 143, without a traceback
+        and after cleaning up (``Terminated``)."""
         try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with _terminate_by_exception():
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except Terminated:
+            typer.echo("moeplan: terminated (SIGTERM); files are written whole or not at all", err=True)
+            code = TERMINATED_EXIT_CODE
         except _CLICK_ERRORS as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":  # bare `moeplan`: help was wanted
                 super().main(["--help"], prog_name, complete_var, standalone_mode=False, **extra)

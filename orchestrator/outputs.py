@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import stat
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
@@ -110,8 +111,7 @@ def write_outputs(files: Mapping[Path, str]) -> None:
             missing = _missing_dirs(path.parent)
             path.parent.mkdir(parents=True, exist_ok=True)
             made += missing
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.unlink(missing_ok=True)  # left by a killed run of this process id
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # this writer's own
             staged.append((tmp, path))
             _write_synced(tmp, text)
         with _locked([target.parent for _, target in staged]):

@@ -4,9 +4,13 @@ or none."""
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +138,70 @@ def test_write_outputs_writes_none_when_one_cannot_be_written(tmp_path):
         write_outputs(files)
     assert _tree(tmp_path) == {"old.txt": b"old", "blocker": b"a file"}
     assert not (tmp_path / "new").exists()  # the folders it made went too
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk full", "interrupted"])
+def test_write_outputs_leaves_nothing_when_a_write_fails(tmp_path, monkeypatch, failure):
+    """A disk that fills up (or a Ctrl-C) while the second file is written: the first one's temporary goes,
+    the old files stay as they were, and the folders made for the new ones go."""
+    from moeplan.orchestrator import outputs
+
+    (tmp_path / "plan.json").write_text("old")
+    real, calls = outputs._write_synced, []
+
+    def fails_second(path, text):
+        calls.append(path)
+        if len(calls) == 2:
+            raise failure
+        real(path, text)
+
+    monkeypatch.setattr(outputs, "_write_synced", fails_second)
+    files = {tmp_path / "plan.json": "new", tmp_path / "deep" / "plan.html": "<html>"}
+    with pytest.raises(InputError if isinstance(failure, OSError) else KeyboardInterrupt) as info:
+        write_outputs(files)
+    if isinstance(failure, OSError):
+        assert str(info.value) == f"{tmp_path / 'deep' / 'plan.html'}: cannot write (No space left on device)"
+    assert _tree(tmp_path) == {"plan.json": b"old"}
+
+
+def test_write_outputs_refuses_to_replace_a_device(tmp_path):
+    with pytest.raises(InputError, match="output /dev/null: is not a regular file"):
+        write_outputs({tmp_path / "a.json": "{}", Path("/dev/null"): "x"})
+    assert _tree(tmp_path) == {}
+
+
+def test_strict_json_refuses_nan():
+    from moeplan.orchestrator.outputs import strict_json
+
+    assert strict_json({"a": 1.5}) == '{\n  "a": 1.5\n}'
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="not JSON compliant"):
+            strict_json({"a": [bad]})
+
+
+def test_concurrent_write_outputs_leave_one_writers_files(tmp_path, monkeypatch):
+    """Two writers of one folder: the renames of one finish before the other's begin (a lock on the folder),
+    so the files left belong together. Writer A is slow between its renames: unlocked, B's pair would land
+    in between and leave B's plan.json beside A's plan.html."""
+    import threading
+
+    from moeplan.orchestrator import outputs
+
+    real_replace = os.replace
+
+    def slow_for_a(src, dst):
+        real_replace(src, dst)
+        if threading.current_thread().name == "A":
+            time.sleep(0.2)
+
+    monkeypatch.setattr(outputs.os, "replace", slow_for_a)
+    files = {name: {tmp_path / "plan.json": name, tmp_path / "plan.html": name} for name in "AB"}
+    a = threading.Thread(target=write_outputs, args=(files["A"],), name="A")
+    b = threading.Thread(target=write_outputs, args=(files["B"],), name="B")
+    a.start()
+    time.sleep(0.05)  # A holds the lock, between its two renames
+    b.start()
+    a.join()
+    b.join()
+    assert _tree(tmp_path) == {"plan.html": b"B", "plan.json": b"B"}

@@ -125,3 +125,72 @@ def test_simulated_plan_round_trips_with_schedule_and_placement():
     assert plan.placement is not None and plan.placement.num_gpus == 4
     moe_layers = [i for i in range(4) if tiny_moe().is_moe_layer(i)] + [4]  # + the MTP layer
     assert plan.placement.layer_ids == moe_layers
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    """A plan with every section filled (predictions, placement, budget), as raw JSON to tamper with."""
+    from moeplan.simulator.planning.planner import plan_with_predictions
+    from moeplan.simulator.spec.training import BudgetSpec, Phase, TrainingSpec
+
+    training = TrainingSpec(phases=(Phase(name="pretrain", tokens=1e9, global_batch_seqs=32),))
+    inputs = PlanInputs(model=tiny_moe(), cluster=h200(1), training=training, budget=BudgetSpec(gpu_hours=10.0),
+                        parallel=ParallelSpec(pp=2, ep=4, schedule="dualpipe", seq_len_tokens=128))
+    return dump_plan(plan_with_predictions(inputs, (), "given"))
+
+
+def _resigned(raw: dict) -> str:
+    """The plan with its hash recomputed, as someone editing more than the inputs would."""
+    raw["inputs_sha256"] = PlanInputs.model_validate(raw["inputs"]).sha256()
+    return json.dumps(raw)
+
+
+# (where, new value, what the one line says): fields the inputs hash does not cover
+TAMPERED = {
+    "negative step time": (("predictions", "step", "step_time_s"), -1.0,
+                           "predictions.step.step_time_s: Input should be greater than 0 (got -1.0)"),
+    "zero pipeline ranks": (("layout", "pp"), 0, "layout.pp: Input should be greater than 0 (got 0)"),
+    "a bool for a size": (("layout", "dp"), True, "layout.dp: Input should be a valid integer (got True)"),
+    "world off the inputs": (("layout", "world"), 16, "layout: pp=2 x dp=4 x cp=1 differs from world=16"),
+    "pp off the inputs": (("layout", "pp"), 4, "layout: pp=4 x dp=4 x cp=1 differs from world=8"),
+    "rank holding a stage that is not there": (("layout", "rank_stages", 0, 0), 9, "names a stage outside 0..1"),
+    "memory rank with a stage that is not there": (("memory", "per_rank", 0, "stages"), [7],
+                                                   "memory.per_rank must hold pp=2 ranks whose stages lie in 0..1"),
+    "peak of a rank that is not there": (("memory", "peak_rank"), 5, "memory: peak_rank=5: peak_bytes_per_gpu="),
+    "fits against the numbers": (("memory", "fits"), False, "memory: fits=False contradicts"),
+    "negative count": (("memory", "per_rank", 1, "in_flight_microbatches"), -5.0,
+                       "per_rank[1]: rank=1 must be 1 and every size finite and >= 0"),
+    "bytes off their sum": (("memory", "per_rank", 1, "grad_bytes"), -5.0, "differs from the sum of its parts"),
+    "verdict without a margin": (("budget_report", "margin_frac"), None, "budget_gpu_hours, within_budget and margin_frac"),
+    "budget off the inputs": (("budget_report", "budget_gpu_hours"), 99.0, "budget_report.budget_gpu_hours=99.0 but"),
+    "phase fit without its peak": (("predictions", "run", "phases", 0, "layout", "fits"), False,
+                                   "peak_memory_bytes_per_gpu and fits must be given together"),
+    "schedule of another size": (("schedule", "num_microbatches"), 64,
+                                 "schedule: direction_microbatches=(4, 4) does not sum to num_microbatches=64"),
+    "a rank missing from the step": (("predictions", "step", "per_rank"), [],
+                                     "predictions: step.per_rank must hold pp=2 ranks"),
+    "NaN": (("predictions", "step", "mfu_frac"), "NaN", "NaN is not a JSON number"),
+    "an infinity": (("predictions", "run", "gpu_hours_total"), "1e999", "1e999 does not fit a float"),
+}
+
+
+@pytest.mark.parametrize("case", TAMPERED)
+def test_a_plan_is_validated_in_full_when_read(simulated, case):
+    """``show`` and the runtime trust what they index: every field the hash does not cover is checked too."""
+    path, value, message = TAMPERED[case]
+    raw = json.loads(simulated)
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    raw_value = value in ("NaN", "1e999")
+    node[path[-1]] = "@@" if raw_value else value
+    text = _resigned(raw).replace('"@@"', value) if raw_value else _resigned(raw)
+    with pytest.raises(PlanError) as info:
+        parse_plan(text, "p.json")
+    assert str(info.value).startswith("p.json: ") and message in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_the_untampered_plan_reads(simulated):
+    assert dump_plan(parse_plan(simulated)) == simulated
+    assert parse_plan(_resigned(json.loads(simulated))) == parse_plan(simulated)
