@@ -40,7 +40,7 @@ def _finite(text: str) -> float:
 
 
 def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > 19 or abs(value := int(text)) > MAX_INT:
+    if len(text.lstrip("-")) > 19 or not -MAX_INT - 1 <= (value := int(text)) <= MAX_INT:
         raise _Refused(f"integer {text[:40]}{'...' if len(text) > 40 else ''} does not fit 64 bits")
     return value
 
