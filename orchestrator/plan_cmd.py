@@ -7,13 +7,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moeplan.orchestrator.errors import note
 from moeplan.orchestrator.inputs import PlanRequest, build_request, finite_float, flag_overrides
 from moeplan.orchestrator.outputs import check_out_dir, check_out_file, strict_json, write_outputs
-from moeplan.orchestrator.render import plan_tables
+from moeplan.orchestrator.render import plan_tables, shown
 from moeplan.orchestrator.sim_options import check_placeable, sim_options
 from moeplan.simulator.accounting.layout import LayoutError
 from moeplan.simulator.contracts.plan_file import PlanFile, dump_plan
@@ -85,7 +84,7 @@ def plan_command(
         typer.echo(strict_json(summary(plan)))
         return
     if req.ignored:
-        console.print(f"[dim]config keys not modelled (ignored): {escape(', '.join(req.ignored))}[/dim]")
+        console.print(f"[dim]config keys not modelled (ignored): {shown(', '.join(req.ignored))}[/dim]")
     console.print(plan_tables(plan))
     console.print(f"wrote {out / 'plan.json'}, {out / 'plan.html'}" + (f" and {trace}" if trace else ""))
 

@@ -1,7 +1,7 @@
 """Rich tables for the CLI: presets, plan summaries, schedule reports. Units are converted only here.
 
-Names that come from the user or a file (a model's, a phase's, a GPU's, a cost table's) are escaped:
-rich would read ``[/x]`` in them as markup."""
+Names that come from the user or a file (a model's, a phase's, a GPU's, a cost table's) pass through
+``shown``: rich would read ``[/x]`` in them as markup, and a terminal would obey escape sequences."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
 
+from moeplan.orchestrator.errors import one_line
 from moeplan.simulator.accounting.params import activated_params, param_counts
 from moeplan.simulator.contracts.plan_file import PlanFile
 from moeplan.simulator.presets.clusters import CLUSTER_PRESETS
@@ -18,6 +19,12 @@ from moeplan.simulator.presets.models import MODEL_PRESETS
 from moeplan.simulator.schedules.registry import schedule_kind
 
 GiB = 2**30
+
+
+def shown(name: str) -> str:
+    """A name from the user or a file, safe to print: control characters (a terminal's escape sequences)
+    spelled out, on one line, and rich's markup escaped."""
+    return escape(one_line(name))
 
 
 def _b(n: float) -> str:
@@ -64,7 +71,7 @@ def presets_table() -> Group:
 
 def plan_tables(plan: PlanFile) -> Group:
     inp, lay = plan.inputs, plan.layout
-    head = Table(title=f"moeplan: {escape(inp.model.name)} on {lay.world} x {escape(inp.cluster.gpu.name)}",
+    head = Table(title=f"moeplan: {shown(inp.model.name)} on {lay.world} x {shown(inp.cluster.gpu.name)}",
                  title_justify="left", show_header=False)
     head.add_column("what")
     head.add_column("value", justify="right")
@@ -104,7 +111,7 @@ def prediction_tables(plan: PlanFile) -> list[Table | str]:
     assert pred is not None and budget is not None
     step, run = pred.step, pred.run
     fixed = f"; fixed: {', '.join(pred.fixed_layout_fields)}" if pred.fixed_layout_fields else ""
-    t = Table(title=escape(f"Simulated step ({pred.layout_source} layout{fixed}; cost tables {pred.cost_tables})"),
+    t = Table(title=shown(f"Simulated step ({pred.layout_source} layout{fixed}; cost tables {pred.cost_tables})"),
               title_justify="left", show_header=False)
     t.add_column("what")
     t.add_column("value", justify="right")
@@ -128,12 +135,12 @@ def prediction_tables(plan: PlanFile) -> list[Table | str]:
     for col in ("phase", "seq len", "layout", "tokens", "steps", "step time s", "days", "GPU-hours"):
         phases.add_column(col, justify="left" if col in ("phase", "layout") else "right")
     for p in run.phases:
-        phases.add_row(escape(p.name), f"{p.seq_len_tokens:,}", p.layout.label, f"{p.tokens / 1e9:,.1f}B",
+        phases.add_row(shown(p.name), f"{p.seq_len_tokens:,}", p.layout.label, f"{p.tokens / 1e9:,.1f}B",
                        f"{p.steps:,.0f}", f"{p.step_time_s:.2f}", f"{p.hours / 24:,.2f}", f"{p.gpu_hours:,.0f}")
     out = [t, phases]
     for i, p in enumerate(run.phases):
         if p.layout.fits is False:
-            out.append(f"[yellow]warning:[/] phase {escape(p.name)}: no layout was found that runs its batch, and the main "
+            out.append(f"[yellow]warning:[/] phase {shown(p.name)}: no layout was found that runs its batch, and the main "
                        f"layout needs {p.layout.peak_memory_bytes_per_gpu / GiB:.1f} GiB per GPU at "
                        f"{p.seq_len_tokens:,} tokens ({plan.inputs.cluster.usable_hbm_bytes / GiB:.1f} GiB usable); its time is priced on the "
                        f"main layout's step line regardless (try another: --set training.phases.{i}.cp=N)")

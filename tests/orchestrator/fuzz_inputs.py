@@ -22,6 +22,7 @@ GARBAGE = (
     "nan", "NaN", "-nan", "inf", "-inf", "Infinity", "1e309", "-1e309", "1e99999", "1e-30", "0", "-0", "-1", "1.5",
     "1.2.3", ".", "", " ", "abc", "0x10", "1_000", "١٢", "²", "9" * 400, "true", "null", "[1]", "{}",
     "-9223372036854775809", "18446744073709551616", "99999999999999999999999", "1e18", "\x00", "[/b]", "\n",
+    "\x1b[2J",
 )
 HUGE_INTS = st.one_of(st.integers(2**40, 2**80), st.integers(-(2**80), -1))
 garbage = st.one_of(st.sampled_from(GARBAGE), st.text(max_size=12))
@@ -53,7 +54,7 @@ count_text = mostly(st.sampled_from(COUNTS[:6]), st.sampled_from(COUNTS[6:]), ga
 # JSON values a mutation puts in place of a field.
 DEEP = json.loads("[" * 40 + "]" * 40)
 JSON_VALUES = (None, True, False, 0, -1, 1, 2, 3, 7, 2**31, 2**63 - 1, -(2**63), 1e308, -1e308, 0.5, 1e-300, -0.0, "",
-               "x", "[/b]", "yarn", "1f1b", [], {}, [1, 2], {"a": 1}, DEEP, "\x00", "é" * 50)
+               "x", "[/b]", "yarn", "1f1b", [], {}, [1, 2], {"a": 1}, DEEP, "\x00", "é" * 50, "\x1b]0;t\x07\x1b[2J")
 json_value = st.one_of(st.sampled_from(JSON_VALUES), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
                        st.text(max_size=8))
 # Text that replaces a value in the document's text: not strict JSON, or not JSON at all.

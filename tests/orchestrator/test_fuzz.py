@@ -4,7 +4,7 @@ Each example runs one command with random options and values (NaN, infinities, h
 numbers, mutated config/plan/load/calibration/placement files, bad output paths) and checks what
 the issue asks for:
 
-- exit code 0 or 2, never a traceback (nor 3, the code of a bug);
+- exit code 0 or 2, never a traceback (nor 3, the code of a bug), never a terminal escape sequence;
 - on 2: stdout empty, exactly one line on stderr (``moeplan: error: ...``), the folder unchanged;
 - on 0: only ``moeplan: note: ...`` lines on stderr, every file it names complete (no temporary
   left), every JSON file and ``--json`` output strict (no NaN/Infinity), a plan readable by ``show``;
@@ -83,6 +83,7 @@ def check(args: list[str], outputs: list[str] = (), *, root: Path) -> None:
         _record(args[0], res.exit_code, seconds, res.stderr)
         shown = f"moeplan {args!r}\nexit {res.exit_code}\nstdout: {res.stdout[-2000:]}\nstderr: {res.stderr[-2000:]}"
         assert "Traceback" not in res.stdout + res.stderr, shown
+        assert "\x1b" not in res.stdout + res.stderr, f"a terminal escape sequence printed\n{shown}"
         assert res.exit_code in (0, 2), shown
         assert seconds < LIMIT_S, f"{seconds:.1f} s\n{shown}"
         here = Path(cwd).name + "/"

@@ -132,3 +132,13 @@ def test_what_was_assumed_is_a_note(tmp_path):
          "(as if its positions were extended)"),
         "moeplan: note: --redundant-experts 2 has no effect at ep=1 (no expert parallelism)",
     ]
+
+
+def test_names_from_files_cannot_drive_the_terminal(tmp_path):
+    """A name with rich markup or a terminal escape sequence is printed spelled out, not obeyed."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(_config(name="x[/b]\x1b[2J\x1b]0;title\x07"))
+    res = CliRunner().invoke(app, ["plan", "--model", str(tmp_path / "m" / "config.json"), "--cluster", "h200",
+                                   "--nodes", "1", "--no-search", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.stderr
+    assert "\x1b" not in res.stdout + res.stderr and "x[/b]\\x1b[2J\\x1b]0;title\\x07 on 8 x H200-SXM" in res.stdout
