@@ -99,6 +99,10 @@ CASES = {
                                                    "num_nodes": 1, "slots_per_gpu": [2] * 8, "layer_ids": [1],
                                                    "phy2log": [list(range(16))]})},
         "num_groups=3 must divide num_logical_experts=16"),
+    "a GPU with no SM left for compute": ([*TINY, "--set", "cluster.gpu.sm_count=20"], {},
+                                          "cost tables 'h200-default': comm_sms=20 must leave compute at least one"),
+    "reserved memory beyond the GPU's": ([*TINY, "--set", "cluster.gpu.hbm_bytes=1"], {},
+                                         "node.memory_reserved_bytes=2147483648 leaves none of gpu.hbm_bytes=1"),
     "NaN in a calibration": ([*TINY, "--calibration", "{d}/c.json"],
                              {"c.json": _calibration(memory_frac="@").replace('"@"', "NaN")}, "NaN is not a JSON number"),
     # slow paths
