@@ -166,9 +166,8 @@ def _plan_args(draw: st.DrawFn, folder: Path, documents: dict[str, Any]) -> tupl
         "--tokens": count_text, "--budget-gpu-hours": count_text, "--price-per-gpu-hour": float_text(0, 10),
         "--zipf": float_text(0, 3), "--redundant-experts": int_text(0, 8),
         "--set": st.builds(lambda k, v: f"{k}={v}", st.sampled_from(SET_KEYS), st.one_of(
-            st.sampled_from(["1", "2", "3", "20", "8192", "131072", "true", "NaN", "1e999", "-1", "null", '{"pp": 3}',
-                             '{"pp": 2, "ep": 4}', "[]", "bf16", '"4096"', "[" * 60, "99999999999999999999999", "0.5"]),
-            garbage)),
+            st.sampled_from(["1", "2", "true", "NaN", "1e999", "-1", "null", '{"pp": 3}', '{"pp": 2, "ep": 4}', "[]",
+                             "bf16", '"4096"', "[" * 60, "99999999999999999999999", "0.5"]), garbage)),
         "--load": lambda: _file(draw, folder, documents, "load"),
         "--calibration": lambda: _file(draw, folder, documents, "calibration"),
         "--cost-tables": choice("default", "hopper-cutlass36-2024"),
@@ -184,9 +183,7 @@ SET_KEYS = ("parallel.pp", "parallel", "parallel.stage_layers", "parallel.zero_s
             "model.num_hidden_layers", "model.n_routed_experts", "model.rope_scaling", "model.attention_bias",
             "model.max_position_embeddings", "training.phases.0.tokens", "training.phases.0", "training.precision",
             "budget.gpu_hours", "budget.usd_per_gpu_hour", "cluster.nodes", "cluster.gpu.bf16_flops_per_s",
-            "cluster.node.nic_bytes_per_s", "training.phases.0.ramp", "model", "nope.x", "model.name",
-            "cluster.gpu.sm_count", "cluster.gpu.hbm_bytes", "cluster.node.gpus_per_node", "training.phases.0.cp",
-            "training.phases.0.seq_len_tokens", "training.optimizer.param_bytes", "model.num_experts_per_tok")
+            "cluster.node.nic_bytes_per_s", "training.phases.0.ramp", "model", "nope.x", "model.name")
 
 
 def _fuzz(examples: int, tmp_path: Path, case: Callable[[st.DrawFn, Path], tuple[list[str], list[str]]]) -> None:
