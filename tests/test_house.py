@@ -34,7 +34,7 @@ ALLOWED = {f"simulator.{room}": {f"simulator.{r}" for r in rooms} for room, room
 ALLOWED |= {
     "simulator": set(),
     "kernels": set(),
-    "model": {"kernels", "simulator.spec", "simulator.contracts"},
+    "model": {"kernels", "simulator.spec", "simulator.contracts", "simulator.schedules"},
     "manifests": {"simulator.spec", "simulator.contracts"},
     "orchestrator": {"kernels", "model", "manifests", "simulator"} | {f"simulator.{r}" for r in SIM_ORDER},
 }
