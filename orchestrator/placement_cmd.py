@@ -25,7 +25,7 @@ from moeplan.orchestrator.inputs import (
     read_load_record,
     read_model_file,
 )
-from moeplan.orchestrator.outputs import check_out_dir, write_outputs
+from moeplan.orchestrator.outputs import check_out_dir, strict_json, write_outputs
 from moeplan.simulator.contracts.expert_load import ExpertLoadRecord
 from moeplan.simulator.contracts.placement import ExpertPlacement
 from moeplan.simulator.placement.loads import uniform_load, zipf_load
@@ -121,6 +121,7 @@ def _compute(
     summary, t_before, t_after, row = summarize(
         before, after, weight, layer_ids, model, cluster, rng, tokens_per_gpu, naive, cross_node_weight
     )
+    strict_json(summary.model_dump())  # pydantic would write a NaN as null: one here is a bug, not output
     placement_json = ExpertPlacement.from_placement(after, model.n_group, layer_ids).model_dump_json()
     figures = {
         "placement.html": placement_figure({"before": before, "after": after}, weight, row, layer_ids[row]),

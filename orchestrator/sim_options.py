@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from moeplan.orchestrator.errors import InputError
 from moeplan.orchestrator.inputs import check_redundant, check_zipf, moe_layers, one_load_source, read_load_record
-from moeplan.simulator.costs.tables import NAMED_TABLES, CostTables, named_tables
+from moeplan.simulator.costs.tables import NAMED_TABLES, CostTables, default_tables, named_tables
 from moeplan.simulator.engine.build import SimOptions
 from moeplan.simulator.engine.expert_traffic import group_placement
 from moeplan.simulator.spec.errors import first_error_line
@@ -33,15 +33,21 @@ def cost_tables(calibration: Path | None, named: str | None, gpu: GpuSpec) -> Co
     if calibration is None:
         return None
     try:
-        tables = CostTables.from_file(calibration)
+        return CostTables.from_file(calibration)
     except ValidationError as exc:
         raise InputError(first_error_line(exc, f"--calibration {calibration}")) from exc
     except ValueError as exc:  # not bounded, strict JSON (``JsonInputError`` names the file)
         raise InputError(f"--calibration {exc}") from exc
-    error = tables.comm_sms_error(gpu.sm_count)
+
+
+def check_comm_sms(tables: CostTables | None, calibration: Path | None, gpu: GpuSpec) -> None:
+    """The SMs the tables reserve for expert all-to-all leave the GPU some for compute (a calibration's
+    ``comm_sms``, or a ``--set cluster.gpu.sm_count`` below the default tables')."""
+    used = tables or default_tables(gpu.name)
+    error = used.comm_sms_error(gpu.sm_count)
     if error:
-        raise InputError(f"--calibration {calibration}: {error} ({gpu.name})")
-    return tables
+        where = f"--calibration {calibration}" if calibration is not None else f"cost tables {used.name!r}"
+        raise InputError(f"{where}: {error} ({gpu.name})")
 
 
 def layer_loads(path: Path, model: ModelSpec) -> LayerLoads:
@@ -58,6 +64,7 @@ def sim_options(model: ModelSpec, gpu: GpuSpec, *, zipf: float | None, load: Pat
     check_redundant(redundant_experts, model, "--redundant-experts")
     loads = layer_loads(load, model) if load is not None else ()
     tables = cost_tables(calibration, table_name, gpu)
+    check_comm_sms(tables, calibration, gpu)
     expert_load = None
     if zipf is not None:
         expert_load = tuple(float(x) for x in 1.0 / np.arange(1, model.n_routed_experts + 1) ** zipf)

@@ -36,6 +36,8 @@ class ExpertPlacement(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> ExpertPlacement:
         num_gpus = len(self.slots_per_gpu)
+        if self.num_logical_experts % self.num_groups:
+            raise ValueError(f"num_groups={self.num_groups} must divide num_logical_experts={self.num_logical_experts}")
         if num_gpus % self.num_nodes:
             raise ValueError(f"num_nodes={self.num_nodes} must divide the {num_gpus} GPUs of slots_per_gpu")
         if min(self.slots_per_gpu) < 1:

@@ -34,12 +34,17 @@ from moeplan.simulator.schedules.schedule import Schedule
 from moeplan.simulator.spec.errors import first_error_line
 from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.json_input import JsonInputError, parse_json, read_json_file
+from moeplan.simulator.spec.hardware import MAX_NODES
+from moeplan.simulator.spec.model import MAX_LAYERS
 from moeplan.simulator.spec.numbers import Bool, Float, Int
+from moeplan.simulator.spec.parallel import MAX_MICROBATCHES, MAX_RANKS
 from moeplan.simulator.spec.parallel import ParallelSpec
 
 __all__ = ["PlanInputs", "PlanFile", "PlanError", "SCHEMA_VERSION", "StageRecord", "write_atomic"]
 
 SCHEMA_VERSION = 3
+MAX_UNITS = 2 * MAX_LAYERS  # layer units (decoder layers and MTP modules), and so stages
+MAX_GPUS = MAX_NODES * 2**10  # nodes of at most 1024 GPUs
 
 
 class PlanError(ValueError):
@@ -53,9 +58,10 @@ class _Frozen(BaseModel):
 class StageRecord(_Frozen):
     """One pipeline stage as it was priced and as the runtime builds it (``model.stage.stages_from_plan``)."""
 
-    index: Int = Field(..., ge=0)
-    first_layer: Int = Field(..., ge=0, description="First decoder layer (global id, as in checkpoint names).")
-    end_layer: Int = Field(..., ge=0, description="One past the last decoder layer; equals first_layer on a stage without any.")
+    index: Int = Field(..., ge=0, le=MAX_UNITS)
+    first_layer: Int = Field(..., ge=0, le=MAX_UNITS, description="First decoder layer (global id, as in checkpoint names).")
+    end_layer: Int = Field(..., ge=0, le=MAX_UNITS,
+                           description="One past the last decoder layer; equals first_layer on a stage without any.")
     mtp_layers: tuple[Int, ...] = Field(
         ..., description="MTP modules on the stage by layer id (num_hidden_layers + depth - 1); only on the last stage."
     )
@@ -79,26 +85,30 @@ class StageRecord(_Frozen):
 
 
 class ResolvedLayout(_Frozen):
-    world: Int = Field(..., gt=0)
-    pp: Int = Field(..., gt=0)
-    dp: Int = Field(..., gt=0)
-    cp: Int = Field(..., gt=0, description="Context-parallel size: GPUs that split each sequence; world = pp x dp x cp.")
-    ep: Int = Field(..., gt=0)
-    expert_dp: Int = Field(..., gt=0, description="dp x cp / ep: replicas of each routed expert.")
-    stages: Int = Field(..., gt=0)
+    # Bounded like the inputs they come from, so that a tampered file cannot make a reader build a
+    # range of 2**31 layers or ranks before it finds out.
+    world: Int = Field(..., gt=0, le=MAX_GPUS)
+    pp: Int = Field(..., gt=0, le=MAX_RANKS)
+    dp: Int = Field(..., gt=0, le=MAX_GPUS)
+    cp: Int = Field(..., gt=0, le=MAX_RANKS,
+                    description="Context-parallel size: GPUs that split each sequence; world = pp x dp x cp.")
+    ep: Int = Field(..., gt=0, le=MAX_GPUS)
+    expert_dp: Int = Field(..., gt=0, le=MAX_GPUS, description="dp x cp / ep: replicas of each routed expert.")
+    stages: Int = Field(..., gt=0, le=MAX_UNITS)
     stage_layers: tuple[tuple[Int, ...], ...] = Field(..., description="Layer units per stage (>= L is MTP).")
     stage_records: tuple[StageRecord, ...] = Field(
         ..., description="Per stage, what the runtime builds: decoder layer range, MTP modules, embedding, head."
     )
     rank_stages: tuple[tuple[Int, ...], ...] = Field(..., description="[rank] -> stages whose weights it holds.")
-    microbatches: Int = Field(..., gt=0)
+    microbatches: Int = Field(..., gt=0, le=MAX_MICROBATCHES)
     tokens_per_microbatch: Int = Field(..., gt=0, description="micro_batch_size x seq_len_tokens, over the CP group.")
     tokens_per_gpu_per_microbatch: Int = Field(..., gt=0, description="tokens_per_microbatch / cp.")
 
     @model_validator(mode="after")
     def _records_match_units(self) -> ResolvedLayout:
         units = tuple(r.units for r in self.stage_records)
-        if units != self.stage_layers or [r.index for r in self.stage_records] != list(range(self.stages)):
+        if units != self.stage_layers or [r.index for r in self.stage_records] != [*range(len(self.stage_records))] or (
+                len(self.stage_records) != self.stages):
             raise ValueError(f"stage_records cover layer units {units}, but stage_layers={self.stage_layers} "
                              f"over stages={self.stages}")
         if any(r.end_layer < r.first_layer for r in self.stage_records):

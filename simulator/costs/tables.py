@@ -44,7 +44,7 @@ import math
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -108,6 +108,9 @@ class CostTables(BaseModel):
         dup = next((k for k in kernels if kernels.count(k) > 1), None)
         if dup is not None:
             raise ValueError(f"memory_kernels: kernel={dup!r} appears {kernels.count(dup)} times")
+        missing = [p for p in get_args(Precision) if all(g.precision != p for g in self.gemm)]
+        if missing:  # a step prices GEMMs of both (BF16 ones in an FP8 run too)
+            raise ValueError(f"gemm: has no {missing[0]} point; the tables need GEMM throughput for bf16 and fp8")
         return self
 
     @classmethod

@@ -59,6 +59,13 @@ class ClusterSpec(BaseModel):
     node: NodeSpec
     nodes: Int = Field(..., gt=0, le=MAX_NODES)
 
+    @model_validator(mode="after")
+    def _memory_left(self) -> ClusterSpec:
+        if self.node.memory_reserved_bytes >= self.gpu.hbm_bytes:
+            raise ValueError(f"node.memory_reserved_bytes={self.node.memory_reserved_bytes} leaves none of "
+                             f"gpu.hbm_bytes={self.gpu.hbm_bytes}")
+        return self
+
     @property
     def num_gpus(self) -> int:
         return self.nodes * self.node.gpus_per_node

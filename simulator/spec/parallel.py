@@ -13,7 +13,7 @@ RecomputeKind = Literal["none", "selective", "full"]
 
 # Bounds on the sizes that drive work (a schedule holds pp x micro-batches passes; the kind registry
 # bounds their product too: simulator.schedules.registry.MAX_STAGE_MICROBATCHES).
-MAX_RANKS = 2**12
+MAX_RANKS = 2**10
 MAX_MICROBATCHES = 2**17
 MAX_SEQ_LEN_TOKENS = 2**25
 

@@ -71,6 +71,12 @@ def _paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
     return out
 
 
+def _get(doc: Any, path: tuple) -> Any:
+    for key in path:
+        doc = doc[key]
+    return doc
+
+
 def _set(doc: Any, path: tuple, value: Any) -> None:
     node = doc
     for key in path[:-1]:
@@ -93,11 +99,17 @@ def _resign(doc: Any) -> None:
 
 @st.composite
 def mutated_document(draw: st.DrawFn, doc: Any, plan: bool = False) -> bytes:
-    """``doc`` as file bytes after one to three edits: a value replaced, a key deleted or added, the text
-    spliced with non-JSON, truncated, re-encoded, or replaced by binary noise."""
+    """``doc`` as file bytes after one to three edits: a value replaced, a key deleted or added, a list cut
+    short, the text spliced with non-JSON, truncated, re-encoded, or replaced by binary noise."""
     doc = json.loads(json.dumps(doc))
-    kind = draw(st.sampled_from(["value", "value", "value", "delete", "add", "raw", "truncate", "encoding", "binary",
-                                 "as-is", "as-is", "as-is"]))
+    kind = draw(st.sampled_from(["value", "value", "value", "delete", "add", "shrink", "raw", "truncate", "encoding",
+                                 "binary", "as-is", "as-is", "as-is"]))
+    if kind == "shrink":  # a list cut to one of its items, or emptied: tables and layers that lack what is needed
+        lists = [p for p in _paths(doc) if isinstance(_get(doc, p), list) and len(_get(doc, p)) > 1]
+        if lists:
+            path = lists[draw(st.integers(0, len(lists) - 1))]
+            items = _get(doc, path)
+            _set(doc, path, draw(st.sampled_from([[], items[:1], items[-1:], items[::2]])))
     if kind in ("value", "delete", "add"):
         for _ in range(draw(st.integers(1, 3))):
             paths = _paths(doc)

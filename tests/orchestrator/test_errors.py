@@ -205,3 +205,16 @@ def test_concurrent_write_outputs_leave_one_writers_files(tmp_path, monkeypatch)
     a.join()
     b.join()
     assert _tree(tmp_path) == {"plan.html": b"B", "plan.json": b"B"}
+
+
+def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """A read-only folder (as root, simulated): one line naming the file, exit 2, nothing left."""
+    from moeplan.orchestrator import outputs
+
+    def refuse(path, text):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(outputs, "_write_synced", refuse)
+    res = CliRunner().invoke(app, [*SCHEDULE, "--out", str(tmp_path / "ro" / "s.csv")])
+    assert _one_error_line(res) == f"{tmp_path / 'ro' / 's.csv'}: cannot write (Permission denied)"
+    assert list(tmp_path.iterdir()) == []

@@ -89,6 +89,20 @@ CASES = {
                              {"c.json": _calibration(comm_sms=132)}, "comm_sms=132 must leave compute at least one"),
     "comm_sms beyond the GPU": ([*TINY, "--calibration", "{d}/c.json"], {"c.json": _calibration(comm_sms=1000)},
                                 "comm_sms=1000 must leave compute at least one of the GPU's sm_count=132 SMs"),
+    "calibration without FP8 GEMMs": ([*TINY, "--calibration", "{d}/c.json"],
+                                      {"c.json": _calibration(gemm=[g for g in CALIBRATION["gemm"]
+                                                                    if g["precision"] == "bf16"])},
+                                      "gemm: has no fp8 point; the tables need GEMM throughput for bf16 and fp8"),
+    "placement groups that do not divide the experts": (
+        ["placement", "--model", "tiny-moe", "--cluster", "h800", "--nodes", "1", "--current", "{d}/p.json",
+         "--out", "{d}/o"], {"p.json": json.dumps({"policy": "global", "num_logical_experts": 16, "num_groups": 3,
+                                                   "num_nodes": 1, "slots_per_gpu": [2] * 8, "layer_ids": [1],
+                                                   "phy2log": [list(range(16))]})},
+        "num_groups=3 must divide num_logical_experts=16"),
+    "a GPU with no SM left for compute": ([*TINY, "--set", "cluster.gpu.sm_count=20"], {},
+                                          "cost tables 'h200-default': comm_sms=20 must leave compute at least one"),
+    "reserved memory beyond the GPU's": ([*TINY, "--set", "cluster.gpu.hbm_bytes=1"], {},
+                                         "node.memory_reserved_bytes=2147483648 leaves none of gpu.hbm_bytes=1"),
     "NaN in a calibration": ([*TINY, "--calibration", "{d}/c.json"],
                              {"c.json": _calibration(memory_frac="@").replace('"@"', "NaN")}, "NaN is not a JSON number"),
     # slow paths

@@ -169,6 +169,10 @@ TAMPERED = {
                                  "schedule: direction_microbatches=(4, 4) does not sum to num_microbatches=64"),
     "a rank missing from the step": (("predictions", "step", "per_rank"), [],
                                      "predictions: step.per_rank must hold pp=2 ranks"),
+    "a stage count that would fill memory": (("layout", "stages"), 2**31,
+                                             "layout.stages: Input should be less than or equal to 1024"),
+    "a layer range that would fill memory": (("layout", "stage_records", 0, "end_layer"), 2**31,
+                                             "end_layer: Input should be less than or equal to 1024"),
     "NaN": (("predictions", "step", "mfu_frac"), "NaN", "NaN is not a JSON number"),
     "an infinity": (("predictions", "run", "gpu_hours_total"), "1e999", "1e999 does not fit a float"),
 }
