@@ -1,0 +1,48 @@
+"""Run a worker script on N local processes (gloo, 127.0.0.1, a free port) and collect their JSON results.
+
+Each worker is a plain script beside this file, started as ``python -P script`` with ``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` and ``RESULT`` (the JSON file it must write) in its
+environment, so nothing depends on how pytest imported the test module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_workers(script: str, world: int, tmp_path: Path, timeout_s: float = 180.0) -> list:
+    """Start ``world`` copies of ``script``; wait for all; return each rank's JSON result in rank order."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = os.environ | {"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                            "MASTER_PORT": str(port), "RESULT": str(tmp_path / f"rank{rank}.json"),
+                            "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-P", str(HERE / script)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout_s)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    failed = [(rank, proc.returncode, out[-3000:]) for rank, (proc, out) in enumerate(zip(procs, outputs))
+              if proc.returncode]
+    assert not failed, "\n".join(f"rank {r} exited {code}:\n{out}" for r, code, out in failed)
+    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(world)]
