@@ -60,18 +60,26 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, d); indices, weights: (N, k). Returns (out (N, d), tokens per expert (E,) int64)."""
         num_tokens, top_k = indices.shape
-        flat_expert = indices.reshape(-1)  # (N*k,) slot j = token j // k
-        order = torch.argsort(flat_expert, stable=True)  # slots sorted by expert
-        # (E,) tokens per expert; not torch.bincount, whose CUDA kernel reads the largest index on the host
-        counts = flat_expert.new_zeros(self.num_experts).scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
+        token_of_pair = torch.arange(num_tokens * top_k, device=indices.device) // top_k  # (N*k,) pair j = token j // k
+        return self.forward_pairs(x, token_of_pair, indices.reshape(-1), weights.reshape(-1))
+
+    def forward_pairs(self, x: torch.Tensor, token_of_pair: torch.Tensor, expert_of_pair: torch.Tensor,
+                      weight_of_pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any number of (row, expert, weight) pairs: x (N, d); the others (P,). Returns (out (N, d): each row's
+        weighted sum over its pairs, pairs per expert (E,) int64). Expert parallelism calls it with the rows a
+        GPU received, whose pair counts differ from row to row."""
+        order = torch.argsort(expert_of_pair, stable=True)  # pairs sorted by expert
+        # (E,) pairs per expert; not torch.bincount, whose CUDA kernel reads the largest index on the host
+        counts = expert_of_pair.new_zeros(self.num_experts).scatter_add_(
+            0, expert_of_pair, torch.ones_like(expert_of_pair))
         offs = counts.cumsum(0).to(torch.int32)
         # The FP8 paths pad each expert's rows to 128 (contiguous layout): one planned host sync here
         # gives them the row counts, so the six grouped GEMMs of the layer never wait for the GPU.
         host_counts = counts.tolist() if self.fp8 is not None else None
-        token_of = order // top_k  # (N*k,) source token of each sorted row
-        rows = x[token_of]  # (N*k, d) permuted copy
-        gate, up = self._linear(rows, self.gate_up_proj, offs, host_counts).chunk(2, dim=-1)  # (N*k, I) each
-        out_rows = self._linear(F.silu(gate) * up, self.down_proj, offs, host_counts)  # (N*k, d)
-        out_rows = (out_rows.float() * weights.reshape(-1)[order, None]).to(x.dtype)
-        out = x.new_zeros(num_tokens, x.shape[-1]).index_add(0, token_of, out_rows)  # un-permute and sum k
+        token_of = token_of_pair[order]  # (P,) source row of each sorted pair
+        rows = x[token_of]  # (P, d) permuted copy
+        gate, up = self._linear(rows, self.gate_up_proj, offs, host_counts).chunk(2, dim=-1)  # (P, I) each
+        out_rows = self._linear(F.silu(gate) * up, self.down_proj, offs, host_counts)  # (P, d)
+        out_rows = (out_rows.float() * weight_of_pair[order, None]).to(x.dtype)
+        out = x.new_zeros(x.shape[0], x.shape[-1]).index_add(0, token_of, out_rows)  # un-permute and sum pairs
         return out, counts
