@@ -21,6 +21,7 @@ from moeplan.orchestrator.plan_cmd import plan_command
 from moeplan.orchestrator.render import plan_tables, presets_table
 from moeplan.orchestrator.schedule_cmd import schedule_command
 from moeplan.simulator.contracts.plan_file import PlanFile, read_plan
+from moeplan.simulator.contracts.run_report import RunReport
 from moeplan.simulator.planning.planner import summary
 
 app = typer.Typer(
@@ -62,9 +63,15 @@ def show(
 
 
 @app.command()
-def schema() -> None:
-    """Print the plan file's JSON Schema."""
-    typer.echo(strict_json(PlanFile.model_json_schema()))
+def schema(
+    document: Annotated[str, typer.Argument(help="plan or run (the run directory's run.json).")] = "plan",
+    run: Annotated[bool, typer.Option("--run", help="The run report's schema (same as `schema run`).")] = False,
+) -> None:
+    """Print the JSON Schema of the plan file (default) or of the run report."""
+    if document not in ("plan", "run"):
+        raise typer.BadParameter(f"document={document!r} must be plan or run", param_hint="DOCUMENT")
+    model = RunReport if run or document == "run" else PlanFile
+    typer.echo(strict_json(model.model_json_schema()))
 
 
 if __name__ == "__main__":
