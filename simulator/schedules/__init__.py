@@ -11,12 +11,24 @@ May import: ``spec``. The core (this package without ``figure``) imports neither
   and ``produces(op)`` are the dependency rules it (and any other engine) applies
 - ``closed_form_bubble(kind, pp, num_microbatches, durations) -> ClosedForm``
 - ``schedule_to_torch_csv`` / ``schedule_from_torch_csv`` (``torch.distributed.pipelining`` CSV)
+- ``lower(schedule, receives="early") -> LoweredSchedule`` (``lowering``): the implied point-to-point
+  communication as per-rank batches (``RankProgram``, ``Step``, ``Batch``, ``P2POp``), and
+  ``check_rendezvous(lowered)`` (raises ``ScheduleError``): the replay with blocking sends
 - ``Schedule.model_dump(mode="json")`` / ``Schedule.model_validate(data)`` for the plan file.
 """
 
 from moeplan.simulator.schedules.actions import ACTION_KINDS, Action, ActionKind, Op, OpKind, ScheduleError
 from moeplan.simulator.schedules.bubble import ClosedForm
 from moeplan.simulator.schedules.executor import Durations, TimedAction, Timeline, execute, needs, produces
+from moeplan.simulator.schedules.lowering import (
+    Batch,
+    LoweredSchedule,
+    P2POp,
+    RankProgram,
+    Step,
+    check_rendezvous,
+    lower,
+)
 from moeplan.simulator.schedules.registry import (
     SCHEDULE_KINDS,
     ScheduleKindEntry,
@@ -33,19 +45,26 @@ __all__ = [
     "SCHEDULE_KINDS",
     "Action",
     "ActionKind",
+    "Batch",
     "ClosedForm",
     "Durations",
+    "LoweredSchedule",
     "Op",
     "OpKind",
+    "P2POp",
+    "RankProgram",
     "Schedule",
     "ScheduleError",
     "ScheduleKindEntry",
     "ScheduleStats",
+    "Step",
     "TimedAction",
     "Timeline",
+    "check_rendezvous",
     "check_schedule",
     "closed_form_bubble",
     "execute",
+    "lower",
     "make_schedule",
     "needs",
     "peak_activations",
