@@ -23,15 +23,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_workers(script: str, world: int, tmp_path: Path, timeout_s: float = 180.0) -> list:
+def run_workers(script: str, world: int, tmp_path: Path, timeout_s: float = 180.0, env: dict | None = None) -> list:
     """Start ``world`` copies of ``script``; wait for all; return each rank's JSON result in rank order."""
     port = free_port()
     procs = []
     for rank in range(world):
-        env = os.environ | {"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+        proc_env = os.environ | (env or {}) | {"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                             "MASTER_PORT": str(port), "RESULT": str(tmp_path / f"rank{rank}.json"),
                             "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-P", str(HERE / script)], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-P", str(HERE / script)], env=proc_env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     try:
