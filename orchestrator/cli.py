@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from moeplan.orchestrator.check_cmd import check_command
 from moeplan.orchestrator.errors import ReportingGroup
 from moeplan.orchestrator.outputs import strict_json
 from moeplan.orchestrator.placement_cmd import placement_command
@@ -35,6 +36,7 @@ app = typer.Typer(
 app.command("plan")(plan_command)
 app.command("schedule")(schedule_command)
 app.command("placement")(placement_command)
+app.command("check")(check_command)
 console = Console(width=140)
 
 

@@ -124,8 +124,29 @@ def predict_phase(inputs: PlanInputs, dp: int, phase: Phase, main_step: tuple[in
 
 def predict_run(inputs: PlanInputs, dp: int, main_step: tuple[int, float], opts: SimOptions = SimOptions()) -> RunPrediction:
     """All phases; ``main_step`` = (micro-batches, step seconds) already simulated for the layout."""
-    world = inputs.cluster.num_gpus
     phases = [predict_phase(inputs, dp, phase, main_step, opts) for phase in inputs.training.phases]
+    return _run(inputs, phases)
+
+
+def project_run(inputs: PlanInputs, run: RunPrediction, step_time_ratio: float) -> RunPrediction:
+    """The whole run again with every phase's step, and step line, ``step_time_ratio`` times the
+    predicted one: the run a measured step (measured / predicted) projects, on the same phases,
+    layouts and ramps. The ratio measured at the main layout is assumed for every phase."""
+    assert step_time_ratio > 0, f"{step_time_ratio=}"
+    r, world = step_time_ratio, inputs.cluster.num_gpus
+    phases = []
+    for phase, pred in zip(inputs.training.phases, run.phases, strict=True):
+        line = pred.line and pred.line.model_copy(
+            update={"intercept_s": pred.line.intercept_s * r, "per_microbatch_s": pred.line.per_microbatch_s * r})
+        lay = pred.layout
+        phases.append(_phase(phase, pred.seq_len_tokens, pred.step_time_s * r, line, lay.dp * lay.micro_batch_size,
+                             lay, world))
+    return _run(inputs, phases)
+
+
+def _run(inputs: PlanInputs, phases: list[PhasePrediction]) -> RunPrediction:
+    """Totals over the phases; throughput from the first phase at its full batch."""
+    world = inputs.cluster.num_gpus
     first = phases[0]
     tokens_per_s = first.seq_len_tokens * inputs.training.phases[0].global_batch_seqs / first.step_time_s
     gpu_hours = sum(p.gpu_hours for p in phases)

@@ -1,0 +1,160 @@
+"""``moeplan check RUN``: a run directory measured against its plan, a table (or ``--json``) and ``RUN/run.html``.
+
+Reads ``RUN/run.json`` (``contracts.run_report``), the plan (``--plan``, else the file the report names
+inside the run directory or beside it, else ``RUN/plan.json``), the measured traces the report lists
+(``RUN/traces/rank{r}.json``; without them the timelines stored in the report), and the plan's simulated
+step (``RUN/plan-trace.json`` from ``moeplan plan --trace``, else simulated again when that reproduces
+the planned step). Exit 0 when every judged line is within the tolerance, 1 on a miss, 2 on bad input
+(a corrupt report, a plan that is not the run's: one line).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from moeplan.orchestrator.errors import InputError
+from moeplan.orchestrator.inputs import finite_float
+from moeplan.orchestrator.outputs import strict_json, write_outputs
+from moeplan.simulator.contracts.plan_file import PlanFile, read_plan
+from moeplan.simulator.contracts.run_report import (
+    PLAN_COPY_NAME,
+    RankTimeline,
+    RunReport,
+    RunReportError,
+    read_run_report,
+)
+from moeplan.simulator.report.run_comparison import Comparison, ComparisonError, compare, resimulated_trace
+from moeplan.simulator.report.run_html import run_html
+from moeplan.simulator.report.trace_analysis import (
+    Interval,
+    TraceError,
+    analyse,
+    analyse_rank_trace,
+    chrome_intervals,
+    intervals_of,
+    read_trace,
+)
+
+PLAN_TRACE_NAME = "plan-trace.json"
+MAX_DRAWN_RANKS = 16  # the measured timeline draws at most this many ranks (one per pipeline rank first)
+console = Console(width=140)
+
+
+def _plan_path(run_dir: Path, report: RunReport, given: Path | None) -> Path:
+    if given is not None:
+        return given
+    name = Path(report.plan_file).name or PLAN_COPY_NAME
+    for candidate in (run_dir / name, run_dir.parent / name, run_dir / PLAN_COPY_NAME):
+        if candidate.is_file():
+            return candidate
+    raise InputError(f"{run_dir}: no plan found (run.json names plan_file={report.plan_file!r:.80}; "
+                     f"looked in {run_dir} and {run_dir.parent}): give --plan")
+
+
+def load_run(run_dir: Path, plan_path: Path | None) -> tuple[RunReport, PlanFile]:
+    """The run's report and the plan it ran, checked to belong together (``InputError`` otherwise)."""
+    if not run_dir.is_dir():
+        raise InputError(f"RUN {run_dir}: not a run directory")
+    try:
+        report = read_run_report(run_dir)
+    except RunReportError as exc:
+        raise InputError(str(exc)) from None
+    path = _plan_path(run_dir, report, plan_path)
+    plan = read_plan(path)
+    if plan.inputs_sha256 != report.plan_sha256:
+        raise InputError(f"{path}: inputs_sha256={plan.inputs_sha256[:12]}... is not the plan this run executed "
+                         f"(run.json plan_sha256={report.plan_sha256[:12]}...)")
+    return report, plan
+
+
+def measured_timelines(run_dir: Path, report: RunReport) -> tuple[list[RankTimeline], list[Interval]]:
+    """Per-rank timelines from the run's traces (and their intervals, ranks = global ranks); the report's
+    stored timelines where it lists no trace."""
+    if not report.traces:
+        return list(report.timelines), []
+    timelines, intervals = [], []
+    for ref in report.traces:
+        path = run_dir / ref.path
+        try:
+            doc = read_trace(path)
+            timelines.append(analyse_rank_trace(doc, ref.rank, report.settings.pp_rank_of[ref.rank]))
+            intervals += [Interval(ref.rank, iv.op_class, iv.start_s, iv.end_s) for iv in chrome_intervals(doc)]
+        except TraceError as exc:
+            raise InputError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
+    return timelines, intervals
+
+
+def predicted_intervals(run_dir: Path, plan: PlanFile) -> list[Interval] | None:
+    """The plan's simulated step: ``RUN/plan-trace.json`` if the launcher copied it, else re-simulated."""
+    path = run_dir / PLAN_TRACE_NAME
+    if path.is_file():
+        try:
+            return chrome_intervals(read_trace(path))
+        except TraceError as exc:
+            raise InputError(f"{path}: {exc}") from None
+    events = resimulated_trace(plan)
+    return intervals_of(events) if events is not None else None
+
+
+def _drawn_ranks(report: RunReport) -> dict[int, str]:
+    pp_of = report.settings.pp_rank_of
+    traced = [t.rank for t in report.traces]
+    firsts = [r for r in traced if pp_of.index(pp_of[r]) == r]
+    chosen = sorted((firsts + [r for r in traced if r not in firsts])[:MAX_DRAWN_RANKS])
+    return {r: f"rank {r} (pp {pp_of[r]})" for r in chosen}
+
+
+def comparison_table(comparison: Comparison) -> Table:
+    table = Table(title=f"measured vs predicted (median of {comparison.measured_steps} steps after "
+                        f"{comparison.warmup_steps} warm-up; tolerance {100 * comparison.tolerance:g}%)")
+    for column in ("group", "quantity", "measured", "predicted", "error", "verdict"):
+        table.add_column(column, justify="left" if column in ("group", "quantity") else "right")
+    style = {"pass": "green", "fail": "bold red", "n/a": "dim"}
+    for line in comparison.lines:
+        error = "" if line.error is None else f"{100 * line.error:+.2f}% {line.basis}"
+        shown = [f"{v:.4g}" if v is not None else "-" for v in (line.measured, line.predicted)]
+        table.add_row(line.group, line.name, *shown, error, f"[{style[line.verdict]}]{line.verdict}[/]")
+    return table
+
+
+def check_command(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="The run directory (holds run.json).")],
+    plan: Annotated[Path | None, typer.Option("--plan", help="The plan file; default: the one the run names.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+    tolerance: Annotated[float, typer.Option(help="Largest error that passes (0.05 = 5%).", parser=finite_float)] = 0.05,
+) -> None:
+    """Check a run against its plan: exit 0 within tolerance, 1 on a miss, 2 on bad input; writes RUN/run.html."""
+    if not 0 < tolerance < 1:
+        raise InputError(f"--tolerance={tolerance} must be between 0 and 1 (0.05 = 5%)")
+    report, loaded = load_run(run_dir, plan)
+    measured, measured_events = measured_timelines(run_dir, report)
+    predicted_events = predicted_intervals(run_dir, loaded)
+    predicted = analyse(predicted_events) if predicted_events else None
+    try:
+        comparison = compare(loaded, report, measured, predicted, tolerance)
+    except ComparisonError as exc:
+        raise InputError(f"{run_dir}: {exc}") from None
+    if predicted is None:
+        comparison = replace(comparison, notes=(*comparison.notes, ("the plan's step could not be simulated again as "
+                                                "planned (calibration, load or extrapolation): no predicted timeline "
+                                                "or op classes")))
+    drawn = _drawn_ranks(report)
+    title = f"moeplan check: {loaded.inputs.model.name} on {loaded.inputs.cluster.name} ({loaded.layout.world} GPUs)"
+    html = run_html(comparison, title, predicted_events, [iv for iv in measured_events if iv.rank in drawn], drawn,
+                    loaded.layout.pp, measured, predicted)
+    write_outputs({run_dir / "run.html": html})
+    if json_:
+        typer.echo(strict_json(comparison.as_json()))
+    else:
+        console.print(comparison_table(comparison))
+        for note in comparison.notes:
+            console.print(f"[dim]{note}[/dim]")
+        console.print(f"{'PASS' if comparison.passed else 'FAIL'}; wrote {run_dir / 'run.html'}")
+    if not comparison.passed:
+        raise typer.Exit(1)
