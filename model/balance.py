@@ -1,4 +1,4 @@
-"""Auxiliary-loss-free load balancing (TR §2.1.2) and the TR's gamma / lambda / alpha schedules.
+"""Auxiliary-loss-free load balancing (TR §2.1.2) and the plan's gamma / lambda schedules.
 
 After each optimizer step, for every MoE layer, with c_i the tokens routed to expert i during the
 step (whole batch; all-reduced over data/expert-parallel ranks by the runtime *before* the update):
@@ -9,32 +9,34 @@ The bias only shifts top-k *selection* (``model.gate``); gating weights use the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from moeplan.simulator.spec.hyperparams import BalanceSpec
+from moeplan.simulator.spec.training import TrainingSpec
+
 
 @dataclass(frozen=True)
 class BalanceSchedule:
-    """TR §2.1.2, §2.2 and §4.2 values, as functions of tokens trained so far.
-
-    - gamma (bias update speed): 0.001 for the first 14.3T tokens, then 0;
-    - lambda (MTP loss weight): 0.3 for the first 10T tokens, then 0.1;
-    - alpha (sequence-wise balance loss) is ``ModelSpec.aux_loss_alpha`` (0.0001, constant).
+    """gamma (bias update speed) and lambda (MTP loss weight) as functions of tokens trained so far, read
+    from the plan's ``training.balance`` (``simulator.spec.hyperparams.BalanceSpec``, where the values and
+    their TR sources live: ``deepseek_v3_balance()``). alpha (sequence-wise balance loss) is
+    ``ModelSpec.aux_loss_alpha``.
     """
 
-    bias_update_speed: float = 0.001
-    bias_update_until_tokens: float = 14.3e12
-    mtp_weight_early: float = 0.3
-    mtp_weight_late: float = 0.1
-    mtp_weight_switch_tokens: float = 10e12
+    spec: BalanceSpec = field(default_factory=BalanceSpec)
+
+    @classmethod
+    def from_training(cls, training: TrainingSpec) -> BalanceSchedule:
+        return cls(training.balance)
 
     def gamma(self, tokens_seen: float) -> float:
-        return self.bias_update_speed if tokens_seen < self.bias_update_until_tokens else 0.0
+        return self.spec.gamma(tokens_seen)
 
     def mtp_weight(self, tokens_seen: float) -> float:
-        return self.mtp_weight_early if tokens_seen < self.mtp_weight_switch_tokens else self.mtp_weight_late
+        return self.spec.mtp_weight(tokens_seen)
 
 
 def bias_step(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -9,7 +9,10 @@ Version 2 added context parallelism: ``parallel.cp`` and each phase's ``cp`` in 
 changes their hash), ``layout.cp`` and the layout each phase was priced on. Version 3 added
 ``layout.stage_records``: each stage's decoder layers, MTP modules, embedding and head, so the
 runtime builds the stages the memory and time were priced with instead of splitting the model
-itself. An older file is refused with the advice to re-plan.
+itself. Version 4 added the training hyper-parameters to the inputs (``training.optimizer``'s AdamW
+betas, eps, weight decay, clipping and learning-rate schedule; ``training.balance``'s gamma and MTP
+weight schedules), which the runtime reads instead of constants. An older file is refused with the
+advice to re-plan.
 
 The hash covers only the inputs, so a plan is validated in full when read: strict, bounded JSON
 (``spec.json_input``), finite numbers, sizes >= 1, and every derived section consistent with the
@@ -42,7 +45,7 @@ from moeplan.simulator.spec.parallel import ParallelSpec
 
 __all__ = ["PlanInputs", "PlanFile", "PlanError", "SCHEMA_VERSION", "StageRecord", "write_atomic"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MAX_UNITS = 2 * MAX_LAYERS  # layer units (decoder layers and MTP modules), and so stages
 MAX_GPUS = MAX_NODES * 2**10  # nodes of at most 1024 GPUs
 
@@ -209,7 +212,7 @@ class BudgetReport(_Frozen):
 
 
 class PlanFile(_Frozen):
-    schema_version: Literal[3] = SCHEMA_VERSION
+    schema_version: Literal[4] = SCHEMA_VERSION
     moeplan_version: str
     inputs_sha256: str
     inputs: PlanInputs

@@ -37,6 +37,15 @@ class PlanInputs(BaseModel):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _warmup_within_the_run(self) -> PlanInputs:
+        warmup = self.training.optimizer.lr.warmup_steps
+        steps = self.training.optimizer_steps(self.parallel.seq_len_tokens)
+        if warmup > steps:
+            raise ValueError(f"training.optimizer.lr.warmup_steps={warmup} exceeds the run's {steps:,.0f} optimizer "
+                             "steps")
+        return self
+
     def sha256(self) -> str:
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,16 +1,18 @@
-"""The training run: token phases, batch ramp, precision, optimizer storage, and the budget."""
+"""The training run: token phases, batch ramp, precision, the optimizer (storage and AdamW hyper-parameters,
+learning-rate schedule), load balancing and MTP weights, and the budget."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moeplan.simulator.spec.hyperparams import MAX_TOKENS, BalanceSpec, LrSchedule
 from moeplan.simulator.spec.numbers import Float, Int
 from moeplan.simulator.spec.parallel import MAX_RANKS, MAX_SEQ_LEN_TOKENS
 
 # Bounds far above any published run (DeepSeek-V3: 14.8T tokens, 15,360-sequence batches, 2.788M GPU-hours).
-MAX_TOKENS = 1e18
 MAX_BATCH_SEQS = 2**20
 
 
@@ -49,10 +51,29 @@ class Phase(BaseModel):
             )
         return self
 
+    def optimizer_steps(self, seq_len_tokens: int) -> float:
+        """Optimizer steps of the phase at ``seq_len_tokens`` (its own length, if it has one): a ramp's
+        batch grows linearly with tokens, so its steps are the integral of dtokens / (B(tokens) x seq)."""
+        seq = self.seq_len_tokens or seq_len_tokens
+        b1 = self.global_batch_seqs
+        if self.steps is not None:
+            return float(self.steps)
+        if self.ramp is None or self.ramp.start_seqs >= b1:
+            return self.tokens / (b1 * seq)
+        b0, ramp_tokens = self.ramp.start_seqs, min(self.ramp.ramp_tokens, self.tokens)
+        b_end = b0 + (b1 - b0) * ramp_tokens / self.ramp.ramp_tokens
+        ramp_steps = math.log(b_end / b0) / (b1 - b0) * self.ramp.ramp_tokens / seq
+        return ramp_steps + (self.tokens - ramp_tokens) / (b1 * seq)
+
 
 class OptimizerSpec(BaseModel):
-    """AdamW storage per parameter. Defaults: DeepSeek-V3 TR §3.3 (BF16 weights and moments,
-    FP32 master weights and gradient accumulation)."""
+    """AdamW: storage per parameter, hyper-parameters and the learning-rate schedule.
+
+    Storage defaults: DeepSeek-V3 TR §3.3 (BF16 weights and moments, FP32 master weights and gradient
+    accumulation). Hyper-parameter defaults: TR §4.2 (reference §8): betas 0.9 / 0.95, weight decay 0.1,
+    gradient clipping at norm 1.0; eps is not published (1e-8, PyTorch's). The class's learning rate is a
+    constant 2.2e-4 (V3's peak); the recipes give the schedules (``presets.recipes``).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -60,6 +81,12 @@ class OptimizerSpec(BaseModel):
     grad_bytes: Int = Field(4, gt=0, le=64)
     master_bytes: Int = Field(4, ge=0, le=64)
     moment_bytes: Int = Field(2, gt=0, le=64, description="Per moment; AdamW keeps two.")
+    lr: LrSchedule = LrSchedule(peak_lr=2.2e-4)
+    beta1: Float = Field(0.9, ge=0, lt=1)
+    beta2: Float = Field(0.95, ge=0, lt=1)
+    eps: Float = Field(1e-8, gt=0, le=1)
+    weight_decay: Float = Field(0.1, ge=0, le=1)
+    grad_clip_norm: Float | None = Field(1.0, gt=0, le=1e6, description="Global gradient-norm bound; null = no clipping.")
 
 
 class TrainingSpec(BaseModel):
@@ -68,6 +95,7 @@ class TrainingSpec(BaseModel):
     phases: tuple[Phase, ...] = Field(..., min_length=1)
     precision: Literal["bf16", "fp8"] = "bf16"
     optimizer: OptimizerSpec = OptimizerSpec()
+    balance: BalanceSpec = BalanceSpec()
 
     @model_validator(mode="after")
     def _unique_names(self) -> TrainingSpec:
@@ -75,6 +103,10 @@ class TrainingSpec(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"phase names must be unique, got {names}")
         return self
+
+    def optimizer_steps(self, seq_len_tokens: int) -> float:
+        """Optimizer steps of the whole run (phases without their own length at ``seq_len_tokens``)."""
+        return sum(p.optimizer_steps(seq_len_tokens) for p in self.phases)
 
 
 class BudgetSpec(BaseModel):

@@ -18,6 +18,7 @@ import torch
 from moeplan.model import BalanceSchedule, ExpertBiasUpdater, ModelOptions, Transformer, training_loss
 from moeplan.model.balance import max_over_mean
 from moeplan.simulator.presets.models import tiny_moe
+from moeplan.simulator.spec.hyperparams import BalanceSpec, TokenSteps
 from moeplan.simulator.spec.model import ModelSpec
 
 
@@ -59,7 +60,7 @@ def train(steps: int, gamma: float, seed: int = 0, batch: int = 16, seqlen: int 
     perm = torch.randperm(spec.vocab_size, generator=gen)
     optim = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     balancer = ExpertBiasUpdater(model.moe_layers())
-    schedule = BalanceSchedule(bias_update_speed=gamma)
+    schedule = BalanceSchedule(BalanceSpec(bias_update_speed=TokenSteps(values=(gamma,))))
     lm_hist, mtp_hist, imbalance, window, run = [], [], [], {}, {}
     for step in range(steps):
         ids, labels = make_batch(perm, batch, seqlen, gen)

@@ -14,6 +14,7 @@ from moeplan.model.gate import Routing
 from moeplan.model.load_record import LoadAccumulator, load_record, write_load_file
 from moeplan.model.moe import sequence_balance_loss
 from moeplan.simulator.contracts.expert_load import ExpertLoadRecord
+from moeplan.simulator.presets.recipes import deepseek_v3_recipe
 from tests.model.hf_reference import derived_spec
 
 
@@ -26,7 +27,7 @@ def test_bias_step_signs() -> None:
 
 
 def test_schedule_matches_the_report() -> None:
-    s = BalanceSchedule()
+    s = BalanceSchedule.from_training(deepseek_v3_recipe().training)
     assert s.gamma(0) == 0.001 and s.gamma(14.29e12) == 0.001 and s.gamma(14.3e12) == 0.0
     assert s.mtp_weight(0) == 0.3 and s.mtp_weight(9.9e12) == 0.3 and s.mtp_weight(10e12) == 0.1
 

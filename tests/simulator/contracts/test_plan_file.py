@@ -45,11 +45,11 @@ def test_other_schema_versions_are_refused(plan):
         parse_plan(json.dumps(raw), "p.json")
 
 
-@pytest.mark.parametrize("old", [1, 2])  # 1: before context parallelism; 2: before the stage records
+@pytest.mark.parametrize("old", [1, 2, 3])  # 1: before CP; 2: before the stage records; 3: before hyper-parameters
 def test_older_plans_are_refused_with_the_advice_to_replan(plan, old):
     raw = json.loads(dump_plan(plan))
     raw["schema_version"] = old
-    with pytest.raises(PlanError, match=fr"schema_version={old} is not supported; this moeplan reads version 3 "
+    with pytest.raises(PlanError, match=fr"schema_version={old} is not supported; this moeplan reads version 4 "
                                         r"\(re-run `moeplan plan`"):
         parse_plan(json.dumps(raw), "old.json")
 
