@@ -42,6 +42,7 @@ from moeplan.simulator.report.trace_analysis import (
 )
 
 PLAN_TRACE_NAME = "plan-trace.json"
+MISS_EXIT_CODE = 1
 MAX_DRAWN_RANKS = 16  # the measured timeline draws at most this many ranks (one per pipeline rank first)
 console = Console(width=140)
 
@@ -128,7 +129,7 @@ def check_command(
     plan: Annotated[Path | None, typer.Option("--plan", help="The plan file; default: the one the run names.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
     tolerance: Annotated[float, typer.Option(help="Largest error that passes (0.05 = 5%).", parser=finite_float)] = 0.05,
-) -> None:
+) -> int:
     """Check a run against its plan: exit 0 within tolerance, 1 on a miss, 2 on bad input; writes RUN/run.html."""
     if not 0 < tolerance < 1:
         raise InputError(f"--tolerance={tolerance} must be between 0 and 1 (0.05 = 5%)")
@@ -156,5 +157,4 @@ def check_command(
         for note in comparison.notes:
             console.print(f"[dim]{note}[/dim]")
         console.print(f"{'PASS' if comparison.passed else 'FAIL'}; wrote {run_dir / 'run.html'}")
-    if not comparison.passed:
-        raise typer.Exit(1)
+    return 0 if comparison.passed else MISS_EXIT_CODE  # a verdict, not an error: ReportingGroup exits with it
