@@ -13,7 +13,8 @@ May import: ``spec``. The core (this package without ``figure``) imports neither
 - ``schedule_to_torch_csv`` / ``schedule_from_torch_csv`` (``torch.distributed.pipelining`` CSV)
 - ``lower(schedule, receives="early") -> LoweredSchedule`` (``lowering``): the implied point-to-point
   communication as per-rank batches (``RankProgram``, ``Step``, ``Batch``, ``P2POp``), and
-  ``check_rendezvous(lowered)`` (raises ``ScheduleError``): the replay with blocking sends
+  ``check_rendezvous(lowered)`` (raises ``ScheduleError``): the replay with blocking sends;
+  ``lowered_to_torch_csv(lowered)`` (torch's ``compute_comms`` CSV)
 - ``Schedule.model_dump(mode="json")`` / ``Schedule.model_validate(data)`` for the plan file.
 """
 
@@ -28,6 +29,7 @@ from moeplan.simulator.schedules.lowering import (
     Step,
     check_rendezvous,
     lower,
+    lowered_to_torch_csv,
 )
 from moeplan.simulator.schedules.registry import (
     SCHEDULE_KINDS,
@@ -65,6 +67,7 @@ __all__ = [
     "closed_form_bubble",
     "execute",
     "lower",
+    "lowered_to_torch_csv",
     "make_schedule",
     "needs",
     "peak_activations",

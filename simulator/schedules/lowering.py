@@ -58,9 +58,10 @@ edges; so the wait-for graph has no cycle. Per channel ``a -> b`` receives are p
 
 **Canonical order.** NCCL and gloo match one pair's point-to-point operations in posting order, per
 direction: the k-th send rank ``a`` posts to rank ``b`` meets the k-th receive ``b`` posts from ``a``
-(a send from ``b`` to ``a`` is another channel). Inside a batch ops are sorted by (peer, producing
-step, consuming step, key): both ends know each transfer's producing and consuming step, so a batch
-holding several values of one channel lists them in the same order at both ends.
+(a send from ``b`` to ``a`` is another channel). Inside a batch ops are sorted by (sends first, peer,
+producing step, consuming step, key): both ends know each transfer's producing and consuming step,
+so a batch holding several values of one channel lists them in the same order at both ends (and a
+reader that posts ops one by one, as torch's runtime does, posts the sends before waiting on a receive).
 ``check_rendezvous`` checks the order with the deadlock freedom, sends blocking until received.
 """
 
@@ -75,6 +76,7 @@ from typing import Literal
 from moeplan.simulator.schedules.actions import Action, Op, ScheduleError
 from moeplan.simulator.schedules.executor import Durations, execute, needs, produces
 from moeplan.simulator.schedules.schedule import Schedule
+from moeplan.simulator.schedules.torch_csv import torch_token, write_torch_csv
 
 ValueKey = tuple[str, int, int]  # ("F" | "G", stage, microbatch), as in executor.needs / produces
 P2PKind = Literal["send", "recv"]
@@ -107,6 +109,14 @@ class P2POp:
 
     def __str__(self) -> str:
         return f"{self.kind} {key_name(self.key)} {'to' if self.kind == 'send' else 'from'} rank {self.peer}"
+
+    def torch_token(self) -> str:
+        """torch.distributed.pipelining's action string: the sender names its stage (``2SEND_F0``,
+        ``2SEND_B0``), the receiver its own (``3RECV_F0``, ``1RECV_B0``)."""
+        value, stage, microbatch = self.key
+        if self.kind == "send":
+            return f"{stage}SEND_{'F' if value == 'F' else 'B'}{microbatch}"
+        return f"{stage + 1}RECV_F{microbatch}" if value == "F" else f"{stage - 1}RECV_B{microbatch}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +219,7 @@ def _receive_steps(schedule: Schedule, durations: Durations) -> Callable[[_Site,
     return step
 
 
-_Ordered = tuple[tuple[int, int, int, ValueKey], P2POp]  # (canonical order, op)
+_Ordered = tuple[tuple[int, int, int, int, ValueKey], P2POp]  # (canonical order, op)
 
 
 @dataclass
@@ -255,13 +265,14 @@ def lower(schedule: Schedule, receives: ReceivePolicy = "early", durations: Dura
             parts.local_in[used].append(key)
             continue
         parts.remote_in[used].append(key)
-        # Step 1: the canonical order, the same at both ends: (peer, producing step, consuming step, key).
+        # Step 1: the canonical order (sends first, peer, producing step, consuming step, key): both
+        # ends know each part, so one channel's values keep one order at both ends.
         order = (made[1], used[1], key)
-        send = ((used[0], *order), P2POp("send", used[0], key))
+        send = ((0, used[0], *order), P2POp("send", used[0], key))
         parts.sends[made].append(send)
         parts.batches[(made[0], made[1] + 1)].append(send)
         # Step 2: the receive, in the batch the policy picks (never after the consuming step).
-        parts.batches[(used[0], receive_step(made, used))].append(((made[0], *order), P2POp("recv", made[0], key)))
+        parts.batches[(used[0], receive_step(made, used))].append(((1, made[0], *order), P2POp("recv", made[0], key)))
     programs = tuple(
         RankProgram(
             rank=rank,
@@ -345,3 +356,16 @@ def check_rendezvous(lowered: LoweredSchedule) -> None:
         raise ScheduleError(
             f"{lowered.schedule.kind} schedule deadlocks under rendezvous point-to-point: {'; '.join(stuck)}"
         )
+
+
+def lowered_to_torch_csv(lowered: LoweredSchedule) -> str:
+    """torch's ``compute_comms`` CSV: one row per rank, each step's batch ops (``P2POp.torch_token``)
+    then its action (``torch_csv.torch_token``), then the final batch. torch's format has no batch
+    boundary: its runtime posts the ops of a row in order. One stage placement only, as for
+    ``schedule_to_torch_csv`` (DualPipe's two copies of a stage would share one stage index)."""
+    return write_torch_csv(lowered.schedule, (
+        [*(cell for step in program.steps
+           for cell in (*(op.torch_token() for op in step.batch.ops), torch_token(step.action))),
+         *(op.torch_token() for op in program.final.ops)]
+        for program in lowered.programs
+    ))

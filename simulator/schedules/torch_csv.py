@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Iterable
 
 from moeplan.simulator.schedules.actions import Action, Op, ScheduleError
 from moeplan.simulator.schedules.schedule import Schedule
@@ -36,18 +37,22 @@ def torch_token(action: Action) -> str:
     return str(action)
 
 
-def schedule_to_torch_csv(schedule: Schedule) -> str:
-    """The torch compute-only CSV text for ``schedule`` (one row per rank)."""
+def write_torch_csv(schedule: Schedule, rows: Iterable[list[str]]) -> str:
+    """CSV text of ``rows`` (one list of torch action strings per rank) for ``schedule``, refused
+    unless ``schedule`` has one stage placement (``compute_only`` here, ``compute_comms`` in ``lowering``)."""
     if len(schedule.stage_ranks) != 1:
         raise ScheduleError(
             f"kind={schedule.kind} has {len(schedule.stage_ranks)} stage placements; the torch CSV "
             "names a stage by index only, so it can hold one"
         )
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    for actions in schedule.ranks:
-        writer.writerow([torch_token(a) for a in actions])
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
     return buffer.getvalue()
+
+
+def schedule_to_torch_csv(schedule: Schedule) -> str:
+    """The torch compute-only CSV text for ``schedule`` (one row per rank)."""
+    return write_torch_csv(schedule, ([torch_token(a) for a in actions] for actions in schedule.ranks))
 
 
 def _parse_cell(cell: str, rank: int, column: int) -> Action | None:

@@ -7,7 +7,9 @@ random valid orders, random F&B pairs) check the claim that "early" receives nev
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 from collections import Counter, defaultdict
 
 import pytest
@@ -28,6 +30,7 @@ from moeplan.simulator.schedules import (
     check_schedule,
     execute,
     lower,
+    lowered_to_torch_csv,
     make_schedule,
     schedule_kind,
 )
@@ -265,7 +268,9 @@ def test_swapped_batch_order_is_a_mismatch() -> None:
         for index, step in enumerate(program.steps):
             sends = [op for op in step.batch.ops if op.kind == "send"]
             if len(sends) == 2 and sends[0].peer == sends[1].peer:
-                swapped = dataclasses.replace(step, batch=Batch(tuple(reversed(step.batch.ops))))
+                ops = (sends[1], sends[0], *step.batch.ops[2:])
+                assert step.batch.ops[:2] == tuple(sends)  # sends come first
+                swapped = dataclasses.replace(step, batch=Batch(ops))
                 steps = (*program.steps[:index], swapped, *program.steps[index + 1:])
                 programs = list(lowered.programs)
                 programs[program.rank] = dataclasses.replace(program, steps=steps)
@@ -338,3 +343,39 @@ def test_early_receives_never_deadlock(schedule: Schedule, f_s: float, b_s: floa
     _check_lowering(schedule, lowered)
     crossings = sum(schedule.stage_ranks[0][s] != schedule.stage_ranks[0][s + 1] for s in range(schedule.num_stages - 1))
     assert lowered.num_sends() == 2 * crossings * schedule.num_microbatches
+
+
+TORCH_SIZES = [(kind, pp, m) for kind in ("1f1b", "interleaved", "zb1p", "dualpipev") for pp in (2, 3, 4)
+               for m in sorted({schedule_kind(kind).smallest_valid(pp, pp + 1), schedule_kind(kind).smallest_valid(pp, 2 * pp)})]
+
+
+@pytest.mark.parametrize(("kind", "pp", "m"), TORCH_SIZES)
+def test_torch_compute_comms_csv(kind: str, pp: int, m: int) -> None:
+    """torch 2.13 reads our compute_comms CSV: ``_validate_schedule`` accepts it (stage placement,
+    F before B, counts), and, for kinds without F&B (torch's simulator refuses OVERLAP_F_B), its own
+    dry run ``_simulate_comms_compute`` finds every receive after its send and no hang."""
+    pipelining = pytest.importorskip("torch.distributed.pipelining.schedules")
+    schedule = make_schedule(kind, pp, m)
+    text = lowered_to_torch_csv(lower(schedule))
+    actions = {rank: [pipelining._Action.from_str(cell) for cell in row]
+               for rank, row in enumerate(csv.reader(io.StringIO(text)))}
+    sends = sum(str(a).count("SEND_") for row in actions.values() for a in row)
+    assert sends == _closed_send_count(kind, pp, m)
+    mapping = pipelining._validate_schedule(actions, pp, schedule.num_stages, m)
+    assert mapping == dict(enumerate(schedule.stage_ranks[0]))
+    if kind != "dualpipev":
+        pipelining._simulate_comms_compute(actions, lambda s: schedule.stage_ranks[0][s], schedule.num_stages)
+        broken = {rank: [a for a in row if "SEND_F" not in str(a) or rank != 0] for rank, row in actions.items()}
+        with pytest.raises(ValueError, match="not progressing"):
+            pipelining._simulate_comms_compute(broken, lambda s: schedule.stage_ranks[0][s], schedule.num_stages)
+
+
+def test_torch_csv_refuses_two_directions() -> None:
+    with pytest.raises(ScheduleError, match="kind=dualpipe has 2 stage placements"):
+        lowered_to_torch_csv(lower(make_schedule("dualpipe", 2, 4)))
+
+
+def test_torch_tokens() -> None:
+    assert [P2POp(kind, 0, key).torch_token() for kind, key in (
+        ("send", ("F", 2, 5)), ("recv", ("F", 2, 5)), ("send", ("G", 2, 5)), ("recv", ("G", 2, 5)))
+    ] == ["2SEND_F5", "3RECV_F5", "2SEND_B5", "1RECV_B5"]
