@@ -16,11 +16,13 @@ from rich.console import Console
 
 from moeplan.orchestrator.check_cmd import check_command
 from moeplan.orchestrator.errors import ReportingGroup
+from moeplan.orchestrator.manifests_cmd import manifests_command
 from moeplan.orchestrator.outputs import strict_json
 from moeplan.orchestrator.placement_cmd import placement_command
 from moeplan.orchestrator.plan_cmd import plan_command
 from moeplan.orchestrator.render import plan_tables, presets_table
 from moeplan.orchestrator.schedule_cmd import schedule_command
+from moeplan.orchestrator.submit_cmd import status_command, submit_command
 from moeplan.simulator.contracts.plan_file import PlanFile, read_plan
 from moeplan.simulator.contracts.run_report import RunReport
 from moeplan.simulator.planning.planner import summary
@@ -36,6 +38,9 @@ app = typer.Typer(
 app.command("plan")(plan_command)
 app.command("schedule")(schedule_command)
 app.command("placement")(placement_command)
+app.command("manifests")(manifests_command)
+app.command("submit")(submit_command)
+app.command("status")(status_command)
 app.command("check")(check_command)
 console = Console(width=140)
 
