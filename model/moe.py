@@ -7,6 +7,8 @@ Besides the output, each forward
   L_Bal = alpha * sum_i f_i P_i (TR eq. 17-20, averaged over sequences) to the output through
   ``AuxLossToGradient``, so it reaches the optimizer without changing the module's return value
   (pipeline stages keep a plain tensor interface). Its value is kept in ``last_balance_loss``.
+  ``balance_loss_scale`` scales the gradient it sends, like the main loss's: a runtime that
+  accumulates M micro-batches of mean losses sets it to 1 / M (default 1: one batch per step).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(spec.n_routed_experts, dtype=torch.int64),
                              persistent=False)
         self.last_balance_loss: torch.Tensor | None = None
+        self.balance_loss_scale = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seqlen, dim = x.shape
@@ -81,5 +84,5 @@ class MoE(nn.Module):
         if self.training and self.balance_alpha > 0 and torch.is_grad_enabled():
             loss = self.balance_alpha * sequence_balance_loss(routing, batch, seqlen, self.num_experts, self.top_k)
             self.last_balance_loss = loss.detach()
-            out = AuxLossToGradient.apply(out, loss)
+            out = AuxLossToGradient.apply(out, loss * self.balance_loss_scale)
         return out

@@ -18,6 +18,7 @@ from moeplan.model.mtp import MTPModule
 from moeplan.model.norm import RMSNorm
 from moeplan.model.options import ModelOptions
 from moeplan.model.rope import RotaryEmbedding
+from moeplan.model.seeds import name_seed
 from moeplan.model.stage import StageSpec
 from moeplan.simulator.spec.model import ModelSpec
 
@@ -84,16 +85,30 @@ class Transformer(nn.Module):
             out.mtp_logits.append(self.lm_head(module.head_input(prev)))
         return out
 
-    @torch.no_grad()
     def init_weights(self, generator: torch.Generator, std: float | None = None) -> None:
-        """N(0, std) for matrices (std = spec.initializer_range), ones for norms, zeros for biases/buffers."""
+        """N(0, std) for matrices (std = spec.initializer_range), ones for norms, zeros for biases/buffers;
+        the matrices drawn in module order from ``generator``."""
+        self._init(lambda name, shape: torch.randn(shape, generator=generator, dtype=torch.float32), std)
+
+    def init_weights_by_name(self, seed: int, std: float | None = None) -> None:
+        """As ``init_weights``, but each matrix drawn from a generator seeded by ``(seed, its name)`` alone.
+
+        Stage modules use the whole model's parameter names (``layers.{global id}...``, ``embed_tokens``,
+        ``norm``, ``lm_head``, ``mtp.{k}...``), so any pipeline split, on any rank, starts from the same
+        weights as the single-process model, with no communication.
+        """
+        self._init(lambda name, shape: torch.randn(
+            shape, generator=torch.Generator().manual_seed(name_seed(seed, name)), dtype=torch.float32), std)
+
+    @torch.no_grad()
+    def _init(self, draw, std: float | None) -> None:
         std = self.spec.initializer_range if std is None else std
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
         for name, param in self.named_parameters():
             if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32) * std)
+                param.copy_(draw(name, param.shape) * std)
             elif name.endswith("bias"):
                 param.zero_()
         for name, buf in self.named_buffers():
