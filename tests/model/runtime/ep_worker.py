@@ -1,4 +1,6 @@
-"""Worker of test_expert_parallel (4 gloo processes): expert-parallel MoE against the single-process ``MoE``.
+"""Worker of test_expert_parallel and test_groups (4 gloo processes): the torch.distributed groups of a
+dp2 x cp2, ep2 layout (each rank's sum over every group it holds), then expert-parallel MoE against the
+single-process ``MoE``.
 
 Every rank builds the same reference ``MoE`` (tiny_moe, FP32) and the same global tokens; an EP group's
 ranks each take their own sequences. Per scenario it records ``{check: [ok, detail]}``: output, input
@@ -24,7 +26,7 @@ from moeplan.model.rope import RotaryEmbedding
 from moeplan.model.runtime.dist_groups import new_groups
 from moeplan.model.runtime.ep_slots import SlotMap
 from moeplan.model.runtime.expert_parallel import ExpertParallelMoE, sync_replica_grads
-from moeplan.model.runtime.groups import process_groups
+from moeplan.model.runtime.groups import GROUP_KINDS, process_groups
 from moeplan.simulator.contracts.placement import ExpertPlacement
 from moeplan.simulator.placement.loads import zipf_load
 from moeplan.simulator.placement.maps import build_log2phy
@@ -35,9 +37,8 @@ SEQS, SEQ_LEN = 2, 8  # per rank
 RTOL, ATOL = 1e-5, 1e-6
 
 
-class Layout:  # a plan's ResolvedLayout, the fields process_groups reads
-    def __init__(self, world: int, ep: int) -> None:
-        self.world, self.pp, self.dp, self.cp, self.ep, self.rank_stages = world, 1, world, 1, ep, ((0,),)
+class Layout:  # a plan's ResolvedLayout, the fields process_groups reads: dp2 x cp2, ep2
+    world, pp, dp, cp, ep, rank_stages = 4, 1, 2, 2, 2, ((0,),)
 
 
 def reference(spec, seed: int) -> MoE:
@@ -157,12 +158,24 @@ def block_drop_in(spec, group, seed: int) -> dict:
     return {"block output": close(got.detach(), want.detach()[rank * SEQS:(rank + 1) * SEQS])}
 
 
+def group_sums(mine) -> dict:
+    """Each group's sum of its members' ranks, by kind (test_groups checks them against the rank lists)."""
+    sums = {}
+    for kind in GROUP_KINDS:
+        if mine[kind] is not None:
+            value = torch.tensor([dist.get_rank()])
+            dist.all_reduce(value, group=mine[kind])
+            sums[kind] = int(value)
+    return sums
+
+
 def main() -> None:
     dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     world, rank = dist.get_world_size(), dist.get_rank()
     spec = tiny_moe()
     results = {}
-    ep2 = new_groups(process_groups(Layout(world, 2), gpus_per_node=2), rank, backend="gloo")
+    ep2 = new_groups(process_groups(Layout(), gpus_per_node=2), rank, backend="gloo")
+    results["groups"] = group_sums(ep2)
     results["ep2 contiguous"] = run(spec, ep2["ep"], list(ep2.ranks["ep"]), None, seed=1)
     everyone, members = dist.group.WORLD, list(range(world))
     results["ep4 contiguous"] = run(spec, everyone, members, None, seed=2, nodes=world)

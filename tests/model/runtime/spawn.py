@@ -7,6 +7,7 @@ environment, so nothing depends on how pytest imported the test module.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -46,3 +47,16 @@ def run_workers(script: str, world: int, tmp_path: Path, timeout_s: float = 180.
               if proc.returncode]
     assert not failed, "\n".join(f"rank {r} exited {code}:\n{out}" for r, code, out in failed)
     return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(world)]
+
+
+@functools.cache
+def ep_worker_results(base: Path) -> list:
+    """``ep_worker.py``'s results on 4 processes, run once per test process (test_groups and
+    test_expert_parallel both read them)."""
+    from moeplan.simulator.contracts.plan_file import parse_plan
+
+    golden = HERE.parents[1] / "orchestrator" / "golden" / "plan-tiny-moe.json"
+    env = {"GOLDEN_PLACEMENT": parse_plan(golden.read_text(), str(golden)).placement.model_dump_json()}
+    out = base / "ep_worker"
+    out.mkdir(exist_ok=True)
+    return run_workers("ep_worker.py", 4, out, env=env)

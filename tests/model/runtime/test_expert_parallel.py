@@ -4,13 +4,20 @@ slot map's pure rules. The workers' checks are in ``ep_worker.py``; one run serv
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
+from moeplan.model.linear import LinearFactory
+from moeplan.model.moe import MoE
 from moeplan.model.runtime.ep_slots import SlotMap
+from moeplan.model.runtime.expert_parallel import ExpertParallelMoE, sync_replica_grads
 from moeplan.simulator.contracts.plan_file import parse_plan
-from tests.model.runtime.spawn import run_workers
+from moeplan.simulator.presets.models import tiny_moe
+from tests.model.runtime.spawn import ep_worker_results
 
 GOLDEN = Path(__file__).resolve().parents[2] / "orchestrator" / "golden" / "plan-tiny-moe.json"
 SCENARIOS = ("ep2 contiguous", "ep4 contiguous", "ep4 hierarchical replicas", "ep4 golden plan placement",
@@ -19,9 +26,7 @@ SCENARIOS = ("ep2 contiguous", "ep4 contiguous", "ep4 hierarchical replicas", "e
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
-    placement = parse_plan(GOLDEN.read_text(), str(GOLDEN)).placement
-    env = {"GOLDEN_PLACEMENT": placement.model_dump_json()}
-    return run_workers("ep_worker.py", 4, tmp_path_factory.mktemp("ep"), env=env)
+    return ep_worker_results(tmp_path_factory.getbasetemp())
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -63,3 +68,73 @@ def test_slot_map_rules() -> None:
 
 def test_results_are_json(results) -> None:
     assert json.loads(json.dumps(results)) == results
+
+
+@pytest.fixture
+def single_rank_group(request):
+    """A world of one in this process: gloo on the CPU, NCCL on a GPU."""
+    backend = request.param
+    if backend == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+        pytest.skip("needs CUDA and NCCL")
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def _reference(spec, dtype: torch.dtype, device: torch.device) -> MoE:
+    moe = MoE(spec, LinearFactory(dtype), dtype, "auto").to(device)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in moe.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return moe
+
+
+@pytest.mark.parametrize("single_rank_group", ["gloo", pytest.param("nccl", marks=pytest.mark.gpu)], indirect=True)
+def test_two_replicas_on_one_gpu_and_an_unsplit_group(single_rank_group) -> None:
+    """EP of one GPU: with the contiguous map the layer is the single-process MoE bit for bit (same pairs, same
+    order); with experts 0 and 5 given a second slot on the same GPU, tokens split over the two slots and
+    ``sync_replica_grads`` puts the expert's whole gradient on both."""
+    device, spec = single_rank_group, tiny_moe()
+    ref = _reference(spec, torch.float32, device)
+    x = torch.randn(2, 8, spec.hidden_size, generator=torch.Generator().manual_seed(8)).to(device)
+    want = ref(x)
+    want.square().sum().backward()
+    plain = ExpertParallelMoE.from_moe(ref, dist.group.WORLD)
+    assert torch.equal(plain(x), want)
+    slots = SlotMap((*range(16), 0, 5), (18,), 16)
+    ep = ExpertParallelMoE.from_moe(ref, dist.group.WORLD, slots)
+    got = ep(x)
+    got.square().sum().backward()
+    sync_replica_grads(ep)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    logical = list(slots.phy2log)
+    torch.testing.assert_close(ep.experts.down_proj.grad, ref.experts.down_proj.grad[logical], rtol=1e-5, atol=1e-5)
+    assert ep.comm_bytes["dispatch_sent_bytes"] == 0 and ep.comm_bytes["dispatch_self_bytes"] == 16 * 64 * 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("single_rank_group", ["nccl"], indirect=True)
+def test_one_host_sync_per_layer_on_a_gpu(single_rank_group) -> None:
+    """Forward and backward of the expert-parallel layer in BF16 (torch._grouped_mm experts) sync the host
+    once: the split sizes after the counts all-to-all."""
+    device, spec = single_rank_group, tiny_moe()
+    ep = ExpertParallelMoE.from_moe(_reference(spec, torch.bfloat16, device), dist.group.WORLD)
+    x = torch.randn(4, 64, spec.hidden_size, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+    def step() -> None:
+        ep(x).float().square().mean().backward()
+
+    step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
