@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import plotly.graph_objects as go
 
-from moeplan.simulator.contracts.trace import TraceEvent
+from moeplan.simulator.contracts.trace import LANES, TraceEvent
 from moeplan.simulator.schedules.figure import KIND_COLOURS
 
 EVENT_KINDS = ("forward", "backward", "weight-grad", "all-to-all", "p2p", "dp-sync", "optimizer")
@@ -30,7 +30,6 @@ EVENT_COLOURS = {
     "dp-sync": "#9D755D",  # brown
     "optimizer": "#B279A2",  # purple
 }
-LANES = ("compute", "nic", "nvlink")
 MAX_BARS = 20_000
 MERGE_GAP_FRAC = 1e-4  # of the makespan: well under one pixel of a page-wide chart
 FINEST_BINS = 4096  # columns per row when binning; halved until the bars fit
