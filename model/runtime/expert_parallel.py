@@ -10,8 +10,10 @@ the overlap code can issue them one by one (``simulator/engine/step.py``: dispat
 - ``dispatch(routed) -> Dispatched``: an all-to-all of the per-GPU row counts, then the one host sync
   (split sizes), then each token sent once to each GPU holding at least one of its experts, with its
   (local slot, weight) pairs for that GPU (``k`` columns each, -1 / 0 where the expert is elsewhere).
-- ``experts(dispatched) -> ExpertOutput``: the local slots' SwiGLU experts over the received rows
-  (``GroupedExperts.forward_pairs``): one weighted partial sum per received row.
+- ``experts_step(dispatched) -> ExpertOutput`` (``experts`` is the HF name of the slots' weights): the
+  local slots' SwiGLU experts over the received rows (``GroupedExperts.forward_pairs``), one weighted
+  partial sum per received row. With FP8 experts, ``forward_pairs`` reads the per-slot row counts on the
+  host: a second sync (the exchanged counts could carry them; not done yet).
 - ``combine(expert_output) -> (B, T, d)``: the reverse all-to-all of the partial sums, summed per token.
 - ``shared(x)``: the shared experts (None without).
 
@@ -47,6 +49,7 @@ from moeplan.model.gate import Gate, Routing
 from moeplan.model.mlp import MLP
 from moeplan.model.moe import AuxLossToGradient, MoE, sequence_balance_loss
 from moeplan.model.runtime.ep_slots import SlotMap
+from moeplan.simulator.spec.model import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -176,10 +179,10 @@ class ExpertParallelMoE(nn.Module):
                    moe.balance_alpha)
 
     @classmethod
-    def from_spec(cls, spec, group: dist.ProcessGroup, slots: SlotMap | None, make_linear, dtype: torch.dtype,
+    def from_spec(cls, spec: ModelSpec, group: dist.ProcessGroup, slots: SlotMap | None, make_linear, dtype: torch.dtype,
                   expert_backend: str = "auto", fp8=None, balance_alpha: float = 0.0,
                   fp8_backward: bool = False) -> ExpertParallelMoE:
-        """Fresh (uninitialised, like ``MoE``'s) modules for ``spec`` (a ``ModelSpec``) and this rank's slots."""
+        """Fresh (uninitialised, like ``MoE``'s) modules for ``spec`` and this rank's slots."""
         slots = slots or SlotMap.contiguous(spec.n_routed_experts, dist.get_world_size(group))
         experts = GroupedExperts(slots.slots_per_gpu[dist.get_rank(group)], spec.hidden_size,
                                  spec.moe_intermediate_size, dtype, backend=expert_backend, fp8=fp8,
