@@ -4,7 +4,6 @@ committed schemas from the vendored CRDs."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -58,8 +57,8 @@ def test_unknown_field_is_the_schemas(tiny, kind) -> None:
 def test_cel_violation_is_cels_rayjob(tiny) -> None:
     docs = _docs(tiny, "rayjob")
     _job(docs)["spec"]["deletionStrategy"] = {"onSuccess": {"policy": "DeleteCluster"}}  # onFailure missing
-    assert _layers(docs) == {"cel": ["spec.deletionStrategy: deletionStrategy requires either BOTH onSuccess and "
-                                     "onFailure, OR the deletionRules field (cannot be empty)"]}
+    assert _layers(docs) == {"cel": [("spec.deletionStrategy: deletionStrategy requires either BOTH onSuccess and "
+                                     "onFailure, OR the deletionRules field (cannot be empty)")]}
 
 
 def test_cel_violation_is_cels_jobset(tiny) -> None:
@@ -84,8 +83,8 @@ def test_pod_template_error_is_the_pod_layers(tiny, kind) -> None:
 def test_configmap_error_is_the_pod_layers(tiny) -> None:
     docs = _docs(tiny, "rayjob")
     docs[0][1]["metadata"]["lables"] = {"a": "b"}
-    assert _layers(docs) == {"pod": ["metadata: Additional properties are not allowed ('lables' was unexpected) "
-                                     "(Kubernetes 1.31)"]}
+    assert _layers(docs) == {"pod": [("metadata: Additional properties are not allowed ('lables' was unexpected) "
+                                     "(Kubernetes 1.31)")]}
 
 
 @pytest.mark.parametrize("kind", ["rayjob", "jobset"])
@@ -165,8 +164,8 @@ def test_transition_rules_are_skipped_and_listed() -> None:
                                        "spec.rayClusterSpec.managedBy: self == oldSelf"]
     assert len(skipped_rules("JobSet")) == 6
     job = {"kind": "RayJob", "spec": {"managedBy": "someone-else"}}
-    assert cel_findings(job) == ["spec.managedBy: the managedBy field value must be either 'ray.io/kuberay-operator' "
-                                 "or 'kueue.x-k8s.io/multikueue'"]
+    assert cel_findings(job) == [("spec.managedBy: the managedBy field value must be either 'ray.io/kuberay-operator' "
+                                 "or 'kueue.x-k8s.io/multikueue'")]
 
 
 def test_strict_schema_conversion() -> None:
