@@ -113,6 +113,10 @@ def test_two_replicas_on_one_gpu_and_an_unsplit_group(single_rank_group) -> None
     logical = list(slots.phy2log)
     torch.testing.assert_close(ep.experts.down_proj.grad, ref.experts.down_proj.grad[logical], rtol=1e-5, atol=1e-5)
     assert ep.comm_bytes["dispatch_sent_bytes"] == 0 and ep.comm_bytes["dispatch_self_bytes"] == 16 * 64 * 4
+    fresh = ExpertParallelMoE.from_spec(spec, dist.group.WORLD, slots, LinearFactory(torch.float32), torch.float32,
+                                        expert_backend="auto").to(device)
+    fresh.load_state_dict(ep.state_dict())  # the same parameters, names and shapes as from_moe's
+    assert torch.equal(fresh(x), got)
 
 
 @pytest.mark.gpu
