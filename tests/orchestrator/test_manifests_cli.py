@@ -178,7 +178,7 @@ def test_status_follows_a_rayjob_to_its_result(fake, final, code, verdict) -> No
         f"RayJob/{name}: {verdict.split(': ', 1)[1]}; pods: 1 Succeeded",
         f"RayJob/{name} {verdict}",
     ]
-    pod_query = [r.query for r in fake.requests if r.path.endswith("/pods")][0]
+    pod_query = next(r.query for r in fake.requests if r.path.endswith("/pods"))
     assert pod_query["labelSelector"] == [f"moeplan.dev/job={name}"]
 
 
