@@ -85,6 +85,10 @@ def load_documents(text: str, source: str) -> Iterable[dict[str, Any]]:
     """The YAML documents of one file (safe loader), each a mapping; ``ManifestError`` otherwise."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
+        # An alias repeats a node without copying it: a few lines can stand for 10**9 nodes that every
+        # validator would walk. Manifests need none, so any is refused (events are read in linear time).
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=loader)):
+            raise ManifestError(f"{source}: holds a YAML alias (*name); write the objects out in full")
         docs = [d for d in yaml.load_all(text, Loader=loader) if d is not None]
     except yaml.YAMLError as exc:
         raise ManifestError(f"{source}: not YAML ({' '.join(str(exc).split())[:200]})") from None

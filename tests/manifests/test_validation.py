@@ -12,7 +12,7 @@ from jsonschema import Draft7Validator
 
 from moeplan.manifests.cel_check import cel_findings, skipped_rules
 from moeplan.manifests.crd_schema import SCHEMA_DIR, converted, strict_schema
-from moeplan.manifests.render import CONFIGMAP_FILE, documents
+from moeplan.manifests.render import CONFIGMAP_FILE, documents, load_documents
 from moeplan.manifests.target import K8sTarget, ManifestError
 from moeplan.manifests.validation import validate_documents
 
@@ -191,3 +191,12 @@ def test_committed_schemas_are_the_vendored_crds_converted() -> None:
     for name, text in fresh.items():
         assert (SCHEMA_DIR / name).read_text() == text, f"{name}: re-run python -P -m moeplan.manifests.crd_schema"
     assert json.loads(fresh["rayjob.schema.json"])["$comment"]["version"] == "v1"
+
+
+def test_yaml_aliases_are_refused_before_anything_walks_them() -> None:
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+    with pytest.raises(ManifestError, match=r"x.yaml: holds a YAML alias"):
+        load_documents(bomb, "x.yaml")
+    assert load_documents("kind: ConfigMap\n---\nkind: RayJob\n", "y.yaml") == [{"kind": "ConfigMap"},
+                                                                                  {"kind": "RayJob"}]
