@@ -66,6 +66,6 @@ class GroupedLinearFn(torch.autograd.Function):
         def weight_grad() -> torch.Tensor:  # (E, N, K)
             if fp8 is None:
                 return wgrad(grad_out, a, offs)
-            return fp8_grouped_weight_grad(grad_out, a, offs, fp8, ctx.host_counts).to(weight.dtype)
+            return fp8_grouped_weight_grad(grad_out, a, offs, fp8, ctx.host_counts)
 
         return grad_a, weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad), *none

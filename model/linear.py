@@ -62,8 +62,7 @@ class LinearFn(torch.autograd.Function):
             if ctx.fp8 is None:
                 return g2.t() @ x2
             fp8 = ctx.fp8  # Wgrad: both operands in tiles of `block` tokens, FP32 out
-            out = fp8.gemm(*fp8.quant_act_t(g2), *fp8.quant_act_t(x2), out_dtype=torch.float32)
-            return out.to(weight.dtype)
+            return fp8.gemm(*fp8.quant_act_t(g2), *fp8.quant_act_t(x2), out_dtype=torch.float32)
 
         return grad_x, weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad), *none
 

@@ -6,7 +6,8 @@ How the split works (ZB-H1 / DualPipe style, as in DeepSeek's ``WeightGradStore`
   when a ``WeightGradStore`` is attached, *queues* the weight-gradient matmul instead of running it;
 - so ``loss.backward()`` (or ``torch.autograd.backward(stage_out, grad)``) is the **I** step: it
   produces the gradient for the previous stage and fills the queue; ``store.flush()`` later is the
-  **W** step: it runs the queued matmuls and accumulates into ``param.grad``;
+  **W** step: it runs the queued matmuls and accumulates into ``param.grad``, or in FP32 into
+  ``param.main_grad`` where the runtime attached one (``model.runtime.main_grad``);
 - small parameters (norm scales, router weights, embedding, attention biases) get their gradients
   in the I step; they are a negligible share of the FLOPs.
 
@@ -34,8 +35,9 @@ class WeightGradStore:
     def flush(self) -> int:
         """Run every queued weight-gradient matmul (the W step); returns how many ran."""
         count = len(self._pending)
-        for fn in self._pending:
-            fn()
+        with torch.no_grad():  # the W matmuls need no autograd graph
+            for fn in self._pending:
+                fn()
         self._pending.clear()
         return count
 
@@ -43,8 +45,14 @@ class WeightGradStore:
         return len(self._pending)
 
 
+@torch.no_grad()
 def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
-    """param.grad += grad, creating it on first use (what autograd's AccumulateGrad does)."""
+    """param.main_grad += grad in FP32 where the runtime attached one (``model.runtime.main_grad``), else
+    param.grad += grad in the parameter dtype, creating it on first use (what autograd's AccumulateGrad does)."""
+    main_grad = getattr(param, "main_grad", None)
+    if main_grad is not None:
+        main_grad.add_(grad.view_as(main_grad))
+        return
     grad = grad.to(param.dtype)
     if param.grad is None:
         param.grad = grad
@@ -55,10 +63,11 @@ def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
 def weight_grad_now_or_later(
     store: WeightGradStore | None, param: torch.Tensor, weight_grad: Callable[[], torch.Tensor]
 ) -> torch.Tensor | None:
-    """What a backward returns for ``param``: ``weight_grad()`` now (no store: fused I+W), or None
-    after queueing it on ``store``, whose flush accumulates it into ``param.grad`` (the W step)."""
+    """What a backward returns for ``param``: ``weight_grad()`` now (no store: fused I+W; autograd needs the
+    parameter dtype), or None after queueing it on ``store``, whose flush accumulates it (the W step) as it
+    comes (an FP32 Wgrad stays FP32 on its way into ``main_grad``)."""
     if store is None:
-        return weight_grad()
+        return weight_grad().to(param.dtype)
     store.defer(lambda: accumulate_grad(param, weight_grad()))
     return None
 

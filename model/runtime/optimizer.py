@@ -1,0 +1,183 @@
+"""ZeRO-1 AdamW over FP32 main gradients: the optimizer step of the plan's ``training.optimizer``.
+
+Each ``ShardedParams`` is one ``MainGrads`` (``model.runtime.main_grad``) and the process group that
+holds its replicas: the data-parallel group for dense parameters, the expert-data-parallel group for
+routed experts (two sets, two buffers). A step, per set and bucket:
+
+1. reduce-scatter the flat FP32 main gradient over the set's group (SUM), divided by ``grad_divisor``
+   (the group size by default: the mean; for expert parameters the lead passes the dense data-parallel
+   size, since each expert replica already sums the tokens of its EP group);
+2. the global gradient norm: every rank's squared shard norms, all-reduced over ``norm_groups`` in turn
+   (orthogonal groups whose product is the world, or the world itself). Each element is owned by one
+   shard, so nothing counts twice; a set whose shards are owned elsewhere too (DualPipe's mirrored
+   stage copy) passes ``in_norm=False``. Clipped like ``torch.nn.utils.clip_grad_norm_``;
+3. AdamW on the local shard as ``torch.optim.AdamW`` computes it (decoupled weight decay, bias
+   correction), on an FP32 master copy of the parameters; moments stored in BF16 when the plan's
+   ``moment_bytes`` is 2 (TR §3.3: the math in FP32, the storage rounded), FP32 when 4;
+4. all-gather the updated shards, cast to each bucket's parameter dtype, into the parameters.
+
+The learning rate of step ``k`` is ``training.optimizer.lr.lr_at(k, tokens_seen)``. ``state_dict()`` /
+``load_state_dict()`` hold this rank's shard only (for ``torch.distributed.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moeplan.model.runtime.main_grad import GradBucket, MainGrads
+from moeplan.simulator.spec.training import OptimizerSpec
+
+# torch 2.13 renamed the flat collectives (the old names warn); 2.11 has only the old ones. Same signatures.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1e-6)
+MOMENT_DTYPES = {2: torch.bfloat16, 4: torch.float32}
+
+
+@dataclass(frozen=True)
+class ShardedParams:
+    """One main-gradient buffer set and the group its parameters are replicated (and sharded) over."""
+
+    main_grads: MainGrads
+    group: dist.ProcessGroup | None = None  # None = the default (world) group
+    grad_divisor: int | None = None  # None = the group's size (the mean over replicas)
+    in_norm: bool = True
+
+
+@dataclass(frozen=True)
+class StepStats:
+    step: int  # 0-based index of the step taken
+    lr: float
+    grad_norm: float  # before clipping
+    clip_coef: float  # 1.0 when not clipped
+
+
+class _Shard:
+    """This rank's part of one bucket: gradient, FP32 master weights and the two moments."""
+
+    def __init__(self, bucket: GradBucket, group: dist.ProcessGroup | None, moment_dtype: torch.dtype) -> None:
+        self.bucket, self.group = bucket, group
+        self.world = dist.get_world_size(group)
+        self.start, self.end = bucket.shard_range(dist.get_rank(group), self.world)
+        self.grad = torch.zeros(self.end - self.start, dtype=torch.float32, device=bucket.data.device)
+        self.master = bucket.flat_params(torch.float32)[self.start: self.end].clone()
+        self.exp_avg = torch.zeros_like(self.master, dtype=moment_dtype)
+        self.exp_avg_sq = torch.zeros_like(self.master, dtype=moment_dtype)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"master": self.master, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+
+class ZeroAdamW:
+    """ZeRO-1 AdamW over one or more ``ShardedParams`` (see the module docstring)."""
+
+    def __init__(self, sets: Sequence[ShardedParams], spec: OptimizerSpec,
+                 norm_groups: Sequence[dist.ProcessGroup | None] = (None,)) -> None:
+        if spec.moment_bytes not in MOMENT_DTYPES:
+            raise ValueError(f"training.optimizer.moment_bytes={spec.moment_bytes}: the runtime stores moments in "
+                             "2 (BF16) or 4 (FP32) bytes")
+        self.sets, self.spec, self.norm_groups = tuple(sets), spec, tuple(norm_groups)
+        moment_dtype = MOMENT_DTYPES[spec.moment_bytes]
+        self._shards = [[_Shard(b, s.group, moment_dtype) for b in s.main_grads.buckets] for s in self.sets]
+        self._pending: list = []
+        self._reduced = False
+        self.steps_done = 0
+
+    def reduce_grads(self, async_op: bool = False) -> None:
+        """Launch step 1 for every set (``step`` waits for it; call early to overlap it with other work)."""
+        for shards in self._shards:
+            for shard in shards:
+                work = _reduce_scatter(shard.grad, shard.bucket.data, group=shard.group, async_op=async_op)
+                if async_op:
+                    self._pending.append(work)
+        self._reduced = True
+
+    def _wait_and_scale(self) -> None:
+        if not self._reduced:
+            self.reduce_grads()
+        for work in self._pending:
+            work.wait()
+        self._pending.clear()
+        self._reduced = False
+        for s, shards in zip(self.sets, self._shards):
+            for shard in shards:
+                shard.grad.div_(s.grad_divisor or shard.world)
+
+    def grad_norm(self) -> float:
+        """The global norm of the reduced gradients (steps 1-2 must have run: ``step`` calls it)."""
+        device = next((sh.grad.device for shards in self._shards for sh in shards), torch.device("cpu"))
+        squares = torch.zeros((), dtype=torch.float64, device=device)
+        for s, shards in zip(self.sets, self._shards):
+            if s.in_norm:
+                for shard in shards:
+                    squares += shard.grad.double().square().sum()
+        for group in self.norm_groups:
+            dist.all_reduce(squares, group=group)
+        return math.sqrt(float(squares))  # the step's one host sync
+
+    @torch.no_grad()
+    def step(self, tokens_seen: float) -> StepStats:
+        """One optimizer step from the accumulated main gradients; zeroes them afterwards."""
+        self._wait_and_scale()
+        norm = self.grad_norm()
+        max_norm = self.spec.grad_clip_norm
+        coef = 1.0 if max_norm is None else min(1.0, max_norm / (norm + CLIP_EPS))
+        lr = self.spec.lr.lr_at(self.steps_done, tokens_seen)
+        self.steps_done += 1
+        for shards in self._shards:
+            for shard in shards:
+                if coef < 1.0:
+                    shard.grad.mul_(coef)
+                self._adamw(shard, lr)
+                self._all_gather(shard)
+        for s in self.sets:
+            s.main_grads.zero_()
+        return StepStats(step=self.steps_done - 1, lr=lr, grad_norm=norm, clip_coef=coef)
+
+    def _adamw(self, shard: _Shard, lr: float) -> None:
+        """``torch.optim.AdamW``'s single-tensor update, op for op, with moments kept in their dtype."""
+        spec, t = self.spec, self.steps_done
+        grad = shard.grad
+        exp_avg, exp_avg_sq = shard.exp_avg.float(), shard.exp_avg_sq.float()  # no copy when FP32
+        shard.master.mul_(1 - lr * spec.weight_decay)
+        exp_avg.lerp_(grad, 1 - spec.beta1)
+        exp_avg_sq.mul_(spec.beta2).addcmul_(grad, grad, value=1 - spec.beta2)
+        step_size = lr / (1 - spec.beta1**t)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - spec.beta2**t)).add_(spec.eps)
+        shard.master.addcdiv_(exp_avg, denom, value=-step_size)
+        if shard.exp_avg.dtype != torch.float32:
+            shard.exp_avg.copy_(exp_avg)
+            shard.exp_avg_sq.copy_(exp_avg_sq)
+
+    @staticmethod
+    def _all_gather(shard: _Shard) -> None:
+        bucket = shard.bucket
+        flat = torch.empty(bucket.data.numel(), dtype=bucket.param_dtype, device=bucket.data.device)
+        _all_gather(flat, shard.master.to(bucket.param_dtype), group=shard.group)
+        bucket.load_flat_params(flat)
+
+    def state_dict(self) -> dict:
+        """This rank's shard: ``{"steps_done": int, "shards": [[{master, exp_avg, exp_avg_sq}] per bucket] per set}``."""
+        return {"steps_done": self.steps_done,
+                "shards": [[shard.state() for shard in shards] for shards in self._shards]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Load a ``state_dict()`` of the same layout (same sets, buckets and shard sizes) in place."""
+        shards = state["shards"]
+        if [len(s) for s in shards] != [len(s) for s in self._shards]:
+            raise ValueError(f"optimizer state has buckets {[len(s) for s in shards]} per set, this optimizer "
+                             f"{[len(s) for s in self._shards]}")
+        for saved_set, own_set in zip(shards, self._shards):
+            for saved, own in zip(saved_set, own_set):
+                for name, tensor in own.state().items():
+                    if saved[name].shape != tensor.shape:
+                        raise ValueError(f"optimizer state {name}: shape {tuple(saved[name].shape)}, this shard "
+                                         f"{tuple(tensor.shape)}")
+                    tensor.copy_(saved[name])
+        self.steps_done = int(state["steps_done"])
