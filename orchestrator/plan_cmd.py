@@ -66,7 +66,8 @@ def plan_command(
                  budget_gpu_hours=budget_gpu_hours, price_per_gpu_hour=price_per_gpu_hour)
     req = build_request(model, cluster, nodes, flag_overrides(flags) + list(set_ or []))
     opts = sim_options(req.inputs.model, req.inputs.cluster.gpu, zipf=zipf, load=load,
-                       redundant_experts=redundant_experts, calibration=calibration, table_name=cost_tables)
+                       redundant_experts=redundant_experts, calibration=calibration, table_name=cost_tables,
+                       precision=req.inputs.training.precision)
     do_search = search_ if search_ is not None else not req.published
     if not do_search:
         check_placeable(req.inputs, redundant_experts)

@@ -50,6 +50,14 @@ def check_comm_sms(tables: CostTables | None, calibration: Path | None, gpu: Gpu
         raise InputError(f"{where}: {error} ({gpu.name})")
 
 
+def check_precision(tables: CostTables | None, precision: str, gpu: GpuSpec) -> None:
+    """The tables price GEMMs in the run's precision (the cpu tables price no FP8)."""
+    used = tables or default_tables(gpu.name)
+    error = used.precision_error(precision)
+    if error:
+        raise InputError(f"{error} ({gpu.name})")
+
+
 def layer_loads(path: Path, model: ModelSpec) -> LayerLoads:
     """Per-layer expert loads from a recorded load file; its layers may include the MTP modules'."""
     record = read_load_record(path, model, moe_layers(model, with_mtp=True))
@@ -57,7 +65,7 @@ def layer_loads(path: Path, model: ModelSpec) -> LayerLoads:
 
 
 def sim_options(model: ModelSpec, gpu: GpuSpec, *, zipf: float | None, load: Path | None, redundant_experts: int,
-                calibration: Path | None, table_name: str | None) -> SimOptions:
+                calibration: Path | None, table_name: str | None, precision: str = "bf16") -> SimOptions:
     """The ``SimOptions`` of ``moeplan plan``'s simulation options (uniform routing unless a load is given)."""
     one_load_source(load, zipf)
     check_zipf(zipf, model)
@@ -65,6 +73,7 @@ def sim_options(model: ModelSpec, gpu: GpuSpec, *, zipf: float | None, load: Pat
     loads = layer_loads(load, model) if load is not None else ()
     tables = cost_tables(calibration, table_name, gpu)
     check_comm_sms(tables, calibration, gpu)
+    check_precision(tables, precision, gpu)
     expert_load = None
     if zipf is not None:
         expert_load = tuple(float(x) for x in 1.0 / np.arange(1, model.n_routed_experts + 1) ** zipf)

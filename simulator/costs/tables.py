@@ -35,6 +35,10 @@ Sources:
   on one H200 at 4096 tokens, forward and backward, as a fraction of the datasheet HBM bandwidth at the
   class's ideal bytes. Like [A]'s copy bandwidth (``memory_frac``, the fallback for a class it does not
   measure), a fraction of the datasheet, so each Hopper part applies it to its own HBM bandwidth.
+- [CPU] ``simulator/costs/data/cpu-fp32.json`` and ``cpu-bf16.json`` (``benchmarks/cpu_tables.py``): the
+  ``cpu`` cluster's tables, whole cost-table files measured on one machine (one thread per process), each
+  entry naming its measurement; they price the plan's ``bf16`` precision in FP32 (``cpu``, the default)
+  or in BF16 (``cpu-bf16``) and price no FP8 (``precisions``).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moeplan.simulator.costs.machine import LinkFit, Machine
 from moeplan.simulator.costs.memory_kernels import MemoryKernelPoint, packaged_memory_kernels
 from moeplan.simulator.presets.clusters import h200_gpu
 from moeplan.simulator.spec.json_input import read_json_file
@@ -101,6 +106,12 @@ class CostTables(BaseModel):
     collective_source: str
     comm_sms: Int = Field(20, ge=0, description="SMs reserved for expert all-to-all kernels (TR §3.2.2); fewer "
                            "than the GPU's sm_count (checked where the tables meet a GPU: ``comm_sms_error``).")
+    precisions: tuple[Precision, ...] = Field(("bf16", "fp8"), min_length=1, description="The precisions the "
+                                              "tables price (GEMM points of each); a step of another is refused "
+                                              "(``precision_error``). BF16 always: the router and head run in it.")
+    machine: Machine | None = Field(None, description="What measured the tables (cpu tables); None = see sources.")
+    links: tuple[LinkFit, ...] = Field((), description="Measured collectives (cpu tables); the engine prices "
+                                       "transfers with the cluster's link rates and ``collective_latency_s``.")
 
     @model_validator(mode="after")
     def _one_point_per_kernel(self) -> CostTables:
@@ -108,9 +119,12 @@ class CostTables(BaseModel):
         dup = next((k for k in kernels if kernels.count(k) > 1), None)
         if dup is not None:
             raise ValueError(f"memory_kernels: kernel={dup!r} appears {kernels.count(dup)} times")
-        missing = [p for p in get_args(Precision) if all(g.precision != p for g in self.gemm)]
-        if missing:  # a step prices GEMMs of both (BF16 ones in an FP8 run too)
-            raise ValueError(f"gemm: has no {missing[0]} point; the tables need GEMM throughput for bf16 and fp8")
+        if "bf16" not in self.precisions:
+            raise ValueError(f"precisions={list(self.precisions)} must include bf16 (the router and head run in it)")
+        missing = [p for p in get_args(Precision) if p in self.precisions and all(g.precision != p for g in self.gemm)]
+        if missing:  # a step prices GEMMs of each (BF16 ones in an FP8 run too)
+            raise ValueError(f"gemm: has no {missing[0]} point; the tables need GEMM throughput for "
+                             f"{' and '.join(self.precisions)}")
         return self
 
     @classmethod
@@ -123,6 +137,13 @@ class CostTables(BaseModel):
         """Why ``comm_sms`` cannot be reserved on a GPU of ``sm_count`` SMs (compute needs at least one)."""
         if self.comm_sms >= sm_count:
             return f"comm_sms={self.comm_sms} must leave compute at least one of the GPU's sm_count={sm_count} SMs"
+        return None
+
+    def precision_error(self, precision: str) -> str | None:
+        """Why a step in ``precision`` cannot be priced with these tables (they measured no such GEMMs)."""
+        if precision not in self.precisions:
+            return (f"precision={precision} is not priced by cost tables {self.name!r} "
+                    f"(they price {', '.join(self.precisions)})")
         return None
 
     def memory_fracs(self, kernel: str | None) -> tuple[float, float]:
@@ -323,7 +344,10 @@ def default_tables(gpu_name: str) -> CostTables:
 
     H800/H100: FP8 from DeepGEMM (DeepSeek's own kernels, measured on the H800); BF16 from [A] and [K].
     H200: FP8 from our kernels' auto dispatch on the H200 ([K], then [A]); BF16 from [A] and [K].
+    CPU (the ``cpu`` cluster preset's processes): [CPU], FP32.
     """
+    if gpu_name.upper().startswith("CPU"):
+        return cpu_tables("cpu")
     if gpu_name.upper().startswith("H200"):
         return _hopper("h200-default", _merge(_torch_fp8_points(), _measured_fp8_points()))
     return _hopper("hopper-deepgemm-default", _deepgemm_points("deepgemm"))
@@ -331,10 +355,20 @@ def default_tables(gpu_name: str) -> CostTables:
 
 # Named tables besides each GPU's default: name -> what its FP8 points are
 NAMED_TABLES = {
-    "default": "the GPU's default tables (DeepGEMM on H800/H100, our measurements on H200)",
+    "default": "the GPU's default tables (DeepGEMM on H800/H100, our measurements on H200, cpu on the cpu cluster)",
     "hopper-cutlass36-2024": "the FP8 kernels DeepSeek trained V3 with in 2024: [DG]'s shapes at DeepGEMM's "
                              "TFLOPS over its published speedup on DeepSeek's internal CUTLASS-3.6 kernel",
+    "cpu": "the cpu cluster's processes, measured (benchmarks/cpu_tables.py): FP32 GEMMs, attention and "
+           "activations, gloo links; no FP8",
+    "cpu-bf16": "as cpu, with BF16 GEMMs, attention and activations",
 }
+CPU_TABLE_FILES = {"cpu": "data/cpu-fp32.json", "cpu-bf16": "data/cpu-bf16.json"}
+
+
+@lru_cache(maxsize=None)
+def cpu_tables(name: str) -> CostTables:
+    """[CPU]: the packaged measurement file of the cpu tables called ``name`` (a key of ``CPU_TABLE_FILES``)."""
+    return CostTables.from_file(Path(str(files("moeplan.simulator.costs").joinpath(CPU_TABLE_FILES[name]))))
 
 
 def named_tables(name: str, gpu_name: str) -> CostTables:
@@ -343,4 +377,6 @@ def named_tables(name: str, gpu_name: str) -> CostTables:
         return default_tables(gpu_name)
     if name == "hopper-cutlass36-2024":
         return _hopper(name, _deepgemm_points("cutlass36"))
+    if name in CPU_TABLE_FILES:
+        return cpu_tables(name)
     raise ValueError(f"cost tables {name!r}: unknown (known: {', '.join(NAMED_TABLES)})")

@@ -1,4 +1,4 @@
-"""Cluster presets: H800, H100 and H200 nodes of 8 GPUs. Every number names its source.
+"""Cluster presets: H800, H100 and H200 nodes of 8 GPUs, and ``cpu`` (local processes). Every number names its source.
 
 Sources:
 - [H100-DS] NVIDIA H100 Tensor Core GPU datasheet (SXM5): 132 SMs, 80 GB HBM3 at 3.35 TB/s,
@@ -15,13 +15,38 @@ Sources:
 - [CX7] NVIDIA ConnectX-7 400 Gb/s per GPU (DGX H100/H200 reference design): 50 GB/s per direction.
 - [CTX] Memory reserved for the CUDA context, NCCL/DeepEP buffers and allocator slack: an assumption
   (2 GiB) until the calibration capability measures it; set ``node.memory_reserved_bytes`` to override.
+- [CPU-M] ``simulator/costs/data/cpu-fp32.json`` (the ``cpu`` cost tables, written by
+  ``benchmarks/cpu_tables.py``; ``docs/results/cpu-tables.md``): its ``machine`` (peaks, RAM, cores, a
+  process's resident memory) and ``links`` (gloo collectives between local processes, one torch thread
+  each). The ``cpu`` preset reads them when called, so a re-measured file re-describes the machine.
+
+The ``cpu`` cluster: one "GPU" is one process of the runtime on one CPU core (``torch.set_num_threads(1)``,
+gloo over 127.0.0.1); a "node" is the machine. What each ``GpuSpec``/``NodeSpec`` field means there:
+
+- ``sm_count``: the threads a process computes on (1). The simulator uses it only to scale compute by
+  the SMs left after ``comm_sms``, which the cpu tables set to 0 (gloo communicates on its own threads).
+- ``hbm_bytes``: the machine's RAM over its cores (one process per core); ``memory_reserved_bytes``:
+  the measured resident memory of a process that has imported torch and joined a gloo group.
+- ``hbm_bytes_per_s``: the fastest copy measured; ``bf16_flops_per_s``: the fastest GEMM measured in
+  FP32 or BF16 (the peaks the tables' attention and memory fractions are of, and MFU's denominator).
+- ``fp8_flops_per_s``: no FP8 runs on a CPU (the cpu tables price none, so an fp8 plan is refused);
+  the field must hold a rate, so it repeats the GEMM peak.
+- ``gpus_per_node``: processes per machine, by default its logical CPUs (``--set
+  cluster.node.gpus_per_node=4`` runs more, sharing the cores); ``nvlink_bytes_per_s`` the measured gloo
+  send/recv bandwidth between two local processes; ``nvlink_spec_bytes_per_s`` the fastest copy (a local
+  transfer is at most a memory copy); ``nic_bytes_per_s`` the same loopback figure: several cpu nodes
+  are not measured, so ``--nodes`` > 1 prices the network between machines as the local loopback.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
+from importlib.resources import files
+from pathlib import Path
 
 from moeplan.simulator.spec.hardware import ClusterSpec, GpuSpec, NodeSpec
+from moeplan.simulator.spec.json_input import read_json_file
 
 GB = 1e9
 GiB = 2**30
@@ -94,4 +119,45 @@ def h200(nodes: int = 1) -> ClusterSpec:
     return ClusterSpec(name="h200", gpu=h200_gpu(), node=node, nodes=nodes)
 
 
-CLUSTER_PRESETS: dict[str, Callable[[int], ClusterSpec]] = {"h800": h800, "h100": h100, "h200": h200}
+CPU_MEASUREMENT_FILE = "costs/data/cpu-fp32.json"
+
+
+@lru_cache(maxsize=1)
+def cpu_measurement() -> dict:
+    """[CPU-M]: the cpu cost-table file as JSON (its ``machine`` and ``links`` describe the machine)."""
+    return read_json_file(Path(str(files("moeplan.simulator").joinpath(CPU_MEASUREMENT_FILE))))
+
+
+def _link_bytes_per_s(collective: str, processes: int) -> float:
+    return next(f["bytes_per_s"] for f in cpu_measurement()["links"]
+                if f["collective"] == collective and f["processes"] == processes)
+
+
+def cpu_process() -> GpuSpec:
+    """One runtime process on one core, as the simulator's "GPU" (field meanings in the module docstring)."""
+    mc = cpu_measurement()["machine"]
+    return GpuSpec(
+        name="CPU-process",  # the cost tables' default_tables picks the cpu tables by this prefix
+        sm_count=mc["threads_per_process"],  # [CPU-M]
+        hbm_bytes=mc["memory_bytes"] // mc["cores"],  # [CPU-M] RAM over cores
+        hbm_bytes_per_s=mc["memory_bytes_per_s"],  # [CPU-M] fastest copy
+        bf16_flops_per_s=mc["peak_flops_per_s"],  # [CPU-M] fastest GEMM, FP32 or BF16
+        fp8_flops_per_s=mc["peak_flops_per_s"],  # not used: FP8 is refused on cpu
+    )
+
+
+def cpu(nodes: int = 1) -> ClusterSpec:
+    """Local processes over gloo, one per core: the runtime's rehearsal on any machine (issue 18)."""
+    mc = cpu_measurement()["machine"]
+    loopback = _link_bytes_per_s("send_recv", 2)  # [CPU-M] gloo send/recv, 2 processes
+    node = NodeSpec(
+        gpus_per_node=mc["cores"],  # [CPU-M] one process per logical CPU
+        nvlink_bytes_per_s=loopback,
+        nvlink_spec_bytes_per_s=max(loopback, mc["memory_bytes_per_s"]),  # [CPU-M] at most a memory copy
+        nic_bytes_per_s=loopback,  # [CPU-M] loopback: between machines not measured
+        memory_reserved_bytes=mc["process_rss_bytes"],  # [CPU-M] torch + gloo resident memory
+    )
+    return ClusterSpec(name="cpu", gpu=cpu_process(), node=node, nodes=nodes)
+
+
+CLUSTER_PRESETS: dict[str, Callable[[int], ClusterSpec]] = {"h800": h800, "h100": h100, "h200": h200, "cpu": cpu}

@@ -1,0 +1,132 @@
+"""gloo collectives between local processes, for benchmarks/cpu_tables.py: latency and bandwidth.
+
+``measure_links(processes, sizes, reps)`` starts ``processes`` processes (``torch.multiprocessing``, gloo
+over 127.0.0.1 on a free port, ``threads`` torch threads each: 1, as the runtime's ranks run) and times, per
+buffer size: point-to-point send/recv (a ping-pong between ranks 2i and 2i+1, all pairs at once, each
+message one ``batch_isend_irecv`` as the runtime posts them; half the round trip), ``all_to_all_single``
+(even splits), ``all_reduce``, ``reduce_scatter_tensor`` and ``all_gather_into_tensor`` (``size`` = the
+full buffer). A run is ``inner(size)`` calls back to back after a barrier (so small sizes are not one
+timer tick and a barrier's skew is spread), its time divided by them; a process keeps the median of
+``reps`` runs after ``warmup``; the collective's time is the slowest process's median. ``fit`` turns a
+collective's points into ``latency_s + bytes / bytes_per_s`` by least squares on relative error (bytes as
+``simulator.costs.machine.bytes_moved`` counts them), so the smallest sizes set the latency.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moeplan.simulator.costs.machine import Collective, bytes_moved
+
+COLLECTIVES: tuple[Collective, ...] = ("send_recv", "all_to_all", "all_reduce", "reduce_scatter", "all_gather")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (VmRSS), 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return 0
+
+
+def inner(size: int) -> int:
+    """Calls per timed run: up to 16 for small buffers, one from 256 KiB."""
+    return max(1, min(16, 2**18 // size))
+
+
+def _op(collective: Collective, rank: int, world: int, numel: int):
+    """A thunk running ``collective`` once on fresh fp32 buffers of ``numel`` elements (the full buffer)."""
+    numel -= numel % world  # the ring collectives split the buffer evenly
+    full, out = torch.ones(numel), torch.empty(numel)
+    part = torch.ones(numel // world)
+    peer = rank ^ 1
+
+    def post(op, tensor: torch.Tensor) -> None:
+        for work in dist.batch_isend_irecv([dist.P2POp(op, tensor, peer)]):
+            work.wait()
+
+    def send_recv() -> None:
+        if peer >= world:
+            return
+        if rank % 2 == 0:
+            post(dist.isend, full)
+            post(dist.irecv, out)
+        else:
+            post(dist.irecv, out)
+            post(dist.isend, full)
+
+    return {
+        "send_recv": send_recv,
+        "all_to_all": lambda: dist.all_to_all_single(out, full),
+        "all_reduce": lambda: dist.all_reduce(full),
+        "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full),
+        "all_gather": lambda: dist.all_gather_into_tensor(out, part),
+    }[collective]
+
+
+def _worker(rank: int, world: int, port: int, sizes: list[int], reps: int, warmup: int, threads: int, queue) -> None:
+    torch.set_num_threads(threads)
+    # torch 2.13 renames the tensor collectives (``*_single``); 2.11 has only these names
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    rss = rss_bytes()
+    rows = []
+    for collective in COLLECTIVES:
+        for size in sizes:
+            fn = _op(collective, rank, world, max(world, size // 4))
+            times, calls = [], inner(size)
+            for i in range(warmup + reps):
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                elapsed = (time.perf_counter() - start) / calls
+                if i >= warmup:
+                    times.append(elapsed / 2 if collective == "send_recv" else elapsed)
+            rows.append((collective, size, statistics.median(times)))
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, rows)
+    if rank == 0:
+        slowest = [(c, s, max(g[i][2] for g in gathered)) for i, (c, s, _) in enumerate(rows)]
+        queue.put({"rows": slowest, "rss_bytes": rss})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure_links(processes: int, sizes: list[int], reps: int, threads: int = 1, warmup: int = 3) -> dict:
+    """{"rows": [(collective, buffer bytes, seconds)], "rss_bytes": rank 0's resident memory after joining}."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_worker, args=(processes, free_port(), sizes, reps, warmup, threads, queue), nprocs=processes,
+                       start_method="spawn")
+    return queue.get()
+
+
+def fit(collective: Collective, processes: int, points: list[tuple[int, float]]) -> tuple[float, float]:
+    """(latency_s, bytes_per_s) of ``t = latency + bytes_moved / bw`` by least squares over ``points``
+    (buffer bytes, seconds); latency at least 0 (else the smallest time, bandwidth from the largest point)."""
+    x = np.array([bytes_moved(collective, b, processes) for b, _ in points])
+    t = np.array([s for _, s in points])
+    slope, intercept = np.polyfit(x, t, 1, w=1 / t) if len(points) > 1 else (0.0, t[0])
+    if slope <= 0 or intercept < 0:
+        intercept = float(t.min())
+        slope = max((t[-1] - intercept) / x[-1], 1e-18) if len(points) > 1 else 1e-18
+    return float(intercept), float(1.0 / slope)
