@@ -9,6 +9,8 @@ identically. The MTP loss weight for the same step is ``BalanceSchedule.mtp_weig
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -17,9 +19,13 @@ from moeplan.model.balance import BalanceSchedule, ExpertBiasUpdater
 
 @torch.no_grad()
 def balance_step(updater: ExpertBiasUpdater, schedule: BalanceSchedule, tokens_seen: float,
-                 group: dist.ProcessGroup | None = None) -> dict[int, torch.Tensor]:
-    """All-reduce (SUM) every MoE layer's ``tokens_per_expert`` over ``group``, then update the biases with
-    ``schedule.gamma(tokens_seen)``. Returns the whole-batch loads ``{layer_id: (E,) int64}`` it used."""
+                 group: dist.ProcessGroup | None = None,
+                 more_groups: Sequence[dist.ProcessGroup] = ()) -> dict[int, torch.Tensor]:
+    """All-reduce (SUM) every MoE layer's ``tokens_per_expert`` over ``group``, then over each of
+    ``more_groups`` in turn (orthogonal groups: DualPipe's mirror pair, whose two copies of a layer route
+    the two directions' micro-batches), then update the biases with ``schedule.gamma(tokens_seen)``.
+    Returns the whole-batch loads ``{layer_id: (E,) int64}`` it used."""
     for moe in updater.moe_layers.values():
-        dist.all_reduce(moe.tokens_per_expert, group=group)
+        for g in (group, *more_groups):
+            dist.all_reduce(moe.tokens_per_expert, group=g)
     return updater.step(schedule.gamma(tokens_seen))

@@ -7,13 +7,15 @@ position holds (``model.stage.rank_stages_from_plan``: the plan's split, the one
 initialises them by parameter name (``Transformer.init_weights_by_name``: the same weights as the single-process model), and
 lowers the plan's schedule for this rank (``simulator.schedules.lowering``).
 
+Gradients accumulate in FP32 main-gradient buffers (``main_grad``), one per parameter set.
 ``forward_backward(step)`` runs the schedule once on this rank's data-parallel share of the batch;
-``sync_gradients()`` then makes every gradient the whole batch's mean:
+``sync_gradients()`` then sums the copies the pipeline keeps of one parameter:
 - a stage held by two pipeline ranks (DualPipe's r and pp-1-r) sums its two copies' gradients;
 - an embedding used by both the first stage and the MTP modules of a head stage on another rank
   sums its two gradients (the tie Megatron keeps in its embedding group);
-- data parallelism averages over the pipeline rank's ``stage`` group (``optimizer`` shards this as
-  ZeRO-1's reduce-scatter).
+and ``optimizer_step()`` takes the ZeRO-1 AdamW step (``optimizer``): data-parallel mean by
+reduce-scatter, global norm (each element counted once: a mirror pair's lower rank and the first
+stage's embedding count), clipping, AdamW on the shard, all-gather.
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moeplan.model.balance import BalanceSchedule, ExpertBiasUpdater
 from moeplan.model.losses import training_loss
 from moeplan.model.options import ModelOptions
+from moeplan.model.runtime.balancing import balance_step
 from moeplan.model.runtime.data import SyntheticTask
 from moeplan.model.runtime.dist_groups import RankGroups, new_groups
 from moeplan.model.runtime.executor import Microbatch, PipelineExecutor, StepResult, Timeline
 from moeplan.model.runtime.groups import ProcessGroups, process_groups
+from moeplan.model.runtime.main_grad import MainGrads, attach_main_grads
+from moeplan.model.runtime.optimizer import ShardedParams, StepStats, ZeroAdamW
 from moeplan.model.stage import rank_stages_from_plan
 from moeplan.model.transformer import build_rank
 from moeplan.simulator.contracts.plan_file import PlanFile
@@ -45,12 +51,11 @@ class PlanRuntimeError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeOptions:
-    """How a rank runs the plan: parameter dtype (fp32 for exact CPU tests), seed of weights and data,
-    the balance loss's ``mtp_weight``."""
+    """How a rank runs the plan: parameter dtype (fp32 for exact CPU tests), seed of weights and data.
+    Everything else (hyper-parameters, MTP weight, gamma) is the plan's."""
 
     dtype: torch.dtype = torch.bfloat16
     seed: int = 0
-    mtp_weight: float = 0.3
     expert_backend: str = "auto"
 
 
@@ -76,6 +81,11 @@ class RankRuntime:
     task: SyntheticTask
     device: torch.device
     embedding_group: dist.ProcessGroup | None
+    main_grads: MainGrads
+    optimizer: ZeroAdamW
+    balance: BalanceSchedule
+    bias_updater: ExpertBiasUpdater
+    progress: dict
 
     @classmethod
     def create(cls, plan: PlanFile, rank: int, options: RuntimeOptions, device: torch.device | None = None,
@@ -94,17 +104,23 @@ class RankRuntime:
         for module in {id(m): m for m in built}.values():
             module.init_weights_by_name(options.seed)
             for moe in module.moe_layers().values():
-                moe.balance_loss_scale = 1.0 / (lay.microbatches * pg.dp)
+                moe.balance_loss_scale = 1.0 / lay.microbatches  # as the main loss: the DP mean is ZeRO's
         program = lower(plan.schedule).programs[pp_rank]
         shape = (par.micro_batch_size, par.seq_len_tokens // lay.cp, spec.hidden_size)
+        balance = BalanceSchedule.from_training(plan.inputs.training)
+        progress = {"tokens_seen": 0.0}  # the loss's MTP weight follows the plan's schedule in tokens
 
         def loss_fn(out, mb: Microbatch) -> torch.Tensor:
-            return training_loss(out, mb.labels.to(device), options.mtp_weight).total
+            return training_loss(out, mb.labels.to(device), balance.mtp_weight(progress["tokens_seen"])).total
 
         executor = PipelineExecutor(program, lay.stages, lay.microbatches, modules, handles.ranks["pp"], shape,
                                     options.dtype, device, loss_fn, group=handles["pp"])
         task = SyntheticTask(spec.vocab_size, par.micro_batch_size, par.seq_len_tokens, options.seed)
-        return cls(plan, rank, pg, handles, modules, executor, task, device, _embedding_group(pg, lay, rank))
+        embedding_group = _embedding_group(pg, lay, rank)
+        main_grads, optimizer = _optimizer(plan, pg, handles, rank, built, embedding_group)
+        moe_layers = {i: moe for m in {id(m): m for m in built}.values() for i, moe in m.moe_layers().items()}
+        return cls(plan, rank, pg, handles, modules, executor, task, device, embedding_group, main_grads, optimizer,
+                   balance, ExpertBiasUpdater(moe_layers), progress)
 
     # ---- a step -----------------------------------------------------------------------------------
 
@@ -118,6 +134,36 @@ class RankRuntime:
         timeline = timeline or Timeline(self.rank, cuda=self.device.type == "cuda")
         return self.executor.step(self.microbatches(step), timeline)
 
+    def sync_gradients(self) -> None:
+        """Sum the main gradients of parameters the pipeline holds twice (mirrored stages, the tied embedding)."""
+        if self.handles["mirror"] is not None:
+            for bucket in self.main_grads.buckets:
+                dist.all_reduce(bucket.data, group=self.handles["mirror"])
+        if self.embedding_group is not None:
+            embed = self.named_parameters().get("embed_tokens.weight")
+            if embed is not None:
+                dist.all_reduce(embed.main_grad, group=self.embedding_group)
+
+    @property
+    def tokens_per_step(self) -> int:
+        lay = self.plan.layout
+        return lay.dp * lay.microbatches * lay.tokens_per_microbatch
+
+    def optimizer_step(self, timeline: Timeline | None = None) -> StepStats:
+        """Pipeline sums, the ZeRO-1 AdamW step at this step's learning rate (main grads zeroed), then the
+        aux-loss-free bias update from the whole batch's expert loads (TR §2.1.2)."""
+        started = timeline.start() if timeline else None
+        self.sync_gradients()
+        tokens_seen = self.progress["tokens_seen"]
+        stats = self.optimizer.step(tokens_seen=tokens_seen)
+        mirror = self.handles["mirror"]
+        balance_step(self.bias_updater, self.balance, tokens_seen, group=self.handles["stage"],
+                     more_groups=(mirror,) if mirror is not None else ())
+        self.progress["tokens_seen"] = tokens_seen + self.tokens_per_step
+        if timeline:
+            timeline.stop("compute", "optimizer", started)
+        return stats
+
     def unique_modules(self) -> list[nn.Module]:
         return list({id(m): m for m in self.modules.values()}.values())
 
@@ -129,22 +175,29 @@ class RankRuntime:
                 out.setdefault(name, param)
         return out
 
-    @torch.no_grad()
-    def sync_gradients(self) -> None:
-        """Sum mirrored stages' and the tied embedding's gradients, then average over data parallelism."""
-        params = self.named_parameters()
-        grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
-        for name, param in params.items():
-            param.grad = grads[name]
-        if self.handles["mirror"] is not None:
-            for name in sorted(grads):
-                dist.all_reduce(grads[name], group=self.handles["mirror"])
-        if self.embedding_group is not None and "embed_tokens.weight" in grads:
-            dist.all_reduce(grads["embed_tokens.weight"], group=self.embedding_group)
-        if self.groups.dp * self.groups.cp > 1:
-            for name in sorted(grads):
-                dist.all_reduce(grads[name], group=self.handles["stage"])
-                grads[name].div_(self.groups.dp * self.groups.cp)
+
+def _optimizer(plan: PlanFile, pg: ProcessGroups, handles: RankGroups, rank: int, built: list[nn.Module],
+               embedding_group: dist.ProcessGroup | None) -> tuple[MainGrads, ZeroAdamW]:
+    """FP32 main grads over this rank's parameters and the ZeRO-1 AdamW that shards them over the pipeline
+    rank's ``stage`` group (dp x cp). Parameters the pipeline holds twice count once in the norm: a mirror
+    pair's copy on the higher rank, and the head stage's copy of a tied embedding, stay out of it."""
+    params: dict[str, nn.Parameter] = {}
+    for module in {id(m): m for m in built}.values():
+        for name, param in module.named_parameters():
+            params.setdefault(name, param)
+    pp_rank = pg.coords(rank).pp_rank
+    mirror = handles.ranks["mirror"]
+    counted = mirror is None or rank == min(mirror)
+    outside = {"embed_tokens.weight"} if embedding_group is not None and 0 not in plan.layout.rank_stages[pp_rank] \
+        else set()
+    inner = pg.dp * pg.cp
+    main = attach_main_grads([p for n, p in params.items() if n not in outside], pad_multiple=inner)
+    sets = [ShardedParams(main, group=handles["stage"], in_norm=counted)]
+    if outside:
+        extra = attach_main_grads([params[n] for n in sorted(outside)], pad_multiple=inner)
+        sets.append(ShardedParams(extra, group=handles["stage"], in_norm=False))
+        main = MainGrads(main.buckets + extra.buckets, main._handles + extra._handles)
+    return main, ZeroAdamW(sets, plan.inputs.training.optimizer)
 
 
 def _embedding_group(pg: ProcessGroups, layout, rank: int) -> dist.ProcessGroup | None:

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
+from moeplan.model.balance import BalanceSchedule, ExpertBiasUpdater
 from moeplan.model.losses import training_loss
 from moeplan.model.options import ModelOptions
 from moeplan.model.runtime.data import SyntheticTask
@@ -27,7 +29,7 @@ from moeplan.simulator.presets.models import tiny_moe
 from moeplan.simulator.presets.recipes import default_recipe
 from moeplan.simulator.schedules import schedule_kind
 from moeplan.simulator.spec.parallel import ParallelSpec
-from moeplan.simulator.spec.training import Phase, TrainingSpec
+from moeplan.simulator.spec.training import OptimizerSpec, Phase, TrainingSpec
 
 TIMEOUT_S = 120
 
@@ -71,7 +73,7 @@ def run_ranks(world: int, fn: Callable, *args, tmp: Path) -> list:
         finished = False
         while not finished and time.monotonic() < deadline:
             finished = ctx.join(timeout=max(0.1, deadline - time.monotonic()))
-    except mp.ProcessException as exc:
+    except ProcessException as exc:
         errors = "\n".join(p.read_text() for p in sorted(tmp.glob("rank*.err")))
         raise AssertionError(f"a rank failed:\n{errors or exc}") from None
     if not finished:
@@ -82,24 +84,28 @@ def run_ranks(world: int, fn: Callable, *args, tmp: Path) -> list:
 
 
 def tiny_plan(kind: str, pp: int, dp: int = 1, ep: int = 1, seq_len: int = 16, microbatches: int | None = None,
-              spec=None) -> PlanFile:
+              spec=None, optimizer: OptimizerSpec | None = None) -> PlanFile:
     """A plan of the tiny model on one node of ``pp * dp`` processes."""
     world = pp * dp
+    # a balance loss strong enough that a wrong scale of its gradient shows at the tests' tolerance
+    spec = (spec or tiny_moe()).model_copy(update={"aux_loss_alpha": 0.1})
     cluster = h200(1)
     cluster = cluster.model_copy(update={"node": cluster.node.model_copy(update={"gpus_per_node": world})})
     m = microbatches or schedule_kind(kind).smallest_valid(pp, 2 * pp)
     par = ParallelSpec(pp=pp, dp=dp, ep=ep, schedule=kind, micro_batch_size=1, seq_len_tokens=seq_len, microbatches=m)
-    training = TrainingSpec(phases=(Phase(name="pretrain", tokens=1e9, global_batch_seqs=dp * m),))
-    return build_plan(PlanInputs(model=spec or tiny_moe(), cluster=cluster, parallel=par, training=training,
+    training = TrainingSpec(phases=(Phase(name="pretrain", tokens=1e9, global_batch_seqs=dp * m),),
+                            optimizer=optimizer or OptimizerSpec())
+    return build_plan(PlanInputs(model=spec, cluster=cluster, parallel=par, training=training,
                                  budget=default_recipe().budget))
 
 
-def reference_step(plan: PlanFile, step: int = 0, seed: int = 0, mtp_weight: float = 0.3):
+def reference_step(plan: PlanFile, step: int = 0, seed: int = 0):
     """The single-process model on the same micro-batches (every DP rank's), gradient accumulation of
     the mean loss: (losses [dp][mb], grads by parameter name)."""
     spec, lay = plan.inputs.model, plan.layout
     model = Transformer(spec, ModelOptions(dtype=torch.float32))
     model.init_weights_by_name(seed)
+    mtp_weight = BalanceSchedule.from_training(plan.inputs.training).mtp_weight(0.0)
     total = lay.microbatches * lay.dp
     for moe in model.moe_layers().values():
         moe.balance_loss_scale = 1.0 / total
@@ -115,3 +121,43 @@ def reference_step(plan: PlanFile, step: int = 0, seed: int = 0, mtp_weight: flo
             row.append(float(loss.detach()))
         losses.append(row)
     return losses, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def reference_training(plan: PlanFile, steps: int, seed: int = 0) -> list[float]:
+    """The single-process model trained ``steps`` steps with ``torch.optim.AdamW`` and
+    ``clip_grad_norm_`` at the plan's hyper-parameters (FP32 moments), the plan's MTP weight and the
+    aux-loss-free bias update from the whole batch's loads: the mean loss of each step."""
+    spec, lay, opt = plan.inputs.model, plan.layout, plan.inputs.training.optimizer
+    model = Transformer(spec, ModelOptions(dtype=torch.float32))
+    model.init_weights_by_name(seed)
+    for moe in model.moe_layers().values():
+        moe.balance_loss_scale = 1.0 / lay.microbatches
+    adamw = torch.optim.AdamW(model.parameters(), lr=opt.lr.peak_lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+                              weight_decay=opt.weight_decay)
+    task = SyntheticTask(spec.vocab_size, plan.inputs.parallel.micro_batch_size, plan.inputs.parallel.seq_len_tokens,
+                         seed)
+    tokens_per_step = lay.dp * lay.microbatches * lay.tokens_per_microbatch
+    balance, updater = BalanceSchedule.from_training(plan.inputs.training), ExpertBiasUpdater(model.moe_layers())
+    out = []
+    for step in range(steps):
+        losses, per_replica = [], []
+        mtp_weight = balance.mtp_weight(step * tokens_per_step)
+        for d in range(lay.dp):  # each replica's sum first, then their mean: the runtime's order of additions
+            for m in range(lay.microbatches):
+                mb = task.microbatch(step, d, m)
+                loss = training_loss(model(mb.input_ids), mb.labels, mtp_weight).total
+                (loss / lay.microbatches).backward()
+                losses.append(float(loss.detach()))
+            per_replica.append([p.grad.clone() for p in model.parameters()])
+            model.zero_grad()
+        for p, *grads in zip(model.parameters(), *per_replica):
+            p.grad = sum(grads[1:], grads[0]) / lay.dp
+        if opt.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip_norm)
+        for group in adamw.param_groups:
+            group["lr"] = opt.lr.lr_at(step, step * tokens_per_step)
+        adamw.step()
+        adamw.zero_grad()
+        updater.step(balance.gamma(step * tokens_per_step))
+        out.append(sum(losses) / len(losses))
+    return out

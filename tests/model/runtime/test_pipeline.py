@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from moeplan.model.runtime.rank import RankRuntime, RuntimeOptions
 from moeplan.simulator.presets.models import tiny_moe
@@ -20,8 +21,12 @@ def _one_step(rank: int, plans: list) -> list:
         rt = RankRuntime.create(plan, rank, F32)
         result = rt.forward_backward(step=0)
         rt.sync_gradients()
-        out.append({"losses": result.losses, "coords": rt.groups.coords(rank),
-                    "grads": {n: p.grad.clone() for n, p in rt.named_parameters().items()},
+        grads = {}
+        for name, param in rt.named_parameters().items():  # the data-parallel mean ZeRO-1 reduce-scatters
+            grads[name] = param.main_grad.clone()
+            dist.all_reduce(grads[name], group=rt.handles["stage"])
+            grads[name] /= rt.groups.dp
+        out.append({"losses": result.losses, "coords": rt.groups.coords(rank), "grads": grads,
                     "stages": sorted(rt.modules), "sent_bytes": result.sent_bytes})
     return out
 

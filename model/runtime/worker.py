@@ -1,0 +1,192 @@
+"""A training run on one rank: steps of the plan's schedule, metrics, traces, telemetry, run directory.
+
+``train(plan, run_dir, config, rank)`` runs inside an initialised default process group (spawned
+locally, or by Ray Train: ``orchestrator.launch``). Every rank runs the same loop:
+
+1. forward and backward of the plan's schedule on its micro-batches (``rank.RankRuntime``), timed per
+   action; the step's wall time is the slowest rank's, from a barrier to the end of the optimizer step;
+2. the optimizer step (ZeRO-1 AdamW over FP32 main gradients, the plan's hyper-parameters);
+3. rank 0 appends the step's ``StepMetrics`` to ``RUN/metrics.jsonl`` (fsynced: a crash loses at most
+   the step in flight) and calls ``on_step`` (the launcher's progress bar and budget guard);
+4. on the profiled step (the last one by default) every rank writes its measured timeline to
+   ``RUN/traces/rank{r}.json`` in the simulator's trace format (``contracts.trace``);
+5. at the end rank 0 writes ``RUN/run.json`` (``contracts.run_report.RunReport``) atomically, with the
+   environment, per-GPU NVML telemetry (fields marked missing where NVML is absent) and the traces.
+
+``observer`` (rank 0's; the launcher's progress bar and budget guard) sees each step's metrics and
+answers "continue" or "stop"; the decision is broadcast, so every rank stops after the same step. Its
+``guard_report()`` is the report's ``budget_guard``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import socket
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from moeplan.model.runtime.executor import Timeline
+from moeplan.model.runtime.rank import RankRuntime, RuntimeOptions
+from moeplan.model.runtime.telemetry import NvmlSampler
+from moeplan.simulator.contracts.atomic_write import write_atomic
+from moeplan.simulator.contracts.plan_file import PlanFile
+from moeplan.simulator.contracts.run_report import (
+    BudgetGuard,
+    Environment,
+    GpuIdentity,
+    RunReport,
+    RunSettings,
+    StepMetrics,
+    TraceRef,
+    append_metrics,
+    trace_path,
+    write_run_report,
+)
+from moeplan.simulator.contracts.trace import chrome_trace
+
+log = logging.getLogger(__name__)
+
+class StepObserver(Protocol):
+    def __call__(self, metrics: StepMetrics) -> str: ...  # "continue" | "stop"
+
+    def guard_report(self) -> BudgetGuard: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What a launch asks of every rank (the plan says the rest)."""
+
+    steps: int
+    warmup_steps: int = 1
+    seed: int = 0
+    dtype: str = "bf16"  # "fp32": exact CPU rehearsals and equivalence tests
+    profile_step: int | None = None  # None = the last step
+    telemetry_hz: float = 2.0
+    plan_file: str = "plan.json"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be in 0..steps-1={self.steps - 1}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def train(plan: PlanFile, run_dir: Path, config: RunConfig, rank: int, device: torch.device | None = None,
+          observer: StepObserver | None = None) -> RunReport | None:
+    """Run ``config.steps`` steps of ``plan`` on this rank; rank 0 returns the written report."""
+    device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                        else torch.device("cpu"))
+    backend = dist.get_backend()
+    rt = RankRuntime.create(plan, rank, RuntimeOptions(dtype=DTYPES[config.dtype], seed=config.seed), device)
+    run_dir = Path(run_dir)
+    if rank == 0:
+        (run_dir / "traces").mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    sampler = NvmlSampler.for_device(rank, device.index or 0, config.telemetry_hz) if device.type == "cuda" else \
+        NvmlSampler(rank, None, config.telemetry_hz)
+    sampler.start()
+    profile_step = config.steps - 1 if config.profile_step is None else config.profile_step
+    tokens = plan.layout.dp * plan.layout.microbatches * plan.layout.tokens_per_microbatch
+    steps, status = [], "completed"
+    for step in range(config.steps):
+        metrics, events = _one_step(rt, step, tokens, device)
+        sampler.step_boundary(step)
+        if rank == 0:
+            append_metrics(run_dir / "metrics.jsonl", metrics)
+            steps.append(metrics)
+        if step == profile_step:
+            _write_trace(run_dir, rank, events, metrics.wall_time_s)
+        decision = torch.tensor([0 if rank != 0 or observer is None or observer(metrics) != "stop" else 1])
+        dist.broadcast(decision, src=0)
+        if int(decision) == 1:
+            status = "stopped"
+            break
+    telemetry = sampler.stop()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (telemetry, _identity(rank, device), socket.gethostname()))
+    if rank != 0:
+        return None
+    traced = profile_step < len(steps)
+    report = RunReport(
+        plan_sha256=plan.inputs_sha256, plan_file=config.plan_file, status=status,
+        environment=_environment(gathered, backend), steps=tuple(steps),
+        settings=RunSettings(steps=config.steps, warmup_steps=config.warmup_steps, world_size=dist.get_world_size(),
+                             backend=backend, pp_rank_of=tuple(rt.groups.coords(r).pp_rank
+                                                               for r in range(dist.get_world_size()))),
+        traces=tuple(TraceRef(rank=r, path=trace_path(r)) for r in range(dist.get_world_size())) if traced else (),
+        telemetry=tuple(t for t, _, _ in gathered),
+        budget_guard=observer.guard_report() if observer is not None else BudgetGuard(policy="off"),
+    )
+    write_run_report(run_dir, report)
+    return report
+
+
+def _one_step(rt: RankRuntime, step: int, tokens: int, device: torch.device):
+    """Forward, backward and optimizer step; the step's metrics (gathered) and this rank's trace events."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    dist.barrier()
+    origin = time.perf_counter()
+    timeline = Timeline(rt.rank, cuda=device.type == "cuda", origin_s=0.0 if device.type == "cuda" else origin)
+    result = rt.forward_backward(step, timeline)
+    stats = rt.optimizer_step(timeline)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = torch.tensor([time.perf_counter() - origin], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    loss = torch.tensor([sum(result.losses.values()), len(result.losses)], dtype=torch.float64)
+    dist.all_reduce(loss)
+    peak = [None] * dist.get_world_size()
+    dist.all_gather_object(peak, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+    wall = float(elapsed)
+    metrics = StepMetrics(
+        step=step, wall_time_s=wall, tokens=tokens, loss=float(loss[0] / loss[1]), grad_norm=stats.grad_norm,
+        lr=stats.lr, peak_memory_bytes=None if peak[0] is None else tuple(peak),
+        tokens_per_s_per_gpu=tokens / wall / dist.get_world_size(),
+    )
+    return metrics, timeline.events()
+
+
+def _write_trace(run_dir: Path, rank: int, events, step_time_s: float) -> None:
+    doc = chrome_trace(events, other={"step_time_s": step_time_s, "rank": rank})
+    write_atomic(run_dir / trace_path(rank), json.dumps(doc, allow_nan=False))
+
+
+def _identity(rank: int, device: torch.device) -> GpuIdentity:
+    if device.type != "cuda":
+        return GpuIdentity(rank=rank)
+    props = torch.cuda.get_device_properties(device)
+    uuid = str(props.uuid)
+    return GpuIdentity(rank=rank, name=props.name, uuid=uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+
+
+def _environment(gathered: list, backend: str) -> Environment:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    cuda = torch.version.cuda if torch.cuda.is_available() else None
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if cuda and backend == "nccl" else None
+    return Environment(
+        moeplan_version=installed("moeplan"), python_version=platform.python_version(),
+        torch_version=torch.__version__, cuda_version=cuda, nccl_version=nccl,
+        driver_version=os.environ.get("MOEPLAN_DRIVER_VERSION"), ray_version=installed("ray"),
+        hostnames=tuple(sorted({h for _, _, h in gathered})), gpus=tuple(g for _, g, _ in gathered if g.name),
+    )
