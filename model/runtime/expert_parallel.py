@@ -283,10 +283,12 @@ def sync_replica_grads(moe: ExpertParallelMoE) -> None:
     position = {e: i for i, e in enumerate(replicated)}
     mine = [(i, position[moe.slots.phy2log[s]]) for i, s in enumerate(local) if moe.slots.phy2log[s] in position]
     for weight in (moe.experts.gate_up_proj, moe.experts.down_proj):
-        grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+        main = getattr(weight, "main_grad", None)  # the runtime's FP32 buffer (model.runtime.main_grad), if any
+        grad = main if main is not None else weight.grad if weight.grad is not None else torch.zeros_like(weight)
         slot_ids = torch.tensor([i for i, _ in mine], dtype=torch.long, device=weight.device)
         rows = torch.tensor([p for _, p in mine], dtype=torch.long, device=weight.device)
         buffer = grad.new_zeros(len(replicated), *grad.shape[1:]).index_add_(0, rows, grad[slot_ids])
         dist.all_reduce(buffer, group=moe.group)
         grad[slot_ids] = buffer[rows]
-        weight.grad = grad
+        if main is None:
+            weight.grad = grad

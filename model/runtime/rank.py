@@ -33,7 +33,9 @@ from moeplan.model.options import ModelOptions
 from moeplan.model.runtime.balancing import balance_step
 from moeplan.model.runtime.data import SyntheticTask
 from moeplan.model.runtime.dist_groups import RankGroups, new_groups
+from moeplan.model.runtime.ep_slots import SlotMap
 from moeplan.model.runtime.executor import Microbatch, PipelineExecutor, StepResult, Timeline
+from moeplan.model.runtime.expert_parallel import ExpertParallelMoE, sync_replica_grads
 from moeplan.model.runtime.groups import ProcessGroups, process_groups
 from moeplan.model.runtime.main_grad import MainGrads, attach_main_grads
 from moeplan.model.runtime.optimizer import ShardedParams, StepStats, ZeroAdamW
@@ -103,6 +105,8 @@ class RankRuntime:
         modules = dict(zip(lay.rank_stages[pp_rank], built, strict=True))
         for module in {id(m): m for m in built}.values():
             module.init_weights_by_name(options.seed)
+            if lay.ep > 1:
+                _expert_parallel(module, plan, handles["ep"])
             for moe in module.moe_layers().values():
                 moe.balance_loss_scale = 1.0 / lay.microbatches  # as the main loss: the DP mean is ZeRO's
         program = lower(plan.schedule).programs[pp_rank]
@@ -135,7 +139,11 @@ class RankRuntime:
         return self.executor.step(self.microbatches(step), timeline)
 
     def sync_gradients(self) -> None:
-        """Sum the main gradients of parameters the pipeline holds twice (mirrored stages, the tied embedding)."""
+        """Sum the main gradients of parameters held twice: replicas of one expert in the EP group
+        (redundant experts), mirrored stages, the tied embedding."""
+        for moe in self.moe_layers().values():
+            if isinstance(moe, ExpertParallelMoE):
+                sync_replica_grads(moe)
         if self.handles["mirror"] is not None:
             for bucket in self.main_grads.buckets:
                 dist.all_reduce(bucket.data, group=self.handles["mirror"])
@@ -164,6 +172,9 @@ class RankRuntime:
             timeline.stop("compute", "optimizer", started)
         return stats
 
+    def moe_layers(self) -> dict[int, nn.Module]:
+        return {i: moe for m in self.unique_modules() for i, moe in m.moe_layers().items()}
+
     def unique_modules(self) -> list[nn.Module]:
         return list({id(m): m for m in self.modules.values()}.values())
 
@@ -191,13 +202,31 @@ def _optimizer(plan: PlanFile, pg: ProcessGroups, handles: RankGroups, rank: int
     outside = {"embed_tokens.weight"} if embedding_group is not None and 0 not in plan.layout.rank_stages[pp_rank] \
         else set()
     inner = pg.dp * pg.cp
-    main = attach_main_grads([p for n, p in params.items() if n not in outside], pad_multiple=inner)
+    experts = {n for n in params if ".mlp.experts." in n} if plan.layout.ep > 1 else set()
+    main = attach_main_grads([p for n, p in params.items() if n not in outside | experts], pad_multiple=inner)
     sets = [ShardedParams(main, group=handles["stage"], in_norm=counted)]
     if outside:
         extra = attach_main_grads([params[n] for n in sorted(outside)], pad_multiple=inner)
         sets.append(ShardedParams(extra, group=handles["stage"], in_norm=False))
         main = MainGrads(main.buckets + extra.buckets, main._handles + extra._handles)
+    if experts:  # this rank's slots: replicated over expert_dp; their gradients already hold the EP group's tokens
+        expert_dp = len(handles.ranks["expert_dp"])
+        extra = attach_main_grads([params[n] for n in params if n in experts], pad_multiple=expert_dp)
+        sets.append(ShardedParams(extra, group=handles["expert_dp"], grad_divisor=inner, in_norm=counted))
+        main = MainGrads(main.buckets + extra.buckets, main._handles + extra._handles)
     return main, ZeroAdamW(sets, plan.inputs.training.optimizer)
+
+
+def _expert_parallel(module: nn.Module, plan: PlanFile, group: dist.ProcessGroup) -> None:
+    """Swap every MoE layer of ``module`` for its expert-parallel form over ``group``: this rank keeps the
+    experts of its slots in the plan's placement (EPLB ``phy2log``, redundant replicas included), or
+    contiguous experts when the plan has no placement."""
+    owners = list(module.layers.values()) + list(getattr(module, "mtp", []))
+    for owner in owners:
+        if not hasattr(owner.mlp, "gate"):
+            continue
+        slots = SlotMap.from_placement(plan.placement, owner.layer_id, plan.layout.ep) if plan.placement else None
+        owner.mlp = ExpertParallelMoE.from_moe(owner.mlp, group, slots)
 
 
 def _embedding_group(pg: ProcessGroups, layout, rank: int) -> dist.ProcessGroup | None:
