@@ -13,6 +13,9 @@ ranks run one thread each). A time is the median of ``reps`` wall-clock calls af
 - Attention: causal ``F.scaled_dot_product_attention`` with the model's head dims at each sequence
   length (one sequence), forward and forward + backward, FLOPs as ``attention_core_flops``.
 - Memory: ``Tensor.copy_`` of 16 KiB to 64 MiB buffers (bytes read + written).
+- Optimizer: torch's AdamW over one flat FP32 shard of half the model's parameters (MTP included: a
+  rank's share at pp 2, as the runtime's ZeRO-1 steps its master shard), at the simulator's ideal bytes
+  (``engine.build.OPTIMIZER_BYTES_PER_PARAM`` per parameter).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from elementwise_bench import median_s
 
 from moeplan.model.grouped_mm import reference_grouped_mm
 from moeplan.simulator.accounting.flops import attention_core_flops
+from moeplan.simulator.accounting.params import param_counts
+from moeplan.simulator.costs.elementwise import OPTIMIZER
+from moeplan.simulator.engine.build import OPTIMIZER_BYTES_PER_PARAM
 from moeplan.simulator.engine.unit_costs import attention_shapes
 from moeplan.simulator.spec.model import ModelSpec
 
@@ -116,3 +122,16 @@ def copy_rows(reps: int, sizes: tuple[int, ...] = COPY_SIZES) -> list[dict]:
         s = median_s(lambda src=src, dst=dst: dst.copy_(src), CPU, reps)
         rows.append({"bytes": size, "s": s, "bytes_per_s": 2.0 * size / s})
     return rows
+
+
+def optimizer_row(m: ModelSpec, reps: int, peak_bytes_per_s: float) -> dict:
+    """The optimizer class as an ``elementwise_bench`` row: AdamW over one flat FP32 shard (see above)."""
+    c = param_counts(m)
+    params = c.total_with_mtp // 2
+    shard = torch.zeros(params, requires_grad=True)
+    shard.grad = torch.randn(params, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([shard], lr=1e-4)
+    s, nbytes = median_s(opt.step, CPU, reps), OPTIMIZER_BYTES_PER_PARAM * params
+    return {"kernel": OPTIMIZER, "implementation": "torch.optim.AdamW over one flat FP32 shard", "in_table": True,
+            "shape": f"{params:,} parameters", "skipped": None, "bwd": None,
+            "fwd": {"bytes": nbytes, "s": s, "bytes_per_s": nbytes / s, "hbm_frac": nbytes / s / peak_bytes_per_s}}

@@ -123,7 +123,8 @@ def tables(name: str, m: dict, machine: Machine, fits: list[LinkFit], src: str) 
     mid = att[len(att) // 2]
     kernels = [{"kernel": r["kernel"], "fwd_frac": _frac(r["fwd"]["hbm_frac"]),
                     "bwd_frac": _frac(r["bwd"]["hbm_frac"]) if r["bwd"] else None,
-                    "source": f"{src} {r['implementation']} at {r['shape']}, bf16, of the fastest copy"}
+                    "source": f"{src} {r['implementation']} at {r['shape']}"
+                              f"{'' if r['kernel'] == 'optimizer' else ', bf16'}, of the fastest copy"}
                for r in m["memory"] if r["fwd"]]
     largest = m["copy"][-1]
     p2p = next(f for f in fits if f.collective == "send_recv" and f.processes == min(f.processes for f in fits))
@@ -150,6 +151,7 @@ def measure_all(args: argparse.Namespace, cfg: dict) -> dict:
            "copy": cpu_compute.copy_rows(reps)}
     copy_peak = max(r["bytes_per_s"] for r in out["copy"])
     out["memory"] = memory_classes(args.model, cfg["tokens"][0], copy_peak, reps)
+    out["memory"].append(cpu_compute.optimizer_row(spec, reps, copy_peak))
     log.info("gloo links at %s processes", cfg["processes"])
     out["links"] = {p: cpu_comm.measure_links(p, cfg["sizes"], reps, args.threads) for p in cfg["processes"]}
     out["load_average"] = f"before: {load_before}; after: {load_average()}"

@@ -49,7 +49,8 @@ def test_the_tables_load_from_their_file_and_every_entry_names_its_measurement(n
     assert all(s.startswith(stamp) for s in sources), [s for s in sources if not s.startswith(stamp)][:3]
     assert {(f.collective, f.processes) for f in t.links} >= {
         (c, 2) for c in ("send_recv", "all_to_all", "all_reduce", "reduce_scatter", "all_gather")}
-    assert t.attention_by_seq and {p.kernel for p in t.memory_kernels} >= {"rms_norm", "swiglu", "permute", "combine"}
+    assert t.attention_by_seq and {p.kernel for p in t.memory_kernels} >= {"rms_norm", "swiglu", "permute", "combine",
+                                                                           "optimizer"}
 
 
 def test_the_cpu_cluster_defaults_to_the_fp32_tables_and_refuses_fp8():
