@@ -31,7 +31,10 @@ def _one_step(rank: int, plans: list) -> list:
             if hasattr(moe, "slots"):  # expert parallel: this rank's slots hold these logical experts
                 logical[layer] = [moe.slots.phy2log[s] for s in moe.slots.local_slots(moe.ep_rank)]
         out.append({"losses": result.losses, "coords": rt.groups.coords(rank), "grads": grads, "logical": logical,
-                    "stages": sorted(rt.modules), "sent_bytes": result.sent_bytes})
+                    "stages": sorted(rt.modules), "sent_bytes": result.sent_bytes,
+                    "built": {s: ([int(i) for i in m.layers], hasattr(m, "embed_tokens") and m.stage.has_embedding,
+                                  m.stage.has_head, [b.layer_id for b in getattr(m, "mtp", [])])
+                              for s, m in rt.modules.items()}})
     return out
 
 
@@ -55,6 +58,10 @@ def _check(plans, results):
                                            msg=lambda s, name=name, where=where: f"{where} {name}: {s}")
                 seen.add(name)
             assert got["stages"] == list(plan.layout.rank_stages[coords.pp_rank])
+            for stage, (layers, embedding, head, mtp) in got["built"].items():  # what the rank built = the plan's
+                record = plan.layout.stage_records[stage]
+                assert layers == list(range(record.first_layer, record.end_layer)), (stage, layers, record)
+                assert (embedding, head, mtp) == (record.has_embedding, record.has_head, list(record.mtp_layers))
         assert seen == set(ref_grads), f"{plan.schedule.kind}: parameters nobody holds {set(ref_grads) - seen}"
 
 
