@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moeplan.model.balance import BalanceSchedule, ExpertBiasUpdater
+from moeplan.model.load_record import LoadAccumulator
 from moeplan.model.losses import training_loss
 from moeplan.model.options import ModelOptions
 from moeplan.model.runtime.balancing import balance_step
@@ -88,6 +89,14 @@ class RankRuntime:
     balance: BalanceSchedule
     bias_updater: ExpertBiasUpdater
     progress: dict
+    loads: LoadAccumulator = dataclasses.field(default_factory=LoadAccumulator)  # whole-batch expert loads
+
+    def expert_loads(self) -> dict[int, torch.Tensor]:
+        """Every MoE layer's routed tokens per logical expert over the steps so far, the whole job's (all
+        ranks call it: each pipeline rank's layers are gathered)."""
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, self.loads.totals)
+        return {layer: load for part in gathered for layer, load in part.items()}
 
     @classmethod
     def create(cls, plan: PlanFile, rank: int, options: RuntimeOptions, device: torch.device | None = None,
@@ -165,8 +174,9 @@ class RankRuntime:
         tokens_seen = self.progress["tokens_seen"]
         stats = self.optimizer.step(tokens_seen=tokens_seen)
         mirror = self.handles["mirror"]
-        balance_step(self.bias_updater, self.balance, tokens_seen, group=self.handles["stage"],
-                     more_groups=(mirror,) if mirror is not None else ())
+        loads = balance_step(self.bias_updater, self.balance, tokens_seen, group=self.handles["stage"],
+                             more_groups=(mirror,) if mirror is not None else ())
+        self.loads.add(stats.step, loads)
         self.progress["tokens_seen"] = tokens_seen + self.tokens_per_step
         if timeline:
             timeline.stop("compute", "optimizer", started)

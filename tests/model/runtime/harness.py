@@ -101,7 +101,7 @@ def tiny_plan(kind: str, pp: int, dp: int = 1, ep: int = 1, seq_len: int = 16, m
 
 def reference_step(plan: PlanFile, step: int = 0, seed: int = 0):
     """The single-process model on the same micro-batches (every DP rank's), gradient accumulation of
-    the mean loss: (losses [dp][mb], grads by parameter name)."""
+    the mean loss: (losses [dp][mb], grads by parameter name, tokens routed per layer and expert)."""
     spec, lay = plan.inputs.model, plan.layout
     model = Transformer(spec, ModelOptions(dtype=torch.float32))
     model.init_weights_by_name(seed)
@@ -120,7 +120,8 @@ def reference_step(plan: PlanFile, step: int = 0, seed: int = 0):
             (loss / total).backward()
             row.append(float(loss.detach()))
         losses.append(row)
-    return losses, {n: p.grad.clone() for n, p in model.named_parameters()}
+    loads = {layer: moe.tokens_per_expert.clone() for layer, moe in model.moe_layers().items()}
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters()}, loads
 
 
 def reference_training(plan: PlanFile, steps: int, seed: int = 0) -> list[float]:

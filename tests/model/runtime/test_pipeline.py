@@ -27,10 +27,12 @@ def _one_step(rank: int, plans: list) -> list:
             expert = ".mlp.experts." in name and plan.layout.ep > 1
             dist.all_reduce(grads[name], group=rt.handles["expert_dp" if expert else "stage"])
             grads[name] /= rt.groups.dp
+        rt.optimizer_step()
+        loads = rt.expert_loads()  # the whole batch's, gathered from every pipeline rank
         for layer, moe in rt.moe_layers().items():
             if hasattr(moe, "slots"):  # expert parallel: this rank's slots hold these logical experts
                 logical[layer] = [moe.slots.phy2log[s] for s in moe.slots.local_slots(moe.ep_rank)]
-        out.append({"losses": result.losses, "coords": rt.groups.coords(rank), "grads": grads, "logical": logical,
+        out.append({"losses": result.losses, "coords": rt.groups.coords(rank), "grads": grads, "logical": logical, "loads": loads,
                     "stages": sorted(rt.modules), "sent_bytes": result.sent_bytes,
                     "built": {s: ([int(i) for i in m.layers], hasattr(m, "embed_tokens") and m.stage.has_embedding,
                                   m.stage.has_head, [b.layer_id for b in getattr(m, "mtp", [])])
@@ -40,7 +42,7 @@ def _one_step(rank: int, plans: list) -> list:
 
 def _check(plans, results):
     for i, plan in enumerate(plans):
-        ref_losses, ref_grads = reference_step(plan)
+        ref_losses, ref_grads, ref_loads = reference_step(plan)
         seen = set()
         for per_rank in results:
             got = per_rank[i]
@@ -62,6 +64,8 @@ def _check(plans, results):
                 record = plan.layout.stage_records[stage]
                 assert layers == list(range(record.first_layer, record.end_layer)), (stage, layers, record)
                 assert (embedding, head, mtp) == (record.has_embedding, record.has_head, list(record.mtp_layers))
+        for per_rank in results:  # expert loads for the load file: the single process's counts, exactly
+            assert {k: v.tolist() for k, v in per_rank[i]["loads"].items()} == {k: v.tolist() for k, v in ref_loads.items()}
         assert seen == set(ref_grads), f"{plan.schedule.kind}: parameters nobody holds {set(ref_grads) - seen}"
 
 
