@@ -5,7 +5,6 @@ traceback when one fails. Also the plans and the single-process reference the te
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 import traceback
@@ -30,14 +29,9 @@ from moeplan.simulator.presets.recipes import default_recipe
 from moeplan.simulator.schedules import schedule_kind
 from moeplan.simulator.spec.parallel import ParallelSpec
 from moeplan.simulator.spec.training import OptimizerSpec, Phase, TrainingSpec
+from tests.model.runtime.spawn import free_port
 
 TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world: int, port: int, out: str, fn: Callable, args: tuple) -> None:
