@@ -86,7 +86,7 @@ def measure(rt: RankRuntime, device: torch.device, warmup: int, rounds: int) -> 
     for i in range(warmup + rounds):
         order = list(ways) if i % 2 == 0 else list(reversed(ways))
         for name in order:
-            seconds = timed(lambda name=name: ways[name](i), device)
+            seconds = timed(lambda name=name, i=i: ways[name](i), device)
             rt.main_grads.zero_()
             if i >= warmup:
                 times[name].append(seconds)
