@@ -81,6 +81,6 @@ def test_every_kind_at_pp4_and_at_pp2_dp2_matches_one_process(tmp_path):
 
 
 def test_expert_parallel_pipelines_match_one_process(tmp_path):
-    """PP2 x EP2 (dp 2): each rank holds half the routed experts; tokens cross by all-to-all."""
-    plans = [tiny_plan(kind, pp=2, dp=2, ep=2) for kind in ("1f1b", "dualpipe")]
+    """Every kind at PP2 x EP2 (dp 2): each rank holds half the routed experts; tokens cross by all-to-all."""
+    plans = [tiny_plan(kind, pp=2, dp=2, ep=2) for kind in SCHEDULE_KINDS]
     _check(plans, run_ranks(4, _one_step, plans, tmp=tmp_path))
