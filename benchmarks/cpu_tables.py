@@ -4,11 +4,11 @@
     python -P benchmarks/cpu_tables.py --quick --out-dir /tmp/t --md /tmp/t/cpu.md   # smoke run (seconds)
 
 One process per rank with ``torch.set_num_threads(1)``, as the runtime runs its CPU ranks (``--threads``
-to change). In this process (``cpu_compute``): the GEMMs the simulator prices for ``--model`` (tiny-moe)
+to change). In this process (``orchestrator.calibration.compute``): the GEMMs the simulator prices for ``--model`` (tiny-moe)
 at ``--tokens`` per micro-batch, in FP32 and BF16; causal SDPA at ``--seqs``; a copy sweep for the memory
 peak; each memory-bound kernel class of ``simulator.costs.elementwise`` at ``--tokens`` through
 ``elementwise_bench`` (the eager implementation where the table's is a Triton kernel: what a CPU rank
-runs). Then ``--processes`` gloo process groups (``cpu_comm``): send/recv, all-to-all, all-reduce,
+runs). Then ``--processes`` gloo process groups (``orchestrator.calibration.links``): send/recv, all-to-all, all-reduce,
 reduce-scatter and all-gather at ``--sizes``. Each time is the median of ``--reps`` runs after warm-up.
 Last (not with ``--quick``), ``cpu_validate`` prices one-process steps of the model with the new tables
 and times the same steps: the page's "predicted against measured".
@@ -35,17 +35,16 @@ from pathlib import Path
 
 import torch
 
-# The sibling modules by name: under python -P this folder is not on sys.path, and the gloo workers that
-# cpu_comm spawns import it by name in their own interpreters (spawn passes them this sys.path).
+# The sibling modules by name: under python -P this folder is not on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import cpu_comm
-import cpu_compute
 import cpu_validate
 from cpu_report import markdown
-from elementwise_bench import measure
-from elementwise_cases import CASES
 
+from moeplan.orchestrator.calibration import compute as cpu_compute
+from moeplan.orchestrator.calibration import links as cpu_comm
+from moeplan.orchestrator.calibration.memory_cases import CASES
+from moeplan.orchestrator.calibration.memory_classes import measure
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.costs.machine import LinkFit, LinkPoint, Machine
 from moeplan.simulator.costs.tables import CPU_TABLE_FILES, CostTables

@@ -6,7 +6,7 @@
 Every kernel class of ``simulator.costs.elementwise`` (RMSNorms, latent norms, residual adds, RoPE,
 FP8 casts, SwiGLU, router, permute, combine, embedding, cross-entropy) runs at V3's shapes with 4096
 tokens per micro-batch, through the implementation the cost tables take for it (and, beside it, the
-alternative; ``benchmarks/elementwise_cases.py``). Bytes are the class's *ideal* bytes as the
+alternative; ``orchestrator/calibration/memory_cases.py``). Bytes are the class's *ideal* bytes as the
 simulator counts them (``layer_bytes_per_token`` / ``end_bytes_per_token`` times the tokens: every
 input read once, every output written once), so ``hbm_frac`` = bytes / seconds / the GPU's datasheet
 HBM bandwidth (the H200 preset, 4.8 TB/s) is the number ``CostTables.memory_fracs`` prices the
@@ -22,79 +22,25 @@ import argparse
 import datetime
 import json
 import logging
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from elementwise_cases import CASES, Case  # noqa: E402
-
-from moeplan.kernels.triton_compat import HAVE_TRITON  # noqa: E402
-from moeplan.simulator.contracts.atomic_write import write_atomic  # noqa: E402
-from moeplan.simulator.costs.elementwise import KernelBytes, end_bytes_per_token, layer_bytes_per_token  # noqa: E402
-from moeplan.simulator.presets.clusters import h200_gpu  # noqa: E402
-from moeplan.simulator.presets.models import deepseek_v3, tiny_moe  # noqa: E402
-from moeplan.simulator.spec.model import ModelSpec  # noqa: E402
+from moeplan.kernels.triton_compat import HAVE_TRITON
+from moeplan.orchestrator.calibration.memory_cases import CASES
+from moeplan.orchestrator.calibration.memory_classes import measure
+from moeplan.simulator.contracts.atomic_write import write_atomic
+from moeplan.simulator.presets.clusters import h200_gpu
+from moeplan.simulator.presets.models import deepseek_v3, tiny_moe
 
 log = logging.getLogger(__name__)
 
 DEFAULT_JSON = Path("simulator/costs/data/h200-elementwise.json")
 DEFAULT_MD = Path("docs/results/elementwise.md")
 TOKENS, SMALL_TOKENS = 4096, 64
-FLUSH_BYTES = 256 * 2**20  # above the H200's 50 MiB L2
-
-
-def median_s(fn, device: torch.device, reps: int, warmup: int = 5) -> float:
-    """Median seconds of ``fn()``: CUDA events around each call, the L2 flushed before it; else wall clock."""
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-    # A read, not a write, evicts the L2: written lines would be written back during the timed kernel.
-    flush = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    torch.cuda.synchronize()
-    for start, end in events:
-        flush.max()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) * 1e-3 for s, e in events)
-
-
-def class_bytes(spec: ModelSpec) -> dict[str, KernelBytes]:
-    """Ideal bytes per token of every class, an FP8 MoE layer with uniform routing (k rows per token)."""
-    return layer_bytes_per_token(spec, True, "fp8", spec.num_experts_per_tok) | end_bytes_per_token(spec)
-
-
-def _pass(nbytes: float, seconds: float, hbm_bytes_per_s: float) -> dict:
-    rate = nbytes / seconds
-    return {"bytes": nbytes, "s": seconds, "bytes_per_s": rate, "hbm_frac": rate / hbm_bytes_per_s}
-
-
-def measure(case: Case, spec: ModelSpec, tokens: int, device: torch.device, reps: int, hbm_bytes_per_s: float) -> dict:
-    """One case's entry: ideal bytes, median seconds, bytes/s and HBM fraction, forward and backward."""
-    entry = {"kernel": case.kernel, "implementation": case.implementation, "in_table": case.in_table,
-             "shape": case.shape(spec, tokens), "fwd": None, "bwd": None, "skipped": None}
-    if case.needs_triton and (device.type != "cuda" or not HAVE_TRITON):
-        entry["skipped"] = f"Triton kernel: needs a CUDA GPU and the triton package (device {device.type})"
-        return entry
-    per_token = class_bytes(spec)[case.kernel]
-    fwd, bwd = case.build(spec, tokens, device)
-    entry["fwd"] = _pass(per_token.fwd_bytes * tokens, median_s(fwd, device, reps), hbm_bytes_per_s)
-    if bwd is not None and per_token.bwd_bytes > 0:
-        entry["bwd"] = _pass(per_token.bwd_bytes * tokens, median_s(bwd, device, reps), hbm_bytes_per_s)
-    return entry
 
 
 def _cell(p: dict | None) -> str:
@@ -163,7 +109,7 @@ def main() -> None:
         "what": "memory-bound kernel classes of one DeepSeek-V3 layer (simulator/costs/elementwise.py): ideal bytes, "
                 "median seconds, bytes/s and fraction of the datasheet HBM bandwidth, forward and backward",
         "command": f"python benchmarks/elementwise_bench.py{' ' + argv if argv else ''}",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "triton": __import__("triton").__version__ if HAVE_TRITON else None,

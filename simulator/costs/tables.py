@@ -52,7 +52,9 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moeplan.simulator.costs.host import HostCosts
 from moeplan.simulator.costs.machine import LinkFit, Machine
+from moeplan.simulator.costs.measured_ops import MeasuredOp
 from moeplan.simulator.costs.memory_kernels import MemoryKernelPoint, packaged_memory_kernels
 from moeplan.simulator.presets.clusters import h200_gpu
 from moeplan.simulator.spec.json_input import read_json_file
@@ -112,6 +114,10 @@ class CostTables(BaseModel):
     machine: Machine | None = Field(None, description="What measured the tables (cpu tables); None = see sources.")
     links: tuple[LinkFit, ...] = Field((), description="Measured collectives (cpu tables); the engine prices "
                                        "transfers with the cluster's link rates and ``collective_latency_s``.")
+    host: HostCosts | None = Field(None, description="Host seconds per framework op and ops per priced piece "
+                                   "(``costs.host``); None = not measured, no host term.")
+    measured_ops: tuple[MeasuredOp, ...] = Field((), description="Sub-operations measured in a run at its shape "
+                                                 "(``costs.measured_ops``): each replaces its own op's price.")
 
     @model_validator(mode="after")
     def _one_point_per_kernel(self) -> CostTables:

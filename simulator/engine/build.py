@@ -11,6 +11,7 @@ from moeplan.simulator.costs.elementwise import OPTIMIZER
 from moeplan.simulator.costs.kernels import memory_s, ring_s
 from moeplan.simulator.costs.tables import CostTables, default_tables
 from moeplan.simulator.engine.expert_traffic import ExpertTraffic, expert_traffic
+from moeplan.simulator.engine.host_term import optimizer_host_s
 from moeplan.simulator.engine.step import Links, RankTail, StageCosts, StepInputs
 from moeplan.simulator.engine.unit_costs import CostContext, UnitCosts, end_costs, unit_costs
 from moeplan.simulator.schedules.registry import make_schedule, rank_stages, schedule_kind
@@ -113,7 +114,8 @@ def _tails(inputs: PlanInputs, dp: int, tables: CostTables) -> tuple[RankTail, .
                 seconds += tables.collective_latency_s + (p.dense + p.expert) * opt.grad_bytes / cl.node.nic_bytes_per_s
             sync[s] = seconds
             shard += p.dense / (group if par.zero_stage >= 1 else 1) + p.expert / (edp if par.zero_stage >= 1 else 1)
-        tails.append(RankTail(dp_sync_s=sync, optimizer_s=memory_s(tables, cl.gpu, shard * OPTIMIZER_BYTES_PER_PARAM, OPTIMIZER)))
+        optimizer_s = memory_s(tables, cl.gpu, shard * OPTIMIZER_BYTES_PER_PARAM, OPTIMIZER)
+        tails.append(RankTail(dp_sync_s=sync, optimizer_s=optimizer_s + optimizer_host_s(tables, optimizer_s, m.is_moe)))
     return tuple(tails)
 
 

@@ -30,6 +30,7 @@ from moeplan.simulator.costs.elementwise import KernelBytes, end_bytes_per_token
 from moeplan.simulator.costs.kernels import attention_s, gemm_s, memory_s
 from moeplan.simulator.costs.tables import CostTables, Precision
 from moeplan.simulator.engine.expert_traffic import ExpertTraffic
+from moeplan.simulator.engine.host_term import ends_with_host_and_measured, layer_kind, with_host, with_measured
 from moeplan.simulator.spec.hardware import GpuSpec
 from moeplan.simulator.spec.model import ModelSpec
 from moeplan.simulator.spec.parallel import RecomputeKind
@@ -154,7 +155,7 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
                  "full": a_fwd + mf + e_fwd + elementwise}[ctx.recompute]
     if ctx.recompute != "full":  # the remote rows' K/V are rebuilt from the re-gathered latent
         recompute += cp.fwd_s
-    return UnitCosts(
+    costs = UnitCosts(
         attn_fwd_s=a_fwd + elementwise / 2, attn_dx_s=a_dx + elementwise_bwd / 2, attn_dw_s=a_dw,
         mlp_fwd_s=mf + elementwise / 2, mlp_dx_s=mdx + elementwise_bwd / 2, mlp_dw_s=mdw,
         experts_fwd_s=e_fwd, experts_dx_s=e_dx, experts_dw_s=e_dw, recompute_s=recompute,
@@ -165,6 +166,8 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
         cp_gather_bytes=ctx.cp_gather_bytes, attn_pre_fwd_s=cp.pre_fwd_s + elementwise / 2 if ctx.cp_gather_bytes else 0.0,
         attn_beside_fwd_s=cp.beside_fwd_s, attn_down_dx_s=cp.down_dx_s,
     )
+    kind = layer_kind(moe, mtp)  # the host term per op (costs.host), then ops measured in a run at this shape
+    return with_measured(ctx, with_host(ctx.tables, costs, kind, ctx.recompute == "full"), kind)
 
 
 @dataclass(frozen=True)
@@ -230,4 +233,5 @@ def end_costs(ctx: CostContext, m: ModelSpec) -> EndCosts:
     ends = end_bytes_per_token(m)
     embed_s, _ = _memory_bound_s(ctx, {"embedding": ends["embedding"]})
     loss_fwd_s, loss_bwd_s = _memory_bound_s(ctx, {"cross_entropy": ends["cross_entropy"]})  # softmax-CE
-    return EndCosts(embed_fwd_s=embed_s, head_fwd_s=fwd + loss_fwd_s, head_dx_s=dx + loss_bwd_s, head_dw_s=dw)
+    ends = EndCosts(embed_fwd_s=embed_s, head_fwd_s=fwd + loss_fwd_s, head_dx_s=dx + loss_bwd_s, head_dw_s=dw)
+    return ends_with_host_and_measured(ctx, ends)

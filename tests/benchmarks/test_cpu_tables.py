@@ -3,7 +3,6 @@ and links, and plan the tiny model as a calibration; the link fit recovers a kno
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,13 +16,6 @@ from moeplan.simulator.costs.tables import CPU_TABLE_FILES, CostTables
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks" / "cpu_tables.py"
-
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +51,7 @@ def test_the_quick_tables_plan_the_tiny_model_as_a_calibration(quick, tmp_path):
 
 
 def test_the_link_fit_recovers_a_line_and_counts_bytes_per_collective():
-    fit = _module("cpu_comm").fit
+    from moeplan.orchestrator.calibration.links import fit
     latency, bw = 50e-6, 2e9
     points = [(b, latency + b / 2 / bw) for b in (1024, 65536, 2**22)]  # all_gather of 2: half the buffer moves
     got = fit("all_gather", 2, points)

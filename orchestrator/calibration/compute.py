@@ -1,8 +1,8 @@
-"""Compute and memory measurements of one CPU process, for benchmarks/cpu_tables.py.
+"""Compute and memory measurements of one process, for ``moeplan calibrate`` and benchmarks/cpu_tables.py.
 
-Everything runs in the calling process at ``torch.set_num_threads`` as the caller set it (the runtime's
-ranks run one thread each). A time is the median of ``reps`` wall-clock calls after ``warmup``
-(``elementwise_bench.median_s``).
+Everything runs in the calling process on ``device`` (the CPU by default, at ``torch.set_num_threads`` as the
+caller set it: the runtime's ranks run one thread each; or a CUDA GPU, timed by CUDA events). A time is the median of ``reps`` wall-clock calls after ``warmup``
+(``timing.median_s``).
 
 - GEMMs: every shape the simulator prices for a model (``gemm_shapes``: the linears of
   ``engine.unit_costs`` in their forward, input-gradient and weight-gradient forms at each token count,
@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from elementwise_bench import median_s
 
 from moeplan.model.grouped_mm import reference_grouped_mm
+from moeplan.orchestrator.calibration.timing import median_s
 from moeplan.simulator.accounting.flops import attention_core_flops
 from moeplan.simulator.accounting.params import param_counts
 from moeplan.simulator.costs.elementwise import OPTIMIZER
@@ -65,22 +65,25 @@ def gemm_shapes(m: ModelSpec, tokens: list[int], eps: list[int]) -> list[tuple[i
     return sorted(shapes)
 
 
-def gemm_s(m: int, n: int, k: int, groups: int, dtype: torch.dtype, reps: int) -> float:
-    """Median seconds of ``groups`` products (m x k)(k x n) in ``dtype``."""
+def gemm_s(m: int, n: int, k: int, groups: int, dtype: torch.dtype, reps: int, device: torch.device = CPU) -> float:
+    """Median seconds of ``groups`` products (m x k)(k x n) in ``dtype`` (grouped: ``torch._grouped_mm`` on
+    CUDA, the padded ``bmm`` reference elsewhere, as ``model/experts.py``'s "auto" chooses)."""
     gen = torch.Generator().manual_seed(0)
     if groups == 1:
-        a, b = torch.randn(m, k, generator=gen).to(dtype), torch.randn(k, n, generator=gen).to(dtype)
-        return median_s(lambda: torch.mm(a, b), CPU, reps)
-    a = torch.randn(groups * m, k, generator=gen).to(dtype)
-    b = torch.randn(groups, k, n, generator=gen).to(dtype)
-    offs = torch.arange(1, groups + 1, dtype=torch.int32) * m
-    return median_s(lambda: reference_grouped_mm(a, b, offs), CPU, reps)
+        a, b = (torch.randn(m, k, generator=gen).to(device, dtype), torch.randn(k, n, generator=gen).to(device, dtype))
+        return median_s(lambda: torch.mm(a, b), device, reps)
+    a = torch.randn(groups * m, k, generator=gen).to(device, dtype)
+    b = torch.randn(groups, k, n, generator=gen).to(device, dtype)
+    offs = (torch.arange(1, groups + 1, dtype=torch.int32) * m).to(device)
+    grouped = torch._grouped_mm if device.type == "cuda" and hasattr(torch, "_grouped_mm") else reference_grouped_mm
+    return median_s(lambda: grouped(a, b, offs=offs), device, reps)
 
 
-def gemm_rows(shapes: list[tuple[int, int, int, int]], dtype: torch.dtype, reps: int) -> list[dict]:
+def gemm_rows(shapes: list[tuple[int, int, int, int]], dtype: torch.dtype, reps: int,
+              device: torch.device = CPU) -> list[dict]:
     rows = []
     for m, n, k, g in shapes:
-        s = gemm_s(m, n, k, g, dtype, reps)
+        s = gemm_s(m, n, k, g, dtype, reps, device)
         rows.append({"m": m, "n": n, "k": k, "groups": g, "s": s, "flops_per_s": 2.0 * g * m * n * k / s})
     return rows
 
@@ -90,15 +93,16 @@ def peak_gemm_row(dtype: torch.dtype, reps: int) -> dict:
     return gemm_rows([(PEAK_N, PEAK_N, PEAK_N, 1)], dtype, reps)[0]
 
 
-def attention_rows(m: ModelSpec, seqs: list[int], dtype: torch.dtype, reps: int) -> list[dict]:
+def attention_rows(m: ModelSpec, seqs: list[int], dtype: torch.dtype, reps: int,
+                   device: torch.device = CPU) -> list[dict]:
     """Causal SDPA over one sequence of each length: seconds and FLOPs (forward; forward + backward as 3x)."""
     heads, dq, dv = m.num_attention_heads, m.qk_head_dim, m.v_head_dim if m.is_mla else m.gqa_head_dim
     gen = torch.Generator().manual_seed(0)
     rows = []
     for seq in seqs:
-        q, k = (torch.randn(1, heads, seq, dq, generator=gen).to(dtype).requires_grad_() for _ in range(2))
-        v = torch.randn(1, heads, seq, dv, generator=gen).to(dtype).requires_grad_()
-        grad = torch.randn(1, heads, seq, dv, generator=gen).to(dtype)
+        q, k = (torch.randn(1, heads, seq, dq, generator=gen).to(device, dtype).requires_grad_() for _ in range(2))
+        v = torch.randn(1, heads, seq, dv, generator=gen).to(device, dtype).requires_grad_()
+        grad = torch.randn(1, heads, seq, dv, generator=gen).to(device, dtype)
 
         def fwd(q=q, k=k, v=v) -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -108,9 +112,9 @@ def attention_rows(m: ModelSpec, seqs: list[int], dtype: torch.dtype, reps: int)
             q.grad = k.grad = v.grad = None
 
         with torch.no_grad():
-            fwd_s = median_s(fwd, CPU, reps)
+            fwd_s = median_s(fwd, device, reps)
         flops = attention_core_flops(m, seq) * seq
-        rows.append({"seq": seq, "flops": flops, "fwd_s": fwd_s, "fwd_bwd_s": median_s(fwd_bwd, CPU, reps)})
+        rows.append({"seq": seq, "flops": flops, "fwd_s": fwd_s, "fwd_bwd_s": median_s(fwd_bwd, device, reps)})
     return rows
 
 

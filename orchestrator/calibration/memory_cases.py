@@ -84,7 +84,7 @@ def _latent_widths(m: ModelSpec) -> list[tuple[int, int]]:
 
 def _residual_add(m: ModelSpec, t: int, dev):
     a, b = [_rand(dev, 2, t, m.hidden_size) for _ in range(2)]
-    fwd = lambda: (a[0] + b[0], a[1] + b[1])  # noqa: E731  (the two residual adds of a layer)
+    fwd = lambda: (a[0] + b[0], a[1] + b[1])
     return fwd, fwd  # backward: the same sums, of the gradients where x forks into branch and skip
 
 
@@ -109,11 +109,11 @@ def _fp8_cast(ours: bool):
         xs = [_rand(dev, t, w) for w in _cast_widths(m) if w]
         dys = [torch.randn_like(x) for x in xs]
         if ours:
-            fwd = lambda: [quant_act_1x128(x) for x in xs]  # noqa: E731
-            bwd = lambda: [(quant_act_1x128(dy), quant_act_128x1_t(x)) for x, dy in zip(xs, dys)]  # noqa: E731
+            fwd = lambda: [quant_act_1x128(x) for x in xs]
+            bwd = lambda: [(quant_act_1x128(dy), quant_act_128x1_t(x)) for x, dy in zip(xs, dys)]
         else:  # model/linear.py: quantize_tiles of x; in backward of dy, and of dy^T and x^T for Wgrad
-            fwd = lambda: [quantize_tiles(x, 128) for x in xs]  # noqa: E731
-            bwd = lambda: [(quantize_tiles(dy, 128), quantize_tiles(x.t(), 128)) for x, dy in zip(xs, dys)]  # noqa: E731
+            fwd = lambda: [quantize_tiles(x, 128) for x in xs]
+            bwd = lambda: [(quantize_tiles(dy, 128), quantize_tiles(x.t(), 128)) for x, dy in zip(xs, dys)]
         return fwd, bwd
     return build
 

@@ -1,7 +1,8 @@
-"""gloo collectives between local processes, for benchmarks/cpu_tables.py: latency and bandwidth.
+"""Collectives between local processes, for ``moeplan calibrate`` and benchmarks/cpu_tables.py: latency and bandwidth.
 
 ``measure_links(processes, sizes, reps)`` starts ``processes`` processes (``torch.multiprocessing``, gloo
-over 127.0.0.1 on a free port, ``threads`` torch threads each: 1, as the runtime's ranks run) and times, per
+over 127.0.0.1 on a free port, ``threads`` torch threads each: 1, as the runtime's ranks run; or NCCL with
+one GPU each, ``backend="nccl"``) and times, per
 buffer size: point-to-point send/recv (a ping-pong between ranks 2i and 2i+1, all pairs at once, each
 message one ``batch_isend_irecv`` as the runtime posts them; half the round trip), ``all_to_all_single``
 (even splits), ``all_reduce``, ``reduce_scatter_tensor`` and ``all_gather_into_tensor`` (``size`` = the
@@ -51,11 +52,11 @@ def inner(size: int) -> int:
     return max(1, min(16, 2**18 // size))
 
 
-def _op(collective: Collective, rank: int, world: int, numel: int):
+def _op(collective: Collective, rank: int, world: int, numel: int, device: torch.device):
     """A thunk running ``collective`` once on fresh fp32 buffers of ``numel`` elements (the full buffer)."""
     numel -= numel % world  # the ring collectives split the buffer evenly
-    full, out = torch.ones(numel), torch.empty(numel)
-    part = torch.ones(numel // world)
+    full, out = torch.ones(numel, device=device), torch.empty(numel, device=device)
+    part = torch.ones(numel // world, device=device)
     peer = rank ^ 1
 
     def post(op, tensor: torch.Tensor) -> None:
@@ -81,23 +82,30 @@ def _op(collective: Collective, rank: int, world: int, numel: int):
     }[collective]
 
 
-def _worker(rank: int, world: int, port: int, sizes: list[int], reps: int, warmup: int, threads: int, queue) -> None:
+def _worker(rank: int, world: int, port: int, sizes: list[int], reps: int, warmup: int, threads: int, queue,
+            backend: str = "gloo") -> None:
     torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
     # torch 2.13 renames the tensor collectives (``*_single``); 2.11 has only these names
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     rss = rss_bytes()
     rows = []
     for collective in COLLECTIVES:
         for size in sizes:
-            fn = _op(collective, rank, world, max(world, size // 4))
+            fn = _op(collective, rank, world, max(world, size // 4), device)
             times, calls = [], inner(size)
             for i in range(warmup + reps):
                 dist.barrier()
                 start = time.perf_counter()
                 for _ in range(calls):
                     fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 elapsed = (time.perf_counter() - start) / calls
                 if i >= warmup:
                     times.append(elapsed / 2 if collective == "send_recv" else elapsed)
@@ -111,11 +119,13 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], reps: int, warmu
     dist.destroy_process_group()
 
 
-def measure_links(processes: int, sizes: list[int], reps: int, threads: int = 1, warmup: int = 3) -> dict:
+def measure_links(processes: int, sizes: list[int], reps: int, threads: int = 1, warmup: int = 3,
+                  backend: str = "gloo") -> dict:
     """{"rows": [(collective, buffer bytes, seconds)], "rss_bytes": rank 0's resident memory after joining}."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(processes, free_port(), sizes, reps, warmup, threads, queue), nprocs=processes,
+    mp.start_processes(_worker, args=(processes, free_port(), sizes, reps, warmup, threads, queue, backend),
+                       nprocs=processes,
                        start_method="spawn")
     return queue.get()
 

@@ -1,0 +1,191 @@
+"""The host term's two measurements (``simulator.costs.host``): seconds per framework op, ops per piece.
+
+- ``op_costs(device, reps)``: a micro-benchmark on tiny tensors (4 x 8, so the kernel itself costs next to
+  nothing): each forward op kind called from Python on tensors that need gradients (autograd records a
+  node, as in training), timed per call over ``INNER`` calls and divided by the ops the call dispatches
+  (counted); the backward class is a chain of ``CHAIN`` such steps whose ``backward()`` is timed and divided
+  by the ops it dispatches. On a GPU the same calls are timed without synchronising: what the host spends
+  issuing them.
+- ``count_pieces(spec, ...)``: each piece of the model (``costs.host.PIECES``) built alone from the model's
+  own classes and run once forward and once backward at the plan's micro-batch shape under
+  ``OpCounter``, a ``TorchDispatchMode`` that counts every dispatched aten op, split into compute and view
+  ops; GEMM and attention-core ops (``PRICED``) are counted apart and left out of the host term.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moeplan.model.block import Block, LayerFactory
+from moeplan.model.losses import cross_entropy
+from moeplan.model.mtp import MTPModule
+from moeplan.model.options import ModelOptions
+from moeplan.model.rope import RotaryEmbedding
+from moeplan.simulator.costs.host import HostOpCost, HostOpCount, Piece
+from moeplan.simulator.spec.model import ModelSpec
+
+# aten ops whose time the GEMM and attention entries measure whole (their call included)
+PRICED = frozenset({"mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "_scaled_mm", "_scaled_grouped_mm",
+                    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
+                    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+                    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+                    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward"})
+ALIASES = frozenset({"detach", "alias", "lift_fresh", "_unsafe_view"})  # no kernel, like views
+INNER, CHAIN = 64, 32
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched aten ops: ``compute``, ``view`` (no kernel) and ``priced`` (GEMM, attention core)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.compute = self.view = self.priced = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in PRICED:
+            self.priced += 1
+        elif func.is_view or name in ALIASES:
+            self.view += 1
+        else:
+            self.compute += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def host(self) -> int:
+        return self.compute + self.view
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _per_call_s(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median seconds per call of ``fn`` over runs of ``INNER`` calls (host time: no synchronisation inside)."""
+    for _ in range(INNER):
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(INNER):
+            fn()
+        times.append((time.perf_counter() - start) / INNER)
+    return statistics.median(times)
+
+
+def _dispatched(fn: Callable[[], object]) -> OpCounter:
+    with OpCounter() as counter:
+        fn()
+    return counter
+
+
+def op_costs(device: torch.device, reps: int, label: str) -> list[HostOpCost]:
+    """Seconds per dispatched op of each forward kind (compute and view classes) and of backward."""
+    x, y = (torch.randn(4, 8, device=device, requires_grad=True) for _ in range(2))
+    kinds = {"fwd_compute": {"add": lambda: x + y, "mul": lambda: x * y, "sum": lambda: x.sum(-1),
+                             "pow": lambda: x.pow(2), "cat": lambda: torch.cat((x, y), -1), "silu": lambda: F.silu(x),
+                             "softmax": lambda: x.softmax(-1), "to": lambda: x.to(torch.float64)},
+             "fwd_view": {"view": lambda: x.view(-1), "transpose": lambda: x.t(), "unsqueeze": lambda: x.unsqueeze(0),
+                          "slice": lambda: x[1:], "detach": lambda: x.detach()}}
+    out = []
+    for op_class, fns in kinds.items():
+        for op, fn in fns.items():
+            ops = max(1, _dispatched(fn).host)
+            out.append(HostOpCost(op=op, op_class=op_class, s=_per_call_s(fn, device, reps) / ops,  # type: ignore[arg-type]
+                                  source=f"{label}: {op} on 4x8 {device.type} tensors needing grad, {ops} op(s) a call"))
+
+    def chain() -> torch.Tensor:
+        h = x
+        for _ in range(CHAIN):
+            h = (h * y + x).sum(-1, keepdim=True) * h
+        return h.sum()
+
+    ops = _dispatched(lambda: chain().backward()).host - _dispatched(chain).host
+    with_bwd = _per_call_s(lambda: chain().backward(), device, max(3, reps // 8))
+    fwd_only = _per_call_s(chain, device, max(3, reps // 8))
+    out.append(HostOpCost(op="chain backward", op_class="bwd", s=max(with_bwd - fwd_only, 1e-9) / max(1, ops),
+                          source=f"{label}: backward of a {CHAIN}-step chain of mul/add/sum on 4x8 {device.type} "
+                                 f"tensors over its {ops} dispatched ops"))
+    return out
+
+
+def _fwd_bwd(run: Callable[[], torch.Tensor]) -> tuple[OpCounter, OpCounter]:
+    """Counters of ``run()`` (forward) and of the backward of its output (a given gradient: no extra op)."""
+    with OpCounter() as fwd:
+        out = run()
+    grad = torch.ones_like(out)
+    with OpCounter() as bwd:
+        out.backward(grad)
+    return fwd, bwd
+
+
+def _count(piece: Piece, fwd: OpCounter, bwd: OpCounter, tokens: int, seq: int, label: str) -> HostOpCount:
+    return HostOpCount(piece=piece, fwd_compute=fwd.compute, fwd_view=fwd.view, bwd=bwd.host,
+                       priced=fwd.priced + bwd.priced, tokens=tokens, seq_len=seq, source=label)
+
+
+def count_pieces(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, device: torch.device,
+                 label: str) -> list[HostOpCount]:
+    """Ops per micro-batch of (``mbs``, ``seq``) tokens of every piece the model has (see module docstring)."""
+    torch.manual_seed(0)
+    factory = LayerFactory.create(spec, ModelOptions(dtype=dtype))
+    cos, sin = RotaryEmbedding(spec).to(device)(torch.arange(seq, device=device))
+    h, tokens = spec.hidden_size, mbs * seq
+
+    def hidden() -> torch.Tensor:
+        return torch.randn(mbs, seq, h, device=device, dtype=dtype, requires_grad=True)
+
+    src = f"{label}: counted at {mbs} x {seq} tokens, {str(dtype).removeprefix('torch.')}"
+    out = []
+    kinds = [("dense", 0)] if spec.first_k_dense_replace > 0 or not spec.is_moe else []
+    kinds += [("moe", spec.first_k_dense_replace)] if spec.is_moe else []
+    for kind, layer in kinds:
+        block = Block(layer, factory).to(device)
+        x = hidden()
+        attn = _fwd_bwd(lambda x=x, b=block: x + b.self_attn(b.input_layernorm(x), cos, sin))
+        ffn = _fwd_bwd(lambda x=x, b=block: x + b.mlp(b.post_attention_layernorm(x)))
+        out.append(_count(f"{kind}_attn", *attn, tokens, seq, f"{src}, layer {layer}"))
+        out.append(_count(f"{kind}_ffn", *ffn, tokens, seq, f"{src}, layer {layer}"))
+    if spec.num_nextn_predict_layers:
+        mtp = MTPModule(spec.num_hidden_layers, factory).to(device)
+        x, emb = hidden(), hidden()
+        whole = _fwd_bwd(lambda: mtp(x, emb, cos, sin))
+        ffn = _fwd_bwd(lambda: x + mtp.mlp(mtp.post_attention_layernorm(x)))
+        attn = [OpCounter() for _ in range(2)]
+        for c, w, f in zip(attn, whole, ffn, strict=True):
+            c.compute, c.view, c.priced = (max(0, a - b) for a, b in ((w.compute, f.compute), (w.view, f.view),
+                                                                     (w.priced, f.priced)))
+        out.append(_count("mtp_attn", *attn, tokens, seq, f"{src}, MTP module less its FFN half"))
+        out.append(_count("mtp_ffn", *ffn, tokens, seq, f"{src}, MTP module"))
+    out += _ends(spec, mbs, seq, dtype, device, tokens, src)
+    return out
+
+
+def _ends(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, device: torch.device, tokens: int,
+          src: str) -> list[HostOpCount]:
+    """The embedding, one head with its loss, and one optimizer tensor's AdamW step."""
+    embed = torch.nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
+    ids = torch.randint(0, spec.vocab_size, (mbs, seq), device=device)
+    factory = LayerFactory.create(spec, ModelOptions(dtype=dtype))
+    norm = factory.norm().to(device)
+    head = factory.make_linear(spec.hidden_size, spec.vocab_size).to(device)
+    x = torch.randn(mbs, seq, spec.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, spec.vocab_size, (mbs, seq), device=device)
+    flat = torch.zeros(1024, device=device, requires_grad=True)
+    flat.grad = torch.ones_like(flat)
+    adamw = torch.optim.AdamW([flat], lr=1e-4)
+    adamw.step()  # the moments exist from the first step on
+    with OpCounter() as opt:
+        adamw.step()
+    return [_count("embedding", *_fwd_bwd(lambda: embed(ids)), tokens, seq, f"{src}, nn.Embedding"),
+            _count("head", *_fwd_bwd(lambda: cross_entropy(head(norm(x)), labels)), tokens, seq,
+                   f"{src}, final norm, output head and cross-entropy"),
+            _count("optimizer", opt, OpCounter(), tokens, seq, f"{src}, torch.optim.AdamW step of one tensor")]

@@ -1,0 +1,43 @@
+"""One memory-bound kernel class timed at a shape: ideal bytes, median seconds, bytes/s and fraction of a bandwidth.
+
+A class's bytes are its *ideal* bytes as the simulator counts them (``simulator.costs.elementwise``:
+``layer_bytes_per_token`` / ``end_bytes_per_token`` times the tokens), so ``hbm_frac`` = bytes / seconds /
+the bandwidth given is the number ``CostTables.memory_fracs`` prices the class at. The cases are
+``memory_cases.CASES``; Triton cases are skipped, with the reason, where no CUDA GPU runs them.
+Used by ``moeplan calibrate`` and ``benchmarks/elementwise_bench.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeplan.kernels.triton_compat import HAVE_TRITON
+from moeplan.orchestrator.calibration.memory_cases import Case
+from moeplan.orchestrator.calibration.timing import median_s
+from moeplan.simulator.costs.elementwise import KernelBytes, end_bytes_per_token, layer_bytes_per_token
+from moeplan.simulator.spec.model import ModelSpec
+
+
+def class_bytes(spec: ModelSpec) -> dict[str, KernelBytes]:
+    """Ideal bytes per token of every class, an FP8 MoE layer with uniform routing (k rows per token)."""
+    return layer_bytes_per_token(spec, True, "fp8", spec.num_experts_per_tok) | end_bytes_per_token(spec)
+
+
+def _pass(nbytes: float, seconds: float, hbm_bytes_per_s: float) -> dict:
+    rate = nbytes / seconds
+    return {"bytes": nbytes, "s": seconds, "bytes_per_s": rate, "hbm_frac": rate / hbm_bytes_per_s}
+
+
+def measure(case: Case, spec: ModelSpec, tokens: int, device: torch.device, reps: int, hbm_bytes_per_s: float) -> dict:
+    """One case's entry: ideal bytes, median seconds, bytes/s and HBM fraction, forward and backward."""
+    entry = {"kernel": case.kernel, "implementation": case.implementation, "in_table": case.in_table,
+             "shape": case.shape(spec, tokens), "fwd": None, "bwd": None, "skipped": None}
+    if case.needs_triton and (device.type != "cuda" or not HAVE_TRITON):
+        entry["skipped"] = f"Triton kernel: needs a CUDA GPU and the triton package (device {device.type})"
+        return entry
+    per_token = class_bytes(spec)[case.kernel]
+    fwd, bwd = case.build(spec, tokens, device)
+    entry["fwd"] = _pass(per_token.fwd_bytes * tokens, median_s(fwd, device, reps), hbm_bytes_per_s)
+    if bwd is not None and per_token.bwd_bytes > 0:
+        entry["bwd"] = _pass(per_token.bwd_bytes * tokens, median_s(bwd, device, reps), hbm_bytes_per_s)
+    return entry
