@@ -14,8 +14,12 @@ locally, or by Ray Train: ``orchestrator.launch``). Every rank runs the same loo
    environment, per-GPU NVML telemetry (fields marked missing where NVML is absent) and the traces.
 
 ``observer`` (rank 0's; the launcher's progress bar and budget guard) sees each step's metrics and
-answers "continue" or "stop"; the decision is broadcast, so every rank stops after the same step. Its
-``guard_report()`` is the report's ``budget_guard``.
+answers "continue" or "stop"; the decision is broadcast, so every rank stops after the same step, after
+a checkpoint. Its ``guard_report()`` is the report's ``budget_guard``.
+
+Checkpoints (``checkpoint``): every ``checkpoint_every`` steps, at the last step when checkpointing,
+and at a stop. With ``RunConfig.resume`` set, every rank loads the run's latest checkpoint (if any)
+and rank 0 rewinds the run directory to it and records the ``Restart`` (``resume``).
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from moeplan.model.runtime.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from moeplan.model.runtime.executor import Timeline
 from moeplan.model.runtime.rank import RankRuntime, RuntimeOptions
+from moeplan.model.runtime.resume import inject_fault, rewind
 from moeplan.model.runtime.telemetry import NvmlSampler
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.contracts.plan_file import PlanFile
@@ -61,6 +67,15 @@ class StepObserver(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
+class Resume:
+    """Continue from the run directory's latest checkpoint: why, and when the failure that caused it was
+    seen (unix seconds; None for ``moeplan launch --resume``, whose restart time held no GPU)."""
+
+    reason: str
+    failed_unix_s: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """What a launch asks of every rank (the plan says the rest)."""
 
@@ -71,12 +86,17 @@ class RunConfig:
     profile_step: int | None = None  # None = the last step
     telemetry_hz: float = 2.0
     plan_file: str = "plan.json"
+    checkpoint_every: int = 0  # 0: a checkpoint only when the budget guard stops the run
+    resume: Resume | None = None  # None: a fresh run (the run directory holds no checkpoint)
+    fault_at: tuple[int, int] | None = None  # TEST ONLY: (rank, step) that kills itself once (resume.inject_fault)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be in 0..steps-1={self.steps - 1}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 0 (0 = off)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
 
@@ -94,24 +114,32 @@ def train(plan: PlanFile, run_dir: Path, config: RunConfig, rank: int, device: t
     run_dir = Path(run_dir)
     if rank == 0:
         (run_dir / "traces").mkdir(parents=True, exist_ok=True)
+        remove_partial(run_dir)
     dist.barrier()
+    start_step, steps, restarts = _resume(rt, run_dir, config)
     sampler = NvmlSampler.for_device(rank, device.index or 0, config.telemetry_hz) if device.type == "cuda" else \
         NvmlSampler(rank, None, config.telemetry_hz)
     sampler.start()
     profile_step = config.steps - 1 if config.profile_step is None else config.profile_step
-    tokens = plan.layout.dp * plan.layout.microbatches * plan.layout.tokens_per_microbatch
-    steps, status = [], "completed"
-    for step in range(config.steps):
-        metrics, events = _one_step(rt, step, tokens, device)
+    status, traced = "completed", profile_step < start_step
+    for step in range(start_step, config.steps):
+        if config.fault_at == (rank, step):
+            inject_fault(run_dir, rank, step)
+        metrics, events = _one_step(rt, step, rt.tokens_per_step, device)
         sampler.step_boundary(step)
         if rank == 0:
             append_metrics(run_dir / "metrics.jsonl", metrics)
             steps.append(metrics)
-        if step == profile_step:
-            _write_trace(run_dir, rank, events, metrics.wall_time_s)
         decision = torch.tensor([0 if rank != 0 or observer is None or observer(metrics) != "stop" else 1])
         dist.broadcast(decision, src=0)
-        if int(decision) == 1:
+        stop = int(decision) == 1
+        if step == profile_step or (stop and not traced):
+            _write_trace(run_dir, rank, events, metrics.wall_time_s)
+            traced = True
+        done = step + 1
+        if stop or (config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps)):
+            save_checkpoint(rt, run_dir, done)
+        if stop:
             status = "stopped"
             break
     telemetry = sampler.stop()
@@ -119,19 +147,36 @@ def train(plan: PlanFile, run_dir: Path, config: RunConfig, rank: int, device: t
     dist.all_gather_object(gathered, (telemetry, _identity(rank, device), socket.gethostname()))
     if rank != 0:
         return None
-    traced = profile_step < len(steps)
+    world = dist.get_world_size()
     report = RunReport(
         plan_sha256=plan.inputs_sha256, plan_file=config.plan_file, status=status,
         environment=_environment(gathered, backend), steps=tuple(steps),
-        settings=RunSettings(steps=config.steps, warmup_steps=config.warmup_steps, world_size=dist.get_world_size(),
-                             backend=backend, pp_rank_of=tuple(rt.groups.coords(r).pp_rank
-                                                               for r in range(dist.get_world_size()))),
-        traces=tuple(TraceRef(rank=r, path=trace_path(r)) for r in range(dist.get_world_size())) if traced else (),
-        telemetry=tuple(t for t, _, _ in gathered),
+        settings=RunSettings(steps=config.steps, warmup_steps=config.warmup_steps, world_size=world,
+                             backend=backend, pp_rank_of=tuple(rt.groups.coords(r).pp_rank for r in range(world))),
+        traces=tuple(TraceRef(rank=r, path=trace_path(r)) for r in range(world)) if traced else (),
+        telemetry=tuple(t for t, _, _ in gathered), restarts=restarts,
         budget_guard=observer.guard_report() if observer is not None else BudgetGuard(policy="off"),
     )
     write_run_report(run_dir, report)
     return report
+
+
+def _resume(rt: RankRuntime, run_dir: Path, config: RunConfig) -> tuple[int, list[StepMetrics], tuple]:
+    """Where this attempt starts: (first step, rank 0's steps kept from before, the run's restarts).
+    A fresh run starts at 0; a resume loads the latest checkpoint (or none: step 0) on every rank."""
+    if config.resume is None:
+        return 0, [], ()
+    meta = latest_checkpoint(run_dir)
+    if meta is not None:
+        load_checkpoint(rt, meta)
+    at_step = meta.steps_done if meta is not None else 0
+    kept, restarts = [], ()
+    if rt.rank == 0:
+        failed = config.resume.failed_unix_s
+        restart_s = time.time() - failed if failed is not None else 0.0
+        kept, restarts = rewind(run_dir, at_step, config.resume.reason, restart_s, dist.get_world_size())
+    dist.barrier()
+    return at_step, kept, restarts
 
 
 def _one_step(rt: RankRuntime, step: int, tokens: int, device: torch.device):
