@@ -36,7 +36,20 @@ class Finding:
 
 
 def _label(doc: dict[str, Any]) -> str:
-    return f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
+    meta = doc.get("metadata")
+    return f"{doc.get('kind')!s:.60}/{(meta.get('name') if isinstance(meta, dict) else None)!s:.80}"
+
+
+def _envelope(doc: dict[str, Any]) -> str | None:
+    """What is wrong with the fields every object has (the API server refuses an object without them, and
+    the layers index them), or None."""
+    for key in ("apiVersion", "kind"):
+        if not isinstance(doc.get(key), str) or not doc[key]:
+            return f"{key}={doc.get(key)!r:.60} must be a non-empty string"
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        return f"metadata={meta!r:.60} must be a mapping with a name"
+    return None
 
 
 def plan_of(docs: Iterable[tuple[str, dict[str, Any]]]) -> PlanFile | None:
@@ -63,6 +76,10 @@ def validate_documents(docs: list[tuple[str, dict[str, Any]]], version: str = KU
     if not jobs:
         found.append(Finding("policy", "(folder)", "-", f"no {' or '.join(CRDS)} among the manifests"))
     for source, doc in docs:
+        problem = _envelope(doc)
+        if problem is not None:  # the other layers would index what is not there
+            found.append(Finding("schema", source, _label(doc), problem))
+            continue
         layers = {"schema": schema_findings(doc), "cel": cel_findings(doc), "pod": pod_findings(doc, version)}
         if doc.get("kind") in CRDS:
             layers["policy"] = (policy_findings(doc, plan) if plan is not None
@@ -73,9 +90,12 @@ def validate_documents(docs: list[tuple[str, dict[str, Any]]], version: str = KU
 
 def read_documents(folder: Path) -> list[tuple[str, dict[str, Any]]]:
     """``[(source, document)]`` of every ``*.yaml``/``*.yml`` file in ``folder`` (sorted by name)."""
-    if not folder.is_dir():
-        raise ManifestError(f"--validate {folder}: not a directory")
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    try:
+        if not folder.is_dir():
+            raise ManifestError(f"--validate {folder}: not a directory")
+        files = sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    except OSError as exc:  # a name too long, no permission to list
+        raise ManifestError(f"--validate {folder}: cannot use ({exc.strerror})") from None
     if not files:
         raise ManifestError(f"--validate {folder}: holds no .yaml files")
     out = []

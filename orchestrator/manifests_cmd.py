@@ -7,6 +7,7 @@ files rendered and validated, then written all or none (``outputs.write_outputs`
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -91,10 +92,15 @@ def read_documents_or_fail(folder: Path) -> list[tuple[str, dict[str, Any]]]:
 
 def _read_plan(path: Path) -> tuple[PlanFile, str]:
     """The plan and its text, which the ConfigMap carries byte for byte."""
-    file = path / "plan.json" if path.is_dir() else path
+    file = path
     try:
-        if file.stat().st_size > CONFIGMAP_MAX_BYTES:
-            raise InputError(f"{file}: {file.stat().st_size} bytes exceed a ConfigMap's {CONFIGMAP_MAX_BYTES}")
+        if path.is_dir():
+            file = path / "plan.json"
+        st = file.stat()
+        if not stat.S_ISREG(st.st_mode):  # a device or a pipe: its size says nothing, reading may never end
+            raise InputError(f"PLAN {file}: not a regular file")
+        if st.st_size > CONFIGMAP_MAX_BYTES:
+            raise InputError(f"{file}: {st.st_size} bytes exceed a ConfigMap's {CONFIGMAP_MAX_BYTES}")
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{file}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
