@@ -62,17 +62,33 @@ class Transformer(nn.Module):
             self.mtp = nn.ModuleList(MTPModule(spec.num_hidden_layers + k, factory) for k in range(num_mtp))
 
     def forward(self, inputs: torch.Tensor, input_ids: torch.Tensor | None = None) -> ModelOutput | torch.Tensor:
-        if self.stage.has_embedding:
-            input_ids = inputs
-            hidden = self.embed_tokens(inputs)  # (B, T, d)
-        else:
-            hidden = inputs
-        seqlen = hidden.shape[1]
-        cos, sin = self.rotary(torch.arange(seqlen, device=hidden.device))  # (T, R/2) each
+        hidden, input_ids = self.embed(inputs, input_ids)
+        cos, sin = self.rope(hidden)
         for layer in self.layers.values():
             hidden = layer(hidden, cos, sin)
+        return self.head(hidden, input_ids, cos, sin)
+
+    # The three parts of ``forward``, also called one by one by the runtime's node-by-node passes
+    # (``model.runtime.overlap``), which cut the layers in between into sub-steps.
+
+    def embed(self, inputs: torch.Tensor,
+              input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stage's input as hidden states (B, T, d), and the token ids the MTP modules need."""
+        if self.stage.has_embedding:
+            return self.embed_tokens(inputs), inputs
+        return inputs, input_ids
+
+    def rope(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, R/2) each for the positions of ``hidden`` (B, T, d)."""
+        return self.rotary(torch.arange(hidden.shape[1], device=hidden.device))
+
+    def head(self, hidden: torch.Tensor, input_ids: torch.Tensor | None, cos: torch.Tensor,
+             sin: torch.Tensor) -> ModelOutput | torch.Tensor:
+        """The last layer's output -> ``ModelOutput`` on the head stage (with MTP logits when ``input_ids``
+        are given), else ``hidden`` itself."""
         if not self.stage.has_head:
             return hidden
+        seqlen = hidden.shape[1]
         out = ModelOutput(logits=self.lm_head(self.norm(hidden)), hidden=hidden)
         if input_ids is None or not len(self.mtp):
             return out

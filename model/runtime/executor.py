@@ -9,7 +9,13 @@ What each action does on this rank (stage ``s``, micro-batch ``m``; ``module = m
   the input's gradient is the value ``("G", s, m)`` (none on the first stage: its input is ids).
 - ``I``: the same with a ``WeightGradStore`` attached at ``F`` time, so the weight-gradient matmuls
   are queued; ``W`` runs that queue.
-- ``F&B``: the pair, here forward then backward (``overlap`` runs them interleaved on GPU streams).
+- ``F&B``: the pair. With ``overlap`` on (default on CUDA), its two passes are issued interleaved at
+  node granularity, communication on its own stream (``overlap.interleave``); off, forward then backward.
+
+With ``substeps`` on (the default) F, B and I run node by node (``overlap.stage_forward`` /
+``stage_backward``: bit-identical to one whole-graph pass) and every node is timed under the simulator's
+sub-step names (``"{stage}{kind}{mb} L{i} attn|dispatch|shared|experts|combine|mlp"``, ``-bwd`` in
+backward, ``embed``, ``head``), which replace the action's own interval; off, each runs as one call.
 
 Communication comes from ``simulator.schedules.lowering``: before each action this rank posts one
 batch of point-to-point operations (pending sends and this action's receives) and waits for it;
@@ -27,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moeplan.model.runtime.overlap import Pass, drain, interleave, stage_backward, stage_forward
+from moeplan.model.runtime.overlap_comm import DistComm, Streams
 from moeplan.model.weight_grad import WeightGradStore, attach_weight_grad_store
 from moeplan.simulator.contracts.trace import TraceEvent
 from moeplan.simulator.schedules.actions import Action, Op
@@ -65,6 +73,10 @@ class Timeline:
 
     def stop(self, lane: str, name: str, started: object) -> None:
         self._open.append((lane, name, started, self.start()))
+
+    def add(self, lane: str, name: str, started: object, ended: object) -> None:
+        """An interval whose end was marked elsewhere (a CUDA event on another stream, a completion time)."""
+        self._open.append((lane, name, started, ended))
 
     def events(self) -> list[TraceEvent]:
         """The recorded intervals as trace events (resolving CUDA events), and forget them."""
@@ -111,32 +123,50 @@ class PipelineExecutor:
         self.hidden_shape, self.dtype, self.device, self.loss_fn = tuple(hidden_shape), dtype, device, loss_fn
         # (stage, mb) whose backward is split into I and W: their F must queue weight gradients
         self.split = {(op.stage, op.microbatch) for step in program.steps for op in step.action.ops if op.kind == "I"}
+        # ---- sub-steps and the overlapped F&B (model/runtime/overlap.py); callers may change these
+        self.substeps = True  # F, B, I node by node, each node timed under the simulator's names
+        self.overlap = device.type == "cuda"  # F&B interleaved (needs substeps)
+        self.comm = DistComm()  # the expert-parallel all-to-all facade (LoopbackComm, RecordingComm)
+        self.comm_lane = "nvlink"  # lane of the EP all-to-alls: "nic" when the EP group spans nodes
+        self.streams: Streams | None = None
 
     # ---- one step -------------------------------------------------------------------------------
 
     def step(self, microbatches: dict[int, Microbatch], timeline: Timeline) -> StepResult:
         """Run every action of the program once: one training step's forward and backward on this rank."""
-        state = _StepState()
+        state = _StepState(timeline=timeline)
+        if self.substeps and self.streams is None:
+            self.streams = Streams(self.device)
         sent = 0
         for step in self.program.steps:
             sent += self._post(step.batch, state, timeline)
             started = timeline.start()
             self._run(step.action, microbatches, state)
-            timeline.stop("compute", _action_name(step.action), started)
+            if not self.substeps or step.action.kind == "W":  # else its nodes are timed instead
+                timeline.stop("compute", _action_name(step.action), started)
             for p2p in step.deferred_sends:  # bound for another rank: kept until the next batch posts it
                 state.outbox[p2p.key] = state.values.pop(p2p.key)
         sent += self._post(self.program.final, state, timeline)
         assert not state.values and not state.outbox and not state.stores, (
             f"rank {self.program.rank}: values {sorted(state.values)}, unsent {sorted(state.outbox)} "
             f"and unflushed weight grads {sorted(state.stores)} left after the step")
-        return StepResult(losses=state.losses, events=timeline.events(), sent_bytes=sent)
+        losses = {m: float(loss) for m, loss in state.losses.items()}  # read after the step: no sync inside
+        return StepResult(losses=losses, events=timeline.events(), sent_bytes=sent)
 
     def _run(self, action: Action, microbatches: dict[int, Microbatch], state: _StepState) -> None:
-        for op in action.ops:  # F&B: forward then backward (overlap.py interleaves them on GPU)
-            {"F": self._forward, "B": self._backward, "I": self._backward, "W": self._weights}[op.kind](
-                op, microbatches[op.microbatch], state)
+        passes = [{"F": self._forward, "B": self._backward, "I": self._backward, "W": self._weights}[op.kind](
+            op, microbatches[op.microbatch], state) for op in action.ops]
+        if len(passes) == 2 and self.overlap and self.substeps:
+            interleave(passes[1], passes[0])  # backward first: its combine-bwd opens the pair (overlap.py)
+        else:
+            for one in passes:  # F&B without overlap: forward then backward
+                drain(one)
 
-    def _forward(self, op: Op, mb: Microbatch, state: _StepState) -> None:
+    def _pass(self, op: Op, state: _StepState) -> Pass:
+        return Pass(self.comm, self.streams, state.timeline, str(op), self.comm_lane)
+
+    def _forward(self, op: Op, mb: Microbatch, state: _StepState):
+        """A generator (``overlap.Steps``): it yields after each all-to-all it launches."""
         module, key = self.modules[op.stage], (op.stage, op.microbatch)
         if op.stage == 0:
             inputs = mb.input_ids.to(self.device)
@@ -146,30 +176,42 @@ class PipelineExecutor:
         if store is not None:
             attach_weight_grad_store(module, store)
             state.stores[key] = store
+        head = op.stage == self.num_stages - 1
+
+        def finish(out) -> torch.Tensor:  # the head stage's output -> its loss, scaled for the step's mean
+            loss = self.loss_fn(out, mb)
+            state.losses[op.microbatch] = loss.detach()
+            return loss / self.num_microbatches
+
+        ids = mb.input_ids.to(self.device)
         try:
-            out = module(inputs, input_ids=mb.input_ids.to(self.device))
+            if self.substeps:
+                tape = yield from stage_forward(module, inputs, ids, finish, self._pass(op, state))
+                out = tape.output.value
+            else:
+                out = module(inputs, input_ids=ids)
+                out = finish(out) if head else out
         finally:
             if store is not None:
                 attach_weight_grad_store(module, None)
-        if op.stage == self.num_stages - 1:
-            loss = self.loss_fn(out, mb)
-            state.losses[op.microbatch] = float(loss.detach())
-            out = loss / self.num_microbatches
-        else:
+        if not head:
             state.values[("F", op.stage, op.microbatch)] = out.detach()
-        state.saved[key] = (inputs, out)
+        state.saved[key] = (inputs, tape if self.substeps else out)
 
-    def _backward(self, op: Op, mb: Microbatch, state: _StepState) -> None:
+    def _backward(self, op: Op, mb: Microbatch, state: _StepState):
         inputs, out = state.saved.pop((op.stage, op.microbatch))
-        if op.stage == self.num_stages - 1:
-            torch.autograd.backward(out)
+        grad = None if op.stage == self.num_stages - 1 else state.values.pop(("G", op.stage + 1, op.microbatch))
+        if self.substeps:
+            input_grad = yield from stage_backward(out, grad, self._pass(op, state))
         else:
-            torch.autograd.backward(out, state.values.pop(("G", op.stage + 1, op.microbatch)))
+            torch.autograd.backward(out, grad)
+            input_grad = inputs.grad
         if op.stage > 0:
-            state.values[("G", op.stage, op.microbatch)] = inputs.grad
+            state.values[("G", op.stage, op.microbatch)] = input_grad
 
-    def _weights(self, op: Op, mb: Microbatch, state: _StepState) -> None:
+    def _weights(self, op: Op, mb: Microbatch, state: _StepState):
         state.stores.pop((op.stage, op.microbatch)).flush()
+        yield from ()
 
     # ---- communication ----------------------------------------------------------------------------
 
@@ -202,7 +244,8 @@ class _StepState:
     outbox: dict[ValueKey, torch.Tensor] = dataclasses.field(default_factory=dict)
     saved: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
     stores: dict[tuple[int, int], WeightGradStore] = dataclasses.field(default_factory=dict)
-    losses: dict[int, float] = dataclasses.field(default_factory=dict)
+    losses: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    timeline: Timeline | None = None
 
 
 def _action_name(action: Action) -> str:
