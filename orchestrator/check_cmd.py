@@ -52,16 +52,22 @@ def _plan_path(run_dir: Path, report: RunReport, given: Path | None) -> Path:
         return given
     name = Path(report.plan_file).name or PLAN_COPY_NAME
     for candidate in (run_dir / name, run_dir.parent / name, run_dir / PLAN_COPY_NAME):
-        if candidate.is_file():
-            return candidate
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError:  # a plan_file name the system refuses (too long): not this candidate
+            continue
     raise InputError(f"{run_dir}: no plan found (run.json names plan_file={report.plan_file!r:.80}; "
                      f"looked in {run_dir} and {run_dir.parent}): give --plan")
 
 
 def load_run(run_dir: Path, plan_path: Path | None) -> tuple[RunReport, PlanFile]:
     """The run's report and the plan it ran, checked to belong together (``InputError`` otherwise)."""
-    if not run_dir.is_dir():
-        raise InputError(f"RUN {run_dir}: not a run directory")
+    try:
+        if not run_dir.is_dir():
+            raise InputError(f"RUN {run_dir}: not a run directory")
+    except OSError as exc:
+        raise InputError(f"RUN {run_dir}: cannot use ({exc.strerror})") from None
     try:
         report = read_run_report(run_dir)
     except RunReportError as exc:
@@ -98,7 +104,7 @@ def predicted_intervals(run_dir: Path, plan: PlanFile) -> list[Interval] | None:
         try:
             return chrome_intervals(read_trace(path))
         except TraceError as exc:
-            raise InputError(f"{path}: {exc}") from None
+            raise InputError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
     events = resimulated_trace(plan)
     return intervals_of(events) if events is not None else None
 
