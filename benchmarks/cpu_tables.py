@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import logging
-import os
 import platform
 import shlex
 import sys
@@ -43,10 +42,11 @@ from cpu_report import markdown
 
 from moeplan.orchestrator.calibration import compute as cpu_compute
 from moeplan.orchestrator.calibration import links as cpu_comm
+from moeplan.orchestrator.calibration.machine_info import load_average, machine_facts
 from moeplan.orchestrator.calibration.memory_cases import CASES
 from moeplan.orchestrator.calibration.memory_classes import measure
 from moeplan.simulator.contracts.atomic_write import write_atomic
-from moeplan.simulator.costs.machine import LinkFit, LinkPoint, Machine
+from moeplan.simulator.costs.machine import LinkFit, Machine
 from moeplan.simulator.costs.tables import CPU_TABLE_FILES, CostTables
 from moeplan.simulator.presets.models import MODEL_PRESETS
 
@@ -57,27 +57,6 @@ FULL = {"tokens": [64, 128, 256, 512], "seqs": [32, 64, 128, 256, 512, 1024], "e
         "sizes": [2**p for p in range(10, 25, 2)], "processes": [2, 4], "reps": 20}
 QUICK = {"tokens": [64], "seqs": [64], "eps": [1, 2], "sizes": [4096, 2**18], "processes": [2], "reps": 2}
 VALIDATE = [(1, 64, 1), (1, 64, 8), (4, 64, 2), (1, 256, 2)]  # (sequences, tokens, micro-batches) of one step
-
-
-def machine_facts() -> dict:
-    """Processor name, logical CPUs and RAM of this machine (Linux /proc; placeholders elsewhere)."""
-    cpu, mem = platform.processor() or "unknown CPU", 0
-    try:
-        cpu = next(x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
-                   if x.startswith("model name"))
-        mem = int(next(x.split()[1] for x in Path("/proc/meminfo").read_text().splitlines()
-                       if x.startswith("MemTotal:"))) * 1024
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count() or 1, "memory_bytes": mem or 2**30}
-
-
-def load_average() -> str:
-    """The 1, 5 and 15-minute load averages (Linux), or "" elsewhere."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return ""
 
 
 def memory_classes(model: str, tokens: int, peak_bytes_per_s: float, reps: int) -> list[dict]:
@@ -93,19 +72,6 @@ def memory_classes(model: str, tokens: int, peak_bytes_per_s: float, reps: int) 
 def _frac(x: float) -> float:
     """A measured fraction of a measured peak, at most 1 (a point above its peak is read as the peak)."""
     return min(1.0, x)
-
-
-def link_fits(links: dict[int, dict], src: str) -> list[LinkFit]:
-    fits = []
-    for processes, data in links.items():
-        for collective in cpu_comm.COLLECTIVES:
-            pts = [(b, s) for c, b, s in data["rows"] if c == collective]
-            latency, bw = cpu_comm.fit(collective, processes, pts)
-            fits.append(LinkFit(collective=collective, processes=processes, latency_s=latency,
-                                bytes_per_s=min(bw, 1e18),
-                                points=tuple(LinkPoint(buffer_bytes=b, s=s) for b, s in pts),
-                                source=f"{src} gloo {collective}, {processes} processes, least-squares fit"))
-    return fits
 
 
 def tables(name: str, m: dict, machine: Machine, fits: list[LinkFit], src: str) -> CostTables:
@@ -183,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     m = measure_all(args, cfg)
     machine = machine_record(m, args, command.strip())
     src = f"[CPU] cpu_tables.py {machine.date}:"
-    fits = link_fits(m["links"], src)
+    fits = cpu_comm.link_fits(m["links"], src)
     files = {args.out_dir / CPU_TABLE_FILES[n]: tables(n, m, machine, fits, src) for n in DTYPES}
     if not args.quick:
         by_name = {t.name: (t, DTYPES[t.name]) for t in files.values()}

@@ -18,9 +18,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from moeplan.orchestrator.calibration.from_run import moved_table, recalibrated
 from moeplan.orchestrator.errors import InputError
 from moeplan.orchestrator.inputs import finite_float
-from moeplan.orchestrator.outputs import strict_json, write_outputs
+from moeplan.orchestrator.outputs import check_out_file, strict_json, write_outputs
 from moeplan.simulator.contracts.plan_file import PlanFile, read_plan
 from moeplan.simulator.contracts.run_report import (
     PLAN_COPY_NAME,
@@ -135,11 +136,20 @@ def check_command(
     plan: Annotated[Path | None, typer.Option("--plan", help="The plan file; default: the one the run names.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
     tolerance: Annotated[float, typer.Option(help="Largest error that passes (0.05 = 5%).", parser=finite_float)] = 0.05,
+    recalibrate: Annotated[Path | None, typer.Option(help="Also write cost tables updated from the run's per-op "
+                                                          "durations (for `plan --calibration`).")] = None,
+    recalibrate_from: Annotated[Path | None, typer.Option(help="The tables to update (default: the plan's named "
+                                                               "tables).")] = None,
 ) -> int:
     """Check a run against its plan: exit 0 within tolerance, 1 on a miss, 2 on bad input; writes RUN/run.html."""
     if not 0 < tolerance < 1:
         raise InputError(f"--tolerance={tolerance} must be between 0 and 1 (0.05 = 5%)")
+    if recalibrate is not None:
+        check_out_file(recalibrate, "--recalibrate")
     report, loaded = load_run(run_dir, plan)
+    outputs, moved = {}, None
+    if recalibrate is not None:
+        outputs[recalibrate], moved = recalibrated(run_dir, report, loaded, recalibrate_from)
     measured, measured_events = measured_timelines(run_dir, report)
     predicted_events = predicted_intervals(run_dir, loaded)
     predicted = analyse(predicted_events) if predicted_events else None
@@ -155,12 +165,15 @@ def check_command(
     title = f"moeplan check: {loaded.inputs.model.name} on {loaded.inputs.cluster.name} ({loaded.layout.world} GPUs)"
     html = run_html(comparison, title, predicted_events, [iv for iv in measured_events if iv.rank in drawn], drawn,
                     loaded.layout.pp, measured, predicted)
-    write_outputs({run_dir / "run.html": html})
+    write_outputs({run_dir / "run.html": html, **outputs})
     if json_:
         typer.echo(strict_json(comparison.as_json()))
     else:
         console.print(comparison_table(comparison))
         for note in comparison.notes:
             console.print(f"[dim]{note}[/dim]")
-        console.print(f"{'PASS' if comparison.passed else 'FAIL'}; wrote {run_dir / 'run.html'}")
+        if moved is not None:
+            console.print(moved_table(moved))
+        console.print(f"{'PASS' if comparison.passed else 'FAIL'}; wrote {run_dir / 'run.html'}"
+                      + (f" and {recalibrate}" if recalibrate is not None else ""))
     return 0 if comparison.passed else MISS_EXIT_CODE  # a verdict, not an error: ReportingGroup exits with it

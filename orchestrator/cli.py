@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from moeplan.orchestrator.calibrate_cmd import calibrate_command
 from moeplan.orchestrator.check_cmd import check_command
 from moeplan.orchestrator.errors import ReportingGroup
 from moeplan.orchestrator.manifests_cmd import manifests_command
@@ -42,6 +43,7 @@ app.command("manifests")(manifests_command)
 app.command("submit")(submit_command)
 app.command("status")(status_command)
 app.command("check")(check_command)
+app.command("calibrate")(calibrate_command)
 console = Console(width=140)
 
 

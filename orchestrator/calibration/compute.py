@@ -118,12 +118,12 @@ def attention_rows(m: ModelSpec, seqs: list[int], dtype: torch.dtype, reps: int,
     return rows
 
 
-def copy_rows(reps: int, sizes: tuple[int, ...] = COPY_SIZES) -> list[dict]:
+def copy_rows(reps: int, sizes: tuple[int, ...] = COPY_SIZES, device: torch.device = CPU) -> list[dict]:
     """``dst.copy_(src)`` of each size: bytes read + written per second."""
     rows = []
     for size in sizes:
-        src, dst = torch.ones(size // 4), torch.empty(size // 4)
-        s = median_s(lambda src=src, dst=dst: dst.copy_(src), CPU, reps)
+        src, dst = torch.ones(size // 4, device=device), torch.empty(size // 4, device=device)
+        s = median_s(lambda src=src, dst=dst: dst.copy_(src), device, reps)
         rows.append({"bytes": size, "s": s, "bytes_per_s": 2.0 * size / s})
     return rows
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moeplan.simulator.costs.machine import Collective, bytes_moved
+from moeplan.simulator.costs.machine import Collective, LinkFit, LinkPoint, bytes_moved
 
 COLLECTIVES: tuple[Collective, ...] = ("send_recv", "all_to_all", "all_reduce", "reduce_scatter", "all_gather")
 
@@ -83,7 +83,7 @@ def _op(collective: Collective, rank: int, world: int, numel: int, device: torch
 
 
 def _worker(rank: int, world: int, port: int, sizes: list[int], reps: int, warmup: int, threads: int, queue,
-            backend: str = "gloo") -> None:
+            backend: str = "gloo", collectives: tuple[Collective, ...] = COLLECTIVES) -> None:
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     if backend == "nccl":
@@ -95,7 +95,7 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], reps: int, warmu
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     rss = rss_bytes()
     rows = []
-    for collective in COLLECTIVES:
+    for collective in collectives:
         for size in sizes:
             fn = _op(collective, rank, world, max(world, size // 4), device)
             times, calls = [], inner(size)
@@ -120,11 +120,11 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], reps: int, warmu
 
 
 def measure_links(processes: int, sizes: list[int], reps: int, threads: int = 1, warmup: int = 3,
-                  backend: str = "gloo") -> dict:
+                  backend: str = "gloo", collectives: tuple[Collective, ...] = COLLECTIVES) -> dict:
     """{"rows": [(collective, buffer bytes, seconds)], "rss_bytes": rank 0's resident memory after joining}."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(processes, free_port(), sizes, reps, warmup, threads, queue, backend),
+    mp.start_processes(_worker, args=(processes, free_port(), sizes, reps, warmup, threads, queue, backend, collectives),
                        nprocs=processes,
                        start_method="spawn")
     return queue.get()
@@ -140,3 +140,19 @@ def fit(collective: Collective, processes: int, points: list[tuple[int, float]])
         intercept = float(t.min())
         slope = max((t[-1] - intercept) / x[-1], 1e-18) if len(points) > 1 else 1e-18
     return float(intercept), float(1.0 / slope)
+
+
+def link_fits(links: dict[int, dict], src: str, backend: str = "gloo") -> list[LinkFit]:
+    """One ``LinkFit`` per collective measured at each process count (``measure_links``'s results by count)."""
+    fits = []
+    for processes, data in links.items():
+        for collective in COLLECTIVES:
+            pts = [(b, s) for c, b, s in data["rows"] if c == collective]
+            if not pts:
+                continue
+            latency, bw = fit(collective, processes, pts)
+            fits.append(LinkFit(collective=collective, processes=processes, latency_s=latency,
+                                bytes_per_s=min(bw, 1e18),
+                                points=tuple(LinkPoint(buffer_bytes=b, s=s) for b, s in pts),
+                                source=f"{src} {backend} {collective}, {processes} processes, least-squares fit"))
+    return fits

@@ -1,0 +1,168 @@
+"""Cost tables updated from a measured run: each entry from its own op's durations, never from the step time.
+
+``recalibrate(plan, tables, traces, pp_rank_of, label)`` reads the per-rank traces of a run (the profiled
+step, after warm-up) and derives:
+
+- per sub-step op (``"{stage}{kind}{mb} L{i} {op}"`` and ``"{stage}{kind}{mb} head|embed"``, the simulator's
+  names; ``i`` counts the stage's layer units, so its kind is the stage record's ``i``-th layer's), the median duration over micro-batches, layers of the same kind and ranks, as a ``MeasuredOp``
+  at the run's shape (tokens per micro-batch, sequence length): the engine prices that op with it in
+  place of its computed cost (``costs.measured_ops``). A head event covers all heads of its stage
+  (main and MTP) and is divided by their number;
+- from each rank's ``optimizer`` event, the optimizer class's bandwidth fraction: the rank's ZeRO-1 shard
+  at the engine's ideal bytes per parameter over the measured seconds (less the host term the tables
+  already add to it), the median over ranks; it replaces the tables' ``optimizer`` memory-kernel point.
+
+Each derived entry is reported with what the old tables priced for it (``Moved``), so a comparison shows
+which entries moved and by how much. Events of other names (whole actions, transfers) are not per op and
+are left alone.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+
+from moeplan.simulator.accounting.context_parallel import cp_tokens
+from moeplan.simulator.accounting.layout import pipeline_stages
+from moeplan.simulator.accounting.memory import rank_params
+from moeplan.simulator.contracts.plan_file import PlanFile
+from moeplan.simulator.costs.elementwise import OPTIMIZER
+from moeplan.simulator.costs.measured_ops import MEASURABLE_OPS, LayerKind, MeasuredOp
+from moeplan.simulator.costs.memory_kernels import MemoryKernelPoint
+from moeplan.simulator.costs.tables import CostTables
+from moeplan.simulator.engine.build import OPTIMIZER_BYTES_PER_PARAM, SimOptions, step_inputs
+from moeplan.simulator.engine.host_term import optimizer_host_s
+from moeplan.simulator.schedules.registry import rank_stages
+
+LAYER_EVENT = re.compile(r"^(\d+)([FBI])(\d+) L(\d+) (\S+)$")
+END_EVENT = re.compile(r"^(\d+)([FBI])(\d+) (head|embed)$")
+
+
+@dataclass(frozen=True)
+class Moved:
+    entry: str
+    before: float | None  # what the old tables priced (seconds), or their fraction for a class
+    after: float
+    unit: str  # "s" or "frac"
+    samples: int
+
+
+def _events(doc: object) -> list[tuple[str, float]]:
+    events = doc.get("traceEvents", []) if isinstance(doc, dict) else doc
+    return [(e["name"], e["dur"] * 1e-6) for e in events if isinstance(e, dict) and e.get("ph") == "X"]
+
+
+def _kind(plan: PlanFile, layer: int) -> LayerKind:
+    """The kind of global layer ``layer`` (MTP modules number on from ``num_hidden_layers``)."""
+    m = plan.inputs.model
+    return "mtp" if layer >= m.num_hidden_layers else "moe" if m.is_moe_layer(layer) else "dense"
+
+
+def _stage_kind(plan: PlanFile, stage: int, i: int) -> LayerKind | None:
+    """The kind of the ``i``-th layer unit of ``stage`` (the engine's ``L{i}`` counts within the stage)."""
+    stages = pipeline_stages(plan.inputs.model, plan.inputs.parallel)
+    if stage >= len(stages) or i >= len(stages[stage].layers):
+        return None
+    return _kind(plan, stages[stage].layers[i])
+
+
+def _heads(plan: PlanFile) -> list[int]:
+    m = plan.inputs.model
+    return [int(s.has_head) + sum(u >= m.num_hidden_layers for u in s.layers)
+            for s in pipeline_stages(m, plan.inputs.parallel)]
+
+
+def op_durations(plan: PlanFile, traces: dict[int, object]) -> dict[tuple[LayerKind, str, str], list[float]]:
+    """(layer kind, action kind, op) -> durations of every occurrence in the traces (per head for heads)."""
+    heads, out = _heads(plan), defaultdict(list)
+    for doc in traces.values():
+        for name, s in _events(doc):
+            if (hit := LAYER_EVENT.match(name)) and hit[5] in MEASURABLE_OPS[hit[2]]:
+                kind = _stage_kind(plan, int(hit[1]), int(hit[4]))
+                if kind is not None:
+                    out[(kind, hit[2], hit[5])].append(s)
+            elif (hit := END_EVENT.match(name)) and hit[4] in MEASURABLE_OPS[hit[2]]:
+                stage = int(hit[1])
+                per = heads[stage] if hit[4] == "head" and stage < len(heads) and heads[stage] else 1
+                out[("ends", hit[2], hit[4])].append(s / per)
+    return dict(out)
+
+
+def shard_params(plan: PlanFile, pp_rank: int) -> float:
+    """Parameters of one rank's ZeRO-1 optimizer shard, as ``engine.build`` prices its optimizer step."""
+    m, par, dp = plan.inputs.model, plan.inputs.parallel, plan.layout.dp
+    stages, group = pipeline_stages(m, par), dp * par.cp
+    zero = par.zero_stage >= 1
+    shard = 0.0
+    for s in rank_stages(par, pp_rank):
+        p = rank_params(m, [stages[s]], par.ep)
+        shard += p.dense / (group if zero else 1) + p.expert / (max(1, group // par.ep) if zero else 1)
+    return shard
+
+
+def _optimizer_point(plan: PlanFile, tables: CostTables, traces: dict[int, object], pp_rank_of: tuple[int, ...],
+                     label: str) -> tuple[MemoryKernelPoint, Moved] | None:
+    hbm, fracs = plan.inputs.cluster.gpu.hbm_bytes_per_s, []
+    for rank, doc in traces.items():
+        for name, s in _events(doc):
+            if name == "optimizer":
+                nbytes = shard_params(plan, pp_rank_of[rank]) * OPTIMIZER_BYTES_PER_PARAM
+                host = optimizer_host_s(tables, 0.0, plan.inputs.model.is_moe)
+                fracs.append(min(1.0, nbytes / max(s - host, 1e-9) / hbm))
+    if not fracs:
+        return None
+    frac = statistics.median(fracs)
+    point = MemoryKernelPoint(kernel=OPTIMIZER, fwd_frac=frac, source=f"{label}: the run's optimizer events, "
+                              f"{len(fracs)} rank(s), shard bytes at {OPTIMIZER_BYTES_PER_PARAM:g} B/param (median)")
+    return point, Moved("memory class optimizer (fraction of hbm)", tables.memory_fracs(OPTIMIZER)[0], frac, "frac",
+                        len(fracs))
+
+
+def _priced(plan: PlanFile, tables: CostTables) -> dict[tuple[LayerKind, str, str], float]:
+    """What ``tables`` price for each measurable op of the plan's step (first unit of each kind)."""
+    m, lay = plan.inputs.model, plan.layout
+    si = step_inputs(plan.inputs, lay.dp, lay.microbatches, opts=SimOptions(tables=tables))
+    out: dict[tuple[LayerKind, str, str], float] = {}
+    for st, spec in zip(si.stages, pipeline_stages(m, plan.inputs.parallel), strict=True):
+        for u, layer in zip(st.units, spec.layers, strict=True):
+            k = _kind(plan, layer)
+            fwd = {"attn": u.attn_fwd_s, "mlp": u.mlp_fwd_s, "shared": u.mlp_fwd_s, "experts": u.experts_fwd_s}
+            bwd = {"attn-bwd": u.recompute_s + u.attn_dx_s, "mlp-bwd": u.mlp_dx_s, "shared-bwd": u.mlp_dx_s,
+                   "experts-bwd": u.experts_dx_s}
+            dw = {"attn-bwd": u.attn_dw_s, "mlp-bwd": u.mlp_dw_s, "shared-bwd": u.mlp_dw_s, "experts-bwd": u.experts_dw_s}
+            for op, s in fwd.items():
+                out.setdefault((k, "F", op), s)
+            for op, s in bwd.items():
+                out.setdefault((k, "I", op), s)
+                out.setdefault((k, "B", op), s + dw[op])
+    e = si.ends
+    out.update({("ends", "F", "embed"): e.embed_fwd_s, ("ends", "F", "head"): e.head_fwd_s,
+                ("ends", "I", "head"): e.head_dx_s, ("ends", "B", "head"): e.head_dx_s + e.head_dw_s})
+    return out
+
+
+def recalibrate(plan: PlanFile, tables: CostTables, traces: dict[int, object], pp_rank_of: tuple[int, ...],
+                label: str) -> tuple[CostTables, list[Moved]]:
+    """``tables`` with the run's per-op measurements in place (see module docstring), and what moved."""
+    par = plan.inputs.parallel
+    tokens = cp_tokens(par.micro_batch_size, par.seq_len_tokens, par.cp)
+    priced = _priced(plan, tables)
+    ops, moved = [], []
+    for (kind, action, op), durations in sorted(op_durations(plan, traces).items()):
+        s = statistics.median(durations)
+        ops.append(MeasuredOp(layer_kind=kind, action=action, op=op, tokens=tokens, seq_len=par.seq_len_tokens, s=s,
+                              samples=len(durations), source=f"{label}: median of {len(durations)} event(s)"))
+        moved.append(Moved(f"{kind} {action} {op}", priced.get((kind, action, op)), s, "s", len(durations)))
+    kernels = list(tables.memory_kernels)
+    opt = _optimizer_point(plan, tables, traces, pp_rank_of, label)
+    if opt is not None:
+        kernels = [k for k in kernels if k.kernel != OPTIMIZER] + [opt[0]]
+        moved.append(opt[1])
+    kept = [o for o in tables.measured_ops if (o.layer_kind, o.action, o.op, o.tokens, o.seq_len) not in
+            {(n.layer_kind, n.action, n.op, n.tokens, n.seq_len) for n in ops}]
+    data = tables.model_dump(mode="json") | {
+        "name": f"{tables.name}+run", "memory_kernels": [k.model_dump(mode="json") for k in kernels],
+        "measured_ops": [o.model_dump(mode="json") for o in kept + ops]}
+    return CostTables.model_validate(data), moved

@@ -1,0 +1,82 @@
+"""Cost tables from ``measure.Measured``: every entry a measurement at the plan's shape, naming its source.
+
+Fractions are of the plan's own cluster peaks (``cluster.gpu.bf16_flops_per_s`` and ``hbm_bytes_per_s``),
+the numbers the engine multiplies them back by, so ``plan --calibration FILE`` on the same cluster prices
+each op at the time measured (a measurement above a peak is held at the peak: the fraction is at most 1).
+GEMMs keep their absolute rate. Measurements that are missing leave their entry out; the ones the tables
+cannot do without (a GEMM, attention, a copy, the send/recv latency) raise ``CalibrationError`` naming
+what failed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+
+import torch
+
+from moeplan.orchestrator.calibration.links import link_fits, rss_bytes
+from moeplan.orchestrator.calibration.machine_info import load_average, machine_facts
+from moeplan.orchestrator.calibration.measure import Measured, Setup
+from moeplan.simulator.costs.machine import Machine
+from moeplan.simulator.costs.tables import CostTables
+from moeplan.simulator.spec.hardware import GpuSpec
+
+
+class CalibrationError(ValueError):
+    """The measurements cannot make cost tables (an entry they need failed); the message says which."""
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def machine_record(m: Measured, setup: Setup, gpu: GpuSpec, command: str, load_before: str) -> Machine:
+    facts = machine_facts()
+    device = torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else facts["cpu"]
+    rss = max((d["rss_bytes"] for d in m.links.values()), default=rss_bytes())
+    return Machine(cpu=device, cores=facts["cores"], threads_per_process=setup.threads,
+                   memory_bytes=facts["memory_bytes"], process_rss_bytes=rss,
+                   dtype=str(setup.dtype).removeprefix("torch."), peak_flops_per_s=gpu.bf16_flops_per_s,
+                   memory_bytes_per_s=gpu.hbm_bytes_per_s,
+                   load_average=f"before: {load_before}; after: {load_average()}", torch=torch.__version__,
+                   python=platform.python_version(), date=now(), command=command)
+
+
+def _required(m: Measured) -> None:
+    missing = [what for what, rows in (("GEMM", m.gemm), ("attention", m.attention), ("copy", m.copy)) if not rows]
+    if not any(r["rows"] and any(c == "send_recv" for c, _, _ in r["rows"]) for r in m.links.values()):
+        missing.append("send/recv latency")
+    if missing:
+        why = "; ".join(m.skipped) or "not measured"
+        raise CalibrationError(f"calibration measured no {', '.join(missing)} ({why}): no cost tables written")
+
+
+def calibrated_tables(name: str, m: Measured, setup: Setup, gpu: GpuSpec, machine: Machine) -> CostTables:
+    """The ``CostTables`` of the measurements (see module docstring)."""
+    _required(m)
+    src, dt, peak, hbm = setup.label, machine.dtype, gpu.bf16_flops_per_s, gpu.hbm_bytes_per_s
+    gemm = [{"precision": "bf16", "m": r["m"], "n": r["n"], "k": r["k"], "groups": r["groups"],
+             "flops_per_s": r["flops_per_s"], "source": f"{src} {dt} {'mm' if r['groups'] == 1 else 'grouped mm'} "
+                                                        f"{r['groups']}x{r['m']}x{r['n']}x{r['k']}, {r['s'] * 1e6:.1f} us"}
+            for r in m.gemm]
+    att = [{"seq_len": r["seq"], "fwd_frac": min(1.0, r["flops"] / r["fwd_s"] / peak),
+            "fwd_bwd_frac": min(1.0, 3 * r["flops"] / r["fwd_bwd_s"] / peak)} for r in m.attention]
+    kernels = [{"kernel": r["kernel"], "fwd_frac": min(1.0, r["fwd"]["hbm_frac"]),
+                "bwd_frac": min(1.0, r["bwd"]["hbm_frac"]) if r["bwd"] else None,
+                "source": f"{src} {r['implementation']} at {r['shape']}, {r['fwd']['s'] * 1e6:.1f} us forward"
+                          + (" (its own ops' host time taken off)" if "host_s" in r["fwd"] else "")}
+               for r in m.memory]
+    largest = max(m.copy, key=lambda r: r["bytes"])
+    fits = link_fits(m.links, src, setup.backend)
+    p2p = min((f for f in fits if f.collective == "send_recv"), key=lambda f: f.processes)
+    return CostTables.model_validate({
+        "name": name, "gemm": gemm, "attention_fwd_frac": att[0]["fwd_frac"],
+        "attention_fwd_bwd_frac": att[0]["fwd_bwd_frac"], "attention_by_seq": att,
+        "attention_source": f"{src} causal SDPA {dt} at the plan's sequence length (fwd+bwd as 3x fwd)",
+        "memory_frac": min(1.0, largest["bytes_per_s"] / hbm),
+        "memory_source": f"{src} copy of {largest['bytes'] / 2**20:.0f} MiB over the cluster's hbm_bytes_per_s",
+        "memory_kernels": kernels, "collective_latency_s": p2p.latency_s,
+        "collective_source": f"{src} {setup.backend} send/recv latency, {p2p.processes} processes (fit intercept)",
+        "comm_sms": 0 if setup.device.type == "cpu" else CostTables.model_fields["comm_sms"].default,
+        "precisions": ("bf16",), "machine": machine, "links": fits, "host": m.host})

@@ -1,0 +1,111 @@
+"""``moeplan calibrate`` and the closed loop on CPU (tiny preset): plan, run, check, calibrate, recalibrate, plan.
+
+The loop: a 2-process 1F1B run of the tiny model (real gloo processes, the runtime's worker) is predicted
+by the packaged cpu tables, then by tables ``calibrate`` measured at the plan's shapes (host term
+included), then by those updated from the run's own per-op events (``check --recalibrate``). Each
+prediction's step-time error against the run's measured median must be smaller than the one before, and
+the entries that moved are the ones measured: the host term, and the optimizer class from the optimizer
+events. No entry sees the measured step time."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moeplan.model.runtime.worker import RunConfig, train
+from moeplan.orchestrator.calibration import compute, links
+from moeplan.orchestrator.calibration.measure import Setup, measure_all
+from moeplan.orchestrator.calibration.shapes import plan_shapes
+from moeplan.orchestrator.calibration.tables_out import CalibrationError, calibrated_tables, machine_record
+from moeplan.orchestrator.cli import app
+from moeplan.simulator.contracts.plan_file import read_plan
+from moeplan.simulator.contracts.run_report import read_run_report
+from moeplan.simulator.costs.tables import CostTables
+from tests.model.runtime.harness import run_ranks
+
+runner = CliRunner()
+PLAN = ["plan", "--model", "tiny-moe", "--cluster", "cpu", "--nodes", "1", "--no-search", "--micro-batch-size", "1",
+        "--seq-len", "64", "--pp", "2", "--schedule", "1f1b", "--global-batch", "4"]
+STEPS, WARMUP = 5, 2
+
+
+def _plan(out, *extra: str):
+    res = runner.invoke(app, [*PLAN, "--out", str(out), *extra], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return read_plan(out / "plan.json")
+
+
+def _train(rank: int, plan, run_dir) -> None:
+    train(plan, run_dir, RunConfig(steps=STEPS, warmup_steps=WARMUP, dtype="fp32"), rank)
+
+
+def test_bad_options_are_one_line_and_write_nothing(tmp_path):
+    out = tmp_path / "cal.json"
+    for args, field in ((["--reps", "0"], "--reps=0"), (["--plan", str(tmp_path / "p.json"), "--model", "tiny-moe"],
+                                                        "not both"), (["--dtype", "fp8"], "--dtype='fp8'")):
+        res = runner.invoke(app, ["calibrate", "--out", str(out), *args])
+        assert res.exit_code == 2 and field in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    res = runner.invoke(app, ["calibrate", "--out", str(out), "--model", "tiny-moe", "--cluster", "h200"])
+    if not torch.cuda.is_available():
+        assert res.exit_code == 2 and "CUDA GPU" in res.output, res.output
+    assert not out.exists()
+
+
+def test_a_failing_shape_is_reported_and_left_out_never_filled(tmp_path, monkeypatch):
+    plan = _plan(tmp_path)
+    shapes = plan_shapes(plan.inputs, plan.layout.dp, 2)
+    bad = shapes.gemms[0]
+    real = compute.gemm_rows
+
+    def gemm_rows(gemms, *args, **kwargs):
+        if gemms == [bad]:
+            raise RuntimeError("out of memory (seeded)\nsecond line")
+        return real(gemms, *args, **kwargs)
+
+    def no_links(*args, **kwargs):
+        raise RuntimeError("gloo: cannot connect (seeded)")
+
+    monkeypatch.setattr(compute, "gemm_rows", gemm_rows)
+    monkeypatch.setattr(links, "measure_links", no_links)
+    monkeypatch.setattr("moeplan.orchestrator.calibration.measure.CASES", ())
+    setup = Setup(spec=plan.inputs.model, device=torch.device("cpu"), dtype=torch.float32, reps=2, threads=1,
+                  backend="gloo", label="[CAL] test")
+    m = measure_all(shapes, setup, plan.inputs.cluster.gpu.hbm_bytes_per_s, lambda _: None)
+    assert f"GEMM {bad[3]}x{bad[0]}x{bad[1]}x{bad[2]}: out of memory (seeded)" in m.skipped
+    assert (bad[0], bad[1], bad[2], bad[3]) not in {(r["m"], r["n"], r["k"], r["groups"]) for r in m.gemm}
+    assert len(m.gemm) == len(shapes.gemms) - 1 and m.host is not None
+    machine = machine_record(m, setup, plan.inputs.cluster.gpu, "test", "")
+    with pytest.raises(CalibrationError, match="no send/recv latency .*gloo: cannot connect"):
+        calibrated_tables("t", m, setup, plan.inputs.cluster.gpu, machine)
+
+
+def _error(plan, measured_s: float) -> float:
+    return (plan.predictions.step.step_time_s - measured_s) / measured_s
+
+
+def test_the_closed_loop_predicts_the_run_better_for_reasons_visible_per_op(tmp_path):
+    plan = _plan(tmp_path / "p0")
+    run = tmp_path / "run"
+    run_ranks(plan.layout.world, _train, plan, run, tmp=tmp_path / "ranks")
+    measured = statistics.median(s.wall_time_s for s in read_run_report(run).measured_steps)
+    res = runner.invoke(app, ["check", str(run), "--plan", str(tmp_path / "p0/plan.json"), "--json"])
+    assert res.exit_code in (0, 1), res.output
+    line = next(x for x in json.loads(res.stdout)["lines"] if x["name"] == "step time")
+    assert line["measured"] == pytest.approx(measured) and line["error"] == pytest.approx(-_error(plan, measured) /
+                                                                                             (1 + _error(plan, measured)))
+    cal = tmp_path / "cal.json"
+    res = runner.invoke(app, ["calibrate", "--plan", str(tmp_path / "p0/plan.json"), "--out", str(cal), "--reps", "3"])
+    assert res.exit_code == 0, res.output
+    tables = CostTables.from_file(cal)
+    assert tables.host is not None and tables.host.mode == "sum" and all(e.source.startswith("[CAL]") for e in tables.gemm)
+    rec = tmp_path / "rec.json"
+    res = runner.invoke(app, ["check", str(run), "--plan", str(tmp_path / "p0/plan.json"), "--recalibrate", str(rec),
+                              "--recalibrate-from", str(cal)])
+    assert res.exit_code in (0, 1) and "memory class optimizer" in res.output, res.output
+    errors = [_error(p, measured) for p in (plan, _plan(tmp_path / "p1", "--calibration", str(cal)),
+                                            _plan(tmp_path / "p2", "--calibration", str(rec)))]
+    assert abs(errors[1]) < abs(errors[0]) and abs(errors[2]) < abs(errors[1]), errors

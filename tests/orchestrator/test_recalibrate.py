@@ -1,0 +1,78 @@
+"""``recalibrate`` on the plan's own simulated trace (the simulator's names and durations): a fixed point.
+
+Fed the trace the tables priced, every measured op equals its priced value and re-pricing reproduces the step;
+fed the same trace with one op class slowed k times, only that op's entries move, by k, and the step moves
+by what those ops add (closed form); the optimizer class is derived from the optimizer events alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from moeplan.orchestrator.calibration.recalibrate import op_durations, recalibrate
+from moeplan.orchestrator.cli import app
+from moeplan.simulator.contracts.plan_file import read_plan
+from moeplan.simulator.costs.tables import named_tables
+from moeplan.simulator.engine.build import SimOptions
+from moeplan.simulator.planning.predict import predict_step
+
+PLAN = ["plan", "--model", "tiny-moe", "--cluster", "cpu", "--nodes", "1", "--no-search", "--micro-batch-size", "1",
+        "--seq-len", "64", "--pp", "2", "--schedule", "1f1b", "--global-batch", "4"]
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan")
+    res = CliRunner().invoke(app, [*PLAN, "--out", str(out), "--trace", str(out / "trace.json")],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "trace.json").read_text())
+    by_rank: dict[int, dict] = {}
+    for e in doc["traceEvents"]:
+        by_rank.setdefault(e["pid"], {"traceEvents": []})["traceEvents"].append(e)
+    return read_plan(out / "plan.json"), by_rank
+
+
+def _step_s(plan, tables) -> float:
+    result, _ = predict_step(plan.inputs, plan.layout.dp, plan.layout.microbatches, opts=SimOptions(tables=tables))
+    return result.step_time_s
+
+
+def _slowed(traces: dict, op: str, k: float) -> dict:
+    return {r: {"traceEvents": [e | {"dur": e["dur"] * k} if e.get("name", "") == op or e.get("name", "").endswith(f" {op}") else e
+                                for e in doc["traceEvents"]]} for r, doc in traces.items()}
+
+
+def test_the_plans_own_trace_is_a_fixed_point(planned):
+    plan, traces = planned
+    tables = named_tables("cpu", "CPU-process")
+    new, moved = recalibrate(plan, tables, traces, (0, 1), "test")
+    assert {m.entry for m in moved} >= {"moe F attn", "moe B experts-bwd", "dense F mlp", "ends F head", "ends F embed"}
+    for m in moved:
+        assert m.after == pytest.approx(m.before, rel=1e-9), m
+    assert _step_s(plan, new) == pytest.approx(plan.predictions.step.step_time_s, rel=1e-9)
+
+
+def test_a_slowed_op_moves_its_own_entries_only_and_the_step_by_its_time(planned):
+    plan, traces = planned
+    tables = named_tables("cpu", "CPU-process")
+    before = op_durations(plan, traces)
+    new, moved = recalibrate(plan, tables, _slowed(traces, "experts", 3.0), (0, 1), "test")
+    for m in moved:
+        assert m.after == pytest.approx(m.before * (3.0 if m.entry.endswith(" experts") else 1.0), rel=1e-9), m
+    added = 2.0 * sum(sum(v) for (kind, action, op), v in before.items() if op == "experts")
+    # the ranks run their experts forward one after another in 1F1B, so the step grows by at least the
+    # busiest rank's added work and at most by all of it
+    grown = _step_s(plan, new) - plan.predictions.step.step_time_s
+    assert added / 2 * 0.99 <= grown <= added * 1.01, (grown, added)
+
+
+def test_the_optimizer_class_comes_from_the_optimizer_events(planned):
+    plan, traces = planned
+    tables = named_tables("cpu", "CPU-process")
+    new, moved = recalibrate(plan, tables, _slowed(traces, "optimizer", 4.0), (0, 1), "test")
+    opt = next(m for m in moved if "optimizer" in m.entry)
+    assert opt.after == pytest.approx(opt.before / 4.0, rel=1e-6) and opt.samples == 2
+    assert new.memory_fracs("optimizer")[0] == opt.after and new.measured_ops, "the ops measured come along"
