@@ -70,16 +70,13 @@ def validate_documents(docs: list[tuple[str, dict[str, Any]]], version: str = KU
         check_version(version)
     except ValueError as exc:
         raise ManifestError(str(exc)) from None
+    found = [Finding("schema", s, _label(d), problem) for s, d in docs if (problem := _envelope(d)) is not None]
+    docs = [(s, d) for s, d in docs if _envelope(d) is None]  # the layers index what is missing from the others
     plan = plan_of(docs)
-    found: list[Finding] = []
     jobs = [(s, d) for s, d in docs if d.get("kind") in CRDS]
     if not jobs:
         found.append(Finding("policy", "(folder)", "-", f"no {' or '.join(CRDS)} among the manifests"))
     for source, doc in docs:
-        problem = _envelope(doc)
-        if problem is not None:  # the other layers would index what is not there
-            found.append(Finding("schema", source, _label(doc), problem))
-            continue
         layers = {"schema": schema_findings(doc), "cel": cel_findings(doc), "pod": pod_findings(doc, version)}
         if doc.get("kind") in CRDS:
             layers["policy"] = (policy_findings(doc, plan) if plan is not None

@@ -65,12 +65,17 @@ def submit_command(
             kube.create(doc, dry_run=False)
             created.append(doc)
             typer.echo(f"created: {doc['kind']}/{doc['metadata']['name']}")
-    except BaseException:
+    except BaseException as exc:
+        left = []
         for doc in reversed(created):  # leave nothing half-made behind
             try:
                 kube.delete(doc)
-            except InputError as exc:
-                note(f"{exc} (delete it by hand)")
+            except InputError as failed:
+                left.append(f"{failed}")
+        if left and isinstance(exc, InputError):  # still one line: what failed, then what is left to delete
+            raise InputError(f"{exc}; and could not undo it: {'; '.join(left)} (delete it by hand)") from None
+        for line in left:
+            note(f"{line} (delete it by hand)")
         raise
     job = ordered[-1]["metadata"]["name"]
     typer.echo(f"watch it with: moeplan status {job} --namespace {ordered[-1]['metadata'].get('namespace')}")
