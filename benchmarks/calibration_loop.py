@@ -1,0 +1,133 @@
+"""The closed loop on this machine's CPU, measured: docs/results/calibration-cpu.md.
+
+    python -P benchmarks/calibration_loop.py            # docs/results/calibration-cpu.md
+    python -P benchmarks/calibration_loop.py --md /tmp/c.md --steps 4 --reps 3   # quicker
+
+1. Sum or max: a tiny op (4 x 8, needing grad: its fixed host cost), a square GEMM of each ``SIZES``, and the
+   two issued one after the other: whether the pair takes the sum or the max of the two decides how the
+   host term meets the device time on a CPU (``costs.host``).
+2. The loop of ``tests/orchestrator/test_calibrate.py`` at the tiny preset (``moeplan plan`` on the ``cpu``
+   cluster, pp 2, 1F1B, 4 micro-batches of 64 tokens): the runtime's worker on 2 gloo processes for
+   ``--steps`` steps, then ``moeplan calibrate --plan``, ``moeplan check --recalibrate``, and the plan priced
+   by each table set: predicted step against the measured median, and the entries that moved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # the tests' process harness, at the end (never shadowing installed packages)
+
+from moeplan.model.runtime.worker import RunConfig, train
+from moeplan.orchestrator.cli import app
+from moeplan.simulator.contracts.atomic_write import write_atomic
+from moeplan.simulator.contracts.plan_file import read_plan
+from moeplan.simulator.contracts.run_report import read_run_report
+from moeplan.simulator.costs.tables import CostTables
+from tests.model.runtime.harness import run_ranks
+
+PLAN = ["plan", "--model", "tiny-moe", "--cluster", "cpu", "--nodes", "1", "--no-search", "--micro-batch-size", "1",
+        "--seq-len", "64", "--pp", "2", "--schedule", "1f1b", "--global-batch", "4"]
+SIZES = (8, 32, 64, 128, 256)  # square GEMMs, from shorter than a tiny op's fixed cost to far longer
+runner = CliRunner()
+
+
+def _median_s(fn, reps: int = 30) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def sum_or_max() -> list[dict]:
+    """Per GEMM size: a tiny op alone (the fixed cost), the GEMM alone, and the two issued one after the other."""
+    x, rows = torch.ones(4, 8, requires_grad=True), []
+    for n in SIZES:
+        a = torch.randn(n, n)
+        tiny, gemm = _median_s(lambda: x * x), _median_s(lambda a=a: a @ a)
+        pair = _median_s(lambda a=a: (x * x, a @ a))
+        rows.append({"n": n, "tiny_s": tiny, "gemm_s": gemm, "pair_s": pair})
+    return rows
+
+
+def _train(rank: int, plan, run_dir, steps: int) -> None:
+    train(plan, run_dir, RunConfig(steps=steps, warmup_steps=2, dtype="fp32"), rank)
+
+
+def _invoke(*args: str) -> str:
+    res = runner.invoke(app, list(args), catch_exceptions=False)
+    assert res.exit_code in (0, 1), res.output
+    return res.output
+
+
+def loop(work: Path, steps: int, reps: int) -> dict:
+    _invoke(*PLAN, "--out", str(work / "p0"))
+    plan = read_plan(work / "p0/plan.json")
+    run_ranks(plan.layout.world, _train, plan, work / "run", steps, tmp=work / "ranks")
+    measured = statistics.median(s.wall_time_s for s in read_run_report(work / "run").measured_steps)
+    _invoke("calibrate", "--plan", str(work / "p0/plan.json"), "--out", str(work / "cal.json"), "--reps", str(reps))
+    moved = _invoke("check", str(work / "run"), "--plan", str(work / "p0/plan.json"), "--recalibrate",
+                    str(work / "rec.json"), "--recalibrate-from", str(work / "cal.json"))
+    predicted = {"packaged cpu tables": plan.predictions.step.step_time_s}
+    for label, path in (("calibrated at the plan's shapes", "cal.json"), ("calibrated, then recalibrated from the run",
+                                                                           "rec.json")):
+        _invoke(*PLAN, "--out", str(work / path[:3]), "--calibration", str(work / path))
+        predicted[label] = read_plan(work / path[:3] / "plan.json").predictions.step.step_time_s
+    host = CostTables.from_file(work / "cal.json").host
+    return {"measured_s": measured, "predicted": predicted, "moved": moved[moved.find("recalibrated entries"):],
+            "host": host, "steps": steps}
+
+
+def markdown(split: list[dict], result: dict, command: str) -> str:
+    m = result["measured_s"]
+    host = result["host"]
+    lines = ["# Calibration on this machine's CPU: the closed loop, measured", "",
+             (f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}. The "
+             "machine is shared: other work slows what is measured, the run and the benchmarks alike."), "",
+             "## Sum or max: how the host's per-op time meets the op's own time on a CPU", "",
+             "| GEMM n | tiny op us | GEMM us | both, measured us | sum us | max us |", "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['n']} | {r['tiny_s'] * 1e6:,.2f} | {r['gemm_s'] * 1e6:,.2f} | {r['pair_s'] * 1e6:,.2f} | "
+              f"{(r['tiny_s'] + r['gemm_s']) * 1e6:,.2f} | {max(r['tiny_s'], r['gemm_s']) * 1e6:,.2f} |" for r in split]
+    lines += ["", "## The loop: tiny-moe, cpu cluster, pp 2, 1F1B, 4 micro-batches of 64 tokens, 2 gloo processes", "",
+              f"Measured step (median of {result['steps'] - 2} steps after 2 warm-up): {m * 1e3:,.1f} ms.", "",
+              "| tables | predicted ms | error |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v * 1e3:,.1f} | {(v - m) / m:+.1%} |" for k, v in result["predicted"].items()]
+    if host is not None:
+        lines += ["", f"Host term ({host.mode}): " + ", ".join(f"{c} {host.op_s(c) * 1e6:.2f} us/op" for c in
+                                                              ("fwd_compute", "fwd_view", "bwd")) + "; ops per "
+                  "micro-batch: " + ", ".join(f"{c.piece} {c.fwd_compute + c.fwd_view}+{c.bwd}" for c in host.counts)]
+    lines += ["", "Entries the run moved (`moeplan check --recalibrate`):", "", "```", result["moved"].rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--md", type=Path, default=ROOT / "docs/results/calibration-cpu.md")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    split = sum_or_max()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = loop(Path(tmp), args.steps, args.reps)
+    page = markdown(split, result, "python -P benchmarks/calibration_loop.py " + " ".join(sys.argv[1:]))
+    write_atomic(args.md, page)
+    print(json.dumps({k: v for k, v in result["predicted"].items()} | {"measured": result["measured_s"]}))
+
+
+if __name__ == "__main__":
+    main()
