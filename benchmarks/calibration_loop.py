@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))  # the tests' process harness, at the end (never shadowing installed packages)
 
 from moeplan.model.runtime.worker import RunConfig, train
+from moeplan.orchestrator.calibration.timing import median_s
 from moeplan.orchestrator.cli import app
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.contracts.plan_file import read_plan
@@ -42,15 +43,8 @@ SIZES = (8, 32, 64, 128, 256)  # square GEMMs, from shorter than a tiny op's fix
 runner = CliRunner()
 
 
-def _median_s(fn, reps: int = 30) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _median_s(fn) -> float:
+    return median_s(fn, torch.device("cpu"), 30)
 
 
 def sum_or_max() -> list[dict]:
