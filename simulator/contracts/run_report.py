@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -34,9 +34,13 @@ METRICS_NAME = "metrics.jsonl"
 PLAN_COPY_NAME = "plan.json"
 TRACES_DIR = "traces"
 MAX_RANKS = 2**20
+READ_BACK_BYTES = 2**16  # append_metrics looks back this much at a time for the last line's end
 OP_CLASSES = ("gemm", "grouped_gemm", "attention", "memory_bound", "communication", "idle")
 OpClass = Literal["gemm", "grouped_gemm", "attention", "memory_bound", "communication", "idle"]
 TOKENS_RATE_RTOL = 1e-6  # tokens_per_s_per_gpu must equal tokens / wall_time_s / world_size this closely
+# A step takes at least a microsecond and at most about three years: outside, a time is corrupt, and rates,
+# projections and GPU-hours made from it overflow to infinity.
+MIN_STEP_S, MAX_STEP_S = 1e-6, 1e8
 
 
 class RunReportError(ValueError):
@@ -93,7 +97,8 @@ class StepMetrics(_Frozen):
     """One training step, as rank 0 logs it: one line of ``metrics.jsonl``."""
 
     step: Int = Field(..., ge=0)
-    wall_time_s: Float = Field(..., gt=0, description="From the step's start to its end on every rank (max over ranks).")
+    wall_time_s: Float = Field(..., ge=MIN_STEP_S, le=MAX_STEP_S,
+                               description="From the step's start to its end on every rank (max over ranks).")
     tokens: Int = Field(..., gt=0, description="Tokens the whole job trained on in the step (all DP replicas).")
     loss: Float
     mtp_loss: Float | None = None
@@ -288,23 +293,54 @@ def read_run_report(path: str | Path) -> RunReport:
 
 
 def write_run_report(run_dir: str | Path, report: RunReport) -> Path:
-    """Write ``run_dir/run.json`` atomically (a reader sees the old report or the new one, never half)."""
+    """Write ``run_dir/run.json`` atomically (a reader sees the old report or the new one, never half). A
+    failed write (a full disk) leaves the previous report and raises ``OSError`` naming the file."""
     path = Path(run_dir) / RUN_REPORT_NAME
-    write_atomic(path, dump_run_report(report))
+    try:
+        write_atomic(path, dump_run_report(report))
+    except OSError as exc:
+        raise OSError(exc.errno, f"{path}: cannot write the run report ({exc.strerror or exc}); "
+                                 "the previous one is left as it was") from exc
     return path
 
 
 def append_metrics(path: str | Path, metrics: StepMetrics) -> None:
     """Append one line to ``metrics.jsonl`` (``path`` is the file or the run directory) and fsync it,
-    so a crash loses at most the step in flight."""
+    so a crash loses at most the step in flight. A line cut short by an earlier crash is dropped first
+    (the next line would join it); a failed write (a full disk) is cut away again, leaving the steps
+    before it, and raises ``OSError`` naming the file and the step."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_NAME
-    line = metrics.model_dump_json() + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    line = (metrics.model_dump_json() + "\n").encode()
+    with open(path, "a+b") as f:
+        size = _whole_lines(f)
+        try:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as exc:
+            f.truncate(size)  # no torn line for the next append to join
+            raise OSError(exc.errno, f"{path}: cannot append step {metrics.step} ({exc.strerror or exc}); "
+                                     f"the steps before it are kept") from exc
+
+
+def _whole_lines(f: BinaryIO) -> int:
+    """Cut an unfinished last line (the step in flight when a process died) off the open file ``f``; its
+    size after."""
+    size = end = f.seek(0, os.SEEK_END)
+    while end > 0:
+        start = max(0, end - READ_BACK_BYTES)
+        f.seek(start)
+        chunk = f.read(end - start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            end = start + newline + 1
+            break
+        end = start
+    if end != size:
+        f.truncate(end)
+    return end
 
 
 def read_metrics(path: str | Path) -> list[StepMetrics]:
