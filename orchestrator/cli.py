@@ -17,6 +17,7 @@ from rich.console import Console
 from moeplan.orchestrator.calibrate_cmd import calibrate_command
 from moeplan.orchestrator.check_cmd import check_command
 from moeplan.orchestrator.errors import ReportingGroup
+from moeplan.orchestrator.launch_cmd import launch_command
 from moeplan.orchestrator.manifests_cmd import manifests_command
 from moeplan.orchestrator.outputs import strict_json
 from moeplan.orchestrator.placement_cmd import placement_command
@@ -44,6 +45,7 @@ app.command("submit")(submit_command)
 app.command("status")(status_command)
 app.command("check")(check_command)
 app.command("calibrate")(calibrate_command)
+app.command("launch")(launch_command)
 console = Console(width=140)
 
 

@@ -7,6 +7,8 @@ command group, reports:
   of the wrong type) as ``moeplan: error: ...`` naming the field and the value, exit code 2. Since
   every command renders its files before it writes any (``outputs.write_outputs``), nothing is left
   behind;
+- a run that failed (``RunFailedError``: its workers kept failing) as ``moeplan: run failed: ...``,
+  exit code 5;
 - anything else, a bug, as ``moeplan: internal error: ...`` plus the path of a log file holding the
   traceback (``moeplan-crash-*.log`` in the temporary directory), exit code 3.
 
@@ -37,12 +39,17 @@ from moeplan.simulator.spec.errors import first_error_line
 BAD_INPUT_EXIT_CODE = 2
 INTERNAL_ERROR_EXIT_CODE = 3
 INTERRUPTED_EXIT_CODE = 130
+RUN_FAILED_EXIT_CODE = 5
 TERMINATED_EXIT_CODE = 143  # 128 + SIGTERM, as a shell reports it
 MAX_LINE_CHARS = 2000  # a reported line quotes what it was given, up to this long
 
 
 class InputError(ValueError):
     """Bad user input (an option, a file it names); the message is one line naming the field and the value."""
+
+
+class RunFailedError(RuntimeError):
+    """A launched run that failed (not bad input, not a bug); the message is one line."""
 
 
 # Our boundaries' errors. A pydantic ValidationError is a spec built straight from options; OSError on a
@@ -125,6 +132,9 @@ class ReportingGroup(TyperGroup):
         except USER_ERRORS as exc:
             typer.echo(f"moeplan: error: {error_line(exc)}", err=True)
             raise typer.Exit(BAD_INPUT_EXIT_CODE) from None
+        except RunFailedError as exc:
+            typer.echo(f"moeplan: run failed: {one_line(str(exc))}", err=True)
+            raise typer.Exit(RUN_FAILED_EXIT_CODE) from None
         except _CLICK_FLOW:  # usage errors, exits and aborts: ``main`` reports them
             raise
         except Exception as exc:  # noqa: BLE001 -- a bug: one line here, the traceback in a log file

@@ -1,0 +1,240 @@
+"""``moeplan launch PLAN``: the plan's ranks trained through Ray, with a progress bar, the budget guard,
+checkpoints and restarts; the run directory is what ``moeplan check RUN`` reads.
+
+Before Ray starts: the options, the plan (a schedule, a world the runtime runs, a budget when guarded),
+the run directory (new and empty, or ``--resume RUN`` with a checkpoint) and, for a local cluster, the
+GPUs this machine has; after it starts, the cluster's resources (``ray_launch.missing_resources``). Each
+is one line and exit 2, with nothing written. Then ``RUN/plan.json`` (the plan's own text),
+``RUN/plan-trace.json`` (its simulated step, when that reproduces the prediction), ``RUN/launch.json``
+(the launch's settings, ``--resume``'s defaults), and the ranks write the rest (docs/design/run-report.md).
+
+Exit codes: 0 completed; 2 bad input; 4 stopped by the budget guard (after a checkpoint,
+``status="stopped"``); 5 the run failed more often than ``--max-failures`` (``run.json`` then says
+``failed``; the directory keeps every checkpoint, metric and restart). docs/design/launch.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from moeplan.orchestrator.budget_guard import guard_problem
+from moeplan.orchestrator.errors import InputError, RunFailedError
+from moeplan.orchestrator.launch_progress import RunProgress
+from moeplan.orchestrator.outputs import strict_json
+from moeplan.orchestrator.rank_entry import RankJob, on_cpu
+from moeplan.simulator.contracts.atomic_write import write_atomic
+from moeplan.simulator.contracts.plan_file import PlanFile, read_plan
+from moeplan.simulator.contracts.run_report import PLAN_COPY_NAME, read_run_report
+
+STOPPED_EXIT_CODE = 4
+LAUNCH_SETTINGS_NAME = "launch.json"
+PLAN_TRACE_NAME = "plan-trace.json"
+RAY_LOG_NAME = "ray-driver.log"
+FAULT_ENV = "MOEPLAN_TEST_FAULT_AT"  # TEST ONLY: "rank:step" kills that rank once at that step
+console = Console(width=140)
+
+
+def _settings(resume: Path | None, given: dict) -> dict:
+    """The launch's settings: ``--resume``'s saved ones, overridden by the options given."""
+    saved = {}
+    if resume is not None:
+        path = resume / LAUNCH_SETTINGS_NAME
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise InputError(f"--resume {resume}: no readable {LAUNCH_SETTINGS_NAME} (not a run of moeplan launch)")
+    defaults = {"dtype": "bf16", "budget_guard": "off", "guard_every": 5, "checkpoint_every": 0, "max_failures": 0,
+                "steps": None}
+    return defaults | saved | {k: v for k, v in given.items() if v is not None}
+
+
+def _whole_run_steps(plan: PlanFile) -> int:
+    pred = plan.predictions
+    if pred is None or len(pred.run.phases) != 1:
+        raise InputError("--steps is needed: the plan's run has no single-phase prediction to run in full "
+                         f"({0 if pred is None else len(pred.run.phases)} phases)")
+    return math.ceil(pred.run.phases[0].steps)
+
+
+def _check_plan(plan: PlanFile, s: dict) -> None:
+    """One-line errors for a plan these settings cannot run (before any process starts)."""
+    from moeplan.model.runtime.rank import PlanRuntimeError, check_plan_for_world
+    from moeplan.model.runtime.worker import RunConfig
+
+    try:
+        check_plan_for_world(plan, plan.inputs.cluster.num_gpus)
+        RunConfig(steps=s["steps"], warmup_steps=min(1, s["steps"] - 1), dtype=s["dtype"],
+                  checkpoint_every=s["checkpoint_every"])
+    except (PlanRuntimeError, ValueError) as exc:
+        raise InputError(str(exc)) from None
+    problem = guard_problem(plan, s["budget_guard"], s["guard_every"])
+    if problem:
+        raise InputError(problem)
+    if s["max_failures"] < 0:
+        raise InputError(f"--max-failures={s['max_failures']} must be >= 0")
+
+
+def _run_dir(plan_path: Path | None, run_dir: Path | None, resume: Path | None) -> tuple[Path, Path]:
+    """(the plan file to read, the run directory)."""
+    if resume is not None:
+        from moeplan.model.runtime.checkpoint import latest_checkpoint
+
+        if run_dir is not None and run_dir != resume:
+            raise InputError(f"--run-dir {run_dir} and --resume {resume}: a resumed run stays in its directory")
+        if latest_checkpoint(resume) is None:
+            raise InputError(f"--resume {resume}: the run has no checkpoint (checkpoints/latest) to continue from")
+        return resume / PLAN_COPY_NAME, resume
+    if plan_path is None:
+        raise InputError("PLAN is needed (or --resume RUN)")
+    out = run_dir if run_dir is not None else (plan_path if plan_path.is_dir() else plan_path.parent) / "run"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--run-dir {out}: exists and is not an empty directory (give another, or --resume {out})")
+    return plan_path, out
+
+
+def _local_gpus_missing(plan: PlanFile) -> None:
+    """Before a local Ray starts: a GPU plan needs this machine's GPUs (Ray would wait for them forever)."""
+    if on_cpu(plan):
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if have < plan.layout.world:
+        raise InputError(f"the plan needs {plan.layout.world} GPUs ({plan.inputs.cluster.gpu.name}) but this machine "
+                         f"has {have}: plan with --cluster cpu, or give --address of a Ray cluster with the GPUs")
+
+
+def _prepare(plan_path: Path, plan: PlanFile, run: Path, s: dict, fresh: bool) -> None:
+    """Write the run directory's launch files (a fresh run: the plan's text and its simulated trace)."""
+    run.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        from moeplan.simulator.engine.trace import chrome_trace
+        from moeplan.simulator.report.run_comparison import resimulated_trace
+
+        source = plan_path / PLAN_COPY_NAME if plan_path.is_dir() else plan_path
+        write_atomic(run / PLAN_COPY_NAME, source.read_text())
+        events = resimulated_trace(plan)
+        if events is not None:
+            write_atomic(run / PLAN_TRACE_NAME, strict_json(chrome_trace(events), indent=None))
+    write_atomic(run / LAUNCH_SETTINGS_NAME, strict_json(s))
+
+
+def _fault_at() -> tuple[int, int] | None:
+    raw = os.environ.get(FAULT_ENV)
+    if not raw:
+        return None
+    rank, step = raw.split(":")
+    return int(rank), int(step)
+
+
+def _resources(plan: PlanFile, address: str | None) -> bool:
+    """Start or join Ray and check that it can hold the plan (``InputError`` otherwise, Ray shut down);
+    True when a local cluster was started here."""
+    import ray
+
+    from moeplan.orchestrator.ray_launch import cluster_nodes, missing_resources, start_ray
+
+    started = start_ray(address, num_cpus=max(os.cpu_count() or 1, plan.layout.world) + 1)
+    problem = missing_resources(plan, cluster_nodes())
+    if problem:
+        if started:
+            ray.shutdown()
+        raise InputError(problem)
+    return started
+
+
+def _execute(plan: PlanFile, run: Path, s: dict, local: bool, resumed: bool, show: bool) -> str | None:
+    """Run the ranks in one placement group (restarts included); rank 0's status."""
+    from moeplan.model.runtime.worker import Resume, RunConfig
+    from moeplan.orchestrator.ray_launch import RankGroup
+
+    config = RunConfig(steps=s["steps"], warmup_steps=min(1, s["steps"] - 1), dtype=s["dtype"],
+                       checkpoint_every=s["checkpoint_every"], fault_at=_fault_at())
+    g, gpu = plan.inputs.cluster.node.gpus_per_node, not on_cpu(plan)
+
+    def make_job(rank: int, master: str, port: int, places: list, failure) -> RankJob:
+        resume = Resume(f"worker failure: {failure[0]}", failure[1]) if failure else \
+            Resume("moeplan launch --resume") if resumed else None
+        node = places[rank // g * g:(rank // g + 1) * g]
+        return RankJob(rank=rank, world=plan.layout.world, run_dir=str(run.resolve()),
+                       config=dataclasses.replace(config, resume=resume), guard_policy=s["budget_guard"],
+                       guard_every=s["guard_every"], master_addr=master, master_port=port,
+                       node_gpus=tuple(p["gpus"][0] for p in node) if gpu else ())
+
+    group = RankGroup.create(plan, local=local)
+    # Ray prints worker deaths on stdout from a thread of its own: into RUN/ray-driver.log, so that stdout
+    # holds only what the command prints (strict JSON with --json) and a failure stays one line on stderr
+    try:
+        err = Console(stderr=True)
+        err.quiet = not (show and err.is_terminal)  # a bar in a terminal; logs and pipes get the summary line
+        progress = RunProgress(plan, run, s["steps"], err)
+        with open(run / RAY_LOG_NAME, "a") as log, contextlib.redirect_stdout(log), progress:
+            return group.run(make_job, s["max_failures"], on_poll=progress.poll)
+    finally:
+        group.close()
+
+
+def launch_command(
+    plan_path: Annotated[Path | None, typer.Argument(metavar="PLAN", help="plan.json or its directory.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Steps to run (a rehearsal); default: the whole run.")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Where the run's files go; default PLAN/../run.")]
+    = None,
+    address: Annotated[str | None, typer.Option(help="Join a Ray cluster (auto, ray://...); default: start one here.")]
+    = None,
+    budget_guard: Annotated[str | None, typer.Option(help="off, warn or stop when the projected GPU-hours exceed "
+                                                          "the plan's budget.")] = None,
+    guard_every: Annotated[int | None, typer.Option(help="Project the run every K steps after the warm-up.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every K steps (0: only at a stop).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its latest "
+                                                      "checkpoint.")] = None,
+    max_failures: Annotated[int | None, typer.Option(help="Restarts from the last checkpoint after worker "
+                                                          "failures.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="bf16 or fp32 (exact CPU rehearsals).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON.")] = False,
+) -> int:
+    """Launch a plan through Ray: exit 0 completed, 2 bad input, 4 stopped by the budget guard, 5 failed."""
+    given = {"steps": steps, "budget_guard": budget_guard, "guard_every": guard_every,
+             "checkpoint_every": checkpoint_every, "max_failures": max_failures, "dtype": dtype}
+    s = _settings(resume, given)
+    source, run = _run_dir(plan_path, run_dir, resume)
+    plan = read_plan(source)
+    if resume is not None and plan_path is not None and read_plan(plan_path).inputs_sha256 != plan.inputs_sha256:
+        raise InputError(f"PLAN {plan_path} is not the plan of the run {resume} (inputs_sha256 differs)")
+    s["steps"] = s["steps"] if s["steps"] is not None else _whole_run_steps(plan)
+    _check_plan(plan, s)
+    if address is None:
+        _local_gpus_missing(plan)
+    started = _resources(plan, address)
+    try:
+        _prepare(source, plan, run, s, fresh=resume is None)
+        status = _execute(plan, run, s, local=started or address is None, resumed=resume is not None,
+                          show=not json_)
+    except RunFailedError:
+        from moeplan.orchestrator.launch_report import failed_report
+
+        failed_report(plan, run, s)
+        raise
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    from moeplan.orchestrator.launch_report import launch_summary
+
+    report = read_run_report(run)
+    summary = launch_summary(plan, run, report)
+    typer.echo(strict_json(summary)) if json_ else console.print(
+        f"{report.status}: {len(report.steps)} steps, loss {summary['final_loss']:.4f}, median step "
+        f"{1e3 * summary['median_step_s']:.1f} ms, {summary['tokens_per_s_per_gpu']:,.0f} tok/s/GPU; "
+        f"run projected at {summary['projected_gpu_hours']} GPU-hours; check it: moeplan check {run}")
+    assert status == report.status, f"{status=} {report.status=}"
+    return STOPPED_EXIT_CODE if report.status == "stopped" else 0
