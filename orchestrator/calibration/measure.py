@@ -138,6 +138,9 @@ def measure_all(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float, advanc
         m.memory.append(opt)
     for span, wanted in link_groups(shapes).items():
         advance(f"collectives over {span} processes ({setup.backend})")
+        if dev.type == "cuda" and torch.cuda.device_count() < span:
+            m.skipped.append(f"collectives over {span} processes: {torch.cuda.device_count()} GPU(s) visible")
+            continue
         sizes = sorted({s for _, ss in wanted for s in ss})
         res = _attempt(f"collectives over {span} processes", lambda span=span, sizes=sizes, wanted=wanted:
                        links.measure_links(span, sizes, reps, setup.threads, backend=setup.backend,

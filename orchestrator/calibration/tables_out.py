@@ -4,8 +4,9 @@ Fractions are of the plan's own cluster peaks (``cluster.gpu.bf16_flops_per_s`` 
 the numbers the engine multiplies them back by, so ``plan --calibration FILE`` on the same cluster prices
 each op at the time measured (a measurement above a peak is held at the peak: the fraction is at most 1).
 GEMMs keep their absolute rate. Measurements that are missing leave their entry out; the ones the tables
-cannot do without (a GEMM, attention, a copy, the send/recv latency) raise ``CalibrationError`` naming
-what failed.
+cannot do without (a GEMM, attention, a copy, on a CPU the send/recv latency) raise ``CalibrationError``
+naming what failed; a GPU with no second GPU to measure against keeps the default tables' collective
+latency, its source saying so.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from moeplan.orchestrator.calibration.links import link_fits, rss_bytes
 from moeplan.orchestrator.calibration.machine_info import load_average, machine_facts
 from moeplan.orchestrator.calibration.measure import Measured, Setup
 from moeplan.simulator.costs.machine import Machine
-from moeplan.simulator.costs.tables import CostTables
+from moeplan.simulator.costs.tables import CostTables, default_tables
 from moeplan.simulator.spec.hardware import GpuSpec
 
 
@@ -43,18 +44,32 @@ def machine_record(m: Measured, setup: Setup, gpu: GpuSpec, command: str, load_b
                    python=platform.python_version(), date=now(), command=command)
 
 
-def _required(m: Measured) -> None:
+def _required(m: Measured, device: torch.device) -> None:
+    """A CPU's tables need a measured send/recv latency; a GPU alone (no peer) takes the default tables'."""
     missing = [what for what, rows in (("GEMM", m.gemm), ("attention", m.attention), ("copy", m.copy)) if not rows]
-    if not any(r["rows"] and any(c == "send_recv" for c, _, _ in r["rows"]) for r in m.links.values()):
+    if device.type == "cpu" and not _has_send_recv(m):
         missing.append("send/recv latency")
     if missing:
         why = "; ".join(m.skipped) or "not measured"
         raise CalibrationError(f"calibration measured no {', '.join(missing)} ({why}): no cost tables written")
 
 
+def _has_send_recv(m: Measured) -> bool:
+    return any(r["rows"] and any(c == "send_recv" for c, _, _ in r["rows"]) for r in m.links.values())
+
+
+def _latency(m: Measured, setup: Setup, gpu: GpuSpec, fits: list) -> tuple[float, str]:
+    """The send/recv fit's intercept; on a GPU with no peer measured, the default tables', labelled as such."""
+    if _has_send_recv(m):
+        p2p = min((f for f in fits if f.collective == "send_recv"), key=lambda f: f.processes)
+        return p2p.latency_s, f"{setup.label} {setup.backend} send/recv latency, {p2p.processes} processes (fit intercept)"
+    default = default_tables(gpu.name)
+    return default.collective_latency_s, f"not measured (no second GPU): the default tables' {default.collective_source}"
+
+
 def calibrated_tables(name: str, m: Measured, setup: Setup, gpu: GpuSpec, machine: Machine) -> CostTables:
     """The ``CostTables`` of the measurements (see module docstring)."""
-    _required(m)
+    _required(m, setup.device)
     src, dt, peak, hbm = setup.label, machine.dtype, gpu.bf16_flops_per_s, gpu.hbm_bytes_per_s
     gemm = [{"precision": "bf16", "m": r["m"], "n": r["n"], "k": r["k"], "groups": r["groups"],
              "flops_per_s": r["flops_per_s"], "source": f"{src} {dt} {'mm' if r['groups'] == 1 else 'grouped mm'} "
@@ -69,14 +84,14 @@ def calibrated_tables(name: str, m: Measured, setup: Setup, gpu: GpuSpec, machin
                for r in m.memory]
     largest = max(m.copy, key=lambda r: r["bytes"])
     fits = link_fits(m.links, src, setup.backend)
-    p2p = min((f for f in fits if f.collective == "send_recv"), key=lambda f: f.processes)
+    latency, latency_source = _latency(m, setup, gpu, fits)
     return CostTables.model_validate({
         "name": name, "gemm": gemm, "attention_fwd_frac": att[0]["fwd_frac"],
         "attention_fwd_bwd_frac": att[0]["fwd_bwd_frac"], "attention_by_seq": att,
         "attention_source": f"{src} causal SDPA {dt} at the plan's sequence length (fwd+bwd as 3x fwd)",
         "memory_frac": min(1.0, largest["bytes_per_s"] / hbm),
         "memory_source": f"{src} copy of {largest['bytes'] / 2**20:.0f} MiB over the cluster's hbm_bytes_per_s",
-        "memory_kernels": kernels, "collective_latency_s": p2p.latency_s,
-        "collective_source": f"{src} {setup.backend} send/recv latency, {p2p.processes} processes (fit intercept)",
+        "memory_kernels": kernels, "collective_latency_s": latency,
+        "collective_source": latency_source,
         "comm_sms": 0 if setup.device.type == "cpu" else CostTables.model_fields["comm_sms"].default,
         "precisions": ("bf16",), "machine": machine, "links": fits, "host": m.host})
