@@ -1,4 +1,9 @@
-"""Turn plan inputs into a step simulation: per-stage sub-operation costs, links, DP tails."""
+"""Turn plan inputs into a step simulation: per-stage sub-operation costs, links, DP tails.
+
+With expert parallelism every unit is priced twice: on all of the GPU's SMs, and on the SMs left while an
+all-to-all kernel holds ``comm_sms`` of them (TR §3.2.2); the engine runs a piece at the second rate only
+while an all-to-all is in flight beside it (``engine/sm_share.py``).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ from moeplan.simulator.engine.unit_costs import CostContext, UnitCosts, end_cost
 from moeplan.simulator.schedules.registry import make_schedule, rank_stages, schedule_kind
 from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.traffic.all_to_all import BF16_BYTES_PER_ELEMENT, WirePayload
+
+FP32_BYTES_PER_ELEMENT = 4
 
 # AdamW step per parameter of the local shard: read+write FP32 master (8), two BF16 moments (8),
 # read the FP32 gradient (4), write the BF16 weight (2) -- TR §3.3 storage.
@@ -33,16 +41,24 @@ class SimOptions:
     layer_loads: tuple[tuple[int, tuple[float, ...]], ...] = ()  # (layer, per-expert load): overrides expert_load
     seed: int = 0
     coarse: bool = False  # merge each stage's layers into one unit: fewer events, for the search
+    comm_sms_always: bool = False  # withhold comm_sms from all compute whenever ep > 1 (the model before issue 21)
+    payload: WirePayload | None = None  # bytes per all-to-all row, for sensitivity studies; None = ``wire_payload``
 
 
-def cost_context(inputs: PlanInputs, tables: CostTables, seq_len_tokens: int) -> CostContext:
+def comm_sms(inputs: PlanInputs, tables: CostTables) -> int:
+    """SMs an all-to-all kernel holds while it runs (none without expert parallelism)."""
+    return tables.comm_sms if inputs.parallel.ep > 1 and inputs.model.is_moe else 0
+
+
+def cost_context(inputs: PlanInputs, tables: CostTables, seq_len_tokens: int, beside_comm: bool = False) -> CostContext:
+    """Costs on all SMs, or (``beside_comm``) on those an all-to-all leaves."""
     par, gpu, m = inputs.parallel, inputs.cluster.gpu, inputs.model
-    comm_sms = tables.comm_sms if par.ep > 1 else 0
+    taken = comm_sms(inputs, tables) if beside_comm else 0
     mbs, cp = par.micro_batch_size, par.cp
     return CostContext(
         tables=tables, gpu=gpu, precision=inputs.training.precision,
         tokens=cp_tokens(mbs, seq_len_tokens, cp), seq_len_tokens=seq_len_tokens,
-        compute_frac=(gpu.sm_count - comm_sms) / gpu.sm_count, recompute=par.recompute,
+        compute_frac=(gpu.sm_count - taken) / gpu.sm_count, recompute=par.recompute,
         kv_rows=kv_up_rows(mbs, seq_len_tokens, cp, m), cp_gather_bytes=gather_bytes(m, mbs, seq_len_tokens, cp),
     )
 
@@ -52,11 +68,21 @@ def layer_load(opts: SimOptions, layer: int) -> tuple[float, ...] | None:
     return dict(opts.layer_loads).get(layer, opts.expert_load)
 
 
-def _traffic(inputs: PlanInputs, tokens: int, opts: SimOptions, load: tuple[float, ...] | None) -> ExpertTraffic | None:
+def wire_payload(inputs: PlanInputs, tables: CostTables) -> WirePayload:
+    """Bytes per all-to-all row: the run's precision, the backend's routing metadata, and the element size
+    of a non-FP8 run's activations (FP32 where the tables price ``bf16`` in FP32: the cpu tables)."""
+    m, par = inputs.model, inputs.parallel
+    fp32 = tables.machine is not None and tables.machine.dtype == "float32"
+    return WirePayload.of(m.hidden_size, m.num_experts_per_tok, inputs.training.precision, par.ep_backend,
+                          FP32_BYTES_PER_ELEMENT if fp32 else BF16_BYTES_PER_ELEMENT)
+
+
+def _traffic(inputs: PlanInputs, ctx: CostContext, opts: SimOptions, load: tuple[float, ...] | None) -> ExpertTraffic | None:
     m, par = inputs.model, inputs.parallel
     if not m.is_moe or par.ep == 1:
         return None
-    return expert_traffic(m, inputs.cluster, par.ep, tokens, opts.redundant_experts, load, opts.seed)
+    return expert_traffic(m, inputs.cluster, par.ep, ctx.tokens, opts.redundant_experts, load, opts.seed,
+                          opts.payload or wire_payload(inputs, ctx.tables), par.ep_backend)
 
 
 def merge_units(units: list[UnitCosts]) -> UnitCosts:
@@ -76,7 +102,7 @@ def _stage_costs(inputs: PlanInputs, parallel: ParallelSpec, ctx: CostContext, o
         load = layer_load(opts, u) if moe else None
         key = (mtp, moe, load)
         if key not in cache:
-            traffic = _traffic(inputs, ctx.tokens, opts, load) if moe else None
+            traffic = _traffic(inputs, ctx, opts, load) if moe else None
             cache[key] = unit_costs(ctx, m, moe=moe, traffic=traffic, mtp=mtp)
         return cache[key]
 
@@ -126,17 +152,22 @@ def step_inputs(
     par, m, cl = inputs.parallel, inputs.model, inputs.cluster
     tables = opts.tables or default_tables(cl.gpu.name)
     seq = seq_len_tokens or par.seq_len_tokens
-    ctx = cost_context(inputs, tables, seq)
+    ctx = cost_context(inputs, tables, seq, beside_comm=opts.comm_sms_always)
     links = Links(
         nic_bytes_per_s=cl.node.nic_bytes_per_s, nvlink_bytes_per_s=cl.node.nvlink_bytes_per_s,
         latency_s=tables.collective_latency_s, p2p_bytes=ctx.tokens * m.hidden_size * 2.0,
         p2p_over_nvlink=dp * par.cp < cl.node.gpus_per_node,  # pipeline neighbours are dp * cp ranks apart
         cp_over_nvlink=par.cp <= cl.node.gpus_per_node,  # CP ranks are innermost: a group fits in a node
     )
+    stages, slow_ends = _stage_costs(inputs, par, ctx, opts), None
+    if comm_sms(inputs, tables) and not opts.comm_sms_always:  # the same units on the SMs an all-to-all leaves
+        slow_ctx = cost_context(inputs, tables, seq, beside_comm=True)
+        slow = _stage_costs(inputs, par, slow_ctx, opts)
+        stages = tuple(replace(st, slow_units=v.units) for st, v in zip(stages, slow, strict=True))
+        slow_ends = end_costs(slow_ctx, m)
     return StepInputs(
         schedule=make_schedule(par.schedule, par.pp, microbatches, par.virtual_stages),
-        stages=_stage_costs(inputs, par, ctx, opts), ends=end_costs(ctx, m), links=links,
-        tails=_tails(inputs, dp, tables),
+        stages=stages, ends=end_costs(ctx, m), links=links, tails=_tails(inputs, dp, tables), slow_ends=slow_ends,
     )
 
 
@@ -145,7 +176,7 @@ def compute_bound_s(inputs: PlanInputs, dp: int, microbatches: int, opts: SimOpt
     schedule of this layout can take less. The search uses it to skip hopeless layouts."""
     par, m = inputs.parallel, inputs.model
     tables = opts.tables or default_tables(inputs.cluster.gpu.name)
-    ctx = cost_context(inputs, tables, par.seq_len_tokens)
+    ctx = cost_context(inputs, tables, par.seq_len_tokens, beside_comm=opts.comm_sms_always)
     stages = _stage_costs(inputs, par, ctx, replace(opts, coarse=True))
     ends = end_costs(ctx, m)
     head_s = ends.head_fwd_s + ends.head_dx_s + ends.head_dw_s

@@ -4,12 +4,13 @@ expert-placement capability's traffic model (``simulator/traffic/all_to_all.py``
 The group is ``ep`` GPUs on ``ep / gpus_per_node`` whole nodes (or part of one node when ``ep`` is
 smaller). Every GPU routes ``tokens`` tokens; the step waits for the slowest GPU, so the engine
 uses the largest per-GPU IB and NVLink bytes (max of send and receive) and the largest expert row
-count. Uniform routing uses the closed form; a per-expert load samples routings (seeded).
+count. Uniform routing uses the closed form; a per-expert load samples routings (seeded). The
+backend (``deepep`` or ``flat``) and the bytes per row (``WirePayload``) are the traffic room's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -18,25 +19,23 @@ from moeplan.simulator.placement.maps import Placement
 from moeplan.simulator.placement.rebalance import place_experts
 from moeplan.simulator.spec.hardware import ClusterSpec, NodeSpec
 from moeplan.simulator.spec.model import ModelSpec
-from moeplan.simulator.traffic.all_to_all import (
-    LayerTraffic,
-    combine_bytes_per_token,
-    dispatch_bytes_per_token,
-    expected_uniform_layer,
-    simulate_layer,
-)
+from moeplan.simulator.spec.parallel import EpBackend
+from moeplan.simulator.traffic.all_to_all import LayerTraffic, WirePayload, expected_uniform_layer, simulate_layer
 
 MONTE_CARLO_TOKENS = 4096  # routings sampled per GPU for a skewed load
 
 
 @dataclass(frozen=True)
 class ExpertTraffic:
-    """Per micro-batch and MoE layer, for the slowest GPU of the group (forward direction)."""
+    """Per micro-batch and MoE layer, for the slowest GPU of the group (forward direction). The routing
+    metadata (``flat`` only) rides with the dispatch; its gradient goes back with the backward's combine-shaped leg."""
 
     dispatch_ib_bytes: float
     dispatch_nvlink_bytes: float
     combine_ib_bytes: float
     combine_nvlink_bytes: float
+    routing_ib_bytes: float
+    routing_nvlink_bytes: float
     expert_rows_max: float  # token-expert pairs computed on the busiest GPU
     expert_rows_mean: float
     experts_per_gpu: int
@@ -62,12 +61,13 @@ def _max_link_tokens(tokens: np.ndarray) -> float:
     return float(np.maximum(tokens.sum(axis=0), tokens.sum(axis=1)).max())
 
 
-def _from_layer(t: LayerTraffic, model: ModelSpec, experts_per_gpu: int) -> ExpertTraffic:
-    d, c = dispatch_bytes_per_token(model.hidden_size), combine_bytes_per_token(model.hidden_size)
+def _from_layer(t: LayerTraffic, experts_per_gpu: int) -> ExpertTraffic:
+    d, c, r = t.payload.dispatch_bytes, t.payload.combine_bytes, t.payload.routing_bytes
     ib, nvl = _max_link_tokens(t.ib_tokens), _max_link_tokens(t.nvlink_tokens)
     return ExpertTraffic(
         dispatch_ib_bytes=ib * d, dispatch_nvlink_bytes=nvl * d,
         combine_ib_bytes=ib * c, combine_nvlink_bytes=nvl * c,
+        routing_ib_bytes=ib * r, routing_nvlink_bytes=nvl * r,
         expert_rows_max=float(t.expert_tokens.max()), expert_rows_mean=float(t.expert_tokens.mean()),
         experts_per_gpu=experts_per_gpu, nodes_per_token=t.nodes_per_token,
     )
@@ -75,13 +75,16 @@ def _from_layer(t: LayerTraffic, model: ModelSpec, experts_per_gpu: int) -> Expe
 
 def expert_traffic(
     model: ModelSpec, cluster: ClusterSpec, ep: int, tokens: int, redundant: int = 0,
-    load: tuple[float, ...] | None = None, seed: int = 0,
+    load: tuple[float, ...] | None = None, seed: int = 0, payload: WirePayload | None = None,
+    backend: EpBackend = "deepep",
 ) -> ExpertTraffic:
     """Traffic of one MoE layer for a micro-batch of ``tokens`` tokens per GPU.
 
     ``load``: relative per-expert load (``[n_routed_experts]``); None means uniform routing. The
-    placement is balanced for that load with ``redundant`` extra slots (EPLB-style)."""
-    return _cached(model, cluster, ep, tokens, redundant, load, seed)
+    placement is balanced for that load with ``redundant`` extra slots (EPLB-style). ``payload``
+    None: an FP8 run's (``WirePayload.of``)."""
+    payload = payload or WirePayload.of(model.hidden_size, model.num_experts_per_tok, "fp8", backend)
+    return _cached(model, cluster, ep, tokens, redundant, load, seed, payload, backend)
 
 
 @lru_cache(maxsize=64)
@@ -97,25 +100,23 @@ def group_placement(model: ModelSpec, cluster: ClusterSpec, ep: int, redundant: 
 
 
 @lru_cache(maxsize=256)
-def _cached(model, cluster, ep, tokens, redundant, load, seed) -> ExpertTraffic:
+def _cached(model, cluster, ep, tokens, redundant, load, seed, payload, backend) -> ExpertTraffic:
     group = group_cluster(cluster, ep)
     replicas = model.n_routed_experts + redundant
     placement = group_placement(model, cluster, ep, redundant, load)
     if load is None:
-        return _from_layer(expected_uniform_layer(placement, 0, model, group, tokens), model, replicas // ep)
+        return _from_layer(expected_uniform_layer(placement, 0, model, group, tokens, payload, backend), replicas // ep)
     # Sample at most MONTE_CARLO_TOKENS routings per GPU and scale the counts to ``tokens``: the
     # busiest GPU's share is then estimated from a sample, which keeps long-context phases cheap.
     sampled = min(tokens, MONTE_CARLO_TOKENS)
-    layer = simulate_layer(np.asarray(load, dtype=float), placement, 0, model, group, sampled, np.random.default_rng(seed))
-    return _scaled(_from_layer(layer, model, replicas // ep), tokens / sampled)
+    layer = simulate_layer(np.asarray(load, dtype=float), placement, 0, model, group, sampled,
+                           np.random.default_rng(seed), payload, backend)
+    return _scaled(_from_layer(layer, replicas // ep), tokens / sampled)
 
 
 def _scaled(t: ExpertTraffic, factor: float) -> ExpertTraffic:
     if factor == 1.0:
         return t
-    return ExpertTraffic(
-        dispatch_ib_bytes=t.dispatch_ib_bytes * factor, dispatch_nvlink_bytes=t.dispatch_nvlink_bytes * factor,
-        combine_ib_bytes=t.combine_ib_bytes * factor, combine_nvlink_bytes=t.combine_nvlink_bytes * factor,
-        expert_rows_max=t.expert_rows_max * factor, expert_rows_mean=t.expert_rows_mean * factor,
-        experts_per_gpu=t.experts_per_gpu, nodes_per_token=t.nodes_per_token,
-    )
+    scaled = ("dispatch_ib_bytes", "dispatch_nvlink_bytes", "combine_ib_bytes", "combine_nvlink_bytes",
+              "routing_ib_bytes", "routing_nvlink_bytes", "expert_rows_max", "expert_rows_mean")
+    return replace(t, **{name: getattr(t, name) * factor for name in scaled})

@@ -13,6 +13,10 @@ share a node). When a rank has run the last backward of a stage, that stage's Ze
 reduce-scatter of gradients and all-gather of weights start on its NIC; the optimizer step closes
 the rank's step.
 
+Communication SMs (``sm_share``): every compute piece has a duration on all SMs (``StageCosts.units``)
+and one on the SMs an all-to-all leaves (``slow_units``); it runs at the second rate only while one of
+this rank's all-to-all legs is in flight. Without ``slow_units`` compute never slows.
+
 Context parallelism adds two collectives per layer on the CP group's link (NVLink inside a node,
 else the NIC), queued on the same lanes as everything else. Forward: the KV all-gather starts
 when the down-projection has made the latent, the query up-projection runs beside it, and the
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 import simpy
 
 from moeplan.simulator.contracts.trace import TraceEvent
+from moeplan.simulator.engine.sm_share import ComputeLane
 from moeplan.simulator.engine.unit_costs import EndCosts, UnitCosts
 from moeplan.simulator.schedules.actions import Action, Op
 from moeplan.simulator.schedules.executor import needs, produces
@@ -43,6 +48,10 @@ class StageCosts:
     has_embedding: bool
     has_head: bool
     heads: int  # output-head passes on this stage: the main head plus one per MTP module
+    slow_units: tuple[UnitCosts, ...] | None = None  # the same units beside an all-to-all (comm SMs taken)
+
+    def slow(self, i: int) -> UnitCosts:
+        return self.units[i] if self.slow_units is None else self.slow_units[i]
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class StepInputs:
     ends: EndCosts
     links: Links
     tails: tuple[RankTail, ...]
+    slow_ends: EndCosts | None = None  # the ends beside an all-to-all; None = as ``ends``
 
 
 @dataclass
@@ -83,13 +93,15 @@ class StepResult:
 
 class _Rank:
     """One rank's compute stream and links. Each is a first-come-first-served server of capacity
-    one; since a request holds it for a known time, the server is just the time it next falls free
-    (equivalent to a ``simpy.Resource`` of capacity 1, with one event per use instead of three)."""
+    one; since a request holds a link for a known time, a link is just the time it next falls free
+    (equivalent to a ``simpy.Resource`` of capacity 1, with one event per use instead of three). The
+    compute stream is a ``ComputeLane``: a job's end moves when an all-to-all takes SMs beside it."""
 
     def __init__(self, env: simpy.Environment, index: int, trace: list[TraceEvent] | None):
         self.env, self.index, self.trace = env, index, trace
-        self.free_at = {"compute": 0.0, "nic": 0.0, "nvlink": 0.0}
+        self.free_at = {"nic": 0.0, "nvlink": 0.0}
         self.busy_s = {"compute": 0.0, "nic": 0.0, "nvlink": 0.0}
+        self.compute = ComputeLane()
 
     def reserve(self, lane: str, seconds: float, name: str) -> float:
         """Queue ``seconds`` of work on ``lane`` now; returns when it will end (no event)."""
@@ -108,8 +120,17 @@ class _Rank:
         if time_s > self.env.now:
             yield self.env.timeout(time_s - self.env.now)
 
-    def run(self, seconds: float, name: str) -> Generator:
-        return self.use("compute", seconds, name)
+    def run(self, seconds: float, name: str, slow_s: float | None = None) -> Generator:
+        """``seconds`` of compute on all SMs (``slow_s`` beside an all-to-all; None: the same)."""
+        if seconds <= 0:
+            return
+        job = self.compute.submit(self.env.now, seconds, seconds if slow_s is None else slow_s, name)
+        while job.end_s > self.env.now:  # re-armed when an all-to-all issued meanwhile stretched the job
+            yield self.env.timeout(job.end_s - self.env.now)
+        self.compute.finish(job)
+        self.busy_s["compute"] += job.end_s - job.start_s
+        if self.trace is not None:
+            self.trace.append(TraceEvent(self.index, "compute", name, job.start_s, job.end_s))
 
 
 class StepSimulation:
@@ -117,6 +138,8 @@ class StepSimulation:
 
     def __init__(self, inputs: StepInputs, trace: bool = False, free_comm: bool = False):
         self.inp, self.free_comm = inputs, free_comm
+        self.share_sms = any(st.slow_units is not None for st in inputs.stages)
+        self.slow_ends = inputs.slow_ends or inputs.ends
         self.env = simpy.Environment()
         self.events: list[TraceEvent] | None = [] if trace else None
         self.ranks = [_Rank(self.env, r, self.events) for r in range(inputs.schedule.num_ranks)]
@@ -159,10 +182,13 @@ class StepSimulation:
         if self.free_comm:
             return self.env.now
         links, end = self.inp.links, self.env.now
-        if ib_bytes > 0:
-            end = max(end, rank.reserve("nic", links.latency_s + ib_bytes / links.nic_bytes_per_s, name))
-        if nvl_bytes > 0:
-            end = max(end, rank.reserve("nvlink", links.latency_s + nvl_bytes / links.nvlink_bytes_per_s, name))
+        for lane, nbytes, bw in (("nic", ib_bytes, links.nic_bytes_per_s), ("nvlink", nvl_bytes, links.nvlink_bytes_per_s)):
+            if nbytes > 0:
+                seconds = links.latency_s + nbytes / bw
+                leg_end = rank.reserve(lane, seconds, name)
+                if self.share_sms:  # the kernel holds the communication SMs while its leg runs
+                    rank.compute.add_comm(leg_end - seconds, leg_end)
+                end = max(end, leg_end)
         return end
 
     def _cp(self, rank: _Rank, nbytes: float, name: str) -> float:
@@ -174,70 +200,81 @@ class StepSimulation:
         lane, bw = ("nvlink", links.nvlink_bytes_per_s) if links.cp_over_nvlink else ("nic", links.nic_bytes_per_s)
         return rank.reserve(lane, links.latency_s + nbytes / bw, name)
 
-    # -- compute chains ---------------------------------------------------------------------
-    def _attention_forward(self, rank: _Rank, u: UnitCosts, tag: str) -> Generator:
+    # -- compute chains (``u``: a unit on all SMs, ``v``: the same unit beside an all-to-all) --------
+    def _attention_forward(self, rank: _Rank, u: UnitCosts, v: UnitCosts, tag: str) -> Generator:
         if not u.cp_gather_bytes:
-            yield from rank.run(u.attn_fwd_s, f"{tag} attn")
+            yield from rank.run(u.attn_fwd_s, f"{tag} attn", v.attn_fwd_s)
             return
-        yield from rank.run(u.attn_pre_fwd_s, f"{tag} attn-down")
+        yield from rank.run(u.attn_pre_fwd_s, f"{tag} attn-down", v.attn_pre_fwd_s)
         gathered = self._cp(rank, u.cp_gather_bytes, f"{tag} cp-gather")
-        yield from rank.run(u.attn_beside_fwd_s, f"{tag} q-up")
+        yield from rank.run(u.attn_beside_fwd_s, f"{tag} q-up", v.attn_beside_fwd_s)
         yield from rank.until(gathered)
-        yield from rank.run(u.attn_fwd_s - u.attn_pre_fwd_s - u.attn_beside_fwd_s, f"{tag} attn")
+        yield from rank.run(u.attn_fwd_s - u.attn_pre_fwd_s - u.attn_beside_fwd_s, f"{tag} attn",
+                            v.attn_fwd_s - v.attn_pre_fwd_s - v.attn_beside_fwd_s)
 
-    def _attention_backward(self, rank: _Rank, u: UnitCosts, tag: str, weights: bool) -> Generator:
-        dw = u.attn_dw_s if weights else 0.0
+    def _attention_backward(self, rank: _Rank, u: UnitCosts, v: UnitCosts, tag: str, weights: bool) -> Generator:
+        dw, dw_v = (u.attn_dw_s, v.attn_dw_s) if weights else (0.0, 0.0)
         if not u.cp_gather_bytes:
-            yield from rank.run(u.recompute_s + u.attn_dx_s + dw, f"{tag} attn-bwd")
+            yield from rank.run(u.recompute_s + u.attn_dx_s + dw, f"{tag} attn-bwd", v.recompute_s + v.attn_dx_s + dw_v)
             return
         gathered = self._cp(rank, u.cp_gather_bytes, f"{tag} cp-regather")
-        yield from rank.run(u.recompute_s, f"{tag} recompute")
+        yield from rank.run(u.recompute_s, f"{tag} recompute", v.recompute_s)
         yield from rank.until(gathered)
-        yield from rank.run(u.attn_dx_s - u.attn_down_dx_s, f"{tag} attn-bwd")
+        yield from rank.run(u.attn_dx_s - u.attn_down_dx_s, f"{tag} attn-bwd", v.attn_dx_s - v.attn_down_dx_s)
         scattered = self._cp(rank, u.cp_gather_bytes, f"{tag} cp-reduce-scatter")
-        yield from rank.run(dw, f"{tag} attn-dw")
+        yield from rank.run(dw, f"{tag} attn-dw", dw_v)
         yield from rank.until(scattered)
-        yield from rank.run(u.attn_down_dx_s, f"{tag} attn-down-dx")
+        yield from rank.run(u.attn_down_dx_s, f"{tag} attn-down-dx", v.attn_down_dx_s)
 
     def _forward(self, rank: _Rank, op: Op) -> Generator:
         st, tag = self.inp.stages[op.stage], f"{op.stage}F{op.microbatch}"
+        ends, slow_ends = self.inp.ends, self.slow_ends
         if st.has_embedding:
-            yield from rank.run(self.inp.ends.embed_fwd_s, f"{tag} embed")
+            yield from rank.run(ends.embed_fwd_s, f"{tag} embed", slow_ends.embed_fwd_s)
         for i, u in enumerate(st.units):
-            yield from self._attention_forward(rank, u, f"{tag} L{i}")
+            v = st.slow(i)
+            yield from self._attention_forward(rank, u, v, f"{tag} L{i}")
             if u.moe:
-                dispatched = self._a2a(rank, u.dispatch_ib_bytes, u.dispatch_nvlink_bytes, f"{tag} L{i} dispatch")
-                yield from rank.run(u.mlp_fwd_s, f"{tag} L{i} shared")
+                dispatched = self._a2a(rank, u.dispatch_ib_bytes + u.routing_ib_bytes,
+                                       u.dispatch_nvlink_bytes + u.routing_nvlink_bytes, f"{tag} L{i} dispatch")
+                yield from rank.run(u.mlp_fwd_s, f"{tag} L{i} shared", v.mlp_fwd_s)
                 yield from rank.until(dispatched)
-                yield from rank.run(u.experts_fwd_s, f"{tag} L{i} experts")
+                yield from rank.run(u.experts_fwd_s, f"{tag} L{i} experts", v.experts_fwd_s)
                 yield from rank.until(self._a2a(rank, u.combine_ib_bytes, u.combine_nvlink_bytes, f"{tag} L{i} combine"))
             else:
-                yield from rank.run(u.mlp_fwd_s, f"{tag} L{i} mlp")
+                yield from rank.run(u.mlp_fwd_s, f"{tag} L{i} mlp", v.mlp_fwd_s)
         if st.has_head:
-            yield from rank.run(st.heads * self.inp.ends.head_fwd_s, f"{tag} head")
+            yield from rank.run(st.heads * ends.head_fwd_s, f"{tag} head", st.heads * slow_ends.head_fwd_s)
 
     def _backward(self, rank: _Rank, op: Op, weights: bool) -> Generator:
         st, tag = self.inp.stages[op.stage], f"{op.stage}{op.kind}{op.microbatch}"
-        ends = self.inp.ends
+        ends, slow_ends = self.inp.ends, self.slow_ends
+        on = 1.0 if weights else 0.0
         if st.has_head:
-            yield from rank.run(st.heads * (ends.head_dx_s + (ends.head_dw_s if weights else 0.0)), f"{tag} head")
+            yield from rank.run(st.heads * (ends.head_dx_s + on * ends.head_dw_s), f"{tag} head",
+                                st.heads * (slow_ends.head_dx_s + on * slow_ends.head_dw_s))
         for i in reversed(range(len(st.units))):
-            u = st.units[i]
+            u, v = st.units[i], st.slow(i)
             if u.moe:
-                # gradient into the experts travels like a dispatch (FP8), back like a combine (BF16)
+                # gradient into the experts travels like a dispatch (FP8), back like a combine (BF16), with
+                # the routing metadata's gradient
                 yield from rank.until(self._a2a(rank, u.dispatch_ib_bytes, u.dispatch_nvlink_bytes, f"{tag} L{i} combine-bwd"))
-                yield from rank.run(u.experts_dx_s + (u.experts_dw_s if weights else 0.0), f"{tag} L{i} experts-bwd")
-                back = self._a2a(rank, u.combine_ib_bytes, u.combine_nvlink_bytes, f"{tag} L{i} dispatch-bwd")
-                yield from rank.run(u.mlp_dx_s + (u.mlp_dw_s if weights else 0.0), f"{tag} L{i} shared-bwd")
+                yield from rank.run(u.experts_dx_s + on * u.experts_dw_s, f"{tag} L{i} experts-bwd",
+                                    v.experts_dx_s + on * v.experts_dw_s)
+                back = self._a2a(rank, u.combine_ib_bytes + u.routing_ib_bytes,
+                                 u.combine_nvlink_bytes + u.routing_nvlink_bytes, f"{tag} L{i} dispatch-bwd")
+                yield from rank.run(u.mlp_dx_s + on * u.mlp_dw_s, f"{tag} L{i} shared-bwd", v.mlp_dx_s + on * v.mlp_dw_s)
                 yield from rank.until(back)
             else:
-                yield from rank.run(u.mlp_dx_s + (u.mlp_dw_s if weights else 0.0), f"{tag} L{i} mlp-bwd")
-            yield from self._attention_backward(rank, u, f"{tag} L{i}", weights)
+                yield from rank.run(u.mlp_dx_s + on * u.mlp_dw_s, f"{tag} L{i} mlp-bwd", v.mlp_dx_s + on * v.mlp_dw_s)
+            yield from self._attention_backward(rank, u, v, f"{tag} L{i}", weights)
 
     def _weights(self, rank: _Rank, op: Op) -> Generator:
         st = self.inp.stages[op.stage]
-        seconds = sum(u.dw_s for u in st.units) + (st.heads * self.inp.ends.head_dw_s if st.has_head else 0.0)
-        yield from rank.run(seconds, f"{op.stage}W{op.microbatch}")
+        units = [(u, st.slow(i)) for i, u in enumerate(st.units)]
+        head = (st.heads * self.inp.ends.head_dw_s, st.heads * self.slow_ends.head_dw_s) if st.has_head else (0.0, 0.0)
+        yield from rank.run(sum(u.dw_s for u, _ in units) + head[0], f"{op.stage}W{op.microbatch}",
+                            sum(v.dw_s for _, v in units) + head[1])
 
     def _op(self, rank: _Rank, op: Op) -> Generator:
         sched = self.inp.schedule

@@ -54,6 +54,8 @@ class UnitCosts:
     dispatch_nvlink_bytes: float = 0.0
     combine_ib_bytes: float = 0.0
     combine_nvlink_bytes: float = 0.0
+    routing_ib_bytes: float = 0.0  # metadata beside the dispatch (flat backend); its gradient beside dispatch-bwd
+    routing_nvlink_bytes: float = 0.0
     # context parallelism (0 when cp = 1); the three times are parts of attn_fwd_s / attn_dx_s
     cp_gather_bytes: float = 0.0  # received by one GPU per all-gather; its gradient's reduce-scatter sends as many
     attn_pre_fwd_s: float = 0.0
@@ -163,6 +165,8 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
         dispatch_nvlink_bytes=traffic.dispatch_nvlink_bytes if moe and traffic else 0.0,
         combine_ib_bytes=traffic.combine_ib_bytes if moe and traffic else 0.0,
         combine_nvlink_bytes=traffic.combine_nvlink_bytes if moe and traffic else 0.0,
+        routing_ib_bytes=traffic.routing_ib_bytes if moe and traffic else 0.0,
+        routing_nvlink_bytes=traffic.routing_nvlink_bytes if moe and traffic else 0.0,
         cp_gather_bytes=ctx.cp_gather_bytes, attn_pre_fwd_s=cp.pre_fwd_s + elementwise / 2 if ctx.cp_gather_bytes else 0.0,
         attn_beside_fwd_s=cp.beside_fwd_s, attn_down_dx_s=cp.down_dx_s,
     )

@@ -10,6 +10,7 @@ from moeplan.simulator.spec.numbers import NOT_BOOL, Int
 
 ScheduleKind = Literal["1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev"]
 RecomputeKind = Literal["none", "selective", "full"]
+EpBackend = Literal["deepep", "flat"]
 
 # Bounds on the sizes that drive work (a schedule holds pp x micro-batches passes; the kind registry
 # bounds their product too: simulator.schedules.registry.MAX_STAGE_MICROBATCHES).
@@ -53,6 +54,11 @@ class ParallelSpec(BaseModel):
     seq_len_tokens: Int = Field(4096, gt=0, le=MAX_SEQ_LEN_TOKENS, description="Sequence length the layout is planned for.")
     recompute: RecomputeKind = "none"
     zero_stage: Annotated[Literal[0, 1, 2, 3], NOT_BOOL] = 1
+    ep_backend: EpBackend = Field(
+        "deepep", description="How the expert all-to-all moves tokens (simulator/traffic/all_to_all.py): 'deepep' "
+        "sends a token over IB once per target node, then NVLink to that node's target GPUs (DeepEP, TR §3.2.2); "
+        "'flat' sends it once per target GPU, over IB to each GPU on another node (one all_to_all_single, as "
+        "model/runtime/expert_parallel.py does). The same on one node.")
     stage_layers: tuple[Int, ...] | None = Field(
         None, description="Decoder layers (MTP counted last) per pipeline stage; null = balanced split."
     )

@@ -52,6 +52,15 @@ def sample_slots(experts: np.ndarray, placement: Placement, layer: int, rng: np.
     return log2phy[experts, pick]
 
 
+def round_robin_slots(experts: np.ndarray, placement: Placement, layer: int, source_gpu: int) -> np.ndarray:
+    """``[T, k]`` slot serving each (token, expert) of GPU ``source_gpu`` as the runtime picks it: replica
+    ``(token + source_gpu) mod replicas`` in slot order (``model/runtime/ep_slots.py``, ``replica_of``), the
+    deterministic form of step 3's uniform choice; ``token`` is the row of ``experts``."""
+    count = placement.logcnt[layer][experts]  # [T, k]
+    token = np.arange(experts.shape[0])[:, None]
+    return placement.log2phy[layer][experts, (token + source_gpu) % count]
+
+
 def uniform_hit_probabilities(
     placement: Placement, layer: int, n_group: int, topk_group: int, top_k: int
 ) -> tuple[np.ndarray, np.ndarray]:

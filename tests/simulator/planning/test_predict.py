@@ -74,8 +74,9 @@ def test_skewed_expert_load_slows_the_step_and_redundancy_helps():
     zipf = tuple(float(x) for x in 1 / np.arange(1, m.n_routed_experts + 1) ** 1.2)
     skewed, _ = predict_step(inp, 8, 8, opts=SimOptions(expert_load=zipf))
     balanced, _ = predict_step(inp, 8, 8, opts=SimOptions(expert_load=zipf, redundant_experts=8))
-    # a margin, not an oracle: +4.7% since the measured memory-bound classes added time that skew barely changes
-    assert skewed.step_time_s > uniform.step_time_s * 1.04
+    # a margin, not an oracle: +4.7% since the measured memory-bound classes added time that skew barely changes,
+    # +4.0% since the communication SMs are taken only beside an all-to-all (issue 21)
+    assert skewed.step_time_s > uniform.step_time_s * 1.03
     assert balanced.step_time_s < skewed.step_time_s
 
 
