@@ -52,7 +52,7 @@ def _settings(resume: Path | None, given: dict) -> dict:
             saved = json.loads(path.read_text())
         except (OSError, ValueError):
             raise InputError(f"--resume {resume}: no readable {LAUNCH_SETTINGS_NAME} (not a run of moeplan launch)")
-    defaults = {"dtype": "bf16", "budget_guard": "off", "guard_every": 5, "checkpoint_every": 0, "max_failures": 0,
+    defaults = {"dtype": None, "budget_guard": "off", "guard_every": 5, "checkpoint_every": 0, "max_failures": 0,
                 "steps": None}
     return defaults | saved | {k: v for k, v in given.items() if v is not None}
 
@@ -198,7 +198,8 @@ def launch_command(
                                                       "checkpoint.")] = None,
     max_failures: Annotated[int | None, typer.Option(help="Restarts from the last checkpoint after worker "
                                                           "failures.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="bf16 or fp32 (exact CPU rehearsals).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="bf16 or fp32; default: fp32 on a cpu cluster (its cost tables "
+                                                    "are FP32's), bf16 on GPUs.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON.")] = False,
 ) -> int:
     """Launch a plan through Ray: exit 0 completed, 2 bad input, 4 stopped by the budget guard, 5 failed."""
@@ -210,6 +211,7 @@ def launch_command(
     if resume is not None and plan_path is not None and read_plan(plan_path).inputs_sha256 != plan.inputs_sha256:
         raise InputError(f"PLAN {plan_path} is not the plan of the run {resume} (inputs_sha256 differs)")
     s["steps"] = s["steps"] if s["steps"] is not None else _whole_run_steps(plan)
+    s["dtype"] = s["dtype"] or ("fp32" if on_cpu(plan) else "bf16")  # the cpu cost tables are FP32's
     _check_plan(plan, s)
     if address is None:
         _local_gpus_missing(plan)
@@ -232,9 +234,16 @@ def launch_command(
 
     report = read_run_report(run)
     summary = launch_summary(plan, run, report)
-    typer.echo(strict_json(summary)) if json_ else console.print(
-        f"{report.status}: {len(report.steps)} steps, loss {summary['final_loss']:.4f}, median step "
-        f"{1e3 * summary['median_step_s']:.1f} ms, {summary['tokens_per_s_per_gpu']:,.0f} tok/s/GPU; "
-        f"run projected at {summary['projected_gpu_hours']} GPU-hours; check it: moeplan check {run}")
+    if json_:
+        typer.echo(strict_json(summary))
+    else:
+        projected = summary["projected_gpu_hours"]
+        guard = report.budget_guard
+        console.print(f"{report.status}: {len(report.steps)} steps, loss {summary['final_loss']:.4f}, median step "
+                      f"{1e3 * summary['median_step_s']:.1f} ms, {summary['tokens_per_s_per_gpu']:,.0f} tok/s/GPU")
+        console.print(f"whole run projected at {'-' if projected is None else f'{projected:.4g}'} GPU-hours (budget "
+                      f"{summary['budget_gpu_hours']})" + (f"; budget guard {guard.action} at step {guard.at_step}"
+                                                           if guard.action != "none" else ""))
+        console.print(f"compare it with the plan: moeplan check {run}")
     assert status == report.status, f"{status=} {report.status=}"
     return STOPPED_EXIT_CODE if report.status == "stopped" else 0
