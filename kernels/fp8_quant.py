@@ -73,10 +73,12 @@ def cast_for_store(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def store_rows(out_ptrs, scale_ptrs, x, mask, row_mask, QUANT: tl.constexpr, POW2: tl.constexpr):
-    """Epilogue for a (rows, 128) fp32 tile: store it as E4M3 with one scale per row, or as out's dtype."""
+def store_rows(out_ptrs, scale_ptrs, x, mask, row_mask, QUANT: tl.constexpr, POW2: tl.constexpr,
+               FLOOR: tl.constexpr):
+    """Epilogue for a (rows, 128) fp32 tile: store it as E4M3 with one scale per row (amax floored at
+    FLOOR), or as out's dtype."""
     if QUANT:
-        scale = scale_from_amax(tl.max(tl.abs(x), axis=1), POW2, 1e-4)
+        scale = scale_from_amax(tl.max(tl.abs(x), axis=1), POW2, FLOOR)
         tl.store(out_ptrs, quantize_e4m3(x, scale[:, None]), mask=mask)
         tl.store(scale_ptrs, scale, mask=row_mask)
     else:

@@ -1,38 +1,83 @@
 """Token permutation for MoE dispatch and combine, in the contiguous layout of ``grouped_gemm.py``.
 
-Dispatch: sort the (token, slot) pairs by expert, pad each expert's segment to a multiple of 128
-rows and gather ``x`` rows into it, optionally quantising to FP8 1×128 tiles in the same pass (the
-grouped FP8 GEMM reads that directly: one bf16 read and one fp8 write instead of a bf16 round trip).
-Combine: ``out[t] = Σ_j w[t, j] · y[dest[t, j]]``, the weighted scatter-add written as a gather, so
-it needs no atomics and is deterministic. Both move bytes only; ``benchmark`` reports GB/s.
+Dispatch: sort the (token, slot) pairs by expert (``make_dispatch_plan`` for (T, topk) routing,
+``make_pair_plan`` for any pairs, sized from host counts without a sync), pad each expert's segment
+to a multiple of 128 rows and gather ``x`` rows into it, optionally quantising to FP8 1×128 tiles in
+the same pass (the grouped FP8 GEMM reads that directly: one bf16 read and one fp8 write instead of
+a bf16 round trip). Combine: ``out[t] = Σ_j w[t, j] · y[dest[t, j]]`` (a pair plan: over each
+token's pairs), the weighted scatter-add written as a gather, so it needs no atomics and is
+deterministic. Both move bytes only; ``benchmark`` reports GB/s.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .fp8_quant import TILE, cast_for_store, empty_rows_output, store_rows
+from .fp8_quant import AMAX_FLOOR, TILE, cast_for_store, empty_rows_output, store_rows
 from .triton_compat import INTERPRET, cdiv, tl, triton
 
 
 @dataclass(frozen=True)
 class DispatchPlan:
-    """Where every routed token goes. All tensors on the tokens' device, int32.
+    """Where every routed (token, expert) pair goes. All tensors on the tokens' device, int32.
 
     src_token: (M_total,) source token of each permuted row, -1 for padding rows.
     m_indices: (M_total,) expert of each permuted row, -1 for padding rows.
-    dest:      (T, topk)  permuted row of each (token, slot).
+    dest:      (T, topk) permuted row of each (token, slot); for a pair plan (P,), in the pairs' order.
     seg_offsets: (E + 1,) first row of each expert's segment; multiples of ``align``.
+    pair_ptr, by_token: pair plans only (``make_pair_plan``), any number of pairs per token: token t's pairs
+      are ``by_token[pair_ptr[t]:pair_ptr[t + 1]]`` ((T + 1,) and (P,)); None for a (T, topk) plan.
     """
 
     src_token: torch.Tensor
     m_indices: torch.Tensor
     dest: torch.Tensor
     seg_offsets: torch.Tensor
+    pair_ptr: torch.Tensor | None = None
+    by_token: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
         return self.src_token.numel()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.dest.shape[0] if self.pair_ptr is None else self.pair_ptr.numel() - 1
+
+    def pair_tokens(self) -> torch.Tensor:
+        """(P,) int64 source token of each pair, in ``dest``'s flat order."""
+        return self.src_token[self.dest.reshape(-1).long()].long()
+
+
+def _segments(expert: torch.Tensor, num_experts: int, align: int):
+    """Pairs (P,) int64 expert ids → (order (P,), sorted experts, their rows (P,), seg_offsets (E + 1,) int64).
+
+    Each expert's segment padded to a multiple of ``align`` rows; device work only, no host sync."""
+    # Step 1: sort pairs by expert; stable, so tokens keep their order inside a segment.
+    order = torch.argsort(expert, stable=True)
+    # (E,) pairs per expert; not torch.bincount, whose CUDA kernel reads the largest index on the host
+    counts = expert.new_zeros(num_experts).scatter_add_(0, expert, torch.ones_like(expert))
+    # Step 2: segment bounds, each segment padded to a multiple of `align` rows.
+    padded = (counts + align - 1) // align * align
+    seg_offsets = torch.cat((padded.new_zeros(1), torch.cumsum(padded, 0)))
+    first_sorted = torch.cumsum(counts, 0) - counts  # index in `order` of each expert's first pair
+    # Step 3: destination row of each sorted pair = segment start + rank inside the expert.
+    expert_sorted = expert[order]
+    rank = torch.arange(expert.numel(), device=expert.device) - first_sorted[expert_sorted]
+    return order, expert_sorted, seg_offsets[expert_sorted] + rank, seg_offsets
+
+
+def _rows_of(order, token_sorted, expert_sorted, row_sorted, num_rows: int):
+    """(src_token (M_total,), m_indices (M_total,), dest (P,)) int32 from the sorted pairs."""
+    device = row_sorted.device
+    src_token = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
+    src_token[row_sorted] = token_sorted.to(torch.int32)
+    m_indices = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
+    m_indices[row_sorted] = expert_sorted.to(torch.int32)
+    dest = torch.empty(order.numel(), dtype=torch.int32, device=device)
+    dest[order] = row_sorted.to(torch.int32)
+    return src_token, m_indices, dest
 
 
 def make_dispatch_plan(topk_ids: torch.Tensor, num_experts: int, align: int = TILE) -> DispatchPlan:
@@ -40,28 +85,33 @@ def make_dispatch_plan(topk_ids: torch.Tensor, num_experts: int, align: int = TI
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be (T, topk), got shape={tuple(topk_ids.shape)}")
     T, topk = topk_ids.shape
-    device = topk_ids.device
-    # Step 1: sort (token, slot) pairs by expert; stable, so tokens keep their order inside a segment.
-    flat = topk_ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    # Step 2: segment bounds, each segment padded to a multiple of `align` rows.
-    padded = (counts + align - 1) // align * align
-    seg_offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
-    seg_offsets[1:] = torch.cumsum(padded, 0)
-    first_sorted = torch.cumsum(counts, 0) - counts  # index in `order` of each expert's first pair
-    # Step 3: destination row of each sorted pair = segment start + rank inside the expert.
-    expert_sorted = flat[order]
-    rank = torch.arange(flat.numel(), device=device) - first_sorted[expert_sorted]
-    dest_sorted = seg_offsets[expert_sorted] + rank
+    order, expert_sorted, row_sorted, seg_offsets = _segments(topk_ids.reshape(-1).long(), num_experts, align)
     num_rows = int(seg_offsets[-1])
-    src_token = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
-    src_token[dest_sorted] = (order // topk).to(torch.int32)
-    m_indices = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
-    m_indices[dest_sorted] = expert_sorted.to(torch.int32)
-    dest = torch.empty(T * topk, dtype=torch.int32, device=device)
-    dest[order] = dest_sorted.to(torch.int32)
+    src_token, m_indices, dest = _rows_of(order, order // topk, expert_sorted, row_sorted, num_rows)
     return DispatchPlan(src_token, m_indices, dest.view(T, topk), seg_offsets.to(torch.int32))
+
+
+def make_pair_plan(token_of_pair: torch.Tensor, expert_of_pair: torch.Tensor, num_tokens: int,
+                   expert_counts: Sequence[int], align: int = TILE) -> DispatchPlan:
+    """Any (token, expert) pairs, token_of_pair and expert_of_pair (P,) int, a token in any number of them.
+
+    ``expert_counts``: pairs per expert on the host (the caller's one planned sync); they size the
+    buffers, so nothing here waits for the GPU. At least ``align`` rows even without pairs."""
+    if token_of_pair.shape != expert_of_pair.shape or token_of_pair.dim() != 1:
+        raise ValueError(f"token_of_pair {tuple(token_of_pair.shape)} and expert_of_pair "
+                         f"{tuple(expert_of_pair.shape)} must be the same (P,)")
+    if sum(int(n) for n in expert_counts) != token_of_pair.numel():
+        raise ValueError(f"expert_counts sum to {sum(int(n) for n in expert_counts)}, "
+                         f"not the {token_of_pair.numel()} pairs")
+    token = token_of_pair.long()
+    order, expert_sorted, row_sorted, seg_offsets = _segments(expert_of_pair.long(), len(expert_counts), align)
+    num_rows = max(sum(cdiv(int(n), align) * align for n in expert_counts), align)
+    src_token, m_indices, dest = _rows_of(order, token[order], expert_sorted, row_sorted, num_rows)
+    # Each token's pairs, for the combine: a CSR index over the pairs sorted by token.
+    by_token = torch.argsort(token, stable=True).to(torch.int32)
+    per_token = token.new_zeros(num_tokens).scatter_add_(0, token, torch.ones_like(token))
+    pair_ptr = torch.cat((per_token.new_zeros(1), torch.cumsum(per_token, 0))).to(torch.int32)
+    return DispatchPlan(src_token, m_indices, dest, seg_offsets.to(torch.int32), pair_ptr, by_token)
 
 
 @triton.jit
@@ -73,8 +123,8 @@ def _permute_kernel(
     # strides
     stride_xt, stride_om, stride_sm,
     # meta
-    QUANT: tl.constexpr, WEIGHTED: tl.constexpr, POW2: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    QUANT: tl.constexpr, WEIGHTED: tl.constexpr, POW2: tl.constexpr, FLOOR: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -86,28 +136,39 @@ def _permute_kernel(
         x = x * tl.load(weight_ptr + rows, mask=rows < num_rows, other=0.0)[:, None]
     out_mask = (rows[:, None] < num_rows) & col_ok
     out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    store_rows(out_ptrs, scale_ptr + rows * stride_sm + tl.program_id(1), x, out_mask, rows < num_rows, QUANT, POW2)
+    store_rows(out_ptrs, scale_ptr + rows * stride_sm + tl.program_id(1), x, out_mask, rows < num_rows, QUANT, POW2,
+               FLOOR)
 
 
 @triton.jit
 def _combine_kernel(
-    # pointers: y (M_total, H), out (T, H), dest (T, TOPK), weights (T, TOPK)
-    y_ptr, out_ptr, dest_ptr, weight_ptr,
+    # pointers: y (M_total, H), out (T, H), dest (P,), weights (P,), pair_ptr (T + 1,), by_token (P,)
+    y_ptr, out_ptr, dest_ptr, weight_ptr, ptr_ptr, order_ptr,
     # sizes
     H,
     # strides
     stride_ym, stride_ot,
-    # meta
+    # meta: TOPK > 0: token t's pairs are t*TOPK .. t*TOPK + TOPK - 1; TOPK = 0: the CSR index of a pair plan
     TOPK: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for j in tl.static_range(TOPK):  # fixed order: deterministic
-        row = tl.load(dest_ptr + t * TOPK + j).to(tl.int64)
+    if TOPK > 0:
+        first = t * TOPK
+        last = first + TOPK
+    else:
+        first = tl.load(ptr_ptr + t)
+        last = tl.load(ptr_ptr + t + 1)
+    for i in range(first, last):  # fixed order: deterministic, no atomics
+        if TOPK > 0:
+            j = i
+        else:
+            j = tl.load(order_ptr + i)
+        row = tl.load(dest_ptr + j).to(tl.int64)
         y = tl.load(y_ptr + row * stride_ym + cols, mask=cols < H, other=0.0).to(tl.float32)
         if WEIGHTED:
-            y = y * tl.load(weight_ptr + t * TOPK + j).to(tl.float32)
+            y = y * tl.load(weight_ptr + j).to(tl.float32)
         acc += y
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + cols, cast_for_store(acc, out_ptr.dtype.element_ty), mask=cols < H)
 
@@ -120,11 +181,12 @@ def _check_rows(x: torch.Tensor, name: str) -> None:
 
 def moe_permute(
     x: torch.Tensor, plan: DispatchPlan, quantize: bool = False, pow2_scale: bool = False,
-    row_weights: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None, amax_floor: float = AMAX_FLOOR,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Gather x (T, H) into the contiguous layout (M_total, H); padding rows are zeros.
 
-    quantize: return (fp8 (M_total, H), scales (M_total, ceil(H/128))) instead of x's dtype.
+    quantize: return (fp8 (M_total, H), scales (M_total, ceil(H/128))) instead of x's dtype, each 1x128
+    tile's amax floored at ``amax_floor`` (padding rows: zeros, scale amax_floor / 448).
     row_weights: (M_total,) fp32 factor per permuted row (the combine's backward).
     """
     _check_rows(x, "x")
@@ -135,25 +197,30 @@ def moe_permute(
     grid = (cdiv(M, block_r), cdiv(H, TILE))
     _permute_kernel[grid](
         x, out, scale, plan.src_token, weights, M, H, x.stride(0), out.stride(0), scale.stride(0),
-        QUANT=quantize, WEIGHTED=row_weights is not None, POW2=pow2_scale, BLOCK_R=block_r, BLOCK_H=TILE,
+        QUANT=quantize, WEIGHTED=row_weights is not None, POW2=pow2_scale, FLOOR=amax_floor, BLOCK_R=block_r, BLOCK_H=TILE,
     )
     return (out, scale) if quantize else out
 
 
 def moe_unpermute(y: torch.Tensor, plan: DispatchPlan, topk_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """out (T, H) = Σ_j topk_weights[t, j] · y[dest[t, j]] (weights 1 when None); y (M_total, H)."""
+    """out (T, H) = Σ over token t's pairs p of weights[p] · y[dest[p]] (weights 1 when None); y (M_total, H).
+
+    topk_weights: shaped like ``plan.dest``, (T, topk) or, for a pair plan, (P,). Sums in fp32, in a fixed order.
+    """
     _check_rows(y, "y")
-    T, topk = plan.dest.shape
     H = y.shape[1]
-    out = torch.empty((T, H), dtype=y.dtype, device=y.device)
-    if topk_weights is not None and tuple(topk_weights.shape) != (T, topk):
-        raise ValueError(f"topk_weights must be {(T, topk)}, got {tuple(topk_weights.shape)}")
+    out = torch.empty((plan.num_tokens, H), dtype=y.dtype, device=y.device)
+    if topk_weights is not None and topk_weights.shape != plan.dest.shape:
+        raise ValueError(f"topk_weights must be {tuple(plan.dest.shape)}, got {tuple(topk_weights.shape)}")
     weights = topk_weights.contiguous() if topk_weights is not None else plan.dest
+    pair_plan = plan.pair_ptr is not None
+    ptr, order = (plan.pair_ptr, plan.by_token) if pair_plan else (plan.dest, plan.dest)
     block_h = 1024 if not INTERPRET else 128
-    _combine_kernel[(T, cdiv(H, block_h))](
-        y, out, plan.dest, weights, H, y.stride(0), out.stride(0),
-        TOPK=topk, WEIGHTED=topk_weights is not None, BLOCK_H=block_h,
-    )
+    if plan.num_tokens:
+        _combine_kernel[(plan.num_tokens, cdiv(H, block_h))](
+            y, out, plan.dest, weights, ptr, order, H, y.stride(0), out.stride(0),
+            TOPK=0 if pair_plan else plan.dest.shape[1], WEIGHTED=topk_weights is not None, BLOCK_H=block_h,
+        )
     return out
 
 
@@ -184,12 +251,20 @@ class MoEUnpermute(torch.autograd.Function):
         y, topk_weights = ctx.saved_tensors
         plan = ctx.plan
         grad_out = grad_out.contiguous()
-        row_weights = torch.zeros(plan.num_rows, dtype=torch.float32, device=y.device)
-        row_weights[plan.dest.reshape(-1).long()] = topk_weights.reshape(-1).float()
-        grad_y = moe_permute(grad_out, plan, row_weights=row_weights)
-        # d out[t] / d w[t, j] = y[dest[t, j]]: one dot per (token, slot), (T, topk, H) → (T, topk)
-        grad_w = torch.einsum("th,tkh->tk", grad_out.float(), y[plan.dest.long()].float())
-        return grad_y, grad_w.to(topk_weights.dtype), None
+        grad_y = moe_permute(grad_out, plan, row_weights=pair_row_weights(plan, topk_weights))
+        return grad_y, pair_weight_grad(grad_out, y, plan).to(topk_weights.dtype), None
+
+
+def pair_row_weights(plan: DispatchPlan, topk_weights: torch.Tensor) -> torch.Tensor:
+    """(M_total,) fp32 weight of the pair in each permuted row, 0 for padding rows (the combine's backward)."""
+    row_weights = torch.zeros(plan.num_rows, dtype=torch.float32, device=topk_weights.device)
+    return row_weights.index_put_((plan.dest.reshape(-1).long(),), topk_weights.reshape(-1).float())
+
+
+def pair_weight_grad(grad_out: torch.Tensor, y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """d out[t] / d w[p] = y[dest[p]] for t the token of pair p: one fp32 dot per pair, shaped like ``plan.dest``."""
+    rows = y[plan.dest.reshape(-1).long()].float()  # (P, H)
+    return (grad_out[plan.pair_tokens()].float() * rows).sum(-1).view(plan.dest.shape)
 
 
 # ----------------------------------------------------------------------------- torch references
@@ -204,19 +279,21 @@ def moe_permute_ref(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 
 def moe_unpermute_ref(y: torch.Tensor, plan: DispatchPlan, topk_weights: torch.Tensor) -> torch.Tensor:
-    """Reference weighted scatter-add, in float64."""
-    T, topk = plan.dest.shape
-    out = torch.zeros((T, y.shape[1]), dtype=torch.float64, device=y.device)
-    token = torch.arange(T, device=y.device).repeat_interleave(topk)
-    out.index_add_(0, token, y[plan.dest.reshape(-1).long()].double() * topk_weights.reshape(-1, 1).double())
-    return out
+    """Reference weighted scatter-add, in float64 (any plan)."""
+    out = torch.zeros((plan.num_tokens, y.shape[1]), dtype=torch.float64, device=y.device)
+    rows = y[plan.dest.reshape(-1).long()].double()
+    return out.index_add_(0, plan.pair_tokens(), rows * topk_weights.reshape(-1, 1).double())
 
 
 def benchmark(T: int = 4096, H: int = 7168, topk: int = 8, num_experts: int = 32) -> dict[str, float]:
-    """GB/s of dispatch (bf16, fused fp8) and combine on CUDA, counting bytes read plus written."""
+    """GB/s of dispatch (bf16, fused fp8) and combine ((T, topk) and pair plans) on CUDA, counting bytes
+    read plus written; ``plan_pairs_us``: building a pair plan (the model's, ``make_pair_plan``)."""
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     ids = torch.stack([torch.randperm(num_experts, device="cuda")[:topk] for _ in range(T)])
     plan = make_dispatch_plan(ids, num_experts)
+    tokens = torch.arange(T * topk, device="cuda") // topk
+    counts = torch.bincount(ids.reshape(-1), minlength=num_experts).tolist()
+    pairs = make_pair_plan(tokens, ids.reshape(-1), T, counts)
     w = torch.rand(T, topk, device="cuda")
     y = torch.randn(plan.num_rows, H, device="cuda", dtype=torch.bfloat16)
     rows = T * topk
@@ -224,6 +301,9 @@ def benchmark(T: int = 4096, H: int = 7168, topk: int = 8, num_experts: int = 32
         "permute_bf16": (lambda: moe_permute(x, plan), rows * H * 4),
         "permute_fp8_fused": (lambda: moe_permute(x, plan, quantize=True), rows * H * 3),
         "unpermute_bf16": (lambda: moe_unpermute(y, plan, w), rows * H * 2 + T * H * 2),
+        "unpermute_pairs_bf16": (lambda: moe_unpermute(y, pairs, w.reshape(-1)), rows * H * 2 + T * H * 2),
     }
-    return {name: nbytes / (triton.testing.do_bench(fn, return_mode="median") * 1e-3) / 1e9
-            for name, (fn, nbytes) in runs.items()}
+    out = {name: nbytes / (triton.testing.do_bench(fn, return_mode="median") * 1e-3) / 1e9
+           for name, (fn, nbytes) in runs.items()}
+    plan_ms = triton.testing.do_bench(lambda: make_pair_plan(tokens, ids.reshape(-1), T, counts), return_mode="median")
+    return out | {"plan_pairs_us": plan_ms * 1e3}

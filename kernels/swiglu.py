@@ -8,7 +8,7 @@ the backward kernel takes ``h`` and ``d act`` and writes ``d h`` in one pass.
 
 import torch
 
-from .fp8_quant import TILE, cast_for_store, empty_rows_output, store_rows
+from .fp8_quant import AMAX_FLOOR, TILE, cast_for_store, empty_rows_output, store_rows
 from .triton_compat import cdiv, tl, triton
 
 
@@ -33,12 +33,13 @@ def _swiglu_fwd_kernel(
     # strides
     stride_hm, stride_om, stride_sm,
     # meta
-    QUANT: tl.constexpr, POW2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    QUANT: tl.constexpr, POW2: tl.constexpr, FLOOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     gate, up, rows, cols, mask = _load_gate_up(h_ptr, M, I, stride_hm, BLOCK_R, BLOCK_C)
     act = gate * tl.sigmoid(gate) * up  # (BLOCK_R, BLOCK_C)
     out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    store_rows(out_ptrs, scale_ptr + rows * stride_sm + tl.program_id(1), act, mask, rows < M, QUANT, POW2)
+    store_rows(out_ptrs, scale_ptr + rows * stride_sm + tl.program_id(1), act, mask, rows < M, QUANT, POW2,
+               FLOOR)
 
 
 @triton.jit
@@ -73,14 +74,16 @@ def _check_h(h: torch.Tensor) -> int:
 _BLOCK_R = 16
 
 
-def swiglu(h: torch.Tensor, quantize: bool = False, pow2_scale: bool = False):
-    """h (M, 2I) → silu(h[:, :I]) * h[:, I:] as h.dtype (M, I), or (fp8 (M, I), scales (M, ceil(I/128)))."""
+def swiglu(h: torch.Tensor, quantize: bool = False, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR,
+           out_dtype: torch.dtype | None = None):
+    """h (M, 2I) → silu(h[:, :I]) * h[:, I:] as out_dtype (h.dtype when None) (M, I), or (fp8 (M, I), scales
+    (M, ceil(I/128))) quantised from the FP32 product, each tile's amax floored at ``amax_floor``."""
     I = _check_h(h)
     M = h.shape[0]
-    out, scale = empty_rows_output(M, I, h.dtype, quantize, h.device)
+    out, scale = empty_rows_output(M, I, out_dtype or h.dtype, quantize, h.device)
     grid = (cdiv(M, _BLOCK_R), cdiv(I, TILE))
     _swiglu_fwd_kernel[grid](h, out, scale, M, I, h.stride(0), out.stride(0), scale.stride(0),
-                             QUANT=quantize, POW2=pow2_scale, BLOCK_R=_BLOCK_R, BLOCK_C=TILE)
+                             QUANT=quantize, POW2=pow2_scale, FLOOR=amax_floor, BLOCK_R=_BLOCK_R, BLOCK_C=TILE)
     return (out, scale) if quantize else out
 
 

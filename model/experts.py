@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeplan.kernels.moe_permute import make_pair_plan
 from moeplan.model.fp8 import Fp8Ops
+from moeplan.model.fp8_experts import FusedFp8ExpertsFn
 from moeplan.model.grouped_linear import GroupedLinearFn
 from moeplan.model.grouped_mm import grouped_mm_supported
 from moeplan.model.weight_grad import WeightGradStore
@@ -20,7 +22,8 @@ class GroupedExperts(nn.Module):
     """E SwiGLU experts of width I executed as grouped GEMMs over expert-sorted tokens.
 
     ``backend``: "grouped_mm" (``torch._grouped_mm``), "reference" (padded bmm), "fp8" (quantised
-    operands through ``fp8``, an ``Fp8Ops``; ``fp8_backward`` runs the backward in FP8 too), "auto"
+    operands through ``fp8``, an ``Fp8Ops``; ``fp8_backward`` runs the backward in FP8 too; FP8 ops with
+    a contiguous-layout grouped GEMM, the kernels', run the fused path of ``model.fp8_experts``), "auto"
     (grouped_mm for CUDA tensors when supported for the dtype/widths, reference otherwise).
     """
 
@@ -68,18 +71,30 @@ class GroupedExperts(nn.Module):
         """Any number of (row, expert, weight) pairs: x (N, d); the others (P,). Returns (out (N, d): each row's
         weighted sum over its pairs, pairs per expert (E,) int64). Expert parallelism calls it with the rows a
         GPU received, whose pair counts differ from row to row."""
-        order = torch.argsort(expert_of_pair, stable=True)  # pairs sorted by expert
         # (E,) pairs per expert; not torch.bincount, whose CUDA kernel reads the largest index on the host
         counts = expert_of_pair.new_zeros(self.num_experts).scatter_add_(
             0, expert_of_pair, torch.ones_like(expert_of_pair))
-        offs = counts.cumsum(0).to(torch.int32)
         # The FP8 paths pad each expert's rows to 128 (contiguous layout): one planned host sync here
         # gives them the row counts, so the six grouped GEMMs of the layer never wait for the GPU.
         host_counts = counts.tolist() if self.fp8 is not None else None
+        if self.fp8 is not None and self.fp8.grouped_contiguous is not None and expert_of_pair.numel():
+            plan = make_pair_plan(token_of_pair, expert_of_pair, x.shape[0], host_counts)
+            out = FusedFp8ExpertsFn.apply(x, weight_of_pair, self.gate_up_proj, self.down_proj, plan, self.fp8,
+                                          self.fp8_backward, self.weight_grad_store, host_counts,
+                                          x.is_cuda and self.grouped_mm_ok)
+            return out, counts
+        order = torch.argsort(expert_of_pair, stable=True)  # pairs sorted by expert
+        offs = counts.cumsum(0).to(torch.int32)
         token_of = token_of_pair[order]  # (P,) source row of each sorted pair
-        rows = x[token_of]  # (P, d) permuted copy
+        # FP8 rounds where the fused path does (model.fp8_experts): the down projection quantises the FP32
+        # SwiGLU product, its output is rounded to x's dtype, and pairs are summed in FP32 (their outputs
+        # forward, a row's gradients backward).
+        fp8 = self.fp8 is not None
+        rows = (x.float() if fp8 else x)[token_of].to(x.dtype)  # (P, d) permuted copy
         gate, up = self._linear(rows, self.gate_up_proj, offs, host_counts).chunk(2, dim=-1)  # (P, I) each
-        out_rows = self._linear(F.silu(gate) * up, self.down_proj, offs, host_counts)  # (P, d)
-        out_rows = (out_rows.float() * weight_of_pair[order, None]).to(x.dtype)
-        out = x.new_zeros(x.shape[0], x.shape[-1]).index_add(0, token_of, out_rows)  # un-permute and sum pairs
-        return out, counts
+        act = F.silu(gate.float()) * up.float() if fp8 else F.silu(gate) * up
+        out_rows = self._linear(act, self.down_proj, offs, host_counts).to(x.dtype)  # (P, d)
+        out_rows = out_rows.float() * weight_of_pair[order, None]
+        out_rows = out_rows if fp8 else out_rows.to(x.dtype)
+        out = out_rows.new_zeros(x.shape[0], x.shape[-1]).index_add(0, token_of, out_rows)  # un-permute, sum pairs
+        return out.to(x.dtype), counts

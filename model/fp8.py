@@ -17,7 +17,8 @@ FP32 accumulation computes, up to summation order.
 ``quant_act_128x1_t`` for Wgrad, ``quant_weight_128x128``) with the model's amax floor, the
 auto-dispatched dense GEMM (``kernels.fp8_gemm.fp8_gemm``: Triton, the Gluon kernel or cuBLAS, timed
 per shape), and the grouped GEMM in DeepGEMM's contiguous layout (each expert's rows padded to 128,
-``m_indices`` = row expert or -1; ``contiguous_layout`` converts our ``offs`` rows to it and back).
+``m_indices`` = row expert or -1; ``contiguous_layout`` converts our ``offs`` rows to it and back; the
+routed experts' fused path, ``model.fp8_experts``, keeps its rows in that layout from permute to combine).
 Given the experts' row counts on the host (``host_counts``, one planned sync per MoE layer), the
 grouped paths never wait for the GPU.
 """
@@ -183,7 +184,10 @@ class Fp8Ops:
     - ``quant_weight``: w ([E,] N, K) (any strides) -> E4M3, scales ([E,] ceil(N/b), ceil(K/b));
     - ``gemm(a, a_scale, b, b_scale, out_dtype)`` -> (M, N), b's scales in blocks or 1 x block rows;
     - ``grouped(a, a_scale, b, b_scale, offs, out_dtype, host_counts)``: rows of expert e times b[e]^T;
-    - ``grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype)``: per-expert a_t · b_t^T.
+    - ``grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype)``: per-expert a_t · b_t^T;
+    - ``grouped_contiguous(a, a_scale, b, b_scale, m_indices, out_dtype, host_counts)``: the grouped GEMM on
+      rows already in the contiguous layout (``m_indices``), or None. Set, the routed experts run fused
+      (``model.fp8_experts``: permute with quantise, SwiGLU with quantise, weighted combine).
     """
 
     block: int
@@ -193,6 +197,7 @@ class Fp8Ops:
     gemm: Fp8Gemm
     grouped: Fp8Gemm
     grouped_wgrad: Fp8Gemm
+    grouped_contiguous: Fp8Gemm | None = None
 
 
 def _reference_grouped(a, a_scale, b, b_scale, offs, out_dtype, host_counts=None, *, block):
@@ -217,6 +222,10 @@ def _kernel_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def _kernel_grouped_contiguous(a, a_scale, b, b_scale, m_indices, out_dtype, host_counts=None):
+    return grouped_gemm_fp8(a, a_scale, b, b_scale, m_indices, out_dtype=out_dtype, backend="auto", m_counts=host_counts)
+
+
 def kernel_ops() -> Fp8Ops:
     """Our Triton quantisers and the auto-dispatched GEMMs (block 128). The grouped weight gradient
     stays on the Triton kernel: cuBLAS's per-expert loop reads the segments on the host."""
@@ -228,6 +237,7 @@ def kernel_ops() -> Fp8Ops:
         gemm=partial(fp8_gemm, backend="auto"),
         grouped=_grouped_via_contiguous(partial(grouped_gemm_fp8, backend="auto"), 128),
         grouped_wgrad=partial(grouped_wgrad_fp8, backend="triton"),
+        grouped_contiguous=_kernel_grouped_contiguous,
     )
 
 

@@ -40,7 +40,8 @@ class GroupedLinearFn(torch.autograd.Function):
         if fp8 is not None:
             aq, a_scale = fp8.quant_act(a)
             wq, w_scale = fp8.quant_weight(weight)  # per expert (E, N/b, K/b)
-            return fp8.grouped(aq, a_scale, wq, w_scale, offs, out_dtype=a.dtype, host_counts=host_counts)
+            # out in the weight's dtype: an FP32 input (the SwiGLU product) still gives a BF16 output and gradient
+            return fp8.grouped(aq, a_scale, wq, w_scale, offs, out_dtype=weight.dtype, host_counts=host_counts)
         mm = torch_grouped_mm if use_torch else reference_grouped_mm
         return mm(a, weight.transpose(1, 2), offs)  # (M, N)
 
@@ -65,7 +66,7 @@ class GroupedLinearFn(torch.autograd.Function):
 
         def weight_grad() -> torch.Tensor:  # (E, N, K)
             if fp8 is None:
-                return wgrad(grad_out, a, offs)
+                return wgrad(grad_out, a.to(grad_out.dtype), offs)
             return fp8_grouped_weight_grad(grad_out, a, offs, fp8, ctx.host_counts)
 
         return grad_a, weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad), *none

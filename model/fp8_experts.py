@@ -1,0 +1,161 @@
+"""The routed experts' FP8 path fused as DeepSeek-V3 TR §3.3 fuses it (``fp8_kernel="kernels"``).
+
+Every expert-side tensor stays in the contiguous layout of ``kernels.moe_permute`` (each expert's rows
+padded to 128, ``plan.m_indices`` = row expert or -1), from permute to combine. Forward:
+
+1. permute with quantise: the tokens' rows written straight into that layout as E4M3 1x128 tiles
+   (``moe_permute(quantize=True)``), which the gate_up grouped GEMM reads; no BF16 copy of the rows;
+2. gate_up grouped FP8 GEMM -> h (M_pad, 2I) in the activation dtype;
+3. SwiGLU with its quantisation (``swiglu(h, quantize=True)``): the down-projection's FP8 operand,
+   quantised from the FP32 product; no BF16 SwiGLU output;
+4. down grouped FP8 GEMM -> y (M_pad, d);
+5. weighting and combine in one pass (``moe_unpermute(y, plan, weights)``).
+
+Saved for backward: x, h and y (TR: keep the SwiGLU input, recompute its output). Backward, in the same
+layout: the combine's backward is the weighted permute of the output gradient and one dot per pair;
+the down projection's Dgrad and Wgrad (its input recomputed by ``swiglu(h)``); ``swiglu_backward`` from
+h; gate_up's Dgrad and Wgrad (its input, the permuted rows, gathered again); the permute's backward is
+the unweighted combine. With ``fp8_backward`` the Dgrads are FP8 grouped GEMMs (1x128 gradients, 128x128
+transposed weights) and the Wgrads the K-grouped FP8 Wgrad on 128x1 tiles, whose tiles never straddle two
+experts because the layout already pads each one; without it they run in the float dtype (straight-through).
+Weight gradients are queued on a ``WeightGradStore`` when one is attached, as ``GroupedLinearFn``'s are.
+
+No host sync anywhere: every size comes from the plan, built from the per-expert counts that the caller
+read once (``make_pair_plan``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from moeplan.kernels.moe_permute import DispatchPlan, moe_permute, moe_unpermute, pair_row_weights, pair_weight_grad
+from moeplan.kernels.swiglu import swiglu, swiglu_backward
+from moeplan.model.fp8 import MIN_AMAX, Fp8Ops
+from moeplan.model.grouped_mm import (
+    reference_grouped_mm,
+    reference_grouped_weight_grad,
+    torch_grouped_mm,
+    torch_grouped_weight_grad,
+)
+from moeplan.model.weight_grad import WeightGradStore, weight_grad_now_or_later
+
+
+class FusedFp8ExpertsFn(torch.autograd.Function):
+    """(x (N, d), weight of each pair (P,), gate_up (E, 2I, d), down (E, d, I)) -> out (N, d).
+
+    ``plan``: a pair plan (``kernels.moe_permute.make_pair_plan``) of the same pairs; ``host_counts``:
+    pairs per expert on the host; ``use_torch``: the float backward's grouped GEMMs on ``torch._grouped_mm``
+    (else the padded-bmm reference).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_of_pair, gate_up, down, plan: DispatchPlan, ops: Fp8Ops, fp8_backward: bool,
+                store: WeightGradStore | None, host_counts: Sequence[int], use_torch: bool):
+        x = x.contiguous()
+        gemm = ops.grouped_contiguous
+        # Step 1: permute with quantise, then gate_up.
+        rows_q, rows_s = moe_permute(x, plan, quantize=True, amax_floor=MIN_AMAX)  # (M_pad, d) E4M3
+        h = gemm(rows_q, rows_s, *ops.quant_weight(gate_up), plan.m_indices, out_dtype=x.dtype,
+                 host_counts=host_counts)  # (M_pad, 2I)
+        # Step 2: SwiGLU with its quantisation, then down.
+        act_q, act_s = swiglu(h, quantize=True, amax_floor=MIN_AMAX)  # (M_pad, I) E4M3
+        y = gemm(act_q, act_s, *ops.quant_weight(down), plan.m_indices, out_dtype=x.dtype,
+                 host_counts=host_counts)  # (M_pad, d)
+        # Step 3: weighting and combine.
+        ctx.save_for_backward(x, weight_of_pair, h, y)
+        ctx.plan, ctx.ops, ctx.fp8_backward, ctx.store = plan, ops, fp8_backward, store
+        ctx.host_counts, ctx.use_torch, ctx.gate_up, ctx.down = host_counts, use_torch, gate_up, down
+        return moe_unpermute(y, plan, weight_of_pair.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight_of_pair, h, y = ctx.saved_tensors
+        plan = ctx.plan
+        grad_out = grad_out.contiguous()
+        # Step 1: the combine's backward: each row's pair weight times its token's gradient, one dot per pair.
+        grad_y = moe_permute(grad_out, plan, row_weights=pair_row_weights(plan, weight_of_pair))  # (M_pad, d)
+        grad_w = pair_weight_grad(grad_out, y, plan).to(weight_of_pair.dtype)
+        # Step 2: down projection; its input, the SwiGLU output, recomputed from h.
+        # FP8: quantised 128x1 from the FP32 product, as the forward quantised it 1x128
+        act_dtype = torch.float32 if ctx.fp8_backward else grad_y.dtype
+        grad_down = _weight_grad(ctx, 3, ctx.down, grad_y, lambda: swiglu(h, out_dtype=act_dtype))
+        grad_act = _dgrad(ctx, grad_y, ctx.down)  # (M_pad, I)
+        # Step 3: SwiGLU from its saved input, then gate_up; its input, the permuted rows, gathered again.
+        grad_h = swiglu_backward(h, grad_act)  # (M_pad, 2I)
+        grad_gate_up = _weight_grad(ctx, 2, ctx.gate_up, grad_h, lambda: moe_permute(x, plan))
+        grad_rows = _dgrad(ctx, grad_h, ctx.gate_up)  # (M_pad, d)
+        # Step 4: the permute's backward: each token's rows summed.
+        grad_x = moe_unpermute(grad_rows, plan) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_w, grad_gate_up, grad_down, *(None,) * 6
+
+
+def _dgrad(ctx, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """g (M_pad, N) times each expert's weight (E, N, K): (M_pad, K)."""
+    plan, ops = ctx.plan, ctx.ops
+    if ctx.fp8_backward:  # gradient rows in 1x128 tiles times each expert's W^T (K, N) in 128x128 blocks
+        wt, wt_scale = ops.quant_weight(weight.transpose(1, 2))
+        gq, gs = ops.quant_act(g)
+        return ops.grouped_contiguous(gq, gs, wt, wt_scale, plan.m_indices, out_dtype=g.dtype,
+                                      host_counts=ctx.host_counts)
+    mm = torch_grouped_mm if ctx.use_torch else reference_grouped_mm
+    return mm(g, weight.to(g.dtype), plan.seg_offsets[1:])  # padding rows are zero: so is their product
+
+
+def _weight_grad(ctx, index: int, weight: torch.Tensor, g: torch.Tensor, recompute_input) -> torch.Tensor | None:
+    """What backward returns for ``weight`` (E, N, K), from g (M_pad, N) and the layer input (M_pad, K),
+    which ``recompute_input()`` makes when the Wgrad runs (now, or in the W step)."""
+    if not ctx.needs_input_grad[index]:
+        return None
+    plan, ops, fp8_backward, use_torch = ctx.plan, ctx.ops, ctx.fp8_backward, ctx.use_torch
+
+    def weight_grad() -> torch.Tensor:  # (E, N, K) FP32 in FP8, else the float dtype
+        a = recompute_input()
+        if not fp8_backward:
+            wgrad = torch_grouped_weight_grad if use_torch else reference_grouped_weight_grad
+            return wgrad(g, a, plan.seg_offsets[1:])
+        gq, gs = ops.quant_act_t(g)  # (N, M_pad), tiles of 128 tokens, each inside one expert's segment
+        aq, a_s = ops.quant_act_t(a)  # (K, M_pad)
+        return ops.grouped_wgrad(gq, gs, aq, a_s, plan.seg_offsets, out_dtype=torch.float32)
+
+    return weight_grad_now_or_later(ctx.store, weight, weight_grad)
+
+
+def benchmark(num_tokens: int = 4096, dim: int = 7168, inter: int = 2048, num_experts: int = 32, top_k: int = 8,
+              fp8_backward: bool = True) -> dict[str, float]:
+    """ms of one forward and backward of the routed experts on CUDA (V3's shapes by default; median of
+    ``triton.testing.do_bench``): "fused" (this module), "unfused" (the same FP8 ops without the
+    contiguous-layout GEMM: eager gather, separate quantisers, eager SwiGLU, scatter) and "bf16"
+    (``torch._grouped_mm``); each also forward alone."""
+    from dataclasses import replace
+
+    from moeplan.kernels.triton_compat import triton
+    from moeplan.model.experts import GroupedExperts
+    from moeplan.model.fp8 import kernel_ops
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(num_tokens, dim, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    indices = torch.rand(num_tokens, num_experts, device="cuda", generator=g).topk(top_k, dim=-1).indices
+    weights = torch.rand(num_tokens, top_k, device="cuda", generator=g).requires_grad_(True)
+    dy = torch.randn(num_tokens, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    variants = {"fused": ("fp8", kernel_ops()), "unfused": ("fp8", replace(kernel_ops(), grouped_contiguous=None)),
+                "bf16": ("grouped_mm", None)}
+    results = {}
+    for name, (backend, ops) in variants.items():
+        experts = GroupedExperts(num_experts, dim, inter, torch.bfloat16, backend=backend, fp8=ops,
+                                 fp8_backward=fp8_backward).cuda()
+        with torch.no_grad():
+            experts.gate_up_proj.normal_(0.0, dim ** -0.5, generator=g)
+            experts.down_proj.normal_(0.0, inter ** -0.5, generator=g)
+
+        def step(experts=experts) -> None:
+            experts(x, indices, weights)[0].backward(dy)
+
+        def forward(experts=experts) -> None:
+            with torch.no_grad():
+                experts(x, indices, weights)
+
+        results[f"{name}_fwd_bwd_ms"] = triton.testing.do_bench(step, return_mode="median")
+        results[f"{name}_fwd_ms"] = triton.testing.do_bench(forward, return_mode="median")
+    return results
