@@ -147,6 +147,7 @@ def check_command(
     if recalibrate is not None:
         check_out_file(recalibrate, "--recalibrate")
     report, loaded = load_run(run_dir, plan)
+    check_out_file(run_dir / "run.html", "RUN/run.html")  # before the work, not after it
     outputs, moved = {}, None
     if recalibrate is not None:
         outputs[recalibrate], moved = recalibrated(run_dir, report, loaded, recalibrate_from)

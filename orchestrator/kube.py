@@ -193,7 +193,7 @@ def refusal(exc: ApiException, what: str, namespace: str) -> str:
         status = {}
     status = status if isinstance(status, dict) else {}
     message = str(status.get("message") or exc.reason or "")[:300]
-    if exc.status == 409:
+    if exc.status == 409 and what.startswith("create"):
         return (f"{what}: already exists in namespace {namespace}; to replace it, delete it first "
                 "(kubectl delete -f DIR) and submit again")
     if exc.status == 422:

@@ -35,6 +35,7 @@ from tests.orchestrator.fuzz_inputs import (
     out_path,
 )
 from tests.orchestrator.fuzz_run_inputs import (
+    JOB_STATUSES,
     HostileApiServer,
     answer,
     corrupt_run,
@@ -144,7 +145,10 @@ def test_manifests_validate(examples, tmp_path, manifests):
 
 
 def _script(draw: st.DrawFn, server: HostileApiServer) -> None:
-    server.script([answer(draw) for _ in range(draw(st.integers(1, 4)))])
+    """Up to four answers; half the time the first two are a job's status and a pod list, as a server would."""
+    plausible = [(200, json.dumps(draw(st.sampled_from(JOB_STATUSES))).encode(), 0.0) for _ in range(2)]
+    drawn = [answer(draw) for _ in range(draw(st.integers(1, 4)))]
+    server.script(plausible + drawn[2:] if draw(st.booleans()) else drawn)
 
 
 @pytest.mark.parametrize("examples", PROFILES)
