@@ -86,6 +86,23 @@ def store_rows(out_ptrs, scale_ptrs, x, mask, row_mask, QUANT: tl.constexpr, POW
 
 
 @triton.jit
+def store_cols_t(q_ptr, s_ptr, x, rows, cols, mask, col_mask, stride_q, stride_s, tile,
+                 POW2: tl.constexpr, FLOOR: tl.constexpr):
+    """Epilogue for a (128 rows, C cols) fp32 tile in 128x1 tiles (one scale per column, amax floored at
+    FLOOR), written transposed: q[col, row] at ``q_ptr + col * stride_q + row``, the scale at
+    ``s_ptr + col * stride_s + tile``; what ``quant_act_128x1_t`` makes of the tile, without storing it first."""
+    scale = scale_from_amax(tl.max(tl.abs(x), axis=0), POW2, FLOOR)  # (C,)
+    tl.store(q_ptr + cols[None, :].to(tl.int64) * stride_q + rows[:, None], quantize_e4m3(x, scale[None, :]), mask=mask)
+    tl.store(s_ptr + cols * stride_s + tile, scale, mask=col_mask)
+
+
+def empty_cols_t_output(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs for ``store_cols_t``: (fp8 (cols, rows), fp32 scales (cols, ceil(rows/128)))."""
+    return (torch.empty((cols, rows), dtype=FP8_DTYPE, device=device),
+            torch.empty((cols, cdiv(rows, TILE)), dtype=torch.float32, device=device))
+
+
+@triton.jit
 def _quant_rows_kernel(
     # pointers: input (R, C), fp8 output, fp32 scales (R, ceil(C/128))
     x_ptr, q_ptr, s_ptr,

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .fp8_quant import AMAX_FLOOR, TILE, cast_for_store, empty_rows_output, store_rows
+from .fp8_quant import (
+    AMAX_FLOOR,
+    TILE,
+    cast_for_store,
+    empty_cols_t_output,
+    empty_rows_output,
+    store_cols_t,
+    store_rows,
+)
 from .triton_compat import INTERPRET, cdiv, tl, triton
 
 
@@ -124,8 +132,9 @@ def _permute_kernel(
     stride_xt, stride_om, stride_sm,
     # meta
     QUANT: tl.constexpr, WEIGHTED: tl.constexpr, POW2: tl.constexpr, FLOOR: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    TRANSPOSED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    """TRANSPOSED (BLOCK_R = 128): out (H, M_total) fp8 in 128x1 tiles, scales (H, M_total/128)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     src = tl.load(src_ptr + rows, mask=rows < num_rows, other=-1)
@@ -135,9 +144,13 @@ def _permute_kernel(
     if WEIGHTED:
         x = x * tl.load(weight_ptr + rows, mask=rows < num_rows, other=0.0)[:, None]
     out_mask = (rows[:, None] < num_rows) & col_ok
-    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    store_rows(out_ptrs, scale_ptr + rows * stride_sm + tl.program_id(1), x, out_mask, rows < num_rows, QUANT, POW2,
-               FLOOR)
+    if TRANSPOSED:
+        store_cols_t(out_ptr, scale_ptr, x, rows, cols, out_mask, cols < H, stride_om, stride_sm, tl.program_id(0),
+                     POW2, FLOOR)
+    else:
+        out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+        store_rows(out_ptrs, scale_ptr + rows * stride_sm + tl.program_id(1), x, out_mask, rows < num_rows, QUANT,
+                   POW2, FLOOR)
 
 
 @triton.jit
@@ -180,24 +193,33 @@ def _check_rows(x: torch.Tensor, name: str) -> None:
 
 
 def moe_permute(
-    x: torch.Tensor, plan: DispatchPlan, quantize: bool = False, pow2_scale: bool = False,
+    x: torch.Tensor, plan: DispatchPlan, quantize: bool | str = False, pow2_scale: bool = False,
     row_weights: torch.Tensor | None = None, amax_floor: float = AMAX_FLOOR,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Gather x (T, H) into the contiguous layout (M_total, H); padding rows are zeros.
 
     quantize: return (fp8 (M_total, H), scales (M_total, ceil(H/128))) instead of x's dtype, each 1x128
-    tile's amax floored at ``amax_floor`` (padding rows: zeros, scale amax_floor / 448).
+    tile's amax floored at ``amax_floor`` (padding rows: zeros, scale amax_floor / 448). quantize="128x1_t":
+    the permuted rows for a weight gradient, (fp8 (H, M_total), scales (H, M_total/128)) in tiles of 128
+    rows, what ``quant_act_128x1_t`` gives for the permuted rows, which are never stored.
     row_weights: (M_total,) fp32 factor per permuted row (the combine's backward).
     """
     _check_rows(x, "x")
     M, H = plan.num_rows, x.shape[1]
-    out, scale = empty_rows_output(M, H, x.dtype, quantize, x.device)
+    transposed = quantize == "128x1_t"
+    if quantize not in (False, True, "128x1_t"):
+        raise ValueError(f"quantize={quantize!r} must be False, True or '128x1_t'")
+    if transposed:
+        out, scale = empty_cols_t_output(M, H, x.device)
+    else:
+        out, scale = empty_rows_output(M, H, x.dtype, quantize, x.device)
     weights = row_weights if row_weights is not None else plan.src_token
-    block_r = 16
-    grid = (cdiv(M, block_r), cdiv(H, TILE))
+    block_r, block_h = (TILE, 64) if transposed else (16, TILE)
+    grid = (cdiv(M, block_r), cdiv(H, block_h))
     _permute_kernel[grid](
         x, out, scale, plan.src_token, weights, M, H, x.stride(0), out.stride(0), scale.stride(0),
-        QUANT=quantize, WEIGHTED=row_weights is not None, POW2=pow2_scale, FLOOR=amax_floor, BLOCK_R=block_r, BLOCK_H=TILE,
+        QUANT=bool(quantize), WEIGHTED=row_weights is not None, POW2=pow2_scale, FLOOR=amax_floor,
+        TRANSPOSED=transposed, BLOCK_R=block_r, BLOCK_H=block_h,
     )
     return (out, scale) if quantize else out
 

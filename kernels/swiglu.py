@@ -8,7 +8,15 @@ the backward kernel takes ``h`` and ``d act`` and writes ``d h`` in one pass.
 
 import torch
 
-from .fp8_quant import AMAX_FLOOR, TILE, cast_for_store, empty_rows_output, store_rows
+from .fp8_quant import (
+    AMAX_FLOOR,
+    TILE,
+    cast_for_store,
+    empty_cols_t_output,
+    empty_rows_output,
+    store_cols_t,
+    store_rows,
+)
 from .triton_compat import cdiv, tl, triton
 
 
@@ -43,6 +51,22 @@ def _swiglu_fwd_kernel(
 
 
 @triton.jit
+def _swiglu_quant_t_kernel(
+    # pointers: h (M, 2I), out (I, M) fp8, out scales (I, ceil(M/128))
+    h_ptr, q_ptr, s_ptr,
+    # sizes
+    M, I,
+    # strides
+    stride_hm, stride_qi, stride_si,
+    # meta: BLOCK_R = 128, one 128x1 tile per column
+    POW2: tl.constexpr, FLOOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    gate, up, rows, cols, mask = _load_gate_up(h_ptr, M, I, stride_hm, BLOCK_R, BLOCK_C)
+    act = gate * tl.sigmoid(gate) * up  # (BLOCK_R, BLOCK_C), as the forward kernel computes it
+    store_cols_t(q_ptr, s_ptr, act, rows, cols, mask, cols < I, stride_qi, stride_si, tl.program_id(0), POW2, FLOOR)
+
+
+@triton.jit
 def _swiglu_bwd_kernel(
     # pointers: h (M, 2I), d act (M, I), d h (M, 2I)
     h_ptr, dact_ptr, dh_ptr,
@@ -72,6 +96,7 @@ def _check_h(h: torch.Tensor) -> int:
 
 
 _BLOCK_R = 16
+_BLOCK_C_T = 64  # columns per program of the 128-row transposed quantisation
 
 
 def swiglu(h: torch.Tensor, quantize: bool = False, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR,
@@ -85,6 +110,20 @@ def swiglu(h: torch.Tensor, quantize: bool = False, pow2_scale: bool = False, am
     _swiglu_fwd_kernel[grid](h, out, scale, M, I, h.stride(0), out.stride(0), scale.stride(0),
                              QUANT=quantize, POW2=pow2_scale, FLOOR=amax_floor, BLOCK_R=_BLOCK_R, BLOCK_C=TILE)
     return (out, scale) if quantize else out
+
+
+def swiglu_quant_t(h: torch.Tensor, pow2_scale: bool = False,
+                   amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (M, 2I) → the SwiGLU output quantised for a weight gradient, without storing it: (act^T fp8 (I, M),
+    scales (I, ceil(M/128))) in 128x1 tiles (tiles of 128 tokens), what ``quant_act_128x1_t`` gives for
+    ``swiglu(h, out_dtype=torch.float32)``."""
+    I = _check_h(h)
+    M = h.shape[0]
+    q, scale = empty_cols_t_output(M, I, h.device)
+    grid = (cdiv(M, TILE), cdiv(I, _BLOCK_C_T))
+    _swiglu_quant_t_kernel[grid](h, q, scale, M, I, h.stride(0), q.stride(0), scale.stride(0),
+                                 POW2=pow2_scale, FLOOR=amax_floor, BLOCK_R=TILE, BLOCK_C=_BLOCK_C_T)
+    return q, scale
 
 
 def swiglu_backward(h: torch.Tensor, dact: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,9 @@ padded to 128, ``plan.m_indices`` = row expert or -1), from permute to combine. 
 
 Saved for backward: x, h and y (TR: keep the SwiGLU input, recompute its output). Backward, in the same
 layout: the combine's backward is the weighted permute of the output gradient and one dot per pair;
-the down projection's Dgrad and Wgrad (its input recomputed by ``swiglu(h)``); ``swiglu_backward`` from
-h; gate_up's Dgrad and Wgrad (its input, the permuted rows, gathered again); the permute's backward is
+the down projection's Dgrad and Wgrad (its input recomputed from h: ``swiglu_quant_t`` writes it straight
+into the Wgrad's 128x1 FP8 tiles); ``swiglu_backward`` from h; gate_up's Dgrad and Wgrad (its input, the
+permuted rows, gathered again, into 128x1 tiles: ``moe_permute(quantize="128x1_t")``); the permute's backward is
 the unweighted combine. With ``fp8_backward`` the Dgrads are FP8 grouped GEMMs (1x128 gradients, 128x128
 transposed weights) and the Wgrads the K-grouped FP8 Wgrad on 128x1 tiles, whose tiles never straddle two
 experts because the layout already pads each one; without it they run in the float dtype (straight-through).
@@ -31,7 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from moeplan.kernels.moe_permute import DispatchPlan, moe_permute, moe_unpermute, pair_row_weights, pair_weight_grad
-from moeplan.kernels.swiglu import swiglu, swiglu_backward
+from moeplan.kernels.swiglu import swiglu, swiglu_backward, swiglu_quant_t
 from moeplan.model.fp8 import MIN_AMAX, Fp8Ops
 from moeplan.model.grouped_mm import (
     reference_grouped_mm,
@@ -77,14 +78,16 @@ class FusedFp8ExpertsFn(torch.autograd.Function):
         # Step 1: the combine's backward: each row's pair weight times its token's gradient, one dot per pair.
         grad_y = moe_permute(grad_out, plan, row_weights=pair_row_weights(plan, weight_of_pair))  # (M_pad, d)
         grad_w = pair_weight_grad(grad_out, y, plan).to(weight_of_pair.dtype)
-        # Step 2: down projection; its input, the SwiGLU output, recomputed from h.
-        # FP8: quantised 128x1 from the FP32 product, as the forward quantised it 1x128
-        act_dtype = torch.float32 if ctx.fp8_backward else grad_y.dtype
-        grad_down = _weight_grad(ctx, 3, ctx.down, grad_y, lambda: swiglu(h, out_dtype=act_dtype))
+        # Step 2: down projection; its input, the SwiGLU output, recomputed from h (FP8: quantised 128x1 from
+        # the FP32 product in the same pass, as the forward quantised it 1x128).
+        grad_down = _weight_grad(ctx, 3, ctx.down, grad_y, lambda: swiglu(h),
+                                 lambda: swiglu_quant_t(h, amax_floor=MIN_AMAX))
         grad_act = _dgrad(ctx, grad_y, ctx.down)  # (M_pad, I)
-        # Step 3: SwiGLU from its saved input, then gate_up; its input, the permuted rows, gathered again.
+        # Step 3: SwiGLU from its saved input, then gate_up; its input, the permuted rows, gathered again
+        # (FP8: gathered straight into 128x1 tiles).
         grad_h = swiglu_backward(h, grad_act)  # (M_pad, 2I)
-        grad_gate_up = _weight_grad(ctx, 2, ctx.gate_up, grad_h, lambda: moe_permute(x, plan))
+        grad_gate_up = _weight_grad(ctx, 2, ctx.gate_up, grad_h, lambda: moe_permute(x, plan),
+                                    lambda: moe_permute(x, plan, quantize="128x1_t", amax_floor=MIN_AMAX))
         grad_rows = _dgrad(ctx, grad_h, ctx.gate_up)  # (M_pad, d)
         # Step 4: the permute's backward: each token's rows summed.
         grad_x = moe_unpermute(grad_rows, plan) if ctx.needs_input_grad[0] else None
@@ -103,20 +106,20 @@ def _dgrad(ctx, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return mm(g, weight.to(g.dtype), plan.seg_offsets[1:])  # padding rows are zero: so is their product
 
 
-def _weight_grad(ctx, index: int, weight: torch.Tensor, g: torch.Tensor, recompute_input) -> torch.Tensor | None:
-    """What backward returns for ``weight`` (E, N, K), from g (M_pad, N) and the layer input (M_pad, K),
-    which ``recompute_input()`` makes when the Wgrad runs (now, or in the W step)."""
+def _weight_grad(ctx, index: int, weight: torch.Tensor, g: torch.Tensor, input_float, input_fp8_t):
+    """What backward returns for ``weight`` (E, N, K), from g (M_pad, N) and the layer input, recomputed when the
+    Wgrad runs (now, or in the W step): ``input_float()`` (M_pad, K), or ``input_fp8_t()`` its transpose
+    (K, M_pad) in E4M3 128x1 tiles with scales (K, M_pad/128)."""
     if not ctx.needs_input_grad[index]:
         return None
     plan, ops, fp8_backward, use_torch = ctx.plan, ctx.ops, ctx.fp8_backward, ctx.use_torch
 
     def weight_grad() -> torch.Tensor:  # (E, N, K) FP32 in FP8, else the float dtype
-        a = recompute_input()
         if not fp8_backward:
             wgrad = torch_grouped_weight_grad if use_torch else reference_grouped_weight_grad
-            return wgrad(g, a, plan.seg_offsets[1:])
+            return wgrad(g, input_float(), plan.seg_offsets[1:])
         gq, gs = ops.quant_act_t(g)  # (N, M_pad), tiles of 128 tokens, each inside one expert's segment
-        aq, a_s = ops.quant_act_t(a)  # (K, M_pad)
+        aq, a_s = input_fp8_t()  # (K, M_pad)
         return ops.grouped_wgrad(gq, gs, aq, a_s, plan.seg_offsets, out_dtype=torch.float32)
 
     return weight_grad_now_or_later(ctx.store, weight, weight_grad)

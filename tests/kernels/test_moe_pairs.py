@@ -16,7 +16,7 @@ from moeplan.kernels.moe_permute import (
     moe_unpermute,
     moe_unpermute_ref,
 )
-from moeplan.kernels.swiglu import swiglu, swiglu_ref
+from moeplan.kernels.swiglu import swiglu, swiglu_quant_t, swiglu_ref
 from tests.kernels import test_kernels
 from tests.kernels.test_kernels import TOL_BF16_OUT, rand, rel_err, same_bits
 
@@ -108,3 +108,21 @@ def test_swiglu_fp32_output_and_amax_floor(device):
     torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
     assert rel_err(dequant_rows(q, s), dequant_rows(q_ref, s_ref)) < 1e-3  # rare one-ulp flips
     assert float(s[3, 0]) == pytest.approx(1e-12 / 448)
+
+
+def test_transposed_quantisation_fused_into_permute_and_swiglu(device):
+    """The Wgrad's 128x1 operands made in the pass that makes the values: ``moe_permute(quantize="128x1_t")``
+    is ``quant_act_128x1_t`` of the permuted rows, ``swiglu_quant_t`` of the FP32 SwiGLU output, bit for bit."""
+    T, H = 12, 136
+    token, expert, counts = _pairs(T, 3, seed=11)
+    plan = make_pair_plan(token.to(device), expert.to(device), T, counts)
+    x = rand(T, H, seed=12, device=device, dtype=torch.bfloat16)
+    q, s = moe_permute(x, plan, quantize="128x1_t", amax_floor=1e-12)
+    q_ref, s_ref = quant_act_1x128_ref(moe_permute_ref(x, plan).t(), amax_floor=1e-12)  # (H, M_total)
+    assert q.shape == (H, plan.num_rows) and torch.equal(s, s_ref) and same_bits(q, q_ref)
+    h = rand(plan.num_rows + 5, 2 * 72, seed=13, device=device, dtype=torch.bfloat16, scale=2.0)  # ragged edges
+    q, s = swiglu_quant_t(h, amax_floor=1e-12)
+    q_ref, s_ref = quant_act_1x128_ref(swiglu(h, out_dtype=torch.float32).t(), amax_floor=1e-12)
+    assert q.shape == (72, h.shape[0]) and torch.equal(s, s_ref) and same_bits(q, q_ref)
+    with pytest.raises(ValueError, match="quantize="):
+        moe_permute(x, plan, quantize="1x128_t")
