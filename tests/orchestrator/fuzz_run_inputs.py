@@ -203,6 +203,7 @@ class HostileApiServer:
 
     def __init__(self) -> None:
         self.answers: deque[tuple[int, bytes, float]] = deque()
+        self.served = 0  # requests answered (or being answered)
         self.lock = threading.Lock()
         server = self
 
@@ -240,6 +241,7 @@ class HostileApiServer:
 
     def next(self) -> tuple[int, bytes, float]:
         with self.lock:
+            self.served += 1
             if not self.answers:
                 return 404, json.dumps({**STATUS_BODY, "code": 404, "reason": "NotFound"}).encode(), 0.0
             return self.answers.popleft() if len(self.answers) > 1 else self.answers[0]
