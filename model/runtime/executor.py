@@ -78,8 +78,8 @@ class Timeline:
         """An interval whose end was marked elsewhere (a CUDA event on another stream, a completion time)."""
         self._open.append((lane, name, started, ended))
 
-    def events(self) -> list[TraceEvent]:
-        """The recorded intervals as trace events (resolving CUDA events), and forget them."""
+    def events(self, clear: bool = True) -> list[TraceEvent]:
+        """The recorded intervals as trace events (resolving CUDA events), and forget them (``clear``)."""
         if self.cuda:
             torch.cuda.synchronize()
         out = []
@@ -91,17 +91,24 @@ class Timeline:
             else:
                 start_s, end_s = begin - self.origin_s, end - self.origin_s
             out.append(TraceEvent(self.rank, lane, name, start_s, end_s))
-        self._open.clear()
+        if clear:
+            self._open.clear()
         return out
 
 
 @dataclasses.dataclass
 class StepResult:
-    """What one step gave on this rank: per micro-batch losses (head stage only, unscaled)."""
+    """What one step gave on this rank: per micro-batch losses (head stage only, unscaled), the bytes it
+    sent point to point, and its timeline (which the caller keeps filling, e.g. with the optimizer step,
+    and drains once per step: ``events`` only reads it)."""
 
     losses: dict[int, float]
-    events: list[TraceEvent]
+    timeline: Timeline
     sent_bytes: int
+
+    @property
+    def events(self) -> list[TraceEvent]:
+        return self.timeline.events(clear=False)
 
 
 class PipelineExecutor:
@@ -151,7 +158,7 @@ class PipelineExecutor:
             f"rank {self.program.rank}: values {sorted(state.values)}, unsent {sorted(state.outbox)} "
             f"and unflushed weight grads {sorted(state.stores)} left after the step")
         losses = {m: float(loss) for m, loss in state.losses.items()}  # read after the step: no sync inside
-        return StepResult(losses=losses, events=timeline.events(), sent_bytes=sent)
+        return StepResult(losses=losses, timeline=timeline, sent_bytes=sent)
 
     def _run(self, action: Action, microbatches: dict[int, Microbatch], state: _StepState) -> None:
         passes = [{"F": self._forward, "B": self._backward, "I": self._backward, "W": self._weights}[op.kind](

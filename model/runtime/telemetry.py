@@ -11,7 +11,6 @@ with the reason, and the record (``contracts.run_report.GpuTelemetry``) is writt
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
@@ -81,7 +80,7 @@ class NvmlSampler:
         if uuid is None:
             return cls(rank, None, sample_hz, unavailable="no CUDA device (torch.cuda.is_available() is False)")
         try:
-            nvml = importlib.import_module("pynvml")
+            import pynvml as nvml  # nvidia-ml-py: a named dependency, imported only where a GPU is
         except ImportError as exc:
             return cls(rank, uuid, sample_hz, unavailable=f"pynvml not importable ({exc})")
         return cls(rank, uuid, sample_hz, nvml=nvml)
@@ -176,3 +175,22 @@ class NvmlSampler:
             memory_used_bytes=series("memory_used_bytes"), sm_clock_mhz=series("sm_clock_mhz"),
             temperature_c=series("temperature_c"), clock_event_reasons=series("clock_event_reasons", ReasonSeries),
         )
+
+
+def driver_version() -> str | None:
+    """The NVIDIA driver's version from NVML, or None without a GPU, pynvml or a driver."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import pynvml as nvml
+
+        nvml.nvmlInit()
+        try:
+            found = nvml.nvmlSystemGetDriverVersion()
+        finally:
+            nvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 (pynvml missing or NVML refusing: the report marks it unknown)
+        return None
+    return found.decode() if isinstance(found, bytes) else str(found)

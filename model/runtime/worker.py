@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import platform
 import socket
 import time
@@ -41,7 +40,7 @@ from moeplan.model.runtime.checkpoint import latest_checkpoint, load_checkpoint,
 from moeplan.model.runtime.executor import Timeline
 from moeplan.model.runtime.rank import RankRuntime, RuntimeOptions
 from moeplan.model.runtime.resume import inject_fault, rewind
-from moeplan.model.runtime.telemetry import NvmlSampler
+from moeplan.model.runtime.telemetry import NvmlSampler, driver_version
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.contracts.plan_file import PlanFile
 from moeplan.simulator.contracts.run_report import (
@@ -57,6 +56,7 @@ from moeplan.simulator.contracts.run_report import (
     write_run_report,
 )
 from moeplan.simulator.contracts.trace import chrome_trace
+from moeplan.simulator.contracts.versions import installed_version
 
 log = logging.getLogger(__name__)
 
@@ -219,19 +219,11 @@ def _identity(rank: int, device: torch.device) -> GpuIdentity:
 
 
 def _environment(gathered: list, backend: str) -> Environment:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
     cuda = torch.version.cuda if torch.cuda.is_available() else None
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if cuda and backend == "nccl" else None
     return Environment(
-        moeplan_version=installed("moeplan"), python_version=platform.python_version(),
+        moeplan_version=installed_version("moeplan"), python_version=platform.python_version(),
         torch_version=torch.__version__, cuda_version=cuda, nccl_version=nccl,
-        driver_version=os.environ.get("MOEPLAN_DRIVER_VERSION"), ray_version=installed("ray"),
+        driver_version=driver_version(), ray_version=installed_version("ray"),
         hostnames=tuple(sorted({h for _, _, h in gathered})), gpus=tuple(g for _, g, _ in gathered if g.name),
     )

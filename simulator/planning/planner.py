@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from moeplan.simulator.accounting.context_parallel import cp_tokens
@@ -24,6 +23,7 @@ from moeplan.simulator.contracts.plan_file import (
 )
 from moeplan.simulator.contracts.predictions import RunPrediction
 from moeplan.simulator.contracts.trace import TraceEvent
+from moeplan.simulator.contracts.versions import installed_version
 from moeplan.simulator.costs.tables import default_tables
 from moeplan.simulator.engine.build import SimOptions, layer_load
 from moeplan.simulator.engine.expert_traffic import group_placement
@@ -41,10 +41,7 @@ MFU_DEFINITION = (
 
 
 def _moeplan_version() -> str:
-    try:
-        return version("moeplan")
-    except PackageNotFoundError:
-        return "0+unknown"
+    return installed_version("moeplan") or "0+unknown"
 
 
 def resolve_microbatches(parallel: ParallelSpec, training: TrainingSpec, dp: int) -> int:

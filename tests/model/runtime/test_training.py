@@ -10,6 +10,7 @@ import pytest
 from moeplan.model.runtime.worker import RunConfig, train
 from moeplan.simulator.contracts.run_report import read_metrics, read_run_report
 from moeplan.simulator.report.trace_analysis import op_class
+from moeplan.simulator.schedules.lowering import lower
 from moeplan.simulator.spec.hyperparams import LrSchedule
 from moeplan.simulator.spec.training import OptimizerSpec
 from tests.model.runtime.harness import reference_training, run_ranks, tiny_plan
@@ -37,8 +38,12 @@ def test_twenty_steps_follow_the_single_process_trajectory(tmp_path, kind, pp, d
     assert report.plan_sha256 == plan.inputs_sha256
     assert report.settings.pp_rank_of == tuple(r // dp for r in range(pp * dp))
     assert all(t.energy_j.missing for t in report.telemetry), "no NVML on a CPU run: every series is missing"
+    programs = lower(plan.schedule).programs
     for ref in report.traces:
         doc = json.loads((run_dir / ref.path).read_text())
         names = [e["name"] for e in doc["traceEvents"] if e.get("ph") == "X"]
-        assert "optimizer" in names and any(op_class(n) for n in names)
+        ops = [str(op) for step in programs[report.settings.pp_rank_of[ref.rank]].steps for op in step.action.ops]
+        timed = {n.split(" ")[0] for n in names}  # "0F3 L1 attn", "1B2 head", "0W1": the op is the first word
+        assert set(ops) <= timed, f"ops of the rank's program without a timed event: {sorted(set(ops) - timed)}"
+        assert "optimizer" in names and all(op_class(n) for n in names)
         assert doc["otherData"]["step_time_s"] > 0
