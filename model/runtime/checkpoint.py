@@ -124,10 +124,10 @@ def save_checkpoint(rt, run_dir: str | Path, steps_done: int) -> Path:
 
 def load_checkpoint(rt, meta: CheckpointMeta) -> None:
     """Collective: load ``meta``'s checkpoint into ``rt`` (weights, biases, optimizer shard, tokens seen)."""
-    world = dist.get_world_size()
     if meta.plan_sha256 != rt.plan.inputs_sha256:
         raise CheckpointError(f"{meta.path}: plan_sha256={meta.plan_sha256[:12]}... is not this plan's "
                               f"inputs_sha256={rt.plan.inputs_sha256[:12]}...")
+    world = dist.get_world_size()
     if meta.world_size != world:
         raise CheckpointError(f"{meta.path}: world_size={meta.world_size} but this run has {world} processes")
     state = _state(rt)

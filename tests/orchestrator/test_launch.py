@@ -101,14 +101,18 @@ def test_pp2_dp2_through_ray_equals_the_multiprocess_run(pp2_dp2):
     assert latest_checkpoint(run).steps_done == STEPS
 
 
+@pytest.mark.slow
 def test_pp2_ep2_through_ray_equals_the_multiprocess_run(ray_cluster, tmp_path):
+    """Also a restart under expert parallelism: each EP rank's experts come back from their own keys."""
     path = cpu_plan(tmp_path / "plan", "1f1b", pp=2, dp=2, ep=2)
-    result = launch(str(path), "--steps", "3", "--dtype", "fp32", "--run-dir", str(tmp_path / "run"), "--json")
+    result = launch(str(path), "--steps", "4", "--dtype", "fp32", "--run-dir", str(tmp_path / "run"), "--json",
+                    "--checkpoint-every", "2", "--max-failures", "1", env={FAULT_ENV: "2:3"})
     assert result.exit_code == 0, result.output
-    run_ranks(4, _train, read_plan(path), tmp_path / "mp", 3, tmp=tmp_path / "ranks")
+    run_ranks(4, _train, read_plan(path), tmp_path / "mp", 4, tmp=tmp_path / "ranks")
     expected = [m.loss for m in read_metrics(tmp_path / "mp")]
-    assert [m.loss for m in read_run_report(tmp_path / "run").steps] == expected
-    assert len(set(expected)) == 3
+    report = read_run_report(tmp_path / "run")
+    assert [m.loss for m in report.steps] == expected and len(set(expected)) == 4
+    assert [r.at_step for r in report.restarts] == [2]
 
 
 def test_a_worker_killed_at_step_3_resumes_with_identical_losses(pp2_dp2, tmp_path):

@@ -4,9 +4,17 @@ run directory is rewound to the checkpoint (later steps dropped, the restart and
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from moeplan.model.runtime.checkpoint import checkpoints_dir, latest_checkpoint
+from moeplan.model.runtime.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    checkpoints_dir,
+    latest_checkpoint,
+    load_checkpoint,
+)
 from moeplan.model.runtime.worker import Resume, RunConfig, train
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.contracts.run_report import read_metrics, read_run_report
@@ -48,12 +56,13 @@ def test_a_resumed_run_follows_the_uninterrupted_one(tmp_path):
     assert restart.lost_gpu_hours == pytest.approx(2 * redone / 3600)
 
 
-def test_another_plan_refuses_the_checkpoint(tmp_path):
-    plan = tiny_plan("1f1b", pp=2, optimizer=OPTIMIZER)
-    other = tiny_plan("1f1b", pp=2, optimizer=OPTIMIZER.model_copy(update={"grad_clip_norm": 1.0}))
-    run_dir = tmp_path / "run"
-    run_ranks(2, _train, plan, run_dir, RunConfig(steps=1, warmup_steps=0, dtype="fp32", checkpoint_every=1),
-              tmp=tmp_path / "a")
-    with pytest.raises(AssertionError, match="CheckpointError: .*step1: plan_sha256="):
-        run_ranks(2, _train, other, run_dir, RunConfig(steps=2, warmup_steps=0, dtype="fp32", resume=Resume("r")),
-                  tmp=tmp_path / "b")
+def test_another_plan_or_a_broken_latest_is_one_line(tmp_path):
+    rt = SimpleNamespace(plan=SimpleNamespace(inputs_sha256="1" * 64))
+    meta = CheckpointMeta(steps_done=2, tokens_seen=64.0, plan_sha256="0" * 64, world_size=2, saved_unix_s=0.0,
+                          path="RUN/checkpoints/step2")
+    with pytest.raises(CheckpointError, match=r"^RUN/checkpoints/step2: plan_sha256=000000000000\.\.\. is not"):
+        load_checkpoint(rt, meta)
+    assert latest_checkpoint(tmp_path) is None
+    write_atomic(checkpoints_dir(tmp_path) / "latest", "step7\n")
+    with pytest.raises(CheckpointError, match="names 'step7' whose moeplan.json cannot be read"):
+        latest_checkpoint(tmp_path)
