@@ -31,6 +31,11 @@ HANG_S = 3.0  # a hanging answer comes this late: past any request timeout the t
 HUGE_BYTES = 64 * 2**20 + 1  # past the readers' limit (a sparse file: cheap to make)
 
 
+def _plain(path: Path) -> bool:
+    """``path`` is a regular file an earlier corruption left alone (or nothing), safe to write."""
+    return not path.is_symlink() and not path.is_dir()
+
+
 def _rewrite(path: Path, edit: Any) -> None:
     doc = json.loads(path.read_text())
     edit(doc)
@@ -95,7 +100,7 @@ def corrupt_run(draw: st.DrawFn, run_dir: Path, run_json: dict[str, Any], trace:
         if what == "run.json":
             how = draw(st.sampled_from(["mutate", "mutate", "mutate", "folder", "device", "huge", "deep", "binary",
                                         "missing", "empty"]))
-            if how == "mutate":
+            if how == "mutate" and _plain(run_dir / "run.json"):
                 (run_dir / "run.json").write_bytes(draw(mutated_document(run_json)))
             elif how == "missing":
                 (run_dir / "run.json").unlink(missing_ok=True)
@@ -115,7 +120,7 @@ def corrupt_run(draw: st.DrawFn, run_dir: Path, run_json: dict[str, Any], trace:
             rank = draw(st.integers(0, 7))
             how = draw(st.sampled_from(["mutate", "mutate", "missing", "folder", "device", "binary", "deep"]))
             path = run_dir / "traces" / f"rank{rank}.json"
-            if how == "mutate":
+            if how == "mutate" and _plain(path):
                 path.write_bytes(draw(mutated_document(trace)))
             elif how == "missing":
                 path.unlink(missing_ok=True)
@@ -123,6 +128,8 @@ def corrupt_run(draw: st.DrawFn, run_dir: Path, run_json: dict[str, Any], trace:
                 _replace(path, how)
         elif what == "plan":
             how = draw(st.sampled_from(["missing", "binary", "truncate"]))
+            if not (run_dir / "plan.json").is_file() or (run_dir / "plan.json").is_symlink():
+                continue
             if how == "truncate":
                 text = (run_dir / "plan.json").read_bytes()
                 (run_dir / "plan.json").write_bytes(text[: draw(st.integers(0, len(text)))])
