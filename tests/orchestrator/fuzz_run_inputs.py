@@ -139,9 +139,9 @@ def corrupt_run(draw: st.DrawFn, run_dir: Path, run_json: dict[str, Any], trace:
             (run_dir / "plan-trace.json").write_bytes(draw(mutated_document(trace)))
         else:  # something in the way of run.html, or a previous one that an error must leave intact
             how = draw(st.sampled_from(["previous", "folder", "device"]))
-            if how == "previous":
+            if how == "previous" and _plain(run_dir / "run.html"):
                 (run_dir / "run.html").write_text("<html>previous report</html>\n")
-            else:
+            elif how != "previous":
                 _replace(run_dir / "run.html", how)
 
 
