@@ -106,5 +106,6 @@ def test_fp8_step_on_the_kernels_syncs_once_per_moe_layer() -> None:
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    # torch 2.11 also warns, once, that the debug mode is a prototype: count only the syncs it reports
+    syncs = [str(w.message) for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
     assert moe_layers >= 1 and len(syncs) <= moe_layers, syncs
