@@ -11,18 +11,13 @@ that fails is reported and left out; the file is written whole or not at all (``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from moeplan.orchestrator.calibration.machine_info import load_average, machine_facts
-from moeplan.orchestrator.calibration.measure import Setup, link_groups, measure_all
-from moeplan.orchestrator.calibration.shapes import plan_shapes
-from moeplan.orchestrator.calibration.tables_out import CalibrationError, calibrated_tables, machine_record, now
 from moeplan.orchestrator.errors import InputError
 from moeplan.orchestrator.inputs import build_request
 from moeplan.orchestrator.outputs import check_out_file, strict_json, write_outputs
@@ -31,8 +26,11 @@ from moeplan.simulator.contracts.plan_file import read_plan
 from moeplan.simulator.costs.tables import CostTables
 from moeplan.simulator.spec.inputs import PlanInputs
 
+if TYPE_CHECKING:  # every other command of the CLI imports this module: torch stays out of it
+    import torch
+
 console = Console(width=140, stderr=True)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # torch dtypes by name: torch loads only when calibrating
 
 
 def _inputs(plan: Path | None, model: str | None, cluster: str | None, nodes: int | None,
@@ -47,6 +45,8 @@ def _inputs(plan: Path | None, model: str | None, cluster: str | None, nodes: in
 
 
 def _device(inputs: PlanInputs) -> torch.device:
+    import torch
+
     if inputs.cluster.gpu.name.upper().startswith("CPU"):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -103,10 +103,17 @@ def calibrate_command(
     check_out_file(out, "--out")
     inputs, dp = _inputs(plan, model, cluster, nodes, set_ or [])
     device = _device(inputs)
+    import torch
+
+    from moeplan.orchestrator.calibration.machine_info import load_average, machine_facts
+    from moeplan.orchestrator.calibration.measure import Setup, link_groups, measure_all
+    from moeplan.orchestrator.calibration.shapes import plan_shapes
+    from moeplan.orchestrator.calibration.tables_out import CalibrationError, calibrated_tables, machine_record, now
+
     gpus = machine_facts()["cores"] if device.type == "cpu" else torch.cuda.device_count()
     shapes = plan_shapes(inputs, dp, max(2, gpus))
     label = f"[CAL] moeplan calibrate {now()}"
-    setup = Setup(spec=inputs.model, device=device, dtype=DTYPES[dtype] if device.type == "cpu" else torch.bfloat16,
+    setup = Setup(spec=inputs.model, device=device, dtype=getattr(torch, DTYPES[dtype]) if device.type == "cpu" else torch.bfloat16,
                   reps=reps, threads=threads, backend="gloo" if device.type == "cpu" else "nccl", label=label)
     before, threads_before = load_average(), torch.get_num_threads()
     torch.set_num_threads(threads)

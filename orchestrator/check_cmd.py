@@ -18,7 +18,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from moeplan.orchestrator.calibration.from_run import moved_table, recalibrated
 from moeplan.orchestrator.errors import InputError
 from moeplan.orchestrator.inputs import finite_float
 from moeplan.orchestrator.outputs import check_out_file, strict_json, write_outputs
@@ -149,7 +148,9 @@ def check_command(
     report, loaded = load_run(run_dir, plan)
     check_out_file(run_dir / "run.html", "RUN/run.html")  # before the work, not after it
     outputs, moved = {}, None
-    if recalibrate is not None:
+    if recalibrate is not None:  # imported here: it loads torch, which the rest of the CLI never needs
+        from moeplan.orchestrator.calibration.from_run import moved_table, recalibrated
+
         outputs[recalibrate], moved = recalibrated(run_dir, report, loaded, recalibrate_from)
     measured, measured_events = measured_timelines(run_dir, report)
     predicted_events = predicted_intervals(run_dir, loaded)

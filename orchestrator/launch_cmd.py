@@ -54,7 +54,17 @@ def _settings(resume: Path | None, given: dict) -> dict:
             raise InputError(f"--resume {resume}: no readable {LAUNCH_SETTINGS_NAME} (not a run of moeplan launch)")
     defaults = {"dtype": None, "budget_guard": "off", "guard_every": 5, "checkpoint_every": 0, "max_failures": 0,
                 "steps": None}
-    return defaults | saved | {k: v for k, v in given.items() if v is not None}
+    s = defaults | saved | {k: v for k, v in given.items() if v is not None}
+    for name, low, high in RANGES:  # before anything is read or imported: a typo fails in milliseconds
+        value = s[name]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high):
+            raise InputError(f"--{name.replace('_', '-')}={value!r} must be an integer in {low}..{high}")
+    return s
+
+
+MAX_STEPS = 2**40  # as the plan's phases (simulator.spec.training: steps <= 2**40)
+RANGES = (("steps", 1, MAX_STEPS), ("guard_every", 1, MAX_STEPS), ("checkpoint_every", 0, MAX_STEPS),
+          ("max_failures", 0, 1000))
 
 
 def _whole_run_steps(plan: PlanFile) -> int:
@@ -95,9 +105,12 @@ def _run_dir(plan_path: Path | None, run_dir: Path | None, resume: Path | None) 
         return resume / PLAN_COPY_NAME, resume
     if plan_path is None:
         raise InputError("PLAN is needed (or --resume RUN)")
-    out = run_dir if run_dir is not None else (plan_path if plan_path.is_dir() else plan_path.parent) / "run"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--run-dir {out}: exists and is not an empty directory (give another, or --resume {out})")
+    try:
+        out = run_dir if run_dir is not None else (plan_path if plan_path.is_dir() else plan_path.parent) / "run"
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise InputError(f"--run-dir {out}: exists and is not an empty directory (give another, or --resume {out})")
+    except OSError as exc:  # a name too long, a folder we may not list
+        raise InputError(f"PLAN {str(plan_path)[:200]} / --run-dir {str(run_dir)[:200]}: {exc.strerror}") from None
     return plan_path, out
 
 
@@ -143,7 +156,11 @@ def _resources(plan: PlanFile, address: str | None) -> bool:
 
     from moeplan.orchestrator.ray_launch import cluster_nodes, missing_resources, start_ray
 
-    started = start_ray(address, num_cpus=max(os.cpu_count() or 1, plan.layout.world) + 1)
+    try:
+        started = start_ray(address, num_cpus=max(os.cpu_count() or 1, plan.layout.world) + 1)
+    except (ValueError, ConnectionError, TimeoutError) as exc:  # Ray's words for an address it cannot use
+        raise InputError(f"--address {address!r:.200}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+                         ) from None
     problem = missing_resources(plan, cluster_nodes())
     if problem:
         if started:
