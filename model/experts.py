@@ -98,3 +98,41 @@ class GroupedExperts(nn.Module):
         out_rows = out_rows if fp8 else out_rows.to(x.dtype)
         out = out_rows.new_zeros(x.shape[0], x.shape[-1]).index_add(0, token_of, out_rows)  # un-permute, sum pairs
         return out.to(x.dtype), counts
+
+
+def benchmark(num_tokens: int = 4096, dim: int = 7168, inter: int = 2048, num_experts: int = 32, top_k: int = 8,
+              fp8_backward: bool = True) -> dict[str, float]:
+    """ms of one forward and backward of the routed experts on CUDA (V3's shapes by default; median of
+    ``triton.testing.do_bench``): "fused" (this module), "unfused" (the same FP8 ops without the
+    contiguous-layout GEMM: eager gather, separate quantisers, eager SwiGLU, scatter) and "bf16"
+    (``torch._grouped_mm``); each also forward alone."""
+    from dataclasses import replace
+
+    from moeplan.kernels.triton_compat import triton
+    from moeplan.model.fp8 import kernel_ops
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(num_tokens, dim, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    indices = torch.rand(num_tokens, num_experts, device="cuda", generator=g).topk(top_k, dim=-1).indices
+    weights = torch.rand(num_tokens, top_k, device="cuda", generator=g).requires_grad_(True)
+    dy = torch.randn(num_tokens, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    variants = {"fused": ("fp8", kernel_ops()), "unfused": ("fp8", replace(kernel_ops(), grouped_contiguous=None)),
+                "bf16": ("grouped_mm", None)}
+    results = {}
+    for name, (backend, ops) in variants.items():
+        experts = GroupedExperts(num_experts, dim, inter, torch.bfloat16, backend=backend, fp8=ops,
+                                 fp8_backward=fp8_backward).cuda()
+        with torch.no_grad():
+            experts.gate_up_proj.normal_(0.0, dim ** -0.5, generator=g)
+            experts.down_proj.normal_(0.0, inter ** -0.5, generator=g)
+
+        def step(experts=experts) -> None:
+            experts(x, indices, weights)[0].backward(dy)
+
+        def forward(experts=experts) -> None:
+            with torch.no_grad():
+                experts(x, indices, weights)
+
+        results[f"{name}_fwd_bwd_ms"] = triton.testing.do_bench(step, return_mode="median")
+        results[f"{name}_fwd_ms"] = triton.testing.do_bench(forward, return_mode="median")
+    return results
