@@ -10,7 +10,8 @@ locally, or by Ray Train: ``orchestrator.launch``). Every rank runs the same loo
    the step in flight) and calls ``on_step`` (the launcher's progress bar and budget guard);
 4. on the profiled step (the last one by default) every rank writes its measured timeline to
    ``RUN/traces/rank{r}.json`` in the simulator's trace format (``contracts.trace``);
-5. at the end rank 0 writes ``RUN/run.json`` (``contracts.run_report.RunReport``) atomically, with the
+5. at the end rank 0 writes the run's expert loads (``RUN/expert-load.json``, the load-file format
+   ``plan --load`` reads) and ``RUN/run.json`` (``contracts.run_report.RunReport``) atomically, with the
    environment, per-GPU NVML telemetry (fields marked missing where NVML is absent) and the traces.
 
 ``observer`` (rank 0's; the launcher's progress bar and budget guard) sees each step's metrics and
@@ -36,6 +37,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from moeplan.model.load_record import load_record, write_load_file
 from moeplan.model.runtime.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from moeplan.model.runtime.executor import Timeline
 from moeplan.model.runtime.rank import RankRuntime, RuntimeOptions
@@ -44,6 +46,7 @@ from moeplan.model.runtime.telemetry import NvmlSampler, driver_version
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.contracts.plan_file import PlanFile
 from moeplan.simulator.contracts.run_report import (
+    EXPERT_LOAD_NAME,
     BudgetGuard,
     Environment,
     GpuIdentity,
@@ -145,8 +148,13 @@ def train(plan: PlanFile, run_dir: Path, config: RunConfig, rank: int, device: t
     telemetry = sampler.stop()
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (telemetry, _identity(rank, device), socket.gethostname()))
+    loads = rt.expert_loads()  # collective: every pipeline rank's layers
     if rank != 0:
         return None
+    if loads:  # the load file `moeplan plan --load` and `moeplan placement --load` read
+        spec = plan.inputs.model
+        write_load_file(run_dir / EXPERT_LOAD_NAME, load_record(
+            spec.name, loads, spec.num_experts_per_tok, rt.loads.step_start or 0, rt.loads.step_end))
     world = dist.get_world_size()
     report = RunReport(
         plan_sha256=plan.inputs_sha256, plan_file=config.plan_file, status=status,

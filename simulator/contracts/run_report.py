@@ -32,6 +32,7 @@ RUN_SCHEMA_VERSION = 1
 RUN_REPORT_NAME = "run.json"
 METRICS_NAME = "metrics.jsonl"
 PLAN_COPY_NAME = "plan.json"
+EXPERT_LOAD_NAME = "expert-load.json"  # the run's routed tokens per layer and expert: `plan --load` reads it
 TRACES_DIR = "traces"
 MAX_RANKS = 2**20
 READ_BACK_BYTES = 2**16  # append_metrics looks back this much at a time for the last line's end

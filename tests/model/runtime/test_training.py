@@ -8,7 +8,8 @@ import json
 import pytest
 
 from moeplan.model.runtime.worker import RunConfig, train
-from moeplan.simulator.contracts.run_report import read_metrics, read_run_report
+from moeplan.orchestrator.inputs import read_load_record
+from moeplan.simulator.contracts.run_report import EXPERT_LOAD_NAME, read_metrics, read_run_report
 from moeplan.simulator.report.trace_analysis import op_class
 from moeplan.simulator.schedules.lowering import lower
 from moeplan.simulator.spec.hyperparams import LrSchedule
@@ -38,6 +39,11 @@ def test_twenty_steps_follow_the_single_process_trajectory(tmp_path, kind, pp, d
     assert report.plan_sha256 == plan.inputs_sha256
     assert report.settings.pp_rank_of == tuple(r // dp for r in range(pp * dp))
     assert all(t.energy_j.missing for t in report.telemetry), "no NVML on a CPU run: every series is missing"
+    spec = plan.inputs.model  # the expert-load file: every token of every step routed to top-k experts
+    record = read_load_record(run_dir / EXPERT_LOAD_NAME, spec, range(spec.num_hidden_layers + 1))
+    decoder = [layer for layer in record.layers if layer.layer < spec.num_hidden_layers]
+    assert decoder and all(sum(layer.tokens_per_expert) == STEPS * report.steps[0].tokens * spec.num_experts_per_tok
+                           for layer in decoder)
     programs = lower(plan.schedule).programs
     for ref in report.traces:
         doc = json.loads((run_dir / ref.path).read_text())
