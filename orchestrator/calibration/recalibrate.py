@@ -12,6 +12,12 @@ step, after warm-up) and derives:
   at the engine's ideal bytes per parameter over the measured seconds (less the host term the tables
   already add to it), the median over ranks; it replaces the tables' ``optimizer`` memory-kernel point.
 
+Ops the runtime times inside another op's event (``covered``) are entered at zero, so the covering event is
+counted once: without expert parallelism its ``experts`` event holds the shared expert (no ``shared`` event),
+and its ``head`` event holds the stage's MTP modules (no ``L{i}`` event for an MTP layer). Measured on the
+tiny preset (docs/results/calibration-cpu.md), pricing those ops again put the recalibrated step 20% over
+the measured one. The shared expert's weight gradient stays priced (the engine keeps ``dw`` as computed).
+
 Each derived entry is reported with what the old tables priced for it (``Moved``), so a comparison shows
 which entries moved and by how much. Events of other names (whole actions, transfers) are not per op and
 are left alone.
@@ -90,6 +96,26 @@ def op_durations(plan: PlanFile, traces: dict[int, object]) -> dict[tuple[LayerK
     return dict(out)
 
 
+_COVERED_OPS = {"F": ("attn", "mlp", "shared", "experts"), "B": ("attn-bwd", "mlp-bwd", "shared-bwd", "experts-bwd")}
+
+
+def covered(plan: PlanFile, durations: dict[tuple[LayerKind, str, str], list[float]]
+            ) -> dict[tuple[LayerKind, str, str], tuple[str, int]]:
+    """Ops the run timed inside another op's event: (kind, action, op) -> (the covering event, its count)."""
+    out: dict[tuple[LayerKind, str, str], tuple[str, int]] = {}
+    if plan.inputs.model.n_shared_experts:
+        for (kind, action, op), found in durations.items():
+            shared = "shared" if action == "F" else "shared-bwd"
+            if op == ("experts" if action == "F" else "experts-bwd") and (kind, action, shared) not in durations:
+                out[(kind, action, shared)] = (f"{kind} {action} {op}", len(found))
+    has_mtp = any(k == "mtp" for k, _, _ in durations)
+    for (kind, action, op), found in durations.items():
+        if kind == "ends" and op == "head" and not has_mtp and any(h > 1 for h in _heads(plan)):
+            for mop in _COVERED_OPS["F" if action == "F" else "B"]:
+                out[("mtp", action, mop)] = (f"ends {action} head", len(found))
+    return out
+
+
 def shard_params(plan: PlanFile, pp_rank: int) -> float:
     """Parameters of one rank's ZeRO-1 optimizer shard, as ``engine.build`` prices its optimizer step."""
     m, par, dp = plan.inputs.model, plan.inputs.parallel, plan.layout.dp
@@ -149,12 +175,16 @@ def recalibrate(plan: PlanFile, tables: CostTables, traces: dict[int, object], p
     par = plan.inputs.parallel
     tokens = cp_tokens(par.micro_batch_size, par.seq_len_tokens, par.cp)
     priced = _priced(plan, tables)
-    ops, moved = [], []
-    for (kind, action, op), durations in sorted(op_durations(plan, traces).items()):
+    ops, moved, found = [], [], op_durations(plan, traces)
+    for (kind, action, op), durations in sorted(found.items()):
         s = statistics.median(durations)
         ops.append(MeasuredOp(layer_kind=kind, action=action, op=op, tokens=tokens, seq_len=par.seq_len_tokens, s=s,
                               samples=len(durations), source=f"{label}: median of {len(durations)} event(s)"))
         moved.append(Moved(f"{kind} {action} {op}", priced.get((kind, action, op)), s, "s", len(durations)))
+    for (kind, action, op), (by, n) in sorted(covered(plan, found).items()):
+        ops.append(MeasuredOp(layer_kind=kind, action=action, op=op, tokens=tokens, seq_len=par.seq_len_tokens, s=0.0,
+                              samples=n, source=f"{label}: timed inside the run's {by} event(s)"))
+        moved.append(Moved(f"{kind} {action} {op} (in {by})", priced.get((kind, action, op)), 0.0, "s", n))
     kernels = list(tables.memory_kernels)
     opt = _optimizer_point(plan, tables, traces, pp_rank_of, label)
     if opt is not None:

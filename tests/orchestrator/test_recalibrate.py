@@ -7,19 +7,22 @@ by what those ops add (closed form); the optimizer class is derived from the opt
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
 
-from moeplan.orchestrator.calibration.recalibrate import op_durations, recalibrate
+from moeplan.orchestrator.calibration.recalibrate import LAYER_EVENT, op_durations, recalibrate
 from moeplan.orchestrator.cli import app
+from moeplan.simulator.accounting.layout import pipeline_stages
 from moeplan.simulator.contracts.plan_file import read_plan
 from moeplan.simulator.costs.tables import named_tables
-from moeplan.simulator.engine.build import SimOptions
+from moeplan.simulator.engine.build import SimOptions, step_inputs
 from moeplan.simulator.planning.predict import predict_step
 
 PLAN = ["plan", "--model", "tiny-moe", "--cluster", "cpu", "--nodes", "1", "--no-search", "--micro-batch-size", "1",
         "--seq-len", "64", "--pp", "2", "--schedule", "1f1b", "--global-batch", "4"]
+FWD = re.compile(r"^\d+F\d+ ")
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +79,51 @@ def test_the_optimizer_class_comes_from_the_optimizer_events(planned):
     opt = next(m for m in moved if "optimizer" in m.entry)
     assert opt.after == pytest.approx(opt.before / 4.0, rel=1e-6) and opt.samples == 2
     assert new.memory_fracs("optimizer")[0] == opt.after and new.measured_ops, "the ops measured come along"
+
+
+def _as_the_runtime_times_it(plan, traces: dict) -> dict:
+    """The simulated trace folded as the runtime's events are (no expert parallelism): each ``shared`` op inside
+    its layer's ``experts`` event, each MTP layer's ops inside its action's ``head`` event."""
+    stages = pipeline_stages(plan.inputs.model, plan.inputs.parallel)
+    mtp = {(s, i) for s, st in enumerate(stages) for i, layer in enumerate(st.layers)
+           if layer >= plan.inputs.model.num_hidden_layers}
+    out = {}
+    for r, doc in traces.items():
+        events, extra = [], {}
+        for e in doc["traceEvents"]:
+            hit = LAYER_EVENT.match(e.get("name", ""))
+            if hit and (hit[5] in ("shared", "shared-bwd") or (int(hit[1]), int(hit[4])) in mtp):
+                into = (f"{hit[1]}{hit[2]}{hit[3]} L{hit[4]} experts" + ("-bwd" if hit[2] != "F" else "")
+                        if (int(hit[1]), int(hit[4])) not in mtp else f"{hit[1]}{hit[2]}{hit[3]} head")
+                extra[into] = extra.get(into, 0.0) + e["dur"]
+            else:
+                events.append(e)
+        out[r] = {"traceEvents": [e | {"dur": e["dur"] + extra.pop(e["name"], 0.0)} if "dur" in e else e
+                                  for e in events]}
+        assert not extra, extra
+    return out
+
+
+def test_ops_timed_inside_another_event_are_counted_once(planned):
+    """Folded as the runtime times them, the shared expert and the MTP layer are entered at zero and their time
+    comes back through the covering event: every forward is priced as before, and the step only by the shared
+    expert's weight gradient more (kept as computed, its time also inside the experts-bwd event)."""
+    plan, traces = planned
+    tables = named_tables("cpu", "CPU-process")
+    folded = _as_the_runtime_times_it(plan, traces)
+    new, moved = recalibrate(plan, tables, folded, (0, 1), "test")
+    zeros = {m.entry for m in moved if m.after == 0.0}
+    assert {"moe F shared (in moe F experts)", "mtp F attn (in ends F head)", "mtp F experts (in ends F head)"} <= zeros
+    _, before = predict_step(plan.inputs, plan.layout.dp, plan.layout.microbatches, opts=SimOptions(tables=tables),
+                             trace=True)
+    _, after = predict_step(plan.inputs, plan.layout.dp, plan.layout.microbatches, opts=SimOptions(tables=new),
+                            trace=True)
+    for r in (0, 1):
+        fwd = [sum(e.end_s - e.start_s for e in ev if e.rank == r and FWD.match(e.name)) for ev in (before, after)]
+        assert fwd[1] == pytest.approx(fwd[0], rel=1e-9), (r, fwd)
+    dw = sum(u.mlp_dw_s for st in step_inputs(plan.inputs, plan.layout.dp, plan.layout.microbatches,
+                                               opts=SimOptions(tables=tables)).stages for u in st.units)
+    grown = _step_s(plan, new) - plan.predictions.step.step_time_s
+    assert 0.0 <= grown <= dw * plan.layout.microbatches * 1.01, (grown, dw)
+    unfolded, _ = recalibrate(plan, tables, traces, (0, 1), "test")
+    assert not any(o.s == 0.0 for o in unfolded.measured_ops), "nothing is covered when every op has its event"
