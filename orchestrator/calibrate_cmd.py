@@ -80,6 +80,20 @@ def _summary(tables: CostTables, skipped: list[str]) -> Table:
     return table
 
 
+def _stop_children(grace_s: float = 2.0) -> None:
+    """Terminate the processes measuring collectives (``calibration.links``), then kill what outlives ``grace_s``."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(grace_s)
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
 def calibrate_command(
     out: Annotated[Path, typer.Option(help="The cost-table JSON to write (for `plan --calibration`).")],
     plan: Annotated[Path | None, typer.Option(help="Measure at this plan's shapes.")] = None,
@@ -118,13 +132,16 @@ def calibrate_command(
     before, threads_before = load_average(), torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with Progress(console=console, transient=True) as progress:
+        with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:  # no stray line
             task = progress.add_task("calibrating", total=4 + len(link_groups(shapes)))
 
             def advance(what: str) -> None:
                 progress.update(task, advance=1, description=what)
 
             measured = measure_all(shapes, setup, inputs.cluster.gpu.hbm_bytes_per_s, advance)
+    except BaseException:  # SIGTERM or Ctrl-C: the collectives' processes go too, before their queue does
+        _stop_children()
+        raise
     finally:
         torch.set_num_threads(threads_before)
     command = "moeplan calibrate " + (f"--plan {plan}" if plan else f"--model {model} --cluster {cluster}")

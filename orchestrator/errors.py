@@ -24,7 +24,7 @@ import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Self
 
 import click
 import typer
@@ -121,6 +121,35 @@ def _terminate_by_exception() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class DeferredSignals:
+    """While a command waits on something that is not Python (Ray's ``wait``: an exception raised inside
+    it comes out as a ``SystemError``), SIGTERM and SIGINT are only noted; ``check()``, called where the
+    command polls, raises ``Terminated`` or ``KeyboardInterrupt`` there. Main thread only (else a no-op)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = self.received or signum
+
+    def check(self) -> None:
+        if self.received == signal.SIGTERM:
+            raise Terminated
+        if self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self.check()  # a signal that came after the last poll still stops the command
 
 
 class ReportingGroup(TyperGroup):

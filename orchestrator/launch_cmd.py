@@ -20,6 +20,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -27,7 +29,7 @@ import typer
 from rich.console import Console
 
 from moeplan.orchestrator.budget_guard import guard_problem
-from moeplan.orchestrator.errors import InputError, RunFailedError
+from moeplan.orchestrator.errors import DeferredSignals, InputError, RunFailedError
 from moeplan.orchestrator.launch_progress import RunProgress
 from moeplan.orchestrator.outputs import strict_json
 from moeplan.orchestrator.rank_entry import RankJob, on_cpu
@@ -156,11 +158,15 @@ def _resources(plan: PlanFile, address: str | None) -> bool:
 
     from moeplan.orchestrator.ray_launch import cluster_nodes, missing_resources, start_ray
 
+    on_sigterm = signal.getsignal(signal.SIGTERM)  # ray.init replaces it with sys.exit(15): exit 143, cleaned up
     try:
         started = start_ray(address, num_cpus=max(os.cpu_count() or 1, plan.layout.world) + 1)
     except (ValueError, ConnectionError, TimeoutError) as exc:  # Ray's words for an address it cannot use
         raise InputError(f"--address {address!r:.200}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
                          ) from None
+    finally:
+        if on_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
     problem = missing_resources(plan, cluster_nodes())
     if problem:
         if started:
@@ -194,8 +200,9 @@ def _execute(plan: PlanFile, run: Path, s: dict, local: bool, resumed: bool, sho
         err = Console(stderr=True)
         err.quiet = not (show and err.is_terminal)  # a bar in a terminal; logs and pipes get the summary line
         progress = RunProgress(plan, run, s["steps"], err)
-        with open(run / RAY_LOG_NAME, "a") as log, contextlib.redirect_stdout(log), progress:
-            return group.run(make_job, s["max_failures"], on_poll=progress.poll)
+        with open(run / RAY_LOG_NAME, "a") as log, contextlib.redirect_stdout(log), progress, \
+                DeferredSignals() as signals:  # Ctrl-C / SIGTERM: raised at the next poll, then every actor killed
+            return group.run(make_job, s["max_failures"], on_poll=lambda: (signals.check(), progress.poll()))
     finally:
         group.close()
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from moeplan.simulator.contracts.atomic_write import write_atomic
 
@@ -105,7 +106,11 @@ def save_checkpoint(rt, run_dir: str | Path, steps_done: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save(_state(rt), checkpoint_id=str(tmp))
+    try:
+        dcp.save(_state(rt), checkpoint_id=str(tmp))
+    except CheckpointException as exc:  # every rank's failure with its traceback (a BaseException)
+        rank, (error, _) = min(exc.failures.items(), key=lambda kv: kv[0])
+        raise not_written(root, final, error, f"rank {rank}") from None
     dist.barrier()
     if rt.rank == 0:
         meta = CheckpointMeta(steps_done=steps_done, tokens_seen=float(rt.progress["tokens_seen"]),
@@ -113,13 +118,30 @@ def save_checkpoint(rt, run_dir: str | Path, steps_done: int) -> Path:
                               saved_unix_s=time.time())
         fields = dataclasses.asdict(meta)
         fields.pop("path")
-        write_atomic(tmp / META_NAME, json.dumps(fields))
-        if final.exists():  # left by an attempt that died before it moved ``latest`` here
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_atomic(root / LATEST_NAME, final.name + "\n")
+        try:
+            write_atomic(tmp / META_NAME, json.dumps(fields))
+            if final.exists():  # left by an attempt that died before it moved ``latest`` here
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            write_atomic(root / LATEST_NAME, final.name + "\n")
+        except OSError as exc:
+            raise not_written(root, final, exc, "rank 0") from None
     dist.barrier()
     return final
+
+
+def not_written(root: Path, final: Path, error: BaseException, who: str) -> OSError:
+    """One line for a checkpoint that could not be written (a full disk: ``OSError(ENOSPC)``); ``latest``
+    was not moved, so it still names the previous whole checkpoint (its half-written folder goes at the
+    next start: ``remove_partial``)."""
+    try:
+        previous = (root / LATEST_NAME).read_text().strip()[:80] or "nothing"
+    except OSError:
+        previous = "nothing"
+    code = error.errno if isinstance(error, OSError) else None
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else f"{type(error).__name__}: {error}"
+    return OSError(code, " ".join(f"checkpoint {final.name} not written ({who}: {reason}); {LATEST_NAME} still "
+                                  f"names {previous}".split()))
 
 
 def load_checkpoint(rt, meta: CheckpointMeta) -> None:
