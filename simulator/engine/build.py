@@ -168,6 +168,7 @@ def step_inputs(
     return StepInputs(
         schedule=make_schedule(par.schedule, par.pp, microbatches, par.virtual_stages),
         stages=stages, ends=end_costs(ctx, m), links=links, tails=_tails(inputs, dp, tables), slow_ends=slow_ends,
+        optimizer_barrier=inputs.training.optimizer.grad_clip_norm is not None,
     )
 
 

@@ -11,7 +11,9 @@ micro-batch's all-to-all hides behind the other's compute only as far as the eve
 Activations and gradients cross stage boundaries over the sender's NIC (NVLink when both stages
 share a node). When a rank has run the last backward of a stage, that stage's ZeRO-1
 reduce-scatter of gradients and all-gather of weights start on its NIC; the optimizer step closes
-the rank's step.
+the rank's step. With ``optimizer_barrier`` (a global gradient norm, for clipping) no rank's optimizer
+starts before every rank's gradients are in: the norm is one all-reduce over them all (the runtime's
+``optimizer.grad_norm``; measured on the tiny preset, docs/results/calibration-cpu.md).
 
 Communication SMs (``sm_share``): every compute piece has a duration on all SMs (``StageCosts.units``)
 and one on the SMs an all-to-all leaves (``slow_units``); it runs at the second rate only while one of
@@ -80,6 +82,7 @@ class StepInputs:
     links: Links
     tails: tuple[RankTail, ...]
     slow_ends: EndCosts | None = None  # the ends beside an all-to-all; None = as ``ends``
+    optimizer_barrier: bool = False  # every rank's gradients in before any optimizer step (a global norm)
 
 
 @dataclass
@@ -149,6 +152,7 @@ class StepSimulation:
             for r, acts in enumerate(inputs.schedule.ranks) for s in range(inputs.schedule.num_stages)
         }
         self.tail_done: list[list[simpy.Process]] = [[] for _ in self.ranks]
+        self.grads_in = [self.env.event() for _ in self.ranks]
 
     # -- dependencies ---------------------------------------------------------------------
     def _event(self, key: tuple[str, str, int, int]) -> simpy.Event:
@@ -318,6 +322,9 @@ class StepSimulation:
             yield from self._action(rank, action)
         if self.tail_done[rank.index]:
             yield self.env.all_of(self.tail_done[rank.index])
+        if self.inp.optimizer_barrier:
+            self.grads_in[rank.index].succeed()
+            yield self.env.all_of(self.grads_in)
         yield from rank.run(self.inp.tails[rank.index].optimizer_s, "optimizer")
         self.finish[rank.index] = self.env.now
 

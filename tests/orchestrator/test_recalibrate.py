@@ -127,3 +127,17 @@ def test_ops_timed_inside_another_event_are_counted_once(planned):
     assert 0.0 <= grown <= dw * plan.layout.microbatches * 1.01, (grown, dw)
     unfolded, _ = recalibrate(plan, tables, traces, (0, 1), "test")
     assert not any(o.s == 0.0 for o in unfolded.measured_ops), "nothing is covered when every op has its event"
+
+
+def test_the_wait_for_the_global_norm_is_not_the_optimizers_own_time(planned):
+    """A rank that reached its optimizer early waits in the gradient norm's all-reduce: its event starts earlier
+    and ends where it did. The class is fitted from the seconds after the last rank's start, so it does not move
+    (the engine prices the wait itself: ``optimizer_barrier``)."""
+    plan, traces = planned
+    tables = named_tables("cpu", "CPU-process")
+    early = {r: {"traceEvents": [e | {"ts": e["ts"] - 5000.0, "dur": e["dur"] + 5000.0}
+                                 if r == 1 and e.get("name") == "optimizer" else e for e in doc["traceEvents"]]}
+             for r, doc in traces.items()}
+    _, moved = recalibrate(plan, tables, early, (0, 1), "test")
+    opt = next(m for m in moved if "optimizer" in m.entry)
+    assert opt.after == pytest.approx(opt.before, rel=1e-6) and opt.samples == 2

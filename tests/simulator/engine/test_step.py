@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -93,3 +94,16 @@ def test_chrome_trace_is_valid():
     assert len(spans) == len(res.events) and {e["pid"] for e in spans} == {0, 1, 2, 3}
     assert all(e["dur"] >= 0 for e in spans)
     assert max(e["ts"] + e["dur"] for e in spans) == pytest.approx(res.step_time_s * 1e6)
+
+
+@pytest.mark.parametrize("barrier", [False, True])
+def test_the_optimizer_barrier_waits_for_every_ranks_gradients(barrier):
+    # 1F1B, 2 ranks, 1 micro-batch, free links: rank 1's backward ends at 4, rank 0's at 6 (see the timeline
+    # above less the transfers); optimizers of 3 s (rank 0) and 5 s (rank 1). With a global gradient norm
+    # rank 1 updates only once rank 0's gradients are in: 6 + 5 = 11, else 4 + 5 = 9 against 6 + 3.
+    inp = _inputs("1f1b", 2, 1, _unit())
+    tails = (RankTail(dp_sync_s={}, optimizer_s=3.0), RankTail(dp_sync_s={}, optimizer_s=5.0))
+    res = StepSimulation(dataclasses.replace(inp, tails=tails, optimizer_barrier=barrier), trace=True).run()
+    starts = sorted((e.rank, e.start_s) for e in res.events if e.name == "optimizer")
+    assert starts == ([(0, 6.0), (1, 6.0)] if barrier else [(0, 6.0), (1, 4.0)])
+    assert res.finish_s == ([9.0, 11.0] if barrier else [9.0, 9.0]) and res.step_time_s == max(res.finish_s)
