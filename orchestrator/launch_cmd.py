@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -36,6 +36,7 @@ from moeplan.orchestrator.rank_entry import RankJob, on_cpu
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.contracts.plan_file import PlanFile, read_plan
 from moeplan.simulator.contracts.run_report import PLAN_COPY_NAME, read_run_report
+from moeplan.simulator.spec.json_input import read_json_file
 
 STOPPED_EXIT_CODE = 4
 LAUNCH_SETTINGS_NAME = "launch.json"
@@ -51,12 +52,18 @@ def _settings(resume: Path | None, given: dict) -> dict:
     if resume is not None:
         path = resume / LAUNCH_SETTINGS_NAME
         try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raise InputError(f"--resume {resume}: no readable {LAUNCH_SETTINGS_NAME} (not a run of moeplan launch)")
+            saved = read_json_file(path)
+        except ValueError as exc:
+            raise InputError(f"--resume {resume}: no readable {LAUNCH_SETTINGS_NAME} (not a run of moeplan launch: "
+                             f"{str(exc)[-200:]})") from None
+        if not isinstance(saved, dict):
+            raise InputError(f"--resume {resume}: {LAUNCH_SETTINGS_NAME} is {type(saved).__name__}, not an object")
     defaults = {"dtype": None, "budget_guard": "off", "guard_every": 5, "checkpoint_every": 0, "max_failures": 0,
                 "steps": None}
     s = defaults | saved | {k: v for k, v in given.items() if v is not None}
+    for name in ("dtype", "budget_guard"):  # a --resume's launch.json may hold anything
+        if s[name] is not None and not isinstance(s[name], str):
+            raise InputError(f"--{name.replace('_', '-')}={s[name]!r:.80} must be a word")
     for name, low, high in RANGES:  # before anything is read or imported: a typo fails in milliseconds
         value = s[name]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high):
@@ -64,9 +71,28 @@ def _settings(resume: Path | None, given: dict) -> dict:
     return s
 
 
+ADDRESS_TIMEOUT_S = 5.0
 MAX_STEPS = 2**40  # as the plan's phases (simulator.spec.training: steps <= 2**40)
 RANGES = (("steps", 1, MAX_STEPS), ("guard_every", 1, MAX_STEPS), ("checkpoint_every", 0, MAX_STEPS),
           ("max_failures", 0, 1000))
+
+
+def check_address(address: str | None, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
+    """``--address HOST:PORT`` (or ``ray://HOST:PORT``) must take a TCP connection within ``timeout_s``: Ray
+    itself waits minutes for an address where nothing answers, printing its own log lines. ``auto`` is Ray's
+    to resolve."""
+    if address is None or address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise InputError(f"--address {address!r:.200} must be auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except (OSError, UnicodeError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or type(exc).__name__
+        raise InputError(f"--address {address!r:.200}: nothing answers at {host[:100]}:{port} ({why}; waited at "
+                         f"most {timeout_s:g} s)") from None
 
 
 def _whole_run_steps(plan: PlanFile) -> int:
@@ -98,11 +124,15 @@ def _check_plan(plan: PlanFile, s: dict) -> None:
 def _run_dir(plan_path: Path | None, run_dir: Path | None, resume: Path | None) -> tuple[Path, Path]:
     """(the plan file to read, the run directory)."""
     if resume is not None:
-        from moeplan.model.runtime.checkpoint import latest_checkpoint
+        from moeplan.model.runtime.checkpoint import CheckpointError, latest_checkpoint
 
         if run_dir is not None and run_dir != resume:
             raise InputError(f"--run-dir {run_dir} and --resume {resume}: a resumed run stays in its directory")
-        if latest_checkpoint(resume) is None:
+        try:
+            latest = latest_checkpoint(resume)
+        except CheckpointError as exc:
+            raise InputError(f"--resume {resume}: {exc}") from None
+        if latest is None:
             raise InputError(f"--resume {resume}: the run has no checkpoint (checkpoints/latest) to continue from")
         return resume / PLAN_COPY_NAME, resume
     if plan_path is None:
@@ -230,6 +260,7 @@ def launch_command(
     given = {"steps": steps, "budget_guard": budget_guard, "guard_every": guard_every,
              "checkpoint_every": checkpoint_every, "max_failures": max_failures, "dtype": dtype}
     s = _settings(resume, given)
+    check_address(address)
     source, run = _run_dir(plan_path, run_dir, resume)
     plan = read_plan(source)
     if resume is not None and plan_path is not None and read_plan(plan_path).inputs_sha256 != plan.inputs_sha256:

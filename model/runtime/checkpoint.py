@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -39,10 +40,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from moeplan.simulator.contracts.atomic_write import write_atomic
+from moeplan.simulator.spec.json_input import read_json_file
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_NAME = "latest"
 META_NAME = "moeplan.json"
+LATEST_MAX_BYTES = 256  # "step{N}\n" is a few bytes
 EXPERT_MARK = ".mlp.experts."  # routed-expert parameter names (as the optimizer's expert set)
 
 
@@ -65,19 +68,33 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 
 
 def latest_checkpoint(run_dir: str | Path) -> CheckpointMeta | None:
-    """The checkpoint ``latest`` names, or None when the run has none."""
+    """The checkpoint ``latest`` names, or None when the run has none. Read as data from a directory that
+    may be corrupt: ``latest`` must name a ``step{N}`` beside it, its meta file must be bounded strict JSON
+    with fields of the right types (else ``CheckpointError``, one line)."""
     root = checkpoints_dir(run_dir)
     try:
-        name = (root / LATEST_NAME).read_text().strip()
+        with open(root / LATEST_NAME, "rb") as f:  # a device or a huge file: only the first bytes
+            name = f.read(LATEST_MAX_BYTES).decode().strip()
     except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{root / LATEST_NAME}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    if not re.fullmatch(r"step[0-9]{1,15}", name):
+        raise CheckpointError(f"{root / LATEST_NAME}: names {name!r:.80}, not a step{{N}} checkpoint")
     folder = root / name
     try:
-        raw = json.loads((folder / META_NAME).read_text())
-        return CheckpointMeta(**raw, path=str(folder))
-    except (OSError, ValueError, TypeError) as exc:
+        raw = read_json_file(folder / META_NAME)
+        meta = CheckpointMeta(**raw, path=str(folder))
+    except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{root / LATEST_NAME}: names {name!r:.80} whose {META_NAME} cannot be read "
-                              f"({exc})") from None
+                              f"({str(exc)[:300]})") from None
+    types = {"steps_done": int, "tokens_seen": (int, float), "plan_sha256": str, "world_size": int,
+             "saved_unix_s": (int, float)}
+    wrong = [k for k, t in types.items() if not isinstance(getattr(meta, k), t) or isinstance(getattr(meta, k), bool)]
+    if wrong or meta.steps_done < 0 or meta.world_size < 1:
+        shown = [f"{k}={getattr(meta, k)!r:.40}" for k in (wrong or ("steps_done", "world_size"))]
+        raise CheckpointError(f"{folder / META_NAME}: {', '.join(shown)}: out of type or range")
+    return meta
 
 
 def _state(rt) -> dict[str, torch.Tensor]:

@@ -148,7 +148,7 @@ def test_sigterm_while_calibrate_measures_links_exits_143_and_writes_nothing(tmp
     assert result.exit_code == 0, result.output
     before = sorted(tmp_path.rglob("*"))
     proc = _moeplan("calibrate", "--plan", str(tmp_path / "plan" / "plan.json"), "--out", str(tmp_path / "cal.json"),
-                    "--reps", "3")
+                    "--reps", "1")
 
     def measuring_links() -> bool:  # torch.multiprocessing's spawned ranks (not multiprocessing's tracker)
         return any("spawn_main" in _cmdline(p) for p in _living(descendants(proc.pid)))
