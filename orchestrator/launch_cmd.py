@@ -10,7 +10,9 @@ is one line and exit 2, with nothing written. Then ``RUN/plan.json`` (the plan's
 
 Exit codes: 0 completed; 2 bad input; 4 stopped by the budget guard (after a checkpoint,
 ``status="stopped"``); 5 the run failed more often than ``--max-failures`` (``run.json`` then says
-``failed``; the directory keeps every checkpoint, metric and restart). docs/design/launch.md.
+``failed``; the directory keeps every checkpoint, metric and restart); 143 on SIGTERM and 130 on Ctrl-C
+(the ranks and a local Ray stopped within seconds, the metrics and checkpoints kept for ``--resume``).
+docs/design/launch.md.
 """
 
 from __future__ import annotations
