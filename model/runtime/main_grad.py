@@ -70,6 +70,11 @@ class MainGrads:
     def params(self) -> tuple[nn.Parameter, ...]:
         return tuple(p for b in self.buckets for p in b.params)
 
+    @classmethod
+    def join(cls, *parts: MainGrads) -> MainGrads:
+        """One set over several attached sets' buckets (and hooks): what the runtime zeroes and syncs."""
+        return cls(tuple(b for part in parts for b in part.buckets), [h for part in parts for h in part._handles])
+
     def zero_(self) -> None:
         for bucket in self.buckets:
             bucket.data.zero_()

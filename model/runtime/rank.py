@@ -112,7 +112,7 @@ class RankRuntime:
         with torch.device(device):
             built = build_rank(spec, stages, model_options)
         modules = dict(zip(lay.rank_stages[pp_rank], built, strict=True))
-        for module in {id(m): m for m in built}.values():
+        for module in _unique(built):
             module.init_weights_by_name(options.seed)
             if lay.ep > 1:
                 _expert_parallel(module, plan, handles["ep"])
@@ -130,10 +130,9 @@ class RankRuntime:
                                     options.dtype, device, loss_fn, group=handles["pp"])
         task = SyntheticTask(spec.vocab_size, par.micro_batch_size, par.seq_len_tokens, options.seed)
         embedding_group = _embedding_group(pg, lay, rank)
-        main_grads, optimizer = _optimizer(plan, pg, handles, rank, built, embedding_group)
-        moe_layers = {i: moe for m in {id(m): m for m in built}.values() for i, moe in m.moe_layers().items()}
+        main_grads, optimizer = _optimizer(plan, pg, handles, rank, _named_parameters(built), embedding_group)
         return cls(plan, rank, pg, handles, modules, executor, task, device, embedding_group, main_grads, optimizer,
-                   balance, ExpertBiasUpdater(moe_layers), progress)
+                   balance, ExpertBiasUpdater(_moe_layers(built)), progress)
 
     # ---- a step -----------------------------------------------------------------------------------
 
@@ -183,29 +182,38 @@ class RankRuntime:
         return stats
 
     def moe_layers(self) -> dict[int, nn.Module]:
-        return {i: moe for m in self.unique_modules() for i, moe in m.moe_layers().items()}
+        return _moe_layers(self.modules.values())
 
     def unique_modules(self) -> list[nn.Module]:
-        return list({id(m): m for m in self.modules.values()}.values())
+        return _unique(self.modules.values())
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         """Parameter name (the whole model's) -> parameter, each shared tensor once."""
-        out: dict[str, nn.Parameter] = {}
-        for module in self.unique_modules():
-            for name, param in module.named_parameters():
-                out.setdefault(name, param)
-        return out
+        return _named_parameters(self.modules.values())
 
 
-def _optimizer(plan: PlanFile, pg: ProcessGroups, handles: RankGroups, rank: int, built: list[nn.Module],
+def _unique(modules) -> list[nn.Module]:
+    """Each module once, in order (a module listed under two stage ids counts once)."""
+    return list({id(m): m for m in modules}.values())
+
+
+def _named_parameters(modules) -> dict[str, nn.Parameter]:
+    out: dict[str, nn.Parameter] = {}
+    for module in _unique(modules):
+        for name, param in module.named_parameters():
+            out.setdefault(name, param)
+    return out
+
+
+def _moe_layers(modules) -> dict[int, nn.Module]:
+    return {i: moe for m in _unique(modules) for i, moe in m.moe_layers().items()}
+
+
+def _optimizer(plan: PlanFile, pg: ProcessGroups, handles: RankGroups, rank: int, params: dict[str, nn.Parameter],
                embedding_group: dist.ProcessGroup | None) -> tuple[MainGrads, ZeroAdamW]:
     """FP32 main grads over this rank's parameters and the ZeRO-1 AdamW that shards them over the pipeline
     rank's ``stage`` group (dp x cp). Parameters the pipeline holds twice count once in the norm: a mirror
     pair's copy on the higher rank, and the head stage's copy of a tied embedding, stay out of it."""
-    params: dict[str, nn.Parameter] = {}
-    for module in {id(m): m for m in built}.values():
-        for name, param in module.named_parameters():
-            params.setdefault(name, param)
     pp_rank = pg.coords(rank).pp_rank
     mirror = handles.ranks["mirror"]
     counted = mirror is None or rank == min(mirror)
@@ -213,18 +221,16 @@ def _optimizer(plan: PlanFile, pg: ProcessGroups, handles: RankGroups, rank: int
         else set()
     inner = pg.dp * pg.cp
     experts = {n for n in params if ".mlp.experts." in n} if plan.layout.ep > 1 else set()
-    main = attach_main_grads([p for n, p in params.items() if n not in outside | experts], pad_multiple=inner)
-    sets = [ShardedParams(main, group=handles["stage"], in_norm=counted)]
+    dense = attach_main_grads([p for n, p in params.items() if n not in outside | experts], pad_multiple=inner)
+    sets = [ShardedParams(dense, group=handles["stage"], in_norm=counted)]
     if outside:
-        extra = attach_main_grads([params[n] for n in sorted(outside)], pad_multiple=inner)
-        sets.append(ShardedParams(extra, group=handles["stage"], in_norm=False))
-        main = MainGrads(main.buckets + extra.buckets, main._handles + extra._handles)
+        tied = attach_main_grads([params[n] for n in sorted(outside)], pad_multiple=inner)
+        sets.append(ShardedParams(tied, group=handles["stage"], in_norm=False))
     if experts:  # this rank's slots: replicated over expert_dp; their gradients already hold the EP group's tokens
-        expert_dp = len(handles.ranks["expert_dp"])
-        extra = attach_main_grads([params[n] for n in params if n in experts], pad_multiple=expert_dp)
-        sets.append(ShardedParams(extra, group=handles["expert_dp"], grad_divisor=inner, in_norm=counted))
-        main = MainGrads(main.buckets + extra.buckets, main._handles + extra._handles)
-    return main, ZeroAdamW(sets, plan.inputs.training.optimizer)
+        slots = attach_main_grads([params[n] for n in params if n in experts],
+                                  pad_multiple=len(handles.ranks["expert_dp"]))
+        sets.append(ShardedParams(slots, group=handles["expert_dp"], grad_divisor=inner, in_norm=counted))
+    return MainGrads.join(*(s.main_grads for s in sets)), ZeroAdamW(sets, plan.inputs.training.optimizer)
 
 
 def _expert_parallel(module: nn.Module, plan: PlanFile, group: dist.ProcessGroup) -> None:
@@ -242,11 +248,11 @@ def _expert_parallel(module: nn.Module, plan: PlanFile, group: dist.ProcessGroup
 def _embedding_group(pg: ProcessGroups, layout, rank: int) -> dist.ProcessGroup | None:
     """Per (dp, cp) position, the pipeline ranks holding an ``embed_tokens`` copy when there are two
     (the first stage's and a head stage's MTP embedding on another rank); created collectively."""
-    holders = [p for p, stages in enumerate(layout.rank_stages) if 0 in stages or layout.stages - 1 in stages]
-    first = [p for p, stages in enumerate(layout.rank_stages) if 0 in stages]
-    last = [p for p, stages in enumerate(layout.rank_stages) if layout.stages - 1 in stages]
-    if set(first) == set(last):  # every copy is the shared object on one rank (or mirrors: summed there)
+    first = {p for p, stages in enumerate(layout.rank_stages) if 0 in stages}
+    last = {p for p, stages in enumerate(layout.rank_stages) if layout.stages - 1 in stages}
+    if first == last:  # every copy is the shared object on one rank (or mirrors: summed there)
         return None
+    holders = sorted(first | last)
     mine = None
     for pp_ranks in pg.pp_groups:
         group = dist.new_group([pp_ranks[p] for p in holders])
