@@ -89,11 +89,31 @@ class OptimizerSpec(BaseModel):
     grad_clip_norm: Float | None = Field(1.0, gt=0, le=1e6, description="Global gradient-norm bound; null = no clipping.")
 
 
+Fusion = Literal["eager", "fused"]
+LossKernel = Literal["fp32", "fused"]
+
+
+class KernelSpec(BaseModel):
+    """How the run builds its memory-bound kernels (priced by ``simulator.costs.elementwise``).
+
+    ``fusion``: ``eager`` = one kernel per op class, as moeplan's runtime runs them; ``fused`` = DeepSeek's
+    stack: token permutation inside the dispatch and combine kernels (DeepEP), FP8 cast with transpose,
+    SwiGLU writing its FP8 output (TR §3.3), RoPE and the router as single kernels. ``loss``: ``fp32`` =
+    ``model.losses.cross_entropy`` (the logits cast to FP32, then softmax, gather and gradient); ``fused`` =
+    one pass over the BF16 logits (Liger's or Megatron's fused cross-entropy)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fusion: Fusion = "eager"
+    loss: LossKernel = "fp32"
+
+
 class TrainingSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     phases: tuple[Phase, ...] = Field(..., min_length=1)
     precision: Literal["bf16", "fp8"] = "bf16"
+    kernels: KernelSpec = KernelSpec()
     optimizer: OptimizerSpec = OptimizerSpec()
     balance: BalanceSpec = BalanceSpec()
 
