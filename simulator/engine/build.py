@@ -43,6 +43,7 @@ class SimOptions:
     coarse: bool = False  # merge each stage's layers into one unit: fewer events, for the search
     comm_sms_always: bool = False  # withhold comm_sms from all compute whenever ep > 1 (the model before issue 21)
     payload: WirePayload | None = None  # bytes per all-to-all row, for sensitivity studies; None = ``wire_payload``
+    peer_wait: bool = True  # uniform routing: the slowest of ep random routings (``expert_traffic``); False = the mean
 
 
 def comm_sms(inputs: PlanInputs, tables: CostTables) -> int:
@@ -82,7 +83,7 @@ def _traffic(inputs: PlanInputs, ctx: CostContext, opts: SimOptions, load: tuple
     if not m.is_moe or par.ep == 1:
         return None
     return expert_traffic(m, inputs.cluster, par.ep, ctx.tokens, opts.redundant_experts, load, opts.seed,
-                          opts.payload or wire_payload(inputs, ctx.tables), par.ep_backend)
+                          opts.payload or wire_payload(inputs, ctx.tables), par.ep_backend, opts.peer_wait)
 
 
 def merge_units(units: list[UnitCosts]) -> UnitCosts:

@@ -6,12 +6,26 @@ smaller). Every GPU routes ``tokens`` tokens; the step waits for the slowest GPU
 uses the largest per-GPU IB and NVLink bytes (max of send and receive) and the largest expert row
 count. Uniform routing uses the closed form; a per-expert load samples routings (seeded). The
 backend (``deepep`` or ``flat``) and the bytes per row (``WirePayload``) are the traffic room's.
+
+The all-to-all as it runs (issue 21, capability 3). The engine prices one leg on the busiest GPU as
+``notify + busiest link bytes / bandwidth`` (``engine/step.py``): ``notify`` is the tables' fixed cost
+of one collective (``collective_latency_s``: DeepEP's normal dispatch first exchanges every rank's
+counts and synchronises, ``notify_dispatch``; the combine synchronises on the cached layout), and a
+leg ends only when the slowest peer's bytes are in, so its transfer is the busiest link's: this
+GPU's own plus the wait for the slowest peer. The compute before a leg waits for the slowest peer
+the same way: the engine's rank computes the busiest GPU's expert rows. Uniform routing's closed form gives every
+GPU the *expected* counts, a perfectly balanced load with no wait at all; but each micro-batch routes
+its own random tokens, and the slowest of ``ep`` peers sits above the mean. ``peer_wait`` adds that:
+each count (expert rows, IB and NVLink link tokens) becomes the expected maximum over the ``ep`` peers
+(``slowest_peer``), so the excess is the load imbalance of one routing, not of the expectation.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from statistics import NormalDist
 
 import numpy as np
 
@@ -57,18 +71,30 @@ def group_cluster(cluster: ClusterSpec, ep: int) -> ClusterSpec:
     return cluster.model_copy(update={"node": node, "nodes": 1})
 
 
+def slowest_peer(mean: float, peers: int) -> float:
+    """Expected largest of ``peers`` counts of mean ``mean`` that one random routing makes: each a sum of
+    many rare, independent hits (Poisson, variance = mean: an upper bound for a sum of independent hits),
+    its largest at Blom's normal order statistic ``Phi^-1((n - 3/8) / (n + 1/4))`` standard deviations
+    above the mean (Blom 1958, *Statistical Estimates and Transformed Beta-Variables*)."""
+    if peers <= 1 or mean <= 0:
+        return mean
+    return mean + NormalDist().inv_cdf((peers - 0.375) / (peers + 0.25)) * math.sqrt(mean)
+
+
 def _max_link_tokens(tokens: np.ndarray) -> float:
     return float(np.maximum(tokens.sum(axis=0), tokens.sum(axis=1)).max())
 
 
-def _from_layer(t: LayerTraffic, experts_per_gpu: int) -> ExpertTraffic:
+def _from_layer(t: LayerTraffic, experts_per_gpu: int, peers: int = 1) -> ExpertTraffic:
+    """The busiest GPU's traffic; ``peers`` > 1 (closed-form counts only) takes each count to the slowest
+    of ``peers`` random routings (``slowest_peer``)."""
     d, c, r = t.payload.dispatch_bytes, t.payload.combine_bytes, t.payload.routing_bytes
-    ib, nvl = _max_link_tokens(t.ib_tokens), _max_link_tokens(t.nvlink_tokens)
+    ib, nvl = (slowest_peer(_max_link_tokens(x), peers) for x in (t.ib_tokens, t.nvlink_tokens))
     return ExpertTraffic(
         dispatch_ib_bytes=ib * d, dispatch_nvlink_bytes=nvl * d,
         combine_ib_bytes=ib * c, combine_nvlink_bytes=nvl * c,
         routing_ib_bytes=ib * r, routing_nvlink_bytes=nvl * r,
-        expert_rows_max=float(t.expert_tokens.max()), expert_rows_mean=float(t.expert_tokens.mean()),
+        expert_rows_max=slowest_peer(float(t.expert_tokens.max()), peers), expert_rows_mean=float(t.expert_tokens.mean()),
         experts_per_gpu=experts_per_gpu, nodes_per_token=t.nodes_per_token,
     )
 
@@ -76,15 +102,16 @@ def _from_layer(t: LayerTraffic, experts_per_gpu: int) -> ExpertTraffic:
 def expert_traffic(
     model: ModelSpec, cluster: ClusterSpec, ep: int, tokens: int, redundant: int = 0,
     load: tuple[float, ...] | None = None, seed: int = 0, payload: WirePayload | None = None,
-    backend: EpBackend = "deepep",
+    backend: EpBackend = "deepep", peer_wait: bool = True,
 ) -> ExpertTraffic:
     """Traffic of one MoE layer for a micro-batch of ``tokens`` tokens per GPU.
 
     ``load``: relative per-expert load (``[n_routed_experts]``); None means uniform routing. The
     placement is balanced for that load with ``redundant`` extra slots (EPLB-style). ``payload``
-    None: an FP8 run's (``WirePayload.of``)."""
+    None: an FP8 run's (``WirePayload.of``). ``peer_wait``: uniform routing's busiest GPU is the slowest
+    of ``ep`` random routings (module docstring); False = every GPU at the expectation (no wait)."""
     payload = payload or WirePayload.of(model.hidden_size, model.num_experts_per_tok, "fp8", backend)
-    return _cached(model, cluster, ep, tokens, redundant, load, seed, payload, backend)
+    return _cached(model, cluster, ep, tokens, redundant, load, seed, payload, backend, peer_wait)
 
 
 @lru_cache(maxsize=64)
@@ -100,12 +127,13 @@ def group_placement(model: ModelSpec, cluster: ClusterSpec, ep: int, redundant: 
 
 
 @lru_cache(maxsize=256)
-def _cached(model, cluster, ep, tokens, redundant, load, seed, payload, backend) -> ExpertTraffic:
+def _cached(model, cluster, ep, tokens, redundant, load, seed, payload, backend, peer_wait) -> ExpertTraffic:
     group = group_cluster(cluster, ep)
     replicas = model.n_routed_experts + redundant
     placement = group_placement(model, cluster, ep, redundant, load)
     if load is None:
-        return _from_layer(expected_uniform_layer(placement, 0, model, group, tokens, payload, backend), replicas // ep)
+        return _from_layer(expected_uniform_layer(placement, 0, model, group, tokens, payload, backend), replicas // ep,
+                           ep if peer_wait else 1)
     # Sample at most MONTE_CARLO_TOKENS routings per GPU and scale the counts to ``tokens``: the
     # busiest GPU's share is then estimated from a sample, which keeps long-context phases cheap.
     sampled = min(tokens, MONTE_CARLO_TOKENS)
