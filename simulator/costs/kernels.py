@@ -3,13 +3,17 @@
 GEMMs take the throughput of the nearest table point of the same precision (distance in log2 of
 rows per group, N, K and group count), so a shape between two measured ones borrows the closer
 one's efficiency; never more than the GPU's peak. ``compute_frac`` is the share of SMs left to
-compute (DeepSeek-V3 reserves 20 of 132 for communication, TR §3.2.2).
+compute (DeepSeek-V3 reserves 20 of 132 for communication, TR §3.2.2): a GEMM on fewer SMs runs in
+more waves of output tiles, and slower by the HBM interference the tables measured
+(``costs.beside_comm``; 0 until measured), not at the linear SM share. Attention keeps the linear
+share (its tiles, heads x query blocks, outnumber the SMs many times over, where the two agree).
 """
 
 from __future__ import annotations
 
 import math
 
+from moeplan.simulator.costs.beside_comm import beside_comm_factor
 from moeplan.simulator.costs.tables import CostTables, GemmPoint, Precision
 from moeplan.simulator.spec.hardware import GpuSpec
 
@@ -60,12 +64,17 @@ def gemm_s(
     tables: CostTables, gpu: GpuSpec, precision: Precision, m: int, n: int, k: int,
     groups: int = 1, compute_frac: float = 1.0,
 ) -> float:
-    """Seconds for ``groups`` products of (m x k) @ (k x n)."""
+    """Seconds for ``groups`` products of (m x k) @ (k x n), on all SMs or on ``compute_frac`` of them
+    beside communication (wave quantisation and measured interference, ``costs.beside_comm``)."""
     if min(m, n, k, groups) <= 0:
         return 0.0
     flops = 2.0 * groups * m * n * k
     eff = gemm_efficiency(tables, gpu, precision, m, n, k, groups)
-    return flops / (peak_flops_per_s(gpu, precision) * eff * compute_frac)
+    full_s = flops / (peak_flops_per_s(gpu, precision) * eff)
+    if compute_frac >= 1.0:
+        return full_s
+    sms_left = max(1, round(compute_frac * gpu.sm_count))
+    return full_s * beside_comm_factor(tables.compute_beside_comm, m, n, groups, gpu.sm_count, sms_left)
 
 
 def attention_s(tables: CostTables, gpu: GpuSpec, fwd_flops: float, backward: bool, compute_frac: float = 1.0,

@@ -52,6 +52,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moeplan.simulator.costs.beside_comm import BesidePoint
 from moeplan.simulator.costs.host import HostCosts
 from moeplan.simulator.costs.machine import LinkFit, Machine
 from moeplan.simulator.costs.measured_ops import MeasuredOp
@@ -118,6 +119,9 @@ class CostTables(BaseModel):
                                    "(``costs.host``); None = not measured, no host term.")
     measured_ops: tuple[MeasuredOp, ...] = Field((), description="Sub-operations measured in a run at its shape "
                                                  "(``costs.measured_ops``): each replaces its own op's price.")
+    compute_beside_comm: tuple[BesidePoint, ...] = Field(
+        (), description="GEMMs timed alone and beside a communication kernel (``costs.beside_comm``): the HBM "
+                        "interference beyond wave quantisation. Empty = not measured: no interference priced.")
 
     @model_validator(mode="after")
     def _one_point_per_kernel(self) -> CostTables:
