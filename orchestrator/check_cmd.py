@@ -10,6 +10,7 @@ the planned step). Exit 0 when every judged line is within the tolerance, 1 on a
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -32,6 +33,7 @@ from moeplan.simulator.contracts.run_report import (
 from moeplan.simulator.report.run_comparison import Comparison, ComparisonError, compare, resimulated_trace
 from moeplan.simulator.report.run_html import run_html
 from moeplan.simulator.report.trace_analysis import (
+    MAX_TRACE_EVENTS,
     Interval,
     TraceError,
     analyse,
@@ -80,9 +82,11 @@ def load_run(run_dir: Path, plan_path: Path | None) -> tuple[RunReport, PlanFile
     return report, plan
 
 
-def measured_timelines(run_dir: Path, report: RunReport) -> tuple[list[RankTimeline], list[Interval]]:
-    """Per-rank timelines from the run's traces (and their intervals, ranks = global ranks); the report's
-    stored timelines where it lists no trace."""
+def measured_timelines(run_dir: Path, report: RunReport, drawn: Collection[int] = ()) -> tuple[list[RankTimeline],
+                                                                                               list[Interval]]:
+    """Per-rank timelines from the run's traces, and the intervals of the ``drawn`` ranks (ranks = global
+    ranks; the others' are dropped as each trace is read, so memory does not grow with the world size); the
+    report's stored timelines where it lists no trace."""
     if not report.traces:
         return list(report.timelines), []
     timelines, intervals = [], []
@@ -91,9 +95,11 @@ def measured_timelines(run_dir: Path, report: RunReport) -> tuple[list[RankTimel
         try:
             doc = read_trace(path)
             timelines.append(analyse_rank_trace(doc, ref.rank, report.settings.pp_rank_of[ref.rank]))
-            intervals += [Interval(ref.rank, iv.op_class, iv.start_s, iv.end_s) for iv in chrome_intervals(doc)]
+            if ref.rank in drawn:
+                intervals += [Interval(ref.rank, iv.op_class, iv.start_s, iv.end_s) for iv in chrome_intervals(doc)]
         except TraceError as exc:
             raise InputError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
+        del doc  # one trace's document at a time
     return timelines, intervals
 
 
@@ -101,8 +107,8 @@ def predicted_intervals(run_dir: Path, plan: PlanFile) -> list[Interval] | None:
     """The plan's simulated step: ``RUN/plan-trace.json`` if the launcher copied it, else re-simulated."""
     path = run_dir / PLAN_TRACE_NAME
     if path.is_file():
-        try:
-            return chrome_intervals(read_trace(path))
+        try:  # every pipeline rank's events in one file
+            return chrome_intervals(read_trace(path, plan.layout.pp * MAX_TRACE_EVENTS))
         except TraceError as exc:
             raise InputError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
     events = resimulated_trace(plan)
@@ -152,7 +158,8 @@ def check_command(
         from moeplan.orchestrator.calibration.from_run import moved_table, recalibrated
 
         outputs[recalibrate], moved = recalibrated(run_dir, report, loaded, recalibrate_from)
-    measured, measured_events = measured_timelines(run_dir, report)
+    drawn = _drawn_ranks(report)
+    measured, measured_events = measured_timelines(run_dir, report, drawn)
     predicted_events = predicted_intervals(run_dir, loaded)
     predicted = analyse(predicted_events) if predicted_events else None
     try:
@@ -163,9 +170,8 @@ def check_command(
         comparison = replace(comparison, notes=(*comparison.notes, ("the plan's step could not be simulated again as "
                                                 "planned (calibration, load or extrapolation): no predicted timeline "
                                                 "or op classes")))
-    drawn = _drawn_ranks(report)
     title = f"moeplan check: {loaded.inputs.model.name} on {loaded.inputs.cluster.name} ({loaded.layout.world} GPUs)"
-    html = run_html(comparison, title, predicted_events, [iv for iv in measured_events if iv.rank in drawn], drawn,
+    html = run_html(comparison, title, predicted_events, measured_events, drawn,
                     loaded.layout.pp, measured, predicted)
     write_outputs({run_dir / "run.html": html, **outputs})
     if json_:

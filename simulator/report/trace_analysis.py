@@ -47,6 +47,11 @@ OP_CLASS_OF = {
     **dict.fromkeys(("dispatch", "combine", "dispatch-bwd", "combine-bwd", "cp-gather", "cp-regather",
                      "cp-reduce-scatter", "p2p", "dp-sync"), "communication"),
 }
+# Events in one rank's step trace. V3's simulated step (PP16, `moeplan plan --trace`) has at most 6,977 complete
+# events per pipeline rank; 2**17 is 19 times that. A 64 MiB trace (the JSON reader's limit) can hold a million tiny
+# events: `moeplan check` of 8 such traces took 163 s and 2.2 GB (docs/results/fuzz.md).
+MAX_TRACE_EVENTS = 2**17
+MAX_TRACE_BYTES = 256 * MAX_TRACE_EVENTS  # 32 MiB; V3's simulated events are 130 bytes each
 _TAG = re.compile(r"^\d+([FBIW])\d+$")  # "12F64", "3W7"
 _LAYER = re.compile(r"^L\d+$")
 
@@ -122,12 +127,24 @@ def chrome_intervals(doc: Any) -> list[Interval]:
     return out
 
 
-def read_trace(path: str | Path) -> Any:
-    """A trace file's document (strict, bounded JSON: ``spec.json_input``)."""
+def read_trace(path: str | Path, max_events: int = MAX_TRACE_EVENTS) -> Any:
+    """A trace file's document (strict, bounded JSON: ``spec.json_input``) of at most ``max_events`` events
+    and ``MAX_TRACE_BYTES`` per ``MAX_TRACE_EVENTS`` of them (checked before it is parsed)."""
+    path = Path(path)
     try:
-        return read_json_file(Path(path))
-    except (OSError, JsonInputError) as exc:
-        raise TraceError(str(exc) if isinstance(exc, JsonInputError) else f"{path}: cannot read ({exc.strerror})") from None
+        size = path.stat().st_size  # a device says 0: the reader's own limit bounds it
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        raise TraceError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    if size > (max_bytes := MAX_TRACE_BYTES * max_events // MAX_TRACE_EVENTS):
+        raise TraceError(f"{path}: {size:,} bytes, more than the {max_bytes:,} a step's trace may hold")
+    try:
+        doc = read_json_file(path)
+    except JsonInputError as exc:
+        raise TraceError(str(exc)) from None
+    events = doc.get("traceEvents") if isinstance(doc, dict) else doc
+    if isinstance(events, list) and len(events) > max_events:
+        raise TraceError(f"{path}: {len(events):,} trace events, more than the {max_events:,} a step's trace may hold")
+    return doc
 
 
 def union(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
