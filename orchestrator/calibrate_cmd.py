@@ -73,6 +73,9 @@ def _summary(tables: CostTables, skipped: list[str]) -> Table:
             f, b = h.seconds(c.piece)
             table.add_row("host ops", c.piece, f"{c.fwd_compute + c.fwd_view} fwd, {c.bwd} bwd: "
                                                f"{f * 1e6:,.0f} + {b * 1e6:,.0f} us per micro-batch")
+    for b in tables.compute_beside_comm:
+        table.add_row("GEMM beside comm", f"{b.m}x{b.n}x{b.k}, {b.comm_sms} of {b.sm_count} SMs",
+                      f"{b.beside_s / b.alone_s:.2f}x alone, {b.interference_frac:+.1%} beyond waves")
     for f in tables.links:
         table.add_row("link", f"{f.collective} x{f.processes}", f"{f.latency_s * 1e6:,.1f} us + {f.bytes_per_s / 1e9:.3f} GB/s")
     for s in skipped:
@@ -133,7 +136,7 @@ def calibrate_command(
     torch.set_num_threads(threads)
     try:
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:  # no stray line
-            task = progress.add_task("calibrating", total=4 + len(link_groups(shapes)))
+            task = progress.add_task("calibrating", total=5 + len(link_groups(shapes)))
 
             def advance(what: str) -> None:
                 progress.update(task, advance=1, description=what)

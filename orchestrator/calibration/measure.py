@@ -2,7 +2,8 @@
 
 ``measure_all(shapes, setup, advance)`` runs, in order: the GEMMs (one shape at a time), causal attention at
 the plan's sequence length, a copy sweep (the memory fallback), each memory-bound kernel class at the
-plan's tokens, the optimizer class, the host's per-op cost and the op counts of every piece, and the
+plan's tokens, the optimizer class, the host's per-op cost and the op counts of every piece, the largest
+dense GEMM alone and beside communication (``beside``), and the
 collectives (real processes: gloo on a CPU, NCCL on GPUs) at the plan's sizes and group spans. A shape
 that fails (out of memory, an op the device does not run, a collective that cannot start) is recorded in
 ``Measured.skipped`` with its reason and left out; nothing is filled in for it. ``advance(label)`` is
@@ -23,11 +24,13 @@ from dataclasses import dataclass, field
 import torch
 
 from moeplan.orchestrator.calibration import compute, links
+from moeplan.orchestrator.calibration.beside import measure_beside
 from moeplan.orchestrator.calibration.host_ops import OpCounter, count_pieces, op_costs
 from moeplan.orchestrator.calibration.memory_cases import CASES
 from moeplan.orchestrator.calibration.memory_classes import measure
 from moeplan.orchestrator.calibration.shapes import PlanShapes
 from moeplan.simulator.costs.host import HostCosts, HostOpCost
+from moeplan.simulator.costs.tables import CostTables
 from moeplan.simulator.spec.model import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ class Measured:
     memory: list[dict] = field(default_factory=list)
     host: HostCosts | None = None
     links: dict[int, dict] = field(default_factory=dict)
+    beside: list[dict] = field(default_factory=list)  # the largest GEMM alone and beside communication
     skipped: list[str] = field(default_factory=list)
 
 
@@ -136,6 +140,8 @@ def measure_all(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float, advanc
     opt = _attempt("optimizer class", lambda: compute.optimizer_row(setup.spec, reps, hbm_bytes_per_s), m.skipped)
     if opt is not None:
         m.memory.append(opt)
+    advance("a GEMM beside communication")
+    _beside(shapes, setup, m)
     for span, wanted in link_groups(shapes).items():
         advance(f"collectives over {span} processes ({setup.backend})")
         if dev.type == "cuda" and torch.cuda.device_count() < span:
@@ -148,6 +154,20 @@ def measure_all(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float, advanc
         if res is not None:
             m.links[span] = res
     return m
+
+
+def _beside(shapes: PlanShapes, setup: Setup, m: Measured) -> None:
+    """The plan's largest dense GEMM alone and beside communication (``calibration.beside``) on the SMs the
+    default tables give all-to-all kernels."""
+    dense = [g for g in shapes.gemms if g[3] == 1]
+    if not dense:
+        return
+    mm, n, k, _ = max(dense, key=lambda g: g[0] * g[1] * g[2])
+    sms = CostTables.model_fields["comm_sms"].default
+    row = _attempt(f"GEMM {mm}x{n}x{k} beside communication", lambda: measure_beside(
+        mm, n, k, setup.dtype, setup.device, setup.reps, sms, setup.threads, setup.label), m.skipped)
+    if row is not None:
+        m.beside.append(row)
 
 
 def link_groups(shapes: PlanShapes) -> dict[int, list[tuple[str, tuple[int, ...]]]]:

@@ -1,0 +1,80 @@
+"""The compute-beside-communication measurement (issue 21, capability 7): on a CPU, a matmul alone and beside a
+gloo all-reduce pair; the copy kernel the GPU measurement runs beside its GEMM, in Triton's interpreter."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+import torch
+
+from moeplan.kernels.copy_loop import copy_loop, copy_loop_ref
+from moeplan.orchestrator.calibration.beside import CPU_COMM_PROCESSES, measure_beside
+from moeplan.simulator.costs.beside_comm import BesidePoint
+
+
+def test_cpu_measurement_is_a_beside_point_and_leaves_no_process():
+    row = measure_beside(256, 256, 256, torch.float32, torch.device("cpu"), reps=5, comm_sms=20, label="test")
+    point = BesidePoint.model_validate(row)
+    assert point.comm_sms == CPU_COMM_PROCESSES and point.sm_count >= 1
+    assert point.alone_s > 0 and point.beside_s > 0
+    assert "all-reduce" in point.source and "alone" in point.source
+    assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("blocks,passes", [(1, 1), (3, 2), (7, 1)])
+def test_copy_loop_copies_whatever_the_blocks(blocks, passes):
+    src = torch.arange(3 * 4096 + 17, dtype=torch.float32)
+    dst, ref = torch.zeros_like(src), torch.zeros_like(src)
+    copy_loop(src, dst, blocks, passes)
+    copy_loop_ref(src, ref)
+    assert torch.equal(dst, ref)
+
+
+def test_copy_loop_refuses_bad_arguments():
+    src = torch.zeros(8)
+    with pytest.raises(ValueError, match="blocks=0"):
+        copy_loop(src, torch.zeros(8), 0)
+    with pytest.raises(ValueError, match="1-D fp32"):
+        copy_loop(src, torch.zeros(8, dtype=torch.float64), 1)
+
+
+def _shapes():
+    from moeplan.orchestrator.calibration.shapes import PlanShapes
+    return PlanShapes(mbs=1, seq_len=64, tokens=64, gemms=((64, 32, 16, 1), (64, 128, 256, 1), (8, 512, 512, 4)),
+                      links=())
+
+
+def _setup():
+    from moeplan.orchestrator.calibration.measure import Setup
+    from moeplan.simulator.presets.models import tiny_moe
+    return Setup(spec=tiny_moe(), device=torch.device("cpu"), dtype=torch.float32, reps=2, threads=1, backend="gloo",
+                 label="[CAL] test")
+
+
+def test_calibrate_measures_the_largest_dense_gemm_beside_comm(monkeypatch):
+    from moeplan.orchestrator.calibration import measure
+    seen = []
+
+    def fake(m, n, k, dtype, device, reps, comm_sms, threads, label):
+        seen.append((m, n, k, comm_sms))
+        return {"m": m, "n": n, "k": k, "sm_count": 2, "comm_sms": 2, "alone_s": 1.0, "beside_s": 1.5, "source": label}
+
+    monkeypatch.setattr(measure, "measure_beside", fake)
+    got = measure.Measured()
+    measure._beside(_shapes(), _setup(), got)
+    assert seen == [(64, 128, 256, 20)]  # the largest dense one (the grouped one is not dense), 20 comm SMs
+    assert [BesidePoint.model_validate(r).beside_s for r in got.beside] == [1.5] and not got.skipped
+
+
+def test_a_failing_beside_measurement_is_skipped_not_filled(monkeypatch):
+    from moeplan.orchestrator.calibration import measure
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("gloo: cannot connect (seeded)")
+
+    monkeypatch.setattr(measure, "measure_beside", broken)
+    got = measure.Measured()
+    measure._beside(_shapes(), _setup(), got)
+    assert got.beside == []
+    assert got.skipped == ["GEMM 64x128x256 beside communication: gloo: cannot connect (seeded)"]
