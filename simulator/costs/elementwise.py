@@ -31,6 +31,34 @@ Ends: ``embedding`` (gather a row of h: read and write 4h; its backward is not m
 ``cross_entropy`` over the vocabulary ``V`` (forward reads the BF16 logits, 2V; backward reads them
 and writes their gradient, 4V).
 
+Fusion (``training.kernels.fusion``; the tables' fractions are measured at the bytes above, with the
+kernels named in their source): ``eager`` is the table above, one kernel per class as moeplan's runtime
+runs them. ``fused`` is DeepSeek's stack, each fused kernel one read and one write of what it touches:
+
+- ``permute`` and ``combine`` move no bytes of their own where there is a dispatch (expert parallelism):
+  DeepEP's dispatch writes the received rows in the grouped GEMM's layout (``expert_alignment``,
+  ``num_recv_tokens_per_expert_list``) and its combine reduces a token's expert outputs; the backward of
+  each is the other (DeepEP README, V2 example; TR §3.2.2: "IB receive + accumulate"). Those bytes are
+  the all-to-all's, priced as communication.
+- ``fp8_cast`` backward: cast with transpose, one read of the BF16 tensor writing both the 1x128 and the
+  128x1 transposed copy (2 + 2 (1 + 4/128) B) instead of two casts that each read it (TR §3.3, §3.5.2).
+- ``swiglu`` (FP8): the kernel writes the down-projection's FP8 input and its scales (1 + 4/128 B)
+  instead of a BF16 output (TR §3.3: SwiGLU inputs cached in FP8, output recomputed and quantised).
+- ``rope`` and ``router`` are priced as single kernels at the tables' ``fused_rope`` / ``fused_router``
+  points, else at ``memory_frac`` (copy bandwidth): the tables' ``rope`` and ``router`` points time the
+  runtime's eager composites of many small kernels.
+
+The loss (``training.kernels.loss``): ``fp32`` is ``model.losses.cross_entropy``: cast the BF16 logits to
+FP32 (read 2V, write 4V), log-softmax (read 4V, write 4V), gather the targets; backward writes the
+one-hot gradient (4V), log-softmax backward (read 8V, write 4V), cast back (read 4V, write 2V): 14V
+forward, 22V backward (``fp32_loss_bytes_per_token``). ``fused`` is one pass over the BF16 logits (Liger's
+or Megatron's fused cross-entropy): the ``cross_entropy`` bytes above, at the ``fused_cross_entropy`` point.
+
+Selective recompute (``selective_recompute_bytes_per_token``) redoes, in backward, the forward of what
+``accounting.activations`` does not store under ``selective`` (TR §3.2.3, §3.3): the attention's input
+RMSNorm (one norm of h; the MLP's normed input is kept as the experts' input), the latent norms, q's
+RoPE (q is rebuilt by its up-projection), the up-projections' FP8 input casts, and SwiGLU.
+
 Not counted: the weights of norms (read once per micro-batch, not per token), the concatenations and
 transposes around the attention core, and the optimizer (its own class, ``OPTIMIZER``, priced by the
 engine at 22 B per parameter).
@@ -41,17 +69,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeplan.simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.training import Fusion
 
 BF16_BYTES = 2.0
 FP32_BYTES = 4.0
 INDEX_BYTES = 8.0  # int64 expert ids (torch.topk)
-FP8_CAST_BYTES = BF16_BYTES + 1.0 + FP32_BYTES / 128  # read BF16, write e4m3 and a 1x128 tile's scale
+FP8_TILE_BYTES = 1.0 + FP32_BYTES / 128  # e4m3 and a 1x128 (or 128x1) tile's FP32 scale
+FP8_CAST_BYTES = BF16_BYTES + FP8_TILE_BYTES  # read BF16, write e4m3 and its scale
 
 LAYER_KERNELS = ("rms_norm", "latent_norm", "residual_add", "rope", "fp8_cast", "swiglu", "router", "permute",
                  "combine")
 END_KERNELS = ("embedding", "cross_entropy")
+# Under fusion="fused" these classes are priced at their fused kernel's point (not measured by the
+# packaged tables: memory_frac); the loss="fused" cross-entropy likewise
+FUSED_CLASSES = {"rope": "fused_rope", "router": "fused_router"}
+FUSED_LOSS = "fused_cross_entropy"
 OPTIMIZER = "optimizer"
-KERNEL_CLASSES = LAYER_KERNELS + END_KERNELS + (OPTIMIZER,)
+KERNEL_CLASSES = LAYER_KERNELS + END_KERNELS + tuple(FUSED_CLASSES.values()) + (FUSED_LOSS, OPTIMIZER)
 
 
 @dataclass(frozen=True)
@@ -66,31 +100,70 @@ def _norm(width: float) -> KernelBytes:
     return KernelBytes(2 * BF16_BYTES * width, 3 * BF16_BYTES * width)
 
 
-def layer_bytes_per_token(m: ModelSpec, moe: bool, precision: str, expert_rows_per_token: float) -> dict[str, KernelBytes]:
-    """Per class, the bytes one layer's memory-bound kernels move per token (classes with none are left out)."""
+def _rope(m: ModelSpec, heads: int) -> float:
+    """RoPE over ``heads`` query heads and the shared key: read and write R values each, cos and sin."""
+    r = m.qk_rope_head_dim
+    return 2 * BF16_BYTES * heads * r + 2 * FP32_BYTES * r / 2
+
+
+def _fp8_linear_inputs(m: ModelSpec) -> float:
+    """Width of the FP8 linears' inputs per token: attention and MLP inputs, the MLA latents, o_proj's."""
+    return 2 * m.hidden_size + (m.q_lora_rank or 0) + (m.kv_lora_rank or 0) \
+        + m.num_attention_heads * (m.v_head_dim or m.gqa_head_dim)
+
+
+def _swiglu(width: float, precision: str, fusion: Fusion) -> KernelBytes:
+    """Read gate and up, write the activation (FP8 with its scales where fused with the FP8 cast)."""
+    out = FP8_TILE_BYTES if precision == "fp8" and fusion == "fused" else BF16_BYTES
+    return KernelBytes((2 * BF16_BYTES + out) * width, 5 * BF16_BYTES * width)
+
+
+def layer_bytes_per_token(m: ModelSpec, moe: bool, precision: str, expert_rows_per_token: float,
+                          fusion: Fusion = "eager", dispatch: bool = False) -> dict[str, KernelBytes]:
+    """Per class, the bytes one layer's memory-bound kernels move per token (classes with none are left out).
+    ``dispatch``: the layer's tokens go through an expert-parallel all-to-all (where ``fused`` moves the
+    permutation and the combine into it)."""
     h = m.hidden_size
     out = {"rms_norm": _norm(2 * h), "residual_add": KernelBytes(2 * 3 * BF16_BYTES * h, 2 * 3 * BF16_BYTES * h)}
     if m.is_mla:
         out["latent_norm"] = _norm((m.q_lora_rank or 0) + (m.kv_lora_rank or 0))
-        r = m.qk_rope_head_dim
-        rope = 2 * BF16_BYTES * (m.num_attention_heads + 1) * r + 2 * FP32_BYTES * r / 2  # values, cos and sin
+        rope = _rope(m, m.num_attention_heads + 1)  # the query heads and the decoupled key
         out["rope"] = KernelBytes(rope, rope)
     if precision == "fp8":
-        cast = FP8_CAST_BYTES * (2 * h + (m.q_lora_rank or 0) + (m.kv_lora_rank or 0)
-                                 + m.num_attention_heads * (m.v_head_dim or m.gqa_head_dim))
-        out["fp8_cast"] = KernelBytes(cast, 2 * cast)
+        width = _fp8_linear_inputs(m)
+        bwd = (BF16_BYTES + 2 * FP8_TILE_BYTES) * width if fusion == "fused" else 2 * FP8_CAST_BYTES * width
+        out["fp8_cast"] = KernelBytes(FP8_CAST_BYTES * width, bwd)
     if not moe:
-        out["swiglu"] = KernelBytes(3 * BF16_BYTES * m.intermediate_size, 5 * BF16_BYTES * m.intermediate_size)
+        out["swiglu"] = _swiglu(m.intermediate_size, precision, fusion)
         return out
     f, k, e = m.moe_intermediate_size, expert_rows_per_token, m.n_routed_experts
-    rows = k + m.n_shared_experts
-    out["swiglu"] = KernelBytes(3 * BF16_BYTES * f * rows, 5 * BF16_BYTES * f * rows)
+    out["swiglu"] = _swiglu(f * (k + m.n_shared_experts), precision, fusion)
     topk = m.num_experts_per_tok
     out["router"] = KernelBytes(2 * FP32_BYTES * e + (INDEX_BYTES + FP32_BYTES) * topk,
                                 2 * FP32_BYTES * e + FP32_BYTES * topk)
-    out["permute"] = KernelBytes(BF16_BYTES * h * (1 + k), BF16_BYTES * h * (1 + k))
-    out["combine"] = KernelBytes(BF16_BYTES * h * (topk + 1), BF16_BYTES * h * (2 * topk + 1))
+    if not (fusion == "fused" and dispatch):
+        out["permute"] = KernelBytes(BF16_BYTES * h * (1 + k), BF16_BYTES * h * (1 + k))
+        out["combine"] = KernelBytes(BF16_BYTES * h * (topk + 1), BF16_BYTES * h * (2 * topk + 1))
     return out
+
+
+def selective_recompute_bytes_per_token(m: ModelSpec, layer: dict[str, KernelBytes], precision: str) -> dict[str, float]:
+    """Per class, the forward bytes per token that selective recompute redoes in backward (module docstring);
+    ``layer`` is the layer's ``layer_bytes_per_token``, whose SwiGLU (width and fusion) it re-runs."""
+    out = {"rms_norm": _norm(m.hidden_size).fwd_bytes}  # the attention's input norm
+    if m.is_mla:
+        out["latent_norm"] = layer["latent_norm"].fwd_bytes
+        out["rope"] = _rope(m, m.num_attention_heads)
+        if precision == "fp8":
+            out["fp8_cast"] = FP8_CAST_BYTES * ((m.q_lora_rank or 0) + (m.kv_lora_rank or 0))
+    out["swiglu"] = layer["swiglu"].fwd_bytes
+    return out
+
+
+def fp32_loss_bytes_per_token(m: ModelSpec) -> KernelBytes:
+    """``model.losses.cross_entropy`` over the vocabulary: the BF16 logits cast to FP32 and back (docstring)."""
+    v = m.vocab_size
+    return KernelBytes((BF16_BYTES + 3 * FP32_BYTES) * v, (5 * FP32_BYTES + BF16_BYTES) * v)
 
 
 def end_bytes_per_token(m: ModelSpec) -> dict[str, KernelBytes]:

@@ -9,9 +9,13 @@ forward, (T x out)(out x in) for dx and (out x T)(T x in) for dw.
 Precision ``fp8`` runs every linear layer's GEMMs in FP8 except the router, embedding and output
 head (TR §3.3); attention's core stays BF16 either way. Memory-bound kernels (norms, RoPE,
 residual adds, SwiGLU, FP8 casts, router, token permutation and combine) are costed class by class
-(``simulator.costs.elementwise``): each class's ideal forward and backward bytes at its own
-fraction of HBM bandwidth (``CostTables.memory_fracs``), half of them beside attention, half
-beside the MLP.
+(``simulator.costs.elementwise``): each class's forward and backward bytes, as the run's kernels move
+them (``training.kernels.fusion``), at its own fraction of HBM bandwidth (``CostTables.memory_fracs``),
+half of them beside attention, half beside the MLP.
+
+Recompute (TR §3.2.3): ``selective`` redoes in backward the forward of the ops it does not store
+(``elementwise.selective_recompute_bytes_per_token`` and the MLA up-projections' GEMMs); ``full`` the
+whole forward. The loss is priced by ``training.kernels.loss`` (``end_costs``).
 
 Context parallelism (``accounting.context_parallel``): ``tokens`` are the GPU's share of the
 micro-batch, the attention core still sees the whole sequence's keys (so it does 1/cp of the
@@ -26,7 +30,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeplan.simulator.accounting.flops import attention_core_flops
-from moeplan.simulator.costs.elementwise import KernelBytes, end_bytes_per_token, layer_bytes_per_token
+from moeplan.simulator.costs.elementwise import (
+    FUSED_CLASSES,
+    FUSED_LOSS,
+    KernelBytes,
+    end_bytes_per_token,
+    fp32_loss_bytes_per_token,
+    layer_bytes_per_token,
+    selective_recompute_bytes_per_token,
+)
 from moeplan.simulator.costs.kernels import attention_s, gemm_s, memory_s
 from moeplan.simulator.costs.tables import CostTables, Precision
 from moeplan.simulator.engine.expert_traffic import ExpertTraffic
@@ -34,6 +46,7 @@ from moeplan.simulator.engine.host_term import ends_with_host_and_measured, laye
 from moeplan.simulator.spec.hardware import GpuSpec
 from moeplan.simulator.spec.model import ModelSpec
 from moeplan.simulator.spec.parallel import RecomputeKind
+from moeplan.simulator.spec.training import Fusion, LossKernel
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,8 @@ class CostContext:
     recompute: RecomputeKind
     kv_rows: int = 0  # rows of the KV up-projection under CP (the gathered sequence); 0 = tokens
     cp_gather_bytes: float = 0.0  # bytes one GPU receives per layer's KV all-gather; 0 = no CP
+    fusion: Fusion = "eager"  # training.kernels.fusion
+    loss: LossKernel = "fp32"  # training.kernels.loss
 
 
 def _linears(ctx: CostContext, shapes: list[tuple[int, int]], precision: Precision,
@@ -120,11 +135,23 @@ def attention_shapes(m: ModelSpec) -> tuple[list[tuple[int, int]], list[tuple[in
     return [(h, qkv), (heads * m.gqa_head_dim, h)], []
 
 
+def _priced_as(ctx: CostContext, kernel: str) -> str:
+    """The table point a class is priced at: its fused kernel's where the run fuses it."""
+    return FUSED_CLASSES.get(kernel, kernel) if ctx.fusion == "fused" else kernel
+
+
 def _memory_bound_s(ctx: CostContext, per_token: dict[str, KernelBytes]) -> tuple[float, float]:
     """(forward, backward) seconds of memory-bound kernel classes, each at its own HBM fraction."""
     t, g, n = ctx.tables, ctx.gpu, ctx.tokens
-    return (sum(memory_s(t, g, n * b.fwd_bytes, kernel) for kernel, b in per_token.items()),
-            sum(memory_s(t, g, n * b.bwd_bytes, kernel, backward=True) for kernel, b in per_token.items()))
+    return (sum(memory_s(t, g, n * b.fwd_bytes, _priced_as(ctx, k)) for k, b in per_token.items()),
+            sum(memory_s(t, g, n * b.bwd_bytes, _priced_as(ctx, k), backward=True) for k, b in per_token.items()))
+
+
+def _recompute_s(ctx: CostContext, m: ModelSpec, layer: dict[str, KernelBytes], up: list[tuple[int, int]]) -> float:
+    """Selective recompute: the MLA up-projections' forward GEMMs and the named memory-bound ops' forward."""
+    redo = selective_recompute_bytes_per_token(m, layer, ctx.precision)
+    t, g, n = ctx.tables, ctx.gpu, ctx.tokens
+    return _linears(ctx, up, ctx.precision)[0] + sum(memory_s(t, g, n * b, _priced_as(ctx, k)) for k, b in redo.items())
 
 
 def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic | None, mtp: bool = False) -> UnitCosts:
@@ -150,11 +177,15 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
         mf, mdx, mdw = _linears(ctx, [(h, 2 * m.intermediate_size), (m.intermediate_size, h)], ctx.precision)
         e_fwd = e_dx = e_dw = 0.0
         rows_per_token = 0.0
-    elementwise, elementwise_bwd = _memory_bound_s(ctx, layer_bytes_per_token(m, moe, ctx.precision, rows_per_token))
+    layer = layer_bytes_per_token(m, moe, ctx.precision, rows_per_token, ctx.fusion, dispatch=traffic is not None)
+    elementwise, elementwise_bwd = _memory_bound_s(ctx, layer)
     cp = _context_parallel(ctx, m, attn, up, mtp)
     a_fwd, a_dx, a_dw = a_fwd + cp.fwd_s, a_dx + cp.dx_s, a_dw + cp.dw_s
-    recompute = {"none": 0.0, "selective": _linears(ctx, up, ctx.precision)[0] + elementwise,
-                 "full": a_fwd + mf + e_fwd + elementwise}[ctx.recompute]
+    recompute = 0.0
+    if ctx.recompute == "selective":
+        recompute = _recompute_s(ctx, m, layer, up)
+    elif ctx.recompute == "full":
+        recompute = a_fwd + mf + e_fwd + elementwise
     if ctx.recompute != "full":  # the remote rows' K/V are rebuilt from the re-gathered latent
         recompute += cp.fwd_s
     costs = UnitCosts(
@@ -232,10 +263,27 @@ class EndCosts:
     head_dw_s: float
 
 
+def loss_s(ctx: CostContext, m: ModelSpec) -> tuple[float, float]:
+    """(forward, backward) seconds of the cross-entropy over one micro-batch's logits.
+
+    ``fused``: one pass over the BF16 logits (``end_bytes_per_token``) at the ``fused_cross_entropy`` point.
+    ``fp32``: ``model.losses.cross_entropy``. The tables' ``cross_entropy`` point times exactly that loss at
+    the class's one-pass bytes ([EW], [CPU]), so its seconds are used as measured; tables without one price
+    its own bytes (``fp32_loss_bytes_per_token``: 7x the forward's, 5.5x the backward's) at ``memory_frac``."""
+    ideal = end_bytes_per_token(m)["cross_entropy"]
+    if ctx.loss == "fused":
+        return _memory_bound_s(ctx, {FUSED_LOSS: ideal})
+    if any(p.kernel == "cross_entropy" for p in ctx.tables.memory_kernels):
+        return _memory_bound_s(ctx, {"cross_entropy": ideal})
+    return _memory_bound_s(ctx, {None: fp32_loss_bytes_per_token(m)})
+
+
 def end_costs(ctx: CostContext, m: ModelSpec) -> EndCosts:
+    """The embedding gather and, per output head (the main head and each MTP module's, which reuse it), the
+    BF16 head GEMMs with the loss (``loss_s``)."""
     fwd, dx, dw = _linears(ctx, [(m.hidden_size, m.vocab_size)], "bf16")  # head stays BF16 (TR §3.3)
     ends = end_bytes_per_token(m)
     embed_s, _ = _memory_bound_s(ctx, {"embedding": ends["embedding"]})
-    loss_fwd_s, loss_bwd_s = _memory_bound_s(ctx, {"cross_entropy": ends["cross_entropy"]})  # softmax-CE
+    loss_fwd_s, loss_bwd_s = loss_s(ctx, m)
     ends = EndCosts(embed_fwd_s=embed_s, head_fwd_s=fwd + loss_fwd_s, head_dx_s=dx + loss_bwd_s, head_dw_s=dw)
     return ends_with_host_and_measured(ctx, ends)

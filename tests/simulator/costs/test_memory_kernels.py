@@ -8,7 +8,12 @@ from importlib.resources import files
 
 import pytest
 
-from moeplan.simulator.costs.elementwise import LAYER_KERNELS, end_bytes_per_token, layer_bytes_per_token
+from moeplan.simulator.costs.elementwise import (
+    LAYER_KERNELS,
+    end_bytes_per_token,
+    fp32_loss_bytes_per_token,
+    layer_bytes_per_token,
+)
 from moeplan.simulator.costs.kernels import memory_s
 from moeplan.simulator.costs.memory_kernels import (
     ELEMENTWISE_FILE,
@@ -141,10 +146,12 @@ def test_the_ends_are_priced_as_embedding_and_cross_entropy():
                       MemoryKernelPoint(kernel="embedding", fwd_frac=0.1, source="s")])
     ends, gpu, ce = end_costs(_ctx(t), m), h800_gpu(), end_bytes_per_token(m)["cross_entropy"]
     assert ends.embed_fwd_s == pytest.approx(4096 * 4 * m.hidden_size / (0.1 * gpu.hbm_bytes_per_s))
-    plain = end_costs(_ctx(t.model_copy(update={"memory_kernels": ()})), m)
-    full_speed = 1 / t.memory_frac
-    assert ends.head_fwd_s - plain.head_fwd_s == pytest.approx(4096 * ce.fwd_bytes * (2 - full_speed) / gpu.hbm_bytes_per_s)
-    assert ends.head_dx_s - plain.head_dx_s == pytest.approx(4096 * ce.bwd_bytes * (4 - full_speed) / gpu.hbm_bytes_per_s)
+    plain = end_costs(_ctx(t.model_copy(update={"memory_kernels": ()})), m)  # the FP32 loss's own bytes
+    fp32, full_speed = fp32_loss_bytes_per_token(m), 1 / t.memory_frac
+    assert ends.head_fwd_s - plain.head_fwd_s == pytest.approx(
+        4096 * (ce.fwd_bytes * 2 - fp32.fwd_bytes * full_speed) / gpu.hbm_bytes_per_s)
+    assert ends.head_dx_s - plain.head_dx_s == pytest.approx(
+        4096 * (ce.bwd_bytes * 4 - fp32.bwd_bytes * full_speed) / gpu.hbm_bytes_per_s)
 
 
 def test_a_slower_measured_class_slows_the_step_and_a_faster_one_speeds_it():

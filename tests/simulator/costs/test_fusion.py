@@ -1,0 +1,96 @@
+"""Bytes of the memory-bound kernels as eager and as fused kernels move them, the FP32 loss's bytes and what
+selective recompute redoes: on the tiny MoE model, each figure worked out by hand from its tensor shapes."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeplan.simulator.costs.elementwise import (
+    KERNEL_CLASSES,
+    end_bytes_per_token,
+    fp32_loss_bytes_per_token,
+    layer_bytes_per_token,
+    selective_recompute_bytes_per_token,
+)
+from moeplan.simulator.presets.models import deepseek_v2_lite, deepseek_v3, tiny_dense, tiny_moe
+
+# tiny_moe: h 64, 4 heads, q latent 32, kv latent 16, RoPE dim 8, v head 16, expert width 32, top-4 of 16
+# experts and 1 shared, vocabulary 512. FP8 tile: 1 byte + a 4-byte scale per 128 values.
+TILE = 1 + 4 / 128
+FP8_INPUTS = 2 * 64 + 32 + 16 + 4 * 16  # the FP8 linears' input widths: 240
+
+
+def test_eager_bytes_are_the_classes_table():
+    b = layer_bytes_per_token(tiny_moe(), True, "fp8", 4)
+    assert (b["fp8_cast"].fwd_bytes, b["fp8_cast"].bwd_bytes) == (pytest.approx((2 + TILE) * 240),
+                                                                  pytest.approx(2 * (2 + TILE) * 240))
+    assert (b["swiglu"].fwd_bytes, b["swiglu"].bwd_bytes) == (6 * 32 * 5, 10 * 32 * 5)  # 4 routed + 1 shared rows
+    assert (b["permute"].fwd_bytes, b["combine"].fwd_bytes, b["combine"].bwd_bytes) == (640, 640, 1152)
+    assert b["rope"].fwd_bytes == 2 * 2 * 5 * 8 + 2 * 4 * 8 / 2  # 4 query heads + the shared key; cos, sin
+    assert (b["router"].fwd_bytes, b["router"].bwd_bytes) == (2 * 4 * 16 + 12 * 4, 2 * 4 * 16 + 4 * 4)
+    assert layer_bytes_per_token(tiny_moe(), True, "fp8", 4, dispatch=True) == b  # eager: dispatch changes nothing
+
+
+def test_fused_kernels_move_one_read_and_one_write_of_what_they_touch():
+    m = tiny_moe()
+    eager = layer_bytes_per_token(m, True, "fp8", 4)
+    fused = layer_bytes_per_token(m, True, "fp8", 4, fusion="fused", dispatch=True)
+    # cast with transpose: dy read once, written as 1x128 and as 128x1 transposed tiles
+    assert fused["fp8_cast"].bwd_bytes == pytest.approx((2 + 2 * TILE) * FP8_INPUTS)
+    assert fused["fp8_cast"].fwd_bytes == eager["fp8_cast"].fwd_bytes
+    # SwiGLU writes the down-projection's FP8 input: read gate and up (4 B), write e4m3 + scale
+    assert fused["swiglu"].fwd_bytes == pytest.approx((4 + TILE) * 32 * 5)
+    assert fused["swiglu"].bwd_bytes == eager["swiglu"].bwd_bytes
+    # the permutation and the combine run inside the all-to-all kernels
+    assert "permute" not in fused and "combine" not in fused
+    for same in ("rms_norm", "latent_norm", "residual_add", "rope", "router"):
+        assert fused[same] == eager[same], same
+
+
+def test_without_a_dispatch_the_fused_run_still_permutes_and_a_bf16_swiglu_writes_bf16():
+    m = tiny_moe()
+    local = layer_bytes_per_token(m, True, "bf16", 4, fusion="fused", dispatch=False)
+    eager = layer_bytes_per_token(m, True, "bf16", 4)
+    assert local["permute"] == eager["permute"] and local["combine"] == eager["combine"]
+    assert local["swiglu"] == eager["swiglu"] and "fp8_cast" not in local
+    dense = layer_bytes_per_token(m, False, "fp8", 0, fusion="fused")
+    assert dense["swiglu"].fwd_bytes == pytest.approx((4 + TILE) * 128)  # intermediate_size 128
+
+
+@pytest.mark.parametrize("model", [deepseek_v3, deepseek_v2_lite, tiny_moe, tiny_dense])
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+@pytest.mark.parametrize("moe", [False, True])
+def test_fusion_never_moves_more_bytes(model, precision, moe):
+    m = model()
+    rows = m.num_experts_per_tok if moe else 0
+    eager = layer_bytes_per_token(m, moe, precision, rows)
+    for dispatch in (False, True):
+        fused = layer_bytes_per_token(m, moe, precision, rows, fusion="fused", dispatch=dispatch)
+        assert set(fused) <= set(eager) <= set(KERNEL_CLASSES)
+        for k, b in fused.items():
+            assert b.fwd_bytes <= eager[k].fwd_bytes and b.bwd_bytes <= eager[k].bwd_bytes, (k, dispatch)
+
+
+def test_the_fp32_loss_moves_its_casts_and_softmax_in_fp32():
+    v = tiny_moe().vocab_size
+    fp32, one_pass = fp32_loss_bytes_per_token(tiny_moe()), end_bytes_per_token(tiny_moe())["cross_entropy"]
+    assert fp32.fwd_bytes == (2 + 4) * v + (4 + 4) * v  # cast (read BF16, write FP32), log-softmax
+    assert fp32.bwd_bytes == 4 * v + (8 + 4) * v + (4 + 2) * v  # one-hot gradient, log-softmax bwd, cast back
+    assert (one_pass.fwd_bytes, one_pass.bwd_bytes) == (2 * v, 4 * v)
+
+
+def test_selective_recompute_redoes_only_what_is_not_stored():
+    m = tiny_moe()
+    layer = layer_bytes_per_token(m, True, "fp8", 4)
+    redo = selective_recompute_bytes_per_token(m, layer, "fp8")
+    assert redo == {
+        "rms_norm": 4 * 64,  # the attention's input norm (the MLP's normed input is kept)
+        "latent_norm": 4 * (32 + 16),
+        "rope": 2 * 2 * 4 * 8 + 2 * 4 * 8 / 2,  # q's RoPE: the 4 query heads, cos and sin
+        "fp8_cast": pytest.approx((2 + TILE) * (32 + 16)),  # the up-projections' inputs
+        "swiglu": 6 * 32 * 5,
+    }
+    fused = layer_bytes_per_token(m, True, "fp8", 4, fusion="fused", dispatch=True)
+    assert selective_recompute_bytes_per_token(m, fused, "fp8")["swiglu"] == pytest.approx((4 + TILE) * 160)
+    gqa = selective_recompute_bytes_per_token(tiny_dense(), layer_bytes_per_token(tiny_dense(), False, "bf16", 0), "bf16")
+    assert gqa == {"rms_norm": 4 * 64, "swiglu": 6 * 160}  # no latents, no up-projections

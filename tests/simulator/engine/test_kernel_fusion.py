@@ -1,0 +1,119 @@
+"""A unit's recompute, fusion and loss on the tiny MoE model, against figures worked out by hand: selective
+recompute re-prices only the ops it names, full recompute the whole forward, the fused kernels and the loss
+move the time their bytes say, and a plan records and toggles the settings (``training.kernels``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeplan.simulator.costs.kernels import gemm_s
+from moeplan.simulator.costs.memory_kernels import MemoryKernelPoint
+from moeplan.simulator.costs.tables import CostTables, default_tables
+from moeplan.simulator.engine.build import SimOptions, step_inputs
+from moeplan.simulator.engine.unit_costs import CostContext, end_costs, unit_costs
+from moeplan.simulator.planning.predict import predict_step
+from moeplan.simulator.presets.clusters import h800_gpu
+from moeplan.simulator.presets.models import tiny_moe
+from moeplan.simulator.spec.training import KernelSpec
+from tests.simulator.planning.test_predict import _inputs
+
+TOKENS = 256
+TILE = 1 + 4 / 128
+
+
+def _tables(*points: MemoryKernelPoint) -> CostTables:
+    """H800 tables with no host term or measured ops; classes not given run at memory_frac."""
+    return default_tables("H800-SXM5").model_copy(update={"memory_kernels": points})
+
+
+def _ctx(tables: CostTables, recompute: str = "none", **kw) -> CostContext:
+    return CostContext(tables=tables, gpu=h800_gpu(), precision="fp8", tokens=TOKENS, seq_len_tokens=TOKENS,
+                       compute_frac=1.0, recompute=recompute, **kw)
+
+
+def _at_memory_frac(t: CostTables, nbytes: float) -> float:
+    return TOKENS * nbytes / (h800_gpu().hbm_bytes_per_s * t.memory_frac)
+
+
+def test_selective_recompute_is_the_up_projections_and_the_named_ops_forward_once_more():
+    t, m = _tables(), tiny_moe()
+    unit = unit_costs(_ctx(t, "selective"), m, moe=True, traffic=None)
+    g = h800_gpu()
+    # q_b: 32 -> 4 heads x 24 (nope 16 + rope 8); kv_b: 16 -> 4 x (16 + 16), forward GEMMs on 256 rows
+    up_s = gemm_s(t, g, "fp8", TOKENS, 96, 32) + gemm_s(t, g, "fp8", TOKENS, 128, 16)
+    named = (4 * 64  # the attention's input RMSNorm of h = 64
+             + 4 * 48  # the q and kv latent norms
+             + (2 * 2 * 4 * 8 + 2 * 4 * 8 / 2)  # RoPE of the 4 rebuilt query heads, cos and sin
+             + (2 + TILE) * 48  # FP8 casts of the up-projections' inputs
+             + 6 * 32 * 5)  # SwiGLU over 4 routed + 1 shared rows of width 32
+    assert unit.recompute_s == pytest.approx(up_s + _at_memory_frac(t, named))
+    assert unit_costs(_ctx(t), m, moe=True, traffic=None).recompute_s == 0.0
+
+
+def test_full_recompute_is_the_whole_forward():
+    t, m = _tables(), tiny_moe()
+    for moe in (False, True):
+        none = unit_costs(_ctx(t), m, moe=moe, traffic=None)
+        full = unit_costs(_ctx(t, "full"), m, moe=moe, traffic=None)
+        assert full.recompute_s == pytest.approx(none.fwd_s)
+        assert full.recompute_s > unit_costs(_ctx(t, "selective"), m, moe=moe, traffic=None).recompute_s
+
+
+def test_only_the_named_ops_move_selective_recompute():
+    m, base = tiny_moe(), _tables()
+    f = base.memory_frac
+    ref = unit_costs(_ctx(base, "selective"), m, moe=True, traffic=None).recompute_s
+    for kernel in ("residual_add", "router", "permute", "combine"):  # not recomputed
+        slow = _tables(MemoryKernelPoint(kernel=kernel, fwd_frac=f / 10, source="s"))
+        assert unit_costs(_ctx(slow, "selective"), m, moe=True, traffic=None).recompute_s == pytest.approx(ref), kernel
+    slow = _tables(MemoryKernelPoint(kernel="swiglu", fwd_frac=f / 2, source="s"))  # twice its forward time
+    got = unit_costs(_ctx(slow, "selective"), m, moe=True, traffic=None).recompute_s
+    assert got - ref == pytest.approx(_at_memory_frac(base, 6 * 32 * 5))
+
+
+def test_fused_rope_and_router_are_priced_at_their_fused_points():
+    m, f = tiny_moe(), _tables().memory_frac
+    eager_slow = [MemoryKernelPoint(kernel=k, fwd_frac=f / 4, source="eager composite") for k in ("rope", "router")]
+    t = _tables(*eager_slow)
+    eager = unit_costs(_ctx(t, "selective"), m, moe=True, traffic=None)
+    fused = unit_costs(_ctx(t, "selective", fusion="fused"), m, moe=True, traffic=None)
+    rope, q_rope = 2 * 2 * 5 * 8 + 32, 2 * 2 * 4 * 8 + 32
+    router, router_bwd = 2 * 4 * 16 + 12 * 4, 2 * 4 * 16 + 4 * 4
+    swiglu_saved = (6 - 4 - TILE) * 32 * 5  # the FP8 output
+    cast_bwd_saved = 2 * (2 + TILE) * 240 - (2 + 2 * TILE) * 240  # 2 casts -> 1 cast with transpose
+    assert eager.fwd_s - fused.fwd_s == pytest.approx(_at_memory_frac(t, 3 * (rope + router) + swiglu_saved))
+    assert eager.recompute_s - fused.recompute_s == pytest.approx(_at_memory_frac(t, 3 * q_rope + swiglu_saved))
+    assert (eager.dx_s - eager.recompute_s) - (fused.dx_s - fused.recompute_s) == pytest.approx(
+        _at_memory_frac(t, 3 * (rope + router_bwd) + cast_bwd_saved))
+
+
+def test_the_loss_fp32_as_measured_or_by_its_bytes_and_fused_in_one_pass():
+    m, g = tiny_moe(), h800_gpu()
+    measured = _tables(MemoryKernelPoint(kernel="cross_entropy", fwd_frac=0.05, bwd_frac=0.1, source="fp32 loss"))
+    v, hbm = m.vocab_size, g.hbm_bytes_per_s
+    head = end_costs(_ctx(measured), m)
+    fused = end_costs(_ctx(measured, loss="fused"), m)
+    bare = end_costs(_ctx(_tables()), m)  # no measured loss: FP32 bytes at memory_frac
+    f = measured.memory_frac
+    assert head.head_fwd_s - fused.head_fwd_s == pytest.approx(TOKENS * 2 * v * (1 / 0.05 - 1 / f) / hbm)
+    assert head.head_dx_s - fused.head_dx_s == pytest.approx(TOKENS * 4 * v * (1 / 0.1 - 1 / f) / hbm)
+    assert bare.head_fwd_s - fused.head_fwd_s == pytest.approx(TOKENS * (14 - 2) * v / (f * hbm))
+    assert bare.head_dx_s - fused.head_dx_s == pytest.approx(TOKENS * (22 - 4) * v / (f * hbm))
+    assert head.head_dw_s == fused.head_dw_s and head.embed_fwd_s == fused.embed_fwd_s
+
+
+def test_the_plan_toggles_fusion_and_loss_and_the_last_stage_pays_a_loss_per_head():
+    inp = _inputs()  # tiny_moe: one MTP module on the last stage
+    fused = inp.model_copy(update={"training": inp.training.model_copy(
+        update={"kernels": KernelSpec(fusion="fused", loss="fused")})})
+    eager_step = step_inputs(inp, 4, 16)
+    assert eager_step.stages[-1].heads == 2  # the main head and the MTP module's
+    fused_step = step_inputs(fused, 4, 16)
+    assert fused_step.ends.head_fwd_s < eager_step.ends.head_fwd_s
+    moe = next(u for st in eager_step.stages for u in st.units if u.moe)
+    moe_fused = next(u for st in fused_step.stages for u in st.units if u.moe)
+    assert moe_fused.fwd_s < moe.fwd_s and moe_fused.dx_s < moe.dx_s
+    assert moe_fused.dw_s == moe.dw_s  # GEMMs untouched
+    opts = SimOptions()
+    assert predict_step(fused, 4, 16, opts=opts)[0].step_time_s < predict_step(inp, 4, 16, opts=opts)[0].step_time_s
+    assert fused.training.model_dump()["kernels"] == {"fusion": "fused", "loss": "fused"}
