@@ -22,7 +22,6 @@ import dataclasses
 import math
 import os
 import signal
-import socket
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -32,8 +31,10 @@ from rich.console import Console
 
 from moeplan.orchestrator.budget_guard import guard_problem
 from moeplan.orchestrator.errors import DeferredSignals, InputError, RunFailedError
+from moeplan.orchestrator.inputs import finite_float
 from moeplan.orchestrator.launch_progress import RunProgress
 from moeplan.orchestrator.outputs import strict_json
+from moeplan.orchestrator.ray_address import ADDRESS_TIMEOUT_S, check_address
 from moeplan.orchestrator.rank_entry import RankJob, on_cpu
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.contracts.plan_file import PlanFile, read_plan
@@ -73,28 +74,9 @@ def _settings(resume: Path | None, given: dict) -> dict:
     return s
 
 
-ADDRESS_TIMEOUT_S = 5.0
 MAX_STEPS = 2**40  # as the plan's phases (simulator.spec.training: steps <= 2**40)
 RANGES = (("steps", 1, MAX_STEPS), ("guard_every", 1, MAX_STEPS), ("checkpoint_every", 0, MAX_STEPS),
           ("max_failures", 0, 1000))
-
-
-def check_address(address: str | None, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
-    """``--address HOST:PORT`` (or ``ray://HOST:PORT``) must take a TCP connection within ``timeout_s``: Ray
-    itself waits minutes for an address where nothing answers, printing its own log lines. ``auto`` is Ray's
-    to resolve."""
-    if address is None or address == "auto":
-        return
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-        raise InputError(f"--address {address!r:.200} must be auto, HOST:PORT or ray://HOST:PORT")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
-    except (OSError, UnicodeError, ValueError) as exc:
-        why = getattr(exc, "strerror", None) or type(exc).__name__
-        raise InputError(f"--address {address!r:.200}: nothing answers at {host[:100]}:{port} ({why}; waited at "
-                         f"most {timeout_s:g} s)") from None
 
 
 def _whole_run_steps(plan: PlanFile) -> int:
@@ -246,6 +228,8 @@ def launch_command(
     = None,
     address: Annotated[str | None, typer.Option(help="Join a Ray cluster (auto, ray://...); default: start one here.")]
     = None,
+    address_timeout_s: Annotated[float, typer.Option(help="How long --address may take to answer as Ray's GCS does.",
+                                                     parser=finite_float)] = ADDRESS_TIMEOUT_S,
     budget_guard: Annotated[str | None, typer.Option(help="off, warn or stop when the projected GPU-hours exceed "
                                                           "the plan's budget.")] = None,
     guard_every: Annotated[int | None, typer.Option(help="Project the run every K steps after the warm-up.")] = None,
@@ -262,7 +246,7 @@ def launch_command(
     given = {"steps": steps, "budget_guard": budget_guard, "guard_every": guard_every,
              "checkpoint_every": checkpoint_every, "max_failures": max_failures, "dtype": dtype}
     s = _settings(resume, given)
-    check_address(address)
+    check_address(address, address_timeout_s)
     source, run = _run_dir(plan_path, run_dir, resume)
     plan = read_plan(source)
     if resume is not None and plan_path is not None and read_plan(plan_path).inputs_sha256 != plan.inputs_sha256:

@@ -10,8 +10,9 @@ line (``MOEPLAN_FUZZ_STATS`` records it: the counts in docs/results/fuzz.md).
 ``launch``: the tiny cpu plan (mostly) or a mutated one, a folder, a device, garbage; ``--run-dir`` in the
 way; ``--resume`` of a run directory whose ``launch.json``, ``checkpoints/latest``, checkpoint meta or plan
 copy is missing, mutated, binary, deep, huge or a folder; hostile ``--steps``, ``--guard-every``,
-``--checkpoint-every``, ``--max-failures``, ``--budget-guard``, ``--dtype``, an ``--address`` malformed or
-where nothing answers (closed ports on the loopback). ``calibrate``: ``--plan``
+``--checkpoint-every``, ``--max-failures``, ``--budget-guard``, ``--dtype``, an ``--address`` malformed,
+where nothing answers (closed ports on the loopback) or where something answers that is not Ray (HTTP/1.1, a
+closed connection, another HTTP/2 frame; ``address_servers``), ``--address-timeout-s``. ``calibrate``: ``--plan``
 mutated or conflicting with ``--model``; ``--model``/``--cluster``/``--nodes``/``--set`` hostile; ``--reps``,
 ``--threads``, ``--dtype``, ``--name`` and bad ``--out`` paths.
 """
@@ -30,6 +31,7 @@ from typer.testing import CliRunner
 from moeplan.orchestrator import calibrate_cmd, launch_cmd
 from moeplan.orchestrator.cli import app
 from moeplan.orchestrator.errors import InputError
+from tests.orchestrator.address_servers import AddressServer
 from tests.orchestrator.fuzz_inputs import choice, flags, garbage, int_text, mostly, mutated_document, out_path
 from tests.orchestrator.fuzz_run_inputs import _replace
 from tests.orchestrator.test_fuzz import PROFILES, _fuzz
@@ -110,8 +112,18 @@ def _resume_dir(draw: st.DrawFn, folder: Path, plan: dict[str, Any]) -> str:
     return str(run)
 
 
+@pytest.fixture(scope="module")
+def addresses():
+    """Listening fakes for --address: one answering as gRPC does (passes), and ones that are not Ray (answering
+    at once; the silent ones, which cost the probe's whole timeout, are test_ray_address.py's)."""
+    made = [AddressServer(kind) for kind in ("grpc", "http", "goaway", "close")]
+    yield [server.address for server in made]
+    for server in made:
+        server.close()
+
+
 @pytest.mark.parametrize("examples", PROFILES)
-def test_launch(examples, tmp_path, cpu_plan, no_work):
+def test_launch(examples, tmp_path, cpu_plan, no_work, addresses):
     def case(draw: st.DrawFn, folder: Path) -> tuple[list[str], list[str]]:
         options = {
             "--steps": int_text(1, 8), "--guard-every": int_text(1, 8), "--checkpoint-every": int_text(0, 8),
@@ -119,7 +131,9 @@ def test_launch(examples, tmp_path, cpu_plan, no_work):
             "--dtype": choice("fp32", "bf16"), "--json": st.none(),
             "--run-dir": out_path(folder),
             "--address": st.sampled_from(["auto", "127.0.0.1:1", "ray://127.0.0.1:9", "abc", "host:", ":1", "[::1]:1",
-                                          "127.0.0.1:99999", "127.0.0.1:١٢", "ray://", "127.0.0.1:0"]),
+                                          "127.0.0.1:99999", "127.0.0.1:١٢", "ray://", "127.0.0.1:0", *addresses,
+                                          *[f"ray://{a}" for a in addresses]]),
+            "--address-timeout-s": mostly(st.just("0.5"), st.sampled_from(["0", "-1", "nan", "inf", "61", "abc"])),
         }
         args = ["launch", *flags(draw, options, 4)]
         if draw(st.integers(0, 3)) == 0:  # --resume, sometimes with a PLAN (its own or another)

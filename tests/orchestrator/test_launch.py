@@ -186,6 +186,17 @@ def _one_line_exit_2(result, *expected: str) -> None:
     assert line.startswith("moeplan: error: ") and all(e in line for e in expected), line
 
 
+def test_the_address_probe_takes_a_real_ray_gcs(ray_cluster):
+    """``ray_address.check_address`` asks as gRPC does: Ray's own GCS must pass it (and quickly)."""
+    import ray
+
+    from moeplan.orchestrator.ray_address import check_address
+
+    start = time.monotonic()
+    check_address(ray.get_runtime_context().gcs_address)
+    assert time.monotonic() - start < 1.0
+
+
 def test_an_infeasible_request_exits_2_quickly(ray_cluster, tmp_path):
     big = cpu_plan(tmp_path / "big", "1f1b", pp=2, dp=4)  # 8 processes; the module's cluster has 5 CPUs
     start = time.monotonic()
