@@ -13,7 +13,7 @@ from moeplan.orchestrator.errors import note
 from moeplan.orchestrator.inputs import PlanRequest, build_request, finite_float, flag_overrides
 from moeplan.orchestrator.outputs import check_out_dir, check_out_file, strict_json, write_outputs
 from moeplan.orchestrator.render import plan_tables, shown
-from moeplan.orchestrator.sim_options import check_placeable, sim_options
+from moeplan.orchestrator.sim_options import check_placeable, parse_techniques, sim_options, techniques_search
 from moeplan.simulator.accounting.layout import LayoutError
 from moeplan.simulator.contracts.plan_file import PlanFile, dump_plan
 from moeplan.simulator.costs.tables import NAMED_TABLES
@@ -21,6 +21,7 @@ from moeplan.simulator.engine.build import SimOptions
 from moeplan.simulator.engine.trace import chrome_trace
 from moeplan.simulator.planning.planner import plan_with_trace, summary
 from moeplan.simulator.planning.search import SearchResult, search
+from moeplan.simulator.planning.techniques import TECHNIQUES
 from moeplan.simulator.report.plan_html import plan_html
 
 console = Console(width=140)
@@ -53,6 +54,8 @@ def plan_command(
     calibration: Annotated[Path | None, typer.Option(help="Cost tables JSON (a calibration file).")] = None,
     cost_tables: Annotated[str | None, typer.Option(help=f"Named cost tables: {', '.join(NAMED_TABLES)} "
                                                          "(default: the GPU's).")] = None,
+    techniques: Annotated[str | None, typer.Option(help="Techniques to leave out, comma-separated, to reproduce an "
+                                                       f"earlier setup: {', '.join(TECHNIQUES)}.")] = None,
     trace: Annotated[Path | None, typer.Option(help="Also write the simulated step as a Chrome/Perfetto trace.")] = None,
     out: Annotated[Path, typer.Option(help="Directory for plan.json.")] = Path("out"),
     json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -64,17 +67,20 @@ def plan_command(
     flags = dict(pp=pp, ep=ep, dp=dp, cp=cp, schedule=schedule, microbatches=microbatches, micro_batch_size=micro_batch_size,
                  recompute=recompute, seq_len=seq_len, precision=precision, global_batch=global_batch, tokens=tokens,
                  budget_gpu_hours=budget_gpu_hours, price_per_gpu_hour=price_per_gpu_hour)
-    req = build_request(model, cluster, nodes, flag_overrides(flags) + list(set_ or []))
+    techs = parse_techniques(techniques)  # its settings first: the user's own are then checked against them
+    req = build_request(model, cluster, nodes, techs.overrides + flag_overrides(flags) + list(set_ or []))
+    do_search = techniques_search(techs, req, search_ if search_ is not None else not req.published, search_)
     opts = sim_options(req.inputs.model, req.inputs.cluster.gpu, zipf=zipf, load=load,
                        redundant_experts=redundant_experts, calibration=calibration, table_name=cost_tables,
                        precision=req.inputs.training.precision)
-    do_search = search_ if search_ is not None else not req.published
     if not do_search:
         check_placeable(req.inputs, redundant_experts)
-    searched = _run_search(req, opts, quiet=json_) if do_search else None
+    searched = _run_search(req, opts, quiet=json_, schedules=techs.schedules) if do_search else None
     inputs, source = req.planned(searched)
     # the step simulated for the predictions is the one drawn and traced: no second simulation
     plan, events = plan_with_trace(inputs, tuple(req.ignored), source, searched, opts, tuple(sorted(req.fixed)))
+    if techs.off:
+        plan = plan.model_copy(update={"predictions": plan.predictions.model_copy(update={"techniques": techs.off})})
     files = {out / "plan.json": dump_plan(plan), out / "plan.html": plan_html(plan, events)}
     if trace is not None:
         files[trace] = strict_json(chrome_trace(events), indent=None)
@@ -90,14 +96,15 @@ def plan_command(
     console.print(f"wrote {out / 'plan.json'}, {out / 'plan.html'}" + (f" and {trace}" if trace else ""))
 
 
-def _run_search(req: PlanRequest, opts: SimOptions, quiet: bool) -> SearchResult:
+def _run_search(req: PlanRequest, opts: SimOptions, quiet: bool, schedules: tuple[str, ...]) -> SearchResult:
     """The layout search, with a progress bar on stderr."""
     columns = (TextColumn("searching layouts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     stderr = Console(stderr=True)
     # off unless stderr is a terminal: elsewhere rich leaves a blank line behind, and errors are one line
     with Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal) as bar:
         task = bar.add_task("search", total=None)
-        result = search(req.inputs, req.fixed, opts, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        result = search(req.inputs, req.fixed, opts, progress=lambda done, total: bar.update(task, completed=done, total=total),
+                        schedules=schedules)
     if not result.ranked:
         raise LayoutError("search found no layout")
     return result

@@ -1,5 +1,6 @@
 """Simulation options from CLI arguments: the cost tables (named, or a calibration file), the expert
-load (Zipf, or a recorded load file) and redundant experts, as one ``SimOptions``."""
+load (Zipf, or a recorded load file) and redundant experts, as one ``SimOptions``; and the techniques a
+plan leaves out (``--techniques``, ``simulator.planning.techniques``)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,18 @@ import numpy as np
 from pydantic import ValidationError
 
 from moeplan.orchestrator.errors import InputError
-from moeplan.orchestrator.inputs import check_redundant, check_zipf, moe_layers, one_load_source, read_load_record
+from moeplan.orchestrator.inputs import (
+    PlanRequest,
+    check_redundant,
+    check_zipf,
+    moe_layers,
+    one_load_source,
+    read_load_record,
+)
 from moeplan.simulator.costs.tables import NAMED_TABLES, CostTables, default_tables, named_tables
 from moeplan.simulator.engine.build import SimOptions
 from moeplan.simulator.engine.expert_traffic import group_placement
+from moeplan.simulator.planning.techniques import Techniques
 from moeplan.simulator.spec.errors import first_error_line
 from moeplan.simulator.spec.hardware import GpuSpec
 from moeplan.simulator.spec.inputs import PlanInputs
@@ -90,3 +99,28 @@ def check_placeable(inputs: PlanInputs, redundant_experts: int) -> None:
         group_placement(m, inputs.cluster, ep, redundant_experts)
     except ValueError as exc:  # the placement's own argument checks: this count does not fit this group
         raise InputError(f"--redundant-experts {redundant_experts} at ep={ep}: {exc}") from exc
+
+
+def parse_techniques(text: str | None) -> Techniques:
+    """``--techniques no-dualpipe,no-fp8``; one line naming an unknown name."""
+    try:
+        return Techniques.parse(text)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+
+
+def techniques_search(techniques: Techniques, req: PlanRequest, do_search: bool, asked: bool | None) -> bool:
+    """Whether to search, given the techniques left out: a layout whose schedule they exclude (the model's
+    published one: V3's DualPipe) is searched again without it, unless ``--no-search`` (``asked`` False);
+    a setting the user gave that they exclude is one line naming both."""
+    par, precision = req.inputs.parallel, req.inputs.training.precision
+    if par.schedule not in techniques.schedules and "schedule" not in req.fixed:
+        if asked is False:
+            raise InputError(f"{techniques.conflict(par.schedule, precision, par.cp, par.ep)} (the planned layout's): "
+                             "drop --no-search to search without it, or give --schedule")
+        do_search = True
+    schedule = par.schedule if "schedule" in req.fixed or not do_search else None
+    why = techniques.conflict(schedule, precision, par.cp, par.ep)
+    if why:
+        raise InputError(why)
+    return do_search

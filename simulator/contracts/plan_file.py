@@ -195,6 +195,8 @@ class Predictions(_Frozen):
     candidates_evaluated: Int = Field(0, ge=0, description="Layouts the search checked (memory) and ranked.")
     top_candidates: tuple[Candidate, ...] = ()
     cost_tables: str
+    techniques: tuple[str, ...] = Field((), description="Techniques left out (plan --techniques, "
+                                        "simulator.planning.techniques); empty = none.")
 
 
 class BudgetReport(_Frozen):

@@ -35,6 +35,17 @@ Sources:
   on one H200 at 4096 tokens, forward and backward, as a fraction of the datasheet HBM bandwidth at the
   class's ideal bytes. Like [A]'s copy bandwidth (``memory_frac``, the fallback for a class it does not
   measure), a fraction of the datasheet, so each Hopper part applies it to its own HBM bandwidth.
+- [FA] Shah et al. 2024, *FlashAttention-3* (arXiv:2407.08608), Fig. 5 and 6: FlashAttention-2 (Dao 2023,
+  arXiv:2307.08691) on one H100 80GB SXM5, BF16, head dim 128 (the paper's nearest to MLA's 192/128),
+  batch x length = 16K tokens, 512 to 16K tokens: the forward with the causal mask, and the backward
+  (published without the mask only, so it is the unmasked one), both in the papers' FLOP convention
+  (causal = half the square, backward = 2.5 forwards) that ``attention_core_flops`` shares. The
+  attention of a 2023-24 H100 run, before FlashAttention-3 and cuDNN's fused attention.
+- [MAMF] S. Bekman, *Machine Learning Engineering*, "Maximum Achievable Matmul FLOPS comparison table"
+  (``compute/accelerator/README.md``): H100 SXM BF16 ``torch.matmul`` at its best shape (6144 x 17920 x
+  2816), 792.1 TFLOPS with CUDA 12.1 (2024). Every [A]/[K] BF16 point is below it (the best, 775 TFLOPS at
+  8192^3), so [A]/[K]'s cuBLAS is not faster than 2024's: the BF16 GEMMs of ``hopper-bf16-fa2-2023``.
+  Its grouped points are still ``torch._grouped_mm`` (2025); no 2023-24 grouped BF16 measurement was found.
 - [CPU] ``simulator/costs/data/cpu-fp32.json`` and ``cpu-bf16.json`` (``benchmarks/cpu_tables.py``): the
   ``cpu`` cluster's tables, whole cost-table files measured on one machine (one thread per process), each
   entry naming its measurement; they price the plan's ``bf16`` precision in FP32 (``cpu``, the default)
@@ -315,7 +326,8 @@ def _deepgemm_points(kernels: Fp8Kernels) -> list[GemmPoint]:
     return pts
 
 
-def _common(name: str, gemm: list[GemmPoint], bf16_peak_flops_per_s: float) -> CostTables:
+def _common(name: str, gemm: list[GemmPoint], bf16_peak_flops_per_s: float,
+            precisions: tuple[Precision, ...] = ("bf16", "fp8")) -> CostTables:
     a = anchors()
     attention = _attention_points(bf16_peak_flops_per_s)
     at_4k = next(p for p in attention if p.seq_len == 4096)
@@ -337,6 +349,7 @@ def _common(name: str, gemm: list[GemmPoint], bf16_peak_flops_per_s: float) -> C
         memory_kernels=packaged_memory_kernels(),
         collective_latency_s=latency,
         collective_source="[A] a2a busbw at 8 and 256 MiB per rank, 4 GPUs: line intercept",
+        precisions=precisions,
     )
 
 
@@ -368,6 +381,8 @@ NAMED_TABLES = {
     "default": "the GPU's default tables (DeepGEMM on H800/H100, our measurements on H200, cpu on the cpu cluster)",
     "hopper-cutlass36-2024": "the FP8 kernels DeepSeek trained V3 with in 2024: [DG]'s shapes at DeepGEMM's "
                              "TFLOPS over its published speedup on DeepSeek's internal CUTLASS-3.6 kernel",
+    "hopper-bf16-fa2-2023": "a 2023-24 BF16 Hopper run: FlashAttention-2 attention (FA3 paper's H100 figures), "
+                            "cuBLAS BF16 GEMMs (our measurements, below 2024's measured H100 ceiling), no FP8",
     "cpu": "the cpu cluster's processes, measured (benchmarks/cpu_tables.py): FP32 GEMMs, attention and "
            "activations, gloo links; no FP8",
     "cpu-bf16": "as cpu, with BF16 GEMMs, attention and activations",
@@ -387,6 +402,10 @@ def named_tables(name: str, gpu_name: str) -> CostTables:
         return default_tables(gpu_name)
     if name == "hopper-cutlass36-2024":
         return _hopper(name, _deepgemm_points("cutlass36"))
+    if name == "hopper-bf16-fa2-2023":
+        from moeplan.simulator.costs.era_tables import hopper_bf16_fa2  # it builds on this module's sources
+
+        return hopper_bf16_fa2()
     if name in CPU_TABLE_FILES:
         return cpu_tables(name)
     raise ValueError(f"cost tables {name!r}: unknown (known: {', '.join(NAMED_TABLES)})")

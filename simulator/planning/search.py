@@ -69,8 +69,10 @@ def _choices(fixed: dict[str, Any], key: str, default: Iterable[Any]) -> list[An
     return [fixed[key]] if key in fixed else list(default)
 
 
-def enumerate_layouts(inputs: PlanInputs, fixed: dict[str, Any]) -> Iterator[ParallelSpec]:
-    """Every layout of the search space that agrees with ``fixed`` (ParallelSpec field -> value)."""
+def enumerate_layouts(inputs: PlanInputs, fixed: dict[str, Any],
+                      schedules: tuple[str, ...] = SCHEDULE_KINDS) -> Iterator[ParallelSpec]:
+    """Every layout of the search space that agrees with ``fixed`` (ParallelSpec field -> value), with one of
+    ``schedules`` (``planning.techniques``: all of them unless some are left out)."""
     world = inputs.cluster.num_gpus
     units = inputs.model.num_hidden_layers + inputs.model.num_nextn_predict_layers
     # every kind has at least pp stages, and a stage at least one layer unit
@@ -80,7 +82,7 @@ def enumerate_layouts(inputs: PlanInputs, fixed: dict[str, Any]) -> Iterator[Par
     cps = _choices(fixed, "cp", [c for c in (2**k for k in range(world.bit_length()))
                                  if c == 1 or (seq % (2 * c) == 0 and seq // c >= MIN_CP_TOKENS)])
     for pp, cp, schedule, mbs, recompute in itertools.product(
-        pps, cps, _choices(fixed, "schedule", SCHEDULE_KINDS), _choices(fixed, "micro_batch_size", MICRO_BATCH_SIZES),
+        pps, cps, _choices(fixed, "schedule", schedules), _choices(fixed, "micro_batch_size", MICRO_BATCH_SIZES),
         _choices(fixed, "recompute", RECOMPUTE),
     ):
         if world % (pp * cp):
@@ -162,11 +164,12 @@ def check_fixed(inputs: PlanInputs, fixed: dict[str, Any]) -> None:
 def search(
     inputs: PlanInputs, fixed: dict[str, Any], opts: SimOptions = SimOptions(),
     progress: Callable[[int, int], None] | None = None, exhaustive: bool = False,
+    schedules: tuple[str, ...] = SCHEDULE_KINDS,
 ) -> SearchResult:
     """Rank every fitting layout; raises ``LayoutError`` when none fits. ``exhaustive`` simulates
     every fitting layout instead of stopping at the bound (same result, for benchmarks and tests)."""
     check_fixed(inputs, fixed)
-    layouts = list(enumerate_layouts(inputs, fixed))
+    layouts = list(enumerate_layouts(inputs, fixed, schedules))
     if opts.redundant_experts:  # only EP groups that can hold the redundant slots
         places = {ep: _holds_redundant(inputs, ep, opts.redundant_experts) for ep in {p.ep for p in layouts}}
         layouts = [p for p in layouts if places[p.ep]]

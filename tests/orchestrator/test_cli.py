@@ -69,7 +69,7 @@ def test_dense_model_gets_a_fitting_default_layout(tmp_path):
      (["--model", "deepseek-67b", "--nodes", "1"], "no layout of deepseek-67b fits 8 x H800-SXM5"),
      (["--calibration", "/dev/null"], "--calibration /dev/null: malformed JSON"),
      (["--cost-tables", "cutlass"],
-      "--cost-tables 'cutlass': unknown (choose default, hopper-cutlass36-2024, cpu, cpu-bf16)"),
+      "--cost-tables 'cutlass': unknown (choose default, hopper-cutlass36-2024, hopper-bf16-fa2-2023, cpu, cpu-bf16)"),
      (["--cost-tables", "hopper-cutlass36-2024", "--calibration", "cal.json"],
       "--calibration cal.json and --cost-tables hopper-cutlass36-2024: give one cost-table source, not both"),
      (["--tokens", "lots"], "--tokens 'lots': expected a number"),
