@@ -43,6 +43,7 @@ TR_GPU_HOURS_PER_T = 180e3  # TR §9 / Table 1
 TR_PRETRAIN_GPU_HOURS = 2664e3
 TR_CONTEXT_GPU_HOURS = 119e3
 CUTLASS36 = "hopper-cutlass36-2024"
+ERA_2023 = "hopper-bf16-fa2-2023"
 SETS = ["parallel.pp=16", "parallel.ep=64", 'parallel.schedule="dualpipe"', 'training.precision="fp8"',
         "parallel.seq_len_tokens=4096", "training.phases.0.global_batch_seqs=15360", "training.phases.0.tokens=14.8e12"]
 
@@ -66,6 +67,21 @@ def sensitivity() -> list[str]:
          SimOptions(tables=tables.model_copy(update={"comm_sms": 24}))),
         ("the 20 communication SMs withheld from all compute whenever EP > 1 (the model before issue 21) instead of "
          "only while an all-to-all runs beside it", (), SimOptions(comm_sms_always=True)),
+        ("every EP peer at uniform routing's expectation (a perfectly balanced load: no wait for the slowest of the "
+         "64 random routings of a micro-batch; the all-to-all before issue 21's capability 3)", (),
+         SimOptions(peer_wait=False)),
+        ("GEMMs beside an all-to-all at the linear SM share (before capability 7) instead of in waves of 128 x 128 "
+         "tiles on the SMs left (the HBM interference term is 0 in both: not measured until a GPU `moeplan calibrate`)",
+         (), SimOptions(tables=tables.model_copy(update={"gemm_sm_share": "linear"}))),
+        ("attention at FlashAttention-2's H100 figures (FA3 paper, Fig. 5-6: the attention of `hopper-bf16-fa2-2023`) "
+         "instead of our SDPA measurements", (), SimOptions(tables=tables.model_copy(update=_fa2_attention()))),
+        ("DualPipe left out (`--techniques no-dualpipe`), 1F1B at the same layout", ('parallel.schedule="1f1b"',),
+         SimOptions()),
+        ("full recompute (the reference for the next row: a BF16 run needs it to fit at this layout)",
+         ('parallel.recompute="full"',), SimOptions()),
+        ("a 2023-24 BF16 setup: `--techniques no-fp8 --cost-tables hopper-bf16-fa2-2023` (cuBLAS BF16 GEMMs, "
+         "FlashAttention-2), full recompute to fit", ('training.precision="bf16"', 'parallel.recompute="full"'),
+         SimOptions(tables=named_tables(ERA_2023, "H800-SXM5"))),
         ("flat all-to-all (`parallel.ep_backend=\"flat\"`: IB once per target GPU, no NVLink forwarding, k weights "
          "and k slot ids per row, as the runtime's `all_to_all_single`) instead of DeepEP's once per node",
          ('parallel.ep_backend="flat"',), SimOptions()),
@@ -73,7 +89,8 @@ def sensitivity() -> list[str]:
          SimOptions(payload=WirePayload.of(7168, 8, "bf16", "deepep"))),
         ("flat all-to-all with BF16 dispatch (what the runtime's `ExpertParallelMoE` sends today in an FP8 run)",
          ('parallel.ep_backend="flat"',), SimOptions(payload=WirePayload.of(7168, 8, "bf16", "flat"))),
-        ("uniform routing sampled per micro-batch (Monte Carlo, 4096 tokens per GPU) instead of its expectation", (),
+        ("uniform routing sampled per micro-batch (Monte Carlo, 4096 tokens per GPU) instead of the closed form's "
+         "slowest of 64 peers (capability 3: Poisson counts at Blom's order statistic)", (),
          SimOptions(expert_load=(1.0,) * 256, redundant_experts=0)),
         ("expert load Zipf 0.5, balanced with 32 redundant experts", (),
          SimOptions(expert_load=zipf, redundant_experts=32)),
@@ -94,6 +111,13 @@ def sensitivity() -> list[str]:
         per_t = v3_plan(extra, opts).predictions.run.gpu_hours_per_trillion_tokens
         rows.append(f"| {name} | {per_t:,.0f} | {per_t / TR_GPU_HOURS_PER_T - 1:+.1%} |")
     return rows
+
+
+def _fa2_attention() -> dict:
+    """The attention entries of the ``hopper-bf16-fa2-2023`` tables, to put into the default ones."""
+    era = named_tables(ERA_2023, "H800-SXM5")
+    return {k: getattr(era, k) for k in ("attention_by_seq", "attention_fwd_frac", "attention_fwd_bwd_frac",
+                                         "attention_source")}
 
 
 def _with_alternative(tables: CostTables, kernel: str) -> CostTables:

@@ -73,6 +73,8 @@ def gemm_s(
     full_s = flops / (peak_flops_per_s(gpu, precision) * eff)
     if compute_frac >= 1.0:
         return full_s
+    if tables.gemm_sm_share == "linear":
+        return full_s / compute_frac
     sms_left = max(1, round(compute_frac * gpu.sm_count))
     return full_s * beside_comm_factor(tables.compute_beside_comm, m, n, groups, gpu.sm_count, sms_left)
 

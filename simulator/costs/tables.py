@@ -130,6 +130,10 @@ class CostTables(BaseModel):
                                    "(``costs.host``); None = not measured, no host term.")
     measured_ops: tuple[MeasuredOp, ...] = Field((), description="Sub-operations measured in a run at its shape "
                                                  "(``costs.measured_ops``): each replaces its own op's price.")
+    gemm_sm_share: Literal["waves", "linear"] = Field(
+        "waves", description="A GEMM on the SMs left beside communication: in waves of output tiles "
+                             "(``costs.beside_comm``), or at the linear SM share (the model before issue 21, for "
+                             "sensitivity studies).")
     compute_beside_comm: tuple[BesidePoint, ...] = Field(
         (), description="GEMMs timed alone and beside a communication kernel (``costs.beside_comm``): the HBM "
                         "interference beyond wave quantisation. Empty = not measured: no interference priced.")

@@ -64,3 +64,11 @@ def test_measured_interference_slows_the_gemm():
     measured = t.model_copy(update={"compute_beside_comm": pts})
     assert (gemm_s(measured, gpu, "fp8", 4096, 7168, 16384, compute_frac=112 / 132)
             == pytest.approx(1.1 * gemm_s(t, gpu, "fp8", 4096, 7168, 16384, compute_frac=112 / 132)))
+
+
+def test_linear_share_is_kept_for_sensitivity_studies():
+    gpu = h800_gpu()
+    t = default_tables("H800")
+    linear = t.model_copy(update={"gemm_sm_share": "linear"})
+    full = gemm_s(t, gpu, "bf16", 128, 4096, 7168)
+    assert gemm_s(linear, gpu, "bf16", 128, 4096, 7168, compute_frac=112 / 132) == pytest.approx(full * 132 / 112)
