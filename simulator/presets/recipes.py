@@ -4,10 +4,13 @@
 §2, §8, §9): 14.8T tokens at 4K with the batch ramped 3072 -> 15360 sequences over the first 469B
 tokens; two YaRN context-extension phases of 1000 steps (32K x 1920, then 128K x 480); FP8
 training; PP16 DualPipe, EP64 inside ZeRO-1 DP; recompute of RMSNorm, MLA up-projections and
-SwiGLU; 2,788K H800 GPU-hours at $2 (Table 1's total, which includes 5K of post-training we do not
-model). AdamW (TR §4.2, reference §8): betas 0.9 / 0.95, weight decay 0.1, clipping at 1.0, the LR
-schedule of ``spec.hyperparams.deepseek_v3_lr``; gamma and lambda of ``deepseek_v3_balance`` (TR §2.1.2,
-§4.2, reference §3).
+SwiGLU; memory-bound kernels fused as DeepSeek's stack runs them (permutation and combine inside
+DeepEP's all-to-all, FP8 cast with transpose, SwiGLU writing FP8: TR §3.3, §3.5.2) and a fused
+cross-entropy (not published; ``spec.training.KernelSpec``, ``costs.elementwise``); 2,788K H800
+GPU-hours at $2 (Table 1's total, which includes 5K of post-training we do not model). AdamW (TR
+§4.2, reference §8): betas 0.9 / 0.95, weight decay 0.1, clipping at 1.0, the LR schedule of
+``spec.hyperparams.deepseek_v3_lr``; gamma and lambda of ``deepseek_v3_balance`` (TR §2.1.2, §4.2,
+reference §3).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 from moeplan.simulator.spec.hyperparams import deepseek_v3_balance, deepseek_v3_lr, warmup_cosine_lr
 from moeplan.simulator.spec.parallel import ParallelSpec
-from moeplan.simulator.spec.training import BatchRamp, BudgetSpec, OptimizerSpec, Phase, TrainingSpec
+from moeplan.simulator.spec.training import BatchRamp, BudgetSpec, KernelSpec, OptimizerSpec, Phase, TrainingSpec
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ def deepseek_v3_recipe() -> Recipe:
             Phase(name="context-128k", steps=1000, seq_len_tokens=131072, global_batch_seqs=480),
         ),
         precision="fp8",
+        kernels=KernelSpec(fusion="fused", loss="fused"),
         optimizer=OptimizerSpec(lr=deepseek_v3_lr(), beta1=0.9, beta2=0.95, weight_decay=0.1, grad_clip_norm=1.0),
         balance=deepseek_v3_balance(),
     )

@@ -14,6 +14,7 @@ from moeplan.simulator.engine.unit_costs import CostContext, end_costs, unit_cos
 from moeplan.simulator.planning.predict import predict_step
 from moeplan.simulator.presets.clusters import h800_gpu
 from moeplan.simulator.presets.models import tiny_moe
+from moeplan.simulator.presets.recipes import deepseek_v3_recipe, default_recipe
 from moeplan.simulator.spec.training import KernelSpec
 from tests.simulator.planning.test_predict import _inputs
 
@@ -117,3 +118,8 @@ def test_the_plan_toggles_fusion_and_loss_and_the_last_stage_pays_a_loss_per_hea
     opts = SimOptions()
     assert predict_step(fused, 4, 16, opts=opts)[0].step_time_s < predict_step(inp, 4, 16, opts=opts)[0].step_time_s
     assert fused.training.model_dump()["kernels"] == {"fusion": "fused", "loss": "fused"}
+
+
+def test_v3_s_recipe_fuses_and_a_model_without_one_runs_the_runtime_s_kernels():
+    assert deepseek_v3_recipe().training.kernels == KernelSpec(fusion="fused", loss="fused")
+    assert default_recipe().training.kernels == KernelSpec(fusion="eager", loss="fp32")
