@@ -10,10 +10,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moeplan.orchestrator.errors import note
-from moeplan.orchestrator.inputs import PlanRequest, build_request, finite_float, flag_overrides
+from moeplan.orchestrator.inputs import PlanRequest, finite_float, flag_overrides
 from moeplan.orchestrator.outputs import check_out_dir, check_out_file, strict_json, write_outputs
 from moeplan.orchestrator.render import plan_tables, shown
-from moeplan.orchestrator.sim_options import check_placeable, parse_techniques, sim_options, techniques_search
+from moeplan.orchestrator.sim_options import (
+    check_placeable,
+    parse_techniques,
+    request_with_techniques,
+    sim_options,
+    techniques_search,
+)
 from moeplan.simulator.accounting.layout import LayoutError
 from moeplan.simulator.contracts.plan_file import PlanFile, dump_plan
 from moeplan.simulator.costs.tables import NAMED_TABLES
@@ -67,8 +73,8 @@ def plan_command(
     flags = dict(pp=pp, ep=ep, dp=dp, cp=cp, schedule=schedule, microbatches=microbatches, micro_batch_size=micro_batch_size,
                  recompute=recompute, seq_len=seq_len, precision=precision, global_batch=global_batch, tokens=tokens,
                  budget_gpu_hours=budget_gpu_hours, price_per_gpu_hour=price_per_gpu_hour)
-    techs = parse_techniques(techniques)  # its settings first: the user's own are then checked against them
-    req = build_request(model, cluster, nodes, techs.overrides + flag_overrides(flags) + list(set_ or []))
+    techs = parse_techniques(techniques)
+    req = request_with_techniques(techs, model, cluster, nodes, flag_overrides(flags) + list(set_ or []))
     do_search = techniques_search(techs, req, search_ if search_ is not None else not req.published, search_)
     opts = sim_options(req.inputs.model, req.inputs.cluster.gpu, zipf=zipf, load=load,
                        redundant_experts=redundant_experts, calibration=calibration, table_name=cost_tables,

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from moeplan.orchestrator.errors import InputError
 from moeplan.orchestrator.inputs import (
     PlanRequest,
+    build_request,
     check_redundant,
     check_zipf,
     moe_layers,
@@ -109,6 +110,15 @@ def parse_techniques(text: str | None) -> Techniques:
         raise InputError(str(exc)) from exc
 
 
+def request_with_techniques(techniques: Techniques, model: str, cluster: str, nodes: int | None,
+                            sets: list[str]) -> PlanRequest:
+    """``build_request`` with the techniques' settings before the user's (which are then checked against them,
+    ``techniques_search``); per training phase too, once the phases are known."""
+    req = build_request(model, cluster, nodes, techniques.overrides + sets)
+    phases = techniques.phase_overrides(len(req.inputs.training.phases))
+    return build_request(model, cluster, nodes, techniques.overrides + phases + sets) if phases else req
+
+
 def techniques_search(techniques: Techniques, req: PlanRequest, do_search: bool, asked: bool | None) -> bool:
     """Whether to search, given the techniques left out: a layout whose schedule they exclude (the model's
     published one: V3's DualPipe) is searched again without it, unless ``--no-search`` (``asked`` False);
@@ -120,7 +130,7 @@ def techniques_search(techniques: Techniques, req: PlanRequest, do_search: bool,
                              "drop --no-search to search without it, or give --schedule")
         do_search = True
     schedule = par.schedule if "schedule" in req.fixed or not do_search else None
-    why = techniques.conflict(schedule, precision, par.cp, par.ep)
+    why = techniques.conflict(schedule, precision, par.cp, par.ep, tuple(p.cp for p in req.inputs.training.phases))
     if why:
         raise InputError(why)
     return do_search

@@ -54,8 +54,17 @@ class Techniques:
         """``--set`` lines that hold the run where the techniques leave it (applied before the user's own)."""
         return [line for n in self.off for line in TECHNIQUES[n][2]]
 
-    def conflict(self, schedule: str | None, precision: str, cp: int, ep: int) -> str | None:
+    def phase_overrides(self, phases: int) -> list[str]:
+        """``--set`` lines for each of ``phases`` training phases (``no-cp``: a long-context phase keeps cp = 1
+        instead of choosing its own, ``planning.phase_layout``)."""
+        return [f"training.phases.{i}.cp=1" for i in range(phases)] if "no-cp" in self.off else []
+
+    def conflict(self, schedule: str | None, precision: str, cp: int, ep: int,
+                 phase_cps: tuple[int | None, ...] = ()) -> str | None:
         """Why settings of the plan contradict the techniques (``schedule`` None: the search chooses it)."""
+        bad_phase = next((i for i, c in enumerate(phase_cps) if c not in (None, 1)), None)
+        if "no-cp" in self.off and bad_phase is not None:
+            return f"--techniques no-cp contradicts training.phases.{bad_phase}.cp={phase_cps[bad_phase]}"
         for name in self.off:
             _, kinds, _ = TECHNIQUES[name]
             if schedule in kinds:

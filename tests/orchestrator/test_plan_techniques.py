@@ -52,3 +52,13 @@ def test_the_published_dualpipe_layout_is_searched_again_or_refused_with_no_sear
     assert res.exit_code == 2
     assert ("--techniques no-dualpipe excludes schedule=dualpipe (the planned layout's): drop --no-search"
             in " ".join(res.output.split()))
+
+
+def test_no_cp_holds_the_long_context_phases_too(tmp_path):
+    from moeplan.orchestrator.sim_options import parse_techniques, request_with_techniques
+
+    req = request_with_techniques(parse_techniques("no-cp"), "deepseek-v3", "h800", 256, [])
+    assert len(req.inputs.training.phases) > 1  # V3's recipe: 4K, then 32K and 128K context extension
+    assert {p.cp for p in req.inputs.training.phases} == {1} and req.inputs.parallel.cp == 1
+    res = runner.invoke(app, [*TINY, "--techniques", "no-cp", "--set", "training.phases.0.cp=2", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--techniques no-cp contradicts training.phases.0.cp=2" in res.output

@@ -61,3 +61,11 @@ def test_era_bf16_gemms_are_not_faster_than_2024_cublas():
     era = named_tables("hopper-bf16-fa2-2023", "H800")
     assert all(p.flops_per_s <= MAMF_H100_BF16_FLOPS_PER_S for p in era.gemm)
     assert all(p.source for p in era.gemm)
+
+
+def test_no_cp_holds_every_phase_and_names_one_that_is_not():
+    t = Techniques.parse("no-cp")
+    assert t.phase_overrides(2) == ["training.phases.0.cp=1", "training.phases.1.cp=1"]
+    assert Techniques.parse("no-fp8").phase_overrides(2) == []
+    assert t.conflict(None, "bf16", 1, 1, (None, 1)) is None
+    assert t.conflict(None, "bf16", 1, 1, (1, 4)) == "--techniques no-cp contradicts training.phases.1.cp=4"
