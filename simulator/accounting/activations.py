@@ -89,12 +89,6 @@ def layer_activation_bytes_per_token(
     return total
 
 
-def layer_working_bytes_per_token(m: ModelSpec, unit: int, precision: str) -> float:
-    """What one layer holds while it is recomputed under ``full`` recompute: its whole
-    no-recompute activation set."""
-    return layer_activation_bytes_per_token(m, unit, precision, "none")
-
-
 def head_transient_bytes_per_token(m: ModelSpec) -> float:
     """Logits of one micro-batch while the loss and its gradient are formed: fp32 logits and
     their BF16 gradient (freed before the next micro-batch)."""

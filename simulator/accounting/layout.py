@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeplan.simulator.accounting.context_parallel import ContextParallelError, check_cp
+from moeplan.simulator.accounting.tensor_parallel import TensorParallelError, check_tp
 from moeplan.simulator.schedules.registry import num_stages, schedule_kind
 from moeplan.simulator.spec.hardware import ClusterSpec
 from moeplan.simulator.spec.model import ModelSpec
@@ -78,15 +79,19 @@ def pipeline_stages(model: ModelSpec, parallel: ParallelSpec) -> tuple[Stage, ..
 
 
 def resolve_dp(parallel: ParallelSpec, cluster: ClusterSpec) -> int:
-    """The data-parallel degree: given, or world / (pp * cp); checks world = pp * dp * cp."""
-    world, pp, cp = cluster.num_gpus, parallel.pp, parallel.cp
+    """The data-parallel degree: given, or world / (pp * cp * tp); checks world = pp * dp * cp * tp."""
+    world, pp, cp, tp = cluster.num_gpus, parallel.pp, parallel.cp, parallel.tp
     if world % pp:
         raise LayoutError(f"pp={pp} does not divide the cluster's {world} GPUs")
     if world % (pp * cp):
         raise LayoutError(f"cp={cp} does not divide the {world // pp} GPUs of a pipeline stage (world {world} / pp={pp})")
-    dp = parallel.dp or world // (pp * cp)
-    if pp * dp * cp != world:
-        raise LayoutError(f"pp={pp} x dp={dp} x cp={cp} = {pp * dp * cp} differs from the cluster's {world} GPUs")
+    if world % (pp * cp * tp):
+        raise LayoutError(f"tp={tp} does not divide the {world // (pp * cp)} GPUs left by pp={pp} x cp={cp} "
+                          f"(world {world})")
+    dp = parallel.dp or world // (pp * cp * tp)
+    if pp * dp * cp * tp != world:
+        what = f"pp={pp} x dp={dp} x cp={cp}" + (f" x tp={tp}" if tp > 1 else "")
+        raise LayoutError(f"{what} = {pp * dp * cp * tp} differs from the cluster's {world} GPUs")
     return dp
 
 
@@ -97,13 +102,17 @@ def check_layout(model: ModelSpec, cluster: ClusterSpec, parallel: ParallelSpec)
         check_cp(parallel.seq_len_tokens, parallel.cp)
     except ContextParallelError as exc:
         raise LayoutError(str(exc)) from exc
-    group = dp * parallel.cp  # GPUs of one stage: experts are sharded inside them
+    try:
+        check_tp(model, cluster, parallel)
+    except TensorParallelError as exc:
+        raise LayoutError(str(exc)) from exc
+    group = dp * parallel.cp * parallel.tp  # GPUs of one stage: experts are sharded inside them
     if model.is_moe and model.n_routed_experts % parallel.ep:
         raise LayoutError(f"ep={parallel.ep} does not divide n_routed_experts={model.n_routed_experts}")
     if not model.is_moe and parallel.ep != 1:
         raise LayoutError(f"ep={parallel.ep} needs routed experts, but {model.name} is dense (n_routed_experts=0)")
     if group % parallel.ep:
-        where = f"dp={dp}" if parallel.cp == 1 else f"dp x cp={group}"
+        where = f"dp={dp}" if group == dp else f"dp x cp x tp={group}"
         raise LayoutError(f"ep={parallel.ep} must divide {where} (expert groups live inside the data-parallel group)")
     pp_error = schedule_kind(parallel.schedule).pp_error(parallel.pp)
     if pp_error:

@@ -2,8 +2,10 @@
 
 Storage per parameter follows ``TrainingSpec.optimizer`` (DeepSeek-V3: BF16 weights, FP32
 gradient accumulation, FP32 master weights and BF16 AdamW moments, TR §3.3). ZeRO shards over the
-group that replicates a parameter: the ``dp * cp`` GPUs of a stage for attention/dense/shared/
-embedding weights, ``dp * cp / ep`` for routed experts. Stage 1 shards optimizer state, 2 also
+group that replicates a parameter: the ``dp * cp`` GPUs of a stage that hold the same tensor-parallel
+shard for attention/dense/shared/embedding weights, ``dp * cp * tp / ep`` for routed experts
+(``accounting.tensor_parallel``: a TP rank holds ``1/tp`` of the split matrices, the rest whole, and
+its activations per Korthikanti et al. 2022, Table 2). Stage 1 shards optimizer state, 2 also
 gradients, 3 also weights. Under context parallelism a GPU keeps activations for its
 ``micro_batch_size * seq / cp`` tokens, plus one layer's gathered K/V as working memory
 (``accounting.context_parallel``).
@@ -16,15 +18,12 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from moeplan.simulator.accounting.activations import (
-    head_transient_bytes_per_token,
-    layer_activation_bytes_per_token,
-    layer_working_bytes_per_token,
-)
+from moeplan.simulator.accounting.activations import head_transient_bytes_per_token
 from moeplan.simulator.accounting.context_parallel import cp_tokens
 from moeplan.simulator.accounting.context_parallel import working_bytes as cp_working_bytes
 from moeplan.simulator.accounting.layout import Stage, pipeline_stages
 from moeplan.simulator.accounting.params import decoder_layer_params, mtp_module_params
+from moeplan.simulator.accounting.tensor_parallel import layer_activation_bytes_per_token_tp, shard_rows, split_counts, tp_slice
 from moeplan.simulator.schedules.actions import Action
 from moeplan.simulator.schedules.registry import in_flight_microbatches, make_schedule, rank_stages
 from moeplan.simulator.schedules.schedule import Schedule
@@ -37,8 +36,9 @@ from moeplan.simulator.spec.training import OptimizerSpec
 class RankParams:
     """Parameters held by one pipeline rank (before ZeRO-3 sharding)."""
 
-    dense: int  # replicated over dp
-    expert: int  # this rank's share of routed experts, replicated over dp / ep
+    dense: int  # replicated over dp (a TP rank's share: split matrices / tp, the rest whole)
+    expert: int  # this rank's share of routed experts, replicated over dp * cp * tp / ep
+    tp_replicated: int = 0  # the part of ``dense`` every TP rank holds whole (0 at tp = 1)
 
 
 class RankMemory(BaseModel):
@@ -74,23 +74,27 @@ def _unit_params(m: ModelSpec, unit: int) -> dict[str, int]:
     return mtp_module_params(m)
 
 
-def rank_params(m: ModelSpec, stages: Sequence[Stage], ep: int) -> RankParams:
-    """Dense and (per-GPU) expert parameters of the given stages, embedding and head included.
-    An MTP module on a rank without the embedding needs its own embedding copy."""
-    dense = expert = 0
+def rank_params(m: ModelSpec, stages: Sequence[Stage], ep: int, tp: int = 1) -> RankParams:
+    """Dense and (per-GPU) expert parameters of the given stages, embedding and head included, on TP
+    rank 0 (the busiest: it holds the first, largest share of a padded vocabulary). An MTP module on a
+    rank without the embedding needs its own embedding copy."""
+    dense = expert = whole = 0
     has_embedding = any(s.has_embedding for s in stages)
     has_mtp = False
+    vocab_rows = shard_rows(m.vocab_size, tp)
     for stage in stages:
         for unit in stage.layers:
             counts = _unit_params(m, unit)
             expert += counts["routed_experts"] // ep
-            dense += sum(v for k, v in counts.items() if k != "routed_experts")
+            split, replicated = split_counts(m, counts)
+            dense += split // tp + replicated
+            whole += replicated if tp > 1 else 0
             has_mtp |= unit >= m.num_hidden_layers
         if stage.has_head:
-            dense += m.hidden_size + (0 if m.tie_word_embeddings else m.vocab_size * m.hidden_size)
+            dense += m.hidden_size + (0 if m.tie_word_embeddings else vocab_rows * m.hidden_size)
     if has_embedding or has_mtp:
-        dense += m.vocab_size * m.hidden_size
-    return RankParams(dense=dense, expert=expert)
+        dense += vocab_rows * m.hidden_size
+    return RankParams(dense=dense, expert=expert, tp_replicated=whole)
 
 
 def activation_peak_bytes(actions: Sequence[Action], stage_bytes: Sequence[float]) -> float:
@@ -125,9 +129,10 @@ def rank_memory(
     (``schedules.registry.in_flight_microbatches``)."""
     all_stages = pipeline_stages(m, parallel)
     mine = [all_stages[i] for i in rank_stages(parallel, rank)]
-    p = rank_params(m, mine, parallel.ep)
-    group = dp * parallel.cp  # GPUs that replicate this rank's dense weights
-    edp = group // parallel.ep
+    tp, sp = parallel.tp, parallel.sp
+    p = rank_params(m, mine, parallel.ep, tp)
+    group = dp * parallel.cp  # GPUs that replicate this GPU's dense weights (its TP shard)
+    edp = group * tp // parallel.ep  # experts are sharded inside the stage's dp * cp * tp GPUs
     z = parallel.zero_stage
     param_elems = p.dense / (group if z >= 3 else 1) + p.expert / (edp if z >= 3 else 1)
     grad_elems = p.dense / (group if z >= 2 else 1) + p.expert / (edp if z >= 2 else 1)
@@ -135,9 +140,9 @@ def rank_memory(
     tokens = cp_tokens(parallel.micro_batch_size, parallel.seq_len_tokens, parallel.cp)
     units = [u for s in mine for u in s.layers]
 
-    def stage_bytes(stage: Stage) -> float:  # its layers' activations and its received input (BF16)
-        acts = sum(layer_activation_bytes_per_token(m, u, precision, parallel.recompute) for u in stage.layers)
-        return tokens * (acts + 2.0 * m.hidden_size)
+    def stage_bytes(stage: Stage) -> float:  # its layers' activations and its received input (BF16, 1/tp under SP)
+        acts = sum(layer_activation_bytes_per_token_tp(m, u, precision, parallel.recompute, tp, sp) for u in stage.layers)
+        return tokens * (acts + 2.0 * m.hidden_size / (tp if sp else 1))
 
     per_mb = sum(stage_bytes(s) for s in mine)
     if actions is None:
@@ -148,9 +153,9 @@ def rank_memory(
         flights = activations / per_mb
     transient = 0.0
     if any(s.has_head for s in mine):
-        transient = tokens * head_transient_bytes_per_token(m)
+        transient = tokens * head_transient_bytes_per_token(tp_slice(m, tp))  # vocabulary-parallel logits
     if parallel.recompute == "full" and units:
-        transient += tokens * max(layer_working_bytes_per_token(m, u, precision) for u in units)
+        transient += tokens * max(layer_activation_bytes_per_token_tp(m, u, precision, "none", tp, sp) for u in units)
     if units:
         transient += cp_working_bytes(m, parallel.micro_batch_size, parallel.seq_len_tokens, parallel.cp)
     return RankMemory(

@@ -96,7 +96,8 @@ class ResolvedLayout(_Frozen):
     cp: Int = Field(..., gt=0, le=MAX_RANKS,
                     description="Context-parallel size: GPUs that split each sequence; world = pp x dp x cp.")
     ep: Int = Field(..., gt=0, le=MAX_GPUS)
-    expert_dp: Int = Field(..., gt=0, le=MAX_GPUS, description="dp x cp / ep: replicas of each routed expert.")
+    tp: Int = Field(1, gt=0, le=8, description="Tensor-parallel size; world = pp x dp x cp x tp.")
+    expert_dp: Int = Field(..., gt=0, le=MAX_GPUS, description="dp x cp x tp / ep: replicas of each routed expert.")
     stages: Int = Field(..., gt=0, le=MAX_UNITS)
     stage_layers: tuple[tuple[Int, ...], ...] = Field(..., description="Layer units per stage (>= L is MTP).")
     stage_records: tuple[StageRecord, ...] = Field(
@@ -120,10 +121,11 @@ class ResolvedLayout(_Frozen):
 
     @model_validator(mode="after")
     def _sizes_agree(self) -> ResolvedLayout:
-        if self.pp * self.dp * self.cp != self.world:
-            raise ValueError(f"pp={self.pp} x dp={self.dp} x cp={self.cp} differs from world={self.world}")
-        if (self.dp * self.cp) % self.ep or self.expert_dp != self.dp * self.cp // self.ep:
-            raise ValueError(f"expert_dp={self.expert_dp} is not dp={self.dp} x cp={self.cp} / ep={self.ep}")
+        tp = f" x tp={self.tp}" if self.tp > 1 else ""
+        if self.pp * self.dp * self.cp * self.tp != self.world:
+            raise ValueError(f"pp={self.pp} x dp={self.dp} x cp={self.cp}{tp} differs from world={self.world}")
+        if (self.dp * self.cp * self.tp) % self.ep or self.expert_dp != self.dp * self.cp * self.tp // self.ep:
+            raise ValueError(f"expert_dp={self.expert_dp} is not dp={self.dp} x cp={self.cp}{tp} / ep={self.ep}")
         if len(self.rank_stages) != self.pp:
             raise ValueError(f"rank_stages has {len(self.rank_stages)} ranks but pp={self.pp}")
         if any(not 0 <= s < self.stages for held in self.rank_stages for s in held):
@@ -238,7 +240,7 @@ def consistency_error(plan: PlanFile) -> str | None:
 
 def _layout_error(plan: PlanFile) -> str | None:
     par, lay, cluster = plan.inputs.parallel, plan.layout, plan.inputs.cluster
-    given = {"pp": par.pp, "cp": par.cp, "ep": par.ep, "world": cluster.num_gpus,
+    given = {"pp": par.pp, "cp": par.cp, "ep": par.ep, "tp": par.tp, "world": cluster.num_gpus,
              "tokens_per_microbatch": par.micro_batch_size * par.seq_len_tokens}
     given |= {"dp": par.dp} if par.dp is not None else {}
     given |= {"microbatches": par.microbatches} if par.microbatches is not None else {}

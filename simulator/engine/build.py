@@ -12,13 +12,15 @@ from dataclasses import dataclass, replace
 from moeplan.simulator.accounting.context_parallel import cp_tokens, gather_bytes, kv_up_rows
 from moeplan.simulator.accounting.layout import pipeline_stages
 from moeplan.simulator.accounting.memory import rank_params
+from moeplan.simulator.accounting.tensor_parallel import tp_slice
 from moeplan.simulator.costs.elementwise import OPTIMIZER
 from moeplan.simulator.costs.kernels import memory_s, ring_s
 from moeplan.simulator.costs.tables import CostTables, default_tables
 from moeplan.simulator.engine.expert_traffic import ExpertTraffic, expert_traffic
 from moeplan.simulator.engine.host_term import optimizer_host_s
 from moeplan.simulator.engine.step import Links, RankTail, StageCosts, StepInputs
-from moeplan.simulator.engine.unit_costs import CostContext, UnitCosts, end_costs, unit_costs
+from moeplan.simulator.engine.tensor_parallel import TpComm, collective_s, tp_comm, tp_ends, tp_unit_costs
+from moeplan.simulator.engine.unit_costs import CostContext, EndCosts, UnitCosts, end_costs
 from moeplan.simulator.schedules.registry import make_schedule, rank_stages, schedule_kind
 from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.parallel import ParallelSpec
@@ -80,10 +82,11 @@ def wire_payload(inputs: PlanInputs, tables: CostTables) -> WirePayload:
 
 
 def _traffic(inputs: PlanInputs, ctx: CostContext, opts: SimOptions, load: tuple[float, ...] | None) -> ExpertTraffic | None:
+    """A MoE layer's all-to-all for the tokens one GPU routes (its ``1/tp`` of the sequence under TP + SP)."""
     m, par = inputs.model, inputs.parallel
     if not m.is_moe or par.ep == 1:
         return None
-    return expert_traffic(m, inputs.cluster, par.ep, ctx.tokens, opts.redundant_experts, load, opts.seed,
+    return expert_traffic(m, inputs.cluster, par.ep, ctx.tokens // par.tp, opts.redundant_experts, load, opts.seed,
                           opts.payload or wire_payload(inputs, ctx.tables), par.ep_backend, opts.peer_wait)
 
 
@@ -98,6 +101,8 @@ def _stage_costs(inputs: PlanInputs, parallel: ParallelSpec, ctx: CostContext, o
     m = inputs.model
     cache: dict[tuple, UnitCosts] = {}
 
+    tp, sp, nvlink = parallel.tp, parallel.sp, inputs.cluster.node.nvlink_bytes_per_s
+
     def unit(u: int) -> UnitCosts:
         mtp = u >= m.num_hidden_layers
         moe = m.is_moe if mtp else m.is_moe_layer(u)
@@ -105,36 +110,51 @@ def _stage_costs(inputs: PlanInputs, parallel: ParallelSpec, ctx: CostContext, o
         key = (mtp, moe, load)
         if key not in cache:
             traffic = _traffic(inputs, ctx, opts, load) if moe else None
-            cache[key] = unit_costs(ctx, m, moe=moe, traffic=traffic, mtp=mtp)
+            cache[key] = tp_unit_costs(ctx, m, moe=moe, traffic=traffic, mtp=mtp, tp=tp, sp=sp)
         return cache[key]
+
+    def comm(u: int) -> TpComm:
+        moe = m.is_moe if u >= m.num_hidden_layers else m.is_moe_layer(u)
+        return tp_comm(ctx.tables, m, moe, ctx.tokens, tp, sp, nvlink)
 
     out = []
     for stage in pipeline_stages(m, parallel):
         units = [unit(u) for u in stage.layers]
+        comms = [comm(u) for u in stage.layers] if tp > 1 else None
         if opts.coarse and len(units) > 1:
             units = [merge_units(units)]
+            comms = [TpComm.merged(comms)] if comms else None
         mtp_units = sum(u >= m.num_hidden_layers for u in stage.layers)
         out.append(StageCosts(units=tuple(units), has_embedding=stage.has_embedding,
-                              has_head=stage.has_head or mtp_units > 0, heads=int(stage.has_head) + mtp_units))
+                              has_head=stage.has_head or mtp_units > 0, heads=int(stage.has_head) + mtp_units,
+                              tp_comm=tuple(comms) if comms else None))
     return tuple(out)
+
+
+def _end_costs(inputs: PlanInputs, ctx: CostContext) -> EndCosts:
+    """The embedding and one head on a TP rank: its share of the vocabulary."""
+    return end_costs(ctx, tp_slice(inputs.model, inputs.parallel.tp))
 
 
 def _tails(inputs: PlanInputs, dp: int, tables: CostTables) -> tuple[RankTail, ...]:
     m, par, cl = inputs.model, inputs.parallel, inputs.cluster
     opt = inputs.training.optimizer
-    per_node = cl.node.gpus_per_node
-    group = dp * par.cp  # the stage's GPUs: ZeRO-1 reduces gradients over data and context parallel ranks
-    dense_bw = cl.node.nic_bytes_per_s if group > per_node else cl.node.nvlink_bytes_per_s
-    edp = group // par.ep
-    expert_bw = cl.node.nic_bytes_per_s if par.ep >= per_node or group > per_node else cl.node.nvlink_bytes_per_s
+    per_node, tp = cl.node.gpus_per_node, par.tp
+    group = dp * par.cp  # GPUs holding the same TP shard: ZeRO-1 reduces gradients over data and context parallel ranks
+    dense_bw = cl.node.nic_bytes_per_s if group * tp > per_node else cl.node.nvlink_bytes_per_s
+    edp = group * tp // par.ep  # experts are sharded inside the stage's dp * cp * tp GPUs
+    expert_bw = cl.node.nic_bytes_per_s if par.ep >= per_node or group * tp > per_node else cl.node.nvlink_bytes_per_s
     stages = pipeline_stages(m, par)
     mirrored = schedule_kind(par.schedule).directions(par.pp, par.virtual_stages) > 1  # each stage on two ranks
     tails = []
     for r in range(par.pp):
         sync, shard = {}, 0.0
         for s in rank_stages(par, r):
-            p = rank_params(m, [stages[s]], par.ep)
-            seconds = (ring_s(tables, p.dense * opt.grad_bytes, group, dense_bw)
+            p = rank_params(m, [stages[s]], par.ep, tp)
+            # under SP the whole (replicated) weights saw different tokens on each TP rank: their gradients are
+            # all-reduced over the TP group first (Megatron's all-reduce of sequence-parallel parameters)
+            tp_s = collective_s(tables, "all_reduce", p.tp_replicated * opt.grad_bytes, tp, cl.node.nvlink_bytes_per_s)
+            seconds = (tp_s * par.sp + ring_s(tables, p.dense * opt.grad_bytes, group, dense_bw)
                        + ring_s(tables, p.dense * opt.param_bytes, group, dense_bw)
                        + ring_s(tables, p.expert * opt.grad_bytes, edp, expert_bw)
                        + ring_s(tables, p.expert * opt.param_bytes, edp, expert_bw))
@@ -157,8 +177,9 @@ def step_inputs(
     ctx = cost_context(inputs, tables, seq, beside_comm=opts.comm_sms_always)
     links = Links(
         nic_bytes_per_s=cl.node.nic_bytes_per_s, nvlink_bytes_per_s=cl.node.nvlink_bytes_per_s,
-        latency_s=tables.collective_latency_s, p2p_bytes=ctx.tokens * m.hidden_size * 2.0,
-        p2p_over_nvlink=dp * par.cp < cl.node.gpus_per_node,  # pipeline neighbours are dp * cp ranks apart
+        latency_s=tables.collective_latency_s,
+        p2p_bytes=ctx.tokens * m.hidden_size * 2.0 / (par.tp if par.sp else 1),  # SP sends the rank's shard
+        p2p_over_nvlink=dp * par.cp * par.tp < cl.node.gpus_per_node,  # pipeline neighbours are dp * cp * tp ranks apart
         cp_over_nvlink=par.cp <= cl.node.gpus_per_node,  # CP ranks are innermost: a group fits in a node
     )
     stages, slow_ends = _stage_costs(inputs, par, ctx, opts), None
@@ -166,11 +187,12 @@ def step_inputs(
         slow_ctx = cost_context(inputs, tables, seq, beside_comm=True)
         slow = _stage_costs(inputs, par, slow_ctx, opts)
         stages = tuple(replace(st, slow_units=v.units) for st, v in zip(stages, slow, strict=True))
-        slow_ends = end_costs(slow_ctx, m)
+        slow_ends = _end_costs(inputs, slow_ctx)
     return StepInputs(
         schedule=make_schedule(par.schedule, par.pp, microbatches, par.virtual_stages),
-        stages=stages, ends=end_costs(ctx, m), links=links, tails=_tails(inputs, dp, tables), slow_ends=slow_ends,
+        stages=stages, ends=_end_costs(inputs, ctx), links=links, tails=_tails(inputs, dp, tables), slow_ends=slow_ends,
         optimizer_barrier=inputs.training.optimizer.grad_clip_norm is not None,
+        tp_ends=tp_ends(tables, m, ctx.tokens, par.tp, par.sp, cl.node.nvlink_bytes_per_s),
     )
 
 
@@ -181,7 +203,7 @@ def compute_bound_s(inputs: PlanInputs, dp: int, microbatches: int, opts: SimOpt
     tables = opts.tables or default_tables(inputs.cluster.gpu.name)
     ctx = cost_context(inputs, tables, par.seq_len_tokens, beside_comm=opts.comm_sms_always)
     stages = _stage_costs(inputs, par, ctx, replace(opts, coarse=True))
-    ends = end_costs(ctx, m)
+    ends = _end_costs(inputs, ctx)
     head_s = ends.head_fwd_s + ends.head_dx_s + ends.head_dw_s
 
     def stage_s(st: StageCosts) -> float:

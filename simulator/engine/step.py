@@ -27,6 +27,11 @@ gather is issued again when the layer's attention backward starts (the recompute
 beside it; the core's backward waits for it); after the attention input-gradient work the
 gradient of the gathered tensor is reduce-scattered, the weight gradients run beside it, and the
 down-projection's input gradient waits for it.
+
+Tensor parallelism (``engine.tensor_parallel``): each TP region (attention, a dense MLP) and the ends
+queue their collectives on the NVLink lane; forward ones (and SP's gather of an output gradient) are
+exposed, compute waits for them; a region's input-gradient reduction is issued after its input-gradient
+work and waited for after its weight-gradient work, which hides it when both run in the same pass.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import simpy
 
 from moeplan.simulator.contracts.trace import TraceEvent
 from moeplan.simulator.engine.sm_share import ComputeLane
+from moeplan.simulator.engine.tensor_parallel import TpComm, TpEnds
 from moeplan.simulator.engine.unit_costs import EndCosts, UnitCosts
 from moeplan.simulator.schedules.actions import Action, Op
 from moeplan.simulator.schedules.executor import needs, produces
@@ -51,9 +57,16 @@ class StageCosts:
     has_head: bool
     heads: int  # output-head passes on this stage: the main head plus one per MTP module
     slow_units: tuple[UnitCosts, ...] | None = None  # the same units beside an all-to-all (comm SMs taken)
+    tp_comm: tuple[TpComm, ...] | None = None  # per unit, its tensor-parallel collectives (None: tp = 1)
 
     def slow(self, i: int) -> UnitCosts:
         return self.units[i] if self.slow_units is None else self.slow_units[i]
+
+    def tp(self, i: int) -> TpComm:
+        return _NO_TP if self.tp_comm is None else self.tp_comm[i]
+
+
+_NO_TP = TpComm()
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,7 @@ class StepInputs:
     tails: tuple[RankTail, ...]
     slow_ends: EndCosts | None = None  # the ends beside an all-to-all; None = as ``ends``
     optimizer_barrier: bool = False  # every rank's gradients in before any optimizer step (a global norm)
+    tp_ends: TpEnds = TpEnds()  # the embedding's and a head's tensor-parallel collectives
 
 
 @dataclass
@@ -204,6 +218,17 @@ class StepSimulation:
         lane, bw = ("nvlink", links.nvlink_bytes_per_s) if links.cp_over_nvlink else ("nic", links.nic_bytes_per_s)
         return rank.reserve(lane, links.latency_s + nbytes / bw, name)
 
+    def _tp(self, rank: _Rank, seconds: float, name: str) -> float:
+        """Queue one tensor-parallel collective on the TP group's NVLink (``engine.tensor_parallel``);
+        returns when it ends."""
+        if self.free_comm or seconds <= 0:
+            return self.env.now
+        return rank.reserve("nvlink", seconds, name)
+
+    def _tp_wait(self, rank: _Rank, seconds: float, name: str) -> Generator:
+        """An exposed tensor-parallel collective: compute waits for it."""
+        yield from rank.until(self._tp(rank, seconds, name))
+
     # -- compute chains (``u``: a unit on all SMs, ``v``: the same unit beside an all-to-all) --------
     def _attention_forward(self, rank: _Rank, u: UnitCosts, v: UnitCosts, tag: str) -> Generator:
         if not u.cp_gather_bytes:
@@ -216,8 +241,23 @@ class StepSimulation:
         yield from rank.run(u.attn_fwd_s - u.attn_pre_fwd_s - u.attn_beside_fwd_s, f"{tag} attn",
                             v.attn_fwd_s - v.attn_pre_fwd_s - v.attn_beside_fwd_s)
 
-    def _attention_backward(self, rank: _Rank, u: UnitCosts, v: UnitCosts, tag: str, weights: bool) -> Generator:
+    def _tp_region_backward(self, rank: _Rank, out_s: float, in_s: float, dx: tuple[float, float],
+                            dw: tuple[float, float], name: str) -> Generator:
+        """A TP region's backward: the output gradient's all-gather (SP) exposed, the input gradient's
+        reduction issued after the input-gradient work and hidden behind the weight gradient's."""
+        yield from self._tp_wait(rank, out_s, f"{name} tp-gather")
+        yield from rank.run(dx[0], name, dx[1])
+        reduced = self._tp(rank, in_s, f"{name} tp-reduce")
+        yield from rank.run(dw[0], f"{name} dw", dw[1])
+        yield from rank.until(reduced)
+
+    def _attention_backward(self, rank: _Rank, u: UnitCosts, v: UnitCosts, c: TpComm, tag: str,
+                            weights: bool) -> Generator:
         dw, dw_v = (u.attn_dw_s, v.attn_dw_s) if weights else (0.0, 0.0)
+        if c.attn_out_bwd_s or c.attn_in_bwd_s:  # tensor parallelism (never with CP)
+            yield from self._tp_region_backward(rank, c.attn_out_bwd_s, c.attn_in_bwd_s, (u.recompute_s + u.attn_dx_s,
+                                                v.recompute_s + v.attn_dx_s), (dw, dw_v), f"{tag} attn-bwd")
+            return
         if not u.cp_gather_bytes:
             yield from rank.run(u.recompute_s + u.attn_dx_s + dw, f"{tag} attn-bwd", v.recompute_s + v.attn_dx_s + dw_v)
             return
@@ -233,11 +273,15 @@ class StepSimulation:
     def _forward(self, rank: _Rank, op: Op) -> Generator:
         st, tag = self.inp.stages[op.stage], f"{op.stage}F{op.microbatch}"
         ends, slow_ends = self.inp.ends, self.slow_ends
+        tp_ends = self.inp.tp_ends
         if st.has_embedding:
             yield from rank.run(ends.embed_fwd_s, f"{tag} embed", slow_ends.embed_fwd_s)
+            yield from self._tp_wait(rank, tp_ends.embed_fwd_s, f"{tag} embed tp-reduce")
         for i, u in enumerate(st.units):
-            v = st.slow(i)
+            v, c = st.slow(i), st.tp(i)
+            yield from self._tp_wait(rank, c.attn_in_fwd_s, f"{tag} L{i} tp-gather")
             yield from self._attention_forward(rank, u, v, f"{tag} L{i}")
+            yield from self._tp_wait(rank, c.attn_out_fwd_s, f"{tag} L{i} attn tp-reduce")
             if u.moe:
                 dispatched = self._a2a(rank, u.dispatch_ib_bytes + u.routing_ib_bytes,
                                        u.dispatch_nvlink_bytes + u.routing_nvlink_bytes, f"{tag} L{i} dispatch")
@@ -246,8 +290,11 @@ class StepSimulation:
                 yield from rank.run(u.experts_fwd_s, f"{tag} L{i} experts", v.experts_fwd_s)
                 yield from rank.until(self._a2a(rank, u.combine_ib_bytes, u.combine_nvlink_bytes, f"{tag} L{i} combine"))
             else:
+                yield from self._tp_wait(rank, c.mlp_in_fwd_s, f"{tag} L{i} mlp tp-gather")
                 yield from rank.run(u.mlp_fwd_s, f"{tag} L{i} mlp", v.mlp_fwd_s)
+                yield from self._tp_wait(rank, c.mlp_out_fwd_s, f"{tag} L{i} mlp tp-reduce")
         if st.has_head:
+            yield from self._tp_wait(rank, st.heads * tp_ends.head_fwd_s, f"{tag} head tp")
             yield from rank.run(st.heads * ends.head_fwd_s, f"{tag} head", st.heads * slow_ends.head_fwd_s)
 
     def _backward(self, rank: _Rank, op: Op, weights: bool) -> Generator:
@@ -257,8 +304,9 @@ class StepSimulation:
         if st.has_head:
             yield from rank.run(st.heads * (ends.head_dx_s + on * ends.head_dw_s), f"{tag} head",
                                 st.heads * (slow_ends.head_dx_s + on * slow_ends.head_dw_s))
+            yield from self._tp_wait(rank, st.heads * self.inp.tp_ends.head_bwd_s, f"{tag} head tp-reduce")
         for i in reversed(range(len(st.units))):
-            u, v = st.units[i], st.slow(i)
+            u, v, c = st.units[i], st.slow(i), st.tp(i)
             if u.moe:
                 # gradient into the experts travels like a dispatch (FP8), back like a combine (BF16), with
                 # the routing metadata's gradient
@@ -269,9 +317,12 @@ class StepSimulation:
                                  u.combine_nvlink_bytes + u.routing_nvlink_bytes, f"{tag} L{i} dispatch-bwd")
                 yield from rank.run(u.mlp_dx_s + on * u.mlp_dw_s, f"{tag} L{i} shared-bwd", v.mlp_dx_s + on * v.mlp_dw_s)
                 yield from rank.until(back)
+            elif c.mlp_out_bwd_s or c.mlp_in_bwd_s:
+                yield from self._tp_region_backward(rank, c.mlp_out_bwd_s, c.mlp_in_bwd_s, (u.mlp_dx_s, v.mlp_dx_s),
+                                                    (on * u.mlp_dw_s, on * v.mlp_dw_s), f"{tag} L{i} mlp-bwd")
             else:
                 yield from rank.run(u.mlp_dx_s + on * u.mlp_dw_s, f"{tag} L{i} mlp-bwd", v.mlp_dx_s + on * v.mlp_dw_s)
-            yield from self._attention_backward(rank, u, v, f"{tag} L{i}", weights)
+            yield from self._attention_backward(rank, u, v, c, f"{tag} L{i}", weights)
 
     def _weights(self, rank: _Rank, op: Op) -> Generator:
         st = self.inp.stages[op.stage]

@@ -70,7 +70,8 @@ def build_plan(inputs: PlanInputs, ignored_config_keys: tuple[str, ...] = ()) ->
     schedule = make_schedule(par.schedule, par.pp, microbatches, par.virtual_stages)
     stages = pipeline_stages(m, par)
     layout = ResolvedLayout(
-        world=inputs.cluster.num_gpus, pp=par.pp, dp=dp, cp=par.cp, ep=par.ep, expert_dp=dp * par.cp // par.ep,
+        world=inputs.cluster.num_gpus, pp=par.pp, dp=dp, cp=par.cp, ep=par.ep, tp=par.tp,
+        expert_dp=dp * par.cp * par.tp // par.ep,
         stages=len(stages), stage_layers=tuple(s.layers for s in stages),
         stage_records=tuple(StageRecord.of(s, m.num_hidden_layers) for s in stages),
         rank_stages=tuple(rank_stages(par, r) for r in range(par.pp)),
@@ -192,6 +193,8 @@ def summary(plan: PlanFile) -> dict[str, Any]:
         "ep": lay.ep,
         "dp": lay.dp,
         "cp": lay.cp,
+        "tp": plan.inputs.parallel.tp,
+        "sp": plan.inputs.parallel.sp,
         "schedule": plan.inputs.parallel.schedule,
         "microbatches": lay.microbatches,
         "micro_batch_size": plan.inputs.parallel.micro_batch_size,

@@ -2,8 +2,10 @@
 throughput.
 
 The space: pipeline ranks (powers of two dividing the cluster, no more stages than layer units),
-every schedule (interleaved with 2 or 4 chunks per rank), expert-parallel sizes dividing both the
-experts and dp (whole nodes once past one node), micro-batch sizes 1, 2, 4, 8 that divide the batch, recompute none/selective/full, ZeRO-1.
+every schedule (interleaved with 2 or 4 chunks per rank), tensor-parallel sizes 1, 2, 4, 8 that split
+the heads, the dense MLP and a node, with and without sequence parallelism (with it only, for MoE
+models; TP is not combined with CP), expert-parallel sizes dividing both the experts and the stage's
+``dp * cp * tp`` GPUs (whole nodes once past one node), micro-batch sizes 1, 2, 4, 8 that divide the batch, recompute none/selective/full, ZeRO-1.
 Context parallelism: the main layout is ranked at the first phase's sequence length with ``cp``
 from the powers of two that divide the stage's GPUs and the sequence's ``2 cp`` chunks while each
 GPU keeps at least ``MIN_CP_TOKENS`` of it (so a 4K pre-training search stays at ``cp = 1`` and a 32K
@@ -27,6 +29,7 @@ from moeplan.simulator.accounting.context_parallel import ContextParallelError, 
 from moeplan.simulator.accounting.flops import training_flops
 from moeplan.simulator.accounting.layout import LayoutError, check_layout
 from moeplan.simulator.accounting.memory import peak_bytes_per_gpu
+from moeplan.simulator.accounting.tensor_parallel import TensorParallelError, check_tp
 from moeplan.simulator.contracts.plan_file import Candidate
 from moeplan.simulator.engine.build import SimOptions, compute_bound_s
 from moeplan.simulator.engine.expert_traffic import group_placement
@@ -40,6 +43,7 @@ logger = logging.getLogger(__name__)
 MICRO_BATCH_SIZES = (1, 2, 4, 8)
 VIRTUAL_STAGES = (2, 4)  # chunks per rank for interleaved 1F1B
 RECOMPUTE = ("none", "selective", "full")
+TP_SIZES = (1, 2, 4, 8)  # tensor-parallel sizes (inside a node; Megatron's usual 1..8)
 FINALISTS = 10
 # Search-space bound, not a cost: CP that leaves a GPU fewer tokens of a sequence than a common 4K
 # pre-training micro-batch only adds collectives (and shrinks the GEMMs) without saving memory that
@@ -65,6 +69,22 @@ def _ep_values(inputs: PlanInputs, group: int) -> list[int]:
             if group % e == 0 and m.n_routed_experts % e == 0 and (e <= per_node or e % per_node == 0)]
 
 
+def _tp_values(inputs: PlanInputs, fixed: dict[str, Any]) -> list[tuple[int, bool]]:
+    """(tp, sp) pairs: tp from ``TP_SIZES`` that split the heads, the dense MLP and a node; with experts
+    only with SP (``accounting.tensor_parallel.check_tp``); settings the user fixed are kept."""
+    out = []
+    for tp in _choices(fixed, "tp", TP_SIZES):
+        sps = [False] if tp == 1 else [True] if inputs.model.is_moe else [False, True]
+        for sp in _choices(fixed, "sp", sps):
+            par = inputs.parallel.model_copy(update={"tp": tp, "sp": sp, "cp": 1})
+            try:
+                check_tp(inputs.model, inputs.cluster, par)
+            except TensorParallelError:
+                continue
+            out.append((tp, sp))
+    return out
+
+
 def _choices(fixed: dict[str, Any], key: str, default: Iterable[Any]) -> list[Any]:
     return [fixed[key]] if key in fixed else list(default)
 
@@ -81,18 +101,19 @@ def enumerate_layouts(inputs: PlanInputs, fixed: dict[str, Any],
     seq = base["seq_len_tokens"]
     cps = _choices(fixed, "cp", [c for c in (2**k for k in range(world.bit_length()))
                                  if c == 1 or (seq % (2 * c) == 0 and seq // c >= MIN_CP_TOKENS)])
-    for pp, cp, schedule, mbs, recompute in itertools.product(
-        pps, cps, _choices(fixed, "schedule", schedules), _choices(fixed, "micro_batch_size", MICRO_BATCH_SIZES),
-        _choices(fixed, "recompute", RECOMPUTE),
+    tps = _tp_values(inputs, fixed)
+    for pp, cp, (tp, sp), schedule, mbs, recompute in itertools.product(
+        pps, cps, tps, _choices(fixed, "schedule", schedules),
+        _choices(fixed, "micro_batch_size", MICRO_BATCH_SIZES), _choices(fixed, "recompute", RECOMPUTE),
     ):
-        if world % (pp * cp):
+        if world % (pp * cp * tp) or (tp > 1 and cp > 1):
             continue
-        dp = fixed.get("dp") or world // (pp * cp)
+        dp = fixed.get("dp") or world // (pp * cp * tp)
         chunks = ([base["virtual_stages"]] if not schedule_kind(schedule).uses_virtual_stages
                   else _choices(fixed, "virtual_stages", VIRTUAL_STAGES))
-        for ep, v in itertools.product(_choices(fixed, "ep", _ep_values(inputs, dp * cp)), chunks):
-            data = {**base, **fixed, "pp": pp, "cp": cp, "dp": dp, "ep": ep, "schedule": schedule, "virtual_stages": v,
-                    "micro_batch_size": mbs, "recompute": recompute, "stage_layers": None}
+        for ep, v in itertools.product(_choices(fixed, "ep", _ep_values(inputs, dp * cp * tp)), chunks):
+            data = {**base, **fixed, "pp": pp, "cp": cp, "tp": tp, "sp": sp, "dp": dp, "ep": ep, "schedule": schedule,
+                    "virtual_stages": v, "micro_batch_size": mbs, "recompute": recompute, "stage_layers": None}
             par = ParallelSpec.model_validate(data)
             if num_stages(par) <= units:
                 yield par
@@ -152,6 +173,12 @@ def check_fixed(inputs: PlanInputs, fixed: dict[str, Any]) -> None:
             raise LayoutError(f"ep={fixed['ep']} does not divide n_routed_experts={m.n_routed_experts}")
     if fixed.get("dp") and world % fixed["dp"]:
         raise LayoutError(f"dp={fixed['dp']} does not divide the cluster's {world} GPUs")
+    if "tp" in fixed or "sp" in fixed:
+        par = inputs.parallel.model_copy(update={k: fixed[k] for k in ("tp", "sp") if k in fixed})
+        try:
+            check_tp(m, inputs.cluster, par.model_copy(update={"cp": fixed.get("cp", 1)}))
+        except TensorParallelError as exc:
+            raise LayoutError(str(exc)) from exc
     if "cp" in fixed:
         if world % fixed["cp"]:
             raise LayoutError(f"cp={fixed['cp']} does not divide the cluster's {world} GPUs")

@@ -220,7 +220,8 @@ def test_main_search_tries_cp_only_for_long_sequences():
     inputs = PlanInputs(model=deepseek_v2_lite(), cluster=h200(2), training=training,
                         parallel=ParallelSpec(seq_len_tokens=32768))
     assert {p.cp for p in enumerate_layouts(inputs, {})} == {c for c in (1, 2, 4, 8) if 32768 // c >= MIN_CP_TOKENS}
-    free, at_cp1 = search(inputs, {}), search(inputs, {"cp": 1})
+    # tp = 1: tensor parallelism (never combined with CP) is the other way to split a long sequence's work
+    free, at_cp1 = search(inputs, {"tp": 1}), search(inputs, {"cp": 1, "tp": 1})
     assert free.ranked[0].step_time_s <= at_cp1.ranked[0].step_time_s
     assert free.best.cp > 1  # at 32K on 16 GPUs splitting the sequence wins (measured: CP2, 8.24 s)
 
