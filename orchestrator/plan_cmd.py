@@ -41,6 +41,8 @@ def plan_command(
     ep: Annotated[int | None, typer.Option(help="Expert-parallel size.")] = None,
     dp: Annotated[int | None, typer.Option(help="Data-parallel size.")] = None,
     cp: Annotated[int | None, typer.Option(help="Context-parallel size of the main layout (GPUs per sequence).")] = None,
+    tp: Annotated[int | None, typer.Option(help="Tensor-parallel size: 1, 2, 4 or 8 GPUs of a node.")] = None,
+    sp: Annotated[bool | None, typer.Option("--sp/--no-sp", help="Sequence parallelism (needs --tp > 1).")] = None,
     schedule: Annotated[str | None, typer.Option(help="1f1b, interleaved, zb1p, dualpipe or dualpipev.")] = None,
     microbatches: Annotated[int | None, typer.Option(help="Micro-batches per step per pipeline.")] = None,
     micro_batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
@@ -74,7 +76,9 @@ def plan_command(
                  recompute=recompute, seq_len=seq_len, precision=precision, global_batch=global_batch, tokens=tokens,
                  budget_gpu_hours=budget_gpu_hours, price_per_gpu_hour=price_per_gpu_hour)
     techs = parse_techniques(techniques)
-    req = request_with_techniques(techs, model, cluster, nodes, flag_overrides(flags) + list(set_ or []))
+    req = request_with_techniques(techs, model, cluster, nodes, flag_overrides(flags)
+                                  + [f"parallel.{k}={str(v).lower()}" for k, v in (("tp", tp), ("sp", sp)) if v is not None]
+                                  + list(set_ or []))
     do_search = techniques_search(techs, req, search_ if search_ is not None else not req.published, search_)
     opts = sim_options(req.inputs.model, req.inputs.cluster.gpu, zipf=zipf, load=load,
                        redundant_experts=redundant_experts, calibration=calibration, table_name=cost_tables,
