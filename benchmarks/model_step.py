@@ -41,6 +41,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from moeplan.model import ModelOptions, StageSpec, build_rank
+from moeplan.model.fp8 import clear_fp8_weight_cache
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.costs.tables import NAMED_TABLES, named_tables
 
@@ -121,7 +122,9 @@ def step_inputs(w, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_step(stage: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
-    """Forward and backward of loss = <stage(x), g>; then the gradients are dropped."""
+    """Forward and backward of loss = <stage(x), g>; then the gradients are dropped. The FP8 weight copies
+    are made afresh first, as after an optimizer step: each step stands for one micro-batch per step."""
+    clear_fp8_weight_cache()
     torch.autograd.backward(stage(x), g)
     stage.zero_grad(set_to_none=True)
     x.grad = None

@@ -73,7 +73,10 @@ class Config:
 
 
 _FP8 = {"linear_precision": "fp8", "expert_backend": "fp8", "fp8_kernel": "kernels"}
-CONFIGS = (Config("bf16"), Config("fp8 fwd", _FP8), Config("fp8 fwd+bwd", {**_FP8, "fp8_backward": True}))
+_FUSED = {"fuse_memory_bound": True}  # RMSNorm, RoPE/concat and SwiGLU compiled (model.fused)
+CONFIGS = (Config("bf16"), Config("bf16 fused", _FUSED), Config("fp8 fwd", _FP8),
+           Config("fp8 fwd+bwd", {**_FP8, "fp8_backward": True}),
+           Config("fp8 fwd+bwd fused", {**_FP8, "fp8_backward": True, **_FUSED}))
 
 
 def derive(base: ModelSpec, **update) -> ModelSpec:

@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeplan.model.fused import Fusable, mla_key, mla_query, run
 from moeplan.model.norm import RMSNorm
-from moeplan.model.rope import apply_rotary, softmax_scale
+from moeplan.model.rope import softmax_scale
 from moeplan.simulator.spec.model import ModelSpec
 
 
-class MLA(nn.Module):
+class MLA(nn.Module, Fusable):
     """Causal MLA over a full sequence. HF/DeepSeek checkpoint names throughout."""
 
     def __init__(self, spec: ModelSpec, make_linear, dtype: torch.dtype) -> None:
@@ -50,17 +51,13 @@ class MLA(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(bsz, seqlen, self.num_heads, self.nope_dim + self.rope_dim)  # (B, T, H, Dqk)
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = apply_rotary(q_rope, cos, sin)
+        q = run(mla_query, self.fuse, q, cos, sin, self.nope_dim)
 
         kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin)  # (B, T, 1, R): one key shared by all heads
         kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent))
         kv = kv.view(bsz, seqlen, self.num_heads, self.nope_dim + self.v_dim)  # (B, T, H, Dnope + Dv)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-
-        q = torch.cat((q_nope, q_rope), dim=-1)
-        k = torch.cat((k_nope, k_rope.expand(-1, -1, self.num_heads, -1)), dim=-1)
+        k = run(mla_key, self.fuse, k_nope, k_rope, cos, sin)  # one RoPE key shared by all heads
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale
         )  # (B, H, T, Dv)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moeplan.model.fused import Fusable, run, swiglu
 
-class MLP(nn.Module):
+
+class MLP(nn.Module, Fusable):
     """HF names: ``gate_proj``, ``up_proj``, ``down_proj``."""
 
     def __init__(self, dim: int, inter_dim: int, make_linear) -> None:
@@ -16,6 +16,6 @@ class MLP(nn.Module):
         self.up_proj = make_linear(dim, inter_dim)
         self.down_proj = make_linear(inter_dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x):
+        return self.down_proj(run(swiglu, self.fuse, self.gate_proj(x), self.up_proj(x)))
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moeplan.model.fused import Fusable, rms_norm, run
 
-class RMSNorm(nn.Module):
+
+class RMSNorm(nn.Module, Fusable):
     """y = w * x / sqrt(mean(x^2) + eps); statistics in FP32, the scale applied in the input dtype."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None) -> None:
@@ -15,6 +17,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return run(rms_norm, self.fuse, x, self.weight, self.eps)

@@ -33,6 +33,9 @@ class ModelOptions:
       ``kernels`` package (see ``model/fp8.py`` for the expected signatures).
     - ``fp8_backward``: also run the backward GEMMs (Dgrad, Wgrad) of every FP8 linear and FP8
       expert layer in FP8, as TR §3.3 does; False = straight-through backward in ``dtype``.
+    - ``fuse_memory_bound``: on CUDA, run RMSNorm, MLA's RoPE/concat and SwiGLU through ``torch.compile``
+      (``model.fused``): one generated kernel each instead of eager chains. Same expression; last-bit
+      rounding may differ from the eager path. Ignored on CPU.
     - ``with_mtp``: build the ``num_nextn_predict_layers`` MTP modules (training); inference may drop them.
     """
 
@@ -43,6 +46,7 @@ class ModelOptions:
     fp8_block_size: int = 128
     fp8_backward: bool = False
     with_mtp: bool = True
+    fuse_memory_bound: bool = False
 
     def __post_init__(self) -> None:
         if self.linear_precision not in ("bf16", "fp8"):

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from moeplan.model.fused import apply_rotary  # noqa: F401  (re-exported: RoPE lives in one place)
 from moeplan.simulator.spec.model import ModelSpec
 
 
@@ -82,15 +83,3 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(self.spec, device=positions.device)
         angles = positions.float()[:, None] * inv_freq[None, :]  # (T, R/2)
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek's checkpoints expect.
-
-    x: (B, T, H, R); cos/sin: (T, R/2). Output keeps the interleaved layout.
-    """
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, R/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    rotated = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1)  # (B, T, H, R/2, 2)
-    return rotated.flatten(-2).to(x.dtype)

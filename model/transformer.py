@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from moeplan.model.block import Block, LayerFactory
+from moeplan.model.fused import fuse_memory_bound
 from moeplan.model.linear import LinearFactory
 from moeplan.model.mtp import MTPModule
 from moeplan.model.norm import RMSNorm
@@ -60,6 +61,8 @@ class Transformer(nn.Module):
             # The output head stays in high precision (TR §3.3.1), whatever linear_precision says.
             self.lm_head = LinearFactory(options.dtype)(spec.hidden_size, spec.vocab_size)
             self.mtp = nn.ModuleList(MTPModule(spec.num_hidden_layers + k, factory) for k in range(num_mtp))
+        if options.fuse_memory_bound:
+            fuse_memory_bound(self)
 
     def forward(self, inputs: torch.Tensor, input_ids: torch.Tensor | None = None) -> ModelOutput | torch.Tensor:
         hidden, input_ids = self.embed(inputs, input_ids)

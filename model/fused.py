@@ -1,0 +1,84 @@
+"""The model's memory-bound pieces as pure functions, run eagerly or compiled into fused kernels.
+
+Each function below is the eager code its module used to inline; a module whose ``fuse`` flag is set
+(``ModelOptions.fuse_memory_bound``, applied by ``fuse_memory_bound``) calls it through ``torch.compile``
+on CUDA, so Inductor generates one Triton kernel per function and one for its backward instead of the
+eager chain of casts, reductions and elementwise ops (RMSNorm's seven, RoPE's split/stack/cat and
+their backwards). The compiled code computes the same expression (FP32 statistics, the same casts); it
+may round differently in the last bit where Inductor keeps an intermediate in FP32, so equivalence tests
+against Hugging Face run on the eager path. On CPU the flag is ignored: the eager functions run.
+
+Shapes are static per run (one micro-batch size, one sequence length), so each function compiles once
+per distinct shape (``dynamic=False``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """w * x / sqrt(mean(x^2) + eps): statistics in FP32, the scale applied in the input dtype (as HF)."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek's checkpoints expect.
+
+    x: (B, T, H, R); cos/sin: (T, R/2). Output keeps the interleaved layout.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, R/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    rotated = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1)  # (B, T, H, R/2, 2)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+def mla_query(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nope_dim: int) -> torch.Tensor:
+    """q (B, T, H, nope + rope) -> the same with RoPE applied to its last ``rope`` channels."""
+    q_nope, q_rope = q.split([nope_dim, q.shape[-1] - nope_dim], dim=-1)
+    return torch.cat((q_nope, apply_rotary(q_rope, cos, sin)), dim=-1)
+
+
+def mla_key(k_nope: torch.Tensor, k_rope: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """k_nope (B, T, H, nope) and the one shared RoPE key k_rope (B, T, R) -> keys (B, T, H, nope + R)."""
+    k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin)  # (B, T, 1, R): one key shared by all heads
+    return torch.cat((k_nope, k_rope.expand(-1, -1, k_nope.shape[2], -1)), dim=-1)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (Shazeer 2020)."""
+    return F.silu(gate) * up
+
+
+@cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+def run(fn: Callable, fuse: bool, *args, **kwargs):
+    """``fn(*args)``, through its compiled form when ``fuse`` and the first argument is on a GPU."""
+    if fuse and args[0].is_cuda:
+        return _compiled(fn)(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+class Fusable:
+    """Mixin for the modules that call the functions above: ``fuse`` off until ``fuse_memory_bound``."""
+
+    fuse: bool = False
+
+
+def fuse_memory_bound(model: nn.Module, on: bool = True) -> int:
+    """Set ``fuse`` on every ``Fusable`` module of ``model``; returns how many were set."""
+    found = [m for m in model.modules() if isinstance(m, Fusable)]
+    for m in found:
+        m.fuse = on
+    return len(found)
