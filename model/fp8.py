@@ -25,9 +25,11 @@ grouped paths never wait for the GPU.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import accumulate
 
 import torch
 
@@ -35,6 +37,7 @@ from moeplan.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
 from moeplan.kernels.fp8_quant import (
     FP8_DTYPE,
     FP8_MAX,
+    TILE,
     dequant_blocks,
     dequant_rows,
     quant_act_1x128,
@@ -44,12 +47,30 @@ from moeplan.kernels.fp8_quant import (
     quant_weight_128x128_ref,
 )
 from moeplan.kernels.grouped_gemm import grouped_gemm_fp8, grouped_wgrad_fp8
+from moeplan.kernels.triton_compat import INTERPRET
 from moeplan.model.grouped_mm import reference_grouped_mm, reference_grouped_weight_grad
 
 __all__ = [  # FP8_DTYPE and FP8_MAX re-exported: the model's FP8 format is the kernels'
-    "FP8_DTYPE", "FP8_MAX", "MIN_AMAX", "Fp8Gemm", "contiguous_layout", "dequantize_blocks", "dequantize_tiles",
-    "fp8_grouped_weight_grad", "quantize_blocks", "quantize_tiles", "reference_fp8_gemm", "reference_fp8_grouped_gemm",
-    "reference_fp8_grouped_wgrad", "Fp8Ops", "kernel_ops", "reference_ops", "resolve_fp8_ops",
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "FP8_WEIGHT_CACHE",
+    "MIN_AMAX",
+    "Fp8Gemm",
+    "Fp8Ops",
+    "Fp8WeightCache",
+    "clear_fp8_weight_cache",
+    "contiguous_layout",
+    "dequantize_blocks",
+    "dequantize_tiles",
+    "fp8_grouped_weight_grad",
+    "kernel_ops",
+    "quantize_blocks",
+    "quantize_tiles",
+    "reference_fp8_gemm",
+    "reference_fp8_grouped_gemm",
+    "reference_fp8_grouped_wgrad",
+    "reference_ops",
+    "resolve_fp8_ops",
 ]
 
 # An all-zero tile gets scale MIN_AMAX / 448 instead of 0/0. The kernels floor amax at 1e-4
@@ -136,7 +157,7 @@ def fp8_grouped_weight_grad(g: torch.Tensor, a: torch.Tensor, offs: torch.Tensor
     bounds = torch.cat((counts.new_zeros(1), ((counts + block - 1) // block * block).cumsum(0))).to(torch.int32)
     gq, gs = ops.quant_act_t(g_pad)  # (N, rows), tiles of `block` tokens
     aq, a_s = ops.quant_act_t(a_pad)  # (K, rows)
-    return ops.grouped_wgrad(gq, gs, aq, a_s, bounds, out_dtype=torch.float32)
+    return ops.grouped_wgrad(gq, gs, aq, a_s, bounds, out_dtype=torch.float32, host_counts=host_counts)
 
 
 def contiguous_layout(offs: torch.Tensor, num_rows: int, tile: int,
@@ -184,7 +205,8 @@ class Fp8Ops:
     - ``quant_weight``: w ([E,] N, K) (any strides) -> E4M3, scales ([E,] ceil(N/b), ceil(K/b));
     - ``gemm(a, a_scale, b, b_scale, out_dtype)`` -> (M, N), b's scales in blocks or 1 x block rows;
     - ``grouped(a, a_scale, b, b_scale, offs, out_dtype, host_counts)``: rows of expert e times b[e]^T;
-    - ``grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype)``: per-expert a_t · b_t^T;
+    - ``grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype, host_counts)``: per-expert
+      a_t · b_t^T (segments padded to ``block``; ``host_counts``, the experts' rows on the host, or None);
     - ``grouped_contiguous(a, a_scale, b, b_scale, m_indices, out_dtype, host_counts)``: the grouped GEMM on
       rows already in the contiguous layout (``m_indices``), or None. Set, the routed experts run fused
       (``model.fp8_experts``: permute with quantise, SwiGLU with quantise, weighted combine).
@@ -204,6 +226,10 @@ def _reference_grouped(a, a_scale, b, b_scale, offs, out_dtype, host_counts=None
     return reference_fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype, block=block)
 
 
+def _reference_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype, host_counts=None, *, block):
+    return reference_fp8_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype, block=block)
+
+
 def reference_ops(block: int = 128) -> Fp8Ops:
     """The float quantisers and FP32 GEMMs: the model's reference FP8, any block size."""
     return Fp8Ops(
@@ -213,8 +239,47 @@ def reference_ops(block: int = 128) -> Fp8Ops:
         quant_weight=partial(quantize_blocks, block=block),
         gemm=lambda a, a_scale, b, b_scale, out_dtype: reference_fp8_gemm(a, a_scale, b, b_scale, out_dtype, block),
         grouped=partial(_reference_grouped, block=block),
-        grouped_wgrad=partial(reference_fp8_grouped_wgrad, block=block),
+        grouped_wgrad=partial(_reference_grouped_wgrad, block=block),
     )
+
+
+class Fp8WeightCache:
+    """The FP8 copy of each weight, made once per weight version instead of on every GEMM call.
+
+    A run quantises each weight once per optimizer step, however many micro-batches its forward and
+    backward passes run (TR §3.3 quantises weights per 128x128 block; the blocks only change when the
+    optimizer writes). An entry is keyed by the weight's storage, shape and strides and is valid while the
+    tensor it was made from is alive and its version counter (bumped by every in-place write under
+    autograd) is unchanged. Writes that bypass the counter (``.data``, a collective filling a flat buffer)
+    are why the runtime also calls ``clear`` after every optimizer step.
+
+    The transposed weight the input gradient multiplies, W^T in 128x128 blocks, is the transpose of W's
+    blocks with the same scales (square blocks aligned at 0 hold the same elements either way), so it is
+    made from W's entry by one transposed copy of the FP8 bytes rather than a second read of W.
+    """
+
+    def __init__(self, quantise: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.quantise = quantise
+        self._entries: dict[tuple, tuple[weakref.ref, int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.misses = 0
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (w.data_ptr(), w.dtype, w.device, tuple(w.shape), tuple(w.stride()))
+        owner = w if w._base is None else w._base
+        hit = self._entries.get(key)
+        if hit is not None and hit[0]() is owner and hit[1] == w._version:
+            return hit[2]
+        self.misses += 1
+        if w.dim() >= 2 and not w.is_contiguous() and w.mT.is_contiguous():  # W^T of a cached (or cachable) W
+            q, scale = self(w.mT)
+            value = (q.mT.contiguous(), scale.mT.contiguous())
+        else:
+            value = self.quantise(w)
+        self._entries[key] = (weakref.ref(owner), w._version, value)
+        return value
 
 
 def _kernel_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,21 +287,42 @@ def _kernel_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+# The kernels' FP8 weights, shared by every layer built with ``kernel_ops``; ``clear_fp8_weight_cache``
+# after each optimizer step (``model.runtime.rank``), and between timed steps of a benchmark that stands
+# for one micro-batch per optimizer step.
+FP8_WEIGHT_CACHE = Fp8WeightCache(_kernel_weight)
+
+
+def clear_fp8_weight_cache() -> None:
+    FP8_WEIGHT_CACHE.clear()
+
+
 def _kernel_grouped_contiguous(a, a_scale, b, b_scale, m_indices, out_dtype, host_counts=None):
     return grouped_gemm_fp8(a, a_scale, b, b_scale, m_indices, out_dtype=out_dtype, backend="auto", m_counts=host_counts)
 
 
+def _kernel_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype, host_counts=None):
+    """On a GPU with the experts' rows on the host: one cuBLAS block-scaled GEMM per expert, sliced at host
+    segment bounds (a CPU ``seg_offsets``: nothing reads the GPU). The Triton K-grouped kernel otherwise; it
+    ran at about 60 TFLOPS at V3's expert shapes on an H100 (docs/design/model.md)."""
+    if host_counts is None or not a_t.is_cuda or INTERPRET:
+        return grouped_wgrad_fp8(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype, backend="triton")
+    padded = [-(-int(n) // TILE) * TILE for n in host_counts]
+    bounds = torch.tensor([0, *accumulate(padded)], dtype=torch.int32)  # on the host
+    return grouped_wgrad_fp8(a_t, a_t_scale, b_t, b_t_scale, bounds, out_dtype, backend="torch")
+
+
 def kernel_ops() -> Fp8Ops:
-    """Our Triton quantisers and the auto-dispatched GEMMs (block 128). The grouped weight gradient
-    stays on the Triton kernel: cuBLAS's per-expert loop reads the segments on the host."""
+    """Our Triton quantisers and the auto-dispatched GEMMs (block 128); the grouped weight gradient per
+    expert on cuBLAS where the experts' rows are on the host, else on the Triton K-grouped kernel."""
     return Fp8Ops(
         block=128,
         quant_act=partial(quant_act_1x128, amax_floor=MIN_AMAX),
         quant_act_t=partial(quant_act_128x1_t, amax_floor=MIN_AMAX),
-        quant_weight=_kernel_weight,
+        quant_weight=FP8_WEIGHT_CACHE,
         gemm=partial(fp8_gemm, backend="auto"),
         grouped=_grouped_via_contiguous(partial(grouped_gemm_fp8, backend="auto"), 128),
-        grouped_wgrad=partial(grouped_wgrad_fp8, backend="triton"),
+        grouped_wgrad=_kernel_grouped_wgrad,
         grouped_contiguous=_kernel_grouped_contiguous,
     )
 

@@ -120,7 +120,8 @@ def _weight_grad(ctx, index: int, weight: torch.Tensor, g: torch.Tensor, input_f
             return wgrad(g, input_float(), plan.seg_offsets[1:])
         gq, gs = ops.quant_act_t(g)  # (N, M_pad), tiles of 128 tokens, each inside one expert's segment
         aq, a_s = input_fp8_t()  # (K, M_pad)
-        return ops.grouped_wgrad(gq, gs, aq, a_s, plan.seg_offsets, out_dtype=torch.float32)
+        return ops.grouped_wgrad(gq, gs, aq, a_s, plan.seg_offsets, out_dtype=torch.float32,
+                                 host_counts=ctx.host_counts)
 
     return weight_grad_now_or_later(ctx.store, weight, weight_grad)
 
