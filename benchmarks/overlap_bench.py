@@ -58,8 +58,9 @@ def time_pair(model, ids, device, repeat: int, overlap: bool, steps: int, warmup
     return statistics.median(times)
 
 
-def profile_pair(model, ids, device, repeat: int, overlap: bool) -> tuple[float, float, float]:
-    """(hidden fraction, comm us, compute us) of one pair under ``torch.profiler`` (NaN on CPU)."""
+def profile_pair(model, ids, device, repeat: int, overlap: bool, keep: Path | None = None) -> tuple[float, float, float]:
+    """(hidden fraction, comm us, compute us) of one pair under ``torch.profiler`` (NaN on CPU); its Chrome
+    trace copied to ``keep`` when given."""
     if device.type != "cuda":
         return float("nan"), 0.0, 0.0
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
@@ -70,6 +71,8 @@ def profile_pair(model, ids, device, repeat: int, overlap: bool) -> tuple[float,
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
+        if keep is not None:
+            keep.write_bytes(path.read_bytes())
         return hidden_fraction(json.loads(path.read_text()))
 
 
@@ -81,13 +84,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7, help="copies per all-to-all (link slowdown)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--shape", default="1k", choices=("1k", "v3"), help="loopback model (model.runtime.loopback)")
+    parser.add_argument("--trace", type=Path, default=None, help="also keep the interleaved pair's profiler trace")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     if device.type == "cpu":
         torch.set_num_threads(1)  # the CPU smoke run shares its cores
-    spec = loopback_spec(tiny_moe(), args.small)
+    spec = loopback_spec(tiny_moe(), args.small, args.shape)
     seq = args.seq or (32 if args.small else 4096)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     model = loopback_stage(spec, dtype, device)
@@ -97,14 +102,14 @@ def main() -> None:
     t_ovl = time_pair(model, ids, device, args.repeat, True, steps, warmup)
     t_seq = time_pair(model, ids, device, args.repeat, False, steps, warmup)
     t_one = time_pair(model, ids, device, 1, False, steps, warmup)
-    frac_ovl = profile_pair(model, ids, device, args.repeat, True)
+    frac_ovl = profile_pair(model, ids, device, args.repeat, True, args.trace)
     frac_seq = profile_pair(model, ids, device, args.repeat, False)
     ab = (t_seq - t_ovl) / (t_seq - t_one) if t_seq > t_one else float("nan")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     write_atomic(args.out, "\n".join([
         "# Overlapped F&B on one device, loopback expert parallelism",
         "",
-        (f"`benchmarks/overlap_bench.py{' --small' if args.small else ''} --device {args.device} --repeat "
+        (f"`benchmarks/overlap_bench.py{' --small' if args.small else ''} --shape {args.shape} --device {args.device} --repeat "
          f"{args.repeat}` on {name}, torch {torch.__version__}, {datetime.date.today()}: model `{spec.name}` "
          f"d={spec.hidden_size}, {spec.num_hidden_layers} layers ({spec.first_k_dense_replace} dense), "
          f"{spec.n_routed_experts} experts top-{spec.num_experts_per_tok}, {seq} tokens per micro-batch, {dtype}."),

@@ -222,15 +222,26 @@ class ExpertParallelMoE(nn.Module):
         hits_first = torch.argsort((~hit.t()).reshape(-1).to(torch.int8), stable=True)
         return Routed(x, flat, routing, gpu, self.local_of_slot[slot], hits_first, hit.sum(0), pairs)
 
+    def known_counts(self, num_tokens: int) -> list | None:
+        """The dispatch's host counts ``[send, recv]`` (each a (rows, pairs) row per GPU) when they need no
+        exchange: a one-rank group, where every token's k pairs stay on this GPU. No host sync then. None
+        whenever there are peers."""
+        if self.ep != 1:
+            return None
+        row = [num_tokens, num_tokens * self.top_k]
+        return [[row], [row]]
+
     def dispatch(self, routed: Routed) -> Dispatched:
         """Counts all-to-all, the host sync for split sizes, then tokens and their (slot, weight) pairs."""
         send_counts = torch.stack([routed.row_counts, routed.pair_counts], dim=1)  # (ep, 2)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         own = self.ep_rank
-        for name, count in (("sent", self.ep - 1), ("recv", self.ep - 1), ("self", 1)):
-            self.comm_bytes[f"dispatch_counts_{name}_bytes"] += count * send_counts[0].numel() * 8
-        host = torch.stack([send_counts, recv_counts]).tolist()  # the one host sync of the layer
+        host = self.known_counts(routed.flat.shape[0])
+        if host is None:
+            recv_counts = torch.empty_like(send_counts)
+            dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+            for name, count in (("sent", self.ep - 1), ("recv", self.ep - 1), ("self", 1)):
+                self.comm_bytes[f"dispatch_counts_{name}_bytes"] += count * send_counts[0].numel() * 8
+            host = torch.stack([send_counts, recv_counts]).tolist()  # the one host sync of the layer
         send_splits = tuple(row[0] for row in host[0])
         recv_splits = tuple(row[0] for row in host[1])
         recv_pairs = sum(row[1] for row in host[1])

@@ -312,14 +312,16 @@ def _moe_layer(p: Pass, tape: Tape, block: nn.Module, x: Port, cos, sin, i: int)
 
     h, y, flat, weights, aux = p.compute(tape, f"L{i} attn", [x], pre)
     routed = seen["routed"]
-    send_counts = torch.stack([routed.row_counts, routed.pair_counts], dim=1)  # (ep, 2) rows, pairs per GPU
-    recv_counts = torch.empty_like(send_counts)
-    counts = p.launch(f"L{i} dispatch", [(recv_counts, send_counts)], None, moe.group)
-    for name, count in (("sent", moe.ep - 1), ("recv", moe.ep - 1), ("self", 1)):
-        moe.comm_bytes[f"dispatch_counts_{name}_bytes"] += count * send_counts[0].numel() * 8
-    yield
-    p.resolve(Port(None, pending=counts), "value")
-    host = p.streams.planned_sync(torch.stack([send_counts, recv_counts]))
+    host = moe.known_counts(routed.flat.shape[0])  # one rank (loopback): nothing to exchange, no host sync
+    if host is None:
+        send_counts = torch.stack([routed.row_counts, routed.pair_counts], dim=1)  # (ep, 2) rows, pairs per GPU
+        recv_counts = torch.empty_like(send_counts)
+        counts = p.launch(f"L{i} dispatch", [(recv_counts, send_counts)], None, moe.group)
+        for name, count in (("sent", moe.ep - 1), ("recv", moe.ep - 1), ("self", 1)):
+            moe.comm_bytes[f"dispatch_counts_{name}_bytes"] += count * send_counts[0].numel() * 8
+        yield
+        p.resolve(Port(None, pending=counts), "value")
+        host = p.streams.planned_sync(torch.stack([send_counts, recv_counts]))
     exchange = Exchange(moe.group, moe.ep_rank, tuple(r[0] for r in host[0]), tuple(r[0] for r in host[1]),
                         moe.comm_bytes)
 

@@ -62,5 +62,5 @@ def test_no_host_sync_in_the_pair_but_the_planned_ones(setup):
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     model.zero_grad(set_to_none=True)
-    assert run.planned_syncs == moe_layers  # the forward's split sizes, one per MoE layer; none in backward
+    assert moe_layers > 0 and run.planned_syncs == 0  # one rank: split sizes known on the host, no sync at all
     assert all(torch.isfinite(loss) for loss in run.losses)
