@@ -4,8 +4,9 @@ slowdown beyond wave quantisation from these points; without them it prices none
 
 - GPU: a copy kernel (Triton, one block per SM it holds, ``comm_sms`` blocks looping over a 256 MiB buffer:
   HBM traffic like a dispatch's) is launched on a side stream, then the GEMM (``torch.mm`` in the plan's
-  dtype) is timed on the main stream while the copy runs; the copy's passes are sized to outlast the timed
-  calls, and the GEMM alone is timed the same way before it. The block scheduler places one block per SM
+  dtype) is timed on the main stream while the copy runs (CUDA events, L2 flushed, only the main stream
+  synchronised); the copy's passes are sized to outlast the timed calls (a copy that ended first fails the
+  measurement), and the GEMM alone is timed the same way before it. The block scheduler places one block per SM
   while SMs are free, so the copy holds ``comm_sms`` SMs as DeepEP's kernels hold theirs.
 - CPU: the matmul (``threads`` torch threads) alone, then beside a gloo all-reduce looping between two
   spawned processes of one thread each (the communication of a local run: ``comm_sms`` = their 2 cores),
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 import warnings
 
@@ -28,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moeplan.orchestrator.calibration.links import free_port
-from moeplan.orchestrator.calibration.timing import median_s
+from moeplan.orchestrator.calibration.timing import FLUSH_BYTES, median_s
 
 CPU_COMM_PROCESSES = 2  # the all-reduce pair on a CPU
 CPU_COMM_BYTES = 4 * 2**20  # its buffer: large enough to be bandwidth-bound, small enough to loop fast
@@ -114,11 +116,29 @@ def _cpu_beside_s(gemm, reps: int) -> float:
 
 
 # -- GPU: a copy kernel holding comm_sms SMs -------------------------------------------------------------
+def _stream_median_s(fn, flush: torch.Tensor, reps: int, warmup: int = 5) -> float:
+    """``timing.median_s`` without its device-wide synchronisations (they would wait for the side stream's
+    copy): CUDA events on the current stream, ``flush`` read before each call to evict the L2, then that
+    stream alone synced. Nothing is allocated here (an allocation may synchronise the device)."""
+    stream = torch.cuda.current_stream(flush.device)
+    for _ in range(warmup):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        flush.max()
+        start.record(stream)
+        fn()
+        end.record(stream)
+    stream.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e-3 for s, e in events)
+
+
 def _gpu_times(gemm, device: torch.device, reps: int, comm_sms: int) -> tuple[float, float]:
     """(alone, beside) medians of ``gemm``, CUDA events on the main stream, the copy on a side stream."""
     from moeplan.kernels.copy_loop import copy_loop  # Triton: imported on a GPU only
 
-    alone_s = median_s(gemm, device, reps)
+    flush = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+    alone_s = _stream_median_s(gemm, flush, reps)
     src = torch.ones(GPU_COPY_BYTES // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     side = torch.cuda.Stream(device)
@@ -134,7 +154,7 @@ def _gpu_times(gemm, device: torch.device, reps: int, comm_sms: int) -> tuple[fl
     passes = max(1, math.ceil((4 * (reps + 5) * alone_s + 1.0) / pass_s))
     with torch.cuda.stream(side):
         copy_loop(src, dst, comm_sms, passes=passes)
-    beside_s = median_s(gemm, device, reps)
+    beside_s = _stream_median_s(gemm, flush, reps)
     still_copying = not side.query()
     torch.cuda.synchronize(device)
     if not still_copying:
