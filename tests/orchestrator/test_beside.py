@@ -78,3 +78,14 @@ def test_a_failing_beside_measurement_is_skipped_not_filled(monkeypatch):
     measure._beside(_shapes(), _setup(), got)
     assert got.beside == []
     assert got.skipped == ["GEMM 64x128x256 beside communication: gloo: cannot connect (seeded)"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_gemm_beside_a_copy_on_20_sms():
+    """On one GPU: V3's 4096 x 7168 x 2048 BF16 GEMM alone and beside the copy kernel on 20 SMs; the copy
+    outlasts the timed calls (else the measurement raises) and the GEMM is not faster beside it."""
+    row = measure_beside(4096, 7168, 2048, torch.bfloat16, torch.device("cuda"), reps=10, comm_sms=20, label="test")
+    point = BesidePoint.model_validate(row)
+    assert point.comm_sms == 20 and point.sm_count == torch.cuda.get_device_properties(0).multi_processor_count
+    assert point.beside_s > 0.95 * point.alone_s
