@@ -78,7 +78,8 @@ def plan_tables(plan: PlanFile) -> Group:
     par = inp.parallel
     rows = [
         ("layout", f"PP{lay.pp} ({par.schedule}, {lay.stages} stage{'s' if lay.stages != 1 else ''}) x EP{lay.ep} x DP{lay.dp}"
-                   + (f" x CP{lay.cp}" if lay.cp > 1 else "") + f", ZeRO-{par.zero_stage}"),
+                   + (f" x CP{lay.cp}" if lay.cp > 1 else "")
+                   + (f" x TP{par.tp}{' SP' if par.sp else ''}" if par.tp > 1 else "") + f", ZeRO-{par.zero_stage}"),
         ("micro-batches / step", f"{lay.microbatches} x {par.micro_batch_size} seq x {par.seq_len_tokens} tokens"),
         ("precision / recompute", f"{inp.training.precision} / {par.recompute}"),
         ("params total (no MTP)", f"{plan.params.total:,} ({_b(plan.params.total)})"),

@@ -74,14 +74,14 @@ def _unit_params(m: ModelSpec, unit: int) -> dict[str, int]:
     return mtp_module_params(m)
 
 
-def rank_params(m: ModelSpec, stages: Sequence[Stage], ep: int, tp: int = 1) -> RankParams:
+def rank_params(m: ModelSpec, stages: Sequence[Stage], ep: int, tp: int = 1, tp_rank: int = 0) -> RankParams:
     """Dense and (per-GPU) expert parameters of the given stages, embedding and head included, on TP
-    rank 0 (the busiest: it holds the first, largest share of a padded vocabulary). An MTP module on a
-    rank without the embedding needs its own embedding copy."""
+    rank ``tp_rank`` (0, the default, is the busiest: it holds the first, largest share of the
+    vocabulary). An MTP module on a rank without the embedding needs its own embedding copy."""
     dense = expert = whole = 0
     has_embedding = any(s.has_embedding for s in stages)
     has_mtp = False
-    vocab_rows = shard_rows(m.vocab_size, tp)
+    vocab_rows = shard_rows(m.vocab_size, tp, tp_rank)
     for stage in stages:
         for unit in stage.layers:
             counts = _unit_params(m, unit)
@@ -90,8 +90,9 @@ def rank_params(m: ModelSpec, stages: Sequence[Stage], ep: int, tp: int = 1) -> 
             dense += split // tp + replicated
             whole += replicated if tp > 1 else 0
             has_mtp |= unit >= m.num_hidden_layers
-        if stage.has_head:
+        if stage.has_head:  # the final norm (whole on every TP rank) and the head's vocabulary rows
             dense += m.hidden_size + (0 if m.tie_word_embeddings else vocab_rows * m.hidden_size)
+            whole += m.hidden_size if tp > 1 else 0
     if has_embedding or has_mtp:
         dense += vocab_rows * m.hidden_size
     return RankParams(dense=dense, expert=expert, tp_replicated=whole)

@@ -62,7 +62,7 @@ def budget_verdict(s: dict[str, Any]) -> str:
 
 def summary_rows(s: dict[str, Any], gpu_name: str) -> list[tuple[str, str]]:
     """(quantity, value) rows from ``simulator.planner.summary(plan)``."""
-    cp = f" x CP{s['cp']}" if s["cp"] > 1 else ""
+    cp = (f" x CP{s['cp']}" if s["cp"] > 1 else "") + (f" x TP{s['tp']}{' SP' if s['sp'] else ''}" if s["tp"] > 1 else "")
     layout = (
         f"PP{s['pp']} x EP{s['ep']} x DP{s['dp']}{cp}, {s['schedule']}, {s['microbatches']} micro-batches "
         f"of {s['micro_batch_size']} sequence(s), recompute {s['recompute']}, {s['precision']}"
@@ -114,8 +114,10 @@ def phases_table(phases: Sequence[PhasePrediction]) -> str:
 def candidates_table(candidates: Sequence[Candidate], world: int) -> str:
     """Ranked layouts; ``world`` GPUs give the data-parallel degree a candidate left unset."""
     rows = [
-        (str(i), f"PP{c.parallel.pp} EP{c.parallel.ep} DP{c.parallel.dp or world // (c.parallel.pp * c.parallel.cp)}"
-         + (f" CP{c.parallel.cp}" if c.parallel.cp > 1 else ""),
+        (str(i), f"PP{c.parallel.pp} EP{c.parallel.ep} DP"
+         f"{c.parallel.dp or world // (c.parallel.pp * c.parallel.cp * c.parallel.tp)}"
+         + (f" CP{c.parallel.cp}" if c.parallel.cp > 1 else "")
+         + (f" TP{c.parallel.tp}{' SP' if c.parallel.sp else ''}" if c.parallel.tp > 1 else ""),
          c.parallel.schedule, str(c.parallel.micro_batch_size), c.parallel.recompute, str(c.microbatches),
          f"{c.step_time_s:.4g}", f"{c.tokens_per_s_per_gpu:,.0f}", pct(c.mfu_frac),
          size(c.peak_memory_bytes_per_gpu))
