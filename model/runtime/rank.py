@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moeplan.model.balance import BalanceSchedule, ExpertBiasUpdater
+from moeplan.model.fp8 import clear_fp8_weight_cache
 from moeplan.model.load_record import LoadAccumulator
 from moeplan.model.losses import training_loss
 from moeplan.model.options import ModelOptions
@@ -60,6 +61,19 @@ class RuntimeOptions:
     dtype: torch.dtype = torch.bfloat16
     seed: int = 0
     expert_backend: str = "auto"
+    fuse_memory_bound: bool = False  # model.fused: compiled RMSNorm/RoPE/SwiGLU on CUDA
+
+
+def model_options_for(plan: PlanFile, options: RuntimeOptions, device: torch.device) -> ModelOptions:
+    """The model the plan's precision asks for. FP8 (TR §3.3: forward, Dgrad and Wgrad GEMMs in FP8 with
+    fine-grained scales) runs our kernels on a GPU; on CPU it runs the reference FP8 path (quantise,
+    dequantise, matmul), the same numbers without the kernels' speed. Dense weights are ``options.dtype``."""
+    if plan.inputs.training.precision != "fp8" or options.dtype == torch.float32:  # fp32: exact rehearsals
+        return ModelOptions(dtype=options.dtype, expert_backend=options.expert_backend,
+                            fuse_memory_bound=options.fuse_memory_bound)
+    return ModelOptions(dtype=options.dtype, linear_precision="fp8", expert_backend="fp8",
+                        fp8_kernel="kernels" if device.type == "cuda" else "reference", fp8_backward=True,
+                        fuse_memory_bound=options.fuse_memory_bound)
 
 
 def check_plan_for_world(plan: PlanFile, world: int) -> None:
@@ -110,7 +124,7 @@ class RankRuntime:
         pg = process_groups(lay, plan.inputs.cluster.node.gpus_per_node)
         handles = new_groups(pg, rank, backend)
         pp_rank = pg.coords(rank).pp_rank
-        model_options = ModelOptions(dtype=options.dtype, expert_backend=options.expert_backend)
+        model_options = model_options_for(plan, options, device)
         stages = rank_stages_from_plan(lay, spec, pp_rank)
         with torch.device(device):
             built = build_rank(spec, stages, model_options)
@@ -175,6 +189,7 @@ class RankRuntime:
         self.sync_gradients()
         tokens_seen = self.progress["tokens_seen"]
         stats = self.optimizer.step(tokens_seen=tokens_seen)
+        clear_fp8_weight_cache()  # the weights changed: next step's FP8 copies are made afresh
         mirror = self.handles["mirror"]
         loads = balance_step(self.bias_updater, self.balance, tokens_seen, group=self.handles["stage"],
                              more_groups=(mirror,) if mirror is not None else ())
