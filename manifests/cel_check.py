@@ -10,8 +10,6 @@ from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
-import celpy
-
 from moeplan.manifests.crd_schema import CRDS, ITEMS, VALUES, rules_file
 from moeplan.manifests.schema_check import where
 
@@ -23,6 +21,8 @@ def rules(kind: str) -> tuple[dict[str, Any], ...]:
 
 @cache
 def _program(rule: str) -> Any:
+    import celpy  # cel-python, only where rules are checked: the CLI starts without it
+
     env = celpy.Environment()
     return env.program(env.compile(rule))
 
@@ -52,6 +52,8 @@ def cel_findings(doc: dict[str, Any]) -> list[str]:
     """One line per CEL rule a RayJob or JobSet breaks (non-transition rules only); [] for other kinds."""
     if doc.get("kind") not in CRDS:
         return []
+    import celpy
+
     found = []
     for rule in rules(doc["kind"]):
         if rule["transition"]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import kubernetes_validate
-
 # The oldest Kubernetes the manifests are for: Job successPolicy (JobSet's pod 0 decides) is beta and on by
 # default since 1.31. Check against your cluster's with ``--kubernetes-version``.
 KUBERNETES_VERSION = "1.31"
@@ -18,6 +16,8 @@ KUBERNETES_VERSION = "1.31"
 
 def check_version(version: str) -> str:
     """``version`` if kubernetes-validate has its schemas (``1.25`` .. ``1.37``); ``ValueError`` otherwise."""
+    import kubernetes_validate  # only where manifests are checked: the CLI starts without it
+
     known = sorted({".".join(v.split(".")[:2]) for v in kubernetes_validate.utils.all_versions()},
                    key=lambda v: tuple(map(int, v.split("."))))
     if version not in known:
@@ -48,6 +48,8 @@ def embedded(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def _errors(obj: dict[str, Any], prefix: str, version: str) -> list[str]:
     """kubernetes-validate's first error in ``obj`` as one line, its path relative to the document."""
+    import kubernetes_validate
+
     try:
         kubernetes_validate.validate(obj, version, strict=True)
     except kubernetes_validate.ValidationError as exc:

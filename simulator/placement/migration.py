@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from moeplan.simulator.placement.maps import Placement, gpu_load
 from moeplan.simulator.placement.packing import sticky_packing
@@ -37,6 +36,8 @@ _NEVER = 1e12  # cost of matching GPUs whose slot counts differ
 def min_cost_assignment(cost: np.ndarray) -> np.ndarray:
     """``[n]`` column matched to each row of the square ``cost`` ``[n, n]``, minimising the summed cost
     (scipy's Jonker-Volgenant solver; rows come back in order, so the columns are the match)."""
+    from scipy.optimize import linear_sum_assignment  # imported here: `moeplan` starts without scipy
+
     rows, cols = linear_sum_assignment(cost)
     assert cost.shape[0] == cost.shape[1] and (rows == np.arange(len(rows))).all(), f"{cost.shape=}"
     return cols
