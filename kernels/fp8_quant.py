@@ -130,14 +130,15 @@ def _quant_rows_kernel(
 
 @triton.jit
 def _quant_blocks_kernel(
-    # pointers: weights (E, N, K), fp8 copy, scales (E, N/128, K/128)
-    w_ptr, q_ptr, s_ptr,
+    # pointers: weights (E, N, K), fp8 copy, its transpose (E, K, N), scales (E, N/128, K/128)
+    w_ptr, q_ptr, qt_ptr, s_ptr,
     # sizes
     N, K,
-    # strides
-    stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
+    # strides (the transpose's as element [e, n, k] of it: (K*N, 1, N) when contiguous)
+    stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_te, stride_tn, stride_tk,
+    stride_se, stride_sn, stride_sk,
     # meta
-    POW2: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr,
+    POW2: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_T: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -149,7 +150,10 @@ def _quant_blocks_kernel(
                 mask=mask, other=0.0).to(tl.float32)
     scale = scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2, FLOOR)
     q = quantize_e4m3(w, scale)
-    tl.store(q_ptr + e * stride_qe + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk, q, mask=mask)
+    if WRITE_Q:
+        tl.store(q_ptr + e * stride_qe + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk, q, mask=mask)
+    if WRITE_T:  # the same block, stored at its transposed place: contiguous along n there
+        tl.store(qt_ptr + e * stride_te + offs_n[:, None] * stride_tn + offs_k[None, :] * stride_tk, q, mask=mask)
     tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
 
 
@@ -201,6 +205,25 @@ def quant_act_128x1_t(x: torch.Tensor, pow2_scale: bool = False,
     return _quant_rows(x.t(), pow2_scale, amax_floor)  # rows of the (K, M) output are columns of x
 
 
+def _quant_blocks(w: torch.Tensor, pow2_scale: bool, amax_floor: float, write_q: bool, write_t: bool):
+    """One pass over w ([E,] N, K): (q ([E,] N, K) or None, q^T ([E,] K, N) contiguous or None, scale ([E,] N/128,
+    K/128)). The transposed copy is stored from the same registers, so w is read once and never transposed."""
+    if w.dim() not in (2, 3) or not w.is_floating_point():
+        raise ValueError(f"w must be a 2-D or 3-D float tensor, got shape={tuple(w.shape)} dtype={w.dtype}")
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)  # (E, N, K)
+    E, N, K = w3.shape
+    q = torch.empty((E, N, K) if write_q else (1, 1, 1), dtype=FP8_DTYPE, device=w.device)
+    qt = torch.empty((E, K, N) if write_t else (1, 1, 1), dtype=FP8_DTYPE, device=w.device)
+    s = torch.empty((E, cdiv(N, TILE), cdiv(K, TILE)), dtype=torch.float32, device=w.device)
+    grid = (cdiv(N, TILE), cdiv(K, TILE), E)
+    _quant_blocks_kernel[grid](w3, q, qt, s, N, K, *w3.stride(), *q.stride(), *qt.transpose(1, 2).stride(),
+                               *s.stride(), POW2=pow2_scale, FLOOR=amax_floor, BLOCK=TILE, WRITE_Q=write_q,
+                               WRITE_T=write_t)
+    if w.dim() == 2:
+        q, qt, s = q[0], qt[0], s[0]
+    return (q if write_q else None), (qt if write_t else None), s
+
+
 def quant_weight_128x128(
     w: torch.Tensor, pow2_scale: bool = False, transposed: bool = False, amax_floor: float = AMAX_FLOOR,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -208,19 +231,18 @@ def quant_weight_128x128(
 
     The transposed copy is ([E,] K, N) contiguous, for the input gradient; its scales are ``scale.mT``.
     """
-    if w.dim() not in (2, 3) or not w.is_floating_point():
-        raise ValueError(f"w must be a 2-D or 3-D float tensor, got shape={tuple(w.shape)} dtype={w.dtype}")
-    w3 = w if w.dim() == 3 else w.unsqueeze(0)  # (E, N, K)
-    E, N, K = w3.shape
-    q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w.device)
-    s = torch.empty((E, cdiv(N, TILE), cdiv(K, TILE)), dtype=torch.float32, device=w.device)
-    grid = (cdiv(N, TILE), cdiv(K, TILE), E)
-    _quant_blocks_kernel[grid](w3, q, s, N, K, *w3.stride(), *q.stride(), *s.stride(), POW2=pow2_scale, FLOOR=amax_floor, BLOCK=TILE)
-    # The transposed copy is one pass over fp8 bytes; torch's transpose is exact and cheap next to a GEMM.
-    qt = q.transpose(1, 2).contiguous() if transposed else None
-    if w.dim() == 2:
-        q, s, qt = q[0], s[0], (qt[0] if transposed else None)
+    q, qt, s = _quant_blocks(w, pow2_scale, amax_floor, True, transposed)
     return q, s, qt
+
+
+def quant_weight_128x128_t(
+    w: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantisation of w^T, read from w ([E,] N, K) in its own layout: (q ([E,] K, N) contiguous, scale
+    ([E,] ceil(K/128), ceil(N/128)) contiguous). Bit-identical to ``quant_weight_128x128(w.mT)`` (square
+    blocks aligned at 0 hold the same elements either way), without its strided read of w."""
+    _, qt, s = _quant_blocks(w, pow2_scale, amax_floor, False, True)
+    return qt, s.mT.contiguous()
 
 
 # ----------------------------------------------------------------------------- torch references
@@ -295,7 +317,7 @@ def benchmark(M: int = 4096, K: int = 7168) -> dict[str, float]:
     for name, fn in (("act_1x128", quant_act_1x128), ("act_128x1_t", quant_act_128x1_t),
                      ("weight_128x128_t", lambda t: quant_weight_128x128(t, transposed=True))):
         extra = M * K / 1e9 if name == "weight_128x128_t" else 0.0
-        ms = triton.testing.do_bench(lambda: fn(x), return_mode="median")
+        ms = triton.testing.do_bench(lambda fn=fn: fn(x), return_mode="median")
         results[name] = (gbytes + extra) / (ms * 1e-3)
     return results
 

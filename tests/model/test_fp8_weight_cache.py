@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from moeplan.kernels.fp8_quant import quant_weight_128x128_ref
-from moeplan.model.fp8 import MIN_AMAX, Fp8WeightCache, _kernel_weight
+from moeplan.model.fp8 import MIN_AMAX, Fp8WeightCache, _kernel_weight, _kernel_weight_t
 from tests.kernels import test_kernels
 from tests.kernels.test_kernels import rand
 
@@ -19,7 +19,7 @@ def _equal(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Te
 
 
 def test_one_quantisation_per_version_and_transpose_from_the_same_blocks(device):
-    cache = Fp8WeightCache(_kernel_weight)
+    cache = Fp8WeightCache(_kernel_weight, _kernel_weight_t)
     w = rand(2, 256, 384, seed=0, device=device, dtype=torch.bfloat16)  # (E, N, K): 2 x 3 blocks per expert
     first = cache(w)
     assert _equal(first, quant_weight_128x128_ref(w, amax_floor=MIN_AMAX))
@@ -33,7 +33,7 @@ def test_one_quantisation_per_version_and_transpose_from_the_same_blocks(device)
 
 
 def test_an_in_place_write_or_a_clear_makes_a_new_copy(device):
-    cache = Fp8WeightCache(_kernel_weight)
+    cache = Fp8WeightCache(_kernel_weight, _kernel_weight_t)
     w = rand(256, 128, seed=2, device=device, dtype=torch.bfloat16)
     old = cache(w)
     with torch.no_grad():
@@ -46,11 +46,9 @@ def test_an_in_place_write_or_a_clear_makes_a_new_copy(device):
 
 
 def test_a_freed_weight_is_never_served_to_a_new_one_at_its_address(device):
-    cache = Fp8WeightCache(_kernel_weight)
-    misses = 0
+    cache = Fp8WeightCache(_kernel_weight, _kernel_weight_t)
     for seed in range(4):  # the allocator hands the same block back; the dead weight's entry must not match
         w = rand(128, 128, seed=seed, device=device, dtype=torch.bfloat16)
         assert _equal(cache(w), quant_weight_128x128_ref(w, amax_floor=MIN_AMAX))
-        misses += 1
-        assert cache.misses == misses
+        assert cache.misses == seed + 1
         del w
