@@ -273,9 +273,8 @@ def loss_s(ctx: CostContext, m: ModelSpec) -> tuple[float, float]:
     ideal = end_bytes_per_token(m)["cross_entropy"]
     if ctx.loss == "fused":
         return _memory_bound_s(ctx, {FUSED_LOSS: ideal})
-    if any(p.kernel == "cross_entropy" for p in ctx.tables.memory_kernels):
-        return _memory_bound_s(ctx, {"cross_entropy": ideal})
-    return _memory_bound_s(ctx, {None: fp32_loss_bytes_per_token(m)})
+    measured = any(p.kernel == "cross_entropy" for p in ctx.tables.memory_kernels)
+    return _memory_bound_s(ctx, {"cross_entropy": ideal if measured else fp32_loss_bytes_per_token(m)})
 
 
 def end_costs(ctx: CostContext, m: ModelSpec) -> EndCosts:
