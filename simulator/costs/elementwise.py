@@ -121,8 +121,8 @@ def _swiglu(width: float, precision: str, fusion: Fusion) -> KernelBytes:
 def layer_bytes_per_token(m: ModelSpec, moe: bool, precision: str, expert_rows_per_token: float,
                           fusion: Fusion = "eager", dispatch: bool = False) -> dict[str, KernelBytes]:
     """Per class, the bytes one layer's memory-bound kernels move per token (classes with none are left out).
-    ``dispatch``: the layer's tokens go through an expert-parallel all-to-all (where ``fused`` moves the
-    permutation and the combine into it)."""
+    ``dispatch``: the layer's tokens go through DeepEP's expert-parallel dispatch and combine (where ``fused``
+    moves the permutation and the combine into them)."""
     h = m.hidden_size
     out = {"rms_norm": _norm(2 * h), "residual_add": KernelBytes(2 * 3 * BF16_BYTES * h, 2 * 3 * BF16_BYTES * h)}
     if m.is_mla:

@@ -45,7 +45,7 @@ from moeplan.simulator.engine.expert_traffic import ExpertTraffic
 from moeplan.simulator.engine.host_term import ends_with_host_and_measured, layer_kind, with_host, with_measured
 from moeplan.simulator.spec.hardware import GpuSpec
 from moeplan.simulator.spec.model import ModelSpec
-from moeplan.simulator.spec.parallel import RecomputeKind
+from moeplan.simulator.spec.parallel import EpBackend, RecomputeKind
 from moeplan.simulator.spec.training import Fusion, LossKernel
 
 
@@ -105,6 +105,7 @@ class CostContext:
     cp_gather_bytes: float = 0.0  # bytes one GPU receives per layer's KV all-gather; 0 = no CP
     fusion: Fusion = "eager"  # training.kernels.fusion
     loss: LossKernel = "fp32"  # training.kernels.loss
+    ep_backend: EpBackend = "deepep"  # parallel.ep_backend: DeepEP's kernels are what fuse the permutation
 
 
 def _linears(ctx: CostContext, shapes: list[tuple[int, int]], precision: Precision,
@@ -177,7 +178,8 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
         mf, mdx, mdw = _linears(ctx, [(h, 2 * m.intermediate_size), (m.intermediate_size, h)], ctx.precision)
         e_fwd = e_dx = e_dw = 0.0
         rows_per_token = 0.0
-    layer = layer_bytes_per_token(m, moe, ctx.precision, rows_per_token, ctx.fusion, dispatch=traffic is not None)
+    dispatch = traffic is not None and ctx.ep_backend == "deepep"  # flat: NCCL's all-to-all moves rows as laid out
+    layer = layer_bytes_per_token(m, moe, ctx.precision, rows_per_token, ctx.fusion, dispatch)
     elementwise, elementwise_bwd = _memory_bound_s(ctx, layer)
     cp = _context_parallel(ctx, m, attn, up, mtp)
     a_fwd, a_dx, a_dw = a_fwd + cp.fwd_s, a_dx + cp.dx_s, a_dw + cp.dw_s

@@ -10,6 +10,7 @@ from moeplan.simulator.costs.kernels import gemm_s
 from moeplan.simulator.costs.memory_kernels import MemoryKernelPoint
 from moeplan.simulator.costs.tables import CostTables, default_tables
 from moeplan.simulator.engine.build import SimOptions, step_inputs
+from moeplan.simulator.engine.expert_traffic import ExpertTraffic
 from moeplan.simulator.engine.unit_costs import CostContext, end_costs, unit_costs
 from moeplan.simulator.planning.predict import predict_step
 from moeplan.simulator.presets.clusters import h800_gpu
@@ -123,3 +124,21 @@ def test_the_plan_toggles_fusion_and_loss_and_the_last_stage_pays_a_loss_per_hea
 def test_v3_s_recipe_fuses_and_a_model_without_one_runs_the_runtime_s_kernels():
     assert deepseek_v3_recipe().training.kernels == KernelSpec(fusion="fused", loss="fused")
     assert default_recipe().training.kernels == KernelSpec(fusion="eager", loss="fp32")
+
+
+
+def test_only_deepep_s_dispatch_takes_the_permutation_in():
+    """A fused run keeps permute and combine on the compute stream without a dispatch or when the all-to-all
+    is NCCL's (flat); with DeepEP they are gone: exactly their eager bytes (k = 4 rows per token)."""
+    t, m = _tables(), tiny_moe()
+    traffic = ExpertTraffic(dispatch_ib_bytes=0.0, dispatch_nvlink_bytes=1e6, combine_ib_bytes=0.0,
+                            combine_nvlink_bytes=1e6, routing_ib_bytes=0.0, routing_nvlink_bytes=0.0,
+                            expert_rows_max=4.0 * TOKENS, expert_rows_mean=4.0 * TOKENS, experts_per_gpu=4,
+                            nodes_per_token=1.0)
+    deepep = unit_costs(_ctx(t, fusion="fused"), m, moe=True, traffic=traffic)
+    flat = unit_costs(_ctx(t, fusion="fused", ep_backend="flat"), m, moe=True, traffic=traffic)
+    local = unit_costs(_ctx(t, fusion="fused"), m, moe=True, traffic=None)
+    permute_combine_fwd, permute_combine_bwd = 2 * 64 * 5 + 2 * 64 * 5, 2 * 64 * 5 + 2 * 64 * 9
+    assert flat.fwd_s - deepep.fwd_s == pytest.approx(_at_memory_frac(t, permute_combine_fwd))
+    assert flat.dx_s - deepep.dx_s == pytest.approx(_at_memory_frac(t, permute_combine_bwd))
+    assert local.fwd_s - local.experts_fwd_s == pytest.approx(flat.fwd_s - flat.experts_fwd_s)
