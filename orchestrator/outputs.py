@@ -2,8 +2,11 @@
 
 A command renders every file first, then hands them here. ``write_outputs`` is ``write_atomic``
 (``simulator/contracts/atomic_write.py``: temporary file, then rename) over several files: each is
-written beside its target under a hidden name and flushed to disk, and only when all are there are
-they renamed into place, under a lock on each target folder, so that two runs writing the same
+written under a hidden name and flushed to disk, and only when all are there do they go into place.
+Files for a folder that does not exist yet (a new ``--out``) are written into a hidden folder beside
+it, which is then renamed to be that folder: its files appear together or not at all, even if the
+process is killed. Files for an existing folder are renamed one by one under a lock on the folder,
+the first file given last (``plan.json``: what readers read), so that two runs writing the same
 ``--out`` leave one run's complete set. A failure, or an interrupt, removes what it wrote (folders
 it made included) and becomes one ``InputError``. The ``check_*`` functions reject an unusable
 ``--out`` before a command spends time computing. ``strict_json`` is how every JSON object we print
@@ -12,10 +15,12 @@ or write is dumped: NaN and infinities are refused, never written.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
@@ -81,6 +86,11 @@ def _missing_dirs(folder: Path) -> list[Path]:
     return missing[::-1]
 
 
+def _hidden(path: Path) -> Path:
+    """A name beside ``path`` that only this writer uses (a file's temporary, or a new folder's stand-in)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def _write_synced(path: Path, text: str) -> None:
     """Write ``text`` to a new file and flush it to disk, so the rename never publishes an empty file."""
     with open(path, "x", encoding="utf-8") as f:  # opened as any new file: the usual permissions
@@ -100,30 +110,74 @@ def _locked(folders: list[Path]) -> Iterator[None]:
         yield
 
 
+class _Staging:
+    """Where a call's files are written before they go into place: beside their targets, or (for a folder
+    that does not exist yet) inside a hidden copy of that folder, renamed to it at the end."""
+
+    def __init__(self) -> None:
+        self.folders: dict[Path, Path] = {}  # outermost missing folder -> its hidden stand-in
+        self.files: list[tuple[Path, Path]] = []  # (temporary, target) in the order given
+
+    def stage(self, path: Path) -> Path:
+        """Where ``path``'s text goes now (its folders made)."""
+        missing = _missing_dirs(path.parent)
+        top = next((f for f in self.folders if f == path.parent or f in path.parents), None)
+        if top is None and missing:
+            top = missing[0]
+            self.folders[top] = _hidden(top)
+            self.folders[top].mkdir()  # beside the outermost missing folder: in one that exists
+        if top is not None:
+            tmp = self.folders[top] / path.relative_to(top)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            tmp = _hidden(path)
+        self.files.append((tmp, path))
+        return tmp
+
+    def commit(self) -> None:
+        """New folders first, one rename each (where another writer made the folder meanwhile, its files go
+        in one by one); then the files into existing folders, under their folders' locks, the first given
+        last."""
+        renamed = []
+        for top, stand_in in self.folders.items():
+            try:
+                os.rename(stand_in, top)  # refused where the folder now exists and holds something
+                renamed.append(top)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        pending = [(tmp, t) for tmp, t in self.files if not any(top in t.parents for top in renamed)]
+        for _, target in pending:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        with _locked([target.parent for _, target in pending]):
+            for tmp, target in reversed(pending):
+                os.replace(tmp, target)
+        self._drop_stand_ins()
+
+    def _drop_stand_ins(self) -> None:
+        for stand_in in self.folders.values():
+            shutil.rmtree(stand_in, ignore_errors=True)
+
+    def undo(self) -> None:
+        """Remove every temporary this call wrote."""
+        for tmp, _ in self.files:
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        self._drop_stand_ins()
+
+
 def write_outputs(files: Mapping[Path, str]) -> None:
     """Write ``{path: text}``: every file, or none of them (``InputError`` naming the path)."""
-    made: list[Path] = []
-    staged: list[tuple[Path, Path]] = []
+    staging = _Staging()
     path = None
     try:
         for path, text in files.items():
             check_out_file(path, "output")
-            missing = _missing_dirs(path.parent)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            made += missing
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # this writer's own
-            staged.append((tmp, path))
-            _write_synced(tmp, text)
-        with _locked([target.parent for _, target in staged]):
-            for tmp, path in staged:
-                os.replace(tmp, path)
+            _write_synced(staging.stage(path), text)
+        path = None
+        staging.commit()
     except BaseException as exc:  # an interrupt too: leave nothing half-written
-        for tmp, _ in staged:
-            with suppress(OSError):
-                tmp.unlink(missing_ok=True)
-        for folder in reversed(made):
-            with suppress(OSError):
-                folder.rmdir()
+        staging.undo()
         if isinstance(exc, OSError):
-            raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+            raise InputError(f"{path or next(iter(files))}: cannot write ({exc.strerror or exc})") from exc
         raise

@@ -19,6 +19,7 @@ docs/results/fuzz.md). With
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -30,6 +31,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 from typer.testing import CliRunner
 
 from moeplan.orchestrator.cli import app
@@ -43,6 +45,7 @@ from tests.orchestrator.fuzz_inputs import (
     float_text,
     garbage,
     int_text,
+    mostly,
     mutated_document,
     out_path,
     write_input,
@@ -53,6 +56,23 @@ ERROR_LIMIT_S = 2.0  # bad input is refused before any work
 FAST, LONG = 25, 400  # examples per command in the two profiles
 PROFILES = [pytest.param(FAST, id="fast"), pytest.param(LONG, id="long", marks=pytest.mark.slow)]
 TEMPORARY = (".tmp",)
+
+
+@functools.cache
+def _plan_validator() -> Draft202012Validator:
+    """The JSON Schema ``moeplan schema`` prints (pydantic's, draft 2020-12), as a validator."""
+    res = CliRunner().invoke(app, ["schema"])
+    assert res.exit_code == 0, res.output
+    schema = json.loads(res.stdout)
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def plan_schema_errors(path: Path) -> None:
+    """Fail unless the plan file at ``path`` validates against ``moeplan schema``."""
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message[:200]}"
+              for e in _plan_validator().iter_errors(json.loads(path.read_text()))]
+    assert not errors, f"{path} does not validate against `moeplan schema`: {errors[:3]}"
 
 
 def _strict(text: str) -> Any:
@@ -74,11 +94,12 @@ def _record(command: str, code: int, seconds: float, stderr: str) -> None:
 
 
 def check(args: list[str], outputs: list[str] = (), *, root: Path, verdicts: tuple[int, ...] = (),
-          listing: bool = False, error_limit_s: float = ERROR_LIMIT_S) -> None:
+          listing: bool = False, error_limit_s: float = ERROR_LIMIT_S, json_out: bool = False) -> None:
     """Run ``moeplan args`` in a fresh folder under ``root`` and check the issue's promises; ``outputs``: the
     files it writes on success (relative ones in that folder). ``verdicts``: exit codes besides 0 that are a
     command's answer, not an error (``check``'s miss, ``status``'s failed job: its files written as on 0);
-    ``listing``: on exit 2 stdout may hold what the command listed before the error line (findings)."""
+    ``listing``: on exit 2 stdout may hold what the command listed before the error line (findings);
+    ``json_out``: stdout is strict JSON on success without ``--json`` too (``schema``)."""
     before = _tree(root)
     with tempfile.TemporaryDirectory(dir=root) as cwd, contextlib.chdir(cwd):  # relative --out lands here
         start = time.perf_counter()
@@ -101,15 +122,17 @@ def check(args: list[str], outputs: list[str] = (), *, root: Path, verdicts: tup
             return
         assert all(line.startswith("moeplan: note: ") for line in res.stderr.splitlines()), shown
         written = [*after, *_tree(Path(cwd))]
-        assert not [name for name in written if name.endswith(TEMPORARY)], f"temporary files left\n{shown}"
+        assert not [name for name in written if any(part.endswith(TEMPORARY) for part in Path(name).parts)], \
+            f"temporary files left\n{shown}"
         for name in outputs:
             path = Path(cwd) / name  # an absolute name stays itself
             assert path.is_file(), f"{name} missing\n{shown}"
             if path.suffix == ".json":
                 _strict(path.read_text())
             if path.name == "plan.json":
-                read_plan(path)  # every plan we write, show reads back
-        if "--json" in args:
+                read_plan(path)  # every plan we write, show reads back...
+                plan_schema_errors(path)  # ...and `moeplan schema` describes
+        if "--json" in args or json_out:
             _strict(res.stdout)
 
 
@@ -176,10 +199,14 @@ def _plan_args(draw: st.DrawFn, folder: Path, documents: dict[str, Any]) -> tupl
         "--load": lambda: _file(draw, folder, documents, "load"),
         "--calibration": lambda: _file(draw, folder, documents, "calibration"),
         "--cost-tables": choice("default", "hopper-cutlass36-2024"),
-        "--trace": out_path(folder, ".json"), "--search": st.none(), "--no-search": st.none(), "--json": st.none(),
+        "--trace": out_path(folder, ".json"), "--json": st.none(),
         "--nodes": int_text(1, 2), "--cluster": choice("h200", "h800"),
     }
-    args = ["plan", "--model", model, "--cluster", "h200", "--nodes", "1", *flags(draw, options, 5), "--out", out]
+    # the layout search evaluates ~1,400 layouts of a tiny model on 8 GPUs since tensor parallelism joined it
+    # (about 11 s of CPU, 02:25 UTC): one example in five searches, so that the fast profile stays quick
+    search = draw(mostly(st.just(["--no-search"]), st.just(["--search"]), st.just([])))
+    args = ["plan", "--model", model, "--cluster", "h200", "--nodes", "1", *search, *flags(draw, options, 5),
+            "--out", out]
     trace = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--trace"]
     return args, [f"{out}/plan.json", f"{out}/plan.html", *trace]
 
@@ -260,6 +287,21 @@ def test_show(examples, tmp_path, documents):
     _fuzz(examples, tmp_path, case)
 
 
+@pytest.mark.parametrize("examples", PROFILES)
+def test_schema(examples, tmp_path):
+    def case(draw: st.DrawFn, folder: Path) -> tuple[list[str], list[str]]:
+        words = draw(st.lists(mostly(st.sampled_from(["plan", "run"]), garbage), max_size=2))
+        return ["schema", *words, *flags(draw, {"--run": st.none(), "--out": st.just("x")}, 1)], []
+    _fuzz(examples, tmp_path, case, json_out=True)
+
+
+@pytest.mark.parametrize("examples", PROFILES)
+def test_presets(examples, tmp_path):
+    def case(draw: st.DrawFn, folder: Path) -> tuple[list[str], list[str]]:
+        return ["presets", *draw(st.lists(garbage, max_size=1)), *flags(draw, {"--json": st.none()}, 1)], []
+    _fuzz(examples, tmp_path, case)
+
+
 def test_the_checks_catch_a_traceback_and_half_written_files(tmp_path, monkeypatch):
     """A test that cannot fail is a defect: a bug (exit 3) and a stray temporary both fail ``check``."""
     from moeplan.orchestrator import cli, schedule_cmd
@@ -273,3 +315,13 @@ def test_the_checks_catch_a_traceback_and_half_written_files(tmp_path, monkeypat
     folder = _fresh(tmp_path)
     with pytest.raises(AssertionError, match="temporary files left"):
         check(["schedule", "--kind", "1f1b", "--pp", "2", "--microbatches", "4", "--out", "s.csv"], ["s.csv"], root=folder)
+
+
+def test_the_schema_check_sees_a_plan_the_schema_does_not_describe(tmp_path, documents):
+    (tmp_path / "good.json").write_text(json.dumps(documents["plan"]))
+    plan_schema_errors(tmp_path / "good.json")
+    bad = json.loads(json.dumps(documents["plan"]))
+    bad["layout"]["pp"] = "two"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(AssertionError, match="layout.pp: 'two' is not of type 'integer'"):
+        plan_schema_errors(tmp_path / "bad.json")

@@ -1,5 +1,6 @@
-"""Every plan ``moeplan plan`` writes, ``moeplan show`` reads back (issue 23): for every model preset (the
-large ones in the slow run) and for random small layouts, with the same summary either way."""
+"""Every plan ``moeplan plan`` writes, ``moeplan show`` reads back and ``moeplan schema`` describes (a JSON Schema
+validation; issue 23): for every model preset (the large ones in the slow run) and for random small layouts, with
+the same summary either way."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from moeplan.orchestrator.cli import app
+from tests.orchestrator.test_fuzz import plan_schema_errors
 
 runner = CliRunner()
 
@@ -35,6 +37,7 @@ def _plan_then_show(args: list[str], out) -> tuple[int, str]:
         return made.exit_code, made.stderr
     shown = runner.invoke(app, ["show", str(out), "--json"])
     assert shown.exit_code == 0, f"show cannot read back the plan of {args}: {shown.stderr}"
+    plan_schema_errors(out / "plan.json")  # and `moeplan schema` describes it
     assert json.loads(shown.stdout) == json.loads(made.stdout)
     return 0, made.stderr
 
