@@ -112,7 +112,9 @@ def prediction_tables(plan: PlanFile) -> list[Table | str]:
     assert pred is not None and budget is not None
     step, run = pred.step, pred.run
     fixed = f"; fixed: {', '.join(pred.fixed_layout_fields)}" if pred.fixed_layout_fields else ""
-    t = Table(title=shown(f"Simulated step ({pred.layout_source} layout{fixed}; cost tables {pred.cost_tables})"),
+    left_out = f"; without {', '.join(pred.techniques)}" if pred.techniques else ""
+    t = Table(title=shown(f"Simulated step ({pred.layout_source} layout{fixed}; cost tables {pred.cost_tables}"
+                          f"{left_out})"),
               title_justify="left", show_header=False)
     t.add_column("what")
     t.add_column("value", justify="right")

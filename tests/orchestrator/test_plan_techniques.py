@@ -62,3 +62,10 @@ def test_no_cp_holds_the_long_context_phases_too(tmp_path):
     assert {p.cp for p in req.inputs.training.phases} == {1} and req.inputs.parallel.cp == 1
     res = runner.invoke(app, [*TINY, "--techniques", "no-cp", "--set", "training.phases.0.cp=2", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "--techniques no-cp contradicts training.phases.0.cp=2" in res.output
+
+
+def test_the_summary_table_names_the_techniques_left_out(tmp_path):
+    res = runner.invoke(app, [*TINY[:-1], "--techniques", "no-fp8,no-dualpipe", "--no-search", "--out", str(tmp_path)],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "without no-dualpipe, no-fp8)" in " ".join(res.output.split())
