@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from moeplan.simulator.costs.beside_comm import BesidePoint, beside_comm_factor, gemm_tiles, interference_frac, wave_ratio
+from moeplan.simulator.costs.beside_comm import (
+    BesidePoint,
+    beside_comm_factor,
+    gemm_tiles,
+    interference_frac,
+    wave_ratio,
+)
 from moeplan.simulator.costs.kernels import gemm_s
 from moeplan.simulator.costs.tables import NAMED_TABLES, default_tables, named_tables
 from moeplan.simulator.presets.clusters import h800_gpu
