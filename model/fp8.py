@@ -142,8 +142,10 @@ def reference_fp8_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out
 
 
 def fp8_grouped_weight_grad(g: torch.Tensor, a: torch.Tensor, offs: torch.Tensor, ops: Fp8Ops,
-                            host_counts: Sequence[int] | None = None) -> torch.Tensor:
-    """FP8 weight gradient of a grouped linear, (E, N, K) FP32: per expert g_e^T a_e.
+                            host_counts: Sequence[int] | None = None,
+                            out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """FP8 weight gradient of a grouped linear, (E, N, K) in ``out_dtype``: per expert g_e^T a_e, accumulated in
+    FP32 by the GEMM and rounded once on its way out.
 
     The reduction runs over tokens, so both operands are quantised in tiles of ``block`` tokens (TR
     §3.3's 128 x 1 tiles for Wgrad). Each expert's rows are first padded to a multiple of ``block``
@@ -158,7 +160,7 @@ def fp8_grouped_weight_grad(g: torch.Tensor, a: torch.Tensor, offs: torch.Tensor
     bounds = torch.cat((counts.new_zeros(1), ((counts + block - 1) // block * block).cumsum(0))).to(torch.int32)
     gq, gs = ops.quant_act_t(g_pad)  # (N, rows), tiles of `block` tokens
     aq, a_s = ops.quant_act_t(a_pad)  # (K, rows)
-    return ops.grouped_wgrad(gq, gs, aq, a_s, bounds, out_dtype=torch.float32, host_counts=host_counts)
+    return ops.grouped_wgrad(gq, gs, aq, a_s, bounds, out_dtype=out_dtype, host_counts=host_counts)
 
 
 def contiguous_layout(offs: torch.Tensor, num_rows: int, tile: int,

@@ -40,7 +40,7 @@ from moeplan.model.grouped_mm import (
     torch_grouped_mm,
     torch_grouped_weight_grad,
 )
-from moeplan.model.weight_grad import WeightGradStore, weight_grad_now_or_later
+from moeplan.model.weight_grad import WeightGradStore, weight_grad_now_or_later, wgrad_dtype
 
 
 class FusedFp8ExpertsFn(torch.autograd.Function):
@@ -120,7 +120,7 @@ def _weight_grad(ctx, index: int, weight: torch.Tensor, g: torch.Tensor, input_f
             return wgrad(g, input_float(), plan.seg_offsets[1:])
         gq, gs = ops.quant_act_t(g)  # (N, M_pad), tiles of 128 tokens, each inside one expert's segment
         aq, a_s = input_fp8_t()  # (K, M_pad)
-        return ops.grouped_wgrad(gq, gs, aq, a_s, plan.seg_offsets, out_dtype=torch.float32,
+        return ops.grouped_wgrad(gq, gs, aq, a_s, plan.seg_offsets, out_dtype=wgrad_dtype(weight),
                                  host_counts=ctx.host_counts)
 
     return weight_grad_now_or_later(ctx.store, weight, weight_grad)

@@ -20,7 +20,7 @@ from moeplan.model.grouped_mm import (
     torch_grouped_mm,
     torch_grouped_weight_grad,
 )
-from moeplan.model.weight_grad import WeightGradStore, weight_grad_now_or_later
+from moeplan.model.weight_grad import WeightGradStore, weight_grad_now_or_later, wgrad_dtype
 
 
 class GroupedLinearFn(torch.autograd.Function):
@@ -67,6 +67,6 @@ class GroupedLinearFn(torch.autograd.Function):
         def weight_grad() -> torch.Tensor:  # (E, N, K)
             if fp8 is None:
                 return wgrad(grad_out, a.to(grad_out.dtype), offs)
-            return fp8_grouped_weight_grad(grad_out, a, offs, fp8, ctx.host_counts)
+            return fp8_grouped_weight_grad(grad_out, a, offs, fp8, ctx.host_counts, out_dtype=wgrad_dtype(weight))
 
         return grad_a, weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad), *none

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeplan.model.fp8 import Fp8Ops
-from moeplan.model.weight_grad import WeightGradStore, weight_grad_now_or_later
+from moeplan.model.weight_grad import WeightGradStore, weight_grad_now_or_later, wgrad_dtype
 
 
 class LinearFn(torch.autograd.Function):
@@ -62,7 +62,7 @@ class LinearFn(torch.autograd.Function):
             if ctx.fp8 is None:
                 return g2.t() @ x2
             fp8 = ctx.fp8  # Wgrad: both operands in tiles of `block` tokens, FP32 out
-            return fp8.gemm(*fp8.quant_act_t(g2), *fp8.quant_act_t(x2), out_dtype=torch.float32)
+            return fp8.gemm(*fp8.quant_act_t(g2), *fp8.quant_act_t(x2), out_dtype=wgrad_dtype(weight))
 
         return grad_x, weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad), *none
 
