@@ -54,6 +54,7 @@ from moeplan.simulator.engine.unit_costs import (
     UnitCosts,
     _linears,
     _memory_bound_s,
+    _recompute_s,
     attention_shapes,
     unit_costs,
 )
@@ -144,9 +145,13 @@ def tp_ends(tables: CostTables, m: ModelSpec, tokens: int, tp: int, sp: bool, nv
     return TpEnds(embed_fwd_s=c("all_reduce", act), head_fwd_s=loss, head_bwd_s=c("all_reduce", act))
 
 
-def _ew(ctx: CostContext, m: ModelSpec, moe: bool, tokens: int, rows_per_token: float) -> tuple[float, float]:
-    """(forward, backward) seconds of one layer's memory-bound kernels on ``tokens`` tokens."""
-    return _memory_bound_s(replace(ctx, tokens=tokens), layer_bytes_per_token(m, moe, ctx.precision, rows_per_token))
+def _memory_bound(ctx: CostContext, m: ModelSpec, moe: bool, tokens: int, rows_per_token: float,
+                  dispatch: bool) -> tuple[float, float, float]:
+    """(forward, backward, selective-recompute) seconds of one layer's memory-bound kernels on ``tokens``
+    tokens, as ``unit_costs`` prices them (its classes, fusion and recompute set)."""
+    at = replace(ctx, tokens=tokens)
+    layer = layer_bytes_per_token(m, moe, ctx.precision, rows_per_token, ctx.fusion, dispatch)
+    return (*_memory_bound_s(at, layer), _recompute_s(at, m, layer, []))
 
 
 def tp_unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic | None, mtp: bool,
@@ -159,17 +164,17 @@ def tp_unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraf
     shard = tokens // tp
     u = unit_costs(ctx, sliced, moe=moe, traffic=None, mtp=mtp)  # attention (and a dense MLP) on the slice
     k = float(m.num_experts_per_tok) if moe else 0.0
-    have = _ew(ctx, sliced, moe, tokens, k)  # what ``u`` priced
+    have = _memory_bound(ctx, sliced, moe, tokens, k, False)  # what ``u`` priced
     if moe:  # the MoE block on the rank's sequence shard, whole weights
         v = unit_costs(replace(ctx, tokens=shard, kv_rows=shard), m, moe=True, traffic=traffic, mtp=mtp)
         rows = traffic.expert_rows_max / shard if traffic else k
         u = replace(v, attn_fwd_s=u.attn_fwd_s, attn_dx_s=u.attn_dx_s, attn_dw_s=u.attn_dw_s,
                     recompute_s=u.recompute_s)
-        want = _ew(ctx, m, moe, shard, rows)
+        want = _memory_bound(ctx, m, moe, shard, rows, traffic is not None and ctx.ep_backend == "deepep")
         # ``v``'s MLP fields hold half of ``want`` already; the attention half moves from ``have`` to ``want``
         attn_f, attn_b, mlp_f, mlp_b = (want[0] - have[0]) / 2, (want[1] - have[1]) / 2, 0.0, 0.0
     elif sp:
-        want = _ew(ctx, m, moe, shard, 0.0)
+        want = _memory_bound(ctx, m, moe, shard, 0.0, False)
         attn_f = mlp_f = (want[0] - have[0]) / 2
         attn_b = mlp_b = (want[1] - have[1]) / 2
     else:
@@ -180,8 +185,8 @@ def tp_unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraf
         part = _linears(ctx, attention_shapes(m)[0][:1], ctx.precision, rows=shard)
         down = tuple(p - w for p, w in zip(part, whole, strict=True))
     recompute = u.recompute_s
-    if ctx.recompute == "selective":
-        recompute += want[0] - have[0]
+    if ctx.recompute == "selective":  # the named memory-bound ops redone on the rank's tokens
+        recompute += want[2] - have[2]
     elif ctx.recompute == "full":
         recompute = u.attn_fwd_s + attn_f + down[0] + u.mlp_fwd_s + mlp_f + u.experts_fwd_s
     return replace(u, attn_fwd_s=u.attn_fwd_s + attn_f + down[0], attn_dx_s=u.attn_dx_s + attn_b + down[1],
