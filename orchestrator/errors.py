@@ -9,6 +9,8 @@ command group, reports:
   behind;
 - a run that failed (``RunFailedError``: its workers kept failing) as ``moeplan: run failed: ...``,
   exit code 5;
+- output whose reader went away (``moeplan show P | head -1``) as nothing at all, exit code 141, as a
+  shell reports a writer whose pipe closed (1 while the help is printed: click's own handling);
 - anything else, a bug, as ``moeplan: internal error: ...`` plus the path of a log file holding the
   traceback (``moeplan-crash-*.log`` in the temporary directory), exit code 3.
 
@@ -17,6 +19,7 @@ command group, reports:
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import tempfile
@@ -41,6 +44,7 @@ INTERNAL_ERROR_EXIT_CODE = 3
 INTERRUPTED_EXIT_CODE = 130
 RUN_FAILED_EXIT_CODE = 5
 TERMINATED_EXIT_CODE = 143  # 128 + SIGTERM, as a shell reports it
+BROKEN_PIPE_EXIT_CODE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader closed the pipe
 MAX_LINE_CHARS = 2000  # a reported line quotes what it was given, up to this long
 
 
@@ -152,6 +156,15 @@ class DeferredSignals:
         self.check()  # a signal that came after the last poll still stops the command
 
 
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor (an in-process test runner's stream)
+        pass
+
+
 class ReportingGroup(TyperGroup):
     """The ``moeplan`` group: bad input is one line and exit code 2, a bug one line and exit code 3."""
 
@@ -166,6 +179,9 @@ class ReportingGroup(TyperGroup):
             raise typer.Exit(RUN_FAILED_EXIT_CODE) from None
         except _CLICK_FLOW:  # usage errors, exits and aborts: ``main`` reports them
             raise
+        except BrokenPipeError:  # `moeplan show P | head -1`: the reader has what it wanted
+            _stdout_to_devnull()
+            raise typer.Exit(BROKEN_PIPE_EXIT_CODE) from None
         except Exception as exc:  # noqa: BLE001 -- a bug: one line here, the traceback in a log file
             raise typer.Exit(report_internal_error(exc)) from None
 

@@ -1,5 +1,5 @@
-"""Killed and concurrent runs (issue 23): SIGTERM during ``plan --search`` exits 143 with one line and writes
-nothing; two runs writing the same ``--out`` leave one run's complete plan (plan.json with its plan.html)."""
+"""Killed and concurrent runs (issue 23): SIGTERM during ``plan --search`` exits 143 with one line (Ctrl-C 130)
+and writes nothing; two runs writing the same ``--out`` leave one run's complete plan (plan.json with its plan.html)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from moeplan.simulator.contracts.plan_file import read_plan
 
@@ -25,18 +27,22 @@ def _catches_sigterm(pid: int) -> bool:
     return False
 
 
-def test_sigterm_during_a_search_exits_143_with_one_line_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize(("signum", "code", "lines"), [
+    (signal.SIGTERM, 143, ["moeplan: terminated (SIGTERM); files are written whole or not at all"]),
+    (signal.SIGINT, 130, []),  # Ctrl-C: the shell has shown ^C; nothing more
+], ids=["sigterm", "ctrl-c"])
+def test_a_signal_during_a_search_stops_it_and_writes_nothing(tmp_path, signum, code, lines):
     out = tmp_path / "o"
     proc = _moeplan("plan", "--model", "deepseek-v2-lite", "--cluster", "h200", "--nodes", "2", "--out", str(out))
     deadline = time.monotonic() + 60
     while not _catches_sigterm(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)  # into the search (it takes seconds)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 143, stderr
-    assert stderr.splitlines() == ["moeplan: terminated (SIGTERM); files are written whole or not at all"]
-    assert "Traceback" not in stdout and not out.exists()
+    assert proc.returncode == code, stderr
+    assert stderr.splitlines() == lines
+    assert "Traceback" not in stdout and not out.exists() and not list(tmp_path.iterdir())
 
 
 def test_two_runs_writing_one_out_leave_one_complete_plan(tmp_path):
@@ -49,3 +55,36 @@ def test_two_runs_writing_one_out_leave_one_complete_plan(tmp_path):
     plan = read_plan(out)
     assert f"inputs sha256 {plan.inputs_sha256[:16]}" in (out / "plan.html").read_text()  # the page of that plan
     assert sorted(p.name for p in out.iterdir()) == ["plan.html", "plan.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fresh", [True, False], ids=["new-out", "existing-out"])
+def test_many_pairs_of_runs_on_one_out_each_leave_one_complete_plan(tmp_path, fresh):
+    """The long profile of the test above: 12 rounds of two ``plan`` processes started together on one ``--out``
+    (new, or holding a previous plan), with different layouts; each round ends with one run's plan.json beside
+    its own plan.html, both read back, and nothing else visible."""
+    base = ("plan", "--model", "tiny-moe", "--cluster", "h200", "--nodes", "1", "--no-search")
+    for round_ in range(12):
+        out = tmp_path / f"r{round_}" / "o"
+        if not fresh:
+            first = _moeplan(*base, "--pp", "1", "--out", str(out))
+            assert first.wait(timeout=120) == 0, first.stderr.read()
+        runs = [_moeplan(*base, "--pp", pp, "--ep", ep, "--out", str(out)) for pp, ep in (("2", "1"), ("4", "2"))]
+        for run in runs:
+            _, stderr = run.communicate(timeout=120)
+            assert run.returncode == 0, stderr
+        plan = read_plan(out)
+        assert plan.layout.pp in (2, 4), plan.layout.pp
+        assert f"inputs sha256 {plan.inputs_sha256[:16]}" in (out / "plan.html").read_text()
+        assert sorted(p.name for p in out.iterdir()) == ["plan.html", "plan.json"]  # no temporary left
+        assert not [p for p in out.parent.iterdir() if p.name != "o"], list(out.parent.iterdir())
+
+
+def test_a_reader_that_goes_away_is_no_error(tmp_path):
+    """``moeplan schema | head -c 10``: the pipe closes before moeplan writes; exit 141 as a shell reports a
+    writer whose reader left (128 + SIGPIPE), nothing on stderr, no crash log (it was an internal error, exit 3)."""
+    proc = _moeplan("schema")
+    proc.stdout.close()  # before moeplan has imported what it needs, let alone printed
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 141, stderr
+    assert stderr == ""
