@@ -174,7 +174,8 @@ def check_fixed(inputs: PlanInputs, fixed: dict[str, Any]) -> None:
     if fixed.get("dp") and world % fixed["dp"]:
         raise LayoutError(f"dp={fixed['dp']} does not divide the cluster's {world} GPUs")
     if "tp" in fixed or "sp" in fixed:
-        par = inputs.parallel.model_copy(update={k: fixed[k] for k in ("tp", "sp") if k in fixed})
+        tp = fixed.get("tp", inputs.parallel.tp)  # an sp left free is the search's to choose: check the one that may run
+        par = inputs.parallel.model_copy(update={"tp": tp, "sp": fixed.get("sp", tp > 1)})
         try:
             check_tp(m, inputs.cluster, par.model_copy(update={"cp": fixed.get("cp", 1)}))
         except TensorParallelError as exc:
