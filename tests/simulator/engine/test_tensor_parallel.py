@@ -113,3 +113,24 @@ def test_tp8_sp_on_67b_exposes_its_collectives():
     assert pred.exposed_comm_frac > 0.05
     names = {e.name.split(" ", 2)[-1] for e in events if e.lane == "nvlink"}
     assert {"tp-gather", "attn tp-reduce", "mlp tp-gather", "mlp tp-reduce", "attn-bwd tp-reduce"} <= names
+
+
+@pytest.mark.parametrize("model", [deepseek_67b(), deepseek_v3()], ids=lambda m: m.name)
+def test_the_memory_bound_share_is_what_unit_costs_prices(model):
+    """Guard against drift from ``unit_costs``: its memory-bound seconds are what doubling HBM bandwidth halves;
+    ``_memory_bound`` (which SP moves from the slice to the shard) must give the same."""
+    from dataclasses import replace
+
+    from moeplan.simulator.engine.tensor_parallel import _memory_bound
+
+    recipe = default_recipe()
+    par = ParallelSpec(pp=8, seq_len_tokens=4096, recompute="selective")
+    inputs = PlanInputs(model=model, cluster=h800(8), parallel=par, training=recipe.training, budget=recipe.budget)
+    ctx = cost_context(inputs, default_tables("H800-SXM5"), 4096)
+    fast = replace(ctx, gpu=ctx.gpu.model_copy(update={"hbm_bytes_per_s": 2 * ctx.gpu.hbm_bytes_per_s}))
+    sliced, moe = tp_slice(model, 8), model.is_moe
+    a, b = (unit_costs(c, sliced, moe=moe, traffic=None) for c in (ctx, fast))
+    fwd, bwd, redo = _memory_bound(ctx, sliced, moe, ctx.tokens, float(model.num_experts_per_tok), False)
+    assert 2 * (a.attn_fwd_s + a.mlp_fwd_s - b.attn_fwd_s - b.mlp_fwd_s) == pytest.approx(fwd, rel=1e-9)
+    assert 2 * (a.attn_dx_s + a.mlp_dx_s - b.attn_dx_s - b.mlp_dx_s) == pytest.approx(bwd, rel=1e-9)
+    assert 2 * (a.recompute_s - b.recompute_s) == pytest.approx(redo, rel=1e-9)
