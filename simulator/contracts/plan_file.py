@@ -271,6 +271,11 @@ def _derived_error(plan: PlanFile) -> str | None:
         return (f"predictions: step.per_rank must hold pp={lay.pp} ranks at microbatches={lay.microbatches}, and "
                 f"run.phases the inputs' {len(plan.inputs.training.phases)} phases")
     budget = plan.budget_report
+    if (pred is None) != (budget is None):
+        return "predictions and budget_report are written together: one of them is null"
+    if budget is not None and budget.gpu_hours_total != pred.run.gpu_hours_total:
+        return (f"budget_report.gpu_hours_total={budget.gpu_hours_total} is not predictions.run.gpu_hours_total="
+                f"{pred.run.gpu_hours_total}")
     if budget is not None and budget.budget_gpu_hours != plan.inputs.budget.gpu_hours:
         return f"budget_report.budget_gpu_hours={budget.budget_gpu_hours} but the inputs give {plan.inputs.budget.gpu_hours}"
     return None

@@ -173,6 +173,10 @@ TAMPERED = {
                                              "layout.stages: Input should be less than or equal to 1024"),
     "a layer range that would fill memory": (("layout", "stage_records", 0, "end_layer"), 2**31,
                                              "end_layer: Input should be less than or equal to 1024"),
+    "predictions without a budget report": (("budget_report",), None,
+                                            "predictions and budget_report are written together"),
+    "a budget report of another run": (("budget_report", "gpu_hours_total"), 1.0,
+                                       "budget_report.gpu_hours_total=1.0 is not predictions.run.gpu_hours_total"),
     "NaN": (("predictions", "step", "mfu_frac"), "NaN", "NaN is not a JSON number"),
     "an infinity": (("predictions", "run", "gpu_hours_total"), "1e999", "1e999 does not fit a float"),
 }
