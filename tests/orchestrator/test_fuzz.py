@@ -198,13 +198,18 @@ def _plan_args(draw: st.DrawFn, folder: Path, documents: dict[str, Any]) -> tupl
             garbage)),
         "--load": lambda: _file(draw, folder, documents, "load"),
         "--calibration": lambda: _file(draw, folder, documents, "calibration"),
-        "--cost-tables": choice("default", "hopper-cutlass36-2024"),
+        "--cost-tables": choice("default", "hopper-cutlass36-2024", "hopper-bf16-fa2-2023"),
+        "--techniques": choice("no-dualpipe", "no-fp8,no-cp", "no-ep,no-zero-bubble,no-interleaved", "no-fp9", ",", ""),
         "--trace": out_path(folder, ".json"), "--json": st.none(),
         "--nodes": int_text(1, 2), "--cluster": choice("h200", "h800"),
     }
-    # the layout search evaluates ~1,400 layouts of a tiny model on 8 GPUs since tensor parallelism joined it
-    # (about 11 s of CPU, 02:25 UTC): one example in five searches, so that the fast profile stays quick
+    # Since tensor parallelism joined the layout search (02:12 UTC) it evaluates ~1,400 layouts of a tiny model on
+    # 8 GPUs (~11 s of CPU; 16 GPUs: 18 s, and minutes of wall time on this shared machine): one example in five
+    # searches, on one node with tp fixed at 1 (492 layouts, ~2 s), so that the profiles stay quick
     search = draw(mostly(st.just(["--no-search"]), st.just(["--search"]), st.just([])))
+    if search != ["--no-search"]:
+        options.pop("--nodes")
+        search += ["--tp", "1"]
     args = ["plan", "--model", model, "--cluster", "h200", "--nodes", "1", *search, *flags(draw, options, 5),
             "--out", out]
     trace = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--trace"]
