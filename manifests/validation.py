@@ -78,7 +78,7 @@ def validate_documents(docs: list[tuple[str, dict[str, Any]]], version: str = KU
         found.append(Finding("policy", "(folder)", "-", f"no {' or '.join(CRDS)} among the manifests"))
     for source, doc in docs:
         layers = {"schema": schema_findings(doc), "cel": cel_findings(doc), "pod": pod_findings(doc, version)}
-        if doc.get("kind") in CRDS:
+        if doc.get("kind") in CRDS and not layers["schema"]:  # the policy indexes the shapes the schema checks
             layers["policy"] = (policy_findings(doc, plan) if plan is not None
                                 else [f"no ConfigMap holding {pods.PLAN_KEY}: nothing to check the job against"])
         found += [Finding(layer, source, _label(doc), m) for layer, lines in layers.items() for m in lines]

@@ -82,6 +82,20 @@ def test_validate_reports_a_seeded_mistake_with_its_layer(folder, tmp_path) -> N
     assert lines[-1] == "moeplan: error: manifests: 2 problem(s) found by layer(s) pod, schema (listed above)"
 
 
+@pytest.mark.parametrize("template", ["x", None], ids=["a string", "null"])
+def test_a_job_of_the_wrong_shape_is_the_schemas_not_a_crash(folder, tmp_path, template) -> None:
+    """The long fuzz profile (2026-12-06): a pod template that is not an object reached the policy layer,
+    which indexes it (AttributeError, exit 3, 11 of 400 examples); the policy now waits for the schema."""
+    cm, job = _docs(folder)
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"] = template
+    (tmp_path / "plan-configmap.yaml").write_text(yaml.safe_dump(cm))
+    (tmp_path / "rayjob.yaml").write_text(yaml.safe_dump(job))
+    result = CliRunner().invoke(app, ["manifests", "--validate", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert result.stdout.startswith("[schema]") and "[policy]" not in result.stdout, result.stdout
+    assert result.stderr.splitlines()[-1].startswith("moeplan: error: manifests: "), result.stderr
+
+
 def _script_created(fake: FakeApiServer) -> None:
     fake.script("POST", CM_PATH, 201, {"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": "x"}})
     fake.script("POST", RJ_PATH, 201, {"kind": "RayJob"})
