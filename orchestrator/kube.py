@@ -62,13 +62,18 @@ class _Kept(logging.Handler):
         self.lines.append(" ".join(record.getMessage().split())[:200])
 
 
+def check_request_timeout(request_timeout_s: float) -> None:
+    """``--request-timeout-s`` in (0, ``MAX_REQUEST_TIMEOUT_S``]: checked before a command does any work."""
+    if not 0 < request_timeout_s <= MAX_REQUEST_TIMEOUT_S:
+        raise InputError(f"--request-timeout-s {request_timeout_s:g}: must be in (0, {MAX_REQUEST_TIMEOUT_S:g}]")
+
+
 class Kube:
     """A client bound to one kubeconfig context; each request waits at most ``request_timeout_s``."""
 
     def __init__(self, kubeconfig: Path | None, context: str | None,
                  request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
-        if not 0 < request_timeout_s <= MAX_REQUEST_TIMEOUT_S:
-            raise InputError(f"--request-timeout-s {request_timeout_s:g}: must be in (0, {MAX_REQUEST_TIMEOUT_S:g}]")
+        check_request_timeout(request_timeout_s)
         self.request_timeout_s = request_timeout_s
         self.logs = _Kept()
         where = f"--context {context}" if context else f"--kubeconfig {kubeconfig or '~/.kube/config'}"

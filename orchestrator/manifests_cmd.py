@@ -19,7 +19,7 @@ from moeplan.manifests.pod_check import KUBERNETES_VERSION
 from moeplan.manifests.render import BUILDERS, CONFIGMAP_MAX_BYTES, documents, load_documents, render
 from moeplan.manifests.target import GiB, K8sTarget, ManifestError
 from moeplan.manifests.validation import Finding, read_documents, validate_documents
-from moeplan.orchestrator.errors import InputError
+from moeplan.orchestrator.errors import InputError, one_line
 from moeplan.orchestrator.outputs import check_out_dir, write_outputs
 from moeplan.simulator.contracts.plan_file import PlanFile, parse_plan
 
@@ -113,8 +113,8 @@ def _validated(docs: list[tuple[str, dict[str, Any]]], version: str) -> None:
         findings: list[Finding] = validate_documents(docs, version)
     except ManifestError as exc:
         raise InputError(str(exc)) from None
-    for finding in findings:
-        typer.echo(finding.line())
+    for finding in findings:  # one line each, a document's text spelled out (no terminal escapes from a file)
+        typer.echo(one_line(finding.line()))
     if findings:
         layers = sorted({f.layer for f in findings})
         raise InputError(f"manifests: {len(findings)} problem(s) found by layer(s) {', '.join(layers)} (listed above)")

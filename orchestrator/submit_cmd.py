@@ -28,7 +28,7 @@ from moeplan.manifests.pod_check import KUBERNETES_VERSION
 from moeplan.manifests.target import ManifestError
 from moeplan.manifests.validation import read_documents, validate_documents
 from moeplan.orchestrator.errors import InputError, note, one_line
-from moeplan.orchestrator.kube import REQUEST_TIMEOUT_S, RESOURCES, Kube
+from moeplan.orchestrator.kube import REQUEST_TIMEOUT_S, RESOURCES, Kube, check_request_timeout
 from moeplan.orchestrator.kube_input import NAMESPACE_RE, check_name
 
 FAILED_EXIT_CODE = 1
@@ -48,6 +48,7 @@ def submit_command(
     request_timeout_s: RequestTimeoutOpt = REQUEST_TIMEOUT_S,
 ) -> None:
     """Validate a manifest folder, dry-run it on the server, then create it."""
+    check_request_timeout(request_timeout_s)  # before the validation's seconds
     docs = _valid_documents(folder, kubernetes_version)
     ordered = sorted((d for _, d in docs), key=lambda d: d.get("kind") != "ConfigMap")  # the plan before its job
     unknown = [d.get("kind") for d in ordered if d.get("kind") not in RESOURCES]

@@ -212,3 +212,22 @@ def test_status_of_no_such_job_is_one_line(fake) -> None:
     result = _run("status", "ghost", "--kubeconfig", fake.kubeconfig)
     assert result.exit_code == 2
     assert result.output.strip() == "moeplan: error: NAME 'ghost': no RayJob or JobSet of that name in namespace default"
+
+
+def test_findings_cannot_drive_the_terminal(folder, tmp_path) -> None:
+    """The long fuzz profile (2026-12-06): a ConfigMap whose apiVersion held an escape sequence was printed raw in
+    the pod layer's finding; findings are now one printable line each."""
+    cm, job = _docs(folder)
+    cm["apiVersion"] = "\x1b]0;t\x07\x1b[2J"
+    (tmp_path / "plan-configmap.yaml").write_text(yaml.safe_dump(cm))
+    (tmp_path / "rayjob.yaml").write_text(yaml.safe_dump(job))
+    result = CliRunner().invoke(app, ["manifests", "--validate", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "\x1b" not in result.stdout + result.stderr and "\\x1b]0;t\\x07" in result.stdout, result.stdout
+
+
+def test_submit_refuses_a_bad_request_timeout_before_validating(folder) -> None:
+    """The long fuzz profile: `--request-timeout-s inf` was refused after the seconds of validation (4.1 s)."""
+    result = CliRunner().invoke(app, ["submit", str(folder), "--request-timeout-s", "inf"])
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    assert result.stderr.splitlines() == ["moeplan: error: --request-timeout-s inf: must be in (0, 600]"]
