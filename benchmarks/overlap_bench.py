@@ -33,7 +33,7 @@ from moeplan.model.runtime.executor import Timeline
 from moeplan.model.runtime.loopback import hidden_fraction, loopback_spec, loopback_stage, run_pair
 from moeplan.model.runtime.overlap_comm import LoopbackComm, Streams
 from moeplan.simulator.contracts.atomic_write import write_atomic
-from moeplan.simulator.presets.models import tiny_moe
+from moeplan.simulator.presets.models import deepseek_v3, tiny_moe
 
 
 def _sync(device: torch.device) -> None:
@@ -92,7 +92,8 @@ def main() -> None:
     torch.manual_seed(0)
     if device.type == "cpu":
         torch.set_num_threads(1)  # the CPU smoke run shares its cores
-    spec = loopback_spec(tiny_moe(), args.small, args.shape)
+    base = deepseek_v3() if args.shape == "v3" and not args.small else tiny_moe()
+    spec = loopback_spec(base, args.small, args.shape)
     seq = args.seq or (32 if args.small else 4096)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     model = loopback_stage(spec, dtype, device)

@@ -25,20 +25,19 @@ from moeplan.model.runtime.expert_parallel import ExpertParallelMoE
 from moeplan.model.runtime.overlap import Pass, drain, interleave, stage_backward, stage_forward
 from moeplan.model.runtime.overlap_comm import LoopbackComm, Streams
 from moeplan.model.transformer import Transformer
-from moeplan.simulator.presets.models import deepseek_v3
 from moeplan.simulator.spec.model import ModelSpec
 
 
 def loopback_spec(spec: ModelSpec, small: bool, shape: str = "1k") -> ModelSpec:
     """``spec`` (tiny-moe, for smoke runs) as is when ``small``; else, ``shape="1k"``: widened into a toy of
     V3's structure (its MLA, dense first layer, grouped routing): d=1024, 16 experts top-4, no MTP;
-    ``shape="v3"``: V3's own layers (d=7168, MLA with 128 heads, 8 of 16 experts in 8 groups, 4 kept),
-    three of them (one dense), a small vocabulary, no MTP: enough work per layer that the GPU, not the
-    host's kernel launches, sets the pace."""
+    ``shape="v3"``: ``spec`` is DeepSeek-V3 (the caller's preset), cut to three of its own layers (d=7168, MLA
+    with 128 heads, one dense), 8 of 16 experts in 8 groups (4 kept), a small vocabulary, no MTP: enough work
+    per layer that the GPU, not the host's kernel launches, sets the pace."""
     if small:
         return spec
     if shape == "v3":
-        return deepseek_v3().model_copy(update={
+        return spec.model_copy(update={
             "name": "loopback-v3", "num_hidden_layers": 3, "first_k_dense_replace": 1, "n_routed_experts": 16,
             "vocab_size": 8192, "num_nextn_predict_layers": 0})
     if shape != "1k":
