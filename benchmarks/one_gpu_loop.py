@@ -1,0 +1,101 @@
+"""The product's loop on one GPU (issue 19): plan a DeepSeek-V3-shaped stage sized to fit, launch it through
+Ray on this machine's GPU, check the run against the plan, and (``--calibrate``) predict it again from tables
+``moeplan calibrate`` measured on the same GPU.
+
+    python -P benchmarks/one_gpu_loop.py --work /tmp/loop --out docs/results/one-gpu.md            # a GPU
+    python -P benchmarks/one_gpu_loop.py --work /tmp/loop --out /tmp/loop.md --cpu-smoke           # plumbing only
+
+The stage is V3's own architecture (``simulator.presets.models.deepseek_v3``: d = 7168, MLA with 128 heads,
+8 of n routed experts in 8 groups, 4 kept, V3's vocabulary) cut to three layers, the first dense, with 16
+routed experts per MoE layer and no MTP: 3.6B parameters, 54 GiB planned on an H100 with FP32 main gradients
+and AdamW moments. One pipeline rank, 1F1B, four 4096-token micro-batches per step. The GPU's cluster preset
+(``h100`` or ``h200``) is chosen from ``torch.cuda.get_device_name``. ``--cpu-smoke`` runs the same commands on
+``tiny-moe`` and the ``cpu`` cluster, to test this script without a GPU. Every command is the CLI a user types;
+the report quotes their output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from moeplan.simulator.contracts.atomic_write import write_atomic
+from moeplan.simulator.presets.models import deepseek_v3
+from moeplan.simulator.spec.model import ModelSpec
+
+STAGE = {"name": "deepseek-v3-stage", "num_hidden_layers": 3, "first_k_dense_replace": 1, "n_routed_experts": 16,
+         "num_nextn_predict_layers": 0}
+
+
+def stage_spec() -> ModelSpec:
+    """V3 cut to one pipeline stage that one 80 GB GPU trains (see the module docstring)."""
+    return deepseek_v3().model_copy(update=STAGE)
+
+
+def gpu_cluster() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("one_gpu_loop: no CUDA GPU here (use --cpu-smoke to test the script)")
+    name = torch.cuda.get_device_name()
+    for key, preset in (("H200", "h200"), ("H100", "h100")):
+        if key in name:
+            return preset
+    sys.exit(f"one_gpu_loop: no cluster preset for {name!r} (h100 and h200 exist)")
+
+
+def moeplan(*args: str, timeout: float = 900) -> tuple[int, str]:
+    """Run the CLI; (exit code, stdout + stderr)."""
+    res = subprocess.run([sys.executable, "-P", "-m", "moeplan.orchestrator.cli", *args], capture_output=True,
+                         text=True, timeout=timeout, check=False)
+    return res.returncode, (res.stdout + res.stderr).rstrip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="folder for the config, plans and runs")
+    parser.add_argument("--out", type=Path, required=True, help="the Markdown report")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp8"))
+    parser.add_argument("--calibrate", action="store_true", help="also predict from `moeplan calibrate`'s tables")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny-moe on the cpu cluster: the plumbing only")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.cpu_smoke:
+        model, cluster, seq, extra = "tiny-moe", "cpu", "64", []
+    else:
+        model, cluster, seq = str(args.work / "v3-stage.json"), gpu_cluster(), "4096"
+        write_atomic(Path(model), json.dumps(stage_spec().model_dump(mode="json"), indent=1))
+        extra = ["--precision", args.precision]
+    common = ["--model", model, "--cluster", cluster, "--nodes", "1", "--set", "cluster.node.gpus_per_node=1",
+              "--pp", "1", "--ep", "1", "--dp", "1", "--schedule", "1f1b", "--microbatches", "4",
+              "--micro-batch-size", "1", "--seq-len", seq, "--global-batch", "4", "--tokens", "1B",
+              "--budget-gpu-hours", "2000", "--no-search", *extra]
+    plan_dir, run_dir = args.work / "plan", args.work / "plan" / "run"
+    log = [("plan", moeplan("plan", *common, "--out", str(plan_dir)))]
+    if log[-1][1][0] == 0:
+        log.append(("launch", moeplan("launch", str(plan_dir), "--steps", str(args.steps), "--run-dir", str(run_dir))))
+        log.append(("check", moeplan("check", str(run_dir))))
+        if args.calibrate:
+            tables = args.work / "calibrated.json"
+            log.append(("calibrate", moeplan("calibrate", "--plan", str(plan_dir / "plan.json"), "--out", str(tables))))
+            log.append(("plan, calibrated", moeplan("plan", *common, "--calibration", str(tables), "--out",
+                                                    str(args.work / "plan-calibrated"))))
+            log.append(("check against it", moeplan("check", str(run_dir), "--plan",
+                                                    str(args.work / "plan-calibrated" / "plan.json"))))
+    lines = ["# The plan -> launch -> check loop on one GPU", "",
+             (f"`python -P benchmarks/one_gpu_loop.py {' '.join(sys.argv[1:])}`, "
+              f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, model {model}, cluster {cluster}."), ""]
+    for name, (code, text) in log:
+        lines += [f"## {name} (exit {code})", "", "```text", text[-12000:], "```", ""]
+    write_atomic(args.out, "\n".join(lines))
+    failed = [code for name, (code, _) in log if name in ("plan", "launch", "calibrate") and code != 0]
+    sys.exit(failed[0] if failed else 0)  # a check that misses (exit 1) is a result, not a failure
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""``benchmarks/one_gpu_loop.py``: its stage is V3's architecture cut to fit one 80 GB GPU, planned as the
+script plans it; the loop itself runs on a GPU (or, ``--cpu-smoke``, through the same commands on CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from moeplan.orchestrator.cli import app
+from moeplan.simulator.presets.models import deepseek_v3
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("one_gpu_loop", ROOT / "benchmarks" / "one_gpu_loop.py")
+loop = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(loop)
+
+
+def test_the_stage_is_v3s_layers_one_dense_then_moe():
+    v3, stage = deepseek_v3(), loop.stage_spec()
+    same = ("hidden_size", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "vocab_size",
+            "moe_intermediate_size", "num_experts_per_tok", "n_group", "topk_group", "n_shared_experts")
+    assert all(getattr(stage, f) == getattr(v3, f) for f in same)
+    assert [stage.is_moe_layer(i) for i in range(stage.num_hidden_layers)] == [False, True, True]
+    assert stage.n_routed_experts == 16 and stage.num_nextn_predict_layers == 0
+
+
+def test_it_plans_to_fit_an_h100(tmp_path):
+    config = tmp_path / "v3-stage.json"
+    config.write_text(json.dumps(loop.stage_spec().model_dump(mode="json")))
+    out = tmp_path / "plan"
+    res = CliRunner().invoke(app, ["plan", "--model", str(config), "--cluster", "h100", "--nodes", "1", "--set",
+                                   "cluster.node.gpus_per_node=1", "--pp", "1", "--ep", "1", "--dp", "1", "--schedule",
+                                   "1f1b", "--microbatches", "4", "--micro-batch-size", "1", "--seq-len", "4096",
+                                   "--global-batch", "4", "--tokens", "1B", "--no-search", "--json", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["memory"]["fits"] and plan["layout"]["world"] == 1
