@@ -10,8 +10,12 @@ that fails is reported and left out; the file is written whole or not at all (``
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -83,6 +87,35 @@ def _summary(tables: CostTables, skipped: list[str]) -> Table:
     return table
 
 
+@contextmanager
+def _children_killed_on_signal() -> Iterator[None]:
+    """SIGINT and SIGTERM kill the measuring processes first, then do what they did before (raise
+    ``KeyboardInterrupt`` or ``Terminated``): a measurement's own cleanup waits for its processes (the gloo pair
+    of ``calibration.beside`` is joined for up to 10 s each), and processes still starting or waiting for a
+    peer that never came would hold the command that long. Main thread only (else a no-op)."""
+    import multiprocessing
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def kill_then_raise(signum: int, frame: Any) -> None:
+        for child in multiprocessing.active_children():
+            with suppress(OSError):
+                child.kill()
+        previous[signum](signum, frame)
+
+    handled = [s for s, handler in previous.items() if callable(handler)]  # an ignored signal stays ignored
+    for s in handled:
+        signal.signal(s, kill_then_raise)
+    try:
+        yield
+    finally:
+        for s in handled:
+            signal.signal(s, previous[s])
+
+
 def _stop_children(grace_s: float = 2.0) -> None:
     """Terminate the processes measuring collectives (``calibration.links``), then kill what outlives ``grace_s``."""
     import multiprocessing
@@ -135,7 +168,8 @@ def calibrate_command(
     before, threads_before = load_average(), torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:  # no stray line
+        with _children_killed_on_signal(), Progress(console=console, transient=True,
+                                                    disable=not console.is_terminal) as progress:  # no stray line
             task = progress.add_task("calibrating", total=5 + len(link_groups(shapes)))
 
             def advance(what: str) -> None:
