@@ -18,7 +18,7 @@ from moeplan.orchestrator.errors import InputError
 from moeplan.orchestrator.outputs import strict_json
 from moeplan.simulator.contracts.plan_file import PlanFile
 from moeplan.simulator.contracts.run_report import RunReport
-from moeplan.simulator.costs.tables import CostTables, named_tables
+from moeplan.simulator.costs.tables import CostTables, default_tables, named_tables
 from moeplan.simulator.report.trace_analysis import TraceError, read_trace
 from moeplan.simulator.spec.errors import first_error_line
 
@@ -32,6 +32,8 @@ def base_tables(plan: PlanFile, given: Path | None) -> CostTables:
         except ValueError as exc:
             raise InputError(f"--recalibrate-from {exc}") from None
     name = plan.predictions.cost_tables if plan.predictions else "default"
+    if name == default_tables(plan.inputs.cluster.gpu.name).name:  # e.g. "h200-default": the GPU's default tables
+        name = "default"
     try:
         return named_tables(name, plan.inputs.cluster.gpu.name)
     except ValueError:

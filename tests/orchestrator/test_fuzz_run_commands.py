@@ -24,6 +24,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from moeplan.orchestrator.cli import app
+from moeplan.simulator.contracts.plan_file import read_plan
+from moeplan.simulator.costs.tables import default_tables
 from tests.orchestrator.fuzz_inputs import (
     choice,
     flags,
@@ -100,6 +102,36 @@ def test_check(examples, tmp_path, base_run):
         if draw(st.integers(0, 4)) == 0:  # --plan: another file than the run's
             args += ["--plan", _plan_file(draw, folder, base_run["plan"])]
         return args, [str(run / "run.html")] if args[1] == str(run) else []
+    _fuzz(examples, tmp_path, case, verdicts=(1,))
+
+
+def _tables_file(draw: st.DrawFn, folder: Path, plan_dir: Path) -> str:
+    """A ``--recalibrate-from`` path: the tables the plan was priced with as a file (mutated half the time), or a
+    folder, a device, a missing file or garbage."""
+    how = draw(mostly(st.sampled_from(["good", "mutated"]), st.sampled_from(["folder", "device", "nowhere"]),
+                      garbage))
+    if how in ("good", "mutated"):
+        tables = default_tables(read_plan(plan_dir).inputs.cluster.gpu.name).model_dump(mode="json")
+        text = draw(mutated_document(tables)) if how == "mutated" else json.dumps(tables).encode()
+        (folder / "tables.json").write_bytes(text)
+        return str(folder / "tables.json")
+    return {"folder": str(folder), "device": "/dev/zero", "nowhere": str(folder / "nowhere.json")}.get(how, how)
+
+
+@pytest.mark.parametrize("examples", PROFILES)
+def test_check_recalibrate(examples, tmp_path, base_run):
+    """``check --recalibrate FILE``: a corrupt run, a hostile FILE (``out_path``) and ``--recalibrate-from``; on
+    exit 0 or 1 both ``RUN/run.html`` and FILE are whole, strict JSON, on 2 nothing is written."""
+    def case(draw: st.DrawFn, folder: Path) -> tuple[list[str], list[str]]:
+        run = folder / "run"
+        shutil.copytree(base_run["dir"], run, ignore=shutil.ignore_patterns("run.html"))
+        draw(corrupt_run(run, base_run["run.json"], base_run["trace"]))
+        out = draw(out_path(folder, ".json"))
+        args = ["check", str(run), "--recalibrate", out,
+                *flags(draw, {"--tolerance": float_text(0, 1), "--json": st.none()}, 2)]
+        if draw(st.booleans()):  # else the tables the plan names
+            args += ["--recalibrate-from", _tables_file(draw, folder, base_run["plan"])]
+        return args, [str(run / "run.html"), out]
     _fuzz(examples, tmp_path, case, verdicts=(1,))
 
 
