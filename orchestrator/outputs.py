@@ -5,16 +5,26 @@ A command renders every file first, then hands them here. ``write_outputs`` is `
 written under a hidden name and flushed to disk, and only when all are there do they go into place.
 Files for a folder that does not exist yet (a new ``--out``) are written into a hidden folder beside
 it, which is then renamed to be that folder: its files appear together or not at all, even if the
-process is killed. Files for an existing folder are renamed one by one under a lock on the folder,
-the first file given last (``plan.json``: what readers read), so that two runs writing the same
-``--out`` leave one run's complete set. A failure, or an interrupt, removes what it wrote (folders
-it made included) and becomes one ``InputError``. The ``check_*`` functions reject an unusable
-``--out`` before a command spends time computing. ``strict_json`` is how every JSON object we print
-or write is dumped: NaN and infinities are refused, never written.
+process is killed. Files for a folder that exists are written into a hidden folder beside it too; under
+a lock on the folder, that one is given hard links to the folder's other entries and the two folders are
+exchanged in one step (Linux ``renameat2(..., RENAME_EXCHANGE)``, glibc 2.28 or later, through ``ctypes``),
+then the old one is removed: a reader, or a kill at any point, sees the old files or the new ones, never a
+mix. The swap gives the folder a new inode (a shell sitting in it is left in the removed one, and entries
+made in it by another program during the swap are lost), so it is used only where it matters and can
+work: two files or more into the folder, which holds no subfolder, is not this process's current folder
+and lies on its parent's file system. Elsewhere, and where the call is missing or refused (an older
+glibc or kernel, a file system without it), the files are renamed one by one under the lock, the first
+file given last (``plan.json``: what readers read), so that a kill between two renames can leave a new
+``plan.html`` beside the old ``plan.json`` but never a new plan without its page. Two runs writing the same
+``--out`` leave one run's complete set either way. A failure, or an interrupt, removes what it wrote
+(folders it made included) and becomes one ``InputError``. The ``check_*`` functions reject an unusable
+``--out`` before a command spends time computing. ``strict_json`` is how every JSON object we print or
+write is dumped: NaN and infinities are refused, never written.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import json
@@ -22,7 +32,7 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -99,23 +109,99 @@ def _write_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def _renameat2() -> Any:
+    """libc's ``renameat2`` (glibc 2.28+), None where this libc has none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _renameat2()
+_AT_FDCWD = -100  # <fcntl.h>: paths relative to the current folder
+_RENAME_EXCHANGE = 2  # <linux/fs.h>: swap the two names, atomically
+_UNSUPPORTED = (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)  # an old kernel, or a file system without it
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the folders ``a`` and ``b`` in one step; False where the system cannot (nothing changed then)."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 @contextmanager
 def _locked(folders: list[Path]) -> Iterator[None]:
-    """Hold an exclusive lock on each folder (in one order, so two writers cannot deadlock)."""
+    """Hold an exclusive lock on each folder (in one order, so two writers cannot deadlock). A lock taken on a
+    folder that another writer has meanwhile swapped out (``_exchange``) is let go and taken on the new one."""
     with ExitStack() as stack:
         for folder in sorted(set(folders)):
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-            stack.callback(os.close, fd)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            while True:
+                fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                held, now = os.fstat(fd), _stat(folder, "output")
+                if now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                    stack.callback(os.close, fd)
+                    break
+                os.close(fd)
         yield
 
 
-class _Staging:
-    """Where a call's files are written before they go into place: beside their targets, or (for a folder
-    that does not exist yet) inside a hidden copy of that folder, renamed to it at the end."""
+def _swap_stand_in(folder: Path) -> tuple[Path, Path] | None:
+    """(the real folder, a new hidden folder beside it) for files going into the existing ``folder``, or None
+    where the folder cannot be swapped (see the module's docstring: its files are then written beside their
+    targets)."""
+    if _RENAMEAT2 is None:
+        return None
+    real = Path(os.path.realpath(folder))  # a link to a folder: swap the folder, not the link
+    try:
+        cwd = Path.cwd()
+        if real == cwd or real in cwd.parents or real.parent == real:
+            return None
+        if os.stat(real).st_dev != os.stat(real.parent).st_dev:  # a mount point: the two cannot be exchanged
+            return None
+        stand_in = _hidden(real)
+        stand_in.mkdir()
+    except OSError:  # e.g. a writable folder in a read-only parent
+        return None
+    return real, stand_in
 
-    def __init__(self) -> None:
+
+def _swapped(real: Path, stand_in: Path, names: set[str]) -> bool:
+    """Give ``stand_in`` (which holds ``names``) hard links to ``real``'s other entries, then exchange the two;
+    False, with ``real`` untouched, where it holds a subfolder or a link or the exchange cannot be made."""
+    try:
+        os.chmod(stand_in, stat.S_IMODE(os.stat(real).st_mode))
+        with os.scandir(real) as entries:
+            for entry in entries:
+                if entry.name in names:
+                    continue
+                if entry.is_dir(follow_symlinks=False):  # a folder cannot be hard-linked
+                    return False
+                os.link(entry.path, stand_in / entry.name, follow_symlinks=False)
+        return _exchange(stand_in, real)
+    except OSError:  # EPERM (protected_hardlinks: another user's file), EMLINK, ...: rename one by one
+        return False
+
+
+class _Staging:
+    """Where a call's files are written before they go into place: inside a hidden copy of a folder that does
+    not exist yet (renamed to it at the end), inside a hidden folder beside an existing one (exchanged with it
+    at the end), or beside their targets."""
+
+    def __init__(self, paths: Iterable[Path]) -> None:
+        parents = [path.parent for path in paths]
+        self.shared = {folder for folder in parents if parents.count(folder) > 1}  # a swap helps only these
         self.folders: dict[Path, Path] = {}  # outermost missing folder -> its hidden stand-in
+        self.swaps: dict[Path, tuple[Path, Path] | None] = {}  # existing folder -> (real folder, stand-in)
         self.files: list[tuple[Path, Path]] = []  # (temporary, target) in the order given
 
     def stage(self, path: Path) -> Path:
@@ -130,14 +216,17 @@ class _Staging:
             tmp = self.folders[top] / path.relative_to(top)
             tmp.parent.mkdir(parents=True, exist_ok=True)
         else:
-            tmp = _hidden(path)
+            if path.parent not in self.swaps:
+                self.swaps[path.parent] = _swap_stand_in(path.parent) if path.parent in self.shared else None
+            swap = self.swaps[path.parent]
+            tmp = swap[1] / path.name if swap is not None else _hidden(path)
         self.files.append((tmp, path))
         return tmp
 
     def commit(self) -> None:
         """New folders first, one rename each (where another writer made the folder meanwhile, its files go
-        in one by one); then the files into existing folders, under their folders' locks, the first given
-        last."""
+        in one by one); then, under their locks, each existing folder swapped whole (``_swapped``) or its
+        files renamed one by one, the first given last."""
         renamed = []
         for top, stand_in in self.folders.items():
             try:
@@ -149,13 +238,21 @@ class _Staging:
         pending = [(tmp, t) for tmp, t in self.files if not any(top in t.parents for top in renamed)]
         for _, target in pending:
             target.parent.mkdir(parents=True, exist_ok=True)
-        with _locked([target.parent for _, target in pending]):
-            for tmp, target in reversed(pending):
-                os.replace(tmp, target)
+        by_folder: dict[Path, list[tuple[Path, Path]]] = {}
+        for tmp, target in pending:
+            by_folder.setdefault(target.parent, []).append((tmp, target))
+        with _locked(list(by_folder)):
+            for folder, group in reversed(by_folder.items()):  # the first file's folder last
+                swap = self.swaps.get(folder)
+                if swap is not None and len(group) > 1 and _swapped(*swap, {t.name for _, t in group}):
+                    continue
+                for tmp, target in reversed(group):
+                    os.replace(tmp, target)
         self._drop_stand_ins()
 
     def _drop_stand_ins(self) -> None:
-        for stand_in in self.folders.values():
+        """Remove the stand-ins: unused, emptied, or (after an exchange) the old folder."""
+        for stand_in in [*self.folders.values(), *(swap[1] for swap in self.swaps.values() if swap is not None)]:
             shutil.rmtree(stand_in, ignore_errors=True)
 
     def undo(self) -> None:
@@ -168,7 +265,7 @@ class _Staging:
 
 def write_outputs(files: Mapping[Path, str]) -> None:
     """Write ``{path: text}``: every file, or none of them (``InputError`` naming the path)."""
-    staging = _Staging()
+    staging = _Staging(files)
     path = None
     try:
         for path, text in files.items():
