@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from moeplan.model.runtime.checkpoint_reader import UnsafeCheckpointError, load_data_only
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.spec.json_input import read_json_file
 
@@ -170,7 +171,10 @@ def load_checkpoint(rt, meta: CheckpointMeta) -> None:
     if meta.world_size != world:
         raise CheckpointError(f"{meta.path}: world_size={meta.world_size} but this run has {world} processes")
     state = _state(rt)
-    dcp.load(state, checkpoint_id=meta.path)
+    try:  # data only: the metadata's globals are checked, bytes items refused (checkpoint_reader)
+        load_data_only(state, str(meta.path))
+    except UnsafeCheckpointError as exc:
+        raise CheckpointError(f"{meta.path}: {exc}") from None
     optim = rt.optimizer.state_dict()
     shards = [[{name: state[f"optim/rank{rt.rank}/set{s}/bucket{b}/{name}"] for name in shard}
                for b, shard in enumerate(shards)] for s, shards in enumerate(optim["shards"])]
