@@ -18,12 +18,14 @@ from pathlib import Path, PosixPath, PurePosixPath
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
+import torch.distributed.checkpoint.metadata as dcp_metadata
+import torch.distributed.checkpoint.planner as dcp_planner
+import torch.distributed.checkpoint.storage as dcp_storage
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint.storage")
+_DCP_MODULES = {m.__name__: m for m in (dcp_metadata, dcp_filesystem, dcp_planner, dcp_storage)}
 _NAMED = {("torch", "Size"): torch.Size, ("pathlib", "PosixPath"): PosixPath,
           ("pathlib", "PurePosixPath"): PurePosixPath, ("collections", "OrderedDict"): OrderedDict}
 
@@ -46,9 +48,7 @@ class MetadataUnpickler(pickle.Unpickler):
         if module == "torch.serialization" and name == "_get_layout":  # a layout by its name
             return torch.serialization._get_layout
         if module in _DCP_MODULES:
-            import importlib
-
-            obj = getattr(importlib.import_module(module), name, None)
+            obj = getattr(_DCP_MODULES[module], name, None)
             if isinstance(obj, type) and obj.__module__ == module:  # a dataclass or enum defined there
                 return obj
         raise UnsafeCheckpointError(f"checkpoint metadata names {module}.{name}, which {_REFUSED}")
