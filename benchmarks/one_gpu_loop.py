@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the Markdown report")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp8"))
+    parser.add_argument("--fusion", default="fused", choices=("eager", "fused"),
+                        help="training.kernels.fusion: the plan prices it and the runtime runs it")
     parser.add_argument("--calibrate", action="store_true", help="also predict from `moeplan calibrate`'s tables")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny-moe on the cpu cluster: the plumbing only")
     args = parser.parse_args()
@@ -74,7 +76,7 @@ def main() -> None:
     common = ["--model", model, "--cluster", cluster, "--nodes", "1", "--set", "cluster.node.gpus_per_node=1",
               "--pp", "1", "--ep", "1", "--dp", "1", "--schedule", "1f1b", "--microbatches", "4",
               "--micro-batch-size", "1", "--seq-len", seq, "--global-batch", "4", "--tokens", "1B",
-              "--budget-gpu-hours", "2000", "--no-search", *extra]
+              "--budget-gpu-hours", "2000", "--no-search", "--set", f"training.kernels.fusion={args.fusion}", *extra]
     plan_dir, run_dir = args.work / "plan", args.work / "plan" / "run"
     log = [("plan", moeplan("plan", *common, "--out", str(plan_dir)))]
     if log[-1][1][0] == 0:

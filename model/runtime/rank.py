@@ -61,19 +61,21 @@ class RuntimeOptions:
     dtype: torch.dtype = torch.bfloat16
     seed: int = 0
     expert_backend: str = "auto"
-    fuse_memory_bound: bool = False  # model.fused: compiled RMSNorm/RoPE/SwiGLU on CUDA
+    fuse_memory_bound: bool = False  # model.fused on CUDA even when the plan's training.kernels.fusion is eager
 
 
 def model_options_for(plan: PlanFile, options: RuntimeOptions, device: torch.device) -> ModelOptions:
     """The model the plan's precision asks for. FP8 (TR §3.3: forward, Dgrad and Wgrad GEMMs in FP8 with
     fine-grained scales) runs our kernels on a GPU; on CPU it runs the reference FP8 path (quantise,
-    dequantise, matmul), the same numbers without the kernels' speed. Dense weights are ``options.dtype``."""
+    dequantise, matmul), the same numbers without the kernels' speed. Dense weights are ``options.dtype``.
+    ``training.kernels.fusion = fused`` (the plan priced fused memory-bound kernels) runs ``model.fused``'s
+    compiled RMSNorm, RoPE and SwiGLU; they compile only on CUDA and run eager elsewhere."""
+    fuse = options.fuse_memory_bound or plan.inputs.training.kernels.fusion == "fused"
     if plan.inputs.training.precision != "fp8" or options.dtype == torch.float32:  # fp32: exact rehearsals
-        return ModelOptions(dtype=options.dtype, expert_backend=options.expert_backend,
-                            fuse_memory_bound=options.fuse_memory_bound)
+        return ModelOptions(dtype=options.dtype, expert_backend=options.expert_backend, fuse_memory_bound=fuse)
     return ModelOptions(dtype=options.dtype, linear_precision="fp8", expert_backend="fp8",
                         fp8_kernel="kernels" if device.type == "cuda" else "reference", fp8_backward=True,
-                        fuse_memory_bound=options.fuse_memory_bound)
+                        fuse_memory_bound=fuse)
 
 
 def check_plan_for_world(plan: PlanFile, world: int) -> None:

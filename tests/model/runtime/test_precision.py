@@ -28,3 +28,15 @@ def test_a_bf16_plan_runs_bf16():
     assert plan.inputs.training.precision == "bf16"
     opts = model_options_for(plan, RuntimeOptions(fuse_memory_bound=True), torch.device("cuda", 0))
     assert opts.linear_precision == "bf16" and opts.expert_backend == "auto" and opts.fuse_memory_bound
+
+
+def test_a_plan_that_priced_fused_kernels_runs_them_and_an_eager_plan_does_not():
+    plan = tiny_plan("1f1b", 1)
+    assert plan.inputs.training.kernels.fusion == "eager"
+    assert not model_options_for(plan, RuntimeOptions(), torch.device("cuda", 0)).fuse_memory_bound
+    kernels = plan.inputs.training.kernels.model_copy(update={"fusion": "fused"})
+    training = plan.inputs.training.model_copy(update={"kernels": kernels})
+    fused = plan.model_copy(update={"inputs": plan.inputs.model_copy(update={"training": training})})
+    for precision in ("bf16", "fp8"):
+        opts = model_options_for(_with_precision(fused, precision), RuntimeOptions(), torch.device("cuda", 0))
+        assert opts.fuse_memory_bound, precision
