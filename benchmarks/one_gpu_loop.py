@@ -21,6 +21,7 @@ import datetime
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from moeplan.simulator.contracts.atomic_write import write_atomic
@@ -49,9 +50,14 @@ def gpu_cluster() -> str:
 
 
 def moeplan(*args: str, timeout: float = 900) -> tuple[int, str]:
-    """Run the CLI; (exit code, stdout + stderr)."""
-    res = subprocess.run([sys.executable, "-P", "-m", "moeplan.orchestrator.cli", *args], capture_output=True,
-                         text=True, timeout=timeout, check=False)
+    """Run the CLI; (exit code, stdout + stderr); a command past ``timeout`` is killed and reads exit 124."""
+    try:
+        res = subprocess.run([sys.executable, "-P", "-m", "moeplan.orchestrator.cli", *args], capture_output=True,
+                             text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"") + (exc.stderr or b"")
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        return 124, f"{out.rstrip()}\n(killed after {timeout:.0f} s)"
     return res.returncode, (res.stdout + res.stderr).rstrip()
 
 
@@ -64,6 +70,7 @@ def main() -> None:
     parser.add_argument("--fusion", default="fused", choices=("eager", "fused"),
                         help="training.kernels.fusion: the plan prices it and the runtime runs it")
     parser.add_argument("--calibrate", action="store_true", help="also predict from `moeplan calibrate`'s tables")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds each command may take")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny-moe on the cpu cluster: the plumbing only")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -78,24 +85,30 @@ def main() -> None:
               "--micro-batch-size", "1", "--seq-len", seq, "--global-batch", "4", "--tokens", "1B",
               "--budget-gpu-hours", "2000", "--no-search", "--set", f"training.kernels.fusion={args.fusion}", *extra]
     plan_dir, run_dir = args.work / "plan", args.work / "plan" / "run"
-    log = [("plan", moeplan("plan", *common, "--out", str(plan_dir)))]
-    if log[-1][1][0] == 0:
-        log.append(("launch", moeplan("launch", str(plan_dir), "--steps", str(args.steps), "--run-dir", str(run_dir))))
-        log.append(("check", moeplan("check", str(run_dir))))
-        if args.calibrate:
-            tables = args.work / "calibrated.json"
-            log.append(("calibrate", moeplan("calibrate", "--plan", str(plan_dir / "plan.json"), "--out", str(tables))))
-            log.append(("plan, calibrated", moeplan("plan", *common, "--calibration", str(tables), "--out",
-                                                    str(args.work / "plan-calibrated"))))
-            log.append(("check against it", moeplan("check", str(run_dir), "--plan",
-                                                    str(args.work / "plan-calibrated" / "plan.json"))))
-    lines = ["# The plan -> launch -> check loop on one GPU", "",
-             (f"`python -P benchmarks/one_gpu_loop.py {' '.join(sys.argv[1:])}`, "
-              f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, model {model}, cluster {cluster}."), ""]
-    for name, (code, text) in log:
-        lines += [f"## {name} (exit {code})", "", "```text", text[-12000:], "```", ""]
-    write_atomic(args.out, "\n".join(lines))
-    failed = [code for name, (code, _) in log if name in ("plan", "launch", "calibrate") and code != 0]
+    tables, calibrated = args.work / "calibrated.json", args.work / "plan-calibrated"
+    steps = [("plan", ("plan", *common, "--out", str(plan_dir))),
+             ("launch", ("launch", str(plan_dir), "--steps", str(args.steps), "--run-dir", str(run_dir))),
+             ("check", ("check", str(run_dir)))]
+    if args.calibrate:
+        steps += [("calibrate", ("calibrate", "--plan", str(plan_dir / "plan.json"), "--out", str(tables))),
+                  ("plan, calibrated", ("plan", *common, "--calibration", str(tables), "--out", str(calibrated))),
+                  ("check against it", ("check", str(run_dir), "--plan", str(calibrated / "plan.json")))]
+    head = ["# The plan -> launch -> check loop on one GPU", "",
+            (f"`python -P benchmarks/one_gpu_loop.py {' '.join(sys.argv[1:])}`, "
+             f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, model {model}, cluster {cluster}."), ""]
+    log: list[tuple[str, tuple[int, str], float]] = []
+    for name, argv in steps:
+        if any(code != 0 for done, (code, _), _ in log if done in ("plan", "launch")):
+            break  # nothing to launch without a plan, nothing to check or calibrate after a failed launch
+        print(f"one_gpu_loop: {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        log.append((name, moeplan(*argv, timeout=args.timeout), time.perf_counter() - t0))
+        print(f"one_gpu_loop: {name} exit {log[-1][1][0]} in {log[-1][2]:.0f} s", file=sys.stderr, flush=True)
+        lines = list(head)
+        for done, (code, text), secs in log:
+            lines += [f"## {done} (exit {code}, {secs:.0f} s)", "", "```text", text[-12000:], "```", ""]
+        write_atomic(args.out, "\n".join(lines))  # after every command: a later one that hangs keeps the rest
+    failed = [code for name, (code, _), _ in log if name in ("plan", "launch", "calibrate") and code != 0]
     sys.exit(failed[0] if failed else 0)  # a check that misses (exit 1) is a result, not a failure
 
 

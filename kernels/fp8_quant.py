@@ -18,7 +18,7 @@ passes its own (``model.fp8.MIN_AMAX``) so that tiles of tiny gradients keep E4M
 
 import torch
 
-from .triton_compat import INTERPRET_C, cdiv, tl, triton
+from .triton_compat import INTERPRET, INTERPRET_C, cdiv, tl, triton
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -102,16 +102,33 @@ def empty_cols_t_output(rows: int, cols: int, device) -> tuple[torch.Tensor, tor
             torch.empty((cols, cdiv(rows, TILE)), dtype=torch.float32, device=device))
 
 
+def _rows_configs() -> list:
+    """Autotune candidates for ``_quant_rows_kernel`` (one in the interpreter). A transposed view reads
+    BLOCK_R contiguous elements of each of 128 rows of x: 32 bf16 are half a 128-byte line, hence taller tiles."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_R": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_R": r}, num_warps=w) for r, w in ((32, 4), (64, 4), (64, 8), (128, 8), (16, 2))]
+
+
+def _blocks_configs() -> list:
+    """Autotune candidates for ``_quant_blocks_kernel``: a 128x128 block's 16K values over 4, 8 or 16 warps,
+    the transposed copy stored as is or through ``tl.trans`` (one in the interpreter)."""
+    if INTERPRET:
+        return [triton.Config({"TRANS_STORE": False}, num_warps=4)]
+    return [triton.Config({"TRANS_STORE": t}, num_warps=w) for w in (4, 8, 16) for t in (False, True)]
+
+
+@triton.autotune(configs=_rows_configs(), key=["size_key", "ROW_MAJOR"])
 @triton.jit
 def _quant_rows_kernel(
     # pointers: input (R, C), fp8 output, fp32 scales (R, ceil(C/128))
     x_ptr, q_ptr, s_ptr,
-    # sizes
-    R, C,
+    # sizes (size_key, the bit length of R * C, only keys the autotuner: a new token count must not re-tune)
+    R, C, size_key,
     # strides
     stride_xr, stride_xc, stride_qr, stride_qc, stride_sr, stride_sc,
     # meta
-    POW2: tl.constexpr, FLOOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    POW2: tl.constexpr, FLOOR: tl.constexpr, ROW_MAJOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One scale per (row, 128 columns) of an (R, C) view; a transposed view (swapped strides)
     gives the 128×1 tiling."""
@@ -128,6 +145,7 @@ def _quant_rows_kernel(
     tl.store(s_ptr + offs_r * stride_sr + pid_c * stride_sc, scale, mask=offs_r < R)
 
 
+@triton.autotune(configs=_blocks_configs(), key=["N", "K", "WRITE_Q", "WRITE_T"])
 @triton.jit
 def _quant_blocks_kernel(
     # pointers: weights (E, N, K), fp8 copy, its transpose (E, K, N), scales (E, N/128, K/128)
@@ -139,6 +157,7 @@ def _quant_blocks_kernel(
     stride_se, stride_sn, stride_sk,
     # meta
     POW2: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_T: tl.constexpr,
+    TRANS_STORE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -153,7 +172,12 @@ def _quant_blocks_kernel(
     if WRITE_Q:
         tl.store(q_ptr + e * stride_qe + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk, q, mask=mask)
     if WRITE_T:  # the same block, stored at its transposed place: contiguous along n there
-        tl.store(qt_ptr + e * stride_te + offs_n[:, None] * stride_tn + offs_k[None, :] * stride_tk, q, mask=mask)
+        if TRANS_STORE:  # as a (k, n) tile, so that the register layout runs along the contiguous n
+            tl.store(qt_ptr + e * stride_te + offs_k[:, None] * stride_tk + offs_n[None, :] * stride_tn,
+                     tl.trans(q), mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
+        else:
+            tl.store(qt_ptr + e * stride_te + offs_n[:, None] * stride_tn + offs_k[None, :] * stride_tk, q,
+                     mask=mask)
     tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
 
 
@@ -181,12 +205,10 @@ def _quant_rows(view: torch.Tensor, pow2_scale: bool, amax_floor: float) -> tupl
     R, C = view.shape
     q = torch.empty((R, C), dtype=FP8_DTYPE, device=view.device)
     s = torch.empty((cdiv(C, TILE), cdiv(R, 4) * 4), dtype=torch.float32, device=view.device)[:, :R].t()
-    block_r = 32
-    grid = (cdiv(R, block_r), cdiv(C, TILE))
-    _quant_rows_kernel[grid](
-        view, q, s, R, C,
+    _quant_rows_kernel[lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(C, TILE))](
+        view, q, s, R, C, (R * C).bit_length(),
         view.stride(0), view.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
-        POW2=pow2_scale, FLOOR=amax_floor, BLOCK_R=block_r, BLOCK_C=TILE,
+        POW2=pow2_scale, FLOOR=amax_floor, ROW_MAJOR=view.stride(1) == 1, BLOCK_C=TILE,
     )
     return q, s
 

@@ -66,6 +66,7 @@ __all__ = [  # FP8_DTYPE and FP8_MAX re-exported: the model's FP8 format is the 
     "fp8_grouped_weight_grad",
     "kernel_ops",
     "quantize_blocks",
+    "quant_weight_fwd",
     "quantize_tiles",
     "reference_fp8_gemm",
     "reference_fp8_grouped_gemm",
@@ -263,26 +264,51 @@ class Fp8WeightCache:
     """
 
     def __init__(self, quantise: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                 quantise_t: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-        self.quantise, self.quantise_t = quantise, quantise_t
+                 quantise_t: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 quantise_both: Callable[[torch.Tensor], tuple[tuple, tuple]] | None = None) -> None:
+        self.quantise, self.quantise_t, self.quantise_both = quantise, quantise_t, quantise_both
         self._entries: dict[tuple, tuple[weakref.ref, int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.misses = 0
 
     def clear(self) -> None:
         self._entries.clear()
 
-    def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (w.data_ptr(), w.dtype, w.device, tuple(w.shape), tuple(w.stride()))
-        owner = w if w._base is None else w._base
-        hit = self._entries.get(key)
-        if hit is not None and hit[0]() is owner and hit[1] == w._version:
+    @staticmethod
+    def _key(w: torch.Tensor) -> tuple:
+        return (w.data_ptr(), w.dtype, w.device, tuple(w.shape), tuple(w.stride()))
+
+    def _lookup(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        hit = self._entries.get(self._key(w))
+        if hit is not None and hit[0]() is (w if w._base is None else w._base) and hit[1] == w._version:
             return hit[2]
+        return None
+
+    def _store(self, w: torch.Tensor, value: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self._entries[self._key(w)] = (weakref.ref(w if w._base is None else w._base), w._version, value)
+
+    def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        value = self._lookup(w)
+        if value is not None:
+            return value
         self.misses += 1
         if self.quantise_t is not None and w.dim() >= 2 and not w.is_contiguous() and w.mT.is_contiguous():
             value = self.quantise_t(w.mT)  # W^T from W, read in W's own layout
         else:
             value = self.quantise(w)
-        self._entries[key] = (weakref.ref(owner), w._version, value)
+        self._store(w, value)
+        return value
+
+    def with_transpose(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """W's FP8 copy, for a layer whose backward will also multiply W^T: on a miss both are made in one
+        pass over W (``quantise_both``), and W^T's waits in the cache for the backward's ``self(w.mT)``. W is
+        then read once per optimizer step instead of twice (the quantiser is bound by HBM)."""
+        value = self._lookup(w)
+        if value is not None or self.quantise_both is None or w.dim() < 2 or not w.is_contiguous():
+            return value if value is not None else self(w)
+        self.misses += 1
+        value, value_t = self.quantise_both(w)
+        self._store(w, value)
+        self._store(w.mT, value_t)
         return value
 
 
@@ -295,10 +321,23 @@ def _kernel_weight_t(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quant_weight_128x128_t(w, amax_floor=MIN_AMAX)
 
 
+def _kernel_weight_both(w: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    q, scale, qt = quant_weight_128x128(w, transposed=True, amax_floor=MIN_AMAX)
+    return (q, scale), (qt, scale.mT.contiguous())
+
+
 # The kernels' FP8 weights, shared by every layer built with ``kernel_ops``; ``clear_fp8_weight_cache``
 # after each optimizer step (``model.runtime.rank``), and between timed steps of a benchmark that stands
 # for one micro-batch per optimizer step.
-FP8_WEIGHT_CACHE = Fp8WeightCache(_kernel_weight, _kernel_weight_t)
+FP8_WEIGHT_CACHE = Fp8WeightCache(_kernel_weight, _kernel_weight_t, _kernel_weight_both)
+
+
+def quant_weight_fwd(ops: Fp8Ops, w: torch.Tensor, backward_too: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's FP8 weight; with ``backward_too`` (an FP8 Dgrad will multiply W^T) and the kernels' cache,
+    W^T's blocks are made in the same pass (``Fp8WeightCache.with_transpose``)."""
+    if backward_too and isinstance(ops.quant_weight, Fp8WeightCache):
+        return ops.quant_weight.with_transpose(w)
+    return ops.quant_weight(w)
 
 
 def clear_fp8_weight_cache() -> None:

@@ -33,7 +33,7 @@ import torch
 
 from moeplan.kernels.moe_permute import DispatchPlan, moe_permute, moe_unpermute, pair_row_weights, pair_weight_grad
 from moeplan.kernels.swiglu import swiglu, swiglu_backward, swiglu_quant_t
-from moeplan.model.fp8 import MIN_AMAX, Fp8Ops
+from moeplan.model.fp8 import MIN_AMAX, Fp8Ops, quant_weight_fwd
 from moeplan.model.grouped_mm import (
     reference_grouped_mm,
     reference_grouped_weight_grad,
@@ -58,11 +58,11 @@ class FusedFp8ExpertsFn(torch.autograd.Function):
         gemm = ops.grouped_contiguous
         # Step 1: permute with quantise, then gate_up.
         rows_q, rows_s = moe_permute(x, plan, quantize=True, amax_floor=MIN_AMAX)  # (M_pad, d) E4M3
-        h = gemm(rows_q, rows_s, *ops.quant_weight(gate_up), plan.m_indices, out_dtype=x.dtype,
+        h = gemm(rows_q, rows_s, *quant_weight_fwd(ops, gate_up, fp8_backward), plan.m_indices, out_dtype=x.dtype,
                  host_counts=host_counts)  # (M_pad, 2I)
         # Step 2: SwiGLU with its quantisation, then down.
         act_q, act_s = swiglu(h, quantize=True, amax_floor=MIN_AMAX)  # (M_pad, I) E4M3
-        y = gemm(act_q, act_s, *ops.quant_weight(down), plan.m_indices, out_dtype=x.dtype,
+        y = gemm(act_q, act_s, *quant_weight_fwd(ops, down, fp8_backward), plan.m_indices, out_dtype=x.dtype,
                  host_counts=host_counts)  # (M_pad, d)
         # Step 3: weighting and combine.
         ctx.save_for_backward(x, weight_of_pair, h, y)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moeplan.model.fp8 import Fp8Ops, fp8_grouped_weight_grad
+from moeplan.model.fp8 import Fp8Ops, fp8_grouped_weight_grad, quant_weight_fwd
 from moeplan.model.grouped_mm import (
     reference_grouped_mm,
     reference_grouped_weight_grad,
@@ -39,7 +39,7 @@ class GroupedLinearFn(torch.autograd.Function):
         ctx.fp8 = fp8 if fp8_backward else None
         if fp8 is not None:
             aq, a_scale = fp8.quant_act(a)
-            wq, w_scale = fp8.quant_weight(weight)  # per expert (E, N/b, K/b)
+            wq, w_scale = quant_weight_fwd(fp8, weight, fp8_backward)  # per expert (E, N/b, K/b)
             # out in the weight's dtype: an FP32 input (the SwiGLU product) still gives a BF16 output and gradient
             return fp8.grouped(aq, a_scale, wq, w_scale, offs, out_dtype=weight.dtype, host_counts=host_counts)
         mm = torch_grouped_mm if use_torch else reference_grouped_mm

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeplan.model.fp8 import Fp8Ops
+from moeplan.model.fp8 import Fp8Ops, quant_weight_fwd
 from moeplan.model.weight_grad import WeightGradStore, weight_grad_now_or_later, wgrad_dtype
 
 
@@ -36,7 +36,7 @@ class LinearFn(torch.autograd.Function):
         if fp8 is None:
             return F.linear(x, weight)
         xq, xs = fp8.quant_act(x.reshape(-1, x.shape[-1]))
-        wq, ws = fp8.quant_weight(weight)
+        wq, ws = quant_weight_fwd(fp8, weight, fp8_backward)
         out = fp8.gemm(xq, xs, wq, ws, out_dtype=x.dtype)
         return out.reshape(*x.shape[:-1], weight.shape[0])
 

@@ -106,6 +106,37 @@ def test_quantisers_bit_exact(device, shape, pow2_scale):
     assert torch.equal(s, s_ref) and same_bits(q, q_ref) and same_bits(qt, q_ref.mT.contiguous())
 
 
+@pytest.mark.parametrize("shape", [(130, 257), *([(4096, 2048)] if ON_GPU else [])])
+def test_every_autotune_candidate_of_the_quantisers_is_bit_exact(device, shape):
+    """The autotuner keeps whichever candidate runs fastest, so each one must give the reference's bits."""
+    from moeplan.kernels import fp8_quant
+
+    x = rand(*shape, seed=3, device=device, dtype=torch.bfloat16, scale=3.0)
+    for view, ref in ((x, quant_act_1x128_ref(x)), (x.t(), quant_act_128x1_t_ref(x))):
+        R, C = view.shape
+        for block_r, warps in ((16, 2), (32, 4), (64, 8), (128, 8)) if ON_GPU else ((16, 4), (64, 4)):
+            q = torch.empty((R, C), dtype=torch.float8_e4m3fn, device=device)
+            s = torch.empty((R, -(-C // 128)), dtype=torch.float32, device=device)
+            fp8_quant._quant_rows_kernel.fn[(-(-R // block_r), -(-C // 128))](
+                view, q, s, R, C, 0, *view.stride(), *q.stride(), *s.stride(), POW2=False,
+                FLOOR=fp8_quant.AMAX_FLOOR, ROW_MAJOR=view.stride(1) == 1, BLOCK_R=block_r, BLOCK_C=128,
+                num_warps=warps)
+            assert torch.equal(s, ref[1]) and same_bits(q, ref[0]), (view.stride(), block_r)
+    w = rand(2, *shape, seed=7, device=device)
+    E, N, K = w.shape
+    q_ref, s_ref = quant_weight_128x128_ref(w)
+    for trans in (False, True):
+        for warps in (4, 8, 16) if ON_GPU else (4,):
+            q = torch.empty((E, N, K), dtype=torch.float8_e4m3fn, device=device)
+            qt = torch.empty((E, K, N), dtype=torch.float8_e4m3fn, device=device)
+            s = torch.empty_like(s_ref)
+            fp8_quant._quant_blocks_kernel.fn[(-(-N // 128), -(-K // 128), E)](
+                w, q, qt, s, N, K, *w.stride(), *q.stride(), *qt.transpose(1, 2).stride(), *s.stride(), POW2=False,
+                FLOOR=fp8_quant.AMAX_FLOOR, BLOCK=128, WRITE_Q=True, WRITE_T=True, TRANS_STORE=trans,
+                num_warps=warps)
+            assert torch.equal(s, s_ref) and same_bits(q, q_ref) and same_bits(qt, q_ref.mT.contiguous()), trans
+
+
 GEMM_SHAPES = [(37, 50, 300), (130, 200, 129), (48, 50, 272)] + ([(512, 2112, 7168), (300, 7168, 2048)] if ON_GPU else [])
 BACKENDS = ["triton"] + (["torch", "auto"] if ON_GPU else [])
 

@@ -52,3 +52,24 @@ def test_a_freed_weight_is_never_served_to_a_new_one_at_its_address(device):
         assert _equal(cache(w), quant_weight_128x128_ref(w, amax_floor=MIN_AMAX))
         assert cache.misses == seed + 1
         del w
+
+
+def test_a_forward_that_makes_both_leaves_the_backward_a_hit_with_the_same_bits(device):
+    from moeplan.model.fp8 import _kernel_weight_both
+
+    cache = Fp8WeightCache(_kernel_weight, _kernel_weight_t, _kernel_weight_both)
+    for w in (rand(2, 256, 384, seed=5, device=device, dtype=torch.bfloat16),  # experts (E, N, K)
+              rand(384, 256, seed=6, device=device, dtype=torch.bfloat16)):  # a dense weight (N, K)
+        misses = cache.misses
+        fwd = cache.with_transpose(w)
+        assert _equal(fwd, quant_weight_128x128_ref(w, amax_floor=MIN_AMAX)) and cache.misses == misses + 1
+        assert cache.with_transpose(w) is fwd and cache(w) is fwd
+        bwd = cache(w.mT)  # what the Dgrad asks for: made in the forward's pass
+        assert cache.misses == misses + 1 and bwd[0].is_contiguous() and bwd[1].is_contiguous()
+        assert _equal(bwd, quant_weight_128x128_ref(w.mT, amax_floor=MIN_AMAX))
+        with torch.no_grad():
+            w.add_(1.0)  # the optimizer's write invalidates both
+        assert _equal(cache(w.mT), quant_weight_128x128_ref(w.mT, amax_floor=MIN_AMAX))
+        assert cache.misses == misses + 2
+    strided = rand(256, 128, seed=7, device=device, dtype=torch.bfloat16).t()  # not contiguous: one copy only
+    assert _equal(cache.with_transpose(strided), quant_weight_128x128_ref(strided, amax_floor=MIN_AMAX))

@@ -24,7 +24,8 @@ def test_cpu_measurement_is_a_beside_point_and_leaves_no_process():
 
 @pytest.mark.parametrize("blocks,passes", [(1, 1), (3, 2), (7, 1)])
 def test_copy_loop_copies_whatever_the_blocks(blocks, passes):
-    src = torch.arange(3 * 4096 + 17, dtype=torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU tensor only in Triton's interpreter
+    src = torch.arange(3 * 4096 + 17, dtype=torch.float32, device=device)
     dst, ref = torch.zeros_like(src), torch.zeros_like(src)
     copy_loop(src, dst, blocks, passes)
     copy_loop_ref(src, ref)
