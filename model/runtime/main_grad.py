@@ -45,18 +45,28 @@ class GradBucket:
         assert size * world == self.data.numel(), f"{self.data.numel()=} {world=}: pad_multiple must be the group size"
         return rank * size, (rank + 1) * size
 
-    def flat_params(self, dtype: torch.dtype) -> torch.Tensor:
-        """The parameters in the bucket layout, as ``dtype``, padding zero: (padded,)."""
-        flat = torch.zeros(self.data.numel(), dtype=dtype, device=self.data.device)
+    def _overlaps(self, start: int, end: int):
+        """(parameter, its flat view, [lo, hi) within the bucket) for each parameter that meets [start, end)."""
         for p, off in zip(self.params, self.offsets):
-            flat[off: off + p.numel()].copy_(p.detach().reshape(-1))
+            lo, hi = max(start, off), min(end, off + p.numel())
+            if lo < hi:
+                yield p.detach().view(-1)[lo - off: hi - off], lo, hi  # view: a write reaches p
+
+    def flat_params(self, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Elements [start, end) of the parameters in the bucket layout, as ``dtype``, padding zero (the whole
+        padded bucket by default); only that range is allocated."""
+        end = self.data.numel() if end is None else end
+        flat = torch.zeros(end - start, dtype=dtype, device=self.data.device)
+        for part, lo, hi in self._overlaps(start, end):
+            flat[lo - start: hi - start].copy_(part)
         return flat
 
     @torch.no_grad()
-    def load_flat_params(self, flat: torch.Tensor) -> None:
-        """Copy a flat (padded,) tensor in the bucket layout into the parameters (cast to their dtype)."""
-        for p, off in zip(self.params, self.offsets):
-            p.copy_(flat[off: off + p.numel()].view_as(p))
+    def load_flat_params(self, flat: torch.Tensor, start: int = 0) -> None:
+        """Copy ``flat``, elements [start, start + len) of the bucket layout, into the parameters it covers
+        (cast to their dtype on the way; no full-size temporary)."""
+        for part, lo, hi in self._overlaps(start, start + flat.numel()):
+            part.copy_(flat[lo - start: hi - start])
 
 
 class MainGrads:

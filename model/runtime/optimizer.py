@@ -16,6 +16,13 @@ routed experts (two sets, two buffers). A step, per set and bucket:
    ``moment_bytes`` is 2 (TR §3.3: the math in FP32, the storage rounded), FP32 when 4;
 4. all-gather the updated shards, cast to each bucket's parameter dtype, into the parameters.
 
+Memory is what the plan counts (``simulator.accounting.memory``: parameters, FP32 main gradients, master
+weights and two moments per parameter) and no more: the reduced shard is the main-gradient buffer's own
+slice (an in-place reduce-scatter; no collective at all on a group of one), and every FP32 temporary of
+steps 2-4 (the norm's squares, BF16 moments widened for the math, the cast for the all-gather) is made
+``CHUNK`` elements at a time. A whole-bucket temporary would cost 4-8 bytes a parameter: on one GPU
+training V3's 4.31B-parameter stage that is 17-34 GB the plan never counted (an H100 ran out of memory).
+
 The learning rate of step ``k`` is ``training.optimizer.lr.lr_at(k, tokens_seen)``. ``state_dict()`` /
 ``load_state_dict()`` hold this rank's shard only (for ``torch.distributed.checkpoint``).
 """
@@ -37,6 +44,7 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_ten
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1e-6)
 MOMENT_DTYPES = {2: torch.bfloat16, 4: torch.float32}
+CHUNK = 1 << 25  # elements per FP32 temporary of the step: 128 MiB
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,12 @@ class _Shard:
         self.bucket, self.group = bucket, group
         self.world = dist.get_world_size(group)
         self.start, self.end = bucket.shard_range(dist.get_rank(group), self.world)
-        self.grad = torch.zeros(self.end - self.start, dtype=torch.float32, device=bucket.data.device)
-        self.master = bucket.flat_params(torch.float32)[self.start: self.end].clone()
+        # The reduce-scatter's output is this rank's own slice of the input (NCCL reduces in place there;
+        # gloo, the CPU backend, cannot alias, so it gets a buffer of its own).
+        self.in_place = self.world == 1 or dist.get_backend(group) == "nccl"
+        self.grad = (bucket.data[self.start: self.end] if self.in_place else
+                     torch.zeros(self.end - self.start, dtype=torch.float32, device=bucket.data.device))
+        self.master = bucket.flat_params(torch.float32, self.start, self.end)
         self.exp_avg = torch.zeros_like(self.master, dtype=moment_dtype)
         self.exp_avg_sq = torch.zeros_like(self.master, dtype=moment_dtype)
 
@@ -92,6 +104,8 @@ class ZeroAdamW:
         """Launch step 1 for every set (``step`` waits for it; call early to overlap it with other work)."""
         for shards in self._shards:
             for shard in shards:
+                if shard.world == 1:
+                    continue  # the shard is the whole buffer: nothing to reduce
                 work = _reduce_scatter(shard.grad, shard.bucket.data, group=shard.group, async_op=async_op)
                 if async_op:
                     self._pending.append(work)
@@ -115,7 +129,8 @@ class ZeroAdamW:
         for s, shards in zip(self.sets, self._shards):
             if s.in_norm:
                 for shard in shards:
-                    squares += shard.grad.double().square().sum()
+                    for part in shard.grad.split(CHUNK):
+                        squares += part.double().square().sum()
         for group in self.norm_groups:
             dist.all_reduce(squares, group=group)
         return math.sqrt(float(squares))  # the step's one host sync
@@ -140,23 +155,30 @@ class ZeroAdamW:
         return StepStats(step=self.steps_done - 1, lr=lr, grad_norm=norm, clip_coef=coef)
 
     def _adamw(self, shard: _Shard, lr: float) -> None:
-        """``torch.optim.AdamW``'s single-tensor update, op for op, with moments kept in their dtype."""
+        """``torch.optim.AdamW``'s single-tensor update, op for op, with moments kept in their dtype; element-
+        wise, so ``CHUNK`` elements at a time give the same bits with bounded temporaries."""
         spec, t = self.spec, self.steps_done
-        grad = shard.grad
-        exp_avg, exp_avg_sq = shard.exp_avg.float(), shard.exp_avg_sq.float()  # no copy when FP32
-        shard.master.mul_(1 - lr * spec.weight_decay)
-        exp_avg.lerp_(grad, 1 - spec.beta1)
-        exp_avg_sq.mul_(spec.beta2).addcmul_(grad, grad, value=1 - spec.beta2)
         step_size = lr / (1 - spec.beta1**t)
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - spec.beta2**t)).add_(spec.eps)
-        shard.master.addcdiv_(exp_avg, denom, value=-step_size)
-        if shard.exp_avg.dtype != torch.float32:
-            shard.exp_avg.copy_(exp_avg)
-            shard.exp_avg_sq.copy_(exp_avg_sq)
+        bias2_sqrt = math.sqrt(1 - spec.beta2**t)
+        parts = (shard.grad.split(CHUNK), shard.master.split(CHUNK), shard.exp_avg.split(CHUNK),
+                 shard.exp_avg_sq.split(CHUNK))
+        for grad, master, stored_avg, stored_sq in zip(*parts):
+            exp_avg, exp_avg_sq = stored_avg.float(), stored_sq.float()  # no copy when FP32
+            master.mul_(1 - lr * spec.weight_decay)
+            exp_avg.lerp_(grad, 1 - spec.beta1)
+            exp_avg_sq.mul_(spec.beta2).addcmul_(grad, grad, value=1 - spec.beta2)
+            denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(spec.eps)
+            master.addcdiv_(exp_avg, denom, value=-step_size)
+            if stored_avg.dtype != torch.float32:
+                stored_avg.copy_(exp_avg)
+                stored_sq.copy_(exp_avg_sq)
 
     @staticmethod
     def _all_gather(shard: _Shard) -> None:
         bucket = shard.bucket
+        if shard.world == 1:  # the master is the whole bucket: cast straight into the parameters
+            bucket.load_flat_params(shard.master)
+            return
         flat = torch.empty(bucket.data.numel(), dtype=bucket.param_dtype, device=bucket.data.device)
         _all_gather(flat, shard.master.to(bucket.param_dtype), group=shard.group)
         bucket.load_flat_params(flat)

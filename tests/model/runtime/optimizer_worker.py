@@ -1,4 +1,4 @@
-"""Worker of test_optimizer (2 or 4 gloo processes): ZeRO-1 AdamW against ``torch.optim.AdamW`` on one
+"""Worker of test_optimizer (1, 2 or 4 gloo processes): ZeRO-1 AdamW against ``torch.optim.AdamW`` on one
 process with the averaged gradient, and the all-reduced bias update against the single-process one.
 
 Every rank trains ``TinyMlp`` on its own micro-batches (W deferred into FP32 main gradients) and steps
@@ -25,6 +25,7 @@ from moeplan.model import ExpertBiasUpdater, ModelOptions, Transformer
 from moeplan.model.balance import BalanceSchedule
 from moeplan.model.runtime.balancing import balance_step
 from moeplan.model.runtime.main_grad import attach_main_grads
+from moeplan.model.runtime import optimizer
 from moeplan.model.runtime.optimizer import ShardedParams, ZeroAdamW
 from moeplan.model.weight_grad import WeightGradStore, attach_weight_grad_store
 from moeplan.simulator.presets.models import tiny_moe
@@ -131,6 +132,19 @@ def optimizer_case(dtype, moment_bytes, rank, world, expert_groups=None, resume_
             "moment_dtype": [moments == {str({2: torch.bfloat16, 4: torch.float32}[moment_bytes])}, sorted(moments)]}
 
 
+def memory_case(rank: int, world: int) -> dict:
+    """On a group of one the reduced shard is the main-gradient buffer itself: nothing beyond what the plan
+    counts (parameters, main gradients, master weights, moments) stays allocated."""
+    model = TinyMlp(torch.float32)
+    main_grads = attach_main_grads(model, pad_multiple=world)
+    opt = ZeroAdamW([ShardedParams(main_grads)], _spec(2))
+    shards = [sh for shards in opt._shards for sh in shards]
+    aliased = all(sh.grad.data_ptr() == sh.bucket.data.data_ptr() and sh.grad.numel() == sh.bucket.data.numel()
+                  for sh in shards)
+    main_grads.detach()
+    return {"aliased": [aliased, len(shards)]}
+
+
 def bias_case(rank: int, world: int) -> dict:
     """All-reduced counts then the bias step = one process routing the concatenated batch."""
     schedule = BalanceSchedule(deepseek_v3_balance())
@@ -166,7 +180,13 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     results = {}
-    if world == 2:
+    optimizer.CHUNK = 7  # the step's chunked temporaries end mid-parameter, many times over
+    if world == 1:  # no collective: the shard is the main-gradient buffer itself
+        results["fp32"] = optimizer_case(torch.float32, 4, rank, world)
+        results["bf16"] = optimizer_case(torch.bfloat16, 4, rank, world)
+        results["bf16-moments"] = optimizer_case(torch.float32, 2, rank, world)
+        results["memory"] = memory_case(rank, world)
+    elif world == 2:
         results["fp32"] = optimizer_case(torch.float32, 4, rank, world)
         results["fp32-resumed"] = optimizer_case(torch.float32, 4, rank, world, resume_at=2)
         results["bf16"] = optimizer_case(torch.bfloat16, 4, rank, world)

@@ -12,7 +12,7 @@ import pytest
 
 from tests.model.runtime.spawn import run_workers
 
-CASES = {2: ["fp32", "fp32-resumed", "bf16", "bf16-moments"], 4: ["fp32-experts", "bf16-experts"]}
+CASES = {1: ["fp32", "bf16", "bf16-moments"], 2: ["fp32", "fp32-resumed", "bf16", "bf16-moments"], 4: ["fp32-experts", "bf16-experts"]}
 CHECKS = ["masters", "params", "grad_norm", "clipped", "moment_dtype"]
 
 
@@ -39,3 +39,8 @@ def test_bias_update_with_all_reduced_counts_equals_one_process(base) -> None:
     for rank, result in enumerate(_results(2, base)):
         assert set(result["bias"]) == {"bias_step0", "bias_step1"}
         assert all(ok for ok, _ in result["bias"].values()), f"rank {rank}: {result['bias']}"
+
+
+def test_on_a_group_of_one_the_reduced_gradient_is_the_main_gradient_buffer(base) -> None:
+    (result,) = _results(1, base)
+    assert result["memory"]["aliased"][0], result["memory"]
