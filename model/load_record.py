@@ -25,7 +25,7 @@ class LoadAccumulator:
 
     def add(self, step: int, loads: dict[int, torch.Tensor]) -> None:
         for layer, load in loads.items():
-            self.totals[layer] = self.totals.get(layer, torch.zeros_like(load)) + load.cpu()
+            self.totals[layer] = self.totals.get(layer, torch.zeros_like(load, device="cpu")) + load.cpu()
         self.step_start = step if self.step_start is None else self.step_start
         self.step_end = step
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
+import sys
 import time
 from collections.abc import Callable
 
@@ -178,6 +180,7 @@ def _wait(refs: list, on_poll: Callable[[], None]) -> str | None:
             errors |= _errors(refs, more)
             died = [r for r, exc in sorted(errors.items()) if isinstance(exc, RayActorError)]
             rank = died[0] if died else min(errors)
+            print(f"moeplan: rank {rank} failed:\n{errors[rank]}", file=sys.stderr, flush=True)  # the whole traceback
             return f"rank {rank}: {_first_line(errors[rank])}"
     return None
 
@@ -192,10 +195,25 @@ def _errors(refs: list, done: list) -> dict[int, Exception]:
     return out
 
 
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+_OURS = re.compile(r"(?<=/)(model|orchestrator|simulator|kernels|manifests)/[^/].*\.py$")
+
+
+def _innermost_frame(text: str) -> str:
+    """' (at model/x.py:12 in f)': the last traceback frame in moeplan's own code, else the last frame."""
+    frames = [(_OURS.search(path), path, line, func) for path, line, func in _FRAME.findall(text)]
+    ours = [f for f in frames if f[0]]
+    if not (ours or frames):
+        return ""
+    match, path, line, func = (ours or frames)[-1]
+    return f" (at {match.group(0) if match else path}:{line} in {func})"
+
+
 def _first_line(exc: Exception) -> str:
     if isinstance(exc, RayTaskError):
         cause = exc.cause
-        return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"[:300]
+        line = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+        return f"{type(cause).__name__}: {line[:300]}{_innermost_frame(str(exc))}"
     if isinstance(exc, RayActorError):
         return "the process died (ActorDiedError)"
     return f"{type(exc).__name__}"[:300]

@@ -133,7 +133,9 @@ def train(plan: PlanFile, run_dir: Path, config: RunConfig, rank: int, device: t
         if rank == 0:
             append_metrics(run_dir / "metrics.jsonl", metrics)
             steps.append(metrics)
-        decision = torch.tensor([0 if rank != 0 or observer is None or observer(metrics) != "stop" else 1])
+        # on the rank's device: NCCL, the GPU runs' only backend, reduces no CPU tensor
+        decision = torch.tensor([0 if rank != 0 or observer is None or observer(metrics) != "stop" else 1],
+                                device=device)
         dist.broadcast(decision, src=0)
         stop = int(decision) == 1
         if step == profile_step or (stop and not traced):
@@ -198,9 +200,9 @@ def _one_step(rt: RankRuntime, step: int, tokens: int, device: torch.device):
     stats = rt.optimizer_step(timeline)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    elapsed = torch.tensor([time.perf_counter() - origin], dtype=torch.float64)
+    elapsed = torch.tensor([time.perf_counter() - origin], dtype=torch.float64, device=device)  # device: NCCL
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    loss = torch.tensor([sum(result.losses.values()), len(result.losses)], dtype=torch.float64)
+    loss = torch.tensor([sum(result.losses.values()), len(result.losses)], dtype=torch.float64, device=device)
     dist.all_reduce(loss)
     peak = [None] * dist.get_world_size()
     dist.all_gather_object(peak, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)

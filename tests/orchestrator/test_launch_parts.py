@@ -11,7 +11,7 @@ import pytest
 from moeplan.orchestrator.budget_guard import BudgetGuardObserver, guard_problem, projected_gpu_hours
 from moeplan.orchestrator.errors import RunFailedError
 from moeplan.orchestrator.launch_progress import MetricsTail, mfu_frac
-from moeplan.orchestrator.ray_launch import check_topology, missing_resources
+from moeplan.orchestrator.ray_launch import _innermost_frame, check_topology, missing_resources
 from moeplan.simulator.contracts.plan_file import read_plan
 from moeplan.simulator.contracts.run_report import StepMetrics, append_metrics
 from moeplan.simulator.planning.run_model import project_run
@@ -114,3 +114,16 @@ def test_the_tail_reads_whole_lines_and_starts_again_after_a_rewind(tmp_path, pl
     rate = 1000.0
     assert math.isclose(mfu_frac(plan, rate),
                         rate * plan.flops.model_flops_per_token / plan.inputs.cluster.gpu.bf16_flops_per_s)
+
+
+def test_a_failed_rank_is_named_with_the_innermost_frame_of_our_code():
+    remote = '''Traceback (most recent call last):
+  File "/tmp/site/ray/_private/worker.py", line 10, in run
+  File "/site-packages/moeplan/model/runtime/rank.py", line 321, in step
+    x = y
+  File "/root/repo/model/stage.py", line 44, in forward
+  File "/opt/torch/site-packages/torch/nn/functional.py", line 99, in linear
+RuntimeError: Expected all tensors to be on the same device'''
+    assert _innermost_frame(remote) == " (at model/stage.py:44 in forward)"
+    assert _innermost_frame('  File "/x/y.py", line 3, in f') == " (at /x/y.py:3 in f)"
+    assert _innermost_frame("no frames") == ""
