@@ -98,8 +98,8 @@ def main() -> None:
              f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, model {model}, cluster {cluster}."), ""]
     log: list[tuple[str, tuple[int, str], float]] = []
     for name, argv in steps:
-        if any(code != 0 for done, (code, _), _ in log if done in ("plan", "launch")):
-            break  # nothing to launch without a plan, nothing to check or calibrate after a failed launch
+        if any(code != 0 for done, (code, _), _ in log if done in ("plan", "launch", "calibrate")):
+            break  # nothing to launch without a plan, to check after a failed launch, to plan without tables
         print(f"one_gpu_loop: {name} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         log.append((name, moeplan(*argv, timeout=args.timeout), time.perf_counter() - t0))
