@@ -45,8 +45,9 @@ class GradBucket:
         assert size * world == self.data.numel(), f"{self.data.numel()=} {world=}: pad_multiple must be the group size"
         return rank * size, (rank + 1) * size
 
-    def _overlaps(self, start: int, end: int):
-        """(parameter, its flat view, [lo, hi) within the bucket) for each parameter that meets [start, end)."""
+    def param_segments(self, start: int, end: int):
+        """(the parameter's flat view over [lo, hi), lo, hi) for each parameter that meets [start, end) of the
+        bucket layout; padding belongs to none."""
         for p, off in zip(self.params, self.offsets):
             lo, hi = max(start, off), min(end, off + p.numel())
             if lo < hi:
@@ -57,7 +58,7 @@ class GradBucket:
         padded bucket by default); only that range is allocated."""
         end = self.data.numel() if end is None else end
         flat = torch.zeros(end - start, dtype=dtype, device=self.data.device)
-        for part, lo, hi in self._overlaps(start, end):
+        for part, lo, hi in self.param_segments(start, end):
             flat[lo - start: hi - start].copy_(part)
         return flat
 
@@ -65,7 +66,7 @@ class GradBucket:
     def load_flat_params(self, flat: torch.Tensor, start: int = 0) -> None:
         """Copy ``flat``, elements [start, start + len) of the bucket layout, into the parameters it covers
         (cast to their dtype on the way; no full-size temporary)."""
-        for part, lo, hi in self._overlaps(start, start + flat.numel()):
+        for part, lo, hi in self.param_segments(start, start + flat.numel()):
             part.copy_(flat[lo - start: hi - start])
 
 

@@ -18,10 +18,13 @@ routed experts (two sets, two buffers). A step, per set and bucket:
 
 Memory is what the plan counts (``simulator.accounting.memory``: parameters, FP32 main gradients, master
 weights and two moments per parameter) and no more: the reduced shard is the main-gradient buffer's own
-slice (an in-place reduce-scatter; no collective at all on a group of one), and every FP32 temporary of
-steps 2-4 (the norm's squares, BF16 moments widened for the math, the cast for the all-gather) is made
-``CHUNK`` elements at a time. A whole-bucket temporary would cost 4-8 bytes a parameter: on one GPU
-training V3's 4.31B-parameter stage that is 17-34 GB the plan never counted (an H100 ran out of memory).
+slice (an in-place reduce-scatter; no collective at all on a group of one), the norm reads ``CHUNK``
+elements at a time, and step 3 runs ``kernels.adamw`` on a GPU (one pass, no temporaries; the torch
+reference ``CHUNK`` elements at a time elsewhere), writing the new weights straight into the parameters on
+a group of one. A whole-bucket temporary would cost 4-8 bytes a parameter: on one GPU training V3's
+4.31B-parameter stage that is 17-34 GB the plan never counted (an H100 ran out of memory). Over a larger
+group the all-gather still needs the whole bucket in the parameters' dtype for a moment (2 bytes a
+parameter).
 
 The learning rate of step ``k`` is ``training.optimizer.lr.lr_at(k, tokens_seen)``. ``state_dict()`` /
 ``load_state_dict()`` hold this rank's shard only (for ``torch.distributed.checkpoint``).
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moeplan.kernels.adamw import adamw_, adamw_ref_
 from moeplan.model.runtime.main_grad import GradBucket, MainGrads
 from moeplan.simulator.spec.training import OptimizerSpec
 
@@ -45,6 +49,17 @@ _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1e-6)
 MOMENT_DTYPES = {2: torch.bfloat16, 4: torch.float32}
 CHUNK = 1 << 25  # elements per FP32 temporary of the step: 128 MiB
+
+
+def _adamw(grad: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+           out: torch.Tensor, **kwargs) -> None:
+    """AdamW over one stretch of a shard: ``kernels.adamw`` in one pass on a GPU (22 bytes a parameter); the
+    torch reference ``CHUNK`` elements at a time elsewhere (it is element-wise: the same numbers)."""
+    if master.is_cuda:
+        adamw_(grad, master, exp_avg, exp_avg_sq, out=out, **kwargs)
+        return
+    for part in zip(*(t.split(CHUNK) for t in (grad, master, exp_avg, exp_avg_sq, out))):
+        adamw_ref_(*part[:4], out=part[4], **kwargs)
 
 
 @dataclass(frozen=True)
@@ -120,7 +135,9 @@ class ZeroAdamW:
         self._reduced = False
         for s, shards in zip(self.sets, self._shards):
             for shard in shards:
-                shard.grad.div_(s.grad_divisor or shard.world)
+                divisor = s.grad_divisor or shard.world
+                if divisor != 1:
+                    shard.grad.div_(divisor)
 
     def grad_norm(self) -> float:
         """The global norm of the reduced gradients (steps 1-2 must have run: ``step`` calls it)."""
@@ -128,9 +145,9 @@ class ZeroAdamW:
         squares = torch.zeros((), dtype=torch.float64, device=device)
         for s, shards in zip(self.sets, self._shards):
             if s.in_norm:
-                for shard in shards:
+                for shard in shards:  # FP32 norms of CHUNK-sized parts (one read), their squares summed in FP64
                     for part in shard.grad.split(CHUNK):
-                        squares += part.double().square().sum()
+                        squares += torch.linalg.vector_norm(part).double().square()
         for group in self.norm_groups:
             dist.all_reduce(squares, group=group)
         return math.sqrt(float(squares))  # the step's one host sync
@@ -146,42 +163,32 @@ class ZeroAdamW:
         self.steps_done += 1
         for shards in self._shards:
             for shard in shards:
-                if coef < 1.0:
-                    shard.grad.mul_(coef)
-                self._adamw(shard, lr)
-                self._all_gather(shard)
+                self._update(shard, lr, coef)
         for s in self.sets:
             s.main_grads.zero_()
         return StepStats(step=self.steps_done - 1, lr=lr, grad_norm=norm, clip_coef=coef)
 
-    def _adamw(self, shard: _Shard, lr: float) -> None:
-        """``torch.optim.AdamW``'s single-tensor update, op for op, with moments kept in their dtype; element-
-        wise, so ``CHUNK`` elements at a time give the same bits with bounded temporaries."""
-        spec, t = self.spec, self.steps_done
-        step_size = lr / (1 - spec.beta1**t)
-        bias2_sqrt = math.sqrt(1 - spec.beta2**t)
-        parts = (shard.grad.split(CHUNK), shard.master.split(CHUNK), shard.exp_avg.split(CHUNK),
-                 shard.exp_avg_sq.split(CHUNK))
-        for grad, master, stored_avg, stored_sq in zip(*parts):
-            exp_avg, exp_avg_sq = stored_avg.float(), stored_sq.float()  # no copy when FP32
-            master.mul_(1 - lr * spec.weight_decay)
-            exp_avg.lerp_(grad, 1 - spec.beta1)
-            exp_avg_sq.mul_(spec.beta2).addcmul_(grad, grad, value=1 - spec.beta2)
-            denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(spec.eps)
-            master.addcdiv_(exp_avg, denom, value=-step_size)
-            if stored_avg.dtype != torch.float32:
-                stored_avg.copy_(exp_avg)
-                stored_sq.copy_(exp_avg_sq)
-
-    @staticmethod
-    def _all_gather(shard: _Shard) -> None:
-        bucket = shard.bucket
-        if shard.world == 1:  # the master is the whole bucket: cast straight into the parameters
-            bucket.load_flat_params(shard.master)
-            return
-        flat = torch.empty(bucket.data.numel(), dtype=bucket.param_dtype, device=bucket.data.device)
-        _all_gather(flat, shard.master.to(bucket.param_dtype), group=shard.group)
-        bucket.load_flat_params(flat)
+    def _update(self, shard: _Shard, lr: float, coef: float) -> None:
+        """Steps 3-4 for one shard: AdamW on the clipped gradient, the new weights into the parameters. On a
+        group of one, each parameter's slice is updated and written straight into it; otherwise the shard is
+        written in the parameters' dtype and all-gathered."""
+        spec = self.spec
+        kwargs = dict(lr=lr, step=self.steps_done, beta1=spec.beta1, beta2=spec.beta2, eps=spec.eps,
+                      weight_decay=spec.weight_decay, grad_scale=coef)
+        bucket, start = shard.bucket, shard.start
+        if shard.world == 1:
+            pieces = [(lo, hi, param) for param, lo, hi in bucket.param_segments(shard.start, shard.end)]
+        else:
+            gathered = torch.empty(shard.end - start, dtype=bucket.param_dtype, device=bucket.data.device)
+            pieces = [(start, shard.end, gathered)]
+        for lo, hi, out in pieces:
+            _adamw(shard.grad[lo - start: hi - start], shard.master[lo - start: hi - start],
+                   shard.exp_avg[lo - start: hi - start], shard.exp_avg_sq[lo - start: hi - start], out=out,
+                   **kwargs)
+        if shard.world > 1:
+            flat = torch.empty(bucket.data.numel(), dtype=bucket.param_dtype, device=bucket.data.device)
+            _all_gather(flat, gathered, group=shard.group)
+            bucket.load_flat_params(flat)
 
     def state_dict(self) -> dict:
         """This rank's shard: ``{"steps_done": int, "shards": [[{master, exp_avg, exp_avg_sq}] per bucket] per set}``."""

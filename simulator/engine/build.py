@@ -29,7 +29,8 @@ from moeplan.simulator.traffic.all_to_all import BF16_BYTES_PER_ELEMENT, WirePay
 FP32_BYTES_PER_ELEMENT = 4
 
 # AdamW step per parameter of the local shard: read+write FP32 master (8), two BF16 moments (8),
-# read the FP32 gradient (4), write the BF16 weight (2) -- TR §3.3 storage.
+# read the FP32 gradient (4), write the BF16 weight (2) -- TR §3.3 storage; one pass, as the runtime's
+# kernels.adamw runs it.
 OPTIMIZER_BYTES_PER_PARAM = 22.0
 
 
