@@ -61,6 +61,34 @@ def moeplan(*args: str, timeout: float = 900) -> tuple[int, str]:
     return res.returncode, (res.stdout + res.stderr).rstrip()
 
 
+def trace_summary(run_dir: Path, top: int = 12) -> tuple[int, str]:
+    """Where rank 0's traced step went: each node kind's total (micro-batch and layer numbers dropped, so
+    "0F1 L2 experts" counts as "F experts"), the time between nodes (host work, waits), and the longest
+    gaps with the nodes around them. (1, reason) when the run wrote no trace."""
+    path = run_dir / "traces" / "rank0.json"
+    try:
+        events = json.loads(path.read_text())["traceEvents"]
+    except (OSError, ValueError, KeyError) as exc:
+        return 1, f"no trace at {path}: {exc}"
+    spans = sorted((e["ts"], e["dur"], e["name"]) for e in events if e.get("ph") == "X")
+    if not spans:
+        return 1, f"{path}: no timed events"
+    kinds: dict[str, float] = {}
+    for _, dur, name in spans:
+        words = name.split()
+        kind = " ".join([words[0].lstrip("0123456789")[:1]] + [w for w in words[1:] if not w[1:].isdigit()]) \
+            if len(words) > 1 else name
+        kinds[kind] = kinds.get(kind, 0.0) + dur
+    gaps = [(b[0] - (a[0] + a[1]), a[2], b[2]) for a, b in zip(spans, spans[1:])]
+    window = spans[-1][0] + spans[-1][1] - spans[0][0]
+    lines = [f"step window {window / 1e3:.1f} ms over {len(spans)} nodes; between nodes "
+             f"{sum(max(g, 0.0) for g, _, _ in gaps) / 1e3:.1f} ms", "", "node kind                      total ms"]
+    lines += [f"{kind:<30} {ms / 1e3:9.1f}" for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])[:top]]
+    lines += ["", "longest gaps (ms, after -> before)"]
+    lines += [f"{g / 1e3:7.1f}  {a} -> {b}" for g, a, b in sorted(gaps, reverse=True)[:5]]
+    return 0, "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for the config, plans and runs")
@@ -97,6 +125,13 @@ def main() -> None:
             (f"`python -P benchmarks/one_gpu_loop.py {' '.join(sys.argv[1:])}`, "
              f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, model {model}, cluster {cluster}."), ""]
     log: list[tuple[str, tuple[int, str], float]] = []
+
+    def write_report() -> None:  # after every command: a later one that hangs keeps the rest
+        lines = list(head)
+        for done, (code, text), secs in log:
+            lines += [f"## {done} (exit {code}, {secs:.0f} s)", "", "```text", text[-12000:], "```", ""]
+        write_atomic(args.out, "\n".join(lines))
+
     for name, argv in steps:
         if any(code != 0 for done, (code, _), _ in log if done in ("plan", "launch", "calibrate")):
             break  # nothing to launch without a plan, to check after a failed launch, to plan without tables
@@ -104,10 +139,10 @@ def main() -> None:
         t0 = time.perf_counter()
         log.append((name, moeplan(*argv, timeout=args.timeout), time.perf_counter() - t0))
         print(f"one_gpu_loop: {name} exit {log[-1][1][0]} in {log[-1][2]:.0f} s", file=sys.stderr, flush=True)
-        lines = list(head)
-        for done, (code, text), secs in log:
-            lines += [f"## {done} (exit {code}, {secs:.0f} s)", "", "```text", text[-12000:], "```", ""]
-        write_atomic(args.out, "\n".join(lines))  # after every command: a later one that hangs keeps the rest
+        write_report()
+    if any(done == "launch" and code == 0 for done, (code, _), _ in log):
+        log.append(("rank 0's traced step", trace_summary(run_dir), 0.0))
+        write_report()
     failed = [code for name, (code, _), _ in log if name in ("plan", "launch", "calibrate") and code != 0]
     sys.exit(failed[0] if failed else 0)  # a check that misses (exit 1) is a result, not a failure
 
