@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeplan.model.transformer import ModelOutput
@@ -24,8 +23,50 @@ class LossTerms:
     mtp: torch.Tensor  # mean over depths (0 without MTP)
 
 
+# FP32 logits one chunk of rows of the loss holds at a time (128 MiB, as the optimizer step's chunks):
+# simulator.accounting.activations.LOSS_CHUNK_ELEMENTS prices the same temporary.
+LOSS_CHUNK_ELEMENTS = 1 << 25
+
+
+class _CrossEntropyFn(torch.autograd.Function):
+    """Mean over rows whose target is not ``IGNORE_INDEX`` of ``logsumexp(x) - x[target]``, in FP32 one chunk
+    of rows at a time. It keeps the logits in their own dtype and one FP32 log-sum-exp per row for backward
+    (``F.cross_entropy(logits.float())`` kept FP32 log-probabilities, 4 B per logit, and its backward held
+    three FP32 logit-sized tensors at once), and writes the gradient straight in the logits' dtype."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (N, V), (N,)
+        rows = max(1, LOSS_CHUNK_ELEMENTS // max(1, logits.shape[1]))
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], rows):
+            x = logits[start:start + rows].to(torch.float32, copy=True)  # (n, V) the chunk's one FP32 temporary
+            top = x.amax(dim=-1, keepdim=True)
+            lse[start:start + rows] = x.sub_(top).exp_().sum(dim=-1).log_() + top.squeeze(-1)
+        valid = targets != IGNORE_INDEX
+        safe = torch.where(valid, targets, 0)
+        picked = logits.gather(1, safe[:, None]).squeeze(1).float()
+        count = valid.sum()
+        ctx.save_for_backward(logits, lse, safe, valid, count)
+        return torch.where(valid, lse - picked, 0.0).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, lse, safe, valid, count = ctx.saved_tensors
+        rows = max(1, LOSS_CHUNK_ELEMENTS // max(1, logits.shape[1]))
+        grad = torch.empty_like(logits)
+        scale = torch.where(valid, grad_loss.float() / count, 0.0)  # (N,) d loss / d (lse - picked) per row
+        for start in range(0, logits.shape[0], rows):
+            end = min(start + rows, logits.shape[0])
+            p = logits[start:end].to(torch.float32, copy=True).sub_(lse[start:end, None]).exp_()  # softmax, (n, V) FP32
+            p[torch.arange(end - start, device=p.device), safe[start:end]] -= 1.0
+            grad[start:end] = p.mul_(scale[start:end, None])
+        return grad, None
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    """Mean next-token cross-entropy of ``logits`` (B, T, V) against ``targets`` (B, T), ``IGNORE_INDEX``
+    rows skipped: ``F.cross_entropy(logits.float(), ...)``'s value, computed chunk by chunk (``_CrossEntropyFn``)."""
+    return _CrossEntropyFn.apply(logits.flatten(0, 1), targets.flatten())
 
 
 def training_loss(output: ModelOutput, labels: torch.Tensor, mtp_weight: float) -> LossTerms:
