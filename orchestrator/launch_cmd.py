@@ -33,10 +33,9 @@ from moeplan.orchestrator.budget_guard import guard_problem
 from moeplan.orchestrator.errors import DeferredSignals, InputError, RunFailedError
 from moeplan.orchestrator.inputs import finite_float
 from moeplan.orchestrator.launch_progress import RunProgress
-from moeplan.orchestrator.outputs import strict_json
+from moeplan.orchestrator.outputs import strict_json, write_outputs
 from moeplan.orchestrator.ray_address import ADDRESS_TIMEOUT_S, check_address
 from moeplan.orchestrator.rank_entry import RankJob, on_cpu
-from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.contracts.plan_file import PlanFile, read_plan
 from moeplan.simulator.contracts.run_report import PLAN_COPY_NAME, read_run_report
 from moeplan.simulator.spec.json_input import read_json_file
@@ -143,18 +142,20 @@ def _local_gpus_missing(plan: PlanFile) -> None:
 
 
 def _prepare(plan_path: Path, plan: PlanFile, run: Path, s: dict, fresh: bool) -> None:
-    """Write the run directory's launch files (a fresh run: the plan's text and its simulated trace)."""
-    run.mkdir(parents=True, exist_ok=True)
+    """Write the run directory's launch files (a fresh run: the plan's text and its simulated trace), all of
+    them or none (``write_outputs``: a kill never leaves a run directory with a plan and no settings)."""
+    files = {}
     if fresh:
         from moeplan.simulator.engine.trace import chrome_trace
         from moeplan.simulator.report.run_comparison import resimulated_trace
 
         source = plan_path / PLAN_COPY_NAME if plan_path.is_dir() else plan_path
-        write_atomic(run / PLAN_COPY_NAME, source.read_text())
+        files[run / PLAN_COPY_NAME] = source.read_text()
         events = resimulated_trace(plan)
         if events is not None:
-            write_atomic(run / PLAN_TRACE_NAME, strict_json(chrome_trace(events), indent=None))
-    write_atomic(run / LAUNCH_SETTINGS_NAME, strict_json(s))
+            files[run / PLAN_TRACE_NAME] = strict_json(chrome_trace(events), indent=None)
+    files[run / LAUNCH_SETTINGS_NAME] = strict_json(s)
+    write_outputs(files)
 
 
 def _fault_at() -> tuple[int, int] | None:

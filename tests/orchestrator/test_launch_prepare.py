@@ -1,0 +1,41 @@
+"""``launch``'s run directory files (plan copy, simulated trace, settings) go in together: an interrupt while
+they are written leaves no run directory, so the next ``launch --run-dir`` is not refused as "not empty"."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moeplan.orchestrator import launch_cmd, outputs
+from moeplan.orchestrator.errors import InputError
+from moeplan.simulator.contracts.plan_file import read_plan
+from moeplan.simulator.contracts.run_report import PLAN_COPY_NAME
+from tests.orchestrator.run_dirs import tiny_plan  # noqa: F401 -- the session fixture (h200, pp2 ep4, budget 50)
+
+
+def test_the_launch_files_appear_together(tmp_path, tiny_plan):  # noqa: F811
+    run = tmp_path / "run"
+    launch_cmd._prepare(tiny_plan, read_plan(tiny_plan), run, {"steps": 3}, fresh=True)
+    assert {p.name for p in run.iterdir()} == {PLAN_COPY_NAME, launch_cmd.PLAN_TRACE_NAME,
+                                               launch_cmd.LAUNCH_SETTINGS_NAME}
+    assert json.loads((run / launch_cmd.LAUNCH_SETTINGS_NAME).read_text()) == {"steps": 3}
+    assert (run / PLAN_COPY_NAME).read_text() == (tiny_plan / PLAN_COPY_NAME).read_text()
+
+
+@pytest.mark.parametrize("failing", [1, 2, 3])
+def test_a_failure_while_preparing_leaves_no_run_directory(tmp_path, tiny_plan, monkeypatch, failing):  # noqa: F811
+    written = outputs._write_synced
+    calls = []
+
+    def full_disk(path, text):
+        calls.append(path)
+        if len(calls) == failing:
+            raise OSError(28, "No space left on device")
+        written(path, text)
+
+    monkeypatch.setattr(outputs, "_write_synced", full_disk)
+    run = tmp_path / "run"
+    with pytest.raises(InputError, match="No space left"):
+        launch_cmd._prepare(tiny_plan, read_plan(tiny_plan), run, {"steps": 3}, fresh=True)
+    assert list(tmp_path.iterdir()) == []
