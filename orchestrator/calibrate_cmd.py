@@ -3,7 +3,7 @@
 ``--plan PLAN`` takes the shapes from a plan file; otherwise ``--model``/``--cluster``/``--set`` make the
 inputs as ``moeplan plan`` does (the layout from ``--set parallel.*``). What is measured and how each entry
 is derived: ``orchestrator.calibration`` (``shapes``, ``measure``, ``tables_out``) and
-``docs/design/calibration.md``. The device is the plan's: the CPU for the ``cpu`` cluster (one torch
+``docs/design/calibration.md``; each measurement is shown on stderr as it runs (``calibration.progress``). The device is the plan's: the CPU for the ``cpu`` cluster (one torch
 thread per process, gloo between real processes), else a CUDA GPU (NCCL over the visible GPUs). A shape
 that fails is reported and left out; the file is written whole or not at all (``outputs.write_outputs``).
 """
@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from moeplan.orchestrator.errors import InputError
@@ -137,7 +136,7 @@ def calibrate_command(
     cluster: Annotated[str | None, typer.Option(help="Cluster preset (without --plan).")] = None,
     nodes: Annotated[int | None, typer.Option(help="Nodes (without --plan).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a setting, a.b=value (without --plan).")] = None,
-    reps: Annotated[int, typer.Option(help="Timed repetitions per measurement (median).")] = 10,
+    reps: Annotated[int, typer.Option(help="Timed repetitions per measurement (median; fewer past 1 s).")] = 10,
     threads: Annotated[int, typer.Option(help="torch threads per process (CPU; the runtime's ranks run 1).")] = 1,
     dtype: Annotated[str, typer.Option(help="fp32 or bf16: what the plan's non-FP8 precision runs in (CPU).")] = "fp32",
     name: Annotated[str, typer.Option(help="The tables' name.")] = "calibrated",
@@ -156,7 +155,8 @@ def calibrate_command(
     import torch
 
     from moeplan.orchestrator.calibration.machine_info import load_average, machine_facts
-    from moeplan.orchestrator.calibration.measure import Setup, link_groups, measure_all
+    from moeplan.orchestrator.calibration.measure import Setup, measure_all
+    from moeplan.orchestrator.calibration.progress import ProgressLines
     from moeplan.orchestrator.calibration.shapes import plan_shapes
     from moeplan.orchestrator.calibration.tables_out import CalibrationError, calibrated_tables, machine_record, now
 
@@ -164,18 +164,13 @@ def calibrate_command(
     shapes = plan_shapes(inputs, dp, max(2, gpus))
     label = f"[CAL] moeplan calibrate {now()}"
     setup = Setup(spec=inputs.model, device=device, dtype=getattr(torch, DTYPES[dtype]) if device.type == "cpu" else torch.bfloat16,
-                  reps=reps, threads=threads, backend="gloo" if device.type == "cpu" else "nccl", label=label)
+                  reps=reps, threads=threads, backend="gloo" if device.type == "cpu" else "nccl", label=label,
+                  optimizer=inputs.training.optimizer)
     before, threads_before = load_average(), torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with _children_killed_on_signal(), Progress(console=console, transient=True,
-                                                    disable=not console.is_terminal) as progress:  # no stray line
-            task = progress.add_task("calibrating", total=5 + len(link_groups(shapes)))
-
-            def advance(what: str) -> None:
-                progress.update(task, advance=1, description=what)
-
-            measured = measure_all(shapes, setup, inputs.cluster.gpu.hbm_bytes_per_s, advance)
+        with _children_killed_on_signal(), ProgressLines(console) as progress:
+            measured = measure_all(shapes, setup, inputs.cluster.gpu.hbm_bytes_per_s, progress)
     except BaseException:  # SIGTERM or Ctrl-C: the collectives' processes go too, before their queue does
         _stop_children()
         raise

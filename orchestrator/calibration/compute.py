@@ -13,17 +13,28 @@ caller set it: the runtime's ranks run one thread each; or a CUDA GPU, timed by 
 - Attention: causal ``F.scaled_dot_product_attention`` with the model's head dims at each sequence
   length (one sequence), forward and forward + backward, FLOPs as ``attention_core_flops``.
 - Memory: ``Tensor.copy_`` of 16 KiB to 64 MiB buffers (bytes read + written).
-- Optimizer: torch's AdamW over one flat FP32 shard of half the model's parameters (MTP included: a
-  rank's share at pp 2, as the runtime's ZeRO-1 steps its master shard), at the simulator's ideal bytes
-  (``engine.build.OPTIMIZER_BYTES_PER_PARAM`` per parameter).
+- Optimizer: one step over a flat FP32 shard of half the model's parameters (MTP included: a rank's share
+  at pp 2), at most ``OPTIMIZER_MAX_PARAMS`` of them (the step is element-wise and streams memory: a
+  larger shard takes proportionally longer at the same rate), at the simulator's ideal bytes
+  (``engine.build.OPTIMIZER_BYTES_PER_PARAM`` per parameter). On a GPU the step is what the runtime's
+  ZeRO-1 step runs per parameter (``model.runtime.optimizer``: the FP32 norm read in ``CHUNK`` parts,
+  ``kernels.adamw`` with the plan's moment dtype writing the BF16 weight, the gradient zeroed); on a CPU
+  ``torch.optim.AdamW``.
+
+Operands are drawn on the measuring device (a GPU draws the V3 stage's 8.9G GEMM operand elements in
+milliseconds, one CPU thread in minutes).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from moeplan.kernels.adamw import adamw_
 from moeplan.model.grouped_mm import reference_grouped_mm
+from moeplan.model.runtime.optimizer import CHUNK, CLIP_EPS, MOMENT_DTYPES
 from moeplan.orchestrator.calibration.timing import median_s
 from moeplan.simulator.accounting.flops import attention_core_flops
 from moeplan.simulator.accounting.params import param_counts
@@ -31,10 +42,19 @@ from moeplan.simulator.costs.elementwise import OPTIMIZER
 from moeplan.simulator.engine.build import OPTIMIZER_BYTES_PER_PARAM
 from moeplan.simulator.engine.unit_costs import attention_shapes
 from moeplan.simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.training import OptimizerSpec
 
 CPU = torch.device("cpu")
 PEAK_N = 512
 COPY_SIZES = tuple(2**p for p in range(14, 27, 2))  # 16 KiB .. 64 MiB
+# 64M parameters: 1.4 GB of traffic a step at 22 B each, 28x the H100/H200's 50 MiB L2 (streams HBM, as the
+# whole shard does); 0.9 GB of buffers on a GPU with BF16 moments
+OPTIMIZER_MAX_PARAMS = 2**26
+
+
+def randn(*shape: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """Standard normal values drawn on ``device`` itself, in ``dtype``."""
+    return torch.randn(*shape, dtype=dtype, device=device, generator=torch.Generator(device).manual_seed(seed))
 
 
 def _linears(m: ModelSpec) -> list[tuple[int, int]]:
@@ -68,12 +88,11 @@ def gemm_shapes(m: ModelSpec, tokens: list[int], eps: list[int]) -> list[tuple[i
 def gemm_s(m: int, n: int, k: int, groups: int, dtype: torch.dtype, reps: int, device: torch.device = CPU) -> float:
     """Median seconds of ``groups`` products (m x k)(k x n) in ``dtype`` (grouped: ``torch._grouped_mm`` on
     CUDA, the padded ``bmm`` reference elsewhere, as ``model/experts.py``'s "auto" chooses)."""
-    gen = torch.Generator().manual_seed(0)
     if groups == 1:
-        a, b = (torch.randn(m, k, generator=gen).to(device, dtype), torch.randn(k, n, generator=gen).to(device, dtype))
+        a, b = randn(m, k, dtype=dtype, device=device), randn(k, n, dtype=dtype, device=device, seed=1)
         return median_s(lambda: torch.mm(a, b), device, reps)
-    a = torch.randn(groups * m, k, generator=gen).to(device, dtype)
-    b = torch.randn(groups, k, n, generator=gen).to(device, dtype)
+    a = randn(groups * m, k, dtype=dtype, device=device)
+    b = randn(groups, k, n, dtype=dtype, device=device, seed=1)
     offs = (torch.arange(1, groups + 1, dtype=torch.int32) * m).to(device)
     grouped = torch._grouped_mm if device.type == "cuda" and hasattr(torch, "_grouped_mm") else reference_grouped_mm
     return median_s(lambda: grouped(a, b, offs=offs), device, reps)
@@ -97,12 +116,11 @@ def attention_rows(m: ModelSpec, seqs: list[int], dtype: torch.dtype, reps: int,
                    device: torch.device = CPU) -> list[dict]:
     """Causal SDPA over one sequence of each length: seconds and FLOPs (forward; forward + backward as 3x)."""
     heads, dq, dv = m.num_attention_heads, m.qk_head_dim, m.v_head_dim if m.is_mla else m.gqa_head_dim
-    gen = torch.Generator().manual_seed(0)
     rows = []
     for seq in seqs:
-        q, k = (torch.randn(1, heads, seq, dq, generator=gen).to(device, dtype).requires_grad_() for _ in range(2))
-        v = torch.randn(1, heads, seq, dv, generator=gen).to(device, dtype).requires_grad_()
-        grad = torch.randn(1, heads, seq, dv, generator=gen).to(device, dtype)
+        q, k = (randn(1, heads, seq, dq, dtype=dtype, device=device, seed=i).requires_grad_() for i in range(2))
+        v = randn(1, heads, seq, dv, dtype=dtype, device=device, seed=2).requires_grad_()
+        grad = randn(1, heads, seq, dv, dtype=dtype, device=device, seed=3)
 
         def fwd(q=q, k=k, v=v) -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -128,14 +146,40 @@ def copy_rows(reps: int, sizes: tuple[int, ...] = COPY_SIZES, device: torch.devi
     return rows
 
 
-def optimizer_row(m: ModelSpec, reps: int, peak_bytes_per_s: float) -> dict:
-    """The optimizer class as an ``elementwise_bench`` row: AdamW over one flat FP32 shard (see above)."""
-    c = param_counts(m)
-    params = c.total_with_mtp // 2
+def optimizer_params(m: ModelSpec) -> int:
+    """Parameters of the optimizer measurement's shard: half the model's, at most ``OPTIMIZER_MAX_PARAMS``."""
+    return min(param_counts(m).total_with_mtp // 2, OPTIMIZER_MAX_PARAMS)
+
+
+def _runtime_step(params: int, opt: OptimizerSpec, device: torch.device):
+    """A thunk of what ``model.runtime.optimizer.ZeroAdamW.step`` runs per parameter on one GPU (see above)."""
+    grad = randn(params, dtype=torch.float32, device=device)
+    master = torch.zeros(params, dtype=torch.float32, device=device)
+    moments = [torch.zeros(params, dtype=MOMENT_DTYPES[opt.moment_bytes], device=device) for _ in range(2)]
+    weight = torch.empty(params, dtype=torch.bfloat16, device=device)
+
+    def step() -> None:
+        squares = sum(torch.linalg.vector_norm(part).double().square() for part in grad.split(CHUNK))
+        norm = math.sqrt(float(squares))  # the runtime step's one host sync
+        coef = 1.0 if opt.grad_clip_norm is None else min(1.0, opt.grad_clip_norm / (norm + CLIP_EPS))
+        adamw_(grad, master, *moments, lr=opt.lr.peak_lr, step=1, beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps,
+               weight_decay=opt.weight_decay, grad_scale=coef, out=weight)
+        grad.zero_()  # the main gradients, zeroed for the next step
+    return step, f"kernels.adamw ({opt.moment_bytes}-byte moments) with the runtime's FP32 norm and zeroing"
+
+
+def _torch_step(params: int):
     shard = torch.zeros(params, requires_grad=True)
     shard.grad = torch.randn(params, generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.AdamW([shard], lr=1e-4)
-    s, nbytes = median_s(opt.step, CPU, reps), OPTIMIZER_BYTES_PER_PARAM * params
-    return {"kernel": OPTIMIZER, "implementation": "torch.optim.AdamW over one flat FP32 shard", "in_table": True,
+    return torch.optim.AdamW([shard], lr=1e-4).step, "torch.optim.AdamW over one flat FP32 shard"
+
+
+def optimizer_row(m: ModelSpec, reps: int, peak_bytes_per_s: float, device: torch.device = CPU,
+                  opt: OptimizerSpec | None = None) -> dict:
+    """The optimizer class as an ``elementwise_bench`` row: one step over a flat FP32 shard (see above)."""
+    params = optimizer_params(m)
+    step, implementation = _runtime_step(params, opt or OptimizerSpec(), device) if device.type == "cuda" else _torch_step(params)
+    s, nbytes = median_s(step, device, reps), OPTIMIZER_BYTES_PER_PARAM * params
+    return {"kernel": OPTIMIZER, "implementation": implementation, "in_table": True,
             "shape": f"{params:,} parameters", "skipped": None, "bwd": None,
             "fwd": {"bytes": nbytes, "s": s, "bytes_per_s": nbytes / s, "hbm_frac": nbytes / s / peak_bytes_per_s}}

@@ -2,12 +2,12 @@
 
 - ``op_costs(device, reps)``: a micro-benchmark on tiny tensors (4 x 8, so the kernel itself costs next to
   nothing): each forward op kind called from Python on tensors that need gradients (autograd records a
-  node, as in training), timed per call over ``INNER`` calls and divided by the ops the call dispatches
-  (counted); the backward class is a chain of ``CHAIN`` such steps whose ``backward()`` is timed and divided
+  node, as in training), timed per call over runs of ``INNER`` calls (``reps`` runs, fewer past
+  ``timing.MAX_S``) and divided by the ops the call dispatches (counted); the backward class is a chain of ``CHAIN`` such steps whose ``backward()`` is timed and divided
   by the ops it dispatches. On a GPU the same calls are timed without synchronising: what the host spends
   issuing them.
 - ``count_pieces(spec, ...)``: each piece of the model (``costs.host.PIECES``) built alone from the model's
-  own classes and run once forward and once backward at the plan's micro-batch shape under
+  own classes, on the measuring device itself, and run once forward and once backward at the plan's micro-batch shape under
   ``OpCounter``, a ``TorchDispatchMode`` that counts every dispatched aten op, split into compute and view
   ops; GEMM and attention-core ops (``PRICED``) are counted apart and left out of the host term.
 """
@@ -27,6 +27,7 @@ from moeplan.model.losses import cross_entropy
 from moeplan.model.mtp import MTPModule
 from moeplan.model.options import ModelOptions
 from moeplan.model.rope import RotaryEmbedding
+from moeplan.orchestrator.calibration.timing import MAX_S, MIN_REPS
 from moeplan.simulator.costs.host import HostOpCost, HostOpCount, Piece
 from moeplan.simulator.spec.model import ModelSpec
 
@@ -67,12 +68,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _per_call_s(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Median seconds per call of ``fn`` over runs of ``INNER`` calls (host time: no synchronisation inside)."""
+def _per_call_s(fn: Callable[[], object], device: torch.device, reps: int, max_s: float = MAX_S) -> float:
+    """Median seconds per call of ``fn`` over runs of ``INNER`` calls (host time: no synchronisation inside);
+    ``reps`` runs, fewer once the runs took ``max_s`` (never fewer than ``MIN_REPS``)."""
     for _ in range(INNER):
         fn()
-    times = []
-    for _ in range(reps):
+    times: list[float] = []
+    while len(times) < reps and (len(times) < MIN_REPS or sum(times) * INNER < max_s):
         _sync(device)
         start = time.perf_counter()
         for _ in range(INNER):
@@ -136,6 +138,12 @@ def count_pieces(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, device
                  label: str) -> list[HostOpCount]:
     """Ops per micro-batch of (``mbs``, ``seq``) tokens of every piece the model has (see module docstring)."""
     torch.manual_seed(0)
+    with torch.device(device):  # built where they run: V3's layers and head are 1.7G parameters to initialise
+        return _count_pieces(spec, mbs, seq, dtype, device, label)
+
+
+def _count_pieces(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, device: torch.device,
+                  label: str) -> list[HostOpCount]:
     factory = LayerFactory.create(spec, ModelOptions(dtype=dtype))
     cos, sin = RotaryEmbedding(spec).to(device)(torch.arange(seq, device=device))
     h, tokens = spec.hidden_size, mbs * seq

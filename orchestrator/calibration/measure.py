@@ -1,13 +1,16 @@
 """Every measurement ``moeplan calibrate`` makes at a plan's shapes, each one allowed to fail alone.
 
-``measure_all(shapes, setup, advance)`` runs, in order: the GEMMs (one shape at a time), causal attention at
-the plan's sequence length, a copy sweep (the memory fallback), each memory-bound kernel class at the
-plan's tokens, the optimizer class, the host's per-op cost and the op counts of every piece, the largest
-dense GEMM alone and beside communication (``beside``), and the
-collectives (real processes: gloo on a CPU, NCCL on GPUs) at the plan's sizes and group spans. A shape
-that fails (out of memory, an op the device does not run, a collective that cannot start) is recorded in
-``Measured.skipped`` with its reason and left out; nothing is filled in for it. ``advance(label)`` is
-called as each piece starts (the CLI's progress bar).
+``measurements(shapes, setup, hbm_bytes_per_s)`` lists them, in order, as data (``Measurement``: its kind,
+one of ``KINDS``, what it measures, and a thunk; building the list runs nothing): the GEMMs (one shape
+each), causal attention at the plan's sequence length, the host's per-op cost and the op counts of every
+piece, a copy sweep (the memory fallback), each memory-bound kernel class at the plan's tokens, the
+optimizer class, the largest dense GEMM alone and beside communication (``beside``), and the collectives
+(real processes: gloo on a CPU, NCCL on GPUs) at the plan's sizes and group spans, one group span each.
+``measure_all`` runs them, telling ``progress`` as each starts and ends. A measurement that fails (out of
+memory, an op the device does not run, a collective that cannot start) is recorded in
+``Measured.skipped`` with its reason and left out; nothing is filled in for it. Each timed loop stops
+after ``reps`` calls or ``timing.MAX_S`` seconds (``timing.median_s``), so the list's length bounds the
+time: ``MAX_MEASUREMENTS`` is the most a plan should ask for.
 
 Memory-bound classes and the optimizer are timed whole at the plan's shapes, and their own ops' host time
 (counted, times the measured per-op cost) is taken off before they become bandwidth fractions: the
@@ -18,8 +21,10 @@ fastest copy.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import torch
 
@@ -32,9 +37,15 @@ from moeplan.orchestrator.calibration.shapes import PlanShapes
 from moeplan.simulator.costs.host import HostCosts, HostOpCost
 from moeplan.simulator.costs.tables import CostTables
 from moeplan.simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.training import OptimizerSpec
 
 log = logging.getLogger(__name__)
 FAILURES = (RuntimeError, ValueError, NotImplementedError, MemoryError, OSError)
+Kind = Literal["gemm", "attention", "host", "copy", "memory", "optimizer", "beside", "links"]
+KINDS: tuple[Kind, ...] = ("gemm", "attention", "host", "copy", "memory", "optimizer", "beside", "links")
+# the most measurements a plan should ask for (tests hold the presets to it): V3's one-GPU stage asks for 56,
+# 38 of them GEMM shapes; each timed loop stops after timing.MAX_S
+MAX_MEASUREMENTS = 64
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,7 @@ class Setup:
     threads: int
     backend: str  # "gloo" | "nccl"
     label: str  # the source prefix every entry carries
+    optimizer: OptimizerSpec = OptimizerSpec()  # the plan's: the optimizer class runs its moment dtype
 
 
 @dataclass
@@ -57,6 +69,7 @@ class Measured:
     copy: list[dict] = field(default_factory=list)
     memory: list[dict] = field(default_factory=list)
     host: HostCosts | None = None
+    host_costs: list[HostOpCost] = field(default_factory=list)  # per-op cost, kept for the op counts after it
     links: dict[int, dict] = field(default_factory=dict)
     beside: list[dict] = field(default_factory=list)  # the largest GEMM alone and beside communication
     skipped: list[str] = field(default_factory=list)
@@ -93,81 +106,125 @@ def _net(row: dict, fwd_host_s: float, bwd_host_s: float, copy_peak: float, hbm:
     return row
 
 
-def _memory_classes(shapes: PlanShapes, setup: Setup, m: Measured, hbm: float, copy_peak: float) -> None:
-    costs = list(m.host.costs) if m.host else []
+@dataclass(frozen=True)
+class Measurement:
+    """One entry of ``measurements``: ``run(m)`` measures and stores into ``m``, or raises (then skipped)."""
+
+    kind: Kind
+    what: str  # what is measured, at which shape; also the skipped entry's name
+    run: Callable[[Measured], None]
+
+
+class Reporter(Protocol):
+    """Told as each measurement starts and ends (the CLI's progress lines: ``calibration.progress``)."""
+
+    def start(self, index: int, total: int, item: Measurement) -> None: ...
+
+    def done(self, item: Measurement, elapsed_s: float, skipped: list[str]) -> None: ...
+
+
+def measure_all(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float, progress: Reporter) -> Measured:
+    """Run every ``measurements`` entry in order, each failure recorded and skipped (see module docstring)."""
+    m, items = Measured(), measurements(shapes, setup, hbm_bytes_per_s)
+    for index, item in enumerate(items):
+        progress.start(index, len(items), item)
+        before, start = len(m.skipped), time.perf_counter()
+        _attempt(item.what, lambda item=item: item.run(m), m.skipped)
+        progress.done(item, time.perf_counter() - start, m.skipped[before:])
+    return m
+
+
+def measurements(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float) -> list[Measurement]:
+    """Every measurement of the plan's shapes, in the order they run (see module docstring); nothing runs here."""
+    dev, dt, reps = setup.device, setup.dtype, setup.reps
+    items = [Measurement("gemm", f"GEMM {g[3]}x{g[0]}x{g[1]}x{g[2]}",
+                         lambda m, g=g: m.gemm.append(compute.gemm_rows([g], dt, reps, dev)[0])) for g in shapes.gemms]
+
+    def attention(m: Measured) -> None:
+        m.attention = compute.attention_rows(setup.spec, [shapes.seq_len], dt, reps, dev)
+
+    def host_costs(m: Measured) -> None:
+        m.host_costs = op_costs(dev, max(reps, 20), setup.label)
+
+    def host_counts(m: Measured) -> None:
+        counts = count_pieces(setup.spec, shapes.mbs, shapes.seq_len, dt, dev, setup.label)
+        if m.host_costs:
+            m.host = HostCosts(mode="max" if dev.type == "cuda" else "sum", costs=tuple(m.host_costs),
+                               counts=tuple(counts))
+
+    def copies(m: Measured) -> None:
+        m.copy = compute.copy_rows(reps, device=dev)
+
+    def optimizer(m: Measured) -> None:
+        m.memory.append(compute.optimizer_row(setup.spec, reps, hbm_bytes_per_s, dev, setup.optimizer))
+
+    items += [Measurement("attention", f"attention at seq {shapes.seq_len}", attention),
+              Measurement("host", "host per-op cost", host_costs),
+              Measurement("host", f"host op counts at {shapes.mbs} x {shapes.seq_len} tokens", host_counts),
+              Measurement("copy", f"copy sweep of {len(compute.COPY_SIZES)} sizes", copies)]
+    items += _memory_classes(shapes, setup, hbm_bytes_per_s)
+    items.append(Measurement("optimizer", f"optimizer class ({compute.optimizer_params(setup.spec):,} parameters)",
+                             optimizer))
+    items += _beside(shapes, setup)
+    return items + [_links(span, wanted, setup) for span, wanted in link_groups(shapes).items()]
+
+
+def _memory_classes(shapes: PlanShapes, setup: Setup, hbm: float) -> list[Measurement]:
+    """One measurement per class: its table implementation (Triton ones on CUDA only) at the plan's tokens."""
+    items = []
     for kernel in dict.fromkeys(c.kernel for c in CASES):
         cases = sorted((c for c in CASES if c.kernel == kernel), key=lambda c: not c.in_table)
         usable = [c for c in cases if not c.needs_triton or setup.device.type == "cuda"]
         if not usable:
-            m.skipped.append(f"memory class {kernel}: only Triton implementations, none runs on {setup.device.type}")
+            def none(m: Measured) -> None:
+                raise NotImplementedError(f"only Triton implementations, none runs on {setup.device.type}")
+            items.append(Measurement("memory", f"memory class {kernel}", none))
             continue
-        case = usable[0]
 
-        def one(case=case) -> dict:
-            row = measure(case, setup.spec, shapes.tokens, setup.device, setup.reps, hbm)
-            if not costs or row["fwd"] is None:
-                return row
-            fwd, bwd = case.build(setup.spec, shapes.tokens, setup.device)
-            return _net(row, _own_host_s(fwd, costs, False), _own_host_s(bwd, costs, True) if bwd else 0.0,
-                        copy_peak, hbm)
-
-        row = _attempt(f"memory class {kernel} at {shapes.tokens} tokens", one, m.skipped)
-        if row is not None and row["fwd"] is not None:
-            m.memory.append(row)
+        def one(m: Measured, case=usable[0]) -> None:
+            row = _memory_row(case, shapes, setup, m, hbm)
+            if row["fwd"] is not None:
+                m.memory.append(row)
+        items.append(Measurement("memory", f"memory class {kernel} at {shapes.tokens} tokens", one))
+    return items
 
 
-def measure_all(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float, advance: Callable[[str], None]) -> Measured:
-    m, dev, dt, reps = Measured(), setup.device, setup.dtype, setup.reps
-    advance(f"{len(shapes.gemms)} GEMM shapes")
-    for g in shapes.gemms:
-        row = _attempt(f"GEMM {g[3]}x{g[0]}x{g[1]}x{g[2]}", lambda g=g: compute.gemm_rows([g], dt, reps, dev)[0],
-                       m.skipped)
-        if row is not None:
-            m.gemm.append(row)
-    advance(f"attention at {shapes.seq_len} tokens")
-    m.attention = _attempt(f"attention at seq {shapes.seq_len}",
-                           lambda: compute.attention_rows(setup.spec, [shapes.seq_len], dt, reps, dev), m.skipped) or []
-    advance("host: per-op cost and op counts")
-    costs = _attempt("host per-op cost", lambda: op_costs(dev, max(reps, 20), setup.label), m.skipped)
-    counts = _attempt("host op counts", lambda: count_pieces(setup.spec, shapes.mbs, shapes.seq_len, dt, dev,
-                                                            setup.label), m.skipped)
-    if costs and counts:
-        m.host = HostCosts(mode="max" if dev.type == "cuda" else "sum", costs=tuple(costs), counts=tuple(counts))
-    advance("copies and memory-bound classes")
-    m.copy = _attempt("copy sweep", lambda: compute.copy_rows(reps, device=dev), m.skipped) or []
-    copy_peak = max((r["bytes_per_s"] for r in m.copy), default=hbm_bytes_per_s)
-    _memory_classes(shapes, setup, m, hbm_bytes_per_s, copy_peak)
-    opt = _attempt("optimizer class", lambda: compute.optimizer_row(setup.spec, reps, hbm_bytes_per_s), m.skipped)
-    if opt is not None:
-        m.memory.append(opt)
-    advance("a GEMM beside communication")
-    _beside(shapes, setup, m)
-    for span, wanted in link_groups(shapes).items():
-        advance(f"collectives over {span} processes ({setup.backend})")
-        if dev.type == "cuda" and torch.cuda.device_count() < span:
-            m.skipped.append(f"collectives over {span} processes: {torch.cuda.device_count()} GPU(s) visible")
-            continue
-        sizes = sorted({s for _, ss in wanted for s in ss})
-        res = _attempt(f"collectives over {span} processes", lambda span=span, sizes=sizes, wanted=wanted:
-                       links.measure_links(span, sizes, reps, setup.threads, backend=setup.backend,
-                                           collectives=tuple(c for c, _ in wanted)), m.skipped)
-        if res is not None:
-            m.links[span] = res
-    return m
+def _memory_row(case, shapes: PlanShapes, setup: Setup, m: Measured, hbm: float) -> dict:
+    row = measure(case, setup.spec, shapes.tokens, setup.device, setup.reps, hbm)
+    if row["skipped"]:
+        raise NotImplementedError(row["skipped"])
+    costs = list(m.host.costs) if m.host else []
+    if not costs or row["fwd"] is None:
+        return row
+    copy_peak = max((r["bytes_per_s"] for r in m.copy), default=hbm)
+    fwd, bwd = case.build(setup.spec, shapes.tokens, setup.device)
+    return _net(row, _own_host_s(fwd, costs, False), _own_host_s(bwd, costs, True) if bwd else 0.0, copy_peak, hbm)
 
 
-def _beside(shapes: PlanShapes, setup: Setup, m: Measured) -> None:
+def _beside(shapes: PlanShapes, setup: Setup) -> list[Measurement]:
     """The plan's largest dense GEMM alone and beside communication (``calibration.beside``) on the SMs the
     default tables give all-to-all kernels."""
     dense = [g for g in shapes.gemms if g[3] == 1]
     if not dense:
-        return
+        return []
     mm, n, k, _ = max(dense, key=lambda g: g[0] * g[1] * g[2])
     sms = CostTables.model_fields["comm_sms"].default
-    row = _attempt(f"GEMM {mm}x{n}x{k} beside communication", lambda: measure_beside(
-        mm, n, k, setup.dtype, setup.device, setup.reps, sms, setup.threads, setup.label), m.skipped)
-    if row is not None:
-        m.beside.append(row)
+
+    def run(m: Measured) -> None:
+        m.beside.append(measure_beside(mm, n, k, setup.dtype, setup.device, setup.reps, sms, setup.threads,
+                                       setup.label))
+    return [Measurement("beside", f"GEMM {mm}x{n}x{k} beside communication", run)]
+
+
+def _links(span: int, wanted: list[tuple[str, tuple[int, ...]]], setup: Setup) -> Measurement:
+    sizes = sorted({s for _, ss in wanted for s in ss})
+
+    def run(m: Measured) -> None:
+        if setup.device.type == "cuda" and torch.cuda.device_count() < span:
+            raise RuntimeError(f"{torch.cuda.device_count()} GPU(s) visible")
+        m.links[span] = links.measure_links(span, sizes, setup.reps, setup.threads, backend=setup.backend,
+                                            collectives=tuple(c for c, _ in wanted))
+    return Measurement("links", f"collectives over {span} processes", run)
 
 
 def link_groups(shapes: PlanShapes) -> dict[int, list[tuple[str, tuple[int, ...]]]]:

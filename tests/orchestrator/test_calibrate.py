@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from moeplan.model.runtime.worker import RunConfig, train
 from moeplan.orchestrator.calibration import compute, links
-from moeplan.orchestrator.calibration.measure import Setup, measure_all
+from moeplan.orchestrator.calibration.measure import KINDS, Measurement, Setup, measure_all, measurements
+from moeplan.orchestrator.calibration.progress import LINE
 from moeplan.orchestrator.calibration.shapes import plan_shapes
 from moeplan.orchestrator.calibration.tables_out import CalibrationError, calibrated_tables, machine_record
 from moeplan.orchestrator.cli import app
@@ -38,6 +39,20 @@ def _plan(out, *extra: str):
     res = runner.invoke(app, [*PLAN, "--out", str(out), *extra], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return read_plan(out / "plan.json")
+
+
+class Seen:
+    """A ``measure.Reporter`` that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.ended: list[tuple[str, list[str]]] = []
+
+    def start(self, index: int, total: int, item: Measurement) -> None:
+        self.started.append(item.what)
+
+    def done(self, item: Measurement, elapsed_s: float, skipped: list[str]) -> None:
+        self.ended.append((item.what, skipped))
 
 
 def _train(rank: int, plan, run_dir) -> None:
@@ -75,13 +90,35 @@ def test_a_failing_shape_is_reported_and_left_out_never_filled(tmp_path, monkeyp
     monkeypatch.setattr("moeplan.orchestrator.calibration.measure.CASES", ())
     setup = Setup(spec=plan.inputs.model, device=torch.device("cpu"), dtype=torch.float32, reps=2, threads=1,
                   backend="gloo", label="[CAL] test")
-    m = measure_all(shapes, setup, plan.inputs.cluster.gpu.hbm_bytes_per_s, lambda _: None)
+    seen = Seen()
+    m = measure_all(shapes, setup, plan.inputs.cluster.gpu.hbm_bytes_per_s, seen)
     assert f"GEMM {bad[3]}x{bad[0]}x{bad[1]}x{bad[2]}: out of memory (seeded)" in m.skipped
+    assert seen.started == [w for w, _ in seen.ended] == [i.what for i in measurements(shapes, setup, 1.0)]
+    assert [s for _, s in seen.ended if s] == [[x] for x in m.skipped]  # each skip told with its measurement
     assert (bad[0], bad[1], bad[2], bad[3]) not in {(r["m"], r["n"], r["k"], r["groups"]) for r in m.gemm}
     assert len(m.gemm) == len(shapes.gemms) - 1 and m.host is not None
     machine = machine_record(m, setup, plan.inputs.cluster.gpu, "test", "")
     with pytest.raises(CalibrationError, match="no send/recv latency .*gloo: cannot connect"):
         calibrated_tables("t", m, setup, plan.inputs.cluster.gpu, machine)
+
+
+def test_calibrate_shows_each_measurement_as_it_starts_and_its_seconds_when_it_ends(tmp_path):
+    plan = _plan(tmp_path)
+    res = runner.invoke(app, ["calibrate", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "cal.json"),
+                              "--reps", "1"])
+    assert res.exit_code == 0, res.output
+    lines = [x for x in res.output.splitlines() if LINE.match(x)]
+    setup = Setup(spec=plan.inputs.model, device=torch.device("cpu"), dtype=torch.float32, reps=1, threads=1,
+                  backend="gloo", label="")
+    items = measurements(plan_shapes(plan.inputs, plan.layout.dp, 2), setup, 1.0)
+    assert len(lines) == 2 * len(items), res.output  # no bar off a terminal: a line as each starts and ends
+    for i, item in enumerate(items):
+        head = f"{i + 1}/{len(items)} {item.kind}: {item.what}"
+        started, ended = (x.split("] ", 1)[1] for x in lines[2 * i: 2 * i + 2])
+        assert started == f"{head} ..." and ended.startswith(head), (started, ended)
+        seconds = ended.removeprefix(head)
+        assert seconds.endswith(" s") or " skipped after " in seconds, ended
+    assert {i.kind for i in items} == set(KINDS)  # every class of measurement is named as it runs
 
 
 def _error(plan, measured_s: float) -> float:

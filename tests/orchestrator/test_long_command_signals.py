@@ -7,7 +7,8 @@ rank actors) gone, ``metrics.jsonl`` readable with consecutive steps, ``checkpoi
 complete checkpoint, and (slow variant) ``--resume`` continuing from it with the very losses the
 interrupted run had recorded (the data is keyed by step, so a resumed step repeats its loss exactly).
 ``calibrate``: SIGTERM or Ctrl-C comes while the collectives are measured by spawned processes; the command
-must exit 143 (one line) or 130 (quiet), its processes gone and nothing written.
+must exit 143 (one line) or 130 (quiet), its processes gone and nothing written, its progress lines showing
+the collectives as the measurement under way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moeplan.model.runtime.checkpoint import META_NAME, latest_checkpoint
+from moeplan.orchestrator.calibration.progress import LINE as PROGRESS
 from moeplan.orchestrator.cli import app
 from moeplan.simulator.contracts.run_report import read_metrics, read_run_report
 
@@ -156,7 +158,9 @@ def test_a_signal_while_calibrate_measures_links_exits_128_plus_it_and_writes_no
     _wait_for(measuring_links, 120, proc, "link measurement")
     started, stderr, seconds = _signal_and_wait(proc, signum)
     assert proc.returncode == 128 + signum, stderr[-3000:]
-    assert stderr.splitlines() == LINES[signum]
+    progress = [x for x in stderr.splitlines() if PROGRESS.match(x)]  # calibrate shows where it was when stopped
+    assert [x for x in stderr.splitlines() if not PROGRESS.match(x)] == LINES[signum]
+    assert "links: collectives over 2 processes ..." in progress[-1], progress[-3:]
     assert seconds < EXIT_S, f"{seconds:.1f} s to exit"
     _all_gone(started)
     assert sorted(tmp_path.rglob("*")) == before
