@@ -6,7 +6,8 @@ group that replicates a parameter: the ``dp * cp`` GPUs of a stage that hold the
 shard for attention/dense/shared/embedding weights, ``dp * cp * tp / ep`` for routed experts
 (``accounting.tensor_parallel``: a TP rank holds ``1/tp`` of the split matrices, the rest whole, and
 its activations per Korthikanti et al. 2022, Table 2). Stage 1 shards optimizer state, 2 also
-gradients, 3 also weights. Under context parallelism a GPU keeps activations for its
+gradients, 3 also weights. A head stage keeps each output head's logits from forward to backward, and its
+backward's logits gradient or ``lm_head`` weight gradient is the rank's transient (``accounting.activations``). Under context parallelism a GPU keeps activations for its
 ``micro_batch_size * seq / cp`` tokens, plus one layer's gathered K/V as working memory
 (``accounting.context_parallel``).
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from moeplan.simulator.accounting.activations import head_transient_bytes_per_token
+from moeplan.simulator.accounting.activations import head_activation_bytes_per_token, head_transient_bytes
 from moeplan.simulator.accounting.context_parallel import cp_tokens
 from moeplan.simulator.accounting.context_parallel import working_bytes as cp_working_bytes
 from moeplan.simulator.accounting.layout import Stage, pipeline_stages
@@ -124,10 +125,12 @@ def rank_memory(
     rank: int,
     microbatches: int,
     actions: Sequence[Action] | None = None,
+    fusion: str = "fused",
 ) -> RankMemory:
     """Peak bytes on one GPU of pipeline rank ``rank``. With the rank's schedule ``actions`` the
     activation peak is replayed exactly; without, the kind registry's closed form
-    (``schedules.registry.in_flight_microbatches``)."""
+    (``schedules.registry.in_flight_microbatches``). ``fusion`` is ``training.kernels.fusion``: memory-bound
+    ops run op by op keep more for backward."""
     all_stages = pipeline_stages(m, parallel)
     mine = [all_stages[i] for i in rank_stages(parallel, rank)]
     tp, sp = parallel.tp, parallel.sp
@@ -141,8 +144,14 @@ def rank_memory(
     tokens = cp_tokens(parallel.micro_batch_size, parallel.seq_len_tokens, parallel.cp)
     units = [u for s in mine for u in s.layers]
 
+    head_m = tp_slice(m, tp)  # vocabulary-parallel logits
+
     def stage_bytes(stage: Stage) -> float:  # its layers' activations and its received input (BF16, 1/tp under SP)
-        acts = sum(layer_activation_bytes_per_token_tp(m, u, precision, parallel.recompute, tp, sp) for u in stage.layers)
+        acts = sum(layer_activation_bytes_per_token_tp(m, u, precision, parallel.recompute, tp, sp, fusion)
+                   for u in stage.layers)
+        if stage.has_head:  # the main head and one per MTP depth (model/transformer.py Transformer.head)
+            heads = 1 + sum(u >= m.num_hidden_layers for u in stage.layers)
+            acts += heads * head_activation_bytes_per_token(head_m, fusion)
         return tokens * (acts + 2.0 * m.hidden_size / (tp if sp else 1))
 
     per_mb = sum(stage_bytes(s) for s in mine)
@@ -154,9 +163,10 @@ def rank_memory(
         flights = activations / per_mb
     transient = 0.0
     if any(s.has_head for s in mine):
-        transient = tokens * head_transient_bytes_per_token(tp_slice(m, tp))  # vocabulary-parallel logits
+        transient = head_transient_bytes(head_m, tokens)
     if parallel.recompute == "full" and units:
-        transient += tokens * max(layer_activation_bytes_per_token_tp(m, u, precision, "none", tp, sp) for u in units)
+        transient += tokens * max(layer_activation_bytes_per_token_tp(m, u, precision, "none", tp, sp, fusion)
+                                  for u in units)
     if units:
         transient += cp_working_bytes(m, parallel.micro_batch_size, parallel.seq_len_tokens, parallel.cp)
     return RankMemory(
@@ -175,18 +185,21 @@ def rank_memory(
 
 def pipeline_memory(
     m: ModelSpec, parallel: ParallelSpec, optimizer: OptimizerSpec, precision: str, dp: int, microbatches: int,
-    schedule: Schedule | None = None,
+    schedule: Schedule | None = None, fusion: str = "fused",
 ) -> tuple[RankMemory, ...]:
     """``rank_memory`` for every pipeline rank (exact activation peaks when ``schedule`` is given)."""
     return tuple(
-        rank_memory(m, parallel, optimizer, precision, dp, r, microbatches, schedule.ranks[r] if schedule else None)
+        rank_memory(m, parallel, optimizer, precision, dp, r, microbatches, schedule.ranks[r] if schedule else None,
+                    fusion)
         for r in range(parallel.pp)
     )
 
 
 def peak_bytes_per_gpu(
     m: ModelSpec, parallel: ParallelSpec, optimizer: OptimizerSpec, precision: str, dp: int, microbatches: int,
+    fusion: str = "fused",
 ) -> float:
     """The largest ``pipeline_memory`` total over ranks, replaying the layout's own schedule."""
     schedule = make_schedule(parallel.schedule, parallel.pp, microbatches, parallel.virtual_stages)
-    return max(r.total_bytes for r in pipeline_memory(m, parallel, optimizer, precision, dp, microbatches, schedule))
+    return max(r.total_bytes
+               for r in pipeline_memory(m, parallel, optimizer, precision, dp, microbatches, schedule, fusion))

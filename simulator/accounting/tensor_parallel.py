@@ -104,10 +104,10 @@ def split_counts(m: ModelSpec, counts: dict[str, int]) -> tuple[int, int]:
 
 
 def layer_activation_bytes_per_token_tp(m: ModelSpec, unit: int, precision: str, recompute: RecomputeKind,
-                                        tp: int, sp: bool) -> float:
+                                        tp: int, sp: bool, fusion: str = "fused") -> float:
     """Bytes per token (of the micro-batch's whole sequence) one TP rank keeps for one layer unit: with
     ``sp`` 1/tp of the whole layer's, else the TP slice's (width-``h`` terms whole, the rest 1/tp):
     Korthikanti et al. 2022, Table 2."""
     if sp:
-        return layer_activation_bytes_per_token(m, unit, precision, recompute) / tp
-    return layer_activation_bytes_per_token(tp_slice(m, tp), unit, precision, recompute)
+        return layer_activation_bytes_per_token(m, unit, precision, recompute, fusion) / tp
+    return layer_activation_bytes_per_token(tp_slice(m, tp), unit, precision, recompute, fusion)

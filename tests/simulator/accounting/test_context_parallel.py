@@ -155,7 +155,7 @@ def test_cp1_reproduces_the_v3_prediction(v3_plan):
     assert always.step_time_s == pytest.approx(16.17208366826887, rel=1e-12)
     assert pred.run.phases[0].gpu_hours == pytest.approx(1942134.08323794, rel=1e-12)
     assert pred.run.phases[0].layout.source == "main" and v3_plan.layout.cp == 1
-    assert v3_plan.memory.peak_bytes_per_gpu == 71972003840.0
+    assert v3_plan.memory.peak_bytes_per_gpu == 72012111872.0  # the head's logits kept, its transient smaller
 
 
 def test_long_phases_choose_cp_and_beat_the_forced_cp1(v3_plan):

@@ -76,7 +76,12 @@ def test_deepseek_v3_recipe_fits_an_h800_and_plain_bf16_does_not():
     fp8 = pipeline_memory(spec, ParallelSpec(**V3_LAYOUT, recompute="selective"), OptimizerSpec(), "fp8", 128, 120)
     bf16 = pipeline_memory(spec, ParallelSpec(**V3_LAYOUT, recompute="none"), OptimizerSpec(), "bf16", 128, 120)
     usable = 78 * GiB  # 80 GiB H800 less 2 GiB reserved
-    assert max(r.total_bytes for r in fp8) < usable < max(r.total_bytes for r in bf16)
+    body = [r for r in fp8 if 0 not in r.stages]  # the ranks without the embedding and head stages
+    assert max(r.total_bytes for r in body) < usable < min(r.total_bytes for r in bf16)
+    # The head rank also keeps, per in-flight micro-batch of the head stage, the BF16 logits of the main and
+    # the MTP head (model/losses.py; 2 x 129,280 x 2 B per token): at this layout (ZeRO-1) that rank is over.
+    head = max(fp8, key=lambda r: r.total_bytes)
+    assert 0 in head.stages and usable < head.total_bytes < usable + 2 * 2.0 * 129280 * 4096 * 2
 
 
 def test_recompute_lowers_activation_memory():
@@ -120,13 +125,15 @@ def test_mtp_modules_sit_on_the_last_stage():
 def test_schedule_replay_matches_the_closed_forms_on_equal_stages(kind, pp):
     from moeplan.simulator.schedules import make_schedule
 
-    spec = deepseek_67b().model_copy(update={"num_hidden_layers": 48})  # 48 layers: equal stages for every pp here
+    # 48 layers: equal stages for every pp here; a vocabulary of 8 makes the head's logits negligible beside them
+    spec = deepseek_67b().model_copy(update={"num_hidden_layers": 48, "vocab_size": 8})
     par = ParallelSpec(pp=pp, schedule=kind)
     m = 4 * num_stages(par)
     closed = pipeline_memory(spec, par, OptimizerSpec(), "bf16", 8, m)
     exact = pipeline_memory(spec, par, OptimizerSpec(), "bf16", 8, m, make_schedule(kind, pp, m))
     for c, e in zip(closed, exact, strict=True):
-        assert e.activation_bytes == pytest.approx(c.activation_bytes)
+        # the head stage still keeps its norm output (2h bytes per token) beside its layers (under 1% of a stage)
+        assert e.activation_bytes == pytest.approx(c.activation_bytes, rel=1e-2 if len(c.stages) > 1 else 1e-6)
 
 
 def test_schedule_replay_weights_unequal_stages():

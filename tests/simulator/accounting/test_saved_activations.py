@@ -1,0 +1,141 @@
+"""The accounting's activation bytes against what the real model keeps for backward, on CPU.
+
+A tiny V3-shaped stage (MLA, a dense first layer, group-limited sigmoid routing, a shared expert, the
+head and its loss) runs its forward node by node as the runtime does (``model.runtime.overlap``). Kept
+bytes per node = the distinct storages autograd saves in it (``saved_tensors_hooks``), parameters left out,
+plus the node outputs the tape holds. CPU runs ``model.fused``'s functions op by op, so the plan's
+``fusion="eager"`` is the one to compare. CPU SDPA falls back to the math path for MLA's unequal head dims
+(it keeps the T x T probabilities), so attention runs through a stand-in that keeps what CUDA's flash /
+memory-efficient kernels keep: q, k, v, the output (laid out (B, T, H, Dv)) and an FP32 log-sum-exp.
+Left out by the accounting, so inside the tolerance: per-row FP32 norm statistics, cos/sin, the token ids,
+the experts' offsets and the balance loss's (B, E) sums.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from moeplan.model import losses  # noqa: E402
+from moeplan.model.options import ModelOptions  # noqa: E402
+from moeplan.model.runtime.executor import Timeline  # noqa: E402
+from moeplan.model.runtime.overlap import Pass, drain, stage_forward  # noqa: E402
+from moeplan.model.runtime.overlap_comm import DistComm, Streams  # noqa: E402
+from moeplan.model.transformer import Transformer  # noqa: E402
+from moeplan.simulator.accounting import activations  # noqa: E402
+from moeplan.simulator.accounting.activations import (  # noqa: E402
+    head_activation_bytes_per_token,
+    layer_activation_bytes_per_token,
+)
+from moeplan.simulator.presets.models import tiny_moe  # noqa: E402
+
+TOLERANCE_FRAC = 0.02  # the uncounted per-row terms of the module docstring: under 1% at these sizes
+
+
+class _FlashStandIn(torch.autograd.Function):
+    """Causal attention keeping what CUDA's fused kernels keep (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):  # (B, H, T, D) each
+        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+        lse = scores.logsumexp(-1)  # (B, H, T) FP32
+        out = torch.empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1], dtype=q.dtype).transpose(1, 2)
+        out.copy_((scores - lse[..., None]).exp() @ v.float())
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            ref = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True, scale=ctx.scale)
+            return (*torch.autograd.grad(ref, leaves, grad), None)
+
+
+def _kept_bytes_per_node(spec, seq: int) -> dict[str, float]:
+    """Op name of each node of one micro-batch's forward -> bytes it keeps (saved storages, new ones only,
+    and its outputs' storages); the tape's input ports are charged to the node that made them."""
+    torch.manual_seed(0)
+    model = Transformer(spec, ModelOptions(dtype=torch.bfloat16, with_mtp=False))
+    model.init_weights(torch.Generator().manual_seed(0))
+    ids = torch.randint(0, spec.vocab_size, (1, seq))
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept: dict[int, tuple[int, str]] = {}
+    alive = []  # every storage seen stays allocated, so no later one reuses its address
+    node = ["setup"]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        alive.append(s)
+        if s.data_ptr() not in owned:
+            kept.setdefault(s.data_ptr(), (s.nbytes(), node[0]))
+        return t
+
+    p = Pass(DistComm(), Streams(torch.device("cpu")), Timeline(0, False), "0F0")
+    run = p.run
+
+    def named_run(op, fn):
+        node[0] = op
+        return run(op, fn)
+
+    p.run = named_run
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        tape = drain(stage_forward(model, ids, ids, lambda out: losses.training_loss(out, ids, 0.0).total, p))
+    for n in tape.nodes:
+        for port in n.outs:
+            if port is not None and port.value is not None and port.value.dim():
+                s = port.value.untyped_storage()
+                kept.setdefault(s.data_ptr(), (s.nbytes(), n.op))
+    by_node: dict[str, float] = {}
+    for nbytes, op in kept.values():
+        by_node[op] = by_node.get(op, 0.0) + nbytes
+    return by_node
+
+
+@pytest.fixture(scope="module")
+def stage():
+    spec = tiny_moe().model_copy(update={"num_hidden_layers": 3, "num_nextn_predict_layers": 0})
+    seq = 128
+    mp = pytest.MonkeyPatch()
+    mp.setattr(torch.nn.functional, "scaled_dot_product_attention",
+               lambda q, k, v, is_causal, scale: _FlashStandIn.apply(q, k, v, scale))
+    try:
+        return spec, seq, _kept_bytes_per_node(spec, seq)
+    finally:
+        mp.undo()
+
+
+def test_each_layer_keeps_what_the_accounting_counts(stage):
+    spec, seq, kept = stage
+    h = spec.hidden_size
+    for i in range(spec.num_hidden_layers):
+        mlp = "experts" if spec.is_moe_layer(i) else "mlp"
+        # a layer's node outputs are the next layer's input and its own mid-layer residual; its own input
+        # is the previous node's output: count the layer as "its nodes, minus its output, plus its input"
+        measured = kept[f"L{i} attn"] + kept[f"L{i} {mlp}"]
+        predicted = seq * layer_activation_bytes_per_token(spec, i, "bf16", "none", "eager")
+        assert measured == pytest.approx(predicted, rel=TOLERANCE_FRAC), (i, measured / seq, predicted / seq)
+    assert kept["embed"] == seq * (2 * h + 8)  # the first layer's input and the int64 token ids
+
+
+def test_the_head_keeps_its_logits_in_bf16_not_fp32_log_probabilities(stage):
+    spec, seq, kept = stage
+    predicted = seq * head_activation_bytes_per_token(spec, "eager")
+    assert kept["head"] == pytest.approx(predicted, rel=TOLERANCE_FRAC), (kept["head"] / seq, predicted / seq)
+    assert kept["head"] < seq * 4 * spec.vocab_size  # F.cross_entropy(logits.float()) kept 4 B per logit
+
+
+def test_the_stage_total_matches(stage):
+    spec, seq, kept = stage
+    layers = sum(layer_activation_bytes_per_token(spec, u, "bf16", "none", "eager")
+                 for u in range(spec.num_hidden_layers))
+    predicted = seq * (layers + head_activation_bytes_per_token(spec, "eager"))
+    assert sum(kept.values()) == pytest.approx(predicted, rel=TOLERANCE_FRAC)
+
+
+def test_the_loss_chunk_is_priced_with_the_runtimes_constant():
+    assert activations.LOSS_CHUNK_ELEMENTS == losses.LOSS_CHUNK_ELEMENTS
