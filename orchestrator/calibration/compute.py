@@ -1,8 +1,8 @@
 """Compute and memory measurements of one process, for ``moeplan calibrate`` and benchmarks/cpu_tables.py.
 
 Everything runs in the calling process on ``device`` (the CPU by default, at ``torch.set_num_threads`` as the
-caller set it: the runtime's ranks run one thread each; or a CUDA GPU, timed by CUDA events). A time is the median of ``reps`` wall-clock calls after ``warmup``
-(``timing.median_s``).
+caller set it: the runtime's ranks run one thread each; or a CUDA GPU, timed by CUDA events). A time is the
+median of up to ``reps`` calls after warm-up, fewer past ``timing.MAX_S`` (``timing.median_s``).
 
 - GEMMs: every shape the simulator prices for a model (``gemm_shapes``: the linears of
   ``engine.unit_costs`` in their forward, input-gradient and weight-gradient forms at each token count,
@@ -50,6 +50,7 @@ COPY_SIZES = tuple(2**p for p in range(14, 27, 2))  # 16 KiB .. 64 MiB
 # 64M parameters: 1.4 GB of traffic a step at 22 B each, 28x the H100/H200's 50 MiB L2 (streams HBM, as the
 # whole shard does); 0.9 GB of buffers on a GPU with BF16 moments
 OPTIMIZER_MAX_PARAMS = 2**26
+PARAM_DTYPES = {2: torch.bfloat16, 4: torch.float32}  # the parameters the runtime's step writes, by param_bytes
 
 
 def randn(*shape: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -153,10 +154,13 @@ def optimizer_params(m: ModelSpec) -> int:
 
 def _runtime_step(params: int, opt: OptimizerSpec, device: torch.device):
     """A thunk of what ``model.runtime.optimizer.ZeroAdamW.step`` runs per parameter on one GPU (see above)."""
+    if opt.moment_bytes not in MOMENT_DTYPES or opt.param_bytes not in PARAM_DTYPES:
+        raise ValueError(f"training.optimizer.moment_bytes={opt.moment_bytes}, param_bytes={opt.param_bytes}: the "
+                         f"runtime stores moments in {sorted(MOMENT_DTYPES)} bytes, parameters in {sorted(PARAM_DTYPES)}")
     grad = randn(params, dtype=torch.float32, device=device)
     master = torch.zeros(params, dtype=torch.float32, device=device)
     moments = [torch.zeros(params, dtype=MOMENT_DTYPES[opt.moment_bytes], device=device) for _ in range(2)]
-    weight = torch.empty(params, dtype=torch.bfloat16, device=device)
+    weight = torch.empty(params, dtype=PARAM_DTYPES[opt.param_bytes], device=device)  # the parameters, written
 
     def step() -> None:
         squares = sum(torch.linalg.vector_norm(part).double().square() for part in grad.split(CHUNK))
@@ -178,7 +182,8 @@ def optimizer_row(m: ModelSpec, reps: int, peak_bytes_per_s: float, device: torc
                   opt: OptimizerSpec | None = None) -> dict:
     """The optimizer class as an ``elementwise_bench`` row: one step over a flat FP32 shard (see above)."""
     params = optimizer_params(m)
-    step, implementation = _runtime_step(params, opt or OptimizerSpec(), device) if device.type == "cuda" else _torch_step(params)
+    opt = opt or OptimizerSpec()
+    step, implementation = _runtime_step(params, opt, device) if device.type == "cuda" else _torch_step(params)
     s, nbytes = median_s(step, device, reps), OPTIMIZER_BYTES_PER_PARAM * params
     return {"kernel": OPTIMIZER, "implementation": implementation, "in_table": True,
             "shape": f"{params:,} parameters", "skipped": None, "bwd": None,

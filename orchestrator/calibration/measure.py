@@ -59,7 +59,7 @@ class Setup:
     threads: int
     backend: str  # "gloo" | "nccl"
     label: str  # the source prefix every entry carries
-    optimizer: OptimizerSpec = OptimizerSpec()  # the plan's: the optimizer class runs its moment dtype
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)  # the plan's: the optimizer class runs its dtypes
 
 
 @dataclass
@@ -129,9 +129,14 @@ def measure_all(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float, progre
     for index, item in enumerate(items):
         progress.start(index, len(items), item)
         before, start = len(m.skipped), time.perf_counter()
-        _attempt(item.what, lambda item=item: item.run(m), m.skipped)
+        run(item, m)
         progress.done(item, time.perf_counter() - start, m.skipped[before:])
     return m
+
+
+def run(item: Measurement, m: Measured) -> None:
+    """One measurement into ``m``; a failure is recorded in ``m.skipped`` (``"{what}: {reason}"``), not raised."""
+    _attempt(item.what, lambda: item.run(m), m.skipped)
 
 
 def measurements(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float) -> list[Measurement]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import time
 from types import TracebackType
+from typing import Self
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -32,7 +33,7 @@ class ProgressLines:
         self.task = None
         self.index = self.total = 0
 
-    def __enter__(self) -> ProgressLines:
+    def __enter__(self) -> Self:
         self.started = time.perf_counter()
         if self.bar is not None:
             self.bar.start()

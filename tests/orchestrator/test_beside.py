@@ -63,7 +63,8 @@ def test_calibrate_measures_the_largest_dense_gemm_beside_comm(monkeypatch):
 
     monkeypatch.setattr(measure, "measure_beside", fake)
     got = measure.Measured()
-    measure._beside(_shapes(), _setup(), got)
+    for item in measure._beside(_shapes(), _setup()):
+        measure.run(item, got)
     assert seen == [(64, 128, 256, 20)]  # the largest dense one (the grouped one is not dense), 20 comm SMs
     assert [BesidePoint.model_validate(r).beside_s for r in got.beside] == [1.5] and not got.skipped
 
@@ -76,7 +77,8 @@ def test_a_failing_beside_measurement_is_skipped_not_filled(monkeypatch):
 
     monkeypatch.setattr(measure, "measure_beside", broken)
     got = measure.Measured()
-    measure._beside(_shapes(), _setup(), got)
+    for item in measure._beside(_shapes(), _setup()):
+        measure.run(item, got)
     assert got.beside == []
     assert got.skipped == ["GEMM 64x128x256 beside communication: gloo: cannot connect (seeded)"]
 

@@ -22,6 +22,7 @@ from moeplan.orchestrator.calibration.measure import KINDS, MAX_MEASUREMENTS, Se
 from moeplan.orchestrator.calibration.shapes import plan_shapes
 from moeplan.orchestrator.cli import app
 from moeplan.simulator.contracts.plan_file import read_plan
+from moeplan.simulator.engine.build import OPTIMIZER_BYTES_PER_PARAM
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("one_gpu_loop", ROOT / "benchmarks" / "one_gpu_loop.py")
@@ -83,3 +84,13 @@ def test_a_timed_loop_stops_at_its_count_or_its_time(monkeypatch):
                                                             (2, 2.0, 1.0, 2), (10, 0.0, 1.0, 10)])
 def test_timed_calls_fit_the_time_and_keep_a_median(reps, call_s, max_s, n):
     assert timing.timed_calls(reps, call_s, max_s) == n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_optimizer_class_steps_the_runtimes_kernel_over_a_bounded_shard():
+    spec = loop.stage_spec()
+    row = compute.optimizer_row(spec, 3, 1.0, torch.device("cuda"))  # a bandwidth of 1 B/s: hbm_frac = B/s
+    assert row["implementation"].startswith("kernels.adamw") and row["shape"] == f"{compute.OPTIMIZER_MAX_PARAMS:,} parameters"
+    assert row["fwd"]["bytes"] == OPTIMIZER_BYTES_PER_PARAM * compute.OPTIMIZER_MAX_PARAMS
+    assert row["fwd"]["bytes_per_s"] == row["fwd"]["hbm_frac"] > 0
