@@ -4,7 +4,7 @@
 On a terminal a rich progress bar shows the measurement under way, its own time counting, above a line per
 measurement done. Elsewhere (a pipe, a log file) there is no bar: one line as a measurement starts and one as it
 ends, each written at once, so a run killed mid-measurement shows which one it was in and how long the others took.
-Every line matches ``LINE``.
+Every such line matches ``LINE``. At the end, one line of the seconds spent per kind of measurement.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class ProgressLines:
                             console=console, transient=True) if console.is_terminal else None
         self.task = None
         self.index = self.total = 0
+        self.by_kind: dict[str, tuple[float, int]] = {}  # kind -> (seconds, measurements)
 
     def __enter__(self) -> Self:
         self.started = time.perf_counter()
@@ -42,6 +43,9 @@ class ProgressLines:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self.bar is not None:
             self.bar.stop()
+        if kind is None:
+            spent = ", ".join(f"{k} {s:.1f} s ({n})" for k, (s, n) in self.by_kind.items())
+            self._print(f"calibrate: {time.perf_counter() - self.started:.1f} s in all; by kind (measurements): {spent}")
 
     def _line(self, item: Measurement, rest: str = "") -> str:
         return (f"calibrate [{time.perf_counter() - self.started:6.1f} s] {self.index + 1}/{self.total} {item.kind}: "
@@ -60,6 +64,8 @@ class ProgressLines:
         self.bar.reset(self.task, total=total, completed=index, description=f"{item.kind}: {item.what}")
 
     def done(self, item: Measurement, elapsed_s: float, skipped: list[str]) -> None:
+        seconds, count = self.by_kind.get(item.kind, (0.0, 0))
+        self.by_kind[item.kind] = (seconds + elapsed_s, count + 1)
         if skipped:
             reason = "; ".join(s.removeprefix(f"{item.what}: ") for s in skipped)
             self._print(self._line(item, f" skipped after {elapsed_s:.2f} s: {reason}"), "bold red")

@@ -119,6 +119,8 @@ def test_calibrate_shows_each_measurement_as_it_starts_and_its_seconds_when_it_e
         seconds = ended.removeprefix(head)
         assert seconds.endswith(" s") or " skipped after " in seconds, ended
     assert {i.kind for i in items} == set(KINDS)  # every class of measurement is named as it runs
+    spent = next(x for x in res.output.splitlines() if x.startswith("calibrate: ") and " in all; " in x)
+    assert all(f"{k} " in spent.split(" in all; ")[1] for k in KINDS), spent  # and where the time went
 
 
 def _error(plan, measured_s: float) -> float:
@@ -153,3 +155,22 @@ def test_the_closed_loop_predicts_the_run_better_for_reasons_visible_per_op(tmp_
     # test_recalibrate.py guards the accounting exactly)
     inside = {(o.layer_kind, o.op) for o in CostTables.from_file(rec).measured_ops if "timed inside" in o.source}
     assert {("moe", "shared"), ("mtp", "attn"), ("mtp", "experts")} <= inside, inside
+
+
+def test_on_a_terminal_the_bar_shows_the_measurement_under_way_and_a_line_each_ends():
+    import io
+
+    from rich.console import Console
+
+    from moeplan.orchestrator.calibration.progress import ProgressLines
+
+    out = io.StringIO()
+    items = [Measurement("gemm", "GEMM 1x8x8x8", lambda m: None), Measurement("copy", "copy sweep", lambda m: None)]
+    with ProgressLines(Console(file=out, force_terminal=True, width=120)) as progress:
+        for i, item in enumerate(items):
+            progress.start(i, len(items), item)
+            progress.done(item, 0.5, [] if i == 0 else ["copy sweep: out of memory"])
+    text = out.getvalue()
+    assert "1/2 gemm: GEMM 1x8x8x8 0.50 s" in text and "2/2 copy: copy sweep skipped after 0.50 s: out of memory" in text
+    assert "GEMM 1x8x8x8 ..." not in text  # the start is the bar's, not a line
+    assert "in all; by kind (measurements): gemm 0.5 s (1), copy 0.5 s (1)" in text
