@@ -28,11 +28,12 @@ from typing import Any
 from moeplan.simulator.accounting.context_parallel import ContextParallelError, check_cp
 from moeplan.simulator.accounting.flops import training_flops
 from moeplan.simulator.accounting.layout import LayoutError, check_layout
-from moeplan.simulator.accounting.memory import peak_bytes_per_gpu
 from moeplan.simulator.accounting.tensor_parallel import TensorParallelError, check_tp
 from moeplan.simulator.contracts.plan_file import Candidate
 from moeplan.simulator.engine.build import SimOptions, compute_bound_s
 from moeplan.simulator.engine.expert_traffic import group_placement
+from moeplan.simulator.planning import memory_check
+from moeplan.simulator.planning.memory_check import Profiles
 from moeplan.simulator.planning.predict import simulate_at
 from moeplan.simulator.planning.run_model import step_line
 from moeplan.simulator.schedules.registry import SCHEDULE_KINDS, microbatch_error, num_stages, schedule_kind
@@ -132,9 +133,10 @@ def _microbatches(inputs: PlanInputs, par: ParallelSpec, dp: int) -> int | None:
     return None if microbatch_error(par, m) else m
 
 
-def _fits(inputs: PlanInputs, par: ParallelSpec, lowest: list | None = None) -> tuple[int, int, float] | None:
-    """(dp, micro-batches, peak bytes) of a layout that runs and fits, else None. ``lowest`` keeps
-    [peak bytes, layout] of the smallest peak seen, for the message when nothing fits."""
+def _fits(inputs: PlanInputs, par: ParallelSpec, profiles: Profiles, tried: list) -> tuple[int, int] | None:
+    """(dp, micro-batches) of a layout that runs and fits, else None (``planning.memory_check``: the
+    verdict of ``peak_bytes_per_gpu``). ``tried`` collects (layout, dp, micro-batches) of every layout
+    that runs, for the message when nothing fits."""
     try:
         dp = check_layout(inputs.model, inputs.cluster, par)
     except LayoutError:
@@ -142,11 +144,21 @@ def _fits(inputs: PlanInputs, par: ParallelSpec, lowest: list | None = None) -> 
     m = _microbatches(inputs, par, dp)
     if m is None:
         return None
-    tr = inputs.training
-    peak = peak_bytes_per_gpu(inputs.model, par, tr.optimizer, tr.precision, dp, m)
-    if lowest is not None and (not lowest or peak < lowest[0]):
-        lowest[:] = [peak, par]
-    return (dp, m, peak) if peak <= inputs.cluster.usable_hbm_bytes else None
+    tried.append((par, dp, m))
+    return (dp, m) if memory_check.fits(inputs, par, dp, m, profiles)[0] else None
+
+
+def _none_fits(inputs: PlanInputs, fixed: dict[str, Any], enumerated: int, tried: list) -> LayoutError:
+    """The error when no layout fits: the smallest peak (full replay) among the layouts that run."""
+    best = ""
+    if tried:
+        peak, p = min(((memory_check.peak_bytes(inputs, p, dp, m), p) for p, dp, m in tried), key=lambda t: t[0])
+        best = (f"; the smallest peak is {peak / 2**30:,.1f} GiB of {inputs.cluster.usable_hbm_bytes / 2**30:,.1f} "
+                f"usable (pp={p.pp} {p.schedule} ep={p.ep} recompute={p.recompute}): use more nodes")
+    return LayoutError(
+        f"no layout of {inputs.model.name} fits {inputs.cluster.num_gpus} x {inputs.cluster.gpu.name} "
+        f"({enumerated} enumerated, fixed={fixed}){best}"
+    )
 
 
 def _holds_redundant(inputs: PlanInputs, ep: int, redundant: int) -> bool:
@@ -202,45 +214,37 @@ def search(
         places = {ep: _holds_redundant(inputs, ep, opts.redundant_experts) for ep in {p.ep for p in layouts}}
         layouts = [p for p in layouts if places[p.ep]]
     coarse = replace(opts, expert_load=None, layer_loads=(), coarse=True)  # ranking assumes uniform routing
-    fitting, lowest = [], []
+    fitting, tried, profiles = [], [], {}
     for i, par in enumerate(layouts):
         if progress:
             progress(i + 1, len(layouts))
-        fit = _fits(inputs, par, lowest)
+        fit = _fits(inputs, par, profiles, tried)
         if fit is not None:
-            dp, m, peak = fit
+            dp, m = fit
             trial = inputs.model_copy(update={"parallel": par})
-            fitting.append((compute_bound_s(trial, dp, m, coarse), trial, dp, m, peak))
+            fitting.append((compute_bound_s(trial, dp, m, coarse), trial, dp, m))
     if not fitting:
-        best = ""
-        if lowest:
-            p = lowest[1]
-            best = (f"; the smallest peak is {lowest[0] / 2**30:,.1f} GiB of {inputs.cluster.usable_hbm_bytes / 2**30:,.1f} "
-                    f"usable (pp={p.pp} {p.schedule} ep={p.ep} recompute={p.recompute}): use more nodes")
-        raise LayoutError(
-            f"no layout of {inputs.model.name} fits {inputs.cluster.num_gpus} x {inputs.cluster.gpu.name} "
-            f"({len(layouts)} enumerated, fixed={fixed}){best}"
-        )
+        raise _none_fits(inputs, fixed, len(layouts), tried)
     # Simulate in order of the compute bound; stop once the bound cannot beat the tenth best step.
     fitting.sort(key=lambda f: f[0])
-    scored: list[tuple[float, ParallelSpec, int, int, float]] = []
-    for bound, trial, dp, m, peak in fitting:
+    scored: list[tuple[float, ParallelSpec, int, int]] = []
+    for bound, trial, dp, m in fitting:
         if not exhaustive and len(scored) >= FINALISTS and bound >= sorted(s[0] for s in scored)[FINALISTS - 1]:
             break
         line = step_line(trial, dp, trial.parallel.seq_len_tokens, None, coarse)
-        scored.append((line.step_s(m), trial.parallel, dp, m, peak))
+        scored.append((line.step_s(m), trial.parallel, dp, m))
     scored.sort(key=lambda s: s[0])
     finalists = []
     tokens = inputs.training.phases[0].global_batch_seqs * inputs.parallel.seq_len_tokens
     world = inputs.cluster.num_gpus
-    for _, par, dp, m, peak in scored[:FINALISTS]:
+    for _, par, dp, m in scored[:FINALISTS]:
         trial = inputs.model_copy(update={"parallel": par})
         step_s = simulate_at(trial, dp, m, par.seq_len_tokens, opts).step_time_s
         flops = training_flops(inputs.model, par.seq_len_tokens, par.recompute, par.cp).model_flops
         finalists.append(Candidate(
             parallel=par, microbatches=m, step_time_s=step_s, tokens_per_s_per_gpu=tokens / step_s / world,
             mfu_frac=tokens * flops / (step_s * world * inputs.cluster.gpu.bf16_flops_per_s),
-            peak_memory_bytes_per_gpu=peak))
+            peak_memory_bytes_per_gpu=memory_check.peak_bytes(inputs, par, dp, m)))
     finalists.sort(key=lambda c: c.step_time_s)
     logger.info("search: %d enumerated, %d fit, best %s", len(layouts), len(scored), finalists[0].parallel)
     return SearchResult(best=finalists[0].parallel, ranked=tuple(finalists), enumerated=len(layouts),
