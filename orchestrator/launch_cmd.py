@@ -34,8 +34,8 @@ from moeplan.orchestrator.errors import DeferredSignals, InputError, RunFailedEr
 from moeplan.orchestrator.inputs import finite_float
 from moeplan.orchestrator.launch_progress import RunProgress
 from moeplan.orchestrator.outputs import strict_json, write_outputs
-from moeplan.orchestrator.ray_address import ADDRESS_TIMEOUT_S, check_address
 from moeplan.orchestrator.rank_entry import RankJob, on_cpu
+from moeplan.orchestrator.ray_address import ADDRESS_TIMEOUT_S, check_address
 from moeplan.simulator.contracts.plan_file import PlanFile, read_plan
 from moeplan.simulator.contracts.run_report import PLAN_COPY_NAME, read_run_report
 from moeplan.simulator.spec.json_input import read_json_file
@@ -281,7 +281,7 @@ def launch_command(
     else:
         projected = summary["projected_gpu_hours"]
         guard = report.budget_guard
-        console.print(f"{report.status}: {len(report.steps)} steps, loss {summary['final_loss']:.4f}, median step "
+        console.print(f"{report.status}: {summary['steps']} steps, loss {summary['final_loss']:.4f}, median step "
                       f"{1e3 * summary['median_step_s']:.1f} ms, {summary['tokens_per_s_per_gpu']:,.0f} tok/s/GPU")
         console.print(f"whole run projected at {'-' if projected is None else f'{projected:.4g}'} GPU-hours (budget "
                       f"{summary['budget_gpu_hours']})" + (f"; budget guard {guard.action} at step {guard.at_step}"

@@ -41,7 +41,7 @@ def launch_summary(plan: PlanFile, run_dir: Path, report: RunReport) -> dict:
     projected = projected_gpu_hours(plan, step_s) if step_s else None
     latest = latest_checkpoint(run_dir)
     return {
-        "status": report.status, "run_dir": str(run_dir), "steps": len(report.steps),
+        "status": report.status, "run_dir": str(run_dir), "steps": report.step_totals.count,
         "final_loss": report.steps[-1].loss if report.steps else None, "median_step_s": step_s,
         "tokens_per_s_per_gpu": rate, "mfu_frac": mfu_frac(plan, rate) if rate else None,
         "projected_gpu_hours": projected, "budget_gpu_hours": plan.inputs.budget.gpu_hours,

@@ -6,7 +6,10 @@ clock (MHz), temperature (C) and the clock event (throttle) reasons. The GPU is 
 ``torch.cuda.get_device_properties(i).uuid`` gives, never by index: ``CUDA_VISIBLE_DEVICES`` renumbers
 devices, NVML does not. Nothing here raises on a missing NVML: no ``pynvml``, no driver, no CUDA device,
 or a query NVML refuses (NOT_SUPPORTED, NO_PERMISSION, a lost GPU) marks the affected series missing
-with the reason, and the record (``contracts.run_report.GpuTelemetry``) is written anyway.
+with the reason, and the record (``contracts.run_telemetry.GpuTelemetry``) is written anyway: each rank
+writes its own (``write_telemetry``), ``run.json`` keeps the summary. Memory and the record stay bounded on
+any run's length: past ``MAX_SAMPLES`` a series drops every other sample (and the rate halves), and the
+per-step energies merge neighbouring steps (their joules summed: the energy between the kept boundaries).
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from moeplan.simulator.contracts.run_report import GpuTelemetry, ReasonSeries, Series, StepEnergy
+from moeplan.simulator.contracts.run_telemetry import GpuTelemetry, ReasonSeries, Series, StepEnergy
 
 log = logging.getLogger(__name__)
 
 FIELDS = ("power_w", "energy_j", "memory_used_bytes", "sm_clock_mhz", "temperature_c", "clock_event_reasons")
-MAX_SAMPLES = 20_000  # per series; past it every other sample is dropped and the rate halves
+MAX_SAMPLES = 20_000  # per series and for the per-step energies; past it every other sample is dropped (the rate
+# halves) or neighbouring steps merged. 20,000 is 2.8 hours at the default 2 Hz; a rank's record stays ~6 MB.
 
 
 def cuda_uuid(device: int) -> str | None:
@@ -139,6 +143,8 @@ class NvmlSampler:
             self._steps.append(step)
             self._step_j.append(now_j - self._last_boundary_j)
             self._last_boundary_j = now_j
+            if len(self._steps) > MAX_SAMPLES:
+                self._steps, self._step_j = merged_steps(self._steps, self._step_j)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
@@ -175,6 +181,14 @@ class NvmlSampler:
             memory_used_bytes=series("memory_used_bytes"), sm_clock_mhz=series("sm_clock_mhz"),
             temperature_c=series("temperature_c"), clock_event_reasons=series("clock_event_reasons", ReasonSeries),
         )
+
+
+def merged_steps(steps: list[int], joules: list[float]) -> tuple[list[int], list[float]]:
+    """Steps (0, 1), (2, 3), ... merged into 1, 3, ...: each kept step's joules now count from the boundary
+    before the step dropped (an odd last step stays as it is)."""
+    odd = len(steps) % 2
+    pairs = [a + b for a, b in zip(joules[0::2], joules[1::2])]
+    return steps[1::2] + steps[len(steps) - odd:], pairs + joules[len(joules) - odd:]
 
 
 def driver_version() -> str | None:

@@ -58,6 +58,7 @@ from moeplan.simulator.contracts.run_report import (
     trace_path,
     write_run_report,
 )
+from moeplan.simulator.contracts.run_telemetry import write_telemetry
 from moeplan.simulator.contracts.trace import chrome_trace
 from moeplan.simulator.contracts.versions import installed_version
 
@@ -147,7 +148,7 @@ def train(plan: PlanFile, run_dir: Path, config: RunConfig, rank: int, device: t
         if stop:
             status = "stopped"
             break
-    telemetry = sampler.stop()
+    telemetry = write_telemetry(run_dir, sampler.stop())  # the samples apart, their summary into run.json
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (telemetry, _identity(rank, device), socket.gethostname()))
     loads = rt.expert_loads()  # collective: every pipeline rank's layers

@@ -2,39 +2,59 @@
 
 A run directory holds (``docs/design/run-report.md``)::
 
-    RUN/run.json            RunReport, written atomically (write_run_report)
-    RUN/metrics.jsonl       one StepMetrics per line, appended and fsynced every step (append_metrics)
-    RUN/traces/rank{r}.json measured Perfetto trace of one profiled step of global rank r (simulator schema)
-    RUN/plan.json           the plan the run executed (copied by the launcher)
+    RUN/run.json               RunReport, written atomically (write_run_report)
+    RUN/metrics.jsonl          one StepMetrics per line, appended and fsynced every step (append_metrics)
+    RUN/traces/rank{r}.json    measured Perfetto trace of one profiled step of global rank r (simulator schema)
+    RUN/telemetry/rank{r}.json the NVML samples of global rank r (``run_telemetry``)
+    RUN/plan.json              the plan the run executed (copied by the launcher)
 
 The report names the plan by its ``inputs_sha256``; ``check`` refuses a plan whose hash differs.
 Every time is in seconds, every size in bytes. Reading is strict like the plan file's
-(``spec.json_input``: bounded JSON, no NaN/Infinity), refuses another ``schema_version`` and reports
-the first problem as one line (``RunReportError``). Telemetry (NVML) fields carry a ``missing`` reason
-instead of values where NVML is absent or refuses a query.
+(``spec.json_input``: bounded JSON, no NaN/Infinity) and reports the first problem as one line
+(``RunReportError``). Telemetry (NVML) fields carry a ``missing`` reason instead of values where NVML is
+absent or refuses a query.
+
+The report's size is bounded by the world, never by the run's length (schema version 2): it keeps the
+last ``MAX_REPORT_STEPS`` steps (every step stays in ``metrics.jsonl``), each without its per-rank peak
+memory, and ``step_totals`` over all of them (their count, summed wall time, and per rank the peak after
+the warm-up); each rank's telemetry summarised, its samples apart. Version 1 kept every step with a peak
+per rank and every NVML sample: a whole DeepSeek-V3 run (the default plan: 2,048 GPUs, 244,782 steps)
+would have written about 32 GB (8.6 GB of steps, 11 MB of samples and step energies per rank), against the
+64 MiB every reader accepts (``tests/simulator/contracts/test_run_report_size.py`` measures both). Version
+2 writes about 1.8 KB per rank plus 0.25 MB of kept steps: 3.9 MB at 2,048 ranks; the 64 MiB would be
+reached near 37,000 ranks, where ``write_run_report`` refuses to write a report no reader would take. A
+version 1 report is still read: its steps folded and its telemetry summarised as if written now (its
+samples are not kept apart).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Literal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from moeplan.simulator.contracts.atomic_write import write_atomic
+from moeplan.simulator.contracts.run_fields import MAX_RANKS, RunReportError, inside_the_run
+from moeplan.simulator.contracts.run_fields import Frozen as _Frozen
+from moeplan.simulator.contracts.run_telemetry import GpuTelemetry, TelemetrySummary, summarise_telemetry
 from moeplan.simulator.spec.errors import first_error_line
-from moeplan.simulator.spec.json_input import JsonInputError, parse_json, read_json_file
+from moeplan.simulator.spec.json_input import MAX_FILE_BYTES, JsonInputError, parse_json, read_json_file
 from moeplan.simulator.spec.numbers import Float, Int
 
-RUN_SCHEMA_VERSION = 1
+RUN_SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: every step and sample inside run.json, upgraded when read (_upgraded)
+# The steps run.json keeps, the last ones: check's medians are taken over them. 1,024 steps of V3's 14.5 s step
+# are the last 4.1 hours, and 0.25 MB of run.json (measured: test_run_report_size).
+MAX_REPORT_STEPS = 1024
 RUN_REPORT_NAME = "run.json"
 METRICS_NAME = "metrics.jsonl"
 PLAN_COPY_NAME = "plan.json"
 EXPERT_LOAD_NAME = "expert-load.json"  # the run's routed tokens per layer and expert: `plan --load` reads it
 TRACES_DIR = "traces"
-MAX_RANKS = 2**20
 READ_BACK_BYTES = 2**16  # append_metrics looks back this much at a time for the last line's end
 OP_CLASSES = ("gemm", "grouped_gemm", "attention", "memory_bound", "communication", "idle")
 OpClass = Literal["gemm", "grouped_gemm", "attention", "memory_bound", "communication", "idle"]
@@ -42,14 +62,6 @@ TOKENS_RATE_RTOL = 1e-6  # tokens_per_s_per_gpu must equal tokens / wall_time_s 
 # A step takes at least a microsecond and at most about three years: outside, a time is corrupt, and rates,
 # projections and GPU-hours made from it overflow to infinity.
 MIN_STEP_S, MAX_STEP_S = 1e-6, 1e8
-
-
-class RunReportError(ValueError):
-    """A run report or metrics file that cannot be used; the message names the file and the problem."""
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 def trace_path(rank: int) -> str:
@@ -131,61 +143,7 @@ class TraceRef(_Frozen):
     @field_validator("path")
     @classmethod
     def _inside_the_run(cls, path: str) -> str:
-        pure = PurePosixPath(path)
-        if not path or pure.is_absolute() or ".." in pure.parts or "\\" in path or "\0" in path:
-            raise ValueError(f"path={path!r:.80} must be a relative path inside the run directory")
-        return path
-
-
-class Series(_Frozen):
-    """Samples of one NVML quantity, or the reason there are none."""
-
-    t_s: tuple[Float, ...] = Field((), description="Seconds since the sampler started.")
-    values: tuple[Float, ...] = ()
-    missing: str | None = Field(None, description="Why there are no samples (no NVML, NOT_SUPPORTED, ...).")
-
-    @model_validator(mode="after")
-    def _shape(self) -> Series:
-        if len(self.t_s) != len(self.values):
-            raise ValueError(f"t_s has {len(self.t_s)} samples but values {len(self.values)}")
-        if self.missing is not None and self.values:
-            raise ValueError("a series marked missing holds no values")
-        return self
-
-
-class ReasonSeries(Series):
-    """NVML clock event (throttle) reasons: ``nvmlClocksEventReason*`` bit masks."""
-
-    values: tuple[Int, ...] = ()  # type: ignore[assignment]
-
-
-class StepEnergy(_Frozen):
-    """Energy per step from the total-energy counter read at step boundaries."""
-
-    steps: tuple[Int, ...] = ()
-    joules: tuple[Float, ...] = ()
-    missing: str | None = None
-
-    @model_validator(mode="after")
-    def _shape(self) -> StepEnergy:
-        if len(self.steps) != len(self.joules) or (self.missing is not None and self.joules):
-            raise ValueError("steps and joules must have one entry each, and none when missing")
-        return self
-
-
-class GpuTelemetry(_Frozen):
-    """What NVML said about one process's GPU (``model.runtime.telemetry`` samples it)."""
-
-    rank: Int = Field(..., ge=0, lt=MAX_RANKS)
-    uuid: str | None = None
-    sample_hz: Float = Field(..., gt=0)
-    power_w: Series
-    energy_j: Series = Field(..., description="Counter delta since the sampler started, at each read.")
-    step_energy_j: StepEnergy
-    memory_used_bytes: Series = Field(..., description="NVML's: CUDA context and NCCL buffers included.")
-    sm_clock_mhz: Series
-    temperature_c: Series
-    clock_event_reasons: ReasonSeries
+        return inside_the_run(path)
 
 
 class Restart(_Frozen):
@@ -203,17 +161,43 @@ class BudgetGuard(_Frozen):
     at_step: Int | None = Field(None, ge=0, description="Step of the first warning or of the stop.")
 
 
+class StepTotals(_Frozen):
+    """Every step the run recorded (``metrics.jsonl`` holds each), as ``run.json`` keeps them."""
+
+    count: Int = Field(0, ge=0, description="Steps recorded, the warm-up included.")
+    wall_time_s: Float = Field(0.0, ge=0, description="Their wall times summed (GPU-hours spent: x world / 3600).")
+    peak_memory_bytes: tuple[Int, ...] | None = Field(
+        None, description="[global rank] the largest peak_memory_bytes of the steps after the warm-up; null on CPU.")
+
+
+def fold_steps(steps: Sequence[StepMetrics], warmup_steps: int) -> tuple[tuple[StepMetrics, ...], StepTotals]:
+    """Every step of a run -> (the last ``MAX_REPORT_STEPS``, without per-rank peak memory; the totals)."""
+    peaks = [s.peak_memory_bytes for s in steps if s.peak_memory_bytes is not None]
+    if len({len(p) for p in peaks}) > 1:
+        raise ValueError(f"peak_memory_bytes has {sorted({len(p) for p in peaks})} ranks in different steps")
+    measured = [s.peak_memory_bytes for s in steps[warmup_steps:] if s.peak_memory_bytes is not None]
+    totals = StepTotals(count=len(steps), wall_time_s=math.fsum(s.wall_time_s for s in steps),
+                        peak_memory_bytes=tuple(map(max, zip(*measured, strict=True))) if measured else None)
+    kept = tuple(s.model_copy(update={"peak_memory_bytes": None}) for s in steps[-MAX_REPORT_STEPS:])
+    return kept, totals
+
+
 class RunReport(_Frozen):
-    schema_version: Literal[1] = RUN_SCHEMA_VERSION
+    """What ``run.json`` holds. Built from every step of a run (``steps`` without ``step_totals``), it keeps
+    the last ``MAX_REPORT_STEPS`` and their totals (``fold_steps``)."""
+
+    schema_version: Literal[2] = RUN_SCHEMA_VERSION
     plan_sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$", description="inputs_sha256 of the plan executed.")
     plan_file: str = Field(..., description="Name of the plan file the run was launched with.")
     status: Literal["running", "completed", "stopped", "failed"]
     environment: Environment
     settings: RunSettings
-    steps: tuple[StepMetrics, ...] = ()
+    steps: tuple[StepMetrics, ...] = Field((), description=f"The last {MAX_REPORT_STEPS} steps (metrics.jsonl "
+                                                            "holds every one), their peak memory in step_totals.")
+    step_totals: StepTotals = StepTotals()
     timelines: tuple[RankTimeline, ...] = ()
     traces: tuple[TraceRef, ...] = ()
-    telemetry: tuple[GpuTelemetry, ...] = ()
+    telemetry: tuple[TelemetrySummary, ...] = ()
     restarts: tuple[Restart, ...] = ()
     budget_guard: BudgetGuard
 
@@ -223,17 +207,40 @@ class RunReport(_Frozen):
 
     @property
     def measured_steps(self) -> tuple[StepMetrics, ...]:
-        """The steps every statistic is taken over: those after the warm-up."""
-        return self.steps[self.settings.warmup_steps:]
+        """The steps every statistic is taken over: those kept after the warm-up."""
+        return self.steps[max(0, self.settings.warmup_steps - (self.step_totals.count - len(self.steps))):]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold(cls, data: Any) -> Any:
+        """Every step given and no totals (a run just ended, or a version 1 report): keep what run.json keeps."""
+        if not isinstance(data, dict) or "step_totals" in data:
+            return data
+        settings = data.get("settings")
+        warmup = settings.get("warmup_steps") if isinstance(settings, dict) else getattr(settings, "warmup_steps", None)
+        try:
+            steps = [StepMetrics.model_validate(s) for s in data.get("steps", ())]
+        except (ValidationError, TypeError):
+            return data  # the fields' own validation names the problem
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+            return data
+        kept, totals = fold_steps(steps, warmup)
+        return {**data, "steps": kept, "step_totals": totals}
 
     @model_validator(mode="after")
     def _steps_agree(self) -> RunReport:
-        world = self.settings.world_size
+        world, totals = self.settings.world_size, self.step_totals
         if any(b.step <= a.step for a, b in zip(self.steps, self.steps[1:])):
             raise ValueError("steps must be in increasing step order, each once")
+        if len(self.steps) > MAX_REPORT_STEPS or totals.count < len(self.steps) or (
+                totals.count > len(self.steps) and len(self.steps) != MAX_REPORT_STEPS):
+            raise ValueError(f"steps holds {len(self.steps)} but step_totals.count={totals.count}: the report keeps "
+                             f"the last min(count, {MAX_REPORT_STEPS})")
+        if totals.peak_memory_bytes is not None and len(totals.peak_memory_bytes) != world:
+            raise ValueError(f"step_totals: peak_memory_bytes has {len(totals.peak_memory_bytes)} ranks, not {world}")
         for s in self.steps:
-            if s.peak_memory_bytes is not None and len(s.peak_memory_bytes) != world:
-                raise ValueError(f"step {s.step}: peak_memory_bytes has {len(s.peak_memory_bytes)} ranks, not {world}")
+            if s.peak_memory_bytes is not None:
+                raise ValueError(f"step {s.step}: peak_memory_bytes is kept in step_totals, not per step")
             rate = s.tokens / s.wall_time_s / world
             if not math.isclose(s.tokens_per_s_per_gpu, rate, rel_tol=TOKENS_RATE_RTOL):
                 raise ValueError(f"step {s.step}: tokens_per_s_per_gpu={s.tokens_per_s_per_gpu} is not tokens / "
@@ -254,7 +261,7 @@ class RunReport(_Frozen):
 
 
 def dump_run_report(report: RunReport) -> str:
-    return report.model_dump_json(indent=2) + "\n"
+    return report.model_dump_json(indent=1) + "\n"
 
 
 def parse_run_report(text: str | bytes, source: str = "<run report>") -> RunReport:
@@ -266,13 +273,29 @@ def parse_run_report(text: str | bytes, source: str = "<run report>") -> RunRepo
     return _checked(raw, source)
 
 
+def _upgraded(raw: dict, source: str) -> dict:
+    """A version 1 report as version 2: its telemetry summarised (the samples were inside it: not kept apart),
+    its steps left for ``RunReport`` to fold."""
+    telemetry = raw.get("telemetry", [])
+    if isinstance(telemetry, list):
+        try:
+            telemetry = [summarise_telemetry(GpuTelemetry.model_validate(t), None) for t in telemetry]
+        except ValidationError as exc:
+            raise RunReportError(first_error_line(exc, prefix=f"{source}: telemetry", whole="record")) from None
+    return {**raw, "schema_version": RUN_SCHEMA_VERSION, "telemetry": telemetry}
+
+
 def _checked(raw: object, source: str) -> RunReport:
     if not isinstance(raw, dict):
         raise RunReportError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     version = raw.get("schema_version")
-    if version != RUN_SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise RunReportError(f"{source}: schema_version={version!r:.40} is not supported; this moeplan reads run "
-                             f"report version {RUN_SCHEMA_VERSION}")
+                             f"report versions {', '.join(map(str, READABLE_VERSIONS))}")
+    if version == 1:
+        raw = _upgraded(raw, source)
+    elif "step_totals" not in raw:  # a version 2 report always has them: folding here would hide the loss
+        raise RunReportError(f"{source}: step_totals: Field required (a version 2 report keeps its steps' totals)")
     try:
         return RunReport.model_validate(raw)
     except ValidationError as exc:
@@ -297,8 +320,12 @@ def write_run_report(run_dir: str | Path, report: RunReport) -> Path:
     """Write ``run_dir/run.json`` atomically (a reader sees the old report or the new one, never half). A
     failed write (a full disk) leaves the previous report and raises ``OSError`` naming the file."""
     path = Path(run_dir) / RUN_REPORT_NAME
+    text = dump_run_report(report)
+    if len(text.encode()) > MAX_FILE_BYTES:  # a world past ~37,000 ranks: no reader would take it
+        raise RunReportError(f"{path}: the report of {report.settings.world_size} ranks is {len(text.encode()):,} "
+                             f"bytes, past the {MAX_FILE_BYTES:,} every reader accepts; not written")
     try:
-        write_atomic(path, dump_run_report(report))
+        write_atomic(path, text)
     except OSError as exc:
         raise OSError(exc.errno, f"{path}: cannot write the run report ({exc.strerror or exc}); "
                                  "the previous one is left as it was") from exc

@@ -140,13 +140,13 @@ def _timeline_lines(plan: PlanFile, measured: Sequence[RankTimeline], predicted:
 
 
 def _memory_lines(plan: PlanFile, report: RunReport, tol: float) -> list[Line]:
-    steps = [s for s in report.measured_steps if s.peak_memory_bytes is not None]
+    peaks = report.step_totals.peak_memory_bytes  # [global rank] over the steps after the warm-up
     lines = []
     for p, rank in enumerate(plan.memory.per_rank):
         mine = [r for r, q in enumerate(report.settings.pp_rank_of) if q == p]
-        peak = max((s.peak_memory_bytes[r] for s in steps for r in mine), default=None)
+        peak = max((peaks[r] for r in mine), default=None) if peaks else None
         lines.append(_judge("memory", f"peak memory, pipeline rank {p}", "bytes", peak, rank.total_bytes, "relative",
-                            tol, 1.0, "" if steps else "not measured (no CUDA)"))
+                            tol, 1.0, "" if peaks else "not measured (no CUDA)"))
     return lines
 
 
@@ -155,7 +155,7 @@ def _run_lines(plan: PlanFile, report: RunReport, tol: float) -> tuple[list[Line
     wall = statistics.median(s.wall_time_s for s in report.measured_steps)
     run = project_run(plan.inputs, pred.run, wall / pred.step.step_time_s)
     projected = run.gpu_hours_total + report.lost_gpu_hours
-    spent = sum(s.wall_time_s for s in report.steps) * report.settings.world_size / SECONDS_PER_HOUR
+    spent = report.step_totals.wall_time_s * report.settings.world_size / SECONDS_PER_HOUR
     budget = plan.inputs.budget.gpu_hours
     lines = [
         _judge("run", "GPU-hours, whole run (projected)", "GPU-h", projected, pred.run.gpu_hours_total, "relative", tol,
@@ -177,7 +177,7 @@ def compare(plan: PlanFile, report: RunReport, measured: Sequence[RankTimeline],
     if plan.predictions is None:
         raise ComparisonError("the plan has no predictions (planned without the simulator): nothing to compare")
     if not report.measured_steps:
-        raise ComparisonError(f"run.json holds {len(report.steps)} step(s), all within warmup_steps="
+        raise ComparisonError(f"run.json holds {report.step_totals.count} step(s), all within warmup_steps="
                               f"{report.settings.warmup_steps}: no step to compare")
     if report.settings.world_size != plan.layout.world:
         raise ComparisonError(f"settings.world_size={report.settings.world_size} but the plan's layout has "

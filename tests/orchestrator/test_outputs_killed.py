@@ -215,7 +215,8 @@ def _killed_with_subfolders(tmp_path: Path, interrupt: bool) -> list[dict[str, o
 @pytest.mark.parametrize("interrupt", [False, True], ids=["killed", "interrupted"])
 def test_a_folder_with_subfolders_is_swapped_whole_the_old_tree_or_the_new_one(tmp_path, interrupt):
     outcomes = _killed_with_subfolders(tmp_path, interrupt)
-    assert all(seen in (OLD_TREE, NEW_TREE) for seen in outcomes), [s for s in outcomes if s not in (OLD_TREE, NEW_TREE)]
+    assert all(seen in (OLD_TREE, NEW_TREE) for seen in outcomes), [s for s in outcomes if s not in (OLD_TREE,
+                                                                                                    NEW_TREE)]
     assert outcomes[-1] == NEW_TREE and OLD_TREE in outcomes  # kills landed before the exchange too
     assert len(outcomes) > 10  # the links, folders and modes were steps: the kills landed among them
 

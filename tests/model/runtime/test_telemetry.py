@@ -118,3 +118,17 @@ def test_the_thread_samples_until_stopped() -> None:
     count = len(record.power_w.values)
     time.sleep(0.05)
     assert nvml.reads == count  # nothing sampled after stop()
+
+
+def test_step_energies_stay_bounded_and_add_up(monkeypatch) -> None:
+    from moeplan.model.runtime import telemetry
+
+    monkeypatch.setattr(telemetry, "MAX_SAMPLES", 4)
+    nvml = FakeNvml(energy_mj=[1_000 * k * k for k in range(40)])  # at start, then a sample and a read per step
+    sampler = NvmlSampler(0, UUID, nvml=nvml, clock=iter(range(100)).__next__)
+    for step in range(9):
+        sampler.step_boundary(step)
+    energy = sampler.stop().step_energy_j
+    assert len(energy.steps) <= 4 and energy.steps[-1] == 8  # neighbours merged, the last step kept
+    assert sum(energy.joules) == pytest.approx((1_000 * 18 * 18 - 0) / 1e3)  # nothing lost: start to step 8's end
+    assert telemetry.merged_steps([0, 1, 2, 3, 4], [1.0, 2.0, 3.0, 4.0, 5.0]) == ([1, 3, 4], [3.0, 7.0, 5.0])
