@@ -4,8 +4,8 @@ A command renders every file first, then hands them here. ``write_outputs`` is `
 (``simulator/contracts/atomic_write.py``: temporary file, then rename) over several files: each is
 written under a hidden name and flushed to disk, and only when all are there do they go into place.
 Files for a folder that does not exist yet (a new ``--out``) are written into a hidden folder beside
-it, which is then renamed to be that folder: its files appear together or not at all, even if the
-process is killed. Files for a folder that exists are written into a hidden folder beside it too; under
+it, which is then renamed to be that folder under a lock on its parent: its files appear together or not
+at all, even if the process is killed. Files for a folder that exists are written into a hidden folder beside it too; under
 a lock on the folder and its parent, that one is given the folder's other entries (hard links to its
 files, and its subfolders made again, their files hard-linked, at any depth) and replaced whole: the two
 folders exchanged in one step (Linux ``renameat2(..., RENAME_EXCHANGE)``, glibc 2.28 or later, through
@@ -150,16 +150,18 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 @contextmanager
-def _locked(folders: list[Path]) -> Iterator[None]:
-    """Hold an exclusive lock on each folder and on its parent (their real paths, in one order, so two writers
-    cannot deadlock). The parent's lock keeps another writer out while a swap without ``renameat2`` leaves no
-    folder at the name (an empty one made there meanwhile is renamed over). A lock taken on a folder that
-    another writer has meanwhile swapped out is let go and taken on the new one. A parent this user may not
-    list is not locked."""
+def _locked(folders: Iterable[Path], beside: Iterable[Path], held: set[Path]) -> Iterator[None]:
+    """Hold an exclusive lock on each folder and on its parent, and on each folder of ``beside`` (where new
+    folders are renamed in): their real paths, in one order, so that two writers cannot deadlock; a path in
+    ``held`` (locked by this writer already) is skipped, and each one taken is added to it. The parent's lock
+    keeps every other writer out while a swap without ``renameat2`` leaves no folder at the name: one that
+    would make the folder anew, or rename a new one in there, waits, then finds the swapped-in folder. A lock
+    taken on a folder that another writer has meanwhile swapped out is let go and taken on the new one. A
+    parent this user may not list is not locked."""
     real = {Path(os.path.realpath(folder)) for folder in folders}
-    parents = {folder.parent for folder in real} - real
+    parents = ({folder.parent for folder in real} | {Path(os.path.realpath(b)) for b in beside}) - real
     with ExitStack() as stack:
-        for folder in sorted(real | parents):
+        for folder in sorted((real | parents) - held):
             while True:
                 if folder not in parents:  # gone where a swap without renameat2 was killed between its renames
                     folder.mkdir(exist_ok=True)
@@ -170,9 +172,10 @@ def _locked(folders: list[Path]) -> Iterator[None]:
                         break
                     raise
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                held, now = os.fstat(fd), _stat(folder, "output")
-                if now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                locked, now = os.fstat(fd), _stat(folder, "output")
+                if now is not None and (locked.st_dev, locked.st_ino) == (now.st_dev, now.st_ino):
                     stack.callback(os.close, fd)
+                    held.add(folder)
                     break
                 os.close(fd)
         yield
@@ -287,21 +290,25 @@ class _Staging:
         """New folders first, one rename each (where another writer made the folder meanwhile, its files go
         in one by one); then, under their locks, each existing folder swapped whole (``_swapped``) or its
         files renamed one by one, the first given last."""
-        renamed = []
-        for top, stand_in in self.folders.items():
-            try:
-                os.rename(stand_in, top)  # refused where the folder now exists and holds something
-                renamed.append(top)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise
-        pending = [(tmp, t) for tmp, t in self.files if not any(top in t.parents for top in renamed)]
-        for _, target in pending:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        by_folder: dict[Path, list[tuple[Path, Path]]] = {}
-        for tmp, target in pending:
-            by_folder.setdefault(target.parent, []).append((tmp, target))
-        with _locked(list(by_folder)):
+        existing = {t.parent for _, t in self.files if not any(top in t.parents for top in self.folders)}
+        held: set[Path] = set()
+        with ExitStack() as locks:
+            locks.enter_context(_locked(existing, [top.parent for top in self.folders], held))
+            renamed = []
+            for top, stand_in in self.folders.items():
+                try:
+                    os.rename(stand_in, top)  # refused where the folder now exists and holds something
+                    renamed.append(top)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+            pending = [(tmp, t) for tmp, t in self.files if not any(top in t.parents for top in renamed)]
+            for _, target in pending:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            by_folder: dict[Path, list[tuple[Path, Path]]] = {}
+            for tmp, target in pending:
+                by_folder.setdefault(target.parent, []).append((tmp, target))
+            locks.enter_context(_locked(by_folder, [], held))  # the folders another writer made meanwhile
             for folder, group in reversed(by_folder.items()):  # the first file's folder last
                 swap = self.swaps.get(folder)
                 if swap is not None and len(group) > 1 and _swapped(*swap, {t.name for _, t in group}, self.asides):

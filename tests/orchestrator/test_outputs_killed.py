@@ -261,3 +261,44 @@ def test_a_tree_that_cannot_be_mirrored_is_left_in_place_and_its_files_renamed_i
     outputs.write_outputs({out / "plan.json": "new plan", out / "plan.html": "new page"})
     assert _tree(out) == NEW_TREE and out.stat().st_ino == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_without_renameat2_a_second_writer_waits_while_the_folder_is_aside(tmp_path, monkeypatch):
+    """Writer A is slow between its two renames (no folder at the name). Writer B must not make an empty folder
+    there and fill it (A's second rename would then fail, the user's files left aside): the parent's lock holds
+    it back, and B then swaps the tree A put in."""
+    import threading
+    import time
+
+    monkeypatch.setattr(outputs, "_RENAMEAT2", None)
+    real_rename, aside_seen = os.rename, []
+
+    def slow_for_a(src, dst):
+        real_rename(src, dst)
+        if threading.current_thread().name == "A" and str(dst).endswith(".old.tmp"):
+            aside_seen.append(dst)
+            time.sleep(0.3)
+
+    monkeypatch.setattr(outputs.os, "rename", slow_for_a)
+    out = tmp_path / "out"
+    _make_tree(out)
+    errors = []
+
+    def write(name):
+        try:
+            outputs.write_outputs({out / "plan.json": f"{name} plan", out / "plan.html": f"{name} page"})
+        except BaseException as exc:  # noqa: BLE001 -- reported below
+            errors.append(exc)
+
+    a = threading.Thread(target=write, args=("A",), name="A")
+    b = threading.Thread(target=write, args=("B",), name="B")
+    a.start()
+    deadline = time.monotonic() + 5
+    while not aside_seen and time.monotonic() < deadline:  # A's folder is aside: no folder at the name now
+        time.sleep(0.005)
+    b.start()
+    a.join()
+    b.join()
+    assert aside_seen and not errors, errors
+    assert _tree(out) == dict(OLD_TREE, **{"plan.json": "B plan", "plan.html": "B page"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
