@@ -29,7 +29,8 @@ from moeplan.simulator.contracts.run_report import (
     Environment,
     RunReport,
     RunSettings,
-    read_metrics,
+    StepTotals,
+    fold_metrics,
     write_run_report,
 )
 
@@ -61,17 +62,17 @@ def failed_report(plan: PlanFile, run_dir: Path, settings: dict) -> RunReport:
     """Write ``RUN/run.json`` for a run whose ranks kept failing (see the module docstring)."""
     lay, g = plan.layout, plan.inputs.cluster.node.gpus_per_node
     groups = process_groups(lay, g)
-    metrics = run_dir / METRICS_NAME
-    steps = read_metrics(metrics) if metrics.is_file() else []
+    metrics, warmup = run_dir / METRICS_NAME, min(1, settings["steps"] - 1)
+    steps, totals = fold_metrics(metrics, warmup) if metrics.is_file() else ((), StepTotals())  # any run's length
     report = RunReport(
         plan_sha256=plan.inputs_sha256, plan_file=PLAN_COPY_NAME, status="failed",
         environment=Environment(moeplan_version=_installed("moeplan"), python_version=platform.python_version(),
                                 torch_version=_installed("torch"), ray_version=_installed("ray"),
                                 hostnames=(socket.gethostname(),)),
-        settings=RunSettings(steps=settings["steps"], warmup_steps=min(1, settings["steps"] - 1),
+        settings=RunSettings(steps=settings["steps"], warmup_steps=warmup,
                              world_size=lay.world, backend="gloo" if on_cpu(plan) else "nccl",
                              pp_rank_of=tuple(groups.coords(r).pp_rank for r in range(lay.world))),
-        steps=tuple(steps), restarts=read_restarts(run_dir),
+        steps=steps, step_totals=totals, restarts=read_restarts(run_dir),
         budget_guard=BudgetGuard(policy=settings["budget_guard"],
                                  budget_gpu_hours=plan.inputs.budget.gpu_hours),
     )

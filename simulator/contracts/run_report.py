@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -170,16 +171,25 @@ class StepTotals(_Frozen):
         None, description="[global rank] the largest peak_memory_bytes of the steps after the warm-up; null on CPU.")
 
 
-def fold_steps(steps: Sequence[StepMetrics], warmup_steps: int) -> tuple[tuple[StepMetrics, ...], StepTotals]:
-    """Every step of a run -> (the last ``MAX_REPORT_STEPS``, without per-rank peak memory; the totals)."""
-    peaks = [s.peak_memory_bytes for s in steps if s.peak_memory_bytes is not None]
-    if len({len(p) for p in peaks}) > 1:
-        raise ValueError(f"peak_memory_bytes has {sorted({len(p) for p in peaks})} ranks in different steps")
-    measured = [s.peak_memory_bytes for s in steps[warmup_steps:] if s.peak_memory_bytes is not None]
-    totals = StepTotals(count=len(steps), wall_time_s=math.fsum(s.wall_time_s for s in steps),
-                        peak_memory_bytes=tuple(map(max, zip(*measured, strict=True))) if measured else None)
-    kept = tuple(s.model_copy(update={"peak_memory_bytes": None}) for s in steps[-MAX_REPORT_STEPS:])
-    return kept, totals
+def fold_steps(steps: Iterable[StepMetrics], warmup_steps: int) -> tuple[tuple[StepMetrics, ...], StepTotals]:
+    """Every step of a run -> (the last ``MAX_REPORT_STEPS``, without per-rank peak memory; the totals), in one
+    pass holding one step's peaks at a time (``fold_metrics`` streams a whole run's file through it)."""
+    kept: deque[StepMetrics] = deque(maxlen=MAX_REPORT_STEPS)
+    walls, peak, width = [], None, None
+    for i, s in enumerate(steps):
+        walls.append(s.wall_time_s)
+        if s.peak_memory_bytes is not None:
+            width = len(s.peak_memory_bytes) if width is None else width
+            if len(s.peak_memory_bytes) != width:
+                raise ValueError(f"step {s.step}: peak_memory_bytes has {len(s.peak_memory_bytes)} ranks, the steps "
+                                 f"before {width}")
+            if i >= warmup_steps:
+                peak = list(s.peak_memory_bytes) if peak is None else list(map(max, peak, s.peak_memory_bytes))
+            s = s.model_copy(update={"peak_memory_bytes": None})
+        kept.append(s)
+    totals = StepTotals(count=len(walls), wall_time_s=math.fsum(walls),
+                        peak_memory_bytes=tuple(peak) if peak is not None else None)
+    return tuple(kept), totals
 
 
 class RunReport(_Frozen):
@@ -371,29 +381,47 @@ def _whole_lines(f: BinaryIO) -> int:
     return end
 
 
-def read_metrics(path: str | Path) -> list[StepMetrics]:
-    """Every step of ``metrics.jsonl`` (the file or its run directory). A last line cut short by a
-    crash (no newline) is the step in flight and is dropped; any other bad line is a ``RunReportError``."""
+def _metrics_lines(path: str | Path) -> Iterator[StepMetrics]:
+    """The steps of ``metrics.jsonl`` (the file or its run directory), read a line at a time. A last line cut
+    short by a crash (no newline) is the step in flight and is dropped; any other bad line, or one longer
+    than ``MAX_FILE_BYTES``, is a ``RunReportError``."""
     path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_NAME
     try:
-        text = path.read_bytes()
+        if path.is_dir():
+            path = path / METRICS_NAME
+        with open(path, "rb") as f:
+            for i, line in enumerate(iter(lambda: f.readline(MAX_FILE_BYTES + 1), b""), start=1):
+                if len(line) > MAX_FILE_BYTES:
+                    raise RunReportError(f"{path}:{i}: a line longer than {MAX_FILE_BYTES // 2**20} MiB")
+                if not line.endswith(b"\n"):  # no newline after it: written when the process died
+                    return
+                if line.strip():
+                    yield _step_line(line, f"{path}:{i}")
     except OSError as exc:
         raise RunReportError(f"{path}: cannot read ({exc.strerror})") from None
-    lines = text.split(b"\n")
-    if lines and lines[-1]:  # no newline after it: written when the process died
-        lines = lines[:-1]
-    steps = []
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        source = f"{path}:{i}"
-        try:
-            steps.append(StepMetrics.model_validate(parse_json(line, source)))
-        except JsonInputError as exc:
-            raise RunReportError(str(exc)) from None
-        except ValidationError as exc:
-            raise RunReportError(first_error_line(exc, prefix=source, whole="line")) from None
-    return steps
+
+
+def _step_line(line: bytes, source: str) -> StepMetrics:
+    try:
+        return StepMetrics.model_validate(parse_json(line, source))
+    except JsonInputError as exc:
+        raise RunReportError(str(exc)) from None
+    except ValidationError as exc:
+        raise RunReportError(first_error_line(exc, prefix=source, whole="line")) from None
+
+
+def read_metrics(path: str | Path) -> list[StepMetrics]:
+    """Every step of ``metrics.jsonl`` (the file or its run directory); see ``_metrics_lines``."""
+    return list(_metrics_lines(path))
+
+
+def fold_metrics(path: str | Path, warmup_steps: int) -> tuple[tuple[StepMetrics, ...], StepTotals]:
+    """``fold_steps`` over ``metrics.jsonl``, streamed: what ``run.json`` keeps of a run of any length, in the
+    memory of ``MAX_REPORT_STEPS`` steps (a whole V3 run's file, a peak per rank on each line, is ~6 GB)."""
+    try:
+        return fold_steps(_metrics_lines(path), warmup_steps)
+    except ValueError as exc:
+        if isinstance(exc, RunReportError):
+            raise
+        raise RunReportError(f"{path}: {exc}") from None
 

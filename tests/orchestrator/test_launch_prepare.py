@@ -39,3 +39,19 @@ def test_a_failure_while_preparing_leaves_no_run_directory(tmp_path, tiny_plan, 
     with pytest.raises(InputError, match="No space left"):
         launch_cmd._prepare(tiny_plan, read_plan(tiny_plan), run, {"steps": 3}, fresh=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_driver_s_report_of_a_failed_run_folds_its_metrics(tmp_path, tiny_plan):  # noqa: F811
+    from moeplan.orchestrator.launch_report import failed_report
+    from moeplan.simulator.contracts.run_report import MAX_REPORT_STEPS, StepMetrics, append_metrics, read_run_report
+
+    plan = read_plan(tiny_plan)
+    world = plan.layout.world
+    for i in range(MAX_REPORT_STEPS + 3):
+        append_metrics(tmp_path, StepMetrics(step=i, wall_time_s=0.5, tokens=1024, loss=1.0, lr=1e-3,
+                                             peak_memory_bytes=tuple(range(i, i + world)),
+                                             tokens_per_s_per_gpu=1024 / 0.5 / world))
+    report = failed_report(plan, tmp_path, {"steps": 2000, "budget_guard": "off"})
+    assert read_run_report(tmp_path) == report and report.status == "failed"
+    assert report.step_totals.count == MAX_REPORT_STEPS + 3 and report.steps[0].step == 3
+    assert report.step_totals.peak_memory_bytes == tuple(range(MAX_REPORT_STEPS + 2, MAX_REPORT_STEPS + 2 + world))

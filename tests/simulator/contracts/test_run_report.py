@@ -20,6 +20,8 @@ from moeplan.simulator.contracts.run_report import (
     TraceRef,
     append_metrics,
     dump_run_report,
+    fold_metrics,
+    fold_steps,
     parse_run_report,
     read_metrics,
     read_run_report,
@@ -201,3 +203,19 @@ def test_a_report_no_reader_would_take_is_not_written(tmp_path, monkeypatch) -> 
     with pytest.raises(RunReportError, match="past the .* every reader accepts; not written"):
         write_run_report(tmp_path, _report(plan_file="p" * 40 + ".json"))  # 36 bytes more
     assert (tmp_path / "run.json").read_bytes() == before
+
+
+def test_the_metrics_file_folds_as_the_steps_do_a_line_at_a_time(tmp_path) -> None:
+    steps = [_step(i, wall=0.5 + i / 1e3).model_copy(update={"peak_memory_bytes": (i % 7, 100 - i % 5)})
+             for i in range(MAX_REPORT_STEPS + 30)]
+    for s in steps:
+        append_metrics(tmp_path, s)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99999, "wall')  # the step in flight when the process died
+    kept, totals = fold_metrics(tmp_path, 2)
+    assert (kept, totals) == fold_steps(steps, 2) and totals.peak_memory_bytes == (6, 100)
+    assert len(kept) == MAX_REPORT_STEPS and kept[0].step == 30 and totals.count == len(steps)
+    (tmp_path / "metrics.jsonl").write_text(steps[0].model_dump_json() + "\n" + _step(1).model_copy(
+        update={"peak_memory_bytes": (1,)}).model_dump_json() + "\n")
+    with pytest.raises(RunReportError, match=r"metrics.jsonl: step 1: peak_memory_bytes has 1 ranks, the steps before 2"):
+        fold_metrics(tmp_path / "metrics.jsonl", 0)
