@@ -4,7 +4,8 @@ A search checks thousands of layouts and most share a few schedules, so replayin
 schedule (up to ``pp x 2M`` actions) repeats the same walk thousands of times. Two exact shortcuts:
 
 1. A lower bound without the schedule: each rank's memory with no activations (``rank_memory`` on an
-   empty action list). A layout already over the HBM with it is rejected before its schedule is built.
+   empty action list). A layout already over the HBM with it is rejected before its schedule is built
+   (asked only while that schedule is not built: after, step 2 costs the same).
 2. The schedule's in-flight profile, once per (kind, pp, micro-batches, chunks): ``activation_peak_bytes``
    is ``max_k bytes . c_k`` over the per-stage counts ``c_k`` of micro-batches held at each action's peak.
    For non-negative stage bytes only the counts that no other count covers in every stage can reach the
@@ -74,9 +75,8 @@ def climb_actions(counts: Sequence[tuple[int, ...]]) -> tuple[Action, ...]:
     return tuple(out)
 
 
-def _profile(par: ParallelSpec, microbatches: int, profiles: Profiles) -> tuple[tuple[Action, ...], ...]:
+def _profile(key: ProfileKey, profiles: Profiles) -> tuple[tuple[Action, ...], ...]:
     """Per rank, the short action list of step 2, built once per schedule and kept in ``profiles``."""
-    key = (par.schedule, par.pp, microbatches, par.virtual_stages)
     if key not in profiles:
         schedule = make_schedule(*key)
         short = (climb_actions(maximal_counts(held_counts(actions, schedule.num_stages))) for actions in schedule.ranks)
@@ -85,18 +85,26 @@ def _profile(par: ParallelSpec, microbatches: int, profiles: Profiles) -> tuple[
 
 
 def fits(inputs: PlanInputs, par: ParallelSpec, dp: int, microbatches: int, profiles: Profiles) -> tuple[bool, float]:
-    """(fits, a peak estimate): whether the layout's ``peak_bytes_per_gpu`` is within the usable HBM,
-    decided exactly, and the peak of step 1 (when it already decides) or of step 2 (to rank messages)."""
+    """(fits, a peak not above the true one): whether the layout's ``peak_bytes_per_gpu`` is within the
+    usable HBM, decided exactly. The peak is step 1's or step 2's, of the ranks looked at: the ranks are
+    walked in order and the first over the HBM decides."""
     m, tr, usable = inputs.model, inputs.training, inputs.cluster.usable_hbm_bytes
+    over = usable * (1 + ROUNDING_FRAC)
 
     def peak(lists: Sequence[Sequence[Action]]) -> float:
-        return max(rank_memory(m, par, tr.optimizer, tr.precision, dp, r, microbatches, lists[r]).total_bytes
-                   for r in range(par.pp))
+        most = 0.0
+        for r in range(par.pp):
+            most = max(most, rank_memory(m, par, tr.optimizer, tr.precision, dp, r, microbatches, lists[r]).total_bytes)
+            if most > over:
+                break
+        return most
 
-    low = peak([()] * par.pp)
-    if low > usable * (1 + ROUNDING_FRAC):
-        return False, low
-    estimate = peak(_profile(par, microbatches, profiles))
+    key = (par.schedule, par.pp, microbatches, par.virtual_stages)
+    if key not in profiles:  # step 1 first, while the schedule is not built yet
+        low = peak([()] * par.pp)
+        if low > over:
+            return False, low
+    estimate = peak(_profile(key, profiles))
     if abs(estimate - usable) <= usable * ROUNDING_FRAC:
         exact = peak_bytes(inputs, par, dp, microbatches)
         return exact <= usable, exact

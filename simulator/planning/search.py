@@ -9,12 +9,14 @@ models; TP is not combined with CP), expert-parallel sizes dividing both the exp
 Context parallelism: the main layout is ranked at the first phase's sequence length with ``cp``
 from the powers of two that divide the stage's GPUs and the sequence's ``2 cp`` chunks while each
 GPU keeps at least ``MIN_CP_TOKENS`` of it (so a 4K pre-training search stays at ``cp = 1`` and a 32K
-one tries 1 to 8); phases at other lengths choose their own ``cp`` (``phase_layout``). Settings the user fixed are not varied. Each layout that fits in memory gets a compute bound (its
-busiest rank's compute, no bubble, no communication); in order of that bound, layouts are simulated
-coarsely (a stage's layers merged into one unit, step time extrapolated to the full micro-batch count
-along the ``step_line`` of ``run_model``) until the bound of the next cannot beat the tenth best
-step: branch and bound, so no layout that could enter the top ten is skipped. The ten best are then
-simulated in full detail.
+one tries 1 to 8); phases at other lengths choose their own ``cp`` (``phase_layout``). Settings the user
+fixed are not varied. Memory is checked by ``memory_check`` (the full replay's verdict, cheaper). Each layout
+that fits gets a step bound (``step_bound``: its busiest rank's compute, no bubble, plus the TP collectives
+no schedule of it can hide); in order of that bound, layouts are simulated coarsely (a stage's layers merged
+into one unit, step time extrapolated to the full micro-batch count along the ``step_line`` of
+``run_model``) until the bound of the next cannot beat the tenth best step: branch and bound, so no layout
+that could enter the top ten is skipped (a simulated step below its own bound turns the pruning off). The
+ten best are then simulated in full detail.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from moeplan.simulator.accounting.flops import training_flops
 from moeplan.simulator.accounting.layout import LayoutError, check_layout
 from moeplan.simulator.accounting.tensor_parallel import TensorParallelError, check_tp
 from moeplan.simulator.contracts.plan_file import Candidate
-from moeplan.simulator.engine.build import SimOptions, compute_bound_s
+from moeplan.simulator.engine.build import SimOptions
 from moeplan.simulator.engine.expert_traffic import group_placement
 from moeplan.simulator.planning import memory_check
 from moeplan.simulator.planning.memory_check import Profiles
 from moeplan.simulator.planning.predict import simulate_at
 from moeplan.simulator.planning.run_model import step_line
+from moeplan.simulator.planning.step_bound import step_bound_s
 from moeplan.simulator.schedules.registry import SCHEDULE_KINDS, microbatch_error, num_stages, schedule_kind
 from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.parallel import ParallelSpec
@@ -46,6 +49,7 @@ VIRTUAL_STAGES = (2, 4)  # chunks per rank for interleaved 1F1B
 RECOMPUTE = ("none", "selective", "full")
 TP_SIZES = (1, 2, 4, 8)  # tensor-parallel sizes (inside a node; Megatron's usual 1..8)
 FINALISTS = 10
+BOUND_ROUNDING_FRAC = 1e-9  # a step this close under its bound is rounding, not a bound that fails
 # Search-space bound, not a cost: CP that leaves a GPU fewer tokens of a sequence than a common 4K
 # pre-training micro-batch only adds collectives (and shrinks the GEMMs) without saving memory that
 # matters; the cost model still decides among the values that remain.
@@ -214,7 +218,7 @@ def search(
         places = {ep: _holds_redundant(inputs, ep, opts.redundant_experts) for ep in {p.ep for p in layouts}}
         layouts = [p for p in layouts if places[p.ep]]
     coarse = replace(opts, expert_load=None, layer_loads=(), coarse=True)  # ranking assumes uniform routing
-    fitting, tried, profiles = [], [], {}
+    fitting, tried, profiles, overlaps = [], [], {}, {}
     for i, par in enumerate(layouts):
         if progress:
             progress(i + 1, len(layouts))
@@ -222,17 +226,21 @@ def search(
         if fit is not None:
             dp, m = fit
             trial = inputs.model_copy(update={"parallel": par})
-            fitting.append((compute_bound_s(trial, dp, m, coarse), trial, dp, m))
+            fitting.append((step_bound_s(trial, dp, m, coarse, overlaps), trial, dp, m))
     if not fitting:
         raise _none_fits(inputs, fixed, len(layouts), tried)
-    # Simulate in order of the compute bound; stop once the bound cannot beat the tenth best step.
+    # Simulate in order of the step bound; stop once the bound cannot beat the tenth best step.
     fitting.sort(key=lambda f: f[0])
     scored: list[tuple[float, ParallelSpec, int, int]] = []
     for bound, trial, dp, m in fitting:
         if not exhaustive and len(scored) >= FINALISTS and bound >= sorted(s[0] for s in scored)[FINALISTS - 1]:
             break
-        line = step_line(trial, dp, trial.parallel.seq_len_tokens, None, coarse)
-        scored.append((line.step_s(m), trial.parallel, dp, m))
+        step_s = step_line(trial, dp, trial.parallel.seq_len_tokens, None, coarse).step_s(m)
+        if step_s < bound * (1 - BOUND_ROUNDING_FRAC) and not exhaustive:  # a bound that does not hold prunes nothing
+            logger.warning("search: step %.6g s below its bound %.6g s (%s): simulating every layout", step_s, bound,
+                           trial.parallel)
+            exhaustive = True
+        scored.append((step_s, trial.parallel, dp, m))
     scored.sort(key=lambda s: s[0])
     finalists = []
     tokens = inputs.training.phases[0].global_batch_seqs * inputs.parallel.seq_len_tokens

@@ -89,8 +89,8 @@ def test_a_peak_at_the_edge_of_the_hbm_is_decided_by_the_full_replay():
     node = inputs.cluster.node
     for usable in (math.ceil(peak), math.ceil(peak) - 1):
         reserved = node.memory_reserved_bytes + inputs.cluster.usable_hbm_bytes - usable
-        cluster = inputs.cluster.model_copy(update={"node": node.model_copy(update={"memory_reserved_bytes": reserved})})
-        edge = inputs.model_copy(update={"cluster": cluster})
+        node_at_edge = node.model_copy(update={"memory_reserved_bytes": reserved})
+        edge = inputs.model_copy(update={"cluster": inputs.cluster.model_copy(update={"node": node_at_edge})})
         assert edge.cluster.usable_hbm_bytes == usable
         assert memory_check.fits(edge, par, dp, m, {}) == (peak <= usable, peak)
 
