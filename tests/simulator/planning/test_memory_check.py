@@ -40,7 +40,7 @@ def _running(inputs: PlanInputs) -> list[tuple[ParallelSpec, int, int]]:
 
 def _full_peak(inputs: PlanInputs, par: ParallelSpec, dp: int, m: int) -> float:
     tr = inputs.training
-    return peak_bytes_per_gpu(inputs.model, par, tr.optimizer, tr.precision, dp, m)
+    return peak_bytes_per_gpu(inputs.model, par, tr.optimizer, tr.precision, dp, m, tr.kernels.fusion)
 
 
 def test_maximal_counts_keep_only_counts_no_other_covers():
