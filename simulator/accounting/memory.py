@@ -24,7 +24,12 @@ from moeplan.simulator.accounting.context_parallel import cp_tokens
 from moeplan.simulator.accounting.context_parallel import working_bytes as cp_working_bytes
 from moeplan.simulator.accounting.layout import Stage, pipeline_stages
 from moeplan.simulator.accounting.params import decoder_layer_params, mtp_module_params
-from moeplan.simulator.accounting.tensor_parallel import layer_activation_bytes_per_token_tp, shard_rows, split_counts, tp_slice
+from moeplan.simulator.accounting.tensor_parallel import (
+    layer_activation_bytes_per_token_tp,
+    shard_rows,
+    split_counts,
+    tp_slice,
+)
 from moeplan.simulator.schedules.actions import Action
 from moeplan.simulator.schedules.registry import in_flight_microbatches, make_schedule, rank_stages
 from moeplan.simulator.schedules.schedule import Schedule

@@ -19,18 +19,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from moeplan.model import attention, fused, losses, mlp, norm  # noqa: E402
-from moeplan.model.options import ModelOptions  # noqa: E402
-from moeplan.model.runtime.executor import Timeline  # noqa: E402
-from moeplan.model.runtime.overlap import Pass, drain, stage_forward  # noqa: E402
-from moeplan.model.runtime.overlap_comm import DistComm, Streams  # noqa: E402
-from moeplan.model.transformer import Transformer  # noqa: E402
-from moeplan.simulator.accounting import activations  # noqa: E402
-from moeplan.simulator.accounting.activations import (  # noqa: E402
-    head_activation_bytes_per_token,
-    layer_activation_bytes_per_token,
-)
-from moeplan.simulator.presets.models import tiny_moe  # noqa: E402
+from moeplan.model import attention, fused, losses, mlp, norm
+from moeplan.model.options import ModelOptions
+from moeplan.model.runtime.executor import Timeline
+from moeplan.model.runtime.overlap import Pass, drain, stage_forward
+from moeplan.model.runtime.overlap_comm import DistComm, Streams
+from moeplan.model.transformer import Transformer
+from moeplan.simulator.accounting import activations
+from moeplan.simulator.accounting.activations import head_activation_bytes_per_token, layer_activation_bytes_per_token
+from moeplan.simulator.presets.models import tiny_moe
 
 TOLERANCE_FRAC = 0.01  # the small terms of the module docstring: 0.5% of a MoE layer at these sizes
 NORMS_PER_LAYER = 4  # input_layernorm, q_a_layernorm, kv_a_layernorm, post_attention_layernorm
