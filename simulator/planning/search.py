@@ -38,7 +38,7 @@ from moeplan.simulator.planning import memory_check
 from moeplan.simulator.planning.memory_check import Profiles
 from moeplan.simulator.planning.predict import simulate_at
 from moeplan.simulator.planning.run_model import step_line
-from moeplan.simulator.planning.step_bound import step_bound_s
+from moeplan.simulator.planning.step_bound import BoundMemo, step_bound_s
 from moeplan.simulator.schedules.registry import SCHEDULE_KINDS, microbatch_error, num_stages, schedule_kind
 from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.parallel import ParallelSpec
@@ -218,7 +218,7 @@ def search(
         places = {ep: _holds_redundant(inputs, ep, opts.redundant_experts) for ep in {p.ep for p in layouts}}
         layouts = [p for p in layouts if places[p.ep]]
     coarse = replace(opts, expert_load=None, layer_loads=(), coarse=True)  # ranking assumes uniform routing
-    fitting, tried, profiles, overlaps = [], [], {}, {}
+    fitting, tried, profiles, memo = [], [], {}, BoundMemo()
     for i, par in enumerate(layouts):
         if progress:
             progress(i + 1, len(layouts))
@@ -226,7 +226,7 @@ def search(
         if fit is not None:
             dp, m = fit
             trial = inputs.model_copy(update={"parallel": par})
-            fitting.append((step_bound_s(trial, dp, m, coarse, overlaps), trial, dp, m))
+            fitting.append((step_bound_s(trial, dp, m, coarse, memo), trial, dp, m))
     if not fitting:
         raise _none_fits(inputs, fixed, len(layouts), tried)
     # Simulate in order of the step bound; stop once the bound cannot beat the tenth best step.

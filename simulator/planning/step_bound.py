@@ -18,6 +18,8 @@ routed experts. The input-gradient reductions run beside the weight gradient and
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from moeplan.simulator.accounting.context_parallel import cp_tokens
 from moeplan.simulator.accounting.layout import pipeline_stages
 from moeplan.simulator.costs.tables import CostTables, default_tables
@@ -27,7 +29,14 @@ from moeplan.simulator.schedules.registry import make_schedule, rank_stages, sch
 from moeplan.simulator.schedules.schedule import Schedule
 from moeplan.simulator.spec.inputs import PlanInputs
 
-Overlaps = dict[tuple[str, int, int, int], bool]  # (kind, pp, micro-batches, chunks) -> any F&B pair
+
+@dataclass
+class BoundMemo:
+    """What one search asks many times: whether a schedule pairs ops, and a stage split's TP waits (they
+    do not depend on recompute, ep or dp)."""
+
+    overlaps: dict[tuple[str, int, int, int], bool] = field(default_factory=dict)  # (kind, pp, M, chunks)
+    waits: dict[tuple, list[float]] = field(default_factory=dict)
 
 
 def runs_one_op_at_a_time(schedule: Schedule) -> bool:
@@ -58,18 +67,21 @@ def _waited(c: TpComm, dense_mlp: bool) -> float:
     return attention + (c.mlp_in_fwd_s + c.mlp_out_fwd_s + c.mlp_out_bwd_s if dense_mlp else 0.0)
 
 
-def step_bound_s(inputs: PlanInputs, dp: int, microbatches: int, opts: SimOptions, overlaps: Overlaps) -> float:
+def step_bound_s(inputs: PlanInputs, dp: int, microbatches: int, opts: SimOptions, memo: BoundMemo) -> float:
     """A lower bound on the layout's simulated step (``compute_bound_s``, plus the TP waits above
-    where its schedule runs one op at a time). ``overlaps`` keeps each schedule's answer."""
+    where its schedule runs one op at a time)."""
     par = inputs.parallel
     bound = compute_bound_s(inputs, dp, microbatches, opts)
     if par.tp == 1:
         return bound
     key = (par.schedule, par.pp, microbatches, par.virtual_stages)
-    if key not in overlaps:
-        overlaps[key] = not runs_one_op_at_a_time(make_schedule(*key))
-    if overlaps[key]:
+    if key not in memo.overlaps:
+        memo.overlaps[key] = not runs_one_op_at_a_time(make_schedule(*key))
+    if memo.overlaps[key]:
         return bound
     share = microbatches / schedule_kind(par.schedule).directions(par.pp, par.virtual_stages)
-    stages = exposed_tp_s(inputs, opts.tables or default_tables(inputs.cluster.gpu.name))
+    split = (par.schedule, par.pp, par.virtual_stages, par.micro_batch_size, par.seq_len_tokens, par.cp, par.tp, par.sp)
+    if split not in memo.waits:
+        memo.waits[split] = exposed_tp_s(inputs, opts.tables or default_tables(inputs.cluster.gpu.name))
+    stages = memo.waits[split]
     return bound + share * min(sum(stages[s] for s in rank_stages(par, r)) for r in range(par.pp))

@@ -10,7 +10,7 @@ from moeplan.simulator.planning import search as search_module
 from moeplan.simulator.planning.predict import simulate
 from moeplan.simulator.planning.run_model import step_line
 from moeplan.simulator.planning.search import _microbatches, enumerate_layouts, search
-from moeplan.simulator.planning.step_bound import runs_one_op_at_a_time, step_bound_s
+from moeplan.simulator.planning.step_bound import BoundMemo, runs_one_op_at_a_time, step_bound_s
 from moeplan.simulator.presets.clusters import h200, h800
 from moeplan.simulator.presets.models import deepseek_v2_lite, tiny_dense, tiny_moe
 from moeplan.simulator.schedules.registry import SCHEDULE_KINDS, make_schedule
@@ -53,7 +53,7 @@ def test_only_dualpipe_kinds_overlap_two_ops(kind):
 def test_the_bound_never_exceeds_the_ranked_or_the_detailed_step(model, cluster, fixed):
     raised = 0
     for trial, dp, m in _tp_layouts(_inputs(model, cluster), fixed):
-        bound = step_bound_s(trial, dp, m, COARSE, {})
+        bound = step_bound_s(trial, dp, m, COARSE, BoundMemo())
         raised += bound > compute_bound_s(trial, dp, m, COARSE) * (1 + 1e-9)
         coarse = step_line(trial, dp, trial.parallel.seq_len_tokens, None, COARSE).step_s(m)
         detailed = simulate(trial, dp, m, opts=SimOptions()).step_time_s
@@ -61,7 +61,7 @@ def test_the_bound_never_exceeds_the_ranked_or_the_detailed_step(model, cluster,
     assert raised > 0  # the TP waits counted somewhere, so the case tests them
 
 
-def _compute_bound_only(inputs, dp, microbatches, opts, overlaps):
+def _compute_bound_only(inputs, dp, microbatches, opts, memo):
     return compute_bound_s(inputs, dp, microbatches, opts)
 
 
