@@ -7,7 +7,7 @@ Ray on this machine's GPU, check the run against the plan, and (``--calibrate``)
 
 The stage is V3's own architecture (``simulator.presets.models.deepseek_v3``: d = 7168, MLA with 128 heads,
 8 of n routed experts in 8 groups, 4 kept, V3's vocabulary) cut to three layers, the first dense, with 16
-routed experts per MoE layer and no MTP: 4.31B parameters, 64.0 GiB planned on an H100 with FP32 main gradients
+routed experts per MoE layer and no MTP: 4.31B parameters, 67.3 GiB planned on an H100 with FP32 main gradients
 and AdamW moments. One pipeline rank, 1F1B, four 4096-token micro-batches per step. The GPU's cluster preset
 (``h100`` or ``h200``) is chosen from ``torch.cuda.get_device_name``. ``--cpu-smoke`` runs the same commands on
 ``tiny-moe`` and the ``cpu`` cluster, to test this script without a GPU. Every command is the CLI a user types;
