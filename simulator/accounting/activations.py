@@ -13,9 +13,9 @@ moeplan's runtime really keeps, each naming the code that allocates it; CPU test
 model saves for backward (``tests/simulator/accounting/test_saved_activations.py``):
 - MLA's value is a view of ``kv_b_proj``'s output (``model/attention.py``), so its key half stays too;
 - the router multiplies an FP32 copy of its input (``model/gate.py``), which backward keeps;
-- the BF16 routed experts (``model/experts.py forward_pairs``) keep ``silu(gate)``, each pair's output as
-  the FP32 copy the combine weight multiplies and as the BF16 weighted row ``index_add`` sums, and the
-  pair order (two int64) and weight (FP32);
+- the BF16 routed experts (``model/experts.py forward_pairs``) keep ``silu(gate)``, each pair's output row
+  in BF16 for the weighted combine's backward (``WeightedCombineFn``), and the pair order (two int64) and
+  weight (FP32);
 - ``fusion="eager"`` (``training.kernels.fusion``): ``model/fused.py``'s RMSNorm run op by op keeps its
   input in FP32 and its normed value in BF16 (6 B per element), SwiGLU keeps ``silu(gate)``; compiled,
   they keep only their inputs (and 4 B of per-row statistics, not counted: under 0.01% of a V3 layer);
@@ -105,9 +105,9 @@ def mlp_activation_bytes(m: ModelSpec, moe: bool, precision: str, recompute: Rec
     if precision == "fp8":  # the FP8 recipe's experts (TR §3.3): expert outputs are not kept, since the
         # gradient of combine weight w_i is <dy, W_down a_i> = <W_down^T dy, a_i>, formed for the input gradient
         stored += k * swiglu(m.moe_intermediate_size)
-    else:  # model/experts.py forward_pairs, SwiGLU always op by op; per pair: out_rows.float() * weight keeps
-        # the FP32 output, index_add keeps the BF16 weighted row; the sort order, source row (int64), weight
-        stored += k * (swiglu(m.moe_intermediate_size, op_by_op=True) + (FP32_BYTES + BF16_BYTES) * h
+    else:  # model/experts.py forward_pairs, SwiGLU always op by op; per pair: WeightedCombineFn keeps the BF16
+        # output row; the sort order, source row (int64), weight
+        stored += k * (swiglu(m.moe_intermediate_size, op_by_op=True) + BF16_BYTES * h
                        + 2 * INT64_BYTES + FP32_BYTES)
     stored += swiglu(m.n_shared_experts * m.moe_intermediate_size)
     return stored
