@@ -96,3 +96,23 @@ def test_bf16_backend() -> None:
     ref32.load_state_dict({k: v.float() for k, v in experts.state_dict().items()})
     want, _ = ref32(x.float(), indices, weights)
     assert float((out.float() - want).detach().norm() / want.detach().norm()) < 2e-2
+
+
+def test_the_weighted_combine_equals_autograd_through_its_ops():
+    from moeplan.model.experts import WeightedCombineFn
+
+    g = torch.Generator().manual_seed(3)
+    for dtype, fp32_sum in ((torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)):
+        rows = torch.randn(12, 16, generator=g).to(dtype)
+        weight = torch.rand(12, generator=g)
+        token_of = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 5, 5, 5])
+        grad_out = torch.randn(6, 16, generator=g).to(torch.float32 if fp32_sum else dtype)
+        a, wa = rows.clone().requires_grad_(), weight.clone().requires_grad_()
+        b, wb = rows.clone().requires_grad_(), weight.clone().requires_grad_()
+        out_a = WeightedCombineFn.apply(a, wa, token_of, 6, fp32_sum)
+        weighted = b.float() * wb[:, None]
+        weighted = weighted if fp32_sum else weighted.to(dtype)
+        out_b = weighted.new_zeros(6, 16).index_add(0, token_of, weighted)
+        out_a.backward(grad_out)
+        out_b.backward(grad_out)
+        assert torch.equal(out_a, out_b) and torch.equal(a.grad, b.grad) and torch.equal(wa.grad, wb.grad), dtype
