@@ -19,8 +19,8 @@ model saves for backward (``tests/simulator/accounting/test_saved_activations.py
 - ``fusion="eager"`` (``training.kernels.fusion``): ``model/fused.py``'s RMSNorm run op by op keeps its
   input in FP32 and its normed value in BF16 (6 B per element), SwiGLU keeps ``silu(gate)``; compiled,
   they keep only their inputs (and 4 B of per-row statistics, not counted: under 0.01% of a V3 layer);
-- the head keeps the final norm's output and the logits in their own dtype with one FP32 log-sum-exp per
-  row (``model/losses.py _CrossEntropyFn``); its backward holds their gradient (``head_transient_bytes``).
+- the head keeps the final norm's output and the logits in their own dtype, with the target and its mask
+  (``model/losses.py _CrossEntropyFn``); its backward holds their gradient (``head_transient_bytes``).
 """
 
 from __future__ import annotations
@@ -130,11 +130,11 @@ def layer_activation_bytes_per_token(
 
 def head_activation_bytes_per_token(m: ModelSpec, fusion: str = "fused") -> float:
     """Per token, one output head (the main one or an MTP depth's) from its forward to its backward: the
-    final norm's output (``lm_head``'s input; op by op the norm keeps 6 B more per element), the BF16 logits
-    and their FP32 log-sum-exp, the int64 target and its bool mask (``model/losses.py _CrossEntropyFn``)."""
+    final norm's output (``lm_head``'s input; op by op the norm keeps 6 B more per element), the BF16 logits,
+    the int64 target and its bool mask (``model/losses.py _CrossEntropyFn``)."""
     h = m.hidden_size
     norm = BF16_BYTES * h + (EAGER_NORM_BYTES * h if fusion == "eager" else 0.0)
-    return norm + BF16_BYTES * m.vocab_size + FP32_BYTES + INT64_BYTES + 1
+    return norm + BF16_BYTES * m.vocab_size + INT64_BYTES + 1
 
 
 def head_transient_bytes(m: ModelSpec, tokens: int) -> float:

@@ -48,10 +48,11 @@ runs them. ``fused`` is DeepSeek's stack, each fused kernel one read and one wri
   points, else at ``memory_frac`` (copy bandwidth): the tables' ``rope`` and ``router`` points time the
   runtime's eager composites of many small kernels.
 
-The loss (``training.kernels.loss``): ``fp32`` is ``model.losses.cross_entropy``: cast the BF16 logits to
-FP32 (read 2V, write 4V), log-softmax (read 4V, write 4V), gather the targets; backward writes the
-one-hot gradient (4V), log-softmax backward (read 8V, write 4V), cast back (read 4V, write 2V): 14V
-forward, 22V backward (``fp32_loss_bytes_per_token``). ``fused`` is one pass over the BF16 logits (Liger's
+The loss (``training.kernels.loss``): ``fp32`` is ``model.losses.cross_entropy``, chunk by chunk of rows:
+forward one ``log_softmax`` reading the BF16 logits and writing FP32 (read 2V, write 4V), the targets
+gathered; backward ``softmax`` again (read 2V, write 4V), minus one at each target, and one multiply by the
+row's scale written in BF16 (read 4V, write 2V): 6V forward, 12V backward (``fp32_loss_bytes_per_token``;
+until 2026-12-06 it cast the logits to FP32 first and kept FP32 log-probabilities: 14V and 22V). ``fused`` is one pass over the BF16 logits (Liger's
 or Megatron's fused cross-entropy): the ``cross_entropy`` bytes above, at the ``fused_cross_entropy`` point.
 
 Selective recompute (``selective_recompute_bytes_per_token``) redoes, in backward, the forward of what
@@ -161,9 +162,10 @@ def selective_recompute_bytes_per_token(m: ModelSpec, layer: dict[str, KernelByt
 
 
 def fp32_loss_bytes_per_token(m: ModelSpec) -> KernelBytes:
-    """``model.losses.cross_entropy`` over the vocabulary: the BF16 logits cast to FP32 and back (docstring)."""
+    """``model.losses.cross_entropy`` over the vocabulary: one FP32 softmax of the BF16 logits forward, the
+    softmax again and the scaled BF16 gradient backward (module docstring)."""
     v = m.vocab_size
-    return KernelBytes((BF16_BYTES + 3 * FP32_BYTES) * v, (5 * FP32_BYTES + BF16_BYTES) * v)
+    return KernelBytes((BF16_BYTES + FP32_BYTES) * v, 2 * (BF16_BYTES + FP32_BYTES) * v)
 
 
 def end_bytes_per_token(m: ModelSpec) -> dict[str, KernelBytes]:

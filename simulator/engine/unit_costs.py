@@ -271,7 +271,7 @@ def loss_s(ctx: CostContext, m: ModelSpec) -> tuple[float, float]:
     ``fused``: one pass over the BF16 logits (``end_bytes_per_token``) at the ``fused_cross_entropy`` point.
     ``fp32``: ``model.losses.cross_entropy``. The tables' ``cross_entropy`` point times exactly that loss at
     the class's one-pass bytes ([EW], [CPU]), so its seconds are used as measured; tables without one price
-    its own bytes (``fp32_loss_bytes_per_token``: 7x the forward's, 5.5x the backward's) at ``memory_frac``."""
+    its own bytes (``fp32_loss_bytes_per_token``: 3x the forward's and the backward's) at ``memory_frac``."""
     ideal = end_bytes_per_token(m)["cross_entropy"]
     if ctx.loss == "fused":
         return _memory_bound_s(ctx, {FUSED_LOSS: ideal})
