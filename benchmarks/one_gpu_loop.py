@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import subprocess
 import sys
@@ -79,10 +80,11 @@ def trace_summary(run_dir: Path, top: int = 12) -> tuple[int, str]:
         kind = " ".join([words[0].lstrip("0123456789")[:1]] + [w for w in words[1:] if not w[1:].isdigit()]) \
             if len(words) > 1 else name
         kinds[kind] = kinds.get(kind, 0.0) + dur
-    gaps = [(b[0] - (a[0] + a[1]), a[2], b[2]) for a, b in zip(spans, spans[1:])]
+    gaps = [(b[0] - (a[0] + a[1]), a[2], b[2]) for a, b in itertools.pairwise(spans)]
     window = spans[-1][0] + spans[-1][1] - spans[0][0]
-    lines = [f"step window {window / 1e3:.1f} ms over {len(spans)} nodes; between nodes "
-             f"{sum(max(g, 0.0) for g, _, _ in gaps) / 1e3:.1f} ms", "", "node kind                      total ms"]
+    between = sum(max(g, 0.0) for g, _, _ in gaps)
+    lines = [f"step window {window / 1e3:.1f} ms over {len(spans)} nodes; between nodes {between / 1e3:.1f} ms", "",
+             "node kind                      total ms"]
     lines += [f"{kind:<30} {ms / 1e3:9.1f}" for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])[:top]]
     lines += ["", "longest gaps (ms, after -> before)"]
     lines += [f"{g / 1e3:7.1f}  {a} -> {b}" for g, a, b in sorted(gaps, reverse=True)[:5]]

@@ -65,8 +65,8 @@ __all__ = [  # FP8_DTYPE and FP8_MAX re-exported: the model's FP8 format is the 
     "dequantize_tiles",
     "fp8_grouped_weight_grad",
     "kernel_ops",
-    "quantize_blocks",
     "quant_weight_fwd",
+    "quantize_blocks",
     "quantize_tiles",
     "reference_fp8_gemm",
     "reference_fp8_grouped_gemm",
@@ -301,10 +301,12 @@ class Fp8WeightCache:
     def with_transpose(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """W's FP8 copy, for a layer whose backward will also multiply W^T: on a miss both are made in one
         pass over W (``quantise_both``), and W^T's waits in the cache for the backward's ``self(w.mT)``. W is
-        then read once per optimizer step instead of twice (the quantiser is bound by HBM)."""
+        then read once per optimizer step instead of twice."""
         value = self._lookup(w)
-        if value is not None or self.quantise_both is None or w.dim() < 2 or not w.is_contiguous():
-            return value if value is not None else self(w)
+        if value is not None:
+            return value
+        if self.quantise_both is None or w.dim() < 2 or not w.is_contiguous():
+            return self(w)
         self.misses += 1
         value, value_t = self.quantise_both(w)
         self._store(w, value)

@@ -51,6 +51,20 @@ MOMENT_DTYPES = {2: torch.bfloat16, 4: torch.float32}
 CHUNK = 1 << 25  # elements per FP32 temporary of the step: 128 MiB
 
 
+def squared_norm(grad: torch.Tensor) -> torch.Tensor:
+    """The FP64 squared norm of a flat FP32 gradient: FP32 norms of ``CHUNK``-sized parts (one read), their
+    squares summed in FP64; a 0-dim tensor on the gradient's device."""
+    squares = torch.zeros((), dtype=torch.float64, device=grad.device)
+    for part in grad.split(CHUNK):
+        squares += torch.linalg.vector_norm(part).double().square()
+    return squares
+
+
+def clip_coef(norm: float, max_norm: float | None) -> float:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` scales gradients by (1.0 without clipping)."""
+    return 1.0 if max_norm is None else min(1.0, max_norm / (norm + CLIP_EPS))
+
+
 def _adamw(grad: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
            out: torch.Tensor, **kwargs) -> None:
     """AdamW over one stretch of a shard: ``kernels.adamw`` in one pass on a GPU (22 bytes a parameter); the
@@ -89,8 +103,8 @@ class _Shard:
         self.start, self.end = bucket.shard_range(dist.get_rank(group), self.world)
         # The reduce-scatter's output is this rank's own slice of the input (NCCL reduces in place there;
         # gloo, the CPU backend, cannot alias, so it gets a buffer of its own).
-        self.in_place = self.world == 1 or dist.get_backend(group) == "nccl"
-        self.grad = (bucket.data[self.start: self.end] if self.in_place else
+        in_place = self.world == 1 or dist.get_backend(group) == "nccl"
+        self.grad = (bucket.data[self.start: self.end] if in_place else
                      torch.zeros(self.end - self.start, dtype=torch.float32, device=bucket.data.device))
         self.master = bucket.flat_params(torch.float32, self.start, self.end)
         self.exp_avg = torch.zeros_like(self.master, dtype=moment_dtype)
@@ -145,9 +159,8 @@ class ZeroAdamW:
         squares = torch.zeros((), dtype=torch.float64, device=device)
         for s, shards in zip(self.sets, self._shards):
             if s.in_norm:
-                for shard in shards:  # FP32 norms of CHUNK-sized parts (one read), their squares summed in FP64
-                    for part in shard.grad.split(CHUNK):
-                        squares += torch.linalg.vector_norm(part).double().square()
+                for shard in shards:
+                    squares += squared_norm(shard.grad)
         for group in self.norm_groups:
             dist.all_reduce(squares, group=group)
         return math.sqrt(float(squares))  # the step's one host sync
@@ -158,7 +171,7 @@ class ZeroAdamW:
         self._wait_and_scale()
         norm = self.grad_norm()
         max_norm = self.spec.grad_clip_norm
-        coef = 1.0 if max_norm is None else min(1.0, max_norm / (norm + CLIP_EPS))
+        coef = clip_coef(norm, max_norm)
         lr = self.spec.lr.lr_at(self.steps_done, tokens_seen)
         self.steps_done += 1
         for shards in self._shards:
@@ -173,8 +186,8 @@ class ZeroAdamW:
         group of one, each parameter's slice is updated and written straight into it; otherwise the shard is
         written in the parameters' dtype and all-gathered."""
         spec = self.spec
-        kwargs = dict(lr=lr, step=self.steps_done, beta1=spec.beta1, beta2=spec.beta2, eps=spec.eps,
-                      weight_decay=spec.weight_decay, grad_scale=coef)
+        kwargs = {"lr": lr, "step": self.steps_done, "beta1": spec.beta1, "beta2": spec.beta2, "eps": spec.eps,
+                  "weight_decay": spec.weight_decay, "grad_scale": coef}
         bucket, start = shard.bucket, shard.start
         if shard.world == 1:
             pieces = [(lo, hi, param) for param, lo, hi in bucket.param_segments(shard.start, shard.end)]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from moeplan.kernels.adamw import adamw_
 from moeplan.model.grouped_mm import reference_grouped_mm
-from moeplan.model.runtime.optimizer import CHUNK, CLIP_EPS, MOMENT_DTYPES
+from moeplan.model.runtime.optimizer import MOMENT_DTYPES, clip_coef, squared_norm
 from moeplan.orchestrator.calibration.timing import median_s
 from moeplan.simulator.accounting.flops import attention_core_flops
 from moeplan.simulator.accounting.params import param_counts
@@ -163,9 +163,8 @@ def _runtime_step(params: int, opt: OptimizerSpec, device: torch.device):
     weight = torch.empty(params, dtype=PARAM_DTYPES[opt.param_bytes], device=device)  # the parameters, written
 
     def step() -> None:
-        squares = sum(torch.linalg.vector_norm(part).double().square() for part in grad.split(CHUNK))
-        norm = math.sqrt(float(squares))  # the runtime step's one host sync
-        coef = 1.0 if opt.grad_clip_norm is None else min(1.0, opt.grad_clip_norm / (norm + CLIP_EPS))
+        norm = math.sqrt(float(squared_norm(grad)))  # the runtime step's one host sync
+        coef = clip_coef(norm, opt.grad_clip_norm)
         adamw_(grad, master, *moments, lr=opt.lr.peak_lr, step=1, beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps,
                weight_decay=opt.weight_decay, grad_scale=coef, out=weight)
         grad.zero_()  # the main gradients, zeroed for the next step

@@ -11,7 +11,7 @@ from moeplan.kernels.adamw import BLOCK, adamw_, adamw_ref_
 from tests.kernels import test_kernels
 
 device = test_kernels.device
-HYPER = dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+HYPER = {"beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
 
 
 def _state(n: int, moments: torch.dtype, device: str, seed: int = 0) -> list[torch.Tensor]:
