@@ -22,11 +22,14 @@ import dataclasses
 import math
 import os
 import signal
+import stat
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 
 from moeplan.orchestrator.budget_guard import guard_problem
@@ -37,7 +40,8 @@ from moeplan.orchestrator.outputs import strict_json, write_outputs
 from moeplan.orchestrator.rank_entry import RankJob, on_cpu
 from moeplan.orchestrator.ray_address import ADDRESS_TIMEOUT_S, check_address
 from moeplan.simulator.contracts.plan_file import PlanFile, read_plan
-from moeplan.simulator.contracts.run_report import PLAN_COPY_NAME, read_run_report
+from moeplan.simulator.contracts.run_report import PLAN_COPY_NAME, Restart, read_run_report
+from moeplan.simulator.spec.errors import first_error_line
 from moeplan.simulator.spec.json_input import read_json_file
 
 STOPPED_EXIT_CODE = 4
@@ -107,16 +111,19 @@ def _check_plan(plan: PlanFile, s: dict) -> None:
 def _run_dir(plan_path: Path | None, run_dir: Path | None, resume: Path | None) -> tuple[Path, Path]:
     """(the plan file to read, the run directory)."""
     if resume is not None:
-        from moeplan.model.runtime.checkpoint import CheckpointError, latest_checkpoint
-
-        if run_dir is not None and run_dir != resume:
+        if run_dir is not None and run_dir != resume:  # before torch is imported: a refusal within a second
             raise InputError(f"--run-dir {run_dir} and --resume {resume}: a resumed run stays in its directory")
+        from moeplan.model.runtime.checkpoint import LATEST_NAME, CheckpointError, checkpoints_dir, latest_checkpoint
+
+        _regular_files(resume, [checkpoints_dir(resume) / LATEST_NAME])
         try:
             latest = latest_checkpoint(resume)
         except CheckpointError as exc:
             raise InputError(f"--resume {resume}: {exc}") from None
         if latest is None:
             raise InputError(f"--resume {resume}: the run has no checkpoint (checkpoints/latest) to continue from")
+        _regular_files(resume, Path(latest.path).iterdir())
+        _check_restarts(resume)
         return resume / PLAN_COPY_NAME, resume
     if plan_path is None:
         raise InputError("PLAN is needed (or --resume RUN)")
@@ -127,6 +134,38 @@ def _run_dir(plan_path: Path | None, run_dir: Path | None, resume: Path | None) 
     except OSError as exc:  # a name too long, a folder we may not list
         raise InputError(f"PLAN {str(plan_path)[:200]} / --run-dir {str(run_dir)[:200]}: {exc.strerror}") from None
     return plan_path, out
+
+
+def _regular_files(resume: Path, paths: Iterable[Path]) -> None:
+    """None of ``paths`` is a named pipe, a device or a socket (links followed): one in a run's checkpoint would
+    block, or never end, the read that resuming makes of it (folders and missing files are left to the reader)."""
+    for path in paths:
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # a loop of links, a name too long
+            raise InputError(f"--resume {resume}: {path}: cannot read ({exc.strerror})") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise InputError(f"--resume {resume}: {path}: not a regular file")
+
+
+def _check_restarts(resume: Path) -> None:
+    """A resumed run's ``restarts.json``, if any, is a list of ``Restart`` records: rank 0 appends to it when the
+    run resumes and the report reads it, so a tampered one is refused here rather than inside a worker."""
+    from moeplan.model.runtime.resume import RESTARTS_NAME
+
+    path = resume / RESTARTS_NAME
+    if not (path.exists() or path.is_symlink()):
+        return
+    try:
+        data = read_json_file(path)
+    except ValueError as exc:
+        raise InputError(f"--resume {resume}: {exc}") from None
+    try:
+        TypeAdapter(list[Restart]).validate_python(data)
+    except ValidationError as exc:
+        raise InputError(f"--resume {resume}: {RESTARTS_NAME}: {first_error_line(exc)}") from None
 
 
 def _local_gpus_missing(plan: PlanFile) -> None:

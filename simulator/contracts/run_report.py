@@ -43,7 +43,7 @@ from moeplan.simulator.contracts.run_fields import MAX_RANKS, RunReportError, in
 from moeplan.simulator.contracts.run_fields import Frozen as _Frozen
 from moeplan.simulator.contracts.run_telemetry import GpuTelemetry, TelemetrySummary, summarise_telemetry
 from moeplan.simulator.spec.errors import first_error_line
-from moeplan.simulator.spec.json_input import MAX_FILE_BYTES, JsonInputError, parse_json, read_json_file
+from moeplan.simulator.spec.json_input import MAX_FILE_BYTES, JsonInputError, open_input, parse_json, read_json_file
 from moeplan.simulator.spec.numbers import Float, Int
 
 RUN_SCHEMA_VERSION = 2
@@ -389,7 +389,7 @@ def _metrics_lines(path: str | Path) -> Iterator[StepMetrics]:
     try:
         if path.is_dir():
             path = path / METRICS_NAME
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             for i, line in enumerate(iter(lambda: f.readline(MAX_FILE_BYTES + 1), b""), start=1):
                 if len(line) > MAX_FILE_BYTES:
                     raise RunReportError(f"{path}:{i}: a line longer than {MAX_FILE_BYTES // 2**20} MiB")

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 MAX_FILE_BYTES = 64 * 2**20
 MAX_DEPTH = 32  # a plan file is 8 deep
@@ -86,11 +87,24 @@ def parse_json(data: bytes | str, source: str) -> Any:
     return value
 
 
+def open_input(path: str | Path) -> BinaryIO:
+    """``path`` opened for reading without waiting for a writer: a named pipe that nobody writes to is opened at
+    once and reads as empty (a plain ``open`` of it never returns); reads then block as usual, so a pipe that is
+    being written (``<(cat plan.json)``) is read whole."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_json_file(path: str | Path) -> Any:
     """The JSON document in the file at ``path`` (see the module docstring for what is refused)."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
+        with open_input(path) as f:
             data = f.read(MAX_FILE_BYTES + 1)
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
         raise JsonInputError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import threading
 import time
@@ -33,7 +34,7 @@ HUGE_BYTES = 64 * 2**20 + 1  # past the readers' limit (a sparse file: cheap to 
 
 def _plain(path: Path) -> bool:
     """``path`` is a regular file an earlier corruption left alone (or nothing), safe to write."""
-    return not path.is_symlink() and not path.is_dir()
+    return not path.is_symlink() and (path.is_file() or not path.exists())  # not a folder, a device or a pipe
 
 
 def _rewrite(path: Path, edit: Any) -> None:
@@ -59,6 +60,8 @@ def _replace(path: Path, how: str) -> None:
         path.mkdir()
     elif how == "device":
         path.symlink_to("/dev/zero")
+    elif how == "pipe":  # a named pipe nobody writes to: a plain open() of it never returns
+        os.mkfifo(path)
     elif how == "huge":
         with open(path, "wb") as f:
             f.truncate(HUGE_BYTES)
@@ -99,7 +102,7 @@ def corrupt_run(draw: st.DrawFn, run_dir: Path, run_json: dict[str, Any], trace:
                                      "plan", "plan-trace", "run.html"]))
         if what == "run.json":
             how = draw(st.sampled_from(["mutate", "mutate", "mutate", "folder", "device", "huge", "deep", "binary",
-                                        "missing", "empty"]))
+                                        "missing", "empty", "pipe"]))
             if how == "mutate" and _plain(run_dir / "run.json"):
                 (run_dir / "run.json").write_bytes(draw(mutated_document(run_json)))
             elif how == "missing":
@@ -116,12 +119,15 @@ def corrupt_run(draw: st.DrawFn, run_dir: Path, run_json: dict[str, Any], trace:
             with contextlib.suppress(Exception):  # run.json no longer what the edit expects: left as it is
                 _rewrite(run_dir / "run.json", lambda d, edit=edit: (edit(d), _rate(d)))
         elif what == "metrics":
-            cut = draw(st.sampled_from([b"", b"{\"step\": 9, \"wall", b"\xff\xfe", b"NaN\n", b"[]\n", b"\n\n"]))
-            with open(run_dir / "metrics.jsonl", "ab") as f:
-                f.write(cut)
+            cut = draw(st.sampled_from([b"", b"{\"step\": 9, \"wall", b"\xff\xfe", b"NaN\n", b"[]\n", b"\n\n", None]))
+            if cut is None:
+                _replace(run_dir / "metrics.jsonl", "pipe")
+            elif _plain(run_dir / "metrics.jsonl"):
+                with open(run_dir / "metrics.jsonl", "ab") as f:
+                    f.write(cut)
         elif what == "trace":
             rank = draw(st.integers(0, 7))
-            how = draw(st.sampled_from(["mutate", "mutate", "missing", "folder", "device", "binary", "deep"]))
+            how = draw(st.sampled_from(["mutate", "mutate", "missing", "folder", "device", "binary", "deep", "pipe"]))
             path = run_dir / "traces" / f"rank{rank}.json"
             if how == "mutate" and _plain(path):
                 path.write_bytes(draw(mutated_document(trace)))
@@ -130,7 +136,7 @@ def corrupt_run(draw: st.DrawFn, run_dir: Path, run_json: dict[str, Any], trace:
             else:
                 _replace(path, how)
         elif what == "plan":
-            how = draw(st.sampled_from(["missing", "binary", "truncate"]))
+            how = draw(st.sampled_from(["missing", "binary", "truncate", "pipe"]))
             if not (run_dir / "plan.json").is_file() or (run_dir / "plan.json").is_symlink():
                 continue
             if how == "truncate":

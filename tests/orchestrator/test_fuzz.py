@@ -167,6 +167,11 @@ def documents(tmp_path_factory) -> dict[str, Any]:
 def _file(draw: st.DrawFn, folder: Path, documents: dict[str, Any], kind: str) -> str:
     """A path to a mutated ``kind`` document (config files are named config.json in a folder of their own)."""
     data = draw(mutated_document(documents[kind], plan=kind == "plan"))
+    if draw(st.integers(0, 19)) == 0:  # a named pipe nobody writes to, in the file's place
+        (folder / "pipes").mkdir(exist_ok=True)
+        path = folder / "pipes" / ("config.json" if kind == "config" else f"{kind}.json")
+        os.mkfifo(path)
+        return str(path)
     if kind == "config":
         (folder / "tiny").mkdir(exist_ok=True)
         return write_input(folder / "tiny", "config.json", data)
@@ -279,12 +284,16 @@ def test_placement(examples, tmp_path, documents):
 @pytest.mark.parametrize("examples", PROFILES)
 def test_show(examples, tmp_path, documents):
     def case(draw: st.DrawFn, folder: Path) -> tuple[list[str], list[str]]:
-        where = draw(st.sampled_from(["file", "file", "file", "folder", "missing", "empty-folder", "garbage", "device"]))
+        where = draw(st.sampled_from(["file", "file", "file", "folder", "missing", "empty-folder", "garbage", "device",
+                                      "pipe"]))
         if where in ("file", "folder"):
             path = _file(draw, folder, documents, "plan")
             if where == "folder":
                 (folder / "p").mkdir()
                 path = str(Path(path).rename(folder / "p" / "plan.json").parent)
+        elif where == "pipe":  # nobody writes to it: opening it for reading must not wait for a writer
+            path = f"{folder}/pipe.json"
+            os.mkfifo(path)
         else:
             path = {"missing": f"{folder}/nowhere", "empty-folder": str(folder), "device": "/dev/null",
                     "garbage": draw(garbage)}[where]

@@ -20,6 +20,7 @@ mutated or conflicting with ``--model``; ``--model``/``--cluster``/``--nodes``/`
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ CPU_PLAN = ["plan", "--model", "tiny-moe", "--cluster", "cpu", "--nodes", "1", "
             "--set", "cluster.node.gpus_per_node=2", "--set", "training.optimizer.moment_bytes=4"]
 SETTINGS = {"dtype": "fp32", "budget_guard": "off", "guard_every": 5, "checkpoint_every": 1, "max_failures": 0,
             "steps": 4}
+RESTARTS = [{"at_step": 1, "reason": "worker failed", "lost_gpu_hours": 0.001}]  # restarts.json: rank 0 appends
 META = {"steps_done": 2, "tokens_seen": 128.0, "world_size": 2, "saved_unix_s": 1.0}
 
 
@@ -78,6 +80,8 @@ def cpu_plan(tmp_path_factory) -> dict[str, Any]:
     (run / "launch.json").write_text(json.dumps(SETTINGS))
     (run / "checkpoints" / "step2" / "moeplan.json").write_text(json.dumps(META | {"plan_sha256": doc["inputs_sha256"]}))
     (run / "checkpoints" / "latest").write_text("step2\n")
+    (run / "checkpoints" / "step2" / "__0_0.distcp").write_bytes(b"")
+    (run / "restarts.json").write_text(json.dumps(RESTARTS))
     return {"path": root / "plan" / "plan.json", "doc": doc, "run": run}
 
 
@@ -96,10 +100,10 @@ def _resume_dir(draw: st.DrawFn, folder: Path, plan: dict[str, Any]) -> str:
     run = folder / "resume"
     shutil.copytree(plan["run"], run)
     targets = {"launch.json": SETTINGS, "checkpoints/latest": None, "checkpoints/step2/moeplan.json": META,
-               "plan.json": plan["doc"]}
+               "plan.json": plan["doc"], "restarts.json": RESTARTS, "checkpoints/step2/__0_0.distcp": None}
     for name in draw(st.lists(st.sampled_from(sorted(targets)), max_size=2, unique=True)):
         path, how = run / name, draw(st.sampled_from(["mutate", "mutate", "missing", "folder", "device", "binary",
-                                                      "deep", "huge", "text"]))
+                                                      "deep", "huge", "text", "pipe"]))
         if how == "mutate" and targets[name] is not None:
             path.write_bytes(draw(mutated_document(targets[name], plan=name == "plan.json")))
         elif how == "text" or (how == "mutate" and targets[name] is None):
@@ -147,6 +151,34 @@ def test_launch(examples, tmp_path, cpu_plan, no_work, addresses):
             args.insert(1, _plan_arg(draw, folder, cpu_plan))
         return args, []
     _fuzz(examples, tmp_path, case)
+
+
+# A resumed run's files that only the workers read (found by a generated set, 2026-12-06): each was a traceback
+# from rank 0 after Ray had started (restarts.json) or a launch that never returned (a named pipe).
+RESUME_FILES = {
+    "restarts.json NaN": ("restarts.json", b'[{"at_step": NaN}]', "restarts.json: NaN is not a JSON number"),
+    "restarts.json negative step": ("restarts.json", b'[{"at_step": -1, "reason": "x", "lost_gpu_hours": 0}]',
+                                    "restarts.json: 0.at_step: Input should be greater than or equal to 0"),
+    "restarts.json an object": ("restarts.json", b'{"at_step": 1}', "restarts.json: Input should be a valid list"),
+    "latest a pipe": ("checkpoints/latest", None, "checkpoints/latest: not a regular file"),
+    "a shard a pipe": ("checkpoints/step2/__0_0.distcp", None, "__0_0.distcp: not a regular file"),
+    "restarts.json a pipe": ("restarts.json", None, "restarts.json: malformed JSON"),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_FILES)
+def test_a_resumed_run_s_hostile_files_are_one_line(tmp_path, cpu_plan, no_work, case):
+    name, data, message = RESUME_FILES[case]
+    run = tmp_path / "run"
+    shutil.copytree(cpu_plan["run"], run)
+    (run / name).unlink()
+    if data is None:
+        os.mkfifo(run / name)
+    else:
+        (run / name).write_bytes(data)
+    res = CliRunner().invoke(app, ["launch", "--resume", str(run)])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert message in res.stderr and REACHED not in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("examples", PROFILES)

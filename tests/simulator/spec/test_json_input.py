@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 
 import pytest
 
@@ -68,3 +70,40 @@ def test_unreadable_paths_are_one_line(tmp_path, name, reason):
 def test_what_it_reads_round_trips_through_json():
     doc = {"a": [1, -2, 0.1, 1e308, -(2**63)], "b": {"c": "é", "d": None}}
     assert parse_json(json.dumps(doc).encode(), "f") == doc
+
+
+def test_a_pipe_nobody_writes_to_is_read_as_empty_at_once(tmp_path):
+    """A plain open() of a named pipe waits for a writer forever; the reader opens it without waiting."""
+    os.mkfifo(tmp_path / "pipe.json")
+    done: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            read_json_file(tmp_path / "pipe.json")
+        except JsonInputError as exc:
+            done.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    finished = bool(done)
+    if not finished:  # still blocked in open(): unblock it so that the test process can end
+        with open(tmp_path / "pipe.json", "wb"):
+            pass
+    assert finished and "pipe.json: malformed JSON" in str(done[0]), done
+
+
+def test_a_pipe_that_is_written_is_read_whole(tmp_path):
+    os.mkfifo(tmp_path / "pipe.json")
+    doc = {"a": list(range(20_000))}  # more than a pipe's 64 KiB buffer: read while written
+
+    fd = os.open(tmp_path / "pipe.json", os.O_RDWR)  # a writer already there (O_RDWR: the open does not wait)
+
+    def write() -> None:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    assert read_json_file(tmp_path / "pipe.json") == doc
+    writer.join(timeout=10)
