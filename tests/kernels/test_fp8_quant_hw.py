@@ -1,0 +1,200 @@
+"""The hardware E4M3 cast of the FP8 quantisers (kernels/e4m3_cast.py) against the integer emulation.
+
+On the CPU (Triton interpreter): the probe's values cover every E4M3 code and rounding boundary, the emulation
+gives torch's bits on all of them, the interpreter never takes the hardware path, a probe that disagrees falls
+back with one warning, and the power-of-two scales' reciprocal multiply is the division at extreme exponents.
+On CUDA (sm_89+): the probe passes, and every autotune candidate of every quantiser gives the same bits with the
+hardware cast as with the emulation, on the probe's values and on random tensors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeplan.kernels import e4m3_cast, fp8_quant
+from moeplan.kernels.fp8_quant import (
+    quant_act_1x128,
+    quant_act_1x128_ref,
+    quant_act_128x1_t_ref,
+    quant_weight_128x128,
+    quant_weight_128x128_ref,
+)
+
+pytest.importorskip("triton")
+
+ON_GPU = torch.cuda.is_available()
+HW_GPU = ON_GPU and torch.cuda.get_device_capability() >= e4m3_cast.MIN_HW_CAPABILITY
+needs_hw = pytest.mark.skipif(not HW_GPU, reason="needs a CUDA GPU of sm_89 or later")
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def torch_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """The reference cast (clamp, then torch's round to nearest even), as uint8 codes."""
+    return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+@pytest.fixture
+def fresh_probe_cache():
+    e4m3_cast._probe_passed.cache_clear()
+    yield
+    e4m3_cast._probe_passed.cache_clear()
+
+
+def test_probe_values_reach_every_code_tie_and_saturation():
+    x = e4m3_cast.probe_values()
+    assert x.dtype == torch.float32 and not x.isnan().any()
+    assert set(torch_e4m3(x).tolist()) == set(range(256)) - {0x7F, 0xFF}  # every code but the two NaNs
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = codes[~codes.isnan() & (codes >= 0)].sort().values
+    ties = set(((grid[1:] + grid[:-1]) / 2).tolist())
+    assert ties <= set(x.tolist()) and {-t for t in ties} <= set(x.tolist())
+    assert {float("inf"), -float("inf"), 464.0, 2.0**-10, 2.0**-149} <= set(x.tolist())
+
+
+def test_emulation_is_torch_on_every_probe_value():
+    """The emulated cast (what the interpreter and the fallback run) against torch's round to nearest even."""
+    x = e4m3_cast.probe_values()
+    device = "cuda" if ON_GPU else "cpu"
+    assert torch.equal(e4m3_cast.cast_on_device(x.to(device), False).cpu(), torch_e4m3(x))
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's own verdict")
+def test_interpreter_keeps_the_emulation():
+    assert not e4m3_cast.hardware_cast("cpu") and not e4m3_cast.hardware_cast("cuda:0")
+    with pytest.raises(ValueError, match="hw_cast=True needs a CUDA device"):
+        quant_act_1x128(torch.ones(2, 128), hw_cast=True)
+
+
+@pytest.mark.parametrize("failure", [5, RuntimeError("ptxas died")])
+def test_a_probe_that_disagrees_keeps_the_emulation_and_warns_once(monkeypatch, fresh_probe_cache, failure):
+    calls = []
+
+    def probe(device):
+        calls.append(device)
+        if isinstance(failure, Exception):
+            raise failure
+        return failure
+
+    monkeypatch.setattr(e4m3_cast, "INTERPRET", False)
+    monkeypatch.setattr(e4m3_cast, "probe_mismatches", probe)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    with pytest.warns(RuntimeWarning, match="using the integer emulation|using the emulation") as record:
+        assert e4m3_cast.hardware_cast("cuda:0") is False
+    assert e4m3_cast.hardware_cast("cuda:0") is False  # cached: no second probe, no second warning
+    assert len(calls) == 1 and len(record) == 1
+    assert ("5 of" in str(record[0].message)) == (failure == 5)
+
+
+def test_old_gpus_never_probe(monkeypatch, fresh_probe_cache):
+    monkeypatch.setattr(e4m3_cast, "INTERPRET", False)
+    monkeypatch.setattr(e4m3_cast, "probe_mismatches", lambda device: pytest.fail("probed an sm_80"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    assert e4m3_cast.hardware_cast("cuda:1") is False
+
+
+def test_power_of_two_reciprocal_is_the_division():
+    """The claim quantize_e4m3's POW2 path rests on, in IEEE fp32 (torch's CPU math, no flush to zero):
+    x * 2**-k == x / 2**k, bit for bit, for every k a pow2 scale takes, subnormal results included."""
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32)
+    x = x[torch.isfinite(x)]
+    for k in range(-126, 128):
+        scale = torch.tensor(2.0**k, dtype=torch.float32)
+        recip = torch.ones(()) / scale
+        assert same_bits(x * recip, x / scale), k
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1.0, 1e37])
+def test_pow2_quantisers_match_the_reference_at_extreme_exponents(magnitude):
+    """Tiles whose power-of-two scale (hence its reciprocal) sits near either end of fp32's exponents."""
+    device = "cuda" if ON_GPU else "cpu"
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(130, 257, generator=g) * magnitude).to(device)
+    q, s = quant_act_1x128(x, pow2_scale=True, amax_floor=1e-35)
+    q_ref, s_ref = quant_act_1x128_ref(x, pow2_scale=True, amax_floor=1e-35)
+    assert torch.equal(s, s_ref) and same_bits(q, q_ref)
+    q, s, qt = quant_weight_128x128(x, pow2_scale=True, transposed=True, amax_floor=1e-35)
+    q_ref, s_ref = quant_weight_128x128_ref(x, pow2_scale=True, amax_floor=1e-35)
+    assert torch.equal(s, s_ref) and same_bits(q, q_ref) and same_bits(qt, q_ref.mT)
+
+
+# ----------------------------------------------------------------------------- CUDA, sm_89+
+
+
+def _rows_candidate(view, config, hw, pow2):
+    R, C = view.shape
+    q = torch.empty((R, C), dtype=torch.float8_e4m3fn, device=view.device)
+    s = torch.empty((R, -(-C // 128)), dtype=torch.float32, device=view.device)
+    block_r = config.kwargs["BLOCK_R"]
+    fp8_quant._quant_rows_kernel.fn[(-(-R // block_r), -(-C // 128))](
+        view, q, s, R, C, 0, *view.stride(), *q.stride(), *s.stride(), POW2=pow2, FLOOR=fp8_quant.AMAX_FLOOR,
+        ROW_MAJOR=view.stride(1) == 1, HW_CAST=hw, BLOCK_C=128, num_warps=config.num_warps, **config.kwargs)
+    return q, s
+
+
+def _blocks_candidate(w, config, hw, pow2):
+    E, N, K = w.shape
+    q = torch.empty((E, N, K), dtype=torch.float8_e4m3fn, device=w.device)
+    qt = torch.empty((E, K, N), dtype=torch.float8_e4m3fn, device=w.device)
+    s = torch.empty((E, -(-N // 128), -(-K // 128)), dtype=torch.float32, device=w.device)
+    fp8_quant._quant_blocks_kernel.fn[(-(-N // 128), -(-K // 128), E)](
+        w, q, qt, s, N, K, *w.stride(), *q.stride(), *qt.transpose(1, 2).stride(), *s.stride(), POW2=pow2,
+        FLOOR=fp8_quant.AMAX_FLOOR, BLOCK=128, WRITE_Q=True, WRITE_T=True, HW_CAST=hw, num_warps=config.num_warps,
+        **config.kwargs)
+    return q, qt, s
+
+
+def _probe_rows() -> torch.Tensor:
+    """The probe's values |x| <= 448 as rows of 127 behind a 448: every tile's scale is exactly 1, so the
+    quantisers cast the values themselves (the saturating ones are the probe kernel's)."""
+    x = e4m3_cast.probe_values()
+    x = x[x.abs() <= 448.0]
+    x = torch.nn.functional.pad(x, (0, -x.numel() % 127)).view(-1, 127)
+    x = torch.cat([torch.full((x.shape[0], 1), 448.0), x], dim=1)  # (rows, 128)
+    return torch.nn.functional.pad(x, (0, 0, 0, -x.shape[0] % 128)).cuda()  # whole 128-row tiles
+
+
+@pytest.mark.gpu
+@needs_hw
+def test_probe_passes_on_this_gpu(fresh_probe_cache):
+    assert e4m3_cast.probe_mismatches(torch.device("cuda")) == 0
+    assert e4m3_cast.hardware_cast("cuda")
+
+
+def _inputs():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rand = torch.randn(4096, 2048, generator=g, device="cuda") * 3
+    return {"probe": _probe_rows(), "randn_bf16": rand.bfloat16(), "randn_odd": rand[:1000, :1300].contiguous()}
+
+
+@pytest.mark.gpu
+@needs_hw
+@pytest.mark.parametrize("pow2", [False, True])
+def test_every_rows_candidate_gives_the_emulations_bits(pow2):
+    for name, x in _inputs().items():
+        for view, ref in ((x, quant_act_1x128_ref(x, pow2)), (x.t(), quant_act_128x1_t_ref(x, pow2))):
+            for config in fp8_quant._quant_rows_kernel.configs:
+                emulated = _rows_candidate(view, config, False, pow2)
+                hardware = _rows_candidate(view, config, True, pow2)
+                assert all(same_bits(a, b) for a, b in zip(emulated, hardware)), (name, view.stride(), config)
+                assert same_bits(hardware[0], ref[0]) and torch.equal(hardware[1], ref[1]), (name, config)
+
+
+@pytest.mark.gpu
+@needs_hw
+@pytest.mark.parametrize("pow2", [False, True])
+def test_every_blocks_candidate_gives_the_emulations_bits(pow2):
+    for name, x in _inputs().items():
+        w = x.unsqueeze(0)
+        q_ref, s_ref = quant_weight_128x128_ref(w, pow2)
+        for config in fp8_quant._quant_blocks_kernel.configs:
+            emulated = _blocks_candidate(w, config, False, pow2)
+            hardware = _blocks_candidate(w, config, True, pow2)
+            assert all(same_bits(a, b) for a, b in zip(emulated, hardware)), (name, config)
+            assert same_bits(hardware[0], q_ref) and same_bits(hardware[1], q_ref.mT), (name, config)
+            assert torch.equal(hardware[2], s_ref), (name, config)
