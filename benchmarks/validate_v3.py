@@ -196,7 +196,7 @@ def schedule_check() -> list[str]:
             inp = StepInputs(
                 schedule=sched, stages=tuple(StageCosts((unit,), False, False, 0) for _ in range(sched.num_stages)),
                 ends=EndCosts(0, 0, 0, 0), links=Links(1, 1, 0, 0, False),
-                tails=tuple(RankTail({}, 0.0) for _ in range(pp)))
+                tails=tuple(RankTail({}, {}) for _ in range(pp)))
             res = StepSimulation(inp, free_comm=True).run()
             form = closed_form_bubble(kind, pp, 4 * pp, Durations(f_s=f, b_s=b, w_s=w, fb_s=f + b))
             sim = res.step_time_s - min(res.compute_busy_s)

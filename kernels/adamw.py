@@ -4,8 +4,8 @@ optionally the updated weight written in the model's dtype.
 ``torch.optim.AdamW``'s single-tensor step runs each of its ~10 operations as its own kernel over the
 whole shard (and, with BF16 moments, widens both to FP32 copies first): about 100 bytes of HBM traffic a
 parameter. This kernel reads the gradient (4), the master (4) and the two moments (2 + 2 in BF16) and
-writes the master, the moments and the weight (4 + 4 + 2): 22 bytes, what the simulator prices
-(``simulator.engine.build.OPTIMIZER_BYTES_PER_PARAM``). ``grad_scale`` folds a gradient divisor and the
+writes the master, the moments and the weight (4 + 4 + 2): 22 bytes, what the simulator prices as the
+step's ``update`` part (``simulator.costs.optimizer_step``). ``grad_scale`` folds a gradient divisor and the
 clipping coefficient into the read.
 
 The arithmetic is ``torch.optim.AdamW``'s (decoupled weight decay, bias correction, ``eps`` added after

@@ -33,8 +33,9 @@ The learning rate of step ``k`` is ``training.optimizer.lr.lr_at(k, tokens_seen)
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,9 @@ import torch.distributed as dist
 from moeplan.kernels.adamw import adamw_, adamw_ref_
 from moeplan.model.runtime.main_grad import GradBucket, MainGrads
 from moeplan.simulator.spec.training import OptimizerSpec
+
+if TYPE_CHECKING:
+    from moeplan.model.runtime.executor import Timeline
 
 # torch 2.13 renamed the flat collectives (the old names warn); 2.11 has only the old ones. Same signatures.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
@@ -58,6 +62,24 @@ def squared_norm(grad: torch.Tensor) -> torch.Tensor:
     for part in grad.split(CHUNK):
         squares += torch.linalg.vector_norm(part).double().square()
     return squares
+
+
+def _no_mark(part: str) -> None:
+    """``ZeroAdamW.step``'s default ``mark``: parts not timed."""
+
+
+def part_marker(timeline: Timeline | None, name: str) -> Callable[[str], None]:
+    """``mark(part)``: the interval since the last mark (since this call, the first time) becomes the compute
+    event ``"{name} {part}"`` of ``timeline``, each end the next part's start; ``_no_mark`` without one."""
+    if timeline is None:
+        return _no_mark
+    last = [timeline.start()]
+
+    def mark(part: str) -> None:
+        end = timeline.start()
+        timeline.add("compute", f"{name} {part}", last[0], end)
+        last[0] = end
+    return mark
 
 
 def clip_coef(norm: float, max_norm: float | None) -> float:
@@ -166,10 +188,14 @@ class ZeroAdamW:
         return math.sqrt(float(squares))  # the step's one host sync
 
     @torch.no_grad()
-    def step(self, tokens_seen: float) -> StepStats:
-        """One optimizer step from the accumulated main gradients; zeroes them afterwards."""
+    def step(self, tokens_seen: float, mark: Callable[[str], None] | None = None) -> StepStats:
+        """One optimizer step from the accumulated main gradients; zeroes them afterwards. ``mark(part)``, if
+        given, is called as each part ends: ``"norm"`` (steps 1-2), ``"update"`` (3-4), ``"zero"`` (the
+        simulator's parts, ``simulator.costs.optimizer_step``)."""
+        mark = mark or _no_mark
         self._wait_and_scale()
         norm = self.grad_norm()
+        mark("norm")
         max_norm = self.spec.grad_clip_norm
         coef = clip_coef(norm, max_norm)
         lr = self.spec.lr.lr_at(self.steps_done, tokens_seen)
@@ -177,8 +203,10 @@ class ZeroAdamW:
         for shards in self._shards:
             for shard in shards:
                 self._update(shard, lr, coef)
+        mark("update")
         for s in self.sets:
             s.main_grads.zero_()
+        mark("zero")
         return StepStats(step=self.steps_done - 1, lr=lr, grad_norm=norm, clip_coef=coef)
 
     def _update(self, shard: _Shard, lr: float, coef: float) -> None:

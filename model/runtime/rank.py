@@ -40,7 +40,7 @@ from moeplan.model.runtime.executor import Microbatch, PipelineExecutor, StepRes
 from moeplan.model.runtime.expert_parallel import ExpertParallelMoE, sync_replica_grads
 from moeplan.model.runtime.groups import ProcessGroups, process_groups
 from moeplan.model.runtime.main_grad import MainGrads, attach_main_grads
-from moeplan.model.runtime.optimizer import ShardedParams, StepStats, ZeroAdamW
+from moeplan.model.runtime.optimizer import ShardedParams, StepStats, ZeroAdamW, part_marker
 from moeplan.model.stage import rank_stages_from_plan
 from moeplan.model.transformer import build_rank
 from moeplan.simulator.contracts.plan_file import PlanFile
@@ -186,19 +186,21 @@ class RankRuntime:
 
     def optimizer_step(self, timeline: Timeline | None = None) -> StepStats:
         """Pipeline sums, the ZeRO-1 AdamW step at this step's learning rate (main grads zeroed), then the
-        aux-loss-free bias update from the whole batch's expert loads (TR §2.1.2)."""
-        started = timeline.start() if timeline else None
+        aux-loss-free bias update from the whole batch's expert loads (TR §2.1.2). Timed part by part, as the
+        simulator prices it (``simulator.costs.optimizer_step``): ``"optimizer norm"`` (with the pipeline
+        sums and the reduce-scatter before it), ``"optimizer update"``, ``"optimizer zero"``, ``"optimizer
+        other"`` (the bias update)."""
+        mark = part_marker(timeline, "optimizer")
         self.sync_gradients()
         tokens_seen = self.progress["tokens_seen"]
-        stats = self.optimizer.step(tokens_seen=tokens_seen)
+        stats = self.optimizer.step(tokens_seen=tokens_seen, mark=mark)
         clear_fp8_weight_cache()  # the weights changed: next step's FP8 copies are made afresh
         mirror = self.handles["mirror"]
         loads = balance_step(self.bias_updater, self.balance, tokens_seen, group=self.handles["stage"],
                              more_groups=(mirror,) if mirror is not None else ())
         self.loads.add(stats.step, loads)
         self.progress["tokens_seen"] = tokens_seen + self.tokens_per_step
-        if timeline:
-            timeline.stop("compute", "optimizer", started)
+        mark("other")
         return stats
 
     def moe_layers(self) -> dict[int, nn.Module]:

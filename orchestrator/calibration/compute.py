@@ -15,8 +15,8 @@ median of up to ``reps`` calls after warm-up, fewer past ``timing.MAX_S`` (``tim
 - Memory: ``Tensor.copy_`` of 16 KiB to 64 MiB buffers (bytes read + written).
 - Optimizer: one step over a flat FP32 shard of half the model's parameters (MTP included: a rank's share
   at pp 2), at most ``OPTIMIZER_MAX_PARAMS`` of them (the step is element-wise and streams memory: a
-  larger shard takes proportionally longer at the same rate), at the simulator's ideal bytes
-  (``engine.build.OPTIMIZER_BYTES_PER_PARAM`` per parameter). On a GPU the step is what the runtime's
+  larger shard takes proportionally longer at the same rate), at the simulator's ideal bytes of its norm,
+  update and zero (``costs.optimizer_step.one_shard_bytes_per_param``). On a GPU the step is what the runtime's
   ZeRO-1 step runs per parameter (``model.runtime.optimizer``: the FP32 norm read in ``CHUNK`` parts,
   ``kernels.adamw`` with the plan's moment dtype writing the BF16 weight, the gradient zeroed); on a CPU
   ``torch.optim.AdamW``.
@@ -39,7 +39,7 @@ from moeplan.orchestrator.calibration.timing import median_s
 from moeplan.simulator.accounting.flops import attention_core_flops
 from moeplan.simulator.accounting.params import param_counts
 from moeplan.simulator.costs.elementwise import OPTIMIZER
-from moeplan.simulator.engine.build import OPTIMIZER_BYTES_PER_PARAM
+from moeplan.simulator.costs.optimizer_step import one_shard_bytes_per_param
 from moeplan.simulator.engine.unit_costs import attention_shapes
 from moeplan.simulator.spec.model import ModelSpec
 from moeplan.simulator.spec.training import OptimizerSpec
@@ -183,7 +183,7 @@ def optimizer_row(m: ModelSpec, reps: int, peak_bytes_per_s: float, device: torc
     params = optimizer_params(m)
     opt = opt or OptimizerSpec()
     step, implementation = _runtime_step(params, opt, device) if device.type == "cuda" else _torch_step(params)
-    s, nbytes = median_s(step, device, reps), OPTIMIZER_BYTES_PER_PARAM * params
+    s, nbytes = median_s(step, device, reps), one_shard_bytes_per_param(opt) * params
     return {"kernel": OPTIMIZER, "implementation": implementation, "in_table": True,
             "shape": f"{params:,} parameters", "skipped": None, "bwd": None,
             "fwd": {"bytes": nbytes, "s": s, "bytes_per_s": nbytes / s, "hbm_frac": nbytes / s / peak_bytes_per_s}}

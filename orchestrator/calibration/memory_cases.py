@@ -240,7 +240,7 @@ CASES = (
          _rows(lambda m, t: t, lambda m: f"{_rows_k(m)} rows of {m.hidden_size} -> 1"), _combine(ours=False)),
     Case("embedding", "torch.nn.functional.embedding", True, False,
          _rows(lambda m, t: t, lambda m: f"{m.hidden_size} from {m.vocab_size}"), _embedding),
-    Case("cross_entropy", "model.losses.cross_entropy (F.cross_entropy of the logits in FP32)", True, False,
+    Case("cross_entropy", "model.losses.cross_entropy (chunked FP32 softmax of the BF16 logits)", True, False,
          _rows(lambda m, t: t, lambda m: m.vocab_size), _cross_entropy(upcast=True)),
     Case("cross_entropy", "F.cross_entropy of the BF16 logits", False, False,
          _rows(lambda m, t: t, lambda m: m.vocab_size), _cross_entropy(upcast=False)),

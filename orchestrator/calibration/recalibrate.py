@@ -8,9 +8,10 @@ step, after warm-up) and derives:
   at the run's shape (tokens per micro-batch, sequence length): the engine prices that op with it in
   place of its computed cost (``costs.measured_ops``). A head event covers all heads of its stage
   (main and MTP) and is divided by their number;
-- from each rank's ``optimizer`` event, the optimizer class's bandwidth fraction: the rank's ZeRO-1 shard
-  at the engine's ideal bytes per parameter over the measured seconds (less the host term the tables
-  already add to it), the median over ranks; it replaces the tables' ``optimizer`` memory-kernel point.
+- from each rank's ``optimizer`` events (its parts), the optimizer class's bandwidth fraction: the rank's
+  step at the engine's ideal bytes (``engine.build.rank_optimizer_bytes``) over the measured seconds (less
+  the host term the tables already add to it), the median over ranks; it replaces the tables' ``optimizer``
+  memory-kernel point.
   With a global gradient norm the seconds count from the last rank's optimizer start: until then a rank
   waits in the norm's all-reduce (measured: 5.9 ms of the tiny preset's 25.3 ms last-stage event), a wait
   the engine prices itself (``optimizer_barrier``).
@@ -35,15 +36,13 @@ from dataclasses import dataclass
 
 from moeplan.simulator.accounting.context_parallel import cp_tokens
 from moeplan.simulator.accounting.layout import pipeline_stages
-from moeplan.simulator.accounting.memory import rank_params
 from moeplan.simulator.contracts.plan_file import PlanFile
 from moeplan.simulator.costs.elementwise import OPTIMIZER
 from moeplan.simulator.costs.measured_ops import MEASURABLE_OPS, LayerKind, MeasuredOp
 from moeplan.simulator.costs.memory_kernels import MemoryKernelPoint
 from moeplan.simulator.costs.tables import CostTables
-from moeplan.simulator.engine.build import OPTIMIZER_BYTES_PER_PARAM, SimOptions, step_inputs
+from moeplan.simulator.engine.build import SimOptions, rank_optimizer_bytes, step_inputs
 from moeplan.simulator.engine.host_term import optimizer_host_s
-from moeplan.simulator.schedules.registry import rank_stages
 
 LAYER_EVENT = re.compile(r"^(\d+)([FBI])(\d+) L(\d+) (\S+)$")
 END_EVENT = re.compile(r"^(\d+)([FBI])(\d+) (head|embed)$")
@@ -123,23 +122,19 @@ def covered(plan: PlanFile, durations: dict[tuple[LayerKind, str, str], list[flo
     return out
 
 
-def shard_params(plan: PlanFile, pp_rank: int) -> float:
-    """Parameters of one rank's ZeRO-1 optimizer shard, as ``engine.build`` prices its optimizer step."""
-    m, par, dp = plan.inputs.model, plan.inputs.parallel, plan.layout.dp
-    stages, group = pipeline_stages(m, par), dp * par.cp
-    zero = par.zero_stage >= 1
-    shard = 0.0
-    for s in rank_stages(par, pp_rank):
-        p = rank_params(m, [stages[s]], par.ep)
-        shard += p.dense / (group if zero else 1) + p.expert / (max(1, group // par.ep) if zero else 1)
-    return shard
+def _optimizer_span(doc) -> list[tuple[float, float]]:
+    """A rank's optimizer step, seconds from the step's start: from its first part's start to its last part's
+    end (``"optimizer {part}"`` events; one ``"optimizer"`` event in runs before 2026-12-06). Empty if none."""
+    found = [(e["ts"] * 1e-6, (e["ts"] + e["dur"]) * 1e-6) for e in _x_events(doc)
+             if e["name"].split(" ")[0] == "optimizer"]
+    return [(min(a for a, _ in found), max(b for _, b in found))] if found else []
 
 
 def _optimizer_point(plan: PlanFile, tables: CostTables, traces: dict[int, object], pp_rank_of: tuple[int, ...],
                      label: str) -> tuple[MemoryKernelPoint, Moved] | None:
     hbm, fracs = plan.inputs.cluster.gpu.hbm_bytes_per_s, []
-    spans = {rank: [(e["ts"] * 1e-6, (e["ts"] + e["dur"]) * 1e-6) for e in _x_events(doc) if e["name"] == "optimizer"]
-             for rank, doc in traces.items()}
+    spans = {rank: _optimizer_span(doc) for rank, doc in traces.items()}
+    part_bytes = rank_optimizer_bytes(plan.inputs, plan.layout.dp)
     # with a global gradient norm no rank updates before every rank's gradients are in (``engine.step``'s
     # optimizer barrier, priced there): the wait for the last rank is not the optimizer's own time
     barrier = max((a for v in spans.values() for a, _ in v), default=0.0) if (
@@ -148,14 +143,14 @@ def _optimizer_point(plan: PlanFile, tables: CostTables, traces: dict[int, objec
         for start, end in found:
             s = end - max(start, barrier)
             if s > 0:
-                nbytes = shard_params(plan, pp_rank_of[rank]) * OPTIMIZER_BYTES_PER_PARAM
+                nbytes = sum(part_bytes[pp_rank_of[rank]].values())
                 host = optimizer_host_s(tables, 0.0, plan.inputs.model.is_moe)
                 fracs.append(min(1.0, nbytes / max(s - host, 1e-9) / hbm))
     if not fracs:
         return None
     frac = statistics.median(fracs)
     point = MemoryKernelPoint(kernel=OPTIMIZER, fwd_frac=frac, source=f"{label}: the run's optimizer events, "
-                              f"{len(fracs)} rank(s), shard bytes at {OPTIMIZER_BYTES_PER_PARAM:g} B/param (median)")
+                              f"{len(fracs)} rank(s), at the engine's bytes of its parts (median)")
     return point, Moved("memory class optimizer (fraction of hbm)", tables.memory_fracs(OPTIMIZER)[0], frac, "frac",
                         len(fracs))
 

@@ -61,8 +61,8 @@ RMSNorm (one norm of h; the MLP's normed input is kept as the experts' input), t
 RoPE (q is rebuilt by its up-projection), the up-projections' FP8 input casts, and SwiGLU.
 
 Not counted: the weights of norms (read once per micro-batch, not per token), the concatenations and
-transposes around the attention core, and the optimizer (its own class, ``OPTIMIZER``, priced by the
-engine at 22 B per parameter).
+transposes around the attention core, and the optimizer (its own class, ``OPTIMIZER``, priced part by
+part in ``optimizer_step``).
 """
 
 from __future__ import annotations

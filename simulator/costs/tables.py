@@ -49,7 +49,9 @@ Sources:
 - [CPU] ``simulator/costs/data/cpu-fp32.json`` and ``cpu-bf16.json`` (``benchmarks/cpu_tables.py``): the
   ``cpu`` cluster's tables, whole cost-table files measured on one machine (one thread per process), each
   entry naming its measurement; they price the plan's ``bf16`` precision in FP32 (``cpu``, the default)
-  or in BF16 (``cpu-bf16``) and price no FP8 (``precisions``).
+  or in BF16 (``cpu-bf16``) and price no FP8 (``precisions``). Their ``cross_entropy`` point (the loss before
+  2026-12-06, commit 36bd188, which the runtime no longer runs) was dropped: the loss is priced at its bytes
+  (``engine.unit_costs.loss_s``); the [EW] file keeps its row of that loss out of the table for the same reason.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from moeplan.simulator.accounting.memory import rank_params
 from moeplan.simulator.accounting.tensor_parallel import tp_slice
 from moeplan.simulator.costs.elementwise import OPTIMIZER
 from moeplan.simulator.costs.kernels import memory_s, ring_s
+from moeplan.simulator.costs.optimizer_step import OptimizerSet, optimizer_bytes
 from moeplan.simulator.costs.tables import CostTables, default_tables
 from moeplan.simulator.engine.expert_traffic import ExpertTraffic, expert_traffic
 from moeplan.simulator.engine.host_term import optimizer_host_s
@@ -27,11 +28,6 @@ from moeplan.simulator.spec.parallel import ParallelSpec
 from moeplan.simulator.traffic.all_to_all import BF16_BYTES_PER_ELEMENT, WirePayload
 
 FP32_BYTES_PER_ELEMENT = 4
-
-# AdamW step per parameter of the local shard: read+write FP32 master (8), two BF16 moments (8),
-# read the FP32 gradient (4), write the BF16 weight (2) -- TR §3.3 storage; one pass, as the runtime's
-# kernels.adamw runs it.
-OPTIMIZER_BYTES_PER_PARAM = 22.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +133,31 @@ def _end_costs(inputs: PlanInputs, ctx: CostContext) -> EndCosts:
     return end_costs(ctx, tp_slice(inputs.model, inputs.parallel.tp))
 
 
+def _is_moe_unit(m, u: int) -> bool:
+    return m.is_moe if u >= m.num_hidden_layers else m.is_moe_layer(u)
+
+
+def rank_optimizer_bytes(inputs: PlanInputs, dp: int) -> tuple[dict[str, float], ...]:
+    """Per pipeline rank, the bytes of its optimizer step by part (``costs.optimizer_step``): its ZeRO-1 shards
+    of the dense parameters (over dp * cp) and of its routed experts (over the expert-data-parallel group)."""
+    m, par = inputs.model, inputs.parallel
+    group = dp * par.cp
+    edp = group * par.tp // par.ep
+    zero = par.zero_stage >= 1
+    stages = pipeline_stages(m, par)
+    out = []
+    for r in range(par.pp):
+        sets, moe_layers = [], 0
+        for s in rank_stages(par, r):
+            p = rank_params(m, [stages[s]], par.ep, par.tp)
+            # both sets divide by dp * cp (model.runtime.rank._optimizer: the experts' grad_divisor is it too)
+            sets += [OptimizerSet(p.dense, p.dense / (group if zero else 1), scaled=group > 1),
+                     OptimizerSet(p.expert, p.expert / (edp if zero else 1), scaled=group > 1)]
+            moe_layers += sum(_is_moe_unit(m, u) for u in stages[s].layers)
+        out.append(optimizer_bytes(inputs.training.optimizer, sets, moe_layers, m.n_routed_experts if m.is_moe else 0))
+    return tuple(out)
+
+
 def _tails(inputs: PlanInputs, dp: int, tables: CostTables) -> tuple[RankTail, ...]:
     m, par, cl = inputs.model, inputs.parallel, inputs.cluster
     opt = inputs.training.optimizer
@@ -148,8 +169,8 @@ def _tails(inputs: PlanInputs, dp: int, tables: CostTables) -> tuple[RankTail, .
     stages = pipeline_stages(m, par)
     mirrored = schedule_kind(par.schedule).directions(par.pp, par.virtual_stages) > 1  # each stage on two ranks
     tails = []
-    for r in range(par.pp):
-        sync, shard = {}, 0.0
+    for r, part_bytes in enumerate(rank_optimizer_bytes(inputs, dp)):
+        sync = {}
         for s in rank_stages(par, r):
             p = rank_params(m, [stages[s]], par.ep, tp)
             # under SP the whole (replicated) weights saw different tokens on each TP rank: their gradients are
@@ -162,9 +183,10 @@ def _tails(inputs: PlanInputs, dp: int, tables: CostTables) -> tuple[RankTail, .
             if mirrored:  # the mirrored copy's gradients meet their twin's
                 seconds += tables.collective_latency_s + (p.dense + p.expert) * opt.grad_bytes / cl.node.nic_bytes_per_s
             sync[s] = seconds
-            shard += p.dense / (group if par.zero_stage >= 1 else 1) + p.expert / (edp if par.zero_stage >= 1 else 1)
-        optimizer_s = memory_s(tables, cl.gpu, shard * OPTIMIZER_BYTES_PER_PARAM, OPTIMIZER)
-        tails.append(RankTail(dp_sync_s=sync, optimizer_s=optimizer_s + optimizer_host_s(tables, optimizer_s, m.is_moe)))
+        parts_s = {part: memory_s(tables, cl.gpu, nbytes, OPTIMIZER) for part, nbytes in part_bytes.items()}
+        # the host's share (launches, the norm's host sync) with the last part, after the device work it adds to
+        parts_s["other"] += optimizer_host_s(tables, sum(parts_s.values()), m.is_moe)
+        tails.append(RankTail(dp_sync_s=sync, optimizer_parts_s=parts_s))
     return tuple(tails)
 
 
@@ -200,7 +222,7 @@ def step_inputs(
 def compute_bound_s(inputs: PlanInputs, dp: int, microbatches: int, opts: SimOptions = SimOptions()) -> float:
     """The busiest rank's compute seconds in one step, without bubbles or communication: no
     schedule of this layout can take less. The search uses it to skip hopeless layouts."""
-    par, m = inputs.parallel, inputs.model
+    par = inputs.parallel
     tables = opts.tables or default_tables(inputs.cluster.gpu.name)
     ctx = cost_context(inputs, tables, par.seq_len_tokens, beside_comm=opts.comm_sms_always)
     stages = _stage_costs(inputs, par, ctx, replace(opts, coarse=True))

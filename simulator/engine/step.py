@@ -11,9 +11,10 @@ micro-batch's all-to-all hides behind the other's compute only as far as the eve
 Activations and gradients cross stage boundaries over the sender's NIC (NVLink when both stages
 share a node). When a rank has run the last backward of a stage, that stage's ZeRO-1
 reduce-scatter of gradients and all-gather of weights start on its NIC; the optimizer step closes
-the rank's step. With ``optimizer_barrier`` (a global gradient norm, for clipping) no rank's optimizer
-starts before every rank's gradients are in: the norm is one all-reduce over them all (the runtime's
-``optimizer.grad_norm``; measured on the tiny preset, docs/results/calibration-cpu.md).
+the rank's step, its parts (``"optimizer norm"``, ``update``, ``zero``, ``other``: ``costs.optimizer_step``)
+one after the other, as the runtime times them. With ``optimizer_barrier`` (a global gradient norm, for
+clipping) no rank's optimizer starts before every rank's gradients are in: the norm is one all-reduce
+over them all (the runtime's ``optimizer.grad_norm``; measured on the tiny preset, docs/results/calibration-cpu.md).
 
 Communication SMs (``sm_share``): every compute piece has a duration on all SMs (``StageCosts.units``)
 and one on the SMs an all-to-all leaves (``slow_units``); it runs at the second rate only while one of
@@ -84,7 +85,11 @@ class RankTail:
     """Per rank: DP synchronisation per stage chunk and the optimizer step."""
 
     dp_sync_s: dict[int, float]  # stage -> reduce-scatter + all-gather seconds on the NIC
-    optimizer_s: float
+    optimizer_parts_s: dict[str, float]  # part -> seconds, run in this order (costs.optimizer_step.OPTIMIZER_PARTS)
+
+    @property
+    def optimizer_s(self) -> float:
+        return sum(self.optimizer_parts_s.values())
 
 
 @dataclass(frozen=True)
@@ -376,7 +381,8 @@ class StepSimulation:
         if self.inp.optimizer_barrier:
             self.grads_in[rank.index].succeed()
             yield self.env.all_of(self.grads_in)
-        yield from rank.run(self.inp.tails[rank.index].optimizer_s, "optimizer")
+        for part, seconds in self.inp.tails[rank.index].optimizer_parts_s.items():
+            yield from rank.run(seconds, f"optimizer {part}")
         self.finish[rank.index] = self.env.now
 
     def run(self) -> StepResult:

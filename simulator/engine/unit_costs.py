@@ -269,9 +269,12 @@ def loss_s(ctx: CostContext, m: ModelSpec) -> tuple[float, float]:
     """(forward, backward) seconds of the cross-entropy over one micro-batch's logits.
 
     ``fused``: one pass over the BF16 logits (``end_bytes_per_token``) at the ``fused_cross_entropy`` point.
-    ``fp32``: ``model.losses.cross_entropy``. The tables' ``cross_entropy`` point times exactly that loss at
-    the class's one-pass bytes ([EW], [CPU]), so its seconds are used as measured; tables without one price
-    its own bytes (``fp32_loss_bytes_per_token``: 3x the forward's and the backward's) at ``memory_frac``."""
+    ``fp32``: ``model.losses.cross_entropy``. A tables' ``cross_entropy`` point times exactly that loss at the
+    class's one-pass bytes (``moeplan calibrate``'s memory cases), so its seconds are used as measured; tables
+    without one price the bytes the loss moves (``fp32_loss_bytes_per_token``: 6 + 12 a logit, 3x the forward's
+    and the backward's one-pass bytes) at ``memory_frac``, the tables' copy bandwidth. The packaged tables
+    ([EW], [CPU]) have none: theirs timed the loss before 2026-12-06 (commit 36bd188), which cast the logits to
+    FP32 first (14 + 22 bytes a logit), so [EW] keeps that row out of the table and [CPU] dropped it."""
     ideal = end_bytes_per_token(m)["cross_entropy"]
     if ctx.loss == "fused":
         return _memory_bound_s(ctx, {FUSED_LOSS: ideal})

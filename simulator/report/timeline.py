@@ -55,7 +55,7 @@ def event_kind(name: str) -> str:
         return "p2p"
     if name.startswith("dp-sync"):
         return "dp-sync"
-    if name == "optimizer":
+    if name.split(" ")[0] == "optimizer":  # the step, or one of its parts
         return "optimizer"
     if "dispatch" in name or "combine" in name:
         return "all-to-all"

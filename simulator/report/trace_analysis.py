@@ -4,7 +4,8 @@ A trace is ``{"traceEvents": [...]}`` (or the bare list) of complete events (``"
 ``dur`` in microseconds from the step's start, ``pid`` the rank); metadata and other phases are
 skipped. Each event's op class comes from its name, the simulator's names (``simulator.engine.step``):
 ``"{stage}{kind}{mb} L{i} {op}"``, ``"{stage}{kind}{mb} embed|head"``, ``"{stage}W{mb}"``, ``"p2p ..."``,
-``"dp-sync stage {s}"``, ``"optimizer"``; a measured event with another name says its class in
+``"dp-sync stage {s}"``, ``"optimizer {part}"`` (``costs.optimizer_step.OPTIMIZER_PARTS``; a bare
+``"optimizer"`` in older traces); a measured event with another name says its class in
 ``args.op_class``. Communication is the ``communication`` class, compute every other class.
 
 Per rank, over the window ``[start, end]`` (default: 0 to the trace's last end, so a rank that
@@ -34,6 +35,7 @@ from typing import Any
 
 from moeplan.simulator.contracts.run_report import OP_CLASSES, RankTimeline
 from moeplan.simulator.contracts.trace import TraceEvent
+from moeplan.simulator.costs.optimizer_step import OPTIMIZER_PARTS
 from moeplan.simulator.spec.json_input import JsonInputError, read_json_file
 
 COMPUTE_CLASSES = ("gemm", "grouped_gemm", "attention", "memory_bound")
@@ -71,8 +73,10 @@ class Interval:
 def op_class(name: str) -> str:
     """The op class of a simulator trace event name (``TraceError`` for a name it does not know)."""
     words = name.split(" ")
-    if words[0] in ("p2p", "dp-sync", "optimizer") and (len(words) > 1) == (words[0] != "optimizer"):
+    if words[0] in ("p2p", "dp-sync") and len(words) > 1:
         return OP_CLASS_OF[words[0]]
+    if words[0] == "optimizer" and (len(words) == 1 or (len(words) == 2 and words[1] in OPTIMIZER_PARTS)):
+        return OP_CLASS_OF["optimizer"]  # a part, or the whole step as runs before 2026-12-06 traced it
     tag = _TAG.match(words[0])
     if tag and len(words) == 1 and tag.group(1) == "W":
         return OP_CLASS_OF["W"]

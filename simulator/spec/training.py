@@ -99,8 +99,8 @@ class KernelSpec(BaseModel):
     ``fusion``: ``eager`` = one kernel per op class, as moeplan's runtime runs them; ``fused`` = DeepSeek's
     stack: token permutation inside the dispatch and combine kernels (DeepEP), FP8 cast with transpose,
     SwiGLU writing its FP8 output (TR §3.3), RoPE and the router as single kernels. ``loss``: ``fp32`` =
-    ``model.losses.cross_entropy`` (the logits cast to FP32, then softmax, gather and gradient); ``fused`` =
-    one pass over the BF16 logits (Liger's or Megatron's fused cross-entropy)."""
+    ``model.losses.cross_entropy`` (an FP32 softmax of the BF16 logits, chunk by chunk, forward and backward);
+    ``fused`` = one pass over the BF16 logits (Liger's or Megatron's fused cross-entropy)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -22,7 +22,8 @@ from moeplan.orchestrator.calibration.measure import KINDS, MAX_MEASUREMENTS, Se
 from moeplan.orchestrator.calibration.shapes import plan_shapes
 from moeplan.orchestrator.cli import app
 from moeplan.simulator.contracts.plan_file import read_plan
-from moeplan.simulator.engine.build import OPTIMIZER_BYTES_PER_PARAM
+from moeplan.simulator.costs.optimizer_step import one_shard_bytes_per_param
+from moeplan.simulator.spec.training import OptimizerSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("one_gpu_loop", ROOT / "benchmarks" / "one_gpu_loop.py")
@@ -92,5 +93,5 @@ def test_on_a_gpu_the_optimizer_class_steps_the_runtimes_kernel_over_a_bounded_s
     spec = loop.stage_spec()
     row = compute.optimizer_row(spec, 3, 1.0, torch.device("cuda"))  # a bandwidth of 1 B/s: hbm_frac = B/s
     assert row["implementation"].startswith("kernels.adamw") and row["shape"] == f"{compute.OPTIMIZER_MAX_PARAMS:,} parameters"
-    assert row["fwd"]["bytes"] == OPTIMIZER_BYTES_PER_PARAM * compute.OPTIMIZER_MAX_PARAMS
+    assert row["fwd"]["bytes"] == one_shard_bytes_per_param(OptimizerSpec()) * compute.OPTIMIZER_MAX_PARAMS
     assert row["fwd"]["bytes_per_s"] == row["fwd"]["hbm_frac"] > 0

@@ -72,10 +72,20 @@ def test_a_slowed_op_moves_its_own_entries_only_and_the_step_by_its_time(planned
     assert added / 2 * 0.99 <= grown <= added * 1.01, (grown, added)
 
 
+def _optimizer_slowed(traces: dict, k: float) -> dict:
+    """Each rank's optimizer parts ``k`` times as long, one after the other from the step's first part."""
+    out = {}
+    for r, doc in traces.items():
+        first = min(e["ts"] for e in doc["traceEvents"] if e.get("name", "").startswith("optimizer "))
+        out[r] = {"traceEvents": [e | {"ts": first + k * (e["ts"] - first), "dur": e["dur"] * k}
+                                  if e.get("name", "").startswith("optimizer ") else e for e in doc["traceEvents"]]}
+    return out
+
+
 def test_the_optimizer_class_comes_from_the_optimizer_events(planned):
     plan, traces = planned
     tables = named_tables("cpu", "CPU-process")
-    new, moved = recalibrate(plan, tables, _slowed(traces, "optimizer", 4.0), (0, 1), "test")
+    new, moved = recalibrate(plan, tables, _optimizer_slowed(traces, 4.0), (0, 1), "test")
     opt = next(m for m in moved if "optimizer" in m.entry)
     assert opt.after == pytest.approx(opt.before / 4.0, rel=1e-6) and opt.samples == 2
     assert new.memory_fracs("optimizer")[0] == opt.after and new.measured_ops, "the ops measured come along"
@@ -136,7 +146,7 @@ def test_the_wait_for_the_global_norm_is_not_the_optimizers_own_time(planned):
     plan, traces = planned
     tables = named_tables("cpu", "CPU-process")
     early = {r: {"traceEvents": [e | {"ts": e["ts"] - 5000.0, "dur": e["dur"] + 5000.0}
-                                 if r == 1 and e.get("name") == "optimizer" else e for e in doc["traceEvents"]]}
+                                 if r == 1 and e.get("name") == "optimizer norm" else e for e in doc["traceEvents"]]}
              for r, doc in traces.items()}
     _, moved = recalibrate(plan, tables, early, (0, 1), "test")
     opt = next(m for m in moved if "optimizer" in m.entry)

@@ -10,6 +10,7 @@ import pytest
 from moeplan.model.runtime.worker import RunConfig, train
 from moeplan.orchestrator.inputs import read_load_record
 from moeplan.simulator.contracts.run_report import EXPERT_LOAD_NAME, read_metrics, read_run_report
+from moeplan.simulator.costs.optimizer_step import OPTIMIZER_PARTS
 from moeplan.simulator.report.trace_analysis import op_class
 from moeplan.simulator.schedules.lowering import lower
 from moeplan.simulator.spec.hyperparams import LrSchedule
@@ -51,5 +52,5 @@ def test_twenty_steps_follow_the_single_process_trajectory(tmp_path, kind, pp, d
         ops = [str(op) for step in programs[report.settings.pp_rank_of[ref.rank]].steps for op in step.action.ops]
         timed = {n.split(" ")[0] for n in names}  # "0F3 L1 attn", "1B2 head", "0W1": the op is the first word
         assert set(ops) <= timed, f"ops of the rank's program without a timed event: {sorted(set(ops) - timed)}"
-        assert "optimizer" in names and all(op_class(n) for n in names)
+        assert {f"optimizer {part}" for part in OPTIMIZER_PARTS} <= set(names) and all(op_class(n) for n in names)
         assert doc["otherData"]["step_time_s"] > 0

@@ -63,7 +63,7 @@ def _moe_unit(shared_s: float, experts_s: float, a2a_bytes: float) -> UnitCosts:
 def _one_microbatch(stage: StageCosts) -> StepInputs:
     links = Links(nic_bytes_per_s=1.0, nvlink_bytes_per_s=1.0, latency_s=0.0, p2p_bytes=0.0, p2p_over_nvlink=False)
     return StepInputs(schedule=make_schedule("1f1b", 1, 1), stages=(stage,), ends=NO_ENDS, links=links,
-                      tails=(RankTail(dp_sync_s={}, optimizer_s=0.0),))
+                      tails=(RankTail(dp_sync_s={}, optimizer_parts_s={}),))
 
 
 def test_only_the_shared_expert_beside_the_dispatch_slows() -> None:

@@ -33,7 +33,7 @@ def _inputs(kind: str, pp: int, m: int, unit: UnitCosts, nic_bytes_per_s: float 
                    for _ in range(schedule.num_stages))
     links = Links(nic_bytes_per_s=nic_bytes_per_s, nvlink_bytes_per_s=1.0, latency_s=latency_s,
                   p2p_bytes=p2p_bytes, p2p_over_nvlink=False)
-    tails = tuple(RankTail(dp_sync_s={}, optimizer_s=0.0) for _ in range(pp))
+    tails = tuple(RankTail(dp_sync_s={}, optimizer_parts_s={}) for _ in range(pp))
     return StepInputs(schedule=schedule, stages=stages, ends=NO_ENDS, links=links, tails=tails)
 
 
@@ -100,10 +100,15 @@ def test_chrome_trace_is_valid():
 def test_the_optimizer_barrier_waits_for_every_ranks_gradients(barrier):
     # 1F1B, 2 ranks, 1 micro-batch, free links: rank 1's backward ends at 4, rank 0's at 6 (see the timeline
     # above less the transfers); optimizers of 3 s (rank 0) and 5 s (rank 1). With a global gradient norm
-    # rank 1 updates only once rank 0's gradients are in: 6 + 5 = 11, else 4 + 5 = 9 against 6 + 3.
+    # rank 1 updates only once rank 0's gradients are in: 6 + 5 = 11, else 4 + 5 = 9 against 6 + 3. The parts
+    # run one after the other, in their order, under their own names.
     inp = _inputs("1f1b", 2, 1, _unit())
-    tails = (RankTail(dp_sync_s={}, optimizer_s=3.0), RankTail(dp_sync_s={}, optimizer_s=5.0))
+    tails = (RankTail(dp_sync_s={}, optimizer_parts_s={"norm": 1.0, "update": 2.0}),
+             RankTail(dp_sync_s={}, optimizer_parts_s={"norm": 0.5, "update": 3.0, "zero": 1.0, "other": 0.5}))
     res = StepSimulation(dataclasses.replace(inp, tails=tails, optimizer_barrier=barrier), trace=True).run()
-    starts = sorted((e.rank, e.start_s) for e in res.events if e.name == "optimizer")
-    assert starts == ([(0, 6.0), (1, 6.0)] if barrier else [(0, 6.0), (1, 4.0)])
+    opt = [(e.rank, e.name, e.start_s, e.end_s) for e in res.events if e.name.startswith("optimizer")]
+    t0 = 6.0 if barrier else 4.0
+    assert sorted(opt) == [(0, "optimizer norm", 6.0, 7.0), (0, "optimizer update", 7.0, 9.0),
+                           (1, "optimizer norm", t0, t0 + 0.5), (1, "optimizer other", t0 + 4.5, t0 + 5.0),
+                           (1, "optimizer update", t0 + 0.5, t0 + 3.5), (1, "optimizer zero", t0 + 3.5, t0 + 4.5)]
     assert res.finish_s == ([9.0, 11.0] if barrier else [9.0, 9.0]) and res.step_time_s == max(res.finish_s)

@@ -31,7 +31,7 @@ def _one_rank(comm: TpComm, kind: str = "1f1b") -> StepInputs:
     stages = (StageCosts(units=(UNIT,), has_embedding=False, has_head=False, heads=0, tp_comm=(comm,)),)
     links = Links(nic_bytes_per_s=1.0, nvlink_bytes_per_s=1.0, latency_s=0.0, p2p_bytes=0.0, p2p_over_nvlink=True)
     return StepInputs(schedule=schedule, stages=stages, ends=NO_ENDS, links=links,
-                      tails=(RankTail(dp_sync_s={}, optimizer_s=0.0),))
+                      tails=(RankTail(dp_sync_s={}, optimizer_parts_s={}),))
 
 
 def test_exact_timeline_without_sp():
