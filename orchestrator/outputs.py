@@ -37,6 +37,7 @@ import os
 import secrets
 import shutil
 import stat
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
@@ -75,6 +76,20 @@ def _file_in_the_way(path: Path, option: str) -> Path | None:
     return None
 
 
+def _check_writable(path: Path, option: str, is_dir: bool) -> None:
+    """A file can be made in the nearest folder that exists of ``path`` (a folder when ``is_dir``, else a file's
+    path): the folder itself, or the ancestor its missing folders would be made in; a probe file is made there
+    and removed at once. Modes alone do not tell (root ignores them; ``/proc``, ``/sys`` and read-only mounts
+    refuse anyway), and a command told to write where it cannot should fail before it computes, not after."""
+    folder = next((p for p in ((path,) if is_dir else ()) + tuple(path.parents) if p.is_dir()), Path("."))
+    try:
+        fd, name = tempfile.mkstemp(prefix=".moeplan-probe-", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise InputError(f"{option} {path}: cannot write in {folder} ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
 def check_out_dir(path: Path, option: str) -> None:
     """``path`` is a directory, or can be made one."""
     st = _stat(path, option)
@@ -83,6 +98,7 @@ def check_out_dir(path: Path, option: str) -> None:
     blocker = _file_in_the_way(path, option)
     if blocker is not None:
         raise InputError(f"{option} {path}: {blocker} is a file, not a directory")
+    _check_writable(path, option, is_dir=True)
 
 
 def check_out_file(path: Path, option: str) -> None:
@@ -95,6 +111,7 @@ def check_out_file(path: Path, option: str) -> None:
     blocker = _file_in_the_way(path, option)
     if blocker is not None:
         raise InputError(f"{option} {path}: {blocker} is a file, not a directory")
+    _check_writable(path, option, is_dir=False)
 
 
 def _missing_dirs(folder: Path) -> list[Path]:

@@ -196,8 +196,8 @@ def test_calibrate(examples, tmp_path, cpu_plan, no_work):
             args += ["--model", draw(choice("tiny-moe", "tiny-dense")), *flags(draw, {
                 "--cluster": choice("cpu", "h200", "h800"), "--nodes": int_text(1, 2),
                 "--set": st.sampled_from(["parallel.pp=2", "parallel.pp=0", "parallel=3", "model.hidden_size=nan",
-                                          "cluster.node.gpus_per_node=2", "nope=1", "training.phases.0.seq_len_tokens"
-                                          "=1e999"]),
+                                          "cluster.node.gpus_per_node=2", "nope=1",
+                                          "training.phases.0.seq_len_tokens=1e999"]),
             }, 3)]
         return args, []
     _fuzz(examples, tmp_path, case)

@@ -34,6 +34,12 @@ CASES = {
     # output paths
     "--out too long": ([*TINY[:-1], "{d}/" + "x" * 300], {}, "cannot use (File name too long)"),
     "--trace a device": ([*TINY, "--trace", "/dev/null"], {}, "--trace /dev/null: is not a regular file"),
+    # where nothing can be made (root ignores modes; /proc and /sys refuse): refused before the work (2026-12-06:
+    # `check --recalibrate /proc/x/out` compared the run and drew its page first)
+    "--out in /proc": ([*TINY[:-1], "/proc/moeplan-hostile/o"], {}, "--out /proc/moeplan-hostile/o: cannot write in /proc"),
+    "--trace in /sys": ([*TINY, "--trace", "/sys/kernel/t.json"], {}, "--trace /sys/kernel/t.json: cannot write in /sys"),
+    "schedule --out in /proc": (["schedule", "--kind", "1f1b", "--pp", "2", "--microbatches", "4", "--out",
+                                 "/proc/moeplan-hostile/s.csv"], {}, "cannot write in /proc"),
     "schedule --out too long": (["schedule", "--kind", "1f1b", "--pp", "2", "--microbatches", "4", "--out",
                                  "{d}/" + "y" * 300 + ".csv"], {}, "cannot use (File name too long)"),
     # unreadable files
