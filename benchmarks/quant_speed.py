@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from moeplan.kernels.e4m3_cast import MIN_HW_CAPABILITY, hardware_cast
+from moeplan.kernels.e4m3_cast import CASTS, EMULATED, MIN_HW_CAPABILITY, cast_for_device
 from moeplan.kernels.fp8_quant import TILE, quant_act_1x128, quant_act_128x1_t, quant_weight_128x128
 from moeplan.kernels.triton_compat import HAVE_TRITON, INTERPRET, cdiv, triton
 from moeplan.orchestrator.calibration.timing import median_s
@@ -55,7 +55,8 @@ TIMED_S = 0.1  # of warm-up and again of timed calls per path and shape, at most
 
 @dataclasses.dataclass(frozen=True)
 class Quantiser:
-    """A quantiser as the benchmark calls it: ``run(x, hw_cast)`` returns its output tensors."""
+    """A quantiser as the benchmark calls it: ``run(x, cast)`` returns its output tensors (``cast``: a name of
+    ``e4m3_cast.CASTS``)."""
 
     name: str
     run: Callable[[torch.Tensor, bool], tuple[torch.Tensor, ...]]
@@ -65,10 +66,10 @@ class Quantiser:
 
 QUANTISERS = {
     q.name: q for q in (
-        Quantiser("act_1x128", lambda x, hw: quant_act_1x128(x, hw_cast=hw), 1, "rows"),
-        Quantiser("act_128x1_t", lambda x, hw: quant_act_128x1_t(x, hw_cast=hw), 1, "cols"),
-        Quantiser("weight_128x128", lambda w, hw: quant_weight_128x128(w, hw_cast=hw)[:2], 1, "blocks"),
-        Quantiser("weight_128x128+t", lambda w, hw: quant_weight_128x128(w, transposed=True, hw_cast=hw), 2, "blocks"),
+        Quantiser("act_1x128", lambda x, cast: quant_act_1x128(x, cast=cast), 1, "rows"),
+        Quantiser("act_128x1_t", lambda x, cast: quant_act_128x1_t(x, cast=cast), 1, "cols"),
+        Quantiser("weight_128x128", lambda w, cast: quant_weight_128x128(w, cast=cast)[:2], 1, "blocks"),
+        Quantiser("weight_128x128+t", lambda w, cast: quant_weight_128x128(w, transposed=True, cast=cast), 2, "blocks"),
     )
 }
 
@@ -103,6 +104,18 @@ def hbm_peak(device: torch.device) -> tuple[str, float | None]:
     return f"{gpu.name} preset{'' if known else ' (device not in the presets)'}", gpu.hbm_bytes_per_s
 
 
+def hardware_path(device: torch.device, reason: str | None) -> tuple[str | None, str]:
+    """(the hardware path to time, what the report says of it): the probe's choice, or the plain ``hardware``
+    cast, timed and compared anyway, where both hardware paths failed the probe; none where ``reason``."""
+    if reason:
+        return None, f"unavailable: {reason}"
+    chosen = cast_for_device(device)  # the probe: warns where a hardware path failed it
+    if chosen == EMULATED:
+        return "hardware", "both hardware paths FAILED the probe (the quantisers emulate); `hardware` timed anyway"
+    name = next(n for n, c in CASTS.items() if c == chosen)
+    return name, f"`{name}`, the path the probe chose" + ("" if name == "hardware" else " (the fp32 cvt failed it)")
+
+
 def hardware_reason(device: torch.device) -> str | None:
     """Why the hardware path cannot run on ``device`` at all (None: it can)."""
     if device.type != "cuda" or INTERPRET:
@@ -118,9 +131,10 @@ def mismatches(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> int:
     return sum(int((x.contiguous().view(torch.uint8) != y.contiguous().view(torch.uint8)).sum()) for x, y in zip(a, b))
 
 
-def measure(quantiser: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, hw: bool,
+def measure(quantiser: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, hw: str | None,
             timer: Callable[[Callable[[], object]], float], peak_bytes_per_s: float | None) -> dict:
-    """One row: each path's seconds, bytes/s and HBM fraction, and how many output elements differ."""
+    """One row: the emulated and the ``hw`` path's (None: none) seconds, bytes/s and HBM fraction, and how many
+    output bytes differ between the two."""
     q = QUANTISERS[quantiser]
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(shape, generator=g, device=device, dtype=dtype)
@@ -128,10 +142,9 @@ def measure(quantiser: str, shape: tuple[int, ...], dtype: torch.dtype, device: 
     row = {"quantiser": quantiser, "shape": list(shape), "bytes": nbytes, "emulated": None, "hardware": None,
            "mismatches": None, "skipped": None}
     outputs = {}
-    for path in ("emulated", "hardware") if hw else ("emulated",):
-        hw_cast = path == "hardware"
-        outputs[path] = q.run(x, hw_cast)  # the autotuner's first call: compiles and tunes
-        s = timer(lambda hw_cast=hw_cast: q.run(x, hw_cast))
+    for path, cast in (("emulated", "emulated"), ("hardware", hw)) if hw else (("emulated", "emulated"),):
+        outputs[path] = q.run(x, cast)  # the autotuner's first call: compiles and tunes
+        s = timer(lambda cast=cast: q.run(x, cast))
         row[path] = {"s": s, "bytes_per_s": nbytes / s,
                      "hbm_frac": None if peak_bytes_per_s is None else nbytes / s / peak_bytes_per_s}
     if hw:
@@ -139,20 +152,20 @@ def measure(quantiser: str, shape: tuple[int, ...], dtype: torch.dtype, device: 
     return row
 
 
-def _precompile_worker(device: str, dtype: str, quantiser: str, hw: bool) -> None:
+def _precompile_worker(device: str, dtype: str, quantiser: str, cast: str) -> None:
     x = torch.randn(PRECOMPILE_SHAPE, device=device, dtype=DTYPES[dtype])
-    QUANTISERS[quantiser].run(x, hw)
+    QUANTISERS[quantiser].run(x, cast)
 
 
-def precompile(device: torch.device, dtype: str, hw: bool, jobs: int) -> str:
+def precompile(device: torch.device, dtype: str, hw: str | None, jobs: int) -> str:
     """Compile (and tune on a small shape) every quantiser and path in ``jobs`` processes at once, so that the
     main process finds its kernels in Triton's disk cache: a cold run compiles ~44 kernels, one at a time
     otherwise. Returns what happened, for the report; a failure leaves the compiles to the first calls."""
-    pairs = [(name, path) for name in QUANTISERS for path in ((False, True) if hw else (False,))]
+    pairs = [(name, cast) for name in QUANTISERS for cast in (("emulated", hw) if hw else ("emulated",))]
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     try:
         with concurrent.futures.ProcessPoolExecutor(min(jobs, len(pairs)), mp_context=context) as pool:
-            futures = [pool.submit(_precompile_worker, str(device), dtype, name, path) for name, path in pairs]
+            futures = [pool.submit(_precompile_worker, str(device), dtype, name, cast) for name, cast in pairs]
             for future in futures:
                 future.result()
     except Exception as exc:  # noqa: BLE001 (the benchmark compiles on first use instead)
@@ -229,8 +242,7 @@ def main(argv: list[str] | None = None, t0_s: float | None = None) -> list[dict]
     dtype = DTYPES[args.dtype]
     hbm_source, peak = hbm_peak(device)
     reason = hardware_reason(device)
-    probe = "unavailable: " + reason if reason else "probe passed" if hardware_cast(device) else (
-        "probe FAILED (the quantisers keep the emulation; timed anyway)")
+    hw, probe = hardware_path(device, reason)
     reps = args.reps if device.type == "cuda" else min(args.reps, 3)
 
     def timer(fn):
@@ -245,7 +257,7 @@ def main(argv: list[str] | None = None, t0_s: float | None = None) -> list[dict]
     }
     print(f"{meta['device']}, HBM peak: {hbm_source}; hardware cast: {probe}", flush=True)
     if args.jobs:
-        meta["compiles"] = precompile(device, args.dtype, reason is None, args.jobs)
+        meta["compiles"] = precompile(device, args.dtype, hw, args.jobs)
         print(f"[{time.monotonic() - t0_s:5.1f} s] {meta['compiles']}", flush=True)
     rows = []
     for quantiser, shape in cases(args.small):
@@ -255,7 +267,7 @@ def main(argv: list[str] | None = None, t0_s: float | None = None) -> list[dict]
             rows.append(skipped | {"skipped": f"budget, {elapsed_s:.0f} s > {args.budget_s:.0f} s"})
         else:
             try:
-                rows.append(measure(quantiser, shape, dtype, device, reason is None, timer, peak))
+                rows.append(measure(quantiser, shape, dtype, device, hw, timer, peak))
             except Exception as exc:  # noqa: BLE001 (one shape failing, e.g. out of memory, leaves the others)
                 rows.append(skipped | {"skipped": f"failed, {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"})
         print(f"[{time.monotonic() - t0_s:5.1f} s] {table_row(rows[-1])}", flush=True)

@@ -1,18 +1,27 @@
 """fp32 → FP8 E4M3 inside a Triton kernel: the hardware's cvt where it is proven bit-exact, else integer emulation.
 
-* ``e4m3_emulated``: clamp to ±448, round to nearest even by integer arithmetic on the fp32 bits. Right on
-  every backend, ~20 integer instructions an element.
-* ``e4m3_cast(q, HW_CAST=True)``: Triton's own ``.to(tl.float8e4nv)``, which Triton 3.6 lowers on sm_89+ to
+``CAST`` (a constexpr of every quantiser; names in ``CASTS``) picks one of three paths, all rounding to nearest
+even and giving ±448 beyond:
+
+* ``EMULATED``: clamp, then round by integer arithmetic on the fp32 bits (``e4m3_emulated``). Right on every
+  backend, ~20 integer instructions an element.
+* ``HARDWARE``: Triton's own ``.to(tl.float8e4nv)``, which Triton 3.6 lowers on sm_89+ to
   ``cvt.rn.satfinite.e4m3x2.f32`` (two elements an instruction; ``Fp32_to_Fp8E4M3Nv`` in
   third_party/nvidia/lib/TritonNVIDIAGPUToLLVM/ElementwiseOpToLLVM.cpp, and in the PTX of our sm_90
   compile): one rounding to nearest even, sign-preserving MAX_NORM (448) for any larger magnitude
   (PTX ISA, cvt, ``.satfinite``), so the same clamp-then-round as the emulation.
-* ``hardware_cast(device)``: whether a device's quantisers take the hardware path. Once per process and
-  device, a probe runs both paths on ``probe_values()`` (every E4M3 value and every rounding boundary) and
-  compares the bits; a disagreement keeps the emulation and warns once. The interpreter never takes the
-  hardware path: its fp8 cast is wrong (Triton 3.6.0's rounds 12,094 of the 87,100 probe values otherwise
-  than torch, e.g. 0.0029296875 to code 1 for 2, a tie that goes to even; checked 2026-12-06), and neither
-  does a GPU before sm_89.
+* ``HARDWARE_F16``: in case the fp32 cvt rounds twice (through fp16; this file's earlier note said a GPU cast
+  "may"): fp32 → fp16 rounded to odd (``cvt.rz`` plus a sticky bit), then the hardware's fp16 → E4M3 cvt.
+  Rounding to odd with 2+ more bits than the target, then to nearest, is rounding to nearest once (Boldo &
+  Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using rounding to odd", IEEE TC
+  2008); fp16 keeps 11 bits to E4M3's 4, and its subnormal step 2**-24 is far below E4M3's 2**-9.
+
+``cast_for_device(device)`` picks the path once per process and device: a probe runs ``HARDWARE``, then
+``HARDWARE_F16``, against the emulation on ``probe_values()`` (every E4M3 value and rounding boundary) and
+keeps the first that gives the same bits, with one warning when it is not ``HARDWARE``. The interpreter
+always emulates: its fp8 cast is wrong (Triton 3.6.0's rounds 12,094 of the 87,100 probe values otherwise than
+torch, e.g. 0.0029296875 to code 1 for 2, a tie that goes to even; checked 2026-12-06), and so does a GPU
+before sm_89 (no E4M3 cvt).
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ from .triton_compat import INTERPRET, cdiv, tl, triton
 
 FP8_DTYPE = torch.float8_e4m3fn
 MIN_HW_CAPABILITY = (8, 9)  # PTX ISA: cvt to .e4m3x2 needs sm_89 (Ada) or later
+EMULATED, HARDWARE, HARDWARE_F16 = 0, 1, 2
+CASTS = {"emulated": EMULATED, "hardware": HARDWARE, "hardware_f16": HARDWARE_F16}
+_HARDWARE_C, _HARDWARE_F16_C = tl.constexpr(HARDWARE), tl.constexpr(HARDWARE_F16)  # readable inside kernels
 _PROBE_BLOCK = 1024
 
 
@@ -49,18 +61,31 @@ def e4m3_emulated(q):
 
 
 @triton.jit
-def e4m3_cast(q, HW_CAST: tl.constexpr):
-    """fp32 → E4M3, nearest even, ±448 beyond: the hardware's cvt (HW_CAST) or ``e4m3_emulated``."""
-    if HW_CAST:
-        return q.to(tl.float8e4nv)
-    return e4m3_emulated(q)
+def e4m3_via_f16(q):
+    """fp32 → E4M3 by the hardware's fp16 → E4M3 cvt, after rounding to fp16 by odd (exact: module docstring)."""
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    h = q.to(tl.float16, fp_downcast_rounding="rtz")  # cvt.rz.f16.f32
+    sticky = (h.to(tl.float32) != q).to(tl.int16)  # inexact: the odd neighbour is rz(q) with its last bit set
+    h = (h.to(tl.int16, bitcast=True) | sticky).to(tl.float16, bitcast=True)
+    return h.to(tl.float8e4nv)  # cvt.rn.satfinite.e4m3x2.f16x2
 
 
 @triton.jit
-def _e4m3_probe_kernel(x_ptr, q_ptr, n, HW_CAST: tl.constexpr, BLOCK: tl.constexpr):
+def e4m3_cast(q, CAST: tl.constexpr):
+    """fp32 → E4M3, nearest even, ±448 beyond, by the path ``CAST`` names (module docstring)."""
+    if CAST == _HARDWARE_C:
+        return q.to(tl.float8e4nv)
+    elif CAST == _HARDWARE_F16_C:
+        return e4m3_via_f16(q)
+    else:
+        return e4m3_emulated(q)
+
+
+@triton.jit
+def _e4m3_probe_kernel(x_ptr, q_ptr, n, CAST: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
-    tl.store(q_ptr + offs, e4m3_cast(x, HW_CAST), mask=offs < n)
+    tl.store(q_ptr + offs, e4m3_cast(x, CAST), mask=offs < n)
 
 
 def probe_values(sweep_step_bits: int = 1 << 12) -> torch.Tensor:
@@ -82,44 +107,47 @@ def probe_values(sweep_step_bits: int = 1 << 12) -> torch.Tensor:
     return torch.cat([positive, -positive])
 
 
-def cast_on_device(x: torch.Tensor, hw_cast: bool) -> torch.Tensor:
-    """E4M3 bits (uint8, x's shape) of the fp32 tensor ``x`` through ``e4m3_cast``, on x's device."""
+def cast_on_device(x: torch.Tensor, cast: int) -> torch.Tensor:
+    """E4M3 bits (uint8, x's shape) of the fp32 tensor ``x`` by the path ``cast``, on x's device."""
     x = x.contiguous()
     q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
-    _e4m3_probe_kernel[(cdiv(x.numel(), _PROBE_BLOCK),)](x, q, x.numel(), HW_CAST=hw_cast, BLOCK=_PROBE_BLOCK)
+    _e4m3_probe_kernel[(cdiv(x.numel(), _PROBE_BLOCK),)](x, q, x.numel(), CAST=cast, BLOCK=_PROBE_BLOCK)
     return q.view(torch.uint8)
 
 
-def probe_mismatches(device: torch.device) -> int:
-    """How many of ``probe_values()`` the hardware cast rounds differently from the emulation on ``device``."""
+def probe_mismatches(device: torch.device, cast: int) -> int:
+    """How many of ``probe_values()`` the path ``cast`` rounds otherwise than the emulation on ``device``."""
     x = probe_values().to(device)
-    return int((cast_on_device(x, True) != cast_on_device(x, False)).sum())
+    return int((cast_on_device(x, cast) != cast_on_device(x, EMULATED)).sum())
 
 
-def hardware_cast(device: torch.device | str) -> bool:
-    """Whether the quantisers on ``device`` use the hardware E4M3 cast: a CUDA device of sm_89 or later,
-    not the interpreter, whose probe gave the emulation's bits (run once per process and device)."""
+def cast_for_device(device: torch.device | str) -> int:
+    """The E4M3 path of the quantisers on ``device``: ``HARDWARE`` or ``HARDWARE_F16`` on a CUDA device of sm_89
+    or later whose probe gave the emulation's bits with it (run once per process and device), else ``EMULATED``."""
     device = torch.device(device)
     if INTERPRET or device.type != "cuda":
-        return False
-    index = torch.cuda.current_device() if device.index is None else device.index
-    return _probe_passed(index)
+        return EMULATED
+    return _probed_cast(torch.cuda.current_device() if device.index is None else device.index)
 
 
 @functools.cache
-def _probe_passed(index: int) -> bool:
+def _probed_cast(index: int) -> int:
     if torch.cuda.get_device_capability(index) < MIN_HW_CAPABILITY:
-        return False
-    device = torch.device("cuda", index)
-    try:
-        bad = probe_mismatches(device)
-    except Exception as exc:  # noqa: BLE001 (a compile or launch failure falls back the same way)
-        warnings.warn(f"fp8 quantisers on {device}: the hardware E4M3 cast failed to run ({exc!r}); "
-                      "using the integer emulation", RuntimeWarning, stacklevel=3)
-        return False
-    if bad:
-        n = probe_values().numel()
-        warnings.warn(f"fp8 quantisers on {device}: the hardware E4M3 cast differs from the integer emulation on "
-                      f"{bad} of {n} probe values; using the emulation", RuntimeWarning, stacklevel=3)
-        return False
-    return True
+        return EMULATED
+    device, n = torch.device("cuda", index), probe_values().numel()
+    failures = []
+    for name in ("hardware", "hardware_f16"):
+        try:
+            bad = probe_mismatches(device, CASTS[name])
+        except Exception as exc:  # noqa: BLE001 (a compile or launch failure falls back the same way)
+            failures.append(f"{name} failed to run ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+            continue
+        if not bad:
+            break
+        failures.append(f"{name} differs from the emulation on {bad} of {n} probe values")
+    else:
+        name = "emulated"
+    if failures:
+        warnings.warn(f"fp8 quantisers on {device}: the E4M3 cast {'; '.join(failures)}; using {name}",
+                      RuntimeWarning, stacklevel=3)
+    return CASTS[name]

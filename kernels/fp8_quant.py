@@ -18,7 +18,7 @@ passes its own (``model.fp8.MIN_AMAX``) so that tiles of tiny gradients keep E4M
 
 import torch
 
-from .e4m3_cast import FP8_DTYPE, e4m3_cast, hardware_cast
+from .e4m3_cast import CASTS, FP8_DTYPE, cast_for_device, e4m3_cast
 from .triton_compat import INTERPRET, INTERPRET_C, cdiv, tl, triton
 
 FP8_MAX = 448.0
@@ -40,7 +40,7 @@ def scale_from_amax(amax, POW2: tl.constexpr, FLOOR: tl.constexpr):
 
 
 @triton.jit
-def quantize_e4m3(x, scale, POW2: tl.constexpr = False, HW_CAST: tl.constexpr = False):
+def quantize_e4m3(x, scale, POW2: tl.constexpr = False, CAST: tl.constexpr = 0):
     """x / scale as E4M3 (round to nearest even, ±448 beyond), bit for bit the torch reference's
     ``(x / scale).clamp(-448, 448).to(float8_e4m3fn)`` on finite and infinite inputs.
 
@@ -51,14 +51,14 @@ def quantize_e4m3(x, scale, POW2: tl.constexpr = False, HW_CAST: tl.constexpr = 
     the same bits, signed zeros, infinities and NaNs (0 * inf, inf * 0) included. Any other scale
     keeps the division: a reciprocal multiply is one ulp off for some x.
 
-    HW_CAST: the hardware's cvt instead of the integer emulation (``e4m3_cast``); only where
-    ``hardware_cast`` found them bit for bit the same on the device.
+    CAST: the E4M3 path (``e4m3_cast``: 0 the integer emulation, else a hardware cvt, only where
+    ``cast_for_device`` found it bit for bit the emulation on the device).
     """
     if POW2:
         q = x * tl.math.div_rn(1.0, scale)
     else:
         q = tl.math.div_rn(x, scale)
-    return e4m3_cast(q, HW_CAST)
+    return e4m3_cast(q, CAST)
 
 
 @triton.jit
@@ -73,12 +73,12 @@ def cast_for_store(x, dtype: tl.constexpr):
 
 @triton.jit
 def store_rows(out_ptrs, scale_ptrs, x, mask, row_mask, QUANT: tl.constexpr, POW2: tl.constexpr,
-               FLOOR: tl.constexpr, HW_CAST: tl.constexpr = False):
+               FLOOR: tl.constexpr, CAST: tl.constexpr = 0):
     """Epilogue for a (rows, 128) fp32 tile: store it as E4M3 with one scale per row (amax floored at
-    FLOOR), or as out's dtype. HW_CAST as in ``quantize_e4m3``."""
+    FLOOR), or as out's dtype. CAST as in ``quantize_e4m3``."""
     if QUANT:
         scale = scale_from_amax(tl.max(tl.abs(x), axis=1), POW2, FLOOR)
-        tl.store(out_ptrs, quantize_e4m3(x, scale[:, None], POW2, HW_CAST), mask=mask)
+        tl.store(out_ptrs, quantize_e4m3(x, scale[:, None], POW2, CAST), mask=mask)
         tl.store(scale_ptrs, scale, mask=row_mask)
     else:
         tl.store(out_ptrs, cast_for_store(x, out_ptrs.dtype.element_ty), mask=mask)
@@ -86,12 +86,12 @@ def store_rows(out_ptrs, scale_ptrs, x, mask, row_mask, QUANT: tl.constexpr, POW
 
 @triton.jit
 def store_cols_t(q_ptr, s_ptr, x, rows, cols, mask, col_mask, stride_q, stride_s, tile,
-                 POW2: tl.constexpr, FLOOR: tl.constexpr, HW_CAST: tl.constexpr = False):
+                 POW2: tl.constexpr, FLOOR: tl.constexpr, CAST: tl.constexpr = 0):
     """Epilogue for a (128 rows, C cols) fp32 tile in 128x1 tiles (one scale per column, amax floored at
     FLOOR), written transposed: q[col, row] at ``q_ptr + col * stride_q + row``, the scale at
     ``s_ptr + col * stride_s + tile``; what ``quant_act_128x1_t`` makes of the tile, without storing it first."""
     scale = scale_from_amax(tl.max(tl.abs(x), axis=0), POW2, FLOOR)  # (C,)
-    q = quantize_e4m3(x, scale[None, :], POW2, HW_CAST)
+    q = quantize_e4m3(x, scale[None, :], POW2, CAST)
     tl.store(q_ptr + cols[None, :].to(tl.int64) * stride_q + rows[:, None], q, mask=mask)
     tl.store(s_ptr + cols * stride_s + tile, scale, mask=col_mask)
 
@@ -125,7 +125,7 @@ def _blocks_configs() -> list:
     return [triton.Config({"TRANS_STORE": t}, num_warps=w) for w in (4, 8, 16) for t in (False, True)]
 
 
-@triton.autotune(configs=_rows_configs(), key=["size_key", "ROW_MAJOR", "HW_CAST"], do_bench=_autotune_bench)
+@triton.autotune(configs=_rows_configs(), key=["size_key", "ROW_MAJOR", "CAST"], do_bench=_autotune_bench)
 @triton.jit
 def _quant_rows_kernel(
     # pointers: input (R, C), fp8 output, fp32 scales (R, ceil(C/128))
@@ -135,7 +135,7 @@ def _quant_rows_kernel(
     # strides
     stride_xr, stride_xc, stride_qr, stride_qc, stride_sr, stride_sc,
     # meta
-    POW2: tl.constexpr, FLOOR: tl.constexpr, ROW_MAJOR: tl.constexpr, HW_CAST: tl.constexpr, BLOCK_R: tl.constexpr,
+    POW2: tl.constexpr, FLOOR: tl.constexpr, ROW_MAJOR: tl.constexpr, CAST: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """One scale per (row, 128 columns) of an (R, C) view; a transposed view (swapped strides)
@@ -148,12 +148,12 @@ def _quant_rows_kernel(
     x = tl.load(x_ptr + offs_r[:, None] * stride_xr + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
     x = x.to(tl.float32)  # (BLOCK_R, 128); fp32 at once: the interpreter mishandles bf16 math
     scale = scale_from_amax(tl.max(tl.abs(x), axis=1), POW2, FLOOR)  # (BLOCK_R,)
-    q = quantize_e4m3(x, scale[:, None], POW2, HW_CAST)
+    q = quantize_e4m3(x, scale[:, None], POW2, CAST)
     tl.store(q_ptr + offs_r[:, None] * stride_qr + offs_c[None, :] * stride_qc, q, mask=mask)
     tl.store(s_ptr + offs_r * stride_sr + pid_c * stride_sc, scale, mask=offs_r < R)
 
 
-@triton.autotune(configs=_blocks_configs(), key=["N", "K", "WRITE_Q", "WRITE_T", "HW_CAST"], do_bench=_autotune_bench)
+@triton.autotune(configs=_blocks_configs(), key=["N", "K", "WRITE_Q", "WRITE_T", "CAST"], do_bench=_autotune_bench)
 @triton.jit
 def _quant_blocks_kernel(
     # pointers: weights (E, N, K), fp8 copy, its transpose (E, K, N), scales (E, N/128, K/128)
@@ -165,7 +165,7 @@ def _quant_blocks_kernel(
     stride_se, stride_sn, stride_sk,
     # meta
     POW2: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_T: tl.constexpr,
-    HW_CAST: tl.constexpr, TRANS_STORE: tl.constexpr,
+    CAST: tl.constexpr, TRANS_STORE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -176,7 +176,7 @@ def _quant_blocks_kernel(
     w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                 mask=mask, other=0.0).to(tl.float32)
     scale = scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2, FLOOR)
-    q = quantize_e4m3(w, scale, POW2, HW_CAST)
+    q = quantize_e4m3(w, scale, POW2, CAST)
     if WRITE_Q:
         tl.store(q_ptr + e * stride_qe + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk, q, mask=mask)
     if WRITE_T:  # the same block, stored at its transposed place: contiguous along n there
@@ -204,18 +204,20 @@ def _check_float_2d(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a 2-D float tensor, got shape={tuple(x.shape)} dtype={x.dtype}")
 
 
-def _hw_cast(device: torch.device, hw_cast: bool | None) -> bool:
-    """The cast a quantiser call takes: ``hardware_cast``'s verdict for the device unless told."""
-    if hw_cast is None:
-        return hardware_cast(device)
-    if hw_cast and (INTERPRET or device.type != "cuda"):
-        raise ValueError(f"hw_cast=True needs a CUDA device and no Triton interpreter, got device={device} "
+def _cast(device: torch.device, cast: str | None) -> int:
+    """The E4M3 path a quantiser call takes: ``cast_for_device``'s for the device unless named."""
+    if cast is None:
+        return cast_for_device(device)
+    if cast not in CASTS:
+        raise ValueError(f"cast={cast!r} must be one of {sorted(CASTS)} or None")
+    if cast != "emulated" and (INTERPRET or device.type != "cuda"):
+        raise ValueError(f"cast={cast!r} needs a CUDA device and no Triton interpreter, got device={device} "
                          f"TRITON_INTERPRET={int(INTERPRET)}")
-    return hw_cast
+    return CASTS[cast]
 
 
 def _quant_rows(view: torch.Tensor, pow2_scale: bool, amax_floor: float,
-                hw_cast: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                cast: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise the rows of a 2-D view (any strides) in 1×128 tiles into a new contiguous tensor.
 
     The scales come MN-major, (R, ceil(C/128)) with strides (1, R rounded up to 4): one K block's
@@ -227,31 +229,32 @@ def _quant_rows(view: torch.Tensor, pow2_scale: bool, amax_floor: float,
     _quant_rows_kernel[lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(C, TILE))](
         view, q, s, R, C, (R * C).bit_length(),
         view.stride(0), view.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
-        POW2=pow2_scale, FLOOR=amax_floor, ROW_MAJOR=view.stride(1) == 1, HW_CAST=_hw_cast(view.device, hw_cast),
+        POW2=pow2_scale, FLOOR=amax_floor, ROW_MAJOR=view.stride(1) == 1, CAST=_cast(view.device, cast),
         BLOCK_C=TILE,
     )
     return q, s
 
 
 def quant_act_1x128(x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR,
-                    hw_cast: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    cast: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) float → (x_fp8 (M, K), scale (M, ceil(K/128)) fp32), one scale per 1×128 tile.
 
-    ``hw_cast`` (every quantiser here): the hardware E4M3 cast (True), the integer emulation (False),
-    or whichever ``e4m3_cast.hardware_cast`` chose for x's device (None); the same bits either way."""
+    ``cast`` (every quantiser here): the E4M3 path by name (``e4m3_cast.CASTS``: "emulated", "hardware",
+    "hardware_f16"), or None for the one ``e4m3_cast.cast_for_device`` chose for x's device; the same bits
+    wherever the device's probe passed."""
     _check_float_2d(x, "x")
-    return _quant_rows(x, pow2_scale, amax_floor, hw_cast)
+    return _quant_rows(x, pow2_scale, amax_floor, cast)
 
 
 def quant_act_128x1_t(x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR,
-                      hw_cast: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      cast: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) float → (x^T fp8 (K, M) contiguous, scale (K, ceil(M/128)) fp32), 128×1 tiles."""
     _check_float_2d(x, "x")
-    return _quant_rows(x.t(), pow2_scale, amax_floor, hw_cast)  # rows of the (K, M) output are columns of x
+    return _quant_rows(x.t(), pow2_scale, amax_floor, cast)  # rows of the (K, M) output are columns of x
 
 
 def _quant_blocks(w: torch.Tensor, pow2_scale: bool, amax_floor: float, write_q: bool, write_t: bool,
-                  hw_cast: bool | None = None):
+                  cast: str | None = None):
     """One pass over w ([E,] N, K): (q ([E,] N, K) or None, q^T ([E,] K, N) contiguous or None, scale ([E,] N/128,
     K/128)). The transposed copy is stored from the same registers, so w is read once and never transposed."""
     if w.dim() not in (2, 3) or not w.is_floating_point():
@@ -264,7 +267,7 @@ def _quant_blocks(w: torch.Tensor, pow2_scale: bool, amax_floor: float, write_q:
     grid = (cdiv(N, TILE), cdiv(K, TILE), E)
     _quant_blocks_kernel[grid](w3, q, qt, s, N, K, *w3.stride(), *q.stride(), *qt.transpose(1, 2).stride(),
                                *s.stride(), POW2=pow2_scale, FLOOR=amax_floor, BLOCK=TILE, WRITE_Q=write_q,
-                               WRITE_T=write_t, HW_CAST=_hw_cast(w.device, hw_cast))
+                               WRITE_T=write_t, CAST=_cast(w.device, cast))
     if w.dim() == 2:
         q, qt, s = q[0], qt[0], s[0]
     return (q if write_q else None), (qt if write_t else None), s
@@ -272,23 +275,23 @@ def _quant_blocks(w: torch.Tensor, pow2_scale: bool, amax_floor: float, write_q:
 
 def quant_weight_128x128(
     w: torch.Tensor, pow2_scale: bool = False, transposed: bool = False, amax_floor: float = AMAX_FLOOR,
-    hw_cast: bool | None = None,
+    cast: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """w ([E,] N, K) float → (w_fp8 ([E,] N, K), scale ([E,] ceil(N/128), ceil(K/128)), w_fp8^T or None).
 
     The transposed copy is ([E,] K, N) contiguous, for the input gradient; its scales are ``scale.mT``.
     """
-    q, qt, s = _quant_blocks(w, pow2_scale, amax_floor, True, transposed, hw_cast)
+    q, qt, s = _quant_blocks(w, pow2_scale, amax_floor, True, transposed, cast)
     return q, s, qt
 
 
 def quant_weight_128x128_t(
-    w: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR, hw_cast: bool | None = None,
+    w: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR, cast: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The quantisation of w^T, read from w ([E,] N, K) in its own layout: (q ([E,] K, N) contiguous, scale
     ([E,] ceil(K/128), ceil(N/128)) contiguous). Bit-identical to ``quant_weight_128x128(w.mT)`` (square
     blocks aligned at 0 hold the same elements either way), without its strided read of w."""
-    _, qt, s = _quant_blocks(w, pow2_scale, amax_floor, False, True, hw_cast)
+    _, qt, s = _quant_blocks(w, pow2_scale, amax_floor, False, True, cast)
     return qt, s.mT.contiguous()
 
 

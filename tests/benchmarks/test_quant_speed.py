@@ -87,7 +87,7 @@ def test_report_rows_both_paths_a_mismatch_and_a_skip():
 
 def test_cpu_smoke_run_writes_the_table(tmp_path, capsys):
     out = tmp_path / "q.md"
-    rows = quant_speed.main(["--device", "cpu", "--small", "--jobs", "0", "--out", str(out)])
+    rows = quant_speed.main(["--device", "cpu", "--small", "--jobs", "0", "--budget-s", "1e6", "--out", str(out)])
     assert [(r["quantiser"], tuple(r["shape"])) for r in rows] == quant_speed.cases(small=True)
     assert all(r["skipped"] is None and r["hardware"] is None and r["emulated"]["s"] > 0 for r in rows)
     assert all(r["emulated"]["hbm_frac"] is None for r in rows)  # no HBM peak on the CPU
@@ -96,3 +96,20 @@ def test_cpu_smoke_run_writes_the_table(tmp_path, capsys):
     assert len([line for line in text.splitlines() if line.startswith("| weight_128x128")]) == 4
     assert f"wrote {out}" in capsys.readouterr().out
     assert math.isclose(rows[0]["bytes"], 3 * 200 * 384 + 4 * 200 * 3)
+
+
+def test_past_the_budget_every_shape_is_listed_as_skipped(tmp_path):
+    out = tmp_path / "q.md"
+    rows = quant_speed.main(["--device", "cpu", "--small", "--jobs", "0", "--budget-s", "1e-9", "--out", str(out)])
+    assert rows and all(r["skipped"].startswith("budget") for r in rows)
+    assert out.read_text().count("| skipped: budget") == len(quant_speed.cases(small=True))
+
+
+@pytest.mark.parametrize("chosen, path, says", [(1, "hardware", "the path the probe chose"),
+                                                (2, "hardware_f16", "(the fp32 cvt failed it)"),
+                                                (0, "hardware", "FAILED the probe")])
+def test_the_hardware_column_times_the_probes_choice(monkeypatch, chosen, path, says):
+    monkeypatch.setattr(quant_speed, "cast_for_device", lambda device: chosen)
+    hw, text = quant_speed.hardware_path(torch.device("cuda"), None)
+    assert hw == path and says in text
+    assert quant_speed.hardware_path(torch.device("cpu"), "no GPU") == (None, "unavailable: no GPU")

@@ -1,10 +1,11 @@
-"""The hardware E4M3 cast of the FP8 quantisers (kernels/e4m3_cast.py) against the integer emulation.
+"""The hardware E4M3 casts of the FP8 quantisers (kernels/e4m3_cast.py) against the integer emulation.
 
 On the CPU (Triton interpreter): the probe's values cover every E4M3 code and rounding boundary, the emulation
-gives torch's bits on all of them, the interpreter never takes the hardware path, a probe that disagrees falls
-back with one warning, and the power-of-two scales' reciprocal multiply is the division at extreme exponents.
-On CUDA (sm_89+): the probe passes, and every autotune candidate of every quantiser gives the same bits with the
-hardware cast as with the emulation, on the probe's values and on random tensors.
+gives torch's bits on all of them, rounding to odd through fp16 is rounding once (in torch), the interpreter
+never takes a hardware path, a probe that disagrees falls back with one warning, and the power-of-two scales'
+reciprocal multiply is the division at extreme exponents. On CUDA (sm_89+): the fp16 path (exact by theorem)
+and the path the probe chose pass the probe, and every autotune candidate of every quantiser gives the same
+bits with them as with the emulation, on the probe's values and on random tensors.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ def torch_e4m3(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture
 def fresh_probe_cache():
-    e4m3_cast._probe_passed.cache_clear()
+    e4m3_cast._probed_cast.cache_clear()
     yield
-    e4m3_cast._probe_passed.cache_clear()
+    e4m3_cast._probed_cast.cache_clear()
 
 
 def test_probe_values_reach_every_code_tie_and_saturation():
@@ -59,41 +60,69 @@ def test_emulation_is_torch_on_every_probe_value():
     """The emulated cast (what the interpreter and the fallback run) against torch's round to nearest even."""
     x = e4m3_cast.probe_values()
     device = "cuda" if ON_GPU else "cpu"
-    assert torch.equal(e4m3_cast.cast_on_device(x.to(device), False).cpu(), torch_e4m3(x))
+    assert torch.equal(e4m3_cast.cast_on_device(x.to(device), e4m3_cast.EMULATED).cpu(), torch_e4m3(x))
+
+
+def test_rounding_to_odd_through_fp16_is_rounding_once():
+    """``e4m3_via_f16``'s recipe in torch (fp16 truncated, its last bit set where inexact, then torch's fp16 ->
+    E4M3 round to nearest even) gives the direct rounding's bits on every probe value; plain fp16 rounding
+    to nearest first does not (double rounding), so the probe values would catch a cvt that did that."""
+    x = e4m3_cast.probe_values().clamp(-448.0, 448.0)
+    nearest = x.to(torch.float16)
+    bits = nearest.view(torch.int16)
+    truncated = torch.where(nearest.float().abs() > x.abs(), bits - 1, bits)  # sign-magnitude: one step to zero
+    odd = truncated | (truncated.view(torch.float16).float() != x).to(torch.int16)
+    assert torch.equal(odd.view(torch.float16).to(torch.float8_e4m3fn).view(torch.uint8), torch_e4m3(x))
+    assert not torch.equal(nearest.to(torch.float8_e4m3fn).view(torch.uint8), torch_e4m3(x))
 
 
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's own verdict")
 def test_interpreter_keeps_the_emulation():
-    assert not e4m3_cast.hardware_cast("cpu") and not e4m3_cast.hardware_cast("cuda:0")
-    with pytest.raises(ValueError, match="hw_cast=True needs a CUDA device"):
-        quant_act_1x128(torch.ones(2, 128), hw_cast=True)
+    assert e4m3_cast.cast_for_device("cpu") == e4m3_cast.cast_for_device("cuda:0") == e4m3_cast.EMULATED
+    with pytest.raises(ValueError, match="cast='hardware' needs a CUDA device"):
+        quant_act_1x128(torch.ones(2, 128), cast="hardware")
+    with pytest.raises(ValueError, match="cast='fast' must be one of"):
+        quant_act_1x128(torch.ones(2, 128), cast="fast")
 
 
-@pytest.mark.parametrize("failure", [5, RuntimeError("ptxas died")])
-def test_a_probe_that_disagrees_keeps_the_emulation_and_warns_once(monkeypatch, fresh_probe_cache, failure):
+@pytest.mark.parametrize("outcomes, chosen, says", [
+    ((5, 7), e4m3_cast.EMULATED, ["hardware differs from the emulation on 5 of", "hardware_f16 differs", "using emulated"]),
+    ((RuntimeError("ptxas died"), 0), e4m3_cast.HARDWARE_F16, ["hardware failed to run (RuntimeError: ptxas died)",
+                                                                "using hardware_f16"]),
+])
+def test_a_probe_that_disagrees_falls_back_and_warns_once(monkeypatch, fresh_probe_cache, outcomes, chosen, says):
     calls = []
 
-    def probe(device):
-        calls.append(device)
-        if isinstance(failure, Exception):
-            raise failure
-        return failure
+    def probe(device, cast):
+        outcome = outcomes[len(calls)]
+        calls.append(cast)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     monkeypatch.setattr(e4m3_cast, "INTERPRET", False)
     monkeypatch.setattr(e4m3_cast, "probe_mismatches", probe)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
-    with pytest.warns(RuntimeWarning, match="using the integer emulation|using the emulation") as record:
-        assert e4m3_cast.hardware_cast("cuda:0") is False
-    assert e4m3_cast.hardware_cast("cuda:0") is False  # cached: no second probe, no second warning
-    assert len(calls) == 1 and len(record) == 1
-    assert ("5 of" in str(record[0].message)) == (failure == 5)
+    with pytest.warns(RuntimeWarning) as record:
+        assert e4m3_cast.cast_for_device("cuda:0") == chosen
+    assert e4m3_cast.cast_for_device("cuda:0") == chosen  # cached: no second probe, no second warning
+    assert calls == [e4m3_cast.HARDWARE, e4m3_cast.HARDWARE_F16] and len(record) == 1
+    assert all(part in str(record[0].message) for part in says), str(record[0].message)
+
+
+def test_a_probe_that_passes_says_nothing(monkeypatch, fresh_probe_cache, recwarn):
+    monkeypatch.setattr(e4m3_cast, "INTERPRET", False)
+    monkeypatch.setattr(e4m3_cast, "probe_mismatches", lambda device, cast: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    assert e4m3_cast.cast_for_device("cuda:0") == e4m3_cast.HARDWARE
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
 def test_old_gpus_never_probe(monkeypatch, fresh_probe_cache):
     monkeypatch.setattr(e4m3_cast, "INTERPRET", False)
-    monkeypatch.setattr(e4m3_cast, "probe_mismatches", lambda device: pytest.fail("probed an sm_80"))
+    monkeypatch.setattr(e4m3_cast, "probe_mismatches", lambda device, cast: pytest.fail("probed an sm_80"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
-    assert e4m3_cast.hardware_cast("cuda:1") is False
+    assert e4m3_cast.cast_for_device("cuda:1") == e4m3_cast.EMULATED
 
 
 def test_power_of_two_reciprocal_is_the_division():
@@ -126,25 +155,25 @@ def test_pow2_quantisers_match_the_reference_at_extreme_exponents(magnitude):
 # ----------------------------------------------------------------------------- CUDA, sm_89+
 
 
-def _rows_candidate(view, config, hw, pow2):
+def _rows_candidate(view, config, cast, pow2):
     R, C = view.shape
     q = torch.empty((R, C), dtype=torch.float8_e4m3fn, device=view.device)
     s = torch.empty((R, -(-C // 128)), dtype=torch.float32, device=view.device)
     block_r = config.kwargs["BLOCK_R"]
     fp8_quant._quant_rows_kernel.fn[(-(-R // block_r), -(-C // 128))](
         view, q, s, R, C, 0, *view.stride(), *q.stride(), *s.stride(), POW2=pow2, FLOOR=fp8_quant.AMAX_FLOOR,
-        ROW_MAJOR=view.stride(1) == 1, HW_CAST=hw, BLOCK_C=128, num_warps=config.num_warps, **config.kwargs)
+        ROW_MAJOR=view.stride(1) == 1, CAST=cast, BLOCK_C=128, num_warps=config.num_warps, **config.kwargs)
     return q, s
 
 
-def _blocks_candidate(w, config, hw, pow2):
+def _blocks_candidate(w, config, cast, pow2):
     E, N, K = w.shape
     q = torch.empty((E, N, K), dtype=torch.float8_e4m3fn, device=w.device)
     qt = torch.empty((E, K, N), dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.empty((E, -(-N // 128), -(-K // 128)), dtype=torch.float32, device=w.device)
     fp8_quant._quant_blocks_kernel.fn[(-(-N // 128), -(-K // 128), E)](
         w, q, qt, s, N, K, *w.stride(), *q.stride(), *qt.transpose(1, 2).stride(), *s.stride(), POW2=pow2,
-        FLOOR=fp8_quant.AMAX_FLOOR, BLOCK=128, WRITE_Q=True, WRITE_T=True, HW_CAST=hw, num_warps=config.num_warps,
+        FLOOR=fp8_quant.AMAX_FLOOR, BLOCK=128, WRITE_Q=True, WRITE_T=True, CAST=cast, num_warps=config.num_warps,
         **config.kwargs)
     return q, qt, s
 
@@ -159,11 +188,18 @@ def _probe_rows() -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, -x.shape[0] % 128)).cuda()  # whole 128-row tiles
 
 
+def _hardware_casts() -> list[int]:
+    """The fp16 path (exact by theorem) and the path the probe chose, where that is another."""
+    return sorted({e4m3_cast.HARDWARE_F16, e4m3_cast.cast_for_device("cuda")})
+
+
 @pytest.mark.gpu
 @needs_hw
-def test_probe_passes_on_this_gpu(fresh_probe_cache):
-    assert e4m3_cast.probe_mismatches(torch.device("cuda")) == 0
-    assert e4m3_cast.hardware_cast("cuda")
+def test_the_fp16_path_and_the_chosen_one_pass_the_probe(fresh_probe_cache):
+    chosen = e4m3_cast.cast_for_device("cuda")
+    assert chosen in (e4m3_cast.HARDWARE, e4m3_cast.HARDWARE_F16)
+    for cast in _hardware_casts():
+        assert e4m3_cast.probe_mismatches(torch.device("cuda"), cast) == 0, cast
 
 
 def _inputs():
@@ -179,10 +215,11 @@ def test_every_rows_candidate_gives_the_emulations_bits(pow2):
     for name, x in _inputs().items():
         for view, ref in ((x, quant_act_1x128_ref(x, pow2)), (x.t(), quant_act_128x1_t_ref(x, pow2))):
             for config in fp8_quant._quant_rows_kernel.configs:
-                emulated = _rows_candidate(view, config, False, pow2)
-                hardware = _rows_candidate(view, config, True, pow2)
-                assert all(same_bits(a, b) for a, b in zip(emulated, hardware)), (name, view.stride(), config)
-                assert same_bits(hardware[0], ref[0]) and torch.equal(hardware[1], ref[1]), (name, config)
+                emulated = _rows_candidate(view, config, e4m3_cast.EMULATED, pow2)
+                assert same_bits(emulated[0], ref[0]) and torch.equal(emulated[1], ref[1]), (name, config)
+                for cast in _hardware_casts():
+                    hardware = _rows_candidate(view, config, cast, pow2)
+                    assert all(same_bits(a, b) for a, b in zip(emulated, hardware)), (name, view.stride(), config, cast)
 
 
 @pytest.mark.gpu
@@ -193,8 +230,9 @@ def test_every_blocks_candidate_gives_the_emulations_bits(pow2):
         w = x.unsqueeze(0)
         q_ref, s_ref = quant_weight_128x128_ref(w, pow2)
         for config in fp8_quant._quant_blocks_kernel.configs:
-            emulated = _blocks_candidate(w, config, False, pow2)
-            hardware = _blocks_candidate(w, config, True, pow2)
-            assert all(same_bits(a, b) for a, b in zip(emulated, hardware)), (name, config)
-            assert same_bits(hardware[0], q_ref) and same_bits(hardware[1], q_ref.mT), (name, config)
-            assert torch.equal(hardware[2], s_ref), (name, config)
+            emulated = _blocks_candidate(w, config, e4m3_cast.EMULATED, pow2)
+            assert same_bits(emulated[0], q_ref) and same_bits(emulated[1], q_ref.mT), (name, config)
+            assert torch.equal(emulated[2], s_ref), (name, config)
+            for cast in _hardware_casts():
+                hardware = _blocks_candidate(w, config, cast, pow2)
+                assert all(same_bits(a, b) for a, b in zip(emulated, hardware)), (name, config, cast)

@@ -119,7 +119,7 @@ def test_every_autotune_candidate_of_the_quantisers_is_bit_exact(device, shape):
             s = torch.empty((R, -(-C // 128)), dtype=torch.float32, device=device)
             fp8_quant._quant_rows_kernel.fn[(-(-R // block_r), -(-C // 128))](
                 view, q, s, R, C, 0, *view.stride(), *q.stride(), *s.stride(), POW2=False,
-                FLOOR=fp8_quant.AMAX_FLOOR, ROW_MAJOR=view.stride(1) == 1, HW_CAST=False, BLOCK_R=block_r, BLOCK_C=128,
+                FLOOR=fp8_quant.AMAX_FLOOR, ROW_MAJOR=view.stride(1) == 1, CAST=0, BLOCK_R=block_r, BLOCK_C=128,
                 num_warps=warps)
             assert torch.equal(s, ref[1]) and same_bits(q, ref[0]), (view.stride(), block_r)
     w = rand(2, *shape, seed=7, device=device)
@@ -132,7 +132,7 @@ def test_every_autotune_candidate_of_the_quantisers_is_bit_exact(device, shape):
             s = torch.empty_like(s_ref)
             fp8_quant._quant_blocks_kernel.fn[(-(-N // 128), -(-K // 128), E)](
                 w, q, qt, s, N, K, *w.stride(), *q.stride(), *qt.transpose(1, 2).stride(), *s.stride(), POW2=False,
-                FLOOR=fp8_quant.AMAX_FLOOR, BLOCK=128, WRITE_Q=True, WRITE_T=True, HW_CAST=False, TRANS_STORE=trans,
+                FLOOR=fp8_quant.AMAX_FLOOR, BLOCK=128, WRITE_Q=True, WRITE_T=True, CAST=0, TRANS_STORE=trans,
                 num_warps=warps)
             assert torch.equal(s, s_ref) and same_bits(q, q_ref) and same_bits(qt, q_ref.mT.contiguous()), trans
 
