@@ -49,6 +49,9 @@ from moeplan.orchestrator.errors import InputError
 # a hard link and an unlink per entry, 6.3 us + 4.7 us measured on this project's 2-core box (ext4), about
 # 1.1 s at the bound, and a folder that big is not a command's output folder (a home, a dataset).
 MAX_SWAPPED_ENTRIES = 100_000
+# Folders an output path may need made: more is a mistake (a path of 2,000 `d/` ran pathlib's recursive mkdir
+# out of stack), and a real layout needs a handful.
+MAX_NEW_FOLDERS = 64
 
 
 def strict_json(value: Any, indent: int | None = 2) -> str:
@@ -82,6 +85,10 @@ def _check_writable(path: Path, option: str, is_dir: bool) -> None:
     and removed at once. Modes alone do not tell (root ignores them; ``/proc``, ``/sys`` and read-only mounts
     refuse anyway), and a command told to write where it cannot should fail before it computes, not after."""
     folder = next((p for p in ((path,) if is_dir else ()) + tuple(path.parents) if p.is_dir()), Path("."))
+    new_folders = len(path.parts) - len(folder.parts) - (0 if is_dir else 1)
+    if new_folders > MAX_NEW_FOLDERS:  # each is made by a recursive call (pathlib's mkdir(parents=True))
+        raise InputError(f"{option} {str(path)[:200]}: needs {new_folders} new folders; at most {MAX_NEW_FOLDERS} "
+                         "are made")
     try:
         fd, name = tempfile.mkstemp(prefix=".moeplan-probe-", suffix=".tmp", dir=folder)
     except OSError as exc:

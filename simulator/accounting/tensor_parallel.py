@@ -58,6 +58,11 @@ def check_tp(m: ModelSpec, cluster: ClusterSpec, parallel: ParallelSpec) -> None
     if parallel.cp > 1:
         raise TensorParallelError(f"tp={tp} with cp={parallel.cp}: tensor and context parallelism together are "
                                   "not modelled (use one of them)")
+    tokens = parallel.micro_batch_size * parallel.seq_len_tokens
+    if tokens < tp:  # each TP rank routes (and, under SP, norms) its own 1/tp of the micro-batch's tokens
+        raise TensorParallelError(f"tp={tp} exceeds the {tokens} token(s) of a micro-batch "
+                                  f"(micro_batch_size={parallel.micro_batch_size} x "
+                                  f"seq_len_tokens={parallel.seq_len_tokens}): a TP rank would hold none")
 
 
 def shard_rows(rows: int, tp: int, rank: int = 0) -> int:

@@ -38,6 +38,8 @@ CASES = {
     # `check --recalibrate /proc/x/out` compared the run and drew its page first)
     "--out in /proc": ([*TINY[:-1], "/proc/moeplan-hostile/o"], {}, "--out /proc/moeplan-hostile/o: cannot write in /proc"),
     "--trace in /sys": ([*TINY, "--trace", "/sys/kernel/t.json"], {}, "--trace /sys/kernel/t.json: cannot write in /sys"),
+    "--out 2,000 folders deep": ([*TINY[:-1], "{d}/" + "d/" * 2000 + "o"], {}, "needs 2001 new folders; at most 64"),
+    "--trace 2,000 folders deep": ([*TINY, "--trace", "{d}/" + "d/" * 2000 + "t.json"], {}, "needs 2000 new folders"),
     "schedule --out in /proc": (["schedule", "--kind", "1f1b", "--pp", "2", "--microbatches", "4", "--out",
                                  "/proc/moeplan-hostile/s.csv"], {}, "cannot write in /proc"),
     "schedule --out too long": (["schedule", "--kind", "1f1b", "--pp", "2", "--microbatches", "4", "--out",
@@ -79,6 +81,8 @@ CASES = {
         [*TINY, "--no-search", "--ep", "2", "--redundant-experts", "17"], {},
         "--redundant-experts 17 at ep=2: slots per GPU=17 exceed the 16 experts a node holds"),
     # meaning
+    "tp past a micro-batch's tokens": ([*TINY, "--no-search", "--tp", "2", "--sp", "--seq-len", "1"], {},
+                                       "tp=2 exceeds the 1 token(s) of a micro-batch (micro_batch_size=1 x seq_len"),
     "--tokens 1e-30": ([*TINY, "--tokens", "1e-30"], {}, "training.phases.0.tokens=1e-30 is less than one step"),
     "redundant experts on a dense model": (
         ["plan", "--model", "deepseek-67b", "--cluster", "h100", "--nodes", "4", "--redundant-experts", "4",
@@ -152,6 +156,15 @@ def test_what_was_assumed_is_a_note(tmp_path):
          "(as if its positions were extended)"),
         "moeplan: note: --redundant-experts 2 has no effect at ep=1 (no expert parallelism)",
     ]
+
+
+def test_a_one_token_sequence_is_planned(tmp_path):
+    """The search skips TP layouts whose ranks would route no token (it ended in a ValueError, exit 3, from the
+    all-to-all model: found by a generated hostile set, 2026-12-06)."""
+    res = CliRunner().invoke(app, ["plan", "--model", "tiny-moe", "--cluster", "cpu", "--nodes", "1", "--seq-len", "1",
+                                   "--global-batch", "1", "--tokens", "100M", "--out", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["tp"] == 1
 
 
 def test_names_from_files_cannot_drive_the_terminal(tmp_path):
