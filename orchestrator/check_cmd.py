@@ -3,8 +3,8 @@
 Reads ``RUN/run.json`` (``contracts.run_report``), the plan (``--plan``, else the file the report names
 inside the run directory or beside it, else ``RUN/plan.json``), the measured traces the report lists
 (``RUN/traces/rank{r}.json``; without them the timelines stored in the report), and the plan's simulated
-step (``RUN/plan-trace.json`` from ``moeplan plan --trace``, else simulated again when that reproduces
-the planned step). Exit 0 when every judged line is within the tolerance, 1 on a miss, 2 on bad input
+step (``--plan-trace`` from ``moeplan plan --trace``, else ``RUN/plan-trace.json``, the launched plan's, else
+simulated again; each only when it reproduces the checked plan's predicted step). Exit 0 when every judged line is within the tolerance, 1 on a miss, 2 on bad input
 (a corrupt report, a plan that is not the run's: one line).
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -30,6 +31,7 @@ from moeplan.simulator.contracts.run_report import (
     RunReportError,
     read_run_report,
 )
+from moeplan.simulator.costs.tables import CostTables
 from moeplan.simulator.report.run_comparison import Comparison, ComparisonError, compare, resimulated_trace
 from moeplan.simulator.report.run_html import run_html
 from moeplan.simulator.report.trace_analysis import (
@@ -42,8 +44,10 @@ from moeplan.simulator.report.trace_analysis import (
     intervals_of,
     read_trace,
 )
+from moeplan.simulator.spec.errors import first_error_line
 
 PLAN_TRACE_NAME = "plan-trace.json"
+TRACE_RTOL = 1e-6  # a trace is a plan's simulated step when its makespan is the predicted step this closely
 MISS_EXIT_CODE = 1
 MAX_DRAWN_RANKS = 16  # the measured timeline draws at most this many ranks (one per pipeline rank first)
 console = Console(width=140)
@@ -103,16 +107,36 @@ def measured_timelines(run_dir: Path, report: RunReport, drawn: Collection[int] 
     return timelines, intervals
 
 
-def predicted_intervals(run_dir: Path, plan: PlanFile) -> list[Interval] | None:
-    """The plan's simulated step: ``RUN/plan-trace.json`` if the launcher copied it, else re-simulated."""
-    path = run_dir / PLAN_TRACE_NAME
-    if path.is_file():
+def predicted_intervals(run_dir: Path, plan: PlanFile, given: Path | None = None) -> list[Interval] | None:
+    """The plan's simulated step: ``given`` (``--plan-trace``), else ``RUN/plan-trace.json`` (the launched plan's,
+    copied by the launcher), else re-simulated. A trace counts only when its makespan is this plan's predicted
+    step: a plan with the run's inputs but other cost tables (``plan --calibration``) predicts another step, and
+    the launched plan's trace is not its breakdown."""
+    for path in (given, run_dir / PLAN_TRACE_NAME):
+        if path is None or not path.is_file():
+            if path is given and given is not None:
+                raise InputError(f"--plan-trace {given}: no such file")
+            continue
         try:  # every pipeline rank's events in one file
-            return chrome_intervals(read_trace(path, plan.layout.pp * MAX_TRACE_EVENTS))
+            intervals = chrome_intervals(read_trace(path, plan.layout.pp * MAX_TRACE_EVENTS))
         except TraceError as exc:
             raise InputError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
+        if _reproduces(intervals, plan):
+            return intervals
+        if path is given:
+            raise InputError(f"--plan-trace {given}: its step ({_makespan(intervals):.6g} s) is not the plan's "
+                             f"predicted step ({plan.predictions.step.step_time_s:.6g} s)")
     events = resimulated_trace(plan)
     return intervals_of(events) if events is not None else None
+
+
+def _makespan(intervals: list[Interval]) -> float:
+    return max((iv.end_s for iv in intervals), default=0.0) - min((iv.start_s for iv in intervals), default=0.0)
+
+
+def _reproduces(intervals: list[Interval], plan: PlanFile) -> bool:
+    predicted = plan.predictions.step.step_time_s if plan.predictions is not None else None
+    return predicted is not None and abs(_makespan(intervals) - predicted) <= TRACE_RTOL * predicted
 
 
 def _drawn_ranks(report: RunReport) -> dict[int, str]:
@@ -136,6 +160,16 @@ def comparison_table(comparison: Comparison) -> Table:
     return table
 
 
+def _tables_file(path: Path) -> CostTables:
+    """``--recalibrate-from FILE``'s tables, read before any work (the recalibration itself imports torch)."""
+    try:
+        return CostTables.from_file(path)
+    except ValidationError as exc:
+        raise InputError(first_error_line(exc, f"--recalibrate-from {path}")) from None
+    except ValueError as exc:
+        raise InputError(f"--recalibrate-from {exc}") from None
+
+
 def check_command(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="The run directory (holds run.json).")],
     plan: Annotated[Path | None, typer.Option("--plan", help="The plan file; default: the one the run names.")] = None,
@@ -145,22 +179,26 @@ def check_command(
                                                           "durations (for `plan --calibration`).")] = None,
     recalibrate_from: Annotated[Path | None, typer.Option(help="The tables to update (default: the plan's named "
                                                                "tables).")] = None,
+    plan_trace: Annotated[Path | None, typer.Option("--plan-trace", help="The plan's simulated step (`moeplan plan "
+                                                    "--trace`), for a --plan made with other cost tables than the "
+                                                    "run's.")] = None,
 ) -> int:
     """Check a run against its plan: exit 0 within tolerance, 1 on a miss, 2 on bad input; writes RUN/run.html."""
     if not 0 < tolerance < 1:
         raise InputError(f"--tolerance={tolerance} must be between 0 and 1 (0.05 = 5%)")
     if recalibrate is not None:
         check_out_file(recalibrate, "--recalibrate")
+    base = _tables_file(recalibrate_from) if recalibrate_from is not None else None
     report, loaded = load_run(run_dir, plan)
     check_out_file(run_dir / "run.html", "RUN/run.html")  # before the work, not after it
     outputs, moved = {}, None
     if recalibrate is not None:  # imported here: it loads torch, which the rest of the CLI never needs
         from moeplan.orchestrator.calibration.from_run import moved_table, recalibrated
 
-        outputs[recalibrate], moved = recalibrated(run_dir, report, loaded, recalibrate_from)
+        outputs[recalibrate], moved = recalibrated(run_dir, report, loaded, base)
     drawn = _drawn_ranks(report)
     measured, measured_events = measured_timelines(run_dir, report, drawn)
-    predicted_events = predicted_intervals(run_dir, loaded)
+    predicted_events = predicted_intervals(run_dir, loaded, plan_trace)
     predicted = analyse(predicted_events) if predicted_events else None
     try:
         comparison = compare(loaded, report, measured, predicted, tolerance)

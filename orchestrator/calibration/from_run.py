@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import ValidationError
 from rich.table import Table
 
 from moeplan.orchestrator.calibration.recalibrate import Moved, recalibrate
@@ -20,17 +19,13 @@ from moeplan.simulator.contracts.plan_file import PlanFile
 from moeplan.simulator.contracts.run_report import RunReport
 from moeplan.simulator.costs.tables import CostTables, default_tables, named_tables
 from moeplan.simulator.report.trace_analysis import TraceError, read_trace
-from moeplan.simulator.spec.errors import first_error_line
 
 
-def base_tables(plan: PlanFile, given: Path | None) -> CostTables:
+def base_tables(plan: PlanFile, given: CostTables | None) -> CostTables:
+    """The tables to update: ``given`` (``--recalibrate-from``'s, read by ``check_cmd`` before any work), else
+    the ones the plan was priced with, by name."""
     if given is not None:
-        try:
-            return CostTables.from_file(given)
-        except ValidationError as exc:
-            raise InputError(first_error_line(exc, f"--recalibrate-from {given}")) from None
-        except ValueError as exc:
-            raise InputError(f"--recalibrate-from {exc}") from None
+        return given
     name = plan.predictions.cost_tables if plan.predictions else "default"
     if name == default_tables(plan.inputs.cluster.gpu.name).name:  # e.g. "h200-default": the GPU's default tables
         name = "default"
@@ -41,7 +36,7 @@ def base_tables(plan: PlanFile, given: Path | None) -> CostTables:
                          "--recalibrate-from FILE (the calibration file it was planned with)") from None
 
 
-def recalibrated(run_dir: Path, report: RunReport, plan: PlanFile, given: Path | None) -> tuple[str, list[Moved]]:
+def recalibrated(run_dir: Path, report: RunReport, plan: PlanFile, given: CostTables | None) -> tuple[str, list[Moved]]:
     """The updated tables as JSON text, and what moved."""
     if not report.traces:
         raise InputError(f"{run_dir}: run.json lists no traces: nothing measured per op to recalibrate from")

@@ -40,6 +40,9 @@ CASES = {
     "--trace in /sys": ([*TINY, "--trace", "/sys/kernel/t.json"], {}, "--trace /sys/kernel/t.json: cannot write in /sys"),
     "--out 2,000 folders deep": ([*TINY[:-1], "{d}/" + "d/" * 2000 + "o"], {}, "needs 2001 new folders; at most 64"),
     "--trace 2,000 folders deep": ([*TINY, "--trace", "{d}/" + "d/" * 2000 + "t.json"], {}, "needs 2000 new folders"),
+    "check --recalibrate-from before the run": (  # was read after the traces and torch's import (2.6 s CPU)
+        ["check", "{d}/no-run", "--recalibrate", "{d}/n.json", "--recalibrate-from", "{d}/f.json"], {"f.json": "{}"},
+        "--recalibrate-from {d}/f.json: "),
     "schedule --out in /proc": (["schedule", "--kind", "1f1b", "--pp", "2", "--microbatches", "4", "--out",
                                  "/proc/moeplan-hostile/s.csv"], {}, "cannot write in /proc"),
     "schedule --out too long": (["schedule", "--kind", "1f1b", "--pp", "2", "--microbatches", "4", "--out",
