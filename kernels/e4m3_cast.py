@@ -123,7 +123,9 @@ def probe_mismatches(device: torch.device, cast: int) -> int:
 
 def cast_for_device(device: torch.device | str) -> int:
     """The E4M3 path of the quantisers on ``device``: ``HARDWARE`` or ``HARDWARE_F16`` on a CUDA device of sm_89
-    or later whose probe gave the emulation's bits with it (run once per process and device), else ``EMULATED``."""
+    or later whose probe gave the emulation's bits with it (run once per process and device), else ``EMULATED``.
+    The probe synchronises the device, so the first quantiser call (like the autotuner's) comes before any
+    CUDA-graph capture."""
     device = torch.device(device)
     if INTERPRET or device.type != "cuda":
         return EMULATED
