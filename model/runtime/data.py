@@ -11,6 +11,7 @@ sent and every party sees the same tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -28,14 +29,36 @@ class SyntheticTask:
     def permutation(self) -> torch.Tensor:
         return torch.randperm(self.vocab_size, generator=torch.Generator().manual_seed(name_seed(self.seed, "perm")))
 
+    @cached_property
+    def _cycles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The permutation as cycles, so perm applied i times is one gather: (cycles concatenated (V,), each token's
+        index into it (V,), each token's cycle start and length (V,) each)."""
+        perm = self.permutation().tolist()
+        flat, index, start, length = [], [0] * self.vocab_size, [0] * self.vocab_size, [0] * self.vocab_size
+        seen = bytearray(self.vocab_size)
+        for first in range(self.vocab_size):
+            if seen[first]:
+                continue
+            cycle, t = [], first
+            while not seen[t]:
+                seen[t] = 1
+                cycle.append(t)
+                t = perm[t]
+            for t in cycle:
+                start[t], length[t] = len(flat), len(cycle)
+            for k, t in enumerate(cycle):
+                index[t] = start[t] + k
+            flat += cycle
+        return tuple(torch.tensor(v, dtype=torch.int64) for v in (flat, index, start, length))
+
     def microbatch(self, step: int, dp_rank: int, microbatch: int) -> Microbatch:
         """The micro-batch ``microbatch`` of data-parallel rank ``dp_rank`` at optimizer step ``step``."""
         gen = torch.Generator().manual_seed(name_seed(self.seed, f"batch/{step}/{dp_rank}/{microbatch}"))
-        perm = self.permutation()
         zipf = 1.0 / torch.arange(1, self.vocab_size + 1, dtype=torch.float64) ** 1.2
         start = torch.multinomial(zipf, self.micro_batch_size, replacement=True, generator=gen)  # (B,)
-        seq = [start]
-        for _ in range(self.seq_len_tokens):
-            seq.append(perm[seq[-1]])
-        tokens = torch.stack(seq, dim=1)  # (B, T+1)
+        # token i of a sequence is perm applied i times to its start: a step along the start's cycle
+        flat, index, first, length = self._cycles
+        steps = torch.arange(self.seq_len_tokens + 1)  # (T+1,)
+        offset = (index[start] - first[start])[:, None] + steps  # (B, T+1) position along the cycle
+        tokens = flat[first[start][:, None] + offset % length[start][:, None]]  # (B, T+1)
         return Microbatch(input_ids=tokens[:, :-1], labels=tokens[:, 1:])

@@ -109,6 +109,7 @@ class RankRuntime:
     bias_updater: ExpertBiasUpdater
     progress: dict
     loads: LoadAccumulator = dataclasses.field(default_factory=LoadAccumulator)  # whole-batch expert loads
+    _prefetched: tuple[int, dict[int, Microbatch]] | None = dataclasses.field(default=None, repr=False)
 
     def expert_loads(self) -> dict[int, torch.Tensor]:
         """Every MoE layer's routed tokens per logical expert over the steps so far, the whole job's (all
@@ -156,8 +157,18 @@ class RankRuntime:
     # ---- a step -----------------------------------------------------------------------------------
 
     def microbatches(self, step: int) -> dict[int, Microbatch]:
+        """This rank's micro-batches of ``step``: made by ``prefetch`` while the GPU ran the step before, or now."""
+        ready = self._prefetched
+        self._prefetched = None
+        if ready is not None and ready[0] == step:
+            return ready[1]
         dp_rank = self.groups.coords(self.rank).dp_rank
         return {m: self.task.microbatch(step, dp_rank, m) for m in range(self.plan.layout.microbatches)}
+
+    def prefetch(self, step: int) -> None:
+        """Make ``step``'s micro-batches now, on the host, while the GPU still runs the work already queued."""
+        self._prefetched = None
+        self._prefetched = (step, self.microbatches(step))
 
     def forward_backward(self, step: int, timeline: Timeline | None = None) -> StepResult:
         for module in self.unique_modules():
