@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from moeplan.model.block import Block, LayerFactory
+from moeplan.model.embedding import Embedding
 from moeplan.model.fused import fuse_memory_bound
 from moeplan.model.linear import LinearFactory
 from moeplan.model.mtp import MTPModule
@@ -54,7 +55,7 @@ class Transformer(nn.Module):
         num_mtp = spec.num_nextn_predict_layers if (stage.has_head and options.with_mtp) else 0
         self.rotary = RotaryEmbedding(spec)
         if stage.has_embedding or num_mtp:
-            self.embed_tokens = shared_embedding or nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=options.dtype)
+            self.embed_tokens = shared_embedding or Embedding(spec.vocab_size, spec.hidden_size, dtype=options.dtype)
         self.layers = nn.ModuleDict({str(i): Block(i, factory) for i in stage.layers})
         if stage.has_head:
             self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, options.dtype)
