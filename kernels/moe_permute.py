@@ -100,20 +100,27 @@ def make_dispatch_plan(topk_ids: torch.Tensor, num_experts: int, align: int = TI
 
 
 def make_pair_plan(token_of_pair: torch.Tensor, expert_of_pair: torch.Tensor, num_tokens: int,
-                   expert_counts: Sequence[int], align: int = TILE) -> DispatchPlan:
+                   expert_counts: Sequence[int] | int, align: int = TILE) -> DispatchPlan:
     """Any (token, expert) pairs, token_of_pair and expert_of_pair (P,) int, a token in any number of them.
 
     ``expert_counts``: pairs per expert on the host (the caller's one planned sync); they size the
-    buffers, so nothing here waits for the GPU. At least ``align`` rows even without pairs."""
+    buffers, so nothing here waits for the GPU. At least ``align`` rows even without pairs. With
+    ``align=1`` nothing is padded and the number of experts alone (an int) will do: the rows are the pairs."""
     if token_of_pair.shape != expert_of_pair.shape or token_of_pair.dim() != 1:
         raise ValueError(f"token_of_pair {tuple(token_of_pair.shape)} and expert_of_pair "
                          f"{tuple(expert_of_pair.shape)} must be the same (P,)")
-    if sum(int(n) for n in expert_counts) != token_of_pair.numel():
-        raise ValueError(f"expert_counts sum to {sum(int(n) for n in expert_counts)}, "
-                         f"not the {token_of_pair.numel()} pairs")
+    if isinstance(expert_counts, int):
+        if align != 1:
+            raise ValueError(f"align={align}: padded segments need the per-expert counts, not only their number")
+        num_experts, num_rows = expert_counts, max(token_of_pair.numel(), 1)
+    else:
+        if sum(int(n) for n in expert_counts) != token_of_pair.numel():
+            raise ValueError(f"expert_counts sum to {sum(int(n) for n in expert_counts)}, "
+                             f"not the {token_of_pair.numel()} pairs")
+        num_experts = len(expert_counts)
+        num_rows = max(sum(cdiv(int(n), align) * align for n in expert_counts), align)
     token = token_of_pair.long()
-    order, expert_sorted, row_sorted, seg_offsets = _segments(expert_of_pair.long(), len(expert_counts), align)
-    num_rows = max(sum(cdiv(int(n), align) * align for n in expert_counts), align)
+    order, expert_sorted, row_sorted, seg_offsets = _segments(expert_of_pair.long(), num_experts, align)
     src_token, m_indices, dest = _rows_of(order, token[order], expert_sorted, row_sorted, num_rows)
     # Each token's pairs, for the combine: a CSR index over the pairs sorted by token.
     by_token = torch.argsort(token, stable=True).to(torch.int32)

@@ -12,18 +12,19 @@ from torch import nn
 
 from moeplan.kernels.moe_permute import make_pair_plan
 from moeplan.model.fp8 import Fp8Ops
-from moeplan.model.fp8_experts import FusedFp8ExpertsFn
+from moeplan.model.fused_experts import FusedExpertsFn
+from moeplan.model.fused import Fusable
 from moeplan.model.grouped_linear import GroupedLinearFn
 from moeplan.model.grouped_mm import grouped_mm_supported
 from moeplan.model.weight_grad import WeightGradStore
 
 
-class GroupedExperts(nn.Module):
+class GroupedExperts(Fusable, nn.Module):
     """E SwiGLU experts of width I executed as grouped GEMMs over expert-sorted tokens.
 
     ``backend``: "grouped_mm" (``torch._grouped_mm``), "reference" (padded bmm), "fp8" (quantised
     operands through ``fp8``, an ``Fp8Ops``; ``fp8_backward`` runs the backward in FP8 too; FP8 ops with
-    a contiguous-layout grouped GEMM, the kernels', run the fused path of ``model.fp8_experts``), "auto"
+    a contiguous-layout grouped GEMM, the kernels', run the fused path of ``model.fused_experts``), "auto"
     (grouped_mm for CUDA tensors when supported for the dtype/widths, reference otherwise).
     """
 
@@ -54,6 +55,12 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, inter_dim, dtype=dtype))
         self.weight_grad_store: WeightGradStore | None = None
 
+    def fused_bf16(self, x: torch.Tensor) -> bool:
+        """Whether the float experts run ``model.fused_experts``'s BF16 path: ``fuse`` is on (``fuse_memory_bound``)
+        and ``x`` is on a GPU (as the other fused modules, ``model.fused.run``; on the CPU, tests call
+        ``FusedExpertsFn`` itself under Triton's interpreter)."""
+        return self.fuse and self.fp8 is None and self.backend != "reference" and x.is_cuda
+
     def _linear(self, a: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor,
                 host_counts: list[int] | None) -> torch.Tensor:
         use_torch = self.backend == "grouped_mm" or (self.backend == "auto" and a.is_cuda and self.grouped_mm_ok)
@@ -77,16 +84,21 @@ class GroupedExperts(nn.Module):
         # The FP8 paths pad each expert's rows to 128 (contiguous layout): one planned host sync here
         # gives them the row counts, so the six grouped GEMMs of the layer never wait for the GPU.
         host_counts = counts.tolist() if self.fp8 is not None else None
+        use_torch = x.is_cuda and self.grouped_mm_ok
         if self.fp8 is not None and self.fp8.grouped_contiguous is not None and expert_of_pair.numel():
             plan = make_pair_plan(token_of_pair, expert_of_pair, x.shape[0], host_counts)
-            out = FusedFp8ExpertsFn.apply(x, weight_of_pair, self.gate_up_proj, self.down_proj, plan, self.fp8,
-                                          self.fp8_backward, self.weight_grad_store, host_counts,
-                                          x.is_cuda and self.grouped_mm_ok)
+            out = FusedExpertsFn.apply(x, weight_of_pair, self.gate_up_proj, self.down_proj, plan, self.fp8,
+                                       self.fp8_backward, self.weight_grad_store, host_counts, use_torch)
+            return out, counts
+        if self.fused_bf16(x) and expert_of_pair.numel():  # our kernels around the grouped GEMMs, no host sync
+            plan = make_pair_plan(token_of_pair, expert_of_pair, x.shape[0], self.num_experts, align=1)
+            out = FusedExpertsFn.apply(x, weight_of_pair, self.gate_up_proj, self.down_proj, plan, None, False,
+                                       self.weight_grad_store, None, use_torch)
             return out, counts
         order = torch.argsort(expert_of_pair, stable=True)  # pairs sorted by expert
         offs = counts.cumsum(0).to(torch.int32)
         token_of = token_of_pair[order]  # (P,) source row of each sorted pair
-        # FP8 rounds where the fused path does (model.fp8_experts): the down projection quantises the FP32
+        # FP8 rounds where the fused path does (model.fused_experts): the down projection quantises the FP32
         # SwiGLU product, its output is rounded to x's dtype, and pairs are summed in FP32 (their outputs
         # forward, a row's gradients backward).
         fp8 = self.fp8 is not None

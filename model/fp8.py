@@ -18,7 +18,7 @@ FP32 accumulation computes, up to summation order.
 auto-dispatched dense GEMM (``kernels.fp8_gemm.fp8_gemm``: Triton, the Gluon kernel or cuBLAS, timed
 per shape), and the grouped GEMM in DeepGEMM's contiguous layout (each expert's rows padded to 128,
 ``m_indices`` = row expert or -1; ``contiguous_layout`` converts our ``offs`` rows to it and back; the
-routed experts' fused path, ``model.fp8_experts``, keeps its rows in that layout from permute to combine).
+routed experts' fused path, ``model.fused_experts``, keeps its rows in that layout from permute to combine).
 Given the experts' row counts on the host (``host_counts``, one planned sync per MoE layer), the
 grouped paths never wait for the GPU.
 """
@@ -213,7 +213,7 @@ class Fp8Ops:
       a_t · b_t^T (segments padded to ``block``; ``host_counts``, the experts' rows on the host, or None);
     - ``grouped_contiguous(a, a_scale, b, b_scale, m_indices, out_dtype, host_counts)``: the grouped GEMM on
       rows already in the contiguous layout (``m_indices``), or None. Set, the routed experts run fused
-      (``model.fp8_experts``: permute with quantise, SwiGLU with quantise, weighted combine).
+      (``model.fused_experts``: permute with quantise, SwiGLU with quantise, weighted combine).
     """
 
     block: int

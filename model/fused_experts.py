@@ -1,4 +1,5 @@
-"""The routed experts' FP8 path fused as DeepSeek-V3 TR §3.3 fuses it (``fp8_kernel="kernels"``).
+"""The routed experts fused: the FP8 path as DeepSeek-V3 TR §3.3 fuses it (``fp8_kernel="kernels"``), and the
+BF16 path (``ModelOptions.fuse_memory_bound``) with the same kernels around ``torch._grouped_mm``.
 
 Every expert-side tensor stays in the contiguous layout of ``kernels.moe_permute`` (each expert's rows
 padded to 128, ``plan.m_indices`` = row expert or -1), from permute to combine. Forward:
@@ -23,6 +24,13 @@ Weight gradients are queued on a ``WeightGradStore`` when one is attached, as ``
 
 No host sync anywhere: every size comes from the plan, built from the per-expert counts that the caller
 read once (``make_pair_plan``).
+
+BF16 (``ops`` None): the same five steps and the same saved tensors, without quantisation: permute into
+unpadded segments (``torch._grouped_mm`` takes any row offsets, so the plan needs no counts on the host),
+the two grouped GEMMs, ``swiglu`` (one kernel; its output recomputed from h for the down Wgrad), and the
+weighted combine summing each token's pairs in FP32. Against the op-by-op path of ``model.experts`` (a
+gathered copy, ``F.silu(gate) * up``, an FP32 weighting and ``index_add_``, each saving its inputs) it keeps
+h and y per pair instead of the permuted rows, ``silu(gate)``, the SwiGLU output and y.
 """
 
 from __future__ import annotations
@@ -43,30 +51,37 @@ from moeplan.model.grouped_mm import (
 from moeplan.model.weight_grad import WeightGradStore, weight_grad_now_or_later, wgrad_dtype
 
 
-class FusedFp8ExpertsFn(torch.autograd.Function):
+class FusedExpertsFn(torch.autograd.Function):
     """(x (N, d), weight of each pair (P,), gate_up (E, 2I, d), down (E, d, I)) -> out (N, d).
 
     ``plan``: a pair plan (``kernels.moe_permute.make_pair_plan``) of the same pairs; ``host_counts``:
-    pairs per expert on the host; ``use_torch``: the float backward's grouped GEMMs on ``torch._grouped_mm``
-    (else the padded-bmm reference).
+    pairs per expert on the host; ``use_torch``: the float grouped GEMMs on ``torch._grouped_mm`` (else the
+    padded-bmm reference). ``ops`` None is the BF16 path: the same steps with float grouped GEMMs, no
+    quantisation, and a plan whose segments need no padding (``align=1``: no host counts, no sync).
     """
 
     @staticmethod
-    def forward(ctx, x, weight_of_pair, gate_up, down, plan: DispatchPlan, ops: Fp8Ops, fp8_backward: bool,
-                store: WeightGradStore | None, host_counts: Sequence[int], use_torch: bool):
+    def forward(ctx, x, weight_of_pair, gate_up, down, plan: DispatchPlan, ops: Fp8Ops | None, fp8_backward: bool,
+                store: WeightGradStore | None, host_counts: Sequence[int] | None, use_torch: bool):
         x = x.contiguous()
-        gemm = ops.grouped_contiguous
-        # Step 1: permute with quantise, then gate_up.
-        rows_q, rows_s = moe_permute(x, plan, quantize=True, amax_floor=MIN_AMAX)  # (M_pad, d) E4M3
-        h = gemm(rows_q, rows_s, *quant_weight_fwd(ops, gate_up, fp8_backward), plan.m_indices, out_dtype=x.dtype,
-                 host_counts=host_counts)  # (M_pad, 2I)
-        # Step 2: SwiGLU with its quantisation, then down.
-        act_q, act_s = swiglu(h, quantize=True, amax_floor=MIN_AMAX)  # (M_pad, I) E4M3
-        y = gemm(act_q, act_s, *quant_weight_fwd(ops, down, fp8_backward), plan.m_indices, out_dtype=x.dtype,
-                 host_counts=host_counts)  # (M_pad, d)
+        if ops is None:  # BF16: permute, gate_up, SwiGLU, down, weighted combine
+            mm = torch_grouped_mm if use_torch else reference_grouped_mm
+            offs = plan.seg_offsets[1:]
+            h = mm(moe_permute(x, plan), gate_up.transpose(1, 2), offs)  # (M, 2I)
+            y = mm(swiglu(h), down.transpose(1, 2), offs)  # (M, d)
+        else:
+            gemm = ops.grouped_contiguous
+            # Step 1: permute with quantise, then gate_up.
+            rows_q, rows_s = moe_permute(x, plan, quantize=True, amax_floor=MIN_AMAX)  # (M_pad, d) E4M3
+            h = gemm(rows_q, rows_s, *quant_weight_fwd(ops, gate_up, fp8_backward), plan.m_indices,
+                     out_dtype=x.dtype, host_counts=host_counts)  # (M_pad, 2I)
+            # Step 2: SwiGLU with its quantisation, then down.
+            act_q, act_s = swiglu(h, quantize=True, amax_floor=MIN_AMAX)  # (M_pad, I) E4M3
+            y = gemm(act_q, act_s, *quant_weight_fwd(ops, down, fp8_backward), plan.m_indices, out_dtype=x.dtype,
+                     host_counts=host_counts)  # (M_pad, d)
         # Step 3: weighting and combine.
         ctx.save_for_backward(x, weight_of_pair, h, y)
-        ctx.plan, ctx.ops, ctx.fp8_backward, ctx.store = plan, ops, fp8_backward, store
+        ctx.plan, ctx.ops, ctx.fp8_backward, ctx.store = plan, ops, fp8_backward and ops is not None, store
         ctx.host_counts, ctx.use_torch, ctx.gate_up, ctx.down = host_counts, use_torch, gate_up, down
         return moe_unpermute(y, plan, weight_of_pair.contiguous())
 

@@ -171,6 +171,7 @@ class ExpertParallelMoE(nn.Module):
         experts = GroupedExperts(slots.slots_per_gpu[ep_rank], old.gate_up_proj.shape[2], old.down_proj.shape[2],
                                  old.gate_up_proj.dtype, backend=old.backend, fp8=old.fp8,
                                  fp8_backward=old.fp8_backward).to(old.gate_up_proj.device)
+        experts.fuse = old.fuse
         logical = torch.tensor([slots.phy2log[s] for s in slots.local_slots(ep_rank)], device=old.gate_up_proj.device)
         with torch.no_grad():
             experts.gate_up_proj.copy_(old.gate_up_proj[logical])

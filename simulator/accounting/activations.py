@@ -13,9 +13,11 @@ moeplan's runtime really keeps, each naming the code that allocates it; CPU test
 model saves for backward (``tests/simulator/accounting/test_saved_activations.py``):
 - MLA's value is a view of ``kv_b_proj``'s output (``model/attention.py``), so its key half stays too;
 - the router multiplies an FP32 copy of its input (``model/gate.py``), which backward keeps;
-- the BF16 routed experts (``model/experts.py forward_pairs``) keep ``silu(gate)``, each pair's output row
-  in BF16 for the weighted combine's backward (``WeightedCombineFn``), and the pair order (two int64) and
-  weight (FP32);
+- the BF16 routed experts op by op (``model/experts.py forward_pairs``, ``fusion="eager"``) keep ``silu(gate)``,
+  each pair's output row in BF16 for the weighted combine's backward (``WeightedCombineFn``), and the pair order
+  (two int64) and weight (FP32); fused (``model/fused_experts.py``, on a GPU) they keep per pair only the gate/up
+  output and the expert output in BF16, the weight and the dispatch plan's int32 maps (the permuted rows are
+  gathered again in backward, the SwiGLU output recomputed);
 - ``fusion="eager"`` (``training.kernels.fusion``): ``model/fused.py``'s RMSNorm run op by op keeps its
   input in FP32 and its normed value in BF16 (6 B per element), SwiGLU keeps ``silu(gate)``; compiled,
   they keep only their inputs (and 4 B of per-row statistics, not counted: under 0.01% of a V3 layer);
@@ -33,6 +35,7 @@ FP32_BYTES = 4.0
 FP8_TILE_BYTES = 1.0 + 4.0 / 128  # e4m3 value + fp32 scale per 1x128 tile (TR §3.3)
 E5M6_BYTES = 1.5  # TR §3.3: attention-output Linear inputs
 INT64_BYTES = 8.0
+INT32_BYTES = 4.0
 EAGER_NORM_BYTES = FP32_BYTES + BF16_BYTES  # model/fused.py rms_norm op by op: x.float() and normed.to(x.dtype)
 # model/losses.py LOSS_CHUNK_ELEMENTS: FP32 logits one chunk of the loss holds at a time (a test checks they agree)
 LOSS_CHUNK_ELEMENTS = 1 << 25
@@ -101,6 +104,10 @@ def mlp_activation_bytes(m: ModelSpec, moe: bool, precision: str, recompute: Rec
     stored += FP32_BYTES * (m.norm_topk_prob + (m.seq_aux and m.aux_loss_alpha > 0))  # per-row sums divided by
     if m.topk_method == "noaux_tc" and m.n_group > 1:  # Gate._limit_groups: top-2 indices per group, group mask
         stored += m.n_group * (2 * INT64_BYTES + 1)
+    if precision != "fp8" and not eager:  # model/fused_experts.py, BF16: per pair the gate/up output h and the
+        # expert output y (BF16), the pair weight (FP32) and the plan's four int32 row maps; a token's pair pointer
+        return stored + k * (BF16_BYTES * (2 * m.moe_intermediate_size + h) + FP32_BYTES + 4 * INT32_BYTES) \
+            + INT32_BYTES + swiglu(m.n_shared_experts * m.moe_intermediate_size)
     stored += k * gemm_in * h  # dispatched token copies: expert up-projection inputs
     if precision == "fp8":  # the FP8 recipe's experts (TR §3.3): expert outputs are not kept, since the
         # gradient of combine weight w_i is <dy, W_down a_i> = <W_down^T dy, a_i>, formed for the input gradient

@@ -1,4 +1,4 @@
-"""The routed experts' fused FP8 path (``model.fp8_experts``, ``fp8_kernel="kernels"``) against the unfused
+"""The routed experts' fused FP8 path (``model.fused_experts``, ``fp8_kernel="kernels"``) against the unfused
 reference FP8 path (``fp8_kernel="reference"``: quantise-dequantise, then FP32 matmuls), forward and backward.
 
 Both round at the same points (the down projection quantises the FP32 SwiGLU product, outputs and
@@ -68,7 +68,7 @@ def test_fused_fp8_experts_equal_the_reference_path_ragged_pairs_and_deferred_w(
     x0 = rand(n, d, seed=34, device=device, dtype=torch.bfloat16)
     dy = rand(n, d, seed=35, device=device, dtype=torch.bfloat16)
     fn, fused = _run(_experts(kernel_ops(), True, E, d, inter, device), x0, pairs, dy, WeightGradStore())
-    assert type(fn).__name__ == "FusedFp8ExpertsFnBackward"  # the fused path ran
+    assert type(fn).__name__ == "FusedExpertsFnBackward"  # the fused path ran
     _, ref = _run(_experts(reference_ops(128), True, E, d, inter, device), x0, pairs, dy)
     for name, got, want in zip(("out", "dx", "dweight", "dgate_up", "ddown"), fused, ref):
         assert rel_err(got, want) < TOL_FUSED, name
@@ -96,6 +96,18 @@ def test_fused_fp8_experts_equal_the_reference_path_top_k(device, fp8_backward):
         assert rel_err(got, want) < TOL_FUSED, name
 
 
+def step_without_host_sync(step) -> None:
+    """``step()`` once (the first call of each GEMM shape times its backends), then again under
+    ``set_sync_debug_mode("error")``, which raises on any host synchronisation."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 def test_fused_fp8_experts_never_wait_for_the_gpu():
@@ -103,7 +115,7 @@ def test_fused_fp8_experts_never_wait_for_the_gpu():
     ``forward_pairs``), building the plan, the fused forward and its backward run under
     ``set_sync_debug_mode("error")``, which raises on any host synchronisation."""
     from moeplan.kernels.moe_permute import make_pair_plan
-    from moeplan.model.fp8_experts import FusedFp8ExpertsFn
+    from moeplan.model.fused_experts import FusedExpertsFn
 
     E, d, inter, n, k = 32, 7168, 2048, 4096, 8
     experts = _experts(kernel_ops(), True, E, d, inter, "cuda")
@@ -116,15 +128,9 @@ def test_fused_fp8_experts_never_wait_for_the_gpu():
 
     def step() -> None:
         plan = make_pair_plan(token_of_pair, expert_of_pair, n, host_counts)
-        out = FusedFp8ExpertsFn.apply(x, weight, experts.gate_up_proj, experts.down_proj, plan, experts.fp8, True,
+        out = FusedExpertsFn.apply(x, weight, experts.gate_up_proj, experts.down_proj, plan, experts.fp8, True,
                                       None, host_counts, True)
         out.float().square().mean().backward()
 
-    step()  # the first call of each GEMM shape times its backends
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    step_without_host_sync(step)
     assert torch.isfinite(x.grad).all() and torch.isfinite(experts.down_proj.grad).all()

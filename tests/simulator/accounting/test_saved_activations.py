@@ -5,7 +5,8 @@ head and its loss) runs its forward node by node as the runtime does (``model.ru
 bytes per node = the distinct storages autograd saves in it (``saved_tensors_hooks``), parameters left out,
 plus the node outputs the tape holds. ``model.fused``'s functions run op by op (``fusion="eager"``, what
 CPU runs) and compiled (``fusion="fused"``, what a GPU runs: here Inductor's CPU backend, whose
-partitioner decides what is saved as on CUDA). CPU SDPA falls back to the math path for MLA's unequal head dims
+partitioner decides what is saved as on CUDA; the routed experts' fused path, ``model.fused_experts``, on
+Triton's interpreter). CPU SDPA falls back to the math path for MLA's unequal head dims
 (it keeps the T x T probabilities), so attention runs through a stand-in that keeps what CUDA's flash /
 memory-efficient kernels keep: q, k, v, the output (laid out (B, T, H, Dv)) and an FP32 log-sum-exp.
 Left out by the accounting, and added here where known: each norm's FP32 statistic per row, the RoPE
@@ -19,7 +20,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from moeplan.model import attention, fused, losses, mlp, norm
+from moeplan.model import attention, experts, fused, losses, mlp, norm
 from moeplan.model.options import ModelOptions
 from moeplan.model.runtime.executor import Timeline
 from moeplan.model.runtime.overlap import Pass, drain, stage_forward
@@ -109,10 +110,18 @@ def stage(request):
                lambda q, k, v, is_causal, scale: _FlashStandIn.apply(q, k, v, scale))
     for module in (norm, attention, mlp):
         mp.setattr(module, "run", _compiled_anywhere)
+    # the experts' fused BF16 path, a GPU's, here on Triton's interpreter
+    mp.setattr(experts.GroupedExperts, "fused_bf16", lambda self, x: self.fuse)
     try:
         return spec, seq, request.param, _kept_bytes_per_node(spec, seq, request.param == "fused")
     finally:
         mp.undo()
+
+
+def _plan_bytes_per_token(spec) -> float:
+    """The fused experts' dispatch plan (four int32 maps per pair, one pointer per token): kept by the autograd
+    function as an attribute, so the saved-tensor hooks cannot see it; the accounting counts it."""
+    return 4 * 4 * spec.num_experts_per_tok + 4
 
 
 def test_each_layer_keeps_what_the_accounting_counts(stage):
@@ -124,6 +133,7 @@ def test_each_layer_keeps_what_the_accounting_counts(stage):
         # is the previous node's output: count the layer as "its nodes, minus its output, plus its input"
         measured = kept[f"L{i} attn"] + kept[f"L{i} {mlp}"]
         known = 4 * NORMS_PER_LAYER + (2 * 4 * spec.qk_rope_head_dim // 2 if i == 0 else 0)  # statistics, cos/sin
+        known -= _plan_bytes_per_token(spec) if fusion == "fused" and mlp == "experts" else 0
         predicted = seq * (layer_activation_bytes_per_token(spec, i, "bf16", "none", fusion) + known)
         assert measured == pytest.approx(predicted, rel=TOLERANCE_FRAC), (i, measured / seq, predicted / seq)
     assert kept["embed"] == seq * (2 * h + 8)  # the first layer's input and the int64 token ids
@@ -141,6 +151,8 @@ def test_the_stage_total_matches(stage):
     layers = sum(layer_activation_bytes_per_token(spec, u, "bf16", "none", fusion)
                  for u in range(spec.num_hidden_layers))
     known = 4 * (NORMS_PER_LAYER * spec.num_hidden_layers + 1) + 4 * spec.qk_rope_head_dim + 8  # + the token ids
+    if fusion == "fused":
+        known -= sum(spec.is_moe_layer(u) for u in range(spec.num_hidden_layers)) * _plan_bytes_per_token(spec)
     predicted = seq * (layers + head_activation_bytes_per_token(spec, fusion) + 2 * spec.hidden_size + known)
     assert sum(kept.values()) == pytest.approx(predicted, rel=TOLERANCE_FRAC)
 

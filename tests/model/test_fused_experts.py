@@ -1,0 +1,107 @@
+"""The routed experts' fused BF16 path (``model.fused_experts`` with no FP8 ops: our permute, SwiGLU and combine
+kernels around the grouped GEMMs) against the op-by-op BF16 path of ``model.experts``, forward and backward.
+
+The two round differently only where the fused path is more exact: it sums each token's pairs in FP32 and
+rounds once, where the op-by-op path rounds every weighted pair to BF16 and sums in BF16. Tiny shapes on the
+interpreter (the fused function called itself: on the CPU ``GroupedExperts`` keeps the op-by-op path); V3's
+expert shapes on a GPU, through ``GroupedExperts`` with ``fuse`` on.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeplan.kernels.moe_permute import make_pair_plan
+from moeplan.model.experts import GroupedExperts
+from moeplan.model.fused_experts import FusedExpertsFn
+from moeplan.model.weight_grad import WeightGradStore
+from tests.kernels import test_kernels
+from tests.kernels.test_kernels import ON_GPU, rand, rel_err
+from tests.model.test_fp8_experts import step_without_host_sync
+
+device, poisoned = test_kernels.device, test_kernels.poisoned
+
+# Measured on the interpreter: <= 4.2e-3 (the op-by-op path's BF16 sums); a misplaced rounding or a wrong row is O(1).
+TOL = 1e-2
+
+
+def _experts(num_experts: int, dim: int, inter: int, device: str, fuse: bool) -> GroupedExperts:
+    experts = GroupedExperts(num_experts, dim, inter, torch.bfloat16).to(device)
+    experts.fuse = fuse
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(rand(num_experts, 2 * inter, dim, seed=41, device=device, scale=dim ** -0.5))
+        experts.down_proj.copy_(rand(num_experts, dim, inter, seed=42, device=device, scale=inter ** -0.5))
+    return experts
+
+
+def _pairs(num_tokens: int, device: str):
+    """0 to 3 pairs per row, in no particular order, expert 1 of 4 unused (as expert parallelism receives them)."""
+    g = torch.Generator().manual_seed(43)
+    per_row = torch.randint(0, 4, (num_tokens,), generator=g)
+    token = torch.arange(num_tokens).repeat_interleave(per_row)
+    token = token[torch.randperm(token.numel(), generator=g)]
+    expert = torch.tensor([0, 2, 3])[torch.randint(0, 3, (token.numel(),), generator=g)]
+    return token.to(device), expert.to(device), torch.rand(token.numel(), generator=g).to(device)
+
+
+def _run(experts: GroupedExperts, x0, pairs, dy, fused_directly: bool, store: WeightGradStore | None = None):
+    token, expert, weight0 = pairs
+    x, weight = x0.clone().requires_grad_(True), weight0.clone().requires_grad_(True)
+    experts.weight_grad_store = store
+    if fused_directly:
+        plan = make_pair_plan(token, expert, x.shape[0], experts.num_experts, align=1)
+        out = FusedExpertsFn.apply(x, weight, experts.gate_up_proj, experts.down_proj, plan, None, False, store,
+                                   None, x.is_cuda)
+    else:
+        out, _ = experts.forward_pairs(x, token, expert, weight)
+    out.backward(dy)
+    if store is not None:
+        assert experts.gate_up_proj.grad is None and store.flush() == 2  # both Wgrads were deferred
+    return out.grad_fn, (out, x.grad, weight.grad, experts.gate_up_proj.grad, experts.down_proj.grad)
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_fused_bf16_experts_equal_the_op_by_op_path(device, deferred):
+    E, d, inter, n = (4, 64, 32, 24) if not ON_GPU else (32, 7168, 2048, 4096)
+    pairs = _pairs(n, device)
+    x0 = rand(n, d, seed=44, device=device, dtype=torch.bfloat16)
+    dy = rand(n, d, seed=45, device=device, dtype=torch.bfloat16)
+    fn, fused = _run(_experts(E, d, inter, device, fuse=True), x0, pairs, dy, fused_directly=not ON_GPU,
+                     store=WeightGradStore() if deferred else None)
+    assert type(fn).__name__ == "FusedExpertsFnBackward"
+    _, ref = _run(_experts(E, d, inter, device, fuse=False), x0, pairs, dy, fused_directly=False)
+    for name, got, want in zip(("out", "dx", "dweight", "dgate_up", "ddown"), fused, ref):
+        assert rel_err(got, want) < TOL, name
+    rows_without_pairs = torch.bincount(pairs[0], minlength=n) == 0
+    assert rows_without_pairs.any() and not fused[0][rows_without_pairs].any()
+    assert not fused[3][1].any() and not fused[4][1].any()  # the unused expert gets a zero gradient
+
+
+def test_a_plan_without_host_counts_needs_no_padding() -> None:
+    token = torch.tensor([0, 1, 1, 2])
+    expert = torch.tensor([2, 0, 2, 0])
+    plan = make_pair_plan(token, expert, 3, 3, align=1)
+    assert plan.seg_offsets.tolist() == [0, 2, 2, 4] and plan.num_rows == 4
+    assert sorted(plan.src_token.tolist()) == [0, 1, 1, 2]  # every row a pair, none padding
+    with pytest.raises(ValueError, match="align=128"):
+        make_pair_plan(token, expert, 3, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_fused_bf16_experts_never_wait_for_the_gpu():
+    """At V3's expert shapes the whole layer, forward and backward, runs under ``set_sync_debug_mode("error")``."""
+    E, d, inter, n, k = 32, 7168, 2048, 4096, 8
+    experts = _experts(E, d, inter, "cuda", fuse=True)
+    g = torch.Generator().manual_seed(46)
+    indices = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)]).cuda()
+    weights = torch.rand(n, k, generator=g).cuda().requires_grad_(True)
+    x = rand(n, d, seed=47, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+
+    def step() -> None:
+        out, _ = experts(x, indices, weights)
+        out.float().square().mean().backward()
+
+    step_without_host_sync(step)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(experts.down_proj.grad).all()
