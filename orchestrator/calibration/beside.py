@@ -72,7 +72,9 @@ def measure_beside(m: int, n: int, k: int, dtype: torch.dtype, device: torch.dev
 
 
 # -- CPU: a gloo all-reduce pair --------------------------------------------------------------------------
-def _comm_worker(rank: int, port: int, stop, started) -> None:
+def _comm_worker(rank: int, port: int, stop, started, parent: int) -> None:
+    """One of the pair: all-reduces until the parent sets ``stop`` or dies (a killed ``calibrate`` leaves no
+    process behind: daemonic children are only terminated by a parent that exits normally)."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -82,7 +84,8 @@ def _comm_worker(rank: int, port: int, stop, started) -> None:
     if rank == 0:
         started.put(True)
     while True:
-        buf[0] = 1.0 if rank == 0 and stop.is_set() else 0.0  # the flag rides in the buffer: both see it at once
+        # the flag rides in the buffer: both see it at once
+        buf[0] = 1.0 if (rank == 0 and stop.is_set()) or os.getppid() != parent else 0.0
         dist.all_reduce(buf)
         if buf[0] > 0:
             break
@@ -94,7 +97,7 @@ def _cpu_beside_s(gemm, reps: int) -> float:
     ctx = mp.get_context("spawn")
     stop, started = ctx.Event(), ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_comm_worker, args=(r, port, stop, started), daemon=True)
+    procs = [ctx.Process(target=_comm_worker, args=(r, port, stop, started, os.getpid()), daemon=True)
              for r in range(CPU_COMM_PROCESSES)]
     try:
         for p in procs:

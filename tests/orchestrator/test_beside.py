@@ -22,6 +22,55 @@ def test_cpu_measurement_is_a_beside_point_and_leaves_no_process():
     assert not multiprocessing.active_children()
 
 
+_KILLED_PARENT = """
+import multiprocessing, pathlib, sys, time
+import torch
+from moeplan.orchestrator.calibration import beside
+
+def gemm():  # runs while the pair loops: say who the pair is, then wait to be killed
+    pathlib.Path(sys.argv[1]).write_text(" ".join(str(p.pid) for p in multiprocessing.active_children()))
+    time.sleep(600)
+
+if __name__ == "__main__":
+    beside._cpu_beside_s(gemm, 1)
+"""
+
+
+def test_a_killed_parent_leaves_no_all_reduce_pair_behind(tmp_path):
+    """SIGKILL skips the daemonic children's clean-up: the pair notices its parent is gone and exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script, pids = tmp_path / "parent.py", tmp_path / "pids"
+    script.write_text(_KILLED_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), str(pids)])
+    try:
+        deadline = time.monotonic() + 120
+        while not (pids.exists() and pids.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        children = [int(p) for p in pids.read_text().split()]
+        assert len(children) >= CPU_COMM_PROCESSES
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        stat = open(f"/proc/{pid}/stat").read().split()[2] if os.path.exists(f"/proc/{pid}/stat") else "Z"
+        return stat != "Z"  # a zombie has exited; its reaper is init
+
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in children)
+
+
 @pytest.mark.parametrize("blocks,passes", [(1, 1), (3, 2), (7, 1)])
 def test_copy_loop_copies_whatever_the_blocks(blocks, passes):
     device = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU tensor only in Triton's interpreter
