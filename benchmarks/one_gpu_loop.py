@@ -116,13 +116,16 @@ def main() -> None:
               "--budget-gpu-hours", "2000", "--no-search", "--set", f"training.kernels.fusion={args.fusion}", *extra]
     plan_dir, run_dir = args.work / "plan", args.work / "plan" / "run"
     tables, calibrated = args.work / "calibrated.json", args.work / "plan-calibrated"
+    calibrated_trace = args.work / "plan-calibrated-trace.json"  # its step, for check's per-class breakdown
     steps = [("plan", ("plan", *common, "--out", str(plan_dir))),
              ("launch", ("launch", str(plan_dir), "--steps", str(args.steps), "--run-dir", str(run_dir))),
              ("check", ("check", str(run_dir)))]
     if args.calibrate:
         steps += [("calibrate", ("calibrate", "--plan", str(plan_dir / "plan.json"), "--out", str(tables))),
-                  ("plan, calibrated", ("plan", *common, "--calibration", str(tables), "--out", str(calibrated))),
-                  ("check against it", ("check", str(run_dir), "--plan", str(calibrated / "plan.json")))]
+                  ("plan, calibrated", ("plan", *common, "--calibration", str(tables), "--out", str(calibrated),
+                                        "--trace", str(calibrated_trace))),
+                  ("check against it", ("check", str(run_dir), "--plan", str(calibrated / "plan.json"),
+                                        "--plan-trace", str(calibrated_trace)))]
     head = ["# The plan -> launch -> check loop on one GPU", "",
             (f"`python -P benchmarks/one_gpu_loop.py {' '.join(sys.argv[1:])}`, "
              f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, model {model}, cluster {cluster}."), ""]
