@@ -169,8 +169,13 @@ def precompile(device: torch.device, dtype: str, hw: str | None, jobs: int) -> s
             for future in futures:
                 future.result()
     except Exception as exc:  # noqa: BLE001 (the benchmark compiles on first use instead)
-        return f"precompile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); compiled on first use"
+        return f"precompile failed ({_first_line(exc)}); compiled on first use"
     return f"{len(pairs)} kernel variants precompiled in {min(jobs, len(pairs))} processes"
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).partition("\n")[0][:120]
+    return f"{type(exc).__name__}: {text}"
 
 
 def _path_cells(p: dict | None) -> str:
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None, t0_s: float | None = None) -> list[dict]
         "hbm_bytes_per_s": peak, "hbm_source": hbm_source, "hardware": probe,
     }
     print(f"{meta['device']}, HBM peak: {hbm_source}; hardware cast: {probe}", flush=True)
-    if args.jobs:
+    if args.jobs and device.type == "cuda":  # the interpreter compiles nothing
         meta["compiles"] = precompile(device, args.dtype, hw, args.jobs)
         print(f"[{time.monotonic() - t0_s:5.1f} s] {meta['compiles']}", flush=True)
     rows = []
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None, t0_s: float | None = None) -> list[dict]
             try:
                 rows.append(measure(quantiser, shape, dtype, device, hw, timer, peak))
             except Exception as exc:  # noqa: BLE001 (one shape failing, e.g. out of memory, leaves the others)
-                rows.append(skipped | {"skipped": f"failed, {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"})
+                rows.append(skipped | {"skipped": f"failed, {_first_line(exc)}"})
         print(f"[{time.monotonic() - t0_s:5.1f} s] {table_row(rows[-1])}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -142,7 +142,8 @@ def _probed_cast(index: int) -> int:
         try:
             bad = probe_mismatches(device, CASTS[name])
         except Exception as exc:  # noqa: BLE001 (a compile or launch failure falls back the same way)
-            failures.append(f"{name} failed to run ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+            first_line = str(exc).partition("\n")[0][:120]
+            failures.append(f"{name} failed to run ({type(exc).__name__}: {first_line})")
             continue
         if not bad:
             break

@@ -113,3 +113,18 @@ def test_the_hardware_column_times_the_probes_choice(monkeypatch, chosen, path, 
     hw, text = quant_speed.hardware_path(torch.device("cuda"), None)
     assert hw == path and says in text
     assert quant_speed.hardware_path(torch.device("cpu"), "no GPU") == (None, "unavailable: no GPU")
+
+
+def test_a_shape_that_fails_is_listed_and_the_others_still_run(tmp_path, monkeypatch):
+    real = quant_speed.measure
+
+    def measure(quantiser, shape, *args):
+        if quantiser == "act_128x1_t":
+            raise torch.OutOfMemoryError("")  # an empty message too
+        return real(quantiser, shape, *args)
+
+    monkeypatch.setattr(quant_speed, "measure", measure)
+    rows = quant_speed.main(["--device", "cpu", "--small", "--jobs", "0", "--budget-s", "1e6", "--out",
+                             str(tmp_path / "q.md")])
+    assert [r["skipped"] for r in rows if r["quantiser"] == "act_128x1_t"] == ["failed, OutOfMemoryError: "]
+    assert all(r["emulated"] for r in rows if r["quantiser"] != "act_128x1_t")
