@@ -140,7 +140,8 @@ def _probed_cast(index: int) -> int:
     failures = []
     for name in ("hardware", "hardware_f16"):
         try:
-            bad = probe_mismatches(device, CASTS[name])
+            with torch.cuda.device(index):  # Triton launches on the current device
+                bad = probe_mismatches(device, CASTS[name])
         except Exception as exc:  # noqa: BLE001 (a compile or launch failure falls back the same way)
             first_line = str(exc).partition("\n")[0][:120]
             failures.append(f"{name} failed to run ({type(exc).__name__}: {first_line})")

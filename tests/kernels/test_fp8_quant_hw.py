@@ -10,6 +10,8 @@ bits with them as with the emulation, on the probe's values and on random tensor
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -43,6 +45,17 @@ def fresh_probe_cache():
     e4m3_cast._probed_cast.cache_clear()
     yield
     e4m3_cast._probed_cast.cache_clear()
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, fresh_probe_cache):
+    """No interpreter, and CUDA devices of the capability the test sets (``fake_gpu[0]``, sm_90 unless told);
+    the probe itself is the test's."""
+    capability = [(9, 0)]
+    monkeypatch.setattr(e4m3_cast, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability[0])
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    return capability
 
 
 def test_probe_values_reach_every_code_tie_and_saturation():
@@ -90,7 +103,7 @@ def test_interpreter_keeps_the_emulation():
     ((RuntimeError("ptxas died"), 0), e4m3_cast.HARDWARE_F16, ["hardware failed to run (RuntimeError: ptxas died)",
                                                                 "using hardware_f16"]),
 ])
-def test_a_probe_that_disagrees_falls_back_and_warns_once(monkeypatch, fresh_probe_cache, outcomes, chosen, says):
+def test_a_probe_that_disagrees_falls_back_and_warns_once(monkeypatch, fake_gpu, outcomes, chosen, says):
     calls = []
 
     def probe(device, cast):
@@ -100,9 +113,7 @@ def test_a_probe_that_disagrees_falls_back_and_warns_once(monkeypatch, fresh_pro
             raise outcome
         return outcome
 
-    monkeypatch.setattr(e4m3_cast, "INTERPRET", False)
     monkeypatch.setattr(e4m3_cast, "probe_mismatches", probe)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
     with pytest.warns(RuntimeWarning) as record:
         assert e4m3_cast.cast_for_device("cuda:0") == chosen
     assert e4m3_cast.cast_for_device("cuda:0") == chosen  # cached: no second probe, no second warning
@@ -110,18 +121,15 @@ def test_a_probe_that_disagrees_falls_back_and_warns_once(monkeypatch, fresh_pro
     assert all(part in str(record[0].message) for part in says), str(record[0].message)
 
 
-def test_a_probe_that_passes_says_nothing(monkeypatch, fresh_probe_cache, recwarn):
-    monkeypatch.setattr(e4m3_cast, "INTERPRET", False)
+def test_a_probe_that_passes_says_nothing(monkeypatch, fake_gpu, recwarn):
     monkeypatch.setattr(e4m3_cast, "probe_mismatches", lambda device, cast: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
     assert e4m3_cast.cast_for_device("cuda:0") == e4m3_cast.HARDWARE
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
-def test_old_gpus_never_probe(monkeypatch, fresh_probe_cache):
-    monkeypatch.setattr(e4m3_cast, "INTERPRET", False)
+def test_old_gpus_never_probe(monkeypatch, fake_gpu):
+    fake_gpu[0] = (8, 0)
     monkeypatch.setattr(e4m3_cast, "probe_mismatches", lambda device, cast: pytest.fail("probed an sm_80"))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
     assert e4m3_cast.cast_for_device("cuda:1") == e4m3_cast.EMULATED
 
 
