@@ -47,9 +47,10 @@ WEIGHT_SHAPES = ((7168, 2048), (2048, 7168), (7168, 18432), (16, 4096, 7168))
 ACT_SHAPES = ((4096, 7168), (32768, 2048))
 SMALL_WEIGHT_SHAPES, SMALL_ACT_SHAPES = ((256, 384), (2, 130, 257)), ((200, 384),)
 BUDGET_S = 45.0  # of the 60 s allowed: a case started before it ends within ~10 s, compiles included
-# Precompiling: every shape above gives each kernel argument the same specialisation (multiples of 16 but for
-# the unit strides) as this one, so the worker processes' compiles are the main process's (Triton's disk cache).
-PRECOMPILE_SHAPE = (256, 256)
+# Precompiling: Triton compiles a kernel for each pattern of its integer arguments (multiple of 16 or not, 1 or
+# not; ``specialisation``); these small shapes have the patterns of all the shapes above (tested), so the worker
+# processes' compiles are the main process's (through Triton's disk cache).
+PRECOMPILE_SHAPES = {"rows": ((256, 256),), "cols": ((256, 256),), "blocks": ((256, 2048), (256, 1024))}
 TIMED_S = 0.1  # of warm-up and again of timed calls per path and shape, at most (orchestrator.calibration.timing)
 
 
@@ -152,8 +153,22 @@ def measure(quantiser: str, shape: tuple[int, ...], dtype: torch.dtype, device: 
     return row
 
 
-def _precompile_worker(device: str, dtype: str, quantiser: str, cast: str) -> None:
-    x = torch.randn(PRECOMPILE_SHAPE, device=device, dtype=DTYPES[dtype])
+def specialisation(tiles: str, shape: tuple[int, ...]) -> tuple[tuple[bool, bool], ...]:
+    """(multiple of 16, equal to 1) of each integer argument the ``fp8_quant`` wrapper passes its kernel for a
+    contiguous input of ``shape`` (sizes, the rows kernel's size key, strides): what Triton specialises on."""
+    rows, cols = shape[-2:]
+    if tiles == "blocks":
+        nt, kt = cdiv(rows, TILE), cdiv(cols, TILE)
+        ints = [rows, cols, rows * cols, cols, 1, rows * cols, cols, 1, cols * rows, 1, rows, nt * kt, kt, 1]
+    else:
+        r, c = (rows, cols) if tiles == "rows" else (cols, rows)  # the kernel's view: x, or x^T for 128x1
+        view_strides = [cols, 1] if tiles == "rows" else [1, cols]
+        ints = [r, c, (r * c).bit_length(), *view_strides, c, 1, 1, cdiv(r, 4) * 4]
+    return tuple((v % 16 == 0, v == 1) for v in ints)
+
+
+def _precompile_worker(device: str, dtype: str, quantiser: str, cast: str, shape: tuple[int, ...]) -> None:
+    x = torch.randn(shape, device=device, dtype=DTYPES[dtype])
     QUANTISERS[quantiser].run(x, cast)
 
 
@@ -161,16 +176,17 @@ def precompile(device: torch.device, dtype: str, hw: str | None, jobs: int) -> s
     """Compile (and tune on a small shape) every quantiser and path in ``jobs`` processes at once, so that the
     main process finds its kernels in Triton's disk cache: a cold run compiles ~44 kernels, one at a time
     otherwise. Returns what happened, for the report; a failure leaves the compiles to the first calls."""
-    pairs = [(name, cast) for name in QUANTISERS for cast in (("emulated", hw) if hw else ("emulated",))]
+    tasks = [(name, cast, shape) for name, q in QUANTISERS.items() for cast in (("emulated", hw) if hw else ("emulated",))
+             for shape in PRECOMPILE_SHAPES[q.tiles]]
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     try:
-        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(pairs)), mp_context=context) as pool:
-            futures = [pool.submit(_precompile_worker, str(device), dtype, name, cast) for name, cast in pairs]
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context) as pool:
+            futures = [pool.submit(_precompile_worker, str(device), dtype, *task) for task in tasks]
             for future in futures:
                 future.result()
     except Exception as exc:  # noqa: BLE001 (the benchmark compiles on first use instead)
         return f"precompile failed ({_first_line(exc)}); compiled on first use"
-    return f"{len(pairs)} kernel variants precompiled in {min(jobs, len(pairs))} processes"
+    return f"{len(tasks)} (quantiser, path, shape) compiles and tunings in {min(jobs, len(tasks))} processes first"
 
 
 def _first_line(exc: Exception) -> str:

@@ -128,3 +128,13 @@ def test_a_shape_that_fails_is_listed_and_the_others_still_run(tmp_path, monkeyp
                              str(tmp_path / "q.md")])
     assert [r["skipped"] for r in rows if r["quantiser"] == "act_128x1_t"] == ["failed, OutOfMemoryError: "]
     assert all(r["emulated"] for r in rows if r["quantiser"] != "act_128x1_t")
+
+
+def test_precompile_shapes_have_every_cases_kernel_specialisation():
+    """The worker processes compile what the timed shapes need, or the main process compiles again."""
+    for name, shape in quant_speed.cases(small=False):
+        tiles = quant_speed.QUANTISERS[name].tiles
+        have = {quant_speed.specialisation(tiles, s) for s in quant_speed.PRECOMPILE_SHAPES[tiles]}
+        assert quant_speed.specialisation(tiles, shape) in have, (name, shape)
+    # the patterns differ where it matters: 2048 = 16 blocks of 128 makes a scale stride a multiple of 16
+    assert quant_speed.specialisation("blocks", (7168, 2048)) != quant_speed.specialisation("blocks", (2048, 7168))
