@@ -41,8 +41,9 @@ from moeplan.simulator.presets.clusters import h100_gpu, h200_gpu, h800_gpu
 
 FP8_BYTES, SCALE_BYTES = 1, 4
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# V3 weights (N, K): o_proj-like 7168x2048, its transpose, the dense MLP's 7168x18432, 16 local experts'
-# fused gate/up 4096x7168; activations (tokens, hidden): 4096 tokens x 7168, 32768 x 2048 (expert rows).
+# V3 weights (N, K): an expert's down (7168x2048) and gate or up (2048x7168) projection, the dense MLP's down
+# (7168x18432), 16 local experts' fused gate/up (16 x 4096x7168); activations (rows, features): 4096 tokens x 7168
+# hidden, 32768 routed rows (4096 tokens x top-8) x 2048 (an expert's intermediate size).
 WEIGHT_SHAPES = ((7168, 2048), (2048, 7168), (7168, 18432), (16, 4096, 7168))
 ACT_SHAPES = ((4096, 7168), (32768, 2048))
 SMALL_WEIGHT_SHAPES, SMALL_ACT_SHAPES = ((256, 384), (2, 130, 257)), ((200, 384),)
@@ -60,7 +61,7 @@ class Quantiser:
     ``e4m3_cast.CASTS``)."""
 
     name: str
-    run: Callable[[torch.Tensor, bool], tuple[torch.Tensor, ...]]
+    run: Callable[[torch.Tensor, str], tuple[torch.Tensor, ...]]
     fp8_copies: int
     tiles: str  # "rows" (1x128: a scale per row and 128 columns), "cols" (128x1), "blocks" (128x128)
 
