@@ -28,8 +28,8 @@ _OP = re.compile(r"^\d+([FBIW])\d+(?: L\d+)? ?(\S*)$")
 def bucket(name: str) -> str:
     if name.startswith(("p2p", "dp-sync")):
         return "p2p"
-    if name == "optimizer":
-        return name
+    if name.split(" ")[0] == "optimizer":  # the step's parts ("optimizer norm", ...), or the whole of older traces
+        return "optimizer"
     hit = _OP.match(name)
     if hit is None:
         return "other"
