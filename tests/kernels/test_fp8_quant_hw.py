@@ -11,6 +11,10 @@ bits with them as with the emulation, on the probe's values and on random tensor
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -244,3 +248,43 @@ def test_every_blocks_candidate_gives_the_emulations_bits(pow2):
             for cast in _hardware_casts():
                 hardware = _blocks_candidate(w, config, cast, pow2)
                 assert all(same_bits(a, b) for a, b in zip(emulated, hardware)), (name, config, cast)
+
+
+# ----------------------------------------------------------------------------- offline compile (CPU)
+
+_LOWERING_SCRIPT = """
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moeplan.kernels import e4m3_cast, fp8_quant
+
+def ptx(fn, sig, consts, warps=4):
+    src = ASTSource(fn, sig | {k: "constexpr" for k in consts}, consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+
+probe = {"x_ptr": "*fp32", "q_ptr": "*fp8e4nv", "n": "i32"}
+rows = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32"} | {n: "i32" for n in (
+    "R", "C", "size_key", "stride_xr", "stride_xc", "stride_qr", "stride_qc", "stride_sr", "stride_sc")}
+out = {f"probe{cast}": ptx(e4m3_cast._e4m3_probe_kernel, probe, {"CAST": cast, "BLOCK": 1024}) for cast in (0, 1, 2)}
+for pow2 in (False, True):
+    out[f"rows_pow2={pow2}"] = ptx(fp8_quant._quant_rows_kernel.fn, rows, {
+        "POW2": pow2, "FLOOR": 1e-4, "ROW_MAJOR": True, "CAST": 1, "BLOCK_R": 32, "BLOCK_C": 128})
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_lowering_facts_hold_offline(tmp_path):
+    """What e4m3_cast's and quantize_e4m3's docstrings say Triton 3.6 emits for sm_90, from an offline compile
+    (a process without the interpreter): the fp32 and fp16 E4M3 cvts, rz to fp16, and pow2 scales dividing
+    once per row (the reciprocal) where other scales divide every element."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-P", "-c", _LOWERING_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ptx = json.loads(res.stdout)
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx["probe1"] and "e4m3x2" not in ptx["probe0"]
+    assert "cvt.rz.f16.f32" in ptx["probe2"] and "cvt.rn.satfinite.e4m3x2.f16x2" in ptx["probe2"]
+    per_element, per_row = (ptx[f"rows_pow2={p}"].count("div.rn.f32") for p in (False, True))
+    assert per_element >= 32 and per_row <= 2, (per_element, per_row)  # 32 elements a thread here
