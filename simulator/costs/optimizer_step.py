@@ -29,7 +29,9 @@ main gradients (``main_grad.attach_main_grads``, g = 4), FP32 master weights (``
 w = 4), moments in ``optimizer.MOMENT_DTYPES[moment_bytes]`` (BF16, m = 2) and the weight written in the
 parameters' dtype (BF16, p = 2). DeepSeek-V3's storage on a group of one: 4 + 22 + 4 = 30 bytes a
 parameter (the plan priced 22, the update alone, until 2026-12-06). The collectives (reduce-scatter,
-norm all-reduce, all-gather) are the engine's DP tail and barrier, not bytes here.
+norm all-reduce, all-gather) are the engine's DP tail and barrier, not bytes here; in the runtime's trace
+the ``norm`` event holds the reduce-scatter and the norm's all-reduce (a wait for the slowest rank), the
+``update`` event the all-gather, and ``other`` the loads' all-reduce.
 """
 
 from __future__ import annotations

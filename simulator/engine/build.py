@@ -24,6 +24,7 @@ from moeplan.simulator.engine.tensor_parallel import TpComm, collective_s, tp_co
 from moeplan.simulator.engine.unit_costs import CostContext, EndCosts, UnitCosts, end_costs
 from moeplan.simulator.schedules.registry import make_schedule, rank_stages, schedule_kind
 from moeplan.simulator.spec.inputs import PlanInputs
+from moeplan.simulator.spec.model import ModelSpec
 from moeplan.simulator.spec.parallel import ParallelSpec
 from moeplan.simulator.traffic.all_to_all import BF16_BYTES_PER_ELEMENT, WirePayload
 
@@ -133,7 +134,7 @@ def _end_costs(inputs: PlanInputs, ctx: CostContext) -> EndCosts:
     return end_costs(ctx, tp_slice(inputs.model, inputs.parallel.tp))
 
 
-def _is_moe_unit(m, u: int) -> bool:
+def _is_moe_unit(m: ModelSpec, u: int) -> bool:
     return m.is_moe if u >= m.num_hidden_layers else m.is_moe_layer(u)
 
 
