@@ -207,6 +207,7 @@ def _plan_args(draw: st.DrawFn, folder: Path, documents: dict[str, Any]) -> tupl
         "--techniques": choice("no-dualpipe", "no-fp8,no-cp", "no-ep,no-zero-bubble,no-interleaved", "no-fp9", ",", ""),
         "--trace": out_path(folder, ".json"), "--json": st.none(),
         "--nodes": int_text(1, 2), "--cluster": choice("h200", "h800"),
+        "--tp": int_text(1, 8), "--sp": st.none(),  # with --seq-len 1: a TP rank without a token (2026-12-06)
     }
     # Since tensor parallelism joined the layout search (02:12 UTC) it evaluates ~1,400 layouts of a tiny model on
     # 8 GPUs (~11 s of CPU; 16 GPUs: 18 s, and minutes of wall time on this shared machine): one example in five
@@ -214,6 +215,7 @@ def _plan_args(draw: st.DrawFn, folder: Path, documents: dict[str, Any]) -> tupl
     search = draw(mostly(st.just(["--no-search"]), st.just(["--search"]), st.just([])))
     if search != ["--no-search"]:
         options.pop("--nodes")
+        options.pop("--tp")
         search += ["--tp", "1"]
     args = ["plan", "--model", model, "--cluster", "h200", "--nodes", "1", *search, *flags(draw, options, 5),
             "--out", out]
