@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import math
 import os
 import signal
@@ -42,7 +43,7 @@ from moeplan.orchestrator.ray_address import ADDRESS_TIMEOUT_S, check_address
 from moeplan.simulator.contracts.plan_file import PlanFile, read_plan
 from moeplan.simulator.contracts.run_report import PLAN_COPY_NAME, Restart, read_run_report
 from moeplan.simulator.spec.errors import first_error_line
-from moeplan.simulator.spec.json_input import read_json_file
+from moeplan.simulator.spec.json_input import MAX_FILE_BYTES, open_input, read_json_file
 
 STOPPED_EXIT_CODE = 4
 LAUNCH_SETTINGS_NAME = "launch.json"
@@ -92,6 +93,10 @@ def _whole_run_steps(plan: PlanFile) -> int:
 
 def _check_plan(plan: PlanFile, s: dict) -> None:
     """One-line errors for a plan these settings cannot run (before any process starts)."""
+    model = plan.inputs.model
+    if not model.is_mla:  # model/block.py's LayerFactory.create refuses it too, but in rank 0 after Ray has started
+        raise InputError(f"model {model.name!r}: kv_lora_rank={model.kv_lora_rank}; the runtime builds MLA models "
+                         "only (the plan is for the simulator only)")
     from moeplan.model.runtime.rank import PlanRuntimeError, check_plan_for_world
     from moeplan.model.runtime.worker import RunConfig
 
@@ -123,6 +128,7 @@ def _run_dir(plan_path: Path | None, run_dir: Path | None, resume: Path | None) 
         if latest is None:
             raise InputError(f"--resume {resume}: the run has no checkpoint (checkpoints/latest) to continue from")
         _regular_files(resume, Path(latest.path).iterdir())
+        _check_shards(resume, Path(latest.path))
         _check_restarts(resume)
         return resume / PLAN_COPY_NAME, resume
     if plan_path is None:
@@ -148,6 +154,34 @@ def _regular_files(resume: Path, paths: Iterable[Path]) -> None:
             raise InputError(f"--resume {resume}: {path}: cannot read ({exc.strerror})") from None
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise InputError(f"--resume {resume}: {path}: not a regular file")
+
+
+def _check_shards(resume: Path, folder: Path) -> None:
+    """The checkpoint's ``.metadata`` (unpickled as data only by the runtime's ``MetadataUnpickler``) and the shard
+    files it places items in: each one a plain name in ``folder``, there, and as long as its last item's end (an
+    emptied or truncated shard failed in rank 0's load after Ray had started)."""
+    from moeplan.model.runtime.checkpoint_reader import MetadataUnpickler
+
+    path = folder / ".metadata"
+    try:
+        with open_input(path) as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise ValueError(f"larger than {MAX_FILE_BYTES // 2**20} MiB")
+        ends: dict[str, int] = {}
+        for info in MetadataUnpickler(io.BytesIO(data)).load().storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    except OSError as exc:
+        raise InputError(f"--resume {resume}: {path}: cannot read ({exc.strerror})") from None
+    except Exception as exc:  # noqa: BLE001 -- bytes from a run folder: any unpickling failure is bad input
+        raise InputError(f"--resume {resume}: {path}: not a checkpoint's metadata ({type(exc).__name__}: "
+                         f"{str(exc)[:200]})") from None
+    for name, end in sorted(ends.items()):
+        shard = folder / str(name)
+        size = shard.stat().st_size if Path(str(name)).name == str(name) and shard.is_file() else None
+        if size is None or size < end:
+            raise InputError(f"--resume {resume}: {shard}: {'missing' if size is None else f'{size} bytes'}, but the "
+                             f"checkpoint's metadata places data up to byte {end}")
 
 
 def _check_restarts(resume: Path) -> None:

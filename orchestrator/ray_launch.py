@@ -30,7 +30,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from moeplan.orchestrator.errors import RunFailedError
+from moeplan.orchestrator.errors import RunFailedError, crash_log, one_line
 from moeplan.orchestrator.rank_entry import RankJob, on_cpu, run_rank
 from moeplan.simulator.contracts.plan_file import PlanFile
 
@@ -180,8 +180,11 @@ def _wait(refs: list, on_poll: Callable[[], None]) -> str | None:
             errors |= _errors(refs, more)
             died = [r for r, exc in sorted(errors.items()) if isinstance(exc, RayActorError)]
             rank = died[0] if died else min(errors)
-            print(f"moeplan: rank {rank} failed:\n{errors[rank]}", file=sys.stderr, flush=True)  # the whole traceback
-            return f"rank {rank}: {_first_line(errors[rank])}"
+            line = f"rank {rank}: {_first_line(errors[rank])}"
+            log = crash_log(errors[rank])  # the whole remote traceback (Ray's, with colour codes): in a file
+            where = f"traceback in {log}" if log else "its traceback could not be written"
+            print(f"moeplan: {one_line(line)} ({where})", file=sys.stderr, flush=True)
+            return line
     return None
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import torch.distributed.checkpoint as dcp
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -80,7 +82,7 @@ def cpu_plan(tmp_path_factory) -> dict[str, Any]:
     (run / "launch.json").write_text(json.dumps(SETTINGS))
     (run / "checkpoints" / "step2" / "moeplan.json").write_text(json.dumps(META | {"plan_sha256": doc["inputs_sha256"]}))
     (run / "checkpoints" / "latest").write_text("step2\n")
-    (run / "checkpoints" / "step2" / "__0_0.distcp").write_bytes(b"")
+    dcp.save({"model/x": torch.arange(4.0)}, checkpoint_id=run / "checkpoints" / "step2")  # .metadata, __0_0.distcp
     (run / "restarts.json").write_text(json.dumps(RESTARTS))
     return {"path": root / "plan" / "plan.json", "doc": doc, "run": run}
 
@@ -154,7 +156,7 @@ def test_launch(examples, tmp_path, cpu_plan, no_work, addresses):
 
 
 # A resumed run's files that only the workers read (found by a generated set, 2026-12-06): each was a traceback
-# from rank 0 after Ray had started (restarts.json) or a launch that never returned (a named pipe).
+# from rank 0 after Ray had started (restarts.json, a shard cut short) or a launch that never returned (a pipe).
 RESUME_FILES = {
     "restarts.json NaN": ("restarts.json", b'[{"at_step": NaN}]', "restarts.json: NaN is not a JSON number"),
     "restarts.json negative step": ("restarts.json", b'[{"at_step": -1, "reason": "x", "lost_gpu_hours": 0}]',
@@ -163,6 +165,10 @@ RESUME_FILES = {
     "latest a pipe": ("checkpoints/latest", None, "checkpoints/latest: not a regular file"),
     "a shard a pipe": ("checkpoints/step2/__0_0.distcp", None, "__0_0.distcp: not a regular file"),
     "restarts.json a pipe": ("restarts.json", None, "restarts.json: malformed JSON"),
+    "a shard emptied": ("checkpoints/step2/__0_0.distcp", b"", "__0_0.distcp: 0 bytes, but the checkpoint's metadata"),
+    "metadata not a pickle": ("checkpoints/step2/.metadata", b"\x00junk", ".metadata: not a checkpoint's metadata"),
+    "metadata naming a command": ("checkpoints/step2/.metadata", b"cos\nsystem\n(S'true'\ntR.",
+                                  "names os.system, which is not checkpoint metadata"),
 }
 
 
