@@ -97,6 +97,11 @@ def _check_plan(plan: PlanFile, s: dict) -> None:
     if not model.is_mla:  # model/block.py's LayerFactory.create refuses it too, but in rank 0 after Ray has started
         raise InputError(f"model {model.name!r}: kv_lora_rank={model.kv_lora_rank}; the runtime builds MLA models "
                          "only (the plan is for the simulator only)")
+    problem = guard_problem(plan, s["budget_guard"], s["guard_every"])  # before torch's import: within a second
+    if problem:
+        raise InputError(problem)
+    if s["max_failures"] < 0:
+        raise InputError(f"--max-failures={s['max_failures']} must be >= 0")
     from moeplan.model.runtime.rank import PlanRuntimeError, check_plan_for_world
     from moeplan.model.runtime.worker import RunConfig
 
@@ -106,11 +111,6 @@ def _check_plan(plan: PlanFile, s: dict) -> None:
                   checkpoint_every=s["checkpoint_every"])
     except (PlanRuntimeError, ValueError) as exc:
         raise InputError(str(exc)) from None
-    problem = guard_problem(plan, s["budget_guard"], s["guard_every"])
-    if problem:
-        raise InputError(problem)
-    if s["max_failures"] < 0:
-        raise InputError(f"--max-failures={s['max_failures']} must be >= 0")
 
 
 def _run_dir(plan_path: Path | None, run_dir: Path | None, resume: Path | None) -> tuple[Path, Path]:
