@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -109,7 +110,8 @@ class RankRuntime:
     bias_updater: ExpertBiasUpdater
     progress: dict
     loads: LoadAccumulator = dataclasses.field(default_factory=LoadAccumulator)  # whole-batch expert loads
-    _prefetched: tuple[int, dict[int, Microbatch]] | None = dataclasses.field(default=None, repr=False)
+    _prefetched: tuple[int, Future] | None = dataclasses.field(default=None, repr=False)
+    _data_thread: ThreadPoolExecutor | None = dataclasses.field(default=None, repr=False)
 
     def expert_loads(self) -> dict[int, torch.Tensor]:
         """Every MoE layer's routed tokens per logical expert over the steps so far, the whole job's (all
@@ -157,24 +159,31 @@ class RankRuntime:
     # ---- a step -----------------------------------------------------------------------------------
 
     def microbatches(self, step: int) -> dict[int, Microbatch]:
-        """This rank's micro-batches of ``step``: made by ``prefetch`` while the GPU ran the step before, or now."""
-        ready = self._prefetched
-        self._prefetched = None
+        """This rank's micro-batches of ``step``: the ones ``prefetch`` started, or made now."""
+        ready, self._prefetched = self._prefetched, None
         if ready is not None and ready[0] == step:
-            return ready[1]
+            return ready[1].result()
+        return self._make_microbatches(step)
+
+    def prefetch(self, step: int) -> None:
+        """Start making ``step``'s micro-batches on a host thread (torch's CPU ops release the GIL), so that the
+        main thread keeps the GPU fed: made in line they left the GPU idle ~25 ms a step on an H100 host."""
+        if self._data_thread is None:
+            self._data_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeplan-data")
+        self._prefetched = (step, self._data_thread.submit(self._make_microbatches, step))
+
+    def _make_microbatches(self, step: int) -> dict[int, Microbatch]:
         dp_rank = self.groups.coords(self.rank).dp_rank
         return {m: self.task.microbatch(step, dp_rank, m) for m in range(self.plan.layout.microbatches)}
 
-    def prefetch(self, step: int) -> None:
-        """Make ``step``'s micro-batches now, on the host, while the GPU still runs the work already queued."""
-        self._prefetched = None
-        self._prefetched = (step, self.microbatches(step))
-
     def forward_backward(self, step: int, timeline: Timeline | None = None) -> StepResult:
+        """One step's forward and backward passes; the next step's micro-batches are made meanwhile."""
         for module in self.unique_modules():
             module.train()
         timeline = timeline or Timeline(self.rank, cuda=self.device.type == "cuda")
-        return self.executor.step(self.microbatches(step), timeline)
+        batches = self.microbatches(step)
+        self.prefetch(step + 1)
+        return self.executor.step(batches, timeline)
 
     def sync_gradients(self) -> None:
         """Sum the main gradients of parameters held twice: replicas of one expert in the EP group

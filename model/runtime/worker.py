@@ -198,7 +198,6 @@ def _one_step(rt: RankRuntime, step: int, tokens: int, device: torch.device):
     origin = time.perf_counter()
     timeline = Timeline(rt.rank, cuda=device.type == "cuda", origin_s=0.0 if device.type == "cuda" else origin)
     result = rt.forward_backward(step, timeline)
-    rt.prefetch(step + 1)  # on the host while the GPU works through the queued passes (the optimizer may sync)
     stats = rt.optimizer_step(timeline)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
