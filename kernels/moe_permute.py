@@ -290,8 +290,47 @@ def pair_row_weights(plan: DispatchPlan, topk_weights: torch.Tensor) -> torch.Te
     return row_weights.index_put_((plan.dest.reshape(-1).long(),), topk_weights.reshape(-1).float())
 
 
+@triton.jit
+def _row_dot_kernel(
+    # pointers: g (T, H), y (M_total, H), out (M_total,) fp32, src_token (M_total,)
+    g_ptr, y_ptr, out_ptr, src_ptr,
+    # sizes, strides
+    num_rows, H, stride_gt, stride_ym,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """out[r] = <g[src[r]], y[r]> in fp32 (0 for padding rows), each row's H in BLOCK_H chunks in a fixed order."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    src = tl.load(src_ptr + rows, mask=rows < num_rows, other=-1)
+    live = (src >= 0)[:, None]
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        mask = live & (cols[None, :] < H)
+        g = tl.load(g_ptr + src[:, None].to(tl.int64) * stride_gt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(g * y, axis=1)
+    tl.store(out_ptr + rows, acc, mask=rows < num_rows)
+
+
 def pair_weight_grad(grad_out: torch.Tensor, y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """d out[t] / d w[p] = y[dest[p]] for t the token of pair p: one fp32 dot per pair, shaped like ``plan.dest``."""
+    """d out[t] / d w[p] = y[dest[p]] for t the token of pair p: one fp32 dot per pair, shaped like ``plan.dest``.
+
+    One pass over the permuted rows (``_row_dot_kernel``: each row's token gradient and output read once, in
+    their dtype); the gather-cast-multiply-sum in torch moved ~6x those bytes (3.2 of the 4.3 ms of glue around
+    the grouped GEMMs of a V3 expert layer on an H100)."""
+    _check_rows(grad_out, "grad_out")
+    _check_rows(y, "y")
+    rows = torch.empty(plan.num_rows, dtype=torch.float32, device=y.device)
+    block_r, block_h = (16, 256) if not INTERPRET else (16, 64)
+    if plan.num_rows:
+        _row_dot_kernel[(cdiv(plan.num_rows, block_r),)](grad_out, y, rows, plan.src_token, plan.num_rows, y.shape[1],
+                                                         grad_out.stride(0), y.stride(0), BLOCK_R=block_r,
+                                                         BLOCK_H=block_h)
+    return rows[plan.dest.long()]
+
+
+def pair_weight_grad_ref(grad_out: torch.Tensor, y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """``pair_weight_grad`` in torch: gather, FP32 product, sum."""
     rows = y[plan.dest.reshape(-1).long()].float()  # (P, H)
     return (grad_out[plan.pair_tokens()].float() * rows).sum(-1).view(plan.dest.shape)
 

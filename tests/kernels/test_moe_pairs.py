@@ -15,6 +15,8 @@ from moeplan.kernels.moe_permute import (
     moe_permute_ref,
     moe_unpermute,
     moe_unpermute_ref,
+    pair_weight_grad,
+    pair_weight_grad_ref,
 )
 from moeplan.kernels.swiglu import swiglu, swiglu_quant_t, swiglu_ref
 from tests.kernels import test_kernels
@@ -94,6 +96,26 @@ def test_pair_plan_permute_combine_and_autograd(device):
     assert rel_err(xg.grad, x64.grad) < TOL_BF16_OUT
     assert rel_err(wg.grad, w64.grad) < 1e-2  # the dot of bf16 rows
     assert not xg.grad[torch.bincount(token, minlength=T).to(device) == 0].any()  # tokens without pairs
+
+
+@pytest.mark.parametrize("H", [136, 7168])
+def test_pair_weight_grad_is_one_fp32_dot_per_pair(device, H):
+    """The row-dot kernel against gather-cast-multiply-sum, on a pair plan (padding rows, tokens without pairs)
+    and a top-k plan; H not a multiple of the kernel's chunk."""
+    T = 12
+    token, expert, counts = _pairs(T, 3, seed=10)
+    plan = make_pair_plan(token.to(device), expert.to(device), T, counts)
+    grad = rand(T, H, seed=11, device=device, dtype=torch.bfloat16)
+    y = rand(plan.num_rows, H, seed=12, device=device, dtype=torch.bfloat16)
+    got, want = pair_weight_grad(grad, y, plan), pair_weight_grad_ref(grad, y, plan)
+    assert got.shape == want.shape == (token.numel(),) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * H ** 0.5)
+    ids = torch.stack([torch.randperm(5, generator=torch.Generator().manual_seed(13))[:2] for _ in range(T)])
+    topk = make_dispatch_plan(ids.to(device), 5)
+    y = rand(topk.num_rows, H, seed=14, device=device, dtype=torch.bfloat16)
+    got, want = pair_weight_grad(grad, y, topk), pair_weight_grad_ref(grad, y, topk)
+    assert got.shape == (T, 2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * H ** 0.5)
 
 
 def test_swiglu_fp32_output_and_amax_floor(device):
