@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeplan.model.fp8 import Fp8Ops, quant_weight_fwd
-from moeplan.model.weight_grad import WeightGradStore, weight_grad_now_or_later, wgrad_dtype
+from moeplan.model.weight_grad import WeightGradStore, fused_main_grad_mm, weight_grad_now_or_later, wgrad_dtype
 
 
 class LinearFn(torch.autograd.Function):
@@ -58,9 +58,9 @@ class LinearFn(torch.autograd.Function):
         if not ctx.needs_input_grad[1]:
             return grad_x, None, *none
 
-        def weight_grad() -> torch.Tensor:  # (N, K)
+        def weight_grad() -> torch.Tensor | None:  # (N, K), or None once added into the main gradient
             if ctx.fp8 is None:
-                return g2.t() @ x2
+                return None if fused_main_grad_mm(ctx.weight, g2.t(), x2) else g2.t() @ x2
             fp8 = ctx.fp8  # Wgrad: both operands in tiles of `block` tokens, FP32 out
             return fp8.gemm(*fp8.quant_act_t(g2), *fp8.quant_act_t(x2), out_dtype=wgrad_dtype(weight))
 
@@ -89,7 +89,8 @@ class Linear(nn.Linear):
         self.weight_grad_store: WeightGradStore | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp8 is None and self.weight_grad_store is None:
+        fuse_main_grad = x.is_cuda and hasattr(self.weight, "main_grad")  # LinearFn adds the Wgrad into it
+        if self.fp8 is None and self.weight_grad_store is None and not fuse_main_grad:
             return F.linear(x, self.weight, self.bias)
         y = LinearFn.apply(x, self.weight, self.weight_grad_store, self.fp8, self.fp8_backward)
         return y if self.bias is None else y + self.bias

@@ -69,15 +69,54 @@ def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
 
 
 def weight_grad_now_or_later(
-    store: WeightGradStore | None, param: torch.Tensor, weight_grad: Callable[[], torch.Tensor]
+    store: WeightGradStore | None, param: torch.Tensor, weight_grad: Callable[[], torch.Tensor | None]
 ) -> torch.Tensor | None:
     """What a backward returns for ``param``: ``weight_grad()`` now (no store: fused I+W; autograd needs the
     parameter dtype), or None after queueing it on ``store``, whose flush accumulates it (the W step) as it
-    comes (an FP32 Wgrad stays FP32 on its way into ``main_grad``)."""
+    comes (an FP32 Wgrad stays FP32 on its way into ``main_grad``). A ``weight_grad`` that returns None has
+    accumulated into ``param.main_grad`` itself (``fused_main_grad_mm``)."""
     if store is None:
-        return weight_grad().to(param.dtype)
-    store.defer(lambda: accumulate_grad(param, weight_grad()))
+        grad = weight_grad()
+        return None if grad is None else grad.to(param.dtype)
+
+    def later() -> None:
+        grad = weight_grad()
+        if grad is not None:
+            accumulate_grad(param, grad)
+
+    store.defer(later)
     return None
+
+
+_ADDMM_OUT_DTYPE: dict[torch.device, bool] = {}
+
+
+def _addmm_out_dtype_works(device: torch.device) -> bool:
+    """Whether this torch and device run ``torch.addmm`` on BF16 matrices into an FP32 matrix (``out_dtype``,
+    CUDA, torch >= 2.8), checked once per device against the unfused sum on a small case."""
+    if device not in _ADDMM_OUT_DTYPE:
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            a, b = (torch.randn(64, 64, device=device, generator=g).bfloat16() for _ in range(2))
+            acc = torch.randn(64, 64, device=device, generator=g)
+            want = acc + a.float() @ b.float()
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_OUT_DTYPE[device] = bool(torch.allclose(acc, want, rtol=1e-4, atol=1e-3))
+        except (RuntimeError, TypeError):
+            _ADDMM_OUT_DTYPE[device] = False
+    return _ADDMM_OUT_DTYPE[device]
+
+
+def fused_main_grad_mm(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``param.main_grad += a @ b`` inside the GEMM (FP32 accumulation, beta = 1: Megatron's gradient-accumulation
+    fusion) when ``param`` has a main gradient and the device can; True when done. Otherwise the caller makes the
+    gradient in the parameter's dtype and the main-grad hook adds it: a BF16 write, then a read of it and a read and
+    write of the FP32 sum, 12 B a parameter for every micro-batch (~40 ms of a 0.68 s one-GPU V3 stage step)."""
+    main_grad = getattr(param, "main_grad", None)
+    if main_grad is None or not a.is_cuda or a.dtype != torch.bfloat16 or not _addmm_out_dtype_works(a.device):
+        return False
+    torch.addmm(main_grad, a, b, out_dtype=torch.float32, out=main_grad)
+    return True
 
 
 def attach_weight_grad_store(module: nn.Module, store: WeightGradStore | None) -> int:
