@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .e4m3_cast import EMULATED, cast_for_device
 from .fp8_quant import (
     AMAX_FLOOR,
     TILE,
@@ -139,9 +140,10 @@ def _permute_kernel(
     stride_xt, stride_om, stride_sm,
     # meta
     QUANT: tl.constexpr, WEIGHTED: tl.constexpr, POW2: tl.constexpr, FLOOR: tl.constexpr,
-    TRANSPOSED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    TRANSPOSED: tl.constexpr, CAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """TRANSPOSED (BLOCK_R = 128): out (H, M_total) fp8 in 128x1 tiles, scales (H, M_total/128)."""
+    """TRANSPOSED (BLOCK_R = 128): out (H, M_total) fp8 in 128x1 tiles, scales (H, M_total/128). CAST: the E4M3
+    path (``e4m3_cast``)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     src = tl.load(src_ptr + rows, mask=rows < num_rows, other=-1)
@@ -153,11 +155,11 @@ def _permute_kernel(
     out_mask = (rows[:, None] < num_rows) & col_ok
     if TRANSPOSED:
         store_cols_t(out_ptr, scale_ptr, x, rows, cols, out_mask, cols < H, stride_om, stride_sm, tl.program_id(0),
-                     POW2, FLOOR)
+                     POW2, FLOOR, CAST)
     else:
         out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
         store_rows(out_ptrs, scale_ptr + rows * stride_sm + tl.program_id(1), x, out_mask, rows < num_rows, QUANT,
-                   POW2, FLOOR)
+                   POW2, FLOOR, CAST)
 
 
 @triton.jit
@@ -226,7 +228,8 @@ def moe_permute(
     _permute_kernel[grid](
         x, out, scale, plan.src_token, weights, M, H, x.stride(0), out.stride(0), scale.stride(0),
         QUANT=bool(quantize), WEIGHTED=row_weights is not None, POW2=pow2_scale, FLOOR=amax_floor,
-        TRANSPOSED=transposed, BLOCK_R=block_r, BLOCK_H=block_h,
+        TRANSPOSED=transposed, CAST=cast_for_device(x.device) if quantize else EMULATED, BLOCK_R=block_r,
+        BLOCK_H=block_h,
     )
     return (out, scale) if quantize else out
 

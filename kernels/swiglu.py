@@ -8,6 +8,7 @@ the backward kernel takes ``h`` and ``d act`` and writes ``d h`` in one pass.
 
 import torch
 
+from .e4m3_cast import EMULATED, cast_for_device
 from .fp8_quant import (
     AMAX_FLOOR,
     TILE,
@@ -41,13 +42,14 @@ def _swiglu_fwd_kernel(
     # strides
     stride_hm, stride_om, stride_sm,
     # meta
-    QUANT: tl.constexpr, POW2: tl.constexpr, FLOOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    QUANT: tl.constexpr, POW2: tl.constexpr, FLOOR: tl.constexpr, CAST: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     gate, up, rows, cols, mask = _load_gate_up(h_ptr, M, I, stride_hm, BLOCK_R, BLOCK_C)
     act = gate * tl.sigmoid(gate) * up  # (BLOCK_R, BLOCK_C)
     out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
     store_rows(out_ptrs, scale_ptr + rows * stride_sm + tl.program_id(1), act, mask, rows < M, QUANT, POW2,
-               FLOOR)
+               FLOOR, CAST)
 
 
 @triton.jit
@@ -59,11 +61,12 @@ def _swiglu_quant_t_kernel(
     # strides
     stride_hm, stride_qi, stride_si,
     # meta: BLOCK_R = 128, one 128x1 tile per column
-    POW2: tl.constexpr, FLOOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    POW2: tl.constexpr, FLOOR: tl.constexpr, CAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     gate, up, rows, cols, mask = _load_gate_up(h_ptr, M, I, stride_hm, BLOCK_R, BLOCK_C)
     act = gate * tl.sigmoid(gate) * up  # (BLOCK_R, BLOCK_C), as the forward kernel computes it
-    store_cols_t(q_ptr, s_ptr, act, rows, cols, mask, cols < I, stride_qi, stride_si, tl.program_id(0), POW2, FLOOR)
+    store_cols_t(q_ptr, s_ptr, act, rows, cols, mask, cols < I, stride_qi, stride_si, tl.program_id(0), POW2, FLOOR,
+                 CAST)
 
 
 @triton.jit
@@ -108,7 +111,8 @@ def swiglu(h: torch.Tensor, quantize: bool = False, pow2_scale: bool = False, am
     out, scale = empty_rows_output(M, I, out_dtype or h.dtype, quantize, h.device)
     grid = (cdiv(M, _BLOCK_R), cdiv(I, TILE))
     _swiglu_fwd_kernel[grid](h, out, scale, M, I, h.stride(0), out.stride(0), scale.stride(0),
-                             QUANT=quantize, POW2=pow2_scale, FLOOR=amax_floor, BLOCK_R=_BLOCK_R, BLOCK_C=TILE)
+                             QUANT=quantize, POW2=pow2_scale, FLOOR=amax_floor,
+                             CAST=cast_for_device(h.device) if quantize else EMULATED, BLOCK_R=_BLOCK_R, BLOCK_C=TILE)
     return (out, scale) if quantize else out
 
 
@@ -122,7 +126,8 @@ def swiglu_quant_t(h: torch.Tensor, pow2_scale: bool = False,
     q, scale = empty_cols_t_output(M, I, h.device)
     grid = (cdiv(M, TILE), cdiv(I, _BLOCK_C_T))
     _swiglu_quant_t_kernel[grid](h, q, scale, M, I, h.stride(0), q.stride(0), scale.stride(0),
-                                 POW2=pow2_scale, FLOOR=amax_floor, BLOCK_R=TILE, BLOCK_C=_BLOCK_C_T)
+                                 POW2=pow2_scale, FLOOR=amax_floor, CAST=cast_for_device(h.device), BLOCK_R=TILE,
+                                 BLOCK_C=_BLOCK_C_T)
     return q, scale
 
 
