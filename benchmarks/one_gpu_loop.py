@@ -77,8 +77,9 @@ def trace_summary(run_dir: Path, top: int = 12) -> tuple[int, str]:
     kinds: dict[str, float] = {}
     for _, dur, name in spans:
         words = name.split()
+        tagged = len(words) > 1 and words[0][:1].isdigit()  # "0F1 L2 experts"; "optimizer update" is kept whole
         kind = " ".join([words[0].lstrip("0123456789")[:1]] + [w for w in words[1:] if not w[1:].isdigit()]) \
-            if len(words) > 1 else name
+            if tagged else name
         kinds[kind] = kinds.get(kind, 0.0) + dur
     gaps = [(b[0] - (a[0] + a[1]), a[2], b[2]) for a, b in itertools.pairwise(spans)]
     window = spans[-1][0] + spans[-1][1] - spans[0][0]

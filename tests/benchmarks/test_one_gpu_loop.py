@@ -45,7 +45,7 @@ def test_the_trace_summary_sums_node_kinds_and_finds_the_gaps(tmp_path):
     traces.mkdir()
     events = [{"name": "0F0 L1 experts", "ph": "X", "ts": 0.0, "dur": 1000.0},
               {"name": "0F1 L2 experts", "ph": "X", "ts": 1500.0, "dur": 2000.0},
-              {"name": "optimizer", "ph": "X", "ts": 4000.0, "dur": 500.0},
+              {"name": "optimizer update", "ph": "X", "ts": 4000.0, "dur": 500.0},
               {"name": "process_name", "ph": "M"}]
     (traces / "rank0.json").write_text(json.dumps({"traceEvents": events}))
     code, text = loop.trace_summary(tmp_path)
@@ -53,4 +53,5 @@ def test_the_trace_summary_sums_node_kinds_and_finds_the_gaps(tmp_path):
     assert "step window 4.5 ms over 3 nodes; between nodes 1.0 ms" in text
     assert "F experts" in text and "3.0" in text.split("F experts")[1].splitlines()[0]
     assert "0.5  0F0 L1 experts -> 0F1 L2 experts" in text
+    assert "optimizer update" in text  # an untagged event keeps its whole name
     assert loop.trace_summary(tmp_path / "none")[0] == 1
