@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 from moeplan.simulator.accounting.flops import attention_core_flops
 from moeplan.simulator.costs.elementwise import (
+    BF16_BYTES,
+    FP32_BYTES,
     FUSED_CLASSES,
     FUSED_LOSS,
     KernelBytes,
@@ -159,9 +161,13 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
     """Costs of one decoder layer (``moe`` or dense), or an MTP module when ``mtp``."""
     attn, up = attention_shapes(m)
     a_fwd, a_dx, a_dw = _linears(ctx, attn + up, ctx.precision)
+    unfused_dense = ctx.precision == "fp8"  # FP8 Wgrads write BF16: the hook adds them (MAIN_GRAD_ADD_BYTES)
+    if unfused_dense:
+        a_dw += _main_grad_add_s(ctx, _dense_params(attn + up))
     if mtp:  # eh_proj: 2h -> h
         p = _linears(ctx, [(2 * m.hidden_size, m.hidden_size)], ctx.precision)
         a_fwd, a_dx, a_dw = a_fwd + p[0], a_dx + p[1], a_dw + p[2]
+        a_dw += _main_grad_add_s(ctx, 2 * m.hidden_size * m.hidden_size) if unfused_dense else 0.0
     core = attention_core_flops(m, ctx.seq_len_tokens) * ctx.tokens
     seq = ctx.seq_len_tokens
     a_fwd += attention_s(ctx.tables, ctx.gpu, core, backward=False, compute_frac=ctx.compute_frac, seq_len=seq)
@@ -170,12 +176,15 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
     if moe:
         shared = [(h, 2 * m.moe_intermediate_size * m.n_shared_experts), (m.moe_intermediate_size * m.n_shared_experts, h)]
         mf, mdx, mdw = _linears(ctx, [s for s in shared if min(s) > 0], ctx.precision)
+        mdw += _main_grad_add_s(ctx, _dense_params(shared)) if unfused_dense else 0.0
         r = _linears(ctx, [(h, m.n_routed_experts)], "bf16")  # router stays high precision
         mf, mdx, mdw = mf + r[0], mdx + r[1], mdw + r[2]
         e_fwd, e_dx, e_dw = _experts(ctx, m, traffic)
         rows_per_token = traffic.expert_rows_max / ctx.tokens if traffic else m.num_experts_per_tok
     else:
-        mf, mdx, mdw = _linears(ctx, [(h, 2 * m.intermediate_size), (m.intermediate_size, h)], ctx.precision)
+        dense = [(h, 2 * m.intermediate_size), (m.intermediate_size, h)]
+        mf, mdx, mdw = _linears(ctx, dense, ctx.precision)
+        mdw += _main_grad_add_s(ctx, _dense_params(dense)) if unfused_dense else 0.0
         e_fwd = e_dx = e_dw = 0.0
         rows_per_token = 0.0
     dispatch = traffic is not None and ctx.ep_backend == "deepep"  # flat: NCCL's all-to-all moves rows as laid out
@@ -240,8 +249,26 @@ def _context_parallel(ctx: CostContext, m: ModelSpec, attn: list[tuple[int, int]
                     down_dx_s=pre[1])
 
 
+# model/runtime/main_grad.py ``_add_into_main_grad``: a weight gradient the GEMM did not add into the FP32 main
+# gradient itself is written in the parameter's dtype, then the hook reads it and reads and writes the FP32 sum,
+# every micro-batch. Only dense BF16 linears on a GPU accumulate inside the GEMM (model/weight_grad.py
+# ``fused_main_grad_mm``); the routed experts' grouped Wgrad (torch._grouped_mm, our FP8 kernels) and every FP8
+# Wgrad write the parameter's dtype. Priced as an elementwise add at the tables' residual_add fraction.
+MAIN_GRAD_ADD_BYTES = BF16_BYTES + 2 * FP32_BYTES
+
+
+def _main_grad_add_s(ctx: CostContext, params: float) -> float:
+    """Seconds to add ``params`` weight gradients of one micro-batch into their FP32 main gradients."""
+    return memory_s(ctx.tables, ctx.gpu, MAIN_GRAD_ADD_BYTES * params, "residual_add", backward=True)
+
+
+def _dense_params(shapes: list[tuple[int, int]]) -> int:
+    return sum(i * o for i, o in shapes)
+
+
 def _experts(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None) -> tuple[float, float, float]:
-    """Grouped GEMMs of the busiest GPU's experts: gate+up (h -> 2f), down (f -> h)."""
+    """Grouped GEMMs of the busiest GPU's experts: gate+up (h -> 2f), down (f -> h); the weight gradients'
+    addition into the main gradients with the Wgrad."""
     if traffic is None:  # no expert parallelism: all experts local, the micro-batch's own rows
         groups, rows = m.n_routed_experts, ctx.tokens * m.num_experts_per_tok
     else:
@@ -252,7 +279,7 @@ def _experts(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None) -> t
     fwd = gemm_s(t, g, p, per, 2 * f, h, groups, fr) + gemm_s(t, g, p, per, h, f, groups, fr)
     dx = gemm_s(t, g, p, per, h, 2 * f, groups, fr) + gemm_s(t, g, p, per, f, h, groups, fr)
     dw = gemm_s(t, g, p, 2 * f, h, per, groups, fr) + gemm_s(t, g, p, h, f, per, groups, fr)
-    return fwd, dx, dw
+    return fwd, dx, dw + _main_grad_add_s(ctx, groups * 3 * h * f)
 
 
 @dataclass(frozen=True)
