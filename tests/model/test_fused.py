@@ -44,13 +44,13 @@ def test_each_function_is_one_graph_with_the_eager_result_and_gradients(name):
     assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
 
 
-def test_the_option_reaches_every_norm_attention_and_mlp_and_cpu_runs_eager():
+def test_the_option_reaches_every_norm_attention_mlp_and_experts_and_cpu_runs_eager():
     spec = tiny_moe()
     stage = StageSpec(0, spec.num_hidden_layers, True, True)
     plain = build_rank(spec, [stage], ModelOptions(dtype=torch.float32))[0]
     fast = build_rank(spec, [stage], ModelOptions(dtype=torch.float32, fuse_memory_bound=True))[0]
     kinds = {type(m).__name__ for m in fast.modules() if isinstance(m, fused.Fusable) and m.fuse}
-    assert kinds == {"RMSNorm", "MLA", "MLP"}
+    assert kinds == {"RMSNorm", "MLA", "MLP", "GroupedExperts"}
     assert not any(m.fuse for m in plain.modules() if isinstance(m, fused.Fusable))
     plain.init_weights(torch.Generator().manual_seed(0))
     fast.load_state_dict(plain.state_dict())
