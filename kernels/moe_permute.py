@@ -332,13 +332,13 @@ def pair_weight_grad(grad_out: torch.Tensor, y: torch.Tensor, plan: DispatchPlan
     return rows[plan.dest.long()]
 
 
+# ----------------------------------------------------------------------------- torch references
+
+
 def pair_weight_grad_ref(grad_out: torch.Tensor, y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """``pair_weight_grad`` in torch: gather, FP32 product, sum."""
     rows = y[plan.dest.reshape(-1).long()].float()  # (P, H)
     return (grad_out[plan.pair_tokens()].float() * rows).sum(-1).view(plan.dest.shape)
-
-
-# ----------------------------------------------------------------------------- torch references
 
 
 def moe_permute_ref(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

@@ -17,6 +17,7 @@ attached with ``attach_weight_grad_store(module, store)``; nothing is global.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -88,23 +89,19 @@ def weight_grad_now_or_later(
     return None
 
 
-_ADDMM_OUT_DTYPE: dict[torch.device, bool] = {}
-
-
+@functools.cache
 def _addmm_out_dtype_works(device: torch.device) -> bool:
     """Whether this torch and device run ``torch.addmm`` on BF16 matrices into an FP32 matrix (``out_dtype``,
     CUDA, torch >= 2.8), checked once per device against the unfused sum on a small case."""
-    if device not in _ADDMM_OUT_DTYPE:
-        try:
-            g = torch.Generator(device=device).manual_seed(0)
-            a, b = (torch.randn(64, 64, device=device, generator=g).bfloat16() for _ in range(2))
-            acc = torch.randn(64, 64, device=device, generator=g)
-            want = acc + a.float() @ b.float()
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _ADDMM_OUT_DTYPE[device] = bool(torch.allclose(acc, want, rtol=1e-4, atol=1e-3))
-        except (RuntimeError, TypeError):
-            _ADDMM_OUT_DTYPE[device] = False
-    return _ADDMM_OUT_DTYPE[device]
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        a, b = (torch.randn(64, 64, device=device, generator=g).bfloat16() for _ in range(2))
+        acc = torch.randn(64, 64, device=device, generator=g)
+        want = acc + a.float() @ b.float()
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):
+        return False
+    return bool(torch.allclose(acc, want, rtol=1e-4, atol=1e-3))
 
 
 def fused_main_grad_mm(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:

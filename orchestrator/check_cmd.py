@@ -112,22 +112,28 @@ def predicted_intervals(run_dir: Path, plan: PlanFile, given: Path | None = None
     copied by the launcher), else re-simulated. A trace counts only when its makespan is this plan's predicted
     step: a plan with the run's inputs but other cost tables (``plan --calibration``) predicts another step, and
     the launched plan's trace is not its breakdown."""
-    for path in (given, run_dir / PLAN_TRACE_NAME):
-        if path is None or not path.is_file():
-            if path is given and given is not None:
-                raise InputError(f"--plan-trace {given}: no such file")
-            continue
-        try:  # every pipeline rank's events in one file
-            intervals = chrome_intervals(read_trace(path, plan.layout.pp * MAX_TRACE_EVENTS))
-        except TraceError as exc:
-            raise InputError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
-        if _reproduces(intervals, plan):
-            return intervals
-        if path is given:
+    if given is not None:
+        if not given.is_file():
+            raise InputError(f"--plan-trace {given}: no such file")
+        intervals = _plan_trace(given, plan)
+        if not _reproduces(intervals, plan):
             raise InputError(f"--plan-trace {given}: its step ({_makespan(intervals):.6g} s) is not the plan's "
                              f"predicted step ({plan.predictions.step.step_time_s:.6g} s)")
+        return intervals
+    launched = run_dir / PLAN_TRACE_NAME
+    if launched.is_file():
+        intervals = _plan_trace(launched, plan)
+        if _reproduces(intervals, plan):
+            return intervals
     events = resimulated_trace(plan)
     return intervals_of(events) if events is not None else None
+
+
+def _plan_trace(path: Path, plan: PlanFile) -> list[Interval]:
+    try:  # every pipeline rank's events in one file
+        return chrome_intervals(read_trace(path, plan.layout.pp * MAX_TRACE_EVENTS))
+    except TraceError as exc:
+        raise InputError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
 
 
 def _makespan(intervals: list[Interval]) -> float:

@@ -44,10 +44,9 @@ class SyntheticTask:
                 seen[t] = 1
                 cycle.append(t)
                 t = perm[t]
-            for t in cycle:
-                start[t], length[t] = len(flat), len(cycle)
+            base = len(flat)
             for k, t in enumerate(cycle):
-                index[t] = start[t] + k
+                start[t], length[t], index[t] = base, len(cycle), base + k
             flat += cycle
         return tuple(torch.tensor(v, dtype=torch.int64) for v in (flat, index, start, length))
 
