@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp8"))
     parser.add_argument("--fusion", default="fused", choices=("eager", "fused"),
                         help="training.kernels.fusion: the plan prices it and the runtime runs it")
+    parser.add_argument("--loss", default="fused", choices=("fp32", "fused"),
+                        help="training.kernels.loss: the chunked FP32 loss or the fused Triton one (GPU only)")
     parser.add_argument("--calibrate", action="store_true", help="also predict from `moeplan calibrate`'s tables")
     parser.add_argument("--timeout", type=float, default=900, help="seconds each command may take")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny-moe on the cpu cluster: the plumbing only")
@@ -115,6 +117,8 @@ def main() -> None:
               "--pp", "1", "--ep", "1", "--dp", "1", "--schedule", "1f1b", "--microbatches", "4",
               "--micro-batch-size", "1", "--seq-len", seq, "--global-batch", "4", "--tokens", "1B",
               "--budget-gpu-hours", "2000", "--no-search", "--set", f"training.kernels.fusion={args.fusion}", *extra]
+    if not args.cpu_smoke:  # the CPU runtime runs the chunked loss whatever the plan says
+        common += ["--set", f"training.kernels.loss={args.loss}"]
     plan_dir, run_dir = args.work / "plan", args.work / "plan" / "run"
     tables, calibrated = args.work / "calibrated.json", args.work / "plan-calibrated"
     calibrated_trace = args.work / "plan-calibrated-trace.json"  # its step, for check's per-class breakdown

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeplan.kernels.cross_entropy import fused_cross_entropy
 from moeplan.model.transformer import ModelOutput
 
 IGNORE_INDEX = -100
@@ -64,19 +65,23 @@ class _CrossEntropyFn(torch.autograd.Function):
         return grad, None
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy of ``logits`` (B, T, V) against ``targets`` (B, T), ``IGNORE_INDEX``
-    rows skipped: ``F.cross_entropy(logits.float(), ...)``'s value, computed chunk by chunk (``_CrossEntropyFn``)."""
+    rows skipped: ``F.cross_entropy(logits.float(), ...)``'s value, computed chunk by chunk (``_CrossEntropyFn``),
+    or, ``fused`` (``training.kernels.loss = "fused"``; Triton, so a GPU's), by ``kernels.cross_entropy`` in one
+    read of the logits forward and one read and write backward."""
+    if fused:
+        return fused_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE_INDEX)
     return _CrossEntropyFn.apply(logits.flatten(0, 1), targets.flatten())
 
 
-def training_loss(output: ModelOutput, labels: torch.Tensor, mtp_weight: float) -> LossTerms:
+def training_loss(output: ModelOutput, labels: torch.Tensor, mtp_weight: float, fused: bool = False) -> LossTerms:
     """``labels[b, i]`` = t_{i+1} (the next token; ``IGNORE_INDEX`` to skip). Depth k predicts t_{i+k+1},
-    i.e. ``labels[:, k:]`` aligned with ``mtp_logits[k-1]``."""
-    lm = cross_entropy(output.logits, labels)
+    i.e. ``labels[:, k:]`` aligned with ``mtp_logits[k-1]``. ``fused``: ``cross_entropy``'s Triton kernels."""
+    lm = cross_entropy(output.logits, labels, fused)
     if not output.mtp_logits:
         return LossTerms(total=lm, lm=lm, mtp=lm.new_zeros(()))
-    mtp = torch.stack([cross_entropy(lg, labels[:, k:]) for k, lg in enumerate(output.mtp_logits, start=1)]).mean()
+    mtp = torch.stack([cross_entropy(lg, labels[:, k:], fused) for k, lg in enumerate(output.mtp_logits, start=1)]).mean()
     return LossTerms(total=lm + mtp_weight * mtp, lm=lm, mtp=mtp)
 
 

@@ -144,9 +144,12 @@ class RankRuntime:
         shape = (par.micro_batch_size, par.seq_len_tokens // lay.cp, spec.hidden_size)
         balance = BalanceSchedule.from_training(plan.inputs.training)
         progress = {"tokens_seen": 0.0}  # the loss's MTP weight follows the plan's schedule in tokens
+        # training.kernels.loss = fused: the Triton cross-entropy the plan priced; elsewhere the chunked one
+        fused_loss = plan.inputs.training.kernels.loss == "fused" and device.type == "cuda"
 
         def loss_fn(out, mb: Microbatch) -> torch.Tensor:
-            return training_loss(out, mb.labels.to(device), balance.mtp_weight(progress["tokens_seen"])).total
+            return training_loss(out, mb.labels.to(device), balance.mtp_weight(progress["tokens_seen"]),
+                                 fused_loss).total
 
         executor = PipelineExecutor(program, lay.stages, lay.microbatches, modules, handles.ranks["pp"], shape,
                                     options.dtype, device, loss_fn, group=handles["pp"])

@@ -11,7 +11,8 @@ median of up to ``reps`` calls after warm-up, fewer past ``timing.MAX_S`` (``tim
   ``torch._grouped_mm`` on CUDA only): the padded ``bmm`` of ``model.grouped_mm.reference_grouped_mm``,
   here with equal rows per group (no padding); plus a square ``PEAK_N``-sized GEMM for the peak.
 - Attention: causal ``F.scaled_dot_product_attention`` with the model's head dims at each sequence
-  length (one sequence), forward and forward + backward, FLOPs as ``attention_core_flops``.
+  length (one sequence), forward and forward + backward, FLOPs as ``attention_core_flops``, on operands
+  strided as ``model.attention`` passes them.
 - Memory: ``Tensor.copy_`` of 16 KiB to 64 MiB buffers (bytes read + written).
 - Optimizer: one step over a flat FP32 shard of half the model's parameters (MTP included: a rank's share
   at pp 2), at most ``OPTIMIZER_MAX_PARAMS`` of them (the step is element-wise and streams memory: a
@@ -115,20 +116,31 @@ def peak_gemm_row(dtype: torch.dtype, reps: int) -> dict:
 
 def attention_rows(m: ModelSpec, seqs: list[int], dtype: torch.dtype, reps: int,
                    device: torch.device = CPU) -> list[dict]:
-    """Causal SDPA over one sequence of each length: seconds and FLOPs (forward; forward + backward as 3x)."""
+    """Causal SDPA over one sequence of each length: seconds and FLOPs (forward; forward + backward as 3x).
+    The operands are laid out as ``model.attention`` passes them: (batch, seq, heads, dim) tensors seen as
+    (batch, heads, seq, dim), MLA's values a slice of the KV up-projection's output beside the keys' no-RoPE
+    part, the output's gradient coming back through ``o_proj`` in (batch, seq, heads, dim); the kernel a backend
+    picks, and its speed, depend on these strides."""
     heads, dq, dv = m.num_attention_heads, m.qk_head_dim, m.v_head_dim if m.is_mla else m.gqa_head_dim
     rows = []
     for seq in seqs:
-        q, k = (randn(1, heads, seq, dq, dtype=dtype, device=device, seed=i).requires_grad_() for i in range(2))
-        v = randn(1, heads, seq, dv, dtype=dtype, device=device, seed=2).requires_grad_()
-        grad = randn(1, heads, seq, dv, dtype=dtype, device=device, seed=3)
+        q, k = (randn(1, seq, heads, dq, dtype=dtype, device=device, seed=i).requires_grad_() for i in range(2))
+        if m.is_mla:  # kv_b_proj's output (B, T, H, Dnope + Dv), v its last Dv columns
+            kv = randn(1, seq, heads, m.qk_nope_head_dim + dv, dtype=dtype, device=device, seed=2)
+            v = kv[..., m.qk_nope_head_dim:].detach().requires_grad_()
+        else:
+            v = randn(1, seq, heads, dv, dtype=dtype, device=device, seed=2).requires_grad_()
+        leaves = (q, k, v)
+        q, k, v = (t.transpose(1, 2) for t in leaves)
+        grad = randn(1, seq, heads, dv, dtype=dtype, device=device, seed=3).transpose(1, 2)
 
         def fwd(q=q, k=k, v=v) -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-        def fwd_bwd(q=q, k=k, v=v, grad=grad) -> None:
+        def fwd_bwd(q=q, k=k, v=v, grad=grad, leaves=leaves) -> None:
             torch.autograd.backward(fwd(q, k, v), grad)
-            q.grad = k.grad = v.grad = None
+            for t in leaves:
+                t.grad = None
 
         with torch.no_grad():
             fwd_s = median_s(fwd, device, reps)

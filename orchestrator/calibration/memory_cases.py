@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moeplan.kernels.cross_entropy import fused_cross_entropy
 from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t
 from moeplan.kernels.moe_permute import MoEUnpermute, make_dispatch_plan, moe_permute, moe_unpermute
 from moeplan.kernels.swiglu import swiglu, swiglu_backward
@@ -23,6 +24,7 @@ from moeplan.model.gate import Gate
 from moeplan.model.losses import cross_entropy
 from moeplan.model.norm import RMSNorm
 from moeplan.model.rope import RotaryEmbedding, apply_rotary
+from moeplan.simulator.costs.elementwise import FUSED_LOSS
 from moeplan.simulator.spec.model import ModelSpec
 
 Thunk = Callable[[], object]
@@ -192,12 +194,16 @@ def _embedding(m: ModelSpec, t: int, dev):
     return lambda: F.embedding(ids, table), None
 
 
-def _cross_entropy(upcast: bool):
+def _cross_entropy(upcast: bool, fused: bool = False):
     def build(m: ModelSpec, t: int, dev):
         logits = _rand(dev, 1, t, m.vocab_size, grad=True)
         targets = torch.randint(0, m.vocab_size, (1, t), device=dev)
-        loss = (lambda: cross_entropy(logits, targets)) if upcast else \
-            (lambda: F.cross_entropy(logits.flatten(0, 1), targets.flatten()))
+        if fused:
+            loss = lambda: fused_cross_entropy(logits.flatten(0, 1), targets.flatten())  # noqa: E731
+        elif upcast:
+            loss = lambda: cross_entropy(logits, targets)  # noqa: E731
+        else:
+            loss = lambda: F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # noqa: E731
         out = loss()
         return loss, lambda: torch.autograd.grad(out, logits, retain_graph=True)
     return build
@@ -244,4 +250,6 @@ CASES = (
          _rows(lambda m, t: t, lambda m: m.vocab_size), _cross_entropy(upcast=True)),
     Case("cross_entropy", "F.cross_entropy of the BF16 logits", False, False,
          _rows(lambda m, t: t, lambda m: m.vocab_size), _cross_entropy(upcast=False)),
+    Case(FUSED_LOSS, "kernels.cross_entropy (training.kernels.loss = fused)", True, True,
+         _rows(lambda m, t: t, lambda m: m.vocab_size), _cross_entropy(upcast=False, fused=True)),
 )

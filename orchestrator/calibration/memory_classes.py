@@ -14,13 +14,16 @@ import torch
 from moeplan.kernels.triton_compat import HAVE_TRITON
 from moeplan.orchestrator.calibration.memory_cases import Case
 from moeplan.orchestrator.calibration.timing import median_s
-from moeplan.simulator.costs.elementwise import KernelBytes, end_bytes_per_token, layer_bytes_per_token
+from moeplan.simulator.costs.elementwise import FUSED_LOSS, KernelBytes, end_bytes_per_token, layer_bytes_per_token
 from moeplan.simulator.spec.model import ModelSpec
 
 
 def class_bytes(spec: ModelSpec) -> dict[str, KernelBytes]:
-    """Ideal bytes per token of every class, an FP8 MoE layer with uniform routing (k rows per token)."""
-    return layer_bytes_per_token(spec, True, "fp8", spec.num_experts_per_tok) | end_bytes_per_token(spec)
+    """Ideal bytes per token of every class, an FP8 MoE layer with uniform routing (k rows per token); the fused
+    loss has the cross-entropy's one-pass bytes (the simulator prices them so)."""
+    ends = end_bytes_per_token(spec)
+    return (layer_bytes_per_token(spec, True, "fp8", spec.num_experts_per_tok) | ends
+            | {FUSED_LOSS: ends["cross_entropy"]})
 
 
 def _pass(nbytes: float, seconds: float, hbm_bytes_per_s: float) -> dict:
