@@ -55,11 +55,17 @@ MOMENT_DTYPES = {2: torch.bfloat16, 4: torch.float32}
 CHUNK = 1 << 25  # elements per FP32 temporary of the step: 128 MiB
 
 
-def squared_norm(grad: torch.Tensor) -> torch.Tensor:
-    """The FP64 squared norm of a flat FP32 gradient: FP32 norms of ``CHUNK``-sized parts (one read), their
-    squares summed in FP64; a 0-dim tensor on the gradient's device."""
-    squares = torch.zeros((), dtype=torch.float64, device=grad.device)
-    for part in grad.split(CHUNK):
+def squared_norm(*grads: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """The FP64 squared norm of flat FP32 gradients: FP32 norms of ``CHUNK``-sized parts (one read), their
+    squares summed in FP64; a 0-dim tensor on the gradients' device (``device`` when there are none). On a GPU
+    the parts' norms are one multi-tensor launch (``torch._foreach_norm``): four small kernels a part, launched
+    one by one, kept the V3 stage's 130 parts host-bound (16 ms a step against 7 ms of kernels on an H100)."""
+    device = grads[0].device if grads else (device or torch.device("cpu"))
+    parts = [part for grad in grads for part in grad.split(CHUNK)]
+    if parts and device.type == "cuda":
+        return torch.stack(torch._foreach_norm(parts)).double().square().sum()
+    squares = torch.zeros((), dtype=torch.float64, device=device)
+    for part in parts:
         squares += torch.linalg.vector_norm(part).double().square()
     return squares
 
@@ -178,11 +184,8 @@ class ZeroAdamW:
     def grad_norm(self) -> float:
         """The global norm of the reduced gradients (steps 1-2 must have run: ``step`` calls it)."""
         device = next((sh.grad.device for shards in self._shards for sh in shards), torch.device("cpu"))
-        squares = torch.zeros((), dtype=torch.float64, device=device)
-        for s, shards in zip(self.sets, self._shards):
-            if s.in_norm:
-                for shard in shards:
-                    squares += squared_norm(shard.grad)
+        squares = squared_norm(*(shard.grad for s, shards in zip(self.sets, self._shards) if s.in_norm
+                                 for shard in shards), device=device)
         for group in self.norm_groups:
             dist.all_reduce(squares, group=group)
         return math.sqrt(float(squares))  # the step's one host sync

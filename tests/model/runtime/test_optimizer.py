@@ -44,3 +44,20 @@ def test_bias_update_with_all_reduced_counts_equals_one_process(base) -> None:
 def test_on_a_group_of_one_the_reduced_gradient_is_the_main_gradient_buffer(base) -> None:
     (result,) = _results(1, base)
     assert result["memory"]["aliased"][0], result["memory"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs CUDA: the multi-tensor norm is the GPU's path"))])
+def test_squared_norm_of_many_gradients_is_the_sum_of_their_parts(device, monkeypatch):
+    import torch
+
+    from moeplan.model.runtime import optimizer
+
+    monkeypatch.setattr(optimizer, "CHUNK", 7)  # several parts a gradient, one ending short
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=g).to(device) for n in (30, 1, 14)]
+    want = sum(float(x.double().square().sum()) for x in grads)
+    got = optimizer.squared_norm(*grads)
+    assert got.dtype == torch.float64 and got.device.type == device
+    assert abs(float(got) - want) <= 1e-6 * want
+    assert float(optimizer.squared_norm(device=torch.device(device))) == 0.0  # no gradient: zero, on the device
