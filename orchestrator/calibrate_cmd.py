@@ -23,7 +23,7 @@ from rich.table import Table
 
 from moeplan.orchestrator.errors import InputError
 from moeplan.orchestrator.inputs import build_request
-from moeplan.orchestrator.outputs import check_out_file, strict_json, write_outputs
+from moeplan.orchestrator.outputs import check_out_file, out_path, strict_json, write_outputs
 from moeplan.simulator.accounting.layout import resolve_dp
 from moeplan.simulator.contracts.plan_file import read_plan
 from moeplan.simulator.costs.tables import CostTables
@@ -130,7 +130,7 @@ def _stop_children(grace_s: float = 2.0) -> None:
 
 
 def calibrate_command(
-    out: Annotated[Path, typer.Option(help="The cost-table JSON to write (for `plan --calibration`).")],
+    out: Annotated[Path, typer.Option(help="The cost-table JSON to write (for `plan --calibration`).", parser=out_path)],
     plan: Annotated[Path | None, typer.Option(help="Measure at this plan's shapes.")] = None,
     model: Annotated[str | None, typer.Option(help="Model preset or HF config.json (without --plan).")] = None,
     cluster: Annotated[str | None, typer.Option(help="Cluster preset (without --plan).")] = None,

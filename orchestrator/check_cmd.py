@@ -22,7 +22,7 @@ from rich.table import Table
 
 from moeplan.orchestrator.errors import InputError
 from moeplan.orchestrator.inputs import finite_float
-from moeplan.orchestrator.outputs import check_out_file, strict_json, write_outputs
+from moeplan.orchestrator.outputs import check_out_file, out_path, strict_json, write_outputs
 from moeplan.simulator.contracts.plan_file import PlanFile, read_plan
 from moeplan.simulator.contracts.run_report import (
     PLAN_COPY_NAME,
@@ -182,7 +182,8 @@ def check_command(
     json_: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
     tolerance: Annotated[float, typer.Option(help="Largest error that passes (0.05 = 5%).", parser=finite_float)] = 0.05,
     recalibrate: Annotated[Path | None, typer.Option(help="Also write cost tables updated from the run's per-op "
-                                                          "durations (for `plan --calibration`).")] = None,
+                                                          "durations (for `plan --calibration`).",
+                                                     parser=out_path)] = None,
     recalibrate_from: Annotated[Path | None, typer.Option(help="The tables to update (default: the plan's named "
                                                                "tables).")] = None,
     plan_trace: Annotated[Path | None, typer.Option("--plan-trace", help="The plan's simulated step (`moeplan plan "

@@ -37,7 +37,7 @@ from moeplan.orchestrator.budget_guard import guard_problem
 from moeplan.orchestrator.errors import DeferredSignals, InputError, RunFailedError
 from moeplan.orchestrator.inputs import finite_float
 from moeplan.orchestrator.launch_progress import RunProgress
-from moeplan.orchestrator.outputs import strict_json, write_outputs
+from moeplan.orchestrator.outputs import out_path, strict_json, write_outputs
 from moeplan.orchestrator.rank_entry import RankJob, on_cpu
 from moeplan.orchestrator.ray_address import ADDRESS_TIMEOUT_S, check_address
 from moeplan.simulator.contracts.plan_file import PlanFile, read_plan
@@ -298,8 +298,8 @@ def _execute(plan: PlanFile, run: Path, s: dict, local: bool, resumed: bool, sho
 def launch_command(
     plan_path: Annotated[Path | None, typer.Argument(metavar="PLAN", help="plan.json or its directory.")] = None,
     steps: Annotated[int | None, typer.Option(help="Steps to run (a rehearsal); default: the whole run.")] = None,
-    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Where the run's files go; default PLAN/../run.")]
-    = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Where the run's files go; default PLAN/../run.",
+                                                 parser=out_path)] = None,
     address: Annotated[str | None, typer.Option(help="Join a Ray cluster (auto, ray://...); default: start one here.")]
     = None,
     address_timeout_s: Annotated[float, typer.Option(help="How long --address may take to answer as Ray's GCS does.",
@@ -309,7 +309,7 @@ def launch_command(
     guard_every: Annotated[int | None, typer.Option(help="Project the run every K steps after the warm-up.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every K steps (0: only at a stop).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its latest "
-                                                      "checkpoint.")] = None,
+                                                      "checkpoint.", parser=out_path)] = None,
     max_failures: Annotated[int | None, typer.Option(help="Restarts from the last checkpoint after worker "
                                                           "failures.")] = None,
     dtype: Annotated[str | None, typer.Option(help="bf16 or fp32; default: fp32 on a cpu cluster (its cost tables "

@@ -20,7 +20,7 @@ from moeplan.manifests.render import BUILDERS, CONFIGMAP_MAX_BYTES, documents, l
 from moeplan.manifests.target import GiB, K8sTarget, ManifestError
 from moeplan.manifests.validation import Finding, read_documents, validate_documents
 from moeplan.orchestrator.errors import InputError, one_line
-from moeplan.orchestrator.outputs import check_out_dir, write_outputs
+from moeplan.orchestrator.outputs import check_out_dir, out_path, write_outputs
 from moeplan.simulator.contracts.plan_file import PlanFile, parse_plan
 
 Opt = typer.Option
@@ -29,7 +29,7 @@ Opt = typer.Option
 def manifests_command(
     plan_path: Annotated[Path | None, typer.Argument(metavar="PLAN", help="plan.json or its directory.")] = None,
     kind: Annotated[str, Opt(help=f"{' or '.join(BUILDERS)}.")] = "rayjob",
-    out: Annotated[Path | None, Opt(help="Folder for the manifests (never inside the package).")] = None,
+    out: Annotated[Path | None, Opt(help="Folder for the manifests (never inside the package).", parser=out_path)] = None,
     validate: Annotated[Path | None, Opt("--validate", metavar="DIR", help="Validate the manifests in DIR.")] = None,
     image: Annotated[str | None, Opt(help="Container image (default moeplan:<plan's moeplan version>).")] = None,
     namespace: Annotated[str | None, Opt(help="Namespace (default: default).")] = None,

@@ -97,6 +97,20 @@ def _check_writable(path: Path, option: str, is_dir: bool) -> None:
     os.unlink(name)
 
 
+def out_path(text: str | Path) -> Path:
+    """The value of an option naming where to write (``parser=`` of every ``--out``, ``--trace``, ``--run-dir``,
+    ``--resume``, ``--recalibrate``). typer's own ``Path`` turns ``''`` into ``Path('.')``, the current folder;
+    an empty value is refused instead, as an empty ``--model`` is: it is most likely a shell variable that was
+    not set (``--out "$DIR"``), and the current folder is one character away (``--out .``). A NUL byte is refused
+    here too, as typer's ``Path`` refuses it (no system call takes it)."""
+    text = str(text)
+    if text == "":
+        raise ValueError("'' is an empty path (for the current folder, give .)")
+    if "\x00" in text:
+        raise ValueError(f"{text!r:.200}: a path cannot hold a NUL byte")
+    return Path(text)
+
+
 def check_out_dir(path: Path, option: str) -> None:
     """``path`` is a directory, or can be made one."""
     st = _stat(path, option)

@@ -25,7 +25,7 @@ from moeplan.orchestrator.inputs import (
     read_load_record,
     read_model_file,
 )
-from moeplan.orchestrator.outputs import check_out_dir, strict_json, write_outputs
+from moeplan.orchestrator.outputs import check_out_dir, out_path, strict_json, write_outputs
 from moeplan.simulator.contracts.expert_load import ExpertLoadRecord
 from moeplan.simulator.contracts.placement import ExpertPlacement
 from moeplan.simulator.placement.loads import uniform_load, zipf_load
@@ -48,7 +48,8 @@ def placement_command(
     model: Annotated[str, typer.Option(help=f"Model preset ({', '.join(MODEL_PRESETS)}) or path to a HF config.json.")],
     cluster: Annotated[str, typer.Option(help=f"Cluster preset: {', '.join(CLUSTER_PRESETS)}.")],
     nodes: Annotated[int, typer.Option(help="Nodes in the expert-parallel group (EP = nodes x GPUs per node).")],
-    out: Annotated[Path, typer.Option(help="Output folder for placement.json, summary.json and the HTML figures.")],
+    out: Annotated[Path, typer.Option(help="Output folder for placement.json, summary.json and the HTML figures.",
+                                     parser=out_path)],
     load: Annotated[Path | None, typer.Option(help="ExpertLoadRecord JSON of recorded per-expert token counts.")] = None,
     zipf: Annotated[float | None, typer.Option(help="Synthetic Zipf load with this exponent (0 = uniform).",
                                                parser=finite_float)] = None,

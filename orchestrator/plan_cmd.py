@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from moeplan.orchestrator.errors import note
 from moeplan.orchestrator.inputs import PlanRequest, finite_float, flag_overrides
-from moeplan.orchestrator.outputs import check_out_dir, check_out_file, strict_json, write_outputs
+from moeplan.orchestrator.outputs import check_out_dir, check_out_file, out_path, strict_json, write_outputs
 from moeplan.orchestrator.render import plan_tables, shown
 from moeplan.orchestrator.sim_options import (
     check_placeable,
@@ -64,8 +64,9 @@ def plan_command(
                                                          "(default: the GPU's).")] = None,
     techniques: Annotated[str | None, typer.Option(help="Techniques to leave out, comma-separated, to reproduce an "
                                                        f"earlier setup: {', '.join(TECHNIQUES)}.")] = None,
-    trace: Annotated[Path | None, typer.Option(help="Also write the simulated step as a Chrome/Perfetto trace.")] = None,
-    out: Annotated[Path, typer.Option(help="Directory for plan.json.")] = Path("out"),
+    trace: Annotated[Path | None, typer.Option(help="Also write the simulated step as a Chrome/Perfetto trace.",
+                                               parser=out_path)] = None,
+    out: Annotated[Path, typer.Option(help="Directory for plan.json.", parser=out_path)] = Path("out"),
     json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Plan a training run: layout (searched when not given), memory, simulated step, whole run, budget."""

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from moeplan.orchestrator.errors import InputError
 from moeplan.orchestrator.inputs import finite_float
-from moeplan.orchestrator.outputs import check_out_file, strict_json, write_outputs
+from moeplan.orchestrator.outputs import check_out_file, out_path, strict_json, write_outputs
 from moeplan.orchestrator.render import schedule_view
 from moeplan.simulator.schedules import (
     Durations,
@@ -97,7 +97,7 @@ def schedule_command(
     fb_s: Annotated[float | None, typer.Option("--fb-s", help=_duration_help("fb_s"), parser=finite_float)] = None,
     virtual_stages: Annotated[int | None, typer.Option(help="Chunks per rank (interleaved only).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    out: Annotated[Path | None, typer.Option(help="Write FILE.html (timeline) or FILE.csv (torch).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write FILE.html (timeline) or FILE.csv (torch).", parser=out_path)] = None,
 ) -> None:
     """Build a pipeline schedule, replay it with the given durations, report the bubble."""
     if out is not None:

@@ -155,14 +155,14 @@ def write_input(folder: Path, name: str, data: bytes) -> str:
 @st.composite
 def out_path(draw: st.DrawFn, folder: Path, suffix: str = "") -> str:
     """Where a command is told to write: a fresh path mostly, else a file in the way, a path under a file,
-    a name too long, a device, a place that cannot be made, or the current folder."""
+    a name too long, a device, a place that cannot be made, the current folder, or an empty path."""
     (folder / "taken").write_text("mine\n")
     # 2,000 folders deep: pathlib's recursive mkdir ran out of stack; /sys: refused only after the work (2026-12-06)
     return draw(mostly(st.sampled_from([f"{folder}/out{suffix}", f"out{suffix}"]), st.sampled_from([
         f"{folder}/out{suffix}", f"{folder}/out{suffix}", f"{folder}/new/deeper/out{suffix}", f"{folder}/taken",
         f"{folder}/taken/under{suffix}", f"{folder}/{'x' * 300}{suffix}", "/dev/null", "/proc/moeplan-fuzz/out",
         f"{folder}/out\x00{suffix}", f"{folder}", f"out{suffix}", f"{folder}/{'d/' * 2000}out{suffix}",
-        f"/sys/kernel/moeplan-fuzz{suffix}",
+        f"/sys/kernel/moeplan-fuzz{suffix}", "",
     ])))
 
 

@@ -39,6 +39,7 @@ CASES = {
     "--out in /proc": ([*TINY[:-1], "/proc/moeplan-hostile/o"], {}, "--out /proc/moeplan-hostile/o: cannot write in /proc"),
     "--trace in /sys": ([*TINY, "--trace", "/sys/kernel/t.json"], {}, "--trace /sys/kernel/t.json: cannot write in /sys"),
     "--out 2,000 folders deep": ([*TINY[:-1], "{d}/" + "d/" * 2000 + "o"], {}, "needs 2001 new folders; at most 64"),
+    "--out with a NUL byte": ([*TINY[:-1], "{d}/o\x00", "--no-search"], {}, "o\\x00': a path cannot hold a NUL byte"),
     "--trace 2,000 folders deep": ([*TINY, "--trace", "{d}/" + "d/" * 2000 + "t.json"], {}, "needs 2000 new folders"),
     "check --recalibrate-from before the run": (  # was read after the traces and torch's import (2.6 s CPU)
         ["check", "{d}/no-run", "--recalibrate", "{d}/n.json", "--recalibrate-from", "{d}/f.json"], {"f.json": "{}"},
@@ -178,3 +179,30 @@ def test_names_from_files_cannot_drive_the_terminal(tmp_path):
                                    "--nodes", "1", "--no-search", "--out", str(tmp_path / "o")])
     assert res.exit_code == 0, res.stderr
     assert "\x1b" not in res.stdout + res.stderr and "x[/b]\\x1b[2J\\x1b]0;title\\x07 on 8 x H200-SXM" in res.stdout
+
+
+# Every option that names where a command writes, given an empty value (typer alone reads it as the current folder:
+# `plan --out ''` wrote plan.json there; `schedule` and `calibrate` refused it for another reason, as `.`).
+EMPTY_OUT = {
+    "plan --out": ["plan", "--model", "tiny-moe", "--cluster", "cpu", "--out", ""],
+    "plan --trace": ["plan", "--model", "tiny-moe", "--cluster", "cpu", "--out", "o", "--trace", ""],
+    "schedule --out": ["schedule", "--kind", "1f1b", "--pp", "2", "--microbatches", "4", "--out", ""],
+    "placement --out": ["placement", "--model", "tiny-moe", "--cluster", "cpu", "--nodes", "1", "--out", ""],
+    "manifests --out": ["manifests", "plan.json", "--out", ""],
+    "calibrate --out": ["calibrate", "--model", "tiny-moe", "--cluster", "cpu", "--out", ""],
+    "launch --run-dir": ["launch", "plan.json", "--run-dir", ""],
+    "launch --resume": ["launch", "--resume", ""],
+    "check --recalibrate": ["check", "run", "--recalibrate", ""],
+}
+
+
+@pytest.mark.parametrize("case", EMPTY_OUT)
+def test_an_empty_output_path_is_refused(tmp_path, monkeypatch, case):
+    """``--out ''`` is refused by every command, one line naming the option (``--out .`` is the current folder)."""
+    monkeypatch.chdir(tmp_path)  # where an empty path would have written
+    res = CliRunner().invoke(app, EMPTY_OUT[case])
+    assert res.exit_code == 2 and res.stdout == "", res.output
+    option = case.split()[1]
+    assert res.stderr.splitlines() == [f"moeplan: error: moeplan {case.split()[0]}: Invalid value for '{option}': '' is "
+                                       "an empty path (for the current folder, give .)"], res.stderr
+    assert list(tmp_path.iterdir()) == []
