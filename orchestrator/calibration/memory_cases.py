@@ -20,6 +20,8 @@ from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t
 from moeplan.kernels.moe_permute import MoEUnpermute, make_dispatch_plan, moe_permute, moe_unpermute
 from moeplan.kernels.swiglu import swiglu, swiglu_backward
 from moeplan.model.fp8 import quantize_tiles
+from moeplan.model.fused import mla_key, mla_query
+from moeplan.model.fused import run as run_fused
 from moeplan.model.gate import Gate
 from moeplan.model.losses import cross_entropy
 from moeplan.model.norm import RMSNorm
@@ -96,6 +98,45 @@ def _rope(m: ModelSpec, t: int, dev):
     k_rope = _rand(dev, 1, t, m.kv_lora_rank + r)[..., m.kv_lora_rank:].unsqueeze(2).detach().requires_grad_()
     cos, sin = RotaryEmbedding(m)(torch.arange(t, device=dev))
     return _autograd(lambda: ([apply_rotary(q_rope, cos, sin), apply_rotary(k_rope, cos, sin)], [q_rope, k_rope]))
+
+
+def _qk_parts(m: ModelSpec, t: int, dev):
+    """``model.attention``'s operands of the assembly: q (B, T, H, n + R), kv_b_proj's output (B, T, H, n + v),
+    the shared RoPE key (B, T, R) (a view of kv_a_proj's output), cos and sin."""
+    if not m.is_mla:
+        raise NotImplementedError("the query and key assembly is MLA's; this model has none")
+    nope, r, heads = m.qk_nope_head_dim, m.qk_rope_head_dim, m.num_attention_heads
+    q = _rand(dev, 1, t, heads, nope + r, grad=True)
+    kv = _rand(dev, 1, t, heads, nope + m.v_head_dim, grad=True)
+    k_rope = _rand(dev, 1, t, m.kv_lora_rank + r)[..., m.kv_lora_rank:].detach().requires_grad_()
+    cos, sin = RotaryEmbedding(m)(torch.arange(t, device=dev))
+    return q, kv, k_rope, cos, sin
+
+
+def _qk_cat(m: ModelSpec, t: int, dev):
+    """The concatenations alone, as the eager runtime runs them beside ``apply_rotary``: q's parts, k's no-RoPE
+    part with the shared key broadcast to every head; backward their splits and the KV split's (a cat)."""
+    q, kv, k_rope, _, _ = _qk_parts(m, t, dev)
+    nope = m.qk_nope_head_dim
+
+    def run():
+        q_nope, q_pe = q.split([nope, m.qk_rope_head_dim], dim=-1)
+        k_nope, v = kv.split([nope, m.v_head_dim], dim=-1)
+        k_pe = k_rope.unsqueeze(2).expand(-1, -1, m.num_attention_heads, -1)
+        return [torch.cat((q_nope, q_pe), dim=-1), torch.cat((k_nope, k_pe), dim=-1), v], [q, kv, k_rope]
+    return _autograd(run)
+
+
+def _fused_rope(m: ModelSpec, t: int, dev):
+    """``model.fused.mla_query`` and ``mla_key`` compiled, as the fused runtime runs them (RoPE and the assembly
+    in one kernel each way), with the KV split's backward."""
+    q, kv, k_rope, cos, sin = _qk_parts(m, t, dev)
+
+    def run():
+        k_nope, v = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
+        return [run_fused(mla_query, True, q, cos, sin, m.qk_nope_head_dim),
+                run_fused(mla_key, True, k_nope, k_rope, cos, sin), v], [q, kv, k_rope]
+    return _autograd(run)
 
 
 # ----------------------------------------------------------------------------- FP8 casts, SwiGLU
@@ -226,6 +267,14 @@ CASES = (
     Case("residual_add", "torch.add", True, False, _rows(lambda m, t: t, lambda m: f"{m.hidden_size}, 2 adds"), _residual_add),
     Case("rope", "model.rope.apply_rotary (eager)", True, False,
          _rows(lambda m, t: t, lambda m: f"({m.num_attention_heads} + 1) x {m.qk_rope_head_dim}"), _rope),
+    Case("qk_cat", "torch.cat of MLA's query and key parts (eager; bwd: their splits and the KV split's cat)",
+         True, False, _rows(lambda m, t: t, lambda m: f"{m.num_attention_heads} x ({m.qk_nope_head_dim} + "
+                                                      f"{m.qk_rope_head_dim}), kv {m.qk_nope_head_dim} + {m.v_head_dim}"),
+         _qk_cat),
+    Case("fused_rope", "model.fused.mla_query + mla_key compiled (RoPE and the assembly), the KV split's bwd", True,
+         True, _rows(lambda m, t: t, lambda m: f"{m.num_attention_heads} x ({m.qk_nope_head_dim} + "
+                                               f"{m.qk_rope_head_dim}), kv {m.qk_nope_head_dim} + {m.v_head_dim}"),
+         _fused_rope),
     Case("fp8_cast", "kernels.fp8_quant.quant_act_1x128 (bwd: + quant_act_128x1_t)", True, True,
          _rows(lambda m, t: t, lambda m: " + ".join(str(w) for w in _cast_widths(m) if w)), _fp8_cast(ours=True)),
     Case("fp8_cast", "model.fp8.quantize_tiles (eager)", False, False,

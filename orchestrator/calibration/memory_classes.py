@@ -20,10 +20,11 @@ from moeplan.simulator.spec.model import ModelSpec
 
 def class_bytes(spec: ModelSpec) -> dict[str, KernelBytes]:
     """Ideal bytes per token of every class, an FP8 MoE layer with uniform routing (k rows per token); the fused
-    loss has the cross-entropy's one-pass bytes (the simulator prices them so)."""
-    ends = end_bytes_per_token(spec)
-    return (layer_bytes_per_token(spec, True, "fp8", spec.num_experts_per_tok) | ends
-            | {FUSED_LOSS: ends["cross_entropy"]})
+    loss has the cross-entropy's one-pass bytes, MLA's fused RoPE its assembly's too (the simulator prices them
+    so)."""
+    ends, k = end_bytes_per_token(spec), spec.num_experts_per_tok
+    fused = {"fused_rope": layer_bytes_per_token(spec, True, "fp8", k, "fused")["rope"]} if spec.is_mla else {}
+    return layer_bytes_per_token(spec, True, "fp8", k) | ends | {FUSED_LOSS: ends["cross_entropy"]} | fused
 
 
 def _pass(nbytes: float, seconds: float, hbm_bytes_per_s: float) -> dict:

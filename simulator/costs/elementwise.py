@@ -17,6 +17,10 @@ rms_norm        2 norms of h: read x, write y (4 B each)     read x and dy, writ
 latent_norm     norms of q and c: as rms_norm                as rms_norm
 residual_add    2 adds of h: read two, write one (6 B)       the gradient sum where x forks (6 B)
 rope            (H + 1) R rotated values (4 B) + cos/sin     the same
+qk_cat (MLA)    the query and key put together around RoPE:  the reverse (8Hn + 2(H-1)R), and the KV
+                q's and k's no-RoPE values copied (4Hn B     up-projection's gradient put together from
+                each), the shared rotated key written to     the keys' and the values' (4H(n + v))
+                the other H - 1 heads (2(H-1)R)
 fp8_cast        1x128 casts of the FP8 linears' inputs:      1x128 of dy and 128x1 (transposed, for the
                 2h + q + c + H v_head, 2 + 1 + 4/128 B each  weight gradient) of x: twice the forward
 swiglu          (k + s) rows: read gate, up, write act (6f)  read gate, up, d act, write d gate, d up (10f)
@@ -46,7 +50,18 @@ runs them. ``fused`` is DeepSeek's stack, each fused kernel one read and one wri
   instead of a BF16 output (TR §3.3: SwiGLU inputs cached in FP8, output recomputed and quantised).
 - ``rope`` and ``router`` are priced as single kernels at the tables' ``fused_rope`` / ``fused_router``
   points, else at ``memory_frac`` (copy bandwidth): the tables' ``rope`` and ``router`` points time the
-  runtime's eager composites of many small kernels.
+  runtime's eager composites of many small kernels. For MLA the fused RoPE kernel is also the query's and
+  key's assembly (``model.fused.mla_query`` / ``mla_key`` compiled: one kernel each way per tensor), so
+  ``rope`` then carries the ``qk_cat`` bytes and there is no ``qk_cat`` class.
+
+``qk_cat`` (n = ``qk_nope_head_dim``, R = ``qk_rope_head_dim``, v = ``v_head_dim``) is what MLA's attention
+moves besides RoPE to hand a standard attention kernel 192-wide queries and keys (``model.attention``: the
+no-RoPE and RoPE parts concatenated, the one RoPE key broadcast to the H heads) and, backward, to split
+their gradients and put the KV up-projection's gradient back together (autograd's ``split`` backward).
+Measured in the one-GPU loop (2026-12-06, H100, ``docs/results/one-gpu.md``): 0.61 ms forward and 0.92 ms
+backward a 4096-token micro-batch and layer for these kernels, which the tables had not priced (before this
+class the module left "the concatenations around the attention core" out). GQA's q, k and v are views of
+one projection: no class.
 
 The loss (``training.kernels.loss``): ``fp32`` is ``model.losses.cross_entropy``, chunk by chunk of rows:
 forward one ``log_softmax`` reading the BF16 logits and writing FP32 (read 2V, write 4V), the targets
@@ -78,8 +93,8 @@ INDEX_BYTES = 8.0  # int64 expert ids (torch.topk)
 FP8_TILE_BYTES = 1.0 + FP32_BYTES / 128  # e4m3 and a 1x128 (or 128x1) tile's FP32 scale
 FP8_CAST_BYTES = BF16_BYTES + FP8_TILE_BYTES  # read BF16, write e4m3 and its scale
 
-LAYER_KERNELS = ("rms_norm", "latent_norm", "residual_add", "rope", "fp8_cast", "swiglu", "router", "permute",
-                 "combine")
+LAYER_KERNELS = ("rms_norm", "latent_norm", "residual_add", "rope", "qk_cat", "fp8_cast", "swiglu", "router",
+                 "permute", "combine")
 END_KERNELS = ("embedding", "cross_entropy")
 # Under fusion="fused" these classes are priced at their fused kernel's point (not measured by the
 # packaged tables: memory_frac); the loss="fused" cross-entropy likewise
@@ -107,6 +122,14 @@ def _rope(m: ModelSpec, heads: int) -> float:
     return 2 * BF16_BYTES * heads * r + 2 * FP32_BYTES * r / 2
 
 
+def _qk_cat(m: ModelSpec) -> KernelBytes:
+    """MLA's query and key assembly beside RoPE, and the KV up-projection's gradient put together (module
+    docstring)."""
+    heads, n, r = m.num_attention_heads, m.qk_nope_head_dim, m.qk_rope_head_dim
+    fwd = BF16_BYTES * (4 * heads * n + (heads - 1) * r)
+    return KernelBytes(fwd, fwd + 2 * BF16_BYTES * heads * (n + m.v_head_dim))
+
+
 def _fp8_linear_inputs(m: ModelSpec) -> float:
     """Width of the FP8 linears' inputs per token: attention and MLP inputs, the MLA latents, o_proj's."""
     return 2 * m.hidden_size + (m.q_lora_rank or 0) + (m.kv_lora_rank or 0) \
@@ -129,7 +152,11 @@ def layer_bytes_per_token(m: ModelSpec, moe: bool, precision: str, expert_rows_p
     if m.is_mla:
         out["latent_norm"] = _norm((m.q_lora_rank or 0) + (m.kv_lora_rank or 0))
         rope = _rope(m, m.num_attention_heads + 1)  # the query heads and the decoupled key
-        out["rope"] = KernelBytes(rope, rope)
+        cat = _qk_cat(m)
+        if fusion == "fused":  # one compiled kernel does both (module docstring)
+            out["rope"] = KernelBytes(rope + cat.fwd_bytes, rope + cat.bwd_bytes)
+        else:
+            out["rope"], out["qk_cat"] = KernelBytes(rope, rope), cat
     if precision == "fp8":
         width = _fp8_linear_inputs(m)
         bwd = (BF16_BYTES + 2 * FP8_TILE_BYTES) * width if fusion == "fused" else 2 * FP8_CAST_BYTES * width
@@ -155,6 +182,11 @@ def selective_recompute_bytes_per_token(m: ModelSpec, layer: dict[str, KernelByt
     if m.is_mla:
         out["latent_norm"] = layer["latent_norm"].fwd_bytes
         out["rope"] = _rope(m, m.num_attention_heads)
+        q_cat = 2 * BF16_BYTES * m.num_attention_heads * m.qk_nope_head_dim  # q's no-RoPE part copied again
+        if "qk_cat" in layer:
+            out["qk_cat"] = q_cat
+        else:  # fused: the rope kernel assembles q
+            out["rope"] += q_cat
         if precision == "fp8":
             out["fp8_cast"] = FP8_CAST_BYTES * ((m.q_lora_rank or 0) + (m.kv_lora_rank or 0))
     out["swiglu"] = layer["swiglu"].fwd_bytes

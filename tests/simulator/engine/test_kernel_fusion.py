@@ -46,6 +46,7 @@ def test_selective_recompute_is_the_up_projections_and_the_named_ops_forward_onc
     named = (4 * 64  # the attention's input RMSNorm of h = 64
              + 4 * 48  # the q and kv latent norms
              + (2 * 2 * 4 * 8 + 2 * 4 * 8 / 2)  # RoPE of the 4 rebuilt query heads, cos and sin
+             + 2 * 2 * 4 * 16  # the rebuilt query's no-RoPE part copied beside it (read and write, 4 heads x 16)
              + (2 + TILE) * 48  # FP8 casts of the up-projections' inputs
              + 6 * 32 * 5)  # SwiGLU over 4 routed + 1 shared rows of width 32
     assert unit.recompute_s == pytest.approx(up_s + _at_memory_frac(t, named))
