@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moeplan.orchestrator.cli import app
+from moeplan.orchestrator.inputs import MAX_PHASES
 from moeplan.simulator.costs.tables import default_tables
 from moeplan.simulator.presets.models import tiny_moe
 
@@ -25,6 +26,12 @@ def _config(**update) -> str:
 
 def _calibration(**update) -> str:
     return json.dumps({**CALIBRATION, **update})
+
+
+def _phases(count: int) -> str:
+    """``count`` training phases as JSON, at three sequence lengths."""
+    return json.dumps([{"name": f"p{i}", "steps": 100, "global_batch_seqs": 64, "seq_len_tokens": 512 << i % 3}
+                       for i in range(count)])
 
 
 BINARY, LATIN1, DEEP = bytes(range(256)), '{"name": "café"}'.encode("latin-1"), "[" * 100_000 + "]" * 100_000
@@ -123,6 +130,13 @@ CASES = {
     "--microbatches huge": ([*TINY, "--microbatches", "99999999999999999999999"], {}, "parallel.microbatches"),
     "schedule of 6.4e9 passes": (["schedule", "--kind", "1f1b", "--pp", "64", "--microbatches", "99999999"], {},
                                  "microbatches: Input should be less than or equal to 131072 (got 99999999)"),
+    "more training phases than a plan holds": (  # each is planned on its own: 1,500 took minutes (2026-12-06)
+        [*TINY, "--set", "training.phases=" + _phases(MAX_PHASES + 1).replace("{", "{{").replace("}", "}}")], {},
+        f"training.phases: {MAX_PHASES + 1} phases; at most {MAX_PHASES} (each phase is planned on its own)"),
+    "more training phases through training={...}": (
+        ["calibrate", "--model", "tiny-moe", "--cluster", "cpu", "--out", "{d}/c.json", "--set",
+         ('training={"phases": ' + _phases(1000) + "}").replace("{", "{{").replace("}", "}}")], {},
+        f"training.phases: 1,000 phases; at most {MAX_PHASES}"),
     "schedule past the size bound": (["schedule", "--kind", "interleaved", "--pp", "64", "--virtual-stages", "64",
                                       "--microbatches", "128"], {}, "more than the 131,072 a schedule may hold"),
 }
@@ -160,6 +174,13 @@ def test_what_was_assumed_is_a_note(tmp_path):
          "(as if its positions were extended)"),
         "moeplan: note: --redundant-experts 2 has no effect at ep=1 (no expert parallelism)",
     ]
+
+
+def test_as_many_phases_as_the_bound_are_planned(tmp_path):
+    res = CliRunner().invoke(app, [*TINY[:-1], str(tmp_path / "o"), "--no-search", "--json", "--set",
+                                   "training.phases=" + _phases(MAX_PHASES)])
+    assert res.exit_code == 0, res.stderr
+    assert len(json.loads((tmp_path / "o" / "plan.json").read_text())["inputs"]["training"]["phases"]) == MAX_PHASES
 
 
 def test_a_one_token_sequence_is_planned(tmp_path):
