@@ -93,10 +93,6 @@ def _whole_run_steps(plan: PlanFile) -> int:
 
 def _check_plan(plan: PlanFile, s: dict) -> None:
     """One-line errors for a plan these settings cannot run (before any process starts)."""
-    model = plan.inputs.model
-    if not model.is_mla:  # model/block.py's LayerFactory.create refuses it too, but in rank 0 after Ray has started
-        raise InputError(f"model {model.name!r}: kv_lora_rank={model.kv_lora_rank}; the runtime builds MLA models "
-                         "only (the plan is for the simulator only)")
     problem = guard_problem(plan, s["budget_guard"], s["guard_every"])  # before torch's import: within a second
     if problem:
         raise InputError(problem)

@@ -81,9 +81,12 @@ def model_options_for(plan: PlanFile, options: RuntimeOptions, device: torch.dev
 
 def check_plan_for_world(plan: PlanFile, world: int) -> None:
     """One-line errors for a plan the runtime cannot run on ``world`` processes (before any group forms)."""
-    lay = plan.layout
+    lay, model = plan.layout, plan.inputs.model
     if lay.world != world:
         raise PlanRuntimeError(f"layout.world={lay.world} but {world} processes were given")
+    if not model.is_mla:  # model/block.py's LayerFactory.create refuses it too, but in rank 0 after Ray has started
+        raise PlanRuntimeError(f"model {model.name!r}: kv_lora_rank={model.kv_lora_rank}; the runtime builds MLA "
+                               "models only (the plan is for the simulator only)")
     if plan.schedule is None:
         raise PlanRuntimeError("plan.schedule is null: re-run `moeplan plan` to write the schedule")
     if lay.cp != 1:

@@ -224,6 +224,6 @@ def test_an_empty_output_path_is_refused(tmp_path, monkeypatch, case):
     res = CliRunner().invoke(app, EMPTY_OUT[case])
     assert res.exit_code == 2 and res.stdout == "", res.output
     option = case.split()[1]
-    assert res.stderr.splitlines() == [f"moeplan: error: moeplan {case.split()[0]}: Invalid value for '{option}': '' is "
-                                       "an empty path (for the current folder, give .)"], res.stderr
+    line = f"moeplan: error: moeplan {case.split()[0]}: Invalid value for '{option}': '' is an empty path"
+    assert res.stderr.splitlines() == [line + " (for the current folder, give .)"], res.stderr
     assert list(tmp_path.iterdir()) == []

@@ -7,8 +7,11 @@ import logging
 import math
 
 import pytest
+from typer.testing import CliRunner
 
+from moeplan.orchestrator import launch_cmd
 from moeplan.orchestrator.budget_guard import BudgetGuardObserver, guard_problem, projected_gpu_hours
+from moeplan.orchestrator.cli import app
 from moeplan.orchestrator.errors import RunFailedError
 from moeplan.orchestrator.launch_progress import MetricsTail, mfu_frac
 from moeplan.orchestrator.ray_launch import _innermost_frame, check_topology, missing_resources
@@ -127,3 +130,19 @@ RuntimeError: Expected all tensors to be on the same device'''
     assert _innermost_frame(remote) == " (at model/stage.py:44 in forward)"
     assert _innermost_frame('  File "/x/y.py", line 3, in f') == " (at /x/y.py:3 in f)"
     assert _innermost_frame("no frames") == ""
+
+
+def test_a_model_the_runtime_cannot_build_is_one_line_before_ray(tmp_path, monkeypatch):
+    """launch asks the runtime's own check (``rank.check_plan_for_world``), before Ray starts and nothing written."""
+    def ray_started(*args):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(launch_cmd, "_resources", ray_started)
+    made = CliRunner().invoke(app, ["plan", "--model", "tiny-dense", "--cluster", "cpu", "--nodes", "1", "--no-search",
+                                    "--seq-len", "16", "--out", str(tmp_path / "plan"), "--json"])
+    assert made.exit_code == 0, made.stderr
+    res = CliRunner().invoke(app, ["launch", str(tmp_path / "plan"), "--steps", "2", "--run-dir", str(tmp_path / "run")])
+    assert (res.exit_code, res.stdout) == (2, ""), res.output
+    line = "moeplan: error: model 'tiny-dense': kv_lora_rank=None; the runtime builds MLA models only"
+    assert res.stderr.splitlines() == [line + " (the plan is for the simulator only)"]
+    assert not (tmp_path / "run").exists()

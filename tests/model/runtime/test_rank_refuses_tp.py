@@ -8,7 +8,7 @@ import pytest
 from moeplan.model.runtime.rank import PlanRuntimeError, check_plan_for_world
 from moeplan.simulator.planning.planner import build_plan
 from moeplan.simulator.presets.clusters import h200
-from moeplan.simulator.presets.models import tiny_dense
+from moeplan.simulator.presets.models import tiny_moe
 from moeplan.simulator.presets.recipes import default_recipe
 from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.parallel import ParallelSpec
@@ -19,7 +19,7 @@ def _plan(tp: int):
     cluster = h200(1)
     training = TrainingSpec(phases=(Phase(name="pretrain", tokens=1e9, global_batch_seqs=8),))
     par = ParallelSpec(pp=2, tp=tp, sp=tp > 1, schedule="1f1b", seq_len_tokens=16)
-    return build_plan(PlanInputs(model=tiny_dense(), cluster=cluster, parallel=par, training=training,
+    return build_plan(PlanInputs(model=tiny_moe(), cluster=cluster, parallel=par, training=training,
                                  budget=default_recipe().budget))
 
 
