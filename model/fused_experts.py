@@ -48,7 +48,12 @@ from moeplan.model.grouped_mm import (
     torch_grouped_mm,
     torch_grouped_weight_grad,
 )
-from moeplan.model.weight_grad import WeightGradStore, weight_grad_now_or_later, wgrad_dtype
+from moeplan.model.weight_grad import (
+    WeightGradStore,
+    fused_main_grad_grouped_mm,
+    weight_grad_now_or_later,
+    wgrad_dtype,
+)
 
 
 class FusedExpertsFn(torch.autograd.Function):
@@ -57,7 +62,9 @@ class FusedExpertsFn(torch.autograd.Function):
     ``plan``: a pair plan (``kernels.moe_permute.make_pair_plan``) of the same pairs; ``host_counts``:
     pairs per expert on the host; ``use_torch``: the float grouped GEMMs on ``torch._grouped_mm`` (else the
     padded-bmm reference). ``ops`` None is the BF16 path: the same steps with float grouped GEMMs, no
-    quantisation, and a plan whose segments need no padding (``align=1``: no host counts, no sync).
+    quantisation, and a plan whose segments need no padding (``align=1``: no host counts, no sync); where the
+    weights have FP32 main gradients on a GPU, their weight gradients accumulate into them expert by expert, the
+    bounds copied to the host during the forward.
     """
 
     @staticmethod
@@ -83,6 +90,7 @@ class FusedExpertsFn(torch.autograd.Function):
         ctx.save_for_backward(x, weight_of_pair, h, y)
         ctx.plan, ctx.ops, ctx.fp8_backward, ctx.store = plan, ops, fp8_backward and ops is not None, store
         ctx.host_counts, ctx.use_torch, ctx.gate_up, ctx.down = host_counts, use_torch, gate_up, down
+        ctx.host_bounds = _bounds_to_host(plan, ops, use_torch, gate_up, down)
         return moe_unpermute(y, plan, weight_of_pair.contiguous())
 
     @staticmethod
@@ -109,6 +117,22 @@ class FusedExpertsFn(torch.autograd.Function):
         return grad_x, grad_w, grad_gate_up, grad_down, *(None,) * 6
 
 
+def _bounds_to_host(plan: DispatchPlan, ops: Fp8Ops | None, use_torch: bool, *weights: torch.Tensor):
+    """The BF16 path's segment bounds on their way to the host (a pinned copy and its event), when the weight
+    gradients will accumulate into FP32 main gradients expert by expert (``fused_main_grad_grouped_mm``, which
+    needs the bounds on the host): copied without waiting in forward, read in backward, so the layer never
+    stalls the host. None otherwise."""
+    offs = plan.seg_offsets
+    if ops is not None or not use_torch or not offs.is_cuda or all(getattr(w, "main_grad", None) is None
+                                                                       for w in weights):
+        return None
+    host = torch.empty(offs.shape, dtype=offs.dtype, pin_memory=True)
+    host.copy_(offs, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
+
+
 def _dgrad(ctx, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """g (M_pad, N) times each expert's weight (E, N, K): (M_pad, K)."""
     plan, ops = ctx.plan, ctx.ops
@@ -129,8 +153,15 @@ def _weight_grad(ctx, index: int, weight: torch.Tensor, g: torch.Tensor, input_f
         return None
     plan, ops, fp8_backward, use_torch = ctx.plan, ctx.ops, ctx.fp8_backward, ctx.use_torch
 
-    def weight_grad() -> torch.Tensor:  # (E, N, K) FP32 in FP8, else the float dtype
+    def weight_grad() -> torch.Tensor | None:  # (E, N, K) FP32 in FP8, else the float dtype; None: accumulated
         if not fp8_backward:
+            if ctx.host_bounds is not None:  # into the FP32 main gradient, expert by expert
+                if not isinstance(ctx.host_bounds, list):  # the forward's copy, long finished: no stall
+                    host, copied = ctx.host_bounds
+                    copied.synchronize()
+                    ctx.host_bounds = host.tolist()
+                if fused_main_grad_grouped_mm(weight, g, input_float(), ctx.host_bounds):
+                    return None
             wgrad = torch_grouped_weight_grad if use_torch else reference_grouped_weight_grad
             return wgrad(g, input_float(), plan.seg_offsets[1:])
         gq, gs = ops.quant_act_t(g)  # (N, M_pad), tiles of 128 tokens, each inside one expert's segment

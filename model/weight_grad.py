@@ -18,7 +18,7 @@ attached with ``attach_weight_grad_store(module, store)``; nothing is global.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -113,6 +113,22 @@ def fused_main_grad_mm(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
     if main_grad is None or not a.is_cuda or a.dtype != torch.bfloat16 or not _addmm_out_dtype_works(a.device):
         return False
     torch.addmm(main_grad, a, b, out_dtype=torch.float32, out=main_grad)
+    return True
+
+
+def fused_main_grad_grouped_mm(param: torch.Tensor, g: torch.Tensor, x: torch.Tensor,
+                               bounds: Sequence[int]) -> bool:
+    """``param.main_grad[e] += g[rows of e]^T @ x[rows of e]`` for each expert e of a grouped weight (E, N, K),
+    one cuBLAS GEMM an expert with FP32 accumulation into the main gradient (beta = 1), the experts' rows given
+    on the host by ``bounds`` (E + 1 offsets); True when done, under ``fused_main_grad_mm``'s conditions.
+    ``torch._grouped_mm`` has no accumulating form: its BF16 weight gradient cost the main-grad hook 12 B a
+    parameter every micro-batch (24 ms of a 0.60 s one-GPU V3 stage step, measured on an H100, 2026-12-06)."""
+    main_grad = getattr(param, "main_grad", None)
+    if main_grad is None or not g.is_cuda or g.dtype != torch.bfloat16 or not _addmm_out_dtype_works(g.device):
+        return False
+    for e, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        if hi > lo:
+            torch.addmm(main_grad[e], g[lo:hi].t(), x[lo:hi], out_dtype=torch.float32, out=main_grad[e])
     return True
 
 

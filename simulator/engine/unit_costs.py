@@ -251,9 +251,11 @@ def _context_parallel(ctx: CostContext, m: ModelSpec, attn: list[tuple[int, int]
 
 # model/runtime/main_grad.py ``_add_into_main_grad``: a weight gradient the GEMM did not add into the FP32 main
 # gradient itself is written in the parameter's dtype, then the hook reads it and reads and writes the FP32 sum,
-# every micro-batch. Only dense BF16 linears on a GPU accumulate inside the GEMM (model/weight_grad.py
-# ``fused_main_grad_mm``); the routed experts' grouped Wgrad (torch._grouped_mm, our FP8 kernels) and every FP8
-# Wgrad write the parameter's dtype. Priced as an elementwise add at the tables' residual_add fraction.
+# every micro-batch. Dense BF16 linears on a GPU accumulate inside the GEMM (model/weight_grad.py
+# ``fused_main_grad_mm``), and so do the fused BF16 experts (``fused_main_grad_grouped_mm``, one GEMM an expert);
+# the op-by-op experts' grouped Wgrad (torch._grouped_mm) and every FP8 Wgrad (our kernels, cuBLAS's block-scaled
+# GEMM: no accumulating form) write the parameter's dtype. Priced as an elementwise add at the tables'
+# residual_add fraction.
 MAIN_GRAD_ADD_BYTES = BF16_BYTES + 2 * FP32_BYTES
 
 
@@ -268,7 +270,9 @@ def _dense_params(shapes: list[tuple[int, int]]) -> int:
 
 def _experts(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None) -> tuple[float, float, float]:
     """Grouped GEMMs of the busiest GPU's experts: gate+up (h -> 2f), down (f -> h); the weight gradients'
-    addition into the main gradients with the Wgrad."""
+    addition into the main gradients with the Wgrad where the runtime adds them by the hook: FP8 Wgrads, and
+    the op-by-op (``eager``) BF16 experts. The fused BF16 experts add theirs inside the GEMMs, expert by expert
+    (``model.weight_grad.fused_main_grad_grouped_mm``), as the dense BF16 linears do."""
     if traffic is None:  # no expert parallelism: all experts local, the micro-batch's own rows
         groups, rows = m.n_routed_experts, ctx.tokens * m.num_experts_per_tok
     else:
@@ -279,7 +283,8 @@ def _experts(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None) -> t
     fwd = gemm_s(t, g, p, per, 2 * f, h, groups, fr) + gemm_s(t, g, p, per, h, f, groups, fr)
     dx = gemm_s(t, g, p, per, h, 2 * f, groups, fr) + gemm_s(t, g, p, per, f, h, groups, fr)
     dw = gemm_s(t, g, p, 2 * f, h, per, groups, fr) + gemm_s(t, g, p, h, f, per, groups, fr)
-    return fwd, dx, dw + _main_grad_add_s(ctx, groups * 3 * h * f)
+    hook = ctx.precision == "fp8" or ctx.fusion != "fused"
+    return fwd, dx, dw + (_main_grad_add_s(ctx, groups * 3 * h * f) if hook else 0.0)
 
 
 @dataclass(frozen=True)

@@ -90,10 +90,16 @@ def test_a_plan_without_host_counts_needs_no_padding() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
-def test_fused_bf16_experts_never_wait_for_the_gpu():
-    """At V3's expert shapes the whole layer, forward and backward, runs under ``set_sync_debug_mode("error")``."""
+@pytest.mark.parametrize("main_grads", [False, True])
+def test_fused_bf16_experts_never_wait_for_the_gpu(main_grads):
+    """At V3's expert shapes the whole layer, forward and backward, runs under ``set_sync_debug_mode("error")``,
+    also when the weight gradients accumulate expert by expert into FP32 main gradients (their bounds reach the
+    host by a copy the forward starts)."""
     E, d, inter, n, k = 32, 7168, 2048, 4096, 8
     experts = _experts(E, d, inter, "cuda", fuse=True)
+    if main_grads:
+        for p in (experts.gate_up_proj, experts.down_proj):
+            p.main_grad = torch.zeros(p.shape, device="cuda")
     g = torch.Generator().manual_seed(46)
     indices = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)]).cuda()
     weights = torch.rand(n, k, generator=g).cuda().requires_grad_(True)
@@ -104,4 +110,32 @@ def test_fused_bf16_experts_never_wait_for_the_gpu():
         out.float().square().mean().backward()
 
     step_without_host_sync(step)
-    assert torch.isfinite(x.grad).all() and torch.isfinite(experts.down_proj.grad).all()
+    grad = experts.down_proj.main_grad if main_grads else experts.down_proj.grad
+    assert torch.isfinite(x.grad).all() and torch.isfinite(grad).all() and grad.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("deferred", [False, True])
+def test_weight_gradients_accumulate_into_fp32_main_gradients(deferred):
+    """With the runtime's FP32 main gradients, each expert's weight gradient is added into them by its GEMM
+    (``fused_main_grad_grouped_mm``), micro-batch after micro-batch: the sum of the op-by-op path's gradients,
+    and no BF16 ``.grad`` left behind (deferred to the W step too)."""
+    E, d, inter, n = 4, 1024, 512, 2048
+    fused, ref = _experts(E, d, inter, "cuda", fuse=True), _experts(E, d, inter, "cuda", fuse=False)
+    for p in (fused.gate_up_proj, fused.down_proj):
+        p.main_grad = torch.zeros(p.shape, device="cuda")
+    pairs = _pairs(n, "cuda")
+    want = [torch.zeros(p.shape, device="cuda") for p in (ref.gate_up_proj, ref.down_proj)]
+    for mb in range(2):
+        x0 = rand(n, d, seed=60 + mb, device="cuda", dtype=torch.bfloat16)
+        dy = rand(n, d, seed=70 + mb, device="cuda", dtype=torch.bfloat16)
+        _, got = _run(fused, x0, pairs, dy, fused_directly=False, store=WeightGradStore() if deferred else None)
+        assert got[3] is None and got[4] is None  # nothing through autograd's .grad
+        _, r = _run(ref, x0, pairs, dy, fused_directly=False)
+        for w, g in zip(want, r[3:]):
+            w += g.float()
+        ref.zero_grad(set_to_none=True)
+    for name, w, p in zip(("gate_up", "down"), want, (fused.gate_up_proj, fused.down_proj)):
+        assert rel_err(p.main_grad, w) < TOL, name
+    assert not fused.gate_up_proj.main_grad[1].any()  # the unused expert's stays zero
