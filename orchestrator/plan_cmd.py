@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moeplan.orchestrator.errors import note
 from moeplan.orchestrator.inputs import PlanRequest, finite_float, flag_overrides
 from moeplan.orchestrator.outputs import check_out_dir, check_out_file, out_path, strict_json, write_outputs
 from moeplan.orchestrator.render import plan_tables, shown
+from moeplan.orchestrator.search_progress import SearchProgress
 from moeplan.orchestrator.sim_options import (
     check_placeable,
     parse_techniques,
@@ -107,15 +107,13 @@ def plan_command(
     console.print(f"wrote {out / 'plan.json'}, {out / 'plan.html'}" + (f" and {trace}" if trace else ""))
 
 
-def _run_search(req: PlanRequest, opts: SimOptions, quiet: bool, schedules: tuple[str, ...]) -> SearchResult:
-    """The layout search, with a progress bar on stderr."""
-    columns = (TextColumn("searching layouts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    stderr = Console(stderr=True)
+def _run_search(req: PlanRequest, opts: SimOptions, quiet: bool, schedules: tuple[str, ...],
+                stderr: Console | None = None) -> SearchResult:
+    """The layout search, with its progress on stderr (``search_progress``)."""
+    stderr = stderr or Console(stderr=True)
     # off unless stderr is a terminal: elsewhere rich leaves a blank line behind, and errors are one line
-    with Progress(*columns, console=stderr, transient=True, disable=quiet or not stderr.is_terminal) as bar:
-        task = bar.add_task("search", total=None)
-        result = search(req.inputs, req.fixed, opts, progress=lambda done, total: bar.update(task, completed=done, total=total),
-                        schedules=schedules)
+    with SearchProgress(stderr, enabled=not quiet and stderr.is_terminal) as progress:
+        result = search(req.inputs, req.fixed, opts, progress=progress, schedules=schedules)
     if not result.ranked:
         raise LayoutError("search found no layout")
     return result

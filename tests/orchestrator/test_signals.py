@@ -1,11 +1,16 @@
-"""Killed and concurrent runs (issue 23): SIGTERM during ``plan --search`` exits 143 with one line (Ctrl-C 130)
-and writes nothing; two runs writing the same ``--out`` leave one run's complete plan (plan.json with its plan.html)."""
+"""Killed and concurrent runs (issue 23): SIGTERM during ``plan --search`` exits 143 with one line (Ctrl-C 130,
+with its progress drawn on a terminal too) and writes nothing; two runs writing the same ``--out`` leave one
+run's complete plan (plan.json with its plan.html)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pty
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +48,38 @@ def test_a_signal_during_a_search_stops_it_and_writes_nothing(tmp_path, signum, 
     assert proc.returncode == code, stderr
     assert stderr.splitlines() == lines
     assert "Traceback" not in stdout and not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_stops_a_search_that_draws_its_progress(tmp_path):
+    """On a terminal the search draws its progress (rich, with a thread of its own); Ctrl-C stops it all the same:
+    exit 130 within seconds, the line taken off the terminal, nothing written."""
+    out = tmp_path / "o"
+    terminal, stderr = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "moeplan.orchestrator.cli", "plan", "--model", "deepseek-v2-lite",
+                             "--cluster", "h200", "--nodes", "2", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+    os.close(stderr)
+    shown: list[bytes] = []
+
+    def read() -> None:  # the terminal's side, drained so that the child never blocks on it
+        with contextlib.suppress(OSError):  # EIO once the child has closed its end
+            while chunk := os.read(terminal, 65536):
+                shown.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while b"checking layouts" not in b"".join(shown) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    proc.communicate(timeout=60)
+    stopped_s = time.monotonic() - sent
+    reader.join(timeout=5)
+    os.close(terminal)
+    assert b"checking layouts" in b"".join(shown)
+    assert proc.returncode == 130 and stopped_s < 5, (proc.returncode, stopped_s)
+    assert b"Traceback" not in b"".join(shown) and not list(tmp_path.iterdir())
 
 
 def test_two_runs_writing_one_out_leave_one_complete_plan(tmp_path):

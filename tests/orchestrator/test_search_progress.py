@@ -1,0 +1,39 @@
+"""``plan --search``'s progress on a terminal: the layouts checked, then the simulation stage as a line of its own
+(it said nothing for minutes: DeepSeek-V3 on 1,024 H800 nodes spends 162 s of 185 s there); nothing elsewhere."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from moeplan.orchestrator.inputs import build_request
+from moeplan.orchestrator.plan_cmd import _run_search
+from moeplan.orchestrator.search_progress import SIMULATING, SearchProgress
+from moeplan.orchestrator.sim_options import sim_options
+from moeplan.simulator.schedules.registry import SCHEDULE_KINDS
+
+
+def _terminal() -> tuple[Console, io.StringIO]:
+    out = io.StringIO()
+    return Console(file=out, force_terminal=True, width=100), out
+
+
+def test_the_last_layout_checked_shows_the_simulation_stage():
+    console, out = _terminal()
+    with SearchProgress(console, enabled=True) as progress:
+        for done in range(1, 4):
+            progress(done, 3)
+            assert "checking layouts 1/3" in out.getvalue() and (SIMULATING in out.getvalue()) == (done == 3)
+
+
+def test_a_search_draws_on_a_terminal_only():
+    req = build_request("tiny-moe", "h200", 1, [])
+    opts = sim_options(req.inputs.model, req.inputs.cluster.gpu, zipf=None, load=None, redundant_experts=0,
+                       calibration=None, table_name=None, precision=req.inputs.training.precision)
+    console, out = _terminal()
+    drawn = _run_search(req, opts, quiet=False, schedules=SCHEDULE_KINDS, stderr=console)
+    assert "checking layouts" in out.getvalue() and SIMULATING in out.getvalue()
+    plain = io.StringIO()
+    assert _run_search(req, opts, quiet=False, schedules=SCHEDULE_KINDS, stderr=Console(file=plain)) == drawn
+    assert plain.getvalue() == ""
