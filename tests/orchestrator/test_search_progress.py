@@ -28,7 +28,7 @@ def test_the_last_layout_checked_shows_the_simulation_stage():
 
 
 def test_a_search_draws_on_a_terminal_only():
-    req = build_request("tiny-moe", "h200", 1, [])
+    req = build_request("tiny-moe", "h200", 1, ["parallel.pp=2", "parallel.recompute=none"])  # a small search
     opts = sim_options(req.inputs.model, req.inputs.cluster.gpu, zipf=None, load=None, redundant_experts=0,
                        calibration=None, table_name=None, precision=req.inputs.training.precision)
     console, out = _terminal()
