@@ -319,7 +319,9 @@ def main() -> None:
         "`training.kernels`): permutation and combine inside the all-to-all, FP8 casts with their transposes, "
         "SwiGLU writing FP8, RoPE and the router as single kernels, selective recompute of the named ops only, "
         "and a fused cross-entropy (an assumption: the loss kernel is unpublished); the bytes come from tensor "
-        "shapes, with no measured fused kernel yet. Priced as our own runtime runs them (eager kernels, FP32 "
+        "shapes, priced at the copy bandwidth: the packaged H200 tables time none of the fused kernels (our runtime "
+        "has a fused loss and compiled RoPE kernels since 2026-12-06, which `moeplan calibrate` times on the "
+        "user's GPU). Priced as our own runtime runs them eagerly (eager kernels, FP32 "
         "loss), see the sensitivity table's two rows for them. The earlier, closer figures (-10.2%, -1.7%) leaned on "
         "eager kernels slower than DeepSeek's; the gap now left is what the model does not contain.",
         "",
@@ -388,8 +390,9 @@ def main() -> None:
         "they are the larger part of the step's increase (table below). The benchmark times one call at a "
         "time after an L2 flush, so a class made of many small kernels (the router: 4096 x 256 FP32) also "
         "pays per-kernel launch overhead that a running step may partly hide. Not measured (priced at the "
-        "copy bandwidth, or not at all): the concatenations and transposes around the attention core (not "
-        "counted), the embedding's backward (not counted) and the optimizer step.",
+        "copy bandwidth, or not at all): MLA's query and key assembly around the attention core (`qk_cat`, counted "
+        "since 2026-12-06, when the one-GPU loop measured it), the transposes there (not counted), the "
+        "embedding's backward (not counted) and the optimizer step.",
         "",
         "Memory-bound kernels of one MoE layer and one 4096-token micro-batch (k = 8 expert rows per token; "
         "the embedding and the cross-entropy are the first and last stages'), forward + backward, on the H800:",
