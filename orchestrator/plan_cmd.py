@@ -113,7 +113,8 @@ def _run_search(req: PlanRequest, opts: SimOptions, quiet: bool, schedules: tupl
     stderr = stderr or Console(stderr=True)
     # off unless stderr is a terminal: elsewhere rich leaves a blank line behind, and errors are one line
     with SearchProgress(stderr, enabled=not quiet and stderr.is_terminal) as progress:
-        result = search(req.inputs, req.fixed, opts, progress=progress, schedules=schedules)
+        result = search(req.inputs, req.fixed, opts, progress=progress, schedules=schedules,
+                        simulated=progress.simulated)
     if not result.ranked:
         raise LayoutError("search found no layout")
     return result

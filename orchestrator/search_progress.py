@@ -2,9 +2,9 @@
 
 ``planning.search`` reports its first stage, each layout checked (fits in memory, gets a step bound), as
 ``progress(done, total)``; its second, the candidates simulated in order of their bound until no other can
-win, reports nothing and is most of a large search's time (DeepSeek-V3 on 1,024 H800 nodes: 21 s checking
-13,824 layouts, then 162 s simulating 861 of them). So the second stage is shown as a line of its own with a
-spinner and its elapsed time, instead of a full bar that looks hung.
+win, as ``simulated(done, fitting, best_step_s)``. The second is most of a large search's time (DeepSeek-V3 on
+1,024 H800 nodes: 21 s checking 13,824 layouts, then 162 s simulating 861 of them), so it is a line of its own:
+how many simulated, of at most how many (it stops early), the best step so far, and the elapsed time.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 CHECKING = "checking layouts {done:,}/{total:,}"
-SIMULATING = "simulating the layouts that may win"  # of those checked; how many, ``search`` does not say
+SIMULATING = "simulating the layouts that may win"
+SIMULATED = "simulated {done:,} of at most {fitting:,} layouts that fit, best step {best_s:.3g} s"
 
 
 class SearchProgress:
@@ -36,6 +37,12 @@ class SearchProgress:
             self.simulating = self.bar.add_task(SIMULATING, total=None)
         if done in (1, total):  # each stage drawn at once (then 10 times a second, by rich's thread)
             self.bar.refresh()
+
+    def simulated(self, done: int, fitting: int, best_s: float) -> None:
+        """``search``'s ``simulated`` callback: the second stage's count and best step so far."""
+        if self.simulating is None:
+            self.simulating = self.bar.add_task(SIMULATING, total=None)
+        self.bar.update(self.simulating, description=SIMULATED.format(done=done, fitting=fitting, best_s=best_s))
 
     def __enter__(self) -> Self:
         self.bar.__enter__()

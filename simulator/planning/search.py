@@ -209,9 +209,13 @@ def search(
     inputs: PlanInputs, fixed: dict[str, Any], opts: SimOptions = SimOptions(),
     progress: Callable[[int, int], None] | None = None, exhaustive: bool = False,
     schedules: tuple[str, ...] = SCHEDULE_KINDS,
+    simulated: Callable[[int, int, float], None] | None = None,
 ) -> SearchResult:
     """Rank every fitting layout; raises ``LayoutError`` when none fits. ``exhaustive`` simulates
-    every fitting layout instead of stopping at the bound (same result, for benchmarks and tests)."""
+    every fitting layout instead of stopping at the bound (same result, for benchmarks and tests).
+    ``progress(done, total)`` follows the first stage (each layout checked: fits, step bound);
+    ``simulated(done, fitting, best_step_s)`` the second (each candidate simulated, in order of its bound,
+    of at most ``fitting``; the stage stops early once no other can win)."""
     check_fixed(inputs, fixed)
     layouts = list(enumerate_layouts(inputs, fixed, schedules))
     if opts.redundant_experts:  # only EP groups that can hold the redundant slots
@@ -241,6 +245,8 @@ def search(
                            trial.parallel)
             exhaustive = True
         scored.append((step_s, trial.parallel, dp, m))
+        if simulated:
+            simulated(len(scored), len(fitting), min(s[0] for s in scored))
     scored.sort(key=lambda s: s[0])
     finalists = []
     tokens = inputs.training.phases[0].global_batch_seqs * inputs.parallel.seq_len_tokens
