@@ -30,6 +30,7 @@ from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.json_input import JsonInputError, read_json_file
 from moeplan.simulator.spec.model import MAX_EXPERTS, ModelSpec
 from moeplan.simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.spec.training import MAX_PHASES
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -43,12 +44,6 @@ FLAG_KEYS = {
     "price_per_gpu_hour": "budget.usd_per_gpu_hour",
 }
 COUNT_FLAGS = ("tokens", "budget_gpu_hours")  # given as text such as 14.8T
-# Training phases a plan may have. Each is priced on its own (its context-parallel size, and a step simulated at
-# its sequence length: ~0.34 s a phase for DeepSeek-V3 on 256 H800 nodes, measured on the project's 2-core box,
-# whatever the phases repeat), so their count is what bounds `plan`'s time (1,500 took minutes) and the plan's
-# size. Published recipes have a handful (DeepSeek-V3: pre-training, then two context extensions); 32 leaves
-# room for a staged batch ramp and several extensions, and keeps such a plan within ~15 s.
-MAX_PHASES = 32
 _SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
 

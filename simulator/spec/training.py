@@ -108,10 +108,18 @@ class KernelSpec(BaseModel):
     loss: LossKernel = "fp32"
 
 
+# Training phases a plan may have. Each is priced on its own (its context-parallel size, and a step simulated at
+# its sequence length: ~0.34 s a phase for DeepSeek-V3 on 256 H800 nodes, measured on the project's 2-core box,
+# whatever the phases repeat), so their count is what bounds `plan`'s time (1,500 took minutes) and the plan's
+# size. Published recipes have a handful (DeepSeek-V3: pre-training, then two context extensions); 32 leaves
+# room for a staged batch ramp and several extensions, and keeps such a plan within ~15 s.
+MAX_PHASES = 32
+
+
 class TrainingSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    phases: tuple[Phase, ...] = Field(..., min_length=1)
+    phases: tuple[Phase, ...] = Field(..., min_length=1, max_length=MAX_PHASES)
     precision: Literal["bf16", "fp8"] = "bf16"
     kernels: KernelSpec = KernelSpec()
     optimizer: OptimizerSpec = OptimizerSpec()

@@ -116,3 +116,15 @@ def test_hf_round_trip():
     spec = deepseek_v3()
     again, ignored = ModelSpec.from_hf_config(json.loads(json.dumps(spec.to_hf_config())), name=spec.name)
     assert again == spec and ignored == []
+
+
+def test_a_training_spec_holds_at_most_max_phases():
+    """The bound holds for every reader of a spec (``show``, ``check`` and ``launch`` read plan files), not only
+    for ``plan``'s options."""
+    from moeplan.simulator.spec.training import MAX_PHASES, TrainingSpec
+
+    phase = {"tokens": 1e9, "global_batch_seqs": 8}
+    phases = [{"name": f"p{i}", **phase} for i in range(MAX_PHASES + 1)]
+    assert len(TrainingSpec(phases=phases[:MAX_PHASES]).phases) == MAX_PHASES
+    with pytest.raises(ValidationError, match=f"at most {MAX_PHASES}"):
+        TrainingSpec(phases=phases)
