@@ -14,7 +14,8 @@ forward, 12 backward, and the softmax kernels run far below copy bandwidth at th
 These are the one-pass bytes ``simulator.costs.elementwise`` gives the ``cross_entropy`` class (2 + 4 a logit),
 priced at the ``fused_cross_entropy`` point when ``training.kernels.loss`` is ``fused``. The sums are FP32, as
 Liger's and Megatron's fused cross-entropies keep them; rows whose target is ``ignore_index`` add nothing and
-get a zero gradient.
+get a zero gradient. A target outside [0, V) makes its row's loss and gradient NaN (so the mean is NaN), where
+``F.cross_entropy`` stops on a device-side assert: never a read outside the row, and never a quiet number.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def _ce_fwd_kernel(x_ptr, t_ptr, lse_ptr, loss_ptr, V, stride_x, IGNORE: tl.cons
     lse = top + tl.log(tl.sum(s * tl.exp(m - top), 0))
     target = tl.load(t_ptr + row)
     valid = target != IGNORE
-    picked = tl.load(base + tl.where(valid, target, 0)).to(tl.float32)
+    in_range = (target >= 0) & (target < V)  # else NaN, never a read outside the row (F.cross_entropy asserts)
+    picked = tl.load(base + tl.where(valid & in_range, target, 0)).to(tl.float32)
     tl.store(lse_ptr + row, lse)
-    tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
+    tl.store(loss_ptr + row, tl.where(valid, tl.where(in_range, lse - picked, float("nan")), 0.0))
 
 
 @triton.jit
@@ -65,7 +67,8 @@ def _ce_bwd_kernel(x_ptr, t_ptr, lse_ptr, scale_ptr, dx_ptr, V, stride_x, stride
     scale = tl.load(scale_ptr + row)
     target = tl.load(t_ptr + row)
     p = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
-    grad = tl.where(target != IGNORE, p * scale, 0.0)
+    in_range = (target >= 0) & (target < V)
+    grad = tl.where(target != IGNORE, tl.where(in_range, p * scale, float("nan")), 0.0)
     tl.store(dx_ptr + row.to(tl.int64) * stride_dx + cols, cast_for_store(grad, dx_ptr.dtype.element_ty), mask=mask)
 
 

@@ -74,6 +74,16 @@ def test_every_row_ignored_is_nan_with_zero_gradient(device):
     assert torch.equal(x.grad, torch.zeros_like(x.grad))
 
 
+def test_a_target_outside_the_vocabulary_is_nan_not_a_stray_read(device):
+    logits, targets = _case(3, 40, torch.float32, device)
+    targets[1] = 40  # one past the last word
+    x = logits.requires_grad_()
+    loss = ce.fused_cross_entropy(x, targets)
+    assert torch.isnan(loss)
+    loss.backward()
+    assert torch.isnan(x.grad[1]).all() and torch.isfinite(x.grad[[0, 2]]).all()
+
+
 def test_bad_operands_are_one_line_errors(device):
     logits, targets = _case(4, 10, torch.float32, device)
     with pytest.raises(ValueError, match="unit column stride"):
