@@ -93,10 +93,11 @@ def clip_coef(norm: float, max_norm: float | None) -> float:
     return 1.0 if max_norm is None else min(1.0, max_norm / (norm + CLIP_EPS))
 
 
-def _adamw(grad: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-           out: torch.Tensor, **kwargs) -> None:
+def adamw_update(grad: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 out: torch.Tensor, **kwargs) -> None:
     """AdamW over one stretch of a shard: ``kernels.adamw`` in one pass on a GPU (22 bytes a parameter); the
-    torch reference ``CHUNK`` elements at a time elsewhere (it is element-wise: the same numbers)."""
+    torch reference ``CHUNK`` elements at a time elsewhere (it is element-wise: the same numbers). What the step
+    runs per parameter (one group) or per shard; ``moeplan calibrate`` times it as the optimizer class."""
     if master.is_cuda:
         adamw_(grad, master, exp_avg, exp_avg_sq, out=out, **kwargs)
         return
@@ -226,7 +227,7 @@ class ZeroAdamW:
             gathered = torch.empty(shard.end - start, dtype=bucket.param_dtype, device=bucket.data.device)
             pieces = [(start, shard.end, gathered)]
         for lo, hi, out in pieces:
-            _adamw(shard.grad[lo - start: hi - start], shard.master[lo - start: hi - start],
+            adamw_update(shard.grad[lo - start: hi - start], shard.master[lo - start: hi - start],
                    shard.exp_avg[lo - start: hi - start], shard.exp_avg_sq[lo - start: hi - start], out=out,
                    **kwargs)
         if shard.world > 1:

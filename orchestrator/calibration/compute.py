@@ -17,10 +17,11 @@ median of up to ``reps`` calls after warm-up, fewer past ``timing.MAX_S`` (``tim
 - Optimizer: one step over a flat FP32 shard of half the model's parameters (MTP included: a rank's share
   at pp 2), at most ``OPTIMIZER_MAX_PARAMS`` of them (the step is element-wise and streams memory: a
   larger shard takes proportionally longer at the same rate), at the simulator's ideal bytes of its norm,
-  update and zero (``costs.optimizer_step.one_shard_bytes_per_param``). On a GPU the step is what the runtime's
-  ZeRO-1 step runs per parameter (``model.runtime.optimizer``: the FP32 norm read in ``CHUNK`` parts,
-  ``kernels.adamw`` with the plan's moment dtype writing the BF16 weight, the gradient zeroed); on a CPU
-  ``torch.optim.AdamW``.
+  update and zero (``costs.optimizer_step.one_shard_bytes_per_param``). The step is what the runtime's ZeRO-1
+  step runs per parameter (``model.runtime.optimizer``: the FP32 norm read in ``CHUNK`` parts, ``adamw_update``
+  with the plan's moment and parameter dtypes, the gradient zeroed): ``kernels.adamw`` on a GPU, the torch
+  reference in ``CHUNK`` parts on a CPU (until 2026-12-06 a CPU timed ``torch.optim.AdamW``, which the runtime
+  does not run).
 
 Operands are drawn on the measuring device (a GPU draws the V3 stage's 8.9G GEMM operand elements in
 milliseconds, one CPU thread in minutes).
@@ -33,9 +34,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moeplan.kernels.adamw import adamw_
 from moeplan.model.grouped_mm import reference_grouped_mm
-from moeplan.model.runtime.optimizer import MOMENT_DTYPES, clip_coef, squared_norm
+from moeplan.model.runtime.optimizer import MOMENT_DTYPES, adamw_update, clip_coef, squared_norm
 from moeplan.orchestrator.calibration.timing import median_s
 from moeplan.simulator.accounting.flops import attention_core_flops
 from moeplan.simulator.accounting.params import param_counts
@@ -165,7 +165,9 @@ def optimizer_params(m: ModelSpec) -> int:
 
 
 def _runtime_step(params: int, opt: OptimizerSpec, device: torch.device):
-    """A thunk of what ``model.runtime.optimizer.ZeroAdamW.step`` runs per parameter on one GPU (see above)."""
+    """A thunk of what ``model.runtime.optimizer.ZeroAdamW.step`` runs per parameter (see above): the FP32 norm
+    with its one host sync, ``adamw_update`` (``kernels.adamw`` on a GPU, the torch reference in ``CHUNK`` parts
+    elsewhere) at the plan's moment and parameter dtypes, and the zeroing of the main gradients."""
     if opt.moment_bytes not in MOMENT_DTYPES or opt.param_bytes not in PARAM_DTYPES:
         raise ValueError(f"training.optimizer.moment_bytes={opt.moment_bytes}, param_bytes={opt.param_bytes}: the "
                          f"runtime stores moments in {sorted(MOMENT_DTYPES)} bytes, parameters in {sorted(PARAM_DTYPES)}")
@@ -177,16 +179,11 @@ def _runtime_step(params: int, opt: OptimizerSpec, device: torch.device):
     def step() -> None:
         norm = math.sqrt(float(squared_norm(grad)))  # the runtime step's one host sync
         coef = clip_coef(norm, opt.grad_clip_norm)
-        adamw_(grad, master, *moments, lr=opt.lr.peak_lr, step=1, beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps,
-               weight_decay=opt.weight_decay, grad_scale=coef, out=weight)
+        adamw_update(grad, master, *moments, out=weight, lr=opt.lr.peak_lr, step=1, beta1=opt.beta1,
+                     beta2=opt.beta2, eps=opt.eps, weight_decay=opt.weight_decay, grad_scale=coef)
         grad.zero_()  # the main gradients, zeroed for the next step
-    return step, f"kernels.adamw ({opt.moment_bytes}-byte moments) with the runtime's FP32 norm and zeroing"
-
-
-def _torch_step(params: int):
-    shard = torch.zeros(params, requires_grad=True)
-    shard.grad = torch.randn(params, generator=torch.Generator().manual_seed(0))
-    return torch.optim.AdamW([shard], lr=1e-4).step, "torch.optim.AdamW over one flat FP32 shard"
+    update = "kernels.adamw" if device.type == "cuda" else "the torch AdamW reference in CHUNK parts"
+    return step, f"{update} ({opt.moment_bytes}-byte moments) with the runtime's FP32 norm and zeroing"
 
 
 def optimizer_row(m: ModelSpec, reps: int, peak_bytes_per_s: float, device: torch.device = CPU,
@@ -194,7 +191,7 @@ def optimizer_row(m: ModelSpec, reps: int, peak_bytes_per_s: float, device: torc
     """The optimizer class as an ``elementwise_bench`` row: one step over a flat FP32 shard (see above)."""
     params = optimizer_params(m)
     opt = opt or OptimizerSpec()
-    step, implementation = _runtime_step(params, opt, device) if device.type == "cuda" else _torch_step(params)
+    step, implementation = _runtime_step(params, opt, device)
     s, nbytes = median_s(step, device, reps), one_shard_bytes_per_param(opt) * params
     return {"kernel": OPTIMIZER, "implementation": implementation, "in_table": True,
             "shape": f"{params:,} parameters", "skipped": None, "bwd": None,
