@@ -27,9 +27,11 @@ from moeplan.model.losses import cross_entropy
 from moeplan.model.mtp import MTPModule
 from moeplan.model.options import ModelOptions
 from moeplan.model.rope import RotaryEmbedding
+from moeplan.model.runtime.optimizer import MOMENT_DTYPES, adamw_update
 from moeplan.orchestrator.calibration.timing import MAX_S, MIN_REPS
 from moeplan.simulator.costs.host import HostOpCost, HostOpCount, Piece
 from moeplan.simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.training import OptimizerSpec
 
 # aten ops whose time the GEMM and attention entries measure whole (their call included)
 PRICED = frozenset({"mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "_scaled_mm", "_scaled_grouped_mm",
@@ -187,13 +189,16 @@ def _ends(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, device: torch
     head = factory.make_linear(spec.hidden_size, spec.vocab_size).to(device)
     x = torch.randn(mbs, seq, spec.hidden_size, device=device, dtype=dtype, requires_grad=True)
     labels = torch.randint(0, spec.vocab_size, (mbs, seq), device=device)
-    flat = torch.zeros(1024, device=device, requires_grad=True)
-    flat.grad = torch.ones_like(flat)
-    adamw = torch.optim.AdamW([flat], lr=1e-4)
-    adamw.step()  # the moments exist from the first step on
+    # the runtime's update of one parameter (ZeRO group of one) or one shard: ``adamw_update`` at the default
+    # storage (BF16 moments and weights), the torch reference on a CPU, ``kernels.adamw`` on a GPU
+    storage = OptimizerSpec()
+    grad, master = torch.ones(1024, device=device), torch.zeros(1024, device=device)
+    moments = [torch.zeros(1024, device=device, dtype=MOMENT_DTYPES[storage.moment_bytes]) for _ in range(2)]
+    weight = torch.empty(1024, device=device, dtype=torch.bfloat16)
     with OpCounter() as opt:
-        adamw.step()
+        adamw_update(grad, master, *moments, out=weight, lr=1e-4, step=1, beta1=storage.beta1, beta2=storage.beta2,
+                     eps=storage.eps, weight_decay=storage.weight_decay)
     return [_count("embedding", *_fwd_bwd(lambda: embed(ids)), tokens, seq, f"{src}, nn.Embedding"),
             _count("head", *_fwd_bwd(lambda: cross_entropy(head(norm(x)), labels)), tokens, seq,
                    f"{src}, final norm, output head and cross-entropy"),
-            _count("optimizer", opt, OpCounter(), tokens, seq, f"{src}, torch.optim.AdamW step of one tensor")]
+            _count("optimizer", opt, OpCounter(), tokens, seq, f"{src}, the runtime's AdamW update of one tensor")]

@@ -41,7 +41,7 @@ from moeplan.simulator.costs.elementwise import OPTIMIZER
 from moeplan.simulator.costs.measured_ops import MEASURABLE_OPS, LayerKind, MeasuredOp
 from moeplan.simulator.costs.memory_kernels import MemoryKernelPoint
 from moeplan.simulator.costs.tables import CostTables
-from moeplan.simulator.engine.build import SimOptions, rank_optimizer_bytes, step_inputs
+from moeplan.simulator.engine.build import SimOptions, optimizer_updates, rank_optimizer_bytes, step_inputs
 from moeplan.simulator.engine.host_term import optimizer_host_s
 
 LAYER_EVENT = re.compile(r"^(\d+)([FBI])(\d+) L(\d+) (\S+)$")
@@ -144,7 +144,8 @@ def _optimizer_point(plan: PlanFile, tables: CostTables, traces: dict[int, objec
             s = end - max(start, barrier)
             if s > 0:
                 nbytes = sum(part_bytes[pp_rank_of[rank]].values())
-                host = optimizer_host_s(tables, 0.0, plan.inputs.model.is_moe)
+                host = optimizer_host_s(tables, 0.0, optimizer_updates(plan.inputs, plan.layout.dp,
+                                                                       pp_rank_of[rank]))
                 fracs.append(min(1.0, nbytes / max(s - host, 1e-9) / hbm))
     if not fracs:
         return None

@@ -104,6 +104,45 @@ def rank_params(m: ModelSpec, stages: Sequence[Stage], ep: int, tp: int = 1, tp_
     return RankParams(dense=dense, expert=expert, tp_replicated=whole)
 
 
+def _unit_tensors(m: ModelSpec, unit: int) -> tuple[int, int]:
+    """(dense, routed-expert) trainable tensors of one layer unit as ``model/`` builds it: the two norms and the
+    attention's projections and latent norms, then the MLP's three, or the gate, the shared experts' three and
+    the routed experts' two stacked tensors (``GroupedExperts``); an MTP module adds enorm, hnorm, eh_proj and
+    its head norm. Biases where the spec has them; the gate's correction bias is a buffer, not a parameter."""
+    if m.is_mla:
+        attn = (3 if m.q_lora_rank else 1) + 4  # q_a, q_a_norm, q_b (or q_proj); kv_a, kv_a_norm, kv_b, o
+    else:
+        attn = 4 + (3 if m.attention_bias else 0)  # q, k, v, o (+ the q, k, v biases)
+    dense, expert = 2 + attn, 0
+    moe = m.is_moe if unit >= m.num_hidden_layers else m.is_moe_layer(unit)
+    if moe:
+        dense += 1 + (3 if m.n_shared_experts else 0)
+        expert = 2
+    else:
+        dense += 3
+    if unit >= m.num_hidden_layers:
+        dense += 4
+    return dense, expert
+
+
+def rank_param_tensors(m: ModelSpec, stages: Sequence[Stage]) -> tuple[int, int]:
+    """(dense, routed-expert) trainable tensors of the given stages, as ``rank_params`` counts their elements:
+    the embedding where a stage has it or an MTP module needs its copy, the final norm and the head. The
+    runtime's optimizer updates each one apart where its ZeRO group has one rank (``engine.host_term``)."""
+    dense = expert = 0
+    has_mtp = False
+    for stage in stages:
+        for unit in stage.layers:
+            d, e = _unit_tensors(m, unit)
+            dense, expert = dense + d, expert + e
+            has_mtp |= unit >= m.num_hidden_layers
+        if stage.has_head:
+            dense += 1 if m.tie_word_embeddings else 2
+    if any(s.has_embedding for s in stages) or has_mtp:
+        dense += 1
+    return dense, expert
+
+
 def activation_peak_bytes(actions: Sequence[Action], stage_bytes: Sequence[float]) -> float:
     """Peak activation bytes of one rank running ``actions`` in order: a forward of stage ``s``
     adds ``stage_bytes[s]``, the backward that ends its use (``B``, or ``W`` after ``I``) frees it."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from moeplan.simulator.accounting.context_parallel import cp_tokens, gather_bytes, kv_up_rows
 from moeplan.simulator.accounting.layout import pipeline_stages
-from moeplan.simulator.accounting.memory import rank_params
+from moeplan.simulator.accounting.memory import rank_param_tensors, rank_params
 from moeplan.simulator.accounting.tensor_parallel import tp_slice
 from moeplan.simulator.costs.elementwise import OPTIMIZER
 from moeplan.simulator.costs.kernels import memory_s, ring_s
@@ -159,6 +159,17 @@ def rank_optimizer_bytes(inputs: PlanInputs, dp: int) -> tuple[dict[str, float],
     return tuple(out)
 
 
+def optimizer_updates(inputs: PlanInputs, dp: int, pp_rank: int) -> int:
+    """Calls of the runtime's AdamW update in one step of pipeline rank ``pp_rank`` (``model.runtime.optimizer``):
+    a ZeRO group of one updates each parameter tensor apart, a larger one its one shard (dense, and experts')."""
+    m, par = inputs.model, inputs.parallel
+    group = dp * par.cp
+    edp = group * par.tp // par.ep
+    stages = pipeline_stages(m, par)
+    dense, expert = rank_param_tensors(m, [stages[s] for s in rank_stages(par, pp_rank)])
+    return (dense if group == 1 else 1) + (expert if edp == 1 else min(1, expert))
+
+
 def _tails(inputs: PlanInputs, dp: int, tables: CostTables) -> tuple[RankTail, ...]:
     m, par, cl = inputs.model, inputs.parallel, inputs.cluster
     opt = inputs.training.optimizer
@@ -172,6 +183,7 @@ def _tails(inputs: PlanInputs, dp: int, tables: CostTables) -> tuple[RankTail, .
     tails = []
     for r, part_bytes in enumerate(rank_optimizer_bytes(inputs, dp)):
         sync = {}
+        updates = optimizer_updates(inputs, dp, r)
         for s in rank_stages(par, r):
             p = rank_params(m, [stages[s]], par.ep, tp)
             # under SP the whole (replicated) weights saw different tokens on each TP rank: their gradients are
@@ -186,7 +198,7 @@ def _tails(inputs: PlanInputs, dp: int, tables: CostTables) -> tuple[RankTail, .
             sync[s] = seconds
         parts_s = {part: memory_s(tables, cl.gpu, nbytes, OPTIMIZER) for part, nbytes in part_bytes.items()}
         # the host's share (launches, the norm's host sync) with the last part, after the device work it adds to
-        parts_s["other"] += optimizer_host_s(tables, sum(parts_s.values()), m.is_moe)
+        parts_s["other"] += optimizer_host_s(tables, sum(parts_s.values()), updates)
         tails.append(RankTail(dp_sync_s=sync, optimizer_parts_s=parts_s))
     return tuple(tails)
 

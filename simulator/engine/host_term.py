@@ -24,8 +24,6 @@ from moeplan.simulator.costs.tables import CostTables
 if TYPE_CHECKING:
     from moeplan.simulator.engine.unit_costs import CostContext, EndCosts, UnitCosts
 
-# Optimizer tensors the runtime steps per rank: one flat FP32 shard for dense parameters, one for routed experts
-OPTIMIZER_TENSORS = {False: 1, True: 2}
 
 
 def layer_kind(moe: bool, mtp: bool) -> LayerKind:
@@ -104,9 +102,11 @@ def ends_with_host_and_measured(ctx: CostContext, e: EndCosts) -> EndCosts:
     return replace(e, **out) if out else e
 
 
-def optimizer_host_s(tables: CostTables, device_s: float, moe: bool) -> float:
-    """What the host adds to one rank's optimizer step of ``device_s`` (per flat tensor it steps)."""
+def optimizer_host_s(tables: CostTables, device_s: float, updates: int) -> float:
+    """What the host adds to one rank's optimizer step of ``device_s``: ``updates`` calls of the runtime's AdamW
+    update (``model.runtime.optimizer.adamw_update``: one a parameter where the ZeRO group has one rank, else
+    one a shard; ``engine.build``), each the ``optimizer`` piece's counted ops."""
     if tables.host is None:
         return 0.0
     fwd, _ = tables.host.seconds("optimizer")
-    return tables.host.extra_s(device_s, fwd * OPTIMIZER_TENSORS[moe])
+    return tables.host.extra_s(device_s, fwd * updates)

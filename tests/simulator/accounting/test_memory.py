@@ -143,3 +143,24 @@ def test_schedule_replay_weights_unequal_stages():
     acts = [Action.model_validate(t) for t in ("0F0", "1F0", "1B0", "0F1", "0B0", "0B1")]
     # stage 0 holds 1 unit, stage 1 holds 10: the peak is when both forwards of mb 0 are live
     assert activation_peak_bytes(acts, [1.0, 10.0]) == 11.0
+
+
+@pytest.mark.parametrize("preset", ["tiny-moe", "deepseek-v2-lite", "deepseek-v3"])
+def test_rank_param_tensors_counts_what_the_model_builds(preset):
+    """The trainable tensors of a stage (the runtime's optimizer updates each one apart on a ZeRO group of one)
+    are those ``model.build_rank`` makes: a first stage, and a last one with the MTP modules and the head."""
+    import torch
+
+    from moeplan.model import ModelOptions, StageSpec, build_rank
+    from moeplan.simulator.accounting.layout import Stage
+    from moeplan.simulator.accounting.memory import rank_param_tensors
+    from moeplan.simulator.presets.models import MODEL_PRESETS
+
+    spec = MODEL_PRESETS[preset]()
+    layers, units = spec.num_hidden_layers, spec.num_hidden_layers + spec.num_nextn_predict_layers
+    for lo, hi, embedding, head in ((0, 2, True, False), (2, units, False, True), (0, units, True, True)):
+        with torch.device("meta"):
+            built = build_rank(spec, [StageSpec(lo, min(hi, layers), embedding, head)], ModelOptions())[0]
+        dense, expert = rank_param_tensors(spec, [Stage(0, tuple(range(lo, hi)), embedding, head)])
+        assert dense + expert == sum(p.requires_grad for p in built.parameters()), (lo, hi)
+        assert expert == 2 * sum(spec.is_moe_layer(u) for u in range(lo, min(hi, layers))) + 2 * (hi - min(hi, layers))
