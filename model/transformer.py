@@ -7,6 +7,7 @@ Module tree = the HF checkpoint names without the ``model.`` prefix: ``embed_tok
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -120,25 +121,30 @@ class Transformer(nn.Module):
         self._init(lambda name, shape: torch.randn(
             shape, generator=torch.Generator().manual_seed(name_seed(seed, name)), dtype=torch.float32), std)
 
-    @torch.no_grad()
     def _init(self, draw, std: float | None) -> None:
-        std = self.spec.initializer_range if std is None else std
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-        for name, param in self.named_parameters():
-            if param.dim() >= 2:
-                param.copy_(draw(name, param.shape) * std)
-            elif name.endswith("bias"):
-                param.zero_()
-        for name, buf in self.named_buffers():
-            if name.endswith(("e_score_correction_bias", "tokens_per_expert")):
-                buf.zero_()
+        init_module_weights(self, self.spec.initializer_range if std is None else std, draw)
 
     def moe_layers(self) -> dict[int, nn.Module]:
         """Layer id -> MoE module, MTP layers included (ids >= num_hidden_layers)."""
         blocks = list(self.layers.values()) + list(getattr(self, "mtp", []))
         return {b.layer_id: b.mlp for b in blocks if hasattr(b.mlp, "gate")}
+
+
+@torch.no_grad()
+def init_module_weights(module: nn.Module, std: float, draw: Callable[[str, torch.Size], torch.Tensor]) -> None:
+    """The model's initialisation of any of its modules (a stage, or one block alone): ones for norms,
+    ``draw(name, shape) * std`` for matrices, zeros for biases and the routers' statistics buffers."""
+    for sub in module.modules():
+        if isinstance(sub, RMSNorm):
+            sub.weight.fill_(1.0)
+    for name, param in module.named_parameters():
+        if param.dim() >= 2:
+            param.copy_(draw(name, param.shape) * std)
+        elif name.endswith("bias"):
+            param.zero_()
+    for name, buf in module.named_buffers():
+        if name.endswith(("e_score_correction_bias", "tokens_per_expert")):
+            buf.zero_()
 
 
 def build_rank(spec: ModelSpec, stages: list[StageSpec], options: ModelOptions | None = None) -> list[Transformer]:

@@ -27,9 +27,11 @@ from moeplan.model.losses import cross_entropy
 from moeplan.model.mtp import MTPModule
 from moeplan.model.options import ModelOptions
 from moeplan.model.rope import RotaryEmbedding
+from moeplan.model.transformer import init_module_weights
 from moeplan.model.runtime.optimizer import MOMENT_DTYPES, adamw_update
 from moeplan.orchestrator.calibration.timing import MAX_S, MIN_REPS
 from moeplan.simulator.costs.host import HostOpCost, HostOpCount, Piece
+from moeplan.simulator.costs.measured_ops import ActionKind, LayerKind, MeasuredOp
 from moeplan.simulator.spec.model import ModelSpec
 from moeplan.simulator.spec.training import OptimizerSpec
 
@@ -158,14 +160,14 @@ def _count_pieces(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, devic
     kinds = [("dense", 0)] if spec.first_k_dense_replace > 0 or not spec.is_moe else []
     kinds += [("moe", spec.first_k_dense_replace)] if spec.is_moe else []
     for kind, layer in kinds:
-        block = Block(layer, factory).to(device)
+        block = _initialised(Block(layer, factory).to(device), spec)
         x = hidden()
         attn = _fwd_bwd(lambda x=x, b=block: x + b.self_attn(b.input_layernorm(x), cos, sin))
         ffn = _fwd_bwd(lambda x=x, b=block: x + b.mlp(b.post_attention_layernorm(x)))
         out.append(_count(f"{kind}_attn", *attn, tokens, seq, f"{src}, layer {layer}"))
         out.append(_count(f"{kind}_ffn", *ffn, tokens, seq, f"{src}, layer {layer}"))
     if spec.num_nextn_predict_layers:
-        mtp = MTPModule(spec.num_hidden_layers, factory).to(device)
+        mtp = _initialised(MTPModule(spec.num_hidden_layers, factory).to(device), spec)
         x, emb = hidden(), hidden()
         whole = _fwd_bwd(lambda: mtp(x, emb, cos, sin))
         ffn = _fwd_bwd(lambda: x + mtp.mlp(mtp.post_attention_layernorm(x)))
@@ -176,6 +178,94 @@ def _count_pieces(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, devic
         out.append(_count("mtp_attn", *attn, tokens, seq, f"{src}, MTP module less its FFN half"))
         out.append(_count("mtp_ffn", *ffn, tokens, seq, f"{src}, MTP module"))
     out += _ends(spec, mbs, seq, dtype, device, tokens, src)
+    return out
+
+
+def time_pieces(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, device: torch.device, reps: int,
+                label: str, expert_parallel: bool = False) -> list[MeasuredOp]:
+    """Each piece ``count_pieces`` counts, timed whole on this device at one micro-batch of (``mbs``, ``seq``):
+    the median wall time of its forward and of the backward of its output, as the engine's ops
+    (``costs.measured_ops``: what ``check --recalibrate`` reads from a run's trace, here from the pieces alone).
+    For a CPU, where the thread that issues each op also runs it: the tiny-tensor per-op cost (``op_costs``) is
+    a third of what the model's own modules cost per op in context (tiny-moe, 2026-12-06: 4-6 us an op in the
+    attention and dense halves, 10-13 us in the MoE half, against 1.5-1.8 us), so the ops of a small model are
+    priced from their own time. A MoE half runs all experts locally: with ``expert_parallel`` it is left out
+    (the all-to-all and the local share are priced)."""
+    torch.manual_seed(0)
+    # no ``with torch.device(...)`` here: its function mode runs Python on every op, a third more per op at this size
+    return _time_pieces(spec, mbs, seq, dtype, device, reps, label, expert_parallel)
+
+
+def _initialised(module: torch.nn.Module, spec: ModelSpec) -> torch.nn.Module:
+    """``module`` with the model's own initialisation (a piece built alone holds ``torch.empty`` weights: a router
+    on garbage sends every token to a few experts, and denormal or NaN values slow a CPU's arithmetic)."""
+    gen = torch.Generator(device=next(module.parameters()).device).manual_seed(0)
+    init_module_weights(module, spec.initializer_range, lambda name, shape: torch.randn(
+        shape, generator=gen, device=gen.device, dtype=torch.float32))
+    return module
+
+
+def _timed(run: Callable[[], torch.Tensor], reps: int) -> tuple[float, float]:
+    """Median seconds of ``run()`` and of the backward of its output (two untimed calls first)."""
+    fwd, bwd = [], []
+    for i in range(reps + 2):
+        start = time.perf_counter()
+        out = run()
+        mid = time.perf_counter()
+        out.backward(torch.ones_like(out))
+        end = time.perf_counter()
+        if i >= 2:
+            fwd.append(mid - start)
+            bwd.append(end - mid)
+    return statistics.median(fwd), statistics.median(bwd)
+
+
+def _time_pieces(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, device: torch.device, reps: int,
+                 label: str, expert_parallel: bool) -> list[MeasuredOp]:
+    factory = LayerFactory.create(spec, ModelOptions(dtype=dtype))
+    cos, sin = RotaryEmbedding(spec).to(device)(torch.arange(seq, device=device))
+    h, tokens = spec.hidden_size, mbs * seq
+    src = f"{label}: timed alone at {mbs} x {seq} tokens, {str(dtype).removeprefix('torch.')}"
+    out: list[MeasuredOp] = []
+
+    def op(kind: LayerKind, action: ActionKind, name: str, seconds: float, what: str) -> None:
+        out.append(MeasuredOp(layer_kind=kind, action=action, op=name, tokens=tokens, seq_len=seq, s=seconds,
+                              samples=reps, source=f"{src}, {what}"))
+
+    def ffn_ops(kind: LayerKind, moe: bool, fwd: float, bwd: float, what: str) -> None:
+        if not moe:
+            op(kind, "F", "mlp", fwd, what)
+            op(kind, "B", "mlp-bwd", bwd, what)
+        elif not expert_parallel:  # the whole MoE half as the experts' op; the shared expert inside it
+            op(kind, "F", "experts", fwd, what)
+            op(kind, "B", "experts-bwd", bwd, what)
+            op(kind, "F", "shared", 0.0, f"{what} (in the experts' time)")
+            op(kind, "B", "shared-bwd", 0.0, f"{what} (in the experts' time)")
+
+    def hidden() -> torch.Tensor:
+        return torch.randn(mbs, seq, h, device=device, dtype=dtype, requires_grad=True)
+
+    kinds = [("dense", 0)] if spec.first_k_dense_replace > 0 or not spec.is_moe else []
+    kinds += [("moe", spec.first_k_dense_replace)] if spec.is_moe else []
+    for kind, layer in kinds:
+        block, x = _initialised(Block(layer, factory).to(device), spec), hidden()
+        f, b = _timed(lambda x=x, blk=block: x + blk.self_attn(blk.input_layernorm(x), cos, sin), reps)
+        op(kind, "F", "attn", f, f"layer {layer}'s attention half")
+        op(kind, "B", "attn-bwd", b, f"layer {layer}'s attention half")
+        f, b = _timed(lambda x=x, blk=block: x + blk.mlp(blk.post_attention_layernorm(x)), reps)
+        ffn_ops(kind, kind == "moe", f, b, f"layer {layer}'s FFN half")
+    if spec.num_nextn_predict_layers:
+        mtp, x, emb = _initialised(MTPModule(spec.num_hidden_layers, factory).to(device), spec), hidden(), hidden()
+        whole = _timed(lambda: mtp(x, emb, cos, sin), reps)
+        ffn = _timed(lambda: x + mtp.mlp(mtp.post_attention_layernorm(x)), reps)
+        op("mtp", "F", "attn", max(0.0, whole[0] - ffn[0]), "MTP module less its FFN half")
+        op("mtp", "B", "attn-bwd", max(0.0, whole[1] - ffn[1]), "MTP module less its FFN half")
+        ffn_ops("mtp", spec.is_moe, *ffn, "MTP module's FFN half")
+    norm, head = (_initialised(m.to(device), spec) for m in (factory.norm(), factory.make_linear(h, spec.vocab_size)))
+    x, labels = hidden(), torch.randint(0, spec.vocab_size, (mbs, seq), device=device)
+    f, b = _timed(lambda: cross_entropy(head(norm(x)), labels), reps)
+    op("ends", "F", "head", f, "final norm, output head and cross-entropy")
+    op("ends", "B", "head", b, "final norm, output head and cross-entropy")
     return out
 
 

@@ -30,11 +30,12 @@ import torch
 
 from moeplan.orchestrator.calibration import compute, links
 from moeplan.orchestrator.calibration.beside import measure_beside
-from moeplan.orchestrator.calibration.host_ops import OpCounter, count_pieces, op_costs
+from moeplan.orchestrator.calibration.host_ops import OpCounter, count_pieces, op_costs, time_pieces
 from moeplan.orchestrator.calibration.memory_cases import CASES
 from moeplan.orchestrator.calibration.memory_classes import measure
 from moeplan.orchestrator.calibration.shapes import PlanShapes
 from moeplan.simulator.costs.host import HostCosts, HostOpCost
+from moeplan.simulator.costs.measured_ops import MeasuredOp
 from moeplan.simulator.costs.tables import CostTables
 from moeplan.simulator.spec.model import ModelSpec
 from moeplan.simulator.spec.training import OptimizerSpec
@@ -69,6 +70,7 @@ class Measured:
     copy: list[dict] = field(default_factory=list)
     memory: list[dict] = field(default_factory=list)
     host: HostCosts | None = None
+    pieces: list[MeasuredOp] = field(default_factory=list)  # a CPU's pieces timed whole (``time_pieces``)
     host_costs: list[HostOpCost] = field(default_factory=list)  # per-op cost, kept for the op counts after it
     links: dict[int, dict] = field(default_factory=dict)
     beside: list[dict] = field(default_factory=list)  # the largest GEMM alone and beside communication
@@ -157,6 +159,9 @@ def measurements(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float) -> li
             m.host = HostCosts(mode="max" if dev.type == "cuda" else "sum", costs=tuple(m.host_costs),
                                counts=tuple(counts))
 
+    def pieces(m: Measured) -> None:  # a CPU only: a GPU's pieces are priced from their kernels' entries
+        m.pieces = time_pieces(setup.spec, shapes.mbs, shapes.seq_len, dt, dev, reps, setup.label, shapes.ep > 1)
+
     def copies(m: Measured) -> None:
         m.copy = compute.copy_rows(reps, device=dev)
 
@@ -166,6 +171,8 @@ def measurements(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float) -> li
     items += [Measurement("attention", f"attention at seq {shapes.seq_len}", attention),
               Measurement("host", "host per-op cost", host_costs),
               Measurement("host", f"host op counts at {shapes.mbs} x {shapes.seq_len} tokens", host_counts),
+              *([Measurement("host", f"pieces timed whole at {shapes.mbs} x {shapes.seq_len} tokens", pieces)]
+                if dev.type == "cpu" else []),
               Measurement("copy", f"copy sweep of {len(compute.COPY_SIZES)} sizes", copies)]
     items += _memory_classes(shapes, setup, hbm_bytes_per_s)
     items.append(Measurement("optimizer", f"optimizer class ({compute.optimizer_params(setup.spec):,} parameters)",

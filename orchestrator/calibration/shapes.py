@@ -43,6 +43,7 @@ class PlanShapes:
     tokens: int
     gemms: tuple[tuple[int, int, int, int], ...]  # (m, n, k, groups)
     links: tuple[LinkShape, ...]
+    ep: int = 1  # the plan's expert-parallel size: a MoE half timed alone runs every expert only when it is 1
 
 
 def _expert_gemms(inputs: PlanInputs, tokens: int) -> set[tuple[int, int, int, int]]:
@@ -89,4 +90,4 @@ def plan_shapes(inputs: PlanInputs, dp: int, max_processes: int) -> PlanShapes:
     dense = gemm_shapes(inputs.model, [tokens], eps=[])  # no EP sizes: the linears alone
     gemms = tuple(sorted(set(dense) | _expert_gemms(inputs, tokens)))
     return PlanShapes(mbs=par.micro_batch_size, seq_len=par.seq_len_tokens, tokens=tokens, gemms=gemms,
-                      links=_links(inputs, dp, tokens, max_processes))
+                      links=_links(inputs, dp, tokens, max_processes), ep=par.ep)

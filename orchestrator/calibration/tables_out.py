@@ -94,4 +94,5 @@ def calibrated_tables(name: str, m: Measured, setup: Setup, gpu: GpuSpec, machin
         "memory_kernels": kernels, "collective_latency_s": latency,
         "collective_source": latency_source,
         "comm_sms": 0 if setup.device.type == "cpu" else CostTables.model_fields["comm_sms"].default,
-        "precisions": ("bf16",), "machine": machine, "links": fits, "host": m.host, "compute_beside_comm": m.beside})
+        "precisions": ("bf16",), "machine": machine, "links": fits, "host": m.host, "compute_beside_comm": m.beside,
+        "measured_ops": tuple(m.pieces)})
