@@ -12,6 +12,7 @@ from moeplan.orchestrator.errors import note
 from moeplan.orchestrator.inputs import PlanRequest, finite_float, flag_overrides
 from moeplan.orchestrator.outputs import check_out_dir, check_out_file, out_path, strict_json, write_outputs
 from moeplan.orchestrator.render import plan_tables, shown
+from moeplan.orchestrator.rank_entry import on_cpu
 from moeplan.orchestrator.search_progress import SearchProgress
 from moeplan.orchestrator.sim_options import (
     check_placeable,
@@ -137,4 +138,9 @@ def plan_notes(plan: PlanFile, redundant_experts: int) -> list[str]:
                      f"{model.max_position_embeddings:,}: planned as given (as if its positions were extended)")
     if redundant_experts and lay.ep == 1:
         notes.append(f"--redundant-experts {redundant_experts} has no effect at ep=1 (no expert parallelism)")
+    kernels = inp.training.kernels
+    fused = [f"training.kernels.{k}=fused" for k in ("fusion", "loss") if getattr(kernels, k) == "fused"]
+    if fused and on_cpu(plan):  # model.fused and kernels.cross_entropy need a GPU (torch.compile, Triton)
+        notes.append(f"{' and '.join(fused)} on a cpu cluster: priced as fused kernels, but the runtime runs the "
+                     "eager ones there (compiled and Triton kernels are for GPUs), so a launch is slower than planned")
     return notes

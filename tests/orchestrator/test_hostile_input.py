@@ -176,6 +176,24 @@ def test_what_was_assumed_is_a_note(tmp_path):
     ]
 
 
+def test_fused_kernels_on_a_cpu_cluster_are_a_note(tmp_path):
+    """The plan prices what the inputs say; on a CPU the runtime runs the eager kernels and the chunked loss."""
+    args = ["plan", "--model", "tiny-moe", "--cluster", "cpu", "--no-search", "--pp", "2", "--seq-len", "64"]
+    res = CliRunner().invoke(app, [*args, "--set", "training.kernels.fusion=fused", "--set",
+                                   "training.kernels.loss=fused", "--out", str(tmp_path / "f")])
+    assert res.exit_code == 0, res.stderr
+    assert res.stderr.splitlines() == [
+        "moeplan: note: training.kernels.fusion=fused and training.kernels.loss=fused on a cpu cluster: priced as "
+        "fused kernels, but the runtime runs the eager ones there (compiled and Triton kernels are for GPUs), so a "
+        "launch is slower than planned"]
+    plain = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "e")])
+    assert plain.exit_code == 0 and plain.stderr == ""
+    on_gpu = CliRunner().invoke(app, ["plan", "--model", "tiny-moe", "--cluster", "h200", "--nodes", "1", "--no-search",
+                                      "--pp", "2", "--seq-len", "64", "--set", "training.kernels.loss=fused", "--out",
+                                      str(tmp_path / "g")])
+    assert on_gpu.exit_code == 0 and on_gpu.stderr == ""
+
+
 def test_as_many_phases_as_the_bound_are_planned(tmp_path):
     res = CliRunner().invoke(app, [*TINY[:-1], str(tmp_path / "o"), "--no-search", "--json", "--set",
                                    "training.phases=" + _phases(MAX_PHASES)])
