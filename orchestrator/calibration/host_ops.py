@@ -190,7 +190,8 @@ def time_pieces(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, device:
     a third of what the model's own modules cost per op in context (tiny-moe, 2026-12-06: 4-6 us an op in the
     attention and dense halves, 10-13 us in the MoE half, against 1.5-1.8 us), so the ops of a small model are
     priced from their own time. A MoE half runs all experts locally: with ``expert_parallel`` it is left out
-    (the all-to-all and the local share are priced)."""
+    (the all-to-all and the local share are priced). The MTP module's attention half is its projection of the
+    two normed inputs and its attention, timed as such (``MTPModule.forward`` up to the FFN half)."""
     torch.manual_seed(0)
     # no ``with torch.device(...)`` here: its function mode runs Python on every op, a third more per op at this size
     return _time_pieces(spec, mbs, seq, dtype, device, reps, label, expert_parallel)
@@ -256,11 +257,14 @@ def _time_pieces(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, device
         ffn_ops(kind, kind == "moe", f, b, f"layer {layer}'s FFN half")
     if spec.num_nextn_predict_layers:
         mtp, x, emb = _initialised(MTPModule(spec.num_hidden_layers, factory).to(device), spec), hidden(), hidden()
-        whole = _timed(lambda: mtp(x, emb, cos, sin), reps)
-        ffn = _timed(lambda: x + mtp.mlp(mtp.post_attention_layernorm(x)), reps)
-        op("mtp", "F", "attn", max(0.0, whole[0] - ffn[0]), "MTP module less its FFN half")
-        op("mtp", "B", "attn-bwd", max(0.0, whole[1] - ffn[1]), "MTP module less its FFN half")
-        ffn_ops("mtp", spec.is_moe, *ffn, "MTP module's FFN half")
+        def mtp_attn() -> torch.Tensor:  # MTPModule.forward up to its FFN half: the projection, then attention
+            h = mtp.eh_proj(torch.cat((mtp.enorm(emb), mtp.hnorm(x)), dim=-1))
+            return h + mtp.self_attn(mtp.input_layernorm(h), cos, sin)
+        f, b = _timed(mtp_attn, reps)
+        op("mtp", "F", "attn", f, "MTP module's projection and attention half")
+        op("mtp", "B", "attn-bwd", b, "MTP module's projection and attention half")
+        ffn_ops("mtp", spec.is_moe, *_timed(lambda: x + mtp.mlp(mtp.post_attention_layernorm(x)), reps),
+                "MTP module's FFN half")
     norm, head = (_initialised(m.to(device), spec) for m in (factory.norm(), factory.make_linear(h, spec.vocab_size)))
     x, labels = hidden(), torch.randint(0, spec.vocab_size, (mbs, seq), device=device)
     f, b = _timed(lambda: cross_entropy(head(norm(x)), labels), reps)
