@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -146,31 +146,53 @@ def count_pieces(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, device
         return _count_pieces(spec, mbs, seq, dtype, device, label)
 
 
-def _count_pieces(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, device: torch.device,
-                  label: str) -> list[HostOpCount]:
+Thunk = Callable[[], torch.Tensor]
+
+
+def _setting(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, device: torch.device):
+    """What every piece is built from: the layer factory, RoPE's cos and sin, and a maker of fresh hidden states
+    (mbs, seq, d) that need grad."""
     factory = LayerFactory.create(spec, ModelOptions(dtype=dtype))
     cos, sin = RotaryEmbedding(spec).to(device)(torch.arange(seq, device=device))
-    h, tokens = spec.hidden_size, mbs * seq
 
     def hidden() -> torch.Tensor:
-        return torch.randn(mbs, seq, h, device=device, dtype=dtype, requires_grad=True)
+        return torch.randn(mbs, seq, spec.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    return factory, cos, sin, hidden
 
-    src = f"{label}: counted at {mbs} x {seq} tokens, {str(dtype).removeprefix('torch.')}"
-    out = []
+
+def _layer_halves(spec: ModelSpec, factory, cos, sin, hidden, device) -> Iterator[tuple[str, int, Thunk, Thunk]]:
+    """(kind, layer, attention half, FFN half) of a dense and a MoE layer where the model has them: each half its
+    norm, its module and its residual, on one block with the model's initialisation."""
     kinds = [("dense", 0)] if spec.first_k_dense_replace > 0 or not spec.is_moe else []
     kinds += [("moe", spec.first_k_dense_replace)] if spec.is_moe else []
     for kind, layer in kinds:
-        block = _initialised(Block(layer, factory).to(device), spec)
-        x = hidden()
-        attn = _fwd_bwd(lambda x=x, b=block: x + b.self_attn(b.input_layernorm(x), cos, sin))
-        ffn = _fwd_bwd(lambda x=x, b=block: x + b.mlp(b.post_attention_layernorm(x)))
-        out.append(_count(f"{kind}_attn", *attn, tokens, seq, f"{src}, layer {layer}"))
-        out.append(_count(f"{kind}_ffn", *ffn, tokens, seq, f"{src}, layer {layer}"))
+        block, x = _initialised(Block(layer, factory).to(device), spec), hidden()
+        yield (kind, layer, lambda x=x, b=block: x + b.self_attn(b.input_layernorm(x), cos, sin),
+               lambda x=x, b=block: x + b.mlp(b.post_attention_layernorm(x)))
+
+
+def _mtp_thunks(spec: ModelSpec, factory, cos, sin, hidden, device) -> tuple[Thunk, Thunk, Thunk]:
+    """(the whole MTP module, its projection and attention half, its FFN half) on one initialised module."""
+    mtp, x, emb = _initialised(MTPModule(spec.num_hidden_layers, factory).to(device), spec), hidden(), hidden()
+
+    def attn() -> torch.Tensor:  # MTPModule.forward up to its FFN half: the projection, then attention
+        h = mtp.eh_proj(torch.cat((mtp.enorm(emb), mtp.hnorm(x)), dim=-1))
+        return h + mtp.self_attn(mtp.input_layernorm(h), cos, sin)
+    return (lambda: mtp(x, emb, cos, sin)), attn, (lambda: x + mtp.mlp(mtp.post_attention_layernorm(x)))
+
+
+def _count_pieces(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, device: torch.device,
+                  label: str) -> list[HostOpCount]:
+    factory, cos, sin, hidden = _setting(spec, mbs, seq, dtype, device)
+    tokens = mbs * seq
+    src = f"{label}: counted at {mbs} x {seq} tokens, {str(dtype).removeprefix('torch.')}"
+    out = []
+    for kind, layer, attn_half, ffn_half in _layer_halves(spec, factory, cos, sin, hidden, device):
+        out.append(_count(f"{kind}_attn", *_fwd_bwd(attn_half), tokens, seq, f"{src}, layer {layer}"))
+        out.append(_count(f"{kind}_ffn", *_fwd_bwd(ffn_half), tokens, seq, f"{src}, layer {layer}"))
     if spec.num_nextn_predict_layers:
-        mtp = _initialised(MTPModule(spec.num_hidden_layers, factory).to(device), spec)
-        x, emb = hidden(), hidden()
-        whole = _fwd_bwd(lambda: mtp(x, emb, cos, sin))
-        ffn = _fwd_bwd(lambda: x + mtp.mlp(mtp.post_attention_layernorm(x)))
+        whole_run, _, ffn_run = _mtp_thunks(spec, factory, cos, sin, hidden, device)
+        whole, ffn = _fwd_bwd(whole_run), _fwd_bwd(ffn_run)
         attn = [OpCounter() for _ in range(2)]
         for c, w, f in zip(attn, whole, ffn, strict=True):
             c.compute, c.view, c.priced = (max(0, a - b) for a, b in ((w.compute, f.compute), (w.view, f.view),
@@ -223,9 +245,8 @@ def _timed(run: Callable[[], torch.Tensor], reps: int) -> tuple[float, float]:
 
 def _time_pieces(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, device: torch.device, reps: int,
                  label: str, expert_parallel: bool) -> list[MeasuredOp]:
-    factory = LayerFactory.create(spec, ModelOptions(dtype=dtype))
-    cos, sin = RotaryEmbedding(spec).to(device)(torch.arange(seq, device=device))
-    h, tokens = spec.hidden_size, mbs * seq
+    factory, cos, sin, hidden = _setting(spec, mbs, seq, dtype, device)
+    tokens = mbs * seq
     src = f"{label}: timed alone at {mbs} x {seq} tokens, {str(dtype).removeprefix('torch.')}"
     out: list[MeasuredOp] = []
 
@@ -233,39 +254,29 @@ def _time_pieces(spec: ModelSpec, mbs: int, seq: int, dtype: torch.dtype, device
         out.append(MeasuredOp(layer_kind=kind, action=action, op=name, tokens=tokens, seq_len=seq, s=seconds,
                               samples=reps, source=f"{src}, {what}"))
 
-    def ffn_ops(kind: LayerKind, moe: bool, fwd: float, bwd: float, what: str) -> None:
+    def halves(kind: LayerKind, moe: bool, attn_half: Thunk, ffn_half: Thunk, what: str) -> None:
+        f, b = _timed(attn_half, reps)
+        op(kind, "F", "attn", f, f"{what}'s attention half")
+        op(kind, "B", "attn-bwd", b, f"{what}'s attention half")
+        if moe and expert_parallel:
+            return
+        f, b = _timed(ffn_half, reps)
         if not moe:
-            op(kind, "F", "mlp", fwd, what)
-            op(kind, "B", "mlp-bwd", bwd, what)
-        elif not expert_parallel:  # the whole MoE half as the experts' op; the shared expert inside it
-            op(kind, "F", "experts", fwd, what)
-            op(kind, "B", "experts-bwd", bwd, what)
-            op(kind, "F", "shared", 0.0, f"{what} (in the experts' time)")
-            op(kind, "B", "shared-bwd", 0.0, f"{what} (in the experts' time)")
+            op(kind, "F", "mlp", f, f"{what}'s FFN half")
+            op(kind, "B", "mlp-bwd", b, f"{what}'s FFN half")
+            return
+        op(kind, "F", "experts", f, f"{what}'s FFN half")  # the whole MoE half; the shared expert inside it
+        op(kind, "B", "experts-bwd", b, f"{what}'s FFN half")
+        op(kind, "F", "shared", 0.0, f"{what}'s FFN half (in the experts' time)")
+        op(kind, "B", "shared-bwd", 0.0, f"{what}'s FFN half (in the experts' time)")
 
-    def hidden() -> torch.Tensor:
-        return torch.randn(mbs, seq, h, device=device, dtype=dtype, requires_grad=True)
-
-    kinds = [("dense", 0)] if spec.first_k_dense_replace > 0 or not spec.is_moe else []
-    kinds += [("moe", spec.first_k_dense_replace)] if spec.is_moe else []
-    for kind, layer in kinds:
-        block, x = _initialised(Block(layer, factory).to(device), spec), hidden()
-        f, b = _timed(lambda x=x, blk=block: x + blk.self_attn(blk.input_layernorm(x), cos, sin), reps)
-        op(kind, "F", "attn", f, f"layer {layer}'s attention half")
-        op(kind, "B", "attn-bwd", b, f"layer {layer}'s attention half")
-        f, b = _timed(lambda x=x, blk=block: x + blk.mlp(blk.post_attention_layernorm(x)), reps)
-        ffn_ops(kind, kind == "moe", f, b, f"layer {layer}'s FFN half")
+    for kind, layer, attn_half, ffn_half in _layer_halves(spec, factory, cos, sin, hidden, device):
+        halves(kind, kind == "moe", attn_half, ffn_half, f"layer {layer}")
     if spec.num_nextn_predict_layers:
-        mtp, x, emb = _initialised(MTPModule(spec.num_hidden_layers, factory).to(device), spec), hidden(), hidden()
-        def mtp_attn() -> torch.Tensor:  # MTPModule.forward up to its FFN half: the projection, then attention
-            h = mtp.eh_proj(torch.cat((mtp.enorm(emb), mtp.hnorm(x)), dim=-1))
-            return h + mtp.self_attn(mtp.input_layernorm(h), cos, sin)
-        f, b = _timed(mtp_attn, reps)
-        op("mtp", "F", "attn", f, "MTP module's projection and attention half")
-        op("mtp", "B", "attn-bwd", b, "MTP module's projection and attention half")
-        ffn_ops("mtp", spec.is_moe, *_timed(lambda: x + mtp.mlp(mtp.post_attention_layernorm(x)), reps),
-                "MTP module's FFN half")
-    norm, head = (_initialised(m.to(device), spec) for m in (factory.norm(), factory.make_linear(h, spec.vocab_size)))
+        _, attn_half, ffn_half = _mtp_thunks(spec, factory, cos, sin, hidden, device)
+        halves("mtp", spec.is_moe, attn_half, ffn_half, "the MTP module (its input projection in the attention half)")
+    norm, head = (_initialised(m.to(device), spec) for m in (factory.norm(), factory.make_linear(spec.hidden_size,
+                                                                                                  spec.vocab_size)))
     x, labels = hidden(), torch.randint(0, spec.vocab_size, (mbs, seq), device=device)
     f, b = _timed(lambda: cross_entropy(head(norm(x)), labels), reps)
     op("ends", "F", "head", f, "final norm, output head and cross-entropy")

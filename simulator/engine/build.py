@@ -138,12 +138,18 @@ def _is_moe_unit(m: ModelSpec, u: int) -> bool:
     return m.is_moe if u >= m.num_hidden_layers else m.is_moe_layer(u)
 
 
+def _zero_groups(par: ParallelSpec, dp: int) -> tuple[int, int]:
+    """(GPUs the dense ZeRO-1 shards span, GPUs the routed experts' shards span): dp * cp ranks hold the same TP
+    shard; experts are sharded inside the stage's dp * cp * tp GPUs."""
+    group = dp * par.cp
+    return group, group * par.tp // par.ep
+
+
 def rank_optimizer_bytes(inputs: PlanInputs, dp: int) -> tuple[dict[str, float], ...]:
     """Per pipeline rank, the bytes of its optimizer step by part (``costs.optimizer_step``): its ZeRO-1 shards
     of the dense parameters (over dp * cp) and of its routed experts (over the expert-data-parallel group)."""
     m, par = inputs.model, inputs.parallel
-    group = dp * par.cp
-    edp = group * par.tp // par.ep
+    group, edp = _zero_groups(par, dp)
     zero = par.zero_stage >= 1
     stages = pipeline_stages(m, par)
     out = []
@@ -163,8 +169,7 @@ def optimizer_updates(inputs: PlanInputs, dp: int, pp_rank: int) -> int:
     """Calls of the runtime's AdamW update in one step of pipeline rank ``pp_rank`` (``model.runtime.optimizer``):
     a ZeRO group of one updates each parameter tensor apart, a larger one its one shard (dense, and experts')."""
     m, par = inputs.model, inputs.parallel
-    group = dp * par.cp
-    edp = group * par.tp // par.ep
+    group, edp = _zero_groups(par, dp)
     stages = pipeline_stages(m, par)
     dense, expert = rank_param_tensors(m, [stages[s] for s in rank_stages(par, pp_rank)])
     return (dense if group == 1 else 1) + (expert if edp == 1 else min(1, expert))
@@ -174,9 +179,8 @@ def _tails(inputs: PlanInputs, dp: int, tables: CostTables) -> tuple[RankTail, .
     m, par, cl = inputs.model, inputs.parallel, inputs.cluster
     opt = inputs.training.optimizer
     per_node, tp = cl.node.gpus_per_node, par.tp
-    group = dp * par.cp  # GPUs holding the same TP shard: ZeRO-1 reduces gradients over data and context parallel ranks
+    group, edp = _zero_groups(par, dp)
     dense_bw = cl.node.nic_bytes_per_s if group * tp > per_node else cl.node.nvlink_bytes_per_s
-    edp = group * tp // par.ep  # experts are sharded inside the stage's dp * cp * tp GPUs
     expert_bw = cl.node.nic_bytes_per_s if par.ep >= per_node or group * tp > per_node else cl.node.nvlink_bytes_per_s
     stages = pipeline_stages(m, par)
     mirrored = schedule_kind(par.schedule).directions(par.pp, par.virtual_stages) > 1  # each stage on two ranks
