@@ -48,12 +48,7 @@ from moeplan.model.grouped_mm import (
     torch_grouped_mm,
     torch_grouped_weight_grad,
 )
-from moeplan.model.weight_grad import (
-    WeightGradStore,
-    fused_main_grad_grouped_mm,
-    weight_grad_now_or_later,
-    wgrad_dtype,
-)
+from moeplan.model.weight_grad import WeightGradStore, fused_main_grad_grouped_mm, weight_grad_now_or_later, wgrad_dtype
 
 
 class FusedExpertsFn(torch.autograd.Function):

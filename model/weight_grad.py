@@ -18,6 +18,7 @@ attached with ``attach_weight_grad_store(module, store)``; nothing is global.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -126,7 +127,7 @@ def fused_main_grad_grouped_mm(param: torch.Tensor, g: torch.Tensor, x: torch.Te
     main_grad = getattr(param, "main_grad", None)
     if main_grad is None or not g.is_cuda or g.dtype != torch.bfloat16 or not _addmm_out_dtype_works(g.device):
         return False
-    for e, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+    for e, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         if hi > lo:
             torch.addmm(main_grad[e], g[lo:hi].t(), x[lo:hi], out_dtype=torch.float32, out=main_grad[e])
     return True

@@ -11,8 +11,8 @@ from rich.console import Console
 from moeplan.orchestrator.errors import note
 from moeplan.orchestrator.inputs import PlanRequest, finite_float, flag_overrides
 from moeplan.orchestrator.outputs import check_out_dir, check_out_file, out_path, strict_json, write_outputs
-from moeplan.orchestrator.render import plan_tables, shown
 from moeplan.orchestrator.rank_entry import on_cpu
+from moeplan.orchestrator.render import plan_tables, shown
 from moeplan.orchestrator.search_progress import SearchProgress
 from moeplan.orchestrator.sim_options import (
     check_placeable,

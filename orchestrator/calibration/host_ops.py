@@ -27,8 +27,8 @@ from moeplan.model.losses import cross_entropy
 from moeplan.model.mtp import MTPModule
 from moeplan.model.options import ModelOptions
 from moeplan.model.rope import RotaryEmbedding
-from moeplan.model.transformer import init_module_weights
 from moeplan.model.runtime.optimizer import MOMENT_DTYPES, adamw_update
+from moeplan.model.transformer import init_module_weights
 from moeplan.orchestrator.calibration.timing import MAX_S, MIN_REPS
 from moeplan.simulator.costs.host import HostOpCost, HostOpCount, Piece
 from moeplan.simulator.costs.measured_ops import ActionKind, LayerKind, MeasuredOp

@@ -239,12 +239,12 @@ def _cross_entropy(upcast: bool, fused: bool = False):
     def build(m: ModelSpec, t: int, dev):
         logits = _rand(dev, 1, t, m.vocab_size, grad=True)
         targets = torch.randint(0, m.vocab_size, (1, t), device=dev)
-        if fused:
-            loss = lambda: fused_cross_entropy(logits.flatten(0, 1), targets.flatten())  # noqa: E731
-        elif upcast:
-            loss = lambda: cross_entropy(logits, targets)  # noqa: E731
-        else:
-            loss = lambda: F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # noqa: E731
+        def loss() -> torch.Tensor:
+            if fused:
+                return fused_cross_entropy(logits.flatten(0, 1), targets.flatten())
+            if upcast:
+                return cross_entropy(logits, targets)
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         out = loss()
         return loss, lambda: torch.autograd.grad(out, logits, retain_graph=True)
     return build

@@ -183,9 +183,9 @@ def test_fused_kernels_on_a_cpu_cluster_are_a_note(tmp_path):
                                    "training.kernels.loss=fused", "--out", str(tmp_path / "f")])
     assert res.exit_code == 0, res.stderr
     assert res.stderr.splitlines() == [
-        "moeplan: note: training.kernels.fusion=fused and training.kernels.loss=fused on a cpu cluster: priced as "
-        "fused kernels, but the runtime runs the eager ones there (compiled and Triton kernels are for GPUs), so a "
-        "launch is slower than planned"]
+        ("moeplan: note: training.kernels.fusion=fused and training.kernels.loss=fused on a cpu cluster: priced as "
+         "fused kernels, but the runtime runs the eager ones there (compiled and Triton kernels are for GPUs), so a "
+         "launch is slower than planned")]
     plain = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "e")])
     assert plain.exit_code == 0 and plain.stderr == ""
     on_gpu = CliRunner().invoke(app, ["plan", "--model", "tiny-moe", "--cluster", "h200", "--nodes", "1", "--no-search",
