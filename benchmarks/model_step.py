@@ -7,8 +7,11 @@ Workloads (``benchmarks/model_step_cases.py``): A = four MoE layers of V3's shap
 (top-8 in 8 groups, 4 kept; one shared expert), B = a dense layer and the same four; one micro-batch of
 4096 tokens; no embedding, no head. Configurations: BF16; FP8 forward through our kernels; FP8 forward
 and backward. They share one copy of the weights. Input: random BF16 hidden states (1, T, d) that
-require grad; loss <out, g> for a fixed random g (backward seeded with g); gradients set to None
-after every step; the optimizer step is not included.
+require grad; loss <out, g> for a fixed random g (backward seeded with g); the optimizer step is not
+included. A step is ``--microbatches`` K micro-batches (default 1) on that same input, the gradients
+accumulating across them and set to None after the K-th, the FP8 weight copies made afresh before the
+first only: weights are quantised once per optimizer step (TR §3.3), so K micro-batches share them.
+Times, rates and kernel classes are per micro-batch (a step's, divided by K).
 
 Timing: ``--warmup`` steps per configuration (compiles and autotunes the kernels), then ``--burn-s``
 seconds of steps of every configuration in turn so the clocks settle at the power cap, then
@@ -18,8 +21,8 @@ clock and board power read after each configuration's turn. Memory: one more ste
 after ``reset_peak_memory_stats``. Kernel classes: ``--profile-steps`` steps under ``torch.profiler``;
 a kernel's class comes from its name and from who launched it (the routed experts' forward inside a
 ``record_function`` range, their backward nodes by autograd sequence number); idle = the step's wall
-time less the union of the GPU's busy intervals. The simulator prices the same layers on one GPU (EP = 1)
-from its cost tables for the GPU preset; model FLOPs come from ``simulator.accounting.flops``.
+time less the union of the GPU's busy intervals. The simulator prices the same layers and one micro-batch
+on one GPU (EP = 1) from its cost tables for the GPU preset; model FLOPs come from ``simulator.accounting.flops``.
 """
 
 from __future__ import annotations
@@ -121,11 +124,18 @@ def step_inputs(w, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16)
 
 
-def train_step(stage: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
-    """Forward and backward of loss = <stage(x), g>; then the gradients are dropped. The FP8 weight copies
-    are made afresh first, as after an optimizer step: each step stands for one micro-batch per step."""
+def accumulate(stage: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, microbatches: int) -> None:
+    """``microbatches`` forwards and backwards of loss = <stage(x), g>, the gradients adding up across them
+    as between two optimizer steps. The FP8 weight copies are made afresh before the first only, as after
+    an optimizer step: the micro-batches of one step share them (TR §3.3)."""
     clear_fp8_weight_cache()
-    torch.autograd.backward(stage(x), g)
+    for _ in range(microbatches):
+        torch.autograd.backward(stage(x), g)
+
+
+def train_step(stage: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, microbatches: int) -> None:
+    """One step of ``microbatches`` micro-batches (``accumulate``); then the gradients are dropped."""
+    accumulate(stage, x, g, microbatches)
     stage.zero_grad(set_to_none=True)
     x.grad = None
 
@@ -135,7 +145,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def warm_up(runners: list[Runner], x, g, device: torch.device, steps: int) -> None:
+def warm_up(runners: list[Runner], x, g, device: torch.device, steps: int, microbatches: int) -> None:
     """``steps`` steps per configuration; one that fails is skipped with the error as its reason."""
     for r in runners:
         if r.skipped:
@@ -143,7 +153,7 @@ def warm_up(runners: list[Runner], x, g, device: torch.device, steps: int) -> No
         started = time.perf_counter()
         try:
             for _ in range(steps):
-                train_step(r.stage, x, g)
+                train_step(r.stage, x, g, microbatches)
             sync(device)
         except Exception as exc:  # a configuration the installed kernels cannot run: recorded, the others go on
             log.exception("%s: warm-up failed", r.config.name)
@@ -155,22 +165,23 @@ def warm_up(runners: list[Runner], x, g, device: torch.device, steps: int) -> No
         log.info("%s: %d warm-up steps in %.1f s", r.config.name, steps, time.perf_counter() - started)
 
 
-def timed_steps(r: Runner, x, g, device: torch.device, n: int) -> list[float]:
-    """Seconds of ``n`` steps, each alone on the GPU: CUDA events around it (wall clock on the CPU)."""
+def timed_steps(r: Runner, x, g, device: torch.device, n: int, microbatches: int) -> list[float]:
+    """Seconds per micro-batch of ``n`` steps, each alone on the GPU: CUDA events around the step (wall
+    clock on the CPU), over its ``microbatches``."""
     out = []
     for _ in range(n):
         sync(device)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            train_step(r.stage, x, g)
+            train_step(r.stage, x, g, microbatches)
             end.record()
             end.synchronize()
-            out.append(start.elapsed_time(end) * 1e-3)
+            out.append(start.elapsed_time(end) * 1e-3 / microbatches)
         else:
             t0 = time.perf_counter()
-            train_step(r.stage, x, g)
-            out.append(time.perf_counter() - t0)
+            train_step(r.stage, x, g, microbatches)
+            out.append((time.perf_counter() - t0) / microbatches)
     return out
 
 
@@ -189,17 +200,18 @@ def burn_and_time(runners: list[Runner], x, g, device: torch.device, args) -> No
     end = time.perf_counter() + args.burn_s
     while time.perf_counter() < end:
         for r in runners:
-            train_step(r.stage, x, g)
+            train_step(r.stage, x, g, args.microbatches)
         sync(device)
     log.info("burn-in done, clocks %s", read_clocks(device))
     for rnd in range(args.rounds):
         for r in runners if rnd % 2 == 0 else runners[::-1]:
-            r.times_s += timed_steps(r, x, g, device, args.steps)
+            r.times_s += timed_steps(r, x, g, device, args.steps, args.microbatches)
             r.clocks.append(read_clocks(device))
 
 
-def memory_and_loads(r: Runner, x, g, device: torch.device) -> dict:
-    """Peak allocated bytes over one step (CUDA), the weights' bytes, and each MoE layer's routed load."""
+def memory_and_loads(r: Runner, x, g, device: torch.device, microbatches: int) -> dict:
+    """Peak allocated bytes over one step of ``microbatches`` (CUDA: the accumulated gradients included), the
+    weights' bytes, and each MoE layer's routed load."""
     moe = r.stage.moe_layers()
     for layer in moe.values():
         layer.tokens_per_expert.zero_()
@@ -207,7 +219,7 @@ def memory_and_loads(r: Runner, x, g, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-    train_step(r.stage, x, g)
+    train_step(r.stage, x, g, microbatches)
     sync(device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     loads = {i: layer.tokens_per_expert.double() for i, layer in moe.items()}
@@ -281,14 +293,15 @@ def kernel_records(events, device: torch.device, spans) -> list[tuple[str, float
     return out
 
 
-def profile_breakdown(r: Runner, x, g, device: torch.device, steps: int) -> dict:
-    """Per step: seconds by kernel class and pass, busy (union of kernel intervals), wall and idle."""
+def profile_breakdown(r: Runner, x, g, device: torch.device, steps: int, microbatches: int) -> dict:
+    """Per micro-batch (``steps`` steps of ``microbatches``): seconds by kernel class and pass, busy (union of
+    kernel intervals), wall and idle."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with experts_marked(r.stage) as spans, profile(activities=activities) as prof:
         for _ in range(steps):
             sync(device)
             with record_function(STEP_RANGE):
-                train_step(r.stage, x, g)
+                train_step(r.stage, x, g, microbatches)
                 sync(device)
     events = prof.events()
     records = kernel_records(events, device, spans)
@@ -304,9 +317,10 @@ def profile_breakdown(r: Runner, x, g, device: torch.device, steps: int) -> dict
     else:
         busy_s = device_s = kernel_s  # one thread: the ops' self times do not overlap
     wall_s = sum(hi - lo for lo, hi in windows)
-    return {"steps": steps, "classes": cases.class_times(records, steps), "wall_s": wall_s / steps,
-            "busy_s": busy_s / steps, "idle_s": (wall_s - busy_s) / steps, "kernel_s": kernel_s / steps,
-            "unlinked_s": (device_s - kernel_s) / steps, "spans": len(spans) // steps}
+    n = steps * microbatches
+    return {"steps": steps, "microbatches": microbatches, "classes": cases.class_times(records, n),
+            "wall_s": wall_s / n, "busy_s": busy_s / n, "idle_s": (wall_s - busy_s) / n, "kernel_s": kernel_s / n,
+            "unlinked_s": (device_s - kernel_s) / n, "spans": len(spans) // n}
 
 
 def run_workload(w, device: torch.device, gpu, tables, args) -> dict:
@@ -314,7 +328,7 @@ def run_workload(w, device: torch.device, gpu, tables, args) -> dict:
     log.info("workload %s (%s, %d tokens): building", w.name, w.title, w.tokens)
     runners = build_runners(w, device)
     x, g = step_inputs(w, device)
-    warm_up(runners, x, g, device, args.warmup)
+    warm_up(runners, x, g, device, args.warmup, args.microbatches)
     live = [r for r in runners if not r.skipped]
     burn_and_time(live, x, g, device, args)
     configs = []
@@ -325,8 +339,9 @@ def run_workload(w, device: torch.device, gpu, tables, args) -> dict:
                  "predicted_memory": cases.predicted_memory(w, r.config)}
         if not r.skipped:
             timing = cases.timing_summary(w, r.times_s, r.clocks, gpu.bf16_flops_per_s)
-            entry.update(times_s=r.times_s, clocks=r.clocks, timing=timing, memory=memory_and_loads(r, x, g, device),
-                         profile=profile_breakdown(r, x, g, device, args.profile_steps))
+            entry.update(times_s=r.times_s, clocks=r.clocks, timing=timing,
+                         memory=memory_and_loads(r, x, g, device, args.microbatches),
+                         profile=profile_breakdown(r, x, g, device, args.profile_steps, args.microbatches))
             log.info("%s %s: %s", w.name, r.config.name, json.dumps(entry["timing"]))
         configs.append(entry)
     del runners, live, x, g
@@ -348,7 +363,9 @@ def run_meta(device: torch.device, gpu, tables, args) -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
             "triton": None, "gpu_preset": gpu.name, "tables": tables.name,
             "peak_bf16_flops_per_s": gpu.bf16_flops_per_s,
-            "protocol": {k: getattr(args, k) for k in ("warmup", "burn_s", "rounds", "steps", "profile_steps")}}
+            "protocol": {**{k: getattr(args, k) for k in ("warmup", "burn_s", "rounds", "steps", "profile_steps",
+                                                          "microbatches")},
+                         "step": cases.step_protocol(args.microbatches)}}
     try:
         meta["triton"] = __import__("triton").__version__
     except ImportError:
@@ -378,7 +395,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (4 CUDA, 2 CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration and round (3 / 1)")
     parser.add_argument("--profile-steps", type=int, default=1)
+    parser.add_argument("--microbatches", type=int, default=1, metavar="K",
+                        help="micro-batches a step, gradients accumulating, FP8 weights quantised once (default %(default)s)")
     args = parser.parse_args()
+    if args.microbatches < 1:
+        parser.error(f"--microbatches {args.microbatches}: must be at least 1")
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (smoke run: --small --device cpu --out FILE)")

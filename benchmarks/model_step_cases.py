@@ -9,7 +9,8 @@
 - ``predicted_classes``: the simulator's seconds for the stage on one GPU (EP = 1, no communication),
   by kernel class, from the engine's own per-layer costs (``engine.unit_costs``);
 - ``predicted_memory``: the accounting's weights and kept activations of the stage, one micro-batch;
-- ``kernel_class``, ``union_s``, ``class_times``: the measured side's kernel classes and busy time.
+- ``kernel_class``, ``union_s``, ``class_times``: the measured side's kernel classes and busy time;
+- ``step_protocol``, ``markdown``: what a timed step of K micro-batches is, and the results page.
 
 Pure functions of specs, names and numbers: no torch here.
 """
@@ -167,7 +168,7 @@ def _layer_classes(tables: CostTables, gpu: GpuSpec, spec: ModelSpec, layer: int
 
 
 def predicted_classes(w: Workload, config: Config, gpu: GpuSpec, tables: CostTables) -> dict[str, dict[str, float]]:
-    """The simulator's seconds for one step of the stage on one GPU: class -> {"fwd_s", "bwd_s"}.
+    """The simulator's seconds for one micro-batch of the stage on one GPU: class -> {"fwd_s", "bwd_s"}.
 
     The forward is priced at the config's forward precision and the backward at its backward precision
     (FP8 forward with a BF16 backward is not one of the engine's precisions: its two halves are)."""
@@ -244,6 +245,28 @@ def class_times(records: list[tuple[str, float, str, str]], steps: int) -> dict[
     return out
 
 
+def step_protocol(microbatches: int) -> str:
+    """What one timed step of ``microbatches`` is, in the JSON's protocol record and on the page."""
+    k = f"{microbatches} micro-batch{'es' if microbatches > 1 else ''}"
+    return (f"{k} of forward + backward on the same input, the gradients accumulating across them and set to "
+            f"None after the last; weights quantised once per {k}, as after one optimizer step; time per "
+            f"micro-batch = the step's time / {microbatches}")
+
+
+# What ``predicted_classes`` holds of FP8 weight quantisation (see the page's note): nothing, per micro-batch
+# or per optimizer step. ``costs.elementwise``'s ``fp8_cast`` is the per-token casts of the FP8 linears'
+# inputs and output gradients; the tables' FP8 GEMM points time GEMMs on operands quantised beforehand
+# (DeepGEMM's published figures; ``benchmarks/kernels_bench.py``); ``costs.optimizer_step`` writes the BF16
+# weights and no FP8 copy.
+_WEIGHT_QUANT_NOTE = (
+    "The prediction prices one micro-batch (`engine.unit_costs` at its tokens) and holds no FP8 weight "
+    "quantisation, neither per micro-batch nor per optimizer step: the simulator's `fp8_cast` class "
+    "(`costs.elementwise`) is the per-token casts of the FP8 linears' inputs and output gradients, its FP8 GEMM "
+    "points time GEMMs on operands quantised beforehand, and its optimizer step (`costs.optimizer_step`) writes "
+    "the BF16 weights and no FP8 copy. The FP8 configurations' measured time per micro-batch holds 1/K of a "
+    "step's weight quantisation (K micro-batches a step, above); their prediction none.")
+
+
 def _num(value: float) -> str:
     """Two decimals, or three significant digits below 1 (the CPU smoke run's tiny figures)."""
     return f"{value:,.2f}" if abs(value) >= 1 or value == 0 else f"{value:.3g}"
@@ -276,6 +299,7 @@ _MEMORY_NOTE = ("GiB. The accounting's activations are what the layers keep for 
 
 def _header(meta: dict) -> list[str]:
     p = meta["protocol"]
+    k = p.get("microbatches", 1)  # results written before the option: one micro-batch a step
     clock = "CUDA events" if "sms" in meta else "the wall clock (CPU run: no CUDA events, no clocks, no memory peak)"
     smi = meta.get("nvidia_smi") or {}
     where = meta["device"]
@@ -287,13 +311,18 @@ def _header(meta: dict) -> list[str]:
     protocol = (
         f"Protocol: {p['warmup']} warm-up steps per configuration, {p['burn_s']:g} s burn-in cycling through the "
         f"configurations, then {p['rounds']} rounds of {p['steps']} timed steps per configuration, the order "
-        "reversed every other round; each step (forward + backward of loss = <out, g>, g a fixed random tensor; "
-        f"gradients dropped after it; no optimizer step) timed alone by {clock}. The configurations share one "
-        "copy of the weights. MFU = 3 × forward model FLOPs (`simulator.accounting.flops`, no recompute, so HFU = "
-        f"MFU) / median step time / {meta['peak_bf16_flops_per_s'] / 1e12:.1f} TFLOPS (the preset's dense BF16 "
-        f"peak, also for FP8 runs). Classes: {p['profile_steps']} profiled step(s); idle = profiled wall time less "
-        "the union of busy kernel intervals (profiling slows the host, so idle is an upper bound).")
-    return ["# One training step of a DeepSeek-V3-shaped pipeline stage on one GPU", "", run, "", protocol, ""]
+        f"reversed every other round; each step timed alone by {clock}. A step (K = {k}) is "
+        f"{p.get('step', step_protocol(k))} (loss = <out, g>, g a fixed random tensor; no optimizer step). Times, "
+        "tokens/s and MFU are per micro-batch. The configurations share one copy of the weights. MFU = 3 × forward "
+        "model FLOPs (`simulator.accounting.flops`, no recompute, so HFU = MFU) / median time per micro-batch / "
+        f"{meta['peak_bf16_flops_per_s'] / 1e12:.1f} TFLOPS (the preset's dense BF16 peak, also for FP8 runs). "
+        f"Classes: {p['profile_steps']} profiled step(s), per micro-batch (divided by {p['profile_steps']} × K); "
+        "idle = profiled wall time less the union of busy kernel intervals (profiling slows the host, so idle is "
+        "an upper bound). Peak memory: one step, the gradients accumulated over its K micro-batches included. "
+        "They accumulate in autograd's `.grad`, in the weights' dtype: the stage has no FP32 main gradients "
+        "(`model.runtime.main_grad`), which the runtime adds into.")
+    return ["# One training step of a DeepSeek-V3-shaped pipeline stage on one GPU", "", run, "", protocol, "",
+            _WEIGHT_QUANT_NOTE, ""]
 
 
 def _timing_row(c: dict) -> str:
@@ -321,10 +350,10 @@ def _class_table(c: dict) -> list[str]:
             f"{_err(p['fwd_s'] + p['bwd_s'], meas)}")
         lines.append(f"| {cls} | {_ms(m['fwd_s'])} | {_ms(m['bwd_s'])} | {_ms(meas)} | {cells} |")
     predicted = sum(p["fwd_s"] + p["bwd_s"] for p in pred.values())
-    note = (f"Profiled step: wall {_ms(prof['wall_s'])} ms, busy {_ms(prof['busy_s'])} ms, kernels summed "
+    note = (f"Profiled, per micro-batch: wall {_ms(prof['wall_s'])} ms, busy {_ms(prof['busy_s'])} ms, kernels summed "
             f"{_ms(prof['kernel_s'])} ms, kernels not linked to an op {_ms(prof['unlinked_s'])} ms; "
             f"{prof['spans']} routed-experts modules marked.")
-    step = (f"| **step** (median of the timed steps) | | | {_ms(med)} | | | {_ms(predicted)} | "
+    step = (f"| **micro-batch** (median of the timed steps) | | | {_ms(med)} | | | {_ms(predicted)} | "
             f"{_err(predicted, med)} |")
     return lines + [f"| idle | | | {_ms(prof['idle_s'])} | | | — | |", step, "", note, ""]
 

@@ -1,4 +1,5 @@
-"""benchmarks/model_step.py end to end on the CPU (tiny model), its kernel classifier, and its adapters to the
+"""benchmarks/model_step.py end to end on the CPU (tiny model), one and two micro-batches a step, its step of K
+micro-batches (weights quantised once, gradients accumulating), its kernel classifier, and its adapters to the
 simulator (classes that add up to the engine's unit costs, stage FLOPs that add up to the accounting's)."""
 
 from __future__ import annotations
@@ -7,9 +8,11 @@ import importlib.util
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from moeplan.simulator.accounting.flops import forward_flops
 from moeplan.simulator.costs.tables import default_tables
@@ -22,14 +25,17 @@ cases = sys.modules["model_step_cases"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cases)
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("model_step")
+def _smoke_run(out: Path, *extra: str) -> tuple[dict, str]:
     res = subprocess.run([sys.executable, "-P", str(BENCH), "--small", "--device", "cpu", "--rounds", "1",
-                          "--out", str(out / "ms.md"), "--json", str(out / "ms.json")],
+                          "--out", str(out / "ms.md"), "--json", str(out / "ms.json"), *extra],
                          capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert res.returncode == 0, res.stderr
     return json.loads((out / "ms.json").read_text()), (out / "ms.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    return _smoke_run(tmp_path_factory.mktemp("model_step"))
 
 
 def test_the_cpu_smoke_run_times_profiles_and_prices_both_workloads(smoke):
@@ -52,7 +58,76 @@ def test_the_cpu_smoke_run_times_profiles_and_prices_both_workloads(smoke):
         assert bf16["memory"]["load_max_over_mean"] and bf16["memory"]["peak_bytes"] is None
     assert w["forward_flops_per_token"]["dense_mlp"] > 0  # B holds the dense layer
     assert "## Workload A: 4 MoE layers 1..4" in text and "| fp8 fwd | skipped: fp8_kernel='kernels'" in text
-    assert "| **step** (median of the timed steps) |" in text
+    assert "| **micro-batch** (median of the timed steps) |" in text
+    assert result["meta"]["protocol"]["microbatches"] == 1 and "A step (K = 1) is 1 micro-batch of" in text
+
+
+def test_two_microbatches_a_step_are_timed_profiled_and_stated_per_microbatch(tmp_path):
+    result, text = _smoke_run(tmp_path, "--workloads", "A", "--microbatches", "2")
+    protocol = result["meta"]["protocol"]
+    assert protocol["microbatches"] == 2 and protocol["step"] == cases.step_protocol(2)
+    assert "weights quantised once per 2 micro-batches, as after one optimizer step" in protocol["step"]
+    assert f"A step (K = 2) is {protocol['step']}" in text
+    assert "holds no FP8 weight quantisation, neither per micro-batch nor per optimizer step" in text
+    (w,) = result["workloads"]
+    bf16 = w["configs"][0]
+    assert bf16["timing"]["n"] == 1 and bf16["profile"]["microbatches"] == 2
+    assert bf16["profile"]["spans"] == 4  # the 8 experts' forwards of the step, per micro-batch
+
+
+@pytest.fixture(scope="module")
+def ms():
+    """benchmarks/model_step.py as a module, in this process (it loads its own model_step_cases: put back after)."""
+    spec = importlib.util.spec_from_file_location("model_step", BENCH)
+    module = sys.modules["model_step"] = importlib.util.module_from_spec(spec)  # its dataclass looks it up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["model_step"]
+    sys.modules["model_step_cases"] = cases
+
+
+@pytest.fixture(scope="module")
+def tiny(ms):
+    """The small workload A's stage in FP32 on the CPU, its input x and output gradient g."""
+    from moeplan.model import ModelOptions, StageSpec, build_rank
+
+    w = cases.workloads(small=True)[0]
+    stage = build_rank(w.spec, [StageSpec(w.first_layer, w.end_layer, False, False)],
+                       ModelOptions(dtype=torch.float32))[0]
+    stage.init_weights(torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn((1, w.tokens, w.spec.hidden_size), generator=gen).requires_grad_()
+    return stage, x, torch.randn(x.shape, generator=gen)
+
+
+def test_a_step_clears_the_weight_cache_once_and_times_per_microbatch(ms, tiny, monkeypatch):
+    stage, x, g = tiny
+    calls = []
+    monkeypatch.setattr(ms, "clear_fp8_weight_cache", lambda: calls.append("clear"))
+    handle = stage.register_forward_hook(lambda *_: calls.append("forward"))
+    clock = iter([0.0, 1.0, 10.0, 13.0])  # two steps: 1 s and 3 s
+    monkeypatch.setattr(ms, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    try:
+        times_s = ms.timed_steps(ms.Runner(cases.CONFIGS[0], stage), x, g, torch.device("cpu"), 2, 2)
+    finally:
+        handle.remove()
+    assert calls == ["clear", "forward", "forward"] * 2
+    assert times_s == [0.5, 1.5]  # per micro-batch
+    assert x.grad is None and all(p.grad is None for p in stage.parameters())
+
+
+def test_microbatches_accumulate_their_gradients(ms, tiny):
+    stage, x, g = tiny
+    grads = []
+    for k in (1, 2):
+        ms.accumulate(stage, x, g, k)
+        grads.append({n: p.grad.clone() for n, p in stage.named_parameters() if p.grad is not None} | {"x": x.grad})
+        stage.zero_grad(set_to_none=True)
+        x.grad = None
+    one, two = grads
+    assert len(one) > 10 and one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], 2 * one[name], msg=name)
 
 
 @pytest.mark.parametrize("name, region, expected", [
