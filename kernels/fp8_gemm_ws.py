@@ -200,9 +200,24 @@ if HAVE_GLUON:
         return steps, first_b, first_sb
 
     @gluon.jit
+    def _k_group_tile(tile, seg_ptr, num_pid_m, num_pid_n, M, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      GROUP_M: gl.constexpr):
+        """K-grouped (the experts' weight gradient): tile ``tile`` of group g = tile // (tiles per group) is a
+        tile of C[g] = A[:, seg g] B[:, seg g]^T. Returns its row and column offset in C[g], its first K
+        block and number of K blocks (segment bounds ``seg_ptr[g]``, multiples of 128; an empty segment runs
+        no K step and stores zeros), and C[g]'s first row in the (groups * M, N) output."""
+        per_group = num_pid_m * num_pid_n
+        group = tile // per_group
+        off_m, off_n = _tile_offsets(tile % per_group, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
+        lo = gl.load(seg_ptr + group)
+        hi = gl.load(seg_ptr + group + 1)
+        return off_m, off_n, lo // TILE_C, (hi - lo) // TILE_C, group * M
+
+    @gluon.jit
     def _producer(a_desc, b_desc, sa_desc, sb_desc, a_smem, b_smem, sa_smem, sb_smem, ready, empty, m_ptr, M, N,
-                  K, sa_pitch, sb_pitch, ROW_SCALED_B: gl.constexpr, SCALES: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUPED: gl.constexpr):
+                  K, sa_pitch, sb_pitch, groups, ROW_SCALED_B: gl.constexpr, SCALES: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                  GROUPED: gl.constexpr, GROUPED_K: gl.constexpr):
         num_pid_m = gl.cdiv(M, BLOCK_M)
         num_pid_n = gl.cdiv(N, BLOCK_N)
         k_steps = gl.cdiv(K, TILE_C)
@@ -212,10 +227,18 @@ if HAVE_GLUON:
         else:
             nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
         counter = 0
-        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
-            off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
-            steps, first_b, first_sb = _expert_tile(m_ptr, off_m, off_n, N, k_steps, GROUPED)
-            for ki in range(steps):
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n * groups, gl.num_programs(0)):
+            if GROUPED_K:
+                off_m, off_n, k0, steps, _ = _k_group_tile(tile, m_ptr, num_pid_m, num_pid_n, M, BLOCK_M, BLOCK_N,
+                                                           GROUP_M)
+                first_b = off_n
+                first_sb = off_n // TILE_C
+            else:
+                off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
+                steps, first_b, first_sb = _expert_tile(m_ptr, off_m, off_n, N, k_steps, GROUPED)
+                k0 = 0
+            for kj in range(steps):
+                ki = k0 + kj  # the K block (K-grouped: counted from the start of K, not of the segment)
                 s = counter % STAGES
                 # a fresh barrier counts as released once: the first pass over the ring waits on nothing
                 mbarrier.wait(empty.index(s), ((counter // STAGES) & 1) ^ 1)
@@ -237,9 +260,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _math(c_desc, a_smem, b_smem, sa_smem, sb_smem, c_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, M, N, K,
-              stride_sam, stride_sak, stride_sbn, stride_sbk, HALF: gl.constexpr, ROW_SCALED_B: gl.constexpr,
+              stride_sam, stride_sak, stride_sbn, stride_sbk, groups, HALF: gl.constexpr, ROW_SCALED_B: gl.constexpr,
               SCALES: gl.constexpr, PROMOTE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUPED: gl.constexpr, ORDER: gl.constexpr):
+              GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUPED: gl.constexpr, ORDER: gl.constexpr,
+              GROUPED_K: gl.constexpr):
         """One math warpgroup: rows HALF*64 .. HALF*64+63 of every output tile, in 128-column pieces
         (BLOCK_N = 256 is two pieces that share one A tile and one stage, for half the A traffic per
         FLOP; each piece is its own 64x128 accumulator, and both pieces' MMAs use one set of partial
@@ -261,9 +285,15 @@ if HAVE_GLUON:
         partial = gl.zeros([ROWS, TILE_C], gl.float32, layout)  # registers for the MMAs' partial sums
         token = gl.full([4 * 32], 0, gl.int32, gl.BlockedLayout([1], [32], [4], [0]))  # ORDER "issue": one a thread
         counter = 0
-        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
-            off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
-            steps, _, first_sb = _expert_tile(m_ptr, off_m, off_n, N, k_steps, GROUPED)
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n * groups, gl.num_programs(0)):
+            if GROUPED_K:  # the K blocks' scales come with the stage (TMA): only the count matters here
+                off_m, off_n, _, steps, c_row = _k_group_tile(tile, m_ptr, num_pid_m, num_pid_n, M, BLOCK_M,
+                                                              BLOCK_N, GROUP_M)
+                first_sb = off_n // TILE_C
+            else:
+                off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
+                steps, _, first_sb = _expert_tile(m_ptr, off_m, off_n, N, k_steps, GROUPED)
+                c_row = 0
             off_m = off_m + HALF * ROWS
             offs_m = off_m + gl.arange(0, ROWS, layout=row_layout)
             sa_ptrs = sa_ptr + offs_m * stride_sam
@@ -346,20 +376,21 @@ if HAVE_GLUON:
             tma.store_wait(pendings=0)
             c_smem.index(0).store(acc0.to(c_desc.dtype))
             fence_async_shared()
-            tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem.index(0))
+            tma.async_copy_shared_to_global(c_desc, [c_row + off_m, off_n], c_smem.index(0))
             if PIECES == 2:  # once the copy engine has read the first piece out of shared memory
                 tma.store_wait(pendings=0)
                 c_smem.index(0).store(acc1.to(c_desc.dtype))
                 fence_async_shared()
-                tma.async_copy_shared_to_global(c_desc, [off_m, off_n + TILE_C], c_smem.index(0))
+                tma.async_copy_shared_to_global(c_desc, [c_row + off_m, off_n + TILE_C], c_smem.index(0))
         tma.store_wait(pendings=0)
 
     @gluon.jit
     def _fp8_gemm_ws_kernel(
         a_desc, b_desc, c_desc, sa_desc, sb_desc, sa_ptr, sb_ptr, m_ptr, M, N, K, stride_sam, stride_sak,
-        stride_sbn, stride_sbk, sa_pitch, sb_pitch, ROW_SCALED_B: gl.constexpr, SCALES: gl.constexpr,
+        stride_sbn, stride_sbk, sa_pitch, sb_pitch, groups, ROW_SCALED_B: gl.constexpr, SCALES: gl.constexpr,
         PROMOTE: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
         GROUPED: gl.constexpr, ORDER: gl.constexpr, MATH_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+        GROUPED_K: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = 2 * ROWS_C
         PIECES: gl.constexpr = BLOCK_N // TILE_C
@@ -386,14 +417,14 @@ if HAVE_GLUON:
         fence_async_shared()
         gl.warp_specialize([
             (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c0_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, M, N,
-                     K, stride_sam, stride_sak, stride_sbn, stride_sbk, 0, ROW_SCALED_B, SCALES, PROMOTE, BLOCK_M,
-                     BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER)),
+                     K, stride_sam, stride_sak, stride_sbn, stride_sbk, groups, 0, ROW_SCALED_B, SCALES, PROMOTE,
+                     BLOCK_M, BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER, GROUPED_K)),
             (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c1_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, M, N,
-                     K, stride_sam, stride_sak, stride_sbn, stride_sbk, 1, ROW_SCALED_B, SCALES, PROMOTE, BLOCK_M,
-                     BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER)),
+                     K, stride_sam, stride_sak, stride_sbn, stride_sbk, groups, 1, ROW_SCALED_B, SCALES, PROMOTE,
+                     BLOCK_M, BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER, GROUPED_K)),
             (_producer, (a_desc, b_desc, sa_desc, sb_desc, a_smem, b_smem, sa_smem, sb_smem, ready, empty, m_ptr, M,
-                         N, K, sa_pitch, sb_pitch, ROW_SCALED_B, SCALES, BLOCK_M, BLOCK_N, GROUP_M, STAGES,
-                         GROUPED)),
+                         N, K, sa_pitch, sb_pitch, groups, ROW_SCALED_B, SCALES, BLOCK_M, BLOCK_N, GROUP_M,
+                         STAGES, GROUPED, GROUPED_K)),
         ], [4, 1], [MATH_REGS, PRODUCER_REGS])
 
 
@@ -445,15 +476,17 @@ def _default_config(rows: bool) -> tuple[int, int, int]:
 
 
 CONSTEXPR_ARGS = ("ROW_SCALED_B", "SCALES", "PROMOTE", "BLOCK_N", "GROUP_M", "STAGES", "GROUPED", "ORDER",
-                  "MATH_REGS", "PRODUCER_REGS")
+                  "MATH_REGS", "PRODUCER_REGS", "GROUPED_K")
 
 
 def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, grouped: bool = False,
-                order: str | None = None) -> dict:
+                order: str | None = None, grouped_k: bool = False) -> dict:
     block_n, stages, group_m = config
     scales = scales or "tma"
     if scales not in SCALE_PATHS or (scales == "none" and rows):
         raise ValueError(f"scales={scales!r}: one of {sorted(SCALE_PATHS)}; 'none' needs 128x128 weight scales")
+    if grouped_k and (grouped or not rows or scales != "tma" or not promote):
+        raise ValueError("K-grouped: 1x128-row B scales through TMA, promoted, not also M-grouped")
     if block_n not in (TILE, 2 * TILE) or (rows and block_n != TILE):  # rows: see the module's docstring
         raise ValueError(f"config={config}: BLOCK_N must be 128, or 256 with 128x128 weight scales")
     order = order or ORDER
@@ -461,7 +494,7 @@ def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, gr
         raise ValueError(f"order={order!r}: one of {sorted(ORDERS)}")
     return {"ROW_SCALED_B": rows, "SCALES": SCALE_PATHS[scales], "PROMOTE": promote, "BLOCK_N": block_n,
             "GROUP_M": group_m, "STAGES": stages, "GROUPED": grouped, "ORDER": ORDERS[order],
-            "MATH_REGS": REGS[rows][0], "PRODUCER_REGS": REGS[rows][1]}
+            "MATH_REGS": REGS[rows][0], "PRODUCER_REGS": REGS[rows][1], "GROUPED_K": grouped_k}
 
 
 def _mn_major(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -543,25 +576,62 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
     descs = dict(zip(_DESC_ARGS, (a, b, c, sa if on_tma else a, sb if on_tma else a)))
     args = dict(descs, sa_ptr=a_scale, sb_ptr=b_scale, m_ptr=m_indices if grouped else a_scale, M=M, N=N, K=K,
                 stride_sam=a_scale.stride(0), stride_sak=a_scale.stride(1), stride_sbn=b_scale.stride(0),
-                stride_sbk=b_scale.stride(1), sa_pitch=sa_pitch, sb_pitch=sb_pitch, **meta)
+                stride_sbk=b_scale.stride(1), sa_pitch=sa_pitch, sb_pitch=sb_pitch, groups=1, **meta)
     _launch(grid, args, layouts, a.device, FFMA_YIELD_EVERY if ffma_yield is None else ffma_yield)
     return c
 
 
+def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_dtype=torch.float32,
+                 config=None, ffma_yield: int | None = None, order: str | None = None) -> torch.Tensor:
+    """The experts' weight gradient in one launch: C (E, M, N) with C[e] = (a_t·s)[:, seg e] (b_t·s)[:, seg e]ᵀ.
+
+    a_t (M, K_total) and b_t (N, K_total) E4M3, K-contiguous (the token dimension: ``quant_act_128x1_t``'s
+    output); a_t_scale (M, K_total/128) and b_t_scale (N, K_total/128), one scale per 128 tokens of a row;
+    ``seg_offsets`` int32 (E + 1,) on the GPU, segment bounds on K that are multiples of 128 (the contiguous
+    layout pads each expert's rows so, and no scale tile straddles two experts); M % 128 == 0, so no output
+    tile straddles two experts either. An empty segment gives zeros. The persistent grid walks the tiles
+    expert by expert (DeepGEMM's K-grouped Wgrad does the same product), so nothing is read on the host.
+    """
+    if not HAVE_GLUON or INTERPRET or not a_t.is_cuda:
+        raise RuntimeError("fp8_wgrad_ws needs Triton's Gluon on a Hopper GPU (no interpreter path)")
+    M, K = a_t.shape
+    N = b_t.shape[0]
+    if (b_t.shape[1] != K or M % TILE or K % TILE or a_t.stride(1) != 1 or b_t.stride(1) != 1
+            or seg_offsets.dtype != torch.int32 or seg_offsets.dim() != 1 or not seg_offsets.is_cuda):
+        raise ValueError(f"fp8_wgrad_ws: need a_t (M, K), b_t (N, K) K-contiguous, M and K multiples of {TILE}, "
+                         f"int32 seg_offsets (E + 1,) on the GPU; got a_t {tuple(a_t.shape)} {a_t.stride()}, "
+                         f"b_t {tuple(b_t.shape)} {b_t.stride()}, seg_offsets {seg_offsets.dtype} "
+                         f"{tuple(seg_offsets.shape)} on {seg_offsets.device}")
+    groups = seg_offsets.numel() - 1
+    device = a_t.device.index if a_t.device.index is not None else torch.cuda.current_device()
+    meta, _, layouts, grid = _plan(M, N, K, out_dtype, config, True, True, "tma", device, False, order or ORDER,
+                                   groups)
+    pitch = cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
+    rows = torch.empty((groups * M, pitch), dtype=out_dtype, device=a_t.device)  # the groups' C stacked
+    sa, sa_pitch, sb, sb_pitch = tma_scales(a_t_scale, b_t_scale, rows=True)
+    args = dict(zip(_DESC_ARGS, (a_t, b_t, rows[:, :N], sa, sb)),
+                sa_ptr=a_t_scale, sb_ptr=b_t_scale, m_ptr=seg_offsets, M=M, N=N, K=K,
+                stride_sam=a_t_scale.stride(0), stride_sak=a_t_scale.stride(1), stride_sbn=b_t_scale.stride(0),
+                stride_sbk=b_t_scale.stride(1), sa_pitch=sa_pitch, sb_pitch=sb_pitch, groups=groups, **meta)
+    if groups > 0:
+        _launch(grid, args, layouts, a_t.device, FFMA_YIELD_EVERY if ffma_yield is None else ffma_yield)
+    return rows.view(groups, M, pitch)[:, :, :N]
+
+
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, N: int, K: int, out_dtype, config, rows: bool, promote: bool, scales, device: int,
-          grouped: bool = False, order: str = "free"):
+          grouped: bool = False, order: str = "free", k_groups: int = 0):
     """What a problem size's launch needs besides its tensors, worked out once (a launch is
     host-bound on the smaller shapes): the constexprs with the ring depth that fits, whether the
     scales go through TMA, each descriptor's box and shared layout, and the persistent grid."""
     meta = _constexprs(config or _default_config(rows), rows=rows, promote=promote, scales=scales, grouped=grouped,
-                       order=order)
+                       order=order, grouped_k=k_groups > 0)
     on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
     sms, smem = _device_limits(device)
     meta["STAGES"] = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, on_tma, smem, rows)
     layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, on_tma, rows)
-    tiles = cdiv(M, 2 * ROWS_PER_WARPGROUP) * cdiv(N, meta["BLOCK_N"])
-    return meta, on_tma, layouts, min(tiles, sms)
+    tiles = cdiv(M, 2 * ROWS_PER_WARPGROUP) * cdiv(N, meta["BLOCK_N"]) * max(k_groups, 1)
+    return meta, on_tma, layouts, max(min(tiles, sms), 1)
 
 
 # Shared memory the kernel takes beyond its ring and output pieces: the ring's barriers and the
@@ -591,7 +661,7 @@ def _device_limits(index: int) -> tuple[int, int]:
 _COMPILED: dict = {}  # launch key -> Triton's compiled kernel
 
 
-_INT_ARGS = ("M", "N", "K", "stride_sam", "stride_sak", "stride_sbn", "stride_sbk", "sa_pitch", "sb_pitch")
+_INT_ARGS = ("M", "N", "K", "stride_sam", "stride_sak", "stride_sbn", "stride_sbk", "sa_pitch", "sb_pitch", "groups")
 
 
 def _launch_key(args: dict, layouts: dict, device) -> tuple:
@@ -721,19 +791,19 @@ def with_ffma_yields(kernel, every: int):
 
 def compile_offline(config=None, rows=False, out_dtype=torch.bfloat16, promote: bool = True,
                     capability: int = 90, scales: str | None = None, grouped: bool = False,
-                    order: str | None = None):
+                    order: str | None = None, grouped_k: bool = False):
     """Compile the kernel for ``sm_{capability}`` without a GPU and return Triton's compiled kernel
     (its ``.asm["ptx"]``; register counts need ptxas, which the tests run on it)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    meta = _constexprs(config or _default_config(rows), rows, promote, scales, grouped, order)
+    meta = _constexprs(config or _default_config(rows), rows, promote, scales, grouped, order, grouped_k)
     names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
     layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, meta["SCALES"] == SCALE_PATHS["tma"], rows)
     signature = {}
     for name, (box, layout, dtype) in layouts.items():
         signature[name] = f"tensordesc<{names.get(dtype, 'fp8e4nv')}[{', '.join(map(str, box))}],{layout!r}>"
-    signature |= {"sa_ptr": "*fp32", "sb_ptr": "*fp32", "m_ptr": "*i32" if grouped else "*fp32"}
+    signature |= {"sa_ptr": "*fp32", "sb_ptr": "*fp32", "m_ptr": "*i32" if grouped or grouped_k else "*fp32"}
     signature |= {n: "i32" for n in _INT_ARGS}
     signature |= {n: "constexpr" for n in meta}
     src = GluonASTSource(_fp8_gemm_ws_kernel, signature, meta)

@@ -35,6 +35,7 @@ from .fp8_gemm import (
     pick_faster,
     scaled_mm_reliable,
 )
+from .fp8_gemm_ws import fp8_wgrad_ws
 from .fp8_quant import quant_act_1x128, quant_weight_128x128
 from .triton_compat import next_power_of_2, triton
 
@@ -214,17 +215,30 @@ def grouped_wgrad_fp8(
 
     a_t = dyᵀ (N, M_total) and b_t = xᵀ (K, M_total), E4M3 with 128×1 scales (from
     ``quant_act_128x1_t``): (N, M_total/128) and (K, M_total/128). Offsets are multiples of 128.
-    backend: "auto" | "triton" | "torch" (per-expert torch._scaled_mm).
+    backend: "auto" | "triton" | "gluon" (the warp-specialised Hopper kernel in its K-grouped mode, one
+    launch, the bounds read on the GPU; N a multiple of 128) | "torch" (per-expert torch._scaled_mm, the
+    bounds read on the host: pass them as a CPU tensor to avoid a sync).
     """
     check_fp8_operands(a_t, a_t_scale, b_t, b_t_scale)
     _check_segments(seg_offsets, a_t.shape[1])
     args = (a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype)
-    backend = _resolve(backend, a_t)
+    backend = _resolve(backend, a_t, gluon=True)
+    runs = {"triton": lambda: _grouped_wgrad_triton(*args), "torch": lambda: _grouped_wgrad_fp8_torch(*args)}
+    if HAVE_GLUON and a_t.is_cuda and not INTERPRET:
+        runs["gluon"] = lambda: _grouped_wgrad_gluon(*args)
     if backend == "auto":
-        key = ("grouped_wgrad_fp8", next_power_of_2(a_t.shape[1]), seg_offsets.numel(), a_t.shape[0], b_t.shape[0], out_dtype)
-        backend = pick_faster(key, {"triton": lambda: _grouped_wgrad_triton(*args),
-                                    "torch": lambda: _grouped_wgrad_fp8_torch(*args)})
-    return (_grouped_wgrad_fp8_torch if backend == "torch" else _grouped_wgrad_triton)(*args)
+        key = ("grouped_wgrad_fp8", next_power_of_2(a_t.shape[1]), seg_offsets.numel(), a_t.shape[0], b_t.shape[0],
+               out_dtype, seg_offsets.is_cuda)
+        backend = pick_faster(key, runs)
+    if backend not in runs:
+        raise RuntimeError(f"grouped_wgrad_fp8 backend={backend!r} needs Triton's Gluon on a Hopper GPU")
+    return runs[backend]()
+
+
+def _grouped_wgrad_gluon(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype):
+    if not seg_offsets.is_cuda:  # host bounds (the "torch" backend's): one small copy, no sync
+        seg_offsets = seg_offsets.to(a_t.device, non_blocking=True)
+    return fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype)
 
 
 def grouped_wgrad_bf16(a_t: torch.Tensor, b_t: torch.Tensor, seg_offsets: torch.Tensor,

@@ -34,6 +34,7 @@ from itertools import accumulate
 import torch
 
 from moeplan.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+from moeplan.kernels.fp8_gemm_ws import HAVE_GLUON
 from moeplan.kernels.fp8_quant import (
     FP8_DTYPE,
     FP8_MAX,
@@ -351,9 +352,14 @@ def _kernel_grouped_contiguous(a, a_scale, b, b_scale, m_indices, out_dtype, hos
 
 
 def _kernel_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype, host_counts=None):
-    """On a GPU with the experts' rows on the host: one cuBLAS block-scaled GEMM per expert, sliced at host
-    segment bounds (a CPU ``seg_offsets``: nothing reads the GPU). The Triton K-grouped kernel otherwise; it
-    ran at about 60 TFLOPS at V3's expert shapes on an H100 (docs/design/model.md)."""
+    """On a Hopper GPU: the Gluon kernel's K-grouped mode, every expert in one launch, the segment bounds read on
+    the GPU (``kernels.fp8_gemm_ws.fp8_wgrad_ws``). Elsewhere on a GPU with the experts' rows on the host: one
+    cuBLAS block-scaled GEMM per expert, sliced at host segment bounds (a CPU ``seg_offsets``: nothing reads the
+    GPU). The Triton K-grouped kernel otherwise; it ran at about 60 TFLOPS at V3's expert shapes on an H100
+    (docs/design/model.md)."""
+    if a_t.is_cuda and not INTERPRET and HAVE_GLUON and a_t.shape[0] % TILE == 0 \
+            and torch.cuda.get_device_capability(a_t.device)[0] == 9:
+        return grouped_wgrad_fp8(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype, backend="gluon")
     if host_counts is None or not a_t.is_cuda or INTERPRET:
         return grouped_wgrad_fp8(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype, backend="triton")
     padded = [-(-int(n) // TILE) * TILE for n in host_counts]

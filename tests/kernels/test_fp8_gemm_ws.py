@@ -438,3 +438,66 @@ def test_grouped_matches_float64(N, K, config, monkeypatch):
     ref = grouped_gemm_ref(dequant_rows(a, sa), dequant_blocks(b, sb), m_indices)
     via_dispatch = grouped_gemm_fp8(a, sa, b, sb, m_indices, torch.float32, backend="gluon")
     assert float((via_dispatch.double() - ref).norm() / ref.norm()) < 1e-3
+
+
+@needs_gluon
+def test_k_grouped_wgrad_compiles_like_the_dense_wgrad(tmp_path):
+    """The experts' K-grouped weight gradient (``fp8_wgrad_ws``) is the dense kernel with 1x128-row B
+    scales walking (expert, tile) pairs: the same register split, no spills, the same promotion (an FMUL
+    and an FFMA per accumulator element) and no global load in the math warpgroups beyond the dense one's."""
+    dense = fp8_gemm_ws.compile_offline(rows=True, out_dtype=torch.float32)
+    grouped = fp8_gemm_ws.compile_offline(rows=True, out_dtype=torch.float32, grouped_k=True)
+    counts = {}
+    for name, kernel in (("dense", dense), ("grouped", grouped)):
+        ptx = kernel.asm["ptx"]
+        splits = re.findall(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+(\d+);", ptx)
+        assert splits[:2] == [str(r) for r in fp8_gemm_ws.REGS[True]], splits
+        report, sass = _sass(ptx, tmp_path)
+        assert "0 bytes spill stores, 0 bytes spill loads" in report, report
+        counts[name] = {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("FFMA", "FMUL")}
+    assert counts["grouped"]["FFMA"] == counts["dense"]["FFMA"] == 2 * 64, counts
+    assert counts["grouped"]["FMUL"] == counts["dense"]["FMUL"], counts
+    with pytest.raises(ValueError, match="K-grouped"):
+        fp8_gemm_ws.compile_offline(rows=False, grouped_k=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("M,N", [(4096, 7168), (7168, 2048), (256, 272)])
+def test_k_grouped_wgrad_matches_float64(M, N, monkeypatch):
+    """Experts with 130, 0, 1, 1000 and 257 tokens in the contiguous layout (segments padded to 128, the
+    padding columns zero as the permute writes them): each expert's dW against float64 on the dequantised
+    operands, the empty expert's exactly zero, outputs poisoned before launch; the dispatcher's "gluon"
+    backend takes host bounds too; and each expert's result is the dense kernel's on its own segment."""
+    from moeplan.kernels.fp8_quant import dequant_rows
+    from moeplan.kernels.grouped_gemm import grouped_wgrad_fp8, grouped_wgrad_ref
+    from tests.kernels.test_kernels import _contiguous_layout
+
+    counts = [130, 0, 1, 1000, 257]
+    m_indices, offsets = _contiguous_layout(counts, "cuda")
+    rows = m_indices.numel()
+    pad = (m_indices < 0)[:, None]
+    dy = rand(rows, M, seed=41, device="cuda").masked_fill(pad, 0)
+    x = rand(rows, N, seed=42, device="cuda").masked_fill(pad, 0)
+    a_t, sa_t = quant_act_128x1_t(dy)  # (M, rows)
+    b_t, sb_t = quant_act_128x1_t(x)  # (N, rows)
+    ref = grouped_wgrad_ref(dequant_rows(a_t, sa_t), dequant_rows(b_t, sb_t), offsets)
+    real_empty = torch.empty
+
+    def poisoned(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    out = fp8_gemm_ws.fp8_wgrad_ws(a_t, sa_t, b_t, sb_t, offsets)
+    assert out.shape == (len(counts), M, N) and torch.isfinite(out).all(), "unwritten (poisoned) output"
+    assert (out[1] == 0).all()
+    for e in (0, 2, 3, 4):
+        err = float((out[e].double() - ref[e]).norm() / ref[e].norm())
+        assert err < 1e-3, (e, err)
+    via_dispatch = grouped_wgrad_fp8(a_t, sa_t, b_t, sb_t, offsets.cpu(), backend="gluon")
+    assert torch.equal(via_dispatch, out)
+    lo, hi = int(offsets[3]), int(offsets[4])
+    dense = fp8_gemm_ws.fp8_gemm_ws(a_t[:, lo:hi].contiguous(), sa_t[:, lo // 128:hi // 128], b_t[:, lo:hi].contiguous(),
+                                    sb_t[:, lo // 128:hi // 128], torch.float32)
+    assert float((dense - out[3]).abs().max()) <= 1e-5 * float(out[3].abs().max())
