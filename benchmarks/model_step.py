@@ -45,6 +45,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from moeplan.model import ModelOptions, StageSpec, build_rank
 from moeplan.model.fp8 import clear_fp8_weight_cache
+from moeplan.model.runtime.main_grad import attach_main_grads
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.costs.tables import NAMED_TABLES, named_tables
 
@@ -140,21 +141,39 @@ def train_step(stage: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, microba
     x.grad = None
 
 
+@contextmanager
+def main_grads(stage: torch.nn.Module, on: bool):
+    """While active (``on``), the stage's parameters have FP32 main gradients as the runtime attaches them
+    (``model.runtime.main_grad``): the weight gradients add into them (inside the GEMM where the path can: BF16
+    ``addmm`` into FP32, the FP8 Gluon epilogue; else by the main-grad hook), never summing in BF16. Attached and
+    detached outside the timed steps: the buffers' allocation is not a micro-batch's cost."""
+    if not on:
+        yield
+        return
+    grads = attach_main_grads(stage)
+    try:
+        yield
+    finally:
+        grads.detach()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def warm_up(runners: list[Runner], x, g, device: torch.device, steps: int, microbatches: int) -> None:
+def warm_up(runners: list[Runner], x, g, device: torch.device, steps: int, microbatches: int,
+            with_main_grads: bool = False) -> None:
     """``steps`` steps per configuration; one that fails is skipped with the error as its reason."""
     for r in runners:
         if r.skipped:
             continue
         started = time.perf_counter()
         try:
-            for _ in range(steps):
-                train_step(r.stage, x, g, microbatches)
-            sync(device)
+            with main_grads(r.stage, with_main_grads):
+                for _ in range(steps):
+                    train_step(r.stage, x, g, microbatches)
+                sync(device)
         except Exception as exc:  # a configuration the installed kernels cannot run: recorded, the others go on
             log.exception("%s: warm-up failed", r.config.name)
             r.skipped, r.stage = f"failed in warm-up: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", None
@@ -165,24 +184,26 @@ def warm_up(runners: list[Runner], x, g, device: torch.device, steps: int, micro
         log.info("%s: %d warm-up steps in %.1f s", r.config.name, steps, time.perf_counter() - started)
 
 
-def timed_steps(r: Runner, x, g, device: torch.device, n: int, microbatches: int) -> list[float]:
+def timed_steps(r: Runner, x, g, device: torch.device, n: int, microbatches: int,
+                with_main_grads: bool = False) -> list[float]:
     """Seconds per micro-batch of ``n`` steps, each alone on the GPU: CUDA events around the step (wall
     clock on the CPU), over its ``microbatches``."""
-    out = []
-    for _ in range(n):
-        sync(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            train_step(r.stage, x, g, microbatches)
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end) * 1e-3 / microbatches)
-        else:
-            t0 = time.perf_counter()
-            train_step(r.stage, x, g, microbatches)
-            out.append((time.perf_counter() - t0) / microbatches)
-    return out
+    with main_grads(r.stage, with_main_grads):
+        return [_timed_step(r, x, g, device, microbatches) for _ in range(n)]
+
+
+def _timed_step(r: Runner, x, g, device: torch.device, microbatches: int) -> float:
+    sync(device)
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        train_step(r.stage, x, g, microbatches)
+        return (time.perf_counter() - t0) / microbatches
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    train_step(r.stage, x, g, microbatches)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e-3 / microbatches
 
 
 def read_clocks(device: torch.device) -> dict:
@@ -200,16 +221,17 @@ def burn_and_time(runners: list[Runner], x, g, device: torch.device, args) -> No
     end = time.perf_counter() + args.burn_s
     while time.perf_counter() < end:
         for r in runners:
-            train_step(r.stage, x, g, args.microbatches)
-        sync(device)
+            with main_grads(r.stage, args.main_grads):
+                train_step(r.stage, x, g, args.microbatches)
+                sync(device)
     log.info("burn-in done, clocks %s", read_clocks(device))
     for rnd in range(args.rounds):
         for r in runners if rnd % 2 == 0 else runners[::-1]:
-            r.times_s += timed_steps(r, x, g, device, args.steps, args.microbatches)
+            r.times_s += timed_steps(r, x, g, device, args.steps, args.microbatches, args.main_grads)
             r.clocks.append(read_clocks(device))
 
 
-def memory_and_loads(r: Runner, x, g, device: torch.device, microbatches: int) -> dict:
+def memory_and_loads(r: Runner, x, g, device: torch.device, microbatches: int, with_main_grads: bool = False) -> dict:
     """Peak allocated bytes over one step of ``microbatches`` (CUDA: the accumulated gradients included), the
     weights' bytes, and each MoE layer's routed load."""
     moe = r.stage.moe_layers()
@@ -218,10 +240,11 @@ def memory_and_loads(r: Runner, x, g, device: torch.device, microbatches: int) -
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-    train_step(r.stage, x, g, microbatches)
-    sync(device)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    with main_grads(r.stage, with_main_grads):  # in the baseline: held for the whole optimizer step
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+        train_step(r.stage, x, g, microbatches)
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     loads = {i: layer.tokens_per_expert.double() for i, layer in moe.items()}
     return {"baseline_bytes": base, "peak_bytes": peak, "step_peak_bytes": None if peak is None else peak - base,
             "weight_bytes": sum(p.numel() * p.element_size() for p in r.stage.parameters()),
@@ -293,11 +316,12 @@ def kernel_records(events, device: torch.device, spans) -> list[tuple[str, float
     return out
 
 
-def profile_breakdown(r: Runner, x, g, device: torch.device, steps: int, microbatches: int) -> dict:
+def profile_breakdown(r: Runner, x, g, device: torch.device, steps: int, microbatches: int,
+                      with_main_grads: bool = False) -> dict:
     """Per micro-batch (``steps`` steps of ``microbatches``): seconds by kernel class and pass, busy (union of
     kernel intervals), wall and idle."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with experts_marked(r.stage) as spans, profile(activities=activities) as prof:
+    with main_grads(r.stage, with_main_grads), experts_marked(r.stage) as spans, profile(activities=activities) as prof:
         for _ in range(steps):
             sync(device)
             with record_function(STEP_RANGE):
@@ -328,7 +352,7 @@ def run_workload(w, device: torch.device, gpu, tables, args) -> dict:
     log.info("workload %s (%s, %d tokens): building", w.name, w.title, w.tokens)
     runners = build_runners(w, device)
     x, g = step_inputs(w, device)
-    warm_up(runners, x, g, device, args.warmup, args.microbatches)
+    warm_up(runners, x, g, device, args.warmup, args.microbatches, args.main_grads)
     live = [r for r in runners if not r.skipped]
     burn_and_time(live, x, g, device, args)
     configs = []
@@ -340,8 +364,9 @@ def run_workload(w, device: torch.device, gpu, tables, args) -> dict:
         if not r.skipped:
             timing = cases.timing_summary(w, r.times_s, r.clocks, gpu.bf16_flops_per_s)
             entry.update(times_s=r.times_s, clocks=r.clocks, timing=timing,
-                         memory=memory_and_loads(r, x, g, device, args.microbatches),
-                         profile=profile_breakdown(r, x, g, device, args.profile_steps, args.microbatches))
+                         memory=memory_and_loads(r, x, g, device, args.microbatches, args.main_grads),
+                         profile=profile_breakdown(r, x, g, device, args.profile_steps, args.microbatches,
+                                                   args.main_grads))
             log.info("%s %s: %s", w.name, r.config.name, json.dumps(entry["timing"]))
         configs.append(entry)
     del runners, live, x, g
@@ -364,7 +389,7 @@ def run_meta(device: torch.device, gpu, tables, args) -> dict:
             "triton": None, "gpu_preset": gpu.name, "tables": tables.name,
             "peak_bf16_flops_per_s": gpu.bf16_flops_per_s,
             "protocol": {**{k: getattr(args, k) for k in ("warmup", "burn_s", "rounds", "steps", "profile_steps",
-                                                          "microbatches")},
+                                                          "microbatches", "main_grads")},
                          "step": cases.step_protocol(args.microbatches)}}
     try:
         meta["triton"] = __import__("triton").__version__
@@ -397,6 +422,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile-steps", type=int, default=1)
     parser.add_argument("--microbatches", type=int, default=1, metavar="K",
                         help="micro-batches a step, gradients accumulating, FP8 weights quantised once (default %(default)s)")
+    parser.add_argument("--main-grads", action=argparse.BooleanOptionalAction, default=True,
+                        help="FP32 main gradients attached as the runtime does (default on)")
     args = parser.parse_args()
     if args.microbatches < 1:
         parser.error(f"--microbatches {args.microbatches}: must be at least 1")

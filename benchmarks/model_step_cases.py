@@ -267,6 +267,17 @@ _WEIGHT_QUANT_NOTE = (
     "step's weight quantisation (K micro-batches a step, above); their prediction none.")
 
 
+_MAIN_GRADS_ON = (
+    "The gradients accumulate in FP32 main gradients attached as the runtime attaches them "
+    "(`model.runtime.main_grad`, allocated outside the timed steps and counted in the memory baseline): BF16 "
+    "weight gradients added inside cuBLAS (`addmm` into FP32), FP8 ones in the Gluon GEMM's epilogue "
+    "(`weight_grad.fused_main_grad_fp8`), the rest (norms, router) by the main-grad hook; the prediction prices "
+    "the same (`engine.unit_costs`, MAIN_GRAD_ADD_BYTES and MAIN_GRAD_EPILOGUE_BYTES).")
+_MAIN_GRADS_OFF = (
+    "They accumulate in autograd's `.grad`, in the weights' dtype (`--no-main-grads`): the stage has no FP32 "
+    "main gradients (`model.runtime.main_grad`), which the runtime adds into and the prediction prices.")
+
+
 def _num(value: float) -> str:
     """Two decimals, or three significant digits below 1 (the CPU smoke run's tiny figures)."""
     return f"{value:,.2f}" if abs(value) >= 1 or value == 0 else f"{value:.3g}"
@@ -319,8 +330,7 @@ def _header(meta: dict) -> list[str]:
         f"Classes: {p['profile_steps']} profiled step(s), per micro-batch (divided by {p['profile_steps']} × K); "
         "idle = profiled wall time less the union of busy kernel intervals (profiling slows the host, so idle is "
         "an upper bound). Peak memory: one step, the gradients accumulated over its K micro-batches included. "
-        "They accumulate in autograd's `.grad`, in the weights' dtype: the stage has no FP32 main gradients "
-        "(`model.runtime.main_grad`), which the runtime adds into.")
+        + (_MAIN_GRADS_ON if p.get("main_grads") else _MAIN_GRADS_OFF))
     return ["# One training step of a DeepSeek-V3-shaped pipeline stage on one GPU", "", run, "", protocol, "",
             _WEIGHT_QUANT_NOTE, ""]
 

@@ -259,11 +259,11 @@ if HAVE_GLUON:
                 counter += 1
 
     @gluon.jit
-    def _math(c_desc, a_smem, b_smem, sa_smem, sb_smem, c_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, M, N, K,
-              stride_sam, stride_sak, stride_sbn, stride_sbk, groups, HALF: gl.constexpr, ROW_SCALED_B: gl.constexpr,
-              SCALES: gl.constexpr, PROMOTE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUPED: gl.constexpr, ORDER: gl.constexpr,
-              GROUPED_K: gl.constexpr):
+    def _math(c_desc, a_smem, b_smem, sa_smem, sb_smem, c_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, c_ptr, M, N, K,
+              stride_sam, stride_sak, stride_sbn, stride_sbk, groups, stride_cm, HALF: gl.constexpr,
+              ROW_SCALED_B: gl.constexpr, SCALES: gl.constexpr, PROMOTE: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUPED: gl.constexpr,
+              ORDER: gl.constexpr, GROUPED_K: gl.constexpr, ACCUMULATE: gl.constexpr):
         """One math warpgroup: rows HALF*64 .. HALF*64+63 of every output tile, in 128-column pieces
         (BLOCK_N = 256 is two pieces that share one A tile and one stage, for half the A traffic per
         FLOP; each piece is its own 64x128 accumulator, and both pieces' MMAs use one set of partial
@@ -372,6 +372,13 @@ if HAVE_GLUON:
                 real = gl.load(m_ptr + offs_m, mask=m_mask, other=-1) >= 0
                 acc0 = gl.where(real[:, None], acc0, 0.0)
                 acc1 = gl.where(real[:, None], acc1, 0.0)
+            if ACCUMULATE:  # C += the product (an FP32 main gradient): the tile's old values read first
+                cols = off_n + gl.arange(0, TILE_C, layout=col_layout)
+                c_ptrs = c_ptr + (c_row + offs_m).to(gl.int64)[:, None] * stride_cm + cols[None, :]
+                acc0 = acc0 + gl.load(c_ptrs, mask=m_mask[:, None] & (cols < N)[None, :], other=0.0)
+                if PIECES == 2:
+                    acc1 = acc1 + gl.load(c_ptrs + TILE_C, mask=m_mask[:, None] & (cols + TILE_C < N)[None, :],
+                                          other=0.0)
             # epilogue: the previous tile's stores must have left c_smem before it is overwritten
             tma.store_wait(pendings=0)
             c_smem.index(0).store(acc0.to(c_desc.dtype))
@@ -386,11 +393,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _fp8_gemm_ws_kernel(
-        a_desc, b_desc, c_desc, sa_desc, sb_desc, sa_ptr, sb_ptr, m_ptr, M, N, K, stride_sam, stride_sak,
-        stride_sbn, stride_sbk, sa_pitch, sb_pitch, groups, ROW_SCALED_B: gl.constexpr, SCALES: gl.constexpr,
-        PROMOTE: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-        GROUPED: gl.constexpr, ORDER: gl.constexpr, MATH_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-        GROUPED_K: gl.constexpr,
+        a_desc, b_desc, c_desc, sa_desc, sb_desc, sa_ptr, sb_ptr, m_ptr, c_ptr, M, N, K, stride_sam, stride_sak,
+        stride_sbn, stride_sbk, sa_pitch, sb_pitch, groups, stride_cm, ROW_SCALED_B: gl.constexpr,
+        SCALES: gl.constexpr, PROMOTE: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+        STAGES: gl.constexpr, GROUPED: gl.constexpr, ORDER: gl.constexpr, MATH_REGS: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, GROUPED_K: gl.constexpr, ACCUMULATE: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = 2 * ROWS_C
         PIECES: gl.constexpr = BLOCK_N // TILE_C
@@ -416,12 +423,12 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(i), count=2)  # one arrival per math warpgroup
         fence_async_shared()
         gl.warp_specialize([
-            (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c0_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, M, N,
-                     K, stride_sam, stride_sak, stride_sbn, stride_sbk, groups, 0, ROW_SCALED_B, SCALES, PROMOTE,
-                     BLOCK_M, BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER, GROUPED_K)),
-            (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c1_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, M, N,
-                     K, stride_sam, stride_sak, stride_sbn, stride_sbk, groups, 1, ROW_SCALED_B, SCALES, PROMOTE,
-                     BLOCK_M, BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER, GROUPED_K)),
+            (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c0_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, c_ptr,
+                     M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, groups, stride_cm, 0, ROW_SCALED_B,
+                     SCALES, PROMOTE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER, GROUPED_K, ACCUMULATE)),
+            (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c1_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, c_ptr,
+                     M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, groups, stride_cm, 1, ROW_SCALED_B,
+                     SCALES, PROMOTE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER, GROUPED_K, ACCUMULATE)),
             (_producer, (a_desc, b_desc, sa_desc, sb_desc, a_smem, b_smem, sa_smem, sb_smem, ready, empty, m_ptr, M,
                          N, K, sa_pitch, sb_pitch, groups, ROW_SCALED_B, SCALES, BLOCK_M, BLOCK_N, GROUP_M,
                          STAGES, GROUPED, GROUPED_K)),
@@ -476,11 +483,11 @@ def _default_config(rows: bool) -> tuple[int, int, int]:
 
 
 CONSTEXPR_ARGS = ("ROW_SCALED_B", "SCALES", "PROMOTE", "BLOCK_N", "GROUP_M", "STAGES", "GROUPED", "ORDER",
-                  "MATH_REGS", "PRODUCER_REGS", "GROUPED_K")
+                  "MATH_REGS", "PRODUCER_REGS", "GROUPED_K", "ACCUMULATE")
 
 
 def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, grouped: bool = False,
-                order: str | None = None, grouped_k: bool = False) -> dict:
+                order: str | None = None, grouped_k: bool = False, accumulate: bool = False) -> dict:
     block_n, stages, group_m = config
     scales = scales or "tma"
     if scales not in SCALE_PATHS or (scales == "none" and rows):
@@ -494,7 +501,8 @@ def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, gr
         raise ValueError(f"order={order!r}: one of {sorted(ORDERS)}")
     return {"ROW_SCALED_B": rows, "SCALES": SCALE_PATHS[scales], "PROMOTE": promote, "BLOCK_N": block_n,
             "GROUP_M": group_m, "STAGES": stages, "GROUPED": grouped, "ORDER": ORDERS[order],
-            "MATH_REGS": REGS[rows][0], "PRODUCER_REGS": REGS[rows][1], "GROUPED_K": grouped_k}
+            "MATH_REGS": REGS[rows][0], "PRODUCER_REGS": REGS[rows][1], "GROUPED_K": grouped_k,
+            "ACCUMULATE": accumulate}
 
 
 def _mn_major(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -530,7 +538,8 @@ def tma_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, rows: bool = False)
 
 def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, promote: bool = True,
                 scales: str | None = None, ffma_yield: int | None = None,
-                m_indices: torch.Tensor | None = None, order: str | None = None) -> torch.Tensor:
+                m_indices: torch.Tensor | None = None, order: str | None = None,
+                accumulate_into: torch.Tensor | None = None) -> torch.Tensor:
     """C (M, N) = (a·a_scale)(b·b_scale)ᵀ on Hopper; a (M, K), b (N, K) E4M3 with K contiguous.
 
     a_scale (M, ceil(K/128)) fp32, any strides; b_scale (ceil(N/128), ceil(K/128)) for 128x128
@@ -545,6 +554,9 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
     With ``m_indices`` (int32 (M,), each row's expert, -1 for padding) it is the MoE grouped GEMM
     in the contiguous layout: b (E, N, K) viewable as (E*N, K), b_scale (E, ceil(N/128),
     ceil(K/128)), M a multiple of 128 (one expert per 128-row tile); padding rows come out as zeros.
+
+    ``accumulate_into``: an (M, N) tensor of ``out_dtype`` (an FP32 main gradient), rows 16-byte aligned,
+    that the product is added to in the epilogue (C += A·B, read once and written once) and returned.
     """
     if not HAVE_GLUON or INTERPRET or not a.is_cuda:
         raise RuntimeError("fp8_gemm_ws needs Triton's Gluon on a Hopper GPU (no interpreter path)")
@@ -567,22 +579,26 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
     device = a.device.index if a.device.index is not None else torch.cuda.current_device()
     rows = not grouped and row_scaled(N, b_scale)
     meta, on_tma, layouts, grid = _plan(M, N, K, out_dtype, config, rows, promote, scales, device, grouped,
-                                       order or ORDER)
-    # TMA rows must be 16-byte aligned: a ragged N gets a padded row pitch (the view hides it)
-    pitch = cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
-    c = torch.empty((M, pitch), dtype=out_dtype, device=a.device)[:, :N]
+                                       order or ORDER, accumulate=accumulate_into is not None)
+    if accumulate_into is not None:
+        c = _accumulation_target(accumulate_into, (M, N), out_dtype)
+    else:  # TMA rows must be 16-byte aligned: a ragged N gets a padded row pitch (the view hides it)
+        pitch = cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
+        c = torch.empty((M, pitch), dtype=out_dtype, device=a.device)[:, :N]
     sa, sa_pitch, sb, sb_pitch = tma_scales(a_scale, b_scale, rows) if on_tma else (None, 0, None, 0)
     # each descriptor's tensor; off the "tma" path the scale descriptors are unread placeholders (A's)
     descs = dict(zip(_DESC_ARGS, (a, b, c, sa if on_tma else a, sb if on_tma else a)))
     args = dict(descs, sa_ptr=a_scale, sb_ptr=b_scale, m_ptr=m_indices if grouped else a_scale, M=M, N=N, K=K,
                 stride_sam=a_scale.stride(0), stride_sak=a_scale.stride(1), stride_sbn=b_scale.stride(0),
-                stride_sbk=b_scale.stride(1), sa_pitch=sa_pitch, sb_pitch=sb_pitch, groups=1, **meta)
+                stride_sbk=b_scale.stride(1), sa_pitch=sa_pitch, sb_pitch=sb_pitch, groups=1, c_ptr=c,
+                stride_cm=c.stride(0), **meta)
     _launch(grid, args, layouts, a.device, FFMA_YIELD_EVERY if ffma_yield is None else ffma_yield)
     return c
 
 
 def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_dtype=torch.float32,
-                 config=None, ffma_yield: int | None = None, order: str | None = None) -> torch.Tensor:
+                 config=None, ffma_yield: int | None = None, order: str | None = None,
+                 accumulate_into: torch.Tensor | None = None) -> torch.Tensor:
     """The experts' weight gradient in one launch: C (E, M, N) with C[e] = (a_t·s)[:, seg e] (b_t·s)[:, seg e]ᵀ.
 
     a_t (M, K_total) and b_t (N, K_total) E4M3, K-contiguous (the token dimension: ``quant_act_128x1_t``'s
@@ -591,6 +607,8 @@ def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_
     layout pads each expert's rows so, and no scale tile straddles two experts); M % 128 == 0, so no output
     tile straddles two experts either. An empty segment gives zeros. The persistent grid walks the tiles
     expert by expert (DeepGEMM's K-grouped Wgrad does the same product), so nothing is read on the host.
+    ``accumulate_into``: a contiguous (E, M, N) tensor of ``out_dtype`` (the experts' FP32 main gradient) that
+    C is added to in the epilogue, and returned; an empty segment then leaves its expert's slice unchanged.
     """
     if not HAVE_GLUON or INTERPRET or not a_t.is_cuda:
         raise RuntimeError("fp8_wgrad_ws needs Triton's Gluon on a Hopper GPU (no interpreter path)")
@@ -605,27 +623,51 @@ def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_
     groups = seg_offsets.numel() - 1
     device = a_t.device.index if a_t.device.index is not None else torch.cuda.current_device()
     meta, _, layouts, grid = _plan(M, N, K, out_dtype, config, True, True, "tma", device, False, order or ORDER,
-                                   groups)
-    pitch = cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
-    rows = torch.empty((groups * M, pitch), dtype=out_dtype, device=a_t.device)  # the groups' C stacked
+                                   groups, accumulate=accumulate_into is not None)
+    if accumulate_into is not None:
+        if not accumulate_into.is_contiguous():
+            raise ValueError(f"fp8_wgrad_ws: accumulate_into must be contiguous, got strides {accumulate_into.stride()}")
+        rows = _accumulation_target(accumulate_into.view(groups * M, N), (groups * M, N), out_dtype)
+        pitch = N
+    else:
+        pitch = cdiv(N * out_dtype.itemsize, 16) * 16 // out_dtype.itemsize
+        rows = torch.empty((groups * M, pitch), dtype=out_dtype, device=a_t.device)  # the groups' C stacked
     sa, sa_pitch, sb, sb_pitch = tma_scales(a_t_scale, b_t_scale, rows=True)
     args = dict(zip(_DESC_ARGS, (a_t, b_t, rows[:, :N], sa, sb)),
                 sa_ptr=a_t_scale, sb_ptr=b_t_scale, m_ptr=seg_offsets, M=M, N=N, K=K,
                 stride_sam=a_t_scale.stride(0), stride_sak=a_t_scale.stride(1), stride_sbn=b_t_scale.stride(0),
-                stride_sbk=b_t_scale.stride(1), sa_pitch=sa_pitch, sb_pitch=sb_pitch, groups=groups, **meta)
+                stride_sbk=b_t_scale.stride(1), sa_pitch=sa_pitch, sb_pitch=sb_pitch, groups=groups, c_ptr=rows,
+                stride_cm=rows.stride(0), **meta)
     if groups > 0:
         _launch(grid, args, layouts, a_t.device, FFMA_YIELD_EVERY if ffma_yield is None else ffma_yield)
     return rows.view(groups, M, pitch)[:, :, :N]
 
 
+@functools.cache
+def runs_on(device: torch.device) -> bool:
+    """Whether these kernels run on ``device``: Gluon present, no interpreter, a Hopper GPU (sm_90)."""
+    return (HAVE_GLUON and not INTERPRET and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] == 9)
+
+
+def _accumulation_target(c: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """``c`` checked as what the epilogue reads and TMA writes: ``shape``, ``dtype``, unit column stride and rows
+    16-byte aligned."""
+    if (tuple(c.shape) != shape or c.dtype != dtype or c.stride(1) != 1 or (c.stride(0) * c.element_size()) % 16
+            or c.data_ptr() % 16):
+        raise ValueError(f"accumulate_into must be {shape} {dtype} with unit column stride and 16-byte aligned rows, "
+                         f"got {tuple(c.shape)} {c.dtype} strides {c.stride()}")
+    return c
+
+
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, N: int, K: int, out_dtype, config, rows: bool, promote: bool, scales, device: int,
-          grouped: bool = False, order: str = "free", k_groups: int = 0):
+          grouped: bool = False, order: str = "free", k_groups: int = 0, accumulate: bool = False):
     """What a problem size's launch needs besides its tensors, worked out once (a launch is
     host-bound on the smaller shapes): the constexprs with the ring depth that fits, whether the
     scales go through TMA, each descriptor's box and shared layout, and the persistent grid."""
     meta = _constexprs(config or _default_config(rows), rows=rows, promote=promote, scales=scales, grouped=grouped,
-                       order=order, grouped_k=k_groups > 0)
+                       order=order, grouped_k=k_groups > 0, accumulate=accumulate)
     on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
     sms, smem = _device_limits(device)
     meta["STAGES"] = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, on_tma, smem, rows)
@@ -661,7 +703,8 @@ def _device_limits(index: int) -> tuple[int, int]:
 _COMPILED: dict = {}  # launch key -> Triton's compiled kernel
 
 
-_INT_ARGS = ("M", "N", "K", "stride_sam", "stride_sak", "stride_sbn", "stride_sbk", "sa_pitch", "sb_pitch", "groups")
+_INT_ARGS = ("M", "N", "K", "stride_sam", "stride_sak", "stride_sbn", "stride_sbk", "sa_pitch", "sb_pitch", "groups",
+             "stride_cm")
 
 
 def _launch_key(args: dict, layouts: dict, device) -> tuple:
@@ -670,7 +713,7 @@ def _launch_key(args: dict, layouts: dict, device) -> tuple:
     % 16 and 64-bit range. Read by name: a loop testing every argument's type cost ~10 us."""
     key = [device.index, *(args[name] for name in CONSTEXPR_ARGS)]
     key += [(args[n].dtype, tuple(layouts[n][0])) for n in _DESC_ARGS]
-    key += [(args[n].dtype, args[n].data_ptr() % 16 == 0) for n in ("sa_ptr", "sb_ptr", "m_ptr")]
+    key += [(args[n].dtype, args[n].data_ptr() % 16 == 0) for n in ("sa_ptr", "sb_ptr", "m_ptr", "c_ptr")]
     key += [(v == 1, v % 16 == 0, abs(v) >= 2**31) for v in (args[n] for n in _INT_ARGS)]
     return tuple(key)
 
@@ -791,19 +834,20 @@ def with_ffma_yields(kernel, every: int):
 
 def compile_offline(config=None, rows=False, out_dtype=torch.bfloat16, promote: bool = True,
                     capability: int = 90, scales: str | None = None, grouped: bool = False,
-                    order: str | None = None, grouped_k: bool = False):
+                    order: str | None = None, grouped_k: bool = False, accumulate: bool = False):
     """Compile the kernel for ``sm_{capability}`` without a GPU and return Triton's compiled kernel
     (its ``.asm["ptx"]``; register counts need ptxas, which the tests run on it)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    meta = _constexprs(config or _default_config(rows), rows, promote, scales, grouped, order, grouped_k)
+    meta = _constexprs(config or _default_config(rows), rows, promote, scales, grouped, order, grouped_k, accumulate)
     names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
     layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, meta["SCALES"] == SCALE_PATHS["tma"], rows)
     signature = {}
     for name, (box, layout, dtype) in layouts.items():
         signature[name] = f"tensordesc<{names.get(dtype, 'fp8e4nv')}[{', '.join(map(str, box))}],{layout!r}>"
-    signature |= {"sa_ptr": "*fp32", "sb_ptr": "*fp32", "m_ptr": "*i32" if grouped or grouped_k else "*fp32"}
+    signature |= {"sa_ptr": "*fp32", "sb_ptr": "*fp32", "m_ptr": "*i32" if grouped or grouped_k else "*fp32",
+                  "c_ptr": f"*{names.get(out_dtype, 'fp8e4nv')}"}
     signature |= {n: "i32" for n in _INT_ARGS}
     signature |= {n: "constexpr" for n in meta}
     src = GluonASTSource(_fp8_gemm_ws_kernel, signature, meta)

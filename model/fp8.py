@@ -34,7 +34,7 @@ from itertools import accumulate
 import torch
 
 from moeplan.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
-from moeplan.kernels.fp8_gemm_ws import HAVE_GLUON
+from moeplan.kernels.fp8_gemm_ws import runs_on as gluon_runs_on
 from moeplan.kernels.fp8_quant import (
     FP8_DTYPE,
     FP8_MAX,
@@ -357,8 +357,7 @@ def _kernel_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype
     cuBLAS block-scaled GEMM per expert, sliced at host segment bounds (a CPU ``seg_offsets``: nothing reads the
     GPU). The Triton K-grouped kernel otherwise; it ran at about 60 TFLOPS at V3's expert shapes on an H100
     (docs/design/model.md)."""
-    if a_t.is_cuda and not INTERPRET and HAVE_GLUON and a_t.shape[0] % TILE == 0 \
-            and torch.cuda.get_device_capability(a_t.device)[0] == 9:
+    if a_t.shape[0] % TILE == 0 and gluon_runs_on(a_t.device):
         return grouped_wgrad_fp8(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype, backend="gluon")
     if host_counts is None or not a_t.is_cuda or INTERPRET:
         return grouped_wgrad_fp8(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype, backend="triton")

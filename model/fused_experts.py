@@ -48,7 +48,13 @@ from moeplan.model.grouped_mm import (
     torch_grouped_mm,
     torch_grouped_weight_grad,
 )
-from moeplan.model.weight_grad import WeightGradStore, fused_main_grad_grouped_mm, weight_grad_now_or_later, wgrad_dtype
+from moeplan.model.weight_grad import (
+    WeightGradStore,
+    fused_main_grad_fp8,
+    fused_main_grad_grouped_mm,
+    weight_grad_now_or_later,
+    wgrad_dtype,
+)
 
 
 class FusedExpertsFn(torch.autograd.Function):
@@ -161,6 +167,8 @@ def _weight_grad(ctx, index: int, weight: torch.Tensor, g: torch.Tensor, input_f
             return wgrad(g, input_float(), plan.seg_offsets[1:])
         gq, gs = ops.quant_act_t(g)  # (N, M_pad), tiles of 128 tokens, each inside one expert's segment
         aq, a_s = input_fp8_t()  # (K, M_pad)
+        if fused_main_grad_fp8(weight, gq, gs, aq, a_s, plan.seg_offsets):  # into the FP32 main gradient
+            return None
         return ops.grouped_wgrad(gq, gs, aq, a_s, plan.seg_offsets, out_dtype=wgrad_dtype(weight),
                                  host_counts=ctx.host_counts)
 

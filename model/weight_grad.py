@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from moeplan.kernels.fp8_gemm_ws import fp8_gemm_ws, fp8_wgrad_ws, runs_on
+
 
 class WeightGradStore:
     """A FIFO of deferred weight-gradient computations."""
@@ -130,6 +132,29 @@ def fused_main_grad_grouped_mm(param: torch.Tensor, g: torch.Tensor, x: torch.Te
     for e, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         if hi > lo:
             torch.addmm(main_grad[e], g[lo:hi].t(), x[lo:hi], out_dtype=torch.float32, out=main_grad[e])
+    return True
+
+
+def fused_main_grad_fp8(param: torch.Tensor, a_t: torch.Tensor, a_t_scale: torch.Tensor, b_t: torch.Tensor,
+                        b_t_scale: torch.Tensor, seg_offsets: torch.Tensor | None = None) -> bool:
+    """``param.main_grad += (a_t·s)(b_t·s)^T``, the FP8 weight gradient added into the FP32 main gradient in the
+    epilogue of the Gluon GEMM (``kernels.fp8_gemm_ws``: the old values read once, the sum written once), where
+    ``param`` has a main gradient and the kernels run on the device; True when done. a_t (N, M) and b_t (K, M) are
+    E4M3 in 128x1 tiles along the M tokens (``quant_act_128x1_t``). With ``seg_offsets`` (int32 (E + 1,) on the
+    GPU) ``param`` is a grouped weight (E, N, K) and each expert's segment of M makes its own slice
+    (``fp8_wgrad_ws``). Otherwise the caller writes the gradient in the parameter's dtype and the main-grad hook
+    adds it: 2 B written, then 2 B read and 8 B read and written a parameter, every micro-batch, against 8 B here."""
+    main_grad = getattr(param, "main_grad", None)
+    if (main_grad is None or not a_t.is_cuda or not runs_on(a_t.device) or main_grad.dtype != torch.float32
+            or not main_grad.is_contiguous() or main_grad.data_ptr() % 16 or (main_grad.shape[-1] * 4) % 16
+            or a_t.stride(-1) != 1 or b_t.stride(-1) != 1 or a_t.shape[1] % 16):
+        return False
+    if seg_offsets is None:
+        fp8_gemm_ws(a_t, a_t_scale, b_t, b_t_scale, torch.float32, accumulate_into=main_grad)
+    elif a_t.shape[0] % 128 == 0 and seg_offsets.is_cuda:
+        fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, torch.float32, accumulate_into=main_grad)
+    else:
+        return False
     return True
 
 

@@ -130,6 +130,28 @@ def test_microbatches_accumulate_their_gradients(ms, tiny):
         torch.testing.assert_close(two[name], 2 * one[name], msg=name)
 
 
+def test_main_gradients_are_attached_for_the_timed_steps_only_and_fill_in_fp32(ms, tiny):
+    """``--main-grads`` (the default): FP32 main gradients, as the runtime attaches them, hold the micro-batches'
+    sum during the timed steps, nothing is left in ``.grad``, and the stage is back to plain gradients after."""
+    stage, x, g = tiny
+    ms.accumulate(stage, x, g, 2)
+    want = {n: p.grad.clone() for n, p in stage.named_parameters() if p.grad is not None}
+    stage.zero_grad(set_to_none=True)
+    x.grad = None
+    seen = {}
+    with ms.main_grads(stage, True):
+        ms.train_step(stage, x, g, 2)
+        seen = {n: p.main_grad.clone() for n, p in stage.named_parameters()}
+        assert all(p.grad is None for p in stage.parameters())
+    assert not any(hasattr(p, "main_grad") for p in stage.parameters())
+    assert want.keys() <= seen.keys() and len(want) > 10
+    for name, grad in want.items():
+        assert seen[name].dtype == torch.float32
+        torch.testing.assert_close(seen[name], grad, msg=name)
+    with ms.main_grads(stage, False):
+        assert not any(hasattr(p, "main_grad") for p in stage.parameters())
+
+
 @pytest.mark.parametrize("name, region, expected", [
     ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", "", "gemm"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_cublas", "", "gemm"),

@@ -501,3 +501,31 @@ def test_k_grouped_wgrad_matches_float64(M, N, monkeypatch):
     dense = fp8_gemm_ws.fp8_gemm_ws(a_t[:, lo:hi].contiguous(), sa_t[:, lo // 128:hi // 128], b_t[:, lo:hi].contiguous(),
                                     sb_t[:, lo // 128:hi // 128], torch.float32)
     assert float((dense - out[3]).abs().max()) <= 1e-5 * float(out[3].abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
+def test_weight_gradients_accumulate_into_fp32_main_gradients():
+    """``accumulate_into``: the epilogue adds the product to the tensor's old values (an FP32 main gradient), for
+    the dense Wgrad (1x128-row B scales) and the experts' K-grouped one; the result is the non-accumulating
+    product plus the old values, bit for bit (one FP32 addition either way), and an empty expert keeps its slice."""
+    from tests.kernels.test_kernels import _contiguous_layout
+
+    a, sa, b, sb = _gemm_operands(384, 256, 4096, "wgrad", "cuda")
+    old = rand(384, 256, seed=51, device="cuda")
+    target = old.clone()
+    out = fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, torch.float32, accumulate_into=target)
+    assert out.data_ptr() == target.data_ptr()
+    assert torch.equal(target, old + fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, torch.float32))
+    counts = [130, 0, 1000]
+    m_indices, offsets = _contiguous_layout(counts, "cuda")
+    pad = (m_indices < 0)[:, None]
+    a_t, sa_t = quant_act_128x1_t(rand(m_indices.numel(), 512, seed=52, device="cuda").masked_fill(pad, 0))
+    b_t, sb_t = quant_act_128x1_t(rand(m_indices.numel(), 384, seed=53, device="cuda").masked_fill(pad, 0))
+    old = rand(len(counts), 512, 384, seed=54, device="cuda")
+    target = old.clone()
+    fp8_gemm_ws.fp8_wgrad_ws(a_t, sa_t, b_t, sb_t, offsets, accumulate_into=target)
+    assert torch.equal(target, old + fp8_gemm_ws.fp8_wgrad_ws(a_t, sa_t, b_t, sb_t, offsets))
+    assert torch.equal(target[1], old[1])
+    with pytest.raises(ValueError, match="accumulate_into"):
+        fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, torch.float32, accumulate_into=old[0, :, :255])

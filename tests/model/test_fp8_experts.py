@@ -134,3 +134,25 @@ def test_fused_fp8_experts_never_wait_for_the_gpu():
 
     step_without_host_sync(step)
     assert torch.isfinite(x.grad).all() and torch.isfinite(experts.down_proj.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_fused_fp8_expert_weight_gradients_accumulate_into_main_gradients():
+    """With FP32 main gradients attached (as the runtime does), the FP8 backward's two grouped Wgrads add into
+    them inside the GEMM (``weight_grad.fused_main_grad_fp8``): no ``.grad`` is written, and two micro-batches
+    leave twice one micro-batch's gradient, which equals the gradient the path without main gradients returns."""
+    E, d, inter, n = 32, 7168, 2048, 4096
+    pairs = _ragged_pairs(n, E, "cuda")
+    x0 = rand(n, d, seed=34, device="cuda", dtype=torch.bfloat16)
+    dy = rand(n, d, seed=35, device="cuda", dtype=torch.bfloat16)
+    plain = _experts(kernel_ops(), True, E, d, inter, "cuda")
+    _, want = _run(plain, x0, pairs, dy)
+    experts = _experts(kernel_ops(), True, E, d, inter, "cuda")
+    for p in (experts.gate_up_proj, experts.down_proj):
+        p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device="cuda")
+    for _ in range(2):
+        _, got = _run(experts, x0, pairs, dy)
+        assert got[3] is None and got[4] is None  # accumulated in place, nothing left for autograd
+    assert rel_err(experts.gate_up_proj.main_grad / 2, want[3].float()) < 1e-2
+    assert rel_err(experts.down_proj.main_grad / 2, want[4].float()) < 1e-2
