@@ -161,7 +161,7 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
     """Costs of one decoder layer (``moe`` or dense), or an MTP module when ``mtp``."""
     attn, up = attention_shapes(m)
     a_fwd, a_dx, a_dw = _linears(ctx, attn + up, ctx.precision)
-    unfused_dense = ctx.precision == "fp8"  # FP8 Wgrads write BF16: the hook adds them (MAIN_GRAD_ADD_BYTES)
+    unfused_dense = ctx.precision == "fp8"  # FP8 Wgrads add into the main gradients in their epilogue
     if unfused_dense:
         a_dw += _main_grad_add_s(ctx, _dense_params(attn + up))
     if mtp:  # eh_proj: 2h -> h
@@ -253,15 +253,21 @@ def _context_parallel(ctx: CostContext, m: ModelSpec, attn: list[tuple[int, int]
 # gradient itself is written in the parameter's dtype, then the hook reads it and reads and writes the FP32 sum,
 # every micro-batch. Dense BF16 linears on a GPU accumulate inside the GEMM (model/weight_grad.py
 # ``fused_main_grad_mm``), and so do the fused BF16 experts (``fused_main_grad_grouped_mm``, one GEMM an expert);
-# the op-by-op experts' grouped Wgrad (torch._grouped_mm) and every FP8 Wgrad (our kernels, cuBLAS's block-scaled
-# GEMM: no accumulating form) write the parameter's dtype. Priced as an elementwise add at the tables'
-# residual_add fraction.
+# the op-by-op experts' grouped Wgrad (torch._grouped_mm) writes the parameter's dtype. Priced as an elementwise
+# add at the tables' residual_add fraction.
 MAIN_GRAD_ADD_BYTES = BF16_BYTES + 2 * FP32_BYTES
+# Every FP8 Wgrad (dense and the experts' K-grouped one) adds into the FP32 main gradient in the epilogue of the
+# Gluon GEMM (model/weight_grad.py ``fused_main_grad_fp8``, kernels/fp8_gemm_ws.py ``accumulate_into``): the old
+# FP32 values read and the sum written, against the BF16 output the GEMM tables' points wrote; priced as that
+# difference in bytes at the residual_add fraction, not hidden under the GEMM.
+MAIN_GRAD_EPILOGUE_BYTES = 2 * FP32_BYTES - BF16_BYTES
 
 
 def _main_grad_add_s(ctx: CostContext, params: float) -> float:
-    """Seconds to add ``params`` weight gradients of one micro-batch into their FP32 main gradients."""
-    return memory_s(ctx.tables, ctx.gpu, MAIN_GRAD_ADD_BYTES * params, "residual_add", backward=True)
+    """Seconds to add ``params`` weight gradients of one micro-batch into their FP32 main gradients: inside the
+    FP8 Wgrad's epilogue, or by the main-grad hook after a BF16 Wgrad that wrote the parameter's dtype."""
+    per_param = MAIN_GRAD_EPILOGUE_BYTES if ctx.precision == "fp8" else MAIN_GRAD_ADD_BYTES
+    return memory_s(ctx.tables, ctx.gpu, per_param * params, "residual_add", backward=True)
 
 
 def _dense_params(shapes: list[tuple[int, int]]) -> int:
