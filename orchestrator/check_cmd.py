@@ -198,11 +198,6 @@ def check_command(
     base = _tables_file(recalibrate_from) if recalibrate_from is not None else None
     report, loaded = load_run(run_dir, plan)
     check_out_file(run_dir / "run.html", "RUN/run.html")  # before the work, not after it
-    outputs, moved = {}, None
-    if recalibrate is not None:  # imported here: it loads torch, which the rest of the CLI never needs
-        from moeplan.orchestrator.calibration.from_run import moved_table, recalibrated
-
-        outputs[recalibrate], moved = recalibrated(run_dir, report, loaded, base)
     drawn = _drawn_ranks(report)
     measured, measured_events = measured_timelines(run_dir, report, drawn)
     predicted_events = predicted_intervals(run_dir, loaded, plan_trace)
@@ -211,6 +206,12 @@ def check_command(
         comparison = compare(loaded, report, measured, predicted, tolerance)
     except ComparisonError as exc:
         raise InputError(f"{run_dir}: {exc}") from None
+    outputs, moved = {}, None
+    if recalibrate is not None:  # after compare's checks of the run against the plan (world, pipeline ranks), which
+        # the recalibration trusts; imported here: it loads torch, which the rest of the CLI never needs
+        from moeplan.orchestrator.calibration.from_run import moved_table, recalibrated
+
+        outputs[recalibrate], moved = recalibrated(run_dir, report, loaded, base)
     if predicted is None:
         comparison = replace(comparison, notes=(*comparison.notes, ("the plan's step could not be simulated again as "
                                                 "planned (calibration, load or extrapolation): no predicted timeline "
