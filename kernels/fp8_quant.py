@@ -6,6 +6,8 @@ Three tilings, each with one fp32 scale per tile (``x ≈ x_fp8 * scale``):
 * ``quant_act_128x1_t``: the same activations re-tiled 128×1 (128 rows of one column), written
   transposed, ``(K, M)`` with scales ``(K, ceil(M/128))``. Weight gradients reduce over tokens, so
   both of their operands need scales along M, and FP8 wgmma wants the reduction dim contiguous.
+* ``quant_act_both``: both of the above from one read of x (one program per 128×128 tile, both amaxes
+  on chip), for an activation or gradient that a forward GEMM or Dgrad and a Wgrad both multiply.
 * ``quant_weight_128x128``: weights ``([E,] N, K)`` in 128×128 blocks → scales ``([E,] ceil(N/128),
   ceil(K/128))``; optionally also the transposed copy ``([E,] K, N)`` that the input gradient needs
   (a 128×128 block's scale is the same either way round, so its scales are ``scale.mT``).
@@ -85,14 +87,22 @@ def store_rows(out_ptrs, scale_ptrs, x, mask, row_mask, QUANT: tl.constexpr, POW
 
 
 @triton.jit
+def store_t(q_ptr, x, scale, rows, cols, mask, stride_q, POW2: tl.constexpr, CAST: tl.constexpr = 0):
+    """A (R rows, C cols) fp32 tile with one scale per column (``scale`` (C,)), stored transposed as E4M3:
+    q[col, row] at ``q_ptr + col * stride_q + row``. (Storing ``tl.trans(q)`` instead gave the same PTX in
+    ``_quant_both_kernel``, sm_90a, Triton 3.6: the coalescing pass lays the store out along the contiguous rows.)"""
+    q = quantize_e4m3(x, scale[None, :], POW2, CAST)
+    tl.store(q_ptr + cols[None, :].to(tl.int64) * stride_q + rows[:, None], q, mask=mask)
+
+
+@triton.jit
 def store_cols_t(q_ptr, s_ptr, x, rows, cols, mask, col_mask, stride_q, stride_s, tile,
                  POW2: tl.constexpr, FLOOR: tl.constexpr, CAST: tl.constexpr = 0):
     """Epilogue for a (128 rows, C cols) fp32 tile in 128x1 tiles (one scale per column, amax floored at
     FLOOR), written transposed: q[col, row] at ``q_ptr + col * stride_q + row``, the scale at
     ``s_ptr + col * stride_s + tile``; what ``quant_act_128x1_t`` makes of the tile, without storing it first."""
     scale = scale_from_amax(tl.max(tl.abs(x), axis=0), POW2, FLOOR)  # (C,)
-    q = quantize_e4m3(x, scale[None, :], POW2, CAST)
-    tl.store(q_ptr + cols[None, :].to(tl.int64) * stride_q + rows[:, None], q, mask=mask)
+    store_t(q_ptr, x, scale, rows, cols, mask, stride_q, POW2, CAST)
     tl.store(s_ptr + cols * stride_s + tile, scale, mask=col_mask)
 
 
@@ -123,6 +133,17 @@ def _blocks_configs() -> list:
     if INTERPRET:
         return [triton.Config({"TRANS_STORE": False}, num_warps=4)]
     return [triton.Config({"TRANS_STORE": t}, num_warps=w) for w in (4, 8, 16) for t in (False, True)]
+
+
+def _both_configs() -> list:
+    """Autotune candidates for ``_quant_both_kernel`` (one in the interpreter; the tests run several). SUB 128: the
+    128x128 tile whole in registers, read once, but ptxas spills ~300 bytes a thread even over 16 warps (sm_90a,
+    Triton 3.6), SUB 64 ~200; chunks of 32 or 16 rows (read twice, the second time from L2) spill nothing. 32
+    rows and more write whole 32-byte sectors of the transposed copy."""
+    if INTERPRET:
+        return [triton.Config({"SUB": 32}, num_warps=4)]
+    return [triton.Config({"SUB": sub}, num_warps=w) for sub, w in ((128, 16), (64, 16), (32, 16), (32, 8), (16, 8),
+                                                                     (16, 4))]
 
 
 @triton.autotune(configs=_rows_configs(), key=["size_key", "ROW_MAJOR", "CAST"], do_bench=_autotune_bench)
@@ -189,6 +210,61 @@ def _quant_blocks_kernel(
     tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
 
 
+@triton.jit
+def _load_rows_f32(x_ptr, rows, cols, mask, stride_xm, stride_xk):
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+    return x.to(tl.float32)  # fp32 at once: the interpreter mishandles bf16 math
+
+
+@triton.autotune(configs=_both_configs(), key=["size_key", "ROW_MAJOR", "CAST"], do_bench=_autotune_bench)
+@triton.jit
+def _quant_both_kernel(
+    # pointers: input (M, K); fp8 copy (M, K) and its scales (M, ceil(K/128)); fp8 transpose (K, M) and its
+    # scales (K, ceil(M/128))
+    x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
+    # sizes (size_key as in _quant_rows_kernel)
+    M, K, size_key,
+    # strides (the transpose's row stride only: it is contiguous along M)
+    stride_xm, stride_xk, stride_qm, stride_qk, stride_sm, stride_sk, stride_qt, stride_stk, stride_stm,
+    # meta
+    POW2: tl.constexpr, FLOOR: tl.constexpr, ROW_MAJOR: tl.constexpr, CAST: tl.constexpr, BLOCK: tl.constexpr,
+    SUB: tl.constexpr,
+):
+    """One BLOCK x BLOCK tile of x per program: one scale per row of it (1x128 tiles, stored as is) and one per
+    column (128x1 tiles, stored transposed). SUB == BLOCK: the tile is loaded once and both epilogues of the
+    single-tiling kernels run on it. SUB < BLOCK: the columns' amax over chunks of SUB rows, then each chunk
+    again (32 KB of bf16 a program, read from L2, not HBM) for its rows' scales and both quantisations: fewer
+    live registers, the same bits (a max is exact in any order)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_k * BLOCK + tl.arange(0, BLOCK)
+    col_mask = cols < K
+    if SUB == BLOCK:
+        rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        x = _load_rows_f32(x_ptr, rows, cols, mask, stride_xm, stride_xk)  # (BLOCK, BLOCK)
+        store_rows(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :] * stride_qk,
+                   s_ptr + rows * stride_sm + pid_k * stride_sk, x, mask, rows < M, True, POW2, FLOOR, CAST)
+        store_cols_t(qt_ptr, st_ptr, x, rows, cols, mask, col_mask, stride_qt, stride_stk, pid_m * stride_stm,
+                     POW2, FLOOR, CAST)
+    else:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for r in tl.range(0, BLOCK, SUB):
+            rows = pid_m * BLOCK + r + tl.arange(0, SUB)
+            mask = (rows < M)[:, None] & col_mask[None, :]
+            x = _load_rows_f32(x_ptr, rows, cols, mask, stride_xm, stride_xk)  # (SUB, BLOCK)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
+        scale_t = scale_from_amax(amax, POW2, FLOOR)  # (BLOCK,): the 128x1 tiles' scales
+        for r in tl.range(0, BLOCK, SUB):
+            rows = pid_m * BLOCK + r + tl.arange(0, SUB)
+            mask = (rows < M)[:, None] & col_mask[None, :]
+            x = _load_rows_f32(x_ptr, rows, cols, mask, stride_xm, stride_xk)
+            store_rows(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :] * stride_qk,
+                       s_ptr + rows * stride_sm + pid_k * stride_sk, x, mask, rows < M, True, POW2, FLOOR, CAST)
+            store_t(qt_ptr, x, scale_t, rows, cols, mask, stride_qt, POW2, CAST)
+        tl.store(st_ptr + cols * stride_stk + pid_m * stride_stm, scale_t, mask=col_mask)
+
+
 def empty_rows_output(rows: int, cols: int, dtype: torch.dtype, quantize: bool, device) -> tuple:
     """Outputs for ``store_rows``: (fp8 (rows, cols), fp32 scales (rows, ceil(cols/128))) when
     quantising, else ((rows, cols) of dtype, the same tensor as an unused scale pointer)."""
@@ -216,6 +292,11 @@ def _cast(device: torch.device, cast: str | None) -> int:
     return CASTS[cast]
 
 
+def _empty_mn_major_scales(rows: int, cols: int, device) -> torch.Tensor:
+    """fp32 scales (rows, ceil(cols/128)) with strides (1, rows rounded up to 4): see ``_quant_rows``."""
+    return torch.empty((cdiv(cols, TILE), cdiv(rows, 4) * 4), dtype=torch.float32, device=device)[:, :rows].t()
+
+
 def _quant_rows(view: torch.Tensor, pow2_scale: bool, amax_floor: float,
                 cast: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise the rows of a 2-D view (any strides) in 1×128 tiles into a new contiguous tensor.
@@ -225,7 +306,7 @@ def _quant_rows(view: torch.Tensor, pow2_scale: bool, amax_floor: float,
     TMA read without a copy (row-major readers take any strides)."""
     R, C = view.shape
     q = torch.empty((R, C), dtype=FP8_DTYPE, device=view.device)
-    s = torch.empty((cdiv(C, TILE), cdiv(R, 4) * 4), dtype=torch.float32, device=view.device)[:, :R].t()
+    s = _empty_mn_major_scales(R, C, view.device)
     _quant_rows_kernel[lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(C, TILE))](
         view, q, s, R, C, (R * C).bit_length(),
         view.stride(0), view.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
@@ -251,6 +332,28 @@ def quant_act_128x1_t(x: torch.Tensor, pow2_scale: bool = False, amax_floor: flo
     """x (M, K) float → (x^T fp8 (K, M) contiguous, scale (K, ceil(M/128)) fp32), 128×1 tiles."""
     _check_float_2d(x, "x")
     return _quant_rows(x.t(), pow2_scale, amax_floor, cast)  # rows of the (K, M) output are columns of x
+
+
+def quant_act_both(
+    x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR, cast: str | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """x (M, K) float → ((x_fp8 (M, K), scale (M, ceil(K/128))), (x^T fp8 (K, M), scale_t (K, ceil(M/128)))):
+    ``quant_act_1x128(x)`` and ``quant_act_128x1_t(x)`` bit for bit, in the same layouts (MN-major scales),
+    from one read of x instead of two. For a tensor that a GEMM multiplies along K and a weight gradient
+    along M: a linear layer's input (forward, then Wgrad) and its output gradient (Dgrad, then Wgrad)."""
+    _check_float_2d(x, "x")
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
+    qt = torch.empty((K, M), dtype=FP8_DTYPE, device=x.device)
+    s, st = _empty_mn_major_scales(M, K, x.device), _empty_mn_major_scales(K, M, x.device)
+    if x.numel():
+        _quant_both_kernel[(cdiv(M, TILE), cdiv(K, TILE))](
+            x, q, s, qt, st, M, K, (M * K).bit_length(),
+            x.stride(0), x.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1), qt.stride(0),
+            st.stride(0), st.stride(1),
+            POW2=pow2_scale, FLOOR=amax_floor, ROW_MAJOR=x.stride(1) == 1, CAST=_cast(x.device, cast), BLOCK=TILE,
+        )
+    return (q, s), (qt, st)
 
 
 def _quant_blocks(w: torch.Tensor, pow2_scale: bool, amax_floor: float, write_q: bool, write_t: bool,
@@ -360,13 +463,14 @@ def dequant_blocks(q: torch.Tensor, scale: torch.Tensor, tile: int = TILE) -> to
 
 
 def benchmark(M: int = 4096, K: int = 7168) -> dict[str, float]:
-    """GB/s of each quantiser on a CUDA device (bytes: bf16 in, fp8 out, scales ignored)."""
+    """GB/s of each quantiser on a CUDA device (bytes: bf16 in, fp8 out (twice for the two-tiling ones), scales
+    ignored)."""
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     gbytes = 3 * M * K / 1e9
     results = {}
-    for name, fn in (("act_1x128", quant_act_1x128), ("act_128x1_t", quant_act_128x1_t),
+    for name, fn in (("act_1x128", quant_act_1x128), ("act_128x1_t", quant_act_128x1_t), ("act_both", quant_act_both),
                      ("weight_128x128_t", lambda t: quant_weight_128x128(t, transposed=True))):
-        extra = M * K / 1e9 if name == "weight_128x128_t" else 0.0
+        extra = M * K / 1e9 if name in ("act_both", "weight_128x128_t") else 0.0  # a second fp8 copy
         ms = triton.testing.do_bench(lambda fn=fn: fn(x), return_mode="median")
         results[name] = (gbytes + extra) / (ms * 1e-3)
     return results

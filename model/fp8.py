@@ -14,9 +14,9 @@ FP32 accumulation computes, up to summation order.
 ``Fp8Ops`` is how the FP8 layers quantise and multiply; ``resolve_fp8_ops`` builds it for
 ``ModelOptions.fp8_kernel``. "reference": the float quantisers and FP32 GEMMs above, any block.
 "kernels" (block 128 only): the Triton quantisers (``quant_act_1x128``, the transposed 128x1
-``quant_act_128x1_t`` for Wgrad, ``quant_weight_128x128``) with the model's amax floor, the
-auto-dispatched dense GEMM (``kernels.fp8_gemm.fp8_gemm``: Triton, the Gluon kernel or cuBLAS, timed
-per shape), and the grouped GEMM in DeepGEMM's contiguous layout (each expert's rows padded to 128,
+``quant_act_128x1_t`` for Wgrad, ``quant_act_both`` for both from one read, ``quant_weight_128x128``) with the
+model's amax floor, the auto-dispatched dense GEMM (``kernels.fp8_gemm.fp8_gemm``: Triton, the Gluon kernel or
+cuBLAS, timed per shape), and the grouped GEMM in DeepGEMM's contiguous layout (each expert's rows padded to 128,
 ``m_indices`` = row expert or -1; ``contiguous_layout`` converts our ``offs`` rows to it and back; the
 routed experts' fused path, ``model.fused_experts``, keeps its rows in that layout from permute to combine).
 Given the experts' row counts on the host (``host_counts``, one planned sync per MoE layer), the
@@ -44,6 +44,7 @@ from moeplan.kernels.fp8_quant import (
     quant_act_1x128,
     quant_act_1x128_ref,
     quant_act_128x1_t,
+    quant_act_both,
     quant_weight_128x128,
     quant_weight_128x128_ref,
     quant_weight_128x128_t,
@@ -208,6 +209,9 @@ class Fp8Ops:
     - ``quant_act_t``: x (M, K) -> E4M3 of x^T (K, M), scales (K, ceil(M/block)): tiles of ``block``
       tokens, for the weight gradient, whose reduction runs over tokens;
     - ``quant_weight``: w ([E,] N, K) (any strides) -> E4M3, scales ([E,] ceil(N/b), ceil(K/b));
+    - ``quant_act_both``: x (M, K) -> (``quant_act(x)``, ``quant_act_t(x)``) bit for bit, from one read of x, or
+      None (the layers then call the two): a dense layer's input (forward GEMM, then Wgrad) and output gradient
+      (Dgrad, then Wgrad) are each quantised both ways;
     - ``gemm(a, a_scale, b, b_scale, out_dtype)`` -> (M, N), b's scales in blocks or 1 x block rows;
     - ``grouped(a, a_scale, b, b_scale, offs, out_dtype, host_counts)``: rows of expert e times b[e]^T;
     - ``grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype, host_counts)``: per-expert
@@ -225,6 +229,8 @@ class Fp8Ops:
     grouped: Fp8Gemm
     grouped_wgrad: Fp8Gemm
     grouped_contiguous: Fp8Gemm | None = None
+    quant_act_both: Callable[[torch.Tensor], tuple[tuple[torch.Tensor, torch.Tensor],
+                                                   tuple[torch.Tensor, torch.Tensor]]] | None = None
 
 
 def _reference_grouped(a, a_scale, b, b_scale, offs, out_dtype, host_counts=None, *, block):
@@ -233,6 +239,10 @@ def _reference_grouped(a, a_scale, b, b_scale, offs, out_dtype, host_counts=None
 
 def _reference_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype, host_counts=None, *, block):
     return reference_fp8_grouped_wgrad(a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype, block=block)
+
+
+def _reference_act_both(x: torch.Tensor, *, block: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    return quantize_tiles(x, block), quantize_tiles(x.t(), block)
 
 
 def reference_ops(block: int = 128) -> Fp8Ops:
@@ -245,6 +255,7 @@ def reference_ops(block: int = 128) -> Fp8Ops:
         gemm=lambda a, a_scale, b, b_scale, out_dtype: reference_fp8_gemm(a, a_scale, b, b_scale, out_dtype, block),
         grouped=partial(_reference_grouped, block=block),
         grouped_wgrad=partial(_reference_grouped_wgrad, block=block),
+        quant_act_both=partial(_reference_act_both, block=block),
     )
 
 
@@ -378,6 +389,7 @@ def kernel_ops() -> Fp8Ops:
         grouped=_grouped_via_contiguous(partial(grouped_gemm_fp8, backend="auto"), 128),
         grouped_wgrad=_kernel_grouped_wgrad,
         grouped_contiguous=_kernel_grouped_contiguous,
+        quant_act_both=partial(quant_act_both, amax_floor=MIN_AMAX),
     )
 
 

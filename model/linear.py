@@ -5,7 +5,12 @@ Forward: y = x W^T (+ b). With an FP8 GEMM both operands are quantised (1x128 ac
 in the high-precision dtype against the *unquantised* tensors. With ``fp8_backward`` the two
 backward GEMMs run in FP8 as in TR §3.3 (Figure 6): Dgrad quantises the output gradient in 1x128
 tiles along N and multiplies the 128x128-block weight; Wgrad quantises both the output gradient and
-the input in tiles of 128 tokens (the reduction runs over tokens) and accumulates in FP32.
+the input in tiles of 128 tokens (the reduction runs over tokens) and accumulates in FP32. Where the
+ops have ``quant_act_both``, each of x and the output gradient is read once for both of its tilings: x's
+128-token tiles are made in the forward pass and saved for Wgrad instead of x (DeepSeek-V3 keeps FP8
+activations for the backward pass), and the output gradient's in the Dgrad's pass. Layers fed the very same
+tensor (MLA's ``q_a_proj`` and ``kv_a_proj_with_mqa``, an MLP's ``gate_proj`` and ``up_proj``) quantise it
+once (``Fp8InputCache``).
 
 ``LinearFn`` and its grouped twin ``model.grouped_linear.GroupedLinearFn`` are the model's one
 autograd stack for FP8 layers: the kernels package provides GEMMs, not layers, so the weight
@@ -14,7 +19,11 @@ gradient can be deferred (``WeightGradStore``) whichever GEMM runs.
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,47 +32,137 @@ from torch import nn
 from moeplan.model.fp8 import Fp8Ops, quant_weight_fwd
 from moeplan.model.weight_grad import WeightGradStore, fused_main_grad_mm, weight_grad_now_or_later, wgrad_dtype
 
+QuantPair = tuple[torch.Tensor, torch.Tensor]  # E4M3 values and their FP32 scales
+
+
+class _InputEntry(NamedTuple):
+    ref: weakref.ref  # the input (its base for a view)
+    version: int
+    ops: Fp8Ops
+    rows: QuantPair  # (M, K) in 1 x block tiles
+    t: QuantPair | None  # x^T (K, M) in tiles of block tokens, or None
+
+
+class Fp8InputCache:
+    """The FP8 copies of the last few layer inputs, so that layers fed the very same tensor quantise it once: MLA's
+    ``q_a_proj`` and ``kv_a_proj_with_mqa`` (both read the normed hidden states), an MLP's ``gate_proj`` and
+    ``up_proj``.
+
+    An entry is keyed by the input's storage, dtype, shape and strides and belongs to the ``Fp8Ops`` that made it;
+    as ``Fp8WeightCache``'s, it is valid while the input is alive and its version counter unchanged. It is dropped
+    when the input is freed, and the oldest beyond ``capacity`` is dropped, so the cache holds at most ``capacity``
+    FP8 copies that autograd does not hold anyway. ``q_b_proj`` runs between MLA's two readers of one input: 2.
+    """
+
+    def __init__(self, capacity: int = 2) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple, _InputEntry] = OrderedDict()
+        self.misses = 0
+
+    def __call__(self, ops: Fp8Ops, x: torch.Tensor, with_t: bool) -> tuple[QuantPair, QuantPair | None]:
+        """x (..., K) -> (x as (M, K) in 1 x block tiles, x^T (K, M) in tiles of block tokens or None). The latter
+        with ``with_t`` only, from ``ops.quant_act_both`` (one read of x)."""
+        cacheable = self.capacity > 0 and not x.is_inference()  # inference tensors have no version counter
+        key = (x.data_ptr(), x.dtype, x.device, tuple(x.shape), tuple(x.stride()))
+        base = x if x._base is None else x._base
+        hit = self._entries.get(key) if cacheable else None
+        if (hit is not None and hit.ref() is base and hit.version == x._version and hit.ops is ops
+                and (hit.t is not None or not with_t)):
+            return hit.rows, hit.t if with_t else None
+        self.misses += 1
+        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+        rows, t = ops.quant_act_both(x2) if with_t else (ops.quant_act(x2), None)
+        if cacheable:
+            self._store(key, base, _InputEntry(None, x._version, ops, rows, t))
+        return rows, t
+
+    def _store(self, key: tuple, base: torch.Tensor, entry: _InputEntry) -> None:
+        def drop(ref: weakref.ref) -> None:  # the input is freed, and with it its FP8 copy
+            if getattr(self._entries.get(key), "ref", None) is ref:
+                self._entries.pop(key, None)
+
+        self._entries.pop(key, None)
+        self._entries[key] = entry._replace(ref=weakref.ref(base, drop))
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+# The inputs' FP8 copies, for every FP8 ``Linear`` (entries belong to one ``Fp8Ops`` each).
+FP8_INPUT_CACHE = Fp8InputCache()
+
+
+def _quant_t(fp8: Fp8Ops, operand: QuantPair | torch.Tensor) -> QuantPair:
+    """A Wgrad operand in tiles of block tokens, (C, M): made already, or quantised now from a (..., C) tensor."""
+    return operand if isinstance(operand, tuple) else fp8.quant_act_t(operand.reshape(-1, operand.shape[-1]))
+
+
+def _fp8_weight_grad(fp8: Fp8Ops, weight: torch.Tensor, g: QuantPair | torch.Tensor,
+                     x: QuantPair | torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Wgrad (N, K) = g^T x with both operands in tiles of block tokens (``_quant_t``), FP32 accumulation. The
+    closure holds only what it multiplies: FP8 copies where made already (less memory while deferred)."""
+    return lambda: fp8.gemm(*_quant_t(fp8, g), *_quant_t(fp8, x), out_dtype=wgrad_dtype(weight))
+
+
+def _straight_through_weight_grad(param: torch.Tensor, g2: torch.Tensor,
+                                  x: torch.Tensor) -> Callable[[], torch.Tensor | None]:
+    """Wgrad (N, K) = g2^T x in the high-precision dtype, or None once added into ``param.main_grad``."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    return lambda: None if fused_main_grad_mm(param, g2.t(), x2) else g2.t() @ x2
+
 
 class LinearFn(torch.autograd.Function):
     """y = x W^T with an optional FP8 forward and an optional deferred weight gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, store: WeightGradStore | None, fp8: Fp8Ops | None, fp8_backward: bool = False):
-        ctx.save_for_backward(x, weight)
-        ctx.store = store
-        ctx.weight = weight
+        ctx.store, ctx.weight, ctx.x_shape = store, weight, x.shape
         ctx.fp8 = fp8 if fp8_backward else None
+        ctx.x_t_saved = False
         if fp8 is None:
+            ctx.save_for_backward(weight, x)
             return F.linear(x, weight)
-        xq, xs = fp8.quant_act(x.reshape(-1, x.shape[-1]))
+        # An FP8 Wgrad multiplies x in tiles of 128 tokens: made in the forward's pass over x and saved instead of x.
+        with_t = ctx.fp8 is not None and ctx.needs_input_grad[1] and fp8.quant_act_both is not None
+        (xq, xs), x_t = FP8_INPUT_CACHE(fp8, x, with_t)
+        if x_t is not None:
+            ctx.x_t_saved = True
+            ctx.save_for_backward(weight, *x_t)
+        elif ctx.needs_input_grad[1]:  # the Wgrad multiplies x: straight-through, or FP8 quantising it then
+            ctx.save_for_backward(weight, x)
+        else:  # the Dgrad needs only the weight
+            ctx.save_for_backward(weight)
         wq, ws = quant_weight_fwd(fp8, weight, fp8_backward)
         out = fp8.gemm(xq, xs, wq, ws, out_dtype=x.dtype)
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+        weight, *saved = ctx.saved_tensors
+        fp8, needs_wgrad = ctx.fp8, ctx.needs_input_grad[1]
         grad_out = grad_out.contiguous()
         g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
-        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        grad_x = None
+        grad_x, g_t = None, None
         if ctx.needs_input_grad[0]:
-            if ctx.fp8 is None:
+            if fp8 is None:
                 grad_x = grad_out @ weight  # (..., K)
-            else:  # Dgrad: (M, N) tiles x W^T (K, N) blocks
-                fp8 = ctx.fp8
+            else:  # Dgrad: (M, N) tiles x W^T (K, N) blocks; the Wgrad's tiles of g2 from the same pass
+                if needs_wgrad and fp8.quant_act_both is not None:
+                    g, g_t = fp8.quant_act_both(g2)
+                else:
+                    g = fp8.quant_act(g2)
                 wt, wt_scale = fp8.quant_weight(weight.t())
-                grad_x = fp8.gemm(*fp8.quant_act(g2), wt, wt_scale, out_dtype=grad_out.dtype).reshape(x.shape)
+                grad_x = fp8.gemm(*g, wt, wt_scale, out_dtype=grad_out.dtype).reshape(ctx.x_shape)
         none = (None,) * 3  # store, fp8, fp8_backward
-        if not ctx.needs_input_grad[1]:
+        if not needs_wgrad:
             return grad_x, None, *none
-
-        def weight_grad() -> torch.Tensor | None:  # (N, K), or None once added into the main gradient
-            if ctx.fp8 is None:
-                return None if fused_main_grad_mm(ctx.weight, g2.t(), x2) else g2.t() @ x2
-            fp8 = ctx.fp8  # Wgrad: both operands in tiles of `block` tokens, FP32 out
-            return fp8.gemm(*fp8.quant_act_t(g2), *fp8.quant_act_t(x2), out_dtype=wgrad_dtype(weight))
-
+        if fp8 is None:
+            weight_grad = _straight_through_weight_grad(ctx.weight, g2, saved[0])
+        else:
+            weight_grad = _fp8_weight_grad(fp8, weight, g2 if g_t is None else g_t,
+                                           tuple(saved) if ctx.x_t_saved else saved[0])
         return grad_x, weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad), *none
 
 
@@ -92,7 +191,8 @@ class Linear(nn.Linear):
         fuse_main_grad = x.is_cuda and hasattr(self.weight, "main_grad")  # LinearFn adds the Wgrad into it
         if self.fp8 is None and self.weight_grad_store is None and not fuse_main_grad:
             return F.linear(x, self.weight, self.bias)
-        y = LinearFn.apply(x, self.weight, self.weight_grad_store, self.fp8, self.fp8_backward)
+        fp8_backward = self.fp8_backward and torch.is_grad_enabled()  # no graph: nothing made for a backward
+        y = LinearFn.apply(x, self.weight, self.weight_grad_store, self.fp8, fp8_backward)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
