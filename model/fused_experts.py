@@ -104,15 +104,17 @@ class FusedExpertsFn(torch.autograd.Function):
         grad_w = pair_weight_grad(grad_out, y, plan).to(weight_of_pair.dtype)
         # Step 2: down projection; its input, the SwiGLU output, recomputed from h (FP8: quantised 128x1 from
         # the FP32 product in the same pass, as the forward quantised it 1x128).
+        gy_rows, gy_t = _quant_both(ctx, 3, grad_y)
         grad_down = _weight_grad(ctx, 3, ctx.down, grad_y, lambda: swiglu(h),
-                                 lambda: swiglu_quant_t(h, amax_floor=MIN_AMAX))
-        grad_act = _dgrad(ctx, grad_y, ctx.down)  # (M_pad, I)
+                                 lambda: swiglu_quant_t(h, amax_floor=MIN_AMAX), gy_t)
+        grad_act = _dgrad(ctx, grad_y, ctx.down, gy_rows)  # (M_pad, I)
         # Step 3: SwiGLU from its saved input, then gate_up; its input, the permuted rows, gathered again
         # (FP8: gathered straight into 128x1 tiles).
         grad_h = swiglu_backward(h, grad_act)  # (M_pad, 2I)
+        gh_rows, gh_t = _quant_both(ctx, 2, grad_h)
         grad_gate_up = _weight_grad(ctx, 2, ctx.gate_up, grad_h, lambda: moe_permute(x, plan),
-                                    lambda: moe_permute(x, plan, quantize="128x1_t", amax_floor=MIN_AMAX))
-        grad_rows = _dgrad(ctx, grad_h, ctx.gate_up)  # (M_pad, d)
+                                    lambda: moe_permute(x, plan, quantize="128x1_t", amax_floor=MIN_AMAX), gh_t)
+        grad_rows = _dgrad(ctx, grad_h, ctx.gate_up, gh_rows)  # (M_pad, d)
         # Step 4: the permute's backward: each token's rows summed.
         grad_x = moe_unpermute(grad_rows, plan) if ctx.needs_input_grad[0] else None
         return grad_x, grad_w, grad_gate_up, grad_down, *(None,) * 6
@@ -134,25 +136,38 @@ def _bounds_to_host(plan: DispatchPlan, ops: Fp8Ops | None, use_torch: bool, *we
     return host, copied
 
 
-def _dgrad(ctx, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """g (M_pad, N) times each expert's weight (E, N, K): (M_pad, K)."""
+def _quant_both(ctx, index: int, g: torch.Tensor):
+    """g (M_pad, N) in 1x128 tiles for the FP8 Dgrad and in 128x1 tiles (N, M_pad) for the FP8 Wgrad of input
+    ``index``, from one read (``Fp8Ops.quant_act_both``; bit-exact to the two quantisers), where both run; else
+    (None, None) and each quantises its own."""
+    ops = ctx.ops
+    if not (ctx.fp8_backward and ctx.needs_input_grad[index] and getattr(ops, "quant_act_both", None) is not None):
+        return None, None
+    return ops.quant_act_both(g)
+
+
+def _dgrad(ctx, g: torch.Tensor, weight: torch.Tensor, g_rows=None) -> torch.Tensor:
+    """g (M_pad, N) times each expert's weight (E, N, K): (M_pad, K); ``g_rows``: g in 1x128 tiles, made already."""
     plan, ops = ctx.plan, ctx.ops
     if ctx.fp8_backward:  # gradient rows in 1x128 tiles times each expert's W^T (K, N) in 128x128 blocks
         wt, wt_scale = ops.quant_weight(weight.transpose(1, 2))
-        gq, gs = ops.quant_act(g)
+        gq, gs = g_rows if g_rows is not None else ops.quant_act(g)
         return ops.grouped_contiguous(gq, gs, wt, wt_scale, plan.m_indices, out_dtype=g.dtype,
                                       host_counts=ctx.host_counts)
     mm = torch_grouped_mm if ctx.use_torch else reference_grouped_mm
     return mm(g, weight.to(g.dtype), plan.seg_offsets[1:])  # padding rows are zero: so is their product
 
 
-def _weight_grad(ctx, index: int, weight: torch.Tensor, g: torch.Tensor, input_float, input_fp8_t):
+def _weight_grad(ctx, index: int, weight: torch.Tensor, g: torch.Tensor, input_float, input_fp8_t, g_t=None):
     """What backward returns for ``weight`` (E, N, K), from g (M_pad, N) and the layer input, recomputed when the
     Wgrad runs (now, or in the W step): ``input_float()`` (M_pad, K), or ``input_fp8_t()`` its transpose
-    (K, M_pad) in E4M3 128x1 tiles with scales (K, M_pad/128)."""
+    (K, M_pad) in E4M3 128x1 tiles with scales (K, M_pad/128). ``g_t``: g's 128x1 tiles, made already (a deferred
+    Wgrad then holds them instead of g)."""
     if not ctx.needs_input_grad[index]:
         return None
     plan, ops, fp8_backward, use_torch = ctx.plan, ctx.ops, ctx.fp8_backward, ctx.use_torch
+    if g_t is not None:
+        g = None  # the closure keeps the FP8 tiles, not the gradient
 
     def weight_grad() -> torch.Tensor | None:  # (E, N, K) FP32 in FP8, else the float dtype; None: accumulated
         if not fp8_backward:
@@ -165,7 +180,7 @@ def _weight_grad(ctx, index: int, weight: torch.Tensor, g: torch.Tensor, input_f
                     return None
             wgrad = torch_grouped_weight_grad if use_torch else reference_grouped_weight_grad
             return wgrad(g, input_float(), plan.seg_offsets[1:])
-        gq, gs = ops.quant_act_t(g)  # (N, M_pad), tiles of 128 tokens, each inside one expert's segment
+        gq, gs = g_t if g_t is not None else ops.quant_act_t(g)  # (N, M_pad), 128 tokens a tile, inside one expert
         aq, a_s = input_fp8_t()  # (K, M_pad)
         if fused_main_grad_fp8(weight, gq, gs, aq, a_s, plan.seg_offsets):  # into the FP32 main gradient
             return None

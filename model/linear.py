@@ -30,7 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeplan.model.fp8 import Fp8Ops, quant_weight_fwd
-from moeplan.model.weight_grad import WeightGradStore, fused_main_grad_mm, weight_grad_now_or_later, wgrad_dtype
+from moeplan.model.weight_grad import (
+    WeightGradStore,
+    fused_main_grad_fp8,
+    fused_main_grad_mm,
+    weight_grad_now_or_later,
+    wgrad_dtype,
+)
 
 QuantPair = tuple[torch.Tensor, torch.Tensor]  # E4M3 values and their FP32 scales
 
@@ -100,10 +106,18 @@ def _quant_t(fp8: Fp8Ops, operand: QuantPair | torch.Tensor) -> QuantPair:
 
 
 def _fp8_weight_grad(fp8: Fp8Ops, weight: torch.Tensor, g: QuantPair | torch.Tensor,
-                     x: QuantPair | torch.Tensor) -> Callable[[], torch.Tensor]:
-    """Wgrad (N, K) = g^T x with both operands in tiles of block tokens (``_quant_t``), FP32 accumulation. The
-    closure holds only what it multiplies: FP8 copies where made already (less memory while deferred)."""
-    return lambda: fp8.gemm(*_quant_t(fp8, g), *_quant_t(fp8, x), out_dtype=wgrad_dtype(weight))
+                     x: QuantPair | torch.Tensor) -> Callable[[], torch.Tensor | None]:
+    """Wgrad (N, K) = g^T x with both operands in tiles of block tokens (``_quant_t``), FP32 accumulation, or None
+    once added into ``weight.main_grad`` in the GEMM's epilogue (``fused_main_grad_fp8``). The closure holds only
+    what it multiplies: FP8 copies where made already (less memory while deferred)."""
+
+    def weight_grad() -> torch.Tensor | None:
+        operands = (*_quant_t(fp8, g), *_quant_t(fp8, x))
+        if fused_main_grad_fp8(weight, *operands):
+            return None
+        return fp8.gemm(*operands, out_dtype=wgrad_dtype(weight))
+
+    return weight_grad
 
 
 def _straight_through_weight_grad(param: torch.Tensor, g2: torch.Tensor,
@@ -161,7 +175,7 @@ class LinearFn(torch.autograd.Function):
         if fp8 is None:
             weight_grad = _straight_through_weight_grad(ctx.weight, g2, saved[0])
         else:
-            weight_grad = _fp8_weight_grad(fp8, weight, g2 if g_t is None else g_t,
+            weight_grad = _fp8_weight_grad(fp8, ctx.weight, g2 if g_t is None else g_t,
                                            tuple(saved) if ctx.x_t_saved else saved[0])
         return grad_x, weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad), *none
 

@@ -236,3 +236,31 @@ def test_cache_passes_inference_tensors_through():
         x = torch.randn(4, 128)
         assert _same(cache(ops, x, with_t=False)[0], ops.quant_act(x))
     assert len(cache._entries) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not test_kernels.ON_GPU, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("deferred", [False, True])
+def test_fp8_weight_gradient_adds_into_the_main_gradient_in_the_epilogue(deferred):
+    """With an FP32 main gradient attached (as the runtime does), the FP8 Wgrad adds into it inside the GEMM
+    (``weight_grad.fused_main_grad_fp8``), immediately or from the W step: no ``.grad``, and two backward passes
+    leave twice the gradient the layer without a main gradient returns."""
+    ops = kernel_ops()
+    x0 = rand(4, 256, 512, seed=61, device="cuda", dtype=torch.bfloat16)
+    w0 = rand(384, 512, seed=62, device="cuda", dtype=torch.bfloat16, scale=512 ** -0.5)
+    dy = rand(4, 256, 384, seed=63, device="cuda", dtype=torch.bfloat16)
+    (_, _, want), _ = _run_linear(ops, x0, w0, dy, True, False)
+    layer = Linear(512, 384, dtype=torch.bfloat16, fp8=ops, fp8_backward=True).cuda()
+    with torch.no_grad():
+        layer.weight.copy_(w0)
+    layer.weight.main_grad = torch.zeros(384, 512, dtype=torch.float32, device="cuda")
+    for _ in range(2):
+        store = WeightGradStore() if deferred else None
+        attach_weight_grad_store(layer, store)
+        x = x0.clone().requires_grad_(True)
+        layer(x).backward(dy)
+        if store is not None:
+            store.flush()
+        assert layer.weight.grad is None
+    err = float((layer.weight.main_grad / 2 - want.float()).norm() / want.float().norm())
+    assert err < 1e-2, err
