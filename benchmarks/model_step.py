@@ -89,11 +89,11 @@ def unsupported(config, device: torch.device) -> str | None:
     return None
 
 
-def build_runners(w, device: torch.device) -> list[Runner]:
+def build_runners(w, device: torch.device, configs: set[str] | None = None) -> list[Runner]:
     """Every configuration's stage, all built with the same seed, then made to share the first one's
     weights (``load_state_dict(assign=True)``): one copy in memory whatever the number of configurations."""
     runners, first = [], None
-    for config in cases.CONFIGS:
+    for config in (c for c in cases.CONFIGS if configs is None or c.name in configs):
         reason = unsupported(config, device)
         if reason is None:
             try:
@@ -350,7 +350,7 @@ def profile_breakdown(r: Runner, x, g, device: torch.device, steps: int, microba
 def run_workload(w, device: torch.device, gpu, tables, args) -> dict:
     """Build, warm up, burn in, time, measure memory and profile every configuration of ``w``."""
     log.info("workload %s (%s, %d tokens): building", w.name, w.title, w.tokens)
-    runners = build_runners(w, device)
+    runners = build_runners(w, device, args.configs)
     x, g = step_inputs(w, device)
     warm_up(runners, x, g, device, args.warmup, args.microbatches, args.main_grads)
     live = [r for r in runners if not r.skipped]
@@ -424,7 +424,14 @@ def parse_args() -> argparse.Namespace:
                         help="micro-batches a step, gradients accumulating, FP8 weights quantised once (default %(default)s)")
     parser.add_argument("--main-grads", action=argparse.BooleanOptionalAction, default=True,
                         help="FP32 main gradients attached as the runtime does (default on)")
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated configuration names to run (default: all of model_step_cases.CONFIGS)")
     args = parser.parse_args()
+    if args.configs is not None:
+        names = {c.name for c in cases.CONFIGS}
+        args.configs = set(args.configs.split(","))
+        if not args.configs <= names:
+            parser.error(f"--configs {','.join(sorted(args.configs - names))}: not one of {', '.join(sorted(names))}")
     if args.microbatches < 1:
         parser.error(f"--microbatches {args.microbatches}: must be at least 1")
     cuda = args.device == "cuda"

@@ -222,3 +222,10 @@ def test_stage_flops_are_the_accountings_layers():
     for key in ("routed_experts", "shared_experts", "gates"):  # the same four MoE layers
         assert fa[key] == pytest.approx(fb[key]) and fa[key] > 0
     assert fb["attention_core"] == pytest.approx(fa["attention_core"] * 5 / 4)
+
+
+def test_configs_picks_the_configurations_run(ms):
+    w = cases.workloads(small=True)[0]
+    runners = ms.build_runners(w, torch.device("cpu"), {"bf16", "fp8 fwd"})
+    assert [r.config.name for r in runners] == ["bf16", "fp8 fwd"]
+    assert [r.config.name for r in ms.build_runners(w, torch.device("cpu"))] == [c.name for c in cases.CONFIGS]
