@@ -1,6 +1,7 @@
 """What ``moeplan submit`` and ``status`` take from outside before the Kubernetes client sees it: the
 kubeconfig file (bounded, UTF-8, YAML without aliases, the shape the client indexes), the API server's
-address, object names, and the API server's answers (bounded, strict JSON, a JSON object). Each
+address, object names, the API server's answers (bounded, strict JSON, a JSON object), and the integers of
+manifests read from a folder (``manifests --validate`` and ``submit``: within int64). Each
 problem is one ``InputError`` line naming the file, field or request and the value.
 
 The official client trusts its kubeconfig: a list where a mapping belongs, a 100,000-deep document or a
@@ -135,3 +136,27 @@ def read_answer(response: Any, what: str, deadline: float) -> dict[str, Any]:
     if not isinstance(answer, dict):
         raise InputError(f"{what}: the API server answered a {type(answer).__name__}, not an object")
     return answer
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # Kubernetes' integers (Go's int64); CEL's int overflows past them
+
+
+def _check_integers(source: Path, doc: Any) -> None:
+    """One line for the first integer of ``doc`` outside int64 (the API server refuses it; the CEL layer raised)."""
+    stack: list[tuple[str, Any]] = [("", doc)]
+    while stack:  # no recursion: a document may nest thousands deep
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            stack += [(f"{where}.{k}" if where else str(k), v) for k, v in reversed(value.items())]
+        elif isinstance(value, list):
+            stack += [(f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value)))]
+        elif isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+            shown = str(value) if value.bit_length() <= 256 else f"an integer of {value.bit_length()} bits"
+            raise InputError(f"{source}: {where[:200] or 'the document'}={shown}: outside Kubernetes' 64-bit "
+                             f"integers ({INT64_MIN}..{INT64_MAX})")
+
+
+def check_manifest_integers(folder: Path, docs: list[tuple[str, Any]]) -> None:
+    """``manifests --validate`` and ``submit``: every integer of the documents read from ``folder`` fits int64."""
+    for source, doc in docs:
+        _check_integers(folder / source, doc)

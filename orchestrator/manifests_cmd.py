@@ -20,6 +20,7 @@ from moeplan.manifests.render import BUILDERS, CONFIGMAP_MAX_BYTES, documents, l
 from moeplan.manifests.target import GiB, K8sTarget, ManifestError
 from moeplan.manifests.validation import Finding, read_documents, validate_documents
 from moeplan.orchestrator.errors import InputError, one_line
+from moeplan.orchestrator.kube_input import check_manifest_integers
 from moeplan.orchestrator.outputs import check_out_dir, out_path, write_outputs
 from moeplan.simulator.contracts.plan_file import PlanFile, parse_plan
 
@@ -85,9 +86,11 @@ def manifests_command(
 
 def read_documents_or_fail(folder: Path) -> list[tuple[str, dict[str, Any]]]:
     try:
-        return read_documents(folder)
+        docs = read_documents(folder)
     except ManifestError as exc:
         raise InputError(str(exc)) from None
+    check_manifest_integers(folder, docs)
+    return docs
 
 
 def _read_plan(path: Path) -> tuple[PlanFile, str]:

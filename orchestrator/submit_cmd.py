@@ -29,7 +29,7 @@ from moeplan.manifests.target import ManifestError
 from moeplan.manifests.validation import read_documents, validate_documents
 from moeplan.orchestrator.errors import InputError, note, one_line
 from moeplan.orchestrator.kube import REQUEST_TIMEOUT_S, RESOURCES, Kube, check_request_timeout
-from moeplan.orchestrator.kube_input import NAMESPACE_RE, check_name
+from moeplan.orchestrator.kube_input import NAMESPACE_RE, check_manifest_integers, check_name
 
 FAILED_EXIT_CODE = 1
 Opt = typer.Option
@@ -85,6 +85,7 @@ def submit_command(
 def _valid_documents(folder: Path, version: str) -> list[tuple[str, dict[str, Any]]]:
     try:
         docs = read_documents(folder)
+        check_manifest_integers(folder, docs)
         findings = validate_documents(docs, version)
     except ManifestError as exc:
         raise InputError(str(exc)) from None

@@ -50,12 +50,17 @@ def _rate(doc: dict[str, Any]) -> None:
         s["tokens_per_s_per_gpu"] = s["tokens"] / s["wall_time_s"] / world
 
 
-def _replace(path: Path, how: str) -> None:
-    """Put something unreadable where ``path`` was."""
+def _remove(path: Path) -> None:
+    """Nothing where ``path`` was, whatever an earlier corruption left there (a folder too)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def _replace(path: Path, how: str) -> None:
+    """Put something unreadable where ``path`` was."""
+    _remove(path)
     if how == "folder":
         path.mkdir()
     elif how == "device":
@@ -106,7 +111,7 @@ def corrupt_run(draw: st.DrawFn, run_dir: Path, run_json: dict[str, Any], trace:
             if how == "mutate" and _plain(run_dir / "run.json"):
                 (run_dir / "run.json").write_bytes(draw(mutated_document(run_json)))
             elif how == "missing":
-                (run_dir / "run.json").unlink(missing_ok=True)
+                _remove(run_dir / "run.json")
             elif how == "empty" and _plain(run_dir / "run.json"):
                 (run_dir / "run.json").write_bytes(b"")
             else:
@@ -132,7 +137,7 @@ def corrupt_run(draw: st.DrawFn, run_dir: Path, run_json: dict[str, Any], trace:
             if how == "mutate" and _plain(path):
                 path.write_bytes(draw(mutated_document(trace)))
             elif how == "missing":
-                path.unlink(missing_ok=True)
+                _remove(path)
             else:
                 _replace(path, how)
         elif what == "plan":

@@ -231,3 +231,36 @@ def test_submit_refuses_a_bad_request_timeout_before_validating(folder) -> None:
     result = CliRunner().invoke(app, ["submit", str(folder), "--request-timeout-s", "inf"])
     assert result.exit_code == 2 and result.stdout == "", result.output
     assert result.stderr.splitlines() == ["moeplan: error: --request-timeout-s inf: must be in (0, 600]"]
+
+
+@pytest.mark.parametrize("value", [2**64, -(2**63) - 1, 10**400], ids=["2**64", "-2**63-1", "10**400"])
+@pytest.mark.parametrize("command", ["manifests", "submit"])
+def test_an_integer_beyond_int64_is_one_line(folder, tmp_path, command, value) -> None:
+    """The long fuzz profile (2026-12-06 afternoon): an integer outside Go's int64 in a manifest overflowed CEL's
+    int type (``ValueError: overflow``, exit 3, in ``manifests --validate`` and ``submit``); now one line."""
+    cm, job = _docs(folder)
+    job["spec"]["backoffLimit"] = value
+    (tmp_path / "plan-configmap.yaml").write_text(yaml.safe_dump(cm))
+    (tmp_path / "rayjob.yaml").write_text(yaml.safe_dump(job))
+    args = (["manifests", "--validate", str(tmp_path)] if command == "manifests" else
+            ["submit", str(tmp_path), "--kubeconfig", str(tmp_path / "no-kubeconfig")])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    (line,) = result.stderr.splitlines()
+    shown = str(value) if value.bit_length() <= 256 else "an integer of 1329 bits"
+    assert line == (f"moeplan: error: {tmp_path / 'rayjob.yaml'}: spec.backoffLimit={shown}: outside Kubernetes' "
+                    "64-bit integers (-9223372036854775808..9223372036854775807)"), line
+
+
+@pytest.mark.xfail(strict=True, reason="manifests/cel_check.cel_findings evaluates a JobSet's CEL rules on a "
+                   "replicatedJobs that is not a list; celpy raises TypeError (exit 3): to fix in manifests/")
+@pytest.mark.parametrize("value", [None, 5, True], ids=["null", "a number", "a boolean"])
+def test_a_jobset_whose_replicated_jobs_are_not_a_list_is_a_finding(folder, tmp_path, value) -> None:
+    """The long fuzz profile (2026-12-06 afternoon): 53 exit 3 of 400 ``manifests --validate`` examples."""
+    plan = folder.parent / "plan"
+    assert _run("manifests", str(plan), "--kind", "jobset", "--out", str(tmp_path / "js")).exit_code == 0
+    job = yaml.safe_load((tmp_path / "js" / "jobset.yaml").read_text())
+    job["spec"]["replicatedJobs"] = value
+    (tmp_path / "js" / "jobset.yaml").write_text(yaml.safe_dump(job))
+    result = CliRunner().invoke(app, ["manifests", "--validate", str(tmp_path / "js")])
+    assert result.exit_code == 2 and result.stdout.startswith("[schema]"), result.output
