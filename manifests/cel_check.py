@@ -59,7 +59,12 @@ def cel_findings(doc: dict[str, Any]) -> list[str]:
         if rule["transition"]:
             continue
         for at, value in values_at(doc, rule["path"]):
-            result = _program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})
+            try:
+                result = _program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})
+            except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+                # a value of the wrong type (a null or a number where the rule walks a list): celpy raises where
+                # the API server's schema layer refuses first; a finding here, beside the schema layer's
+                result = f"{type(exc).__name__}: {exc}"
             if not (isinstance(result, celpy.celtypes.BoolType) and bool(result)):
                 why = "" if isinstance(result, celpy.celtypes.BoolType) else f" (rule error: {str(result)[:120]})"
                 found.append(f"{where(at)}: {rule['message']}{why}")

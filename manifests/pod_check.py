@@ -25,21 +25,30 @@ def check_version(version: str) -> str:
     return version
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def embedded(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(path, core object) for each pod or Job template a RayJob or JobSet carries."""
-    spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
+    """(path, core object) for each pod or Job template a RayJob or JobSet carries. A field of the wrong type (a
+    number where a list or an object belongs) carries none: the schema layer reports it."""
+    spec = _dict(doc.get("spec"))
     if doc.get("kind") == "RayJob":
-        cluster = spec.get("rayClusterSpec") or {}
-        parts = [("spec.rayClusterSpec.headGroupSpec.template", (cluster.get("headGroupSpec") or {}).get("template"))]
+        cluster = _dict(spec.get("rayClusterSpec"))
+        parts = [("spec.rayClusterSpec.headGroupSpec.template", _dict(cluster.get("headGroupSpec")).get("template"))]
         parts += [(f"spec.rayClusterSpec.workerGroupSpecs[{i}].template", g.get("template"))
-                  for i, g in enumerate(cluster.get("workerGroupSpecs") or []) if isinstance(g, dict)]
+                  for i, g in enumerate(_list(cluster.get("workerGroupSpecs"))) if isinstance(g, dict)]
         parts.append(("spec.submitterPodTemplate", spec.get("submitterPodTemplate")))
         for path, template in parts:
             if isinstance(template, dict):
                 yield path, {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "template"},
                              "template": template}
     elif doc.get("kind") == "JobSet":
-        for i, job in enumerate(spec.get("replicatedJobs") or []):
+        for i, job in enumerate(_list(spec.get("replicatedJobs"))):
             template = job.get("template") if isinstance(job, dict) else None
             if isinstance(template, dict):
                 yield f"spec.replicatedJobs[{i}].template", {"apiVersion": "batch/v1", "kind": "Job",

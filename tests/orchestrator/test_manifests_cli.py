@@ -252,8 +252,6 @@ def test_an_integer_beyond_int64_is_one_line(folder, tmp_path, command, value) -
                     "64-bit integers (-9223372036854775808..9223372036854775807)"), line
 
 
-@pytest.mark.xfail(strict=True, reason="manifests/cel_check.cel_findings evaluates a JobSet's CEL rules on a "
-                   "replicatedJobs that is not a list; celpy raises TypeError (exit 3): to fix in manifests/")
 @pytest.mark.parametrize("value", [None, 5, True], ids=["null", "a number", "a boolean"])
 def test_a_jobset_whose_replicated_jobs_are_not_a_list_is_a_finding(folder, tmp_path, value) -> None:
     """The long fuzz profile (2026-12-06 afternoon): 53 exit 3 of 400 ``manifests --validate`` examples."""
@@ -263,4 +261,21 @@ def test_a_jobset_whose_replicated_jobs_are_not_a_list_is_a_finding(folder, tmp_
     job["spec"]["replicatedJobs"] = value
     (tmp_path / "js" / "jobset.yaml").write_text(yaml.safe_dump(job))
     result = CliRunner().invoke(app, ["manifests", "--validate", str(tmp_path / "js")])
+    assert result.exit_code == 2 and result.stdout.startswith("[schema]"), result.output
+
+
+@pytest.mark.parametrize("field,value", [("rayClusterSpec", 5), ("rayClusterSpec", None),
+                                         ("rayClusterSpec.workerGroupSpecs", True),
+                                         ("rayClusterSpec.headGroupSpec", [1])])
+def test_a_rayjob_with_a_field_of_the_wrong_type_is_a_finding(folder, tmp_path, field, value) -> None:
+    """The RayJob twin of the JobSet case above: a number, null, boolean or list where an object or a list of
+    objects belongs is the schema layer's finding, exit 2, not an error in the pod layer's walk."""
+    job = yaml.safe_load((folder / "rayjob.yaml").read_text())
+    *parents, last = ["spec", *field.split(".")]
+    target = job
+    for key in parents:
+        target = target[key]
+    target[last] = value
+    (tmp_path / "rayjob.yaml").write_text(yaml.safe_dump(job))
+    result = CliRunner().invoke(app, ["manifests", "--validate", str(tmp_path)])
     assert result.exit_code == 2 and result.stdout.startswith("[schema]"), result.output
