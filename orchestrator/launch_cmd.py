@@ -42,6 +42,7 @@ from moeplan.orchestrator.rank_entry import RankJob, on_cpu
 from moeplan.orchestrator.ray_address import ADDRESS_TIMEOUT_S, check_address
 from moeplan.simulator.contracts.plan_file import PlanFile, read_plan
 from moeplan.simulator.contracts.run_report import PLAN_COPY_NAME, Restart, read_run_report
+from moeplan.simulator.contracts.runtime_support import check_plan_for_world, check_run_settings
 from moeplan.simulator.spec.errors import first_error_line
 from moeplan.simulator.spec.json_input import MAX_FILE_BYTES, open_input, read_json_file
 
@@ -98,14 +99,10 @@ def _check_plan(plan: PlanFile, s: dict) -> None:
         raise InputError(problem)
     if s["max_failures"] < 0:
         raise InputError(f"--max-failures={s['max_failures']} must be >= 0")
-    from moeplan.model.runtime.rank import PlanRuntimeError, check_plan_for_world
-    from moeplan.model.runtime.worker import RunConfig
-
-    try:
+    try:  # the ranks' own checks, torch-free: a refusal within a second
         check_plan_for_world(plan, plan.inputs.cluster.num_gpus)
-        RunConfig(steps=s["steps"], warmup_steps=min(1, s["steps"] - 1), dtype=s["dtype"],
-                  checkpoint_every=s["checkpoint_every"])
-    except (PlanRuntimeError, ValueError) as exc:
+        check_run_settings(s["steps"], min(1, s["steps"] - 1), s["dtype"], s["checkpoint_every"])
+    except ValueError as exc:
         raise InputError(str(exc)) from None
 
 

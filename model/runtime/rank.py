@@ -45,13 +45,10 @@ from moeplan.model.runtime.optimizer import ShardedParams, StepStats, ZeroAdamW,
 from moeplan.model.stage import rank_stages_from_plan
 from moeplan.model.transformer import build_rank
 from moeplan.simulator.contracts.plan_file import PlanFile
+from moeplan.simulator.contracts.runtime_support import PlanRuntimeError, check_plan_for_world  # noqa: F401 (re-exported)
 from moeplan.simulator.schedules.lowering import lower
 
 log = logging.getLogger(__name__)
-
-
-class PlanRuntimeError(ValueError):
-    """A plan the runtime cannot execute on the processes given (one line, names the field)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,23 +74,6 @@ def model_options_for(plan: PlanFile, options: RuntimeOptions, device: torch.dev
     return ModelOptions(dtype=options.dtype, linear_precision="fp8", expert_backend="fp8",
                         fp8_kernel="kernels" if device.type == "cuda" else "reference", fp8_backward=True,
                         fuse_memory_bound=fuse)
-
-
-def check_plan_for_world(plan: PlanFile, world: int) -> None:
-    """One-line errors for a plan the runtime cannot run on ``world`` processes (before any group forms)."""
-    lay, model = plan.layout, plan.inputs.model
-    if lay.world != world:
-        raise PlanRuntimeError(f"layout.world={lay.world} but {world} processes were given")
-    if not model.is_mla:  # model/block.py's LayerFactory.create refuses it too, but in rank 0 after Ray has started
-        raise PlanRuntimeError(f"model {model.name!r}: kv_lora_rank={model.kv_lora_rank}; the runtime builds MLA "
-                               "models only (the plan is for the simulator only)")
-    if plan.schedule is None:
-        raise PlanRuntimeError("plan.schedule is null: re-run `moeplan plan` to write the schedule")
-    if lay.cp != 1:
-        raise PlanRuntimeError(f"layout.cp={lay.cp}: the runtime does not run context parallelism yet (cp must be 1)")
-    if plan.inputs.parallel.tp != 1:
-        raise PlanRuntimeError(f"parallel.tp={plan.inputs.parallel.tp}: the runtime does not run tensor parallelism "
-                               "(tp must be 1; the plan is for the simulator only)")
 
 
 @dataclasses.dataclass

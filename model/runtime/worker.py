@@ -59,6 +59,7 @@ from moeplan.simulator.contracts.run_report import (
     write_run_report,
 )
 from moeplan.simulator.contracts.run_telemetry import write_telemetry
+from moeplan.simulator.contracts.runtime_support import DTYPE_NAMES, check_run_settings
 from moeplan.simulator.contracts.trace import chrome_trace
 from moeplan.simulator.contracts.versions import installed_version
 
@@ -95,17 +96,11 @@ class RunConfig:
     fault_at: tuple[int, int] | None = None  # TEST ONLY: (rank, step) that kills itself once (resume.inject_fault)
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be in 0..steps-1={self.steps - 1}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 0 (0 = off)")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
+        check_run_settings(self.steps, self.warmup_steps, self.dtype, self.checkpoint_every)
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # keys: runtime_support.DTYPE_NAMES
+assert tuple(DTYPES) == DTYPE_NAMES
 
 
 def train(plan: PlanFile, run_dir: Path, config: RunConfig, rank: int, device: torch.device | None = None,
