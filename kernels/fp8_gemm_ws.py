@@ -231,8 +231,7 @@ if HAVE_GLUON:
             if GROUPED_K:
                 off_m, off_n, k0, steps, _ = _k_group_tile(tile, m_ptr, num_pid_m, num_pid_n, M, BLOCK_M, BLOCK_N,
                                                            GROUP_M)
-                first_b = off_n
-                first_sb = off_n // TILE_C
+                first_b = off_n  # B's scales are 1x128 rows here: no block row to find
             else:
                 off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
                 steps, first_b, first_sb = _expert_tile(m_ptr, off_m, off_n, N, k_steps, GROUPED)
@@ -289,7 +288,6 @@ if HAVE_GLUON:
             if GROUPED_K:  # the K blocks' scales come with the stage (TMA): only the count matters here
                 off_m, off_n, _, steps, c_row = _k_group_tile(tile, m_ptr, num_pid_m, num_pid_n, M, BLOCK_M,
                                                               BLOCK_N, GROUP_M)
-                first_sb = off_n // TILE_C
             else:
                 off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
                 steps, _, first_sb = _expert_tile(m_ptr, off_m, off_n, N, k_steps, GROUPED)

@@ -35,7 +35,7 @@ from .fp8_gemm import (
     pick_faster,
     scaled_mm_reliable,
 )
-from .fp8_gemm_ws import fp8_wgrad_ws
+from .fp8_gemm_ws import fp8_wgrad_ws, runs_on
 from .fp8_quant import quant_act_1x128, quant_weight_128x128
 from .triton_compat import next_power_of_2, triton
 
@@ -224,7 +224,7 @@ def grouped_wgrad_fp8(
     args = (a_t, a_t_scale, b_t, b_t_scale, seg_offsets, out_dtype)
     backend = _resolve(backend, a_t, gluon=True)
     runs = {"triton": lambda: _grouped_wgrad_triton(*args), "torch": lambda: _grouped_wgrad_fp8_torch(*args)}
-    if HAVE_GLUON and a_t.is_cuda and not INTERPRET:
+    if runs_on(a_t.device):
         runs["gluon"] = lambda: _grouped_wgrad_gluon(*args)
     if backend == "auto":
         key = ("grouped_wgrad_fp8", next_power_of_2(a_t.shape[1]), seg_offsets.numel(), a_t.shape[0], b_t.shape[0],

@@ -259,6 +259,17 @@ def reference_ops(block: int = 128) -> Fp8Ops:
     )
 
 
+def tensor_key(t: torch.Tensor) -> tuple:
+    """A cache key for what ``t`` views: storage address, dtype, device, shape and strides. An entry under it is
+    still valid while ``storage_owner(t)`` is the tensor it was made from and ``t._version`` is unchanged."""
+    return (t.data_ptr(), t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
+
+
+def storage_owner(t: torch.Tensor) -> torch.Tensor:
+    """The tensor that owns ``t``'s storage: ``t``, or the base it is a view of."""
+    return t if t._base is None else t._base
+
+
 class Fp8WeightCache:
     """The FP8 copy of each weight, made once per weight version instead of on every GEMM call.
 
@@ -285,18 +296,14 @@ class Fp8WeightCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    @staticmethod
-    def _key(w: torch.Tensor) -> tuple:
-        return (w.data_ptr(), w.dtype, w.device, tuple(w.shape), tuple(w.stride()))
-
     def _lookup(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        hit = self._entries.get(self._key(w))
-        if hit is not None and hit[0]() is (w if w._base is None else w._base) and hit[1] == w._version:
+        hit = self._entries.get(tensor_key(w))
+        if hit is not None and hit[0]() is storage_owner(w) and hit[1] == w._version:
             return hit[2]
         return None
 
     def _store(self, w: torch.Tensor, value: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self._entries[self._key(w)] = (weakref.ref(w if w._base is None else w._base), w._version, value)
+        self._entries[tensor_key(w)] = (weakref.ref(storage_owner(w)), w._version, value)
 
     def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         value = self._lookup(w)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeplan.model.fp8 import Fp8Ops, quant_weight_fwd
+from moeplan.model.fp8 import Fp8Ops, quant_weight_fwd, storage_owner, tensor_key
 from moeplan.model.weight_grad import (
     WeightGradStore,
     fused_main_grad_fp8,
@@ -69,8 +69,7 @@ class Fp8InputCache:
         """x (..., K) -> (x as (M, K) in 1 x block tiles, x^T (K, M) in tiles of block tokens or None). The latter
         with ``with_t`` only, from ``ops.quant_act_both`` (one read of x)."""
         cacheable = self.capacity > 0 and not x.is_inference()  # inference tensors have no version counter
-        key = (x.data_ptr(), x.dtype, x.device, tuple(x.shape), tuple(x.stride()))
-        base = x if x._base is None else x._base
+        key, base = tensor_key(x), storage_owner(x)
         hit = self._entries.get(key) if cacheable else None
         if (hit is not None and hit.ref() is base and hit.version == x._version and hit.ops is ops
                 and (hit.t is not None or not with_t)):

@@ -145,7 +145,7 @@ def fused_main_grad_fp8(param: torch.Tensor, a_t: torch.Tensor, a_t_scale: torch
     (``fp8_wgrad_ws``). Otherwise the caller writes the gradient in the parameter's dtype and the main-grad hook
     adds it: 2 B written, then 2 B read and 8 B read and written a parameter, every micro-batch, against 8 B here."""
     main_grad = getattr(param, "main_grad", None)
-    if (main_grad is None or not a_t.is_cuda or not runs_on(a_t.device) or main_grad.dtype != torch.float32
+    if (main_grad is None or not runs_on(a_t.device) or main_grad.dtype != torch.float32
             or not main_grad.is_contiguous() or main_grad.data_ptr() % 16 or (main_grad.shape[-1] * 4) % 16
             or a_t.stride(-1) != 1 or b_t.stride(-1) != 1 or a_t.shape[1] % 16):
         return False
