@@ -1,0 +1,62 @@
+"""The routed experts' FP8 weight gradient at V3's shapes, each backend of ``kernels.grouped_gemm.grouped_wgrad_fp8``.
+
+    python -P benchmarks/grouped_wgrad_bench.py          # a Hopper GPU; about 20 s
+
+32 experts (one GPU's share at EP = 8), 4096 tokens routed top-8 uniformly at random (seed 0), each expert's
+rows padded to 128 (the contiguous layout); gate_up's Wgrad (4096 x 7168) and down's (7168 x 2048). Backends:
+"torch" (a block-scaled cuBLAS GEMM per expert, the bounds on the host, the Triton kernel for segments cuBLAS
+gets wrong), "gluon" (``fp8_gemm_ws.fp8_wgrad_ws``: one launch, the bounds on the GPU) and "triton" (the
+K-grouped Triton kernel). Time: ``triton.testing.do_bench`` median; TFLOPS over the real (unpadded) rows; the
+largest relative difference of each backend's result from the "torch" one. docs/design/kernels.md quotes it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import sys
+
+import torch
+
+from moeplan.kernels.fp8_quant import quant_act_128x1_t
+from moeplan.kernels.grouped_gemm import grouped_wgrad_fp8
+
+EXPERTS, TOKENS, TOP_K, TILE = 32, 4096, 8, 128
+SHAPES = {"gate_up": (4096, 7168), "down": (7168, 2048)}  # (M, N) of dW[e] = dy_e^T x_e
+BACKENDS = ("torch", "gluon", "triton")
+
+
+def segments(seed: int = 0) -> tuple[list[int], torch.Tensor]:
+    """Rows per expert and the padded segment bounds (int32, on the host)."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(torch.randint(0, EXPERTS, (TOKENS * TOP_K,), generator=g), minlength=EXPERTS).tolist()
+    padded = [-(-c // TILE) * TILE for c in counts]
+    return counts, torch.tensor([0, *itertools.accumulate(padded)], dtype=torch.int32)
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("grouped_wgrad_bench: needs a CUDA GPU (a Hopper one for the gluon backend)")
+    import triton
+
+    counts, bounds = segments()
+    rows = int(bounds[-1])
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+          f"{EXPERTS} experts, {TOKENS} tokens top-{TOP_K}, {rows} padded rows")
+    for name, (m, n) in SHAPES.items():
+        a_t, sa_t = quant_act_128x1_t(torch.randn(rows, m, device="cuda", dtype=torch.bfloat16))
+        b_t, sb_t = quant_act_128x1_t(torch.randn(rows, n, device="cuda", dtype=torch.bfloat16))
+        flops = 2 * m * n * sum(counts)
+        results = {}
+        for backend in BACKENDS:
+            seg = bounds if backend == "torch" else bounds.cuda()  # "torch" slices at host bounds: no sync
+            run = functools.partial(grouped_wgrad_fp8, a_t, sa_t, b_t, sb_t, seg, backend=backend)
+            results[backend] = (run(), triton.testing.do_bench(run, rep=200, return_mode="median"))
+        base = results["torch"][0]
+        for backend, (out, ms) in results.items():
+            diff = float((out - base).norm() / base.norm())
+            print(f"{name} ({m} x {n}) {backend}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOPS, vs torch {diff:.1e}")
+
+
+if __name__ == "__main__":
+    main()
