@@ -3,16 +3,19 @@
 Every MoE layer of a stage becomes an ``ExpertParallelMoE`` over a one-rank group (all experts local) and
 its all-to-alls go through ``overlap_comm.LoopbackComm``: a device copy of the same bytes on the
 communication stream, repeated ``repeat`` times to stand for a link that much slower than a device copy.
-``run_pair`` then issues one F&B pair (the backward of micro-batch 0 beside the forward of micro-batch 1),
-interleaved or as F then B; ``hidden_fraction`` reads a ``torch.profiler`` Chrome trace of it:
-|comm ∩ compute| / |comm|, comm = GPU activity on any stream but the compute stream (the one with the most
-kernels), compute = the compute stream's. Used by ``tests/model/runtime/test_overlap_gpu.py`` and
-``benchmarks/overlap_bench.py``.
+``run_pairs`` issues DualPipe's steady state on one stage: the forward of micro-batch 0, then ``pairs`` F&B
+pairs back to back (pair k: the backward of micro-batch k beside the forward of k + 1, interleaved or as F
+then B) with no host sync between them, then the last micro-batch's backward; ``run_pair`` is one pair
+alone. ``hidden_fraction`` reads a ``torch.profiler`` Chrome trace: |comm ∩ compute| / |comm|, comm = GPU
+activity on any stream but the compute stream (the one with the most kernels), compute = the compute
+stream's, optionally clipped to the window between two ``mark_window`` kernels (``pairs_window``). Used by
+``tests/model/runtime/test_overlap_gpu.py`` and ``benchmarks/overlap_bench.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,39 +74,102 @@ def loopback_stage(spec: ModelSpec, dtype: torch.dtype, device: torch.device, se
 
 @dataclass
 class PairRun:
-    """What ``run_pair`` gives: the pair's losses (micro-batch 0's backward, 1's forward) and the host
-    syncs it took for split sizes."""
+    """What ``run_pairs`` gives: each micro-batch's scaled loss, in order, and the host syncs the pairs took
+    for split sizes (between ``before_pairs`` and ``after_pairs``)."""
 
-    losses: tuple[torch.Tensor, torch.Tensor]
+    losses: tuple[torch.Tensor, ...]
     planned_syncs: int
+
+
+def _micro_batch_loss(ids: torch.Tensor, scale: float):
+    """The head's output -> the scaled loss of micro-batch ``ids`` (B, T), its own labels shifted by one."""
+    labels = torch.roll(ids, -1, dims=1)
+    return lambda out: training_loss(out, labels, 0.3).total * scale
+
+
+def run_pairs(model: Transformer, ids: Sequence[torch.Tensor], comm: LoopbackComm, streams: Streams,
+              timeline: object, overlap: bool, pairs: int, before_pairs=None, after_pairs=None,
+              finish: bool = True) -> PairRun:
+    """Forward of micro-batch 0; then ``pairs`` F&B pairs, pair k = the backward of micro-batch k with the
+    forward of k + 1 (interleaved when ``overlap``, else F then B), issued back to back with no host sync
+    between them, so on the GPU each pair's edges run beside its neighbours' compute; then (``finish``)
+    micro-batch ``pairs``'s backward. Each loss is scaled by 1 / (pairs + 1); gradients accumulate in
+    ``.grad`` micro-batch by micro-batch, in the same order in both modes.
+
+    ``before_pairs()`` runs right before the first pair is issued and ``after_pairs()`` right after the last
+    one (before the trailing backward): a timer or profiler marker there covers exactly the steady state.
+    ``ids``: (B, T) token id tensors, micro-batch m takes ``ids[m % len(ids)]``. Reusing a tensor across
+    micro-batches is safe: token ids carry no autograd state, nothing writes to them, and each micro-batch
+    makes its own labels (``torch.roll`` copies)."""
+    assert pairs >= 1, f"{pairs=} must be at least 1"
+    scale = 1.0 / (pairs + 1)
+
+    def forward(m):
+        x = ids[m % len(ids)]
+        return stage_forward(model, x, x, _micro_batch_loss(x, scale), Pass(comm, streams, timeline, f"0F{m}"))
+
+    def backward(tape, m):
+        return stage_backward(tape, None, Pass(comm, streams, timeline, f"0B{m}"))
+
+    tape = drain(forward(0))
+    losses = [tape.output.value]
+    if before_pairs is not None:
+        before_pairs()
+    syncs = streams.planned_syncs
+    for m in range(pairs):
+        if overlap:
+            _, nxt = interleave(backward(tape, m), forward(m + 1))
+        else:
+            nxt = drain(forward(m + 1))
+            drain(backward(tape, m))
+        tape = nxt
+        losses.append(tape.output.value)
+    planned = streams.planned_syncs - syncs
+    if after_pairs is not None:
+        after_pairs()
+    if finish:
+        drain(backward(tape, pairs))
+    return PairRun(tuple(losses), planned)
 
 
 def run_pair(model: Transformer, ids: tuple[torch.Tensor, torch.Tensor], comm: LoopbackComm, streams: Streams,
              timeline: object, overlap: bool, before_pair=None) -> PairRun:
-    """Forward of micro-batch 0, then the pair: its backward with the forward of micro-batch 1 (interleaved
-    when ``overlap``, else F then B); ``before_pair()`` runs just before the pair (a profiler or sync-debug
-    switch). ``ids``: two (B, T) token id tensors, each its own labels shifted by one."""
-    def loss_of(m):
-        labels = torch.roll(ids[m], -1, dims=1)
-        return lambda out: training_loss(out, labels, 0.3).total / 2
+    """One pair alone: forward of micro-batch 0, then its backward with the forward of micro-batch 1
+    (``run_pairs`` with ``pairs=1`` and no trailing backward); ``before_pair()`` runs just before the pair
+    (a profiler or sync-debug switch). ``ids``: two (B, T) token id tensors."""
+    return run_pairs(model, ids, comm, streams, timeline, overlap, 1, before_pair, finish=False)
 
-    def chain(name):
-        return Pass(comm, streams, timeline, name)
 
-    tape0 = drain(stage_forward(model, ids[0], ids[0], loss_of(0), chain("0F0")))
-    if before_pair is not None:
-        before_pair()
-    syncs = streams.planned_syncs
-    backward = stage_backward(tape0, None, chain("0B0"))
-    forward = stage_forward(model, ids[1], ids[1], loss_of(1), chain("0F1"))
-    if overlap:
-        _, tape1 = interleave(backward, forward)
-    else:
-        drain(forward)
-        tape1 = None
-        drain(backward)
-    return PairRun((tape0.output.value, tape1.output.value if tape1 else torch.zeros(())),
-                   streams.planned_syncs - syncs)
+# ---- the profiler trace -----------------------------------------------------------------------------------
+
+MARK_KERNEL = "spin_kernel"  # torch.cuda._sleep's kernel (ATen's cuda/Sleep.cu); the model never launches it
+_MARK_CYCLES = 1000  # about 0.5 us at 2 GHz
+
+
+def mark_window() -> None:
+    """A window mark: one tiny ``MARK_KERNEL`` on the current (compute) stream. Called as ``before_pairs`` and
+    ``after_pairs`` under a profiler that covers the whole chain, it brackets the steady state in GPU time
+    with no host sync: the first mark runs when the compute stream has finished micro-batch 0's forward
+    (whose last node waited for all its all-to-alls), the second when it has finished the last pair, and
+    every all-to-all of a pair is waited for by a compute node of that pair, so nothing of the pairs runs
+    outside the marks and nothing else inside them. (Starting and stopping the profiler there instead
+    would cut off the kernels still queued when ``after_pairs`` runs, or need a host sync.)"""
+    torch.cuda._sleep(_MARK_CYCLES)
+
+
+def _gpu_events(trace: Mapping[str, Any]) -> list[dict]:
+    """Kernels, device copies and memsets with a stream (``torch.profiler`` Chrome trace, times in us)."""
+    return [e for e in trace.get("traceEvents", []) if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+            and e.get("ph") == "X" and "stream" in e.get("args", {})]
+
+
+def pairs_window(trace: Mapping[str, Any]) -> tuple[float, float]:
+    """(start us, end us) between the two ``mark_window`` kernels of a trace: the end of the first, the start
+    of the second. Raises ``ValueError`` unless there are exactly two."""
+    marks = sorted((e["ts"], e["ts"] + e["dur"]) for e in _gpu_events(trace) if MARK_KERNEL in e.get("name", ""))
+    if len(marks) != 2:
+        raise ValueError(f"a pairs window needs 2 {MARK_KERNEL} marks, the trace has {len(marks)}")
+    return marks[0][1], marks[1][0]
 
 
 def _union(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -128,20 +194,27 @@ def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) ->
     return total
 
 
-def hidden_fraction(trace: Mapping[str, Any]) -> tuple[float, float, float]:
+def hidden_fraction(trace: Mapping[str, Any], window: tuple[float, float] | None = None
+                    ) -> tuple[float, float, float]:
     """(hidden fraction, comm busy us, compute busy us) of a ``torch.profiler`` Chrome trace's GPU activity
-    (``cat`` kernel, gpu_memcpy, gpu_memset, with ``args.stream``); NaN fraction when nothing communicates."""
-    gpu = [e for e in trace.get("traceEvents", []) if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
-           and e.get("ph") == "X" and "stream" in e.get("args", {})]
+    (``cat`` kernel, gpu_memcpy, gpu_memset, with ``args.stream``), each interval clipped to ``window``
+    (start us, end us; ``pairs_window``) when given; ``mark_window`` kernels do not count. NaN fraction when
+    nothing communicates."""
+    lo, hi = window if window is not None else (-math.inf, math.inf)
+    gpu = []
+    for e in _gpu_events(trace):
+        start, end = max(e["ts"], lo), min(e["ts"] + e["dur"], hi)
+        if end > start and MARK_KERNEL not in e.get("name", ""):
+            gpu.append((e["args"]["stream"], e["cat"], start, end))
     per_stream: dict[int, int] = {}
-    for e in gpu:
-        if e["cat"] == "kernel":
-            per_stream[e["args"]["stream"]] = per_stream.get(e["args"]["stream"], 0) + 1
+    for stream, cat, _, _ in gpu:
+        if cat == "kernel":
+            per_stream[stream] = per_stream.get(stream, 0) + 1
     if not per_stream:
         return float("nan"), 0.0, 0.0
     compute_stream = max(per_stream, key=per_stream.get)
-    comm = _union((e["ts"], e["ts"] + e["dur"]) for e in gpu if e["args"]["stream"] != compute_stream)
-    compute = _union((e["ts"], e["ts"] + e["dur"]) for e in gpu if e["args"]["stream"] == compute_stream)
+    comm = _union((a, b) for stream, _, a, b in gpu if stream != compute_stream)
+    compute = _union((a, b) for stream, _, a, b in gpu if stream == compute_stream)
     comm_us = sum(b - a for a, b in comm)
     compute_us = sum(b - a for a, b in compute)
     return (_intersection(comm, compute) / comm_us if comm_us else float("nan")), comm_us, compute_us
