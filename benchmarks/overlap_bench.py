@@ -1,20 +1,27 @@
 """The overlapped F&B on one GPU with loopback expert parallelism: step time and hidden communication.
 
-    python -P benchmarks/overlap_bench.py --out docs/results/overlap.md           # CUDA
-    python -P benchmarks/overlap_bench.py --device cpu --small --out /tmp/o.md    # smoke run (tiny model, CPU)
+    python -P benchmarks/overlap_bench.py --shape v3 --pairs 8 --out docs/results/overlap.md   # CUDA
+    python -P benchmarks/overlap_bench.py --device cpu --small --pairs 3 --out /tmp/o.md       # smoke run (CPU)
 
-One stage holds a dense layer and three MoE layers whose all-to-alls are loopback copies on the
-communication stream (``model.runtime.loopback``), each repeated ``--repeat`` times to stand for a link that
-much slower than a device copy (HBM3 at ~3 TB/s against NVLink's ~0.45 TB/s per direction is ~7). One F&B
-pair (backward of micro-batch 0, forward of micro-batch 1) is timed, median of ``--steps`` after
-``--warmup``, each between two synchronizes:
-- ``T_ovl``: the pair interleaved (``overlap.interleave``), copies repeated;
-- ``T_seq``: F then B, copies repeated;
-- ``T_one``: F then B, one copy (the communication almost free).
-hidden (A/B) = (T_seq - T_ovl) / (T_seq - T_one). One more overlapped pair runs under ``torch.profiler``:
-hidden fraction = |comm ∩ compute| / |comm| over its GPU activity (``loopback.hidden_fraction``), and the
-F-then-B pair's for contrast. On CPU the copies are synchronous and there is no kernel trace: the times
-only show that the script runs.
+One stage holds a dense layer and MoE layers whose all-to-alls are loopback copies on the communication
+stream (``model.runtime.loopback``), each repeated ``--repeat`` times to stand for a link that much slower
+than a device copy (HBM3 at ~3 TB/s against NVLink's ~0.45 TB/s per direction is ~7). A chain runs the
+forward of micro-batch 0, then ``--pairs`` F&B pairs back to back (pair k: backward of micro-batch k beside
+the forward of k + 1; no host sync between pairs, as in DualPipe's steady state), then the last backward
+(``loopback.run_pairs``). The window is the pairs alone: from the end of micro-batch 0's forward to the end
+of the last pair on the GPU, between two CUDA events on the compute stream (every all-to-all of a pair is
+waited for by a compute node of the pair), no host sync inside. Per pair = window / pairs, median of
+``--steps`` chains after ``--warmup``:
+- ``T_ovl``: the pairs interleaved (``overlap.interleave``), copies repeated;
+- ``T_seq``: each pair F then B, copies repeated;
+- ``T_one``: each pair F then B, one copy (the communication almost free).
+Wall-time metrics: hidden (A/B) = (T_seq - T_ovl) / (T_seq - T_one), the share of the copies' wall-time
+cost the interleaving wins back, and the gain (T_seq - T_ovl) / T_seq. One more interleaved and one F-then-B
+chain run under ``torch.profiler`` (CUDA activity, the whole chain) with a marker kernel at each end of the
+window (``loopback.mark_window``): hidden fraction = |comm ∩ compute| / |comm| over the GPU activity inside
+the window (``loopback.hidden_fraction``), i.e. how much of the copies' GPU time ran while a compute kernel
+ran, whether or not that compute was slowed by them. On CPU the copies are synchronous and there is no
+kernel trace: the times only show that the script runs.
 """
 
 from __future__ import annotations
@@ -30,50 +37,108 @@ from pathlib import Path
 import torch
 
 from moeplan.model.runtime.executor import Timeline
-from moeplan.model.runtime.loopback import hidden_fraction, loopback_spec, loopback_stage, run_pair
+from moeplan.model.runtime.loopback import (
+    hidden_fraction,
+    loopback_spec,
+    loopback_stage,
+    mark_window,
+    pairs_window,
+    run_pairs,
+)
 from moeplan.model.runtime.overlap_comm import LoopbackComm, Streams
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.presets.models import deepseek_v3, tiny_moe
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class _Window:
+    """The steady state's two ends: CUDA events on the current (compute) stream, no host sync; on CPU, where
+    every copy is synchronous, the host's clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda, self.marks = device.type == "cuda", []
+
+    def mark(self) -> None:
+        if self.cuda:
+            self.marks.append(torch.cuda.Event(enable_timing=True))
+            self.marks[-1].record()
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> float:
+        """The window's length; on CUDA after a synchronize."""
+        start, end = self.marks
+        return start.elapsed_time(end) / 1e3 if self.cuda else end - start
 
 
-def time_pair(model, ids, device, repeat: int, overlap: bool, steps: int, warmup: int) -> float:
-    """Median seconds of the pair (after micro-batch 0's forward), ``steps`` after ``warmup``."""
-    streams, times, marks = Streams(device), [], []
-
-    def start():
-        _sync(device)
-        marks.append(time.perf_counter())
-
+def time_pairs(model, ids, device, repeat: int, overlap: bool, pairs: int, steps: int, warmup: int) -> float:
+    """Median seconds per pair over the window of ``pairs`` consecutive pairs, ``steps`` chains after ``warmup``."""
+    times = []
     for i in range(warmup + steps):
-        run_pair(model, ids, LoopbackComm(repeat), streams, Timeline(0, cuda=device.type == "cuda"), overlap, start)
-        _sync(device)
+        window = _Window(device)
+        run_pairs(model, ids, LoopbackComm(repeat), Streams(device), Timeline(0, cuda=device.type == "cuda"),
+                  overlap, pairs, window.mark, window.mark)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         if i >= warmup:
-            times.append(time.perf_counter() - marks[-1])
+            times.append(window.seconds() / pairs)
         model.zero_grad(set_to_none=True)
     return statistics.median(times)
 
 
-def profile_pair(model, ids, device, repeat: int, overlap: bool, keep: Path | None = None) -> tuple[float, float, float]:
-    """(hidden fraction, comm us, compute us) of one pair under ``torch.profiler`` (NaN on CPU); its Chrome
-    trace copied to ``keep`` when given."""
+def profile_pairs(model, ids, device, repeat: int, overlap: bool, pairs: int,
+                  keep: Path | None = None) -> tuple[float, float, float]:
+    """(hidden fraction, comm us, compute us) inside the window of one chain under ``torch.profiler`` (NaN on
+    CPU); the chain's whole Chrome trace copied to ``keep`` when given."""
     if device.type != "cuda":
         return float("nan"), 0.0, 0.0
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-    run_pair(model, ids, LoopbackComm(repeat), Streams(device), Timeline(0, cuda=True), overlap, prof.start)
-    _sync(device)
-    prof.stop()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run_pairs(model, ids, LoopbackComm(repeat), Streams(device), Timeline(0, cuda=True), overlap, pairs,
+                  mark_window, mark_window)
+        torch.cuda.synchronize(device)
     model.zero_grad(set_to_none=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
         if keep is not None:
             keep.write_bytes(path.read_bytes())
-        return hidden_fraction(json.loads(path.read_text()))
+        trace = json.loads(path.read_text())
+    return hidden_fraction(trace, pairs_window(trace))
+
+
+def render(args, spec, seq: int, dtype, name: str, times: dict, fracs: dict) -> str:
+    """The results page: the command, the table per pair, both kinds of hidden fraction and the wall-time gain."""
+    t_ovl, t_seq, t_one = times["ovl"], times["seq"], times["one"]
+    ab = (t_seq - t_ovl) / (t_seq - t_one) if t_seq > t_one else float("nan")
+    frac_ovl, frac_seq = fracs["ovl"], fracs["seq"]
+    pairs = args.pairs
+    command = (f"benchmarks/overlap_bench.py{' --small' if args.small else ''} --shape {args.shape} --device "
+               f"{args.device} --repeat {args.repeat} --pairs {pairs} --steps {args.steps} --warmup {args.warmup}")
+    return "\n".join([
+        "# Overlapped F&B on one device, loopback expert parallelism",
+        "",
+        (f"`{command}` on {name}, torch {torch.__version__}, {datetime.date.today()}: model `{spec.name}` "
+         f"d={spec.hidden_size}, {spec.num_hidden_layers} layers ({spec.first_k_dense_replace} dense), "
+         f"{spec.n_routed_experts} experts top-{spec.num_experts_per_tok}, {seq} tokens per micro-batch, {dtype}."),
+        "",
+        (f"Window: {pairs} consecutive F&B pair{'s' if pairs > 1 else ''} (pair k: backward of micro-batch k beside "
+         f"the forward of k + 1), issued back to back with no host sync, from the end of micro-batch 0's forward "
+         f"to the end of the last pair on the GPU; that forward and the last backward run outside it. Times per "
+         f"pair (window / {pairs}), median of {args.steps} chains; the profiler's fraction over the window of one chain."),
+        "",
+        "| chain of pairs | ms per pair | profiler hidden fraction |",
+        "|---|---|---|",
+        f"| interleaved (T_ovl), {args.repeat} copies per all-to-all | {t_ovl * 1e3:.2f} | {frac_ovl[0]:.3f} |",
+        f"| F then B (T_seq), {args.repeat} copies | {t_seq * 1e3:.2f} | {frac_seq[0]:.3f} |",
+        f"| F then B (T_one), one copy | {t_one * 1e3:.2f} | |",
+        "",
+        (f"Wall time: the copies cost T_seq - T_one = {(t_seq - t_one) * 1e3:.2f} ms per pair; interleaving wins back "
+         f"T_seq - T_ovl = {(t_seq - t_ovl) * 1e3:.2f} ms, hidden (A/B) = (T_seq - T_ovl) / (T_seq - T_one) = "
+         f"{ab:.3f}, a gain of {(t_seq - t_ovl) / t_seq:.1%} on T_seq. Profiler: communication busy "
+         f"{frac_ovl[1] / 1e3 / pairs:.2f} ms, compute busy {frac_ovl[2] / 1e3 / pairs:.2f} ms per interleaved pair; "
+         f"its hidden fraction counts copy time that ran beside compute, even where the copies slowed that compute, "
+         f"so it can exceed hidden (A/B)."),
+        "",
+    ])
 
 
 def main() -> None:
@@ -82,16 +147,21 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny-moe, short sequences (smoke run)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per micro-batch (default 4096, small 32)")
     parser.add_argument("--repeat", type=int, default=7, help="copies per all-to-all (link slowdown)")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--pairs", type=int, default=1, help="consecutive F&B pairs in the timed window")
+    parser.add_argument("--steps", type=int, default=10, help="timed chains per mode")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--shape", default="1k", choices=("1k", "v3"), help="loopback model (model.runtime.loopback)")
-    parser.add_argument("--trace", type=Path, default=None, help="also keep the interleaved pair's profiler trace")
+    parser.add_argument("--trace", type=Path, default=None, help="also keep the interleaved chain's profiler trace")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.pairs < 1:
+        parser.error(f"--pairs={args.pairs} must be at least 1")
     device = torch.device(args.device)
     torch.manual_seed(0)
     if device.type == "cpu":
         torch.set_num_threads(1)  # the CPU smoke run shares its cores
+    if args.small:
+        args.steps, args.warmup = 2, 1
     base = deepseek_v3() if args.shape == "v3" and not args.small else tiny_moe()
     spec = loopback_spec(base, args.small, args.shape)
     seq = args.seq or (32 if args.small else 4096)
@@ -99,32 +169,14 @@ def main() -> None:
     model = loopback_stage(spec, dtype, device)
     gen = torch.Generator().manual_seed(1)
     ids = tuple(torch.randint(0, spec.vocab_size, (1, seq), generator=gen).to(device) for _ in range(2))
-    steps, warmup = (2, 1) if args.small else (args.steps, args.warmup)
-    t_ovl = time_pair(model, ids, device, args.repeat, True, steps, warmup)
-    t_seq = time_pair(model, ids, device, args.repeat, False, steps, warmup)
-    t_one = time_pair(model, ids, device, 1, False, steps, warmup)
-    frac_ovl = profile_pair(model, ids, device, args.repeat, True, args.trace)
-    frac_seq = profile_pair(model, ids, device, args.repeat, False)
-    ab = (t_seq - t_ovl) / (t_seq - t_one) if t_seq > t_one else float("nan")
+    run = {"pairs": args.pairs, "steps": args.steps, "warmup": args.warmup}
+    times = {"ovl": time_pairs(model, ids, device, args.repeat, True, **run),
+             "seq": time_pairs(model, ids, device, args.repeat, False, **run),
+             "one": time_pairs(model, ids, device, 1, False, **run)}
+    fracs = {"ovl": profile_pairs(model, ids, device, args.repeat, True, args.pairs, args.trace),
+             "seq": profile_pairs(model, ids, device, args.repeat, False, args.pairs)}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    write_atomic(args.out, "\n".join([
-        "# Overlapped F&B on one device, loopback expert parallelism",
-        "",
-        (f"`benchmarks/overlap_bench.py{' --small' if args.small else ''} --shape {args.shape} --device {args.device} --repeat "
-         f"{args.repeat}` on {name}, torch {torch.__version__}, {datetime.date.today()}: model `{spec.name}` "
-         f"d={spec.hidden_size}, {spec.num_hidden_layers} layers ({spec.first_k_dense_replace} dense), "
-         f"{spec.n_routed_experts} experts top-{spec.num_experts_per_tok}, {seq} tokens per micro-batch, {dtype}."),
-        "",
-        "| pair | ms | profiler hidden fraction |",
-        "|---|---|---|",
-        f"| interleaved (T_ovl), {args.repeat} copies per all-to-all | {t_ovl * 1e3:.2f} | {frac_ovl[0]:.3f} |",
-        f"| F then B (T_seq), {args.repeat} copies | {t_seq * 1e3:.2f} | {frac_seq[0]:.3f} |",
-        f"| F then B (T_one), one copy | {t_one * 1e3:.2f} | |",
-        "",
-        (f"hidden (A/B) = (T_seq - T_ovl) / (T_seq - T_one) = {ab:.3f}; communication busy "
-         f"{frac_ovl[1] / 1e3:.2f} ms, compute busy {frac_ovl[2] / 1e3:.2f} ms in the profiled interleaved pair."),
-        "",
-    ]))
+    write_atomic(args.out, render(args, spec, seq, dtype, name, times, fracs))
 
 
 if __name__ == "__main__":

@@ -6,15 +6,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_overlap_bench_runs_on_cpu(tmp_path):
+@pytest.mark.parametrize("pairs", [1, 3])
+def test_overlap_bench_runs_on_cpu(tmp_path, pairs):
     out = tmp_path / "overlap.md"
     proc = subprocess.run([sys.executable, "-P", str(ROOT / "benchmarks" / "overlap_bench.py"), "--device", "cpu",
-                           "--small", "--out", str(out)], check=False,
+                           "--small", "--pairs", str(pairs), "--out", str(out)], check=False,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    for row in ("interleaved (T_ovl)", "F then B (T_seq)", "F then B (T_one)", "hidden (A/B)"):
+    window = f"Window: {pairs} consecutive F&B pair{'s' if pairs > 1 else ''} "
+    for row in (f"--pairs {pairs}", window, "interleaved (T_ovl)", "F then B (T_seq)", "F then B (T_one)",
+                "hidden (A/B)", "a gain of"):
         assert row in text, row
+
+
+def test_overlap_bench_refuses_no_pairs(tmp_path):
+    proc = subprocess.run([sys.executable, "-P", str(ROOT / "benchmarks" / "overlap_bench.py"), "--device", "cpu",
+                           "--small", "--pairs", "0", "--out", str(tmp_path / "o.md")], check=False,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--pairs=0 must be at least 1" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "o.md").exists()

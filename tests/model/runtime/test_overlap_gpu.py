@@ -1,5 +1,6 @@
 """The overlapped F&B on one GPU with loopback expert parallelism: communication hidden under compute in a
-profiler trace, and no host sync in the pair but the planned one per MoE layer (split sizes)."""
+profiler trace, one pair alone and in the steady state of pairs back to back (the window between two marker
+kernels), and no host sync in the pairs but the planned one per MoE layer (split sizes)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import pytest
 import torch
 
 from moeplan.model.runtime.executor import Timeline
-from moeplan.model.runtime.loopback import hidden_fraction, loopback_spec, loopback_stage, run_pair
+from moeplan.model.runtime.loopback import (
+    hidden_fraction,
+    loopback_spec,
+    loopback_stage,
+    mark_window,
+    pairs_window,
+    run_pair,
+    run_pairs,
+)
 from moeplan.model.runtime.overlap_comm import LoopbackComm, Streams
 from moeplan.simulator.presets.models import tiny_moe
 
@@ -63,4 +72,39 @@ def test_no_host_sync_in_the_pair_but_the_planned_ones(setup):
     torch.cuda.synchronize()
     model.zero_grad(set_to_none=True)
     assert moe_layers > 0 and run.planned_syncs == 0  # one rank: split sizes known on the host, no sync at all
+    assert all(torch.isfinite(loss) for loss in run.losses)
+
+
+PAIRS = 3
+
+
+def test_steady_state_pairs_hide_the_loopback_all_to_alls(setup, tmp_path):
+    """The whole chain profiled, the pairs' window read from its two marks (issue 18's acceptance: >= 0.8)."""
+    model, ids, device, _ = setup
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run_pairs(model, ids, LoopbackComm(4), Streams(device), Timeline(0, cuda=True), True, PAIRS,
+                  mark_window, mark_window)
+        torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    path = tmp_path / "trace-pairs.json"
+    prof.export_chrome_trace(str(path))
+    trace = json.loads(path.read_text())
+    start, end = pairs_window(trace)
+    hidden, comm_us, compute_us = hidden_fraction(trace, (start, end))
+    whole = hidden_fraction(trace)
+    assert 0 < comm_us < whole[1] and compute_us < whole[2], (comm_us, compute_us, whole)  # the ends are cut off
+    assert compute_us <= end - start and compute_us > comm_us, (start, end, comm_us, compute_us)
+    assert hidden >= 0.8, f"hidden fraction {hidden:.3f} over {PAIRS} pairs (comm {comm_us:.0f} us, compute {compute_us:.0f} us)"
+
+
+def test_no_host_sync_between_pairs(setup):
+    model, ids, device, _ = setup
+    try:
+        run = run_pairs(model, ids, LoopbackComm(4), Streams(device), Timeline(0, cuda=True), True, PAIRS,
+                        lambda: torch.cuda.set_sync_debug_mode("error"), lambda: torch.cuda.set_sync_debug_mode(0))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    assert run.planned_syncs == 0 and len(run.losses) == PAIRS + 1
     assert all(torch.isfinite(loss) for loss in run.losses)
