@@ -4,7 +4,8 @@
 one of ``KINDS``, what it measures, and a thunk; building the list runs nothing): the GEMMs (one shape
 each), causal attention at the plan's sequence length, the host's per-op cost and the op counts of every
 piece, a copy sweep (the memory fallback), each memory-bound kernel class at the plan's tokens, the
-optimizer class, the largest dense GEMM alone and beside communication (``beside``), and the collectives
+optimizer class (on a CPU with ZeRO groups of one also the runtime's step over each pipeline rank's own
+tensors: ``optimizer_ranks``), the largest dense GEMM alone and beside communication (``beside``), and the collectives
 (real processes: gloo on a CPU, NCCL on GPUs) at the plan's sizes and group spans, one group span each.
 ``measure_all`` runs them, telling ``progress`` as each starts and ends. A measurement that fails (out of
 memory, an op the device does not run, a collective that cannot start) is recorded in
@@ -33,6 +34,7 @@ from moeplan.orchestrator.calibration.beside import measure_beside
 from moeplan.orchestrator.calibration.host_ops import OpCounter, count_pieces, op_costs, time_pieces
 from moeplan.orchestrator.calibration.memory_cases import CASES
 from moeplan.orchestrator.calibration.memory_classes import measure
+from moeplan.orchestrator.calibration.optimizer_ranks import time_rank_optimizer
 from moeplan.orchestrator.calibration.shapes import PlanShapes
 from moeplan.simulator.costs.host import HostCosts, HostOpCost
 from moeplan.simulator.costs.measured_ops import MeasuredOp
@@ -70,7 +72,7 @@ class Measured:
     copy: list[dict] = field(default_factory=list)
     memory: list[dict] = field(default_factory=list)
     host: HostCosts | None = None
-    pieces: list[MeasuredOp] = field(default_factory=list)  # a CPU's pieces timed whole (``time_pieces``)
+    pieces: list[MeasuredOp] = field(default_factory=list)  # a CPU's pieces and optimizer steps timed whole
     host_costs: list[HostOpCost] = field(default_factory=list)  # per-op cost, kept for the op counts after it
     links: dict[int, dict] = field(default_factory=dict)
     beside: list[dict] = field(default_factory=list)  # the largest GEMM alone and beside communication
@@ -160,7 +162,7 @@ def measurements(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float) -> li
                                counts=tuple(counts))
 
     def pieces(m: Measured) -> None:  # a CPU only: a GPU's pieces are priced from their kernels' entries
-        m.pieces = time_pieces(setup.spec, shapes.mbs, shapes.seq_len, dt, dev, reps, setup.label, shapes.ep > 1)
+        m.pieces += time_pieces(setup.spec, shapes.mbs, shapes.seq_len, dt, dev, reps, setup.label, shapes.ep > 1)
 
     def copies(m: Measured) -> None:
         m.copy = compute.copy_rows(reps, device=dev)
@@ -177,6 +179,7 @@ def measurements(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float) -> li
     items += _memory_classes(shapes, setup, hbm_bytes_per_s)
     items.append(Measurement("optimizer", f"optimizer class ({compute.optimizer_params(setup.spec):,} parameters)",
                              optimizer))
+    items += _rank_optimizers(shapes, setup)
     items += _beside(shapes, setup)
     return items + [_links(span, wanted, setup) for span, wanted in link_groups(shapes).items()]
 
@@ -208,6 +211,19 @@ def _memory_row(case, shapes: PlanShapes, setup: Setup, m: Measured, hbm: float)
     copy_peak = max((r["bytes_per_s"] for r in m.copy), default=hbm)
     fwd, bwd = case.build(setup.spec, shapes.tokens, setup.device)
     return _net(row, _own_host_s(fwd, costs, False), _own_host_s(bwd, costs, True) if bwd else 0.0, copy_peak, hbm)
+
+
+def _rank_optimizers(shapes: PlanShapes, setup: Setup) -> list[Measurement]:
+    """On a CPU, where both ZeRO groups have one rank: the runtime's optimizer step over each pipeline rank's own
+    tensors, part by part (``calibration.optimizer_ranks``), one measurement per rank."""
+    inputs = shapes.inputs
+    if setup.device.type != "cpu" or inputs is None or shapes.dp * inputs.parallel.cp != 1 or inputs.parallel.ep != 1:
+        return []
+
+    def run(m: Measured, pp_rank: int) -> None:
+        m.pieces += time_rank_optimizer(inputs, shapes.dp, pp_rank, setup.dtype, setup.reps, setup.label)
+    return [Measurement("optimizer", f"optimizer step over pipeline rank {r}'s tensors", lambda m, r=r: run(m, r))
+            for r in range(inputs.parallel.pp)]
 
 
 def _beside(shapes: PlanShapes, setup: Setup) -> list[Measurement]:

@@ -8,6 +8,10 @@ step, after warm-up) and derives:
   at the run's shape (tokens per micro-batch, sequence length): the engine prices that op with it in
   place of its computed cost (``costs.measured_ops``). A head event covers all heads of its stage
   (main and MTP) and is divided by their number;
+- from each rank's ``"optimizer {part}"`` events, where its ZeRO groups have one rank, each part's seconds as a
+  ``MeasuredOp`` of layer kind ``optimizer`` at the rank's parameter set (``engine.build.rank_optimizer_set``;
+  the median over ranks with the same set), which the engine uses for that rank (what ``moeplan calibrate``
+  times over the rank's tensors, replaced by the run's); the norm part counts from the barrier below;
 - from each rank's ``optimizer`` events (its parts), the optimizer class's bandwidth fraction: the rank's
   step at the engine's ideal bytes (``engine.build.rank_optimizer_bytes``) over the measured seconds (less
   the host term the tables already add to it), the median over ranks; it replaces the tables' ``optimizer``
@@ -40,8 +44,15 @@ from moeplan.simulator.contracts.plan_file import PlanFile
 from moeplan.simulator.costs.elementwise import OPTIMIZER
 from moeplan.simulator.costs.measured_ops import MEASURABLE_OPS, LayerKind, MeasuredOp
 from moeplan.simulator.costs.memory_kernels import MemoryKernelPoint
+from moeplan.simulator.costs.optimizer_step import OPTIMIZER_PARTS
 from moeplan.simulator.costs.tables import CostTables
-from moeplan.simulator.engine.build import SimOptions, optimizer_updates, rank_optimizer_bytes, step_inputs
+from moeplan.simulator.engine.build import (
+    SimOptions,
+    optimizer_updates,
+    rank_optimizer_bytes,
+    rank_optimizer_set,
+    step_inputs,
+)
 from moeplan.simulator.engine.host_term import optimizer_host_s
 
 LAYER_EVENT = re.compile(r"^(\d+)([FBI])(\d+) L(\d+) (\S+)$")
@@ -130,15 +141,46 @@ def _optimizer_span(doc) -> list[tuple[float, float]]:
     return [(min(a for a, _ in found), max(b for _, b in found))] if found else []
 
 
+def _barrier_s(plan: PlanFile, spans: dict[int, list[tuple[float, float]]]) -> float:
+    """With a global gradient norm no rank updates before every rank's gradients are in (``engine.step``'s
+    optimizer barrier, priced there): the last rank's optimizer start; the wait until then is not the
+    optimizer's own time. 0 without one."""
+    if plan.inputs.training.optimizer.grad_clip_norm is None:
+        return 0.0
+    return max((a for v in spans.values() for a, _ in v), default=0.0)
+
+
+def _optimizer_parts(plan: PlanFile, traces: dict[int, object], pp_rank_of: tuple[int, ...], tokens: int,
+                     label: str) -> list[MeasuredOp]:
+    """Per parameter set, each optimizer part's seconds in the run (module docstring); none where a ZeRO group
+    has more than one rank (the parts hold its collectives)."""
+    par = plan.inputs.parallel
+    if plan.layout.dp * par.cp != 1 or par.ep != 1:
+        return []
+    barrier = _barrier_s(plan, {rank: _optimizer_span(doc) for rank, doc in traces.items()})
+    found: dict[tuple[int, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for rank, doc in traces.items():
+        shape = rank_optimizer_set(plan.inputs, pp_rank_of[rank])
+        for e in _x_events(doc):
+            part = e["name"].removeprefix("optimizer ")
+            if e["name"].startswith("optimizer ") and part in OPTIMIZER_PARTS:
+                start, end = e["ts"] * 1e-6, (e["ts"] + e["dur"]) * 1e-6
+                found[shape][part].append(max(0.0, end - max(start, barrier)))
+    return [MeasuredOp(layer_kind="optimizer", action="F", op=part, tokens=tokens, seq_len=par.seq_len_tokens,
+                       s=statistics.median(parts[part]), samples=len(parts[part]), params=params, tensors=tensors,
+                       source=f"{label}: the run's optimizer {part} event(s) over {tensors} tensors ({params:,} "
+                              f"parameters), median of {len(parts[part])}" + (", from the last rank's optimizer "
+                                                                           "start" if part == "norm" and barrier else ""))
+            for (params, tensors), parts in sorted(found.items())
+            if all(p in parts for p in OPTIMIZER_PARTS) for part in OPTIMIZER_PARTS]
+
+
 def _optimizer_point(plan: PlanFile, tables: CostTables, traces: dict[int, object], pp_rank_of: tuple[int, ...],
                      label: str) -> tuple[MemoryKernelPoint, Moved] | None:
     hbm, fracs = plan.inputs.cluster.gpu.hbm_bytes_per_s, []
     spans = {rank: _optimizer_span(doc) for rank, doc in traces.items()}
     part_bytes = rank_optimizer_bytes(plan.inputs, plan.layout.dp)
-    # with a global gradient norm no rank updates before every rank's gradients are in (``engine.step``'s
-    # optimizer barrier, priced there): the wait for the last rank is not the optimizer's own time
-    barrier = max((a for v in spans.values() for a, _ in v), default=0.0) if (
-        plan.inputs.training.optimizer.grad_clip_norm is not None) else 0.0
+    barrier = _barrier_s(plan, spans)
     for rank, found in spans.items():
         for start, end in found:
             s = end - max(start, barrier)
@@ -179,6 +221,13 @@ def _priced(plan: PlanFile, tables: CostTables) -> dict[tuple[LayerKind, str, st
     return out
 
 
+def _priced_parts(plan: PlanFile, tables: CostTables) -> dict[tuple[int, int], dict[str, float]]:
+    """What ``tables`` price for each pipeline rank's optimizer parts, by the rank's parameter set."""
+    lay = plan.layout
+    tails = step_inputs(plan.inputs, lay.dp, lay.microbatches, opts=SimOptions(tables=tables)).tails
+    return {rank_optimizer_set(plan.inputs, r): tail.optimizer_parts_s for r, tail in enumerate(tails)}
+
+
 def recalibrate(plan: PlanFile, tables: CostTables, traces: dict[int, object], pp_rank_of: tuple[int, ...],
                 label: str) -> tuple[CostTables, list[Moved]]:
     """``tables`` with the run's per-op measurements in place (see module docstring), and what moved."""
@@ -200,8 +249,12 @@ def recalibrate(plan: PlanFile, tables: CostTables, traces: dict[int, object], p
     if opt is not None:
         kernels = [k for k in kernels if k.kernel != OPTIMIZER] + [opt[0]]
         moved.append(opt[1])
-    kept = [o for o in tables.measured_ops if (o.layer_kind, o.action, o.op, o.tokens, o.seq_len) not in
-            {(n.layer_kind, n.action, n.op, n.tokens, n.seq_len) for n in ops}]
+    priced_parts = _priced_parts(plan, tables)
+    for op in _optimizer_parts(plan, traces, pp_rank_of, tokens, label):
+        ops.append(op)
+        moved.append(Moved(f"optimizer {op.op} ({op.tensors} tensors)",
+                           priced_parts.get((op.params, op.tensors), {}).get(op.op), op.s, "s", op.samples))
+    kept = [o for o in tables.measured_ops if o.key not in {n.key for n in ops}]
     data = tables.model_dump(mode="json") | {
         "name": f"{tables.name}+run", "memory_kernels": [k.model_dump(mode="json") for k in kernels],
         "measured_ops": [o.model_dump(mode="json") for o in kept + ops]}

@@ -10,7 +10,9 @@ prices for this plan (``simulator.engine.unit_costs``, ``build``):
 - ``seq_len``: attention's sequence length; ``tokens``/``mbs``: one micro-batch on one GPU;
 - ``links``: per collective, the group span and the buffer sizes the step moves (the activation at a
   stage boundary, the rank's dense gradients for the data-parallel reduce-scatter and all-gather, the
-  all-to-all buffer of one MoE layer), with a 1 KiB point so a line through them has its latency.
+  all-to-all buffer of one MoE layer), with a 1 KiB point so a line through them has its latency;
+- ``inputs``/``dp``: the plan itself, for what is measured over a pipeline rank's own modules (the optimizer
+  step over its tensors: ``calibration.optimizer_ranks``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class PlanShapes:
     gemms: tuple[tuple[int, int, int, int], ...]  # (m, n, k, groups)
     links: tuple[LinkShape, ...]
     ep: int = 1  # the plan's expert-parallel size: a MoE half timed alone runs every expert only when it is 1
+    inputs: PlanInputs | None = None
+    dp: int = 1
 
 
 def _expert_gemms(inputs: PlanInputs, tokens: int) -> set[tuple[int, int, int, int]]:
@@ -90,4 +94,4 @@ def plan_shapes(inputs: PlanInputs, dp: int, max_processes: int) -> PlanShapes:
     dense = gemm_shapes(inputs.model, [tokens], eps=[])  # no EP sizes: the linears alone
     gemms = tuple(sorted(set(dense) | _expert_gemms(inputs, tokens)))
     return PlanShapes(mbs=par.micro_batch_size, seq_len=par.seq_len_tokens, tokens=tokens, gemms=gemms,
-                      links=_links(inputs, dp, tokens, max_processes), ep=par.ep)
+                      links=_links(inputs, dp, tokens, max_processes), ep=par.ep, inputs=inputs, dp=dp)

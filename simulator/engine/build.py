@@ -15,6 +15,7 @@ from moeplan.simulator.accounting.memory import rank_param_tensors, rank_params
 from moeplan.simulator.accounting.tensor_parallel import tp_slice
 from moeplan.simulator.costs.elementwise import OPTIMIZER
 from moeplan.simulator.costs.kernels import memory_s, ring_s
+from moeplan.simulator.costs.measured_ops import measured_optimizer_s
 from moeplan.simulator.costs.optimizer_step import OptimizerSet, optimizer_bytes
 from moeplan.simulator.costs.tables import CostTables, default_tables
 from moeplan.simulator.engine.expert_traffic import ExpertTraffic, expert_traffic
@@ -175,6 +176,24 @@ def optimizer_updates(inputs: PlanInputs, dp: int, pp_rank: int) -> int:
     return (dense if group == 1 else 1) + (expert if edp == 1 else min(1, expert))
 
 
+def rank_optimizer_set(inputs: PlanInputs, pp_rank: int) -> tuple[int, int]:
+    """(parameters, tensors) of pipeline rank ``pp_rank``'s whole parameter set, as the runtime builds it: the
+    shape of a measured optimizer step (``costs.measured_ops.measured_optimizer_s``)."""
+    m, par = inputs.model, inputs.parallel
+    stages = pipeline_stages(m, par)
+    mine = [stages[s] for s in rank_stages(par, pp_rank)]
+    p = rank_params(m, mine, par.ep, par.tp)
+    return p.dense + p.expert, sum(rank_param_tensors(m, mine))
+
+
+def _measured_parts(inputs: PlanInputs, dp: int, tables: CostTables, pp_rank: int) -> dict[str, float] | None:
+    """The rank's optimizer parts as measured over its own tensors (``calibrate --plan``, ``check
+    --recalibrate``), where its ZeRO groups have one rank (one process runs that step whole); else None."""
+    if not tables.measured_ops or _zero_groups(inputs.parallel, dp) != (1, 1):
+        return None
+    return measured_optimizer_s(tables.measured_ops, *rank_optimizer_set(inputs, pp_rank))
+
+
 def _tails(inputs: PlanInputs, dp: int, tables: CostTables) -> tuple[RankTail, ...]:
     m, par, cl = inputs.model, inputs.parallel, inputs.cluster
     opt = inputs.training.optimizer
@@ -200,9 +219,11 @@ def _tails(inputs: PlanInputs, dp: int, tables: CostTables) -> tuple[RankTail, .
             if mirrored:  # the mirrored copy's gradients meet their twin's
                 seconds += tables.collective_latency_s + (p.dense + p.expert) * opt.grad_bytes / cl.node.nic_bytes_per_s
             sync[s] = seconds
-        parts_s = {part: memory_s(tables, cl.gpu, nbytes, OPTIMIZER) for part, nbytes in part_bytes.items()}
-        # the host's share (launches, the norm's host sync) with the last part, after the device work it adds to
-        parts_s["other"] += optimizer_host_s(tables, sum(parts_s.values()), updates)
+        parts_s = _measured_parts(inputs, dp, tables, r)
+        if parts_s is None:
+            parts_s = {part: memory_s(tables, cl.gpu, nbytes, OPTIMIZER) for part, nbytes in part_bytes.items()}
+            # the host's share (launches, the norm's host sync) with the last part, after the device work it adds to
+            parts_s["other"] += optimizer_host_s(tables, sum(parts_s.values()), updates)
         tails.append(RankTail(dp_sync_s=sync, optimizer_parts_s=parts_s))
     return tuple(tails)
 
