@@ -3,7 +3,8 @@
 ``measurements(shapes, setup, hbm_bytes_per_s)`` lists them, in order, as data (``Measurement``: its kind,
 one of ``KINDS``, what it measures, and a thunk; building the list runs nothing): the GEMMs (one shape
 each), causal attention at the plan's sequence length, the host's per-op cost and the op counts of every
-piece, a copy sweep (the memory fallback), each memory-bound kernel class at the plan's tokens, the
+piece (on a CPU each piece timed alone, then in the runtime's passes of each pipeline rank: ``stage_steps``,
+whose ops replace the alone ones where it runs), a copy sweep (the memory fallback), each memory-bound kernel class at the plan's tokens, the
 optimizer class (on a CPU with ZeRO groups of one also the runtime's step over each pipeline rank's own
 tensors: ``optimizer_ranks``), the largest dense GEMM alone and beside communication (``beside``), and the collectives
 (real processes: gloo on a CPU, NCCL on GPUs) at the plan's sizes and group spans, one group span each.
@@ -36,6 +37,7 @@ from moeplan.orchestrator.calibration.memory_cases import CASES
 from moeplan.orchestrator.calibration.memory_classes import measure
 from moeplan.orchestrator.calibration.optimizer_ranks import time_rank_optimizer
 from moeplan.orchestrator.calibration.shapes import PlanShapes
+from moeplan.orchestrator.calibration.stage_steps import time_stage_ops
 from moeplan.simulator.costs.host import HostCosts, HostOpCost
 from moeplan.simulator.costs.measured_ops import MeasuredOp
 from moeplan.simulator.costs.tables import CostTables
@@ -164,6 +166,11 @@ def measurements(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float) -> li
     def pieces(m: Measured) -> None:  # a CPU only: a GPU's pieces are priced from their kernels' entries
         m.pieces += time_pieces(setup.spec, shapes.mbs, shapes.seq_len, dt, dev, reps, setup.label, shapes.ep > 1)
 
+    def passes(m: Measured) -> None:  # the same ops in the runtime's passes: replace the pieces timed alone
+        ops = time_stage_ops(shapes.inputs, shapes.dp, dt, reps, setup.label)
+        keys = {o.key for o in ops}
+        m.pieces = [o for o in m.pieces if o.key not in keys] + ops
+
     def copies(m: Measured) -> None:
         m.copy = compute.copy_rows(reps, device=dev)
 
@@ -175,6 +182,8 @@ def measurements(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float) -> li
               Measurement("host", f"host op counts at {shapes.mbs} x {shapes.seq_len} tokens", host_counts),
               *([Measurement("host", f"pieces timed whole at {shapes.mbs} x {shapes.seq_len} tokens", pieces)]
                 if dev.type == "cpu" else []),
+              *([Measurement("host", "each pipeline rank's passes, timed as the runtime runs them", passes)]
+                if dev.type == "cpu" and shapes.inputs is not None else []),
               Measurement("copy", f"copy sweep of {len(compute.COPY_SIZES)} sizes", copies)]
     items += _memory_classes(shapes, setup, hbm_bytes_per_s)
     items.append(Measurement("optimizer", f"optimizer class ({compute.optimizer_params(setup.spec):,} parameters)",

@@ -54,6 +54,7 @@ from moeplan.simulator.engine.build import (
     step_inputs,
 )
 from moeplan.simulator.engine.host_term import optimizer_host_s
+from moeplan.simulator.spec.inputs import PlanInputs
 
 LAYER_EVENT = re.compile(r"^(\d+)([FBI])(\d+) L(\d+) (\S+)$")
 END_EVENT = re.compile(r"^(\d+)([FBI])(\d+) (head|embed)$")
@@ -77,33 +78,38 @@ def _events(doc: object) -> list[tuple[str, float]]:
     return [(e["name"], e["dur"] * 1e-6) for e in _x_events(doc)]
 
 
-def _kind(plan: PlanFile, layer: int) -> LayerKind:
+def _kind(inputs: PlanInputs, layer: int) -> LayerKind:
     """The kind of global layer ``layer`` (MTP modules number on from ``num_hidden_layers``)."""
-    m = plan.inputs.model
+    m = inputs.model
     return "mtp" if layer >= m.num_hidden_layers else "moe" if m.is_moe_layer(layer) else "dense"
 
 
-def _stage_kind(plan: PlanFile, stage: int, i: int) -> LayerKind | None:
+def _stage_kind(inputs: PlanInputs, stage: int, i: int) -> LayerKind | None:
     """The kind of the ``i``-th layer unit of ``stage`` (the engine's ``L{i}`` counts within the stage)."""
-    stages = pipeline_stages(plan.inputs.model, plan.inputs.parallel)
+    stages = pipeline_stages(inputs.model, inputs.parallel)
     if stage >= len(stages) or i >= len(stages[stage].layers):
         return None
-    return _kind(plan, stages[stage].layers[i])
+    return _kind(inputs, stages[stage].layers[i])
 
 
-def _heads(plan: PlanFile) -> list[int]:
-    m = plan.inputs.model
+def _heads(inputs: PlanInputs) -> list[int]:
+    m = inputs.model
     return [int(s.has_head) + sum(u >= m.num_hidden_layers for u in s.layers)
-            for s in pipeline_stages(m, plan.inputs.parallel)]
+            for s in pipeline_stages(m, inputs.parallel)]
 
 
 def op_durations(plan: PlanFile, traces: dict[int, object]) -> dict[tuple[LayerKind, str, str], list[float]]:
     """(layer kind, action kind, op) -> durations of every occurrence in the traces (per head for heads)."""
-    heads, out = _heads(plan), defaultdict(list)
+    return op_durations_of(plan.inputs, traces)
+
+
+def op_durations_of(inputs: PlanInputs, traces: dict[int, object]) -> dict[tuple[LayerKind, str, str], list[float]]:
+    """``op_durations`` of traces of a plan's ``inputs`` (``moeplan calibrate``'s own, with no plan file)."""
+    heads, out = _heads(inputs), defaultdict(list)
     for doc in traces.values():
         for name, s in _events(doc):
             if (hit := LAYER_EVENT.match(name)) and hit[5] in MEASURABLE_OPS[hit[2]]:
-                kind = _stage_kind(plan, int(hit[1]), int(hit[4]))
+                kind = _stage_kind(inputs, int(hit[1]), int(hit[4]))
                 if kind is not None:
                     out[(kind, hit[2], hit[5])].append(s)
             elif (hit := END_EVENT.match(name)) and hit[4] in MEASURABLE_OPS[hit[2]]:
@@ -116,18 +122,18 @@ def op_durations(plan: PlanFile, traces: dict[int, object]) -> dict[tuple[LayerK
 _COVERED_OPS = {"F": ("attn", "mlp", "shared", "experts"), "B": ("attn-bwd", "mlp-bwd", "shared-bwd", "experts-bwd")}
 
 
-def covered(plan: PlanFile, durations: dict[tuple[LayerKind, str, str], list[float]]
+def covered(inputs: PlanInputs, durations: dict[tuple[LayerKind, str, str], list[float]]
             ) -> dict[tuple[LayerKind, str, str], tuple[str, int]]:
     """Ops the run timed inside another op's event: (kind, action, op) -> (the covering event, its count)."""
     out: dict[tuple[LayerKind, str, str], tuple[str, int]] = {}
-    if plan.inputs.model.n_shared_experts:
+    if inputs.model.n_shared_experts:
         for (kind, action, op), found in durations.items():
             shared = "shared" if action == "F" else "shared-bwd"
             if op == ("experts" if action == "F" else "experts-bwd") and (kind, action, shared) not in durations:
                 out[(kind, action, shared)] = (f"{kind} {action} {op}", len(found))
     has_mtp = any(k == "mtp" for k, _, _ in durations)
     for (kind, action, op), found in durations.items():
-        if kind == "ends" and op == "head" and not has_mtp and any(h > 1 for h in _heads(plan)):
+        if kind == "ends" and op == "head" and not has_mtp and any(h > 1 for h in _heads(inputs)):
             for mop in _COVERED_OPS["F" if action == "F" else "B"]:
                 out[("mtp", action, mop)] = (f"ends {action} head", len(found))
     return out
@@ -205,7 +211,7 @@ def _priced(plan: PlanFile, tables: CostTables) -> dict[tuple[LayerKind, str, st
     out: dict[tuple[LayerKind, str, str], float] = {}
     for st, spec in zip(si.stages, pipeline_stages(m, plan.inputs.parallel), strict=True):
         for u, layer in zip(st.units, spec.layers, strict=True):
-            k = _kind(plan, layer)
+            k = _kind(plan.inputs, layer)
             fwd = {"attn": u.attn_fwd_s, "mlp": u.mlp_fwd_s, "shared": u.mlp_fwd_s, "experts": u.experts_fwd_s}
             bwd = {"attn-bwd": u.recompute_s + u.attn_dx_s, "mlp-bwd": u.mlp_dx_s, "shared-bwd": u.mlp_dx_s,
                    "experts-bwd": u.experts_dx_s}
@@ -221,6 +227,20 @@ def _priced(plan: PlanFile, tables: CostTables) -> dict[tuple[LayerKind, str, st
     return out
 
 
+def measured_ops_of(inputs: PlanInputs, found: dict[tuple[LayerKind, str, str], list[float]],
+                    label: str) -> list[MeasuredOp]:
+    """One ``MeasuredOp`` per op found (the median of its durations), then the ops ``covered`` by another's event
+    at zero, at the plan's shape (tokens per micro-batch on one GPU, sequence length)."""
+    par = inputs.parallel
+    shape = {"tokens": cp_tokens(par.micro_batch_size, par.seq_len_tokens, par.cp), "seq_len": par.seq_len_tokens}
+    ops = [MeasuredOp(layer_kind=kind, action=action, op=op, s=statistics.median(durations), samples=len(durations),
+                      source=f"{label}: median of {len(durations)} event(s)", **shape)
+           for (kind, action, op), durations in sorted(found.items())]
+    return ops + [MeasuredOp(layer_kind=kind, action=action, op=op, s=0.0, samples=n,
+                             source=f"{label}: timed inside the {by} event(s)", **shape)
+                  for (kind, action, op), (by, n) in sorted(covered(inputs, found).items())]
+
+
 def _priced_parts(plan: PlanFile, tables: CostTables) -> dict[tuple[int, int], dict[str, float]]:
     """What ``tables`` price for each pipeline rank's optimizer parts, by the rank's parameter set."""
     lay = plan.layout
@@ -234,16 +254,11 @@ def recalibrate(plan: PlanFile, tables: CostTables, traces: dict[int, object], p
     par = plan.inputs.parallel
     tokens = cp_tokens(par.micro_batch_size, par.seq_len_tokens, par.cp)
     priced = _priced(plan, tables)
-    ops, moved, found = [], [], op_durations(plan, traces)
-    for (kind, action, op), durations in sorted(found.items()):
-        s = statistics.median(durations)
-        ops.append(MeasuredOp(layer_kind=kind, action=action, op=op, tokens=tokens, seq_len=par.seq_len_tokens, s=s,
-                              samples=len(durations), source=f"{label}: median of {len(durations)} event(s)"))
-        moved.append(Moved(f"{kind} {action} {op}", priced.get((kind, action, op)), s, "s", len(durations)))
-    for (kind, action, op), (by, n) in sorted(covered(plan, found).items()):
-        ops.append(MeasuredOp(layer_kind=kind, action=action, op=op, tokens=tokens, seq_len=par.seq_len_tokens, s=0.0,
-                              samples=n, source=f"{label}: timed inside the run's {by} event(s)"))
-        moved.append(Moved(f"{kind} {action} {op} (in {by})", priced.get((kind, action, op)), 0.0, "s", n))
+    found = op_durations(plan, traces)
+    ops = measured_ops_of(plan.inputs, found, label)
+    zero = covered(plan.inputs, found)
+    moved = [Moved(f"{o.layer_kind} {o.action} {o.op}" + (f" (in {zero[k][0]})" if k in zero else ""),
+                   priced.get(k), o.s, "s", o.samples) for o in ops for k in [(o.layer_kind, o.action, o.op)]]
     kernels = list(tables.memory_kernels)
     opt = _optimizer_point(plan, tables, traces, pp_rank_of, label)
     if opt is not None:

@@ -82,7 +82,7 @@ def test_calibrate_lists_one_step_per_pipeline_rank_on_a_cpu_with_zero_groups_of
         setup = Setup(spec=plan.inputs.model, device=torch.device("cpu"), dtype=torch.float32, reps=2, threads=1,
                       backend="gloo", label="test")
         shapes = plan_shapes(plan.inputs, dp, 2)
-        return [m.what for m in measurements(shapes, setup, 1e11) if "pipeline rank" in m.what]
+        return [m.what for m in measurements(shapes, setup, 1e11) if m.kind == "optimizer" and "pipeline rank" in m.what]
     assert listed(1) == ["optimizer step over pipeline rank 0's tensors", "optimizer step over pipeline rank 1's tensors"]
     assert listed(2) == []
 

@@ -1,0 +1,114 @@
+"""Each pipeline rank's passes run as the runtime runs them, in one process, their sub-steps timed: a CPU's ops.
+
+``time_stage_ops(inputs, dp, dtype, reps, label)`` builds, per pipeline rank, the stage modules it holds
+(``model.transformer.build_rank``, the model's initialisation by name), their FP32 main gradients (the
+runtime's post-accumulate-grad hooks: every backward adds each weight's gradient into its bucket) and walks
+the rank's action list of the plan's schedule over synthetic micro-batches: each ``F`` through
+``model.runtime.overlap.stage_forward``, each ``B`` through ``stage_backward``, node by node, with the
+executor's ``Pass`` and ``Timeline``, so every sub-step event carries the simulator's name
+(``"{stage}{kind}{mb} L{i} attn"``, ``... head``) exactly as a run's trace does. Then what
+``check --recalibrate`` derives from a run's traces (``recalibrate.measured_ops_of``): per (layer kind,
+action, op) the median over micro-batches, layers and ranks after one untimed step, the head event per head
+(it holds the MTP modules, whose ops are entered at zero), the shared expert inside ``experts``.
+
+Why not the pieces timed alone (``host_ops.time_pieces``): a piece repeated alone runs 5-15% faster than
+the same piece in the runtime's pass (tiny-moe, 2026-12-06: 0.96 against 1.06 ms for the MoE half forward,
+1.15 against 1.30 ms backward, 0.20 against 0.29 ms for the dense FFN backward): the main-gradient hooks,
+the node's detached leaves, and the other pieces between two calls of the same one. What differs from a
+run: no communication (a stage's input is a fresh tensor, its output gradient too) and no other process.
+
+Only plain ``F``/``B`` schedules without tensor, context or expert parallelism (the runtime's CPU path for
+those: one process per pipeline rank, the MoE experts local); anything else raises ``NotImplementedError``
+and the pieces timed alone stand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+import torch
+
+from moeplan.model.balance import BalanceSchedule
+from moeplan.model.losses import training_loss
+from moeplan.model.options import ModelOptions
+from moeplan.model.runtime.executor import Timeline
+from moeplan.model.runtime.main_grad import attach_main_grads
+from moeplan.model.runtime.overlap import Pass, stage_backward, stage_forward
+from moeplan.model.runtime.overlap_comm import DistComm, Streams
+from moeplan.model.transformer import build_rank
+from moeplan.orchestrator.calibration.optimizer_ranks import SEED, rank_stage_specs
+from moeplan.orchestrator.calibration.recalibrate import measured_ops_of, op_durations_of
+from moeplan.simulator.contracts.trace import chrome_trace
+from moeplan.simulator.costs.measured_ops import MeasuredOp
+from moeplan.simulator.planning.planner import resolve_microbatches
+from moeplan.simulator.schedules.registry import make_schedule
+from moeplan.simulator.spec.inputs import PlanInputs
+
+WARMUP_STEPS = 1
+
+
+def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, label: str) -> list[MeasuredOp]:
+    """The ops of every pipeline rank's passes, timed in them (see module docstring)."""
+    par = inputs.parallel
+    if par.tp != 1 or par.cp != 1 or par.ep != 1:
+        raise NotImplementedError(f"tp={par.tp}, cp={par.cp}, ep={par.ep}: the passes are timed without tensor, "
+                                  "context or expert parallelism only")
+    microbatches = resolve_microbatches(par, inputs.training, dp)
+    schedule = make_schedule(par.schedule, par.pp, microbatches, par.virtual_stages)
+    if any(len(a.ops) != 1 or a.ops[0].kind not in "FB" for rank in schedule.ranks for a in rank):
+        raise NotImplementedError(f"schedule={par.schedule}: the passes are timed for schedules of F and B "
+                                  "actions alone")
+    traces = {r: chrome_trace(_rank_events(inputs, r, schedule.ranks[r], microbatches, dtype, reps))
+              for r in range(par.pp)}
+    src = (f"{label}: the runtime's passes in one process, {microbatches} micro-batches of "
+           f"{par.micro_batch_size} x {par.seq_len_tokens} tokens a step, {reps} step(s)")
+    return measured_ops_of(inputs, op_durations_of(inputs, traces), src)
+
+
+def _rank_events(inputs: PlanInputs, pp_rank: int, actions, microbatches: int, dtype: torch.dtype, reps: int):
+    """The sub-step events of ``reps`` steps of ``actions`` on pipeline rank ``pp_rank`` (after the warm-up)."""
+    spec, par = inputs.model, inputs.parallel
+    torch.manual_seed(SEED)
+    built = build_rank(spec, rank_stage_specs(inputs, pp_rank), ModelOptions(dtype=dtype))
+    stage_ids = sorted({a.ops[0].stage for a in actions})
+    modules = dict(zip(stage_ids, built, strict=True))
+    for module in built:
+        module.init_weights_by_name(SEED)
+        module.train()
+        for moe in module.moe_layers().values():
+            moe.balance_loss_scale = 1.0 / microbatches  # as model.runtime.rank.RankRuntime.create
+    main_grads = attach_main_grads([p for m in built for p in m.parameters()])
+    mtp_weight = BalanceSchedule.from_training(inputs.training).mtp_weight(0.0)
+    shape = (par.micro_batch_size, par.seq_len_tokens, spec.hidden_size)
+    gen = torch.Generator().manual_seed(SEED)
+    comm, streams, events = DistComm(), Streams(torch.device("cpu")), []
+    for step in range(WARMUP_STEPS + reps):
+        timeline, tapes = Timeline(rank=pp_rank, cuda=False), {}
+        for action in actions:
+            op = action.ops[0]
+            p = Pass(comm, streams, timeline, str(op))
+            if op.kind == "F":
+                ids = torch.randint(0, spec.vocab_size, shape[:2], generator=gen)
+                labels = torch.randint(0, spec.vocab_size, shape[:2], generator=gen)
+                x = ids if op.stage == 0 else torch.randn(shape, generator=gen, dtype=dtype).requires_grad_()
+
+                def finish(out, labels=labels) -> torch.Tensor:  # the executor's loss of the head stage
+                    return training_loss(out, labels, mtp_weight).total / microbatches
+                tapes[(op.stage, op.microbatch)] = _drive(stage_forward(modules[op.stage], x, ids, finish, p))
+            else:
+                grad = None if modules[op.stage].stage.has_head else torch.randn(shape, generator=gen, dtype=dtype)
+                _drive(stage_backward(tapes.pop((op.stage, op.microbatch)), grad, p))
+        main_grads.zero_()
+        if step >= WARMUP_STEPS:
+            events += timeline.events()
+    main_grads.detach()
+    return events
+
+
+def _drive(steps: Generator) -> object:
+    """Run one pass generator to its end (it yields only around all-to-alls, which a local MoE has none of)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value

@@ -1,0 +1,57 @@
+"""``calibrate`` on a CPU times each pipeline rank's passes as the runtime runs them (``stage_steps``): the same
+op entries ``check --recalibrate`` reads from a run's traces, which replace the pieces timed alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeplan.orchestrator.calibration.measure import Measured, Setup, measurements
+from moeplan.orchestrator.calibration.shapes import plan_shapes
+from moeplan.orchestrator.calibration.stage_steps import time_stage_ops
+from moeplan.simulator.costs.measured_ops import MeasuredOp
+from moeplan.simulator.spec.parallel import ParallelSpec
+
+
+@pytest.fixture(scope="module")
+def timed(planned):
+    plan, _ = planned
+    return time_stage_ops(plan.inputs, plan.layout.dp, torch.float32, 2, "test")
+
+
+def test_every_op_the_runtime_times_is_measured_and_those_inside_another_at_zero(timed):
+    got = {(o.layer_kind, o.action, o.op): o for o in timed}
+    timed_ops = {("dense", "F", "attn"), ("dense", "F", "mlp"), ("dense", "B", "attn-bwd"), ("dense", "B", "mlp-bwd"),
+                 ("moe", "F", "attn"), ("moe", "F", "experts"), ("moe", "B", "attn-bwd"), ("moe", "B", "experts-bwd"),
+                 ("ends", "F", "embed"), ("ends", "F", "head"), ("ends", "B", "head")}
+    assert {k for k, o in got.items() if o.s > 0} == timed_ops
+    # the shared expert runs inside the experts event, the MTP module inside the head event (as in a run)
+    assert {k for k, o in got.items() if o.s == 0} >= {("moe", "F", "shared"), ("mtp", "F", "attn"),
+                                                       ("mtp", "F", "experts"), ("mtp", "B", "experts-bwd")}
+    # 4 micro-batches x 2 steps; the MoE layers: rank 0's one and rank 1's two; a head event per head (2 on rank 1)
+    assert got[("dense", "F", "attn")].samples == 8 and got[("moe", "F", "attn")].samples == 24
+    assert all(o.tokens == 64 and o.seq_len == 64 and "passes in one process" in o.source for o in timed)
+    # the head event holds the MTP module and two heads: per head, more than the main head's own norm + GEMM
+    assert got[("ends", "F", "head")].s > got[("dense", "F", "mlp")].s
+
+
+def test_they_replace_the_pieces_timed_alone_where_they_run(planned, timed):
+    plan, _ = planned
+    setup = Setup(spec=plan.inputs.model, device=torch.device("cpu"), dtype=torch.float32, reps=2, threads=1,
+                  backend="gloo", label="test")
+    passes = next(m for m in measurements(plan_shapes(plan.inputs, 1, 2), setup, 1e11) if "passes" in m.what)
+    stale = MeasuredOp(layer_kind="moe", action="F", op="experts", tokens=64, seq_len=64, s=9.0, samples=1, source="x")
+    other = stale.model_copy(update={"seq_len": 128})
+    m = Measured(pieces=[stale, other])
+    passes.run(m)
+    experts = [o for o in m.pieces if (o.layer_kind, o.op) == ("moe", "experts")]
+    assert other in experts and stale not in experts and len(experts) == 2
+
+
+@pytest.mark.parametrize("change", [{"schedule": "zb1p"}, {"tp": 2}])
+def test_other_schedules_and_parallelisms_keep_the_pieces_timed_alone(planned, change):
+    plan, _ = planned
+    par = ParallelSpec.model_validate(plan.inputs.parallel.model_dump() | change)
+    inputs = plan.inputs.model_copy(update={"parallel": par})
+    with pytest.raises(NotImplementedError):
+        time_stage_ops(inputs, 1, torch.float32, 1, "test")
