@@ -9,7 +9,10 @@ executor's ``Pass`` and ``Timeline``, so every sub-step event carries the simula
 (``"{stage}{kind}{mb} L{i} attn"``, ``... head``) exactly as a run's trace does. Then what
 ``check --recalibrate`` derives from a run's traces (``recalibrate.measured_ops_of``): per (layer kind,
 action, op) the median over micro-batches, layers and ranks after one untimed step, the head event per head
-(it holds the MTP modules, whose ops are entered at zero), the shared expert inside ``experts``.
+(it holds the MTP modules, whose ops are entered at zero), the shared expert inside ``experts``. And what a
+run's events leave out: per pass kind, the median of each pass's wall time less its nodes' events
+(``costs.measured_ops.PASS_OP``: the RoPE tables, each node's detached leaf and tape entry; tiny-moe,
+2026-12-06: 0.24-0.28 ms a forward, 0.15-0.25 ms a backward, against 2-5 ms of nodes).
 
 Why not the pieces timed alone (``host_ops.time_pieces``): a piece repeated alone runs 5-15% faster than
 the same piece in the runtime's pass (tiny-moe, 2026-12-06: 0.96 against 1.06 ms for the MoE half forward,
@@ -24,6 +27,8 @@ and the pieces timed alone stand.
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Generator
 
 import torch
@@ -38,8 +43,8 @@ from moeplan.model.runtime.overlap_comm import DistComm, Streams
 from moeplan.model.transformer import build_rank
 from moeplan.orchestrator.calibration.optimizer_ranks import SEED, rank_stage_specs
 from moeplan.orchestrator.calibration.recalibrate import measured_ops_of, op_durations_of
-from moeplan.simulator.contracts.trace import chrome_trace
-from moeplan.simulator.costs.measured_ops import MeasuredOp
+from moeplan.simulator.contracts.trace import TraceEvent, chrome_trace
+from moeplan.simulator.costs.measured_ops import PASS_OP, MeasuredOp
 from moeplan.simulator.planning.planner import resolve_microbatches
 from moeplan.simulator.schedules.registry import make_schedule
 from moeplan.simulator.spec.inputs import PlanInputs
@@ -58,15 +63,25 @@ def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, l
     if any(len(a.ops) != 1 or a.ops[0].kind not in "FB" for rank in schedule.ranks for a in rank):
         raise NotImplementedError(f"schedule={par.schedule}: the passes are timed for schedules of F and B "
                                   "actions alone")
-    traces = {r: chrome_trace(_rank_events(inputs, r, schedule.ranks[r], microbatches, dtype, reps))
-              for r in range(par.pp)}
+    traces, outside = {}, {"F": [], "B": []}
+    for r in range(par.pp):
+        events, glue = _rank_events(inputs, r, schedule.ranks[r], microbatches, dtype, reps)
+        traces[r] = chrome_trace(events)
+        for kind, seconds in glue.items():
+            outside[kind] += seconds
     src = (f"{label}: the runtime's passes in one process, {microbatches} micro-batches of "
            f"{par.micro_batch_size} x {par.seq_len_tokens} tokens a step, {reps} step(s)")
-    return measured_ops_of(inputs, op_durations_of(inputs, traces), src)
+    passes = [MeasuredOp(layer_kind="ends", action=kind, op=PASS_OP, tokens=par.micro_batch_size * par.seq_len_tokens,
+                         seq_len=par.seq_len_tokens, s=statistics.median(seconds), samples=len(seconds),
+                         source=f"{src}: each pass's wall time less its nodes' events, median of {len(seconds)}")
+              for kind, seconds in outside.items() if seconds]
+    return measured_ops_of(inputs, op_durations_of(inputs, traces), src) + passes
 
 
-def _rank_events(inputs: PlanInputs, pp_rank: int, actions, microbatches: int, dtype: torch.dtype, reps: int):
-    """The sub-step events of ``reps`` steps of ``actions`` on pipeline rank ``pp_rank`` (after the warm-up)."""
+def _rank_events(inputs: PlanInputs, pp_rank: int, actions, microbatches: int, dtype: torch.dtype, reps: int
+                 ) -> tuple[list[TraceEvent], dict[str, list[float]]]:
+    """The sub-step events of ``reps`` steps of ``actions`` on pipeline rank ``pp_rank`` (after the warm-up), and
+    per pass kind (``F``, ``B``) the seconds of each pass outside its nodes' events."""
     spec, par = inputs.model, inputs.parallel
     torch.manual_seed(SEED)
     built = build_rank(spec, rank_stage_specs(inputs, pp_rank), ModelOptions(dtype=dtype))
@@ -81,12 +96,13 @@ def _rank_events(inputs: PlanInputs, pp_rank: int, actions, microbatches: int, d
     mtp_weight = BalanceSchedule.from_training(inputs.training).mtp_weight(0.0)
     shape = (par.micro_batch_size, par.seq_len_tokens, spec.hidden_size)
     gen = torch.Generator().manual_seed(SEED)
-    comm, streams, events = DistComm(), Streams(torch.device("cpu")), []
+    comm, streams, events, outside = DistComm(), Streams(torch.device("cpu")), [], {"F": [], "B": []}
     for step in range(WARMUP_STEPS + reps):
-        timeline, tapes = Timeline(rank=pp_rank, cuda=False), {}
+        timeline, tapes, walls = Timeline(rank=pp_rank, cuda=False), {}, {}
         for action in actions:
             op = action.ops[0]
             p = Pass(comm, streams, timeline, str(op))
+            start = time.perf_counter()
             if op.kind == "F":
                 ids = torch.randint(0, spec.vocab_size, shape[:2], generator=gen)
                 labels = torch.randint(0, spec.vocab_size, shape[:2], generator=gen)
@@ -98,11 +114,16 @@ def _rank_events(inputs: PlanInputs, pp_rank: int, actions, microbatches: int, d
             else:
                 grad = None if modules[op.stage].stage.has_head else torch.randn(shape, generator=gen, dtype=dtype)
                 _drive(stage_backward(tapes.pop((op.stage, op.microbatch)), grad, p))
+            walls[str(op)] = op.kind, time.perf_counter() - start
         main_grads.zero_()
         if step >= WARMUP_STEPS:
-            events += timeline.events()
+            mine = timeline.events()
+            for chain, (kind, wall) in walls.items():
+                nodes = sum(e.end_s - e.start_s for e in mine if e.name.split(" ")[0] == chain)
+                outside[kind].append(max(0.0, wall - nodes))
+            events += mine
     main_grads.detach()
-    return events
+    return events, outside
 
 
 def _drive(steps: Generator) -> object:

@@ -34,6 +34,12 @@ MEASURABLE_OPS: dict[str, tuple[str, ...]] = {
 }
 
 
+# A stage pass's work outside its timed nodes (layer kind ``ends``, action ``F`` or ``B``): the runtime's RoPE
+# tables, each node's detached input leaf and tape entry, the walk back; the engine adds it to the stage's first
+# unit (``engine.build``). Timed by ``moeplan calibrate`` on a CPU (``calibration.stage_steps``); no trace event.
+PASS_OP = "pass"
+
+
 class MeasuredOp(BaseModel):
     """One op's median duration per occurrence (per layer; per head for ``head``; per step for an optimizer
     part) in a measured run or benchmark."""

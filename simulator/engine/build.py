@@ -15,7 +15,7 @@ from moeplan.simulator.accounting.memory import rank_param_tensors, rank_params
 from moeplan.simulator.accounting.tensor_parallel import tp_slice
 from moeplan.simulator.costs.elementwise import OPTIMIZER
 from moeplan.simulator.costs.kernels import memory_s, ring_s
-from moeplan.simulator.costs.measured_ops import measured_optimizer_s
+from moeplan.simulator.costs.measured_ops import PASS_OP, measured_optimizer_s, measured_s
 from moeplan.simulator.costs.optimizer_step import OptimizerSet, optimizer_bytes
 from moeplan.simulator.costs.tables import CostTables, default_tables
 from moeplan.simulator.engine.expert_traffic import ExpertTraffic, expert_traffic
@@ -118,7 +118,7 @@ def _stage_costs(inputs: PlanInputs, parallel: ParallelSpec, ctx: CostContext, o
 
     out = []
     for stage in pipeline_stages(m, parallel):
-        units = [unit(u) for u in stage.layers]
+        units = _with_pass([unit(u) for u in stage.layers], ctx)
         comms = [comm(u) for u in stage.layers] if tp > 1 else None
         if opts.coarse and len(units) > 1:
             units = [merge_units(units)]
@@ -128,6 +128,18 @@ def _stage_costs(inputs: PlanInputs, parallel: ParallelSpec, ctx: CostContext, o
                               has_head=stage.has_head or mtp_units > 0, heads=int(stage.has_head) + mtp_units,
                               tp_comm=tuple(comms) if comms else None))
     return tuple(out)
+
+
+def _with_pass(units: list[UnitCosts], ctx: CostContext) -> list[UnitCosts]:
+    """``units`` with a stage pass's measured work outside its nodes (``costs.measured_ops.PASS_OP``) on the first
+    unit: forward with its attention (before it, the RoPE tables and the input leaf), backward with its input
+    gradient (the last node the backward runs). Unchanged where the tables measured none at this shape."""
+    ops = ctx.tables.measured_ops
+    if not ops or not units or ctx.cp_gather_bytes:
+        return units
+    f, b = (measured_s(ops, "ends", a, PASS_OP, ctx.tokens, ctx.seq_len_tokens) or 0.0 for a in ("F", "B"))
+    first = replace(units[0], attn_fwd_s=units[0].attn_fwd_s + f, attn_dx_s=units[0].attn_dx_s + b)
+    return [first, *units[1:]]
 
 
 def _end_costs(inputs: PlanInputs, ctx: CostContext) -> EndCosts:

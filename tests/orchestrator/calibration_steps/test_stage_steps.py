@@ -9,7 +9,9 @@ import torch
 from moeplan.orchestrator.calibration.measure import Measured, Setup, measurements
 from moeplan.orchestrator.calibration.shapes import plan_shapes
 from moeplan.orchestrator.calibration.stage_steps import time_stage_ops
-from moeplan.simulator.costs.measured_ops import MeasuredOp
+from moeplan.simulator.costs.measured_ops import PASS_OP, MeasuredOp
+from moeplan.simulator.costs.tables import named_tables
+from moeplan.simulator.engine.build import SimOptions, step_inputs
 from moeplan.simulator.spec.parallel import ParallelSpec
 
 
@@ -23,13 +25,15 @@ def test_every_op_the_runtime_times_is_measured_and_those_inside_another_at_zero
     got = {(o.layer_kind, o.action, o.op): o for o in timed}
     timed_ops = {("dense", "F", "attn"), ("dense", "F", "mlp"), ("dense", "B", "attn-bwd"), ("dense", "B", "mlp-bwd"),
                  ("moe", "F", "attn"), ("moe", "F", "experts"), ("moe", "B", "attn-bwd"), ("moe", "B", "experts-bwd"),
-                 ("ends", "F", "embed"), ("ends", "F", "head"), ("ends", "B", "head")}
+                 ("ends", "F", "embed"), ("ends", "F", "head"), ("ends", "B", "head"),
+                 ("ends", "F", PASS_OP), ("ends", "B", PASS_OP)}
     assert {k for k, o in got.items() if o.s > 0} == timed_ops
     # the shared expert runs inside the experts event, the MTP module inside the head event (as in a run)
     assert {k for k, o in got.items() if o.s == 0} >= {("moe", "F", "shared"), ("mtp", "F", "attn"),
                                                        ("mtp", "F", "experts"), ("mtp", "B", "experts-bwd")}
     # 4 micro-batches x 2 steps; the MoE layers: rank 0's one and rank 1's two; a head event per head (2 on rank 1)
     assert got[("dense", "F", "attn")].samples == 8 and got[("moe", "F", "attn")].samples == 24
+    assert got[("ends", "F", PASS_OP)].samples == 16, "a pass per micro-batch, rank and step"
     assert all(o.tokens == 64 and o.seq_len == 64 and "passes in one process" in o.source for o in timed)
     # the head event holds the MTP module and two heads: per head, more than the main head's own norm + GEMM
     assert got[("ends", "F", "head")].s > got[("dense", "F", "mlp")].s
@@ -55,3 +59,19 @@ def test_other_schedules_and_parallelisms_keep_the_pieces_timed_alone(planned, c
     inputs = plan.inputs.model_copy(update={"parallel": par})
     with pytest.raises(NotImplementedError):
         time_stage_ops(inputs, 1, torch.float32, 1, "test")
+
+
+def test_a_pass_measured_outside_its_nodes_lands_on_each_stages_first_unit(planned):
+    plan, _ = planned
+    tables = named_tables("cpu", "CPU-process")
+    passes = [MeasuredOp(layer_kind="ends", action=a, op=PASS_OP, tokens=64, seq_len=64, s=s, samples=1, source="x")
+              for a, s in (("F", 2e-4), ("B", 3e-4))]
+
+    def stages(t):
+        return step_inputs(plan.inputs, 1, 4, opts=SimOptions(tables=t)).stages
+    before = stages(tables.model_copy(update={"measured_ops": (passes[0].model_copy(update={"seq_len": 128}),)}))
+    after = stages(tables.model_copy(update={"measured_ops": tuple(passes)}))
+    for b, a in zip(before, after, strict=True):
+        assert a.units[0].attn_fwd_s == pytest.approx(b.units[0].attn_fwd_s + 2e-4)
+        assert a.units[0].attn_dx_s == pytest.approx(b.units[0].attn_dx_s + 3e-4)
+        assert a.units[1:] == b.units[1:]
