@@ -39,8 +39,9 @@ from moeplan.orchestrator.calibration.optimizer_ranks import time_rank_optimizer
 from moeplan.orchestrator.calibration.shapes import PlanShapes
 from moeplan.orchestrator.calibration.stage_steps import time_stage_ops
 from moeplan.simulator.costs.host import HostCosts, HostOpCost
-from moeplan.simulator.costs.measured_ops import MeasuredOp
+from moeplan.simulator.costs.measured_ops import MeasuredOp, measured_optimizer_s
 from moeplan.simulator.costs.tables import CostTables
+from moeplan.simulator.engine.build import rank_optimizer_set
 from moeplan.simulator.spec.model import ModelSpec
 from moeplan.simulator.spec.training import OptimizerSpec
 
@@ -224,12 +225,15 @@ def _memory_row(case, shapes: PlanShapes, setup: Setup, m: Measured, hbm: float)
 
 def _rank_optimizers(shapes: PlanShapes, setup: Setup) -> list[Measurement]:
     """On a CPU, where both ZeRO groups have one rank: the runtime's optimizer step over each pipeline rank's own
-    tensors, part by part (``calibration.optimizer_ranks``), one measurement per rank."""
+    tensors, part by part (``calibration.optimizer_ranks``), one measurement per rank; none where the rank's
+    passes were timed with its step after them (``stage_steps``)."""
     inputs = shapes.inputs
     if setup.device.type != "cpu" or inputs is None or shapes.dp * inputs.parallel.cp != 1 or inputs.parallel.ep != 1:
         return []
 
     def run(m: Measured, pp_rank: int) -> None:
+        if measured_optimizer_s(tuple(m.pieces), *rank_optimizer_set(inputs, pp_rank)) is not None:
+            return  # timed after the rank's passes (``stage_steps``)
         m.pieces += time_rank_optimizer(inputs, shapes.dp, pp_rank, setup.dtype, setup.reps, setup.label)
     return [Measurement("optimizer", f"optimizer step over pipeline rank {r}'s tensors", lambda m, r=r: run(m, r))
             for r in range(inputs.parallel.pp)]

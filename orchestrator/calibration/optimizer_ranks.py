@@ -21,6 +21,7 @@ the gradient norm's all-reduce is the engine's barrier, not measured here.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -32,11 +33,12 @@ from moeplan.model.load_record import LoadAccumulator
 from moeplan.model.options import ModelOptions
 from moeplan.model.runtime.balancing import balance_step
 from moeplan.model.runtime.executor import Timeline
-from moeplan.model.runtime.main_grad import attach_main_grads
+from moeplan.model.runtime.main_grad import MainGrads, attach_main_grads
 from moeplan.model.runtime.optimizer import ShardedParams, ZeroAdamW, part_marker
 from moeplan.model.stage import StageSpec
 from moeplan.model.transformer import build_rank
 from moeplan.simulator.accounting.layout import pipeline_stages
+from moeplan.simulator.contracts.trace import TraceEvent
 from moeplan.simulator.costs.measured_ops import MeasuredOp
 from moeplan.simulator.costs.optimizer_step import OPTIMIZER_PARTS
 from moeplan.simulator.engine.build import rank_optimizer_set
@@ -61,7 +63,7 @@ def rank_stage_specs(inputs: PlanInputs, pp_rank: int) -> list[StageSpec]:
 
 
 @contextmanager
-def _one_process_group():
+def one_process_group():
     """A gloo group of this process alone for the step's collectives; refuses to replace an existing one."""
     if dist.is_initialized():
         raise RuntimeError("a process group exists in this process: the optimizer step is timed in its own")
@@ -72,56 +74,89 @@ def _one_process_group():
         dist.destroy_process_group()
 
 
-def time_rank_optimizer(inputs: PlanInputs, dp: int, pp_rank: int, dtype: torch.dtype, reps: int,
-                        label: str) -> list[MeasuredOp]:
-    """One ``MeasuredOp`` per optimizer part of pipeline rank ``pp_rank`` (see module docstring)."""
+def check_zero_groups_of_one(inputs: PlanInputs, dp: int) -> None:
     par = inputs.parallel
     if dp * par.cp != 1 or par.ep != 1:
         raise NotImplementedError(f"dp={dp}, cp={par.cp}, ep={par.ep}: the step of a ZeRO group larger than one "
                                   "runs over several processes; timed in one only where dp x cp = 1 and ep = 1")
-    params, tensors = rank_optimizer_set(inputs, pp_rank)
-    with _one_process_group():
-        seconds, built = _timed_parts(inputs, pp_rank, dtype, reps)
-    assert built == (params, tensors), f"{built=} {params=} {tensors=}: the model and the planner disagree"
-    par_src = f"{label}: the runtime's optimizer step over pipeline rank {pp_rank}'s {tensors} tensors"
-    return [MeasuredOp(layer_kind="optimizer", action="F", op=part, tokens=par.micro_batch_size * par.seq_len_tokens,
-                       seq_len=par.seq_len_tokens, s=statistics.median(seconds[part]), samples=len(seconds[part]),
-                       params=params, tensors=tensors,
-                       source=f"{par_src} ({params:,} parameters, {str(dtype).removeprefix('torch.')}), one "
-                              f"process, median of {len(seconds[part])}: its {part} part")
-            for part in OPTIMIZER_PARTS]
 
 
-def _timed_parts(inputs: PlanInputs, pp_rank: int, dtype: torch.dtype, reps: int
-                 ) -> tuple[dict[str, list[float]], tuple[int, int]]:
-    """Seconds of each part over ``reps`` steps (after two untimed), and the built set's (parameters, tensors)."""
-    spec, training = inputs.model, inputs.training
+def rank_modules(inputs: PlanInputs, pp_rank: int, dtype: torch.dtype) -> tuple[list[torch.nn.Module], MainGrads]:
+    """The stage modules pipeline rank ``pp_rank`` holds, initialised by name as the runtime does, and the FP32
+    main gradients of their parameters (each shared tensor once)."""
     torch.manual_seed(SEED)
-    built = build_rank(spec, rank_stage_specs(inputs, pp_rank), ModelOptions(dtype=dtype))
+    built = build_rank(inputs.model, rank_stage_specs(inputs, pp_rank), ModelOptions(dtype=dtype))
     params = {}
     for module in built:
         module.init_weights_by_name(SEED)
         params |= {id(p): p for p in module.parameters() if p.requires_grad}
-    main_grads = attach_main_grads(list(params.values()))
+    return built, attach_main_grads(list(params.values()))
+
+
+def optimizer_step(inputs: PlanInputs, built: list[torch.nn.Module], main_grads: MainGrads
+                   ) -> Callable[[Callable[[str], None]], None]:
+    """``step(mark)``: what ``model.runtime.rank.RankRuntime.optimizer_step`` runs on a ZeRO group of one (the
+    AdamW step marking norm, update and zero, the FP8 cache cleared, the bias update marked ``other``). Needs a
+    process group (``one_process_group``)."""
+    training = inputs.training
     optimizer = ZeroAdamW([ShardedParams(main_grads)], training.optimizer)
     updater = ExpertBiasUpdater({i: moe for m in built for i, moe in m.moe_layers().items()})
     balance, loads = BalanceSchedule.from_training(training), LoadAccumulator()
-    routed = spec.num_experts_per_tok * inputs.parallel.micro_batch_size * inputs.parallel.seq_len_tokens
-    seconds: dict[str, list[float]] = {part: [] for part in OPTIMIZER_PARTS}
-    for i in range(reps + 2):
-        for bucket in main_grads.buckets:  # a backward's gradients, small enough that the step stays sane
-            bucket.data.normal_(std=1e-3)
-        for moe in updater.moe_layers.values():  # a micro-batch's routed tokens, spread evenly
-            moe.tokens_per_expert.fill_(routed // moe.tokens_per_expert.numel())
-        timeline = Timeline(rank=0, cuda=False)
-        mark = part_marker(timeline, "optimizer")
-        # model.runtime.rank.RankRuntime.optimizer_step, as it runs on a ZeRO group of one
+
+    def step(mark: Callable[[str], None]) -> None:
         stats = optimizer.step(tokens_seen=0.0, mark=mark)
         clear_fp8_weight_cache()
         loads.add(stats.step, balance_step(updater, balance, 0.0))
         mark("other")
-        if i >= 2:
-            for event in timeline.events():
-                seconds[event.name.removeprefix("optimizer ")].append(event.end_s - event.start_s)
+    return step
+
+
+def part_ops(inputs: PlanInputs, pp_rank: int, seconds: dict[str, list[float]], built: tuple[int, int], how: str,
+             label: str) -> list[MeasuredOp]:
+    """One ``MeasuredOp`` per optimizer part of pipeline rank ``pp_rank`` from its timed ``seconds``; ``built``:
+    the (parameters, tensors) the runtime's modules hold, which must be what the planner counts."""
+    par = inputs.parallel
+    params, tensors = rank_optimizer_set(inputs, pp_rank)
+    assert built == (params, tensors), f"{built=} {params=} {tensors=}: the model and the planner disagree"
+    src = f"{label}: the runtime's optimizer step over pipeline rank {pp_rank}'s {tensors} tensors ({params:,} " \
+          f"parameters), {how}"
+    return [MeasuredOp(layer_kind="optimizer", action="F", op=part, tokens=par.micro_batch_size * par.seq_len_tokens,
+                       seq_len=par.seq_len_tokens, s=statistics.median(seconds[part]), samples=len(seconds[part]),
+                       params=params, tensors=tensors, source=f"{src}, median of {len(seconds[part])}: its {part} part")
+            for part in OPTIMIZER_PARTS]
+
+
+def set_shape(main_grads: MainGrads) -> tuple[int, int]:
+    """(parameters, tensors) of a main-gradient set."""
+    return sum(p.numel() for p in main_grads.params), len(main_grads.params)
+
+
+def part_seconds(events: list[TraceEvent]) -> dict[str, float]:
+    """The ``"optimizer {part}"`` events' seconds by part."""
+    return {e.name.removeprefix("optimizer "): e.end_s - e.start_s for e in events if e.name.startswith("optimizer ")}
+
+
+def time_rank_optimizer(inputs: PlanInputs, dp: int, pp_rank: int, dtype: torch.dtype, reps: int,
+                        label: str) -> list[MeasuredOp]:
+    """One ``MeasuredOp`` per optimizer part of pipeline rank ``pp_rank`` (see module docstring)."""
+    check_zero_groups_of_one(inputs, dp)
+    spec, par = inputs.model, inputs.parallel
+    routed = spec.num_experts_per_tok * par.micro_batch_size * par.seq_len_tokens
+    seconds: dict[str, list[float]] = {part: [] for part in OPTIMIZER_PARTS}
+    built, main_grads = rank_modules(inputs, pp_rank, dtype)
+    with one_process_group():
+        step = optimizer_step(inputs, built, main_grads)
+        for i in range(reps + 2):
+            for bucket in main_grads.buckets:  # a backward's gradients, small enough that the step stays sane
+                bucket.data.normal_(std=1e-3)
+            for module in built:  # a micro-batch's routed tokens, spread evenly
+                for moe in module.moe_layers().values():
+                    moe.tokens_per_expert.fill_(routed // moe.tokens_per_expert.numel())
+            timeline = Timeline(rank=0, cuda=False)
+            step(part_marker(timeline, "optimizer"))
+            if i >= 2:
+                for part, s in part_seconds(timeline.events()).items():
+                    seconds[part].append(s)
     main_grads.detach()
-    return seconds, (sum(p.numel() for p in params.values()), len(params))
+    how = f"{str(dtype).removeprefix('torch.')}, one process, on synthetic gradients"
+    return part_ops(inputs, pp_rank, seconds, set_shape(main_grads), how, label)

@@ -12,7 +12,10 @@ action, op) the median over micro-batches, layers and ranks after one untimed st
 (it holds the MTP modules, whose ops are entered at zero), the shared expert inside ``experts``. And what a
 run's events leave out: per pass kind, the median of each pass's wall time less its nodes' events
 (``costs.measured_ops.PASS_OP``: the RoPE tables, each node's detached leaf and tape entry; tiny-moe,
-2026-12-06: 0.24-0.28 ms a forward, 0.15-0.25 ms a backward, against 2-5 ms of nodes).
+2026-12-06: 0.24-0.28 ms a forward, 0.15-0.25 ms a backward, against 2-5 ms of nodes). Where dp = 1, each
+step's passes are followed by the rank's optimizer step (``optimizer_ranks.optimizer_step``), its parts timed as
+the runtime times them, on the gradients the passes left: entries of layer kind ``optimizer``, as
+``optimizer_ranks`` times them alone, but on memory the passes have just used.
 
 Why not the pieces timed alone (``host_ops.time_pieces``): a piece repeated alone runs 5-15% faster than
 the same piece in the runtime's pass (tiny-moe, 2026-12-06: 0.96 against 1.06 ms for the MoE half forward,
@@ -27,24 +30,33 @@ and the pieces timed alone stand.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Generator
+from dataclasses import dataclass
 
 import torch
 
 from moeplan.model.balance import BalanceSchedule
 from moeplan.model.losses import training_loss
-from moeplan.model.options import ModelOptions
 from moeplan.model.runtime.executor import Timeline
-from moeplan.model.runtime.main_grad import attach_main_grads
+from moeplan.model.runtime.main_grad import MainGrads
+from moeplan.model.runtime.optimizer import part_marker
 from moeplan.model.runtime.overlap import Pass, stage_backward, stage_forward
 from moeplan.model.runtime.overlap_comm import DistComm, Streams
-from moeplan.model.transformer import build_rank
-from moeplan.orchestrator.calibration.optimizer_ranks import SEED, rank_stage_specs
+from moeplan.orchestrator.calibration.optimizer_ranks import (
+    one_process_group,
+    optimizer_step,
+    part_ops,
+    part_seconds,
+    rank_modules,
+    set_shape,
+)
 from moeplan.orchestrator.calibration.recalibrate import measured_ops_of, op_durations_of
 from moeplan.simulator.contracts.trace import TraceEvent, chrome_trace
 from moeplan.simulator.costs.measured_ops import PASS_OP, MeasuredOp
+from moeplan.simulator.costs.optimizer_step import OPTIMIZER_PARTS
 from moeplan.simulator.planning.planner import resolve_microbatches
 from moeplan.simulator.schedules.registry import make_schedule
 from moeplan.simulator.spec.inputs import PlanInputs
@@ -63,67 +75,87 @@ def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, l
     if any(len(a.ops) != 1 or a.ops[0].kind not in "FB" for rank in schedule.ranks for a in rank):
         raise NotImplementedError(f"schedule={par.schedule}: the passes are timed for schedules of F and B "
                                   "actions alone")
-    traces, outside = {}, {"F": [], "B": []}
+    optimizer = dp == 1  # the rank's optimizer step after its passes, as the runtime runs it (ZeRO groups of one)
+    traces, outside, out = {}, {"F": [], "B": []}, []
     for r in range(par.pp):
-        events, glue = _rank_events(inputs, r, schedule.ranks[r], microbatches, dtype, reps)
-        traces[r] = chrome_trace(events)
-        for kind, seconds in glue.items():
-            outside[kind] += seconds
+        timed = _RankTimes(events=[], outside=outside, optimizer={part: [] for part in OPTIMIZER_PARTS})
+        built, main_grads = rank_modules(inputs, r, dtype)
+        gen = torch.Generator().manual_seed(r)
+        with one_process_group() if optimizer else contextlib.nullcontext():
+            step = optimizer_step(inputs, built, main_grads) if optimizer else None
+            for i in range(WARMUP_STEPS + reps):
+                _one_step(inputs, built, schedule.ranks[r], microbatches, dtype, gen,
+                          timed if i >= WARMUP_STEPS else None)
+                _optimizer(step, main_grads, timed if i >= WARMUP_STEPS else None)
+        main_grads.detach()
+        traces[r] = chrome_trace(timed.events)
+        if optimizer:
+            out += part_ops(inputs, r, timed.optimizer, set_shape(main_grads),
+                            f"{str(dtype).removeprefix('torch.')}, one process, after its passes", label)
     src = (f"{label}: the runtime's passes in one process, {microbatches} micro-batches of "
            f"{par.micro_batch_size} x {par.seq_len_tokens} tokens a step, {reps} step(s)")
     passes = [MeasuredOp(layer_kind="ends", action=kind, op=PASS_OP, tokens=par.micro_batch_size * par.seq_len_tokens,
                          seq_len=par.seq_len_tokens, s=statistics.median(seconds), samples=len(seconds),
                          source=f"{src}: each pass's wall time less its nodes' events, median of {len(seconds)}")
               for kind, seconds in outside.items() if seconds]
-    return measured_ops_of(inputs, op_durations_of(inputs, traces), src) + passes
+    return measured_ops_of(inputs, op_durations_of(inputs, traces), src) + passes + out
 
 
-def _rank_events(inputs: PlanInputs, pp_rank: int, actions, microbatches: int, dtype: torch.dtype, reps: int
-                 ) -> tuple[list[TraceEvent], dict[str, list[float]]]:
-    """The sub-step events of ``reps`` steps of ``actions`` on pipeline rank ``pp_rank`` (after the warm-up), and
-    per pass kind (``F``, ``B``) the seconds of each pass outside its nodes' events."""
+@dataclass
+class _RankTimes:
+    events: list[TraceEvent]  # the passes' node events
+    outside: dict[str, list[float]]  # per pass kind, each pass's seconds outside its nodes
+    optimizer: dict[str, list[float]]  # per optimizer part, its seconds
+
+
+def _one_step(inputs: PlanInputs, built: list[torch.nn.Module], actions, microbatches: int, dtype: torch.dtype,
+              gen: torch.Generator, timed: _RankTimes | None) -> None:
+    """One step's passes of ``actions`` over fresh synthetic micro-batches, recorded into ``timed`` (if given)."""
     spec, par = inputs.model, inputs.parallel
-    torch.manual_seed(SEED)
-    built = build_rank(spec, rank_stage_specs(inputs, pp_rank), ModelOptions(dtype=dtype))
-    stage_ids = sorted({a.ops[0].stage for a in actions})
-    modules = dict(zip(stage_ids, built, strict=True))
+    modules = dict(zip(sorted({a.ops[0].stage for a in actions}), built, strict=True))
     for module in built:
-        module.init_weights_by_name(SEED)
         module.train()
         for moe in module.moe_layers().values():
             moe.balance_loss_scale = 1.0 / microbatches  # as model.runtime.rank.RankRuntime.create
-    main_grads = attach_main_grads([p for m in built for p in m.parameters()])
     mtp_weight = BalanceSchedule.from_training(inputs.training).mtp_weight(0.0)
     shape = (par.micro_batch_size, par.seq_len_tokens, spec.hidden_size)
-    gen = torch.Generator().manual_seed(SEED)
-    comm, streams, events, outside = DistComm(), Streams(torch.device("cpu")), [], {"F": [], "B": []}
-    for step in range(WARMUP_STEPS + reps):
-        timeline, tapes, walls = Timeline(rank=pp_rank, cuda=False), {}, {}
-        for action in actions:
-            op = action.ops[0]
-            p = Pass(comm, streams, timeline, str(op))
-            start = time.perf_counter()
-            if op.kind == "F":
-                ids = torch.randint(0, spec.vocab_size, shape[:2], generator=gen)
-                labels = torch.randint(0, spec.vocab_size, shape[:2], generator=gen)
-                x = ids if op.stage == 0 else torch.randn(shape, generator=gen, dtype=dtype).requires_grad_()
+    comm, streams = DistComm(), Streams(torch.device("cpu"))
+    timeline, tapes, walls = Timeline(rank=0, cuda=False), {}, {}
+    for action in actions:
+        op = action.ops[0]
+        p = Pass(comm, streams, timeline, str(op))
+        start = time.perf_counter()
+        if op.kind == "F":
+            ids = torch.randint(0, spec.vocab_size, shape[:2], generator=gen)
+            labels = torch.randint(0, spec.vocab_size, shape[:2], generator=gen)
+            x = ids if op.stage == 0 else torch.randn(shape, generator=gen, dtype=dtype).requires_grad_()
 
-                def finish(out, labels=labels) -> torch.Tensor:  # the executor's loss of the head stage
-                    return training_loss(out, labels, mtp_weight).total / microbatches
-                tapes[(op.stage, op.microbatch)] = _drive(stage_forward(modules[op.stage], x, ids, finish, p))
-            else:
-                grad = None if modules[op.stage].stage.has_head else torch.randn(shape, generator=gen, dtype=dtype)
-                _drive(stage_backward(tapes.pop((op.stage, op.microbatch)), grad, p))
-            walls[str(op)] = op.kind, time.perf_counter() - start
+            def finish(out, labels=labels) -> torch.Tensor:  # the executor's loss of the head stage
+                return training_loss(out, labels, mtp_weight).total / microbatches
+            tapes[(op.stage, op.microbatch)] = _drive(stage_forward(modules[op.stage], x, ids, finish, p))
+        else:
+            grad = None if modules[op.stage].stage.has_head else torch.randn(shape, generator=gen, dtype=dtype)
+            _drive(stage_backward(tapes.pop((op.stage, op.microbatch)), grad, p))
+        walls[str(op)] = op.kind, time.perf_counter() - start
+    mine = timeline.events()
+    if timed is not None:
+        for chain, (kind, wall) in walls.items():
+            nodes = sum(e.end_s - e.start_s for e in mine if e.name.split(" ")[0] == chain)
+            timed.outside[kind].append(max(0.0, wall - nodes))
+        timed.events += mine
+
+
+def _optimizer(step, main_grads: MainGrads, timed: _RankTimes | None) -> None:
+    """The rank's optimizer step after its passes, its parts recorded into ``timed``; without one (a ZeRO group
+    larger than one) the main gradients are zeroed for the next step."""
+    if step is None:
         main_grads.zero_()
-        if step >= WARMUP_STEPS:
-            mine = timeline.events()
-            for chain, (kind, wall) in walls.items():
-                nodes = sum(e.end_s - e.start_s for e in mine if e.name.split(" ")[0] == chain)
-                outside[kind].append(max(0.0, wall - nodes))
-            events += mine
-    main_grads.detach()
-    return events, outside
+        return
+    timeline = Timeline(rank=0, cuda=False)
+    step(part_marker(timeline, "optimizer"))
+    if timed is not None:
+        for part, s in part_seconds(timeline.events()).items():
+            timed.optimizer[part].append(s)
 
 
 def _drive(steps: Generator) -> object:

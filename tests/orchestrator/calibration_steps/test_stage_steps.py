@@ -11,7 +11,7 @@ from moeplan.orchestrator.calibration.shapes import plan_shapes
 from moeplan.orchestrator.calibration.stage_steps import time_stage_ops
 from moeplan.simulator.costs.measured_ops import PASS_OP, MeasuredOp
 from moeplan.simulator.costs.tables import named_tables
-from moeplan.simulator.engine.build import SimOptions, step_inputs
+from moeplan.simulator.engine.build import SimOptions, rank_optimizer_set, step_inputs
 from moeplan.simulator.spec.parallel import ParallelSpec
 
 
@@ -22,7 +22,7 @@ def timed(planned):
 
 
 def test_every_op_the_runtime_times_is_measured_and_those_inside_another_at_zero(timed):
-    got = {(o.layer_kind, o.action, o.op): o for o in timed}
+    got = {(o.layer_kind, o.action, o.op): o for o in timed if o.layer_kind != "optimizer"}
     timed_ops = {("dense", "F", "attn"), ("dense", "F", "mlp"), ("dense", "B", "attn-bwd"), ("dense", "B", "mlp-bwd"),
                  ("moe", "F", "attn"), ("moe", "F", "experts"), ("moe", "B", "attn-bwd"), ("moe", "B", "experts-bwd"),
                  ("ends", "F", "embed"), ("ends", "F", "head"), ("ends", "B", "head"),
@@ -34,7 +34,7 @@ def test_every_op_the_runtime_times_is_measured_and_those_inside_another_at_zero
     # 4 micro-batches x 2 steps; the MoE layers: rank 0's one and rank 1's two; a head event per head (2 on rank 1)
     assert got[("dense", "F", "attn")].samples == 8 and got[("moe", "F", "attn")].samples == 24
     assert got[("ends", "F", PASS_OP)].samples == 16, "a pass per micro-batch, rank and step"
-    assert all(o.tokens == 64 and o.seq_len == 64 and "passes in one process" in o.source for o in timed)
+    assert all(o.tokens == 64 and o.seq_len == 64 and "passes in one process" in o.source for o in got.values())
     # the head event holds the MTP module and two heads: per head, more than the main head's own norm + GEMM
     assert got[("ends", "F", "head")].s > got[("dense", "F", "mlp")].s
 
@@ -75,3 +75,20 @@ def test_a_pass_measured_outside_its_nodes_lands_on_each_stages_first_unit(plann
         assert a.units[0].attn_fwd_s == pytest.approx(b.units[0].attn_fwd_s + 2e-4)
         assert a.units[0].attn_dx_s == pytest.approx(b.units[0].attn_dx_s + 3e-4)
         assert a.units[1:] == b.units[1:]
+
+
+def test_each_ranks_optimizer_step_is_timed_after_its_passes(planned, timed):
+    """On a ZeRO group of one each rank's step follows its passes, as in a run: its four parts at the rank's set,
+    which the separate one-rank measurement then leaves alone."""
+    plan, _ = planned
+    parts = [o for o in timed if o.layer_kind == "optimizer"]
+    assert sorted({(o.params, o.tensors) for o in parts}) == [rank_optimizer_set(plan.inputs, r) for r in (0, 1)]
+    assert len(parts) == 8 and all(o.s > 0 and "after its passes" in o.source for o in parts)
+    setup = Setup(spec=plan.inputs.model, device=torch.device("cpu"), dtype=torch.float32, reps=2, threads=1,
+                  backend="gloo", label="test")
+    alone = [m for m in measurements(plan_shapes(plan.inputs, 1, 2), setup, 1e11) if m.kind == "optimizer"
+             and "pipeline rank" in m.what]
+    m = Measured(pieces=list(timed))
+    for item in alone:
+        item.run(m)
+    assert m.pieces == list(timed)
