@@ -35,7 +35,7 @@ from moeplan.orchestrator.calibration.beside import measure_beside
 from moeplan.orchestrator.calibration.host_ops import OpCounter, count_pieces, op_costs, time_pieces
 from moeplan.orchestrator.calibration.memory_cases import CASES
 from moeplan.orchestrator.calibration.memory_classes import measure
-from moeplan.orchestrator.calibration.optimizer_ranks import time_rank_optimizer
+from moeplan.orchestrator.calibration.optimizer_ranks import norm_collectives, time_rank_optimizer
 from moeplan.orchestrator.calibration.shapes import PlanShapes
 from moeplan.orchestrator.calibration.stage_steps import time_stage_ops
 from moeplan.simulator.costs.host import HostCosts, HostOpCost
@@ -79,6 +79,8 @@ class Measured:
     host_costs: list[HostOpCost] = field(default_factory=list)  # per-op cost, kept for the op counts after it
     links: dict[int, dict] = field(default_factory=dict)
     beside: list[dict] = field(default_factory=list)  # the largest GEMM alone and beside communication
+    # per optimizer set timed in one process, the collectives its norm part runs in a job (``norm_collectives``)
+    norm_collectives: dict[tuple[int, int], tuple[tuple[str, int, int], ...]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
 
 
@@ -171,6 +173,7 @@ def measurements(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float) -> li
         ops = time_stage_ops(shapes.inputs, shapes.dp, dt, reps, setup.label)
         keys = {o.key for o in ops}
         m.pieces = [o for o in m.pieces if o.key not in keys] + ops
+        _note_norm_collectives(m, shapes)
 
     def copies(m: Measured) -> None:
         m.copy = compute.copy_rows(reps, device=dev)
@@ -235,8 +238,19 @@ def _rank_optimizers(shapes: PlanShapes, setup: Setup) -> list[Measurement]:
         if measured_optimizer_s(tuple(m.pieces), *rank_optimizer_set(inputs, pp_rank)) is not None:
             return  # timed after the rank's passes (``stage_steps``)
         m.pieces += time_rank_optimizer(inputs, shapes.dp, pp_rank, setup.dtype, setup.reps, setup.label)
+        _note_norm_collectives(m, shapes)
     return [Measurement("optimizer", f"optimizer step over pipeline rank {r}'s tensors", lambda m, r=r: run(m, r))
             for r in range(inputs.parallel.pp)]
+
+
+def _note_norm_collectives(m: Measured, shapes: PlanShapes) -> None:
+    """For each optimizer set ``m`` holds, the collectives its norm part runs across processes (priced at the
+    measured link fits when the tables are written: ``tables_out``)."""
+    inputs = shapes.inputs
+    if inputs is None:
+        return
+    for r in range(inputs.parallel.pp):
+        m.norm_collectives[rank_optimizer_set(inputs, r)] = norm_collectives(inputs, shapes.dp, r)
 
 
 def _beside(shapes: PlanShapes, setup: Setup) -> list[Measurement]:

@@ -39,6 +39,7 @@ from moeplan.model.stage import StageSpec
 from moeplan.model.transformer import build_rank
 from moeplan.simulator.accounting.layout import pipeline_stages
 from moeplan.simulator.contracts.trace import TraceEvent
+from moeplan.simulator.costs.machine import Collective
 from moeplan.simulator.costs.measured_ops import MeasuredOp
 from moeplan.simulator.costs.optimizer_step import OPTIMIZER_PARTS
 from moeplan.simulator.engine.build import rank_optimizer_set
@@ -46,6 +47,8 @@ from moeplan.simulator.schedules.registry import rank_stages
 from moeplan.simulator.spec.inputs import PlanInputs
 
 SEED = 0
+FP32_BYTES = 4  # a main gradient's element
+NORM_BYTES = 8  # the squared norm, one FP64 element
 
 
 def rank_stage_specs(inputs: PlanInputs, pp_rank: int) -> list[StageSpec]:
@@ -72,6 +75,23 @@ def one_process_group():
         yield
     finally:
         dist.destroy_process_group()
+
+
+def norm_collectives(inputs: PlanInputs, dp: int, pp_rank: int) -> tuple[tuple[Collective, int, int], ...]:
+    """(collective, buffer bytes, processes) of what the rank's ``norm`` part runs across processes, which one
+    process does not: the FP32 gradient of the embedding's two copies summed (``RankRuntime.sync_gradients``, where
+    the first stage and a head stage's MTP sit on different ranks) and the squared norm's FP64 all-reduce over the
+    world (``ZeroAdamW.grad_norm``)."""
+    m, par = inputs.model, inputs.parallel
+    out: list[tuple[Collective, int, int]] = []
+    holders = [{r for r in range(par.pp) if s in rank_stages(par, r)}
+               for s in (0, len(pipeline_stages(m, par)) - 1)]
+    if holders[0] != holders[1] and (m.num_nextn_predict_layers or m.tie_word_embeddings) and pp_rank in holders[0] | holders[1]:
+        out.append(("all_reduce", m.vocab_size * m.hidden_size * FP32_BYTES, len(holders[0] | holders[1])))
+    world = par.pp * dp * par.cp * par.tp
+    if world > 1:
+        out.append(("all_reduce", NORM_BYTES, world))
+    return tuple(out)
 
 
 def check_zero_groups_of_one(inputs: PlanInputs, dp: int) -> None:

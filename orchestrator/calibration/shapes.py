@@ -10,7 +10,8 @@ prices for this plan (``simulator.engine.unit_costs``, ``build``):
 - ``seq_len``: attention's sequence length; ``tokens``/``mbs``: one micro-batch on one GPU;
 - ``links``: per collective, the group span and the buffer sizes the step moves (the activation at a
   stage boundary, the rank's dense gradients for the data-parallel reduce-scatter and all-gather, the
-  all-to-all buffer of one MoE layer), with a 1 KiB point so a line through them has its latency;
+  all-to-all buffer of one MoE layer, the all-reduces of an optimizer step's norm part where it is timed in
+  one process), with a 1 KiB point so a line through them has its latency;
 - ``inputs``/``dp``: the plan itself, for what is measured over a pipeline rank's own modules (the optimizer
   step over its tensors: ``calibration.optimizer_ranks``).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeplan.orchestrator.calibration.compute import gemm_shapes
+from moeplan.orchestrator.calibration.optimizer_ranks import norm_collectives
 from moeplan.simulator.accounting.context_parallel import cp_tokens
 from moeplan.simulator.accounting.layout import pipeline_stages
 from moeplan.simulator.accounting.memory import rank_params
@@ -81,6 +83,13 @@ def _links(inputs: PlanInputs, dp: int, tokens: int, max_processes: int) -> tupl
         span = min(group, max_processes)
         out += [LinkShape("reduce_scatter", span, _sizes(dense * opt.grad_bytes)),
                 LinkShape("all_gather", span, _sizes(dense * opt.param_bytes))]
+    # the norm part of an optimizer step timed in one process (ZeRO groups of one: ``calibration.optimizer_ranks``)
+    # runs these across processes: the embedding's two copies summed, the squared norm's all-reduce
+    reduced: dict[int, set[int]] = {}
+    timed_alone = group == 1 and par.ep == 1
+    for _, nbytes, processes in {c for r in range(par.pp) if timed_alone for c in norm_collectives(inputs, dp, r)}:
+        reduced.setdefault(min(processes, max_processes), set()).add(nbytes)
+    out += [LinkShape("all_reduce", processes, _sizes(*nbytes)) for processes, nbytes in sorted(reduced.items())]
     if m.is_moe and par.ep > 1:
         rows = tokens * m.num_experts_per_tok
         out.append(LinkShape("all_to_all", min(par.ep, max_processes), _sizes(rows * m.hidden_size * 2.0)))

@@ -19,7 +19,8 @@ import torch
 from moeplan.orchestrator.calibration.links import link_fits, rss_bytes
 from moeplan.orchestrator.calibration.machine_info import load_average, machine_facts
 from moeplan.orchestrator.calibration.measure import Measured, Setup
-from moeplan.simulator.costs.machine import Machine
+from moeplan.simulator.costs.machine import LinkFit, Machine
+from moeplan.simulator.costs.measured_ops import MeasuredOp
 from moeplan.simulator.costs.tables import CostTables, default_tables
 from moeplan.simulator.spec.hardware import GpuSpec
 
@@ -95,4 +96,25 @@ def calibrated_tables(name: str, m: Measured, setup: Setup, gpu: GpuSpec, machin
         "collective_source": latency_source,
         "comm_sms": 0 if setup.device.type == "cpu" else CostTables.model_fields["comm_sms"].default,
         "precisions": ("bf16",), "machine": machine, "links": fits, "host": m.host, "compute_beside_comm": m.beside,
-        "measured_ops": tuple(m.pieces)})
+        "measured_ops": tuple(with_norm_collectives(m.pieces, m.norm_collectives, fits))})
+
+
+def with_norm_collectives(ops: list[MeasuredOp], collectives: dict[tuple[int, int], tuple[tuple[str, int, int], ...]],
+                          fits: list[LinkFit]) -> list[MeasuredOp]:
+    """``ops`` with each optimizer ``norm`` part timed in one process plus the collectives it runs across
+    processes in a job (``collectives`` by parameter set), each at its measured link fit; one with no fit at its
+    process count is left out (and the source says so)."""
+    by = {(f.collective, f.processes): f for f in fits}
+    out = []
+    for op in ops:
+        wanted = collectives.get((op.params, op.tensors), ()) if op.layer_kind == "optimizer" and op.op == "norm" else ()
+        if wanted:
+            found = [(c, b, p, by.get((c, p))) for c, b, p in wanted]
+            added = sum(f.seconds(b) for _, b, _, f in found if f is not None)
+            said = "; ".join(f"{c} of {b:,} bytes over {p} processes " + (f"{f.seconds(b) * 1e6:.0f} us" if f else
+                                                                          "not measured, left out")
+                             for c, b, p, f in found)
+            op = op.model_copy(update={"s": op.s + added, "source": f"{op.source}, plus its collectives at the "
+                                                                     f"measured link fits ({said})"})
+        out.append(op)
+    return out

@@ -9,9 +9,11 @@ import torch
 
 from moeplan.model.stage import rank_stages_from_plan
 from moeplan.orchestrator.calibration.measure import Setup, measurements
-from moeplan.orchestrator.calibration.optimizer_ranks import rank_stage_specs, time_rank_optimizer
+from moeplan.orchestrator.calibration.optimizer_ranks import norm_collectives, rank_stage_specs, time_rank_optimizer
 from moeplan.orchestrator.calibration.recalibrate import recalibrate
 from moeplan.orchestrator.calibration.shapes import plan_shapes
+from moeplan.orchestrator.calibration.tables_out import with_norm_collectives
+from moeplan.simulator.costs.machine import LinkFit, LinkPoint
 from moeplan.simulator.costs.measured_ops import MeasuredOp, measured_optimizer_s
 from moeplan.simulator.costs.optimizer_step import OPTIMIZER_PARTS
 from moeplan.simulator.costs.tables import named_tables
@@ -104,3 +106,22 @@ def test_the_run_replaces_calibrates_parts_and_its_norm_counts_from_the_last_ran
         got = measured_optimizer_s(new.measured_ops, params, tensors)
         assert got == pytest.approx(before[r].optimizer_parts_s, rel=1e-6), r
     assert sum(o.layer_kind == "optimizer" for o in new.measured_ops) == 8, "calibrate's stale parts are replaced"
+
+
+def test_the_norm_part_timed_in_one_process_gains_the_collectives_it_runs_in_a_job(planned):
+    """tiny-moe pp 2: the MTP module's embedding copy on rank 1 is summed with rank 0's (512 x 64 FP32), and the
+    squared norm is all-reduced over both ranks; calibrate measures both all-reduces at 2 processes and adds them
+    to each rank's norm at the fit, nothing else."""
+    plan, _ = planned
+    embed, norm = ("all_reduce", 512 * 64 * 4, 2), ("all_reduce", 8, 2)
+    assert [norm_collectives(plan.inputs, 1, r) for r in (0, 1)] == [(embed, norm), (embed, norm)]
+    assert ("all_reduce", 2, (1024, 131072)) in {(s.collective, s.processes, s.sizes)
+                                                 for s in plan_shapes(plan.inputs, 1, 2).links}
+    fit = LinkFit(collective="all_reduce", processes=2, latency_s=2e-4, bytes_per_s=1e9,
+                  points=(LinkPoint(buffer_bytes=1024, s=2e-4),), source="test")
+    ops = _parts(429_328, 52, dict(zip(OPTIMIZER_PARTS, (1e-4, 4e-3, 6e-5, 5e-4))))
+    out = with_norm_collectives(ops, {(429_328, 52): (embed, norm)}, [fit])
+    assert out[0].s == pytest.approx(1e-4 + fit.seconds(131072) + fit.seconds(8)) and "131,072 bytes" in out[0].source
+    assert out[1:] == ops[1:]
+    missing = with_norm_collectives(ops, {(429_328, 52): (("all_reduce", 8, 4),)}, [fit])
+    assert missing[0].s == ops[0].s and "not measured, left out" in missing[0].source

@@ -35,8 +35,6 @@ def test_every_op_the_runtime_times_is_measured_and_those_inside_another_at_zero
     assert got[("dense", "F", "attn")].samples == 8 and got[("moe", "F", "attn")].samples == 24
     assert got[("ends", "F", PASS_OP)].samples == 16, "a pass per micro-batch, rank and step"
     assert all(o.tokens == 64 and o.seq_len == 64 and "passes in one process" in o.source for o in got.values())
-    # the head event holds the MTP module and two heads: per head, more than the main head's own norm + GEMM
-    assert got[("ends", "F", "head")].s > got[("dense", "F", "mlp")].s
 
 
 def test_they_replace_the_pieces_timed_alone_where_they_run(planned, timed):
