@@ -3,7 +3,8 @@
 ``time_stage_ops(inputs, dp, dtype, reps, label)`` builds, per pipeline rank, the stage modules it holds
 (``model.transformer.build_rank``, the model's initialisation by name), their FP32 main gradients (the
 runtime's post-accumulate-grad hooks: every backward adds each weight's gradient into its bucket) and walks
-the rank's action list of the plan's schedule over synthetic micro-batches: each ``F`` through
+the rank's action list of the plan's schedule over the runtime's synthetic micro-batches (``SyntheticTask``; a
+later stage's input and output gradient are random): each ``F`` through
 ``model.runtime.overlap.stage_forward``, each ``B`` through ``stage_backward``, node by node, with the
 executor's ``Pass`` and ``Timeline``, so every sub-step event carries the simulator's name
 (``"{stage}{kind}{mb} L{i} attn"``, ``... head``) exactly as a run's trace does. Then what
@@ -40,12 +41,14 @@ import torch
 
 from moeplan.model.balance import BalanceSchedule
 from moeplan.model.losses import training_loss
+from moeplan.model.runtime.data import SyntheticTask
 from moeplan.model.runtime.executor import Timeline
 from moeplan.model.runtime.main_grad import MainGrads
 from moeplan.model.runtime.optimizer import part_marker
 from moeplan.model.runtime.overlap import Pass, stage_backward, stage_forward
 from moeplan.model.runtime.overlap_comm import DistComm, Streams
 from moeplan.orchestrator.calibration.optimizer_ranks import (
+    SEED,
     one_process_group,
     optimizer_step,
     part_ops,
@@ -84,7 +87,7 @@ def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, l
         with one_process_group() if optimizer else contextlib.nullcontext():
             step = optimizer_step(inputs, built, main_grads) if optimizer else None
             for i in range(WARMUP_STEPS + reps):
-                _one_step(inputs, built, schedule.ranks[r], microbatches, dtype, gen,
+                _one_step(inputs, built, schedule.ranks[r], microbatches, dtype, gen, i,
                           timed if i >= WARMUP_STEPS else None)
                 _optimizer(step, main_grads, timed if i >= WARMUP_STEPS else None)
         main_grads.detach()
@@ -109,8 +112,9 @@ class _RankTimes:
 
 
 def _one_step(inputs: PlanInputs, built: list[torch.nn.Module], actions, microbatches: int, dtype: torch.dtype,
-              gen: torch.Generator, timed: _RankTimes | None) -> None:
-    """One step's passes of ``actions`` over fresh synthetic micro-batches, recorded into ``timed`` (if given)."""
+              gen: torch.Generator, step: int, timed: _RankTimes | None) -> None:
+    """Step ``step``'s passes of ``actions`` over the runtime's synthetic micro-batches (a later stage's input and
+    output gradient drawn from ``gen``), recorded into ``timed`` (if given)."""
     spec, par = inputs.model, inputs.parallel
     modules = dict(zip(sorted({a.ops[0].stage for a in actions}), built, strict=True))
     for module in built:
@@ -120,14 +124,15 @@ def _one_step(inputs: PlanInputs, built: list[torch.nn.Module], actions, microba
     mtp_weight = BalanceSchedule.from_training(inputs.training).mtp_weight(0.0)
     shape = (par.micro_batch_size, par.seq_len_tokens, spec.hidden_size)
     comm, streams = DistComm(), Streams(torch.device("cpu"))
+    task = SyntheticTask(spec.vocab_size, par.micro_batch_size, par.seq_len_tokens, SEED)
     timeline, tapes, walls = Timeline(rank=0, cuda=False), {}, {}
     for action in actions:
         op = action.ops[0]
         p = Pass(comm, streams, timeline, str(op))
         start = time.perf_counter()
         if op.kind == "F":
-            ids = torch.randint(0, spec.vocab_size, shape[:2], generator=gen)
-            labels = torch.randint(0, spec.vocab_size, shape[:2], generator=gen)
+            mb = task.microbatch(step, 0, op.microbatch)  # the runtime's own data: its routing, its loss
+            ids, labels = mb.input_ids, mb.labels
             x = ids if op.stage == 0 else torch.randn(shape, generator=gen, dtype=dtype).requires_grad_()
 
             def finish(out, labels=labels) -> torch.Tensor:  # the executor's loss of the head stage
