@@ -42,7 +42,7 @@ from moeplan.simulator.accounting.context_parallel import cp_tokens
 from moeplan.simulator.accounting.layout import pipeline_stages
 from moeplan.simulator.contracts.plan_file import PlanFile
 from moeplan.simulator.costs.elementwise import OPTIMIZER
-from moeplan.simulator.costs.measured_ops import MEASURABLE_OPS, LayerKind, MeasuredOp
+from moeplan.simulator.costs.measured_ops import MEASURABLE_OPS, PASS_OP, LayerKind, MeasuredOp, measured_s
 from moeplan.simulator.costs.memory_kernels import MemoryKernelPoint
 from moeplan.simulator.costs.optimizer_step import OPTIMIZER_PARTS
 from moeplan.simulator.costs.tables import CostTables
@@ -205,15 +205,19 @@ def _optimizer_point(plan: PlanFile, tables: CostTables, traces: dict[int, objec
 
 
 def _priced(plan: PlanFile, tables: CostTables) -> dict[tuple[LayerKind, str, str], float]:
-    """What ``tables`` price for each measurable op of the plan's step (first unit of each kind)."""
-    m, lay = plan.inputs.model, plan.layout
+    """What ``tables`` price for each measurable op of the plan's step (first unit of each kind; a stage's first
+    unit without the pass's work outside its nodes, ``costs.measured_ops.PASS_OP``, which the engine adds to it)."""
+    m, lay, par = plan.inputs.model, plan.layout, plan.inputs.parallel
     si = step_inputs(plan.inputs, lay.dp, lay.microbatches, opts=SimOptions(tables=tables))
+    shape = (cp_tokens(par.micro_batch_size, par.seq_len_tokens, par.cp), par.seq_len_tokens)
+    lead_f, lead_b = (measured_s(tables.measured_ops, "ends", a, PASS_OP, *shape) or 0.0 for a in ("F", "B"))
     out: dict[tuple[LayerKind, str, str], float] = {}
-    for st, spec in zip(si.stages, pipeline_stages(m, plan.inputs.parallel), strict=True):
-        for u, layer in zip(st.units, spec.layers, strict=True):
+    for st, spec in zip(si.stages, pipeline_stages(m, par), strict=True):
+        for i, (u, layer) in enumerate(zip(st.units, spec.layers, strict=True)):
             k = _kind(plan.inputs, layer)
-            fwd = {"attn": u.attn_fwd_s, "mlp": u.mlp_fwd_s, "shared": u.mlp_fwd_s, "experts": u.experts_fwd_s}
-            bwd = {"attn-bwd": u.recompute_s + u.attn_dx_s, "mlp-bwd": u.mlp_dx_s, "shared-bwd": u.mlp_dx_s,
+            f, b = (lead_f, lead_b) if i == 0 and not par.cp > 1 else (0.0, 0.0)
+            fwd = {"attn": u.attn_fwd_s - f, "mlp": u.mlp_fwd_s, "shared": u.mlp_fwd_s, "experts": u.experts_fwd_s}
+            bwd = {"attn-bwd": u.recompute_s + u.attn_dx_s - b, "mlp-bwd": u.mlp_dx_s, "shared-bwd": u.mlp_dx_s,
                    "experts-bwd": u.experts_dx_s}
             dw = {"attn-bwd": u.attn_dw_s, "mlp-bwd": u.mlp_dw_s, "shared-bwd": u.mlp_dw_s, "experts-bwd": u.experts_dw_s}
             for op, s in fwd.items():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moeplan.orchestrator.calibration.measure import Measured, Setup, measurements
+from moeplan.orchestrator.calibration.recalibrate import recalibrate
 from moeplan.orchestrator.calibration.shapes import plan_shapes
 from moeplan.orchestrator.calibration.stage_steps import time_stage_ops
 from moeplan.simulator.costs.measured_ops import PASS_OP, MeasuredOp
@@ -90,3 +91,16 @@ def test_each_ranks_optimizer_step_is_timed_after_its_passes(planned, timed):
     for item in alone:
         item.run(m)
     assert m.pieces == list(timed)
+
+
+def test_recalibrate_compares_a_runs_op_with_its_price_less_the_pass(planned):
+    """``check --recalibrate`` reports what the tables priced for each op: a stage's first unit carries the pass's
+    work outside its nodes, which is not the op's, so the price it reports is the same with or without it."""
+    plan, traces = planned
+    tables = named_tables("cpu", "CPU-process")
+    passes = tuple(MeasuredOp(layer_kind="ends", action=a, op=PASS_OP, tokens=64, seq_len=64, s=s, samples=1,
+                              source="x") for a, s in (("F", 2e-4), ("B", 3e-4)))
+    _, plain = recalibrate(plan, tables, traces, (0, 1), "test")
+    _, with_pass = recalibrate(plan, tables.model_copy(update={"measured_ops": passes}), traces, (0, 1), "test")
+    before = {m.entry: m.before for m in plain}
+    assert {m.entry: m.before for m in with_pass if m.entry in before} == pytest.approx(before, rel=1e-9)
