@@ -343,6 +343,7 @@ def profile_breakdown(r: Runner, x, g, device: torch.device, steps: int, microba
     wall_s = sum(hi - lo for lo, hi in windows)
     n = steps * microbatches
     return {"steps": steps, "microbatches": microbatches, "classes": cases.class_times(records, n),
+            "top_kernels": cases.top_kernels(records, n),
             "wall_s": wall_s / n, "busy_s": busy_s / n, "idle_s": (wall_s - busy_s) / n, "kernel_s": kernel_s / n,
             "unlinked_s": (device_s - kernel_s) / n, "spans": len(spans) // n}
 

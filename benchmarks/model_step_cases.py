@@ -245,6 +245,19 @@ def class_times(records: list[tuple[str, float, str, str]], steps: int) -> dict[
     return out
 
 
+def top_kernels(records: list[tuple[str, float, str, str]], steps: int, n: int = 25) -> list[dict]:
+    """The ``n`` kernels (by name, region and pass) with the most seconds per step, with their class and calls:
+    what a class's measured time is made of."""
+    agg: dict[tuple[str, str, str], list[float]] = {}
+    for name, seconds, region, phase in records:
+        entry = agg.setdefault((name, region, phase), [0.0, 0])
+        entry[0] += seconds / steps
+        entry[1] += 1
+    ranked = sorted(agg.items(), key=lambda kv: -kv[1][0])[:n]
+    return [{"name": name, "region": region, "phase": phase, "class": kernel_class(name, region), "s": s,
+             "calls": calls / steps} for (name, region, phase), (s, calls) in ranked]
+
+
 def step_protocol(microbatches: int) -> str:
     """What one timed step of ``microbatches`` is, in the JSON's protocol record and on the page."""
     k = f"{microbatches} micro-batch{'es' if microbatches > 1 else ''}"
@@ -365,7 +378,11 @@ def _class_table(c: dict) -> list[str]:
             f"{prof['spans']} routed-experts modules marked.")
     step = (f"| **micro-batch** (median of the timed steps) | | | {_ms(med)} | | | {_ms(predicted)} | "
             f"{_err(predicted, med)} |")
-    return lines + [f"| idle | | | {_ms(prof['idle_s'])} | | | — | |", step, "", note, ""]
+    top = prof.get("top_kernels") or []  # absent from results written before 2026-12-06 16:00 UTC
+    largest = ("Largest kernels per micro-batch (name cut at 60 characters, pass, class, calls, ms): " + "; ".join(
+        f"`{k['name'][:60]}` {k['phase']} {k['class']} ×{k['calls']:g} {_ms(k['s'])}" for k in top[:12]) + ".")
+    return lines + [f"| idle | | | {_ms(prof['idle_s'])} | | | — | |", step, "", note, ""] + (
+        [largest, ""] if top else [])
 
 
 def _memory_row(c: dict) -> str:

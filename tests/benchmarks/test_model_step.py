@@ -54,11 +54,14 @@ def test_the_cpu_smoke_run_times_profiles_and_prices_both_workloads(smoke):
         assert classes["gemm"]["fwd_s"] > 0 and classes["memory_bound"]["bwd_s"] > 0
         assert sum(c["fwd_s"] + c["bwd_s"] for c in classes.values()) == pytest.approx(prof["kernel_s"])
         assert prof["busy_s"] + prof["idle_s"] == pytest.approx(prof["wall_s"])
+        top = prof["top_kernels"]
+        assert top and all(a["s"] >= b["s"] for a, b in zip(top, top[1:]))
+        assert sum(k["s"] for k in top) <= prof["kernel_s"] * (1 + 1e-9)
         assert all(p["fwd_s"] > 0 and p["bwd_s"] > 0 for c in w["configs"] for p in c["predicted_s"].values())
         assert bf16["memory"]["load_max_over_mean"] and bf16["memory"]["peak_bytes"] is None
     assert w["forward_flops_per_token"]["dense_mlp"] > 0  # B holds the dense layer
     assert "## Workload A: 4 MoE layers 1..4" in text and "| fp8 fwd | skipped: fp8_kernel='kernels'" in text
-    assert "| **micro-batch** (median of the timed steps) |" in text
+    assert "| **micro-batch** (median of the timed steps) |" in text and "Largest kernels per micro-batch" in text
     assert result["meta"]["protocol"]["microbatches"] == 1 and "A step (K = 1) is 1 micro-batch of" in text
 
 
@@ -180,6 +183,16 @@ def test_main_gradients_are_attached_for_the_timed_steps_only_and_fill_in_fp32(m
 ])
 def test_kernel_class(name, region, expected):
     assert cases.kernel_class(name, region) == expected
+
+
+def test_top_kernels_sum_each_name_region_and_pass_per_step():
+    records = [("kernel", 1.0, "", "fwd"), ("kernel", 2.0, "", "fwd"), ("kernel", 0.5, "experts", "fwd"),
+               ("nvjet_x", 4.0, "", "bwd"), ("tiny", 0.1, "", "bwd")]
+    top = cases.top_kernels(records, 2, n=3)
+    assert [(k["name"], k["region"], k["phase"]) for k in top] == [("nvjet_x", "", "bwd"), ("kernel", "", "fwd"),
+                                                                      ("kernel", "experts", "fwd")]
+    assert [k["s"] for k in top] == [2.0, 1.5, 0.25] and [k["calls"] for k in top] == [0.5, 1.0, 0.5]
+    assert [k["class"] for k in top] == ["gemm", "gemm", "grouped_gemm"]
 
 
 def test_union_counts_overlaps_once_and_only_inside_the_windows():
