@@ -61,7 +61,7 @@ from moeplan.simulator.contracts.trace import TraceEvent, chrome_trace
 from moeplan.simulator.costs.measured_ops import PASS_OP, MeasuredOp
 from moeplan.simulator.costs.optimizer_step import OPTIMIZER_PARTS
 from moeplan.simulator.planning.planner import resolve_microbatches
-from moeplan.simulator.schedules.registry import make_schedule
+from moeplan.simulator.schedules.registry import make_schedule, rank_stages
 from moeplan.simulator.spec.inputs import PlanInputs
 
 WARMUP_STEPS = 1
@@ -87,8 +87,8 @@ def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, l
         with one_process_group() if optimizer else contextlib.nullcontext():
             step = optimizer_step(inputs, built, main_grads) if optimizer else None
             for i in range(WARMUP_STEPS + reps):
-                _one_step(inputs, built, schedule.ranks[r], microbatches, dtype, gen, i,
-                          timed if i >= WARMUP_STEPS else None)
+                _one_step(inputs, dict(zip(rank_stages(par, r), built, strict=True)), schedule.ranks[r],
+                          microbatches, dtype, gen, i, timed if i >= WARMUP_STEPS else None)
                 _optimizer(step, main_grads, timed if i >= WARMUP_STEPS else None)
         main_grads.detach()
         traces[r] = chrome_trace(timed.events)
@@ -111,13 +111,12 @@ class _RankTimes:
     optimizer: dict[str, list[float]]  # per optimizer part, its seconds
 
 
-def _one_step(inputs: PlanInputs, built: list[torch.nn.Module], actions, microbatches: int, dtype: torch.dtype,
-              gen: torch.Generator, step: int, timed: _RankTimes | None) -> None:
-    """Step ``step``'s passes of ``actions`` over the runtime's synthetic micro-batches (a later stage's input and
-    output gradient drawn from ``gen``), recorded into ``timed`` (if given)."""
+def _one_step(inputs: PlanInputs, modules: dict[int, torch.nn.Module], actions, microbatches: int,
+              dtype: torch.dtype, gen: torch.Generator, step: int, timed: _RankTimes | None) -> None:
+    """Step ``step``'s passes of ``actions`` (on ``modules``, by stage) over the runtime's synthetic micro-batches
+    (a later stage's input and output gradient drawn from ``gen``), recorded into ``timed`` (if given)."""
     spec, par = inputs.model, inputs.parallel
-    modules = dict(zip(sorted({a.ops[0].stage for a in actions}), built, strict=True))
-    for module in built:
+    for module in modules.values():
         module.train()
         for moe in module.moe_layers().values():
             moe.balance_loss_scale = 1.0 / microbatches  # as model.runtime.rank.RankRuntime.create

@@ -104,3 +104,15 @@ def test_recalibrate_compares_a_runs_op_with_its_price_less_the_pass(planned):
     _, with_pass = recalibrate(plan, tables.model_copy(update={"measured_ops": passes}), traces, (0, 1), "test")
     before = {m.entry: m.before for m in plain}
     assert {m.entry: m.before for m in with_pass if m.entry in before} == pytest.approx(before, rel=1e-9)
+
+
+def test_a_rank_holding_two_stages_runs_each_on_its_own_module(planned):
+    """Interleaved 1F1B, 2 chunks a rank: rank 0 holds stages 0 and 2 (the embedding and a MoE layer), rank 1
+    stages 1 and 3 (the head): each action runs on the module of its stage, the head's loss on stage 3's."""
+    plan, _ = planned
+    par = ParallelSpec.model_validate(plan.inputs.parallel.model_dump() | {"schedule": "interleaved",
+                                                                          "virtual_stages": 2})
+    ops = time_stage_ops(plan.inputs.model_copy(update={"parallel": par}), 1, torch.float32, 1, "test")
+    got = {(o.layer_kind, o.action, o.op) for o in ops if o.s > 0}
+    assert {("ends", "F", "embed"), ("ends", "B", "head"), ("moe", "B", "experts-bwd"), ("dense", "F", "mlp")} <= got
+    assert sum(o.layer_kind == "optimizer" for o in ops) == 8
