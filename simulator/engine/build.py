@@ -71,13 +71,26 @@ def layer_load(opts: SimOptions, layer: int) -> tuple[float, ...] | None:
     return dict(opts.layer_loads).get(layer, opts.expert_load)
 
 
+def activation_bytes_per_element(tables: CostTables) -> int:
+    """The element size of a non-FP8 run's activations: FP32 where the tables price ``bf16`` in FP32 (the cpu
+    tables, whose runs train in FP32), else BF16."""
+    fp32 = tables.machine is not None and tables.machine.dtype == "float32"
+    return FP32_BYTES_PER_ELEMENT if fp32 else BF16_BYTES_PER_ELEMENT
+
+
+def p2p_blocks(inputs: PlanInputs) -> bool:
+    """Whether a stage-boundary message holds the hosts at both ends: the ``cpu`` cluster's processes talk over gloo
+    (the runtime posts each point-to-point batch and waits for it; gloo's send and receive run on the caller's
+    host), recognised as ``default_tables`` and the runtime (``orchestrator.rank_entry.on_cpu``) recognise it."""
+    return inputs.cluster.gpu.name.upper().startswith("CPU")
+
+
 def wire_payload(inputs: PlanInputs, tables: CostTables) -> WirePayload:
     """Bytes per all-to-all row: the run's precision, the backend's routing metadata, and the element size
-    of a non-FP8 run's activations (FP32 where the tables price ``bf16`` in FP32: the cpu tables)."""
+    of a non-FP8 run's activations (``activation_bytes_per_element``)."""
     m, par = inputs.model, inputs.parallel
-    fp32 = tables.machine is not None and tables.machine.dtype == "float32"
     return WirePayload.of(m.hidden_size, m.num_experts_per_tok, inputs.training.precision, par.ep_backend,
-                          FP32_BYTES_PER_ELEMENT if fp32 else BF16_BYTES_PER_ELEMENT)
+                          activation_bytes_per_element(tables))
 
 
 def _traffic(inputs: PlanInputs, ctx: CostContext, opts: SimOptions, load: tuple[float, ...] | None) -> ExpertTraffic | None:
@@ -251,9 +264,11 @@ def step_inputs(
     links = Links(
         nic_bytes_per_s=cl.node.nic_bytes_per_s, nvlink_bytes_per_s=cl.node.nvlink_bytes_per_s,
         latency_s=tables.collective_latency_s,
-        p2p_bytes=ctx.tokens * m.hidden_size * 2.0 / (par.tp if par.sp else 1),  # SP sends the rank's shard
+        # SP sends the rank's shard; a BF16 run's activations go as BF16 (FP8 only inside the experts' all-to-all)
+        p2p_bytes=ctx.tokens * m.hidden_size * activation_bytes_per_element(tables) / (par.tp if par.sp else 1),
         p2p_over_nvlink=dp * par.cp * par.tp < cl.node.gpus_per_node,  # pipeline neighbours are dp * cp * tp ranks apart
         cp_over_nvlink=par.cp <= cl.node.gpus_per_node,  # CP ranks are innermost: a group fits in a node
+        p2p_blocks=p2p_blocks(inputs),
     )
     stages, slow_ends = _stage_costs(inputs, par, ctx, opts), None
     if comm_sms(inputs, tables) and not opts.comm_sms_always:  # the same units on the SMs an all-to-all leaves

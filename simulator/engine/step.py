@@ -9,7 +9,10 @@ backward the same in reverse with input- and weight-gradient work. In ``F&B`` th
 backward run as two concurrent processes on the same compute stream and links, so one
 micro-batch's all-to-all hides behind the other's compute only as far as the events allow.
 Activations and gradients cross stage boundaries over the sender's NIC (NVLink when both stages
-share a node). When a rank has run the last backward of a stage, that stage's ZeRO-1
+share a node). Where a message holds the hosts at both ends (``Links.p2p_blocks``: gloo, the ``cpu`` cluster, whose
+runtime posts each point-to-point batch and waits for it), the sender waits for its send before its next action,
+and a receiver that posts after the message arrived still spends the message's time taking it in; NCCL's run
+beside compute. When a rank has run the last backward of a stage, that stage's ZeRO-1
 reduce-scatter of gradients and all-gather of weights start on its NIC; the optimizer step closes
 the rank's step, its parts (``"optimizer norm"``, ``update``, ``zero``, ``other``: ``costs.optimizer_step``)
 one after the other, as the runtime times them. With ``optimizer_barrier`` (a global gradient norm, for
@@ -78,6 +81,12 @@ class Links:
     p2p_bytes: float  # activation or gradient of one micro-batch at a stage boundary
     p2p_over_nvlink: bool
     cp_over_nvlink: bool = True  # the context-parallel group fits in a node
+    p2p_blocks: bool = False  # a message holds the sender and the receiver for its time (gloo), not only the link
+
+    def p2p_s(self) -> float:
+        """One stage-boundary message: latency and its bytes over the link it takes."""
+        return self.latency_s + self.p2p_bytes / (self.nvlink_bytes_per_s if self.p2p_over_nvlink
+                                                  else self.nic_bytes_per_s)
 
 
 @dataclass(frozen=True)
@@ -190,13 +199,32 @@ class StepSimulation:
         name = f"p2p {key[0]}{key[1]}/{key[2]}"
         if to_rank != rank.index and not self.free_comm:
             links = self.inp.links
-            if links.p2p_over_nvlink:
-                seconds = links.latency_s + links.p2p_bytes / links.nvlink_bytes_per_s
-                yield from rank.use("nvlink", seconds, name)
-            else:
-                seconds = links.latency_s + links.p2p_bytes / links.nic_bytes_per_s
-                yield from rank.use("nic", seconds, name)
+            yield from rank.use("nvlink" if links.p2p_over_nvlink else "nic", links.p2p_s(), name)
         self._event(("ready", *key)).succeed()
+
+    def _send(self, rank: _Rank, key: tuple[str, int, int], to_rank: int) -> Generator:
+        """Deliver beside the sender's next work, or (``p2p_blocks``) before it."""
+        deliver = self._deliver(rank, key, to_rank)
+        if self.inp.links.p2p_blocks:
+            yield from deliver
+        else:
+            self.env.process(deliver)
+
+    def _receive(self, rank: _Rank, action: Action, posted_s: float) -> Generator:
+        """Under ``p2p_blocks``, an action's messages from other ranks hold it until their time has passed since
+        it posted them (``posted_s``): one waited for is taken in as it arrives, one already there costs its time."""
+        links, sched = self.inp.links, self.inp.schedule
+        if not links.p2p_blocks or self.free_comm:
+            return
+        remote = [f"{kind}{stage}/{mb}" for op in action.ops for kind, stage, mb in needs(op, sched.num_stages)
+                  if stage != op.stage and sched.rank_of(stage, mb) != rank.index]
+        end = posted_s + len(remote) * links.p2p_s()
+        if remote and end > self.env.now:
+            lane = "nvlink" if links.p2p_over_nvlink else "nic"
+            rank.busy_s[lane] += end - self.env.now
+            if rank.trace is not None:
+                rank.trace.append(TraceEvent(rank.index, lane, "p2p recv " + " ".join(remote), self.env.now, end))
+            yield self.env.timeout(end - self.env.now)
 
     # -- communication --------------------------------------------------------------------
     def _a2a(self, rank: _Rank, ib_bytes: float, nvl_bytes: float, name: str) -> float:
@@ -348,11 +376,9 @@ class StepSimulation:
             self._event(("done", *key)).succeed()
         # activations go to the next stage, input gradients to the previous one
         if op.kind == "F" and op.stage + 1 < sched.num_stages:
-            to = sched.rank_of(op.stage + 1, op.microbatch)
-            self.env.process(self._deliver(rank, ("F", op.stage, op.microbatch), to))
+            yield from self._send(rank, ("F", op.stage, op.microbatch), sched.rank_of(op.stage + 1, op.microbatch))
         if op.kind in ("B", "I") and op.stage > 0:
-            to = sched.rank_of(op.stage - 1, op.microbatch)
-            self.env.process(self._deliver(rank, ("G", op.stage, op.microbatch), to))
+            yield from self._send(rank, ("G", op.stage, op.microbatch), sched.rank_of(op.stage - 1, op.microbatch))
         if op.kind in ("B", "W"):
             self._stage_backward_done(rank, op.stage)
 
@@ -365,9 +391,10 @@ class StepSimulation:
                 self.tail_done[rank.index].append(self.env.process(rank.use("nic", seconds, f"dp-sync stage {stage}")))
 
     def _action(self, rank: _Rank, action: Action) -> Generator:
-        waits = [e for op in action.ops for e in self._needs(op)]
+        waits, posted_s = [e for op in action.ops for e in self._needs(op)], self.env.now
         if waits:
             yield self.env.all_of(waits)
+        yield from self._receive(rank, action, posted_s)
         if len(action.ops) == 1:
             yield from self._op(rank, action.ops[0])
         else:

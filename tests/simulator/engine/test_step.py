@@ -69,6 +69,33 @@ def test_exact_two_rank_timeline_with_a_transfer():
     assert res.step_time_s == 8.0
 
 
+def test_blocking_messages_hold_the_sender_and_a_late_receiver():
+    # As above with 2 micro-batches, where a message holds both hosts (gloo on the cpu cluster): rank 0 sends F0
+    # before it starts F1; rank 1 posts its receive of F1 after sending G0, when F1 is long there, and still
+    # spends the message's second taking it in. Without p2p_blocks the sends run beside compute: 11 s.
+    inp = _inputs("1f1b", 2, 2, _unit(), nic_bytes_per_s=2.0, latency_s=0.5, p2p_bytes=1.0)
+    free = StepSimulation(inp).run().step_time_s
+    inp = dataclasses.replace(inp, links=dataclasses.replace(inp.links, p2p_blocks=True))
+    res = StepSimulation(inp, trace=True).run()
+    log = sorted((e.rank, e.start_s, e.end_s, e.lane, e.name) for e in res.events)
+    assert log == [
+        (0, 0.0, 1.0, "compute", "0F0 L0 attn"),
+        (0, 1.0, 2.0, "nic", "p2p F0/0"),
+        (0, 2.0, 3.0, "compute", "0F1 L0 attn"),  # after its send
+        (0, 3.0, 4.0, "nic", "p2p F0/1"),
+        (0, 6.0, 8.0, "compute", "0B0 L0 attn-bwd"),  # posted at 4, G0 arrives at 6: taken in as it arrives
+        (0, 11.0, 13.0, "compute", "0B1 L0 attn-bwd"),
+        (1, 2.0, 3.0, "compute", "1F0 L0 attn"),
+        (1, 3.0, 5.0, "compute", "1B0 L0 attn-bwd"),
+        (1, 5.0, 6.0, "nic", "p2p G1/0"),
+        (1, 6.0, 7.0, "nic", "p2p recv F0/1"),  # F1 there since 4
+        (1, 7.0, 8.0, "compute", "1F1 L0 attn"),
+        (1, 8.0, 10.0, "compute", "1B1 L0 attn-bwd"),
+        (1, 10.0, 11.0, "nic", "p2p G1/1"),
+    ]
+    assert (free, res.step_time_s) == (11.0, 13.0)
+
+
 def test_overlapped_pairs_hide_all_to_all_that_plain_1f1b_exposes():
     unit = _unit(a2a_bytes=0.2, moe=True)  # 0.2 s per all-to-all leg at 1 B/s
     free = {k: StepSimulation(_inputs(k, 4, 16, unit), free_comm=True).run().step_time_s for k in ("1f1b", "dualpipe")}
