@@ -360,6 +360,7 @@ def run_workload(w, device: torch.device, gpu, tables, args) -> dict:
     for r in runners:
         entry = {"name": r.config.name, "options": r.config.options, "skipped": r.skipped,
                  "precision": {"fwd": r.config.fwd_precision, "bwd": r.config.bwd_precision},
+                 "fusion": r.config.fusion,
                  "predicted_s": cases.predicted_classes(w, r.config, gpu, tables),
                  "predicted_memory": cases.predicted_memory(w, r.config)}
         if not r.skipped:

@@ -25,14 +25,14 @@ from moeplan.simulator.accounting.flops import ForwardFlops, attention_core_flop
 from moeplan.simulator.accounting.layout import Stage
 from moeplan.simulator.accounting.memory import rank_params
 from moeplan.simulator.costs.elementwise import layer_bytes_per_token
-from moeplan.simulator.costs.kernels import attention_s, memory_s
+from moeplan.simulator.costs.kernels import attention_s
 from moeplan.simulator.costs.tables import CostTables, Precision
-from moeplan.simulator.engine.unit_costs import CostContext, unit_costs
+from moeplan.simulator.engine.unit_costs import CostContext, memory_bound_s, unit_costs
 from moeplan.simulator.presets.clusters import h100_gpu, h200_gpu, h800_gpu
 from moeplan.simulator.presets.models import deepseek_v3, tiny_moe
 from moeplan.simulator.spec.hardware import GpuSpec
 from moeplan.simulator.spec.model import ModelSpec
-from moeplan.simulator.spec.training import OptimizerSpec
+from moeplan.simulator.spec.training import Fusion, OptimizerSpec
 
 EXPERTS = 32  # routed experts of the benchmark's MoE layers (V3 has 256; one GPU holds 32 at EP = 8)
 MOE_LAYERS = 4
@@ -71,6 +71,14 @@ class Config:
     @property
     def bwd_precision(self) -> Precision:
         return "fp8" if self.fwd_precision == "fp8" and self.options.get("fp8_backward") else "bf16"
+
+    @property
+    def fusion(self) -> Fusion:
+        """The plan's ``training.kernels.fusion`` that builds this configuration: the runtime turns a plan's
+        "fused" into ``fuse_memory_bound`` (``model.runtime.rank``), and the engine prices "fused" as one kernel
+        each for the casts with transpose, SwiGLU with its quantisation and MLA's RoPE with the query and key's
+        assembly, and the fused experts' BF16 weight gradients added inside their GEMMs (``engine.unit_costs``)."""
+        return "fused" if self.options.get("fuse_memory_bound") else "eager"
 
 
 _FP8 = {"linear_precision": "fp8", "expert_backend": "fp8", "fp8_kernel": "kernels"}
@@ -142,24 +150,24 @@ def gpu_preset(device_name: str | None) -> GpuSpec:
 
 
 def _layer_classes(tables: CostTables, gpu: GpuSpec, spec: ModelSpec, layer: int, precision: Precision,
-                   tokens: int) -> dict[str, tuple[float, float]]:
+                   tokens: int, fusion: Fusion) -> dict[str, tuple[float, float]]:
     """(forward, backward) seconds of one layer by class, from ``engine.unit_costs`` at EP = 1.
 
     The engine folds the memory-bound kernels into its attention and MLP times, so they are taken back
     out with the engine's own functions: attention core (``attention_s``), memory-bound classes
-    (``memory_s`` over ``layer_bytes_per_token``, as ``unit_costs`` prices them), grouped GEMMs (the
-    unit's expert times); GEMM is the rest of the unit (projections, shared expert or dense MLP, router).
+    (``unit_costs.memory_bound_s`` over ``layer_bytes_per_token`` at the configuration's fusion), grouped
+    GEMMs (the unit's expert times); GEMM is the rest of the unit (projections, shared expert or dense MLP,
+    router).
     """
     ctx = CostContext(tables=tables, gpu=gpu, precision=precision, tokens=tokens, seq_len_tokens=tokens,
-                      compute_frac=1.0, recompute="none")  # one GPU: no SMs kept for all-to-all
+                      compute_frac=1.0, recompute="none", fusion=fusion)  # one GPU: no SMs kept for all-to-all
     moe = spec.is_moe_layer(layer)
     unit = unit_costs(ctx, spec, moe=moe, traffic=None)
     core = attention_core_flops(spec, tokens) * tokens
     attn = (attention_s(tables, gpu, core, backward=False, seq_len=tokens),
             attention_s(tables, gpu, core, backward=True, seq_len=tokens))
-    per_token = layer_bytes_per_token(spec, moe, precision, spec.num_experts_per_tok if moe else 0.0)
-    mem = (sum(memory_s(tables, gpu, tokens * b.fwd_bytes, k) for k, b in per_token.items()),
-           sum(memory_s(tables, gpu, tokens * b.bwd_bytes, k, backward=True) for k, b in per_token.items()))
+    mem = memory_bound_s(ctx, layer_bytes_per_token(spec, moe, precision, spec.num_experts_per_tok if moe else 0.0,
+                                                    fusion))  # one GPU: no dispatch
     grouped = (unit.experts_fwd_s, unit.experts_dx_s + unit.experts_dw_s)
     total = (unit.fwd_s, unit.dx_s + unit.dw_s)
     gemm = tuple(t - a - m - g for t, a, m, g in zip(total, attn, mem, grouped))
@@ -174,8 +182,8 @@ def predicted_classes(w: Workload, config: Config, gpu: GpuSpec, tables: CostTab
     (FP8 forward with a BF16 backward is not one of the engine's precisions: its two halves are)."""
     out = {c: {"fwd_s": 0.0, "bwd_s": 0.0} for c in PREDICTED_CLASSES}
     for layer in w.layers:
-        fwd = _layer_classes(tables, gpu, w.spec, layer, config.fwd_precision, w.tokens)
-        bwd = _layer_classes(tables, gpu, w.spec, layer, config.bwd_precision, w.tokens)
+        fwd = _layer_classes(tables, gpu, w.spec, layer, config.fwd_precision, w.tokens, config.fusion)
+        bwd = _layer_classes(tables, gpu, w.spec, layer, config.bwd_precision, w.tokens, config.fusion)
         for c in PREDICTED_CLASSES:
             out[c]["fwd_s"] += fwd[c][0]
             out[c]["bwd_s"] += bwd[c][1]
@@ -363,7 +371,8 @@ def _timing_row(c: dict) -> str:
 
 def _class_table(c: dict) -> list[str]:
     prof, pred, med = c["profile"], c["predicted_s"], c["timing"]["median_s"]
-    lines = [f"**{c['name']}** (simulator: {c['precision']['fwd']} forward, {c['precision']['bwd']} backward)",
+    fusion = f", fusion {c['fusion']}" if "fusion" in c else ""  # recorded since 2026-12-06 16:10 UTC
+    lines = [f"**{c['name']}** (simulator: {c['precision']['fwd']} forward, {c['precision']['bwd']} backward{fusion})",
              "", _CLASS_HEAD]
     for cls in CLASSES:
         m, p = prof["classes"][cls], pred.get(cls)

@@ -53,7 +53,7 @@ from moeplan.simulator.engine.unit_costs import (
     CostContext,
     UnitCosts,
     _linears,
-    _memory_bound_s,
+    memory_bound_s,
     _recompute_s,
     attention_shapes,
     unit_costs,
@@ -151,7 +151,7 @@ def _memory_bound(ctx: CostContext, m: ModelSpec, moe: bool, tokens: int, rows_p
     tokens, as ``unit_costs`` prices them (its classes, fusion and recompute set)."""
     at = replace(ctx, tokens=tokens)
     layer = layer_bytes_per_token(m, moe, ctx.precision, rows_per_token, ctx.fusion, dispatch)
-    return (*_memory_bound_s(at, layer), _recompute_s(at, m, layer, []))
+    return (*memory_bound_s(at, layer), _recompute_s(at, m, layer, []))
 
 
 def tp_unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic | None, mtp: bool,

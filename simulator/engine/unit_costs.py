@@ -143,7 +143,7 @@ def _priced_as(ctx: CostContext, kernel: str) -> str:
     return FUSED_CLASSES.get(kernel, kernel) if ctx.fusion == "fused" else kernel
 
 
-def _memory_bound_s(ctx: CostContext, per_token: dict[str, KernelBytes]) -> tuple[float, float]:
+def memory_bound_s(ctx: CostContext, per_token: dict[str, KernelBytes]) -> tuple[float, float]:
     """(forward, backward) seconds of memory-bound kernel classes, each at its own HBM fraction."""
     t, g, n = ctx.tables, ctx.gpu, ctx.tokens
     return (sum(memory_s(t, g, n * b.fwd_bytes, _priced_as(ctx, k)) for k, b in per_token.items()),
@@ -189,7 +189,7 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
         rows_per_token = 0.0
     dispatch = traffic is not None and ctx.ep_backend == "deepep"  # flat: NCCL's all-to-all moves rows as laid out
     layer = layer_bytes_per_token(m, moe, ctx.precision, rows_per_token, ctx.fusion, dispatch)
-    elementwise, elementwise_bwd = _memory_bound_s(ctx, layer)
+    elementwise, elementwise_bwd = memory_bound_s(ctx, layer)
     cp = _context_parallel(ctx, m, attn, up, mtp)
     a_fwd, a_dx, a_dw = a_fwd + cp.fwd_s, a_dx + cp.dx_s, a_dw + cp.dw_s
     recompute = 0.0
@@ -315,9 +315,9 @@ def loss_s(ctx: CostContext, m: ModelSpec) -> tuple[float, float]:
     FP32 first (14 + 22 bytes a logit), so [EW] keeps that row out of the table and [CPU] dropped it."""
     ideal = end_bytes_per_token(m)["cross_entropy"]
     if ctx.loss == "fused":
-        return _memory_bound_s(ctx, {FUSED_LOSS: ideal})
+        return memory_bound_s(ctx, {FUSED_LOSS: ideal})
     measured = any(p.kernel == "cross_entropy" for p in ctx.tables.memory_kernels)
-    return _memory_bound_s(ctx, {"cross_entropy": ideal if measured else fp32_loss_bytes_per_token(m)})
+    return memory_bound_s(ctx, {"cross_entropy": ideal if measured else fp32_loss_bytes_per_token(m)})
 
 
 def end_costs(ctx: CostContext, m: ModelSpec) -> EndCosts:
@@ -325,7 +325,7 @@ def end_costs(ctx: CostContext, m: ModelSpec) -> EndCosts:
     BF16 head GEMMs with the loss (``loss_s``)."""
     fwd, dx, dw = _linears(ctx, [(m.hidden_size, m.vocab_size)], "bf16")  # head stays BF16 (TR §3.3)
     ends = end_bytes_per_token(m)
-    embed_s, _ = _memory_bound_s(ctx, {"embedding": ends["embedding"]})
+    embed_s, _ = memory_bound_s(ctx, {"embedding": ends["embedding"]})
     loss_fwd_s, loss_bwd_s = loss_s(ctx, m)
     ends = EndCosts(embed_fwd_s=embed_s, head_fwd_s=fwd + loss_fwd_s, head_dx_s=dx + loss_bwd_s, head_dw_s=dw)
     return ends_with_host_and_measured(ctx, ends)

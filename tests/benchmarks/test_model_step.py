@@ -202,9 +202,9 @@ def test_union_counts_overlaps_once_and_only_inside_the_windows():
     assert cases.union_s([], [(0.0, 1.0)]) == 0.0
 
 
-def _engine_s(w, precision, gpu, tables, part):
+def _engine_s(w, precision, gpu, tables, part, fusion):
     ctx = CostContext(tables=tables, gpu=gpu, precision=precision, tokens=w.tokens, seq_len_tokens=w.tokens,
-                      compute_frac=1.0, recompute="none")
+                      compute_frac=1.0, recompute="none", fusion=fusion)
     units = [unit_costs(ctx, w.spec, moe=w.spec.is_moe_layer(i), traffic=None) for i in w.layers]
     return sum(u.fwd_s if part == "fwd" else u.dx_s + u.dw_s for u in units)
 
@@ -218,7 +218,8 @@ def test_predicted_classes_add_up_to_the_engines_unit_costs(config):
         assert all(p["fwd_s"] > 0 and p["bwd_s"] > 0 for p in pred.values())
         for part, precision in (("fwd", config.fwd_precision), ("bwd", config.bwd_precision)):
             assert sum(p[f"{part}_s"] for p in pred.values()) == pytest.approx(
-                _engine_s(w, precision, gpu, tables, part))
+                _engine_s(w, precision, gpu, tables, part, config.fusion))
+    assert config.fusion == ("fused" if "fused" in config.name else "eager")
     assert (config.fwd_precision, config.bwd_precision) == {
         "bf16": ("bf16", "bf16"), "bf16 fused": ("bf16", "bf16"), "fp8 fwd": ("fp8", "bf16"),
         "fp8 fwd+bwd": ("fp8", "fp8"), "fp8 fwd+bwd fused": ("fp8", "fp8")}[config.name]
