@@ -16,7 +16,11 @@ run's events leave out: per pass kind, the median of each pass's wall time less 
 2026-12-06: 0.24-0.28 ms a forward, 0.15-0.25 ms a backward, against 2-5 ms of nodes). Where dp = 1, each
 step's passes are followed by the rank's optimizer step (``optimizer_ranks.optimizer_step``), its parts timed as
 the runtime times them, on the gradients the passes left: entries of layer kind ``optimizer``, as
-``optimizer_ranks`` times them alone, but on memory the passes have just used.
+``optimizer_ranks`` times them alone, but on memory the passes have just used. Last, the same steps again with
+a sleep of each ``WAKE_WAITS_S`` before every pass (a run's rank waits that long for a neighbour's message): per
+pass kind and wait, the median of each pass's wall time less the same pass's median back to back
+(``engine.host_term.wake_op``; tiny-moe, 2026-12-06: 0.1-0.2 ms after 2 ms, 0.9-1.3 ms after 16 ms), which the
+engine adds to a pass its rank waited before.
 
 Why not the pieces timed alone (``host_ops.time_pieces``): a piece repeated alone runs 5-15% faster than
 the same piece in the runtime's pass (tiny-moe, 2026-12-06: 0.96 against 1.06 ms for the MoE half forward,
@@ -35,7 +39,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,11 +64,15 @@ from moeplan.orchestrator.calibration.recalibrate import measured_ops_of, op_dur
 from moeplan.simulator.contracts.trace import TraceEvent, chrome_trace
 from moeplan.simulator.costs.measured_ops import PASS_OP, MeasuredOp
 from moeplan.simulator.costs.optimizer_step import OPTIMIZER_PARTS
+from moeplan.simulator.engine.host_term import wake_op
 from moeplan.simulator.planning.planner import resolve_microbatches
 from moeplan.simulator.schedules.registry import make_schedule, rank_stages
 from moeplan.simulator.spec.inputs import PlanInputs
 
 WARMUP_STEPS = 1
+# Sleeps before each pass, to time a pass after its process blocked (``engine.host_term.wake_op``): the runs' waits
+# for a neighbour's message (tiny-moe, pp 2, 1F1B: 2-15 ms)
+WAKE_WAITS_S = (0.002, 0.004, 0.008, 0.016)
 
 
 def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, label: str) -> list[MeasuredOp]:
@@ -80,16 +88,25 @@ def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, l
                                   "actions alone")
     optimizer = dp == 1  # the rank's optimizer step after its passes, as the runtime runs it (ZeRO groups of one)
     traces, outside, out = {}, {"F": [], "B": []}, []
+    woken: dict[tuple[str, float], list[float]] = {}  # (pass kind, wait) -> each pass's extra over back to back
     for r in range(par.pp):
         timed = _RankTimes(events=[], outside=outside, optimizer={part: [] for part in OPTIMIZER_PARTS})
         built, main_grads = rank_modules(inputs, r, dtype)
         gen = torch.Generator().manual_seed(r)
         with one_process_group() if optimizer else contextlib.nullcontext():
             step = optimizer_step(inputs, built, main_grads) if optimizer else None
+            modules = dict(zip(rank_stages(par, r), built, strict=True))
             for i in range(WARMUP_STEPS + reps):
-                _one_step(inputs, dict(zip(rank_stages(par, r), built, strict=True)), schedule.ranks[r],
-                          microbatches, dtype, gen, i, timed if i >= WARMUP_STEPS else None)
+                _one_step(inputs, modules, schedule.ranks[r], microbatches, dtype, gen, i,
+                          timed if i >= WARMUP_STEPS else None)
                 _optimizer(step, main_grads, timed if i >= WARMUP_STEPS else None)
+            for wait in WAKE_WAITS_S:  # the same steps, each pass after sleeping ``wait``
+                after = _RankTimes(events=[], outside={"F": [], "B": []}, optimizer={})
+                for i in range(reps):
+                    _one_step(inputs, modules, schedule.ranks[r], microbatches, dtype, gen, WARMUP_STEPS + reps + i,
+                              after, wait)
+                    _optimizer(step, main_grads, None)
+                _wake_extras(timed.walls, after.walls, wait, woken)
         main_grads.detach()
         traces[r] = chrome_trace(timed.events)
         if optimizer:
@@ -101,20 +118,35 @@ def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, l
                          seq_len=par.seq_len_tokens, s=statistics.median(seconds), samples=len(seconds),
                          source=f"{src}: each pass's wall time less its nodes' events, median of {len(seconds)}")
               for kind, seconds in outside.items() if seconds]
-    return measured_ops_of(inputs, op_durations_of(inputs, traces), src) + passes + out
+    wakes = [MeasuredOp(layer_kind="ends", action=kind, op=wake_op(wait), tokens=par.micro_batch_size
+                        * par.seq_len_tokens, seq_len=par.seq_len_tokens, s=max(0.0, statistics.median(extra)),
+                        samples=len(extra), source=f"{src}: each pass's wall time after its process slept {wait:g} s, "
+                        f"less the median of the same pass back to back, median of {len(extra)}")
+             for (kind, wait), extra in sorted(woken.items())]
+    return measured_ops_of(inputs, op_durations_of(inputs, traces), src) + passes + wakes + out
 
+
+def _wake_extras(back_to_back: dict, after_wait: dict, wait_s: float, woken: dict) -> None:
+    """Into ``woken[(pass kind, wait_s)]``, each pass's wall time after the wait less the median of the same
+    pass back to back; ``back_to_back`` and ``after_wait`` map (pass kind, chain) to wall times."""
+    for (kind, chain), walls in after_wait.items():
+        base = statistics.median(back_to_back[(kind, chain)])
+        woken.setdefault((kind, wait_s), []).extend(w - base for w in walls)
 
 @dataclass
 class _RankTimes:
     events: list[TraceEvent]  # the passes' node events
     outside: dict[str, list[float]]  # per pass kind, each pass's seconds outside its nodes
     optimizer: dict[str, list[float]]  # per optimizer part, its seconds
+    walls: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # (pass kind, chain) -> wall times
 
 
 def _one_step(inputs: PlanInputs, modules: dict[int, torch.nn.Module], actions, microbatches: int,
-              dtype: torch.dtype, gen: torch.Generator, step: int, timed: _RankTimes | None) -> None:
+              dtype: torch.dtype, gen: torch.Generator, step: int, timed: _RankTimes | None,
+              wait_s: float = 0.0) -> None:
     """Step ``step``'s passes of ``actions`` (on ``modules``, by stage) over the runtime's synthetic micro-batches
-    (a later stage's input and output gradient drawn from ``gen``), recorded into ``timed`` (if given)."""
+    (a later stage's input and output gradient drawn from ``gen``), each after sleeping ``wait_s`` (the process
+    blocked, as in a receive), recorded into ``timed`` (if given)."""
     spec, par = inputs.model, inputs.parallel
     for module in modules.values():
         module.train()
@@ -128,6 +160,8 @@ def _one_step(inputs: PlanInputs, modules: dict[int, torch.nn.Module], actions, 
     for action in actions:
         op = action.ops[0]
         p = Pass(comm, streams, timeline, str(op))
+        if wait_s:
+            time.sleep(wait_s)
         start = time.perf_counter()
         if op.kind == "F":
             mb = task.microbatch(step, 0, op.microbatch)  # the runtime's own data: its routing, its loss
@@ -146,6 +180,7 @@ def _one_step(inputs: PlanInputs, modules: dict[int, torch.nn.Module], actions, 
         for chain, (kind, wall) in walls.items():
             nodes = sum(e.end_s - e.start_s for e in mine if e.name.split(" ")[0] == chain)
             timed.outside[kind].append(max(0.0, wall - nodes))
+            timed.walls.setdefault((kind, chain), []).append(wall)
         timed.events += mine
 
 

@@ -18,12 +18,32 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from moeplan.simulator.costs.measured_ops import LayerKind, measured_s
+from moeplan.simulator.costs.measured_ops import LayerKind, MeasuredOp, measured_s
 from moeplan.simulator.costs.tables import CostTables
 
 if TYPE_CHECKING:
     from moeplan.simulator.engine.unit_costs import CostContext, EndCosts, UnitCosts
 
+
+
+# A stage pass that starts after its process blocked (a receive, a barrier) runs slower on a CPU: caches and clocks
+# go cold while the process sleeps (tiny-moe on a 2-vCPU VM, 2026-12-06: a pass 0.1 ms slower after 3 ms asleep,
+# 0.3 after 6, 0.6-0.7 after 12). ``calibrate`` times each pass again after sleeping a few waits and enters its
+# extra seconds over the same pass back to back as layer kind ``ends``, action F or B, op ``wake_op(wait)``; the
+# engine adds them, interpolated on the wait, to a pass its rank waited before (``engine.step.WakeCosts``).
+WAKE_OP_PREFIX = "after-wait "
+
+
+def wake_op(wait_s: float) -> str:
+    """The measured op name of a pass's extra after sleeping ``wait_s`` (``"after-wait 0.004 s"``)."""
+    return f"{WAKE_OP_PREFIX}{wait_s:g} s"
+
+
+def wake_points(ops: tuple[MeasuredOp, ...], action: str, tokens: int, seq_len: int) -> tuple[tuple[float, float], ...]:
+    """(wait s, extra s) of the ``wake_op`` entries of pass kind ``action`` at this shape, by wait; () if none."""
+    return tuple(sorted((float(m.op.removeprefix(WAKE_OP_PREFIX).removesuffix(" s")), m.s) for m in ops
+                        if m.layer_kind == "ends" and m.action == action and m.op.startswith(WAKE_OP_PREFIX)
+                        and (m.tokens, m.seq_len) == (tokens, seq_len)))
 
 
 def layer_kind(moe: bool, mtp: bool) -> LayerKind:

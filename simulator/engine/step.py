@@ -12,7 +12,8 @@ Activations and gradients cross stage boundaries over the sender's NIC (NVLink w
 share a node). Where a message holds the hosts at both ends (``Links.p2p_blocks``: gloo, the ``cpu`` cluster, whose
 runtime posts each point-to-point batch and waits for it), the sender waits for its send before its next action,
 and a receiver that posts after the message arrived still spends the message's time taking it in; NCCL's run
-beside compute. When a rank has run the last backward of a stage, that stage's ZeRO-1
+beside compute. A pass whose rank waited before it (for a message) first runs the measured extra of a pass after
+such a wait (``WakeCosts``, from ``calibrate`` on a CPU; none elsewhere). When a rank has run the last backward of a stage, that stage's ZeRO-1
 reduce-scatter of gradients and all-gather of weights start on its NIC; the optimizer step closes
 the rank's step, its parts (``"optimizer norm"``, ``update``, ``zero``, ``other``: ``costs.optimizer_step``)
 one after the other, as the runtime times them. With ``optimizer_barrier`` (a global gradient norm, for
@@ -90,6 +91,24 @@ class Links:
 
 
 @dataclass(frozen=True)
+class WakeCosts:
+    """What a pass costs more when its rank waited before it (``engine.host_term.wake_op``): per pass kind, the
+    measured (wait s, extra s) points, by wait; linear between (0, 0) and them, the last one's beyond."""
+
+    forward: tuple[tuple[float, float], ...] = ()
+    backward: tuple[tuple[float, float], ...] = ()
+
+    def extra_s(self, kind: str, waited_s: float) -> float:
+        points = self.forward if kind == "F" else self.backward if kind == "B" else ()
+        prev_w, prev_s = 0.0, 0.0
+        for w, s in points:
+            if waited_s <= w:
+                return prev_s + (s - prev_s) * (waited_s - prev_w) / (w - prev_w) if w > prev_w else s
+            prev_w, prev_s = w, s
+        return max(0.0, prev_s) if waited_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
 class RankTail:
     """Per rank: DP synchronisation per stage chunk and the optimizer step."""
 
@@ -111,6 +130,7 @@ class StepInputs:
     slow_ends: EndCosts | None = None  # the ends beside an all-to-all; None = as ``ends``
     optimizer_barrier: bool = False  # every rank's gradients in before any optimizer step (a global norm)
     tp_ends: TpEnds = TpEnds()  # the embedding's and a head's tensor-parallel collectives
+    wake: WakeCosts = WakeCosts()  # a pass after its rank waited (measured on a CPU); none: no extra
 
 
 @dataclass
@@ -394,7 +414,11 @@ class StepSimulation:
         waits, posted_s = [e for op in action.ops for e in self._needs(op)], self.env.now
         if waits:
             yield self.env.all_of(waits)
+        waited_s = self.env.now - posted_s
         yield from self._receive(rank, action, posted_s)
+        if len(action.ops) == 1:  # a pass after its rank waited starts cold (``WakeCosts``)
+            op = action.ops[0]
+            yield from rank.run(self.inp.wake.extra_s(op.kind, waited_s), f"{op.stage}{op.kind}{op.microbatch} wake")
         if len(action.ops) == 1:
             yield from self._op(rank, action.ops[0])
         else:

@@ -9,10 +9,11 @@ import torch
 from moeplan.orchestrator.calibration.measure import Measured, Setup, measurements
 from moeplan.orchestrator.calibration.recalibrate import recalibrate
 from moeplan.orchestrator.calibration.shapes import plan_shapes
-from moeplan.orchestrator.calibration.stage_steps import time_stage_ops
+from moeplan.orchestrator.calibration.stage_steps import WAKE_WAITS_S, time_stage_ops
 from moeplan.simulator.costs.measured_ops import PASS_OP, MeasuredOp
 from moeplan.simulator.costs.tables import named_tables
 from moeplan.simulator.engine.build import SimOptions, rank_optimizer_set, step_inputs
+from moeplan.simulator.engine.host_term import WAKE_OP_PREFIX, wake_op, wake_points
 from moeplan.simulator.spec.parallel import ParallelSpec
 
 
@@ -23,7 +24,8 @@ def timed(planned):
 
 
 def test_every_op_the_runtime_times_is_measured_and_those_inside_another_at_zero(timed):
-    got = {(o.layer_kind, o.action, o.op): o for o in timed if o.layer_kind != "optimizer"}
+    got = {(o.layer_kind, o.action, o.op): o for o in timed
+           if o.layer_kind != "optimizer" and not o.op.startswith(WAKE_OP_PREFIX)}
     timed_ops = {("dense", "F", "attn"), ("dense", "F", "mlp"), ("dense", "B", "attn-bwd"), ("dense", "B", "mlp-bwd"),
                  ("moe", "F", "attn"), ("moe", "F", "experts"), ("moe", "B", "attn-bwd"), ("moe", "B", "experts-bwd"),
                  ("ends", "F", "embed"), ("ends", "F", "head"), ("ends", "B", "head"),
@@ -36,6 +38,17 @@ def test_every_op_the_runtime_times_is_measured_and_those_inside_another_at_zero
     assert got[("dense", "F", "attn")].samples == 8 and got[("moe", "F", "attn")].samples == 24
     assert got[("ends", "F", PASS_OP)].samples == 16, "a pass per micro-batch, rank and step"
     assert all(o.tokens == 64 and o.seq_len == 64 and "passes in one process" in o.source for o in got.values())
+
+
+def test_each_pass_kind_is_timed_again_after_each_wait(timed):
+    wakes = [o for o in timed if o.op.startswith(WAKE_OP_PREFIX)]
+    assert sorted((o.action, o.op) for o in wakes) == sorted((a, wake_op(w)) for a in "FB" for w in WAKE_WAITS_S)
+    # 4 micro-batches x 2 ranks x 2 steps a wait, each against the same pass back to back
+    assert all(o.layer_kind == "ends" and o.samples == 16 and o.s >= 0 and "slept" in o.source for o in wakes)
+    ops = tuple(wakes)
+    assert wake_points(ops, "B", 64, 64) == tuple((w, next(o.s for o in wakes if o.op == wake_op(w) and o.action == "B"))
+                                                  for w in WAKE_WAITS_S)
+    assert wake_points(ops, "B", 64, 128) == ()
 
 
 def test_they_replace_the_pieces_timed_alone_where_they_run(planned, timed):

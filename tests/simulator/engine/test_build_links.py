@@ -1,8 +1,13 @@
-"""``engine.build``'s stage-boundary links: what a message weighs and whether it holds the hosts at its ends."""
+"""``engine.build``'s stage-boundary links (what a message weighs, whether it holds the hosts at its ends) and the
+measured extra of a pass after its rank waited."""
 
 from __future__ import annotations
 
-from moeplan.simulator.engine.build import step_inputs
+from moeplan.simulator.costs.measured_ops import MeasuredOp
+from moeplan.simulator.costs.tables import default_tables
+from moeplan.simulator.engine.build import SimOptions, step_inputs
+from moeplan.simulator.engine.host_term import wake_op
+from moeplan.simulator.engine.step import WakeCosts
 from moeplan.simulator.presets.clusters import cpu, h800
 from moeplan.simulator.presets.models import tiny_moe
 from moeplan.simulator.spec.inputs import PlanInputs
@@ -28,3 +33,18 @@ def test_gpus_send_bf16_activations_beside_compute():
     links = step_inputs(_inputs(h800(1)), dp=1, microbatches=4).links
     assert not links.p2p_blocks
     assert links.p2p_bytes == TOKENS * tiny_moe().hidden_size * 2
+
+
+def test_the_wake_entries_at_the_plans_shape_price_a_pass_after_a_wait():
+    inputs = _inputs(cpu())
+    tables = default_tables(inputs.cluster.gpu.name)
+    assert step_inputs(inputs, dp=1, microbatches=4, opts=SimOptions(tables=tables)).wake == WakeCosts()
+
+    def entry(action: str, wait_s: float, s: float, seq_len: int = TOKENS) -> MeasuredOp:
+        return MeasuredOp(layer_kind="ends", action=action, op=wake_op(wait_s), tokens=seq_len, seq_len=seq_len, s=s,
+                          samples=1, source="test")
+
+    ops = (entry("B", 0.008, 3e-4), entry("B", 0.002, 1e-4), entry("F", 0.004, 2e-4), entry("F", 0.004, 9.0, 128))
+    measured = tables.model_copy(update={"measured_ops": ops})
+    wake = step_inputs(inputs, dp=1, microbatches=4, opts=SimOptions(tables=measured)).wake
+    assert wake == WakeCosts(forward=((0.004, 2e-4),), backward=((0.002, 1e-4), (0.008, 3e-4)))

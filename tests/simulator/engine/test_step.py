@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from moeplan.simulator.engine.step import Links, RankTail, StageCosts, StepInputs, StepSimulation
+from moeplan.simulator.engine.step import Links, RankTail, StageCosts, StepInputs, StepSimulation, WakeCosts
 from moeplan.simulator.engine.trace import chrome_trace
 from moeplan.simulator.engine.unit_costs import EndCosts, UnitCosts
 from moeplan.simulator.schedules import Durations, closed_form_bubble, execute, make_schedule
@@ -94,6 +94,25 @@ def test_blocking_messages_hold_the_sender_and_a_late_receiver():
         (1, 10.0, 11.0, "nic", "p2p G1/1"),
     ]
     assert (free, res.step_time_s) == (11.0, 13.0)
+
+
+def test_a_pass_after_its_rank_waited_first_runs_the_measured_extra():
+    # As the two-rank timeline above, with measured extras of a pass after a wait: forward 0.5 s after 2 s, backward
+    # 1 s after 4 s and 1.5 s after 8 s (linear between, from 0 at no wait).
+    wake = WakeCosts(forward=((2.0, 0.5),), backward=((4.0, 1.0), (8.0, 1.5)))
+    inp = dataclasses.replace(_inputs("1f1b", 2, 1, _unit(), nic_bytes_per_s=2.0, latency_s=0.5, p2p_bytes=1.0),
+                              wake=wake)
+    res = StepSimulation(inp, trace=True).run()
+    log = sorted((e.rank, e.start_s, e.end_s, e.name) for e in res.events if e.lane == "compute")
+    assert log == [
+        (0, 0.0, 1.0, "0F0 L0 attn"),  # no wait before it, no extra
+        (0, 6.5, 7.6875, "0B0 wake"),  # waited 1 -> 6.5: 5.5 s, 1 + 0.5 * 1.5 / 4
+        (0, 7.6875, 9.6875, "0B0 L0 attn-bwd"),
+        (1, 2.0, 2.5, "1F0 wake"),  # waited 0 -> 2 for F0
+        (1, 2.5, 3.5, "1F0 L0 attn"),
+        (1, 3.5, 5.5, "1B0 L0 attn-bwd"),  # right after the forward: no extra
+    ]
+    assert (wake.extra_s("B", 16.0), wake.extra_s("F", 1.0), wake.extra_s("W", 9.0)) == (1.5, 0.25, 0.0)
 
 
 def test_overlapped_pairs_hide_all_to_all_that_plain_1f1b_exposes():
