@@ -20,7 +20,9 @@ the runtime times them, on the gradients the passes left: entries of layer kind 
 a sleep of each ``WAKE_WAITS_S`` before every pass (a run's rank waits that long for a neighbour's message): per
 pass kind and wait, the median of each pass's wall time less the same pass's median back to back
 (``engine.host_term.wake_op``; tiny-moe, 2026-12-06: 0.1-0.2 ms after 2 ms, 0.9-1.3 ms after 16 ms), which the
-engine adds to a pass its rank waited before.
+engine adds to a pass its rank waited before; and with the runtime's data thread making the next step's
+micro-batches beside each step's first pass: its extra over the same pass without (``STEP_START_OP``), which the
+engine adds to a rank's first pass begun at the step's start.
 
 Why not the pieces timed alone (``host_ops.time_pieces``): a piece repeated alone runs 5-15% faster than
 the same piece in the runtime's pass (tiny-moe, 2026-12-06: 0.96 against 1.06 ms for the MoE half forward,
@@ -39,6 +41,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Generator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -64,7 +67,7 @@ from moeplan.orchestrator.calibration.recalibrate import measured_ops_of, op_dur
 from moeplan.simulator.contracts.trace import TraceEvent, chrome_trace
 from moeplan.simulator.costs.measured_ops import PASS_OP, MeasuredOp
 from moeplan.simulator.costs.optimizer_step import OPTIMIZER_PARTS
-from moeplan.simulator.engine.host_term import wake_op
+from moeplan.simulator.engine.host_term import STEP_START_OP, wake_op
 from moeplan.simulator.planning.planner import resolve_microbatches
 from moeplan.simulator.schedules.registry import make_schedule, rank_stages
 from moeplan.simulator.spec.inputs import PlanInputs
@@ -89,24 +92,36 @@ def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, l
     optimizer = dp == 1  # the rank's optimizer step after its passes, as the runtime runs it (ZeRO groups of one)
     traces, outside, out = {}, {"F": [], "B": []}, []
     woken: dict[tuple[str, float], list[float]] = {}  # (pass kind, wait) -> each pass's extra over back to back
+    starts: dict[str, list[float]] = {}  # pass kind -> a step's first pass's extra beside the data thread
     for r in range(par.pp):
         timed = _RankTimes(events=[], outside=outside, optimizer={part: [] for part in OPTIMIZER_PARTS})
         built, main_grads = rank_modules(inputs, r, dtype)
         gen = torch.Generator().manual_seed(r)
-        with one_process_group() if optimizer else contextlib.nullcontext():
+        with one_process_group() if optimizer else contextlib.nullcontext(), \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeplan-data") as data_thread:
             step = optimizer_step(inputs, built, main_grads) if optimizer else None
             modules = dict(zip(rank_stages(par, r), built, strict=True))
+            after = {wait: _RankTimes(events=[], outside={"F": [], "B": []}, optimizer={}) for wait in WAKE_WAITS_S}
+            started = _RankTimes(events=[], outside={"F": [], "B": []}, optimizer={})
             for i in range(WARMUP_STEPS + reps):
-                _one_step(inputs, modules, schedule.ranks[r], microbatches, dtype, gen, i,
-                          timed if i >= WARMUP_STEPS else None)
-                _optimizer(step, main_grads, timed if i >= WARMUP_STEPS else None)
-            for wait in WAKE_WAITS_S:  # the same steps, each pass after sleeping ``wait``
-                after = _RankTimes(events=[], outside={"F": [], "B": []}, optimizer={})
-                for i in range(reps):
-                    _one_step(inputs, modules, schedule.ranks[r], microbatches, dtype, gen, WARMUP_STEPS + reps + i,
-                              after, wait)
+                timing = i >= WARMUP_STEPS
+                _one_step(inputs, modules, schedule.ranks[r], microbatches, dtype, gen, i, timed if timing else None)
+                _optimizer(step, main_grads, timed if timing else None)
+                if not timing:
+                    continue
+                # the same step after each wait, and with the runtime's data thread at its start, interleaved with
+                # the back-to-back steps (a drift of the machine's speed meets both)
+                for wait, times in after.items():
+                    _one_step(inputs, modules, schedule.ranks[r], microbatches, dtype, gen, i, times, wait)
                     _optimizer(step, main_grads, None)
-                _wake_extras(timed.walls, after.walls, wait, woken)
+                _one_step(inputs, modules, schedule.ranks[r], microbatches, dtype, gen, i, started,
+                          data_thread=data_thread)
+                _optimizer(step, main_grads, None)
+        for wait, times in after.items():
+            _wake_extras(timed.walls, times.walls, wait, woken)
+        first = schedule.ranks[r][0].ops[0]
+        key = (first.kind, str(first))
+        starts.setdefault(first.kind, []).extend(w - statistics.median(timed.walls[key]) for w in started.walls[key])
         main_grads.detach()
         traces[r] = chrome_trace(timed.events)
         if optimizer:
@@ -123,6 +138,11 @@ def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, l
                         samples=len(extra), source=f"{src}: each pass's wall time after its process slept {wait:g} s, "
                         f"less the median of the same pass back to back, median of {len(extra)}")
              for (kind, wait), extra in sorted(woken.items())]
+    wakes += [MeasuredOp(layer_kind="ends", action=kind, op=STEP_START_OP, tokens=par.micro_batch_size
+                         * par.seq_len_tokens, seq_len=par.seq_len_tokens, s=max(0.0, statistics.median(extra)),
+                         samples=len(extra), source=f"{src}: a step's first pass with the runtime's data thread making "
+                         f"the next step's micro-batches beside it, less the same pass without, median of {len(extra)}")
+              for kind, extra in sorted(starts.items())]
     return measured_ops_of(inputs, op_durations_of(inputs, traces), src) + passes + wakes + out
 
 
@@ -132,6 +152,7 @@ def _wake_extras(back_to_back: dict, after_wait: dict, wait_s: float, woken: dic
     for (kind, chain), walls in after_wait.items():
         base = statistics.median(back_to_back[(kind, chain)])
         woken.setdefault((kind, wait_s), []).extend(w - base for w in walls)
+
 
 @dataclass
 class _RankTimes:
@@ -143,10 +164,11 @@ class _RankTimes:
 
 def _one_step(inputs: PlanInputs, modules: dict[int, torch.nn.Module], actions, microbatches: int,
               dtype: torch.dtype, gen: torch.Generator, step: int, timed: _RankTimes | None,
-              wait_s: float = 0.0) -> None:
+              wait_s: float = 0.0, data_thread: ThreadPoolExecutor | None = None) -> None:
     """Step ``step``'s passes of ``actions`` (on ``modules``, by stage) over the runtime's synthetic micro-batches
     (a later stage's input and output gradient drawn from ``gen``), each after sleeping ``wait_s`` (the process
-    blocked, as in a receive), recorded into ``timed`` (if given)."""
+    blocked, as in a receive), recorded into ``timed`` (if given). With ``data_thread``, the first pass starts the
+    next step's micro-batches on it, as the runtime's ``RankRuntime.forward_backward`` does."""
     spec, par = inputs.model, inputs.parallel
     for module in modules.values():
         module.train()
@@ -157,12 +179,15 @@ def _one_step(inputs: PlanInputs, modules: dict[int, torch.nn.Module], actions, 
     comm, streams = DistComm(), Streams(torch.device("cpu"))
     task = SyntheticTask(spec.vocab_size, par.micro_batch_size, par.seq_len_tokens, SEED)
     timeline, tapes, walls = Timeline(rank=0, cuda=False), {}, {}
+    prefetched = None
     for action in actions:
         op = action.ops[0]
         p = Pass(comm, streams, timeline, str(op))
         if wait_s:
             time.sleep(wait_s)
         start = time.perf_counter()
+        if data_thread is not None and prefetched is None:
+            prefetched = data_thread.submit(lambda: [task.microbatch(step + 1, 0, m) for m in range(microbatches)])
         if op.kind == "F":
             mb = task.microbatch(step, 0, op.microbatch)  # the runtime's own data: its routing, its loss
             ids, labels = mb.input_ids, mb.labels
@@ -175,6 +200,8 @@ def _one_step(inputs: PlanInputs, modules: dict[int, torch.nn.Module], actions, 
             grad = None if modules[op.stage].stage.has_head else torch.randn(shape, generator=gen, dtype=dtype)
             _drive(stage_backward(tapes.pop((op.stage, op.microbatch)), grad, p))
         walls[str(op)] = op.kind, time.perf_counter() - start
+    if prefetched is not None:
+        prefetched.result()
     mine = timeline.events()
     if timed is not None:
         for chain, (kind, wall) in walls.items():

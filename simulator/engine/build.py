@@ -19,7 +19,7 @@ from moeplan.simulator.costs.measured_ops import PASS_OP, measured_optimizer_s, 
 from moeplan.simulator.costs.optimizer_step import OptimizerSet, optimizer_bytes
 from moeplan.simulator.costs.tables import CostTables, default_tables
 from moeplan.simulator.engine.expert_traffic import ExpertTraffic, expert_traffic
-from moeplan.simulator.engine.host_term import optimizer_host_s, wake_points
+from moeplan.simulator.engine.host_term import optimizer_host_s, step_start_s, wake_points
 from moeplan.simulator.engine.step import Links, RankTail, StageCosts, StepInputs, WakeCosts
 from moeplan.simulator.engine.tensor_parallel import TpComm, collective_s, tp_comm, tp_ends, tp_unit_costs
 from moeplan.simulator.engine.unit_costs import CostContext, EndCosts, UnitCosts, end_costs
@@ -281,7 +281,8 @@ def step_inputs(
         stages=stages, ends=_end_costs(inputs, ctx), links=links, tails=_tails(inputs, dp, tables), slow_ends=slow_ends,
         optimizer_barrier=inputs.training.optimizer.grad_clip_norm is not None,
         tp_ends=tp_ends(tables, m, ctx.tokens, par.tp, par.sp, cl.node.nvlink_bytes_per_s),
-        wake=WakeCosts(*(wake_points(tables.measured_ops or (), a, ctx.tokens, seq) for a in ("F", "B"))),
+        wake=WakeCosts(*(wake_points(tables.measured_ops or (), a, ctx.tokens, seq) for a in ("F", "B")),
+                       step_start=step_start_s(tables.measured_ops or (), ctx.tokens, seq)),
     )
 
 

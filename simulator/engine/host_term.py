@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 # extra seconds over the same pass back to back as layer kind ``ends``, action F or B, op ``wake_op(wait)``; the
 # engine adds them, interpolated on the wait, to a pass its rank waited before (``engine.step.WakeCosts``).
 WAKE_OP_PREFIX = "after-wait "
+# A rank's first pass of a step, begun at once, shares the host with the runtime's data thread, which makes the next
+# step's micro-batches beside it (``model.runtime.rank.RankRuntime.prefetch``; tiny-moe on 2 vCPUs, 2026-12-06: the
+# first forward 1.3-1.7 ms slower). ``calibrate`` times the first pass of its steps with that thread and without,
+# and enters the difference as layer kind ``ends``, the pass's kind, op ``STEP_START_OP``.
+STEP_START_OP = "step-start"
 
 
 def wake_op(wait_s: float) -> str:
@@ -43,6 +48,12 @@ def wake_points(ops: tuple[MeasuredOp, ...], action: str, tokens: int, seq_len: 
     """(wait s, extra s) of the ``wake_op`` entries of pass kind ``action`` at this shape, by wait; () if none."""
     return tuple(sorted((float(m.op.removeprefix(WAKE_OP_PREFIX).removesuffix(" s")), m.s) for m in ops
                         if m.layer_kind == "ends" and m.action == action and m.op.startswith(WAKE_OP_PREFIX)
+                        and (m.tokens, m.seq_len) == (tokens, seq_len)))
+
+
+def step_start_s(ops: tuple[MeasuredOp, ...], tokens: int, seq_len: int) -> tuple[tuple[str, float], ...]:
+    """(pass kind, extra s) of the ``STEP_START_OP`` entries at this shape; () if none."""
+    return tuple(sorted((m.action, m.s) for m in ops if m.layer_kind == "ends" and m.op == STEP_START_OP
                         and (m.tokens, m.seq_len) == (tokens, seq_len)))
 
 

@@ -13,7 +13,8 @@ share a node). Where a message holds the hosts at both ends (``Links.p2p_blocks`
 runtime posts each point-to-point batch and waits for it), the sender waits for its send before its next action,
 and a receiver that posts after the message arrived still spends the message's time taking it in; NCCL's run
 beside compute. A pass whose rank waited before it (for a message) first runs the measured extra of a pass after
-such a wait (``WakeCosts``, from ``calibrate`` on a CPU; none elsewhere). When a rank has run the last backward of a stage, that stage's ZeRO-1
+such a wait, and a rank's first pass begun at the step's start the measured extra of the runtime's data thread
+beside it (``WakeCosts``, from ``calibrate`` on a CPU; none elsewhere). When a rank has run the last backward of a stage, that stage's ZeRO-1
 reduce-scatter of gradients and all-gather of weights start on its NIC; the optimizer step closes
 the rank's step, its parts (``"optimizer norm"``, ``update``, ``zero``, ``other``: ``costs.optimizer_step``)
 one after the other, as the runtime times them. With ``optimizer_barrier`` (a global gradient norm, for
@@ -97,6 +98,10 @@ class WakeCosts:
 
     forward: tuple[tuple[float, float], ...] = ()
     backward: tuple[tuple[float, float], ...] = ()
+    step_start: tuple[tuple[str, float], ...] = ()  # (pass kind, extra s) of a rank's first pass begun at once
+
+    def start_s(self, kind: str) -> float:
+        return dict(self.step_start).get(kind, 0.0)
 
     def extra_s(self, kind: str, waited_s: float) -> float:
         points = self.forward if kind == "F" else self.backward if kind == "B" else ()
@@ -410,23 +415,27 @@ class StepSimulation:
             if seconds > 0 and not self.free_comm:
                 self.tail_done[rank.index].append(self.env.process(rank.use("nic", seconds, f"dp-sync stage {stage}")))
 
-    def _action(self, rank: _Rank, action: Action) -> Generator:
+    def _action(self, rank: _Rank, action: Action, first: bool = False) -> Generator:
         waits, posted_s = [e for op in action.ops for e in self._needs(op)], self.env.now
         if waits:
             yield self.env.all_of(waits)
         waited_s = self.env.now - posted_s
         yield from self._receive(rank, action, posted_s)
-        if len(action.ops) == 1:  # a pass after its rank waited starts cold (``WakeCosts``)
-            op = action.ops[0]
-            yield from rank.run(self.inp.wake.extra_s(op.kind, waited_s), f"{op.stage}{op.kind}{op.microbatch} wake")
+        if len(action.ops) == 1:  # a pass after its rank waited starts cold, a step's first beside the data thread
+            op, wake = action.ops[0], self.inp.wake
+            tag = f"{op.stage}{op.kind}{op.microbatch}"
+            if first and waited_s == 0:
+                yield from rank.run(wake.start_s(op.kind), f"{tag} step-start")
+            else:
+                yield from rank.run(wake.extra_s(op.kind, waited_s), f"{tag} wake")
         if len(action.ops) == 1:
             yield from self._op(rank, action.ops[0])
         else:
             yield self.env.all_of([self.env.process(self._op(rank, op)) for op in action.ops])
 
     def _rank(self, rank: _Rank) -> Generator:
-        for action in self.inp.schedule.ranks[rank.index]:
-            yield from self._action(rank, action)
+        for i, action in enumerate(self.inp.schedule.ranks[rank.index]):
+            yield from self._action(rank, action, first=i == 0)
         if self.tail_done[rank.index]:
             yield self.env.all_of(self.tail_done[rank.index])
         if self.inp.optimizer_barrier:

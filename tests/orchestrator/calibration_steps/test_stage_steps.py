@@ -13,7 +13,7 @@ from moeplan.orchestrator.calibration.stage_steps import WAKE_WAITS_S, time_stag
 from moeplan.simulator.costs.measured_ops import PASS_OP, MeasuredOp
 from moeplan.simulator.costs.tables import named_tables
 from moeplan.simulator.engine.build import SimOptions, rank_optimizer_set, step_inputs
-from moeplan.simulator.engine.host_term import WAKE_OP_PREFIX, wake_op, wake_points
+from moeplan.simulator.engine.host_term import STEP_START_OP, WAKE_OP_PREFIX, step_start_s, wake_op, wake_points
 from moeplan.simulator.spec.parallel import ParallelSpec
 
 
@@ -25,7 +25,7 @@ def timed(planned):
 
 def test_every_op_the_runtime_times_is_measured_and_those_inside_another_at_zero(timed):
     got = {(o.layer_kind, o.action, o.op): o for o in timed
-           if o.layer_kind != "optimizer" and not o.op.startswith(WAKE_OP_PREFIX)}
+           if o.layer_kind != "optimizer" and not o.op.startswith(WAKE_OP_PREFIX) and o.op != STEP_START_OP}
     timed_ops = {("dense", "F", "attn"), ("dense", "F", "mlp"), ("dense", "B", "attn-bwd"), ("dense", "B", "mlp-bwd"),
                  ("moe", "F", "attn"), ("moe", "F", "experts"), ("moe", "B", "attn-bwd"), ("moe", "B", "experts-bwd"),
                  ("ends", "F", "embed"), ("ends", "F", "head"), ("ends", "B", "head"),
@@ -49,6 +49,13 @@ def test_each_pass_kind_is_timed_again_after_each_wait(timed):
     assert wake_points(ops, "B", 64, 64) == tuple((w, next(o.s for o in wakes if o.op == wake_op(w) and o.action == "B"))
                                                   for w in WAKE_WAITS_S)
     assert wake_points(ops, "B", 64, 128) == ()
+
+
+def test_a_steps_first_pass_is_timed_beside_the_runtimes_data_thread(timed):
+    # 1F1B: every rank begins with a forward; one first pass a step, 2 steps, 2 ranks
+    (start,) = [o for o in timed if o.op == STEP_START_OP]
+    assert (start.layer_kind, start.action, start.samples) == ("ends", "F", 4) and start.s >= 0
+    assert "data thread" in start.source and step_start_s((start,), 64, 64) == (("F", start.s),)
 
 
 def test_they_replace_the_pieces_timed_alone_where_they_run(planned, timed):

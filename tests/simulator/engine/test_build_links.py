@@ -6,7 +6,7 @@ from __future__ import annotations
 from moeplan.simulator.costs.measured_ops import MeasuredOp
 from moeplan.simulator.costs.tables import default_tables
 from moeplan.simulator.engine.build import SimOptions, step_inputs
-from moeplan.simulator.engine.host_term import wake_op
+from moeplan.simulator.engine.host_term import STEP_START_OP, wake_op
 from moeplan.simulator.engine.step import WakeCosts
 from moeplan.simulator.presets.clusters import cpu, h800
 from moeplan.simulator.presets.models import tiny_moe
@@ -44,7 +44,9 @@ def test_the_wake_entries_at_the_plans_shape_price_a_pass_after_a_wait():
         return MeasuredOp(layer_kind="ends", action=action, op=wake_op(wait_s), tokens=seq_len, seq_len=seq_len, s=s,
                           samples=1, source="test")
 
-    ops = (entry("B", 0.008, 3e-4), entry("B", 0.002, 1e-4), entry("F", 0.004, 2e-4), entry("F", 0.004, 9.0, 128))
+    start = entry("F", 0.0, 5e-4).model_copy(update={"op": STEP_START_OP})
+    ops = (entry("B", 0.008, 3e-4), entry("B", 0.002, 1e-4), entry("F", 0.004, 2e-4), entry("F", 0.004, 9.0, 128), start)
     measured = tables.model_copy(update={"measured_ops": ops})
     wake = step_inputs(inputs, dp=1, microbatches=4, opts=SimOptions(tables=measured)).wake
-    assert wake == WakeCosts(forward=((0.004, 2e-4),), backward=((0.002, 1e-4), (0.008, 3e-4)))
+    assert wake == WakeCosts(forward=((0.004, 2e-4),), backward=((0.002, 1e-4), (0.008, 3e-4)),
+                             step_start=(("F", 5e-4),))

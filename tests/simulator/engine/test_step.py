@@ -115,6 +115,23 @@ def test_a_pass_after_its_rank_waited_first_runs_the_measured_extra():
     assert (wake.extra_s("B", 16.0), wake.extra_s("F", 1.0), wake.extra_s("W", 9.0)) == (1.5, 0.25, 0.0)
 
 
+def test_a_ranks_first_pass_begun_at_the_steps_start_runs_the_measured_step_start():
+    # Rank 0 begins F0 at once: it pays the data thread's 0.25 s; rank 1's first pass waited, so it pays the wake
+    wake = WakeCosts(forward=((2.0, 0.5),), step_start=(("F", 0.25),))
+    inp = dataclasses.replace(_inputs("1f1b", 2, 1, _unit(), nic_bytes_per_s=2.0, latency_s=0.5, p2p_bytes=1.0),
+                              wake=wake)
+    res = StepSimulation(inp, trace=True).run()
+    log = sorted((e.rank, e.start_s, e.end_s, e.name) for e in res.events if e.lane == "compute")
+    assert log == [
+        (0, 0.0, 0.25, "0F0 step-start"),
+        (0, 0.25, 1.25, "0F0 L0 attn"),
+        (0, 6.75, 8.75, "0B0 L0 attn-bwd"),  # no backward entries: no extra after its wait
+        (1, 2.25, 2.75, "1F0 wake"),  # waited 2.25 s: the last point's 0.5 s beyond it
+        (1, 2.75, 3.75, "1F0 L0 attn"),
+        (1, 3.75, 5.75, "1B0 L0 attn-bwd"),
+    ]
+
+
 def test_overlapped_pairs_hide_all_to_all_that_plain_1f1b_exposes():
     unit = _unit(a2a_bytes=0.2, moe=True)  # 0.2 s per all-to-all leg at 1 B/s
     free = {k: StepSimulation(_inputs(k, 4, 16, unit), free_comm=True).run().step_time_s for k in ("1f1b", "dualpipe")}
