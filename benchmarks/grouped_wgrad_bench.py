@@ -8,6 +8,10 @@ rows padded to 128 (the contiguous layout); gate_up's Wgrad (4096 x 7168) and do
 gets wrong), "gluon" (``fp8_gemm_ws.fp8_wgrad_ws``: one launch, the bounds on the GPU) and "triton" (the
 K-grouped Triton kernel). Time: ``triton.testing.do_bench`` median; TFLOPS over the real (unpadded) rows; the
 largest relative difference of each backend's result from the "torch" one. docs/design/kernels.md quotes it.
+
+Then the Gluon kernel adding into an FP32 main gradient (``accumulate_into``, as ``model.weight_grad`` runs it in
+training), its epilogue reading the old values from HBM after the last MMA (``PREFETCH_OLD_VALUES`` off) and
+with them asked into L2 before the K loop (on); the same timing, the result checked against old + product.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 
 import torch
 
+from moeplan.kernels import fp8_gemm_ws
 from moeplan.kernels.fp8_quant import quant_act_128x1_t
 from moeplan.kernels.grouped_gemm import grouped_wgrad_fp8
 
@@ -56,6 +61,21 @@ def main() -> None:
         for backend, (out, ms) in results.items():
             diff = float((out - base).norm() / base.norm())
             print(f"{name} ({m} x {n}) {backend}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOPS, vs torch {diff:.1e}")
+        product = fp8_gemm_ws.fp8_wgrad_ws(a_t, sa_t, b_t, sb_t, bounds.cuda())
+        old = torch.randn(EXPERTS, m, n, device="cuda")
+        for prefetch in (False, True):
+            fp8_gemm_ws.PREFETCH_OLD_VALUES = prefetch
+            fp8_gemm_ws._plan.cache_clear()  # the flag is read when a launch is planned
+            main_grad = old.clone()
+            fp8_gemm_ws.fp8_wgrad_ws(a_t, sa_t, b_t, sb_t, bounds.cuda(), accumulate_into=main_grad)
+            diff = float((main_grad - (old + product)).abs().max())
+            run = functools.partial(fp8_gemm_ws.fp8_wgrad_ws, a_t, sa_t, b_t, sb_t, bounds.cuda(),
+                                    accumulate_into=main_grad)
+            ms = triton.testing.do_bench(run, rep=200, return_mode="median")
+            print(f"{name} ({m} x {n}) gluon into FP32, old values {'prefetched to L2' if prefetch else 'read after'}: "
+                  f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOPS, max |C - (old + product)| {diff:.1e}")
+        fp8_gemm_ws.PREFETCH_OLD_VALUES = True
+        fp8_gemm_ws._plan.cache_clear()
 
 
 if __name__ == "__main__":

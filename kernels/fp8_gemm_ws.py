@@ -88,6 +88,10 @@ TURN_BARRIERS = (8, 9)
 # previous MMA). "complete": a warpgroup issues an MMA only once the other's previous MMA has
 # finished, so one promotes while the other's MMA runs (docs/design/kernels.md measures the three).
 ORDERS = {"free": 0, "issue": 1, "complete": 2}
+# An accumulating epilogue (``accumulate_into``; the kernel's ACCUMULATE 2) asks L2 for the tile's old values
+# before its K loop (``_prefetch_l2``); False (ACCUMULATE 1) reads them from HBM after the last MMA, as until
+# 2026-12-06: the comparison benchmarks/grouped_wgrad_bench.py makes. Read when a launch is planned.
+PREFETCH_OLD_VALUES = True
 
 
 if HAVE_GLUON:
@@ -169,6 +173,23 @@ if HAVE_GLUON:
         partial = warpgroup_mma_wait(num_outstanding=0, deps=[partial])
         token = _your_turn(token, HALF, ORDER, 2)
         return partial, token
+
+    @gluon.jit
+    def _prefetch_l2(c_ptr, row0, col0, rows, N, stride_cm, ROWS: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Ask L2 for a warpgroup's rows of an FP32 output tile (``rows`` of them real, from row ``row0`` and
+        column ``col0``), one ``prefetch.global.L2`` per 128-byte line: issued before the tile's K loop, the
+        accumulating epilogue's read of the old values then comes from L2 instead of waiting on HBM after
+        the last MMA. Lines outside the tensor ask for its first line instead (a prefetch never faults on a
+        valid address; it changes no value)."""
+        LINES: gl.constexpr = BLOCK_N // 32  # 32 FP32 values a line
+        lay: gl.constexpr = gl.BlockedLayout([1, 1], [32 // LINES, LINES], [4, 1], [1, 0])
+        r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, lay))
+        cols = col0 + gl.arange(0, LINES, layout=gl.SliceLayout(0, lay)) * 32
+        ok = (r < rows)[:, None] & (cols < N)[None, :]
+        ptrs = c_ptr + (row0 + r).to(gl.int64)[:, None] * stride_cm + cols[None, :]
+        ptrs = gl.where(ok, ptrs, c_ptr)
+        gl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=gl.int32, is_pure=False,
+                                  pack=1)
 
     @gluon.jit
     def _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -293,6 +314,8 @@ if HAVE_GLUON:
                 steps, _, first_sb = _expert_tile(m_ptr, off_m, off_n, N, k_steps, GROUPED)
                 c_row = 0
             off_m = off_m + HALF * ROWS
+            if ACCUMULATE == 2:
+                _prefetch_l2(c_ptr, c_row + off_m, off_n, M - off_m, N, stride_cm, ROWS, BLOCK_N)
             offs_m = off_m + gl.arange(0, ROWS, layout=row_layout)
             sa_ptrs = sa_ptr + offs_m * stride_sam
             m_mask = offs_m < M
@@ -370,7 +393,7 @@ if HAVE_GLUON:
                 real = gl.load(m_ptr + offs_m, mask=m_mask, other=-1) >= 0
                 acc0 = gl.where(real[:, None], acc0, 0.0)
                 acc1 = gl.where(real[:, None], acc1, 0.0)
-            if ACCUMULATE:  # C += the product (an FP32 main gradient): the tile's old values read first
+            if ACCUMULATE != 0:  # C += the product (an FP32 main gradient): the tile's old values read first
                 cols = off_n + gl.arange(0, TILE_C, layout=col_layout)
                 c_ptrs = c_ptr + (c_row + offs_m).to(gl.int64)[:, None] * stride_cm + cols[None, :]
                 acc0 = acc0 + gl.load(c_ptrs, mask=m_mask[:, None] & (cols < N)[None, :], other=0.0)
@@ -500,7 +523,7 @@ def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, gr
     return {"ROW_SCALED_B": rows, "SCALES": SCALE_PATHS[scales], "PROMOTE": promote, "BLOCK_N": block_n,
             "GROUP_M": group_m, "STAGES": stages, "GROUPED": grouped, "ORDER": ORDERS[order],
             "MATH_REGS": REGS[rows][0], "PRODUCER_REGS": REGS[rows][1], "GROUPED_K": grouped_k,
-            "ACCUMULATE": accumulate}
+            "ACCUMULATE": (2 if PREFETCH_OLD_VALUES else 1) if accumulate else 0}
 
 
 def _mn_major(scale: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -461,6 +461,24 @@ def test_k_grouped_wgrad_compiles_like_the_dense_wgrad(tmp_path):
         fp8_gemm_ws.compile_offline(rows=False, grouped_k=True)
 
 
+@needs_gluon
+@pytest.mark.parametrize("grouped_k", [False, True], ids=["dense", "k_grouped"])
+def test_accumulating_epilogue_asks_l2_for_the_old_values_first_without_spills(tmp_path, grouped_k, monkeypatch):
+    """``accumulate_into``: each math thread prefetches its share of the tile's old FP32 values into L2 before the
+    K loop (4 lines of 128 bytes: 64 rows x 256 columns over 128 threads), and the kernel still spills nothing;
+    with the switch off there is no prefetch (the comparison the Wgrad benchmark makes)."""
+    kernel = fp8_gemm_ws.compile_offline(rows=True, out_dtype=torch.float32, grouped_k=grouped_k, accumulate=True)
+    ptx = kernel.asm["ptx"]
+    assert ptx.count("prefetch.global.L2") == 4, ptx.count("prefetch.global.L2")
+    report, _ = _sass(ptx, tmp_path)
+    assert "0 bytes spill stores, 0 bytes spill loads" in report, report
+    monkeypatch.setattr(fp8_gemm_ws, "PREFETCH_OLD_VALUES", False)
+    off = fp8_gemm_ws.compile_offline(rows=True, out_dtype=torch.float32, grouped_k=grouped_k, accumulate=True)
+    assert "prefetch" not in off.asm["ptx"]
+    plain = fp8_gemm_ws.compile_offline(rows=True, out_dtype=torch.float32, grouped_k=grouped_k)
+    assert "prefetch" not in plain.asm["ptx"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("M,N", [(4096, 7168), (7168, 2048), (256, 272)])
@@ -511,8 +529,8 @@ def test_weight_gradients_accumulate_into_fp32_main_gradients():
     product plus the old values, bit for bit (one FP32 addition either way), and an empty expert keeps its slice."""
     from tests.kernels.test_kernels import _contiguous_layout
 
-    a, sa, b, sb = _gemm_operands(384, 256, 4096, "wgrad", "cuda")
-    old = rand(384, 256, seed=51, device="cuda")
+    a, sa, b, sb = _gemm_operands(384, 256, 4096, "wgrad", "cuda")  # dy (384, 256), x (384, 4096): dW (256, 4096)
+    old = rand(256, 4096, seed=51, device="cuda")
     target = old.clone()
     out = fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, torch.float32, accumulate_into=target)
     assert out.data_ptr() == target.data_ptr()
