@@ -161,13 +161,15 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
     """Costs of one decoder layer (``moe`` or dense), or an MTP module when ``mtp``."""
     attn, up = attention_shapes(m)
     a_fwd, a_dx, a_dw = _linears(ctx, attn + up, ctx.precision)
-    unfused_dense = ctx.precision == "fp8"  # FP8 Wgrads add into the main gradients in their epilogue
+    # FP8 Wgrads add into the FP32 main gradients in the Gluon GEMM's epilogue (MAIN_GRAD_EPILOGUE_BYTES); the
+    # dense BF16 linears' cuBLAS addmm (on a GPU) is not priced: at K = tokens its epilogue is a small share
+    unfused_dense = ctx.precision == "fp8"
     if unfused_dense:
-        a_dw += _main_grad_add_s(ctx, _dense_params(attn + up))
+        a_dw += _main_grad_add_s(ctx, _dense_params(attn + up), in_gemm=True)
     if mtp:  # eh_proj: 2h -> h
         p = _linears(ctx, [(2 * m.hidden_size, m.hidden_size)], ctx.precision)
         a_fwd, a_dx, a_dw = a_fwd + p[0], a_dx + p[1], a_dw + p[2]
-        a_dw += _main_grad_add_s(ctx, 2 * m.hidden_size * m.hidden_size) if unfused_dense else 0.0
+        a_dw += _main_grad_add_s(ctx, 2 * m.hidden_size * m.hidden_size, in_gemm=True) if unfused_dense else 0.0
     core = attention_core_flops(m, ctx.seq_len_tokens) * ctx.tokens
     seq = ctx.seq_len_tokens
     a_fwd += attention_s(ctx.tables, ctx.gpu, core, backward=False, compute_frac=ctx.compute_frac, seq_len=seq)
@@ -176,7 +178,7 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
     if moe:
         shared = [(h, 2 * m.moe_intermediate_size * m.n_shared_experts), (m.moe_intermediate_size * m.n_shared_experts, h)]
         mf, mdx, mdw = _linears(ctx, [s for s in shared if min(s) > 0], ctx.precision)
-        mdw += _main_grad_add_s(ctx, _dense_params(shared)) if unfused_dense else 0.0
+        mdw += _main_grad_add_s(ctx, _dense_params(shared), in_gemm=True) if unfused_dense else 0.0
         r = _linears(ctx, [(h, m.n_routed_experts)], "bf16")  # router stays high precision
         mf, mdx, mdw = mf + r[0], mdx + r[1], mdw + r[2]
         e_fwd, e_dx, e_dw = _experts(ctx, m, traffic)
@@ -184,7 +186,7 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
     else:
         dense = [(h, 2 * m.intermediate_size), (m.intermediate_size, h)]
         mf, mdx, mdw = _linears(ctx, dense, ctx.precision)
-        mdw += _main_grad_add_s(ctx, _dense_params(dense)) if unfused_dense else 0.0
+        mdw += _main_grad_add_s(ctx, _dense_params(dense), in_gemm=True) if unfused_dense else 0.0
         e_fwd = e_dx = e_dw = 0.0
         rows_per_token = 0.0
     dispatch = traffic is not None and ctx.ep_backend == "deepep"  # flat: NCCL's all-to-all moves rows as laid out
@@ -251,22 +253,25 @@ def _context_parallel(ctx: CostContext, m: ModelSpec, attn: list[tuple[int, int]
 
 # model/runtime/main_grad.py ``_add_into_main_grad``: a weight gradient the GEMM did not add into the FP32 main
 # gradient itself is written in the parameter's dtype, then the hook reads it and reads and writes the FP32 sum,
-# every micro-batch. Dense BF16 linears on a GPU accumulate inside the GEMM (model/weight_grad.py
-# ``fused_main_grad_mm``), and so do the fused BF16 experts (``fused_main_grad_grouped_mm``, one GEMM an expert);
-# the op-by-op experts' grouped Wgrad (torch._grouped_mm) writes the parameter's dtype. Priced as an elementwise
-# add at the tables' residual_add fraction.
+# every micro-batch: the op-by-op experts' grouped Wgrad (torch._grouped_mm). Priced as an elementwise add at
+# the tables' residual_add fraction.
 MAIN_GRAD_ADD_BYTES = BF16_BYTES + 2 * FP32_BYTES
-# Every FP8 Wgrad (dense and the experts' K-grouped one) adds into the FP32 main gradient in the epilogue of the
-# Gluon GEMM (model/weight_grad.py ``fused_main_grad_fp8``, kernels/fp8_gemm_ws.py ``accumulate_into``): the old
-# FP32 values read and the sum written, against the BF16 output the GEMM tables' points wrote; priced as that
-# difference in bytes at the residual_add fraction, not hidden under the GEMM.
+# The FP8 Wgrads add into the FP32 main gradient in the Gluon GEMM's epilogue (model/weight_grad.py
+# ``fused_main_grad_fp8``, kernels/fp8_gemm_ws.py ``accumulate_into``), the fused BF16 experts in cuBLAS
+# (``fused_main_grad_grouped_mm``: one addmm into FP32 an expert, beta 1). The old FP32 values are read and the
+# sum written, against the BF16 output the GEMM tables' points wrote: priced as that difference in bytes at the
+# residual_add fraction, not hidden under the GEMM. Measured (docs/results/model-step.md, H100, 2026-12-06
+# 16:11 UTC, workload A): the fused BF16 experts' addmm Wgrads (K = 1,024 rows an expert) took 28.9 ms a
+# micro-batch against 17.3 for their Dgrad of the same FLOPs, which the engine had priced as equal while it held
+# these adds free (grouped backward -23%). The dense BF16 linears' addmm (``fused_main_grad_mm``, K = the
+# micro-batch's tokens) stays unpriced: their backward was measured 6% above the prediction in the same run.
 MAIN_GRAD_EPILOGUE_BYTES = 2 * FP32_BYTES - BF16_BYTES
 
 
-def _main_grad_add_s(ctx: CostContext, params: float) -> float:
-    """Seconds to add ``params`` weight gradients of one micro-batch into their FP32 main gradients: inside the
-    FP8 Wgrad's epilogue, or by the main-grad hook after a BF16 Wgrad that wrote the parameter's dtype."""
-    per_param = MAIN_GRAD_EPILOGUE_BYTES if ctx.precision == "fp8" else MAIN_GRAD_ADD_BYTES
+def _main_grad_add_s(ctx: CostContext, params: float, in_gemm: bool) -> float:
+    """Seconds to add ``params`` weight gradients of one micro-batch into their FP32 main gradients: in the Wgrad
+    GEMM's epilogue (``in_gemm``), or by the main-grad hook after a Wgrad that wrote the parameter's dtype."""
+    per_param = MAIN_GRAD_EPILOGUE_BYTES if in_gemm else MAIN_GRAD_ADD_BYTES
     return memory_s(ctx.tables, ctx.gpu, per_param * params, "residual_add", backward=True)
 
 
@@ -276,9 +281,9 @@ def _dense_params(shapes: list[tuple[int, int]]) -> int:
 
 def _experts(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None) -> tuple[float, float, float]:
     """Grouped GEMMs of the busiest GPU's experts: gate+up (h -> 2f), down (f -> h); the weight gradients'
-    addition into the main gradients with the Wgrad where the runtime adds them by the hook: FP8 Wgrads, and
-    the op-by-op (``eager``) BF16 experts. The fused BF16 experts add theirs inside the GEMMs, expert by expert
-    (``model.weight_grad.fused_main_grad_grouped_mm``), as the dense BF16 linears do."""
+    addition into the main gradients with the Wgrad: in the GEMM's epilogue for the FP8 Wgrad (the K-grouped
+    Gluon kernel) and the fused BF16 experts (``model.weight_grad.fused_main_grad_grouped_mm``, one cuBLAS
+    ``addmm`` an expert), by the hook after the op-by-op (``eager``) BF16 experts' ``torch._grouped_mm``."""
     if traffic is None:  # no expert parallelism: all experts local, the micro-batch's own rows
         groups, rows = m.n_routed_experts, ctx.tokens * m.num_experts_per_tok
     else:
@@ -289,8 +294,8 @@ def _experts(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None) -> t
     fwd = gemm_s(t, g, p, per, 2 * f, h, groups, fr) + gemm_s(t, g, p, per, h, f, groups, fr)
     dx = gemm_s(t, g, p, per, h, 2 * f, groups, fr) + gemm_s(t, g, p, per, f, h, groups, fr)
     dw = gemm_s(t, g, p, 2 * f, h, per, groups, fr) + gemm_s(t, g, p, h, f, per, groups, fr)
-    hook = ctx.precision == "fp8" or ctx.fusion != "fused"
-    return fwd, dx, dw + (_main_grad_add_s(ctx, groups * 3 * h * f) if hook else 0.0)
+    in_gemm = ctx.precision == "fp8" or ctx.fusion == "fused"  # else torch._grouped_mm, then the hook
+    return fwd, dx, dw + _main_grad_add_s(ctx, groups * 3 * h * f, in_gemm)
 
 
 @dataclass(frozen=True)

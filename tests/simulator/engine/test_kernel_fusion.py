@@ -143,3 +143,29 @@ def test_only_deepep_s_dispatch_takes_the_permutation_in():
     assert flat.fwd_s - deepep.fwd_s == pytest.approx(_at_memory_frac(t, permute_combine_fwd))
     assert flat.dx_s - deepep.dx_s == pytest.approx(_at_memory_frac(t, permute_combine_bwd))
     assert local.fwd_s - local.experts_fwd_s == pytest.approx(flat.fwd_s - flat.experts_fwd_s)
+
+
+def test_every_experts_wgrad_pays_its_main_gradient_add_the_epilogue_or_the_hook():
+    """The experts' Wgrads add into FP32 main gradients: in the GEMM's epilogue (FP8, and the fused BF16 experts'
+    per-expert cuBLAS addmm: 6 bytes a parameter over the BF16 output) or by the hook after the eager BF16
+    experts' torch._grouped_mm (10 bytes), each at the residual_add fraction; never free."""
+    from moeplan.simulator.engine.unit_costs import MAIN_GRAD_ADD_BYTES, MAIN_GRAD_EPILOGUE_BYTES
+
+    t, m = _tables(), tiny_moe()
+    params = m.n_routed_experts * 3 * m.hidden_size * m.moe_intermediate_size
+
+    def dw_less_gemms(precision: str, fusion: str) -> float:
+        ctx = CostContext(tables=t, gpu=h800_gpu(), precision=precision, tokens=TOKENS, seq_len_tokens=TOKENS,
+                          compute_frac=1.0, recompute="none", fusion=fusion)
+        h, f, g = m.hidden_size, m.moe_intermediate_size, m.n_routed_experts
+        per = max(1, round(TOKENS * m.num_experts_per_tok / g))
+        gemms = gemm_s(t, h800_gpu(), precision, 2 * f, h, per, g) + gemm_s(t, h800_gpu(), precision, h, f, per, g)
+        return unit_costs(ctx, m, moe=True, traffic=None).experts_dw_s - gemms
+
+    def add_s(per_param: float) -> float:
+        return per_param * params / (h800_gpu().hbm_bytes_per_s * t.memory_frac)
+
+    assert dw_less_gemms("bf16", "fused") == pytest.approx(add_s(MAIN_GRAD_EPILOGUE_BYTES))
+    assert dw_less_gemms("fp8", "fused") == pytest.approx(add_s(MAIN_GRAD_EPILOGUE_BYTES))
+    assert dw_less_gemms("fp8", "eager") == pytest.approx(add_s(MAIN_GRAD_EPILOGUE_BYTES))
+    assert dw_less_gemms("bf16", "eager") == pytest.approx(add_s(MAIN_GRAD_ADD_BYTES))
