@@ -339,7 +339,9 @@ def _header(meta: dict) -> list[str]:
         where += (f" ({meta['sms']} SMs, driver {smi.get('driver_version')}, max SM clock {smi.get('clocks.max.sm')} "
                   f"MHz, power limit {smi.get('power.limit')} W)")
     run = (f"`{meta['command']}` on {where}, {meta['date']}; torch {meta['torch']}, CUDA {meta['cuda']}, triton "
-           f"{meta['triton']}. Simulator: GPU preset {meta['gpu_preset']}, cost tables `{meta['tables']}`.")
+           f"{meta['triton']}. Simulator: GPU preset {meta['gpu_preset']}, cost tables `{meta['tables']}`" + (
+               f"; the predictions made again on {meta['repriced']} (`--reprice`), the measurements as run." if
+               "repriced" in meta else "."))
     protocol = (
         f"Protocol: {p['warmup']} warm-up steps per configuration, {p['burn_s']:g} s burn-in cycling through the "
         f"configurations, then {p['rounds']} rounds of {p['steps']} timed steps per configuration, the order "

@@ -243,3 +243,23 @@ def test_configs_picks_the_configurations_run(ms):
     runners = ms.build_runners(w, torch.device("cpu"), {"bf16", "fp8 fwd"})
     assert [r.config.name for r in runners] == ["bf16", "fp8 fwd"]
     assert [r.config.name for r in ms.build_runners(w, torch.device("cpu"))] == [c.name for c in cases.CONFIGS]
+
+
+def test_reprice_keeps_the_measurements_and_predicts_again(smoke, tmp_path):
+    result, _ = smoke
+    stale = json.loads(json.dumps(result))
+    for w in stale["workloads"]:
+        for c in w["configs"]:
+            c["predicted_s"] = {k: {"fwd_s": 1.0, "bwd_s": 1.0} for k in c["predicted_s"]}
+    src = tmp_path / "old.json"
+    src.write_text(json.dumps(stale))
+    res = subprocess.run([sys.executable, "-P", str(BENCH), "--reprice", str(src), "--out", str(tmp_path / "new.md")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    new = json.loads((tmp_path / "new.json").read_text())
+    assert "repriced" in new["meta"] and "(`--reprice`), the measurements as run" in (tmp_path / "new.md").read_text()
+    for w_old, w_new in zip(result["workloads"], new["workloads"]):
+        for c_old, c_new in zip(w_old["configs"], w_new["configs"]):
+            assert c_new["timing"] == c_old["timing"] and c_new["profile"] == c_old["profile"]
+            for cls, parts in c_old["predicted_s"].items():
+                assert c_new["predicted_s"][cls] == pytest.approx(parts)
