@@ -63,6 +63,7 @@ def main() -> None:
             print(f"{name} ({m} x {n}) {backend}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOPS, vs torch {diff:.1e}")
         product = fp8_gemm_ws.fp8_wgrad_ws(a_t, sa_t, b_t, sb_t, bounds.cuda())
         old = torch.randn(EXPERTS, m, n, device="cuda")
+        default = fp8_gemm_ws.PREFETCH_OLD_VALUES
         for prefetch in (False, True):
             fp8_gemm_ws.PREFETCH_OLD_VALUES = prefetch
             fp8_gemm_ws._plan.cache_clear()  # the flag is read when a launch is planned
@@ -74,7 +75,7 @@ def main() -> None:
             ms = triton.testing.do_bench(run, rep=200, return_mode="median")
             print(f"{name} ({m} x {n}) gluon into FP32, old values {'prefetched to L2' if prefetch else 'read after'}: "
                   f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOPS, max |C - (old + product)| {diff:.1e}")
-        fp8_gemm_ws.PREFETCH_OLD_VALUES = True
+        fp8_gemm_ws.PREFETCH_OLD_VALUES = default
         fp8_gemm_ws._plan.cache_clear()
 
 
