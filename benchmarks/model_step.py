@@ -361,7 +361,7 @@ def run_workload(w, device: torch.device, gpu, tables, args) -> dict:
         entry = {"name": r.config.name, "options": r.config.options, "skipped": r.skipped,
                  "precision": {"fwd": r.config.fwd_precision, "bwd": r.config.bwd_precision},
                  "fusion": r.config.fusion,
-                 "predicted_s": cases.predicted_classes(w, r.config, gpu, tables),
+                 "predicted_s": cases.predicted_classes(w, r.config, gpu, tables, args.microbatches),
                  "predicted_memory": cases.predicted_memory(w, r.config)}
         if not r.skipped:
             timing = cases.timing_summary(w, r.times_s, r.clocks, gpu.bf16_flops_per_s)
@@ -466,7 +466,8 @@ def reprice(path: Path, out: Path, out_json: Path) -> None:
         for rw in (x for x in result["workloads"] if x["name"] == w.name):
             for c in rw["configs"]:
                 if c["name"] in by_name:
-                    c["predicted_s"] = cases.predicted_classes(w, by_name[c["name"]], gpu, tables)
+                    c["predicted_s"] = cases.predicted_classes(w, by_name[c["name"]], gpu, tables,
+                                                               meta["protocol"].get("microbatches", 1))
                     c["fusion"] = by_name[c["name"]].fusion
     meta["repriced"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     write_atomic(out_json, json.dumps(result, indent=1, default=str) + "\n")

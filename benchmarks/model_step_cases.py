@@ -24,10 +24,10 @@ from moeplan.simulator.accounting.activations import BF16_BYTES, layer_activatio
 from moeplan.simulator.accounting.flops import ForwardFlops, attention_core_flops, forward_flops
 from moeplan.simulator.accounting.layout import Stage
 from moeplan.simulator.accounting.memory import rank_params
-from moeplan.simulator.costs.elementwise import layer_bytes_per_token
-from moeplan.simulator.costs.kernels import attention_s
+from moeplan.simulator.costs.elementwise import fp8_weight_quant_bytes, layer_bytes_per_token
+from moeplan.simulator.costs.kernels import attention_s, memory_s
 from moeplan.simulator.costs.tables import CostTables, Precision
-from moeplan.simulator.engine.unit_costs import CostContext, memory_bound_s, unit_costs
+from moeplan.simulator.engine.unit_costs import CostContext, attention_shapes, memory_bound_s, unit_costs
 from moeplan.simulator.presets.clusters import h100_gpu, h200_gpu, h800_gpu
 from moeplan.simulator.presets.models import deepseek_v3, tiny_moe
 from moeplan.simulator.spec.hardware import GpuSpec
@@ -175,12 +175,38 @@ def _layer_classes(tables: CostTables, gpu: GpuSpec, spec: ModelSpec, layer: int
     return {"gemm": gemm, "grouped_gemm": grouped, "attention": attn, "memory_bound": mem}
 
 
-def predicted_classes(w: Workload, config: Config, gpu: GpuSpec, tables: CostTables) -> dict[str, dict[str, float]]:
+def fp8_weight_params(spec: ModelSpec, layers) -> int:
+    """Parameters of the layers' FP8 linears: the attention projections, the shared and routed experts and the
+    dense MLPs (the router, the norms and the head stay BF16: TR §3.3)."""
+    h, out = spec.hidden_size, 0
+    attn, up = attention_shapes(spec)
+    for layer in layers:
+        out += sum(i * o for i, o in attn + up)
+        if spec.is_moe_layer(layer):
+            out += 3 * h * spec.moe_intermediate_size * (spec.n_shared_experts + spec.n_routed_experts)
+        else:
+            out += 3 * h * spec.intermediate_size
+    return out
+
+
+def weight_quant_s(w: Workload, config: Config, gpu: GpuSpec, tables: CostTables) -> float:
+    """Seconds of one step's FP8 weight quantisation (``costs.elementwise.fp8_weight_quant_bytes``, W^T too where
+    the backward is FP8) at the copy bandwidth; 0 for BF16."""
+    if config.fwd_precision != "fp8":
+        return 0.0
+    nbytes = fp8_weight_quant_bytes(fp8_weight_params(w.spec, w.layers), transposed=config.bwd_precision == "fp8")
+    return memory_s(tables, gpu, nbytes)
+
+
+def predicted_classes(w: Workload, config: Config, gpu: GpuSpec, tables: CostTables,
+                      microbatches: int = 1) -> dict[str, dict[str, float]]:
     """The simulator's seconds for one micro-batch of the stage on one GPU: class -> {"fwd_s", "bwd_s"}.
 
     The forward is priced at the config's forward precision and the backward at its backward precision
-    (FP8 forward with a BF16 backward is not one of the engine's precisions: its two halves are)."""
+    (FP8 forward with a BF16 backward is not one of the engine's precisions: its two halves are). The FP8
+    weights' quantisation, once a step of ``microbatches``, adds its share to the memory-bound forward."""
     out = {c: {"fwd_s": 0.0, "bwd_s": 0.0} for c in PREDICTED_CLASSES}
+    out["memory_bound"]["fwd_s"] += weight_quant_s(w, config, gpu, tables) / microbatches
     for layer in w.layers:
         fwd = _layer_classes(tables, gpu, w.spec, layer, config.fwd_precision, w.tokens, config.fusion)
         bwd = _layer_classes(tables, gpu, w.spec, layer, config.bwd_precision, w.tokens, config.fusion)
@@ -274,18 +300,13 @@ def step_protocol(microbatches: int) -> str:
             f"micro-batch = the step's time / {microbatches}")
 
 
-# What ``predicted_classes`` holds of FP8 weight quantisation (see the page's note): nothing, per micro-batch
-# or per optimizer step. ``costs.elementwise``'s ``fp8_cast`` is the per-token casts of the FP8 linears'
-# inputs and output gradients; the tables' FP8 GEMM points time GEMMs on operands quantised beforehand
-# (DeepGEMM's published figures; ``benchmarks/kernels_bench.py``); ``costs.optimizer_step`` writes the BF16
-# weights and no FP8 copy.
+# What ``predicted_classes`` holds of the FP8 weights' quantisation (``weight_quant_s``), on the page.
 _WEIGHT_QUANT_NOTE = (
-    "The prediction prices one micro-batch (`engine.unit_costs` at its tokens) and holds no FP8 weight "
-    "quantisation, neither per micro-batch nor per optimizer step: the simulator's `fp8_cast` class "
-    "(`costs.elementwise`) is the per-token casts of the FP8 linears' inputs and output gradients, its FP8 GEMM "
-    "points time GEMMs on operands quantised beforehand, and its optimizer step (`costs.optimizer_step`) writes "
-    "the BF16 weights and no FP8 copy. The FP8 configurations' measured time per micro-batch holds 1/K of a "
-    "step's weight quantisation (K micro-batches a step, above); their prediction none.")
+    "The prediction prices one micro-batch (`engine.unit_costs` at its tokens) plus, for the FP8 configurations, "
+    "1/K of a step's FP8 weight quantisation in the memory-bound forward (`costs.elementwise."
+    "fp8_weight_quant_bytes`: the BF16 weights read once, W and, with an FP8 backward, W^T written; at the "
+    "tables' copy bandwidth, no table timing this kernel), as the measured time per micro-batch holds 1/K of it "
+    "(K micro-batches a step, above). The engine's step (`moeplan plan`) does not price it yet.")
 
 
 _MAIN_GRADS_ON = (

@@ -193,6 +193,16 @@ def selective_recompute_bytes_per_token(m: ModelSpec, layer: dict[str, KernelByt
     return out
 
 
+def fp8_weight_quant_bytes(params: float, transposed: bool) -> float:
+    """Bytes to quantise ``params`` FP8 weights once per optimizer step (``model.fp8.Fp8WeightCache``,
+    ``kernels.fp8_quant.quant_weight_128x128``): one read of the BF16 weight, its e4m3 copy in 128x128 blocks
+    and, where the FP8 backward multiplies W^T (``transposed``), the transposed copy written in the same pass;
+    one FP32 scale a block. The runtime makes them in the step's first micro-batch. No cost table times this
+    kernel: a caller prices it at the copy bandwidth (``memory_s`` with no class). Not yet in the engine's step
+    (a few milliseconds a step at V3's scale)."""
+    return params * (BF16_BYTES + (2.0 if transposed else 1.0) + FP32_BYTES / (128 * 128))
+
+
 def fp32_loss_bytes_per_token(m: ModelSpec) -> KernelBytes:
     """``model.losses.cross_entropy`` over the vocabulary: one FP32 softmax of the BF16 logits forward, the
     softmax again and the scaled BF16 gradient backward (module docstring)."""

@@ -71,7 +71,7 @@ def test_two_microbatches_a_step_are_timed_profiled_and_stated_per_microbatch(tm
     assert protocol["microbatches"] == 2 and protocol["step"] == cases.step_protocol(2)
     assert "weights quantised once per 2 micro-batches, as after one optimizer step" in protocol["step"]
     assert f"A step (K = 2) is {protocol['step']}" in text
-    assert "holds no FP8 weight quantisation, neither per micro-batch nor per optimizer step" in text
+    assert "1/K of a step's FP8 weight quantisation in the memory-bound forward" in text
     (w,) = result["workloads"]
     bf16 = w["configs"][0]
     assert bf16["timing"]["n"] == 1 and bf16["profile"]["microbatches"] == 2
@@ -216,13 +216,30 @@ def test_predicted_classes_add_up_to_the_engines_unit_costs(config):
     for w in cases.workloads(small=False):
         pred = cases.predicted_classes(w, config, gpu, tables)
         assert all(p["fwd_s"] > 0 and p["bwd_s"] > 0 for p in pred.values())
+        quant = cases.weight_quant_s(w, config, gpu, tables)
+        assert (quant > 0) == (config.fwd_precision == "fp8")
         for part, precision in (("fwd", config.fwd_precision), ("bwd", config.bwd_precision)):
             assert sum(p[f"{part}_s"] for p in pred.values()) == pytest.approx(
-                _engine_s(w, precision, gpu, tables, part, config.fusion))
+                _engine_s(w, precision, gpu, tables, part, config.fusion) + (quant if part == "fwd" else 0.0))
+        four = cases.predicted_classes(w, config, gpu, tables, microbatches=4)  # a step's quantisation over 4
+        assert four["memory_bound"]["fwd_s"] == pytest.approx(pred["memory_bound"]["fwd_s"] - 0.75 * quant)
     assert config.fusion == ("fused" if "fused" in config.name else "eager")
     assert (config.fwd_precision, config.bwd_precision) == {
         "bf16": ("bf16", "bf16"), "bf16 fused": ("bf16", "bf16"), "fp8 fwd": ("fp8", "bf16"),
         "fp8 fwd+bwd": ("fp8", "fp8"), "fp8 fwd+bwd fused": ("fp8", "fp8")}[config.name]
+
+
+def test_fp8_weight_params_are_the_accountings_less_norms_router_and_gates():
+    from moeplan.simulator.accounting.layout import Stage
+    from moeplan.simulator.accounting.memory import rank_params
+
+    for w in cases.workloads(small=False):
+        s = w.spec
+        total = rank_params(s, [Stage(0, tuple(w.layers), False, False)], ep=1)
+        moe = sum(s.is_moe_layer(i) for i in w.layers)
+        router = moe * s.hidden_size * s.n_routed_experts
+        fp8 = cases.fp8_weight_params(s, w.layers)
+        assert 0 < total.dense + total.expert - router - fp8 < 0.001 * fp8  # the norms' weights and gate biases
 
 
 def test_stage_flops_are_the_accountings_layers():
