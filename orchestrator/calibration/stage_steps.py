@@ -16,13 +16,13 @@ run's events leave out: per pass kind, the median of each pass's wall time less 
 2026-12-06: 0.24-0.28 ms a forward, 0.15-0.25 ms a backward, against 2-5 ms of nodes). Where dp = 1, each
 step's passes are followed by the rank's optimizer step (``optimizer_ranks.optimizer_step``), its parts timed as
 the runtime times them, on the gradients the passes left: entries of layer kind ``optimizer``, as
-``optimizer_ranks`` times them alone, but on memory the passes have just used. Last, the same steps again with
-a sleep of each ``WAKE_WAITS_S`` before every pass (a run's rank waits that long for a neighbour's message): per
+``optimizer_ranks`` times them alone, but on memory the passes have just used. After each timed step, the same
+step again (the same micro-batches): its first pass with the runtime's data thread beside it, every other pass
+after a sleep of one of ``WAKE_WAITS_S`` in turn (a run's rank waits that long for a neighbour's message): per
 pass kind and wait, the median of each pass's wall time less the same pass's median back to back
 (``engine.host_term.wake_op``; tiny-moe, 2026-12-06: 0.1-0.2 ms after 2 ms, 0.9-1.3 ms after 16 ms), which the
-engine adds to a pass its rank waited before; and with the runtime's data thread making the next step's
-micro-batches beside each step's first pass: its extra over the same pass without (``STEP_START_OP``), which the
-engine adds to a rank's first pass begun at the step's start.
+engine adds to a pass its rank waited before; and the first pass's extra over the same pass without the
+thread (``STEP_START_OP``), which the engine adds to a rank's first pass begun at the step's start.
 
 Why not the pieces timed alone (``host_ops.time_pieces``): a piece repeated alone runs 5-15% faster than
 the same piece in the runtime's pass (tiny-moe, 2026-12-06: 0.96 against 1.06 ms for the MoE half forward,
@@ -38,9 +38,10 @@ and the pieces timed alone stand.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import statistics
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -93,6 +94,7 @@ def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, l
     traces, outside, out = {}, {"F": [], "B": []}, []
     woken: dict[tuple[str, float], list[float]] = {}  # (pass kind, wait) -> each pass's extra over back to back
     starts: dict[str, list[float]] = {}  # pass kind -> a step's first pass's extra beside the data thread
+    waits = {kind: itertools.cycle(WAKE_WAITS_S) for kind in "FB"}  # each pass kind's next wait, over all ranks
     for r in range(par.pp):
         timed = _RankTimes(events=[], outside=outside, optimizer={part: [] for part in OPTIMIZER_PARTS})
         built, main_grads = rank_modules(inputs, r, dtype)
@@ -101,27 +103,19 @@ def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, l
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeplan-data") as data_thread:
             step = optimizer_step(inputs, built, main_grads) if optimizer else None
             modules = dict(zip(rank_stages(par, r), built, strict=True))
-            after = {wait: _RankTimes(events=[], outside={"F": [], "B": []}, optimizer={}) for wait in WAKE_WAITS_S}
-            started = _RankTimes(events=[], outside={"F": [], "B": []}, optimizer={})
+            varied = _RankTimes(events=[], outside={"F": [], "B": []}, optimizer={})
             for i in range(WARMUP_STEPS + reps):
                 timing = i >= WARMUP_STEPS
                 _one_step(inputs, modules, schedule.ranks[r], microbatches, dtype, gen, i, timed if timing else None)
                 _optimizer(step, main_grads, timed if timing else None)
-                if not timing:
-                    continue
-                # the same step after each wait, and with the runtime's data thread at its start, interleaved with
-                # the back-to-back steps (a drift of the machine's speed meets both)
-                for wait, times in after.items():
-                    _one_step(inputs, modules, schedule.ranks[r], microbatches, dtype, gen, i, times, wait)
+                if timing:  # the same step again, interleaved (a drift of the machine's speed meets both)
+                    _one_step(inputs, modules, schedule.ranks[r], microbatches, dtype, gen, i, varied,
+                              lambda kind: next(waits[kind]), data_thread)
                     _optimizer(step, main_grads, None)
-                _one_step(inputs, modules, schedule.ranks[r], microbatches, dtype, gen, i, started,
-                          data_thread=data_thread)
-                _optimizer(step, main_grads, None)
-        for wait, times in after.items():
-            _wake_extras(timed.walls, times.walls, wait, woken)
-        first = schedule.ranks[r][0].ops[0]
-        key = (first.kind, str(first))
-        starts.setdefault(first.kind, []).extend(w - statistics.median(timed.walls[key]) for w in started.walls[key])
+        for (kind, chain, how), walls in varied.walls.items():
+            base = statistics.median(timed.walls[(kind, chain, 0.0)])
+            extras = starts.setdefault(kind, []) if how == "start" else woken.setdefault((kind, how), [])
+            extras.extend(w - base for w in walls)
         main_grads.detach()
         traces[r] = chrome_trace(timed.events)
         if optimizer:
@@ -146,29 +140,23 @@ def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, l
     return measured_ops_of(inputs, op_durations_of(inputs, traces), src) + passes + wakes + out
 
 
-def _wake_extras(back_to_back: dict, after_wait: dict, wait_s: float, woken: dict) -> None:
-    """Into ``woken[(pass kind, wait_s)]``, each pass's wall time after the wait less the median of the same
-    pass back to back; ``back_to_back`` and ``after_wait`` map (pass kind, chain) to wall times."""
-    for (kind, chain), walls in after_wait.items():
-        base = statistics.median(back_to_back[(kind, chain)])
-        woken.setdefault((kind, wait_s), []).extend(w - base for w in walls)
-
-
 @dataclass
 class _RankTimes:
     events: list[TraceEvent]  # the passes' node events
     outside: dict[str, list[float]]  # per pass kind, each pass's seconds outside its nodes
     optimizer: dict[str, list[float]]  # per optimizer part, its seconds
-    walls: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # (pass kind, chain) -> wall times
+    # (pass kind, chain, the wait before it or "start": beside the data thread) -> wall times
+    walls: dict[tuple[str, str, float | str], list[float]] = field(default_factory=dict)
 
 
 def _one_step(inputs: PlanInputs, modules: dict[int, torch.nn.Module], actions, microbatches: int,
               dtype: torch.dtype, gen: torch.Generator, step: int, timed: _RankTimes | None,
-              wait_s: float = 0.0, data_thread: ThreadPoolExecutor | None = None) -> None:
+              wait_of: Callable[[str], float] | None = None, data_thread: ThreadPoolExecutor | None = None) -> None:
     """Step ``step``'s passes of ``actions`` (on ``modules``, by stage) over the runtime's synthetic micro-batches
-    (a later stage's input and output gradient drawn from ``gen``), each after sleeping ``wait_s`` (the process
-    blocked, as in a receive), recorded into ``timed`` (if given). With ``data_thread``, the first pass starts the
-    next step's micro-batches on it, as the runtime's ``RankRuntime.forward_backward`` does."""
+    (a later stage's input and output gradient drawn from ``gen``), recorded into ``timed`` (if given). With
+    ``data_thread``, the first pass starts the next step's micro-batches on it, as the runtime's
+    ``RankRuntime.forward_backward`` does; every other pass (or, without it, every pass) first sleeps
+    ``wait_of(its kind)`` seconds (the process blocked, as in a receive)."""
     spec, par = inputs.model, inputs.parallel
     for module in modules.values():
         module.train()
@@ -183,10 +171,14 @@ def _one_step(inputs: PlanInputs, modules: dict[int, torch.nn.Module], actions, 
     for action in actions:
         op = action.ops[0]
         p = Pass(comm, streams, timeline, str(op))
-        if wait_s:
-            time.sleep(wait_s)
-        start = time.perf_counter()
+        how: float | str = 0.0
         if data_thread is not None and prefetched is None:
+            how = "start"
+        elif wait_of is not None:
+            how = wait_of(op.kind)
+            time.sleep(how)
+        start = time.perf_counter()
+        if how == "start":
             prefetched = data_thread.submit(lambda: [task.microbatch(step + 1, 0, m) for m in range(microbatches)])
         if op.kind == "F":
             mb = task.microbatch(step, 0, op.microbatch)  # the runtime's own data: its routing, its loss
@@ -199,15 +191,15 @@ def _one_step(inputs: PlanInputs, modules: dict[int, torch.nn.Module], actions, 
         else:
             grad = None if modules[op.stage].stage.has_head else torch.randn(shape, generator=gen, dtype=dtype)
             _drive(stage_backward(tapes.pop((op.stage, op.microbatch)), grad, p))
-        walls[str(op)] = op.kind, time.perf_counter() - start
+        walls[str(op)] = op.kind, time.perf_counter() - start, how
     if prefetched is not None:
         prefetched.result()
     mine = timeline.events()
     if timed is not None:
-        for chain, (kind, wall) in walls.items():
+        for chain, (kind, wall, how) in walls.items():
             nodes = sum(e.end_s - e.start_s for e in mine if e.name.split(" ")[0] == chain)
             timed.outside[kind].append(max(0.0, wall - nodes))
-            timed.walls.setdefault((kind, chain), []).append(wall)
+            timed.walls.setdefault((kind, chain, how), []).append(wall)
         timed.events += mine
 
 
