@@ -50,7 +50,7 @@ def _inputs(plan: Path | None, model: str | None, cluster: str | None, nodes: in
 def _device(inputs: PlanInputs) -> torch.device:
     import torch
 
-    if inputs.cluster.gpu.name.upper().startswith("CPU"):
+    if inputs.cluster.gpu.is_cpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise InputError(f"--cluster {inputs.cluster.name}: GPU {inputs.cluster.gpu.name} is calibrated on a CUDA GPU, "

@@ -20,8 +20,8 @@ from moeplan.simulator.contracts.run_report import PLAN_COPY_NAME
 
 
 def on_cpu(plan: PlanFile) -> bool:
-    """A ``cpu`` cluster plan (its "GPUs" are processes): the cost tables' own test (``default_tables``)."""
-    return plan.inputs.cluster.gpu.name.upper().startswith("CPU")
+    """A ``cpu`` cluster plan (its "GPUs" are processes): ``GpuSpec.is_cpu``, the cost tables' own test."""
+    return plan.inputs.cluster.gpu.is_cpu
 
 
 @dataclasses.dataclass(frozen=True)

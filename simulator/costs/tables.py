@@ -71,6 +71,7 @@ from moeplan.simulator.costs.machine import LinkFit, Machine
 from moeplan.simulator.costs.measured_ops import MeasuredOp
 from moeplan.simulator.costs.memory_kernels import MemoryKernelPoint, packaged_memory_kernels
 from moeplan.simulator.presets.clusters import h200_gpu
+from moeplan.simulator.spec.hardware import is_cpu_name
 from moeplan.simulator.spec.json_input import read_json_file
 from moeplan.simulator.spec.numbers import Float, Int
 
@@ -375,7 +376,7 @@ def default_tables(gpu_name: str) -> CostTables:
     H200: FP8 from our kernels' auto dispatch on the H200 ([K], then [A]); BF16 from [A] and [K].
     CPU (the ``cpu`` cluster preset's processes): [CPU], FP32.
     """
-    if gpu_name.upper().startswith("CPU"):
+    if is_cpu_name(gpu_name):
         return cpu_tables("cpu")
     if gpu_name.upper().startswith("H200"):
         return _hopper("h200-default", _merge(_torch_fp8_points(), _measured_fp8_points()))

@@ -81,8 +81,8 @@ def activation_bytes_per_element(tables: CostTables) -> int:
 def p2p_blocks(inputs: PlanInputs) -> bool:
     """Whether a stage-boundary message holds the hosts at both ends: the ``cpu`` cluster's processes talk over gloo
     (the runtime posts each point-to-point batch and waits for it; gloo's send and receive run on the caller's
-    host), recognised as ``default_tables`` and the runtime (``orchestrator.rank_entry.on_cpu``) recognise it."""
-    return inputs.cluster.gpu.name.upper().startswith("CPU")
+    host): ``GpuSpec.is_cpu``."""
+    return inputs.cluster.gpu.is_cpu
 
 
 def wire_payload(inputs: PlanInputs, tables: CostTables) -> WirePayload:

@@ -25,6 +25,16 @@ class GpuSpec(BaseModel):
     bf16_flops_per_s: Float = Field(..., ge=1, le=MAX_RATE, description="Dense (no sparsity) BF16 tensor-core peak.")
     fp8_flops_per_s: Float = Field(..., ge=1, le=MAX_RATE, description="Dense (no sparsity) FP8 tensor-core peak.")
 
+    @property
+    def is_cpu(self) -> bool:
+        """The ``cpu`` cluster preset's processes standing in for GPUs (``presets.clusters.cpu_process``)."""
+        return is_cpu_name(self.name)
+
+
+def is_cpu_name(gpu_name: str) -> bool:
+    """Whether a GPU name is the ``cpu`` cluster's (the cost tables, the runtime and the engine's one test)."""
+    return gpu_name.upper().startswith("CPU")
+
 
 class NodeSpec(BaseModel):
     """One server: GPUs joined by NVLink/NVSwitch, one NIC per GPU."""
