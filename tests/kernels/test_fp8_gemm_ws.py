@@ -524,12 +524,15 @@ def test_k_grouped_wgrad_matches_float64(M, N, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
-def test_weight_gradients_accumulate_into_fp32_main_gradients():
+@pytest.mark.parametrize("prefetch", [False, True], ids=["read-after", "prefetched"])
+def test_weight_gradients_accumulate_into_fp32_main_gradients(prefetch, monkeypatch):
     """``accumulate_into``: the epilogue adds the product to the tensor's old values (an FP32 main gradient), for
     the dense Wgrad (1x128-row B scales) and the experts' K-grouped one; the result is the non-accumulating
     product plus the old values, bit for bit (one FP32 addition either way), and an empty expert keeps its slice."""
     from tests.kernels.test_kernels import _contiguous_layout
 
+    monkeypatch.setattr(fp8_gemm_ws, "PREFETCH_OLD_VALUES", prefetch)
+    fp8_gemm_ws._plan.cache_clear()  # the flag is read when a launch is planned
     a, sa, b, sb = _gemm_operands(384, 256, 4096, "wgrad", "cuda")  # dy (384, 256), x (384, 4096): dW (256, 4096)
     old = rand(256, 4096, seed=51, device="cuda")
     target = old.clone()
