@@ -20,8 +20,9 @@ the runtime times them, on the gradients the passes left: entries of layer kind 
 step again (the same micro-batches): its first pass with the runtime's data thread beside it, every other pass
 after a sleep of one of ``WAKE_WAITS_S`` in turn (a run's rank waits that long for a neighbour's message): per
 pass kind and wait, the median of each pass's wall time less the same pass's median back to back
-(``engine.host_term.wake_op``; tiny-moe, 2026-12-06: 0.1-0.2 ms after 2 ms, 0.9-1.3 ms after 16 ms), which the
-engine adds to a pass its rank waited before; and the first pass's extra over the same pass without the
+(``engine.host_term.wake_op``; tiny-moe, 2026-12-06: 0.1-0.2 ms after 2 ms, 0.9-1.3 ms after 16 ms), made
+non-decreasing in the wait (a wait whose median falls below a shorter one's is pooled with it, weighted by
+samples: with 4-6 samples a wait, one median can fall to 0), which the engine adds to a pass its rank waited before; and the first pass's extra over the same pass without the
 thread (``STEP_START_OP``), which the engine adds to a rank's first pass begun at the step's start.
 
 Why not the pieces timed alone (``host_ops.time_pieces``): a piece repeated alone runs 5-15% faster than
@@ -128,16 +129,35 @@ def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, l
                          source=f"{src}: each pass's wall time less its nodes' events, median of {len(seconds)}")
               for kind, seconds in outside.items() if seconds]
     wakes = [MeasuredOp(layer_kind="ends", action=kind, op=wake_op(wait), tokens=par.micro_batch_size
-                        * par.seq_len_tokens, seq_len=par.seq_len_tokens, s=max(0.0, statistics.median(extra)),
-                        samples=len(extra), source=f"{src}: each pass's wall time after its process slept {wait:g} s, "
-                        f"less the median of the same pass back to back, median of {len(extra)}")
-             for (kind, wait), extra in sorted(woken.items())]
+                        * par.seq_len_tokens, seq_len=par.seq_len_tokens, s=s, samples=n,
+                        source=f"{src}: each pass's wall time after its process slept {wait:g} s, less the median of "
+                        f"the same pass back to back, median of {n}" + (f", pooled with the next waits' ({pooled} "
+                        "samples: never less after a longer wait)" if pooled > n else ""))
+             for kind, wait, s, n, pooled in _non_decreasing(woken)]
     wakes += [MeasuredOp(layer_kind="ends", action=kind, op=STEP_START_OP, tokens=par.micro_batch_size
                          * par.seq_len_tokens, seq_len=par.seq_len_tokens, s=max(0.0, statistics.median(extra)),
                          samples=len(extra), source=f"{src}: a step's first pass with the runtime's data thread making "
                          f"the next step's micro-batches beside it, less the same pass without, median of {len(extra)}")
               for kind, extra in sorted(starts.items())]
     return measured_ops_of(inputs, op_durations_of(inputs, traces), src) + passes + wakes + out
+
+
+def _non_decreasing(woken: dict[tuple[str, float], list[float]]) -> list[tuple[str, float, float, int, int]]:
+    """Per pass kind and wait: (kind, wait s, extra s, samples, samples pooled). The median extra of each wait, made
+    non-decreasing in the wait by pooling adjacent waits (pool-adjacent-violators, weighted by samples): a pass
+    asleep longer is never faster to wake, so a median that falls below a shorter wait's is the few samples' noise
+    (tiny-moe, 2026-12-06 17:41, 4-6 samples a wait: F 0.46, 0.86, 0.0, 1.80 ms after 2, 4, 8, 16 ms)."""
+    out = []
+    for kind in sorted({k for k, _ in woken}):
+        blocks: list[list] = []  # [extra s, samples, waits]
+        for wait in sorted(w for k, w in woken if k == kind):
+            extra = woken[(kind, wait)]
+            blocks.append([max(0.0, statistics.median(extra)), len(extra), [(wait, len(extra))]])
+            while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+                (s1, n1, w1), (s2, n2, w2) = blocks.pop(-2), blocks.pop()
+                blocks.append([(s1 * n1 + s2 * n2) / (n1 + n2), n1 + n2, w1 + w2])
+        out += [(kind, wait, s, n, pooled) for s, pooled, waits in blocks for wait, n in waits]
+    return out
 
 
 @dataclass

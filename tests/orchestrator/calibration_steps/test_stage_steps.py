@@ -9,7 +9,7 @@ import torch
 from moeplan.orchestrator.calibration.measure import Measured, Setup, measurements
 from moeplan.orchestrator.calibration.recalibrate import recalibrate
 from moeplan.orchestrator.calibration.shapes import plan_shapes
-from moeplan.orchestrator.calibration.stage_steps import WAKE_WAITS_S, time_stage_ops
+from moeplan.orchestrator.calibration.stage_steps import WAKE_WAITS_S, _non_decreasing, time_stage_ops
 from moeplan.simulator.costs.measured_ops import PASS_OP, MeasuredOp
 from moeplan.simulator.costs.tables import named_tables
 from moeplan.simulator.engine.build import SimOptions, rank_optimizer_set, step_inputs
@@ -50,6 +50,19 @@ def test_each_pass_kind_is_timed_again_after_each_wait(timed):
     assert wake_points(ops, "B", 64, 64) == tuple((w, next(o.s for o in wakes if o.op == wake_op(w) and o.action == "B"))
                                                   for w in WAKE_WAITS_S)
     assert wake_points(ops, "B", 64, 128) == ()
+    for kind in "FB":  # never faster after a longer wait
+        extras = [s for _, s in wake_points(ops, kind, 64, 64)]
+        assert extras == sorted(extras), (kind, extras)
+
+
+def test_a_wait_whose_median_falls_below_a_shorter_ones_is_pooled_with_it():
+    # the 17:41 calibration's forwards (ms): 0.46, 0.86, 0.0, 1.8 after 2, 4, 8, 16 ms, with 5, 5, 4, 4 samples
+    woken = {("F", 0.002): [0.46] * 5, ("F", 0.004): [0.86] * 5, ("F", 0.008): [0.0] * 4, ("F", 0.016): [1.8] * 4,
+             ("B", 0.002): [1.0, 2.0], ("B", 0.004): [0.5], ("B", 0.008): [-0.2, 2.0, 3.0]}
+    pooled = 0.86 * 5 / 9
+    assert _non_decreasing(woken) == [("B", 0.002, 7 / 6, 2, 3), ("B", 0.004, 7 / 6, 1, 3), ("B", 0.008, 2.0, 3, 3),
+                                      ("F", 0.002, 0.46, 5, 5), ("F", 0.004, pooled, 5, 9),
+                                      ("F", 0.008, pooled, 4, 9), ("F", 0.016, 1.8, 4, 4)]
 
 
 def test_a_steps_first_pass_is_timed_beside_the_runtimes_data_thread(timed):
