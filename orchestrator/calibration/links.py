@@ -11,6 +11,14 @@ timer tick and a barrier's skew is spread), its time divided by them; a process 
 ``reps`` runs after ``warmup``; the collective's time is the slowest process's median. ``fit`` turns a
 collective's points into ``latency_s + bytes / bytes_per_s`` by least squares on relative error (bytes as
 ``simulator.costs.machine.bytes_moved`` counts them), so the smallest sizes set the latency.
+
+Where gloo's send/recv is timed, also the batch as the runtime posts it (``model.runtime.executor``'s ``_post``: a
+receive buffer made, one ``batch_isend_irecv``, each request waited for), which holds the host on a CPU
+(``POSTED_BATCHES``): one send whose receiver already waits, one receive whose message is already there, one of
+each; timed by the even rank of each pair after ``SPIN_S`` busy (the runtime posts right after a pass, its core
+busy, its neighbour's operations posted by then), the odd rank posting the other ends at once. The ping-pong's
+half round trip is the message's time on the wire; on a 2-core VM the runtime's batches took 0.15-0.4 ms
+against 0.1 (tiny-moe, 2026-12-06).
 """
 
 from __future__ import annotations
@@ -26,9 +34,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moeplan.simulator.costs.machine import Collective, LinkFit, LinkPoint, bytes_moved
+from moeplan.simulator.costs.machine import POSTED_BATCHES, Collective, LinkFit, LinkPoint, bytes_moved
 
 COLLECTIVES: tuple[Collective, ...] = ("send_recv", "all_to_all", "all_reduce", "reduce_scatter", "all_gather")
+SPIN_S = 1e-3  # the timing rank's busy wait before a posted batch (see module docstring)
+POSTED_REPS = 15  # at least, a posted batch: each takes ~SPIN_S
 
 
 def free_port() -> int:
@@ -110,6 +120,8 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], reps: int, warmu
                 if i >= warmup:
                     times.append(elapsed / 2 if collective == "send_recv" else elapsed)
             rows.append((collective, size, statistics.median(times)))
+    if backend == "gloo" and "send_recv" in collectives and world % 2 == 0:
+        rows += _posted(rank, sizes, max(reps, POSTED_REPS), warmup)
     gathered: list = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:
@@ -117,6 +129,41 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], reps: int, warmu
         queue.put({"rows": slowest, "rss_bytes": rss})
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _posted(rank: int, sizes: list[int], reps: int, warmup: int) -> list[tuple[str, int, float]]:
+    """The runtime's point-to-point batches (``POSTED_BATCHES``, see module docstring): per size, the even rank's
+    median seconds; the odd rank's rows are 0 (the gathered rows keep each row's slowest process)."""
+    peer, timer, rows = rank ^ 1, rank % 2 == 0, []
+    kinds = {"post_send": (("send",), ("recv",)), "post_recv": (("recv",), ("send",)),
+             "post_both": (("send", "recv"), ("send", "recv"))}
+    for size in sizes:
+        numel = max(1, size // 4)
+        out = torch.ones(numel)
+
+        def post(ops: tuple[str, ...], numel: int = numel, out: torch.Tensor = out) -> None:
+            p2p = [dist.P2POp(dist.isend, out.contiguous(), peer) if op == "send" else
+                   dist.P2POp(dist.irecv, torch.empty(numel), peer) for op in ops]
+            for request in dist.batch_isend_irecv(p2p):
+                request.wait()
+
+        for kind, (mine, theirs) in kinds.items():
+            assert kind in POSTED_BATCHES, kind
+            times = []
+            for i in range(warmup + reps):
+                dist.barrier()
+                if not timer:
+                    post(theirs)
+                    continue
+                spun = time.perf_counter() + SPIN_S
+                while time.perf_counter() < spun:
+                    pass
+                start = time.perf_counter()
+                post(mine)
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+            rows.append((kind, size, statistics.median(times) if timer else 0.0))
+    return rows
 
 
 def measure_links(processes: int, sizes: list[int], reps: int, threads: int = 1, warmup: int = 3,
@@ -146,7 +193,7 @@ def link_fits(links: dict[int, dict], src: str, backend: str = "gloo") -> list[L
     """One ``LinkFit`` per collective measured at each process count (``measure_links``'s results by count)."""
     fits = []
     for processes, data in links.items():
-        for collective in COLLECTIVES:
+        for collective in COLLECTIVES + POSTED_BATCHES:
             pts = [(b, s) for c, b, s in data["rows"] if c == collective]
             if not pts:
                 continue

@@ -16,10 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moeplan.simulator.spec.numbers import Float, Int
 
-Collective = Literal["send_recv", "all_to_all", "all_reduce", "reduce_scatter", "all_gather"]
+Collective = Literal["send_recv", "all_to_all", "all_reduce", "reduce_scatter", "all_gather", "post_send", "post_recv",
+                     "post_both"]
+# A point-to-point batch as the runtime posts and waits for it on a CPU (gloo holds the host): one send whose receiver
+# waits, one receive whose message is there, one of each (``calibration.links``; ``engine.step.Links.batch_s``)
+POSTED_BATCHES: tuple[Collective, ...] = ("post_send", "post_recv", "post_both")
 
 BYTES_MOVED = {
     "send_recv": "the message (one way; timed as half a ping-pong)",
+    **{c: "the message (the host's time of the batch that posts it, on the side that times it)" for c in POSTED_BATCHES},
     "all_to_all": "(n-1)/n of each process's buffer (what leaves it)",
     "all_reduce": "2 (n-1)/n of the buffer (a ring's reduce-scatter then all-gather)",
     "reduce_scatter": "(n-1)/n of the full buffer (ring)",
@@ -30,6 +35,8 @@ BYTES_MOVED = {
 def bytes_moved(collective: Collective, buffer_bytes: float, processes: int) -> float:
     """Bytes one process moves in ``collective`` over a buffer of ``buffer_bytes`` (see ``BYTES_MOVED``)."""
     share = (processes - 1) / processes
+    if collective in POSTED_BATCHES:
+        return buffer_bytes
     return {"send_recv": buffer_bytes, "all_to_all": share * buffer_bytes, "all_reduce": 2 * share * buffer_bytes,
             "reduce_scatter": share * buffer_bytes, "all_gather": share * buffer_bytes}[collective]
 

@@ -15,6 +15,7 @@ from moeplan.simulator.accounting.memory import rank_param_tensors, rank_params
 from moeplan.simulator.accounting.tensor_parallel import tp_slice
 from moeplan.simulator.costs.elementwise import OPTIMIZER
 from moeplan.simulator.costs.kernels import memory_s, ring_s
+from moeplan.simulator.costs.machine import POSTED_BATCHES
 from moeplan.simulator.costs.measured_ops import PASS_OP, measured_optimizer_s, measured_s
 from moeplan.simulator.costs.optimizer_step import OptimizerSet, optimizer_bytes
 from moeplan.simulator.costs.tables import CostTables, default_tables
@@ -83,6 +84,17 @@ def p2p_blocks(inputs: PlanInputs) -> bool:
     (the runtime posts each point-to-point batch and waits for it; gloo's send and receive run on the caller's
     host): ``GpuSpec.is_cpu``."""
     return inputs.cluster.gpu.is_cpu
+
+
+def posted_batches_s(tables: CostTables, p2p_bytes: float) -> tuple[float, float, float] | None:
+    """The host's seconds of the runtime's blocking point-to-point batches at the boundary message's size, between
+    two processes (``costs.machine.POSTED_BATCHES``: a send, a receive whose message is there, one of each; measured
+    by ``calibrate`` on a CPU): ``Links.batch_s``; None where the tables lack any of them."""
+    fits = {f.collective: f for f in tables.links if f.processes == 2 and f.collective in POSTED_BATCHES}
+    if len(fits) < len(POSTED_BATCHES):
+        return None
+    send, recv, both = (fits[c].seconds(p2p_bytes) for c in POSTED_BATCHES)
+    return send, recv, both
 
 
 def wire_payload(inputs: PlanInputs, tables: CostTables) -> WirePayload:
@@ -261,14 +273,14 @@ def step_inputs(
     tables = opts.tables or default_tables(cl.gpu.name)
     seq = seq_len_tokens or par.seq_len_tokens
     ctx = cost_context(inputs, tables, seq, beside_comm=opts.comm_sms_always)
+    # SP sends the rank's shard; a BF16 run's activations go as BF16 (FP8 only inside the experts' all-to-all)
+    p2p_bytes = ctx.tokens * m.hidden_size * activation_bytes_per_element(tables) / (par.tp if par.sp else 1)
     links = Links(
         nic_bytes_per_s=cl.node.nic_bytes_per_s, nvlink_bytes_per_s=cl.node.nvlink_bytes_per_s,
-        latency_s=tables.collective_latency_s,
-        # SP sends the rank's shard; a BF16 run's activations go as BF16 (FP8 only inside the experts' all-to-all)
-        p2p_bytes=ctx.tokens * m.hidden_size * activation_bytes_per_element(tables) / (par.tp if par.sp else 1),
+        latency_s=tables.collective_latency_s, p2p_bytes=p2p_bytes,
         p2p_over_nvlink=dp * par.cp * par.tp < cl.node.gpus_per_node,  # pipeline neighbours are dp * cp * tp ranks apart
         cp_over_nvlink=par.cp <= cl.node.gpus_per_node,  # CP ranks are innermost: a group fits in a node
-        p2p_blocks=p2p_blocks(inputs),
+        p2p_blocks=p2p_blocks(inputs), batch_s=posted_batches_s(tables, p2p_bytes) if p2p_blocks(inputs) else None,
     )
     stages, slow_ends = _stage_costs(inputs, par, ctx, opts), None
     if comm_sms(inputs, tables) and not opts.comm_sms_always:  # the same units on the SMs an all-to-all leaves

@@ -9,10 +9,11 @@ backward the same in reverse with input- and weight-gradient work. In ``F&B`` th
 backward run as two concurrent processes on the same compute stream and links, so one
 micro-batch's all-to-all hides behind the other's compute only as far as the events allow.
 Activations and gradients cross stage boundaries over the sender's NIC (NVLink when both stages
-share a node). Where a message holds the hosts at both ends (``Links.p2p_blocks``: gloo, the ``cpu`` cluster, whose
-runtime posts each point-to-point batch and waits for it), the sender waits for its send before its next action,
-and a receiver that posts after the message arrived still spends the message's time taking it in; NCCL's run
-beside compute. A pass whose rank waited before it (for a message) first runs the measured extra of a pass after
+share a node). Where a message holds the hosts at both ends (``Links.p2p_blocks``: gloo, the ``cpu`` cluster), each
+rank posts the runtime's own batches (``schedules.lowering``: before each action one batch of the previous action's
+sends and the receives the lowering places there, a last batch of sends after the last action) and waits for each:
+the host is held for the batch's time (``Links.post_s``) and until its receives have arrived, each one message time
+(``Links.p2p_s``) after its sender posted it; NCCL's messages run beside compute. A pass whose rank waited before it (for a message) first runs the measured extra of a pass after
 such a wait, and a rank's first pass begun at the step's start the measured extra of the runtime's data thread
 beside it (``WakeCosts``, from ``calibrate`` on a CPU; none elsewhere). When a rank has run the last backward of a stage, that stage's ZeRO-1
 reduce-scatter of gradients and all-gather of weights start on its NIC; the optimizer step closes
@@ -51,8 +52,9 @@ from moeplan.simulator.contracts.trace import TraceEvent
 from moeplan.simulator.engine.sm_share import ComputeLane
 from moeplan.simulator.engine.tensor_parallel import TpComm, TpEnds
 from moeplan.simulator.engine.unit_costs import EndCosts, UnitCosts
-from moeplan.simulator.schedules.actions import Action, Op
+from moeplan.simulator.schedules.actions import Op
 from moeplan.simulator.schedules.executor import needs, produces
+from moeplan.simulator.schedules.lowering import Batch, lower
 from moeplan.simulator.schedules.schedule import Schedule
 
 
@@ -84,11 +86,22 @@ class Links:
     p2p_over_nvlink: bool
     cp_over_nvlink: bool = True  # the context-parallel group fits in a node
     p2p_blocks: bool = False  # a message holds the sender and the receiver for its time (gloo), not only the link
+    # under p2p_blocks, the host's seconds of one batch as the runtime posts it, by what it holds: (one send, one
+    # receive whose message is there, one of each), measured (``calibrate`` on a CPU); None: a message time an op
+    batch_s: tuple[float, float, float] | None = None
 
     def p2p_s(self) -> float:
         """One stage-boundary message: latency and its bytes over the link it takes."""
         return self.latency_s + self.p2p_bytes / (self.nvlink_bytes_per_s if self.p2p_over_nvlink
                                                   else self.nic_bytes_per_s)
+
+    def post_s(self, sends: int, recvs: int) -> float:
+        """The host's time of one blocking batch of ``sends`` and ``recvs``: the measured batch of its kind, and a
+        message time for each op beyond one send and one receive (without measured batches, one an op)."""
+        if self.batch_s is None or not sends + recvs:
+            return (sends + recvs) * self.p2p_s()
+        kind = self.batch_s[0 if not recvs else 1 if not sends else 2]
+        return kind + (max(0, sends - 1) + max(0, recvs - 1)) * self.p2p_s()
 
 
 @dataclass(frozen=True)
@@ -206,6 +219,8 @@ class StepSimulation:
         }
         self.tail_done: list[list[simpy.Process]] = [[] for _ in self.ranks]
         self.grads_in = [self.env.event() for _ in self.ranks]
+        # the runtime's point-to-point batches, where they block the hosts (gloo)
+        self.lowered = lower(inputs.schedule) if inputs.links.p2p_blocks and not free_comm else None
 
     # -- dependencies ---------------------------------------------------------------------
     def _event(self, key: tuple[str, str, int, int]) -> simpy.Event:
@@ -227,29 +242,36 @@ class StepSimulation:
             yield from rank.use("nvlink" if links.p2p_over_nvlink else "nic", links.p2p_s(), name)
         self._event(("ready", *key)).succeed()
 
-    def _send(self, rank: _Rank, key: tuple[str, int, int], to_rank: int) -> Generator:
-        """Deliver beside the sender's next work, or (``p2p_blocks``) before it."""
-        deliver = self._deliver(rank, key, to_rank)
-        if self.inp.links.p2p_blocks:
-            yield from deliver
-        else:
-            self.env.process(deliver)
+    def _send(self, rank: _Rank, key: tuple[str, int, int], to_rank: int) -> None:
+        """Deliver beside the sender's next work; a message to another rank that blocks (``lowered``) leaves in the
+        sender's next batch instead (``_post``)."""
+        if self.lowered is None or to_rank == rank.index:
+            self.env.process(self._deliver(rank, key, to_rank))
 
-    def _receive(self, rank: _Rank, action: Action, posted_s: float) -> Generator:
-        """Under ``p2p_blocks``, an action's messages from other ranks hold it until their time has passed since
-        it posted them (``posted_s``): one waited for is taken in as it arrives, one already there costs its time."""
-        links, sched = self.inp.links, self.inp.schedule
-        if not links.p2p_blocks or self.free_comm:
-            return
-        remote = [f"{kind}{stage}/{mb}" for op in action.ops for kind, stage, mb in needs(op, sched.num_stages)
-                  if stage != op.stage and sched.rank_of(stage, mb) != rank.index]
-        end = posted_s + len(remote) * links.p2p_s()
-        if remote and end > self.env.now:
-            lane = "nvlink" if links.p2p_over_nvlink else "nic"
-            rank.busy_s[lane] += end - self.env.now
-            if rank.trace is not None:
-                rank.trace.append(TraceEvent(rank.index, lane, "p2p recv " + " ".join(remote), self.env.now, end))
-            yield self.env.timeout(end - self.env.now)
+    def _arrive(self, key: tuple[str, int, int], at_s: float) -> Generator:
+        yield self.env.timeout(at_s - self.env.now)
+        self._event(("ready", *key)).succeed()
+
+    def _post(self, rank: _Rank, batch: Batch) -> Generator:
+        """Post one of the runtime's batches and wait for it (``p2p_blocks``): its sends leave now, each arriving one
+        message time later; the host is held for the batch's time and until its receives are in. Returns the seconds
+        this rank waited for a message beyond the batch's own time (a pass after it starts cold: ``WakeCosts``)."""
+        if not batch.ops:
+            return 0.0
+        links, posted = self.inp.links, self.env.now
+        for op in batch.sends:
+            self.env.process(self._arrive(op.key, posted + links.p2p_s()))
+        end = posted + links.post_s(len(batch.sends), len(batch.recvs))
+        if batch.recvs:
+            yield self.env.all_of([self._event(("ready", *op.key)) for op in batch.recvs])
+        waited, end = max(0.0, self.env.now - end), max(end, self.env.now)
+        lane = "nvlink" if links.p2p_over_nvlink else "nic"
+        rank.busy_s[lane] += end - posted
+        if rank.trace is not None:
+            name = " ".join(f"{o.kind}:{o.key[0]}{o.key[1]}/{o.key[2]}" for o in batch.ops)
+            rank.trace.append(TraceEvent(rank.index, lane, f"p2p {name}", posted, end))
+        yield from rank.until(end)
+        return waited
 
     # -- communication --------------------------------------------------------------------
     def _a2a(self, rank: _Rank, ib_bytes: float, nvl_bytes: float, name: str) -> float:
@@ -401,9 +423,9 @@ class StepSimulation:
             self._event(("done", *key)).succeed()
         # activations go to the next stage, input gradients to the previous one
         if op.kind == "F" and op.stage + 1 < sched.num_stages:
-            yield from self._send(rank, ("F", op.stage, op.microbatch), sched.rank_of(op.stage + 1, op.microbatch))
+            self._send(rank, ("F", op.stage, op.microbatch), sched.rank_of(op.stage + 1, op.microbatch))
         if op.kind in ("B", "I") and op.stage > 0:
-            yield from self._send(rank, ("G", op.stage, op.microbatch), sched.rank_of(op.stage - 1, op.microbatch))
+            self._send(rank, ("G", op.stage, op.microbatch), sched.rank_of(op.stage - 1, op.microbatch))
         if op.kind in ("B", "W"):
             self._stage_backward_done(rank, op.stage)
 
@@ -415,12 +437,15 @@ class StepSimulation:
             if seconds > 0 and not self.free_comm:
                 self.tail_done[rank.index].append(self.env.process(rank.use("nic", seconds, f"dp-sync stage {stage}")))
 
-    def _action(self, rank: _Rank, action: Action, first: bool = False) -> Generator:
-        waits, posted_s = [e for op in action.ops for e in self._needs(op)], self.env.now
+    def _action(self, rank: _Rank, index: int) -> Generator:
+        action, posted_s, blocked_s = self.inp.schedule.ranks[rank.index][index], self.env.now, 0.0
+        if self.lowered is not None:
+            blocked_s = yield from self._post(rank, self.lowered.programs[rank.index].steps[index].batch)
+            posted_s = self.env.now
+        waits = [e for op in action.ops for e in self._needs(op)]
         if waits:
             yield self.env.all_of(waits)
-        waited_s = self.env.now - posted_s
-        yield from self._receive(rank, action, posted_s)
+        waited_s, first = blocked_s + self.env.now - posted_s, index == 0
         if len(action.ops) == 1:  # a pass after its rank waited starts cold, a step's first beside the data thread
             op, wake = action.ops[0], self.inp.wake
             tag = f"{op.stage}{op.kind}{op.microbatch}"
@@ -434,8 +459,10 @@ class StepSimulation:
             yield self.env.all_of([self.env.process(self._op(rank, op)) for op in action.ops])
 
     def _rank(self, rank: _Rank) -> Generator:
-        for i, action in enumerate(self.inp.schedule.ranks[rank.index]):
-            yield from self._action(rank, action, first=i == 0)
+        for i in range(len(self.inp.schedule.ranks[rank.index])):
+            yield from self._action(rank, i)
+        if self.lowered is not None:
+            yield from self._post(rank, self.lowered.programs[rank.index].final)
         if self.tail_done[rank.index]:
             yield self.env.all_of(self.tail_done[rank.index])
         if self.inp.optimizer_barrier:

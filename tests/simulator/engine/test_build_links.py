@@ -3,6 +3,7 @@ measured extra of a pass after its rank waited."""
 
 from __future__ import annotations
 
+from moeplan.simulator.costs.machine import POSTED_BATCHES, LinkFit, LinkPoint
 from moeplan.simulator.costs.measured_ops import MeasuredOp
 from moeplan.simulator.costs.tables import default_tables
 from moeplan.simulator.engine.build import SimOptions, step_inputs
@@ -27,6 +28,27 @@ def test_cpu_processes_send_fp32_activations_that_hold_both_hosts():
     links = step_inputs(_inputs(cpu()), dp=1, microbatches=4).links
     assert links.p2p_blocks  # gloo: the runtime waits each point-to-point batch on the host
     assert links.p2p_bytes == TOKENS * tiny_moe().hidden_size * 4  # the cpu runs train in FP32
+
+
+def test_the_runtimes_measured_batches_at_the_messages_size_hold_the_hosts():
+    inputs = _inputs(cpu())
+    tables = default_tables(inputs.cluster.gpu.name)
+    assert step_inputs(inputs, dp=1, microbatches=4, opts=SimOptions(tables=tables)).links.batch_s is None
+
+    def fit(collective: str, latency_s: float, processes: int = 2) -> LinkFit:
+        return LinkFit(collective=collective, processes=processes, latency_s=latency_s, bytes_per_s=1e9,
+                       points=(LinkPoint(buffer_bytes=1024, s=latency_s),), source="test")
+
+    fits = tuple(fit(c, 1e-4 * (i + 1)) for i, c in enumerate(POSTED_BATCHES))
+    links = step_inputs(inputs, dp=1, microbatches=4, opts=SimOptions(tables=tables.model_copy(
+        update={"links": tables.links + fits}))).links
+    message_s = TOKENS * tiny_moe().hidden_size * 4 / 1e9  # FP32 activations at 1 GB/s
+    assert links.batch_s == tuple(1e-4 * i + message_s for i in (1, 2, 3))
+    # all three or none; between two processes only
+    for partial in (fits[:2], tuple(fit(c, 1e-4, 4) for c in POSTED_BATCHES)):
+        links = step_inputs(inputs, dp=1, microbatches=4, opts=SimOptions(tables=tables.model_copy(
+            update={"links": tables.links + partial}))).links
+        assert links.batch_s is None
 
 
 def test_gpus_send_bf16_activations_beside_compute():

@@ -69,10 +69,11 @@ def test_exact_two_rank_timeline_with_a_transfer():
     assert res.step_time_s == 8.0
 
 
-def test_blocking_messages_hold_the_sender_and_a_late_receiver():
-    # As above with 2 micro-batches, where a message holds both hosts (gloo on the cpu cluster): rank 0 sends F0
-    # before it starts F1; rank 1 posts its receive of F1 after sending G0, when F1 is long there, and still
-    # spends the message's second taking it in. Without p2p_blocks the sends run beside compute: 11 s.
+def test_blocking_messages_are_the_runtimes_batches_each_holding_its_host():
+    # As above with 2 micro-batches, where a message holds both hosts (gloo on the cpu cluster): each rank posts the
+    # runtime's batches (schedules.lowering) and waits for each: a message time (1 s) an op, and until its receives
+    # are in, each 1 s after its sender posted it. Rank 0 sends F0 before F1, then F1 with G0's receive; rank 1
+    # receives F1 before B0 (the lowering's early receive) and sends G1 after the step. Without blocking: 11 s.
     inp = _inputs("1f1b", 2, 2, _unit(), nic_bytes_per_s=2.0, latency_s=0.5, p2p_bytes=1.0)
     free = StepSimulation(inp).run().step_time_s
     inp = dataclasses.replace(inp, links=dataclasses.replace(inp.links, p2p_blocks=True))
@@ -80,20 +81,29 @@ def test_blocking_messages_hold_the_sender_and_a_late_receiver():
     log = sorted((e.rank, e.start_s, e.end_s, e.lane, e.name) for e in res.events)
     assert log == [
         (0, 0.0, 1.0, "compute", "0F0 L0 attn"),
-        (0, 1.0, 2.0, "nic", "p2p F0/0"),
+        (0, 1.0, 2.0, "nic", "p2p send:F0/0"),
         (0, 2.0, 3.0, "compute", "0F1 L0 attn"),  # after its send
-        (0, 3.0, 4.0, "nic", "p2p F0/1"),
-        (0, 6.0, 8.0, "compute", "0B0 L0 attn-bwd"),  # posted at 4, G0 arrives at 6: taken in as it arrives
+        (0, 3.0, 7.0, "nic", "p2p send:F0/1 recv:G1/0"),  # G0 posted at 6, in at 7
+        (0, 7.0, 9.0, "compute", "0B0 L0 attn-bwd"),
+        (0, 9.0, 11.0, "nic", "p2p recv:G1/1"),
         (0, 11.0, 13.0, "compute", "0B1 L0 attn-bwd"),
+        (1, 0.0, 2.0, "nic", "p2p recv:F0/0"),
         (1, 2.0, 3.0, "compute", "1F0 L0 attn"),
-        (1, 3.0, 5.0, "compute", "1B0 L0 attn-bwd"),
-        (1, 5.0, 6.0, "nic", "p2p G1/0"),
-        (1, 6.0, 7.0, "nic", "p2p recv F0/1"),  # F1 there since 4
+        (1, 3.0, 4.0, "nic", "p2p recv:F0/1"),  # posted at 3 as F1 left rank 0: in at 4
+        (1, 4.0, 6.0, "compute", "1B0 L0 attn-bwd"),
+        (1, 6.0, 7.0, "nic", "p2p send:G1/0"),
         (1, 7.0, 8.0, "compute", "1F1 L0 attn"),
         (1, 8.0, 10.0, "compute", "1B1 L0 attn-bwd"),
-        (1, 10.0, 11.0, "nic", "p2p G1/1"),
+        (1, 10.0, 11.0, "nic", "p2p send:G1/1"),  # the step's last batch
     ]
     assert (free, res.step_time_s) == (11.0, 13.0)
+    # measured batches: a send 0.25 s, a receive whose message is there 0.5 s, one of each 0.75 s
+    inp = dataclasses.replace(inp, links=dataclasses.replace(inp.links, batch_s=(0.25, 0.5, 0.75)))
+    res = StepSimulation(inp, trace=True).run()
+    assert sorted((e.rank, e.start_s, e.end_s) for e in res.events if e.lane == "nic") == [
+        (0, 1.0, 1.25), (0, 2.25, 6.5), (0, 8.5, 9.75), (1, 0.0, 2.0), (1, 3.0, 3.5), (1, 5.5, 5.75), (1, 8.75, 9.0)]
+    assert res.step_time_s == 11.75
+    assert (inp.links.post_s(2, 1), inp.links.post_s(0, 0)) == (0.75 + 1.0, 0.0)  # an op beyond one of each: 1 s
 
 
 def test_a_pass_after_its_rank_waited_first_runs_the_measured_extra():
