@@ -100,7 +100,7 @@ def main() -> None:
 
         torch.set_num_threads(1)
         args.work.mkdir(parents=True, exist_ok=True)
-        result = loop(args.work, args.steps, 3, (0.1, 600.0))  # the run on a quiet machine (calibration_loop)
+        result = loop(args.work, args.steps, 3, (0.1, 600.0), 3)  # on a quiet machine (calibration_loop)
         print(json.dumps(result["predicted"] | {"measured median": result["measured_s"], "load": os.getloadavg(),
                                                 "steps": result["walls_s"], "others' share": result["others_share"]}))
     print(table(args.work))

@@ -11,9 +11,10 @@
    ``--steps`` steps, then ``moeplan calibrate --plan``, ``moeplan check --recalibrate``, and the plan priced
    by each table set: predicted step against the measured median, and the entries that moved.
 
-The machine is shared: before the run the loop waits (``--quiet``, ``--quiet-wait-s``) until other work uses
-less than a tenth of the cores, and the page gives other work's share of the cores during the run and during
-``calibrate`` (``/proc/stat`` less this process and its children), with the measured steps' spread: another
+The machine is shared: before the run, and before ``calibrate``, the loop waits (``--quiet``, ``--quiet-wait-s``)
+until other work uses less than a tenth of the cores, and does either again (``--tries``) while other work took more
+than a fifth of the cores during it; the page gives that share (``/proc/stat`` less this process and its children)
+with the measured steps' spread: another
 session's test suite on the 2 cores moved the tiny preset's step from 85 to 104-141 ms within one run
 (2026-12-06 17:50), where the calibrated tables predicted 84.9 ms.
 """
@@ -24,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -105,16 +107,31 @@ def wait_quiet(share: float, max_wait_s: float, window_s: float = 3.0) -> float:
             return seen["share"]
 
 
-def loop(work: Path, steps: int, reps: int, quiet: tuple[float, float] = (1.0, 0.0)) -> dict:
+def _quietly(measure, what: str, load: dict, quiet: tuple[float, float], tries: int) -> None:
+    """``measure()`` after waiting for a quiet machine, again (up to ``tries`` in all) while other work took more than
+    twice the quiet share of the cores during it; ``load[what]``: that share, ``load[what + ' tries']``: the tries."""
+    for attempt in range(1, tries + 1):
+        wait_quiet(*quiet)
+        with others_share(load, what):
+            measure()
+        load[f"{what} tries"] = attempt
+        if load[what] <= 2 * quiet[0]:
+            return
+
+
+def loop(work: Path, steps: int, reps: int, quiet: tuple[float, float] = (1.0, 0.0), tries: int = 1) -> dict:
     _invoke(*PLAN, "--out", str(work / "p0"))
     plan = read_plan(work / "p0/plan.json")
-    load = {"before the run": wait_quiet(*quiet)}
-    with others_share(load, "run"):
+    load: dict = {}
+
+    def run() -> None:
+        shutil.rmtree(work / "run", ignore_errors=True)  # a try's steps only
         run_ranks(plan.layout.world, _train, plan, work / "run", steps, tmp=work / "ranks")
+    _quietly(run, "run", load, quiet, tries)
     walls = [s.wall_time_s for s in read_run_report(work / "run").measured_steps]
     measured = statistics.median(walls)
-    with others_share(load, "calibrate"):
-        _invoke("calibrate", "--plan", str(work / "p0/plan.json"), "--out", str(work / "cal.json"), "--reps", str(reps))
+    _quietly(lambda: _invoke("calibrate", "--plan", str(work / "p0/plan.json"), "--out", str(work / "cal.json"),
+                             "--reps", str(reps)), "calibrate", load, quiet, tries)
     moved = _invoke("check", str(work / "run"), "--plan", str(work / "p0/plan.json"), "--recalibrate",
                     str(work / "rec.json"), "--recalibrate-from", str(work / "cal.json"))
     predicted = {"packaged cpu tables": plan.predictions.step.step_time_s}
@@ -140,7 +157,9 @@ def markdown(split: list[dict], result: dict, command: str) -> str:
     lines += ["", "## The loop: tiny-moe, cpu cluster, pp 2, 1F1B, 4 micro-batches of 64 tokens, 2 gloo processes", "",
               f"Measured step (median of {result['steps'] - 2} steps after 2 warm-up): {m * 1e3:,.1f} ms. "
               f"{_spread(result['walls_s'])} Other work's share of the {os.cpu_count()} cores: "
-              + ", ".join(f"{k} {v:.0%}" for k, v in result["others_share"].items()) + ".", "",
+              + ", ".join(f"{k} {v:.0%}" for k, v in result["others_share"].items() if "tries" not in k) + " (tries: "
+              + ", ".join(f"{k.removesuffix(' tries')} {v}" for k, v in result["others_share"].items() if "tries" in k)
+              + ").", "",
               "| tables | predicted ms | error |", "|---|---:|---:|"]
     lines += [f"| {k} | {v * 1e3:,.1f} | {(v - m) / m:+.1%} |" for k, v in result["predicted"].items()]
     if host is not None:
@@ -167,11 +186,13 @@ def main() -> None:
     parser.add_argument("--quiet", type=float, default=0.1, help="before the run, wait until other work uses less "
                         "than this share of the cores over 3 s (at most --quiet-wait-s)")
     parser.add_argument("--quiet-wait-s", type=float, default=600.0)
+    parser.add_argument("--tries", type=int, default=3, help="the run, and calibrate, again while other work took more "
+                        "than twice --quiet of the cores during it")
     args = parser.parse_args()
     torch.set_num_threads(1)
     split = sum_or_max()
     with tempfile.TemporaryDirectory() as tmp:
-        result = loop(Path(tmp), args.steps, args.reps, (args.quiet, args.quiet_wait_s))
+        result = loop(Path(tmp), args.steps, args.reps, (args.quiet, args.quiet_wait_s), args.tries)
     page = markdown(split, result, "python -P benchmarks/calibration_loop.py " + " ".join(sys.argv[1:]))
     write_atomic(args.md, page)
     print(json.dumps({k: v for k, v in result["predicted"].items()} | {"measured": result["measured_s"],
