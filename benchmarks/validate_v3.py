@@ -319,9 +319,10 @@ def main() -> None:
         "`training.kernels`): permutation and combine inside the all-to-all, FP8 casts with their transposes, "
         "SwiGLU writing FP8, RoPE and the router as single kernels, selective recompute of the named ops only, "
         "and a fused cross-entropy (an assumption: the loss kernel is unpublished); the bytes come from tensor "
-        "shapes, priced at the copy bandwidth: the packaged H200 tables time none of the fused kernels (our runtime "
+        "shapes, priced at the copy bandwidth where the packaged H200 tables time no fused kernel (our runtime "
         "has a fused loss and compiled RoPE kernels since 2026-12-06, which `moeplan calibrate` times on the "
-        "user's GPU). Priced as our own runtime runs them eagerly (eager kernels, FP32 "
+        "user's GPU); the casts with transpose, and the routed experts' backward casts, at the measured fraction of "
+        "our FP8 quantisers (`elementwise.STAND_INS`) until the tables time them. Priced as our own runtime runs them eagerly (eager kernels, FP32 "
         "loss), see the sensitivity table's two rows for them. The earlier, closer figures (-10.2%, -1.7%) leaned on "
         "eager kernels slower than DeepSeek's; the gap now left is what the model does not contain.",
         "",

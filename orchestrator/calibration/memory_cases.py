@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from moeplan.kernels.cross_entropy import fused_cross_entropy
-from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t
+from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_act_both
 from moeplan.kernels.moe_permute import MoEUnpermute, make_dispatch_plan, moe_permute, moe_unpermute
 from moeplan.kernels.swiglu import swiglu, swiglu_backward
 from moeplan.model.fp8 import quantize_tiles
@@ -35,7 +35,8 @@ BF16 = torch.bfloat16
 
 @dataclass(frozen=True)
 class Case:
-    """``build(spec, tokens, device)`` returns (forward, backward or None) thunks on fresh tensors."""
+    """``build(spec, tokens, device)`` returns (forward or None, backward or None) thunks on fresh tensors (a
+    class with bytes in one pass only has no thunk for the other)."""
 
     kernel: str
     implementation: str
@@ -161,6 +162,23 @@ def _fp8_cast(ours: bool):
     return build
 
 
+def _fused_fp8_cast(m: ModelSpec, t: int, dev):
+    """``model.linear`` under FP8 with an FP8 backward: x cast with transpose in the forward, dy in the backward."""
+    xs = [_rand(dev, t, w) for w in _cast_widths(m) if w]
+    dys = [torch.randn_like(x) for x in xs]
+    return lambda: [quant_act_both(x) for x in xs], lambda: [quant_act_both(dy) for dy in dys]
+
+
+def _expert_cast(m: ModelSpec, t: int, dev):
+    """``model.fused_experts``' FP8 backward: down's and gate_up's output gradients (in the padded expert layout)
+    cast with transpose, and the tokens' rows gathered again into 128x1 tiles for gate_up's Wgrad."""
+    plan = make_dispatch_plan(_routing(m, t, dev), m.n_routed_experts)
+    x = _rand(dev, t, m.hidden_size)
+    g_down = _rand(dev, plan.num_rows, m.hidden_size)
+    g_gate_up = _rand(dev, plan.num_rows, 2 * m.moe_intermediate_size)
+    return None, lambda: (quant_act_both(g_down), quant_act_both(g_gate_up), moe_permute(x, plan, quantize="128x1_t"))
+
+
 def _swiglu_rows(m: ModelSpec, t: int) -> int:
     return t * (_rows_k(m) + m.n_shared_experts)
 
@@ -279,6 +297,12 @@ CASES = (
          _rows(lambda m, t: t, lambda m: " + ".join(str(w) for w in _cast_widths(m) if w)), _fp8_cast(ours=True)),
     Case("fp8_cast", "model.fp8.quantize_tiles (eager)", False, False,
          _rows(lambda m, t: t, lambda m: " + ".join(str(w) for w in _cast_widths(m) if w)), _fp8_cast(ours=False)),
+    Case("fused_fp8_cast", "kernels.fp8_quant.quant_act_both (x forward, dy backward)", True, True,
+         _rows(lambda m, t: t, lambda m: " + ".join(str(w) for w in _cast_widths(m) if w)), _fused_fp8_cast),
+    Case("expert_cast", "kernels.fp8_quant.quant_act_both of down's and gate_up's gradients + "
+         "moe_permute(quantize='128x1_t')", True, True,
+         _rows(lambda m, t: t, lambda m: f"{_rows_k(m)} rows (padded per expert) of {m.hidden_size} and "
+                                         f"{2 * m.moe_intermediate_size}, backward only"), _expert_cast),
     Case("swiglu", "kernels.swiglu.swiglu / swiglu_backward", True, True,
          _rows(_swiglu_rows, lambda m: 2 * m.moe_intermediate_size), _swiglu(ours=True)),
     Case("swiglu", "F.silu(gate) * up (eager, model/experts.py)", False, False,

@@ -23,7 +23,8 @@ def class_bytes(spec: ModelSpec) -> dict[str, KernelBytes]:
     loss has the cross-entropy's one-pass bytes, MLA's fused RoPE its assembly's too (the simulator prices them
     so)."""
     ends, k = end_bytes_per_token(spec), spec.num_experts_per_tok
-    fused = {"fused_rope": layer_bytes_per_token(spec, True, "fp8", k, "fused")["rope"]} if spec.is_mla else {}
+    fused_layer = layer_bytes_per_token(spec, True, "fp8", k, "fused")
+    fused = {"fused_fp8_cast": fused_layer["fp8_cast"]} | ({"fused_rope": fused_layer["rope"]} if spec.is_mla else {})
     return layer_bytes_per_token(spec, True, "fp8", k) | ends | {FUSED_LOSS: ends["cross_entropy"]} | fused
 
 
@@ -41,7 +42,8 @@ def measure(case: Case, spec: ModelSpec, tokens: int, device: torch.device, reps
         return entry
     per_token = class_bytes(spec)[case.kernel]
     fwd, bwd = case.build(spec, tokens, device)
-    entry["fwd"] = _pass(per_token.fwd_bytes * tokens, median_s(fwd, device, reps), hbm_bytes_per_s)
+    if fwd is not None and per_token.fwd_bytes > 0:
+        entry["fwd"] = _pass(per_token.fwd_bytes * tokens, median_s(fwd, device, reps), hbm_bytes_per_s)
     if bwd is not None and per_token.bwd_bytes > 0:
         entry["bwd"] = _pass(per_token.bwd_bytes * tokens, median_s(bwd, device, reps), hbm_bytes_per_s)
     return entry

@@ -23,6 +23,12 @@ qk_cat (MLA)    the query and key put together around RoPE:  the reverse (8Hn + 
                 the other H - 1 heads (2(H-1)R)
 fp8_cast        1x128 casts of the FP8 linears' inputs:      1x128 of dy and 128x1 (transposed, for the
                 2h + q + c + H v_head, 2 + 1 + 4/128 B each  weight gradient) of x: twice the forward
+expert_cast     none (the routed rows are cast inside the    the routed experts' FP8 backward (k rows a
+                permute, and SwiGLU's output inside it)      token): each of down's and gate_up's output
+                                                             gradients (h and 2f wide) cast with transpose
+                                                             (2 + 2 (1 + 4/128) B), and the rows gathered
+                                                             again into 128x1 tiles for gate_up's Wgrad
+                                                             (2 + 1 + 4/128 B of h)
 swiglu          (k + s) rows: read gate, up, write act (6f)  read gate, up, d act, write d gate, d up (10f)
 router          sigmoid scores over E (fp32, read logits,    read d weights and scores, write d logits
                 write scores) and top-k ids and weights      (8 E + 4 k)
@@ -44,8 +50,14 @@ runs them. ``fused`` is DeepSeek's stack, each fused kernel one read and one wri
   ``num_recv_tokens_per_expert_list``) and its combine reduces a token's expert outputs; the backward of
   each is the other (DeepEP README, V2 example; TR §3.2.2: "IB receive + accumulate"). Those bytes are
   the all-to-all's, priced as communication.
-- ``fp8_cast`` backward: cast with transpose, one read of the BF16 tensor writing both the 1x128 and the
-  128x1 transposed copy (2 + 2 (1 + 4/128) B) instead of two casts that each read it (TR §3.3, §3.5.2).
+- ``fp8_cast``: cast with transpose, one read of the BF16 tensor writing both the 1x128 and the 128x1
+  transposed copy (2 + 2 (1 + 4/128) B) instead of two casts that each read it (TR §3.3, §3.5.2): x in the
+  forward (its 128x1 copy kept for the weight gradient), dy in the backward (``model.linear``), priced at the
+  tables' ``fused_fp8_cast`` point (``kernels.fp8_quant.quant_act_both``).
+- ``expert_cast`` is the same under both: the runtime's FP8 experts (``model.fused_experts``) always cast their
+  output gradients with transpose. Measured in ``benchmarks/model_step.py``'s FP8 step (H100, 2026-12-06,
+  docs/results/model-step.md): 8 ``_quant_both_kernel`` calls of the experts' gradients, 6.3 ms a 4096-token
+  micro-batch of 4 layers, which no class had priced.
 - ``swiglu`` (FP8): the kernel writes the down-projection's FP8 input and its scales (1 + 4/128 B)
   instead of a BF16 output (TR §3.3: SwiGLU inputs cached in FP8, output recomputed and quantised).
 - ``rope`` and ``router`` are priced as single kernels at the tables' ``fused_rope`` / ``fused_router``
@@ -92,15 +104,20 @@ FP32_BYTES = 4.0
 INDEX_BYTES = 8.0  # int64 expert ids (torch.topk)
 FP8_TILE_BYTES = 1.0 + FP32_BYTES / 128  # e4m3 and a 1x128 (or 128x1) tile's FP32 scale
 FP8_CAST_BYTES = BF16_BYTES + FP8_TILE_BYTES  # read BF16, write e4m3 and its scale
+FP8_BOTH_BYTES = BF16_BYTES + 2 * FP8_TILE_BYTES  # cast with transpose: read BF16, write both tilings
 
-LAYER_KERNELS = ("rms_norm", "latent_norm", "residual_add", "rope", "qk_cat", "fp8_cast", "swiglu", "router",
-                 "permute", "combine")
+LAYER_KERNELS = ("rms_norm", "latent_norm", "residual_add", "rope", "qk_cat", "fp8_cast", "expert_cast", "swiglu",
+                 "router", "permute", "combine")
 END_KERNELS = ("embedding", "cross_entropy")
 # Under fusion="fused" these classes are priced at their fused kernel's point (not measured by the
 # packaged tables: memory_frac); the loss="fused" cross-entropy likewise
-FUSED_CLASSES = {"rope": "fused_rope", "router": "fused_router"}
+FUSED_CLASSES = {"rope": "fused_rope", "router": "fused_router", "fp8_cast": "fused_fp8_cast"}
 FUSED_LOSS = "fused_cross_entropy"
 OPTIMIZER = "optimizer"
+# A class the tables have not measured is priced at a measured class run by the same kernels, where there is one
+# (``CostTables.memory_fracs``), before the copy bandwidth: the cast with transpose and the experts' casts are
+# ``kernels.fp8_quant``'s quantisers, as the measured ``fp8_cast`` is (its casts one at a time).
+STAND_INS = {"fused_fp8_cast": "fp8_cast", "expert_cast": "fp8_cast"}
 KERNEL_CLASSES = LAYER_KERNELS + END_KERNELS + tuple(FUSED_CLASSES.values()) + (FUSED_LOSS, OPTIMIZER)
 
 
@@ -159,12 +176,16 @@ def layer_bytes_per_token(m: ModelSpec, moe: bool, precision: str, expert_rows_p
             out["rope"], out["qk_cat"] = KernelBytes(rope, rope), cat
     if precision == "fp8":
         width = _fp8_linear_inputs(m)
-        bwd = (BF16_BYTES + 2 * FP8_TILE_BYTES) * width if fusion == "fused" else 2 * FP8_CAST_BYTES * width
-        out["fp8_cast"] = KernelBytes(FP8_CAST_BYTES * width, bwd)
+        if fusion == "fused":  # x and dy each cast with transpose
+            out["fp8_cast"] = KernelBytes(FP8_BOTH_BYTES * width, FP8_BOTH_BYTES * width)
+        else:
+            out["fp8_cast"] = KernelBytes(FP8_CAST_BYTES * width, 2 * FP8_CAST_BYTES * width)
     if not moe:
         out["swiglu"] = _swiglu(m.intermediate_size, precision, fusion)
         return out
     f, k, e = m.moe_intermediate_size, expert_rows_per_token, m.n_routed_experts
+    if precision == "fp8":
+        out["expert_cast"] = KernelBytes(0.0, k * (FP8_BOTH_BYTES * (h + 2 * f) + FP8_CAST_BYTES * h))
     out["swiglu"] = _swiglu(f * (k + m.n_shared_experts), precision, fusion)
     topk = m.num_experts_per_tok
     out["router"] = KernelBytes(2 * FP32_BYTES * e + (INDEX_BYTES + FP32_BYTES) * topk,

@@ -27,7 +27,7 @@ class MemoryKernelPoint(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kernel: MemoryKernel
-    fwd_frac: float = Field(..., gt=0, le=1)
+    fwd_frac: float = Field(..., gt=0, le=1, description="A class with backward bytes only: the backward's.")
     bwd_frac: float | None = Field(None, gt=0, le=1, description="None = the forward's.")
     source: str
 
@@ -50,8 +50,8 @@ class _ElementwiseRow(BaseModel):
 
     @model_validator(mode="after")
     def _measured_or_skipped(self) -> _ElementwiseRow:
-        if (self.fwd is None) == (self.skipped is None):
-            raise ValueError(f"kernel={self.kernel!r}: give exactly one of fwd (measured) and skipped (why not)")
+        if (self.fwd is None and self.bwd is None) == (self.skipped is None):
+            raise ValueError(f"kernel={self.kernel!r}: give exactly one of fwd or bwd (measured) and skipped (why not)")
         return self
 
 
@@ -88,9 +88,9 @@ def load_elementwise(path: str | Path) -> ElementwiseMeasurements:
 def memory_kernel_points(data: ElementwiseMeasurements, label: str) -> tuple[MemoryKernelPoint, ...]:
     """[EW]: one point per class the file measured with the implementation the tables take (``in_table``)."""
     return tuple(
-        MemoryKernelPoint(kernel=r.kernel, fwd_frac=r.fwd.hbm_frac, bwd_frac=r.bwd.hbm_frac if r.bwd else None,
+        MemoryKernelPoint(kernel=r.kernel, fwd_frac=(r.fwd or r.bwd).hbm_frac, bwd_frac=r.bwd.hbm_frac if r.bwd else None,
                           source=f"[EW] {label}: {r.implementation} at {r.shape} ({data.device}, {data.date})")
-        for r in data.kernels if r.in_table and r.fwd is not None)
+        for r in data.kernels if r.in_table and (r.fwd or r.bwd) is not None)
 
 
 @lru_cache(maxsize=1)

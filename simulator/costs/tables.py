@@ -65,6 +65,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moeplan.simulator.costs.elementwise import STAND_INS
 from moeplan.simulator.costs.beside_comm import BesidePoint
 from moeplan.simulator.costs.host import HostCosts
 from moeplan.simulator.costs.machine import LinkFit, Machine
@@ -175,8 +176,10 @@ class CostTables(BaseModel):
         return None
 
     def memory_fracs(self, kernel: str | None) -> tuple[float, float]:
-        """(forward, backward) HBM fraction of a memory-bound kernel class; ``memory_frac`` if unmeasured."""
-        point = next((p for p in self.memory_kernels if p.kernel == kernel), None)
+        """(forward, backward) HBM fraction of a memory-bound kernel class; if unmeasured, its stand-in's
+        (``elementwise.STAND_INS``: the same kernels measured as another class), else ``memory_frac``."""
+        point = next((p for p in self.memory_kernels if p.kernel == kernel), None) or \
+            next((p for p in self.memory_kernels if p.kernel == STAND_INS.get(kernel)), None)
         if point is None:
             return self.memory_frac, self.memory_frac
         return point.fwd_frac, point.bwd_frac if point.bwd_frac is not None else point.fwd_frac

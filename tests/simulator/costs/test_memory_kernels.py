@@ -67,7 +67,7 @@ def test_loader_takes_the_table_rows_with_their_sources(tmp_path):
     ([_row("rms_norm", 0.5), _row("rope", 0.5, 0.5) | {"bwd": _row("rope", 0.5)["fwd"] | {"hbm_frac": 0.0}}],
      "kernels.1.bwd.hbm_frac: Input should be greater than 0"),
     ([_row("rmsnorm", 0.5)], "kernels.0.kernel: Input should be 'rms_norm'"),
-    ([_row("rope", None)], "kernels.0: kernel='rope': give exactly one of fwd (measured) and skipped"),
+    ([_row("rope", None)], "kernels.0: kernel='rope': give exactly one of fwd or bwd (measured) and skipped"),
     ([_row("rope", 0.5), _row("rope", 0.4)], "kernels: 2 rows of kernel='rope' have in_table=true"),
 ])
 def test_a_malformed_measurement_file_is_one_line_naming_the_field(tmp_path, rows, message):
