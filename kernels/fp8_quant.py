@@ -129,13 +129,10 @@ def _rows_configs() -> list:
 
 def _blocks_configs() -> list:
     """Autotune candidates for ``_quant_blocks_kernel``: a 128x128 block's 16K values over 4, 8 or 16 warps,
-    the transposed copy stored as is or through ``tl.trans`` (one in the interpreter); HOLD: the block as four
-    chunks of 32 rows loaded together and kept as read, each widened to fp32 only for its own stores (as
-    ``_quant_both_kernel``'s HOLD)."""
+    the transposed copy stored as is or through ``tl.trans`` (one in the interpreter)."""
     if INTERPRET:
         return [triton.Config({"TRANS_STORE": False}, num_warps=4)]
-    return [triton.Config({"TRANS_STORE": t}, num_warps=w) for w in (4, 8, 16) for t in (False, True)] + \
-        [triton.Config({"TRANS_STORE": t, "HOLD": True}, num_warps=w, num_stages=1) for w in (8, 16) for t in (False, True)]
+    return [triton.Config({"TRANS_STORE": t}, num_warps=w) for w in (4, 8, 16) for t in (False, True)]
 
 
 def _both_configs() -> list:
@@ -181,6 +178,42 @@ def _quant_rows_kernel(
     tl.store(s_ptr + offs_r * stride_sr + pid_c * stride_sc, scale, mask=offs_r < R)
 
 
+@triton.autotune(configs=_blocks_configs(), key=["N", "K", "WRITE_Q", "WRITE_T", "CAST"], do_bench=_autotune_bench)
+@triton.jit
+def _quant_blocks_kernel(
+    # pointers: weights (E, N, K), fp8 copy, its transpose (E, K, N), scales (E, N/128, K/128)
+    w_ptr, q_ptr, qt_ptr, s_ptr,
+    # sizes
+    N, K,
+    # strides (the transpose's as element [e, n, k] of it: (K*N, 1, N) when contiguous)
+    stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_te, stride_tn, stride_tk,
+    stride_se, stride_sn, stride_sk,
+    # meta
+    POW2: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_T: tl.constexpr,
+    CAST: tl.constexpr, TRANS_STORE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    e = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                mask=mask, other=0.0).to(tl.float32)
+    scale = scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2, FLOOR)
+    q = quantize_e4m3(w, scale, POW2, CAST)
+    if WRITE_Q:
+        tl.store(q_ptr + e * stride_qe + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk, q, mask=mask)
+    if WRITE_T:  # the same block, stored at its transposed place: contiguous along n there
+        if TRANS_STORE:  # as a (k, n) tile, so that the register layout runs along the contiguous n
+            tl.store(qt_ptr + e * stride_te + offs_k[:, None] * stride_tk + offs_n[None, :] * stride_tn,
+                     tl.trans(q), mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
+        else:
+            tl.store(qt_ptr + e * stride_te + offs_n[:, None] * stride_tn + offs_k[None, :] * stride_tk, q,
+                     mask=mask)
+    tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
+
+
 @triton.jit
 def _load_rows(x_ptr, rows, cols, mask, stride_xm, stride_xk):
     return tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
@@ -196,81 +229,6 @@ def _load_rows_f32(x_ptr, rows, cols, mask, stride_xm, stride_xk):
 def _col_amax(x):
     """Max |x| down the columns of a tile as loaded (widened to fp32 before any math: see ``_load_rows_f32``)."""
     return tl.max(tl.abs(x.to(tl.float32)), axis=0)
-
-
-@triton.jit
-def _block_chunk(w, q_ptr, qt_ptr, e, offs_n, offs_k, N, K, scale, stride_qe, stride_qn, stride_qk, stride_te,
-                 stride_tn, stride_tk, POW2: tl.constexpr, CAST: tl.constexpr, WRITE_Q: tl.constexpr,
-                 WRITE_T: tl.constexpr, TRANS_STORE: tl.constexpr):
-    """A chunk of a 128x128 weight block's rows as loaded: its E4M3 copy at the block's scale, and its part of
-    the transposed copy."""
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    q = quantize_e4m3(w.to(tl.float32), scale, POW2, CAST)
-    if WRITE_Q:
-        tl.store(q_ptr + e * stride_qe + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk, q, mask=mask)
-    if WRITE_T:
-        if TRANS_STORE:
-            tl.store(qt_ptr + e * stride_te + offs_k[:, None] * stride_tk + offs_n[None, :] * stride_tn,
-                     tl.trans(q), mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
-        else:
-            tl.store(qt_ptr + e * stride_te + offs_n[:, None] * stride_tn + offs_k[None, :] * stride_tk, q, mask=mask)
-
-
-@triton.autotune(configs=_blocks_configs(), key=["N", "K", "WRITE_Q", "WRITE_T", "CAST"], do_bench=_autotune_bench)
-@triton.jit
-def _quant_blocks_kernel(
-    # pointers: weights (E, N, K), fp8 copy, its transpose (E, K, N), scales (E, N/128, K/128)
-    w_ptr, q_ptr, qt_ptr, s_ptr,
-    # sizes
-    N, K,
-    # strides (the transpose's as element [e, n, k] of it: (K*N, 1, N) when contiguous)
-    stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_te, stride_tn, stride_tk,
-    stride_se, stride_sn, stride_sk,
-    # meta
-    POW2: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_T: tl.constexpr,
-    CAST: tl.constexpr, TRANS_STORE: tl.constexpr, HOLD: tl.constexpr = False,
-):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    e = tl.program_id(2).to(tl.int64)
-    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
-    if HOLD:
-        n0 = pid_n * BLOCK + tl.arange(0, BLOCK // 4)
-        n1, n2, n3 = n0 + BLOCK // 4, n0 + BLOCK // 2, n0 + 3 * (BLOCK // 4)
-        w_e = w_ptr + e * stride_we
-        w0 = _load_rows(w_e, n0, offs_k, (n0 < N)[:, None] & (offs_k < K)[None, :], stride_wn, stride_wk)
-        w1 = _load_rows(w_e, n1, offs_k, (n1 < N)[:, None] & (offs_k < K)[None, :], stride_wn, stride_wk)
-        w2 = _load_rows(w_e, n2, offs_k, (n2 < N)[:, None] & (offs_k < K)[None, :], stride_wn, stride_wk)
-        w3 = _load_rows(w_e, n3, offs_k, (n3 < N)[:, None] & (offs_k < K)[None, :], stride_wn, stride_wk)
-        amax = tl.maximum(tl.maximum(tl.max(_col_amax(w0), axis=0), tl.max(_col_amax(w1), axis=0)),
-                          tl.maximum(tl.max(_col_amax(w2), axis=0), tl.max(_col_amax(w3), axis=0)))
-        scale = scale_from_amax(amax, POW2, FLOOR)
-        _block_chunk(w0, q_ptr, qt_ptr, e, n0, offs_k, N, K, scale, stride_qe, stride_qn, stride_qk, stride_te,
-                     stride_tn, stride_tk, POW2, CAST, WRITE_Q, WRITE_T, TRANS_STORE)
-        _block_chunk(w1, q_ptr, qt_ptr, e, n1, offs_k, N, K, scale, stride_qe, stride_qn, stride_qk, stride_te,
-                     stride_tn, stride_tk, POW2, CAST, WRITE_Q, WRITE_T, TRANS_STORE)
-        _block_chunk(w2, q_ptr, qt_ptr, e, n2, offs_k, N, K, scale, stride_qe, stride_qn, stride_qk, stride_te,
-                     stride_tn, stride_tk, POW2, CAST, WRITE_Q, WRITE_T, TRANS_STORE)
-        _block_chunk(w3, q_ptr, qt_ptr, e, n3, offs_k, N, K, scale, stride_qe, stride_qn, stride_qk, stride_te,
-                     stride_tn, stride_tk, POW2, CAST, WRITE_Q, WRITE_T, TRANS_STORE)
-        tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
-    else:
-        offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
-        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=mask, other=0.0).to(tl.float32)
-        scale = scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2, FLOOR)
-        q = quantize_e4m3(w, scale, POW2, CAST)
-        if WRITE_Q:
-            tl.store(q_ptr + e * stride_qe + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk, q, mask=mask)
-        if WRITE_T:  # the same block, stored at its transposed place: contiguous along n there
-            if TRANS_STORE:  # as a (k, n) tile, so that the register layout runs along the contiguous n
-                tl.store(qt_ptr + e * stride_te + offs_k[:, None] * stride_tk + offs_n[None, :] * stride_tn,
-                         tl.trans(q), mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
-            else:
-                tl.store(qt_ptr + e * stride_te + offs_n[:, None] * stride_tn + offs_k[None, :] * stride_tk, q,
-                         mask=mask)
-        tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
 
 
 @triton.jit
