@@ -139,15 +139,11 @@ def _both_configs() -> list:
     """Autotune candidates for ``_quant_both_kernel`` (one in the interpreter; the tests run several). SUB 128: the
     128x128 tile whole in registers, read once, but ptxas spills ~300 bytes a thread even over 16 warps (sm_90a,
     Triton 3.6), SUB 64 ~200; chunks of 32 or 16 rows (read twice, the second time from L2) spill nothing. 32
-    rows and more write whole 32-byte sectors of the transposed copy. HOLD (SUB = BLOCK / 4): the four chunks are
-    loaded at once and kept in registers as read (bf16: 8 registers a thread over 8 warps, 4 over 16; over 4 warps
-    ptxas spills), one read of HBM with all of the tile's loads in flight, and only one chunk at a time widened to
-    fp32."""
+    rows and more write whole 32-byte sectors of the transposed copy."""
     if INTERPRET:
         return [triton.Config({"SUB": 32}, num_warps=4)]
     return [triton.Config({"SUB": sub}, num_warps=w) for sub, w in ((128, 16), (64, 16), (32, 16), (32, 8), (16, 8),
-                                                                     (16, 4))] + \
-        [triton.Config({"SUB": 32, "HOLD": True}, num_warps=w, num_stages=1) for w in (16, 8)]
+                                                                     (16, 4))]
 
 
 @triton.autotune(configs=_rows_configs(), key=["size_key", "ROW_MAJOR", "CAST"], do_bench=_autotune_bench)
@@ -215,32 +211,9 @@ def _quant_blocks_kernel(
 
 
 @triton.jit
-def _load_rows(x_ptr, rows, cols, mask, stride_xm, stride_xk):
-    return tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-
-
-@triton.jit
 def _load_rows_f32(x_ptr, rows, cols, mask, stride_xm, stride_xk):
-    x = _load_rows(x_ptr, rows, cols, mask, stride_xm, stride_xk)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
     return x.to(tl.float32)  # fp32 at once: the interpreter mishandles bf16 math
-
-
-@triton.jit
-def _col_amax(x):
-    """Max |x| down the columns of a tile as loaded (widened to fp32 before any math: see ``_load_rows_f32``)."""
-    return tl.max(tl.abs(x.to(tl.float32)), axis=0)
-
-
-@triton.jit
-def _both_chunk(x, q_ptr, s_ptr, qt_ptr, rows, cols, col_mask, scale_t, pid_k, M, stride_qm, stride_qk, stride_sm,
-                stride_sk, stride_qt, POW2: tl.constexpr, FLOOR: tl.constexpr, CAST: tl.constexpr):
-    """One chunk of rows as loaded: its 1x128 copy and scales, and its part of the transposed 128x1 copy at the
-    tile's column scales ``scale_t``."""
-    mask = (rows < M)[:, None] & col_mask[None, :]
-    xf = x.to(tl.float32)
-    store_rows(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :] * stride_qk,
-               s_ptr + rows * stride_sm + pid_k * stride_sk, xf, mask, rows < M, True, POW2, FLOOR, CAST)
-    store_t(qt_ptr, xf, scale_t, rows, cols, mask, stride_qt, POW2, CAST)
 
 
 @triton.autotune(configs=_both_configs(), key=["size_key", "ROW_MAJOR", "CAST"], do_bench=_autotune_bench)
@@ -255,38 +228,18 @@ def _quant_both_kernel(
     stride_xm, stride_xk, stride_qm, stride_qk, stride_sm, stride_sk, stride_qt, stride_stk, stride_stm,
     # meta
     POW2: tl.constexpr, FLOOR: tl.constexpr, ROW_MAJOR: tl.constexpr, CAST: tl.constexpr, BLOCK: tl.constexpr,
-    SUB: tl.constexpr, HOLD: tl.constexpr = False,
+    SUB: tl.constexpr,
 ):
     """One BLOCK x BLOCK tile of x per program: one scale per row of it (1x128 tiles, stored as is) and one per
     column (128x1 tiles, stored transposed). SUB == BLOCK: the tile is loaded once and both epilogues of the
     single-tiling kernels run on it. SUB < BLOCK: the columns' amax over chunks of SUB rows, then each chunk
     again (32 KB of bf16 a program, read from L2, not HBM) for its rows' scales and both quantisations: fewer
-    live registers, the same bits (a max is exact in any order). HOLD: four chunks of SUB = BLOCK / 4 rows,
-    loaded together and kept as read, then each quantised both ways: one read, no second pass."""
+    live registers, the same bits (a max is exact in any order)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_k * BLOCK + tl.arange(0, BLOCK)
     col_mask = cols < K
-    if HOLD:
-        tl.static_assert(SUB * 4 == BLOCK, "HOLD keeps four chunks of BLOCK / 4 rows")
-        r0 = pid_m * BLOCK + tl.arange(0, SUB)
-        r1, r2, r3 = r0 + SUB, r0 + 2 * SUB, r0 + 3 * SUB
-        x0 = _load_rows(x_ptr, r0, cols, (r0 < M)[:, None] & col_mask[None, :], stride_xm, stride_xk)
-        x1 = _load_rows(x_ptr, r1, cols, (r1 < M)[:, None] & col_mask[None, :], stride_xm, stride_xk)
-        x2 = _load_rows(x_ptr, r2, cols, (r2 < M)[:, None] & col_mask[None, :], stride_xm, stride_xk)
-        x3 = _load_rows(x_ptr, r3, cols, (r3 < M)[:, None] & col_mask[None, :], stride_xm, stride_xk)
-        amax = tl.maximum(tl.maximum(_col_amax(x0), _col_amax(x1)), tl.maximum(_col_amax(x2), _col_amax(x3)))
-        scale_t = scale_from_amax(amax, POW2, FLOOR)  # (BLOCK,): the 128x1 tiles' scales
-        _both_chunk(x0, q_ptr, s_ptr, qt_ptr, r0, cols, col_mask, scale_t, pid_k, M, stride_qm, stride_qk, stride_sm,
-                    stride_sk, stride_qt, POW2, FLOOR, CAST)
-        _both_chunk(x1, q_ptr, s_ptr, qt_ptr, r1, cols, col_mask, scale_t, pid_k, M, stride_qm, stride_qk, stride_sm,
-                    stride_sk, stride_qt, POW2, FLOOR, CAST)
-        _both_chunk(x2, q_ptr, s_ptr, qt_ptr, r2, cols, col_mask, scale_t, pid_k, M, stride_qm, stride_qk, stride_sm,
-                    stride_sk, stride_qt, POW2, FLOOR, CAST)
-        _both_chunk(x3, q_ptr, s_ptr, qt_ptr, r3, cols, col_mask, scale_t, pid_k, M, stride_qm, stride_qk, stride_sm,
-                    stride_sk, stride_qt, POW2, FLOOR, CAST)
-        tl.store(st_ptr + cols * stride_stk + pid_m * stride_stm, scale_t, mask=col_mask)
-    elif SUB == BLOCK:
+    if SUB == BLOCK:
         rows = pid_m * BLOCK + tl.arange(0, BLOCK)
         mask = (rows < M)[:, None] & col_mask[None, :]
         x = _load_rows_f32(x_ptr, rows, cols, mask, stride_xm, stride_xk)  # (BLOCK, BLOCK)
@@ -381,14 +334,24 @@ def quant_act_128x1_t(x: torch.Tensor, pow2_scale: bool = False, amax_floor: flo
     return _quant_rows(x.t(), pow2_scale, amax_floor, cast)  # rows of the (K, M) output are columns of x
 
 
+# True: ``quant_act_both`` runs ``_quant_both_kernel`` (x read once). False (the default): the two single quantisers,
+# x read twice, which measured faster: benchmarks/quant_both_bench.py (docs/results/quant-both.md, H100,
+# 2026-12-06 18:10 UTC) at 4096x7168, 34560x7168 and 34560x4096 bf16: 69, 543 and 312 us for the two against
+# 112, 873 and 502 us for the one-read kernel's best candidate (34% of HBM at the one read's bytes; each single
+# quantiser runs at 70-90% of its own).
+ONE_READ = False
+
+
 def quant_act_both(
     x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR, cast: str | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """x (M, K) float → ((x_fp8 (M, K), scale (M, ceil(K/128))), (x^T fp8 (K, M), scale_t (K, ceil(M/128)))):
     ``quant_act_1x128(x)`` and ``quant_act_128x1_t(x)`` bit for bit, in the same layouts (MN-major scales),
-    from one read of x instead of two. For a tensor that a GEMM multiplies along K and a weight gradient
-    along M: a linear layer's input (forward, then Wgrad) and its output gradient (Dgrad, then Wgrad)."""
+    from one read of x instead of two where ``ONE_READ``. For a tensor that a GEMM multiplies along K and a weight
+    gradient along M: a linear layer's input (forward, then Wgrad) and its output gradient (Dgrad, then Wgrad)."""
     _check_float_2d(x, "x")
+    if not ONE_READ:
+        return _quant_rows(x, pow2_scale, amax_floor, cast), _quant_rows(x.t(), pow2_scale, amax_floor, cast)
     M, K = x.shape
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
     qt = torch.empty((K, M), dtype=FP8_DTYPE, device=x.device)

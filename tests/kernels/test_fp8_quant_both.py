@@ -1,4 +1,5 @@
-"""``quant_act_both``: the 1x128 and the transposed 128x1 quantisation of one tensor from one read, bit for bit
+"""``quant_act_both``: the 1x128 and the transposed 128x1 quantisation of one tensor from one read (``ONE_READ``; by
+default two, which measured faster), bit for bit
 ``quant_act_1x128`` and ``quant_act_128x1_t`` (values, scales and their MN-major layouts). On the GPU, or tiny
 through the Triton interpreter (tests/conftest.py); outputs poisoned before every launch (``poisoned``)."""
 
@@ -20,6 +21,13 @@ from tests.kernels.test_fp8_gemm_ws import _tools
 from tests.kernels.test_kernels import ON_GPU, rand, same_bits
 
 device, poisoned = test_kernels.device, test_kernels.poisoned
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["one-read", "two-reads"])
+def one_read(request, monkeypatch):
+    """Each test runs on both paths of ``quant_act_both``: the one-read kernel and the two single quantisers."""
+    monkeypatch.setattr(fp8_quant, "ONE_READ", request.param)
+    return request.param
 
 # Ragged in M, in K, in both, a single row and a single column; the GPU adds V3's sizes.
 SHAPES = [(1, 128), (37, 300), (130, 257), (256, 128), (129, 1)] + ([(4096, 7168), (1000, 1536)] if ON_GPU else [])
@@ -74,10 +82,9 @@ def test_a_strided_input_reads_its_own_layout(device):
         _assert_same(cols_t, quant_act_128x1_t(x), "128x1_t")
 
 
-# (SUB, HOLD, num_warps): the autotuner's candidates on the GPU; in the interpreter the whole tile, chunks read
-# twice and chunks held
-CANDIDATES = ([(c.kwargs["SUB"], c.kwargs.get("HOLD", False), c.num_warps) for c in fp8_quant._both_configs()]
-              if ON_GPU else [(128, False, 4), (32, False, 4), (16, False, 4), (32, True, 4)])
+# (SUB, num_warps): the autotuner's candidates on the GPU; in the interpreter the whole tile and chunks
+CANDIDATES = ([(c.kwargs["SUB"], c.num_warps) for c in fp8_quant._both_configs()] if ON_GPU
+              else [(128, 4), (32, 4), (16, 4)])
 
 
 @pytest.mark.parametrize("shape", [(130, 257), *([(4096, 2048)] if ON_GPU else [])])
@@ -86,16 +93,16 @@ def test_every_autotune_candidate_is_bit_exact(device, shape):
     x = _input(shape, torch.bfloat16, device)
     want_rows, want_t = quant_act_1x128(x, amax_floor=1e-12), quant_act_128x1_t(x, amax_floor=1e-12)
     M, K = shape
-    for sub, hold, warps in CANDIDATES:
+    for sub, warps in CANDIDATES:
         q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=device)
         qt = torch.empty((K, M), dtype=torch.float8_e4m3fn, device=device)
         s, st = fp8_quant._empty_mn_major_scales(M, K, device), fp8_quant._empty_mn_major_scales(K, M, device)
         fp8_quant._quant_both_kernel.fn[(-(-M // 128), -(-K // 128))](
             x, q, s, qt, st, M, K, 0, *x.stride(), *q.stride(), *s.stride(), qt.stride(0), *st.stride(),
             POW2=False, FLOOR=1e-12, ROW_MAJOR=True, CAST=fp8_quant._cast(x.device, None), BLOCK=128, SUB=sub,
-            HOLD=hold, num_warps=warps)
-        _assert_same((q, s), want_rows, f"1x128 {sub=} {hold=} {warps=}")
-        _assert_same((qt, st), want_t, f"128x1_t {sub=} {hold=} {warps=}")
+            num_warps=warps)
+        _assert_same((q, s), want_rows, f"1x128 {sub=} {warps=}")
+        _assert_same((qt, st), want_t, f"128x1_t {sub=} {warps=}")
 
 
 def test_refuses_what_the_single_quantisers_refuse(device):
@@ -120,10 +127,8 @@ for config in fp8_quant._both_configs():
     for cast in (0, 2):
         consts = {"POW2": False, "FLOOR": 1e-12, "ROW_MAJOR": True, "CAST": cast, "BLOCK": 128, **config.kwargs}
         src = ASTSource(fp8_quant._quant_both_kernel.fn, sig | {k: "constexpr" for k in consts}, consts)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-        out[f"{config.kwargs['SUB']},{config.kwargs.get('HOLD', False)},{config.num_warps},{cast}"] = \
-            kernel.asm["ptx"]
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+        out[f"{config.kwargs['SUB']},{config.num_warps},{cast}"] = kernel.asm["ptx"]
 print(json.dumps(out))
 """
 
@@ -131,14 +136,13 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_every_candidate_compiles_for_sm90_and_chunks_never_spill(tmp_path):
     """Offline (a process without the interpreter, then ptxas -arch=sm_90a): every autotune candidate compiles,
-    with the emulated cast and the fp16 hardware one, and the chunked ones (SUB <= 32, held or read twice) spill no
-    registers."""
+    with the emulated cast and the fp16 hardware one, and the chunked ones (SUB <= 32) spill no registers."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
     res = subprocess.run([sys.executable, "-P", "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
                          timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     ptxs = json.loads(res.stdout)
-    assert len(ptxs) == 16  # 8 candidates (the GPU list, this process may interpret) x 2 casts
+    assert len(ptxs) == 12
     for name, ptx in ptxs.items():
         (tmp_path / "k.ptx").write_text(ptx)
         report = subprocess.run([str(_tools() / "ptxas"), "-arch=sm_90a", "-v", str(tmp_path / "k.ptx"), "-o",
