@@ -19,6 +19,11 @@ each; timed by the even rank of each pair after ``SPIN_S`` busy (the runtime pos
 busy, its neighbour's operations posted by then), the odd rank posting the other ends at once. The ping-pong's
 half round trip is the message's time on the wire; on a 2-core VM the runtime's batches took 0.15-0.4 ms
 against 0.1 (tiny-moe, 2026-12-06).
+
+Where gloo's all-reduce is timed, also ``all_reduce_once``: one call after ``SPIN_S`` busy on every process, as a
+CPU step's optimizer norm calls it (the sums of the embedding's two copies, the squared norm), the mean of at least
+``ONCE_REPS``: back to back a call's wake-ups are shared with its neighbours' (2 processes, 2026-12-06 18:14: 128 KiB
+0.71 ms back to back against 1.36 once, median; the FP64 norm 0.18 against 0.27, mean 0.66).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from moeplan.simulator.costs.machine import POSTED_BATCHES, Collective, LinkFit,
 COLLECTIVES: tuple[Collective, ...] = ("send_recv", "all_to_all", "all_reduce", "reduce_scatter", "all_gather")
 SPIN_S = 1e-3  # the timing rank's busy wait before a posted batch (see module docstring)
 POSTED_REPS = 15  # at least, a posted batch: each takes ~SPIN_S
+ONCE_REPS = 100  # at least, an all-reduce called once: its times have two modes, the mean needs the samples
 
 
 def free_port() -> int:
@@ -122,6 +128,8 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], reps: int, warmu
             rows.append((collective, size, statistics.median(times)))
     if backend == "gloo" and "send_recv" in collectives and world % 2 == 0:
         rows += _posted(rank, sizes, max(reps, POSTED_REPS), warmup)
+    if backend == "gloo" and "all_reduce" in collectives:
+        rows += _once(rank, world, sizes, max(reps, ONCE_REPS), warmup)
     gathered: list = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:
@@ -129,6 +137,27 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], reps: int, warmu
         queue.put({"rows": slowest, "rss_bytes": rss})
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _once(rank: int, world: int, sizes: list[int], reps: int, warmup: int) -> list[tuple[str, int, float]]:
+    """``all_reduce_once``: per size, an all-reduce called once after ``SPIN_S`` busy on every process, as a CPU
+    step's optimizer norm calls it (see module docstring); each process's mean (the times have two modes: a median
+    flips between them from one calibration to the next)."""
+    rows = []
+    for size in sizes:
+        buffer = torch.ones(max(world, size // 4))
+        times = []
+        for i in range(warmup + reps):
+            dist.barrier()
+            spun = time.perf_counter() + SPIN_S
+            while time.perf_counter() < spun:
+                pass
+            start = time.perf_counter()
+            dist.all_reduce(buffer)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        rows.append(("all_reduce_once", size, statistics.mean(times)))
+    return rows
 
 
 def _posted(rank: int, sizes: list[int], reps: int, warmup: int) -> list[tuple[str, int, float]]:
@@ -193,7 +222,7 @@ def link_fits(links: dict[int, dict], src: str, backend: str = "gloo") -> list[L
     """One ``LinkFit`` per collective measured at each process count (``measure_links``'s results by count)."""
     fits = []
     for processes, data in links.items():
-        for collective in COLLECTIVES + POSTED_BATCHES:
+        for collective in (*COLLECTIVES, *POSTED_BATCHES, "all_reduce_once"):
             pts = [(b, s) for c, b, s in data["rows"] if c == collective]
             if not pts:
                 continue

@@ -102,17 +102,18 @@ def calibrated_tables(name: str, m: Measured, setup: Setup, gpu: GpuSpec, machin
 def with_norm_collectives(ops: list[MeasuredOp], collectives: dict[tuple[int, int], tuple[tuple[str, int, int], ...]],
                           fits: list[LinkFit]) -> list[MeasuredOp]:
     """``ops`` with each optimizer ``norm`` part timed in one process plus the collectives it runs across
-    processes in a job (``collectives`` by parameter set), each at its measured link fit; one with no fit at its
-    process count is left out (and the source says so)."""
+    processes in a job (``collectives`` by parameter set), each at its measured link fit (called once, as a step
+    calls it, where measured: ``all_reduce_once``); one with no fit at its process count is left out (and the source
+    says so)."""
     by = {(f.collective, f.processes): f for f in fits}
     out = []
     for op in ops:
         wanted = collectives.get((op.params, op.tensors), ()) if op.layer_kind == "optimizer" and op.op == "norm" else ()
         if wanted:
-            found = [(c, b, p, by.get((c, p))) for c, b, p in wanted]
+            found = [(c, b, p, by.get((f"{c}_once", p)) or by.get((c, p))) for c, b, p in wanted]
             added = sum(f.seconds(b) for _, b, _, f in found if f is not None)
-            said = "; ".join(f"{c} of {b:,} bytes over {p} processes " + (f"{f.seconds(b) * 1e6:.0f} us" if f else
-                                                                          "not measured, left out")
+            said = "; ".join(f"{f.collective if f else c} of {b:,} bytes over {p} processes "
+                             + (f"{f.seconds(b) * 1e6:.0f} us" if f else "not measured, left out")
                              for c, b, p, f in found)
             op = op.model_copy(update={"s": op.s + added, "source": f"{op.source}, plus its collectives at the "
                                                                      f"measured link fits ({said})"})

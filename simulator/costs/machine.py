@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from moeplan.simulator.spec.numbers import Float, Int
 
 Collective = Literal["send_recv", "all_to_all", "all_reduce", "reduce_scatter", "all_gather", "post_send", "post_recv",
-                     "post_both"]
+                     "post_both", "all_reduce_once"]
 # A point-to-point batch as the runtime posts and waits for it on a CPU (gloo holds the host): one send whose receiver
 # waits, one receive whose message is there, one of each (``calibration.links``; ``engine.step.Links.batch_s``)
 POSTED_BATCHES: tuple[Collective, ...] = ("post_send", "post_recv", "post_both")
@@ -25,6 +25,8 @@ POSTED_BATCHES: tuple[Collective, ...] = ("post_send", "post_recv", "post_both")
 BYTES_MOVED = {
     "send_recv": "the message (one way; timed as half a ping-pong)",
     **{c: "the message (the host's time of the batch that posts it, on the side that times it)" for c in POSTED_BATCHES},
+    # an all-reduce called once between compute, as a CPU step's optimizer norm calls it (``calibration.links``)
+    "all_reduce_once": "2 (n-1)/n of the buffer (as all_reduce)",
     "all_to_all": "(n-1)/n of each process's buffer (what leaves it)",
     "all_reduce": "2 (n-1)/n of the buffer (a ring's reduce-scatter then all-gather)",
     "reduce_scatter": "(n-1)/n of the full buffer (ring)",
@@ -38,7 +40,8 @@ def bytes_moved(collective: Collective, buffer_bytes: float, processes: int) -> 
     if collective in POSTED_BATCHES:
         return buffer_bytes
     return {"send_recv": buffer_bytes, "all_to_all": share * buffer_bytes, "all_reduce": 2 * share * buffer_bytes,
-            "reduce_scatter": share * buffer_bytes, "all_gather": share * buffer_bytes}[collective]
+            "reduce_scatter": share * buffer_bytes, "all_gather": share * buffer_bytes,
+            "all_reduce_once": 2 * share * buffer_bytes}[collective]
 
 
 class LinkPoint(BaseModel):

@@ -125,3 +125,8 @@ def test_the_norm_part_timed_in_one_process_gains_the_collectives_it_runs_in_a_j
     assert out[1:] == ops[1:]
     missing = with_norm_collectives(ops, {(429_328, 52): (("all_reduce", 8, 4),)}, [fit])
     assert missing[0].s == ops[0].s and "not measured, left out" in missing[0].source
+    # the all-reduce called once, as a step calls it, where calibrate measured it (gloo)
+    once = fit.model_copy(update={"collective": "all_reduce_once", "latency_s": 5e-4})
+    out = with_norm_collectives(ops, {(429_328, 52): (embed, norm)}, [fit, once])
+    assert out[0].s == pytest.approx(1e-4 + once.seconds(131072) + once.seconds(8))
+    assert "all_reduce_once of 131,072 bytes" in out[0].source
