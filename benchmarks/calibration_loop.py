@@ -14,7 +14,9 @@
 The machine is shared: before the run, and before ``calibrate``, the loop waits (``--quiet``, ``--quiet-wait-s``)
 until other work uses less than a tenth of the cores, and does either again (``--tries``) while other work took more
 than a fifth of the cores during it; the page gives that share (``/proc/stat`` less this process and its children)
-with the measured steps' spread: another
+with the measured steps' spread and a fixed workload's time around each (``probe_s``: a VM's speed moves with
+its host's load, which the share does not show; at 18:26 calibrate's ops ran 1.15-1.3x the run's with no other
+work in the VM, and the calibrated step came out 24% over): another
 session's test suite on the 2 cores moved the tiny preset's step from 85 to 104-141 ms within one run
 (2026-12-06 17:50), where the calibrated tables predicted 84.9 ms.
 """
@@ -107,13 +109,22 @@ def wait_quiet(share: float, max_wait_s: float, window_s: float = 3.0) -> float:
             return seen["share"]
 
 
+def probe_s() -> float:
+    """A fixed workload's median time (a 128 x 128 GEMM and 40 tiny ops, each needing grad): the machine's speed
+    now. A VM's speed moves with its host's load, which ``/proc/stat`` inside it does not show."""
+    x, a = torch.ones(4, 8, requires_grad=True), torch.randn(128, 128)
+    return median_s(lambda: (a @ a, [x * x for _ in range(40)]), torch.device("cpu"), 50)
+
+
 def _quietly(measure, what: str, load: dict, quiet: tuple[float, float], tries: int) -> None:
     """``measure()`` after waiting for a quiet machine, again (up to ``tries`` in all) while other work took more than
     twice the quiet share of the cores during it; ``load[what]``: that share, ``load[what + ' tries']``: the tries."""
     for attempt in range(1, tries + 1):
         wait_quiet(*quiet)
+        before = probe_s()
         with others_share(load, what):
             measure()
+        load[f"{what} probe s"] = (before + probe_s()) / 2
         load[f"{what} tries"] = attempt
         if load[what] <= 2 * quiet[0]:
             return
@@ -157,9 +168,9 @@ def markdown(split: list[dict], result: dict, command: str) -> str:
     lines += ["", "## The loop: tiny-moe, cpu cluster, pp 2, 1F1B, 4 micro-batches of 64 tokens, 2 gloo processes", "",
               f"Measured step (median of {result['steps'] - 2} steps after 2 warm-up): {m * 1e3:,.1f} ms. "
               f"{_spread(result['walls_s'])} Other work's share of the {os.cpu_count()} cores: "
-              + ", ".join(f"{k} {v:.0%}" for k, v in result["others_share"].items() if "tries" not in k) + " (tries: "
-              + ", ".join(f"{k.removesuffix(' tries')} {v}" for k, v in result["others_share"].items() if "tries" in k)
-              + ").", "",
+              + ", ".join(f"{k} {v:.0%}" for k, v in result["others_share"].items() if k in ("run", "calibrate"))
+              + " (tries: " + ", ".join(f"{k.removesuffix(' tries')} {v}" for k, v in result["others_share"].items()
+                                       if "tries" in k) + f"). {_speed(result['others_share'])}", "",
               "| tables | predicted ms | error |", "|---|---:|---:|"]
     lines += [f"| {k} | {v * 1e3:,.1f} | {(v - m) / m:+.1%} |" for k, v in result["predicted"].items()]
     if host is not None:
@@ -168,6 +179,14 @@ def markdown(split: list[dict], result: dict, command: str) -> str:
                   "micro-batch: " + ", ".join(f"{c.piece} {c.fwd_compute + c.fwd_view}+{c.bwd}" for c in host.counts)]
     lines += ["", "Entries the run moved (`moeplan check --recalibrate`):", "", "```", result["moved"].rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _speed(load: dict) -> str:
+    """The fixed workload's time around calibrate over around the run: above 1, calibrate ran on a slower machine."""
+    if "run probe s" not in load or "calibrate probe s" not in load:
+        return ""
+    return (f"A fixed workload (`probe_s`) took {load['run probe s'] * 1e6:,.0f} us around the run, "
+            f"{load['calibrate probe s'] * 1e6:,.0f} us around calibrate ({load['calibrate probe s'] / load['run probe s']:.2f}x).")
 
 
 def _spread(walls_s: list[float]) -> str:
