@@ -1,5 +1,5 @@
 """The cast with transpose (``kernels.fp8_quant.quant_act_both``) at the FP8 step's shapes: each autotune candidate,
-the autotuned call, and the two single quantisers it replaces, in bytes/s and fraction of HBM.
+the autotuned call, and the two single quantisers (what ``quant_act_both`` runs unless ``fp8_quant.ONE_READ``), in bytes/s and fraction of HBM.
 
     python -P benchmarks/quant_both_bench.py --out /tmp/quant-both.md          # CUDA, ~1 min on an H100
     TRITON_INTERPRET=1 python -P benchmarks/quant_both_bench.py --device cpu --small --out /tmp/qb.md  # smoke run
@@ -10,7 +10,7 @@ memory-bound kernel. Its candidates differ in how a 128x128 tile is read: whole 
 a 4096-token micro-batch's hidden states (4096 x 7168), and the routed experts' padded rows of workload A (34,560 =
 4096 tokens x top-8 over 32 experts, each padded to 128) by hidden (the down projection's output gradient) and by
 2 x 2048 (gate_up's). Bytes are ideal: the input read once, both FP8 copies and their fp32 scales written once. Each
-candidate's output is compared bit for bit with the autotuned call's. Times: median of ``--reps`` calls by CUDA
+candidate's output is compared bit for bit with the two single quantisers'. Times: median of ``--reps`` calls by CUDA
 events with the L2 flushed before each (``orchestrator.calibration.timing.median_s``). HBM % is of the datasheet
 bandwidth of the GPU's cluster preset.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -71,25 +72,28 @@ def measure(shape: tuple[int, int], device: torch.device, reps: int, peak: float
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16)
     nbytes = ideal_bytes(*shape, x.element_size())
-    want = quant_act_both(x)  # the autotuner's first call: tunes
+    want = (quant_act_1x128(x), quant_act_128x1_t(x))  # quant_act_both's default path (ONE_READ False)
     rows = []
 
     def row(what: str, s: float, exact: bool | None) -> None:
         rows.append({"shape": list(shape), "what": what, "s": s, "bytes": nbytes, "bytes_per_s": nbytes / s,
                      "hbm_frac": None if peak is None else nbytes / s / peak, "bit_exact": exact})
 
-    row("quant_act_both (autotuned)", median_s(lambda: quant_act_both(x), device, reps), True)
-    best = fp8_quant._quant_both_kernel.best_config if not INTERPRET and hasattr(fp8_quant._quant_both_kernel,
-                                                                                 "best_config") else None
+    default = fp8_quant.ONE_READ
+    try:
+        fp8_quant.ONE_READ = True
+        got = quant_act_both(x)  # the autotuner's first call: tunes
+        row("one-read kernel (autotuned)", median_s(lambda: quant_act_both(x), device, reps), same(got, want))
+    finally:
+        fp8_quant.ONE_READ = default
+    best = getattr(fp8_quant._quant_both_kernel, "best_config", None) if not INTERPRET else None
     if best is not None:
         rows[-1]["what"] += f": {candidate_name(best)}"
-    configs = fp8_quant._both_configs()
-    for config in configs:
+    for config in fp8_quant._both_configs():
         got = launch_candidate(x, config)
         row(candidate_name(config), median_s(lambda c=config: launch_candidate(x, c), device, reps), same(got, want))
-    single = (quant_act_1x128(x), quant_act_128x1_t(x))
-    row("quant_act_1x128 + quant_act_128x1_t (two reads)",
-        median_s(lambda: (quant_act_1x128(x), quant_act_128x1_t(x)), device, reps), same(single, want))
+    row("quant_act_1x128 + quant_act_128x1_t (two reads; quant_act_both's default)",
+        median_s(lambda: (quant_act_1x128(x), quant_act_128x1_t(x)), device, reps), True)
     return rows
 
 
@@ -131,7 +135,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sys.exit(f"quant_both_bench: device={args.device} needs TRITON_INTERPRET=1")
     hbm, peak = hbm_peak(device)
     rows = [r for shape in (SMALL_SHAPES if args.small else SHAPES) for r in measure(shape, device, args.reps, peak)]
-    import subprocess
     tree = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=Path(__file__).parent).stdout.strip() or "unknown"
     meta = {"command": "python -P benchmarks/quant_both_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
