@@ -6,8 +6,9 @@ Three tilings, each with one fp32 scale per tile (``x ≈ x_fp8 * scale``):
 * ``quant_act_128x1_t``: the same activations re-tiled 128×1 (128 rows of one column), written
   transposed, ``(K, M)`` with scales ``(K, ceil(M/128))``. Weight gradients reduce over tokens, so
   both of their operands need scales along M, and FP8 wgmma wants the reduction dim contiguous.
-* ``quant_act_both``: both of the above from one read of x (one program per 128×128 tile, both amaxes
-  on chip), for an activation or gradient that a forward GEMM or Dgrad and a Wgrad both multiply.
+* ``quant_act_both``: both of the above, for an activation or gradient that a forward GEMM or Dgrad and a
+  Wgrad both multiply: the two quantisers (measured faster), or with ``ONE_READ`` one read of x (one program
+  per 128×128 tile, both amaxes on chip).
 * ``quant_weight_128x128``: weights ``([E,] N, K)`` in 128×128 blocks → scales ``([E,] ceil(N/128),
   ceil(K/128))``; optionally also the transposed copy ``([E,] K, N)`` that the input gradient needs
   (a 128×128 block's scale is the same either way round, so its scales are ``scale.mT``).
