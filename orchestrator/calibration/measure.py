@@ -208,7 +208,7 @@ def _memory_classes(shapes: PlanShapes, setup: Setup, hbm: float) -> list[Measur
 
         def one(m: Measured, case=usable[0]) -> None:
             row = _memory_row(case, shapes, setup, m, hbm)
-            if row["fwd"] is not None:
+            if row["fwd"] is not None or row["bwd"] is not None:  # expert_cast has backward bytes only
                 m.memory.append(row)
         items.append(Measurement("memory", f"memory class {kernel} at {shapes.tokens} tokens", one))
     return items

@@ -68,6 +68,16 @@ def _latency(m: Measured, setup: Setup, gpu: GpuSpec, fits: list) -> tuple[float
     return default.collective_latency_s, f"not measured (no second GPU): the default tables' {default.collective_source}"
 
 
+def _memory_point(r: dict, src: str) -> dict:
+    """A memory class's table point; a class with backward bytes only (``expert_cast``) takes its backward's
+    fraction for both passes (``MemoryKernelPoint.fwd_frac``)."""
+    first, which = (r["fwd"], "forward") if r["fwd"] is not None else (r["bwd"], "backward only")
+    return {"kernel": r["kernel"], "fwd_frac": min(1.0, first["hbm_frac"]),
+            "bwd_frac": min(1.0, r["bwd"]["hbm_frac"]) if r["bwd"] else None,
+            "source": f"{src} {r['implementation']} at {r['shape']}, {first['s'] * 1e6:.1f} us {which}"
+                      + (" (its own ops' host time taken off)" if "host_s" in first else "")}
+
+
 def calibrated_tables(name: str, m: Measured, setup: Setup, gpu: GpuSpec, machine: Machine) -> CostTables:
     """The ``CostTables`` of the measurements (see module docstring)."""
     _required(m, setup.device)
@@ -78,11 +88,7 @@ def calibrated_tables(name: str, m: Measured, setup: Setup, gpu: GpuSpec, machin
             for r in m.gemm]
     att = [{"seq_len": r["seq"], "fwd_frac": min(1.0, r["flops"] / r["fwd_s"] / peak),
             "fwd_bwd_frac": min(1.0, 3 * r["flops"] / r["fwd_bwd_s"] / peak)} for r in m.attention]
-    kernels = [{"kernel": r["kernel"], "fwd_frac": min(1.0, r["fwd"]["hbm_frac"]),
-                "bwd_frac": min(1.0, r["bwd"]["hbm_frac"]) if r["bwd"] else None,
-                "source": f"{src} {r['implementation']} at {r['shape']}, {r['fwd']['s'] * 1e6:.1f} us forward"
-                          + (" (its own ops' host time taken off)" if "host_s" in r["fwd"] else "")}
-               for r in m.memory]
+    kernels = [_memory_point(r, src) for r in m.memory]
     largest = max(m.copy, key=lambda r: r["bytes"])
     fits = link_fits(m.links, src, setup.backend)
     latency, latency_source = _latency(m, setup, gpu, fits)
