@@ -207,10 +207,13 @@ def main() -> None:
     parser.add_argument("--quiet-wait-s", type=float, default=600.0)
     parser.add_argument("--tries", type=int, default=3, help="the run, and calibrate, again while other work took more "
                         "than twice --quiet of the cores during it")
+    parser.add_argument("--work", type=Path, help="keep the loop's files here (plan p0, run, cal.json, rec.json) for "
+                        "benchmarks/calibration_breakdown.py --reuse; a temporary folder by default")
     args = parser.parse_args()
     torch.set_num_threads(1)
     split = sum_or_max()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() if args.work is None else contextlib.nullcontext(args.work) as tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         result = loop(Path(tmp), args.steps, args.reps, (args.quiet, args.quiet_wait_s), args.tries)
     page = markdown(split, result, "python -P benchmarks/calibration_loop.py " + " ".join(sys.argv[1:]))
     write_atomic(args.md, page)

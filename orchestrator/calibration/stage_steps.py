@@ -1,6 +1,11 @@
-"""Each pipeline rank's passes run as the runtime runs them, in one process, their sub-steps timed: a CPU's ops.
+"""Each pipeline rank's passes run as the runtime runs them, a process a rank, their sub-steps timed: a CPU's ops.
 
-``time_stage_ops(inputs, dp, dtype, reps, label)`` builds, per pipeline rank, the stage modules it holds
+``time_stage_ops(inputs, dp, dtype, reps, label)`` starts a process per pipeline rank (spawned, all at once, each
+step begun together at a barrier), as a run's ranks share the machine's cores. Tiny-moe on this 2-core VM,
+2026-12-06 18:51 (a scratch script, the median of 25 steps, alternated): rank 1's passes took 52.0-67.1 ms a step
+alone, and with rank 0's passes looping in a second process 0.2-5.2 ms more in seven runs of ten, 56-66 ms more in
+three; the runs' rank 1 passes had run 0.9-6.1 ms a step over this module's timing of them one rank after the
+other in one process. Each builds the stage modules it holds
 (``model.transformer.build_rank``, the model's initialisation by name), their FP32 main gradients (the
 runtime's post-accumulate-grad hooks: every backward adds each weight's gradient into its bucket) and walks
 the rank's action list of the plan's schedule over the runtime's synthetic micro-batches (``SyntheticTask``; a
@@ -29,7 +34,9 @@ Why not the pieces timed alone (``host_ops.time_pieces``): a piece repeated alon
 the same piece in the runtime's pass (tiny-moe, 2026-12-06: 0.96 against 1.06 ms for the MoE half forward,
 1.15 against 1.30 ms backward, 0.20 against 0.29 ms for the dense FFN backward): the main-gradient hooks,
 the node's detached leaves, and the other pieces between two calls of the same one. What differs from a
-run: no communication (a stage's input is a fresh tensor, its output gradient too) and no other process.
+run: no communication (a stage's input is a fresh tensor, its output gradient too), so a rank's passes meet the
+others' passes where their own schedule puts them, not where a run's messages do; and a data-parallel replica's
+ranks (dp > 1) have no process here.
 
 Only plain ``F``/``B`` schedules without tensor, context or expert parallelism (the runtime's CPU path for
 those: one process per pipeline rank, the MoE experts local); anything else raises ``NotImplementedError``
@@ -47,6 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+import torch.multiprocessing as mp
 
 from moeplan.model.balance import BalanceSchedule
 from moeplan.model.losses import training_loss
@@ -78,6 +86,10 @@ WARMUP_STEPS = 1
 # Sleeps before each pass, to time a pass after its process blocked (``engine.host_term.wake_op``): the runs' waits
 # for a neighbour's message (tiny-moe, pp 2, 1F1B: 2-15 ms)
 WAKE_WAITS_S = (0.002, 0.004, 0.008, 0.016)
+# A rank's process waits at most this long for the others at a step's start (one tiny-moe step: ~0.1 s), and is
+# joined this long after it reported
+RANK_BARRIER_TIMEOUT_S = 600.0
+RANK_JOIN_TIMEOUT_S = 30.0
 
 
 def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, label: str) -> list[MeasuredOp]:
@@ -91,39 +103,20 @@ def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, l
     if any(len(a.ops) != 1 or a.ops[0].kind not in "FB" for rank in schedule.ranks for a in rank):
         raise NotImplementedError(f"schedule={par.schedule}: the passes are timed for schedules of F and B "
                                   "actions alone")
-    optimizer = dp == 1  # the rank's optimizer step after its passes, as the runtime runs it (ZeRO groups of one)
-    traces, outside, out = {}, {"F": [], "B": []}, []
+    ranks = _all_ranks(inputs, dp, dtype, reps, label, microbatches, schedule)
+    traces = {r: got.trace for r, got in enumerate(ranks)}
+    outside = {kind: [s for got in ranks for s in got.outside[kind]] for kind in "FB"}
     woken: dict[tuple[str, float], list[float]] = {}  # (pass kind, wait) -> each pass's extra over back to back
     starts: dict[str, list[float]] = {}  # pass kind -> a step's first pass's extra beside the data thread
-    waits = {kind: itertools.cycle(WAKE_WAITS_S) for kind in "FB"}  # each pass kind's next wait, over all ranks
-    for r in range(par.pp):
-        timed = _RankTimes(events=[], outside=outside, optimizer={part: [] for part in OPTIMIZER_PARTS})
-        built, main_grads = rank_modules(inputs, r, dtype)
-        gen = torch.Generator().manual_seed(r)
-        with one_process_group() if optimizer else contextlib.nullcontext(), \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeplan-data") as data_thread:
-            step = optimizer_step(inputs, built, main_grads) if optimizer else None
-            modules = dict(zip(rank_stages(par, r), built, strict=True))
-            varied = _RankTimes(events=[], outside={"F": [], "B": []}, optimizer={})
-            for i in range(WARMUP_STEPS + reps):
-                timing = i >= WARMUP_STEPS
-                _one_step(inputs, modules, schedule.ranks[r], microbatches, dtype, gen, i, timed if timing else None)
-                _optimizer(step, main_grads, timed if timing else None)
-                if timing:  # the same step again, interleaved (a drift of the machine's speed meets both)
-                    _one_step(inputs, modules, schedule.ranks[r], microbatches, dtype, gen, i, varied,
-                              lambda kind: next(waits[kind]), data_thread)
-                    _optimizer(step, main_grads, None)
-        for (kind, chain, how), walls in varied.walls.items():
-            base = statistics.median(timed.walls[(kind, chain, 0.0)])
-            extras = starts.setdefault(kind, []) if how == "start" else woken.setdefault((kind, how), [])
-            extras.extend(w - base for w in walls)
-        main_grads.detach()
-        traces[r] = chrome_trace(timed.events)
-        if optimizer:
-            out += part_ops(inputs, r, timed.optimizer, set_shape(main_grads),
-                            f"{str(dtype).removeprefix('torch.')}, one process, after its passes", label)
-    src = (f"{label}: the runtime's passes in one process, {microbatches} micro-batches of "
-           f"{par.micro_batch_size} x {par.seq_len_tokens} tokens a step, {reps} step(s)")
+    for got in ranks:
+        for key, extras in got.woken.items():
+            woken.setdefault(key, []).extend(extras)
+        for kind, extras in got.starts.items():
+            starts.setdefault(kind, []).extend(extras)
+    out = [o for got in ranks for o in got.optimizer]
+    src = (f"{label}: the runtime's passes, each pipeline rank's in a process of its own, all at once, "
+           f"{microbatches} micro-batches of {par.micro_batch_size} x {par.seq_len_tokens} tokens a step, "
+           f"{reps} step(s)")
     passes = [MeasuredOp(layer_kind="ends", action=kind, op=PASS_OP, tokens=par.micro_batch_size * par.seq_len_tokens,
                          seq_len=par.seq_len_tokens, s=statistics.median(seconds), samples=len(seconds),
                          source=f"{src}: each pass's wall time less its nodes' events, median of {len(seconds)}")
@@ -140,6 +133,99 @@ def time_stage_ops(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, l
                          f"the next step's micro-batches beside it, less the same pass without, median of {len(extra)}")
               for kind, extra in sorted(starts.items())]
     return measured_ops_of(inputs, op_durations_of(inputs, traces), src) + passes + wakes + out
+
+
+@dataclass
+class _RankResult:
+    """What one pipeline rank's process measured (see ``_rank_worker``)."""
+    trace: dict  # its timed steps' node events, as a run's trace
+    outside: dict[str, list[float]]  # per pass kind, each pass's seconds outside its nodes
+    woken: dict[tuple[str, float], list[float]]  # (pass kind, wait) -> each pass's extra over back to back
+    starts: dict[str, list[float]]  # pass kind -> a step's first pass's extra beside the data thread
+    optimizer: list[MeasuredOp]  # its optimizer parts (dp = 1)
+
+
+def _all_ranks(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, label: str, microbatches: int,
+               schedule) -> list[_RankResult]:
+    """Every pipeline rank's passes, each rank in a process of its own, all at once, as a run's processes share the
+    machine's cores; each step begun together (a barrier), as a run's ranks leave the step's barrier together."""
+    par = inputs.parallel
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(par.pp), ctx.SimpleQueue()
+    procs = [ctx.Process(target=_rank_worker, name=f"moeplan-passes-{r}", daemon=True,
+                         args=(inputs, r, dp, dtype, reps, label, microbatches, schedule.ranks[r],
+                               torch.get_num_threads(), barrier, queue)) for r in range(par.pp)]
+    for proc in procs:
+        proc.start()
+    got: dict[int, _RankResult | str] = {}
+    try:
+        while len(got) < par.pp:
+            if not queue.empty():
+                r, res = queue.get()
+                got[r] = res
+            elif any(p.exitcode not in (None, 0) for p in procs):
+                dead = [(p.name, p.exitcode) for p in procs if p.exitcode not in (None, 0)]
+                raise RuntimeError(f"the passes' processes {dead} exited before reporting")
+            else:
+                time.sleep(0.05)
+    finally:
+        for proc in procs:
+            proc.join(timeout=RANK_JOIN_TIMEOUT_S)
+            if proc.is_alive():
+                proc.kill()
+    failed = {r: res for r, res in got.items() if isinstance(res, str)}
+    if failed:
+        raise RuntimeError(f"pipeline rank(s) {sorted(failed)}'s passes failed: {failed}")
+    return [got[r] for r in range(par.pp)]
+
+
+def _rank_worker(inputs: PlanInputs, r: int, dp: int, dtype: torch.dtype, reps: int, label: str, microbatches: int,
+                 actions, threads: int, barrier, queue) -> None:
+    """Pipeline rank ``r``'s process: its timed steps and, after each, the same step with waits (module docstring);
+    puts ``(r, _RankResult)`` on ``queue``, or ``(r, the error)`` (the other ranks' barrier is then broken)."""
+    torch.set_num_threads(threads)
+    try:
+        queue.put((r, _one_rank(inputs, r, dp, dtype, reps, label, microbatches, actions, barrier)))
+    except Exception as e:  # noqa: BLE001 -- any error: reported by the parent, with the rank
+        barrier.abort()
+        queue.put((r, f"{type(e).__name__}: {e}"))
+
+
+def _one_rank(inputs: PlanInputs, r: int, dp: int, dtype: torch.dtype, reps: int, label: str, microbatches: int,
+              actions, barrier) -> _RankResult:
+    """Rank ``r``'s steps, each begun at ``barrier`` with the other ranks' (see ``_rank_worker``)."""
+    optimizer = dp == 1  # the rank's optimizer step after its passes, as the runtime runs it (ZeRO groups of one)
+    outside: dict[str, list[float]] = {"F": [], "B": []}
+    timed = _RankTimes(events=[], outside=outside, optimizer={part: [] for part in OPTIMIZER_PARTS})
+    built, main_grads = rank_modules(inputs, r, dtype)
+    gen = torch.Generator().manual_seed(r)
+    # each pass kind's next wait, the ranks' cycles offset so that every wait meets the others' passes
+    waits = {kind: itertools.islice(itertools.cycle(WAKE_WAITS_S), r, None) for kind in "FB"}
+    with one_process_group() if optimizer else contextlib.nullcontext(), \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeplan-data") as data_thread:
+        step = optimizer_step(inputs, built, main_grads) if optimizer else None
+        modules = dict(zip(rank_stages(inputs.parallel, r), built, strict=True))
+        varied = _RankTimes(events=[], outside={"F": [], "B": []}, optimizer={})
+        for i in range(WARMUP_STEPS + reps):
+            timing = i >= WARMUP_STEPS
+            barrier.wait(timeout=RANK_BARRIER_TIMEOUT_S)
+            _one_step(inputs, modules, actions, microbatches, dtype, gen, i, timed if timing else None)
+            _optimizer(step, main_grads, timed if timing else None)
+            if timing:  # the same step again, interleaved (a drift of the machine's speed meets both)
+                barrier.wait(timeout=RANK_BARRIER_TIMEOUT_S)
+                _one_step(inputs, modules, actions, microbatches, dtype, gen, i, varied,
+                          lambda kind: next(waits[kind]), data_thread)
+                _optimizer(step, main_grads, None)
+    woken: dict[tuple[str, float], list[float]] = {}
+    starts: dict[str, list[float]] = {}
+    for (kind, chain, how), walls in varied.walls.items():
+        base = statistics.median(timed.walls[(kind, chain, 0.0)])
+        extras = starts.setdefault(kind, []) if how == "start" else woken.setdefault((kind, how), [])
+        extras.extend(w - base for w in walls)
+    main_grads.detach()
+    ops = part_ops(inputs, r, timed.optimizer, set_shape(main_grads),
+                   f"{str(dtype).removeprefix('torch.')}, one process a rank, after its passes", label) if optimizer else []
+    return _RankResult(trace=chrome_trace(timed.events), outside=outside, woken=woken, starts=starts, optimizer=ops)
 
 
 def _non_decreasing(woken: dict[tuple[str, float], list[float]]) -> list[tuple[str, float, float, int, int]]:

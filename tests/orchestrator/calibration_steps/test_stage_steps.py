@@ -37,7 +37,8 @@ def test_every_op_the_runtime_times_is_measured_and_those_inside_another_at_zero
     # 4 micro-batches x 2 steps; the MoE layers: rank 0's one and rank 1's two; a head event per head (2 on rank 1)
     assert got[("dense", "F", "attn")].samples == 8 and got[("moe", "F", "attn")].samples == 24
     assert got[("ends", "F", PASS_OP)].samples == 16, "a pass per micro-batch, rank and step"
-    assert all(o.tokens == 64 and o.seq_len == 64 and "passes in one process" in o.source for o in got.values())
+    assert all(o.tokens == 64 and o.seq_len == 64 and "each pipeline rank's in a process of its own, all at once"
+               in o.source for o in got.values())
 
 
 def test_each_pass_kind_is_timed_again_after_each_wait(timed):
