@@ -19,6 +19,30 @@ from moeplan.model.grouped_mm import grouped_mm_supported
 from moeplan.model.weight_grad import WeightGradStore
 
 
+class PendingCounts:
+    """Pairs per expert (E,) int64 on the device, and, where the FP8 paths need them on the host, a copy on its way
+    there: a non-blocking copy into pinned memory and an event after it, issued when the routing is known, so the
+    host waits only for the router's kernels, not for work launched after them (``MoE.forward`` launches the
+    shared expert in between, which the GPU runs while the host waits and then launches the routed experts)."""
+
+    def __init__(self, counts: torch.Tensor, to_host: bool) -> None:
+        self.counts = counts
+        self._host: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+        if to_host and counts.is_cuda:
+            self._host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            self._host.copy_(counts, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def host(self) -> list[int]:
+        """The counts on the host: the layer's one planned wait (for the copy's event; on a CPU, none)."""
+        if self._ready is None:
+            return self.counts.tolist()
+        self._ready.synchronize()
+        return self._host.tolist()
+
+
 class GroupedExperts(Fusable, nn.Module):
     """E SwiGLU experts of width I executed as grouped GEMMs over expert-sorted tokens.
 
@@ -67,23 +91,33 @@ class GroupedExperts(Fusable, nn.Module):
         return GroupedLinearFn.apply(a, weight, offs, use_torch, self.weight_grad_store, self.fp8, self.fp8_backward,
                                      host_counts)
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (N, d); indices, weights: (N, k). Returns (out (N, d), tokens per expert (E,) int64)."""
-        num_tokens, top_k = indices.shape
-        token_of_pair = torch.arange(num_tokens * top_k, device=indices.device) // top_k  # (N*k,) pair j = token j // k
-        return self.forward_pairs(x, token_of_pair, indices.reshape(-1), weights.reshape(-1))
-
-    def forward_pairs(self, x: torch.Tensor, token_of_pair: torch.Tensor, expert_of_pair: torch.Tensor,
-                      weight_of_pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Any number of (row, expert, weight) pairs: x (N, d); the others (P,). Returns (out (N, d): each row's
-        weighted sum over its pairs, pairs per expert (E,) int64). Expert parallelism calls it with the rows a
-        GPU received, whose pair counts differ from row to row."""
+    def count(self, expert_of_pair: torch.Tensor) -> PendingCounts:
+        """Pairs per expert, started towards the host where the FP8 paths will need them (``PendingCounts``)."""
         # (E,) pairs per expert; not torch.bincount, whose CUDA kernel reads the largest index on the host
         counts = expert_of_pair.new_zeros(self.num_experts).scatter_add_(
             0, expert_of_pair, torch.ones_like(expert_of_pair))
-        # The FP8 paths pad each expert's rows to 128 (contiguous layout): one planned host sync here
+        return PendingCounts(counts, to_host=self.fp8 is not None)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                pending: PendingCounts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (N, d); indices, weights: (N, k); ``pending``: ``count(indices.reshape(-1))`` if already issued.
+        Returns (out (N, d), tokens per expert (E,) int64)."""
+        num_tokens, top_k = indices.shape
+        token_of_pair = torch.arange(num_tokens * top_k, device=indices.device) // top_k  # (N*k,) pair j = token j // k
+        return self.forward_pairs(x, token_of_pair, indices.reshape(-1), weights.reshape(-1), pending)
+
+    def forward_pairs(self, x: torch.Tensor, token_of_pair: torch.Tensor, expert_of_pair: torch.Tensor,
+                      weight_of_pair: torch.Tensor, pending: PendingCounts | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any number of (row, expert, weight) pairs: x (N, d); the others (P,). Returns (out (N, d): each row's
+        weighted sum over its pairs, pairs per expert (E,) int64). Expert parallelism calls it with the rows a
+        GPU received, whose pair counts differ from row to row. ``pending``: ``count(expert_of_pair)``, issued
+        earlier by the caller (else here)."""
+        pending = pending if pending is not None else self.count(expert_of_pair)
+        counts = pending.counts
+        # The FP8 paths pad each expert's rows to 128 (contiguous layout): one planned host wait here
         # gives them the row counts, so the six grouped GEMMs of the layer never wait for the GPU.
-        host_counts = counts.tolist() if self.fp8 is not None else None
+        host_counts = pending.host() if self.fp8 is not None else None
         use_torch = x.is_cuda and self.grouped_mm_ok
         if self.fp8 is not None and self.fp8.grouped_contiguous is not None and expert_of_pair.numel():
             plan = make_pair_plan(token_of_pair, expert_of_pair, x.shape[0], host_counts)

@@ -75,12 +75,16 @@ class MoE(nn.Module):
         batch, seqlen, dim = x.shape
         flat = x.reshape(-1, dim)  # (B*T, d)
         routing = self.gate(flat)
-        routed, counts = self.experts(flat, routing.indices, routing.weights)
+        # The routed experts' counts start towards the host (FP8: the layer's one planned wait), then the shared
+        # expert is launched: the GPU runs it while the host waits for the counts and launches the routed experts.
+        pending = self.experts.count(routing.indices.reshape(-1))
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        routed, counts = self.experts(flat, routing.indices, routing.weights, pending)
         with torch.no_grad():
             self.tokens_per_expert += counts
         out = routed.view(batch, seqlen, dim)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        if shared is not None:
+            out = out + shared
         if self.training and self.balance_alpha > 0 and torch.is_grad_enabled():
             loss = self.balance_alpha * sequence_balance_loss(routing, batch, seqlen, self.num_experts, self.top_k)
             self.last_balance_loss = loss.detach()

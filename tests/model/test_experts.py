@@ -116,3 +116,27 @@ def test_the_weighted_combine_equals_autograd_through_its_ops():
         out_a.backward(grad_out)
         out_b.backward(grad_out)
         assert torch.equal(out_a, out_b) and torch.equal(a.grad, b.grad) and torch.equal(wa.grad, wb.grad), dtype
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_counts_reach_the_host_as_given_and_the_early_count_changes_nothing(device) -> None:
+    """``GroupedExperts.count``: pairs per expert on the device and, for the FP8 paths, on the host (on a GPU by a
+    non-blocking copy and an event, on a CPU as they are); the experts' output and counts are the same whether
+    the caller issued the count early (``MoE.forward``) or the experts count themselves."""
+    from moeplan.model.experts import PendingCounts
+
+    ids = torch.tensor([3, 0, 3, 1, 3, 0], device=device)
+    experts = GroupedExperts(4, 8, 16, torch.float32, backend="fp8", fp8=reference_ops(128)).to(device)
+    pending = experts.count(ids)
+    assert pending.counts.tolist() == [2, 1, 0, 3] and pending.host() == [2, 1, 0, 3]
+    assert (pending._ready is not None) == (device == "cuda")
+    float_experts = GroupedExperts(4, 8, 16, torch.float32, backend="reference").to(device)
+    assert float_experts.count(ids)._ready is None  # no host copy where no path reads the counts there
+    assert PendingCounts(torch.tensor([5]), to_host=True).host() == [5]
+    experts, x, indices, weights = _setup(7, "fp8")  # the FP8 path, which reads the counts on the host
+    x, indices, weights = x.to(device), indices.to(device), weights.to(device)
+    experts = experts.to(device)
+    out, counts = experts(x, indices, weights)
+    early, early_counts = experts(x, indices, weights, experts.count(indices.reshape(-1)))
+    assert torch.equal(out, early) and torch.equal(counts, early_counts)
