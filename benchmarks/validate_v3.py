@@ -105,6 +105,12 @@ def sensitivity() -> list[str]:
         ("the loss as our runtime computes it, FP32 cross-entropy over upcast logits (`training.kernels.loss="
          "\"fp32\"`) instead of one fused pass over the BF16 logits (the recipe's: an assumption, DeepSeek has not "
          "published its loss kernel)", ('training.kernels.loss="fp32"',), SimOptions()),
+        ("the casts with transpose and the routed experts' FP8 backward casts (`expert_cast`) at the copy bandwidth "
+         f"instead of the measured `fp8_cast` fraction ({tables.memory_fracs('fp8_cast')[1]:.1%} backward: our "
+         "quantisers one at a time, `elementwise.STAND_INS`, until a table times them)", (),
+         SimOptions(tables=tables.model_copy(update={"memory_kernels": tables.memory_kernels + tuple(
+             MemoryKernelPoint(kernel=k, fwd_frac=tables.memory_frac, source="copy bandwidth")
+             for k in ("fused_fp8_cast", "expert_cast"))}))),
         ("router scores and top-k at the copy bandwidth instead of their measured "
          f"{tables.memory_fracs('router')[0]:.1%} (a dozen small eager kernels on 4096 x 256 FP32, timed one call at "
          "a time)", (),
