@@ -27,7 +27,13 @@ from moeplan.simulator.accounting.memory import rank_params
 from moeplan.simulator.costs.elementwise import fp8_weight_quant_bytes, layer_bytes_per_token
 from moeplan.simulator.costs.kernels import attention_s, memory_s
 from moeplan.simulator.costs.tables import CostTables, Precision
-from moeplan.simulator.engine.unit_costs import CostContext, attention_shapes, memory_bound_s, unit_costs
+from moeplan.simulator.engine.unit_costs import (
+    CostContext,
+    attention_shapes,
+    fp8_weight_params,
+    memory_bound_s,
+    unit_costs,
+)
 from moeplan.simulator.presets.clusters import h100_gpu, h200_gpu, h800_gpu
 from moeplan.simulator.presets.models import deepseek_v3, tiny_moe
 from moeplan.simulator.spec.hardware import GpuSpec
@@ -175,27 +181,13 @@ def _layer_classes(tables: CostTables, gpu: GpuSpec, spec: ModelSpec, layer: int
     return {"gemm": gemm, "grouped_gemm": grouped, "attention": attn, "memory_bound": mem}
 
 
-def fp8_weight_params(spec: ModelSpec, layers) -> int:
-    """Parameters of the layers' FP8 linears: the attention projections, the shared and routed experts and the
-    dense MLPs (the router, the norms and the head stay BF16: TR §3.3)."""
-    h, out = spec.hidden_size, 0
-    attn, up = attention_shapes(spec)
-    for layer in layers:
-        out += sum(i * o for i, o in attn + up)
-        if spec.is_moe_layer(layer):
-            out += 3 * h * spec.moe_intermediate_size * (spec.n_shared_experts + spec.n_routed_experts)
-        else:
-            out += 3 * h * spec.intermediate_size
-    return out
-
-
 def weight_quant_s(w: Workload, config: Config, gpu: GpuSpec, tables: CostTables) -> float:
     """Seconds of one step's FP8 weight quantisation (``costs.elementwise.fp8_weight_quant_bytes``, W^T too where
     the backward is FP8) at the copy bandwidth; 0 for BF16."""
     if config.fwd_precision != "fp8":
         return 0.0
     nbytes = fp8_weight_quant_bytes(fp8_weight_params(w.spec, w.layers), transposed=config.bwd_precision == "fp8")
-    return memory_s(tables, gpu, nbytes)
+    return memory_s(tables, gpu, nbytes)  # as engine.unit_costs.fp8_weight_quant_s, with the W^T copy per config
 
 
 def predicted_classes(w: Workload, config: Config, gpu: GpuSpec, tables: CostTables,
@@ -306,7 +298,8 @@ _WEIGHT_QUANT_NOTE = (
     "1/K of a step's FP8 weight quantisation in the memory-bound forward (`costs.elementwise."
     "fp8_weight_quant_bytes`: the BF16 weights read once, W and, with an FP8 backward, W^T written; at the "
     "tables' copy bandwidth, no table timing this kernel), as the measured time per micro-batch holds 1/K of it "
-    "(K micro-batches a step, above). The engine's step (`moeplan plan`) does not price it yet.")
+    "(K micro-batches a step, above). The engine's step (`moeplan plan`) prices it the same way since 2026-12-06 "
+    "(`engine.unit_costs.fp8_weight_quant_s`, spread over each stage copy's micro-batches).")
 
 
 _MAIN_GRADS_ON = (

@@ -23,7 +23,7 @@ from moeplan.simulator.engine.expert_traffic import ExpertTraffic, expert_traffi
 from moeplan.simulator.engine.host_term import optimizer_host_s, step_start_s, wake_points
 from moeplan.simulator.engine.step import Links, RankTail, StageCosts, StepInputs, WakeCosts
 from moeplan.simulator.engine.tensor_parallel import TpComm, collective_s, tp_comm, tp_ends, tp_unit_costs
-from moeplan.simulator.engine.unit_costs import CostContext, EndCosts, UnitCosts, end_costs
+from moeplan.simulator.engine.unit_costs import CostContext, EndCosts, UnitCosts, end_costs, fp8_weight_quant_s
 from moeplan.simulator.schedules.registry import make_schedule, rank_stages, schedule_kind
 from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.model import ModelSpec
@@ -120,8 +120,12 @@ def merge_units(units: list[UnitCosts]) -> UnitCosts:
     return UnitCosts(**{f: sum(getattr(u, f) for u in units) for f in fields})
 
 
-def _stage_costs(inputs: PlanInputs, parallel: ParallelSpec, ctx: CostContext, opts: SimOptions) -> tuple[StageCosts, ...]:
-    """Per stage, the costs of its layer units; MoE layers with the same load share one entry."""
+def _stage_costs(inputs: PlanInputs, parallel: ParallelSpec, ctx: CostContext, opts: SimOptions,
+                 microbatches: int) -> tuple[StageCosts, ...]:
+    """Per stage, the costs of its layer units; MoE layers with the same load share one entry. An FP8 run's
+    weight quantisation, once a step for each copy of a stage (``unit_costs.fp8_weight_quant_s``), is spread over
+    the micro-batches that copy runs (the runtime does it in the first; the step's total is the same), on the
+    first unit's forward."""
     m = inputs.model
     cache: dict[tuple, UnitCosts] = {}
 
@@ -142,8 +146,12 @@ def _stage_costs(inputs: PlanInputs, parallel: ParallelSpec, ctx: CostContext, o
         return tp_comm(ctx.tables, m, moe, ctx.tokens, tp, sp, nvlink)
 
     out = []
+    share = microbatches / schedule_kind(parallel.schedule).directions(parallel.pp, parallel.virtual_stages)
     for stage in pipeline_stages(m, parallel):
         units = _with_pass([unit(u) for u in stage.layers], ctx)
+        quant_s = fp8_weight_quant_s(ctx, m, stage.layers, parallel.ep, tp)
+        if quant_s and units:
+            units[0] = replace(units[0], attn_fwd_s=units[0].attn_fwd_s + quant_s / share)
         comms = [comm(u) for u in stage.layers] if tp > 1 else None
         if opts.coarse and len(units) > 1:
             units = [merge_units(units)]
@@ -282,10 +290,10 @@ def step_inputs(
         cp_over_nvlink=par.cp <= cl.node.gpus_per_node,  # CP ranks are innermost: a group fits in a node
         p2p_blocks=p2p_blocks(inputs), batch_s=posted_batches_s(tables, p2p_bytes) if p2p_blocks(inputs) else None,
     )
-    stages, slow_ends = _stage_costs(inputs, par, ctx, opts), None
+    stages, slow_ends = _stage_costs(inputs, par, ctx, opts, microbatches), None
     if comm_sms(inputs, tables) and not opts.comm_sms_always:  # the same units on the SMs an all-to-all leaves
         slow_ctx = cost_context(inputs, tables, seq, beside_comm=True)
-        slow = _stage_costs(inputs, par, slow_ctx, opts)
+        slow = _stage_costs(inputs, par, slow_ctx, opts, microbatches)
         stages = tuple(replace(st, slow_units=v.units) for st, v in zip(stages, slow, strict=True))
         slow_ends = _end_costs(inputs, slow_ctx)
     return StepInputs(
@@ -304,7 +312,7 @@ def compute_bound_s(inputs: PlanInputs, dp: int, microbatches: int, opts: SimOpt
     par = inputs.parallel
     tables = opts.tables or default_tables(inputs.cluster.gpu.name)
     ctx = cost_context(inputs, tables, par.seq_len_tokens, beside_comm=opts.comm_sms_always)
-    stages = _stage_costs(inputs, par, ctx, replace(opts, coarse=True))
+    stages = _stage_costs(inputs, par, ctx, replace(opts, coarse=True), microbatches)
     ends = _end_costs(inputs, ctx)
     head_s = ends.head_fwd_s + ends.head_dx_s + ends.head_dw_s
 

@@ -38,6 +38,7 @@ from moeplan.simulator.costs.elementwise import (
     KernelBytes,
     end_bytes_per_token,
     fp32_loss_bytes_per_token,
+    fp8_weight_quant_bytes,
     layer_bytes_per_token,
     selective_recompute_bytes_per_token,
 )
@@ -136,6 +137,32 @@ def attention_shapes(m: ModelSpec) -> tuple[list[tuple[int, int]], list[tuple[in
         return down + [(heads * m.v_head_dim, h)], up
     qkv = (heads + 2 * m.kv_heads) * m.gqa_head_dim
     return [(h, qkv), (heads * m.gqa_head_dim, h)], []
+
+
+def fp8_weight_params(m: ModelSpec, units, ep: int = 1, tp: int = 1) -> float:
+    """One rank's FP8 linear parameters in ``units`` (layer indices; MTP modules past the last layer): the attention
+    projections, the dense MLP or shared experts and MTP's eh_proj, split over ``tp``, and the rank's ``1/ep`` of
+    the routed experts (the router, the norms, the embedding and the head stay BF16: TR §3.3)."""
+    attn, up = attention_shapes(m)
+    h, dense, routed = m.hidden_size, 0, 0
+    for u in units:
+        mtp = u >= m.num_hidden_layers
+        dense += _dense_params(attn + up) + (2 * h * h if mtp else 0)
+        if (m.is_moe if mtp else m.is_moe_layer(u)):
+            dense += 3 * h * m.moe_intermediate_size * m.n_shared_experts
+            routed += 3 * h * m.moe_intermediate_size * m.n_routed_experts
+        else:
+            dense += 3 * h * m.intermediate_size
+    return dense / tp + routed / ep
+
+
+def fp8_weight_quant_s(ctx: CostContext, m: ModelSpec, units, ep: int, tp: int = 1, transposed: bool = True) -> float:
+    """Seconds to quantise a stage copy's FP8 weights once (``model.fp8.Fp8WeightCache``: at the step's first
+    micro-batch after the weights change), W and, for an FP8 backward, W^T (``elementwise.fp8_weight_quant_bytes``),
+    at the copy bandwidth: no table times this kernel. 0 for a BF16 run."""
+    if ctx.precision != "fp8":
+        return 0.0
+    return memory_s(ctx.tables, ctx.gpu, fp8_weight_quant_bytes(fp8_weight_params(m, units, ep, tp), transposed))
 
 
 def _priced_as(ctx: CostContext, kernel: str) -> str:

@@ -171,3 +171,32 @@ def test_every_experts_wgrad_pays_its_main_gradient_add_the_epilogue_or_the_hook
     assert dw_less_gemms("fp8", "fused") == pytest.approx(add_s(MAIN_GRAD_EPILOGUE_BYTES))
     assert dw_less_gemms("fp8", "eager") == pytest.approx(add_s(MAIN_GRAD_EPILOGUE_BYTES))
     assert dw_less_gemms("bf16", "eager") == pytest.approx(add_s(MAIN_GRAD_ADD_BYTES))
+
+
+def test_fp8_weight_quantisation_once_a_step_per_stage_copy_over_its_micro_batches():
+    """An FP8 run quantises each stage copy's FP8 weights once a step (W and W^T), spread over the micro-batches
+    that copy runs (DualPipe: half of them) on its first unit's forward; a BF16 run pays nothing. The rank's
+    parameters: the dense linears over tp, the routed experts over ep (tiny_moe: hidden 64, expert width 32)."""
+    from dataclasses import replace
+
+    from moeplan.simulator.accounting.layout import pipeline_stages
+    from moeplan.simulator.engine.build import cost_context
+    from moeplan.simulator.engine.unit_costs import attention_shapes, fp8_weight_params, fp8_weight_quant_s
+
+    m = tiny_moe()
+    attn, up = attention_shapes(m)
+    moe_layer = [i for i in range(m.num_hidden_layers) if m.is_moe_layer(i)][0]
+    proj = sum(i * o for i, o in attn + up)
+    routed, shared = 3 * 64 * 32 * m.n_routed_experts, 3 * 64 * 32 * m.n_shared_experts
+    assert fp8_weight_params(m, [moe_layer], ep=4, tp=2) == pytest.approx((proj + shared) / 2 + routed / 4)
+    mtp = m.num_hidden_layers  # an MTP module adds eh_proj (2h -> h)
+    assert fp8_weight_params(m, [mtp]) - fp8_weight_params(m, [moe_layer]) == 2 * 64 * 64
+    inp = _inputs()  # fp8, pp 2, ep 4, DualPipe: each stage has two copies, each running half the micro-batches
+    ctx = cost_context(inp, default_tables(inp.cluster.gpu.name), 256)
+    few, many = step_inputs(inp, 4, 4), step_inputs(inp, 4, 16)
+    for stage, a, b in zip(pipeline_stages(inp.model, inp.parallel), few.stages, many.stages, strict=True):
+        quant = fp8_weight_quant_s(ctx, inp.model, stage.layers, ep=4)
+        assert quant > 0 and a.units[1:] == b.units[1:]  # only the first unit's forward carries it
+        assert a.units[0].attn_fwd_s - b.units[0].attn_fwd_s == pytest.approx(quant / 2 - quant / 8)
+    bf16 = replace(ctx, precision="bf16")
+    assert fp8_weight_quant_s(bf16, m, [moe_layer], ep=4) == 0.0
