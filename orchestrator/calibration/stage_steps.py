@@ -168,6 +168,10 @@ def _all_ranks(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, label
                 raise RuntimeError(f"the passes' processes {dead} exited before reporting")
             else:
                 time.sleep(0.05)
+    except BaseException:  # a signal, or a rank's process gone: stop the others now, not after their steps
+        for proc in procs:
+            proc.kill()
+        raise
     finally:
         for proc in procs:
             proc.join(timeout=RANK_JOIN_TIMEOUT_S)

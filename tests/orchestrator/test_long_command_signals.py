@@ -162,8 +162,10 @@ def test_a_signal_while_calibrate_measures_links_exits_128_plus_it_and_writes_no
     assert proc.returncode == 128 + signum, stderr[-3000:]
     progress = [x for x in stderr.splitlines() if PROGRESS.match(x)]  # calibrate shows where it was when stopped
     assert [x for x in stderr.splitlines() if not PROGRESS.match(x)] == LINES[signum]
-    # the measurement under way spawned the processes: the collectives, or the all-reduce pair beside a GEMM
-    assert progress[-1].endswith(" ...") and (" links: " in progress[-1] or " beside: " in progress[-1]), progress
+    # the measurement under way spawned the processes: the ranks' passes (a process a rank), the collectives, or the
+    # all-reduce pair beside a GEMM
+    assert progress[-1].endswith(" ...") and any(what in progress[-1] for what in (
+        " links: ", " beside: ", " host: each pipeline rank's passes")), progress
     assert seconds < EXIT_S, f"{seconds:.1f} s to exit"
     _all_gone(started)
     assert sorted(tmp_path.rglob("*")) == before
