@@ -155,10 +155,10 @@ def _all_ranks(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, label
     procs = [ctx.Process(target=_rank_worker, name=f"moeplan-passes-{r}", daemon=True,
                          args=(inputs, r, dp, dtype, reps, label, microbatches, schedule.ranks[r],
                                torch.get_num_threads(), barrier, queue)) for r in range(par.pp)]
-    for proc in procs:
-        proc.start()
     got: dict[int, _RankResult | str] = {}
     try:
+        for proc in procs:  # inside: a signal while the later ones start stops the earlier ones too
+            proc.start()
         while len(got) < par.pp:
             if not queue.empty():
                 r, res = queue.get()
@@ -170,10 +170,13 @@ def _all_ranks(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, label
                 time.sleep(0.05)
     except BaseException:  # a signal, or a rank's process gone: stop the others now, not after their steps
         for proc in procs:
-            proc.kill()
+            if proc.pid is not None:
+                proc.kill()
         raise
     finally:
         for proc in procs:
+            if proc.pid is None:
+                continue
             proc.join(timeout=RANK_JOIN_TIMEOUT_S)
             if proc.is_alive():
                 proc.kill()
