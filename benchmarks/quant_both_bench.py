@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import subprocess
 import sys
@@ -31,7 +32,16 @@ from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_
 from moeplan.kernels.triton_compat import HAVE_TRITON, INTERPRET, cdiv, triton
 from moeplan.orchestrator.calibration.timing import median_s
 from moeplan.simulator.contracts.atomic_write import write_atomic
-from moeplan.simulator.presets.clusters import h100_gpu, h200_gpu, h800_gpu
+
+def _sibling(name: str):
+    """``benchmarks/<name>.py`` as a module (the script runs as ``python -P``: its folder is not on sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+hbm_peak = _sibling("quant_speed").hbm_peak  # the datasheet bandwidth of the device's cluster preset
 
 SHAPES = ((4096, 7168), (34560, 7168), (34560, 4096))
 SMALL_SHAPES = ((200, 384),)
@@ -95,14 +105,6 @@ def measure(shape: tuple[int, int], device: torch.device, reps: int, peak: float
     row("quant_act_1x128 + quant_act_128x1_t (two reads; quant_act_both's default)",
         median_s(lambda: (quant_act_1x128(x), quant_act_128x1_t(x)), device, reps), True)
     return rows
-
-
-def hbm_peak(device: torch.device) -> tuple[str, float | None]:
-    if device.type != "cuda":
-        return "none on the CPU", None
-    name = torch.cuda.get_device_name(device).upper()
-    gpu = h100_gpu() if "H100" in name else h800_gpu() if "H800" in name else h200_gpu()
-    return f"{gpu.name} preset", gpu.hbm_bytes_per_s
 
 
 def render(meta: dict, rows: list[dict]) -> str:

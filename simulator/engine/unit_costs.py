@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeplan.simulator.accounting.flops import attention_core_flops
+from moeplan.simulator.accounting.params import expert_params, swiglu_params
 from moeplan.simulator.costs.elementwise import (
     BF16_BYTES,
     FP32_BYTES,
@@ -149,10 +150,10 @@ def fp8_weight_params(m: ModelSpec, units, ep: int = 1, tp: int = 1) -> float:
         mtp = u >= m.num_hidden_layers
         dense += _dense_params(attn + up) + (2 * h * h if mtp else 0)
         if (m.is_moe if mtp else m.is_moe_layer(u)):
-            dense += 3 * h * m.moe_intermediate_size * m.n_shared_experts
-            routed += 3 * h * m.moe_intermediate_size * m.n_routed_experts
+            dense += swiglu_params(h, m.moe_intermediate_size * m.n_shared_experts)
+            routed += m.n_routed_experts * expert_params(m)
         else:
-            dense += 3 * h * m.intermediate_size
+            dense += swiglu_params(h, m.intermediate_size)
     return dense / tp + routed / ep
 
 
