@@ -59,6 +59,7 @@ def _sibling(name: str):
 
 
 cases = _sibling("model_step_cases")
+gpu_gaps = _sibling("gpu_gaps")
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -317,9 +318,10 @@ def kernel_records(events, device: torch.device, spans) -> list[tuple[str, float
 
 
 def profile_breakdown(r: Runner, x, g, device: torch.device, steps: int, microbatches: int,
-                      with_main_grads: bool = False) -> dict:
+                      with_main_grads: bool = False, trace: Path | None = None) -> dict:
     """Per micro-batch (``steps`` steps of ``microbatches``): seconds by kernel class and pass, busy (union of
-    kernel intervals), wall and idle."""
+    kernel intervals), wall and idle; with ``trace``, the Chrome trace is kept there and the GPU's idle gaps
+    are charged to the host ops that released them (``gpu_gaps``)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with main_grads(r.stage, with_main_grads), experts_marked(r.stage) as spans, profile(activities=activities) as prof:
         for _ in range(steps):
@@ -342,10 +344,22 @@ def profile_breakdown(r: Runner, x, g, device: torch.device, steps: int, microba
         busy_s = device_s = kernel_s  # one thread: the ops' self times do not overlap
     wall_s = sum(hi - lo for lo, hi in windows)
     n = steps * microbatches
-    return {"steps": steps, "microbatches": microbatches, "classes": cases.class_times(records, n),
+    gaps = None
+    if trace is not None and device.type == "cuda":
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
+        gaps = gpu_gaps.gap_summary(json.loads(trace.read_text()), STEP_RANGE)
+        log.info("%s: GPU idle\n%s", trace.name, gpu_gaps.format_summary(gaps))
+    return {"steps": steps, "microbatches": microbatches, "classes": cases.class_times(records, n), "gaps": gaps,
             "top_kernels": cases.top_kernels(records, n),
             "wall_s": wall_s / n, "busy_s": busy_s / n, "idle_s": (wall_s - busy_s) / n, "kernel_s": kernel_s / n,
             "unlinked_s": (device_s - kernel_s) / n, "spans": len(spans) // n}
+
+
+def trace_path(folder: Path | None, workload: str, config: str) -> Path | None:
+    if folder is None:
+        return None
+    return folder / f"{workload}-{''.join(c if c.isalnum() else '-' for c in config)}.json"
 
 
 def run_workload(w, device: torch.device, gpu, tables, args) -> dict:
@@ -368,7 +382,7 @@ def run_workload(w, device: torch.device, gpu, tables, args) -> dict:
             entry.update(times_s=r.times_s, clocks=r.clocks, timing=timing,
                          memory=memory_and_loads(r, x, g, device, args.microbatches, args.main_grads),
                          profile=profile_breakdown(r, x, g, device, args.profile_steps, args.microbatches,
-                                                   args.main_grads))
+                                                   args.main_grads, trace_path(args.trace, w.name, r.config.name)))
             log.info("%s %s: %s", w.name, r.config.name, json.dumps(entry["timing"]))
         configs.append(entry)
     del runners, live, x, g
@@ -428,6 +442,8 @@ def parse_args() -> argparse.Namespace:
                         help="FP32 main gradients attached as the runtime does (default on)")
     parser.add_argument("--configs", default=None,
                         help="comma-separated configuration names to run (default: all of model_step_cases.CONFIGS)")
+    parser.add_argument("--trace", type=Path, default=None, metavar="DIR",
+                        help="keep each profiled step's Chrome trace there, with its GPU idle charged to host ops")
     parser.add_argument("--reprice", type=Path, default=None, metavar="JSON",
                         help="no run: that results file's measurements, predicted again by today's simulator")
     args = parser.parse_args()
