@@ -129,7 +129,8 @@ def grouped_gemm_fp8(
     backend: "auto" | "triton" | "gluon" (the warp-specialised Hopper kernel) | "torch" (per-expert
     torch._scaled_mm).
     m_counts: real rows per expert on the host, if the caller has them (DeepEP's dispatch returns
-    them as a list); the per-expert loop then never waits for the GPU to learn the segments.
+    them as a list); the per-expert loop then never waits for the GPU to learn the segments. Without
+    them "auto" leaves that loop out, so that nothing here waits for the GPU either way.
     """
     check_fp8_operands(a, a_scale, b, b_scale)
     if b.dim() != 3:
@@ -146,8 +147,10 @@ def grouped_gemm_fp8(
     runs = {"triton": lambda: _grouped_fp8_triton(*args), "gluon": lambda: _grouped_fp8_gluon(*args),
             "torch": lambda: _grouped_fp8_torch(*args, m_counts)}
     if backend == "auto":
-        key = ("grouped_fp8", next_power_of_2(a.shape[0]), tuple(b.shape), b.stride(), out_dtype)
-        backend = pick_faster(key, runs)
+        # Without the counts on the host the per-expert loop would wait for the GPU at every call (it reads
+        # the segments there): auto then picks between the kernels that read m_indices on the device.
+        key = ("grouped_fp8", next_power_of_2(a.shape[0]), tuple(b.shape), b.stride(), out_dtype, m_counts is None)
+        backend = pick_faster(key, runs if m_counts is not None else {k: runs[k] for k in ("triton", "gluon")})
     return runs[backend]()
 
 

@@ -100,20 +100,29 @@ def make_dispatch_plan(topk_ids: torch.Tensor, num_experts: int, align: int = TI
     return DispatchPlan(src_token, m_indices, dest.view(T, topk), seg_offsets.to(torch.int32))
 
 
+def worst_case_rows(num_pairs: int, num_experts: int, align: int) -> int:
+    """The most rows ``num_pairs`` pairs over ``num_experts`` experts can fill, each expert's segment padded to a
+    multiple of ``align``: each segment pads at most ``align - 1`` rows, and their sum is a multiple of ``align``
+    (at least ``align`` rows, or 1 unpadded)."""
+    if align == 1:
+        return max(num_pairs, 1)
+    return max((num_pairs + num_experts * (align - 1)) // align * align, align)
+
+
 def make_pair_plan(token_of_pair: torch.Tensor, expert_of_pair: torch.Tensor, num_tokens: int,
                    expert_counts: Sequence[int] | int, align: int = TILE) -> DispatchPlan:
     """Any (token, expert) pairs, token_of_pair and expert_of_pair (P,) int, a token in any number of them.
 
     ``expert_counts``: pairs per expert on the host (the caller's one planned sync); they size the
-    buffers, so nothing here waits for the GPU. At least ``align`` rows even without pairs. With
-    ``align=1`` nothing is padded and the number of experts alone (an int) will do: the rows are the pairs."""
+    buffers, so nothing here waits for the GPU. At least ``align`` rows even without pairs. Given only the
+    number of experts (an int), nothing needs the counts on the host: with ``align=1`` nothing is padded and
+    the rows are the pairs; with a larger ``align`` the buffers take the most the padding can need
+    (``worst_case_rows``), the rows after the last segment padding too (``m_indices`` -1)."""
     if token_of_pair.shape != expert_of_pair.shape or token_of_pair.dim() != 1:
         raise ValueError(f"token_of_pair {tuple(token_of_pair.shape)} and expert_of_pair "
                          f"{tuple(expert_of_pair.shape)} must be the same (P,)")
     if isinstance(expert_counts, int):
-        if align != 1:
-            raise ValueError(f"align={align}: padded segments need the per-expert counts, not only their number")
-        num_experts, num_rows = expert_counts, max(token_of_pair.numel(), 1)
+        num_experts, num_rows = expert_counts, worst_case_rows(token_of_pair.numel(), expert_counts, align)
     else:
         if sum(int(n) for n in expert_counts) != token_of_pair.numel():
             raise ValueError(f"expert_counts sum to {sum(int(n) for n in expert_counts)}, "

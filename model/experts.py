@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeplan.kernels.moe_permute import make_pair_plan
+from moeplan.kernels.fp8_gemm_ws import runs_on as gluon_runs_on
 from moeplan.model.fp8 import Fp8Ops
 from moeplan.model.fused_experts import FusedExpertsFn
 from moeplan.model.fused import Fusable
@@ -78,6 +79,7 @@ class GroupedExperts(Fusable, nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter_dim, dim, dtype=dtype))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, inter_dim, dtype=dtype))
         self.weight_grad_store: WeightGradStore | None = None
+        self.host_counts: bool | None = None  # None: by the device (``counts_on_host``)
 
     def fused_bf16(self, x: torch.Tensor) -> bool:
         """Whether the float experts run ``model.fused_experts``'s BF16 path: ``fuse`` is on (``fuse_memory_bound``)
@@ -91,12 +93,26 @@ class GroupedExperts(Fusable, nn.Module):
         return GroupedLinearFn.apply(a, weight, offs, use_torch, self.weight_grad_store, self.fp8, self.fp8_backward,
                                      host_counts)
 
+    def counts_on_host(self, device: torch.device) -> bool:
+        """Whether the FP8 paths need the pairs per expert on the host (one wait a layer for the router's kernels).
+
+        Not where the fused FP8 path runs the Gluon kernels (a Hopper GPU): its grouped GEMMs read each tile's
+        expert (``m_indices``) and its weight gradients the segment bounds on the GPU, so the plan takes the
+        worst-case padded size (``kernels.moe_permute.worst_case_rows``: E·127 rows more at most) and the host
+        never waits for the GPU: it keeps launching ahead. Elsewhere the counts size the buffers exactly and let
+        cuBLAS run per expert. ``host_counts`` (True / False) overrides the choice; None decides by the device."""
+        if self.fp8 is None:
+            return False
+        if self.host_counts is not None:
+            return self.host_counts
+        return self.fp8.grouped_contiguous is None or not gluon_runs_on(device)
+
     def count(self, expert_of_pair: torch.Tensor) -> PendingCounts:
         """Pairs per expert, started towards the host where the FP8 paths will need them (``PendingCounts``)."""
         # (E,) pairs per expert; not torch.bincount, whose CUDA kernel reads the largest index on the host
         counts = expert_of_pair.new_zeros(self.num_experts).scatter_add_(
             0, expert_of_pair, torch.ones_like(expert_of_pair))
-        return PendingCounts(counts, to_host=self.fp8 is not None)
+        return PendingCounts(counts, to_host=self.counts_on_host(expert_of_pair.device))
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                 pending: PendingCounts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,12 +131,14 @@ class GroupedExperts(Fusable, nn.Module):
         earlier by the caller (else here)."""
         pending = pending if pending is not None else self.count(expert_of_pair)
         counts = pending.counts
-        # The FP8 paths pad each expert's rows to 128 (contiguous layout): one planned host wait here
-        # gives them the row counts, so the six grouped GEMMs of the layer never wait for the GPU.
-        host_counts = pending.host() if self.fp8 is not None else None
+        # The FP8 paths pad each expert's rows to 128 (contiguous layout). Where they need the row counts on
+        # the host (``counts_on_host``), one planned host wait here gives them, so the six grouped GEMMs of the
+        # layer never wait for the GPU; elsewhere the plan takes the worst-case padded size, and nothing waits.
+        host_counts = pending.host() if self.counts_on_host(x.device) else None
         use_torch = x.is_cuda and self.grouped_mm_ok
         if self.fp8 is not None and self.fp8.grouped_contiguous is not None and expert_of_pair.numel():
-            plan = make_pair_plan(token_of_pair, expert_of_pair, x.shape[0], host_counts)
+            plan = make_pair_plan(token_of_pair, expert_of_pair, x.shape[0],
+                                  host_counts if host_counts is not None else self.num_experts)
             out = FusedExpertsFn.apply(x, weight_of_pair, self.gate_up_proj, self.down_proj, plan, self.fp8,
                                        self.fp8_backward, self.weight_grad_store, host_counts, use_torch)
             return out, counts

@@ -22,8 +22,10 @@ import torch
 GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _row_slots(offs: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """For each sorted row: its expert and its position within that expert's segment."""
+def _row_slots(offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For each sorted row up to the last segment's end: its expert and its position within that expert's
+    segment. (Rows after ``offs[-1]``, a worst-case-sized layout's tail, belong to no expert.)"""
+    num_rows = int(offs[-1]) if len(offs) else 0
     counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())  # (E,)
     expert = torch.repeat_interleave(torch.arange(len(offs), device=offs.device), counts, output_size=num_rows)
     starts = offs.long() - counts
@@ -33,20 +35,23 @@ def _row_slots(offs: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.T
 
 
 def reference_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Loop-free padded-batch grouped matmul; a: (M, K), b: (E, K, N) -> (M, N)."""
-    expert, slot, max_rows = _row_slots(offs, a.shape[0])
+    """Loop-free padded-batch grouped matmul; a: (M, K), b: (E, K, N) -> (M, N) (zero after ``offs[-1]``)."""
+    expert, slot, max_rows = _row_slots(offs)
     padded = a.new_zeros(b.shape[0], max_rows, a.shape[1])  # (E, R, K)
-    padded = padded.index_put((expert, slot), a)
+    padded = padded.index_put((expert, slot), a[:len(expert)])
     out = torch.bmm(padded, b.to(a.dtype))  # (E, R, N)
-    return out[expert, slot]
+    rows = out[expert, slot]
+    if len(expert) == a.shape[0]:
+        return rows
+    return torch.cat((rows, rows.new_zeros(a.shape[0] - len(expert), rows.shape[1])))
 
 
 def reference_grouped_weight_grad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Per-expert a_e^T g_e; a: (M, K), g: (M, N) -> (E, K, N)."""
-    expert, slot, max_rows = _row_slots(offs, a.shape[0])
-    num_experts = len(offs)
-    pa = a.new_zeros(num_experts, max_rows, a.shape[1]).index_put((expert, slot), a)
-    pg = g.new_zeros(num_experts, max_rows, g.shape[1]).index_put((expert, slot), g)
+    expert, slot, max_rows = _row_slots(offs)
+    num_experts, n = len(offs), len(expert)
+    pa = a.new_zeros(num_experts, max_rows, a.shape[1]).index_put((expert, slot), a[:n])
+    pg = g.new_zeros(num_experts, max_rows, g.shape[1]).index_put((expert, slot), g[:n])
     return torch.bmm(pa.transpose(1, 2), pg)
 
 

@@ -96,6 +96,64 @@ def test_fused_fp8_experts_equal_the_reference_path_top_k(device, fp8_backward):
         assert rel_err(got, want) < TOL_FUSED, name
 
 
+@pytest.mark.parametrize("fp8_backward", [True, False])
+def test_fused_fp8_experts_without_host_counts_equal_the_exact_layout(device, fp8_backward):
+    """``host_counts=False``: no counts on the host, the plan at its worst-case size (the rows after the last
+    segment padding) and the GEMMs reading the experts on the device; the same results as the exact layout."""
+    E, d, inter, n = (4, 128, 128, 24) if not ON_GPU else (32, 7168, 2048, 4096)
+    pairs = _ragged_pairs(n, E, device)
+    x0 = rand(n, d, seed=34, device=device, dtype=torch.bfloat16)
+    dy = rand(n, d, seed=35, device=device, dtype=torch.bfloat16)
+    results = []
+    for on_host in (True, False):
+        experts = _experts(kernel_ops(), fp8_backward, E, d, inter, device)
+        experts.host_counts = on_host
+        assert experts.counts_on_host(torch.device(device)) is on_host
+        fn, got = _run(experts, x0, pairs, dy)
+        assert type(fn).__name__ == "FusedExpertsFnBackward"
+        results.append(got)
+    for name, got, want in zip(("out", "dx", "dweight", "dgate_up", "ddown"), *results[::-1]):
+        assert rel_err(got, want) < (TOL_FUSED if ON_GPU else 1e-6), name
+
+
+def test_experts_choose_host_counts_by_device_and_path():
+    """The FP8 paths want the counts on the host except the fused one on Hopper; float experts never."""
+    cpu = torch.device("cpu")
+    assert not GroupedExperts(2, 128, 128, torch.bfloat16, backend="reference").counts_on_host(cpu)
+    fused = _experts(kernel_ops(), True, 2, 128, 128, "cpu")
+    assert fused.counts_on_host(cpu)  # the interpreter / a CPU: no Gluon kernels
+    fused.host_counts = False
+    assert not fused.counts_on_host(cpu)
+    from dataclasses import replace
+    unfused = _experts(replace(kernel_ops(), grouped_contiguous=None), True, 2, 128, 128, "cpu")
+    assert unfused.counts_on_host(cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_fused_fp8_experts_on_hopper_never_wait_for_the_gpu_from_routing_to_gradients():
+    """On a Hopper GPU the FP8 experts take no counts to the host: the whole layer from the routing's indices,
+    the count and the plan included, forward and backward, runs under ``set_sync_debug_mode("error")``."""
+    from moeplan.kernels.fp8_gemm_ws import runs_on
+
+    if not runs_on(torch.device("cuda")):
+        pytest.skip("the Gluon kernels need a Hopper GPU")
+    E, d, inter, n, k = 32, 7168, 2048, 4096, 8
+    experts = _experts(kernel_ops(), True, E, d, inter, "cuda")
+    assert not experts.counts_on_host(torch.device("cuda"))
+    g = torch.Generator().manual_seed(39)
+    indices = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)]).cuda()
+    weights = torch.rand(n, k, generator=g).cuda().requires_grad_(True)
+    x = rand(n, d, seed=40, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+
+    def step() -> None:
+        out, _ = experts(x, indices, weights)
+        out.float().square().mean().backward()
+
+    step_without_host_sync(step)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(experts.down_proj.grad).all()
+
+
 def step_without_host_sync(step) -> None:
     """``step()`` once (the first call of each GEMM shape times its backends), then again under
     ``set_sync_debug_mode("error")``, which raises on any host synchronisation."""

@@ -84,8 +84,27 @@ def test_a_plan_without_host_counts_needs_no_padding() -> None:
     plan = make_pair_plan(token, expert, 3, 3, align=1)
     assert plan.seg_offsets.tolist() == [0, 2, 2, 4] and plan.num_rows == 4
     assert sorted(plan.src_token.tolist()) == [0, 1, 1, 2]  # every row a pair, none padding
-    with pytest.raises(ValueError, match="align=128"):
-        make_pair_plan(token, expert, 3, 3)
+    # padded to 128 without the counts: the worst case's rows (4 pairs + 3 x 127, in whole tiles), each
+    # segment padded where it starts, the rows after the last one padding too
+    plan = make_pair_plan(token, expert, 3, 3)
+    assert plan.num_rows == 384 and plan.seg_offsets.tolist() == [0, 128, 128, 256]
+    assert plan.m_indices[:2].tolist() == [0, 0] and plan.m_indices[128:130].tolist() == [2, 2]
+    assert (plan.m_indices[256:] == -1).all() and (plan.src_token[256:] == -1).all()
+
+
+def test_worst_case_rows_bound_every_padded_layout_and_reach_it() -> None:
+    from moeplan.kernels.moe_permute import worst_case_rows
+
+    g = torch.Generator().manual_seed(5)
+    for align in (1, 2, 128):
+        for _ in range(50):
+            experts = int(torch.randint(1, 40, (1,), generator=g))
+            counts = torch.randint(0, 300, (experts,), generator=g)
+            padded = int(((counts + align - 1) // align * align).sum())
+            assert max(padded, align) <= worst_case_rows(int(counts.sum()), experts, align)
+        # reached: every expert one row past a whole tile
+        assert worst_case_rows(7 * (align + 1), 7, align) == 7 * 2 * align
+    assert worst_case_rows(0, 32, 128) == 31 * 128 and worst_case_rows(0, 1, 128) == 128
 
 
 @pytest.mark.gpu
