@@ -25,6 +25,7 @@ and rank 0 rewinds the run directory to it and records the ``Restart`` (``resume
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -88,7 +89,7 @@ class RunConfig:
     warmup_steps: int = 1
     seed: int = 0
     dtype: str = "bf16"  # "fp32": exact CPU rehearsals and equivalence tests
-    profile_step: int | None = None  # None = the last step
+    profile_step: int | None = None  # None: the median of the last TRACE_WINDOW measured steps (by wall time)
     telemetry_hz: float = 2.0
     plan_file: str = "plan.json"
     checkpoint_every: int = 0  # 0: a checkpoint only when the budget guard stops the run
@@ -99,6 +100,7 @@ class RunConfig:
         check_run_settings(self.steps, self.warmup_steps, self.dtype, self.checkpoint_every)
 
 
+TRACE_WINDOW = 5  # measured steps the traced one is the median of (their events kept in memory meanwhile)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # keys: runtime_support.DTYPE_NAMES
 assert tuple(DTYPES) == DTYPE_NAMES
 
@@ -119,8 +121,8 @@ def train(plan: PlanFile, run_dir: Path, config: RunConfig, rank: int, device: t
     sampler = NvmlSampler.for_device(rank, device.index or 0, config.telemetry_hz) if device.type == "cuda" else \
         NvmlSampler(rank, None, config.telemetry_hz)
     sampler.start()
-    profile_step = config.steps - 1 if config.profile_step is None else config.profile_step
-    status, traced = "completed", profile_step < start_step
+    status, traced = "completed", config.profile_step is not None and config.profile_step < start_step
+    window: collections.deque = collections.deque(maxlen=TRACE_WINDOW)  # (wall s, step, events) of measured steps
     for step in range(start_step, config.steps):
         if config.fault_at == (rank, step):
             inject_fault(run_dir, rank, step)
@@ -134,8 +136,12 @@ def train(plan: PlanFile, run_dir: Path, config: RunConfig, rank: int, device: t
                                 device=device)
         dist.broadcast(decision, src=0)
         stop = int(decision) == 1
-        if step == profile_step or (stop and not traced):
-            _write_trace(run_dir, rank, events, metrics.wall_time_s)
+        if config.profile_step is None:
+            if step < config.warmup_steps or (window and window[-1][1] < config.warmup_steps):
+                window.clear()  # a warm-up step stands in only until a measured one comes (a run stopped early)
+            window.append((metrics.wall_time_s, step, events))
+        elif step == config.profile_step or (stop and not traced):
+            _write_trace(run_dir, rank, events, metrics.wall_time_s, step)
             traced = True
         done = step + 1
         if stop or (config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps)):
@@ -143,6 +149,10 @@ def train(plan: PlanFile, run_dir: Path, config: RunConfig, rank: int, device: t
         if stop:
             status = "stopped"
             break
+    if config.profile_step is None and window:  # every rank picks the same step: the wall times are all-reduced
+        wall_s, step, events = _median_step(window)
+        _write_trace(run_dir, rank, events, wall_s, step)
+        traced = True
     telemetry = write_telemetry(run_dir, sampler.stop())  # the samples apart, their summary into run.json
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (telemetry, _identity(rank, device), socket.gethostname()))
@@ -211,8 +221,16 @@ def _one_step(rt: RankRuntime, step: int, tokens: int, device: torch.device):
     return metrics, timeline.events()
 
 
-def _write_trace(run_dir: Path, rank: int, events, step_time_s: float) -> None:
-    doc = chrome_trace(events, other={"step_time_s": step_time_s, "rank": rank})
+def _median_step(window) -> tuple[float, int, list]:
+    """The (wall s, step, events) whose wall time is the median of ``window`` (the lower one of an even count):
+    the traced step stands for the run's median step, which ``moeplan check`` compares, not for one slowed by
+    a neighbour's burst (``moeplan check --recalibrate`` takes its op times from this trace)."""
+    ordered = sorted(window, key=lambda item: (item[0], item[1]))
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _write_trace(run_dir: Path, rank: int, events, step_time_s: float, step: int) -> None:
+    doc = chrome_trace(events, other={"step_time_s": step_time_s, "rank": rank, "step": step})
     write_atomic(run_dir / trace_path(rank), json.dumps(doc, allow_nan=False))
 
 
