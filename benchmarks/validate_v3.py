@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import platform
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,11 @@ from moeplan.orchestrator.inputs import build_request  # noqa: E402
 from moeplan.simulator.accounting.layout import LayoutError  # noqa: E402
 from moeplan.simulator.costs.elementwise import end_bytes_per_token, layer_bytes_per_token  # noqa: E402
 from moeplan.simulator.costs.kernels import memory_s  # noqa: E402
-from moeplan.simulator.costs.memory_kernels import ELEMENTWISE_FILE, MemoryKernelPoint, load_elementwise  # noqa: E402
+from moeplan.simulator.costs.memory_kernels import (  # noqa: E402
+    MemoryKernelPoint,
+    elementwise_file,
+    packaged_elementwise,
+)
 from moeplan.simulator.costs.tables import CostTables, default_tables, named_tables  # noqa: E402
 from moeplan.simulator.engine.build import SimOptions, step_inputs  # noqa: E402
 from moeplan.simulator.engine.step import Links, RankTail, StageCosts, StepInputs, StepSimulation  # noqa: E402
@@ -45,6 +48,7 @@ TR_PRETRAIN_GPU_HOURS = 2664e3
 TR_CONTEXT_GPU_HOURS = 119e3
 CUTLASS36 = "hopper-cutlass36-2024"
 ERA_2023 = "hopper-bf16-fa2-2023"
+EW_FILE = elementwise_file(h800_gpu().name)  # the memory-bound kernels' measurement file the H800's tables take
 SETS = ["parallel.pp=16", "parallel.ep=64", 'parallel.schedule="dualpipe"', 'training.precision="fp8"',
         "parallel.seq_len_tokens=4096", "training.phases.0.global_batch_seqs=15360", "training.phases.0.tokens=14.8e12"]
 
@@ -137,7 +141,7 @@ def _fa2_attention() -> dict:
 
 def _with_alternative(tables: CostTables, kernel: str) -> CostTables:
     """``tables`` with ``kernel`` at the fractions of the implementation measured beside the table's."""
-    data = load_elementwise(files("moeplan.simulator.costs").joinpath(ELEMENTWISE_FILE))
+    data = packaged_elementwise(h800_gpu().name)  # the file the validated GPU's tables take
     row = next(r for r in data.kernels if r.kernel == kernel and not r.in_table and r.fwd is not None)
     alt = MemoryKernelPoint(kernel=kernel, fwd_frac=row.fwd.hbm_frac, bwd_frac=row.bwd.hbm_frac if row.bwd else None,
                             source=row.implementation)
@@ -319,7 +323,7 @@ def main() -> None:
         f"per full-batch step against the simulated {step_then.step_time_s:.2f} s{_step_gap(step_then.step_time_s, per_t_then)}",
         "",
         "The memory-bound kernels are priced class by class at the fractions measured for our own implementations "
-        f"(`simulator/costs/data/h200-elementwise.json`); at the single copy-bandwidth fraction used before, with the "
+        f"(`simulator/costs/{EW_FILE}`); at the single copy-bandwidth fraction used before, with the "
         f"same bytes, the default would predict {copy_per_t:,.0f} ({copy_per_t / TR_GPU_HOURS_PER_T - 1:+.1%}). "
         "V3's recipe is priced with the kernels DeepSeek describes (issue 21, capabilities 6 and 8; "
         "`training.kernels`): permutation and combine inside the all-to-all, FP8 casts with their transposes, "
@@ -387,8 +391,8 @@ def main() -> None:
         "core runs at the efficiency measured for its sequence length (torch SDPA on the H200, 1K to 128K, "
         "`simulator/costs/data/h200-attention.json`); DeepSeek's own attention kernels are unpublished.",
         "- Memory-bound kernels run at the fraction of HBM bandwidth measured, class by class, for *our* "
-        "implementations on one H200 (`simulator/costs/data/h200-elementwise.json`, docs/results/elementwise.md; "
-        f"fractions of the datasheet, applied to the H800's {h800_gpu().hbm_bytes_per_s / 1e12:.2f} TB/s). DeepSeek's "
+        f"implementations on one {packaged_elementwise(h800_gpu().name).device} (`simulator/costs/{EW_FILE}`; "
+        f"fractions of its datasheet, applied to the H800's {h800_gpu().hbm_bytes_per_s / 1e12:.2f} TB/s). DeepSeek's "
         "are unpublished. Several of ours "
         "are eager PyTorch where a fused kernel would be faster: RoPE (`model.rope.apply_rotary`, FP32 "
         "intermediates), the router's scores and top-k, the cross-entropy, which upcasts the logits to FP32, and "

@@ -34,11 +34,12 @@ def fa2_attention_points(bf16_peak_flops_per_s: float) -> tuple[AttentionPoint, 
                  for n, fwd, bwd in _FA2_H100)
 
 
-@lru_cache(maxsize=1)
-def hopper_bf16_fa2() -> CostTables:
-    """``hopper-bf16-fa2-2023``: BF16 only, FlashAttention-2 attention, [A]/[K] BF16 GEMMs (below [MAMF])."""
+@lru_cache(maxsize=None)
+def hopper_bf16_fa2(gpu_name: str) -> CostTables:
+    """``hopper-bf16-fa2-2023``: BF16 only, FlashAttention-2 attention, [A]/[K] BF16 GEMMs (below [MAMF]);
+    the memory-bound classes from the [EW] file of ``gpu_name``."""
     bf16 = _merge(_anchor_points(), _measured_bf16_points())
-    base = _common("hopper-bf16-fa2-2023", bf16, _BF16_PEAK_FLOPS_PER_S, precisions=("bf16",))
+    base = _common("hopper-bf16-fa2-2023", bf16, _BF16_PEAK_FLOPS_PER_S, gpu_name, precisions=("bf16",))
     attention = fa2_attention_points(_BF16_PEAK_FLOPS_PER_S)
     at_4k = next(p for p in attention if p.seq_len == 4096)
     return base.model_copy(update={"attention_by_seq": attention, "attention_fwd_frac": at_4k.fwd_frac,

@@ -1,9 +1,12 @@
-"""Memory-bound kernel classes in the cost tables: one HBM fraction per class, and the measurement file.
+"""Memory-bound kernel classes in the cost tables: one HBM fraction per class, and the measurement files.
 
-``benchmarks/elementwise_bench.py`` writes ``data/h200-elementwise.json``: per kernel class of
-``simulator.costs.elementwise``, the ideal bytes, the median seconds and their fraction of the H200's
-datasheet HBM bandwidth, forward and backward. ``packaged_memory_kernels`` turns the rows the tables
-take (``in_table``, not skipped) into ``MemoryKernelPoint`` s, or none when the package has no file.
+``benchmarks/elementwise_bench.py`` writes one file per memory system (``ELEMENTWISE_FILES``):
+``data/h100-elementwise.json`` (an H100 SXM5, HBM3 at 3.35 TB/s) and ``data/h200-elementwise.json`` (an
+H200, HBM3e at 4.8 TB/s): per kernel class of ``simulator.costs.elementwise``, the ideal bytes, the median
+seconds and their fraction of that GPU's datasheet HBM bandwidth, forward and backward.
+``elementwise_file`` says which file a GPU of the cluster presets takes; ``packaged_memory_kernels`` turns
+its rows the tables take (``in_table``, not skipped) into ``MemoryKernelPoint`` s, or none when the
+package has no such file.
 """
 
 from __future__ import annotations
@@ -73,7 +76,16 @@ class ElementwiseMeasurements(BaseModel):
         return self
 
 
-ELEMENTWISE_FILE = "data/h200-elementwise.json"
+# Memory system -> its packaged measurement file. The H800 SXM5 is the H100 SXM5 with NVLink cut: the
+# same 80 GB of HBM3 at 3.35 TB/s (``presets.clusters``: [H100-DS], [H800]; ``h800_gpu().hbm_bytes_per_s``).
+ELEMENTWISE_FILES = {"h100": "data/h100-elementwise.json", "h200": "data/h200-elementwise.json"}
+
+
+def elementwise_file(gpu_name: str) -> str:
+    """The measurement file (a value of ``ELEMENTWISE_FILES``) for a GPU name of the cluster presets: an
+    H100's or H800's (``H100-SXM5``, ``H800-SXM5``) the H100 file, any other (H200, or a GPU no file
+    measured) the H200 file."""
+    return ELEMENTWISE_FILES["h100" if gpu_name.upper().startswith(("H100", "H800")) else "h200"]
 
 
 def load_elementwise(path: str | Path) -> ElementwiseMeasurements:
@@ -93,10 +105,15 @@ def memory_kernel_points(data: ElementwiseMeasurements, label: str) -> tuple[Mem
         for r in data.kernels if r.in_table and (r.fwd or r.bwd) is not None)
 
 
-@lru_cache(maxsize=1)
-def packaged_memory_kernels() -> tuple[MemoryKernelPoint, ...]:
-    """[EW] from the package's measurement file; none (``memory_frac`` everywhere) when it has none."""
-    resource = files("moeplan.simulator.costs").joinpath(ELEMENTWISE_FILE)
-    if not resource.is_file():
-        return ()
-    return memory_kernel_points(load_elementwise(Path(str(resource))), Path(ELEMENTWISE_FILE).name)
+def packaged_elementwise(gpu_name: str) -> ElementwiseMeasurements | None:
+    """The package's measurement file for a GPU name (``elementwise_file``); None when the package lacks it."""
+    resource = files("moeplan.simulator.costs").joinpath(elementwise_file(gpu_name))
+    return load_elementwise(Path(str(resource))) if resource.is_file() else None
+
+
+@lru_cache(maxsize=None)
+def packaged_memory_kernels(gpu_name: str) -> tuple[MemoryKernelPoint, ...]:
+    """[EW] from the package's measurement file for a GPU name (``elementwise_file``); none (``memory_frac``
+    everywhere) when the package lacks it."""
+    data = packaged_elementwise(gpu_name)
+    return () if data is None else memory_kernel_points(data, Path(elementwise_file(gpu_name)).name)

@@ -30,11 +30,14 @@ Sources:
   figures, whose FLOP convention is not recorded: [AT]'s forward at 4K reproduces [A]'s (592 vs 591
   TFLOPS), but its forward + backward is 381 TFLOPS at 3x where [A] says 440, which is what 381
   becomes at 3.5x (backward counted as 2.5 forwards). Read at 3x, [A] overstated the backward's speed.
-- [EW] ``simulator/costs/data/h200-elementwise.json`` (``benchmarks/elementwise_bench.py``), when the
-  package has it: each memory-bound kernel class of a V3 layer (``simulator.costs.elementwise``) timed
-  on one H200 at 4096 tokens, forward and backward, as a fraction of the datasheet HBM bandwidth at the
-  class's ideal bytes. Like [A]'s copy bandwidth (``memory_frac``, the fallback for a class it does not
-  measure), a fraction of the datasheet, so each Hopper part applies it to its own HBM bandwidth.
+- [EW] ``simulator/costs/data/h100-elementwise.json`` and ``h200-elementwise.json``
+  (``benchmarks/elementwise_bench.py``), when the package has them: each memory-bound kernel class of a
+  V3 layer (``simulator.costs.elementwise``) timed at 4096 tokens, forward and backward, as a fraction of
+  that GPU's datasheet HBM bandwidth at the class's ideal bytes; one H100 SXM5 (HBM3, 3.35 TB/s) for the
+  H100 and H800 tables (the H800 has the H100's memory system), one H200 (HBM3e, 4.8 TB/s) for the H200's
+  and any other GPU's (``memory_kernels.elementwise_file``). Like [A]'s copy bandwidth (``memory_frac``,
+  the fallback for a class a file does not measure), a fraction of the datasheet, so each Hopper part
+  applies it to its own HBM bandwidth.
 - [FA] Shah et al. 2024, *FlashAttention-3* (arXiv:2407.08608), Fig. 5 and 6: FlashAttention-2 (Dao 2023,
   arXiv:2307.08691) on one H100 80GB SXM5, BF16, head dim 128 (the paper's nearest to MLA's 192/128),
   batch x length = 16K tokens, 512 to 16K tokens: the forward with the causal mask, and the backward
@@ -336,8 +339,9 @@ def _deepgemm_points(kernels: Fp8Kernels) -> list[GemmPoint]:
     return pts
 
 
-def _common(name: str, gemm: list[GemmPoint], bf16_peak_flops_per_s: float,
+def _common(name: str, gemm: list[GemmPoint], bf16_peak_flops_per_s: float, gpu_name: str,
             precisions: tuple[Precision, ...] = ("bf16", "fp8")) -> CostTables:
+    """Tables with everything but the GEMMs shared by the Hopper parts; [EW] the file of ``gpu_name``."""
     a = anchors()
     attention = _attention_points(bf16_peak_flops_per_s)
     at_4k = next(p for p in attention if p.seq_len == 4096)
@@ -356,7 +360,7 @@ def _common(name: str, gemm: list[GemmPoint], bf16_peak_flops_per_s: float,
         attention_source="[AT] h200-attention.json: causal SDPA d192/v128 at 1K-128K tokens (fwd+bwd as 3x fwd)",
         memory_frac=a["copy_TBps"] * 1e12 / h200_gpu().hbm_bytes_per_s,  # [A] copy bandwidth over the H200 datasheet
         memory_source="[A] copy_TBps over the H200 datasheet 4.8 TB/s",
-        memory_kernels=packaged_memory_kernels(),
+        memory_kernels=packaged_memory_kernels(gpu_name),
         collective_latency_s=latency,
         collective_source="[A] a2a busbw at 8 and 256 MiB per rank, 4 GPUs: line intercept",
         precisions=precisions,
@@ -366,24 +370,27 @@ def _common(name: str, gemm: list[GemmPoint], bf16_peak_flops_per_s: float,
 _BF16_PEAK_FLOPS_PER_S = 989.4 * TFLOPS  # H100/H200 datasheet dense BF16, as in simulator/presets/clusters.py
 
 
-def _hopper(name: str, fp8: list[GemmPoint]) -> CostTables:
-    """Hopper tables with the given FP8 points; BF16 from [A] and [K] (shared by every Hopper part)."""
-    return _common(name, _merge(_anchor_points(), _measured_bf16_points()) + fp8, _BF16_PEAK_FLOPS_PER_S)
+def _hopper(name: str, fp8: list[GemmPoint], gpu_name: str) -> CostTables:
+    """Hopper tables with the given FP8 points; BF16 from [A] and [K] (shared by every Hopper part), [EW]
+    the file of ``gpu_name``."""
+    return _common(name, _merge(_anchor_points(), _measured_bf16_points()) + fp8, _BF16_PEAK_FLOPS_PER_S, gpu_name)
 
 
 @lru_cache(maxsize=None)
 def default_tables(gpu_name: str) -> CostTables:
     """Default tables for a GPU name from the cluster presets (H800, H100, H200 variants).
 
-    H800/H100: FP8 from DeepGEMM (DeepSeek's own kernels, measured on the H800); BF16 from [A] and [K].
-    H200: FP8 from our kernels' auto dispatch on the H200 ([K], then [A]); BF16 from [A] and [K].
+    H800/H100: FP8 from DeepGEMM (DeepSeek's own kernels, measured on the H800); BF16 from [A] and [K];
+    memory-bound classes from the H100's [EW] file.
+    H200: FP8 from our kernels' auto dispatch on the H200 ([K], then [A]); BF16 from [A] and [K];
+    memory-bound classes from the H200's [EW] file.
     CPU (the ``cpu`` cluster preset's processes): [CPU], FP32.
     """
     if is_cpu_name(gpu_name):
         return cpu_tables("cpu")
     if gpu_name.upper().startswith("H200"):
-        return _hopper("h200-default", _merge(_torch_fp8_points(), _measured_fp8_points()))
-    return _hopper("hopper-deepgemm-default", _deepgemm_points("deepgemm"))
+        return _hopper("h200-default", _merge(_torch_fp8_points(), _measured_fp8_points()), gpu_name)
+    return _hopper("hopper-deepgemm-default", _deepgemm_points("deepgemm"), gpu_name)
 
 
 # Named tables besides each GPU's default: name -> what its FP8 points are
@@ -411,11 +418,11 @@ def named_tables(name: str, gpu_name: str) -> CostTables:
     if name == "default":
         return default_tables(gpu_name)
     if name == "hopper-cutlass36-2024":
-        return _hopper(name, _deepgemm_points("cutlass36"))
+        return _hopper(name, _deepgemm_points("cutlass36"), gpu_name)
     if name == "hopper-bf16-fa2-2023":
         from moeplan.simulator.costs.era_tables import hopper_bf16_fa2  # it builds on this module's sources
 
-        return hopper_bf16_fa2()
+        return hopper_bf16_fa2(gpu_name)
     if name in CPU_TABLE_FILES:
         return cpu_tables(name)
     raise ValueError(f"cost tables {name!r}: unknown (known: {', '.join(NAMED_TABLES)})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from importlib.resources import files
+from pathlib import Path
 
 import pytest
 
@@ -16,8 +17,9 @@ from moeplan.simulator.costs.elementwise import (
 )
 from moeplan.simulator.costs.kernels import memory_s
 from moeplan.simulator.costs.memory_kernels import (
-    ELEMENTWISE_FILE,
+    ELEMENTWISE_FILES,
     MemoryKernelPoint,
+    elementwise_file,
     load_elementwise,
     memory_kernel_points,
 )
@@ -25,7 +27,7 @@ from moeplan.simulator.costs.tables import CostTables, default_tables, named_tab
 from moeplan.simulator.engine.build import SimOptions
 from moeplan.simulator.engine.unit_costs import CostContext, end_costs, unit_costs
 from moeplan.simulator.planning.predict import predict_step
-from moeplan.simulator.presets.clusters import h200_gpu, h800_gpu
+from moeplan.simulator.presets.clusters import h100_gpu, h200_gpu, h800_gpu
 from moeplan.simulator.presets.models import deepseek_v3
 from tests.simulator.planning.test_predict import _inputs
 
@@ -83,14 +85,47 @@ def test_a_missing_field_is_named(tmp_path):
         load_elementwise(_file(tmp_path, [row]))
 
 
-def test_the_packaged_file_is_what_the_default_and_named_tables_carry():
-    resource = files("moeplan.simulator.costs").joinpath(ELEMENTWISE_FILE)
-    expect = memory_kernel_points(load_elementwise(str(resource)), "h200-elementwise.json") if resource.is_file() else ()
-    for gpu in ("H800-SXM5", "H100-SXM5", "H200-SXM"):
-        assert default_tables(gpu).memory_kernels == expect
-        assert named_tables("hopper-cutlass36-2024", gpu).memory_kernels == expect
+def _packaged(name: str):
+    return load_elementwise(str(files("moeplan.simulator.costs").joinpath(name)))
+
+
+@pytest.mark.parametrize(("gpu", "memory_system"), [
+    ("H800-SXM5", "h100"), ("H100-SXM5", "h100"), ("h800", "h100"), ("H200-SXM", "h200"), ("H200", "h200"),
+    ("A100-SXM4", "h200"),  # a GPU no file measured: the H200's, as before per-GPU files
+])
+def test_each_gpu_takes_its_memory_systems_packaged_file(gpu, memory_system):
+    name = elementwise_file(gpu)
+    assert name == ELEMENTWISE_FILES[memory_system]
+    data = _packaged(name)
+    expect = memory_kernel_points(data, Path(name).name)
+    for tables in (default_tables(gpu), named_tables("hopper-cutlass36-2024", gpu),
+                   named_tables("hopper-bf16-fa2-2023", gpu)):
+        assert tables.memory_kernels == expect
+    combine = next(r for r in data.kernels if r.kernel == "combine" and r.in_table)
+    assert default_tables(gpu).memory_fracs("combine") == (combine.fwd.hbm_frac, combine.bwd.hbm_frac)
     for p in expect:
-        assert 0 < p.fwd_frac <= 1 and (p.bwd_frac is None or 0 < p.bwd_frac <= 1) and p.source.startswith("[EW]")
+        assert 0 < p.fwd_frac <= 1 and (p.bwd_frac is None or 0 < p.bwd_frac <= 1)
+        assert p.source.startswith(f"[EW] {Path(name).name}: ") and data.device in p.source
+
+
+def test_the_h100_and_h800_tables_price_memory_unlike_the_h200s():
+    h100, h800, h200 = (default_tables(g).memory_fracs("combine") for g in ("H100-SXM5", "H800-SXM5", "H200-SXM"))
+    assert h100 == h800 != h200
+    assert "H100" in _packaged(elementwise_file("H800-SXM5")).device
+    assert "H200" in _packaged(elementwise_file("H200-SXM")).device
+
+
+def test_the_packaged_h100_file_is_of_the_h100_datasheet():
+    data = _packaged(ELEMENTWISE_FILES["h100"])
+    raw = json.loads(files("moeplan.simulator.costs").joinpath(ELEMENTWISE_FILES["h100"]).read_text())
+    assert h100_gpu().hbm_bytes_per_s == h800_gpu().hbm_bytes_per_s == raw["hbm_bytes_per_s"] == 3.35e12
+    assert raw["hbm_source"].startswith("simulator.presets.clusters.h100_gpu ") and raw["out"].endswith(
+        ELEMENTWISE_FILES["h100"])
+    passes = [p for r in data.kernels for p in (r.fwd, r.bwd) if p is not None]
+    assert len(passes) > 20
+    for p in passes:
+        assert p.hbm_frac == pytest.approx(p.bytes_per_s / 3.35e12, rel=1e-12)
+        assert p.bytes_per_s == pytest.approx(p.bytes / p.s, rel=1e-9)
 
 
 def test_a_calibration_file_with_only_memory_frac_still_loads(tmp_path):
