@@ -1,6 +1,6 @@
 """Memory-bound kernels of one DeepSeek-V3 layer at their real shapes: achieved bytes/s and fraction of HBM.
 
-    python benchmarks/elementwise_bench.py    # CUDA: simulator/costs/data/h200-elementwise.json, docs/results/elementwise.md
+    python benchmarks/elementwise_bench.py    # CUDA: simulator/costs/data/<gpu>-elementwise.json and the md
     python benchmarks/elementwise_bench.py --device cpu --small --out /tmp/ew.json --md /tmp/ew.md   # smoke run
 
 Every kernel class of ``simulator.costs.elementwise`` (RMSNorms, latent norms, residual adds, RoPE,
@@ -9,12 +9,16 @@ tokens per micro-batch, through the implementation the cost tables take for it (
 alternative; ``orchestrator/calibration/memory_cases.py``). Bytes are the class's *ideal* bytes as the
 simulator counts them (``layer_bytes_per_token`` / ``end_bytes_per_token`` times the tokens: every
 input read once, every output written once), so ``hbm_frac`` = bytes / seconds / the GPU's datasheet
-HBM bandwidth (the H200 preset, 4.8 TB/s) is the number ``CostTables.memory_fracs`` prices the
-class's bytes at. Forward and backward are timed apart (backward on one kept autograd graph).
+HBM bandwidth is the number ``CostTables.memory_fracs`` prices the class's bytes at. The datasheet is
+the cluster preset of the device it runs on (``gpu_preset_for``: an H100 ``h100_gpu``, 3.35 TB/s; an
+H800 ``h800_gpu``, the H100's HBM3 at 3.35 TB/s, ``presets.clusters`` [H100-DS] and [H800]; an H200
+``h200_gpu``, 4.8 TB/s, [H200-DS]); on the CPU or a GPU the presets lack, the H200's, as ``hbm_source``
+says. The default ``--out`` is the packaged file the tables take for that GPU (``memory_kernels.elementwise_file``: an H100 or H800 writes
+``h100-elementwise.json``, an H200 ``h200-elementwise.json``). Forward and backward are timed apart
+(backward on one kept autograd graph).
 Times: median of ``--reps`` runs after warm-up, each after a 256 MiB read that flushes the L2, by
 CUDA events (the L2 is evicted by reading the buffer, so no dirty line is written back inside the
-timed kernel). Triton kernels are skipped, with the reason recorded, where no CUDA GPU runs them.
-"""
+timed kernel). Triton kernels are skipped, with the reason recorded, where no CUDA GPU runs them."""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import datetime
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,14 +38,28 @@ from moeplan.kernels.triton_compat import HAVE_TRITON
 from moeplan.orchestrator.calibration.memory_cases import CASES
 from moeplan.orchestrator.calibration.memory_classes import measure
 from moeplan.simulator.contracts.atomic_write import write_atomic
-from moeplan.simulator.presets.clusters import h200_gpu
+from moeplan.simulator.costs.memory_kernels import ELEMENTWISE_FILES, elementwise_file
+from moeplan.simulator.presets.clusters import h100_gpu, h200_gpu, h800_gpu
 from moeplan.simulator.presets.models import deepseek_v3, tiny_moe
+from moeplan.simulator.spec.hardware import GpuSpec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_JSON = Path("simulator/costs/data/h200-elementwise.json")
+COSTS = Path("simulator/costs")  # where the packaged measurement files live (ELEMENTWISE_FILES)
 DEFAULT_MD = Path("docs/results/elementwise.md")
 TOKENS, SMALL_TOKENS = 4096, 64
+# A part of torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3", "NVIDIA H200") -> its cluster preset
+GPU_PRESETS: dict[str, Callable[[], GpuSpec]] = {"H100": h100_gpu, "H800": h800_gpu, "H200": h200_gpu}
+
+
+def gpu_preset_for(device_name: str) -> tuple[GpuSpec, str]:
+    """(the cluster preset's GPU, where its HBM bandwidth comes from) for a device name; on the CPU or a GPU
+    the presets lack, the H200's, saying so."""
+    known = next((f for part, f in GPU_PRESETS.items() if part in device_name.upper()), None)
+    preset = known or h200_gpu
+    gpu = preset()
+    source = f"simulator.presets.clusters.{preset.__name__} ({gpu.name} datasheet)"
+    return gpu, source if known else f"{source}: {device_name!r} is none of the presets' GPUs"
 
 
 def _cell(p: dict | None) -> str:
@@ -81,7 +100,9 @@ def _shown(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / DEFAULT_JSON)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: the packaged file of the device's GPU, "
+                             f"{' or '.join(str(COSTS / f) for f in ELEMENTWISE_FILES.values())}")
     parser.add_argument("--md", type=Path, default=ROOT / DEFAULT_MD)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--small", action="store_true", help=f"tiny model (tiny_moe) and {SMALL_TOKENS} tokens")
@@ -90,13 +111,17 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (for a smoke run: --device cpu --small --out ... --md ...)")
-    if args.device == "cpu" and (args.out.resolve() == (ROOT / DEFAULT_JSON).resolve()
-                                 or args.md.resolve() == (ROOT / DEFAULT_MD).resolve()):
-        parser.error(f"--device cpu writes no measurement to {DEFAULT_JSON} or {DEFAULT_MD}: give --out and --md")
     device = torch.device(args.device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu, hbm_source = gpu_preset_for(device_name)
+    packaged = [COSTS / f for f in ELEMENTWISE_FILES.values()]
+    if args.device == "cpu" and (args.out is None or args.out.resolve() in {(ROOT / f).resolve() for f in packaged}
+                                 or args.md.resolve() == (ROOT / DEFAULT_MD).resolve()):
+        parser.error(f"--device cpu writes no measurement to {', '.join(map(str, packaged))} or {DEFAULT_MD}: "
+                     "give --out and --md")
+    args.out = args.out or ROOT / COSTS / elementwise_file(gpu.name)
     spec, tokens = (tiny_moe(), SMALL_TOKENS) if args.small else (deepseek_v3(), TOKENS)
     reps = args.reps or (100 if device.type == "cuda" else 3)
-    gpu = h200_gpu()
     torch.manual_seed(0)
     entries = []
     for case in CASES:
@@ -110,11 +135,11 @@ def main() -> None:
                 "median seconds, bytes/s and fraction of the datasheet HBM bandwidth, forward and backward",
         "command": f"python benchmarks/elementwise_bench.py{' ' + argv if argv else ''}",
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "device": device_name,
         "torch": torch.__version__,
         "triton": __import__("triton").__version__ if HAVE_TRITON else None,
         "model": spec.name, "tokens": tokens, "reps": reps,
-        "hbm_bytes_per_s": gpu.hbm_bytes_per_s, "hbm_source": f"simulator.presets.clusters.h200_gpu ({gpu.name} datasheet)",
+        "hbm_bytes_per_s": gpu.hbm_bytes_per_s, "hbm_source": hbm_source,
         "out": _shown(args.out),
         "kernels": entries,
     }

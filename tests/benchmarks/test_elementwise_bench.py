@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,12 +11,20 @@ from pathlib import Path
 import pytest
 
 from moeplan.simulator.costs.elementwise import end_bytes_per_token, layer_bytes_per_token
-from moeplan.simulator.costs.memory_kernels import load_elementwise, memory_kernel_points
+from moeplan.simulator.costs.memory_kernels import (
+    ELEMENTWISE_FILES,
+    elementwise_file,
+    load_elementwise,
+    memory_kernel_points,
+)
 from moeplan.simulator.costs.tables import default_tables
 from moeplan.simulator.presets.models import tiny_moe
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks" / "elementwise_bench.py"
+_spec = importlib.util.spec_from_file_location("elementwise_bench", BENCH)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -50,13 +59,37 @@ def test_its_bytes_are_the_simulators_ideal_bytes(smoke):
     for row in raw["kernels"]:
         if row["fwd"] is not None:
             assert row["fwd"]["bytes"] == pytest.approx(tokens * per_token[row["kernel"]].fwd_bytes)
-            assert row["fwd"]["hbm_frac"] == pytest.approx(row["fwd"]["bytes"] / row["fwd"]["s"] / 4.8e12)
+            assert row["fwd"]["hbm_frac"] == pytest.approx(row["fwd"]["bytes"] / row["fwd"]["s"] / 4.8e12)  # H200's
         if row["bwd"] is not None:
             assert row["bwd"]["bytes"] == pytest.approx(tokens * per_token[row["kernel"]].bwd_bytes)
+    assert raw["hbm_source"] == ("simulator.presets.clusters.h200_gpu (H200-SXM datasheet): 'cpu' is none of the "
+                                 "presets' GPUs")
     table = (smoke / "ew.md").read_text()
     assert "| rms_norm | torch.nn.functional.rms_norm | table |" in table and "skipped: Triton kernel" in table
 
 
-def test_on_the_cpu_it_refuses_the_default_paths():
-    res = _run("--device", "cpu", "--small")
-    assert res.returncode == 2 and "writes no measurement to simulator/costs/data/h200-elementwise.json" in res.stderr
+@pytest.mark.parametrize("out", [(), ("--out", "simulator/costs/data/h100-elementwise.json", "--md", "/tmp/ew.md")])
+def test_on_the_cpu_it_refuses_the_packaged_paths(out):
+    res = _run("--device", "cpu", "--small", *out)
+    assert res.returncode == 2 and ("writes no measurement to simulator/costs/data/h100-elementwise.json, "
+                                    "simulator/costs/data/h200-elementwise.json or docs/results/elementwise.md"
+                                    in res.stderr), res.stderr
+
+
+@pytest.mark.parametrize(("device_name", "preset", "hbm_bytes_per_s", "memory_system"), [
+    ("NVIDIA H100 80GB HBM3", "h100_gpu", 3.35e12, "h100"),
+    ("NVIDIA H800", "h800_gpu", 3.35e12, "h100"),  # the H100's HBM3
+    ("NVIDIA H200", "h200_gpu", 4.8e12, "h200"),
+])
+def test_it_takes_the_preset_of_the_gpu_it_runs_on(device_name, preset, hbm_bytes_per_s, memory_system):
+    gpu, source = bench.gpu_preset_for(device_name)
+    assert gpu.hbm_bytes_per_s == hbm_bytes_per_s
+    assert source == f"simulator.presets.clusters.{preset} ({gpu.name} datasheet)"
+    assert elementwise_file(gpu.name) == ELEMENTWISE_FILES[memory_system]  # its default --out
+
+
+@pytest.mark.parametrize("device_name", ["cpu", "NVIDIA A100-SXM4-80GB"])
+def test_elsewhere_it_takes_the_h200s_and_says_so(device_name):
+    gpu, source = bench.gpu_preset_for(device_name)
+    assert gpu.hbm_bytes_per_s == 4.8e12 and elementwise_file(gpu.name) == ELEMENTWISE_FILES["h200"]
+    assert source.startswith("simulator.presets.clusters.h200_gpu ") and "is none of the presets' GPUs" in source
