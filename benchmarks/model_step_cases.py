@@ -407,7 +407,20 @@ def _class_table(c: dict) -> list[str]:
     largest = ("Largest kernels per micro-batch (name cut at 60 characters, pass, class, calls, ms): " + "; ".join(
         f"`{k['name'][:60]}` {k['phase']} {k['class']} ×{k['calls']:g} {_ms(k['s'])}" for k in top[:12]) + ".")
     return lines + [f"| idle | | | {_ms(prof['idle_s'])} | | | — | |", step, "", note, ""] + (
-        [largest, ""] if top else [])
+        [largest, ""] if top else []) + _gaps_lines(prof.get("gaps"), prof["microbatches"])
+
+
+def _gaps_lines(gaps: dict | None, microbatches: int) -> list[str]:
+    """The profiled step's GPU idle charged to host ops (``benchmarks/gpu_gaps.py``; ``--trace`` runs only)."""
+    if not gaps:
+        return []
+    n = gaps["windows"] * microbatches
+    idle = "; ".join(f"{r['op']} {r['us'] / n / 1e3:.2f} ms ({r['gaps'] / n:g} gaps)" for r in gaps["idle_by_op_us"][:6])
+    blocking = "; ".join(f"{r['call']} {r['us'] / n / 1e3:.2f} ms (×{r['calls'] / n:g})"
+                         for r in gaps["blocking_host_calls_us"][:4])
+    return [f"GPU idle per micro-batch, charged to the host op that launched the kernel after each gap (`gpu_gaps`, "
+            f"profiled): {gaps['idle_us'] / n / 1e3:.2f} ms; largest: {idle or 'none'}. Blocking host calls: "
+            f"{blocking or 'none'}.", ""]
 
 
 def _memory_row(c: dict) -> str:

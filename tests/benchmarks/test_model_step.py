@@ -268,15 +268,26 @@ def test_reprice_keeps_the_measurements_and_predicts_again(smoke, tmp_path):
     for w in stale["workloads"]:
         for c in w["configs"]:
             c["predicted_s"] = {k: {"fwd_s": 1.0, "bwd_s": 1.0} for k in c["predicted_s"]}
+    # a --trace run's idle summary (benchmarks/gpu_gaps.py) reaches the page, per micro-batch
+    stale["workloads"][0]["configs"][0]["profile"]["gaps"] = {
+        "windows": 1, "wall_us": 9e3, "busy_us": 7e3, "idle_us": 2e3, "min_gap_us": 2.0, "idle_by_size_us": {},
+        "idle_by_op_us": [{"op": "LinearFn [moeplan::step]", "us": 1.5e3, "gaps": 30}],
+        "blocking_host_calls_us": [{"call": "cudaEventSynchronize in moeplan::experts", "us": 4e3, "calls": 4}]}
     src = tmp_path / "old.json"
     src.write_text(json.dumps(stale))
     res = subprocess.run([sys.executable, "-P", str(BENCH), "--reprice", str(src), "--out", str(tmp_path / "new.md")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert res.returncode == 0, res.stderr
     new = json.loads((tmp_path / "new.json").read_text())
-    assert "repriced" in new["meta"] and "(`--reprice`), the measurements as run" in (tmp_path / "new.md").read_text()
+    page = (tmp_path / "new.md").read_text()
+    assert "repriced" in new["meta"] and "(`--reprice`), the measurements as run" in page
+    k = stale["workloads"][0]["configs"][0]["profile"]["microbatches"]
+    assert (f"launched the kernel after each gap (`gpu_gaps`, profiled): {2 / k:.2f} ms; largest: LinearFn "
+            f"[moeplan::step] {1.5 / k:.2f} ms ({30 / k:g} gaps)") in page
+    assert f"cudaEventSynchronize in moeplan::experts {4 / k:.2f} ms (×{4 / k:g})" in page
     for w_old, w_new in zip(result["workloads"], new["workloads"]):
         for c_old, c_new in zip(w_old["configs"], w_new["configs"]):
-            assert c_new.get("timing") == c_old.get("timing") and c_new.get("profile") == c_old.get("profile")
+            no_gaps = [{k: v for k, v in (c.get("profile") or {}).items() if k != "gaps"} for c in (c_new, c_old)]
+            assert c_new.get("timing") == c_old.get("timing") and no_gaps[0] == no_gaps[1]
             for cls, parts in c_old["predicted_s"].items():
                 assert c_new["predicted_s"][cls] == pytest.approx(parts)
