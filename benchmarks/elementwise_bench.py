@@ -10,11 +10,11 @@ alternative; ``orchestrator/calibration/memory_cases.py``). Bytes are the class'
 simulator counts them (``layer_bytes_per_token`` / ``end_bytes_per_token`` times the tokens: every
 input read once, every output written once), so ``hbm_frac`` = bytes / seconds / the GPU's datasheet
 HBM bandwidth is the number ``CostTables.memory_fracs`` prices the class's bytes at. The datasheet is
-the cluster preset of the device it runs on (``gpu_preset_for``: an H100 ``h100_gpu``, 3.35 TB/s; an
-H800 ``h800_gpu``, the H100's HBM3 at 3.35 TB/s, ``presets.clusters`` [H100-DS] and [H800]; an H200
-``h200_gpu``, 4.8 TB/s, [H200-DS]); on the CPU or a GPU the presets lack, the H200's, as ``hbm_source``
-says. The default ``--out`` is the packaged file the tables take for that GPU (``memory_kernels.elementwise_file``: an H100 or H800 writes
-``h100-elementwise.json``, an H200 ``h200-elementwise.json``). Forward and backward are timed apart
+the cluster preset of the device it runs on (``gpu_preset_for``, by ``presets.clusters.gpu_for_device``:
+an H100, 3.35 TB/s; an H800, the H100's HBM3 at 3.35 TB/s, [H100-DS] and [H800]; an H200, 4.8 TB/s,
+[H200-DS]); on the CPU or a GPU the presets lack, the H200's, as ``hbm_source`` says. The default ``--out``
+is the packaged file the tables take for that GPU (``memory_kernels.elementwise_file``: an H100 or H800
+writes ``h100-elementwise.json``, an H200 ``h200-elementwise.json``). Forward and backward are timed apart
 (backward on one kept autograd graph).
 Times: median of ``--reps`` runs after warm-up, each after a 256 MiB read that flushes the L2, by
 CUDA events (the L2 is evicted by reading the buffer, so no dirty line is written back inside the
@@ -27,7 +27,6 @@ import datetime
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ from moeplan.orchestrator.calibration.memory_cases import CASES
 from moeplan.orchestrator.calibration.memory_classes import measure
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.costs.memory_kernels import ELEMENTWISE_FILES, elementwise_file
-from moeplan.simulator.presets.clusters import h100_gpu, h200_gpu, h800_gpu
+from moeplan.simulator.presets.clusters import gpu_for_device, h200_gpu
 from moeplan.simulator.presets.models import deepseek_v3, tiny_moe
 from moeplan.simulator.spec.hardware import GpuSpec
 
@@ -48,18 +47,15 @@ log = logging.getLogger(__name__)
 COSTS = Path("simulator/costs")  # where the packaged measurement files live (ELEMENTWISE_FILES)
 DEFAULT_MD = Path("docs/results/elementwise.md")
 TOKENS, SMALL_TOKENS = 4096, 64
-# A part of torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3", "NVIDIA H200") -> its cluster preset
-GPU_PRESETS: dict[str, Callable[[], GpuSpec]] = {"H100": h100_gpu, "H800": h800_gpu, "H200": h200_gpu}
 
 
 def gpu_preset_for(device_name: str) -> tuple[GpuSpec, str]:
     """(the cluster preset's GPU, where its HBM bandwidth comes from) for a device name; on the CPU or a GPU
     the presets lack, the H200's, saying so."""
-    known = next((f for part, f in GPU_PRESETS.items() if part in device_name.upper()), None)
-    preset = known or h200_gpu
-    gpu = preset()
-    source = f"simulator.presets.clusters.{preset.__name__} ({gpu.name} datasheet)"
-    return gpu, source if known else f"{source}: {device_name!r} is none of the presets' GPUs"
+    known = gpu_for_device(device_name)
+    gpu = known or h200_gpu()
+    source = f"simulator.presets.clusters.gpu_for_device ({gpu.name} datasheet)"
+    return gpu, source if known else f"{source}: {device_name!r} is none of the presets' GPUs, the H200's taken"
 
 
 def _cell(p: dict | None) -> str:

@@ -34,7 +34,7 @@ from moeplan.simulator.engine.unit_costs import (
     memory_bound_s,
     unit_costs,
 )
-from moeplan.simulator.presets.clusters import h100_gpu, h200_gpu, h800_gpu
+from moeplan.simulator.presets.clusters import gpu_for_device, h200_gpu
 from moeplan.simulator.presets.models import deepseek_v3, tiny_moe
 from moeplan.simulator.spec.hardware import GpuSpec
 from moeplan.simulator.spec.model import ModelSpec
@@ -147,12 +147,7 @@ def timing_summary(w: Workload, times_s: list[float], clocks: list[dict], peak_f
 
 def gpu_preset(device_name: str | None) -> GpuSpec:
     """The cluster preset's GPU for a CUDA device name; the H200's when it is none of them (CPU runs)."""
-    name = (device_name or "").upper()
-    if "H100" in name:
-        return h100_gpu()
-    if "H800" in name:
-        return h800_gpu()
-    return h200_gpu()
+    return gpu_for_device(device_name) or h200_gpu()
 
 
 def _layer_classes(tables: CostTables, gpu: GpuSpec, spec: ModelSpec, layer: int, precision: Precision,
@@ -415,7 +410,8 @@ def _gaps_lines(gaps: dict | None, microbatches: int) -> list[str]:
     if not gaps:
         return []
     n = gaps["windows"] * microbatches
-    idle = "; ".join(f"{r['op']} {r['us'] / n / 1e3:.2f} ms ({r['gaps'] / n:g} gaps)" for r in gaps["idle_by_op_us"][:6])
+    idle = "; ".join(f"{r['op']} {r['us'] / n / 1e3:.2f} ms ({r['gaps'] / n:g} gaps)"
+                     for r in gaps["idle_by_op_us"][:6])
     blocking = "; ".join(f"{r['call']} {r['us'] / n / 1e3:.2f} ms (×{r['calls'] / n:g})"
                          for r in gaps["blocking_host_calls_us"][:4])
     return [f"GPU idle per micro-batch, charged to the host op that launched the kernel after each gap (`gpu_gaps`, "

@@ -37,7 +37,7 @@ from moeplan.kernels.fp8_quant import TILE, quant_act_1x128, quant_act_128x1_t, 
 from moeplan.kernels.triton_compat import HAVE_TRITON, INTERPRET, cdiv, triton
 from moeplan.orchestrator.calibration.timing import median_s
 from moeplan.simulator.contracts.atomic_write import write_atomic
-from moeplan.simulator.presets.clusters import h100_gpu, h200_gpu, h800_gpu
+from moeplan.simulator.presets.clusters import gpu_for_device, h200_gpu
 
 FP8_BYTES, SCALE_BYTES = 1, 4
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -100,9 +100,8 @@ def hbm_peak(device: torch.device) -> tuple[str, float | None]:
     """(what, bytes/s) of the device's datasheet HBM bandwidth, from the cluster presets; none on the CPU."""
     if device.type != "cuda":
         return "none on the CPU", None
-    name = torch.cuda.get_device_name(device).upper()
-    gpu = h100_gpu() if "H100" in name else h800_gpu() if "H800" in name else h200_gpu()
-    known = any(part in name for part in ("H100", "H800", "H200"))
+    known = gpu_for_device(torch.cuda.get_device_name(device))
+    gpu = known or h200_gpu()
     return f"{gpu.name} preset{'' if known else ' (device not in the presets)'}", gpu.hbm_bytes_per_s
 
 

@@ -84,6 +84,21 @@ def h200_gpu() -> GpuSpec:
     )
 
 
+# What torch.cuda.get_device_name says of each preset's GPU ("NVIDIA H100 80GB HBM3", "NVIDIA H800", "NVIDIA
+# H200"): a part of the name -> the preset. The H100's PCIe and NVL boards have other memory and SM counts
+# ([H100-DS]: 2.0 and 3.9 TB/s, 114 and 132 SMs) and are none of the presets.
+DEVICE_NAME_PARTS = {"H100": h100_gpu, "H800": h800_gpu, "H200": h200_gpu}
+_OTHER_BOARDS = ("PCIE", "NVL")
+
+
+def gpu_for_device(device_name: str | None) -> GpuSpec | None:
+    """The cluster preset's GPU for a CUDA device name, None for a device the presets do not describe."""
+    name = (device_name or "").upper()
+    if any(board in name for board in _OTHER_BOARDS):
+        return None
+    return next((make() for part, make in DEVICE_NAME_PARTS.items() if part in name), None)
+
+
 def h800(nodes: int = 256) -> ClusterSpec:
     """DeepSeek-V3's training cluster: 256 nodes x 8 H800 (TR §3.1)."""
     node = NodeSpec(

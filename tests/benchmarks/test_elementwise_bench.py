@@ -62,8 +62,8 @@ def test_its_bytes_are_the_simulators_ideal_bytes(smoke):
             assert row["fwd"]["hbm_frac"] == pytest.approx(row["fwd"]["bytes"] / row["fwd"]["s"] / 4.8e12)  # H200's
         if row["bwd"] is not None:
             assert row["bwd"]["bytes"] == pytest.approx(tokens * per_token[row["kernel"]].bwd_bytes)
-    assert raw["hbm_source"] == ("simulator.presets.clusters.h200_gpu (H200-SXM datasheet): 'cpu' is none of the "
-                                 "presets' GPUs")
+    assert raw["hbm_source"] == ("simulator.presets.clusters.gpu_for_device (H200-SXM datasheet): 'cpu' is none of "
+                                 "the presets' GPUs, the H200's taken")
     table = (smoke / "ew.md").read_text()
     assert "| rms_norm | torch.nn.functional.rms_norm | table |" in table and "skipped: Triton kernel" in table
 
@@ -77,19 +77,20 @@ def test_on_the_cpu_it_refuses_the_packaged_paths(out):
 
 
 @pytest.mark.parametrize(("device_name", "preset", "hbm_bytes_per_s", "memory_system"), [
-    ("NVIDIA H100 80GB HBM3", "h100_gpu", 3.35e12, "h100"),
-    ("NVIDIA H800", "h800_gpu", 3.35e12, "h100"),  # the H100's HBM3
-    ("NVIDIA H200", "h200_gpu", 4.8e12, "h200"),
+    ("NVIDIA H100 80GB HBM3", "H100-SXM5", 3.35e12, "h100"),
+    ("NVIDIA H800", "H800-SXM5", 3.35e12, "h100"),  # the H100's HBM3
+    ("NVIDIA H200", "H200-SXM", 4.8e12, "h200"),
 ])
 def test_it_takes_the_preset_of_the_gpu_it_runs_on(device_name, preset, hbm_bytes_per_s, memory_system):
     gpu, source = bench.gpu_preset_for(device_name)
-    assert gpu.hbm_bytes_per_s == hbm_bytes_per_s
-    assert source == f"simulator.presets.clusters.{preset} ({gpu.name} datasheet)"
+    assert gpu.name == preset and gpu.hbm_bytes_per_s == hbm_bytes_per_s
+    assert source == f"simulator.presets.clusters.gpu_for_device ({preset} datasheet)"
     assert elementwise_file(gpu.name) == ELEMENTWISE_FILES[memory_system]  # its default --out
 
 
-@pytest.mark.parametrize("device_name", ["cpu", "NVIDIA A100-SXM4-80GB"])
+@pytest.mark.parametrize("device_name", ["cpu", "NVIDIA A100-SXM4-80GB", "NVIDIA H100 PCIe"])
 def test_elsewhere_it_takes_the_h200s_and_says_so(device_name):
     gpu, source = bench.gpu_preset_for(device_name)
     assert gpu.hbm_bytes_per_s == 4.8e12 and elementwise_file(gpu.name) == ELEMENTWISE_FILES["h200"]
-    assert source.startswith("simulator.presets.clusters.h200_gpu ") and "is none of the presets' GPUs" in source
+    assert source.startswith("simulator.presets.clusters.gpu_for_device (H200-SXM ")
+    assert "none of the presets'" in source
