@@ -21,8 +21,10 @@ from pathlib import Path
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
-BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
-            "cuStreamSynchronize", "cuEventSynchronize", "cuCtxSynchronize")
+# Host calls that return only when the GPU has caught up (names exactly: cudaMemcpyAsync, a device-to-device copy's
+# call among them, returns at once)
+BLOCKING = frozenset(("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+                      "cuStreamSynchronize", "cuEventSynchronize", "cuCtxSynchronize"))
 CONTEXT_PREFIXES = ("nn.Module:", "autograd::engine::evaluate_function:", "moeplan::")
 
 
@@ -101,7 +103,7 @@ def gap_summary(trace: dict | list, step_range: str = "moeplan::step", min_us: f
     blocking = collections.Counter()
     blocking_n = collections.Counter()
     for i, e in enumerate(events):
-        if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATS and e.get("name", "").startswith(BLOCKING):
+        if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATS and e.get("name") in BLOCKING:
             ts = float(e["ts"])
             if any(lo <= ts < hi for lo, hi in windows):
                 key = f"{e['name']} in {_label(stacks.get(i, []))}"

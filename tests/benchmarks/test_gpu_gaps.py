@@ -34,6 +34,7 @@ def trace():
         X("cpu_op", "nn.Module: GroupedExperts_0", 30, 60),
         X("cpu_op", "aten::item", 31, 40),
         X("cuda_runtime", "cudaStreamSynchronize", 32, 38),
+        X("cuda_runtime", "cudaMemcpyAsync", 72, 1),  # a copy's call that returns at once: not blocking
         X("cpu_op", "moe_gemm", 75, 4),
         X("cuda_driver", "cuLaunchKernelEx", 76, 1, correlation=3),
         X("kernel", "gemm", 10, 20, tid=7, correlation=1),
