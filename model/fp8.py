@@ -20,7 +20,8 @@ cuBLAS, timed per shape), and the grouped GEMM in DeepGEMM's contiguous layout (
 ``m_indices`` = row expert or -1; ``contiguous_layout`` converts our ``offs`` rows to it and back; the
 routed experts' fused path, ``model.fused_experts``, keeps its rows in that layout from permute to combine).
 Given the experts' row counts on the host (``host_counts``, one planned sync per MoE layer), the
-grouped paths never wait for the GPU.
+grouped paths never wait for the GPU; on Hopper the fused path needs no counts at all (a worst-case-sized
+plan, ``model.experts.GroupedExperts.counts_on_host``).
 """
 
 from __future__ import annotations

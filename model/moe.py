@@ -75,8 +75,9 @@ class MoE(nn.Module):
         batch, seqlen, dim = x.shape
         flat = x.reshape(-1, dim)  # (B*T, d)
         routing = self.gate(flat)
-        # The routed experts' counts start towards the host (FP8: the layer's one planned wait), then the shared
-        # expert is launched: the GPU runs it while the host waits for the counts and launches the routed experts.
+        # The routed experts' counts start towards the host where they are needed (FP8 off Hopper: the layer's one
+        # planned wait), then the shared expert is launched: the GPU runs it while the host waits for the counts
+        # and launches the routed experts.
         pending = self.experts.count(routing.indices.reshape(-1))
         shared = self.shared_experts(x) if self.shared_experts is not None else None
         routed, counts = self.experts(flat, routing.indices, routing.weights, pending)

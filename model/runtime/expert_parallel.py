@@ -12,8 +12,9 @@ the overlap code can issue them one by one (``simulator/engine/step.py``: dispat
   (local slot, weight) pairs for that GPU (``k`` columns each, -1 / 0 where the expert is elsewhere).
 - ``experts_step(dispatched) -> ExpertOutput`` (``experts`` is the HF name of the slots' weights): the
   local slots' SwiGLU experts over the received rows (``GroupedExperts.forward_pairs``), one weighted
-  partial sum per received row. With FP8 experts, ``forward_pairs`` reads the per-slot row counts on the
-  host: a second sync (the exchanged counts could carry them; not done yet).
+  partial sum per received row. With FP8 experts off Hopper, ``forward_pairs`` reads the per-slot row counts
+  on the host: a second sync (the exchanged counts could carry them; not done yet). On Hopper it needs none
+  (``GroupedExperts.counts_on_host``: the plan at its worst-case size, the Gluon kernels reading it on the GPU).
 - ``combine(expert_output) -> (B, T, d)``: the reverse all-to-all of the partial sums, summed per token.
 - ``shared(x)``: the shared experts (None without).
 
