@@ -139,8 +139,10 @@ def loop(work: Path, steps: int, reps: int, quiet: tuple[float, float] = (1.0, 0
         shutil.rmtree(work / "run", ignore_errors=True)  # a try's steps only
         run_ranks(plan.layout.world, _train, plan, work / "run", steps, tmp=work / "ranks")
     _quietly(run, "run", load, quiet, tries)
-    walls = [s.wall_time_s for s in read_run_report(work / "run").measured_steps]
+    report = read_run_report(work / "run")
+    walls = [s.wall_time_s for s in report.measured_steps]
     measured = statistics.median(walls)
+    traced = json.loads((work / "run" / report.traces[0].path).read_text())["otherData"]  # its step, its wall time
     _quietly(lambda: _invoke("calibrate", "--plan", str(work / "p0/plan.json"), "--out", str(work / "cal.json"),
                              "--reps", str(reps)), "calibrate", load, quiet, tries)
     moved = _invoke("check", str(work / "run"), "--plan", str(work / "p0/plan.json"), "--recalibrate",
@@ -152,7 +154,8 @@ def loop(work: Path, steps: int, reps: int, quiet: tuple[float, float] = (1.0, 0
         predicted[label] = read_plan(work / path[:3] / "plan.json").predictions.step.step_time_s
     host = CostTables.from_file(work / "cal.json").host
     return {"measured_s": measured, "predicted": predicted, "moved": moved[moved.find("recalibrated entries"):],
-            "host": host, "steps": steps, "walls_s": walls, "others_share": load}
+            "host": host, "steps": steps, "walls_s": walls, "traced": [traced.get("step"), traced["step_time_s"]],
+            "others_share": load}
 
 
 def markdown(split: list[dict], result: dict, command: str) -> str:
@@ -167,7 +170,7 @@ def markdown(split: list[dict], result: dict, command: str) -> str:
               f"{(r['tiny_s'] + r['gemm_s']) * 1e6:,.2f} | {max(r['tiny_s'], r['gemm_s']) * 1e6:,.2f} |" for r in split]
     lines += ["", "## The loop: tiny-moe, cpu cluster, pp 2, 1F1B, 4 micro-batches of 64 tokens, 2 gloo processes", "",
               f"Measured step (median of {result['steps'] - 2} steps after 2 warm-up): {m * 1e3:,.1f} ms. "
-              f"{_spread(result['walls_s'])} Other work's share of the {os.cpu_count()} cores: "
+              f"{_spread(result['walls_s'], result.get('traced'))} Other work's share of the {os.cpu_count()} cores: "
               + ", ".join(f"{k} {v:.0%}" for k, v in result["others_share"].items() if k in ("run", "calibrate"))
               + " (tries: " + ", ".join(f"{k.removesuffix(' tries')} {v}" for k, v in result["others_share"].items()
                                        if "tries" in k) + f"). {_speed(result['others_share'])}", "",
@@ -189,11 +192,14 @@ def _speed(load: dict) -> str:
             f"{load['calibrate probe s'] * 1e6:,.0f} us around calibrate ({load['calibrate probe s'] / load['run probe s']:.2f}x).")
 
 
-def _spread(walls_s: list[float]) -> str:
-    """The measured steps' spread: the machine's own noise, against which a prediction's error is read."""
+def _spread(walls_s: list[float], traced: list | None = None) -> str:
+    """The measured steps' spread: the machine's own noise, against which a prediction's error is read; and the
+    step the run traced (``check --recalibrate`` reads its ops): the median of the last five since 2026-12-06."""
     q = statistics.quantiles(walls_s, n=4) if len(walls_s) > 1 else walls_s * 3
+    step, wall_s = traced if traced else (None, walls_s[-1])
+    which = f"the traced one, step {step}" if step is not None else "the traced one, the last"
     return (f"The steps: {min(walls_s) * 1e3:,.1f} min, {q[0] * 1e3:,.1f} / {q[2] * 1e3:,.1f} quartiles, "
-            f"{max(walls_s) * 1e3:,.1f} max; the last (the traced one) {walls_s[-1] * 1e3:,.1f} ms.")
+            f"{max(walls_s) * 1e3:,.1f} max; {which}: {wall_s * 1e3:,.1f} ms.")
 
 
 def main() -> None:
