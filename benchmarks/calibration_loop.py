@@ -194,7 +194,8 @@ def _speed(load: dict) -> str:
 
 def _spread(walls_s: list[float], traced: list | None = None) -> str:
     """The measured steps' spread: the machine's own noise, against which a prediction's error is read; and the
-    step the run traced (``check --recalibrate`` reads its ops): the median of the last five since 2026-12-06."""
+    step the run traced (``check --recalibrate`` reads its ops): since 2026-12-06 the kept step nearest the
+    median (``worker.TracedStep``)."""
     q = statistics.quantiles(walls_s, n=4) if len(walls_s) > 1 else walls_s * 3
     step, wall_s = traced if traced else (None, walls_s[-1])
     which = f"the traced one, step {step}" if step is not None else "the traced one, the last"

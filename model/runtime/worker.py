@@ -25,12 +25,12 @@ and rank 0 rewinds the run directory to it and records the ``Restart`` (``resume
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
 import platform
 import socket
+import statistics
 import time
 from pathlib import Path
 from typing import Protocol
@@ -89,7 +89,7 @@ class RunConfig:
     warmup_steps: int = 1
     seed: int = 0
     dtype: str = "bf16"  # "fp32": exact CPU rehearsals and equivalence tests
-    profile_step: int | None = None  # None: the median of the last TRACE_WINDOW measured steps (by wall time)
+    profile_step: int | None = None  # None: the measured step nearest the run's median wall time (TracedStep)
     telemetry_hz: float = 2.0
     plan_file: str = "plan.json"
     checkpoint_every: int = 0  # 0: a checkpoint only when the budget guard stops the run
@@ -100,7 +100,7 @@ class RunConfig:
         check_run_settings(self.steps, self.warmup_steps, self.dtype, self.checkpoint_every)
 
 
-TRACE_WINDOW = 5  # measured steps the traced one is the median of (their events kept in memory meanwhile)
+TRACE_KEEP = 5  # measured steps whose events are kept in memory while the run goes on (TracedStep)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # keys: runtime_support.DTYPE_NAMES
 assert tuple(DTYPES) == DTYPE_NAMES
 
@@ -122,7 +122,7 @@ def train(plan: PlanFile, run_dir: Path, config: RunConfig, rank: int, device: t
         NvmlSampler(rank, None, config.telemetry_hz)
     sampler.start()
     status, traced = "completed", config.profile_step is not None and config.profile_step < start_step
-    window: collections.deque = collections.deque(maxlen=TRACE_WINDOW)  # (wall s, step, events) of measured steps
+    traced_step = TracedStep(config.warmup_steps)
     for step in range(start_step, config.steps):
         if config.fault_at == (rank, step):
             inject_fault(run_dir, rank, step)
@@ -137,9 +137,7 @@ def train(plan: PlanFile, run_dir: Path, config: RunConfig, rank: int, device: t
         dist.broadcast(decision, src=0)
         stop = int(decision) == 1
         if config.profile_step is None:
-            if step < config.warmup_steps or (window and window[-1][1] < config.warmup_steps):
-                window.clear()  # a warm-up step stands in only until a measured one comes (a run stopped early)
-            window.append((metrics.wall_time_s, step, events))
+            traced_step.offer(metrics.wall_time_s, step, events)
         elif step == config.profile_step or (stop and not traced):
             _write_trace(run_dir, rank, events, metrics.wall_time_s, step)
             traced = True
@@ -149,8 +147,8 @@ def train(plan: PlanFile, run_dir: Path, config: RunConfig, rank: int, device: t
         if stop:
             status = "stopped"
             break
-    if config.profile_step is None and window:  # every rank picks the same step: the wall times are all-reduced
-        wall_s, step, events = _median_step(window)
+    if config.profile_step is None and traced_step.kept:  # the same step on every rank: the walls are all-reduced
+        wall_s, step, events = traced_step.choice()
         _write_trace(run_dir, rank, events, wall_s, step)
         traced = True
     telemetry = write_telemetry(run_dir, sampler.stop())  # the samples apart, their summary into run.json
@@ -221,12 +219,36 @@ def _one_step(rt: RankRuntime, step: int, tokens: int, device: torch.device):
     return metrics, timeline.events()
 
 
-def _median_step(window) -> tuple[float, int, list]:
-    """The (wall s, step, events) whose wall time is the median of ``window`` (the lower one of an even count):
-    the traced step stands for the run's median step, which ``moeplan check`` compares, not for one slowed by
-    a neighbour's burst (``moeplan check --recalibrate`` takes its op times from this trace)."""
-    ordered = sorted(window, key=lambda item: (item[0], item[1]))
-    return ordered[(len(ordered) - 1) // 2]
+class TracedStep:
+    """Which step's events a run writes as its trace: the measured step whose wall time is nearest the median of
+    all the run's measured steps (``moeplan check`` compares that median; ``check --recalibrate`` takes its op times
+    from the trace, so a step slowed or sped by a neighbour's burst would move every op). At most ``TRACE_KEEP``
+    steps' events are held: when one more comes, the one farthest from the median so far is dropped (the later
+    one of a tie). Until a measured step comes, the latest warm-up step stands in (a run stopped early). Every
+    rank sees the same all-reduced wall times, so every rank keeps and picks the same step."""
+
+    def __init__(self, warmup_steps: int, keep: int = TRACE_KEEP) -> None:
+        self.warmup_steps, self.keep = warmup_steps, keep
+        self.kept: list[tuple[float, int, list]] = []  # (wall s, step, events)
+        self.walls: list[float] = []  # every measured step's wall time
+
+    def offer(self, wall_s: float, step: int, events: list) -> None:
+        if step < self.warmup_steps:
+            self.kept = [(wall_s, step, events)]
+            return
+        if self.kept and self.kept[0][1] < self.warmup_steps:
+            self.kept = []
+        self.walls.append(wall_s)
+        self.kept.append((wall_s, step, events))
+        if len(self.kept) > self.keep:
+            median = statistics.median(self.walls)
+            self.kept.remove(max(self.kept, key=lambda k: (abs(k[0] - median), k[1])))
+
+    def choice(self) -> tuple[float, int, list]:
+        """(wall s, step, events) of the kept step nearest the median of every measured step (the earlier of a
+        tie); the stand-in warm-up step where none was measured."""
+        median = statistics.median(self.walls) if self.walls else self.kept[-1][0]
+        return min(self.kept, key=lambda k: (abs(k[0] - median), k[1]))
 
 
 def _write_trace(run_dir: Path, rank: int, events, step_time_s: float, step: int) -> None:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from moeplan.model.runtime.worker import RunConfig, train
+from moeplan.model.runtime.worker import RunConfig, TracedStep, train
 from moeplan.orchestrator.inputs import read_load_record
 from moeplan.simulator.contracts.run_report import EXPERT_LOAD_NAME, read_metrics, read_run_report
 from moeplan.simulator.costs.optimizer_step import OPTIMIZER_PARTS
@@ -46,6 +46,7 @@ def test_twenty_steps_follow_the_single_process_trajectory(tmp_path, kind, pp, d
     assert decoder and all(sum(layer.tokens_per_expert) == STEPS * report.steps[0].tokens * spec.num_experts_per_tok
                            for layer in decoder)
     programs = lower(plan.schedule).programs
+    traced_steps = set()
     for ref in report.traces:
         doc = json.loads((run_dir / ref.path).read_text())
         names = [e["name"] for e in doc["traceEvents"] if e.get("ph") == "X"]
@@ -53,6 +54,23 @@ def test_twenty_steps_follow_the_single_process_trajectory(tmp_path, kind, pp, d
         timed = {n.split(" ")[0] for n in names}  # "0F3 L1 attn", "1B2 head", "0W1": the op is the first word
         assert set(ops) <= timed, f"ops of the rank's program without a timed event: {sorted(set(ops) - timed)}"
         assert {f"optimizer {part}" for part in OPTIMIZER_PARTS} <= set(names) and all(op_class(n) for n in names)
-        # the traced step is the median (by wall time) of the last five measured steps, the same on every rank
-        median = sorted(report.steps[-5:], key=lambda m: (m.wall_time_s, m.step))[2]
-        assert doc["otherData"]["step"] == median.step and doc["otherData"]["step_time_s"] == median.wall_time_s
+        # the traced step is a measured one (TracedStep: the kept step nearest the median), the same on every rank
+        traced = next(m for m in report.steps if m.step == doc["otherData"]["step"])
+        assert traced.step >= 1 and doc["otherData"]["step_time_s"] == traced.wall_time_s
+        traced_steps.add(traced.step)
+    assert len(traced_steps) == 1
+
+
+def test_the_traced_step_is_the_kept_step_nearest_the_runs_median():
+    """``TracedStep`` holds five steps' events at most, drops the one farthest from the median so far, and picks the
+    kept one nearest the median of every measured step; a warm-up step stands in only until a measured one."""
+    walls = [9.0, 1.0, 5.0, 4.9, 5.2, 8.0, 0.5, 5.1, 7.0, 4.0, 6.0, 3.0]  # step 0 warm-up; measured median 5.0
+    traced = TracedStep(warmup_steps=1)
+    traced.offer(walls[0], 0, ["warm-up"])
+    assert traced.choice()[1] == 0  # stopped in the warm-up: its step stands in
+    for step, wall in enumerate(walls[1:], start=1):
+        traced.offer(wall, step, [f"step {step}"])
+        assert len(traced.kept) <= 5 and all(s >= 1 for _, s, _ in traced.kept)
+    # the median step (2) was kept through seven evictions; the last five steps' median would be step 7's 5.1
+    assert traced.choice() == (5.0, 2, ["step 2"])
+    assert sorted(s for _, s, _ in traced.kept) == [2, 3, 4, 7, 10]
