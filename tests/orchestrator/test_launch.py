@@ -137,7 +137,9 @@ def test_a_run_that_keeps_failing_ends_in_one_line_and_resumes(pp2_dp2, tmp_path
     result = launch(str(path), "--steps", str(STEPS), "--dtype", "fp32", "--checkpoint-every", "2",
                     "--run-dir", str(run), env={FAULT_ENV: "0:3"})
     assert result.exit_code == RUN_FAILED_EXIT_CODE, result.output
-    (line,) = result.stderr.strip().splitlines()
+    # one line for the failed attempt (the rank, its crash log: 7406bed), one for the run
+    attempt, line = result.stderr.strip().splitlines()
+    assert attempt.startswith("moeplan: rank 0: ") and "(traceback in " in attempt, attempt
     assert line.startswith("moeplan: run failed: the run failed 1 time(s) (--max-failures 0); last: rank 0"), line
     failed = read_run_report(run)
     assert failed.status == "failed" and [m.step for m in failed.steps] == [0, 1, 2]
