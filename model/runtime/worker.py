@@ -25,12 +25,12 @@ and rank 0 rewinds the run directory to it and records the ``Restart`` (``resume
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import logging
 import platform
 import socket
-import statistics
 import time
 from pathlib import Path
 from typing import Protocol
@@ -230,7 +230,7 @@ class TracedStep:
     def __init__(self, warmup_steps: int, keep: int = TRACE_KEEP) -> None:
         self.warmup_steps, self.keep = warmup_steps, keep
         self.kept: list[tuple[float, int, list]] = []  # (wall s, step, events)
-        self.walls: list[float] = []  # every measured step's wall time
+        self.walls: list[float] = []  # every measured step's wall time, sorted (a median per step, no re-sort)
 
     def offer(self, wall_s: float, step: int, events: list) -> None:
         if step < self.warmup_steps:
@@ -238,17 +238,21 @@ class TracedStep:
             return
         if self.kept and self.kept[0][1] < self.warmup_steps:
             self.kept = []
-        self.walls.append(wall_s)
+        bisect.insort(self.walls, wall_s)
         self.kept.append((wall_s, step, events))
         if len(self.kept) > self.keep:
-            median = statistics.median(self.walls)
+            median = self._median()
             self.kept.remove(max(self.kept, key=lambda k: (abs(k[0] - median), k[1])))
 
     def choice(self) -> tuple[float, int, list]:
         """(wall s, step, events) of the kept step nearest the median of every measured step (the earlier of a
         tie); the stand-in warm-up step where none was measured."""
-        median = statistics.median(self.walls) if self.walls else self.kept[-1][0]
+        median = self._median() if self.walls else self.kept[-1][0]
         return min(self.kept, key=lambda k: (abs(k[0] - median), k[1]))
+
+    def _median(self) -> float:
+        n, w = len(self.walls), self.walls
+        return w[n // 2] if n % 2 else (w[n // 2 - 1] + w[n // 2]) / 2
 
 
 def _write_trace(run_dir: Path, rank: int, events, step_time_s: float, step: int) -> None:

@@ -141,17 +141,24 @@ def test_fused_fp8_experts_on_hopper_never_wait_for_the_gpu_from_routing_to_grad
     E, d, inter, n, k = 32, 7168, 2048, 4096, 8
     experts = _experts(kernel_ops(), True, E, d, inter, "cuda")
     assert not experts.counts_on_host(torch.device("cuda"))
-    g = torch.Generator().manual_seed(39)
-    indices = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)]).cuda()
+    x = layer_without_host_sync(experts, n, d, k, seed=39)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(experts.down_proj.grad).all()
+
+
+def layer_without_host_sync(experts: GroupedExperts, n: int, d: int, k: int, seed: int) -> torch.Tensor:
+    """``experts`` forward and backward on ``n`` tokens of width ``d``, each routed to ``k`` distinct experts at
+    random, through ``step_without_host_sync``; returns the input, its gradient filled."""
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.stack([torch.randperm(experts.num_experts, generator=g)[:k] for _ in range(n)]).cuda()
     weights = torch.rand(n, k, generator=g).cuda().requires_grad_(True)
-    x = rand(n, d, seed=40, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    x = rand(n, d, seed=seed + 1, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
 
     def step() -> None:
         out, _ = experts(x, indices, weights)
         out.float().square().mean().backward()
 
     step_without_host_sync(step)
-    assert torch.isfinite(x.grad).all() and torch.isfinite(experts.down_proj.grad).all()
+    return x
 
 
 def step_without_host_sync(step) -> None:

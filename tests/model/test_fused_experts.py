@@ -18,7 +18,7 @@ from moeplan.model.fused_experts import FusedExpertsFn
 from moeplan.model.weight_grad import WeightGradStore
 from tests.kernels import test_kernels
 from tests.kernels.test_kernels import ON_GPU, rand, rel_err
-from tests.model.test_fp8_experts import step_without_host_sync
+from tests.model.test_fp8_experts import layer_without_host_sync
 
 device, poisoned = test_kernels.device, test_kernels.poisoned
 
@@ -119,16 +119,7 @@ def test_fused_bf16_experts_never_wait_for_the_gpu(main_grads):
     if main_grads:
         for p in (experts.gate_up_proj, experts.down_proj):
             p.main_grad = torch.zeros(p.shape, device="cuda")
-    g = torch.Generator().manual_seed(46)
-    indices = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)]).cuda()
-    weights = torch.rand(n, k, generator=g).cuda().requires_grad_(True)
-    x = rand(n, d, seed=47, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
-
-    def step() -> None:
-        out, _ = experts(x, indices, weights)
-        out.float().square().mean().backward()
-
-    step_without_host_sync(step)
+    x = layer_without_host_sync(experts, n, d, k, seed=46)
     grad = experts.down_proj.main_grad if main_grads else experts.down_proj.grad
     assert torch.isfinite(x.grad).all() and torch.isfinite(grad).all() and grad.any()
 
