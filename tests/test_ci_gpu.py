@@ -29,3 +29,11 @@ def test_each_file_gets_a_summary_line_and_a_failing_file_fails_the_run(tmp_path
 def test_files_past_the_budget_are_listed_as_skipped(tmp_path):
     rc, summary = _run(tmp_path, "5", "tests/model/test_gpu.py")
     assert rc == 1 and summary == ["skipped - tests/model/test_gpu.py"]
+
+
+def test_a_bad_budget_is_one_line_and_runs_nothing(tmp_path):
+    env = os.environ | {"OUT": str(tmp_path), "PYTHON": sys.executable}
+    res = subprocess.run(["bash", str(ROOT / ".ci/gpu"), "ten"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "BUDGET_S='ten'" in res.stderr
+    assert not (tmp_path / "gpu-tests.log").exists()
