@@ -10,8 +10,9 @@ K-grouped Triton kernel). Time: ``triton.testing.do_bench`` median; TFLOPS over 
 largest relative difference of each backend's result from the "torch" one. docs/design/kernels.md quotes it.
 
 Then the Gluon kernel adding into an FP32 main gradient (``accumulate_into``, as ``model.weight_grad`` runs it in
-training), its epilogue reading the old values from HBM after the last MMA (``PREFETCH_OLD_VALUES`` off) and
-with them asked into L2 before the K loop (on); the same timing, the result checked against old + product.
+training), by each path of ``fp8_gemm_ws.OLD_VALUES`` for the old values: read from HBM after the last MMA
+("after"), asked into L2 before the K loop ("l2"), brought into the output buffer by the copy engine while the
+K loop runs ("tma"); the same timing, the result checked against old + product.
 """
 
 from __future__ import annotations
@@ -63,19 +64,19 @@ def main() -> None:
             print(f"{name} ({m} x {n}) {backend}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOPS, vs torch {diff:.1e}")
         product = fp8_gemm_ws.fp8_wgrad_ws(a_t, sa_t, b_t, sb_t, bounds.cuda())
         old = torch.randn(EXPERTS, m, n, device="cuda")
-        default = fp8_gemm_ws.PREFETCH_OLD_VALUES
-        for prefetch in (False, True):
-            fp8_gemm_ws.PREFETCH_OLD_VALUES = prefetch
-            fp8_gemm_ws._plan.cache_clear()  # the flag is read when a launch is planned
+        default = fp8_gemm_ws.OLD_VALUES
+        for path in fp8_gemm_ws.OLD_VALUE_PATHS:
+            fp8_gemm_ws.OLD_VALUES = path
+            fp8_gemm_ws._plan.cache_clear()  # the path is read when a launch is planned
             main_grad = old.clone()
             fp8_gemm_ws.fp8_wgrad_ws(a_t, sa_t, b_t, sb_t, bounds.cuda(), accumulate_into=main_grad)
             diff = float((main_grad - (old + product)).abs().max())
             run = functools.partial(fp8_gemm_ws.fp8_wgrad_ws, a_t, sa_t, b_t, sb_t, bounds.cuda(),
                                     accumulate_into=main_grad)
             ms = triton.testing.do_bench(run, rep=200, return_mode="median")
-            print(f"{name} ({m} x {n}) gluon into FP32, old values {'prefetched to L2' if prefetch else 'read after'}: "
+            print(f"{name} ({m} x {n}) gluon into FP32, old values {path!r}: "
                   f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOPS, max |C - (old + product)| {diff:.1e}")
-        fp8_gemm_ws.PREFETCH_OLD_VALUES = default
+        fp8_gemm_ws.OLD_VALUES = default
         fp8_gemm_ws._plan.cache_clear()
 
 

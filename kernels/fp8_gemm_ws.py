@@ -88,13 +88,18 @@ TURN_BARRIERS = (8, 9)
 # previous MMA). "complete": a warpgroup issues an MMA only once the other's previous MMA has
 # finished, so one promotes while the other's MMA runs (docs/design/kernels.md measures the three).
 ORDERS = {"free": 0, "issue": 1, "complete": 2}
-# True (the default): an accumulating epilogue (``accumulate_into``; the kernel's ACCUMULATE 2) asks L2 for the
-# tile's old values before its K loop (``_prefetch_l2``). False (ACCUMULATE 1): it reads them from HBM after the
-# last MMA, each tile's math warpgroups waiting on the load. Measured by benchmarks/grouped_wgrad_bench.py (H100,
-# 2026-12-06 17:33 UTC, 32 experts, 34,560 rows, into FP32): gate_up 5.274 -> 4.222 ms, down 2.507 -> 2.126 ms,
-# the same bits; the FP8 training step 139.7 -> 136.0 ms a micro-batch (docs/results/model-step.md). Read when
-# a launch is planned (``_plan``).
-PREFETCH_OLD_VALUES = True
+# Where an accumulating epilogue (``accumulate_into``: C += A·B, an FP32 main gradient) gets the tile's old values
+# (the kernel's ACCUMULATE, by ``OLD_VALUE_PATHS``). "after": plain loads after the last MMA, each tile's math
+# warpgroups waiting on HBM. "l2": the loads after the last MMA, the lines asked into L2 before the K loop
+# (``_prefetch_l2``). "tma": each math warpgroup has the copy engine bring its 64 x 128 piece of old values into its
+# output buffer in shared memory when the tile starts (once the previous tile's store has read the buffer), and
+# reads them from there after the last MMA: no extra shared memory, no load instruction per line; 128-wide tiles
+# only (a 256-wide tile's two pieces share the buffer), others take "l2". Measured by
+# benchmarks/grouped_wgrad_bench.py (H100, 2026-12-06 17:33 UTC, 32 experts, 34,560 rows, into FP32): gate_up
+# 5.274 ms "after", 4.222 ms "l2", the same bits; the FP8 training step 139.7 -> 136.0 ms a micro-batch
+# (docs/results/model-step.md). Read when a launch is planned (``_plan``).
+OLD_VALUE_PATHS = {"after": 1, "l2": 2, "tma": 3}
+OLD_VALUES = "l2"
 
 
 if HAVE_GLUON:
@@ -282,8 +287,8 @@ if HAVE_GLUON:
                 counter += 1
 
     @gluon.jit
-    def _math(c_desc, a_smem, b_smem, sa_smem, sb_smem, c_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, c_ptr, M, N, K,
-              stride_sam, stride_sak, stride_sbn, stride_sbk, groups, stride_cm, HALF: gl.constexpr,
+    def _math(c_desc, a_smem, b_smem, sa_smem, sb_smem, c_smem, c_bar, ready, empty, sa_ptr, sb_ptr, m_ptr, c_ptr, M,
+              N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, groups, stride_cm, HALF: gl.constexpr,
               ROW_SCALED_B: gl.constexpr, SCALES: gl.constexpr, PROMOTE: gl.constexpr, BLOCK_M: gl.constexpr,
               BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUPED: gl.constexpr,
               ORDER: gl.constexpr, GROUPED_K: gl.constexpr, ACCUMULATE: gl.constexpr):
@@ -308,6 +313,7 @@ if HAVE_GLUON:
         partial = gl.zeros([ROWS, TILE_C], gl.float32, layout)  # registers for the MMAs' partial sums
         token = gl.full([4 * 32], 0, gl.int32, gl.BlockedLayout([1], [32], [4], [0]))  # ORDER "issue": one a thread
         counter = 0
+        tiles_done = 0  # the phase of ``c_bar`` (ACCUMULATE 3: one completion a tile)
         for tile in range(gl.program_id(0), num_pid_m * num_pid_n * groups, gl.num_programs(0)):
             if GROUPED_K:  # the K blocks' scales come with the stage (TMA): only the count matters here
                 off_m, off_n, _, steps, c_row = _k_group_tile(tile, m_ptr, num_pid_m, num_pid_n, M, BLOCK_M,
@@ -319,6 +325,13 @@ if HAVE_GLUON:
             off_m = off_m + HALF * ROWS
             if ACCUMULATE == 2:
                 _prefetch_l2(c_ptr, c_row + off_m, off_n, M - off_m, N, stride_cm, ROWS, BLOCK_N)
+            if ACCUMULATE == 3:
+                # the old values come into the output buffer while the K loop runs: once the previous
+                # tile's store has read the buffer, the copy engine brings this tile's piece (rows past
+                # the tensor read as zeros, and the store leaves them out)
+                tma.store_wait(pendings=0)
+                mbarrier.expect(c_bar.index(0), c_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(c_desc, [c_row + off_m, off_n], c_bar.index(0), c_smem.index(0))
             offs_m = off_m + gl.arange(0, ROWS, layout=row_layout)
             sa_ptrs = sa_ptr + offs_m * stride_sam
             m_mask = offs_m < M
@@ -396,7 +409,11 @@ if HAVE_GLUON:
                 real = gl.load(m_ptr + offs_m, mask=m_mask, other=-1) >= 0
                 acc0 = gl.where(real[:, None], acc0, 0.0)
                 acc1 = gl.where(real[:, None], acc1, 0.0)
-            if ACCUMULATE != 0:  # C += the product (an FP32 main gradient): the tile's old values read first
+            if ACCUMULATE == 3:  # C += the product, the old values from the output buffer (the same layout
+                # as the store below: every thread reads and then overwrites only its own elements)
+                mbarrier.wait(c_bar.index(0), tiles_done & 1)
+                acc0 = acc0 + c_smem.index(0).load(layout)
+            if ACCUMULATE == 1 or ACCUMULATE == 2:  # C += the product (an FP32 main gradient): old values read first
                 cols = off_n + gl.arange(0, TILE_C, layout=col_layout)
                 c_ptrs = c_ptr + (c_row + offs_m).to(gl.int64)[:, None] * stride_cm + cols[None, :]
                 acc0 = acc0 + gl.load(c_ptrs, mask=m_mask[:, None] & (cols < N)[None, :], other=0.0)
@@ -413,6 +430,7 @@ if HAVE_GLUON:
                 c_smem.index(0).store(acc1.to(c_desc.dtype))
                 fence_async_shared()
                 tma.async_copy_shared_to_global(c_desc, [c_row + off_m, off_n + TILE_C], c_smem.index(0))
+            tiles_done += 1
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -442,16 +460,21 @@ if HAVE_GLUON:
             sb_smem = a_smem
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        # each math warpgroup's barrier for its old values (ACCUMULATE 3), completed by the copy engine
+        c0_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        c1_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)  # one arrival per math warpgroup
+        mbarrier.init(c0_bar.index(0), count=1)
+        mbarrier.init(c1_bar.index(0), count=1)
         fence_async_shared()
         gl.warp_specialize([
-            (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c0_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, c_ptr,
-                     M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, groups, stride_cm, 0, ROW_SCALED_B,
+            (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c0_smem, c0_bar, ready, empty, sa_ptr, sb_ptr, m_ptr,
+                     c_ptr, M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, groups, stride_cm, 0, ROW_SCALED_B,
                      SCALES, PROMOTE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER, GROUPED_K, ACCUMULATE)),
-            (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c1_smem, ready, empty, sa_ptr, sb_ptr, m_ptr, c_ptr,
-                     M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, groups, stride_cm, 1, ROW_SCALED_B,
+            (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c1_smem, c1_bar, ready, empty, sa_ptr, sb_ptr, m_ptr,
+                     c_ptr, M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, groups, stride_cm, 1, ROW_SCALED_B,
                      SCALES, PROMOTE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER, GROUPED_K, ACCUMULATE)),
             (_producer, (a_desc, b_desc, sa_desc, sb_desc, a_smem, b_smem, sa_smem, sb_smem, ready, empty, m_ptr, M,
                          N, K, sa_pitch, sb_pitch, groups, ROW_SCALED_B, SCALES, BLOCK_M, BLOCK_N, GROUP_M,
@@ -526,7 +549,16 @@ def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, gr
     return {"ROW_SCALED_B": rows, "SCALES": SCALE_PATHS[scales], "PROMOTE": promote, "BLOCK_N": block_n,
             "GROUP_M": group_m, "STAGES": stages, "GROUPED": grouped, "ORDER": ORDERS[order],
             "MATH_REGS": REGS[rows][0], "PRODUCER_REGS": REGS[rows][1], "GROUPED_K": grouped_k,
-            "ACCUMULATE": (2 if PREFETCH_OLD_VALUES else 1) if accumulate else 0}
+            "ACCUMULATE": _old_value_path(block_n) if accumulate else 0}
+
+
+def _old_value_path(block_n: int) -> int:
+    """The ACCUMULATE constexpr of ``OLD_VALUES`` at tile width ``block_n`` ("tma" needs 128-wide tiles)."""
+    if OLD_VALUES not in OLD_VALUE_PATHS:
+        raise ValueError(f"OLD_VALUES={OLD_VALUES!r}: one of {sorted(OLD_VALUE_PATHS)}")
+    if OLD_VALUES == "tma" and block_n != TILE:
+        return OLD_VALUE_PATHS["l2"]
+    return OLD_VALUE_PATHS[OLD_VALUES]
 
 
 def _mn_major(scale: torch.Tensor) -> tuple[torch.Tensor, int]:

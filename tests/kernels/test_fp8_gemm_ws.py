@@ -463,21 +463,29 @@ def test_k_grouped_wgrad_compiles_like_the_dense_wgrad(tmp_path):
 
 @needs_gluon
 @pytest.mark.parametrize("grouped_k", [False, True], ids=["dense", "k_grouped"])
-def test_accumulating_epilogue_asks_l2_for_the_old_values_first_without_spills(tmp_path, grouped_k, monkeypatch):
-    """``accumulate_into``: each math thread prefetches its share of the tile's old FP32 values into L2 before the
-    K loop (4 lines of 128 bytes: 64 rows x 256 columns over 128 threads), and the kernel still spills nothing;
-    with the switch off (the default until a GPU has timed both: grouped_wgrad_bench.py) there is no prefetch."""
-    monkeypatch.setattr(fp8_gemm_ws, "PREFETCH_OLD_VALUES", True)
-    kernel = fp8_gemm_ws.compile_offline(rows=True, out_dtype=torch.float32, grouped_k=grouped_k, accumulate=True)
-    ptx = kernel.asm["ptx"]
-    assert ptx.count("prefetch.global.L2") == 4, ptx.count("prefetch.global.L2")
-    report, _ = _sass(ptx, tmp_path)
-    assert "0 bytes spill stores, 0 bytes spill loads" in report, report
-    monkeypatch.setattr(fp8_gemm_ws, "PREFETCH_OLD_VALUES", False)
-    off = fp8_gemm_ws.compile_offline(rows=True, out_dtype=torch.float32, grouped_k=grouped_k, accumulate=True)
-    assert "prefetch" not in off.asm["ptx"]
+def test_accumulating_epilogue_gets_the_old_values_as_configured_without_spills(tmp_path, grouped_k, monkeypatch):
+    """``accumulate_into`` with each ``OLD_VALUES`` path, compiled for sm_90a: "l2" has each math thread prefetch
+    its share of the tile's old FP32 values into L2 before the K loop (4 lines of 128 bytes: 64 rows x 128 columns
+    over 128 threads); "tma" has each math warpgroup ask the copy engine for its 64 x 128 piece (one more 2-D
+    tensor load and expect_tx each, beside the producer's A and B) and no prefetch; "after" neither. None spills;
+    "tma" at 256-wide tiles (which share one output buffer between two pieces) falls back to "l2"."""
+    loads = "cp.async.bulk.tensor.2d.shared::cluster.global"
+    seen = {}
+    for path in ("after", "l2", "tma"):
+        monkeypatch.setattr(fp8_gemm_ws, "OLD_VALUES", path)
+        kernel = fp8_gemm_ws.compile_offline(rows=True, out_dtype=torch.float32, grouped_k=grouped_k,
+                                             accumulate=True)
+        ptx = kernel.asm["ptx"]
+        seen[path] = (ptx.count("prefetch.global.L2"), ptx.count(loads), ptx.count("expect_tx"))
+        report, _ = _sass(ptx, tmp_path)
+        assert "0 bytes spill stores, 0 bytes spill loads" in report, (path, report)
+    assert seen == {"after": (0, 2, 1), "l2": (4, 2, 1), "tma": (0, 4, 3)}, seen
     plain = fp8_gemm_ws.compile_offline(rows=True, out_dtype=torch.float32, grouped_k=grouped_k)
-    assert "prefetch" not in plain.asm["ptx"]
+    assert "prefetch" not in plain.asm["ptx"] and plain.asm["ptx"].count(loads) == 2
+    assert fp8_gemm_ws._constexprs((256, 4, 16), rows=False, promote=True, accumulate=True)["ACCUMULATE"] == 2
+    monkeypatch.setattr(fp8_gemm_ws, "OLD_VALUES", "l3")
+    with pytest.raises(ValueError, match="OLD_VALUES"):
+        fp8_gemm_ws._constexprs((128, 4, 16), rows=True, promote=True, accumulate=True)
 
 
 @pytest.mark.gpu
@@ -524,21 +532,23 @@ def test_k_grouped_wgrad_matches_float64(M, N, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("prefetch", [False, True], ids=["read-after", "prefetched"])
-def test_weight_gradients_accumulate_into_fp32_main_gradients(prefetch, monkeypatch):
+@pytest.mark.parametrize("old_values", ["after", "l2", "tma"])
+def test_weight_gradients_accumulate_into_fp32_main_gradients(old_values, monkeypatch):
     """``accumulate_into``: the epilogue adds the product to the tensor's old values (an FP32 main gradient), for
-    the dense Wgrad (1x128-row B scales) and the experts' K-grouped one; the result is the non-accumulating
-    product plus the old values, bit for bit (one FP32 addition either way), and an empty expert keeps its slice."""
+    the dense Wgrad (1x128-row B scales; also 200 rows, a tile's rows past the tensor) and the experts' K-grouped
+    one; the result is the non-accumulating product plus the old values, bit for bit (one FP32 addition either
+    way), and an empty expert keeps its slice."""
     from tests.kernels.test_kernels import _contiguous_layout
 
-    monkeypatch.setattr(fp8_gemm_ws, "PREFETCH_OLD_VALUES", prefetch)
-    fp8_gemm_ws._plan.cache_clear()  # the flag is read when a launch is planned
-    a, sa, b, sb = _gemm_operands(384, 256, 4096, "wgrad", "cuda")  # dy (384, 256), x (384, 4096): dW (256, 4096)
-    old = rand(256, 4096, seed=51, device="cuda")
-    target = old.clone()
-    out = fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, torch.float32, accumulate_into=target)
-    assert out.data_ptr() == target.data_ptr()
-    assert torch.equal(target, old + fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, torch.float32))
+    monkeypatch.setattr(fp8_gemm_ws, "OLD_VALUES", old_values)
+    fp8_gemm_ws._plan.cache_clear()  # the path is read when a launch is planned
+    for rows in (256, 200):
+        a, sa, b, sb = _gemm_operands(384, rows, 4096, "wgrad", "cuda")  # dW (rows, 4096) = dy^T x
+        old = rand(rows, 4096, seed=51, device="cuda")
+        target = old.clone()
+        out = fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, torch.float32, accumulate_into=target)
+        assert out.data_ptr() == target.data_ptr()
+        assert torch.equal(target, old + fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, torch.float32)), rows
     counts = [130, 0, 1000]
     m_indices, offsets = _contiguous_layout(counts, "cuda")
     pad = (m_indices < 0)[:, None]
