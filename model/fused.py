@@ -4,7 +4,8 @@ Each function below is the eager code its module used to inline; a module whose 
 (``ModelOptions.fuse_memory_bound``, applied by ``fuse_memory_bound``) calls it through ``torch.compile``
 on CUDA, so Inductor generates one Triton kernel per function and one for its backward instead of the
 eager chain of casts, reductions and elementwise ops (RMSNorm's seven, RoPE's split/stack/cat and
-their backwards). The compiled code computes the same expression (FP32 statistics, the same casts); it
+their backwards; the router's sigmoid, bias add, group scores, masks, gather and normalisation around its
+top-k selections, which Inductor leaves as library calls). The compiled code computes the same expression (FP32 statistics, the same casts); it
 may round differently in the last bit where Inductor keeps an intermediate in FP32, so equivalence tests
 against Hugging Face run on the eager path. On CPU the flag is ignored: the eager functions run.
 
@@ -56,6 +57,38 @@ def mla_key(k_nope: torch.Tensor, k_rope: torch.Tensor, cos: torch.Tensor, sin: 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (Shazeer 2020)."""
     return F.silu(gate) * up
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor | None, *, scoring_func: str, topk_method: str, n_group: int,
+          topk_group: int, top_k: int, norm_topk_prob: bool, route_scale: float,
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``model.gate.Gate``'s selection from the FP32 logits (N, E): (weights (N, k), indices (N, k), scores (N, E)).
+
+    Scores are the sigmoid (or softmax) of the logits; the selection uses them plus ``bias`` (None: none),
+    limited to the ``topk_group`` best groups where ``topk_method`` is not "greedy"; the weights gather the
+    unbiased scores, normalised if ``norm_topk_prob``, times ``route_scale`` (``model.gate``'s docstring)."""
+    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    choice = scores if bias is None else scores + bias
+    if topk_method != "greedy" and n_group > 1:
+        choice = _limit_groups(choice, n_group, topk_group, two_best=topk_method == "noaux_tc")
+    indices = choice.topk(top_k, dim=-1).indices  # (N, k)
+    weights = scores.gather(1, indices)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * route_scale, indices, scores
+
+
+def _limit_groups(choice: torch.Tensor, n_group: int, topk_group: int, two_best: bool) -> torch.Tensor:
+    """Mask (to -inf) every expert outside the ``topk_group`` best groups; a group's score is the sum of its two
+    best scores (``two_best``, V3) or its best (V2)."""
+    grouped = choice.view(choice.shape[0], n_group, -1)  # (N, G, E/G)
+    if two_best:
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # (N, G)
+    else:
+        group_scores = grouped.amax(dim=-1)
+    keep = group_scores.topk(topk_group, dim=-1).indices  # (N, topk_group)
+    mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)  # True = dropped
+    return grouped.masked_fill(mask[..., None], float("-inf")).flatten(1)
 
 
 @cache

@@ -8,7 +8,8 @@ Variants, chosen only by spec fields (``scoring_func``, ``topk_method``, ``n_gro
 - "group_limited_greedy" (V2): group score = its best score, no bias.
 - "greedy" (V2-Lite): plain top-k.
 Then, if ``norm_topk_prob``, weights are divided by their sum; finally times ``routed_scaling_factor``.
-The router runs in FP32 whatever the model dtype.
+The router runs in FP32 whatever the model dtype. The selection is ``model.fused.route``, compiled into
+fused kernels on a GPU when ``fuse`` is set (``ModelOptions.fuse_memory_bound``), eager otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeplan.model.fused import Fusable, route, run
 from moeplan.simulator.spec.model import ModelSpec
 
 
@@ -32,7 +34,7 @@ class Routing:
     scores: torch.Tensor
 
 
-class Gate(nn.Module):
+class Gate(nn.Module, Fusable):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.num_experts, self.top_k = spec.n_routed_experts, spec.num_experts_per_tok
@@ -51,23 +53,8 @@ class Gate(nn.Module):
 
     def route(self, logits: torch.Tensor) -> Routing:
         """Scores, top-k selection and weights from the FP32 logits (N, E): the router's memory-bound part."""
-        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
-        if self.topk_method != "greedy" and self.n_group > 1:
-            choice = self._limit_groups(choice)
-        indices = choice.topk(self.top_k, dim=-1).indices  # (N, k)
-        weights = scores.gather(1, indices)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return Routing(weights=weights * self.route_scale, indices=indices, scores=scores)
-
-    def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
-        """Mask (to -inf) every expert outside the ``topk_group`` best groups."""
-        grouped = choice.view(choice.shape[0], self.n_group, -1)  # (N, G, E/G)
-        if self.topk_method == "noaux_tc":
-            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # (N, G)
-        else:
-            group_scores = grouped.amax(dim=-1)
-        keep = group_scores.topk(self.topk_group, dim=-1).indices  # (N, topk_group)
-        mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)  # True = dropped
-        return grouped.masked_fill(mask[..., None], float("-inf")).flatten(1)
+        weights, indices, scores = run(
+            route, self.fuse, logits, self.e_score_correction_bias, scoring_func=self.scoring_func,
+            topk_method=self.topk_method, n_group=self.n_group, topk_group=self.topk_group, top_k=self.top_k,
+            norm_topk_prob=self.norm_topk_prob, route_scale=self.route_scale)
+        return Routing(weights=weights, indices=indices, scores=scores)
