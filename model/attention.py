@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeplan.model.fused import Fusable, mla_key, mla_query, run
+from moeplan.model.fused import Fusable, mla_key_value, mla_query, run
 from moeplan.model.norm import RMSNorm
 from moeplan.model.rope import softmax_scale
 from moeplan.simulator.spec.model import ModelSpec
@@ -56,8 +56,7 @@ class MLA(nn.Module, Fusable):
         kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent))
         kv = kv.view(bsz, seqlen, self.num_heads, self.nope_dim + self.v_dim)  # (B, T, H, Dnope + Dv)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = run(mla_key, self.fuse, k_nope, k_rope, cos, sin)  # one RoPE key shared by all heads
+        k, v = run(mla_key_value, self.fuse, kv, k_rope, cos, sin, self.nope_dim)  # one RoPE key for all heads
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale
         )  # (B, H, T, Dv)

@@ -54,6 +54,18 @@ def mla_key(k_nope: torch.Tensor, k_rope: torch.Tensor, cos: torch.Tensor, sin: 
     return torch.cat((k_nope, k_rope.expand(-1, -1, k_nope.shape[2], -1)), dim=-1)
 
 
+def mla_key_value(kv: torch.Tensor, k_rope: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  nope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv (B, T, H, nope + v) from the KV up-projection and the one shared RoPE key k_rope (B, T, R) -> keys
+    (B, T, H, nope + R) and values (B, T, H, v), the values a copy: compiled, the KV split's backward (the keys'
+    and values' gradients put back into kv's) is then part of this function's kernel, where the split outside it
+    ran as a separate concatenation (``CatArrayBatchedCopy``, 0.6 ms a 4096-token layer at ~27% of the H100's
+    HBM in benchmarks/model_step.py's traces, 2026-12-06). A view of kv would be regenerated outside the graph,
+    its gradient with it."""
+    k_nope, v = kv.split([nope_dim, kv.shape[-1] - nope_dim], dim=-1)
+    return mla_key(k_nope, k_rope, cos, sin), v.contiguous()
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (Shazeer 2020)."""
     return F.silu(gate) * up

@@ -47,6 +47,25 @@ def test_each_function_is_one_graph_with_the_eager_result_and_gradients(name):
     assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
 
 
+def test_mla_key_value_is_one_graph_the_split_and_keys_and_its_values_own_their_memory():
+    """The keys as ``mla_key`` makes them from kv's first channels, the values kv's last ones in memory of their
+    own (a view would be regenerated outside a compiled graph, and the KV split's backward with it), and one graph
+    with the eager result and kv's gradient (the keys' and the values' put back together)."""
+    kv, k_rope = _r(2, 5, 4, 16 + 12), _r(2, 5, 8)
+    cos, sin = torch.rand(5, 4, generator=g), torch.rand(5, 4, generator=g)
+    k, v = fused.mla_key_value(kv, k_rope, cos, sin, 16)
+    assert torch.equal(k, fused.mla_key(kv[..., :16], k_rope, cos, sin)) and torch.equal(v, kv[..., 16:])
+    assert v.is_contiguous() and v.untyped_storage().data_ptr() != kv.untyped_storage().data_ptr()
+    graph = torch.compile(fused.mla_key_value, backend="aot_eager", fullgraph=True, dynamic=False)
+    gk, gv = graph(kv, k_rope, cos, sin, 16)
+    assert torch.equal(gk, k) and torch.equal(gv, v)
+    dk, dv = torch.randn(k.shape, generator=g), torch.randn(v.shape, generator=g)
+    want = torch.autograd.grad((k, v), (kv, k_rope), (dk, dv))
+    got = torch.autograd.grad((gk, gv), (kv, k_rope), (dk, dv))
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    assert torch.equal(want[0][..., 16:], dv)
+
+
 def test_the_option_reaches_every_norm_attention_mlp_and_experts_and_cpu_runs_eager():
     spec = tiny_moe()
     stage = StageSpec(0, spec.num_hidden_layers, True, True)
