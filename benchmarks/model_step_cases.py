@@ -24,7 +24,7 @@ from moeplan.simulator.accounting.activations import BF16_BYTES, layer_activatio
 from moeplan.simulator.accounting.flops import ForwardFlops, attention_core_flops, forward_flops
 from moeplan.simulator.accounting.layout import Stage
 from moeplan.simulator.accounting.memory import rank_params
-from moeplan.simulator.costs.elementwise import fp8_weight_quant_bytes, layer_bytes_per_token
+from moeplan.simulator.costs.elementwise import WEIGHT_QUANT, fp8_weight_quant_bytes, layer_bytes_per_token
 from moeplan.simulator.costs.kernels import attention_s, memory_s
 from moeplan.simulator.costs.tables import CostTables, Precision
 from moeplan.simulator.engine.unit_costs import (
@@ -178,11 +178,11 @@ def _layer_classes(tables: CostTables, gpu: GpuSpec, spec: ModelSpec, layer: int
 
 def weight_quant_s(w: Workload, config: Config, gpu: GpuSpec, tables: CostTables) -> float:
     """Seconds of one step's FP8 weight quantisation (``costs.elementwise.fp8_weight_quant_bytes``, W^T too where
-    the backward is FP8) at the copy bandwidth; 0 for BF16."""
+    the backward is FP8) at the tables' ``WEIGHT_QUANT`` fraction, else the copy bandwidth; 0 for BF16."""
     if config.fwd_precision != "fp8":
         return 0.0
     nbytes = fp8_weight_quant_bytes(fp8_weight_params(w.spec, w.layers), transposed=config.bwd_precision == "fp8")
-    return memory_s(tables, gpu, nbytes)  # as engine.unit_costs.fp8_weight_quant_s, with the W^T copy per config
+    return memory_s(tables, gpu, nbytes, WEIGHT_QUANT)  # as engine.unit_costs.fp8_weight_quant_s, W^T per config
 
 
 def predicted_classes(w: Workload, config: Config, gpu: GpuSpec, tables: CostTables,
@@ -292,9 +292,10 @@ _WEIGHT_QUANT_NOTE = (
     "The prediction prices one micro-batch (`engine.unit_costs` at its tokens) plus, for the FP8 configurations, "
     "1/K of a step's FP8 weight quantisation in the memory-bound forward (`costs.elementwise."
     "fp8_weight_quant_bytes`: the BF16 weights read once, W and, with an FP8 backward, W^T written; at the "
-    "tables' copy bandwidth, no table timing this kernel), as the measured time per micro-batch holds 1/K of it "
-    "(K micro-batches a step, above). The engine's step (`moeplan plan`) prices it the same way since 2026-12-06 "
-    "(`engine.unit_costs.fp8_weight_quant_s`, spread over each stage copy's micro-batches).")
+    "tables' `fp8_weight_quant` fraction, `kernels.fp8_quant.quant_weight_128x128` timed by "
+    "`benchmarks/elementwise_bench.py`, else at their copy bandwidth), as the measured time per micro-batch holds "
+    "1/K of it (K micro-batches a step, above). The engine's step (`moeplan plan`) prices it the same way since "
+    "2026-12-06 (`engine.unit_costs.fp8_weight_quant_s`, spread over each stage copy's micro-batches).")
 
 
 _MAIN_GRADS_ON = (

@@ -4,11 +4,13 @@ Each case is one kernel class of ``simulator.costs.elementwise`` run by one impl
 class's real per-layer shape (every instance the layer has, e.g. both RMSNorms), built on demand so
 only one case's tensors live at a time. ``in_table`` marks the implementation the cost tables take
 for the class; the others are recorded beside it for comparison (the eager code in ``model/`` where
-``kernels/`` has a fused kernel, or the reverse).
+``kernels/`` has a fused kernel, or the reverse). The FP8 weights' quantisation runs once a step, not per
+token: its case quantises one MoE layer's FP8 weights on one GPU, at bytes of their own (``step_bytes``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from moeplan.kernels.cross_entropy import fused_cross_entropy
-from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_act_both
+from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_act_both, quant_weight_128x128
 from moeplan.kernels.moe_permute import MoEUnpermute, make_dispatch_plan, moe_permute, moe_unpermute
 from moeplan.kernels.swiglu import swiglu, swiglu_backward
 from moeplan.model.fp8 import quantize_tiles
@@ -26,7 +28,8 @@ from moeplan.model.gate import Gate
 from moeplan.model.losses import cross_entropy
 from moeplan.model.norm import RMSNorm
 from moeplan.model.rope import RotaryEmbedding, apply_rotary
-from moeplan.simulator.costs.elementwise import FUSED_LOSS
+from moeplan.simulator.costs.elementwise import FUSED_LOSS, WEIGHT_QUANT, KernelBytes, fp8_weight_quant_bytes
+from moeplan.simulator.engine.unit_costs import attention_shapes
 from moeplan.simulator.spec.model import ModelSpec
 
 Thunk = Callable[[], object]
@@ -36,7 +39,9 @@ BF16 = torch.bfloat16
 @dataclass(frozen=True)
 class Case:
     """``build(spec, tokens, device)`` returns (forward or None, backward or None) thunks on fresh tensors (a
-    class with bytes in one pass only has no thunk for the other)."""
+    class with bytes in one pass only has no thunk for the other). ``step_bytes``: the ideal bytes of a kernel
+    run once a step whatever the tokens (the FP8 weights' quantisation); None: the class's bytes per token
+    (``memory_classes.class_bytes``) times the tokens."""
 
     kernel: str
     implementation: str
@@ -44,6 +49,7 @@ class Case:
     needs_triton: bool
     shape: Callable[[ModelSpec, int], str]
     build: Callable[[ModelSpec, int, torch.device], tuple[Thunk, Thunk | None]]
+    step_bytes: Callable[[ModelSpec], KernelBytes] | None = None
 
 
 def _rand(device, *shape, dtype=BF16, grad=False) -> torch.Tensor:
@@ -205,10 +211,15 @@ def _routing(m: ModelSpec, t: int, dev) -> torch.Tensor:
     return torch.rand(t, m.n_routed_experts, device=dev).topk(_rows_k(m), dim=-1).indices
 
 
-def _router(m: ModelSpec, t: int, dev):
-    gate = Gate(m).to(dev)
-    logits = _rand(dev, t, m.n_routed_experts, dtype=torch.float32, grad=True)
-    return _autograd(lambda: ([gate.route(logits).weights], [logits]))
+def _router(fuse: bool):
+    """``model.gate.Gate.route`` from FP32 logits, eager or (``fuse``, as ``ModelOptions.fuse_memory_bound`` sets
+    it) through ``model.fused.route`` compiled; backward: the logits' gradient through the weights."""
+    def build(m: ModelSpec, t: int, dev):
+        gate = Gate(m).to(dev)
+        gate.fuse = fuse
+        logits = _rand(dev, t, m.n_routed_experts, dtype=torch.float32, grad=True)
+        return _autograd(lambda: ([gate.route(logits).weights], [logits]))
+    return build
 
 
 def _permute(ours: bool):
@@ -242,6 +253,46 @@ def _combine(ours: bool):
             return [y.new_zeros(t, h).index_add(0, token_of, rows)], [y, w]
         return _autograd(run)
     return build
+
+
+# ----------------------------------------------------------------------------- once a step
+
+WEIGHT_QUANT_EXPERTS = 32  # routed experts one GPU holds: V3's 256 at EP = 8 (benchmarks/model_step.py's layers)
+
+
+def _weight_quant_shapes(m: ModelSpec) -> list[tuple[int, ...]]:
+    """One MoE layer's FP8 weights on one GPU as the runtime holds them, (out, in): the attention projections
+    (``engine.unit_costs.attention_shapes``), the shared experts' gate, up and down (``model.mlp.MLP``) and
+    ``WEIGHT_QUANT_EXPERTS`` (at most all) routed experts' gate_up (E, 2f, h) and down (E, h, f)
+    (``model.experts.GroupedExperts``): ``engine.unit_costs.fp8_weight_params`` of the layer at EP = the
+    routed experts / those."""
+    h, f = m.hidden_size, m.moe_intermediate_size
+    attn, up = attention_shapes(m)
+    shared, experts = f * m.n_shared_experts, min(WEIGHT_QUANT_EXPERTS, m.n_routed_experts)
+    dense = [(o, i) for i, o in attn + up] + ([(shared, h), (shared, h), (h, shared)] if shared else [])
+    return dense + [(experts, 2 * f, h), (experts, h, f)]
+
+
+def weight_quant_params(m: ModelSpec) -> int:
+    """The parameters ``_weight_quant`` quantises."""
+    return sum(math.prod(s) for s in _weight_quant_shapes(m))
+
+
+def _weight_quant_bytes(m: ModelSpec) -> KernelBytes:
+    return KernelBytes(fp8_weight_quant_bytes(weight_quant_params(m), transposed=True), 0.0)
+
+
+def _weight_quant(m: ModelSpec, t: int, dev):
+    """``model.fp8.Fp8WeightCache.with_transpose``'s kernel on each weight: W and W^T in 128x128 blocks from one
+    read of W (an FP8 backward's; its weights' cache misses once a step)."""
+    ws = [_rand(dev, *s) for s in _weight_quant_shapes(m)]
+    return lambda: [quant_weight_128x128(w, transposed=True) for w in ws], None
+
+
+def _weight_quant_shape(m: ModelSpec, t: int) -> str:
+    experts = min(WEIGHT_QUANT_EXPERTS, m.n_routed_experts)
+    return (f"one MoE layer's {weight_quant_params(m) / 1e6:,.1f} M FP8 parameters ({experts} of "
+            f"{m.n_routed_experts} routed experts), once a step")
 
 
 # ----------------------------------------------------------------------------- the two ends
@@ -308,7 +359,9 @@ CASES = (
     Case("swiglu", "F.silu(gate) * up (eager, model/experts.py)", False, False,
          _rows(_swiglu_rows, lambda m: 2 * m.moe_intermediate_size), _swiglu(ours=False)),
     Case("router", "model.gate.Gate.route (sigmoid, group limit, top-k; FP32)", True, False,
-         _rows(lambda m, t: t, lambda m: m.n_routed_experts), _router),
+         _rows(lambda m, t: t, lambda m: m.n_routed_experts), _router(fuse=False)),
+    Case("fused_router", "model.fused.route compiled (model.gate.Gate with fuse on; FP32)", True, True,
+         _rows(lambda m, t: t, lambda m: m.n_routed_experts), _router(fuse=True)),
     Case("permute", "kernels.moe_permute.moe_permute (bwd: moe_unpermute)", True, True,
          _rows(lambda m, t: t, lambda m: f"{m.hidden_size} -> {_rows_k(m)} copies"), _permute(ours=True)),
     Case("permute", "x[token_of] (eager, model/experts.py)", False, False,
@@ -325,4 +378,6 @@ CASES = (
          _rows(lambda m, t: t, lambda m: m.vocab_size), _cross_entropy(upcast=False)),
     Case(FUSED_LOSS, "kernels.cross_entropy (training.kernels.loss = fused)", True, True,
          _rows(lambda m, t: t, lambda m: m.vocab_size), _cross_entropy(upcast=False, fused=True)),
+    Case(WEIGHT_QUANT, "kernels.fp8_quant.quant_weight_128x128(w, transposed=True) of each weight", True, True,
+         _weight_quant_shape, _weight_quant, step_bytes=_weight_quant_bytes),
 )

@@ -62,7 +62,13 @@ runs them. ``fused`` is DeepSeek's stack, each fused kernel one read and one wri
   instead of a BF16 output (TR §3.3: SwiGLU inputs cached in FP8, output recomputed and quantised).
 - ``rope`` and ``router`` are priced as single kernels at the tables' ``fused_rope`` / ``fused_router``
   points, else at ``memory_frac`` (copy bandwidth): the tables' ``rope`` and ``router`` points time the
-  runtime's eager composites of many small kernels. For MLA the fused RoPE kernel is also the query's and
+  runtime's eager composites of many small kernels. ``fused_router`` is ``model.fused.route`` compiled, as the
+  runtime runs the router under ``ModelOptions.fuse_memory_bound`` (``model.gate``; its elementwise work fused
+  by Inductor around the three top-k selections, which stay library calls: generated code seen on the CPU,
+  torch 2.13), at the ``router`` bytes. Before it ran (2026-12-06) the runtime had no fused router, and the
+  packaged tables, which have no ``fused_router`` point yet, price it at ``memory_frac``: near zero time,
+  where the eager router and the dispatch plan took ~1.4 ms a 4096-token micro-batch of 4 MoE layers on an
+  H100 (``docs/results/model-step.md``). For MLA the fused RoPE kernel is also the query's and
   key's assembly (``model.fused.mla_query`` / ``mla_key`` compiled: one kernel each way per tensor), so
   ``rope`` then carries the ``qk_cat`` bytes and there is no ``qk_cat`` class.
 
@@ -90,6 +96,15 @@ RoPE (q is rebuilt by its up-projection), the up-projections' FP8 input casts, a
 Not counted: the weights of norms (read once per micro-batch, not per token), the concatenations and
 transposes around the attention core, and the optimizer (its own class, ``OPTIMIZER``, priced part by
 part in ``optimizer_step``).
+
+Once a step, not per token: the FP8 weights' quantisation (``fp8_weight_quant_bytes``), its own class
+``WEIGHT_QUANT``, priced at the tables' ``fp8_weight_quant`` point (``kernels.fp8_quant.quant_weight_128x128``
+with the transposed copy, timed by ``benchmarks/elementwise_bench.py`` over one V3 MoE layer's FP8 weights on one
+GPU: the attention projections, the shared expert and 32 of the 256 routed experts, EP = 8;
+``orchestrator.calibration.memory_cases``), else at ``memory_frac`` (the copy bandwidth; no stand-in: ``fp8_cast``
+times other kernels, 1x128 tiles of activations). Why a class: in ``benchmarks/model_step.py``'s FP8 step (H100,
+2026-12-06, ``docs/results/model-step.md``) its ``_quant_blocks_kernel`` took 3.44 ms a micro-batch at 4
+micro-batches a step, ~50% of HBM, where the copy bandwidth priced it.
 """
 
 from __future__ import annotations
@@ -114,11 +129,12 @@ END_KERNELS = ("embedding", "cross_entropy")
 FUSED_CLASSES = {"rope": "fused_rope", "router": "fused_router", "fp8_cast": "fused_fp8_cast"}
 FUSED_LOSS = "fused_cross_entropy"
 OPTIMIZER = "optimizer"
+WEIGHT_QUANT = "fp8_weight_quant"  # the FP8 weights' quantisation, once a step (module docstring)
 # A class the tables have not measured is priced at a measured class run by the same kernels, where there is one
 # (``CostTables.memory_fracs``), before the copy bandwidth: the cast with transpose and the experts' casts are
 # ``kernels.fp8_quant``'s quantisers, as the measured ``fp8_cast`` is (its casts one at a time).
 STAND_INS = {"fused_fp8_cast": "fp8_cast", "expert_cast": "fp8_cast"}
-KERNEL_CLASSES = LAYER_KERNELS + END_KERNELS + tuple(FUSED_CLASSES.values()) + (FUSED_LOSS, OPTIMIZER)
+KERNEL_CLASSES = LAYER_KERNELS + END_KERNELS + tuple(FUSED_CLASSES.values()) + (FUSED_LOSS, OPTIMIZER, WEIGHT_QUANT)
 
 
 @dataclass(frozen=True)
@@ -218,9 +234,10 @@ def fp8_weight_quant_bytes(params: float, transposed: bool) -> float:
     """Bytes to quantise ``params`` FP8 weights once per optimizer step (``model.fp8.Fp8WeightCache``,
     ``kernels.fp8_quant.quant_weight_128x128``): one read of the BF16 weight, its e4m3 copy in 128x128 blocks
     and, where the FP8 backward multiplies W^T (``transposed``), the transposed copy written in the same pass;
-    one FP32 scale a block. The runtime makes them in the step's first micro-batch. No cost table times this
-    kernel: a caller prices it at the copy bandwidth (``memory_s`` with no class); the engine's step does
-    (``engine.unit_costs.fp8_weight_quant_s``: 4 ms of V3's 15.6 s step)."""
+    one FP32 scale a block. The runtime makes them in the step's first micro-batch. Priced as the class
+    ``WEIGHT_QUANT`` (``memory_s(..., WEIGHT_QUANT)``: the tables' measured fraction, else the copy bandwidth), as
+    the engine's step does (``engine.unit_costs.fp8_weight_quant_s``: 4 ms of V3's 15.6 s step at the copy
+    bandwidth)."""
     return params * (BF16_BYTES + (2.0 if transposed else 1.0) + FP32_BYTES / (128 * 128))
 
 

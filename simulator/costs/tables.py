@@ -32,7 +32,8 @@ Sources:
   becomes at 3.5x (backward counted as 2.5 forwards). Read at 3x, [A] overstated the backward's speed.
 - [EW] ``simulator/costs/data/h100-elementwise.json`` and ``h200-elementwise.json``
   (``benchmarks/elementwise_bench.py``), when the package has them: each memory-bound kernel class of a
-  V3 layer (``simulator.costs.elementwise``) timed at 4096 tokens, forward and backward, as a fraction of
+  V3 layer (``simulator.costs.elementwise``) timed at 4096 tokens, forward and backward, and the FP8 weights'
+  once-a-step quantisation over one MoE layer's weights (``elementwise.WEIGHT_QUANT``), as a fraction of
   that GPU's datasheet HBM bandwidth at the class's ideal bytes; one H100 SXM5 (HBM3, 3.35 TB/s) for the
   H100 and H800 tables (the H800 has the H100's memory system), one H200 (HBM3e, 4.8 TB/s) for the H200's
   and any other GPU's (``memory_kernels.elementwise_file``). Like [A]'s copy bandwidth (``memory_frac``,

@@ -36,6 +36,7 @@ from moeplan.simulator.costs.elementwise import (
     FP32_BYTES,
     FUSED_CLASSES,
     FUSED_LOSS,
+    WEIGHT_QUANT,
     KernelBytes,
     end_bytes_per_token,
     fp32_loss_bytes_per_token,
@@ -160,10 +161,11 @@ def fp8_weight_params(m: ModelSpec, units, ep: int = 1, tp: int = 1) -> float:
 def fp8_weight_quant_s(ctx: CostContext, m: ModelSpec, units, ep: int, tp: int = 1, transposed: bool = True) -> float:
     """Seconds to quantise a stage copy's FP8 weights once (``model.fp8.Fp8WeightCache``: at the step's first
     micro-batch after the weights change), W and, for an FP8 backward, W^T (``elementwise.fp8_weight_quant_bytes``),
-    at the copy bandwidth: no table times this kernel. 0 for a BF16 run."""
+    at the tables' ``WEIGHT_QUANT`` fraction where they measured it, else the copy bandwidth. 0 for a BF16 run."""
     if ctx.precision != "fp8":
         return 0.0
-    return memory_s(ctx.tables, ctx.gpu, fp8_weight_quant_bytes(fp8_weight_params(m, units, ep, tp), transposed))
+    nbytes = fp8_weight_quant_bytes(fp8_weight_params(m, units, ep, tp), transposed)
+    return memory_s(ctx.tables, ctx.gpu, nbytes, WEIGHT_QUANT)
 
 
 def _priced_as(ctx: CostContext, kernel: str) -> str:

@@ -92,6 +92,21 @@ def test_fused_rope_and_router_are_priced_at_their_fused_points():
         _at_memory_frac(t, 3 * (rope + router_bwd) + cast_bwd_saved))
 
 
+def test_fp8_weight_quantisation_at_its_measured_class_else_at_the_copy_bandwidth():
+    """``WEIGHT_QUANT`` priced at its own point where the tables measured it; without one at ``memory_frac``, as
+    before the class (the packaged tables), whatever ``fp8_cast`` measured (no stand-in)."""
+    from moeplan.simulator.costs.elementwise import WEIGHT_QUANT, fp8_weight_quant_bytes
+    from moeplan.simulator.engine.unit_costs import fp8_weight_params, fp8_weight_quant_s
+
+    m, g = tiny_moe(), h800_gpu()
+    nbytes = fp8_weight_quant_bytes(fp8_weight_params(m, [1], ep=2), transposed=True)
+    bare = _tables(MemoryKernelPoint(kernel="fp8_cast", fwd_frac=0.1, source="casts"))
+    at_copy = nbytes / (g.hbm_bytes_per_s * bare.memory_frac)
+    assert fp8_weight_quant_s(_ctx(bare), m, [1], ep=2) == pytest.approx(at_copy)
+    measured = _tables(MemoryKernelPoint(kernel=WEIGHT_QUANT, fwd_frac=0.5, source="quant_weight_128x128"))
+    assert fp8_weight_quant_s(_ctx(measured), m, [1], ep=2) == pytest.approx(nbytes / (g.hbm_bytes_per_s * 0.5))
+
+
 def test_the_loss_fp32_as_measured_or_by_its_bytes_and_fused_in_one_pass():
     m, g = tiny_moe(), h800_gpu()
     measured = _tables(MemoryKernelPoint(kernel="cross_entropy", fwd_frac=0.05, bwd_frac=0.1, source="fp32 loss"))
