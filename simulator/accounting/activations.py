@@ -11,7 +11,8 @@ Recompute ``selective`` is DeepSeek's (TR §3.2.3): RMSNorm outputs, the MLA up-
 Beyond that minimum (Korthikanti et al. 2022, Table 2, with flash attention), the terms below count what
 moeplan's runtime really keeps, each naming the code that allocates it; CPU tests count the storages the
 model saves for backward (``tests/simulator/accounting/test_saved_activations.py``):
-- MLA's value is a view of ``kv_b_proj``'s output (``model/attention.py``), so its key half stays too;
+- MLA's value is a copy of the last channels of ``kv_b_proj``'s output (``model.fused.mla_key_value``), so that
+  output itself is not kept (until 2026-12-07 the value was a view of it, and its key half stayed too);
 - the router multiplies an FP32 copy of its input (``model/gate.py``), which backward keeps;
 - the BF16 routed experts op by op (``model/experts.py forward_pairs``, ``fusion="eager"``) keep ``silu(gate)``,
   each pair's output row in BF16 for the weighted combine's backward (``WeightedCombineFn``), and the pair order
@@ -68,7 +69,6 @@ def attention_activation_bytes(m: ModelSpec, precision: str, recompute: Recomput
         if not selective:
             stored += gemm_in * (q_latent + m.kv_lora_rank)  # normed latents: up-projection inputs
             stored += BF16_BYTES * heads * (2 * m.qk_head_dim + m.v_head_dim)  # q, k, v for attention
-            stored += BF16_BYTES * heads * m.qk_nope_head_dim  # v's storage, kv_b_proj's output, holds k_nope too
     else:
         kv = m.kv_heads * m.gqa_head_dim
         stored += BF16_BYTES * (heads * m.gqa_head_dim + 2 * kv)  # q, k, v
