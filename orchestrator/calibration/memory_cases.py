@@ -22,7 +22,7 @@ from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_
 from moeplan.kernels.moe_permute import MoEUnpermute, make_dispatch_plan, moe_permute, moe_unpermute
 from moeplan.kernels.swiglu import swiglu, swiglu_backward
 from moeplan.model.fp8 import quantize_tiles
-from moeplan.model.fused import mla_key, mla_query
+from moeplan.model.fused import mla_key_value, mla_query
 from moeplan.model.fused import run as run_fused
 from moeplan.model.gate import Gate
 from moeplan.model.losses import cross_entropy
@@ -135,14 +135,13 @@ def _qk_cat(m: ModelSpec, t: int, dev):
 
 
 def _fused_rope(m: ModelSpec, t: int, dev):
-    """``model.fused.mla_query`` and ``mla_key`` compiled, as the fused runtime runs them (RoPE and the assembly
-    in one kernel each way), with the KV split's backward."""
+    """``model.fused.mla_query`` and ``mla_key_value`` compiled, as the fused runtime runs them (RoPE and the
+    assembly in one kernel each way; the KV split, its backward included, inside the key's)."""
     q, kv, k_rope, cos, sin = _qk_parts(m, t, dev)
 
     def run():
-        k_nope, v = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
-        return [run_fused(mla_query, True, q, cos, sin, m.qk_nope_head_dim),
-                run_fused(mla_key, True, k_nope, k_rope, cos, sin), v], [q, kv, k_rope]
+        k, v = run_fused(mla_key_value, True, kv, k_rope, cos, sin, m.qk_nope_head_dim)
+        return [run_fused(mla_query, True, q, cos, sin, m.qk_nope_head_dim), k, v], [q, kv, k_rope]
     return _autograd(run)
 
 
@@ -340,7 +339,7 @@ CASES = (
          True, False, _rows(lambda m, t: t, lambda m: f"{m.num_attention_heads} x ({m.qk_nope_head_dim} + "
                                                       f"{m.qk_rope_head_dim}), kv {m.qk_nope_head_dim} + {m.v_head_dim}"),
          _qk_cat),
-    Case("fused_rope", "model.fused.mla_query + mla_key compiled (RoPE and the assembly), the KV split's bwd", True,
+    Case("fused_rope", "model.fused.mla_query + mla_key_value compiled (RoPE, the assembly and the KV split)", True,
          True, _rows(lambda m, t: t, lambda m: f"{m.num_attention_heads} x ({m.qk_nope_head_dim} + "
                                                f"{m.qk_rope_head_dim}), kv {m.qk_nope_head_dim} + {m.v_head_dim}"),
          _fused_rope),

@@ -62,15 +62,16 @@ runs them. ``fused`` is DeepSeek's stack, each fused kernel one read and one wri
   instead of a BF16 output (TR §3.3: SwiGLU inputs cached in FP8, output recomputed and quantised).
 - ``rope`` and ``router`` are priced as single kernels at the tables' ``fused_rope`` / ``fused_router``
   points, else at ``memory_frac`` (copy bandwidth): the tables' ``rope`` and ``router`` points time the
-  runtime's eager composites of many small kernels. ``fused_router`` is ``model.fused.route`` compiled, as the
-  runtime runs the router under ``ModelOptions.fuse_memory_bound`` (``model.gate``; its elementwise work fused
-  by Inductor around the three top-k selections, which stay library calls: generated code seen on the CPU,
-  torch 2.13), at the ``router`` bytes. Before it ran (2026-12-06) the runtime had no fused router, and the
-  packaged tables, which have no ``fused_router`` point yet, price it at ``memory_frac``: near zero time,
+  runtime's eager composites of many small kernels. For MLA the fused RoPE kernel is also the query's and
+  key's assembly (``model.fused.mla_query`` / ``mla_key_value`` compiled: one kernel each way per tensor, the
+  KV split inside the key's; the values' copy it writes, 4Hv B a token, is not counted), so ``rope`` then
+  carries the ``qk_cat`` bytes and there is no ``qk_cat`` class. ``fused_router`` is ``model.fused.route``
+  compiled, as the runtime runs the router under ``ModelOptions.fuse_memory_bound`` (``model.gate``; Inductor
+  fuses the elementwise work around the three top-k selections, which stay library calls: generated code seen
+  on the CPU, torch 2.13), at the ``router`` bytes. Until 2026-12-06 the runtime had no fused router; the
+  packaged tables have no ``fused_router`` point yet, so it is priced at ``memory_frac`` (near zero time),
   where the eager router and the dispatch plan took ~1.4 ms a 4096-token micro-batch of 4 MoE layers on an
-  H100 (``docs/results/model-step.md``). For MLA the fused RoPE kernel is also the query's and
-  key's assembly (``model.fused.mla_query`` / ``mla_key`` compiled: one kernel each way per tensor), so
-  ``rope`` then carries the ``qk_cat`` bytes and there is no ``qk_cat`` class.
+  H100 (``docs/results/model-step.md``).
 
 ``qk_cat`` (n = ``qk_nope_head_dim``, R = ``qk_rope_head_dim``, v = ``v_head_dim``) is what MLA's attention
 moves besides RoPE to hand a standard attention kernel 192-wide queries and keys (``model.attention``: the
