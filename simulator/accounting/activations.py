@@ -102,7 +102,7 @@ def mlp_activation_bytes(m: ModelSpec, moe: bool, precision: str, recompute: Rec
     stored += FP32_BYTES * m.n_routed_experts  # router scores (sigmoid / softmax backward)
     stored += k * (FP32_BYTES + INT64_BYTES)  # top-k weights and int64 indices
     stored += FP32_BYTES * (m.norm_topk_prob + (m.seq_aux and m.aux_loss_alpha > 0))  # per-row sums divided by
-    if m.topk_method == "noaux_tc" and m.n_group > 1:  # Gate._limit_groups: top-2 indices per group, group mask
+    if m.topk_method == "noaux_tc" and m.n_group > 1:  # model.fused._limit_groups: top-2 per group, mask
         stored += m.n_group * (2 * INT64_BYTES + 1)
     if precision != "fp8" and not eager:  # model/fused_experts.py, BF16: per pair the gate/up output h and the
         # expert output y (BF16), the pair weight (FP32) and the plan's four int32 row maps; a token's pair pointer
