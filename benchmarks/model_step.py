@@ -43,6 +43,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from moeplan.kernels import fp8_gemm_ws
+from moeplan.kernels.fp8_gemm_ws import OLD_VALUE_PATHS
 from moeplan.model import ModelOptions, StageSpec, build_rank
 from moeplan.model.fp8 import clear_fp8_weight_cache
 from moeplan.model.runtime.main_grad import attach_main_grads
@@ -403,7 +405,7 @@ def run_meta(device: torch.device, gpu, tables, args) -> dict:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
             "triton": None, "gpu_preset": gpu.name, "tables": tables.name,
-            "peak_bf16_flops_per_s": gpu.bf16_flops_per_s,
+            "peak_bf16_flops_per_s": gpu.bf16_flops_per_s, "wgrad_old_values": fp8_gemm_ws.OLD_VALUES,
             "protocol": {**{k: getattr(args, k) for k in ("warmup", "burn_s", "rounds", "steps", "profile_steps",
                                                           "microbatches", "main_grads")},
                          "step": cases.step_protocol(args.microbatches)}}
@@ -444,6 +446,9 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated configuration names to run (default: all of model_step_cases.CONFIGS)")
     parser.add_argument("--trace", type=Path, default=None, metavar="DIR",
                         help="keep each profiled step's Chrome trace there, with its GPU idle charged to host ops")
+    parser.add_argument("--wgrad-old-values", default=None, choices=tuple(OLD_VALUE_PATHS),
+                        help="how the FP8 Wgrads' accumulating epilogue gets the main gradients' old values "
+                             "(kernels.fp8_gemm_ws.OLD_VALUES; default: the module's)")
     parser.add_argument("--reprice", type=Path, default=None, metavar="JSON",
                         help="no run: that results file's measurements, predicted again by today's simulator")
     args = parser.parse_args()
@@ -496,6 +501,8 @@ def main() -> None:
     if args.reprice is not None:
         reprice(args.reprice, args.out, args.json)
         return
+    if args.wgrad_old_values is not None:
+        fp8_gemm_ws.OLD_VALUES = args.wgrad_old_values  # read when a launch is planned: before the first one
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)  # a smoke run on a shared machine: spinning thread pools slow tiny ops 10x

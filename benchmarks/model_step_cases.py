@@ -352,6 +352,8 @@ def _header(meta: dict) -> list[str]:
            f"{meta['triton']}. Simulator: GPU preset {meta['gpu_preset']}, cost tables `{meta['tables']}`" + (
                f"; the predictions made again on {meta['repriced']} (`--reprice`), the measurements as run." if
                "repriced" in meta else "."))
+    if meta.get("wgrad_old_values"):  # results written before the option: the module's default then ("l2")
+        run += f" FP8 Wgrads' old main-gradient values: `{meta['wgrad_old_values']}` (`fp8_gemm_ws.OLD_VALUES`)."
     protocol = (
         f"Protocol: {p['warmup']} warm-up steps per configuration, {p['burn_s']:g} s burn-in cycling through the "
         f"configurations, then {p['rounds']} rounds of {p['steps']} timed steps per configuration, the order "

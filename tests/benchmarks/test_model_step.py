@@ -66,7 +66,8 @@ def test_the_cpu_smoke_run_times_profiles_and_prices_both_workloads(smoke):
 
 
 def test_two_microbatches_a_step_are_timed_profiled_and_stated_per_microbatch(tmp_path):
-    result, text = _smoke_run(tmp_path, "--workloads", "A", "--microbatches", "2")
+    result, text = _smoke_run(tmp_path, "--workloads", "A", "--microbatches", "2", "--wgrad-old-values", "tma")
+    assert result["meta"]["wgrad_old_values"] == "tma" and "old main-gradient values: `tma`" in text
     protocol = result["meta"]["protocol"]
     assert protocol["microbatches"] == 2 and protocol["step"] == cases.step_protocol(2)
     assert "weights quantised once per 2 micro-batches, as after one optimizer step" in protocol["step"]
