@@ -44,7 +44,6 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from moeplan.kernels import fp8_gemm_ws
-from moeplan.kernels.fp8_gemm_ws import OLD_VALUE_PATHS
 from moeplan.model import ModelOptions, StageSpec, build_rank
 from moeplan.model.fp8 import clear_fp8_weight_cache
 from moeplan.model.runtime.main_grad import attach_main_grads
@@ -446,7 +445,7 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated configuration names to run (default: all of model_step_cases.CONFIGS)")
     parser.add_argument("--trace", type=Path, default=None, metavar="DIR",
                         help="keep each profiled step's Chrome trace there, with its GPU idle charged to host ops")
-    parser.add_argument("--wgrad-old-values", default=None, choices=tuple(OLD_VALUE_PATHS),
+    parser.add_argument("--wgrad-old-values", default=None, choices=tuple(fp8_gemm_ws.OLD_VALUE_PATHS),
                         help="how the FP8 Wgrads' accumulating epilogue gets the main gradients' old values "
                              "(kernels.fp8_gemm_ws.OLD_VALUES; default: the module's)")
     parser.add_argument("--reprice", type=Path, default=None, metavar="JSON",

@@ -5,9 +5,9 @@ Each function below is the eager code its module used to inline; a module whose 
 on CUDA, so Inductor generates one Triton kernel per function and one for its backward instead of the
 eager chain of casts, reductions and elementwise ops (RMSNorm's seven, RoPE's split/stack/cat and
 their backwards; the router's sigmoid, bias add, group scores, masks, gather and normalisation around its
-top-k selections, which Inductor leaves as library calls). The compiled code computes the same expression (FP32 statistics, the same casts); it
-may round differently in the last bit where Inductor keeps an intermediate in FP32, so equivalence tests
-against Hugging Face run on the eager path. On CPU the flag is ignored: the eager functions run.
+top-k selections, which Inductor leaves as library calls). The compiled code computes the same expression
+(FP32 statistics, the same casts); it may round differently in the last bit where Inductor keeps an
+intermediate in FP32, so equivalence tests against Hugging Face run on the eager path. On CPU the flag is ignored: the eager functions run.
 
 Shapes are static per run (one micro-batch size, one sequence length), so each function compiles once
 per distinct shape (``dynamic=False``).
