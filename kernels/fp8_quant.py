@@ -43,6 +43,15 @@ def scale_from_amax(amax, POW2: tl.constexpr, FLOOR: tl.constexpr):
 
 
 @triton.jit
+def past_bound(first, bound_ptr):
+    """Whether a tile whose first row is ``first`` starts at or after ``*bound_ptr`` (int32 on the device): the
+    rows in use of a buffer sized for the worst case (``moe_permute.DispatchPlan.rows_bound``). The memory-bound
+    kernels on such buffers keep their worst-case grid, so the host never learns the bound, and a program whose
+    tile lies past it returns at once, writing nothing (what makes that safe is the caller's to say)."""
+    return first >= tl.load(bound_ptr)
+
+
+@triton.jit
 def quantize_e4m3(x, scale, POW2: tl.constexpr = False, CAST: tl.constexpr = 0):
     """x / scale as E4M3 (round to nearest even, ±448 beyond), bit for bit the torch reference's
     ``(x / scale).clamp(-448, 448).to(float8_e4m3fn)`` on finite and infinite inputs.
@@ -159,11 +168,17 @@ def _quant_rows_kernel(
     # meta
     POW2: tl.constexpr, FLOOR: tl.constexpr, ROW_MAJOR: tl.constexpr, CAST: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    # a worst-case-sized buffer's rows in use, (1,) int32 on the device, or None; BOUND_COLS: a transposed view's
+    # (its columns are the buffer's rows); last, with defaults, so that the positional launches stay as they were
+    bound_ptr=None, BOUND_COLS: tl.constexpr = False,
 ):
     """One scale per (row, 128 columns) of an (R, C) view; a transposed view (swapped strides)
-    gives the 128×1 tiling."""
+    gives the 128×1 tiling. Tiles at or after ``*bound_ptr`` are not written (``past_bound``)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
+    if bound_ptr is not None:
+        if past_bound(pid_c * BLOCK_C if BOUND_COLS else pid_r * BLOCK_R, bound_ptr):
+            return
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
@@ -230,6 +245,8 @@ def _quant_both_kernel(
     # meta
     POW2: tl.constexpr, FLOOR: tl.constexpr, ROW_MAJOR: tl.constexpr, CAST: tl.constexpr, BLOCK: tl.constexpr,
     SUB: tl.constexpr,
+    # a worst-case-sized buffer's rows in use (M), (1,) int32 on the device, or None (as in _quant_rows_kernel)
+    bound_ptr=None,
 ):
     """One BLOCK x BLOCK tile of x per program: one scale per row of it (1x128 tiles, stored as is) and one per
     column (128x1 tiles, stored transposed). SUB == BLOCK: the tile is loaded once and both epilogues of the
@@ -238,6 +255,9 @@ def _quant_both_kernel(
     live registers, the same bits (a max is exact in any order)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if bound_ptr is not None:
+        if past_bound(pid_m * BLOCK, bound_ptr):
+            return
     cols = pid_k * BLOCK + tl.arange(0, BLOCK)
     col_mask = cols < K
     if SUB == BLOCK:
@@ -298,41 +318,53 @@ def _empty_mn_major_scales(rows: int, cols: int, device) -> torch.Tensor:
     return torch.empty((cdiv(cols, TILE), cdiv(rows, 4) * 4), dtype=torch.float32, device=device)[:, :rows].t()
 
 
-def _quant_rows(view: torch.Tensor, pow2_scale: bool, amax_floor: float,
-                cast: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _quant_rows(view: torch.Tensor, pow2_scale: bool, amax_floor: float, cast: str | None = None,
+                bound: torch.Tensor | None = None, bound_cols: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise the rows of a 2-D view (any strides) in 1×128 tiles into a new contiguous tensor.
 
     The scales come MN-major, (R, ceil(C/128)) with strides (1, R rounded up to 4): one K block's
     scales contiguous at a 16-byte pitch, the layout cuBLAS's block scaling and the Gluon GEMM's
-    TMA read without a copy (row-major readers take any strides)."""
+    TMA read without a copy (row-major readers take any strides). ``bound``: (1,) int32 on the device, the rows
+    (``bound_cols``: columns) of the view in use; the tiles after it are left unwritten, values and scales."""
     R, C = view.shape
     q = torch.empty((R, C), dtype=FP8_DTYPE, device=view.device)
     s = _empty_mn_major_scales(R, C, view.device)
+    check_row_bound(bound, view.device)
     _quant_rows_kernel[lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(C, TILE))](
         view, q, s, R, C, (R * C).bit_length(),
         view.stride(0), view.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
         POW2=pow2_scale, FLOOR=amax_floor, ROW_MAJOR=view.stride(1) == 1, CAST=_cast(view.device, cast),
-        BLOCK_C=TILE,
+        BLOCK_C=TILE, bound_ptr=bound, BOUND_COLS=bound_cols,
     )
     return q, s
 
 
-def quant_act_1x128(x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR,
-                    cast: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def check_row_bound(bound: torch.Tensor | None, device: torch.device) -> None:
+    """A row bound is None or (1,) int32 on ``device``: read there by the kernels, never by the host."""
+    if bound is not None and (bound.shape != (1,) or bound.dtype != torch.int32 or bound.device != device):
+        raise ValueError(f"row_bound must be (1,) int32 on {device}, got {tuple(bound.shape)} {bound.dtype} "
+                         f"on {bound.device}")
+
+
+def quant_act_1x128(x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR, cast: str | None = None,
+                    row_bound: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) float → (x_fp8 (M, K), scale (M, ceil(K/128)) fp32), one scale per 1×128 tile.
 
     ``cast`` (every quantiser here): the E4M3 path by name (``e4m3_cast.CASTS``: "emulated", "hardware",
     "hardware_f16"), or None for the one ``e4m3_cast.cast_for_device`` chose for x's device; the same bits
-    wherever the device's probe passed."""
+    wherever the device's probe passed. ``row_bound`` (the activation quantisers): (1,) int32 on x's device, the
+    rows of x in use (a worst-case-sized buffer's, ``moe_permute.DispatchPlan.rows_bound``), read on the device;
+    the outputs' tiles of the rows after it, values and scales, are left unwritten."""
     _check_float_2d(x, "x")
-    return _quant_rows(x, pow2_scale, amax_floor, cast)
+    return _quant_rows(x, pow2_scale, amax_floor, cast, row_bound)
 
 
 def quant_act_128x1_t(x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR,
-                      cast: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      cast: str | None = None,
+                      row_bound: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) float → (x^T fp8 (K, M) contiguous, scale (K, ceil(M/128)) fp32), 128×1 tiles."""
     _check_float_2d(x, "x")
-    return _quant_rows(x.t(), pow2_scale, amax_floor, cast)  # rows of the (K, M) output are columns of x
+    return _quant_rows(x.t(), pow2_scale, amax_floor, cast, row_bound, bound_cols=True)  # x's rows: the columns
 
 
 # True: ``quant_act_both`` runs ``_quant_both_kernel`` (x read once). False (the default): the two single quantisers,
@@ -345,6 +377,7 @@ ONE_READ = False
 
 def quant_act_both(
     x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR, cast: str | None = None,
+    row_bound: torch.Tensor | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """x (M, K) float → ((x_fp8 (M, K), scale (M, ceil(K/128))), (x^T fp8 (K, M), scale_t (K, ceil(M/128)))):
     ``quant_act_1x128(x)`` and ``quant_act_128x1_t(x)`` bit for bit, in the same layouts (MN-major scales),
@@ -352,17 +385,20 @@ def quant_act_both(
     gradient along M: a linear layer's input (forward, then Wgrad) and its output gradient (Dgrad, then Wgrad)."""
     _check_float_2d(x, "x")
     if not ONE_READ:
-        return _quant_rows(x, pow2_scale, amax_floor, cast), _quant_rows(x.t(), pow2_scale, amax_floor, cast)
+        return (_quant_rows(x, pow2_scale, amax_floor, cast, row_bound),
+                _quant_rows(x.t(), pow2_scale, amax_floor, cast, row_bound, bound_cols=True))
     M, K = x.shape
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
     qt = torch.empty((K, M), dtype=FP8_DTYPE, device=x.device)
     s, st = _empty_mn_major_scales(M, K, x.device), _empty_mn_major_scales(K, M, x.device)
+    check_row_bound(row_bound, x.device)
     if x.numel():
         _quant_both_kernel[(cdiv(M, TILE), cdiv(K, TILE))](
             x, q, s, qt, st, M, K, (M * K).bit_length(),
             x.stride(0), x.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1), qt.stride(0),
             st.stride(0), st.stride(1),
             POW2=pow2_scale, FLOOR=amax_floor, ROW_MAJOR=x.stride(1) == 1, CAST=_cast(x.device, cast), BLOCK=TILE,
+            bound_ptr=row_bound,
         )
     return (q, s), (qt, st)
 

@@ -21,6 +21,7 @@ from .fp8_quant import (
     cast_for_store,
     empty_cols_t_output,
     empty_rows_output,
+    past_bound,
     store_cols_t,
     store_rows,
 )
@@ -37,6 +38,12 @@ class DispatchPlan:
     seg_offsets: (E + 1,) first row of each expert's segment; multiples of ``align``.
     pair_ptr, by_token: pair plans only (``make_pair_plan``), any number of pairs per token: token t's pairs
       are ``by_token[pair_ptr[t]:pair_ptr[t + 1]]`` ((T + 1,) and (P,)); None for a (T, topk) plan.
+    rows_bound: (1,) ``seg_offsets[-1:]``, the rows in use, where the buffers take the worst case
+      (``worst_case_rows``, a pair plan sized without host counts); None where ``num_rows`` is exact. The
+      memory-bound kernels on the permuted rows (here, ``swiglu``, the activation quantisers of ``fp8_quant``)
+      read it on the device and leave the rows from it on unwritten (``fp8_quant.past_bound``): whole
+      padding-only tiles (``m_indices`` -1), which the grouped GEMMs skip without reading their values or scales
+      and whose gradients the K-grouped weight gradients never reach (each reads its segment's rows only).
     """
 
     src_token: torch.Tensor
@@ -45,6 +52,7 @@ class DispatchPlan:
     seg_offsets: torch.Tensor
     pair_ptr: torch.Tensor | None = None
     by_token: torch.Tensor | None = None
+    rows_bound: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -117,7 +125,8 @@ def make_pair_plan(token_of_pair: torch.Tensor, expert_of_pair: torch.Tensor, nu
     buffers, so nothing here waits for the GPU. At least ``align`` rows even without pairs. Given only the
     number of experts (an int), nothing needs the counts on the host: with ``align=1`` nothing is padded and
     the rows are the pairs; with a larger ``align`` the buffers take the most the padding can need
-    (``worst_case_rows``), the rows after the last segment padding too (``m_indices`` -1)."""
+    (``worst_case_rows``), the rows after the last segment padding too (``m_indices`` -1), and ``rows_bound``
+    tells the kernels on the device where the last segment ends."""
     if token_of_pair.shape != expert_of_pair.shape or token_of_pair.dim() != 1:
         raise ValueError(f"token_of_pair {tuple(token_of_pair.shape)} and expert_of_pair "
                          f"{tuple(expert_of_pair.shape)} must be the same (P,)")
@@ -136,13 +145,17 @@ def make_pair_plan(token_of_pair: torch.Tensor, expert_of_pair: torch.Tensor, nu
     by_token = torch.argsort(token, stable=True).to(torch.int32)
     per_token = token.new_zeros(num_tokens).scatter_add_(0, token, torch.ones_like(token))
     pair_ptr = torch.cat((per_token.new_zeros(1), torch.cumsum(per_token, 0))).to(torch.int32)
-    return DispatchPlan(src_token, m_indices, dest, seg_offsets.to(torch.int32), pair_ptr, by_token)
+    seg_offsets = seg_offsets.to(torch.int32)
+    worst_case = isinstance(expert_counts, int) and align > 1  # align 1: the rows are the pairs, exactly
+    return DispatchPlan(src_token, m_indices, dest, seg_offsets, pair_ptr, by_token,
+                        seg_offsets[-1:] if worst_case else None)
 
 
 @triton.jit
 def _permute_kernel(
-    # pointers: x (T, H), out (M_total, H), out scales (M_total, H/128), src_token, row weights
-    x_ptr, out_ptr, scale_ptr, src_ptr, weight_ptr,
+    # pointers: x (T, H), out (M_total, H), out scales (M_total, H/128), src_token, row weights, the rows in use
+    # (1,) int32 or None
+    x_ptr, out_ptr, scale_ptr, src_ptr, weight_ptr, bound_ptr,
     # sizes
     num_rows, H,
     # strides
@@ -153,6 +166,9 @@ def _permute_kernel(
 ):
     """TRANSPOSED (BLOCK_R = 128): out (H, M_total) fp8 in 128x1 tiles, scales (H, M_total/128). CAST: the E4M3
     path (``e4m3_cast``)."""
+    if bound_ptr is not None:
+        if past_bound(tl.program_id(0) * BLOCK_R, bound_ptr):
+            return
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     src = tl.load(src_ptr + rows, mask=rows < num_rows, other=-1)
@@ -214,7 +230,8 @@ def moe_permute(
     x: torch.Tensor, plan: DispatchPlan, quantize: bool | str = False, pow2_scale: bool = False,
     row_weights: torch.Tensor | None = None, amax_floor: float = AMAX_FLOOR,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Gather x (T, H) into the contiguous layout (M_total, H); padding rows are zeros.
+    """Gather x (T, H) into the contiguous layout (M_total, H); padding rows are zeros, but for the rows from
+    ``plan.rows_bound`` on, left unwritten.
 
     quantize: return (fp8 (M_total, H), scales (M_total, ceil(H/128))) instead of x's dtype, each 1x128
     tile's amax floored at ``amax_floor`` (padding rows: zeros, scale amax_floor / 448). quantize="128x1_t":
@@ -235,7 +252,7 @@ def moe_permute(
     block_r, block_h = (TILE, 64) if transposed else (16, TILE)
     grid = (cdiv(M, block_r), cdiv(H, block_h))
     _permute_kernel[grid](
-        x, out, scale, plan.src_token, weights, M, H, x.stride(0), out.stride(0), scale.stride(0),
+        x, out, scale, plan.src_token, weights, plan.rows_bound, M, H, x.stride(0), out.stride(0), scale.stride(0),
         QUANT=bool(quantize), WEIGHTED=row_weights is not None, POW2=pow2_scale, FLOOR=amax_floor,
         TRANSPOSED=transposed, CAST=cast_for_device(x.device) if quantize else EMULATED, BLOCK_R=block_r,
         BLOCK_H=block_h,
@@ -247,6 +264,7 @@ def moe_unpermute(y: torch.Tensor, plan: DispatchPlan, topk_weights: torch.Tenso
     """out (T, H) = Σ over token t's pairs p of weights[p] · y[dest[p]] (weights 1 when None); y (M_total, H).
 
     topk_weights: shaped like ``plan.dest``, (T, topk) or, for a pair plan, (P,). Sums in fp32, in a fixed order.
+    A program a token: y's rows are read at the pairs' rows only, so a worst-case plan's tail costs nothing here.
     """
     _check_rows(y, "y")
     H = y.shape[1]
@@ -304,13 +322,17 @@ def pair_row_weights(plan: DispatchPlan, topk_weights: torch.Tensor) -> torch.Te
 
 @triton.jit
 def _row_dot_kernel(
-    # pointers: g (T, H), y (M_total, H), out (M_total,) fp32, src_token (M_total,)
-    g_ptr, y_ptr, out_ptr, src_ptr,
+    # pointers: g (T, H), y (M_total, H), out (M_total,) fp32, src_token (M_total,), the rows in use (1,) int32 or
+    # None
+    g_ptr, y_ptr, out_ptr, src_ptr, bound_ptr,
     # sizes, strides
     num_rows, H, stride_gt, stride_ym,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """out[r] = <g[src[r]], y[r]> in fp32 (0 for padding rows), each row's H in BLOCK_H chunks in a fixed order."""
+    if bound_ptr is not None:
+        if past_bound(tl.program_id(0) * BLOCK_R, bound_ptr):
+            return
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     src = tl.load(src_ptr + rows, mask=rows < num_rows, other=-1)
     live = (src >= 0)[:, None]
@@ -330,15 +352,21 @@ def pair_weight_grad(grad_out: torch.Tensor, y: torch.Tensor, plan: DispatchPlan
     One pass over the permuted rows (``_row_dot_kernel``: each row's token gradient and output read once, in
     their dtype); the gather-cast-multiply-sum in torch moved ~6x those bytes (3.2 of the 4.3 ms of glue around
     the grouped GEMMs of a V3 expert layer on an H100)."""
+    return row_dots(grad_out, y, plan)[plan.dest.long()]
+
+
+def row_dots(grad_out: torch.Tensor, y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """(M_total,) fp32: each permuted row's dot with its token's gradient, <grad_out[src_token[r]], y[r]>, 0 for
+    padding rows; the rows from ``plan.rows_bound`` on left unwritten (no pair there)."""
     _check_rows(grad_out, "grad_out")
     _check_rows(y, "y")
     rows = torch.empty(plan.num_rows, dtype=torch.float32, device=y.device)
     block_r, block_h = (16, 256) if not INTERPRET else (16, 64)
     if plan.num_rows:
-        _row_dot_kernel[(cdiv(plan.num_rows, block_r),)](grad_out, y, rows, plan.src_token, plan.num_rows, y.shape[1],
-                                                         grad_out.stride(0), y.stride(0), BLOCK_R=block_r,
-                                                         BLOCK_H=block_h)
-    return rows[plan.dest.long()]
+        _row_dot_kernel[(cdiv(plan.num_rows, block_r),)](grad_out, y, rows, plan.src_token, plan.rows_bound,
+                                                         plan.num_rows, y.shape[1], grad_out.stride(0), y.stride(0),
+                                                         BLOCK_R=block_r, BLOCK_H=block_h)
+    return rows
 
 
 # ----------------------------------------------------------------------------- torch references

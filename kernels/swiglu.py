@@ -13,8 +13,10 @@ from .fp8_quant import (
     AMAX_FLOOR,
     TILE,
     cast_for_store,
+    check_row_bound,
     empty_cols_t_output,
     empty_rows_output,
+    past_bound,
     store_cols_t,
     store_rows,
 )
@@ -35,8 +37,8 @@ def _load_gate_up(h_ptr, M, I, stride_hm, BLOCK_R: tl.constexpr, BLOCK_C: tl.con
 
 @triton.jit
 def _swiglu_fwd_kernel(
-    # pointers: h (M, 2I), out (M, I) bf16 or fp8, out scales (M, I/128)
-    h_ptr, out_ptr, scale_ptr,
+    # pointers: h (M, 2I), out (M, I) bf16 or fp8, out scales (M, I/128), the rows in use (1,) int32 or None
+    h_ptr, out_ptr, scale_ptr, bound_ptr,
     # sizes
     M, I,
     # strides
@@ -45,6 +47,9 @@ def _swiglu_fwd_kernel(
     QUANT: tl.constexpr, POW2: tl.constexpr, FLOOR: tl.constexpr, CAST: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    if bound_ptr is not None:
+        if past_bound(tl.program_id(0) * BLOCK_R, bound_ptr):
+            return
     gate, up, rows, cols, mask = _load_gate_up(h_ptr, M, I, stride_hm, BLOCK_R, BLOCK_C)
     act = gate * tl.sigmoid(gate) * up  # (BLOCK_R, BLOCK_C)
     out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
@@ -54,8 +59,8 @@ def _swiglu_fwd_kernel(
 
 @triton.jit
 def _swiglu_quant_t_kernel(
-    # pointers: h (M, 2I), out (I, M) fp8, out scales (I, ceil(M/128))
-    h_ptr, q_ptr, s_ptr,
+    # pointers: h (M, 2I), out (I, M) fp8, out scales (I, ceil(M/128)), the rows in use (1,) int32 or None
+    h_ptr, q_ptr, s_ptr, bound_ptr,
     # sizes
     M, I,
     # strides
@@ -63,6 +68,9 @@ def _swiglu_quant_t_kernel(
     # meta: BLOCK_R = 128, one 128x1 tile per column
     POW2: tl.constexpr, FLOOR: tl.constexpr, CAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    if bound_ptr is not None:
+        if past_bound(tl.program_id(0) * BLOCK_R, bound_ptr):
+            return
     gate, up, rows, cols, mask = _load_gate_up(h_ptr, M, I, stride_hm, BLOCK_R, BLOCK_C)
     act = gate * tl.sigmoid(gate) * up  # (BLOCK_R, BLOCK_C), as the forward kernel computes it
     store_cols_t(q_ptr, s_ptr, act, rows, cols, mask, cols < I, stride_qi, stride_si, tl.program_id(0), POW2, FLOOR,
@@ -71,8 +79,8 @@ def _swiglu_quant_t_kernel(
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    # pointers: h (M, 2I), d act (M, I), d h (M, 2I)
-    h_ptr, dact_ptr, dh_ptr,
+    # pointers: h (M, 2I), d act (M, I), d h (M, 2I), the rows in use (1,) int32 or None
+    h_ptr, dact_ptr, dh_ptr, bound_ptr,
     # sizes
     M, I,
     # strides
@@ -80,6 +88,9 @@ def _swiglu_bwd_kernel(
     # meta
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    if bound_ptr is not None:
+        if past_bound(tl.program_id(0) * BLOCK_R, bound_ptr):
+            return
     gate, up, rows, cols, mask = _load_gate_up(h_ptr, M, I, stride_hm, BLOCK_R, BLOCK_C)
     dact = tl.load(dact_ptr + rows[:, None].to(tl.int64) * stride_dm + cols[None, :], mask=mask,
                    other=0.0).to(tl.float32)
@@ -103,42 +114,49 @@ _BLOCK_C_T = 64  # columns per program of the 128-row transposed quantisation
 
 
 def swiglu(h: torch.Tensor, quantize: bool = False, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR,
-           out_dtype: torch.dtype | None = None):
+           out_dtype: torch.dtype | None = None, row_bound: torch.Tensor | None = None):
     """h (M, 2I) → silu(h[:, :I]) * h[:, I:] as out_dtype (h.dtype when None) (M, I), or (fp8 (M, I), scales
-    (M, ceil(I/128))) quantised from the FP32 product, each tile's amax floored at ``amax_floor``."""
+    (M, ceil(I/128))) quantised from the FP32 product, each tile's amax floored at ``amax_floor``.
+
+    ``row_bound`` (each function here): (1,) int32 on h's device, the rows of h in use (a worst-case-sized
+    buffer's, ``moe_permute.DispatchPlan.rows_bound``), read on the device; the outputs' rows after it (the
+    transposed output's columns, and their scales) are left unwritten."""
     I = _check_h(h)
     M = h.shape[0]
     out, scale = empty_rows_output(M, I, out_dtype or h.dtype, quantize, h.device)
+    check_row_bound(row_bound, h.device)
     grid = (cdiv(M, _BLOCK_R), cdiv(I, TILE))
-    _swiglu_fwd_kernel[grid](h, out, scale, M, I, h.stride(0), out.stride(0), scale.stride(0),
+    _swiglu_fwd_kernel[grid](h, out, scale, row_bound, M, I, h.stride(0), out.stride(0), scale.stride(0),
                              QUANT=quantize, POW2=pow2_scale, FLOOR=amax_floor,
                              CAST=cast_for_device(h.device) if quantize else EMULATED, BLOCK_R=_BLOCK_R, BLOCK_C=TILE)
     return (out, scale) if quantize else out
 
 
-def swiglu_quant_t(h: torch.Tensor, pow2_scale: bool = False,
-                   amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_quant_t(h: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR,
+                   row_bound: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """h (M, 2I) → the SwiGLU output quantised for a weight gradient, without storing it: (act^T fp8 (I, M),
     scales (I, ceil(M/128))) in 128x1 tiles (tiles of 128 tokens), what ``quant_act_128x1_t`` gives for
     ``swiglu(h, out_dtype=torch.float32)``."""
     I = _check_h(h)
     M = h.shape[0]
     q, scale = empty_cols_t_output(M, I, h.device)
+    check_row_bound(row_bound, h.device)
     grid = (cdiv(M, TILE), cdiv(I, _BLOCK_C_T))
-    _swiglu_quant_t_kernel[grid](h, q, scale, M, I, h.stride(0), q.stride(0), scale.stride(0),
+    _swiglu_quant_t_kernel[grid](h, q, scale, row_bound, M, I, h.stride(0), q.stride(0), scale.stride(0),
                                  POW2=pow2_scale, FLOOR=amax_floor, CAST=cast_for_device(h.device), BLOCK_R=TILE,
                                  BLOCK_C=_BLOCK_C_T)
     return q, scale
 
 
-def swiglu_backward(h: torch.Tensor, dact: torch.Tensor) -> torch.Tensor:
+def swiglu_backward(h: torch.Tensor, dact: torch.Tensor, row_bound: torch.Tensor | None = None) -> torch.Tensor:
     """d h (M, 2I) from h (M, 2I) and d act (M, I); dtype of h."""
     I = _check_h(h)
     if tuple(dact.shape) != (h.shape[0], I) or dact.stride(1) != 1:
         raise ValueError(f"dact must be {(h.shape[0], I)} with unit column stride, got {tuple(dact.shape)}")
     dh = torch.empty_like(h)
+    check_row_bound(row_bound, h.device)
     grid = (cdiv(h.shape[0], _BLOCK_R), cdiv(I, TILE))
-    _swiglu_bwd_kernel[grid](h, dact, dh, h.shape[0], I, h.stride(0), dact.stride(0), dh.stride(0),
+    _swiglu_bwd_kernel[grid](h, dact, dh, row_bound, h.shape[0], I, h.stride(0), dact.stride(0), dh.stride(0),
                              BLOCK_R=_BLOCK_R, BLOCK_C=TILE)
     return dh
 
