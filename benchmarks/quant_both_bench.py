@@ -1,12 +1,15 @@
 """The cast with transpose (``kernels.fp8_quant.quant_act_both``) at the FP8 step's shapes: each autotune candidate,
-the autotuned call, and the two single quantisers (what ``quant_act_both`` runs unless ``fp8_quant.ONE_READ``), in bytes/s and fraction of HBM.
+the autotuned call, the Gluon kernel's configs, and the two single quantisers (what ``quant_act_both`` runs unless
+``fp8_quant.ONE_READ``), in bytes/s and fraction of HBM.
 
     python -P benchmarks/quant_both_bench.py --out /tmp/quant-both.md          # CUDA, ~1 min on an H100
     TRITON_INTERPRET=1 python -P benchmarks/quant_both_bench.py --device cpu --small --out /tmp/qb.md  # smoke run
 
 Why: in ``benchmarks/model_step.py``'s FP8 step (docs/results/model-step.md) ``_quant_both_kernel`` is the largest
 memory-bound kernel. Its candidates differ in how a 128x128 tile is read: whole (SUB 128), in chunks read twice
-(the column amax first, then each chunk again from L2), or in four chunks loaded together and held (HOLD). Shapes:
+(the column amax first, then each chunk again from L2), or in four chunks loaded together and held (HOLD). Beside them
+the Gluon kernel (``kernels/fp8_quant_gluon.py``: the tile read once into shared memory), one row per config, where it
+runs (Gluon and a Hopper GPU; elsewhere its rows are left out). Shapes:
 a 4096-token micro-batch's hidden states (4096 x 7168), and the routed experts' padded rows of workload A (34,560 =
 4096 tokens x top-8 over 32 experts, each padded to 128) by hidden (the down projection's output gradient) and by
 2 x 2048 (gate_up's). Bytes are ideal: the input read once, both FP8 copies and their fp32 scales written once. Each
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from moeplan.kernels import fp8_quant
+from moeplan.kernels import fp8_quant, fp8_quant_gluon
 from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_act_both
 from moeplan.kernels.triton_compat import HAVE_TRITON, INTERPRET, cdiv, triton
 from moeplan.orchestrator.calibration.timing import median_s
@@ -102,6 +105,12 @@ def measure(shape: tuple[int, int], device: torch.device, reps: int, peak: float
     for config in fp8_quant._both_configs():
         got = launch_candidate(x, config)
         row(candidate_name(config), median_s(lambda c=config: launch_candidate(x, c), device, reps), same(got, want))
+    if fp8_quant_gluon.runs_on(x):
+        for config in fp8_quant_gluon.CONFIGS:
+            got = fp8_quant_gluon.quant_act_both_gluon(x, config=config)
+            row(f"Gluon, tile in shared memory: {config[0]} warps, {config[1]}-row chunks",
+                median_s(lambda c=config: fp8_quant_gluon.quant_act_both_gluon(x, config=c), device, reps),
+                same(got, want))
     row("quant_act_1x128 + quant_act_128x1_t (two reads; quant_act_both's default)",
         median_s(lambda: (quant_act_1x128(x), quant_act_128x1_t(x)), device, reps), True)
     return rows

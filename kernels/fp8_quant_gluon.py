@@ -1,0 +1,228 @@
+"""The cast with transpose from one read of x, in Gluon: ``quant_act_both`` with the 128x128 tile in shared memory.
+
+``quant_act_both_gluon(x)`` returns what ``fp8_quant.quant_act_both(x)`` returns, ``quant_act_1x128(x)`` and
+``quant_act_128x1_t(x)`` bit for bit in the same layouts, reading each element of x from HBM once. One program per
+128x128 tile of x (M, K):
+
+* Step 1: coalesced 16-byte loads of the tile (masked at ragged edges, zeros outside as the Triton kernels'
+  ``other=0.0``) into registers, all issued before the first is used, then stored once into shared memory in x's
+  own dtype (32 KiB bf16, 64 KiB fp32) under a swizzled layout (``tile_layouts``);
+* Step 2, the rows: the tile read back in chunks of ``ROWS`` rows, one 16-byte vector of a row a thread, the
+  tile's 128 rows' amaxes, scales and E4M3 values stored coalesced, and the row scales;
+* Step 3, the columns: the tile read through the transposed view (``permute``), each thread 16 bytes along K of
+  each of 4 consecutive rows, so that one warp holds whole columns (an amax over M within the warp) and stores 4
+  consecutive bytes of each of its columns' rows of x^T (128 bytes a warp and instruction, coalesced along M).
+
+The swizzle is chosen so that both reads are free of bank conflicts: XOR of the 16-byte chunk index with
+(row // 4) % 8. The rows' read and the store touch 8 consecutive chunks of one row a quarter-warp (any XOR keeps
+them apart); the columns' read touches one chunk of rows 4l + i of lanes l = 0..7, whose phases l differ. The
+kernel checks this at compile time (``gl.bank_conflicts``).
+
+Scales and E4M3 values come from ``fp8_quant``'s own ``scale_from_amax`` and ``quantize_e4m3`` (the same jit
+functions, called from Gluon), and a maximum is exact in any order, so the bits are the single quantisers'. Gluon
+has no interpreter path: the CPU tests compile the kernel for sm_90a offline and read its PTX and ptxas report.
+Where the kernel cannot run (no Gluon, the interpreter, not a Hopper GPU, a dtype other than 2 or 4 bytes, or x not
+contiguous along K) the call falls back to ``quant_act_both``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .fp8_quant import (
+    AMAX_FLOOR,
+    FP8_DTYPE,
+    TILE,
+    _cast,
+    _check_float_2d,
+    _empty_mn_major_scales,
+    quant_act_both,
+    quantize_e4m3,
+    scale_from_amax,
+)
+from .triton_compat import INTERPRET, cdiv, triton
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    HAVE_GLUON = True
+except ImportError:  # CPU torch without triton, or a triton before Gluon
+    HAVE_GLUON = False
+
+# (num_warps, ROWS): rows of the tile a chunk of the rows' pass takes; the default is the first (not yet timed)
+CONFIGS = [(8, 32), (4, 32), (8, 64), (4, 16)]
+SWIZZLE_ROWS = 4  # rows that share a swizzle phase: the columns' read gives each lane 4 consecutive rows
+PHASES = 8  # 16-byte chunks in a 128-byte bank row
+M_PER_THREAD = 4  # consecutive rows of x (bytes of a row of x^T) a thread of the columns' pass holds
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _larger(a, b):  # our own combine function, as fp8_gemm_ws's: gl.max's is built for Triton's interpreter
+        return gl.maximum(a, b)
+
+    @gluon.jit
+    def _amax(x, axis: gl.constexpr):
+        return gl.reduce(gl.abs(x), axis, _larger)
+
+    @gluon.jit
+    def _rows(smem, q_ptr, s_ptr, row0, col0, M, K, stride_qm, stride_sm, scale_col, R0: gl.constexpr,
+              ROWS: gl.constexpr, layout: gl.constexpr, POW2: gl.constexpr, FLOOR: gl.constexpr,
+              CAST: gl.constexpr):
+        """Rows R0 .. R0 + ROWS of the tile: one scale each, E4M3 values at q[row, col], the scales at
+        ``s_ptr + row * stride_sm + scale_col``."""
+        x = smem.slice(R0, ROWS, dim=0).load(layout).to(gl.float32)  # (ROWS, 128)
+        scale = scale_from_amax(_amax(x, 1), POW2, FLOOR)  # (ROWS,)
+        q = quantize_e4m3(x, scale[:, None], POW2, CAST)
+        rows = row0 + R0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+        cols = col0 + gl.arange(0, x.shape[1], layout=gl.SliceLayout(0, layout))
+        mask = (rows < M)[:, None] & (cols < K)[None, :]
+        gl.store(q_ptr + rows.to(gl.int64)[:, None] * stride_qm + cols[None, :], q, mask=mask)
+        gl.store(s_ptr + rows * stride_sm + scale_col, scale, mask=rows < M)
+
+    @gluon.jit
+    def _cols(smem_t, qt_ptr, st_ptr, row0, col0, M, K, stride_qt, stride_sk, scale_col, C0: gl.constexpr,
+              COLS: gl.constexpr, layout: gl.constexpr, store_layout: gl.constexpr, POW2: gl.constexpr,
+              FLOOR: gl.constexpr, CAST: gl.constexpr):
+        """Columns C0 .. C0 + COLS of the tile (rows of ``smem_t``, the tile transposed): one scale each over the
+        tile's 128 rows, E4M3 values at qt[col, row], the scales at ``st_ptr + col * stride_sk + scale_col``."""
+        xt = smem_t.slice(C0, COLS, dim=0).load(layout).to(gl.float32)  # (COLS, 128): x^T's rows
+        scale = scale_from_amax(_amax(xt, 1), POW2, FLOOR)  # (COLS,)
+        # the same registers in the order of x^T's rows: 4 consecutive bytes of a row a thread
+        qt = gl.convert_layout(quantize_e4m3(xt, scale[:, None], POW2, CAST), store_layout)
+        cols = col0 + C0 + gl.arange(0, COLS, layout=gl.SliceLayout(1, store_layout))
+        rows = row0 + gl.arange(0, xt.shape[1], layout=gl.SliceLayout(0, store_layout))
+        mask = (cols < K)[:, None] & (rows < M)[None, :]
+        gl.store(qt_ptr + cols.to(gl.int64)[:, None] * stride_qt + rows[None, :], qt, mask=mask)
+        cols_s = col0 + C0 + gl.arange(0, COLS, layout=gl.SliceLayout(1, layout))
+        gl.store(st_ptr + cols_s * stride_sk + scale_col, scale, mask=cols_s < K)
+
+    @gluon.jit
+    def _quant_both_gluon_kernel(
+        # pointers: input (M, K), unit stride along K; fp8 copy (M, K) contiguous and its scales (M, ceil(K/128));
+        # fp8 transpose (K, M) contiguous and its scales (K, ceil(M/128))
+        x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
+        # sizes
+        M, K,
+        # strides (the fp8 copies' row strides only: both are contiguous)
+        stride_xm, stride_qm, stride_sm, stride_sk, stride_qt, stride_stk, stride_stm,
+        # meta
+        POW2: gl.constexpr, FLOOR: gl.constexpr, CAST: gl.constexpr, ROWS: gl.constexpr,
+        SWIZZLE_ROWS: gl.constexpr, PHASES: gl.constexpr, M_PER_THREAD: gl.constexpr,
+    ):
+        """The tile at (program_id(0), program_id(1)) of x's 128x128 tiles: read once, both quantisations from
+        shared memory (module docstring)."""
+        BLOCK: gl.constexpr = 128
+        WARPS: gl.constexpr = gl.num_warps()
+        VEC: gl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth  # elements in 16 bytes
+        LANES_K: gl.constexpr = BLOCK // VEC if BLOCK // VEC < 32 else 32
+        # one 16-byte vector of a row a thread, a warp over 32 / LANES_K whole rows
+        row_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // LANES_K, LANES_K], [WARPS, 1], [1, 0])
+        # x^T (K, M): VEC consecutive columns of x (16 bytes of a row of the tile) times M_PER_THREAD rows a
+        # thread, a warp over VEC whole columns; registers in the tile's order (along K) for the shared read ...
+        col_layout: gl.constexpr = gl.BlockedLayout([VEC, M_PER_THREAD], [1, 32], [WARPS, 1], [0, 1])
+        # ... and the same registers in x^T's order (along M) for the global store
+        col_store_layout: gl.constexpr = gl.BlockedLayout([VEC, M_PER_THREAD], [1, 32], [WARPS, 1], [1, 0])
+        tile_layout: gl.constexpr = gl.SwizzledSharedLayout(VEC, SWIZZLE_ROWS, PHASES, [1, 0])
+        gl.static_assert(M_PER_THREAD * 32 == BLOCK, "a warp holds whole columns of the tile")
+
+        pid_m = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        row0 = pid_m * BLOCK
+        col0 = pid_k * BLOCK
+
+        # Step 1: the tile from HBM, once, into shared memory
+        rows = row0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, row_layout))
+        cols = col0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(0, row_layout))
+        mask = (rows < M)[:, None] & (cols < K)[None, :]
+        x = gl.load(x_ptr + rows.to(gl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [BLOCK, BLOCK], tile_layout, x)
+        smem_t = smem.permute((1, 0))  # (K, M): the same bytes
+        gl.static_assert(gl.bank_conflicts(x.type, smem.type) == 0, "the tile's store has bank conflicts")
+        gl.static_assert(gl.bank_conflicts(gl.distributed_type(x.dtype, [BLOCK, BLOCK], col_layout), smem_t.type)
+                         == 0, "the columns' read has bank conflicts")
+
+        # Step 2: the rows (1x128 tiles), ROWS at a time
+        for r0 in gl.static_range(0, BLOCK, ROWS):
+            _rows(smem, q_ptr, s_ptr, row0, col0, M, K, stride_qm, stride_sm, pid_k * stride_sk, r0, ROWS,
+                  row_layout, POW2, FLOOR, CAST)
+        # Step 3: the columns (128x1 tiles), the warps' columns at a time, stored transposed
+        COLS: gl.constexpr = VEC * WARPS
+        for c0 in gl.static_range(0, BLOCK, COLS):
+            _cols(smem_t, qt_ptr, st_ptr, row0, col0, M, K, stride_qt, stride_stk, pid_m * stride_stm, c0, COLS,
+                  col_layout, col_store_layout, POW2, FLOOR, CAST)
+
+
+def _config(config) -> tuple[int, int]:
+    config = CONFIGS[0] if config is None else tuple(config)
+    if config not in CONFIGS:
+        raise ValueError(f"config={config} must be one of CONFIGS={CONFIGS}")
+    return config
+
+
+def _constexprs(pow2_scale: bool, amax_floor: float, cast: int, rows: int) -> dict:
+    return dict(POW2=pow2_scale, FLOOR=amax_floor, CAST=cast, ROWS=rows, SWIZZLE_ROWS=SWIZZLE_ROWS, PHASES=PHASES,
+                M_PER_THREAD=M_PER_THREAD)
+
+
+@functools.cache
+def _hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+def runs_on(x: torch.Tensor) -> bool:
+    """Whether ``quant_act_both_gluon(x)`` runs the Gluon kernel (else it falls back to ``quant_act_both``): Gluon
+    present, no interpreter, x on a Hopper GPU, 2- or 4-byte floats, unit stride along K."""
+    return (HAVE_GLUON and not INTERPRET and x.is_cuda and x.element_size() in (2, 4) and x.stride(1) == 1
+            and _hopper(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+
+
+def quant_act_both_gluon(
+    x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR, cast: str | None = None,
+    config: tuple[int, int] | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """x (M, K) float → ((x_fp8 (M, K), scale (M, ceil(K/128))), (x^T fp8 (K, M), scale_t (K, ceil(M/128)))), as
+    ``quant_act_both`` (bit for bit, the same layouts: MN-major scales), reading x from HBM once. ``config``: one of
+    ``CONFIGS`` (num_warps, rows a chunk of the rows' pass); the first by default."""
+    _check_float_2d(x, "x")
+    num_warps, rows = _config(config)
+    if not runs_on(x):
+        return quant_act_both(x, pow2_scale, amax_floor, cast)
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
+    qt = torch.empty((K, M), dtype=FP8_DTYPE, device=x.device)
+    s, st = _empty_mn_major_scales(M, K, x.device), _empty_mn_major_scales(K, M, x.device)
+    if x.numel():
+        _quant_both_gluon_kernel[(cdiv(M, TILE), cdiv(K, TILE))](
+            x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), qt.stride(0), st.stride(0),
+            st.stride(1), num_warps=num_warps, **_constexprs(pow2_scale, amax_floor, _cast(x.device, cast), rows))
+    return (q, s), (qt, st)
+
+
+_INT_ARGS = ("M", "K", "stride_xm", "stride_qm", "stride_sm", "stride_sk", "stride_qt", "stride_stk", "stride_stm")
+
+
+def compile_offline(dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = False, cast: int = 0,
+                    config: tuple[int, int] | None = None, amax_floor: float = AMAX_FLOOR, capability: int = 90,
+                    swizzle_rows: int = SWIZZLE_ROWS):
+    """Compile the kernel for ``sm_{capability}`` without a GPU and return Triton's compiled kernel (its
+    ``.asm["ptx"]``). Integers are specialised as Triton does for sizes divisible by 16. Needs a process without
+    ``TRITON_INTERPRET`` (the kernel calls ``fp8_quant``'s jit functions, which the interpreter replaces).
+    ``swizzle_rows``: another swizzle, for the test that the bank-conflict check fails."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    num_warps, rows = _config(config)
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    signature = {"x_ptr": f"*{names[dtype]}", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "qt_ptr": "*fp8e4nv",
+                 "st_ptr": "*fp32"} | {n: "i32" for n in _INT_ARGS}
+    meta = _constexprs(pow2_scale, amax_floor, cast, rows) | {"SWIZZLE_ROWS": swizzle_rows}
+    signature |= {n: "constexpr" for n in meta}
+    # what the JIT assumes of a 16-byte-aligned pointer and an integer divisible by 16 (the stride of x along K is
+    # not an argument: it is 1)
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(5 + len(_INT_ARGS))}
+    src = GluonASTSource(_quant_both_gluon_kernel, signature, meta, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})

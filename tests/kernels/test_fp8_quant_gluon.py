@@ -1,0 +1,184 @@
+"""``quant_act_both_gluon`` (kernels/fp8_quant_gluon.py): the cast with transpose from one read, the tile in shared
+memory.
+
+On the CPU machine: the kernel compiled offline for sm_90a (in a process without the Triton interpreter, since it calls
+``fp8_quant``'s jit functions) and read through ptxas and its PTX: no spills, the tile through shared memory, each
+element of x loaded from global memory once in 16-byte vectors, no byte-wide stores, and the swizzle's compile-time
+bank-conflict check failing for a swizzle that conflicts. Off a Hopper GPU the call falls back to ``quant_act_both``.
+On a Hopper GPU: bit for bit ``quant_act_1x128`` and ``quant_act_128x1_t`` at V3's shapes and ragged ones, bf16 and
+fp32, power-of-two scales on and off, outputs poisoned before every launch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moeplan.kernels import fp8_quant, fp8_quant_gluon
+from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_act_both
+from moeplan.kernels.fp8_quant_gluon import quant_act_both_gluon
+from tests.kernels import test_kernels
+from tests.kernels.test_fp8_gemm_ws import _sass
+from tests.kernels.test_fp8_quant_both import _assert_same, _input
+
+ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_gluon = pytest.mark.skipif(not fp8_quant_gluon.HAVE_GLUON, reason="needs triton with Gluon")
+poisoned = test_kernels.poisoned
+
+# (dtype, pow2_scale, cast, config) compiled offline: both input widths, both scale kinds, the emulated and both
+# hardware casts, every config
+VARIANTS = [("bf16", False, 0, (8, 32)), ("bf16", True, 1, (4, 32)), ("fp32", False, 2, (8, 64)),
+            ("fp32", True, 0, (4, 32)), ("bf16", False, 1, (8, 64))]
+_COMPILE_SCRIPT = """
+import json, sys
+import torch
+from moeplan.kernels import fp8_quant_gluon
+dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+out = {}
+for dtype, pow2, cast, config in json.loads(sys.argv[1]):
+    kernel = fp8_quant_gluon.compile_offline(dtypes[dtype], pow2, cast, tuple(config))
+    out[f"{dtype},{int(pow2)},{cast},{config[0]},{config[1]}"] = kernel.asm["ptx"]
+try:
+    fp8_quant_gluon.compile_offline(swizzle_rows=1)
+    out["conflicting swizzle"] = "compiled"
+except Exception as exc:
+    out["conflicting swizzle"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+@functools.cache
+def _compiled(tmp_dir: str) -> dict[str, str]:
+    """PTX of each of VARIANTS, and what compiling with a swizzle of 1 row a phase said, from one process without
+    TRITON_INTERPRET (~10 s)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": tmp_dir}
+    res = subprocess.run([sys.executable, "-P", "-c", _COMPILE_SCRIPT, json.dumps(VARIANTS)], capture_output=True,
+                         text=True, env=env, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, str]:
+    return _compiled(str(tmp_path_factory.mktemp("triton-cache")))
+
+
+def _count(pattern: str, ptx: str) -> int:
+    return len(re.findall(pattern, ptx))
+
+
+@needs_gluon
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}-pow2{int(v[1])}-cast{v[2]}-{v[3][0]}w{v[3][1]}r")
+def test_compiles_for_hopper_reading_x_once_without_spills(compiled, variant, tmp_path):
+    dtype, pow2, cast, (num_warps, rows) = variant
+    ptx = compiled[f"{dtype},{int(pow2)},{cast},{num_warps},{rows}"]
+    report, sass = _sass(ptx, tmp_path)
+    assert "0 bytes spill stores, 0 bytes spill loads" in report, report
+    assert not re.search(r"\b(LDL|STL)\b", sass), "registers went to local memory"
+    # Each thread's share of the 128x128 tile, in 16-byte vectors: loaded from global memory once, stored into shared
+    # memory once, read from it twice (the rows' pass and the columns'), one barrier between.
+    vectors = 128 * 128 * {"bf16": 2, "fp32": 4}[dtype] // 16 // (32 * num_warps)
+    assert _count(r"ld\.global", ptx) == _count(r"ld\.global\.v4\.b32", ptx) == vectors, "x read more than once"
+    assert _count(r"st\.shared", ptx) == _count(r"st\.shared\.v4\.b32", ptx) == vectors
+    assert _count(r"ld\.shared", ptx) == _count(r"ld\.shared\.v4\.b32", ptx) == 2 * vectors
+    assert _count(r"bar\.sync", ptx) == 1
+    # coalesced stores: at least 4 bytes a thread (the copy's 1x128 rows 8 bytes from bf16, x^T's 4 along M)
+    assert not re.search(r"st\.global(\.v\d)?\.b(8|16)\b", ptx), "byte-wide global stores"
+    if dtype == "bf16":
+        assert _count(r"st\.global\.v2\.b32", ptx) == vectors
+    assert ("cvt.rn.satfinite.e4m3x2" in ptx) == bool(cast)  # the hardware casts; 0 the integer emulation
+
+
+@needs_gluon
+def test_the_swizzle_check_fails_for_a_conflicting_swizzle(compiled):
+    """One swizzle phase a row (the usual one) puts the columns' read of rows 0, 4, 8, ... on 2 of 8 banks: the
+    kernel's compile-time check refuses it (the default, 4 rows a phase, compiled above)."""
+    assert "the columns' read has bank conflicts" in compiled["conflicting swizzle"]
+
+
+def test_configs_are_checked():
+    with pytest.raises(ValueError, match=r"config=\(8, 16\)"):
+        fp8_quant_gluon._config((8, 16))
+    assert fp8_quant_gluon._config(None) == fp8_quant_gluon.CONFIGS[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback off a GPU")
+def test_falls_back_to_quant_act_both_off_a_gpu():
+    pytest.importorskip("triton")
+    x = _input((130, 257), torch.bfloat16, "cpu")
+    assert not fp8_quant_gluon.runs_on(x)
+    got, want = quant_act_both_gluon(x, True), quant_act_both(x, True)
+    for g, w in zip(got, want):
+        _assert_same(g, w, "fallback")
+
+
+# ----------------------------------------------------------------------------- on a Hopper GPU
+
+V3_SHAPES = [(4096, 7168), (4096, 2048), (34560, 7168)]
+RAGGED_SHAPES = [(200, 300), (129, 7168), (4096, 130), (1, 128), (37, 300), (130, 257), (129, 1)]
+
+
+@functools.lru_cache(maxsize=2)
+def _gpu_input(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    return _input(shape, dtype, "cuda")
+
+
+def _check(x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = fp8_quant.AMAX_FLOOR, config=None) -> None:
+    assert fp8_quant_gluon.runs_on(x), "the Gluon kernel must run, not the fallback"
+    rows, cols_t = quant_act_both_gluon(x, pow2_scale, amax_floor, config=config)
+    what = f"{tuple(x.shape)} {x.dtype} {pow2_scale=} {amax_floor=} {config=}"
+    _assert_same(rows, quant_act_1x128(x, pow2_scale, amax_floor), f"1x128 {what}")
+    _assert_same(cols_t, quant_act_128x1_t(x, pow2_scale, amax_floor), f"128x1_t {what}")
+    assert cols_t[0].is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("pow2_scale", [False, True])
+@pytest.mark.parametrize("shape", V3_SHAPES + RAGGED_SHAPES)
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_HOPPER and fp8_quant_gluon.HAVE_GLUON), reason="needs Gluon and a Hopper GPU")
+def test_is_the_single_quantisers_bit_for_bit(shape, pow2_scale, dtype):
+    x = _gpu_input(shape, dtype)
+    for amax_floor in (fp8_quant.AMAX_FLOOR, 1e-12):  # the kernels' floor and the model's
+        _check(x, pow2_scale, amax_floor)
+
+
+@pytest.mark.parametrize("config", fp8_quant_gluon.CONFIGS)
+@pytest.mark.parametrize("shape,dtype", [((4096, 2048), torch.bfloat16), ((200, 300), torch.float32)])
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_HOPPER and fp8_quant_gluon.HAVE_GLUON), reason="needs Gluon and a Hopper GPU")
+def test_every_config_is_bit_exact(shape, dtype, config):
+    _check(_gpu_input(shape, dtype), config=config)
+
+
+@pytest.mark.parametrize("pow2_scale", [False, True])
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_HOPPER and fp8_quant_gluon.HAVE_GLUON), reason="needs Gluon and a Hopper GPU")
+def test_infinities_and_strided_rows(pow2_scale):
+    """An infinite element (its row's and column's scale infinite), and x a slice: rows at an odd pitch, the first
+    element not 16-byte aligned (the loads are then not vectorised, the bits the same)."""
+    x = _input((130, 257), torch.float32, "cuda")
+    x[5, 7], x[100, 200] = float("inf"), -float("inf")
+    _check(x, pow2_scale)
+    base = _input((260, 301), torch.bfloat16, "cuda")
+    _check(base[3:200, 10:290], pow2_scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_HOPPER and fp8_quant_gluon.HAVE_GLUON), reason="needs Gluon and a Hopper GPU")
+def test_a_column_major_input_falls_back():
+    x = _input((260, 300), torch.bfloat16, "cuda").t()
+    assert not fp8_quant_gluon.runs_on(x)
+    rows, cols_t = quant_act_both_gluon(x)
+    _assert_same(rows, quant_act_1x128(x), "1x128")
+    _assert_same(cols_t, quant_act_128x1_t(x), "128x1_t")
