@@ -38,6 +38,8 @@ from .fp8_quant import (
     _cast,
     _check_float_2d,
     _empty_mn_major_scales,
+    check_row_bound,
+    past_bound,
     quant_act_both,
     quantize_e4m3,
     scale_from_amax,
@@ -112,9 +114,11 @@ if HAVE_GLUON:
         # meta
         POW2: gl.constexpr, FLOOR: gl.constexpr, CAST: gl.constexpr, ROWS: gl.constexpr,
         SWIZZLE_ROWS: gl.constexpr, PHASES: gl.constexpr, M_PER_THREAD: gl.constexpr,
+        # a worst-case-sized buffer's rows in use (M), (1,) int32 on the device, or None (as in fp8_quant's kernels)
+        bound_ptr=None,
     ):
         """The tile at (program_id(0), program_id(1)) of x's 128x128 tiles: read once, both quantisations from
-        shared memory (module docstring)."""
+        shared memory (module docstring). A tile at or past ``*bound_ptr`` returns at once (``past_bound``)."""
         BLOCK: gl.constexpr = 128
         WARPS: gl.constexpr = gl.num_warps()
         VEC: gl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth  # elements in 16 bytes
@@ -133,6 +137,9 @@ if HAVE_GLUON:
         pid_k = gl.program_id(1)
         row0 = pid_m * BLOCK
         col0 = pid_k * BLOCK
+        if bound_ptr is not None:
+            if past_bound(row0, bound_ptr):
+                return
 
         # Step 1: the tile from HBM, once, into shared memory
         rows = row0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, row_layout))
@@ -182,23 +189,26 @@ def runs_on(x: torch.Tensor) -> bool:
 
 def quant_act_both_gluon(
     x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR, cast: str | None = None,
-    config: tuple[int, int] | None = None,
+    row_bound: torch.Tensor | None = None, config: tuple[int, int] | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """x (M, K) float → ((x_fp8 (M, K), scale (M, ceil(K/128))), (x^T fp8 (K, M), scale_t (K, ceil(M/128)))), as
-    ``quant_act_both`` (bit for bit, the same layouts: MN-major scales), reading x from HBM once. ``config``: one of
-    ``CONFIGS`` (num_warps, rows a chunk of the rows' pass); the first by default."""
+    ``quant_act_both`` (bit for bit, the same layouts: MN-major scales; ``row_bound`` the same: 128-row tiles at or
+    past it not written), reading x from HBM once. ``config``: one of ``CONFIGS`` (num_warps, rows a chunk of the
+    rows' pass); the first by default."""
     _check_float_2d(x, "x")
     num_warps, rows = _config(config)
     if not runs_on(x):
-        return quant_act_both(x, pow2_scale, amax_floor, cast)
+        return quant_act_both(x, pow2_scale, amax_floor, cast, row_bound)
     M, K = x.shape
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
     qt = torch.empty((K, M), dtype=FP8_DTYPE, device=x.device)
     s, st = _empty_mn_major_scales(M, K, x.device), _empty_mn_major_scales(K, M, x.device)
+    check_row_bound(row_bound, x.device)
     if x.numel():
         _quant_both_gluon_kernel[(cdiv(M, TILE), cdiv(K, TILE))](
             x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), qt.stride(0), st.stride(0),
-            st.stride(1), num_warps=num_warps, **_constexprs(pow2_scale, amax_floor, _cast(x.device, cast), rows))
+            st.stride(1), num_warps=num_warps, bound_ptr=row_bound,
+            **_constexprs(pow2_scale, amax_floor, _cast(x.device, cast), rows))
     return (q, s), (qt, st)
 
 
@@ -207,11 +217,12 @@ _INT_ARGS = ("M", "K", "stride_xm", "stride_qm", "stride_sm", "stride_sk", "stri
 
 def compile_offline(dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = False, cast: int = 0,
                     config: tuple[int, int] | None = None, amax_floor: float = AMAX_FLOOR, capability: int = 90,
-                    swizzle_rows: int = SWIZZLE_ROWS):
+                    swizzle_rows: int = SWIZZLE_ROWS, row_bound: bool = False):
     """Compile the kernel for ``sm_{capability}`` without a GPU and return Triton's compiled kernel (its
     ``.asm["ptx"]``). Integers are specialised as Triton does for sizes divisible by 16. Needs a process without
     ``TRITON_INTERPRET`` (the kernel calls ``fp8_quant``'s jit functions, which the interpreter replaces).
-    ``swizzle_rows``: another swizzle, for the test that the bank-conflict check fails."""
+    ``swizzle_rows``: another swizzle, for the test that the bank-conflict check fails; ``row_bound``: with a
+    bound pointer."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -221,6 +232,10 @@ def compile_offline(dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = Fals
                  "st_ptr": "*fp32"} | {n: "i32" for n in _INT_ARGS}
     meta = _constexprs(pow2_scale, amax_floor, cast, rows) | {"SWIZZLE_ROWS": swizzle_rows}
     signature |= {n: "constexpr" for n in meta}
+    if row_bound:
+        signature["bound_ptr"] = "*i32"
+    else:
+        signature["bound_ptr"], meta["bound_ptr"] = "constexpr", None
     # what the JIT assumes of a 16-byte-aligned pointer and an integer divisible by 16 (the stride of x along K is
     # not an argument: it is 1)
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5 + len(_INT_ARGS))}

@@ -27,24 +27,25 @@ from moeplan.kernels.fp8_quant_gluon import quant_act_both_gluon
 from tests.kernels import test_kernels
 from tests.kernels.test_fp8_gemm_ws import _sass
 from tests.kernels.test_fp8_quant_both import _assert_same, _input
+from tests.kernels.test_moe_permute_bound import _check_split
 
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_gluon = pytest.mark.skipif(not fp8_quant_gluon.HAVE_GLUON, reason="needs triton with Gluon")
 poisoned = test_kernels.poisoned
 
-# (dtype, pow2_scale, cast, config) compiled offline: both input widths, both scale kinds, the emulated and both
-# hardware casts, every config
-VARIANTS = [("bf16", False, 0, (8, 32)), ("bf16", True, 1, (4, 32)), ("fp32", False, 2, (8, 64)),
-            ("fp32", True, 0, (4, 32)), ("bf16", False, 1, (8, 64))]
+# (dtype, pow2_scale, cast, config, row_bound) compiled offline: both input widths, both scale kinds, the emulated and
+# both hardware casts, every config, with and without a row bound
+VARIANTS = [("bf16", False, 0, (8, 32), False), ("bf16", True, 1, (4, 32), False), ("fp32", False, 2, (8, 64), False),
+            ("fp32", True, 0, (4, 32), False), ("bf16", False, 1, (8, 64), True)]
 _COMPILE_SCRIPT = """
 import json, sys
 import torch
 from moeplan.kernels import fp8_quant_gluon
 dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
 out = {}
-for dtype, pow2, cast, config in json.loads(sys.argv[1]):
-    kernel = fp8_quant_gluon.compile_offline(dtypes[dtype], pow2, cast, tuple(config))
-    out[f"{dtype},{int(pow2)},{cast},{config[0]},{config[1]}"] = kernel.asm["ptx"]
+for dtype, pow2, cast, config, bound in json.loads(sys.argv[1]):
+    kernel = fp8_quant_gluon.compile_offline(dtypes[dtype], pow2, cast, tuple(config), row_bound=bound)
+    out[f"{dtype},{int(pow2)},{cast},{config[0]},{config[1]},{int(bound)}"] = kernel.asm["ptx"]
 try:
     fp8_quant_gluon.compile_offline(swizzle_rows=1)
     out["conflicting swizzle"] = "compiled"
@@ -75,17 +76,19 @@ def _count(pattern: str, ptx: str) -> int:
 
 
 @needs_gluon
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}-pow2{int(v[1])}-cast{v[2]}-{v[3][0]}w{v[3][1]}r")
+@pytest.mark.parametrize("variant", VARIANTS,
+                         ids=lambda v: f"{v[0]}-pow2{int(v[1])}-cast{v[2]}-{v[3][0]}w{v[3][1]}r{'-bound' * v[4]}")
 def test_compiles_for_hopper_reading_x_once_without_spills(compiled, variant, tmp_path):
-    dtype, pow2, cast, (num_warps, rows) = variant
-    ptx = compiled[f"{dtype},{int(pow2)},{cast},{num_warps},{rows}"]
+    dtype, pow2, cast, (num_warps, rows), bound = variant
+    ptx = compiled[f"{dtype},{int(pow2)},{cast},{num_warps},{rows},{int(bound)}"]
     report, sass = _sass(ptx, tmp_path)
     assert "0 bytes spill stores, 0 bytes spill loads" in report, report
     assert not re.search(r"\b(LDL|STL)\b", sass), "registers went to local memory"
     # Each thread's share of the 128x128 tile, in 16-byte vectors: loaded from global memory once, stored into shared
-    # memory once, read from it twice (the rows' pass and the columns'), one barrier between.
+    # memory once, read from it twice (the rows' pass and the columns'), one barrier between; and the row bound.
     vectors = 128 * 128 * {"bf16": 2, "fp32": 4}[dtype] // 16 // (32 * num_warps)
-    assert _count(r"ld\.global", ptx) == _count(r"ld\.global\.v4\.b32", ptx) == vectors, "x read more than once"
+    assert _count(r"ld\.global\.v4\.b32", ptx) == vectors, "x read more than once"
+    assert _count(r"ld\.global", ptx) == vectors + bound
     assert _count(r"st\.shared", ptx) == _count(r"st\.shared\.v4\.b32", ptx) == vectors
     assert _count(r"ld\.shared", ptx) == _count(r"ld\.shared\.v4\.b32", ptx) == 2 * vectors
     assert _count(r"bar\.sync", ptx) == 1
@@ -172,6 +175,21 @@ def test_infinities_and_strided_rows(pow2_scale):
     _check(x, pow2_scale)
     base = _input((260, 301), torch.bfloat16, "cuda")
     _check(base[3:200, 10:290], pow2_scale)
+
+
+@pytest.mark.parametrize("bound", [0, 256])
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_HOPPER and fp8_quant_gluon.HAVE_GLUON), reason="needs Gluon and a Hopper GPU")
+def test_stops_at_the_row_bound(bound):
+    """As ``quant_act_both``: 1x128 tiles of the rows before the bound, 128x1 tiles of its columns, nothing from the
+    bound on (tests/kernels/test_moe_permute_bound.py checks the Triton kernels the same way)."""
+    M = 384
+    x = _gpu_input((M, 200), torch.bfloat16)
+    b = torch.tensor([bound], dtype=torch.int32, device="cuda")
+    (rows, t), (want_rows, want_t) = quant_act_both_gluon(x, row_bound=b), quant_act_both_gluon(x)
+    _check_split(rows, want_rows, bound, M)
+    _check_split(t, want_t, bound, M, transposed=True)
 
 
 @pytest.mark.gpu
