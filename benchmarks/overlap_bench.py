@@ -38,6 +38,7 @@ import torch
 
 from moeplan.model.runtime.executor import Timeline
 from moeplan.model.runtime.loopback import (
+    exposure,
     hidden_fraction,
     loopback_spec,
     loopback_stage,
@@ -86,11 +87,11 @@ def time_pairs(model, ids, device, repeat: int, overlap: bool, pairs: int, steps
 
 
 def profile_pairs(model, ids, device, repeat: int, overlap: bool, pairs: int,
-                  keep: Path | None = None) -> tuple[float, float, float]:
-    """(hidden fraction, comm us, compute us) inside the window of one chain under ``torch.profiler`` (NaN on
-    CPU); the chain's whole Chrome trace copied to ``keep`` when given."""
+                  keep: Path | None = None) -> tuple[float, float, float, dict]:
+    """(hidden fraction, comm us, compute us, ``exposure``) inside the window of one chain under
+    ``torch.profiler`` (NaN on CPU); the chain's whole Chrome trace copied to ``keep`` when given."""
     if device.type != "cuda":
-        return float("nan"), 0.0, 0.0
+        return float("nan"), 0.0, 0.0, exposure({})
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run_pairs(model, ids, LoopbackComm(repeat), Streams(device), Timeline(0, cuda=True), overlap, pairs,
                   mark_window, mark_window)
@@ -102,7 +103,8 @@ def profile_pairs(model, ids, device, repeat: int, overlap: bool, pairs: int,
         if keep is not None:
             keep.write_bytes(path.read_bytes())
         trace = json.loads(path.read_text())
-    return hidden_fraction(trace, pairs_window(trace))
+    window = pairs_window(trace)
+    return (*hidden_fraction(trace, window), exposure(trace, window))
 
 
 def render(args, spec, seq: int, dtype, name: str, times: dict, fracs: dict) -> str:
@@ -110,6 +112,7 @@ def render(args, spec, seq: int, dtype, name: str, times: dict, fracs: dict) -> 
     t_ovl, t_seq, t_one = times["ovl"], times["seq"], times["one"]
     ab = (t_seq - t_ovl) / (t_seq - t_one) if t_seq > t_one else float("nan")
     frac_ovl, frac_seq = fracs["ovl"], fracs["seq"]
+    exp = frac_ovl[3]
     pairs = args.pairs
     command = (f"benchmarks/overlap_bench.py{' --small' if args.small else ''} --shape {args.shape} --device "
                f"{args.device} --repeat {args.repeat} --pairs {pairs} --steps {args.steps} --warmup {args.warmup}")
@@ -137,6 +140,11 @@ def render(args, spec, seq: int, dtype, name: str, times: dict, fracs: dict) -> 
          f"{frac_ovl[1] / 1e3 / pairs:.2f} ms, compute busy {frac_ovl[2] / 1e3 / pairs:.2f} ms per interleaved pair; "
          f"its hidden fraction counts copy time that ran beside compute, even where the copies slowed that compute, "
          f"so it can exceed hidden (A/B)."),
+        "",
+        (f"Exposed communication per interleaved pair (`loopback.exposure`): {exp['waited'] / 1e3 / pairs:.2f} ms in "
+         f"{exp['waits'] / pairs:.1f} compute-stream gaps that end when a copy ends (the compute waited for it), "
+         f"{exp['host'] / 1e3 / pairs:.2f} ms in {exp['gaps'] / pairs:.1f} gaps that end otherwise (the host issued "
+         f"the next kernel late)."),
         "",
     ])
 

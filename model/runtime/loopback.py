@@ -172,6 +172,41 @@ def pairs_window(trace: Mapping[str, Any]) -> tuple[float, float]:
     return marks[0][1], marks[1][0]
 
 
+# A compute kernel that waited for an all-to-all starts this soon after the copy's end: the event's signal plus the
+# kernel's launch latency on the GPU, a few microseconds (an H100 trace of 2026-12-06: 2-8 us). A longer gap ends
+# because the host issued the next kernel late.
+WAITED_US = 20.0
+
+
+def exposure(trace: Mapping[str, Any], window: tuple[float, float] | None = None) -> dict[str, float]:
+    """Where a trace's exposed communication (comm busy while the compute stream is idle, ``hidden_fraction``'s
+    complement, us) sat: ``waited``, in compute-stream gaps that end within ``WAITED_US`` of a copy's end (the
+    compute waited for that all-to-all: the order of issue or the copy's length exposed it), or ``host``, in gaps
+    that end otherwise (the compute stream had nothing to run: the host issued late), with ``gaps`` and
+    ``waits``, the counts of each kind of gap holding exposed communication."""
+    lo, hi = window if window is not None else (-math.inf, math.inf)
+    gpu = [(e["args"]["stream"], e["cat"], max(e["ts"], lo), min(e["ts"] + e["dur"], hi)) for e in _gpu_events(trace)
+           if MARK_KERNEL not in e.get("name", "")]
+    gpu = [g for g in gpu if g[3] > g[2]]
+    out = {"waited": 0.0, "host": 0.0, "waits": 0, "gaps": 0}
+    kernels = [stream for stream, cat, _, _ in gpu if cat == "kernel"]
+    if not kernels:
+        return out
+    compute_stream = max(set(kernels), key=kernels.count)
+    comm = _union((a, b) for stream, _, a, b in gpu if stream != compute_stream)
+    compute = _union((a, b) for stream, _, a, b in gpu if stream == compute_stream)
+    edges = [min(lo, comm[0][0]) if comm else lo, *(t for span in compute for t in span), max(hi, comm[-1][1]) if comm
+             else hi]
+    for g0, g1 in zip(edges[::2], edges[1::2]):  # the compute stream's idle gaps, window edges included
+        exposed = _intersection(comm, [(g0, g1)]) if g1 > g0 else 0.0
+        if exposed <= 0:
+            continue
+        waited = any(g1 - WAITED_US <= b <= g1 for _, b in comm) and g1 < hi
+        out["waited" if waited else "host"] += exposed
+        out["waits" if waited else "gaps"] += 1
+    return out
+
+
 def _union(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
     out: list[list[float]] = []
     for start, end in sorted(spans):

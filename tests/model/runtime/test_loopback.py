@@ -14,6 +14,7 @@ from moeplan.model.losses import training_loss
 from moeplan.model.runtime.executor import Timeline
 from moeplan.model.runtime.loopback import (
     MARK_KERNEL,
+    exposure,
     hidden_fraction,
     loopback_spec,
     loopback_stage,
@@ -148,3 +149,18 @@ def test_the_window_clips_intervals_and_drops_the_marks():
     assert hidden_fraction(trace)[1] == 6 + 15 + 10  # no window: everything, marks never count
     with pytest.raises(ValueError, match="needs 2"):
         pairs_window({"traceEvents": marks[:1]})
+
+
+def test_exposure_tells_a_wait_for_a_copy_from_a_late_host():
+    trace = {"traceEvents": [
+        _event(C, 0, 10), _event(C, 30, 10), _event(C, 100, 10),
+        _event(X, 5, 23, "Memcpy DtoD", "gpu_memcpy"),  # 10..28 exposed; compute resumes 2 us after: waited
+        _event(X, 45, 5, "Memcpy DtoD", "gpu_memcpy"),  # 45..50 in a gap ending 50 us later: the host was late
+        _event(X, 105, 10, "Memcpy DtoD", "gpu_memcpy"),  # 110..115 exposed after the last kernel: not a wait
+    ]}
+    got = exposure(trace)
+    assert got == {"waited": 18, "host": 5 + 5, "waits": 1, "gaps": 2}
+    hidden, comm_us, _ = hidden_fraction(trace)
+    assert comm_us - hidden * comm_us == pytest.approx(got["waited"] + got["host"])
+    assert exposure(trace, (0, 60)) == {"waited": 18, "host": 5, "waits": 1, "gaps": 1}
+    assert exposure({"traceEvents": [_event(C, 0, 5)]}) == {"waited": 0.0, "host": 0.0, "waits": 0, "gaps": 0}
