@@ -219,7 +219,9 @@ class Fp8Ops:
       a_t · b_t^T (segments padded to ``block``; ``host_counts``, the experts' rows on the host, or None);
     - ``grouped_contiguous(a, a_scale, b, b_scale, m_indices, out_dtype, host_counts)``: the grouped GEMM on
       rows already in the contiguous layout (``m_indices``), or None. Set, the routed experts run fused
-      (``model.fused_experts``: permute with quantise, SwiGLU with quantise, weighted combine).
+      (``model.fused_experts``: permute with quantise, SwiGLU with quantise, weighted combine), and on a
+      worst-case plan they pass its ``row_bound=`` to ``quant_act``, ``quant_act_t`` and ``quant_act_both`` (as
+      the kernels' quantisers take it: the rows after it left unwritten).
     """
 
     block: int

@@ -23,7 +23,13 @@ experts because the layout already pads each one; without it they run in the flo
 Weight gradients are queued on a ``WeightGradStore`` when one is attached, as ``GroupedLinearFn``'s are.
 
 No host sync anywhere: every size comes from the plan, built from the per-expert counts that the caller
-read once (``make_pair_plan``).
+read once (``make_pair_plan``), or, on Hopper, sized for the worst case without them. Such a plan's tail, the
+rows after the last segment (``plan.rows_bound``, read on the GPU), is whole padding-only tiles: the
+memory-bound kernels (permute, SwiGLU, the activation quantisers, the row dots) keep their worst-case grids and
+return at once there, leaving the tail of their outputs unwritten. Nothing reads it: the grouped GEMMs skip
+padding-only tiles (``m_indices`` -1: no K step, neither values nor scales read) and write zeros there, the
+K-grouped Wgrad and the float grouped GEMMs read only the rows inside the segments, and the combine and the pair
+weights read only the pairs' rows. The comments at each step say which of these holds.
 
 BF16 (``ops`` None): the same five steps and the same saved tensors, without quantisation: permute into
 unpadded segments (``torch._grouped_mm`` takes any row offsets, so the plan needs no counts on the host),
@@ -72,22 +78,24 @@ class FusedExpertsFn(torch.autograd.Function):
     def forward(ctx, x, weight_of_pair, gate_up, down, plan: DispatchPlan, ops: Fp8Ops | None, fp8_backward: bool,
                 store: WeightGradStore | None, host_counts: Sequence[int] | None, use_torch: bool):
         x = x.contiguous()
+        bound = plan.rows_bound  # a worst-case plan's rows in use, on the GPU; else None
         if ops is None:  # BF16: permute, gate_up, SwiGLU, down, weighted combine
             mm = torch_grouped_mm if use_torch else reference_grouped_mm
             offs = plan.seg_offsets[1:]
             h = mm(moe_permute(x, plan), gate_up.transpose(1, 2), offs)  # (M, 2I)
-            y = mm(swiglu(h), down.transpose(1, 2), offs)  # (M, d)
+            y = mm(swiglu(h, row_bound=bound), down.transpose(1, 2), offs)  # (M, d)
         else:
             gemm = ops.grouped_contiguous
-            # Step 1: permute with quantise, then gate_up.
+            # Step 1: permute with quantise, then gate_up. Its tail unwritten: padding-only tiles, which the
+            # grouped GEMM skips (reading neither values nor scales) and writes as zeros, so h's tail is zeros.
             rows_q, rows_s = moe_permute(x, plan, quantize=True, amax_floor=MIN_AMAX)  # (M_pad, d) E4M3
             h = gemm(rows_q, rows_s, *quant_weight_fwd(ops, gate_up, fp8_backward), plan.m_indices,
                      out_dtype=x.dtype, host_counts=host_counts)  # (M_pad, 2I)
-            # Step 2: SwiGLU with its quantisation, then down.
-            act_q, act_s = swiglu(h, quantize=True, amax_floor=MIN_AMAX)  # (M_pad, I) E4M3
+            # Step 2: SwiGLU with its quantisation, then down; the tail as in step 1, so y's tail is zeros.
+            act_q, act_s = swiglu(h, quantize=True, amax_floor=MIN_AMAX, row_bound=bound)  # (M_pad, I) E4M3
             y = gemm(act_q, act_s, *quant_weight_fwd(ops, down, fp8_backward), plan.m_indices, out_dtype=x.dtype,
                      host_counts=host_counts)  # (M_pad, d)
-        # Step 3: weighting and combine.
+        # Step 3: weighting and combine (y read at the pairs' rows only).
         ctx.save_for_backward(x, weight_of_pair, h, y)
         ctx.plan, ctx.ops, ctx.fp8_backward, ctx.store = plan, ops, fp8_backward and ops is not None, store
         ctx.host_counts, ctx.use_torch, ctx.gate_up, ctx.down = host_counts, use_torch, gate_up, down
@@ -98,19 +106,24 @@ class FusedExpertsFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight_of_pair, h, y = ctx.saved_tensors
         plan = ctx.plan
+        bound = plan.rows_bound
         grad_out = grad_out.contiguous()
-        # Step 1: the combine's backward: each row's pair weight times its token's gradient, one dot per pair.
+        # Every (M_pad, .) gradient below keeps an unwritten tail where the plan has a bound (rows_bound): read by
+        # nothing but kernels that stop at the same bound, the Dgrads (padding-only tiles skipped; the float
+        # grouped GEMMs read the rows inside the segments only) and the Wgrads (each expert's segment only).
+        # Step 1: the combine's backward: each row's pair weight times its token's gradient, one dot per pair
+        # (``pair_weight_grad`` keeps the dots of the pairs' rows only).
         grad_y = moe_permute(grad_out, plan, row_weights=pair_row_weights(plan, weight_of_pair))  # (M_pad, d)
         grad_w = pair_weight_grad(grad_out, y, plan).to(weight_of_pair.dtype)
         # Step 2: down projection; its input, the SwiGLU output, recomputed from h (FP8: quantised 128x1 from
         # the FP32 product in the same pass, as the forward quantised it 1x128).
         gy_rows, gy_t = _quant_both(ctx, 3, grad_y)
-        grad_down = _weight_grad(ctx, 3, ctx.down, grad_y, lambda: swiglu(h),
-                                 lambda: swiglu_quant_t(h, amax_floor=MIN_AMAX), gy_t)
+        grad_down = _weight_grad(ctx, 3, ctx.down, grad_y, lambda: swiglu(h, row_bound=bound),
+                                 lambda: swiglu_quant_t(h, amax_floor=MIN_AMAX, row_bound=bound), gy_t)
         grad_act = _dgrad(ctx, grad_y, ctx.down, gy_rows)  # (M_pad, I)
         # Step 3: SwiGLU from its saved input, then gate_up; its input, the permuted rows, gathered again
         # (FP8: gathered straight into 128x1 tiles).
-        grad_h = swiglu_backward(h, grad_act)  # (M_pad, 2I)
+        grad_h = swiglu_backward(h, grad_act, row_bound=bound)  # (M_pad, 2I)
         gh_rows, gh_t = _quant_both(ctx, 2, grad_h)
         grad_gate_up = _weight_grad(ctx, 2, ctx.gate_up, grad_h, lambda: moe_permute(x, plan),
                                     lambda: moe_permute(x, plan, quantize="128x1_t", amax_floor=MIN_AMAX), gh_t)
@@ -143,7 +156,13 @@ def _quant_both(ctx, index: int, g: torch.Tensor):
     ops = ctx.ops
     if not (ctx.fp8_backward and ctx.needs_input_grad[index] and getattr(ops, "quant_act_both", None) is not None):
         return None, None
-    return ops.quant_act_both(g)
+    return ops.quant_act_both(g, **_bounded(ctx.plan))
+
+
+def _bounded(plan: DispatchPlan) -> dict:
+    """``row_bound=plan.rows_bound`` for the ops' activation quantisers (the kernels' take it) where the plan has
+    a bound (a worst-case plan); nothing otherwise, so that an exact plan runs with any ops' quantisers."""
+    return {} if plan.rows_bound is None else {"row_bound": plan.rows_bound}
 
 
 def _dgrad(ctx, g: torch.Tensor, weight: torch.Tensor, g_rows=None) -> torch.Tensor:
@@ -151,7 +170,7 @@ def _dgrad(ctx, g: torch.Tensor, weight: torch.Tensor, g_rows=None) -> torch.Ten
     plan, ops = ctx.plan, ctx.ops
     if ctx.fp8_backward:  # gradient rows in 1x128 tiles times each expert's W^T (K, N) in 128x128 blocks
         wt, wt_scale = ops.quant_weight(weight.transpose(1, 2))
-        gq, gs = g_rows if g_rows is not None else ops.quant_act(g)
+        gq, gs = g_rows if g_rows is not None else ops.quant_act(g, **_bounded(plan))
         return ops.grouped_contiguous(gq, gs, wt, wt_scale, plan.m_indices, out_dtype=g.dtype,
                                       host_counts=ctx.host_counts)
     mm = torch_grouped_mm if ctx.use_torch else reference_grouped_mm
@@ -180,7 +199,7 @@ def _weight_grad(ctx, index: int, weight: torch.Tensor, g: torch.Tensor, input_f
                     return None
             wgrad = torch_grouped_weight_grad if use_torch else reference_grouped_weight_grad
             return wgrad(g, input_float(), plan.seg_offsets[1:])
-        gq, gs = g_t if g_t is not None else ops.quant_act_t(g)  # (N, M_pad), 128 tokens a tile, inside one expert
+        gq, gs = g_t if g_t is not None else ops.quant_act_t(g, **_bounded(plan))  # (N, M_pad), 128 tokens a tile
         aq, a_s = input_fp8_t()  # (K, M_pad)
         if fused_main_grad_fp8(weight, gq, gs, aq, a_s, plan.seg_offsets):  # into the FP32 main gradient
             return None

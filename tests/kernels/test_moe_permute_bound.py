@@ -42,7 +42,7 @@ def _worst_case_plan(device: str):
     return make_pair_plan(*_pairs(device), T, E)
 
 
-def _poisoned(t: torch.Tensor) -> bool:
+def untouched(t: torch.Tensor) -> bool:
     """Whether every element still holds the poison of a fresh output (never written)."""
     if t.dtype == torch.float8_e4m3fn:
         return bool((t.view(torch.uint8) == 0x7F).all())
@@ -64,8 +64,8 @@ def _check_split(got, want, bound: int, num_rows: int, transposed: bool = False)
         assert g.shape[0] in (num_rows, num_rows // 128), (g.shape, num_rows)
         edge = bound if g.shape[0] == num_rows else bound // 128
         assert _same(g[:edge], w[:edge]), "rows before the bound differ"
-        assert _poisoned(g[edge:]), "rows from the bound on were written"
-        assert not _poisoned(w[edge:]), "without the bound the kernel writes every row"  # what the check would see
+        assert untouched(g[edge:]), "rows from the bound on were written"
+        assert not untouched(w[edge:]), "without the bound the kernel writes every row"  # what the check would see
 
 
 def test_only_a_worst_case_plan_has_a_bound(device):

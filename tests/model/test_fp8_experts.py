@@ -9,14 +9,20 @@ rounding moves one element by an E4M3 step. Tiny shapes here (the interpreter); 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from moeplan.kernels.moe_permute import make_pair_plan
+from moeplan.model import fused_experts
 from moeplan.model.experts import GroupedExperts
 from moeplan.model.fp8 import kernel_ops, reference_ops
+from moeplan.model.fused_experts import FusedExpertsFn
 from moeplan.model.weight_grad import WeightGradStore
 from tests.kernels import test_kernels
 from tests.kernels.test_kernels import ON_GPU, rand, rel_err
+from tests.kernels.test_moe_permute_bound import untouched
 
 # the kernels tests' fixtures: the device (the GPU, else the interpreter) and NaN-poisoned outputs (autouse)
 device, poisoned = test_kernels.device, test_kernels.poisoned
@@ -116,6 +122,78 @@ def test_fused_fp8_experts_without_host_counts_equal_the_exact_layout(device, fp
         assert rel_err(got, want) < (TOL_FUSED if ON_GPU else 1e-6), name
 
 
+@pytest.mark.parametrize("fp8_backward", [True, False])
+def test_fused_fp8_experts_equal_with_and_without_the_row_bound(device, fp8_backward):
+    """A worst-case plan (experts 1, 4 and 5 of 6 unused on the CPU: half its rows after the last segment) run with
+    its row bound and without it (every memory-bound kernel then writes the tail): the same bits, forward and
+    backward, FP8 or straight-through."""
+    E, d, inter, n = (6, 128, 128, 24) if not ON_GPU else (32, 7168, 2048, 4096)
+    token_of_pair, expert_of_pair, weight0 = _ragged_pairs(n, E, device)
+    plan = make_pair_plan(token_of_pair, expert_of_pair, n, E)
+    assert plan.rows_bound is not None and int(plan.rows_bound) < plan.num_rows
+    x0 = rand(n, d, seed=34, device=device, dtype=torch.bfloat16)
+    dy = rand(n, d, seed=35, device=device, dtype=torch.bfloat16)
+    experts = _experts(kernel_ops(), fp8_backward, E, d, inter, device)
+    results = []
+    for p in (plan, replace(plan, rows_bound=None)):
+        x, weight = x0.clone().requires_grad_(True), weight0.clone().requires_grad_(True)
+        gate_up, down = (w.detach().clone().requires_grad_(True) for w in (experts.gate_up_proj, experts.down_proj))
+        out = FusedExpertsFn.apply(x, weight, gate_up, down, p, experts.fp8, fp8_backward, None, None, x.is_cuda)
+        out.backward(dy)
+        results.append((out, x.grad, weight.grad, gate_up.grad, down.grad))
+    for name, got, want in zip(("out", "dx", "dweight", "dgate_up", "ddown"), *results):
+        assert rel_err(got, want) < 1 and torch.equal(got, want), name  # rel_err: finite, nothing left poisoned
+
+
+# What each spied function returns: (name, transposed), transposed: the rows of the layout are its columns.
+_SPIED = {"moe_permute": False, "swiglu": False, "swiglu_quant_t": True, "swiglu_backward": False}
+
+
+def test_fused_fp8_experts_leave_every_tail_unwritten(device, monkeypatch):
+    """Without host counts, every output of the layer's memory-bound kernels (permute, SwiGLU forward, 128x1_t and
+    backward, the quantisers of the gradients) keeps its poison from the plan's row bound on and has none before
+    it: the kernels stop at the bound, and what the layer returns (checked finite) never read past it."""
+    E, d, inter, n = (6, 128, 128, 24) if not ON_GPU else (32, 7168, 2048, 4096)
+    pairs = _ragged_pairs(n, E, device)
+    counts = torch.bincount(pairs[1].cpu(), minlength=E).tolist()
+    bound = sum(-(-c // 128) * 128 for c in counts)
+    calls = []
+
+    def spy(name, fn, transposed):
+        def run(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            calls.append((name, out, transposed or kwargs.get("quantize") == "128x1_t"))
+            return out
+        return run
+
+    for name, transposed in _SPIED.items():
+        monkeypatch.setattr(fused_experts, name, spy(name, getattr(fused_experts, name), transposed))
+    ops = kernel_ops()
+    ops = replace(ops, quant_act=spy("quant_act", ops.quant_act, False),
+                  quant_act_t=spy("quant_act_t", ops.quant_act_t, True),
+                  quant_act_both=spy("quant_act_both", ops.quant_act_both, None))
+    experts = _experts(ops, True, E, d, inter, device)
+    experts.host_counts = False
+    _, got = _run(experts, rand(n, d, seed=34, device=device, dtype=torch.bfloat16), pairs,
+                  rand(n, d, seed=35, device=device, dtype=torch.bfloat16))
+    assert all(torch.isfinite(g).all() for g in got)  # nothing past the bound reached the results
+    names = sorted(name for name, *_ in calls)
+    assert names == sorted(["moe_permute"] * 3 + ["swiglu", "swiglu_quant_t", "swiglu_backward"]
+                           + ["quant_act_both"] * 2), names  # forward, combine's backward, down, SwiGLU, gate_up
+    num_rows = calls[0][1][0].shape[0]
+    assert bound < num_rows
+    for name, out, transposed in calls:
+        parts = [(out, transposed)] if isinstance(out, torch.Tensor) else [(t, transposed) for t in out]
+        if name == "quant_act_both":  # ((values, scales) 1x128, (values, scales) 128x1 transposed)
+            parts = [(t, False) for t in out[0]] + [(t, True) for t in out[1]]
+        for t, t_transposed in parts:
+            rows = t.t() if t_transposed else t  # (rows, ...) or (tiles of 128 rows, ...)
+            edge = bound if rows.shape[0] == num_rows else bound // 128
+            assert untouched(rows[edge:]), f"{name}: written after the bound"
+            head = rows[:edge].view(torch.uint8) & 0x7F if rows.dtype == torch.float8_e4m3fn else rows[:edge]
+            assert not (head == 0x7F).any() if rows.dtype == torch.float8_e4m3fn else not head.isnan().any(), name
+
+
 def test_experts_choose_host_counts_by_device_and_path():
     """The FP8 paths want the counts on the host except the fused one on Hopper; float experts never."""
     cpu = torch.device("cpu")
@@ -133,7 +211,9 @@ def test_experts_choose_host_counts_by_device_and_path():
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 def test_fused_fp8_experts_on_hopper_never_wait_for_the_gpu_from_routing_to_gradients():
     """On a Hopper GPU the FP8 experts take no counts to the host: the whole layer from the routing's indices,
-    the count and the plan included, forward and backward, runs under ``set_sync_debug_mode("error")``."""
+    the count and the plan included, forward and backward, runs under ``set_sync_debug_mode("error")``, its
+    memory-bound kernels stopping at the worst-case plan's row bound read on the GPU; and it gives the gradients
+    of the path with the counts on the host (an exact plan, no bound)."""
     from moeplan.kernels.fp8_gemm_ws import runs_on
 
     if not runs_on(torch.device("cuda")):
@@ -143,11 +223,19 @@ def test_fused_fp8_experts_on_hopper_never_wait_for_the_gpu_from_routing_to_grad
     assert not experts.counts_on_host(torch.device("cuda"))
     x = layer_without_host_sync(experts, n, d, k, seed=39)
     assert torch.isfinite(x.grad).all() and torch.isfinite(experts.down_proj.grad).all()
+    exact = _experts(kernel_ops(), True, E, d, inter, "cuda")
+    exact.host_counts = True
+    x_exact = layer_without_host_sync(exact, n, d, k, seed=39, run=lambda step: (step(), step()))
+    for name, got, want in (("dx", x.grad, x_exact.grad), ("dgate_up", experts.gate_up_proj.grad,
+                            exact.gate_up_proj.grad), ("ddown", experts.down_proj.grad, exact.down_proj.grad)):
+        assert rel_err(got, want) < TOL_FUSED, name
 
 
-def layer_without_host_sync(experts: GroupedExperts, n: int, d: int, k: int, seed: int) -> torch.Tensor:
+def layer_without_host_sync(experts: GroupedExperts, n: int, d: int, k: int, seed: int,
+                            run=None) -> torch.Tensor:
     """``experts`` forward and backward on ``n`` tokens of width ``d``, each routed to ``k`` distinct experts at
-    random, through ``step_without_host_sync``; returns the input, its gradient filled."""
+    random, through ``step_without_host_sync`` (or ``run``, given the step); returns the input, its gradient
+    filled."""
     g = torch.Generator().manual_seed(seed)
     indices = torch.stack([torch.randperm(experts.num_experts, generator=g)[:k] for _ in range(n)]).cuda()
     weights = torch.rand(n, k, generator=g).cuda().requires_grad_(True)
@@ -157,7 +245,7 @@ def layer_without_host_sync(experts: GroupedExperts, n: int, d: int, k: int, see
         out, _ = experts(x, indices, weights)
         out.float().square().mean().backward()
 
-    step_without_host_sync(step)
+    (run or step_without_host_sync)(step)
     return x
 
 
