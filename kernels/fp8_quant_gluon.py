@@ -13,6 +13,10 @@
   each of 4 consecutive rows, so that one warp holds whole columns (an amax over M within the warp) and stores 4
   consecutive bytes of each of its columns' rows of x^T (128 bytes a warp and instruction, coalesced along M).
 
+With a persistent config (``CONFIGS``) each program walks tiles in the same order (along M first) and issues the
+next tile's loads before it quantises the current one from shared memory, so that its reads of HBM stay in flight
+while it computes; a barrier before each store into shared memory keeps the previous tile's reads first.
+
 The swizzle is chosen so that both reads are free of bank conflicts: XOR of the 16-byte chunk index with
 (row // 4) % 8. The rows' read and the store touch 8 consecutive chunks of one row a quarter-warp (any XOR keeps
 them apart); the columns' read touches one chunk of rows 4l + i of lanes l = 0..7, whose phases l differ. The
@@ -21,7 +25,7 @@ kernel checks this at compile time (``gl.bank_conflicts``).
 Scales and E4M3 values come from ``fp8_quant``'s own ``scale_from_amax`` and ``quantize_e4m3`` (the same jit
 functions, called from Gluon), and a maximum is exact in any order, so the bits are the single quantisers'. Gluon
 has no interpreter path: the CPU tests compile the kernel for sm_90a offline and read its PTX and ptxas report.
-Where the kernel cannot run (no Gluon, the interpreter, not a Hopper GPU, a dtype other than 2 or 4 bytes, or x not
+Where the kernel cannot run (no Gluon, the interpreter, not a Hopper GPU, x neither bf16 nor fp32, or x not
 contiguous along K) the call falls back to ``quant_act_both``.
 """
 
@@ -53,8 +57,10 @@ try:
 except ImportError:  # CPU torch without triton, or a triton before Gluon
     HAVE_GLUON = False
 
-# (num_warps, ROWS): rows of the tile a chunk of the rows' pass takes; the default is the first (not yet timed)
-CONFIGS = [(8, 32), (4, 32), (8, 64), (4, 16)]
+# (num_warps, ROWS, programs an SM): ROWS rows of the tile a chunk of the rows' pass takes; programs an SM 0 for one
+# program a tile, else a persistent grid of that many programs an SM, each loading its next tile while it quantises
+# one. The default is the first (not yet timed).
+CONFIGS = [(8, 32, 0), (4, 32, 0), (8, 64, 0), (8, 32, 2), (4, 32, 3)]
 SWIZZLE_ROWS = 4  # rows that share a swizzle phase: the columns' read gives each lane 4 consecutive rows
 PHASES = 8  # 16-byte chunks in a 128-byte bank row
 M_PER_THREAD = 4  # consecutive rows of x (bytes of a row of x^T) a thread of the columns' pass holds
@@ -103,6 +109,32 @@ if HAVE_GLUON:
         gl.store(st_ptr + cols_s * stride_sk + scale_col, scale, mask=cols_s < K)
 
     @gluon.jit
+    def _load_tile(x_ptr, row0, col0, M, K, stride_xm, live, BLOCK: gl.constexpr, layout: gl.constexpr):
+        """The (BLOCK, BLOCK) tile of x at (row0, col0) in x's dtype, zeros outside x (and everywhere unless
+        ``live``), as the Triton kernels' masked loads with ``other=0.0``."""
+        rows = row0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, layout))
+        cols = col0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(0, layout))
+        mask = (rows < M)[:, None] & (cols < K)[None, :] & live
+        return gl.load(x_ptr + rows.to(gl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+
+    @gluon.jit
+    def _quantise_tile(smem, q_ptr, s_ptr, qt_ptr, st_ptr, pid_m, pid_k, M, K, stride_qm, stride_sm, stride_sk,
+                       stride_qt, stride_stk, stride_stm, ROWS: gl.constexpr, COLS: gl.constexpr,
+                       row_layout: gl.constexpr, col_layout: gl.constexpr, col_store_layout: gl.constexpr,
+                       POW2: gl.constexpr, FLOOR: gl.constexpr, CAST: gl.constexpr):
+        """Steps 2 and 3 (module docstring) on the tile at (pid_m, pid_k), in ``smem``."""
+        BLOCK: gl.constexpr = smem.shape[0]
+        row0 = pid_m * BLOCK
+        col0 = pid_k * BLOCK
+        for r0 in gl.static_range(0, BLOCK, ROWS):  # the rows (1x128 tiles), ROWS at a time
+            _rows(smem, q_ptr, s_ptr, row0, col0, M, K, stride_qm, stride_sm, pid_k * stride_sk, r0, ROWS,
+                  row_layout, POW2, FLOOR, CAST)
+        smem_t = smem.permute((1, 0))  # (K, M): the same bytes
+        for c0 in gl.static_range(0, BLOCK, COLS):  # the columns (128x1 tiles), stored transposed
+            _cols(smem_t, qt_ptr, st_ptr, row0, col0, M, K, stride_qt, stride_stk, pid_m * stride_stm, c0, COLS,
+                  col_layout, col_store_layout, POW2, FLOOR, CAST)
+
+    @gluon.jit
     def _quant_both_gluon_kernel(
         # pointers: input (M, K), unit stride along K; fp8 copy (M, K) contiguous and its scales (M, ceil(K/128));
         # fp8 transpose (K, M) contiguous and its scales (K, ceil(M/128))
@@ -112,13 +144,15 @@ if HAVE_GLUON:
         # strides (the fp8 copies' row strides only: both are contiguous)
         stride_xm, stride_qm, stride_sm, stride_sk, stride_qt, stride_stk, stride_stm,
         # meta
-        POW2: gl.constexpr, FLOOR: gl.constexpr, CAST: gl.constexpr, ROWS: gl.constexpr,
+        POW2: gl.constexpr, FLOOR: gl.constexpr, CAST: gl.constexpr, ROWS: gl.constexpr, PERSISTENT: gl.constexpr,
         SWIZZLE_ROWS: gl.constexpr, PHASES: gl.constexpr, M_PER_THREAD: gl.constexpr,
         # a worst-case-sized buffer's rows in use (M), (1,) int32 on the device, or None (as in fp8_quant's kernels)
         bound_ptr=None,
     ):
-        """The tile at (program_id(0), program_id(1)) of x's 128x128 tiles: read once, both quantisations from
-        shared memory (module docstring). A tile at or past ``*bound_ptr`` returns at once (``past_bound``)."""
+        """x's 128x128 tiles, each read once and both quantisations made from shared memory (module docstring).
+        PERSISTENT False: the tile at (program_id(0), program_id(1)). True: tiles program_id(0), + num_programs(0),
+        ... in the same order (along M first), the next tile's loads issued before this one's quantisation. Tiles
+        at or past ``*bound_ptr`` are not written (``past_bound``)."""
         BLOCK: gl.constexpr = 128
         WARPS: gl.constexpr = gl.num_warps()
         VEC: gl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth  # elements in 16 bytes
@@ -132,47 +166,58 @@ if HAVE_GLUON:
         col_store_layout: gl.constexpr = gl.BlockedLayout([VEC, M_PER_THREAD], [1, 32], [WARPS, 1], [1, 0])
         tile_layout: gl.constexpr = gl.SwizzledSharedLayout(VEC, SWIZZLE_ROWS, PHASES, [1, 0])
         gl.static_assert(M_PER_THREAD * 32 == BLOCK, "a warp holds whole columns of the tile")
+        smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [BLOCK, BLOCK], tile_layout)
+        gl.static_assert(gl.bank_conflicts(gl.distributed_type(x_ptr.dtype.element_ty, [BLOCK, BLOCK], row_layout),
+                                           smem.type) == 0, "the tile's store and the rows' read have bank conflicts")
+        gl.static_assert(gl.bank_conflicts(gl.distributed_type(x_ptr.dtype.element_ty, [BLOCK, BLOCK], col_layout),
+                                           smem.permute((1, 0)).type) == 0, "the columns' read has bank conflicts")
+        COLS: gl.constexpr = VEC * WARPS  # columns a pass of the warps takes
 
-        pid_m = gl.program_id(0)
-        pid_k = gl.program_id(1)
-        row0 = pid_m * BLOCK
-        col0 = pid_k * BLOCK
-        if bound_ptr is not None:
-            if past_bound(row0, bound_ptr):
-                return
+        if not PERSISTENT:
+            pid_m = gl.program_id(0)
+            pid_k = gl.program_id(1)
+            if bound_ptr is not None:
+                if past_bound(pid_m * BLOCK, bound_ptr):
+                    return
+            # Step 1: the tile from HBM, once, into shared memory
+            smem.store(_load_tile(x_ptr, pid_m * BLOCK, pid_k * BLOCK, M, K, stride_xm, True, BLOCK, row_layout))
+            gl.thread_barrier()
+            _quantise_tile(smem, q_ptr, s_ptr, qt_ptr, st_ptr, pid_m, pid_k, M, K, stride_qm, stride_sm, stride_sk,
+                           stride_qt, stride_stk, stride_stm, ROWS, COLS, row_layout, col_layout, col_store_layout,
+                           POW2, FLOOR, CAST)
+        else:
+            rows_used = M
+            if bound_ptr is not None:
+                rows_used = gl.minimum(gl.maximum(gl.load(bound_ptr), 0), M)
+            tiles_m = gl.cdiv(rows_used, BLOCK)
+            tiles = tiles_m * gl.cdiv(K, BLOCK)
+            tiles_m = gl.maximum(tiles_m, 1)  # a divisor below; with no row in use there is no tile
+            step = gl.num_programs(0)
+            first = gl.program_id(0)
+            x = _load_tile(x_ptr, (first % tiles_m) * BLOCK, (first // tiles_m) * BLOCK, M, K, stride_xm,
+                           first < tiles, BLOCK, row_layout)
+            for tile in range(first, tiles, step):
+                gl.thread_barrier()  # the previous tile's reads of smem are done
+                smem.store(x)
+                gl.thread_barrier()
+                nxt = tile + step  # its loads in flight while this tile is quantised
+                x = _load_tile(x_ptr, (nxt % tiles_m) * BLOCK, (nxt // tiles_m) * BLOCK, M, K, stride_xm,
+                               nxt < tiles, BLOCK, row_layout)
+                _quantise_tile(smem, q_ptr, s_ptr, qt_ptr, st_ptr, tile % tiles_m, tile // tiles_m, M, K, stride_qm,
+                               stride_sm, stride_sk, stride_qt, stride_stk, stride_stm, ROWS, COLS, row_layout,
+                               col_layout, col_store_layout, POW2, FLOOR, CAST)
 
-        # Step 1: the tile from HBM, once, into shared memory
-        rows = row0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, row_layout))
-        cols = col0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(0, row_layout))
-        mask = (rows < M)[:, None] & (cols < K)[None, :]
-        x = gl.load(x_ptr + rows.to(gl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
-        smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [BLOCK, BLOCK], tile_layout, x)
-        smem_t = smem.permute((1, 0))  # (K, M): the same bytes
-        gl.static_assert(gl.bank_conflicts(x.type, smem.type) == 0, "the tile's store has bank conflicts")
-        gl.static_assert(gl.bank_conflicts(gl.distributed_type(x.dtype, [BLOCK, BLOCK], col_layout), smem_t.type)
-                         == 0, "the columns' read has bank conflicts")
 
-        # Step 2: the rows (1x128 tiles), ROWS at a time
-        for r0 in gl.static_range(0, BLOCK, ROWS):
-            _rows(smem, q_ptr, s_ptr, row0, col0, M, K, stride_qm, stride_sm, pid_k * stride_sk, r0, ROWS,
-                  row_layout, POW2, FLOOR, CAST)
-        # Step 3: the columns (128x1 tiles), the warps' columns at a time, stored transposed
-        COLS: gl.constexpr = VEC * WARPS
-        for c0 in gl.static_range(0, BLOCK, COLS):
-            _cols(smem_t, qt_ptr, st_ptr, row0, col0, M, K, stride_qt, stride_stk, pid_m * stride_stm, c0, COLS,
-                  col_layout, col_store_layout, POW2, FLOOR, CAST)
-
-
-def _config(config) -> tuple[int, int]:
+def _config(config) -> tuple[int, int, int]:
     config = CONFIGS[0] if config is None else tuple(config)
     if config not in CONFIGS:
         raise ValueError(f"config={config} must be one of CONFIGS={CONFIGS}")
     return config
 
 
-def _constexprs(pow2_scale: bool, amax_floor: float, cast: int, rows: int) -> dict:
-    return dict(POW2=pow2_scale, FLOOR=amax_floor, CAST=cast, ROWS=rows, SWIZZLE_ROWS=SWIZZLE_ROWS, PHASES=PHASES,
-                M_PER_THREAD=M_PER_THREAD)
+def _constexprs(pow2_scale: bool, amax_floor: float, cast: int, rows: int, persistent: bool) -> dict:
+    return dict(POW2=pow2_scale, FLOOR=amax_floor, CAST=cast, ROWS=rows, PERSISTENT=persistent,
+                SWIZZLE_ROWS=SWIZZLE_ROWS, PHASES=PHASES, M_PER_THREAD=M_PER_THREAD)
 
 
 @functools.cache
@@ -180,23 +225,32 @@ def _hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9
 
 
+@functools.cache
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def runs_on(x: torch.Tensor) -> bool:
     """Whether ``quant_act_both_gluon(x)`` runs the Gluon kernel (else it falls back to ``quant_act_both``): Gluon
-    present, no interpreter, x on a Hopper GPU, 2- or 4-byte floats, unit stride along K."""
-    return (HAVE_GLUON and not INTERPRET and x.is_cuda and x.element_size() in (2, 4) and x.stride(1) == 1
-            and _hopper(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+    present, no interpreter, x on a Hopper GPU, bf16 or fp32, unit stride along K."""
+    return (HAVE_GLUON and not INTERPRET and x.is_cuda and x.dtype in (torch.bfloat16, torch.float32)
+            and x.stride(1) == 1 and _hopper(_index(x.device)))
 
 
 def quant_act_both_gluon(
     x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR, cast: str | None = None,
-    row_bound: torch.Tensor | None = None, config: tuple[int, int] | None = None,
+    row_bound: torch.Tensor | None = None, config: tuple[int, int, int] | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """x (M, K) float → ((x_fp8 (M, K), scale (M, ceil(K/128))), (x^T fp8 (K, M), scale_t (K, ceil(M/128)))), as
     ``quant_act_both`` (bit for bit, the same layouts: MN-major scales; ``row_bound`` the same: 128-row tiles at or
     past it not written), reading x from HBM once. ``config``: one of ``CONFIGS`` (num_warps, rows a chunk of the
-    rows' pass); the first by default."""
+    rows' pass, persistent programs an SM or 0); the first by default."""
     _check_float_2d(x, "x")
-    num_warps, rows = _config(config)
+    num_warps, rows, per_sm = _config(config)
     if not runs_on(x):
         return quant_act_both(x, pow2_scale, amax_floor, cast, row_bound)
     M, K = x.shape
@@ -205,10 +259,13 @@ def quant_act_both_gluon(
     s, st = _empty_mn_major_scales(M, K, x.device), _empty_mn_major_scales(K, M, x.device)
     check_row_bound(row_bound, x.device)
     if x.numel():
-        _quant_both_gluon_kernel[(cdiv(M, TILE), cdiv(K, TILE))](
+        grid = (cdiv(M, TILE), cdiv(K, TILE))
+        if per_sm:
+            grid = (min(grid[0] * grid[1], per_sm * _sms(_index(x.device))),)
+        _quant_both_gluon_kernel[grid](
             x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), qt.stride(0), st.stride(0),
             st.stride(1), num_warps=num_warps, bound_ptr=row_bound,
-            **_constexprs(pow2_scale, amax_floor, _cast(x.device, cast), rows))
+            **_constexprs(pow2_scale, amax_floor, _cast(x.device, cast), rows, per_sm > 0))
     return (q, s), (qt, st)
 
 
@@ -216,7 +273,7 @@ _INT_ARGS = ("M", "K", "stride_xm", "stride_qm", "stride_sm", "stride_sk", "stri
 
 
 def compile_offline(dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = False, cast: int = 0,
-                    config: tuple[int, int] | None = None, amax_floor: float = AMAX_FLOOR, capability: int = 90,
+                    config: tuple[int, int, int] | None = None, amax_floor: float = AMAX_FLOOR, capability: int = 90,
                     swizzle_rows: int = SWIZZLE_ROWS, row_bound: bool = False):
     """Compile the kernel for ``sm_{capability}`` without a GPU and return Triton's compiled kernel (its
     ``.asm["ptx"]``). Integers are specialised as Triton does for sizes divisible by 16. Needs a process without
@@ -226,11 +283,11 @@ def compile_offline(dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = Fals
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    num_warps, rows = _config(config)
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    num_warps, rows, per_sm = _config(config)
+    names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
     signature = {"x_ptr": f"*{names[dtype]}", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "qt_ptr": "*fp8e4nv",
                  "st_ptr": "*fp32"} | {n: "i32" for n in _INT_ARGS}
-    meta = _constexprs(pow2_scale, amax_floor, cast, rows) | {"SWIZZLE_ROWS": swizzle_rows}
+    meta = _constexprs(pow2_scale, amax_floor, cast, rows, per_sm > 0) | {"SWIZZLE_ROWS": swizzle_rows}
     signature |= {n: "constexpr" for n in meta}
     if row_bound:
         signature["bound_ptr"] = "*i32"

@@ -34,9 +34,11 @@ needs_gluon = pytest.mark.skipif(not fp8_quant_gluon.HAVE_GLUON, reason="needs t
 poisoned = test_kernels.poisoned
 
 # (dtype, pow2_scale, cast, config, row_bound) compiled offline: both input widths, both scale kinds, the emulated and
-# both hardware casts, every config, with and without a row bound
-VARIANTS = [("bf16", False, 0, (8, 32), False), ("bf16", True, 1, (4, 32), False), ("fp32", False, 2, (8, 64), False),
-            ("fp32", True, 0, (4, 32), False), ("bf16", False, 1, (8, 64), True)]
+# both hardware casts, every config (one program a tile and persistent), with and without a row bound
+VARIANTS = [("bf16", False, 0, (8, 32, 0), False), ("bf16", True, 1, (4, 32, 0), False),
+            ("fp32", False, 2, (8, 64, 0), False), ("fp32", True, 0, (4, 32, 0), False),
+            ("bf16", False, 1, (8, 64, 0), True), ("bf16", False, 1, (8, 32, 2), True),
+            ("fp32", True, 1, (4, 32, 3), False)]
 _COMPILE_SCRIPT = """
 import json, sys
 import torch
@@ -45,7 +47,7 @@ dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
 out = {}
 for dtype, pow2, cast, config, bound in json.loads(sys.argv[1]):
     kernel = fp8_quant_gluon.compile_offline(dtypes[dtype], pow2, cast, tuple(config), row_bound=bound)
-    out[f"{dtype},{int(pow2)},{cast},{config[0]},{config[1]},{int(bound)}"] = kernel.asm["ptx"]
+    out[f"{dtype},{int(pow2)},{cast},{config},{int(bound)}"] = kernel.asm["ptx"]
 try:
     fp8_quant_gluon.compile_offline(swizzle_rows=1)
     out["conflicting swizzle"] = "compiled"
@@ -77,21 +79,24 @@ def _count(pattern: str, ptx: str) -> int:
 
 @needs_gluon
 @pytest.mark.parametrize("variant", VARIANTS,
-                         ids=lambda v: f"{v[0]}-pow2{int(v[1])}-cast{v[2]}-{v[3][0]}w{v[3][1]}r{'-bound' * v[4]}")
+                         ids=lambda v: f"{v[0]}-pow2{int(v[1])}-cast{v[2]}-{'-'.join(map(str, v[3]))}{'-bound' * v[4]}")
 def test_compiles_for_hopper_reading_x_once_without_spills(compiled, variant, tmp_path):
-    dtype, pow2, cast, (num_warps, rows), bound = variant
-    ptx = compiled[f"{dtype},{int(pow2)},{cast},{num_warps},{rows},{int(bound)}"]
+    dtype, pow2, cast, config, bound = variant
+    ptx = compiled[f"{dtype},{int(pow2)},{cast},{list(config)},{int(bound)}"]
+    num_warps, persistent = config[0], config[2] > 0
     report, sass = _sass(ptx, tmp_path)
     assert "0 bytes spill stores, 0 bytes spill loads" in report, report
     assert not re.search(r"\b(LDL|STL)\b", sass), "registers went to local memory"
-    # Each thread's share of the 128x128 tile, in 16-byte vectors: loaded from global memory once, stored into shared
-    # memory once, read from it twice (the rows' pass and the columns'), one barrier between; and the row bound.
+    # Each thread's share of the 128x128 tile, in 16-byte vectors: loaded from global memory once (persistent: the
+    # first tile's before the loop, each next one's in it), stored into shared memory once, read from it twice (the
+    # rows' pass and the columns'), one barrier between (persistent: and one before the next tile's store); and the
+    # row bound.
     vectors = 128 * 128 * {"bf16": 2, "fp32": 4}[dtype] // 16 // (32 * num_warps)
-    assert _count(r"ld\.global\.v4\.b32", ptx) == vectors, "x read more than once"
-    assert _count(r"ld\.global", ptx) == vectors + bound
+    assert _count(r"ld\.global\.v4\.b32", ptx) == vectors * (1 + persistent), "x read more than once"
+    assert _count(r"ld\.global", ptx) == vectors * (1 + persistent) + bound
     assert _count(r"st\.shared", ptx) == _count(r"st\.shared\.v4\.b32", ptx) == vectors
     assert _count(r"ld\.shared", ptx) == _count(r"ld\.shared\.v4\.b32", ptx) == 2 * vectors
-    assert _count(r"bar\.sync", ptx) == 1
+    assert _count(r"bar\.sync", ptx) == 1 + persistent
     # coalesced stores: at least 4 bytes a thread (the copy's 1x128 rows 8 bytes from bf16, x^T's 4 along M)
     assert not re.search(r"st\.global(\.v\d)?\.b(8|16)\b", ptx), "byte-wide global stores"
     if dtype == "bf16":
@@ -107,8 +112,8 @@ def test_the_swizzle_check_fails_for_a_conflicting_swizzle(compiled):
 
 
 def test_configs_are_checked():
-    with pytest.raises(ValueError, match=r"config=\(8, 16\)"):
-        fp8_quant_gluon._config((8, 16))
+    with pytest.raises(ValueError, match=r"config=\(8, 16, 0\)"):
+        fp8_quant_gluon._config((8, 16, 0))
     assert fp8_quant_gluon._config(None) == fp8_quant_gluon.CONFIGS[0]
 
 
@@ -155,7 +160,9 @@ def test_is_the_single_quantisers_bit_for_bit(shape, pow2_scale, dtype):
 
 
 @pytest.mark.parametrize("config", fp8_quant_gluon.CONFIGS)
-@pytest.mark.parametrize("shape,dtype", [((4096, 2048), torch.bfloat16), ((200, 300), torch.float32)])
+@pytest.mark.parametrize("shape,dtype", [((4096, 2048), torch.bfloat16), ((200, 300), torch.float32),
+                                         ((4096, 130), torch.bfloat16), ((129, 1), torch.bfloat16),
+                                         ((1, 128), torch.float32), ((34560, 7168), torch.bfloat16)])
 @pytest.mark.usefixtures("poisoned")
 @pytest.mark.gpu
 @pytest.mark.skipif(not (ON_HOPPER and fp8_quant_gluon.HAVE_GLUON), reason="needs Gluon and a Hopper GPU")
@@ -177,17 +184,19 @@ def test_infinities_and_strided_rows(pow2_scale):
     _check(base[3:200, 10:290], pow2_scale)
 
 
+@pytest.mark.parametrize("config", fp8_quant_gluon.CONFIGS)
 @pytest.mark.parametrize("bound", [0, 256])
 @pytest.mark.usefixtures("poisoned")
 @pytest.mark.gpu
 @pytest.mark.skipif(not (ON_HOPPER and fp8_quant_gluon.HAVE_GLUON), reason="needs Gluon and a Hopper GPU")
-def test_stops_at_the_row_bound(bound):
+def test_stops_at_the_row_bound(bound, config):
     """As ``quant_act_both``: 1x128 tiles of the rows before the bound, 128x1 tiles of its columns, nothing from the
     bound on (tests/kernels/test_moe_permute_bound.py checks the Triton kernels the same way)."""
     M = 384
     x = _gpu_input((M, 200), torch.bfloat16)
     b = torch.tensor([bound], dtype=torch.int32, device="cuda")
-    (rows, t), (want_rows, want_t) = quant_act_both_gluon(x, row_bound=b), quant_act_both_gluon(x)
+    rows, t = quant_act_both_gluon(x, row_bound=b, config=config)
+    want_rows, want_t = quant_act_both_gluon(x, config=config)
     _check_split(rows, want_rows, bound, M)
     _check_split(t, want_t, bound, M, transposed=True)
 
