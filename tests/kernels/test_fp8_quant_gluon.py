@@ -31,7 +31,8 @@ from tests.kernels.test_moe_permute_bound import _check_split
 
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_gluon = pytest.mark.skipif(not fp8_quant_gluon.HAVE_GLUON, reason="needs triton with Gluon")
-poisoned = test_kernels.poisoned
+on_hopper = pytest.mark.skipif(not (ON_HOPPER and fp8_quant_gluon.HAVE_GLUON), reason="needs Gluon and a Hopper GPU")
+poisoned = test_kernels.poisoned  # autouse: every new output NaN (E4M3 NaN) until written
 
 # (dtype, pow2_scale, cast, config, row_bound) compiled offline: both input widths, both scale kinds, the emulated and
 # both hardware casts, every config (one program a tile and persistent), with and without a row bound
@@ -133,7 +134,7 @@ V3_SHAPES = [(4096, 7168), (4096, 2048), (34560, 7168)]
 RAGGED_SHAPES = [(200, 300), (129, 7168), (4096, 130), (1, 128), (37, 300), (130, 257), (129, 1)]
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)
 def _gpu_input(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     return _input(shape, dtype, "cuda")
 
@@ -150,9 +151,8 @@ def _check(x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = fp8_qu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("pow2_scale", [False, True])
 @pytest.mark.parametrize("shape", V3_SHAPES + RAGGED_SHAPES)
-@pytest.mark.usefixtures("poisoned")
 @pytest.mark.gpu
-@pytest.mark.skipif(not (ON_HOPPER and fp8_quant_gluon.HAVE_GLUON), reason="needs Gluon and a Hopper GPU")
+@on_hopper
 def test_is_the_single_quantisers_bit_for_bit(shape, pow2_scale, dtype):
     x = _gpu_input(shape, dtype)
     for amax_floor in (fp8_quant.AMAX_FLOOR, 1e-12):  # the kernels' floor and the model's
@@ -163,17 +163,15 @@ def test_is_the_single_quantisers_bit_for_bit(shape, pow2_scale, dtype):
 @pytest.mark.parametrize("shape,dtype", [((4096, 2048), torch.bfloat16), ((200, 300), torch.float32),
                                          ((4096, 130), torch.bfloat16), ((129, 1), torch.bfloat16),
                                          ((1, 128), torch.float32), ((34560, 7168), torch.bfloat16)])
-@pytest.mark.usefixtures("poisoned")
 @pytest.mark.gpu
-@pytest.mark.skipif(not (ON_HOPPER and fp8_quant_gluon.HAVE_GLUON), reason="needs Gluon and a Hopper GPU")
+@on_hopper
 def test_every_config_is_bit_exact(shape, dtype, config):
     _check(_gpu_input(shape, dtype), config=config)
 
 
 @pytest.mark.parametrize("pow2_scale", [False, True])
-@pytest.mark.usefixtures("poisoned")
 @pytest.mark.gpu
-@pytest.mark.skipif(not (ON_HOPPER and fp8_quant_gluon.HAVE_GLUON), reason="needs Gluon and a Hopper GPU")
+@on_hopper
 def test_infinities_and_strided_rows(pow2_scale):
     """An infinite element (its row's and column's scale infinite), and x a slice: rows at an odd pitch, the first
     element not 16-byte aligned (the loads are then not vectorised, the bits the same)."""
@@ -186,9 +184,8 @@ def test_infinities_and_strided_rows(pow2_scale):
 
 @pytest.mark.parametrize("config", fp8_quant_gluon.CONFIGS)
 @pytest.mark.parametrize("bound", [0, 256])
-@pytest.mark.usefixtures("poisoned")
 @pytest.mark.gpu
-@pytest.mark.skipif(not (ON_HOPPER and fp8_quant_gluon.HAVE_GLUON), reason="needs Gluon and a Hopper GPU")
+@on_hopper
 def test_stops_at_the_row_bound(bound, config):
     """As ``quant_act_both``: 1x128 tiles of the rows before the bound, 128x1 tiles of its columns, nothing from the
     bound on (tests/kernels/test_moe_permute_bound.py checks the Triton kernels the same way)."""
@@ -202,7 +199,7 @@ def test_stops_at_the_row_bound(bound, config):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (ON_HOPPER and fp8_quant_gluon.HAVE_GLUON), reason="needs Gluon and a Hopper GPU")
+@on_hopper
 def test_a_column_major_input_falls_back():
     x = _input((260, 300), torch.bfloat16, "cuda").t()
     assert not fp8_quant_gluon.runs_on(x)
