@@ -58,8 +58,8 @@ except ImportError:  # CPU torch without triton, or a triton before Gluon
     HAVE_GLUON = False
 
 # (num_warps, ROWS, programs an SM): ROWS rows of the tile a chunk of the rows' pass takes; programs an SM 0 for one
-# program a tile, else a persistent grid of that many programs an SM, each loading its next tile while it quantises
-# one. The default is the first (not yet timed).
+# program a tile, else a persistent grid of that many programs an SM (at most: as many as fit, ``resident``), each
+# loading its next tile while it quantises one. The default is the first (not yet timed).
 CONFIGS = [(8, 32, 0), (4, 32, 0), (8, 64, 0), (8, 32, 2), (4, 32, 3)]
 SWIZZLE_ROWS = 4  # rows that share a swizzle phase: the columns' read gives each lane 4 consecutive rows
 PHASES = 8  # 16-byte chunks in a 128-byte bank row
@@ -226,8 +226,31 @@ def _hopper(index: int) -> bool:
 
 
 @functools.cache
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _sm_limits(index: int) -> tuple[int, int, int, int]:
+    """(SMs, registers, shared memory bytes, threads) of one SM of a device (H100's where torch does not say)."""
+    props = torch.cuda.get_device_properties(index)
+    return (props.multi_processor_count, getattr(props, "regs_per_multiprocessor", 65536),
+            getattr(props, "shared_memory_per_multiprocessor", 233472),
+            getattr(props, "max_threads_per_multi_processor", 2048))
+
+
+def resident(regs: int, shared_bytes: int, num_warps: int, sm_regs: int = 65536, sm_shared_bytes: int = 233472,
+             sm_threads: int = 2048, sm_programs: int = 32) -> int:
+    """Programs of a kernel (``regs`` a thread, ``shared_bytes`` a program) that one SM holds at once: registers go
+    256 at a time to a warp, each program's shared memory takes 1 KiB more, at most 32 programs (CUDA's occupancy
+    rules for sm_90)."""
+    warp_regs = cdiv(regs * 32, 256) * 256
+    return max(1, min(sm_regs // warp_regs // num_warps, sm_shared_bytes // (shared_bytes + 1024),
+                      sm_threads // (32 * num_warps), sm_programs))
+
+
+# programs an SM of a persistent launch, by the kernel's constexprs and input (``_persistent_key``): set after its
+# first launch (which takes the config's number) from the registers and shared memory it compiled to
+_FITS: dict = {}
+
+
+def _persistent_key(x: torch.Tensor, config: tuple, consts: dict, bounded: bool) -> tuple:
+    return (x.device, x.dtype, config, bounded, *consts.values())
 
 
 def _index(device: torch.device) -> int:
@@ -258,14 +281,20 @@ def quant_act_both_gluon(
     qt = torch.empty((K, M), dtype=FP8_DTYPE, device=x.device)
     s, st = _empty_mn_major_scales(M, K, x.device), _empty_mn_major_scales(K, M, x.device)
     check_row_bound(row_bound, x.device)
-    if x.numel():
-        grid = (cdiv(M, TILE), cdiv(K, TILE))
-        if per_sm:
-            grid = (min(grid[0] * grid[1], per_sm * _sms(_index(x.device))),)
-        _quant_both_gluon_kernel[grid](
-            x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), qt.stride(0), st.stride(0),
-            st.stride(1), num_warps=num_warps, bound_ptr=row_bound,
-            **_constexprs(pow2_scale, amax_floor, _cast(x.device, cast), rows, per_sm > 0))
+    if not x.numel():
+        return (q, s), (qt, st)
+    consts = _constexprs(pow2_scale, amax_floor, _cast(x.device, cast), rows, per_sm > 0)
+    grid = (cdiv(M, TILE), cdiv(K, TILE))
+    if per_sm:
+        key = _persistent_key(x, (num_warps, rows, per_sm), consts, row_bound is not None)
+        sms, sm_regs, sm_shared, sm_threads = _sm_limits(_index(x.device))
+        grid = (min(grid[0] * grid[1], _FITS.get(key, per_sm) * sms),)
+    kernel = _quant_both_gluon_kernel[grid](
+        x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), qt.stride(0), st.stride(0),
+        st.stride(1), num_warps=num_warps, bound_ptr=row_bound, **consts)
+    if per_sm and key not in _FITS:
+        _FITS[key] = min(per_sm, resident(kernel.n_regs, kernel.metadata.shared, num_warps, sm_regs, sm_shared,
+                                          sm_threads))
     return (q, s), (qt, st)
 
 

@@ -118,6 +118,18 @@ def test_configs_are_checked():
     assert fp8_quant_gluon._config(None) == fp8_quant_gluon.CONFIGS[0]
 
 
+def test_resident_programs_by_registers_and_shared_memory():
+    """sm_90's limits: 64K registers (256 a warp at a time), 228 KiB of shared memory (1 KiB more a program), 2048
+    threads, 32 programs. The numbers are what the configs compiled to (ptxas, sm_90a, Triton 3.6)."""
+    assert fp8_quant_gluon.resident(64, 32768, 8) == 4  # a program a tile, bf16, hardware cast: by registers
+    assert fp8_quant_gluon.resident(64, 32768, 4) == 6  # 4 warps: by shared memory
+    assert fp8_quant_gluon.resident(128, 32768, 8) == 2  # persistent, bf16
+    assert fp8_quant_gluon.resident(166, 32768, 4) == 3  # persistent, bf16, 4 warps (168 registers allocated)
+    assert fp8_quant_gluon.resident(254, 65536, 4) == 2  # persistent, fp32, 4 warps: 3 asked for, 2 fit
+    assert fp8_quant_gluon.resident(32, 1024, 1) == 32  # at most 32 programs (64 by registers and by threads)
+    assert fp8_quant_gluon.resident(255, 240000, 32) == 1  # never fewer than one
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback off a GPU")
 def test_falls_back_to_quant_act_both_off_a_gpu():
     pytest.importorskip("triton")
