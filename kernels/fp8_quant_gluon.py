@@ -298,6 +298,16 @@ def quant_act_both_gluon(
     return (q, s), (qt, st)
 
 
+def benchmark(M: int = 4096, K: int = 7168) -> dict[str, float]:
+    """GB/s of each config on a CUDA device (the fallback's where ``runs_on`` says no), bytes as
+    ``fp8_quant.benchmark`` counts them (bf16 in, both fp8 copies out, scales ignored). The torch references are ``fp8_quant``'s (``quant_act_1x128_ref``, ``quant_act_128x1_t_ref``);
+    benchmarks/quant_both_bench.py times the configs against the two single quantisers."""
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    gbytes = 4 * M * K / 1e9
+    return {str(c): gbytes / (triton.testing.do_bench(lambda c=c: quant_act_both_gluon(x, config=c),
+                                                      return_mode="median") * 1e-3) for c in CONFIGS}
+
+
 _INT_ARGS = ("M", "K", "stride_xm", "stride_qm", "stride_sm", "stride_sk", "stride_qt", "stride_stk", "stride_stm")
 
 
