@@ -6,7 +6,7 @@
 
 * Step 1: coalesced 16-byte loads of the tile (masked at ragged edges, zeros outside as the Triton kernels'
   ``other=0.0``) into registers, all issued before the first is used, then stored once into shared memory in x's
-  own dtype (32 KiB bf16, 64 KiB fp32) under a swizzled layout (``tile_layouts``);
+  own dtype (32 KiB bf16, 64 KiB fp32) under a swizzled layout (below);
 * Step 2, the rows: the tile read back in chunks of ``ROWS`` rows, one 16-byte vector of a row a thread, the
   tile's 128 rows' amaxes, scales and E4M3 values stored coalesced, and the row scales;
 * Step 3, the columns: the tile read through the transposed view (``permute``), each thread 16 bytes along K of
