@@ -202,7 +202,6 @@ def test_experts_choose_host_counts_by_device_and_path():
     assert fused.counts_on_host(cpu)  # the interpreter / a CPU: no Gluon kernels
     fused.host_counts = False
     assert not fused.counts_on_host(cpu)
-    from dataclasses import replace
     unfused = _experts(replace(kernel_ops(), grouped_contiguous=None), True, 2, 128, 128, "cpu")
     assert unfused.counts_on_host(cpu)
 
@@ -267,9 +266,6 @@ def test_fused_fp8_experts_never_wait_for_the_gpu():
     """At V3's expert shapes: given the per-expert counts on the host (the layer's one planned sync, in
     ``forward_pairs``), building the plan, the fused forward and its backward run under
     ``set_sync_debug_mode("error")``, which raises on any host synchronisation."""
-    from moeplan.kernels.moe_permute import make_pair_plan
-    from moeplan.model.fused_experts import FusedExpertsFn
-
     E, d, inter, n, k = 32, 7168, 2048, 4096, 8
     experts = _experts(kernel_ops(), True, E, d, inter, "cuda")
     g = torch.Generator().manual_seed(39)
