@@ -43,7 +43,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from moeplan.kernels import fp8_gemm_ws
+from moeplan.kernels import fp8_gemm_ws, fp8_quant
 from moeplan.model import ModelOptions, StageSpec, build_rank
 from moeplan.model.fp8 import clear_fp8_weight_cache
 from moeplan.model.runtime.main_grad import attach_main_grads
@@ -405,6 +405,7 @@ def run_meta(device: torch.device, gpu, tables, args) -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
             "triton": None, "gpu_preset": gpu.name, "tables": tables.name,
             "peak_bf16_flops_per_s": gpu.bf16_flops_per_s, "wgrad_old_values": fp8_gemm_ws.OLD_VALUES,
+            "fp8_cast": {v: k for k, v in fp8_quant.ONE_READ_CHOICES.items()}[fp8_quant.ONE_READ],
             "protocol": {**{k: getattr(args, k) for k in ("warmup", "burn_s", "rounds", "steps", "profile_steps",
                                                           "microbatches", "main_grads")},
                          "step": cases.step_protocol(args.microbatches)}}
@@ -448,6 +449,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--wgrad-old-values", default=None, choices=tuple(fp8_gemm_ws.OLD_VALUE_PATHS),
                         help="how the FP8 Wgrads' accumulating epilogue gets the main gradients' old values "
                              "(kernels.fp8_gemm_ws.OLD_VALUES; default: the module's)")
+    parser.add_argument("--fp8-cast", default=None, choices=tuple(fp8_quant.ONE_READ_CHOICES),
+                        help="the casts with transpose (kernels.fp8_quant.quant_act_both): the two single quantisers, "
+                             "the one-read Triton kernel or the one-read Gluon kernel (fp8_quant.ONE_READ; default: "
+                             "the module's)")
     parser.add_argument("--reprice", type=Path, default=None, metavar="JSON",
                         help="no run: that results file's measurements, predicted again by today's simulator")
     args = parser.parse_args()
@@ -502,6 +507,8 @@ def main() -> None:
         return
     if args.wgrad_old_values is not None:
         fp8_gemm_ws.OLD_VALUES = args.wgrad_old_values  # read when a launch is planned: before the first one
+    if args.fp8_cast is not None:
+        fp8_quant.ONE_READ = fp8_quant.ONE_READ_CHOICES[args.fp8_cast]  # read at each call
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)  # a smoke run on a shared machine: spinning thread pools slow tiny ops 10x

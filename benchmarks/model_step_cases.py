@@ -354,6 +354,8 @@ def _header(meta: dict) -> list[str]:
                "repriced" in meta else "."))
     if meta.get("wgrad_old_values"):  # results written before the option: the module's default then ("l2")
         run += f" FP8 Wgrads' old main-gradient values: `{meta['wgrad_old_values']}` (`fp8_gemm_ws.OLD_VALUES`)."
+    if meta.get("fp8_cast"):
+        run += f" FP8 casts with transpose: `{meta['fp8_cast']}` (`fp8_quant.ONE_READ`)."
     protocol = (
         f"Protocol: {p['warmup']} warm-up steps per configuration, {p['burn_s']:g} s burn-in cycling through the "
         f"configurations, then {p['rounds']} rounds of {p['steps']} timed steps per configuration, the order "

@@ -8,7 +8,7 @@ Three tilings, each with one fp32 scale per tile (``x ≈ x_fp8 * scale``):
   both of their operands need scales along M, and FP8 wgmma wants the reduction dim contiguous.
 * ``quant_act_both``: both of the above, for an activation or gradient that a forward GEMM or Dgrad and a
   Wgrad both multiply: the two quantisers (measured faster), or with ``ONE_READ`` one read of x (one program
-  per 128×128 tile, both amaxes on chip).
+  per 128×128 tile, both amaxes on chip: in registers, or with "gluon" in shared memory, ``fp8_quant_gluon``).
 * ``quant_weight_128x128``: weights ``([E,] N, K)`` in 128×128 blocks → scales ``([E,] ceil(N/128),
   ceil(K/128))``; optionally also the transposed copy ``([E,] K, N)`` that the input gradient needs
   (a 128×128 block's scale is the same either way round, so its scales are ``scale.mT``).
@@ -371,8 +371,10 @@ def quant_act_128x1_t(x: torch.Tensor, pow2_scale: bool = False, amax_floor: flo
 # x read twice, which measured faster: benchmarks/quant_both_bench.py (docs/results/quant-both.md, H100,
 # 2026-12-06 18:10 UTC) at 4096x7168, 34560x7168 and 34560x4096 bf16: 69, 543 and 312 us for the two against
 # 112, 873 and 502 us for the one-read kernel's best candidate (34% of HBM at the one read's bytes; each single
-# quantiser runs at 70-90% of its own).
-ONE_READ = False
+# quantiser runs at 70-90% of its own). "gluon": ``fp8_quant_gluon.quant_act_both_gluon`` (the tile in shared memory,
+# x read once) where it runs (a Hopper GPU, bf16 or fp32 rows), else the two single quantisers.
+ONE_READ: bool | str = False
+ONE_READ_CHOICES = {"two": False, "triton": True, "gluon": "gluon"}  # names for ONE_READ (benchmarks' flags)
 
 
 def quant_act_both(
@@ -384,7 +386,12 @@ def quant_act_both(
     from one read of x instead of two where ``ONE_READ``. For a tensor that a GEMM multiplies along K and a weight
     gradient along M: a linear layer's input (forward, then Wgrad) and its output gradient (Dgrad, then Wgrad)."""
     _check_float_2d(x, "x")
-    if not ONE_READ:
+    if ONE_READ == "gluon":
+        from . import fp8_quant_gluon  # imports this module: not at the top
+
+        if fp8_quant_gluon.runs_on(x):
+            return fp8_quant_gluon.quant_act_both_gluon(x, pow2_scale, amax_floor, cast, row_bound)
+    if ONE_READ is not True:
         return (_quant_rows(x, pow2_scale, amax_floor, cast, row_bound),
                 _quant_rows(x.t(), pow2_scale, amax_floor, cast, row_bound, bound_cols=True))
     M, K = x.shape

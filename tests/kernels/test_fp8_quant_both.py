@@ -23,9 +23,10 @@ from tests.kernels.test_kernels import ON_GPU, rand, same_bits
 device, poisoned = test_kernels.device, test_kernels.poisoned
 
 
-@pytest.fixture(autouse=True, params=[True, False], ids=["one-read", "two-reads"])
+@pytest.fixture(autouse=True, params=[True, False, "gluon"], ids=["one-read", "two-reads", "gluon"])
 def one_read(request, monkeypatch):
-    """Each test runs on both paths of ``quant_act_both``: the one-read kernel and the two single quantisers."""
+    """Each test runs on every path of ``quant_act_both``: the one-read Triton kernel, the two single quantisers and
+    the one-read Gluon kernel (on a Hopper GPU; elsewhere the two quantisers it falls back to)."""
     monkeypatch.setattr(fp8_quant, "ONE_READ", request.param)
     return request.param
 

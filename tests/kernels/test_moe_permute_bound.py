@@ -117,7 +117,7 @@ def test_swiglu_stops_at_the_bound(device):
         _check_split(run(bound), run(None), 256, M, transposed)
 
 
-@pytest.mark.parametrize("one_read", [False, True])
+@pytest.mark.parametrize("one_read", [False, True, "gluon"])
 @pytest.mark.parametrize("bound", [0, 256])
 def test_activation_quantisers_stop_at_the_bound(device, monkeypatch, one_read, bound):
     """``quant_act_both`` (the two quantisers, or the one-read kernel) and each single quantiser: 1x128 tiles of
