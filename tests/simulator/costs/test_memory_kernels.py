@@ -119,7 +119,7 @@ def test_the_packaged_h100_file_is_of_the_h100_datasheet():
     data = _packaged(ELEMENTWISE_FILES["h100"])
     raw = json.loads(files("moeplan.simulator.costs").joinpath(ELEMENTWISE_FILES["h100"]).read_text())
     assert h100_gpu().hbm_bytes_per_s == h800_gpu().hbm_bytes_per_s == raw["hbm_bytes_per_s"] == 3.35e12
-    assert raw["hbm_source"].startswith("simulator.presets.clusters.h100_gpu ") and raw["out"].endswith(
+    assert raw["hbm_source"] == "simulator.presets.clusters.gpu_for_device (H100-SXM5 datasheet)" and raw["out"].endswith(
         ELEMENTWISE_FILES["h100"])
     passes = [p for r in data.kernels for p in (r.fwd, r.bwd) if p is not None]
     assert len(passes) > 20
