@@ -32,6 +32,7 @@ from moeplan.simulator.engine.unit_costs import (
     attention_shapes,
     fp8_weight_params,
     memory_bound_s,
+    swiglu_redo_s,
     unit_costs,
 )
 from moeplan.simulator.presets.clusters import gpu_for_device, h200_gpu
@@ -169,6 +170,8 @@ def _layer_classes(tables: CostTables, gpu: GpuSpec, spec: ModelSpec, layer: int
             attention_s(tables, gpu, core, backward=True, seq_len=tokens))
     mem = memory_bound_s(ctx, layer_bytes_per_token(spec, moe, precision, spec.num_experts_per_tok if moe else 0.0,
                                                     fusion))  # one GPU: no dispatch
+    if moe:  # the fused experts' SwiGLU redone in backward: in the unit's recompute, a memory-bound kernel
+        mem = (mem[0], mem[1] + swiglu_redo_s(ctx, spec, spec.num_experts_per_tok))
     grouped = (unit.experts_fwd_s, unit.experts_dx_s + unit.experts_dw_s)
     total = (unit.fwd_s, unit.dx_s + unit.dw_s)
     gemm = tuple(t - a - m - g for t, a, m, g in zip(total, attn, mem, grouped))

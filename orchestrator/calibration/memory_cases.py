@@ -28,7 +28,13 @@ from moeplan.model.gate import Gate
 from moeplan.model.losses import cross_entropy
 from moeplan.model.norm import RMSNorm
 from moeplan.model.rope import RotaryEmbedding, apply_rotary
-from moeplan.simulator.costs.elementwise import FUSED_LOSS, WEIGHT_QUANT, KernelBytes, fp8_weight_quant_bytes
+from moeplan.simulator.costs.elementwise import (
+    FUSED_LOSS,
+    WEIGHT_QUANT,
+    KernelBytes,
+    fp8_weight_quant_bytes,
+    residual_ops,
+)
 from moeplan.simulator.engine.unit_costs import attention_shapes
 from moeplan.simulator.spec.model import ModelSpec
 
@@ -94,9 +100,14 @@ def _latent_widths(m: ModelSpec) -> list[tuple[int, int]]:
 
 
 def _residual_add(m: ModelSpec, t: int, dev):
-    a, b = [_rand(dev, 2, t, m.hidden_size) for _ in range(2)]
-    fwd = lambda: (a[0] + b[0], a[1] + b[1])
-    return fwd, fwd  # backward: the same sums, of the gradients where x forks into branch and skip
+    """A MoE layer's ``elementwise.residual_ops``: its adds of h-wide BF16 tensors and the router input's cast to
+    FP32 forward; its gradient sums and the cast back to BF16 backward."""
+    adds_fwd, adds_bwd, casts = residual_ops(m, True)
+    a, b = [_rand(dev, max(adds_fwd, adds_bwd), t, m.hidden_size) for _ in range(2)]
+    wide = torch.randn(casts, t, m.hidden_size, device=dev, dtype=torch.float32)
+    fwd = lambda: ([a[i] + b[i] for i in range(adds_fwd)], [a[i].float() for i in range(casts)])
+    bwd = lambda: ([a[i] + b[i] for i in range(adds_bwd)], [wide[i].to(torch.bfloat16) for i in range(casts)])
+    return fwd, bwd
 
 
 def _rope(m: ModelSpec, t: int, dev):
@@ -332,7 +343,9 @@ CASES = (
          _norms(_latent_widths, module=False)),
     Case("latent_norm", "model.norm.RMSNorm (eager, FP32 statistics)", False, False,
          _rows(lambda m, t: t, lambda m: f"{m.q_lora_rank} and {m.kv_lora_rank}"), _norms(_latent_widths, module=True)),
-    Case("residual_add", "torch.add", True, False, _rows(lambda m, t: t, lambda m: f"{m.hidden_size}, 2 adds"), _residual_add),
+    Case("residual_add", "torch.add (and the router input's casts)", True, False,
+         _rows(lambda m, t: t, lambda m: "{}, {} / {} adds, {} cast".format(m.hidden_size, *residual_ops(m, True))),
+         _residual_add),
     Case("rope", "model.rope.apply_rotary (eager)", True, False,
          _rows(lambda m, t: t, lambda m: f"({m.num_attention_heads} + 1) x {m.qk_rope_head_dim}"), _rope),
     Case("qk_cat", "torch.cat of MLA's query and key parts (eager; bwd: their splits and the KV split's cat)",

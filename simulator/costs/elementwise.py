@@ -15,7 +15,10 @@ class           forward                                      backward
 =============== ============================================ ============================================
 rms_norm        2 norms of h: read x, write y (4 B each)     read x and dy, write dx (6 B each)
 latent_norm     norms of q and c: as rms_norm                as rms_norm
-residual_add    2 adds of h: read two, write one (6 B)       the gradient sum where x forks (6 B)
+residual_add    adds of h (6 B): the 2 residuals, routed +    sums of h where a tensor forks (6 B): the 2
+                shared; the router's FP32 copy of its        residuals, MLA's q and kv inputs, gate and up
+                input (6 B; ``residual_ops``)                of an MLP, the router, routed and shared
+                                                             experts' common input; the FP32 copy's back
 rope            (H + 1) R rotated values (4 B) + cos/sin     the same
 qk_cat (MLA)    the query and key put together around RoPE:  the reverse (8Hn + 2(H-1)R), and the KV
                 q's and k's no-RoPE values copied (4Hn B     up-projection's gradient put together from
@@ -60,6 +63,12 @@ runs them. ``fused`` is DeepSeek's stack, each fused kernel one read and one wri
   micro-batch of 4 layers, which no class had priced.
 - ``swiglu`` (FP8): the kernel writes the down-projection's FP8 input and its scales (1 + 4/128 B)
   instead of a BF16 output (TR §3.3: SwiGLU inputs cached in FP8, output recomputed and quantised).
+  The routed experts keep only SwiGLU's input (gate and up) and redo its output in backward for the
+  down-projection's weight gradient (``model/fused_experts.py``: ``_swiglu_fwd_kernel`` in BF16,
+  ``_swiglu_quant_t_kernel`` writing the 128x1 FP8 copy; TR §3.3 likewise): their rows' forward bytes again,
+  priced as recompute (``experts_swiglu_redo_bytes``; selective recompute redoes them already). Seen in
+  ``benchmarks/model_step.py``'s traces (H100, 2026-12-07): 0.54 ms (BF16) and 0.80 ms (FP8) a micro-batch of 4
+  layers, unpriced until then.
 - ``rope`` and ``router`` are priced as single kernels at the tables' ``fused_rope`` / ``fused_router``
   points, else at ``memory_frac`` (copy bandwidth): the tables' ``rope`` and ``router`` points time the
   runtime's eager composites of many small kernels. For MLA the fused RoPE kernel is also the query's and
@@ -176,13 +185,34 @@ def _swiglu(width: float, precision: str, fusion: Fusion) -> KernelBytes:
     return KernelBytes((2 * BF16_BYTES + out) * width, 5 * BF16_BYTES * width)
 
 
+def residual_ops(m: ModelSpec, moe: bool) -> tuple[int, int, int]:
+    """(adds forward, adds backward, casts each way) of h-wide BF16 tensors in one layer, the ``residual_add``
+    class (6 B a value each: read two and write one, or read FP32 and write BF16). Forward: the two residuals, and
+    the shared experts' output added to the routed ones' (``model/moe.py``). Backward: a tensor read by n ops gets
+    its gradient as n - 1 sums (autograd's, where no GEMM accumulates into it): the two residual forks, MLA's
+    normed input (its query and its KV projections; GQA's q, k and v are one projection), an MLP's input (gate
+    and up projections, ``model/mlp.py``: the dense MLP, the shared experts) and a MoE layer's normed input (the
+    router, the routed experts and the shared ones). The router multiplies an FP32 copy of its input
+    (``model/gate.py``, as Hugging Face's DeepSeek-V3 gate): a cast up forward and its gradient's cast down
+    backward. Seen in ``benchmarks/model_step.py``'s traces (H100, 2026-12-07): per MoE layer 3 forward adds and a
+    copy; about 6 backward ``add_`` and a ``copy_``, where 2 adds had been priced."""
+    mla = 1 if m.is_mla else 0
+    if not moe:
+        return 2, 2 + mla + 1, 0
+    shared = 1 if m.n_shared_experts > 0 else 0
+    return 2 + shared, 2 + mla + (1 + shared) + shared, 1
+
+
 def layer_bytes_per_token(m: ModelSpec, moe: bool, precision: str, expert_rows_per_token: float,
                           fusion: Fusion = "eager", dispatch: bool = False) -> dict[str, KernelBytes]:
     """Per class, the bytes one layer's memory-bound kernels move per token (classes with none are left out).
     ``dispatch``: the layer's tokens go through DeepEP's expert-parallel dispatch and combine (where ``fused``
     moves the permutation and the combine into them)."""
     h = m.hidden_size
-    out = {"rms_norm": _norm(2 * h), "residual_add": KernelBytes(2 * 3 * BF16_BYTES * h, 2 * 3 * BF16_BYTES * h)}
+    adds_fwd, adds_bwd, casts = residual_ops(m, moe)
+    value = 3 * BF16_BYTES * h  # an add of two h-wide BF16 tensors, or a cast between FP32 and BF16 (4 + 2 B)
+    out = {"rms_norm": _norm(2 * h),
+           "residual_add": KernelBytes((adds_fwd + casts) * value, (adds_bwd + casts) * value)}
     if m.is_mla:
         out["latent_norm"] = _norm((m.q_lora_rank or 0) + (m.kv_lora_rank or 0))
         rope = _rope(m, m.num_attention_heads + 1)  # the query heads and the decoupled key
@@ -229,6 +259,15 @@ def selective_recompute_bytes_per_token(m: ModelSpec, layer: dict[str, KernelByt
             out["fp8_cast"] = FP8_CAST_BYTES * ((m.q_lora_rank or 0) + (m.kv_lora_rank or 0))
     out["swiglu"] = layer["swiglu"].fwd_bytes
     return out
+
+
+def experts_swiglu_redo_bytes(m: ModelSpec, precision: str, expert_rows_per_token: float, fusion: Fusion) -> float:
+    """Forward SwiGLU bytes per token that the fused routed experts redo in backward whatever the recompute
+    setting (module docstring, ``swiglu``): their ``expert_rows_per_token`` rows under ``fused``, none under
+    ``eager`` (the op-by-op experts keep the output). Selective recompute's SwiGLU covers them already."""
+    if fusion != "fused":
+        return 0.0
+    return _swiglu(m.moe_intermediate_size * expert_rows_per_token, precision, fusion).fwd_bytes
 
 
 def fp8_weight_quant_bytes(params: float, transposed: bool) -> float:

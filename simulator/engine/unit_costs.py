@@ -40,6 +40,7 @@ from moeplan.simulator.costs.elementwise import (
     KernelBytes,
     end_bytes_per_token,
     fp32_loss_bytes_per_token,
+    experts_swiglu_redo_bytes,
     fp8_weight_quant_bytes,
     layer_bytes_per_token,
     selective_recompute_bytes_per_token,
@@ -180,6 +181,13 @@ def memory_bound_s(ctx: CostContext, per_token: dict[str, KernelBytes]) -> tuple
             sum(memory_s(t, g, n * b.bwd_bytes, _priced_as(ctx, k), backward=True) for k, b in per_token.items()))
 
 
+def swiglu_redo_s(ctx: CostContext, m: ModelSpec, rows_per_token: float) -> float:
+    """Seconds of the routed experts' SwiGLU output redone in backward (``elementwise.experts_swiglu_redo_bytes``),
+    at the tables' SwiGLU forward point."""
+    nbytes = ctx.tokens * experts_swiglu_redo_bytes(m, ctx.precision, rows_per_token, ctx.fusion)
+    return memory_s(ctx.tables, ctx.gpu, nbytes, _priced_as(ctx, "swiglu")) if nbytes else 0.0
+
+
 def _recompute_s(ctx: CostContext, m: ModelSpec, layer: dict[str, KernelBytes], up: list[tuple[int, int]]) -> float:
     """Selective recompute: the MLA up-projections' forward GEMMs and the named memory-bound ops' forward."""
     redo = selective_recompute_bytes_per_token(m, layer, ctx.precision)
@@ -231,6 +239,8 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
         recompute = a_fwd + mf + e_fwd + elementwise
     if ctx.recompute != "full":  # the remote rows' K/V are rebuilt from the re-gathered latent
         recompute += cp.fwd_s
+    if moe and ctx.recompute != "selective":  # the fused experts redo SwiGLU's output in backward (elementwise)
+        recompute += swiglu_redo_s(ctx, m, rows_per_token)
     costs = UnitCosts(
         attn_fwd_s=a_fwd + elementwise / 2, attn_dx_s=a_dx + elementwise_bwd / 2, attn_dw_s=a_dw,
         mlp_fwd_s=mf + elementwise / 2, mlp_dx_s=mdx + elementwise_bwd / 2, mlp_dw_s=mdw,

@@ -4,6 +4,7 @@ selective recompute redoes: on the tiny MoE model, each figure worked out by han
 from __future__ import annotations
 
 import pytest
+import torch
 
 from moeplan.simulator.costs.elementwise import (
     KERNEL_CLASSES,
@@ -121,3 +122,24 @@ def test_selective_recompute_redoes_only_what_is_not_stored():
     assert "qk_cat" not in fused_redo and fused_redo["rope"] == redo["rope"] + redo["qk_cat"]  # one kernel
     gqa = selective_recompute_bytes_per_token(tiny_dense(), layer_bytes_per_token(tiny_dense(), False, "bf16", 0), "bf16")
     assert gqa == {"rms_norm": 4 * 64, "swiglu": 6 * 160}  # no latents, no up-projections
+
+
+def test_the_adds_where_tensors_fork_and_the_router_casts_are_residual_add():
+    """``residual_ops``: forward the 2 residuals and routed + shared; backward the 2 residual forks, MLA's normed
+    input (q and kv), a MoE layer's normed input (router, routed, shared: 2 sums) and the shared expert's (gate,
+    up), or a dense MLP's; the router's FP32 copy each way. 6 B a value each, h = 64 on the tiny model."""
+    from moeplan.orchestrator.calibration.memory_cases import CASES
+    from moeplan.simulator.costs.elementwise import residual_ops
+
+    m = tiny_moe()
+    assert residual_ops(m, True) == (3, 6, 1) and residual_ops(m, False) == (2, 4, 0)
+    assert residual_ops(m.model_copy(update={"n_shared_experts": 0}), True) == (2, 4, 1)
+    assert residual_ops(tiny_dense(), False) == (2, 3 + tiny_dense().is_mla, 0)
+    for fusion in ("eager", "fused"):
+        b = layer_bytes_per_token(m, True, "fp8", 4, fusion)["residual_add"]
+        assert (b.fwd_bytes, b.bwd_bytes) == (4 * 6 * 64, 7 * 6 * 64)
+    case = next(c for c in CASES if c.kernel == "residual_add")  # what calibrate times at these bytes
+    fwd, bwd = case.build(m, 8, "cpu")
+    (sums, casts), (grad_sums, back) = fwd(), bwd()
+    assert (len(sums), len(casts), len(grad_sums), len(back)) == (3, 1, 6, 1)
+    assert casts[0].dtype == torch.float32 and back[0].dtype == torch.bfloat16

@@ -215,3 +215,20 @@ def test_fp8_weight_quantisation_once_a_step_per_stage_copy_over_its_micro_batch
         assert a.units[0].attn_fwd_s - b.units[0].attn_fwd_s == pytest.approx(quant / 2 - quant / 8)
     bf16 = replace(ctx, precision="bf16")
     assert fp8_weight_quant_s(bf16, m, [moe_layer], ep=4) == 0.0
+
+
+def test_the_fused_experts_redo_their_swiglu_in_backward_once_whatever_the_recompute():
+    """model/fused_experts.py keeps gate/up and redoes SwiGLU's output in backward: under ``fused`` its 4 routed
+    rows' forward (FP8 out, 4 + TILE B a value) is recompute time with no recompute set, and selective recompute,
+    which redoes every SwiGLU row already, prices them once, not twice; ``eager`` experts keep the output."""
+    m, base = tiny_moe(), _tables()
+    slow = _tables(MemoryKernelPoint(kernel="swiglu", fwd_frac=base.memory_frac / 2, source="s"))
+    redo = (2 * 2 + TILE) * 32 * 4
+    assert unit_costs(_ctx(base, fusion="fused"), m, moe=True, traffic=None).recompute_s == pytest.approx(
+        _at_memory_frac(base, redo))
+    assert unit_costs(_ctx(base, fusion="eager"), m, moe=True, traffic=None).recompute_s == 0.0
+    assert unit_costs(_ctx(base, fusion="fused"), m, moe=False, traffic=None).recompute_s == 0.0
+    for recompute, rows in (("none", 4), ("selective", 5)):  # 4 routed; selective: those and the shared row, once
+        ref, got = (unit_costs(_ctx(t, recompute, fusion="fused"), m, moe=True, traffic=None).recompute_s
+                    for t in (base, slow))
+        assert got - ref == pytest.approx(_at_memory_frac(base, (2 * 2 + TILE) * 32 * rows)), recompute
