@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from moeplan.kernels.cross_entropy import fused_cross_entropy
 from moeplan.kernels.fp8_quant import quant_act_1x128, quant_act_128x1_t, quant_act_both, quant_weight_128x128
-from moeplan.kernels.moe_permute import MoEUnpermute, make_dispatch_plan, moe_permute, moe_unpermute
+from moeplan.kernels.moe_permute import MoEUnpermute, make_dispatch_plan, make_pair_plan, moe_permute, moe_unpermute
 from moeplan.kernels.swiglu import swiglu, swiglu_backward
 from moeplan.model.fp8 import quantize_tiles
 from moeplan.model.fused import mla_key_value, mla_query
@@ -232,6 +232,16 @@ def _router(fuse: bool):
     return build
 
 
+def _dispatch_plan(m: ModelSpec, t: int, dev):
+    """The routed experts' row plan as the FP8 experts on Hopper make it: the pairs counted per expert and planned
+    for the worst case (``model.experts.GroupedExperts``, no host sync); no backward."""
+    ids = _routing(m, t, dev)
+    token_of_pair = torch.arange(t, device=dev).repeat_interleave(ids.shape[1])
+    expert_of_pair = ids.reshape(-1)
+    return lambda: (torch.bincount(expert_of_pair, minlength=m.n_routed_experts),
+                    make_pair_plan(token_of_pair, expert_of_pair, t, m.n_routed_experts)), None
+
+
 def _permute(ours: bool):
     def build(m: ModelSpec, t: int, dev):
         ids = _routing(m, t, dev)
@@ -374,6 +384,8 @@ CASES = (
          _rows(lambda m, t: t, lambda m: m.n_routed_experts), _router(fuse=False)),
     Case("fused_router", "model.fused.route compiled (model.gate.Gate with fuse on; FP32)", True, True,
          _rows(lambda m, t: t, lambda m: m.n_routed_experts), _router(fuse=True)),
+    Case("dispatch_plan", "kernels.moe_permute.make_pair_plan (worst-case rows) and the per-expert counts", True,
+         False, _rows(lambda m, t: t, lambda m: f"{_rows_k(m)} of {m.n_routed_experts} experts"), _dispatch_plan),
     Case("permute", "kernels.moe_permute.moe_permute (bwd: moe_unpermute)", True, True,
          _rows(lambda m, t: t, lambda m: f"{m.hidden_size} -> {_rows_k(m)} copies"), _permute(ours=True)),
     Case("permute", "x[token_of] (eager, model/experts.py)", False, False,

@@ -35,6 +35,9 @@ expert_cast     none (the routed rows are cast inside the    the routed experts'
 swiglu          (k + s) rows: read gate, up, write act (6f)  read gate, up, d act, write d gate, d up (10f)
 router          sigmoid scores over E (fp32, read logits,    read d weights and scores, write d logits
                 write scores) and top-k ids and weights      (8 E + 4 k)
+dispatch_plan   the experts' row plan from the top-k ids:    none (the plan is reused)
+                the pairs sorted by expert and by token,
+                the rows' maps (2 8 + 4 4 B a pair, 4 B)
 permute         read x once, write k copies (2h + 2kh)       the sum of the copies' gradients (2kh + 2h)
 combine         read k expert rows, write one (2kh + 2h)     read dy and the k rows (for the weights'
                                                              gradient), write k row gradients (4kh + 2h)
@@ -48,11 +51,16 @@ Fusion (``training.kernels.fusion``; the tables' fractions are measured at the b
 kernels named in their source): ``eager`` is the table above, one kernel per class as moeplan's runtime
 runs them. ``fused`` is DeepSeek's stack, each fused kernel one read and one write of what it touches:
 
-- ``permute`` and ``combine`` move no bytes of their own where there is a dispatch (expert parallelism):
+- ``permute``, ``combine`` and ``dispatch_plan`` move no bytes of their own where there is a dispatch (expert
+  parallelism):
   DeepEP's dispatch writes the received rows in the grouped GEMM's layout (``expert_alignment``,
   ``num_recv_tokens_per_expert_list``) and its combine reduces a token's expert outputs; the backward of
   each is the other (DeepEP README, V2 example; TR §3.2.2: "IB receive + accumulate"). Those bytes are
-  the all-to-all's, priced as communication.
+  the all-to-all's, priced as communication, and DeepEP's notify phase lays the rows out (the dispatch plan).
+  Without a dispatch the runtime plans the rows on the compute stream (``kernels.moe_permute.make_pair_plan``:
+  radix sorts, scans and scatters, ~0.19 ms a V3-shaped layer and 4096-token micro-batch in
+  ``benchmarks/model_step.py``'s H100 trace of 2026-12-07, a class no table priced before); latency-bound, like
+  the router, so its measured fraction is low.
 - ``fp8_cast``: cast with transpose, one read of the BF16 tensor writing both the 1x128 and the 128x1
   transposed copy (2 + 2 (1 + 4/128) B) instead of two casts that each read it (TR §3.3, §3.5.2): x in the
   forward (its 128x1 copy kept for the weight gradient), dy in the backward (``model.linear``), priced at the
@@ -130,9 +138,14 @@ INDEX_BYTES = 8.0  # int64 expert ids (torch.topk)
 FP8_TILE_BYTES = 1.0 + FP32_BYTES / 128  # e4m3 and a 1x128 (or 128x1) tile's FP32 scale
 FP8_CAST_BYTES = BF16_BYTES + FP8_TILE_BYTES  # read BF16, write e4m3 and its scale
 FP8_BOTH_BYTES = BF16_BYTES + 2 * FP8_TILE_BYTES  # cast with transpose: read BF16, write both tilings
+INT32_BYTES = 4.0
+# The dispatch plan (``kernels.moe_permute.make_pair_plan``): each (token, expert) pair's token and expert read
+# (int64 each), its row's source token, expert tile and destination and its place in token order written (int32
+# each); a token's pair pointer (int32).
+PLAN_BYTES_PER_PAIR = 2 * INDEX_BYTES + 4 * INT32_BYTES
 
 LAYER_KERNELS = ("rms_norm", "latent_norm", "residual_add", "rope", "qk_cat", "fp8_cast", "expert_cast", "swiglu",
-                 "router", "permute", "combine")
+                 "router", "dispatch_plan", "permute", "combine")
 END_KERNELS = ("embedding", "cross_entropy")
 # Under fusion="fused" these classes are priced at their fused kernel's point (not measured by the
 # packaged tables: memory_frac); the loss="fused" cross-entropy likewise
@@ -238,6 +251,7 @@ def layer_bytes_per_token(m: ModelSpec, moe: bool, precision: str, expert_rows_p
     out["router"] = KernelBytes(2 * FP32_BYTES * e + (INDEX_BYTES + FP32_BYTES) * topk,
                                 2 * FP32_BYTES * e + FP32_BYTES * topk)
     if not (fusion == "fused" and dispatch):
+        out["dispatch_plan"] = KernelBytes(PLAN_BYTES_PER_PAIR * topk + INT32_BYTES, 0.0)
         out["permute"] = KernelBytes(BF16_BYTES * h * (1 + k), BF16_BYTES * h * (1 + k))
         out["combine"] = KernelBytes(BF16_BYTES * h * (topk + 1), BF16_BYTES * h * (2 * topk + 1))
     return out

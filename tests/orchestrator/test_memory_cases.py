@@ -45,3 +45,22 @@ def test_on_a_gpu_the_compiled_router_and_the_weight_quantisation_are_timed():
     assert router["skipped"] is None and router["fwd"]["s"] > 0 and router["bwd"]["s"] > 0
     assert quant["skipped"] is None and quant["fwd"]["s"] > 0 and quant["bwd"] is None
     assert quant["fwd"]["bytes"] == fp8_weight_quant_bytes(weight_quant_params(m), transposed=True)
+    assert router["small_tokens"] == 16 and router["fwd"]["fixed_s"] is not None  # per token: two sizes
+    assert quant["small_tokens"] is None and quant["fwd"]["fixed_s"] is None  # once a step: one
+
+
+def test_the_dispatch_plan_case_makes_the_runtime_s_plan_at_its_class_bytes():
+    """``dispatch_plan``: the per-expert counts and ``make_pair_plan`` over uniform top-k pairs, as the FP8 experts
+    on Hopper plan them (worst-case rows, no host sync), forward only; 32 B a pair and 4 a token."""
+    from moeplan.kernels.moe_permute import TILE, worst_case_rows
+    from moeplan.orchestrator.calibration.memory_cases import CASES
+    from moeplan.orchestrator.calibration.memory_classes import case_bytes
+    from moeplan.simulator.presets.models import tiny_moe
+
+    m = tiny_moe()
+    case = next(c for c in CASES if c.kernel == "dispatch_plan")
+    fwd, bwd = case.build(m, 64, "cpu")
+    counts, plan = fwd()
+    assert bwd is None and int(counts.sum()) == 64 * m.num_experts_per_tok and plan.rows_bound is not None
+    assert plan.src_token.numel() == worst_case_rows(64 * m.num_experts_per_tok, m.n_routed_experts, TILE)
+    assert case_bytes(case, m, 64).fwd_bytes == 64 * (32 * m.num_experts_per_tok + 4)

@@ -146,8 +146,9 @@ def test_v3_s_recipe_fuses_and_a_model_without_one_runs_the_runtime_s_kernels():
 
 
 def test_only_deepep_s_dispatch_takes_the_permutation_in():
-    """A fused run keeps permute and combine on the compute stream without a dispatch or when the all-to-all
-    is NCCL's (flat); with DeepEP they are gone: exactly their eager bytes (k = 4 rows per token)."""
+    """A fused run keeps permute, combine and the dispatch plan on the compute stream without a dispatch or when
+    the all-to-all is NCCL's (flat); with DeepEP they are gone: exactly their eager bytes (k = 4 rows per token;
+    the plan: 32 B a pair and a 4-byte pointer a token)."""
     t, m = _tables(), tiny_moe()
     traffic = ExpertTraffic(dispatch_ib_bytes=0.0, dispatch_nvlink_bytes=1e6, combine_ib_bytes=0.0,
                             combine_nvlink_bytes=1e6, routing_ib_bytes=0.0, routing_nvlink_bytes=0.0,
@@ -156,7 +157,7 @@ def test_only_deepep_s_dispatch_takes_the_permutation_in():
     deepep = unit_costs(_ctx(t, fusion="fused"), m, moe=True, traffic=traffic)
     flat = unit_costs(_ctx(t, fusion="fused", ep_backend="flat"), m, moe=True, traffic=traffic)
     local = unit_costs(_ctx(t, fusion="fused"), m, moe=True, traffic=None)
-    permute_combine_fwd, permute_combine_bwd = 2 * 64 * 5 + 2 * 64 * 5, 2 * 64 * 5 + 2 * 64 * 9
+    permute_combine_fwd, permute_combine_bwd = 2 * 64 * 5 + 2 * 64 * 5 + (32 * 4 + 4), 2 * 64 * 5 + 2 * 64 * 9
     assert flat.fwd_s - deepep.fwd_s == pytest.approx(_at_memory_frac(t, permute_combine_fwd))
     assert flat.dx_s - deepep.dx_s == pytest.approx(_at_memory_frac(t, permute_combine_bwd))
     assert local.fwd_s - local.experts_fwd_s == pytest.approx(flat.fwd_s - flat.experts_fwd_s)
