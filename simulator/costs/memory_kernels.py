@@ -7,6 +7,17 @@ seconds and their fraction of that GPU's datasheet HBM bandwidth, forward and ba
 ``elementwise_file`` says which file a GPU of the cluster presets takes; ``packaged_memory_kernels`` turns
 its rows the tables take (``in_table``, not skipped) into ``MemoryKernelPoint`` s, or none when the
 package has no such file.
+
+A class's price is affine in its bytes, per pass and per call (``costs.kernels.memory_s``):
+t = fixed_s + bytes / (datasheet HBM x frac). The fixed term is what a call costs whatever its size (launches,
+and the small latency-bound kernels of e.g. the router's top-k and sorts over tokens x experts FP32), which a
+fraction at one size cannot tell from bandwidth: priced by bytes alone, a model with 32 routed experts pays an
+eighth of V3's router time, where the kernels take about as long. ``orchestrator.calibration.memory_classes``
+times each per-token class at two token counts (the run's and a quarter of it), takes the line's intercept as
+``fixed_s`` (clamped at 0, and at what leaves the bytes at most the datasheet; a clamp is recorded) and sets the
+fraction so that the two give back the main point's seconds exactly; a once-a-step class (``Case.step_bytes``)
+keeps one size and no fixed term. A file or point without ``fixed_s`` (every packaged file so far) prices as
+before: bytes at the fraction alone.
 """
 
 from __future__ import annotations
@@ -32,14 +43,28 @@ class MemoryKernelPoint(BaseModel):
     kernel: MemoryKernel
     fwd_frac: float = Field(..., gt=0, le=1, description="A class with backward bytes only: the backward's.")
     bwd_frac: float | None = Field(None, gt=0, le=1, description="None = the forward's.")
+    fwd_fixed_s: float | None = Field(None, ge=0, description="Seconds a call costs beside its bytes (module "
+                                      "docstring); None = 0 (a fraction at one size). A class with backward "
+                                      "bytes only: the backward's.")
+    bwd_fixed_s: float | None = Field(None, ge=0, description="None = the forward's (as bwd_frac).")
     source: str
 
 
 class _Pass(BaseModel):
+    """One pass of a class as ``memory_classes.measure`` writes it: the main point (``bytes``, ``s``; ``bytes_per_s``
+    their quotient) and, where fitted, the second point (``small_bytes``, ``small_s``), the line's intercept and
+    the ``fixed_s`` taken from it (``fixed_clamped``: not the intercept); ``hbm_frac`` prices the bytes beside
+    ``fixed_s`` (None = 0): together they give back ``s``."""
+
     bytes: float = Field(..., gt=0)
     s: float = Field(..., gt=0)
     bytes_per_s: float = Field(..., gt=0)
     hbm_frac: float = Field(..., gt=0, le=1)
+    small_bytes: float | None = Field(None, gt=0)
+    small_s: float | None = Field(None, gt=0)
+    intercept_s: float | None = None
+    fixed_s: float | None = Field(None, ge=0)
+    fixed_clamped: bool | None = None
 
 
 class _ElementwiseRow(BaseModel):
@@ -56,6 +81,19 @@ class _ElementwiseRow(BaseModel):
         if (self.fwd is None and self.bwd is None) == (self.skipped is None):
             raise ValueError(f"kernel={self.kernel!r}: give exactly one of fwd or bwd (measured) and skipped (why not)")
         return self
+
+    def point_fields(self) -> dict:
+        """The fields of its ``MemoryKernelPoint`` but kernel and source (``point_fields``)."""
+        return point_fields(*(p.model_dump() if p else None for p in (self.fwd, self.bwd)))
+
+
+def point_fields(fwd: dict | None, bwd: dict | None) -> dict:
+    """A measured class's ``MemoryKernelPoint`` fractions and fixed seconds from its passes (dicts with
+    ``hbm_frac`` and, where fitted, ``fixed_s``; at least one given): a class with backward bytes only takes its
+    backward's for both; a fraction above 1 (a point above its peak) reads as 1."""
+    first = fwd if fwd is not None else bwd
+    return {"fwd_frac": min(1.0, first["hbm_frac"]), "bwd_frac": min(1.0, bwd["hbm_frac"]) if bwd else None,
+            "fwd_fixed_s": first.get("fixed_s"), "bwd_fixed_s": bwd.get("fixed_s") if bwd else None}
 
 
 class ElementwiseMeasurements(BaseModel):
@@ -98,9 +136,10 @@ def load_elementwise(path: str | Path) -> ElementwiseMeasurements:
 
 
 def memory_kernel_points(data: ElementwiseMeasurements, label: str) -> tuple[MemoryKernelPoint, ...]:
-    """[EW]: one point per class the file measured with the implementation the tables take (``in_table``)."""
+    """[EW]: one point per class the file measured with the implementation the tables take (``in_table``), its
+    fixed seconds too where the file fitted them."""
     return tuple(
-        MemoryKernelPoint(kernel=r.kernel, fwd_frac=(r.fwd or r.bwd).hbm_frac, bwd_frac=r.bwd.hbm_frac if r.bwd else None,
+        MemoryKernelPoint(kernel=r.kernel, **r.point_fields(),
                           source=f"[EW] {label}: {r.implementation} at {r.shape} ({data.device}, {data.date})")
         for r in data.kernels if r.in_table and (r.fwd or r.bwd) is not None)
 

@@ -179,14 +179,25 @@ class CostTables(BaseModel):
                     f"(they price {', '.join(self.precisions)})")
         return None
 
-    def memory_fracs(self, kernel: str | None) -> tuple[float, float]:
-        """(forward, backward) HBM fraction of a memory-bound kernel class; if unmeasured, its stand-in's
-        (``elementwise.STAND_INS``: the same kernels measured as another class), else ``memory_frac``."""
-        point = next((p for p in self.memory_kernels if p.kernel == kernel), None) or \
+    def _memory_point(self, kernel: str | None) -> MemoryKernelPoint | None:
+        """A class's point; if unmeasured, its stand-in's (``elementwise.STAND_INS``: the same kernels measured as
+        another class); else None."""
+        return next((p for p in self.memory_kernels if p.kernel == kernel), None) or \
             next((p for p in self.memory_kernels if p.kernel == STAND_INS.get(kernel)), None)
+
+    def memory_fracs(self, kernel: str | None) -> tuple[float, float]:
+        """(forward, backward) HBM fraction of a memory-bound kernel class (``_memory_point``), else ``memory_frac``."""
+        point = self._memory_point(kernel)
         if point is None:
             return self.memory_frac, self.memory_frac
         return point.fwd_frac, point.bwd_frac if point.bwd_frac is not None else point.fwd_frac
+
+    def memory_fixed_s(self, kernel: str | None) -> tuple[float, float]:
+        """(forward, backward) seconds one call of a memory-bound kernel class costs beside its bytes
+        (``memory_kernels`` module docstring), from the point ``memory_fracs`` takes; 0 where it has none."""
+        point = self._memory_point(kernel)
+        fwd = point.fwd_fixed_s if point is not None and point.fwd_fixed_s is not None else 0.0
+        return fwd, point.bwd_fixed_s if point is not None and point.bwd_fixed_s is not None else fwd
 
     def attention_fracs(self, seq_len: int) -> tuple[float, float]:
         """(forward, forward + backward) efficiency of causal attention over ``seq_len`` keys."""

@@ -166,7 +166,7 @@ def fp8_weight_quant_s(ctx: CostContext, m: ModelSpec, units, ep: int, tp: int =
     if ctx.precision != "fp8":
         return 0.0
     nbytes = fp8_weight_quant_bytes(fp8_weight_params(m, units, ep, tp), transposed)
-    return memory_s(ctx.tables, ctx.gpu, nbytes, WEIGHT_QUANT)
+    return memory_s(ctx.tables, ctx.gpu, nbytes, WEIGHT_QUANT)  # one call: measured at one size, no fixed term
 
 
 def _priced_as(ctx: CostContext, kernel: str) -> str:
@@ -310,9 +310,11 @@ MAIN_GRAD_EPILOGUE_BYTES = 2 * FP32_BYTES - BF16_BYTES
 
 def _main_grad_add_s(ctx: CostContext, params: float, in_gemm: bool) -> float:
     """Seconds to add ``params`` weight gradients of one micro-batch into their FP32 main gradients: in the Wgrad
-    GEMM's epilogue (``in_gemm``), or by the main-grad hook after a Wgrad that wrote the parameter's dtype."""
+    GEMM's epilogue (``in_gemm``), or by the main-grad hook after a Wgrad that wrote the parameter's dtype. Bytes
+    alone (``calls=0``): the residual adds' fixed seconds a call are those of a layer's many small adds, not of
+    an epilogue or of a few whole-weight adds."""
     per_param = MAIN_GRAD_EPILOGUE_BYTES if in_gemm else MAIN_GRAD_ADD_BYTES
-    return memory_s(ctx.tables, ctx.gpu, per_param * params, "residual_add", backward=True)
+    return memory_s(ctx.tables, ctx.gpu, per_param * params, "residual_add", backward=True, calls=0)
 
 
 def _dense_params(shapes: list[tuple[int, int]]) -> int:
