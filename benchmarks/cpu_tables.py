@@ -47,6 +47,7 @@ from moeplan.orchestrator.calibration.memory_cases import CASES
 from moeplan.orchestrator.calibration.memory_classes import measure
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.costs.machine import LinkFit, Machine
+from moeplan.simulator.costs.memory_kernels import point_fields
 from moeplan.simulator.costs.tables import CPU_TABLE_FILES, CostTables
 from moeplan.simulator.presets.models import MODEL_PRESETS
 
@@ -88,8 +89,7 @@ def tables(name: str, m: dict, machine: Machine, fits: list[LinkFit], src: str) 
     att = [{"seq_len": r["seq"], "fwd_frac": _frac(r["flops"] / r["fwd_s"] / peak),
                 "fwd_bwd_frac": _frac(3 * r["flops"] / r["fwd_bwd_s"] / peak)} for r in m["attention"][name]]
     mid = att[len(att) // 2]
-    kernels = [{"kernel": r["kernel"], "fwd_frac": _frac(r["fwd"]["hbm_frac"]),
-                    "bwd_frac": _frac(r["bwd"]["hbm_frac"]) if r["bwd"] else None,
+    kernels = [{"kernel": r["kernel"], **point_fields(r["fwd"], r["bwd"]),
                     "source": f"{src} {r['implementation']} at {r['shape']}"
                               f"{'' if r['kernel'] == 'optimizer' else ', bf16'}, of the fastest copy"}
                for r in m["memory"] if r["fwd"]]

@@ -8,8 +8,12 @@ FP8 casts, SwiGLU, router, permute, combine, embedding, cross-entropy) runs at V
 tokens per micro-batch, through the implementation the cost tables take for it (and, beside it, the
 alternative; ``orchestrator/calibration/memory_cases.py``). Bytes are the class's *ideal* bytes as the
 simulator counts them (``layer_bytes_per_token`` / ``end_bytes_per_token`` times the tokens: every
-input read once, every output written once), so ``hbm_frac`` = bytes / seconds / the GPU's datasheet
-HBM bandwidth is the number ``CostTables.memory_fracs`` prices the class's bytes at. The datasheet is
+input read once, every output written once). A per-token class is timed at a second size too (a quarter of the
+tokens, ``memory_classes.fit_pass``): the line through the two points gives ``fixed_s``, the seconds a call costs
+whatever its size (clamped at 0), and ``hbm_frac``, the fraction of the GPU's datasheet HBM bandwidth its bytes
+move at beside it (with ``fixed_s``, the main point's seconds again): what ``CostTables.memory_fracs`` and
+``memory_fixed_s`` price the class at. A once-a-step class keeps one size: ``hbm_frac`` = bytes / seconds / the
+datasheet. The datasheet is
 the cluster preset of the device it runs on (``gpu_preset_for``, by ``presets.clusters.gpu_for_device``:
 an H100, 3.35 TB/s; an H800, the H100's HBM3 at 3.35 TB/s, [H100-DS] and [H800]; an H200, 4.8 TB/s,
 [H200-DS]); on the CPU or a GPU the presets lack, the H200's, as ``hbm_source`` says. The default ``--out``
@@ -35,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from moeplan.kernels.triton_compat import HAVE_TRITON
 from moeplan.orchestrator.calibration.memory_cases import CASES
-from moeplan.orchestrator.calibration.memory_classes import measure
+from moeplan.orchestrator.calibration.memory_classes import FIT_DIVISOR, measure
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.costs.memory_kernels import ELEMENTWISE_FILES, elementwise_file
 from moeplan.simulator.presets.clusters import gpu_for_device, h200_gpu
@@ -59,9 +63,14 @@ def gpu_preset_for(device_name: str) -> tuple[GpuSpec, str]:
 
 
 def _cell(p: dict | None) -> str:
+    """A pass's cells: MB, us, TB/s, then the second size's us, the fixed us (* where clamped) and the HBM
+    fraction beside it (``memory_classes.fit_pass``)."""
     if p is None:
-        return "| — | — | — | — "
-    return f"| {p['bytes'] / 1e6:,.1f} | {p['s'] * 1e6:,.1f} | {p['bytes_per_s'] / 1e12:.2f} | {p['hbm_frac']:.1%} "
+        return "| — | — | — | — | — | — "
+    small = "—" if p.get("small_s") is None else f"{p['small_s'] * 1e6:,.1f}"
+    fixed = "—" if p.get("fixed_s") is None else f"{p['fixed_s'] * 1e6:,.1f}" + ("*" if p["fixed_clamped"] else "")
+    return (f"| {p['bytes'] / 1e6:,.1f} | {p['s'] * 1e6:,.1f} | {p['bytes_per_s'] / 1e12:.2f} | {small} | {fixed} "
+            f"| {p['hbm_frac']:.1%} ")
 
 
 def markdown(result: dict) -> str:
@@ -72,16 +81,19 @@ def markdown(result: dict) -> str:
         f"{result['triton']}), {result['tokens']} tokens per micro-batch. Bytes are each class's ideal bytes as "
         "`simulator/costs/elementwise.py` counts them (inputs read once, outputs written once); HBM % is of "
         f"{result['hbm_bytes_per_s'] / 1e12:.1f} TB/s ({result['hbm_source']}). Rows marked *table* are what "
-        f"the cost tables take (`{result['out']}`); the others are measured beside them.",
+        f"the cost tables take (`{result['out']}`); the others are measured beside them. A per-token class is timed "
+        f"again at {result['small_tokens']} tokens (*us at ¼*): the line through the two points gives the fixed "
+        "seconds a call (*fixed us*, its intercept; * where clamped to 0, or to what leaves the bytes at most the "
+        "datasheet) and the HBM fraction of the rest, which together give back the main point's seconds.",
         "",
-        "| class | implementation | table | shape | fwd MB | fwd us | fwd TB/s | fwd HBM | bwd MB | bwd us | bwd TB/s "
-        "| bwd HBM |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| class | implementation | table | shape | fwd MB | fwd us | fwd TB/s | fwd us at ¼ | fwd fixed us | fwd HBM "
+        "| bwd MB | bwd us | bwd TB/s | bwd us at ¼ | bwd fixed us | bwd HBM |",
+        "|---|---|---|---|" + "---:|" * 12,
     ]
     for e in result["kernels"]:
         if e["skipped"]:
             lines.append(f"| {e['kernel']} | {e['implementation']} | {'table' if e['in_table'] else ''} | {e['shape']} "
-                         f"| skipped: {e['skipped']} |||||||")
+                         f"| skipped: {e['skipped']} " + "|" * 12)
             continue
         lines.append(f"| {e['kernel']} | {e['implementation']} | {'table' if e['in_table'] else ''} | {e['shape']} "
                      f"{_cell(e['fwd'])}{_cell(e['bwd'])}|")
@@ -128,13 +140,14 @@ def main() -> None:
     argv = " ".join(sys.argv[1:])
     result = {
         "what": "memory-bound kernel classes of one DeepSeek-V3 layer (simulator/costs/elementwise.py): ideal bytes, "
-                "median seconds, bytes/s and fraction of the datasheet HBM bandwidth, forward and backward",
+                "median seconds, bytes/s, and the fixed seconds a call with the fraction of the datasheet HBM "
+                "bandwidth of the rest (fitted over a second size, small_tokens), forward and backward",
         "command": f"python benchmarks/elementwise_bench.py{' ' + argv if argv else ''}",
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device_name,
         "torch": torch.__version__,
         "triton": __import__("triton").__version__ if HAVE_TRITON else None,
-        "model": spec.name, "tokens": tokens, "reps": reps,
+        "model": spec.name, "tokens": tokens, "small_tokens": tokens // FIT_DIVISOR, "reps": reps,
         "hbm_bytes_per_s": gpu.hbm_bytes_per_s, "hbm_source": hbm_source,
         "out": _shown(args.out),
         "kernels": entries,

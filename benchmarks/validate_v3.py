@@ -143,8 +143,7 @@ def _with_alternative(tables: CostTables, kernel: str) -> CostTables:
     """``tables`` with ``kernel`` at the fractions of the implementation measured beside the table's."""
     data = packaged_elementwise(h800_gpu().name)  # the file the validated GPU's tables take
     row = next(r for r in data.kernels if r.kernel == kernel and not r.in_table and r.fwd is not None)
-    alt = MemoryKernelPoint(kernel=kernel, fwd_frac=row.fwd.hbm_frac, bwd_frac=row.bwd.hbm_frac if row.bwd else None,
-                            source=row.implementation)
+    alt = MemoryKernelPoint(kernel=kernel, **row.point_fields(), source=row.implementation)
     return tables.model_copy(update={"memory_kernels": tuple(
         alt if p.kernel == kernel else p for p in tables.memory_kernels)})
 

@@ -67,7 +67,9 @@ def _summary(tables: CostTables, skipped: list[str]) -> Table:
     for a in tables.attention_by_seq:
         table.add_row("attention", f"seq {a.seq_len}", f"fwd {a.fwd_frac:.2%}, fwd+bwd {a.fwd_bwd_frac:.2%} of peak")
     for k in tables.memory_kernels:
-        table.add_row("memory class", k.kernel, f"fwd {k.fwd_frac:.2%}" + (f", bwd {k.bwd_frac:.2%}" if k.bwd_frac else ""))
+        fixed = [f"{name} {s * 1e6:,.1f} us" for name, s in (("fwd", k.fwd_fixed_s), ("bwd", k.bwd_fixed_s)) if s]
+        table.add_row("memory class", k.kernel, f"fwd {k.fwd_frac:.2%}" + (f", bwd {k.bwd_frac:.2%}" if k.bwd_frac else "")
+                      + (f" of hbm + {', '.join(fixed)} a call" if fixed else ""))
     if tables.host is not None:
         h = tables.host
         table.add_row("host per op", h.mode, ", ".join(f"{c} {h.op_s(c) * 1e6:.2f} us"

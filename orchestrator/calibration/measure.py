@@ -34,7 +34,7 @@ from moeplan.orchestrator.calibration import compute, links
 from moeplan.orchestrator.calibration.beside import measure_beside
 from moeplan.orchestrator.calibration.host_ops import OpCounter, count_pieces, op_costs, time_pieces
 from moeplan.orchestrator.calibration.memory_cases import CASES
-from moeplan.orchestrator.calibration.memory_classes import measure
+from moeplan.orchestrator.calibration.memory_classes import fit_pass, measure
 from moeplan.orchestrator.calibration.optimizer_ranks import norm_collectives, time_rank_optimizer
 from moeplan.orchestrator.calibration.shapes import PlanShapes
 from moeplan.orchestrator.calibration.stage_steps import time_stage_ops
@@ -106,12 +106,16 @@ def _own_host_s(run: Callable[[], object], costs: list[HostOpCost], backward: bo
 
 
 def _net(row: dict, fwd_host_s: float, bwd_host_s: float, copy_peak: float, hbm: float) -> dict:
-    """The class's row with its own host time taken off each pass (see module docstring)."""
+    """The class's row with its own host time taken off each pass (see module docstring), at both of its sizes (the
+    same ops, so the same host time: it leaves the fitted fixed seconds, ``memory_classes.fit_pass``)."""
     for key, host_s in (("fwd", fwd_host_s), ("bwd", bwd_host_s)):
         p = row.get(key)
         if p:
             s = max(p["s"] - host_s, p["bytes"] / copy_peak)
-            p.update(measured_s=p["s"], host_s=host_s, s=s, bytes_per_s=p["bytes"] / s, hbm_frac=p["bytes"] / s / hbm)
+            small = (p["small_bytes"], max(p["small_s"] - host_s, p["small_bytes"] / copy_peak)) \
+                if p.get("small_s") is not None else None
+            p.update(measured_s=p["s"], measured_small_s=p.get("small_s"), host_s=host_s,
+                     **fit_pass(p["bytes"], s, hbm, small))
     return row
 
 

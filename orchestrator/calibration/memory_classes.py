@@ -6,6 +6,12 @@ A class's bytes are its *ideal* bytes as the simulator counts them (``simulator.
 the bandwidth given is the number ``CostTables.memory_fracs`` prices the class at. The cases are
 ``memory_cases.CASES``; Triton cases are skipped, with the reason, where no CUDA GPU runs them.
 Used by ``moeplan calibrate`` and ``benchmarks/elementwise_bench.py``.
+
+A per-token case is timed at two sizes, its tokens and ``1 / FIT_DIVISOR`` of them (``fit_pass``): the line
+through the two points splits a call into fixed seconds (the intercept) and bytes at a fraction of the
+bandwidth (``simulator.costs.memory_kernels`` module docstring); then ``hbm_frac`` is that fraction, which with
+``fixed_s`` gives back the main point's seconds, and ``bytes_per_s`` stays the main point's bytes over seconds.
+A once-a-step case (``step_bytes``) keeps one size: ``hbm_frac`` = bytes / seconds / the bandwidth.
 """
 
 from __future__ import annotations
@@ -30,25 +36,60 @@ def class_bytes(spec: ModelSpec) -> dict[str, KernelBytes]:
     return layer_bytes_per_token(spec, True, "fp8", k) | ends | {FUSED_LOSS: ends["cross_entropy"]} | fused
 
 
-def _pass(nbytes: float, seconds: float, hbm_bytes_per_s: float) -> dict:
-    rate = nbytes / seconds
-    return {"bytes": nbytes, "s": seconds, "bytes_per_s": rate, "hbm_frac": rate / hbm_bytes_per_s}
+FIT_DIVISOR = 4  # a per-token case's second size: its tokens / FIT_DIVISOR (at least 1 token)
+
+
+def fit_pass(nbytes: float, seconds: float, hbm_bytes_per_s: float, small: tuple[float, float] | None = None) -> dict:
+    """A pass's entry from its main point (``nbytes`` in ``seconds``) and, where given, a ``small`` (bytes,
+    seconds) point of fewer bytes. With ``small``: the line through both points; ``fixed_s`` is its intercept
+    clamped to [0, seconds - nbytes / bandwidth] (so the fraction is at most 1 where the main point is below the
+    datasheet; ``fixed_clamped`` says when it was), and ``hbm_frac`` = nbytes / (bandwidth x (seconds -
+    fixed_s)), so fixed_s + nbytes / (bandwidth x hbm_frac) = seconds. Without: no fixed term, ``hbm_frac`` =
+    nbytes / seconds / bandwidth."""
+    entry = {"bytes": nbytes, "s": seconds, "bytes_per_s": nbytes / seconds, "hbm_frac": nbytes / seconds / hbm_bytes_per_s,
+             "small_bytes": None, "small_s": None, "intercept_s": None, "fixed_s": None, "fixed_clamped": None}
+    if small is None:
+        return entry
+    small_bytes, small_s = small
+    assert 0 < small_bytes < nbytes, f"{small_bytes=} {nbytes=}: the second point has fewer bytes"
+    intercept_s = seconds - (seconds - small_s) / (nbytes - small_bytes) * nbytes
+    at_datasheet_s = seconds - nbytes / hbm_bytes_per_s  # the most fixed seconds that leave the fraction at most 1
+    fixed_s = max(0.0, min(intercept_s, at_datasheet_s))
+    frac = 1.0 if 0.0 < fixed_s == at_datasheet_s else nbytes / (hbm_bytes_per_s * (seconds - fixed_s))  # no round-off
+    return entry | {"small_bytes": small_bytes, "small_s": small_s, "intercept_s": intercept_s, "fixed_s": fixed_s,
+                    "fixed_clamped": fixed_s != intercept_s, "hbm_frac": frac}
+
+
+def fit_tokens(case: Case, tokens: int) -> int | None:
+    """The tokens of a case's second size; None where it keeps one (a once-a-step case, or too few tokens)."""
+    small = tokens // FIT_DIVISOR
+    return None if case.step_bytes is not None or small < 1 else small
+
+
+def _points(case: Case, spec: ModelSpec, tokens: int, device: torch.device,
+            reps: int) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+    """(forward, backward) (ideal bytes, median seconds) of a case at ``tokens``; None for a pass without bytes or
+    thunk."""
+    nbytes = case_bytes(case, spec, tokens)
+    fwd, bwd = case.build(spec, tokens, device)
+    return ((nbytes.fwd_bytes, median_s(fwd, device, reps)) if fwd is not None and nbytes.fwd_bytes > 0 else None,
+            (nbytes.bwd_bytes, median_s(bwd, device, reps)) if bwd is not None and nbytes.bwd_bytes > 0 else None)
 
 
 def measure(case: Case, spec: ModelSpec, tokens: int, device: torch.device, reps: int, hbm_bytes_per_s: float) -> dict:
-    """One case's entry: ideal bytes, median seconds, bytes/s and HBM fraction, forward and backward."""
+    """One case's entry: per pass, ideal bytes, median seconds, bytes/s, and the HBM fraction with the fixed
+    seconds fitted over a second size of ``small_tokens`` (``fit_tokens``, ``fit_pass``), forward and backward."""
     entry = {"kernel": case.kernel, "implementation": case.implementation, "in_table": case.in_table,
-             "shape": case.shape(spec, tokens), "fwd": None, "bwd": None, "skipped": None}
+             "shape": case.shape(spec, tokens), "small_tokens": None, "fwd": None, "bwd": None, "skipped": None}
     if case.needs_triton and (device.type != "cuda" or not HAVE_TRITON):
         entry["skipped"] = f"Triton kernel: needs a CUDA GPU and the triton package (device {device.type})"
         return entry
-    nbytes = case_bytes(case, spec, tokens)
-    fwd, bwd = case.build(spec, tokens, device)
-    if fwd is not None and nbytes.fwd_bytes > 0:
-        entry["fwd"] = _pass(nbytes.fwd_bytes, median_s(fwd, device, reps), hbm_bytes_per_s)
-    if bwd is not None and nbytes.bwd_bytes > 0:
-        entry["bwd"] = _pass(nbytes.bwd_bytes, median_s(bwd, device, reps), hbm_bytes_per_s)
-    return entry
+    main = _points(case, spec, tokens, device, reps)
+    small_tokens = fit_tokens(case, tokens)
+    small = _points(case, spec, small_tokens, device, reps) if small_tokens else (None, None)
+    return entry | {"small_tokens": small_tokens} | {
+        key: fit_pass(*point, hbm_bytes_per_s, second) if point else None
+        for key, point, second in zip(("fwd", "bwd"), main, small)}
 
 
 def case_bytes(case: Case, spec: ModelSpec, tokens: int) -> KernelBytes:

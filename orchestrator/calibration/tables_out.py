@@ -20,6 +20,7 @@ from moeplan.orchestrator.calibration.links import link_fits, rss_bytes
 from moeplan.orchestrator.calibration.machine_info import load_average, machine_facts
 from moeplan.orchestrator.calibration.measure import Measured, Setup
 from moeplan.simulator.costs.machine import LinkFit, Machine
+from moeplan.simulator.costs.memory_kernels import point_fields
 from moeplan.simulator.costs.measured_ops import MeasuredOp
 from moeplan.simulator.costs.tables import CostTables, default_tables
 from moeplan.simulator.spec.hardware import GpuSpec
@@ -69,13 +70,13 @@ def _latency(m: Measured, setup: Setup, gpu: GpuSpec, fits: list) -> tuple[float
 
 
 def _memory_point(r: dict, src: str) -> dict:
-    """A memory class's table point; a class with backward bytes only (``expert_cast``) takes its backward's
-    fraction for both passes (``MemoryKernelPoint.fwd_frac``)."""
+    """A memory class's table point, its fixed seconds too where fitted (``memory_kernels.point_fields``: a class
+    with backward bytes only, ``expert_cast``, takes its backward's for both passes)."""
     first, which = (r["fwd"], "forward") if r["fwd"] is not None else (r["bwd"], "backward only")
-    return {"kernel": r["kernel"], "fwd_frac": min(1.0, first["hbm_frac"]),
-            "bwd_frac": min(1.0, r["bwd"]["hbm_frac"]) if r["bwd"] else None,
+    return {"kernel": r["kernel"], **point_fields(r["fwd"], r["bwd"]),
             "source": f"{src} {r['implementation']} at {r['shape']}, {first['s'] * 1e6:.1f} us {which}"
-                      + (" (its own ops' host time taken off)" if "host_s" in first else "")}
+                      + (" (its own ops' host time taken off)" if "host_s" in first else "")
+                      + (f"; fixed seconds fitted with {r['small_tokens']} tokens" if r.get("small_tokens") else "")}
 
 
 def calibrated_tables(name: str, m: Measured, setup: Setup, gpu: GpuSpec, machine: Machine) -> CostTables:

@@ -49,6 +49,7 @@ def test_the_cpu_smoke_run_writes_a_file_the_tables_load(smoke):
     assert all("Triton kernel" in r.skipped for r in data.kernels if r.skipped)
     tables = default_tables("H800-SXM5").model_copy(update={"memory_kernels": pts})
     assert tables.memory_fracs("swiglu") == (tables.memory_frac, tables.memory_frac)
+    assert all(p.fwd_fixed_s is not None for p in pts)  # every measured class is per token here: fitted
     assert all(0 < tables.memory_fracs(k)[0] <= 1 for k in measured)
 
 
@@ -59,13 +60,18 @@ def test_its_bytes_are_the_simulators_ideal_bytes(smoke):
     for row in raw["kernels"]:
         if row["fwd"] is not None:
             assert row["fwd"]["bytes"] == pytest.approx(tokens * per_token[row["kernel"]].fwd_bytes)
-            assert row["fwd"]["hbm_frac"] == pytest.approx(row["fwd"]["bytes"] / row["fwd"]["s"] / 4.8e12)  # H200's
         if row["bwd"] is not None:
             assert row["bwd"]["bytes"] == pytest.approx(tokens * per_token[row["kernel"]].bwd_bytes)
+        for p in (row["fwd"], row["bwd"]):  # the second size's bytes too; the fit gives back the main point (H200's)
+            if p is not None:
+                assert p["small_bytes"] == pytest.approx(p["bytes"] * raw["small_tokens"] / tokens) and p["fixed_s"] >= 0
+                assert p["fixed_s"] + p["bytes"] / (p["hbm_frac"] * 4.8e12) == pytest.approx(p["s"])
+                assert p["fixed_clamped"] == (p["fixed_s"] != p["intercept_s"])
     assert raw["hbm_source"] == ("simulator.presets.clusters.gpu_for_device (H200-SXM datasheet): 'cpu' is none of "
                                  "the presets' GPUs, the H200's taken")
     table = (smoke / "ew.md").read_text()
     assert "| rms_norm | torch.nn.functional.rms_norm | table |" in table and "skipped: Triton kernel" in table
+    assert "fwd us at ¼ | fwd fixed us | fwd HBM" in table and f"timed again at {raw['small_tokens']} tokens" in table
 
 
 @pytest.mark.parametrize("out", [(), ("--out", "simulator/costs/data/h100-elementwise.json", "--md", "/tmp/ew.md")])

@@ -142,6 +142,8 @@ def test_the_closed_loop_predicts_the_run_better_for_reasons_visible_per_op(tmp_
     assert res.exit_code == 0, res.output
     tables = CostTables.from_file(cal)
     assert tables.host is not None and tables.host.mode == "sum" and all(e.source.startswith("[CAL]") for e in tables.gemm)
+    per_token = [p for p in tables.memory_kernels if p.kernel != "optimizer"]  # fitted over 64 and 16 tokens
+    assert per_token and all(p.fwd_fixed_s is not None and "fitted with 16 tokens" in p.source for p in per_token)
     rec = tmp_path / "rec.json"
     res = runner.invoke(app, ["check", str(run), "--plan", str(tmp_path / "p0/plan.json"), "--recalibrate", str(rec),
                               "--recalibrate-from", str(cal)])

@@ -1,5 +1,5 @@
 """calibrate's memory-class rows as table points: a class with backward bytes only (``expert_cast``: the routed
-experts' FP8 backward casts) is kept, at its backward's fraction for both passes."""
+experts' FP8 backward casts) is kept, at its backward's fraction for both passes; fitted fixed seconds go along."""
 
 from __future__ import annotations
 
@@ -24,3 +24,10 @@ def test_a_class_with_both_passes_keeps_each_and_caps_at_one():
            "bwd": _pass(0.3, 2e-4)}
     point = MemoryKernelPoint.model_validate(_memory_point(row, "[cal]"))
     assert (point.fwd_frac, point.bwd_frac) == (1.0, 0.3) and "100.0 us forward" in point.source
+
+
+def test_the_fitted_fixed_seconds_go_into_the_point():
+    row = {"kernel": "router", "implementation": "Gate.route", "shape": "64 x 16", "small_tokens": 16,
+           "fwd": _pass(0.01, 1e-4) | {"fixed_s": 6e-5}, "bwd": _pass(0.02, 2e-4) | {"fixed_s": 0.0}}
+    point = MemoryKernelPoint.model_validate(_memory_point(row, "[cal]"))
+    assert (point.fwd_fixed_s, point.bwd_fixed_s) == (6e-5, 0.0) and "fitted with 16 tokens" in point.source
