@@ -95,15 +95,15 @@ def memory_s(tables: CostTables, gpu: GpuSpec, nbytes: float, kernel: str | None
              calls: float = 1.0) -> float:
     """``calls`` calls of a memory-bound kernel class ``kernel`` (``simulator.costs.elementwise``; None = unclassed)
     moving ``nbytes`` (their ideal bytes) through HBM: the class's forward or backward fixed seconds a call
-    (``CostTables.memory_fixed_s``; 0 unless measured) plus the bytes at its fraction of the datasheet. A call is
+    (``CostTables.memory_price``; 0 unless measured) plus the bytes at its fraction of the datasheet. A call is
     what the class's measurement timed (``orchestrator.calibration.memory_cases``): one layer's kernels of the
     class on one micro-batch; ``calls=0`` prices bytes alone (work inside another kernel, e.g. a GEMM's
     epilogue). No bytes, no call: 0."""
     if nbytes <= 0:
         return 0.0
-    fwd_frac, bwd_frac = tables.memory_fracs(kernel)
-    fixed_s = tables.memory_fixed_s(kernel)[1 if backward else 0]
-    return calls * fixed_s + nbytes / (gpu.hbm_bytes_per_s * (bwd_frac if backward else fwd_frac))
+    fracs, fixed_s = tables.memory_price(kernel)
+    i = 1 if backward else 0
+    return calls * fixed_s[i] + nbytes / (gpu.hbm_bytes_per_s * fracs[i])
 
 
 def transfer_s(tables: CostTables, nbytes: float, bytes_per_s: float) -> float:

@@ -36,7 +36,9 @@ Sources:
   once-a-step quantisation over one MoE layer's weights (``elementwise.WEIGHT_QUANT``), as a fraction of
   that GPU's datasheet HBM bandwidth at the class's ideal bytes; one H100 SXM5 (HBM3, 3.35 TB/s) for the
   H100 and H800 tables (the H800 has the H100's memory system), one H200 (HBM3e, 4.8 TB/s) for the H200's
-  and any other GPU's (``memory_kernels.elementwise_file``). Like [A]'s copy bandwidth (``memory_frac``,
+  and any other GPU's (``memory_kernels.elementwise_file``); a file written since 2026-12-07 also fits each
+  per-token class's fixed seconds a call over a second size (``memory_kernels`` module docstring; the packaged
+  files predate it, so they price bytes alone). Like [A]'s copy bandwidth (``memory_frac``,
   the fallback for a class a file does not measure), a fraction of the datasheet, so each Hopper part
   applies it to its own HBM bandwidth.
 - [FA] Shah et al. 2024, *FlashAttention-3* (arXiv:2407.08608), Fig. 5 and 6: FlashAttention-2 (Dao 2023,
@@ -179,25 +181,26 @@ class CostTables(BaseModel):
                     f"(they price {', '.join(self.precisions)})")
         return None
 
-    def _memory_point(self, kernel: str | None) -> MemoryKernelPoint | None:
-        """A class's point; if unmeasured, its stand-in's (``elementwise.STAND_INS``: the same kernels measured as
-        another class); else None."""
-        return next((p for p in self.memory_kernels if p.kernel == kernel), None) or \
+    def memory_price(self, kernel: str | None) -> tuple[tuple[float, float], tuple[float, float]]:
+        """((forward, backward) HBM fraction, (forward, backward) fixed seconds a call) of a memory-bound kernel
+        class (``memory_kernels`` module docstring); if unmeasured, its stand-in's (``elementwise.STAND_INS``: the
+        same kernels measured as another class), else ``memory_frac`` and no fixed term."""
+        point = next((p for p in self.memory_kernels if p.kernel == kernel), None) or \
             next((p for p in self.memory_kernels if p.kernel == STAND_INS.get(kernel)), None)
+        if point is None:
+            return (self.memory_frac, self.memory_frac), (0.0, 0.0)
+        fwd_fixed_s = point.fwd_fixed_s or 0.0
+        return ((point.fwd_frac, point.bwd_frac if point.bwd_frac is not None else point.fwd_frac),
+                (fwd_fixed_s, point.bwd_fixed_s if point.bwd_fixed_s is not None else fwd_fixed_s))
 
     def memory_fracs(self, kernel: str | None) -> tuple[float, float]:
-        """(forward, backward) HBM fraction of a memory-bound kernel class (``_memory_point``), else ``memory_frac``."""
-        point = self._memory_point(kernel)
-        if point is None:
-            return self.memory_frac, self.memory_frac
-        return point.fwd_frac, point.bwd_frac if point.bwd_frac is not None else point.fwd_frac
+        """(forward, backward) HBM fraction of a memory-bound kernel class (``memory_price``)."""
+        return self.memory_price(kernel)[0]
 
     def memory_fixed_s(self, kernel: str | None) -> tuple[float, float]:
         """(forward, backward) seconds one call of a memory-bound kernel class costs beside its bytes
-        (``memory_kernels`` module docstring), from the point ``memory_fracs`` takes; 0 where it has none."""
-        point = self._memory_point(kernel)
-        fwd = point.fwd_fixed_s if point is not None and point.fwd_fixed_s is not None else 0.0
-        return fwd, point.bwd_fixed_s if point is not None and point.bwd_fixed_s is not None else fwd
+        (``memory_price``); 0 where its point has none."""
+        return self.memory_price(kernel)[1]
 
     def attention_fracs(self, seq_len: int) -> tuple[float, float]:
         """(forward, forward + backward) efficiency of causal attention over ``seq_len`` keys."""
