@@ -35,6 +35,7 @@ import functools
 
 import torch
 
+from . import fp8_gemm_ws
 from .fp8_quant import (
     AMAX_FLOOR,
     FP8_DTYPE,
@@ -48,7 +49,7 @@ from .fp8_quant import (
     quantize_e4m3,
     scale_from_amax,
 )
-from .triton_compat import INTERPRET, cdiv, triton
+from .triton_compat import cdiv, triton
 
 try:
     from triton.experimental import gluon
@@ -221,11 +222,6 @@ def _constexprs(pow2_scale: bool, amax_floor: float, cast: int, rows: int, persi
 
 
 @functools.cache
-def _hopper(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] == 9
-
-
-@functools.cache
 def _sm_limits(index: int) -> tuple[int, int, int, int]:
     """(SMs, registers, shared memory bytes, threads) of one SM of a device (H100's where torch does not say)."""
     props = torch.cuda.get_device_properties(index)
@@ -259,9 +255,10 @@ def _index(device: torch.device) -> int:
 
 def runs_on(x: torch.Tensor) -> bool:
     """Whether ``quant_act_both_gluon(x)`` runs the Gluon kernel (else it falls back to ``quant_act_both``): Gluon
-    present, no interpreter, x on a Hopper GPU, bf16 or fp32, unit stride along K."""
-    return (HAVE_GLUON and not INTERPRET and x.is_cuda and x.dtype in (torch.bfloat16, torch.float32)
-            and x.stride(1) == 1 and _hopper(_index(x.device)))
+    present, no interpreter, x on a Hopper GPU (``fp8_gemm_ws.runs_on``, the GEMMs' own test), bf16 or fp32, unit
+    stride along K."""
+    return (HAVE_GLUON and x.dtype in (torch.bfloat16, torch.float32) and x.stride(1) == 1
+            and fp8_gemm_ws.runs_on(x.device))
 
 
 def quant_act_both_gluon(

@@ -172,6 +172,28 @@ def pairs_window(trace: Mapping[str, Any]) -> tuple[float, float]:
     return marks[0][1], marks[1][0]
 
 
+def _comm_and_compute(trace: Mapping[str, Any], window: tuple[float, float] | None
+                      ) -> tuple[list[tuple[float, float]], list[tuple[float, float]]] | None:
+    """(communication, compute) busy intervals (us, merged) of a trace's GPU activity clipped to ``window``, the
+    compute stream being the one with the most kernels and every other stream communication; ``mark_window``
+    kernels left out. None when no kernel ran."""
+    lo, hi = window if window is not None else (-math.inf, math.inf)
+    gpu = []
+    for e in _gpu_events(trace):
+        start, end = max(e["ts"], lo), min(e["ts"] + e["dur"], hi)
+        if end > start and MARK_KERNEL not in e.get("name", ""):
+            gpu.append((e["args"]["stream"], e["cat"], start, end))
+    per_stream: dict[int, int] = {}
+    for stream, cat, _, _ in gpu:
+        if cat == "kernel":
+            per_stream[stream] = per_stream.get(stream, 0) + 1
+    if not per_stream:
+        return None
+    compute_stream = max(per_stream, key=per_stream.get)
+    return (_union((a, b) for stream, _, a, b in gpu if stream != compute_stream),
+            _union((a, b) for stream, _, a, b in gpu if stream == compute_stream))
+
+
 # A compute kernel that waited for an all-to-all starts this soon after the copy's end: the event's signal plus the
 # kernel's launch latency on the GPU, a few microseconds (an H100 trace of 2026-12-06: 2-8 us). A longer gap ends
 # because the host issued the next kernel late.
@@ -185,16 +207,11 @@ def exposure(trace: Mapping[str, Any], window: tuple[float, float] | None = None
     that end otherwise (the compute stream had nothing to run: the host issued late), with ``gaps`` and
     ``waits``, the counts of each kind of gap holding exposed communication."""
     lo, hi = window if window is not None else (-math.inf, math.inf)
-    gpu = [(e["args"]["stream"], e["cat"], max(e["ts"], lo), min(e["ts"] + e["dur"], hi)) for e in _gpu_events(trace)
-           if MARK_KERNEL not in e.get("name", "")]
-    gpu = [g for g in gpu if g[3] > g[2]]
     out = {"waited": 0.0, "host": 0.0, "waits": 0, "gaps": 0}
-    kernels = [stream for stream, cat, _, _ in gpu if cat == "kernel"]
-    if not kernels:
+    busy = _comm_and_compute(trace, window)
+    if busy is None:
         return out
-    compute_stream = max(set(kernels), key=kernels.count)
-    comm = _union((a, b) for stream, _, a, b in gpu if stream != compute_stream)
-    compute = _union((a, b) for stream, _, a, b in gpu if stream == compute_stream)
+    comm, compute = busy
     edges = [min(lo, comm[0][0]) if comm else lo, *(t for span in compute for t in span), max(hi, comm[-1][1]) if comm
              else hi]
     for g0, g1 in zip(edges[::2], edges[1::2]):  # the compute stream's idle gaps, window edges included
@@ -235,21 +252,10 @@ def hidden_fraction(trace: Mapping[str, Any], window: tuple[float, float] | None
     (``cat`` kernel, gpu_memcpy, gpu_memset, with ``args.stream``), each interval clipped to ``window``
     (start us, end us; ``pairs_window``) when given; ``mark_window`` kernels do not count. NaN fraction when
     nothing communicates."""
-    lo, hi = window if window is not None else (-math.inf, math.inf)
-    gpu = []
-    for e in _gpu_events(trace):
-        start, end = max(e["ts"], lo), min(e["ts"] + e["dur"], hi)
-        if end > start and MARK_KERNEL not in e.get("name", ""):
-            gpu.append((e["args"]["stream"], e["cat"], start, end))
-    per_stream: dict[int, int] = {}
-    for stream, cat, _, _ in gpu:
-        if cat == "kernel":
-            per_stream[stream] = per_stream.get(stream, 0) + 1
-    if not per_stream:
+    busy = _comm_and_compute(trace, window)
+    if busy is None:
         return float("nan"), 0.0, 0.0
-    compute_stream = max(per_stream, key=per_stream.get)
-    comm = _union((a, b) for stream, _, a, b in gpu if stream != compute_stream)
-    compute = _union((a, b) for stream, _, a, b in gpu if stream == compute_stream)
+    comm, compute = busy
     comm_us = sum(b - a for a, b in comm)
     compute_us = sum(b - a for a, b in compute)
     return (_intersection(comm, compute) / comm_us if comm_us else float("nan")), comm_us, compute_us

@@ -39,8 +39,8 @@ from moeplan.simulator.costs.elementwise import (
     WEIGHT_QUANT,
     KernelBytes,
     end_bytes_per_token,
-    fp32_loss_bytes_per_token,
     experts_swiglu_redo_bytes,
+    fp32_loss_bytes_per_token,
     fp8_weight_quant_bytes,
     layer_bytes_per_token,
     selective_recompute_bytes_per_token,
@@ -185,7 +185,7 @@ def swiglu_redo_s(ctx: CostContext, m: ModelSpec, rows_per_token: float) -> floa
     """Seconds of the routed experts' SwiGLU output redone in backward (``elementwise.experts_swiglu_redo_bytes``),
     at the tables' SwiGLU forward point."""
     nbytes = ctx.tokens * experts_swiglu_redo_bytes(m, ctx.precision, rows_per_token, ctx.fusion)
-    return memory_s(ctx.tables, ctx.gpu, nbytes, _priced_as(ctx, "swiglu")) if nbytes else 0.0
+    return memory_s(ctx.tables, ctx.gpu, nbytes, _priced_as(ctx, "swiglu"))  # 0 without bytes
 
 
 def _recompute_s(ctx: CostContext, m: ModelSpec, layer: dict[str, KernelBytes], up: list[tuple[int, int]]) -> float:
