@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from moeplan.kernels.copy_loop import copy_loop
 from moeplan.model.runtime.executor import Timeline
 from moeplan.model.runtime.loopback import (
     exposure,
@@ -71,12 +72,12 @@ class _Window:
         return start.elapsed_time(end) / 1e3 if self.cuda else end - start
 
 
-def time_pairs(model, ids, device, repeat: int, overlap: bool, pairs: int, steps: int, warmup: int) -> float:
+def time_pairs(model, ids, device, comm: LoopbackComm, overlap: bool, pairs: int, steps: int, warmup: int) -> float:
     """Median seconds per pair over the window of ``pairs`` consecutive pairs, ``steps`` chains after ``warmup``."""
     times = []
     for i in range(warmup + steps):
         window = _Window(device)
-        run_pairs(model, ids, LoopbackComm(repeat), Streams(device), Timeline(0, cuda=device.type == "cuda"),
+        run_pairs(model, ids, comm, Streams(device), Timeline(0, cuda=device.type == "cuda"),
                   overlap, pairs, window.mark, window.mark)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -86,15 +87,14 @@ def time_pairs(model, ids, device, repeat: int, overlap: bool, pairs: int, steps
     return statistics.median(times)
 
 
-def profile_pairs(model, ids, device, repeat: int, overlap: bool, pairs: int,
+def profile_pairs(model, ids, device, comm: LoopbackComm, overlap: bool, pairs: int,
                   keep: Path | None = None) -> tuple[float, float, float, dict]:
     """(hidden fraction, comm us, compute us, ``exposure``) inside the window of one chain under
     ``torch.profiler`` (NaN on CPU); the chain's whole Chrome trace copied to ``keep`` when given."""
     if device.type != "cuda":
         return float("nan"), 0.0, 0.0, exposure({})
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run_pairs(model, ids, LoopbackComm(repeat), Streams(device), Timeline(0, cuda=True), overlap, pairs,
-                  mark_window, mark_window)
+        run_pairs(model, ids, comm, Streams(device), Timeline(0, cuda=True), overlap, pairs, mark_window, mark_window)
         torch.cuda.synchronize(device)
     model.zero_grad(set_to_none=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,15 +107,38 @@ def profile_pairs(model, ids, device, repeat: int, overlap: bool, pairs: int,
     return (*hidden_fraction(trace, window), exposure(trace, window))
 
 
-def render(args, spec, seq: int, dtype, name: str, times: dict, fracs: dict) -> str:
+def copy_rate(spec, seq: int, device, sms: int, reps: int = 20) -> float:
+    """Bytes moved a second by one ``copy_loop`` pass on ``sms`` SMs, alone, over one dispatch's BF16 rows (tokens x top-k x
+    hidden): the loopback link's rate is this over --repeat."""
+    numel = seq * spec.num_experts_per_tok * spec.hidden_size // 2  # bf16 rows as fp32 words
+    src, dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
+    copy_loop(src, dst, sms)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        copy_loop(src, dst, sms)
+    end.record()
+    torch.cuda.synchronize(device)
+    return 4 * numel * reps / (start.elapsed_time(end) / 1e3)  # the bytes moved (each read once, written once)
+
+
+def render(args, spec, seq: int, dtype, name: str, times: dict, fracs: dict, rate: float = float("nan")) -> str:
     """The results page: the command, the table per pair, both kinds of hidden fraction and the wall-time gain."""
     t_ovl, t_seq, t_one = times["ovl"], times["seq"], times["one"]
     ab = (t_seq - t_ovl) / (t_seq - t_one) if t_seq > t_one else float("nan")
     frac_ovl, frac_seq = fracs["ovl"], fracs["seq"]
     exp = frac_ovl[3]
     pairs = args.pairs
+    sms = f" --copy-sms {args.copy_sms}" if args.copy_sms else ""
     command = (f"benchmarks/overlap_bench.py{' --small' if args.small else ''} --shape {args.shape} --device "
-               f"{args.device} --repeat {args.repeat} --pairs {pairs} --steps {args.steps} --warmup {args.warmup}")
+               f"{args.device} --repeat {args.repeat}{sms} --pairs {pairs} --steps {args.steps} --warmup {args.warmup}")
+    if args.copy_sms:
+        copies = (f"{args.repeat} passes of `kernels.copy_loop` on {args.copy_sms} SMs per all-to-all ("
+                  f"{rate / 1e9:,.0f} GB/s a pass alone, {rate / args.repeat / 1e9:,.0f} GB/s the all-to-all)")
+        short = f"{args.repeat} passes on {args.copy_sms} SMs"
+    else:
+        copies = f"{args.repeat} copies per all-to-all (torch's copy, every free SM)"
+        short = f"{args.repeat} copies"
     return "\n".join([
         "# Overlapped F&B on one device, loopback expert parallelism",
         "",
@@ -130,8 +153,8 @@ def render(args, spec, seq: int, dtype, name: str, times: dict, fracs: dict) -> 
         "",
         "| chain of pairs | ms per pair | profiler hidden fraction |",
         "|---|---|---|",
-        f"| interleaved (T_ovl), {args.repeat} copies per all-to-all | {t_ovl * 1e3:.2f} | {frac_ovl[0]:.3f} |",
-        f"| F then B (T_seq), {args.repeat} copies | {t_seq * 1e3:.2f} | {frac_seq[0]:.3f} |",
+        f"| interleaved (T_ovl), {copies} | {t_ovl * 1e3:.2f} | {frac_ovl[0]:.3f} |",
+        f"| F then B (T_seq), {short} | {t_seq * 1e3:.2f} | {frac_seq[0]:.3f} |",
         f"| F then B (T_one), one copy | {t_one * 1e3:.2f} | |",
         "",
         (f"Wall time: the copies cost T_seq - T_one = {(t_seq - t_one) * 1e3:.2f} ms per pair; interleaving wins back "
@@ -155,6 +178,9 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny-moe, short sequences (smoke run)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per micro-batch (default 4096, small 32)")
     parser.add_argument("--repeat", type=int, default=7, help="copies per all-to-all (link slowdown)")
+    parser.add_argument("--copy-sms", type=int, default=None,
+                        help="each all-to-all as --repeat passes of kernels.copy_loop on this many SMs (a link's "
+                             "kernel: a few SMs, HBM at the link's rate) instead of torch's copy on every SM")
     parser.add_argument("--pairs", type=int, default=1, help="consecutive F&B pairs in the timed window")
     parser.add_argument("--steps", type=int, default=10, help="timed chains per mode")
     parser.add_argument("--warmup", type=int, default=3)
@@ -178,13 +204,15 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     ids = tuple(torch.randint(0, spec.vocab_size, (1, seq), generator=gen).to(device) for _ in range(2))
     run = {"pairs": args.pairs, "steps": args.steps, "warmup": args.warmup}
-    times = {"ovl": time_pairs(model, ids, device, args.repeat, True, **run),
-             "seq": time_pairs(model, ids, device, args.repeat, False, **run),
-             "one": time_pairs(model, ids, device, 1, False, **run)}
-    fracs = {"ovl": profile_pairs(model, ids, device, args.repeat, True, args.pairs, args.trace),
-             "seq": profile_pairs(model, ids, device, args.repeat, False, args.pairs)}
+    comm = LoopbackComm(args.repeat, args.copy_sms)
+    times = {"ovl": time_pairs(model, ids, device, comm, True, **run),
+             "seq": time_pairs(model, ids, device, comm, False, **run),
+             "one": time_pairs(model, ids, device, LoopbackComm(1), False, **run)}
+    fracs = {"ovl": profile_pairs(model, ids, device, comm, True, args.pairs, args.trace),
+             "seq": profile_pairs(model, ids, device, comm, False, args.pairs)}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    write_atomic(args.out, render(args, spec, seq, dtype, name, times, fracs))
+    rate = copy_rate(spec, seq, device, args.copy_sms) if args.copy_sms and device.type == "cuda" else float("nan")
+    write_atomic(args.out, render(args, spec, seq, dtype, name, times, fracs, rate))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from moeplan.kernels.copy_loop import copy_loop
+
 # ---- communication facades --------------------------------------------------------------------------------
 
 class DistComm:
@@ -49,16 +51,35 @@ class DistComm:
 
 class LoopbackComm(DistComm):
     """One GPU, no peer: each all-to-all is a copy of the same bytes on the current stream (X), repeated
-    ``repeat`` times to stand for a link that many times slower than a device copy."""
+    ``repeat`` times to stand for a link that many times slower than a device copy.
 
-    def __init__(self, repeat: int = 1) -> None:
-        self.repeat = repeat
+    ``sms`` (CUDA): the copy is ``kernels.copy_loop`` on that many SMs (``repeat`` passes) instead of torch's
+    copy over every free SM. A link's all-to-all kernel holds a few SMs (DeepEP's: 20-24, TR §3.2.2) and moves
+    the bytes through HBM only at the link's rate; a copy spread over the whole GPU and repeated to last as long
+    takes ``repeat`` times the HBM traffic, which the compute beside it pays for."""
+
+    def __init__(self, repeat: int = 1, sms: int | None = None) -> None:
+        if sms is not None and sms < 1:
+            raise ValueError(f"LoopbackComm: sms={sms} must be at least 1")
+        self.repeat, self.sms = repeat, sms
 
     def all_to_all(self, out, inp, out_splits, in_splits, group, name):
         assert out.shape == inp.shape, f"a loopback all-to-all keeps every row: {out.shape=} {inp.shape=}"
-        for _ in range(self.repeat):
-            out.copy_(inp)
+        words = _fp32_words(inp, out) if self.sms is not None and out.is_cuda else None
+        if words is not None:
+            copy_loop(*words, blocks=self.sms, passes=self.repeat)
+        else:
+            for _ in range(self.repeat):
+                out.copy_(inp)
         return None if out.is_cuda else (None, [time.perf_counter()])
+
+
+def _fp32_words(inp: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Both tensors' bytes as 1-D fp32 views (what ``copy_loop`` moves), or None where they are not contiguous
+    or not a whole number of 4-byte words (then torch's copy)."""
+    if not (inp.is_contiguous() and out.is_contiguous()) or (inp.numel() * inp.element_size()) % 4:
+        return None
+    return inp.view(-1).view(torch.uint8).view(torch.float32), out.view(-1).view(torch.uint8).view(torch.float32)
 
 
 @dataclass

@@ -164,3 +164,30 @@ def test_exposure_tells_a_wait_for_a_copy_from_a_late_host():
     assert comm_us - hidden * comm_us == pytest.approx(got["waited"] + got["host"])
     assert exposure(trace, (0, 60)) == {"waited": 18, "host": 5, "waits": 1, "gaps": 1}
     assert exposure({"traceEvents": [_event(C, 0, 5)]}) == {"waited": 0.0, "host": 0.0, "waits": 0, "gaps": 0}
+
+
+def test_a_copy_on_few_sms_takes_whole_words_and_refuses_no_sms():
+    """``LoopbackComm(sms=...)``: contiguous tensors of whole 4-byte words go to ``copy_loop`` as fp32 views of
+    the same bytes; anything else (odd bytes, strided) falls back to torch's copy; no SMs is an error."""
+    from moeplan.model.runtime.overlap_comm import _fp32_words
+
+    a = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)
+    words = _fp32_words(a, torch.empty_like(a))
+    assert words is not None and words[0].dtype == torch.float32 and words[0].numel() == 6
+    assert words[0].data_ptr() == a.data_ptr()
+    assert _fp32_words(torch.zeros(3, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8)) is None
+    assert _fp32_words(a.t(), torch.empty_like(a.t())) is None
+    with pytest.raises(ValueError, match="sms=0"):
+        LoopbackComm(2, sms=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,shape", [(torch.bfloat16, (4096, 7168)), (torch.float8_e4m3fn, (1000, 7168)),
+                                         (torch.uint8, (5, 3))])
+def test_a_copy_on_few_sms_moves_every_byte(dtype, shape):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    src = torch.randint(0, 255, shape, dtype=torch.uint8, device="cuda").view(dtype)
+    out = torch.zeros_like(src)
+    LoopbackComm(3, sms=4).all_to_all(out, src, None, None, None, "dispatch")
+    assert torch.equal(out.view(torch.uint8), src.view(torch.uint8))
