@@ -7,8 +7,9 @@ Three tilings, each with one fp32 scale per tile (``x ≈ x_fp8 * scale``):
   transposed, ``(K, M)`` with scales ``(K, ceil(M/128))``. Weight gradients reduce over tokens, so
   both of their operands need scales along M, and FP8 wgmma wants the reduction dim contiguous.
 * ``quant_act_both``: both of the above, for an activation or gradient that a forward GEMM or Dgrad and a
-  Wgrad both multiply: the two quantisers (measured faster), or with ``ONE_READ`` one read of x (one program
-  per 128×128 tile, both amaxes on chip: in registers, or with "gluon" in shared memory, ``fp8_quant_gluon``).
+  Wgrad both multiply, by ``ONE_READ``: on a Hopper GPU one read of x by default (one program per 128×128 tile,
+  both amaxes on chip, the tile in shared memory: ``fp8_quant_gluon``), else the two quantisers (or in
+  registers, True: measured slower than either).
 * ``quant_weight_128x128``: weights ``([E,] N, K)`` in 128×128 blocks → scales ``([E,] ceil(N/128),
   ceil(K/128))``; optionally also the transposed copy ``([E,] K, N)`` that the input gradient needs
   (a 128×128 block's scale is the same either way round, so its scales are ``scale.mT``).
@@ -367,13 +368,16 @@ def quant_act_128x1_t(x: torch.Tensor, pow2_scale: bool = False, amax_floor: flo
     return _quant_rows(x.t(), pow2_scale, amax_floor, cast, row_bound, bound_cols=True)  # x's rows: the columns
 
 
-# True: ``quant_act_both`` runs ``_quant_both_kernel`` (x read once). False (the default): the two single quantisers,
-# x read twice, which measured faster: benchmarks/quant_both_bench.py (docs/results/quant-both.md, H100,
-# 2026-12-06 18:10 UTC) at 4096x7168, 34560x7168 and 34560x4096 bf16: 69, 543 and 312 us for the two against
-# 112, 873 and 502 us for the one-read kernel's best candidate (34% of HBM at the one read's bytes; each single
-# quantiser runs at 70-90% of its own). "gluon": ``fp8_quant_gluon.quant_act_both_gluon`` (the tile in shared memory,
-# x read once) where it runs (a Hopper GPU, bf16 or fp32 rows), else the two single quantisers.
-ONE_READ: bool | str = False
+# How ``quant_act_both`` reads x. "gluon" (the default): ``fp8_quant_gluon.quant_act_both_gluon`` (the tile in
+# shared memory, x read once) where it runs (a Hopper GPU, bf16 or fp32 rows), else as False. False: the two single
+# quantisers, x read twice. True: ``_quant_both_kernel`` (x read once, in registers). benchmarks/quant_both_bench.py
+# (docs/results/quant-both.md, H100, 2026-12-07 05:28 UTC, L2 flushed) at 4096x7168, 34560x7168 and 34560x4096
+# bf16: Gluon 59.5, 427 and 249 us (60-71% of HBM at the one read's bytes), the two 68.2, 543 and 311 us, True's
+# best 111, 866 and 499 us; every candidate bit-exact. Inside the FP8 step (benchmarks/model_step.py, workload A,
+# K = 16, H100, 05:45 UTC) the casts took 8.06 ms a micro-batch with Gluon against 8.37 ms with the two (05:27,
+# the same kind of card): the two's second read partly hits L2 there. The GPU tests
+# (tests/kernels/test_fp8_quant_gluon.py -m gpu) passed: 83 and, in an earlier call cut by its timeout, 63.
+ONE_READ: bool | str = "gluon"
 ONE_READ_CHOICES = {"two": False, "triton": True, "gluon": "gluon"}  # names for ONE_READ (benchmarks' flags)
 
 
