@@ -16,8 +16,8 @@ eighth of V3's router time, where the kernels take about as long. ``orchestrator
 times each per-token class at two token counts (the run's and a quarter of it), takes the line's intercept as
 ``fixed_s`` (clamped at 0, and at what leaves the bytes at most the datasheet; a clamp is recorded) and sets the
 fraction so that the two give back the main point's seconds exactly; a once-a-step class (``Case.step_bytes``)
-keeps one size and no fixed term. A file or point without ``fixed_s`` (every packaged file so far) prices as
-before: bytes at the fraction alone.
+keeps one size and no fixed term. A file or point without ``fixed_s`` (the H200 file, and the H100 file before
+2026-12-07 05:52 UTC) prices as before: bytes at the fraction alone.
 """
 
 from __future__ import annotations
