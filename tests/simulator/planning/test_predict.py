@@ -54,7 +54,11 @@ def test_2024_fp8_kernels_make_an_fp8_step_strictly_slower_and_leave_bf16_alone(
     cutlass = SimOptions(tables=named_tables("hopper-cutlass36-2024", "H800-SXM5"))
     deepgemm, _ = predict_step(inp, 8, 8)
     before, _ = predict_step(inp, 8, 8, opts=cutlass)
-    assert before.step_time_s > deepgemm.step_time_s * 1.01
+    assert before.step_time_s > deepgemm.step_time_s
+    # the GEMMs' share: the busiest rank's compute; the step also holds the memory-bound classes' fixed seconds a
+    # call (the H100 file at two sizes), which the kernels' era does not move
+    busiest = [max(r.compute_s for r in p.per_rank) for p in (before, deepgemm)]
+    assert busiest[0] > busiest[1] * 1.01, busiest
     bf16 = inp.model_copy(update={"training": inp.training.model_copy(update={"precision": "bf16"})})
     assert predict_step(bf16, 8, 8, opts=cutlass)[0].step_time_s == pytest.approx(predict_step(bf16, 8, 8)[0].step_time_s)
 

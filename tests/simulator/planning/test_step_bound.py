@@ -65,8 +65,10 @@ def _compute_bound_only(inputs, dp, microbatches, opts, memo):
     return compute_bound_s(inputs, dp, microbatches, opts)
 
 
+# tiny_dense at micro-batch size 2: at 1 (256 tokens) its step is the memory-bound classes' fixed seconds a call
+# (the H100 file measured at two sizes, 2026-12-07) and the TP waits no longer decide what is pruned (21 = 21)
 @pytest.mark.parametrize(("model", "cluster", "fixed"), [
-    (tiny_dense(), h800(1), {"micro_batch_size": 1}),
+    (tiny_dense(), h800(1), {"micro_batch_size": 2}),
     (tiny_moe(), h200(1), {"recompute": "selective"}),
     (deepseek_v2_lite(), h200(1), {"micro_batch_size": 1, "recompute": "selective"}),
 ])
