@@ -4,8 +4,11 @@
     python -P benchmarks/overlap_bench.py --device cpu --small --pairs 3 --out /tmp/o.md       # smoke run (CPU)
 
 One stage holds a dense layer and MoE layers whose all-to-alls are loopback copies on the communication
-stream (``model.runtime.loopback``), each repeated ``--repeat`` times to stand for a link that much slower
-than a device copy (HBM3 at ~3 TB/s against NVLink's ~0.45 TB/s per direction is ~7). A chain runs the
+stream (``model.runtime.loopback``). By default each is run as a link's kernel runs it: ``--repeat`` passes of
+``kernels.copy_loop`` on ``--copy-sms`` SMs (4 passes on 8 SMs: ~50 GB/s an all-to-all on an H100, DeepSeek-V3's
+cross-node rate; docs/results/overlap.md), holding a few SMs and moving the bytes through HBM once a pass.
+``--copy-sms 0``: torch's copy on every free SM, repeated ``--repeat`` times, which takes ``--repeat`` times the
+bytes of HBM traffic from the compute beside it. A chain runs the
 forward of micro-batch 0, then ``--pairs`` F&B pairs back to back (pair k: backward of micro-batch k beside
 the forward of k + 1; no host sync between pairs, as in DualPipe's steady state), then the last backward
 (``loopback.run_pairs``). The window is the pairs alone: from the end of micro-batch 0's forward to the end
@@ -129,7 +132,7 @@ def render(args, spec, seq: int, dtype, name: str, times: dict, fracs: dict, rat
     frac_ovl, frac_seq = fracs["ovl"], fracs["seq"]
     exp = frac_ovl[3]
     pairs = args.pairs
-    sms = f" --copy-sms {args.copy_sms}" if args.copy_sms else ""
+    sms = f" --copy-sms {args.copy_sms or 0}"
     command = (f"benchmarks/overlap_bench.py{' --small' if args.small else ''} --shape {args.shape} --device "
                f"{args.device} --repeat {args.repeat}{sms} --pairs {pairs} --steps {args.steps} --warmup {args.warmup}")
     if args.copy_sms:
@@ -177,10 +180,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="tiny-moe, short sequences (smoke run)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per micro-batch (default 4096, small 32)")
-    parser.add_argument("--repeat", type=int, default=7, help="copies per all-to-all (link slowdown)")
-    parser.add_argument("--copy-sms", type=int, default=None,
+    parser.add_argument("--repeat", type=int, default=4, help="passes (copies) per all-to-all (link slowdown)")
+    parser.add_argument("--copy-sms", type=int, default=8,
                         help="each all-to-all as --repeat passes of kernels.copy_loop on this many SMs (a link's "
-                             "kernel: a few SMs, HBM at the link's rate) instead of torch's copy on every SM")
+                             "kernel: a few SMs, HBM at the link's rate); 0: torch's copy on every SM")
     parser.add_argument("--pairs", type=int, default=1, help="consecutive F&B pairs in the timed window")
     parser.add_argument("--steps", type=int, default=10, help="timed chains per mode")
     parser.add_argument("--warmup", type=int, default=3)
@@ -190,6 +193,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.pairs < 1:
         parser.error(f"--pairs={args.pairs} must be at least 1")
+    if args.copy_sms < 0 or args.repeat < 1:
+        parser.error(f"--copy-sms={args.copy_sms} must be at least 0 and --repeat={args.repeat} at least 1")
+    args.copy_sms = args.copy_sms if args.copy_sms and args.device != "cpu" else None  # torch's copy: 0, or a CPU
     device = torch.device(args.device)
     torch.manual_seed(0)
     if device.type == "cpu":

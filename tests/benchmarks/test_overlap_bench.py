@@ -31,3 +31,11 @@ def test_overlap_bench_refuses_no_pairs(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--pairs=0 must be at least 1" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "o.md").exists()
+
+
+def test_overlap_bench_refuses_negative_sms(tmp_path):
+    proc = subprocess.run([sys.executable, "-P", str(ROOT / "benchmarks" / "overlap_bench.py"), "--device", "cpu",
+                           "--small", "--copy-sms", "-1", "--out", str(tmp_path / "o.md")], check=False,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--copy-sms=-1 must be at least 0" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "o.md").exists()
