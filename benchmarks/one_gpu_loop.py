@@ -20,11 +20,13 @@ import argparse
 import datetime
 import itertools
 import json
+import runpy
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from moeplan.model.runtime.overlap import NODE_RANGE
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.presets.models import deepseek_v3
 from moeplan.simulator.spec.model import ModelSpec
@@ -62,6 +64,15 @@ def moeplan(*args: str, timeout: float = 900) -> tuple[int, str]:
     return res.returncode, (res.stdout + res.stderr).rstrip()
 
 
+def node_kind(name: str) -> str:
+    """"0F1 L2 experts" -> "F experts": the micro-batch and layer numbers dropped; other names ("optimizer
+    update") kept whole."""
+    words = name.split()
+    if len(words) > 1 and words[0][:1].isdigit():
+        return " ".join([words[0].lstrip("0123456789")[:1]] + [w for w in words[1:] if not w[1:].isdigit()])
+    return name
+
+
 def trace_summary(run_dir: Path, top: int = 12) -> tuple[int, str]:
     """Where rank 0's traced step went: each node kind's total (micro-batch and layer numbers dropped, so
     "0F1 L2 experts" counts as "F experts"), the time between nodes (host work, waits), and the longest
@@ -76,11 +87,7 @@ def trace_summary(run_dir: Path, top: int = 12) -> tuple[int, str]:
         return 1, f"{path}: no timed events"
     kinds: dict[str, float] = {}
     for _, dur, name in spans:
-        words = name.split()
-        tagged = len(words) > 1 and words[0][:1].isdigit()  # "0F1 L2 experts"; "optimizer update" is kept whole
-        kind = " ".join([words[0].lstrip("0123456789")[:1]] + [w for w in words[1:] if not w[1:].isdigit()]) \
-            if tagged else name
-        kinds[kind] = kinds.get(kind, 0.0) + dur
+        kinds[node_kind(name)] = kinds.get(node_kind(name), 0.0) + dur
     gaps = [(b[0] - (a[0] + a[1]), a[2], b[2]) for a, b in itertools.pairwise(spans)]
     window = spans[-1][0] + spans[-1][1] - spans[0][0]
     between = sum(max(g, 0.0) for g, _, _ in gaps)
@@ -89,6 +96,48 @@ def trace_summary(run_dir: Path, top: int = 12) -> tuple[int, str]:
     lines += [f"{kind:<30} {ms / 1e3:9.1f}" for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])[:top]]
     lines += ["", "longest gaps (ms, after -> before)"]
     lines += [f"{g / 1e3:7.1f}  {a} -> {b}" for g, a, b in sorted(gaps, reverse=True)[:5]]
+    return 0, "\n".join(lines)
+
+
+def kernels_by_node(trace: dict) -> dict[str, dict[str, float]]:
+    """Seconds of GPU kernels per (node kind, kernel class) in a ``moeplan launch --kernel-trace`` Chrome trace:
+    each kernel goes to the innermost ``NODE_RANGE`` around the host call that launched it ("(outside nodes)"
+    where none), its class by ``model_step_cases.kernel_class`` (the node's name says experts or attention)."""
+    here = Path(__file__).parent  # siblings by path: the script runs as ``python -P``, its folder not on sys.path
+    gaps, kernel_class = runpy.run_path(str(here / "gpu_gaps.py")), \
+        runpy.run_path(str(here / "model_step_cases.py"))["kernel_class"]
+    events = trace["traceEvents"]
+    stacks = gaps["_stacks"](events)
+    launch_of = {e["args"]["correlation"]: i for i, e in enumerate(events)
+                 if e.get("ph") == "X" and e.get("cat") in gaps["LAUNCH_CATS"] and "correlation" in e.get("args", {})}
+    out: dict[str, dict[str, float]] = {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") != "kernel":
+            continue
+        i = launch_of.get(e.get("args", {}).get("correlation"))
+        nodes = [n[len(NODE_RANGE):] for n in (stacks.get(i, []) if i is not None else []) if n.startswith(NODE_RANGE)]
+        kind = node_kind(nodes[-1]) if nodes else "(outside nodes)"
+        region = "experts" if "experts" in kind else "attention" if "attn" in kind else ""
+        cls = kernel_class(e["name"], region if region == "experts" else "")
+        row = out.setdefault(kind, {})
+        row[cls] = row.get(cls, 0.0) + float(e["dur"]) / 1e6
+    return out
+
+
+def kernel_summary(run_dir: Path) -> tuple[int, str]:
+    """Rank 0's profiled step (``--kernel-trace``): kernel ms per node kind and class."""
+    path = run_dir / "traces" / "rank0-kernels.json"
+    try:
+        table = kernels_by_node(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError) as exc:
+        return 1, f"no kernel trace at {path}: {exc}"
+    classes = ("gemm", "grouped_gemm", "attention", "memory_bound", "communication")
+    lines = [f"{'node kind':<24}" + "".join(f"{c:>14}" for c in classes) + f"{'total':>10}"]
+    for kind, row in sorted(table.items(), key=lambda kv: -sum(kv[1].values())):
+        lines.append(f"{kind:<24}" + "".join(f"{1e3 * row.get(c, 0.0):14.2f}" for c in classes)
+                     + f"{1e3 * sum(row.values()):10.2f}")
+    total = sum(sum(r.values()) for r in table.values())
+    lines += ["", f"kernels summed {1e3 * total:.1f} ms in the profiled step (ms; the step after the measured ones)"]
     return 0, "\n".join(lines)
 
 
@@ -105,6 +154,8 @@ def main() -> None:
     parser.add_argument("--calibrate", action="store_true", help="also predict from `moeplan calibrate`'s tables")
     parser.add_argument("--timeout", type=float, default=900, help="seconds each command may take")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny-moe on the cpu cluster: the plumbing only")
+    parser.add_argument("--kernel-trace", action="store_true",
+                        help="launch --kernel-trace: one more step profiled, its kernels by node on the page")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.cpu_smoke:
@@ -123,7 +174,8 @@ def main() -> None:
     tables, calibrated = args.work / "calibrated.json", args.work / "plan-calibrated"
     calibrated_trace = args.work / "plan-calibrated-trace.json"  # its step, for check's per-class breakdown
     steps = [("plan", ("plan", *common, "--out", str(plan_dir))),
-             ("launch", ("launch", str(plan_dir), "--steps", str(args.steps), "--run-dir", str(run_dir))),
+             ("launch", ("launch", str(plan_dir), "--steps", str(args.steps), "--run-dir", str(run_dir),
+                         *(["--kernel-trace"] if args.kernel_trace else []))),
              ("check", ("check", str(run_dir)))]
     if args.calibrate:
         steps += [("calibrate", ("calibrate", "--plan", str(plan_dir / "plan.json"), "--out", str(tables))),
@@ -152,6 +204,8 @@ def main() -> None:
         write_report()
     if any(done == "launch" and code == 0 for done, (code, _), _ in log):
         log.append(("rank 0's traced step", trace_summary(run_dir), 0.0))
+        if args.kernel_trace:
+            log.append(("rank 0's kernels by node", kernel_summary(run_dir), 0.0))
         write_report()
     failed = [code for name, (code, _), _ in log if name in ("plan", "launch", "calibrate") and code != 0]
     sys.exit(failed[0] if failed else 0)  # a check that misses (exit 1) is a result, not a failure

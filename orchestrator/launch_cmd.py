@@ -67,11 +67,13 @@ def _settings(resume: Path | None, given: dict) -> dict:
         if not isinstance(saved, dict):
             raise InputError(f"--resume {resume}: {LAUNCH_SETTINGS_NAME} is {type(saved).__name__}, not an object")
     defaults = {"dtype": None, "budget_guard": "off", "guard_every": 5, "checkpoint_every": 0, "max_failures": 0,
-                "steps": None}
+                "steps": None, "kernel_trace": False}
     s = defaults | saved | {k: v for k, v in given.items() if v is not None}
     for name in ("dtype", "budget_guard"):  # a --resume's launch.json may hold anything
         if s[name] is not None and not isinstance(s[name], str):
             raise InputError(f"--{name.replace('_', '-')}={s[name]!r:.80} must be a word")
+    if not isinstance(s["kernel_trace"], bool):
+        raise InputError(f"--kernel-trace={s['kernel_trace']!r:.80} must be true or false")
     for name, low, high in RANGES:  # before anything is read or imported: a typo fails in milliseconds
         value = s[name]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high):
@@ -262,7 +264,7 @@ def _execute(plan: PlanFile, run: Path, s: dict, local: bool, resumed: bool, sho
     from moeplan.orchestrator.ray_launch import RankGroup
 
     config = RunConfig(steps=s["steps"], warmup_steps=min(1, s["steps"] - 1), dtype=s["dtype"],
-                       checkpoint_every=s["checkpoint_every"], fault_at=_fault_at())
+                       checkpoint_every=s["checkpoint_every"], fault_at=_fault_at(), kernel_trace=s["kernel_trace"])
     g, gpu = plan.inputs.cluster.node.gpus_per_node, not on_cpu(plan)
 
     def make_job(rank: int, master: str, port: int, places: list, failure) -> RankJob:
@@ -307,11 +309,15 @@ def launch_command(
                                                           "failures.")] = None,
     dtype: Annotated[str | None, typer.Option(help="bf16 or fp32; default: fp32 on a cpu cluster (its cost tables "
                                                     "are FP32's), bf16 on GPUs.")] = None,
+    kernel_trace: Annotated[bool, typer.Option("--kernel-trace", help="After the run, one more step under "
+                                               "torch.profiler: RUN/traces/rankN-kernels.json, every kernel "
+                                               "with its compute node.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON.")] = False,
 ) -> int:
     """Launch a plan through Ray: exit 0 completed, 2 bad input, 4 stopped by the budget guard, 5 failed."""
     given = {"steps": steps, "budget_guard": budget_guard, "guard_every": guard_every,
-             "checkpoint_every": checkpoint_every, "max_failures": max_failures, "dtype": dtype}
+             "checkpoint_every": checkpoint_every, "max_failures": max_failures, "dtype": dtype,
+             "kernel_trace": kernel_trace or None}
     s = _settings(resume, given)
     check_address(address, address_timeout_s)
     source, run = _run_dir(plan_path, run_dir, resume)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moeplan.model.runtime.overlap import Pass, drain, interleave, stage_backward, stage_forward
+from moeplan.model.runtime.overlap import NODE_RANGE, Pass, drain, interleave, stage_backward, stage_forward
 from moeplan.model.runtime.overlap_comm import DistComm, Streams
 from moeplan.model.weight_grad import WeightGradStore, attach_weight_grad_store
 from moeplan.simulator.contracts.trace import TraceEvent
@@ -148,7 +148,8 @@ class PipelineExecutor:
         for step in self.program.steps:
             sent += self._post(step.batch, state, timeline)
             started = timeline.start()
-            self._run(step.action, microbatches, state)
+            with torch.profiler.record_function(NODE_RANGE + _action_name(step.action)):
+                self._run(step.action, microbatches, state)
             if not self.substeps or step.action.kind == "W":  # else its nodes are timed instead
                 timeline.stop("compute", _action_name(step.action), started)
             for p2p in step.deferred_sends:  # bound for another rank: kept until the next batch posts it

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from moeplan.model.load_record import load_record, write_load_file
 from moeplan.model.runtime.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from moeplan.model.runtime.executor import Timeline
+from moeplan.model.runtime.overlap import NODE_RANGE
 from moeplan.model.runtime.rank import RankRuntime, RuntimeOptions
 from moeplan.model.runtime.resume import inject_fault, rewind
 from moeplan.model.runtime.telemetry import NvmlSampler, driver_version
@@ -48,6 +49,7 @@ from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.contracts.plan_file import PlanFile
 from moeplan.simulator.contracts.run_report import (
     EXPERT_LOAD_NAME,
+    TRACES_DIR,
     BudgetGuard,
     Environment,
     GpuIdentity,
@@ -95,6 +97,7 @@ class RunConfig:
     checkpoint_every: int = 0  # 0: a checkpoint only when the budget guard stops the run
     resume: Resume | None = None  # None: a fresh run (the run directory holds no checkpoint)
     fault_at: tuple[int, int] | None = None  # TEST ONLY: (rank, step) that kills itself once (resume.inject_fault)
+    kernel_trace: bool = False  # one more step after the run under torch.profiler (_kernel_trace)
 
     def __post_init__(self) -> None:
         check_run_settings(self.steps, self.warmup_steps, self.dtype, self.checkpoint_every)
@@ -147,6 +150,8 @@ def train(plan: PlanFile, run_dir: Path, config: RunConfig, rank: int, device: t
         if stop:
             status = "stopped"
             break
+    if config.kernel_trace and status == "completed":
+        _kernel_trace(rt, config.steps, device, run_dir, rank)
     if config.profile_step is None and traced_step.kept:  # the same step on every rank: the walls are all-reduced
         wall_s, step, events = traced_step.choice()
         _write_trace(run_dir, rank, events, wall_s, step)
@@ -201,7 +206,8 @@ def _one_step(rt: RankRuntime, step: int, tokens: int, device: torch.device):
     origin = time.perf_counter()
     timeline = Timeline(rt.rank, cuda=device.type == "cuda", origin_s=0.0 if device.type == "cuda" else origin)
     result = rt.forward_backward(step, timeline)
-    stats = rt.optimizer_step(timeline)
+    with torch.profiler.record_function(NODE_RANGE + "optimizer"):
+        stats = rt.optimizer_step(timeline)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = torch.tensor([time.perf_counter() - origin], dtype=torch.float64, device=device)  # device: NCCL
@@ -253,6 +259,25 @@ class TracedStep:
     def _median(self) -> float:
         n, w = len(self.walls), self.walls
         return w[n // 2] if n % 2 else (w[n // 2 - 1] + w[n // 2]) / 2
+
+
+KERNEL_TRACE = TRACES_DIR + "/rank{rank}-kernels.json"  # under the run directory
+
+
+def _kernel_trace(rt: RankRuntime, step: int, device: torch.device, run_dir: Path, rank: int) -> None:
+    """One more step (``step``, after the run's last) under ``torch.profiler``, its Chrome trace written to
+    ``KERNEL_TRACE``: every kernel with the host op that launched it, inside the ``NODE_RANGE`` of its compute
+    node (``orchestrator.kernel_trace`` gives the kernels to the nodes). After the measured steps and their
+    checkpoint, so that it times none of them; its weights' update is kept (the run is over)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        _one_step(rt, step, rt.tokens_per_step, device)
+    path = run_dir / KERNEL_TRACE.format(rank=rank)
+    partial = path.with_name(path.name + ".partial")
+    prof.export_chrome_trace(str(partial))
+    partial.replace(path)
 
 
 def _write_trace(run_dir: Path, rank: int, events, step_time_s: float, step: int) -> None:

@@ -55,3 +55,26 @@ def test_the_trace_summary_sums_node_kinds_and_finds_the_gaps(tmp_path):
     assert "0.5  0F0 L1 experts -> 0F1 L2 experts" in text
     assert "optimizer update" in text  # an untagged event keeps its whole name
     assert loop.trace_summary(tmp_path / "none")[0] == 1
+
+
+def test_kernels_go_to_the_node_whose_range_launched_them():
+    """A synthetic ``--kernel-trace`` trace: two node ranges on the host, a launch in each and one outside."""
+    node = loop.NODE_RANGE
+    events = [{"name": node + "0F0 L1 experts", "cat": "user_annotation", "ph": "X", "ts": 0, "dur": 100, "tid": 1},
+              {"name": "aten::mm", "cat": "cpu_op", "ph": "X", "ts": 10, "dur": 20, "tid": 1},
+              {"name": "cudaLaunchKernel", "cat": "cuda_runtime", "ph": "X", "ts": 12, "dur": 2, "tid": 1,
+               "args": {"correlation": 1}},
+              {"name": node + "0B0 L1 attn-bwd", "cat": "user_annotation", "ph": "X", "ts": 200, "dur": 100, "tid": 1},
+              {"name": "cudaLaunchKernel", "cat": "cuda_runtime", "ph": "X", "ts": 210, "dur": 2, "tid": 1,
+               "args": {"correlation": 2}},
+              {"name": "cudaLaunchKernel", "cat": "cuda_runtime", "ph": "X", "ts": 400, "dur": 2, "tid": 1,
+               "args": {"correlation": 3}},
+              {"name": "nvjet_sm90_tst_256x128", "cat": "kernel", "ph": "X", "ts": 20, "dur": 3000,
+               "args": {"correlation": 1}},
+              {"name": "cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "cat": "kernel", "ph": "X", "ts": 3100,
+               "dur": 500, "args": {"correlation": 2}},
+              {"name": "triton_poi_fused_add_0", "cat": "kernel", "ph": "X", "ts": 3700, "dur": 40,
+               "args": {"correlation": 3}}]
+    table = loop.kernels_by_node({"traceEvents": events})
+    assert table == {"F experts": {"grouped_gemm": 3e-3}, "B attn-bwd": {"attention": 5e-4},
+                     "(outside nodes)": {"memory_bound": 4e-5}}

@@ -55,3 +55,15 @@ def test_the_driver_s_report_of_a_failed_run_folds_its_metrics(tmp_path, tiny_pl
     assert read_run_report(tmp_path) == report and report.status == "failed"
     assert report.step_totals.count == MAX_REPORT_STEPS + 3 and report.steps[0].step == 3
     assert report.step_totals.peak_memory_bytes == tuple(range(MAX_REPORT_STEPS + 2, MAX_REPORT_STEPS + 2 + world))
+
+
+def test_kernel_trace_is_off_unless_asked_and_a_resumed_run_keeps_it(tmp_path):
+    assert launch_cmd._settings(None, {"kernel_trace": None})["kernel_trace"] is False
+    assert launch_cmd._settings(None, {"kernel_trace": True})["kernel_trace"] is True
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / launch_cmd.LAUNCH_SETTINGS_NAME).write_text(json.dumps({"kernel_trace": True}))
+    assert launch_cmd._settings(run, {"kernel_trace": None})["kernel_trace"] is True
+    (run / launch_cmd.LAUNCH_SETTINGS_NAME).write_text(json.dumps({"kernel_trace": "yes"}))
+    with pytest.raises(InputError, match="--kernel-trace='yes' must be true or false"):
+        launch_cmd._settings(run, {})

@@ -74,3 +74,31 @@ def test_the_traced_step_is_the_kept_step_nearest_the_runs_median():
     # the median step (2) was kept through seven evictions; the last five steps' median would be step 7's 5.1
     assert traced.choice() == (5.0, 2, ["step 2"])
     assert sorted(s for _, s, _ in traced.kept) == [2, 3, 4, 7, 10]
+
+
+def _train_kernel_trace(rank: int, plan, run_dir) -> None:
+    train(plan, run_dir, RunConfig(steps=2, warmup_steps=1, dtype="fp32", kernel_trace=True), rank)
+
+
+def test_kernel_trace_profiles_one_more_step_with_each_node_in_its_range(tmp_path):
+    """``kernel_trace``: after the measured steps every rank profiles one more step; each compute node of its
+    program (and the optimizer) is a ``NODE_RANGE`` in that trace, enclosing the ops it ran. The measured
+    steps and their report are what a run without it writes."""
+    from moeplan.model.runtime.overlap import NODE_RANGE
+    from moeplan.model.runtime.worker import KERNEL_TRACE
+
+    plan = tiny_plan("dualpipe", pp=2)
+    run_dir = tmp_path / "run"
+    run_ranks(2, _train_kernel_trace, plan, run_dir, tmp=tmp_path / "ranks")
+    report = read_run_report(run_dir / "run.json")
+    assert report.status == "completed" and [m.step for m in report.steps] == [0, 1]
+    programs = lower(plan.schedule).programs
+    for rank in range(2):
+        events = json.loads((run_dir / KERNEL_TRACE.format(rank=rank)).read_text())["traceEvents"]
+        ranges = [e for e in events if e.get("ph") == "X" and e["name"].startswith(NODE_RANGE)]
+        names = {e["name"][len(NODE_RANGE):] for e in ranges}
+        ops = {str(op) for step in programs[report.settings.pp_rank_of[rank]].steps for op in step.action.ops}
+        assert ops <= {n.split(" ")[0] for n in names} and "optimizer" in names, sorted(names)
+        inside = [e for e in events if e.get("cat") == "cpu_op" and e["name"].startswith("aten::")
+                  and any(r["ts"] <= e["ts"] <= r["ts"] + r["dur"] for r in ranges)]
+        assert inside, "no aten op inside a node's range"
