@@ -87,7 +87,8 @@ def trace_summary(run_dir: Path, top: int = 12) -> tuple[int, str]:
         return 1, f"{path}: no timed events"
     kinds: dict[str, float] = {}
     for _, dur, name in spans:
-        kinds[node_kind(name)] = kinds.get(node_kind(name), 0.0) + dur
+        kind = node_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + dur
     gaps = [(b[0] - (a[0] + a[1]), a[2], b[2]) for a, b in itertools.pairwise(spans)]
     window = spans[-1][0] + spans[-1][1] - spans[0][0]
     between = sum(max(g, 0.0) for g, _, _ in gaps)
@@ -102,7 +103,7 @@ def trace_summary(run_dir: Path, top: int = 12) -> tuple[int, str]:
 def kernels_by_node(trace: dict) -> dict[str, dict[str, float]]:
     """Seconds of GPU kernels per (node kind, kernel class) in a ``moeplan launch --kernel-trace`` Chrome trace:
     each kernel goes to the innermost ``NODE_RANGE`` around the host call that launched it ("(outside nodes)"
-    where none), its class by ``model_step_cases.kernel_class`` (the node's name says experts or attention)."""
+    where none), its class by ``model_step_cases.kernel_class`` (a GEMM in an experts node is a grouped one)."""
     here = Path(__file__).parent  # siblings by path: the script runs as ``python -P``, its folder not on sys.path
     gaps, kernel_class = runpy.run_path(str(here / "gpu_gaps.py")), \
         runpy.run_path(str(here / "model_step_cases.py"))["kernel_class"]
@@ -117,8 +118,7 @@ def kernels_by_node(trace: dict) -> dict[str, dict[str, float]]:
         i = launch_of.get(e.get("args", {}).get("correlation"))
         nodes = [n[len(NODE_RANGE):] for n in (stacks.get(i, []) if i is not None else []) if n.startswith(NODE_RANGE)]
         kind = node_kind(nodes[-1]) if nodes else "(outside nodes)"
-        region = "experts" if "experts" in kind else "attention" if "attn" in kind else ""
-        cls = kernel_class(e["name"], region if region == "experts" else "")
+        cls = kernel_class(e["name"], "experts" if "experts" in kind else "")
         row = out.setdefault(kind, {})
         row[cls] = row.get(cls, 0.0) + float(e["dur"]) / 1e6
     return out

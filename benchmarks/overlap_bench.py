@@ -51,6 +51,7 @@ from moeplan.model.runtime.loopback import (
     run_pairs,
 )
 from moeplan.model.runtime.overlap_comm import LoopbackComm, Streams
+from moeplan.orchestrator.calibration.timing import median_s
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.presets.models import deepseek_v3, tiny_moe
 
@@ -111,18 +112,11 @@ def profile_pairs(model, ids, device, comm: LoopbackComm, overlap: bool, pairs: 
 
 
 def copy_rate(spec, seq: int, device, sms: int, reps: int = 20) -> float:
-    """Bytes moved a second by one ``copy_loop`` pass on ``sms`` SMs, alone, over one dispatch's BF16 rows (tokens x top-k x
-    hidden): the loopback link's rate is this over --repeat."""
+    """Bytes moved a second by one ``copy_loop`` pass on ``sms`` SMs, alone (``calibration.timing.median_s``), over
+    one dispatch's BF16 rows (tokens x top-k x hidden): the loopback link's rate is this over --repeat."""
     numel = seq * spec.num_experts_per_tok * spec.hidden_size // 2  # bf16 rows as fp32 words
     src, dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
-    copy_loop(src, dst, sms)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        copy_loop(src, dst, sms)
-    end.record()
-    torch.cuda.synchronize(device)
-    return 4 * numel * reps / (start.elapsed_time(end) / 1e3)  # the bytes moved (each read once, written once)
+    return 4 * numel / median_s(lambda: copy_loop(src, dst, sms), device, reps)  # each byte read once, written once
 
 
 def render(args, spec, seq: int, dtype, name: str, times: dict, fracs: dict, rate: float = float("nan")) -> str:

@@ -82,7 +82,7 @@ from moeplan.model.runtime.expert_parallel import Dispatched, Exchange, ExpertPa
 from moeplan.model.runtime.overlap_comm import DistComm, Streams
 
 # A compute node's ``torch.profiler`` range: a profiled step's kernels are given to the node whose range launched
-# them (``moeplan launch --kernel-trace``; ``orchestrator.kernel_trace``). Costs ~1 us a node unprofiled.
+# them (``moeplan launch --kernel-trace``; ``benchmarks/one_gpu_loop.kernels_by_node``). ~1 us a node unprofiled.
 NODE_RANGE = "moeplan::node "
 
 Steps = Generator[None, None, object]  # a pass: yields right after each all-to-all launch, returns its result

@@ -267,7 +267,7 @@ KERNEL_TRACE = TRACES_DIR + "/rank{rank}-kernels.json"  # under the run director
 def _kernel_trace(rt: RankRuntime, step: int, device: torch.device, run_dir: Path, rank: int) -> None:
     """One more step (``step``, after the run's last) under ``torch.profiler``, its Chrome trace written to
     ``KERNEL_TRACE``: every kernel with the host op that launched it, inside the ``NODE_RANGE`` of its compute
-    node (``orchestrator.kernel_trace`` gives the kernels to the nodes). After the measured steps and their
+    node (``benchmarks/one_gpu_loop.kernels_by_node`` gives the kernels to the nodes). After the measured steps and their
     checkpoint, so that it times none of them; its weights' update is kept (the run is over)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
