@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moeplan.orchestrator.calibration.links import free_port
+from moeplan.orchestrator.calibration.spawned import running
 from moeplan.orchestrator.calibration.timing import FLUSH_BYTES, median_s
 
 CPU_COMM_PROCESSES = 2  # the all-reduce pair on a CPU
@@ -99,23 +100,17 @@ def _cpu_beside_s(gemm, reps: int) -> float:
     port = free_port()
     procs = [ctx.Process(target=_comm_worker, args=(r, port, stop, started, os.getpid()), daemon=True)
              for r in range(CPU_COMM_PROCESSES)]
-    try:
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while started.empty():
-            if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
-                raise RuntimeError(f"the gloo all-reduce pair did not start within {START_TIMEOUT_S:.0f} s")
-            time.sleep(0.01)
-        started.get()
-        return median_s(gemm, torch.device("cpu"), reps)
-    finally:
-        stop.set()
-        for p in procs:
-            p.join(10.0)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    with running(procs, 10.0):
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while started.empty():
+                if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
+                    raise RuntimeError(f"the gloo all-reduce pair did not start within {START_TIMEOUT_S:.0f} s")
+                time.sleep(0.01)
+            started.get()
+            return median_s(gemm, torch.device("cpu"), reps)
+        finally:
+            stop.set()  # before the join: each leaves after the all-reduce that carries it
 
 
 # -- GPU: a copy kernel holding comm_sms SMs -------------------------------------------------------------

@@ -29,6 +29,7 @@ CPU step's optimizer norm calls it (the sums of the embedding's two copies, the 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import statistics
 import time
@@ -39,12 +40,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moeplan.orchestrator.calibration.spawned import gather, running
 from moeplan.simulator.costs.machine import POSTED_BATCHES, Collective, LinkFit, LinkPoint, bytes_moved
 
 COLLECTIVES: tuple[Collective, ...] = ("send_recv", "all_to_all", "all_reduce", "reduce_scatter", "all_gather")
 SPIN_S = 1e-3  # the timing rank's busy wait before a posted batch (see module docstring)
 POSTED_REPS = 15  # at least, a posted batch: each takes ~SPIN_S
 ONCE_REPS = 100  # at least, an all-reduce called once: its times have two modes, the mean needs the samples
+JOIN_S = 30.0  # for the processes to leave after rank 0 has reported (a barrier and destroy_process_group)
 
 
 def free_port() -> int:
@@ -100,6 +103,7 @@ def _op(collective: Collective, rank: int, world: int, numel: int, device: torch
 
 def _worker(rank: int, world: int, port: int, sizes: list[int], reps: int, warmup: int, threads: int, queue,
             backend: str = "gloo", collectives: tuple[Collective, ...] = COLLECTIVES) -> None:
+    mp._prctl_pr_set_pdeathsig(signal.SIGKILL)  # gone with the command, even a killed one (as torch's spawn does)
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     if backend == "nccl":
@@ -199,11 +203,13 @@ def measure_links(processes: int, sizes: list[int], reps: int, threads: int = 1,
                   backend: str = "gloo", collectives: tuple[Collective, ...] = COLLECTIVES) -> dict:
     """{"rows": [(collective, buffer bytes, seconds)], "rss_bytes": rank 0's resident memory after joining}."""
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(processes, free_port(), sizes, reps, warmup, threads, queue, backend, collectives),
-                       nprocs=processes,
-                       start_method="spawn")
-    return queue.get()
+    queue, port = ctx.SimpleQueue(), free_port()
+    procs = [ctx.Process(target=_worker, name=f"moeplan-links-{r}", daemon=True,
+                         args=(r, processes, port, sizes, reps, warmup, threads, queue, backend, collectives))
+             for r in range(processes)]
+    with running(procs, JOIN_S):
+        (result,) = gather(procs, queue, 1, f"the links over {processes} processes")
+    return result
 
 
 def fit(collective: Collective, processes: int, points: list[tuple[int, float]]) -> tuple[float, float]:

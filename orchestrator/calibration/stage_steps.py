@@ -74,6 +74,7 @@ from moeplan.orchestrator.calibration.optimizer_ranks import (
     set_shape,
 )
 from moeplan.orchestrator.calibration.recalibrate import measured_ops_of, op_durations_of
+from moeplan.orchestrator.calibration.spawned import gather, running
 from moeplan.simulator.contracts.trace import TraceEvent, chrome_trace
 from moeplan.simulator.costs.measured_ops import PASS_OP, MeasuredOp
 from moeplan.simulator.costs.optimizer_step import OPTIMIZER_PARTS
@@ -155,31 +156,8 @@ def _all_ranks(inputs: PlanInputs, dp: int, dtype: torch.dtype, reps: int, label
     procs = [ctx.Process(target=_rank_worker, name=f"moeplan-passes-{r}", daemon=True,
                          args=(inputs, r, dp, dtype, reps, label, microbatches, schedule.ranks[r],
                                torch.get_num_threads(), barrier, queue)) for r in range(par.pp)]
-    got: dict[int, _RankResult | str] = {}
-    try:
-        for proc in procs:  # inside: a signal while the later ones start stops the earlier ones too
-            proc.start()
-        while len(got) < par.pp:
-            if not queue.empty():
-                r, res = queue.get()
-                got[r] = res
-            elif any(p.exitcode not in (None, 0) for p in procs):
-                dead = [(p.name, p.exitcode) for p in procs if p.exitcode not in (None, 0)]
-                raise RuntimeError(f"the passes' processes {dead} exited before reporting")
-            else:
-                time.sleep(0.05)
-    except BaseException:  # a signal, or a rank's process gone: stop the others now, not after their steps
-        for proc in procs:
-            if proc.pid is not None:
-                proc.kill()
-        raise
-    finally:
-        for proc in procs:
-            if proc.pid is None:
-                continue
-            proc.join(timeout=RANK_JOIN_TIMEOUT_S)
-            if proc.is_alive():
-                proc.kill()
+    with running(procs, RANK_JOIN_TIMEOUT_S):  # a rank's process gone or a signal: the others stopped at once
+        got: dict[int, _RankResult | str] = dict(gather(procs, queue, par.pp, "the passes"))
     failed = {r: res for r, res in got.items() if isinstance(res, str)}
     if failed:
         raise RuntimeError(f"pipeline rank(s) {sorted(failed)}'s passes failed: {failed}")
