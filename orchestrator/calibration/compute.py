@@ -9,7 +9,10 @@ median of up to ``reps`` calls after warm-up, fewer past ``timing.MAX_S`` (``tim
   and the routed experts' grouped products at each expert-parallel size), ``torch.mm`` for dense ones
   and, for grouped ones, what the model's experts run on a CPU (``model/experts.py``'s "auto" takes
   ``torch._grouped_mm`` on CUDA only): the padded ``bmm`` of ``model.grouped_mm.reference_grouped_mm``,
-  here with equal rows per group (no padding); plus a square ``PEAK_N``-sized GEMM for the peak.
+  here with equal rows per group (no padding); plus a square ``PEAK_N``-sized GEMM for the peak. On a GPU the
+  BF16 weight gradients the runtime adds into FP32 main gradients inside the GEMM are also timed that way
+  (``wgrad_main_grad_s``: until 2026-12-07 the experts' were timed as ``torch._grouped_mm`` writing BF16, which the
+  fused experts' backward does not run).
 - Attention: causal ``F.scaled_dot_product_attention`` with the model's head dims at each sequence
   length (one sequence), forward and forward + backward, FLOPs as ``attention_core_flops``, on operands
   strided as ``model.attention`` passes them.
@@ -35,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from moeplan.model.grouped_mm import reference_grouped_mm
+from moeplan.model.weight_grad import fused_main_grad_grouped_mm, fused_main_grad_mm
 from moeplan.model.runtime.optimizer import MOMENT_DTYPES, adamw_update, clip_coef, squared_norm
 from moeplan.orchestrator.calibration.timing import median_s
 from moeplan.simulator.accounting.flops import attention_core_flops
@@ -69,6 +73,11 @@ def _linears(m: ModelSpec) -> list[tuple[int, int]]:
     return out
 
 
+def linear_wgrads(m: ModelSpec, tokens: int) -> list[tuple[int, int, int, int]]:
+    """(out, in, tokens, 1): every dense linear's weight gradient (``gemm_shapes``' third form) at ``tokens``."""
+    return sorted({(o, i, tokens, 1) for i, o in _linears(m)})
+
+
 def gemm_shapes(m: ModelSpec, tokens: list[int], eps: list[int]) -> list[tuple[int, int, int, int]]:
     """(m, n, k, groups) of every GEMM the simulator prices for ``m`` at these token counts and EP sizes."""
     shapes = set()
@@ -100,13 +109,44 @@ def gemm_s(m: int, n: int, k: int, groups: int, dtype: torch.dtype, reps: int, d
     return median_s(lambda: grouped(a, b, offs=offs), device, reps)
 
 
+def wgrad_main_grad_s(m: int, n: int, k: int, groups: int, reps: int, device: torch.device) -> float:
+    """Median seconds of ``groups`` BF16 weight gradients (m x k)(k x n) added into FP32 main gradients by the GEMM,
+    as the runtime runs them on a GPU, its operands laid out as there: a linear's ``fused_main_grad_mm`` (one
+    ``addmm``, beta 1, of the output gradient's transpose (m x k tokens) and the input (k x n)), the experts'
+    ``fused_main_grad_grouped_mm`` (an ``addmm`` an expert over its ``k`` rows, the bounds on the host). Raises
+    where the runtime cannot (a CPU, a torch without ``addmm`` into FP32): its Wgrads are then written in BF16 and
+    added by the main-grad hook, which the tables price apart."""
+    g = randn(groups * k, m, dtype=torch.bfloat16, device=device)  # the output gradient, tokens x out
+    x = randn(groups * k, n, dtype=torch.bfloat16, device=device, seed=1)  # the input, tokens x in
+    param = torch.empty(0, device=device)
+    param.main_grad = torch.zeros((m, n) if groups == 1 else (groups, m, n), dtype=torch.float32, device=device)
+    if groups == 1:
+        def wgrad() -> bool:
+            return fused_main_grad_mm(param, g.t(), x)
+    else:
+        bounds = [e * k for e in range(groups + 1)]
+
+        def wgrad() -> bool:
+            return fused_main_grad_grouped_mm(param, g, x, bounds)
+    if not wgrad():
+        raise RuntimeError(f"no BF16 addmm into FP32 on {device} (torch {torch.__version__}): the runtime's "
+                           "Wgrads are written in BF16 there and added by the main-grad hook")
+    return median_s(wgrad, device, reps)
+
+
 def gemm_rows(shapes: list[tuple[int, int, int, int]], dtype: torch.dtype, reps: int,
               device: torch.device = CPU) -> list[dict]:
-    rows = []
-    for m, n, k, g in shapes:
-        s = gemm_s(m, n, k, g, dtype, reps, device)
-        rows.append({"m": m, "n": n, "k": k, "groups": g, "s": s, "flops_per_s": 2.0 * g * m * n * k / s})
-    return rows
+    return [_gemm_row(m, n, k, g, gemm_s(m, n, k, g, dtype, reps, device)) for m, n, k, g in shapes]
+
+
+def wgrad_main_grad_row(shape: tuple[int, int, int, int], reps: int, device: torch.device) -> dict:
+    """``gemm_rows``' row of one weight gradient timed into FP32 main gradients (``wgrad_main_grad_s``)."""
+    m, n, k, g = shape
+    return _gemm_row(m, n, k, g, wgrad_main_grad_s(m, n, k, g, reps, device)) | {"main_grad": True}
+
+
+def _gemm_row(m: int, n: int, k: int, groups: int, s: float) -> dict:
+    return {"m": m, "n": n, "k": k, "groups": groups, "s": s, "flops_per_s": 2.0 * groups * m * n * k / s}
 
 
 def peak_gemm_row(dtype: torch.dtype, reps: int) -> dict:

@@ -2,7 +2,7 @@
 
 ``measurements(shapes, setup, hbm_bytes_per_s)`` lists them, in order, as data (``Measurement``: its kind,
 one of ``KINDS``, what it measures, and a thunk; building the list runs nothing): the GEMMs (one shape
-each), causal attention at the plan's sequence length, the host's per-op cost and the op counts of every
+each; on a GPU in BF16 the weight gradients the runtime adds into FP32 main gradients timed so), causal attention at the plan's sequence length, the host's per-op cost and the op counts of every
 piece (on a CPU each piece timed alone, then in the runtime's passes of each pipeline rank: ``stage_steps``,
 whose ops replace the alone ones where it runs), a copy sweep (the memory fallback), each memory-bound kernel class at the plan's tokens, the
 optimizer class (on a CPU with ZeRO groups of one also the runtime's step over each pipeline rank's own
@@ -155,8 +155,13 @@ def run(item: Measurement, m: Measured) -> None:
 def measurements(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float) -> list[Measurement]:
     """Every measurement of the plan's shapes, in the order they run (see module docstring); nothing runs here."""
     dev, dt, reps = setup.device, setup.dtype, setup.reps
+    # the Wgrads a GPU run adds into FP32 main gradients in cuBLAS are timed so, instead of as plain products
+    into = set(shapes.wgrads) if dev.type == "cuda" and dt == torch.bfloat16 else set()
     items = [Measurement("gemm", f"GEMM {g[3]}x{g[0]}x{g[1]}x{g[2]}",
-                         lambda m, g=g: m.gemm.append(compute.gemm_rows([g], dt, reps, dev)[0])) for g in shapes.gemms]
+                         lambda m, g=g: m.gemm.append(compute.gemm_rows([g], dt, reps, dev)[0]))
+             for g in shapes.gemms if g not in into]
+    items += [Measurement("gemm", f"GEMM {g[3]}x{g[0]}x{g[1]}x{g[2]} Wgrad into FP32 main gradients",
+                          lambda m, g=g: m.gemm.append(compute.wgrad_main_grad_row(g, reps, dev))) for g in sorted(into)]
 
     def attention(m: Measured) -> None:
         m.attention = compute.attention_rows(setup.spec, [shapes.seq_len], dt, reps, dev)

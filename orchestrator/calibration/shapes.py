@@ -7,6 +7,9 @@ prices for this plan (``simulator.engine.unit_costs``, ``build``):
   micro-batch (``calibration.compute.gemm_shapes``), and the routed experts' grouped products at the rows
   per local expert slot the engine assumes (uniform routing over ``n_routed_experts``, or the busiest
   GPU's rows from ``engine.expert_traffic`` under expert parallelism);
+- ``wgrads``: the BF16 weight gradients a GPU run adds into FP32 main gradients inside the GEMM, timed that way
+  on a GPU (``GemmPoint.main_grad``): every dense linear's (``fused_main_grad_mm``) and, with the fused experts
+  (``training.kernels.fusion``), the routed experts' (``fused_main_grad_grouped_mm``, an addmm an expert);
 - ``seq_len``: attention's sequence length; ``tokens``/``mbs``: one micro-batch on one GPU;
 - ``links``: per collective, the group span and the buffer sizes the step moves (the activation at a
   stage boundary, the rank's dense gradients for the data-parallel reduce-scatter and all-gather, the
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moeplan.orchestrator.calibration.compute import gemm_shapes
+from moeplan.orchestrator.calibration.compute import gemm_shapes, linear_wgrads
 from moeplan.orchestrator.calibration.optimizer_ranks import norm_collectives
 from moeplan.simulator.accounting.context_parallel import cp_tokens
 from moeplan.simulator.accounting.layout import pipeline_stages
@@ -47,24 +50,26 @@ class PlanShapes:
     tokens: int
     gemms: tuple[tuple[int, int, int, int], ...]  # (m, n, k, groups)
     links: tuple[LinkShape, ...]
+    wgrads: tuple[tuple[int, int, int, int], ...] = ()  # (m, n, k, groups), each added into FP32 by the GEMM
     ep: int = 1  # the plan's expert-parallel size: a MoE half timed alone runs every expert only when it is 1
     inputs: PlanInputs | None = None
     dp: int = 1
 
 
-def _expert_gemms(inputs: PlanInputs, tokens: int) -> set[tuple[int, int, int, int]]:
-    """The routed experts' grouped products at the rows per local slot ``unit_costs._experts`` prices."""
+def _expert_gemms(inputs: PlanInputs, tokens: int) -> tuple[set[tuple[int, int, int, int]], set[tuple[int, int, int, int]]]:
+    """The routed experts' grouped products at the rows per local slot ``unit_costs._experts`` prices: (all of
+    them, their two weight gradients)."""
     m, par = inputs.model, inputs.parallel
     if not m.is_moe:
-        return set()
+        return set(), set()
     if par.ep == 1:
         groups, rows = m.n_routed_experts, tokens * m.num_experts_per_tok
     else:
         traffic = expert_traffic(m, inputs.cluster, par.ep, tokens)
         groups, rows = traffic.experts_per_gpu, traffic.expert_rows_max
     per, h, f = max(1, round(rows / groups)), m.hidden_size, m.moe_intermediate_size
-    return {(per, 2 * f, h, groups), (per, h, f, groups), (per, h, 2 * f, groups), (per, f, h, groups),
-            (2 * f, h, per, groups), (h, f, per, groups)}
+    wgrads = {(2 * f, h, per, groups), (h, f, per, groups)}
+    return {(per, 2 * f, h, groups), (per, h, f, groups), (per, h, 2 * f, groups), (per, f, h, groups)} | wgrads, wgrads
 
 
 def _sizes(*nbytes: float) -> tuple[int, ...]:
@@ -101,6 +106,11 @@ def plan_shapes(inputs: PlanInputs, dp: int, max_processes: int) -> PlanShapes:
     par = inputs.parallel
     tokens = cp_tokens(par.micro_batch_size, par.seq_len_tokens, par.cp)
     dense = gemm_shapes(inputs.model, [tokens], eps=[])  # no EP sizes: the linears alone
-    gemms = tuple(sorted(set(dense) | _expert_gemms(inputs, tokens)))
+    experts, expert_wgrads = _expert_gemms(inputs, tokens)
+    gemms = tuple(sorted(set(dense) | experts))
+    wgrads = set(linear_wgrads(inputs.model, tokens))
+    if inputs.training.kernels.fusion == "fused":
+        wgrads |= expert_wgrads
     return PlanShapes(mbs=par.micro_batch_size, seq_len=par.seq_len_tokens, tokens=tokens, gemms=gemms,
-                      links=_links(inputs, dp, tokens, max_processes), ep=par.ep, inputs=inputs, dp=dp)
+                      links=_links(inputs, dp, tokens, max_processes), ep=par.ep, inputs=inputs, dp=dp,
+                      wgrads=tuple(sorted(wgrads)))

@@ -48,7 +48,8 @@ def machine_record(m: Measured, setup: Setup, gpu: GpuSpec, command: str, load_b
 
 def _required(m: Measured, device: torch.device) -> None:
     """A CPU's tables need a measured send/recv latency; a GPU alone (no peer) takes the default tables'."""
-    missing = [what for what, rows in (("GEMM", m.gemm), ("attention", m.attention), ("copy", m.copy)) if not rows]
+    plain = [r for r in m.gemm if not r.get("main_grad")]  # every product looks these up; Wgrads into FP32 alone
+    missing = [what for what, rows in (("GEMM", plain), ("attention", m.attention), ("copy", m.copy)) if not rows]
     if device.type == "cpu" and not _has_send_recv(m):
         missing.append("send/recv latency")
     if missing:
@@ -79,12 +80,18 @@ def _memory_point(r: dict, src: str) -> dict:
                       + (f"; fixed seconds fitted with {r['small_tokens']} tokens" if r.get("small_tokens") else "")}
 
 
+def _gemm_what(row: dict, dtype: str) -> str:
+    if row.get("main_grad"):
+        return f"{dtype} Wgrad into FP32 main gradients ({'addmm' if row['groups'] == 1 else 'an addmm an expert'})"
+    return f"{dtype} {'mm' if row['groups'] == 1 else 'grouped mm'}"
+
+
 def calibrated_tables(name: str, m: Measured, setup: Setup, gpu: GpuSpec, machine: Machine) -> CostTables:
     """The ``CostTables`` of the measurements (see module docstring)."""
     _required(m, setup.device)
     src, dt, peak, hbm = setup.label, machine.dtype, gpu.bf16_flops_per_s, gpu.hbm_bytes_per_s
     gemm = [{"precision": "bf16", "m": r["m"], "n": r["n"], "k": r["k"], "groups": r["groups"],
-             "flops_per_s": r["flops_per_s"], "source": f"{src} {dt} {'mm' if r['groups'] == 1 else 'grouped mm'} "
+             "flops_per_s": r["flops_per_s"], "main_grad": r.get("main_grad", False), "source": f"{src} {_gemm_what(r, dt)} "
                                                         f"{r['groups']}x{r['m']}x{r['n']}x{r['k']}, {r['s'] * 1e6:.1f} us"}
             for r in m.gemm]
     att = [{"seq_len": r["seq"], "fwd_frac": min(1.0, r["flops"] / r["fwd_s"] / peak),

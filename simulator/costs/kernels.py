@@ -2,7 +2,9 @@
 
 GEMMs take the throughput of the nearest table point of the same precision (distance in log2 of
 rows per group, N, K and group count), so a shape between two measured ones borrows the closer
-one's efficiency; never more than the GPU's peak. ``compute_frac`` is the share of SMs left to
+one's efficiency; never more than the GPU's peak. A weight gradient the runtime adds into its FP32 main gradient
+inside the GEMM (``main_grad``) takes the nearest point timed that way, where the tables have such points
+(``main_grad_measured``: ``moeplan calibrate`` on a GPU); other products never take them. ``compute_frac`` is the share of SMs left to
 compute (DeepSeek-V3 reserves 20 of 132 for communication, TR §3.2.2): a GEMM on fewer SMs runs in
 more waves of output tiles, and slower by the HBM interference the tables measured
 (``costs.beside_comm``; 0 until measured), not at the linear SM share. Attention keeps the linear
@@ -32,7 +34,13 @@ def _distance(p: GemmPoint, m: int, n: int, k: int, groups: int) -> float:
 _NEAREST: dict[int, tuple[CostTables, dict]] = {}  # id(tables) -> (the tables, shape -> nearest point)
 
 
-def _nearest(tables: CostTables, precision: Precision, m: int, n: int, k: int, groups: int) -> GemmPoint:
+def main_grad_measured(tables: CostTables, precision: Precision) -> bool:
+    """Whether ``tables`` time ``precision`` weight gradients added into FP32 main gradients by the GEMM."""
+    return any(p.main_grad and p.precision == precision for p in tables.gemm)
+
+
+def _nearest(tables: CostTables, precision: Precision, m: int, n: int, k: int, groups: int,
+             main_grad: bool = False) -> GemmPoint:
     """Memoised per tables object by identity: hashing a CostTables (every GEMM point) on each call
     cost a layout search more than the lookups it saved. The entry keeps the tables alive, so
     their id is not reused while it is cached."""
@@ -42,34 +50,38 @@ def _nearest(tables: CostTables, precision: Precision, m: int, n: int, k: int, g
             _NEAREST.clear()
         entry = _NEAREST[id(tables)] = (tables, {})
     cache = entry[1]
-    key = (precision, m, n, k, groups)
+    key = (precision, m, n, k, groups, main_grad)
     point = cache.get(key)
     if point is None:
-        same = [p for p in tables.gemm if p.precision == precision]
+        same = [p for p in tables.gemm if p.precision == precision and p.main_grad == main_grad]
         if not same:
-            raise ValueError(f"cost tables {tables.name!r} have no {precision} GEMM entries")
+            what = " weight-gradient-into-FP32" if main_grad else ""
+            raise ValueError(f"cost tables {tables.name!r} have no {precision}{what} GEMM entries")
         point = cache[key] = min(same, key=lambda p: _distance(p, m, n, k, groups))
     return point
 
 
-def gemm_efficiency(tables: CostTables, gpu: GpuSpec, precision: Precision, m: int, n: int, k: int, groups: int = 1) -> float:
+def gemm_efficiency(tables: CostTables, gpu: GpuSpec, precision: Precision, m: int, n: int, k: int, groups: int = 1,
+                    main_grad: bool = False) -> float:
     """Fraction of the precision's peak that the nearest measured shape reached."""
     if min(m, n, k, groups) <= 0:
         return 1.0
-    point = _nearest(tables, precision, m, n, k, groups)
+    point = _nearest(tables, precision, m, n, k, groups, main_grad)
     return min(1.0, point.flops_per_s / peak_flops_per_s(gpu, precision))
 
 
 def gemm_s(
     tables: CostTables, gpu: GpuSpec, precision: Precision, m: int, n: int, k: int,
-    groups: int = 1, compute_frac: float = 1.0,
+    groups: int = 1, compute_frac: float = 1.0, main_grad: bool = False,
 ) -> float:
     """Seconds for ``groups`` products of (m x k) @ (k x n), on all SMs or on ``compute_frac`` of them
-    beside communication (wave quantisation and measured interference, ``costs.beside_comm``)."""
+    beside communication (wave quantisation and measured interference, ``costs.beside_comm``); ``main_grad``:
+    each added into an FP32 main gradient by the GEMM, at the points timed so (the caller checks
+    ``main_grad_measured``)."""
     if min(m, n, k, groups) <= 0:
         return 0.0
     flops = 2.0 * groups * m * n * k
-    eff = gemm_efficiency(tables, gpu, precision, m, n, k, groups)
+    eff = gemm_efficiency(tables, gpu, precision, m, n, k, groups, main_grad)
     full_s = flops / (peak_flops_per_s(gpu, precision) * eff)
     if compute_frac >= 1.0:
         return full_s

@@ -97,6 +97,10 @@ class GemmPoint(BaseModel):
     k: Int = Field(..., gt=0)
     groups: Int = Field(1, gt=0)
     flops_per_s: Float = Field(..., ge=1)
+    main_grad: bool = Field(False, description="A weight gradient added into an FP32 main gradient by the GEMM "
+                            "itself (beta = 1: the old values read, the sum written), timed as the runtime runs it "
+                            "on a GPU (``model.weight_grad.fused_main_grad_mm``, ``fused_main_grad_grouped_mm``); "
+                            "such points price only such products (``costs.kernels.gemm_s``'s ``main_grad``).")
     source: str
 
 

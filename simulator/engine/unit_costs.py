@@ -45,7 +45,7 @@ from moeplan.simulator.costs.elementwise import (
     layer_bytes_per_token,
     selective_recompute_bytes_per_token,
 )
-from moeplan.simulator.costs.kernels import attention_s, gemm_s, memory_s
+from moeplan.simulator.costs.kernels import attention_s, gemm_s, main_grad_measured, memory_s
 from moeplan.simulator.costs.tables import CostTables, Precision
 from moeplan.simulator.engine.expert_traffic import ExpertTraffic
 from moeplan.simulator.engine.host_term import ends_with_host_and_measured, layer_kind, with_host, with_measured
@@ -116,11 +116,15 @@ class CostContext:
 
 def _linears(ctx: CostContext, shapes: list[tuple[int, int]], precision: Precision,
              rows: int | None = None) -> tuple[float, float, float]:
-    """(fwd, dx, dw) seconds of linears ``in -> out`` on ``rows`` rows (default ``ctx.tokens``)."""
+    """(fwd, dx, dw) seconds of linears ``in -> out`` on ``rows`` rows (default ``ctx.tokens``). A BF16 Wgrad is
+    priced as added into its FP32 main gradient by cuBLAS (``model.weight_grad.fused_main_grad_mm``, as the runtime
+    runs it on a GPU) where the tables time it so (``main_grad_measured``: ``moeplan calibrate`` on a GPU); others
+    leave that addition unpriced (``unit_costs``)."""
     t, f = rows or ctx.tokens, ctx.compute_frac
+    into = precision == "bf16" and main_grad_measured(ctx.tables, precision)
     fwd = sum(gemm_s(ctx.tables, ctx.gpu, precision, t, o, i, compute_frac=f) for i, o in shapes)
     dx = sum(gemm_s(ctx.tables, ctx.gpu, precision, t, i, o, compute_frac=f) for i, o in shapes)
-    dw = sum(gemm_s(ctx.tables, ctx.gpu, precision, o, i, t, compute_frac=f) for i, o in shapes)
+    dw = sum(gemm_s(ctx.tables, ctx.gpu, precision, o, i, t, compute_frac=f, main_grad=into) for i, o in shapes)
     return fwd, dx, dw
 
 
@@ -200,7 +204,8 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
     attn, up = attention_shapes(m)
     a_fwd, a_dx, a_dw = _linears(ctx, attn + up, ctx.precision)
     # FP8 Wgrads add into the FP32 main gradients in the Gluon GEMM's epilogue (MAIN_GRAD_EPILOGUE_BYTES); the
-    # dense BF16 linears' cuBLAS addmm (on a GPU) is not priced: at K = tokens its epilogue is a small share
+    # dense BF16 linears' cuBLAS addmm (on a GPU) is priced only where the tables timed it (``_linears``): at
+    # K = tokens its epilogue is a small share
     unfused_dense = ctx.precision == "fp8"
     if unfused_dense:
         a_dw += _main_grad_add_s(ctx, _dense_params(attn + up), in_gemm=True)
@@ -305,6 +310,8 @@ MAIN_GRAD_ADD_BYTES = BF16_BYTES + 2 * FP32_BYTES
 # micro-batch against 17.3 for their Dgrad of the same FLOPs, which the engine had priced as equal while it held
 # these adds free (grouped backward -23%). The dense BF16 linears' addmm (``fused_main_grad_mm``, K = the
 # micro-batch's tokens) stays unpriced: their backward was measured 6% above the prediction in the same run.
+# Tables that timed the BF16 Wgrads as the runtime runs them, into FP32 (``GemmPoint.main_grad``: ``moeplan
+# calibrate`` on a GPU), price both from those points and add nothing (``_linears``, ``_experts``).
 MAIN_GRAD_EPILOGUE_BYTES = 2 * FP32_BYTES - BF16_BYTES
 
 
@@ -335,8 +342,12 @@ def _experts(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None) -> t
     t, g = ctx.tables, ctx.gpu
     fwd = gemm_s(t, g, p, per, 2 * f, h, groups, fr) + gemm_s(t, g, p, per, h, f, groups, fr)
     dx = gemm_s(t, g, p, per, h, 2 * f, groups, fr) + gemm_s(t, g, p, per, f, h, groups, fr)
-    dw = gemm_s(t, g, p, 2 * f, h, per, groups, fr) + gemm_s(t, g, p, h, f, per, groups, fr)
     in_gemm = ctx.precision == "fp8" or ctx.fusion == "fused"  # else torch._grouped_mm, then the hook
+    if in_gemm and p == "bf16" and main_grad_measured(t, p):  # the addmm an expert timed as the runtime runs it
+        dw = gemm_s(t, g, p, 2 * f, h, per, groups, fr, main_grad=True) + gemm_s(t, g, p, h, f, per, groups, fr,
+                                                                                 main_grad=True)
+        return fwd, dx, dw
+    dw = gemm_s(t, g, p, 2 * f, h, per, groups, fr) + gemm_s(t, g, p, h, f, per, groups, fr)
     return fwd, dx, dw + _main_grad_add_s(ctx, groups * 3 * h * f, in_gemm)
 
 

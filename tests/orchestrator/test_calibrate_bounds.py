@@ -31,13 +31,13 @@ loop = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(loop)
 
 
-def _v3_stage_plan(tmp_path):
+def _v3_stage_plan(tmp_path, *extra: str):
     config = tmp_path / "v3-stage.json"
     config.write_text(json.dumps(loop.stage_spec().model_dump(mode="json")))
     res = CliRunner().invoke(app, ["plan", "--model", str(config), "--cluster", "h100", "--nodes", "1", "--set",
                                    "cluster.node.gpus_per_node=1", "--pp", "1", "--ep", "1", "--dp", "1", "--schedule",
                                    "1f1b", "--microbatches", "4", "--micro-batch-size", "1", "--seq-len", "4096",
-                                   "--global-batch", "4", "--tokens", "1B", "--no-search", "--out", str(tmp_path / "p")])
+                                   "--global-batch", "4", "--tokens", "1B", "--no-search", "--out", str(tmp_path / "p"), *extra])
     assert res.exit_code == 0, res.output
     return read_plan(tmp_path / "p" / "plan.json")
 
