@@ -60,6 +60,26 @@ def test_the_v3_stage_asks_for_a_bounded_list_of_measurements_and_building_it_ru
     assert compute.optimizer_params(plan.inputs.model) == compute.OPTIMIZER_MAX_PARAMS < 2.2e9
 
 
+def test_a_gpu_loop_settles_back_to_back_for_its_seconds_before_the_timed_calls():
+    calls, phases = [], []
+
+    def call() -> None:
+        calls.append(time.perf_counter())
+        time.sleep(0.01)
+
+    cpu = torch.device("cpu")
+    timing.median_s(call, cpu, reps=3, warmup=2, max_s=10.0)
+    assert len(calls) == 2 + 3  # a CPU does not settle by default: what it times runs as the runtime's ranks do
+    calls.clear()
+    timing.median_s(call, cpu, reps=3, warmup=2, max_s=10.0, settle_s=0.1)
+    # the warm-up (2), then 0.1 s of calls back to back at the last warm-up call's >= 10 ms, then the 3 timed
+    assert 2 + 1 + 3 <= len(calls) <= 2 + 10 + 3, len(calls)
+    assert timing._settle(lambda: phases.append(1), cpu, 0.01, 0.1) == len(phases) == 10
+    phases.clear()
+    assert timing.SETTLE_S > 0 and timing._settle(lambda: phases.append(1), cpu, 0.0, 1.0) == timing.SETTLE_MAX_CALLS
+    assert len(phases) == timing.SETTLE_MAX_CALLS  # a call too short to time is capped, not launched for ever
+
+
 def test_a_timed_loop_stops_at_its_count_or_its_time(monkeypatch):
     calls = []
 
