@@ -2,6 +2,11 @@
 
     python benchmarks/elementwise_bench.py    # CUDA: simulator/costs/data/<gpu>-elementwise.json and the md
     python benchmarks/elementwise_bench.py --device cpu --small --out /tmp/ew.json --md /tmp/ew.md   # smoke run
+    python benchmarks/elementwise_bench.py --refit simulator/costs/data/h100-elementwise.json   # no timing
+
+``--refit FILE`` times nothing: it counts every measured pass's bytes again as the simulator counts them now
+(``memory_classes.case_bytes``) and fits each again through its stored seconds (``fit_pass``), writing FILE back
+(and ``--md`` where given). The seconds stay as measured; the file's ``refit`` says when and why.
 
 Every kernel class of ``simulator.costs.elementwise`` (RMSNorms, latent norms, residual adds, RoPE,
 FP8 casts, SwiGLU, router, permute, combine, embedding, cross-entropy) runs at V3's shapes with 4096
@@ -39,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from moeplan.kernels.triton_compat import HAVE_TRITON
 from moeplan.orchestrator.calibration.memory_cases import CASES
-from moeplan.orchestrator.calibration.memory_classes import FIT_DIVISOR, measure
+from moeplan.orchestrator.calibration.memory_classes import FIT_DIVISOR, case_bytes, fit_pass, measure
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.costs.memory_kernels import ELEMENTWISE_FILES, elementwise_file
 from moeplan.simulator.presets.clusters import gpu_for_device, h200_gpu
@@ -82,10 +87,12 @@ def markdown(result: dict) -> str:
         "`simulator/costs/elementwise.py` counts them (inputs read once, outputs written once); HBM % is of "
         f"{result['hbm_bytes_per_s'] / 1e12:.1f} TB/s ({result['hbm_source']}). Rows marked *table* are what "
         f"the cost tables take (`{result['out']}`); the others are measured beside them. A per-token class is timed "
-        f"again at {result['small_tokens']} tokens (*us at ¼*): the line through the two points gives the fixed "
+        f"again at {result.get('small_tokens')} tokens (*us at ¼*): the line through the two points gives the fixed "
         "seconds a call (*fixed us*, its intercept; * where clamped to 0, or to what leaves the bytes at most the "
         "datasheet) and the HBM fraction of the rest, which together give back the main point's seconds.",
         "",
+        *([f"Bytes counted again and refitted through the seconds as measured (`--refit`): {'; '.join(result['refit'])}",
+           ""] if result.get("refit") else []),
         "| class | implementation | table | shape | fwd MB | fwd us | fwd TB/s | fwd us at ¼ | fwd fixed us | fwd HBM "
         "| bwd MB | bwd us | bwd TB/s | bwd us at ¼ | bwd fixed us | bwd HBM |",
         "|---|---|---|---|" + "---:|" * 12,
@@ -106,6 +113,34 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def refit(result: dict, why: str) -> dict:
+    """``result`` (a file this benchmark wrote) with each measured pass's bytes counted again (``case_bytes``)
+    and fitted again through its stored seconds (``fit_pass``); the shapes as the cases name them now. A row
+    whose case is gone is kept as it was."""
+    spec = {"deepseek-v3": deepseek_v3, "tiny-moe": tiny_moe}[result["model"]]()
+    cases = {(c.kernel, c.implementation): c for c in CASES}
+    out = dict(result, kernels=[])
+    for entry in result["kernels"]:
+        case = cases.get((entry["kernel"], entry["implementation"]))
+        entry = dict(entry)
+        if case is not None and entry.get("skipped") is None:
+            main_bytes = case_bytes(case, spec, result["tokens"])
+            small = entry.get("small_tokens")
+            small_bytes = case_bytes(case, spec, small) if small else None
+            for key in ("fwd", "bwd"):
+                p = entry.get(key)
+                if p is None:
+                    continue
+                second = ((getattr(small_bytes, f"{key}_bytes"), p["small_s"])
+                          if small_bytes is not None and p.get("small_s") is not None else None)
+                fitted = fit_pass(getattr(main_bytes, f"{key}_bytes"), p["s"], result["hbm_bytes_per_s"], second)
+                entry[key] = {k: v for k, v in fitted.items() if k in p or v is not None}  # an older file's fields
+            entry["shape"] = case.shape(spec, result["tokens"])
+        out["kernels"].append(entry)
+    out["refit"] = [*result.get("refit", []), why]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None,
@@ -115,8 +150,22 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--small", action="store_true", help=f"tiny model (tiny_moe) and {SMALL_TOKENS} tokens")
     parser.add_argument("--reps", type=int, default=None, help="timed runs per pass (default 100 on CUDA, 3 on CPU)")
+    parser.add_argument("--refit", type=Path, default=None, metavar="FILE",
+                        help="time nothing: count FILE's bytes again and refit its stored seconds (module docstring)")
+    parser.add_argument("--why", default="", help="with --refit: what changed in the byte count (kept in the file)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.refit is not None:
+        if not args.why:
+            parser.error("--refit needs --why: what changed in the byte count")
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        text = args.refit.read_text()
+        result = refit(json.loads(text), f"{stamp}: {args.why}")
+        indent = len(text.splitlines()[1]) - len(text.splitlines()[1].lstrip()) if "\n" in text else 1
+        write_atomic(args.out or args.refit, json.dumps(result, indent=indent or 1) + "\n")  # as the file was laid out
+        if args.md.resolve() != (ROOT / DEFAULT_MD).resolve():
+            write_atomic(args.md, markdown(result))
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (for a smoke run: --device cpu --small --out ... --md ...)")
     device = torch.device(args.device)

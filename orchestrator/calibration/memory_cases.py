@@ -47,7 +47,8 @@ class Case:
     """``build(spec, tokens, device)`` returns (forward or None, backward or None) thunks on fresh tensors (a
     class with bytes in one pass only has no thunk for the other). ``step_bytes``: the ideal bytes of a kernel
     run once a step whatever the tokens (the FP8 weights' quantisation); None: the class's bytes per token
-    (``memory_classes.class_bytes``) times the tokens."""
+    (``memory_classes.class_bytes``) times the tokens. ``padded``: the case runs on the experts' contiguous
+    layout, so its bytes count each expert's rows padded to 128 (``memory_classes.case_padded_rows``)."""
 
     kernel: str
     implementation: str
@@ -56,6 +57,7 @@ class Case:
     shape: Callable[[ModelSpec, int], str]
     build: Callable[[ModelSpec, int, torch.device], tuple[Thunk, Thunk | None]]
     step_bytes: Callable[[ModelSpec], KernelBytes] | None = None
+    padded: bool = False  # runs on the experts' contiguous layout: its bytes count the padded rows
 
 
 def _rand(device, *shape, dtype=BF16, grad=False) -> torch.Tensor:
@@ -375,7 +377,8 @@ CASES = (
     Case("expert_cast", "kernels.fp8_quant.quant_act_both of down's and gate_up's gradients + "
          "moe_permute(quantize='128x1_t')", True, True,
          _rows(lambda m, t: t, lambda m: f"{_rows_k(m)} rows (padded per expert) of {m.hidden_size} and "
-                                         f"{2 * m.moe_intermediate_size}, backward only"), _expert_cast),
+                                         f"{2 * m.moe_intermediate_size}, backward only"), _expert_cast,
+         padded=True),
     Case("swiglu", "kernels.swiglu.swiglu / swiglu_backward", True, True,
          _rows(_swiglu_rows, lambda m: 2 * m.moe_intermediate_size), _swiglu(ours=True)),
     Case("swiglu", "F.silu(gate) * up (eager, model/experts.py)", False, False,
@@ -387,7 +390,8 @@ CASES = (
     Case("dispatch_plan", "kernels.moe_permute.make_pair_plan (worst-case rows) and the per-expert counts", True,
          False, _rows(lambda m, t: t, lambda m: f"{_rows_k(m)} of {m.n_routed_experts} experts"), _dispatch_plan),
     Case("permute", "kernels.moe_permute.moe_permute (bwd: moe_unpermute)", True, True,
-         _rows(lambda m, t: t, lambda m: f"{m.hidden_size} -> {_rows_k(m)} copies"), _permute(ours=True)),
+         _rows(lambda m, t: t, lambda m: f"{m.hidden_size} -> {_rows_k(m)} copies (padded per expert)"),
+         _permute(ours=True), padded=True),
     Case("permute", "x[token_of] (eager, model/experts.py)", False, False,
          _rows(lambda m, t: t, lambda m: f"{m.hidden_size} -> {_rows_k(m)} copies"), _permute(ours=False)),
     Case("combine", "kernels.moe_permute.MoEUnpermute", True, True,

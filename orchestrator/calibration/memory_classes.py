@@ -12,6 +12,11 @@ through the two points splits a call into fixed seconds (the intercept) and byte
 bandwidth (``simulator.costs.memory_kernels`` module docstring); then ``hbm_frac`` is that fraction, which with
 ``fixed_s`` gives back the main point's seconds, and ``bytes_per_s`` stays the main point's bytes over seconds.
 A once-a-step case (``step_bytes``) keeps one size: ``hbm_frac`` = bytes / seconds / the bandwidth.
+
+A case on the experts' contiguous layout (``Case.padded``: the experts' casts, the permutation) counts the rows
+its kernels move, each expert's segment padded to 128 (``case_padded_rows``), as the engine prices them: a V3
+layer's 256 experts at 4096 tokens pad 1.48x, at 1024 tokens 4x. Until 2026-12-07 both sizes counted the routed
+rows only, so the fit saw the second size cost nearly what the first did and clamped the fixed seconds.
 """
 
 from __future__ import annotations
@@ -22,18 +27,29 @@ from moeplan.kernels.triton_compat import HAVE_TRITON
 from moeplan.orchestrator.calibration.memory_cases import Case
 from moeplan.orchestrator.calibration.timing import median_s
 from moeplan.simulator.costs.elementwise import FUSED_LOSS, KernelBytes, end_bytes_per_token, layer_bytes_per_token
+from moeplan.simulator.engine.expert_traffic import padded_rows
 from moeplan.simulator.spec.model import ModelSpec
 
 
-def class_bytes(spec: ModelSpec) -> dict[str, KernelBytes]:
-    """Ideal bytes per token of every class, an FP8 MoE layer with uniform routing (k rows per token); the fused
+def class_bytes(spec: ModelSpec, padded_rows_per_token: float | None = None) -> dict[str, KernelBytes]:
+    """Ideal bytes per token of every class, an FP8 MoE layer with uniform routing (k rows per token; the
+    contiguous layout's kernels over ``padded_rows_per_token``, as ``layer_bytes_per_token`` takes it); the fused
     loss has the cross-entropy's one-pass bytes, MLA's fused RoPE its assembly's too, the fused router the
     router's (the simulator prices them so)."""
     ends, k = end_bytes_per_token(spec), spec.num_experts_per_tok
     fused_layer = layer_bytes_per_token(spec, True, "fp8", k, "fused")
     fused = {"fused_fp8_cast": fused_layer["fp8_cast"], "fused_router": fused_layer["router"]} | (
         {"fused_rope": fused_layer["rope"]} if spec.is_mla else {})
-    return layer_bytes_per_token(spec, True, "fp8", k) | ends | {FUSED_LOSS: ends["cross_entropy"]} | fused
+    layer = layer_bytes_per_token(spec, True, "fp8", k, padded_rows_per_token=padded_rows_per_token)
+    return layer | ends | {FUSED_LOSS: ends["cross_entropy"]} | fused
+
+
+def case_padded_rows(spec: ModelSpec, tokens: int) -> float:
+    """Routed rows per token of a case on the contiguous layout (``Case.padded``): uniform routing of ``tokens``
+    over all the experts, each segment padded (``expert_traffic.padded_rows``), the expectation of what
+    ``kernels.moe_permute.make_dispatch_plan`` lays out."""
+    experts = spec.n_routed_experts
+    return experts * padded_rows(tokens * spec.num_experts_per_tok / experts) / tokens
 
 
 FIT_DIVISOR = 4  # a per-token case's second size: its tokens / FIT_DIVISOR (at least 1 token)
@@ -96,5 +112,5 @@ def case_bytes(case: Case, spec: ModelSpec, tokens: int) -> KernelBytes:
     """A case's ideal bytes at ``tokens``: its class's per token times the tokens, or its ``step_bytes``."""
     if case.step_bytes is not None:
         return case.step_bytes(spec)
-    per_token = class_bytes(spec)[case.kernel]
+    per_token = class_bytes(spec, case_padded_rows(spec, tokens) if case.padded else None)[case.kernel]
     return KernelBytes(per_token.fwd_bytes * tokens, per_token.bwd_bytes * tokens)

@@ -54,6 +54,7 @@ from moeplan.simulator.engine.unit_costs import (
     UnitCosts,
     _linears,
     memory_bound_s,
+    padded_rows_per_token,
     _recompute_s,
     attention_shapes,
     unit_costs,
@@ -146,11 +147,13 @@ def tp_ends(tables: CostTables, m: ModelSpec, tokens: int, tp: int, sp: bool, nv
 
 
 def _memory_bound(ctx: CostContext, m: ModelSpec, moe: bool, tokens: int, rows_per_token: float,
-                  dispatch: bool) -> tuple[float, float, float]:
+                  dispatch: bool, traffic: ExpertTraffic | None = None) -> tuple[float, float, float]:
     """(forward, backward, selective-recompute) seconds of one layer's memory-bound kernels on ``tokens``
-    tokens, as ``unit_costs`` prices them (its classes, fusion and recompute set)."""
+    tokens, as ``unit_costs`` prices them (its classes, fusion and recompute set; the experts' segments padded
+    as it pads them, ``padded_rows_per_token``)."""
     at = replace(ctx, tokens=tokens)
-    layer = layer_bytes_per_token(m, moe, ctx.precision, rows_per_token, ctx.fusion, dispatch)
+    padded = padded_rows_per_token(at, m, traffic) if moe else None
+    layer = layer_bytes_per_token(m, moe, ctx.precision, rows_per_token, ctx.fusion, dispatch, padded)
     return (*memory_bound_s(at, layer), _recompute_s(at, m, layer, []))
 
 
@@ -170,7 +173,7 @@ def tp_unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraf
         rows = traffic.expert_rows_max / shard if traffic else k
         u = replace(v, attn_fwd_s=u.attn_fwd_s, attn_dx_s=u.attn_dx_s, attn_dw_s=u.attn_dw_s,
                     recompute_s=u.recompute_s)
-        want = _memory_bound(ctx, m, moe, shard, rows, traffic is not None and ctx.ep_backend == "deepep")
+        want = _memory_bound(ctx, m, moe, shard, rows, traffic is not None and ctx.ep_backend == "deepep", traffic)
         # ``v``'s MLP fields hold half of ``want`` already; the attention half moves from ``have`` to ``want``
         attn_f, attn_b, mlp_f, mlp_b = (want[0] - have[0]) / 2, (want[1] - have[1]) / 2, 0.0, 0.0
     elif sp:

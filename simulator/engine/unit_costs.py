@@ -47,7 +47,7 @@ from moeplan.simulator.costs.elementwise import (
 )
 from moeplan.simulator.costs.kernels import attention_s, gemm_s, main_grad_measured, memory_s
 from moeplan.simulator.costs.tables import CostTables, Precision
-from moeplan.simulator.engine.expert_traffic import ExpertTraffic
+from moeplan.simulator.engine.expert_traffic import ExpertTraffic, padded_rows
 from moeplan.simulator.engine.host_term import ends_with_host_and_measured, layer_kind, with_host, with_measured
 from moeplan.simulator.spec.hardware import GpuSpec
 from moeplan.simulator.spec.model import ModelSpec
@@ -233,7 +233,8 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
         e_fwd = e_dx = e_dw = 0.0
         rows_per_token = 0.0
     dispatch = traffic is not None and ctx.ep_backend == "deepep"  # flat: NCCL's all-to-all moves rows as laid out
-    layer = layer_bytes_per_token(m, moe, ctx.precision, rows_per_token, ctx.fusion, dispatch)
+    padded = padded_rows_per_token(ctx, m, traffic) if moe else None
+    layer = layer_bytes_per_token(m, moe, ctx.precision, rows_per_token, ctx.fusion, dispatch, padded)
     elementwise, elementwise_bwd = memory_bound_s(ctx, layer)
     cp = _context_parallel(ctx, m, attn, up, mtp)
     a_fwd, a_dx, a_dw = a_fwd + cp.fwd_s, a_dx + cp.dx_s, a_dw + cp.dw_s
@@ -245,7 +246,7 @@ def unit_costs(ctx: CostContext, m: ModelSpec, moe: bool, traffic: ExpertTraffic
     if ctx.recompute != "full":  # the remote rows' K/V are rebuilt from the re-gathered latent
         recompute += cp.fwd_s
     if moe and ctx.recompute != "selective":  # the fused experts redo SwiGLU's output in backward (elementwise)
-        recompute += swiglu_redo_s(ctx, m, rows_per_token)
+        recompute += swiglu_redo_s(ctx, m, rows_per_token if padded is None else padded)
     costs = UnitCosts(
         attn_fwd_s=a_fwd + elementwise / 2, attn_dx_s=a_dx + elementwise_bwd / 2, attn_dw_s=a_dw,
         mlp_fwd_s=mf + elementwise / 2, mlp_dx_s=mdx + elementwise_bwd / 2, mlp_dw_s=mdw,
@@ -328,16 +329,44 @@ def _dense_params(shapes: list[tuple[int, int]]) -> int:
     return sum(i * o for i, o in shapes)
 
 
+def _expert_groups(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None) -> tuple[int, float]:
+    """(local experts, routed rows) of the busiest GPU in a micro-batch."""
+    if traffic is None:  # no expert parallelism: all experts local, the micro-batch's own rows
+        return m.n_routed_experts, ctx.tokens * m.num_experts_per_tok
+    return traffic.experts_per_gpu, traffic.expert_rows_max
+
+
+def contiguous_layout(ctx: CostContext) -> bool:
+    """Whether the routed experts run on the contiguous layout, each expert's rows padded to 128
+    (``model.fused_experts``: the FP8 experts, and the BF16 ones under ``fusion="fused"``; DeepGEMM's layout pads
+    the same way); the op-by-op BF16 experts (``model/experts.py``) do not pad."""
+    return ctx.precision == "fp8" or ctx.fusion == "fused"
+
+
+def expert_segment_rows(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None) -> float:
+    """Rows of one local expert's segment: its routed rows, padded as the layout pads them
+    (``expert_traffic.padded_rows``) where it does (``contiguous_layout``)."""
+    groups, rows = _expert_groups(ctx, m, traffic)
+    return padded_rows(rows / groups) if contiguous_layout(ctx) else rows / groups
+
+
+def padded_rows_per_token(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None) -> float | None:
+    """The routed rows per token with each expert's segment padded (``layer_bytes_per_token``'s
+    ``padded_rows_per_token``), where the layout pads (``contiguous_layout``); else None."""
+    if not (m.is_moe and contiguous_layout(ctx)):
+        return None
+    groups, _ = _expert_groups(ctx, m, traffic)
+    return groups * expert_segment_rows(ctx, m, traffic) / ctx.tokens
+
+
 def _experts(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None) -> tuple[float, float, float]:
-    """Grouped GEMMs of the busiest GPU's experts: gate+up (h -> 2f), down (f -> h); the weight gradients'
+    """Grouped GEMMs of the busiest GPU's experts over their segments' rows (``expert_segment_rows``: padded on
+    the contiguous layout): gate+up (h -> 2f), down (f -> h); the weight gradients'
     addition into the main gradients with the Wgrad: in the GEMM's epilogue for the FP8 Wgrad (the K-grouped
     Gluon kernel) and the fused BF16 experts (``model.weight_grad.fused_main_grad_grouped_mm``, one cuBLAS
     ``addmm`` an expert), by the hook after the op-by-op (``eager``) BF16 experts' ``torch._grouped_mm``."""
-    if traffic is None:  # no expert parallelism: all experts local, the micro-batch's own rows
-        groups, rows = m.n_routed_experts, ctx.tokens * m.num_experts_per_tok
-    else:
-        groups, rows = traffic.experts_per_gpu, traffic.expert_rows_max
-    per = max(1, round(rows / groups))
+    groups, _ = _expert_groups(ctx, m, traffic)
+    per = max(1, round(expert_segment_rows(ctx, m, traffic)))
     h, f, fr, p = m.hidden_size, m.moe_intermediate_size, ctx.compute_frac, ctx.precision
     t, g = ctx.tables, ctx.gpu
     fwd = gemm_s(t, g, p, per, 2 * f, h, groups, fr) + gemm_s(t, g, p, per, h, f, groups, fr)

@@ -100,3 +100,45 @@ def test_elsewhere_it_takes_the_h200s_and_says_so(device_name):
     assert gpu.hbm_bytes_per_s == 4.8e12 and elementwise_file(gpu.name) == ELEMENTWISE_FILES["h200"]
     assert source.startswith("simulator.presets.clusters.gpu_for_device (H200-SXM ")
     assert "none of the presets'" in source
+
+
+@pytest.mark.parametrize("memory_system", sorted(ELEMENTWISE_FILES))
+def test_the_packaged_files_bytes_are_what_the_simulator_counts_now(memory_system):
+    """Refitting a packaged file with today's byte model changes nothing: a change to the bytes the simulator
+    counts must come with ``--refit`` of the files (their seconds as measured), or the tables' fractions price
+    other bytes than they were measured at."""
+    raw = json.loads((ROOT / "simulator" / "costs" / ELEMENTWISE_FILES[memory_system]).read_text())
+    again = bench.refit(raw, "test")
+    for before, after in zip(raw["kernels"], again["kernels"], strict=True):
+        for key in ("fwd", "bwd"):
+            if before[key] is not None:
+                assert after[key].keys() == before[key].keys(), before["kernel"]
+                for name, value in before[key].items():
+                    same = after[key][name] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value)
+                    assert same, (before["kernel"], before["implementation"], key, name)
+        assert after["shape"] == before["shape"]
+    assert again["refit"] == [*raw.get("refit", []), "test"]
+
+
+def test_counted_padded_the_experts_layout_kernels_fit_a_line_within_the_datasheet():
+    """The H100 file's permutation and the experts' casts, timed at 4096 and 1024 tokens (128 and 32 rows an
+    expert, padded to 128 by the layout: 1.48x and 4x the routed rows): counted as routed rows, the 1024-token
+    point cost nearly the 4096-token one and the fit clamped its fixed seconds; counted padded, both lie on a line
+    within the datasheet."""
+    data = load_elementwise(ROOT / "simulator" / "costs" / ELEMENTWISE_FILES["h100"])
+    rows = {r.kernel: r for r in data.kernels if r.in_table and r.kernel in ("permute", "expert_cast")}
+    assert rows["permute"].fwd.fixed_clamped is False and rows["expert_cast"].bwd.fixed_clamped is False
+    assert rows["permute"].fwd.fixed_s < 5e-6  # a copy's fixed cost: microseconds, not the clamped 110 us
+
+
+def test_refit_takes_a_file_and_a_reason_and_keeps_the_seconds(tmp_path):
+    res = _run("--refit", str(ROOT / "simulator" / "costs" / ELEMENTWISE_FILES["h200"]), "--out", str(tmp_path / "a"))
+    assert res.returncode == 2 and "--refit needs --why" in res.stderr
+    res = _run("--refit", str(ROOT / "simulator" / "costs" / ELEMENTWISE_FILES["h200"]), "--out",
+               str(tmp_path / "a.json"), "--why", "a test")
+    assert res.returncode == 0, res.stderr
+    before = json.loads((ROOT / "simulator" / "costs" / ELEMENTWISE_FILES["h200"]).read_text())
+    after = json.loads((tmp_path / "a.json").read_text())
+    assert [r.get("fwd") and r["fwd"]["s"] for r in after["kernels"]] == [r.get("fwd") and r["fwd"]["s"]
+                                                                          for r in before["kernels"]]
+    assert after["refit"][-1].endswith(": a test")

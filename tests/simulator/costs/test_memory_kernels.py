@@ -25,6 +25,7 @@ from moeplan.simulator.costs.memory_kernels import (
 )
 from moeplan.simulator.costs.tables import CostTables, default_tables, named_tables
 from moeplan.simulator.engine.build import SimOptions
+from moeplan.simulator.engine.expert_traffic import padded_rows
 from moeplan.simulator.engine.unit_costs import CostContext, end_costs, unit_costs
 from moeplan.simulator.planning.predict import predict_step
 from moeplan.simulator.presets.clusters import h100_gpu, h200_gpu, h800_gpu
@@ -168,7 +169,9 @@ def test_a_slower_class_adds_exactly_its_bytes_at_the_new_fraction():
     f = base.memory_frac
     slow = _tables_with([MemoryKernelPoint(kernel="swiglu", fwd_frac=f / 2, bwd_frac=f / 4, source="s")])
     a, b = unit_costs(_ctx(base), m, True, None), unit_costs(_ctx(slow), m, True, None)
-    swiglu = layer_bytes_per_token(m, True, "fp8", m.num_experts_per_tok)["swiglu"]
+    # the FP8 experts' SwiGLU runs over each expert's rows padded to 128 (V3: 128 rows an expert at 4096 tokens)
+    padded = m.n_routed_experts * padded_rows(4096 * m.num_experts_per_tok / m.n_routed_experts) / 4096
+    swiglu = layer_bytes_per_token(m, True, "fp8", m.num_experts_per_tok, padded_rows_per_token=padded)["swiglu"]
     bw = h800_gpu().hbm_bytes_per_s * f
     assert b.fwd_s - a.fwd_s == pytest.approx(4096 * swiglu.fwd_bytes / bw)  # 1/(f/2) - 1/f = 1/f
     assert b.dx_s - a.dx_s == pytest.approx(3 * 4096 * swiglu.bwd_bytes / bw)  # 1/(f/4) - 1/f = 3/f

@@ -21,6 +21,9 @@ from tests.simulator.planning.test_predict import _inputs
 
 TOKENS = 256
 TILE = 1 + 4 / 128
+# tiny_moe's 4 routed rows a token over 16 experts, 64 rows an expert, each segment padded to 128 rows on the
+# contiguous layout (FP8 or fused experts): 8 rows a token (``expert_traffic.padded_rows``)
+PADDED = 8
 
 
 def _tables(*points: MemoryKernelPoint) -> CostTables:
@@ -48,7 +51,7 @@ def test_selective_recompute_is_the_up_projections_and_the_named_ops_forward_onc
              + (2 * 2 * 4 * 8 + 2 * 4 * 8 / 2)  # RoPE of the 4 rebuilt query heads, cos and sin
              + 2 * 2 * 4 * 16  # the rebuilt query's no-RoPE part copied beside it (read and write, 4 heads x 16)
              + (2 + TILE) * 48  # FP8 casts of the up-projections' inputs
-             + 6 * 32 * 5)  # SwiGLU over 4 routed + 1 shared rows of width 32
+             + 6 * 32 * (PADDED + 1))  # SwiGLU over the 4 routed rows padded to 8, + 1 shared, of width 32
     assert unit.recompute_s == pytest.approx(up_s + _at_memory_frac(t, named))
     assert unit_costs(_ctx(t), m, moe=True, traffic=None).recompute_s == 0.0
 
@@ -71,7 +74,7 @@ def test_only_the_named_ops_move_selective_recompute():
         assert unit_costs(_ctx(slow, "selective"), m, moe=True, traffic=None).recompute_s == pytest.approx(ref), kernel
     slow = _tables(MemoryKernelPoint(kernel="swiglu", fwd_frac=f / 2, source="s"))  # twice its forward time
     got = unit_costs(_ctx(slow, "selective"), m, moe=True, traffic=None).recompute_s
-    assert got - ref == pytest.approx(_at_memory_frac(base, 6 * 32 * 5))
+    assert got - ref == pytest.approx(_at_memory_frac(base, 6 * 32 * (PADDED + 1)))
 
 
 def test_fused_rope_and_router_are_priced_at_their_fused_points():
@@ -82,7 +85,7 @@ def test_fused_rope_and_router_are_priced_at_their_fused_points():
     fused = unit_costs(_ctx(t, "selective", fusion="fused"), m, moe=True, traffic=None)
     rope, q_rope = 2 * 2 * 5 * 8 + 32, 2 * 2 * 4 * 8 + 32
     router, router_bwd = 2 * 4 * 16 + 12 * 4, 2 * 4 * 16 + 4 * 4
-    swiglu_saved = (6 - 4 - TILE) * 32 * 5  # the FP8 output
+    swiglu_saved = (6 - 4 - TILE) * 32 * (PADDED + 1)  # the FP8 output
     cast_bwd_saved = 2 * (2 + TILE) * 240 - (2 + 2 * TILE) * 240  # 2 casts -> 1 cast with transpose
     cast_fwd_added = TILE * 240  # the forward casts x with transpose: its 128x1 copy written there, not re-read later
     assert eager.fwd_s - fused.fwd_s == pytest.approx(_at_memory_frac(t, 3 * (rope + router) + swiglu_saved
@@ -147,17 +150,18 @@ def test_v3_s_recipe_fuses_and_a_model_without_one_runs_the_runtime_s_kernels():
 
 def test_only_deepep_s_dispatch_takes_the_permutation_in():
     """A fused run keeps permute, combine and the dispatch plan on the compute stream without a dispatch or when
-    the all-to-all is NCCL's (flat); with DeepEP they are gone: exactly their eager bytes (k = 4 rows per token;
-    the plan: 32 B a pair and a 4-byte pointer a token)."""
+    the all-to-all is NCCL's (flat); with DeepEP they are gone: exactly their eager bytes (k = 4 rows per token,
+    the permutation writing them padded, ``PADDED``; the plan: 32 B a pair and a 4-byte pointer a token)."""
     t, m = _tables(), tiny_moe()
     traffic = ExpertTraffic(dispatch_ib_bytes=0.0, dispatch_nvlink_bytes=1e6, combine_ib_bytes=0.0,
                             combine_nvlink_bytes=1e6, routing_ib_bytes=0.0, routing_nvlink_bytes=0.0,
-                            expert_rows_max=4.0 * TOKENS, expert_rows_mean=4.0 * TOKENS, experts_per_gpu=4,
+                            expert_rows_max=4.0 * TOKENS, expert_rows_mean=4.0 * TOKENS, experts_per_gpu=16,
                             nodes_per_token=1.0)
     deepep = unit_costs(_ctx(t, fusion="fused"), m, moe=True, traffic=traffic)
     flat = unit_costs(_ctx(t, fusion="fused", ep_backend="flat"), m, moe=True, traffic=traffic)
     local = unit_costs(_ctx(t, fusion="fused"), m, moe=True, traffic=None)
-    permute_combine_fwd, permute_combine_bwd = 2 * 64 * 5 + 2 * 64 * 5 + (32 * 4 + 4), 2 * 64 * 5 + 2 * 64 * 9
+    permute_combine_fwd = 2 * 64 * (1 + PADDED) + 2 * 64 * 5 + (32 * 4 + 4)
+    permute_combine_bwd = 2 * 64 * 5 + 2 * 64 * 9
     assert flat.fwd_s - deepep.fwd_s == pytest.approx(_at_memory_frac(t, permute_combine_fwd))
     assert flat.dx_s - deepep.dx_s == pytest.approx(_at_memory_frac(t, permute_combine_bwd))
     assert local.fwd_s - local.experts_fwd_s == pytest.approx(flat.fwd_s - flat.experts_fwd_s)
@@ -176,7 +180,7 @@ def test_every_experts_wgrad_pays_its_main_gradient_add_the_epilogue_or_the_hook
         ctx = CostContext(tables=t, gpu=h800_gpu(), precision=precision, tokens=TOKENS, seq_len_tokens=TOKENS,
                           compute_frac=1.0, recompute="none", fusion=fusion)
         h, f, g = m.hidden_size, m.moe_intermediate_size, m.n_routed_experts
-        per = max(1, round(TOKENS * m.num_experts_per_tok / g))
+        per = 128 if precision == "fp8" or fusion == "fused" else 64  # 64 rows an expert, padded where laid out
         gemms = gemm_s(t, h800_gpu(), precision, 2 * f, h, per, g) + gemm_s(t, h800_gpu(), precision, h, f, per, g)
         return unit_costs(ctx, m, moe=True, traffic=None).experts_dw_s - gemms
 
@@ -220,16 +224,16 @@ def test_fp8_weight_quantisation_once_a_step_per_stage_copy_over_its_micro_batch
 
 def test_the_fused_experts_redo_their_swiglu_in_backward_once_whatever_the_recompute():
     """model/fused_experts.py keeps gate/up and redoes SwiGLU's output in backward: under ``fused`` its 4 routed
-    rows' forward (FP8 out, 4 + TILE B a value) is recompute time with no recompute set, and selective recompute,
+    rows' (padded to 8: ``PADDED``) forward (FP8 out, 4 + TILE B a value) is recompute time with no recompute set, and selective recompute,
     which redoes every SwiGLU row already, prices them once, not twice; ``eager`` experts keep the output."""
     m, base = tiny_moe(), _tables()
     slow = _tables(MemoryKernelPoint(kernel="swiglu", fwd_frac=base.memory_frac / 2, source="s"))
-    redo = (2 * 2 + TILE) * 32 * 4
+    redo = (2 * 2 + TILE) * 32 * PADDED
     assert unit_costs(_ctx(base, fusion="fused"), m, moe=True, traffic=None).recompute_s == pytest.approx(
         _at_memory_frac(base, redo))
     assert unit_costs(_ctx(base, fusion="eager"), m, moe=True, traffic=None).recompute_s == 0.0
     assert unit_costs(_ctx(base, fusion="fused"), m, moe=False, traffic=None).recompute_s == 0.0
-    for recompute, rows in (("none", 4), ("selective", 5)):  # 4 routed; selective: those and the shared row, once
+    for recompute, rows in (("none", PADDED), ("selective", PADDED + 1)):  # routed; selective: and the shared row
         ref, got = (unit_costs(_ctx(t, recompute, fusion="fused"), m, moe=True, traffic=None).recompute_s
                     for t in (base, slow))
         assert got - ref == pytest.approx(_at_memory_frac(base, (2 * 2 + TILE) * 32 * rows)), recompute

@@ -9,6 +9,7 @@ import pytest
 
 from moeplan.simulator.costs.kernels import gemm_s, main_grad_measured
 from moeplan.simulator.costs.tables import CostTables, GemmPoint, default_tables
+from moeplan.simulator.engine.expert_traffic import padded_rows
 from moeplan.simulator.engine.unit_costs import CostContext, _experts, _linears, _main_grad_add_s
 from moeplan.simulator.presets.clusters import h100_gpu
 from moeplan.simulator.presets.models import tiny_moe
@@ -49,7 +50,7 @@ def test_a_main_grad_point_prices_only_main_grad_products_even_at_its_exact_shap
 def test_the_fused_bf16_experts_wgrad_is_the_measured_addmm_with_no_epilogue_bytes_on_top():
     m = tiny_moe()
     h, f, groups = m.hidden_size, m.moe_intermediate_size, m.n_routed_experts
-    per = round(TOKENS * m.num_experts_per_tok / groups)
+    per = round(padded_rows(TOKENS * m.num_experts_per_tok / groups))  # the fused experts' padded segments
     t = _with_main_grad([(2 * f, h, per, groups), (h, f, per, groups)])
     fwd, dx, dw = _experts(_ctx(t), m, None)
     assert dw == pytest.approx(2.0 * groups * 3 * h * f * per / SLOW)
