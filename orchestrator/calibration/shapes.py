@@ -29,7 +29,8 @@ from moeplan.simulator.accounting.context_parallel import cp_tokens
 from moeplan.simulator.accounting.layout import pipeline_stages
 from moeplan.simulator.accounting.memory import rank_params
 from moeplan.simulator.costs.machine import Collective
-from moeplan.simulator.engine.expert_traffic import expert_traffic
+from moeplan.simulator.engine.expert_traffic import expert_traffic, padded_rows
+from moeplan.simulator.engine.unit_costs import pads_expert_segments
 from moeplan.simulator.schedules.registry import rank_stages
 from moeplan.simulator.spec.inputs import PlanInputs
 
@@ -57,8 +58,9 @@ class PlanShapes:
 
 
 def _expert_gemms(inputs: PlanInputs, tokens: int) -> tuple[set[tuple[int, int, int, int]], set[tuple[int, int, int, int]]]:
-    """The routed experts' grouped products at the rows per local slot ``unit_costs._experts`` prices: (all of
-    them, their two weight gradients)."""
+    """The routed experts' grouped products at the rows per local slot ``unit_costs._experts`` prices (each
+    expert's segment padded to 128 rows where the experts run on the contiguous layout, ``expert_segment_rows``):
+    (all of them, their two weight gradients)."""
     m, par = inputs.model, inputs.parallel
     if not m.is_moe:
         return set(), set()
@@ -67,7 +69,9 @@ def _expert_gemms(inputs: PlanInputs, tokens: int) -> tuple[set[tuple[int, int, 
     else:
         traffic = expert_traffic(m, inputs.cluster, par.ep, tokens)
         groups, rows = traffic.experts_per_gpu, traffic.expert_rows_max
-    per, h, f = max(1, round(rows / groups)), m.hidden_size, m.moe_intermediate_size
+    laid_out = pads_expert_segments(inputs.training.precision, inputs.training.kernels.fusion)
+    per = max(1, round(padded_rows(rows / groups) if laid_out else rows / groups))
+    h, f = m.hidden_size, m.moe_intermediate_size
     wgrads = {(2 * f, h, per, groups), (h, f, per, groups)}
     return {(per, 2 * f, h, groups), (per, h, f, groups), (per, h, 2 * f, groups), (per, f, h, groups)} | wgrads, wgrads
 

@@ -336,24 +336,24 @@ def _expert_groups(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None
     return traffic.experts_per_gpu, traffic.expert_rows_max
 
 
-def contiguous_layout(ctx: CostContext) -> bool:
+def pads_expert_segments(precision: Precision, fusion: Fusion) -> bool:
     """Whether the routed experts run on the contiguous layout, each expert's rows padded to 128
     (``model.fused_experts``: the FP8 experts, and the BF16 ones under ``fusion="fused"``; DeepGEMM's layout pads
     the same way); the op-by-op BF16 experts (``model/experts.py``) do not pad."""
-    return ctx.precision == "fp8" or ctx.fusion == "fused"
+    return precision == "fp8" or fusion == "fused"
 
 
 def expert_segment_rows(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None) -> float:
     """Rows of one local expert's segment: its routed rows, padded as the layout pads them
-    (``expert_traffic.padded_rows``) where it does (``contiguous_layout``)."""
+    (``expert_traffic.padded_rows``) where it does (``pads_expert_segments``)."""
     groups, rows = _expert_groups(ctx, m, traffic)
-    return padded_rows(rows / groups) if contiguous_layout(ctx) else rows / groups
+    return padded_rows(rows / groups) if pads_expert_segments(ctx.precision, ctx.fusion) else rows / groups
 
 
 def padded_rows_per_token(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None) -> float | None:
     """The routed rows per token with each expert's segment padded (``layer_bytes_per_token``'s
-    ``padded_rows_per_token``), where the layout pads (``contiguous_layout``); else None."""
-    if not (m.is_moe and contiguous_layout(ctx)):
+    ``padded_rows_per_token``), where the layout pads (``pads_expert_segments``); else None."""
+    if not (m.is_moe and pads_expert_segments(ctx.precision, ctx.fusion)):
         return None
     groups, _ = _expert_groups(ctx, m, traffic)
     return groups * expert_segment_rows(ctx, m, traffic) / ctx.tokens

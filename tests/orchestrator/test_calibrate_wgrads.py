@@ -12,6 +12,7 @@ from moeplan.orchestrator.calibration import compute
 from moeplan.orchestrator.calibration.measure import Measured, Setup, measurements
 from moeplan.orchestrator.calibration.shapes import plan_shapes
 from moeplan.orchestrator.calibration.tables_out import CalibrationError, calibrated_tables, machine_record
+from moeplan.simulator.engine.expert_traffic import padded_rows
 from moeplan.simulator.presets.clusters import h100_gpu
 from moeplan.simulator.presets.models import tiny_moe
 from tests.orchestrator.test_calibrate_bounds import _v3_stage_plan
@@ -32,7 +33,8 @@ def test_the_plans_wgrads_are_every_linears_and_the_fused_experts_and_are_timed_
     m, tokens = plan.inputs.model, 4096
     shapes = plan_shapes(plan.inputs, plan.layout.dp, 2)
     dense = set(compute.linear_wgrads(m, tokens))
-    h, f, per = m.hidden_size, m.moe_intermediate_size, tokens * m.num_experts_per_tok // m.n_routed_experts
+    h, f = m.hidden_size, m.moe_intermediate_size
+    per = round(padded_rows(tokens * m.num_experts_per_tok / m.n_routed_experts))  # the fused experts' segments
     experts = {(2 * f, h, per, m.n_routed_experts), (h, f, per, m.n_routed_experts)}
     assert set(shapes.wgrads) == (dense | experts if fusion == "fused" else dense)
     assert len(dense) == 11 and set(shapes.wgrads) <= set(shapes.gemms)
