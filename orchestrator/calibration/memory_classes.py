@@ -26,7 +26,13 @@ import torch
 from moeplan.kernels.triton_compat import HAVE_TRITON
 from moeplan.orchestrator.calibration.memory_cases import Case
 from moeplan.orchestrator.calibration.timing import median_s
-from moeplan.simulator.costs.elementwise import FUSED_LOSS, KernelBytes, end_bytes_per_token, layer_bytes_per_token
+from moeplan.simulator.costs.elementwise import (
+    EAGER_CLASSES,
+    FUSED_LOSS,
+    KernelBytes,
+    end_bytes_per_token,
+    layer_bytes_per_token,
+)
 from moeplan.simulator.engine.expert_traffic import padded_rows
 from moeplan.simulator.spec.model import ModelSpec
 
@@ -41,7 +47,8 @@ def class_bytes(spec: ModelSpec, padded_rows_per_token: float | None = None) -> 
     fused = {"fused_fp8_cast": fused_layer["fp8_cast"], "fused_router": fused_layer["router"]} | (
         {"fused_rope": fused_layer["rope"]} if spec.is_mla else {})
     layer = layer_bytes_per_token(spec, True, "fp8", k, padded_rows_per_token=padded_rows_per_token)
-    return layer | ends | {FUSED_LOSS: ends["cross_entropy"]} | fused
+    eager = {cls: layer[kernel] for kernel, cls in EAGER_CLASSES.items() if kernel in layer}  # the same bytes
+    return layer | ends | {FUSED_LOSS: ends["cross_entropy"]} | fused | eager
 
 
 def case_padded_rows(spec: ModelSpec, tokens: int) -> float:

@@ -160,11 +160,23 @@ FUSED_CLASSES = {"rope": "fused_rope", "router": "fused_router", "fp8_cast": "fu
 FUSED_LOSS = "fused_cross_entropy"
 OPTIMIZER = "optimizer"
 WEIGHT_QUANT = "fp8_weight_quant"  # the FP8 weights' quantisation, once a step (module docstring)
+# Under fusion="eager" the runtime runs these op by op (``model/fused.py``'s functions uncompiled; the BF16 routed
+# experts of ``model/experts.py``: x[token_of], F.silu(gate) * up, index_add), where the tables' class times a
+# single kernel (``F.rms_norm``, ``kernels.swiglu``, ``kernels.moe_permute``). Each is priced at the point of its
+# op-by-op code where the tables measured it (the measurement files time it beside the kernel: 1.4-28x lower
+# fractions of HBM on the H200), else at the kernel's (``STAND_INS``). The experts' classes
+# (``EAGER_EXPERT_CLASSES``) only where the routed experts run op by op: a BF16 run (the FP8 experts are
+# ``model.fused_experts``' kernels in both).
+EAGER_CLASSES = {"rms_norm": "eager_rms_norm", "latent_norm": "eager_latent_norm", "swiglu": "eager_swiglu",
+                 "permute": "eager_permute", "combine": "eager_combine"}
+EAGER_EXPERT_CLASSES = frozenset({"swiglu", "permute", "combine"})
 # A class the tables have not measured is priced at a measured class run by the same kernels, where there is one
 # (``CostTables.memory_fracs``), before the copy bandwidth: the cast with transpose and the experts' casts are
-# ``kernels.fp8_quant``'s quantisers, as the measured ``fp8_cast`` is (its casts one at a time).
-STAND_INS = {"fused_fp8_cast": "fp8_cast", "expert_cast": "fp8_cast"}
-KERNEL_CLASSES = LAYER_KERNELS + END_KERNELS + tuple(FUSED_CLASSES.values()) + (FUSED_LOSS, OPTIMIZER, WEIGHT_QUANT)
+# ``kernels.fp8_quant``'s quantisers, as the measured ``fp8_cast`` is (its casts one at a time); an op-by-op class
+# unmeasured takes its single kernel's point (as every eager run was priced until 2026-12-07).
+STAND_INS = {"fused_fp8_cast": "fp8_cast", "expert_cast": "fp8_cast"} | {v: k for k, v in EAGER_CLASSES.items()}
+KERNEL_CLASSES = (LAYER_KERNELS + END_KERNELS + tuple(FUSED_CLASSES.values()) + (FUSED_LOSS, OPTIMIZER, WEIGHT_QUANT)
+                  + tuple(EAGER_CLASSES.values()))
 
 
 @dataclass(frozen=True)

@@ -50,11 +50,15 @@ def test_the_v3_stage_asks_for_a_bounded_list_of_measurements_and_building_it_ru
     items = measurements(shapes, setup, plan.inputs.cluster.gpu.hbm_bytes_per_s)  # no CUDA needed: nothing ran
     kinds = Counter(i.kind for i in items)
     assert len(items) <= MAX_MEASUREMENTS and set(kinds) == set(KINDS), kinds
-    # one GEMM per priced shape (38: dense forward, input and weight gradients, 6 grouped), 19 memory classes
-    # (the fused loss, qk_cat, the fused RoPE and router and the FP8 weights' quantisation too),
-    # the host's two, one each of the rest (collectives: the send/recv pair, skipped on one GPU)
-    assert kinds == {"gemm": len(shapes.gemms), "attention": 1, "host": 2, "copy": 1, "memory": 19, "optimizer": 1,
+    # one GEMM per priced shape (38: dense forward, input and weight gradients, 6 grouped), 24 memory classes
+    # (the fused loss, qk_cat, the fused RoPE and router and the FP8 weights' quantisation too; this eager BF16 plan
+    # also the five op-by-op classes it is priced at), the host's two, one each of the rest (collectives: the
+    # send/recv pair, skipped on one GPU)
+    assert kinds == {"gemm": len(shapes.gemms), "attention": 1, "host": 2, "copy": 1, "memory": 24, "optimizer": 1,
                      "beside": 1, "links": 1}, kinds
+    (tmp_path / "fused").mkdir()
+    fused = plan_shapes(_v3_stage_plan(tmp_path / "fused", "--set", "training.kernels.fusion=fused").inputs, 1, 2)
+    assert Counter(i.kind for i in measurements(fused, setup, 1.0))["memory"] == 19  # a fused plan: none of them
     assert len(shapes.gemms) == 38 and len({i.what for i in items}) == len(items)
     # the optimizer class steps a bounded shard, not the stage's 2.2G-parameter half
     assert compute.optimizer_params(plan.inputs.model) == compute.OPTIMIZER_MAX_PARAMS < 2.2e9

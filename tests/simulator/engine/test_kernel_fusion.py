@@ -237,3 +237,38 @@ def test_the_fused_experts_redo_their_swiglu_in_backward_once_whatever_the_recom
         ref, got = (unit_costs(_ctx(t, recompute, fusion="fused"), m, moe=True, traffic=None).recompute_s
                     for t in (base, slow))
         assert got - ref == pytest.approx(_at_memory_frac(base, (2 * 2 + TILE) * 32 * rows)), recompute
+
+
+@pytest.mark.parametrize(("precision", "fusion", "eager_norms", "eager_experts"), [
+    ("bf16", "eager", True, True), ("fp8", "eager", True, False), ("bf16", "fused", False, False)])
+def test_an_eager_run_is_priced_at_the_op_by_op_code_it_runs(precision, fusion, eager_norms, eager_experts):
+    """Under ``eager`` the runtime runs RMSNorm op by op and, in BF16, the routed experts op by op
+    (``model/experts.py``); those classes take their op-by-op points (``elementwise.EAGER_CLASSES``) where the tables
+    measured them; the FP8 experts and a fused run keep the kernels' points."""
+    from moeplan.simulator.costs.elementwise import EAGER_CLASSES
+    from moeplan.simulator.engine.unit_costs import _priced_as
+
+    m, f = tiny_moe(), _tables().memory_frac
+    slow = [MemoryKernelPoint(kernel=k, fwd_frac=f / 8, source="op by op") for k in EAGER_CLASSES.values()]
+    ctx = _ctx(_tables(*slow), fusion=fusion)
+    ctx = CostContext(**{**ctx.__dict__, "precision": precision})
+    for kernel, cls in EAGER_CLASSES.items():
+        expert = kernel in ("swiglu", "permute", "combine")
+        want = cls if (eager_experts if expert else eager_norms) else kernel
+        assert _priced_as(ctx, kernel) == want, kernel
+    plain = CostContext(**{**_ctx(_tables(), fusion=fusion).__dict__, "precision": precision})
+    # with no op-by-op point measured, an eager run is priced at the kernels' points, as before (STAND_INS)
+    kernels = _tables(*(MemoryKernelPoint(kernel=k, fwd_frac=f / 3, source="kernel") for k in EAGER_CLASSES))
+    assert all(kernels.memory_price(cls) == kernels.memory_price(k) == ((f / 3, f / 3), (0.0, 0.0))
+               for k, cls in EAGER_CLASSES.items())
+    slower = unit_costs(ctx, m, moe=True, traffic=None).fwd_s > unit_costs(plain, m, moe=True, traffic=None).fwd_s
+    assert slower == (eager_norms or eager_experts)
+
+
+def test_the_packaged_files_time_the_op_by_op_classes():
+    from moeplan.simulator.costs.elementwise import EAGER_CLASSES
+
+    for gpu in ("H100-SXM5", "H200-SXM"):
+        t = default_tables(gpu)
+        for kernel, cls in EAGER_CLASSES.items():
+            assert t.memory_fracs(cls)[0] < t.memory_fracs(kernel)[0], (gpu, kernel)  # op by op: slower
