@@ -91,8 +91,8 @@ def markdown(result: dict) -> str:
         "seconds a call (*fixed us*, its intercept; * where clamped to 0, or to what leaves the bytes at most the "
         "datasheet) and the HBM fraction of the rest, which together give back the main point's seconds.",
         "",
-        *([f"Bytes counted again and refitted through the seconds as measured (`--refit`): {'; '.join(result['refit'])}",
-           ""] if result.get("refit") else []),
+        *([f"Bytes counted again and refitted through the seconds as measured (`--refit`): "
+           f"{'; '.join(result['refit'])}", ""] if result.get("refit") else []),
         "| class | implementation | table | shape | fwd MB | fwd us | fwd TB/s | fwd us at ¼ | fwd fixed us | fwd HBM "
         "| bwd MB | bwd us | bwd TB/s | bwd us at ¼ | bwd fixed us | bwd HBM |",
         "|---|---|---|---|" + "---:|" * 12,
@@ -161,8 +161,9 @@ def main() -> None:
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         text = args.refit.read_text()
         result = refit(json.loads(text), f"{stamp}: {args.why}")
-        indent = len(text.splitlines()[1]) - len(text.splitlines()[1].lstrip()) if "\n" in text else 1
-        write_atomic(args.out or args.refit, json.dumps(result, indent=indent or 1) + "\n")  # as the file was laid out
+        second = (text.splitlines() + ["", ""])[1]
+        indent = len(second) - len(second.lstrip()) or 1  # as the file was laid out
+        write_atomic(args.out or args.refit, json.dumps(result, indent=indent) + "\n")
         if args.md.resolve() != (ROOT / DEFAULT_MD).resolve():
             write_atomic(args.md, markdown(result))
         return

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moeplan.orchestrator.calibration.links import free_port
-from moeplan.orchestrator.calibration.spawned import running
+from moeplan.orchestrator.calibration.spawned import failed, running
 from moeplan.orchestrator.calibration.timing import FLUSH_BYTES, median_s
 
 CPU_COMM_PROCESSES = 2  # the all-reduce pair on a CPU
@@ -104,7 +104,7 @@ def _cpu_beside_s(gemm, reps: int) -> float:
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
             while started.empty():
-                if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
+                if time.monotonic() > deadline or failed(procs):
                     raise RuntimeError(f"the gloo all-reduce pair did not start within {START_TIMEOUT_S:.0f} s")
                 time.sleep(0.01)
             started.get()

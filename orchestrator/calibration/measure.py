@@ -2,7 +2,8 @@
 
 ``measurements(shapes, setup, hbm_bytes_per_s)`` lists them, in order, as data (``Measurement``: its kind,
 one of ``KINDS``, what it measures, and a thunk; building the list runs nothing): the GEMMs (one shape
-each; on a GPU in BF16 the weight gradients the runtime adds into FP32 main gradients timed so), causal attention at the plan's sequence length, the host's per-op cost and the op counts of every
+each; on a GPU in BF16 the weight gradients the runtime adds into FP32 main gradients timed so), causal
+attention at the plan's sequence length, the host's per-op cost and the op counts of every
 piece (on a CPU each piece timed alone, then in the runtime's passes of each pipeline rank: ``stage_steps``,
 whose ops replace the alone ones where it runs), a copy sweep (the memory fallback), each memory-bound kernel class at the plan's tokens, the
 optimizer class (on a CPU with ZeRO groups of one also the runtime's step over each pipeline rank's own
@@ -38,7 +39,7 @@ from moeplan.orchestrator.calibration.memory_classes import fit_pass, measure
 from moeplan.orchestrator.calibration.optimizer_ranks import norm_collectives, time_rank_optimizer
 from moeplan.orchestrator.calibration.shapes import PlanShapes
 from moeplan.orchestrator.calibration.stage_steps import time_stage_ops
-from moeplan.simulator.costs.elementwise import EAGER_CLASSES, EAGER_EXPERT_CLASSES
+from moeplan.simulator.costs.elementwise import EAGER_CLASSES, priced_as
 from moeplan.simulator.costs.host import HostCosts, HostOpCost
 from moeplan.simulator.costs.measured_ops import MeasuredOp, measured_optimizer_s
 from moeplan.simulator.costs.tables import CostTables
@@ -163,7 +164,8 @@ def measurements(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float) -> li
                          lambda m, g=g: m.gemm.append(compute.gemm_rows([g], dt, reps, dev)[0]))
              for g in shapes.gemms if g not in into]
     items += [Measurement("gemm", f"GEMM {g[3]}x{g[0]}x{g[1]}x{g[2]} Wgrad into FP32 main gradients",
-                          lambda m, g=g: m.gemm.append(compute.wgrad_main_grad_row(g, reps, dev))) for g in sorted(into)]
+                          lambda m, g=g: m.gemm.append(compute.wgrad_main_grad_row(g, reps, dev)))
+              for g in sorted(into)]
 
     def attention(m: Measured) -> None:
         m.attention = compute.attention_rows(setup.spec, [shapes.seq_len], dt, reps, dev)
@@ -209,14 +211,13 @@ def measurements(shapes: PlanShapes, setup: Setup, hbm_bytes_per_s: float) -> li
 
 
 def _prices_eager(kernel: str, shapes: PlanShapes) -> bool:
-    """Whether the plan prices a class at its op-by-op code's point (``unit_costs._priced_as``): every other class,
-    and an op-by-op one (``elementwise.EAGER_CLASSES``) only under ``fusion="eager"`` (the experts' in BF16 only);
-    without a plan, every class."""
+    """Whether the plan prices a class: every class but an op-by-op one (``elementwise.EAGER_CLASSES``), which only
+    a plan priced at it (``elementwise.priced_as``: eager, the experts' in BF16 only); without a plan, every class."""
     base = next((k for k, v in EAGER_CLASSES.items() if v == kernel), None)
     if base is None or shapes.inputs is None:
         return True
     training = shapes.inputs.training
-    return training.kernels.fusion == "eager" and (training.precision != "fp8" or base not in EAGER_EXPERT_CLASSES)
+    return priced_as(base, training.precision, training.kernels.fusion) == kernel
 
 
 def _memory_classes(shapes: PlanShapes, setup: Setup, hbm: float) -> list[Measurement]:

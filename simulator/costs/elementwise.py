@@ -175,6 +175,16 @@ EAGER_EXPERT_CLASSES = frozenset({"swiglu", "permute", "combine"})
 # ``kernels.fp8_quant``'s quantisers, as the measured ``fp8_cast`` is (its casts one at a time); an op-by-op class
 # unmeasured takes its single kernel's point (as every eager run was priced until 2026-12-07).
 STAND_INS = {"fused_fp8_cast": "fp8_cast", "expert_cast": "fp8_cast"} | {v: k for k, v in EAGER_CLASSES.items()}
+def priced_as(kernel: str, precision: str, fusion: Fusion) -> str:
+    """The table class a run prices ``kernel`` at: its fused kernel's where the run fuses it (``FUSED_CLASSES``);
+    its op-by-op code's where the eager runtime runs it so (``EAGER_CLASSES``; the experts' only in a BF16 run)."""
+    if fusion == "fused":
+        return FUSED_CLASSES.get(kernel, kernel)
+    if kernel in EAGER_CLASSES and (precision != "fp8" or kernel not in EAGER_EXPERT_CLASSES):
+        return EAGER_CLASSES[kernel]
+    return kernel
+
+
 KERNEL_CLASSES = (LAYER_KERNELS + END_KERNELS + tuple(FUSED_CLASSES.values()) + (FUSED_LOSS, OPTIMIZER, WEIGHT_QUANT)
                   + tuple(EAGER_CLASSES.values()))
 

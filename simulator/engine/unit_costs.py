@@ -33,10 +33,7 @@ from moeplan.simulator.accounting.flops import attention_core_flops
 from moeplan.simulator.accounting.params import expert_params, swiglu_params
 from moeplan.simulator.costs.elementwise import (
     BF16_BYTES,
-    EAGER_CLASSES,
-    EAGER_EXPERT_CLASSES,
     FP32_BYTES,
-    FUSED_CLASSES,
     FUSED_LOSS,
     WEIGHT_QUANT,
     KernelBytes,
@@ -45,6 +42,7 @@ from moeplan.simulator.costs.elementwise import (
     fp32_loss_bytes_per_token,
     fp8_weight_quant_bytes,
     layer_bytes_per_token,
+    priced_as,
     selective_recompute_bytes_per_token,
 )
 from moeplan.simulator.costs.kernels import attention_s, gemm_s, main_grad_measured, memory_s
@@ -176,13 +174,8 @@ def fp8_weight_quant_s(ctx: CostContext, m: ModelSpec, units, ep: int, tp: int =
 
 
 def _priced_as(ctx: CostContext, kernel: str) -> str:
-    """The table point a class is priced at: its fused kernel's where the run fuses it; its op-by-op code's where the
-    eager runtime runs it so (``elementwise.EAGER_CLASSES``; the experts' only in a BF16 run)."""
-    if ctx.fusion == "fused":
-        return FUSED_CLASSES.get(kernel, kernel)
-    if kernel in EAGER_CLASSES and (ctx.precision != "fp8" or kernel not in EAGER_EXPERT_CLASSES):
-        return EAGER_CLASSES[kernel]
-    return kernel
+    """The table point a class is priced at (``elementwise.priced_as``)."""
+    return priced_as(kernel, ctx.precision, ctx.fusion)
 
 
 def memory_bound_s(ctx: CostContext, per_token: dict[str, KernelBytes]) -> tuple[float, float]:
