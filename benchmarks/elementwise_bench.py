@@ -159,8 +159,11 @@ def main() -> None:
         if not args.why:
             parser.error("--refit needs --why: what changed in the byte count")
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        text = args.refit.read_text()
-        result = refit(json.loads(text), f"{stamp}: {args.why}")
+        try:
+            text = args.refit.read_text()
+            result = refit(json.loads(text), f"{stamp}: {args.why}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # no file, not JSON, or not this benchmark's
+            parser.error(f"--refit {args.refit}: not a file of this benchmark ({type(exc).__name__}: {exc})")
         second = (text.splitlines() + ["", ""])[1]
         indent = len(second) - len(second.lstrip()) or 1  # as the file was laid out
         write_atomic(args.out or args.refit, json.dumps(result, indent=indent) + "\n")

@@ -135,6 +135,13 @@ def test_counted_padded_the_experts_layout_kernels_fit_a_line_within_the_datashe
 def test_refit_takes_a_file_and_a_reason_and_keeps_the_seconds(tmp_path):
     res = _run("--refit", str(ROOT / "simulator" / "costs" / ELEMENTWISE_FILES["h200"]), "--out", str(tmp_path / "a"))
     assert res.returncode == 2 and "--refit needs --why" in res.stderr
+    for bad, text in (("missing.json", None), ("not-json.json", "{"), ("other.json", '{"model": "gpt"}')):
+        if text is not None:
+            (tmp_path / bad).write_text(text)
+        res = _run("--refit", str(tmp_path / bad), "--out", str(tmp_path / "b.json"), "--why", "a test")
+        assert res.returncode == 2 and f"--refit {tmp_path / bad}: not a file of this benchmark" in res.stderr
+        errors = [line for line in res.stderr.splitlines() if "error:" in line]  # argparse's usage, then one line
+        assert len(errors) == 1 and res.stderr.strip().endswith(errors[0]) and not (tmp_path / "b.json").exists()
     res = _run("--refit", str(ROOT / "simulator" / "costs" / ELEMENTWISE_FILES["h200"]), "--out",
                str(tmp_path / "a.json"), "--why", "a test")
     assert res.returncode == 0, res.stderr
