@@ -17,9 +17,11 @@ the report quotes their output.
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import itertools
 import json
+import math
 import runpy
 import subprocess
 import sys
@@ -102,8 +104,10 @@ def trace_summary(run_dir: Path, top: int = 12) -> tuple[int, str]:
 
 def kernels_by_node(trace: dict) -> dict[str, dict[str, float]]:
     """Seconds of GPU kernels per (node kind, kernel class) in a ``moeplan launch --kernel-trace`` Chrome trace:
-    each kernel goes to the innermost ``NODE_RANGE`` around the host call that launched it ("(outside nodes)"
-    where none), its class by ``model_step_cases.kernel_class`` (a GEMM in an experts node is a grouped one)."""
+    each kernel goes to the innermost ``NODE_RANGE`` around the host call that launched it, else (a backward
+    node's kernels: autograd launches them from its own thread while the node's range stays open on the
+    executor's) to the ``NODE_RANGE`` on any thread whose span holds the launch ("(outside nodes)" where none);
+    its class by ``model_step_cases.kernel_class`` (a GEMM in an experts node is a grouped one)."""
     here = Path(__file__).parent  # siblings by path: the script runs as ``python -P``, its folder not on sys.path
     gaps, kernel_class = runpy.run_path(str(here / "gpu_gaps.py")), \
         runpy.run_path(str(here / "model_step_cases.py"))["kernel_class"]
@@ -111,17 +115,26 @@ def kernels_by_node(trace: dict) -> dict[str, dict[str, float]]:
     stacks = gaps["_stacks"](events)
     launch_of = {e["args"]["correlation"]: i for i, e in enumerate(events)
                  if e.get("ph") == "X" and e.get("cat") in gaps["LAUNCH_CATS"] and "correlation" in e.get("args", {})}
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"][len(NODE_RANGE):])
+                   for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith(NODE_RANGE))
     out: dict[str, dict[str, float]] = {}
     for e in events:
         if e.get("ph") != "X" or e.get("cat") != "kernel":
             continue
         i = launch_of.get(e.get("args", {}).get("correlation"))
         nodes = [n[len(NODE_RANGE):] for n in (stacks.get(i, []) if i is not None else []) if n.startswith(NODE_RANGE)]
+        if not nodes and i is not None:
+            nodes = _open_node(spans, float(events[i]["ts"]))
         kind = node_kind(nodes[-1]) if nodes else "(outside nodes)"
         cls = kernel_class(e["name"], "experts" if "experts" in kind else "")
         row = out.setdefault(kind, {})
         row[cls] = row.get(cls, 0.0) + float(e["dur"]) / 1e6
     return out
+
+
+def _open_node(spans: list[tuple[float, float, str]], ts: float) -> list[str]:
+    """The node ranges (any thread; sorted by start) open at host time ``ts``, outermost first."""
+    return [name for start, end, name in spans[:bisect.bisect_right(spans, (ts, math.inf))] if end >= ts]
 
 
 def kernel_summary(run_dir: Path) -> tuple[int, str]:

@@ -10,7 +10,7 @@ simulated again; each only when it reproduces the checked plan's predicted step)
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -41,8 +41,10 @@ from moeplan.simulator.report.trace_analysis import (
     analyse,
     analyse_rank_trace,
     chrome_intervals,
+    held_ops,
     intervals_of,
     read_trace,
+    trace_ops,
 )
 from moeplan.simulator.spec.errors import first_error_line
 
@@ -86,11 +88,12 @@ def load_run(run_dir: Path, plan_path: Path | None) -> tuple[RunReport, PlanFile
     return report, plan
 
 
-def measured_timelines(run_dir: Path, report: RunReport, drawn: Collection[int] = ()) -> tuple[list[RankTimeline],
-                                                                                               list[Interval]]:
+def measured_timelines(run_dir: Path, report: RunReport, drawn: Collection[int] = (),
+                       ops: set[str] | None = None) -> tuple[list[RankTimeline], list[Interval]]:
     """Per-rank timelines from the run's traces, and the intervals of the ``drawn`` ranks (ranks = global
     ranks; the others' are dropped as each trace is read, so memory does not grow with the world size); the
-    report's stored timelines where it lists no trace."""
+    report's stored timelines where it lists no trace. ``ops``, where given, gets the traces' layer ops
+    (``trace_analysis.trace_ops``)."""
     if not report.traces:
         return list(report.timelines), []
     timelines, intervals = [], []
@@ -98,6 +101,8 @@ def measured_timelines(run_dir: Path, report: RunReport, drawn: Collection[int] 
         path = run_dir / ref.path
         try:
             doc = read_trace(path)
+            if ops is not None:
+                ops |= trace_ops(doc)
             timelines.append(analyse_rank_trace(doc, ref.rank, report.settings.pp_rank_of[ref.rank]))
             if ref.rank in drawn:
                 intervals += [Interval(ref.rank, iv.op_class, iv.start_s, iv.end_s) for iv in chrome_intervals(doc)]
@@ -107,31 +112,33 @@ def measured_timelines(run_dir: Path, report: RunReport, drawn: Collection[int] 
     return timelines, intervals
 
 
-def predicted_intervals(run_dir: Path, plan: PlanFile, given: Path | None = None) -> list[Interval] | None:
+def predicted_intervals(run_dir: Path, plan: PlanFile, given: Path | None = None,
+                        held: Mapping[str, str] | None = None) -> list[Interval] | None:
     """The plan's simulated step: ``given`` (``--plan-trace``), else ``RUN/plan-trace.json`` (the launched plan's,
     copied by the launcher), else re-simulated. A trace counts only when its makespan is this plan's predicted
     step: a plan with the run's inputs but other cost tables (``plan --calibration``) predicts another step, and
-    the launched plan's trace is not its breakdown."""
+    the launched plan's trace is not its breakdown. ``held``: ops classed as the run's node that holds them
+    (``trace_analysis.held_ops``)."""
     if given is not None:
         if not given.is_file():
             raise InputError(f"--plan-trace {given}: no such file")
-        intervals = _plan_trace(given, plan)
+        intervals = _plan_trace(given, plan, held)
         if not _reproduces(intervals, plan):
             raise InputError(f"--plan-trace {given}: its step ({_makespan(intervals):.6g} s) is not the plan's "
                              f"predicted step ({plan.predictions.step.step_time_s:.6g} s)")
         return intervals
     launched = run_dir / PLAN_TRACE_NAME
     if launched.is_file():
-        intervals = _plan_trace(launched, plan)
+        intervals = _plan_trace(launched, plan, held)
         if _reproduces(intervals, plan):
             return intervals
     events = resimulated_trace(plan)
-    return intervals_of(events) if events is not None else None
+    return intervals_of(events, held) if events is not None else None
 
 
-def _plan_trace(path: Path, plan: PlanFile) -> list[Interval]:
+def _plan_trace(path: Path, plan: PlanFile, held: Mapping[str, str] | None = None) -> list[Interval]:
     try:  # every pipeline rank's events in one file
-        return chrome_intervals(read_trace(path, plan.layout.pp * MAX_TRACE_EVENTS))
+        return chrome_intervals(read_trace(path, plan.layout.pp * MAX_TRACE_EVENTS), held)
     except TraceError as exc:
         raise InputError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
 
@@ -199,8 +206,10 @@ def check_command(
     report, loaded = load_run(run_dir, plan)
     check_out_file(run_dir / "run.html", "RUN/run.html")  # before the work, not after it
     drawn = _drawn_ranks(report)
-    measured, measured_events = measured_timelines(run_dir, report, drawn)
-    predicted_events = predicted_intervals(run_dir, loaded, plan_trace)
+    run_ops: set[str] = set()
+    measured, measured_events = measured_timelines(run_dir, report, drawn, run_ops)
+    # a run that times a plan's op inside another node (HELD_BY) has it compared in that node's class
+    predicted_events = predicted_intervals(run_dir, loaded, plan_trace, held_ops(run_ops) if report.traces else None)
     predicted = analyse(predicted_events) if predicted_events else None
     try:
         comparison = compare(loaded, report, measured, predicted, tolerance)

@@ -28,7 +28,7 @@ link (a pipeline receive) idles with no communication of its own, which this ana
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,11 @@ OP_CLASS_OF = {
     **dict.fromkeys(("dispatch", "combine", "dispatch-bwd", "combine-bwd", "cp-gather", "cp-regather",
                      "cp-reduce-scatter", "p2p", "dp-sync"), "communication"),
 }
+# Ops a run may time inside another node: the runtime runs a MoE layer without expert parallelism as one node,
+# ``experts``, the shared expert inside it (``model.runtime.overlap._local_layer``; recalibration reads such runs
+# so too: ``calibration.recalibrate``), where a plan prices the shared expert as its own ``shared`` node. Against
+# such a run, a plan's ``shared`` time is compared in the class of the node that held it (``held_ops``).
+HELD_BY = {"shared": "experts", "shared-bwd": "experts-bwd"}
 # Events in one rank's step trace. V3's simulated step (PP16, `moeplan plan --trace`) has at most 6,977 complete
 # events per pipeline rank; 2**17 is 19 times that. A 64 MiB trace (the JSON reader's limit) can hold a million tiny
 # events: `moeplan check` of 8 such traces took 163 s and 2.2 GB (docs/results/fuzz.md).
@@ -70,8 +75,28 @@ class Interval:
     end_s: float
 
 
-def op_class(name: str) -> str:
-    """The op class of a simulator trace event name (``TraceError`` for a name it does not know)."""
+def layer_op(name: str) -> str | None:
+    """The op of a layer's event name (``"0F1 L2 shared"`` -> ``"shared"``), None for any other name."""
+    words = name.split(" ")
+    return words[2] if len(words) == 3 and _TAG.match(words[0]) and _LAYER.match(words[1]) else None
+
+
+def trace_ops(doc: Any) -> set[str]:
+    """The layer ops (``layer_op``) among a trace document's complete events."""
+    events = doc.get("traceEvents") if isinstance(doc, dict) else doc
+    names = (e.get("name") for e in events if isinstance(e, dict) and e.get("ph") == "X") if isinstance(events, list) \
+        else ()
+    return {op for op in (layer_op(n) for n in names if isinstance(n, str)) if op is not None}
+
+
+def held_ops(run_ops: Collection[str]) -> dict[str, str]:
+    """``HELD_BY``'s entries for a run whose traces have the holding node's events and none of the op's own."""
+    return {op: holder for op, holder in HELD_BY.items() if op not in run_ops and holder in run_ops}
+
+
+def op_class(name: str, held: Mapping[str, str] | None = None) -> str:
+    """The op class of a simulator trace event name (``TraceError`` for a name it does not know); a layer op in
+    ``held`` takes the class of the op holding it (``held_ops``)."""
     words = name.split(" ")
     if words[0] in ("p2p", "dp-sync") and len(words) > 1:
         return OP_CLASS_OF[words[0]]
@@ -83,13 +108,13 @@ def op_class(name: str) -> str:
     if tag and len(words) == 2 and words[1] in ("embed", "head"):
         return OP_CLASS_OF[words[1]]
     if tag and len(words) == 3 and _LAYER.match(words[1]) and words[2] in OP_CLASS_OF:
-        return OP_CLASS_OF[words[2]]
+        return OP_CLASS_OF[(held or {}).get(words[2], words[2])]
     raise TraceError(f"trace event name={name!r:.80} is not a simulator op name and has no args.op_class")
 
 
-def intervals_of(events: Iterable[TraceEvent]) -> list[Interval]:
+def intervals_of(events: Iterable[TraceEvent], held: Mapping[str, str] | None = None) -> list[Interval]:
     """The simulator's own events (``predict_step(..., trace=True)``) as classified intervals."""
-    return [Interval(e.rank, op_class(e.name), e.start_s, e.end_s) for e in events]
+    return [Interval(e.rank, op_class(e.name, held), e.start_s, e.end_s) for e in events]
 
 
 def _number(event: Mapping[str, Any], key: str, i: int) -> float:
@@ -99,7 +124,7 @@ def _number(event: Mapping[str, Any], key: str, i: int) -> float:
     return float(value)
 
 
-def _event_class(event: Mapping[str, Any], i: int) -> str:
+def _event_class(event: Mapping[str, Any], i: int, held: Mapping[str, str] | None = None) -> str:
     args = event.get("args")
     given = args.get("op_class") if isinstance(args, dict) else None
     if given is not None:
@@ -109,11 +134,11 @@ def _event_class(event: Mapping[str, Any], i: int) -> str:
     name = event.get("name")
     if not isinstance(name, str):
         raise TraceError(f"traceEvents[{i}].name={name!r:.40} must be a string")
-    return op_class(name)
+    return op_class(name, held)
 
 
-def chrome_intervals(doc: Any) -> list[Interval]:
-    """Classified intervals of a Chrome/Perfetto trace document (complete events only)."""
+def chrome_intervals(doc: Any, held: Mapping[str, str] | None = None) -> list[Interval]:
+    """Classified intervals of a Chrome/Perfetto trace document (complete events only; ``held``: ``op_class``)."""
     events = doc.get("traceEvents") if isinstance(doc, dict) else doc
     if not isinstance(events, list):
         raise TraceError("a trace is a JSON object with a traceEvents list (or that list)")
@@ -127,7 +152,7 @@ def chrome_intervals(doc: Any) -> list[Interval]:
         if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
             raise TraceError(f"traceEvents[{i}].pid={pid!r:.40} must be a rank (an integer >= 0)")
         start = _number(event, "ts", i) / 1e6
-        out.append(Interval(pid, _event_class(event, i), start, start + _number(event, "dur", i) / 1e6))
+        out.append(Interval(pid, _event_class(event, i, held), start, start + _number(event, "dur", i) / 1e6))
     return out
 
 

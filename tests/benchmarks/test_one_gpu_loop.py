@@ -58,7 +58,8 @@ def test_the_trace_summary_sums_node_kinds_and_finds_the_gaps(tmp_path):
 
 
 def test_kernels_go_to_the_node_whose_range_launched_them():
-    """A synthetic ``--kernel-trace`` trace: two node ranges on the host, a launch in each and one outside."""
+    """A synthetic ``--kernel-trace`` trace: node ranges on the host, a launch in each, one outside, and one from
+    autograd's thread inside a backward node's range on the executor's."""
     node = loop.NODE_RANGE
     events = [{"name": node + "0F0 L1 experts", "cat": "user_annotation", "ph": "X", "ts": 0, "dur": 100, "tid": 1},
               {"name": "aten::mm", "cat": "cpu_op", "ph": "X", "ts": 10, "dur": 20, "tid": 1},
@@ -69,6 +70,15 @@ def test_kernels_go_to_the_node_whose_range_launched_them():
                "args": {"correlation": 2}},
               {"name": "cudaLaunchKernel", "cat": "cuda_runtime", "ph": "X", "ts": 400, "dur": 2, "tid": 1,
                "args": {"correlation": 3}},
+              # autograd's thread launches a backward node's kernels while the node's range is open on thread 1
+              {"name": node + "0B0 L1 experts-bwd", "cat": "user_annotation", "ph": "X", "ts": 500, "dur": 100,
+               "tid": 1},
+              {"name": "autograd::engine::evaluate_function: MmBackward0", "cat": "cpu_op", "ph": "X", "ts": 505,
+               "dur": 50, "tid": 2},
+              {"name": "cudaLaunchKernel", "cat": "cuda_runtime", "ph": "X", "ts": 510, "dur": 2, "tid": 2,
+               "args": {"correlation": 4}},
+              {"name": "nvjet_sm90_tss_128x256", "cat": "kernel", "ph": "X", "ts": 3800, "dur": 2000,
+               "args": {"correlation": 4}},
               {"name": "nvjet_sm90_tst_256x128", "cat": "kernel", "ph": "X", "ts": 20, "dur": 3000,
                "args": {"correlation": 1}},
               {"name": "cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "cat": "kernel", "ph": "X", "ts": 3100,
@@ -77,4 +87,4 @@ def test_kernels_go_to_the_node_whose_range_launched_them():
                "args": {"correlation": 3}}]
     table = loop.kernels_by_node({"traceEvents": events})
     assert table == {"F experts": {"grouped_gemm": 3e-3}, "B attn-bwd": {"attention": 5e-4},
-                     "(outside nodes)": {"memory_bound": 4e-5}}
+                     "(outside nodes)": {"memory_bound": 4e-5}, "B experts-bwd": {"grouped_gemm": 2e-3}}

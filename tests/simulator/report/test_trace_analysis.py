@@ -19,10 +19,12 @@ from moeplan.simulator.report.trace_analysis import (
     analyse,
     analyse_rank_trace,
     chrome_intervals,
+    held_ops,
     intervals_of,
     mean_fracs,
     op_class,
     read_trace,
+    trace_ops,
 )
 from tests.orchestrator.run_dirs import tiny_plan  # noqa: F401 -- the session fixture
 
@@ -31,6 +33,25 @@ from tests.orchestrator.run_dirs import tiny_plan  # noqa: F401 -- the session f
 HAND = [TraceEvent(0, "compute", "0F0 L0 attn", 0, 2), TraceEvent(0, "nvlink", "0F0 L0 dispatch", 1, 4),
         TraceEvent(0, "compute", "0F0 L0 shared", 3, 4), TraceEvent(0, "compute", "0F0 L0 experts", 5, 7),
         TraceEvent(0, "nic", "p2p F0/0", 6, 8), TraceEvent(1, "compute", "optimizer", 9, 10)]
+
+
+def test_a_run_that_times_the_shared_expert_inside_the_experts_node_has_it_compared_there() -> None:
+    """Without expert parallelism the runtime times a MoE layer as one ``experts`` node (no ``shared`` events):
+    the plan's ``shared`` seconds are then compared as the run holds them, in the experts' class."""
+    local = {"traceEvents": [{"name": "0F0 L1 experts", "ph": "X", "ts": 0, "dur": 5},
+                             {"name": "0B0 L1 experts-bwd", "ph": "X", "ts": 9, "dur": 5},
+                             {"name": "0F0 L0 mlp", "ph": "X", "ts": 5, "dur": 1}, {"name": "optimizer", "ph": "X"}]}
+    assert trace_ops(local) == {"experts", "experts-bwd", "mlp"}
+    held = held_ops(trace_ops(local))
+    assert held == {"shared": "experts", "shared-bwd": "experts-bwd"}
+    (r0, _) = analyse(intervals_of(HAND, held))
+    assert r0.op_class_s["gemm"] == 0 and r0.op_class_s["grouped_gemm"] == 3  # the shared second moved over
+    assert chrome_intervals({"traceEvents": [{"name": "0B1 L3 shared-bwd", "ph": "X", "ts": 0, "dur": 1}]},
+                            held)[0].op_class == "grouped_gemm"
+    assert op_class("0F0 L0 shared") == "gemm" and op_class("0F0 L0 mlp", held) == "gemm"
+    # a run with its own shared events (expert parallelism), or none of the holder's, keeps the plan's classes
+    assert held_ops({"experts", "shared", "experts-bwd", "shared-bwd"}) == {}
+    assert held_ops({"mlp", "mlp-bwd"}) == {}
 
 
 def test_hand_computed_trace() -> None:
