@@ -15,6 +15,7 @@ simulated bubbles equal the DualPipe README table (the same check runs in tests/
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 from pathlib import Path
 
@@ -197,6 +198,29 @@ def comm_ratio() -> list[str]:
         f"{1 - fwd_comm / fwd:.0%} cheaper relative to compute than DeepSeek's; DualPipe hides most of it either "
         "way (exposed communication above).",
     ]
+
+
+def own_runs() -> list[str]:
+    """Our own measured runs (``measured_runs.json``, each copied from its results page) against the predictions."""
+    doc = json.loads((Path(__file__).with_name("measured_runs.json")).read_text())
+
+    def err(predicted, measured) -> str:
+        return "—" if predicted is None else f"{predicted:.4g} ({predicted / measured - 1:+.1%})"  # as model_step
+
+    rows = ["| run | machine, date, tree | measured s | packaged tables | calibrated there | recalibrated from "
+            "the run | page |", "|---|---|---|---|---|---|---|"]
+    for r in doc["runs"]:
+        rows.append(f"| {r['run']} | {r['machine']}, {r['date']}, {r['tree']} | {r['measured_s']:.4g} | "
+                    f"{err(r['packaged_s'], r['measured_s'])} | {err(r['calibrated_s'], r['measured_s'])} | "
+                    f"{err(r.get('recalibrated_s'), r['measured_s'])} | `{r['page']}` |")
+    calibrated = [r["calibrated_s"] / r["measured_s"] - 1 for r in doc["runs"] if r["calibrated_s"] is not None]
+    worst = max(calibrated, key=abs)
+    return [doc["about"] + " In brackets: predicted / measured - 1 (`moeplan check` prints measured against "
+            "predicted, the other way round).", "", *rows, "",
+            f"Target (issue 21): each calibrated prediction within 5% of the measured step (10% at most). Largest "
+            f"calibrated error here: {worst:+.1%}: {'met' if abs(worst) <= 0.05 else 'not met'}. The packaged "
+            "tables are the repository's (the H100's and the `cpu` cluster's generic ones); `model_step` predicts "
+            "from the packaged tables only."]
 
 
 def schedule_check() -> list[str]:
@@ -412,6 +436,10 @@ def main() -> None:
         "## A published ratio the prediction should agree with",
         "",
         *comm_ratio(),
+        "",
+        "## Our own measured runs",
+        "",
+        *own_runs(),
         "",
         "## Sensitivity (GPU-hours per trillion tokens)",
         "",
