@@ -60,6 +60,8 @@ try:
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.experimental.gluon.language._core import builtin as _gluon_builtin
+    from triton._C.libtriton import ir as _ir
     HAVE_GLUON = True
     _GL_DTYPES = {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}
 except ImportError:  # CPU torch without triton, or a triton before Gluon's Hopper ops
@@ -100,7 +102,11 @@ ORDERS = {"free": 0, "issue": 1, "complete": 2}
 # (docs/results/model-step.md). Again on the H100 (2026-12-07 02:49 UTC, tree b8ec6bd), all three: gate_up 5.243 /
 # 4.195 / 3.883 ms, down 2.493 / 2.096 / 1.926 ms, each bit-exact: "tma" is the default. Read when a launch is
 # planned (``_plan``).
-OLD_VALUE_PATHS = {"after": 1, "l2": 2, "tma": 3}
+# "reduce": no old values in the kernel at all; the epilogue stores the product as a plain output does, through the
+# copy engine's reduction (``cp.reduce.async.bulk.tensor ... .add``: L2 adds each FP32 value into the main gradient,
+# one rounding as ``old + product``), so the math warpgroups never wait on the old values and the read-modify-write
+# of C runs beside the next tiles' MMAs; any tile width.
+OLD_VALUE_PATHS = {"after": 1, "l2": 2, "tma": 3, "reduce": 4}
 OLD_VALUES = "tma"
 
 
@@ -119,6 +125,14 @@ if HAVE_GLUON:
     SYNC_0_C = gl.constexpr(f"bar.sync {TURN_BARRIERS[0]}, 256;")
     SYNC_1_C = gl.constexpr(f"bar.sync {TURN_BARRIERS[1]}, 256;")
     TIED_64_C = gl.constexpr(",".join(["=r"] * 64 + [str(i) for i in range(64)]))
+
+    @_gluon_builtin
+    def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+        """``tma.async_copy_shared_to_global`` that adds into the tensor instead of overwriting it (Triton 3.6's
+        Gluon has the op, ``create_async_tma_reduce``, but no Python wrapper); committed and waited on as a store."""
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                  src.handle)
 
     @gluon.jit
     def _larger(a, b):  # a combine function of our own: gl.max's is an interpreter object in CPU tests
@@ -426,12 +440,18 @@ if HAVE_GLUON:
             tma.store_wait(pendings=0)
             c_smem.index(0).store(acc0.to(c_desc.dtype))
             fence_async_shared()
-            tma.async_copy_shared_to_global(c_desc, [c_row + off_m, off_n], c_smem.index(0))
+            if ACCUMULATE == 4:  # C += the product, added by the copy engine in L2
+                _tma_reduce_add(c_desc, [c_row + off_m, off_n], c_smem.index(0))
+            else:
+                tma.async_copy_shared_to_global(c_desc, [c_row + off_m, off_n], c_smem.index(0))
             if PIECES == 2:  # once the copy engine has read the first piece out of shared memory
                 tma.store_wait(pendings=0)
                 c_smem.index(0).store(acc1.to(c_desc.dtype))
                 fence_async_shared()
-                tma.async_copy_shared_to_global(c_desc, [c_row + off_m, off_n + TILE_C], c_smem.index(0))
+                if ACCUMULATE == 4:
+                    _tma_reduce_add(c_desc, [c_row + off_m, off_n + TILE_C], c_smem.index(0))
+                else:
+                    tma.async_copy_shared_to_global(c_desc, [c_row + off_m, off_n + TILE_C], c_smem.index(0))
             tiles_done += 1
         tma.store_wait(pendings=0)
 

@@ -467,19 +467,27 @@ def test_accumulating_epilogue_gets_the_old_values_as_configured_without_spills(
     """``accumulate_into`` with each ``OLD_VALUES`` path, compiled for sm_90a: "l2" has each math thread prefetch
     its share of the tile's old FP32 values into L2 before the K loop (4 lines of 128 bytes: 64 rows x 128 columns
     over 128 threads); "tma" has each math warpgroup ask the copy engine for its 64 x 128 piece (one more 2-D
-    tensor load and expect_tx each, beside the producer's A and B) and no prefetch; "after" neither. None spills;
-    "tma" at 256-wide tiles (which share one output buffer between two pieces) falls back to "l2"."""
+    tensor load and expect_tx each, beside the producer's A and B) and no prefetch; "after" neither; "reduce" reads
+    no old values at all and stores through the copy engine's reduction (one ``cp.reduce.async.bulk.tensor ... add``
+    a math warpgroup, where the others have a plain bulk store). None spills; "tma" at 256-wide tiles (which share
+    one output buffer between two pieces) falls back to "l2", "reduce" stays."""
     loads = "cp.async.bulk.tensor.2d.shared::cluster.global"
+    stores, reduces = "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group", "cp.reduce.async.bulk.tensor.2d."
     seen = {}
-    for path in ("after", "l2", "tma"):
+    for path in ("after", "l2", "tma", "reduce"):
         monkeypatch.setattr(fp8_gemm_ws, "OLD_VALUES", path)
         kernel = fp8_gemm_ws.compile_offline(rows=True, out_dtype=torch.float32, grouped_k=grouped_k,
                                              accumulate=True)
         ptx = kernel.asm["ptx"]
-        seen[path] = (ptx.count("prefetch.global.L2"), ptx.count(loads), ptx.count("expect_tx"))
+        seen[path] = (ptx.count("prefetch.global.L2"), ptx.count(loads), ptx.count("expect_tx"), ptx.count(stores),
+                      ptx.count(reduces))
         report, _ = _sass(ptx, tmp_path)
         assert "0 bytes spill stores, 0 bytes spill loads" in report, (path, report)
-    assert seen == {"after": (0, 2, 1), "l2": (4, 2, 1), "tma": (0, 4, 3)}, seen
+    assert seen == {"after": (0, 2, 1, 2, 0), "l2": (4, 2, 1, 2, 0), "tma": (0, 4, 3, 2, 0),
+                    "reduce": (0, 2, 1, 0, 2)}, seen
+    monkeypatch.setattr(fp8_gemm_ws, "OLD_VALUES", "reduce")
+    assert fp8_gemm_ws._constexprs((256, 4, 16), rows=False, promote=True, accumulate=True)["ACCUMULATE"] == 4
+    monkeypatch.setattr(fp8_gemm_ws, "OLD_VALUES", "tma")
     plain = fp8_gemm_ws.compile_offline(rows=True, out_dtype=torch.float32, grouped_k=grouped_k)
     assert "prefetch" not in plain.asm["ptx"] and plain.asm["ptx"].count(loads) == 2
     assert fp8_gemm_ws._constexprs((256, 4, 16), rows=False, promote=True, accumulate=True)["ACCUMULATE"] == 2
@@ -532,7 +540,7 @@ def test_k_grouped_wgrad_matches_float64(M, N, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("old_values", ["after", "l2", "tma"])
+@pytest.mark.parametrize("old_values", ["after", "l2", "tma", "reduce"])
 def test_weight_gradients_accumulate_into_fp32_main_gradients(old_values, monkeypatch):
     """``accumulate_into``: the epilogue adds the product to the tensor's old values (an FP32 main gradient), for
     the dense Wgrad (1x128-row B scales; also 200 rows, a tile's rows past the tensor) and the experts' K-grouped
