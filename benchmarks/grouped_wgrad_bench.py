@@ -12,7 +12,8 @@ largest relative difference of each backend's result from the "torch" one. docs/
 Then the Gluon kernel adding into an FP32 main gradient (``accumulate_into``, as ``model.weight_grad`` runs it in
 training), by each path of ``fp8_gemm_ws.OLD_VALUES`` for the old values: read from HBM after the last MMA
 ("after"), asked into L2 before the K loop ("l2"), brought into the output buffer by the copy engine while the
-K loop runs ("tma"); the same timing, the result checked against old + product.
+K loop runs ("tma"), or none read, the copy engine adding the product in L2 ("reduce"); the same timing, the result
+checked against old + product. Then the same for V3's dense linears (``DENSE_OLD_VALUES``), one layer's worth.
 """
 
 from __future__ import annotations
@@ -78,6 +79,44 @@ def main() -> None:
                   f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOPS, max |C - (old + product)| {diff:.1e}")
         fp8_gemm_ws.OLD_VALUES = default
         fp8_gemm_ws._plan.cache_clear()
+    dense_paths()
+
+
+# V3's dense linears (attention and the shared expert), (out, in) features: their Wgrad dW = dy^T x over TOKENS
+DENSE = {"q_a": (1536, 7168), "q_b": (24576, 1536), "kv_a": (576, 7168), "kv_b": (32768, 512), "o": (7168, 16384),
+         "shared gate_up": (4096, 7168), "shared down": (7168, 2048)}
+
+
+def dense_paths() -> None:
+    """The dense Wgrads into FP32 main gradients (``fp8_gemm_ws`` with ``accumulate_into``, as
+    ``model.weight_grad.fused_main_grad_fp8`` runs them), each path of ``DENSE_OLD_VALUES``; one layer's sum."""
+    import triton
+
+    totals = dict.fromkeys(fp8_gemm_ws.OLD_VALUE_PATHS, 0.0)
+    for name, (m, n) in DENSE.items():
+        a_t, sa_t = quant_act_128x1_t(torch.randn(TOKENS, m, device="cuda", dtype=torch.bfloat16))
+        b_t, sb_t = quant_act_128x1_t(torch.randn(TOKENS, n, device="cuda", dtype=torch.bfloat16))
+        product = fp8_gemm_ws.fp8_gemm_ws(a_t, sa_t, b_t, sb_t, torch.float32)
+        old = torch.randn(m, n, device="cuda")
+        default = fp8_gemm_ws.DENSE_OLD_VALUES
+        cells = []
+        for path in fp8_gemm_ws.OLD_VALUE_PATHS:
+            fp8_gemm_ws.DENSE_OLD_VALUES = path
+            fp8_gemm_ws._plan.cache_clear()
+            main_grad = old.clone()
+            fp8_gemm_ws.fp8_gemm_ws(a_t, sa_t, b_t, sb_t, torch.float32, accumulate_into=main_grad)
+            diff = float((main_grad - (old + product)).abs().max())
+            run = functools.partial(fp8_gemm_ws.fp8_gemm_ws, a_t, sa_t, b_t, sb_t, torch.float32,
+                                    accumulate_into=main_grad)
+            ms = triton.testing.do_bench(run, rep=100, return_mode="median")
+            totals[path] += ms
+            cells.append(f"{path} {ms:.3f} ms ({2 * m * n * TOKENS / ms / 1e9:.0f} TFLOPS, diff {diff:.0e})")
+        fp8_gemm_ws.DENSE_OLD_VALUES = default
+        fp8_gemm_ws._plan.cache_clear()
+        plain = triton.testing.do_bench(functools.partial(fp8_gemm_ws.fp8_gemm_ws, a_t, sa_t, b_t, sb_t,
+                                                          torch.float32), rep=100, return_mode="median")
+        print(f"dense {name} ({m} x {n}, K {TOKENS}) into FP32: " + "; ".join(cells) + f"; no accumulation {plain:.3f} ms")
+    print("dense Wgrads of one layer, summed: " + ", ".join(f"{p} {t:.3f} ms" for p, t in totals.items()))
 
 
 if __name__ == "__main__":

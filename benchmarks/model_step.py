@@ -405,6 +405,7 @@ def run_meta(device: torch.device, gpu, tables, args) -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
             "triton": None, "gpu_preset": gpu.name, "tables": tables.name,
             "peak_bf16_flops_per_s": gpu.bf16_flops_per_s, "wgrad_old_values": fp8_gemm_ws.OLD_VALUES,
+            "dense_wgrad_old_values": fp8_gemm_ws.DENSE_OLD_VALUES or fp8_gemm_ws.OLD_VALUES,
             "fp8_cast": {v: k for k, v in fp8_quant.ONE_READ_CHOICES.items()}[fp8_quant.ONE_READ],
             "protocol": {**{k: getattr(args, k) for k in ("warmup", "burn_s", "rounds", "steps", "profile_steps",
                                                           "microbatches", "main_grads")},
@@ -449,6 +450,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--wgrad-old-values", default=None, choices=tuple(fp8_gemm_ws.OLD_VALUE_PATHS),
                         help="how the FP8 Wgrads' accumulating epilogue gets the main gradients' old values "
                              "(kernels.fp8_gemm_ws.OLD_VALUES; default: the module's)")
+    parser.add_argument("--dense-wgrad-old-values", default=None, choices=tuple(fp8_gemm_ws.OLD_VALUE_PATHS),
+                        help="the same for the dense (not K-grouped) FP8 Wgrads only "
+                             "(kernels.fp8_gemm_ws.DENSE_OLD_VALUES; default: the module's)")
     parser.add_argument("--fp8-cast", default=None, choices=tuple(fp8_quant.ONE_READ_CHOICES),
                         help="the casts with transpose (kernels.fp8_quant.quant_act_both): the two single quantisers, "
                              "the one-read Triton kernel or the one-read Gluon kernel (fp8_quant.ONE_READ; default: "
@@ -507,6 +511,8 @@ def main() -> None:
         return
     if args.wgrad_old_values is not None:
         fp8_gemm_ws.OLD_VALUES = args.wgrad_old_values  # read when a launch is planned: before the first one
+    if args.dense_wgrad_old_values is not None:
+        fp8_gemm_ws.DENSE_OLD_VALUES = args.dense_wgrad_old_values
     if args.fp8_cast is not None:
         fp8_quant.ONE_READ = fp8_quant.ONE_READ_CHOICES[args.fp8_cast]  # read at each call
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")

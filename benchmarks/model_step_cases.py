@@ -357,6 +357,9 @@ def _header(meta: dict) -> list[str]:
                "repriced" in meta else "."))
     if meta.get("wgrad_old_values"):  # results written before the option: the module's default then ("l2")
         run += f" FP8 Wgrads' old main-gradient values: `{meta['wgrad_old_values']}` (`fp8_gemm_ws.OLD_VALUES`)."
+        dense = meta.get("dense_wgrad_old_values")
+        if dense and dense != meta["wgrad_old_values"]:
+            run += f" The dense ones': `{dense}` (`fp8_gemm_ws.DENSE_OLD_VALUES`)."
     if meta.get("fp8_cast"):
         run += f" FP8 casts with transpose: `{meta['fp8_cast']}` (`fp8_quant.ONE_READ`)."
     protocol = (

@@ -108,6 +108,11 @@ ORDERS = {"free": 0, "issue": 1, "complete": 2}
 # of C runs beside the next tiles' MMAs; any tile width.
 OLD_VALUE_PATHS = {"after": 1, "l2": 2, "tma": 3, "reduce": 4}
 OLD_VALUES = "tma"
+# The path of the dense (not K-grouped) weight gradients' epilogue, None = ``OLD_VALUES``. Their tiles run K = the
+# micro-batch's tokens (4096 in V3), compute-bound, where the experts' K-grouped ones run K = an expert's rows and
+# are bound by the main gradient's traffic, so the best path can differ (benchmarks/grouped_wgrad_bench.py times
+# both kinds).
+DENSE_OLD_VALUES: str | None = None
 
 
 if HAVE_GLUON:
@@ -571,16 +576,19 @@ def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, gr
     return {"ROW_SCALED_B": rows, "SCALES": SCALE_PATHS[scales], "PROMOTE": promote, "BLOCK_N": block_n,
             "GROUP_M": group_m, "STAGES": stages, "GROUPED": grouped, "ORDER": ORDERS[order],
             "MATH_REGS": REGS[rows][0], "PRODUCER_REGS": REGS[rows][1], "GROUPED_K": grouped_k,
-            "ACCUMULATE": _old_value_path(block_n) if accumulate else 0}
+            "ACCUMULATE": _old_value_path(block_n, grouped_k) if accumulate else 0}
 
 
-def _old_value_path(block_n: int) -> int:
-    """The ACCUMULATE constexpr of ``OLD_VALUES`` at tile width ``block_n`` ("tma" needs 128-wide tiles)."""
-    if OLD_VALUES not in OLD_VALUE_PATHS:
-        raise ValueError(f"OLD_VALUES={OLD_VALUES!r}: one of {sorted(OLD_VALUE_PATHS)}")
-    if OLD_VALUES == "tma" and block_n != TILE:
+def _old_value_path(block_n: int, grouped_k: bool = False) -> int:
+    """The ACCUMULATE constexpr of ``OLD_VALUES`` (of ``DENSE_OLD_VALUES``, where set, unless ``grouped_k``) at tile
+    width ``block_n`` ("tma" needs 128-wide tiles)."""
+    name, path = ("OLD_VALUES", OLD_VALUES) if grouped_k or DENSE_OLD_VALUES is None else \
+        ("DENSE_OLD_VALUES", DENSE_OLD_VALUES)
+    if path not in OLD_VALUE_PATHS:
+        raise ValueError(f"{name}={path!r}: one of {sorted(OLD_VALUE_PATHS)}")
+    if path == "tma" and block_n != TILE:
         return OLD_VALUE_PATHS["l2"]
-    return OLD_VALUE_PATHS[OLD_VALUES]
+    return OLD_VALUE_PATHS[path]
 
 
 def _mn_major(scale: torch.Tensor) -> tuple[torch.Tensor, int]:

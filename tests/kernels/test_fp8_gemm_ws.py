@@ -488,6 +488,15 @@ def test_accumulating_epilogue_gets_the_old_values_as_configured_without_spills(
     monkeypatch.setattr(fp8_gemm_ws, "OLD_VALUES", "reduce")
     assert fp8_gemm_ws._constexprs((256, 4, 16), rows=False, promote=True, accumulate=True)["ACCUMULATE"] == 4
     monkeypatch.setattr(fp8_gemm_ws, "OLD_VALUES", "tma")
+    # DENSE_OLD_VALUES, where set, is the dense Wgrads' path; the K-grouped ones keep OLD_VALUES
+    monkeypatch.setattr(fp8_gemm_ws, "DENSE_OLD_VALUES", "reduce")
+    assert fp8_gemm_ws._constexprs((128, 4, 16), rows=True, promote=True, accumulate=True)["ACCUMULATE"] == 4
+    assert fp8_gemm_ws._constexprs((128, 4, 16), rows=True, promote=True, accumulate=True,
+                                   grouped_k=True)["ACCUMULATE"] == 3
+    monkeypatch.setattr(fp8_gemm_ws, "DENSE_OLD_VALUES", "l4")
+    with pytest.raises(ValueError, match="DENSE_OLD_VALUES='l4'"):
+        fp8_gemm_ws._constexprs((128, 4, 16), rows=True, promote=True, accumulate=True)
+    monkeypatch.setattr(fp8_gemm_ws, "DENSE_OLD_VALUES", None)
     plain = fp8_gemm_ws.compile_offline(rows=True, out_dtype=torch.float32, grouped_k=grouped_k)
     assert "prefetch" not in plain.asm["ptx"] and plain.asm["ptx"].count(loads) == 2
     assert fp8_gemm_ws._constexprs((256, 4, 16), rows=False, promote=True, accumulate=True)["ACCUMULATE"] == 2
