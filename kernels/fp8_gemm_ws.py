@@ -110,9 +110,13 @@ OLD_VALUE_PATHS = {"after": 1, "l2": 2, "tma": 3, "reduce": 4}
 OLD_VALUES = "tma"
 # The path of the dense (not K-grouped) weight gradients' epilogue, None = ``OLD_VALUES``. Their tiles run K = the
 # micro-batch's tokens (4096 in V3), compute-bound, where the experts' K-grouped ones run K = an expert's rows and
-# are bound by the main gradient's traffic, so the best path can differ (benchmarks/grouped_wgrad_bench.py times
-# both kinds).
-DENSE_OLD_VALUES: str | None = None
+# are bound by the main gradient's traffic, so the best path differs. benchmarks/grouped_wgrad_bench.py (H100,
+# 2026-12-07 10:33 and 10:40 UTC, two machines, every path bit-exact): the experts' gate_up / down 3.859 / 1.913 ms
+# "tma", 4.335 / 2.222 ms "reduce" (L2's read-modify-write falls behind the stores where the traffic binds); V3's
+# dense linears at 4096 tokens, one layer's seven summed, 2.547 ms "tma", 2.305 ms "reduce", faster on every shape
+# (o_proj 1.306 -> 1.129 ms, as fast as without accumulating). In the FP8 step (docs/results/model-step.md) the
+# dense backward GEMMs went 14.85 -> 13.67 ms a micro-batch.
+DENSE_OLD_VALUES: str | None = "reduce"
 
 
 if HAVE_GLUON:

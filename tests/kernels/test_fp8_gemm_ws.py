@@ -474,6 +474,7 @@ def test_accumulating_epilogue_gets_the_old_values_as_configured_without_spills(
     loads = "cp.async.bulk.tensor.2d.shared::cluster.global"
     stores, reduces = "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group", "cp.reduce.async.bulk.tensor.2d."
     seen = {}
+    monkeypatch.setattr(fp8_gemm_ws, "DENSE_OLD_VALUES", None)  # OLD_VALUES for both kinds here
     for path in ("after", "l2", "tma", "reduce"):
         monkeypatch.setattr(fp8_gemm_ws, "OLD_VALUES", path)
         kernel = fp8_gemm_ws.compile_offline(rows=True, out_dtype=torch.float32, grouped_k=grouped_k,
@@ -558,6 +559,7 @@ def test_weight_gradients_accumulate_into_fp32_main_gradients(old_values, monkey
     from tests.kernels.test_kernels import _contiguous_layout
 
     monkeypatch.setattr(fp8_gemm_ws, "OLD_VALUES", old_values)
+    monkeypatch.setattr(fp8_gemm_ws, "DENSE_OLD_VALUES", None)  # the dense Wgrad below takes the same path
     fp8_gemm_ws._plan.cache_clear()  # the path is read when a launch is planned
     for rows in (256, 200):
         a, sa, b, sb = _gemm_operands(384, rows, 4096, "wgrad", "cuda")  # dW (rows, 4096) = dy^T x
