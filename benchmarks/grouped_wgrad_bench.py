@@ -115,7 +115,8 @@ def dense_paths() -> None:
         fp8_gemm_ws._plan.cache_clear()
         plain = triton.testing.do_bench(functools.partial(fp8_gemm_ws.fp8_gemm_ws, a_t, sa_t, b_t, sb_t,
                                                           torch.float32), rep=100, return_mode="median")
-        print(f"dense {name} ({m} x {n}, K {TOKENS}) into FP32: " + "; ".join(cells) + f"; no accumulation {plain:.3f} ms")
+        print(f"dense {name} ({m} x {n}, K {TOKENS}) into FP32: " + "; ".join(cells)
+              + f"; no accumulation {plain:.3f} ms")
     print("dense Wgrads of one layer, summed: " + ", ".join(f"{p} {t:.3f} ms" for p, t in totals.items()))
 
 

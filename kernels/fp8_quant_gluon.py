@@ -22,6 +22,11 @@ The swizzle is chosen so that both reads are free of bank conflicts: XOR of the 
 them apart); the columns' read touches one chunk of rows 4l + i of lanes l = 0..7, whose phases l differ. The
 kernel checks this at compile time (``gl.bank_conflicts``).
 
+With ``gather`` (``moe_permute.moe_permute_quant_both``, the routed experts' combine backward) the tile's rows are
+gathered in step 1 from x's rows ``gather[r]`` (zeros at -1), each times its ``row_weights`` value in FP32 and
+rounded back to x's dtype, which is what ``moe_permute(x, plan, row_weights=...)`` would have stored: the same bits
+as the permute, then the cast, without the permuted rows' write and read.
+
 Scales and E4M3 values come from ``fp8_quant``'s own ``scale_from_amax`` and ``quantize_e4m3`` (the same jit
 functions, called from Gluon), and a maximum is exact in any order, so the bits are the single quantisers'. Gluon
 has no interpreter path: the CPU tests compile the kernel for sm_90a offline and read its PTX and ptxas report.
@@ -110,13 +115,26 @@ if HAVE_GLUON:
         gl.store(st_ptr + cols_s * stride_sk + scale_col, scale, mask=cols_s < K)
 
     @gluon.jit
-    def _load_tile(x_ptr, row0, col0, M, K, stride_xm, live, BLOCK: gl.constexpr, layout: gl.constexpr):
+    def _load_tile(x_ptr, row0, col0, M, K, stride_xm, live, BLOCK: gl.constexpr, layout: gl.constexpr,
+                   src_ptr=None, w_ptr=None):
         """The (BLOCK, BLOCK) tile of x at (row0, col0) in x's dtype, zeros outside x (and everywhere unless
-        ``live``), as the Triton kernels' masked loads with ``other=0.0``."""
+        ``live``), as the Triton kernels' masked loads with ``other=0.0``. With ``src_ptr`` the tile's rows are
+        gathered: row r is x's row ``src[r]`` (zeros where -1 or r >= M), as ``moe_permute`` gathers them; with
+        ``w_ptr`` too, each times its row's FP32 weight and rounded back to x's dtype, as ``moe_permute``'s
+        ``row_weights`` store them."""
         rows = row0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, layout))
         cols = col0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(0, layout))
-        mask = (rows < M)[:, None] & (cols < K)[None, :] & live
-        return gl.load(x_ptr + rows.to(gl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        if src_ptr is None:
+            mask = (rows < M)[:, None] & (cols < K)[None, :] & live
+            x = gl.load(x_ptr + rows.to(gl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        else:
+            src = gl.load(src_ptr + rows, mask=(rows < M) & live, other=-1)
+            mask = (src >= 0)[:, None] & (cols < K)[None, :]
+            x = gl.load(x_ptr + src.to(gl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+            if w_ptr is not None:
+                w = gl.load(w_ptr + rows, mask=(rows < M) & live, other=0.0)
+                x = (x.to(gl.float32) * w[:, None]).to(x_ptr.dtype.element_ty)
+        return x
 
     @gluon.jit
     def _quantise_tile(smem, q_ptr, s_ptr, qt_ptr, st_ptr, pid_m, pid_k, M, K, stride_qm, stride_sm, stride_sk,
@@ -149,6 +167,9 @@ if HAVE_GLUON:
         SWIZZLE_ROWS: gl.constexpr, PHASES: gl.constexpr, M_PER_THREAD: gl.constexpr,
         # a worst-case-sized buffer's rows in use (M), (1,) int32 on the device, or None (as in fp8_quant's kernels)
         bound_ptr=None,
+        # the gather (``_load_tile``): row r of the tile is x's row src[r] ((M,) int32, -1: zeros), times w[r]
+        # ((M,) fp32) where given; None: x's own rows
+        src_ptr=None, w_ptr=None,
     ):
         """x's 128x128 tiles, each read once and both quantisations made from shared memory (module docstring).
         PERSISTENT False: the tile at (program_id(0), program_id(1)). True: tiles program_id(0), + num_programs(0),
@@ -181,7 +202,8 @@ if HAVE_GLUON:
                 if past_bound(pid_m * BLOCK, bound_ptr):
                     return
             # Step 1: the tile from HBM, once, into shared memory
-            smem.store(_load_tile(x_ptr, pid_m * BLOCK, pid_k * BLOCK, M, K, stride_xm, True, BLOCK, row_layout))
+            smem.store(_load_tile(x_ptr, pid_m * BLOCK, pid_k * BLOCK, M, K, stride_xm, True, BLOCK, row_layout,
+                                  src_ptr, w_ptr))
             gl.thread_barrier()
             _quantise_tile(smem, q_ptr, s_ptr, qt_ptr, st_ptr, pid_m, pid_k, M, K, stride_qm, stride_sm, stride_sk,
                            stride_qt, stride_stk, stride_stm, ROWS, COLS, row_layout, col_layout, col_store_layout,
@@ -196,14 +218,14 @@ if HAVE_GLUON:
             step = gl.num_programs(0)
             first = gl.program_id(0)
             x = _load_tile(x_ptr, (first % tiles_m) * BLOCK, (first // tiles_m) * BLOCK, M, K, stride_xm,
-                           first < tiles, BLOCK, row_layout)
+                           first < tiles, BLOCK, row_layout, src_ptr, w_ptr)
             for tile in range(first, tiles, step):
                 gl.thread_barrier()  # the previous tile's reads of smem are done
                 smem.store(x)
                 gl.thread_barrier()
                 nxt = tile + step  # its loads in flight while this tile is quantised
                 x = _load_tile(x_ptr, (nxt % tiles_m) * BLOCK, (nxt // tiles_m) * BLOCK, M, K, stride_xm,
-                               nxt < tiles, BLOCK, row_layout)
+                               nxt < tiles, BLOCK, row_layout, src_ptr, w_ptr)
                 _quantise_tile(smem, q_ptr, s_ptr, qt_ptr, st_ptr, tile % tiles_m, tile // tiles_m, M, K, stride_qm,
                                stride_sm, stride_sk, stride_qt, stride_stk, stride_stm, ROWS, COLS, row_layout,
                                col_layout, col_store_layout, POW2, FLOOR, CAST)
@@ -245,8 +267,8 @@ def resident(regs: int, shared_bytes: int, num_warps: int, sm_regs: int = 65536,
 _FITS: dict = {}
 
 
-def _persistent_key(x: torch.Tensor, config: tuple, consts: dict, bounded: bool) -> tuple:
-    return (x.device, x.dtype, config, bounded, *consts.values())
+def _persistent_key(x: torch.Tensor, config: tuple, consts: dict, bounded: bool, gathered: int = 0) -> tuple:
+    return (x.device, x.dtype, config, bounded, gathered, *consts.values())
 
 
 def _index(device: torch.device) -> int:
@@ -264,16 +286,28 @@ def runs_on(x: torch.Tensor) -> bool:
 def quant_act_both_gluon(
     x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR, cast: str | None = None,
     row_bound: torch.Tensor | None = None, config: tuple[int, int, int] | None = None,
+    gather: torch.Tensor | None = None, row_weights: torch.Tensor | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """x (M, K) float → ((x_fp8 (M, K), scale (M, ceil(K/128))), (x^T fp8 (K, M), scale_t (K, ceil(M/128)))), as
     ``quant_act_both`` (bit for bit, the same layouts: MN-major scales; ``row_bound`` the same: 128-row tiles at or
     past it not written), reading x from HBM once. ``config``: one of ``CONFIGS`` (num_warps, rows a chunk of the
-    rows' pass, persistent programs an SM or 0); the first by default."""
+    rows' pass, persistent programs an SM or 0); the first by default.
+
+    ``gather`` ((M,) int32 row of x or -1, on x's device; x then (T, K)): the rows quantised are x's rows
+    ``gather`` (zeros at -1), times ``row_weights`` ((M,) fp32) where given and rounded to x's dtype:
+    ``quant_act_both(moe_permute(x, plan, row_weights=row_weights))`` for ``gather = plan.src_token``, bit for bit,
+    without the gathered rows ever stored (``moe_permute.moe_permute_quant_both``)."""
     _check_float_2d(x, "x")
     num_warps, rows, per_sm = _config(config)
+    if gather is not None and (gather.dtype != torch.int32 or gather.dim() != 1 or gather.device != x.device
+                               or (row_weights is not None and (row_weights.dtype != torch.float32
+                                                                or row_weights.shape != gather.shape))):
+        raise ValueError("gather must be (M,) int32 on x's device, row_weights None or (M,) float32")
     if not runs_on(x):
+        if gather is not None:
+            raise ValueError("a gather needs the Gluon kernel (runs_on(x)); moe_permute_quant_both falls back")
         return quant_act_both(x, pow2_scale, amax_floor, cast, row_bound)
-    M, K = x.shape
+    M, K = (gather.numel(), x.shape[1]) if gather is not None else x.shape
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
     qt = torch.empty((K, M), dtype=FP8_DTYPE, device=x.device)
     s, st = _empty_mn_major_scales(M, K, x.device), _empty_mn_major_scales(K, M, x.device)
@@ -283,12 +317,13 @@ def quant_act_both_gluon(
     consts = _constexprs(pow2_scale, amax_floor, _cast(x.device, cast), rows, per_sm > 0)
     grid = (cdiv(M, TILE), cdiv(K, TILE))
     if per_sm:
-        key = _persistent_key(x, (num_warps, rows, per_sm), consts, row_bound is not None)
+        key = _persistent_key(x, (num_warps, rows, per_sm), consts, row_bound is not None,
+                              (gather is not None) + (row_weights is not None))
         sms, sm_regs, sm_shared, sm_threads = _sm_limits(_index(x.device))
         grid = (min(grid[0] * grid[1], _FITS.get(key, per_sm) * sms),)
     kernel = _quant_both_gluon_kernel[grid](
         x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), qt.stride(0), st.stride(0),
-        st.stride(1), num_warps=num_warps, bound_ptr=row_bound, **consts)
+        st.stride(1), num_warps=num_warps, bound_ptr=row_bound, src_ptr=gather, w_ptr=row_weights, **consts)
     if per_sm and key not in _FITS:
         _FITS[key] = min(per_sm, resident(kernel.n_regs, kernel.metadata.shared, num_warps, sm_regs, sm_shared,
                                           sm_threads))
@@ -310,12 +345,13 @@ _INT_ARGS = ("M", "K", "stride_xm", "stride_qm", "stride_sm", "stride_sk", "stri
 
 def compile_offline(dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = False, cast: int = 0,
                     config: tuple[int, int, int] | None = None, amax_floor: float = AMAX_FLOOR, capability: int = 90,
-                    swizzle_rows: int = SWIZZLE_ROWS, row_bound: bool = False):
+                    swizzle_rows: int = SWIZZLE_ROWS, row_bound: bool = False, gather: bool = False,
+                    weighted: bool = False):
     """Compile the kernel for ``sm_{capability}`` without a GPU and return Triton's compiled kernel (its
     ``.asm["ptx"]``). Integers are specialised as Triton does for sizes divisible by 16. Needs a process without
     ``TRITON_INTERPRET`` (the kernel calls ``fp8_quant``'s jit functions, which the interpreter replaces).
     ``swizzle_rows``: another swizzle, for the test that the bank-conflict check fails; ``row_bound``: with a
-    bound pointer."""
+    bound pointer; ``gather`` (and ``weighted``): with the gather's row index (and weights) pointers."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -329,6 +365,11 @@ def compile_offline(dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = Fals
         signature["bound_ptr"] = "*i32"
     else:
         signature["bound_ptr"], meta["bound_ptr"] = "constexpr", None
+    for name, kind, given in (("src_ptr", "*i32", gather), ("w_ptr", "*fp32", gather and weighted)):
+        if given:
+            signature[name] = kind
+        else:
+            signature[name], meta[name] = "constexpr", None
     # what the JIT assumes of a 16-byte-aligned pointer and an integer divisible by 16 (the stride of x along K is
     # not an argument: it is 1)
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5 + len(_INT_ARGS))}

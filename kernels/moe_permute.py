@@ -22,6 +22,7 @@ from .fp8_quant import (
     empty_cols_t_output,
     empty_rows_output,
     past_bound,
+    quant_act_both,
     store_cols_t,
     store_rows,
 )
@@ -258,6 +259,36 @@ def moe_permute(
         BLOCK_H=block_h,
     )
     return (out, scale) if quantize else out
+
+
+# Whether ``moe_permute_quant_both`` runs the Gluon gather on a Hopper GPU (``fp8_quant_gluon``): the permuted
+# rows read from x and quantised both ways from shared memory, never stored in BF16. Off (the permute, then
+# ``quant_act_both``: the same bits) until the Gluon path has run on a GPU (tests/kernels/test_fp8_quant_gluon.py
+# -m gpu, the step in benchmarks/model_step.py).
+PERMUTE_BOTH = False
+
+
+def moe_permute_quant_both(
+    x: torch.Tensor, plan: DispatchPlan, row_weights: torch.Tensor | None = None, pow2_scale: bool = False,
+    amax_floor: float = AMAX_FLOOR,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``quant_act_both(moe_permute(x, plan, row_weights=row_weights), row_bound=plan.rows_bound)`` bit for bit:
+    the permuted (weighted) rows in 1x128 tiles and, transposed, in 128x1 tiles, for a grouped Dgrad and the
+    K-grouped Wgrad (the combine's backward: ``model.fused_experts``). Where ``PERMUTE_BOTH`` and the Gluon kernel
+    runs (``fp8_quant_gluon.runs_on``), from one read of the gathered rows, without storing them in x's dtype:
+    one write of (M, H) and one read of it fewer; else the permute, then ``quant_act_both``."""
+    _check_rows(x, "x")
+    if row_weights is not None and (row_weights.dtype != torch.float32 or row_weights.shape != (plan.num_rows,)):
+        raise ValueError(f"row_weights must be ({plan.num_rows},) float32, got {tuple(row_weights.shape)} "
+                         f"{row_weights.dtype}")
+    if PERMUTE_BOTH:
+        from . import fp8_quant_gluon  # imports fp8_quant and the GEMMs: not at the top
+
+        if fp8_quant_gluon.runs_on(x) and plan.src_token.dtype == torch.int32:
+            return fp8_quant_gluon.quant_act_both_gluon(x, pow2_scale, amax_floor, row_bound=plan.rows_bound,
+                                                        gather=plan.src_token, row_weights=row_weights)
+    return quant_act_both(moe_permute(x, plan, row_weights=row_weights), pow2_scale, amax_floor,
+                          row_bound=plan.rows_bound)
 
 
 def moe_unpermute(y: torch.Tensor, plan: DispatchPlan, topk_weights: torch.Tensor | None = None) -> torch.Tensor:

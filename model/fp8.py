@@ -51,6 +51,7 @@ from moeplan.kernels.fp8_quant import (
     quant_weight_128x128_t,
 )
 from moeplan.kernels.grouped_gemm import grouped_gemm_fp8, grouped_wgrad_fp8
+from moeplan.kernels.moe_permute import moe_permute_quant_both
 from moeplan.kernels.triton_compat import INTERPRET
 from moeplan.model.grouped_mm import reference_grouped_mm, reference_grouped_weight_grad
 
@@ -221,7 +222,11 @@ class Fp8Ops:
       rows already in the contiguous layout (``m_indices``), or None. Set, the routed experts run fused
       (``model.fused_experts``: permute with quantise, SwiGLU with quantise, weighted combine), and on a
       worst-case plan they pass its ``row_bound=`` to ``quant_act``, ``quant_act_t`` and ``quant_act_both`` (as
-      the kernels' quantisers take it: the rows after it left unwritten).
+      the kernels' quantisers take it: the rows after it left unwritten);
+    - ``permute_quant_both(x, plan, row_weights)``: ``quant_act_both`` of ``moe_permute(x, plan, row_weights=...)``
+      bit for bit (the plan's ``row_bound`` passed on), the permuted rows possibly never stored
+      (``kernels.moe_permute.moe_permute_quant_both``), or None: the combine's backward then permutes, then
+      quantises.
     """
 
     block: int
@@ -234,6 +239,8 @@ class Fp8Ops:
     grouped_contiguous: Fp8Gemm | None = None
     quant_act_both: Callable[[torch.Tensor], tuple[tuple[torch.Tensor, torch.Tensor],
                                                    tuple[torch.Tensor, torch.Tensor]]] | None = None
+    permute_quant_both: Callable[..., tuple[tuple[torch.Tensor, torch.Tensor],
+                                            tuple[torch.Tensor, torch.Tensor]]] | None = None
 
 
 def _reference_grouped(a, a_scale, b, b_scale, offs, out_dtype, host_counts=None, *, block):
@@ -400,6 +407,7 @@ def kernel_ops() -> Fp8Ops:
         grouped_wgrad=_kernel_grouped_wgrad,
         grouped_contiguous=_kernel_grouped_contiguous,
         quant_act_both=partial(quant_act_both, amax_floor=MIN_AMAX),
+        permute_quant_both=partial(moe_permute_quant_both, amax_floor=MIN_AMAX),
     )
 
 

@@ -113,14 +113,19 @@ class FusedExpertsFn(torch.autograd.Function):
         # grouped GEMMs read the rows inside the segments only) and the Wgrads (each expert's segment only).
         # Step 1: the combine's backward: each row's pair weight times its token's gradient, one dot per pair
         # (``pair_weight_grad`` keeps the dots of the pairs' rows only).
-        grad_y = moe_permute(grad_out, plan, row_weights=pair_row_weights(plan, weight_of_pair))  # (M_pad, d)
+        # With an FP8 backward whose ops quantise the permuted rows as they gather them (``permute_quant_both``),
+        # the weighted rows come out in both tilings only, never stored in BF16 (grad_y None).
+        row_weights = pair_row_weights(plan, weight_of_pair)
+        gy_rows, gy_t = _permute_quant_both(ctx, 3, grad_out, row_weights)
+        grad_y = None if gy_rows is not None else moe_permute(grad_out, plan, row_weights=row_weights)  # (M_pad, d)
         grad_w = pair_weight_grad(grad_out, y, plan).to(weight_of_pair.dtype)
         # Step 2: down projection; its input, the SwiGLU output, recomputed from h (FP8: quantised 128x1 from
         # the FP32 product in the same pass, as the forward quantised it 1x128).
-        gy_rows, gy_t = _quant_both(ctx, 3, grad_y)
+        if grad_y is not None:
+            gy_rows, gy_t = _quant_both(ctx, 3, grad_y)
         grad_down = _weight_grad(ctx, 3, ctx.down, grad_y, lambda: swiglu(h, row_bound=bound),
                                  lambda: swiglu_quant_t(h, amax_floor=MIN_AMAX, row_bound=bound), gy_t)
-        grad_act = _dgrad(ctx, grad_y, ctx.down, gy_rows)  # (M_pad, I)
+        grad_act = _dgrad(ctx, grad_y, ctx.down, gy_rows, grad_out.dtype)  # (M_pad, I)
         # Step 3: SwiGLU from its saved input, then gate_up; its input, the permuted rows, gathered again
         # (FP8: gathered straight into 128x1 tiles).
         grad_h = swiglu_backward(h, grad_act, row_bound=bound)  # (M_pad, 2I)
@@ -159,19 +164,32 @@ def _quant_both(ctx, index: int, g: torch.Tensor):
     return ops.quant_act_both(g, **_bounded(ctx.plan))
 
 
+def _permute_quant_both(ctx, index: int, grad_out: torch.Tensor, row_weights: torch.Tensor):
+    """The combine's backward, ``moe_permute(grad_out, plan, row_weights)``, straight into the 1x128 and 128x1
+    tiles that ``_quant_both`` would make of it (``Fp8Ops.permute_quant_both``), where the ops have it and both
+    tilings are wanted; else (None, None)."""
+    ops = ctx.ops
+    if not (ctx.fp8_backward and ctx.needs_input_grad[index] and getattr(ops, "permute_quant_both", None) is not None
+            and getattr(ops, "quant_act_both", None) is not None):
+        return None, None
+    return ops.permute_quant_both(grad_out, ctx.plan, row_weights)
+
+
 def _bounded(plan: DispatchPlan) -> dict:
     """``row_bound=plan.rows_bound`` for the ops' activation quantisers (the kernels' take it) where the plan has
     a bound (a worst-case plan); nothing otherwise, so that an exact plan runs with any ops' quantisers."""
     return {} if plan.rows_bound is None else {"row_bound": plan.rows_bound}
 
 
-def _dgrad(ctx, g: torch.Tensor, weight: torch.Tensor, g_rows=None) -> torch.Tensor:
-    """g (M_pad, N) times each expert's weight (E, N, K): (M_pad, K); ``g_rows``: g in 1x128 tiles, made already."""
+def _dgrad(ctx, g: torch.Tensor | None, weight: torch.Tensor, g_rows=None, dtype: torch.dtype | None = None
+           ) -> torch.Tensor:
+    """g (M_pad, N) times each expert's weight (E, N, K): (M_pad, K) in g's dtype (``dtype`` where g is None);
+    ``g_rows``: g in 1x128 tiles, made already (g itself then may be None)."""
     plan, ops = ctx.plan, ctx.ops
     if ctx.fp8_backward:  # gradient rows in 1x128 tiles times each expert's W^T (K, N) in 128x128 blocks
         wt, wt_scale = ops.quant_weight(weight.transpose(1, 2))
         gq, gs = g_rows if g_rows is not None else ops.quant_act(g, **_bounded(plan))
-        return ops.grouped_contiguous(gq, gs, wt, wt_scale, plan.m_indices, out_dtype=g.dtype,
+        return ops.grouped_contiguous(gq, gs, wt, wt_scale, plan.m_indices, out_dtype=dtype or g.dtype,
                                       host_counts=ctx.host_counts)
     mm = torch_grouped_mm if ctx.use_torch else reference_grouped_mm
     return mm(g, weight.to(g.dtype), plan.seg_offsets[1:])  # padding rows are zero: so is their product

@@ -33,6 +33,7 @@ ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] 
 needs_gluon = pytest.mark.skipif(not fp8_quant_gluon.HAVE_GLUON, reason="needs triton with Gluon")
 on_hopper = pytest.mark.skipif(not (ON_HOPPER and fp8_quant_gluon.HAVE_GLUON), reason="needs Gluon and a Hopper GPU")
 poisoned = test_kernels.poisoned  # autouse: every new output NaN (E4M3 NaN) until written
+device = test_kernels.device
 
 # (dtype, pow2_scale, cast, config, row_bound) compiled offline: both input widths, both scale kinds, the emulated and
 # both hardware casts, every config (one program a tile and persistent), with and without a row bound
@@ -218,3 +219,104 @@ def test_a_column_major_input_falls_back():
     rows, cols_t = quant_act_both_gluon(x)
     _assert_same(rows, quant_act_1x128(x), "1x128")
     _assert_same(cols_t, quant_act_128x1_t(x), "128x1_t")
+
+
+_GATHER_SCRIPT = """
+import json, sys
+import torch
+from moeplan.kernels import fp8_quant_gluon
+out = {}
+for config, weighted in json.loads(sys.argv[1]):
+    kernel = fp8_quant_gluon.compile_offline(torch.bfloat16, config=tuple(config), row_bound=True, gather=True,
+                                             weighted=weighted)
+    out[f"{config},{int(weighted)}"] = kernel.asm["ptx"]
+print(json.dumps(out))
+"""
+GATHERS = [((8, 32, 0), False), ((8, 32, 0), True), ((8, 32, 2), True)]
+
+
+@needs_gluon
+def test_the_gather_reads_each_permuted_row_once_without_spills(tmp_path):
+    """``quant_act_both_gluon(x, gather=..., row_weights=...)`` compiled for sm_90a (one program a tile and
+    persistent; weighted or not; with a row bound): each thread's share of the tile loaded from global memory once
+    (the persistent grid: the first tile's before the loop, each next one's in it) beside its rows' source indices
+    and weights; the weighted rows rounded to bf16 (``cvt.rn``) before shared memory, as ``moe_permute`` stores
+    them; no spills."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-P", "-c", _GATHER_SCRIPT, json.dumps(GATHERS)], capture_output=True,
+                         text=True, env=env, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ptxs = json.loads(res.stdout)
+    for config, weighted in GATHERS:
+        ptx = ptxs[f"{list(config)},{int(weighted)}"]
+        num_warps, persistent = config[0], config[2] > 0
+        report, sass = _sass(ptx, tmp_path)
+        assert "0 bytes spill stores, 0 bytes spill loads" in report, report
+        assert not re.search(r"\b(LDL|STL)\b", sass), "registers went to local memory"
+        vectors = 128 * 128 * 2 // 16 // (32 * num_warps)
+        assert _count(r"ld\.global\.v4\.b32", ptx) == vectors * (1 + persistent), "x read more than once"
+        # beside x: the bound, and a source row index (and weight) per row a thread covers, each tile
+        scalars = _count(r"ld\.global", ptx) - _count(r"ld\.global\.v4\.b32", ptx)
+        assert scalars == 1 + vectors * (1 + persistent) * (1 + weighted), scalars
+        assert ("cvt.rn.bf16x2.f32" in ptx) == weighted
+        assert _count(r"st\.shared\.v4\.b32", ptx) == vectors
+
+
+def _same_both(got, want, bound: int, num_rows: int) -> None:
+    """Two ``quant_act_both`` results of a ``num_rows``-row buffer: the same bits before ``bound``, nothing
+    written from it on in ``got``."""
+    from tests.kernels.test_moe_permute_bound import _same, untouched
+
+    for pair, w_pair, transposed in ((got[0], want[0], False), (got[1], want[1], True)):
+        for g, w in zip(pair, w_pair):
+            g, w = (g.t(), w.t()) if transposed else (g, w)  # (rows or tiles of 128 rows, ...)
+            edge = bound if g.shape[0] == num_rows else bound // 128
+            assert _same(g[:edge], w[:edge]), "rows before the bound differ"
+            assert untouched(g[edge:]), "rows from the bound on were written"
+
+
+def test_permute_quant_both_is_the_permute_then_the_cast_and_checks_its_weights(device):
+    """``moe_permute_quant_both`` (the fallback here, and wherever the Gluon gather does not run) is the weighted
+    permute, then ``quant_act_both`` with the plan's bound; weights of another length or dtype are one error."""
+    from moeplan.kernels.moe_permute import make_pair_plan, moe_permute, moe_permute_quant_both, pair_row_weights
+
+    g = torch.Generator().manual_seed(7)
+    tokens, experts, d = 12, 4, 136
+    token = torch.arange(tokens).repeat_interleave(2).to(device)
+    expert = torch.randint(0, experts, (token.numel(),), generator=g).to(device)
+    plan = make_pair_plan(token, expert, tokens, experts)  # worst case: a row bound
+    x = test_kernels.rand(tokens, d, seed=8, device=device, dtype=torch.bfloat16)
+    weights = pair_row_weights(plan, torch.rand(token.numel(), generator=g).to(device))
+    for w in (None, weights):
+        got = moe_permute_quant_both(x, plan, row_weights=w, amax_floor=1e-12)
+        want = quant_act_both(moe_permute(x, plan, row_weights=w), amax_floor=1e-12, row_bound=plan.rows_bound)
+        _same_both(got, want, int(plan.rows_bound), plan.num_rows)
+    with pytest.raises(ValueError, match="row_weights must be"):
+        moe_permute_quant_both(x, plan, row_weights=weights[:-1])
+    with pytest.raises(ValueError, match="row_weights must be"):
+        moe_permute_quant_both(x, plan, row_weights=weights.double())
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("config", fp8_quant_gluon.CONFIGS)
+@pytest.mark.gpu
+@on_hopper
+def test_the_gather_is_the_permute_then_the_cast_bit_for_bit(weighted, config, monkeypatch):
+    """On the GPU, the Gluon gather (``moe_permute.PERMUTE_BOTH``) against the permute then ``quant_act_both``:
+    V3's rows (7168) and ragged ones (200), exact and worst-case plans (the tail past the bound untouched)."""
+    from moeplan.kernels import moe_permute as mp
+
+    g = torch.Generator().manual_seed(9)
+    for tokens, experts, d, exact in ((4096, 32, 7168, False), (300, 6, 200, True), (300, 6, 200, False)):
+        token = torch.arange(tokens).repeat_interleave(8 if d == 7168 else 2).cuda()
+        expert = torch.randint(0, experts, (token.numel(),), generator=g).cuda()
+        counts = torch.bincount(expert.cpu(), minlength=experts).tolist() if exact else experts
+        plan = mp.make_pair_plan(token, expert, tokens, counts)
+        x = test_kernels.rand(tokens, d, seed=10, device="cuda", dtype=torch.bfloat16)
+        w = mp.pair_row_weights(plan, torch.rand(token.numel(), generator=g).cuda()) if weighted else None
+        monkeypatch.setattr(mp, "PERMUTE_BOTH", False)
+        want = mp.moe_permute_quant_both(x, plan, row_weights=w, amax_floor=1e-12)
+        monkeypatch.setattr(mp, "PERMUTE_BOTH", True)
+        monkeypatch.setattr(fp8_quant_gluon, "CONFIGS", [config, *fp8_quant_gluon.CONFIGS])  # the kernel's default
+        got = mp.moe_permute_quant_both(x, plan, row_weights=w, amax_floor=1e-12)
+        _same_both(got, want, plan.num_rows if plan.rows_bound is None else int(plan.rows_bound), plan.num_rows)

@@ -145,6 +145,37 @@ def test_fused_fp8_experts_equal_with_and_without_the_row_bound(device, fp8_back
         assert rel_err(got, want) < 1 and torch.equal(got, want), name  # rel_err: finite, nothing left poisoned
 
 
+def test_the_combines_backward_quantised_as_it_permutes_gives_the_same_bits(device, monkeypatch):
+    """The FP8 backward with the ops' ``permute_quant_both`` (the combine's backward gathered straight into both
+    tilings; on a Hopper GPU the Gluon gather, ``moe_permute.PERMUTE_BOTH``) and without it (the permute, then
+    ``quant_act_both``): the same bits, forward and backward, on a worst-case plan; and only the path with it
+    leaves the permuted gradient unstored (``moe_permute`` called once fewer)."""
+    from moeplan.kernels import moe_permute as mp
+    from moeplan.model import fused_experts
+
+    monkeypatch.setattr(mp, "PERMUTE_BOTH", ON_GPU)
+    E, d, inter, n = (6, 128, 128, 24) if not ON_GPU else (32, 7168, 2048, 4096)
+    token_of_pair, expert_of_pair, weight0 = _ragged_pairs(n, E, device)
+    plan = make_pair_plan(token_of_pair, expert_of_pair, n, E)
+    x0 = rand(n, d, seed=34, device=device, dtype=torch.bfloat16)
+    dy = rand(n, d, seed=35, device=device, dtype=torch.bfloat16)
+    results, permutes = [], []
+    for ops in (kernel_ops(), replace(kernel_ops(), permute_quant_both=None)):
+        experts = _experts(ops, True, E, d, inter, device)
+        calls = []
+        monkeypatch.setattr(fused_experts, "moe_permute",
+                            lambda *a, _f=mp.moe_permute, _c=calls, **k: _c.append(1) or _f(*a, **k))
+        x, weight = x0.clone().requires_grad_(True), weight0.clone().requires_grad_(True)
+        gate_up, down = (w.detach().clone().requires_grad_(True) for w in (experts.gate_up_proj, experts.down_proj))
+        out = FusedExpertsFn.apply(x, weight, gate_up, down, plan, experts.fp8, True, None, None, x.is_cuda)
+        out.backward(dy)
+        results.append((out, x.grad, weight.grad, gate_up.grad, down.grad))
+        permutes.append(len(calls))
+    for name, got, want in zip(("out", "dx", "dweight", "dgate_up", "ddown"), *results):
+        assert rel_err(got, want) < 1 and torch.equal(got, want), name
+    assert permutes == [2, 3], permutes  # forward and gate_up's Wgrad input; without: the combine's backward too
+
+
 # What each spied function returns: (name, transposed), transposed: the rows of the layout are its columns.
 _SPIED = {"moe_permute": False, "swiglu": False, "swiglu_quant_t": True, "swiglu_backward": False}
 
@@ -171,20 +202,23 @@ def test_fused_fp8_experts_leave_every_tail_unwritten(device, monkeypatch):
     ops = kernel_ops()
     ops = replace(ops, quant_act=spy("quant_act", ops.quant_act, False),
                   quant_act_t=spy("quant_act_t", ops.quant_act_t, True),
-                  quant_act_both=spy("quant_act_both", ops.quant_act_both, None))
+                  quant_act_both=spy("quant_act_both", ops.quant_act_both, None),
+                  permute_quant_both=spy("permute_quant_both", ops.permute_quant_both, None))
     experts = _experts(ops, True, E, d, inter, device)
     experts.host_counts = False
     _, got = _run(experts, rand(n, d, seed=34, device=device, dtype=torch.bfloat16), pairs,
                   rand(n, d, seed=35, device=device, dtype=torch.bfloat16))
     assert all(torch.isfinite(g).all() for g in got)  # nothing past the bound reached the results
     names = sorted(name for name, *_ in calls)
-    assert names == sorted(["moe_permute"] * 3 + ["swiglu", "swiglu_quant_t", "swiglu_backward"]
-                           + ["quant_act_both"] * 2), names  # forward, combine's backward, down, SwiGLU, gate_up
+    # permute: forward and gate_up's Wgrad input; the combine's backward quantised as it permutes; SwiGLU's
+    # gradient quantised both ways
+    assert names == sorted(["moe_permute"] * 2 + ["swiglu", "swiglu_quant_t", "swiglu_backward"]
+                           + ["quant_act_both", "permute_quant_both"]), names
     num_rows = calls[0][1][0].shape[0]
     assert bound < num_rows
     for name, out, transposed in calls:
         parts = [(out, transposed)] if isinstance(out, torch.Tensor) else [(t, transposed) for t in out]
-        if name == "quant_act_both":  # ((values, scales) 1x128, (values, scales) 128x1 transposed)
+        if name in ("quant_act_both", "permute_quant_both"):  # ((values, scales) 1x128, (same) 128x1 transposed)
             parts = [(t, False) for t in out[0]] + [(t, True) for t in out[1]]
         for t, t_transposed in parts:
             rows = t.t() if t_transposed else t  # (rows, ...) or (tiles of 128 rows, ...)
