@@ -669,7 +669,8 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
     device = a.device.index if a.device.index is not None else torch.cuda.current_device()
     rows = not grouped and row_scaled(N, b_scale)
     meta, on_tma, layouts, grid = _plan(M, N, K, out_dtype, config, rows, promote, scales, device, grouped,
-                                       order or ORDER, accumulate=accumulate_into is not None)
+                                       order or ORDER, accumulate=accumulate_into is not None,
+                                       paths=_paths(accumulate_into))
     if accumulate_into is not None:
         c = _accumulation_target(accumulate_into, (M, N), out_dtype)
     else:  # TMA rows must be 16-byte aligned: a ragged N gets a padded row pitch (the view hides it)
@@ -713,7 +714,7 @@ def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_
     groups = seg_offsets.numel() - 1
     device = a_t.device.index if a_t.device.index is not None else torch.cuda.current_device()
     meta, _, layouts, grid = _plan(M, N, K, out_dtype, config, True, True, "tma", device, False, order or ORDER,
-                                   groups, accumulate=accumulate_into is not None)
+                                   groups, accumulate=accumulate_into is not None, paths=_paths(accumulate_into))
     if accumulate_into is not None:
         if not accumulate_into.is_contiguous():
             raise ValueError(f"fp8_wgrad_ws: accumulate_into must be contiguous, got strides {accumulate_into.stride()}")
@@ -750,12 +751,20 @@ def _accumulation_target(c: torch.Tensor, shape: tuple[int, int], dtype: torch.d
     return c
 
 
+def _paths(accumulate_into) -> tuple:
+    """The old-value paths an accumulating launch's plan is made with (``_plan``'s cache key: a plan made before
+    ``OLD_VALUES`` or ``DENSE_OLD_VALUES`` changed is not reused after)."""
+    return () if accumulate_into is None else (OLD_VALUES, DENSE_OLD_VALUES)
+
+
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, N: int, K: int, out_dtype, config, rows: bool, promote: bool, scales, device: int,
-          grouped: bool = False, order: str = "free", k_groups: int = 0, accumulate: bool = False):
+          grouped: bool = False, order: str = "free", k_groups: int = 0, accumulate: bool = False,
+          paths: tuple = ()):
     """What a problem size's launch needs besides its tensors, worked out once (a launch is
     host-bound on the smaller shapes): the constexprs with the ring depth that fits, whether the
-    scales go through TMA, each descriptor's box and shared layout, and the persistent grid."""
+    scales go through TMA, each descriptor's box and shared layout, and the persistent grid. ``paths``: only
+    the cache key (``_paths``); the constexprs read the module's paths themselves."""
     meta = _constexprs(config or _default_config(rows), rows=rows, promote=promote, scales=scales, grouped=grouped,
                        order=order, grouped_k=k_groups > 0, accumulate=accumulate)
     on_tma = meta["SCALES"] == SCALE_PATHS["tma"]

@@ -8,6 +8,7 @@ order on every rank, and keeps the handles of the groups that hold ``rank``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -28,15 +29,30 @@ class RankGroups:
         return self.handles[kind]
 
 
-def new_groups(pg: ProcessGroups, rank: int, backend: str | None = None) -> RankGroups:
-    """Create every group of ``pg`` (call on every rank of an initialised default group, same ``pg``)."""
+def nccl_options(max_ctas: int):
+    """NCCL options for a group whose collectives may hold at most ``max_ctas`` CTAs (one an SM) at a time: NCCL's
+    ``ncclConfig_t.maxCTAs``, through torch's ``ProcessGroupNCCL.Options().config``."""
+    options = dist.ProcessGroupNCCL.Options()
+    options.config.max_ctas = max_ctas
+    return options
+
+
+def new_groups(pg: ProcessGroups, rank: int, backend: str | None = None,
+               max_ctas: Mapping[str, int] | None = None) -> RankGroups:
+    """Create every group of ``pg`` (call on every rank of an initialised default group, same ``pg``).
+    ``max_ctas``: per group kind, the SMs its collectives may hold (the plan's communication SMs for "ep", as the
+    simulator reserves them: ``engine.build.comm_sms``), where the groups are NCCL's; 0 or absent: NCCL's own
+    choice. Other backends take no such limit (gloo runs on the CPU)."""
     if dist.get_world_size() != pg.world:
         raise ValueError(f"world={pg.world} of the layout but torch.distributed has {dist.get_world_size()} ranks")
+    nccl = dist.is_nccl_available() and (backend or dist.get_backend()) == "nccl"
     handles: dict[str, dist.ProcessGroup | None] = {}
     for kind in GROUP_KINDS:
         handles[kind] = None
+        ctas = (max_ctas or {}).get(kind, 0) if nccl else 0
+        options = {"pg_options": nccl_options(ctas)} if ctas > 0 else {}
         for ranks in pg.groups(kind):
-            handle = dist.new_group(list(ranks), backend=backend)
+            handle = dist.new_group(list(ranks), backend=backend, **options)
             if rank in ranks:
                 handles[kind] = handle
     return RankGroups(rank=rank, coords=pg.coords(rank), handles=handles,

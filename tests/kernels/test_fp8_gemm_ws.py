@@ -548,6 +548,18 @@ def test_k_grouped_wgrad_matches_float64(M, N, monkeypatch):
     assert float((dense - out[3]).abs().max()) <= 1e-5 * float(out[3].abs().max())
 
 
+def test_a_plan_is_not_reused_after_the_old_value_paths_change(monkeypatch):
+    """``_plan``'s cache key holds the paths of an accumulating launch (``_paths``), so setting ``OLD_VALUES`` or
+    ``DENSE_OLD_VALUES`` takes effect at the next launch without clearing the cache; a plain launch's key has none."""
+    target = torch.zeros(1)
+    assert fp8_gemm_ws._paths(None) == ()
+    monkeypatch.setattr(fp8_gemm_ws, "OLD_VALUES", "tma")
+    monkeypatch.setattr(fp8_gemm_ws, "DENSE_OLD_VALUES", "reduce")
+    first = fp8_gemm_ws._paths(target)
+    monkeypatch.setattr(fp8_gemm_ws, "DENSE_OLD_VALUES", None)
+    assert first == ("tma", "reduce") and fp8_gemm_ws._paths(target) == ("tma", None)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("old_values", ["after", "l2", "tma", "reduce"])

@@ -144,3 +144,72 @@ def test_new_groups_on_four_gloo_processes(tmp_path_factory) -> None:
     for rank, got in enumerate(results):
         expected = {kind: sum(pg.group_of(kind, rank)) for kind in GROUP_KINDS if pg.group_of(kind, rank)}
         assert got["groups"] == expected and len(expected) == len(GROUP_KINDS) - 1, rank  # no mirror group
+
+
+@pytest.mark.parametrize("backend,nccl", [("nccl", True), ("gloo", True), ("nccl", False)])
+def test_ep_groups_hold_the_plans_communication_sms_on_nccl(monkeypatch, backend, nccl) -> None:
+    """``new_groups(..., max_ctas={"ep": n})`` creates every expert-parallel group with NCCL options capping its
+    CTAs at n (NCCL's maxCTAs: one an SM), every other group with none; gloo groups, or a torch without NCCL, take
+    no options at all. The calls' order is unchanged (every rank creates every group, ep_worker's test)."""
+    import types
+
+    import torch.distributed as dist
+
+    from moeplan.model.runtime import dist_groups
+
+    class Options:
+        def __init__(self):
+            self.config = types.SimpleNamespace(max_ctas=None)
+
+    pg = process_groups(Layout(world=8, pp=2, dp=4, cp=1, ep=2, rank_stages=((0,), (1,))), 4)
+    calls = []
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", types.SimpleNamespace(Options=Options), raising=False)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: nccl)
+    monkeypatch.setattr(dist, "get_world_size", lambda: pg.world)
+    monkeypatch.setattr(dist, "new_group", lambda ranks, backend=None, **kw: calls.append(
+        (tuple(ranks), kw.get("pg_options"))) or object())
+    dist_groups.new_groups(pg, 0, backend, max_ctas={"ep": 20})
+    expected = [(kind, tuple(r)) for kind in GROUP_KINDS for r in pg.groups(kind)]
+    assert [ranks for ranks, _ in calls] == [r for _, r in expected]
+    for (kind, _), (_, options) in zip(expected, calls, strict=True):
+        capped = kind == "ep" and backend == "nccl" and nccl
+        assert (options.config.max_ctas == 20) if capped else options is None, (kind, backend, nccl)
+    assert any(kind == "ep" for kind, _ in expected)
+
+
+def test_the_plans_communication_sms_come_from_its_cost_tables() -> None:
+    """``plan_comm_sms``: the plan's named tables' ``comm_sms`` with expert parallelism (20, TR §3.2.2, in the
+    packaged tables), 0 without; a plan naming tables this machine lacks (a calibration file's) takes the GPU's
+    default tables."""
+    from moeplan.model.runtime.rank import plan_comm_sms
+
+    plan = parse_plan((Path(__file__).parents[2] / "orchestrator" / "golden" / "plan-tiny-moe.json").read_text())
+    with_ep = plan.model_copy(update={"inputs": plan.inputs.model_copy(
+        update={"parallel": plan.inputs.parallel.model_copy(update={"ep": 2})})})
+    assert plan_comm_sms(with_ep) == 20
+    assert plan_comm_sms(with_ep.model_copy(update={"predictions": with_ep.predictions.model_copy(
+        update={"cost_tables": "calibrated"})})) == 20
+    assert plan_comm_sms(plan.model_copy(update={"inputs": plan.inputs.model_copy(
+        update={"parallel": plan.inputs.parallel.model_copy(update={"ep": 1})})})) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA (NCCL)")
+def test_an_nccl_group_takes_the_cta_cap_and_runs_an_all_to_all(tmp_path) -> None:
+    """On the GPU image's torch: a one-rank NCCL world whose expert group is made with ``nccl_options(20)`` (as
+    ``new_groups`` makes it) runs an uneven ``all_to_all_single``."""
+    import torch
+    import torch.distributed as dist
+
+    from moeplan.model.runtime.dist_groups import nccl_options
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
+    try:
+        group = dist.new_group([0], backend="nccl", pg_options=nccl_options(20))
+        x = torch.arange(12, dtype=torch.float32, device="cuda")
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, [12], [12], group=group)
+        assert torch.equal(out, x)
+    finally:
+        dist.destroy_process_group()
