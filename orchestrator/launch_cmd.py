@@ -38,7 +38,7 @@ from moeplan.orchestrator.errors import DeferredSignals, InputError, RunFailedEr
 from moeplan.orchestrator.inputs import finite_float
 from moeplan.orchestrator.launch_progress import RunProgress
 from moeplan.orchestrator.outputs import out_path, strict_json, write_outputs
-from moeplan.orchestrator.rank_entry import RankJob, on_cpu
+from moeplan.orchestrator.rank_entry import RankJob, comm_sms, on_cpu
 from moeplan.orchestrator.ray_address import ADDRESS_TIMEOUT_S, check_address
 from moeplan.simulator.contracts.plan_file import PlanFile, read_plan
 from moeplan.simulator.contracts.run_report import PLAN_COPY_NAME, Restart, read_run_report
@@ -264,7 +264,8 @@ def _execute(plan: PlanFile, run: Path, s: dict, local: bool, resumed: bool, sho
     from moeplan.orchestrator.ray_launch import RankGroup
 
     config = RunConfig(steps=s["steps"], warmup_steps=min(1, s["steps"] - 1), dtype=s["dtype"],
-                       checkpoint_every=s["checkpoint_every"], fault_at=_fault_at(), kernel_trace=s["kernel_trace"])
+                       checkpoint_every=s["checkpoint_every"], fault_at=_fault_at(), kernel_trace=s["kernel_trace"],
+                       comm_sms=comm_sms(plan))
     g, gpu = plan.inputs.cluster.node.gpus_per_node, not on_cpu(plan)
 
     def make_job(rank: int, master: str, port: int, places: list, failure) -> RankJob:

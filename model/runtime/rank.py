@@ -46,8 +46,6 @@ from moeplan.model.stage import rank_stages_from_plan
 from moeplan.model.transformer import build_rank
 from moeplan.simulator.contracts.plan_file import PlanFile
 from moeplan.simulator.contracts.runtime_support import PlanRuntimeError, check_plan_for_world  # noqa: F401 (re-exported)
-from moeplan.simulator.costs.tables import default_tables, named_tables
-from moeplan.simulator.engine.build import comm_sms
 from moeplan.simulator.schedules.lowering import lower
 
 log = logging.getLogger(__name__)
@@ -62,6 +60,10 @@ class RuntimeOptions:
     seed: int = 0
     expert_backend: str = "auto"
     fuse_memory_bound: bool = False  # model.fused on CUDA even when the plan's training.kernels.fusion is eager
+    # SMs each expert-parallel NCCL group's collectives may hold (NCCL's maxCTAs; ``dist_groups.new_groups``): the
+    # plan's communication SMs, which the launcher reads from its cost tables (``orchestrator.rank_entry.comm_sms``);
+    # 0: NCCL's own choice
+    comm_sms: int = 0
 
 
 def model_options_for(plan: PlanFile, options: RuntimeOptions, device: torch.device) -> ModelOptions:
@@ -112,7 +114,7 @@ class RankRuntime:
         device = device or torch.device("cpu")
         spec, lay, par = plan.inputs.model, plan.layout, plan.inputs.parallel
         pg = process_groups(lay, plan.inputs.cluster.node.gpus_per_node)
-        handles = new_groups(pg, rank, backend, max_ctas={"ep": plan_comm_sms(plan)})
+        handles = new_groups(pg, rank, backend, max_ctas={"ep": options.comm_sms})
         pp_rank = pg.coords(rank).pp_rank
         model_options = model_options_for(plan, options, device)
         stages = rank_stages_from_plan(lay, spec, pp_rank)
@@ -233,21 +235,6 @@ def _named_parameters(modules) -> dict[str, nn.Parameter]:
         for name, param in module.named_parameters():
             out.setdefault(name, param)
     return out
-
-
-def plan_comm_sms(plan: PlanFile) -> int:
-    """The SMs the plan gives the expert all-to-all's kernels (``engine.build.comm_sms`` of the plan's named cost
-    tables; the GPU's default tables where the plan names tables this machine does not have, a calibration file's):
-    0 without expert parallelism."""
-    gpu = plan.inputs.cluster.gpu.name
-    tables = default_tables(gpu)
-    name = plan.predictions.cost_tables if plan.predictions is not None else tables.name
-    if name != tables.name:
-        try:
-            tables = named_tables(name, gpu)
-        except ValueError:
-            pass
-    return comm_sms(plan.inputs, tables)
 
 
 def _moe_layers(modules) -> dict[int, nn.Module]:

@@ -98,6 +98,7 @@ class RunConfig:
     resume: Resume | None = None  # None: a fresh run (the run directory holds no checkpoint)
     fault_at: tuple[int, int] | None = None  # TEST ONLY: (rank, step) that kills itself once (resume.inject_fault)
     kernel_trace: bool = False  # one more step after the run under torch.profiler (_kernel_trace)
+    comm_sms: int = 0  # RuntimeOptions.comm_sms: the SMs an expert-parallel NCCL group's collectives may hold
 
     def __post_init__(self) -> None:
         check_run_settings(self.steps, self.warmup_steps, self.dtype, self.checkpoint_every)
@@ -114,7 +115,8 @@ def train(plan: PlanFile, run_dir: Path, config: RunConfig, rank: int, device: t
     device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                         else torch.device("cpu"))
     backend = dist.get_backend()
-    rt = RankRuntime.create(plan, rank, RuntimeOptions(dtype=DTYPES[config.dtype], seed=config.seed), device)
+    rt = RankRuntime.create(plan, rank, RuntimeOptions(dtype=DTYPES[config.dtype], seed=config.seed,
+                                                       comm_sms=config.comm_sms), device)
     run_dir = Path(run_dir)
     if rank == 0:
         (run_dir / "traces").mkdir(parents=True, exist_ok=True)

@@ -178,10 +178,10 @@ def test_ep_groups_hold_the_plans_communication_sms_on_nccl(monkeypatch, backend
 
 
 def test_the_plans_communication_sms_come_from_its_cost_tables() -> None:
-    """``plan_comm_sms``: the plan's named tables' ``comm_sms`` with expert parallelism (20, TR §3.2.2, in the
-    packaged tables), 0 without; a plan naming tables this machine lacks (a calibration file's) takes the GPU's
-    default tables."""
-    from moeplan.model.runtime.rank import plan_comm_sms
+    """``rank_entry.comm_sms`` (what the launcher hands every rank, ``RunConfig.comm_sms``): the plan's named
+    tables' ``comm_sms`` with expert parallelism (20, TR §3.2.2, in the packaged tables), 0 without; a plan naming
+    tables this machine lacks (a calibration file's) takes the GPU's default tables."""
+    from moeplan.orchestrator.rank_entry import comm_sms as plan_comm_sms
 
     plan = parse_plan((Path(__file__).parents[2] / "orchestrator" / "golden" / "plan-tiny-moe.json").read_text())
     with_ep = plan.model_copy(update={"inputs": plan.inputs.model_copy(
