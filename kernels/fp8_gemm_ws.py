@@ -254,8 +254,8 @@ if HAVE_GLUON:
         return steps, first_b, first_sb
 
     @gluon.jit
-    def _k_group_tile(tile, seg_ptr, num_pid_m, num_pid_n, M, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                      GROUP_M: gl.constexpr):
+    def _k_group_tile(tile, seg_ptr, num_pid_m, num_pid_n, M, groups, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      GROUP_M: gl.constexpr, SEGMENTS: gl.constexpr = 1):
         """K-grouped (the experts' weight gradient): tile ``tile`` of group g = tile // (tiles per group) is a
         tile of C[g] = A[:, seg g] B[:, seg g]^T. Returns its row and column offset in C[g], its first K
         block and number of K blocks (segment bounds ``seg_ptr[g]``, multiples of 128; an empty segment runs
@@ -265,7 +265,29 @@ if HAVE_GLUON:
         off_m, off_n = _tile_offsets(tile % per_group, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
         lo = gl.load(seg_ptr + group)
         hi = gl.load(seg_ptr + group + 1)
-        return off_m, off_n, lo // TILE_C, (hi - lo) // TILE_C, group * M
+        steps = (hi - lo) // TILE_C
+        for j in gl.static_range(1, SEGMENTS):  # the group's segments in the other tables (``_k_block``)
+            row = seg_ptr + j * (groups + 1) + group
+            steps += (gl.load(row + 1) - gl.load(row)) // TILE_C
+        return off_m, off_n, lo // TILE_C, steps, group * M, group
+
+    @gluon.jit
+    def _k_block(seg_ptr, group, groups, kj, SEGMENTS: gl.constexpr):
+        """The K block of a K-grouped tile's ``kj``-th K step where each group has SEGMENTS segments, one in each
+        (groups + 1,) table of ``seg_ptr`` (micro-batches' expert segments side by side along K): the steps walk
+        table 0's segment, then table 1's, and so on."""
+        ki = kj * 0
+        rem = kj
+        done = kj < 0
+        for j in gl.static_range(SEGMENTS):
+            row = seg_ptr + j * (groups + 1) + group
+            lo = gl.load(row) // TILE_C
+            n = gl.load(row + 1) // TILE_C - lo
+            here = (done == 0) & (rem < n)
+            ki = gl.where(here, lo + rem, ki)
+            rem = gl.where(done | here, rem, rem - n)
+            done = done | here
+        return ki
 
     @gluon.jit
     def _producer(a_desc, b_desc, sa_desc, sb_desc, a_smem, b_smem, sa_smem, sb_smem, ready, empty, m_ptr, M, N,
@@ -282,9 +304,9 @@ if HAVE_GLUON:
             nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
         counter = 0
         for tile in range(gl.program_id(0), num_pid_m * num_pid_n * groups, gl.num_programs(0)):
-            if GROUPED_K:
-                off_m, off_n, k0, steps, _ = _k_group_tile(tile, m_ptr, num_pid_m, num_pid_n, M, BLOCK_M, BLOCK_N,
-                                                           GROUP_M)
+            if GROUPED_K:  # GROUPED_K: the segment tables a group's K steps walk (``_k_block``)
+                off_m, off_n, k0, steps, _, group = _k_group_tile(tile, m_ptr, num_pid_m, num_pid_n, M, groups,
+                                                                  BLOCK_M, BLOCK_N, GROUP_M, GROUPED_K)
                 first_b = off_n  # B's scales are 1x128 rows here: no block row to find
             else:
                 off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
@@ -292,6 +314,8 @@ if HAVE_GLUON:
                 k0 = 0
             for kj in range(steps):
                 ki = k0 + kj  # the K block (K-grouped: counted from the start of K, not of the segment)
+                if GROUPED_K > 1:
+                    ki = _k_block(m_ptr, group, groups, kj, GROUPED_K)
                 s = counter % STAGES
                 # a fresh barrier counts as released once: the first pass over the ring waits on nothing
                 mbarrier.wait(empty.index(s), ((counter // STAGES) & 1) ^ 1)
@@ -341,8 +365,8 @@ if HAVE_GLUON:
         tiles_done = 0  # the phase of ``c_bar`` (ACCUMULATE 3: one completion a tile)
         for tile in range(gl.program_id(0), num_pid_m * num_pid_n * groups, gl.num_programs(0)):
             if GROUPED_K:  # the K blocks' scales come with the stage (TMA): only the count matters here
-                off_m, off_n, _, steps, c_row = _k_group_tile(tile, m_ptr, num_pid_m, num_pid_n, M, BLOCK_M,
-                                                              BLOCK_N, GROUP_M)
+                off_m, off_n, _, steps, c_row, _ = _k_group_tile(tile, m_ptr, num_pid_m, num_pid_n, M, groups,
+                                                                 BLOCK_M, BLOCK_N, GROUP_M, GROUPED_K)
             else:
                 off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
                 steps, _, first_sb = _expert_tile(m_ptr, off_m, off_n, N, k_steps, GROUPED)
@@ -565,7 +589,8 @@ CONSTEXPR_ARGS = ("ROW_SCALED_B", "SCALES", "PROMOTE", "BLOCK_N", "GROUP_M", "ST
 
 
 def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, grouped: bool = False,
-                order: str | None = None, grouped_k: bool = False, accumulate: bool = False) -> dict:
+                order: str | None = None, grouped_k: bool | int = False, accumulate: bool = False) -> dict:
+    """The kernel's constexprs. ``grouped_k``: K-grouped with that many segment tables (True: one), else 0."""
     block_n, stages, group_m = config
     scales = scales or "tma"
     if scales not in SCALE_PATHS or (scales == "none" and rows):
@@ -579,7 +604,7 @@ def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, gr
         raise ValueError(f"order={order!r}: one of {sorted(ORDERS)}")
     return {"ROW_SCALED_B": rows, "SCALES": SCALE_PATHS[scales], "PROMOTE": promote, "BLOCK_N": block_n,
             "GROUP_M": group_m, "STAGES": stages, "GROUPED": grouped, "ORDER": ORDERS[order],
-            "MATH_REGS": REGS[rows][0], "PRODUCER_REGS": REGS[rows][1], "GROUPED_K": grouped_k,
+            "MATH_REGS": REGS[rows][0], "PRODUCER_REGS": REGS[rows][1], "GROUPED_K": int(grouped_k),
             "ACCUMULATE": _old_value_path(block_n, grouped_k) if accumulate else 0}
 
 
@@ -687,6 +712,9 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
     return c
 
 
+MAX_SEGMENTS = 4  # segment tables a K-grouped launch walks (``fp8_wgrad_ws``): micro-batches whose Wgrads run as one
+
+
 def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_dtype=torch.float32,
                  config=None, ffma_yield: int | None = None, order: str | None = None,
                  accumulate_into: torch.Tensor | None = None) -> torch.Tensor:
@@ -696,7 +724,9 @@ def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_
     output); a_t_scale (M, K_total/128) and b_t_scale (N, K_total/128), one scale per 128 tokens of a row;
     ``seg_offsets`` int32 (E + 1,) on the GPU, segment bounds on K that are multiples of 128 (the contiguous
     layout pads each expert's rows so, and no scale tile straddles two experts); M % 128 == 0, so no output
-    tile straddles two experts either. An empty segment gives zeros. The persistent grid walks the tiles
+    tile straddles two experts either. An empty segment gives zeros. ``seg_offsets`` (S, E + 1), S <= MAX_SEGMENTS:
+    S tables side by side along K (S micro-batches' layouts in one buffer, each table's bounds counted from K's
+    start), expert e's product summed over its S segments in one K loop: C[e] read and written once for all S. The persistent grid walks the tiles
     expert by expert (DeepGEMM's K-grouped Wgrad does the same product), so nothing is read on the host.
     ``accumulate_into``: a contiguous (E, M, N) tensor of ``out_dtype`` (the experts' FP32 main gradient) that
     C is added to in the epilogue, and returned; an empty segment then leaves its expert's slice unchanged.
@@ -706,15 +736,19 @@ def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_
     M, K = a_t.shape
     N = b_t.shape[0]
     if (b_t.shape[1] != K or M % TILE or K % TILE or a_t.stride(1) != 1 or b_t.stride(1) != 1
-            or seg_offsets.dtype != torch.int32 or seg_offsets.dim() != 1 or not seg_offsets.is_cuda):
+            or seg_offsets.dtype != torch.int32 or seg_offsets.dim() not in (1, 2) or not seg_offsets.is_cuda
+            or not seg_offsets.is_contiguous() or (seg_offsets.dim() == 2
+                                                   and not 1 <= seg_offsets.shape[0] <= MAX_SEGMENTS)):
         raise ValueError(f"fp8_wgrad_ws: need a_t (M, K), b_t (N, K) K-contiguous, M and K multiples of {TILE}, "
-                         f"int32 seg_offsets (E + 1,) on the GPU; got a_t {tuple(a_t.shape)} {a_t.stride()}, "
-                         f"b_t {tuple(b_t.shape)} {b_t.stride()}, seg_offsets {seg_offsets.dtype} "
-                         f"{tuple(seg_offsets.shape)} on {seg_offsets.device}")
-    groups = seg_offsets.numel() - 1
+                         f"contiguous int32 seg_offsets (E + 1,) or (S <= {MAX_SEGMENTS}, E + 1) on the GPU; got "
+                         f"a_t {tuple(a_t.shape)} {a_t.stride()}, b_t {tuple(b_t.shape)} {b_t.stride()}, seg_offsets "
+                         f"{seg_offsets.dtype} {tuple(seg_offsets.shape)} on {seg_offsets.device}")
+    segments = seg_offsets.shape[0] if seg_offsets.dim() == 2 else 1
+    groups = seg_offsets.shape[-1] - 1
     device = a_t.device.index if a_t.device.index is not None else torch.cuda.current_device()
     meta, _, layouts, grid = _plan(M, N, K, out_dtype, config, True, True, "tma", device, False, order or ORDER,
-                                   groups, accumulate=accumulate_into is not None, paths=_paths(accumulate_into))
+                                   groups, accumulate=accumulate_into is not None, paths=_paths(accumulate_into),
+                                   segments=segments)
     if accumulate_into is not None:
         if not accumulate_into.is_contiguous():
             raise ValueError(f"fp8_wgrad_ws: accumulate_into must be contiguous, got strides {accumulate_into.stride()}")
@@ -760,13 +794,13 @@ def _paths(accumulate_into) -> tuple:
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, N: int, K: int, out_dtype, config, rows: bool, promote: bool, scales, device: int,
           grouped: bool = False, order: str = "free", k_groups: int = 0, accumulate: bool = False,
-          paths: tuple = ()):
+          paths: tuple = (), segments: int = 1):
     """What a problem size's launch needs besides its tensors, worked out once (a launch is
     host-bound on the smaller shapes): the constexprs with the ring depth that fits, whether the
     scales go through TMA, each descriptor's box and shared layout, and the persistent grid. ``paths``: only
     the cache key (``_paths``); the constexprs read the module's paths themselves."""
     meta = _constexprs(config or _default_config(rows), rows=rows, promote=promote, scales=scales, grouped=grouped,
-                       order=order, grouped_k=k_groups > 0, accumulate=accumulate)
+                       order=order, grouped_k=segments if k_groups > 0 else 0, accumulate=accumulate)
     on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
     sms, smem = _device_limits(device)
     meta["STAGES"] = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, on_tma, smem, rows)

@@ -592,3 +592,68 @@ def test_weight_gradients_accumulate_into_fp32_main_gradients(old_values, monkey
     assert torch.equal(target[1], old[1])
     with pytest.raises(ValueError, match="accumulate_into"):
         fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, torch.float32, accumulate_into=old[0, :, :255])
+
+
+@needs_gluon
+def test_k_grouped_segment_tables_compile_without_spills(tmp_path):
+    """``fp8_wgrad_ws`` with 2 and 4 segment tables (micro-batches' layouts side by side along K), compiled for
+    sm_90a, plain and accumulating: no spills, the same registers as one table; the producer reads each table's
+    bounds (more scalar loads than one table's, which keeps its own count)."""
+    loads = {}
+    for segments in (1, 2, 4):
+        for accumulate in (False, True):
+            kernel = fp8_gemm_ws.compile_offline(rows=True, out_dtype=torch.float32, grouped_k=segments,
+                                                 accumulate=accumulate)
+            report, _ = _sass(kernel.asm["ptx"], tmp_path)
+            assert "0 bytes spill stores, 0 bytes spill loads" in report, (segments, report)
+            loads[segments, accumulate] = kernel.asm["ptx"].count("ld.global")
+    assert loads[1, False] < loads[2, False] < loads[4, False], loads
+    plain_one = fp8_gemm_ws._constexprs((128, 4, 16), rows=True, promote=True, grouped_k=True)
+    assert plain_one["GROUPED_K"] == 1
+    assert fp8_gemm_ws._constexprs((128, 4, 16), rows=True, promote=True, grouped_k=4)["GROUPED_K"] == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_segment_tables_are_one_table_of_each_experts_segments_side_by_side(accumulate):
+    """Two micro-batches' layouts side by side along K, one launch with both segment tables, against one launch on
+    the same columns reordered so that each expert's two segments are adjacent (one table): the same K blocks in the
+    same order, so the same bits; accumulating, into FP32 main gradients too; an expert empty in one table."""
+    from tests.kernels.test_kernels import _contiguous_layout
+
+    tables = [[130, 0, 1000, 257], [0, 200, 128, 1]]
+    offsets = []
+    base = 0
+    for counts in tables:
+        _, off = _contiguous_layout(counts, "cuda")
+        offsets.append(off + base)
+        base += int(off[-1])
+    segs = torch.stack(offsets).contiguous()  # (2, E + 1), bounds counted from K's start
+    E, M, N = 4, 256, 384
+    a_t, sa_t = quant_act_128x1_t(rand(base, M, seed=61, device="cuda"))  # (M, K) in 128x1 tiles
+    b_t, sb_t = quant_act_128x1_t(rand(base, N, seed=62, device="cuda"))
+    # one table: expert e's segment of table 0, then of table 1
+    blocks, single = [], [0]
+    for e in range(E):
+        for t in range(2):
+            lo, hi = int(segs[t, e]) // 128, int(segs[t, e + 1]) // 128
+            blocks += list(range(lo, hi))
+        single.append(len(blocks) * 128)
+    cols = torch.tensor([b * 128 + i for b in blocks for i in range(128)], device="cuda")
+    idx = torch.tensor(blocks, device="cuda")
+    one = torch.tensor(single, dtype=torch.int32, device="cuda")
+    a1, sa1, b1, sb1 = (a_t[:, cols].contiguous(), sa_t[:, idx].contiguous(), b_t[:, cols].contiguous(),
+                        sb_t[:, idx].contiguous())
+    if accumulate:
+        old = rand(E, M, N, seed=63, device="cuda")
+        got, want = old.clone(), old.clone()
+        fp8_gemm_ws.fp8_wgrad_ws(a_t, sa_t, b_t, sb_t, segs, accumulate_into=got)
+        fp8_gemm_ws.fp8_wgrad_ws(a1, sa1, b1, sb1, one, accumulate_into=want)
+    else:
+        got = fp8_gemm_ws.fp8_wgrad_ws(a_t, sa_t, b_t, sb_t, segs)
+        want = fp8_gemm_ws.fp8_wgrad_ws(a1, sa1, b1, sb1, one)
+    assert torch.equal(got, want)
+    assert float(got.abs().sum()) > 0
+    with pytest.raises(ValueError, match="seg_offsets"):
+        fp8_gemm_ws.fp8_wgrad_ws(a_t, sa_t, b_t, sb_t, segs.repeat(3, 1))  # 6 tables: more than MAX_SEGMENTS
