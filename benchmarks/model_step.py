@@ -43,7 +43,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from moeplan.kernels import fp8_gemm_ws, fp8_quant
+from moeplan.kernels import fp8_gemm_ws, fp8_quant, moe_permute
 from moeplan.model import ModelOptions, StageSpec, build_rank
 from moeplan.model.fp8 import clear_fp8_weight_cache
 from moeplan.model.runtime.main_grad import attach_main_grads
@@ -406,6 +406,7 @@ def run_meta(device: torch.device, gpu, tables, args) -> dict:
             "triton": None, "gpu_preset": gpu.name, "tables": tables.name,
             "peak_bf16_flops_per_s": gpu.bf16_flops_per_s, "wgrad_old_values": fp8_gemm_ws.OLD_VALUES,
             "dense_wgrad_old_values": fp8_gemm_ws.DENSE_OLD_VALUES or fp8_gemm_ws.OLD_VALUES,
+            "permute_both": moe_permute.PERMUTE_BOTH,
             "fp8_cast": {v: k for k, v in fp8_quant.ONE_READ_CHOICES.items()}[fp8_quant.ONE_READ],
             "protocol": {**{k: getattr(args, k) for k in ("warmup", "burn_s", "rounds", "steps", "profile_steps",
                                                           "microbatches", "main_grads")},
@@ -450,6 +451,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--wgrad-old-values", default=None, choices=tuple(fp8_gemm_ws.OLD_VALUE_PATHS),
                         help="how the FP8 Wgrads' accumulating epilogue gets the main gradients' old values "
                              "(kernels.fp8_gemm_ws.OLD_VALUES; default: the module's)")
+    parser.add_argument("--permute-both", default=None, choices=("on", "off"),
+                        help="the routed experts' combine backward quantised as it permutes, in Gluon "
+                             "(kernels.moe_permute.PERMUTE_BOTH; default: the module's)")
     parser.add_argument("--dense-wgrad-old-values", default=None, choices=tuple(fp8_gemm_ws.OLD_VALUE_PATHS),
                         help="the same for the dense (not K-grouped) FP8 Wgrads only "
                              "(kernels.fp8_gemm_ws.DENSE_OLD_VALUES; default: the module's)")
@@ -513,6 +517,8 @@ def main() -> None:
         fp8_gemm_ws.OLD_VALUES = args.wgrad_old_values  # read when a launch is planned: before the first one
     if args.dense_wgrad_old_values is not None:
         fp8_gemm_ws.DENSE_OLD_VALUES = args.dense_wgrad_old_values
+    if args.permute_both is not None:
+        moe_permute.PERMUTE_BOTH = args.permute_both == "on"  # read at each call
     if args.fp8_cast is not None:
         fp8_quant.ONE_READ = fp8_quant.ONE_READ_CHOICES[args.fp8_cast]  # read at each call
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")

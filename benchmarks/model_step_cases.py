@@ -360,6 +360,8 @@ def _header(meta: dict) -> list[str]:
         dense = meta.get("dense_wgrad_old_values")
         if dense and dense != meta["wgrad_old_values"]:
             run += f" The dense ones': `{dense}` (`fp8_gemm_ws.DENSE_OLD_VALUES`)."
+    if meta.get("permute_both"):
+        run += " The combine's backward quantised as it permutes (`moe_permute.PERMUTE_BOTH`)."
     if meta.get("fp8_cast"):
         run += f" FP8 casts with transpose: `{meta['fp8_cast']}` (`fp8_quant.ONE_READ`)."
     protocol = (
