@@ -726,8 +726,9 @@ def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_
     layout pads each expert's rows so, and no scale tile straddles two experts); M % 128 == 0, so no output
     tile straddles two experts either. An empty segment gives zeros. ``seg_offsets`` (S, E + 1), S <= MAX_SEGMENTS:
     S tables side by side along K (S micro-batches' layouts in one buffer, each table's bounds counted from K's
-    start), expert e's product summed over its S segments in one K loop: C[e] read and written once for all S. The persistent grid walks the tiles
-    expert by expert (DeepGEMM's K-grouped Wgrad does the same product), so nothing is read on the host.
+    start), expert e's product summed over its S segments in one K loop: C[e] read and written once for all S.
+    The persistent grid walks the tiles expert by expert (DeepGEMM's K-grouped Wgrad does the same product), so
+    nothing is read on the host.
     ``accumulate_into``: a contiguous (E, M, N) tensor of ``out_dtype`` (the experts' FP32 main gradient) that
     C is added to in the epilogue, and returned; an empty segment then leaves its expert's slice unchanged.
     """

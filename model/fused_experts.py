@@ -169,8 +169,7 @@ def _permute_quant_both(ctx, index: int, grad_out: torch.Tensor, row_weights: to
     tiles that ``_quant_both`` would make of it (``Fp8Ops.permute_quant_both``), where the ops have it and both
     tilings are wanted; else (None, None)."""
     ops = ctx.ops
-    if not (ctx.fp8_backward and ctx.needs_input_grad[index] and getattr(ops, "permute_quant_both", None) is not None
-            and getattr(ops, "quant_act_both", None) is not None):
+    if not (ctx.fp8_backward and ctx.needs_input_grad[index] and getattr(ops, "permute_quant_both", None) is not None):
         return None, None
     return ops.permute_quant_both(grad_out, ctx.plan, row_weights)
 

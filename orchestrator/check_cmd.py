@@ -209,7 +209,7 @@ def check_command(
     run_ops: set[str] = set()
     measured, measured_events = measured_timelines(run_dir, report, drawn, run_ops)
     # a run that times a plan's op inside another node (HELD_BY) has it compared in that node's class
-    predicted_events = predicted_intervals(run_dir, loaded, plan_trace, held_ops(run_ops) if report.traces else None)
+    predicted_events = predicted_intervals(run_dir, loaded, plan_trace, held_ops(run_ops))
     predicted = analyse(predicted_events) if predicted_events else None
     try:
         comparison = compare(loaded, report, measured, predicted, tolerance)

@@ -28,18 +28,12 @@ def comm_sms(plan: PlanFile) -> int:
     """The SMs the plan gives the expert all-to-all's kernels, which the ranks' expert-parallel NCCL groups may then
     hold (``RunConfig.comm_sms``): ``engine.build.comm_sms`` of the plan's named cost tables, or of the GPU's default
     tables where this machine lacks the named ones (a calibration file's); 0 without expert parallelism."""
-    from moeplan.simulator.costs.tables import default_tables, named_tables
+    from moeplan.simulator.costs.tables import default_tables, plan_named_tables
     from moeplan.simulator.engine.build import comm_sms as tables_comm_sms
 
     gpu = plan.inputs.cluster.gpu.name
-    tables = default_tables(gpu)
-    name = plan.predictions.cost_tables if plan.predictions is not None else tables.name
-    if name != tables.name:
-        try:
-            tables = named_tables(name, gpu)
-        except ValueError:
-            pass
-    return tables_comm_sms(plan.inputs, tables)
+    named = plan_named_tables(plan.predictions.cost_tables, gpu) if plan.predictions is not None else None
+    return tables_comm_sms(plan.inputs, named or default_tables(gpu))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """``moeplan check RUN --recalibrate OUT``: the files and the table around ``recalibrate``.
 
 The tables updated are ``--recalibrate-from FILE`` (a calibration file), else the ones the plan was priced
-with when they have a name (``named_tables``); the traces are those ``RUN/run.json`` lists (the profiled
+with when they have a name (``plan_named_tables``); the traces are those ``RUN/run.json`` lists (the profiled
 step, after the run's warm-up). Bad input (no traces, unnamed tables and no file) raises ``InputError``.
 """
 
@@ -17,7 +17,7 @@ from moeplan.orchestrator.errors import InputError
 from moeplan.orchestrator.outputs import strict_json
 from moeplan.simulator.contracts.plan_file import PlanFile
 from moeplan.simulator.contracts.run_report import RunReport
-from moeplan.simulator.costs.tables import CostTables, default_tables, named_tables
+from moeplan.simulator.costs.tables import CostTables, plan_named_tables
 from moeplan.simulator.report.trace_analysis import TraceError, read_trace
 
 
@@ -27,13 +27,11 @@ def base_tables(plan: PlanFile, given: CostTables | None) -> CostTables:
     if given is not None:
         return given
     name = plan.predictions.cost_tables if plan.predictions else "default"
-    if name == default_tables(plan.inputs.cluster.gpu.name).name:  # e.g. "h200-default": the GPU's default tables
-        name = "default"
-    try:
-        return named_tables(name, plan.inputs.cluster.gpu.name)
-    except ValueError:
+    tables = plan_named_tables(name, plan.inputs.cluster.gpu.name)
+    if tables is None:
         raise InputError(f"the plan was priced with cost tables {name!r}, which have no name to load: give "
-                         "--recalibrate-from FILE (the calibration file it was planned with)") from None
+                         "--recalibrate-from FILE (the calibration file it was planned with)")
+    return tables
 
 
 def recalibrated(run_dir: Path, report: RunReport, plan: PlanFile, given: CostTables | None) -> tuple[str, list[Moved]]:

@@ -432,6 +432,19 @@ def cpu_tables(name: str) -> CostTables:
     return CostTables.from_file(Path(str(files("moeplan.simulator.costs").joinpath(CPU_TABLE_FILES[name]))))
 
 
+def plan_named_tables(name: str, gpu_name: str) -> CostTables | None:
+    """The tables a plan names (``predictions.cost_tables``): the GPU's default tables under their own name (e.g.
+    "h200-default"), another ``NAMED_TABLES`` entry, or None where the name has nothing to load (a calibration
+    file's tables)."""
+    default = default_tables(gpu_name)
+    if name == default.name:
+        return default
+    try:
+        return named_tables(name, gpu_name)
+    except ValueError:
+        return None
+
+
 def named_tables(name: str, gpu_name: str) -> CostTables:
     """The tables called ``name`` (a key of ``NAMED_TABLES``) for a GPU of the cluster presets."""
     if name == "default":

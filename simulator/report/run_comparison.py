@@ -28,7 +28,7 @@ from typing import Literal
 from moeplan.simulator.contracts.plan_file import PlanFile
 from moeplan.simulator.contracts.run_report import OP_CLASSES, RankTimeline, RunReport
 from moeplan.simulator.contracts.trace import TraceEvent
-from moeplan.simulator.costs.tables import default_tables, named_tables
+from moeplan.simulator.costs.tables import plan_named_tables
 from moeplan.simulator.engine.build import SimOptions
 from moeplan.simulator.planning.predict import predict_step
 from moeplan.simulator.planning.run_model import SECONDS_PER_HOUR, project_run
@@ -202,12 +202,9 @@ def resimulated_trace(plan: PlanFile) -> list[TraceEvent] | None:
     pred, gpu = plan.predictions, plan.inputs.cluster.gpu.name
     if pred is None:
         return None
-    tables = default_tables(gpu)
-    if pred.cost_tables != tables.name:
-        try:
-            tables = named_tables(pred.cost_tables, gpu)
-        except ValueError:
-            return None
+    tables = plan_named_tables(pred.cost_tables, gpu)
+    if tables is None:
+        return None
     _, events = predict_step(plan.inputs, plan.layout.dp, plan.layout.microbatches, opts=SimOptions(tables=tables),
                              trace=True)
     makespan = max((e.end_s for e in events), default=0.0)

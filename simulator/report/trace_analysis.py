@@ -84,9 +84,9 @@ def layer_op(name: str) -> str | None:
 def trace_ops(doc: Any) -> set[str]:
     """The layer ops (``layer_op``) among a trace document's complete events."""
     events = doc.get("traceEvents") if isinstance(doc, dict) else doc
-    names = (e.get("name") for e in events if isinstance(e, dict) and e.get("ph") == "X") if isinstance(events, list) \
-        else ()
-    return {op for op in (layer_op(n) for n in names if isinstance(n, str)) if op is not None}
+    ops = {layer_op(e["name"]) for e in events if isinstance(e, dict) and e.get("ph") == "X"
+           and isinstance(e.get("name"), str)} if isinstance(events, list) else set()
+    return ops - {None}
 
 
 def held_ops(run_ops: Collection[str]) -> dict[str, str]:
@@ -107,8 +107,9 @@ def op_class(name: str, held: Mapping[str, str] | None = None) -> str:
         return OP_CLASS_OF["W"]
     if tag and len(words) == 2 and words[1] in ("embed", "head"):
         return OP_CLASS_OF[words[1]]
-    if tag and len(words) == 3 and _LAYER.match(words[1]) and words[2] in OP_CLASS_OF:
-        return OP_CLASS_OF[(held or {}).get(words[2], words[2])]
+    op = layer_op(name)
+    if op in OP_CLASS_OF:
+        return OP_CLASS_OF[(held or {}).get(op, op)]
     raise TraceError(f"trace event name={name!r:.80} is not a simulator op name and has no args.op_class")
 
 
