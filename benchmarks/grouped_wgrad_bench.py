@@ -1,6 +1,7 @@
 """The routed experts' FP8 weight gradient at V3's shapes, each backend of ``kernels.grouped_gemm.grouped_wgrad_fp8``.
 
-    python -P benchmarks/grouped_wgrad_bench.py          # a Hopper GPU; about 20 s
+    python -P benchmarks/grouped_wgrad_bench.py             # a Hopper GPU; about 20 s
+    python -P benchmarks/grouped_wgrad_bench.py --segments  # only the segment tables' comparison
 
 32 experts (one GPU's share at EP = 8), 4096 tokens routed top-8 uniformly at random (seed 0), each expert's
 rows padded to 128 (the contiguous layout); gate_up's Wgrad (4096 x 7168) and down's (7168 x 2048). Backends:
@@ -14,6 +15,8 @@ training), by each path of ``fp8_gemm_ws.OLD_VALUES`` for the old values: read f
 ("after"), asked into L2 before the K loop ("l2"), brought into the output buffer by the copy engine while the
 K loop runs ("tma"), or none read, the copy engine adding the product in L2 ("reduce"); the same timing, the result
 checked against old + product. Then the same for V3's dense linears (``DENSE_OLD_VALUES``), one layer's worth.
+Last, S micro-batches' expert Wgrads into one main gradient: S launches of one segment table against one launch of
+S tables (``seg_offsets`` (S, E + 1)).
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ def main() -> None:
                   f"{ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOPS, max |C - (old + product)| {diff:.1e}")
         fp8_gemm_ws.OLD_VALUES = default
     dense_paths()
+    segment_tables()
 
 
 # V3's dense linears (attention and the shared expert), (out, in) features: their Wgrad dW = dy^T x over TOKENS
@@ -116,5 +120,43 @@ def dense_paths() -> None:
     print("dense Wgrads of one layer, summed: " + ", ".join(f"{p} {t:.3f} ms" for p, t in totals.items()))
 
 
+def segment_tables() -> None:
+    """The experts' Wgrads of S micro-batches into one FP32 main gradient: S launches of one segment table each
+    (as the model runs them now) against one launch of S tables (``fp8_wgrad_ws`` with ``seg_offsets`` (S, E + 1):
+    each expert's main gradient read and written once for all S); per micro-batch, and the results compared."""
+    import triton
+
+    for name, (m, n) in SHAPES.items():
+        for count in range(2, fp8_gemm_ws.MAX_SEGMENTS + 1, 2):
+            tables, start = [], 0
+            for seed in range(count):
+                bounds = segments(seed)[1]
+                tables.append(bounds + start)
+                start += int(bounds[-1])
+            tables = torch.stack(tables).cuda().contiguous()
+            a_t, sa_t = quant_act_128x1_t(torch.randn(start, m, device="cuda", dtype=torch.bfloat16))
+            b_t, sb_t = quant_act_128x1_t(torch.randn(start, n, device="cuda", dtype=torch.bfloat16))
+            old = torch.randn(EXPERTS, m, n, device="cuda")
+            one_by_one, together = old.clone(), old.clone()
+
+            wgrad = functools.partial(fp8_gemm_ws.fp8_wgrad_ws, a_t, sa_t, b_t, sb_t)
+            separate = functools.partial(_each_table, wgrad, tables, one_by_one)
+            joint = functools.partial(wgrad, tables, accumulate_into=together)
+            separate(), joint()
+            diff = float((one_by_one - together).abs().max() / (one_by_one - old).abs().max())
+            ms = [triton.testing.do_bench(f, rep=200, return_mode="median") for f in (separate, joint)]
+            print(f"{name} ({m} x {n}) into FP32, {count} micro-batches: {count} launches of one table "
+                  f"{ms[0] / count:.3f} ms a micro-batch, one launch of {count} tables {ms[1] / count:.3f} ms "
+                  f"({1 - ms[1] / ms[0]:.1%} less); results differ by {diff:.1e} of the product")
+
+
+def _each_table(wgrad, tables: torch.Tensor, into: torch.Tensor) -> None:
+    for table in tables:
+        wgrad(table, accumulate_into=into)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--segments"]:
+        segment_tables()
+    else:
+        main()

@@ -263,9 +263,10 @@ def moe_permute(
 
 # Whether ``moe_permute_quant_both`` runs the Gluon gather on a Hopper GPU (``fp8_quant_gluon``): the permuted
 # rows read from x and quantised both ways from shared memory, never stored in BF16. Off (the permute, then
-# ``quant_act_both``: the same bits) until the Gluon path has run on a GPU (tests/kernels/test_fp8_quant_gluon.py
-# -m gpu, the step in benchmarks/model_step.py).
-PERMUTE_BOTH = False
+# ``quant_act_both``: the same bits) where False. On since its GPU test passed (tests/kernels/test_fp8_quant_gluon.py
+# -m gpu, H100, 2026-12-07): benchmarks/model_step.py's FP8 step spent 0.5 ms a micro-batch less in memory-bound
+# backward kernels (17.40 -> 16.90 ms; docs/results/model-step.md).
+PERMUTE_BOTH = True
 
 
 def moe_permute_quant_both(
