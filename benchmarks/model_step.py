@@ -47,6 +47,7 @@ from moeplan.kernels import fp8_gemm_ws, fp8_quant, moe_permute
 from moeplan.model import ModelOptions, StageSpec, build_rank
 from moeplan.model.fp8 import clear_fp8_weight_cache
 from moeplan.model.runtime.main_grad import attach_main_grads
+from moeplan.model.weight_grad import attach_expert_wgrad_batches, flush_expert_wgrads
 from moeplan.simulator.contracts.atomic_write import write_atomic
 from moeplan.simulator.costs.tables import NAMED_TABLES, named_tables
 
@@ -103,6 +104,8 @@ def build_runners(w, device: torch.device, configs: set[str] | None = None) -> l
                 with torch.device(device):
                     stage = build_rank(w.spec, [StageSpec(w.first_layer, w.end_layer, False, False)], options)[0]
                     stage.init_weights(torch.Generator(device).manual_seed(0))
+                if config.wgrad_batch > 1:  # the FP8 expert Wgrads of that many micro-batches as one launch
+                    attach_expert_wgrad_batches(stage, config.wgrad_batch)
             except (TypeError, ValueError, ImportError, RuntimeError) as exc:
                 reason = f"cannot build: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         if reason is not None:
@@ -134,6 +137,7 @@ def accumulate(stage: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, microba
     clear_fp8_weight_cache()
     for _ in range(microbatches):
         torch.autograd.backward(stage(x), g)
+    flush_expert_wgrads(stage)  # batched expert Wgrads still pending (model.weight_grad), as the runtime at a step end
 
 
 def train_step(stage: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, microbatches: int) -> None:

@@ -70,6 +70,7 @@ class Config:
 
     name: str
     options: dict = field(default_factory=dict)
+    wgrad_batch: int = 1  # the plan's training.kernels.expert_wgrad_batch (model.weight_grad.ExpertWgradBatch)
 
     @property
     def fwd_precision(self) -> Precision:
@@ -92,7 +93,8 @@ _FP8 = {"linear_precision": "fp8", "expert_backend": "fp8", "fp8_kernel": "kerne
 _FUSED = {"fuse_memory_bound": True}  # RMSNorm, RoPE/concat and SwiGLU compiled (model.fused)
 CONFIGS = (Config("bf16"), Config("bf16 fused", _FUSED), Config("fp8 fwd", _FP8),
            Config("fp8 fwd+bwd", {**_FP8, "fp8_backward": True}),
-           Config("fp8 fwd+bwd fused", {**_FP8, "fp8_backward": True, **_FUSED}))
+           Config("fp8 fwd+bwd fused", {**_FP8, "fp8_backward": True, **_FUSED}),
+           *(Config(f"fp8 fwd+bwd fused wgrad-batch {s}", {**_FP8, "fp8_backward": True, **_FUSED}, s) for s in (2, 4)))
 
 
 def derive(base: ModelSpec, **update) -> ModelSpec:
@@ -152,7 +154,7 @@ def gpu_preset(device_name: str | None) -> GpuSpec:
 
 
 def _layer_classes(tables: CostTables, gpu: GpuSpec, spec: ModelSpec, layer: int, precision: Precision,
-                   tokens: int, fusion: Fusion) -> dict[str, tuple[float, float]]:
+                   tokens: int, fusion: Fusion, wgrad_batch: int = 1) -> dict[str, tuple[float, float]]:
     """(forward, backward) seconds of one layer by class, from ``engine.unit_costs`` at EP = 1.
 
     The engine folds the memory-bound kernels into its attention and MLP times, so they are taken back
@@ -162,7 +164,8 @@ def _layer_classes(tables: CostTables, gpu: GpuSpec, spec: ModelSpec, layer: int
     router).
     """
     ctx = CostContext(tables=tables, gpu=gpu, precision=precision, tokens=tokens, seq_len_tokens=tokens,
-                      compute_frac=1.0, recompute="none", fusion=fusion)  # one GPU: no SMs kept for all-to-all
+                      compute_frac=1.0, recompute="none", fusion=fusion,  # one GPU: no SMs kept for all-to-all
+                      expert_wgrad_batch=wgrad_batch)
     moe = spec.is_moe_layer(layer)
     unit = unit_costs(ctx, spec, moe=moe, traffic=None)
     core = attention_core_flops(spec, tokens) * tokens
@@ -199,7 +202,8 @@ def predicted_classes(w: Workload, config: Config, gpu: GpuSpec, tables: CostTab
     out["memory_bound"]["fwd_s"] += weight_quant_s(w, config, gpu, tables) / microbatches
     for layer in w.layers:
         fwd = _layer_classes(tables, gpu, w.spec, layer, config.fwd_precision, w.tokens, config.fusion)
-        bwd = _layer_classes(tables, gpu, w.spec, layer, config.bwd_precision, w.tokens, config.fusion)
+        bwd = _layer_classes(tables, gpu, w.spec, layer, config.bwd_precision, w.tokens, config.fusion,
+                             config.wgrad_batch)
         for c in PREDICTED_CLASSES:
             out[c]["fwd_s"] += fwd[c][0]
             out[c]["bwd_s"] += bwd[c][1]

@@ -117,10 +117,33 @@ def store_cols_t(q_ptr, s_ptr, x, rows, cols, mask, col_mask, stride_q, stride_s
     tl.store(s_ptr + cols * stride_s + tile, scale, mask=col_mask)
 
 
-def empty_cols_t_output(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs for ``store_cols_t``: (fp8 (cols, rows), fp32 scales (cols, ceil(rows/128)))."""
+def empty_cols_t_output(rows: int, cols: int, device, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs for ``store_cols_t``: (fp8 (cols, rows), fp32 scales (cols, ceil(rows/128))); ``out`` (checked by
+    ``check_out_t``) where the caller gives them."""
+    if out is not None:
+        check_out_t(out, rows, cols, device, scale_rows_unit=True)
+        return out
     return (torch.empty((cols, rows), dtype=FP8_DTYPE, device=device),
             torch.empty((cols, cdiv(rows, TILE)), dtype=torch.float32, device=device))
+
+
+def check_out_t(out: tuple[torch.Tensor, torch.Tensor], rows: int, cols: int, device,
+                scale_rows_unit: bool = False) -> None:
+    """A caller's buffers for a transposed 128x1 output of ``rows`` x ``cols``: (E4M3 (cols, rows) with unit
+    stride along rows, fp32 scales (cols, ceil(rows/128)) on ``device``; ``scale_rows_unit``: unit stride along
+    the scales' rows too, as ``store_cols_t`` stores them). Views into wider buffers are what it is for: a
+    micro-batch's columns of a stash of several, which a K-grouped Wgrad then reads as one operand
+    (``model.weight_grad.ExpertWgradBatch``)."""
+    q, s = out
+    want_s = (cols, cdiv(rows, TILE))
+    if (tuple(q.shape) != (cols, rows) or q.dtype != FP8_DTYPE or q.device != torch.device(device)
+            or (rows > 1 and q.stride(1) != 1) or tuple(s.shape) != want_s or s.dtype != torch.float32
+            or s.device != torch.device(device) or (scale_rows_unit and want_s[1] > 1 and s.stride(1) != 1)):
+        raise ValueError(f"out must be (E4M3 {(cols, rows)} with unit stride along its rows, float32 {want_s}"
+                         f"{' with unit stride along its rows' if scale_rows_unit else ''}) on {device}; got "
+                         f"{q.dtype} {tuple(q.shape)} {q.stride()} on {q.device}, {s.dtype} {tuple(s.shape)} "
+                         f"{s.stride()} on {s.device}")
 
 
 def _autotune_bench(kernel_call, quantiles):
@@ -319,17 +342,28 @@ def _empty_mn_major_scales(rows: int, cols: int, device) -> torch.Tensor:
     return torch.empty((cdiv(cols, TILE), cdiv(rows, 4) * 4), dtype=torch.float32, device=device)[:, :rows].t()
 
 
+def rows_output(rows: int, cols: int, device, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row quantiser's outputs for (rows, cols): E4M3 (rows, cols) and MN-major scales (``_empty_mn_major_scales``),
+    or ``out``, the caller's, checked as the transposed output of a (cols, rows) tensor (``check_out_t``)."""
+    if out is not None:
+        check_out_t(out, cols, rows, device)
+        return out
+    return torch.empty((rows, cols), dtype=FP8_DTYPE, device=device), _empty_mn_major_scales(rows, cols, device)
+
+
 def _quant_rows(view: torch.Tensor, pow2_scale: bool, amax_floor: float, cast: str | None = None,
-                bound: torch.Tensor | None = None, bound_cols: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                bound: torch.Tensor | None = None, bound_cols: bool = False,
+                out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise the rows of a 2-D view (any strides) in 1×128 tiles into a new contiguous tensor.
 
     The scales come MN-major, (R, ceil(C/128)) with strides (1, R rounded up to 4): one K block's
     scales contiguous at a 16-byte pitch, the layout cuBLAS's block scaling and the Gluon GEMM's
     TMA read without a copy (row-major readers take any strides). ``bound``: (1,) int32 on the device, the rows
-    (``bound_cols``: columns) of the view in use; the tiles after it are left unwritten, values and scales."""
+    (``bound_cols``: columns) of the view in use; the tiles after it are left unwritten, values and scales.
+    ``out``: the caller's (values, scales) instead, any strides (``check_out_t`` of the view's transpose)."""
     R, C = view.shape
-    q = torch.empty((R, C), dtype=FP8_DTYPE, device=view.device)
-    s = _empty_mn_major_scales(R, C, view.device)
+    q, s = rows_output(R, C, view.device, out)
     check_row_bound(bound, view.device)
     _quant_rows_kernel[lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(C, TILE))](
         view, q, s, R, C, (R * C).bit_length(),
@@ -361,11 +395,12 @@ def quant_act_1x128(x: torch.Tensor, pow2_scale: bool = False, amax_floor: float
 
 
 def quant_act_128x1_t(x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR,
-                      cast: str | None = None,
-                      row_bound: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) float → (x^T fp8 (K, M) contiguous, scale (K, ceil(M/128)) fp32), 128×1 tiles."""
+                      cast: str | None = None, row_bound: torch.Tensor | None = None,
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) float → (x^T fp8 (K, M) contiguous, scale (K, ceil(M/128)) fp32), 128×1 tiles; ``out``: written
+    into the caller's buffers instead (``check_out_t``: views of a wider stash are fine)."""
     _check_float_2d(x, "x")
-    return _quant_rows(x.t(), pow2_scale, amax_floor, cast, row_bound, bound_cols=True)  # x's rows: the columns
+    return _quant_rows(x.t(), pow2_scale, amax_floor, cast, row_bound, bound_cols=True, out=out)  # x's rows: columns
 
 
 # How ``quant_act_both`` reads x. "gluon" (the default): ``fp8_quant_gluon.quant_act_both_gluon`` (the tile in
@@ -383,25 +418,24 @@ ONE_READ_CHOICES = {"two": False, "triton": True, "gluon": "gluon"}  # names for
 
 def quant_act_both(
     x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR, cast: str | None = None,
-    row_bound: torch.Tensor | None = None,
+    row_bound: torch.Tensor | None = None, out_t: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """x (M, K) float → ((x_fp8 (M, K), scale (M, ceil(K/128))), (x^T fp8 (K, M), scale_t (K, ceil(M/128)))):
     ``quant_act_1x128(x)`` and ``quant_act_128x1_t(x)`` bit for bit, in the same layouts (MN-major scales),
     from one read of x instead of two where ``ONE_READ``. For a tensor that a GEMM multiplies along K and a weight
-    gradient along M: a linear layer's input (forward, then Wgrad) and its output gradient (Dgrad, then Wgrad)."""
+    gradient along M: a linear layer's input (forward, then Wgrad) and its output gradient (Dgrad, then Wgrad).
+    ``out_t``: the transposed pair written into the caller's buffers (``check_out_t``), every path."""
     _check_float_2d(x, "x")
     if ONE_READ == "gluon":
         from . import fp8_quant_gluon  # imports this module: not at the top
 
         if fp8_quant_gluon.runs_on(x):
-            return fp8_quant_gluon.quant_act_both_gluon(x, pow2_scale, amax_floor, cast, row_bound)
+            return fp8_quant_gluon.quant_act_both_gluon(x, pow2_scale, amax_floor, cast, row_bound, out_t=out_t)
     if ONE_READ is not True:
         return (_quant_rows(x, pow2_scale, amax_floor, cast, row_bound),
-                _quant_rows(x.t(), pow2_scale, amax_floor, cast, row_bound, bound_cols=True))
+                _quant_rows(x.t(), pow2_scale, amax_floor, cast, row_bound, bound_cols=True, out=out_t))
     M, K = x.shape
-    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
-    qt = torch.empty((K, M), dtype=FP8_DTYPE, device=x.device)
-    s, st = _empty_mn_major_scales(M, K, x.device), _empty_mn_major_scales(K, M, x.device)
+    (q, s), (qt, st) = rows_output(M, K, x.device), rows_output(K, M, x.device, out_t)
     check_row_bound(row_bound, x.device)
     if x.numel():
         _quant_both_kernel[(cdiv(M, TILE), cdiv(K, TILE))](

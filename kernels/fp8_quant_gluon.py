@@ -43,15 +43,14 @@ import torch
 from . import fp8_gemm_ws
 from .fp8_quant import (
     AMAX_FLOOR,
-    FP8_DTYPE,
     TILE,
     _cast,
     _check_float_2d,
-    _empty_mn_major_scales,
     check_row_bound,
     past_bound,
     quant_act_both,
     quantize_e4m3,
+    rows_output,
     scale_from_amax,
 )
 from .triton_compat import cdiv, triton
@@ -287,6 +286,7 @@ def quant_act_both_gluon(
     x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR, cast: str | None = None,
     row_bound: torch.Tensor | None = None, config: tuple[int, int, int] | None = None,
     gather: torch.Tensor | None = None, row_weights: torch.Tensor | None = None,
+    out_t: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """x (M, K) float → ((x_fp8 (M, K), scale (M, ceil(K/128))), (x^T fp8 (K, M), scale_t (K, ceil(M/128)))), as
     ``quant_act_both`` (bit for bit, the same layouts: MN-major scales; ``row_bound`` the same: 128-row tiles at or
@@ -296,7 +296,10 @@ def quant_act_both_gluon(
     ``gather`` ((M,) int32 row of x or -1, on x's device; x then (T, K)): the rows quantised are x's rows
     ``gather`` (zeros at -1), times ``row_weights`` ((M,) fp32) where given and rounded to x's dtype:
     ``quant_act_both(moe_permute(x, plan, row_weights=row_weights))`` for ``gather = plan.src_token``, bit for bit,
-    without the gathered rows ever stored (``moe_permute.moe_permute_quant_both``)."""
+    without the gathered rows ever stored (``moe_permute.moe_permute_quant_both``).
+
+    ``out_t``: the transposed pair written into the caller's buffers (``fp8_quant.check_out_t``: any strides, so a
+    micro-batch's columns of a wider stash)."""
     _check_float_2d(x, "x")
     num_warps, rows, per_sm = _config(config)
     if gather is not None and (gather.dtype != torch.int32 or gather.dim() != 1 or gather.device != x.device
@@ -306,11 +309,9 @@ def quant_act_both_gluon(
     if not runs_on(x):
         if gather is not None:
             raise ValueError("a gather needs the Gluon kernel (runs_on(x)); moe_permute_quant_both falls back")
-        return quant_act_both(x, pow2_scale, amax_floor, cast, row_bound)
+        return quant_act_both(x, pow2_scale, amax_floor, cast, row_bound, out_t=out_t)
     M, K = (gather.numel(), x.shape[1]) if gather is not None else x.shape
-    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
-    qt = torch.empty((K, M), dtype=FP8_DTYPE, device=x.device)
-    s, st = _empty_mn_major_scales(M, K, x.device), _empty_mn_major_scales(K, M, x.device)
+    (q, s), (qt, st) = rows_output(M, K, x.device), rows_output(K, M, x.device, out_t)
     check_row_bound(row_bound, x.device)
     if not x.numel():
         return (q, s), (qt, st)

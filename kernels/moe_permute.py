@@ -230,6 +230,7 @@ def _check_rows(x: torch.Tensor, name: str) -> None:
 def moe_permute(
     x: torch.Tensor, plan: DispatchPlan, quantize: bool | str = False, pow2_scale: bool = False,
     row_weights: torch.Tensor | None = None, amax_floor: float = AMAX_FLOOR,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Gather x (T, H) into the contiguous layout (M_total, H); padding rows are zeros, but for the rows from
     ``plan.rows_bound`` on, left unwritten.
@@ -239,14 +240,18 @@ def moe_permute(
     the permuted rows for a weight gradient, (fp8 (H, M_total), scales (H, M_total/128)) in tiles of 128
     rows, what ``quant_act_128x1_t`` gives for the permuted rows, which are never stored.
     row_weights: (M_total,) fp32 factor per permuted row (the combine's backward).
+    out: with quantize="128x1_t", the caller's (values, scales) buffers to write (``fp8_quant.check_out_t``, scales
+    with unit stride along their rows): a micro-batch's columns of a stash that a K-grouped Wgrad reads later.
     """
     _check_rows(x, "x")
     M, H = plan.num_rows, x.shape[1]
     transposed = quantize == "128x1_t"
     if quantize not in (False, True, "128x1_t"):
         raise ValueError(f"quantize={quantize!r} must be False, True or '128x1_t'")
+    if out is not None and not transposed:
+        raise ValueError(f"out is for quantize='128x1_t', got quantize={quantize!r}")
     if transposed:
-        out, scale = empty_cols_t_output(M, H, x.device)
+        out, scale = empty_cols_t_output(M, H, x.device, out)
     else:
         out, scale = empty_rows_output(M, H, x.dtype, quantize, x.device)
     weights = row_weights if row_weights is not None else plan.src_token
@@ -271,13 +276,14 @@ PERMUTE_BOTH = True
 
 def moe_permute_quant_both(
     x: torch.Tensor, plan: DispatchPlan, row_weights: torch.Tensor | None = None, pow2_scale: bool = False,
-    amax_floor: float = AMAX_FLOOR,
+    amax_floor: float = AMAX_FLOOR, out_t: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """``quant_act_both(moe_permute(x, plan, row_weights=row_weights), row_bound=plan.rows_bound)`` bit for bit:
     the permuted (weighted) rows in 1x128 tiles and, transposed, in 128x1 tiles, for a grouped Dgrad and the
     K-grouped Wgrad (the combine's backward: ``model.fused_experts``). Where ``PERMUTE_BOTH`` and the Gluon kernel
     runs (``fp8_quant_gluon.runs_on``), from one read of the gathered rows, without storing them in x's dtype:
-    one write of (M, H) and one read of it fewer; else the permute, then ``quant_act_both``."""
+    one write of (M, H) and one read of it fewer; else the permute, then ``quant_act_both``. ``out_t``: the
+    transposed pair into the caller's buffers (``fp8_quant.check_out_t``)."""
     _check_rows(x, "x")
     if row_weights is not None and (row_weights.dtype != torch.float32 or row_weights.shape != (plan.num_rows,)):
         raise ValueError(f"row_weights must be ({plan.num_rows},) float32, got {tuple(row_weights.shape)} "
@@ -287,9 +293,10 @@ def moe_permute_quant_both(
 
         if fp8_quant_gluon.runs_on(x) and plan.src_token.dtype == torch.int32:
             return fp8_quant_gluon.quant_act_both_gluon(x, pow2_scale, amax_floor, row_bound=plan.rows_bound,
-                                                        gather=plan.src_token, row_weights=row_weights)
+                                                        gather=plan.src_token, row_weights=row_weights,
+                                                        out_t=out_t)
     return quant_act_both(moe_permute(x, plan, row_weights=row_weights), pow2_scale, amax_floor,
-                          row_bound=plan.rows_bound)
+                          row_bound=plan.rows_bound, out_t=out_t)
 
 
 def moe_unpermute(y: torch.Tensor, plan: DispatchPlan, topk_weights: torch.Tensor | None = None) -> torch.Tensor:

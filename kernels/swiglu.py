@@ -133,13 +133,15 @@ def swiglu(h: torch.Tensor, quantize: bool = False, pow2_scale: bool = False, am
 
 
 def swiglu_quant_t(h: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR,
-                   row_bound: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   row_bound: torch.Tensor | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """h (M, 2I) → the SwiGLU output quantised for a weight gradient, without storing it: (act^T fp8 (I, M),
     scales (I, ceil(M/128))) in 128x1 tiles (tiles of 128 tokens), what ``quant_act_128x1_t`` gives for
-    ``swiglu(h, out_dtype=torch.float32)``."""
+    ``swiglu(h, out_dtype=torch.float32)``. ``out``: the caller's buffers instead (``fp8_quant.check_out_t``,
+    scales with unit stride along their rows), such as a micro-batch's columns of a wider stash."""
     I = _check_h(h)
     M = h.shape[0]
-    q, scale = empty_cols_t_output(M, I, h.device)
+    q, scale = empty_cols_t_output(M, I, h.device, out)
     check_row_bound(row_bound, h.device)
     grid = (cdiv(M, TILE), cdiv(I, _BLOCK_C_T))
     _swiglu_quant_t_kernel[grid](h, q, scale, row_bound, M, I, h.stride(0), q.stride(0), scale.stride(0),

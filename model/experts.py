@@ -17,7 +17,7 @@ from moeplan.model.fused_experts import FusedExpertsFn
 from moeplan.model.fused import Fusable
 from moeplan.model.grouped_linear import GroupedLinearFn
 from moeplan.model.grouped_mm import grouped_mm_supported
-from moeplan.model.weight_grad import WeightGradStore
+from moeplan.model.weight_grad import ExpertWgradBatch, WeightGradStore
 
 
 class PendingCounts:
@@ -79,6 +79,7 @@ class GroupedExperts(Fusable, nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter_dim, dim, dtype=dtype))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, inter_dim, dtype=dtype))
         self.weight_grad_store: WeightGradStore | None = None
+        self.wgrad_batch: ExpertWgradBatch | None = None  # ``attach_expert_wgrad_batches``: FP8 Wgrads batched
         self.host_counts: bool | None = None  # None: by the device (``counts_on_host``)
 
     def fused_bf16(self, x: torch.Tensor) -> bool:
@@ -140,7 +141,8 @@ class GroupedExperts(Fusable, nn.Module):
             plan = make_pair_plan(token_of_pair, expert_of_pair, x.shape[0],
                                   host_counts if host_counts is not None else self.num_experts)
             out = FusedExpertsFn.apply(x, weight_of_pair, self.gate_up_proj, self.down_proj, plan, self.fp8,
-                                       self.fp8_backward, self.weight_grad_store, host_counts, use_torch)
+                                       self.fp8_backward, self.weight_grad_store, host_counts, use_torch,
+                                       self.wgrad_batch)
             return out, counts
         if self.fused_bf16(x) and expert_of_pair.numel():  # our kernels around the grouped GEMMs, no host sync
             plan = make_pair_plan(token_of_pair, expert_of_pair, x.shape[0], self.num_experts, align=1)

@@ -20,7 +20,9 @@ permuted rows, gathered again, into 128x1 tiles: ``moe_permute(quantize="128x1_t
 the unweighted combine. With ``fp8_backward`` the Dgrads are FP8 grouped GEMMs (1x128 gradients, 128x128
 transposed weights) and the Wgrads the K-grouped FP8 Wgrad on 128x1 tiles, whose tiles never straddle two
 experts because the layout already pads each one; without it they run in the float dtype (straight-through).
-Weight gradients are queued on a ``WeightGradStore`` when one is attached, as ``GroupedLinearFn``'s are.
+Weight gradients are queued on a ``WeightGradStore`` when one is attached, as ``GroupedLinearFn``'s are. With an
+``ExpertWgradBatch`` (``model.weight_grad``) the FP8 Wgrads' 128x1 operands are written into the micro-batch's slot
+of its stash instead, and the Wgrads of several micro-batches run as one launch.
 
 No host sync anywhere: every size comes from the plan, built from the per-expert counts that the caller
 read once (``make_pair_plan``), or, on Hopper, sized for the worst case without them. Such a plan's tail, the
@@ -55,6 +57,7 @@ from moeplan.model.grouped_mm import (
     torch_grouped_weight_grad,
 )
 from moeplan.model.weight_grad import (
+    ExpertWgradBatch,
     WeightGradStore,
     fused_main_grad_fp8,
     fused_main_grad_grouped_mm,
@@ -71,12 +74,13 @@ class FusedExpertsFn(torch.autograd.Function):
     padded-bmm reference). ``ops`` None is the BF16 path: the same steps with float grouped GEMMs, no
     quantisation, and a plan whose segments need no padding (``align=1``: no host counts, no sync); where the
     weights have FP32 main gradients on a GPU, their weight gradients accumulate into them expert by expert, the
-    bounds copied to the host during the forward.
+    bounds copied to the host during the forward. ``batch``: the module's ``ExpertWgradBatch`` or None.
     """
 
     @staticmethod
     def forward(ctx, x, weight_of_pair, gate_up, down, plan: DispatchPlan, ops: Fp8Ops | None, fp8_backward: bool,
-                store: WeightGradStore | None, host_counts: Sequence[int] | None, use_torch: bool):
+                store: WeightGradStore | None, host_counts: Sequence[int] | None, use_torch: bool,
+                batch: ExpertWgradBatch | None = None):
         x = x.contiguous()
         bound = plan.rows_bound  # a worst-case plan's rows in use, on the GPU; else None
         if ops is None:  # BF16: permute, gate_up, SwiGLU, down, weighted combine
@@ -99,6 +103,7 @@ class FusedExpertsFn(torch.autograd.Function):
         ctx.save_for_backward(x, weight_of_pair, h, y)
         ctx.plan, ctx.ops, ctx.fp8_backward, ctx.store = plan, ops, fp8_backward and ops is not None, store
         ctx.host_counts, ctx.use_torch, ctx.gate_up, ctx.down = host_counts, use_torch, gate_up, down
+        ctx.batch = batch
         ctx.host_bounds = _bounds_to_host(plan, ops, use_torch, gate_up, down)
         return moe_unpermute(y, plan, weight_of_pair.contiguous())
 
@@ -116,26 +121,49 @@ class FusedExpertsFn(torch.autograd.Function):
         # With an FP8 backward whose ops quantise the permuted rows as they gather them (``permute_quant_both``),
         # the weighted rows come out in both tilings only, never stored in BF16 (grad_y None).
         row_weights = pair_row_weights(plan, weight_of_pair)
-        gy_rows, gy_t = _permute_quant_both(ctx, 3, grad_out, row_weights)
+        slot = _reserve(ctx)  # the micro-batch's columns of the batch's stash, or None: its Wgrads run alone
+        gy_out, h_out, x_out, gh_out = (_stash(ctx, slot, o) for o in ("down_g", "down_x", "gate_up_x", "gate_up_g"))
+        gy_rows, gy_t = _permute_quant_both(ctx, 3, grad_out, row_weights, gy_out)
         grad_y = None if gy_rows is not None else moe_permute(grad_out, plan, row_weights=row_weights)  # (M_pad, d)
         grad_w = pair_weight_grad(grad_out, y, plan).to(weight_of_pair.dtype)
         # Step 2: down projection; its input, the SwiGLU output, recomputed from h (FP8: quantised 128x1 from
         # the FP32 product in the same pass, as the forward quantised it 1x128).
         if grad_y is not None:
-            gy_rows, gy_t = _quant_both(ctx, 3, grad_y)
+            gy_rows, gy_t = _quant_both(ctx, 3, grad_y, gy_out)
         grad_down = _weight_grad(ctx, 3, ctx.down, grad_y, lambda: swiglu(h, row_bound=bound),
-                                 lambda: swiglu_quant_t(h, amax_floor=MIN_AMAX, row_bound=bound), gy_t)
+                                 lambda: swiglu_quant_t(h, amax_floor=MIN_AMAX, row_bound=bound, out=h_out), gy_t,
+                                 slot)
         grad_act = _dgrad(ctx, grad_y, ctx.down, gy_rows, grad_out.dtype)  # (M_pad, I)
         # Step 3: SwiGLU from its saved input, then gate_up; its input, the permuted rows, gathered again
         # (FP8: gathered straight into 128x1 tiles).
         grad_h = swiglu_backward(h, grad_act, row_bound=bound)  # (M_pad, 2I)
-        gh_rows, gh_t = _quant_both(ctx, 2, grad_h)
+        gh_rows, gh_t = _quant_both(ctx, 2, grad_h, gh_out)
         grad_gate_up = _weight_grad(ctx, 2, ctx.gate_up, grad_h, lambda: moe_permute(x, plan),
-                                    lambda: moe_permute(x, plan, quantize="128x1_t", amax_floor=MIN_AMAX), gh_t)
+                                    lambda: moe_permute(x, plan, quantize="128x1_t", amax_floor=MIN_AMAX, out=x_out),
+                                    gh_t, slot)
         grad_rows = _dgrad(ctx, grad_h, ctx.gate_up, gh_rows)  # (M_pad, d)
         # Step 4: the permute's backward: each token's rows summed.
         grad_x = moe_unpermute(grad_rows, plan) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_w, grad_gate_up, grad_down, *(None,) * 6
+        return grad_x, grad_w, grad_gate_up, grad_down, *(None,) * 7
+
+
+def _reserve(ctx) -> int | None:
+    """A slot of ``ctx.batch`` for this micro-batch's expert Wgrads where they run in FP8 through the kernels'
+    quantisers (which write into the stash) and both weights want gradients; else None."""
+    ops, batch = ctx.ops, ctx.batch
+    if (batch is None or not ctx.fp8_backward or not (ctx.needs_input_grad[2] and ctx.needs_input_grad[3])
+            or ops.quant_act_both is None or ops.permute_quant_both is None):
+        return None
+    return batch.reserve(ctx.plan.seg_offsets, ctx.plan.num_rows, {"gate_up": ctx.gate_up, "down": ctx.down})
+
+
+def _stash(ctx, slot: int | None, operand: str):
+    """``operand``'s columns of the batch's stash for ``slot`` (the quantisers' ``out=``), or None."""
+    if slot is None:
+        return None
+    features = {"down_g": ctx.down.shape[1], "down_x": ctx.down.shape[2], "gate_up_g": ctx.gate_up.shape[1],
+                "gate_up_x": ctx.gate_up.shape[2]}[operand]
+    return ctx.batch.out(operand, slot, features, ctx.plan.num_rows)
 
 
 def _bounds_to_host(plan: DispatchPlan, ops: Fp8Ops | None, use_torch: bool, *weights: torch.Tensor):
@@ -154,24 +182,29 @@ def _bounds_to_host(plan: DispatchPlan, ops: Fp8Ops | None, use_torch: bool, *we
     return host, copied
 
 
-def _quant_both(ctx, index: int, g: torch.Tensor):
+def _quant_both(ctx, index: int, g: torch.Tensor, out_t=None):
     """g (M_pad, N) in 1x128 tiles for the FP8 Dgrad and in 128x1 tiles (N, M_pad) for the FP8 Wgrad of input
     ``index``, from one read (``Fp8Ops.quant_act_both``; bit-exact to the two quantisers), where both run; else
-    (None, None) and each quantises its own."""
+    (None, None) and each quantises its own. ``out_t``: the stash's columns for the 128x1 tiles, or None."""
     ops = ctx.ops
     if not (ctx.fp8_backward and ctx.needs_input_grad[index] and getattr(ops, "quant_act_both", None) is not None):
         return None, None
-    return ops.quant_act_both(g, **_bounded(ctx.plan))
+    return ops.quant_act_both(g, **_bounded(ctx.plan), **_out_t(out_t))
 
 
-def _permute_quant_both(ctx, index: int, grad_out: torch.Tensor, row_weights: torch.Tensor):
+def _permute_quant_both(ctx, index: int, grad_out: torch.Tensor, row_weights: torch.Tensor, out_t=None):
     """The combine's backward, ``moe_permute(grad_out, plan, row_weights)``, straight into the 1x128 and 128x1
     tiles that ``_quant_both`` would make of it (``Fp8Ops.permute_quant_both``), where the ops have it and both
-    tilings are wanted; else (None, None)."""
+    tilings are wanted; else (None, None). ``out_t`` as ``_quant_both``'s."""
     ops = ctx.ops
     if not (ctx.fp8_backward and ctx.needs_input_grad[index] and getattr(ops, "permute_quant_both", None) is not None):
         return None, None
-    return ops.permute_quant_both(grad_out, ctx.plan, row_weights)
+    return ops.permute_quant_both(grad_out, ctx.plan, row_weights, **_out_t(out_t))
+
+
+def _out_t(out_t) -> dict:
+    """``out_t=`` for the ops' quantisers where a stash slot is given: nothing otherwise, so that any ops run."""
+    return {} if out_t is None else {"out_t": out_t}
 
 
 def _bounded(plan: DispatchPlan) -> dict:
@@ -194,13 +227,23 @@ def _dgrad(ctx, g: torch.Tensor | None, weight: torch.Tensor, g_rows=None, dtype
     return mm(g, weight.to(g.dtype), plan.seg_offsets[1:])  # padding rows are zero: so is their product
 
 
-def _weight_grad(ctx, index: int, weight: torch.Tensor, g: torch.Tensor, input_float, input_fp8_t, g_t=None):
+def _weight_grad(ctx, index: int, weight: torch.Tensor, g: torch.Tensor, input_float, input_fp8_t, g_t=None,
+                 slot: int | None = None):
     """What backward returns for ``weight`` (E, N, K), from g (M_pad, N) and the layer input, recomputed when the
     Wgrad runs (now, or in the W step): ``input_float()`` (M_pad, K), or ``input_fp8_t()`` its transpose
     (K, M_pad) in E4M3 128x1 tiles with scales (K, M_pad/128). ``g_t``: g's 128x1 tiles, made already (a deferred
-    Wgrad then holds them instead of g)."""
+    Wgrad then holds them instead of g). ``slot``: the micro-batch's slot of ``ctx.batch``, where g_t is already
+    and ``input_fp8_t()`` writes; the Wgrad then commits it (run with the batch's other micro-batches)."""
     if not ctx.needs_input_grad[index]:
         return None
+    if slot is not None:
+        name = "gate_up" if index == 2 else "down"
+
+        def batched() -> None:  # the input's 128x1 tiles into the slot, then the slot to the batch
+            input_fp8_t()
+            ctx.batch.commit(name, slot)
+
+        return weight_grad_now_or_later(ctx.store, weight, batched)
     plan, ops, fp8_backward, use_torch = ctx.plan, ctx.ops, ctx.fp8_backward, ctx.use_torch
     if g_t is not None:
         g = None  # the closure keeps the FP8 tiles, not the gradient

@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from moeplan.kernels.fp8_gemm_ws import fp8_gemm_ws, fp8_wgrad_ws, runs_on
+from moeplan.kernels.fp8_gemm_ws import MAX_SEGMENTS, fp8_gemm_ws, fp8_wgrad_ws, runs_on
+from moeplan.kernels.fp8_quant import FP8_DTYPE, TILE
 
 
 class WeightGradStore:
@@ -156,6 +157,141 @@ def fused_main_grad_fp8(param: torch.Tensor, a_t: torch.Tensor, a_t_scale: torch
     else:
         return False
     return True
+
+
+# The two routed-expert weights of a layer, and the operands of each one's Wgrad: dW = g^T x over the tokens,
+# g the weight's output gradient (a_t: its features by tokens) and x its input (b_t).
+EXPERT_WGRADS = {"gate_up": ("gate_up_g", "gate_up_x"), "down": ("down_g", "down_x")}
+
+
+class ExpertWgradBatch:
+    """The routed experts' FP8 weight gradients of ``size`` micro-batches' backwards run as one K-grouped launch a
+    weight, so that each expert's FP32 main gradient is read and written once for all of them instead of once a
+    micro-batch (``kernels.fp8_gemm_ws.fp8_wgrad_ws`` with one segment table a micro-batch).
+
+    A micro-batch's backward ``reserve``s a slot: the 128x1 FP8 operands of its two Wgrads are written straight
+    into its columns of four stash buffers (the quantisers' ``out=``), and its plan's segment bounds, moved to the
+    slot's first column, into its row of the tables. When a Wgrad runs (in backward, or in the W step of a split
+    backward) it ``commit``s the slot; once ``size`` slots of a weight are committed they run as one launch into
+    its main gradient. ``flush()`` runs what is left: the runtime calls it at the end of every step
+    (``flush_expert_wgrads``), before the gradients are read; until then they hold only whole batches.
+
+    What it costs: the stash, ``size`` slots of the FP8 operands (3 I + 2 d bytes and 1/32 of that in scales a
+    row of the contiguous layout, a layer), from the step's first backward to the flush, against one
+    micro-batch's for as long as its backward runs. Where a micro-batch cannot have a slot (its weights have no
+    FP32 main gradients, the kernels do not run on the device, or every slot is taken) its Wgrads run alone, as
+    without a batch.
+
+    ``wgrad``: the launch, ``fp8_wgrad_ws``'s signature (tests give a reference); None: ``fp8_wgrad_ws`` where it
+    runs (``kernels.fp8_gemm_ws.runs_on``)."""
+
+    def __init__(self, size: int, wgrad: Callable[..., torch.Tensor] | None = None) -> None:
+        if not 2 <= size <= MAX_SEGMENTS:
+            raise ValueError(f"expert_wgrad_batch={size} must be 2..{MAX_SEGMENTS} (segment tables one launch "
+                             f"takes, kernels.fp8_gemm_ws.MAX_SEGMENTS); 1 is no batch")
+        self.size, self._wgrad = size, wgrad
+        self._cap = 0  # rows a slot
+        self._stash: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # operand -> (values, scales)
+        self._tables: torch.Tensor | None = None  # (size, E + 1) int32
+        self._free = list(range(size))
+        self._reserved: dict[int, set[str]] = {}  # slot -> weights whose Wgrad has not committed it
+        self._committed: dict[str, list[int]] = {name: [] for name in EXPERT_WGRADS}
+        self._params: dict[str, torch.Tensor] = {}
+        self.launches = 0
+
+    def reserve(self, seg_offsets: torch.Tensor, rows: int, params: dict[str, torch.Tensor]) -> int | None:
+        """A slot for a micro-batch of ``rows`` rows in the contiguous layout and segment bounds ``seg_offsets``
+        ((E + 1,) int32 on the device), whose weights ``params`` (``EXPERT_WGRADS``' names) will commit it; None
+        where it cannot batch (its Wgrads then run alone)."""
+        if set(params) != set(EXPERT_WGRADS) or not self._free or not all(_batchable(p, self._wgrad) for p in
+                                                                          params.values()):
+            return None
+        if rows > self._cap or self._tables is None or self._tables.shape[1] != seg_offsets.numel():
+            if len(self._free) < self.size:  # slots in use: the stash cannot grow under them
+                return None
+            self._cap = -(-rows // TILE) * TILE
+            self._stash.clear()
+            self._tables = torch.empty((self.size, seg_offsets.numel()), dtype=torch.int32, device=seg_offsets.device)
+        slot = self._free.pop(0)
+        torch.add(seg_offsets, slot * self._cap, out=self._tables[slot])
+        self._reserved[slot] = set(EXPERT_WGRADS)
+        self._params.update(params)
+        return slot
+
+    def out(self, operand: str, slot: int, features: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot ``slot``'s columns of ``operand``'s stash: (E4M3 (features, rows), fp32 scales (features,
+        ceil(rows/128)), unit stride along the tokens), what a quantiser's ``out=`` takes."""
+        values, scales = self._stash.get(operand) or self._allocate(operand, features)
+        first = slot * self._cap
+        return values[:, first: first + rows], scales[:, first // TILE: first // TILE + -(-rows // TILE)]
+
+    def _allocate(self, operand: str, features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self._tables.device
+        width = self.size * self._cap
+        pair = (torch.empty((features, width), dtype=FP8_DTYPE, device=device),
+                torch.empty((features, width // TILE), dtype=torch.float32, device=device))
+        self._stash[operand] = pair
+        return pair
+
+    def commit(self, name: str, slot: int) -> None:
+        """Weight ``name``'s Wgrad operands of ``slot`` are written; ``size`` committed slots run as one launch."""
+        self._reserved[slot].remove(name)
+        self._committed[name].append(slot)
+        if len(self._committed[name]) == self.size:
+            self._launch(name)
+
+    def flush(self) -> int:
+        """Run every committed Wgrad not yet run (fewer than ``size`` micro-batches'); returns the launches."""
+        pending = sorted(s for s, names in self._reserved.items() if names)
+        if pending:
+            raise RuntimeError(f"expert Wgrad slots {pending} were reserved but their Wgrads never ran: flush the "
+                               f"WeightGradStore (the W step) before the batch")
+        before = self.launches
+        for name in EXPERT_WGRADS:
+            if self._committed[name]:
+                self._launch(name)
+        self._stash.clear()  # made again by the next step's first backward: the stash lives within a step
+        return self.launches - before
+
+    def _launch(self, name: str) -> None:
+        slots, self._committed[name] = self._committed[name], []
+        (g, g_scale), (x, x_scale) = (self._stash[o] for o in EXPERT_WGRADS[name])
+        tables = self._tables[slots] if slots != list(range(self.size)) else self._tables
+        wgrad = self._wgrad or fp8_wgrad_ws
+        with torch.no_grad():
+            wgrad(g, g_scale, x, x_scale, tables, torch.float32, accumulate_into=self._params[name].main_grad)
+        self.launches += 1
+        for slot in slots:
+            if not self._reserved[slot] and all(slot not in c for c in self._committed.values()):
+                del self._reserved[slot]
+                self._free.append(slot)
+        self._free.sort()
+
+
+def _batchable(param: torch.Tensor, wgrad: Callable | None) -> bool:
+    """Whether ``param``'s expert Wgrads can batch: an FP32 main gradient the launch can add into, on a device the
+    kernels run on (any, with a given ``wgrad``)."""
+    main_grad = getattr(param, "main_grad", None)
+    return (main_grad is not None and main_grad.dtype == torch.float32 and main_grad.is_contiguous()
+            and (wgrad is not None or runs_on(param.device)))
+
+
+def attach_expert_wgrad_batches(module: nn.Module, size: int, wgrad: Callable[..., torch.Tensor] | None = None
+                                ) -> int:
+    """Give every routed-experts module under ``module`` (those with a ``wgrad_batch`` attribute) its own
+    ``ExpertWgradBatch(size)``; ``size`` 1 removes them. Returns how many modules now batch."""
+    count = 0
+    for sub in module.modules():
+        if hasattr(sub, "wgrad_batch"):
+            sub.wgrad_batch = ExpertWgradBatch(size, wgrad) if size > 1 else None
+            count += size > 1
+    return count
+
+
+def flush_expert_wgrads(module: nn.Module) -> int:
+    """Run the batched expert Wgrads still pending under ``module`` (``ExpertWgradBatch.flush``): at the end of a
+    step's backward, before the main gradients are reduced or read. Returns the launches."""
+    return sum(sub.wgrad_batch.flush() for sub in module.modules() if getattr(sub, "wgrad_batch", None) is not None)
 
 
 def attach_weight_grad_store(module: nn.Module, store: WeightGradStore | None) -> int:

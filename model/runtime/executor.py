@@ -35,7 +35,7 @@ from torch import nn
 
 from moeplan.model.runtime.overlap import NODE_RANGE, Pass, drain, interleave, stage_backward, stage_forward
 from moeplan.model.runtime.overlap_comm import DistComm, Streams
-from moeplan.model.weight_grad import WeightGradStore, attach_weight_grad_store
+from moeplan.model.weight_grad import WeightGradStore, attach_weight_grad_store, flush_expert_wgrads
 from moeplan.simulator.contracts.trace import TraceEvent
 from moeplan.simulator.schedules.actions import Action, Op
 from moeplan.simulator.schedules.lowering import Batch, RankProgram, ValueKey
@@ -155,6 +155,8 @@ class PipelineExecutor:
             for p2p in step.deferred_sends:  # bound for another rank: kept until the next batch posts it
                 state.outbox[p2p.key] = state.values.pop(p2p.key)
         sent += self._post(self.program.final, state, timeline)
+        for module in {id(m): m for m in self.modules.values()}.values():  # batched expert Wgrads left over
+            flush_expert_wgrads(module)
         assert not state.values and not state.outbox and not state.stores, (
             f"rank {self.program.rank}: values {sorted(state.values)}, unsent {sorted(state.outbox)} "
             f"and unflushed weight grads {sorted(state.stores)} left after the step")

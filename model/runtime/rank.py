@@ -44,6 +44,7 @@ from moeplan.model.runtime.main_grad import MainGrads, attach_main_grads
 from moeplan.model.runtime.optimizer import ShardedParams, StepStats, ZeroAdamW, part_marker
 from moeplan.model.stage import rank_stages_from_plan
 from moeplan.model.transformer import build_rank
+from moeplan.model.weight_grad import attach_expert_wgrad_batches
 from moeplan.simulator.contracts.plan_file import PlanFile
 from moeplan.simulator.contracts.runtime_support import PlanRuntimeError, check_plan_for_world  # noqa: F401 (re-exported)
 from moeplan.simulator.schedules.lowering import lower
@@ -125,6 +126,8 @@ class RankRuntime:
             module.init_weights_by_name(options.seed)
             if lay.ep > 1:
                 _expert_parallel(module, plan, handles["ep"])
+            # FP8 expert Wgrads of that many micro-batches as one launch; the executor flushes them each step
+            attach_expert_wgrad_batches(module, plan.inputs.training.kernels.expert_wgrad_batch)
             for moe in module.moe_layers().values():
                 moe.balance_loss_scale = 1.0 / lay.microbatches  # as the main loss: the DP mean is ZeRO's
         program = lower(plan.schedule).programs[pp_rank]

@@ -160,6 +160,26 @@ def activation_peak_bytes(actions: Sequence[Action], stage_bytes: Sequence[float
     return peak
 
 
+def expert_wgrad_stash_bytes(m: ModelSpec, parallel: ParallelSpec, precision: str, batch: int, units: Sequence[int],
+                             tokens: float) -> float:
+    """Bytes of the FP8 expert Wgrads' stash on one GPU (``training.kernels.expert_wgrad_batch`` = ``batch`` > 1,
+    FP8 only; ``model.weight_grad.ExpertWgradBatch``): for every MoE layer of ``units``, ``batch`` micro-batches'
+    128x1 operands of the two Wgrads, E4M3 with an FP32 scale per 128 tokens, over the rows of the contiguous
+    layout: gate_up's output gradient (2I) and input (d), down's output gradient (d) and input (I), a row. The rows:
+    the GPU's ``tokens`` x top-k routed pairs (an even share of its EP group's) plus the worst-case padding of its
+    local experts' segments, 127 rows each (``kernels.moe_permute.worst_case_rows``, the size the runtime's plans
+    take). Held from a step's first backward to its end: counted as transient."""
+    if batch <= 1 or precision != "fp8" or not m.n_routed_experts:
+        return 0.0
+    moe_layers = sum(1 for u in units if m.is_moe_layer(u))
+    rows = tokens * m.num_experts_per_tok + (m.n_routed_experts // parallel.ep) * (STASH_TILE - 1)
+    per_row = (3 * m.moe_intermediate_size + 2 * m.hidden_size) * (1 + 4 / STASH_TILE)
+    return moe_layers * batch * rows * per_row
+
+
+STASH_TILE = 128  # rows of a 128x1 scale tile and of an expert segment's padding (DeepSeek-V3 TR §3.3)
+
+
 def rank_memory(
     m: ModelSpec,
     parallel: ParallelSpec,
@@ -170,11 +190,13 @@ def rank_memory(
     microbatches: int,
     actions: Sequence[Action] | None = None,
     fusion: str = "fused",
+    expert_wgrad_batch: int = 1,
 ) -> RankMemory:
     """Peak bytes on one GPU of pipeline rank ``rank``. With the rank's schedule ``actions`` the
     activation peak is replayed exactly; without, the kind registry's closed form
     (``schedules.registry.in_flight_microbatches``). ``fusion`` is ``training.kernels.fusion``: memory-bound
-    ops run op by op keep more for backward."""
+    ops run op by op keep more for backward. ``expert_wgrad_batch``: ``training.kernels.expert_wgrad_batch``,
+    whose stash (``expert_wgrad_stash_bytes``) is transient."""
     all_stages = pipeline_stages(m, parallel)
     mine = [all_stages[i] for i in rank_stages(parallel, rank)]
     tp, sp = parallel.tp, parallel.sp
@@ -213,6 +235,7 @@ def rank_memory(
                                   for u in units)
     if units:
         transient += cp_working_bytes(m, parallel.micro_batch_size, parallel.seq_len_tokens, parallel.cp)
+    transient += expert_wgrad_stash_bytes(m, parallel, precision, expert_wgrad_batch, units, tokens)
     return RankMemory(
         rank=rank,
         stages=tuple(s.index for s in mine),
@@ -229,21 +252,21 @@ def rank_memory(
 
 def pipeline_memory(
     m: ModelSpec, parallel: ParallelSpec, optimizer: OptimizerSpec, precision: str, dp: int, microbatches: int,
-    schedule: Schedule | None = None, fusion: str = "fused",
+    schedule: Schedule | None = None, fusion: str = "fused", expert_wgrad_batch: int = 1,
 ) -> tuple[RankMemory, ...]:
     """``rank_memory`` for every pipeline rank (exact activation peaks when ``schedule`` is given)."""
     return tuple(
         rank_memory(m, parallel, optimizer, precision, dp, r, microbatches, schedule.ranks[r] if schedule else None,
-                    fusion)
+                    fusion, expert_wgrad_batch)
         for r in range(parallel.pp)
     )
 
 
 def peak_bytes_per_gpu(
     m: ModelSpec, parallel: ParallelSpec, optimizer: OptimizerSpec, precision: str, dp: int, microbatches: int,
-    fusion: str = "fused",
+    fusion: str = "fused", expert_wgrad_batch: int = 1,
 ) -> float:
     """The largest ``pipeline_memory`` total over ranks, replaying the layout's own schedule."""
     schedule = make_schedule(parallel.schedule, parallel.pp, microbatches, parallel.virtual_stages)
-    return max(r.total_bytes
-               for r in pipeline_memory(m, parallel, optimizer, precision, dp, microbatches, schedule, fusion))
+    return max(r.total_bytes for r in pipeline_memory(m, parallel, optimizer, precision, dp, microbatches, schedule,
+                                                      fusion, expert_wgrad_batch))

@@ -64,6 +64,7 @@ def cost_context(inputs: PlanInputs, tables: CostTables, seq_len_tokens: int, be
         compute_frac=(gpu.sm_count - taken) / gpu.sm_count, recompute=par.recompute,
         kv_rows=kv_up_rows(mbs, seq_len_tokens, cp, m), cp_gather_bytes=gather_bytes(m, mbs, seq_len_tokens, cp),
         fusion=inputs.training.kernels.fusion, loss=inputs.training.kernels.loss, ep_backend=par.ep_backend,
+        expert_wgrad_batch=inputs.training.kernels.expert_wgrad_batch,
     )
 
 

@@ -112,6 +112,7 @@ class CostContext:
     fusion: Fusion = "eager"  # training.kernels.fusion
     loss: LossKernel = "fp32"  # training.kernels.loss
     ep_backend: EpBackend = "deepep"  # parallel.ep_backend: DeepEP's kernels are what fuse the permutation
+    expert_wgrad_batch: int = 1  # training.kernels.expert_wgrad_batch: FP8 expert Wgrads of S micro-batches at once
 
 
 def _linears(ctx: CostContext, shapes: list[tuple[int, int]], precision: Precision,
@@ -376,8 +377,11 @@ def _experts(ctx: CostContext, m: ModelSpec, traffic: ExpertTraffic | None) -> t
         dw = gemm_s(t, g, p, 2 * f, h, per, groups, fr, main_grad=True) + gemm_s(t, g, p, h, f, per, groups, fr,
                                                                                  main_grad=True)
         return fwd, dx, dw
-    dw = gemm_s(t, g, p, 2 * f, h, per, groups, fr) + gemm_s(t, g, p, h, f, per, groups, fr)
-    return fwd, dx, dw + _main_grad_add_s(ctx, groups * 3 * h * f, in_gemm)
+    # FP8 Wgrads of S micro-batches as one launch (``expert_wgrad_batch``): each expert's K is S segments, and the
+    # main gradient's read and write happen once for all S; a micro-batch's share is 1/S of that launch.
+    batch = ctx.expert_wgrad_batch if p == "fp8" else 1
+    dw = gemm_s(t, g, p, 2 * f, h, per * batch, groups, fr) + gemm_s(t, g, p, h, f, per * batch, groups, fr)
+    return fwd, dx, (dw + _main_grad_add_s(ctx, groups * 3 * h * f, in_gemm)) / batch
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def fits(inputs: PlanInputs, par: ParallelSpec, dp: int, microbatches: int, prof
         most = 0.0
         for r in range(par.pp):
             most = max(most, rank_memory(m, par, tr.optimizer, tr.precision, dp, r, microbatches, lists[r],
-                                         tr.kernels.fusion).total_bytes)
+                                         tr.kernels.fusion, tr.kernels.expert_wgrad_batch).total_bytes)
             if most > over:
                 break
         return most
@@ -115,4 +115,5 @@ def fits(inputs: PlanInputs, par: ParallelSpec, dp: int, microbatches: int, prof
 def peak_bytes(inputs: PlanInputs, par: ParallelSpec, dp: int, microbatches: int) -> float:
     """The peak a plan records: the full replay (``accounting.memory.peak_bytes_per_gpu``)."""
     tr = inputs.training
-    return peak_bytes_per_gpu(inputs.model, par, tr.optimizer, tr.precision, dp, microbatches, tr.kernels.fusion)
+    return peak_bytes_per_gpu(inputs.model, par, tr.optimizer, tr.precision, dp, microbatches, tr.kernels.fusion,
+                              tr.kernels.expert_wgrad_batch)

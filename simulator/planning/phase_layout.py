@@ -78,7 +78,8 @@ def step_line_peak(inputs: PlanInputs, dp: int, seq: int, microbatches: float) -
     par = inputs.parallel.model_copy(update={"seq_len_tokens": seq, "microbatches": None})
     m = smallest_valid_microbatches(par, math.ceil(microbatches))
     tr = inputs.training
-    return peak_bytes_per_gpu(inputs.model, par, tr.optimizer, tr.precision, dp, m, tr.kernels.fusion)
+    return peak_bytes_per_gpu(inputs.model, par, tr.optimizer, tr.precision, dp, m, tr.kernels.fusion,
+                              tr.kernels.expert_wgrad_batch)
 
 
 def choose_phase_layout(inputs: PlanInputs, phase: Phase, seq: int, opts: SimOptions) -> PhaseChoice | None:
@@ -87,7 +88,8 @@ def choose_phase_layout(inputs: PlanInputs, phase: Phase, seq: int, opts: SimOpt
     best: PhaseChoice | None = None
     tr = inputs.training
     for par, dp, m in phase_candidates(inputs, phase, seq):
-        peak = peak_bytes_per_gpu(inputs.model, par, tr.optimizer, tr.precision, dp, m, tr.kernels.fusion)
+        peak = peak_bytes_per_gpu(inputs.model, par, tr.optimizer, tr.precision, dp, m, tr.kernels.fusion,
+                                  tr.kernels.expert_wgrad_batch)
         if peak > inputs.cluster.usable_hbm_bytes:
             continue
         trial = inputs.model_copy(update={"parallel": par})

@@ -90,7 +90,8 @@ def build_plan(inputs: PlanInputs, ignored_config_keys: tuple[str, ...] = ()) ->
         model_flops_per_token=tf.model_flops, model_flops_per_token_no_mtp=tf.model_flops_no_mtp,
         hardware_flops_per_token=tf.hardware_flops, mfu_definition=MFU_DEFINITION,
     )
-    ranks = pipeline_memory(m, par, tr.optimizer, tr.precision, dp, microbatches, schedule, tr.kernels.fusion)
+    ranks = pipeline_memory(m, par, tr.optimizer, tr.precision, dp, microbatches, schedule, tr.kernels.fusion,
+                            tr.kernels.expert_wgrad_batch)
     peak = max(ranks, key=lambda r: r.total_bytes)
     usable = inputs.cluster.usable_hbm_bytes
     memory = MemoryReport(

@@ -91,6 +91,9 @@ class OptimizerSpec(BaseModel):
 
 Fusion = Literal["eager", "fused"]
 LossKernel = Literal["fp32", "fused"]
+# Micro-batches whose routed-expert FP8 Wgrads one launch can run: the segment tables ``fp8_wgrad_ws`` takes
+# (kernels/fp8_gemm_ws.py MAX_SEGMENTS; tests/model/test_expert_wgrad_batch.py checks they agree).
+MAX_EXPERT_WGRAD_BATCH = 4
 
 
 class KernelSpec(BaseModel):
@@ -100,12 +103,17 @@ class KernelSpec(BaseModel):
     stack: token permutation inside the dispatch and combine kernels (DeepEP), FP8 cast with transpose,
     SwiGLU writing its FP8 output (TR §3.3), RoPE and the router as single kernels. ``loss``: ``fp32`` =
     ``model.losses.cross_entropy`` (an FP32 softmax of the BF16 logits, chunk by chunk, forward and backward);
-    ``fused`` = one pass over the BF16 logits (Liger's or Megatron's fused cross-entropy)."""
+    ``fused`` = one pass over the BF16 logits (Liger's or Megatron's fused cross-entropy).
+    ``expert_wgrad_batch``: with an FP8 backward, the routed experts' weight gradients of this many consecutive
+    micro-batches run as one K-grouped launch a weight, so that each expert's FP32 main gradient is read and written
+    once for all of them (``model.weight_grad.ExpertWgradBatch``); their FP8 operands wait in a stash meanwhile,
+    which the memory accounting counts. 1 = each micro-batch's own launch."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     fusion: Fusion = "eager"
     loss: LossKernel = "fp32"
+    expert_wgrad_batch: Int = Field(1, ge=1, le=MAX_EXPERT_WGRAD_BATCH)
 
 
 # Training phases a plan may have. Each is priced on its own (its context-parallel size, and a step simulated at

@@ -164,3 +164,22 @@ def test_rank_param_tensors_counts_what_the_model_builds(preset):
         dense, expert = rank_param_tensors(spec, [Stage(0, tuple(range(lo, hi)), embedding, head)])
         assert dense + expert == sum(p.requires_grad for p in built.parameters()), (lo, hi)
         assert expert == 2 * sum(spec.is_moe_layer(u) for u in range(lo, min(hi, layers))) + 2 * (hi - min(hi, layers))
+
+
+def test_the_fp8_expert_wgrad_stash_is_counted_where_it_is_kept():
+    """``expert_wgrad_batch`` S > 1 keeps S micro-batches' FP8 Wgrad operands of every MoE layer on a GPU: on V3's
+    layout (EP 64: 4 local experts) a body rank's transient bytes grow by S x its MoE layers x rows x (3I + 2d)
+    x 33/32, rows = 4096 tokens x top-8 + 4 x 127 padding; nothing for BF16, nothing at S = 1."""
+    spec, par = deepseek_v3(), ParallelSpec(**V3_LAYOUT, recompute="selective")
+    plain = pipeline_memory(spec, par, OptimizerSpec(), "fp8", 128, 120)
+    batched = pipeline_memory(spec, par, OptimizerSpec(), "fp8", 128, 120, expert_wgrad_batch=2)
+    rows = 4096 * 8 + (256 // par.ep) * 127
+    per_layer = 2 * rows * (3 * 2048 + 2 * 7168) * (1 + 4 / 128)
+    for a, b in zip(plain, batched, strict=True):
+        moe_layers = sum(1 for s in pipeline_stages(spec, par) if s.index in a.stages for u in s.layers
+                         if spec.is_moe_layer(u))
+        assert b.transient_bytes - a.transient_bytes == pytest.approx(moe_layers * per_layer)
+        assert b.activation_bytes == a.activation_bytes
+    bf16 = ParallelSpec(**V3_LAYOUT, recompute="none")
+    assert (pipeline_memory(spec, bf16, OptimizerSpec(), "bf16", 128, 120, expert_wgrad_batch=4)
+            == pipeline_memory(spec, bf16, OptimizerSpec(), "bf16", 128, 120))

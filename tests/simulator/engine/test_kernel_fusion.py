@@ -139,7 +139,7 @@ def test_the_plan_toggles_fusion_and_loss_and_the_last_stage_pays_a_loss_per_hea
     assert moe_fused.dw_s == moe.dw_s  # GEMMs untouched
     opts = SimOptions()
     assert predict_step(fused, 4, 16, opts=opts)[0].step_time_s < predict_step(inp, 4, 16, opts=opts)[0].step_time_s
-    assert fused.training.model_dump()["kernels"] == {"fusion": "fused", "loss": "fused"}
+    assert fused.training.model_dump()["kernels"] == {"fusion": "fused", "loss": "fused", "expert_wgrad_batch": 1}
 
 
 def test_v3_s_recipe_fuses_and_a_model_without_one_runs_the_runtime_s_kernels():
@@ -191,6 +191,28 @@ def test_every_experts_wgrad_pays_its_main_gradient_add_the_epilogue_or_the_hook
     assert dw_less_gemms("fp8", "fused") == pytest.approx(add_s(MAIN_GRAD_EPILOGUE_BYTES))
     assert dw_less_gemms("fp8", "eager") == pytest.approx(add_s(MAIN_GRAD_EPILOGUE_BYTES))
     assert dw_less_gemms("bf16", "eager") == pytest.approx(add_s(MAIN_GRAD_ADD_BYTES))
+
+
+def test_batched_fp8_expert_wgrads_pay_one_launch_over_s_micro_batches_and_one_main_gradient_pass():
+    """``expert_wgrad_batch`` S: a micro-batch's FP8 expert Wgrads cost 1/S of one launch whose experts each have S
+    segments of rows (the GEMM priced at S times the rows) and of one main-gradient add; BF16 ignores it."""
+    from moeplan.simulator.engine.unit_costs import MAIN_GRAD_EPILOGUE_BYTES
+
+    t, m, gpu = _tables(), tiny_moe(), h800_gpu()
+    h, f, g = m.hidden_size, m.moe_intermediate_size, m.n_routed_experts
+    params = g * 3 * h * f
+
+    def dw(precision: str, batch: int) -> float:
+        ctx = CostContext(tables=t, gpu=gpu, precision=precision, tokens=TOKENS, seq_len_tokens=TOKENS,
+                          compute_frac=1.0, recompute="none", fusion="fused", expert_wgrad_batch=batch)
+        return unit_costs(ctx, m, moe=True, traffic=None).experts_dw_s
+
+    for s in (2, 4):
+        gemms = gemm_s(t, gpu, "fp8", 2 * f, h, 128 * s, g) + gemm_s(t, gpu, "fp8", h, f, 128 * s, g)
+        add = MAIN_GRAD_EPILOGUE_BYTES * params / (gpu.hbm_bytes_per_s * t.memory_frac)
+        assert dw("fp8", s) == pytest.approx((gemms + add) / s)
+        assert dw("fp8", s) < dw("fp8", 1)
+    assert dw("bf16", 4) == dw("bf16", 1)
 
 
 def test_fp8_weight_quantisation_once_a_step_per_stage_copy_over_its_micro_batches():
