@@ -203,9 +203,9 @@ def test_union_counts_overlaps_once_and_only_inside_the_windows():
     assert cases.union_s([], [(0.0, 1.0)]) == 0.0
 
 
-def _engine_s(w, precision, gpu, tables, part, fusion):
+def _engine_s(w, precision, gpu, tables, part, fusion, wgrad_batch=1):
     ctx = CostContext(tables=tables, gpu=gpu, precision=precision, tokens=w.tokens, seq_len_tokens=w.tokens,
-                      compute_frac=1.0, recompute="none", fusion=fusion)
+                      compute_frac=1.0, recompute="none", fusion=fusion, expert_wgrad_batch=wgrad_batch)
     units = [unit_costs(ctx, w.spec, moe=w.spec.is_moe_layer(i), traffic=None) for i in w.layers]
     return sum(u.fwd_s if part == "fwd" else u.dx_s + u.dw_s for u in units)
 
@@ -221,13 +221,16 @@ def test_predicted_classes_add_up_to_the_engines_unit_costs(config):
         assert (quant > 0) == (config.fwd_precision == "fp8")
         for part, precision in (("fwd", config.fwd_precision), ("bwd", config.bwd_precision)):
             assert sum(p[f"{part}_s"] for p in pred.values()) == pytest.approx(
-                _engine_s(w, precision, gpu, tables, part, config.fusion) + (quant if part == "fwd" else 0.0))
+                _engine_s(w, precision, gpu, tables, part, config.fusion, config.wgrad_batch)
+                + (quant if part == "fwd" else 0.0))
         four = cases.predicted_classes(w, config, gpu, tables, microbatches=4)  # a step's quantisation over 4
         assert four["memory_bound"]["fwd_s"] == pytest.approx(pred["memory_bound"]["fwd_s"] - 0.75 * quant)
     assert config.fusion == ("fused" if "fused" in config.name else "eager")
     assert (config.fwd_precision, config.bwd_precision) == {
         "bf16": ("bf16", "bf16"), "bf16 fused": ("bf16", "bf16"), "fp8 fwd": ("fp8", "bf16"),
-        "fp8 fwd+bwd": ("fp8", "fp8"), "fp8 fwd+bwd fused": ("fp8", "fp8")}[config.name]
+        "fp8 fwd+bwd": ("fp8", "fp8"), "fp8 fwd+bwd fused": ("fp8", "fp8"),
+        "fp8 fwd+bwd fused wgrad-batch 2": ("fp8", "fp8"), "fp8 fwd+bwd fused wgrad-batch 4": ("fp8", "fp8")}[config.name]
+    assert config.wgrad_batch == (int(config.name.rsplit(" ", 1)[1]) if "wgrad-batch" in config.name else 1)
 
 
 def test_fp8_weight_params_are_the_accountings_less_norms_router_and_gates():
