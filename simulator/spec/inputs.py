@@ -47,5 +47,19 @@ class PlanInputs(BaseModel):
         return self
 
     def sha256(self) -> str:
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """The inputs' hash. Settings added after plans were first written (``HASHED_WHEN_SET``) count only away
+        from their default, so that a plan written before one existed keeps its hash and still loads."""
+        data = self.model_dump(mode="json")
+        for *path, key, default in HASHED_WHEN_SET:
+            node = data
+            for part in path:
+                node = node[part]
+            if node.get(key) == default:
+                del node[key]
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# (path..., key, default) of settings added to the inputs after plans were first written: left out of the hash at
+# their default (``PlanInputs.sha256``).
+HASHED_WHEN_SET = (("training", "kernels", "expert_wgrad_batch", 1),)

@@ -113,8 +113,7 @@ class KernelSpec(BaseModel):
 
     fusion: Fusion = "eager"
     loss: LossKernel = "fp32"
-    # left out of dumps at 1, so that the inputs of plans made before it existed hash as they did
-    expert_wgrad_batch: Int = Field(1, ge=1, le=MAX_EXPERT_WGRAD_BATCH, exclude_if=lambda v: v == 1)
+    expert_wgrad_batch: Int = Field(1, ge=1, le=MAX_EXPERT_WGRAD_BATCH)  # hashed only when set (inputs.HASHED_WHEN_SET)
 
 
 # Training phases a plan may have. Each is priced on its own (its context-parallel size, and a step simulated at

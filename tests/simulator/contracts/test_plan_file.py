@@ -71,6 +71,17 @@ def test_edited_inputs_break_the_hash(plan):
         parse_plan(json.dumps(raw))
 
 
+def test_a_plan_written_before_the_expert_wgrad_batch_reads_and_a_set_batch_is_hashed(plan):
+    """``training.kernels.expert_wgrad_batch`` came after plans existed: a plan without it (as written before) reads
+    with its hash unchanged; set to 2 without re-planning, the hash refuses the edit."""
+    raw = json.loads(dump_plan(plan))
+    assert raw["inputs"]["training"]["kernels"].pop("expert_wgrad_batch") == 1
+    assert parse_plan(json.dumps(raw)) == plan
+    raw["inputs"]["training"]["kernels"]["expert_wgrad_batch"] = 2
+    with pytest.raises(PlanError, match="does not match the inputs"):
+        parse_plan(json.dumps(raw))
+
+
 def test_unknown_fields_and_bad_json_are_refused(plan):
     raw = json.loads(dump_plan(plan))
     raw["layout"]["bogus"] = 1

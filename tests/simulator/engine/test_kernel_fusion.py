@@ -139,7 +139,7 @@ def test_the_plan_toggles_fusion_and_loss_and_the_last_stage_pays_a_loss_per_hea
     assert moe_fused.dw_s == moe.dw_s  # GEMMs untouched
     opts = SimOptions()
     assert predict_step(fused, 4, 16, opts=opts)[0].step_time_s < predict_step(inp, 4, 16, opts=opts)[0].step_time_s
-    assert fused.training.model_dump()["kernels"] == {"fusion": "fused", "loss": "fused"}
+    assert fused.training.model_dump()["kernels"] == {"fusion": "fused", "loss": "fused", "expert_wgrad_batch": 1}
 
 
 def test_v3_s_recipe_fuses_and_a_model_without_one_runs_the_runtime_s_kernels():
