@@ -29,6 +29,6 @@ def test_the_plan_records_the_kernels_it_priced(tmp_path):
         return json.loads((out / "plan.json").read_text())
 
     default, fused = plan(), plan("training.kernels.loss=fused", "training.kernels.fusion=fused")
-    assert default["inputs"]["training"]["kernels"] == {"fusion": "eager", "loss": "fp32"}
-    assert fused["inputs"]["training"]["kernels"] == {"fusion": "fused", "loss": "fused"}
+    assert default["inputs"]["training"]["kernels"] == {"fusion": "eager", "loss": "fp32", "expert_wgrad_batch": 1}
+    assert fused["inputs"]["training"]["kernels"] == {"fusion": "fused", "loss": "fused", "expert_wgrad_batch": 1}
     assert fused["predictions"]["step"]["step_time_s"] < default["predictions"]["step"]["step_time_s"]
