@@ -104,8 +104,8 @@ def build_runners(w, device: torch.device, configs: set[str] | None = None) -> l
                 with torch.device(device):
                     stage = build_rank(w.spec, [StageSpec(w.first_layer, w.end_layer, False, False)], options)[0]
                     stage.init_weights(torch.Generator(device).manual_seed(0))
-                if config.wgrad_batch > 1:  # the FP8 expert Wgrads of that many micro-batches as one launch
-                    attach_expert_wgrad_batches(stage, config.wgrad_batch)
+                # the FP8 expert Wgrads of that many micro-batches as one launch (1: none)
+                attach_expert_wgrad_batches(stage, config.wgrad_batch)
             except (TypeError, ValueError, ImportError, RuntimeError) as exc:
                 reason = f"cannot build: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         if reason is not None:

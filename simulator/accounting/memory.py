@@ -19,7 +19,11 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from moeplan.simulator.accounting.activations import head_activation_bytes_per_token, head_transient_bytes
+from moeplan.simulator.accounting.activations import (
+    FP8_TILE_BYTES,
+    head_activation_bytes_per_token,
+    head_transient_bytes,
+)
 from moeplan.simulator.accounting.context_parallel import cp_tokens
 from moeplan.simulator.accounting.context_parallel import working_bytes as cp_working_bytes
 from moeplan.simulator.accounting.layout import Stage, pipeline_stages
@@ -160,6 +164,11 @@ def activation_peak_bytes(actions: Sequence[Action], stage_bytes: Sequence[float
     return peak
 
 
+# Rows an expert's segment is padded to a multiple of in the contiguous layout (kernels.moe_permute; the engine's
+# expert_traffic.SEGMENT_ALIGN, a room this one may not import)
+SEGMENT_ALIGN = 128
+
+
 def expert_wgrad_stash_bytes(m: ModelSpec, parallel: ParallelSpec, precision: str, batch: int, units: Sequence[int],
                              tokens: float) -> float:
     """Bytes of the FP8 expert Wgrads' stash on one GPU (``training.kernels.expert_wgrad_batch`` = ``batch`` > 1,
@@ -172,12 +181,9 @@ def expert_wgrad_stash_bytes(m: ModelSpec, parallel: ParallelSpec, precision: st
     if batch <= 1 or precision != "fp8" or not m.n_routed_experts:
         return 0.0
     moe_layers = sum(1 for u in units if m.is_moe_layer(u))
-    rows = tokens * m.num_experts_per_tok + (m.n_routed_experts // parallel.ep) * (STASH_TILE - 1)
-    per_row = (3 * m.moe_intermediate_size + 2 * m.hidden_size) * (1 + 4 / STASH_TILE)
+    rows = tokens * m.num_experts_per_tok + (m.n_routed_experts // parallel.ep) * (SEGMENT_ALIGN - 1)
+    per_row = (3 * m.moe_intermediate_size + 2 * m.hidden_size) * FP8_TILE_BYTES
     return moe_layers * batch * rows * per_row
-
-
-STASH_TILE = 128  # rows of a 128x1 scale tile and of an expert segment's padding (DeepSeek-V3 TR §3.3)
 
 
 def rank_memory(
