@@ -2,6 +2,7 @@
 
     python -P benchmarks/grouped_wgrad_bench.py             # a Hopper GPU; about 20 s
     python -P benchmarks/grouped_wgrad_bench.py --segments  # only the segment tables' comparison
+    python -P benchmarks/grouped_wgrad_bench.py --tall      # only 128- against 256-row output tiles
 
 32 experts (one GPU's share at EP = 8), 4096 tokens routed top-8 uniformly at random (seed 0), each expert's
 rows padded to 128 (the contiguous layout); gate_up's Wgrad (4096 x 7168) and down's (7168 x 2048). Backends:
@@ -17,6 +18,8 @@ K loop runs ("tma"), or none read, the copy engine adding the product in L2 ("re
 checked against old + product. Then the same for V3's dense linears (``DENSE_OLD_VALUES``), one layer's worth.
 Last, S micro-batches' expert Wgrads into one main gradient: S launches of one segment table against one launch of
 S tables (``seg_offsets`` (S, E + 1)).
+``--tall``: the same Wgrads (the experts' at S = 1 and 4 tables, each old-value path; V3's dense linears) with
+128-row output tiles against 256-row ones (``fp8_gemm_ws.WGRAD_BLOCK_M``), each result compared bit for bit.
 """
 
 from __future__ import annotations
@@ -150,6 +153,69 @@ def segment_tables() -> None:
                   f"({1 - ms[1] / ms[0]:.1%} less); results differ by {diff:.1e} of the product")
 
 
+def tile_heights() -> None:
+    """128-row against 256-row ("tall") output tiles (``block_m``) for the experts' Wgrads into FP32 main gradients
+    (one table and ``MAX_SEGMENTS`` tables, each old-value path; a tall tile's "tma" is "l2") and V3's dense linears
+    (``DENSE_OLD_VALUES``, and without accumulating); per micro-batch; the two heights' results compared bit for
+    bit."""
+    import triton
+
+    def timed(fn) -> float:
+        return triton.testing.do_bench(fn, rep=200, return_mode="median")
+
+    for name, (m, n) in SHAPES.items():
+        for count in (1, fp8_gemm_ws.MAX_SEGMENTS):
+            tables, start = [], 0
+            for seed in range(count):
+                bounds = segments(seed)[1]
+                tables.append(bounds + start)
+                start += int(bounds[-1])
+            tables = torch.stack(tables).cuda().contiguous() if count > 1 else tables[0].cuda()
+            a_t, sa_t = quant_act_128x1_t(torch.randn(start, m, device="cuda", dtype=torch.bfloat16))
+            b_t, sb_t = quant_act_128x1_t(torch.randn(start, n, device="cuda", dtype=torch.bfloat16))
+            flops = 2 * m * n * start  # padded rows: the same for both heights
+            old = torch.randn(EXPERTS, m, n, device="cuda")
+            default = fp8_gemm_ws.OLD_VALUES
+            cells = []
+            for path in fp8_gemm_ws.OLD_VALUE_PATHS:
+                fp8_gemm_ws.OLD_VALUES = path
+                outs, ms = [], []
+                for block_m in (128, 256):
+                    run = functools.partial(fp8_gemm_ws.fp8_wgrad_ws, a_t, sa_t, b_t, sb_t, tables,
+                                            accumulate_into=old.clone(), block_m=block_m)
+                    outs.append(run())
+                    ms.append(timed(run) / count)
+                same = torch.equal(outs[0], outs[1])
+                cells.append(f"{path} {ms[0]:.3f} -> {ms[1]:.3f} ms ({flops / count / ms[1] / 1e9:.0f} TFLOPS, "
+                             f"{'same bits' if same else 'DIFFERENT'})")
+            fp8_gemm_ws.OLD_VALUES = default
+            plain = [timed(functools.partial(fp8_gemm_ws.fp8_wgrad_ws, a_t, sa_t, b_t, sb_t, tables, block_m=bm)) /
+                     count for bm in (128, 256)]
+            print(f"tall {name} ({m} x {n}), {count} table(s), a micro-batch, 128 -> 256 rows: " + "; ".join(cells)
+                  + f"; no accumulation {plain[0]:.3f} -> {plain[1]:.3f} ms")
+    totals = [0.0, 0.0, 0.0, 0.0]
+    for name, (m, n) in DENSE.items():
+        a_t, sa_t = quant_act_128x1_t(torch.randn(TOKENS, m, device="cuda", dtype=torch.bfloat16))
+        b_t, sb_t = quant_act_128x1_t(torch.randn(TOKENS, n, device="cuda", dtype=torch.bfloat16))
+        old = torch.randn(m, n, device="cuda")
+        row = []
+        outs = []
+        for block_m in (128, 256):
+            run = functools.partial(fp8_gemm_ws.fp8_gemm_ws, a_t, sa_t, b_t, sb_t, torch.float32,
+                                    accumulate_into=old.clone(), block_m=block_m)
+            outs.append(run())
+            row.append(timed(run))
+        for block_m in (128, 256):
+            row.append(timed(functools.partial(fp8_gemm_ws.fp8_gemm_ws, a_t, sa_t, b_t, sb_t, torch.float32,
+                                               block_m=block_m)))
+        totals = [t + r for t, r in zip(totals, row)]
+        print(f"tall dense {name} ({m} x {n}, K {TOKENS}), 128 -> 256 rows: into FP32 ({fp8_gemm_ws.DENSE_OLD_VALUES}) "
+              f"{row[0]:.3f} -> {row[1]:.3f} ms ({2 * m * n * TOKENS / row[1] / 1e9:.0f} TFLOPS, "
+              f"{'same bits' if torch.equal(*outs) else 'DIFFERENT'}); no accumulation {row[2]:.3f} -> {row[3]:.3f} ms")
+    print(f"tall dense Wgrads of one layer, summed, 128 -> 256 rows: into FP32 {totals[0]:.3f} -> {totals[1]:.3f} ms; "
+          f"no accumulation {totals[2]:.3f} -> {totals[3]:.3f} ms")
+
+
 def _each_table(wgrad, tables: torch.Tensor, into: torch.Tensor) -> None:
     for table in tables:
         wgrad(table, accumulate_into=into)
@@ -158,5 +224,7 @@ def _each_table(wgrad, tables: torch.Tensor, into: torch.Tensor) -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--segments"]:
         segment_tables()
+    elif sys.argv[1:] == ["--tall"]:
+        tile_heights()
     else:
         main()

@@ -117,6 +117,12 @@ OLD_VALUES = "tma"
 # (o_proj 1.306 -> 1.129 ms, as fast as without accumulating). In the FP8 step (docs/results/model-step.md) the
 # dense backward GEMMs went 14.85 -> 13.67 ms a micro-batch.
 DENSE_OLD_VALUES: str | None = "reduce"
+# Rows of a weight gradient's output tile (1x128-row B scales, whose tiles are 128 wide): 128 (each math warpgroup
+# 64 rows) or 256, the "tall" tile (each math warpgroup two 64-row pieces sharing B's tile and column scales: the
+# same operand bytes per FLOP as the forward's 128 x 256 tiles, whose 256-wide counterpart here spills). A
+# K-grouped launch whose M is not a multiple of 256 takes 128 (a tile may not straddle two experts). Tall tiles
+# have no "tma" old-value path (their two pieces share the output buffer): they take "l2" for it.
+WGRAD_BLOCK_M = 128
 
 
 if HAVE_GLUON:
@@ -340,13 +346,17 @@ if HAVE_GLUON:
               N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, groups, stride_cm, HALF: gl.constexpr,
               ROW_SCALED_B: gl.constexpr, SCALES: gl.constexpr, PROMOTE: gl.constexpr, BLOCK_M: gl.constexpr,
               BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, GROUPED: gl.constexpr,
-              ORDER: gl.constexpr, GROUPED_K: gl.constexpr, ACCUMULATE: gl.constexpr):
+              ORDER: gl.constexpr, GROUPED_K: gl.constexpr, ACCUMULATE: gl.constexpr, M_PIECES: gl.constexpr):
         """One math warpgroup: rows HALF*64 .. HALF*64+63 of every output tile, in 128-column pieces
         (BLOCK_N = 256 is two pieces that share one A tile and one stage, for half the A traffic per
         FLOP; each piece is its own 64x128 accumulator, and both pieces' MMAs use one set of partial
-        registers)."""
+        registers). With M_PIECES = 2 (a 256-row tile, 128-wide: the weight gradient's "tall" tile) the
+        warpgroup owns rows HALF*128 .. HALF*128+127 as two 64-row pieces that share one B tile and its
+        column scales, the same two accumulators and one set of partial registers."""
         ROWS: gl.constexpr = ROWS_C
         PIECES: gl.constexpr = BLOCK_N // TILE_C
+        WG_ROWS: gl.constexpr = ROWS * M_PIECES  # rows of the tile this warpgroup owns
+        TWO: gl.constexpr = PIECES * M_PIECES == 2  # two accumulators: two column pieces or two row pieces
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, TILE_C, 32])
         row_layout: gl.constexpr = gl.SliceLayout(1, layout)
@@ -371,9 +381,11 @@ if HAVE_GLUON:
                 off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
                 steps, _, first_sb = _expert_tile(m_ptr, off_m, off_n, N, k_steps, GROUPED)
                 c_row = 0
-            off_m = off_m + HALF * ROWS
+            off_m = off_m + HALF * WG_ROWS
             if ACCUMULATE == 2:
                 _prefetch_l2(c_ptr, c_row + off_m, off_n, M - off_m, N, stride_cm, ROWS, BLOCK_N)
+                if M_PIECES == 2:
+                    _prefetch_l2(c_ptr, c_row + off_m + ROWS, off_n, M - off_m - ROWS, N, stride_cm, ROWS, BLOCK_N)
             if ACCUMULATE == 3:
                 # the old values come into the output buffer while the K loop runs: once the previous
                 # tile's store has read the buffer, the copy engine brings this tile's piece (rows past
@@ -391,7 +403,7 @@ if HAVE_GLUON:
             else:
                 sb_ptrs = sb_ptr + first_sb * stride_sbn
             acc0 = gl.zeros([ROWS, TILE_C], gl.float32, layout)
-            acc1 = gl.zeros([ROWS, TILE_C], gl.float32, layout)  # the second piece (BLOCK_N = 256)
+            acc1 = gl.zeros([ROWS, TILE_C], gl.float32, layout)  # the second piece (BLOCK_N = 256 or M_PIECES = 2)
             for ki in range(steps):
                 if SCALES == SCALES_GLOBAL_C:
                     # the scales' loads go out before the wait (a column's scales, 32 registers a
@@ -409,7 +421,9 @@ if HAVE_GLUON:
                 s = counter % STAGES
                 mbarrier.wait(ready.index(s), (counter // STAGES) & 1)
                 if SCALES == SCALES_TMA_C:  # from the stage: shared-memory latency, not global
-                    sa = sa_smem.index(s).slice(HALF * ROWS, ROWS).load(row_layout)
+                    sa = sa_smem.index(s).slice(HALF * WG_ROWS, ROWS).load(row_layout)
+                    if M_PIECES == 2:  # the second row piece's
+                        sa1 = sa_smem.index(s).slice(HALF * WG_ROWS + ROWS, ROWS).load(row_layout)
                 if SCALES == SCALES_TMA_C and ROW_SCALED_B:  # the (one 128-wide) piece's column scales
                     sb0 = sb_smem.index(s).slice(0, TILE_C).load(col_layout)
                 if SCALES == SCALES_TMA_C and not ROW_SCALED_B:
@@ -419,30 +433,39 @@ if HAVE_GLUON:
                         sb0 = _scalar(sb_flat.index(s * 32 + ki % 4).load(one_layout))
                         if PIECES == 2:  # the next block row of B's scales: the box's second row
                             sb1 = _scalar(sb_flat.index(s * 32 + 4 + ki % 4).load(one_layout))
-                a = a_smem.index(s).slice(HALF * ROWS, ROWS)  # (ROWS, 128), K contiguous
+                a = a_smem.index(s).slice(HALF * WG_ROWS, ROWS)  # (ROWS, 128), K contiguous
                 b = b_smem.index(s)  # (BLOCK_N, 128); permuted below to K-major (128, 128) pieces
+                if M_PIECES == 2:  # the second piece: the next 64 rows of A times the same B, its scales
+                    a_2 = a_smem.index(s).slice(HALF * WG_ROWS + ROWS, ROWS)
+                    b_2 = b.slice(0, TILE_C)
+                else:  # the second piece: the same A times B's next 128 columns
+                    a_2 = a
+                    b_2 = b.slice(TILE_C, TILE_C) if PIECES == 2 else b.slice(0, TILE_C)
                 if PROMOTE:
                     partial, token = _piece_mma(a, b.slice(0, TILE_C), partial, token, HALF, ORDER)
                     if ORDER == 2 and SCALES == SCALES_TMA_C and not ROW_SCALED_B:
                         sb0 = _scalar(sb_flat.index(s * 32 + ki % 4).load(one_layout))
-                    if PIECES == 1:
+                    if not TWO:
                         mbarrier.arrive(empty.index(s), count=1)
                     if ROW_SCALED_B and SCALES == SCALES_GLOBAL_C:
                         sb0 = gl.load(sb_ptrs + ki * stride_sbk, mask=n_mask, other=0.0)
                     acc0 = _promote(partial, acc0, sa, sb0, SCALES, ROW_SCALED_B)
                     if HALF == 0:
                         acc0 = _my_turn(acc0, HALF, ORDER)
-                    if PIECES == 2:
+                    if TWO:
                         # the second piece's MMA reuses the partial registers: pin the first piece's
                         # FFMAs before it (a volatile no-op on acc0), or the compiler hoists the MMA
                         # above them and needs a third 64-register set, which spills
                         acc0 = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [acc0], dtype=gl.float32,
                                                          is_pure=False, pack=1)
-                        partial, token = _piece_mma(a, b.slice(TILE_C, TILE_C), partial, token, HALF, ORDER)
+                        partial, token = _piece_mma(a_2, b_2, partial, token, HALF, ORDER)
                         if ORDER == 2 and SCALES == SCALES_TMA_C and not ROW_SCALED_B:
                             sb1 = _scalar(sb_flat.index(s * 32 + 4 + ki % 4).load(one_layout))
                         mbarrier.arrive(empty.index(s), count=1)
-                        acc1 = _promote(partial, acc1, sa, sb1, SCALES, ROW_SCALED_B)
+                        if M_PIECES == 2:  # B's column scales are the first piece's; A's rows are the next 64
+                            acc1 = _promote(partial, acc1, sa1, sb0, SCALES, ROW_SCALED_B)
+                        else:
+                            acc1 = _promote(partial, acc1, sa, sb1, SCALES, ROW_SCALED_B)
                         if HALF == 0:
                             acc1 = _my_turn(acc1, HALF, ORDER)
                 else:  # no block scales at all: the same data flow's upper bound (benchmarks only)
@@ -477,14 +500,25 @@ if HAVE_GLUON:
                 _tma_reduce_add(c_desc, [c_row + off_m, off_n], c_smem.index(0))
             else:
                 tma.async_copy_shared_to_global(c_desc, [c_row + off_m, off_n], c_smem.index(0))
-            if PIECES == 2:  # once the copy engine has read the first piece out of shared memory
+            if TWO:  # once the copy engine has read the first piece out of shared memory
+                if M_PIECES == 2:  # the next 64 rows, the same columns
+                    row_2 = c_row + off_m + ROWS
+                    col_2 = off_n
+                else:  # the same rows, the next 128 columns
+                    row_2 = c_row + off_m
+                    col_2 = off_n + TILE_C
+                if M_PIECES == 2 and (ACCUMULATE == 1 or ACCUMULATE == 2):
+                    # the next 64 rows' old values, read once acc0 has left its registers (both tiles' old values
+                    # and accumulators at once spill)
+                    acc1 = acc1 + gl.load(c_ptrs + ROWS * stride_cm,
+                                          mask=(offs_m + ROWS < M)[:, None] & (cols < N)[None, :], other=0.0)
                 tma.store_wait(pendings=0)
                 c_smem.index(0).store(acc1.to(c_desc.dtype))
                 fence_async_shared()
                 if ACCUMULATE == 4:
-                    _tma_reduce_add(c_desc, [c_row + off_m, off_n + TILE_C], c_smem.index(0))
+                    _tma_reduce_add(c_desc, [row_2, col_2], c_smem.index(0))
                 else:
-                    tma.async_copy_shared_to_global(c_desc, [c_row + off_m, off_n + TILE_C], c_smem.index(0))
+                    tma.async_copy_shared_to_global(c_desc, [row_2, col_2], c_smem.index(0))
             tiles_done += 1
         tma.store_wait(pendings=0)
 
@@ -494,9 +528,9 @@ if HAVE_GLUON:
         stride_sbn, stride_sbk, sa_pitch, sb_pitch, groups, stride_cm, ROW_SCALED_B: gl.constexpr,
         SCALES: gl.constexpr, PROMOTE: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
         STAGES: gl.constexpr, GROUPED: gl.constexpr, ORDER: gl.constexpr, MATH_REGS: gl.constexpr,
-        PRODUCER_REGS: gl.constexpr, GROUPED_K: gl.constexpr, ACCUMULATE: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, GROUPED_K: gl.constexpr, ACCUMULATE: gl.constexpr, M_PIECES: gl.constexpr,
     ):
-        BLOCK_M: gl.constexpr = 2 * ROWS_C
+        BLOCK_M: gl.constexpr = 2 * ROWS_C * M_PIECES
         PIECES: gl.constexpr = BLOCK_N // TILE_C
         a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, TILE_C], a_desc.layout)
         b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, TILE_C], b_desc.layout)
@@ -527,32 +561,36 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c0_smem, c0_bar, ready, empty, sa_ptr, sb_ptr, m_ptr,
                      c_ptr, M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, groups, stride_cm, 0, ROW_SCALED_B,
-                     SCALES, PROMOTE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER, GROUPED_K, ACCUMULATE)),
+                     SCALES, PROMOTE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER, GROUPED_K, ACCUMULATE,
+                     M_PIECES)),
             (_math, (c_desc, a_smem, b_smem, sa_smem, sb_smem, c1_smem, c1_bar, ready, empty, sa_ptr, sb_ptr, m_ptr,
                      c_ptr, M, N, K, stride_sam, stride_sak, stride_sbn, stride_sbk, groups, stride_cm, 1, ROW_SCALED_B,
-                     SCALES, PROMOTE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER, GROUPED_K, ACCUMULATE)),
+                     SCALES, PROMOTE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, GROUPED, ORDER, GROUPED_K, ACCUMULATE,
+                     M_PIECES)),
             (_producer, (a_desc, b_desc, sa_desc, sb_desc, a_smem, b_smem, sa_smem, sb_smem, ready, empty, m_ptr, M,
                          N, K, sa_pitch, sb_pitch, groups, ROW_SCALED_B, SCALES, BLOCK_M, BLOCK_N, GROUP_M,
                          STAGES, GROUPED, GROUPED_K)),
         ], [4, 1], [MATH_REGS, PRODUCER_REGS])
 
 
-def _blocks(block_n: int, rows: bool = False) -> dict[str, list[int]]:
-    """TMA box of each descriptor: A and B tiles 128 deep in K, C in 64 x 128 pieces, one K block's
-    128 A row scales, and the aligned group of four K blocks' scales of B's block row (with the seven
+def _blocks(block_n: int, rows: bool = False, m_pieces: int = 1) -> dict[str, list[int]]:
+    """TMA box of each descriptor: A (128 or, tall, 256 rows) and B tiles 128 deep in K, C in 64 x 128 pieces,
+    one K block's A row scales, and the aligned group of four K blocks' scales of B's block row (with the seven
     rows below it: a TMA destination must start 128-byte aligned, so each stage's box is 128 bytes),
     or with 1x128-row B scales one K block's ``block_n`` column scales."""
-    return {"a_desc": [2 * ROWS_PER_WARPGROUP, TILE], "b_desc": [block_n, TILE], "c_desc": [ROWS_PER_WARPGROUP, TILE],
-            "sa_desc": [2 * ROWS_PER_WARPGROUP], "sb_desc": [block_n] if rows else [8, 4]}
+    block_m = 2 * ROWS_PER_WARPGROUP * m_pieces
+    return {"a_desc": [block_m, TILE], "b_desc": [block_n, TILE], "c_desc": [ROWS_PER_WARPGROUP, TILE],
+            "sa_desc": [block_m], "sb_desc": [block_n] if rows else [8, 4]}
 
 
 _DESC_ARGS = ("a_desc", "b_desc", "c_desc", "sa_desc", "sb_desc")
 
 
-def _desc_layouts(block_n: int, out_dtype: torch.dtype, on_tma: bool, rows: bool = False) -> dict[str, tuple]:
+def _desc_layouts(block_n: int, out_dtype: torch.dtype, on_tma: bool, rows: bool = False,
+                  m_pieces: int = 1) -> dict[str, tuple]:
     """(box, shared layout, element type) of each descriptor: E4M3 operands, the output, FP32
     scales; off the "tma" path the scale descriptors are unread placeholders, A's."""
-    blocks = _blocks(block_n, rows)
+    blocks = _blocks(block_n, rows, m_pieces)
     dtypes = {"a_desc": torch.float8_e4m3fn, "b_desc": torch.float8_e4m3fn, "c_desc": out_dtype,
               "sa_desc": torch.float32, "sb_desc": torch.float32}
     out = {}
@@ -585,13 +623,17 @@ def _default_config(rows: bool) -> tuple[int, int, int]:
 
 
 CONSTEXPR_ARGS = ("ROW_SCALED_B", "SCALES", "PROMOTE", "BLOCK_N", "GROUP_M", "STAGES", "GROUPED", "ORDER",
-                  "MATH_REGS", "PRODUCER_REGS", "GROUPED_K", "ACCUMULATE")
+                  "MATH_REGS", "PRODUCER_REGS", "GROUPED_K", "ACCUMULATE", "M_PIECES")
 
 
 def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, grouped: bool = False,
-                order: str | None = None, grouped_k: bool | int = False, accumulate: bool = False) -> dict:
-    """The kernel's constexprs. ``grouped_k``: K-grouped with that many segment tables (True: one), else 0."""
+                order: str | None = None, grouped_k: bool | int = False, accumulate: bool = False,
+                block_m: int = 128) -> dict:
+    """The kernel's constexprs. ``grouped_k``: K-grouped with that many segment tables (True: one), else 0.
+    ``block_m``: the output tile's rows, 128, or 256 (tall; 1x128-row B scales through TMA, promoted)."""
     block_n, stages, group_m = config
+    if block_m not in (TILE, 2 * TILE) or (block_m != TILE and not (rows and promote and (scales or "tma") == "tma")):
+        raise ValueError(f"block_m={block_m}: 128, or 256 with 1x128-row B scales through TMA, promoted")
     scales = scales or "tma"
     if scales not in SCALE_PATHS or (scales == "none" and rows):
         raise ValueError(f"scales={scales!r}: one of {sorted(SCALE_PATHS)}; 'none' needs 128x128 weight scales")
@@ -605,17 +647,18 @@ def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, gr
     return {"ROW_SCALED_B": rows, "SCALES": SCALE_PATHS[scales], "PROMOTE": promote, "BLOCK_N": block_n,
             "GROUP_M": group_m, "STAGES": stages, "GROUPED": grouped, "ORDER": ORDERS[order],
             "MATH_REGS": REGS[rows][0], "PRODUCER_REGS": REGS[rows][1], "GROUPED_K": int(grouped_k),
-            "ACCUMULATE": _old_value_path(block_n, grouped_k) if accumulate else 0}
+            "ACCUMULATE": _old_value_path(block_n, grouped_k, block_m) if accumulate else 0,
+            "M_PIECES": block_m // TILE}
 
 
-def _old_value_path(block_n: int, grouped_k: bool = False) -> int:
+def _old_value_path(block_n: int, grouped_k: bool = False, block_m: int = TILE) -> int:
     """The ACCUMULATE constexpr of ``OLD_VALUES`` (of ``DENSE_OLD_VALUES``, where set, unless ``grouped_k``) at tile
-    width ``block_n`` ("tma" needs 128-wide tiles)."""
+    width ``block_n`` and height ``block_m`` ("tma" needs 128 x 128 tiles)."""
     name, path = ("OLD_VALUES", OLD_VALUES) if grouped_k or DENSE_OLD_VALUES is None else \
         ("DENSE_OLD_VALUES", DENSE_OLD_VALUES)
     if path not in OLD_VALUE_PATHS:
         raise ValueError(f"{name}={path!r}: one of {sorted(OLD_VALUE_PATHS)}")
-    if path == "tma" and block_n != TILE:
+    if path == "tma" and (block_n != TILE or block_m != TILE):
         return OLD_VALUE_PATHS["l2"]
     return OLD_VALUE_PATHS[path]
 
@@ -654,7 +697,7 @@ def tma_scales(a_scale: torch.Tensor, b_scale: torch.Tensor, rows: bool = False)
 def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, promote: bool = True,
                 scales: str | None = None, ffma_yield: int | None = None,
                 m_indices: torch.Tensor | None = None, order: str | None = None,
-                accumulate_into: torch.Tensor | None = None) -> torch.Tensor:
+                accumulate_into: torch.Tensor | None = None, block_m: int | None = None) -> torch.Tensor:
     """C (M, N) = (a·a_scale)(b·b_scale)ᵀ on Hopper; a (M, K), b (N, K) E4M3 with K contiguous.
 
     a_scale (M, ceil(K/128)) fp32, any strides; b_scale (ceil(N/128), ceil(K/128)) for 128x128
@@ -672,6 +715,7 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
 
     ``accumulate_into``: an (M, N) tensor of ``out_dtype`` (an FP32 main gradient), rows 16-byte aligned,
     that the product is added to in the epilogue (C += A·B, read once and written once) and returned.
+    ``block_m``: the output tile's rows with 1x128-row B scales (128 or 256); by default ``WGRAD_BLOCK_M``.
     """
     if not HAVE_GLUON or INTERPRET or not a.is_cuda:
         raise RuntimeError("fp8_gemm_ws needs Triton's Gluon on a Hopper GPU (no interpreter path)")
@@ -693,9 +737,10 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
                          f"a.stride={a.stride()} b.stride={b.stride()}")
     device = a.device.index if a.device.index is not None else torch.cuda.current_device()
     rows = not grouped and row_scaled(N, b_scale)
+    tall = _wgrad_block_m(block_m, rows and promote and (scales or "tma") == "tma", M, False)
     meta, on_tma, layouts, grid = _plan(M, N, K, out_dtype, config, rows, promote, scales, device, grouped,
                                        order or ORDER, accumulate=accumulate_into is not None,
-                                       paths=_paths(accumulate_into))
+                                       paths=_paths(accumulate_into), block_m=tall)
     if accumulate_into is not None:
         c = _accumulation_target(accumulate_into, (M, N), out_dtype)
     else:  # TMA rows must be 16-byte aligned: a ragged N gets a padded row pitch (the view hides it)
@@ -717,7 +762,7 @@ MAX_SEGMENTS = 4  # segment tables a K-grouped launch walks (``fp8_wgrad_ws``): 
 
 def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_dtype=torch.float32,
                  config=None, ffma_yield: int | None = None, order: str | None = None,
-                 accumulate_into: torch.Tensor | None = None) -> torch.Tensor:
+                 accumulate_into: torch.Tensor | None = None, block_m: int | None = None) -> torch.Tensor:
     """The experts' weight gradient in one launch: C (E, M, N) with C[e] = (a_t·s)[:, seg e] (b_t·s)[:, seg e]ᵀ.
 
     a_t (M, K_total) and b_t (N, K_total) E4M3, K-contiguous (the token dimension: ``quant_act_128x1_t``'s
@@ -731,6 +776,7 @@ def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_
     nothing is read on the host.
     ``accumulate_into``: a contiguous (E, M, N) tensor of ``out_dtype`` (the experts' FP32 main gradient) that
     C is added to in the epilogue, and returned; an empty segment then leaves its expert's slice unchanged.
+    ``block_m``: the output tile's rows (128, or 256 where M is a multiple of 256); by default ``WGRAD_BLOCK_M``.
     """
     if not HAVE_GLUON or INTERPRET or not a_t.is_cuda:
         raise RuntimeError("fp8_wgrad_ws needs Triton's Gluon on a Hopper GPU (no interpreter path)")
@@ -749,7 +795,7 @@ def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_
     device = a_t.device.index if a_t.device.index is not None else torch.cuda.current_device()
     meta, _, layouts, grid = _plan(M, N, K, out_dtype, config, True, True, "tma", device, False, order or ORDER,
                                    groups, accumulate=accumulate_into is not None, paths=_paths(accumulate_into),
-                                   segments=segments)
+                                   segments=segments, block_m=_wgrad_block_m(block_m, True, M, True))
     if accumulate_into is not None:
         if not accumulate_into.is_contiguous():
             raise ValueError(f"fp8_wgrad_ws: accumulate_into must be contiguous, got strides {accumulate_into.stride()}")
@@ -767,6 +813,22 @@ def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_
     if groups > 0:
         _launch(grid, args, layouts, a_t.device, FFMA_YIELD_EVERY if ffma_yield is None else ffma_yield)
     return rows.view(groups, M, pitch)[:, :, :N]
+
+
+def _wgrad_block_m(block_m: int | None, tall_ok: bool, M: int, grouped_k: bool) -> int:
+    """The output tile's rows of a launch: ``block_m`` (by default ``WGRAD_BLOCK_M``) where 256 applies (1x128-row
+    B scales through TMA, promoted; K-grouped, M a multiple of 256, so that no tile straddles two experts), else
+    128. A ``block_m`` given that does not apply raises."""
+    want = WGRAD_BLOCK_M if block_m is None else block_m
+    if want not in (TILE, 2 * TILE):
+        raise ValueError(f"block_m={want}: 128 or 256")
+    ok = tall_ok and (not grouped_k or M % (2 * TILE) == 0)
+    if want == 2 * TILE and not ok:
+        if block_m is not None:
+            raise ValueError(f"block_m=256 needs 1x128-row B scales through TMA, promoted, and a K-grouped M that is "
+                             f"a multiple of 256 (M={M})")
+        return TILE
+    return want
 
 
 @functools.cache
@@ -795,18 +857,19 @@ def _paths(accumulate_into) -> tuple:
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, N: int, K: int, out_dtype, config, rows: bool, promote: bool, scales, device: int,
           grouped: bool = False, order: str = "free", k_groups: int = 0, accumulate: bool = False,
-          paths: tuple = (), segments: int = 1):
+          paths: tuple = (), segments: int = 1, block_m: int = TILE):
     """What a problem size's launch needs besides its tensors, worked out once (a launch is
     host-bound on the smaller shapes): the constexprs with the ring depth that fits, whether the
     scales go through TMA, each descriptor's box and shared layout, and the persistent grid. ``paths``: only
     the cache key (``_paths``); the constexprs read the module's paths themselves."""
     meta = _constexprs(config or _default_config(rows), rows=rows, promote=promote, scales=scales, grouped=grouped,
-                       order=order, grouped_k=segments if k_groups > 0 else 0, accumulate=accumulate)
+                       order=order, grouped_k=segments if k_groups > 0 else 0, accumulate=accumulate,
+                       block_m=block_m)
     on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
     sms, smem = _device_limits(device)
-    meta["STAGES"] = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, on_tma, smem, rows)
-    layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, on_tma, rows)
-    tiles = cdiv(M, 2 * ROWS_PER_WARPGROUP) * cdiv(N, meta["BLOCK_N"]) * max(k_groups, 1)
+    meta["STAGES"] = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, on_tma, smem, rows, block_m)
+    layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, on_tma, rows, meta["M_PIECES"])
+    tiles = cdiv(M, block_m) * cdiv(N, meta["BLOCK_N"]) * max(k_groups, 1)
     return meta, on_tma, layouts, max(min(tiles, sms), 1)
 
 
@@ -816,13 +879,14 @@ def _plan(M: int, N: int, K: int, out_dtype, config, rows: bool, promote: bool, 
 SMEM_OVERHEAD = 512
 
 
-def ring_stages(stages: int, block_n: int, out_itemsize: int, on_tma: bool, smem: int, rows: bool = False) -> int:
+def ring_stages(stages: int, block_n: int, out_itemsize: int, on_tma: bool, smem: int, rows: bool = False,
+                block_m: int = TILE) -> int:
     """At most ``stages`` ring stages, as many as ``smem`` bytes hold beside the two warpgroups'
     64 x 128 output pieces (FP32 output takes twice BF16's)."""
     out_bytes = 2 * ROWS_PER_WARPGROUP * TILE * out_itemsize
-    stage_bytes = (2 * ROWS_PER_WARPGROUP + block_n) * TILE  # A and B tiles, E4M3
+    stage_bytes = (block_m + block_n) * TILE  # A and B tiles, E4M3
     if on_tma:  # and the scales' boxes, FP32
-        boxes = _blocks(block_n, rows)
+        boxes = _blocks(block_n, rows, block_m // TILE)
         stage_bytes += 4 * sum(math.prod(boxes[name]) for name in ("sa_desc", "sb_desc"))
     return min(stages, (smem - SMEM_OVERHEAD - out_bytes) // stage_bytes)
 
@@ -968,15 +1032,23 @@ def with_ffma_yields(kernel, every: int):
 
 def compile_offline(config=None, rows=False, out_dtype=torch.bfloat16, promote: bool = True,
                     capability: int = 90, scales: str | None = None, grouped: bool = False,
-                    order: str | None = None, grouped_k: bool = False, accumulate: bool = False):
+                    order: str | None = None, grouped_k: bool = False, accumulate: bool = False,
+                    block_m: int = TILE, stages: int | None = None):
     """Compile the kernel for ``sm_{capability}`` without a GPU and return Triton's compiled kernel
     (its ``.asm["ptx"]``; register counts need ptxas, which the tests run on it)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    meta = _constexprs(config or _default_config(rows), rows, promote, scales, grouped, order, grouped_k, accumulate)
+    meta = _constexprs(config or _default_config(rows), rows, promote, scales, grouped, order, grouped_k, accumulate,
+                       block_m)
+    if stages is None and block_m != TILE:  # the ring depth a launch on an H100 or H200 takes (``ring_stages``)
+        stages = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, meta["SCALES"] == SCALE_PATHS["tma"],
+                             232448, rows, block_m)
+    if stages is not None:
+        meta["STAGES"] = stages
     names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
-    layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, meta["SCALES"] == SCALE_PATHS["tma"], rows)
+    layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, meta["SCALES"] == SCALE_PATHS["tma"], rows,
+                            meta["M_PIECES"])
     signature = {}
     for name, (box, layout, dtype) in layouts.items():
         signature[name] = f"tensordesc<{names.get(dtype, 'fp8e4nv')}[{', '.join(map(str, box))}],{layout!r}>"

@@ -656,3 +656,83 @@ def test_segment_tables_are_one_table_of_each_experts_segments_side_by_side(accu
     assert float(got.abs().sum()) > 0
     with pytest.raises(ValueError, match="seg_offsets"):
         fp8_gemm_ws.fp8_wgrad_ws(a_t, sa_t, b_t, sb_t, segs.repeat(3, 1))  # 6 tables: more than MAX_SEGMENTS
+
+
+@needs_gluon
+@pytest.mark.parametrize("grouped_k", [0, 1, 4])
+def test_tall_wgrad_tiles_compile_without_spills(tmp_path, grouped_k, monkeypatch):
+    """256-row output tiles for 1x128-row B scales (``block_m=256``): each math warpgroup promotes two 64-row pieces
+    against one B tile (twice the 128-row tile's FFMAs and FMULs, one per accumulator element each), plain and
+    accumulating by every old-value path ("tma" becomes "l2": the pieces share the output buffer), with no spill,
+    and the ring the wrapper picks fits in an H100's or H200's shared memory."""
+    optin = 232448
+    stages = fp8_gemm_ws.ring_stages(4, 128, 4, True, optin, rows=True, block_m=256)
+    assert stages == 3
+    for path in (None, "after", "l2", "tma", "reduce"):
+        if path is not None:
+            monkeypatch.setattr(fp8_gemm_ws, "OLD_VALUES", path)
+            monkeypatch.setattr(fp8_gemm_ws, "DENSE_OLD_VALUES", None)
+        kernel = fp8_gemm_ws.compile_offline(rows=True, out_dtype=torch.float32, grouped_k=grouped_k,
+                                             accumulate=path is not None, block_m=256)
+        assert kernel.metadata.shared <= optin, (path, kernel.metadata.shared)
+        report, sass = _sass(kernel.asm["ptx"], tmp_path)
+        assert "0 bytes spill stores, 0 bytes spill loads" in report, (path, report)
+        counts = {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("FFMA", "FMUL")}
+        assert counts["FFMA"] == 2 * 2 * 64 and counts["FMUL"] >= 2 * 2 * 64, (path, counts)
+        if path is not None:
+            expected = fp8_gemm_ws.OLD_VALUE_PATHS["l2" if path == "tma" else path]
+            meta = fp8_gemm_ws._constexprs((128, 4, 16), rows=True, promote=True, grouped_k=grouped_k,
+                                           accumulate=True, block_m=256)
+            assert meta["ACCUMULATE"] == expected and meta["M_PIECES"] == 2
+
+
+def test_tall_tiles_are_refused_where_they_do_not_apply():
+    """256-row tiles only with 1x128-row B scales through TMA, promoted; a K-grouped launch whose M is not a
+    multiple of 256 falls back to 128 rows by default and refuses an explicit 256."""
+    with pytest.raises(ValueError, match="block_m=256"):
+        fp8_gemm_ws._constexprs(fp8_gemm_ws.CONFIGS[0], rows=False, promote=True, block_m=256)
+    with pytest.raises(ValueError, match="block_m=256"):
+        fp8_gemm_ws._constexprs((128, 4, 16), rows=True, promote=True, scales="global", block_m=256)
+    with pytest.raises(ValueError, match="block_m=192"):
+        fp8_gemm_ws._wgrad_block_m(192, True, 256, False)
+    assert fp8_gemm_ws._wgrad_block_m(256, True, 384, False) == 256  # dense: the tensor's edge clips the tile
+    with pytest.raises(ValueError, match="M=384"):
+        fp8_gemm_ws._wgrad_block_m(256, True, 384, True)
+    assert fp8_gemm_ws._wgrad_block_m(None, True, 512, True) == fp8_gemm_ws.WGRAD_BLOCK_M
+    assert fp8_gemm_ws._wgrad_block_m(None, False, 512, False) == 128
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("old_values", [None, "after", "l2", "tma", "reduce"])
+def test_tall_tiles_give_the_same_bits(old_values, monkeypatch):
+    """256-row output tiles against 128-row ones: the same K blocks promoted in the same order per element, so the
+    same bits, plain and accumulating into FP32 (one addition either way): the dense Wgrad at ragged rows (200, 576:
+    a tile past the tensor's edge, in the middle of a tall tile's second piece) and the experts' K-grouped one with
+    two segment tables (an empty expert keeps its slice)."""
+    from tests.kernels.test_kernels import _contiguous_layout
+
+    if old_values is not None:
+        monkeypatch.setattr(fp8_gemm_ws, "OLD_VALUES", old_values)
+        monkeypatch.setattr(fp8_gemm_ws, "DENSE_OLD_VALUES", None)
+    for rows in (200, 576, 1536):
+        a, sa, b, sb = _gemm_operands(384, rows, 1024, "wgrad", "cuda")  # dW (rows, 1024) = dy^T x
+        old = rand(rows, 1024, seed=71, device="cuda")
+        got = [fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, torch.float32, block_m=bm,
+                                       accumulate_into=None if old_values is None else old.clone())
+               for bm in (128, 256)]
+        assert torch.equal(got[0], got[1]), rows
+        assert float(got[1].abs().sum()) > 0
+    tables, base = [], 0
+    for counts in ([130, 0, 1000, 257], [0, 200, 128, 1]):
+        _, off = _contiguous_layout(counts, "cuda")
+        tables.append(off + base)
+        base += int(off[-1])
+    segs = torch.stack(tables).contiguous()
+    a_t, sa_t = quant_act_128x1_t(rand(base, 512, seed=72, device="cuda"))
+    b_t, sb_t = quant_act_128x1_t(rand(base, 384, seed=73, device="cuda"))
+    old = rand(4, 512, 384, seed=74, device="cuda")
+    got = [fp8_gemm_ws.fp8_wgrad_ws(a_t, sa_t, b_t, sb_t, segs, block_m=bm,
+                                    accumulate_into=None if old_values is None else old.clone()) for bm in (128, 256)]
+    assert torch.equal(got[0], got[1])
+    assert float(got[1].abs().sum()) > 0
