@@ -53,6 +53,7 @@ from .fp8_quant import (
     rows_output,
     scale_from_amax,
 )
+from .swiglu import swiglu_grads
 from .triton_compat import cdiv, triton
 
 try:
@@ -136,6 +137,25 @@ if HAVE_GLUON:
         return x
 
     @gluon.jit
+    def _load_dh(h_ptr, dact_ptr, row0, col0, M, K, stride_hm, stride_dm, ROWS: gl.constexpr, BLOCK: gl.constexpr,
+                 layout: gl.constexpr):
+        """ROWS rows from ``row0`` of d h's tile at column ``col0``, h (M, K = 2I) being SwiGLU's input: d gate
+        (col0 < I) or d up, from h's gate and up columns and d act's (``swiglu.swiglu_grads``), rounded to h's dtype
+        as ``swiglu_backward`` stores it (I % 128 == 0: a tile is all gate or all up); zeros outside."""
+        inner = gl.multiple_of(K // 2, BLOCK)  # the caller's: I % 128 == 0 (so the up columns' loads vectorise)
+        up_half = col0 >= inner
+        rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+        cols = col0 - gl.where(up_half, inner, 0) + gl.arange(0, BLOCK, layout=gl.SliceLayout(0, layout))
+        mask = (rows < M)[:, None] & (cols < inner)[None, :]
+        rows64 = rows.to(gl.int64)[:, None]
+        h_ptrs = h_ptr + rows64 * stride_hm + cols[None, :]
+        gate = gl.load(h_ptrs, mask=mask, other=0.0).to(gl.float32)
+        up = gl.load(h_ptrs + inner, mask=mask, other=0.0).to(gl.float32)
+        dact = gl.load(dact_ptr + rows64 * stride_dm + cols[None, :], mask=mask, other=0.0).to(gl.float32)
+        dgate, dup = swiglu_grads(gate, up, dact)
+        return gl.where(up_half, dup, dgate).to(h_ptr.dtype.element_ty)
+
+    @gluon.jit
     def _quantise_tile(smem, q_ptr, s_ptr, qt_ptr, st_ptr, pid_m, pid_k, M, K, stride_qm, stride_sm, stride_sk,
                        stride_qt, stride_stk, stride_stm, ROWS: gl.constexpr, COLS: gl.constexpr,
                        row_layout: gl.constexpr, col_layout: gl.constexpr, col_store_layout: gl.constexpr,
@@ -169,6 +189,10 @@ if HAVE_GLUON:
         # the gather (``_load_tile``): row r of the tile is x's row src[r] ((M,) int32, -1: zeros), times w[r]
         # ((M,) fp32) where given; None: x's own rows
         src_ptr=None, w_ptr=None,
+        # SwiGLU's backward (``_load_tile``): x is h (M, K = 2I) and the tiles quantised are d h's, from h and d act
+        # ((M, I), row stride stride_dm); the grid's first axis then walks K (a tile's gate and up halves, which read
+        # the same h and d act tiles, run side by side, the second from L2); None: x itself
+        dact_ptr=None, stride_dm=0,
     ):
         """x's 128x128 tiles, each read once and both quantisations made from shared memory (module docstring).
         PERSISTENT False: the tile at (program_id(0), program_id(1)). True: tiles program_id(0), + num_programs(0),
@@ -195,19 +219,29 @@ if HAVE_GLUON:
         COLS: gl.constexpr = VEC * WARPS  # columns a pass of the warps takes
 
         if not PERSISTENT:
-            pid_m = gl.program_id(0)
-            pid_k = gl.program_id(1)
+            if dact_ptr is None:
+                pid_m = gl.program_id(0)
+                pid_k = gl.program_id(1)
+            else:  # programs 2j and 2j + 1 along the first axis: d gate's and d up's tile j of a row of tiles
+                pid_m = gl.program_id(1)
+                pid_k = (gl.program_id(0) % 2) * gl.cdiv(K // 2, BLOCK) + gl.program_id(0) // 2
             if bound_ptr is not None:
                 if past_bound(pid_m * BLOCK, bound_ptr):
                     return
             # Step 1: the tile from HBM, once, into shared memory
-            smem.store(_load_tile(x_ptr, pid_m * BLOCK, pid_k * BLOCK, M, K, stride_xm, True, BLOCK, row_layout,
-                                  src_ptr, w_ptr))
+            if dact_ptr is None:
+                smem.store(_load_tile(x_ptr, pid_m * BLOCK, pid_k * BLOCK, M, K, stride_xm, True, BLOCK, row_layout,
+                                      src_ptr, w_ptr))
+            else:  # d h computed ROWS rows at a time (its three inputs at once, whole, would take 160 registers)
+                for r0 in gl.static_range(0, BLOCK, ROWS):
+                    smem.slice(r0, ROWS, dim=0).store(_load_dh(x_ptr, dact_ptr, pid_m * BLOCK + r0, pid_k * BLOCK, M,
+                                                               K, stride_xm, stride_dm, ROWS, BLOCK, row_layout))
             gl.thread_barrier()
             _quantise_tile(smem, q_ptr, s_ptr, qt_ptr, st_ptr, pid_m, pid_k, M, K, stride_qm, stride_sm, stride_sk,
                            stride_qt, stride_stk, stride_stm, ROWS, COLS, row_layout, col_layout, col_store_layout,
                            POW2, FLOOR, CAST)
         else:
+            gl.static_assert(dact_ptr is None, "SwiGLU's backward runs one program a tile")
             rows_used = M
             if bound_ptr is not None:
                 rows_used = gl.minimum(gl.maximum(gl.load(bound_ptr), 0), M)
@@ -286,7 +320,7 @@ def quant_act_both_gluon(
     x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR, cast: str | None = None,
     row_bound: torch.Tensor | None = None, config: tuple[int, int, int] | None = None,
     gather: torch.Tensor | None = None, row_weights: torch.Tensor | None = None,
-    out_t: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out_t: tuple[torch.Tensor, torch.Tensor] | None = None, dact: torch.Tensor | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """x (M, K) float → ((x_fp8 (M, K), scale (M, ceil(K/128))), (x^T fp8 (K, M), scale_t (K, ceil(M/128)))), as
     ``quant_act_both`` (bit for bit, the same layouts: MN-major scales; ``row_bound`` the same: 128-row tiles at or
@@ -299,16 +333,25 @@ def quant_act_both_gluon(
     without the gathered rows ever stored (``moe_permute.moe_permute_quant_both``).
 
     ``out_t``: the transposed pair written into the caller's buffers (``fp8_quant.check_out_t``: any strides, so a
-    micro-batch's columns of a wider stash)."""
+    micro-batch's columns of a wider stash).
+
+    ``dact`` ((M, I) in x's dtype, unit column stride; x then SwiGLU's input h (M, 2I), I % 128 == 0): the rows
+    quantised are ``swiglu.swiglu_backward(x, dact)``'s, bit for bit, without d h ever stored
+    (``swiglu.swiglu_backward_quant_both``); one program a tile (a persistent ``config`` is refused)."""
     _check_float_2d(x, "x")
     num_warps, rows, per_sm = _config(config)
+    if dact is not None and (gather is not None or per_sm or x.shape[1] % (2 * TILE) or dact.dtype != x.dtype
+                             or tuple(dact.shape) != (x.shape[0], x.shape[1] // 2) or dact.stride(1) != 1):
+        raise ValueError(f"dact must be (M, I) {x.dtype} with unit column stride for x (M, 2I), I % 128 == 0, "
+                         f"without a gather or a persistent config; got dact {tuple(dact.shape)} {dact.dtype}, "
+                         f"x {tuple(x.shape)}")
     if gather is not None and (gather.dtype != torch.int32 or gather.dim() != 1 or gather.device != x.device
                                or (row_weights is not None and (row_weights.dtype != torch.float32
                                                                 or row_weights.shape != gather.shape))):
         raise ValueError("gather must be (M,) int32 on x's device, row_weights None or (M,) float32")
     if not runs_on(x):
-        if gather is not None:
-            raise ValueError("a gather needs the Gluon kernel (runs_on(x)); moe_permute_quant_both falls back")
+        if gather is not None or dact is not None:
+            raise ValueError("a gather or dact needs the Gluon kernel (runs_on(x)); their callers fall back")
         return quant_act_both(x, pow2_scale, amax_floor, cast, row_bound, out_t=out_t)
     M, K = (gather.numel(), x.shape[1]) if gather is not None else x.shape
     (q, s), (qt, st) = rows_output(M, K, x.device), rows_output(K, M, x.device, out_t)
@@ -316,7 +359,7 @@ def quant_act_both_gluon(
     if not x.numel():
         return (q, s), (qt, st)
     consts = _constexprs(pow2_scale, amax_floor, _cast(x.device, cast), rows, per_sm > 0)
-    grid = (cdiv(M, TILE), cdiv(K, TILE))
+    grid = (cdiv(M, TILE), cdiv(K, TILE)) if dact is None else (cdiv(K, TILE), cdiv(M, TILE))
     if per_sm:
         key = _persistent_key(x, (num_warps, rows, per_sm), consts, row_bound is not None,
                               (gather is not None) + (row_weights is not None))
@@ -324,7 +367,8 @@ def quant_act_both_gluon(
         grid = (min(grid[0] * grid[1], _FITS.get(key, per_sm) * sms),)
     kernel = _quant_both_gluon_kernel[grid](
         x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), qt.stride(0), st.stride(0),
-        st.stride(1), num_warps=num_warps, bound_ptr=row_bound, src_ptr=gather, w_ptr=row_weights, **consts)
+        st.stride(1), num_warps=num_warps, bound_ptr=row_bound, src_ptr=gather, w_ptr=row_weights, dact_ptr=dact,
+        stride_dm=0 if dact is None else dact.stride(0), **consts)
     if per_sm and key not in _FITS:
         _FITS[key] = min(per_sm, resident(kernel.n_regs, kernel.metadata.shared, num_warps, sm_regs, sm_shared,
                                           sm_threads))
@@ -347,7 +391,7 @@ _INT_ARGS = ("M", "K", "stride_xm", "stride_qm", "stride_sm", "stride_sk", "stri
 def compile_offline(dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = False, cast: int = 0,
                     config: tuple[int, int, int] | None = None, amax_floor: float = AMAX_FLOOR, capability: int = 90,
                     swizzle_rows: int = SWIZZLE_ROWS, row_bound: bool = False, gather: bool = False,
-                    weighted: bool = False):
+                    weighted: bool = False, dact: bool = False):
     """Compile the kernel for ``sm_{capability}`` without a GPU and return Triton's compiled kernel (its
     ``.asm["ptx"]``). Integers are specialised as Triton does for sizes divisible by 16. Needs a process without
     ``TRITON_INTERPRET`` (the kernel calls ``fp8_quant``'s jit functions, which the interpreter replaces).
@@ -366,13 +410,20 @@ def compile_offline(dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = Fals
         signature["bound_ptr"] = "*i32"
     else:
         signature["bound_ptr"], meta["bound_ptr"] = "constexpr", None
-    for name, kind, given in (("src_ptr", "*i32", gather), ("w_ptr", "*fp32", gather and weighted)):
+    for name, kind, given in (("src_ptr", "*i32", gather), ("w_ptr", "*fp32", gather and weighted),
+                              ("dact_ptr", f"*{names[dtype]}", dact)):
         if given:
             signature[name] = kind
         else:
             signature[name], meta[name] = "constexpr", None
+    signature["stride_dm"] = "i32" if dact else "constexpr"
+    if not dact:
+        meta["stride_dm"] = 0
     # what the JIT assumes of a 16-byte-aligned pointer and an integer divisible by 16 (the stride of x along K is
     # not an argument: it is 1)
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5 + len(_INT_ARGS))}
+    if dact:  # d act's pointer and row stride, as the JIT sees V3's (2048 columns)
+        names_in_order = list(_quant_both_gluon_kernel.arg_names)
+        attrs |= {(names_in_order.index(n),): [["tt.divisibility", 16]] for n in ("dact_ptr", "stride_dm")}
     src = GluonASTSource(_quant_both_gluon_kernel, signature, meta, attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})

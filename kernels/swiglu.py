@@ -17,6 +17,7 @@ from .fp8_quant import (
     empty_cols_t_output,
     empty_rows_output,
     past_bound,
+    quant_act_both,
     store_cols_t,
     store_rows,
 )
@@ -78,6 +79,17 @@ def _swiglu_quant_t_kernel(
 
 
 @triton.jit
+def swiglu_grads(gate, up, dact):
+    """(d gate, d up) in FP32 from gate, up and d act (FP32): the backward of ``silu(gate) * up``. One function for
+    ``_swiglu_bwd_kernel`` and the Gluon cast that quantises it (``fp8_quant_gluon``), so both give the same bits."""
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    dgate = dact * up * sig * (1.0 + gate * (1.0 - sig))  # d silu / d gate = sig (1 + g (1 - sig))
+    dup = dact * silu
+    return dgate, dup
+
+
+@triton.jit
 def _swiglu_bwd_kernel(
     # pointers: h (M, 2I), d act (M, I), d h (M, 2I), the rows in use (1,) int32 or None
     h_ptr, dact_ptr, dh_ptr, bound_ptr,
@@ -94,10 +106,7 @@ def _swiglu_bwd_kernel(
     gate, up, rows, cols, mask = _load_gate_up(h_ptr, M, I, stride_hm, BLOCK_R, BLOCK_C)
     dact = tl.load(dact_ptr + rows[:, None].to(tl.int64) * stride_dm + cols[None, :], mask=mask,
                    other=0.0).to(tl.float32)
-    sig = tl.sigmoid(gate)
-    silu = gate * sig
-    dgate = dact * up * sig * (1.0 + gate * (1.0 - sig))  # d silu / d gate = sig (1 + g (1 - sig))
-    dup = dact * silu
+    dgate, dup = swiglu_grads(gate, up, dact)
     dh_ptrs = dh_ptr + rows[:, None].to(tl.int64) * stride_dhm + cols[None, :]
     tl.store(dh_ptrs, cast_for_store(dgate, dh_ptr.dtype.element_ty), mask=mask)
     tl.store(dh_ptrs + I, cast_for_store(dup, dh_ptr.dtype.element_ty), mask=mask)
@@ -161,6 +170,35 @@ def swiglu_backward(h: torch.Tensor, dact: torch.Tensor, row_bound: torch.Tensor
     _swiglu_bwd_kernel[grid](h, dact, dh, row_bound, h.shape[0], I, h.stride(0), dact.stride(0), dh.stride(0),
                              BLOCK_R=_BLOCK_R, BLOCK_C=TILE)
     return dh
+
+
+# Whether ``swiglu_backward_quant_both`` runs the Gluon kernel on a Hopper GPU (``fp8_quant_gluon``, its ``dact``
+# mode): d h computed tile by tile and quantised both ways from shared memory, never stored in BF16. False: the
+# backward, then ``quant_act_both`` (the same bits).
+BACKWARD_BOTH = True
+
+
+def swiglu_backward_quant_both(h: torch.Tensor, dact: torch.Tensor, pow2_scale: bool = False,
+                               amax_floor: float = AMAX_FLOOR, row_bound: torch.Tensor | None = None,
+                               out_t: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """``quant_act_both(swiglu_backward(h, dact, row_bound), row_bound=row_bound)`` bit for bit: d h (M, 2I) in 1x128
+    tiles for the gate_up Dgrad and, transposed, in 128x1 tiles for its Wgrad (the routed experts' backward,
+    ``model.fused_experts``). Where ``BACKWARD_BOTH``, the Gluon kernel runs (``fp8_quant_gluon.runs_on``) and I is a
+    multiple of 128, each 128x128 tile of d h is computed from h and d act and quantised both ways in one pass:
+    d h is never stored in BF16 (one write and one read of (M, 2I) fewer); else the two passes. ``out_t``: the
+    transposed pair into the caller's buffers (``fp8_quant.check_out_t``)."""
+    I = _check_h(h)
+    if tuple(dact.shape) != (h.shape[0], I) or dact.stride(1) != 1 or dact.dtype != h.dtype:
+        raise ValueError(f"dact must be {(h.shape[0], I)} {h.dtype} with unit column stride, got "
+                         f"{tuple(dact.shape)} {dact.dtype}")
+    if BACKWARD_BOTH and I % TILE == 0:
+        from . import fp8_quant_gluon  # imports the GEMMs: not at the top
+
+        if fp8_quant_gluon.runs_on(h):
+            return fp8_quant_gluon.quant_act_both_gluon(h, pow2_scale, amax_floor, row_bound=row_bound, dact=dact,
+                                                        out_t=out_t)
+    return quant_act_both(swiglu_backward(h, dact, row_bound), pow2_scale, amax_floor, row_bound=row_bound,
+                          out_t=out_t)
 
 
 class SwiGLUFunction(torch.autograd.Function):

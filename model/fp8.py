@@ -52,6 +52,7 @@ from moeplan.kernels.fp8_quant import (
 )
 from moeplan.kernels.grouped_gemm import grouped_gemm_fp8, grouped_wgrad_fp8
 from moeplan.kernels.moe_permute import moe_permute_quant_both
+from moeplan.kernels.swiglu import swiglu_backward_quant_both
 from moeplan.kernels.triton_compat import INTERPRET
 from moeplan.model.grouped_mm import reference_grouped_mm, reference_grouped_weight_grad
 
@@ -226,7 +227,11 @@ class Fp8Ops:
     - ``permute_quant_both(x, plan, row_weights)``: ``quant_act_both`` of ``moe_permute(x, plan, row_weights=...)``
       bit for bit (the plan's ``row_bound`` passed on), the permuted rows possibly never stored
       (``kernels.moe_permute.moe_permute_quant_both``), or None: the combine's backward then permutes, then
-      quantises.
+      quantises;
+    - ``swiglu_backward_quant_both(h, dact, row_bound=...)``: ``quant_act_both`` of
+      ``kernels.swiglu.swiglu_backward(h, dact)`` bit for bit, d h possibly never stored
+      (``kernels.swiglu.swiglu_backward_quant_both``), or None: the experts' backward then computes d h, then
+      quantises it.
     """
 
     block: int
@@ -241,6 +246,8 @@ class Fp8Ops:
                                                    tuple[torch.Tensor, torch.Tensor]]] | None = None
     permute_quant_both: Callable[..., tuple[tuple[torch.Tensor, torch.Tensor],
                                             tuple[torch.Tensor, torch.Tensor]]] | None = None
+    swiglu_backward_quant_both: Callable[..., tuple[tuple[torch.Tensor, torch.Tensor],
+                                                    tuple[torch.Tensor, torch.Tensor]]] | None = None
 
 
 def _reference_grouped(a, a_scale, b, b_scale, offs, out_dtype, host_counts=None, *, block):
@@ -408,6 +415,7 @@ def kernel_ops() -> Fp8Ops:
         grouped_contiguous=_kernel_grouped_contiguous,
         quant_act_both=partial(quant_act_both, amax_floor=MIN_AMAX),
         permute_quant_both=partial(moe_permute_quant_both, amax_floor=MIN_AMAX),
+        swiglu_backward_quant_both=partial(swiglu_backward_quant_both, amax_floor=MIN_AMAX),
     )
 
 

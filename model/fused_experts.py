@@ -136,12 +136,17 @@ class FusedExpertsFn(torch.autograd.Function):
         grad_act = _dgrad(ctx, grad_y, ctx.down, gy_rows, grad_out.dtype)  # (M_pad, I)
         # Step 3: SwiGLU from its saved input, then gate_up; its input, the permuted rows, gathered again
         # (FP8: gathered straight into 128x1 tiles).
-        grad_h = swiglu_backward(h, grad_act, row_bound=bound)  # (M_pad, 2I)
-        gh_rows, gh_t = _quant_both(ctx, 2, grad_h, gh_out)
+        # With an FP8 backward whose ops quantise d h as they compute it (``swiglu_backward_quant_both``), d h comes
+        # out in both tilings only, never stored in BF16 (grad_h None).
+        grad_h = None
+        gh_rows, gh_t = _swiglu_backward_quant_both(ctx, 2, h, grad_act, gh_out)
+        if gh_rows is None:
+            grad_h = swiglu_backward(h, grad_act, row_bound=bound)  # (M_pad, 2I)
+            gh_rows, gh_t = _quant_both(ctx, 2, grad_h, gh_out)
         grad_gate_up = _weight_grad(ctx, 2, ctx.gate_up, grad_h, lambda: moe_permute(x, plan),
                                     lambda: moe_permute(x, plan, quantize="128x1_t", amax_floor=MIN_AMAX, out=x_out),
                                     gh_t, slot)
-        grad_rows = _dgrad(ctx, grad_h, ctx.gate_up, gh_rows)  # (M_pad, d)
+        grad_rows = _dgrad(ctx, grad_h, ctx.gate_up, gh_rows, grad_out.dtype)  # (M_pad, d)
         # Step 4: the permute's backward: each token's rows summed.
         grad_x = moe_unpermute(grad_rows, plan) if ctx.needs_input_grad[0] else None
         return grad_x, grad_w, grad_gate_up, grad_down, *(None,) * 7
@@ -200,6 +205,17 @@ def _permute_quant_both(ctx, index: int, grad_out: torch.Tensor, row_weights: to
     if not (ctx.fp8_backward and ctx.needs_input_grad[index] and getattr(ops, "permute_quant_both", None) is not None):
         return None, None
     return ops.permute_quant_both(grad_out, ctx.plan, row_weights, **_out_t(out_t))
+
+
+def _swiglu_backward_quant_both(ctx, index: int, h: torch.Tensor, grad_act: torch.Tensor, out_t=None):
+    """SwiGLU's backward, ``swiglu_backward(h, grad_act)``, straight into the 1x128 and 128x1 tiles that
+    ``_quant_both`` would make of it (``Fp8Ops.swiglu_backward_quant_both``), where the ops have it and both tilings
+    are wanted; else (None, None). ``out_t`` as ``_quant_both``'s."""
+    ops = ctx.ops
+    if not (ctx.fp8_backward and ctx.needs_input_grad[index]
+            and getattr(ops, "swiglu_backward_quant_both", None) is not None):
+        return None, None
+    return ops.swiglu_backward_quant_both(h, grad_act, **_bounded(ctx.plan), **_out_t(out_t))
 
 
 def _out_t(out_t) -> dict:

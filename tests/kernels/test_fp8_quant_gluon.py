@@ -320,3 +320,86 @@ def test_the_gather_is_the_permute_then_the_cast_bit_for_bit(weighted, config, m
         monkeypatch.setattr(fp8_quant_gluon, "CONFIGS", [config, *fp8_quant_gluon.CONFIGS])  # the kernel's default
         got = mp.moe_permute_quant_both(x, plan, row_weights=w, amax_floor=1e-12)
         _same_both(got, want, plan.num_rows if plan.rows_bound is None else int(plan.rows_bound), plan.num_rows)
+
+
+_DH_SCRIPT = """
+import json, sys
+import torch
+from moeplan.kernels import fp8_quant_gluon
+out = {}
+for bound in (False, True):
+    out[str(int(bound))] = fp8_quant_gluon.compile_offline(torch.bfloat16, row_bound=bound, dact=True).asm["ptx"]
+print(json.dumps(out))
+"""
+
+
+@needs_gluon
+def test_the_swiglu_backward_reads_h_and_dact_once_without_spills(tmp_path):
+    """``quant_act_both_gluon(h, dact=...)`` (SwiGLU's backward quantised both ways) compiled for sm_90a, with and
+    without a row bound: each thread's share of the tile's gate, up and d act columns loaded once (three 16-byte
+    vectors for each of the tile's 16-byte pieces), the sigmoid's exponential once an element, d h rounded to bf16
+    (``cvt.rn``) before shared memory as ``swiglu_backward`` stores it, each piece stored into shared memory once;
+    no spills, and few enough registers for two programs an SM."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-P", "-c", _DH_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for bound, ptx in json.loads(res.stdout).items():
+        report, sass = _sass(ptx, tmp_path)
+        assert "0 bytes spill stores, 0 bytes spill loads" in report, report
+        regs = int(re.search(r"Used (\d+) registers", report).group(1))
+        assert fp8_quant_gluon.resident(regs, 32768, 8) >= 2, regs
+        vectors = 128 * 128 * 2 // 16 // (32 * 8)  # 16-byte pieces of the tile a thread
+        assert _count(r"ld\.global\.v4\.b32", ptx) == 3 * vectors, "h or d act read more than once"
+        assert _count(r"ex2\.approx", ptx) == 128 * 128 // (32 * 8), "one exponential an element"
+        assert "cvt.rn.bf16x2.f32" in ptx
+        assert _count(r"st\.shared\.v4\.b32", ptx) == vectors
+
+
+def test_swiglu_backward_quant_both_is_the_backward_then_the_cast(device):
+    """``swiglu_backward_quant_both`` (the fallback here, and wherever the Gluon kernel does not run) is
+    ``swiglu_backward``, then ``quant_act_both`` with the same bound; a d act of another shape or dtype is one
+    error."""
+    from moeplan.kernels.swiglu import swiglu_backward, swiglu_backward_quant_both
+
+    M, inner = 300, 128
+    h = test_kernels.rand(M, 2 * inner, seed=81, device=device, dtype=torch.bfloat16)
+    dact = test_kernels.rand(M, inner, seed=82, device=device, dtype=torch.bfloat16)
+    bound = torch.tensor([256], dtype=torch.int32, device=device)  # a plan's bound: whole 128-row tiles
+    got = swiglu_backward_quant_both(h, dact, amax_floor=1e-12, row_bound=bound)
+    want = quant_act_both(swiglu_backward(h, dact, bound), amax_floor=1e-12, row_bound=bound)
+    _same_both(got, want, 256, M)
+    with pytest.raises(ValueError, match="dact must be"):
+        swiglu_backward_quant_both(h, dact[:, :-1])
+    with pytest.raises(ValueError, match="dact must be"):
+        swiglu_backward_quant_both(h, dact.float())
+
+
+@pytest.mark.gpu
+@on_hopper
+def test_the_swiglu_backward_is_the_backward_then_the_cast_bit_for_bit(monkeypatch):
+    """On the GPU, the Gluon kernel's SwiGLU backward (``swiglu.BACKWARD_BOTH``) against ``swiglu_backward`` then
+    ``quant_act_both``: V3's expert rows (34,560 x 2 x 2048), ragged rows (300) with and without a row bound (the
+    tail past it untouched), and the transposed pair written into a wider stash's columns."""
+    from moeplan.kernels import swiglu as sw
+
+    for M, inner, bound in ((34560, 2048, None), (300, 256, None), (300, 256, 256)):
+        h = test_kernels.rand(M, 2 * inner, seed=83, device="cuda", dtype=torch.bfloat16) * 4
+        dact = test_kernels.rand(M, inner, seed=84, device="cuda", dtype=torch.bfloat16)
+        row_bound = None if bound is None else torch.tensor([bound], dtype=torch.int32, device="cuda")
+        monkeypatch.setattr(sw, "BACKWARD_BOTH", False)
+        want = sw.swiglu_backward_quant_both(h, dact, amax_floor=1e-12, row_bound=row_bound)
+        monkeypatch.setattr(sw, "BACKWARD_BOTH", True)
+        got = sw.swiglu_backward_quant_both(h, dact, amax_floor=1e-12, row_bound=row_bound)
+        _same_both(got, want, M if bound is None else bound, M)
+    pitch = M + 512  # a stash of two slots: this one's columns start at 384
+    stash_q = torch.full((2 * inner, pitch), 7, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    stash_s = torch.full((2 * inner, pitch // 128 + 1), -1.0, device="cuda")
+    cols = slice(384, 384 + M)
+    out_t = (stash_q[:, cols], stash_s[:, 3:3 + -(-M // 128)])
+    got = sw.swiglu_backward_quant_both(h, dact, amax_floor=1e-12, out_t=out_t)
+    monkeypatch.setattr(sw, "BACKWARD_BOTH", False)
+    want = sw.swiglu_backward_quant_both(h, dact, amax_floor=1e-12)
+    assert torch.equal(got[1][0].view(torch.uint8), want[1][0].view(torch.uint8))
+    assert torch.equal(got[1][1], want[1][1])
+    assert bool((stash_q.view(torch.uint8)[:, :384] == 7).all()) and bool((stash_s[:, :3] == -1).all())

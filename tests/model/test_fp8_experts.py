@@ -176,6 +176,37 @@ def test_the_combines_backward_quantised_as_it_permutes_gives_the_same_bits(devi
     assert permutes == [2, 3], permutes  # forward and gate_up's Wgrad input; without: the combine's backward too
 
 
+def test_swiglus_backward_quantised_as_it_is_computed_gives_the_same_bits(device, monkeypatch):
+    """The FP8 backward with the ops' ``swiglu_backward_quant_both`` (d h computed and quantised both ways in one
+    pass; on a Hopper GPU the Gluon kernel, ``swiglu.BACKWARD_BOTH``) and without it (``swiglu_backward``, then
+    ``quant_act_both``): the same bits, forward and backward, on a worst-case plan; only the path without it calls
+    ``swiglu_backward`` (d h stored in BF16)."""
+    from moeplan.kernels import swiglu as sw
+    from moeplan.model import fused_experts
+
+    monkeypatch.setattr(sw, "BACKWARD_BOTH", ON_GPU)
+    E, d, inter, n = (6, 128, 128, 24) if not ON_GPU else (32, 7168, 2048, 4096)
+    token_of_pair, expert_of_pair, weight0 = _ragged_pairs(n, E, device)
+    plan = make_pair_plan(token_of_pair, expert_of_pair, n, E)
+    x0 = rand(n, d, seed=36, device=device, dtype=torch.bfloat16)
+    dy = rand(n, d, seed=37, device=device, dtype=torch.bfloat16)
+    results, backwards = [], []
+    for ops in (kernel_ops(), replace(kernel_ops(), swiglu_backward_quant_both=None)):
+        experts = _experts(ops, True, E, d, inter, device)
+        calls = []
+        monkeypatch.setattr(fused_experts, "swiglu_backward",
+                            lambda *a, _f=sw.swiglu_backward, _c=calls, **k: _c.append(1) or _f(*a, **k))
+        x, weight = x0.clone().requires_grad_(True), weight0.clone().requires_grad_(True)
+        gate_up, down = (w.detach().clone().requires_grad_(True) for w in (experts.gate_up_proj, experts.down_proj))
+        out = FusedExpertsFn.apply(x, weight, gate_up, down, plan, experts.fp8, True, None, None, x.is_cuda)
+        out.backward(dy)
+        results.append((out, x.grad, weight.grad, gate_up.grad, down.grad))
+        backwards.append(len(calls))
+    for name, got, want in zip(("out", "dx", "dweight", "dgate_up", "ddown"), *results):
+        assert rel_err(got, want) < 1 and torch.equal(got, want), name
+    assert backwards == [0, 1], backwards
+
+
 # What each spied function returns: (name, transposed), transposed: the rows of the layout are its columns.
 _SPIED = {"moe_permute": False, "swiglu": False, "swiglu_quant_t": True, "swiglu_backward": False}
 
@@ -203,7 +234,8 @@ def test_fused_fp8_experts_leave_every_tail_unwritten(device, monkeypatch):
     ops = replace(ops, quant_act=spy("quant_act", ops.quant_act, False),
                   quant_act_t=spy("quant_act_t", ops.quant_act_t, True),
                   quant_act_both=spy("quant_act_both", ops.quant_act_both, None),
-                  permute_quant_both=spy("permute_quant_both", ops.permute_quant_both, None))
+                  permute_quant_both=spy("permute_quant_both", ops.permute_quant_both, None),
+                  swiglu_backward_quant_both=spy("swiglu_backward_quant_both", ops.swiglu_backward_quant_both, None))
     experts = _experts(ops, True, E, d, inter, device)
     experts.host_counts = False
     _, got = _run(experts, rand(n, d, seed=34, device=device, dtype=torch.bfloat16), pairs,
@@ -211,14 +243,15 @@ def test_fused_fp8_experts_leave_every_tail_unwritten(device, monkeypatch):
     assert all(torch.isfinite(g).all() for g in got)  # nothing past the bound reached the results
     names = sorted(name for name, *_ in calls)
     # permute: forward and gate_up's Wgrad input; the combine's backward quantised as it permutes; SwiGLU's
-    # gradient quantised both ways
-    assert names == sorted(["moe_permute"] * 2 + ["swiglu", "swiglu_quant_t", "swiglu_backward"]
-                           + ["quant_act_both", "permute_quant_both"]), names
+    # gradient quantised both ways as it is computed
+    assert names == sorted(["moe_permute"] * 2 + ["swiglu", "swiglu_quant_t"]
+                           + ["permute_quant_both", "swiglu_backward_quant_both"]), names
     num_rows = calls[0][1][0].shape[0]
     assert bound < num_rows
     for name, out, transposed in calls:
         parts = [(out, transposed)] if isinstance(out, torch.Tensor) else [(t, transposed) for t in out]
-        if name in ("quant_act_both", "permute_quant_both"):  # ((values, scales) 1x128, (same) 128x1 transposed)
+        if name in ("quant_act_both", "permute_quant_both", "swiglu_backward_quant_both"):  # ((values, scales) 1x128,
+            # (same) 128x1 transposed)
             parts = [(t, False) for t in out[0]] + [(t, True) for t in out[1]]
         for t, t_transposed in parts:
             rows = t.t() if t_transposed else t  # (rows, ...) or (tiles of 128 rows, ...)
