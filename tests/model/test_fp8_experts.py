@@ -145,34 +145,45 @@ def test_fused_fp8_experts_equal_with_and_without_the_row_bound(device, fp8_back
         assert rel_err(got, want) < 1 and torch.equal(got, want), name  # rel_err: finite, nothing left poisoned
 
 
+def _with_and_without(device, field: str, spied: str, seeds: tuple[int, int]) -> list[int]:
+    """The FP8 backward of a worst-case plan with the ops' ``field`` and with it None: the same bits, forward and
+    backward (asserted); returns how often each run called ``fused_experts``'s ``spied`` function."""
+    from moeplan.model import fused_experts
+
+    E, d, inter, n = (6, 128, 128, 24) if not ON_GPU else (32, 7168, 2048, 4096)
+    token_of_pair, expert_of_pair, weight0 = _ragged_pairs(n, E, device)
+    plan = make_pair_plan(token_of_pair, expert_of_pair, n, E)
+    x0 = rand(n, d, seed=seeds[0], device=device, dtype=torch.bfloat16)
+    dy = rand(n, d, seed=seeds[1], device=device, dtype=torch.bfloat16)
+    results, counts = [], []
+    for ops in (kernel_ops(), replace(kernel_ops(), **{field: None})):
+        experts = _experts(ops, True, E, d, inter, device)
+        calls = []
+        with pytest.MonkeyPatch.context() as spy:
+            spy.setattr(fused_experts, spied,
+                        lambda *a, _f=getattr(fused_experts, spied), _c=calls, **k: _c.append(1) or _f(*a, **k))
+            x, weight = x0.clone().requires_grad_(True), weight0.clone().requires_grad_(True)
+            gate_up, down = (w.detach().clone().requires_grad_(True)
+                             for w in (experts.gate_up_proj, experts.down_proj))
+            out = FusedExpertsFn.apply(x, weight, gate_up, down, plan, experts.fp8, True, None, None, x.is_cuda)
+            out.backward(dy)
+        results.append((out, x.grad, weight.grad, gate_up.grad, down.grad))
+        counts.append(len(calls))
+    for name, got, want in zip(("out", "dx", "dweight", "dgate_up", "ddown"), *results):
+        assert rel_err(got, want) < 1 and torch.equal(got, want), name
+    return counts
+
+
 def test_the_combines_backward_quantised_as_it_permutes_gives_the_same_bits(device, monkeypatch):
     """The FP8 backward with the ops' ``permute_quant_both`` (the combine's backward gathered straight into both
     tilings; on a Hopper GPU the Gluon gather, ``moe_permute.PERMUTE_BOTH``) and without it (the permute, then
     ``quant_act_both``): the same bits, forward and backward, on a worst-case plan; and only the path with it
     leaves the permuted gradient unstored (``moe_permute`` called once fewer)."""
     from moeplan.kernels import moe_permute as mp
-    from moeplan.model import fused_experts
 
-    monkeypatch.setattr(mp, "PERMUTE_BOTH", ON_GPU)
-    E, d, inter, n = (6, 128, 128, 24) if not ON_GPU else (32, 7168, 2048, 4096)
-    token_of_pair, expert_of_pair, weight0 = _ragged_pairs(n, E, device)
-    plan = make_pair_plan(token_of_pair, expert_of_pair, n, E)
-    x0 = rand(n, d, seed=34, device=device, dtype=torch.bfloat16)
-    dy = rand(n, d, seed=35, device=device, dtype=torch.bfloat16)
-    results, permutes = [], []
-    for ops in (kernel_ops(), replace(kernel_ops(), permute_quant_both=None)):
-        experts = _experts(ops, True, E, d, inter, device)
-        calls = []
-        monkeypatch.setattr(fused_experts, "moe_permute",
-                            lambda *a, _f=mp.moe_permute, _c=calls, **k: _c.append(1) or _f(*a, **k))
-        x, weight = x0.clone().requires_grad_(True), weight0.clone().requires_grad_(True)
-        gate_up, down = (w.detach().clone().requires_grad_(True) for w in (experts.gate_up_proj, experts.down_proj))
-        out = FusedExpertsFn.apply(x, weight, gate_up, down, plan, experts.fp8, True, None, None, x.is_cuda)
-        out.backward(dy)
-        results.append((out, x.grad, weight.grad, gate_up.grad, down.grad))
-        permutes.append(len(calls))
-    for name, got, want in zip(("out", "dx", "dweight", "dgate_up", "ddown"), *results):
-        assert rel_err(got, want) < 1 and torch.equal(got, want), name
+    with monkeypatch.context() as m:
+        m.setattr(mp, "PERMUTE_BOTH", ON_GPU)
+        permutes = _with_and_without(device, "permute_quant_both", "moe_permute", (34, 35))
     assert permutes == [2, 3], permutes  # forward and gate_up's Wgrad input; without: the combine's backward too
 
 
@@ -182,28 +193,10 @@ def test_swiglus_backward_quantised_as_it_is_computed_gives_the_same_bits(device
     ``quant_act_both``): the same bits, forward and backward, on a worst-case plan; only the path without it calls
     ``swiglu_backward`` (d h stored in BF16)."""
     from moeplan.kernels import swiglu as sw
-    from moeplan.model import fused_experts
 
-    monkeypatch.setattr(sw, "BACKWARD_BOTH", ON_GPU)
-    E, d, inter, n = (6, 128, 128, 24) if not ON_GPU else (32, 7168, 2048, 4096)
-    token_of_pair, expert_of_pair, weight0 = _ragged_pairs(n, E, device)
-    plan = make_pair_plan(token_of_pair, expert_of_pair, n, E)
-    x0 = rand(n, d, seed=36, device=device, dtype=torch.bfloat16)
-    dy = rand(n, d, seed=37, device=device, dtype=torch.bfloat16)
-    results, backwards = [], []
-    for ops in (kernel_ops(), replace(kernel_ops(), swiglu_backward_quant_both=None)):
-        experts = _experts(ops, True, E, d, inter, device)
-        calls = []
-        monkeypatch.setattr(fused_experts, "swiglu_backward",
-                            lambda *a, _f=sw.swiglu_backward, _c=calls, **k: _c.append(1) or _f(*a, **k))
-        x, weight = x0.clone().requires_grad_(True), weight0.clone().requires_grad_(True)
-        gate_up, down = (w.detach().clone().requires_grad_(True) for w in (experts.gate_up_proj, experts.down_proj))
-        out = FusedExpertsFn.apply(x, weight, gate_up, down, plan, experts.fp8, True, None, None, x.is_cuda)
-        out.backward(dy)
-        results.append((out, x.grad, weight.grad, gate_up.grad, down.grad))
-        backwards.append(len(calls))
-    for name, got, want in zip(("out", "dx", "dweight", "dgate_up", "ddown"), *results):
-        assert rel_err(got, want) < 1 and torch.equal(got, want), name
+    with monkeypatch.context() as m:
+        m.setattr(sw, "BACKWARD_BOTH", ON_GPU)
+        backwards = _with_and_without(device, "swiglu_backward_quant_both", "swiglu_backward", (36, 37))
     assert backwards == [0, 1], backwards
 
 
