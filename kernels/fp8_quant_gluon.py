@@ -70,6 +70,10 @@ CONFIGS = [(8, 32, 0), (4, 32, 0), (8, 64, 0), (8, 32, 2), (4, 32, 3)]
 SWIZZLE_ROWS = 4  # rows that share a swizzle phase: the columns' read gives each lane 4 consecutive rows
 PHASES = 8  # 16-byte chunks in a 128-byte bank row
 M_PER_THREAD = 4  # consecutive rows of x (bytes of a row of x^T) a thread of the columns' pass holds
+# Registers a thread may take (ptxas's maxnreg), None: as many as it wants (104 at the default config: two 8-warp
+# programs an SM). 80 compiles without spilling for every mode (plain, gather, SwiGLU's backward; 72 spills): three
+# programs an SM.
+MAX_REGS: int | None = None
 
 
 if HAVE_GLUON:
@@ -367,7 +371,7 @@ def quant_act_both_gluon(
         grid = (min(grid[0] * grid[1], _FITS.get(key, per_sm) * sms),)
     kernel = _quant_both_gluon_kernel[grid](
         x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), qt.stride(0), st.stride(0),
-        st.stride(1), num_warps=num_warps, bound_ptr=row_bound, src_ptr=gather, w_ptr=row_weights, dact_ptr=dact,
+        st.stride(1), num_warps=num_warps, maxnreg=MAX_REGS, bound_ptr=row_bound, src_ptr=gather, w_ptr=row_weights, dact_ptr=dact,
         stride_dm=0 if dact is None else dact.stride(0), **consts)
     if per_sm and key not in _FITS:
         _FITS[key] = min(per_sm, resident(kernel.n_regs, kernel.metadata.shared, num_warps, sm_regs, sm_shared,
