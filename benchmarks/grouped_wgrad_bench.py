@@ -19,7 +19,9 @@ checked against old + product. Then the same for V3's dense linears (``DENSE_OLD
 Last, S micro-batches' expert Wgrads into one main gradient: S launches of one segment table against one launch of
 S tables (``seg_offsets`` (S, E + 1)).
 ``--tall``: the same Wgrads (the experts' at S = 1 and 4 tables, each old-value path; V3's dense linears) with
-128-row output tiles against 256-row ones (``fp8_gemm_ws.WGRAD_BLOCK_M``), each result compared bit for bit.
+128-row output tiles against 256-row ones (``block_m``; ``fp8_gemm_ws.TALL_DENSE``, ``TALL_MIN_SEGMENTS`` and
+``TALL_OLD_VALUES`` choose by default), each result (one launch into a fresh copy of the main gradient) compared bit
+for bit.
 """
 
 from __future__ import annotations
@@ -175,20 +177,22 @@ def tile_heights() -> None:
             b_t, sb_t = quant_act_128x1_t(torch.randn(start, n, device="cuda", dtype=torch.bfloat16))
             flops = 2 * m * n * start  # padded rows: the same for both heights
             old = torch.randn(EXPERTS, m, n, device="cuda")
-            default = fp8_gemm_ws.OLD_VALUES
+            default, tall_default = fp8_gemm_ws.OLD_VALUES, fp8_gemm_ws.TALL_OLD_VALUES
             cells = []
             for path in fp8_gemm_ws.OLD_VALUE_PATHS:
                 fp8_gemm_ws.OLD_VALUES = path
                 outs, ms = [], []
                 for block_m in (128, 256):
+                    fp8_gemm_ws.TALL_OLD_VALUES = path
                     run = functools.partial(fp8_gemm_ws.fp8_wgrad_ws, a_t, sa_t, b_t, sb_t, tables,
                                             accumulate_into=old.clone(), block_m=block_m)
-                    outs.append(run())
+                    outs.append(fp8_gemm_ws.fp8_wgrad_ws(a_t, sa_t, b_t, sb_t, tables, accumulate_into=old.clone(),
+                                                         block_m=block_m))  # once, for the bits
                     ms.append(timed(run) / count)
                 same = torch.equal(outs[0], outs[1])
                 cells.append(f"{path} {ms[0]:.3f} -> {ms[1]:.3f} ms ({flops / count / ms[1] / 1e9:.0f} TFLOPS, "
                              f"{'same bits' if same else 'DIFFERENT'})")
-            fp8_gemm_ws.OLD_VALUES = default
+            fp8_gemm_ws.OLD_VALUES, fp8_gemm_ws.TALL_OLD_VALUES = default, tall_default
             plain = [timed(functools.partial(fp8_gemm_ws.fp8_wgrad_ws, a_t, sa_t, b_t, sb_t, tables, block_m=bm)) /
                      count for bm in (128, 256)]
             print(f"tall {name} ({m} x {n}), {count} table(s), a micro-batch, 128 -> 256 rows: " + "; ".join(cells)
@@ -200,10 +204,14 @@ def tile_heights() -> None:
         old = torch.randn(m, n, device="cuda")
         row = []
         outs = []
+        if m % 256:
+            print(f"tall dense {name} ({m} x {n}): M not a multiple of 256, 128-row tiles only")
+            continue
         for block_m in (128, 256):
             run = functools.partial(fp8_gemm_ws.fp8_gemm_ws, a_t, sa_t, b_t, sb_t, torch.float32,
                                     accumulate_into=old.clone(), block_m=block_m)
-            outs.append(run())
+            outs.append(fp8_gemm_ws.fp8_gemm_ws(a_t, sa_t, b_t, sb_t, torch.float32, accumulate_into=old.clone(),
+                                                block_m=block_m))
             row.append(timed(run))
         for block_m in (128, 256):
             row.append(timed(functools.partial(fp8_gemm_ws.fp8_gemm_ws, a_t, sa_t, b_t, sb_t, torch.float32,

@@ -119,10 +119,21 @@ OLD_VALUES = "tma"
 DENSE_OLD_VALUES: str | None = "reduce"
 # Rows of a weight gradient's output tile (1x128-row B scales, whose tiles are 128 wide): 128 (each math warpgroup
 # 64 rows) or 256, the "tall" tile (each math warpgroup two 64-row pieces sharing B's tile and column scales: the
-# same operand bytes per FLOP as the forward's 128 x 256 tiles, whose 256-wide counterpart here spills). A
-# K-grouped launch whose M is not a multiple of 256 takes 128 (a tile may not straddle two experts). Tall tiles
-# have no "tma" old-value path (their two pieces share the output buffer): they take "l2" for it.
-WGRAD_BLOCK_M = 128
+# same operand bytes per FLOP as the forward's 128 x 256 tiles, whose 256-wide counterpart here spills). Only where M
+# is a multiple of 256 (no tile straddles two experts, and no dense tile is a quarter empty). Tall tiles have no
+# "tma" old-value path (their two pieces share the output buffer): "tma" becomes "l2" there.
+# Which launches take them by default, from benchmarks/grouped_wgrad_bench.py --tall (H100, 2026-12-07 15:15 UTC,
+# into FP32 main gradients, a micro-batch; the same bits, tests/kernels/test_fp8_gemm_ws.py):
+# - the experts' K-grouped Wgrads of TALL_MIN_SEGMENTS or more segment tables (micro-batches), their old values by
+#   TALL_OLD_VALUES: at 4 tables gate_up 2.643 ms (128 rows, "tma") -> 2.300 ms (256 rows, "reduce"), down 1.359 ->
+#   1.229 ms; at one table tall tiles are slower by every path (gate_up 4.005 "tma" -> 4.482 at best, "reduce"),
+#   since each tile then runs only ~8 K blocks between two epilogues;
+# - the dense Wgrads (``TALL_DENSE``): V3's seven of a layer 2.427 -> 2.314 ms, o_proj 1.225 -> 1.145, q_b 0.380 ->
+#   0.364, kv_b 0.181 -> 0.164; kv_a (M = 576) and the shared down (7168 x 2048) were slower tall (0.066 -> 0.075,
+#   0.150 -> 0.158): the first is not a multiple of 256, the second is within noise.
+TALL_DENSE = True
+TALL_MIN_SEGMENTS = 2
+TALL_OLD_VALUES = "reduce"
 
 
 if HAVE_GLUON:
@@ -652,10 +663,15 @@ def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, gr
 
 
 def _old_value_path(block_n: int, grouped_k: bool = False, block_m: int = TILE) -> int:
-    """The ACCUMULATE constexpr of ``OLD_VALUES`` (of ``DENSE_OLD_VALUES``, where set, unless ``grouped_k``) at tile
-    width ``block_n`` and height ``block_m`` ("tma" needs 128 x 128 tiles)."""
-    name, path = ("OLD_VALUES", OLD_VALUES) if grouped_k or DENSE_OLD_VALUES is None else \
-        ("DENSE_OLD_VALUES", DENSE_OLD_VALUES)
+    """The ACCUMULATE constexpr of ``OLD_VALUES`` (of ``DENSE_OLD_VALUES``, where set, unless ``grouped_k``; of
+    ``TALL_OLD_VALUES``, where set, for K-grouped tall tiles) at tile width ``block_n`` and height ``block_m``
+    ("tma" needs 128 x 128 tiles)."""
+    if grouped_k and block_m != TILE and TALL_OLD_VALUES is not None:
+        name, path = "TALL_OLD_VALUES", TALL_OLD_VALUES
+    elif grouped_k or DENSE_OLD_VALUES is None:
+        name, path = "OLD_VALUES", OLD_VALUES
+    else:
+        name, path = "DENSE_OLD_VALUES", DENSE_OLD_VALUES
     if path not in OLD_VALUE_PATHS:
         raise ValueError(f"{name}={path!r}: one of {sorted(OLD_VALUE_PATHS)}")
     if path == "tma" and (block_n != TILE or block_m != TILE):
@@ -715,7 +731,8 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
 
     ``accumulate_into``: an (M, N) tensor of ``out_dtype`` (an FP32 main gradient), rows 16-byte aligned,
     that the product is added to in the epilogue (C += A·B, read once and written once) and returned.
-    ``block_m``: the output tile's rows with 1x128-row B scales (128 or 256); by default ``WGRAD_BLOCK_M``.
+    ``block_m``: the output tile's rows with 1x128-row B scales (128 or 256); by default 256 where ``TALL_DENSE``
+    and M % 256 == 0.
     """
     if not HAVE_GLUON or INTERPRET or not a.is_cuda:
         raise RuntimeError("fp8_gemm_ws needs Triton's Gluon on a Hopper GPU (no interpreter path)")
@@ -737,7 +754,7 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
                          f"a.stride={a.stride()} b.stride={b.stride()}")
     device = a.device.index if a.device.index is not None else torch.cuda.current_device()
     rows = not grouped and row_scaled(N, b_scale)
-    tall = _wgrad_block_m(block_m, rows and promote and (scales or "tma") == "tma", M, False)
+    tall = _wgrad_block_m(block_m, rows and promote and (scales or "tma") == "tma", M, 0)
     meta, on_tma, layouts, grid = _plan(M, N, K, out_dtype, config, rows, promote, scales, device, grouped,
                                        order or ORDER, accumulate=accumulate_into is not None,
                                        paths=_paths(accumulate_into), block_m=tall)
@@ -776,7 +793,8 @@ def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_
     nothing is read on the host.
     ``accumulate_into``: a contiguous (E, M, N) tensor of ``out_dtype`` (the experts' FP32 main gradient) that
     C is added to in the epilogue, and returned; an empty segment then leaves its expert's slice unchanged.
-    ``block_m``: the output tile's rows (128, or 256 where M is a multiple of 256); by default ``WGRAD_BLOCK_M``.
+    ``block_m``: the output tile's rows (128, or 256 where M is a multiple of 256); by default 256 at
+    ``TALL_MIN_SEGMENTS`` tables or more where M allows, else 128.
     """
     if not HAVE_GLUON or INTERPRET or not a_t.is_cuda:
         raise RuntimeError("fp8_wgrad_ws needs Triton's Gluon on a Hopper GPU (no interpreter path)")
@@ -795,7 +813,7 @@ def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_
     device = a_t.device.index if a_t.device.index is not None else torch.cuda.current_device()
     meta, _, layouts, grid = _plan(M, N, K, out_dtype, config, True, True, "tma", device, False, order or ORDER,
                                    groups, accumulate=accumulate_into is not None, paths=_paths(accumulate_into),
-                                   segments=segments, block_m=_wgrad_block_m(block_m, True, M, True))
+                                   segments=segments, block_m=_wgrad_block_m(block_m, True, M, segments))
     if accumulate_into is not None:
         if not accumulate_into.is_contiguous():
             raise ValueError(f"fp8_wgrad_ws: accumulate_into must be contiguous, got strides {accumulate_into.stride()}")
@@ -815,20 +833,19 @@ def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_
     return rows.view(groups, M, pitch)[:, :, :N]
 
 
-def _wgrad_block_m(block_m: int | None, tall_ok: bool, M: int, grouped_k: bool) -> int:
-    """The output tile's rows of a launch: ``block_m`` (by default ``WGRAD_BLOCK_M``) where 256 applies (1x128-row
-    B scales through TMA, promoted; K-grouped, M a multiple of 256, so that no tile straddles two experts), else
-    128. A ``block_m`` given that does not apply raises."""
-    want = WGRAD_BLOCK_M if block_m is None else block_m
-    if want not in (TILE, 2 * TILE):
-        raise ValueError(f"block_m={want}: 128 or 256")
-    ok = tall_ok and (not grouped_k or M % (2 * TILE) == 0)
-    if want == 2 * TILE and not ok:
-        if block_m is not None:
-            raise ValueError(f"block_m=256 needs 1x128-row B scales through TMA, promoted, and a K-grouped M that is "
-                             f"a multiple of 256 (M={M})")
-        return TILE
-    return want
+def _wgrad_block_m(block_m: int | None, tall_ok: bool, M: int, segments: int) -> int:
+    """The output tile's rows of a launch (``segments``: its segment tables, 0 for a dense one): ``block_m`` where
+    given, else 256 by the module's defaults (``TALL_DENSE``, ``TALL_MIN_SEGMENTS``) where it applies (1x128-row B
+    scales through TMA, promoted; M a multiple of 256), else 128. A ``block_m`` given that does not apply raises."""
+    ok = tall_ok and M % (2 * TILE) == 0
+    if block_m is None:
+        default = TALL_DENSE if segments == 0 else segments >= TALL_MIN_SEGMENTS
+        return 2 * TILE if ok and default else TILE
+    if block_m not in (TILE, 2 * TILE):
+        raise ValueError(f"block_m={block_m}: 128 or 256")
+    if block_m == 2 * TILE and not ok:
+        raise ValueError(f"block_m=256 needs 1x128-row B scales through TMA, promoted, and M a multiple of 256 (M={M})")
+    return block_m
 
 
 @functools.cache
@@ -851,7 +868,7 @@ def _accumulation_target(c: torch.Tensor, shape: tuple[int, int], dtype: torch.d
 def _paths(accumulate_into) -> tuple:
     """The old-value paths an accumulating launch's plan is made with (``_plan``'s cache key: a plan made before
     ``OLD_VALUES`` or ``DENSE_OLD_VALUES`` changed is not reused after)."""
-    return () if accumulate_into is None else (OLD_VALUES, DENSE_OLD_VALUES)
+    return () if accumulate_into is None else (OLD_VALUES, DENSE_OLD_VALUES, TALL_OLD_VALUES)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -557,7 +557,9 @@ def test_a_plan_is_not_reused_after_the_old_value_paths_change(monkeypatch):
     monkeypatch.setattr(fp8_gemm_ws, "DENSE_OLD_VALUES", "reduce")
     first = fp8_gemm_ws._paths(target)
     monkeypatch.setattr(fp8_gemm_ws, "DENSE_OLD_VALUES", None)
-    assert first == ("tma", "reduce") and fp8_gemm_ws._paths(target) == ("tma", None)
+    assert first[:2] == ("tma", "reduce") and fp8_gemm_ws._paths(target)[:2] == ("tma", None)
+    monkeypatch.setattr(fp8_gemm_ws, "TALL_OLD_VALUES", "after")
+    assert fp8_gemm_ws._paths(target)[2] == "after"
 
 
 @pytest.mark.gpu
@@ -668,6 +670,10 @@ def test_tall_wgrad_tiles_compile_without_spills(tmp_path, grouped_k, monkeypatc
     optin = 232448
     stages = fp8_gemm_ws.ring_stages(4, 128, 4, True, optin, rows=True, block_m=256)
     assert stages == 3
+    if grouped_k:  # K-grouped tall tiles take TALL_OLD_VALUES where set ("reduce"), OLD_VALUES where None
+        assert fp8_gemm_ws._constexprs((128, 4, 16), rows=True, promote=True, grouped_k=grouped_k, accumulate=True,
+                                       block_m=256)["ACCUMULATE"] == fp8_gemm_ws.OLD_VALUE_PATHS["reduce"]
+    monkeypatch.setattr(fp8_gemm_ws, "TALL_OLD_VALUES", None)
     for path in (None, "after", "l2", "tma", "reduce"):
         if path is not None:
             monkeypatch.setattr(fp8_gemm_ws, "OLD_VALUES", path)
@@ -686,20 +692,29 @@ def test_tall_wgrad_tiles_compile_without_spills(tmp_path, grouped_k, monkeypatc
             assert meta["ACCUMULATE"] == expected and meta["M_PIECES"] == 2
 
 
-def test_tall_tiles_are_refused_where_they_do_not_apply():
-    """256-row tiles only with 1x128-row B scales through TMA, promoted; a K-grouped launch whose M is not a
-    multiple of 256 falls back to 128 rows by default and refuses an explicit 256."""
+def test_tall_tiles_are_refused_where_they_do_not_apply(monkeypatch):
+    """256-row tiles only with 1x128-row B scales through TMA, promoted, M a multiple of 256; by default for dense
+    Wgrads (``TALL_DENSE``) and K-grouped ones of ``TALL_MIN_SEGMENTS`` tables or more, else 128 rows; an explicit
+    256 where it does not apply is refused."""
     with pytest.raises(ValueError, match="block_m=256"):
         fp8_gemm_ws._constexprs(fp8_gemm_ws.CONFIGS[0], rows=False, promote=True, block_m=256)
     with pytest.raises(ValueError, match="block_m=256"):
         fp8_gemm_ws._constexprs((128, 4, 16), rows=True, promote=True, scales="global", block_m=256)
     with pytest.raises(ValueError, match="block_m=192"):
-        fp8_gemm_ws._wgrad_block_m(192, True, 256, False)
-    assert fp8_gemm_ws._wgrad_block_m(256, True, 384, False) == 256  # dense: the tensor's edge clips the tile
+        fp8_gemm_ws._wgrad_block_m(192, True, 256, 0)
     with pytest.raises(ValueError, match="M=384"):
-        fp8_gemm_ws._wgrad_block_m(256, True, 384, True)
-    assert fp8_gemm_ws._wgrad_block_m(None, True, 512, True) == fp8_gemm_ws.WGRAD_BLOCK_M
-    assert fp8_gemm_ws._wgrad_block_m(None, False, 512, False) == 128
+        fp8_gemm_ws._wgrad_block_m(256, True, 384, 1)
+    with pytest.raises(ValueError, match="M=576"):
+        fp8_gemm_ws._wgrad_block_m(256, True, 576, 0)
+    monkeypatch.setattr(fp8_gemm_ws, "TALL_DENSE", True)
+    monkeypatch.setattr(fp8_gemm_ws, "TALL_MIN_SEGMENTS", 2)
+    assert [fp8_gemm_ws._wgrad_block_m(None, True, 512, s) for s in (0, 1, 2, 4)] == [256, 128, 256, 256]
+    assert fp8_gemm_ws._wgrad_block_m(None, True, 576, 0) == 128  # kv_a: not a multiple of 256
+    assert fp8_gemm_ws._wgrad_block_m(None, False, 512, 0) == 128  # 128x128 weight blocks: the forward's tiles
+    assert fp8_gemm_ws._wgrad_block_m(128, True, 512, 4) == 128
+    monkeypatch.setattr(fp8_gemm_ws, "TALL_DENSE", False)
+    monkeypatch.setattr(fp8_gemm_ws, "TALL_MIN_SEGMENTS", 5)
+    assert [fp8_gemm_ws._wgrad_block_m(None, True, 512, s) for s in (0, 1, 2, 4)] == [128] * 4
 
 
 @pytest.mark.gpu
@@ -707,15 +722,16 @@ def test_tall_tiles_are_refused_where_they_do_not_apply():
 @pytest.mark.parametrize("old_values", [None, "after", "l2", "tma", "reduce"])
 def test_tall_tiles_give_the_same_bits(old_values, monkeypatch):
     """256-row output tiles against 128-row ones: the same K blocks promoted in the same order per element, so the
-    same bits, plain and accumulating into FP32 (one addition either way): the dense Wgrad at ragged rows (200, 576:
-    a tile past the tensor's edge, in the middle of a tall tile's second piece) and the experts' K-grouped one with
-    two segment tables (an empty expert keeps its slice)."""
+    same bits, plain and accumulating into FP32 (one addition either way): the dense Wgrad (a 256-row tensor is one
+    tall tile) and the experts' K-grouped one with two segment tables (an empty expert keeps its slice); K-grouped
+    tall tiles take TALL_OLD_VALUES, here each path in turn."""
     from tests.kernels.test_kernels import _contiguous_layout
 
     if old_values is not None:
         monkeypatch.setattr(fp8_gemm_ws, "OLD_VALUES", old_values)
         monkeypatch.setattr(fp8_gemm_ws, "DENSE_OLD_VALUES", None)
-    for rows in (200, 576, 1536):
+        monkeypatch.setattr(fp8_gemm_ws, "TALL_OLD_VALUES", old_values)
+    for rows in (256, 512, 1536):  # tall tiles need M % 256 == 0
         a, sa, b, sb = _gemm_operands(384, rows, 1024, "wgrad", "cuda")  # dW (rows, 1024) = dy^T x
         old = rand(rows, 1024, seed=71, device="cuda")
         got = [fp8_gemm_ws.fp8_gemm_ws(a, sa, b, sb, torch.float32, block_m=bm,
