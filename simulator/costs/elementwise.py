@@ -27,14 +27,12 @@ qk_cat (MLA)    the query and key put together around RoPE:  the reverse (8Hn + 
 fp8_cast        1x128 casts of the FP8 linears' inputs:      1x128 of dy and 128x1 (transposed, for the
                 2h + q + c + H v_head, 2 + 1 + 4/128 B each  weight gradient) of x: twice the forward
 expert_cast     none (the routed rows are cast inside the    the routed experts' FP8 backward (k rows a
-                permute, and SwiGLU's output inside it)      token): down's output gradient (h wide) cast
-                                                             with transpose (2 + 2 (1 + 4/128) B), gate_up's
-                                                             (2f) written both ways by SwiGLU's backward
-                                                             (2 (1 + 4/128) B, no BF16 read), and the rows
-                                                             gathered again into 128x1 tiles for gate_up's
-                                                             Wgrad (2 + 1 + 4/128 B of h)
-swiglu          (k + s) rows: read gate, up, write act (6f)  read gate, up, d act, write d gate, d up (10f);
-                                                             FP8's routed rows 6f (d h written by the cast)
+                permute, and SwiGLU's output inside it)      token): each of down's and gate_up's output
+                                                             gradients (h and 2f wide) cast with transpose
+                                                             (2 + 2 (1 + 4/128) B), and the rows gathered
+                                                             again into 128x1 tiles for gate_up's Wgrad
+                                                             (2 + 1 + 4/128 B of h)
+swiglu          (k + s) rows: read gate, up, write act (6f)  read gate, up, d act, write d gate, d up (10f)
 router          sigmoid scores over E (fp32, read logits,    read d weights and scores, write d logits
                 write scores) and top-k ids and weights      (8 E + 4 k)
 dispatch_plan   the experts' row plan from the top-k ids:    none (the plan is reused)
@@ -80,9 +78,6 @@ runs them. ``fused`` is DeepSeek's stack, each fused kernel one read and one wri
   micro-batch of 4 layers, which no class had priced.
 - ``swiglu`` (FP8): the kernel writes the down-projection's FP8 input and its scales (1 + 4/128 B)
   instead of a BF16 output (TR §3.3: SwiGLU inputs cached in FP8, output recomputed and quantised).
-  Backward, the routed experts' kernel writes d h straight in both FP8 tilings
-  (``kernels.swiglu.swiglu_backward_quant_both``, the Gluon cast computing each tile of d h from h and d act):
-  its reads are ``swiglu``'s (6f), its writes ``expert_cast``'s, and d h is never stored in BF16.
   The routed experts keep only SwiGLU's input (gate and up) and redo its output in backward for the
   down-projection's weight gradient (``model/fused_experts.py``: ``_swiglu_fwd_kernel`` in BF16,
   ``_swiglu_quant_t_kernel`` writing the 128x1 FP8 copy; TR §3.3 likewise): their rows' forward bytes again,
@@ -283,14 +278,9 @@ def layer_bytes_per_token(m: ModelSpec, moe: bool, precision: str, expert_rows_p
         return out
     f, k, e = m.moe_intermediate_size, expert_rows_per_token, m.n_routed_experts
     padded = k if padded_rows_per_token is None else padded_rows_per_token
-    out["swiglu"] = _swiglu(f * (padded + m.n_shared_experts), precision, fusion)
     if precision == "fp8":
-        # d h (2f wide) cast with transpose as SwiGLU's backward computes it: the cast writes what the backward
-        # would have stored, and neither writes nor reads d h in BF16 (module docstring, ``swiglu``)
-        out["expert_cast"] = KernelBytes(0.0, padded * (FP8_BOTH_BYTES * h + 2 * FP8_TILE_BYTES * 2 * f
-                                                        + FP8_CAST_BYTES * h))
-        out["swiglu"] = KernelBytes(out["swiglu"].fwd_bytes,
-                                    out["swiglu"].bwd_bytes - 2 * BF16_BYTES * f * padded)
+        out["expert_cast"] = KernelBytes(0.0, padded * (FP8_BOTH_BYTES * (h + 2 * f) + FP8_CAST_BYTES * h))
+    out["swiglu"] = _swiglu(f * (padded + m.n_shared_experts), precision, fusion)
     topk = m.num_experts_per_tok
     out["router"] = KernelBytes(2 * FP32_BYTES * e + (INDEX_BYTES + FP32_BYTES) * topk,
                                 2 * FP32_BYTES * e + FP32_BYTES * topk)
