@@ -43,7 +43,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from moeplan.kernels import fp8_gemm_ws, fp8_quant, moe_permute
+from moeplan.kernels import fp8_gemm_ws, fp8_quant, moe_permute, swiglu
 from moeplan.model import ModelOptions, StageSpec, build_rank
 from moeplan.model.fp8 import clear_fp8_weight_cache
 from moeplan.model.runtime.main_grad import attach_main_grads
@@ -410,7 +410,9 @@ def run_meta(device: torch.device, gpu, tables, args) -> dict:
             "triton": None, "gpu_preset": gpu.name, "tables": tables.name,
             "peak_bf16_flops_per_s": gpu.bf16_flops_per_s, "wgrad_old_values": fp8_gemm_ws.OLD_VALUES,
             "dense_wgrad_old_values": fp8_gemm_ws.DENSE_OLD_VALUES or fp8_gemm_ws.OLD_VALUES,
-            "permute_both": moe_permute.PERMUTE_BOTH,
+            "permute_both": moe_permute.PERMUTE_BOTH, "swiglu_backward_both": swiglu.BACKWARD_BOTH,
+            "tall_wgrads": {"dense": fp8_gemm_ws.TALL_DENSE, "min_segments": fp8_gemm_ws.TALL_MIN_SEGMENTS,
+                            "old_values": fp8_gemm_ws.TALL_OLD_VALUES},
             "fp8_cast": {v: k for k, v in fp8_quant.ONE_READ_CHOICES.items()}[fp8_quant.ONE_READ],
             "protocol": {**{k: getattr(args, k) for k in ("warmup", "burn_s", "rounds", "steps", "profile_steps",
                                                           "microbatches", "main_grads")},

@@ -366,6 +366,13 @@ def _header(meta: dict) -> list[str]:
             run += f" The dense ones': `{dense}` (`fp8_gemm_ws.DENSE_OLD_VALUES`)."
     if meta.get("permute_both"):
         run += " The combine's backward quantised as it permutes (`moe_permute.PERMUTE_BOTH`)."
+    if meta.get("swiglu_backward_both"):
+        run += " SwiGLU's backward quantised as it is computed (`swiglu.BACKWARD_BOTH`)."
+    tall = meta.get("tall_wgrads")
+    if tall:  # results written before the 256-row Wgrad tiles had none
+        run += (f" 256-row Wgrad tiles: dense {'on' if tall['dense'] else 'off'} (`fp8_gemm_ws.TALL_DENSE`), the experts'"
+                f" from {tall['min_segments']} segment tables (`TALL_MIN_SEGMENTS`), their old values "
+                f"`{tall['old_values']}` (`TALL_OLD_VALUES`).")
     if meta.get("fp8_cast"):
         run += f" FP8 casts with transpose: `{meta['fp8_cast']}` (`fp8_quant.ONE_READ`)."
     protocol = (

@@ -63,6 +63,9 @@ def test_the_cpu_smoke_run_times_profiles_and_prices_both_workloads(smoke):
     assert "## Workload A: 4 MoE layers 1..4" in text and "| fp8 fwd | skipped: fp8_kernel='kernels'" in text
     assert "| **micro-batch** (median of the timed steps) |" in text and "Largest kernels per micro-batch" in text
     assert result["meta"]["protocol"]["microbatches"] == 1 and "A step (K = 1) is 1 micro-batch of" in text
+    # the kernels' settings that change the FP8 step's kernels are stated with the figures
+    assert "SwiGLU's backward quantised as it is computed (`swiglu.BACKWARD_BOTH`)" in text
+    assert "256-row Wgrad tiles: dense on (`fp8_gemm_ws.TALL_DENSE`), the experts' from 2 segment tables" in text
 
 
 def test_two_microbatches_a_step_are_timed_profiled_and_stated_per_microbatch(tmp_path):
