@@ -685,6 +685,10 @@ def test_tall_wgrad_tiles_compile_without_spills(tmp_path, grouped_k, monkeypatc
         assert "0 bytes spill stores, 0 bytes spill loads" in report, (path, report)
         counts = {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("FFMA", "FMUL")}
         assert counts["FFMA"] == 2 * 2 * 64 and counts["FMUL"] >= 2 * 2 * 64, (path, counts)
+        if path is None and not grouped_k:  # a BF16 weight gradient (no main gradient) as well
+            bf16 = fp8_gemm_ws.compile_offline(rows=True, out_dtype=torch.bfloat16, block_m=256)
+            assert bf16.metadata.shared <= optin
+            assert "0 bytes spill stores, 0 bytes spill loads" in _sass(bf16.asm["ptx"], tmp_path)[0]
         if path is not None:
             expected = fp8_gemm_ws.OLD_VALUE_PATHS["l2" if path == "tma" else path]
             meta = fp8_gemm_ws._constexprs((128, 4, 16), rows=True, promote=True, grouped_k=grouped_k,
