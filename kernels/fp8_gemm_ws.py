@@ -33,7 +33,9 @@ promotion's cost is measured against the same data flow promoting without scales
 (``scales="none"``) and not promoting at all (``promote=False``), both benchmarks only. B's scales
 may also be 1x128 rows (the weight gradient's activation operand: a scale per column, brought in
 with the stage like A's; the promotion is then an FMUL and an FFMA per element; 128-wide tiles
-only: 256-wide ones spill at 232 registers and ran 0.89-1.0x as fast at 240). Gluon compiles for
+only: 256-wide ones spill at 232 registers and ran 0.89-1.0x as fast at 240; the tile may be 256 rows
+tall instead, ``block_m``, each math warpgroup two 64-row pieces on one B tile: ``TALL_DENSE`` and
+``TALL_MIN_SEGMENTS`` say where by default). Gluon compiles for
 Hopper only: there is no interpreter path, so the CPU tests compile this kernel for sm_90a offline
 and read its PTX, ptxas report and SASS.
 """
