@@ -72,7 +72,9 @@ PHASES = 8  # 16-byte chunks in a 128-byte bank row
 M_PER_THREAD = 4  # consecutive rows of x (bytes of a row of x^T) a thread of the columns' pass holds
 # Registers a thread may take (ptxas's maxnreg), None: as many as it wants (104 at the default config: two 8-warp
 # programs an SM). 80 compiles without spilling for every mode (plain, gather, SwiGLU's backward; 72 spills): three
-# programs an SM.
+# programs an SM, but slower or no faster on every shape timed (H100, 2026-12-07 15:15 UTC, do_bench medians: plain
+# 4096 x 7168 62.3 -> 64.6 us, 4096 x 24576 183 -> 192, 34,560 x 4096 251 -> 263; SwiGLU's backward 384 -> 387; the
+# gather 531 -> 560), so None.
 MAX_REGS: int | None = None
 
 
