@@ -125,6 +125,17 @@ def dense_paths() -> None:
     print("dense Wgrads of one layer, summed: " + ", ".join(f"{p} {t:.3f} ms" for p, t in totals.items()))
 
 
+def _tables(count: int) -> tuple[torch.Tensor, int]:
+    """``count`` micro-batches' segment tables side by side along K (seeds 0 .. count - 1) on the GPU: (count,
+    E + 1), or (E + 1,) for one; and their total rows."""
+    tables, start = [], 0
+    for seed in range(count):
+        bounds = segments(seed)[1]
+        tables.append(bounds + start)
+        start += int(bounds[-1])
+    return (torch.stack(tables) if count > 1 else tables[0]).cuda().contiguous(), start
+
+
 def segment_tables() -> None:
     """The experts' Wgrads of S micro-batches into one FP32 main gradient: S launches of one segment table each
     (as the model runs them now) against one launch of S tables (``fp8_wgrad_ws`` with ``seg_offsets`` (S, E + 1):
@@ -133,12 +144,7 @@ def segment_tables() -> None:
 
     for name, (m, n) in SHAPES.items():
         for count in range(2, fp8_gemm_ws.MAX_SEGMENTS + 1, 2):
-            tables, start = [], 0
-            for seed in range(count):
-                bounds = segments(seed)[1]
-                tables.append(bounds + start)
-                start += int(bounds[-1])
-            tables = torch.stack(tables).cuda().contiguous()
+            tables, start = _tables(count)
             a_t, sa_t = quant_act_128x1_t(torch.randn(start, m, device="cuda", dtype=torch.bfloat16))
             b_t, sb_t = quant_act_128x1_t(torch.randn(start, n, device="cuda", dtype=torch.bfloat16))
             old = torch.randn(EXPERTS, m, n, device="cuda")
@@ -167,12 +173,7 @@ def tile_heights() -> None:
 
     for name, (m, n) in SHAPES.items():
         for count in (1, fp8_gemm_ws.MAX_SEGMENTS):
-            tables, start = [], 0
-            for seed in range(count):
-                bounds = segments(seed)[1]
-                tables.append(bounds + start)
-                start += int(bounds[-1])
-            tables = torch.stack(tables).cuda().contiguous() if count > 1 else tables[0].cuda()
+            tables, start = _tables(count)
             a_t, sa_t = quant_act_128x1_t(torch.randn(start, m, device="cuda", dtype=torch.bfloat16))
             b_t, sb_t = quant_act_128x1_t(torch.randn(start, n, device="cuda", dtype=torch.bfloat16))
             flops = 2 * m * n * start  # padded rows: the same for both heights
@@ -180,15 +181,13 @@ def tile_heights() -> None:
             default, tall_default = fp8_gemm_ws.OLD_VALUES, fp8_gemm_ws.TALL_OLD_VALUES
             cells = []
             for path in fp8_gemm_ws.OLD_VALUE_PATHS:
-                fp8_gemm_ws.OLD_VALUES = path
+                fp8_gemm_ws.OLD_VALUES = fp8_gemm_ws.TALL_OLD_VALUES = path
                 outs, ms = [], []
                 for block_m in (128, 256):
-                    fp8_gemm_ws.TALL_OLD_VALUES = path
-                    run = functools.partial(fp8_gemm_ws.fp8_wgrad_ws, a_t, sa_t, b_t, sb_t, tables,
-                                            accumulate_into=old.clone(), block_m=block_m)
                     outs.append(fp8_gemm_ws.fp8_wgrad_ws(a_t, sa_t, b_t, sb_t, tables, accumulate_into=old.clone(),
                                                          block_m=block_m))  # once, for the bits
-                    ms.append(timed(run) / count)
+                    ms.append(timed(functools.partial(fp8_gemm_ws.fp8_wgrad_ws, a_t, sa_t, b_t, sb_t, tables,
+                                                      accumulate_into=old.clone(), block_m=block_m)) / count)
                 same = torch.equal(outs[0], outs[1])
                 cells.append(f"{path} {ms[0]:.3f} -> {ms[1]:.3f} ms ({flops / count / ms[1] / 1e9:.0f} TFLOPS, "
                              f"{'same bits' if same else 'DIFFERENT'})")
@@ -199,20 +198,18 @@ def tile_heights() -> None:
                   + f"; no accumulation {plain[0]:.3f} -> {plain[1]:.3f} ms")
     totals = [0.0, 0.0, 0.0, 0.0]
     for name, (m, n) in DENSE.items():
-        a_t, sa_t = quant_act_128x1_t(torch.randn(TOKENS, m, device="cuda", dtype=torch.bfloat16))
-        b_t, sb_t = quant_act_128x1_t(torch.randn(TOKENS, n, device="cuda", dtype=torch.bfloat16))
-        old = torch.randn(m, n, device="cuda")
-        row = []
-        outs = []
         if m % 256:
             print(f"tall dense {name} ({m} x {n}): M not a multiple of 256, 128-row tiles only")
             continue
+        a_t, sa_t = quant_act_128x1_t(torch.randn(TOKENS, m, device="cuda", dtype=torch.bfloat16))
+        b_t, sb_t = quant_act_128x1_t(torch.randn(TOKENS, n, device="cuda", dtype=torch.bfloat16))
+        old = torch.randn(m, n, device="cuda")
+        row, outs = [], []
         for block_m in (128, 256):
-            run = functools.partial(fp8_gemm_ws.fp8_gemm_ws, a_t, sa_t, b_t, sb_t, torch.float32,
-                                    accumulate_into=old.clone(), block_m=block_m)
             outs.append(fp8_gemm_ws.fp8_gemm_ws(a_t, sa_t, b_t, sb_t, torch.float32, accumulate_into=old.clone(),
-                                                block_m=block_m))
-            row.append(timed(run))
+                                                block_m=block_m))  # once, for the bits
+            row.append(timed(functools.partial(fp8_gemm_ws.fp8_gemm_ws, a_t, sa_t, b_t, sb_t, torch.float32,
+                                               accumulate_into=old.clone(), block_m=block_m)))
         for block_m in (128, 256):
             row.append(timed(functools.partial(fp8_gemm_ws.fp8_gemm_ws, a_t, sa_t, b_t, sb_t, torch.float32,
                                                block_m=block_m)))

@@ -586,12 +586,11 @@ if HAVE_GLUON:
         ], [4, 1], [MATH_REGS, PRODUCER_REGS])
 
 
-def _blocks(block_n: int, rows: bool = False, m_pieces: int = 1) -> dict[str, list[int]]:
+def _blocks(block_n: int, rows: bool = False, block_m: int = TILE) -> dict[str, list[int]]:
     """TMA box of each descriptor: A (128 or, tall, 256 rows) and B tiles 128 deep in K, C in 64 x 128 pieces,
     one K block's A row scales, and the aligned group of four K blocks' scales of B's block row (with the seven
     rows below it: a TMA destination must start 128-byte aligned, so each stage's box is 128 bytes),
     or with 1x128-row B scales one K block's ``block_n`` column scales."""
-    block_m = 2 * ROWS_PER_WARPGROUP * m_pieces
     return {"a_desc": [block_m, TILE], "b_desc": [block_n, TILE], "c_desc": [ROWS_PER_WARPGROUP, TILE],
             "sa_desc": [block_m], "sb_desc": [block_n] if rows else [8, 4]}
 
@@ -600,10 +599,10 @@ _DESC_ARGS = ("a_desc", "b_desc", "c_desc", "sa_desc", "sb_desc")
 
 
 def _desc_layouts(block_n: int, out_dtype: torch.dtype, on_tma: bool, rows: bool = False,
-                  m_pieces: int = 1) -> dict[str, tuple]:
+                  block_m: int = TILE) -> dict[str, tuple]:
     """(box, shared layout, element type) of each descriptor: E4M3 operands, the output, FP32
     scales; off the "tma" path the scale descriptors are unread placeholders, A's."""
-    blocks = _blocks(block_n, rows, m_pieces)
+    blocks = _blocks(block_n, rows, block_m)
     dtypes = {"a_desc": torch.float8_e4m3fn, "b_desc": torch.float8_e4m3fn, "c_desc": out_dtype,
               "sa_desc": torch.float32, "sb_desc": torch.float32}
     out = {}
@@ -645,7 +644,7 @@ def _constexprs(config, rows: bool, promote: bool, scales: str | None = None, gr
     """The kernel's constexprs. ``grouped_k``: K-grouped with that many segment tables (True: one), else 0.
     ``block_m``: the output tile's rows, 128, or 256 (tall; 1x128-row B scales through TMA, promoted)."""
     block_n, stages, group_m = config
-    if block_m not in (TILE, 2 * TILE) or (block_m != TILE and not (rows and promote and (scales or "tma") == "tma")):
+    if block_m not in (TILE, 2 * TILE) or (block_m != TILE and not _tall_applies(rows, promote, scales)):
         raise ValueError(f"block_m={block_m}: 128, or 256 with 1x128-row B scales through TMA, promoted")
     scales = scales or "tma"
     if scales not in SCALE_PATHS or (scales == "none" and rows):
@@ -756,7 +755,7 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=None, p
                          f"a.stride={a.stride()} b.stride={b.stride()}")
     device = a.device.index if a.device.index is not None else torch.cuda.current_device()
     rows = not grouped and row_scaled(N, b_scale)
-    tall = _wgrad_block_m(block_m, rows and promote and (scales or "tma") == "tma", M, 0)
+    tall = _wgrad_block_m(block_m, _tall_applies(rows, promote, scales), M, 0)
     meta, on_tma, layouts, grid = _plan(M, N, K, out_dtype, config, rows, promote, scales, device, grouped,
                                        order or ORDER, accumulate=accumulate_into is not None,
                                        paths=_paths(accumulate_into), block_m=tall)
@@ -835,6 +834,11 @@ def fp8_wgrad_ws(a_t, a_t_scale, b_t, b_t_scale, seg_offsets: torch.Tensor, out_
     return rows.view(groups, M, pitch)[:, :, :N]
 
 
+def _tall_applies(rows: bool, promote: bool, scales: str | None) -> bool:
+    """Whether a launch may take 256-row tiles: 1x128-row B scales, through TMA (the default path), promoted."""
+    return rows and promote and (scales or "tma") == "tma"
+
+
 def _wgrad_block_m(block_m: int | None, tall_ok: bool, M: int, segments: int) -> int:
     """The output tile's rows of a launch (``segments``: its segment tables, 0 for a dense one): ``block_m`` where
     given, else 256 by the module's defaults (``TALL_DENSE``, ``TALL_MIN_SEGMENTS``) where it applies (1x128-row B
@@ -887,7 +891,7 @@ def _plan(M: int, N: int, K: int, out_dtype, config, rows: bool, promote: bool, 
     on_tma = meta["SCALES"] == SCALE_PATHS["tma"]
     sms, smem = _device_limits(device)
     meta["STAGES"] = ring_stages(meta["STAGES"], meta["BLOCK_N"], out_dtype.itemsize, on_tma, smem, rows, block_m)
-    layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, on_tma, rows, meta["M_PIECES"])
+    layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, on_tma, rows, block_m)
     tiles = cdiv(M, block_m) * cdiv(N, meta["BLOCK_N"]) * max(k_groups, 1)
     return meta, on_tma, layouts, max(min(tiles, sms), 1)
 
@@ -905,7 +909,7 @@ def ring_stages(stages: int, block_n: int, out_itemsize: int, on_tma: bool, smem
     out_bytes = 2 * ROWS_PER_WARPGROUP * TILE * out_itemsize
     stage_bytes = (block_m + block_n) * TILE  # A and B tiles, E4M3
     if on_tma:  # and the scales' boxes, FP32
-        boxes = _blocks(block_n, rows, block_m // TILE)
+        boxes = _blocks(block_n, rows, block_m)
         stage_bytes += 4 * sum(math.prod(boxes[name]) for name in ("sa_desc", "sb_desc"))
     return min(stages, (smem - SMEM_OVERHEAD - out_bytes) // stage_bytes)
 
@@ -1066,8 +1070,7 @@ def compile_offline(config=None, rows=False, out_dtype=torch.bfloat16, promote: 
     if stages is not None:
         meta["STAGES"] = stages
     names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
-    layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, meta["SCALES"] == SCALE_PATHS["tma"], rows,
-                            meta["M_PIECES"])
+    layouts = _desc_layouts(meta["BLOCK_N"], out_dtype, meta["SCALES"] == SCALE_PATHS["tma"], rows, block_m)
     signature = {}
     for name, (box, layout, dtype) in layouts.items():
         signature[name] = f"tensordesc<{names.get(dtype, 'fp8e4nv')}[{', '.join(map(str, box))}],{layout!r}>"

@@ -373,8 +373,8 @@ def quant_act_both_gluon(
         grid = (min(grid[0] * grid[1], _FITS.get(key, per_sm) * sms),)
     kernel = _quant_both_gluon_kernel[grid](
         x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), qt.stride(0), st.stride(0),
-        st.stride(1), num_warps=num_warps, maxnreg=MAX_REGS, bound_ptr=row_bound, src_ptr=gather, w_ptr=row_weights, dact_ptr=dact,
-        stride_dm=0 if dact is None else dact.stride(0), **consts)
+        st.stride(1), num_warps=num_warps, maxnreg=MAX_REGS, bound_ptr=row_bound, src_ptr=gather, w_ptr=row_weights,
+        dact_ptr=dact, stride_dm=0 if dact is None else dact.stride(0), **consts)
     if per_sm and key not in _FITS:
         _FITS[key] = min(per_sm, resident(kernel.n_regs, kernel.metadata.shared, num_warps, sm_regs, sm_shared,
                                           sm_threads))

@@ -187,35 +187,35 @@ def _bounds_to_host(plan: DispatchPlan, ops: Fp8Ops | None, use_torch: bool, *we
     return host, copied
 
 
+def _both_op(ctx, index: int, name: str):
+    """The ops' ``name``, one of the casts that give a gradient in both tilings (1x128 for the Dgrad of input
+    ``index``, 128x1 transposed for its Wgrad), where the FP8 backward wants both and the ops have it; else None."""
+    op = getattr(ctx.ops, name, None)
+    return op if ctx.fp8_backward and ctx.needs_input_grad[index] else None
+
+
 def _quant_both(ctx, index: int, g: torch.Tensor, out_t=None):
     """g (M_pad, N) in 1x128 tiles for the FP8 Dgrad and in 128x1 tiles (N, M_pad) for the FP8 Wgrad of input
     ``index``, from one read (``Fp8Ops.quant_act_both``; bit-exact to the two quantisers), where both run; else
     (None, None) and each quantises its own. ``out_t``: the stash's columns for the 128x1 tiles, or None."""
-    ops = ctx.ops
-    if not (ctx.fp8_backward and ctx.needs_input_grad[index] and getattr(ops, "quant_act_both", None) is not None):
-        return None, None
-    return ops.quant_act_both(g, **_bounded(ctx.plan), **_out_t(out_t))
+    op = _both_op(ctx, index, "quant_act_both")
+    return (None, None) if op is None else op(g, **_bounded(ctx.plan), **_out_t(out_t))
 
 
 def _permute_quant_both(ctx, index: int, grad_out: torch.Tensor, row_weights: torch.Tensor, out_t=None):
     """The combine's backward, ``moe_permute(grad_out, plan, row_weights)``, straight into the 1x128 and 128x1
     tiles that ``_quant_both`` would make of it (``Fp8Ops.permute_quant_both``), where the ops have it and both
     tilings are wanted; else (None, None). ``out_t`` as ``_quant_both``'s."""
-    ops = ctx.ops
-    if not (ctx.fp8_backward and ctx.needs_input_grad[index] and getattr(ops, "permute_quant_both", None) is not None):
-        return None, None
-    return ops.permute_quant_both(grad_out, ctx.plan, row_weights, **_out_t(out_t))
+    op = _both_op(ctx, index, "permute_quant_both")
+    return (None, None) if op is None else op(grad_out, ctx.plan, row_weights, **_out_t(out_t))
 
 
 def _swiglu_backward_quant_both(ctx, index: int, h: torch.Tensor, grad_act: torch.Tensor, out_t=None):
     """SwiGLU's backward, ``swiglu_backward(h, grad_act)``, straight into the 1x128 and 128x1 tiles that
     ``_quant_both`` would make of it (``Fp8Ops.swiglu_backward_quant_both``), where the ops have it and both tilings
     are wanted; else (None, None). ``out_t`` as ``_quant_both``'s."""
-    ops = ctx.ops
-    if not (ctx.fp8_backward and ctx.needs_input_grad[index]
-            and getattr(ops, "swiglu_backward_quant_both", None) is not None):
-        return None, None
-    return ops.swiglu_backward_quant_both(h, grad_act, **_bounded(ctx.plan), **_out_t(out_t))
+    op = _both_op(ctx, index, "swiglu_backward_quant_both")
+    return (None, None) if op is None else op(h, grad_act, **_bounded(ctx.plan), **_out_t(out_t))
 
 
 def _out_t(out_t) -> dict:
