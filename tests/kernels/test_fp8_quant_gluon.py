@@ -325,18 +325,6 @@ def test_permute_quant_both_is_the_permute_then_the_cast_and_checks_its_weights(
         moe_permute_quant_both(x, plan, row_weights=weights.double())
 
 
-def _gather_plans(g: torch.Generator):
-    """(tokens, row width, each pair's token, pair plan) on the GPU: V3's rows (4096 tokens top-8 over 32 experts,
-    7168 wide, a worst-case plan) and ragged ones (200 wide) with an exact and a worst-case plan."""
-    from moeplan.kernels import moe_permute as mp
-
-    for tokens, experts, d, exact in ((4096, 32, 7168, False), (300, 6, 200, True), (300, 6, 200, False)):
-        token = torch.arange(tokens).repeat_interleave(8 if d == 7168 else 2).cuda()
-        expert = torch.randint(0, experts, (token.numel(),), generator=g).cuda()
-        counts = torch.bincount(expert.cpu(), minlength=experts).tolist() if exact else experts
-        yield tokens, d, token, mp.make_pair_plan(token, expert, tokens, counts)
-
-
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("config", fp8_quant_gluon.CONFIGS)
 @pytest.mark.gpu
@@ -347,7 +335,11 @@ def test_the_gather_is_the_permute_then_the_cast_bit_for_bit(weighted, config, m
     from moeplan.kernels import moe_permute as mp
 
     g = torch.Generator().manual_seed(9)
-    for tokens, d, token, plan in _gather_plans(g):
+    for tokens, experts, d, exact in ((4096, 32, 7168, False), (300, 6, 200, True), (300, 6, 200, False)):
+        token = torch.arange(tokens).repeat_interleave(8 if d == 7168 else 2).cuda()
+        expert = torch.randint(0, experts, (token.numel(),), generator=g).cuda()
+        counts = torch.bincount(expert.cpu(), minlength=experts).tolist() if exact else experts
+        plan = mp.make_pair_plan(token, expert, tokens, counts)
         x = test_kernels.rand(tokens, d, seed=10, device="cuda", dtype=torch.bfloat16)
         w = mp.pair_row_weights(plan, torch.rand(token.numel(), generator=g).cuda()) if weighted else None
         monkeypatch.setattr(mp, "PERMUTE_BOTH", False)
@@ -369,7 +361,11 @@ def test_the_regather_is_the_permutes_128x1_tiles_bit_for_bit(config, monkeypatc
     from tests.kernels.test_moe_permute_bound import _same, untouched
 
     g = torch.Generator().manual_seed(11)
-    for tokens, d, token, plan in _gather_plans(g):
+    for tokens, experts, d, exact in ((4096, 32, 7168, False), (300, 6, 200, True), (300, 6, 200, False)):
+        token = torch.arange(tokens).repeat_interleave(8 if d == 7168 else 2).cuda()
+        expert = torch.randint(0, experts, (token.numel(),), generator=g).cuda()
+        counts = torch.bincount(expert.cpu(), minlength=experts).tolist() if exact else experts
+        plan = mp.make_pair_plan(token, expert, tokens, counts)
         x = test_kernels.rand(tokens, d, seed=12, device="cuda", dtype=torch.bfloat16)
         bound = plan.num_rows if plan.rows_bound is None else int(plan.rows_bound)
         monkeypatch.setattr(mp, "REGATHER_GLUON", False)
