@@ -68,11 +68,10 @@ except ImportError:  # CPU torch without triton, or a triton before Gluon
     HAVE_GLUON = False
 
 # (num_warps, ROWS, programs an SM, STAGES): ROWS rows of the tile a chunk of the rows' pass takes; programs an SM 0
-# for one program a tile (STAGES 0: its tile loaded through registers; 1: copied by cp.async), else a persistent grid
-# of that many programs an SM (at most: as many as fit, ``resident``), each with a ring of STAGES tiles in shared
-# memory filled by cp.async. The default is the first (docs/results/quant-both.md).
-CONFIGS = [(8, 32, 0, 0), (4, 32, 0, 0), (8, 64, 0, 0), (8, 32, 0, 1), (8, 64, 0, 1), (4, 32, 0, 1), (8, 32, 2, 3),
-           (8, 32, 2, 2), (8, 64, 2, 3), (4, 32, 3, 2)]
+# for one program a tile (STAGES then 0), else a persistent grid of that many programs an SM (at most: as many as
+# fit, ``resident``), each with a ring of STAGES tiles in shared memory filled by cp.async. The default is the first
+# (docs/results/quant-both.md).
+CONFIGS = [(8, 32, 0, 0), (4, 32, 0, 0), (8, 64, 0, 0), (8, 32, 2, 3), (8, 32, 2, 2), (8, 64, 2, 3), (4, 32, 3, 2)]
 SWIZZLE_ROWS = 4  # rows that share a swizzle phase: the columns' read gives each lane 4 consecutive rows
 PHASES = 8  # 16-byte chunks in a 128-byte bank row
 M_PER_THREAD = 4  # consecutive rows of x (bytes of a row of x^T) a thread of the columns' pass holds
@@ -199,15 +198,14 @@ if HAVE_GLUON:
     def _quantise_tile(smem, q_ptr, s_ptr, qt_ptr, st_ptr, pid_m, pid_k, M, K, stride_qm, stride_sm, stride_sk,
                        stride_qt, stride_stk, stride_stm, ROWS: gl.constexpr, COLS: gl.constexpr,
                        row_layout: gl.constexpr, col_layout: gl.constexpr, col_store_layout: gl.constexpr,
-                       POW2: gl.constexpr, FLOOR: gl.constexpr, CAST: gl.constexpr, T_ONLY: gl.constexpr = False):
-        """Steps 2 and 3 (module docstring) on the tile at (pid_m, pid_k), in ``smem``; step 3 only if ``T_ONLY``."""
+                       POW2: gl.constexpr, FLOOR: gl.constexpr, CAST: gl.constexpr):
+        """Steps 2 and 3 (module docstring) on the tile at (pid_m, pid_k), in ``smem``."""
         BLOCK: gl.constexpr = smem.shape[0]
         row0 = pid_m * BLOCK
         col0 = pid_k * BLOCK
-        if not T_ONLY:
-            for r0 in gl.static_range(0, BLOCK, ROWS):  # the rows (1x128 tiles), ROWS at a time
-                _rows(smem, q_ptr, s_ptr, row0, col0, M, K, stride_qm, stride_sm, pid_k * stride_sk, r0, ROWS,
-                      row_layout, POW2, FLOOR, CAST)
+        for r0 in gl.static_range(0, BLOCK, ROWS):  # the rows (1x128 tiles), ROWS at a time
+            _rows(smem, q_ptr, s_ptr, row0, col0, M, K, stride_qm, stride_sm, pid_k * stride_sk, r0, ROWS,
+                  row_layout, POW2, FLOOR, CAST)
         smem_t = smem.permute((1, 0))  # (K, M): the same bytes
         for c0 in gl.static_range(0, BLOCK, COLS):  # the columns (128x1 tiles), stored transposed
             _cols(smem_t, qt_ptr, st_ptr, row0, col0, M, K, stride_qt, stride_stk, pid_m * stride_stm, c0, COLS,
@@ -234,8 +232,6 @@ if HAVE_GLUON:
         # ((M, I), row stride stride_dm); the grid's first axis then walks K (a tile's gate and up halves, which read
         # the same h and d act tiles, run side by side, the second from L2); None: x itself
         dact_ptr=None, stride_dm=0,
-        # the 128x1 tiles only (x^T's), nothing written through q_ptr and s_ptr (``transposed_only``)
-        T_ONLY: gl.constexpr = False,
     ):
         """x's 128x128 tiles, each read once and both quantisations made from shared memory (module docstring).
         PERSISTENT False: the tile at (program_id(0), program_id(1)). True: tiles program_id(0), + num_programs(0),
@@ -256,7 +252,7 @@ if HAVE_GLUON:
         tile_layout: gl.constexpr = gl.SwizzledSharedLayout(VEC, SWIZZLE_ROWS, PHASES, [1, 0])
         gl.static_assert(M_PER_THREAD * 32 == BLOCK, "a warp holds whole columns of the tile")
         # one tile a program (STAGES 0), else the persistent ring's STAGES tiles
-        RING: gl.constexpr = STAGES if PERSISTENT else 1  # one program a tile: one tile, however it is loaded
+        RING: gl.constexpr = STAGES if PERSISTENT else 1
         ring = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [RING, BLOCK, BLOCK], tile_layout)
         smem = ring.index(0)
         gl.static_assert(gl.bank_conflicts(gl.distributed_type(x_ptr.dtype.element_ty, [BLOCK, BLOCK], row_layout),
@@ -275,17 +271,8 @@ if HAVE_GLUON:
             if bound_ptr is not None:
                 if past_bound(pid_m * BLOCK, bound_ptr):
                     return
-            # Step 1: the tile from HBM, once, into shared memory (STAGES 1: by cp.async, not through registers)
-            if STAGES == 1:
-                gl.static_assert(dact_ptr is None, "SwiGLU's backward computes its tile in registers")
-                _copy_tile(smem, x_ptr, pid_m * BLOCK, pid_k * BLOCK, M, K, stride_xm, True, BLOCK, row_layout,
-                           src_ptr)
-                async_copy.commit_group()
-                async_copy.wait_group(0)
-                if w_ptr is not None:
-                    gl.thread_barrier()
-                    _weigh_rows(smem, w_ptr, pid_m * BLOCK, M, BLOCK, ROWS, row_layout)
-            elif dact_ptr is None:
+            # Step 1: the tile from HBM, once, into shared memory
+            if dact_ptr is None:
                 smem.store(_load_tile(x_ptr, pid_m * BLOCK, pid_k * BLOCK, M, K, stride_xm, True, BLOCK, row_layout,
                                       src_ptr, w_ptr))
             else:  # d h computed ROWS rows at a time (its three inputs at once, whole, would take 160 registers)
@@ -295,7 +282,7 @@ if HAVE_GLUON:
             gl.thread_barrier()
             _quantise_tile(smem, q_ptr, s_ptr, qt_ptr, st_ptr, pid_m, pid_k, M, K, stride_qm, stride_sm, stride_sk,
                            stride_qt, stride_stk, stride_stm, ROWS, COLS, row_layout, col_layout, col_store_layout,
-                           POW2, FLOOR, CAST, T_ONLY)
+                           POW2, FLOOR, CAST)
         else:
             gl.static_assert(dact_ptr is None, "SwiGLU's backward runs one program a tile")
             gl.static_assert(STAGES >= 2, "a ring of at least two tiles")
@@ -328,18 +315,13 @@ if HAVE_GLUON:
                     gl.thread_barrier()
                 _quantise_tile(tile_smem, q_ptr, s_ptr, qt_ptr, st_ptr, pid_m, tile // tiles_m, M, K, stride_qm,
                                stride_sm, stride_sk, stride_qt, stride_stk, stride_stm, ROWS, COLS, row_layout,
-                               col_layout, col_store_layout, POW2, FLOOR, CAST, T_ONLY)
+                               col_layout, col_store_layout, POW2, FLOOR, CAST)
                 i += 1
             async_copy.wait_group(0)  # the copies past the last tile (masked off) finished before the program ends
 
 
-# The config each kind of call takes by default: x's own rows ("plain"), gathered rows ("gather"; "gather_t" with
-# ``transposed_only``), SwiGLU's backward ("dact", which computes its tile in registers: STAGES 0 only).
-DEFAULTS = {"plain": CONFIGS[0], "gather": CONFIGS[0], "gather_t": CONFIGS[0], "dact": CONFIGS[0]}
-
-
-def _config(config, mode: str = "plain") -> tuple[int, int, int, int]:
-    config = DEFAULTS[mode] if config is None else tuple(config)
+def _config(config) -> tuple[int, int, int, int]:
+    config = CONFIGS[0] if config is None else tuple(config)
     if config not in CONFIGS:
         raise ValueError(f"config={config} must be one of CONFIGS={CONFIGS}")
     return config
@@ -351,10 +333,10 @@ RING_BYTES = 196608  # shared memory the rings of an SM's persistent programs ma
 def _stages(config: tuple[int, int, int, int], dtype: torch.dtype) -> int:
     """Tiles in a persistent program's ring: the config's, fewer where its ``programs an SM`` rings of x's tiles
     would pass ``RING_BYTES`` (fp32 tiles are twice bf16's), never fewer than two (``resident`` then lowers the
-    programs an SM); for one program a tile the config's 0 (through registers) or 1 (cp.async)."""
+    programs an SM); 0 for one program a tile."""
     _, _, per_sm, stages = config
     if not per_sm:
-        return stages
+        return 0
     tile_bytes = TILE * TILE * torch.empty((), dtype=dtype).element_size()
     return max(2, min(stages, RING_BYTES // (per_sm * tile_bytes)))
 
@@ -392,11 +374,6 @@ def _persistent_key(x: torch.Tensor, config: tuple, consts: dict, bounded: bool,
     return (x.device, x.dtype, config, bounded, gathered, *consts.values())
 
 
-def _copyable(x: torch.Tensor) -> bool:
-    """Whether cp.async can copy x's rows in 16-byte pieces: its start and row pitch multiples of 16 bytes."""
-    return x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
-
-
 def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
@@ -414,13 +391,11 @@ def quant_act_both_gluon(
     row_bound: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
     gather: torch.Tensor | None = None, row_weights: torch.Tensor | None = None,
     out_t: tuple[torch.Tensor, torch.Tensor] | None = None, dact: torch.Tensor | None = None,
-    transposed_only: bool = False,
-) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """x (M, K) float → ((x_fp8 (M, K), scale (M, ceil(K/128))), (x^T fp8 (K, M), scale_t (K, ceil(M/128)))), as
     ``quant_act_both`` (bit for bit, the same layouts: MN-major scales; ``row_bound`` the same: 128-row tiles at or
     past it not written), reading x from HBM once. ``config``: one of ``CONFIGS`` (num_warps, rows a chunk of the
-    rows' pass, persistent programs an SM or 0, tiles in its ring: 0 through registers, 1 or more by cp.async);
-    ``DEFAULTS``' for the kind of call by default.
+    rows' pass, persistent programs an SM or 0, tiles in its ring or 0); the first by default.
 
     ``gather`` ((M,) int32 row of x or -1, on x's device; x then (T, K)): the rows quantised are x's rows
     ``gather`` (zeros at -1), times ``row_weights`` ((M,) fp32) where given and rounded to x's dtype:
@@ -430,56 +405,46 @@ def quant_act_both_gluon(
     ``out_t``: the transposed pair written into the caller's buffers (``fp8_quant.check_out_t``: any strides, so a
     micro-batch's columns of a wider stash).
 
-    ``transposed_only``: the 128x1 tiles only, (None, (x^T fp8, scale_t)), where the 1x128 ones would not be used
-    (a gathered Wgrad operand: ``moe_permute.moe_permute(quantize="128x1_t")``); the same bits.
-
     ``dact`` ((M, I) in x's dtype, unit column stride; x then SwiGLU's input h (M, 2I), I % 128 == 0): the rows
     quantised are ``swiglu.swiglu_backward(x, dact)``'s, bit for bit, without d h ever stored
-    (``swiglu.swiglu_backward_quant_both``); one program a tile loaded through registers (a config of STAGES > 0 is
-    refused)."""
+    (``swiglu.swiglu_backward_quant_both``); one program a tile (a persistent ``config`` is refused)."""
     _check_float_2d(x, "x")
-    mode = "dact" if dact is not None else "plain" if gather is None else "gather_t" if transposed_only else "gather"
-    config = _config(config, mode)
-    if config[3] and not _copyable(x):  # cp.async moves 16-byte pieces: x's rows through registers instead
-        config = (*config[:2], 0, 0)
+    config = _config(config)
     num_warps, rows, per_sm, _ = config
     stages = _stages(config, x.dtype)
-    if dact is not None and (gather is not None or per_sm or stages or x.shape[1] % (2 * TILE) or dact.dtype != x.dtype
+    if dact is not None and (gather is not None or per_sm or x.shape[1] % (2 * TILE) or dact.dtype != x.dtype
                              or tuple(dact.shape) != (x.shape[0], x.shape[1] // 2) or dact.stride(1) != 1):
         raise ValueError(f"dact must be (M, I) {x.dtype} with unit column stride for x (M, 2I), I % 128 == 0, "
-                         f"without a gather, with a config of STAGES 0; got dact {tuple(dact.shape)} {dact.dtype}, "
+                         f"without a gather or a persistent config; got dact {tuple(dact.shape)} {dact.dtype}, "
                          f"x {tuple(x.shape)}")
     if gather is not None and (gather.dtype != torch.int32 or gather.dim() != 1 or gather.device != x.device
                                or (row_weights is not None and (row_weights.dtype != torch.float32
                                                                 or row_weights.shape != gather.shape))):
         raise ValueError("gather must be (M,) int32 on x's device, row_weights None or (M,) float32")
     if not runs_on(x):
-        if gather is not None or dact is not None or transposed_only:
-            raise ValueError("a gather, dact or transposed_only needs the Gluon kernel (runs_on(x)); their callers "
-                             "fall back")
+        if gather is not None or dact is not None:
+            raise ValueError("a gather or dact needs the Gluon kernel (runs_on(x)); their callers fall back")
         return quant_act_both(x, pow2_scale, amax_floor, cast, row_bound, out_t=out_t)
     M, K = (gather.numel(), x.shape[1]) if gather is not None else x.shape
-    qt, st = rows_output(K, M, x.device, out_t)
-    q, s = (qt, st) if transposed_only else rows_output(M, K, x.device)  # the former never written through
+    (q, s), (qt, st) = rows_output(M, K, x.device), rows_output(K, M, x.device, out_t)
     check_row_bound(row_bound, x.device)
-    rows_pair = None if transposed_only else (q, s)
     if not x.numel():
-        return rows_pair, (qt, st)
+        return (q, s), (qt, st)
     consts = _constexprs(pow2_scale, amax_floor, _cast(x.device, cast), rows, per_sm > 0, stages)
     grid = (cdiv(M, TILE), cdiv(K, TILE)) if dact is None else (cdiv(K, TILE), cdiv(M, TILE))
     if per_sm:
-        key = _persistent_key(x, (num_warps, rows, per_sm, stages, transposed_only), consts, row_bound is not None,
+        key = _persistent_key(x, (num_warps, rows, per_sm, stages), consts, row_bound is not None,
                               (gather is not None) + (row_weights is not None))
         sms, sm_regs, sm_shared, sm_threads = _sm_limits(_index(x.device))
         grid = (min(grid[0] * grid[1], _FITS.get(key, per_sm) * sms),)
     kernel = _quant_both_gluon_kernel[grid](
         x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), qt.stride(0), st.stride(0),
         st.stride(1), num_warps=num_warps, maxnreg=MAX_REGS, bound_ptr=row_bound, src_ptr=gather, w_ptr=row_weights,
-        dact_ptr=dact, stride_dm=0 if dact is None else dact.stride(0), T_ONLY=transposed_only, **consts)
+        dact_ptr=dact, stride_dm=0 if dact is None else dact.stride(0), **consts)
     if per_sm and key not in _FITS:
         _FITS[key] = min(per_sm, resident(kernel.n_regs, kernel.metadata.shared, num_warps, sm_regs, sm_shared,
                                           sm_threads))
-    return rows_pair, (qt, st)
+    return (q, s), (qt, st)
 
 
 def benchmark(M: int = 4096, K: int = 7168) -> dict[str, float]:
@@ -498,7 +463,7 @@ _INT_ARGS = ("M", "K", "stride_xm", "stride_qm", "stride_sm", "stride_sk", "stri
 def compile_offline(dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = False, cast: int = 0,
                     config: tuple[int, int, int, int] | None = None, amax_floor: float = AMAX_FLOOR, capability: int = 90,
                     swizzle_rows: int = SWIZZLE_ROWS, row_bound: bool = False, gather: bool = False,
-                    weighted: bool = False, dact: bool = False, transposed_only: bool = False):
+                    weighted: bool = False, dact: bool = False):
     """Compile the kernel for ``sm_{capability}`` without a GPU and return Triton's compiled kernel (its
     ``.asm["ptx"]``). Integers are specialised as Triton does for sizes divisible by 16. Needs a process without
     ``TRITON_INTERPRET`` (the kernel calls ``fp8_quant``'s jit functions, which the interpreter replaces).
@@ -528,7 +493,6 @@ def compile_offline(dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = Fals
     signature["stride_dm"] = "i32" if dact else "constexpr"
     if not dact:
         meta["stride_dm"] = 0
-    signature["T_ONLY"], meta["T_ONLY"] = "constexpr", transposed_only
     # what the JIT assumes of a 16-byte-aligned pointer and an integer divisible by 16 (the stride of x along K is
     # not an argument: it is 1)
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5 + len(_INT_ARGS))}

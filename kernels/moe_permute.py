@@ -250,12 +250,6 @@ def moe_permute(
         raise ValueError(f"quantize={quantize!r} must be False, True or '128x1_t'")
     if out is not None and not transposed:
         raise ValueError(f"out is for quantize='128x1_t', got quantize={quantize!r}")
-    if transposed and REGATHER_GLUON and row_weights is None:
-        from . import fp8_quant_gluon  # imports fp8_quant and the GEMMs: not at the top
-
-        if fp8_quant_gluon.runs_on(x) and plan.src_token.dtype == torch.int32:
-            return fp8_quant_gluon.quant_act_both_gluon(x, pow2_scale, amax_floor, row_bound=plan.rows_bound,
-                                                        gather=plan.src_token, out_t=out, transposed_only=True)[1]
     if transposed:
         out, scale = empty_cols_t_output(M, H, x.device, out)
     else:
@@ -271,11 +265,6 @@ def moe_permute(
     )
     return (out, scale) if quantize else out
 
-
-# Whether ``moe_permute(quantize="128x1_t")`` (no row weights) runs the Gluon gather on a Hopper GPU
-# (``fp8_quant_gluon.quant_act_both_gluon(gather=..., transposed_only=True)``: the tile in shared memory, the same
-# bits) instead of ``_permute_kernel``.
-REGATHER_GLUON = False
 
 # Whether ``moe_permute_quant_both`` runs the Gluon gather on a Hopper GPU (``fp8_quant_gluon``): the permuted
 # rows read from x and quantised both ways from shared memory, never stored in BF16. Off (the permute, then

@@ -40,8 +40,7 @@ device = test_kernels.device
 VARIANTS = [("bf16", False, 0, (8, 32, 0, 0), False), ("bf16", True, 1, (4, 32, 0, 0), False),
             ("fp32", False, 2, (8, 64, 0, 0), False), ("fp32", True, 0, (4, 32, 0, 0), False),
             ("bf16", False, 1, (8, 64, 0, 0), True), ("bf16", False, 1, (8, 32, 2, 3), True),
-            ("fp32", True, 1, (4, 32, 3, 2), False), ("bf16", False, 0, (8, 64, 2, 3), False),
-            ("bf16", False, 1, (8, 32, 0, 1), True), ("fp32", False, 1, (4, 32, 0, 1), False)]
+            ("fp32", True, 1, (4, 32, 3, 2), False), ("bf16", False, 0, (8, 64, 2, 3), False)]
 _COMPILE_SCRIPT = """
 import json, sys
 import torch
@@ -90,25 +89,24 @@ def test_compiles_for_hopper_reading_x_once_without_spills(compiled, variant, tm
     report, sass = _sass(ptx, tmp_path)
     assert "0 bytes spill stores, 0 bytes spill loads" in report, report
     assert not re.search(r"\b(LDL|STL)\b", sass), "registers went to local memory"
-    # Each thread's share of the 128x128 tile, in 16-byte vectors, read from HBM once. STAGES 0 (one program a tile):
-    # loaded into registers, stored into shared memory once, one barrier before the passes. STAGES 1: copied by
-    # cp.async, one wait and the same barrier. Persistent: copied into the ring by cp.async (the first STAGES - 1
-    # tiles' before the loop, each next one's in it); two barriers a tile (before the refill, after the wait), and
-    # the ones Triton's barrier pass adds (between the prologue's groups, after the last wait). Then read from shared
-    # memory twice (the rows' pass and the columns'); and the row bound.
+    # Each thread's share of the 128x128 tile, in 16-byte vectors, read from HBM once. One program a tile: loaded into
+    # registers, stored into shared memory once, one barrier before the passes. Persistent: copied into the ring by
+    # cp.async (the first STAGES - 1 tiles' before the loop, each next one's in it), nothing through registers; two
+    # barriers a tile (before the refill, after the wait), and the ones Triton's barrier pass adds (between the
+    # prologue's groups, after the last wait). Then read from shared memory twice (the rows' pass and the columns');
+    # and the row bound.
     vectors = 128 * 128 * {"bf16": 2, "fp32": 4}[dtype] // 16 // (32 * num_warps)
     stages = fp8_quant_gluon._stages(config, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
-    copied = stages > 0
     copies = _count(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10", ptx)
     assert copies == _count(r"cp\.async", ptx) - _count(r"cp\.async\.(commit|wait)", ptx) == vectors * stages
-    assert _count(r"ld\.global\.v4\.b32", ptx) == (0 if copied else vectors), "x read more than once"
-    assert _count(r"ld\.global", ptx) == (0 if copied else vectors) + bound
-    assert _count(r"st\.shared", ptx) == _count(r"st\.shared\.v4\.b32", ptx) == (0 if copied else vectors)
+    assert _count(r"ld\.global\.v4\.b32", ptx) == (0 if persistent else vectors), "x read more than once"
+    assert _count(r"ld\.global", ptx) == (0 if persistent else vectors) + bound
+    assert _count(r"st\.shared", ptx) == _count(r"st\.shared\.v4\.b32", ptx) == (0 if persistent else vectors)
     assert _count(r"ld\.shared", ptx) == _count(r"ld\.shared\.v4\.b32", ptx) == 2 * vectors
     assert _count(r"bar\.sync", ptx) == (stages + 1 if persistent else 1)
-    assert _count(r"cp\.async\.commit_group", ptx) == stages
-    assert re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx) == ([str(stages - 1), "0"] if persistent
-                                                                 else ["0"] * stages)
+    if persistent:
+        assert _count(r"cp\.async\.commit_group", ptx) == stages
+        assert re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx) == [str(stages - 1), "0"]
     # coalesced stores: at least 4 bytes a thread (the copy's 1x128 rows 8 bytes from bf16, x^T's 4 along M)
     assert not re.search(r"st\.global(\.v\d)?\.b(8|16)\b", ptx), "byte-wide global stores"
     if dtype == "bf16":
@@ -126,9 +124,7 @@ def test_the_swizzle_check_fails_for_a_conflicting_swizzle(compiled):
 def test_configs_are_checked():
     with pytest.raises(ValueError, match=r"config=\(8, 16, 0, 0\)"):
         fp8_quant_gluon._config((8, 16, 0, 0))
-    for mode, config in fp8_quant_gluon.DEFAULTS.items():
-        assert fp8_quant_gluon._config(None, mode) == config in fp8_quant_gluon.CONFIGS
-    assert fp8_quant_gluon.DEFAULTS["dact"][3] == 0, "SwiGLU's backward loads its tile through registers"
+    assert fp8_quant_gluon._config(None) == fp8_quant_gluon.CONFIGS[0]
 
 
 def test_resident_programs_by_registers_and_shared_memory():
@@ -242,13 +238,9 @@ for config, weighted in json.loads(sys.argv[1]):
     kernel = fp8_quant_gluon.compile_offline(torch.bfloat16, config=tuple(config), row_bound=True, gather=True,
                                              weighted=weighted)
     out[f"{config},{int(weighted)}"] = kernel.asm["ptx"]
-    if not weighted:  # the regather into 128x1 tiles only
-        out[f"{config},t"] = fp8_quant_gluon.compile_offline(torch.bfloat16, config=tuple(config), row_bound=True,
-                                                             gather=True, transposed_only=True).asm["ptx"]
 print(json.dumps(out))
 """
-GATHERS = [((8, 32, 0, 0), False), ((8, 32, 0, 0), True), ((8, 32, 0, 1), True), ((8, 32, 2, 3), False),
-           ((8, 32, 2, 3), True)]
+GATHERS = [((8, 32, 0, 0), False), ((8, 32, 0, 0), True), ((8, 32, 2, 3), False), ((8, 32, 2, 3), True)]
 
 
 @needs_gluon
@@ -271,23 +263,15 @@ def test_the_gather_reads_each_permuted_row_once_without_spills(tmp_path):
         assert "0 bytes spill stores, 0 bytes spill loads" in report, report
         assert not re.search(r"\b(LDL|STL)\b", sass), "registers went to local memory"
         vectors = 128 * 128 * 2 // 16 // (32 * num_warps)
-        stages = fp8_quant_gluon._stages(config, torch.bfloat16)  # tiles' copies in the code (0: loads)
+        copies = fp8_quant_gluon._stages(config, torch.bfloat16) if persistent else 1  # tiles' copies in the code
         vector_loads = _count(r"ld\.global\.v4\.b32", ptx)
-        assert vector_loads == (0 if stages else vectors), "x read more than once"
-        assert _count(r"cp\.async\.cg\.shared\.global", ptx) == vectors * stages
-        # beside x: the bound, a source row index per row a thread covers each tile loaded or copied, and its weight
-        # each tile
+        assert vector_loads == (0 if persistent else vectors), "x read more than once"
+        assert _count(r"cp\.async\.cg\.shared\.global", ptx) == (vectors * copies if persistent else 0)
+        # beside x: the bound, a source row index per row a thread covers each tile copied, and its weight each tile
         scalars = _count(r"ld\.global", ptx) - vector_loads
-        assert scalars == 1 + vectors * max(stages, 1) + vectors * weighted, scalars
+        assert scalars == 1 + vectors * copies + vectors * weighted, scalars
         assert ("cvt.rn.bf16x2.f32" in ptx) == weighted
-        assert _count(r"st\.shared\.v4\.b32", ptx) == (vectors * weighted if stages else vectors)
-        if not weighted:  # transposed_only: the same loads and the columns' stores, no row of 1x128 tiles stored
-            t_only = ptxs[f"{list(config)},t"]
-            assert "0 bytes spill stores, 0 bytes spill loads" in _sass(t_only, tmp_path)[0]
-            assert _count(r"ld\.global", t_only) == _count(r"ld\.global", ptx)
-            assert _count(r"cp\.async\.cg", t_only) == _count(r"cp\.async\.cg", ptx)
-            assert _count(r"st\.global\.v2\.b32", t_only) == 0 < _count(r"st\.global\.v2\.b32", ptx)
-            assert 0 < _count(r"st\.global", t_only) < _count(r"st\.global", ptx)
+        assert _count(r"st\.shared\.v4\.b32", ptx) == (vectors * weighted if persistent else vectors)
 
 
 def _same_both(got, want, bound: int, num_rows: int) -> None:
@@ -345,44 +329,9 @@ def test_the_gather_is_the_permute_then_the_cast_bit_for_bit(weighted, config, m
         monkeypatch.setattr(mp, "PERMUTE_BOTH", False)
         want = mp.moe_permute_quant_both(x, plan, row_weights=w, amax_floor=1e-12)
         monkeypatch.setattr(mp, "PERMUTE_BOTH", True)
-        monkeypatch.setitem(fp8_quant_gluon.DEFAULTS, "gather", config)
+        monkeypatch.setattr(fp8_quant_gluon, "CONFIGS", [config, *fp8_quant_gluon.CONFIGS])  # the kernel's default
         got = mp.moe_permute_quant_both(x, plan, row_weights=w, amax_floor=1e-12)
         _same_both(got, want, plan.num_rows if plan.rows_bound is None else int(plan.rows_bound), plan.num_rows)
-
-
-@pytest.mark.parametrize("config", fp8_quant_gluon.CONFIGS)
-@pytest.mark.gpu
-@on_hopper
-def test_the_regather_is_the_permutes_128x1_tiles_bit_for_bit(config, monkeypatch):
-    """``moe_permute(quantize="128x1_t")`` through the Gluon gather (``REGATHER_GLUON``, transposed only) against
-    ``_permute_kernel``: V3's rows and ragged ones, exact and worst-case plans, into a fresh buffer and into a slot of
-    a wider stash (nothing outside the slot written, nothing past the bound)."""
-    from moeplan.kernels import moe_permute as mp
-    from tests.kernels.test_moe_permute_bound import _same, untouched
-
-    g = torch.Generator().manual_seed(11)
-    for tokens, experts, d, exact in ((4096, 32, 7168, False), (300, 6, 200, True), (300, 6, 200, False)):
-        token = torch.arange(tokens).repeat_interleave(8 if d == 7168 else 2).cuda()
-        expert = torch.randint(0, experts, (token.numel(),), generator=g).cuda()
-        counts = torch.bincount(expert.cpu(), minlength=experts).tolist() if exact else experts
-        plan = mp.make_pair_plan(token, expert, tokens, counts)
-        x = test_kernels.rand(tokens, d, seed=12, device="cuda", dtype=torch.bfloat16)
-        bound = plan.num_rows if plan.rows_bound is None else int(plan.rows_bound)
-        monkeypatch.setattr(mp, "REGATHER_GLUON", False)
-        want = mp.moe_permute(x, plan, quantize="128x1_t", amax_floor=1e-12)
-        monkeypatch.setattr(mp, "REGATHER_GLUON", True)
-        monkeypatch.setitem(fp8_quant_gluon.DEFAULTS, "gather_t", config)
-        got = mp.moe_permute(x, plan, quantize="128x1_t", amax_floor=1e-12)
-        width = plan.num_rows + 256  # a slot at column 128 of a wider stash
-        stash = (torch.full((d, width), 0x7F, dtype=torch.uint8, device="cuda").view(fp8_quant.FP8_DTYPE),
-                 torch.full((d, width // 128), float("nan"), device="cuda"))
-        slot = (stash[0][:, 128:128 + plan.num_rows], stash[1][:, 1:1 + -(-plan.num_rows // 128)])
-        mp.moe_permute(x, plan, quantize="128x1_t", amax_floor=1e-12, out=slot)
-        for pair in (got, slot):
-            assert _same(pair[0][:, :bound].t(), want[0][:, :bound].t()), "values differ"
-            assert _same(pair[1][:, :bound // 128].t(), want[1][:, :bound // 128].t()), "scales differ"
-        assert untouched(stash[0][:, :128].t()) and untouched(stash[0][:, 128 + bound:].t())
-        assert untouched(stash[1][:, :1].t()) and untouched(stash[1][:, 1 + -(-bound // 128):].t())
 
 
 _DH_SCRIPT = """
