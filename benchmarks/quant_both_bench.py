@@ -108,8 +108,7 @@ def measure(shape: tuple[int, int], device: torch.device, reps: int, peak: float
     if fp8_quant_gluon.runs_on(x):
         for config in fp8_quant_gluon.CONFIGS:
             got = fp8_quant_gluon.quant_act_both_gluon(x, config=config)
-            grid = (f"persistent, {config[2]} programs an SM, a ring of {config[3]} tiles (cp.async)" if config[2]
-                    else "a program a tile")
+            grid = f"persistent, {config[2]} programs an SM" if config[2] else "a program a tile"
             row(f"Gluon, tile in shared memory: {config[0]} warps, {config[1]}-row chunks, {grid}",
                 median_s(lambda c=config: fp8_quant_gluon.quant_act_both_gluon(x, config=c), device, reps),
                 same(got, want))

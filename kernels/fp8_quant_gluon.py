@@ -13,12 +13,9 @@
   each of 4 consecutive rows, so that one warp holds whole columns (an amax over M within the warp) and stores 4
   consecutive bytes of each of its columns' rows of x^T (128 bytes a warp and instruction, coalesced along M).
 
-With a persistent config (``CONFIGS``) each program walks tiles in the same order (along M first) through a ring of
-``STAGES`` tiles in shared memory, filled by asynchronous copies (``cp.async``, 16 bytes a thread, zeros where
-masked): while it quantises one tile the copies of the next ``STAGES - 1`` are in flight, and no register holds a
-tile on its way to shared memory. A barrier before each refill keeps the previous tile's reads of its slot first;
-the gather's weights, where given, are applied in shared memory (read, multiplied, rounded, written back) before
-the tile is quantised. SwiGLU's backward keeps one program a tile (its tile is computed, not copied).
+With a persistent config (``CONFIGS``) each program walks tiles in the same order (along M first) and issues the
+next tile's loads before it quantises the current one from shared memory, so that its reads of HBM stay in flight
+while it computes; a barrier before each store into shared memory keeps the previous tile's reads first.
 
 The swizzle is chosen so that both reads are free of bank conflicts: XOR of the 16-byte chunk index with
 (row // 4) % 8. The rows' read and the store touch 8 consecutive chunks of one row a quarter-warp (any XOR keeps
@@ -62,16 +59,14 @@ from .triton_compat import cdiv, triton
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     HAVE_GLUON = True
 except ImportError:  # CPU torch without triton, or a triton before Gluon
     HAVE_GLUON = False
 
-# (num_warps, ROWS, programs an SM, STAGES): ROWS rows of the tile a chunk of the rows' pass takes; programs an SM 0
-# for one program a tile (STAGES then 0), else a persistent grid of that many programs an SM (at most: as many as
-# fit, ``resident``), each with a ring of STAGES tiles in shared memory filled by cp.async. The default is the first
-# (docs/results/quant-both.md).
-CONFIGS = [(8, 32, 0, 0), (4, 32, 0, 0), (8, 64, 0, 0), (8, 32, 2, 3), (8, 32, 2, 2), (8, 64, 2, 3), (4, 32, 3, 2)]
+# (num_warps, ROWS, programs an SM): ROWS rows of the tile a chunk of the rows' pass takes; programs an SM 0 for one
+# program a tile, else a persistent grid of that many programs an SM (at most: as many as fit, ``resident``), each
+# loading its next tile while it quantises one. The default is the first (not yet timed).
+CONFIGS = [(8, 32, 0), (4, 32, 0), (8, 64, 0), (8, 32, 2), (4, 32, 3)]
 SWIZZLE_ROWS = 4  # rows that share a swizzle phase: the columns' read gives each lane 4 consecutive rows
 PHASES = 8  # 16-byte chunks in a 128-byte bank row
 M_PER_THREAD = 4  # consecutive rows of x (bytes of a row of x^T) a thread of the columns' pass holds
@@ -148,34 +143,6 @@ if HAVE_GLUON:
         return x
 
     @gluon.jit
-    def _copy_tile(dst, x_ptr, row0, col0, M, K, stride_xm, live, BLOCK: gl.constexpr, layout: gl.constexpr,
-                   src_ptr=None):
-        """The (BLOCK, BLOCK) tile of x at (row0, col0) copied into ``dst`` (shared memory) by cp.async, 16 bytes a
-        thread an instruction, not waited for (the caller commits the group); zeros outside x, where a gathered
-        row's source is -1, and everywhere unless ``live`` (``_load_tile``'s values, its rows gathered the same way)."""
-        rows = row0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, layout))
-        cols = col0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(0, layout))
-        if src_ptr is None:
-            mask = (rows < M)[:, None] & (cols < K)[None, :] & live
-            async_copy.async_copy_global_to_shared(dst, x_ptr + rows.to(gl.int64)[:, None] * stride_xm + cols[None, :],
-                                                   mask=mask)
-        else:
-            src = gl.load(src_ptr + rows, mask=(rows < M) & live, other=-1)
-            mask = (src >= 0)[:, None] & (cols < K)[None, :]
-            async_copy.async_copy_global_to_shared(dst, x_ptr + src.to(gl.int64)[:, None] * stride_xm + cols[None, :],
-                                                   mask=mask)
-
-    @gluon.jit
-    def _weigh_rows(smem, w_ptr, row0, M, BLOCK: gl.constexpr, ROWS: gl.constexpr, layout: gl.constexpr):
-        """Each row of the tile in ``smem`` times its FP32 weight ``w[row0 + r]`` (0 past M), rounded back to the
-        tile's dtype, in place, ROWS rows at a time: what ``_load_tile`` does to a gathered row in registers."""
-        for r0 in gl.static_range(0, BLOCK, ROWS):
-            part = smem.slice(r0, ROWS, dim=0)
-            rows = row0 + r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
-            w = gl.load(w_ptr + rows, mask=rows < M, other=0.0)
-            part.store((part.load(layout).to(gl.float32) * w[:, None]).to(smem.dtype))
-
-    @gluon.jit
     def _load_dh(h_ptr, dact_ptr, row0, col0, M, K, stride_hm, stride_dm, ROWS: gl.constexpr, BLOCK: gl.constexpr,
                  layout: gl.constexpr):
         """ROWS rows from ``row0`` of d h's tile at column ``col0``, h (M, K = 2I) being SwiGLU's input: d gate
@@ -222,7 +189,7 @@ if HAVE_GLUON:
         stride_xm, stride_qm, stride_sm, stride_sk, stride_qt, stride_stk, stride_stm,
         # meta
         POW2: gl.constexpr, FLOOR: gl.constexpr, CAST: gl.constexpr, ROWS: gl.constexpr, PERSISTENT: gl.constexpr,
-        SWIZZLE_ROWS: gl.constexpr, PHASES: gl.constexpr, M_PER_THREAD: gl.constexpr, STAGES: gl.constexpr,
+        SWIZZLE_ROWS: gl.constexpr, PHASES: gl.constexpr, M_PER_THREAD: gl.constexpr,
         # a worst-case-sized buffer's rows in use (M), (1,) int32 on the device, or None (as in fp8_quant's kernels)
         bound_ptr=None,
         # the gather (``_load_tile``): row r of the tile is x's row src[r] ((M,) int32, -1: zeros), times w[r]
@@ -235,9 +202,8 @@ if HAVE_GLUON:
     ):
         """x's 128x128 tiles, each read once and both quantisations made from shared memory (module docstring).
         PERSISTENT False: the tile at (program_id(0), program_id(1)). True: tiles program_id(0), + num_programs(0),
-        ... in the same order (along M first) through a ring of STAGES tiles in shared memory, the copies of the next
-        STAGES - 1 in flight while one is quantised. Tiles at or past ``*bound_ptr`` are not written
-        (``past_bound``)."""
+        ... in the same order (along M first), the next tile's loads issued before this one's quantisation. Tiles
+        at or past ``*bound_ptr`` are not written (``past_bound``)."""
         BLOCK: gl.constexpr = 128
         WARPS: gl.constexpr = gl.num_warps()
         VEC: gl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth  # elements in 16 bytes
@@ -251,10 +217,7 @@ if HAVE_GLUON:
         col_store_layout: gl.constexpr = gl.BlockedLayout([VEC, M_PER_THREAD], [1, 32], [WARPS, 1], [1, 0])
         tile_layout: gl.constexpr = gl.SwizzledSharedLayout(VEC, SWIZZLE_ROWS, PHASES, [1, 0])
         gl.static_assert(M_PER_THREAD * 32 == BLOCK, "a warp holds whole columns of the tile")
-        # one tile a program (STAGES 0), else the persistent ring's STAGES tiles
-        RING: gl.constexpr = STAGES if PERSISTENT else 1
-        ring = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [RING, BLOCK, BLOCK], tile_layout)
-        smem = ring.index(0)
+        smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [BLOCK, BLOCK], tile_layout)
         gl.static_assert(gl.bank_conflicts(gl.distributed_type(x_ptr.dtype.element_ty, [BLOCK, BLOCK], row_layout),
                                            smem.type) == 0, "the tile's store and the rows' read have bank conflicts")
         gl.static_assert(gl.bank_conflicts(gl.distributed_type(x_ptr.dtype.element_ty, [BLOCK, BLOCK], col_layout),
@@ -285,7 +248,6 @@ if HAVE_GLUON:
                            POW2, FLOOR, CAST)
         else:
             gl.static_assert(dact_ptr is None, "SwiGLU's backward runs one program a tile")
-            gl.static_assert(STAGES >= 2, "a ring of at least two tiles")
             rows_used = M
             if bound_ptr is not None:
                 rows_used = gl.minimum(gl.maximum(gl.load(bound_ptr), 0), M)
@@ -294,56 +256,30 @@ if HAVE_GLUON:
             tiles_m = gl.maximum(tiles_m, 1)  # a divisor below; with no row in use there is no tile
             step = gl.num_programs(0)
             first = gl.program_id(0)
-            for s in gl.static_range(STAGES - 1):  # the first STAGES - 1 tiles' copies, a commit group each
-                t = first + s * step
-                _copy_tile(ring.index(s), x_ptr, (t % tiles_m) * BLOCK, (t // tiles_m) * BLOCK, M, K, stride_xm,
-                           t < tiles, BLOCK, row_layout, src_ptr)
-                async_copy.commit_group()
-            i = 0
+            x = _load_tile(x_ptr, (first % tiles_m) * BLOCK, (first // tiles_m) * BLOCK, M, K, stride_xm,
+                           first < tiles, BLOCK, row_layout, src_ptr, w_ptr)
             for tile in range(first, tiles, step):
-                gl.thread_barrier()  # the previous tile's reads of its slot, the one refilled now, are done
-                nxt = tile + (STAGES - 1) * step
-                _copy_tile(ring.index((i + STAGES - 1) % STAGES), x_ptr, (nxt % tiles_m) * BLOCK,
-                           (nxt // tiles_m) * BLOCK, M, K, stride_xm, nxt < tiles, BLOCK, row_layout, src_ptr)
-                async_copy.commit_group()
-                async_copy.wait_group(STAGES - 1)  # this thread's copies of this tile have landed ...
-                gl.thread_barrier()  # ... and every thread's
-                pid_m = tile % tiles_m
-                tile_smem = ring.index(i % STAGES)
-                if w_ptr is not None:
-                    _weigh_rows(tile_smem, w_ptr, pid_m * BLOCK, M, BLOCK, ROWS, row_layout)
-                    gl.thread_barrier()
-                _quantise_tile(tile_smem, q_ptr, s_ptr, qt_ptr, st_ptr, pid_m, tile // tiles_m, M, K, stride_qm,
+                gl.thread_barrier()  # the previous tile's reads of smem are done
+                smem.store(x)
+                gl.thread_barrier()
+                nxt = tile + step  # its loads in flight while this tile is quantised
+                x = _load_tile(x_ptr, (nxt % tiles_m) * BLOCK, (nxt // tiles_m) * BLOCK, M, K, stride_xm,
+                               nxt < tiles, BLOCK, row_layout, src_ptr, w_ptr)
+                _quantise_tile(smem, q_ptr, s_ptr, qt_ptr, st_ptr, tile % tiles_m, tile // tiles_m, M, K, stride_qm,
                                stride_sm, stride_sk, stride_qt, stride_stk, stride_stm, ROWS, COLS, row_layout,
                                col_layout, col_store_layout, POW2, FLOOR, CAST)
-                i += 1
-            async_copy.wait_group(0)  # the copies past the last tile (masked off) finished before the program ends
 
 
-def _config(config) -> tuple[int, int, int, int]:
+def _config(config) -> tuple[int, int, int]:
     config = CONFIGS[0] if config is None else tuple(config)
     if config not in CONFIGS:
         raise ValueError(f"config={config} must be one of CONFIGS={CONFIGS}")
     return config
 
 
-RING_BYTES = 196608  # shared memory the rings of an SM's persistent programs may take together (of sm_90's 228 KiB)
-
-
-def _stages(config: tuple[int, int, int, int], dtype: torch.dtype) -> int:
-    """Tiles in a persistent program's ring: the config's, fewer where its ``programs an SM`` rings of x's tiles
-    would pass ``RING_BYTES`` (fp32 tiles are twice bf16's), never fewer than two (``resident`` then lowers the
-    programs an SM); 0 for one program a tile."""
-    _, _, per_sm, stages = config
-    if not per_sm:
-        return 0
-    tile_bytes = TILE * TILE * torch.empty((), dtype=dtype).element_size()
-    return max(2, min(stages, RING_BYTES // (per_sm * tile_bytes)))
-
-
-def _constexprs(pow2_scale: bool, amax_floor: float, cast: int, rows: int, persistent: bool, stages: int) -> dict:
+def _constexprs(pow2_scale: bool, amax_floor: float, cast: int, rows: int, persistent: bool) -> dict:
     return dict(POW2=pow2_scale, FLOOR=amax_floor, CAST=cast, ROWS=rows, PERSISTENT=persistent,
-                SWIZZLE_ROWS=SWIZZLE_ROWS, PHASES=PHASES, M_PER_THREAD=M_PER_THREAD, STAGES=stages)
+                SWIZZLE_ROWS=SWIZZLE_ROWS, PHASES=PHASES, M_PER_THREAD=M_PER_THREAD)
 
 
 @functools.cache
@@ -388,14 +324,14 @@ def runs_on(x: torch.Tensor) -> bool:
 
 def quant_act_both_gluon(
     x: torch.Tensor, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR, cast: str | None = None,
-    row_bound: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
+    row_bound: torch.Tensor | None = None, config: tuple[int, int, int] | None = None,
     gather: torch.Tensor | None = None, row_weights: torch.Tensor | None = None,
     out_t: tuple[torch.Tensor, torch.Tensor] | None = None, dact: torch.Tensor | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """x (M, K) float → ((x_fp8 (M, K), scale (M, ceil(K/128))), (x^T fp8 (K, M), scale_t (K, ceil(M/128)))), as
     ``quant_act_both`` (bit for bit, the same layouts: MN-major scales; ``row_bound`` the same: 128-row tiles at or
     past it not written), reading x from HBM once. ``config``: one of ``CONFIGS`` (num_warps, rows a chunk of the
-    rows' pass, persistent programs an SM or 0, tiles in its ring or 0); the first by default.
+    rows' pass, persistent programs an SM or 0); the first by default.
 
     ``gather`` ((M,) int32 row of x or -1, on x's device; x then (T, K)): the rows quantised are x's rows
     ``gather`` (zeros at -1), times ``row_weights`` ((M,) fp32) where given and rounded to x's dtype:
@@ -409,9 +345,7 @@ def quant_act_both_gluon(
     quantised are ``swiglu.swiglu_backward(x, dact)``'s, bit for bit, without d h ever stored
     (``swiglu.swiglu_backward_quant_both``); one program a tile (a persistent ``config`` is refused)."""
     _check_float_2d(x, "x")
-    config = _config(config)
-    num_warps, rows, per_sm, _ = config
-    stages = _stages(config, x.dtype)
+    num_warps, rows, per_sm = _config(config)
     if dact is not None and (gather is not None or per_sm or x.shape[1] % (2 * TILE) or dact.dtype != x.dtype
                              or tuple(dact.shape) != (x.shape[0], x.shape[1] // 2) or dact.stride(1) != 1):
         raise ValueError(f"dact must be (M, I) {x.dtype} with unit column stride for x (M, 2I), I % 128 == 0, "
@@ -430,10 +364,10 @@ def quant_act_both_gluon(
     check_row_bound(row_bound, x.device)
     if not x.numel():
         return (q, s), (qt, st)
-    consts = _constexprs(pow2_scale, amax_floor, _cast(x.device, cast), rows, per_sm > 0, stages)
+    consts = _constexprs(pow2_scale, amax_floor, _cast(x.device, cast), rows, per_sm > 0)
     grid = (cdiv(M, TILE), cdiv(K, TILE)) if dact is None else (cdiv(K, TILE), cdiv(M, TILE))
     if per_sm:
-        key = _persistent_key(x, (num_warps, rows, per_sm, stages), consts, row_bound is not None,
+        key = _persistent_key(x, (num_warps, rows, per_sm), consts, row_bound is not None,
                               (gather is not None) + (row_weights is not None))
         sms, sm_regs, sm_shared, sm_threads = _sm_limits(_index(x.device))
         grid = (min(grid[0] * grid[1], _FITS.get(key, per_sm) * sms),)
@@ -461,7 +395,7 @@ _INT_ARGS = ("M", "K", "stride_xm", "stride_qm", "stride_sm", "stride_sk", "stri
 
 
 def compile_offline(dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = False, cast: int = 0,
-                    config: tuple[int, int, int, int] | None = None, amax_floor: float = AMAX_FLOOR, capability: int = 90,
+                    config: tuple[int, int, int] | None = None, amax_floor: float = AMAX_FLOOR, capability: int = 90,
                     swizzle_rows: int = SWIZZLE_ROWS, row_bound: bool = False, gather: bool = False,
                     weighted: bool = False, dact: bool = False):
     """Compile the kernel for ``sm_{capability}`` without a GPU and return Triton's compiled kernel (its
@@ -472,13 +406,11 @@ def compile_offline(dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = Fals
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    config = _config(config)
-    num_warps, rows, per_sm, _ = config
-    stages = _stages(config, dtype)
+    num_warps, rows, per_sm = _config(config)
     names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
     signature = {"x_ptr": f"*{names[dtype]}", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "qt_ptr": "*fp8e4nv",
                  "st_ptr": "*fp32"} | {n: "i32" for n in _INT_ARGS}
-    meta = _constexprs(pow2_scale, amax_floor, cast, rows, per_sm > 0, stages) | {"SWIZZLE_ROWS": swizzle_rows}
+    meta = _constexprs(pow2_scale, amax_floor, cast, rows, per_sm > 0) | {"SWIZZLE_ROWS": swizzle_rows}
     signature |= {n: "constexpr" for n in meta}
     if row_bound:
         signature["bound_ptr"] = "*i32"

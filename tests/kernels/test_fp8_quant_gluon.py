@@ -37,10 +37,10 @@ device = test_kernels.device
 
 # (dtype, pow2_scale, cast, config, row_bound) compiled offline: both input widths, both scale kinds, the emulated and
 # both hardware casts, every config (one program a tile and persistent), with and without a row bound
-VARIANTS = [("bf16", False, 0, (8, 32, 0, 0), False), ("bf16", True, 1, (4, 32, 0, 0), False),
-            ("fp32", False, 2, (8, 64, 0, 0), False), ("fp32", True, 0, (4, 32, 0, 0), False),
-            ("bf16", False, 1, (8, 64, 0, 0), True), ("bf16", False, 1, (8, 32, 2, 3), True),
-            ("fp32", True, 1, (4, 32, 3, 2), False), ("bf16", False, 0, (8, 64, 2, 3), False)]
+VARIANTS = [("bf16", False, 0, (8, 32, 0), False), ("bf16", True, 1, (4, 32, 0), False),
+            ("fp32", False, 2, (8, 64, 0), False), ("fp32", True, 0, (4, 32, 0), False),
+            ("bf16", False, 1, (8, 64, 0), True), ("bf16", False, 1, (8, 32, 2), True),
+            ("fp32", True, 1, (4, 32, 3), False)]
 _COMPILE_SCRIPT = """
 import json, sys
 import torch
@@ -89,24 +89,16 @@ def test_compiles_for_hopper_reading_x_once_without_spills(compiled, variant, tm
     report, sass = _sass(ptx, tmp_path)
     assert "0 bytes spill stores, 0 bytes spill loads" in report, report
     assert not re.search(r"\b(LDL|STL)\b", sass), "registers went to local memory"
-    # Each thread's share of the 128x128 tile, in 16-byte vectors, read from HBM once. One program a tile: loaded into
-    # registers, stored into shared memory once, one barrier before the passes. Persistent: copied into the ring by
-    # cp.async (the first STAGES - 1 tiles' before the loop, each next one's in it), nothing through registers; two
-    # barriers a tile (before the refill, after the wait), and the ones Triton's barrier pass adds (between the
-    # prologue's groups, after the last wait). Then read from shared memory twice (the rows' pass and the columns');
-    # and the row bound.
+    # Each thread's share of the 128x128 tile, in 16-byte vectors: loaded from global memory once (persistent: the
+    # first tile's before the loop, each next one's in it), stored into shared memory once, read from it twice (the
+    # rows' pass and the columns'), one barrier between (persistent: and one before the next tile's store); and the
+    # row bound.
     vectors = 128 * 128 * {"bf16": 2, "fp32": 4}[dtype] // 16 // (32 * num_warps)
-    stages = fp8_quant_gluon._stages(config, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
-    copies = _count(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10", ptx)
-    assert copies == _count(r"cp\.async", ptx) - _count(r"cp\.async\.(commit|wait)", ptx) == vectors * stages
-    assert _count(r"ld\.global\.v4\.b32", ptx) == (0 if persistent else vectors), "x read more than once"
-    assert _count(r"ld\.global", ptx) == (0 if persistent else vectors) + bound
-    assert _count(r"st\.shared", ptx) == _count(r"st\.shared\.v4\.b32", ptx) == (0 if persistent else vectors)
+    assert _count(r"ld\.global\.v4\.b32", ptx) == vectors * (1 + persistent), "x read more than once"
+    assert _count(r"ld\.global", ptx) == vectors * (1 + persistent) + bound
+    assert _count(r"st\.shared", ptx) == _count(r"st\.shared\.v4\.b32", ptx) == vectors
     assert _count(r"ld\.shared", ptx) == _count(r"ld\.shared\.v4\.b32", ptx) == 2 * vectors
-    assert _count(r"bar\.sync", ptx) == (stages + 1 if persistent else 1)
-    if persistent:
-        assert _count(r"cp\.async\.commit_group", ptx) == stages
-        assert re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx) == [str(stages - 1), "0"]
+    assert _count(r"bar\.sync", ptx) == 1 + persistent
     # coalesced stores: at least 4 bytes a thread (the copy's 1x128 rows 8 bytes from bf16, x^T's 4 along M)
     assert not re.search(r"st\.global(\.v\d)?\.b(8|16)\b", ptx), "byte-wide global stores"
     if dtype == "bf16":
@@ -122,8 +114,8 @@ def test_the_swizzle_check_fails_for_a_conflicting_swizzle(compiled):
 
 
 def test_configs_are_checked():
-    with pytest.raises(ValueError, match=r"config=\(8, 16, 0, 0\)"):
-        fp8_quant_gluon._config((8, 16, 0, 0))
+    with pytest.raises(ValueError, match=r"config=\(8, 16, 0\)"):
+        fp8_quant_gluon._config((8, 16, 0))
     assert fp8_quant_gluon._config(None) == fp8_quant_gluon.CONFIGS[0]
 
 
@@ -240,17 +232,16 @@ for config, weighted in json.loads(sys.argv[1]):
     out[f"{config},{int(weighted)}"] = kernel.asm["ptx"]
 print(json.dumps(out))
 """
-GATHERS = [((8, 32, 0, 0), False), ((8, 32, 0, 0), True), ((8, 32, 2, 3), False), ((8, 32, 2, 3), True)]
+GATHERS = [((8, 32, 0), False), ((8, 32, 0), True), ((8, 32, 2), True)]
 
 
 @needs_gluon
 def test_the_gather_reads_each_permuted_row_once_without_spills(tmp_path):
     """``quant_act_both_gluon(x, gather=..., row_weights=...)`` compiled for sm_90a (one program a tile and
-    persistent; weighted or not; with a row bound): each thread's share of the tile read from global memory once (one
-    program a tile: loaded into registers; persistent: copied into the ring by cp.async, the first STAGES - 1 tiles'
-    before the loop, each next one's in it) beside its rows' source indices and weights; the weighted rows rounded to
-    bf16 (``cvt.rn``) before the passes read them, as ``moe_permute`` stores them (persistent: in shared memory, read
-    back and written once); no spills."""
+    persistent; weighted or not; with a row bound): each thread's share of the tile loaded from global memory once
+    (the persistent grid: the first tile's before the loop, each next one's in it) beside its rows' source indices
+    and weights; the weighted rows rounded to bf16 (``cvt.rn``) before shared memory, as ``moe_permute`` stores
+    them; no spills."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
     res = subprocess.run([sys.executable, "-P", "-c", _GATHER_SCRIPT, json.dumps(GATHERS)], capture_output=True,
                          text=True, env=env, timeout=600, check=False)
@@ -263,15 +254,12 @@ def test_the_gather_reads_each_permuted_row_once_without_spills(tmp_path):
         assert "0 bytes spill stores, 0 bytes spill loads" in report, report
         assert not re.search(r"\b(LDL|STL)\b", sass), "registers went to local memory"
         vectors = 128 * 128 * 2 // 16 // (32 * num_warps)
-        copies = fp8_quant_gluon._stages(config, torch.bfloat16) if persistent else 1  # tiles' copies in the code
-        vector_loads = _count(r"ld\.global\.v4\.b32", ptx)
-        assert vector_loads == (0 if persistent else vectors), "x read more than once"
-        assert _count(r"cp\.async\.cg\.shared\.global", ptx) == (vectors * copies if persistent else 0)
-        # beside x: the bound, a source row index per row a thread covers each tile copied, and its weight each tile
-        scalars = _count(r"ld\.global", ptx) - vector_loads
-        assert scalars == 1 + vectors * copies + vectors * weighted, scalars
+        assert _count(r"ld\.global\.v4\.b32", ptx) == vectors * (1 + persistent), "x read more than once"
+        # beside x: the bound, and a source row index (and weight) per row a thread covers, each tile
+        scalars = _count(r"ld\.global", ptx) - _count(r"ld\.global\.v4\.b32", ptx)
+        assert scalars == 1 + vectors * (1 + persistent) * (1 + weighted), scalars
         assert ("cvt.rn.bf16x2.f32" in ptx) == weighted
-        assert _count(r"st\.shared\.v4\.b32", ptx) == (vectors * weighted if persistent else vectors)
+        assert _count(r"st\.shared\.v4\.b32", ptx) == vectors
 
 
 def _same_both(got, want, bound: int, num_rows: int) -> None:
