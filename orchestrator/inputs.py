@@ -190,6 +190,7 @@ class PlanRequest:
     ignored: list[str]
     fixed: dict[str, Any]  # ParallelSpec fields set by the user
     published: bool  # the model's published layout runs on this cluster and is the base of ``inputs``
+    wgrad_batch_set: bool = False  # the user set training.kernels.expert_wgrad_batch (the planner leaves it)
 
     def planned(self, searched: SearchResult | None) -> tuple[PlanInputs, str]:
         """The inputs to plan (the searched layout's, if any) and where their layout came from."""
@@ -223,9 +224,27 @@ def build_request(model_arg: str, cluster_arg: str, nodes: int | None, sets: lis
         fixed_data = apply_overrides({"parallel": data["parallel"]}, layout_sets)["parallel"]
         data["parallel"] = fixed_data
         inputs = PlanInputs.model_validate(data)
-        return PlanRequest(inputs=inputs, ignored=ignored, fixed=_fixed(fixed_data, layout_sets), published=published)
+        return PlanRequest(inputs=inputs, ignored=ignored, fixed=_fixed(fixed_data, layout_sets), published=published,
+                           wgrad_batch_set=any(_sets_wgrad_batch(*parse_override(s)) for s in other_sets))
     except ValidationError as exc:
         raise InputError(first_error_line(exc, "invalid setting")) from exc
+
+
+_WGRAD_BATCH = ("training", "kernels", "expert_wgrad_batch")
+
+
+def _sets_wgrad_batch(path: list[str], value: Any) -> bool:
+    """Whether an override sets ``training.kernels.expert_wgrad_batch``: by its path, or inside the object it gives
+    ``training`` or ``training.kernels``."""
+    if tuple(path) == _WGRAD_BATCH:
+        return True
+    if tuple(path) != _WGRAD_BATCH[:len(path)]:
+        return False
+    for key in _WGRAD_BATCH[len(path):]:
+        if not isinstance(value, dict) or key not in value:
+            return False
+        value = value[key]
+    return True
 
 
 def _check_phase_count(training: Any) -> None:

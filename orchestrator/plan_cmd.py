@@ -29,6 +29,7 @@ from moeplan.simulator.engine.trace import chrome_trace
 from moeplan.simulator.planning.planner import plan_with_trace, summary
 from moeplan.simulator.planning.search import SearchResult, search
 from moeplan.simulator.planning.techniques import TECHNIQUES
+from moeplan.simulator.planning.wgrad_batch import WgradBatchChoice, choose_wgrad_batch, with_wgrad_batch
 from moeplan.simulator.report.plan_html import plan_html
 
 console = Console(width=140)
@@ -89,6 +90,11 @@ def plan_command(
         check_placeable(req.inputs, redundant_experts)
     searched = _run_search(req, opts, quiet=json_, schedules=techs.schedules) if do_search else None
     inputs, source = req.planned(searched)
+    wgrad_batch = None
+    if searched is not None and not req.wgrad_batch_set:  # the searched layout's expert Wgrad batch, by the cost model
+        wgrad_batch = choose_wgrad_batch(inputs, opts)
+        if wgrad_batch is not None:
+            inputs = with_wgrad_batch(inputs, wgrad_batch.chosen)
     # the step simulated for the predictions is the one drawn and traced: no second simulation
     plan, events = plan_with_trace(inputs, tuple(req.ignored), source, searched, opts, tuple(sorted(req.fixed)))
     if techs.off:
@@ -97,7 +103,7 @@ def plan_command(
     if trace is not None:
         files[trace] = strict_json(chrome_trace(events), indent=None)
     write_outputs(files)
-    for line in plan_notes(plan, redundant_experts):
+    for line in plan_notes(plan, redundant_experts) + wgrad_batch_notes(wgrad_batch):
         note(line)
     if json_:
         typer.echo(strict_json(summary(plan)))
@@ -119,6 +125,23 @@ def _run_search(req: PlanRequest, opts: SimOptions, quiet: bool, schedules: tupl
     if not result.ranked:
         raise LayoutError("search found no layout")
     return result
+
+
+def wgrad_batch_notes(choice: WgradBatchChoice | None) -> list[str]:
+    """The planner's expert Wgrad batch, what each size simulated to and what its stash cost, in one line."""
+    if choice is None:
+        return []
+    base = choice.step_s[1]  # a layout the search kept fits at 1: the batch adds memory only
+
+    def step(s: float | None) -> str:
+        if s is None:
+            return "does not fit"
+        return f"{s:.4g} s" + ("" if base is None else f" ({(s / base - 1) * 100:+.3g}%)")
+
+    sizes = ", ".join(f"{size}: {step(s)}, {choice.peak_bytes[size] / 2**30:.1f} GiB"
+                      for size, s in choice.step_s.items())
+    return [f"training.kernels.expert_wgrad_batch={choice.chosen} chosen for the searched layout (step, peak memory by "
+            f"size: {sizes}); --set training.kernels.expert_wgrad_batch=N keeps another"]
 
 
 def plan_notes(plan: PlanFile, redundant_experts: int) -> list[str]:

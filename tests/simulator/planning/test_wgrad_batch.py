@@ -1,0 +1,71 @@
+"""The planner's expert Wgrad batch (``simulator.planning.wgrad_batch``): every size simulated, the fastest that fits
+chosen, nothing chosen where the size does not matter or nothing fits."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeplan.simulator.accounting.layout import check_layout
+from moeplan.simulator.accounting.memory import peak_bytes_per_gpu
+from moeplan.simulator.engine.build import SimOptions
+from moeplan.simulator.planning.planner import resolve_microbatches
+from moeplan.simulator.planning.predict import simulate_at
+from moeplan.simulator.planning.wgrad_batch import applies, choose_wgrad_batch, with_wgrad_batch
+from moeplan.simulator.presets.clusters import h200
+from moeplan.simulator.presets.models import tiny_dense, tiny_moe
+from moeplan.simulator.spec.inputs import PlanInputs
+from moeplan.simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.spec.training import MAX_EXPERT_WGRAD_BATCH, Phase, TrainingSpec
+
+
+def _inputs(precision: str = "fp8", model=None, hbm_bytes: int | None = None) -> PlanInputs:
+    training = TrainingSpec(phases=(Phase(name="pretrain", tokens=1e9, global_batch_seqs=64),), precision=precision)
+    cluster = h200(1)
+    if hbm_bytes is not None:
+        cluster = cluster.model_copy(update={"gpu": cluster.gpu.model_copy(update={"hbm_bytes": int(hbm_bytes)})})
+    return PlanInputs(model=model or tiny_moe(), cluster=cluster, training=training,
+                      parallel=ParallelSpec(seq_len_tokens=256, pp=2, ep=4, schedule="1f1b"))
+
+
+def _peak(inputs: PlanInputs) -> float:
+    """The full replay's peak, computed here from the accounting (not through the planner's memory check)."""
+    par, tr = inputs.parallel, inputs.training
+    dp = check_layout(inputs.model, inputs.cluster, par)
+    return peak_bytes_per_gpu(inputs.model, par, tr.optimizer, tr.precision, dp,
+                              resolve_microbatches(par, tr, dp), tr.kernels.fusion, tr.kernels.expert_wgrad_batch)
+
+
+def test_every_size_is_simulated_and_the_fastest_wins():
+    inputs = _inputs()
+    choice = choose_wgrad_batch(inputs)
+    sizes = range(1, MAX_EXPERT_WGRAD_BATCH + 1)
+    assert list(choice.step_s) == list(sizes)
+    dp = check_layout(inputs.model, inputs.cluster, inputs.parallel)
+    m = resolve_microbatches(inputs.parallel, inputs.training, dp)
+    for size in sizes:
+        trial = with_wgrad_batch(inputs, size)
+        assert trial.training.kernels.expert_wgrad_batch == size
+        assert choice.step_s[size] == simulate_at(trial, dp, m, 256, SimOptions()).step_time_s
+        assert choice.peak_bytes[size] == pytest.approx(_peak(trial), rel=1e-12)
+    # the stash grows with the size; the batched Wgrads never make the step longer
+    peaks = [choice.peak_bytes[s] for s in sizes]
+    assert peaks == sorted(peaks) and len(set(peaks)) == len(peaks)
+    assert choice.step_s[MAX_EXPERT_WGRAD_BATCH] <= choice.step_s[1]
+    assert choice.chosen == min(sizes, key=lambda s: (choice.step_s[s], s))
+
+
+def test_a_size_that_does_not_fit_is_not_chosen_and_with_none_fitting_nothing_is():
+    full = choose_wgrad_batch(_inputs())
+    reserved = h200(1).node.memory_reserved_bytes
+    between = (full.peak_bytes[1] + full.peak_bytes[2]) / 2  # usable HBM that holds size 1 only
+    choice = choose_wgrad_batch(_inputs(hbm_bytes=between + reserved))
+    assert choice.chosen == 1 and choice.step_s[1] == full.step_s[1]
+    assert all(choice.step_s[s] is None for s in range(2, MAX_EXPERT_WGRAD_BATCH + 1))
+    assert choose_wgrad_batch(_inputs(hbm_bytes=full.peak_bytes[1] / 2 + reserved)) is None
+
+
+def test_nothing_to_choose_in_bf16_or_without_routed_experts():
+    assert not applies(_inputs("bf16")) and choose_wgrad_batch(_inputs("bf16")) is None
+    dense = PlanInputs(model=tiny_dense(), cluster=h200(1), training=_inputs().training,
+                       parallel=ParallelSpec(seq_len_tokens=256, pp=2))
+    assert not applies(dense) and choose_wgrad_batch(dense) is None
