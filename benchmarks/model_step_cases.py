@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from moeplan.simulator.accounting.activations import BF16_BYTES, layer_activation_bytes_per_token
 from moeplan.simulator.accounting.flops import ForwardFlops, attention_core_flops, forward_flops
 from moeplan.simulator.accounting.layout import Stage
-from moeplan.simulator.accounting.memory import rank_params
+from moeplan.simulator.accounting.memory import expert_wgrad_stash_bytes, rank_params
 from moeplan.simulator.costs.elementwise import WEIGHT_QUANT, fp8_weight_quant_bytes, layer_bytes_per_token
 from moeplan.simulator.costs.kernels import attention_s, memory_s
 from moeplan.simulator.costs.tables import CostTables, Precision
@@ -39,6 +39,7 @@ from moeplan.simulator.presets.clusters import gpu_for_device, h200_gpu
 from moeplan.simulator.presets.models import deepseek_v3, tiny_moe
 from moeplan.simulator.spec.hardware import GpuSpec
 from moeplan.simulator.spec.model import ModelSpec
+from moeplan.simulator.spec.parallel import ParallelSpec
 from moeplan.simulator.spec.training import Fusion, OptimizerSpec
 
 EXPERTS = 32  # routed experts of the benchmark's MoE layers (V3 has 256; one GPU holds 32 at EP = 8)
@@ -216,13 +217,18 @@ def predicted_memory(w: Workload, config: Config) -> dict[str, float]:
     - ``weight_bytes``: ``rank_params`` of the stage times the BF16 weight bytes of ``OptimizerSpec``;
     - ``activation_bytes``: what the layers keep for backward (``layer_activation_bytes_per_token`` at
       the config's forward precision) plus the stage's received BF16 input, as ``rank_memory`` counts a
-      stage; not the gradients, not transient workspace.
+      stage; not the gradients, not transient workspace;
+    - ``stash_bytes``: the FP8 expert Wgrads' stash of ``config.wgrad_batch`` micro-batches
+      (``expert_wgrad_stash_bytes``; 0 without a batch), which the runtime allocates at the first backward and keeps
+      from step to step, so that the measured peak holds it and the step's peak above its baseline does not.
     """
     params = rank_params(w.spec, [Stage(0, tuple(w.layers), False, False)], ep=1)
     kept = sum(layer_activation_bytes_per_token(w.spec, u, config.fwd_precision, "none") for u in w.layers)
     return {"params": params.dense + params.expert,
             "weight_bytes": (params.dense + params.expert) * OptimizerSpec().param_bytes,
-            "activation_bytes": w.tokens * (kept + BF16_BYTES * w.spec.hidden_size)}
+            "activation_bytes": w.tokens * (kept + BF16_BYTES * w.spec.hidden_size),
+            "stash_bytes": expert_wgrad_stash_bytes(w.spec, ParallelSpec(ep=1), config.bwd_precision,
+                                                    config.wgrad_batch, w.layers, w.tokens)}
 
 
 # Kernel-name fragments, lower case. GEMMs: cuBLAS (sm90_xmma_*, nvjet_*, *gemm*, its split-K reduce),
@@ -340,10 +346,13 @@ _LOAD_NOTE = ("Load max/mean: routed tokens of the busiest expert over the mean,
 _CLASS_HEAD = ("| class | measured fwd ms | measured bwd ms | measured | predicted fwd | predicted bwd | predicted "
                "| predicted / measured − 1 |\n|---|---:|---:|---:|---:|---:|---:|---:|")
 _MEMORY_HEAD = ("| configuration | weights (measured) | weights (accounting) | step peak above weights and inputs "
-                "| kept activations (accounting) | peak allocated |\n|---|---:|---:|---:|---:|---:|")
+                "| kept activations (accounting) | expert Wgrad stash (accounting) | peak allocated |\n"
+                "|---|---:|---:|---:|---:|---:|---:|")
 _MEMORY_NOTE = ("GiB. The accounting's activations are what the layers keep for backward plus the stage's input, at "
                 "the configuration's forward precision (`layer_activation_bytes_per_token`); the measured step peak "
-                "also holds the gradients formed so far and transient workspace.")
+                "also holds the gradients formed so far and transient workspace. The FP8 expert Wgrads' stash "
+                "(`expert_wgrad_stash_bytes`, configurations with a Wgrad batch) stays allocated from step to step: "
+                "the peak allocated holds it, the step's peak above its baseline does not.")
 
 
 def _header(meta: dict) -> list[str]:
@@ -446,7 +455,7 @@ def _gaps_lines(gaps: dict | None, microbatches: int) -> list[str]:
 def _memory_row(c: dict) -> str:
     m, p = c["memory"], c["predicted_memory"]
     return (f"| {c['name']} | {_gib(m['weight_bytes'])} | {_gib(p['weight_bytes'])} | {_gib(m['step_peak_bytes'])} "
-            f"| {_gib(p['activation_bytes'])} | {_gib(m['peak_bytes'])} |")
+            f"| {_gib(p['activation_bytes'])} | {_gib(p.get('stash_bytes'))} | {_gib(m['peak_bytes'])} |")
 
 
 def markdown(result: dict) -> str:

@@ -298,3 +298,19 @@ def test_reprice_keeps_the_measurements_and_predicts_again(smoke, tmp_path):
             assert c_new.get("timing") == c_old.get("timing") and no_gaps[0] == no_gaps[1]
             for cls, parts in c_old["predicted_s"].items():
                 assert c_new["predicted_s"][cls] == pytest.approx(parts)
+
+
+def test_the_predicted_stash_is_the_accountings_for_the_configs_wgrad_batch_and_shown_beside_the_peak():
+    """Workload A at S = 4 in FP8: the stash of ``expert_wgrad_stash_bytes`` for its 4 MoE layers (4,096 tokens, top-8,
+    32 experts' worst-case padding, 21,120 bytes a row: the +11.6 GiB the 13:28 UTC reading of
+    docs/results/model-step.md gives); none in BF16 or without a batch. The memory table prints it."""
+    a = cases.workloads(small=False)[0]
+    by_name = {c.name: c for c in cases.CONFIGS}
+    four, one, bf16 = (by_name[n] for n in ("fp8 fwd+bwd fused wgrad-batch 4", "fp8 fwd+bwd fused", "bf16 fused"))
+    rows = 4096 * 8 + 32 * 127
+    assert cases.predicted_memory(a, four)["stash_bytes"] == 4 * 4 * rows * (3 * 2048 + 2 * 7168) * (1 + 4 / 128)
+    assert cases.predicted_memory(a, four)["stash_bytes"] / 2**30 == pytest.approx(11.59, abs=0.01)
+    assert cases.predicted_memory(a, one)["stash_bytes"] == cases.predicted_memory(a, bf16)["stash_bytes"] == 0
+    row = cases._memory_row({"name": four.name, "predicted_memory": cases.predicted_memory(a, four),
+                             "memory": {"weight_bytes": 1, "step_peak_bytes": 2**30, "peak_bytes": 2**31}})
+    assert "| 11.59 |" in row and cases._MEMORY_HEAD.splitlines()[0].count("|") == row.count("|") == 8
