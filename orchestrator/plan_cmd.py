@@ -141,7 +141,8 @@ def wgrad_batch_notes(choice: WgradBatchChoice | None) -> list[str]:
     sizes = ", ".join(f"{size}: {step(s)}, {choice.peak_bytes[size] / 2**30:.1f} GiB"
                       for size, s in choice.step_s.items())
     return [f"training.kernels.expert_wgrad_batch={choice.chosen} chosen for the searched layout (step, peak memory by "
-            f"size: {sizes}); --set training.kernels.expert_wgrad_batch=N keeps another"]
+            f"size: {sizes}; the candidates were ranked at 1); --set training.kernels.expert_wgrad_batch=N keeps "
+            "another"]
 
 
 def plan_notes(plan: PlanFile, redundant_experts: int) -> list[str]:
