@@ -131,7 +131,7 @@ def wgrad_batch_notes(choice: WgradBatchChoice | None) -> list[str]:
     """The planner's expert Wgrad batch, what each size simulated to and what its stash cost, in one line."""
     if choice is None:
         return []
-    base = choice.step_s[1]  # a layout the search kept fits at 1: the batch adds memory only
+    base = choice.step_s[1]  # the search kept the layout at 1, so it fits there (None would mean it does not)
 
     def step(s: float | None) -> str:
         if s is None:
