@@ -44,7 +44,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from moeplan.kernels import fp8_gemm_ws, fp8_quant, moe_permute, swiglu
-from moeplan.model import ModelOptions, StageSpec, build_rank
+from moeplan.model import ModelOptions, StageSpec, attention, build_rank
 from moeplan.model.fp8 import clear_fp8_weight_cache
 from moeplan.model.runtime.main_grad import attach_main_grads
 from moeplan.model.weight_grad import attach_expert_wgrad_batches, flush_expert_wgrads
@@ -411,6 +411,7 @@ def run_meta(device: torch.device, gpu, tables, args) -> dict:
             "peak_bf16_flops_per_s": gpu.bf16_flops_per_s, "wgrad_old_values": fp8_gemm_ws.OLD_VALUES,
             "dense_wgrad_old_values": fp8_gemm_ws.DENSE_OLD_VALUES or fp8_gemm_ws.OLD_VALUES,
             "permute_both": moe_permute.PERMUTE_BOTH, "swiglu_backward_both": swiglu.BACKWARD_BOTH,
+            "mla_glue_in_cast": attention.GLUE_IN_CAST,
             "tall_wgrads": {"dense": fp8_gemm_ws.TALL_DENSE, "min_segments": fp8_gemm_ws.TALL_MIN_SEGMENTS,
                             "old_values": fp8_gemm_ws.TALL_OLD_VALUES},
             "fp8_cast": {v: k for k, v in fp8_quant.ONE_READ_CHOICES.items()}[fp8_quant.ONE_READ],
@@ -467,6 +468,9 @@ def parse_args() -> argparse.Namespace:
                         help="the casts with transpose (kernels.fp8_quant.quant_act_both): the two single quantisers, "
                              "the one-read Triton kernel or the one-read Gluon kernel (fp8_quant.ONE_READ; default: "
                              "the module's)")
+    parser.add_argument("--mla-glue-cast", default=None, choices=("on", "off"),
+                        help="MLA's up-projections' output gradients cast as the attention's backward glue is read "
+                             "(model.attention.GLUE_IN_CAST; default: the module's)")
     parser.add_argument("--reprice", type=Path, default=None, metavar="JSON",
                         help="no run: that results file's measurements, predicted again by today's simulator")
     args = parser.parse_args()
@@ -525,6 +529,8 @@ def main() -> None:
         fp8_gemm_ws.DENSE_OLD_VALUES = args.dense_wgrad_old_values
     if args.permute_both is not None:
         moe_permute.PERMUTE_BOTH = args.permute_both == "on"  # read at each call
+    if args.mla_glue_cast is not None:
+        attention.GLUE_IN_CAST = args.mla_glue_cast == "on"  # read at each forward
     if args.fp8_cast is not None:
         fp8_quant.ONE_READ = fp8_quant.ONE_READ_CHOICES[args.fp8_cast]  # read at each call
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")

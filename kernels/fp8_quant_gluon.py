@@ -162,6 +162,56 @@ if HAVE_GLUON:
         return gl.where(up_half, dup, dgate).to(h_ptr.dtype.element_ty)
 
     @gluon.jit
+    def _load_rope(x_ptr, cos_ptr, sin_ptr, row0, col0, M, K, stride_xm, seq_len, ROWS: gl.constexpr,
+                   BLOCK: gl.constexpr, layout: gl.constexpr, HEAD: gl.constexpr, NOPE: gl.constexpr):
+        """ROWS rows from ``row0`` of the tile at column ``col0`` of d q (M, K = H HEAD) with RoPE's backward applied:
+        in each head the channels from NOPE on are interleaved pairs (d y0, d y1) rotated back,
+        (d y0 c + d y1 s, d y1 c - d y0 s) with c, s = cos, sin (seq_len, (HEAD - NOPE) / 2) at the row's position
+        (row % seq_len), in FP32 and rounded to x's dtype, as ``mla_backward.rope_backward`` stores them; the other
+        channels as they are; zeros outside. A pair is two neighbours of a thread's 16-byte vector: split in
+        registers."""
+        HALF: gl.constexpr = BLOCK // 2
+        rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+        cols = col0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(0, layout))
+        mask = (rows < M)[:, None] & (cols < K)[None, :]
+        x = gl.load(x_ptr + rows.to(gl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        x0, x1 = x.to(gl.float32).reshape([ROWS, HALF, 2]).split()  # (ROWS, HALF) each: even and odd channels
+        pair_layout: gl.constexpr = x0.type.layout
+        pcols = col0 + 2 * gl.arange(0, HALF, layout=gl.SliceLayout(0, pair_layout))  # each pair's even channel
+        prows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, pair_layout))
+        j = pcols % HEAD
+        rope = (j >= NOPE) & (pcols < K)
+        freq = gl.where(rope, (j - NOPE) // 2, 0)
+        cs = (prows % seq_len)[:, None] * ((HEAD - NOPE) // 2) + freq[None, :]
+        cs_mask = (prows < M)[:, None] & rope[None, :]
+        c = gl.load(cos_ptr + cs, mask=cs_mask, other=1.0)
+        s = gl.load(sin_ptr + cs, mask=cs_mask, other=0.0)
+        y0 = gl.where(rope[None, :], x0 * c + x1 * s, x0)
+        y1 = gl.where(rope[None, :], x1 * c - x0 * s, x1)
+        y = gl.join(y0, y1).reshape([ROWS, BLOCK])
+        return gl.convert_layout(y, layout).to(x_ptr.dtype.element_ty)
+
+    @gluon.jit
+    def _load_heads(x_ptr, b_ptr, row0, pid_k, M, stride_xm, stride_bm, BLOCK: gl.constexpr, layout: gl.constexpr,
+                    HEAD: gl.constexpr, NOPE: gl.constexpr, B_COLS: gl.constexpr):
+        """The (BLOCK, BLOCK) tile ``pid_k`` of the tensor whose head h is x's head h's first NOPE channels (x (M, H
+        HEAD)) then b's head h (b (M, H B_COLS)): MLA's KV up-projection output gradient, the keys' no-RoPE part and
+        the values (NOPE % BLOCK == B_COLS % BLOCK == 0: a tile lies in one of them). Zeros at rows >= M."""
+        TILES: gl.constexpr = (NOPE + B_COLS) // BLOCK  # tiles a head
+        head = pid_k // TILES
+        col = (pid_k % TILES) * BLOCK
+        if col < NOPE:
+            base = x_ptr + head * HEAD + col
+            stride = stride_xm
+        else:
+            base = b_ptr + head * B_COLS + (col - NOPE)
+            stride = stride_bm
+        rows = row0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, layout))
+        cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, layout))
+        mask = (rows < M)[:, None] & (cols < BLOCK)[None, :]
+        return gl.load(base + rows.to(gl.int64)[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+
+    @gluon.jit
     def _quantise_tile(smem, q_ptr, s_ptr, qt_ptr, st_ptr, pid_m, pid_k, M, K, stride_qm, stride_sm, stride_sk,
                        stride_qt, stride_stk, stride_stm, ROWS: gl.constexpr, COLS: gl.constexpr,
                        row_layout: gl.constexpr, col_layout: gl.constexpr, col_store_layout: gl.constexpr,
@@ -199,6 +249,11 @@ if HAVE_GLUON:
         # ((M, I), row stride stride_dm); the grid's first axis then walks K (a tile's gate and up halves, which read
         # the same h and d act tiles, run side by side, the second from L2); None: x itself
         dact_ptr=None, stride_dm=0,
+        # MLA's attention backward (``mla_backward``), one program a tile. RoPE's (``_load_rope``): x is d q (M, K = H
+        # HEAD), cos and sin (seq_len, (HEAD - NOPE) / 2) FP32 contiguous. The heads' (``_load_heads``): x is d k (M,
+        # H HEAD) and b d v (M, H B_COLS), row stride stride_bm, K = H (NOPE + B_COLS). None: x itself
+        cos_ptr=None, sin_ptr=None, seq_len=1, b_ptr=None, stride_bm=0, HEAD: gl.constexpr = 1,
+        NOPE: gl.constexpr = 0, B_COLS: gl.constexpr = 0,
     ):
         """x's 128x128 tiles, each read once and both quantisations made from shared memory (module docstring).
         PERSISTENT False: the tile at (program_id(0), program_id(1)). True: tiles program_id(0), + num_programs(0),
@@ -235,7 +290,15 @@ if HAVE_GLUON:
                 if past_bound(pid_m * BLOCK, bound_ptr):
                     return
             # Step 1: the tile from HBM, once, into shared memory
-            if dact_ptr is None:
+            if cos_ptr is not None:  # RoPE's backward computed ROWS rows at a time, as d h below
+                for r0 in gl.static_range(0, BLOCK, ROWS):
+                    smem.slice(r0, ROWS, dim=0).store(_load_rope(x_ptr, cos_ptr, sin_ptr, pid_m * BLOCK + r0,
+                                                                 pid_k * BLOCK, M, K, stride_xm, seq_len, ROWS, BLOCK,
+                                                                 row_layout, HEAD, NOPE))
+            elif b_ptr is not None:
+                smem.store(_load_heads(x_ptr, b_ptr, pid_m * BLOCK, pid_k, M, stride_xm, stride_bm, BLOCK, row_layout,
+                                       HEAD, NOPE, B_COLS))
+            elif dact_ptr is None:
                 smem.store(_load_tile(x_ptr, pid_m * BLOCK, pid_k * BLOCK, M, K, stride_xm, True, BLOCK, row_layout,
                                       src_ptr, w_ptr))
             else:  # d h computed ROWS rows at a time (its three inputs at once, whole, would take 160 registers)
@@ -248,6 +311,7 @@ if HAVE_GLUON:
                            POW2, FLOOR, CAST)
         else:
             gl.static_assert(dact_ptr is None, "SwiGLU's backward runs one program a tile")
+            gl.static_assert(cos_ptr is None and b_ptr is None, "MLA's backward runs one program a tile")
             rows_used = M
             if bound_ptr is not None:
                 rows_used = gl.minimum(gl.maximum(gl.load(bound_ptr), 0), M)
@@ -327,6 +391,8 @@ def quant_act_both_gluon(
     row_bound: torch.Tensor | None = None, config: tuple[int, int, int] | None = None,
     gather: torch.Tensor | None = None, row_weights: torch.Tensor | None = None,
     out_t: tuple[torch.Tensor, torch.Tensor] | None = None, dact: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
+    heads: tuple[torch.Tensor, int, int] | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """x (M, K) float → ((x_fp8 (M, K), scale (M, ceil(K/128))), (x^T fp8 (K, M), scale_t (K, ceil(M/128)))), as
     ``quant_act_both`` (bit for bit, the same layouts: MN-major scales; ``row_bound`` the same: 128-row tiles at or
@@ -343,9 +409,27 @@ def quant_act_both_gluon(
 
     ``dact`` ((M, I) in x's dtype, unit column stride; x then SwiGLU's input h (M, 2I), I % 128 == 0): the rows
     quantised are ``swiglu.swiglu_backward(x, dact)``'s, bit for bit, without d h ever stored
-    (``swiglu.swiglu_backward_quant_both``); one program a tile (a persistent ``config`` is refused)."""
+    (``swiglu.swiglu_backward_quant_both``); one program a tile (a persistent ``config`` is refused).
+
+    ``rope`` ((cos, sin, HEAD, NOPE); x then d q (M, H x HEAD) bf16): the rows quantised are
+    ``mla_backward.rope_backward(x, cos, sin, HEAD, NOPE)``'s; ``heads`` ((d v, HEAD, NOPE); x then d k (M, H x
+    HEAD) bf16, d v (M, H x V) bf16, NOPE and V multiples of 128): ``mla_backward.assemble_heads(x, d v, HEAD,
+    NOPE)``'s. Their callers (``mla_backward``) check the shapes; one program a tile, no gather, dact or bound."""
     _check_float_2d(x, "x")
     num_warps, rows, per_sm = _config(config)
+    mla = {}
+    if rope is not None or heads is not None:
+        if (rope is not None and heads is not None) or gather is not None or dact is not None or per_sm \
+                or row_bound is not None or out_t is not None or not runs_on(x):
+            raise ValueError("rope or heads: one of them, on the Gluon kernel, without a gather, dact, row bound, "
+                             "out_t or persistent config")
+        if rope is not None:
+            cos, sin, head, nope = rope
+            mla = dict(cos_ptr=cos, sin_ptr=sin, seq_len=cos.shape[0], HEAD=head, NOPE=nope)
+        else:
+            dv, head, nope = heads
+            mla = dict(b_ptr=dv, stride_bm=dv.stride(0), HEAD=head, NOPE=nope,
+                       B_COLS=dv.shape[1] // (x.shape[1] // head))
     if dact is not None and (gather is not None or per_sm or x.shape[1] % (2 * TILE) or dact.dtype != x.dtype
                              or tuple(dact.shape) != (x.shape[0], x.shape[1] // 2) or dact.stride(1) != 1):
         raise ValueError(f"dact must be (M, I) {x.dtype} with unit column stride for x (M, 2I), I % 128 == 0, "
@@ -360,6 +444,8 @@ def quant_act_both_gluon(
             raise ValueError("a gather or dact needs the Gluon kernel (runs_on(x)); their callers fall back")
         return quant_act_both(x, pow2_scale, amax_floor, cast, row_bound, out_t=out_t)
     M, K = (gather.numel(), x.shape[1]) if gather is not None else x.shape
+    if heads is not None:
+        K = x.shape[1] // mla["HEAD"] * (mla["NOPE"] + mla["B_COLS"])
     (q, s), (qt, st) = rows_output(M, K, x.device), rows_output(K, M, x.device, out_t)
     check_row_bound(row_bound, x.device)
     if not x.numel():
@@ -374,7 +460,7 @@ def quant_act_both_gluon(
     kernel = _quant_both_gluon_kernel[grid](
         x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), qt.stride(0), st.stride(0),
         st.stride(1), num_warps=num_warps, maxnreg=MAX_REGS, bound_ptr=row_bound, src_ptr=gather, w_ptr=row_weights,
-        dact_ptr=dact, stride_dm=0 if dact is None else dact.stride(0), **consts)
+        dact_ptr=dact, stride_dm=0 if dact is None else dact.stride(0), **mla, **consts)
     if per_sm and key not in _FITS:
         _FITS[key] = min(per_sm, resident(kernel.n_regs, kernel.metadata.shared, num_warps, sm_regs, sm_shared,
                                           sm_threads))
@@ -397,12 +483,14 @@ _INT_ARGS = ("M", "K", "stride_xm", "stride_qm", "stride_sm", "stride_sk", "stri
 def compile_offline(dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = False, cast: int = 0,
                     config: tuple[int, int, int] | None = None, amax_floor: float = AMAX_FLOOR, capability: int = 90,
                     swizzle_rows: int = SWIZZLE_ROWS, row_bound: bool = False, gather: bool = False,
-                    weighted: bool = False, dact: bool = False):
+                    weighted: bool = False, dact: bool = False, rope: bool = False, heads: bool = False,
+                    head: int = 192, nope: int = 128, b_cols: int = 128):
     """Compile the kernel for ``sm_{capability}`` without a GPU and return Triton's compiled kernel (its
     ``.asm["ptx"]``). Integers are specialised as Triton does for sizes divisible by 16. Needs a process without
     ``TRITON_INTERPRET`` (the kernel calls ``fp8_quant``'s jit functions, which the interpreter replaces).
     ``swizzle_rows``: another swizzle, for the test that the bank-conflict check fails; ``row_bound``: with a
-    bound pointer; ``gather`` (and ``weighted``): with the gather's row index (and weights) pointers."""
+    bound pointer; ``gather`` (and ``weighted``): with the gather's row index (and weights) pointers; ``rope`` or
+    ``heads``: MLA's backward modes at ``head``, ``nope`` (and d v's ``b_cols``) channels a head."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -425,11 +513,23 @@ def compile_offline(dtype: torch.dtype = torch.bfloat16, pow2_scale: bool = Fals
     signature["stride_dm"] = "i32" if dact else "constexpr"
     if not dact:
         meta["stride_dm"] = 0
+    # MLA's backward (``rope``: RoPE's, ``heads``: the heads' assembly) at V3's head sizes by default
+    for name, kind, given in (("cos_ptr", "*fp32", rope), ("sin_ptr", "*fp32", rope), ("seq_len", "i32", rope),
+                              ("b_ptr", f"*{names[dtype]}", heads), ("stride_bm", "i32", heads)):
+        if given:
+            signature[name] = kind
+        else:
+            signature[name], meta[name] = "constexpr", {"seq_len": 1, "stride_bm": 0}.get(name)
+    for name, value in (("HEAD", head if rope or heads else 1), ("NOPE", nope if rope or heads else 0),
+                        ("B_COLS", b_cols if heads else 0)):
+        signature[name], meta[name] = "constexpr", value
     # what the JIT assumes of a 16-byte-aligned pointer and an integer divisible by 16 (the stride of x along K is
     # not an argument: it is 1)
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5 + len(_INT_ARGS))}
-    if dact:  # d act's pointer and row stride, as the JIT sees V3's (2048 columns)
-        names_in_order = list(_quant_both_gluon_kernel.arg_names)
-        attrs |= {(names_in_order.index(n),): [["tt.divisibility", 16]] for n in ("dact_ptr", "stride_dm")}
+    names_in_order = list(_quant_both_gluon_kernel.arg_names)
+    aligned = {"dact_ptr", "stride_dm"} if dact else set()  # d act's pointer and row stride: V3's 2048 columns
+    aligned |= {"cos_ptr", "sin_ptr", "seq_len"} if rope else set()  # cos/sin as allocated, 4096 positions
+    aligned |= {"b_ptr", "stride_bm"} if heads else set()  # d v's pointer and row stride: 128 heads x 128
+    attrs |= {(names_in_order.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = GluonASTSource(_quant_both_gluon_kernel, signature, meta, attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})

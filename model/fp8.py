@@ -51,6 +51,7 @@ from moeplan.kernels.fp8_quant import (
     quant_weight_128x128_t,
 )
 from moeplan.kernels.grouped_gemm import grouped_gemm_fp8, grouped_wgrad_fp8
+from moeplan.kernels.mla_backward import heads_quant_both, rope_backward_quant_both
 from moeplan.kernels.moe_permute import moe_permute_quant_both
 from moeplan.kernels.swiglu import swiglu_backward_quant_both
 from moeplan.kernels.triton_compat import INTERPRET
@@ -231,7 +232,11 @@ class Fp8Ops:
     - ``swiglu_backward_quant_both(h, dact, row_bound=...)``: ``quant_act_both`` of
       ``kernels.swiglu.swiglu_backward(h, dact)`` bit for bit, d h possibly never stored
       (``kernels.swiglu.swiglu_backward_quant_both``), or None: the experts' backward then computes d h, then
-      quantises it.
+      quantises it;
+    - ``rope_backward_quant_both(dq, cos, sin, head, nope)`` and ``heads_quant_both(dk, dv, head, nope)``:
+      ``quant_act_both`` of MLA's up-projections' output gradients from the attention's (``kernels.mla_backward``:
+      RoPE's backward applied to d q, the heads' no-RoPE d k and d v put together), possibly never stored, or None:
+      the attention (``model.attention``) then leaves that glue to autograd and the linears cast its output.
     """
 
     block: int
@@ -248,6 +253,10 @@ class Fp8Ops:
                                             tuple[torch.Tensor, torch.Tensor]]] | None = None
     swiglu_backward_quant_both: Callable[..., tuple[tuple[torch.Tensor, torch.Tensor],
                                                     tuple[torch.Tensor, torch.Tensor]]] | None = None
+    rope_backward_quant_both: Callable[..., tuple[tuple[torch.Tensor, torch.Tensor],
+                                                  tuple[torch.Tensor, torch.Tensor]]] | None = None
+    heads_quant_both: Callable[..., tuple[tuple[torch.Tensor, torch.Tensor],
+                                          tuple[torch.Tensor, torch.Tensor]]] | None = None
 
 
 def _reference_grouped(a, a_scale, b, b_scale, offs, out_dtype, host_counts=None, *, block):
@@ -416,6 +425,8 @@ def kernel_ops() -> Fp8Ops:
         quant_act_both=partial(quant_act_both, amax_floor=MIN_AMAX),
         permute_quant_both=partial(moe_permute_quant_both, amax_floor=MIN_AMAX),
         swiglu_backward_quant_both=partial(swiglu_backward_quant_both, amax_floor=MIN_AMAX),
+        rope_backward_quant_both=partial(rope_backward_quant_both, amax_floor=MIN_AMAX),
+        heads_quant_both=partial(heads_quant_both, amax_floor=MIN_AMAX),
     )
 
 

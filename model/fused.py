@@ -66,6 +66,14 @@ def mla_key_value(kv: torch.Tensor, k_rope: torch.Tensor, cos: torch.Tensor, sin
     return mla_key(k_nope, k_rope, cos, sin), v.contiguous()
 
 
+def mla_key_rope_backward(dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nope_dim: int) -> torch.Tensor:
+    """The keys' gradient dk (B, T, H, nope + R) -> the one shared RoPE key's (B, T, R): ``mla_key``'s backward for
+    k_rope, as autograd computes it (the H heads' gradients summed in dk's dtype, then RoPE's backward: the rotation
+    by -sin, in FP32)."""
+    summed = dk[..., nope_dim:].sum(2, keepdim=True)  # (B, T, 1, R): the broadcast's backward
+    return apply_rotary(summed, cos, -sin).squeeze(2)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (Shazeer 2020)."""
     return F.silu(gate) * up

@@ -131,7 +131,7 @@ class LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, store: WeightGradStore | None, fp8: Fp8Ops | None, fp8_backward: bool = False):
-        ctx.store, ctx.weight, ctx.x_shape = store, weight, x.shape
+        ctx.store, ctx.weight, ctx.x_shape, ctx.out_dtype = store, weight, x.shape, x.dtype
         ctx.fp8 = fp8 if fp8_backward else None
         ctx.x_t_saved = False
         if fp8 is None:
@@ -157,26 +157,40 @@ class LinearFn(torch.autograd.Function):
         fp8, needs_wgrad = ctx.fp8, ctx.needs_input_grad[1]
         grad_out = grad_out.contiguous()
         g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
-        grad_x, g_t = None, None
+        grad_x = None
+        none = (None,) * 3  # store, fp8, fp8_backward
+        if fp8 is not None and needs_wgrad and ctx.needs_input_grad[0] and fp8.quant_act_both is not None:
+            # Dgrad: (M, N) tiles x W^T (K, N) blocks; the Wgrad's tiles of g2 from the same pass
+            return *fp8_backward_from_quantised(ctx, *fp8.quant_act_both(g2)), *none
         if ctx.needs_input_grad[0]:
             if fp8 is None:
                 grad_x = grad_out @ weight  # (..., K)
-            else:  # Dgrad: (M, N) tiles x W^T (K, N) blocks; the Wgrad's tiles of g2 from the same pass
-                if needs_wgrad and fp8.quant_act_both is not None:
-                    g, g_t = fp8.quant_act_both(g2)
-                else:
-                    g = fp8.quant_act(g2)
+            else:
                 wt, wt_scale = fp8.quant_weight(weight.t())
-                grad_x = fp8.gemm(*g, wt, wt_scale, out_dtype=grad_out.dtype).reshape(ctx.x_shape)
-        none = (None,) * 3  # store, fp8, fp8_backward
+                grad_x = fp8.gemm(*fp8.quant_act(g2), wt, wt_scale, out_dtype=grad_out.dtype).reshape(ctx.x_shape)
         if not needs_wgrad:
             return grad_x, None, *none
         if fp8 is None:
             weight_grad = _straight_through_weight_grad(ctx.weight, g2, saved[0])
         else:
-            weight_grad = _fp8_weight_grad(fp8, ctx.weight, g2 if g_t is None else g_t,
-                                           tuple(saved) if ctx.x_t_saved else saved[0])
+            weight_grad = _fp8_weight_grad(fp8, ctx.weight, g2, tuple(saved) if ctx.x_t_saved else saved[0])
         return grad_x, weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad), *none
+
+
+def fp8_backward_from_quantised(ctx, g: QuantPair, g_t: QuantPair) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(grad x, grad W or None once added or deferred) of a ``LinearFn.forward`` run on ``ctx`` with an FP8 backward,
+    from its output gradient already cast both ways: ``g`` (M, N) in 1 x block tiles for the Dgrad, ``g_t`` (N, M) in
+    tiles of block tokens for the Wgrad. ``LinearFn.backward`` casts it with ``quant_act_both``; MLA's up-projections
+    (``model.attention``) have their output gradients cast as the attention's backward glue is read."""
+    weight, *saved = ctx.saved_tensors
+    fp8, grad_x = ctx.fp8, None
+    if ctx.needs_input_grad[0]:
+        wt, wt_scale = fp8.quant_weight(weight.t())
+        grad_x = fp8.gemm(*g, wt, wt_scale, out_dtype=ctx.out_dtype).reshape(ctx.x_shape)
+    if not ctx.needs_input_grad[1]:
+        return grad_x, None
+    weight_grad = _fp8_weight_grad(fp8, ctx.weight, g_t, tuple(saved) if ctx.x_t_saved else saved[0])
+    return grad_x, weight_grad_now_or_later(ctx.store, ctx.weight, weight_grad)
 
 
 class Linear(nn.Linear):

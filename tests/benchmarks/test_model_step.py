@@ -65,6 +65,7 @@ def test_the_cpu_smoke_run_times_profiles_and_prices_both_workloads(smoke):
     assert result["meta"]["protocol"]["microbatches"] == 1 and "A step (K = 1) is 1 micro-batch of" in text
     # the kernels' settings that change the FP8 step's kernels are stated with the figures
     assert "SwiGLU's backward quantised as it is computed (`swiglu.BACKWARD_BOTH`)" in text
+    assert "MLA's up-projections' output gradients cast as the attention's backward glue is read" in text
     assert "256-row Wgrad tiles: dense on (`fp8_gemm_ws.TALL_DENSE`), the experts' from 2 segment tables" in text
 
 
