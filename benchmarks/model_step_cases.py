@@ -377,9 +377,9 @@ def _header(meta: dict) -> list[str]:
         run += " The combine's backward quantised as it permutes (`moe_permute.PERMUTE_BOTH`)."
     if meta.get("swiglu_backward_both"):
         run += " SwiGLU's backward quantised as it is computed (`swiglu.BACKWARD_BOTH`)."
-    if meta.get("mla_glue_in_cast"):
+    if "mla_glue_in_cast" in meta:  # results written before the option had none
         run += (" MLA's up-projections' output gradients cast as the attention's backward glue is read "
-                "(`attention.GLUE_IN_CAST`).")
+                f"(`attention.GLUE_IN_CAST`): {'on' if meta['mla_glue_in_cast'] else 'off'}.")
     tall = meta.get("tall_wgrads")
     if tall:  # results written before the 256-row Wgrad tiles had none
         run += (f" 256-row Wgrad tiles: dense {'on' if tall['dense'] else 'off'} (`fp8_gemm_ws.TALL_DENSE`), the experts'"
