@@ -44,6 +44,7 @@ from tests.orchestrator.fuzz_inputs import (
     flags,
     float_text,
     garbage,
+    gc_paused,
     int_text,
     mostly,
     mutated_document,
@@ -102,9 +103,10 @@ def check(args: list[str], outputs: list[str] = (), *, root: Path, verdicts: tup
     ``json_out``: stdout is strict JSON on success without ``--json`` too (``schema``)."""
     before = _tree(root)
     with tempfile.TemporaryDirectory(dir=root) as cwd, contextlib.chdir(cwd):  # relative --out lands here
-        start = time.perf_counter()
-        res = CliRunner().invoke(app, args)
-        seconds = time.perf_counter() - start
+        with gc_paused():
+            start = time.perf_counter()
+            res = CliRunner().invoke(app, args)
+            seconds = time.perf_counter() - start
         _record(args[0], res.exit_code, seconds, res.stderr)
         shown = f"moeplan {args!r}\nexit {res.exit_code}\nstdout: {res.stdout[-2000:]}\nstderr: {res.stderr[-2000:]}"
         assert "Traceback" not in res.stdout + res.stderr, shown

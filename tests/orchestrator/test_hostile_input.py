@@ -14,6 +14,7 @@ from moeplan.orchestrator.cli import app
 from moeplan.orchestrator.inputs import MAX_PHASES
 from moeplan.simulator.costs.tables import default_tables
 from moeplan.simulator.presets.models import tiny_moe
+from tests.orchestrator.fuzz_inputs import gc_paused
 
 TINY = ["plan", "--model", "tiny-moe", "--cluster", "h200", "--nodes", "1", "--out", "{d}/o"]
 CONFIG = json.dumps(tiny_moe().to_hf_config())
@@ -149,9 +150,10 @@ def test_issue_23_case(tmp_path, case):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data if isinstance(data, bytes) else data.encode())
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    start = time.perf_counter()
-    res = CliRunner().invoke(app, [a.format(d=tmp_path) for a in args])
-    seconds = time.perf_counter() - start
+    with gc_paused():
+        start = time.perf_counter()
+        res = CliRunner().invoke(app, [a.format(d=tmp_path) for a in args])
+        seconds = time.perf_counter() - start
     assert res.exit_code == 2 and res.stdout == "", res.output
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("moeplan: error: "), res.stderr
