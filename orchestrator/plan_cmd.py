@@ -29,7 +29,7 @@ from moeplan.simulator.engine.trace import chrome_trace
 from moeplan.simulator.planning.planner import plan_with_trace, summary
 from moeplan.simulator.planning.search import SearchResult, search
 from moeplan.simulator.planning.techniques import TECHNIQUES
-from moeplan.simulator.planning.wgrad_batch import WgradBatchChoice, choose_wgrad_batch, with_wgrad_batch
+from moeplan.simulator.planning.wgrad_batch import WgradBatchChoice, with_wgrad_batch
 from moeplan.simulator.report.plan_html import plan_html
 
 console = Console(width=140)
@@ -88,13 +88,13 @@ def plan_command(
                        precision=req.inputs.training.precision)
     if not do_search:
         check_placeable(req.inputs, redundant_experts)
-    searched = _run_search(req, opts, quiet=json_, schedules=techs.schedules) if do_search else None
+    # a searched layout's expert Wgrad batch is the cost model's, unless the user set it: each finalist at its best
+    searched = (_run_search(req, opts, quiet=json_, schedules=techs.schedules, wgrad_batch=not req.wgrad_batch_set)
+                if do_search else None)
     inputs, source = req.planned(searched)
-    wgrad_batch = None
-    if searched is not None and not req.wgrad_batch_set:  # the searched layout's expert Wgrad batch, by the cost model
-        wgrad_batch = choose_wgrad_batch(inputs, opts)
-        if wgrad_batch is not None:
-            inputs = with_wgrad_batch(inputs, wgrad_batch.chosen)
+    wgrad_batch = None if searched is None else searched.wgrad_batch
+    if wgrad_batch is not None:
+        inputs = with_wgrad_batch(inputs, wgrad_batch.chosen)
     # the step simulated for the predictions is the one drawn and traced: no second simulation
     plan, events = plan_with_trace(inputs, tuple(req.ignored), source, searched, opts, tuple(sorted(req.fixed)))
     if techs.off:
@@ -115,13 +115,14 @@ def plan_command(
 
 
 def _run_search(req: PlanRequest, opts: SimOptions, quiet: bool, schedules: tuple[str, ...],
-                stderr: Console | None = None) -> SearchResult:
-    """The layout search, with its progress on stderr (``search_progress``)."""
+                stderr: Console | None = None, wgrad_batch: bool = False) -> SearchResult:
+    """The layout search, with its progress on stderr (``search_progress``); ``wgrad_batch``: the finalists ranked
+    at their best expert Wgrad batch (``search``)."""
     stderr = stderr or Console(stderr=True)
     # off unless stderr is a terminal: elsewhere rich leaves a blank line behind, and errors are one line
     with SearchProgress(stderr, enabled=not quiet and stderr.is_terminal) as progress:
         result = search(req.inputs, req.fixed, opts, progress=progress, schedules=schedules,
-                        simulated=progress.simulated)
+                        simulated=progress.simulated, wgrad_batch=wgrad_batch)
     if not result.ranked:
         raise LayoutError("search found no layout")
     return result
@@ -131,7 +132,7 @@ def wgrad_batch_notes(choice: WgradBatchChoice | None) -> list[str]:
     """The planner's expert Wgrad batch, what each size simulated to and what its stash cost, in one line."""
     if choice is None:
         return []
-    base = choice.step_s[1]  # the search kept the layout at 1, so it fits there (None would mean it does not)
+    base = choice.step_s[1]  # None where even 1 does not fit (the chosen size fits: some smaller one may not)
 
     def step(s: float | None) -> str:
         if s is None:
@@ -141,8 +142,8 @@ def wgrad_batch_notes(choice: WgradBatchChoice | None) -> list[str]:
     sizes = ", ".join(f"{size}: {step(s)}, {choice.peak_bytes[size] / 2**30:.1f} GiB"
                       for size, s in choice.step_s.items())
     return [f"training.kernels.expert_wgrad_batch={choice.chosen} chosen for the searched layout (step, peak memory by "
-            f"size: {sizes}; the candidates were ranked at 1); --set training.kernels.expert_wgrad_batch=N keeps "
-            "another"]
+            f"size: {sizes}; each finalist was ranked at its best size); --set training.kernels.expert_wgrad_batch=N "
+            "keeps another"]
 
 
 def plan_notes(plan: PlanFile, redundant_experts: int) -> list[str]:

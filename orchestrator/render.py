@@ -151,8 +151,9 @@ def prediction_tables(plan: PlanFile) -> list[Table | str]:
         top = Table(title="Best layouts found (simulated in detail)", title_justify="left")
         with_cp = any(c.parallel.cp > 1 for c in pred.top_candidates)
         with_tp = any(c.parallel.tp > 1 for c in pred.top_candidates)
+        with_s = any(c.expert_wgrad_batch is not None for c in pred.top_candidates)  # chosen by the search
         cols = ("#", "pp", "schedule", "ep", "dp") + (("cp",) if with_cp else ()) + (("tp",) if with_tp else ()) + (
-            "mbs x M", "recompute", "step s", "tok/s/GPU", "MFU", "mem GiB")
+            "mbs x M", "recompute") + (("Wgrad S",) if with_s else ()) + ("step s", "tok/s/GPU", "MFU", "mem GiB")
         for col in cols:
             top.add_column(col, justify="right")
         for i, c in enumerate(pred.top_candidates, 1):
@@ -161,7 +162,8 @@ def prediction_tables(plan: PlanFile) -> list[Table | str]:
             sched = f"{par.schedule} x{par.virtual_stages}" if chunks else par.schedule
             tp = [f"{par.tp}{' SP' if par.sp else ''}"] if with_tp else []
             top.add_row(str(i), str(par.pp), sched, str(par.ep), str(par.dp), *([str(par.cp)] if with_cp else []), *tp,
-                        f"{par.micro_batch_size} x {c.microbatches}", par.recompute, f"{c.step_time_s:.2f}",
+                        f"{par.micro_batch_size} x {c.microbatches}", par.recompute,
+                        *([str(c.expert_wgrad_batch or "-")] if with_s else []), f"{c.step_time_s:.2f}",
                         f"{c.tokens_per_s_per_gpu:,.0f}", f"{c.mfu_frac:.1%}", f"{c.peak_memory_bytes_per_gpu / GiB:.1f}")
         out.append(top)
     return out

@@ -41,11 +41,13 @@ from moeplan.simulator.spec.hardware import MAX_NODES
 from moeplan.simulator.spec.model import MAX_LAYERS
 from moeplan.simulator.spec.numbers import Bool, Float, Int
 from moeplan.simulator.spec.parallel import MAX_MICROBATCHES, MAX_RANKS
+from moeplan.simulator.spec.training import MAX_EXPERT_WGRAD_BATCH
 from moeplan.simulator.spec.parallel import ParallelSpec
 
 __all__ = ["PlanInputs", "PlanFile", "PlanError", "SCHEMA_VERSION", "StageRecord", "write_atomic"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+READABLE_VERSIONS = (4, 5)  # 4 lacks only top_candidates' expert_wgrad_batch (None there): read as 5
 MAX_UNITS = 2 * MAX_LAYERS  # layer units (decoder layers and MTP modules), and so stages
 MAX_GPUS = MAX_NODES * 2**10  # nodes of at most 1024 GPUs
 
@@ -185,6 +187,10 @@ class Candidate(_Frozen):
     tokens_per_s_per_gpu: Float = Field(..., ge=0)
     mfu_frac: Float = Field(..., ge=0)
     peak_memory_bytes_per_gpu: Float = Field(..., ge=0)
+    expert_wgrad_batch: Int | None = Field(
+        None, ge=1, le=MAX_EXPERT_WGRAD_BATCH,
+        description="The routed experts' Wgrad batch the search chose for this layout and simulated it at "
+                    "(simulator.planning.wgrad_batch); None: the inputs' own.")
 
 
 class Predictions(_Frozen):
@@ -216,7 +222,7 @@ class BudgetReport(_Frozen):
 
 
 class PlanFile(_Frozen):
-    schema_version: Literal[4] = SCHEMA_VERSION
+    schema_version: Literal[5] = SCHEMA_VERSION
     moeplan_version: str
     inputs_sha256: str
     inputs: PlanInputs
@@ -298,6 +304,9 @@ def _checked(raw: object, source: str) -> PlanFile:
     if not isinstance(raw, dict):
         raise PlanError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     version = raw.get("schema_version")
+    if version in READABLE_VERSIONS and version != SCHEMA_VERSION:  # an older plan this version reads unchanged
+        raw = {**raw, "schema_version": SCHEMA_VERSION}
+        version = SCHEMA_VERSION
     if version != SCHEMA_VERSION:
         raise PlanError(
             f"{source}: schema_version={version!r:.40} is not supported; this moeplan reads version {SCHEMA_VERSION} "

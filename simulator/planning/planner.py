@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moeplan.simulator.accounting.context_parallel import cp_tokens
 from moeplan.simulator.accounting.flops import training_flops
@@ -29,10 +29,12 @@ from moeplan.simulator.engine.build import SimOptions, layer_load
 from moeplan.simulator.engine.expert_traffic import group_placement
 from moeplan.simulator.planning.predict import predict_step
 from moeplan.simulator.planning.run_model import predict_run
-from moeplan.simulator.planning.search import SearchResult
 from moeplan.simulator.schedules.registry import make_schedule, microbatch_error, rank_stages
 from moeplan.simulator.spec.parallel import ParallelSpec
 from moeplan.simulator.spec.training import TrainingSpec
+
+if TYPE_CHECKING:  # search imports wgrad_batch, which imports this module
+    from moeplan.simulator.planning.search import SearchResult
 
 MFU_DEFINITION = (
     "model FLOPs per token (matmuls only, 3x forward, causal attention at (T+1)/2 keys, MTP included, "

@@ -38,6 +38,7 @@ from moeplan.simulator.planning import memory_check
 from moeplan.simulator.planning.memory_check import Profiles
 from moeplan.simulator.planning.predict import simulate_at
 from moeplan.simulator.planning.run_model import step_line
+from moeplan.simulator.planning.wgrad_batch import WgradBatchChoice, applies, choose_wgrad_batch
 from moeplan.simulator.planning.step_bound import BoundMemo, step_bound_s
 from moeplan.simulator.schedules.registry import SCHEDULE_KINDS, microbatch_error, num_stages, schedule_kind
 from moeplan.simulator.spec.inputs import PlanInputs
@@ -63,6 +64,8 @@ class SearchResult:
     enumerated: int
     evaluated: int  # fitted in memory and were bounded, ranked or simulated
     simulated: int  # simulated (coarse); the rest were proven slower by their compute bound
+    # the best layout's expert Wgrad batch choice, where the search chose it (``search(..., wgrad_batch=True)``)
+    wgrad_batch: WgradBatchChoice | None = None
 
 
 def _ep_values(inputs: PlanInputs, group: int) -> list[int]:
@@ -209,13 +212,16 @@ def search(
     inputs: PlanInputs, fixed: dict[str, Any], opts: SimOptions = SimOptions(),
     progress: Callable[[int, int], None] | None = None, exhaustive: bool = False,
     schedules: tuple[str, ...] = SCHEDULE_KINDS,
-    simulated: Callable[[int, int, float], None] | None = None,
+    simulated: Callable[[int, int, float], None] | None = None, wgrad_batch: bool = False,
 ) -> SearchResult:
     """Rank every fitting layout; raises ``LayoutError`` when none fits. ``exhaustive`` simulates
     every fitting layout instead of stopping at the bound (same result, for benchmarks and tests).
     ``progress(done, total)`` follows the first stage (each layout checked: fits, step bound);
     ``simulated(done, fitting, best_step_s)`` the second (each candidate simulated, in order of its bound,
-    of at most ``fitting``; the stage stops early once no other can win)."""
+    of at most ``fitting``; the stage stops early once no other can win). ``wgrad_batch``: each finalist is
+    simulated in detail at every expert Wgrad batch that fits (``wgrad_batch.choose_wgrad_batch``, where the size
+    matters) and ranked at its best, the size recorded in its ``Candidate``; the layouts before it are ranked at the
+    inputs' own size."""
     check_fixed(inputs, fixed)
     layouts = list(enumerate_layouts(inputs, fixed, schedules))
     if opts.redundant_experts:  # only EP groups that can hold the redundant slots
@@ -251,15 +257,24 @@ def search(
     finalists = []
     tokens = inputs.training.phases[0].global_batch_seqs * inputs.parallel.seq_len_tokens
     world = inputs.cluster.num_gpus
+    choose = wgrad_batch and applies(inputs)
+    choices: dict[int, WgradBatchChoice] = {}  # by finalist (its index before the sort)
     for _, par, dp, m in scored[:FINALISTS]:
         trial = inputs.model_copy(update={"parallel": par})
-        step_s = simulate_at(trial, dp, m, par.seq_len_tokens, opts).step_time_s
+        choice = choose_wgrad_batch(trial, opts) if choose else None
+        if choice is None:
+            step_s = simulate_at(trial, dp, m, par.seq_len_tokens, opts).step_time_s
+            peak = memory_check.peak_bytes(inputs, par, dp, m)
+        else:
+            choices[len(finalists)] = choice
+            step_s, peak = choice.step_s[choice.chosen], choice.peak_bytes[choice.chosen]
         flops = training_flops(inputs.model, par.seq_len_tokens, par.recompute, par.cp).model_flops
         finalists.append(Candidate(
             parallel=par, microbatches=m, step_time_s=step_s, tokens_per_s_per_gpu=tokens / step_s / world,
             mfu_frac=tokens * flops / (step_s * world * inputs.cluster.gpu.bf16_flops_per_s),
-            peak_memory_bytes_per_gpu=memory_check.peak_bytes(inputs, par, dp, m)))
-    finalists.sort(key=lambda c: c.step_time_s)
-    logger.info("search: %d enumerated, %d fit, best %s", len(layouts), len(scored), finalists[0].parallel)
-    return SearchResult(best=finalists[0].parallel, ranked=tuple(finalists), enumerated=len(layouts),
-                        evaluated=len(fitting), simulated=len(scored))
+            peak_memory_bytes_per_gpu=peak, expert_wgrad_batch=None if choice is None else choice.chosen))
+    order = sorted(range(len(finalists)), key=lambda i: finalists[i].step_time_s)  # stable: the coarse order on ties
+    logger.info("search: %d enumerated, %d fit, best %s", len(layouts), len(scored), finalists[order[0]].parallel)
+    return SearchResult(best=finalists[order[0]].parallel, ranked=tuple(finalists[i] for i in order),
+                        enumerated=len(layouts), evaluated=len(fitting), simulated=len(scored),
+                        wgrad_batch=choices.get(order[0]))

@@ -112,17 +112,20 @@ def phases_table(phases: Sequence[PhasePrediction]) -> str:
 
 
 def candidates_table(candidates: Sequence[Candidate], world: int) -> str:
-    """Ranked layouts; ``world`` GPUs give the data-parallel degree a candidate left unset."""
+    """Ranked layouts; ``world`` GPUs give the data-parallel degree a candidate left unset. The expert Wgrad batch
+    each was ranked at, where the search chose it."""
+    with_s = any(c.expert_wgrad_batch is not None for c in candidates)
     rows = [
         (str(i), f"PP{c.parallel.pp} EP{c.parallel.ep} DP"
          f"{c.parallel.dp or world // (c.parallel.pp * c.parallel.cp * c.parallel.tp)}"
          + (f" CP{c.parallel.cp}" if c.parallel.cp > 1 else "")
          + (f" TP{c.parallel.tp}{' SP' if c.parallel.sp else ''}" if c.parallel.tp > 1 else ""),
          c.parallel.schedule, str(c.parallel.micro_batch_size), c.parallel.recompute, str(c.microbatches),
+         *([str(c.expert_wgrad_batch or "-")] if with_s else []),
          f"{c.step_time_s:.4g}", f"{c.tokens_per_s_per_gpu:,.0f}", pct(c.mfu_frac),
          size(c.peak_memory_bytes_per_gpu))
         for i, c in enumerate(candidates, start=1)
     ]
-    header = ("#", "layout", "schedule", "micro-batch size", "recompute", "micro-batches", "step time (s)",
-              "tokens/s/GPU", "MFU", "peak memory")
+    header = ("#", "layout", "schedule", "micro-batch size", "recompute", "micro-batches",
+              *(("expert Wgrad batch",) if with_s else ()), "step time (s)", "tokens/s/GPU", "MFU", "peak memory")
     return html_table(header, rows, "candidates")

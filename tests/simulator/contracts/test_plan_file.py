@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -49,9 +50,22 @@ def test_other_schema_versions_are_refused(plan):
 def test_older_plans_are_refused_with_the_advice_to_replan(plan, old):
     raw = json.loads(dump_plan(plan))
     raw["schema_version"] = old
-    with pytest.raises(PlanError, match=fr"schema_version={old} is not supported; this moeplan reads version 4 "
+    with pytest.raises(PlanError, match=fr"schema_version={old} is not supported; this moeplan reads version 5 "
                                         r"\(re-run `moeplan plan`"):
         parse_plan(json.dumps(raw), "old.json")
+
+
+def test_a_version_4_plan_reads_as_5():
+    """Schema 5 added only the candidates' optional ``expert_wgrad_batch``: a version-4 file (the golden plan as it
+    was, none there) reads as the same plan, each candidate's size None."""
+    golden = Path(__file__).parents[2] / "orchestrator" / "golden" / "plan-tiny-moe.json"
+    raw = json.loads(golden.read_text())
+    assert raw["schema_version"] == 5 and raw["predictions"]["top_candidates"]
+    want = parse_plan(json.dumps(raw), "v5.json")
+    raw["schema_version"] = 4
+    for c in raw["predictions"]["top_candidates"]:
+        del c["expert_wgrad_batch"]
+    assert parse_plan(json.dumps(raw), "v4.json") == want
 
 
 def test_stage_records_spell_out_the_priced_split(plan):

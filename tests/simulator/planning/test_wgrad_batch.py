@@ -69,3 +69,30 @@ def test_nothing_to_choose_in_bf16_or_without_routed_experts():
     dense = PlanInputs(model=tiny_dense(), cluster=h200(1), training=_inputs().training,
                        parallel=ParallelSpec(seq_len_tokens=256, pp=2))
     assert not applies(dense) and choose_wgrad_batch(dense) is None
+
+
+def test_the_search_ranks_each_finalist_at_its_best_size():
+    """``search(..., wgrad_batch=True)`` on an FP8 MoE: every finalist is simulated at each size that fits and ranked
+    at the fastest (its ``Candidate`` records the size, step and peak of ``choose_wgrad_batch`` on that layout); the
+    ranking is by that step; the result carries the best layout's choice. Without it (or in BF16) the candidates are
+    the inputs' own size, recorded as None, and their steps are each layout's step at 1."""
+    from moeplan.simulator.planning.search import search
+
+    inputs = _inputs()
+    fixed = {"pp": 2, "schedule": "1f1b"}
+    chosen = search(inputs, fixed, wgrad_batch=True)
+    plain = search(inputs, fixed)
+    assert [c.parallel for c in plain.ranked] and all(c.expert_wgrad_batch is None for c in plain.ranked)
+    assert plain.wgrad_batch is None
+    by_layout = {c.parallel: c for c in plain.ranked}
+    for c in chosen.ranked:
+        choice = choose_wgrad_batch(inputs.model_copy(update={"parallel": c.parallel}))
+        assert c.expert_wgrad_batch == choice.chosen
+        assert c.step_time_s == choice.step_s[choice.chosen] and c.peak_memory_bytes_per_gpu == choice.peak_bytes[
+            choice.chosen]
+        assert c.step_time_s <= by_layout[c.parallel].step_time_s  # size 1 was among those tried
+    steps = [c.step_time_s for c in chosen.ranked]
+    assert steps == sorted(steps) and chosen.best == chosen.ranked[0].parallel
+    assert chosen.wgrad_batch == choose_wgrad_batch(inputs.model_copy(update={"parallel": chosen.best}))
+    assert any(c.expert_wgrad_batch > 1 for c in chosen.ranked)  # the sizes matter for tiny-moe in FP8 (see above)
+    assert all(c.expert_wgrad_batch is None for c in search(_inputs("bf16"), fixed, wgrad_batch=True).ranked)
