@@ -234,6 +234,11 @@ def test_candidates_table_lists_searched_layouts(tiny):
     html = plan_html(searched, events)
     assert _sections(html)[-1] == "candidates"
     assert "<td>PP4 EP4 DP2</td>" in html and "<td>40.0%</td>" in html and "<td>3.0 GiB</td>" in html
+    assert "expert Wgrad batch" not in html  # the search did not choose it
+    chosen = searched.model_copy(update={"predictions": searched.predictions.model_copy(update={"top_candidates": (
+        cand.model_copy(update={"expert_wgrad_batch": 3}), cand)})})
+    html = plan_html(chosen, events)
+    assert "<th>expert Wgrad batch</th>" in html and "<td>3</td>" in html and "<td>-</td>" in html
 
 
 def test_budget_verdict_and_units():
