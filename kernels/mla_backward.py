@@ -31,12 +31,6 @@ from .fp8_quant import AMAX_FLOOR, TILE, quant_act_both
 FUSED = True  # the Gluon cast computes the glue where it runs (benchmarks' switch: False, the references then the cast)
 
 
-def _check(name: str, t: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> None:
-    if t.dim() != 2 or tuple(t.shape) != (rows, cols) or t.stride(1) != 1 or t.dtype != dtype:
-        raise ValueError(f"{name} must be ({rows}, {cols}) {dtype} with unit column stride, got "
-                         f"{tuple(t.shape)} {t.dtype} strides {t.stride()}")
-
-
 def _check_rope(dq: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head: int, nope: int) -> int:
     """The number of heads; raises on shapes ``rope_backward`` cannot take."""
     if dq.dim() != 2 or not dq.is_floating_point() or dq.stride(1) != 1:
@@ -67,12 +61,18 @@ def rope_backward(dq: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head: 
     return torch.cat((g[..., :nope], rotated), dim=-1).reshape(dq.shape)
 
 
+def _check_heads(dk: torch.Tensor, dv: torch.Tensor, head: int, nope: int) -> tuple[int, int]:
+    """(H, V): the heads and the values' channels a head; raises on shapes ``assemble_heads`` cannot take."""
+    heads = dk.shape[1] // head if dk.dim() == 2 and 0 < nope < head else 0
+    if not heads or dk.shape[1] % head or dv.dim() != 2 or dv.shape[0] != dk.shape[0] or dv.shape[1] % heads:
+        raise ValueError(f"dk {tuple(dk.shape)} must be (M, H x {head}) and dv {tuple(dv.shape)} (M, H x V)")
+    return heads, dv.shape[1] // heads
+
+
 def assemble_heads(dk: torch.Tensor, dv: torch.Tensor, head: int, nope: int) -> torch.Tensor:
     """d k (M, H x HEAD), d v (M, H x V) -> (M, H x (NOPE + V)): each head's first NOPE channels of d k, then its
     d v (the KV up-projection's output gradient)."""
-    heads = dk.shape[1] // head
-    if dk.dim() != 2 or dv.dim() != 2 or dk.shape[1] % head or dv.shape[0] != dk.shape[0] or dv.shape[1] % heads:
-        raise ValueError(f"dk {tuple(dk.shape)} must be (M, H x {head}) and dv {tuple(dv.shape)} (M, H x V)")
+    heads, _ = _check_heads(dk, dv, head, nope)
     k = dk.reshape(dk.shape[0], heads, head)[..., :nope]
     return torch.cat((k, dv.reshape(dv.shape[0], heads, -1)), dim=-1).reshape(dk.shape[0], -1)
 
@@ -96,13 +96,10 @@ def heads_quant_both(dk: torch.Tensor, dv: torch.Tensor, head: int, nope: int, p
     """``quant_act_both(assemble_heads(dk, dv, head, nope))`` bit for bit: the KV up-projection's output gradient
     cast with transpose, each tile read from d k or d v where the Gluon cast runs (NOPE and V multiples of 128: a
     tile lies in one of them)."""
-    heads = dk.shape[1] // head if dk.dim() == 2 and head else 0
-    v = dv.shape[1] // heads if heads and dv.dim() == 2 else 0
-    if FUSED and heads and nope % TILE == 0 and v % TILE == 0 and dk.dtype == dv.dtype == torch.bfloat16:
+    _, v = _check_heads(dk, dv, head, nope)
+    if FUSED and nope % TILE == 0 and v % TILE == 0 and dk.dtype == dv.dtype == torch.bfloat16:
         from . import fp8_quant_gluon
 
         if fp8_quant_gluon.runs_on(dk) and fp8_quant_gluon.runs_on(dv) and dk.device == dv.device:
-            _check("dk", dk, dk.shape[0], heads * head, dk.dtype)
-            _check("dv", dv, dk.shape[0], heads * v, dk.dtype)
             return fp8_quant_gluon.quant_act_both_gluon(dk, pow2_scale, amax_floor, heads=(dv, head, nope))
     return quant_act_both(assemble_heads(dk, dv, head, nope), pow2_scale, amax_floor)

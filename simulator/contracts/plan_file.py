@@ -41,8 +41,8 @@ from moeplan.simulator.spec.hardware import MAX_NODES
 from moeplan.simulator.spec.model import MAX_LAYERS
 from moeplan.simulator.spec.numbers import Bool, Float, Int
 from moeplan.simulator.spec.parallel import MAX_MICROBATCHES, MAX_RANKS
-from moeplan.simulator.spec.training import MAX_EXPERT_WGRAD_BATCH
 from moeplan.simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.spec.training import MAX_EXPERT_WGRAD_BATCH
 
 __all__ = ["PlanInputs", "PlanFile", "PlanError", "SCHEMA_VERSION", "StageRecord", "write_atomic"]
 

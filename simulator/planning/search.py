@@ -38,7 +38,7 @@ from moeplan.simulator.planning import memory_check
 from moeplan.simulator.planning.memory_check import Profiles
 from moeplan.simulator.planning.predict import simulate_at
 from moeplan.simulator.planning.run_model import step_line
-from moeplan.simulator.planning.wgrad_batch import WgradBatchChoice, applies, choose_wgrad_batch
+from moeplan.simulator.planning.wgrad_batch import WgradBatchChoice, choose_wgrad_batch
 from moeplan.simulator.planning.step_bound import BoundMemo, step_bound_s
 from moeplan.simulator.schedules.registry import SCHEDULE_KINDS, microbatch_error, num_stages, schedule_kind
 from moeplan.simulator.spec.inputs import PlanInputs
@@ -254,27 +254,24 @@ def search(
         if simulated:
             simulated(len(scored), len(fitting), min(s[0] for s in scored))
     scored.sort(key=lambda s: s[0])
-    finalists = []
+    ranked: list[tuple[Candidate, WgradBatchChoice | None]] = []
     tokens = inputs.training.phases[0].global_batch_seqs * inputs.parallel.seq_len_tokens
     world = inputs.cluster.num_gpus
-    choose = wgrad_batch and applies(inputs)
-    choices: dict[int, WgradBatchChoice] = {}  # by finalist (its index before the sort)
     for _, par, dp, m in scored[:FINALISTS]:
         trial = inputs.model_copy(update={"parallel": par})
-        choice = choose_wgrad_batch(trial, opts) if choose else None
+        choice = choose_wgrad_batch(trial, opts, dp, m) if wgrad_batch else None  # None where the size does not matter
         if choice is None:
             step_s = simulate_at(trial, dp, m, par.seq_len_tokens, opts).step_time_s
             peak = memory_check.peak_bytes(inputs, par, dp, m)
         else:
-            choices[len(finalists)] = choice
             step_s, peak = choice.step_s[choice.chosen], choice.peak_bytes[choice.chosen]
         flops = training_flops(inputs.model, par.seq_len_tokens, par.recompute, par.cp).model_flops
-        finalists.append(Candidate(
+        ranked.append((Candidate(
             parallel=par, microbatches=m, step_time_s=step_s, tokens_per_s_per_gpu=tokens / step_s / world,
             mfu_frac=tokens * flops / (step_s * world * inputs.cluster.gpu.bf16_flops_per_s),
-            peak_memory_bytes_per_gpu=peak, expert_wgrad_batch=None if choice is None else choice.chosen))
-    order = sorted(range(len(finalists)), key=lambda i: finalists[i].step_time_s)  # stable: the coarse order on ties
-    logger.info("search: %d enumerated, %d fit, best %s", len(layouts), len(scored), finalists[order[0]].parallel)
-    return SearchResult(best=finalists[order[0]].parallel, ranked=tuple(finalists[i] for i in order),
-                        enumerated=len(layouts), evaluated=len(fitting), simulated=len(scored),
-                        wgrad_batch=choices.get(order[0]))
+            peak_memory_bytes_per_gpu=peak, expert_wgrad_batch=None if choice is None else choice.chosen), choice))
+    ranked.sort(key=lambda rc: rc[0].step_time_s)  # stable: the coarse order on ties
+    best, best_choice = ranked[0]
+    logger.info("search: %d enumerated, %d fit, best %s", len(layouts), len(scored), best.parallel)
+    return SearchResult(best=best.parallel, ranked=tuple(c for c, _ in ranked), enumerated=len(layouts),
+                        evaluated=len(fitting), simulated=len(scored), wgrad_batch=best_choice)

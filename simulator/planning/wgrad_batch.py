@@ -48,15 +48,18 @@ def with_wgrad_batch(inputs: PlanInputs, size: int) -> PlanInputs:
     return inputs.model_copy(update={"training": inputs.training.model_copy(update={"kernels": kernels})})
 
 
-def choose_wgrad_batch(inputs: PlanInputs, opts: SimOptions = SimOptions()) -> WgradBatchChoice | None:
+def choose_wgrad_batch(inputs: PlanInputs, opts: SimOptions = SimOptions(), dp: int | None = None,
+                       microbatches: int | None = None) -> WgradBatchChoice | None:
     """The size of 1..``MAX_EXPERT_WGRAD_BATCH`` whose simulated step on ``inputs``' layout is the shortest of those
     that fit in memory (module docstring); None where the size does not matter (``applies``) or none fits (the
-    plan's own memory check then says why)."""
+    plan's own memory check then says why). ``dp`` and ``microbatches``: the layout's, where the caller has them
+    (the search); else resolved from ``inputs``."""
     if not applies(inputs):
         return None
     par, usable = inputs.parallel, inputs.cluster.usable_hbm_bytes
-    dp = check_layout(inputs.model, inputs.cluster, par)
-    microbatches = resolve_microbatches(par, inputs.training, dp)
+    dp = check_layout(inputs.model, inputs.cluster, par) if dp is None else dp
+    if microbatches is None:
+        microbatches = resolve_microbatches(par, inputs.training, dp)
     steps: dict[int, float | None] = {}
     peaks: dict[int, float] = {}
     for size in range(1, MAX_EXPERT_WGRAD_BATCH + 1):
