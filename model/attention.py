@@ -24,13 +24,13 @@ from moeplan.simulator.spec.model import ModelSpec
 
 # With the memory-bound work fused (``fuse``) and an FP8 backward whose ops provide them (``Fp8Ops.
 # rope_backward_quant_both``, ``heads_quant_both``), the up-projections' output gradients are cast as the attention's
-# backward glue is read (``QueryUpFn``, ``KeyValueUpFn``); False: autograd's glue, then ``LinearFn``'s cast. Off by
-# default until the Gluon cast's two MLA modes have run on a GPU (tests/kernels/test_mla_backward.py's and
-# tests/model/test_mla_glue_cast.py's ``gpu`` tests; ``benchmarks/model_step.py --mla-glue-cast on``): written and
-# checked on the CPU only (2026-12-07), no GPU lent that session. Turning it on by default goes with the cost model's
-# change in commit 3e21317 (``simulator/costs/elementwise.py``: the fused FP8 ``rope`` class's backward becomes
-# ``_key_rope_backward``'s bytes), taken out with the default.
-GLUE_IN_CAST = False
+# backward glue is read (``QueryUpFn``, ``KeyValueUpFn``); False: autograd's glue, then ``LinearFn``'s cast. On since
+# the Gluon cast's two MLA modes ran on an H100 (2026-12-07 22:27 UTC: tests/kernels/test_mla_backward.py's and
+# tests/model/test_mla_glue_cast.py's ``gpu`` tests pass; in ``benchmarks/model_step.py``'s profiled FP8 step the two
+# Inductor glue kernels, 0.98 + 0.69 ms a micro-batch, are gone and the casts that read the glue take 0.31 ms more:
+# docs/results/model-step.md). The cost model prices the same (``simulator.costs.elementwise``, the fused FP8 ``rope``
+# class's backward is ``_key_rope_backward``'s bytes).
+GLUE_IN_CAST = True
 
 
 class QueryUpFn(torch.autograd.Function):

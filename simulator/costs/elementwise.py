@@ -89,7 +89,13 @@ runs them. ``fused`` is DeepSeek's stack, each fused kernel one read and one wri
   runtime's eager composites of many small kernels. For MLA the fused RoPE kernel is also the query's and
   key's assembly (``model.fused.mla_query`` / ``mla_key_value`` compiled: one kernel each way per tensor, the
   KV split inside the key's; the values' copy it writes, 4Hv B a token, is not counted), so ``rope`` then
-  carries the ``qk_cat`` bytes and there is no ``qk_cat`` class. ``fused_router`` is ``model.fused.route``
+  carries the ``qk_cat`` bytes and there is no ``qk_cat`` class. With an FP8 backward the fused runtime moves
+  that kernel's backward into the up-projections' output-gradient casts, which read the attention's gradients where
+  they lie (``kernels.mla_backward``: RoPE's backward applied to d q as it is loaded, each head's no-RoPE d k and
+  d v read in place of their concatenation; the casts' bytes unchanged): ``rope``'s backward is then the shared
+  key's gradient alone (``_key_rope_backward``: the heads' R channels of d k summed and rotated back). In
+  ``benchmarks/model_step.py``'s FP8 step (H100, 2026-12-07 18:09 UTC) the two kernels it removes took 1.02 and
+  0.69 ms a 4096-token micro-batch of 4 V3-shaped layers. ``fused_router`` is ``model.fused.route``
   compiled, as the runtime runs the router under ``ModelOptions.fuse_memory_bound`` (``model.gate``; Inductor
   fuses the elementwise work around the three top-k selections, which stay library calls: generated code seen
   on the CPU, torch 2.13), at the ``router`` bytes. Until 2026-12-06 the runtime had no fused router; the
@@ -215,6 +221,13 @@ def _qk_cat(m: ModelSpec) -> KernelBytes:
     return KernelBytes(fwd, fwd + 2 * BF16_BYTES * heads * (n + m.v_head_dim))
 
 
+def _key_rope_backward(m: ModelSpec) -> float:
+    """The shared RoPE key's gradient alone (``model.fused.mla_key_rope_backward``): read the H heads' R channels of
+    the keys' gradient, write R values, cos and sin."""
+    heads, r = m.num_attention_heads, m.qk_rope_head_dim
+    return BF16_BYTES * (heads * r + r) + 2 * FP32_BYTES * r / 2
+
+
 def _fp8_linear_inputs(m: ModelSpec) -> float:
     """Width of the FP8 linears' inputs per token: attention and MLP inputs, the MLA latents, o_proj's."""
     return 2 * m.hidden_size + (m.q_lora_rank or 0) + (m.kv_lora_rank or 0) \
@@ -264,7 +277,9 @@ def layer_bytes_per_token(m: ModelSpec, moe: bool, precision: str, expert_rows_p
         rope = _rope(m, m.num_attention_heads + 1)  # the query heads and the decoupled key
         cat = _qk_cat(m)
         if fusion == "fused":  # one compiled kernel does both (module docstring)
-            out["rope"] = KernelBytes(rope + cat.fwd_bytes, rope + cat.bwd_bytes)
+            # FP8: the up-projections' output-gradient casts do the glue's backward but the shared key's
+            bwd = _key_rope_backward(m) if precision == "fp8" else rope + cat.bwd_bytes
+            out["rope"] = KernelBytes(rope + cat.fwd_bytes, bwd)
         else:
             out["rope"], out["qk_cat"] = KernelBytes(rope, rope), cat
     if precision == "fp8":

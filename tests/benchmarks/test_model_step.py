@@ -65,15 +65,15 @@ def test_the_cpu_smoke_run_times_profiles_and_prices_both_workloads(smoke):
     assert result["meta"]["protocol"]["microbatches"] == 1 and "A step (K = 1) is 1 micro-batch of" in text
     # the kernels' settings that change the FP8 step's kernels are stated with the figures
     assert "SwiGLU's backward quantised as it is computed (`swiglu.BACKWARD_BOTH`)" in text
-    assert "output gradients cast as the attention's backward glue is read (`attention.GLUE_IN_CAST`): off" in text
+    assert "output gradients cast as the attention's backward glue is read (`attention.GLUE_IN_CAST`): on" in text
     assert "256-row Wgrad tiles: dense on (`fp8_gemm_ws.TALL_DENSE`), the experts' from 2 segment tables" in text
 
 
 def test_two_microbatches_a_step_are_timed_profiled_and_stated_per_microbatch(tmp_path):
     result, text = _smoke_run(tmp_path, "--workloads", "A", "--microbatches", "2", "--wgrad-old-values", "tma",
-                              "--mla-glue-cast", "on")
+                              "--mla-glue-cast", "off")
     assert result["meta"]["wgrad_old_values"] == "tma" and "old main-gradient values: `tma`" in text
-    assert result["meta"]["mla_glue_in_cast"] is True and "(`attention.GLUE_IN_CAST`): on" in text
+    assert result["meta"]["mla_glue_in_cast"] is False and "(`attention.GLUE_IN_CAST`): off" in text
     protocol = result["meta"]["protocol"]
     assert protocol["microbatches"] == 2 and protocol["step"] == cases.step_protocol(2)
     assert "weights quantised once per 2 micro-batches, as after one optimizer step" in protocol["step"]

@@ -62,7 +62,14 @@ def test_fused_kernels_move_one_read_and_one_write_of_what_they_touch():
     # MLA's compiled RoPE kernel also puts the query and the key together: one class with both's bytes
     assert "qk_cat" not in fused
     assert fused["rope"].fwd_bytes == eager["rope"].fwd_bytes + eager["qk_cat"].fwd_bytes
-    assert fused["rope"].bwd_bytes == eager["rope"].bwd_bytes + eager["qk_cat"].bwd_bytes
+    bf16 = layer_bytes_per_token(m, True, "bf16", 4, fusion="fused", dispatch=True)
+    bf16_eager = layer_bytes_per_token(m, True, "bf16", 4)
+    assert bf16["rope"].bwd_bytes == bf16_eager["rope"].bwd_bytes + bf16_eager["qk_cat"].bwd_bytes
+    # with an FP8 backward the output gradients' casts read the attention's gradients where they lie
+    # (kernels.mla_backward): left is the shared key's RoPE backward, its H = 4 heads' R = 8 channels of d k summed
+    # (read 2 B each, write R in BF16) with cos and sin (4 B each, R / 2 of each)
+    assert fused["rope"].bwd_bytes == pytest.approx(2 * (4 * 8 + 8) + 2 * 4 * 4)
+    assert fused["rope"].bwd_bytes < eager["rope"].bwd_bytes
 
 
 def test_without_a_dispatch_the_fused_run_still_permutes_and_a_bf16_swiglu_writes_bf16():

@@ -91,8 +91,12 @@ def test_fused_rope_and_router_are_priced_at_their_fused_points():
     assert eager.fwd_s - fused.fwd_s == pytest.approx(_at_memory_frac(t, 3 * (rope + router) + swiglu_saved
                                                                       - cast_fwd_added))
     assert eager.recompute_s - fused.recompute_s == pytest.approx(_at_memory_frac(t, 3 * q_rope + swiglu_saved))
+    # FP8 backward: the fused runtime's output-gradient casts also do RoPE's backward and the query's and key's
+    # split (kernels.mla_backward); left is the shared key's gradient (4 heads' 8 channels of d k summed, cos/sin)
+    cat_bwd, key_rope_bwd = 2 * (4 * 4 * 16 + 3 * 8) + 2 * 2 * 4 * (16 + 16), 2 * (4 * 8 + 8) + 32
+    glue_in_casts = rope + cat_bwd - key_rope_bwd
     assert (eager.dx_s - eager.recompute_s) - (fused.dx_s - fused.recompute_s) == pytest.approx(
-        _at_memory_frac(t, 3 * (rope + router_bwd) + cast_bwd_saved))
+        _at_memory_frac(t, 3 * (rope + router_bwd) + cast_bwd_saved + glue_in_casts))
 
 
 def test_fp8_weight_quantisation_at_its_measured_class_else_at_the_copy_bandwidth():
