@@ -23,6 +23,11 @@ a kernel's class comes from its name and from who launched it (the routed expert
 ``record_function`` range, their backward nodes by autograd sequence number); idle = the step's wall
 time less the union of the GPU's busy intervals. The simulator prices the same layers and one micro-batch
 on one GPU (EP = 1) from its cost tables for the GPU preset; model FLOPs come from ``simulator.accounting.flops``.
+
+Arms: ``--configs "NAME,NAME @mla-glue-cast=off"`` times NAME twice in the same process and rounds, the second
+with a module switch of its own (``ARM_SWITCHES``): the same stage and weights, so the two differ by the switch
+alone. Kernel changes worth ~1% of the step cannot be resolved across processes: each starts at other clocks
+(docs/results/model-step.md, 2026-12-07 22:27). An arm is priced as its configuration.
 """
 
 from __future__ import annotations
@@ -79,6 +84,47 @@ class Runner:
     skipped: str | None = None
     times_s: list = dataclasses.field(default_factory=list)
     clocks: list = dataclasses.field(default_factory=list)
+    switches: dict = dataclasses.field(default_factory=dict)  # ARM_SWITCHES name -> value name, for its steps alone
+
+
+# Module switches a configuration can set for its own steps (``--configs "NAME @switch=value"``): each is read at
+# every call or forward, so two arms of one configuration can share one stage and alternate within one process
+# (the Wgrads' old-values paths are read when a launch is first planned: not here).
+ARM_SWITCHES = {
+    "mla-glue-cast": (attention, "GLUE_IN_CAST", {"on": True, "off": False}),
+    "permute-both": (moe_permute, "PERMUTE_BOTH", {"on": True, "off": False}),
+    "swiglu-backward-both": (swiglu, "BACKWARD_BOTH", {"on": True, "off": False}),
+    "fp8-cast": (fp8_quant, "ONE_READ", fp8_quant.ONE_READ_CHOICES),
+}
+ARM = " @"  # between a configuration's name and an arm's switches
+
+
+def parse_arm(text: str) -> tuple[str, dict]:
+    """``"NAME @switch=value @switch=value"`` -> (NAME, {switch: value}); ValueError naming what is wrong."""
+    name, *parts = text.split(ARM)
+    switches = {}
+    for part in parts:
+        key, sep, value = part.strip().partition("=")
+        if not sep or key not in ARM_SWITCHES:
+            raise ValueError(f"{part.strip()!r}: not switch=value with a switch of {', '.join(ARM_SWITCHES)}")
+        if value not in ARM_SWITCHES[key][2]:
+            raise ValueError(f"{key}={value!r}: not one of {', '.join(ARM_SWITCHES[key][2])}")
+        switches[key] = value
+    return name.strip(), switches
+
+
+@contextmanager
+def switched(r: Runner):
+    """The runner's module switches set while its steps run, the modules' own values back after."""
+    saved = [(module, attr, getattr(module, attr)) for module, attr, _ in (ARM_SWITCHES[k] for k in r.switches)]
+    try:
+        for key, value in r.switches.items():
+            module, attr, values = ARM_SWITCHES[key]
+            setattr(module, attr, values[value])
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
 
 
 def unsupported(config, device: torch.device) -> str | None:
@@ -92,11 +138,17 @@ def unsupported(config, device: torch.device) -> str | None:
     return None
 
 
-def build_runners(w, device: torch.device, configs: set[str] | None = None) -> list[Runner]:
+def build_runners(w, device: torch.device, configs: set[str] | list[str] | None = None) -> list[Runner]:
     """Every configuration's stage, all built with the same seed, then made to share the first one's
-    weights (``load_state_dict(assign=True)``): one copy in memory whatever the number of configurations."""
+    weights (``load_state_dict(assign=True)``): one copy in memory whatever the number of configurations. An arm
+    (``"NAME @switch=value"``, ``parse_arm``) runs NAME's stage itself with its switches set (``switched``), after
+    NAME's own runner where that is asked for too; NAME's are the configurations' order."""
+    arms = {}  # base name -> [(label, switches)]
+    for label in (c.name for c in cases.CONFIGS) if configs is None else configs:
+        name, switches = parse_arm(label)
+        arms.setdefault(name, []).append((label, switches))
     runners, first = [], None
-    for config in (c for c in cases.CONFIGS if configs is None or c.name in configs):
+    for config in (c for c in cases.CONFIGS if c.name in arms):
         reason = unsupported(config, device)
         if reason is None:
             try:
@@ -110,7 +162,8 @@ def build_runners(w, device: torch.device, configs: set[str] | None = None) -> l
                 reason = f"cannot build: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         if reason is not None:
             log.info("%s %s: skipped, %s", w.name, config.name, reason)
-            runners.append(Runner(config, None, reason))
+            runners += [Runner(dataclasses.replace(config, name=label), None, reason, switches=switches)
+                        for label, switches in arms[config.name]]
             continue
         if first is None:
             first = stage
@@ -118,7 +171,8 @@ def build_runners(w, device: torch.device, configs: set[str] | None = None) -> l
             res = stage.load_state_dict(first.state_dict(), assign=True, strict=False)
             if res.missing_keys or res.unexpected_keys:  # then those tensors are this configuration's own
                 log.warning("%s %s: not shared: %s", w.name, config.name, res.missing_keys + res.unexpected_keys)
-        runners.append(Runner(config, stage))
+        runners += [Runner(dataclasses.replace(config, name=label), stage, switches=switches)
+                    for label, switches in arms[config.name]]
     return runners
 
 
@@ -176,7 +230,7 @@ def warm_up(runners: list[Runner], x, g, device: torch.device, steps: int, micro
             continue
         started = time.perf_counter()
         try:
-            with main_grads(r.stage, with_main_grads):
+            with main_grads(r.stage, with_main_grads), switched(r):
                 for _ in range(steps):
                     train_step(r.stage, x, g, microbatches)
                 sync(device)
@@ -194,7 +248,7 @@ def timed_steps(r: Runner, x, g, device: torch.device, n: int, microbatches: int
                 with_main_grads: bool = False) -> list[float]:
     """Seconds per micro-batch of ``n`` steps, each alone on the GPU: CUDA events around the step (wall
     clock on the CPU), over its ``microbatches``."""
-    with main_grads(r.stage, with_main_grads):
+    with main_grads(r.stage, with_main_grads), switched(r):
         return [_timed_step(r, x, g, device, microbatches) for _ in range(n)]
 
 
@@ -227,7 +281,7 @@ def burn_and_time(runners: list[Runner], x, g, device: torch.device, args) -> No
     end = time.perf_counter() + args.burn_s
     while time.perf_counter() < end:
         for r in runners:
-            with main_grads(r.stage, args.main_grads):
+            with main_grads(r.stage, args.main_grads), switched(r):
                 train_step(r.stage, x, g, args.microbatches)
                 sync(device)
     log.info("burn-in done, clocks %s", read_clocks(device))
@@ -246,7 +300,7 @@ def memory_and_loads(r: Runner, x, g, device: torch.device, microbatches: int, w
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with main_grads(r.stage, with_main_grads):  # in the baseline: held for the whole optimizer step
+    with main_grads(r.stage, with_main_grads), switched(r):  # in the baseline: held for the whole optimizer step
         base = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         train_step(r.stage, x, g, microbatches)
         sync(device)
@@ -328,7 +382,8 @@ def profile_breakdown(r: Runner, x, g, device: torch.device, steps: int, microba
     kernel intervals), wall and idle; with ``trace``, the Chrome trace is kept there and the GPU's idle gaps
     are charged to the host ops that released them (``gpu_gaps``)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with main_grads(r.stage, with_main_grads), experts_marked(r.stage) as spans, profile(activities=activities) as prof:
+    with main_grads(r.stage, with_main_grads), switched(r), experts_marked(r.stage) as spans, \
+            profile(activities=activities) as prof:
         for _ in range(steps):
             sync(device)
             with record_function(STEP_RANGE):
@@ -377,7 +432,7 @@ def run_workload(w, device: torch.device, gpu, tables, args) -> dict:
     burn_and_time(live, x, g, device, args)
     configs = []
     for r in runners:
-        entry = {"name": r.config.name, "options": r.config.options, "skipped": r.skipped,
+        entry = {"name": r.config.name, "options": r.config.options, "switches": r.switches, "skipped": r.skipped,
                  "precision": {"fwd": r.config.fwd_precision, "bwd": r.config.bwd_precision},
                  "fusion": r.config.fusion,
                  "predicted_s": cases.predicted_classes(w, r.config, gpu, tables, args.microbatches),
@@ -452,7 +507,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--main-grads", action=argparse.BooleanOptionalAction, default=True,
                         help="FP32 main gradients attached as the runtime does (default on)")
     parser.add_argument("--configs", default=None,
-                        help="comma-separated configuration names to run (default: all of model_step_cases.CONFIGS)")
+                        help="comma-separated configuration names to run (default: all of model_step_cases.CONFIGS); "
+                             "'NAME @switch=value ...' runs NAME's stage again with module switches of its own, in "
+                             f"the same rounds ({', '.join(ARM_SWITCHES)}; ARM_SWITCHES)")
     parser.add_argument("--trace", type=Path, default=None, metavar="DIR",
                         help="keep each profiled step's Chrome trace there, with its GPU idle charged to host ops")
     parser.add_argument("--wgrad-old-values", default=None, choices=tuple(fp8_gemm_ws.OLD_VALUE_PATHS),
@@ -479,9 +536,14 @@ def parse_args() -> argparse.Namespace:
         return args
     if args.configs is not None:
         names = {c.name for c in cases.CONFIGS}
-        args.configs = set(args.configs.split(","))
-        if not args.configs <= names:
-            parser.error(f"--configs {','.join(sorted(args.configs - names))}: not one of {', '.join(sorted(names))}")
+        args.configs = list(dict.fromkeys(c.strip() for c in args.configs.split(",")))
+        for label in args.configs:
+            try:
+                name, _ = parse_arm(label)
+            except ValueError as exc:
+                parser.error(f"--configs {label!r}: {exc}")
+            if name not in names:
+                parser.error(f"--configs {name}: not one of {', '.join(sorted(names))}")
     if args.microbatches < 1:
         parser.error(f"--microbatches {args.microbatches}: must be at least 1")
     cuda = args.device == "cuda"
@@ -508,10 +570,11 @@ def reprice(path: Path, out: Path, out_json: Path) -> None:
     for w in cases.workloads(small):
         for rw in (x for x in result["workloads"] if x["name"] == w.name):
             for c in rw["configs"]:
-                if c["name"] in by_name:
-                    c["predicted_s"] = cases.predicted_classes(w, by_name[c["name"]], gpu, tables,
+                config = by_name.get(c["name"].split(ARM)[0])
+                if config is not None:
+                    c["predicted_s"] = cases.predicted_classes(w, config, gpu, tables,
                                                                meta["protocol"].get("microbatches", 1))
-                    c["fusion"] = by_name[c["name"]].fusion
+                    c["fusion"] = config.fusion
     meta["repriced"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     write_atomic(out_json, json.dumps(result, indent=1, default=str) + "\n")
     write_atomic(out, cases.markdown(result))

@@ -343,6 +343,8 @@ _TIMING_HEAD = ("| configuration | median ms | min | max | steps | tokens/s | mo
                 "| peak GiB | load max/mean |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 _LOAD_NOTE = ("Load max/mean: routed tokens of the busiest expert over the mean, averaged over the MoE layers "
               "(the simulator assumes 1.00).")
+_ARM_NOTE = ("`NAME @switch=value`: NAME's stage run again with that module switch set for its own steps alone, in the "
+             "same process and rounds (`model_step.ARM_SWITCHES`); priced as NAME.")
 _CLASS_HEAD = ("| class | measured fwd ms | measured bwd ms | measured | predicted fwd | predicted bwd | predicted "
                "| predicted / measured − 1 |\n|---|---:|---:|---:|---:|---:|---:|---:|")
 _MEMORY_HEAD = ("| configuration | weights (measured) | weights (accounting) | step peak above weights and inputs "
@@ -471,6 +473,8 @@ def markdown(result: dict) -> str:
         lines += [f"## Workload {w['name']}: {w['title']} ({w['spec']['name']}, {w['tokens']} tokens)", "",
                   f"Forward model GFLOP per token: {_num(sum(flops.values()) / 1e9)} ({parts}).", "",
                   _TIMING_HEAD, *(_timing_row(c) for c in w["configs"]), "", _LOAD_NOTE, ""]
+        if any(c.get("switches") for c in w["configs"]):  # results written before arms have none
+            lines += [_ARM_NOTE, ""]
         for c in ran:
             lines += _class_table(c)
         lines += [_MEMORY_HEAD, *(_memory_row(c) for c in ran), "", _MEMORY_NOTE, ""]

@@ -71,7 +71,12 @@ def test_the_cpu_smoke_run_times_profiles_and_prices_both_workloads(smoke):
 
 def test_two_microbatches_a_step_are_timed_profiled_and_stated_per_microbatch(tmp_path):
     result, text = _smoke_run(tmp_path, "--workloads", "A", "--microbatches", "2", "--wgrad-old-values", "tma",
-                              "--mla-glue-cast", "off")
+                              "--mla-glue-cast", "off", "--configs", "bf16,bf16 @mla-glue-cast=on")
+    configs = result["workloads"][0]["configs"]
+    assert [(c["name"], c["switches"]) for c in configs] == [("bf16", {}), ("bf16 @mla-glue-cast=on",
+                                                                            {"mla-glue-cast": "on"})]
+    assert configs[1]["predicted_s"] == configs[0]["predicted_s"] and len(configs[1]["times_s"]) == 1
+    assert "| bf16 @mla-glue-cast=on |" in text and "with that module switch set for its own steps alone" in text
     assert result["meta"]["wgrad_old_values"] == "tma" and "old main-gradient values: `tma`" in text
     assert result["meta"]["mla_glue_in_cast"] is False and "(`attention.GLUE_IN_CAST`): off" in text
     protocol = result["meta"]["protocol"]
@@ -270,6 +275,42 @@ def test_configs_picks_the_configurations_run(ms):
     runners = ms.build_runners(w, torch.device("cpu"), {"bf16", "fp8 fwd"})
     assert [r.config.name for r in runners] == ["bf16", "fp8 fwd"]
     assert [r.config.name for r in ms.build_runners(w, torch.device("cpu"))] == [c.name for c in cases.CONFIGS]
+
+
+def test_an_arm_runs_its_configurations_stage_with_its_switches_set_for_its_steps_alone(ms, monkeypatch):
+    """``"NAME @switch=value"``: NAME's stage itself (no second copy), the switch set while the arm's steps run and
+    the module's own value back after; NAME's runner keeps the module's value."""
+    from moeplan.model import attention
+
+    w = cases.workloads(small=True)[0]
+    runners = ms.build_runners(w, torch.device("cpu"), ["bf16", "bf16 @mla-glue-cast=off @fp8-cast=two"])
+    base, arm = runners
+    assert arm.config.name == "bf16 @mla-glue-cast=off @fp8-cast=two" and arm.config.options == base.config.options
+    assert arm.stage is base.stage and arm.switches == {"mla-glue-cast": "off", "fp8-cast": "two"}
+    seen = []
+    monkeypatch.setattr(ms, "train_step", lambda *_: seen.append((attention.GLUE_IN_CAST, ms.fp8_quant.ONE_READ)))
+    before = (attention.GLUE_IN_CAST, ms.fp8_quant.ONE_READ)
+    assert before == (True, "gluon")
+    x = torch.zeros(1)
+    for r in runners:
+        ms.timed_steps(r, x, x, torch.device("cpu"), 1, 1)
+    assert seen == [before, (False, False)] and (attention.GLUE_IN_CAST, ms.fp8_quant.ONE_READ) == before
+    with pytest.raises(RuntimeError), ms.switched(arm):  # restored however the steps end
+        raise RuntimeError
+    assert (attention.GLUE_IN_CAST, ms.fp8_quant.ONE_READ) == before
+
+
+@pytest.mark.parametrize(("configs", "message"), [
+    ("bf16 @mla-glue-cast=maybe", "mla-glue-cast='maybe': not one of on, off"),
+    ("bf16 @old-values=tma", "'old-values=tma': not switch=value with a switch of mla-glue-cast"),
+    ("bf16 @mla-glue-cast", "'mla-glue-cast': not switch=value"),
+    ("bf17 @mla-glue-cast=on", "--configs bf17: not one of"),
+])
+def test_a_bad_arm_is_refused_in_one_line_naming_it(tmp_path, configs, message):
+    res = subprocess.run([sys.executable, "-P", str(BENCH), "--small", "--device", "cpu", "--configs", configs,
+                          "--out", str(tmp_path / "ms.md")], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         check=False)
+    assert res.returncode == 2 and message in res.stderr and not (tmp_path / "ms.md").exists()
 
 
 def test_reprice_keeps_the_measurements_and_predicts_again(smoke, tmp_path):
