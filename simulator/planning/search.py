@@ -38,11 +38,12 @@ from moeplan.simulator.planning import memory_check
 from moeplan.simulator.planning.memory_check import Profiles
 from moeplan.simulator.planning.predict import simulate_at
 from moeplan.simulator.planning.run_model import step_line
-from moeplan.simulator.planning.wgrad_batch import WgradBatchChoice, choose_wgrad_batch
 from moeplan.simulator.planning.step_bound import BoundMemo, step_bound_s
+from moeplan.simulator.planning.wgrad_batch import WgradBatchChoice, applies, choose_wgrad_batch, with_wgrad_batch
 from moeplan.simulator.schedules.registry import SCHEDULE_KINDS, microbatch_error, num_stages, schedule_kind
 from moeplan.simulator.spec.inputs import PlanInputs
 from moeplan.simulator.spec.parallel import ParallelSpec
+from moeplan.simulator.spec.training import MAX_EXPERT_WGRAD_BATCH
 
 logger = logging.getLogger(__name__)
 MICRO_BATCH_SIZES = (1, 2, 4, 8)
@@ -155,6 +156,19 @@ def _fits(inputs: PlanInputs, par: ParallelSpec, profiles: Profiles, tried: list
     return (dp, m) if memory_check.fits(inputs, par, dp, m, profiles)[0] else None
 
 
+def _largest_fitting_batch(trial: PlanInputs, dp: int, m: int, profiles: Profiles) -> PlanInputs:
+    """``trial`` at the largest expert Wgrad batch of 2..``MAX_EXPERT_WGRAD_BATCH`` that fits in memory (its stash
+    included, ``memory_check.fits``), else as it is: the size the search's first stage ranks a layout at when it
+    chooses the size (``search(..., wgrad_batch=True)``). A larger batch gives up memory only, never time (one
+    main-gradient pass and one launch for more micro-batches: ``engine.unit_costs._experts``), so it is the one
+    that can overtake; the finalists are then simulated at every size that fits."""
+    for size in range(MAX_EXPERT_WGRAD_BATCH, 1, -1):
+        batched = with_wgrad_batch(trial, size)
+        if memory_check.fits(batched, trial.parallel, dp, m, profiles)[0]:
+            return batched
+    return trial
+
+
 def _none_fits(inputs: PlanInputs, fixed: dict[str, Any], enumerated: int, tried: list) -> LayoutError:
     """The error when no layout fits: the smallest peak (full replay) among the layouts that run."""
     best = ""
@@ -228,6 +242,7 @@ def search(
         places = {ep: _holds_redundant(inputs, ep, opts.redundant_experts) for ep in {p.ep for p in layouts}}
         layouts = [p for p in layouts if places[p.ep]]
     coarse = replace(opts, expert_load=None, layer_loads=(), coarse=True)  # ranking assumes uniform routing
+    batched = wgrad_batch and applies(inputs)  # the first stage ranks each layout at its largest batch that fits
     fitting, tried, profiles, memo = [], [], {}, BoundMemo()
     for i, par in enumerate(layouts):
         if progress:
@@ -236,6 +251,8 @@ def search(
         if fit is not None:
             dp, m = fit
             trial = inputs.model_copy(update={"parallel": par})
+            if batched:
+                trial = _largest_fitting_batch(trial, dp, m, profiles)
             fitting.append((step_bound_s(trial, dp, m, coarse, memo), trial, dp, m))
     if not fitting:
         raise _none_fits(inputs, fixed, len(layouts), tried)

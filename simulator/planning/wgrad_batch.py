@@ -8,9 +8,9 @@ micro-batch's share is 1/S of the launch and of the main gradient's pass; the st
 choice is the cost model's: every S from 1 to ``MAX_EXPERT_WGRAD_BATCH`` whose peak memory fits is simulated on the
 layout, and the shortest step wins (the smaller S on a tie). Nothing here is a constant of its own.
 
-The layout search ranks layouts at the inputs' own S; the size is then chosen for the layout it found (``moeplan
-plan`` does this only for a searched layout whose S the user did not set: a given or published layout is planned
-as given).
+Where it chooses the size (``search(..., wgrad_batch=True)``: ``moeplan plan`` for a searched layout whose S the user
+did not set; a given or published layout is planned as given), the layout search ranks its first stage at each
+layout's largest size that fits and its finalists at each one's best size, found here.
 """
 
 from __future__ import annotations

@@ -84,15 +84,48 @@ def test_the_search_ranks_each_finalist_at_its_best_size():
     plain = search(inputs, fixed)
     assert [c.parallel for c in plain.ranked] and all(c.expert_wgrad_batch is None for c in plain.ranked)
     assert plain.wgrad_batch is None
-    by_layout = {c.parallel: c for c in plain.ranked}
     for c in chosen.ranked:
         choice = choose_wgrad_batch(inputs.model_copy(update={"parallel": c.parallel}))
         assert c.expert_wgrad_batch == choice.chosen
         assert c.step_time_s == choice.step_s[choice.chosen] and c.peak_memory_bytes_per_gpu == choice.peak_bytes[
             choice.chosen]
-        assert c.step_time_s <= by_layout[c.parallel].step_time_s  # size 1 was among those tried
+        assert c.step_time_s <= choice.step_s[1]  # size 1 was among those tried
     steps = [c.step_time_s for c in chosen.ranked]
     assert steps == sorted(steps) and chosen.best == chosen.ranked[0].parallel
     assert chosen.wgrad_batch == choose_wgrad_batch(inputs.model_copy(update={"parallel": chosen.best}))
     assert any(c.expert_wgrad_batch > 1 for c in chosen.ranked)  # the sizes matter for tiny-moe in FP8 (see above)
     assert all(c.expert_wgrad_batch is None for c in search(_inputs("bf16"), fixed, wgrad_batch=True).ranked)
+
+
+@pytest.mark.parametrize("hbm_between", [None, (1, 2), (2, 3)])
+def test_the_searchs_first_stage_ranks_each_layout_at_its_largest_size_that_fits(monkeypatch, hbm_between):
+    """Where the search chooses the size, each layout's bound and coarse step (the first stage, which picks the
+    finalists) are at the largest size whose peak memory fits (the accounting's full replay, here), so a layout that
+    gains from batching is not left out at size 1; without it they are at the inputs' size. With HBM between two
+    sizes' peaks, the larger does not fit and the smaller is taken."""
+    from moeplan.simulator.planning import search as search_module
+
+    base = _inputs()
+    hbm = None
+    if hbm_between is not None:  # usable HBM between the two sizes' peaks of the pp=2 layout
+        lo, hi = (_peak(with_wgrad_batch(base, s)) for s in hbm_between)
+        hbm = (lo + hi) / 2 + base.cluster.node.memory_reserved_bytes
+    inputs = _inputs(hbm_bytes=hbm)
+    sizes = []
+    real = search_module.step_line
+    monkeypatch.setattr(search_module, "step_line", lambda trial, *a: sizes.append(
+        (trial.parallel, trial.training.kernels.expert_wgrad_batch)) or real(trial, *a))
+    search_module.search(inputs, {"pp": 2, "schedule": "1f1b"}, wgrad_batch=True)
+    assert sizes
+    usable = inputs.cluster.usable_hbm_bytes
+    for par, size in sizes:
+        at = inputs.model_copy(update={"parallel": par})
+        fitting = [s for s in range(1, MAX_EXPERT_WGRAD_BATCH + 1) if _peak(with_wgrad_batch(at, s)) <= usable]
+        assert size == max(fitting), par
+    if hbm_between is not None:  # the layout whose peaks bracket the HBM is ranked at the smaller size
+        assert any(size == hbm_between[0] for _, size in sizes)
+    else:
+        assert all(size == MAX_EXPERT_WGRAD_BATCH for _, size in sizes)  # tiny-moe on an H200: every size fits
+    sizes.clear()
+    search_module.search(inputs, {"pp": 2, "schedule": "1f1b"})
+    assert sizes and all(size == inputs.training.kernels.expert_wgrad_batch for _, size in sizes)
