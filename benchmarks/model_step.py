@@ -38,6 +38,9 @@ import datetime
 import importlib.util
 import json
 import logging
+import os
+import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -456,6 +459,33 @@ def run_workload(w, device: torch.device, gpu, tables, args) -> dict:
             "forward_flops_per_token": cases.stage_flops(w), "configs": configs}
 
 
+def host_cpu() -> dict:
+    """The host's CPU model (Linux ``/proc/cpuinfo``, else ``platform.processor()``) and its logical CPUs: the
+    machine that launches the kernels. Profiled idle differs between machines of the same GPU by their hosts."""
+    model = platform.processor() or None
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "cpus": os.cpu_count()}
+
+
+def host_launch_us(device: torch.device, n: int = 2000) -> float:
+    """Host microseconds to issue one small CUDA op (``add_`` on a one-element tensor), the median of 5 runs of
+    ``n``: how fast this host feeds the GPU, a step's kernels being many and small."""
+    t = torch.zeros(1, device=device)
+    runs = []
+    for _ in range(5):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            t.add_(1)
+        runs.append((time.perf_counter() - t0) / n * 1e6)
+    torch.cuda.synchronize(device)
+    return statistics.median(runs)
+
+
 def run_meta(device: torch.device, gpu, tables, args) -> dict:
     """Where and with what the numbers were taken."""
     meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -477,7 +507,9 @@ def run_meta(device: torch.device, gpu, tables, args) -> dict:
         meta["triton"] = __import__("triton").__version__
     except ImportError:
         pass
+    meta["host"] = host_cpu()
     if device.type == "cuda":
+        meta["host"]["launch_us"] = host_launch_us(device)
         meta["sms"] = torch.cuda.get_device_properties(device).multi_processor_count
         query = "driver_version,clocks.max.sm,power.limit,clocks.sm"
         try:

@@ -366,6 +366,10 @@ def _header(meta: dict) -> list[str]:
     if "sms" in meta:
         where += (f" ({meta['sms']} SMs, driver {smi.get('driver_version')}, max SM clock {smi.get('clocks.max.sm')} "
                   f"MHz, power limit {smi.get('power.limit')} W)")
+    host = meta.get("host")  # results written before it had none
+    if host:
+        launch = f", {host['launch_us']:.1f} us to issue a small CUDA op" if host.get("launch_us") else ""
+        where += f"; host {host.get('cpu')} ({host.get('cpus')} CPUs{launch})"
     run = (f"`{meta['command']}` on {where}, {meta['date']}; torch {meta['torch']}, CUDA {meta['cuda']}, triton "
            f"{meta['triton']}. Simulator: GPU preset {meta['gpu_preset']}, cost tables `{meta['tables']}`" + (
                f"; the predictions made again on {meta['repriced']} (`--reprice`), the measurements as run." if

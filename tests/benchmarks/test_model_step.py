@@ -67,6 +67,9 @@ def test_the_cpu_smoke_run_times_profiles_and_prices_both_workloads(smoke):
     assert "SwiGLU's backward quantised as it is computed (`swiglu.BACKWARD_BOTH`)" in text
     assert "output gradients cast as the attention's backward glue is read (`attention.GLUE_IN_CAST`): on" in text
     assert "256-row Wgrad tiles: dense on (`fp8_gemm_ws.TALL_DENSE`), the experts' from 2 segment tables" in text
+    # the host that launched the kernels (a CPU run issues no CUDA ops: no launch time)
+    host = result["meta"]["host"]
+    assert host["cpus"] >= 1 and "launch_us" not in host and f"; host {host['cpu']} ({host['cpus']} CPUs)," in text
 
 
 def test_two_microbatches_a_step_are_timed_profiled_and_stated_per_microbatch(tmp_path):
@@ -324,6 +327,7 @@ def test_reprice_keeps_the_measurements_and_predicts_again(smoke, tmp_path):
         "windows": 1, "wall_us": 9e3, "busy_us": 7e3, "idle_us": 2e3, "min_gap_us": 2.0, "idle_by_size_us": {},
         "idle_by_op_us": [{"op": "LinearFn [moeplan::step]", "us": 1.5e3, "gaps": 30}],
         "blocking_host_calls_us": [{"call": "cudaEventSynchronize in moeplan::experts", "us": 4e3, "calls": 4}]}
+    stale["meta"]["host"]["launch_us"] = 7.25  # a GPU run's: how fast its host issues a small CUDA op
     src = tmp_path / "old.json"
     src.write_text(json.dumps(stale))
     res = subprocess.run([sys.executable, "-P", str(BENCH), "--reprice", str(src), "--out", str(tmp_path / "new.md")],
@@ -332,6 +336,7 @@ def test_reprice_keeps_the_measurements_and_predicts_again(smoke, tmp_path):
     new = json.loads((tmp_path / "new.json").read_text())
     page = (tmp_path / "new.md").read_text()
     assert "repriced" in new["meta"] and "(`--reprice`), the measurements as run" in page
+    assert "CPUs, 7.2 us to issue a small CUDA op)" in page
     k = stale["workloads"][0]["configs"][0]["profile"]["microbatches"]
     assert (f"launched the kernel after each gap (`gpu_gaps`, profiled): {2 / k:.2f} ms; largest: LinearFn "
             f"[moeplan::step] {1.5 / k:.2f} ms ({30 / k:g} gaps)") in page
