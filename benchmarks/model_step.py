@@ -547,17 +547,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--wgrad-old-values", default=None, choices=tuple(fp8_gemm_ws.OLD_VALUE_PATHS),
                         help="how the FP8 Wgrads' accumulating epilogue gets the main gradients' old values "
                              "(kernels.fp8_gemm_ws.OLD_VALUES; default: the module's)")
-    parser.add_argument("--permute-both", default=None, choices=("on", "off"),
+    parser.add_argument("--permute-both", default=None, choices=tuple(ARM_SWITCHES["permute-both"][2]),
                         help="the routed experts' combine backward quantised as it permutes, in Gluon "
                              "(kernels.moe_permute.PERMUTE_BOTH; default: the module's)")
     parser.add_argument("--dense-wgrad-old-values", default=None, choices=tuple(fp8_gemm_ws.OLD_VALUE_PATHS),
                         help="the same for the dense (not K-grouped) FP8 Wgrads only "
                              "(kernels.fp8_gemm_ws.DENSE_OLD_VALUES; default: the module's)")
-    parser.add_argument("--fp8-cast", default=None, choices=tuple(fp8_quant.ONE_READ_CHOICES),
+    parser.add_argument("--fp8-cast", default=None, choices=tuple(ARM_SWITCHES["fp8-cast"][2]),
                         help="the casts with transpose (kernels.fp8_quant.quant_act_both): the two single quantisers, "
                              "the one-read Triton kernel or the one-read Gluon kernel (fp8_quant.ONE_READ; default: "
                              "the module's)")
-    parser.add_argument("--mla-glue-cast", default=None, choices=("on", "off"),
+    parser.add_argument("--mla-glue-cast", default=None, choices=tuple(ARM_SWITCHES["mla-glue-cast"][2]),
                         help="MLA's up-projections' output gradients cast as the attention's backward glue is read "
                              "(model.attention.GLUE_IN_CAST; default: the module's)")
     parser.add_argument("--reprice", type=Path, default=None, metavar="JSON",
@@ -622,12 +622,10 @@ def main() -> None:
         fp8_gemm_ws.OLD_VALUES = args.wgrad_old_values  # read when a launch is planned: before the first one
     if args.dense_wgrad_old_values is not None:
         fp8_gemm_ws.DENSE_OLD_VALUES = args.dense_wgrad_old_values
-    if args.permute_both is not None:
-        moe_permute.PERMUTE_BOTH = args.permute_both == "on"  # read at each call
-    if args.mla_glue_cast is not None:
-        attention.GLUE_IN_CAST = args.mla_glue_cast == "on"  # read at each forward
-    if args.fp8_cast is not None:
-        fp8_quant.ONE_READ = fp8_quant.ONE_READ_CHOICES[args.fp8_cast]  # read at each call
+    for key, (module, attr, values) in ARM_SWITCHES.items():  # the whole run's, where a flag sets it
+        value = getattr(args, key.replace("-", "_"), None)
+        if value is not None:
+            setattr(module, attr, values[value])
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)  # a smoke run on a shared machine: spinning thread pools slow tiny ops 10x

@@ -234,8 +234,8 @@ def search(
     ``simulated(done, fitting, best_step_s)`` the second (each candidate simulated, in order of its bound,
     of at most ``fitting``; the stage stops early once no other can win). ``wgrad_batch``: each finalist is
     simulated in detail at every expert Wgrad batch that fits (``wgrad_batch.choose_wgrad_batch``, where the size
-    matters) and ranked at its best, the size recorded in its ``Candidate``; the layouts before it are ranked at the
-    inputs' own size."""
+    matters) and ranked at its best, the size recorded in its ``Candidate``; the first stage, which picks them, ranks
+    each layout at its largest size that fits (``_largest_fitting_batch``)."""
     check_fixed(inputs, fixed)
     layouts = list(enumerate_layouts(inputs, fixed, schedules))
     if opts.redundant_experts:  # only EP groups that can hold the redundant slots
