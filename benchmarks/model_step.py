@@ -419,10 +419,79 @@ def profile_breakdown(r: Runner, x, g, device: torch.device, steps: int, microba
             "unlinked_s": (device_s - kernel_s) / n, "spans": len(spans) // n}
 
 
+HOLD_S = 0.5  # seconds the GPU is held busy (``torch.cuda._sleep``) while the host issues one micro-batch
+
+
+def host_issue(r: Runner, x, g, device: torch.device, microbatches: int, with_main_grads: bool = False,
+               profile_to: Path | None = None) -> dict | None:
+    """Host seconds to issue each pass of a step's micro-batches while the GPU is held busy, so that the host never
+    waits for it: the step's host cost alone (CUDA only). Each micro-batch of one step (``accumulate``'s order: the
+    FP8 weights quantised before the first, the batched expert Wgrads at their slots, the pending ones flushed at
+    the end) runs after a ``HOLD_S`` sleep kernel; its forward and its backward are timed by the wall clock from
+    their call to their return, then the GPU is drained. A pass whose issue outlasts the hold (the launch queue
+    full, or a host wait) is counted and flagged. Per micro-batch: the mean over the step. Where the host issues a
+    pass slower than the GPU runs it, the GPU starves there. With ``profile_to``, the step is run again with the
+    backward on the calling thread (``torch.autograd.set_multithreading_enabled(False)``) under cProfile, and the
+    20 functions with the most own time and the 30 with the most cumulative time are written there."""
+    if device.type != "cuda":
+        return None
+    cycles = int(HOLD_S * 2e9)  # clock64 cycles: HOLD_S at 2 GHz, longer at the lower clocks a GPU runs
+
+    def issue_step(prof=None) -> tuple[list[float], list[float], int]:
+        fwd, bwd, late = [], [], 0
+        clear_fp8_weight_cache()
+        for _ in range(microbatches):
+            sync(device)
+            torch.cuda._sleep(cycles)
+            t0 = time.perf_counter()
+            if prof is not None:
+                prof.enable()
+            out = r.stage(x)
+            t1 = time.perf_counter()
+            torch.autograd.backward(out, g)
+            t2 = time.perf_counter()
+            if prof is not None:
+                prof.disable()
+            del out
+            late += (t2 - t0) > 0.8 * HOLD_S
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+        flush_expert_wgrads(r.stage)
+        sync(device)
+        r.stage.zero_grad(set_to_none=True)
+        x.grad = None
+        return fwd, bwd, late
+
+    with main_grads(r.stage, with_main_grads), switched(r):
+        issue_step()  # the allocator's blocks and the kernels' caches as in a timed step
+        fwd, bwd, late = issue_step()
+        if profile_to is not None:
+            import cProfile
+            import io
+            import pstats
+            prof = cProfile.Profile()
+            with torch.autograd.set_multithreading_enabled(False):
+                issue_step(prof)
+            text = io.StringIO()
+            stats = pstats.Stats(prof, stream=text)
+            stats.sort_stats("tottime").print_stats(20)
+            stats.sort_stats("cumulative").print_stats(30)
+            profile_to.parent.mkdir(parents=True, exist_ok=True)
+            profile_to.write_text(text.getvalue())
+    n = microbatches
+    return {"hold_s": HOLD_S, "fwd_s": sum(fwd) / n, "bwd_s": sum(bwd) / n, "late_passes": late,
+            "fwd_max_s": max(fwd), "bwd_max_s": max(bwd)}
+
+
 def trace_path(folder: Path | None, workload: str, config: str) -> Path | None:
     if folder is None:
         return None
     return folder / f"{workload}-{''.join(c if c.isalnum() else '-' for c in config)}.json"
+
+
+def host_profile_path(folder: Path | None, workload: str, config: str) -> Path | None:
+    path = trace_path(folder, workload, config)
+    return None if path is None else path.with_suffix(".txt")
 
 
 def run_workload(w, device: torch.device, gpu, tables, args) -> dict:
@@ -446,6 +515,9 @@ def run_workload(w, device: torch.device, gpu, tables, args) -> dict:
                          memory=memory_and_loads(r, x, g, device, args.microbatches, args.main_grads),
                          profile=profile_breakdown(r, x, g, device, args.profile_steps, args.microbatches,
                                                    args.main_grads, trace_path(args.trace, w.name, r.config.name)))
+            if args.host_issue:
+                entry["host_issue"] = host_issue(r, x, g, device, args.microbatches, args.main_grads,
+                                                 host_profile_path(args.host_profile, w.name, r.config.name))
             log.info("%s %s: %s", w.name, r.config.name, json.dumps(entry["timing"]))
         configs.append(entry)
     del runners, live, x, g
@@ -544,6 +616,10 @@ def parse_args() -> argparse.Namespace:
                              f"the same rounds ({', '.join(ARM_SWITCHES)}; ARM_SWITCHES)")
     parser.add_argument("--trace", type=Path, default=None, metavar="DIR",
                         help="keep each profiled step's Chrome trace there, with its GPU idle charged to host ops")
+    parser.add_argument("--host-issue", action="store_true",
+                        help="also time the host's issue of each pass with the GPU held busy (host_issue)")
+    parser.add_argument("--host-profile", type=Path, default=None, metavar="DIR",
+                        help="with --host-issue: a cProfile summary of the host's issue of one step there")
     parser.add_argument("--wgrad-old-values", default=None, choices=tuple(fp8_gemm_ws.OLD_VALUE_PATHS),
                         help="how the FP8 Wgrads' accumulating epilogue gets the main gradients' old values "
                              "(kernels.fp8_gemm_ws.OLD_VALUES; default: the module's)")

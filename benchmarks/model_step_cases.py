@@ -444,7 +444,20 @@ def _class_table(c: dict) -> list[str]:
     largest = ("Largest kernels per micro-batch (name cut at 60 characters, pass, class, calls, ms): " + "; ".join(
         f"`{k['name'][:60]}` {k['phase']} {k['class']} ×{k['calls']:g} {_ms(k['s'])}" for k in top[:12]) + ".")
     return lines + [f"| idle | | | {_ms(prof['idle_s'])} | | | — | |", step, "", note, ""] + (
-        [largest, ""] if top else []) + _gaps_lines(prof.get("gaps"), prof["microbatches"])
+        [largest, ""] if top else []) + _gaps_lines(prof.get("gaps"), prof["microbatches"]) + _host_lines(c)
+
+
+def _host_lines(c: dict) -> list[str]:
+    """The host's issue time per micro-batch against the GPU's (``model_step.host_issue``; ``--host-issue`` runs)."""
+    h = c.get("host_issue")
+    if not h:
+        return []
+    prof = c["profile"]["classes"]
+    gpu = {p: sum(v[f"{p}_s"] for v in prof.values()) for p in ("fwd", "bwd")}
+    late = f" {h['late_passes']} micro-batch(es) outlasted the hold: their figures are a floor." if h["late_passes"] else ""
+    return [f"Host issue per micro-batch, the GPU held busy ({h['hold_s']:g} s sleep kernel before each): forward "
+            f"{_ms(h['fwd_s'])} ms (profiled kernels {_ms(gpu['fwd'])}), backward {_ms(h['bwd_s'])} ms (kernels "
+            f"{_ms(gpu['bwd'])}); slowest micro-batch {_ms(h['fwd_max_s'])} / {_ms(h['bwd_max_s'])} ms.{late}", ""]
 
 
 def _gaps_lines(gaps: dict | None, microbatches: int) -> list[str]:
