@@ -52,7 +52,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from moeplan.kernels import fp8_gemm_ws, fp8_quant, moe_permute, swiglu
-from moeplan.model import ModelOptions, StageSpec, attention, build_rank
+from moeplan.model import ModelOptions, StageSpec, attention, build_rank, linear
 from moeplan.model.fp8 import clear_fp8_weight_cache
 from moeplan.model.runtime.main_grad import attach_main_grads
 from moeplan.model.weight_grad import attach_expert_wgrad_batches, flush_expert_wgrads
@@ -98,6 +98,7 @@ ARM_SWITCHES = {
     "permute-both": (moe_permute, "PERMUTE_BOTH", {"on": True, "off": False}),
     "swiglu-backward-both": (swiglu, "BACKWARD_BOTH", {"on": True, "off": False}),
     "fp8-cast": (fp8_quant, "ONE_READ", fp8_quant.ONE_READ_CHOICES),
+    "paired-linears": (linear, "PAIRED", {"on": True, "off": False}),
 }
 ARM = " @"  # between a configuration's name and an arm's switches
 
@@ -568,7 +569,7 @@ def run_meta(device: torch.device, gpu, tables, args) -> dict:
             "peak_bf16_flops_per_s": gpu.bf16_flops_per_s, "wgrad_old_values": fp8_gemm_ws.OLD_VALUES,
             "dense_wgrad_old_values": fp8_gemm_ws.DENSE_OLD_VALUES or fp8_gemm_ws.OLD_VALUES,
             "permute_both": moe_permute.PERMUTE_BOTH, "swiglu_backward_both": swiglu.BACKWARD_BOTH,
-            "mla_glue_in_cast": attention.GLUE_IN_CAST,
+            "mla_glue_in_cast": attention.GLUE_IN_CAST, "paired_linears": linear.PAIRED,
             "tall_wgrads": {"dense": fp8_gemm_ws.TALL_DENSE, "min_segments": fp8_gemm_ws.TALL_MIN_SEGMENTS,
                             "old_values": fp8_gemm_ws.TALL_OLD_VALUES},
             "fp8_cast": {v: k for k, v in fp8_quant.ONE_READ_CHOICES.items()}[fp8_quant.ONE_READ],
@@ -636,6 +637,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mla-glue-cast", default=None, choices=tuple(ARM_SWITCHES["mla-glue-cast"][2]),
                         help="MLA's up-projections' output gradients cast as the attention's backward glue is read "
                              "(model.attention.GLUE_IN_CAST; default: the module's)")
+    parser.add_argument("--paired-linears", default=None, choices=tuple(ARM_SWITCHES["paired-linears"][2]),
+                        help="linears that read one input (q_a and kv_a, gate and up) with one backward: one cast and "
+                             "one Dgrad for the two (model.linear.PAIRED; default: the module's)")
     parser.add_argument("--reprice", type=Path, default=None, metavar="JSON",
                         help="no run: that results file's measurements, predicted again by today's simulator")
     args = parser.parse_args()

@@ -386,6 +386,9 @@ def _header(meta: dict) -> list[str]:
     if "mla_glue_in_cast" in meta:  # results written before the option had none
         run += (" MLA's up-projections' output gradients cast as the attention's backward glue is read "
                 f"(`attention.GLUE_IN_CAST`): {'on' if meta['mla_glue_in_cast'] else 'off'}.")
+    if "paired_linears" in meta:  # results written before the option had none
+        run += (" Linears that read one input (q_a and kv_a, an MLP's gate and up) with one backward, one cast and one "
+                f"Dgrad for the two (`linear.PAIRED`): {'on' if meta['paired_linears'] else 'off'}.")
     tall = meta.get("tall_wgrads")
     if tall:  # results written before the 256-row Wgrad tiles had none
         run += (f" 256-row Wgrad tiles: dense {'on' if tall['dense'] else 'off'} (`fp8_gemm_ws.TALL_DENSE`), the experts'"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeplan.model.fused import Fusable, mla_key_rope_backward, mla_key_value, mla_query, run
-from moeplan.model.linear import Linear, LinearFn, fp8_backward_from_quantised
+from moeplan.model.linear import Linear, LinearFn, fp8_backward_from_quantised, paired
 from moeplan.model.norm import RMSNorm
 from moeplan.model.rope import softmax_scale
 from moeplan.simulator.spec.model import ModelSpec
@@ -109,8 +109,10 @@ class MLA(nn.Module, Fusable):
         bsz, seqlen, _ = x.shape
         if hasattr(self, "q_proj"):
             q_up, q_in = self.q_proj, x
+            kv_a = self.kv_a_proj_with_mqa(x)
         else:
-            q_up, q_in = self.q_b_proj, self.q_a_layernorm(self.q_a_proj(x))
+            q_a, kv_a = paired(x, self.q_a_proj, self.kv_a_proj_with_mqa)  # one Dgrad for the two (model.linear)
+            q_up, q_in = self.q_b_proj, self.q_a_layernorm(q_a)
         if _glue_in_cast(q_up, self.fuse):  # (B, T, H, Dqk), RoPE applied
             q = QueryUpFn.apply(q_in, q_up.weight, cos, sin, q_up.weight_grad_store, q_up.fp8, self.num_heads,
                                 self.nope_dim, self.fuse)
@@ -118,7 +120,7 @@ class MLA(nn.Module, Fusable):
             q = q_up(q_in).view(bsz, seqlen, self.num_heads, self.nope_dim + self.rope_dim)  # (B, T, H, Dqk)
             q = run(mla_query, self.fuse, q, cos, sin, self.nope_dim)
 
-        kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv_latent, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv_in, kv_up = self.kv_a_layernorm(kv_latent), self.kv_b_proj
         if _glue_in_cast(kv_up, self.fuse):
             k, v = KeyValueUpFn.apply(kv_in, kv_up.weight, k_rope, cos, sin, kv_up.weight_grad_store, kv_up.fp8,

@@ -226,6 +226,98 @@ class Linear(nn.Linear):
         return super().extra_repr() + (", fp8" if self.fp8 is not None else "")
 
 
+# Two linears that read one input (MLA's q_a and kv_a projections, an MLP's gate and up) run as a pair
+# (``paired``): their output gradients cast in one call and one Dgrad, instead of two of each and a sum.
+PAIRED = True
+
+
+def paired(x: torch.Tensor, a: nn.Module, b: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a(x), b(x))`` for two ``Linear`` layers that read the same input, the same values (the forward's GEMMs as
+    the layers run them); their backward is one (``PairedLinearFn``): with an FP8 backward the two output gradients
+    side by side (Na + Nb columns) cast with transpose in one call and multiplied by [Wa Wb]^T in one Dgrad GEMM
+    (one 2,112-column cast for V3's q_a and kv_a, 44 and 45 us apart on an H200 below ~4K columns,
+    docs/results/mla-glue/h200-casts.json), and in BF16 the second Dgrad added into the first inside its GEMM
+    (``addmm_``), where autograd would sum the two input gradients in a kernel of its own. Each weight's Wgrad is its
+    own, as the layer's. Layers that cannot pair (biases, other classes, different precision or W store), or with
+    ``PAIRED`` off, run one after the other; so do FP8 layers whose first one's outputs are not whole tiles (a tile
+    of the side-by-side gradient would then hold both layers' columns under one scale)."""
+    if not (PAIRED and type(a) is Linear and type(b) is Linear and a.bias is None and b.bias is None
+            and a.fp8 is b.fp8 and a.fp8_backward == b.fp8_backward and a.weight_grad_store is b.weight_grad_store
+            and a.weight.dtype == b.weight.dtype and (a.fp8 is None or not a.fp8_backward or (
+                a.fp8.quant_act_both is not None and a.out_features % a.fp8.block == 0))):
+        return a(x), b(x)
+    fp8_backward = a.fp8_backward and torch.is_grad_enabled()
+    return PairedLinearFn.apply(x, a.weight, b.weight, a.weight_grad_store, a.fp8, fp8_backward)
+
+
+class PairedLinearFn(torch.autograd.Function):
+    """(x Wa^T, x Wb^T) with one backward (``paired``)."""
+
+    @staticmethod
+    def forward(ctx, x, wa, wb, store: WeightGradStore | None, fp8: Fp8Ops | None, fp8_backward: bool = False):
+        ctx.store, ctx.x_shape, ctx.out_dtype = store, x.shape, x.dtype
+        ctx.fp8 = fp8 if fp8_backward else None
+        ctx.x_t_saved = False
+        if fp8 is None:
+            ctx.save_for_backward(wa, wb, x)
+            return F.linear(x, wa), F.linear(x, wb)
+        with_t = ctx.fp8 is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        (xq, xs), x_t = FP8_INPUT_CACHE(fp8, x, with_t)
+        if x_t is not None:
+            ctx.x_t_saved = True
+            ctx.save_for_backward(wa, wb, *x_t)
+        else:
+            ctx.save_for_backward(wa, wb, x)
+        outs = []
+        for w in (wa, wb):
+            wq, ws = quant_weight_fwd(fp8, w, fp8_backward)
+            outs.append(fp8.gemm(xq, xs, wq, ws, out_dtype=x.dtype).reshape(*x.shape[:-1], w.shape[0]))
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_b):
+        wa, wb, *saved = ctx.saved_tensors
+        fp8, needs = ctx.fp8, ctx.needs_input_grad
+        ga = grad_a.contiguous().reshape(-1, grad_a.shape[-1])  # (M, Na)
+        gb = grad_b.contiguous().reshape(-1, grad_b.shape[-1])  # (M, Nb)
+        none = (None,) * 3  # store, fp8, fp8_backward
+        grad_x = None
+        if fp8 is None:  # BF16 (or straight-through after an FP8 forward): x saved as it is
+            x = saved[0]
+            if needs[0]:
+                grad_x = torch.mm(ga, wa).addmm_(gb, wb).reshape(ctx.x_shape)
+            grads = [weight_grad_now_or_later(ctx.store, w, _straight_through_weight_grad(w, g, x)) if need
+                     else None for w, g, need in ((wa, ga, needs[1]), (wb, gb, needs[2]))]
+            return grad_x, *grads, *none
+        (gq, gs), (gt, gts) = fp8.quant_act_both(torch.cat([ga, gb], dim=1))  # (M, Na + Nb), one read, both tilings
+        if needs[0]:
+            wt, wt_scale = _paired_weight_t(fp8, wa, wb)  # (K, Na + Nb) in 128x128 blocks
+            grad_x = fp8.gemm(gq, gs, wt, wt_scale, out_dtype=ctx.out_dtype).reshape(ctx.x_shape)
+        x_op = tuple(saved) if ctx.x_t_saved else saved[0]
+        split = wa.shape[0]
+        grads = [weight_grad_now_or_later(ctx.store, w, _fp8_weight_grad(fp8, w, g, x_op)) if need else None
+                 for w, g, need in ((wa, (gt[:split], gts[:split]), needs[1]), (wb, (gt[split:], gts[split:]), needs[2]))]
+        return grad_x, *grads, *none
+
+
+_PAIRED_T: dict[tuple, tuple] = {}  # (the two W^T copies' addresses) -> (their weakrefs, [Wa Wb]^T and its scales)
+
+
+def _paired_weight_t(fp8: Fp8Ops, wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[Wa Wb]^T (K, Na + Nb) in FP8 128x128 blocks with its scales: the two layers' cached W^T copies side by side
+    (Na a multiple of the block, ``paired``, so each block is the layer's own), made once while both copies live (once
+    per optimizer step: ``Fp8WeightCache``), so that the pair's Dgrad is one GEMM."""
+    (qa, sa), (qb, sb) = fp8.quant_weight(wa.t()), fp8.quant_weight(wb.t())
+    key = (qa.data_ptr(), qb.data_ptr(), tuple(qa.shape), tuple(qb.shape))
+    hit = _PAIRED_T.get(key)
+    if hit is None or hit[0]() is not qa or hit[1]() is not qb:
+        for k in [k for k, v in _PAIRED_T.items() if v[0]() is None or v[1]() is None]:
+            del _PAIRED_T[k]  # copies of weights quantised afresh since
+        both = torch.cat([qa.view(torch.uint8), qb.view(torch.uint8)], dim=1).view(qa.dtype)
+        hit = _PAIRED_T[key] = (weakref.ref(qa), weakref.ref(qb), (both, torch.cat([sa, sb], dim=1)))
+    return hit[2]
+
+
 @dataclass(frozen=True)
 class LinearFactory:
     """Builds every dense ``Linear`` of a model with one dtype and one precision choice."""

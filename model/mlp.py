@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from moeplan.model.fused import Fusable, run, swiglu
+from moeplan.model.linear import paired
 
 
 class MLP(nn.Module, Fusable):
@@ -17,5 +18,6 @@ class MLP(nn.Module, Fusable):
         self.down_proj = make_linear(inter_dim, dim)
 
     def forward(self, x):
-        return self.down_proj(run(swiglu, self.fuse, self.gate_proj(x), self.up_proj(x)))
+        gate, up = paired(x, self.gate_proj, self.up_proj)  # one Dgrad for the two (model.linear)
+        return self.down_proj(run(swiglu, self.fuse, gate, up))
 
