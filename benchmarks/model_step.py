@@ -420,7 +420,7 @@ def profile_breakdown(r: Runner, x, g, device: torch.device, steps: int, microba
             "unlinked_s": (device_s - kernel_s) / n, "spans": len(spans) // n}
 
 
-HOLD_S = 0.5  # seconds the GPU is held busy (``torch.cuda._sleep``) while the host issues one micro-batch
+HOLD_S = 0.3  # seconds the GPU is held busy (``torch.cuda._sleep``) while the host issues one micro-batch
 
 
 def host_issue(r: Runner, x, g, device: torch.device, microbatches: int, with_main_grads: bool = False,

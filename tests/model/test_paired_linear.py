@@ -118,3 +118,33 @@ def test_layers_that_cannot_pair_run_one_after_the_other(monkeypatch, why):
     monkeypatch.setattr(PairedLinearFn, "apply", lambda *args: applied.append(args))
     ya, yb = paired(torch.randn(3, 96), a, b)
     assert not applied and ya.shape[-1] == a.out_features and yb.shape[-1] == b.out_features
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
+                    reason="needs a Hopper GPU (the kernels' casts and GEMMs)")
+@pytest.mark.parametrize("na, nb", [(1536, 576), (2048, 2048)])  # V3's q_a and kv_a, its shared expert's gate and up
+def test_the_kernels_pair_is_the_two_layers_on_a_hopper_gpu(na, nb):
+    """Our casts and GEMMs (``kernel_ops``): outputs bit for bit, Wgrads into FP32 main gradients as the layers' up to
+    the GEMMs' summation order, the input gradient one Dgrad over K = Na + Nb (a ragged last tile at 2,112)."""
+    from moeplan.model.fp8 import clear_fp8_weight_cache, kernel_ops
+    from moeplan.model.runtime.main_grad import attach_main_grads
+
+    ops = kernel_ops()
+    with torch.device("cuda"):
+        a, b = _layers(na, nb, 7168, dtype=torch.bfloat16, fp8=ops, fp8_backward=True)
+    x, dya, dyb = (t.cuda() for t in _inputs(7168, na, nb, tokens=384, dtype=torch.bfloat16))
+    results = []
+    for pair in (False, True):
+        clear_fp8_weight_cache()
+        grads = attach_main_grads(torch.nn.ModuleList([a, b]))
+        xg = x.clone().requires_grad_(True)
+        ya, yb = paired(xg, a, b) if pair else (a(xg), b(xg))
+        torch.autograd.backward((ya, yb), (dya, dyb))
+        results.append((ya, yb, xg.grad, a.weight.main_grad.clone(), b.weight.main_grad.clone()))
+        grads.detach()
+    alone, got = results
+    assert torch.equal(got[0], alone[0]) and torch.equal(got[1], alone[1])
+    for i in (2, 3, 4):
+        err = (got[i].double() - alone[i].double()).norm() / alone[i].double().norm()
+        assert err < 1e-2, (i, err)
