@@ -227,8 +227,11 @@ class Linear(nn.Linear):
 
 
 # Two linears that read one input (MLA's q_a and kv_a projections, an MLP's gate and up) run as a pair
-# (``paired``): their output gradients cast in one call and one Dgrad, instead of two of each and a sum.
-PAIRED = True
+# (``paired``): their output gradients cast in one call and one Dgrad, instead of two of each and a sum. Off until its
+# GPU run: the kernels' path (the side-by-side W^T blocks, the Wgrads from row slices of the cast) has been run on the
+# CPU's reference ops only (tests/model/test_paired_linear.py; its Hopper test and the model_step arm
+# ``@paired-linears=on`` are the measurements to take). The simulator prices the layers one by one, as off.
+PAIRED = False
 
 
 def paired(x: torch.Tensor, a: nn.Module, b: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

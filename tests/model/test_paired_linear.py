@@ -14,6 +14,11 @@ from moeplan.model.linear import Linear, PairedLinearFn, paired
 from moeplan.model.weight_grad import WeightGradStore, attach_weight_grad_store
 
 
+@pytest.fixture(autouse=True)
+def _pairing_on(monkeypatch):
+    monkeypatch.setattr(linear, "PAIRED", True)  # off by default until timed on a GPU (model.linear.PAIRED)
+
+
 def _layers(na: int, nb: int, k: int, dtype=torch.float32, **kw) -> tuple[Linear, Linear]:
     g = torch.Generator().manual_seed(0)
     a, b = Linear(k, na, dtype=dtype, **kw), Linear(k, nb, dtype=dtype, **kw)
@@ -148,3 +153,35 @@ def test_the_kernels_pair_is_the_two_layers_on_a_hopper_gpu(na, nb):
     for i in (2, 3, 4):
         err = (got[i].double() - alone[i].double()).norm() / alone[i].double().norm()
         assert err < 1e-2, (i, err)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_a_model_with_its_layers_paired_trains_as_one_without(monkeypatch, fp8):
+    """The tiny MoE model (MLA with a query latent, shared and dense MLPs; latents and widths made whole 32-wide
+    tiles), FP32, its FP8 reference path with an FP8 backward or not: the same loss, and every gradient the
+    unpaired model's up to the paired Dgrads' summation order."""
+    from moeplan.model import ModelOptions, Transformer
+    from tests.model.hf_reference import derived_spec
+
+    spec = derived_spec(q_lora_rank=64, kv_lora_rank=32, moe_intermediate_size=64, intermediate_size=128)
+    options = (ModelOptions(dtype=torch.float32, linear_precision="fp8", fp8_kernel="reference", fp8_backward=True,
+                            fp8_block_size=32) if fp8 else ModelOptions(dtype=torch.float32))
+    model = Transformer(spec, options)
+    model.init_weights(torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    runs, pairs = [], []
+    apply = PairedLinearFn.apply
+    monkeypatch.setattr(PairedLinearFn, "apply", lambda *a: pairs.append(a[1].shape) or apply(*a))
+    for on in (False, True):
+        monkeypatch.setattr(linear, "PAIRED", on)
+        model.zero_grad(set_to_none=True)
+        logits = model(tokens).logits
+        logits.float().square().mean().backward()
+        runs.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (y0, g0), (y1, g1) = runs
+    # every layer's q_a and kv_a and its MLP's (dense, shared expert) gate and up; the MTP layer's too
+    assert len(pairs) == 2 * (spec.num_hidden_layers + spec.num_nextn_predict_layers) and (64, spec.hidden_size) in pairs
+    assert torch.equal(y0, y1) and g0.keys() == g1.keys()
+    for name in g0:
+        err = (g1[name] - g0[name]).norm() / g0[name].norm().clamp_min(1e-30)
+        assert err < (1e-2 if fp8 else 1e-5), (name, float(err))
