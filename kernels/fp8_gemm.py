@@ -16,7 +16,8 @@ Dense products whose operands TMA can read (K contiguous, K % 16 == 0) on Hopper
 interpreter, go to the persistent TMA kernel of ``fp8_gemm_tma.py`` instead: it is 1.4-2.0x faster
 than this one on the H200 (docs/results/kernels-sweep.md). ``backend="auto"`` times the Triton kernel, the
 warp-specialised Gluon kernel (``fp8_gemm_ws.py``, where it applies) and ``torch._scaled_mm``
-(cuBLAS block-scaled) once per shape (``pick_faster``) and keeps the fastest; ``"triton"`` /
+(cuBLAS block-scaled) once per shape (``pick_faster``) and keeps the fastest (a near-tie, within
+``PICK_MARGIN``, the same way every time: ``PICK_PREFERENCE``); ``"triton"`` /
 ``"gluon"`` / ``"torch"`` force one.
 """
 
@@ -294,6 +295,12 @@ def fp8_gemm_torch(a, a_scale, b, b_scale, out_dtype, out=None):
 
 _BACKEND_CACHE: dict[tuple, str] = {}
 PICK_ROUNDS = 4
+# A near-tie goes to the candidate named first here (our Gluon kernel, then cuBLAS, then the Triton kernel; the wider
+# Gluon tile), unless another is faster by more than PICK_MARGIN: timed per process, near-ties had flipped between
+# cuBLAS and Gluon from run to run, the forward GEMMs of one step 6.54 against 6.76 ms (H100, 2026-12-07 22:27 UTC,
+# docs/results/model-step.md), so that two processes ran different kernels for the same shapes.
+PICK_PREFERENCE = ("gluon", "torch", "triton", "256", "128")
+PICK_MARGIN = 0.03
 _BACKENDS = {"triton": fp8_gemm_triton, "gluon": fp8_gemm_gluon, "torch": fp8_gemm_torch}  # "triton" first: it never refuses
 
 
@@ -303,7 +310,9 @@ def pick_faster(key: tuple, candidates: dict) -> str:
     A candidate that raises (a built-in refusing a layout) is dropped; the first one must not raise.
     The candidates are timed in ``PICK_ROUNDS`` rounds, the order reversed every other round, and
     compared by their median: a long FP8 GEMM heats an H200 into its power cap within seconds, so
-    one pass in a fixed order favours whichever runs first (docs/design/kernels.md).
+    one pass in a fixed order favours whichever runs first (docs/design/kernels.md). The pick is the
+    first in ``PICK_PREFERENCE`` order whose median is within ``PICK_MARGIN`` of the fastest (names
+    not listed come last, in the order given), so that a near-tie is decided the same way every time.
     """
     if key not in _BACKEND_CACHE:
         runnable = {}
@@ -317,7 +326,10 @@ def pick_faster(key: tuple, candidates: dict) -> str:
         for rnd in range(PICK_ROUNDS):
             for name in (list(runnable) if rnd % 2 == 0 else list(runnable)[::-1]):
                 times[name].append(triton.testing.do_bench(runnable[name], rep=10, return_mode="median"))
-        _BACKEND_CACHE[key] = min(times, key=lambda name: statistics.median(times[name]))
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        fastest = min(medians.values())
+        order = sorted(medians, key=lambda n: PICK_PREFERENCE.index(n) if n in PICK_PREFERENCE else len(PICK_PREFERENCE))
+        _BACKEND_CACHE[key] = next(n for n in order if medians[n] <= fastest * (1 + PICK_MARGIN))
     return _BACKEND_CACHE[key]
 
 
