@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from moeplan.orchestrator.errors import note
+from moeplan.orchestrator.errors import InputError, note
 from moeplan.orchestrator.inputs import PlanRequest, finite_float, flag_overrides
 from moeplan.orchestrator.outputs import check_out_dir, check_out_file, out_path, strict_json, write_outputs
 from moeplan.orchestrator.rank_entry import on_cpu
@@ -27,7 +27,7 @@ from moeplan.simulator.costs.tables import NAMED_TABLES
 from moeplan.simulator.engine.build import SimOptions
 from moeplan.simulator.engine.trace import chrome_trace
 from moeplan.simulator.planning.planner import plan_with_trace, summary
-from moeplan.simulator.planning.search import SearchResult, search
+from moeplan.simulator.planning.search import SearchResult, search, search_workers
 from moeplan.simulator.planning.techniques import TECHNIQUES
 from moeplan.simulator.planning.wgrad_batch import WgradBatchChoice, with_wgrad_batch
 from moeplan.simulator.report.plan_html import plan_html
@@ -119,10 +119,14 @@ def _run_search(req: PlanRequest, opts: SimOptions, quiet: bool, schedules: tupl
     """The layout search, with its progress on stderr (``search_progress``); ``wgrad_batch``: the finalists ranked
     at their best expert Wgrad batch (``search``)."""
     stderr = stderr or Console(stderr=True)
+    try:
+        workers = search_workers()  # MOEPLAN_SEARCH_WORKERS, else the CPUs this process may use
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     # off unless stderr is a terminal: elsewhere rich leaves a blank line behind, and errors are one line
     with SearchProgress(stderr, enabled=not quiet and stderr.is_terminal) as progress:
         result = search(req.inputs, req.fixed, opts, progress=progress, schedules=schedules,
-                        simulated=progress.simulated, wgrad_batch=wgrad_batch)
+                        simulated=progress.simulated, wgrad_batch=wgrad_batch, workers=workers)
     if not result.ranked:
         raise LayoutError("search found no layout")
     return result

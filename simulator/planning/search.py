@@ -17,13 +17,24 @@ into one unit, step time extrapolated to the full micro-batch count along the ``
 ``run_model``) until the bound of the next cannot beat the tenth best step: branch and bound, so no layout
 that could enter the top ten is skipped (a simulated step below its own bound turns the pruning off). The
 ten best are then simulated in full detail.
+
+Each stage runs in a pool of processes where the search is large (``PARALLEL_MIN_LAYOUTS`` layouts or more,
+``search_workers()`` processes, ``MOEPLAN_SEARCH_WORKERS`` or the CPUs this process may use): the first stage's
+layouts in contiguous chunks, the coarse simulations in waves of one a process taken in bound order (each result
+then met in that order, so the stop and the pruning switch fall where the serial search puts them, a wave's
+simulations past the stop dropped), and the finalists side by side; the result is the serial search's.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
+import os
+import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -56,6 +67,13 @@ BOUND_ROUNDING_FRAC = 1e-9  # a step this close under its bound is rounding, not
 # pre-training micro-batch only adds collectives (and shrinks the GEMMs) without saving memory that
 # matters; the cost model still decides among the values that remain.
 MIN_CP_TOKENS = 4096
+# Fewer layouts than this are searched in this process: a pool's start (a fork server importing the simulator) costs
+# more than a small search takes. DeepSeek-V3 on 256 x 8 H800 enumerates 13,296 (2026-12-08), 91 s in one process
+# and 57 s in two on this 2-CPU machine; the tests' tiny models up to ~500.
+PARALLEL_MIN_LAYOUTS = 2048
+CHUNKS_PER_WORKER = 16  # the first stage's layouts in this many contiguous chunks a process (balance, progress)
+AHEAD_PER_WORKER = 2  # coarse simulations in flight a process, ahead of the one whose result is awaited
+WORKERS_ENV = "MOEPLAN_SEARCH_WORKERS"
 
 
 @dataclass(frozen=True)
@@ -222,11 +240,137 @@ def check_fixed(inputs: PlanInputs, fixed: dict[str, Any]) -> None:
             raise LayoutError(str(exc)) from exc
 
 
+def search_workers() -> int:
+    """Processes a large search uses: ``MOEPLAN_SEARCH_WORKERS`` where set (1: this process alone), else the CPUs
+    this process may run on. ValueError naming the variable for anything but a positive integer."""
+    text = os.environ.get(WORKERS_ENV)
+    if text is not None:
+        try:
+            workers = int(text)
+        except ValueError:
+            workers = 0
+        if workers < 1:
+            raise ValueError(f"{WORKERS_ENV}={text!r}: must be a positive integer (1: no worker processes)")
+        return workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _pool(workers: int) -> Executor:
+    """``workers`` processes: forked from this one where it runs a single thread (fast, its imports and caches
+    shared, and no main module run again); where it holds threads (the CLI's progress bar), from a fork server that
+    has imported the simulator (forking a process with threads can deadlock); spawned where neither exists. The
+    last two import the main module again, as multiprocessing does: a script must guard its work with
+    ``if __name__ == "__main__"``."""
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        context = multiprocessing.get_context("fork")
+    elif "forkserver" in methods:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+    else:
+        context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+
+_WORKER_MEMO: dict[str, tuple[Profiles, BoundMemo]] = {}  # a pool process's: its search's memory profiles, bound memo
+
+
+def _chunk_in_worker(search_id: str, inputs: PlanInputs, indexed: list[tuple[int, ParallelSpec]],
+                     coarse: SimOptions, batched: bool):
+    """``_check_layouts`` in a pool process, with the profiles and bound memo it keeps for ``search_id`` (each
+    holds what one search asks many times, whichever of its chunks the process gets)."""
+    if search_id not in _WORKER_MEMO:
+        _WORKER_MEMO.clear()
+        _WORKER_MEMO[search_id] = ({}, BoundMemo())
+    fitting, tried = _check_layouts(inputs, indexed, coarse, batched, None, *_WORKER_MEMO[search_id])
+    index_of = {id(par): i for i, par in indexed}
+    # sent back small: a fitting layout's trial as its Wgrad batch (the parent makes it again), a tried one's index
+    return ([(bound, i, dp, m, trial.training.kernels.expert_wgrad_batch) for bound, i, trial, dp, m in fitting],
+            [(index_of[id(par)], dp, m) for par, dp, m in tried])
+
+
+def _check_layouts(inputs: PlanInputs, indexed: list[tuple[int, ParallelSpec]], coarse: SimOptions,
+                   batched: bool, progress: Callable[[int, int], None] | None = None,
+                   profiles: Profiles | None = None, memo: BoundMemo | None = None,
+                   ) -> tuple[list[tuple[float, int, PlanInputs, int, int]], list]:
+    """The first stage on some layouts (``(index, layout)``): (bound, index, trial, dp, micro-batches) of each that
+    fits, and the (layout, dp, micro-batches) tried, each in the layouts' order. One set of memory ``profiles`` and
+    one bound ``memo`` for them all (new ones where not given). ``progress(done, len(indexed))`` after each."""
+    fitting, tried = [], []
+    profiles = {} if profiles is None else profiles
+    memo = BoundMemo() if memo is None else memo
+    for done, (i, par) in enumerate(indexed, 1):
+        if progress:
+            progress(done, len(indexed))
+        fit = _fits(inputs, par, profiles, tried)
+        if fit is not None:
+            dp, m = fit
+            trial = inputs.model_copy(update={"parallel": par})
+            if batched:
+                trial = _largest_fitting_batch(trial, dp, m, profiles)
+            fitting.append((step_bound_s(trial, dp, m, coarse, memo), i, trial, dp, m))
+    return fitting, tried
+
+
+def _first_stage(inputs: PlanInputs, layouts: list[ParallelSpec], coarse: SimOptions, batched: bool,
+                 progress: Callable[[int, int], None] | None, pool: Executor | None, workers: int):
+    """Every layout checked (fits, step bound): the fitting ones in the serial search's order (by bound, then
+    layout) and every layout tried."""
+    indexed = list(enumerate(layouts))
+    if pool is None:
+        fitting, tried = _check_layouts(inputs, indexed, coarse, batched, progress)
+    else:
+        size = max(1, -(-len(indexed) // (workers * CHUNKS_PER_WORKER)))
+        chunks = [indexed[i:i + size] for i in range(0, len(indexed), size)]
+        search_id = uuid.uuid4().hex
+        futures = {pool.submit(_chunk_in_worker, search_id, inputs, chunk, coarse, batched): n
+                   for n, chunk in enumerate(chunks)}
+        parts, done = [None] * len(chunks), 0
+        for future in as_completed(futures):
+            n = futures[future]
+            parts[n] = future.result()
+            done += len(chunks[n])
+            if progress:
+                progress(done, len(layouts))
+        fitting = [(bound, i, _trial(inputs, layouts[i], batched, size), dp, m)
+                   for part, _ in parts for bound, i, dp, m, size in part]
+        tried = [(layouts[i], dp, m) for _, part in parts for i, dp, m in part]
+    fitting.sort(key=lambda f: (f[0], f[1]))
+    return fitting, tried
+
+
+def _trial(inputs: PlanInputs, par: ParallelSpec, batched: bool, size: int) -> PlanInputs:
+    """A layout's trial as ``_check_layouts`` made it, from its expert Wgrad batch ``size``."""
+    trial = inputs.model_copy(update={"parallel": par})
+    if batched and size != trial.training.kernels.expert_wgrad_batch:
+        trial = with_wgrad_batch(trial, size)
+    return trial
+
+
+def _coarse_step_s(trial: PlanInputs, dp: int, m: int, coarse: SimOptions) -> float:
+    return step_line(trial, dp, trial.parallel.seq_len_tokens, None, coarse).step_s(m)
+
+
+def _finalist(inputs: PlanInputs, par: ParallelSpec, dp: int, m: int, opts: SimOptions,
+              wgrad_batch: bool) -> tuple[float, float, WgradBatchChoice | None]:
+    """(step seconds, peak bytes, the Wgrad batch choice or None) of a finalist simulated in detail."""
+    trial = inputs.model_copy(update={"parallel": par})
+    choice = choose_wgrad_batch(trial, opts, dp, m) if wgrad_batch else None  # None where the size does not matter
+    if choice is None:
+        return (simulate_at(trial, dp, m, par.seq_len_tokens, opts).step_time_s,
+                memory_check.peak_bytes(inputs, par, dp, m), None)
+    return choice.step_s[choice.chosen], choice.peak_bytes[choice.chosen], choice
+
+
 def search(
     inputs: PlanInputs, fixed: dict[str, Any], opts: SimOptions = SimOptions(),
     progress: Callable[[int, int], None] | None = None, exhaustive: bool = False,
     schedules: tuple[str, ...] = SCHEDULE_KINDS,
     simulated: Callable[[int, int, float], None] | None = None, wgrad_batch: bool = False,
+    workers: int | None = None,
 ) -> SearchResult:
     """Rank every fitting layout; raises ``LayoutError`` when none fits. ``exhaustive`` simulates
     every fitting layout instead of stopping at the bound (same result, for benchmarks and tests).
@@ -235,7 +379,8 @@ def search(
     of at most ``fitting``; the stage stops early once no other can win). ``wgrad_batch``: each finalist is
     simulated in detail at every expert Wgrad batch that fits (``wgrad_batch.choose_wgrad_batch``, where the size
     matters) and ranked at its best, the size recorded in its ``Candidate``; the first stage, which picks them, ranks
-    each layout at its largest size that fits (``_largest_fitting_batch``)."""
+    each layout at its largest size that fits (``_largest_fitting_batch``). ``workers``: processes for a large
+    search (module docstring; None: ``search_workers()``), the result the same for any number."""
     check_fixed(inputs, fixed)
     layouts = list(enumerate_layouts(inputs, fixed, schedules))
     if opts.redundant_experts:  # only EP groups that can hold the redundant slots
@@ -243,45 +388,26 @@ def search(
         layouts = [p for p in layouts if places[p.ep]]
     coarse = replace(opts, expert_load=None, layer_loads=(), coarse=True)  # ranking assumes uniform routing
     batched = wgrad_batch and applies(inputs)  # the first stage ranks each layout at its largest batch that fits
-    fitting, tried, profiles, memo = [], [], {}, BoundMemo()
-    for i, par in enumerate(layouts):
-        if progress:
-            progress(i + 1, len(layouts))
-        fit = _fits(inputs, par, profiles, tried)
-        if fit is not None:
-            dp, m = fit
-            trial = inputs.model_copy(update={"parallel": par})
-            if batched:
-                trial = _largest_fitting_batch(trial, dp, m, profiles)
-            fitting.append((step_bound_s(trial, dp, m, coarse, memo), trial, dp, m))
-    if not fitting:
-        raise _none_fits(inputs, fixed, len(layouts), tried)
-    # Simulate in order of the step bound; stop once the bound cannot beat the tenth best step.
-    fitting.sort(key=lambda f: f[0])
-    scored: list[tuple[float, ParallelSpec, int, int]] = []
-    for bound, trial, dp, m in fitting:
-        if not exhaustive and len(scored) >= FINALISTS and bound >= sorted(s[0] for s in scored)[FINALISTS - 1]:
-            break
-        step_s = step_line(trial, dp, trial.parallel.seq_len_tokens, None, coarse).step_s(m)
-        if step_s < bound * (1 - BOUND_ROUNDING_FRAC) and not exhaustive:  # a bound that does not hold prunes nothing
-            logger.warning("search: step %.6g s below its bound %.6g s (%s): simulating every layout", step_s, bound,
-                           trial.parallel)
-            exhaustive = True
-        scored.append((step_s, trial.parallel, dp, m))
-        if simulated:
-            simulated(len(scored), len(fitting), min(s[0] for s in scored))
-    scored.sort(key=lambda s: s[0])
+    workers = search_workers() if workers is None else workers
+    pool = _pool(workers) if workers > 1 and len(layouts) >= PARALLEL_MIN_LAYOUTS else None
+    try:
+        fitting, tried = _first_stage(inputs, layouts, coarse, batched, progress, pool, workers)
+        if not fitting:
+            raise _none_fits(inputs, fixed, len(layouts), tried)
+        scored = _second_stage(fitting, coarse, exhaustive, simulated, pool, workers)
+        finalists = scored[:FINALISTS]
+        if pool is None:
+            details = [_finalist(inputs, par, dp, m, opts, wgrad_batch) for _, par, dp, m in finalists]
+        else:
+            details = list(pool.map(_finalist, *zip(*((inputs, par, dp, m, opts, wgrad_batch)
+                                                      for _, par, dp, m in finalists))))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     ranked: list[tuple[Candidate, WgradBatchChoice | None]] = []
     tokens = inputs.training.phases[0].global_batch_seqs * inputs.parallel.seq_len_tokens
     world = inputs.cluster.num_gpus
-    for _, par, dp, m in scored[:FINALISTS]:
-        trial = inputs.model_copy(update={"parallel": par})
-        choice = choose_wgrad_batch(trial, opts, dp, m) if wgrad_batch else None  # None where the size does not matter
-        if choice is None:
-            step_s = simulate_at(trial, dp, m, par.seq_len_tokens, opts).step_time_s
-            peak = memory_check.peak_bytes(inputs, par, dp, m)
-        else:
-            step_s, peak = choice.step_s[choice.chosen], choice.peak_bytes[choice.chosen]
+    for (_, par, dp, m), (step_s, peak, choice) in zip(finalists, details, strict=True):
         flops = training_flops(inputs.model, par.seq_len_tokens, par.recompute, par.cp).model_flops
         ranked.append((Candidate(
             parallel=par, microbatches=m, step_time_s=step_s, tokens_per_s_per_gpu=tokens / step_s / world,
@@ -292,3 +418,36 @@ def search(
     logger.info("search: %d enumerated, %d fit, best %s", len(layouts), len(scored), best.parallel)
     return SearchResult(best=best.parallel, ranked=tuple(c for c, _ in ranked), enumerated=len(layouts),
                         evaluated=len(fitting), simulated=len(scored), wgrad_batch=best_choice)
+
+
+def _second_stage(fitting: list, coarse: SimOptions, exhaustive: bool,
+                  simulated: Callable[[int, int, float], None] | None, pool: Executor | None,
+                  workers: int) -> list[tuple[float, ParallelSpec, int, int]]:
+    """The fitting layouts simulated coarsely in order of their step bound until the bound cannot beat the tenth best
+    step (every one where ``exhaustive``, or once a step falls below its bound), sorted by step. With a pool, the
+    next ``AHEAD_PER_WORKER`` a process are in flight while the results are met one by one in the bound order, so
+    the stop falls where the serial loop puts it (the simulations in flight past it are dropped)."""
+    scored: list[tuple[float, ParallelSpec, int, int]] = []
+    ahead = 0 if pool is None else workers * AHEAD_PER_WORKER
+    pending: dict[int, Any] = {}
+    try:
+        for n, (bound, _, trial, dp, m) in enumerate(fitting):
+            if not exhaustive and len(scored) >= FINALISTS and bound >= sorted(s[0] for s in scored)[FINALISTS - 1]:
+                break
+            for k in range(n, min(n + ahead + 1, len(fitting)) if pool is not None else n):
+                if k not in pending:
+                    _, _, t, d, mm = fitting[k]
+                    pending[k] = pool.submit(_coarse_step_s, t, d, mm, coarse)
+            step_s = pending.pop(n).result() if pool is not None else _coarse_step_s(trial, dp, m, coarse)
+            if step_s < bound * (1 - BOUND_ROUNDING_FRAC) and not exhaustive:  # a bound that fails prunes nothing
+                logger.warning("search: step %.6g s below its bound %.6g s (%s): simulating every layout", step_s,
+                               bound, trial.parallel)
+                exhaustive = True
+            scored.append((step_s, trial.parallel, dp, m))
+            if simulated:
+                simulated(len(scored), len(fitting), min(s[0] for s in scored))
+    finally:
+        for future in pending.values():
+            future.cancel()
+    scored.sort(key=lambda s: s[0])
+    return scored

@@ -286,21 +286,26 @@ def test_an_arm_runs_its_configurations_stage_with_its_switches_set_for_its_step
     from moeplan.model import attention
 
     w = cases.workloads(small=True)[0]
-    runners = ms.build_runners(w, torch.device("cpu"), ["bf16", "bf16 @mla-glue-cast=off @fp8-cast=two"])
+    runners = ms.build_runners(w, torch.device("cpu"), ["bf16", "bf16 @mla-glue-cast=off @fp8-cast=two "
+                                                                "@paired-linears=on"])
     base, arm = runners
-    assert arm.config.name == "bf16 @mla-glue-cast=off @fp8-cast=two" and arm.config.options == base.config.options
-    assert arm.stage is base.stage and arm.switches == {"mla-glue-cast": "off", "fp8-cast": "two"}
+    assert arm.config.name.startswith("bf16 @mla-glue-cast=off") and arm.config.options == base.config.options
+    assert arm.stage is base.stage and arm.switches == {"mla-glue-cast": "off", "fp8-cast": "two",
+                                                        "paired-linears": "on"}
     seen = []
-    monkeypatch.setattr(ms, "train_step", lambda *_: seen.append((attention.GLUE_IN_CAST, ms.fp8_quant.ONE_READ)))
-    before = (attention.GLUE_IN_CAST, ms.fp8_quant.ONE_READ)
-    assert before == (True, "gluon")
+
+    def state():
+        return attention.GLUE_IN_CAST, ms.fp8_quant.ONE_READ, ms.linear.PAIRED
+    monkeypatch.setattr(ms, "train_step", lambda *_: seen.append(state()))
+    before = state()
+    assert before == (True, "gluon", False)
     x = torch.zeros(1)
     for r in runners:
         ms.timed_steps(r, x, x, torch.device("cpu"), 1, 1)
-    assert seen == [before, (False, False)] and (attention.GLUE_IN_CAST, ms.fp8_quant.ONE_READ) == before
+    assert seen == [before, (False, False, True)] and state() == before
     with pytest.raises(RuntimeError), ms.switched(arm):  # restored however the steps end
         raise RuntimeError
-    assert (attention.GLUE_IN_CAST, ms.fp8_quant.ONE_READ) == before
+    assert state() == before
 
 
 @pytest.mark.parametrize(("configs", "message"), [
@@ -328,6 +333,9 @@ def test_reprice_keeps_the_measurements_and_predicts_again(smoke, tmp_path):
         "idle_by_op_us": [{"op": "LinearFn [moeplan::step]", "us": 1.5e3, "gaps": 30}],
         "blocking_host_calls_us": [{"call": "cudaEventSynchronize in moeplan::experts", "us": 4e3, "calls": 4}]}
     stale["meta"]["host"]["launch_us"] = 7.25  # a GPU run's: how fast its host issues a small CUDA op
+    # a --host-issue run's host time per pass (model_step.host_issue), beside the profiled kernels'
+    stale["workloads"][0]["configs"][0]["host_issue"] = {"hold_s": 0.3, "fwd_s": 0.012, "bwd_s": 0.031,
+                                                         "late_passes": 1, "fwd_max_s": 0.02, "bwd_max_s": 0.04}
     src = tmp_path / "old.json"
     src.write_text(json.dumps(stale))
     res = subprocess.run([sys.executable, "-P", str(BENCH), "--reprice", str(src), "--out", str(tmp_path / "new.md")],
@@ -341,6 +349,8 @@ def test_reprice_keeps_the_measurements_and_predicts_again(smoke, tmp_path):
     assert (f"launched the kernel after each gap (`gpu_gaps`, profiled): {2 / k:.2f} ms; largest: LinearFn "
             f"[moeplan::step] {1.5 / k:.2f} ms ({30 / k:g} gaps)") in page
     assert f"cudaEventSynchronize in moeplan::experts {4 / k:.2f} ms (×{4 / k:g})" in page
+    assert ("Host issue per micro-batch, the GPU held busy (0.3 s sleep kernel before each): forward 12.00 ms "
+            "(profiled kernels ") in page and "1 micro-batch(es) outlasted the hold: their figures are a floor." in page
     for w_old, w_new in zip(result["workloads"], new["workloads"]):
         for c_old, c_new in zip(w_old["configs"], w_new["configs"]):
             no_gaps = [{k: v for k, v in (c.get("profile") or {}).items() if k != "gaps"} for c in (c_new, c_old)]
