@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,18 +46,19 @@ def _search(which: str, workers: int):
     return search(lite, {}, exhaustive=True, workers=workers)
 
 
-def _timed_search(which: str, workers: int) -> float:
-    """Seconds of one search in a fresh Python process (``--one``)."""
-    out = subprocess.run([sys.executable, "-P", __file__, "--one", which, str(workers)], check=True,
-                         capture_output=True, text=True).stdout
-    return float(out.split()[-1])
+def _timed_search(which: str, workers: int):
+    """(seconds, result) of one search in a fresh Python process (``--one``), the result pickled back."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.pickle"
+        subprocess.run([sys.executable, "-P", __file__, "--one", which, str(workers), str(out)], check=True)
+        return pickle.loads(out.read_bytes())
 
 
 def main() -> None:
     if sys.argv[1:2] == ["--one"]:  # a child of _timed_search
         t0 = time.perf_counter()
-        _search(sys.argv[2], int(sys.argv[3]))
-        print(time.perf_counter() - t0)
+        result = _search(sys.argv[2], int(sys.argv[3]))
+        Path(sys.argv[4]).write_bytes(pickle.dumps((time.perf_counter() - t0, result)))
         return
     inputs = _v3_inputs()
     built = step_inputs(inputs, 128, 120)  # warm the caches (expert traffic)
@@ -71,9 +74,10 @@ def main() -> None:
     workers = search_workers()
     counts = sorted({1, workers})  # one process, and the pool a search takes here (planning.search)
     # each search in a fresh process, as a `moeplan plan` runs it: no cache warmed by the one before
-    search_s = {n: _timed_search("v3", n) for n in counts}
-    full_s = {n: _timed_search("lite", n) for n in counts}
-    found, full = _search("v3", counts[-1]), _search("lite", counts[-1])  # the results (the same for any count)
+    v3 = {n: _timed_search("v3", n) for n in counts}
+    lite = {n: _timed_search("lite", n) for n in counts}
+    search_s, full_s = ({n: s for n, (s, _) in runs.items()} for runs in (v3, lite))
+    found, full = v3[counts[-1]][1], lite[counts[-1]][1]  # the results (the same for any count)
     best = found.best
 
     def timed(seconds: dict[int, float]) -> str:

@@ -20,9 +20,9 @@ ten best are then simulated in full detail.
 
 Each stage runs in a pool of processes where the search is large (``PARALLEL_MIN_LAYOUTS`` layouts or more,
 ``search_workers()`` processes, ``MOEPLAN_SEARCH_WORKERS`` or the CPUs this process may use): the first stage's
-layouts in contiguous chunks, the coarse simulations in waves of one a process taken in bound order (each result
-then met in that order, so the stop and the pruning switch fall where the serial search puts them, a wave's
-simulations past the stop dropped), and the finalists side by side; the result is the serial search's.
+layouts in contiguous chunks, the coarse simulations a few a process ahead of the one awaited in bound order (each
+result then met in that order, so the stop and the pruning switch fall where the serial search puts them, the
+simulations in flight past the stop dropped), and the finalists side by side; the result is the serial search's.
 """
 
 from __future__ import annotations
@@ -428,17 +428,20 @@ def _second_stage(fitting: list, coarse: SimOptions, exhaustive: bool,
     next ``AHEAD_PER_WORKER`` a process are in flight while the results are met one by one in the bound order, so
     the stop falls where the serial loop puts it (the simulations in flight past it are dropped)."""
     scored: list[tuple[float, ParallelSpec, int, int]] = []
-    ahead = 0 if pool is None else workers * AHEAD_PER_WORKER
+    ahead = workers * AHEAD_PER_WORKER
     pending: dict[int, Any] = {}
     try:
         for n, (bound, _, trial, dp, m) in enumerate(fitting):
             if not exhaustive and len(scored) >= FINALISTS and bound >= sorted(s[0] for s in scored)[FINALISTS - 1]:
                 break
-            for k in range(n, min(n + ahead + 1, len(fitting)) if pool is not None else n):
-                if k not in pending:
-                    _, _, t, d, mm = fitting[k]
-                    pending[k] = pool.submit(_coarse_step_s, t, d, mm, coarse)
-            step_s = pending.pop(n).result() if pool is not None else _coarse_step_s(trial, dp, m, coarse)
+            if pool is None:
+                step_s = _coarse_step_s(trial, dp, m, coarse)
+            else:
+                for k in range(n, min(n + ahead + 1, len(fitting))):
+                    if k not in pending:
+                        _, _, t, d, mm = fitting[k]
+                        pending[k] = pool.submit(_coarse_step_s, t, d, mm, coarse)
+                step_s = pending.pop(n).result()
             if step_s < bound * (1 - BOUND_ROUNDING_FRAC) and not exhaustive:  # a bound that fails prunes nothing
                 logger.warning("search: step %.6g s below its bound %.6g s (%s): simulating every layout", step_s,
                                bound, trial.parallel)
