@@ -218,3 +218,12 @@ def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, [*SCHEDULE, "--out", str(tmp_path / "ro" / "s.csv")])
     assert _one_error_line(res) == f"{tmp_path / 'ro' / 's.csv'}: cannot write (Permission denied)"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_search_workers_variable_is_one_line_and_nothing_written(tmp_path, monkeypatch):
+    """``MOEPLAN_SEARCH_WORKERS`` (``planning.search.search_workers``) is read when ``plan`` searches."""
+    monkeypatch.setenv("MOEPLAN_SEARCH_WORKERS", "two")
+    args = [*TINY_PLAN[:-1], "--search", "--out", str(tmp_path / "o")]
+    res = CliRunner().invoke(app, args)
+    assert "MOEPLAN_SEARCH_WORKERS='two': must be a positive integer" in _one_error_line(res)
+    assert not any(tmp_path.iterdir())
